@@ -1,0 +1,45 @@
+"""Run one prunekit pruning job for the benchmark, in its own process so its memory and time are its own.
+
+Mirrors ``_llmc_worker.py``: the same model folder, the same calibration token ids (safetensors
+``input_ids`` [n, seqlen]), one JSON line on stdout with the seconds of the pruning call alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--calib", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--pattern", default="unstructured")
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--sequential", default="layer")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    import torch
+    from safetensors.torch import load_file
+
+    import prunekit
+
+    ids = load_file(args.calib)["input_ids"]
+    model, tok = prunekit.load_model(args.model)
+    pattern = None if args.pattern == "unstructured" else args.pattern
+    start = time.perf_counter()
+    result = prunekit.prune(model, method=args.method, ratio=None if pattern else args.ratio, pattern=pattern,
+                            calibration=ids, sequential=args.sequential, progress=False)
+    seconds = time.perf_counter() - start
+    prunekit.save_pruned(model, tok, args.out, metadata=result.to_dict() | {"layers": len(result.layers)}, overwrite=True)
+    print(json.dumps({"seconds": seconds, "prunekit": prunekit.__version__, "threads": torch.get_num_threads(),
+                      "sequential": args.sequential}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

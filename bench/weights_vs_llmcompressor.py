@@ -1,0 +1,173 @@
+"""prunekit vs llm-compressor 0.14: Wanda and SparseGPT on SmolLM2-135M, side by side in one run.
+
+Both tools get the same 128 x 512 calibration windows of Wikipedia leads (the calibration split of
+`prunekit.text`: nine tenths of the leads by title), prune the same layers (every Linear of the 30 decoder
+blocks; nothing else: checked on the saved models), and are scored by the same perplexity code on the held-out
+leads and on Pride and Prejudice. Each pruning job runs in its own process (llm-compressor in its own venv,
+since it pins transformers<=5.17); `seconds` is the pruning call alone (model already loaded), `process_seconds`
+the whole process, `peak_rss_mb` the process's peak resident memory (wait4 ru_maxrss).
+
+    python bench/weights_vs_llmcompressor.py [--samples 128] [--seqlen 512] [--eval-tokens 16384]
+
+Writes bench/results/weights_vs_llmcompressor.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import prunekit  # noqa: E402
+from llmc_env import ensure_llmc_venv  # noqa: E402
+from prunekit.weights.engine import find_blocks, target_linears  # noqa: E402
+
+CONFIGS = [("wanda", "unstructured"), ("wanda", "2:4"), ("sparsegpt", "unstructured"), ("sparsegpt", "2:4")]
+
+
+def popen_rusage(cmd: list[str]) -> dict:
+    """Run a worker; return its JSON line plus wall seconds and the peak RSS of that process alone."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:2])} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result.update(process_seconds=wall, peak_rss_mb=usage.ru_maxrss / 1024)
+    return result
+
+
+def check_changes(dense_state: dict, folder: Path, pattern: str) -> dict:
+    """Which tensors the tool changed (only block Linears may), their sparsity, and N:M conformance."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prefix, blocks = find_blocks(model)
+    targets = {f"{n}.weight" for i, b in enumerate(blocks) for n in target_linears(b, f"{prefix}.{i}")}
+    state = model.state_dict()
+    changed = [k for k, v in state.items() if not torch.equal(v, dense_state[k])]
+    unexpected = sorted(set(changed) - targets)
+    untouched = sorted(targets - set(changed))
+    info = {"changed": len(changed), "unexpected_changed": unexpected, "targets_unchanged": untouched,
+            "sparsity": prunekit.sparsity(model)["total"]}
+    if pattern != "unstructured":
+        info["pattern_violations"] = prunekit.check_pattern(model, pattern)
+    return model, info
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--configs", default=",".join(f"{m}/{p}" for m, p in CONFIGS), help="method/pattern,...")
+    ap.add_argument("--tools", default="llmcompressor,prunekit")
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    args = ap.parse_args()
+
+    model_dir = prunekit.zoo.model_path("smollm2-135m")
+    llmc_python = ensure_llmc_venv() if "llmcompressor" in args.tools else None
+    work = Path(args.work or tempfile.mkdtemp(prefix="prunekit-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    dense, tok = prunekit.load_model(model_dir)
+    calib_text = prunekit.load_text("wiki", purpose="calibration")
+    ids = prunekit.calibration_ids(tok, calib_text, samples=args.samples, seqlen=args.seqlen, seed=0)
+    calib_file = work / "calib.safetensors"
+    save_file({"input_ids": ids.contiguous()}, calib_file)
+    texts = {"wiki": prunekit.load_text("wiki", purpose="evaluation"),
+             "austen": prunekit.load_text("austen", purpose="evaluation")}
+
+    def ppl(model) -> dict:
+        return {f"ppl_{k}": prunekit.perplexity(model, tok, t, seqlen=args.seqlen, tokens=args.eval_tokens,
+                                                progress=False).ppl for k, t in texts.items()}
+
+    dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
+    record = {
+        "model": "smollm2-135m (SmolLM2-135M-Instruct dequantized from GGUF Q4_1 to fp32)",
+        "calibration": {**calib_text.describe(), "samples": args.samples, "seqlen": args.seqlen, "seed": 0},
+        "evaluation": {k: {**t.describe(), "tokens": args.eval_tokens // args.seqlen * args.seqlen, "seqlen": args.seqlen}
+                       for k, t in texts.items()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+        "dense": ppl(dense),
+        "rows": [],
+    }
+    del dense
+    print(f"dense: {record['dense']}", file=sys.stderr)
+    out_json = HERE / "results" / "weights_vs_llmcompressor.json"
+    out_json.parent.mkdir(exist_ok=True)
+
+    for item in args.configs.split(","):
+        method, pattern = item.split("/")
+        for tool in args.tools.split(","):  # side by side: both tools for one config before the next
+            out = work / f"{tool}-{method}-{pattern.replace(':', 'of')}"
+            common = ["--model", str(model_dir), "--calib", str(calib_file), "--method", method,
+                      "--pattern", pattern, "--ratio", "0.5", "--out", str(out)]
+            if tool == "llmcompressor":
+                res = popen_rusage([str(llmc_python), str(HERE / "_llmc_worker.py"), *common])
+            else:
+                res = popen_rusage([sys.executable, str(HERE / "_prunekit_worker.py"), *common])
+            model, info = check_changes(dense_state, out, pattern)
+            row = {"tool": tool, "method": method, "pattern": pattern, **ppl(model),
+                   "seconds": res["seconds"], "process_seconds": res["process_seconds"],
+                   "peak_rss_mb": res["peak_rss_mb"], **info}
+            del model
+            record["rows"].append(row)
+            print(json.dumps(row), file=sys.stderr)
+            out_json.write_text(json.dumps(record, indent=2) + "\n")  # partial results survive an interrupt
+    write_markdown(record, HERE / "results" / "weights_vs_llmcompressor.md")
+    print((HERE / "results" / "weights_vs_llmcompressor.md").read_text())
+    return 0
+
+
+def write_markdown(record: dict, path: Path) -> None:
+    ev = record["evaluation"]
+    cal = record["calibration"]
+    lines = [
+        "# prunekit vs llm-compressor: weight pruning on SmolLM2-135M",
+        "",
+        f"Calibration: {cal['samples']} x {cal['seqlen']} tokens of Wikipedia leads ({cal['documents']}). "
+        f"Perplexity: held-out Wikipedia leads {ev['wiki']['tokens'] // ev['wiki']['seqlen']} x {ev['wiki']['seqlen']} tokens; "
+        f"Pride and Prejudice {ev['austen']['tokens'] // ev['austen']['seqlen']} x {ev['austen']['seqlen']} tokens. "
+        f"Dense (dequantized fp32): wiki {record['dense']['ppl_wiki']:.3f}, austen {record['dense']['ppl_austen']:.3f}. "
+        f"Machine: {record['machine']['cpus']} CPUs, torch {record['machine']['torch']}.",
+        "",
+        "| method | pattern | tool | ppl wiki | ppl austen | seconds | peak RSS MB | ppl ratio (wiki/austen) | time ratio | memory ratio |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    by = {(r["tool"], r["method"], r["pattern"]): r for r in record["rows"]}
+    for r in record["rows"]:
+        peer = by.get(("llmcompressor", r["method"], r["pattern"]))
+        ratios = "| | |"
+        if r["tool"] == "prunekit" and peer:
+            ratios = (f"{r['ppl_wiki'] / peer['ppl_wiki']:.3f} / {r['ppl_austen'] / peer['ppl_austen']:.3f} | "
+                      f"{r['seconds'] / peer['seconds']:.2f} | {r['peak_rss_mb'] / peer['peak_rss_mb']:.2f}")
+        lines.append(f"| {r['method']} | {r['pattern']} | {r['tool']} | {r['ppl_wiki']:.3f} | {r['ppl_austen']:.3f} | "
+                     f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {ratios} |")
+    lines += ["", "Ratios are prunekit / llm-compressor (targets: ppl <= 1.01, time <= 0.7, memory <= 1.0). "
+              "`seconds` is the pruning call alone; both tools pruned exactly the 210 block Linears "
+              "(`changed`/`unexpected_changed` in the JSON)."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

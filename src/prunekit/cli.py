@@ -1,0 +1,179 @@
+"""``prunekit``: the command line over the public API, with the same names; no logic of its own.
+
+Exit codes: 0 success, 2 bad input (a one-line message says what to fix; nothing is written), 130 Ctrl-C
+(nothing is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prunekit", description="Prune what a model is, what it learns from, and what it keeps.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prune", help="prune a causal LM's weights and save it")
+    pr.add_argument("model", help="local Hugging Face model folder or zoo name (smollm2-135m)")
+    pr.add_argument("--method", required=True, help="magnitude, wanda or sparsegpt (see `prunekit methods`)")
+    pr.add_argument("--ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
+    pr.add_argument("--pattern", default=None, help="N:M: at most N nonzeros in every M consecutive input weights (2:4)")
+    pr.add_argument("--calib", default=None, help="calibration text: wiki, austen or a .txt/.jsonl file (default wiki; "
+                    "magnitude uses none unless given)")
+    pr.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    pr.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    pr.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows")
+    pr.add_argument("--skip", action="append", default=[], metavar="GLOB",
+                    help="leave layers matching this name glob dense (repeatable), e.g. '*down_proj'")
+    pr.add_argument("--sequential", choices=("layer", "block"), default="layer",
+                    help="layer: one pass per block, prune each Linear as its inputs arrive (default); "
+                    "block: the reference's two passes per block, --batch-size sequences at a time")
+    pr.add_argument("--batch-size", type=int, default=8, help="sequences per forward with --sequential block")
+    pr.add_argument("--eval", default=None, metavar="TEXTS",
+                    help="also measure dense and pruned perplexity on these comma-separated texts (wiki,austen,FILE)")
+    pr.add_argument("--eval-tokens", type=int, default=None, help="tokens per perplexity evaluation (default 16384)")
+    pr.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ev = sub.add_parser("eval", help="perplexity and sparsity of a causal LM")
+    ev.add_argument("model", help="local Hugging Face model folder or zoo name")
+    ev.add_argument("--text", default="wiki", help="wiki (held-out leads), austen (Pride and Prejudice) or a .txt/.jsonl file")
+    ev.add_argument("--seqlen", type=int, default=512)
+    ev.add_argument("--tokens", type=int, default=None, help="tokens evaluated, cut into seqlen windows (default 16384)")
+    ev.add_argument("--pattern", default=None, help="also check that every block Linear is N:M (default: the pattern in prunekit.json)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sub.add_parser("methods", help="list every registered method")
+    return p
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    import prunekit
+
+    return {"prunekit": prunekit.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _cmd_prune(args) -> int:
+    import prunekit
+    from prunekit import report
+    from prunekit.evaluate import EVAL_TOKENS
+    from prunekit.select import parse_pattern, ratio_for
+    from prunekit.weights.io import check_output, resolve_model
+
+    wall = time.perf_counter()
+    spec = prunekit.registry.get(args.method, "weights")  # validate everything before the slow work
+    ratio = ratio_for(args.ratio, parse_pattern(args.pattern))
+    check_output(args.out, overwrite=args.overwrite)
+    resolve_model(args.model)
+    progress = not args.quiet
+    model, tok = prunekit.load_model(args.model)
+    calib = args.calib if args.calib is not None else ("wiki" if spec.stats else None)
+    calib_text = prunekit.load_text(calib, purpose="calibration") if calib else None
+    evals_src = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
+    eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
+    tokens = args.eval_tokens or EVAL_TOKENS
+    evaluation = {}
+    for name, text in eval_texts.items():
+        evaluation[name] = {"dense": prunekit.perplexity(model, tok, text, seqlen=args.seqlen, tokens=tokens, progress=progress).to_dict()}
+    result = prunekit.prune(
+        model, method=args.method, ratio=ratio, pattern=args.pattern, calibration=calib_text, tokenizer=tok,
+        samples=args.samples, seqlen=args.seqlen, seed=args.seed, skip=tuple(args.skip),
+        sequential=args.sequential, batch_size=args.batch_size, progress=progress,
+    )
+    for name, text in eval_texts.items():
+        evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.seqlen, tokens=tokens, progress=progress).to_dict()
+    measured = prunekit.sparsity(model)
+    meta = {
+        "model": str(args.model),
+        **{k: v for k, v in result.to_dict().items() if k != "layers"},
+        "layers": [dict(vars(r), shape=list(r.shape)) for r in result.layers],
+        "model_sparsity": measured["model_total"],
+        "pattern_violations": prunekit.check_pattern(model, result.pattern) if result.pattern else None,
+        "evaluation": evaluation,
+        "versions": _versions(),
+        "wall_seconds": None,
+    }
+    meta["wall_seconds"] = time.perf_counter() - wall
+    out = prunekit.save_pruned(model, tok, args.out, metadata=meta, overwrite=args.overwrite,
+                               extra=lambda folder: report.write_report(folder, meta))
+    print(f"pruned {args.model} with {args.method} ({result.pattern or f'{ratio:g} unstructured'}): "
+          f"sparsity {result.total_sparsity:.4f} over {len(result.layers)} layers, "
+          f"mean relative error {result.mean_rel_error if result.mean_rel_error is not None else float('nan'):.4f}, "
+          f"{result.seconds:.1f} s")
+    if evaluation:
+        print(report.ppl_table(evaluation))
+    print(f"saved to {out} (report: {out / 'report.md'})")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import prunekit
+    from prunekit.evaluate import EVAL_TOKENS
+    from prunekit.weights.io import resolve_model
+
+    path = resolve_model(args.model)
+    pattern = args.pattern
+    recorded = path / "prunekit.json"
+    if pattern is None and recorded.is_file():
+        pattern = json.loads(recorded.read_text()).get("pattern")
+    if pattern is not None:
+        prunekit.parse_pattern(pattern)
+    model, tok = prunekit.load_model(path)
+    ppl = prunekit.perplexity(model, tok, args.text, seqlen=args.seqlen, tokens=args.tokens or EVAL_TOKENS, progress=not args.quiet)
+    measured = prunekit.sparsity(model)
+    out = {**ppl.to_dict(), "sparsity": measured["total"], "model_sparsity": measured["model_total"], "pattern": pattern}
+    if pattern is not None:
+        bad = prunekit.check_pattern(model, pattern)
+        out["pattern_ok"] = not bad
+        out["pattern_violations"] = bad
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.model}: perplexity {ppl.ppl:.3f} on {ppl.text['source']} ({ppl.windows} x {ppl.seqlen} = {ppl.tokens} tokens)")
+        print(f"sparsity of block Linears {measured['total']:.4f}; of all parameters {measured['model_total']:.4f}")
+        if pattern is not None:
+            print(f"pattern {pattern}: " + ("every layer conforms" if out["pattern_ok"] else f"{len(bad)} layers break it"))
+    return 0
+
+
+def _cmd_methods(_args) -> int:
+    from prunekit import registry
+
+    for spec in registry.METHODS.values():
+        print(f"{spec.name:<12} {spec.domain:<10} {spec.summary}\n{'':<24}{spec.paper} <{spec.url}>")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from prunekit.errors import InputError
+
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return {"prune": _cmd_prune, "eval": _cmd_eval, "methods": _cmd_methods}[args.command](args)
+    except InputError as e:
+        print(f"prunekit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunekit: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Honest numbers for a model: perplexity on held-out text, measured sparsity, N:M conformance.
+
+>>> # doctest: +SKIP
+>>> prunekit.perplexity(model, tokenizer, "wiki", seqlen=512, tokens=16384).ppl
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from prunekit.select import NM, parse_pattern
+from prunekit.text import Text, evaluation_ids, load_text
+from prunekit.weights.engine import find_blocks, get_weight, target_linears
+
+__all__ = ["Perplexity", "perplexity", "perplexity_of_ids", "sparsity", "check_pattern"]
+
+EVAL_TOKENS = 16384
+
+
+@dataclass
+class Perplexity:
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token
+    tokens: int  # windows x seqlen
+    seqlen: int
+    windows: int
+    text: dict  # source, documents, sha256
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4, progress: bool = True) -> tuple[float, int]:
+    """``(mean NLL, predicted tokens)`` of `model` over windows `ids` (``[n, seqlen]``)."""
+    from tqdm.auto import tqdm
+
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in tqdm(range(0, ids.shape[0], batch_size), desc="perplexity", unit="batch", disable=not progress):
+            batch = ids[start : start + batch_size]
+            logits = model(input_ids=batch, use_cache=False).logits.float()  # [b, seq, vocab]
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(nll)
+            count += batch[:, 1:].numel()
+    model.train(was_training)
+    return total / count, count
+
+
+def perplexity(model: nn.Module, tokenizer, text: str | Text = "wiki", *, seqlen: int = 512,
+               tokens: int | None = EVAL_TOKENS, batch_size: int = 4, progress: bool = True) -> Perplexity:
+    """Perplexity ``exp(mean NLL)`` over the first ``tokens // seqlen`` windows of held-out `text`."""
+    source = text if isinstance(text, Text) else load_text(text, purpose="evaluation")
+    ids = evaluation_ids(tokenizer, source, seqlen=seqlen, tokens=tokens)
+    nll, _ = perplexity_of_ids(model, ids, batch_size=batch_size, progress=progress)
+    return Perplexity(math.exp(nll), nll, ids.numel(), seqlen, ids.shape[0], source.describe())
+
+
+def sparsity(model: nn.Module) -> dict:
+    """Fraction of zeros in every Linear of the decoder blocks, per layer and in total (weighted by size)."""
+    prefix, blocks = find_blocks(model)
+    layers, zeros, numel = {}, 0, 0
+    for i, block in enumerate(blocks):
+        for name, module in target_linears(block, f"{prefix}.{i}").items():
+            w = get_weight(module)
+            z = int((w == 0).sum())
+            layers[name] = z / w.numel()
+            zeros, numel = zeros + z, numel + w.numel()
+    all_params = sum(p.numel() for p in model.parameters())
+    all_zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    return {"total": zeros / max(numel, 1), "layers": layers, "model_total": all_zeros / all_params}
+
+
+def check_pattern(model: nn.Module, pattern: str | NM) -> list[str]:
+    """Names of block Linears that break `pattern` (at most n nonzeros in every m consecutive inputs)."""
+    nm = parse_pattern(pattern)
+    prefix, blocks = find_blocks(model)
+    bad = []
+    for i, block in enumerate(blocks):
+        for name, module in target_linears(block, f"{prefix}.{i}").items():
+            w = get_weight(module)  # [out, in]
+            if w.shape[1] % nm.m or ((w.reshape(w.shape[0], -1, nm.m) != 0).sum(-1) > nm.n).any():
+                bad.append(name)
+    return bad

@@ -1,0 +1,61 @@
+"""Every method prunekit knows: name -> spec. One explicit table, no import magic.
+
+>>> get("wanda").stats
+'norms'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from prunekit.errors import InputError
+from prunekit.weights.methods import magnitude, sparsegpt, wanda
+
+__all__ = ["MethodSpec", "METHODS", "get", "names"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    domain: str  # "weights" | "data" | "inference"
+    paper: str
+    url: str
+    summary: str
+    # weights domain: the calibration statistic the method reads ("norms", "hessian") or None (data-free),
+    # and ``fn(weight[out, in] fp32, stats, *, ratio, pattern, **options) -> pruned weight``.
+    stats: str | None = None
+    fn: Callable | None = None
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            "magnitude", "weights", "Han et al. 2015, Learning both Weights and Connections",
+            "https://arxiv.org/abs/1506.02626", "remove the smallest |W| per layer (data-free)",
+            stats=None, fn=magnitude.prune_weight,
+        ),
+        MethodSpec(
+            "wanda", "weights", "Sun et al. 2024, A Simple and Effective Pruning Approach for LLMs (Wanda)",
+            "https://arxiv.org/abs/2306.11695", "|W| x input-feature norm, compared per output row",
+            stats="norms", fn=wanda.prune_weight,
+        ),
+        MethodSpec(
+            "sparsegpt", "weights", "Frantar & Alistarh 2023, SparseGPT",
+            "https://arxiv.org/abs/2301.00774", "OBS saliency with Hessian-based update of kept weights",
+            stats="hessian", fn=sparsegpt.prune_weight,
+        ),
+    )
+}
+
+
+def names(domain: str | None = None) -> list[str]:
+    return [n for n, s in METHODS.items() if domain is None or s.domain == domain]
+
+
+def get(name: str, domain: str | None = None) -> MethodSpec:
+    spec = METHODS.get(name)
+    if spec is None or (domain is not None and spec.domain != domain):
+        raise InputError(f"unknown method {name!r}; choose one of: {', '.join(names(domain))}")
+    return spec

@@ -1,0 +1,150 @@
+"""Text for calibration and evaluation, cut into token windows the same way for every tool compared.
+
+A source is ``"wiki"``, ``"austen"`` or a path to a ``.txt`` file or a ``.jsonl`` file with a ``text`` field.
+The bundled corpora are split so calibration and evaluation never share a document:
+
+- ``wiki``: the leads sorted by title; every 10th (index 0, 10, 20, ...) is held out for evaluation, the
+  other nine tenths are calibration text. Documents are joined with a blank line.
+- ``austen``: *Pride and Prejudice* is the evaluation text; the other five novels are calibration text.
+
+A file is used whole for either purpose; keep your own files disjoint.
+
+Windows: calibration takes `samples` disjoint windows of `seqlen` tokens at random (seeded) from the token
+stream; evaluation takes consecutive windows from the start. Tokenizers that put a start token at the head
+of a sequence get it at the head of every window (SmolLM2's adds none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prunekit import zoo
+from prunekit.errors import InputError
+
+__all__ = ["Text", "load_text", "calibration_ids", "evaluation_ids"]
+
+BUNDLED = ("wiki", "austen")
+
+
+@dataclass(frozen=True)
+class Text:
+    name: str  # "wiki", "austen" or the file path
+    text: str
+    documents: str  # which documents, in words, for the record
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    def describe(self) -> dict:
+        return {"source": self.name, "documents": self.documents, "sha256": self.sha256, "chars": len(self.text)}
+
+
+def _read_file(path: Path) -> str:
+    if not path.is_file():
+        raise InputError(f"text file {path} does not exist; give a .txt or .jsonl file, or 'wiki' / 'austen'")
+    if path.suffix == ".jsonl":
+        docs = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line must be an object with a 'text' field") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise InputError(f"{path}:{lineno} has no string 'text' field; each line must look like {{\"text\": \"...\"}}")
+                docs.append(record["text"])
+        text = "\n\n".join(docs)
+    elif path.suffix in (".txt", ".md", ".text", ""):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{path} is not UTF-8 text") from None
+    else:
+        raise InputError(f"{path}: unsupported text file type {path.suffix!r}; give a .txt or a .jsonl file")
+    if not text.strip():
+        raise InputError(f"{path} holds no text")
+    return text
+
+
+def load_text(source: str | Path, *, purpose: str) -> Text:
+    """The text of `source` for `purpose` (``"calibration"`` or ``"evaluation"``)."""
+    if purpose not in ("calibration", "evaluation"):
+        raise ValueError(f"purpose must be 'calibration' or 'evaluation', got {purpose!r}")
+    evaluation = purpose == "evaluation"
+    if source == "wiki":
+        docs = zoo.wiki_documents()
+        chosen = [d["text"] for i, d in enumerate(docs) if (i % 10 == 0) == evaluation]
+        which = "every 10th lead by title (index % 10 == 0)" if evaluation else "the leads with index % 10 != 0 by title"
+        return Text("wiki", "\n\n".join(chosen), f"Wikipedia leads: {which}, {len(chosen)} of {len(docs)}")
+    if source == "austen":
+        books = zoo.austen_books()
+        if evaluation:
+            return Text("austen", books["prideprejudice"], "Pride and Prejudice")
+        names = [n for n in books if n != "prideprejudice"]
+        return Text("austen", "\n\n".join(books[n] for n in names), "Austen novels but Pride and Prejudice: " + ", ".join(names))
+    path = Path(source)
+    return Text(str(path), _read_file(path), f"the whole file {path.name}")
+
+
+def _stream(tokenizer, text: str) -> tuple[list[int], int | None]:
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    probe = tokenizer("a")["input_ids"]
+    bos = tokenizer.bos_token_id
+    head = bos if bos is not None and probe and probe[0] == bos else None
+    return ids, head
+
+
+def _windows(ids: list[int], head: int | None, seqlen: int, picks: list[int]) -> torch.Tensor:
+    body = seqlen - (head is not None)
+    rows = [([head] if head is not None else []) + ids[i * body : (i + 1) * body] for i in picks]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _check_sizes(samples: int, seqlen: int) -> None:
+    for name, v in (("samples", samples), ("seqlen", seqlen)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InputError(f"{name} must be a positive integer, got {v!r}")
+    if seqlen < 2:
+        raise InputError("seqlen must be at least 2 tokens")
+
+
+def calibration_ids(tokenizer, text: Text, *, samples: int = 128, seqlen: int = 512, seed: int = 0) -> torch.Tensor:
+    """`samples` disjoint random windows ``[samples, seqlen]`` of the token stream of `text`."""
+    _check_sizes(samples, seqlen)
+    ids, head = _stream(tokenizer, text.text)
+    available = len(ids) // (seqlen - (head is not None))
+    if available < samples:
+        raise InputError(
+            f"calibration text {text.name} has {len(ids)} tokens: {available} windows of {seqlen}, but "
+            f"{samples} samples x {seqlen} tokens were asked; give more text or lower --samples / --seqlen"
+        )
+    picks = random.Random(seed).sample(range(available), samples)
+    return _windows(ids, head, seqlen, picks)
+
+
+def evaluation_ids(tokenizer, text: Text, *, seqlen: int = 512, tokens: int | None = None) -> torch.Tensor:
+    """Consecutive windows ``[n, seqlen]`` from the start of `text`: ``tokens // seqlen`` of them (all if None)."""
+    _check_sizes(1, seqlen)
+    ids, head = _stream(tokenizer, text.text)
+    available = len(ids) // (seqlen - (head is not None))
+    wanted = available if tokens is None else tokens // seqlen
+    if wanted < 1 or available < 1:
+        raise InputError(
+            f"evaluation text {text.name} has {len(ids)} tokens; it needs at least one window of {seqlen} "
+            f"(and --tokens >= --seqlen); give more text or a shorter --seqlen"
+        )
+    if wanted > available:
+        raise InputError(
+            f"evaluation text {text.name} has {available} windows of {seqlen} tokens, but {wanted} were asked; "
+            "lower --tokens or give more text"
+        )
+    return _windows(ids, head, seqlen, list(range(wanted)))

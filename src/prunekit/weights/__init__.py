@@ -1,0 +1,1 @@
+"""Pruning what a model is: its weights."""

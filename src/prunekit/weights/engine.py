@@ -1,0 +1,308 @@
+"""Block-by-block calibration for decoder-only models: the mechanics every weight method shares.
+
+The engine finds the stack of decoder blocks (the ModuleList that holds most of the parameters:
+``model.layers`` in Llama/Qwen/Mistral/Gemma, ``transformer.h`` in GPT-2), captures the inputs of the first
+block *with all its keyword arguments* (rotary position embeddings, masks, cache positions: whatever this
+version of transformers passes), and then walks the blocks one at a time. It never names a method: a method is
+a function over one weight matrix and one statistic of that matrix's input (`prunekit.weights.stats`).
+
+Two orders, both calibrating each block on the outputs of the already-pruned blocks before it:
+
+- ``sequential="layer"`` (default): one forward pass per block over the whole calibration batch. A pre-hook
+  on each Linear accumulates its statistic from the input it is about to receive, prunes the weight, and
+  lets the forward continue with the pruned weight. Linears that read the same tensor (q/k/v, gate/up)
+  share one statistic. One pass instead of two; o_proj and down_proj are calibrated on inputs from pruned
+  predecessors (SparseGPT's ``--true-sequential`` order). Holds the whole batch's activations of one block.
+- ``sequential="block"``: the reference repositories' order. Pass 1 accumulates statistics for every Linear
+  over the batches with the dense block; all Linears are pruned; pass 2 re-runs the pruned block to produce
+  the next block's inputs. Holds one batch of activations at a time (`batch_size`), so it scales to long
+  calibration sets.
+
+Only the current block's activations and statistics are held besides the model, and a statistic is freed
+as soon as the layers that read it are pruned; since each block is used alone, a later step can stream
+blocks from disk.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from prunekit.errors import InputError
+from prunekit.weights import stats as stats_lib
+
+__all__ = ["LayerReport", "find_blocks", "target_linears", "capture_block_inputs", "prune_blocks"]
+
+ERROR_TOKENS = 1024  # calibration tokens per layer on which the relative reconstruction error is measured
+
+
+@dataclass
+class LayerReport:
+    """What happened to one Linear: its measured sparsity and ``||(W - W') X||_F / ||W X||_F``."""
+
+    name: str
+    shape: tuple[int, int]  # [out, in]
+    sparsity: float
+    rel_error: float | None
+    seconds: float
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the ModuleList of same-class modules that holds the most parameters."""
+    best, best_params = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        params = sum(p.numel() for p in module.parameters())
+        if params > best_params:
+            best, best_params = (name, module), params
+    if best is None:
+        raise InputError(
+            f"{type(model).__name__} has no ModuleList of decoder blocks; prunekit's weight engine supports "
+            "decoder-only models whose blocks sit in a ModuleList (Llama, Qwen, Mistral, Gemma, GPT-2, ...)"
+        )
+    return best
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 style Conv1D stores its weight as [in, out]
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as ``[out, in]`` (a view for Linear, a transposed view for Conv1D)."""
+    return module.weight.T if _is_conv1d(module) else module.weight
+
+
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    target = get_weight(module)
+    target.data.copy_(weight.to(target.dtype))
+
+
+def target_linears(block: nn.Module, prefix: str, skip: Iterable[str] = ()) -> dict[str, nn.Module]:
+    """Every Linear (and GPT-2 Conv1D) inside `block`, by full name, less those matching a `skip` glob.
+
+    A skip pattern matches either the full name (``model.layers.3.mlp.down_proj``) or the name inside the
+    block (``mlp.down_proj``), with shell-style wildcards: ``*down_proj``, ``self_attn.*``.
+    """
+    skip = list(skip)
+    out = {}
+    for name, module in block.named_modules():
+        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+            continue
+        full = f"{prefix}.{name}"
+        if any(fnmatch.fnmatchcase(full, p) or fnmatch.fnmatchcase(name, p) for p in skip):
+            continue
+        out[full] = module
+    return out
+
+
+class _Captured(Exception):
+    pass
+
+
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, *, batch_size: int
+) -> list[tuple[torch.Tensor, dict]]:
+    """Run `model` up to its first block; return ``[(hidden [b, seq, d], kwargs)]`` per batch of samples."""
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def grab(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}))
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids=input_ids[start : start + batch_size], use_cache=False)
+            except _Captured:
+                pass
+            else:
+                raise RuntimeError("the model's forward never reached its first decoder block")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _error_rows(tokens: int, limit: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randperm(tokens, generator=g)[:limit]
+
+
+def _rel_error(w_old: torch.Tensor, w_new: torch.Tensor, x_sub: torch.Tensor) -> float:
+    # ||(W - W') X||_F / ||W X||_F on the sampled calibration tokens; x_sub: [tokens, in]
+    ref = torch.linalg.matrix_norm(x_sub @ w_old.T)
+    return float(torch.linalg.matrix_norm(x_sub @ (w_old - w_new).T) / ref.clamp_min(1e-12))
+
+
+class _Pruner:
+    """Prunes the Linears of one block from per-input statistics; shared by both orders."""
+
+    def __init__(self, layers: dict[str, nn.Module], stat: str | None, prune_fn: Callable, error_tokens: int):
+        self.layers, self.stat, self.prune_fn, self.error_tokens = layers, stat, prune_fn, error_tokens
+        self.reports: list[LayerReport] = []
+
+    def sample(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        return flat[_error_rows(flat.shape[0], self.error_tokens)].float()
+
+    def prune(self, name: str, statistic, x_sub: torch.Tensor | None) -> None:
+        module = self.layers[name]
+        start = time.perf_counter()
+        w_old = get_weight(module).detach().to(torch.float32, copy=True)  # [out, in]
+        w_new = self.prune_fn(w_old, statistic)
+        set_weight(module, w_new)
+        rel = _rel_error(w_old, w_new, x_sub) if x_sub is not None else None
+        sparsity = float((get_weight(module) == 0).float().mean())
+        self.reports.append(
+            LayerReport(name, tuple(w_old.shape), sparsity, rel, time.perf_counter() - start)
+        )
+
+
+def _one_pass(block, kwargs, hidden, pruner: _Pruner) -> torch.Tensor:
+    last = {"x": None, "stat": None, "sub": None}
+
+    def make_hook(name):
+        def hook(_module, args):
+            if name in done:
+                return
+            x = args[0]
+            if x is not last["x"]:  # q/k/v and gate/up read the same tensor: one statistic for them
+                last["x"], last["sub"] = x, pruner.sample(x)
+                last["stat"] = None
+                if pruner.stat is not None:
+                    acc = stats_lib.make(pruner.stat, x.shape[-1])
+                    acc.add(x)
+                    last["stat"] = acc.value()
+            pruner.prune(name, last["stat"], last["sub"])
+            done.add(name)
+
+        return hook
+
+    done: set[str] = set()
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in pruner.layers.items()]
+    try:
+        out = _block_output(block(hidden, **kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+    missing = set(pruner.layers) - done
+    if missing:
+        raise RuntimeError(f"these layers were never called in the block's forward: {sorted(missing)}")
+    return out
+
+
+def _two_pass(block, batches, pruner: _Pruner) -> list[torch.Tensor]:
+    accs: dict[str, object] = {}
+    subs: dict[str, torch.Tensor] = {}
+
+    def make_hook(name):
+        def hook(_module, args):
+            x = args[0]
+            if name not in subs:
+                subs[name] = pruner.sample(x)  # the error sample comes from the first batch
+            if pruner.stat is not None:
+                if name not in accs:
+                    accs[name] = stats_lib.make(pruner.stat, x.shape[-1])
+                accs[name].add(x)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in pruner.layers.items()]
+    try:
+        for hidden, kwargs in batches:
+            block(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    for name in pruner.layers:
+        acc = accs.pop(name, None)
+        pruner.prune(name, acc.value() if acc is not None else None, subs.pop(name, None))
+    return [_block_output(block(hidden, **kwargs)) for hidden, kwargs in batches]
+
+
+def prune_blocks(
+    model: nn.Module,
+    input_ids: torch.Tensor | None,
+    prune_fn: Callable,
+    *,
+    stat: str | None,
+    skip: Iterable[str] = (),
+    sequential: str = "layer",
+    batch_size: int = 8,
+    error_tokens: int = ERROR_TOKENS,
+    progress: bool = True,
+) -> tuple[list[LayerReport], torch.Tensor | None]:
+    """Prune every target Linear of every block with ``prune_fn(weight [out, in] fp32, statistic)``.
+
+    `input_ids` (``[samples, seqlen]``) may be None only when `stat` is None (a data-free method); then no
+    forward runs and no reconstruction error is measured. Returns the per-layer reports and the last
+    block's propagated outputs (``[samples, seqlen, d]``; None without data), which equal the pruned model's
+    hidden states before its final norm.
+    """
+    if sequential not in ("layer", "block"):
+        raise InputError(f"sequential must be 'layer' or 'block', got {sequential!r}")
+    prefix, blocks = find_blocks(model)
+    layers_by_block = [target_linears(b, f"{prefix}.{i}", skip) for i, b in enumerate(blocks)]
+    if not any(layers_by_block):
+        raise InputError("no Linear layer is left to prune; check the skip patterns")
+    _check_finite(layers_by_block)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(blocks), desc="calibrate+prune blocks", unit="block", disable=not progress)
+    reports: list[LayerReport] = []
+    hidden_out = None
+    with torch.no_grad():
+        if input_ids is None:
+            if stat is not None:
+                raise InputError("this method needs calibration data")
+            for layers in layers_by_block:
+                pruner = _Pruner(layers, None, prune_fn, error_tokens)
+                for name in layers:
+                    pruner.prune(name, None, None)
+                reports += pruner.reports
+                bar.update()
+            bar.close()
+            return reports, None
+
+        one_batch = sequential == "layer"
+        batches = capture_block_inputs(
+            model, blocks, input_ids, batch_size=input_ids.shape[0] if one_batch else batch_size
+        )
+        for block, layers in zip(blocks, layers_by_block):
+            pruner = _Pruner(layers, stat, prune_fn, error_tokens)
+            if one_batch:
+                hidden, kwargs = batches[0]
+                outs = [_one_pass(block, kwargs, hidden, pruner)]
+            else:
+                outs = _two_pass(block, batches, pruner)
+            if not all(torch.isfinite(o).all() for o in outs):
+                raise RuntimeError(f"non-finite activations after block {len(reports)}; the model or data is broken")
+            batches = [(o, kw) for o, (_, kw) in zip(outs, batches)]
+            reports += pruner.reports
+            bar.update()
+    bar.close()
+    hidden_out = torch.cat([h for h, _ in batches]) if batches else None
+    return reports, hidden_out
+
+
+def _check_finite(layers_by_block: list[dict[str, nn.Module]]) -> None:
+    for layers in layers_by_block:
+        for name, module in layers.items():
+            if not torch.isfinite(module.weight).all():
+                raise InputError(f"layer {name} has NaN or Inf weights; repair or re-export the model before pruning")

@@ -1,0 +1,113 @@
+"""Load models (local folder or zoo name) and save pruned ones atomically, with prunekit's metadata.
+
+The input is only ever read. A save writes into a temporary sibling folder and renames it into place, so an
+interrupted run leaves no half-written output; an existing output is replaced only when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from prunekit import zoo
+from prunekit.errors import InputError
+
+__all__ = ["resolve_model", "load_model", "check_output", "write_atomically", "save_pruned"]
+
+_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """A zoo name (``smollm2-135m``) or a local Hugging Face folder, checked to look like a model."""
+    text = str(name_or_path)
+    if text in zoo.MODELS:
+        return zoo.model_path(text)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise InputError(
+            f"model {text!r} is neither a zoo name ({', '.join(zoo.MODELS)}) nor an existing folder; "
+            "give a local Hugging Face model folder"
+        )
+    if not path.is_dir():
+        raise InputError(f"model {text!r} is a file; give the Hugging Face model folder that holds config.json")
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} has no config.json, so it is not a Hugging Face model folder")
+    if not any(next(path.glob(p), None) for p in _WEIGHT_FILES):
+        raise InputError(f"{path} has no weights (*.safetensors or pytorch_model*.bin); save the model with save_pretrained")
+    return path
+
+
+def load_model(name_or_path: str | os.PathLike, *, dtype=None):
+    """``(model, tokenizer)`` from a zoo name or a local folder, in fp32 unless `dtype` says otherwise.
+
+    Never sets ``trust_remote_code``: a folder whose model needs custom code must be loaded by the user.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}/config.json is not valid JSON ({e}); re-export the model") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise InputError(f"{path}/config.json has no model_type; it is not a transformers config")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"could not load {path} as a causal LM: {first}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
+    """Refuse an existing output folder unless `overwrite`; call this before doing any work."""
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise InputError(f"output {out} already exists; choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is not a folder")
+    return out
+
+
+def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, overwrite: bool) -> Path:
+    """Run ``build(tmp_folder)`` then move the folder to `out`; on any failure or Ctrl-C nothing is left."""
+    out = check_output(out, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
+    try:
+        build(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict, overwrite: bool = False,
+                extra: Callable[[Path], None] | None = None) -> Path:
+    """Save `model` (safetensors) and `tokenizer` plus ``prunekit.json``; `extra(folder)` may add files."""
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "prunekit.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        if extra is not None:
+            extra(tmp)
+
+    return write_atomically(out, build, overwrite=overwrite)

@@ -1,0 +1,127 @@
+"""`prune`: one call from a model, a method name and a budget to a pruned model and its per-layer record.
+
+>>> # doctest: +SKIP
+>>> model, tok = prunekit.load_model("smollm2-135m")
+>>> result = prunekit.prune(model, method="wanda", ratio=0.5, calibration="wiki", tokenizer=tok)
+>>> result.total_sparsity
+0.5
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from prunekit import registry
+from prunekit.errors import InputError
+from prunekit.select import parse_pattern, ratio_for
+from prunekit.text import Text, calibration_ids, load_text
+from prunekit.weights.engine import LayerReport, prune_blocks
+
+__all__ = ["PruneResult", "prune"]
+
+
+@dataclass
+class PruneResult:
+    method: str
+    ratio: float
+    pattern: str | None
+    sequential: str
+    layers: list[LayerReport]
+    seconds: float
+    calibration: dict | None  # source, documents, sha256, samples, seqlen, seed
+    options: dict = field(default_factory=dict)
+
+    @property
+    def total_sparsity(self) -> float:
+        numel = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        return sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers) / max(numel, 1)
+
+    @property
+    def mean_rel_error(self) -> float | None:
+        errs = [r.rel_error for r in self.layers if r.rel_error is not None]
+        return sum(errs) / len(errs) if errs else None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["total_sparsity"] = self.total_sparsity
+        d["mean_rel_error"] = self.mean_rel_error
+        return d
+
+
+def _calibration(calibration, tokenizer, *, samples: int, seqlen: int, seed: int) -> tuple[torch.Tensor | None, dict | None]:
+    if calibration is None:
+        return None, None
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2 or calibration.dtype not in (torch.long, torch.int):
+            raise InputError("calibration tensor must be token ids of shape [samples, seqlen] (int64)")
+        if calibration.numel() == 0:
+            raise InputError("calibration tensor is empty; give [samples, seqlen] token ids")
+        return calibration.long(), {"source": "token ids given by the caller", "samples": calibration.shape[0], "seqlen": calibration.shape[1]}
+    if tokenizer is None:
+        raise InputError("calibration given as text needs the tokenizer: prune(..., tokenizer=tok)")
+    text = calibration if isinstance(calibration, Text) else load_text(calibration, purpose="calibration")
+    ids = calibration_ids(tokenizer, text, samples=samples, seqlen=seqlen, seed=seed)
+    return ids, {**text.describe(), "samples": samples, "seqlen": seqlen, "seed": seed}
+
+
+def prune(
+    model: nn.Module,
+    *,
+    method: str,
+    ratio: float | None = None,
+    pattern: str | None = None,
+    calibration: str | Text | torch.Tensor | None = "wiki",
+    tokenizer=None,
+    samples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    skip: tuple[str, ...] = (),
+    sequential: str = "layer",
+    batch_size: int = 8,
+    progress: bool = True,
+    **options,
+) -> PruneResult:
+    """Prune the Linear layers of `model`'s decoder blocks in place and return the per-layer record.
+
+    `method`: a name from ``prunekit methods`` (magnitude, wanda, sparsegpt). `ratio`: fraction of weights
+    removed, in [0, 1). `pattern`: ``"N:M"``, at most N nonzeros in every M consecutive input weights (fixes
+    the ratio at 1 - N/M). `calibration`: ``"wiki"``, ``"austen"``, a .txt/.jsonl path, a `Text`, or token ids
+    ``[samples, seqlen]``; ignored by data-free methods unless given explicitly (then it only measures their
+    reconstruction error). `skip`: glob patterns of layer names to leave dense. `sequential`: ``"layer"``
+    (one pass per block, each Linear pruned as its inputs arrive) or ``"block"`` (the reference's two passes,
+    `batch_size` sequences at a time). Extra `options` go to the method (sparsegpt: ``blocksize``,
+    ``percdamp``).
+    """
+    spec = registry.get(method, "weights")
+    nm = parse_pattern(pattern)
+    ratio = ratio_for(ratio, nm)
+    accepted = set(inspect.signature(spec.fn).parameters) - {"weight", "stats", "ratio", "pattern"}
+    unknown = set(options) - accepted
+    if unknown:
+        raise InputError(f"method {method} takes no option(s) {sorted(unknown)}; it takes {sorted(accepted) or 'none'}")
+    if spec.stats is None and calibration == "wiki":
+        calibration = None  # data-free: don't pay a calibration pass for the default
+    start = time.perf_counter()
+    ids, calib_info = _calibration(calibration, tokenizer, samples=samples, seqlen=seqlen, seed=seed)
+    if spec.stats is not None and ids is None:
+        raise InputError(f"method {method} needs calibration text; give calibration='wiki' or a file")
+    was_training = model.training
+    model.eval()
+    fn = functools.partial(spec.fn, ratio=ratio, pattern=nm, **options)
+    try:
+        layers, _ = prune_blocks(
+            model, ids, lambda w, s: fn(w, s), stat=spec.stats, skip=skip, sequential=sequential,
+            batch_size=batch_size, progress=progress,
+        )
+    finally:
+        model.train(was_training)
+    return PruneResult(
+        method=method, ratio=ratio, pattern=str(nm) if nm else None, sequential=sequential, layers=layers,
+        seconds=time.perf_counter() - start, calibration=calib_info, options=dict(options, skip=list(skip)),
+    )

@@ -1,0 +1,67 @@
+"""Calibration statistics of a Linear's input, accumulated batch by batch, by name.
+
+Both follow the reference code's running means over *sequences* (not tokens), so the numbers match theirs:
+
+- ``"norms"`` (Wanda, `lib/layerwrapper.py`): ``s_j = sum_tokens x_j^2 / n_seq``, so ``sqrt(s)`` is
+  ``||X_j||_2`` up to a constant that no per-row comparison sees.
+- ``"hessian"`` (SparseGPT, `sparsegpt.py::add_batch`): ``H = 2/n_seq * sum_tokens x x^T`` in fp32.
+
+>>> import torch
+>>> acc = Hessian(3); acc.add(torch.ones(2, 4, 3)); acc.value().shape
+torch.Size([3, 3])
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ColumnNorms", "Hessian", "STATS", "make"]
+
+
+def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    # x: [batch, seq, d_in] or [tokens, d_in] -> ([tokens, d_in] fp32, sequences in this batch)
+    sequences = x.shape[0] if x.dim() == 3 else 1
+    return x.reshape(-1, x.shape[-1]).float(), sequences
+
+
+class ColumnNorms:
+    """Running mean over sequences of each input column's squared norm: ``[d_in]``."""
+
+    def __init__(self, d_in: int):
+        self.sq = torch.zeros(d_in, dtype=torch.float32)
+        self.sequences = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x, seqs = _flatten(x)
+        self.sq *= self.sequences / (self.sequences + seqs)
+        self.sequences += seqs
+        self.sq += x.square().sum(dim=0) / self.sequences
+
+    def value(self) -> torch.Tensor:
+        return self.sq
+
+
+class Hessian:
+    """Running ``2/n_seq * X X^T`` in fp32: ``[d_in, d_in]``."""
+
+    def __init__(self, d_in: int):
+        self.h = torch.zeros(d_in, d_in, dtype=torch.float32)
+        self.sequences = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x, seqs = _flatten(x)
+        self.h *= self.sequences / (self.sequences + seqs)
+        self.sequences += seqs
+        x = x * (2.0 / self.sequences) ** 0.5  # [tokens, d_in]
+        self.h.addmm_(x.T, x)
+
+    def value(self) -> torch.Tensor:
+        return self.h
+
+
+STATS = {"norms": ColumnNorms, "hessian": Hessian}
+
+
+def make(name: str, d_in: int):
+    """A fresh accumulator for statistic `name` over inputs of width `d_in`."""
+    return STATS[name](d_in)

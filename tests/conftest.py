@@ -1,0 +1,77 @@
+"""Tiny models and a character tokenizer built from configs: every unit test runs offline in seconds."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = (ROOT / "LICENSE").read_text()  # ~11k characters of real English, one token per character
+
+
+def char_tokenizer(bos: bool = False):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model(kind: str = "llama", seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(vocab_size=128)
+    configs = {
+        "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+        "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+        "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+        "gemma": dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256),
+        "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    }
+    cfg = dict(configs[kind])
+    config = AutoConfig.for_model(cfg.pop("model_type"), **common, **cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+@pytest.fixture
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def model_dir(tmp_path, tok):
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def ids_from_text(tok, n: int, seqlen: int, offset: int = 0) -> torch.Tensor:
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids[offset + i * seqlen : offset + (i + 1) * seqlen] for i in range(n)])

@@ -1,0 +1,178 @@
+"""The command line end to end on a tiny saved model: outputs, round trips, and every bad input."""
+
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from prunekit import cli, report
+
+from conftest import TEXT, char_tokenizer, tiny_model
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def prune_args(model_dir, text_file, out, *extra):
+    return ["prune", str(model_dir), "--calib", str(text_file), "--samples", "8", "--seqlen", "64",
+            "--out", str(out), "--quiet", *extra]
+
+
+def test_prune_writes_a_loadable_model_and_leaves_the_input_alone(model_dir, text_file, tmp_path, capsys):
+    before = digest(model_dir)
+    out = tmp_path / "out"
+    rc = cli.main(prune_args(model_dir, text_file, out, "--method", "sparsegpt", "--ratio", "0.5",
+                             "--eval", str(text_file), "--eval-tokens", "256"))
+    assert rc == 0
+    assert digest(model_dir) == before
+    meta = json.loads((out / "prunekit.json").read_text())
+    for key in ("method", "ratio", "pattern", "calibration", "layers", "versions", "seconds", "wall_seconds", "total_sparsity"):
+        assert key in meta
+    assert meta["calibration"]["samples"] == 8 and meta["calibration"]["seqlen"] == 64
+    assert len(meta["calibration"]["sha256"]) == 64
+    assert all(0 < layer["rel_error"] < 1 and layer["sparsity"] == 0.5 for layer in meta["layers"])
+    assert (out / "report.md").read_text().startswith("# prunekit: sparsegpt")
+    assert (out / "layers.png").read_bytes()[:4] == b"\x89PNG"
+    evaluation = meta["evaluation"][str(text_file)]
+    assert evaluation["pruned"]["ppl"] > 0 and evaluation["dense"]["tokens"] == 256
+    assert "pruned ppl" in capsys.readouterr().out
+    # plain transformers loads it, and the logits are those of the pruned model
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert float((loaded.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == 0.5
+
+
+def test_round_trip_gives_identical_logits(llama, tok, tmp_path):
+    import prunekit
+
+    ids = torch.tensor([tok(TEXT[:64], add_special_tokens=False)["input_ids"]])
+    prunekit.prune(llama, method="wanda", pattern="2:4", calibration=ids.repeat(2, 1), progress=False)
+    out = prunekit.save_pruned(llama, tok, tmp_path / "saved", metadata={"method": "wanda"})
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.equal(llama(ids).logits, loaded(ids).logits)
+
+
+def test_eval_json_and_pattern_check(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "nm"
+    assert cli.main(prune_args(model_dir, text_file, out, "--method", "wanda", "--pattern", "2:4")) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--text", str(text_file), "--seqlen", "64", "--tokens", "256", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == 256 and result["seqlen"] == 64 and result["windows"] == 4
+    assert math.isfinite(result["ppl"]) and result["ppl"] > 1
+    assert result["sparsity"] == pytest.approx(0.5)
+    assert result["pattern"] == "2:4" and result["pattern_ok"] is True
+    # the dense input is no 2:4 model, and eval says so
+    assert cli.main(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "64", "--tokens", "128",
+                     "--pattern", "2:4", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["pattern_ok"] is False
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(model_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert cli.main(prune_args(model_dir, text_file, out, "--method", "magnitude", "--ratio", "0.5")) == 2
+    assert (out / "keep.txt").read_text() == "mine"
+    assert cli.main(prune_args(model_dir, text_file, out, "--method", "magnitude", "--ratio", "0.5", "--overwrite")) == 0
+    assert not (out / "keep.txt").exists() and (out / "prunekit.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_interrupt_leaves_nothing(model_dir, text_file, tmp_path, monkeypatch):
+    def boom(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_report", boom)
+    out = tmp_path / "out"
+    assert cli.main(prune_args(model_dir, text_file, out, "--method", "magnitude", "--ratio", "0.5")) == 130
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _nan_model(tmp_path):
+    folder = tmp_path / "nan-model"
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "neither a zoo name"),
+        ("no-config", "no config.json"),
+        ("bad-config", "not valid JSON"),
+        ("ratio-high", "outside [0, 1)"),
+        ("ratio-neg", "outside [0, 1)"),
+        ("pattern-5:4", "1 <= N < M"),
+        ("pattern-2:0", "1 <= N < M"),
+        ("pattern-ratio", "disagrees"),
+        ("too-short", "samples x 64 tokens were asked"),
+        ("empty-calib", "holds no text"),
+        ("bad-jsonl", "not valid JSON"),
+        ("nan", "NaN or Inf"),
+        ("method", "unknown method"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(case, message, model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    model, calib, extra = str(model_dir), str(text_file), ["--method", "wanda", "--ratio", "0.5"]
+    if case == "missing":
+        model = str(tmp_path / "nowhere")
+    elif case == "no-config":
+        (tmp_path / "empty").mkdir()
+        model = str(tmp_path / "empty")
+    elif case == "bad-config":
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        (broken / "config.json").write_text("{not json")
+        (broken / "model.safetensors").write_bytes(b"")
+        model = str(broken)
+    elif case == "ratio-high":
+        extra = ["--method", "wanda", "--ratio", "1.0"]
+    elif case == "ratio-neg":
+        extra = ["--method", "wanda", "--ratio", "-0.1"]
+    elif case.startswith("pattern-") and case != "pattern-ratio":
+        extra = ["--method", "wanda", "--pattern", case.split("-", 1)[1]]
+    elif case == "pattern-ratio":
+        extra = ["--method", "wanda", "--pattern", "2:4", "--ratio", "0.3"]
+    elif case == "too-short":
+        extra += ["--samples", "1000"]
+    elif case == "empty-calib":
+        calib = str(tmp_path / "empty.txt")
+        (tmp_path / "empty.txt").write_text("  \n")
+    elif case == "bad-jsonl":
+        calib = str(tmp_path / "bad.jsonl")
+        (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{oops\n')
+    elif case == "nan":
+        model = str(_nan_model(tmp_path))
+    elif case == "method":
+        extra = ["--method", "nope", "--ratio", "0.5"]
+    before = digest(model_dir)
+    rc = cli.main(["prune", model, "--calib", calib, "--seqlen", "64", "--out", str(out), "--quiet", *extra])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2
+    assert err.startswith("prunekit: error:") and message in err
+    assert not out.exists()
+    assert digest(model_dir) == before
+
+
+def test_jsonl_calibration_and_methods_listing(model_dir, tmp_path, capsys):
+    calib = tmp_path / "calib.jsonl"
+    paragraphs = [p for p in TEXT.split("\n\n") if p.strip()]
+    calib.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    out = tmp_path / "out"
+    assert cli.main(prune_args(model_dir, calib, out, "--method", "wanda", "--ratio", "0.25")) == 0
+    assert json.loads((out / "prunekit.json").read_text())["calibration"]["source"] == str(calib)
+    capsys.readouterr()
+    assert cli.main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in ("magnitude", "wanda", "sparsegpt", "arxiv.org"))

@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+import prunekit
+from prunekit import registry
+from prunekit.errors import InputError
+from prunekit.weights.engine import find_blocks, get_weight, prune_blocks, target_linears
+
+from conftest import char_tokenizer, ids_from_text, tiny_model
+
+
+def final_norm(model):
+    return model.transformer.ln_f if hasattr(model, "transformer") else model.model.norm
+
+
+def body(model, ids):
+    base = model.transformer if hasattr(model, "transformer") else model.model
+    with torch.no_grad():
+        return base(input_ids=ids, use_cache=False).last_hidden_state
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gemma", "gpt2"])
+@pytest.mark.parametrize("sequential", ["layer", "block"])
+def test_propagated_outputs_equal_running_the_pruned_model(kind, sequential):
+    model = tiny_model(kind)
+    ids = ids_from_text(char_tokenizer(), 6, 32)
+    spec = registry.get("sparsegpt")
+    fn = lambda w, s: spec.fn(w, s, ratio=0.5, pattern=None)  # noqa: E731
+    reports, hidden = prune_blocks(model, ids, fn, stat="hessian", sequential=sequential, batch_size=4, progress=False)
+    assert len(reports) == sum(len(target_linears(b, "x")) for b in find_blocks(model)[1])
+    with torch.no_grad():
+        torch.testing.assert_close(final_norm(model)(hidden), body(model, ids), rtol=1e-4, atol=1e-4)
+    assert all(r.rel_error is not None and r.rel_error > 0 for r in reports)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_exact_ratio_per_layer(method, llama, tok):
+    ids = ids_from_text(tok, 4, 32)
+    result = prunekit.prune(llama, method=method, ratio=0.375, calibration=ids, progress=False)
+    for r in result.layers:
+        out, d_in = r.shape
+        w = get_weight(llama.get_submodule(r.name))
+        zeros = (w == 0).sum(1)
+        if method == "wanda":
+            assert (zeros == int(d_in * 0.375)).all()
+        elif method == "magnitude":
+            assert int(zeros.sum()) == int(out * d_in * 0.375)
+        else:  # per 128-column block (all tiny layers have <= 128 inputs)
+            assert int(zeros.sum()) == int(out * d_in * 0.375)
+        assert r.sparsity == pytest.approx(float((w == 0).float().mean()))
+    assert result.total_sparsity == pytest.approx(0.375, abs=1e-3)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_n_m_verified(method, pattern, llama, tok):
+    ids = ids_from_text(tok, 4, 32)
+    prunekit.prune(llama, method=method, pattern=pattern, calibration=ids, progress=False)
+    assert prunekit.check_pattern(llama, pattern) == []
+    assert prunekit.sparsity(llama)["total"] == pytest.approx(0.5)
+
+
+def test_check_pattern_catches_a_dense_layer(llama):
+    assert prunekit.check_pattern(llama, "2:4")  # a dense model is not 2:4
+
+
+def test_only_block_linears_change_and_skip_is_honoured(llama, tok):
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    prunekit.prune(llama, method="wanda", ratio=0.5, calibration=ids_from_text(tok, 4, 32),
+                   skip=("*down_proj", "model.layers.1.self_attn.q_proj"), progress=False)
+    changed = {k for k, v in llama.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("model.layers.") and k.endswith("proj.weight") for k in changed)
+    assert not any("down_proj" in k for k in changed)
+    assert "model.layers.1.self_attn.q_proj.weight" not in changed
+    assert "model.layers.0.self_attn.q_proj.weight" in changed
+
+
+def test_layer_order_calibrates_later_layers_on_pruned_inputs(tok):
+    ids = ids_from_text(tok, 4, 32)
+    a, b = tiny_model("llama"), tiny_model("llama")
+    prunekit.prune(a, method="wanda", ratio=0.5, calibration=ids, sequential="layer", progress=False)
+    prunekit.prune(b, method="wanda", ratio=0.5, calibration=ids, sequential="block", progress=False)
+    wa, wb = a.model.layers[0].self_attn, b.model.layers[0].self_attn
+    assert torch.equal(wa.q_proj.weight, wb.q_proj.weight)  # same inputs: the first block's q/k/v agree
+    assert not torch.equal(wa.o_proj.weight, wb.o_proj.weight)  # o_proj saw pruned q/k/v in "layer" order
+
+
+def test_bad_inputs(llama, tok):
+    ids = ids_from_text(tok, 2, 16)
+    with pytest.raises(InputError, match="ratio"):
+        prunekit.prune(llama, method="wanda", ratio=1.0, calibration=ids)
+    with pytest.raises(InputError, match="pattern"):
+        prunekit.prune(llama, method="wanda", pattern="5:4", calibration=ids)
+    with pytest.raises(InputError, match="unknown method"):
+        prunekit.prune(llama, method="nope", ratio=0.5, calibration=ids)
+    with pytest.raises(InputError, match="needs calibration"):
+        prunekit.prune(llama, method="wanda", ratio=0.5, calibration=None)
+    with pytest.raises(InputError, match="takes no option"):
+        prunekit.prune(llama, method="wanda", ratio=0.5, calibration=ids, blocksize=64)
+    with pytest.raises(InputError, match="empty"):
+        prunekit.prune(llama, method="wanda", ratio=0.5, calibration=torch.zeros(0, 16, dtype=torch.long))
+    with pytest.raises(InputError, match="no Linear"):
+        prunekit.prune(llama, method="wanda", ratio=0.5, calibration=ids, skip=("*",))
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    with torch.no_grad():
+        llama.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        prunekit.prune(llama, method="magnitude", ratio=0.5, calibration=None)
+    after = llama.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before if "up_proj" not in k)  # nothing pruned
+
+
+def test_sparsegpt_options_reach_the_method(llama, tok):
+    ids = ids_from_text(tok, 4, 32)
+    r = prunekit.prune(llama, method="sparsegpt", ratio=0.5, calibration=ids, blocksize=32, percdamp=0.1, progress=False)
+    assert r.options["blocksize"] == 32
+    assert r.total_sparsity == pytest.approx(0.5)

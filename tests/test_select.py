@@ -1,0 +1,63 @@
+import math
+
+import pytest
+import torch
+
+from prunekit.errors import InputError
+from prunekit.select import NM, check_ratio, keep_global, keep_n_m, keep_per_row, parse_pattern, ratio_for
+
+
+@pytest.mark.parametrize("text,n,m", [("2:4", 2, 4), ("4:8", 4, 8), (" 1 : 4 ", 1, 4)])
+def test_parse_pattern_counts_nonzeros_kept(text, n, m):
+    nm = parse_pattern(text)
+    assert (nm.n, nm.m) == (n, m)
+    assert nm.zeros == m - n  # the reference repos' prune_n
+    assert nm.ratio == pytest.approx((m - n) / m)
+
+
+@pytest.mark.parametrize("bad", ["5:4", "2:0", "0:4", "4:4", "2-4", "a:b", "2:4:8", ""])
+def test_parse_pattern_rejects(bad):
+    if bad == "":
+        assert parse_pattern(bad) is None
+        return
+    with pytest.raises(InputError, match="pattern"):
+        parse_pattern(bad)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, math.nan, math.inf, "0.5", True, None])
+def test_check_ratio_rejects(bad):
+    with pytest.raises(InputError, match="ratio"):
+        check_ratio(bad)
+
+
+def test_ratio_for_pattern_fixes_ratio():
+    assert ratio_for(None, NM(2, 4)) == 0.5
+    assert ratio_for(0.5, NM(2, 4)) == 0.5
+    assert ratio_for(0.3, None) == 0.3
+    with pytest.raises(InputError, match="disagrees"):
+        ratio_for(0.7, NM(2, 4))
+    with pytest.raises(InputError):
+        ratio_for(None, None)
+
+
+def test_keep_per_row_exact_and_stable():
+    scores = torch.rand(7, 33)
+    keep = keep_per_row(scores, 0.4)
+    assert (keep.sum(1) == 33 - int(33 * 0.4)).all()
+    # the removed ones are the lowest of their row
+    for row, k in zip(scores, keep):
+        assert row[~k].max() <= row[k].min()
+    # ties: stable, earlier indices go first
+    assert keep_per_row(torch.ones(1, 4), 0.5).tolist() == [[False, False, True, True]]
+
+
+def test_keep_global_and_n_m():
+    scores = torch.rand(6, 16)
+    assert int((~keep_global(scores, 0.3)).sum()) == int(96 * 0.3)
+    keep = keep_n_m(scores, NM(2, 4))
+    assert (keep.reshape(6, 4, 4).sum(-1) == 2).all()
+    g = scores.reshape(6, 4, 4)
+    k = keep.reshape(6, 4, 4)
+    assert (torch.where(k, g, torch.inf).amin(-1) >= torch.where(k, -torch.inf, g).amax(-1)).all()
+    with pytest.raises(InputError, match="divisible"):
+        keep_n_m(torch.rand(2, 6), NM(2, 4))

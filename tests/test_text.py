@@ -1,0 +1,85 @@
+import io
+import tarfile
+
+import pytest
+
+from prunekit import zoo
+from prunekit.errors import InputError
+from prunekit.text import Text, calibration_ids, evaluation_ids, load_text
+
+from conftest import TEXT, char_tokenizer
+
+
+def test_calibration_windows_are_disjoint_seeded_and_exact(tok):
+    text = Text("t", TEXT, "license")
+    a = calibration_ids(tok, text, samples=20, seqlen=50, seed=0)
+    b = calibration_ids(tok, text, samples=20, seqlen=50, seed=0)
+    c = calibration_ids(tok, text, samples=20, seqlen=50, seed=1)
+    assert a.shape == (20, 50) and a.equal(b) and not a.equal(c)
+    stream = tok(TEXT, add_special_tokens=False)["input_ids"]
+    starts = set()
+    for row in a.tolist():  # every window is an aligned, distinct slice of the stream
+        start = next(i for i in range(0, len(stream), 50) if stream[i : i + 50] == row)
+        starts.add(start)
+    assert len(starts) == 20
+
+
+def test_windows_get_the_start_token_when_the_tokenizer_uses_one():
+    tok = char_tokenizer(bos=True)
+    text = Text("t", TEXT, "license")
+    ids = calibration_ids(tok, text, samples=4, seqlen=32)
+    assert (ids[:, 0] == tok.bos_token_id).all() and (ids[:, 1:] != tok.bos_token_id).all()
+    ev = evaluation_ids(tok, text, seqlen=32, tokens=64)
+    assert ev.shape == (2, 32) and (ev[:, 0] == tok.bos_token_id).all()
+    assert tok.decode(ev[0, 1:]) .replace(" ", "") == TEXT[:31].replace(" ", "")
+
+
+def test_evaluation_windows_and_limits(tok):
+    text = Text("t", TEXT[:1000], "part")
+    assert evaluation_ids(tok, text, seqlen=100, tokens=None).shape == (10, 100)
+    with pytest.raises(InputError, match="windows of 100 tokens, but 20"):
+        evaluation_ids(tok, text, seqlen=100, tokens=2000)
+    with pytest.raises(InputError, match="at least one window"):
+        evaluation_ids(tok, text, seqlen=5000)
+    with pytest.raises(InputError, match="seqlen"):
+        calibration_ids(tok, text, samples=2, seqlen=0)
+
+
+def test_files(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    assert load_text(tmp_path / "a.jsonl", purpose="calibration").text == "one\n\ntwo"
+    (tmp_path / "b.jsonl").write_text('{"txt": "one"}\n')
+    with pytest.raises(InputError, match="b.jsonl:1 has no string 'text'"):
+        load_text(tmp_path / "b.jsonl", purpose="calibration")
+    (tmp_path / "c.csv").write_text("x")
+    with pytest.raises(InputError, match="unsupported"):
+        load_text(tmp_path / "c.csv", purpose="evaluation")
+    with pytest.raises(InputError, match="does not exist"):
+        load_text(tmp_path / "none.txt", purpose="evaluation")
+
+
+def test_deb_reader_on_a_planted_archive():
+    payload = io.BytesIO()
+    with tarfile.open(fileobj=payload, mode="w:xz") as tar:
+        data = b"hello"
+        info = tarfile.TarInfo("./usr/x.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    members = [("debian-binary", b"2.0\n"), ("control.tar.xz", b"abc"), ("data.tar.xz", payload.getvalue())]
+    ar = b"!<arch>\n"
+    for name, body in members:
+        ar += f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(body):<10}`\n".encode() + body + b"\n" * (len(body) & 1)
+    got = zoo._ar_members(ar)
+    assert got["debian-binary"] == b"2.0\n" and got["control.tar.xz"] == b"abc"
+    with tarfile.open(fileobj=io.BytesIO(got["data.tar.xz"])) as tar:
+        assert tar.extractfile("./usr/x.txt").read() == b"hello"
+    with pytest.raises(InputError):
+        zoo._ar_members(b"not an archive")
+
+
+def test_missing_assets_name_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+    with pytest.raises(InputError, match="make assets"):
+        zoo.wiki_documents()
+    with pytest.raises(InputError, match="make assets"):
+        zoo.austen_books()
