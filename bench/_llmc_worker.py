@@ -30,6 +30,14 @@ from pathlib import Path  # noqa: E402
 LAYER_TARGET = r"re:^model\.layers\.\d+$"
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory (VmHWM), not counting the parent it was forked from."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def log(msg: str) -> None:
     print(f"[llmc_worker] {msg}", file=sys.stderr, flush=True)
 
@@ -161,6 +169,7 @@ def main(argv=None) -> int:
 
     result = {
         "seconds": seconds,
+        "peak_rss_mb": peak_rss_mb(),
         "llmcompressor": llmcompressor.__version__,
         "transformers": transformers.__version__,
         "method": args.method,

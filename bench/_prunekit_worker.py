@@ -12,6 +12,14 @@ import sys
 import time
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory (VmHWM), not counting the parent it was forked from."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -19,7 +27,7 @@ def main() -> int:
     p.add_argument("--method", required=True)
     p.add_argument("--pattern", default="unstructured")
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--sequential", default="layer")
+    p.add_argument("--sequential", default="block")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -36,7 +44,7 @@ def main() -> int:
                             calibration=ids, sequential=args.sequential, progress=False)
     seconds = time.perf_counter() - start
     prunekit.save_pruned(model, tok, args.out, metadata=result.to_dict() | {"layers": len(result.layers)}, overwrite=True)
-    print(json.dumps({"seconds": seconds, "prunekit": prunekit.__version__, "threads": torch.get_num_threads(),
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "prunekit": prunekit.__version__, "threads": torch.get_num_threads(),
                       "sequential": args.sequential}))
     return 0
 

@@ -5,7 +5,7 @@ Both tools get the same 128 x 512 calibration windows of Wikipedia leads (the ca
 blocks; nothing else: checked on the saved models), and are scored by the same perplexity code on the held-out
 leads and on Pride and Prejudice. Each pruning job runs in its own process (llm-compressor in its own venv,
 since it pins transformers<=5.17); `seconds` is the pruning call alone (model already loaded), `process_seconds`
-the whole process, `peak_rss_mb` the process's peak resident memory (wait4 ru_maxrss).
+the whole process, `peak_rss_mb` the worker process's own peak resident memory (VmHWM).
 
     python bench/weights_vs_llmcompressor.py [--samples 128] [--seqlen 512] [--eval-tokens 16384]
 
@@ -37,13 +37,15 @@ from prunekit.weights.engine import find_blocks, target_linears  # noqa: E402
 CONFIGS = [("wanda", "unstructured"), ("wanda", "2:4"), ("sparsegpt", "unstructured"), ("sparsegpt", "2:4")]
 
 
-def popen_rusage(cmd: list[str]) -> dict:
-    """Run a worker; return its JSON line plus wall seconds and the peak RSS of that process alone."""
+def run_worker(cmd: list[str]) -> dict:
+    """Run a worker; return its JSON line (seconds of the pruning call, its own peak RSS) plus wall seconds.
+
+    The peak RSS comes from the worker's /proc/self/status VmHWM: wait4's ru_maxrss would count the parent's
+    memory at fork time, which is this (large) benchmark process.
+    """
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run(cmd, stdout=out, stderr=err, text=True)
         wall = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
@@ -51,7 +53,7 @@ def popen_rusage(cmd: list[str]) -> dict:
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd[:2])} failed ({proc.returncode}):\n{stderr[-3000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    result.update(process_seconds=wall, peak_rss_mb=usage.ru_maxrss / 1024)
+    result["process_seconds"] = wall
     return result
 
 
@@ -79,7 +81,8 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--configs", default=",".join(f"{m}/{p}" for m, p in CONFIGS), help="method/pattern,...")
-    ap.add_argument("--tools", default="llmcompressor,prunekit")
+    ap.add_argument("--tools", default="llmcompressor,prunekit,prunekit-layer",
+                    help="prunekit = default (reference) order; prunekit-layer = --sequential layer")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
 
@@ -123,9 +126,10 @@ def main() -> int:
             common = ["--model", str(model_dir), "--calib", str(calib_file), "--method", method,
                       "--pattern", pattern, "--ratio", "0.5", "--out", str(out)]
             if tool == "llmcompressor":
-                res = popen_rusage([str(llmc_python), str(HERE / "_llmc_worker.py"), *common])
-            else:
-                res = popen_rusage([sys.executable, str(HERE / "_prunekit_worker.py"), *common])
+                res = run_worker([str(llmc_python), str(HERE / "_llmc_worker.py"), *common])
+            else:  # "prunekit" (default order) or "prunekit-layer" (--sequential layer)
+                order = ["--sequential", "layer"] if tool == "prunekit-layer" else []
+                res = run_worker([sys.executable, str(HERE / "_prunekit_worker.py"), *common, *order])
             model, info = check_changes(dense_state, out, pattern)
             row = {"tool": tool, "method": method, "pattern": pattern, **ppl(model),
                    "seconds": res["seconds"], "process_seconds": res["process_seconds"],
@@ -158,14 +162,15 @@ def write_markdown(record: dict, path: Path) -> None:
     for r in record["rows"]:
         peer = by.get(("llmcompressor", r["method"], r["pattern"]))
         ratios = "| | |"
-        if r["tool"] == "prunekit" and peer:
+        if r["tool"].startswith("prunekit") and peer:
             ratios = (f"{r['ppl_wiki'] / peer['ppl_wiki']:.3f} / {r['ppl_austen'] / peer['ppl_austen']:.3f} | "
                       f"{r['seconds'] / peer['seconds']:.2f} | {r['peak_rss_mb'] / peer['peak_rss_mb']:.2f}")
         lines.append(f"| {r['method']} | {r['pattern']} | {r['tool']} | {r['ppl_wiki']:.3f} | {r['ppl_austen']:.3f} | "
                      f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {ratios} |")
     lines += ["", "Ratios are prunekit / llm-compressor (targets: ppl <= 1.01, time <= 0.7, memory <= 1.0). "
-              "`seconds` is the pruning call alone; both tools pruned exactly the 210 block Linears "
-              "(`changed`/`unexpected_changed` in the JSON)."]
+              "`seconds` is the pruning call alone; every tool pruned exactly the 210 block Linears "
+              "(`changed`/`unexpected_changed` in the JSON). `prunekit` runs the reference order "
+              "(`--sequential block`, the default); `prunekit-layer` the one-pass order (`--sequential layer`)."]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -26,7 +26,8 @@ def test_propagated_outputs_equal_running_the_pruned_model(kind, sequential):
     ids = ids_from_text(char_tokenizer(), 6, 32)
     spec = registry.get("sparsegpt")
     fn = lambda w, s: spec.fn(w, s, ratio=0.5, pattern=None)  # noqa: E731
-    reports, hidden = prune_blocks(model, ids, fn, stat="hessian", sequential=sequential, batch_size=4, progress=False)
+    reports, hidden = prune_blocks(model, ids, fn, stat="hessian", sequential=sequential, batch_size=4,
+                                   progress=False, return_hidden=True)
     assert len(reports) == sum(len(target_linears(b, "x")) for b in find_blocks(model)[1])
     with torch.no_grad():
         torch.testing.assert_close(final_norm(model)(hidden), body(model, ids), rtol=1e-4, atol=1e-4)

@@ -32,10 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows")
     pr.add_argument("--skip", action="append", default=[], metavar="GLOB",
                     help="leave layers matching this name glob dense (repeatable), e.g. '*down_proj'")
-    pr.add_argument("--sequential", choices=("layer", "block"), default="layer",
-                    help="layer: one pass per block, prune each Linear as its inputs arrive (default); "
-                    "block: the reference's two passes per block, --batch-size sequences at a time")
-    pr.add_argument("--batch-size", type=int, default=8, help="sequences per forward with --sequential block")
+    pr.add_argument("--sequential", choices=("block", "layer"), default="block",
+                    help="block: the reference's order, statistics from the dense block then a pass through the "
+                    "pruned block, --batch-size sequences at a time (default); layer: one pass per block over all "
+                    "samples, each Linear pruned as its inputs arrive (faster, more memory)")
+    pr.add_argument("--batch-size", type=int, default=8, help="sequences per forward with --sequential block (default 8)")
     pr.add_argument("--eval", default=None, metavar="TEXTS",
                     help="also measure dense and pruned perplexity on these comma-separated texts (wiki,austen,FILE)")
     pr.add_argument("--eval-tokens", type=int, default=None, help="tokens per perplexity evaluation (default 16384)")

@@ -82,7 +82,7 @@ def prune(
     seqlen: int = 512,
     seed: int = 0,
     skip: tuple[str, ...] = (),
-    sequential: str = "layer",
+    sequential: str = "block",
     batch_size: int = 8,
     progress: bool = True,
     **options,
@@ -93,9 +93,10 @@ def prune(
     removed, in [0, 1). `pattern`: ``"N:M"``, at most N nonzeros in every M consecutive input weights (fixes
     the ratio at 1 - N/M). `calibration`: ``"wiki"``, ``"austen"``, a .txt/.jsonl path, a `Text`, or token ids
     ``[samples, seqlen]``; ignored by data-free methods unless given explicitly (then it only measures their
-    reconstruction error). `skip`: glob patterns of layer names to leave dense. `sequential`: ``"layer"``
-    (one pass per block, each Linear pruned as its inputs arrive) or ``"block"`` (the reference's two passes,
-    `batch_size` sequences at a time). Extra `options` go to the method (sparsegpt: ``blocksize``,
+    reconstruction error). `skip`: glob patterns of layer names to leave dense. `sequential`: ``"block"``
+    (the reference's order: statistics from the dense block, then a second pass through the pruned block,
+    `batch_size` sequences at a time) or ``"layer"`` (one pass per block over all samples at once, each
+    Linear pruned as its inputs arrive: faster, more memory, calibrated on pruned predecessors). Extra `options` go to the method (sparsegpt: ``blocksize``,
     ``percdamp``).
     """
     spec = registry.get(method, "weights")

@@ -35,7 +35,7 @@ class ColumnNorms:
         x, seqs = _flatten(x)
         self.sq *= self.sequences / (self.sequences + seqs)
         self.sequences += seqs
-        self.sq += x.square().sum(dim=0) / self.sequences
+        self.sq += torch.linalg.vector_norm(x, dim=0).square() / self.sequences  # no [tokens, d_in] temporary
 
     def value(self) -> torch.Tensor:
         return self.sq
