@@ -81,7 +81,7 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--configs", default=",".join(f"{m}/{p}" for m, p in CONFIGS), help="method/pattern,...")
-    ap.add_argument("--tools", default="llmcompressor,prunekit,prunekit-layer",
+    ap.add_argument("--tools", default="llmcompressor,prunekit",
                     help="prunekit = default (reference) order; prunekit-layer = --sequential layer")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()

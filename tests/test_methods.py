@@ -120,3 +120,14 @@ def test_sparsegpt_dead_inputs_and_singular_hessian():
         pruned = sparsegpt.prune_weight(w, hv, ratio=0.5, pattern=None, percdamp=0.001)
     assert torch.isfinite(pruned).all()
     assert (pruned[:, 3] == 0).all()
+
+
+def test_wide_hessian_accumulates_the_upper_triangle_exactly():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 50, 1100, generator=g)  # d_in >= Hessian.WIDE: banded path
+    acc = stats.Hessian(1100)
+    assert acc.upper_only
+    for batch in x.split(4):
+        acc.add(batch)
+    flat = x.reshape(-1, 1100)
+    torch.testing.assert_close(acc.value(), 2 * flat.T @ flat / 6, rtol=1e-4, atol=1e-3)

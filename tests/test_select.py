@@ -61,3 +61,16 @@ def test_keep_global_and_n_m():
     assert (torch.where(k, g, torch.inf).amin(-1) >= torch.where(k, -torch.inf, g).amax(-1)).all()
     with pytest.raises(InputError, match="divisible"):
         keep_n_m(torch.rand(2, 6), NM(2, 4))
+
+
+def test_ties_at_the_cut_follow_the_stable_rule_and_fast_path_matches_sort():
+    scores = torch.tensor([[1.0, 0.5, 0.5, 0.5, 2.0, 0.1], [3.0, 2.0, 1.0, 0.0, 5.0, 4.0]])
+    keep = keep_per_row(scores, 0.5)  # row 0: 0.1 then the first two 0.5s go; row 1: no tie
+    assert keep.tolist() == [[True, False, False, True, True, False], [True, False, False, False, True, True]]
+    x = torch.randn(64, 96)
+    x[::3, ::5] = 0.0  # many exact ties
+    k = int(96 * 0.4)
+    ref = torch.ones_like(x, dtype=torch.bool).scatter_(-1, torch.sort(x, dim=-1, stable=True).indices[:, :k], False)
+    assert torch.equal(keep_per_row(x, 0.4), ref)
+    # in N:M groups too: equal scores keep the later ones
+    assert keep_n_m(torch.ones(2, 8), NM(1, 4)).tolist() == [[False, False, False, True] * 2] * 2

@@ -19,24 +19,30 @@ def ppl_table(evals: dict) -> str:
 
 
 def _plot(path: Path, layers: list[dict], title: str) -> None:
+    """One line per kind of Linear (q_proj, down_proj, ...) against its block index."""
+    import re
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["name"] for r in layers]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, len(names) * 0.06), 6), sharex=True)
-    x = range(len(names))
-    ax1.bar(x, [r["sparsity"] for r in layers], width=1.0, color="tab:blue")
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    for r in layers:
+        match = re.search(r"\.(\d+)\.(.+)$", r["name"])
+        block, kind = (int(match.group(1)), match.group(2)) if match else (0, r["name"])
+        err = r["rel_error"] if r["rel_error"] is not None else float("nan")
+        series.setdefault(kind, []).append((block, r["sparsity"], err))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for kind, points in series.items():
+        xs, sp, er = zip(*points)
+        ax1.plot(xs, sp, marker=".", label=kind)
+        ax2.plot(xs, er, marker=".", label=kind)
     ax1.set_ylabel("sparsity")
     ax1.set_ylim(0, 1)
-    errs = [r["rel_error"] if r["rel_error"] is not None else float("nan") for r in layers]
-    ax2.bar(x, errs, width=1.0, color="tab:red")
     ax2.set_ylabel("relative reconstruction error")
-    ax2.set_xlabel("layer (block order)")
-    step = max(1, len(names) // 30)
-    ax2.set_xticks(list(x)[::step])
-    ax2.set_xticklabels([n.split(".", 2)[-1] for n in names][::step], rotation=90, fontsize=6)
+    ax2.set_xlabel("block")
+    ax2.legend(fontsize=7, ncol=4)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -68,7 +74,7 @@ def write_report(folder: Path, meta: dict) -> None:
                 "The dense baseline is the model as loaded (for the zoo model: dequantized from 4-bit GGUF, so "
                 "already a little lossy)."]
     out += ["", "## Layers", "", "![per-layer sparsity and error](layers.png)", "",
-            "Relative reconstruction error is ||(W - W') X||_F / ||W X||_F on up to 1,024 sampled calibration "
+            "Relative reconstruction error is ||(W - W') X||_F / ||W X||_F on up to 512 sampled calibration "
             "tokens of each layer's own input.", "",
             "| layer | shape | sparsity | rel. error |", "| --- | --- | ---: | ---: |"]
     for r in layers:

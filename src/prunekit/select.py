@@ -93,11 +93,21 @@ def ratio_for(ratio: float | None, pattern: NM | None) -> float:
 
 
 def _keep_lowest_removed(scores: torch.Tensor, k: int) -> torch.Tensor:
-    # Stable ascending sort along the last dim, as the Wanda reference: ties go to the earlier index.
+    """Remove the `k` lowest scores along the last dim; ties at the cut go to the earlier index.
+
+    The tie rule is the Wanda reference's stable ascending sort. A stable sort of every row is ~4x slower
+    than `topk` on a CPU, so `topk` chooses and only rows where a tie straddles the cut are sorted.
+    """
     keep = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
-        idx = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
-        keep.scatter_(-1, idx, False)
+    if k <= 0:
+        return keep
+    values, idx = torch.topk(scores, k, dim=-1, largest=False, sorted=False)
+    cut = values.amax(dim=-1, keepdim=True)
+    straddle = (scores == cut).sum(-1) != (values == cut).sum(-1)  # [...]: some tie at the cut left out
+    if straddle.any():
+        rows = straddle.nonzero(as_tuple=True)
+        idx[rows] = torch.sort(scores[rows], dim=-1, stable=True).indices[..., :k]
+    keep.scatter_(-1, idx, False)
     return keep
 
 

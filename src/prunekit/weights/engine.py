@@ -43,7 +43,7 @@ from prunekit.weights import stats as stats_lib
 
 __all__ = ["LayerReport", "find_blocks", "target_linears", "capture_block_inputs", "prune_blocks"]
 
-ERROR_TOKENS = 1024  # calibration tokens per layer on which the relative reconstruction error is measured
+ERROR_TOKENS = 512  # calibration tokens per layer on which the relative reconstruction error is measured
 
 
 @dataclass
@@ -255,6 +255,9 @@ def _two_pass(block, batches, pruner: _Pruner, *, need_outputs: bool) -> list[to
         for h in handles:
             h.remove()
     last["x"] = None
+    missing = set(pruner.layers) - set(leader)
+    if missing:
+        raise RuntimeError(f"these layers were never called in the block's forward: {sorted(missing)}")
     readers = {}
     for name in pruner.layers:
         readers[leader[name]] = readers.get(leader[name], 0) + 1

@@ -12,8 +12,8 @@ Algorithm, over ``H = 2 X X^T / n_seq`` (fp32, from `prunekit.weights.stats.Hess
    OBS saliency ``w^2 / [H^-1]_jj^2`` over the whole rows x 128 block. N:M: at every m-th column choose, per
    row, the ``m - n`` lowest saliencies of the next `m` columns, computed on the *updated* weights.
 4. Column by column: zero the removed weights and spread their error over the remaining columns of the block
-   (``W[:, j:] -= err * Hinv[j, j:] ``); after the block, apply the block's errors to all later columns at
-   once (lazy batch update).
+   (``W[:, j:] -= err * Hinv[j, j:]``); after the block, apply the block's errors to all later columns at
+   once (lazy batch update). Same arithmetic as the reference, laid out so each column costs two tensor ops.
 
 Departures from the reference:
 - The reference selects with ``<= sorted[int(numel * ratio)]``, one weight more per block than asked (plus
@@ -91,25 +91,26 @@ def prune_weight(
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        w1 = w[:, i1:i2].clone()  # [out, b]
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
+        # The block is walked transposed ([b, out]) so each step touches contiguous rows, and each column
+        # costs two ops: err_i = w_i * prune_i / d_i, then w[i:] -= Hinv[i, i:] (x) err_i. After its step a
+        # column equals its pruned value q_i (w_i - err_i * d_i), so the kept/pruned result is w1 * keep.
+        w1 = w[:, i1:i2].T.contiguous()  # [b, out]
+        err1 = torch.empty_like(w1)  # [b, out]
         hinv1 = hinv[i1:i2, i1:i2]  # [b, b]
         d = torch.diag(hinv1)  # [b]
         if pattern is None:
-            keep1 = keep_global(w1.square() / d.square()[None, :], ratio)
+            # one cut over the whole out x b block, ties ordered as the reference's row-major flatten
+            keep1 = keep_global(w1.T.square() / d.square()[None, :], ratio).T  # [b, out]
         else:
-            keep1 = torch.ones_like(w1, dtype=torch.bool)
+            keep1 = torch.ones_like(w1, dtype=torch.bool)  # [b, out], chosen group by group below
+        scale = (~keep1) / d[:, None]  # [b, out]: 1/d_i where pruned, 0 where kept
         for i in range(i2 - i1):
             if pattern is not None and i % pattern.m == 0:
-                group = slice(i, i + pattern.m)
-                keep1[:, group] = keep_n_m(w1[:, group].square() / d[group].square()[None, :], pattern)
-            col = w1[:, i]
-            q = col * keep1[:, i]
-            q1[:, i] = q
-            err = (col - q) / d[i]  # [out]
-            w1[:, i:] -= torch.outer(err, hinv1[i, i:])
-            err1[:, i] = err
-        w[:, i1:i2] = q1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                g = slice(i, i + pattern.m)  # choose N:M on the weights as updated so far
+                keep1[g] = keep_n_m((w1[g].square() / d[g].square()[:, None]).T, pattern).T
+                scale[g] = (~keep1[g]) / d[g][:, None]
+            torch.mul(w1[i], scale[i], out=err1[i])
+            w1[i:].addr_(hinv1[i, i:], err1[i], alpha=-1)
+        w[:, i1:i2] = (w1 * keep1).T
+        w[:, i2:] -= err1.T @ hinv[i1:i2, i2:]
     return w
