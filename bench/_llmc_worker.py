@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model = oneshot(**oneshot_kwargs)
     seconds = time.perf_counter() - t0
+    pruning_peak = peak_rss_mb()  # before saving: the pruning run's own peak
     log(f"oneshot took {seconds:.2f}s")
 
     # ---- save as plain dense safetensors -------------------------------------
@@ -169,7 +170,8 @@ def main(argv=None) -> int:
 
     result = {
         "seconds": seconds,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": pruning_peak,
+        "peak_rss_process_mb": peak_rss_mb(),
         "llmcompressor": llmcompressor.__version__,
         "transformers": transformers.__version__,
         "method": args.method,

@@ -43,8 +43,9 @@ def main() -> int:
     result = prunekit.prune(model, method=args.method, ratio=None if pattern else args.ratio, pattern=pattern,
                             calibration=ids, sequential=args.sequential, progress=False)
     seconds = time.perf_counter() - start
+    pruning_peak = peak_rss_mb()  # before saving: the pruning run's own peak
     prunekit.save_pruned(model, tok, args.out, metadata=result.to_dict() | {"layers": len(result.layers)}, overwrite=True)
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "prunekit": prunekit.__version__, "threads": torch.get_num_threads(),
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": pruning_peak, "peak_rss_process_mb": peak_rss_mb(), "prunekit": prunekit.__version__, "threads": torch.get_num_threads(),
                       "sequential": args.sequential}))
     return 0
 

@@ -5,7 +5,8 @@ Both tools get the same 128 x 512 calibration windows of Wikipedia leads (the ca
 blocks; nothing else: checked on the saved models), and are scored by the same perplexity code on the held-out
 leads and on Pride and Prejudice. Each pruning job runs in its own process (llm-compressor in its own venv,
 since it pins transformers<=5.17); `seconds` is the pruning call alone (model already loaded), `process_seconds`
-the whole process, `peak_rss_mb` the worker process's own peak resident memory (VmHWM).
+the whole process, `peak_rss_mb` the worker process's own peak resident memory
+(VmHWM) when the pruning call returns (`peak_rss_process_mb`: at exit, after saving).
 
     python bench/weights_vs_llmcompressor.py [--samples 128] [--seqlen 512] [--eval-tokens 16384]
 
@@ -133,7 +134,7 @@ def main() -> int:
             model, info = check_changes(dense_state, out, pattern)
             row = {"tool": tool, "method": method, "pattern": pattern, **ppl(model),
                    "seconds": res["seconds"], "process_seconds": res["process_seconds"],
-                   "peak_rss_mb": res["peak_rss_mb"], **info}
+                   "peak_rss_mb": res["peak_rss_mb"], "peak_rss_process_mb": res["peak_rss_process_mb"], **info}
             del model
             record["rows"].append(row)
             print(json.dumps(row), file=sys.stderr)

@@ -215,7 +215,8 @@ class _StatsDone(Exception):
     pass
 
 
-def _two_pass(block, batches, pruner: _Pruner, *, need_outputs: bool) -> list[torch.Tensor]:
+def _two_pass(block, batches: list, pruner: _Pruner, *, need_outputs: bool) -> None:
+    """Statistics pass, pruning, then the pruned pass; replaces each batch's input by its output in place."""
     accs: dict[str, object] = {}  # leader name -> accumulator
     subs: dict[str, torch.Tensor] = {}  # leader name -> error sample (from the first batch)
     leader: dict[str, str] = {}  # layer -> the first layer that read the same input tensor
@@ -270,8 +271,12 @@ def _two_pass(block, batches, pruner: _Pruner, *, need_outputs: bool) -> list[to
             accs.pop(lead, None)
             subs.pop(lead)
     if not need_outputs:
-        return []
-    return [_block_output(block(hidden, **kwargs)) for hidden, kwargs in batches]
+        batches.clear()
+        return
+    for j in range(len(batches)):  # a batch's input is freed as soon as its output exists
+        hidden, kwargs = batches[j]
+        batches[j] = (_block_output(block(hidden, **kwargs)), kwargs)
+        del hidden
 
 
 def prune_blocks(
@@ -329,14 +334,14 @@ def prune_blocks(
         for index, (block, layers) in enumerate(zip(blocks, layers_by_block)):
             pruner = _Pruner(layers, stat, prune_fn, error_tokens)
             if one_batch:
-                hidden, kwargs = batches[0]
-                outs = [_one_pass(block, kwargs, hidden, pruner)]
+                hidden, kwargs = batches.pop()
+                batches.append((_one_pass(block, kwargs, hidden, pruner), kwargs))
+                del hidden
             else:
                 last = index == len(blocks) - 1
-                outs = _two_pass(block, batches, pruner, need_outputs=return_hidden or not last)
-            if not all(torch.isfinite(o.sum()) for o in outs):  # a NaN/Inf anywhere makes the sum non-finite
+                _two_pass(block, batches, pruner, need_outputs=return_hidden or not last)
+            if not all(torch.isfinite(h.sum()) for h, _ in batches):  # a NaN/Inf anywhere makes the sum non-finite
                 raise RuntimeError(f"non-finite activations after block {index}; the model or data is broken")
-            batches = [(o, kw) for o, (_, kw) in zip(outs, batches)] if outs else []
             reports += pruner.reports
             bar.update()
     bar.close()
