@@ -74,3 +74,9 @@ def test_ties_at_the_cut_follow_the_stable_rule_and_fast_path_matches_sort():
     assert torch.equal(keep_per_row(x, 0.4), ref)
     # in N:M groups too: equal scores keep the later ones
     assert keep_n_m(torch.ones(2, 8), NM(1, 4)).tolist() == [[False, False, False, True] * 2] * 2
+    # and over a whole layer (1-D), where the quantized weights of a real checkpoint tie a lot
+    flat = torch.tensor([0.5, 0.1, 0.5, 0.5, 0.9, 0.5])
+    assert keep_global(flat, 0.5).tolist() == [False, False, False, True, True, True]
+    x = torch.randint(0, 4, (40, 30)).float()
+    ref = torch.ones(1200, dtype=torch.bool).scatter_(0, torch.sort(x.flatten(), stable=True).indices[:600], False)
+    assert torch.equal(keep_global(x, 0.5), ref.reshape(40, 30))
