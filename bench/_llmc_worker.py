@@ -25,17 +25,11 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
+
+from _memory import peak_rss_mb  # noqa: E402  (bench/ is this script's folder)
 from pathlib import Path  # noqa: E402
 
 LAYER_TARGET = r"re:^model\.layers\.\d+$"
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak resident memory (VmHWM), not counting the parent it was forked from."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def log(msg: str) -> None:

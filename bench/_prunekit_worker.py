@@ -11,13 +11,7 @@ import json
 import sys
 import time
 
-
-def peak_rss_mb() -> float:
-    """This process's own peak resident memory (VmHWM), not counting the parent it was forked from."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+from _memory import peak_rss_mb  # noqa: E402  (bench/ is this script's folder)
 
 
 def main() -> int:
