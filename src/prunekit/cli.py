@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="block: the reference's order, statistics from the dense block then a pass through the "
                     "pruned block, --batch-size sequences at a time (default); layer: one pass per block over all "
                     "samples, each Linear pruned as its inputs arrive (faster, more memory)")
-    pr.add_argument("--batch-size", type=int, default=8, help="sequences per forward with --sequential block (default 8)")
+    pr.add_argument("--batch-size", type=int, default=4, help="sequences per forward with --sequential block (default 4)")
     pr.add_argument("--eval", default=None, metavar="TEXTS",
                     help="also measure dense and pruned perplexity on these comma-separated texts (wiki,austen,FILE)")
     pr.add_argument("--eval-tokens", type=int, default=None, help="tokens per perplexity evaluation (default 16384)")

@@ -288,7 +288,7 @@ def prune_blocks(
     stat: str | None,
     skip: Iterable[str] = (),
     sequential: str = "block",
-    batch_size: int = 8,
+    batch_size: int = 4,
     error_tokens: int = ERROR_TOKENS,
     progress: bool = True,
     return_hidden: bool = False,

@@ -83,7 +83,7 @@ def prune(
     seed: int = 0,
     skip: tuple[str, ...] = (),
     sequential: str = "block",
-    batch_size: int = 8,
+    batch_size: int = 4,
     progress: bool = True,
     **options,
 ) -> PruneResult:
