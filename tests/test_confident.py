@@ -1,0 +1,154 @@
+"""Confident Learning against cleanlab 2.9 itself: every filter, the matrices, the rankings, on planted noise."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from prunekit.data.methods import confident as cl
+from prunekit.errors import InputError
+
+cleanlab = pytest.importorskip("cleanlab")
+from cleanlab.benchmarking.noise_generation import generate_noise_matrix_from_trace, generate_noisy_labels  # noqa: E402
+from cleanlab.count import compute_confident_joint, estimate_py_and_noise_matrices_from_probabilities, num_label_issues  # noqa: E402
+from cleanlab.filter import find_label_issues  # noqa: E402
+from cleanlab.rank import get_label_quality_scores  # noqa: E402
+
+
+def planted(n: int, k: int, seed: int, *, sharp: float = 2.5, trace: float = 0.7, dtype=np.float32, coarse: bool = False):
+    """Noisy labels from cleanlab's own generator (a known noise matrix) and softmax scores of a noisy
+    classifier of the true labels. `coarse` rounds the probabilities so that many values tie."""
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, k, n)
+    prior = np.bincount(true, minlength=k) / n
+    noise = generate_noise_matrix_from_trace(k, trace * k, py=prior, valid_noise_matrix=True, seed=seed)
+    given = generate_noisy_labels(true, noise)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), true] += sharp
+    probs = np.exp(logits)
+    probs /= probs.sum(1, keepdims=True)
+    if coarse:
+        probs = np.round(probs, 1) + 1e-3
+        probs /= probs.sum(1, keepdims=True)
+    return given, probs.astype(dtype)
+
+
+def cleanlab_mask(labels, probs, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return find_label_issues(labels, probs, n_jobs=1, **kw)
+
+
+SETTINGS = [(n, k, seed) for seed in range(4) for n, k in ((400, 3), (1500, 6), (3000, 12))]
+
+
+@pytest.mark.parametrize("n,k,seed", SETTINGS)
+@pytest.mark.parametrize("coarse", [False, True], ids=["smooth", "ties"])
+def test_every_filter_matches_cleanlab(n, k, seed, coarse):
+    labels, probs = planted(n, k, seed, coarse=coarse, dtype=np.float64 if coarse and seed % 2 else np.float32)
+    for mode in cl.FILTERS:
+        ours = cl.find_label_issues(labels, probs, filter_by=mode)
+        theirs = cleanlab_mask(labels, probs, filter_by=mode)
+        assert ours.dtype == bool and np.array_equal(ours, theirs), (mode, int((ours != theirs).sum()))
+    assert labels.sum() == planted(n, k, seed, coarse=coarse)[0].sum()  # inputs untouched
+
+
+@pytest.mark.parametrize("n,k,seed", SETTINGS[::2])
+def test_options_match_cleanlab(n, k, seed):
+    labels, probs = planted(n, k, seed, coarse=True)
+    for kw in ({"frac_noise": 0.5}, {"min_examples_per_class": 40}, {"num_to_remove_per_class": np.full(k, 3)}):
+        for mode in ("prune_by_noise_rate", "prune_by_class", "both"):
+            assert np.array_equal(cl.find_label_issues(labels, probs, filter_by=mode, **kw),
+                                  cleanlab_mask(labels, probs, filter_by=mode, **kw)), (mode, kw)
+    joint = cl.compute_confident_joint(labels, probs) + np.eye(k, dtype=int)  # a user-supplied joint
+    assert np.array_equal(cl.find_label_issues(labels, probs, confident_joint=joint),
+                          cleanlab_mask(labels, probs, confident_joint=joint))
+
+
+@pytest.mark.parametrize("n,k,seed", SETTINGS)
+def test_matrices_and_counts_match_cleanlab(n, k, seed):
+    labels, probs = planted(n, k, seed)
+    assert np.array_equal(cl.compute_confident_joint(labels, probs), compute_confident_joint(labels, probs))
+    assert np.array_equal(cl.compute_confident_joint(labels, probs, calibrate=False),
+                          compute_confident_joint(labels, probs, calibrate=False))
+    py, noise, inverse, joint = estimate_py_and_noise_matrices_from_probabilities(labels, probs)
+    est = cl.estimate_noise(labels, probs)
+    for ours, theirs in ((est.prior, py), (est.noise_matrix, noise), (est.inverse_noise_matrix, inverse), (est.confident_joint, joint)):
+        assert np.array_equal(ours, theirs)
+    for method in ("off_diagonal", "off_diagonal_calibrated"):
+        assert cl.num_label_issues(labels, probs, estimation_method=method) == num_label_issues(labels, probs, estimation_method=method)
+
+
+@pytest.mark.parametrize("n,k,seed", SETTINGS)
+def test_rankings_match_cleanlab(n, k, seed):
+    labels, probs = planted(n, k, seed, coarse=seed % 2 == 1)
+    for rank in cl.RANKINGS:
+        assert np.array_equal(cl.label_quality_scores(labels, probs, method=rank),
+                              get_label_quality_scores(labels, probs, method=rank))
+        for mode in ("prune_by_noise_rate", "confident_learning"):
+            assert np.array_equal(cl.find_label_issues(labels, probs, filter_by=mode, return_indices_ranked_by=rank),
+                                  cleanlab_mask(labels, probs, filter_by=mode, return_indices_ranked_by=rank)), (rank, mode)
+
+
+def test_planted_noise_is_found():
+    labels, probs = planted(4000, 5, 0, sharp=4.0)
+    rng = np.random.default_rng(0)
+    true = rng.integers(0, 5, 4000)  # planted() draws the true labels first from the same seed
+    wrong = labels != true
+    found = cl.find_label_issues(labels, probs)
+    precision = (found & wrong).sum() / found.sum()
+    recall = (found & wrong).sum() / wrong.sum()
+    assert precision > 0.9 and recall > 0.8, (precision, recall)
+
+
+def test_memmap_input_is_read_in_place(tmp_path):
+    labels, probs = planted(3000, 12, 1)
+    path = tmp_path / "probs.npy"
+    np.save(path, probs)
+    before = path.read_bytes()
+    mapped = np.load(path, mmap_mode="r")
+    for mode in cl.FILTERS:
+        assert np.array_equal(cl.find_label_issues(labels, mapped, filter_by=mode), cleanlab_mask(labels, probs, filter_by=mode))
+    assert path.read_bytes() == before
+
+
+def test_missing_class_is_an_error_unless_allowed():
+    labels, probs = planted(600, 4, 2)
+    labels = np.where(labels == 3, 0, labels)
+    with pytest.raises(InputError, match=r"class\(es\) \[3\] have no examples"):
+        cl.find_label_issues(labels, probs)
+    assert np.array_equal(cl.find_label_issues(labels, probs, allow_missing_classes=True), cleanlab_mask(labels, probs))
+
+
+@pytest.mark.parametrize(
+    "labels,probs,match",
+    [
+        ([0, 1, 2], [[0.5, 0.5], [0.2, 0.8], [0.9, 0.1]], r"labels must lie in \[0, 2\)"),
+        ([0, -1, 1], [[0.5, 0.5], [0.2, 0.8], [0.9, 0.1]], r"labels must lie in \[0, 2\)"),
+        ([0, 1, 1], [[0.5, 0.6], [0.2, 0.8], [0.9, 0.1]], "must sum to 1"),
+        ([0, 1, 1], [[np.nan, 0.5], [0.2, 0.8], [0.9, 0.1]], "NaN"),
+        ([0, 1, 1], [[1.5, -0.5], [0.2, 0.8], [0.9, 0.1]], r"lie in \[0, 1\]"),
+        ([0, 1], [[0.5, 0.5], [0.2, 0.8], [0.9, 0.1]], "2 entries but pred_probs has 3 rows"),
+        ([0, 1, 1], [0.5, 0.2, 0.9], "2-D"),
+        ([0.5, 1, 1], [[0.5, 0.5], [0.2, 0.8], [0.9, 0.1]], "integer class indices"),
+        ([], np.zeros((0, 2)), "no rows"),
+    ],
+)
+def test_bad_input(labels, probs, match):
+    probs = np.asarray(probs, dtype=np.float64)
+    with pytest.raises(InputError, match=match):
+        cl.find_label_issues(np.asarray(labels), probs)
+
+
+def test_bad_options():
+    labels, probs = planted(300, 3, 0)
+    with pytest.raises(InputError, match="unknown filter_by"):
+        cl.find_label_issues(labels, probs, filter_by="prune_by_magic")
+    with pytest.raises(InputError, match="unknown return_indices_ranked_by"):
+        cl.find_label_issues(labels, probs, return_indices_ranked_by="loss")
+    with pytest.raises(InputError, match="frac_noise"):
+        cl.find_label_issues(labels, probs, frac_noise=1.5)
+    with pytest.raises(InputError, match="num_to_remove_per_class works with"):
+        cl.find_label_issues(labels, probs, filter_by="confident_learning", num_to_remove_per_class=[1, 1, 1])
