@@ -5,11 +5,17 @@ shape (True = kept). `ratio` is the fraction removed, in [0, 1); `pattern` is an
 every `m` consecutive weights along the last, input, dimension). The reference repositories (Wanda,
 SparseGPT, llm-compressor) count the *zeros* per group instead; `NM.zeros` converts at that boundary.
 
+Data pruning is the exception to "higher = keep": its scores (`prunekit.data.methods`) are *difficulty*, and
+whether to keep the hard or the easy end is the point of the choice, so `select_examples` takes a `strategy`
+and `keep`, the fraction of examples kept, in (0, 1].
+
 >>> import torch
 >>> keep_per_row(torch.tensor([[3., 1., 2., 0.]]), 0.5)
 tensor([[ True, False,  True, False]])
 >>> keep_n_m(torch.tensor([[3., 1., 2., 0.]]), parse_pattern("1:2"))
 tensor([[ True, False,  True, False]])
+>>> select_examples([0.1, 0.9, 0.5, 0.7], 0.5)  # keep the harder half
+array([False,  True, False,  True])
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from prunekit.errors import InputError
 
-__all__ = ["NM", "parse_pattern", "check_ratio", "ratio_for", "keep_per_row", "keep_global", "keep_n_m"]
+__all__ = [
+    "NM", "parse_pattern", "check_ratio", "ratio_for", "keep_per_row", "keep_global", "keep_n_m", "select_examples",
+]
 
 
 @dataclass(frozen=True)
@@ -131,3 +140,137 @@ def keep_n_m(scores: torch.Tensor, pattern: NM) -> torch.Tensor:
         raise InputError(f"pattern {pattern} needs an input size divisible by {pattern.m}, got {cols}")
     groups = scores.reshape(*scores.shape[:-1], cols // pattern.m, pattern.m)
     return _keep_lowest_removed(groups, pattern.zeros).reshape(scores.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Examples: keep-masks from per-example difficulty (data pruning)
+
+_STRATEGIES = ("hard", "easy", "random", "ccs")
+
+
+def _as_numpy(value, name: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{name} must be an array or tensor: {err}") from None
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _class_budgets(sizes: np.ndarray, keep: float, total: int) -> np.ndarray:
+    """Largest remainder: ``floor(keep * n_c)`` each, one more for the largest remainders until `total`."""
+    exact = keep * sizes.astype(np.float64)  # [C]
+    budgets = np.minimum(np.floor(exact).astype(np.int64), sizes)
+    order = np.argsort(-(exact - budgets), kind="stable")  # largest remainder first, ties to the lower class
+    for c in order[: max(total - int(budgets.sum()), 0)]:
+        budgets[c] += 1
+    return budgets
+
+
+def _ccs(d: np.ndarray, m: int, rng: np.random.Generator, bins: int, cutoff: float) -> np.ndarray:
+    """Coverage-centric selection of `m` positions of `d` (Zheng et al. 2023, Algorithm 1)."""
+    n = len(d)
+    by_hardness = np.argsort(-d, kind="stable")  # hardest first; +inf first of all
+    cut = min(int(cutoff * n), n - m)  # never cut so deep that the budget cannot be met
+    rest = np.sort(by_hardness[cut:])  # [n - cut] positions, in index order
+    s = d[rest]
+    finite = np.isfinite(s)
+    stratum = np.full(len(s), bins - 1, dtype=np.int64)  # [n - cut]; +inf left after the cut: the hardest
+    if finite.any():
+        lo, hi = s[finite].min(), s[finite].max()
+        width = (hi - lo) / bins
+        stratum[finite] = np.minimum(((s[finite] - lo) / width).astype(np.int64), bins - 1) if hi > lo else 0
+    strata = [rest[stratum == b] for b in range(bins) if (stratum == b).any()]
+    chosen = []
+    for i in np.argsort([len(x) for x in strata], kind="stable"):  # smallest strata first
+        share = min(len(strata[i]), m // (len(strata) - len(chosen)))
+        chosen.append(rng.choice(strata[i], size=share, replace=False) if share < len(strata[i]) else strata[i])
+        m -= share
+    return np.concatenate(chosen)
+
+
+def _select_group(d: np.ndarray, m: int, strategy: str, rng: np.random.Generator, bins: int,
+                  cutoff: float) -> np.ndarray:
+    """Positions (into `d`) of the `m` examples `strategy` keeps."""
+    if m >= len(d):
+        return np.arange(len(d))
+    if strategy == "hard":
+        return np.argsort(-d, kind="stable")[:m]  # ties: the lower index first
+    if strategy == "easy":
+        return np.argsort(d, kind="stable")[:m]
+    if strategy == "random":
+        return rng.choice(len(d), size=m, replace=False)
+    return _ccs(d, m, rng, bins, cutoff)
+
+
+def select_examples(difficulty, keep: float, *, strategy: str = "hard", labels=None, balanced: bool = False,
+                    seed: int = 0, ccs_bins: int = 50, ccs_cutoff: float = 0.1) -> np.ndarray:
+    """A bool keep-mask ``[N]`` that keeps ``round(keep * N)`` examples (at least one) by their difficulty.
+
+    `difficulty`: float ``[N]``, higher = harder; ``+inf`` (never learned) is the hardest, NaN and ``-inf`` are
+    errors. `keep`: the fraction kept, in (0, 1]. `strategy`:
+
+    - ``"hard"``: the highest difficulty (Data Diet, forgetting; Sorscher et al. when data is abundant);
+    - ``"easy"``: the lowest;
+    - ``"random"``: a uniformly random subset drawn with `seed` (the baseline to beat);
+    - ``"ccs"``: coverage-centric coreset selection (Zheng, Liu, Li, Prakash, "Coverage-centric Coreset
+      Selection for High Pruning Rates", ICLR 2023, https://arxiv.org/abs/2210.15809): drop the hardest
+      `ccs_cutoff` fraction (likely mislabeled; fewer if the budget needs them), split the rest into
+      `ccs_bins` equal-width difficulty strata, then, smallest stratum first, give each non-empty stratum
+      ``min(its size, remaining budget // strata left)`` examples drawn at random. Coverage of the whole
+      difficulty range is what keeps high pruning rates above random.
+
+    ``balanced=True`` (needs integer `labels` ``[N]``) gives each class ``round(keep * n_c)`` (largest
+    remainder, so the total is exactly ``round(keep * N)``) and applies the strategy within each class. Ties
+    go to the lower index; the random strategies depend only on `seed`.
+
+    >>> select_examples([3., 1., 2., 0.], 0.5, strategy="easy")
+    array([False,  True, False,  True])
+    >>> select_examples([3., 1., 2., 0.], 0.5, labels=[0, 0, 1, 1], balanced=True)
+    array([ True, False,  True, False])
+    """
+    d = _as_numpy(difficulty, "difficulty")
+    if d.ndim != 1 or d.size == 0 or d.dtype == bool or not np.issubdtype(d.dtype, np.number):
+        raise InputError(f"difficulty must be a non-empty 1-D array of numbers [N], got {d.dtype} {tuple(d.shape)}")
+    d = d.astype(np.float64)  # [N]
+    if np.isnan(d).any() or np.isneginf(d).any():
+        raise InputError("difficulty has NaN or -inf values; fix those scores (+inf, never learned, is allowed)")
+    n = len(d)
+    if isinstance(keep, bool) or not isinstance(keep, (int, float, np.floating, np.integer)):
+        raise InputError(f"keep must be a number in (0, 1], the fraction of examples kept; got {keep!r}")
+    keep = float(keep)
+    if not math.isfinite(keep) or not 0.0 < keep <= 1.0:
+        raise InputError(f"keep {keep} is outside (0, 1]; give the fraction of examples to keep, e.g. 0.5")
+    if strategy not in _STRATEGIES:
+        raise InputError(f"strategy {strategy!r} is unknown; use one of {', '.join(_STRATEGIES)}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(ccs_bins, bool) or not isinstance(ccs_bins, (int, np.integer)) or ccs_bins < 1:
+        raise InputError(f"ccs_bins must be a positive integer (number of difficulty strata), got {ccs_bins!r}")
+    if isinstance(ccs_cutoff, bool) or not isinstance(ccs_cutoff, (int, float)) or not 0.0 <= ccs_cutoff < 1.0:
+        raise InputError(f"ccs_cutoff must be in [0, 1) (fraction of hardest examples dropped), got {ccs_cutoff!r}")
+    y = None
+    if labels is not None:
+        y = _as_numpy(labels, "labels")
+        if y.shape != (n,) or y.dtype == bool or not np.issubdtype(y.dtype, np.integer):
+            raise InputError(f"labels must be integer class indices of shape [{n}], got {y.dtype} {tuple(y.shape)}")
+    if balanced and y is None:
+        raise InputError("balanced=True splits the budget across classes and needs labels=[N] class indices")
+
+    total = max(1, _round_half_up(keep * n))
+    rng = np.random.default_rng(int(seed))
+    if balanced:
+        classes, inverse = np.unique(y, return_inverse=True)
+        groups = [np.flatnonzero(inverse == c) for c in range(len(classes))]
+        budgets = _class_budgets(np.array([len(g) for g in groups]), keep, total)
+    else:
+        groups, budgets = [np.arange(n)], [total]
+    mask = np.zeros(n, dtype=bool)
+    for idx, m in zip(groups, budgets):
+        if m > 0:
+            mask[idx[_select_group(d[idx], int(m), strategy, rng, int(ccs_bins), float(ccs_cutoff))]] = True
+    return mask

