@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sub.add_parser("methods", help="list every registered method")
+
+    from prunekit.data import cli as data_cli
+
+    data_cli.add_parser(sub)
     return p
 
 
@@ -154,7 +158,7 @@ def _cmd_methods(_args) -> int:
     from prunekit import registry
 
     for spec in registry.METHODS.values():
-        print(f"{spec.name:<12} {spec.domain:<10} {spec.summary}\n{'':<24}{spec.paper} <{spec.url}>")
+        print(f"{spec.name:<18} {spec.domain:<8} {spec.summary}\n{'':<28}{spec.paper} <{spec.url}>")
     return 0
 
 
@@ -167,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
+        if args.command == "data":
+            from prunekit.data import cli as data_cli
+
+            return data_cli.run(args)
         return {"prune": _cmd_prune, "eval": _cmd_eval, "methods": _cmd_methods}[args.command](args)
     except InputError as e:
         print(f"prunekit: error: {e}", file=sys.stderr)

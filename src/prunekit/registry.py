@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from prunekit.errors import InputError
+from prunekit.data.methods import confident, el2n, forgetting, grand, prototypes
 from prunekit.weights.methods import magnitude, sparsegpt, wanda
 
 __all__ = ["MethodSpec", "METHODS", "get", "names"]
@@ -24,6 +25,7 @@ class MethodSpec:
     summary: str
     # weights domain: the calibration statistic the method reads ("norms", "hessian") or None (data-free),
     # and ``fn(weight[out, in] fp32, stats, *, ratio, pattern, **options) -> pruned weight``.
+    # data domain: ``fn`` is the scoring function (difficulty per example, or a label-issue mask).
     stats: str | None = None
     fn: Callable | None = None
 
@@ -45,6 +47,33 @@ METHODS: dict[str, MethodSpec] = {
             "sparsegpt", "weights", "Frantar & Alistarh 2023, SparseGPT",
             "https://arxiv.org/abs/2301.00774", "OBS saliency with Hessian-based update of kept weights",
             stats="hessian", fn=sparsegpt.prune_weight,
+        ),
+        MethodSpec(
+            "confident_learning", "data", "Northcutt et al. 2021, Confident Learning: Estimating Uncertainty in Dataset Labels",
+            "https://arxiv.org/abs/1911.00068", "label issues from out-of-sample probabilities (cleanlab's answers, faster)",
+            fn=confident.find_label_issues,
+        ),
+        MethodSpec(
+            "el2n", "data", "Paul et al. 2021, Deep Learning on a Data Diet", "https://arxiv.org/abs/2107.07075",
+            "||softmax(f(x)) - onehot(y)||_2 early in training, averaged over runs", fn=el2n.el2n,
+        ),
+        MethodSpec(
+            "grand", "data", "Paul et al. 2021, Deep Learning on a Data Diet", "https://arxiv.org/abs/2107.07075",
+            "expected per-example loss-gradient norm over all parameters (torch.func)", fn=grand.grand,
+        ),
+        MethodSpec(
+            "grand_last_layer", "data", "Paul et al. 2021, Deep Learning on a Data Diet (last-layer variant, as DeepCore)",
+            "https://arxiv.org/abs/2107.07075", "per-example gradient norm of the last Linear only", fn=grand.grand_last_layer,
+        ),
+        MethodSpec(
+            "forgetting", "data", "Toneva et al. 2019, An Empirical Study of Example Forgetting during Deep Neural Network Learning",
+            "https://arxiv.org/abs/1812.05159", "correct-to-incorrect transitions in training; never learned = most forgotten",
+            fn=forgetting.forgetting_counts,
+        ),
+        MethodSpec(
+            "prototypes", "data", "Sorscher et al. 2022, Beyond neural scaling laws: beating power law scaling via data pruning",
+            "https://arxiv.org/abs/2206.14486", "cosine distance to the nearest k-means centroid of an embedding",
+            fn=prototypes.prototype_distance,
         ),
     )
 }

@@ -1,0 +1,223 @@
+"""``prunekit data ...``: label issues, selection and scoring of a dataset, over `prunekit.data`.
+
+Inputs are .npy (memory-mapped), .csv or .parquet; outputs name example indices and scores, are written
+atomically, and an existing output is refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+__all__ = ["add_parser", "COMMANDS"]
+
+
+SCORES = ("el2n", "grand", "grand_last_layer", "forgetting", "prototypes", "probs")
+
+
+def add_parser(sub) -> None:
+    data = sub.add_parser("data", help="prune what a model learns from: label issues, example scores, selection")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+
+    from prunekit.data.methods.confident import FILTERS, RANKINGS
+
+    li = dsub.add_parser("label-issues", help="find mislabeled examples with Confident Learning (cleanlab's answers)")
+    li.add_argument("--labels", required=True, help="given labels, one integer class per example (.npy/.csv/.parquet)")
+    li.add_argument("--probs", required=True, help="out-of-sample predicted probabilities [N, K] (.npy/.csv/.parquet)")
+    li.add_argument("--filter", default="prune_by_noise_rate", choices=FILTERS, help="which rule flags an issue")
+    li.add_argument("--rank-by", default="self_confidence", choices=RANKINGS,
+                    help="label-quality score that orders the issues, worst first (default self_confidence)")
+    li.add_argument("--frac-noise", type=float, default=1.0, help="flag only this fraction of the estimated issues")
+    li.add_argument("--min-examples-per-class", type=int, default=1)
+    li.add_argument("--allow-missing-classes", action="store_true", help="accept classes that no example has")
+    li.add_argument("--out", required=True, help="table of issues: index,label,predicted,quality (.csv/.parquet; .npy: indices)")
+    li.add_argument("--overwrite", action="store_true")
+    li.add_argument("--json", action="store_true", help="print a JSON summary (counts, noise matrix, prior) on stdout")
+
+    se = dsub.add_parser("select", help="keep a fraction of a dataset by a difficulty score")
+    se.add_argument("--scores", required=True, help="one difficulty score per example, higher = harder (.npy/.csv/.parquet)")
+    se.add_argument("--keep", type=float, required=True, help="fraction of examples kept, in (0, 1]")
+    se.add_argument("--strategy", choices=("hard", "easy", "ccs", "random"), default="hard",
+                    help="hard: keep the highest scores; easy: the lowest; ccs: coverage-centric stratified; random")
+    se.add_argument("--labels", default=None, help="class labels, for --balanced")
+    se.add_argument("--balanced", action="store_true", help="keep the same fraction of every class")
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--out", required=True, help="kept example indices (.npy), or index,score table (.csv/.parquet)")
+    se.add_argument("--overwrite", action="store_true")
+
+    sc = dsub.add_parser("score", help="score every example with short training runs of a builtin model")
+    sc.add_argument("--data", required=True,
+                    help="fashion-mnist (the offline zoo copy, train split), or inputs: images [N, 28, 28] / [N, C, 28, 28] "
+                    "(small CNN) or features [N, D] (MLP) in .npy/.csv/.parquet")
+    sc.add_argument("--labels", default=None, help="integer labels [N] (not with --data fashion-mnist)")
+    sc.add_argument("--method", required=True, choices=SCORES,
+                    help="el2n, grand (exact, all parameters), grand_last_layer, forgetting, prototypes (k-means on the "
+                    "trained model's penultimate features, or on --embeddings), or probs (out-of-fold probabilities [N, K] "
+                    "for `data label-issues`)")
+    sc.add_argument("--model", choices=("auto", "cnn", "mlp"), default="auto", help="auto: cnn for 28x28 images, else mlp")
+    sc.add_argument("--runs", type=int, default=3, help="independent training runs averaged (default 3)")
+    sc.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10)")
+    sc.add_argument("--score-epoch", type=int, default=None,
+                    help="epoch after which EL2N / GraNd are taken (default: a tenth of --epochs, at least 1)")
+    sc.add_argument("--folds", type=int, default=5, help="folds for --method probs (default 5)")
+    sc.add_argument("--clusters", type=int, default=10, help="k-means clusters for --method prototypes (default 10)")
+    sc.add_argument("--embeddings", default=None, help="embeddings [N, D] for --method prototypes (no training then)")
+    sc.add_argument("--batch-size", type=int, default=128)
+    sc.add_argument("--lr", type=float, default=0.05)
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--out", required=True, help="scores [N] (.npy), or index,score table (.csv/.parquet); probs: [N, K]")
+    sc.add_argument("--overwrite", action="store_true")
+    sc.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_label_issues(args) -> int:
+    from prunekit.data.io import check_output_file, read_labels, read_matrix, write_table
+    from prunekit.data.methods import confident as cl
+
+    check_output_file(args.out, overwrite=args.overwrite)
+    labels = read_labels(args.labels)
+    probs = read_matrix(args.probs, what="probabilities")
+    start = time.perf_counter()
+    issues = cl.find_label_issues(labels, probs, filter_by=args.filter, frac_noise=args.frac_noise,
+                                  min_examples_per_class=args.min_examples_per_class,
+                                  allow_missing_classes=args.allow_missing_classes)
+    ranked = cl.order_label_issues(issues, labels, probs, rank_by=args.rank_by)
+    seconds = time.perf_counter() - start
+    quality = cl.label_quality_scores(labels[ranked], np.asarray(probs[ranked]), method=args.rank_by) if len(ranked) else np.empty(0)
+    predicted = np.asarray(probs[ranked]).argmax(axis=1) if len(ranked) else np.empty(0, dtype=np.int64)
+    write_table(args.out, {"index": ranked.astype(np.int64), "label": labels[ranked], "predicted": predicted,
+                           args.rank_by: quality}, overwrite=args.overwrite)
+    n = len(labels)
+    if args.json:
+        est = cl.estimate_noise(labels, probs, allow_missing_classes=args.allow_missing_classes)
+        print(json.dumps({"examples": n, "classes": probs.shape[1], "issues": int(len(ranked)), "filter_by": args.filter,
+                          "rank_by": args.rank_by, "seconds": seconds, "out": str(args.out),
+                          "prior": est.prior.tolist(), "noise_matrix": est.noise_matrix.tolist()}))
+    else:
+        print(f"{len(ranked)} label issues among {n} examples ({100 * len(ranked) / n:.2f}%), filter {args.filter}, "
+              f"{seconds:.2f} s; ranked by {args.rank_by}, worst first, in {args.out}")
+    return 0
+
+
+def _cmd_select(args) -> int:
+    from prunekit.data.io import check_output_file, read_labels, read_vector, write_table
+    from prunekit.errors import InputError
+    from prunekit.select import select_examples
+
+    check_output_file(args.out, overwrite=args.overwrite)
+    scores = np.asarray(read_vector(args.scores, what="scores"), dtype=np.float64)
+    labels = None
+    if args.labels is not None:
+        labels = read_labels(args.labels)
+        if len(labels) != len(scores):
+            raise InputError(f"labels has {len(labels)} entries but scores has {len(scores)}; they must describe the same examples")
+    elif args.balanced:
+        raise InputError("--balanced needs --labels")
+    keep = select_examples(scores, args.keep, strategy=args.strategy, labels=labels, balanced=args.balanced, seed=args.seed)
+    kept = np.flatnonzero(keep)
+    write_table(args.out, {"index": kept.astype(np.int64), "score": scores[kept]}, overwrite=args.overwrite)
+    print(f"kept {len(kept)} of {len(scores)} examples ({args.strategy}{', class-balanced' if args.balanced else ''}); "
+          f"indices in {args.out}")
+    return 0
+
+
+def _inputs(args):
+    """``(x float32 tensor, y int64 tensor, model_fn)`` for `data score`."""
+    import torch
+
+    from prunekit import train
+    from prunekit.data.io import read_array, read_labels
+    from prunekit.errors import InputError
+
+    if args.data == "fashion-mnist":
+        if args.labels is not None:
+            raise InputError("--data fashion-mnist brings its own labels; drop --labels")
+        from prunekit import zoo
+
+        x, y, _, _ = zoo.fashion_mnist()
+    else:
+        if args.labels is None:
+            raise InputError("--labels is required with a data file")
+        x = np.asarray(read_array(args.data, what="data"))
+        y = read_labels(args.labels)
+        if len(x) != len(y):
+            raise InputError(f"data has {len(x)} examples but labels has {len(y)}; they must describe the same examples")
+        if not np.issubdtype(x.dtype, np.number):
+            raise InputError(f"data must be numeric, got {x.dtype}")
+    if y.min() < 0:
+        raise InputError(f"labels must be class indices >= 0; found {int(y.min())}")
+    scale = 255.0 if x.dtype == np.uint8 else 1.0
+    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / scale)
+    if not torch.isfinite(x).all():
+        raise InputError("data has NaN or Inf; clean it before scoring")
+    k = int(y.max()) + 1
+    image = x.dim() in (3, 4) and tuple(x.shape[-2:]) == (28, 28)
+    kind = args.model if args.model != "auto" else ("cnn" if image else "mlp")
+    if kind == "cnn":
+        if not image:
+            raise InputError(f"the builtin CNN takes 28x28 images ([N, 28, 28] or [N, C, 28, 28]), got {tuple(x.shape)}; use --model mlp")
+        if x.dim() == 3:
+            x = x[:, None]  # [N, 1, 28, 28]
+        channels = x.shape[1]
+
+        def model_fn():
+            return train.small_cnn(k, channels)
+    else:
+        features = int(np.prod(x.shape[1:])) if x.dim() > 1 else 1
+        x = x.reshape(len(x), features)
+
+        def model_fn():
+            return train.mlp(features, k)
+    return x, torch.from_numpy(y.astype(np.int64)), model_fn
+
+
+def _cmd_score(args) -> int:
+    from prunekit import train
+    from prunekit.data.io import check_output_file, read_matrix, write_table
+    from prunekit.data.methods.prototypes import prototype_distance
+    from prunekit.errors import InputError
+
+    check_output_file(args.out, overwrite=args.overwrite)
+    if args.embeddings is not None and args.method != "prototypes":
+        raise InputError("--embeddings is for --method prototypes")
+    start = time.perf_counter()
+    progress = not args.quiet
+    x, y, model_fn = _inputs(args)
+    common = dict(seed=args.seed, batch_size=args.batch_size, lr=args.lr, progress=progress)
+    if args.method == "probs":
+        probs = train.cross_val_probs(model_fn, x, y, folds=args.folds, epochs=args.epochs, **common)
+        columns = {"probs": probs} if str(args.out).lower().endswith(".npy") else {f"p{j}": probs[:, j] for j in range(probs.shape[1])}
+        write_table(args.out, columns, overwrite=args.overwrite)
+        print(f"out-of-fold probabilities of {len(y)} examples ({args.folds} folds x {args.epochs} epochs, "
+              f"{time.perf_counter() - start:.1f} s) in {args.out}")
+        return 0
+    if args.method == "prototypes":
+        if args.embeddings is not None:
+            emb = np.asarray(read_matrix(args.embeddings, what="embeddings"))
+            if len(emb) != len(y):
+                raise InputError(f"embeddings has {len(emb)} rows but the data has {len(y)} examples")
+            how = f"k-means on {args.embeddings}"
+        else:
+            model = train.train(train._new_model(model_fn, args.seed), x, y, epochs=args.epochs, **common)
+            emb = train.embed(model, x)[1].numpy()
+            how = f"k-means on the penultimate features of a model trained {args.epochs} epochs"
+        scores = prototype_distance(emb, k=args.clusters, seed=args.seed)
+    else:
+        result = train.score_runs(model_fn, x, y, runs=args.runs, epochs=args.epochs, score_epoch=args.score_epoch,
+                                  exact_grand=args.method == "grand", **common)
+        scores = getattr(result, args.method)
+        how = f"{args.runs} runs x {args.epochs} epochs" + ("" if args.method == "forgetting" else f", taken after epoch {result.score_epoch}")
+    columns = {args.method: scores} if str(args.out).lower().endswith(".npy") else {"index": np.arange(len(scores)), args.method: scores}
+    write_table(args.out, columns, overwrite=args.overwrite)
+    print(f"{args.method} of {len(scores)} examples ({how}; {time.perf_counter() - start:.1f} s), higher = harder, in {args.out}")
+    return 0
+
+
+COMMANDS = {"label-issues": _cmd_label_issues, "select": _cmd_select, "score": _cmd_score}
+
+
+def run(args: argparse.Namespace) -> int:
+    return COMMANDS[args.data_command](args)

@@ -1,0 +1,175 @@
+"""Arrays in (.npy, .csv, .parquet), index/score tables out, written atomically.
+
+``.npy`` files are memory-mapped (read in place, never copied whole, never unpickled); ``.csv`` files are
+plain numbers with an optional header row; ``.parquet`` needs pyarrow (``pip install pyarrow``): every
+column must be numeric, one column for a vector, K columns for an [N, K] matrix.
+
+>>> import numpy as np, tempfile, os
+>>> d = tempfile.mkdtemp(); p = os.path.join(d, "y.csv")
+>>> _ = write_table(p, {"index": np.array([3, 1]), "score": np.array([0.5, 0.25])})
+>>> read_array(p, what="scores", columns=2).tolist()
+[[3.0, 0.5], [1.0, 0.25]]
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from prunekit.errors import InputError
+
+__all__ = ["read_array", "read_labels", "read_vector", "read_matrix", "write_table", "check_output_file", "FORMATS"]
+
+FORMATS = (".npy", ".csv", ".parquet")
+
+
+def _suffix(path: Path, what: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise InputError(f"{what} file {path} must be .npy, .csv or .parquet")
+    return suffix
+
+
+def _read_csv(path: Path, what: str) -> np.ndarray:
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise InputError(f"{what} file {path} is empty")
+    try:
+        [float(c) for c in rows[0]]
+    except ValueError:
+        rows = rows[1:]  # a header row
+    if not rows:
+        raise InputError(f"{what} file {path} has a header but no rows")
+    width = len(rows[0])
+    for i, r in enumerate(rows):
+        if len(r) != width:
+            raise InputError(f"{what} file {path}: row {i + 1} has {len(r)} values, the first has {width}")
+    try:
+        values = np.array([[float(c) for c in r] for r in rows])
+    except ValueError as e:
+        raise InputError(f"{what} file {path} holds a value that is not a number ({e})") from None
+    return values[:, 0] if width == 1 else values
+
+
+def _read_parquet(path: Path, what: str) -> np.ndarray:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(f"reading {path} needs pyarrow: pip install pyarrow (or give .npy / .csv)") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises its own error types for broken files
+        raise InputError(f"{what} file {path} is not a readable parquet file ({e})") from None
+    cols = []
+    for name in table.column_names:
+        col = table.column(name).to_numpy()
+        if not np.issubdtype(col.dtype, np.number):
+            raise InputError(f"{what} file {path}: column {name!r} is not numeric")
+        cols.append(col)
+    if not cols:
+        raise InputError(f"{what} file {path} has no columns")
+    return cols[0] if len(cols) == 1 else np.stack(cols, axis=1)
+
+
+def read_array(path: str | os.PathLike, *, what: str, columns: int | None = None) -> np.ndarray:
+    """Read a .npy (memory-mapped), .csv or .parquet array. `columns`: 1 for a vector, None for any matrix."""
+    path = Path(path)
+    suffix = _suffix(path, what)
+    if not path.is_file():
+        raise InputError(f"{what} file {path} does not exist")
+    if suffix == ".npy":
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:  # object arrays need pickle: refused
+            raise InputError(f"{what} file {path} cannot be read without unpickling; save a numeric array ({e})") from None
+        except OSError as e:
+            raise InputError(f"{what} file {path} is not a valid .npy file ({e})") from None
+    elif suffix == ".csv":
+        array = _read_csv(path, what)
+    else:
+        array = _read_parquet(path, what)
+    if columns == 1:
+        if array.ndim == 2 and array.shape[1] == 1:
+            array = array[:, 0]
+        if array.ndim != 1:
+            raise InputError(f"{what} file {path} must hold one value per example, got shape {array.shape}")
+    elif columns is not None and (array.ndim != 2 or array.shape[1] != columns):
+        raise InputError(f"{what} file {path} must have {columns} columns, got shape {array.shape}")
+    if array.shape[0] == 0:
+        raise InputError(f"{what} file {path} has no rows")
+    return array
+
+
+def read_vector(path, *, what: str) -> np.ndarray:
+    """One finite number per example."""
+    v = read_array(path, what=what, columns=1)
+    if not np.issubdtype(v.dtype, np.number):
+        raise InputError(f"{what} file {path} must be numeric, got {v.dtype}")
+    bad = ~np.isfinite(v) & ~np.isposinf(v)  # +inf is a legal score (never-learned examples)
+    if bad.any():
+        raise InputError(f"{what} file {path} has NaN or -inf at row {int(np.argmax(bad))}")
+    return v
+
+
+def read_labels(path, *, what: str = "labels") -> np.ndarray:
+    """Integer class labels (floats with integer values are accepted: csv stores them so)."""
+    y = np.asarray(read_array(path, what=what, columns=1))
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise InputError(f"{what} file {path} must hold integer class indices")
+    return y.astype(np.int64)
+
+
+def read_matrix(path, *, what: str) -> np.ndarray:
+    """An [N, K] matrix; a .npy file stays memory-mapped."""
+    m = read_array(path, what=what)
+    if m.ndim != 2:
+        raise InputError(f"{what} file {path} must be a 2-D [examples, columns] array, got shape {m.shape}")
+    return m
+
+
+def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
+    path = Path(path)
+    _suffix(path, "output")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+    if not path.parent.exists():
+        raise InputError(f"folder {path.parent} does not exist")
+    return path
+
+
+def write_table(path: str | os.PathLike, columns: dict[str, np.ndarray], *, overwrite: bool = True) -> Path:
+    """Write named equal-length columns: .csv (header row), .parquet, or .npy (the first column alone).
+
+    Written to a temporary file in the same folder, then renamed: an interrupted write leaves nothing.
+    """
+    path = check_output_file(path, overwrite=overwrite)
+    names = list(columns)
+    arrays = [np.asarray(columns[n]) for n in names]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.suffix.lower() == ".npy":
+                np.save(f, arrays[0], allow_pickle=False)
+            elif path.suffix.lower() == ".csv":
+                f.write((",".join(names) + "\n").encode())
+                rows = zip(*[a.tolist() for a in arrays])
+                f.write("".join(",".join(repr(v) if isinstance(v, float) else str(v) for v in r) + "\n" for r in rows).encode())
+            else:
+                try:
+                    import pyarrow as pa
+                    import pyarrow.parquet as pq
+                except ImportError:
+                    raise InputError(f"writing {path} needs pyarrow: pip install pyarrow (or write .npy / .csv)") from None
+                pq.write_table(pa.table({n: a for n, a in zip(names, arrays)}), f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,185 @@
+"""`prunekit data ...` and `prunekit.data.io`: files in, tables out, bad input refused with nothing written."""
+
+from __future__ import annotations
+
+import csv
+import doctest
+import hashlib
+import json
+import re
+
+import numpy as np
+import pytest
+
+from prunekit.cli import main
+from prunekit.data import find_label_issues, io, order_label_issues
+from prunekit.data.methods import confident
+from prunekit.errors import InputError
+
+
+def noisy(n=3000, k=4, seed=0):
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, k, n)
+    given = np.where(rng.random(n) < 0.15, rng.integers(0, k, n), true)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), true] += 3
+    p = np.exp(logits)
+    return given, (p / p.sum(1, keepdims=True)).astype(np.float32)
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_doctests():
+    assert doctest.testmod(io).failed == 0
+    assert doctest.testmod(confident).failed == 0
+
+
+@pytest.mark.parametrize("fmt", ["npy", "csv", "parquet"])
+def test_label_issues_from_each_format(tmp_path, fmt, capsys):
+    labels, probs = noisy()
+    if fmt == "npy":
+        np.save(tmp_path / "y.npy", labels)
+        np.save(tmp_path / "p.npy", probs)
+    elif fmt == "csv":
+        np.savetxt(tmp_path / "y.csv", labels, fmt="%d", header="label", comments="")
+        np.savetxt(tmp_path / "p.csv", probs, delimiter=",", fmt="%.9g")
+        probs = io.read_matrix(tmp_path / "p.csv", what="p")  # what the CLI sees after parsing
+    else:
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"label": labels}), tmp_path / "y.parquet")
+        pq.write_table(pa.table({f"p{j}": probs[:, j] for j in range(probs.shape[1])}), tmp_path / "p.parquet")
+    before = digest(tmp_path)
+    out = tmp_path / "issues.csv"
+    assert main(["data", "label-issues", "--labels", str(tmp_path / f"y.{fmt}"), "--probs", str(tmp_path / f"p.{fmt}"),
+                 "--filter", "both", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    expected = order_label_issues(find_label_issues(labels, probs, filter_by="both"), labels, probs)
+    assert [int(r["index"]) for r in rows] == expected.tolist()
+    assert all(int(r["label"]) == labels[int(r["index"])] for r in rows)
+    quality = [float(r["self_confidence"]) for r in rows]
+    assert quality == sorted(quality)  # worst first
+    assert "label issues among 3000 examples" in capsys.readouterr().out
+    after = digest(tmp_path)
+    after.pop("issues.csv")
+    assert after == before  # inputs untouched
+
+
+def test_label_issues_npy_output_and_json(tmp_path, capsys):
+    labels, probs = noisy()
+    np.save(tmp_path / "y.npy", labels)
+    np.save(tmp_path / "p.npy", probs)
+    out = tmp_path / "issues.npy"
+    assert main(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(tmp_path / "p.npy"),
+                 "--out", str(out), "--json", "--rank-by", "normalized_margin"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    got = np.load(out)
+    assert summary["issues"] == len(got)
+    assert got.tolist() == find_label_issues(labels, probs, return_indices_ranked_by="normalized_margin").tolist()
+    assert np.allclose(np.asarray(summary["noise_matrix"]).sum(axis=0), 1)
+
+
+def bad_inputs(tmp_path):
+    labels, probs = noisy(200, 3)
+    cases = {}
+    np.save(tmp_path / "y.npy", labels)
+    np.save(tmp_path / "p.npy", probs)
+    out_of_range = labels.copy()
+    out_of_range[5] = 3
+    np.save(tmp_path / "y_range.npy", out_of_range)
+    cases["labels out of range"] = ("y_range.npy", "p.npy", r"labels must lie in \[0, 3\).*example 5 has label 3")
+    unnormalised = probs * 0.9
+    np.save(tmp_path / "p_sum.npy", unnormalised)
+    cases["rows not summing to 1"] = ("y.npy", "p_sum.npy", "must sum to 1")
+    nan = probs.copy()
+    nan[7, 1] = np.nan
+    np.save(tmp_path / "p_nan.npy", nan)
+    cases["NaN"] = ("y.npy", "p_nan.npy", "NaN")
+    np.save(tmp_path / "y_short.npy", labels[:-1])
+    cases["shape mismatch"] = ("y_short.npy", "p.npy", "199 entries but pred_probs has 200 rows")
+    np.save(tmp_path / "y_missing.npy", np.where(labels == 2, 0, labels))
+    cases["class with no examples"] = ("y_missing.npy", "p.npy", "have no examples")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    cases["pickled npy"] = ("obj.npy", "p.npy", "without unpickling")
+    (tmp_path / "y.txt").write_text("0\n1\n")
+    cases["unknown format"] = ("y.txt", "p.npy", r"must be \.npy, \.csv or \.parquet")
+    cases["missing file"] = ("nope.npy", "p.npy", "does not exist")
+    return cases
+
+
+def test_label_issues_bad_input_exit_2_nothing_written(tmp_path, capsys):
+    for name, (y, p, match) in bad_inputs(tmp_path).items():
+        out = tmp_path / "issues.csv"
+        before = digest(tmp_path)
+        code = main(["data", "label-issues", "--labels", str(tmp_path / y), "--probs", str(tmp_path / p), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2, name
+        assert err.startswith("prunekit: error:") and len(err.strip().splitlines()) == 1, (name, err)
+        assert re.search(match, err), (name, err)
+        assert not out.exists() and digest(tmp_path) == before, name
+
+
+def test_existing_output_refused_unless_overwrite(tmp_path, capsys):
+    labels, probs = noisy(300, 3)
+    np.save(tmp_path / "y.npy", labels)
+    np.save(tmp_path / "p.npy", probs)
+    out = tmp_path / "issues.csv"
+    out.write_text("keep me")
+    args = ["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(tmp_path / "p.npy"), "--out", str(out)]
+    assert main(args) == 2 and out.read_text() == "keep me"
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0 and out.read_text().startswith("index,label,predicted")
+
+
+def test_write_table_leaves_nothing_on_interrupt(tmp_path, monkeypatch):
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        io.write_table(tmp_path / "t.npy", {"index": np.arange(3)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_labels_rejects_fractions(tmp_path):
+    np.savetxt(tmp_path / "y.csv", [0, 1.5, 2])
+    with pytest.raises(InputError, match="integer class indices"):
+        io.read_labels(tmp_path / "y.csv")
+
+
+def test_select_and_score_commands(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(240, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0.5)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    for method in ("el2n", "forgetting", "grand_last_layer", "prototypes"):
+        out = tmp_path / f"{method}.npy"
+        assert main(["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+                     "--method", method, "--runs", "2", "--epochs", "2", "--clusters", "3", "--out", str(out), "--quiet"]) == 0
+        scores = np.load(out)
+        assert scores.shape == (240,) and np.isfinite(scores[~np.isposinf(scores)]).all()
+    probs_out = tmp_path / "probs.npy"
+    assert main(["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--method", "probs",
+                 "--folds", "3", "--epochs", "2", "--out", str(probs_out), "--quiet"]) == 0
+    probs = np.load(probs_out)
+    assert probs.shape == (240, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    keep_out = tmp_path / "keep.npy"
+    assert main(["data", "select", "--scores", str(tmp_path / "el2n.npy"), "--keep", "0.25", "--strategy", "hard",
+                 "--labels", str(tmp_path / "y.npy"), "--balanced", "--out", str(keep_out)]) == 0
+    kept = np.load(keep_out)
+    assert len(kept) == 60 and np.all(np.diff(kept) > 0)
+    from prunekit.select import select_examples
+
+    assert kept.tolist() == np.flatnonzero(select_examples(np.load(tmp_path / "el2n.npy"), 0.25, strategy="hard",
+                                                           labels=y, balanced=True)).tolist()
+    capsys.readouterr()
+    for bad, match in ((["--keep", "0"], "keep"), (["--keep", "1.5"], "keep"), (["--keep", "0.5", "--balanced"], "--balanced needs --labels")):
+        code = main(["data", "select", "--scores", str(tmp_path / "el2n.npy"), "--out", str(tmp_path / "k2.npy"), *bad])
+        assert code == 2 and match in capsys.readouterr().err and not (tmp_path / "k2.npy").exists()
+    code = main(["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")[:-4] + "_none.npy",
+                 "--method", "el2n", "--out", str(tmp_path / "s.npy")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
