@@ -36,7 +36,7 @@ from prunekit.data.methods.grand import grand, grand_last_layer
 from prunekit.errors import InputError
 
 __all__ = [
-    "small_cnn", "mlp", "StepInfo", "train", "predict", "accuracy", "embed", "DataScores", "score_runs",
+    "small_cnn", "mlp", "StepInfo", "train", "predict", "accuracy", "embed", "DataScores", "seeded_model", "score_runs",
     "cross_val_probs",
 ]
 
@@ -210,7 +210,8 @@ class DataScores:
     models: list = field(default_factory=list, repr=False)  # the trained networks, one per run
 
 
-def _new_model(model_fn: Callable[[], nn.Module], seed: int) -> nn.Module:
+def seeded_model(model_fn: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``model_fn()`` initialised under ``torch.manual_seed(seed)``, leaving the caller's RNG state alone."""
     with torch.random.fork_rng(devices=[]):  # seed the initialization without touching the caller's RNG
         torch.manual_seed(seed)
         model = model_fn()
@@ -256,7 +257,7 @@ def score_runs(model_fn: Callable[[], nn.Module], x: torch.Tensor, y, *, runs: i
         seconds["grand"] += time.perf_counter() - t1
 
     for r in tqdm(range(runs), desc="scoring runs", disable=not progress):
-        model = _new_model(model_fn, seed + r)
+        model = seeded_model(model_fn, seed + r)
         tracker = ForgettingTracker(len(x))
 
         def on_step(info: StepInfo) -> None:
@@ -325,7 +326,7 @@ def cross_val_probs(model_fn: Callable[[], nn.Module], x: torch.Tensor, y, *, fo
     for f in tqdm(range(folds), desc="cross-validation", disable=not progress):
         held = (fold == f).nonzero()[:, 0]  # [n_f]
         seen = (fold != f).nonzero()[:, 0]
-        model = train(_new_model(model_fn, seed + f), x[seen], y[seen], epochs=epochs, batch_size=batch_size,
+        model = train(seeded_model(model_fn, seed + f), x[seen], y[seen], epochs=epochs, batch_size=batch_size,
                       lr=lr, seed=seed + f, progress=progress)
         logits = predict(model, x[held]).double()  # [n_f, K]
         if probs is None:

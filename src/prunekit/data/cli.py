@@ -201,7 +201,7 @@ def _cmd_score(args) -> int:
                 raise InputError(f"embeddings has {len(emb)} rows but the data has {len(y)} examples")
             how = f"k-means on {args.embeddings}"
         else:
-            model = train.train(train._new_model(model_fn, args.seed), x, y, epochs=args.epochs, **common)
+            model = train.train(train.seeded_model(model_fn, args.seed), x, y, epochs=args.epochs, **common)
             emb = train.embed(model, x)[1].numpy()
             how = f"k-means on the penultimate features of a model trained {args.epochs} epochs"
         scores = prototype_distance(emb, k=args.clusters, seed=args.seed)
