@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from prunekit.data.methods._checks import to_numpy
 from prunekit.errors import InputError
 
 __all__ = [
@@ -148,15 +149,6 @@ def keep_n_m(scores: torch.Tensor, pattern: NM) -> torch.Tensor:
 _STRATEGIES = ("hard", "easy", "random", "ccs")
 
 
-def _as_numpy(value, name: str) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    try:
-        return np.asarray(value)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"{name} must be an array or tensor: {err}") from None
-
-
 def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
@@ -233,7 +225,7 @@ def select_examples(difficulty, keep: float, *, strategy: str = "hard", labels=N
     >>> select_examples([3., 1., 2., 0.], 0.5, labels=[0, 0, 1, 1], balanced=True)
     array([ True, False,  True, False])
     """
-    d = _as_numpy(difficulty, "difficulty")
+    d = to_numpy(difficulty, "difficulty")
     if d.ndim != 1 or d.size == 0 or d.dtype == bool or not np.issubdtype(d.dtype, np.number):
         raise InputError(f"difficulty must be a non-empty 1-D array of numbers [N], got {d.dtype} {tuple(d.shape)}")
     d = d.astype(np.float64)  # [N]
@@ -255,7 +247,7 @@ def select_examples(difficulty, keep: float, *, strategy: str = "hard", labels=N
         raise InputError(f"ccs_cutoff must be in [0, 1) (fraction of hardest examples dropped), got {ccs_cutoff!r}")
     y = None
     if labels is not None:
-        y = _as_numpy(labels, "labels")
+        y = to_numpy(labels, "labels")
         if y.shape != (n,) or y.dtype == bool or not np.issubdtype(y.dtype, np.integer):
             raise InputError(f"labels must be integer class indices of shape [{n}], got {y.dtype} {tuple(y.shape)}")
     if balanced and y is None:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunekit.data.methods._checks import int_at_least
 from prunekit.data.methods.el2n import el2n
 from prunekit.data.methods.forgetting import ForgettingTracker
 from prunekit.data.methods.grand import grand, grand_last_layer
@@ -85,12 +86,6 @@ def _check_xy(x, y) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y.long()
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def train(model: nn.Module, x: torch.Tensor, y, *, epochs: int | None = None, steps: int | None = None,
           batch_size: int = 128, lr: float = 0.05, seed: int = 0, momentum: float = 0.9,
           weight_decay: float = 5e-4, on_step: Callable[[StepInfo], None] | None = None,
@@ -104,11 +99,11 @@ def train(model: nn.Module, x: torch.Tensor, y, *, epochs: int | None = None, st
     pass (``epoch`` counts from 1).
     """
     x, y = _check_xy(x, y)
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = int_at_least(batch_size, "batch_size", 1)
     per_epoch = math.ceil(len(x) / batch_size)
     if (epochs is None) == (steps is None):
         raise InputError("give exactly one of epochs= (passes over the data) or steps= (optimizer steps)")
-    total = per_epoch * _positive_int(epochs, "epochs") if steps is None else _positive_int(steps, "steps")
+    total = per_epoch * int_at_least(epochs, "epochs", 1) if steps is None else int_at_least(steps, "steps", 1)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise InputError(f"lr must be a positive number, got {lr!r}")
     device = next(model.parameters()).device
@@ -238,7 +233,7 @@ def score_runs(model_fn: Callable[[], nn.Module], x: torch.Tensor, y, *, runs: i
     ((64,), (64,))
     """
     x, y = _check_xy(x, y)
-    runs, epochs = _positive_int(runs, "runs"), _positive_int(epochs, "epochs")
+    runs, epochs = int_at_least(runs, "runs", 1), int_at_least(epochs, "epochs", 1)
     score_epoch = max(1, epochs // 10) if score_epoch is None else score_epoch
     if isinstance(score_epoch, bool) or not isinstance(score_epoch, int) or not 0 <= score_epoch <= epochs:
         raise InputError(f"score_epoch must be an integer in [0, epochs={epochs}], got {score_epoch!r}")
@@ -318,7 +313,7 @@ def cross_val_probs(model_fn: Callable[[], nn.Module], x: torch.Tensor, y, *, fo
     ((60, 2), dtype('float32'))
     """
     x, y = _check_xy(x, y)
-    folds = _positive_int(folds, "folds")
+    folds = int_at_least(folds, "folds", 1)
     if not 2 <= folds <= len(x):
         raise InputError(f"folds must be in [2, N={len(x)}], got {folds}")
     fold = torch.from_numpy(_stratified_folds(y.numpy(), folds, np.random.default_rng(int(seed))))

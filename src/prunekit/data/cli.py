@@ -81,13 +81,14 @@ def _cmd_label_issues(args) -> int:
     labels = read_labels(args.labels)
     probs = read_matrix(args.probs, what="probabilities")
     start = time.perf_counter()
-    issues = cl.find_label_issues(labels, probs, filter_by=args.filter, frac_noise=args.frac_noise,
+    ranked = cl.find_label_issues(labels, probs, filter_by=args.filter, frac_noise=args.frac_noise,
                                   min_examples_per_class=args.min_examples_per_class,
-                                  allow_missing_classes=args.allow_missing_classes)
-    ranked = cl.order_label_issues(issues, labels, probs, rank_by=args.rank_by)
+                                  allow_missing_classes=args.allow_missing_classes,
+                                  return_indices_ranked_by=args.rank_by)
     seconds = time.perf_counter() - start
-    quality = cl.label_quality_scores(labels[ranked], np.asarray(probs[ranked]), method=args.rank_by) if len(ranked) else np.empty(0)
-    predicted = np.asarray(probs[ranked]).argmax(axis=1) if len(ranked) else np.empty(0, dtype=np.int64)
+    flagged = np.asarray(probs[ranked])  # [issues, K]
+    quality = cl.label_quality_scores(labels[ranked], flagged, method=args.rank_by) if len(ranked) else np.empty(0)
+    predicted = flagged.argmax(axis=1) if len(ranked) else np.empty(0, dtype=np.int64)
     write_table(args.out, {"index": ranked.astype(np.int64), "label": labels[ranked], "predicted": predicted,
                            args.rank_by: quality}, overwrite=args.overwrite)
     n = len(labels)

@@ -28,16 +28,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from prunekit.data.methods._checks import float_array, labels_array
+from prunekit.data.methods._checks import float_array, int_at_least, labels_array
 from prunekit.errors import InputError
 
 __all__ = ["kmeans", "prototype_distance"]
-
-
-def _check_int(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
 
 
 def _unit(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -104,9 +98,9 @@ def kmeans(emb, k: int, *, iters: int = 100, seed: int = 0, cosine: bool = True)
     True
     """
     x = torch.from_numpy(np.ascontiguousarray(float_array(emb, "emb", ndims=(2,))))  # [N, D] float64
-    k = _check_int(k, "k", 1)
-    iters = _check_int(iters, "iters", 1)
-    seed = _check_int(seed, "seed", 0)
+    k = int_at_least(k, "k", 1)
+    iters = int_at_least(iters, "iters", 1)
+    seed = int_at_least(seed, "seed", 0)
     if k > len(x):
         raise InputError(f"k={k} clusters need at least {k} examples, got {len(x)}; lower k")
     if cosine:
@@ -124,9 +118,9 @@ def prototype_distance(emb, *, k: int = 10, seed: int = 0, labels=None, iters: i
     against its own class's centroids (supervised prototypes). ``cosine=True``: ``1 - cos``; else Euclidean.
     """
     x = torch.from_numpy(np.ascontiguousarray(float_array(emb, "emb", ndims=(2,))))  # [N, D]
-    k = _check_int(k, "k", 1)
-    iters = _check_int(iters, "iters", 1)
-    seed = _check_int(seed, "seed", 0)
+    k = int_at_least(k, "k", 1)
+    iters = int_at_least(iters, "iters", 1)
+    seed = int_at_least(seed, "seed", 0)
     if cosine:
         x = _unit(x, "emb")
     groups = [np.arange(len(x))]
