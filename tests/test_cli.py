@@ -120,6 +120,9 @@ def _nan_model(tmp_path):
         ("bad-jsonl", "not valid JSON"),
         ("nan", "NaN or Inf"),
         ("method", "unknown method"),
+        ("dsnot-base", "dsnot base must be one of"),
+        ("bad-option", "takes no option"),
+        ("option-form", "must look like KEY=VALUE"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(case, message, model_dir, text_file, tmp_path, capsys):
@@ -156,6 +159,12 @@ def test_bad_input_exits_2_and_writes_nothing(case, message, model_dir, text_fil
         model = str(_nan_model(tmp_path))
     elif case == "method":
         extra = ["--method", "nope", "--ratio", "0.5"]
+    elif case == "dsnot-base":
+        extra = ["--method", "dsnot", "--ratio", "0.5", "--base", "obs"]
+    elif case == "bad-option":
+        extra = ["--method", "wanda", "--ratio", "0.5", "--option", "cycles=3"]
+    elif case == "option-form":
+        extra = ["--method", "dsnot", "--ratio", "0.5", "--option", "skip_mlp"]
     before = digest(model_dir)
     rc = cli.main(["prune", model, "--calib", calib, "--seqlen", "64", "--out", str(out), "--quiet", *extra])
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -176,3 +185,16 @@ def test_jsonl_calibration_and_methods_listing(model_dir, tmp_path, capsys):
     assert cli.main(["methods"]) == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in ("magnitude", "wanda", "sparsegpt", "arxiv.org"))
+
+
+def test_dsnot_from_the_cli_with_options(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "dsnot"
+    rc = cli.main(prune_args(model_dir, text_file, out, "--method", "dsnot", "--base", "sparsegpt", "--ratio", "0.6",
+                             "--option", "skip_mlp=false", "--option", "update_threshold=0"))
+    assert rc == 0
+    meta = json.loads((out / "prunekit.json").read_text())
+    assert meta["options"]["base"] == "sparsegpt" and meta["options"]["skip_mlp"] is False
+    assert sum(layer["info"]["swaps"] for layer in meta["layers"]) > 0
+    capsys.readouterr()
+    assert cli.main(["methods"]) == 0
+    assert "options: base='wanda', max_cycle_time=50" in capsys.readouterr().out

@@ -25,7 +25,7 @@ def test_propagated_outputs_equal_running_the_pruned_model(kind, sequential):
     model = tiny_model(kind)
     ids = ids_from_text(char_tokenizer(), 6, 32)
     spec = registry.get("sparsegpt")
-    fn = lambda w, s: spec.fn(w, s, ratio=0.5, pattern=None)  # noqa: E731
+    fn = lambda w, s, _name: spec.fn(w, s, ratio=0.5, pattern=None)  # noqa: E731
     reports, hidden = prune_blocks(model, ids, fn, stat="hessian", sequential=sequential, batch_size=4,
                                    progress=False, return_hidden=True)
     assert len(reports) == sum(len(target_linears(b, "x")) for b in find_blocks(model)[1])

@@ -7,12 +7,12 @@ from prunekit.select import NM, parse_pattern
 from prunekit.text import Text, calibration_ids, evaluation_ids, load_text
 from prunekit.weights.engine import LayerReport
 from prunekit.weights.io import load_model, save_pruned
-from prunekit.weights.prune import PruneResult, prune
+from prunekit.weights.prune import PruneResult, prune, prune_options
 
 __version__ = "0.1.0"
 
 __all__ = [
     "InputError", "NM", "LayerReport", "Perplexity", "PruneResult", "Text",
     "calibration_ids", "check_pattern", "evaluation_ids", "load_model", "load_text", "parse_pattern",
-    "perplexity", "prune", "registry", "save_pruned", "sparsity",
+    "perplexity", "prune", "prune_options", "registry", "save_pruned", "sparsity",
 ]

@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="prune a causal LM's weights and save it")
     pr.add_argument("model", help="local Hugging Face model folder or zoo name (smollm2-135m)")
-    pr.add_argument("--method", required=True, help="magnitude, wanda or sparsegpt (see `prunekit methods`)")
+    pr.add_argument("--method", required=True, help="magnitude, wanda, sparsegpt, dsnot, armor, dpruner (see `prunekit methods`)")
     pr.add_argument("--ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
     pr.add_argument("--pattern", default=None, help="N:M: at most N nonzeros in every M consecutive input weights (2:4)")
     pr.add_argument("--calib", default=None, help="calibration text: wiki, austen or a .txt/.jsonl file (default wiki; "
@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
                     "pruned block, --batch-size sequences at a time (default); layer: one pass per block over all "
                     "samples, each Linear pruned as its inputs arrive (faster, more memory)")
     pr.add_argument("--batch-size", type=int, default=4, help="sequences per forward with --sequential block (default 4)")
+    pr.add_argument("--base", default=None, help="dsnot: the mask it starts from: magnitude, wanda (default) or sparsegpt")
+    pr.add_argument("--domain", default=None, metavar="TEXT",
+                    help="dpruner: domain text (python-docs or a .txt/.jsonl file); --calib is the general text")
+    pr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a method option (repeatable), e.g. --option skip_mlp=false --option max_cycle_time=100; "
+                    "`prunekit methods` names them")
     pr.add_argument("--eval", default=None, metavar="TEXTS",
                     help="also measure dense and pruned perplexity on these comma-separated texts (wiki,austen,FILE)")
     pr.add_argument("--eval-tokens", type=int, default=None, help="tokens per perplexity evaluation (default 16384)")
@@ -71,6 +77,34 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
+def _value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _options(args) -> dict:
+    from prunekit.errors import InputError
+
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--option {item!r} must look like KEY=VALUE, e.g. --option skip_mlp=false")
+        options[key.strip().replace("-", "_")] = _value(value.strip())
+    if args.base is not None:
+        options["base"] = args.base
+    if args.domain is not None:
+        options["domain"] = args.domain
+    return options
+
+
 def _cmd_prune(args) -> int:
     import prunekit
     from prunekit import report
@@ -81,11 +115,14 @@ def _cmd_prune(args) -> int:
     wall = time.perf_counter()
     spec = prunekit.registry.get(args.method, "weights")  # validate everything before the slow work
     ratio = ratio_for(args.ratio, parse_pattern(args.pattern))
+    options = _options(args)
+    prunekit.prune_options(args.method, options)
     check_output(args.out, overwrite=args.overwrite)
     resolve_model(args.model)
     progress = not args.quiet
     model, tok = prunekit.load_model(args.model)
-    calib = args.calib if args.calib is not None else ("wiki" if spec.stats else None)
+    stat = spec.stats(**options) if callable(spec.stats) else spec.stats
+    calib = args.calib if args.calib is not None else ("wiki" if stat or spec.prune_model else None)
     calib_text = prunekit.load_text(calib, purpose="calibration") if calib else None
     evals_src = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
@@ -96,7 +133,7 @@ def _cmd_prune(args) -> int:
     result = prunekit.prune(
         model, method=args.method, ratio=ratio, pattern=args.pattern, calibration=calib_text, tokenizer=tok,
         samples=args.samples, seqlen=args.seqlen, seed=args.seed, skip=tuple(args.skip),
-        sequential=args.sequential, batch_size=args.batch_size, progress=progress,
+        sequential=args.sequential, batch_size=args.batch_size, progress=progress, **options,
     )
     for name, text in eval_texts.items():
         evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.seqlen, tokens=tokens, progress=progress).to_dict()
@@ -157,8 +194,17 @@ def _cmd_eval(args) -> int:
 def _cmd_methods(_args) -> int:
     from prunekit import registry
 
+    import inspect
+
+    from prunekit.weights.prune import _FIXED
+
     for spec in registry.METHODS.values():
         print(f"{spec.name:<18} {spec.domain:<8} {spec.summary}\n{'':<28}{spec.paper} <{spec.url}>")
+        if spec.domain == "weights":
+            params = inspect.signature(spec.prune_model or spec.fn).parameters.values()
+            opts = [f"{p.name}={p.default!r}" for p in params if p.name not in _FIXED and p.default is not p.empty]
+            if opts:
+                print(f"{'':<28}options: {', '.join(opts)}")
     return 0
 
 

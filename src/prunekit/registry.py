@@ -11,7 +11,7 @@ from typing import Callable
 
 from prunekit.errors import InputError
 from prunekit.data.methods import confident, el2n, forgetting, grand, prototypes
-from prunekit.weights.methods import magnitude, sparsegpt, wanda
+from prunekit.weights.methods import dsnot, magnitude, sparsegpt, wanda
 
 __all__ = ["MethodSpec", "METHODS", "get", "names"]
 
@@ -26,8 +26,12 @@ class MethodSpec:
     # weights domain: the calibration statistic the method reads ("norms", "hessian") or None (data-free),
     # and ``fn(weight[out, in] fp32, stats, *, ratio, pattern, **options) -> pruned weight``.
     # data domain: ``fn`` is the scoring function (difficulty per example, or a label-issue mask).
-    stats: str | None = None
+    # `stats` may also be a function of the method's options returning the statistic's name (DSnoT).
+    # A method that needs the whole model (gradients, several corpora) gives `prune_model(model, ids, *,
+    # ratio, pattern, tokenizer, samples, seqlen, seed, skip, progress, **options) -> [LayerReport]` instead.
+    stats: str | Callable | None = None
     fn: Callable | None = None
+    prune_model: Callable | None = None
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -47,6 +51,12 @@ METHODS: dict[str, MethodSpec] = {
             "sparsegpt", "weights", "Frantar & Alistarh 2023, SparseGPT",
             "https://arxiv.org/abs/2301.00774", "OBS saliency with Hessian-based update of kept weights",
             stats="hessian", fn=sparsegpt.prune_weight,
+        ),
+        MethodSpec(
+            "dsnot", "weights", "Zhang et al. 2024, Dynamic Sparse No Training: Training-Free Fine-tuning for Sparse LLMs (DSnoT)",
+            "https://arxiv.org/abs/2310.08915",
+            "prune-and-grow swaps on a magnitude/Wanda/SparseGPT mask that cancel each row's expected output shift",
+            stats=dsnot.stats_for, fn=dsnot.prune_weight,
         ),
         MethodSpec(
             "confident_learning", "data", "Northcutt et al. 2021, Confident Learning: Estimating Uncertainty in Dataset Labels",

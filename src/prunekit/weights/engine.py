@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -41,7 +41,7 @@ from torch import nn
 from prunekit.errors import InputError
 from prunekit.weights import stats as stats_lib
 
-__all__ = ["LayerReport", "find_blocks", "target_linears", "capture_block_inputs", "prune_blocks"]
+__all__ = ["LayerReport", "Replacement", "find_blocks", "target_linears", "capture_block_inputs", "prune_blocks"]
 
 ERROR_TOKENS = 512  # calibration tokens per layer on which the relative reconstruction error is measured
 
@@ -55,6 +55,32 @@ class LayerReport:
     sparsity: float
     rel_error: float | None
     seconds: float
+    extra_params: int = 0  # parameters a factorized replacement adds beyond the layer's own (ARMOR's A and B)
+    info: dict | None = None  # what the method reports about this layer (losses, iterations, swaps)
+
+
+@dataclass
+class Replacement:
+    """What a method returns instead of a plain weight when the layer changes form (ARMOR's factorization).
+
+    `weight` is the dense equivalent ``[out, in]`` fp32 (used for the reconstruction error); `module` is
+    installed in place of the Linear and must compute ``x @ weight.T + bias``; `sparsity` is that of its
+    sparse part; `extra_params` what it adds beyond a dense Linear's parameters.
+    """
+
+    weight: torch.Tensor
+    module: nn.Module
+    sparsity: float
+    extra_params: int = 0
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Refined:
+    """A pruned weight plus what the method reports about it (DSnoT's swaps and cycles)."""
+
+    weight: torch.Tensor
+    info: dict = field(default_factory=dict)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -157,9 +183,14 @@ def _rel_error(w_old: torch.Tensor, w_new: torch.Tensor, x_sub: torch.Tensor) ->
 class _Pruner:
     """Prunes the Linears of one block from per-input statistics; shared by both orders."""
 
-    def __init__(self, layers: dict[str, nn.Module], stat: str | None, prune_fn: Callable, error_tokens: int):
-        self.layers, self.stat, self.prune_fn, self.error_tokens = layers, stat, prune_fn, error_tokens
+    def __init__(self, block: nn.Module, layers: dict[str, nn.Module], stat: str | Callable | None, prune_fn: Callable,
+                 error_tokens: int):
+        self.block, self.layers, self.stat, self.prune_fn, self.error_tokens = block, layers, stat, prune_fn, error_tokens
         self.reports: list[LayerReport] = []
+
+    def stat_for(self, name: str) -> str | None:
+        """The statistic to gather for the input of layer `name` (a method may need less for some layers)."""
+        return self.stat(name) if callable(self.stat) else self.stat
 
     def sample(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -169,14 +200,34 @@ class _Pruner:
         module = self.layers[name]
         start = time.perf_counter()
         w_old = get_weight(module).detach().to(torch.float32, copy=True)  # [out, in]
-        w_new = self.prune_fn(w_old, statistic)
-        set_weight(module, w_new)
+        out = self.prune_fn(w_old, statistic, name)
+        extra, info = 0, None
+        if isinstance(out, Replacement):
+            set_weight(module, out.weight)  # in "layer" order the current forward still runs the old module
+            _install(self.block, module, out.module)
+            self.layers[name] = out.module
+            w_new, sparsity, extra, info = out.weight, out.sparsity, out.extra_params, out.info
+        else:
+            if isinstance(out, Refined):
+                out, info = out.weight, out.info
+            set_weight(module, out)
+            w_new = out
+            pruned = get_weight(module)
+            sparsity = int((pruned == 0).sum()) / pruned.numel()  # exact count: a float32 mean is off by ~1e-6
         rel = _rel_error(w_old, w_new, x_sub) if x_sub is not None else None
-        pruned = get_weight(module)
-        sparsity = int((pruned == 0).sum()) / pruned.numel()  # exact count: a float32 mean is off by ~1e-6
         self.reports.append(
-            LayerReport(name, tuple(w_old.shape), sparsity, rel, time.perf_counter() - start)
+            LayerReport(name, tuple(w_old.shape), sparsity, rel, time.perf_counter() - start, extra, info)
         )
+
+
+def _install(block: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` where `old` sits inside `block`."""
+    for inner, candidate in block.named_modules():
+        if inner and candidate is old:
+            parent_name, _, attr = inner.rpartition(".")
+            setattr(block.get_submodule(parent_name) if parent_name else block, attr, new)
+            return
+    raise RuntimeError("the layer to replace is not inside the block being pruned")
 
 
 def _one_pass(block, kwargs, hidden, pruner: _Pruner) -> torch.Tensor:
@@ -190,8 +241,9 @@ def _one_pass(block, kwargs, hidden, pruner: _Pruner) -> torch.Tensor:
             if x is not last["x"]:  # q/k/v and gate/up read the same tensor: one statistic for them
                 last["x"], last["sub"] = x, pruner.sample(x)
                 last["stat"] = None
-                if pruner.stat is not None:
-                    acc = stats_lib.make(pruner.stat, x.shape[-1])
+                kind = pruner.stat_for(name)
+                if kind is not None:
+                    acc = stats_lib.make(kind, x.shape[-1])
                     acc.add(x)
                     last["stat"] = acc.value()
             pruner.prune(name, last["stat"], last["sub"])
@@ -234,9 +286,10 @@ def _two_pass(block, batches: list, pruner: _Pruner, *, need_outputs: bool) -> N
                 last["x"], last["name"] = x, name
                 if name not in subs:
                     subs[name] = pruner.sample(x)
-                if pruner.stat is not None:
+                kind = pruner.stat_for(name)
+                if kind is not None:
                     if name not in accs:
-                        accs[name] = stats_lib.make(pruner.stat, x.shape[-1])
+                        accs[name] = stats_lib.make(kind, x.shape[-1])
                     accs[name].add(x)
             seen.add(name)
             if len(seen) == len(pruner.layers):
@@ -285,7 +338,7 @@ def prune_blocks(
     input_ids: torch.Tensor | None,
     prune_fn: Callable,
     *,
-    stat: str | None,
+    stat: str | Callable[[str], str | None] | None,
     skip: Iterable[str] = (),
     sequential: str = "block",
     batch_size: int = 4,
@@ -293,7 +346,12 @@ def prune_blocks(
     progress: bool = True,
     return_hidden: bool = False,
 ) -> tuple[list[LayerReport], torch.Tensor | None]:
-    """Prune every target Linear of every block with ``prune_fn(weight [out, in] fp32, statistic)``.
+    """Prune every target Linear of every block with ``prune_fn(weight [out, in] fp32, statistic, name)``.
+
+    `prune_fn` returns the new weight, a `Refined` (weight plus a per-layer record) or a `Replacement` (a module
+    installed in the Linear's place). `name` is the Linear's full name (``model.layers.3.mlp.down_proj``).
+    `stat` names the statistic of each Linear's input (`prunekit.weights.stats`), or is a function of the
+    Linear's name giving it (None: that layer's input needs none).
 
     `input_ids` (``[samples, seqlen]``) may be None only when `stat` is None (a data-free method); then no
     forward runs and no reconstruction error is measured. Returns the per-layer reports and, with
@@ -319,8 +377,8 @@ def prune_blocks(
         if input_ids is None:
             if stat is not None:
                 raise InputError("this method needs calibration data")
-            for layers in layers_by_block:
-                pruner = _Pruner(layers, None, prune_fn, error_tokens)
+            for block, layers in zip(blocks, layers_by_block):
+                pruner = _Pruner(block, layers, None, prune_fn, error_tokens)
                 for name in layers:
                     pruner.prune(name, None, None)
                 reports += pruner.reports
@@ -333,7 +391,7 @@ def prune_blocks(
             model, blocks, input_ids, batch_size=input_ids.shape[0] if one_batch else batch_size
         )
         for index, (block, layers) in enumerate(zip(blocks, layers_by_block)):
-            pruner = _Pruner(layers, stat, prune_fn, error_tokens)
+            pruner = _Pruner(block, layers, stat, prune_fn, error_tokens)
             if one_batch:
                 hidden, kwargs = batches.pop()
                 batches.append((_one_pass(block, kwargs, hidden, pruner), kwargs))

@@ -23,7 +23,7 @@ from prunekit.select import parse_pattern, ratio_for
 from prunekit.text import Text, calibration_ids, load_text
 from prunekit.weights.engine import LayerReport, prune_blocks
 
-__all__ = ["PruneResult", "prune"]
+__all__ = ["PruneResult", "prune", "prune_options"]
 
 
 @dataclass
@@ -70,6 +70,21 @@ def _calibration(calibration, tokenizer, *, samples: int, seqlen: int, seed: int
     return ids, {**text.describe(), "samples": samples, "seqlen": seqlen, "seed": seed}
 
 
+_FIXED = {"weight", "stats", "ratio", "pattern", "name", "model", "general_ids", "tokenizer", "skip", "progress",
+          "samples", "seqlen", "seed"}
+
+
+def prune_options(method: str, options: dict) -> None:
+    """Refuse options `method` does not take (and, for DSnoT, a bad base) before any slow work."""
+    spec = registry.get(method, "weights")
+    accepted = set(inspect.signature(spec.prune_model or spec.fn).parameters) - _FIXED
+    unknown = set(options) - accepted
+    if unknown:
+        raise InputError(f"method {method} takes no option(s) {sorted(unknown)}; it takes {sorted(accepted) or 'none'}")
+    if callable(spec.stats):
+        spec.stats(**options)
+
+
 def prune(
     model: nn.Module,
     *,
@@ -89,37 +104,43 @@ def prune(
 ) -> PruneResult:
     """Prune the Linear layers of `model`'s decoder blocks in place and return the per-layer record.
 
-    `method`: a name from ``prunekit methods`` (magnitude, wanda, sparsegpt). `ratio`: fraction of weights
+    `method`: a name from ``prunekit methods`` (magnitude, wanda, sparsegpt, dsnot, armor, dpruner). `ratio`: fraction of weights
     removed, in [0, 1). `pattern`: ``"N:M"``, at most N nonzeros in every M consecutive input weights (fixes
     the ratio at 1 - N/M). `calibration`: ``"wiki"``, ``"austen"``, a .txt/.jsonl path, a `Text`, or token ids
     ``[samples, seqlen]``; ignored by data-free methods unless given explicitly (then it only measures their
     reconstruction error). `skip`: glob patterns of layer names to leave dense. `sequential`: ``"block"``
     (the reference's order: statistics from the dense block, then a second pass through the pruned block,
     `batch_size` sequences at a time) or ``"layer"`` (one pass per block over all samples at once, each
-    Linear pruned as its inputs arrive: faster, more memory, calibrated on pruned predecessors). Extra `options` go to the method (sparsegpt: ``blocksize``,
-    ``percdamp``).
+    Linear pruned as its inputs arrive: faster, more memory, calibrated on pruned predecessors). Extra `options` go to the method (sparsegpt:
+    ``blocksize``, ``percdamp``; dsnot: ``base``, ``skip_mlp``, ``max_cycle_time``, ...; dpruner: ``domain``, ...;
+    ``prunekit methods`` lists each method's options with their defaults).
     """
     spec = registry.get(method, "weights")
     nm = parse_pattern(pattern)
     ratio = ratio_for(ratio, nm)
-    accepted = set(inspect.signature(spec.fn).parameters) - {"weight", "stats", "ratio", "pattern"}
-    unknown = set(options) - accepted
-    if unknown:
-        raise InputError(f"method {method} takes no option(s) {sorted(unknown)}; it takes {sorted(accepted) or 'none'}")
-    if spec.stats is None and calibration == "wiki":
+    prune_options(method, options)
+    stat = spec.stats(**options) if callable(spec.stats) else spec.stats
+    if stat is None and calibration == "wiki":
         calibration = None  # data-free: don't pay a calibration pass for the default
     start = time.perf_counter()
     ids, calib_info = _calibration(calibration, tokenizer, samples=samples, seqlen=seqlen, seed=seed)
-    if spec.stats is not None and ids is None:
+    if stat is not None and ids is None:
         raise InputError(f"method {method} needs calibration text; give calibration='wiki' or a file")
     was_training = model.training
     model.eval()
-    fn = functools.partial(spec.fn, ratio=ratio, pattern=nm, **options)
     try:
-        layers, _ = prune_blocks(
-            model, ids, lambda w, s: fn(w, s), stat=spec.stats, skip=skip, sequential=sequential,
-            batch_size=batch_size, progress=progress,
-        )
+        if spec.prune_model is not None:
+            layers = spec.prune_model(
+                model, ids, ratio=ratio, pattern=nm, tokenizer=tokenizer, samples=samples, seqlen=seqlen, seed=seed,
+                skip=tuple(skip), progress=progress, **options,
+            )
+        else:
+            fn = functools.partial(spec.fn, ratio=ratio, pattern=nm, **options)
+            takes_name = "name" in inspect.signature(spec.fn).parameters
+            layers, _ = prune_blocks(
+                model, ids, (lambda w, s, name: fn(w, s, name=name)) if takes_name else (lambda w, s, _name: fn(w, s)),
+                stat=stat, skip=skip, sequential=sequential, batch_size=batch_size, progress=progress,
+            )
     finally:
         model.train(was_training)
     return PruneResult(

@@ -5,6 +5,11 @@ Both follow the reference code's running means over *sequences* (not tokens), so
 - ``"norms"`` (Wanda, `lib/layerwrapper.py`): ``s_j = sum_tokens x_j^2 / n_seq``, so ``sqrt(s)`` is
   ``||X_j||_2`` up to a constant that no per-row comparison sees.
 - ``"hessian"`` (SparseGPT, `sparsegpt.py::add_batch`): ``H = 2/n_seq * sum_tokens x x^T`` in fp32.
+- ``"moments"`` (DSnoT, `lib/layerwrapper.py`): Wanda's norms plus, per input column, the running mean over
+  sequences of ``sum_tokens x_j`` and the mean over sequences of the variance of ``x_j`` within a sequence
+  (the reference feeds one sequence per forward, so its token-weighted average of batch variances is that).
+
+Names join with ``+`` (``"hessian+moments"``): the value is then a dict of the parts by name.
 
 >>> import torch
 >>> acc = Hessian(3); acc.add(torch.ones(2, 4, 3)); acc.value().shape
@@ -13,9 +18,11 @@ torch.Size([3, 3])
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["ColumnNorms", "Hessian", "STATS", "make"]
+__all__ = ["ColumnNorms", "Hessian", "Moments", "STATS", "make"]
 
 
 def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -75,9 +82,54 @@ class Hessian:
         return self.h
 
 
-STATS = {"norms": ColumnNorms, "hessian": Hessian}
+@dataclass
+class InputMoments:
+    norms: torch.Tensor  # [d_in] mean over sequences of sum_tokens x_j^2 (Wanda's scaler_row)
+    sums: torch.Tensor  # [d_in] mean over sequences of sum_tokens x_j (DSnoT's sum_metric_row)
+    var: torch.Tensor  # [d_in] mean over sequences of the within-sequence variance of x_j
+
+
+class Moments:
+    """DSnoT's statistics of a Linear's input: ``InputMoments`` (norms, sums, var), each ``[d_in]``."""
+
+    def __init__(self, d_in: int):
+        self.norms = ColumnNorms(d_in)
+        self.sums = torch.zeros(d_in, dtype=torch.float32)
+        self.var = torch.zeros(d_in, dtype=torch.float32)
+        self.sequences = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.norms.add(x)
+        x3 = (x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])).float()  # [seqs, tokens, d_in]
+        seqs = x3.shape[0]
+        keep = self.sequences / (self.sequences + seqs)
+        self.sequences += seqs
+        self.sums = self.sums * keep + x3.sum(dim=1).sum(dim=0) / self.sequences
+        self.var = self.var * keep + torch.var(x3, dim=1, unbiased=False).sum(dim=0) / self.sequences
+
+    def value(self) -> InputMoments:
+        return InputMoments(self.norms.value(), self.sums, self.var)
+
+
+class Composite:
+    """Several statistics of the same input at once; ``value()`` is a dict by name."""
+
+    def __init__(self, names: list[str], d_in: int):
+        self.parts = {n: STATS[n](d_in) for n in names}
+
+    def add(self, x: torch.Tensor) -> None:
+        for part in self.parts.values():
+            part.add(x)
+
+    def value(self) -> dict:
+        return {n: p.value() for n, p in self.parts.items()}
+
+
+STATS = {"norms": ColumnNorms, "hessian": Hessian, "moments": Moments}
 
 
 def make(name: str, d_in: int):
-    """A fresh accumulator for statistic `name` over inputs of width `d_in`."""
+    """A fresh accumulator for statistic `name` (or ``"a+b"``) over inputs of width `d_in`."""
+    if "+" in name:
+        return Composite(name.split("+"), d_in)
     return STATS[name](d_in)

@@ -1,0 +1,98 @@
+"""DSnoT on planted layers: exact ratio and N:M kept, reconstruction error never above the base's."""
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.select import NM
+from prunekit.weights import stats
+from prunekit.weights.methods import dsnot
+
+from conftest import ids_from_text, tiny_model
+from test_methods import planted, rel_error
+
+
+def layer_stats(x, d_in):
+    acc = stats.make("hessian+moments", d_in)
+    for batch in x.split(4):
+        acc.add(batch)
+    return acc.value()
+
+
+def biased_inputs(seed=0):
+    # inputs with nonzero means, so pruning shifts each row's expected output and DSnoT has work to do
+    w, x = planted(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return w, x + 2.0 * torch.rand(x.shape[-1], generator=g)
+
+
+def test_moments_match_reference_definitions():
+    _, x = biased_inputs()
+    m = layer_stats(x, x.shape[-1])["moments"]
+    assert torch.allclose(m.sums, x.sum(dim=1).mean(dim=0), rtol=1e-4, atol=1e-3)
+    assert torch.allclose(m.var, x.var(dim=1, unbiased=False).mean(dim=0), rtol=1e-4)
+    assert torch.allclose(m.norms, x.square().sum(dim=1).mean(dim=0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("base", dsnot.BASES)
+@pytest.mark.parametrize("pattern,ratio", [(None, 0.5), (None, 0.6), (NM(2, 4), 0.5), (NM(4, 8), 0.5)])
+def test_never_worse_than_base_and_keeps_budget(base, pattern, ratio):
+    w, x = biased_inputs()
+    s = layer_stats(x, w.shape[1])
+    base_w = dsnot._base(w, s, base, ratio, pattern, 0.01)
+    out = dsnot.prune_weight(w, s, ratio=ratio, pattern=pattern, base=base, update_threshold=0.0)
+    assert out.info["swaps"] > 0  # it did change the mask
+    assert rel_error(w, out.weight, x) <= rel_error(w, base_w, x) + 1e-6
+    assert out.info["error_refined"] <= out.info["error_base"]
+    # every row keeps its count of nonzeros, so the layer keeps the base's exact sparsity and pattern
+    assert torch.equal((out.weight != 0).sum(1), (base_w != 0).sum(1))
+    if pattern is not None:
+        groups = (out.weight != 0).reshape(w.shape[0], -1, pattern.m).sum(-1)
+        assert int(groups.max()) <= pattern.n
+    # weights are either 0, their base value, or (regrown) their dense value
+    ok = (out.weight == 0) | (out.weight == base_w) | (out.weight == w)
+    assert bool(ok.all())
+
+
+def test_unguarded_reference_swaps_reduce_expected_shift():
+    w, x = biased_inputs()
+    s = layer_stats(x, w.shape[1])
+    mu = s["moments"].sums
+    base_w = dsnot._base(w, s, "wanda", 0.5, None, 0.01)
+    out = dsnot.prune_weight(w, {"moments": s["moments"]}, ratio=0.5, pattern=None, guard=False, update_threshold=0.0)
+    shift = lambda v: ((w - v) * mu).sum(1).abs().sum()  # noqa: E731
+    assert out.info["swaps"] > 0
+    assert shift(out.weight) < shift(base_w)
+
+
+def test_mlp_skipped_by_default_like_the_reference():
+    w, x = biased_inputs()
+    s = layer_stats(x, w.shape[1])
+    base_w = dsnot._base(w, s, "wanda", 0.5, None, 0.01)
+    skipped = dsnot.prune_weight(w, s, ratio=0.5, pattern=None, name="model.layers.0.mlp.up_proj", update_threshold=0.0)
+    assert torch.equal(skipped.weight, base_w) and skipped.info["skipped"]
+    done = dsnot.prune_weight(w, s, ratio=0.5, pattern=None, name="model.layers.0.mlp.up_proj", skip_mlp=False,
+                              update_threshold=0.0)
+    assert not torch.equal(done.weight, base_w)
+
+
+def test_bad_options_are_refused():
+    w, x = biased_inputs()
+    s = layer_stats(x, w.shape[1])
+    with pytest.raises(prunekit.InputError, match="base"):
+        dsnot.prune_weight(w, s, ratio=0.5, pattern=None, base="obs")
+    with pytest.raises(prunekit.InputError, match="max_cycle_time"):
+        dsnot.prune_weight(w, s, ratio=0.5, pattern=None, max_cycle_time=-1)
+
+
+@pytest.mark.parametrize("base", ["sparsegpt", "wanda"])
+def test_on_a_tiny_model_through_the_api(llama, tok, base):
+    ids = ids_from_text(tok, 8, 64)
+    alone = prunekit.prune(tiny_model("llama"), method=base, ratio=0.6, calibration=ids, progress=False)
+    res = prunekit.prune(llama, method="dsnot", ratio=0.6, calibration=ids, base=base, skip_mlp=False,
+                         update_threshold=0.0, progress=False)
+    assert [r.sparsity for r in res.layers] == [r.sparsity for r in alone.layers]
+    assert abs(res.total_sparsity - 0.6) < 0.01
+    assert sum(r.info["swaps"] for r in res.layers) > 0
+    with pytest.raises(prunekit.InputError, match="no option"):
+        prunekit.prune(llama, method="dsnot", ratio=0.5, calibration=ids, cycles=3, progress=False)
