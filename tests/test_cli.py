@@ -198,3 +198,29 @@ def test_dsnot_from_the_cli_with_options(model_dir, text_file, tmp_path, capsys)
     capsys.readouterr()
     assert cli.main(["methods"]) == 0
     assert "options: base='wanda', max_cycle_time=50" in capsys.readouterr().out
+
+
+def test_armor_saves_factors_and_reloads_them(model_dir, text_file, tmp_path, capsys):
+    import prunekit
+    from prunekit.weights.engine import is_factorized
+
+    out = tmp_path / "armor"
+    rc = cli.main(prune_args(model_dir, text_file, out, "--method", "armor", "--pattern", "2:4",
+                             "--option", "iters=5", "--option", "block_size=32"))
+    assert rc == 0
+    meta = json.loads((out / "prunekit.json").read_text())
+    assert all(layer["extra_params"] > 0 and layer["sparsity"] == 0.5 for layer in meta["layers"])
+    assert all(layer["info"]["proxy_loss"] <= layer["info"]["proxy_loss_sparsegpt"] for layer in meta["layers"])
+    assert (out / "armor.safetensors").is_file()
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()  # loads anywhere: the dense equivalent
+    model, tok = prunekit.load_model(out)  # prunekit puts the factorized layers back
+    assert is_factorized(model.model.layers[0].self_attn.q_proj)
+    ids = torch.tensor([tok(TEXT[:64], add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-4)
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--text", str(text_file), "--seqlen", "64", "--tokens", "128", "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sparsity"] == 0.5 and report["pattern_ok"] is True
+    with pytest.raises(prunekit.InputError, match="already factorized"):
+        prunekit.prune(model, method="wanda", ratio=0.5, calibration=ids.repeat(2, 1), progress=False)

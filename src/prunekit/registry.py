@@ -11,7 +11,7 @@ from typing import Callable
 
 from prunekit.errors import InputError
 from prunekit.data.methods import confident, el2n, forgetting, grand, prototypes
-from prunekit.weights.methods import dsnot, magnitude, sparsegpt, wanda
+from prunekit.weights.methods import armor, dpruner, dsnot, magnitude, sparsegpt, wanda
 
 __all__ = ["MethodSpec", "METHODS", "get", "names"]
 
@@ -57,6 +57,18 @@ METHODS: dict[str, MethodSpec] = {
             "https://arxiv.org/abs/2310.08915",
             "prune-and-grow swaps on a magnitude/Wanda/SparseGPT mask that cancel each row's expected output shift",
             stats=dsnot.stats_for, fn=dsnot.prune_weight,
+        ),
+        MethodSpec(
+            "armor", "weights", "Liu et al. 2026, ARMOR: High-Performance Semi-Structured Pruning via Adaptive Matrix Factorization",
+            "https://github.com/LawrenceRLiu/ARMOR",
+            "N:M core between block-diagonal A and B, fitted by block coordinate descent from SparseGPT's solution",
+            stats="hessian", fn=armor.prune_weight,
+        ),
+        MethodSpec(
+            "dpruner", "weights", "Zhang et al. 2024, Pruning as a Domain-specific LLM Extractor (D-Pruner)",
+            "https://arxiv.org/abs/2405.06275",
+            "general OBS importance regularises a domain loss; its gradients score weights (unstructured)",
+            stats="hessian", prune_model=dpruner.prune_model,
         ),
         MethodSpec(
             "confident_learning", "data", "Northcutt et al. 2021, Confident Learning: Estimating Uncertainty in Dataset Labels",

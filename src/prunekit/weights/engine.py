@@ -107,8 +107,16 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def is_factorized(module: nn.Module) -> bool:
+    """A layer a method replaced by a factorization (ARMOR's ``A (core) B``): its sparse part is ``core``."""
+    return hasattr(module, "core") and callable(getattr(module, "dense_weight", None))
+
+
 def get_weight(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as ``[out, in]`` (a view for Linear, a transposed view for Conv1D)."""
+    """The layer's weight as ``[out, in]`` (a view for Linear, a transposed view for Conv1D, the sparse core of
+    a factorized layer)."""
+    if is_factorized(module):
+        return module.core
     return module.weight.T if _is_conv1d(module) else module.weight
 
 
@@ -126,7 +134,7 @@ def target_linears(block: nn.Module, prefix: str, skip: Iterable[str] = ()) -> d
     skip = list(skip)
     out = {}
     for name, module in block.named_modules():
-        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+        if not (isinstance(module, nn.Linear) or _is_conv1d(module) or is_factorized(module)):
             continue
         full = f"{prefix}.{name}"
         if any(fnmatch.fnmatchcase(full, p) or fnmatch.fnmatchcase(name, p) for p in skip):
@@ -203,6 +211,9 @@ class _Pruner:
         out = self.prune_fn(w_old, statistic, name)
         extra, info = 0, None
         if isinstance(out, Replacement):
+            bias = getattr(module, "bias", None)
+            if bias is not None and getattr(out.module, "bias", None) is None:
+                out.module.bias = nn.Parameter(bias.detach().clone())  # the replacement keeps the Linear's bias
             set_weight(module, out.weight)  # in "layer" order the current forward still runs the old module
             _install(self.block, module, out.module)
             self.layers[name] = out.module
@@ -367,6 +378,12 @@ def prune_blocks(
     layers_by_block = [target_linears(b, f"{prefix}.{i}", skip) for i, b in enumerate(blocks)]
     if not any(layers_by_block):
         raise InputError("no Linear layer is left to prune; check the skip patterns")
+    factorized = [n for layers in layers_by_block for n, m in layers.items() if is_factorized(m)]
+    if factorized:
+        raise InputError(
+            f"{factorized[0]} (and {len(factorized) - 1} more) is already factorized (ARMOR); prune a dense model, "
+            "or load this folder with plain transformers to get its dense equivalent"
+        )
     _check_finite(layers_by_block)
 
     from tqdm.auto import tqdm

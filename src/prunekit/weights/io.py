@@ -62,6 +62,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None):
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"could not load {path} as a causal LM: {first}") from None
+    from prunekit.weights.methods import armor
+
+    armor.install_factors(model, path)  # ARMOR's factorized layers, when the folder holds them
     model.eval()
     return model, tokenizer
 
@@ -100,13 +103,19 @@ def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, o
 
 def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict, overwrite: bool = False,
                 extra: Callable[[Path], None] | None = None) -> Path:
-    """Save `model` (safetensors) and `tokenizer` plus ``prunekit.json``; `extra(folder)` may add files."""
+    """Save `model` (safetensors) and `tokenizer` plus ``prunekit.json``; `extra(folder)` may add files.
+
+    ARMOR's factorized layers save their dense equivalent in the model's weights (any transformers install
+    loads it) and their factors in ``armor.safetensors``, which `load_model` installs again.
+    """
+    from prunekit.weights.methods import armor
 
     def build(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "prunekit.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        armor.save_factors(model, tmp)  # a no-op unless ARMOR factorized some layers
         if extra is not None:
             extra(tmp)
 

@@ -70,8 +70,8 @@ def _calibration(calibration, tokenizer, *, samples: int, seqlen: int, seed: int
     return ids, {**text.describe(), "samples": samples, "seqlen": seqlen, "seed": seed}
 
 
-_FIXED = {"weight", "stats", "ratio", "pattern", "name", "model", "general_ids", "tokenizer", "skip", "progress",
-          "samples", "seqlen", "seed"}
+_FIXED = {"weight", "stats", "hessian", "ratio", "pattern", "name", "bias", "model", "general_ids", "tokenizer",
+          "skip", "progress", "samples", "seqlen", "seed"}
 
 
 def prune_options(method: str, options: dict) -> None:
@@ -135,8 +135,10 @@ def prune(
                 skip=tuple(skip), progress=progress, **options,
             )
         else:
-            fn = functools.partial(spec.fn, ratio=ratio, pattern=nm, **options)
-            takes_name = "name" in inspect.signature(spec.fn).parameters
+            params = inspect.signature(spec.fn).parameters
+            seeded = {"seed": seed} if "seed" in params else {}  # one seed for the run (ARMOR's group sampling)
+            fn = functools.partial(spec.fn, ratio=ratio, pattern=nm, **seeded, **options)
+            takes_name = "name" in params
             layers, _ = prune_blocks(
                 model, ids, (lambda w, s, name: fn(w, s, name=name)) if takes_name else (lambda w, s, _name: fn(w, s)),
                 stat=stat, skip=skip, sequential=sequential, batch_size=batch_size, progress=progress,

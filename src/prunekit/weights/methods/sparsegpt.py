@@ -47,7 +47,7 @@ def inverse_cholesky(h: torch.Tensor, percdamp: float = PERCDAMP, *, tries: int 
     Raises the damping tenfold and retries when H is not positive definite.
     """
     mean_diag = torch.diag(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(tries):
         damp = percdamp * (10.0**attempt) * mean_diag
         lower, info = torch.linalg.cholesky_ex(h + damp * eye)

@@ -1,0 +1,206 @@
+"""ARMOR: the factorized module, the fit's guarantees against SparseGPT, and the factor files."""
+
+import pytest
+import torch
+
+from prunekit.errors import InputError
+from prunekit.select import NM
+from prunekit.weights.methods import armor, sparsegpt
+from conftest import tiny_model
+
+P24 = NM(2, 4)
+
+
+def hessian_of(d_in, seed=0, tokens=4096):
+    """``2/n X^T X`` of correlated inputs with features of very different size (full rank)."""
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(tokens, 8, generator=g)
+    x = latent @ torch.randn(8, d_in, generator=g) + 0.3 * torch.randn(tokens, d_in, generator=g)
+    x = x * torch.logspace(-0.5, 0.5, d_in)
+    return 2 * x.T @ x / tokens
+
+
+def block_diag(blocks, d):
+    """The d x d block-diagonal matrix of `blocks` (the last block cut when it overhangs d)."""
+    return torch.block_diag(*blocks)[:d, :d]
+
+
+def random_factors(out, inp, bs, seed=0, pattern=P24):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(out, inp // pattern.m, pattern.m, generator=g).argsort(-1) < pattern.n
+    core = torch.randn(out, inp, generator=g) * keep.reshape(out, inp)
+    nbo, nbi = -(-out // bs), -(-inp // bs)
+    a = torch.eye(bs) + 0.2 * torch.randn(nbo, bs, bs, generator=g)
+    b = torch.eye(bs) + 0.2 * torch.randn(nbi, bs, bs, generator=g)
+    return core, a, b
+
+
+def is_n_m(core, pattern):
+    groups = (core != 0).reshape(core.shape[0], -1, pattern.m).sum(-1)
+    return bool((groups <= pattern.n).all())
+
+
+@pytest.mark.parametrize("shape,bs", [((64, 128), 16), ((40, 72), 16), ((24, 40), 32)])
+def test_module_forward_equals_dense_weight(shape, bs):
+    out, inp = shape
+    core, a, b = random_factors(out, inp, bs)
+    bias = torch.randn(out)
+    module = armor.ArmorLinear(core, a, b, bias)
+    # the dense weight is the product of the explicit block-diagonal matrices (last blocks cut when padded)
+    expected = block_diag(list(a), out) @ core @ block_diag(list(b), inp)
+    assert torch.allclose(module.dense_weight(), expected, atol=1e-5)
+    x = torch.randn(3, 5, inp)
+    assert torch.allclose(module(x), x @ expected.T + bias, atol=1e-4)
+    full, rest_o = divmod(out, min(bs, out))
+    assert module.extra_params == sum(k * k for k in [min(bs, out)] * full + ([rest_o] if rest_o else [])) + sum(
+        k * k for k in [min(bs, inp)] * (inp // min(bs, inp)) + ([inp % min(bs, inp)] if inp % min(bs, inp) else [])
+    )
+
+
+def planted_layer(seed=0, out=64, inp=128, bs=16):
+    """``W = A0 S B0`` with a 2:4 S and block-diagonal A0, B0: exactly representable by ARMOR, not by 2:4 alone."""
+    core, a, b = random_factors(out, inp, bs, seed)
+    w = armor.ArmorLinear(core, a, b).dense_weight()
+    return w, hessian_of(inp, seed)
+
+
+def test_fit_beats_sparsegpt_on_a_planted_layer():
+    w, h = planted_layer()
+    r = armor.prune_weight(w, h, ratio=0.5, pattern=P24, block_size=16, iters=150)
+    sgpt = armor.proxy_loss(w, sparsegpt.prune_weight(w, h, ratio=0.5, pattern=P24), h)
+    ours = armor.proxy_loss(w, r.weight, h)
+    assert ours < 0.5 * sgpt, (ours, sgpt)
+    assert r.info["proxy_loss_sparsegpt"] == pytest.approx(sgpt, rel=1e-3)
+    assert r.info["proxy_loss"] == pytest.approx(ours, rel=1e-3)
+    # the module is the replacement: exact N:M core, its dense weight, the right overhead
+    m = r.module
+    assert is_n_m(m.core, P24) and r.sparsity >= 0.5
+    assert r.sparsity == pytest.approx(float((m.core == 0).float().mean()))
+    assert torch.equal(r.weight, m.dense_weight())
+    x = torch.randn(7, 128)
+    assert torch.allclose(m(x), x @ r.weight.T, atol=1e-4)
+    assert r.extra_params == m.extra_params == 64 * 16 + 128 * 16
+    assert r.info["iterations"] >= 1 and r.info["support_changes"] >= 0
+
+
+@pytest.mark.parametrize("seed,lr,iters", [(1, armor.LR, 40), (2, 1.0, 30), (3, armor.LR, 0)])
+def test_never_above_sparsegpt(seed, lr, iters):
+    # random (not planted) layers, even a diverging learning rate: the best iterate is kept, SparseGPT's first
+    g = torch.Generator().manual_seed(seed)
+    w, h = torch.randn(48, 96, generator=g), hessian_of(96, seed)
+    sgpt_w = sparsegpt.prune_weight(w, h, ratio=0.5, pattern=P24)
+    r = armor.prune_weight(w, h, ratio=0.5, pattern=P24, block_size=32, iters=iters, lr=lr, seed=seed)
+    assert armor.proxy_loss(w, r.weight, h) <= armor.proxy_loss(w, sgpt_w, h)
+    assert is_n_m(r.module.core, P24)
+    if iters == 0:
+        assert torch.allclose(r.weight, sgpt_w) and r.info["iterations"] == 0
+
+
+def test_non_divisible_shape_pads_the_last_block():
+    g = torch.Generator().manual_seed(4)
+    w, h = torch.randn(40, 72, generator=g), hessian_of(72, 4)
+    r = armor.prune_weight(w, h, pattern=P24, block_size=32, iters=30)
+    m = r.module
+    assert m.a.shape == (2, 32, 32) and m.b.shape == (3, 32, 32)
+    assert m.extra_params == (32 * 32 + 8 * 8) + (2 * 32 * 32 + 8 * 8)
+    assert r.weight.shape == (40, 72) and is_n_m(m.core, P24)
+    x = torch.randn(5, 72)
+    assert torch.allclose(m(x), x @ r.weight.T, atol=1e-4)
+    assert r.info["proxy_loss"] < r.info["proxy_loss_sparsegpt"]
+
+
+def test_discrete_step_is_exact_and_never_raises_the_loss():
+    w, h = torch.randn(40, 72), hessian_of(72, 5)
+    p = armor._Problem(w, h, 16, P24)
+    core, a, b = random_factors(40, 72, 16, seed=5)
+    core = p.pad_core(core)
+    mask = core != 0
+    gen = torch.Generator().manual_seed(0)
+    total_swaps = 0
+    for _ in range(5):
+        before, _, _, grad_core = armor._loss_grads(p, a, core, b)
+        changed, predicted, swaps = armor._discrete_step(p, a, core, mask, b, grad_core, gen)
+        after = armor._loss_grads(p, a, core, b)[0]
+        assert predicted <= 0 and after <= before + 1e-7
+        assert after - before == pytest.approx(predicted, rel=1e-3, abs=1e-7)
+        assert torch.equal(mask, core != 0) and is_n_m(core[:40, :72], P24) and not core[40:].any()
+        total_swaps += swaps
+    assert total_swaps > 0  # random supports: the six-candidate search changes some
+
+
+def test_general_n_m_pattern():
+    w, h = torch.randn(32, 64), hessian_of(64, 6)
+    r = armor.prune_weight(w, h, pattern=NM(4, 8), block_size=16, iters=20)
+    assert is_n_m(r.module.core, NM(4, 8)) and r.module.pattern == NM(4, 8)
+    assert r.info["proxy_loss"] <= r.info["proxy_loss_sparsegpt"]
+
+
+def test_refuses_what_it_cannot_do():
+    w, h = torch.randn(16, 32), hessian_of(32)
+    with pytest.raises(InputError, match="armor needs --pattern N:M"):
+        armor.prune_weight(w, h, ratio=0.5, pattern=None)
+    with pytest.raises(InputError, match="disagrees"):
+        armor.prune_weight(w, h, ratio=0.3, pattern=P24)
+    with pytest.raises(InputError, match="multiple of the pattern"):
+        armor.prune_weight(w, h, pattern=P24, block_size=6)
+    with pytest.raises(InputError, match="C\\(M, N\\)"):
+        armor.prune_weight(torch.randn(16, 32), hessian_of(32), pattern=NM(8, 16))
+
+
+def armored_model():
+    """A tiny Qwen2 (q/k/v have biases) with two Linears replaced by fitted ArmorLinears."""
+    model = tiny_model("qwen2")
+    layers = model.model.layers
+    for parent, attr in ((layers[0].self_attn, "q_proj"), (layers[1].mlp, "down_proj")):
+        linear = getattr(parent, attr)
+        w = linear.weight.detach()
+        r = armor.prune_weight(w, hessian_of(w.shape[1]), pattern=P24, block_size=32, iters=10, bias=linear.bias)
+        setattr(parent, attr, r.module)
+    return model
+
+
+def test_state_dict_is_dense_and_round_trips():
+    model = armored_model()
+    q = model.model.layers[0].self_attn.q_proj
+    state = model.state_dict()
+    assert set(k for k in state if k.startswith("model.layers.0.self_attn.q_proj.")) == {
+        "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.bias"}
+    assert torch.equal(state["model.layers.0.self_attn.q_proj.weight"], q.dense_weight())
+    model.load_state_dict(state)  # strict: the dense weight of the factors is accepted
+    state["model.layers.0.self_attn.q_proj.weight"] = state["model.layers.0.self_attn.q_proj.weight"] + 1
+    with pytest.raises(RuntimeError, match="differs from the ARMOR factors"):
+        model.load_state_dict(state)
+
+
+def test_save_pretrained_then_install_factors(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = armored_model()
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path)
+    assert armor.save_factors(model, tmp_path) == 2
+    # any transformers loads the folder as a plain dense model computing the same function
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert not any(isinstance(m, armor.ArmorLinear) for m in dense.modules())
+    with torch.no_grad():
+        assert torch.allclose(dense(ids).logits, want, atol=1e-4)
+    # prunekit puts the factors back
+    assert armor.install_factors(dense, tmp_path) == 2
+    q = dense.model.layers[0].self_attn.q_proj
+    assert isinstance(q, armor.ArmorLinear) and q.bias is not None
+    assert isinstance(dense.model.layers[1].mlp.down_proj, armor.ArmorLinear)
+    with torch.no_grad():
+        assert torch.allclose(dense(ids).logits, want, atol=1e-4)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        for key, value in model.get_submodule(name).factors().items():
+            assert torch.equal(dense.get_submodule(name).factors()[key], value)
+    assert armor.install_factors(dense, tmp_path / "nowhere") == 0
+
+
+def test_install_factors_refuses_weights_from_another_run(tmp_path):
+    model = armored_model()
+    assert armor.save_factors(model, tmp_path) == 2
+    with pytest.raises(InputError, match="disagree"):
+        armor.install_factors(tiny_model("qwen2"), tmp_path)  # the dense, unpruned weights

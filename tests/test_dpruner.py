@@ -1,0 +1,160 @@
+"""D-Pruner on tiny models: exact ratios, refusals that leave the model untouched, and a planted domain."""
+
+import pytest
+import torch
+
+from prunekit.errors import InputError
+from prunekit.select import NM, keep_global
+from prunekit.text import Text
+from prunekit.weights.engine import prune_blocks
+from prunekit.weights.methods import dpruner, wanda
+
+from conftest import TEXT, ids_from_text, tiny_model
+
+D = 8  # embedding dimensions only domain tokens use
+GENERAL_TOKENS, DOMAIN_TOKENS = torch.arange(3, 96), torch.arange(96, 128)
+FIRST_LAYER_READERS = ("q_proj", "k_proj", "v_proj")  # read the normed embeddings alone
+
+
+def planted(seed=0):
+    """A tiny Llama whose first-layer inputs 0..D-1 are excited only by domain tokens.
+
+    General sequences use only general tokens, whose embeddings are zero on dims 0..D-1; domain sequences mix
+    general tokens with domain tokens, whose embeddings live only on dims 0..D-1. So the first block's
+    q/k/v weights on input columns 0..D-1 matter for the domain and not at all for general text.
+    """
+    model = tiny_model("llama", seed=seed)
+    emb = model.model.embed_tokens.weight.data
+    emb[GENERAL_TOKENS, :D] = 0
+    emb[DOMAIN_TOKENS, D:] = 0
+    emb[DOMAIN_TOKENS, :D] *= 4
+    g = torch.Generator().manual_seed(seed)
+    general = GENERAL_TOKENS[torch.randint(len(GENERAL_TOKENS), (16, 64), generator=g)]
+    domain = GENERAL_TOKENS[torch.randint(len(GENERAL_TOKENS), (8, 64), generator=g)]
+    mixed = torch.rand(8, 64, generator=g) < 0.5
+    domain[mixed] = DOMAIN_TOKENS[torch.randint(len(DOMAIN_TOKENS), (int(mixed.sum()),), generator=g)]
+    return model, general, domain
+
+
+def domain_columns_kept(model) -> float:
+    kept = [(m.weight[:, :D] != 0).float().mean() for n, m in model.model.layers[0].named_modules()
+            if n.split(".")[-1] in FIRST_LAYER_READERS]
+    return float(torch.stack(kept).mean())
+
+
+def agreement_with_general(model, general_masks) -> float:
+    modules = dict(model.named_modules())
+    agree = [((modules[n].weight != 0) == keep).float().mean() for n, keep in general_masks.items()]
+    return float(torch.stack(agree).mean())
+
+
+def general_obs_masks(general, ratio=0.5):
+    model, _, _ = planted()
+    g, _ = dpruner._general_stage(model, general, skip=(), percdamp=0.01, progress=False)
+    return {name: keep_global(score, ratio) for name, score in g.items()}
+
+
+def test_general_importance_is_the_obs_error():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 6, generator=gen) @ torch.randn(6, 6, generator=gen)
+    x[:, 5] = 0  # an input general text never excites
+    h = 2 * x.T @ x / 512
+    w = torch.randn(3, 6, generator=gen)
+    got = dpruner.general_importance(w, h)
+    damped = h.clone()
+    damped[5, 5] = 1
+    damped += 0.01 * torch.diag(damped).mean() * torch.eye(6)
+    want = w.square() / torch.diag(torch.linalg.inv(damped))[None, :]
+    assert torch.allclose(got[:, :5], want[:, :5], rtol=1e-4)
+    assert (got[:, 5] == 0).all()
+
+
+@pytest.mark.parametrize("scope", ["layer", "row"])
+def test_exact_ratio_per_layer_and_original_values_kept(tok, scope):
+    model = tiny_model("llama")
+    model.train()  # the caller's mode must come back
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    general = ids_from_text(tok, 8, 32)
+    reports = dpruner.prune_model(model, general, ratio=0.6, domain=ids_from_text(tok, 4, 32, offset=4000),
+                                  lr=0.05, lam=1.0, scope=scope, progress=False)
+    assert len(reports) == 2 * 7 and model.training
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    for r in reports:
+        w = model.get_submodule(r.name).weight
+        rows, cols = w.shape
+        if scope == "layer":
+            assert int((w == 0).sum()) == int(rows * cols * 0.6)
+        else:
+            assert ((w == 0).sum(1) == int(cols * 0.6)).all()
+        assert r.sparsity == int((w == 0).sum()) / w.numel() and r.shape == (rows, cols)
+        kept = w != 0  # the mask is applied to the original weights, not to the SGD-moved ones
+        assert torch.equal(w[kept], before[r.name + ".weight"][kept])
+    for n, p in model.named_parameters():
+        if not any(n.startswith(r.name) for r in reports):
+            assert torch.equal(p, before[n]), n
+
+
+def test_domain_as_text_is_windowed_with_the_tokenizer(tok):
+    model = tiny_model("llama")
+    domain = Text("license", TEXT, "the LICENSE file")
+    reports = dpruner.prune_model(model, ids_from_text(tok, 4, 32), ratio=0.5, tokenizer=tok, domain=domain,
+                                  domain_samples=4, seqlen=32, progress=False)
+    assert all(r.sparsity == 0.5 for r in reports)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(pattern="2:4"), "unstructured"),
+    (dict(pattern=NM(2, 4)), "unstructured"),
+    (dict(ratio=1.0), "outside"),
+    (dict(ratio=-0.1), "outside"),
+    (dict(domain=None), "needs a domain"),
+    (dict(domain="python-docs", tokenizer=None), "needs the tokenizer"),
+    (dict(domain=Text("short", "too short", "nine characters")), "give more text"),
+    (dict(domain=torch.zeros(2, 1, dtype=torch.long)), "at least 1 sequence of 2 tokens"),
+    (dict(domain=torch.full((2, 8), 500)), "vocabulary"),
+    (dict(domain=torch.zeros(2, 8)), "token ids"),
+    (dict(scope="block"), "scope"),
+    (dict(lam=-1.0), "lam"),
+    (dict(steps=0), "steps"),
+    (dict(skip=("*",)), "no Linear"),
+])
+def test_refusals_leave_the_model_untouched(tok, bad, match):
+    model = tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = dict(ratio=0.5, tokenizer=tok, domain=ids_from_text(tok, 2, 16), seqlen=32, progress=False)
+    args.update(bad)
+    with pytest.raises(InputError, match=match):
+        dpruner.prune_model(model, ids_from_text(tok, 4, 16), **args)
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_planted_domain_weights_are_kept_and_lambda_pulls_toward_general():
+    _, general, domain = planted()
+    masks = general_obs_masks(general)
+
+    wanda_model, _, _ = planted()
+    prune_blocks(wanda_model, general, lambda w, s, name: wanda.prune_weight(w, s, ratio=0.5, pattern=None),
+                 stat="norms", progress=False)
+    obs_model, _, _ = planted()
+    for name, keep in masks.items():
+        obs_model.get_submodule(name).weight.data *= keep
+    # general-only masks drop every weight on the inputs general text never excites
+    assert domain_columns_kept(wanda_model) == 0 and domain_columns_kept(obs_model) == 0
+
+    kept, agree = {}, {}
+    for lam in (0.0, 10.0, 1000.0):
+        model, _, _ = planted()
+        dpruner.prune_model(model, general, ratio=0.5, domain=domain, lam=lam, progress=False)
+        kept[lam], agree[lam] = domain_columns_kept(model), agreement_with_general(model, masks)
+    # D-Pruner keeps most of the domain-only weights (50% of each layer is kept: they are above the median) ...
+    assert kept[0.0] > 0.6
+    # ... and a larger lambda moves the mask back toward the general importance
+    assert kept[0.0] > kept[10.0] > kept[1000.0]
+    assert agree[0.0] < agree[10.0] < agree[1000.0]
+
+
+def test_doctests():
+    import doctest
+
+    assert doctest.testmod(dpruner).failed == 0
