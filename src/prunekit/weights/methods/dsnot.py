@@ -44,7 +44,12 @@ Departures from the reference, on purpose:
   ``H = 2 X X^T / n_seq``). Each row's exact error is tracked along its swaps (two rank-one updates of
   ``H d`` per swap) and the row keeps the prefix of its swaps with the lowest error, zero swaps included:
   DSnoT can then never increase a layer's reconstruction error on the calibration data. ``guard=False`` is
-  the reference's behaviour and needs no Hessian for magnitude/Wanda bases.
+  the reference's behaviour and needs no Hessian for magnitude/Wanda bases. Measured on SmolLM2-135M, Wanda
+  60%, dense-model inputs of three attention Linears (16 x 512 wiki calibration tokens; error on the
+  calibration tokens / 4096 held-out wiki tokens / 4096 Python-docs tokens): the reference's swaps *raised*
+  every one (block 5 q_proj 0.147 -> 0.158 / 0.147 -> 0.158 / 0.150 -> 0.163, o_proj 0.291 -> 0.295 /
+  0.292 -> 0.295 / 0.335 -> 0.351), the guarded ones lowered them (q_proj 0.147 -> 0.144 / 0.147 -> 0.145 /
+  0.150 -> 0.150, o_proj 0.291 -> 0.255 / 0.292 -> 0.258 / 0.335 -> 0.320; block 12 o_proj alike).
 - The reference's lists also contain the kept (regrow) or pruned (prune) weights in the middle with score
   0 and can "regrow" a weight that is already kept after a long run, changing the sparsity; here a row stops
   when its list of candidates of the needed sign runs out.
