@@ -167,6 +167,9 @@ def write_markdown(data: dict, path: Path) -> None:
         if r:
             cal = "wiki + python-docs" if r["method"] == "dpruner" else r["calibration"]
             lines.append(f"| {r['method']} | {cal} | {_fmt(r['ppl_wiki'])} | {_fmt(r['ppl_domain'])} | {r['seconds']:.1f} |")
+    if data.get("notes"):
+        lines += ["", "## Notes", "", *[f"- {n}" for n in data["notes"]]]
+    lines += ["", "An empty cell is a row not in the recorded results (run it with `--rows ID` or `--resume`)."]
     path.write_text("\n".join(lines) + "\n")
 
 
