@@ -121,8 +121,7 @@ def _cmd_prune(args) -> int:
     resolve_model(args.model)
     progress = not args.quiet
     model, tok = prunekit.load_model(args.model)
-    stat = spec.stats(**options) if callable(spec.stats) else spec.stats
-    calib = args.calib if args.calib is not None else ("wiki" if stat or spec.prune_model else None)
+    calib = args.calib if args.calib is not None else ("wiki" if spec.stat_for(options) or spec.prune_model else None)
     calib_text = prunekit.load_text(calib, purpose="calibration") if calib else None
     evals_src = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
@@ -193,18 +192,13 @@ def _cmd_eval(args) -> int:
 
 def _cmd_methods(_args) -> int:
     from prunekit import registry
-
-    import inspect
-
-    from prunekit.weights.prune import _FIXED
+    from prunekit.weights.prune import method_options
 
     for spec in registry.METHODS.values():
         print(f"{spec.name:<18} {spec.domain:<8} {spec.summary}\n{'':<28}{spec.paper} <{spec.url}>")
-        if spec.domain == "weights":
-            params = inspect.signature(spec.prune_model or spec.fn).parameters.values()
-            opts = [f"{p.name}={p.default!r}" for p in params if p.name not in _FIXED and p.default is not p.empty]
-            if opts:
-                print(f"{'':<28}options: {', '.join(opts)}")
+        opts = method_options(spec.name) if spec.domain == "weights" else {}
+        if opts:
+            print(f"{'':<28}options: {', '.join(f'{k}={v!r}' for k, v in opts.items())}")
     return 0
 
 

@@ -33,6 +33,10 @@ class MethodSpec:
     fn: Callable | None = None
     prune_model: Callable | None = None
 
+    def stat_for(self, options: dict):
+        """The statistic this method reads with these options (a name, a function of the layer name, or None)."""
+        return self.stats(**options) if callable(self.stats) else self.stats
+
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec

@@ -41,7 +41,7 @@ from torch import nn
 from prunekit.errors import InputError
 from prunekit.weights import stats as stats_lib
 
-__all__ = ["LayerReport", "Replacement", "find_blocks", "target_linears", "capture_block_inputs", "prune_blocks"]
+__all__ = ["LayerReport", "Refined", "Replacement", "find_blocks", "target_linears", "capture_block_inputs", "prune_blocks"]
 
 ERROR_TOKENS = 512  # calibration tokens per layer on which the relative reconstruction error is measured
 

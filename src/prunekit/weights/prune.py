@@ -23,7 +23,7 @@ from prunekit.select import parse_pattern, ratio_for
 from prunekit.text import Text, calibration_ids, load_text
 from prunekit.weights.engine import LayerReport, prune_blocks
 
-__all__ = ["PruneResult", "prune", "prune_options"]
+__all__ = ["PruneResult", "prune", "prune_options", "method_options"]
 
 
 @dataclass
@@ -74,15 +74,20 @@ _FIXED = {"weight", "stats", "hessian", "ratio", "pattern", "name", "bias", "mod
           "skip", "progress", "samples", "seqlen", "seed"}
 
 
+def method_options(method: str) -> dict:
+    """The options weight method `method` takes, with their defaults (what ``prunekit methods`` lists)."""
+    spec = registry.get(method, "weights")
+    params = inspect.signature(spec.prune_model or spec.fn).parameters.values()
+    return {p.name: p.default for p in params if p.name not in _FIXED and p.default is not p.empty}
+
+
 def prune_options(method: str, options: dict) -> None:
     """Refuse options `method` does not take (and, for DSnoT, a bad base) before any slow work."""
-    spec = registry.get(method, "weights")
-    accepted = set(inspect.signature(spec.prune_model or spec.fn).parameters) - _FIXED
-    unknown = set(options) - accepted
+    accepted = method_options(method)
+    unknown = set(options) - set(accepted)
     if unknown:
         raise InputError(f"method {method} takes no option(s) {sorted(unknown)}; it takes {sorted(accepted) or 'none'}")
-    if callable(spec.stats):
-        spec.stats(**options)
+    registry.get(method, "weights").stat_for(options)
 
 
 def prune(
@@ -119,7 +124,7 @@ def prune(
     nm = parse_pattern(pattern)
     ratio = ratio_for(ratio, nm)
     prune_options(method, options)
-    stat = spec.stats(**options) if callable(spec.stats) else spec.stats
+    stat = spec.stat_for(options)
     if stat is None and calibration == "wiki":
         calibration = None  # data-free: don't pay a calibration pass for the default
     start = time.perf_counter()

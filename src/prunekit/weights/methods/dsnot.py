@@ -235,7 +235,8 @@ def prune_weight(
             kept[rs, g[take]] = True
             kept[rs, p[take]] = False
     out = torch.where(kept, torch.where(w != 0, w, w0), torch.zeros_like(w))
-    swaps = int(sum(int(((took) & ((t <= best_t) if h is not None else True)).sum()) for t, (took, _, _) in enumerate(history, 1)))
+    kept_cycles = best_t if h is not None else torch.full((rows,), cycles)  # swaps each row keeps
+    swaps = sum(int((took & (t <= kept_cycles)).sum()) for t, (took, _, _) in enumerate(history, 1))
     info = {"swaps": swaps, "cycles": cycles, "skipped": False}
     if h is not None:
         info.update(error_base=float(e_start.sum()), error_refined=float(e_best.sum()))
