@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from prunekit.inference import memory_cli
+
 __all__ = ["main"]
 
 
@@ -64,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     from prunekit.data import cli as data_cli
 
     data_cli.add_parser(sub)
+    memory_cli.add_parser(sub)
     return p
 
 
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             from prunekit.data import cli as data_cli
 
             return data_cli.run(args)
-        return {"prune": _cmd_prune, "eval": _cmd_eval, "methods": _cmd_methods}[args.command](args)
+        return {"prune": _cmd_prune, "eval": _cmd_eval, "methods": _cmd_methods, "memory": memory_cli.run}[args.command](args)
     except InputError as e:
         print(f"prunekit: error: {e}", file=sys.stderr)
         return 2

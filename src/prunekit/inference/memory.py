@@ -1,0 +1,442 @@
+"""HEMA: conversation memory that keeps a prompt bounded over hundreds of turns.
+
+Paper: Kwangseob Ahn, "HEMA: A Hippocampus-Inspired Extended Memory Architecture for Long-Context AI
+Conversations", arXiv:2504.16754 (2025). No official code exists; this follows the paper's text.
+
+Algorithm, per turn u_t (t = 0, 1, ...):
+
+- Compact Memory: a one-sentence running summary S_t = Summarizer(S_{t-1}, u_t). Every ``sos_every`` (100)
+  turns the block's running summaries are compressed into one block summary (level 1), and all block
+  summaries into one summary of summaries (level 2). The compact memory is ``level-2 + S_t``.
+- Vector Memory: u_t is cut into chunks (sentences packed up to ``chunk_words`` words), each embedded as a unit
+  vector e = Phi(c); a query q retrieves R = argtop-k over stored chunks of cos(e_q, e_m).
+- Semantic forgetting: every ``forget_every`` (100) turns, each chunk i (from turn t_i) gets the salience
+
+      w_i = lambda * exp(-gamma * (t - t_i)) + beta * delta_i,   delta_i = 1 if retrieved in the last 100 turns,
+
+  and the lowest ``forget_fraction`` (0.5%) of chunks, ``floor(fraction * n)`` of them, leave the index
+  (ties: older chunk first, then lower id). Defaults: lambda = 1, gamma = 0.002, beta = 0.5 (the paper's).
+- Prompt: compact summary + retrieved chunks + the last ``tail_turns`` (2) turns + the query, under a token
+  budget; retrieved chunks are taken in cosine order while they fit (the paper trims them by similarity).
+
+Departures from the paper, and why:
+
+- The paper prints the retrieval term as beta * (1 - delta_i), which gives the bonus to chunks *not*
+  retrieved recently, against its own text ("bonus for recent retrievals"). The default follows the text
+  (``retrieval_term="retrieved"``: beta * delta_i); ``retrieval_term="not_retrieved"`` is the printed formula.
+- Summarizer: Distil-PEGASUS-dialogue is not available offline. Any object with ``update``/``combine`` works
+  (`memory_summary`): an instruct LM via ``generate``, or the extractive fallback (default, no model).
+- Embeddings: text-embedding-3-small (1536-d, an API) -> all-MiniLM-L6-v2 (384-d, offline), or any embedder.
+- Index: FAISS IVF-4096 + OPQ-16 (approximate) -> an exact cosine scan in the store. Exact search makes
+  retrieval quality independent of index tuning; its cost is linear in the chunks kept, so forgetting's effect
+  on latency is direct.
+- The paper does not say how the summary of summaries feeds the running summary. Here the running summary
+  restarts after each summary-of-summaries pass (S for the first turn of a block ignores S_{t-1}), so S_t covers
+  the current block and level 2 the blocks before: an error in S cannot cascade past its block.
+- Forgetting removes vectors from the index; the turn's text stays in the dialogue log and the removed chunk
+  is written to an audit table (id, turn, text, salience, pass), so nothing is dropped silently.
+- A turn and everything it triggers (chunks, summaries, a forgetting pass) are one store transaction.
+
+Example (no model needed):
+
+>>> import tempfile, os
+>>> from prunekit.inference.memory_embed import HashEmbedder
+>>> m = Memory(os.path.join(tempfile.mkdtemp(), "chat.db"), embedder=HashEmbedder())
+>>> _ = m.add("My locker code is 4417.")
+>>> _ = m.add({"role": "assistant", "content": "Noted, your locker code is saved."})
+>>> m.retrieve("what is my locker code", k=1)[0].text
+'My locker code is 4417.'
+>>> m.prompt("what is my locker code?", budget=60).tokens <= 60
+True
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from prunekit.errors import InputError
+from prunekit.inference.memory_embed import Embedder, MiniLMEmbedder
+from prunekit.inference.memory_store import ForgetRecord, SQLiteStore, Store, SummaryRecord, TurnRecord
+from prunekit.inference.memory_summary import ExtractiveSummarizer, Summarizer, split_sentences
+
+__all__ = ["Memory", "Retrieved", "Prompt", "Added", "salience", "forget_choice", "chunk_text", "count_tokens",
+           "RETRIEVAL_TERMS"]
+
+RETRIEVAL_TERMS = ("retrieved", "not_retrieved")
+_PIECE = re.compile(r"\w+|[^\w\s]")
+_ROLE = re.compile(r"^[A-Za-z_][\w-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    id: int
+    turn: int
+    role: str
+    text: str
+    score: float  # cosine similarity to the query
+
+
+@dataclass(frozen=True)
+class Added:
+    turn: int
+    chunk_ids: list[int]
+    forgotten: list[ForgetRecord] = field(default_factory=list)  # removed by the pass this turn triggered
+    summary_of_summaries: bool = False  # this turn closed a block
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str  # what to give the model (one user message, or plain text)
+    tokens: int  # its length by the counter used (<= budget)
+    budget: int
+    summary: str | None  # the compact memory included, if any
+    retrieved: list[Retrieved]  # included chunks, best first
+    tail: list[TurnRecord]  # included recent turns, oldest first
+    query: str
+    left_out: int  # retrieved chunks that did not fit
+
+
+def count_tokens(text: str, tokenizer=None) -> int:
+    """Tokens of `text` by `tokenizer` (no special tokens), else words and punctuation marks, one each.
+
+    The fallback counts ``\\w+`` runs and single punctuation characters; on English prose it is within a few
+    percent of GPT-2/Llama-style BPE counts, lower for rare words and numbers, so pass the model's tokenizer
+    when the budget must be exact.
+    """
+    if tokenizer is not None:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(_PIECE.findall(text))
+
+
+def chunk_text(text: str, *, chunk_words: int) -> list[str]:
+    """Sentences packed in order into chunks of at most `chunk_words` words (a longer sentence is cut by words).
+
+    >>> chunk_text("One two. Three four five. Six.", chunk_words=3)
+    ['One two.', 'Three four five.', 'Six.']
+    """
+    chunks, cur, n = [], [], 0
+    for sentence in split_sentences(text):
+        words = sentence.split()
+        while len(words) > chunk_words:  # a sentence longer than a chunk: cut it, flushing what came before
+            if cur:
+                chunks.append(" ".join(cur))
+                cur, n = [], 0
+            chunks.append(" ".join(words[:chunk_words]))
+            words = words[chunk_words:]
+        if n + len(words) > chunk_words and cur:
+            chunks.append(" ".join(cur))
+            cur, n = [], 0
+        if words:
+            cur.extend(words)
+            n += len(words)
+    if cur:
+        chunks.append(" ".join(cur))
+    return chunks
+
+
+def salience(turns: np.ndarray, last_retrieved: np.ndarray, now: int, *, lam: float = 1.0, gamma: float = 0.002,
+             beta: float = 0.5, window: int = 100, retrieval_term: str = "retrieved") -> np.ndarray:
+    """HEMA's salience ``w_i = lam * exp(-gamma * (now - turn_i)) + beta * delta_i`` for each chunk ``[n]``.
+
+    ``delta_i = 1`` when chunk i was retrieved at a turn within the last `window` turns (``now - r_i < window``;
+    ``last_retrieved = -1``: never). ``retrieval_term="not_retrieved"`` uses the paper's printed
+    ``beta * (1 - delta_i)`` instead.
+
+    >>> salience(np.array([0, 90]), np.array([-1, 95]), 100, gamma=0.01).round(3).tolist()
+    [0.368, 1.405]
+    """
+    if retrieval_term not in RETRIEVAL_TERMS:
+        raise InputError(f"retrieval_term must be one of {', '.join(RETRIEVAL_TERMS)}, got {retrieval_term!r}")
+    turns = np.asarray(turns, dtype=np.int64)  # [n]
+    last = np.asarray(last_retrieved, dtype=np.int64)  # [n]
+    recent = (last >= 0) & (now - last < window)  # [n]
+    bonus = recent if retrieval_term == "retrieved" else ~recent
+    return lam * np.exp(-gamma * (now - turns).astype(np.float64)) + beta * bonus.astype(np.float64)
+
+
+def forget_choice(ids: np.ndarray, turns: np.ndarray, scores: np.ndarray, fraction: float) -> np.ndarray:
+    """Positions of the ``floor(fraction * n)`` lowest-salience chunks (ties: older turn, then lower id).
+
+    >>> forget_choice(np.array([1, 2, 3, 4]), np.array([0, 0, 1, 2]), np.array([0.5, 0.2, 0.2, 0.9]), 0.5).tolist()
+    [1, 2]
+    """
+    n = len(ids)
+    m = int(math.floor(fraction * n + 1e-9))
+    if m == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((np.asarray(ids), np.asarray(turns), np.asarray(scores)))  # by score, then turn, then id
+    return np.sort(order[:m])
+
+
+def _check_int(name: str, value, *, low: int, what: str = "") -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        raise InputError(f"{name} must be an integer >= {low}{what}, got {value!r}")
+    return int(value)
+
+
+def _check_float(name: str, value, *, low: float = 0.0, high: float | None = None, open_low: bool = False) -> float:
+    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if open_low else value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise InputError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+class Memory:
+    """A HEMA conversation memory over a store (an SQLite file by default).
+
+    ``Memory(path)`` opens or creates the file; ``store=`` takes any `Store` instead. `embedder` defaults to
+    all-MiniLM-L6-v2 (loaded when first needed), `summarizer` to the extractive one; `tokenizer` (a Hugging
+    Face tokenizer) makes prompt budgets exact for that model. A store remembers its embedder and refuses
+    another. Options (keyword-only): see the module docstring for the algorithm they parametrise.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, *, store: Store | None = None,
+                 embedder: Embedder | None = None, summarizer: Summarizer | None = None, tokenizer=None,
+                 chunk_words: int = 128, k: int = 5, tail_turns: int = 2, lam: float = 1.0, gamma: float = 0.002,
+                 beta: float = 0.5, retrieval_window: int = 100, retrieval_term: str = "retrieved",
+                 forget_every: int = 100, forget_fraction: float = 0.005, sos_every: int = 100,
+                 synchronous: str = "full"):
+        if (path is None) == (store is None):
+            raise InputError("give exactly one of a store path or store=")
+        self.chunk_words = _check_int("chunk_words", chunk_words, low=1)
+        self.k = _check_int("k", k, low=1)
+        self.tail_turns = _check_int("tail_turns", tail_turns, low=0)
+        self.lam = _check_float("lam", lam)
+        self.gamma = _check_float("gamma", gamma)
+        self.beta = _check_float("beta", beta)
+        self.retrieval_window = _check_int("retrieval_window", retrieval_window, low=1)
+        if retrieval_term not in RETRIEVAL_TERMS:
+            raise InputError(f"retrieval_term must be one of {', '.join(RETRIEVAL_TERMS)}, got {retrieval_term!r}")
+        self.retrieval_term = retrieval_term
+        self.forget_every = _check_int("forget_every", forget_every, low=0, what=" (0: only when forget() is called)")
+        self.forget_fraction = _check_float("forget_fraction", forget_fraction, high=1.0)
+        self.sos_every = _check_int("sos_every", sos_every, low=0, what=" (0: no summary of summaries)")
+        self.embedder = embedder if embedder is not None else MiniLMEmbedder()
+        for attr in ("name", "dim", "encode"):
+            if not hasattr(self.embedder, attr):
+                raise InputError(f"embedder {self.embedder!r} lacks {attr!r}; it needs name, dim and encode(texts)")
+        self.summarizer = summarizer if summarizer is not None else ExtractiveSummarizer()
+        for attr in ("update", "combine"):
+            if not callable(getattr(self.summarizer, attr, None)):
+                raise InputError(f"summarizer {self.summarizer!r} lacks {attr}(); see prunekit.inference.memory_summary")
+        self.tokenizer = tokenizer
+        self.store = store if store is not None else SQLiteStore(path, synchronous=synchronous)
+        self.store.check_embedder(self.embedder.name, int(self.embedder.dim))
+
+    # -- writing -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _turn(turn) -> tuple[str, str]:
+        if isinstance(turn, str):
+            role, text = "user", turn
+        elif isinstance(turn, Mapping):
+            role = turn.get("role", "user")
+            text = turn.get("content", turn.get("text"))
+        else:
+            raise InputError(f"a turn is a string or a mapping with 'role' and 'content', got {type(turn).__name__}")
+        if not isinstance(text, str) or not text.strip():
+            raise InputError("turn text is empty; give the message's words (a mapping needs a non-empty 'content')")
+        if not isinstance(role, str) or not _ROLE.match(role):
+            raise InputError(f"role {role!r} must be a short name such as user or assistant (letters, digits, _ or -)")
+        return role, text.strip()
+
+    def add(self, turn) -> Added:
+        """Store one turn (a string: a user message; or ``{"role", "content"}``) and run what it triggers."""
+        return self.add_many([turn])[0]
+
+    def add_many(self, turns) -> list[Added]:
+        """Store several turns in order, embedding their chunks in one call; all commit together."""
+        parsed = [self._turn(t) for t in turns]
+        if not parsed:
+            return []
+        pieces = [chunk_text(text, chunk_words=self.chunk_words) for _, text in parsed]
+        flat = [c for p in pieces for c in p]
+        emb = np.asarray(self.embedder.encode(flat), dtype=np.float32)  # [chunks, dim]
+        if emb.shape != (len(flat), int(self.embedder.dim)):
+            raise InputError(f"embedder {self.embedder.name} returned shape {emb.shape} for {len(flat)} texts; "
+                             f"expected ({len(flat)}, {self.embedder.dim})")
+
+        # Summaries first (an LM summarizer is slow): nothing is held open while the model runs.
+        start = self.store.count_turns()
+        prev = self.store.recent_turns(1)
+        summary = prev[0].summary if prev else ""
+        records, blocks = [], {}
+        for i, (role, text) in enumerate(parsed):
+            t = start + i
+            fresh = self.sos_every and t % self.sos_every == 0  # a new block: the running summary restarts
+            summary = self.summarizer.update("" if fresh else summary, text, role=role)
+            records.append(TurnRecord(t, role, text, summary))
+            if self.sos_every and (t + 1) % self.sos_every == 0:
+                first = t + 1 - self.sos_every
+                older = [r.summary for r in self.store.turns_between(first, start - 1)] if first < start else []
+                block = older + [r.summary for r in records if r.turn >= first]
+                blocks[t] = self.summarizer.combine(list(dict.fromkeys(s for s in block if s)))
+        level1 = [s.text for s in self.store.summaries(1)]
+        sos = {}
+        for t, text in blocks.items():
+            level1.append(text)
+            sos[t] = self.summarizer.combine(list(level1))
+
+        out, pos = [], 0
+        with self.store.transaction():
+            for record, chunks in zip(records, pieces):
+                self.store.add_turn(record)
+                ids = self.store.add_chunks(record.turn, record.role, chunks, emb[pos : pos + len(chunks)])
+                pos += len(chunks)
+                closed = record.turn in blocks
+                if closed:
+                    self.store.add_summary(SummaryRecord(1, record.turn, blocks[record.turn]))
+                    self.store.add_summary(SummaryRecord(2, record.turn, sos[record.turn]))
+                gone = []
+                if self.forget_every and (record.turn + 1) % self.forget_every == 0:
+                    gone = self._forget_now(record.turn)
+                out.append(Added(record.turn, ids, gone, closed))
+        return out
+
+    def _forget_now(self, now: int) -> list[ForgetRecord]:
+        ids, turns, last = self.store.chunk_state()
+        scores = salience(turns, last, now, lam=self.lam, gamma=self.gamma, beta=self.beta,
+                          window=self.retrieval_window, retrieval_term=self.retrieval_term)
+        drop = forget_choice(ids, turns, scores, self.forget_fraction)
+        if len(drop) == 0:
+            return []
+        texts = {c.id: c.text for c in self.store.chunks([int(ids[i]) for i in drop])}
+        records = [ForgetRecord(int(ids[i]), int(turns[i]), texts[int(ids[i])], float(scores[i]), now) for i in drop]
+        self.store.forget(records)
+        return records
+
+    def forget(self) -> list[ForgetRecord]:
+        """Run one forgetting pass now (at the latest turn); returns what left the index, lowest salience first."""
+        now = self.store.count_turns() - 1
+        if now < 0:
+            return []
+        with self.store.transaction():
+            gone = self._forget_now(now)
+        return sorted(gone, key=lambda r: (r.salience, r.turn, r.chunk_id))
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def summary(self) -> str:
+        """The compact memory: the latest summary of summaries (if any) and the running summary S_t."""
+        last = self.store.recent_turns(1)
+        sos = self.store.summaries(2)
+        parts = [sos[-1].text] if sos else []
+        if last and last[0].summary and last[0].summary not in parts:
+            parts.append(last[0].summary)
+        return " ".join(parts)
+
+    def retrieve(self, query: str, k: int | None = None, *, mark: bool = True) -> list[Retrieved]:
+        """The `k` stored chunks most similar to `query` (cosine), best first; `mark` records them as retrieved
+        now, which protects them in the next forgetting passes (the salience's beta term)."""
+        if not isinstance(query, str) or not query.strip():
+            raise InputError("query is empty; give the question or message to retrieve for")
+        k = self.k if k is None else _check_int("k", k, low=1)
+        q = np.asarray(self.embedder.encode([query]), dtype=np.float32).reshape(-1)  # [dim]
+        hits = self.store.search(q, k)
+        chunks = {c.id: c for c in self.store.chunks([i for i, _ in hits])}
+        found = [Retrieved(i, chunks[i].turn, chunks[i].role, chunks[i].text, s) for i, s in hits if i in chunks]
+        now = self.store.count_turns() - 1
+        if mark and found and now >= 0:
+            with self.store.transaction():
+                self.store.mark_retrieved([r.id for r in found], now)
+        return found
+
+    def _count(self, text: str) -> int:
+        return count_tokens(text, self.tokenizer)
+
+    @staticmethod
+    def render(query: str, *, summary: str | None, retrieved: list[Retrieved], tail: list[TurnRecord],
+               system: str | None = None) -> str:
+        """The prompt text: system line, summary, retrieved chunks, recent turns, then the current message."""
+        parts = [system.strip()] if system else []
+        if summary:
+            parts.append(f"Summary of the conversation: {summary}")
+        if retrieved:
+            parts.append("Earlier messages that may be relevant:\n" +
+                         "\n".join(f"- (turn {r.turn}, {r.role}) {r.text}" for r in retrieved))
+        if tail:
+            parts.append("Most recent messages:\n" + "\n".join(f"{t.role}: {t.text}" for t in tail))
+        parts.append(f"Current message: {query.strip()}")
+        return "\n\n".join(parts)
+
+    def prompt(self, query: str, budget: int, *, k: int | None = None, tail_turns: int | None = None,
+               use_summary: bool = True, system: str | None = None, mark: bool = True) -> Prompt:
+        """HEMA's prompt for `query` in at most `budget` tokens.
+
+        Filled in order while each part fits: the query (required), the compact summary (`use_summary`), the
+        last `tail_turns` turns (newest first, stopping at the first that does not fit, so the tail has no
+        gaps; shown oldest first), then up to `k` retrieved chunks in cosine order, skipping any that do not
+        fit or that come from a turn already in the tail. ``k=0`` retrieves nothing (a summary-only or
+        recent-turns-only prompt). Counts with the memory's `tokenizer`, else `count_tokens`'s fallback.
+        """
+        if not isinstance(query, str) or not query.strip():
+            raise InputError("query is empty; give the question or message to build the prompt for")
+        budget = _check_int("budget", budget, low=1)
+        k = self.k if k is None else _check_int("k", k, low=0)
+        tail_n = self.tail_turns if tail_turns is None else _check_int("tail_turns", tail_turns, low=0)
+        state = {"summary": None, "retrieved": [], "tail": []}
+
+        def fits(**change) -> bool:
+            trial = {**state, **change}
+            return self._count(self.render(query, system=system, **trial)) <= budget
+
+        need = self._count(self.render(query, system=system, **state))
+        if need > budget:
+            raise InputError(f"budget {budget} tokens is smaller than the message alone needs ({need}); "
+                             "raise the budget or shorten the message")
+        if use_summary:
+            compact = self.summary()
+            if compact and fits(summary=compact):
+                state["summary"] = compact
+        if tail_n:
+            for turn in reversed(self.store.recent_turns(tail_n)):
+                if not fits(tail=[turn] + state["tail"]):
+                    break
+                state["tail"] = [turn] + state["tail"]
+        left_out = 0
+        if k:
+            in_tail = {t.turn for t in state["tail"]}
+            for r in self.retrieve(query, k, mark=mark):
+                if r.turn in in_tail:
+                    continue
+                if fits(retrieved=state["retrieved"] + [r]):
+                    state["retrieved"] = state["retrieved"] + [r]
+                else:
+                    left_out += 1
+        text = self.render(query, system=system, **state)
+        return Prompt(text, self._count(text), budget, state["summary"], state["retrieved"], state["tail"],
+                      query.strip(), left_out)
+
+    def stats(self) -> dict:
+        """Counts and settings: turns, chunks in the index, forgotten chunks, summaries, embedder, file size."""
+        path = getattr(self.store, "path", None)
+        return {
+            "store": str(path) if path is not None else type(self.store).__name__,
+            "bytes": sum(p.stat().st_size for p in [path, path.with_name(path.name + "-wal")] if p and p.exists())
+            if path is not None else None,
+            "turns": self.store.count_turns(),
+            "chunks": self.store.count_chunks(),
+            "forgotten": len(self.store.forgotten()),
+            "block_summaries": len(self.store.summaries(1)),
+            "embedder": self.embedder.name,
+            "dim": int(self.embedder.dim),
+            "summary": self.summary(),
+            "forgetting": {"lam": self.lam, "gamma": self.gamma, "beta": self.beta, "window": self.retrieval_window,
+                           "retrieval_term": self.retrieval_term, "every": self.forget_every,
+                           "fraction": self.forget_fraction},
+        }
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

