@@ -202,8 +202,8 @@ def retrieval_script(docs: list[dict], facts: list[Fact], turns: int, asks: int,
     for f_i, fact in enumerate(facts):
         while True:
             p = int(rng.integers(0, int(turns * 0.9)))
-            later = rng.integers(p + 1, turns, size=asks * 4)
-            qs = sorted({int(q) for q in later if q not in slots and q != p})[:asks]
+            later = [int(q) for q in rng.integers(p + 1, turns, size=asks * 4)]  # uniform over the later turns
+            qs = list(dict.fromkeys(q for q in later if q not in slots))[:asks]  # the first distinct free ones
             if p not in slots and len(qs) == asks:
                 break
         slots[p] = ("fact", f"{fact.statement} Anyway, how is your week going?", f_i)
@@ -219,13 +219,18 @@ def retrieval_script(docs: list[dict], facts: list[Fact], turns: int, asks: int,
     return events
 
 
-def run_retrieval(events, facts, embedder, *, forgetting: bool, folder: Path, latency_queries: list[str]) -> dict:
-    import torch
+VARIANTS = {  # name -> (label, Memory options)
+    "keep": ("off", dict(forget_every=0)),
+    "forget": ("on, HEMA defaults (0.5% / 100 turns)", dict(forget_every=100)),
+    "forget-1pct": ("on, 1% / 100 turns", dict(forget_every=100, forget_fraction=0.01)),
+    "forget-printed": ("on, paper's printed beta*(1-delta)", dict(forget_every=100, retrieval_term="not_retrieved")),
+}
 
-    torch.set_num_threads(1)
-    path = folder / f"retrieval-{'forget' if forgetting else 'keep'}.db"
-    m = Memory(path, embedder=embedder, forget_every=100 if forgetting else 0, synchronous="normal",
-               chunk_words=CHUNK_WORDS)
+
+def run_retrieval(events, facts, embedder, *, name: str, folder: Path) -> tuple[dict, Memory]:
+    """Play the conversation into a fresh memory; the rank of the fact's chunk at every ask and at the end."""
+    m = Memory(folder / f"retrieval-{name}.db", embedder=embedder, synchronous="normal", chunk_words=CHUNK_WORDS,
+               **VARIANTS[name][1])
     fact_chunk: dict[int, int] = {}
     ranks = []  # (fact, planted turn, asked turn, rank or None)
     planted: dict[int, int] = {}
@@ -242,47 +247,69 @@ def run_retrieval(events, facts, embedder, *, forgetting: bool, folder: Path, la
         if kind == "fact":
             assert len(added.chunk_ids) == 1
             fact_chunk[f_i], planted[f_i] = added.chunk_ids[0], t
-        if (t + 1) % 1000 == 0:
-            print(f"  retrieval ({'forget' if forgetting else 'keep'}): turn {t + 1}, "
-                  f"{m.store.count_chunks()} chunks, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        if (t + 1) % 2000 == 0:
+            print(f"  retrieval ({name}): turn {t + 1}, {m.store.count_chunks()} chunks, "
+                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     final = []
     for f_i, fact in enumerate(facts):
         ids = [h.id for h in m.retrieve(fact.question, k=50, mark=False)]
         final.append(ids.index(fact_chunk[f_i]) + 1 if fact_chunk[f_i] in ids else None)
-
-    # latency on the final store, one thread
-    qvecs = embedder.encode(latency_queries)  # [q, dim]
-    store = m.store
-    store.search(qvecs[0], 50)  # load the index
-    search_ms = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for q in qvecs:
-            store.search(q, 50)
-        search_ms.append(1000 * (time.perf_counter() - t0) / len(qvecs))
-    full_ms = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        for q in latency_queries:
-            m.retrieve(q, k=50, mark=False)
-        full_ms.append(1000 * (time.perf_counter() - t0) / len(latency_queries))
+    facts_gone = {r.chunk_id for r in m.store.forgotten()} & set(fact_chunk.values())
     out = {
-        "forgetting": forgetting,
-        "chunks_final": store.count_chunks(),
-        "forgotten": len(store.forgotten()),
-        "facts_forgotten": sum(1 for r in store.forgotten() if r.chunk_id in set(fact_chunk.values())),
+        "label": VARIANTS[name][0],
+        "chunks_final": m.store.count_chunks(),
+        "forgotten": len(m.store.forgotten()),
+        "facts_forgotten": len(facts_gone),
         "at_ask": metrics([r[3] for r in ranks]),
         "at_ask_by_gap": {
-            name: metrics([r[3] for r in ranks if lo <= r[2] - r[1] < hi])
-            for name, lo, hi in (("gap<1000", 0, 1000), ("1000<=gap<5000", 1000, 5000), ("gap>=5000", 5000, 10**9))
+            gap: metrics([r[3] for r in ranks if lo <= r[2] - r[1] < hi])
+            for gap, lo, hi in (("gap<1000", 0, 1000), ("1000<=gap<5000", 1000, 5000), ("gap>=5000", 5000, 10**9))
         },
         "at_end": metrics(final),
-        "search_ms_median": statistics.median(search_ms),
-        "search_ms_runs": search_ms,
-        "retrieve_ms_median": statistics.median(full_ms),
         "build_seconds": time.perf_counter() - start,
     }
-    m.close()
+    return out, m
+
+
+def measure_latency(memories: dict[str, Memory], queries: list[str], embedder, *, rounds: int = 7) -> dict:
+    """Median ms per query of the index search (vector given, top 50) and of ``Memory.retrieve`` (k=50), the
+    variants interleaved round by round so load on the machine falls on all of them alike."""
+    qvecs = embedder.encode(queries)  # [q, dim]
+    names = list(memories)
+    search = {n: [] for n in names}
+    full = {n: [] for n in names}
+    for n in names:
+        memories[n].store.search(qvecs[0], 50)  # load each index once
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            store = memories[n].store
+            t0 = time.perf_counter()
+            for q in qvecs:
+                store.search(q, 50)
+            search[n].append(1000 * (time.perf_counter() - t0) / len(qvecs))
+    for r in range(2):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            for q in queries:
+                memories[n].retrieve(q, k=50, mark=False)
+            full[n].append(1000 * (time.perf_counter() - t0) / len(queries))
+    out = {n: {"search_ms_median": statistics.median(search[n]), "search_ms_runs": search[n],
+               "retrieve_ms_median": statistics.median(full[n]), "index_size": memories[n].store.index_size()}
+           for n in names}
+    # the same scan on random unit matrices of each size: what the size alone costs on this machine (the scan
+    # is memory-bound, so a matrix that stops fitting the cache costs more than its share)
+    rng = np.random.default_rng(0)
+    for n in names:
+        rows = out[n]["index_size"]
+        mat = rng.standard_normal((rows, embedder.dim)).astype(np.float32)  # [rows, dim]
+        q = rng.standard_normal(embedder.dim).astype(np.float32)  # [dim]
+        runs = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(len(qvecs)):
+                mat @ q
+            runs.append(1000 * (time.perf_counter() - t0) / len(qvecs))
+        out[n]["random_matvec_ms_median"] = statistics.median(runs)
     return out
 
 
@@ -367,26 +394,35 @@ def write_markdown(data: dict, path: Path) -> None:
              "one thread. How each number was made: the docstring of bench/memory.py.", ""]
     r = data.get("retrieval")
     if r:
-        keep, forget = r["keep"], r["forget"]
-        lines += [f"## Retrieval: {r['turns']}-turn store, {r['facts']} planted facts, {r['asks']} asks each", "",
+        v = r["variants"]
+        lines += [f"## Retrieval: {r['turns']}-turn store, {r['facts']} planted facts, each asked {r['asks']} times", "",
                   "| forgetting | chunks at end | forgotten (facts) | hit@5 | P@5 | R@50 | MRR | R@50 at end | search ms | retrieve ms |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for name, x in (("off", keep), ("on (HEMA defaults)", forget)):
-            a = x["at_ask"]
-            lines.append(f"| {name} | {x['chunks_final']} | {x['forgotten']} ({x['facts_forgotten']}) | {_f(a['hit_at_5'])} | "
-                         f"{_f(a['precision_at_5'])} | {_f(a['recall_at_50'])} | {_f(a['mrr_at_50'])} | "
-                         f"{_f(x['at_end']['recall_at_50'])} | {_f(x['search_ms_median'], 3)} | {_f(x['retrieve_ms_median'], 2)} |")
-        lines += ["", "At-ask metrics by the gap between planting and asking (forgetting off / on):", "",
-                  "| gap (turns) | asks | R@50 off | R@50 on | hit@5 off | hit@5 on |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for gap in keep["at_ask_by_gap"]:
-            k_, f_ = keep["at_ask_by_gap"][gap], forget["at_ask_by_gap"][gap]
-            if k_.get("n"):
-                lines.append(f"| {gap} | {k_['n']} | {_f(k_['recall_at_50'])} | {_f(f_['recall_at_50'])} | "
-                             f"{_f(k_['hit_at_5'])} | {_f(f_['hit_at_5'])} |")
+        for x in v.values():
+            a_ = x["at_ask"]
+            lines.append(f"| {x['label']} | {x['chunks_final']} | {x['forgotten']} ({x['facts_forgotten']}) | "
+                         f"{_f(a_['hit_at_5'])} | {_f(a_['precision_at_5'])} | {_f(a_['recall_at_50'])} | "
+                         f"{_f(a_['mrr_at_50'])} | {_f(x['at_end']['recall_at_50'])} | {_f(x.get('search_ms_median'), 3)} | "
+                         f"{_f(x.get('retrieve_ms_median'), 2)} |")
+        lines += ["", "hit@5, P@5, R@50, MRR: at the moment each question is asked; R@50 at end: every fact asked again "
+                  "after the last turn. search ms: the index scan alone (top 50); retrieve ms: `Memory.retrieve` with "
+                  "the MiniLM query embedding; matvec ms: a random float32 matrix of the same size times a vector "
+                  "(what the size alone costs here).", "",
+                  "| forgetting | index size | matvec ms |", "| --- | ---: | ---: |"]
+        lines += [f"| {x['label']} | {x.get('index_size', '')} | {_f(x.get('random_matvec_ms_median'), 3)} |"
+                  for x in v.values()]
+        lines += ["",
+                  "R@50 at ask time by the gap between planting and asking:", "",
+                  "| gap (turns) | asks | " + " | ".join(x["label"] for x in v.values()) + " |",
+                  "| --- | ---: | " + " | ".join("---:" for _ in v) + " |"]
+        for gap in v["keep"]["at_ask_by_gap"]:
+            cells = [v[n]["at_ask_by_gap"][gap] for n in v]
+            if cells[0].get("n"):
+                lines.append(f"| {gap} | {cells[0]['n']} | " + " | ".join(_f(c["recall_at_50"]) for c in cells) + " |")
         t = r["targets"]
-        lines += ["", f"Forgetting: search latency {100 * t['latency_cut']:+.1f}% (target <= -25%), R@50 at ask "
-                  f"{100 * t['recall_drop_points']:+.1f} points (target >= -3): "
-                  f"{'met' if t['latency_met'] else 'missed'} / {'met' if t['recall_met'] else 'missed'}.", ""]
+        lines += ["", f"HEMA defaults vs no forgetting: search latency {100 * t['latency_cut']:+.1f}% (target <= -25%: "
+                  f"{'met' if t['latency_met'] else 'missed'}), R@50 at ask {100 * t['recall_drop_points']:+.1f} points "
+                  f"(target >= -3: {'met' if t['recall_met'] else 'missed'}).", ""]
     a = data.get("answers")
     if a:
         lines += [f"## Answers: SmolLM2-135M-Instruct, {a['turns']}-turn conversation, {a['questions']} questions, "
@@ -451,12 +487,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hema-bench-") as tmp:
         folder = Path(tmp)
         if args.only in (None, "retrieval"):
-            keep = run_retrieval(events, facts, embedder, forgetting=False, folder=folder, latency_queries=latency_queries)
-            forget = run_retrieval(events, facts, embedder, forgetting=True, folder=folder, latency_queries=latency_queries)
+            results, memories = {}, {}
+            for name in VARIANTS:
+                results[name], memories[name] = run_retrieval(events, facts, embedder, name=name, folder=folder)
+            for name, lat in measure_latency(memories, latency_queries, embedder).items():
+                results[name].update(lat)
+            for m in memories.values():
+                m.close()
+            keep, forget = results["keep"], results["forget"]
             cut = forget["search_ms_median"] / keep["search_ms_median"] - 1
             drop = forget["at_ask"]["recall_at_50"] - keep["at_ask"]["recall_at_50"]
-            data["retrieval"] = {"turns": args.turns, "facts": len(facts), "asks": args.asks, "keep": keep,
-                                 "forget": forget,
+            data["retrieval"] = {"turns": args.turns, "facts": len(facts), "asks": args.asks, "variants": results,
                                  "targets": {"latency_cut": cut, "recall_drop_points": drop,
                                              "latency_met": cut <= -0.25, "recall_met": drop >= -0.03}}
             _save(data, json_path, out_dir)

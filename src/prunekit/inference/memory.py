@@ -229,7 +229,12 @@ class Memory:
                 raise InputError(f"summarizer {self.summarizer!r} lacks {attr}(); see prunekit.inference.memory_summary")
         self.tokenizer = tokenizer
         self.store = store if store is not None else SQLiteStore(path, synchronous=synchronous)
-        self.store.check_embedder(self.embedder.name, int(self.embedder.dim))
+        try:
+            self.store.check_embedder(self.embedder.name, int(self.embedder.dim))
+        except BaseException:
+            if store is None:
+                self.store.close()
+            raise
 
     # -- writing -------------------------------------------------------------------------------------------
     @staticmethod
@@ -416,10 +421,10 @@ class Memory:
     def stats(self) -> dict:
         """Counts and settings: turns, chunks in the index, forgotten chunks, summaries, embedder, file size."""
         path = getattr(self.store, "path", None)
+        files = [path, path.with_name(path.name + "-wal")] if path is not None else []
         return {
             "store": str(path) if path is not None else type(self.store).__name__,
-            "bytes": sum(p.stat().st_size for p in [path, path.with_name(path.name + "-wal")] if p and p.exists())
-            if path is not None else None,
+            "bytes": sum(f.stat().st_size for f in files if f.exists()) if files else None,
             "turns": self.store.count_turns(),
             "chunks": self.store.count_chunks(),
             "forgotten": len(self.store.forgotten()),
