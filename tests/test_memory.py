@@ -391,6 +391,18 @@ def test_cli_add_ask_stats_and_exit_codes(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["turns"] == 6  # the refused commands changed nothing
 
 
+def test_cli_ask_answers_with_a_model(tmp_path, capsys, model_dir, tok):
+    db = str(tmp_path / "chat.db")
+    assert main(["memory", "add", "--store", db, "--embedder", "hash", "My locker code is 4417."]) == 0
+    capsys.readouterr()
+    assert main(["memory", "ask", "--store", db, "locker code?", "--model", str(model_dir), "--budget", "200",
+                 "--max-new-tokens", "4", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert isinstance(got["answer"], str)
+    assert got["tokens"] == len(tok(got["prompt"], add_special_tokens=False)["input_ids"]) <= 200  # model's tokenizer
+    assert main(["memory", "ask", "--store", db, "locker code?", "--model", str(tmp_path / "nope")]) == 2
+
+
 # -- the real embedder ---------------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_minilm_offline_ranks_paraphrase_first(monkeypatch):
