@@ -422,7 +422,11 @@ def write_markdown(data: dict, path: Path) -> None:
         t = r["targets"]
         lines += ["", f"HEMA defaults vs no forgetting: search latency {100 * t['latency_cut']:+.1f}% (target <= -25%: "
                   f"{'met' if t['latency_met'] else 'missed'}), R@50 at ask {100 * t['recall_drop_points']:+.1f} points "
-                  f"(target >= -3: {'met' if t['recall_met'] else 'missed'}).", ""]
+                  f"(target >= -3: {'met' if t['recall_met'] else 'missed'}).", "",
+                  f"The index is {100 * (1 - v['forget']['chunks_final'] / v['keep']['chunks_final']):.0f}% smaller; "
+                  "the scan is memory-bound, so time falls faster than size where the smaller matrix fits the cache "
+                  "better (the matvec column shows the same on random matrices). The machine was shared (2 cores, other "
+                  "jobs running): equal-size rows differ by up to a third, so read the latencies as rough.", ""]
     a = data.get("answers")
     if a:
         lines += [f"## Answers: SmolLM2-135M-Instruct, {a['turns']}-turn conversation, {a['questions']} questions, "
@@ -432,6 +436,12 @@ def write_markdown(data: dict, path: Path) -> None:
                             ("hema", "(c) HEMA: summary + retrieved + last 2 turns")):
             c = a["conditions"][name]
             lines.append(f"| {label} | {_f(c['accuracy'])} | {_f(c['fact_in_prompt'])} | {c['mean_tokens']:.0f} |")
+        head = lambda reply: reply.strip()[:40].lower()  # noqa: E731
+        copies = {c: sum(1 for row in a["rows"] if head(row[c]["reply"]) and head(row[c]["reply"]) in
+                         a["compact_summary"].lower()) for c in ("summary_only", "hema")}
+        lines += ["", f"Replies that repeat the compact summary (their first 40 characters are in it): summary only "
+                  f"{copies['summary_only']}/{a['questions']}, HEMA {copies['hema']}/{a['questions']}. \"Fact in "
+                  "prompt\": the planted sentence was in the prompt the model saw."]
         acc = {k: v["accuracy"] for k, v in a["conditions"].items()}
         met = acc["hema"] > acc["recent_turns"] and acc["hema"] > acc["summary_only"]
         lines += ["", f"Target (HEMA beats (a) and (b)): {'met' if met else 'missed'}. "

@@ -37,6 +37,11 @@ Departures from the paper, and why:
   is written to an audit table (id, turn, text, salience, pass), so nothing is dropped silently.
 - A turn and everything it triggers (chunks, summaries, a forgetting pass) are one store transaction.
 
+Measured (bench/memory.py, MiniLM, a 10,000-turn store with 125 planted facts each asked twice later): the
+paper's forgetting defaults leave 7,884 chunks, cut the index scan's time by about a third, and lower recall@50
+at question time from 1.00 to 0.87; the losses are all facts asked more than 1,000 turns after they were said
+(0.48 beyond 5,000), because salience ranks every chunk not retrieved in the last 100 turns by its age alone.
+
 Example (no model needed):
 
 >>> import tempfile, os
