@@ -22,9 +22,10 @@ Two parts, both with all-MiniLM-L6-v2 embeddings and the extractive summarizer (
    (c) HEMA's prompt (summary + top-5 retrieved chunks + the last 2 turns).
 
 MiniLM embeddings are cached per text (sha1 of the text) in ``$PRUNEKIT_CACHE/bench/memory_minilm.npz``;
-the first run embeds ~10.5k texts (about 15 minutes on one thread).
+the first run embeds ~11.5k texts (11 minutes on one thread of a shared 2-core machine). There, the retrieval
+part took ~12 minutes (four variants) and the answers part ~40 (about 18 s per question for its three prompts).
 
-    python bench/memory.py                       # both parts (~35 min on one thread the first time)
+    python bench/memory.py                       # both parts (~1 hour the first time, one thread)
     python bench/memory.py --only retrieval      # or answers
     python bench/memory.py --tiny --out /tmp/x   # smoke test: hash embedder, small sizes
 
