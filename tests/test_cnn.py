@@ -95,13 +95,16 @@ def test_closed_form_equals_least_squares_on_sampled_gaussian_activations(bits):
     w1 = net.conv1.weight.detach()
     q1 = udfc.quantize_weight(w1, bits) if bits else w1
     keep = torch.tensor([True, False, True, True, False, True])
-    m, t = udfc.compensation(w1, q1, net.bn1, keep, ridge=0.0)
+    m, t = udfc.compensation(w1, q1, net.bn1, keep, intercept=True, ridge=0.0)
     a, aq = _gaussian_activations(w1, q1, net.bn1, keep, n=400_000)
     design = torch.cat([aq, torch.ones(len(aq), 1, dtype=aq.dtype)], 1)  # [n, K+1]
     sol = torch.linalg.lstsq(design, a).solution.T  # [C, K+1]
     torch.testing.assert_close(m, sol[:, :-1], atol=2e-2, rtol=0)
     torch.testing.assert_close(t, sol[:, -1], atol=2e-2, rtol=0)
     assert m.abs().max() > 0.1  # not a trivial solution
+    m_lin, t_lin = udfc.compensation(w1, q1, net.bn1, keep, ridge=0.0)  # the default: no intercept
+    torch.testing.assert_close(m_lin, torch.linalg.lstsq(aq, a).solution.T, atol=2e-2, rtol=0)
+    assert not t_lin.any()
 
 
 def test_relu_moments_match_monte_carlo():
@@ -138,8 +141,11 @@ def test_pruning_error_falls_with_compensation():
     errs = {m: 0.0 for m in udfc.METHODS}
     for seed in range(3):
         net, x = calibrated_pair(seed=seed, cin=6, mid=12, cout=8)
-        for method in errs:
+        for method in udfc.METHODS:
             errs[method] += _output_error(net, udfc.compress(net, ratio=0.5, method=method), x)
+        errs.setdefault("udfc+intercept", 0.0)
+        errs["udfc+intercept"] += _output_error(net, udfc.compress(net, ratio=0.5, intercept=True), x)
+    assert errs["udfc+intercept"] < 0.8 * errs["none"], errs
     assert errs["udfc"] < 0.8 * min(errs["merge"], errs["none"]), errs  # random filters: merging can hurt
 
 
@@ -233,9 +239,9 @@ def test_trp_plugs_into_prunekit_train_and_decomposes():
 
     torch.manual_seed(0)
     model = resnet.ResNet(widths=(4, 8, 8), blocks=1)
-    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
     cb = trp.TRP(model, period=2, energy=0.8, nuclear=1e-3)
-    tr.train(model, x, y, epochs=2, batch_size=16, lr=0.05, callbacks=[cb], progress=False)
+    tr.train(model, x, y, epochs=2, batch_size=8, lr=0.05, callbacks=[cb], progress=False)
     assert cb.substitutions == 4  # steps 0, 2, 4, 6 of 8
     cb.on_batch_start(0)  # make the weights exactly low-rank, then the decomposition must be exact
     ref = model(x[:8])

@@ -31,8 +31,9 @@ Departures from the reference code, and why:
   separate script and not what TRP does.
 - Decomposition works for any stride, padding and dilation (the reference decomposes stride-1 convs only and
   hard-codes padding 1): the first factor keeps the stride/padding/dilation of its axis, the second the other.
-- The final ranks default to the energy threshold used during training (``energy=e``); the reference picks
-  them with a value threshold (keep ``s_j >= 0.05``), which `decompose` also offers (``value=``).
+- The final ranks default to those of the last substitution (the weights were exactly that rank a few steps
+  earlier); the reference picks them with a value threshold (keep ``s_j >= 0.05``), which `decompose` also
+  offers (``value=``), as it offers a fresh energy threshold (``energy=``).
 - The baseline (`energy_for_flops`): a normally trained network decomposed with one energy threshold for all
   layers, found by bisection so that the whole network's FLOPs do not exceed a budget (e.g. TRP's).
 
@@ -202,8 +203,14 @@ class TRP:
                 conv.weight.grad.add_(self._sub[name], alpha=self.nuclear)
 
     def decompose(self, *, energy: float | None = None, value: float | None = None) -> dict[str, int]:
-        """Split every TRP layer into two thin convs (default ranks: energy threshold e); returns the ranks."""
+        """Split every TRP layer into two thin convs, in place; returns ``{name: rank}``.
+
+        Default ranks: those of the last substitution (the weights have only drifted since; before any
+        substitution, the energy threshold e). ``energy=`` or ``value=`` choose them afresh instead.
+        """
         if energy is None and value is None:
+            if self.ranks:
+                return decompose(self.model, scheme=self.scheme, ranks=self.ranks)
             energy = self.energy
         return decompose(self.model, layers=list(self.layers), scheme=self.scheme, energy=energy, value=value)
 
@@ -295,8 +302,8 @@ def decompose(model: nn.Module, *, layers=None, scheme: str = "channel", energy:
     """Replace each layer (default `eligible_convs`) by two thin convs, in place; returns ``{name: rank}``.
 
     Ranks come from exactly one of: ``energy`` (fraction of singular-value energy kept), ``value`` (keep
-    singular values >= value, the reference's post-TRP rule) or ``ranks`` ({name: rank}). A layer whose rank
-    would not reduce its FLOPs is decomposed anyway only if ``ranks`` asks for it; otherwise it is left whole.
+    singular values >= value, the reference's post-TRP rule) or ``ranks`` ({name: rank}). A layer whose two
+    thin convs would cost as many FLOPs as the one is left whole (and not in the returned dict).
     """
     _check_scheme(scheme)
     if sum(x is not None for x in (energy, value, ranks)) != 1:
@@ -310,7 +317,7 @@ def decompose(model: nn.Module, *, layers=None, scheme: str = "channel", energy:
     done = {}
     for name, conv in chosen.items():
         r = int(got[name])
-        if ranks is None and not _worth(conv, r, scheme):
+        if not _worth(conv, r, scheme):
             continue  # two thin convs would cost as much as the one
         install_lowrank(model, name, rank=r, scheme=scheme, module=decompose_conv(conv, rank=r, scheme=scheme))
         done[name] = r

@@ -15,7 +15,7 @@ computes ``Z = W2 * a`` with ``W2 [N, C, k, k]``. Compression removes the channe
 replaces conv1's kept filters ``w_k`` by their k-bit quantization ``q_k``, giving ``ã_k``.
 
 Reconstruction form. Each original channel is rebuilt from the kept, damaged channels:
-``a_c ~ sum_k M[c, k] ã_k + t_c``. Because a channel mix commutes with the spatial convolution,
+``a_c ~ sum_k M[c, k] ã_k (+ t_c, optional)``. Because a channel mix commutes with the spatial convolution,
 ``W2 * a ~ (W2 M) * ã + W2 * t``, i.e. the compensated conv2 has input weights
 ``W2'[n, k] = sum_c W2[n, c] M[c, k]`` and the constant ``d_n = sum_{c,i,j} W2[n, c, i, j] t_c`` moves into
 bn2's running mean (``mu2 <- mu2 - d``) or conv2's bias.
@@ -24,7 +24,7 @@ Error and closed form. Treating positions independently, the error of Z is
 ``E || W2 (a - M ã - t) ||^2 = tr(W2^T W2 E[r r^T])`` with ``r = a - M ã - t``. Its gradient in (M, t) vanishes
 where ``E[r ã^T] = 0`` and ``E[r] = 0`` for every W2, so the minimiser does not depend on W2:
 
-    [M t] = E[a ã~^T] E[ã~ ã~^T]^-1,     ã~ = [ã; 1]       (ridge alpha * mean diag added, default 1e-6)
+    M = E[a ã^T] E[ã ã^T]^-1     (with t: [M t] = E[a ã~^T] E[ã~ ã~^T]^-1, ã~ = [ã; 1]; ridge 1e-6 * mean diag)
 
 Data-free moments. Take conv1's input patches white, ``x ~ N(m, s^2 I)``; then ``(u_c - mu_c) / sd_c =
 <w_c / |w_c|, z>`` with ``z ~ N(0, I)`` (the BN statistics give each channel's mean and spread, the filters
@@ -46,7 +46,9 @@ of the folded norms; no quantization compensation).
 
 Departures and choices, and why:
 - The affine term t (absorbed into bn2's running mean, like DFQ's bias correction) extends the paper's
-  linear combination; ``intercept=False`` gives the purely linear form.
+  linear combination; it is off by default (``intercept=True`` turns it on). Measured once on the seed-0
+  testbed at 30% + 6 bits: 88.80% linear vs 88.39% affine (the zero-padded borders and the white-input
+  model make the estimated shift a little wrong), so the default is the paper's purely linear form.
 - Positions are treated as independent (the BN statistics say nothing about spatial correlation).
 - Quantization is per-output-channel symmetric uniform (scale = max|w| / (2^(k-1) - 1)), simulated in fp32.
   Channel scores are filter norms (L2 by default, L1 as an option); ``int(C * ratio)`` channels go per block.
@@ -168,7 +170,7 @@ def relu_moments(mean: torch.Tensor, cov: torch.Tensor) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def compensation(w1: torch.Tensor, q1: torch.Tensor, bn: nn.BatchNorm2d, keep: torch.Tensor, *,
-                 intercept: bool = True, ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                 intercept: bool = False, ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """UDFC's closed form: ``(M [C, K], t [C])`` with ``a ~ M ã_keep + t`` (see the module docstring).
 
     ``w1 [C, ...]`` the original conv1 weights, ``q1 [C, ...]`` the damaged ones (quantized, or equal to w1),
@@ -235,7 +237,7 @@ class CompressResult:
 
 @torch.no_grad()
 def compress(model: nn.Module, *, ratio: float = 0.3, bits: int | None = None, method: str = "udfc",
-             criterion: str = "l2", quantize: str = "all", blocks=None, intercept: bool = True,
+             criterion: str = "l2", quantize: str = "all", blocks=None, intercept: bool = False,
              ridge: float = 1e-6) -> CompressResult:
     """Prune `ratio` of conv1's output channels in every pair and/or quantize to `bits`, then compensate.
 
