@@ -16,6 +16,9 @@ Rows (each seed is a separately trained testbed; the table gives mean +- std ove
     python bench/cnn_compression.py                  # everything, resumable (rows are cached in the JSON)
     python bench/cnn_compression.py --seeds 1        # seed 0 only
     python bench/cnn_compression.py --only udfc      # one section: udfc or trp
+    python bench/cnn_compression.py --only trp --seed-from 2 --out part2.json   # one seed in another process,
+    python bench/cnn_compression.py --merge part2.json                          # ... merged afterwards
+    python bench/cnn_compression.py --retime         # all CPU times again, interleaved (after everything)
 
 Writes bench/results/cnn_compression.json (``{"rows": [{"method", "setting", "accuracy", "params", "flops",
 "ms_per_batch", ...}], "runs": [...]}``) and bench/results/cnn_compression.md.
@@ -160,7 +163,8 @@ def markdown(data: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="seeds --seed-from .. seeds-1 (default 0, 1, 2)")
+    p.add_argument("--seed-from", type=int, default=0, help="first seed (parallel sections: one process per seed)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the testbed's)")
     p.add_argument("--only", choices=("udfc", "trp"), default=None)
     p.add_argument("--out", default=str(RESULTS / f"{NAME}.json"))
@@ -215,7 +219,7 @@ def main() -> int:
         print(markdown(data))
         return 0
     # order: what the targets need first (seed 0), then the other seeds
-    for seed in range(args.seeds):
+    for seed in range(args.seed_from, args.seeds):
         base = resnet.testbed(seed=seed, epochs=epochs, progress=False, log=log)
         record("unpruned", "fp32", seed, base)
         if args.only in (None, "udfc"):
