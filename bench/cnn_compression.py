@@ -43,6 +43,18 @@ RATIOS, BITS, UDFC_METHODS = (0.3, 0.5), (8, 6, 4), ("udfc", "merge", "none")
 TRP_OPTS = dict(period=20, energy=0.9, nuclear=3e-4, scheme="channel")
 
 
+def trp_setting(energy: float) -> str:
+    return "decomposed" if energy == TRP_OPTS["energy"] else f"decomposed, e={energy:g}"
+
+
+def svd_setting(energy: float) -> str:
+    return "same FLOPs as TRP" if energy == TRP_OPTS["energy"] else f"same FLOPs as TRP e={energy:g}"
+
+
+def setting_energy(setting: str) -> float:
+    return float(setting.split("e=")[1]) if "e=" in setting else TRP_OPTS["energy"]
+
+
 def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
@@ -55,14 +67,14 @@ def measure(model, xte, yte) -> dict:
             "flops": count_flops(model, (1, 28, 28)), "ms_per_batch": ms_per_batch(model, xte[:256], repeats=10)}
 
 
-def trp_model(seed: int, epochs: int):
+def trp_model(seed: int, epochs: int, energy: float = TRP_OPTS["energy"]):
     """TRP-trained and decomposed testbed for `seed`, cached like the testbed."""
     from prunekit import train as tr
     from prunekit import zoo
     from prunekit.cnn import resnet
     from prunekit.cnn.trp import TRP
 
-    o = TRP_OPTS
+    o = dict(TRP_OPTS, energy=energy)
     folder = zoo.cache_dir() / "models" / (f"cnn-trp-{o['scheme']}-p{o['period']}-e{o['energy']}-l{o['nuclear']}"
                                            f"-fmnist-e{epochs}-s{seed}")
     if (folder / "config.json").is_file():
@@ -127,20 +139,24 @@ def targets(rows: list[dict]) -> list[str]:
         out.append(f"- UDFC at 30% + 6 bits: {100 * u['accuracy']:.2f}% vs no compensation {100 * n['accuracy']:.2f}% "
                    f"({du:+.2f} points; target >= +5) and Neuron Merging {100 * m['accuracy']:.2f}% ({dm:+.2f}): "
                    f"**{'met' if ok else 'missed'}**")
-    base, t, s = _find(rows, "unpruned", "fp32"), _find(rows, "TRP", "decomposed"), _find(rows, "SVD after training", "same FLOPs as TRP")
-    if base and t and s:
+    base = _find(rows, "unpruned", "fp32")
+    for t in [r for r in rows if r["method"] == "TRP"]:
+        s = _find(rows, "SVD after training", svd_setting(setting_energy(t["setting"])))
+        if not (base and s):
+            continue
         red = base["flops"] / t["flops"]
         d_base, d_svd = 100 * (t["accuracy"] - base["accuracy"]), 100 * (t["accuracy"] - s["accuracy"])
         ok = red >= 2 and d_base >= -1 and d_svd >= 2
-        out.append(f"- TRP: {red:.2f}x fewer FLOPs, {100 * t['accuracy']:.2f}% vs unpruned {100 * base['accuracy']:.2f}% "
+        out.append(f"- TRP ({t['setting']}, {len(t['seeds'])} seeds): {red:.2f}x fewer FLOPs, {100 * t['accuracy']:.2f}% vs unpruned {100 * base['accuracy']:.2f}% "
                    f"({d_base:+.2f} points; target >= -1) and vs SVD after training {100 * s['accuracy']:.2f}% "
                    f"({d_svd:+.2f}; target >= +2), FLOP target >= 2x: **{'met' if ok else 'missed'}**")
         pts = sorted((r["flops"], r["ms_per_batch"]) for r in (base, t, s))
         mono = all(b[1] >= a[1] for a, b in zip(pts, pts[1:]) if b[0] > a[0])
-        out.append(f"- CPU time vs FLOPs (unpruned / TRP / SVD rows): "
+        out.append(f"- CPU time vs FLOPs (unpruned / TRP {t['setting']} / its SVD rows): "
                    + ", ".join(f"{f / 1e6:.2f} MFLOPs -> {ms:.1f} ms" for f, ms in pts)
                    + f": **{'falls with FLOPs' if mono else 'does not fall monotonically'}**")
-    pr = [(r["flops"], r["ms_per_batch"]) for r in rows if r["method"] == "UDFC" and r["setting"].endswith("8-bit")]
+    pr = [(r["flops"], r["ms_per_batch"]) for r in rows if r["method"] == "UDFC" and r["setting"].endswith("8-bit")
+          and not r["setting"].startswith("0%")]
     if base and pr:
         out.append("- UDFC pruned models (8-bit rows; quantization is simulated in fp32, so bits do not change time): "
                    + ", ".join(f"{f / 1e6:.2f} MFLOPs -> {ms:.1f} ms" for f, ms in sorted(pr))
@@ -167,6 +183,8 @@ def main() -> int:
     p.add_argument("--seed-from", type=int, default=0, help="first seed (parallel sections: one process per seed)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the testbed's)")
     p.add_argument("--only", choices=("udfc", "trp"), default=None)
+    p.add_argument("--trp-energy", type=float, default=TRP_OPTS["energy"],
+                   help="TRP's energy threshold for this run's TRP rows (default 0.9; others get their own rows)")
     p.add_argument("--out", default=str(RESULTS / f"{NAME}.json"))
     p.add_argument("--retime", action="store_true",
                    help="re-measure CPU time of every distinct architecture round-robin (fair under a varying load) and exit")
@@ -236,16 +254,17 @@ def main() -> int:
                     if key not in done:
                         record(*key, compress(base, ratio=0.0, bits=bits, method=method).model)
         if args.only in (None, "trp"):
-            if ("TRP", "decomposed", seed) not in done or ("SVD after training", "same FLOPs as TRP", seed) not in done:
-                small, meta = trp_model(seed, epochs)
-                record("TRP", "decomposed", seed, small, accuracy_before_decomposition=meta["accuracy_before_decomposition"])
+            e = args.trp_energy
+            if ("TRP", trp_setting(e), seed) not in done or ("SVD after training", svd_setting(e), seed) not in done:
+                small, meta = trp_model(seed, epochs, e)
+                record("TRP", trp_setting(e), seed, small, accuracy_before_decomposition=meta["accuracy_before_decomposition"])
                 from prunekit.cnn.flops import count_flops
 
                 target = count_flops(small, (1, 28, 28))
                 energy, ranks = energy_for_flops(base, target, scheme=TRP_OPTS["scheme"])
                 svd = _copy(base)
                 decompose(svd, scheme=TRP_OPTS["scheme"], ranks=ranks)
-                record("SVD after training", "same FLOPs as TRP", seed, svd, energy=energy)
+                record("SVD after training", svd_setting(e), seed, svd, energy=energy)
     save(path, data)
     print(markdown(data))
     return 0
@@ -269,9 +288,9 @@ def retime(data: dict, epochs: int, xte, rounds: int = 15) -> None:
             if key not in models:
                 models[key] = compress(resnet.testbed(seed=seed, epochs=epochs), ratio=ratio).model
         else:
-            key = f"{r['method']} seed {seed}"
+            key = f"{r['method']} {r['setting']} seed {seed}"
             if key not in models:
-                small, _ = trp_model(seed, epochs)
+                small, _ = trp_model(seed, epochs, setting_energy(r["setting"]))
                 if r["method"] == "TRP":
                     models[key] = small
                 else:
