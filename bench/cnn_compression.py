@@ -215,7 +215,8 @@ def main() -> int:
     data["setup"] = (f"Testbed: ResNet-20 widths 16/32/64 with a stride-2 stem, {epochs} epochs of SGD (lr 0.1 cosine, "
                      "batch 128, wd 5e-4) on the 60k training images per seed; accuracy on the 10k test images. "
                      "UDFC and its baselines use no data and no fine-tuning; quantization is per-channel uniform on "
-                     f"every Conv2d/Linear. TRP: {TRP_OPTS}, decomposed at the ranks of its last substitution; "
+                     f"every Conv2d/Linear. TRP: {TRP_OPTS} (rows marked e=0.93: energy 0.93, else the same), trained "
+                     "from scratch with the testbed recipe and decomposed at the ranks of its last substitution; "
                      "SVD baseline: the same seed's normally trained testbed decomposed (channel scheme) at one energy "
                      "threshold bisected to TRP's FLOPs. CPU: median of 10 forward passes, batch 256, 1 thread, "
                      f"{platform.processor() or platform.machine()}, torch {torch.__version__}.")
