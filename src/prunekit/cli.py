@@ -11,11 +11,17 @@ import json
 import platform
 import sys
 import time
+from importlib import import_module
 from pathlib import Path
 
-from prunekit.inference import memory_cli
-
 __all__ = ["main"]
+
+# Commands whose argparse and dispatch live in their own module (``add_parser(sub)``, ``run(args)``).
+_MODULES = {
+    "data": "prunekit.data.cli",
+    "cnn": "prunekit.cnn.cli",
+    "memory": "prunekit.inference.memory_cli",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,10 +69,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list every registered method")
 
-    from prunekit.data import cli as data_cli
-
-    data_cli.add_parser(sub)
-    memory_cli.add_parser(sub)
+    for module in _MODULES.values():
+        import_module(module).add_parser(sub)
     return p
 
 
@@ -214,11 +218,9 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        if args.command == "data":
-            from prunekit.data import cli as data_cli
-
-            return data_cli.run(args)
-        return {"prune": _cmd_prune, "eval": _cmd_eval, "methods": _cmd_methods, "memory": memory_cli.run}[args.command](args)
+        if args.command in _MODULES:
+            return import_module(_MODULES[args.command]).run(args)
+        return {"prune": _cmd_prune, "eval": _cmd_eval, "methods": _cmd_methods}[args.command](args)
     except InputError as e:
         print(f"prunekit: error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from prunekit.errors import InputError
+from prunekit.cnn import trp, udfc
 from prunekit.data.methods import confident, el2n, forgetting, grand, prototypes
 from prunekit.weights.methods import armor, dpruner, dsnot, magnitude, sparsegpt, wanda
 
@@ -19,7 +20,7 @@ __all__ = ["MethodSpec", "METHODS", "get", "names"]
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    domain: str  # "weights" | "data" | "inference"
+    domain: str  # "weights" | "data" | "inference" | "cnn"
     paper: str
     url: str
     summary: str
@@ -100,6 +101,16 @@ METHODS: dict[str, MethodSpec] = {
             "prototypes", "data", "Sorscher et al. 2022, Beyond neural scaling laws: beating power law scaling via data pruning",
             "https://arxiv.org/abs/2206.14486", "cosine distance to the nearest k-means centroid of an embedding",
             fn=prototypes.prototype_distance,
+        ),
+        MethodSpec(
+            "udfc", "cnn", "Bai et al. 2023, Unified Data-Free Compression: Pruning and Quantization without Fine-Tuning",
+            "https://arxiv.org/abs/2308.07209", "prune conv channels / quantize, compensate the next conv in closed form "
+            "from BN statistics (no data)", fn=udfc.compress,
+        ),
+        MethodSpec(
+            "trp", "cnn", "Xu et al. 2020, Trained Rank Pruning for Efficient Deep Neural Networks",
+            "https://arxiv.org/abs/1812.02402", "truncated-SVD substitution + nuclear norm every m training steps, "
+            "then two thin convs per layer", fn=trp.TRP,
         ),
     )
 }

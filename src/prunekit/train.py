@@ -2,7 +2,10 @@
 
 - `small_cnn`, `mlp`: builtin classifiers small enough to train on a CPU (28x28 images, flat features).
 - `train`: minibatch SGD (Nesterov momentum, weight decay, cosine learning-rate decay to 0), seeded shuffles,
-  an `on_step` callback that sees every minibatch's logits and an `on_epoch` callback after every pass.
+  an `on_step` callback that sees every minibatch's logits, an `on_epoch` callback after every pass, and
+  `callbacks`: objects whose `on_batch_start(step, model)` runs before each forward pass and whose
+  `on_after_backward(step, model)` runs between the backward pass and the optimizer step (how a method that
+  edits weights or gradients during training, such as `prunekit.cnn.trp.TRP`, plugs in).
 - `score_runs`: R short runs from different seeds that record Data Diet's EL2N and GraNd at an early epoch and
   Toneva's forgetting events throughout (see `prunekit.data.methods`).
 - `cross_val_probs`: out-of-fold predicted probabilities, the input of Confident Learning.
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,14 +92,17 @@ def _check_xy(x, y) -> tuple[torch.Tensor, torch.Tensor]:
 def train(model: nn.Module, x: torch.Tensor, y, *, epochs: int | None = None, steps: int | None = None,
           batch_size: int = 128, lr: float = 0.05, seed: int = 0, momentum: float = 0.9,
           weight_decay: float = 5e-4, on_step: Callable[[StepInfo], None] | None = None,
-          on_epoch: Callable[[int, nn.Module], None] | None = None, progress: bool = True) -> nn.Module:
+          on_epoch: Callable[[int, nn.Module], None] | None = None, callbacks: Sequence = (),
+          progress: bool = True) -> nn.Module:
     """Train `model` in place on ``(x [N, ...], y [N])`` with cross-entropy; returns it (in eval mode).
 
     Give `epochs` (passes over the data) or `steps` (optimizer steps: the "same compute" recipe for a pruned
     subset), not both. SGD with Nesterov momentum; the learning rate decays from `lr` to 0 on a cosine over
     all steps. Each pass visits every example once in an order drawn from `seed`; the last batch may be
     short. `on_step(StepInfo)` runs after every forward pass, `on_epoch(epoch, model)` after every complete
-    pass (``epoch`` counts from 1).
+    pass (``epoch`` counts from 1). Each object in `callbacks` may define ``on_batch_start(step, model)``
+    (before the forward pass of optimizer step ``step``, counted from 0 over the whole run) and
+    ``on_after_backward(step, model)`` (gradients computed, not yet applied).
     """
     x, y = _check_xy(x, y)
     batch_size = int_at_least(batch_size, "batch_size", 1)
@@ -106,6 +112,8 @@ def train(model: nn.Module, x: torch.Tensor, y, *, epochs: int | None = None, st
     total = per_epoch * int_at_least(epochs, "epochs", 1) if steps is None else int_at_least(steps, "steps", 1)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise InputError(f"lr must be a positive number, got {lr!r}")
+    starts = [cb.on_batch_start for cb in callbacks if hasattr(cb, "on_batch_start")]
+    after_backward = [cb.on_after_backward for cb in callbacks if hasattr(cb, "on_after_backward")]
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(int(seed))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=momentum > 0,
@@ -120,6 +128,8 @@ def train(model: nn.Module, x: torch.Tensor, y, *, epochs: int | None = None, st
                     break
                 idx = order[start : start + batch_size]  # [B]
                 xb, yb = x[idx].to(device), y[idx].to(device)
+                for hook in starts:
+                    hook(step, model)
                 logits = model(xb)  # [B, K]
                 loss = nn.functional.cross_entropy(logits, yb)
                 if on_step is not None:
@@ -128,6 +138,8 @@ def train(model: nn.Module, x: torch.Tensor, y, *, epochs: int | None = None, st
                     group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                for hook in after_backward:
+                    hook(step, model)
                 opt.step()
                 step += 1
                 bar.update(1)

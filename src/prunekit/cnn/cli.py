@@ -1,0 +1,174 @@
+"""``prunekit cnn ...``: train the Fashion-MNIST testbed, compress it with UDFC or train it with TRP, evaluate.
+
+    prunekit cnn train --out runs/base                       # plain training (the testbed recipe)
+    prunekit cnn trp --out runs/trp --energy 0.9 --nuclear 3e-4 --period 20 --scheme channel
+    prunekit cnn udfc testbed --ratio 0.3 --bits 6 --out runs/udfc30w6   # data-free, seconds
+    prunekit cnn eval runs/udfc30w6
+
+A model is a folder (``model.safetensors`` + ``config.json``) or ``testbed`` (the cached seed-0 testbed, trained
+on first use). Outputs are written to a temporary folder and renamed; an existing ``--out`` is refused unless
+``--overwrite``. Bad input exits with code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+__all__ = ["add_parser", "run", "COMMANDS"]
+
+
+def add_parser(sub) -> None:
+    cnn = sub.add_parser("cnn", help="compress CNNs: UDFC (data-free pruning + quantization), TRP (trained rank pruning)")
+    csub = cnn.add_subparsers(dest="cnn_command", required=True)
+
+    def training(p):
+        p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
+        p.add_argument("--epochs", type=int, default=None, help="epochs over Fashion-MNIST (default: the testbed's 3)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--examples", type=int, default=None, help="train on the first N training images only (quick runs)")
+        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    tr = csub.add_parser("train", help="train the ResNet-20-style testbed on Fashion-MNIST")
+    training(tr)
+
+    tp = csub.add_parser("trp", help="train with Trained Rank Pruning, then split each conv into two thin convs")
+    training(tp)
+    tp.add_argument("--period", type=int, default=20, help="substitute the truncated SVD every m steps (default 20)")
+    tp.add_argument("--energy", type=float, default=0.9, help="singular-value energy kept, in (0, 1] (default 0.9)")
+    tp.add_argument("--nuclear", type=float, default=3e-4, help="nuclear-norm weight lambda (default 3e-4; 0 = off)")
+    tp.add_argument("--scheme", choices=("channel", "spatial"), default="channel",
+                    help="channel: kxk conv to r channels then 1x1; spatial: kx1 then 1xk (default channel)")
+
+    ud = csub.add_parser("udfc", help="data-free channel pruning + weight quantization with closed-form compensation")
+    ud.add_argument("model", help="model folder, or `testbed`")
+    ud.add_argument("--ratio", type=float, default=0.3, help="fraction of each block's conv1 channels removed, in [0, 1)")
+    ud.add_argument("--bits", type=int, default=None, help="weight bits, 2..16 (default: no quantization)")
+    ud.add_argument("--method", choices=("udfc", "merge", "none"), default="udfc",
+                    help="udfc: closed-form compensation; merge: Neuron Merging; none: no compensation")
+    ud.add_argument("--criterion", choices=("l2", "l1"), default="l2", help="filter norm that ranks channels")
+    ud.add_argument("--quantize", choices=("all", "pairs"), default="all",
+                    help="all: every Conv2d/Linear; pairs: only the pruned blocks' two convs")
+    ud.add_argument("--out", required=True, help="output folder")
+    ud.add_argument("--overwrite", action="store_true")
+    ud.add_argument("--eval", action="store_true", help="also measure Fashion-MNIST test accuracy before and after")
+
+    ev = csub.add_parser("eval", help="test accuracy, parameters, FLOPs and CPU time of a CNN folder")
+    ev.add_argument("model", help="model folder, or `testbed`")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _model(name: str):
+    from prunekit.cnn import resnet
+
+    if name == "testbed":
+        return resnet.testbed(seed=0)
+    return resnet.load_model(name)
+
+
+def _check_training(args) -> None:
+    from prunekit.errors import InputError
+
+    if args.epochs is not None and args.epochs < 1:
+        raise InputError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.examples is not None and args.examples < 1:
+        raise InputError(f"--examples must be >= 1, got {args.examples}")
+
+
+def _summary(model, xte, yte) -> dict:
+    from prunekit import train as tr
+    from prunekit.cnn.flops import count_flops, count_params, ms_per_batch
+
+    return {"accuracy": tr.accuracy(model, xte, yte), "params": count_params(model),
+            "flops": count_flops(model, tuple(xte.shape[1:])),
+            "ms_per_batch_256": ms_per_batch(model, xte[:256], repeats=5, warmup=1)}
+
+
+def _train(args, trp_options: dict | None) -> int:
+    from prunekit import train as tr
+    from prunekit.cnn import resnet
+    from prunekit.cnn.trp import TRP
+
+    _check_training(args)
+    out = resnet.check_output_dir(args.out, overwrite=args.overwrite)
+    epochs = args.epochs or resnet.TESTBED["epochs"]
+    model = tr.seeded_model(lambda: resnet.ResNet(widths=resnet.TESTBED["widths"], blocks=resnet.TESTBED["blocks"]), args.seed)
+    trp = TRP(model, **trp_options) if trp_options is not None else None  # validates the options first
+    xtr, ytr, xte, yte = resnet.fashion_tensors()
+    if args.examples is not None:
+        xtr, ytr = xtr[: args.examples], ytr[: args.examples]
+    t0 = time.perf_counter()
+    resnet.fit(model, xtr, ytr, epochs=epochs, seed=args.seed, callbacks=[trp] if trp else (), progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    meta = {"trained": f"fashion-mnist, {len(xtr)} training images", "epochs": epochs, "seed": args.seed,
+            "train_seconds": seconds}
+    if trp is not None:
+        meta["trp"] = dict(trp_options, accuracy_before_decomposition=tr.accuracy(model, xte, yte))
+        meta["trp"]["ranks"] = trp.decompose()
+    meta.update(_summary(model, xte, yte))
+    resnet.save_model(model, out, metadata=meta, overwrite=args.overwrite)
+    what = "TRP-trained and decomposed" if trp else "trained"
+    print(f"{what} in {seconds:.0f} s: test accuracy {meta['accuracy']:.4f}, {meta['params']} parameters, "
+          f"{meta['flops']} FLOPs (MACs) per image; saved to {out}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    return _train(args, None)
+
+
+def _cmd_trp(args) -> int:
+    return _train(args, {"period": args.period, "energy": args.energy, "nuclear": args.nuclear, "scheme": args.scheme})
+
+
+def _cmd_udfc(args) -> int:
+    from prunekit.cnn import resnet
+    from prunekit.cnn.udfc import _check_bits, compress
+    from prunekit.select import check_ratio
+
+    check_ratio(args.ratio)
+    _check_bits(args.bits)
+    out = resnet.check_output_dir(args.out, overwrite=args.overwrite)
+    model = _model(args.model)
+    t0 = time.perf_counter()
+    result = compress(model, ratio=args.ratio, bits=args.bits, method=args.method, criterion=args.criterion,
+                      quantize=args.quantize)
+    seconds = time.perf_counter() - t0
+    meta = {"source": str(args.model), **result.to_dict(), "criterion": args.criterion, "quantize": args.quantize,
+            "seconds": seconds}
+    line = ""
+    if args.eval:
+        _, _, xte, yte = resnet.fashion_tensors()
+        before, after = _summary(model, xte, yte), _summary(result.model, xte, yte)
+        meta["evaluation"] = {"before": before, "after": after}
+        line = (f"; test accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}, FLOPs {before['flops']} -> "
+                f"{after['flops']}")
+    resnet.save_model(result.model, out, metadata=meta, overwrite=args.overwrite)
+    kept = sum(b["kept"] for b in result.blocks)
+    total = sum(b["channels"] for b in result.blocks)
+    print(f"{args.method}: kept {kept}/{total} conv1 channels in {len(result.blocks)} blocks, "
+          f"{'fp32' if args.bits is None else f'{args.bits}-bit'} weights, {seconds:.2f} s{line}; saved to {out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from prunekit.cnn import resnet
+
+    model = _model(args.model)
+    _, _, xte, yte = resnet.fashion_tensors()
+    s = _summary(model, xte, yte)
+    if args.json:
+        print(json.dumps(s))
+    else:
+        print(f"{args.model}: test accuracy {s['accuracy']:.4f}, {s['params']} parameters, {s['flops']} FLOPs (MACs) "
+              f"per image, {s['ms_per_batch_256']:.1f} ms per batch of 256")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "trp": _cmd_trp, "udfc": _cmd_udfc, "eval": _cmd_eval}
+
+
+def run(args: argparse.Namespace) -> int:
+    return COMMANDS[args.cnn_command](args)

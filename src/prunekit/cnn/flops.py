@@ -1,0 +1,101 @@
+"""Cost of a CNN: multiply-accumulates (the "FLOPs" of the pruning literature), parameters and CPU time.
+
+`count_flops` runs one forward pass on a zero input with hooks on every ``nn.Conv2d`` and ``nn.Linear`` and
+adds, per example:
+
+    conv:   H_out * W_out * C_out * (C_in / groups) * k_h * k_w
+    linear: (elements of the output / out_features) * in_features * out_features
+
+BatchNorm, ReLU, pooling and additions are not counted (as in the TRP and ResNet papers' FLOP columns);
+one multiply-accumulate counts as one FLOP.
+
+>>> from torch import nn
+>>> count_flops(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(32, 3)), (1, 4, 4))
+384
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from prunekit.errors import InputError
+
+__all__ = ["count_flops", "count_params", "ms_per_batch"]
+
+
+def _check_shape(input_shape) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        raise InputError(f"input_shape must be a tuple of positive ints (one example, e.g. (1, 28, 28)), got {input_shape!r}") from None
+    if not shape or min(shape) < 1:
+        raise InputError(f"input_shape must be a tuple of positive ints (one example, e.g. (1, 28, 28)), got {input_shape!r}")
+    return shape
+
+
+def count_flops(model: nn.Module, input_shape=(1, 28, 28)) -> int:
+    """Multiply-accumulates of Conv2d and Linear layers for one example of shape `input_shape` (no batch dim)."""
+    shape = _check_shape(input_shape)
+    total = 0
+
+    def conv_hook(mod: nn.Conv2d, inp, out):  # out: [1, C_out, H_out, W_out]
+        nonlocal total
+        kh, kw = mod.kernel_size
+        total += out.numel() * (mod.in_channels // mod.groups) * kh * kw
+
+    def linear_hook(mod: nn.Linear, inp, out):  # out: [1, ..., out_features]
+        nonlocal total
+        total += out.numel() * mod.in_features
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters(), None)
+        x = torch.zeros((1, *shape), dtype=p.dtype if p is not None else torch.float32,
+                        device=p.device if p is not None else "cpu")
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return int(total)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (BatchNorm affine parameters included, running statistics not)."""
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def ms_per_batch(model: nn.Module, x: torch.Tensor, *, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time in milliseconds of one no-grad forward pass of batch `x` in eval mode.
+
+    Uses the thread count the caller set (benchmarks set one thread).
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        raise InputError("x must be a batch tensor [B, ...]")
+    if repeats < 1 or warmup < 0:
+        raise InputError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.no_grad():
+            for i in range(warmup + repeats):
+                t0 = time.perf_counter()
+                model(x)
+                if i >= warmup:
+                    times.append(1000.0 * (time.perf_counter() - t0))
+    finally:
+        model.train(was_training)
+    return float(statistics.median(times))

@@ -1,0 +1,228 @@
+"""The CNN testbed: a ResNet-20-style network with BatchNorm for Fashion-MNIST, its training, caching and I/O.
+
+Architecture (He et al., "Deep Residual Learning for Image Recognition", arXiv:1512.03385, the CIFAR ResNet-20:
+a stem, three stages of three basic blocks, global average pooling, one Linear), with one change for the CPU:
+the stem convolution has stride 2, so the stages see 14x14, 7x7 and 4x4 maps instead of 28x28, 14x14, 7x7.
+That makes one training epoch on 60k images about 4x cheaper (~80 s instead of ~5 min on one thread of the
+project's CPU) at the cost of a little accuracy. A stage change of width uses a 1x1 convolution + BatchNorm
+shortcut (ResNet "option B").
+
+    stem:    conv3x3(1 -> w0, stride 2) -> BN -> ReLU                       [B, w0, 14, 14]
+    block:   conv1 3x3 (stride s) -> bn1 -> ReLU -> conv2 3x3 -> bn2, + shortcut, ReLU
+    stages:  3 blocks of width w0, w1 (first stride 2), w2 (first stride 2)  [B, w2, 4, 4]
+    head:    global average pool -> Linear(w2 -> 10)
+
+Every block's ``conv1`` output channels feed only ``conv2`` (through ``bn1`` and a ReLU), so its inner width
+(``mids``) can change without touching the residual stream: this is where channel pruning (UDFC) acts. A saved
+model is a folder with ``model.safetensors`` and ``config.json`` (the architecture, inner widths and any
+low-rank decomposed layers), so pruned and decomposed models load back with their own shapes.
+
+>>> model = ResNet(widths=(8, 16, 32))
+>>> model(torch.zeros(2, 1, 28, 28)).shape
+torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.errors import InputError
+
+__all__ = [
+    "BasicBlock", "ResNet", "fashion_tensors", "save_model", "load_model", "testbed", "TESTBED", "check_output_dir",
+]
+
+# The testbed recipe (see `testbed`): widths of ResNet-20, 3 epochs of SGD with cosine decay, batch 128.
+TESTBED = dict(widths=(16, 32, 64), blocks=3, epochs=3, lr=0.1, batch_size=128, weight_decay=5e-4)
+FORMAT = "prunekit-cnn/1"
+
+
+class BasicBlock(nn.Module):
+    """conv1 (stride) -> bn1 -> ReLU -> conv2 -> bn2, plus an identity or 1x1-conv shortcut, then ReLU."""
+
+    def __init__(self, in_ch: int, mid: int, out_ch: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, mid, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = None
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, in_ch, H, W]
+        h = F.relu(self.bn1(self.conv1(x)))  # [B, mid, H/s, W/s]
+        h = self.bn2(self.conv2(h))  # [B, out_ch, H/s, W/s]
+        return F.relu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style ResNet for ``[B, in_channels, H, W]`` images: ``stages`` of ``blocks`` basic blocks.
+
+    ``mids`` (one inner width per block, default the stage width) is what channel pruning changes.
+    """
+
+    def __init__(self, *, widths=(16, 32, 64), blocks: int = 3, mids=None, in_channels: int = 1,
+                 num_classes: int = 10, stem_stride: int = 2):
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if not widths or min(widths) < 1 or blocks < 1:
+            raise InputError(f"widths must be positive channel counts and blocks >= 1, got {widths}, {blocks}")
+        n = len(widths) * blocks
+        mids = [widths[i // blocks] for i in range(n)] if mids is None else [int(m) for m in mids]
+        if len(mids) != n or min(mids) < 1:
+            raise InputError(f"mids must give {n} positive inner widths (one per block), got {mids}")
+        self.config = dict(widths=list(widths), blocks=blocks, mids=mids, in_channels=in_channels,
+                           num_classes=num_classes, stem_stride=stem_stride)
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False)
+        self.bn = nn.BatchNorm2d(widths[0])
+        layers, cin = [], widths[0]
+        for i in range(n):
+            stage, b = divmod(i, blocks)
+            stride = 2 if (stage > 0 and b == 0) else 1
+            layers.append(BasicBlock(cin, mids[i], widths[stage], stride))
+            cin = widths[stage]
+        self.blocks = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for b in self.blocks:  # zero-init the last BN of each residual branch: each block starts as identity
+            nn.init.zeros_(b.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, H, W]
+        h = F.relu(self.bn(self.stem(x)))  # [B, w0, H/2, W/2]
+        h = self.blocks(h)  # [B, w2, H/8, W/8]
+        return self.fc(h.mean(dim=(2, 3)))  # [B, num_classes]
+
+
+_FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530  # pixel mean and std of the Fashion-MNIST training images
+
+
+def fashion_tensors():
+    """Fashion-MNIST from `prunekit.zoo` as normalized float tensors.
+
+    Returns ``(x_train [60000, 1, 28, 28], y_train [60000], x_test [10000, 1, 28, 28], y_test [10000])``.
+    """
+    from prunekit import zoo
+
+    xtr, ytr, xte, yte = zoo.fashion_mnist()
+
+    def prep(x):
+        return ((torch.from_numpy(x).float() / 255.0 - _FMNIST_MEAN) / _FMNIST_STD)[:, None]  # [N, 1, 28, 28]
+
+    return prep(xtr), torch.from_numpy(ytr), prep(xte), torch.from_numpy(yte)
+
+
+def check_output_dir(out, *, overwrite: bool) -> Path:
+    """Refuse an existing output folder unless `overwrite`; nothing is created here."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} exists; choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder; choose another --out")
+    return out
+
+
+def save_model(model: ResNet, out, *, metadata: dict | None = None, overwrite: bool = False) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` into folder `out`, atomically (temp folder, then rename)."""
+    from safetensors.torch import save_file
+
+    out = check_output_dir(out, overwrite=overwrite)
+    if not isinstance(model, ResNet):
+        raise InputError(f"save_model saves prunekit.cnn.ResNet models, got {type(model).__name__}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        config = {"format": FORMAT, "arch": "resnet", **model.config,
+                  "lowrank": getattr(model, "lowrank", {}), "metadata": metadata or {}}
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_model(path) -> ResNet:
+    """Load a folder written by `save_model` (pruned and low-rank models included), in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file, weights = path / "config.json", path / "model.safetensors"
+    if not cfg_file.is_file() or not weights.is_file():
+        raise InputError(f"{path} is not a prunekit CNN folder (needs config.json and model.safetensors); "
+                         "make one with `prunekit cnn train --out FOLDER`")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{cfg_file} is not valid JSON ({e}); re-save the model") from None
+    if cfg.get("format") != FORMAT:
+        raise InputError(f"{cfg_file} has format {cfg.get('format')!r}, expected {FORMAT!r}")
+    keys = ("widths", "blocks", "mids", "in_channels", "num_classes", "stem_stride")
+    model = ResNet(**{k: cfg[k] for k in keys})
+    if cfg.get("lowrank"):
+        from prunekit.cnn.trp import install_lowrank
+
+        for name, spec in cfg["lowrank"].items():
+            install_lowrank(model, name, rank=int(spec["rank"]), scheme=spec["scheme"])
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(f"{weights} does not match {cfg_file}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+def testbed(*, seed: int = 0, epochs: int | None = None, progress: bool = True, log=None) -> ResNet:
+    """The trained Fashion-MNIST testbed for `seed`, trained once and cached under ``$PRUNEKIT_CACHE/models``.
+
+    Trained by `prunekit.train.train` (SGD, Nesterov momentum 0.9, weight decay 5e-4, cosine decay from lr 0.1,
+    batch 128, ``TESTBED["epochs"]`` epochs, channels-last on one CPU thread when the caller set one).
+    """
+    from prunekit import train as tr
+    from prunekit import zoo
+
+    epochs = TESTBED["epochs"] if epochs is None else int(epochs)
+    w = TESTBED["widths"]
+    folder = zoo.cache_dir() / "models" / f"cnn-resnet20s2-{'-'.join(map(str, w))}-fmnist-e{epochs}-s{seed}"
+    if (folder / "config.json").is_file():
+        return load_model(folder)
+    xtr, ytr, xte, yte = fashion_tensors()
+    model = tr.seeded_model(lambda: ResNet(widths=w, blocks=TESTBED["blocks"]), seed)
+    t0 = time.perf_counter()
+    fit(model, xtr, ytr, epochs=epochs, seed=seed, progress=progress)
+    seconds = time.perf_counter() - t0
+    acc = tr.accuracy(model, xte, yte)
+    if log is not None:
+        log(f"trained testbed seed {seed}: {epochs} epochs in {seconds:.0f} s, test accuracy {acc:.4f}")
+    save_model(model, folder, metadata={"trained": "fashion-mnist train 60k", "epochs": epochs, "seed": seed,
+                                        "test_accuracy": acc, "train_seconds": seconds, **TESTBED}, overwrite=True)
+    return model
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, seed: int, callbacks=(),
+        progress: bool = True) -> nn.Module:
+    """`prunekit.train.train` with the testbed recipe, in channels-last memory layout (faster convs on CPU)."""
+    from prunekit import train as tr
+
+    model.to(memory_format=torch.channels_last)
+    try:
+        tr.train(model, x, y, epochs=epochs, lr=TESTBED["lr"], batch_size=TESTBED["batch_size"], seed=seed,
+                 weight_decay=TESTBED["weight_decay"], callbacks=callbacks, progress=progress)
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+    return model.eval()
+

@@ -1,0 +1,383 @@
+"""TRP: Trained Rank Pruning, low-rank convolutions learned during training.
+
+Paper: Yuhui Xu, Yuxi Li, Shuai Zhang, Wei Wen, Botao Wang, Yingyong Qi, Yiran Chen, Weiyao Lin, Hongkai Xiong,
+"Trained Rank Pruning for Efficient Deep Neural Networks", IJCAI 2020, arXiv:1812.02402 / arXiv:2004.14566.
+Reference code: github.com/yuhuixu1993/Trained-Rank-Pruning (``cifar-TRP.py``, ``decompose.py``).
+
+A conv weight ``W [N, C, kh, kw]`` is read as a matrix in one of two ways:
+
+    channel (TRP1, Zhang et al.):   M = W.reshape(N, C*kh*kw)                     -> conv kh x kw (C -> r), conv 1x1 (r -> N)
+    spatial (TRP2, Jaderberg et al.): M = W.permute(1, 2, 0, 3).reshape(C*kh, N*kw) -> conv kh x 1 (C -> r), conv 1 x kw (r -> N)
+
+With ``M = U S V^T`` (singular values descending), the rank kept is the smallest ``r`` with
+``sum_{j<=r} s_j^2 / sum_j s_j^2 >= e`` (energy threshold, default e = 0.9). Training (`TRP`):
+
+    every m optimizer steps t (t % m == 0), before the forward pass:
+        for each eligible W:  W <- reshape^-1(U_r S_r V_r^T)          (low-rank substitution)
+    after that step's backward pass:
+        W.grad += lambda * reshape^-1(U_r V_r^T)                      (sub-gradient of lambda * ||M||_*)
+    at the end: decompose each eligible conv into two thinner convs through sqrt(S) on each side.
+
+Between substitutions the weights drift off the low-rank manifold and the next substitution pulls them back,
+so the network learns to live with ranks that keep falling while the loss allows (the paper's Fig. 1).
+Eligible layers (as in the reference's ``get_look_up_table``): every ``nn.Conv2d`` with a kernel larger than
+1x1 and ``groups == 1``, except the first such convolution (the stem); the final Linear is not touched.
+
+Departures from the reference code, and why:
+- The period counts optimizer steps over the whole run; the reference uses ``batch_idx % m``, which restarts
+  every epoch (the same thing when m divides the steps per epoch).
+- The nuclear sub-gradient is the truncated ``U_r V_r^T`` at the substitution steps, as the research notes
+  describe the TRP scripts; the repository's ``nuclear_regularize`` (full-rank ``U V^T`` at every step) is a
+  separate script and not what TRP does.
+- Decomposition works for any stride, padding and dilation (the reference decomposes stride-1 convs only and
+  hard-codes padding 1): the first factor keeps the stride/padding/dilation of its axis, the second the other.
+- The final ranks default to those of the last substitution (the weights were exactly that rank a few steps
+  earlier); the reference picks them with a value threshold (keep ``s_j >= 0.05``), which `decompose` also
+  offers (``value=``), as it offers a fresh energy threshold (``energy=``).
+- The baseline (`energy_for_flops`): a normally trained network decomposed with one energy threshold for all
+  layers, found by bisection so that the whole network's FLOPs do not exceed a budget (e.g. TRP's).
+
+>>> from prunekit.cnn.resnet import ResNet
+>>> model = ResNet(widths=(8, 16, 32))
+>>> trp = TRP(model, period=10, energy=0.9, nuclear=3e-4)
+>>> trp.on_batch_start(0, model); len(trp.ranks)  # every 3x3 conv but the stem
+18
+>>> ranks = decompose(model, energy=0.9)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from prunekit.errors import InputError
+
+__all__ = [
+    "SCHEMES", "TRP", "LowRankConv", "eligible_convs", "to_matrix", "from_matrix", "energy_rank", "low_rank",
+    "nuclear_subgradient", "decompose_conv", "install_lowrank", "decompose", "energy_for_flops",
+]
+
+SCHEMES = ("channel", "spatial")
+
+
+def _check_scheme(scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise InputError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    return scheme
+
+
+def _check_energy(energy, name: str = "energy") -> float:
+    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < float(energy) <= 1.0:
+        raise InputError(f"{name} must be a fraction of singular-value energy in (0, 1], got {energy!r}")
+    return float(energy)
+
+
+def to_matrix(w: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The matrix a scheme decomposes: channel ``[N, C*kh*kw]``, spatial ``[C*kh, N*kw]``."""
+    n, c, kh, kw = w.shape
+    if _check_scheme(scheme) == "channel":
+        return w.reshape(n, c * kh * kw)
+    return w.permute(1, 2, 0, 3).reshape(c * kh, n * kw)
+
+
+def from_matrix(m: torch.Tensor, shape, scheme: str) -> torch.Tensor:
+    """Inverse of `to_matrix`: a weight ``[N, C, kh, kw]``."""
+    n, c, kh, kw = shape
+    if _check_scheme(scheme) == "channel":
+        return m.reshape(n, c, kh, kw)
+    return m.reshape(c, kh, n, kw).permute(2, 0, 1, 3).contiguous()
+
+
+def energy_rank(s: torch.Tensor, energy: float) -> int:
+    """Smallest r with ``sum_{j<=r} s_j^2 >= energy * sum_j s_j^2`` (s descending); at least 1."""
+    e = s.double() ** 2
+    total = float(e.sum())
+    if total == 0.0:
+        return 1
+    cum = torch.cumsum(e, 0)
+    r = int((cum < energy * total * (1 - 1e-12)).sum()) + 1
+    return max(1, min(r, len(s)))
+
+
+def low_rank(w: torch.Tensor, *, scheme: str = "channel", energy: float | None = None, rank: int | None = None):
+    """Truncated SVD of a conv weight: ``(W_r [N, C, kh, kw], U_r, S_r, Vh_r)`` in the scheme's matrix form."""
+    if (energy is None) == (rank is None):
+        raise InputError("give exactly one of energy= or rank=")
+    m = to_matrix(w.detach().double(), scheme)  # [P, Q]
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)  # [P, k], [k], [k, Q]
+    r = energy_rank(s, _check_energy(energy)) if rank is None else max(1, min(int(rank), len(s)))
+    u, s, vh = u[:, :r], s[:r], vh[:r]
+    w_r = from_matrix((u * s) @ vh, w.shape, scheme).to(w.dtype)  # [N, C, kh, kw]
+    return w_r, u, s, vh
+
+
+def nuclear_subgradient(w: torch.Tensor, *, scheme: str = "channel", energy: float = 1.0) -> torch.Tensor:
+    """``U_r V_r^T`` shaped like `w`: a sub-gradient of the nuclear norm of `w`'s scheme matrix.
+
+    With ``energy=1.0`` and a full-rank matrix with distinct singular values this is the gradient of
+    ``||to_matrix(w)||_*``; TRP uses the truncated factors of its substitution step.
+    """
+    _, u, _, vh = low_rank(w, scheme=scheme, energy=energy)
+    return from_matrix(u @ vh, w.shape, scheme).to(w.dtype)
+
+
+def eligible_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
+    """TRP's layers: every ``nn.Conv2d`` with a kernel larger than 1x1 and groups 1, except the first one."""
+    convs = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) and m.groups == 1]
+    return dict(convs[1:])
+
+
+def _resolve_layers(model: nn.Module, layers) -> dict[str, nn.Conv2d]:
+    if layers is None:
+        return eligible_convs(model)
+    mods = dict(model.named_modules())
+    out = {}
+    for name in layers:
+        m = mods.get(name)
+        if not isinstance(m, nn.Conv2d) or m.groups != 1:
+            raise InputError(f"layer {name!r} is not an ungrouped nn.Conv2d of the model; name Conv2d modules "
+                             "as model.named_modules() spells them")
+        out[name] = m
+    if not out:
+        raise InputError("layers is empty; name at least one Conv2d, or pass layers=None for TRP's default")
+    return out
+
+
+class TRP:
+    """Trained Rank Pruning as a training callback, for `prunekit.train.train(callbacks=[trp])` or a plain loop.
+
+    ``period`` (m): substitute every m optimizer steps; ``energy`` (e): singular-value energy kept; ``nuclear``
+    (lambda): weight of the nuclear-norm sub-gradient (0 turns it off); ``scheme``: "channel" or "spatial";
+    ``layers``: Conv2d module names (default: `eligible_convs`). A plain loop::
+
+        trp = TRP(model, period=20)
+        for step, (x, y) in enumerate(batches):
+            trp.on_batch_start(step)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(); loss.backward()
+            trp.on_after_backward(step)
+            opt.step()
+        ranks = trp.decompose()          # the model now holds two thin convs per eligible layer
+    """
+
+    def __init__(self, model: nn.Module, *, period: int = 20, energy: float = 0.9, nuclear: float = 3e-4,
+                 scheme: str = "channel", layers=None):
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise InputError(f"period must be a positive integer (substitute every `period` steps), got {period!r}")
+        if isinstance(nuclear, bool) or not isinstance(nuclear, (int, float)) or not math.isfinite(nuclear) or nuclear < 0:
+            raise InputError(f"nuclear must be a number >= 0 (the nuclear-norm weight lambda), got {nuclear!r}")
+        self.model = model
+        self.period, self.energy, self.nuclear = period, _check_energy(energy), float(nuclear)
+        self.scheme = _check_scheme(scheme)
+        self.layers = _resolve_layers(model, layers)
+        self.ranks: dict[str, int] = {}
+        self.substitutions = 0
+        self._sub: dict[str, torch.Tensor] = {}
+        self._sub_step = -1
+
+    @torch.no_grad()
+    def on_batch_start(self, step: int, model: nn.Module | None = None) -> None:
+        """At every `period`-th step: replace each weight by its truncated SVD and keep ``U_r V_r^T``."""
+        if step % self.period:
+            return
+        for name, conv in self.layers.items():
+            w = conv.weight  # [N, C, kh, kw]
+            w_r, u, _, vh = low_rank(w, scheme=self.scheme, energy=self.energy)
+            w.copy_(w_r)
+            self.ranks[name] = int(u.shape[1])
+            if self.nuclear:
+                self._sub[name] = from_matrix(u @ vh, w.shape, self.scheme).to(w.dtype)  # [N, C, kh, kw]
+        self._sub_step = step
+        self.substitutions += 1
+
+    @torch.no_grad()
+    def on_after_backward(self, step: int, model: nn.Module | None = None) -> None:
+        """At a substitution step: ``W.grad += lambda * U_r V_r^T``."""
+        if not self.nuclear or step != self._sub_step:
+            return
+        for name, conv in self.layers.items():
+            if conv.weight.grad is not None:
+                conv.weight.grad.add_(self._sub[name], alpha=self.nuclear)
+
+    def decompose(self, *, energy: float | None = None, value: float | None = None) -> dict[str, int]:
+        """Split every TRP layer into two thin convs, in place; returns ``{name: rank}``.
+
+        Default ranks: those of the last substitution (the weights have only drifted since; before any
+        substitution, the energy threshold e). ``energy=`` or ``value=`` choose them afresh instead.
+        """
+        if energy is None and value is None:
+            if self.ranks:
+                return decompose(self.model, scheme=self.scheme, ranks=self.ranks)
+            energy = self.energy
+        return decompose(self.model, layers=list(self.layers), scheme=self.scheme, energy=energy, value=value)
+
+
+class LowRankConv(nn.Sequential):
+    """Two convolutions that compute a rank-r conv: ``first`` (C -> r) then ``second`` (r -> N)."""
+
+    def __init__(self, first: nn.Conv2d, second: nn.Conv2d, scheme: str):
+        super().__init__()
+        self.first, self.second, self.scheme = first, second, scheme
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_channels
+
+
+def _factor_convs(conv: nn.Conv2d, rank: int, scheme: str) -> LowRankConv:
+    n, c, kh, kw = conv.weight.shape
+    (sh, sw), (dh, dw) = conv.stride, conv.dilation
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise InputError(f"decomposition needs numeric zero padding; this conv has padding={conv.padding!r}, "
+                         f"padding_mode={conv.padding_mode!r}")
+    ph, pw = conv.padding
+    bias = conv.bias is not None
+    kw_ = dict(device=conv.weight.device, dtype=conv.weight.dtype)
+    if scheme == "channel":
+        first = nn.Conv2d(c, rank, (kh, kw), conv.stride, conv.padding, conv.dilation, bias=False, **kw_)
+        second = nn.Conv2d(rank, n, 1, bias=bias, **kw_)
+    else:
+        first = nn.Conv2d(c, rank, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=False, **kw_)
+        second = nn.Conv2d(rank, n, (1, kw), (1, sw), (0, pw), (1, dw), bias=bias, **kw_)
+    return LowRankConv(first, second, scheme)
+
+
+@torch.no_grad()
+def decompose_conv(conv: nn.Conv2d, *, rank: int, scheme: str = "channel") -> LowRankConv:
+    """Two convs computing the rank-`rank` truncation of `conv` (sqrt(S) split between them).
+
+    channel: ``first.weight [r, C, kh, kw] = sqrt(S) Vh``, ``second.weight [N, r, 1, 1] = U sqrt(S)``;
+    spatial: ``first.weight [r, C, kh, 1] = (U sqrt(S))^T``, ``second.weight [N, r, 1, kw] = sqrt(S) Vh``.
+    """
+    _check_scheme(scheme)
+    if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+        raise InputError("decompose_conv takes an ungrouped nn.Conv2d")
+    n, c, kh, kw = conv.weight.shape
+    _, u, s, vh = low_rank(conv.weight, scheme=scheme, rank=rank)  # u [P, r], s [r], vh [r, Q]
+    r = len(s)
+    root = s.sqrt()
+    lr = _factor_convs(conv, r, scheme)
+    if scheme == "channel":
+        lr.first.weight.copy_((root[:, None] * vh).reshape(r, c, kh, kw))  # [r, C, kh, kw]
+        lr.second.weight.copy_((u * root).reshape(n, r, 1, 1))  # [N, r, 1, 1]
+    else:
+        lr.first.weight.copy_((u * root).T.reshape(r, c, kh, 1))  # rows of U are (c, i): [r, C, kh, 1]
+        lr.second.weight.copy_((root[:, None] * vh).reshape(r, n, kw).permute(1, 0, 2)[:, :, None, :])  # [N, r, 1, kw]
+    if conv.bias is not None:
+        lr.second.bias.copy_(conv.bias)
+    return lr
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def install_lowrank(model: nn.Module, name: str, *, rank: int, scheme: str, module: LowRankConv | None = None) -> None:
+    """Replace conv `name` by a `LowRankConv` (zero-filled shapes unless `module` is given); recorded in
+    ``model.lowrank`` so `prunekit.cnn.resnet.save_model` can describe it."""
+    conv = model.get_submodule(name)
+    if not isinstance(conv, nn.Conv2d):
+        raise InputError(f"{name!r} is not an nn.Conv2d (already decomposed?)")
+    _set_module(model, name, module if module is not None else _factor_convs(conv, rank, _check_scheme(scheme)))
+    record = dict(getattr(model, "lowrank", {}))
+    record[name] = {"rank": int(rank), "scheme": scheme}
+    model.lowrank = record
+
+
+def _ranks(layers: dict[str, nn.Conv2d], scheme: str, energy: float | None, value: float | None) -> dict[str, int]:
+    out = {}
+    for name, conv in layers.items():
+        s = torch.linalg.svdvals(to_matrix(conv.weight.detach().double(), scheme))  # [k]
+        out[name] = energy_rank(s, energy) if value is None else max(1, int((s >= value).sum()))
+    return out
+
+
+def decompose(model: nn.Module, *, layers=None, scheme: str = "channel", energy: float | None = None,
+              value: float | None = None, ranks: dict | None = None) -> dict[str, int]:
+    """Replace each layer (default `eligible_convs`) by two thin convs, in place; returns ``{name: rank}``.
+
+    Ranks come from exactly one of: ``energy`` (fraction of singular-value energy kept), ``value`` (keep
+    singular values >= value, the reference's post-TRP rule) or ``ranks`` ({name: rank}). A layer whose two
+    thin convs would cost as many FLOPs as the one is left whole (and not in the returned dict).
+    """
+    _check_scheme(scheme)
+    if sum(x is not None for x in (energy, value, ranks)) != 1:
+        raise InputError("give exactly one of energy=, value= or ranks=")
+    if energy is not None:
+        _check_energy(energy)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+        raise InputError(f"value must be a singular-value threshold >= 0, got {value!r}")
+    chosen = _resolve_layers(model, layers if ranks is None else list(ranks))
+    got = dict(ranks) if ranks is not None else _ranks(chosen, scheme, energy, value)
+    done = {}
+    for name, conv in chosen.items():
+        r = int(got[name])
+        if not _worth(conv, r, scheme):
+            continue  # two thin convs would cost as much as the one
+        install_lowrank(model, name, rank=r, scheme=scheme, module=decompose_conv(conv, rank=r, scheme=scheme))
+        done[name] = r
+    return done
+
+
+def energy_for_flops(model: nn.Module, flops: int, *, input_shape=(1, 28, 28), scheme: str = "channel",
+                     layers=None, iters: int = 50) -> tuple[float, dict[str, int]]:
+    """The SVD-after-training baseline's ranks: the largest single energy threshold whose decomposition keeps
+    the whole network at most `flops` multiply-accumulates. Returns ``(energy, {name: rank})`` (only layers
+    whose split saves FLOPs); the model is not changed."""
+    from prunekit.cnn.flops import count_flops
+
+    _check_scheme(scheme)
+    chosen = _resolve_layers(model, layers)
+    sizes = {}  # name -> (out_h, out_w, in_w)
+    hooks = [conv.register_forward_hook(
+        lambda mod, inp, out, name=name: sizes.__setitem__(name, (out.shape[2], out.shape[3], inp[0].shape[3])))
+        for name, conv in chosen.items()]
+    try:
+        full = count_flops(model, input_shape)
+    finally:
+        for h in hooks:
+            h.remove()
+    svals = {n: torch.linalg.svdvals(to_matrix(c.weight.detach().double(), scheme)) for n, c in chosen.items()}
+
+    def cost(e: float) -> tuple[int, dict[str, int]]:
+        total, ranks = full, {}
+        for name, conv in chosen.items():
+            r = energy_rank(svals[name], e)
+            if _worth(conv, r, scheme):
+                ranks[name] = r
+                total += _split_flops(conv, r, scheme, *sizes[name]) - conv.weight.numel() * sizes[name][0] * sizes[name][1]
+        return total, ranks
+
+    lo, hi = 0.0, 1.0
+    if cost(1e-9)[0] > flops:
+        raise InputError(f"even rank 1 in every layer exceeds {flops} FLOPs; raise the budget")
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if cost(mid)[0] <= flops:
+            lo = mid
+        else:
+            hi = mid
+    return lo, cost(max(lo, 1e-9))[1]
+
+
+def _split_flops(conv: nn.Conv2d, r: int, scheme: str, out_h: int, out_w: int, in_w: int) -> int:
+    """Multiply-accumulates of the two thin convs (the spatial scheme's kh x 1 factor runs at width in_w)."""
+    n, c, kh, kw = conv.weight.shape
+    if scheme == "channel":
+        return out_h * out_w * (r * c * kh * kw + n * r)
+    return out_h * in_w * r * c * kh + out_h * out_w * n * r * kw
+
+
+def _lowrank_cost(conv: nn.Conv2d, r: int, scheme: str) -> int:
+    """Multiply-accumulates per output pixel of the two thin convs (at stride 1)."""
+    n, c, kh, kw = conv.weight.shape
+    return r * c * kh * kw + n * r if scheme == "channel" else r * c * kh + n * r * kw
+
+
+def _worth(conv: nn.Conv2d, r: int, scheme: str) -> bool:
+    return _lowrank_cost(conv, r, scheme) < conv.weight.numel()

@@ -1,0 +1,332 @@
+"""UDFC, TRP, FLOP counting and the `prunekit cnn` CLI on tiny synthetic CNNs (no dataset, a few seconds)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.cli import main
+from prunekit.cnn import flops, resnet, trp, udfc
+from prunekit.errors import InputError
+
+
+class Pair(nn.Module):
+    """conv1 -> bn1 -> ReLU -> conv2 -> bn2: the chain UDFC compensates."""
+
+    def __init__(self, cin=4, mid=6, cout=5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, mid, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+def calibrated_pair(seed=0, cin=4, mid=6, cout=5, n=512):
+    """A pair whose BN statistics are the exact statistics of white Gaussian inputs ``x``."""
+    torch.manual_seed(seed)
+    net = Pair(cin, mid, cout)
+    with torch.no_grad():
+        net.bn1.weight.uniform_(0.5, 1.5)
+        net.bn1.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(n, cin, 8, 8)
+    for bn in (net.bn1, net.bn2):
+        bn.momentum = None  # cumulative average: one pass gives the exact statistics
+    net.train()
+    with torch.no_grad():
+        net(x)
+    return net.eval(), x
+
+
+# ---- UDFC -------------------------------------------------------------------------------------------------
+
+def test_planted_multiple_channel_is_recovered_exactly():
+    torch.manual_seed(0)
+    net = Pair(cin=4, mid=6, cout=5)
+    kappa, scale = 0.5, 1.7  # w_5 = kappa * w_2 (smallest norm: pruned); bn makes h_5 = scale * h_2
+    with torch.no_grad():
+        net.conv1.weight.mul_(4.0)
+        net.conv1.weight[5] = kappa * net.conv1.weight[2]
+        net.bn1.running_mean.uniform_(-0.3, 0.3)
+        net.bn1.running_var.uniform_(0.5, 2.0)
+        net.bn1.weight.uniform_(0.5, 1.5)
+        net.bn1.bias.uniform_(-0.5, 0.5)
+        eps = net.bn1.eps
+        # u_5 = kappa u_2, so its mean and sd are kappa times channel 2's (sd includes eps)
+        net.bn1.running_mean[5] = kappa * net.bn1.running_mean[2]
+        net.bn1.running_var[5] = kappa**2 * (net.bn1.running_var[2] + eps) - eps
+        net.bn1.weight[5] = scale * net.bn1.weight[2]
+        net.bn1.bias[5] = scale * net.bn1.bias[2]
+        net.bn2.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    x = torch.randn(16, 4, 8, 8)
+    ref = net(x)
+    ratio = 1 / 6 + 1e-9  # removes exactly one channel: the planted one (smallest filter norm)
+    for method in ("udfc", "merge"):
+        res = udfc.compress(net, ratio=ratio, method=method, ridge=0.0)
+        assert res.model.conv1.out_channels == 5
+        torch.testing.assert_close(res.model(x), ref, atol=1e-5, rtol=1e-5)
+    plain = udfc.compress(net, ratio=ratio, method="none").model
+    assert (plain(x) - ref).abs().max() > 1e-2  # the test can fail: without compensation the channel is lost
+
+
+def _gaussian_activations(w1, q1, bn, keep, n, seed=0):
+    """Samples of (a [n, C], ã_keep [n, K]) from UDFC's data-free model."""
+    g = torch.Generator().manual_seed(seed)
+    c = w1.shape[0]
+    v = w1.reshape(c, -1).double()
+    norms = v.norm(dim=1)
+    z = torch.randn(n, v.shape[1], generator=g, dtype=torch.float64)  # [n, D]
+    gamma, beta = bn.weight.detach().double(), bn.bias.detach().double()
+    h = (z @ (v / norms[:, None]).T) * gamma + beta  # [n, C]
+    hq = (z @ (q1.reshape(c, -1).double() / norms[:, None]).T) * gamma + beta
+    return h.clamp_min(0), hq.clamp_min(0)[:, keep]
+
+
+@pytest.mark.parametrize("bits", [None, 3])
+def test_closed_form_equals_least_squares_on_sampled_gaussian_activations(bits):
+    net, _ = calibrated_pair(seed=1)
+    w1 = net.conv1.weight.detach()
+    q1 = udfc.quantize_weight(w1, bits) if bits else w1
+    keep = torch.tensor([True, False, True, True, False, True])
+    m, t = udfc.compensation(w1, q1, net.bn1, keep, intercept=True, ridge=0.0)
+    a, aq = _gaussian_activations(w1, q1, net.bn1, keep, n=200_000)
+    design = torch.cat([aq, torch.ones(len(aq), 1, dtype=aq.dtype)], 1)  # [n, K+1]
+    sol = torch.linalg.lstsq(design, a).solution.T  # [C, K+1]
+    torch.testing.assert_close(m, sol[:, :-1], atol=2e-2, rtol=0)
+    torch.testing.assert_close(t, sol[:, -1], atol=2e-2, rtol=0)
+    assert m.abs().max() > 0.1  # not a trivial solution
+    m_lin, t_lin = udfc.compensation(w1, q1, net.bn1, keep, ridge=0.0)  # the default: no intercept
+    torch.testing.assert_close(m_lin, torch.linalg.lstsq(aq, a).solution.T, atol=2e-2, rtol=0)
+    assert not t_lin.any()
+
+
+def test_relu_moments_match_monte_carlo():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    cov, mean = a @ a.T / 6, torch.randn(4, generator=g, dtype=torch.float64)
+    e1, e2 = udfc.relu_moments(mean, cov)
+    z = torch.randn(1_000_000, 4, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T + mean
+    r = z.clamp_min(0)
+    torch.testing.assert_close(e1, r.mean(0), atol=5e-3, rtol=0)
+    torch.testing.assert_close(e2, r.T @ r / len(r), atol=1e-2, rtol=0)
+
+
+def _output_error(net, res, x):
+    with torch.no_grad():
+        ref = net.conv2(torch.relu(net.bn1(net.conv1(x))))  # [B, N, H, W]: conv2's output, before bn2
+        m = res.model
+        out = m.conv2(torch.relu(m.bn1(m.conv1(x))))
+        out = out + (net.bn2.running_mean - m.bn2.running_mean)[None, :, None, None]  # the shift bn2 absorbed
+        return float(((out - ref) ** 2).mean() / (ref**2).mean())
+
+
+def test_quantization_error_falls_with_compensation():
+    errs = {"udfc": [], "none": []}
+    for seed in range(3):
+        net, x = calibrated_pair(seed=seed, cin=6, mid=12, cout=8)
+        for method in errs:
+            errs[method].append(_output_error(net, udfc.compress(net, ratio=0.0, bits=3, method=method,
+                                                                 quantize="pairs"), x))
+    assert sum(errs["udfc"]) < 0.9 * sum(errs["none"]), errs
+
+
+def test_pruning_error_falls_with_compensation():
+    errs = {m: 0.0 for m in udfc.METHODS}
+    for seed in range(3):
+        net, x = calibrated_pair(seed=seed, cin=6, mid=12, cout=8)
+        for method in udfc.METHODS:
+            errs[method] += _output_error(net, udfc.compress(net, ratio=0.5, method=method), x)
+        errs.setdefault("udfc+intercept", 0.0)
+        errs["udfc+intercept"] += _output_error(net, udfc.compress(net, ratio=0.5, intercept=True), x)
+    assert errs["udfc+intercept"] < 0.8 * errs["none"], errs
+    assert errs["udfc"] < 0.8 * min(errs["merge"], errs["none"]), errs  # random filters: merging can hurt
+
+
+def test_nothing_removed_nothing_changes_and_input_untouched():
+    model = resnet.ResNet(widths=(4, 8, 8), blocks=1).eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(3, 1, 28, 28)
+    res = udfc.compress(model, ratio=0.0, bits=None)
+    torch.testing.assert_close(res.model(x), model(x))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    half = udfc.compress(model, ratio=0.5, bits=4)
+    assert [b.conv1.out_channels for b in half.model.blocks] == [2, 4, 4]
+    assert half.model.config["mids"] == [2, 4, 4]
+
+
+def test_quantize_weight_levels():
+    w = torch.randn(3, 2, 3, 3)
+    q = udfc.quantize_weight(w, 4)
+    for row, qrow in zip(w.reshape(3, -1), q.reshape(3, -1)):
+        step = row.abs().max() / 7
+        assert len(torch.unique(qrow)) <= 15
+        torch.testing.assert_close(qrow / step, torch.round(qrow / step))
+        assert (qrow - row).abs().max() <= step / 2 + 1e-6
+
+
+@pytest.mark.parametrize("kwargs", [dict(ratio=1.0), dict(ratio=-0.1), dict(bits=1), dict(bits=17),
+                                    dict(bits=4.5), dict(method="magic"), dict(quantize="some")])
+def test_udfc_bad_options(kwargs):
+    with pytest.raises(InputError):
+        udfc.compress(resnet.ResNet(widths=(4, 8, 8), blocks=1), **kwargs)
+
+
+def test_udfc_needs_a_pair():
+    with pytest.raises(InputError, match="conv1"):
+        udfc.compress(nn.Sequential(nn.Conv2d(1, 2, 3)), ratio=0.5)
+
+
+# ---- TRP -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", trp.SCHEMES)
+@pytest.mark.parametrize("stride,padding,bias", [(1, 1, False), (2, 1, True), (1, 0, True)])
+def test_decomposed_layers_compute_the_low_rank_layer(scheme, stride, padding, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, stride, padding, bias=bias)
+    low = copy.deepcopy(conv)
+    with torch.no_grad():
+        low.weight.copy_(trp.low_rank(conv.weight, scheme=scheme, rank=3)[0])
+    two = trp.decompose_conv(conv, rank=3, scheme=scheme)
+    assert two.rank == 3
+    x = torch.randn(2, 6, 9, 10)
+    torch.testing.assert_close(two(x), low(x), atol=1e-5, rtol=1e-5)
+    full_rank = trp.decompose_conv(conv, rank=100, scheme=scheme)  # all singular values: the conv itself
+    torch.testing.assert_close(full_rank(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", trp.SCHEMES)
+def test_nuclear_term_is_autograd_gradient_of_nuclear_norm(scheme):
+    torch.manual_seed(0)
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    lam = 3e-4
+    (lam * torch.linalg.matrix_norm(trp.to_matrix(w, scheme), ord="nuc")).backward()
+    torch.testing.assert_close(lam * trp.nuclear_subgradient(w.detach(), scheme=scheme, energy=1.0), w.grad)
+
+
+def test_trp_callback_substitutes_and_adds_the_subgradient():
+    torch.manual_seed(0)
+    model = resnet.ResNet(widths=(4, 8, 8), blocks=1)
+    cb = trp.TRP(model, period=3, energy=0.6, nuclear=0.5)
+    assert list(cb.layers) == ["blocks.0.conv1", "blocks.0.conv2", "blocks.1.conv1", "blocks.1.conv2",
+                               "blocks.2.conv1", "blocks.2.conv2"]
+    cb.on_batch_start(0)
+    for name, conv in cb.layers.items():
+        s = torch.linalg.svdvals(trp.to_matrix(conv.weight.detach(), "channel"))
+        assert int((s > 1e-5 * s[0]).sum()) == cb.ranks[name] < min(conv.weight.shape[0], conv.weight[0].numel())
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    nn.functional.cross_entropy(model(x), y).backward()
+    conv = cb.layers["blocks.1.conv2"]
+    grad = conv.weight.grad.clone()
+    cb.on_after_backward(0)
+    sub = trp.nuclear_subgradient(conv.weight.detach(), scheme="channel", energy=1.0)  # W is rank r now
+    torch.testing.assert_close(conv.weight.grad - grad, 0.5 * sub, atol=1e-5, rtol=1e-4)
+    grad = conv.weight.grad.clone()
+    cb.on_batch_start(1)
+    cb.on_after_backward(1)  # not a substitution step: nothing changes
+    assert torch.equal(conv.weight.grad, grad)
+
+
+def test_trp_plugs_into_prunekit_train_and_decomposes():
+    from prunekit import train as tr
+
+    torch.manual_seed(0)
+    model = resnet.ResNet(widths=(4, 8, 8), blocks=1)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    cb = trp.TRP(model, period=2, energy=0.8, nuclear=1e-3)
+    tr.train(model, x, y, epochs=2, batch_size=8, lr=0.05, callbacks=[cb], progress=False)
+    assert cb.substitutions == 4  # steps 0, 2, 4, 6 of 8
+    cb.on_batch_start(0)  # make the weights exactly low-rank, then the decomposition must be exact
+    ref = model(x[:8])
+    flops_before = flops.count_flops(model)
+    ranks = cb.decompose()
+    assert ranks and set(ranks) <= set(cb.layers)
+    assert isinstance(model.get_submodule(next(iter(ranks))), trp.LowRankConv)
+    torch.testing.assert_close(model(x[:8]), ref, atol=1e-4, rtol=1e-4)
+    assert flops.count_flops(model) < flops_before
+
+
+def test_energy_for_flops_meets_the_budget(tmp_path):
+    torch.manual_seed(0)
+    model = resnet.ResNet(widths=(8, 16, 16), blocks=1).eval()
+    full = flops.count_flops(model)
+    energy, ranks = trp.energy_for_flops(model, full // 2, scheme="spatial")
+    small = copy.deepcopy(model)
+    trp.decompose(small, scheme="spatial", ranks=ranks)
+    assert flops.count_flops(small) <= full // 2 < flops.count_flops(model)
+    assert 0 < energy < 1
+    # saved and reloaded with its low-rank layers
+    out = resnet.save_model(small, tmp_path / "m")
+    back = resnet.load_model(out)
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(back(x), small(x))
+
+
+def test_trp_bad_options():
+    model = resnet.ResNet(widths=(4, 8, 8), blocks=1)
+    for kwargs in (dict(period=0), dict(energy=0.0), dict(energy=1.5), dict(nuclear=-1.0), dict(scheme="diag"),
+                   dict(layers=["fc"])):
+        with pytest.raises(InputError):
+            trp.TRP(model, **kwargs)
+    with pytest.raises(InputError):
+        trp.decompose(model, energy=0.9, value=0.05)
+
+
+# ---- FLOPs -----------------------------------------------------------------------------------------------
+
+def test_flops_hand_example():
+    # conv 3->4, 3x3, stride 2, pad 1 on 8x8: out 4x4x4, each 3*9 MACs -> 16*4*27 = 1728
+    # grouped conv 4->4, groups 2, 1x1 on 4x4: 16*4*2 = 128; linear 64->10: 640
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.Conv2d(4, 4, 1, groups=2), nn.Flatten(),
+                        nn.Linear(64, 10))
+    assert flops.count_flops(net, (3, 8, 8)) == 1728 + 128 + 640
+    assert flops.count_params(net) == (3 * 9 * 4 + 4) + (2 * 4 + 4) + (640 + 10)
+    lr = trp.decompose_conv(nn.Conv2d(8, 8, 3, padding=1), rank=2, scheme="channel")
+    assert flops.count_flops(lr, (8, 5, 5)) == 25 * (2 * 8 * 9 + 8 * 2)
+    lr = trp.decompose_conv(nn.Conv2d(8, 8, 3, padding=1), rank=2, scheme="spatial")
+    assert flops.count_flops(lr, (8, 5, 5)) == 25 * (2 * 8 * 3 + 8 * 2 * 3)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    return resnet.save_model(resnet.ResNet(widths=(4, 8, 8), blocks=1).eval(), tmp_path / "base")
+
+
+def test_cli_udfc_writes_a_loadable_model(saved, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert main(["cnn", "udfc", str(saved), "--ratio", "0.5", "--bits", "6", "--out", str(out)]) == 0
+    model = resnet.load_model(out)
+    assert [b.conv1.out_channels for b in model.blocks] == [2, 4, 4]
+    meta = json.loads((out / "config.json").read_text())["metadata"]
+    assert meta["bits"] == 6 and meta["method"] == "udfc"
+    assert main(["cnn", "udfc", str(saved), "--ratio", "0.5", "--out", str(out)]) == 2  # exists
+    assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--ratio", "1.0"], ["--ratio", "-0.2"], ["--bits", "1"], ["--bits", "40"]])
+def test_cli_bad_input_exits_2_and_writes_nothing(saved, tmp_path, extra, capsys):
+    out = tmp_path / "never"
+    assert main(["cnn", "udfc", str(saved), *extra, "--out", str(out)]) == 2
+    assert not out.exists()
+    assert "prunekit: error:" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [saved]
+
+
+def test_cli_missing_model_and_bad_training_options(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["cnn", "udfc", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert main(["cnn", "eval", str(tmp_path / "nope")]) == 2
+    assert main(["cnn", "trp", "--out", str(out), "--energy", "1.5"]) == 2
+    assert main(["cnn", "trp", "--out", str(out), "--period", "0"]) == 2
+    assert main(["cnn", "train", "--out", str(out), "--epochs", "0"]) == 2
+    assert not out.exists()
