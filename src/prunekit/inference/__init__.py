@@ -1,0 +1,1 @@
+"""Pruning what a model keeps while it runs: the KV cache (`prunekit.inference.kv`)."""
