@@ -296,3 +296,15 @@ def test_cli_generate(model_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("prunekit: error:") and err.count("\n") == 1
     assert cli.main(["generate", str(tmp_path / "nope"), "--prompt", "hi", "--kv", "full"]) == 2
+
+
+@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "snapkv", "deep_forcing"])
+def test_policies_keep_the_model_sdpa_attention(models, name, monkeypatch):
+    model, ids = models["sdpa"], prompt()
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with kv.policy(model, name, budget=24):
+        assert model.config._attn_implementation == "sdpa"
+        generate(model, ids, new=6)
+    assert len(calls) == 6 * 4  # every layer of every forward (prefill + 5 decode steps) ran the model's sdpa
