@@ -308,3 +308,11 @@ def test_policies_keep_the_model_sdpa_attention(models, name, monkeypatch):
         assert model.config._attn_implementation == "sdpa"
         generate(model, ids, new=6)
     assert len(calls) == 6 * 4  # every layer of every forward (prefill + 5 decode steps) ran the model's sdpa
+
+
+def test_delta_layers_compute_the_same_full_attention(models):
+    model, ids = models["sdpa"], prompt(40)
+    full, _ = generate(model, ids, new=8)
+    with kv.policy(model, "delta", budget=16, delta_layers=[0, 1, 2, 3], page_size=4, recent_pages=2) as pol:
+        out, _ = generate(model, ids, new=8)  # every layer a Δ-layer: selection runs, but nobody attends sparsely
+    assert torch.equal(out, full) and pol.attended == pol.available

@@ -105,10 +105,12 @@ class Delta(Policy):
             self.attended += n
             return None
         if layer in layers:
-            k = view.keys.repeat_interleave(view.groups, dim=1)  # [1, Hq, n, d]
-            v = view.values.repeat_interleave(view.groups, dim=1)  # [1, Hq, n, d]
-            probs = ((q.float() @ k.float().transpose(-1, -2)) * view.scaling).softmax(-1)  # [1, Hq, 1, n]
-            out = (probs.to(v.dtype) @ v).transpose(1, 2)  # [1, 1, Hq, d]
+            b, hq, _, d = q.shape
+            hkv = hq // view.groups
+            qg = q.float().reshape(b, hkv, view.groups, d)  # [1, Hkv, g, d]: the query heads of each KV head
+            probs = ((qg @ view.keys.float().transpose(-1, -2)) * view.scaling).softmax(-1)  # [1, Hkv, g, n]
+            out = (probs.to(view.values.dtype) @ view.values).reshape(b, 1, hq, d)  # [1, 1, Hq, d]
+            probs = probs.reshape(b, hq, 1, n)  # [1, Hq, 1, n]
             self._selected = self.select(probs[0, :, 0], n)
             self.attended += n
             return out

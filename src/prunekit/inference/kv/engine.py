@@ -164,13 +164,14 @@ class Policy:
         """Softmax attention of `queries` [B, Hq, w, d] (the last w tokens, in order) over all n cached keys,
         causal among the last w keys: [B, Hq, w, n], fp32. Computed in query chunks (no T x T at once)."""
         b, hq, w, d = queries.shape
-        n = view.n
-        k = view.keys.repeat_interleave(view.groups, dim=1).float()  # [B, Hq, n, d]
+        n, g = view.n, view.groups
+        k = view.keys.float()  # [B, Hkv, n, d]: each KV head serves its g query heads, no copy per query head
         out = []
         for s in range(0, w, chunk):
             qc = queries[:, :, s:s + chunk].float()  # [B, Hq, c, d]
-            logits = qc @ k.transpose(-1, -2) * view.scaling  # [B, Hq, c, n]
-            qi = torch.arange(s, s + qc.shape[2], device=k.device) + (n - w)  # key index of each query
+            c = qc.shape[2]
+            logits = (qc.reshape(b, hq // g, g * c, d) @ k.transpose(-1, -2)).view(b, hq, c, n) * view.scaling  # [B, Hq, c, n]
+            qi = torch.arange(s, s + c, device=k.device) + (n - w)  # key index of each query
             future = torch.arange(n, device=k.device)[None, :] > qi[:, None]  # [c, n]
             out.append(logits.masked_fill(future, float("-inf")).softmax(-1))
         return torch.cat(out, dim=2)
