@@ -17,7 +17,8 @@ A policy (one file per method in this folder) only scores; this file owns the me
   over budget). It keeps ``policy.target(budget)`` entries per KV head by ``policy.score``'s top-k, in their
   original order, and really gathers them into new, smaller key/value tensors (`cache_bytes` measures it).
   So between forwards a layer holds at most ``budget + every - 1`` tokens; during the forward that triggers a
-  compression, attention also sees that forward's new tokens.
+  compression, attention also sees that forward's new tokens. A policy whose target is below the budget
+  (Deep Forcing) compresses as soon as the budget is passed and then refills, so it holds at most ``budget``.
 - **Positions.** New tokens get their absolute position (tokens seen so far), counted by the engine rather than
   taken from ``cache.get_seq_length()``, which shrinks when entries go. A policy may re-position the kept
   entries (StreamingLLM: contiguous positions within the cache; Deep Forcing: sinks moved next to the recent
@@ -344,12 +345,13 @@ class Engine:
         return module.o_proj(out.reshape(bsz, q_len, -1).contiguous()), None
 
     def _maybe_compress(self, layer, st: LayerState, view: View, q_len: int) -> None:
-        n = layer.keys.shape[-2]
+        n, target = layer.keys.shape[-2], self.policy.target(self.budget)
         if q_len == 1:
             st.steps_since += 1
-        if n <= self.budget or (q_len == 1 and n < self.budget + self.every and self.policy.target(self.budget) == self.budget):
+        if n <= self.budget:
             return
-        target = self.policy.target(self.budget)
+        if q_len == 1 and target == self.budget and n < self.budget + self.every:
+            return  # decoding: let the cache run `every - 1` tokens over before paying for a compression
         view = View(view.layer, layer.keys, layer.values, st, view.groups, view.scaling, self.budget, view.num_layers)
         scores = self.policy.score(view)  # [B, Hkv, n]
         if scores.shape != st.orig.shape:
