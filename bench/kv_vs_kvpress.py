@@ -4,7 +4,8 @@ Tasks (all greedy, batch 1, fp32 on CPU):
 - ``passkey``: a 5-digit pass key hidden in filler text at several depths of a chat prompt of about
   `--contexts` tokens; budgets 25% and 50% of the context; exact match of the first number answered.
   Protocol (kvpress's pipeline): the context is prefilled and compressed, then the question is fed and the
-  answer decoded greedily. prunekit's policy stays on while decoding (its cache never exceeds the budget
+  answer decoded greedily. ``delta`` uses the default Δ-layers (the reference's 2/14/22 of 28, scaled to 30
+  layers); ``delta_calibrated`` the layers `calibrate_delta_layers` picks on 1,024 tokens of Wikipedia. prunekit's policy stays on while decoding (its cache never exceeds the budget
   + `--every` - 1); kvpress compresses the context once (its cache holds budget + question + answer).
 - ``ppl``: Pride and Prejudice in consecutive windows: prefill `--ppl-context` tokens compressed to each of
   `--ppl-budgets`, then score the next `--ppl-tokens` teacher-forced in one forward; perplexity over all
@@ -54,7 +55,7 @@ import prunekit  # noqa: E402
 import prunekit.inference.kv as kv  # noqa: E402
 from kvpress_env import ensure_kvpress_venv  # noqa: E402
 
-PRUNEKIT_POLICIES = ["streaming_llm", "h2o", "snapkv", "delta", "deep_forcing"]
+PRUNEKIT_POLICIES = ["streaming_llm", "h2o", "snapkv", "delta", "delta_calibrated", "deep_forcing"]
 KVPRESS_PRESSES = ["snapkv", "streaming_llm", "knorm", "expected_attention"]
 RESULTS = HERE / "results"
 
@@ -106,7 +107,7 @@ def make_jobs(args, tok, book: list[int]) -> list[dict]:
         span = args.ppl_context + args.ppl_tokens
         for w in range(args.ppl_windows):
             ids = book[w * span:(w + 1) * span]
-            for tool, names in (("prunekit", ["full"] + [p for p in PRUNEKIT_POLICIES if p != "delta"]), ("kvpress", ["full"] + KVPRESS_PRESSES)):
+            for tool, names in (("prunekit", ["full"] + [p for p in PRUNEKIT_POLICIES if not p.startswith("delta")]), ("kvpress", ["full"] + KVPRESS_PRESSES)):
                 for name in names:
                     for budget in ([None] if name == "full" else args.ppl_budgets):
                         jobs.append(dict(tool=tool, policy=name, task="ppl", context=args.ppl_context, budget=budget, sample=w,
@@ -135,7 +136,12 @@ def make_jobs(args, tok, book: list[int]) -> list[dict]:
     return jobs
 
 
+DELTA_LAYERS: list[int] = []  # set by main from calibrate_delta_layers
+
+
 def policy_ctx(model, name, budget, every):
+    if name == "delta_calibrated":
+        return lambda: kv.policy(model, "delta", budget=budget, every=every, delta_layers=DELTA_LAYERS)
     if name == "full":
         return nullcontext
     if name == "full_engine":
@@ -269,13 +275,14 @@ def targets(rows) -> list[str]:
                            f"{full['tokens_per_s']:.2f} ({'met' if ok else 'MISSED'}); peak cache {r['peak_mb']:.1f} MB vs "
                            f"{full['peak_mb']:.1f}; attention {1000 * r['attention_s_per_token']:.1f} vs "
                            f"{1000 * full['attention_s_per_token']:.1f} ms/token")
-    for context in sorted({r["context"] for r in rows if r["task"] == "passkey"}):
+    for context, variant in sorted({(r["context"], p) for r in rows if r["task"] == "passkey"
+                                    for p in ("delta", "delta_calibrated")}):
         full = next((r for r in rows if r["task"] == "passkey" and r["context"] == context and r["tool"] == "prunekit"
                      and r["policy"] == "full"), None)
-        delta = next((r for r in rows if r["task"] == "passkey" and r["context"] == context and r["policy"] == "delta"
+        delta = next((r for r in rows if r["task"] == "passkey" and r["context"] == context and r["policy"] == variant
                       and r["budget"] == int(0.25 * context)), None)
         if full and delta:
-            out.append(f"- DELTA at 25% ({context} tokens): accuracy {delta['score']:.3f} vs full {full['score']:.3f} "
+            out.append(f"- {variant} at 25% ({context} tokens): accuracy {delta['score']:.3f} vs full {full['score']:.3f} "
                        f"({'met' if delta['score'] >= full['score'] else 'MISSED'}); keys attended while decoding "
                        f"{delta.get('attended_fraction', float('nan')):.3f} of the full cache's")
     for window in sorted({r["budget"] for r in rows if r["task"] == "stream"}):
@@ -325,6 +332,10 @@ def main(argv=None) -> int:
     book = tok(book_text[: need * 8], add_special_tokens=False)["input_ids"]
     if len(book) < need:
         raise SystemExit(f"Pride and Prejudice gave only {len(book)} tokens; need {need}")
+    calib = prunekit.load_text("wiki", purpose="calibration").text
+    calib_ids = tok(calib[:20000], return_tensors="pt")["input_ids"][:, :1024]
+    layers, shifts = kv.calibrate_delta_layers(model, calib_ids, count=3, initial=2, window=64)
+    DELTA_LAYERS[:] = layers
     raw_path = RESULTS / f"{args.name}.raw.jsonl"
     RESULTS.mkdir(exist_ok=True)
     raw = load_raw(raw_path)
@@ -332,6 +343,9 @@ def main(argv=None) -> int:
     meta = {"model": "smollm2-135m (SmolLM2-135M-Instruct, dequantized fp32)", "reduced": args.reduced,
             "settings": {k: v for k, v in vars(args).items() if k not in ("name",)},
             "versions": {"prunekit": prunekit.__version__, "torch": torch.__version__, "python": platform.python_version()},
+            "delta_layers": {"default": kv.default_delta_layers(model.config.num_hidden_layers), "calibrated": layers,
+                             "calibration": "first 1024 tokens of the wiki calibration split, last 64 queries",
+                             "shifts": [round(x, 4) for x in shifts]},
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), {args.threads} thread(s)"}
     wall = time.perf_counter()
     for task in args.tasks:
