@@ -316,3 +316,20 @@ def test_delta_layers_compute_the_same_full_attention(models):
     with kv.policy(model, "delta", budget=16, delta_layers=[0, 1, 2, 3], page_size=4, recent_pages=2) as pol:
         out, _ = generate(model, ids, new=8)  # every layer a Δ-layer: selection runs, but nobody attends sparsely
     assert torch.equal(out, full) and pol.attended == pol.available
+
+
+def test_other_llama_style_models_and_unsupported_ones():
+    from conftest import tiny_model
+
+    qwen = tiny_model("qwen2")
+    ids = prompt(30)
+    ref, _ = generate(qwen, ids, new=6)
+    with kv.policy(qwen, "snapkv", budget=64):
+        out, _ = generate(qwen, ids, new=6)
+    assert torch.equal(out, ref)
+    with kv.policy(qwen, "streaming_llm", budget=12):
+        _, cache = generate(qwen, ids, new=6)
+    assert max(kv.cache_tokens(cache)) <= 12
+    with pytest.raises(InputError, match="not supported"):
+        with kv.policy(tiny_model("gpt2"), "snapkv", budget=12):
+            pass

@@ -42,7 +42,6 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from prunekit.errors import InputError
 
