@@ -333,3 +333,20 @@ def test_other_llama_style_models_and_unsupported_ones():
     with pytest.raises(InputError, match="not supported"):
         with kv.policy(tiny_model("gpt2"), "snapkv", budget=12):
             pass
+
+
+@pytest.mark.integration
+def test_policies_on_smollm2():
+    import prunekit
+
+    model, tok = prunekit.load_model("smollm2-135m")  # 30 layers, 9 query heads, 3 KV heads
+    text = prunekit.load_text("austen", purpose="evaluation").text[:3000]
+    ids = tok(text, return_tensors="pt")["input_ids"][:, :160]
+    ref, _ = generate(model, ids, new=12)
+    for name in kv.POLICIES:
+        with kv.policy(model, name, budget=256):
+            out, cache = generate(model, ids, new=12)
+        assert torch.equal(out, ref), name
+    with kv.policy(model, "snapkv", budget=64):
+        out, cache = generate(model, ids, new=12)
+    assert max(kv.cache_tokens(cache)) == 64 and kv.cache_bytes(cache) == 30 * 2 * 3 * 64 * 64 * 4  # K+V, fp32
