@@ -25,6 +25,13 @@ Runs are resumable: every finished sample is a line of ``bench/results/kv_vs_kvp
     python bench/kv_vs_kvpress.py                       # the issue's full size
     python bench/kv_vs_kvpress.py --reduced ...         # smaller, labelled "reduced" in the outputs
 
+The committed results are a reduced run (2 passkey depths at 2k only, 1 perplexity window, streaming window
+512 only, speed at 25%, 1 thread on a shared 2-core CPU):
+
+    python bench/kv_vs_kvpress.py --reduced --contexts 2048 --depths 0.25,0.75 --ppl-windows 1 \
+        --stream-windows 512 --speed-fractions 0.25 --stream-policies "streaming_llm,deep_forcing,\
+        deep_forcing:sinks=0.1/recent=0.5/topc=0.15,deep_forcing:sinks=0.25/recent=0.35/topc=0.15"
+
 Writes bench/results/kv_vs_kvpress.json ({"rows": [...]}) and .md.
 """
 
@@ -324,6 +331,13 @@ def write_outputs(rows, args, meta):
     lines.append("passkey/speed score: exact-match accuracy (higher is better); ppl/stream score: perplexity (lower is better). "
                  "tokens_per_s: greedy decoding after the prompt; peak_mb: peak KV-cache MB while decoding. "
                  "One CPU thread on a shared 2-core machine: speeds are noisy.")
+    lines.append("")
+    lines.append("Protocol: the context is prefilled and compressed to the budget without seeing the question (kvpress's "
+                 "pipeline); prunekit's policies keep compressing while decoding (cache <= budget + every - 1), kvpress's "
+                 "cache holds budget + question + answer. `delta` keeps the whole cache: its budget is the keys its sparse "
+                 "layers attend to (`attended`: fraction of keys attended over all layers while decoding). `deep_forcing` "
+                 "refills from 0.8 x budget to the budget between compressions. ppl: one teacher-forced continuation "
+                 "after the compressed prefill; stream: chunks through one cache past the model's 8k context.")
     lines.append("")
     lines.append("| task | context | budget | tool | policy | n | score | tok/s | peak MB | attn ms/tok | attended |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
