@@ -21,6 +21,7 @@ _MODULES = {
     "data": "prunekit.data.cli",
     "cnn": "prunekit.cnn.cli",
     "memory": "prunekit.inference.memory_cli",
+    "generate": "prunekit.inference.kv.cli",
 }
 
 

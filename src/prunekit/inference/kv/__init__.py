@@ -1,0 +1,70 @@
+"""KV-cache policies: generate with a token budget, keeping the cached keys and values that matter.
+
+>>> import prunekit.inference.kv as kv
+>>> # with kv.policy(model, "snapkv", budget=512):
+>>> #     out = model.generate(**tok("...", return_tensors="pt"), max_new_tokens=64)
+
+Policies (one file each in this folder): ``full`` (no eviction), ``streaming_llm`` (sinks + recent, positions
+within the cache), ``h2o`` (accumulated attention + recent), ``snapkv`` (observation-window votes per KV
+head), ``delta`` (Δ-layers pick pages, later layers attend only to them; the cache itself stays full) and
+``deep_forcing`` (deep sink + participative compression). The engine (`engine.py`) owns the hooks, the
+compression schedule, the cache surgery and RoPE re-rotation; batch size 1 only.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from prunekit.errors import InputError
+from prunekit.inference.kv.deep_forcing import DeepForcing
+from prunekit.inference.kv.delta import Delta, calibrate_delta_layers, default_delta_layers
+from prunekit.inference.kv.engine import Engine, Policy, cache_bytes, cache_tokens, check_count, rotate_keys
+from prunekit.inference.kv.full import FullCache
+from prunekit.inference.kv.h2o import H2O
+from prunekit.inference.kv.snapkv import SnapKV
+from prunekit.inference.kv.streaming import StreamingLLM
+
+__all__ = [
+    "POLICIES", "Policy", "policy", "make_policy", "cache_bytes", "cache_tokens", "rotate_keys",
+    "calibrate_delta_layers", "default_delta_layers",
+    "FullCache", "StreamingLLM", "H2O", "SnapKV", "Delta", "DeepForcing",
+]
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (FullCache, StreamingLLM, H2O, SnapKV, Delta, DeepForcing)
+}
+
+
+def make_policy(name: str, *, budget: int | None, **options) -> Policy:
+    """A policy object from its name, its budget and its options (validated, with messages that say what to fix)."""
+    cls = POLICIES.get(name.replace("-", "_") if isinstance(name, str) else name)
+    if cls is None:
+        raise InputError(f"unknown KV policy {name!r}; choose one of: {', '.join(POLICIES)}")
+    if budget is None and cls is not FullCache:
+        raise InputError(f"policy {name} needs a budget (tokens kept per layer and KV head)")
+    try:
+        return cls(budget=budget, **options)
+    except TypeError as e:
+        raise InputError(f"bad option for KV policy {name}: {e}") from None
+
+
+@contextmanager
+def policy(model, name: str | Policy, *, budget: int | None = None, every: int = 1, **options):
+    """Run `model` with a KV-cache policy inside the ``with`` block; the model is restored exactly on exit.
+
+    name: a policy name (see `POLICIES`) or a `Policy` object. budget: cached tokens kept per layer and KV head
+    (for ``delta``: tokens attended by its sparse layers). every: during one-token decoding, compress when the
+    cache reaches ``budget + every`` (1: at every step over budget). Options go to the policy (e.g.
+    ``sinks=4`` for streaming_llm, ``window=32`` for snapkv, ``delta_layers=[2, 14, 22]`` for delta).
+    Yields the policy object (DELTA counts the keys it attended in ``attended`` / ``available``).
+    """
+    check_count(every, what="every (decode steps between compressions)", minimum=1)
+    if isinstance(name, Policy):
+        if options:
+            raise InputError("pass options to the Policy object's constructor, not to policy()")
+        pol = name
+        budget = pol.budget if budget is None else budget
+    else:
+        pol = make_policy(name, budget=budget, **options)
+    with Engine(model, pol, budget=pol.budget, every=every):
+        yield pol

@@ -1,0 +1,114 @@
+"""``prunekit generate``: greedy generation under a KV-cache policy, over `prunekit.inference.kv.policy`.
+
+Prints the generated text on stdout and one line of numbers (tokens cached, cache size, speed) on stderr, or
+everything as one JSON object with ``--json``. Writes no files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    from prunekit.inference.kv import POLICIES
+
+    ge = sub.add_parser("generate", help="generate text with a KV-cache policy and a token budget")
+    ge.add_argument("model", help="local Hugging Face model folder or zoo name (smollm2-135m)")
+    src = ge.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", default=None, help="the prompt text")
+    src.add_argument("--prompt-file", default=None, help="a UTF-8 text file holding the prompt")
+    ge.add_argument("--kv", required=True, metavar="POLICY", help=f"KV-cache policy: {', '.join(POLICIES)}")
+    ge.add_argument("--budget", type=int, default=None,
+                    help="cached tokens kept per layer and KV head (delta: tokens its sparse layers attend to)")
+    ge.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    ge.add_argument("--every", type=int, default=1, help="while decoding, compress when the cache reaches budget + EVERY (default 1)")
+    ge.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
+    ge.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a policy option (repeatable), e.g. --option sinks=4 --option delta_layers=2,15,24")
+    ge.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ge.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _options(items) -> dict:
+    from prunekit.errors import InputError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--option {item!r} must look like KEY=VALUE, e.g. --option sinks=4")
+        value = value.strip()
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                pass
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def run(args) -> int:
+    import torch
+    from transformers import DynamicCache
+
+    import prunekit
+    from prunekit.errors import InputError
+    from prunekit.inference import kv
+    from prunekit.weights.io import resolve_model
+
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    options = _options(args.option)
+    kv.make_policy(args.kv, budget=args.budget, **options)  # validate before loading anything
+    kv.check_count(args.every, what="--every", minimum=1)
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise InputError(f"prompt file {path} does not exist; give a UTF-8 text file")
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"prompt file {path} is not UTF-8 text") from None
+    else:
+        prompt = args.prompt
+    if not prompt.strip():
+        raise InputError("the prompt is empty; give some text with --prompt or --prompt-file")
+    resolve_model(args.model)
+    model, tok = prunekit.load_model(args.model)
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise InputError(f"{args.model}'s tokenizer has no chat template; drop --chat")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    cache = DynamicCache(config=model.config)
+    start = time.perf_counter()
+    with torch.no_grad(), kv.policy(model, args.kv, budget=args.budget, every=args.every, **options) as pol:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=False,
+                             cache=cache, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    text = tok.decode(new, skip_special_tokens=True)
+    tokens = kv.cache_tokens(cache)
+    result = {
+        "model": str(args.model), "policy": args.kv, "budget": args.budget, "options": options,
+        "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()), "text": text,
+        "cache_tokens_max": max(tokens), "cache_bytes": kv.cache_bytes(cache), "seconds": seconds,
+        "tokens_per_s": new.numel() / seconds if seconds > 0 else None,
+    }
+    if getattr(pol, "available", 0):
+        result["attended_fraction"] = pol.attended / pol.available
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(text)
+        print(f"{args.kv}: prompt {result['prompt_tokens']} + {result['new_tokens']} new tokens; cache {result['cache_tokens_max']} "
+              f"tokens/layer, {result['cache_bytes'] / 2**20:.2f} MiB; {result['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    return 0

@@ -1,0 +1,164 @@
+"""DELTA: a few selection layers pick pages of the cache; the layers after them attend only to those pages.
+
+Paper: Entezari Zarch, Gao, Jiang, Annavaram, "DELTA: Dynamic Layer-Aware Token Attention for Efficient
+Long-Context Reasoning", arXiv 2510.09883 (ACL 2026). Code: hoenza/DELTA (``page_score.py``,
+``page_selector_v2.py``, ``backend.py``, ``model.py``).
+
+Layers fall in three groups. Layers before the first Δ-layer attend to the whole cache. A Δ-layer also runs
+full attention, and from its probabilities p_h(t) (head h, cached token t) scores every 16-token page u:
+
+    s_t = max_h p_h(t)            S_u = Σ_{t ∈ page u} s_t
+
+and picks the top ``K = budget // page_size`` pages, the most recent ``recent_pages`` (L, default 8) always
+among them (their score is +inf), ties broken towards earlier pages (−1e-7·u), sorted back into order. Every
+layer after it, up to the next Δ-layer, is sparse: it attends only to the picked pages' tokens (gathered, so
+the attention really runs over K·16 keys). Selection is redone at every decoding step. Nothing is evicted:
+the full cache stays, the saving is attention compute and memory traffic. The sparse path switches on only
+when the cache has more than K pages (the reference's ``full_pages / subset_pages > compression_ratio`` with
+ratio 1), so with a budget at least the sequence length the output equals the full cache's. The prefill is
+dense everywhere, as in the reference.
+
+Which layers are Δ-layers: ``delta_layers`` (default: the reference's runners on a 28-layer model use full
+layers {0, 1, 2, 14, 22}, i.e. Δ-layers 2, 14, 22; we scale 14/28 and 22/28 to the model's depth), or
+`calibrate_delta_layers`, which places them where adjacent layers' attention maps differ most,
+d_ℓ = 1 − cos(a_{ℓ−1}, a_ℓ) on a calibration text (a_ℓ: layer ℓ's head-averaged attention of the last 64
+queries), skipping the first ``initial`` layers.
+
+Departures: the reference fuses page scoring into a Triton kernel over FlashInfer's log-sum-exp; we compute
+the Δ-layer's probabilities in fp32 from q and K (the Δ-layer's attention output then comes from the same
+probabilities, so the model's attention implementation is used only in full and sparse layers). GQA: the max
+is over all query heads, as the reference. The calibration rule is the paper's description (the released
+code hard-codes layer lists).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from prunekit.errors import InputError
+from prunekit.inference.kv.engine import Engine, Policy, View, check_budget, check_count
+
+__all__ = ["Delta", "calibrate_delta_layers", "default_delta_layers"]
+
+
+def default_delta_layers(num_layers: int) -> list[int]:
+    """The reference's Δ-layers (2, 14, 22 of 28) scaled to `num_layers`."""
+    top = num_layers - 1
+    return sorted({min(2, top), min(round(num_layers * 14 / 28), top), min(round(num_layers * 22 / 28), top)})
+
+
+class Delta(Policy):
+    name = "delta"
+    compresses = False
+
+    def __init__(self, *, budget: int, delta_layers=None, page_size: int = 16, recent_pages: int = 8):
+        self.page_size = check_count(page_size, what="page_size", minimum=1)
+        self.recent_pages = check_count(recent_pages, what="recent_pages", minimum=0)
+        check_budget(budget, name=self.name, minimum=self.page_size)
+        self.pages = budget // self.page_size  # K
+        if self.pages <= self.recent_pages:
+            raise InputError(f"delta: a budget of {budget} tokens is {self.pages} pages of {self.page_size}, no more than the "
+                             f"{self.recent_pages} recent pages always kept; raise the budget or lower recent_pages")
+        if delta_layers is not None:
+            if isinstance(delta_layers, str):
+                delta_layers = [int(x) for x in delta_layers.replace(",", " ").split()]
+            delta_layers = sorted({check_count(int(x), what="a delta layer index") for x in delta_layers})
+            if not delta_layers:
+                raise InputError("delta_layers must name at least one layer")
+        self.delta_layers = delta_layers
+        super().__init__(budget=budget)
+        self.reset()
+
+    def reset(self) -> None:
+        self._selected = None  # token indices picked by the last Δ-layer in this forward
+        self.attended = 0  # keys attended, summed over decode steps and layers (for reports)
+        self.available = 0  # keys a full cache would have attended
+
+    def _layers(self, num_layers: int) -> list[int]:
+        layers = self.delta_layers if self.delta_layers is not None else default_delta_layers(num_layers)
+        if layers[-1] >= num_layers:
+            raise InputError(f"delta layer {layers[-1]} does not exist; the model has layers 0..{num_layers - 1}")
+        return layers
+
+    def select(self, probs: torch.Tensor, n: int) -> torch.Tensor:
+        """Token indices [m] of the K best pages from probabilities [Hq, n] of the current query."""
+        P = self.page_size
+        pages = math.ceil(n / P)
+        s = probs.max(dim=0).values  # [n]: max over heads
+        s = torch.nn.functional.pad(s, (0, pages * P - n))  # [pages * P]
+        page_score = s.view(pages, P).sum(-1) - 1e-7 * torch.arange(pages, device=s.device)  # [pages]
+        if self.recent_pages:
+            page_score[-self.recent_pages:] = float("inf")
+        top = page_score.topk(self.pages).indices.sort().values  # [K]
+        idx = (top[:, None] * P + torch.arange(P, device=s.device)).flatten()  # [K * P]
+        return idx[idx < n]
+
+    def attend(self, view: View, q: torch.Tensor, attention):
+        if q.shape[2] != 1:
+            return None  # prefill: dense
+        n, layer = view.n, view.layer
+        layers = self._layers(view.num_layers)
+        self.available += n
+        if math.ceil(n / self.page_size) <= self.pages or layer < layers[0]:
+            self.attended += n
+            return None
+        if layer in layers:
+            b, hq, _, d = q.shape
+            hkv = hq // view.groups
+            qg = q.float().reshape(b, hkv, view.groups, d)  # [1, Hkv, g, d]: the query heads of each KV head
+            probs = ((qg @ view.keys.float().transpose(-1, -2)) * view.scaling).softmax(-1)  # [1, Hkv, g, n]
+            out = (probs.to(view.values.dtype) @ view.values).reshape(b, 1, hq, d)  # [1, 1, Hq, d]
+            probs = probs.reshape(b, hq, 1, n)  # [1, Hq, 1, n]
+            self._selected = self.select(probs[0, :, 0], n)
+            self.attended += n
+            return out
+        idx = self._selected  # [m]
+        self.attended += idx.numel()
+        return attention(q, view.keys[:, :, idx], view.values[:, :, idx])  # [1, 1, Hq, d]
+
+
+class _AttentionProbe(Policy):
+    """Records each layer's head-averaged attention of the last `window` prompt queries (for calibration)."""
+
+    name = "probe"
+    compresses = False
+
+    def __init__(self, window: int):
+        super().__init__(budget=None)
+        self.window = window
+        self.maps: dict[int, torch.Tensor] = {}
+
+    def observe(self, view: View, q: torch.Tensor, q_pos: torch.Tensor) -> None:
+        w = min(self.window, q.shape[2])
+        self.maps[view.layer] = self.window_probs(view, q[:, :, -w:]).mean(1)[0]  # [w, n]
+
+
+@torch.no_grad()
+def calibrate_delta_layers(model, input_ids: torch.Tensor, *, count: int = 3, initial: int = 2, window: int = 64):
+    """Place `count` Δ-layers where adjacent layers' attention maps shift most, on a calibration prompt.
+
+    Returns ``(layers, shifts)``: the chosen layer indices (sorted) and d_ℓ = 1 − cos(a_{ℓ−1}, a_ℓ) for every
+    layer ℓ ≥ 1 (``shifts[ℓ - 1]``), where a_ℓ is layer ℓ's attention of the last `window` queries over the
+    prompt, averaged over heads. Layers below `initial` stay full attention and are never chosen.
+
+    >>> # layers, shifts = calibrate_delta_layers(model, tok("long text ...", return_tensors="pt").input_ids)
+    """
+    check_count(count, what="count", minimum=1)
+    check_count(initial, what="initial", minimum=1)
+    check_count(window, what="window", minimum=1)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise InputError("input_ids must be a [1, T] tensor of token ids")
+    num_layers = model.config.num_hidden_layers
+    if initial + count > num_layers:
+        raise InputError(f"cannot place {count} delta layers after {initial} initial layers in a {num_layers}-layer model")
+    from transformers import DynamicCache
+
+    probe = _AttentionProbe(window)
+    with Engine(model, probe, budget=None):
+        model(input_ids=input_ids, cache=DynamicCache(config=model.config), use_cache=True)
+    maps = [probe.maps[i].flatten() for i in range(num_layers)]
+    shifts = [1.0 - float(torch.nn.functional.cosine_similarity(maps[i - 1], maps[i], dim=0)) for i in range(1, num_layers)]
+    ranked = sorted(range(initial, num_layers), key=lambda layer: -shifts[layer - 1])
+    return sorted(ranked[:count]), shifts

@@ -1,0 +1,397 @@
+"""The KV-cache engine: hooks every attention layer of a Hugging Face causal LM for the length of a ``with`` block,
+keeps per-layer bookkeeping, and asks a policy which cached tokens to keep.
+
+A policy (one file per method in this folder) only scores; this file owns the mechanics, once:
+
+- **Hooking.** On entering, each decoder layer's attention module gets an instance-level ``forward`` (the class
+  is never touched, nothing is patched at import time, no global registry is written); on exit the instance
+  attribute is deleted, so the module's class ``forward`` is back and the model is exactly what it was
+  (parameters, buffers, config and ``_attn_implementation`` are never written). The replacement forward is the
+  Llama attention (q/k/v projections, optional q/k norms, RoPE, cache update, attention, o_proj) with the
+  cache surgery in between; the attention itself is still the model's own ``ALL_ATTENTION_FUNCTIONS``
+  implementation (sdpa stays sdpa). Policies that need attention probabilities compute them from q and k for
+  the queries they look at, so no policy forces eager attention.
+- **Compression.** After a forward has appended its tokens to a layer's cache, the engine compresses the layer
+  when it holds more than ``budget`` tokens: at once after a multi-token forward (prefill, or a teacher-forced
+  chunk), and during one-token decoding when the cache reaches ``budget + every`` (``every=1``: every step
+  over budget). It keeps ``policy.target(budget)`` entries per KV head by ``policy.score``'s top-k, in their
+  original order, and really gathers them into new, smaller key/value tensors (`cache_bytes` measures it).
+  So between forwards a layer holds at most ``budget + every - 1`` tokens; during the forward that triggers a
+  compression, attention also sees that forward's new tokens. A policy whose target is below the budget
+  (Deep Forcing) compresses as soon as the budget is passed and then refills, so it holds at most ``budget``.
+- **Positions.** New tokens get their absolute position (tokens seen so far), counted by the engine rather than
+  taken from ``cache.get_seq_length()``, which shrinks when entries go. A policy may re-position the kept
+  entries (StreamingLLM: contiguous positions within the cache; Deep Forcing: sinks moved next to the recent
+  tokens); the engine then re-rotates only the keys whose position changed (`rotate_keys`: a RoPE rotation by
+  Δ positions) and continues numbering new tokens after the last kept position.
+- **Per-layer state.** Original positions of the kept entries (``orig``), their current RoPE positions
+  (``pos``), policy-owned tensors aligned with the entries (gathered with them), and a buffer of the last
+  ``policy.query_window`` post-RoPE queries (the observation window).
+
+Batches: batch size 1 only; a larger batch raises `InputError` at the first forward (per-sequence budgets
+with padding are not implemented). Supported architectures: Llama-style attention with rotary embeddings and
+a ``DynamicCache`` (model types llama, mistral without sliding window, qwen2, qwen3).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from prunekit.errors import InputError
+
+__all__ = ["Policy", "LayerState", "Engine", "rotate_keys", "cache_bytes", "cache_tokens", "SUPPORTED_MODEL_TYPES"]
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move RoPE'd keys by ``delta`` positions: a key computed at position p becomes the key at p + delta.
+
+    RoPE rotates each channel pair i by the angle p·θ_i, and rotations compose, so rotating by Δ·θ_i gives the
+    key at p + Δ exactly (up to rounding; the angles are computed in float64). Llama's half-split layout:
+    channels (j, j + d/2) form pair j.
+
+    keys: [B, H, n, d]; delta: integer positions broadcastable to [B, H, n] (may be negative); inv_freq: [d/2].
+    """
+    ang = delta.to(torch.float64)[..., None] * inv_freq.to(torch.float64)  # [B, H, n, d/2]
+    ang = torch.cat((ang, ang), dim=-1)  # [B, H, n, d]
+    cos, sin = ang.cos().to(keys.dtype), ang.sin().to(keys.dtype)
+    return keys * cos + _rotate_half(keys) * sin
+
+
+def cache_tokens(cache) -> list[int]:
+    """Tokens held per layer of a transformers cache."""
+    return [0 if layer.keys is None or layer.keys.numel() == 0 else layer.keys.shape[-2] for layer in cache.layers]
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of the key and value tensors a transformers cache holds (what the policies shrink)."""
+    total = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class LayerState:
+    """What the engine knows about one layer's cache entries (all aligned with the cache's token axis)."""
+
+    index: int
+    seen: int = 0  # tokens this layer has processed (the next token's absolute position)
+    next_pos: int = 0  # RoPE position the next token gets (== seen unless a policy re-positioned entries)
+    orig: torch.Tensor | None = None  # [B, Hkv, n] long: absolute position of each kept entry
+    pos: torch.Tensor | None = None  # [B, Hkv, n] long: the RoPE position each kept key carries now
+    extras: dict = field(default_factory=dict)  # policy tensors [B, Hkv, n], gathered with the entries
+    queries: torch.Tensor | None = None  # [B, Hq, w, d]: the last w post-RoPE queries
+    steps_since: int = 0  # one-token forwards since the last compression
+    compressions: int = 0
+
+
+@dataclass
+class View:
+    """What a policy sees of one layer when asked to score: tensors are read-only by convention."""
+
+    layer: int
+    keys: torch.Tensor  # [B, Hkv, n, d] (RoPE'd at `pos`)
+    values: torch.Tensor  # [B, Hkv, n, d]
+    state: LayerState
+    groups: int  # query heads per KV head
+    scaling: float  # 1/sqrt(head_dim)
+    budget: int
+    num_layers: int
+
+    @property
+    def n(self) -> int:
+        return self.keys.shape[-2]
+
+
+class Policy:
+    """Base class: a policy says which cached tokens matter. Subclasses set the class attributes they need and
+    override `score` (and, where the method says so, `target`, `reposition`, `observe`, `attend`).
+
+    - ``name``: the name `prunekit.inference.kv.policy` and the CLI know it by.
+    - ``compresses``: False for policies that never evict (full cache, DELTA).
+    - ``query_window``: how many recent post-RoPE queries the engine buffers per layer for `score`.
+    """
+
+    name = "base"
+    compresses = True
+    query_window = 0
+
+    def __init__(self, *, budget: int | None):
+        self.budget = budget
+
+    # ---- what a policy may override -----------------------------------------------------------------
+    def target(self, budget: int) -> int:
+        """Entries kept per KV head after a compression (default: the budget)."""
+        return budget
+
+    def score(self, view: View) -> torch.Tensor:
+        """[B, Hkv, n] importance of every cached entry, higher = keep."""
+        raise NotImplementedError
+
+    def reposition(self, view: View, keep_pos: torch.Tensor) -> torch.Tensor | None:
+        """New RoPE positions [B, Hkv, m] for the kept entries (whose positions are `keep_pos`), or None."""
+        return None
+
+    def observe(self, view: View, q: torch.Tensor, q_pos: torch.Tensor) -> None:
+        """Called after every forward of a layer with its new queries [B, Hq, q, d] at RoPE positions q_pos [q]."""
+
+    def attend(self, view: View, q: torch.Tensor, attention) -> torch.Tensor | None:
+        """Replace the attention of this forward: return its output [B, q, Hq, d], or None for the model's own.
+        ``attention(q, keys, values)`` runs the model's attention implementation on any keys/values, unmasked."""
+        return None
+
+    def reset(self) -> None:
+        """A new cache started: forget per-sequence state."""
+
+    # ---- helpers for subclasses -----------------------------------------------------------------------
+    @staticmethod
+    def window_probs(view: View, queries: torch.Tensor, *, chunk: int = 512) -> torch.Tensor:
+        """Softmax attention of `queries` [B, Hq, w, d] (the last w tokens, in order) over all n cached keys,
+        causal among the last w keys: [B, Hq, w, n], fp32. Computed in query chunks (no T x T at once)."""
+        b, hq, w, d = queries.shape
+        n, g = view.n, view.groups
+        k = view.keys.float()  # [B, Hkv, n, d]: each KV head serves its g query heads, no copy per query head
+        out = []
+        for s in range(0, w, chunk):
+            qc = queries[:, :, s:s + chunk].float()  # [B, Hq, c, d]
+            c = qc.shape[2]
+            logits = (qc.reshape(b, hq // g, g * c, d) @ k.transpose(-1, -2)).view(b, hq, c, n) * view.scaling  # [B, Hq, c, n]
+            qi = torch.arange(s, s + c, device=k.device) + (n - w)  # key index of each query
+            future = torch.arange(n, device=k.device)[None, :] > qi[:, None]  # [c, n]
+            out.append(logits.masked_fill(future, float("-inf")).softmax(-1))
+        return torch.cat(out, dim=2)
+
+
+def _eager_module(module):
+    return sys.modules[type(module).__module__]
+
+
+class Engine:
+    """Installs a policy on a model's attention layers; use through `prunekit.inference.kv.policy`."""
+
+    def __init__(self, model, policy: Policy, *, budget: int | None, every: int = 1):
+        self.model = model
+        self.policy = policy
+        self.budget = budget
+        self.every = every
+        self.layers = self._attention_layers(model)
+        base = getattr(model, "model", model)
+        self.rotary = getattr(base, "rotary_emb", None)
+        if self.rotary is None or not hasattr(self.rotary, "inv_freq"):
+            raise InputError("this model has no rotary embedding at model.model.rotary_emb; KV policies need a RoPE model")
+        rope_type = getattr(self.rotary, "rope_type", "default")
+        if "dynamic" in str(rope_type):
+            raise InputError(f"rope type {rope_type!r} changes frequencies with length; KV policies need fixed RoPE frequencies")
+        self.states: list[LayerState] = []
+        self._cache_ref = None
+        self._installed = False
+
+    @staticmethod
+    def _attention_layers(model) -> list:
+        config = model.config
+        mtype = getattr(config, "model_type", None)
+        if mtype not in SUPPORTED_MODEL_TYPES:
+            raise InputError(f"model type {mtype!r} is not supported by the KV engine; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            raise InputError("sliding-window attention models are not supported by the KV engine (their cache already evicts)")
+        base = getattr(model, "model", model)
+        layers = getattr(base, "layers", None)
+        if layers is None:
+            raise InputError("cannot find the decoder layers at model.model.layers")
+        attns = []
+        for layer in layers:
+            attn = getattr(layer, "self_attn", None)
+            if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx")):
+                raise InputError("a decoder layer has no Llama-style self_attn (q_proj/k_proj/v_proj/o_proj)")
+            if "forward" in attn.__dict__:
+                raise InputError("an attention module's forward is already replaced (another KV policy active, or "
+                                 "accelerate offloading hooks); exit that context or load the model without offloading")
+            attns.append(attn)
+        return attns
+
+    # ---- install / restore ---------------------------------------------------------------------------
+    def __enter__(self):
+        for attn in self.layers:
+            attn.forward = types.MethodType(self._make_forward(), attn)
+        self._installed = True
+        return self
+
+    def __exit__(self, *exc):
+        for attn in self.layers:
+            attn.__dict__.pop("forward", None)
+        self._installed = False
+        self.states = []
+        self._cache_ref = None
+        return False
+
+    # ---- bookkeeping ------------------------------------------------------------------------------------
+    def _state(self, cache, layer_idx: int, cache_len_before: int) -> LayerState:
+        if self._cache_ref is None or self._cache_ref() is not cache:
+            self._cache_ref = weakref.ref(cache)
+            self.states = [LayerState(i) for i in range(len(self.layers))]
+            self.policy.reset()
+        st = self.states[layer_idx]
+        known = 0 if st.orig is None else st.orig.shape[-1]
+        if cache_len_before != known:
+            if cache_len_before == 0:  # the cache was reset or cropped to nothing: start over for this layer
+                self.states[layer_idx] = st = LayerState(layer_idx)
+            else:
+                raise InputError(f"layer {layer_idx}'s cache holds {cache_len_before} tokens but the KV policy tracked "
+                                 f"{known}; do not crop or edit the cache inside a policy context")
+        return st
+
+    def _make_forward(self):
+        engine = self
+
+        def forward(module, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+            if cache is None:
+                cache = kwargs.pop("past_key_values", None)
+            return engine._forward(module, hidden_states, position_embeddings, attention_mask, cache, kwargs)
+
+        return forward
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor):
+        return self.rotary(x, positions[None, :])  # cos, sin: [1, q, d]
+
+    def _forward(self, module, hidden_states, position_embeddings, attention_mask, cache, kwargs):
+        bsz, q_len, _ = hidden_states.shape
+        if bsz != 1:
+            raise InputError(f"KV policies support batch size 1 only (got a batch of {bsz}); generate one prompt at a time")
+        mod = _eager_module(module)
+        hidden_shape = (bsz, q_len, -1, module.head_dim)
+        q = module.q_proj(hidden_states).view(hidden_shape)
+        k = module.k_proj(hidden_states).view(hidden_shape)
+        if hasattr(module, "q_norm"):
+            q, k = module.q_norm(q), module.k_norm(k)
+        q = q.transpose(1, 2)  # [B, Hq, q, d]
+        k = k.transpose(1, 2)  # [B, Hkv, q, d]
+        v = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, Hkv, q, d]
+        interface = mod.ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, mod.eager_attention_forward)
+        dropout = 0.0 if not module.training else module.attention_dropout
+
+        if cache is None:  # no cache (plain scoring forward): nothing to keep, behave like the model
+            cos, sin = position_embeddings
+            q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)
+            out, weights = interface(module, q, k, v, attention_mask, dropout=dropout, scaling=module.scaling, **kwargs)
+            return module.o_proj(out.reshape(bsz, q_len, -1).contiguous()), weights
+
+        layer_idx = module.layer_idx
+        layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
+        before = 0 if layer is None or layer.keys is None or layer.keys.numel() == 0 else layer.keys.shape[-2]
+        st = self._state(cache, layer_idx, before)
+        dev = hidden_states.device
+        rope_pos = torch.arange(st.next_pos, st.next_pos + q_len, device=dev)  # [q]
+        given = kwargs.get("position_ids")
+        if (st.next_pos == st.seen and given is not None and given.shape[-1] == q_len
+                and int(given[0, 0]) == st.seen and int(given[0, -1]) == st.seen + q_len - 1):
+            cos, sin = position_embeddings  # the model's own, for bitwise-identical uncompressed runs
+        else:
+            cos, sin = self._rope(hidden_states, rope_pos)
+        q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)
+
+        keys, values = cache.update(k, v, layer_idx)  # [B, Hkv, n, d]
+        layer = cache.layers[layer_idx]
+        if type(layer).__name__ != "DynamicLayer":
+            raise InputError(f"KV policies need the default DynamicCache; got a {type(layer).__name__} layer")
+        hkv = k.shape[1]
+        new_orig = torch.arange(st.seen, st.seen + q_len, device=dev).expand(bsz, hkv, q_len)
+        new_pos = rope_pos.expand(bsz, hkv, q_len)
+        st.orig = new_orig.clone() if st.orig is None else torch.cat([st.orig, new_orig], dim=-1)  # [B, Hkv, n]
+        st.pos = new_pos.clone() if st.pos is None else torch.cat([st.pos, new_pos], dim=-1)  # [B, Hkv, n]
+        for name, t in list(st.extras.items()):  # policy tensors grow with zeros for the new entries
+            st.extras[name] = torch.cat([t, t.new_zeros(*t.shape[:-1], q_len)], dim=-1)
+        st.seen += q_len
+        st.next_pos += q_len
+        w = self.policy.query_window
+        if w:
+            st.queries = q[:, :, -w:] if st.queries is None else torch.cat([st.queries, q], dim=2)[:, :, -w:]
+
+        view = View(layer_idx, keys, values, st, module.num_key_value_groups, module.scaling, self.budget, len(self.layers))
+        def attention(q_, keys_, values_):
+            return interface(module, q_, keys_, values_, None, dropout=dropout, scaling=module.scaling, is_causal=False)[0]
+
+        out = self.policy.attend(view, q, attention)
+        if out is None:
+            if before == st.seen - q_len:  # nothing evicted yet: the model's mask is exact
+                mask = attention_mask
+            elif q_len == 1:
+                mask = None
+            else:  # old (compressed) entries all visible, causal among the new ones
+                n = keys.shape[-2]
+                mask = torch.zeros(1, 1, q_len, n, dtype=q.dtype, device=dev)
+                future = torch.arange(q_len, device=dev)[None, :] > torch.arange(q_len, device=dev)[:, None]
+                mask[..., n - q_len:] = mask[..., n - q_len:].masked_fill(future, torch.finfo(q.dtype).min)
+            extra = {k_: v_ for k_, v_ in kwargs.items() if k_ != "position_ids"}
+            out, _ = interface(module, q, keys, values, mask, dropout=dropout, scaling=module.scaling, **extra)
+        self.policy.observe(view, q, rope_pos)
+        if self.policy.compresses and self.budget is not None:
+            self._maybe_compress(layer, st, view, q_len)
+        return module.o_proj(out.reshape(bsz, q_len, -1).contiguous()), None
+
+    def _maybe_compress(self, layer, st: LayerState, view: View, q_len: int) -> None:
+        n, target = layer.keys.shape[-2], self.policy.target(self.budget)
+        if q_len == 1:
+            st.steps_since += 1
+        if n <= self.budget:
+            return
+        if q_len == 1 and target == self.budget and n < self.budget + self.every:
+            return  # decoding: let the cache run `every - 1` tokens over before paying for a compression
+        view = View(view.layer, layer.keys, layer.values, st, view.groups, view.scaling, self.budget, view.num_layers)
+        scores = self.policy.score(view)  # [B, Hkv, n]
+        if scores.shape != st.orig.shape:
+            raise RuntimeError(f"policy {self.policy.name} scored {tuple(scores.shape)}, expected {tuple(st.orig.shape)}")
+        idx = scores.topk(target, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, m], original order
+        gidx = idx[..., None].expand(-1, -1, -1, layer.keys.shape[-1])  # [B, Hkv, m, d]
+        keys = layer.keys.gather(2, gidx)
+        values = layer.values.gather(2, gidx)
+        keep_pos = st.pos.gather(2, idx)
+        new_pos = self.policy.reposition(view, keep_pos)
+        if new_pos is not None:
+            delta = new_pos - keep_pos
+            moved = delta != 0
+            if bool(moved.any()):
+                keys = torch.where(moved[..., None], rotate_keys(keys, delta, self.rotary.inv_freq), keys)
+            keep_pos = new_pos
+            st.next_pos = int(new_pos.max()) + 1
+        layer.keys, layer.values = keys, values
+        st.orig = st.orig.gather(2, idx)
+        st.pos = keep_pos
+        for name, t in list(st.extras.items()):
+            st.extras[name] = t.gather(2, idx)
+        st.steps_since = 0
+        st.compressions += 1
+
+
+def check_budget(budget, *, name: str, minimum: int = 1) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise InputError(f"budget must be a whole number of tokens (got {budget!r}) for policy {name}")
+    if budget < minimum:
+        raise InputError(f"budget {budget} is too small for policy {name}; give at least {minimum} tokens")
+    return budget
+
+
+def check_fraction(value, *, what: str, low: float = 0.0, high: float = 1.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high) or math.isnan(value):
+        raise InputError(f"{what} must be a number in [{low}, {high}] (got {value!r})")
+    return float(value)
+
+
+def check_count(value, *, what: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{what} must be a whole number >= {minimum} (got {value!r})")
+    return value

@@ -1,0 +1,352 @@
+"""KV-cache policies on tiny Llama-style models (GQA: 4 query heads, 2 KV heads): exactness with a large budget,
+real cache shrinkage, each policy's rule checked against an independent computation, RoPE re-rotation, and
+a model left exactly as it was."""
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import prunekit.inference.kv as kv
+from prunekit import cli
+from prunekit.errors import InputError
+from prunekit.inference.kv.engine import Engine, View, LayerState
+
+SMALL_DELTA = {"page_size": 4, "recent_pages": 2}
+
+
+def make_model(impl="sdpa", layers=4, seed=0):
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg._attn_implementation = impl
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def prompt(n=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (1, n), generator=g)
+
+
+def options(name):
+    return SMALL_DELTA if name == "delta" else {}
+
+
+def generate(model, ids, new=16):
+    cache = DynamicCache(config=model.config)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                         pad_token_id=0, cache=cache)
+    return out, cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models decode token by token: extra threads only add contention (20x slower on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {impl: make_model(impl) for impl in ("sdpa", "eager")}
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(kv.POLICIES))
+def test_budget_at_least_the_sequence_gives_the_full_cache_output(models, impl, name):
+    model = models[impl]
+    ids = prompt()
+    ref, _ = generate(model, ids)
+    with kv.policy(model, name, budget=64, **options(name)):
+        out, cache = generate(model, ids)
+    assert torch.equal(out, ref)
+    assert kv.cache_tokens(cache) == [ids.shape[1] + 15] * 4
+
+
+@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "snapkv", "deep_forcing"])
+@pytest.mark.parametrize("every", [1, 4])
+def test_the_cache_really_shrinks_to_the_budget(models, name, every):
+    model, ids, budget = models["sdpa"], prompt(), 24
+    _, full_cache = generate(model, ids)
+    with kv.policy(model, name, budget=budget, every=every) as pol:
+        out, cache = generate(model, ids)
+    tokens = kv.cache_tokens(cache)
+    assert max(tokens) <= budget + (every - 1 if pol.target(budget) == budget else 0)
+    if pol.target(budget) < budget:  # deep forcing refills between compressions
+        assert max(tokens) >= pol.target(budget)
+    per_token = 2 * 2 * 16 * 4 * 4  # K and V x 2 KV heads x head_dim 16 x fp32 x 4 layers
+    assert kv.cache_bytes(cache) == sum(tokens) * per_token // 4
+    assert kv.cache_bytes(cache) < kv.cache_bytes(full_cache) * (budget + every) / (ids.shape[1] + 15)
+
+
+def test_model_is_restored_exactly_on_exit_even_after_an_error(models):
+    model = models["sdpa"]
+    ids = prompt()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        logits = model(ids).logits
+    for name in kv.POLICIES:
+        with pytest.raises(RuntimeError, match="boom"):
+            with kv.policy(model, name, budget=24, **options(name)):
+                generate(model, ids, new=4)
+                raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+    assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+
+
+def test_batches_and_bad_input_are_refused(models):
+    model = models["sdpa"]
+    with kv.policy(model, "snapkv", budget=16), pytest.raises(InputError, match="batch size 1"):
+        generate(model, prompt().repeat(2, 1))
+    with pytest.raises(InputError, match="unknown KV policy"):
+        kv.make_policy("lru", budget=8)
+    with pytest.raises(InputError, match="needs a budget"):
+        kv.make_policy("h2o", budget=None)
+    with pytest.raises(InputError, match="whole number"):
+        kv.make_policy("snapkv", budget=12.5)
+    with pytest.raises(InputError, match="bad option"):
+        kv.make_policy("snapkv", budget=12, sinks=3)
+    with pytest.raises(InputError, match="no more than"):
+        kv.make_policy("delta", budget=64, page_size=16, recent_pages=8)
+    with pytest.raises(InputError, match="leaves no room"):
+        kv.make_policy("deep_forcing", budget=20, sinks=0.6, recent=0.3)
+    with kv.policy(model, "h2o", budget=16), pytest.raises(InputError, match="already replaced"):
+        with kv.policy(model, "h2o", budget=16):
+            pass
+
+
+def test_rotating_a_key_by_delta_equals_computing_it_at_the_new_position(models):
+    model = models["sdpa"]
+    rot, attn = model.model.rotary_emb, model.model.layers[0].self_attn
+    x = torch.randn(1, 6, 64)
+    k = attn.k_proj(x).view(1, 6, 2, 16).transpose(1, 2)  # [1, Hkv, 6, d]
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    def at(pos):
+        cos, sin = rot(x, torch.tensor([pos]))
+        return apply_rotary_pos_emb(k, k, cos, sin)[1]
+
+    old, new = [3, 10, 200, 7, 0, 450], [0, 1, 2, 300, 5, 449]
+    delta = torch.tensor(new) - torch.tensor(old)
+    moved = kv.rotate_keys(at(old), delta.expand(1, 2, 6), rot.inv_freq)
+    assert torch.allclose(moved, at(new), atol=1e-5)
+    assert not torch.allclose(at(old), at(new), atol=1e-2)
+
+
+def layer0_keys(model, ids, positions):
+    """Layer 0's RoPE'd keys of tokens `ids` [n] computed afresh at `positions` [n]."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    layer = model.model.layers[0]
+    h = layer.input_layernorm(model.model.embed_tokens(ids[None]))
+    k = layer.self_attn.k_proj(h).view(1, len(ids), 2, 16).transpose(1, 2)
+    cos, sin = model.model.rotary_emb(h, positions[None])
+    return apply_rotary_pos_emb(k, k, cos, sin)[1]  # [1, Hkv, n, d]
+
+
+def test_streaming_llm_keeps_sinks_and_recent_at_positions_within_the_cache(models):
+    model, ids, budget = models["sdpa"], prompt(), 16
+    pol = kv.StreamingLLM(budget=budget, sinks=4)
+    with Engine(model, pol, budget=budget) as engine:
+        out, cache = generate(model, ids, new=10)
+        seq = out[0]
+        st = engine.states[0]
+        seen = st.seen
+        kept = st.orig[0, 0].tolist()
+        pos = st.pos[0, 0].tolist()
+        assert kept == [0, 1, 2, 3] + list(range(seen - 12, seen))
+        assert pos == list(range(16)) and st.next_pos == 16
+        fresh = layer0_keys(model, seq[:seen][torch.tensor(kept)], torch.arange(16))
+        assert torch.allclose(cache.layers[0].keys, fresh, atol=1e-4)
+
+
+def test_h2o_keeps_the_heavy_hitters_of_the_model_own_attention(models):
+    model, ids, budget = models["eager"], prompt(48), 20
+    with torch.no_grad():
+        att = model(ids, output_attentions=True).attentions  # per layer [1, Hq, T, T]
+    with Engine(model, kv.H2O(budget=budget, recent=0.5), budget=budget) as engine:
+        with torch.no_grad():
+            model(ids, cache=DynamicCache(config=model.config), use_cache=True)
+        for layer, a in enumerate(att):
+            acc = a[0].sum(1).view(2, 2, -1).sum(1)  # [Hkv, T]: received attention, summed over queries and group
+            for h in range(2):
+                heavy = acc[h, :-10].topk(10).indices.sort().values.tolist()
+                assert engine.states[layer].orig[0, h].tolist() == heavy + list(range(38, 48))
+
+
+def test_snapkv_keeps_the_pooled_votes_of_the_window_per_kv_head(models):
+    model, ids, budget, w = models["eager"], prompt(48), 20, 8
+    with torch.no_grad():
+        att = model(ids, output_attentions=True).attentions
+    with Engine(model, kv.SnapKV(budget=budget, window=w, kernel=3), budget=budget) as engine:
+        with torch.no_grad():
+            model(ids, cache=DynamicCache(config=model.config), use_cache=True)
+        for layer, a in enumerate(att):
+            votes = a[0, :, -w:, :-w].mean(1)  # [Hq, T - w]
+            votes = torch.nn.functional.avg_pool1d(votes[:, None], 3, stride=1, padding=1)[:, 0].view(2, 2, -1).mean(1)
+            kept = [engine.states[layer].orig[0, h].tolist() for h in range(2)]
+            for h in range(2):
+                assert kept[h] == votes[h].topk(budget - w).indices.sort().values.tolist() + list(range(40, 48))
+            assert kept[0] != kept[1]  # per KV head
+
+
+def synthetic_view(keys, queries, budget, groups=2):
+    b, hkv, n, d = keys.shape
+    st = LayerState(0, seen=n, next_pos=n, orig=torch.arange(n).expand(b, hkv, n), pos=torch.arange(n).expand(b, hkv, n),
+                    queries=queries)
+    return View(0, keys, torch.zeros_like(keys), st, groups, 1 / math.sqrt(d), budget, 4)
+
+
+def test_snapkv_and_deep_forcing_follow_planted_patterns():
+    torch.manual_seed(0)
+    n, d = 40, 16
+    keys = torch.randn(1, 2, n, d) * 0.1
+    target = torch.randn(d)
+    keys[0, 0, 7] = keys[0, 0, 21] = 4 * target  # what the recent queries look for, in KV head 0 only
+    queries = (target * 3).expand(1, 4, 8, d).clone()
+    snap = kv.SnapKV(budget=12, window=8, kernel=1)
+    top = snap.score(synthetic_view(keys, queries, 12)).topk(12).indices.sort().values
+    assert {7, 21} <= set(top[0, 0].tolist()) and set(range(32, 40)) <= set(top[0, 0].tolist())
+    assert not {7, 21} <= set(top[0, 1].tolist())
+    df = kv.DeepForcing(budget=24, sinks=0.25, recent=0.25, topc=2 / 24)  # S = 6, R = 6, C = 2
+    view = synthetic_view(keys, queries[:, :, -6:], 24)
+    top = df.score(view).topk(df.target(24)).indices.sort().values
+    assert top[0, 0].tolist() == list(range(6)) + [7, 21] + list(range(34, 40))
+    assert torch.equal(top[0, 0], top[0, 1])  # one selection for all heads
+
+
+def test_deep_forcing_realigns_only_sinks_and_topc_next_to_the_tail(models):
+    model, ids, budget = models["sdpa"], prompt(30), 24
+    pol = kv.DeepForcing(budget=budget)  # S 12, R 5, C 2: compresses to 19 whenever it passes 24
+    with Engine(model, pol, budget=budget) as engine:
+        out, cache = generate(model, ids, new=20)
+        st = engine.states[0]
+        seen, m = st.seen, st.orig.shape[-1]
+        kept = st.orig[0, 0]
+        assert kept[:12].tolist() == list(range(12))  # deep sink: the first half of the window
+        last_compress_len = 19
+        tail = seen - (m - last_compress_len) - 5  # the recent 5 at the last compression, then what came after
+        assert kept[-(m - last_compress_len) - 5:].tolist() == list(range(tail, seen))
+        assert st.pos[0, 0].tolist() == list(range(seen - m, seen))  # contiguous, ending at the newest token
+        assert st.next_pos == seen  # queries keep their positions; only the old keys moved
+        fresh = layer0_keys(model, out[0, :seen][kept], st.pos[0, 0])
+        assert torch.allclose(cache.layers[0].keys, fresh, atol=1e-4)
+
+
+def test_delta_pages_rule():
+    pol = kv.Delta(budget=12, page_size=4, recent_pages=1)  # K = 3 pages
+    probs = torch.full((4, 30), 0.001)  # [Hq, n]: 8 pages, the last one partial
+    probs[2, 5] = 0.9  # page 1, via the max over heads
+    probs[:, 17] = 0.3  # page 4
+    idx = pol.select(probs, 30)
+    assert idx.tolist() == [4, 5, 6, 7, 16, 17, 18, 19, 28, 29]
+    tie = pol.select(torch.full((4, 30), 0.01), 30)  # ties go to earlier pages
+    assert tie.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 28, 29]
+
+
+def test_delta_sparse_layers_attend_only_to_the_picked_pages(models):
+    model, ids = models["sdpa"], prompt(40)
+    full, _ = generate(model, ids, new=8)
+    with kv.policy(model, "delta", budget=16, delta_layers=[1, 3], page_size=4, recent_pages=2) as pol:
+        out, cache = generate(model, ids, new=8)
+    assert kv.cache_tokens(cache) == [47] * 4  # nothing evicted
+    # each of the 7 decode steps: layers 0, 1, 3 see the whole cache (n = 41..47); layer 2 sees 2 picked pages
+    # of 4 tokens and the 2 most recent pages (the last one partial)
+    ns = range(41, 48)
+    recent = [n - 4 * (math.ceil(n / 4) - 2) for n in ns]
+    assert pol.available == 4 * sum(ns) and pol.attended == sum(3 * n + 8 + r for n, r in zip(ns, recent))
+    with kv.policy(model, "delta", budget=16, delta_layers=[0], page_size=4, recent_pages=1) as pol:
+        sparse, _ = generate(model, ids, new=8)
+    assert not torch.equal(sparse, full)  # the sparse path is really taken
+
+
+def test_calibration_places_delta_layers_at_the_largest_attention_shifts():
+    model = make_model(layers=4)
+    layers, shifts = kv.calibrate_delta_layers(model, prompt(48), count=1, initial=1, window=16)
+    assert len(shifts) == 3 and all(0 <= s <= 2 for s in shifts)
+    assert layers == [1 + max(range(3), key=lambda i: shifts[i])]
+    assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
+
+
+def test_cli_generate(model_dir, tmp_path, capsys):
+    import json
+
+    rc = cli.main(["generate", str(model_dir), "--prompt", "the licence text " * 4, "--kv", "snapkv", "--budget", "24",
+                   "--max-new-tokens", "12", "--option", "window=8", "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["new_tokens"] == 12 and result["cache_tokens_max"] <= 24 and result["prompt_tokens"] == 68
+    bad = [
+        ["--prompt", "hi", "--kv", "lru", "--budget", "8"],
+        ["--prompt", "hi", "--kv", "h2o"],
+        ["--prompt-file", str(tmp_path / "missing.txt"), "--kv", "h2o", "--budget", "8"],
+        ["--prompt", "  ", "--kv", "h2o", "--budget", "8"],
+        ["--prompt", "hi", "--kv", "h2o", "--budget", "8", "--option", "nokey"],
+        ["--prompt", "hi", "--kv", "h2o", "--budget", "8", "--max-new-tokens", "0"],
+    ]
+    for extra in bad:
+        assert cli.main(["generate", str(model_dir), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("prunekit: error:") and err.count("\n") == 1
+    assert cli.main(["generate", str(tmp_path / "nope"), "--prompt", "hi", "--kv", "full"]) == 2
+
+
+@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "snapkv", "deep_forcing"])
+def test_policies_keep_the_model_sdpa_attention(models, name, monkeypatch):
+    model, ids = models["sdpa"], prompt()
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with kv.policy(model, name, budget=24):
+        assert model.config._attn_implementation == "sdpa"
+        generate(model, ids, new=6)
+    assert len(calls) == 6 * 4  # every layer of every forward (prefill + 5 decode steps) ran the model's sdpa
+
+
+def test_delta_layers_compute_the_same_full_attention(models):
+    model, ids = models["sdpa"], prompt(40)
+    full, _ = generate(model, ids, new=8)
+    with kv.policy(model, "delta", budget=16, delta_layers=[0, 1, 2, 3], page_size=4, recent_pages=2) as pol:
+        out, _ = generate(model, ids, new=8)  # every layer a Δ-layer: selection runs, but nobody attends sparsely
+    assert torch.equal(out, full) and pol.attended == pol.available
+
+
+def test_other_llama_style_models_and_unsupported_ones():
+    from conftest import tiny_model
+
+    qwen = tiny_model("qwen2")
+    ids = prompt(30)
+    ref, _ = generate(qwen, ids, new=6)
+    with kv.policy(qwen, "snapkv", budget=64):
+        out, _ = generate(qwen, ids, new=6)
+    assert torch.equal(out, ref)
+    with kv.policy(qwen, "streaming_llm", budget=12):
+        _, cache = generate(qwen, ids, new=6)
+    assert max(kv.cache_tokens(cache)) <= 12
+    with pytest.raises(InputError, match="not supported"):
+        with kv.policy(tiny_model("gpt2"), "snapkv", budget=12):
+            pass
+
+
+@pytest.mark.integration
+def test_policies_on_smollm2():
+    import prunekit
+
+    model, tok = prunekit.load_model("smollm2-135m")  # 30 layers, 9 query heads, 3 KV heads
+    text = prunekit.load_text("austen", purpose="evaluation").text[:3000]
+    ids = tok(text, return_tensors="pt")["input_ids"][:, :160]
+    ref, _ = generate(model, ids, new=12)
+    for name in kv.POLICIES:
+        with kv.policy(model, name, budget=256):
+            out, cache = generate(model, ids, new=12)
+        assert torch.equal(out, ref), name
+    with kv.policy(model, "snapkv", budget=64):
+        out, cache = generate(model, ids, new=12)
+    assert max(kv.cache_tokens(cache)) == 64 and kv.cache_bytes(cache) == 30 * 2 * 3 * 64 * 64 * 4  # K+V, fp32
