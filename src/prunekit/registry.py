@@ -12,6 +12,7 @@ from typing import Callable
 from prunekit.errors import InputError
 from prunekit.cnn import trp, udfc
 from prunekit.data.methods import confident, el2n, forgetting, grand, prototypes
+from prunekit.inference.kv import DeepForcing, Delta, H2O, SnapKV, StreamingLLM
 from prunekit.weights.methods import armor, dpruner, dsnot, magnitude, sparsegpt, wanda
 
 __all__ = ["MethodSpec", "METHODS", "get", "names"]
@@ -20,13 +21,14 @@ __all__ = ["MethodSpec", "METHODS", "get", "names"]
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    domain: str  # "weights" | "data" | "inference" | "cnn"
+    domain: str  # "weights" | "data" | "inference" | "cnn" | "kv"
     paper: str
     url: str
     summary: str
     # weights domain: the calibration statistic the method reads ("norms", "hessian") or None (data-free),
     # and ``fn(weight[out, in] fp32, stats, *, ratio, pattern, **options) -> pruned weight``.
     # data domain: ``fn`` is the scoring function (difficulty per example, or a label-issue mask).
+    # kv domain: ``fn`` is the policy class (`prunekit.inference.kv.policy(model, name, budget=...)` runs it).
     # `stats` may also be a function of the method's options returning the statistic's name (DSnoT).
     # A method that needs the whole model (gradients, several corpora) gives `prune_model(model, ids, *,
     # ratio, pattern, tokenizer, samples, seqlen, seed, skip, progress, **options) -> [LayerReport]` instead.
@@ -101,6 +103,33 @@ METHODS: dict[str, MethodSpec] = {
             "prototypes", "data", "Sorscher et al. 2022, Beyond neural scaling laws: beating power law scaling via data pruning",
             "https://arxiv.org/abs/2206.14486", "cosine distance to the nearest k-means centroid of an embedding",
             fn=prototypes.prototype_distance,
+        ),
+        MethodSpec(
+            "streaming_llm", "kv", "Xiao et al. 2024, Efficient Streaming Language Models with Attention Sinks",
+            "https://arxiv.org/abs/2309.17453", "KV cache: attention sinks + recent window, positions within the cache",
+            fn=StreamingLLM,
+        ),
+        MethodSpec(
+            "h2o", "kv", "Zhang et al. 2023, H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs",
+            "https://arxiv.org/abs/2306.14048", "KV cache: heavy hitters by accumulated attention + recent tokens",
+            fn=H2O,
+        ),
+        MethodSpec(
+            "snapkv", "kv", "Li et al. 2024, SnapKV: LLM Knows What You are Looking for Before Generation",
+            "https://arxiv.org/abs/2404.14469", "KV cache: observation-window attention votes, pooled, per KV head",
+            fn=SnapKV,
+        ),
+        MethodSpec(
+            "delta", "kv", "Entezari Zarch et al. 2025, DELTA: Dynamic Layer-Aware Token Attention for Efficient "
+            "Long-Context Reasoning", "https://arxiv.org/abs/2510.09883",
+            "KV cache: selection layers pick 16-token pages, later layers attend only to them (cache stays full)",
+            fn=Delta,
+        ),
+        MethodSpec(
+            "deep_forcing", "kv", "Yi et al. 2025, Deep Forcing: Training-Free Long Video Generation with Deep Sink and "
+            "Participative Compression", "https://arxiv.org/abs/2512.05081",
+            "KV cache: deep sink re-aligned by RoPE + top-C tokens by recent queries' q.k + recent tokens",
+            fn=DeepForcing,
         ),
         MethodSpec(
             "udfc", "cnn", "Bai et al. 2023, Unified Data-Free Compression: Pruning and Quantization without Fine-Tuning",
