@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     from prunekit.data import cli as data_cli
 
     data_cli.add_parser(sub)
+    from prunekit.inference import cli as inference_cli
+
+    inference_cli.add_parser(sub)
     return p
 
 
@@ -215,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             from prunekit.data import cli as data_cli
 
             return data_cli.run(args)
+        if args.command == "reason":
+            from prunekit.inference import cli as inference_cli
+
+            return inference_cli.run(args)
         return {"prune": _cmd_prune, "eval": _cmd_eval, "methods": _cmd_methods}[args.command](args)
     except InputError as e:
         print(f"prunekit: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ from typing import Callable
 
 from prunekit.errors import InputError
 from prunekit.data.methods import confident, el2n, forgetting, grand, prototypes
+from prunekit.inference import reasoning
 from prunekit.weights.methods import armor, dpruner, dsnot, magnitude, sparsegpt, wanda
 
 __all__ = ["MethodSpec", "METHODS", "get", "names"]
@@ -26,6 +27,7 @@ class MethodSpec:
     # weights domain: the calibration statistic the method reads ("norms", "hessian") or None (data-free),
     # and ``fn(weight[out, in] fp32, stats, *, ratio, pattern, **options) -> pruned weight``.
     # data domain: ``fn`` is the scoring function (difficulty per example, or a label-issue mask).
+    # inference domain: ``fn`` is the rule over one question's sampled paths, ``fn(answers, ...) -> Vote``.
     # `stats` may also be a function of the method's options returning the statistic's name (DSnoT).
     # A method that needs the whole model (gradients, several corpora) gives `prune_model(model, ids, *,
     # ratio, pattern, tokenizer, samples, seqlen, seed, skip, progress, **options) -> [LayerReport]` instead.
@@ -100,6 +102,23 @@ METHODS: dict[str, MethodSpec] = {
             "prototypes", "data", "Sorscher et al. 2022, Beyond neural scaling laws: beating power law scaling via data pruning",
             "https://arxiv.org/abs/2206.14486", "cosine distance to the nearest k-means centroid of an embedding",
             fn=prototypes.prototype_distance,
+        ),
+        MethodSpec(
+            "sc", "inference", "Wang et al. 2023, Self-Consistency Improves Chain of Thought Reasoning in Language Models",
+            "https://arxiv.org/abs/2203.11171", "majority vote over the sampled paths' answers (prunekit reason)",
+            fn=reasoning.self_consistency,
+        ),
+        MethodSpec(
+            "pc", "inference", "Zhou et al. 2025, Bridging Internal Probability and Self-Consistency for Effective and "
+            "Efficient LLM Reasoning", "https://arxiv.org/abs/2502.00511",
+            "perplexity consistency: an answer scores the summed exp(mean log-prob) of its distinct paths",
+            fn=reasoning.perplexity_consistency,
+        ),
+        MethodSpec(
+            "rpc", "inference", "Zhou et al. 2025, Bridging Internal Probability and Self-Consistency for Effective and "
+            "Efficient LLM Reasoning", "https://arxiv.org/abs/2502.00511",
+            "drop low-probability paths by a 2-Weibull mixture and the mean, then perplexity consistency",
+            fn=reasoning.rpc,
         ),
     )
 }

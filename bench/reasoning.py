@@ -1,0 +1,215 @@
+"""Answer aggregation over sampled reasoning paths on SmolLM2-135M-Instruct: SC, PC and RPC at n = 4..64.
+
+The questions are arithmetic word problems this script generates (seeded) with computed answers: two or
+three operations (+, -, x) over small numbers, worded from a few templates. The model answers through its
+chat template, one user turn holding a brief instruction and one worked example (so paths are short and end
+in "The answer is N."), with pure temperature sampling (T = 0.8), at most 80 new tokens, 64 paths per
+question, all 64 in one batch over the prompt's shared KV cache (`prunekit.inference.sampling`).
+
+The sampled paths are cached in ``$PRUNEKIT_CACHE/bench/reasoning-<config hash>.jsonl``, one question a line,
+appended and flushed as each question finishes, so an interrupted run resumes where it stopped and a rerun
+with the same settings never resamples. Evaluation then draws, for every n, `--resamples` random subsets of
+n of the 64 paths per question (fixed seed) and averages accuracy and ECE over them.
+
+    python bench/reasoning.py --tune 30 --tune-n 8      # single-sample accuracy on 30 questions, 8 paths each
+    python bench/reasoning.py --sample-only              # sample (resumable; ~20-30 s a question on 1 thread)
+    python bench/reasoning.py                            # sample what is missing, evaluate, write results
+
+Writes bench/results/reasoning.json (``{"rows": [{"method", "n", "accuracy", "ece", ...}], ...meta}``),
+bench/results/reasoning.md and bench/results/reasoning.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NS = (4, 8, 16, 32, 64)
+SAMPLES, MAX_NEW_TOKENS, TEMPERATURE = 64, 64, 0.8
+INSTRUCTION = "Solve the problem. Show the steps briefly, then end with 'The answer is N.'"
+GENERATOR_VERSION = 2
+
+NAMES = ["Tom", "Anna", "Ben", "Lily", "Max", "Emma", "Sam", "Mia", "Leo", "Zoe", "Nina", "Omar"]
+ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "cards", "shells", "coins", "eggs"]
+FAMILIES = ("add", "sub", "mul", "add_mul", "mul_sub", "add_sub")
+
+
+def _problem(rng: random.Random, family: str) -> tuple[str, str, int]:
+    """(question, worked solution, answer) of one family, numbers drawn from `rng`."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    if family == "add":
+        a, b = rng.randint(3, 30), rng.randint(2, 20)
+        ans = a + b
+        return (f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have now?",
+                f"{a} + {b} = {ans}. The answer is {ans}.", ans)
+    if family == "sub":
+        a = rng.randint(10, 40)
+        b = rng.randint(2, a - 2)
+        ans = a - b
+        return (f"{name} has {a} {item} and gives away {b} of them. How many {item} does {name} have left?",
+                f"{a} - {b} = {ans}. The answer is {ans}.", ans)
+    if family == "mul":
+        b, c = rng.randint(2, 9), rng.randint(2, 9)
+        ans = b * c
+        return (f"{name} has {b} bags with {c} {item} in each bag. How many {item} does {name} have?",
+                f"{b} x {c} = {ans}. The answer is {ans}.", ans)
+    if family == "add_mul":
+        a, b, c = rng.randint(2, 20), rng.randint(2, 6), rng.randint(2, 9)
+        ans = a + b * c
+        return (f"{name} has {a} {item}. {name} buys {b} bags with {c} {item} in each bag. "
+                f"How many {item} does {name} have now?",
+                f"{b} x {c} = {b * c}. {a} + {b * c} = {ans}. The answer is {ans}.", ans)
+    if family == "mul_sub":
+        b, c = rng.randint(2, 7), rng.randint(3, 9)
+        d = rng.randint(1, b * c - 1)
+        ans = b * c - d
+        return (f"{name} has {b} boxes with {c} {item} in each box. {name} gives away {d} {item}. "
+                f"How many {item} are left?",
+                f"{b} x {c} = {b * c}. {b * c} - {d} = {ans}. The answer is {ans}.", ans)
+    a = rng.randint(5, 30)  # add_sub
+    b, c = rng.randint(2, 20), rng.randint(1, a)
+    ans = a + b - c
+    return (f"{name} has {a} {item}. {name} finds {b} more and then loses {c}. How many {item} does {name} have?",
+            f"{a} + {b} = {a + b}. {a + b} - {c} = {ans}. The answer is {ans}.", ans)
+
+
+def make_question(rng: random.Random) -> dict:
+    """One word problem with its computed answer and a worked example of the same family (other numbers)."""
+    family = rng.choice(FAMILIES)
+    eq, es, _ = _problem(rng, family)
+    q, _, ans = _problem(rng, family)
+    return {"question": q, "answer": str(ans), "family": family, "examples": [[eq, es]]}
+
+
+def make_questions(count: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [make_question(rng) for _ in range(count)]
+
+
+def _config(args) -> dict:
+    return {"generator": GENERATOR_VERSION, "question_seed": args.question_seed, "n": SAMPLES,
+            "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE, "instruction": INSTRUCTION,
+            "model": "smollm2-135m", "seed": args.seed}
+
+
+def cache_file(args) -> Path:
+    from prunekit import zoo
+
+    key = hashlib.sha256(json.dumps(_config(args), sort_keys=True).encode()).hexdigest()[:12]
+    folder = zoo.cache_dir() / "bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"reasoning-{key}.jsonl"
+
+
+def read_cache(path: Path) -> list[dict]:
+    """The complete records in the cache (a line cut by a crash at its end is ignored and later overwritten)."""
+    if not path.is_file():
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            records.append(json.loads(line))
+    return records
+
+
+def sample(args, count: int) -> list[dict]:
+    from prunekit import zoo
+    from prunekit.inference.sampling import sample_paths
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = cache_file(args)
+    done = read_cache(path)
+    if len(done) >= count:
+        return done[:count]
+    # drop a torn last line before appending
+    with open(path, "a+") as f:
+        f.seek(0)
+        good = sum(len(line) for line in f if line.endswith("\n"))
+        f.truncate(good)
+    questions = make_questions(count, args.question_seed)
+    todo = questions[len(done):]
+    print(f"sampling {len(todo)} questions x {SAMPLES} paths into {path} ({len(done)} cached)", flush=True)
+    model_dir = zoo.model_path("smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    t0 = time.perf_counter()
+    state = {"k": 0}
+
+    def append(record):
+        record["family"] = todo[state["k"]]["family"]
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        state["k"] += 1
+        k, dt = state["k"], time.perf_counter() - t0
+        correct = sum(p["answer"] == record["answer"] for p in record["paths"]) / len(record["paths"])
+        print(f"{len(done) + k}/{count}  {dt / k:.1f} s/question  single-path accuracy {correct:.2f}", flush=True)
+
+    sample_paths(model, tok, todo, n=SAMPLES, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE,
+                 seed=args.seed, instruction=INSTRUCTION, start=len(done), on_record=append)
+    return read_cache(path)[:count]
+
+
+def tune(args) -> int:
+    """Single-path accuracy on a few questions, to set the difficulty (not cached)."""
+    from prunekit import zoo
+    from prunekit.inference.sampling import sample_paths
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = zoo.model_path("smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    questions = make_questions(args.tune, args.question_seed + 1000)  # not the benchmark's questions
+    t0 = time.perf_counter()
+    recs = sample_paths(model, tok, questions, n=args.tune_n, max_new_tokens=MAX_NEW_TOKENS,
+                        temperature=TEMPERATURE, seed=args.seed, instruction=INSTRUCTION)
+    dt = time.perf_counter() - t0
+    per = [sum(p["answer"] == r["answer"] for p in r["paths"]) / len(r["paths"]) for r in recs]
+    lengths = [len(p["logprobs"]) for r in recs for p in r["paths"]]
+    for r, a in zip(recs[:5], per):
+        print(json.dumps(r["question"]), r["answer"], "|", repr(r["paths"][0]["text"][:200]), r["paths"][0]["answer"], a)
+    print(f"single-path accuracy {sum(per) / len(per):.3f} over {len(recs)} questions x {args.tune_n}; "
+          f"mean path length {sum(lengths) / len(lengths):.1f} tokens; {dt:.0f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--questions", type=int, default=200, help="questions (default 200)")
+    ap.add_argument("--question-seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--resamples", type=int, default=20, help="random n-subsets per question and n (default 20)")
+    ap.add_argument("--sample-only", action="store_true", help="only sample (resumable), no evaluation")
+    ap.add_argument("--cached-only", action="store_true", help="evaluate the questions already cached, sample none")
+    ap.add_argument("--tune", type=int, default=0, metavar="Q", help="only measure single-path accuracy on Q questions")
+    ap.add_argument("--tune-n", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(RESULTS / "reasoning.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.tune:
+        return tune(args)
+    if args.cached_only:
+        records = read_cache(cache_file(args))[: args.questions]
+    else:
+        records = sample(args, args.questions)
+    if args.sample_only:
+        return 0
+    return evaluate(args, records)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

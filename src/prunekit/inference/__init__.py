@@ -1,0 +1,1 @@
+"""Pruning what a model keeps while it runs: sampled reasoning paths (`reasoning`), conversation memory."""
