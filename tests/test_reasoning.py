@@ -316,3 +316,16 @@ def test_sample_paths_records_and_atomic_file(tmp_path):
         sample_paths(model, tok, qs, n=0)
     with pytest.raises(InputError, match="question 0"):
         sample_paths(model, tok, [3], n=1)
+
+
+def test_cli_sampling_validates_before_loading(tmp_path, capsys):
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps({"question": "1+1"}) + "\n")
+    out = tmp_path / "o.jsonl"
+    base = ["reason", "--model", str(tmp_path / "no-such-model"), "--questions", str(qfile), "--out", str(out)]
+    assert main(base + ["--temperature", "0"]) == 2
+    assert "temperature" in capsys.readouterr().err
+    assert main(base) == 2  # the model folder does not exist
+    assert main(["reason", "--model", "x", "--questions", str(qfile)]) == 2  # no --out
+    assert main(["reason", str(qfile), "--method", "sc", "--model", "x"]) == 2  # mixes voting and sampling
+    assert not out.exists()

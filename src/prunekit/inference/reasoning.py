@@ -24,8 +24,8 @@ Paths whose answer could not be extracted (``None``) vote like any answer (the r
 answer) and never match the reference.
 
 Departures from the reference code:
-  - Answers are equal when their canonical forms are: numbers by value ("18" = "18.0" = "1,8" is not a
-    number), other strings after stripping whitespace. The reference uses its `math_equal` (LaTeX,
+  - Answers are equal when their canonical forms are: numbers by value ("18" = "18.0" = " 18"), any other
+    string exactly, after stripping whitespace. The reference uses its `math_equal` (LaTeX,
     fractions, sympy); a user with such answers can normalise them in the answer extractor.
   - The Weibull density is floored at 1e-300 inside the log-likelihood, so a path far in a tail gives a
     large finite penalty instead of -log(0) = inf (which can stop L-BFGS-B with NaN steps). With no tail
