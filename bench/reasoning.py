@@ -235,12 +235,18 @@ def write_markdown(data: dict, path: Path) -> None:
     lines.append("RPC dropped " + ", ".join(f"{_fmt(by[('rpc', n)]['pruned_fraction'])}% (n={n})" for n in ns)
                  + " of the paths.")
     t = meta["targets"]
+    agree = meta.get("gradient_agreement")
+    if agree:
+        lines += ["", "The Weibull fit uses the exact gradient; with the reference's finite differences the RPC keep-mask "
+                  "is identical on " + ", ".join(f"{_fmt(v['identical_keep_masks'], 0)}% (n={k})" for k, v in agree.items())
+                  + f" of {next(iter(agree.values()))['subsets']} random subsets (per path: "
+                  + ", ".join(f"{_fmt(v['paths_agreeing'], 1)}%" for v in agree.values()) + ")."]
     lines += ["", "Targets:",
               f"- RPC accuracy >= SC at every n: {'met' if t['rpc_accuracy_at_least_sc_every_n'] else 'missed'}",
               f"- RPC ECE < SC at every n: {'met' if t['rpc_ece_below_sc_every_n'] else 'missed'} "
               f"(lower on average over n: {'yes' if t['rpc_ece_below_sc_mean'] else 'no'})",
               f"- SC's n={max(ns)} accuracy ({_fmt(t['sc_accuracy_at_max_n'])}%) reached by RPC with "
-              f"{t['rpc_samples_to_reach_sc_max'] or 'no tested'} samples: "
+              f"{('n=' + str(t['rpc_samples_to_reach_sc_max'])) if t['rpc_samples_to_reach_sc_max'] else 'none of the tested n'}: "
               f"{'met' if t['rpc_reaches_sc_max_with_half_the_samples'] else 'missed'} (target <= {max(ns) // 2})",
               "", "Single-path accuracy by problem family: " + ", ".join(
                   f"{k} {_fmt(v)}% ({meta['family_counts'][k]} q)" for k, v in meta["family_accuracy"].items()),
@@ -275,6 +281,35 @@ def write_plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def gradient_agreement(qs, per_n: int, seed: int = 0) -> dict:
+    """How often RPC's keep-mask is the same with the analytic gradient (prunekit's default) and with scipy's
+    finite differences (the reference's), on `per_n` random n-subsets of random questions for each n < 64."""
+    import numpy as np
+
+    from prunekit.inference import reasoning as R
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in NS:
+        same_mask = same_paths = total = 0
+        for _ in range(per_n):
+            q = qs[rng.integers(len(qs))]
+            idx = rng.choice(len(q.answers), size=min(n, len(q.answers)), replace=False)
+            p = R.path_probabilities([q.logprobs[i] for i in idx])
+            masks = []
+            for g in ("analytic", "numeric"):
+                if np.unique(p).size < 2:
+                    masks.append(np.ones(len(p), dtype=bool))
+                    continue
+                mix = R.fit_weibull_mixture(p, gradient=g)
+                masks.append(~((mix.posterior_high(p) < 0.5) & (p < p.mean())))
+            same_mask += bool((masks[0] == masks[1]).all())
+            same_paths += int((masks[0] == masks[1]).sum())
+            total += len(p)
+        out[str(n)] = {"subsets": per_n, "identical_keep_masks": same_mask / per_n, "paths_agreeing": same_paths / total}
+    return out
+
+
 def evaluate(args, records: list[dict]) -> int:
     import transformers
 
@@ -293,6 +328,8 @@ def evaluate(args, records: list[dict]) -> int:
                                              "pruned_fraction")})
             print(f"{m:>3} n={n:<3} accuracy {100 * res['accuracy']:.2f}  ECE {100 * res['ece']:.2f}  "
                   f"pruned {100 * res['pruned_fraction']:.1f}%", flush=True)
+    agreement = gradient_agreement(qs, args.gradient_check) if args.gradient_check else None
+    print("analytic vs finite-difference gradient, RPC keep-masks:", json.dumps(agreement), flush=True)
     per_q = [sum(R.canonical_answer(p["answer"]) == R.canonical_answer(r["answer"]) for p in r["paths"]) / len(r["paths"])
              for r in records]
     fam: dict = {}
@@ -305,7 +342,7 @@ def evaluate(args, records: list[dict]) -> int:
         "model": "smollm2-135m (SmolLM2-135M-Instruct)",
         "questions": len(records),
         "questions_requested": args.questions,
-        "question_note": "two or three small numbers (one-step: operands up to 20 and 9; two-step: results up to 24), one or two of + - x, from six templates, a worked example of the same "
+        "question_note": "one or two of + - x over small numbers (one step: operands up to 20 and 9; two steps: results up to 24), from six templates, a worked example of the same "
                          "template in the prompt",
         "samples": SAMPLES, "temperature": TEMPERATURE, "max_new_tokens": MAX_NEW_TOKENS, "instruction": INSTRUCTION,
         "resamples": args.resamples, "seed": args.seed, "question_seed": args.question_seed,
@@ -315,6 +352,7 @@ def evaluate(args, records: list[dict]) -> int:
         "mean_path_tokens": sum(lengths) / len(lengths),
         "sampling_seconds_per_question": _sampling_rate(args.sampling_log),
         "evaluation_seconds": time.perf_counter() - t0,
+        "gradient_agreement": agreement,
         "cache": str(cache_file(args)),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
@@ -351,12 +389,15 @@ def main(argv=None) -> int:
     ap.add_argument("--questions", type=int, default=200, help="questions (default 200)")
     ap.add_argument("--question-seed", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ap.add_argument("--resamples", type=int, default=20, help="random n-subsets per question and n (default 20)")
+    ap.add_argument("--resamples", type=int, default=10, help="random n-subsets per question and n (default 10, the reference's seeds)")
     ap.add_argument("--sample-only", action="store_true", help="only sample (resumable), no evaluation")
     ap.add_argument("--cached-only", action="store_true", help="evaluate the questions already cached, sample none")
     ap.add_argument("--tune", type=int, default=0, metavar="Q", help="only measure single-path accuracy on Q questions")
     ap.add_argument("--tune-n", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--gradient-check", type=int, default=30, metavar="K",
+                    help="compare RPC keep-masks from the analytic and the reference's finite-difference fit on K "
+                    "random subsets per n (0: skip; default 30)")
     ap.add_argument("--sampling-log", default=None, help="log of a separate --sample-only run (for its s/question)")
     ap.add_argument("--out", default=str(RESULTS / "reasoning.json"))
     args = ap.parse_args(argv)
