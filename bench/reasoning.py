@@ -181,7 +181,8 @@ def tune(args) -> int:
     per = [sum(p["answer"] == r["answer"] for p in r["paths"]) / len(r["paths"]) for r in recs]
     lengths = [len(p["logprobs"]) for r in recs for p in r["paths"]]
     for r, a in zip(recs[:5], per):
-        print(json.dumps(r["question"]), r["answer"], "|", repr(r["paths"][0]["text"][:200]), r["paths"][0]["answer"], a)
+        first = r["paths"][0]
+        print(json.dumps(r["question"]), r["answer"], "|", repr(first["text"][:200]), first["answer"], a)
     print(f"single-path accuracy {sum(per) / len(per):.3f} over {len(recs)} questions x {args.tune_n}; "
           f"mean path length {sum(lengths) / len(lengths):.1f} tokens; {dt:.0f} s")
     return 0
@@ -203,7 +204,8 @@ def targets(rows: list[dict]) -> dict:
     sc_best = by[("sc", top)]["accuracy"]
     reach = [n for n in ns if by[("rpc", n)]["accuracy"] >= sc_best - 1e-12]
     return {
-        "rpc_accuracy_at_least_sc_every_n": all(by[("rpc", n)]["accuracy"] >= by[("sc", n)]["accuracy"] - 1e-12 for n in ns),
+        "rpc_accuracy_at_least_sc_every_n": all(by[("rpc", n)]["accuracy"] >= by[("sc", n)]["accuracy"] - 1e-12
+                                                for n in ns),
         "rpc_ece_below_sc_every_n": all(by[("rpc", n)]["ece"] < by[("sc", n)]["ece"] for n in ns),
         "rpc_ece_below_sc_mean": sum(by[("rpc", n)]["ece"] for n in ns) < sum(by[("sc", n)]["ece"] for n in ns),
         "sc_accuracy_at_max_n": sc_best,
@@ -235,10 +237,12 @@ def write_markdown(data: dict, path: Path) -> None:
     lines.append("RPC dropped " + ", ".join(f"{_fmt(by[('rpc', n)]['pruned_fraction'])}% (n={n})" for n in ns)
                  + " of the paths.")
     t = meta["targets"]
+    reach = f"n={t['rpc_samples_to_reach_sc_max']}" if t["rpc_samples_to_reach_sc_max"] else "none of the tested n"
     agree = meta.get("gradient_agreement")
     if agree:
-        lines += ["", "The Weibull fit uses the exact gradient; with the reference's finite differences the RPC keep-mask "
-                  "is identical on " + ", ".join(f"{_fmt(v['identical_keep_masks'], 0)}% (n={k})" for k, v in agree.items())
+        lines += ["", "The Weibull fit uses the exact gradient; with the reference's finite differences the RPC "
+                  "keep-mask is identical on "
+                  + ", ".join(f"{_fmt(v['identical_keep_masks'], 0)}% (n={k})" for k, v in agree.items())
                   + f" of {next(iter(agree.values()))['subsets']} random subsets (per path: "
                   + ", ".join(f"{_fmt(v['paths_agreeing'], 1)}%" for v in agree.values()) + ")."]
     lines += ["", "Targets:",
@@ -246,7 +250,7 @@ def write_markdown(data: dict, path: Path) -> None:
               f"- RPC ECE < SC at every n: {'met' if t['rpc_ece_below_sc_every_n'] else 'missed'} "
               f"(lower on average over n: {'yes' if t['rpc_ece_below_sc_mean'] else 'no'})",
               f"- SC's n={max(ns)} accuracy ({_fmt(t['sc_accuracy_at_max_n'])}%) reached by RPC with "
-              f"{('n=' + str(t['rpc_samples_to_reach_sc_max'])) if t['rpc_samples_to_reach_sc_max'] else 'none of the tested n'}: "
+              f"{reach}: "
               f"{'met' if t['rpc_reaches_sc_max_with_half_the_samples'] else 'missed'} (target <= {max(ns) // 2})",
               "", "Single-path accuracy by problem family: " + ", ".join(
                   f"{k} {_fmt(v)}% ({meta['family_counts'][k]} q)" for k, v in meta["family_accuracy"].items()),
@@ -306,7 +310,8 @@ def gradient_agreement(qs, per_n: int, seed: int = 0) -> dict:
             same_mask += bool((masks[0] == masks[1]).all())
             same_paths += int((masks[0] == masks[1]).sum())
             total += len(p)
-        out[str(n)] = {"subsets": per_n, "identical_keep_masks": same_mask / per_n, "paths_agreeing": same_paths / total}
+        out[str(n)] = {"subsets": per_n, "identical_keep_masks": same_mask / per_n,
+                       "paths_agreeing": same_paths / total}
     return out
 
 
@@ -330,8 +335,8 @@ def evaluate(args, records: list[dict]) -> int:
                   f"pruned {100 * res['pruned_fraction']:.1f}%", flush=True)
     agreement = gradient_agreement(qs, args.gradient_check) if args.gradient_check else None
     print("analytic vs finite-difference gradient, RPC keep-masks:", json.dumps(agreement), flush=True)
-    per_q = [sum(R.canonical_answer(p["answer"]) == R.canonical_answer(r["answer"]) for p in r["paths"]) / len(r["paths"])
-             for r in records]
+    per_q = [sum(R.canonical_answer(p["answer"]) == R.canonical_answer(r["answer"]) for p in r["paths"])
+             / len(r["paths"]) for r in records]
     fam: dict = {}
     for r, a in zip(records, per_q):
         fam.setdefault(r.get("family", "?"), []).append(a)
@@ -342,8 +347,8 @@ def evaluate(args, records: list[dict]) -> int:
         "model": "smollm2-135m (SmolLM2-135M-Instruct)",
         "questions": len(records),
         "questions_requested": args.questions,
-        "question_note": "one or two of + - x over small numbers (one step: operands up to 20 and 9; two steps: results up to 24), from six templates, a worked example of the same "
-                         "template in the prompt",
+        "question_note": "one or two of + - x over small numbers (one step: operands up to 20 and 9; two steps: "
+                         "results up to 24), from six templates, a worked example of the same template in the prompt",
         "samples": SAMPLES, "temperature": TEMPERATURE, "max_new_tokens": MAX_NEW_TOKENS, "instruction": INSTRUCTION,
         "resamples": args.resamples, "seed": args.seed, "question_seed": args.question_seed,
         "single_path_accuracy": sum(per_q) / len(per_q),
@@ -389,7 +394,8 @@ def main(argv=None) -> int:
     ap.add_argument("--questions", type=int, default=200, help="questions (default 200)")
     ap.add_argument("--question-seed", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ap.add_argument("--resamples", type=int, default=10, help="random n-subsets per question and n (default 10, the reference's seeds)")
+    ap.add_argument("--resamples", type=int, default=10,
+                    help="random n-subsets per question and n (default 10, as the reference's 10 seeds)")
     ap.add_argument("--sample-only", action="store_true", help="only sample (resumable), no evaluation")
     ap.add_argument("--cached-only", action="store_true", help="evaluate the questions already cached, sample none")
     ap.add_argument("--tune", type=int, default=0, metavar="Q", help="only measure single-path accuracy on Q questions")

@@ -457,7 +457,9 @@ def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10,
         accs.append(float(np.mean(credit)))
         eces.append(expected_calibration_error(conf, corr, weights=wts))
         pruned.append(dropped / total)
+    eces = np.array(eces)
+    seen = eces[~np.isnan(eces)]
     return {"method": method, "n": int(n) if n is not None else available, "accuracy": float(np.mean(accs)),
-            "ece": float(np.nanmean(eces)) if not all(np.isnan(eces)) else float("nan"),
-            "accuracy_std": float(np.std(accs)), "ece_std": float(np.nanstd(eces)) if not all(np.isnan(eces)) else float("nan"),
-            "rounds": rounds, "questions": len(qs), "pruned_fraction": float(np.mean(pruned))}
+            "ece": float(seen.mean()) if seen.size else float("nan"), "accuracy_std": float(np.std(accs)),
+            "ece_std": float(seen.std()) if seen.size else float("nan"), "rounds": rounds, "questions": len(qs),
+            "pruned_fraction": float(np.mean(pruned))}
