@@ -256,6 +256,8 @@ def write_markdown(data: dict, path: Path) -> None:
                   f"{k} {_fmt(v)}% ({meta['family_counts'][k]} q)" for k, v in meta["family_accuracy"].items()),
               "", f"Sampling: {_secs(meta['sampling_seconds_per_question'])} per question (64 paths, 1 CPU thread on a "
               f"shared machine); evaluation {_secs(meta['evaluation_seconds'])}.", ""]
+    if meta.get("note"):
+        lines += [meta["note"], ""]
     path.write_text("\n".join(lines))
 
 
@@ -358,6 +360,7 @@ def evaluate(args, records: list[dict]) -> int:
         "sampling_seconds_per_question": _sampling_rate(args.sampling_log),
         "evaluation_seconds": time.perf_counter() - t0,
         "gradient_agreement": agreement,
+        "note": args.note,
         "cache": str(cache_file(args)),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
@@ -405,9 +408,21 @@ def main(argv=None) -> int:
                     help="compare RPC keep-masks from the analytic and the reference's finite-difference fit on K "
                     "random subsets per n (0: skip; default 30)")
     ap.add_argument("--sampling-log", default=None, help="log of a separate --sample-only run (for its s/question)")
+    ap.add_argument("--note", default=None, help="a sentence about how this run was made, kept in the results")
+    ap.add_argument("--markdown-only", action="store_true",
+                    help="rewrite the .md and .png from an existing results .json (adding --note), compute nothing")
     ap.add_argument("--out", default=str(RESULTS / "reasoning.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.markdown_only:
+        out = Path(args.out)
+        data = json.loads(out.read_text())
+        if args.note:
+            data["note"] = args.note
+            out.write_text(json.dumps(data, indent=1))
+        write_markdown(data, out.with_suffix(".md"))
+        write_plot(data, out.with_suffix(".png"))
+        return 0
     if args.tune:
         return tune(args)
     if args.cached_only:
