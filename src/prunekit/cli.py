@@ -22,6 +22,7 @@ _MODULES = {
     "cnn": "prunekit.cnn.cli",
     "memory": "prunekit.inference.memory_cli",
     "generate": "prunekit.inference.kv.cli",
+    "reason": "prunekit.inference.cli",
 }
 
 

@@ -13,6 +13,7 @@ from prunekit.errors import InputError
 from prunekit.cnn import trp, udfc
 from prunekit.data.methods import confident, el2n, forgetting, grand, prototypes
 from prunekit.inference.kv import DeepForcing, Delta, H2O, SnapKV, StreamingLLM
+from prunekit.inference import reasoning
 from prunekit.weights.methods import armor, dpruner, dsnot, magnitude, sparsegpt, wanda
 
 __all__ = ["MethodSpec", "METHODS", "get", "names"]
@@ -21,7 +22,7 @@ __all__ = ["MethodSpec", "METHODS", "get", "names"]
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    domain: str  # "weights" | "data" | "inference" | "cnn" | "kv"
+    domain: str  # "weights" | "data" | "cnn" | "kv" | "inference" (reasoning paths)
     paper: str
     url: str
     summary: str
@@ -29,6 +30,7 @@ class MethodSpec:
     # and ``fn(weight[out, in] fp32, stats, *, ratio, pattern, **options) -> pruned weight``.
     # data domain: ``fn`` is the scoring function (difficulty per example, or a label-issue mask).
     # kv domain: ``fn`` is the policy class (`prunekit.inference.kv.policy(model, name, budget=...)` runs it).
+    # inference domain: ``fn`` is the rule over one question's sampled paths, ``fn(answers, ...) -> Vote``.
     # `stats` may also be a function of the method's options returning the statistic's name (DSnoT).
     # A method that needs the whole model (gradients, several corpora) gives `prune_model(model, ids, *,
     # ratio, pattern, tokenizer, samples, seqlen, seed, skip, progress, **options) -> [LayerReport]` instead.
@@ -140,6 +142,23 @@ METHODS: dict[str, MethodSpec] = {
             "trp", "cnn", "Xu et al. 2020, Trained Rank Pruning for Efficient Deep Neural Networks",
             "https://arxiv.org/abs/1812.02402", "truncated-SVD substitution + nuclear norm every m training steps, "
             "then two thin convs per layer", fn=trp.TRP,
+        ),
+        MethodSpec(
+            "sc", "inference", "Wang et al. 2023, Self-Consistency Improves Chain of Thought Reasoning in Language Models",
+            "https://arxiv.org/abs/2203.11171", "majority vote over the sampled paths' answers (prunekit reason)",
+            fn=reasoning.self_consistency,
+        ),
+        MethodSpec(
+            "pc", "inference", "Zhou et al. 2025, Bridging Internal Probability and Self-Consistency for Effective and "
+            "Efficient LLM Reasoning", "https://arxiv.org/abs/2502.00511",
+            "perplexity consistency: an answer scores the summed exp(mean log-prob) of its distinct paths",
+            fn=reasoning.perplexity_consistency,
+        ),
+        MethodSpec(
+            "rpc", "inference", "Zhou et al. 2025, Bridging Internal Probability and Self-Consistency for Effective and "
+            "Efficient LLM Reasoning", "https://arxiv.org/abs/2502.00511",
+            "drop low-probability paths by a 2-Weibull mixture and the mean, then perplexity consistency",
+            fn=reasoning.rpc,
         ),
     )
 }

@@ -1,0 +1,114 @@
+"""``prunekit reason ...``: vote over sampled reasoning paths (SC, PC, RPC), or sample them from a model.
+
+    prunekit reason PATHS.jsonl --method rpc [--n 8] [--resamples 10] [--seed 0] [--json]
+    prunekit reason --model smollm2-135m --questions Q.jsonl --samples 16 --out PATHS.jsonl
+
+The questions file holds one ``{"question": str, "answer": reference}`` object a line; the paths file is
+what `prunekit.inference.reasoning.load_paths` reads. Output files are written atomically and an existing
+one is refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    r = sub.add_parser("reason", help="vote over sampled reasoning paths (sc, pc, rpc) or sample them from a model")
+    r.add_argument("paths", nargs="?", default=None, help="JSONL of sampled paths to vote over")
+    r.add_argument("--method", choices=("sc", "pc", "rpc"), default=None,
+                   help="sc: majority vote; pc: perplexity consistency; rpc: reasoning pruning + pc")
+    r.add_argument("--n", type=int, default=None, help="paths per question (default all); below the paths "
+                   "available, accuracy and ECE are averaged over --resamples random n-subsets")
+    r.add_argument("--resamples", type=int, default=10, help="random n-subsets averaged when --n is given (default 10)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the n-subsets, or of the sampling")
+    r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    r.add_argument("--model", default=None, help="sample: local Hugging Face model folder or zoo name (smollm2-135m)")
+    r.add_argument("--questions", default=None, help="sample: JSONL of {\"question\", \"answer\"} objects")
+    r.add_argument("--samples", type=int, default=16, help="sample: paths per question (default 16)")
+    r.add_argument("--max-new-tokens", type=int, default=96, help="sample: longest path in tokens (default 96)")
+    r.add_argument("--temperature", type=float, default=1.0,
+                   help="sample: temperature; the recorded log-probs are of the tempered distribution (default 1)")
+    r.add_argument("--out", default=None, help="sample: output JSONL of sampled paths")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _read_questions(path: str) -> list[dict]:
+    from prunekit.errors import InputError
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"--questions {p} is not a file; give a JSONL of {{\"question\", \"answer\"}} objects")
+    out = []
+    with open(p, encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{p}:{no}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("question"), str):
+                raise InputError(f"{p}:{no}: expected {{\"question\": str, \"answer\": ...}}")
+            out.append({"question": obj["question"], "answer": obj.get("answer")})
+    if not out:
+        raise InputError(f"{p} holds no questions")
+    return out
+
+
+def _sample(args) -> int:
+    from prunekit.errors import InputError
+    from prunekit.inference.sampling import _check, sample_paths
+    from prunekit.weights.io import load_model, resolve_model
+
+    if args.paths is not None or args.method is not None:
+        raise InputError("sampling (--model) takes no paths file or --method; vote in a second command")
+    if args.questions is None or args.out is None:
+        raise InputError("sampling needs --questions Q.jsonl and --out PATHS.jsonl")
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.overwrite:
+        raise InputError(f"{out} exists; pass --overwrite or choose another --out")
+    if not out.parent.is_dir():
+        raise InputError(f"{out.parent} is not a folder; create it first")
+    _check(n=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    questions = _read_questions(args.questions)
+    resolve_model(args.model)
+    model, tok = load_model(args.model)
+    records = sample_paths(model, tok, questions, n=args.samples, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, seed=args.seed, out=out, overwrite=args.overwrite,
+                           progress=not args.quiet)
+    paths = sum(len(r["paths"]) for r in records)
+    print(f"sampled {paths} paths for {len(records)} questions from {args.model}; saved to {out}")
+    return 0
+
+
+def run(args) -> int:
+    from prunekit.errors import InputError
+    from prunekit.inference import reasoning
+
+    if args.model is not None:
+        return _sample(args)
+    if args.paths is None:
+        raise InputError("give a JSONL of sampled paths to vote over, or --model/--questions/--out to sample")
+    if args.method is None:
+        raise InputError("--method is required: sc, pc or rpc")
+    if args.questions is not None or args.out is not None:
+        raise InputError("--questions and --out are for sampling, which needs --model")
+    questions = reasoning.load_paths(args.paths)
+    res = reasoning.evaluate(questions, method=args.method, n=args.n, resamples=args.resamples, seed=args.seed)
+    available = min(len(q.answers) for q in questions)
+    res["paths_available"] = available
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    how = (f"averaged over {res['rounds']} random subsets of {res['n']} paths per question (seed {args.seed})"
+           if res["rounds"] > 1 else f"all {res['n']} paths per question")
+    print(f"{args.method}: accuracy {100 * res['accuracy']:.2f}%  ECE {100 * res['ece']:.2f}%  "
+          f"over {res['questions']} questions, {how}")
+    if args.method == "rpc":
+        print(f"reasoning pruning dropped {100 * res['pruned_fraction']:.1f}% of the paths")
+    return 0

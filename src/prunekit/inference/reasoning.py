@@ -1,0 +1,468 @@
+"""Answer aggregation over sampled reasoning paths: self-consistency, Perplexity Consistency and RPC.
+
+Paper: Zhou, Tan, Li, Yao, Guo, Li, Ma, "Bridging Internal Probability and Self-Consistency for Effective and
+Efficient LLM Reasoning" (arXiv 2502.00511; NeurIPS 2025 as "A Theoretical Study on Bridging Internal
+Probability and Self-Consistency for LLM Reasoning", arXiv 2510.15444). Code: github.com/WNJXYK/RPC
+(`compute_sc.py`, `compute_rpc.py::wpc_evaluator`, `metrics.py`).
+
+n paths t_1..t_n are sampled for a question; path i states answer a_i = g(t_i) and has per-token log-probs
+l_i1..l_iT. Its probability is the per-token geometric mean p_i = exp(mean_t l_it) (1 / perplexity).
+  - Self-consistency (SC):  s(y) = #{i : a_i = y} / n.
+  - Perplexity Consistency (PC, Eq. 9):  s(y) = sum over the *distinct* paths t in {t_1..t_n} with g(t) = y of
+    p(t); a path sampled twice counts once.
+  - Reasoning Pruning (RP) + PC = RPC: fit f(p) = w f_W(p; k1, l1) + (1 - w) f_W(p; k2, l2), with the Weibull
+    density f_W(p; k, l) = (k/l)(p/l)^(k-1) exp(-(p/l)^k), to p_1..p_n by maximum likelihood (L-BFGS-B from
+    (w, k1, l1, k2, l2) = (0.5, 1, 1, 1.5, 2), w in [0.2, 0.8], k, l >= 0.01); component 1 is the one with
+    the larger mean l Gamma(1 + 1/k) (the "high" component). Drop path i when its posterior under the low
+    component is larger, (1-w) f_W(p_i; k2, l2) > w f_W(p_i; k1, l1), AND p_i < mean(p) (the truncated-mean
+    guard against a bad fit at small n). Then vote with PC over the paths kept.
+  - The chosen answer is argmax_y s(y); its confidence is s(y*) / sum_y s(y). Tied winners share the credit:
+    accuracy 1/|ties| for each correct tied answer, and each enters the ECE with weight 1/|ties|.
+  - ECE: confidences in B = 10 bins (b/B, (b+1)/B]; ECE = sum_b (W_b / W) |acc_b - conf_b| with W_b the
+    weight in bin b and acc_b, conf_b its weighted mean correctness and confidence.
+Paths whose answer could not be extracted (``None``) vote like any answer (the reference's "[Invalid]"
+answer) and never match the reference.
+
+Departures from the reference code:
+  - Answers are equal when their canonical forms are: numbers by value ("18" = "18.0" = " 18"), any other
+    string exactly, after stripping whitespace. The reference uses its `math_equal` (LaTeX,
+    fractions, sympy); a user with such answers can normalise them in the answer extractor.
+  - The Weibull density is floored at 1e-300 inside the log-likelihood, so a path far in a tail gives a
+    large finite penalty instead of -log(0) = inf (which can stop L-BFGS-B with NaN steps). With no tail
+    point the fit is the reference's. Path probabilities are floored at 1e-300 for the same reason.
+  - With fewer than 2 distinct path probabilities there is nothing to fit and no path is dropped (the
+    reference would fit anyway; with all p_i equal no path is below the mean, so nothing is dropped either).
+  - The n-path subsets of an evaluation are drawn independently per question (the reference shuffles one
+    index list per seed and uses it for every question); both are uniform subsets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from prunekit.errors import InputError
+
+__all__ = [
+    "METHODS", "Vote", "WeibullMixture", "path_probabilities", "self_consistency", "perplexity_consistency",
+    "fit_weibull_mixture", "reasoning_prune", "rpc", "vote", "expected_calibration_error", "evaluate",
+    "load_paths", "canonical_answer",
+]
+
+METHODS = ("sc", "pc", "rpc")
+ECE_BINS = 10
+_TINY = 1e-300
+
+
+def canonical_answer(answer) -> object:
+    """The form answers are compared in: a finite number's float value, else the stripped string; ``None``
+    stays ``None`` (no answer)."""
+    if answer is None:
+        return None
+    text = str(answer).strip()
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if math.isfinite(value) else text
+
+
+@dataclass
+class Vote:
+    """The outcome of one vote: ``scores`` (normalised to sum 1, in first-seen order of the answers),
+    ``winners`` (the tied top answers, canonical), ``confidence`` (the top normalised score) and ``keep``
+    (which paths took part; all True except under RPC)."""
+
+    scores: dict
+    winners: list
+    confidence: float
+    keep: np.ndarray = field(repr=False)
+
+    @property
+    def answer(self):
+        """The chosen answer (the first of tied winners)."""
+        return self.winners[0]
+
+    def credit(self, reference) -> float:
+        """Accuracy credit against the reference answer: 1/|winners| if it is among the tied winners."""
+        ref = canonical_answer(reference)
+        if ref is None:
+            return 0.0
+        return sum(1.0 for w in self.winners if w == ref) / len(self.winners)
+
+
+def _answers(answers: Sequence) -> list:
+    if isinstance(answers, (str, bytes)) or not hasattr(answers, "__len__"):
+        raise InputError("answers must be a list with one answer per path")
+    if len(answers) == 0:
+        raise InputError("no paths to vote over: give at least one path")
+    return [canonical_answer(a) for a in answers]
+
+
+def path_probabilities(logprobs: Sequence) -> np.ndarray:
+    """p_i = exp(mean of path i's token log-probs), [n]. `logprobs`: one sequence per path (each non-empty,
+    finite, <= 0), or already a [n] array of *mean* log-probs (floats)."""
+    if len(logprobs) == 0:
+        raise InputError("no paths: give at least one path's log-probs")
+    means = []
+    for i, lp in enumerate(logprobs):
+        arr = np.asarray(lp, dtype=np.float64).reshape(-1)  # [T_i], or [1] for a mean
+        if arr.size == 0:
+            raise InputError(f"path {i} has no token log-probs; every path needs at least one token")
+        if not np.all(np.isfinite(arr)):
+            raise InputError(f"path {i} has a NaN or infinite log-prob; resample it or drop the path")
+        if np.any(arr > 1e-6):
+            raise InputError(f"path {i} has a positive log-prob ({arr.max():g}); log-probs must be <= 0 "
+                             "(did you pass probabilities or negative log-likelihoods?)")
+        means.append(min(float(arr.mean()), 0.0))
+    return np.maximum(np.exp(np.array(means)), _TINY)  # [n]
+
+
+def _normalised(raw: dict, keep: np.ndarray) -> Vote:
+    total = sum(raw.values())
+    if total <= 0:  # every score zero: nothing to prefer; all answers tie
+        scores = {a: 1.0 / len(raw) for a in raw}
+    else:
+        scores = {a: s / total for a, s in raw.items()}
+    top = max(scores.values())
+    winners = [a for a, s in scores.items() if s >= top * (1 - 1e-12)]
+    return Vote(scores=scores, winners=winners, confidence=float(top), keep=keep)
+
+
+def self_consistency(answers: Sequence) -> Vote:
+    """Majority vote: s(y) = #{i : a_i = y} / n."""
+    ans = _answers(answers)
+    raw: dict = {}
+    for a in ans:
+        raw[a] = raw.get(a, 0.0) + 1.0
+    return _normalised(raw, np.ones(len(ans), dtype=bool))
+
+
+def _pc_scores(ans: list, probs: np.ndarray, texts, keep: np.ndarray) -> dict:
+    raw: dict = {a: 0.0 for a in ans}  # every sampled answer is a candidate, pruned ones with score 0
+    seen = set()
+    for i, (a, p) in enumerate(zip(ans, probs)):
+        if not keep[i]:
+            continue
+        key = (texts[i], float(p)) if texts is not None else i  # a path sampled twice counts once
+        if key in seen:
+            continue
+        seen.add(key)
+        raw[a] += float(p)
+    return raw
+
+
+def _texts(texts, n: int):
+    if texts is None:
+        return None
+    if len(texts) != n:
+        raise InputError(f"texts has {len(texts)} entries for {n} paths; give one text per path")
+    return [str(t) for t in texts]
+
+
+def perplexity_consistency(answers: Sequence, logprobs: Sequence, *, texts: Sequence | None = None) -> Vote:
+    """PC: s(y) = sum of p(t) over the distinct paths t reaching y (see the module doc). Paths are distinct
+    by (text, probability); without `texts` every path counts."""
+    ans = _answers(answers)
+    probs = path_probabilities(logprobs)
+    if len(probs) != len(ans):
+        raise InputError(f"{len(ans)} answers but {len(probs)} log-prob sequences; give one of each per path")
+    keep = np.ones(len(ans), dtype=bool)
+    return _normalised(_pc_scores(ans, probs, _texts(texts, len(ans)), keep), keep)
+
+
+def _weibull_pdf(x, k, lam):
+    return (k / lam) * (x / lam) ** (k - 1) * np.exp(-((x / lam) ** k))
+
+
+@dataclass(frozen=True)
+class WeibullMixture:
+    """w f_W(x; k_high, lam_high) + (1 - w) f_W(x; k_low, lam_low), the high component having the larger
+    mean lam Gamma(1 + 1/k)."""
+
+    w: float
+    k_high: float
+    lam_high: float
+    k_low: float
+    lam_low: float
+
+    def mean(self, which: str) -> float:
+        k, lam = (self.k_high, self.lam_high) if which == "high" else (self.k_low, self.lam_low)
+        return lam * math.gamma(1 + 1 / k)
+
+    def posterior_high(self, x) -> np.ndarray:
+        """P(high component | x) for each x."""
+        x = np.maximum(np.asarray(x, dtype=np.float64), _TINY)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+            hi = self.w * _weibull_pdf(x, self.k_high, self.lam_high)
+            lo = (1 - self.w) * _weibull_pdf(x, self.k_low, self.lam_low)
+            hi, lo = np.where(np.isfinite(hi), hi, 0.0), np.where(np.isfinite(lo), lo, 0.0)
+            post = hi / (hi + lo)
+        return np.where(np.isfinite(post), post, (hi >= lo).astype(np.float64))
+
+
+def _mixture_nll(params, x):
+    """-sum log f(x) and its gradient in (w, k1, lam1, k2, lam2), the density floored at 1e-300."""
+    w, k1, l1, k2, l2 = params
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        z1, z2 = x / l1, x / l2  # [n]
+        f1, f2 = _weibull_pdf(x, k1, l1), _weibull_pdf(x, k2, l2)  # [n]
+        f1, f2 = np.where(np.isfinite(f1), f1, 0.0), np.where(np.isfinite(f2), f2, 0.0)
+        pdf = w * f1 + (1 - w) * f2  # [n]
+        live = pdf > _TINY  # floored points contribute a constant: no gradient
+        safe = np.where(live, pdf, 1.0)
+        r1, r2 = np.where(live, w * f1 / safe, 0.0), np.where(live, (1 - w) * f2 / safe, 0.0)  # responsibilities
+        lz1, lz2 = np.log(z1), np.log(z2)
+        zk1, zk2 = z1 ** k1, z2 ** k2
+        grad = -np.array([
+            np.sum(np.where(live, (f1 - f2) / safe, 0.0)),
+            np.sum(r1 * (1 / k1 + lz1 - zk1 * lz1)),  # d log f_W / dk = 1/k + log z - z^k log z
+            np.sum(r1 * (k1 / l1) * (zk1 - 1)),  # d log f_W / dlam = (k/lam)(z^k - 1)
+            np.sum(r2 * (1 / k2 + lz2 - zk2 * lz2)),
+            np.sum(r2 * (k2 / l2) * (zk2 - 1)),
+        ])
+    value = -np.sum(np.log(np.maximum(pdf, _TINY)))
+    if not np.all(np.isfinite(grad)):
+        grad = np.nan_to_num(grad, nan=0.0, posinf=1e300, neginf=-1e300)
+    return float(value), grad
+
+
+def fit_weibull_mixture(x: Sequence, *, init=(0.5, 1.0, 1.0, 1.5, 2.0), w_bounds=(0.2, 0.8),
+                        gradient: str = "analytic") -> WeibullMixture:
+    """Maximum-likelihood two-component Weibull mixture of positive samples `x` [n], as the reference fits it:
+    L-BFGS-B (scipy's default with bounds) on -sum log f(x) from `init` = (w, k1, lam1, k2, lam2), w within
+    `w_bounds`, the rest >= 0.01; then the components are ordered by mean.
+
+    ``gradient="analytic"`` (default) hands L-BFGS-B the exact gradient; ``"numeric"`` lets scipy take
+    finite differences as the reference does. Same objective, same start, same bounds: they reach the same
+    optimum to the optimizer's tolerance (tests check it), the analytic one with ~6x fewer likelihood
+    evaluations, which matters when an evaluation refits thousands of path subsets.
+    """
+    try:
+        from scipy.optimize import minimize
+    except ImportError:
+        raise ImportError("RPC's Weibull fit needs scipy: pip install 'prunekit[data]' (or scipy>=1.10)") from None
+
+    x = np.asarray(x, dtype=np.float64).reshape(-1)  # [n]
+    if x.size < 2 or not np.all(np.isfinite(x)) or np.any(x <= 0):
+        raise InputError("fit_weibull_mixture needs at least 2 finite samples, all > 0")
+    lo, hi = w_bounds
+    if not (0 < lo <= hi < 1):
+        raise InputError(f"w_bounds={w_bounds!r} must satisfy 0 < low <= high < 1")
+    if len(init) != 5:
+        raise InputError("init must be (w, k1, lam1, k2, lam2)")
+    if gradient not in ("analytic", "numeric"):
+        raise InputError(f"gradient={gradient!r}: choose 'analytic' or 'numeric'")
+    bounds = [(lo, hi)] + [(0.01, None)] * 4
+    start = np.asarray(init, dtype=np.float64)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        if gradient == "analytic":
+            res = minimize(_mixture_nll, start, args=(x,), jac=True, bounds=bounds)
+        else:
+            res = minimize(lambda p: _mixture_nll(p, x)[0], start, bounds=bounds)
+    w, k1, l1, k2, l2 = (float(v) for v in res.x)
+    if l1 * math.gamma(1 + 1 / k1) < l2 * math.gamma(1 + 1 / k2):
+        w, k1, l1, k2, l2 = 1 - w, k2, l2, k1, l1
+    return WeibullMixture(w=w, k_high=k1, lam_high=l1, k_low=k2, lam_low=l2)
+
+
+def reasoning_prune(probs: Sequence) -> np.ndarray:
+    """RPC's keep-mask over path probabilities p [n] (True = kept): drop path i iff the fitted low component
+    explains p_i better than the high one AND p_i < mean(p)."""
+    p = np.maximum(np.asarray(probs, dtype=np.float64).reshape(-1), _TINY)  # [n]
+    keep = np.ones(p.size, dtype=bool)
+    if np.unique(p).size < 2:
+        return keep
+    mix = fit_weibull_mixture(p)
+    return ~((mix.posterior_high(p) < 0.5) & (p < p.mean()))
+
+
+def rpc(answers: Sequence, logprobs: Sequence, *, texts: Sequence | None = None) -> Vote:
+    """Reasoning Pruning then Perplexity Consistency over the kept paths (see the module doc)."""
+    ans = _answers(answers)
+    probs = path_probabilities(logprobs)
+    if len(probs) != len(ans):
+        raise InputError(f"{len(ans)} answers but {len(probs)} log-prob sequences; give one of each per path")
+    keep = reasoning_prune(probs)
+    return _normalised(_pc_scores(ans, probs, _texts(texts, len(ans)), keep), keep)
+
+
+def vote(answers: Sequence, logprobs: Sequence | None = None, *, method: str = "rpc",
+         texts: Sequence | None = None) -> Vote:
+    """`self_consistency`, `perplexity_consistency` or `rpc` by name ("sc", "pc", "rpc")."""
+    if method not in METHODS:
+        raise InputError(f"method={method!r}: choose one of {', '.join(METHODS)}")
+    if method == "sc":
+        return self_consistency(answers)
+    if logprobs is None:
+        raise InputError(f"method {method!r} needs the paths' log-probs")
+    return (perplexity_consistency if method == "pc" else rpc)(answers, logprobs, texts=texts)
+
+
+def expected_calibration_error(confidence: Sequence, correct: Sequence, *, weights: Sequence | None = None,
+                               bins: int = ECE_BINS) -> float:
+    """ECE = sum_b (W_b / W) |acc_b - conf_b| over `bins` equal bins (b/B, (b+1)/B] of `confidence` [m]
+    (correctness `correct` [m] in [0, 1], optional `weights` [m]); a confidence of 0 falls in no bin, as in
+    the reference's `metrics.py`. NaN when no weight lands in a bin."""
+    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)  # [m]
+    corr = np.asarray(correct, dtype=np.float64).reshape(-1)  # [m]
+    wts = np.ones_like(conf) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    if not (conf.shape == corr.shape == wts.shape):
+        raise InputError("confidence, correct and weights must have the same length")
+    if not isinstance(bins, int) or bins < 1:
+        raise InputError(f"bins={bins!r} must be an integer >= 1")
+    if np.any(~np.isfinite(conf)) or np.any((conf < 0) | (conf > 1 + 1e-9)):
+        raise InputError("confidences must be in [0, 1]")
+    idx = np.ceil(np.clip(conf, 0, 1) * bins - 1e-12).astype(int) - 1  # bin b holds (b/B, (b+1)/B]
+    inside = idx >= 0
+    total = wts[inside].sum()
+    if total <= 0:
+        return float("nan")
+    ece = 0.0
+    for b in range(bins):
+        sel = inside & (idx == b)
+        wb = wts[sel].sum()
+        if wb > 0:
+            ece += wb * abs((wts[sel] * corr[sel]).sum() / wb - (wts[sel] * conf[sel]).sum() / wb)
+    return float(ece / total)
+
+
+# ---------------------------------------------------------------- files of sampled paths and evaluation
+
+
+@dataclass
+class Question:
+    """One question's sampled paths: reference `answer`, and per path `texts`, `answers`, `logprobs`."""
+
+    answer: object
+    texts: list
+    answers: list
+    logprobs: list
+    question: str | None = None
+
+
+def _bad(path, line_no, what) -> InputError:
+    return InputError(f"{path}:{line_no}: {what}")
+
+
+def _parse(obj, path, line_no) -> Question:
+    if not isinstance(obj, dict):
+        raise _bad(path, line_no, "expected a JSON object {\"answer\": ..., \"paths\": [...]}")
+    if "answer" not in obj:
+        raise _bad(path, line_no, "no \"answer\" (the reference answer)")
+    paths = obj.get("paths")
+    if not isinstance(paths, list):
+        raise _bad(path, line_no, "\"paths\" must be a list of {\"text\", \"answer\", \"logprobs\"}")
+    if not paths:
+        raise _bad(path, line_no, "\"paths\" is empty; every question needs at least one sampled path")
+    texts, answers, logprobs = [], [], []
+    for j, p in enumerate(paths):
+        if not isinstance(p, dict):
+            raise _bad(path, line_no, f"path {j} is not an object")
+        text, lp = p.get("text"), p.get("logprobs")
+        if not isinstance(text, str):
+            raise _bad(path, line_no, f"path {j}: \"text\" must be a string")
+        if "answer" not in p:
+            raise _bad(path, line_no, f"path {j}: no \"answer\" (use null when none was extracted)")
+        if not isinstance(lp, list) or not lp or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                        for v in lp):
+            raise _bad(path, line_no, f"path {j}: \"logprobs\" must be a non-empty list of numbers")
+        arr = np.asarray(lp, dtype=np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise _bad(path, line_no, f"path {j}: a log-prob is NaN or infinite")
+        if np.any(arr > 1e-6):
+            raise _bad(path, line_no, f"path {j}: a log-prob is positive ({arr.max():g}); log-probs must be <= 0")
+        texts.append(text)
+        answers.append(p["answer"])
+        logprobs.append(arr)
+    q = obj.get("question")
+    return Question(answer=obj["answer"], texts=texts, answers=answers, logprobs=logprobs,
+                    question=q if isinstance(q, str) else None)
+
+
+def load_paths(path: str | os.PathLike) -> list[Question]:
+    """Read a JSONL file of sampled paths, one question a line:
+    ``{"question": str (optional), "answer": reference, "paths": [{"text": str, "answer": str | null,
+    "logprobs": [float <= 0, ...]}, ...]}``. Blank lines are skipped; anything else malformed raises
+    `InputError` naming the line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"{path} is not a file; give a JSONL file of sampled paths")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line, parse_constant=lambda c: float(c))
+            except json.JSONDecodeError as e:
+                raise _bad(path, line_no, f"not valid JSON ({e.msg})") from None
+            out.append(_parse(obj, path, line_no))
+    if not out:
+        raise InputError(f"{path} holds no questions")
+    return out
+
+
+def _as_questions(records) -> list[Question]:
+    out = []
+    for i, r in enumerate(records):
+        out.append(r if isinstance(r, Question) else _parse(r, "<records>", i + 1))
+    return out
+
+
+def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10, seed: int = 0) -> dict:
+    """Accuracy and ECE of `method` over questions (`load_paths` output or records in its format).
+
+    With `n` below a question's path count, each of `resamples` rounds votes over a uniform random n-subset
+    of every question's paths (seeded by `seed`); accuracy and ECE are computed per round and averaged, as the
+    reference averages over seeds. With `n` None or at least every question's path count there is one round
+    over all paths. Returns ``{"method", "n", "accuracy", "ece", "accuracy_std", "ece_std", "rounds",
+    "questions", "pruned_fraction"}``; accuracy and ECE are fractions in [0, 1].
+    """
+    if method not in METHODS:
+        raise InputError(f"method={method!r}: choose one of {', '.join(METHODS)}")
+    qs = _as_questions(records)
+    if not qs:
+        raise InputError("no questions to evaluate")
+    available = min(len(q.answers) for q in qs)
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise InputError(f"n={n!r} must be an integer >= 1")
+    if n is not None and n > available:
+        raise InputError(f"n={n} but a question has only {available} paths; choose n <= {available}")
+    if not isinstance(resamples, int) or resamples < 1:
+        raise InputError(f"resamples={resamples!r} must be an integer >= 1")
+    subsample = n is not None and any(n < len(q.answers) for q in qs)
+    rounds = resamples if subsample else 1
+    rng = np.random.default_rng(seed)
+    means = [np.array([float(np.mean(lp)) for lp in q.logprobs]) for q in qs]  # [n_q] each
+    accs, eces, pruned = [], [], []
+    for _ in range(rounds):
+        conf, corr, wts, credit = [], [], [], []
+        dropped = total = 0
+        for q, m in zip(qs, means):
+            idx = rng.choice(len(q.answers), size=n, replace=False) if subsample else np.arange(len(q.answers))
+            answers = [q.answers[i] for i in idx]
+            v = vote(answers, m[idx], method=method, texts=[q.texts[i] for i in idx])
+            ref = canonical_answer(q.answer)
+            credit.append(v.credit(q.answer))
+            for w in v.winners:
+                conf.append(v.confidence)
+                corr.append(1.0 if (ref is not None and w == ref) else 0.0)
+                wts.append(1.0 / len(v.winners))
+            dropped += int((~v.keep).sum())
+            total += len(idx)
+        accs.append(float(np.mean(credit)))
+        eces.append(expected_calibration_error(conf, corr, weights=wts))
+        pruned.append(dropped / total)
+    eces = np.array(eces)
+    seen = eces[~np.isnan(eces)]
+    return {"method": method, "n": int(n) if n is not None else available, "accuracy": float(np.mean(accs)),
+            "ece": float(seen.mean()) if seen.size else float("nan"), "accuracy_std": float(np.std(accs)),
+            "ece_std": float(seen.std()) if seen.size else float("nan"), "rounds": rounds, "questions": len(qs),
+            "pruned_fraction": float(np.mean(pruned))}

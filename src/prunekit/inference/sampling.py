@@ -1,0 +1,238 @@
+"""Sample reasoning paths from a Hugging Face causal LM, with the log-probability of every sampled token.
+
+`sample_paths` draws `n` completions per question and records, per path, the text, the answer an extractor
+pulls out of it, and the per-token log-probabilities the voting rules of `prunekit.inference.reasoning`
+need (RPC's path probability is ``exp(mean(logprobs))``).
+
+How it samples (one question at a time, all `n` paths in one batch):
+  1. the prompt (the tokenizer's chat template when it has one, else plain text) is run once, batch 1;
+  2. its KV cache is repeated `n` times, so the prompt is never recomputed per path;
+  3. each step draws x_t ~ softmax(z_t / T) with a seeded `torch.Generator` (pure temperature sampling: no
+     top-k / top-p, so the recorded value is the log-probability under the distribution actually sampled
+     from), and records log softmax(z_t / T)[x_t] <= 0;
+  4. a path stops at the tokenizer's EOS (which is kept as its last token and counted in the log-probs,
+     like generate's scores) or at `max_new_tokens`; finished paths are dropped from the batch and the cache
+     (`DynamicCache.batch_select_indices`), so short answers cost only their own length.
+The temperature matters: the log-probs are of the *tempered* distribution (T = 1 gives the model's own).
+The reference code (WNJXYK/RPC) ships no sampler; its released paths carry a ``mean_logprob`` per path
+from the sampling engine, which is what ``exp(mean(logprobs))`` reproduces here.
+
+Seeding: question i uses a generator seeded with ``seed * 1_000_003 + i`` (i = its index in the list plus
+`start`), so a question's paths do not depend on which other questions were sampled in the same call; a
+resumed run gives the same paths as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+from prunekit.errors import InputError
+
+__all__ = ["DEFAULT_INSTRUCTION", "extract_answer", "build_prompt", "sample_paths", "sample_question"]
+
+DEFAULT_INSTRUCTION = "Solve the problem. Think step by step, briefly, and end with 'The answer is N.'"
+
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*\$?\s*\\?(?:boxed\{)?\s*(" + _NUMBER + ")", re.IGNORECASE)
+
+
+def _norm_number(text: str) -> str:
+    text = text.replace(",", "")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    if text in ("-0", ""):
+        text = "0"
+    return text
+
+
+def extract_answer(text: str) -> str | None:
+    """The answer a completion states: the number after the last "answer is" (or "answer:"), else the last
+    number in the text; ``None`` when it has no number. Thousands separators and trailing zeros are
+    dropped ("1,200.50" -> "1200.5") so equal numbers compare equal as strings."""
+    hits = _ANSWER_IS.findall(text)
+    if hits:
+        return _norm_number(hits[-1])
+    numbers = re.findall(_NUMBER, text)
+    return _norm_number(numbers[-1]) if numbers else None
+
+
+def build_prompt(tokenizer, question: str, *, instruction: str | None = DEFAULT_INSTRUCTION,
+                 examples: tuple = (), chat: bool | None = None) -> str:
+    """The text fed to the model. With the tokenizer's chat template (``chat=None``: when it has one): each
+    worked example ``(question, solution)`` as a user turn and an assistant turn, then the question as the
+    last user turn, every user turn prefixed by ``instruction``. Without one: the same as plain text,
+    ``"{instruction}\\n\\nQuestion: ...\\nAnswer: ..."`` blocks ending in ``"Answer:"``."""
+    for ex in examples:
+        if not (isinstance(ex, (tuple, list)) and len(ex) == 2 and all(isinstance(x, str) for x in ex)):
+            raise InputError("examples must be (question, solution) pairs of strings")
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError("chat=True but the tokenizer has no chat template; pass chat=False")
+        user = (lambda q: f"{instruction}\n\n{q}") if instruction else (lambda q: q)
+        messages = []
+        for q, a in examples:
+            messages += [{"role": "user", "content": user(q)}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": user(question)})
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    head = f"{instruction}\n\n" if instruction else ""
+    shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in examples)
+    return f"{head}{shots}Question: {question}\nAnswer:"
+
+
+def _check(*, n, max_new_tokens, temperature, seed):
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InputError(f"n={n!r}: the number of paths per question must be an integer >= 1")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0 \
+            or temperature == float("inf"):
+        raise InputError(f"temperature={temperature!r} must be a finite number > 0 (greedy decoding has no "
+                         "distribution to sample from)")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise InputError(f"seed={seed!r} must be an integer")
+
+
+def sample_question(model, tokenizer, prompt: str, *, n: int, max_new_tokens: int = 96, temperature: float = 1.0,
+                    seed: int = 0, eos_token_id: int | None = None) -> list[dict]:
+    """`n` sampled completions of one prompt: ``[{"text", "tokens", "logprobs"}]`` (see the module doc)."""
+    import torch
+    from transformers import DynamicCache
+
+    _check(n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)  # [1, L]
+    if ids.shape[1] == 0:
+        raise InputError("the prompt is empty after tokenization")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        # transformers renamed `past_key_values` to `cache` in late 5.x; pass whichever this model takes
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        out = model(input_ids=ids, use_cache=True, **{key: cache})
+        cache = out.past_key_values if out.past_key_values is not None else cache
+        cache.batch_repeat_interleave(n)  # the prompt's keys/values, shared by every path
+        logits = out.logits[:, -1, :].float().expand(n, -1)  # [n, V]
+        alive = torch.arange(n, device=device)  # which paths the batch rows are
+        pos = ids.shape[1]
+        for step in range(max_new_tokens):
+            logp = torch.log_softmax(logits / temperature, dim=-1)  # [a, V]
+            nxt = torch.multinomial(logp.exp(), 1, generator=gen)  # [a, 1]
+            lp = logp.gather(1, nxt).squeeze(1)  # [a]
+            done = torch.zeros(len(alive), dtype=torch.bool, device=device)
+            for row, (path, tok, value) in enumerate(zip(alive.tolist(), nxt.squeeze(1).tolist(), lp.tolist())):
+                tokens[path].append(tok)
+                logprobs[path].append(min(value, 0.0))
+                done[row] = eos is not None and tok == eos
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)  # [a']
+                cache.batch_select_indices(keep)
+                alive, nxt = alive[keep], nxt[keep]
+            position = torch.full((len(alive), 1), pos, dtype=torch.long, device=device)  # [a, 1]
+            out = model(input_ids=nxt, position_ids=position, use_cache=True, **{key: cache})
+            cache = out.past_key_values if out.past_key_values is not None else cache
+            logits = out.logits[:, -1, :].float()  # [a, V]
+            pos += 1
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return [{"text": t, "tokens": k, "logprobs": lp} for t, k, lp in zip(texts, tokens, logprobs)]
+
+
+def _question(q, i: int) -> tuple[str, object, tuple | None]:
+    if isinstance(q, str):
+        return q, None, None
+    if isinstance(q, dict) and isinstance(q.get("question"), str):
+        examples = q.get("examples")
+        if examples is not None:
+            if not isinstance(examples, (list, tuple)):
+                raise InputError(f"question {i}: 'examples' must be a list of (question, solution) pairs")
+            examples = tuple(tuple(e) if isinstance(e, (list, tuple)) else e for e in examples)
+        return q["question"], q.get("answer"), examples
+    raise InputError(f"question {i}: expected a string or {{'question': str, 'answer': ...}}, got {type(q).__name__}")
+
+
+def sample_paths(model, tokenizer, questions: Iterable, *, n: int = 16, max_new_tokens: int = 96,
+                 temperature: float = 1.0, seed: int = 0, extractor: Callable[[str], object] = extract_answer,
+                 instruction: str | None = DEFAULT_INSTRUCTION, examples: tuple = (), chat: bool | None = None,
+                 start: int = 0,
+                 out: str | os.PathLike | None = None, overwrite: bool = False, on_record: Callable | None = None,
+                 progress: bool = False) -> list[dict]:
+    """Sample `n` reasoning paths for every question; one record per question, in the JSONL format that
+    `prunekit.inference.reasoning.load_paths` reads:
+    ``{"question", "answer", "paths": [{"text", "answer", "logprobs"}]}``.
+
+    `questions` are strings or ``{"question": str, "answer": reference}`` dicts (a dict may carry its own
+    worked ``"examples"``, used instead of `examples`); `extractor(text)` maps a
+    completion to its answer (``None`` when it states none; default `extract_answer`); `instruction`,
+    `examples` and `chat` shape the prompt (`build_prompt`). With `out`, the
+    records are written to that JSONL file atomically (a temporary file renamed at the end; an existing file
+    is refused unless `overwrite`). `on_record(record)` is called after each question (e.g. to append it to a
+    resumable file). Question i is sampled with seed ``seed * 1_000_003 + start + i``.
+    """
+    _check(n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    if not callable(extractor):
+        raise InputError("extractor must be a function text -> answer")
+    questions = list(questions)
+    parsed = [_question(q, i) for i, q in enumerate(questions)]
+    target = None
+    if out is not None:
+        target = Path(out).expanduser()
+        if target.exists() and not overwrite:
+            raise InputError(f"{target} exists; pass overwrite=True (--overwrite) or choose another file")
+        if not target.parent.is_dir():
+            raise InputError(f"{target.parent} is not a folder; create it first")
+    records = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(parsed), desc="sampling", unit="question")
+    for i, (text, reference, own) in enumerate(parsed):
+        prompt = build_prompt(tokenizer, text, instruction=instruction, examples=examples if own is None else own,
+                              chat=chat)
+        paths = sample_question(model, tokenizer, prompt, n=n, max_new_tokens=max_new_tokens,
+                                temperature=temperature, seed=seed * 1_000_003 + start + i)
+        record = {"question": text, "answer": None if reference is None else str(reference),
+                  "paths": [{"text": p["text"], "answer": _answer(extractor, p["text"]),
+                             "logprobs": [round(v, 6) for v in p["logprobs"]]} for p in paths]}
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if target is not None:
+        write_jsonl(target, records)
+    return records
+
+
+def _answer(extractor, text):
+    value = extractor(text)
+    return None if value is None else str(value)
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> Path:
+    """Write `records` one JSON object a line, atomically (temporary file in the same folder, then rename)."""
+    path = Path(path).expanduser()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

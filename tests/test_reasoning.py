@@ -1,0 +1,331 @@
+"""Voting over sampled reasoning paths (SC, PC, RPC), ECE, the Weibull mixture fit, the paths file, the CLI
+and the sampler on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import char_tokenizer, tiny_model
+from prunekit.cli import main
+from prunekit.errors import InputError
+from prunekit.inference import reasoning as R
+from prunekit.inference.sampling import build_prompt, extract_answer, sample_paths, sample_question
+
+
+def _lp(p: float, tokens: int = 5) -> list[float]:
+    """Token log-probs whose mean gives path probability p."""
+    return [math.log(p)] * tokens
+
+
+# ---------------------------------------------------------------- voting rules on hand-made path sets
+
+
+def test_sc_and_pc_disagree():
+    # three weak paths say 7, two confident ones say 9
+    answers = ["7", "7", "7", "9", "9"]
+    logprobs = [_lp(0.1), _lp(0.12), _lp(0.08), _lp(0.9), _lp(0.8)]
+    sc = R.self_consistency(answers)
+    pc = R.perplexity_consistency(answers, logprobs)
+    assert sc.answer == 7.0 and sc.confidence == pytest.approx(0.6)
+    assert pc.answer == 9.0 and pc.confidence == pytest.approx(1.7 / 2.0)
+    assert sc.credit("7") == 1.0 and pc.credit("7") == 0.0 and pc.credit(" 9.0 ") == 1.0
+
+
+def test_pc_counts_a_repeated_path_once():
+    answers, texts = ["4", "4", "5"], ["2+2=4", "2+2=4", "it is 5"]
+    logprobs = [_lp(0.5), _lp(0.5), _lp(0.8)]
+    assert R.perplexity_consistency(answers, logprobs).answer == 4.0  # 1.0 vs 0.8 without texts
+    v = R.perplexity_consistency(answers, logprobs, texts=texts)  # 0.5 vs 0.8: the copy counts once
+    assert v.answer == 5.0 and v.scores[4.0] == pytest.approx(0.5 / 1.3)
+
+
+def test_ties_share_credit_and_missing_answers_vote():
+    v = R.self_consistency(["3", "8"])
+    assert sorted(v.winners) == [3.0, 8.0] and v.credit("8") == 0.5 and v.confidence == 0.5
+    v = R.self_consistency([None, None, "2"])
+    assert v.answer is None and v.credit("2") == 0.0 and v.credit(None) == 0.0
+
+
+def _flip_case(seed: int = 0):
+    """30 low-probability paths answer 5, 8 high-probability ones answer 6: the low ones outweigh the high
+    ones in PC by count, pruning removes them."""
+    rng = np.random.default_rng(seed)
+    low = rng.uniform(0.25, 0.35, 30)
+    high = rng.uniform(0.85, 0.95, 8)
+    answers = ["5"] * 30 + ["6"] * 8
+    logprobs = [_lp(p) for p in np.concatenate([low, high])]
+    return answers, logprobs, low, high
+
+
+def test_reasoning_pruning_removes_low_paths_and_flips_the_vote():
+    answers, logprobs, low, high = _flip_case()
+    assert low.sum() > high.sum()
+    assert R.self_consistency(answers).answer == 5.0
+    assert R.perplexity_consistency(answers, logprobs).answer == 5.0
+    v = R.rpc(answers, logprobs)
+    assert v.answer == 6.0 and v.confidence == pytest.approx(1.0)
+    assert not v.keep[:30].any() and v.keep[30:].all()  # exactly the low cluster went
+    assert R.vote(answers, logprobs, method="rpc").answer == 6.0
+
+
+def test_pruning_needs_both_conditions():
+    # one cluster, no outliers: whatever the fit says, paths at or above the mean stay
+    p = np.full(10, 0.6)
+    assert R.reasoning_prune(p).all()
+    p = np.array([0.9, 0.91, 0.92, 0.89, 0.9, 0.05])
+    keep = R.reasoning_prune(p)
+    assert keep[:5].all() and not keep[5]  # below the mean and in the low component
+    assert keep[p >= p.mean()].all()
+
+
+def test_vote_validates():
+    with pytest.raises(InputError, match="method"):
+        R.vote(["1"], [[-0.1]], method="majority")
+    with pytest.raises(InputError, match="log-probs"):
+        R.vote(["1"], None, method="pc")
+    with pytest.raises(InputError, match="positive"):
+        R.perplexity_consistency(["1"], [[0.5]])
+    with pytest.raises(InputError, match="NaN"):
+        R.rpc(["1", "2"], [[-0.1], [float("nan")]])
+    with pytest.raises(InputError, match="one of each"):
+        R.perplexity_consistency(["1", "2"], [[-0.1]])
+    with pytest.raises(InputError, match="at least one"):
+        R.self_consistency([])
+
+
+# ---------------------------------------------------------------- ECE
+
+
+def test_ece_hand_example():
+    # bins (0.9, 1]: {0.95 right, 0.91 wrong} -> acc 0.5, conf 0.93; (0.2, 0.3]: {0.3 right, 0.25 right}
+    # -> acc 1, conf 0.275; (0.8, 0.9]: {0.85 wrong}
+    conf = [0.95, 0.91, 0.3, 0.25, 0.85]
+    corr = [1, 0, 1, 1, 0]
+    expect = (2 * abs(0.5 - 0.93) + 2 * abs(1 - 0.275) + 1 * 0.85) / 5
+    assert R.expected_calibration_error(conf, corr) == pytest.approx(expect)
+    # weights (tied winners count 1/|ties|) and a zero confidence (in no bin, as in the reference)
+    assert R.expected_calibration_error([0.5, 0.5, 0.0], [1, 0, 1], weights=[0.5, 0.5, 1]) == pytest.approx(0.0)
+    assert R.expected_calibration_error([1.0], [1]) == 0.0
+    with pytest.raises(InputError):
+        R.expected_calibration_error([1.2], [1])
+
+
+def test_evaluate_matches_hand_votes_and_resamples():
+    answers, logprobs, _, _ = _flip_case()
+    q1 = {"answer": "6", "paths": [{"text": f"t{i}", "answer": a, "logprobs": lp}
+                                   for i, (a, lp) in enumerate(zip(answers, logprobs))]}
+    q2 = {"answer": "1", "paths": [{"text": "a", "answer": "1", "logprobs": _lp(0.9)},
+                                   {"text": "b", "answer": "2", "logprobs": _lp(0.3)}] * 14}
+    sc = R.evaluate([q1, q2], method="sc")
+    rpc = R.evaluate([q1, q2], method="rpc")
+    assert sc["accuracy"] == pytest.approx(0.25) and sc["rounds"] == 1  # q1 wrong; q2 a tie (14 vs 14)
+    assert rpc["accuracy"] == pytest.approx(1.0) and rpc["ece"] < sc["ece"]
+    a = R.evaluate([q1, q2], method="rpc", n=8, resamples=5, seed=3)
+    b = R.evaluate([q1, q2], method="rpc", n=8, resamples=5, seed=3)
+    assert a == b and a["rounds"] == 5 and a["n"] == 8
+    with pytest.raises(InputError, match="n <= 28"):
+        R.evaluate([q1, q2], method="sc", n=29)
+
+
+# ---------------------------------------------------------------- the Weibull mixture fit
+
+
+@pytest.mark.parametrize("planted", [(0.4, 9.0, 0.85, 4.0, 0.4), (0.65, 14.0, 0.9, 6.0, 0.55)])
+def test_weibull_fit_recovers_planted_mixture(planted):
+    w, k1, l1, k2, l2 = planted
+    rng = np.random.default_rng(0)
+    n = 4000
+    high = rng.random(n) < w
+    x = np.where(high, l1 * rng.weibull(k1, n), l2 * rng.weibull(k2, n))
+    fit = R.fit_weibull_mixture(x)
+    assert fit.w == pytest.approx(w, abs=0.04)
+    assert fit.k_high == pytest.approx(k1, rel=0.12) and fit.lam_high == pytest.approx(l1, rel=0.03)
+    assert fit.k_low == pytest.approx(k2, rel=0.12) and fit.lam_low == pytest.approx(l2, rel=0.03)
+    assert fit.mean("high") > fit.mean("low")
+    # the reference's finite-difference L-BFGS-B lands on the same optimum
+    num = R.fit_weibull_mixture(x, gradient="numeric")
+    assert num.w == pytest.approx(fit.w, abs=1e-3) and num.k_high == pytest.approx(fit.k_high, rel=1e-2)
+    assert num.lam_low == pytest.approx(fit.lam_low, rel=1e-3)
+    # posterior: the high component explains the high cluster
+    post = fit.posterior_high(x)
+    assert np.mean((post > 0.5) == high) > 0.95
+
+
+def test_weibull_gradient_is_exact():
+    from scipy.optimize import approx_fprime
+
+    x = np.random.default_rng(1).uniform(0.2, 0.95, 30)
+    for params in ([0.5, 1.0, 1.0, 1.5, 2.0], [0.3, 7.0, 0.8, 3.0, 0.4]):
+        p = np.array(params)
+        num = approx_fprime(p, lambda q: R._mixture_nll(q, x)[0], 1e-7)
+        np.testing.assert_allclose(R._mixture_nll(p, x)[1], num, rtol=1e-4, atol=1e-3)
+
+
+def test_weibull_mixture_weight_is_bounded():
+    x = np.random.default_rng(2).uniform(0.5, 0.6, 50)  # one cluster: the fit would like w -> 0 or 1
+    fit = R.fit_weibull_mixture(x)
+    assert 0.2 - 1e-9 <= fit.w <= 0.8 + 1e-9
+    with pytest.raises(InputError):
+        R.fit_weibull_mixture([0.5])
+    with pytest.raises(InputError):
+        R.fit_weibull_mixture([0.5, 0.0])
+
+
+# ---------------------------------------------------------------- the paths file
+
+
+def _write(tmp_path, lines, name="paths.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+GOOD = [json.dumps({"question": "q1", "answer": "6", "paths": [
+    {"text": "6", "answer": "6", "logprobs": [-0.1, -0.2]}, {"text": "5", "answer": "5", "logprobs": [-2.0]},
+    {"text": "?", "answer": None, "logprobs": [-0.5]}]}),
+    "",
+    json.dumps({"answer": 2, "paths": [{"text": "2", "answer": "2.0", "logprobs": [-0.3]}]})]
+
+
+def test_load_paths_reads_a_good_file(tmp_path):
+    qs = R.load_paths(_write(tmp_path, GOOD))
+    assert len(qs) == 2 and qs[0].question == "q1" and qs[0].answers == ["6", "5", None]
+    assert R.evaluate(qs, method="pc")["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("line, match", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"answer": "1", "paths": []}), "empty"),
+    (json.dumps({"paths": [{"text": "", "answer": "1", "logprobs": [-1]}]}), "reference answer"),
+    ('{"answer": "1", "paths": [{"text": "x", "answer": "1", "logprobs": [NaN]}]}', "NaN or infinite"),
+    ('{"answer": "1", "paths": [{"text": "x", "answer": "1", "logprobs": [-Infinity]}]}', "NaN or infinite"),
+    (json.dumps({"answer": "1", "paths": [{"text": "x", "answer": "1", "logprobs": [-0.1, 0.3]}]}), "positive"),
+    (json.dumps({"answer": "1", "paths": [{"text": "x", "answer": "1", "logprobs": []}]}), "non-empty"),
+    (json.dumps({"answer": "1", "paths": [{"text": "x", "logprobs": [-1]}]}), "no \"answer\""),
+    (json.dumps([1, 2]), "JSON object"),
+])
+def test_load_paths_rejects_malformed_lines(tmp_path, line, match):
+    p = _write(tmp_path, [GOOD[0], line])
+    with pytest.raises(InputError, match=match) as e:
+        R.load_paths(p)
+    assert ":2:" in str(e.value)  # names the line
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_votes_and_reports(tmp_path, capsys):
+    p = _write(tmp_path, GOOD)
+    assert main(["reason", str(p), "--method", "rpc"]) == 0
+    assert "accuracy 100.00%" in capsys.readouterr().out
+    assert main(["reason", str(p), "--method", "sc", "--n", "1", "--resamples", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rounds"] == 4 and out["n"] == 1 and out["paths_available"] == 1 and 0 <= out["accuracy"] <= 1
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys):
+    bad = _write(tmp_path, [GOOD[0], json.dumps({"answer": "1", "paths": []})], name="bad.jsonl")
+    assert main(["reason", str(bad), "--method", "sc"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prunekit: error:") and "bad.jsonl:2" in err
+    assert main(["reason", str(tmp_path / "missing.jsonl"), "--method", "sc"]) == 2
+    assert main(["reason", str(_write(tmp_path, GOOD)), "--method", "pc", "--n", "5"]) == 2
+    assert main(["reason", str(_write(tmp_path, GOOD))]) == 2  # no --method
+
+
+def test_cli_samples_and_refuses_bad_questions(tmp_path, model_dir, capsys):
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps({"question": "1+1=", "answer": "2"}) + "\n" + json.dumps({"question": "3"}) + "\n")
+    out = tmp_path / "paths.jsonl"
+    args = ["reason", "--model", str(model_dir), "--questions", str(qfile), "--samples", "3",
+            "--max-new-tokens", "6", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [len(r["paths"]) for r in recs] == [3, 3] and recs[0]["answer"] == "2" and recs[1]["answer"] is None
+    assert len(R.load_paths(out)) == 2  # what it writes, the voter reads
+    assert main(args) == 2  # exists, no --overwrite
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "ok"}) + "\n{broken\n")
+    out2 = tmp_path / "new.jsonl"
+    args2 = ["reason", "--model", str(model_dir), "--questions", str(bad), "--samples", "2", "--out", str(out2)]
+    assert main(args2) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert not out2.exists() and not list(tmp_path.glob(".new.jsonl*"))
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_extract_answer():
+    assert extract_answer("3 x 4 = 12. 12 + 5 = 17. The answer is 17.") == "17"
+    assert extract_answer("The answer is 1,200.50 dollars, not 3") == "1200.5"
+    assert extract_answer("so 4 - 9 = -5") == "-5"
+    assert extract_answer("Answer: 8. Then 9 more") == "8"
+    assert extract_answer("no number here") is None
+
+
+def test_sampler_records_the_sampled_tokens_logprobs():
+    model, tok = tiny_model("llama"), char_tokenizer()
+    prompt = build_prompt(tok, "2+3=", instruction=None)
+    n, steps, temp = 24, 30, 1.5
+    paths = sample_question(model, tok, prompt, n=n, max_new_tokens=steps, temperature=temp, seed=7)
+    assert len(paths) == n
+    lengths = [len(p["tokens"]) for p in paths]
+    assert all(1 <= m <= steps for m in lengths) and all(len(p["logprobs"]) == len(p["tokens"]) for p in paths)
+    assert all(v <= 0 for p in paths for v in p["logprobs"])
+    ended = [p for p in paths if p["tokens"][-1] == tok.eos_token_id]
+    assert ended and all(len(p["tokens"]) == steps or p in ended for p in paths)  # stopped at EOS or the cap
+    assert min(lengths) < steps  # and left the batch early
+    # teacher-forced recomputation: the recorded log-probs are log softmax(z / T) of the sampled tokens,
+    # also for paths that stayed in the batch after others left it (cache rows dropped)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    for p in paths[:8]:
+        full = torch.tensor([ids + p["tokens"]])  # [1, L + m]
+        with torch.no_grad():
+            logits = model(full).logits[0, len(ids) - 1 : -1]  # [m, V]
+        ref = torch.log_softmax(logits / temp, -1).gather(1, torch.tensor(p["tokens"])[:, None])[:, 0]
+        np.testing.assert_allclose(p["logprobs"], ref.numpy(), atol=1e-4)
+    again = sample_question(model, tok, prompt, n=n, max_new_tokens=steps, temperature=temp, seed=7)
+    assert [p["tokens"] for p in again] == [p["tokens"] for p in paths]
+    other = sample_question(model, tok, prompt, n=n, max_new_tokens=steps, temperature=temp, seed=8)
+    assert [p["tokens"] for p in other] != [p["tokens"] for p in paths]
+
+
+def test_sample_paths_records_and_atomic_file(tmp_path):
+    model, tok = tiny_model("llama"), char_tokenizer()
+    qs = [{"question": "1+1", "answer": 2}, "5-3"]
+    out = tmp_path / "p.jsonl"
+    recs = sample_paths(model, tok, qs, n=4, max_new_tokens=5, seed=1, out=out, extractor=lambda t: len(t))
+    assert [r["answer"] for r in recs] == ["2", None] and all(len(r["paths"]) == 4 for r in recs)
+    assert all(p["answer"] == str(len(p["text"])) for r in recs for p in r["paths"])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == recs
+    # question i's paths do not depend on the others sampled with it (resumable runs)
+    alone = sample_paths(model, tok, qs[1:], n=4, max_new_tokens=5, seed=1, start=1, extractor=lambda t: len(t))
+    assert alone[0] == recs[1]
+    with pytest.raises(InputError, match="exists"):
+        sample_paths(model, tok, qs, n=2, max_new_tokens=2, out=out)
+    with pytest.raises(InputError, match="temperature"):
+        sample_paths(model, tok, qs, n=2, temperature=0)
+    with pytest.raises(InputError, match="n="):
+        sample_paths(model, tok, qs, n=0)
+    with pytest.raises(InputError, match="question 0"):
+        sample_paths(model, tok, [3], n=1)
+
+
+def test_cli_sampling_validates_before_loading(tmp_path, capsys):
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps({"question": "1+1"}) + "\n")
+    out = tmp_path / "o.jsonl"
+    base = ["reason", "--model", str(tmp_path / "no-such-model"), "--questions", str(qfile), "--out", str(out)]
+    assert main(base + ["--temperature", "0"]) == 2
+    assert "temperature" in capsys.readouterr().err
+    assert main(base) == 2  # the model folder does not exist
+    assert main(["reason", "--model", "x", "--questions", str(qfile)]) == 2  # no --out
+    assert main(["reason", str(qfile), "--method", "sc", "--model", "x"]) == 2  # mixes voting and sampling
+    assert not out.exists()
