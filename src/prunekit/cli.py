@@ -204,10 +204,10 @@ def _cmd_methods(_args) -> int:
     from prunekit.weights.prune import method_options
 
     for spec in registry.METHODS.values():
-        print(f"{spec.name:<18} {spec.domain:<8} {spec.summary}\n{'':<28}{spec.paper} <{spec.url}>")
+        print(f"{spec.name:<18} {spec.domain:<10} {spec.summary}\n{'':<30}{spec.paper} <{spec.url}>")
         opts = method_options(spec.name) if spec.domain == "weights" else {}
         if opts:
-            print(f"{'':<28}options: {', '.join(f'{k}={v!r}' for k, v in opts.items())}")
+            print(f"{'':<30}options: {', '.join(f'{k}={v!r}' for k, v in opts.items())}")
     return 0
 
 
