@@ -21,7 +21,6 @@ of a sequence get it at the head of every window (SmolLM2's adds none).
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from prunekit import zoo
 from prunekit.errors import InputError
+from prunekit.jsonl import read_objects
 
 __all__ = ["Text", "load_text", "calibration_ids", "evaluation_ids"]
 
@@ -57,17 +57,10 @@ def _read_file(path: Path) -> str:
         )
     if path.suffix == ".jsonl":
         docs = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{lineno} is not valid JSON ({e.msg}); each line must be an object with a 'text' field") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise InputError(f"{path}:{lineno} has no string 'text' field; each line must look like {{\"text\": \"...\"}}")
-                docs.append(record["text"])
+        for lineno, record in read_objects(path, shape='{"text": "..."}'):
+            if not isinstance(record.get("text"), str):
+                raise InputError(f"{path}:{lineno} has no string 'text' field; each line must look like {{\"text\": \"...\"}}")
+            docs.append(record["text"])
         text = "\n\n".join(docs)
     elif path.suffix in (".txt", ".md", ".text", ""):
         try:

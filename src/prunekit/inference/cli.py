@@ -43,18 +43,13 @@ def _read_questions(path: str) -> list[dict]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise InputError(f"--questions {p} is not a file; give a JSONL of {{\"question\", \"answer\"}} objects")
+    from prunekit.jsonl import read_objects
+
     out = []
-    with open(p, encoding="utf-8") as f:
-        for no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{p}:{no}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("question"), str):
-                raise InputError(f"{p}:{no}: expected {{\"question\": str, \"answer\": ...}}")
-            out.append({"question": obj["question"], "answer": obj.get("answer")})
+    for no, obj in read_objects(p, shape='{"question": str, "answer": ...}'):
+        if not isinstance(obj.get("question"), str):
+            raise InputError(f"{p}:{no}: expected {{\"question\": str, \"answer\": ...}}")
+        out.append({"question": obj["question"], "answer": obj.get("answer")})
     if not out:
         raise InputError(f"{p} holds no questions")
     return out

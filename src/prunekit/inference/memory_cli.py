@@ -100,17 +100,9 @@ def _turns(args) -> list:
     src = Path(args.jsonl)
     if not src.is_file():
         raise InputError(f"--jsonl {src} is not a file")
-    turns = []
-    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{src} line {n} is not JSON ({e.msg}); each line must be {{\"role\", \"content\"}}") from None
-        if not isinstance(item, dict):
-            raise InputError(f"{src} line {n} is not a JSON object with role and content")
-        turns.append(item)
+    from prunekit.jsonl import read_objects
+
+    turns = [item for _, item in read_objects(src, shape='{"role", "content"}')]
     if not turns:
         raise InputError(f"{src} holds no turns")
     return turns

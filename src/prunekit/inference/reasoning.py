@@ -38,7 +38,6 @@ Departures from the reference code:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from typing import Sequence
 import numpy as np
 
 from prunekit.errors import InputError
+from prunekit.jsonl import read_objects
 
 __all__ = [
     "METHODS", "Vote", "WeibullMixture", "path_probabilities", "self_consistency", "perplexity_consistency",
@@ -394,16 +394,7 @@ def load_paths(path: str | os.PathLike) -> list[Question]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"{path} is not a file; give a JSONL file of sampled paths")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line, parse_constant=lambda c: float(c))
-            except json.JSONDecodeError as e:
-                raise _bad(path, line_no, f"not valid JSON ({e.msg})") from None
-            out.append(_parse(obj, path, line_no))
+    out = [_parse(obj, path, line_no) for line_no, obj in read_objects(path, shape="one question's paths object")]
     if not out:
         raise InputError(f"{path} holds no questions")
     return out

@@ -1,0 +1,42 @@
+"""JSON Lines in: one JSON object per non-blank line, with errors that name the file and the line.
+
+>>> import tempfile, pathlib
+>>> p = pathlib.Path(tempfile.mkdtemp()) / "a.jsonl"; _ = p.write_text('{"text": "one"}\\n\\n{"text": "two"}\\n')
+>>> read_objects(p, shape='{"text": ...}')
+[(1, {'text': 'one'}), (3, {'text': 'two'})]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from prunekit.errors import InputError
+
+__all__ = ["read_objects"]
+
+
+def read_objects(path: str | os.PathLike, *, shape: str) -> list[tuple[int, dict]]:
+    """``[(line number, object)]`` for every non-blank line of `path`; `shape` (how one line must look, e.g.
+    ``'{"role", "content"}'``) goes into the error a malformed line raises. Raises `InputError` when `path`
+    is not a file, is not UTF-8, or a line is not a JSON object."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"{path} is not a file; give a JSONL file with one {shape} per line")
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{no}: not valid JSON ({e.msg}); each line must be {shape}") from None
+                if not isinstance(obj, dict):
+                    raise InputError(f"{path}:{no}: not a JSON object; each line must be {shape}")
+                out.append((no, obj))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    return out
