@@ -96,3 +96,21 @@ def test_on_a_tiny_model_through_the_api(llama, tok, base):
     assert sum(r.info["swaps"] for r in res.layers) > 0
     with pytest.raises(prunekit.InputError, match="no option"):
         prunekit.prune(llama, method="dsnot", ratio=0.5, calibration=ids, cycles=3, progress=False)
+
+
+def test_threshold_is_rescaled_to_the_calibration_length():
+    # update_threshold is in 2048-token units (the reference's sequences): with T-token sequences the rows stop at
+    # update_threshold * T / 2048, exactly what threshold_seqlen=None with that smaller threshold does
+    w, x = biased_inputs()
+    s = layer_stats(x, x.shape[-1])
+    tokens = x.shape[1]
+    assert s["moments"].tokens == tokens
+    scaled = dsnot.prune_weight(w, s, ratio=0.5, pattern=None, guard=False, update_threshold=3.0)
+    direct = dsnot.prune_weight(w, s, ratio=0.5, pattern=None, guard=False, update_threshold=3.0 * tokens / 2048,
+                                threshold_seqlen=None)
+    unscaled = dsnot.prune_weight(w, s, ratio=0.5, pattern=None, guard=False, update_threshold=3.0,
+                                  threshold_seqlen=None)
+    assert torch.equal(scaled.weight, direct.weight)
+    assert scaled.info["swaps"] > unscaled.info["swaps"]  # a lower effective threshold keeps rows swapping longer
+    with pytest.raises(prunekit.InputError, match="threshold_seqlen"):
+        dsnot.prune_weight(w, s, ratio=0.5, pattern=None, threshold_seqlen=0)

@@ -87,6 +87,7 @@ class InputMoments:
     norms: torch.Tensor  # [d_in] mean over sequences of sum_tokens x_j^2 (Wanda's scaler_row)
     sums: torch.Tensor  # [d_in] mean over sequences of sum_tokens x_j (DSnoT's sum_metric_row)
     var: torch.Tensor  # [d_in] mean over sequences of the within-sequence variance of x_j
+    tokens: float | None = None  # mean tokens per calibration sequence (the length `sums` sums over)
 
 
 class Moments:
@@ -97,6 +98,7 @@ class Moments:
         self.sums = torch.zeros(d_in, dtype=torch.float32)
         self.var = torch.zeros(d_in, dtype=torch.float32)
         self.sequences = 0
+        self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
         self.norms.add(x)
@@ -104,11 +106,12 @@ class Moments:
         seqs = x3.shape[0]
         keep = self.sequences / (self.sequences + seqs)
         self.sequences += seqs
+        self.tokens += x3.shape[0] * x3.shape[1]
         self.sums = self.sums * keep + x3.sum(dim=1).sum(dim=0) / self.sequences
         self.var = self.var * keep + torch.var(x3, dim=1, unbiased=False).sum(dim=0) / self.sequences
 
     def value(self) -> InputMoments:
-        return InputMoments(self.norms.value(), self.sums, self.var)
+        return InputMoments(self.norms.value(), self.sums, self.var, self.tokens / max(self.sequences, 1))
 
 
 class Composite:
