@@ -65,7 +65,7 @@ from typing import Mapping
 
 import numpy as np
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, int_at_least
 from prunekit.inference.memory_embed import Embedder, MiniLMEmbedder
 from prunekit.inference.memory_store import ForgetRecord, SQLiteStore, Store, SummaryRecord, TurnRecord
 from prunekit.inference.memory_summary import ExtractiveSummarizer, Summarizer, split_sentences
@@ -179,12 +179,6 @@ def forget_choice(ids: np.ndarray, turns: np.ndarray, scores: np.ndarray, fracti
     return np.sort(order[:m])
 
 
-def _check_int(name: str, value, *, low: int, what: str = "") -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-        raise InputError(f"{name} must be an integer >= {low}{what}, got {value!r}")
-    return int(value)
-
-
 def _check_float(name: str, value, *, low: float = 0.0, high: float | None = None, open_low: bool = False) -> float:
     ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if open_low else value >= low) and (high is None or value <= high)
@@ -211,19 +205,19 @@ class Memory:
                  synchronous: str = "full"):
         if (path is None) == (store is None):
             raise InputError("give exactly one of a store path or store=")
-        self.chunk_words = _check_int("chunk_words", chunk_words, low=1)
-        self.k = _check_int("k", k, low=1)
-        self.tail_turns = _check_int("tail_turns", tail_turns, low=0)
+        self.chunk_words = int_at_least(chunk_words, "chunk_words", 1)
+        self.k = int_at_least(k, "k", 1)
+        self.tail_turns = int_at_least(tail_turns, "tail_turns", 0)
         self.lam = _check_float("lam", lam)
         self.gamma = _check_float("gamma", gamma)
         self.beta = _check_float("beta", beta)
-        self.retrieval_window = _check_int("retrieval_window", retrieval_window, low=1)
+        self.retrieval_window = int_at_least(retrieval_window, "retrieval_window", 1)
         if retrieval_term not in RETRIEVAL_TERMS:
             raise InputError(f"retrieval_term must be one of {', '.join(RETRIEVAL_TERMS)}, got {retrieval_term!r}")
         self.retrieval_term = retrieval_term
-        self.forget_every = _check_int("forget_every", forget_every, low=0, what=" (0: only when forget() is called)")
+        self.forget_every = int_at_least(forget_every, "forget_every", 0, hint=" (0: only when forget() is called)")
         self.forget_fraction = _check_float("forget_fraction", forget_fraction, high=1.0)
-        self.sos_every = _check_int("sos_every", sos_every, low=0, what=" (0: no summary of summaries)")
+        self.sos_every = int_at_least(sos_every, "sos_every", 0, hint=" (0: no summary of summaries)")
         self.embedder = embedder if embedder is not None else MiniLMEmbedder()
         for attr in ("name", "dim", "encode"):
             if not hasattr(self.embedder, attr):
@@ -346,7 +340,7 @@ class Memory:
         now, which protects them in the next forgetting passes (the salience's beta term)."""
         if not isinstance(query, str) or not query.strip():
             raise InputError("query is empty; give the question or message to retrieve for")
-        k = self.k if k is None else _check_int("k", k, low=1)
+        k = self.k if k is None else int_at_least(k, "k", 1)
         q = np.asarray(self.embedder.encode([query]), dtype=np.float32).reshape(-1)  # [dim]
         hits = self.store.search(q, k)
         chunks = {c.id: c for c in self.store.chunks([i for i, _ in hits])}
@@ -387,9 +381,9 @@ class Memory:
         """
         if not isinstance(query, str) or not query.strip():
             raise InputError("query is empty; give the question or message to build the prompt for")
-        budget = _check_int("budget", budget, low=1)
-        k = self.k if k is None else _check_int("k", k, low=0)
-        tail_n = self.tail_turns if tail_turns is None else _check_int("tail_turns", tail_turns, low=0)
+        budget = int_at_least(budget, "budget", 1)
+        k = self.k if k is None else int_at_least(k, "k", 0)
+        tail_n = self.tail_turns if tail_turns is None else int_at_least(tail_turns, "tail_turns", 0)
         state = {"summary": None, "retrieved": [], "tail": []}
 
         def fits(**change) -> bool:

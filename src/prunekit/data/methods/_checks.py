@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, int_at_least  # noqa: F401 (re-exported)
 
 
 def to_numpy(value, name: str) -> np.ndarray:
@@ -53,9 +53,3 @@ def labels_array(value, name: str = "labels", *, n: int, k: int | None = None) -
         raise InputError(f"{name} has class {arr.max()} but the outputs have only K={k} classes (0..{k - 1})")
     return arr
 
-
-def int_at_least(value, name: str, low: int) -> int:
-    """An integer option (not a bool) of at least `low`."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, int_at_least
 from prunekit.inference.kv.deep_forcing import DeepForcing
 from prunekit.inference.kv.delta import Delta, calibrate_delta_layers, default_delta_layers
-from prunekit.inference.kv.engine import Engine, Policy, cache_bytes, cache_tokens, check_count, rotate_keys
+from prunekit.inference.kv.engine import Engine, Policy, cache_bytes, cache_tokens, rotate_keys
 from prunekit.inference.kv.full import FullCache
 from prunekit.inference.kv.h2o import H2O
 from prunekit.inference.kv.snapkv import SnapKV
@@ -58,7 +58,7 @@ def policy(model, name: str | Policy, *, budget: int | None = None, every: int =
     ``sinks=4`` for streaming_llm, ``window=32`` for snapkv, ``delta_layers=[2, 14, 22]`` for delta).
     Yields the policy object (DELTA counts the keys it attended in ``attended`` / ``available``).
     """
-    check_count(every, what="every (decode steps between compressions)", minimum=1)
+    int_at_least(every, "every (decode steps between compressions)", 1)
     if isinstance(name, Policy):
         if options:
             raise InputError("pass options to the Policy object's constructor, not to policy()")

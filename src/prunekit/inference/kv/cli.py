@@ -58,7 +58,7 @@ def run(args) -> int:
     from transformers import DynamicCache
 
     import prunekit
-    from prunekit.errors import InputError
+    from prunekit.errors import InputError, int_at_least
     from prunekit.inference import kv
     from prunekit.weights.io import resolve_model
 
@@ -66,7 +66,7 @@ def run(args) -> int:
         raise InputError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     options = _options(args.option)
     kv.make_policy(args.kv, budget=args.budget, **options)  # validate before loading anything
-    kv.check_count(args.every, what="--every", minimum=1)
+    int_at_least(args.every, "--every", 1)
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
         if not path.is_file():

@@ -37,8 +37,8 @@ import math
 
 import torch
 
-from prunekit.errors import InputError
-from prunekit.inference.kv.engine import Engine, Policy, View, check_budget, check_count
+from prunekit.errors import InputError, int_at_least
+from prunekit.inference.kv.engine import Engine, Policy, View, check_budget
 
 __all__ = ["Delta", "calibrate_delta_layers", "default_delta_layers"]
 
@@ -54,8 +54,8 @@ class Delta(Policy):
     compresses = False
 
     def __init__(self, *, budget: int, delta_layers=None, page_size: int = 16, recent_pages: int = 8):
-        self.page_size = check_count(page_size, what="page_size", minimum=1)
-        self.recent_pages = check_count(recent_pages, what="recent_pages", minimum=0)
+        self.page_size = int_at_least(page_size, "page_size", 1)
+        self.recent_pages = int_at_least(recent_pages, "recent_pages", 0)
         check_budget(budget, name=self.name, minimum=self.page_size)
         self.pages = budget // self.page_size  # K
         if self.pages <= self.recent_pages:
@@ -64,7 +64,7 @@ class Delta(Policy):
         if delta_layers is not None:
             if isinstance(delta_layers, str):
                 delta_layers = [int(x) for x in delta_layers.replace(",", " ").split()]
-            delta_layers = sorted({check_count(int(x), what="a delta layer index") for x in delta_layers})
+            delta_layers = sorted({int_at_least(int(x), "a delta layer index", 0) for x in delta_layers})
             if not delta_layers:
                 raise InputError("delta_layers must name at least one layer")
         self.delta_layers = delta_layers
@@ -145,9 +145,9 @@ def calibrate_delta_layers(model, input_ids: torch.Tensor, *, count: int = 3, in
 
     >>> # layers, shifts = calibrate_delta_layers(model, tok("long text ...", return_tensors="pt").input_ids)
     """
-    check_count(count, what="count", minimum=1)
-    check_count(initial, what="initial", minimum=1)
-    check_count(window, what="window", minimum=1)
+    int_at_least(count, "count", 1)
+    int_at_least(initial, "initial", 1)
+    int_at_least(window, "window", 1)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise InputError("input_ids must be a [1, T] tensor of token ids")
     num_layers = model.config.num_hidden_layers

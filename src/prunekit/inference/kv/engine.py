@@ -390,8 +390,3 @@ def check_fraction(value, *, what: str, low: float = 0.0, high: float = 1.0) -> 
         raise InputError(f"{what} must be a number in [{low}, {high}] (got {value!r})")
     return float(value)
 
-
-def check_count(value, *, what: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InputError(f"{what} must be a whole number >= {minimum} (got {value!r})")
-    return value

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prunekit.errors import InputError
-from prunekit.inference.kv.engine import Policy, View, check_budget, check_count
+from prunekit.errors import InputError, int_at_least
+from prunekit.inference.kv.engine import Policy, View, check_budget
 
 __all__ = ["SnapKV"]
 
@@ -31,8 +31,8 @@ class SnapKV(Policy):
     name = "snapkv"
 
     def __init__(self, *, budget: int, window: int = 32, kernel: int = 5):
-        self.window = check_count(window, what="window (observation-window queries)", minimum=1)
-        self.kernel = check_count(kernel, what="kernel (pooling width)", minimum=1)
+        self.window = int_at_least(window, "window (observation-window queries)", 1)
+        self.kernel = int_at_least(kernel, "kernel (pooling width)", 1)
         if self.kernel % 2 == 0:
             raise InputError(f"kernel must be odd so pooling keeps the length (got {kernel})")
         super().__init__(budget=check_budget(budget, name=self.name, minimum=1))

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from prunekit.inference.kv.engine import Policy, View, check_budget, check_count
+from prunekit.errors import int_at_least
+from prunekit.inference.kv.engine import Policy, View, check_budget
 
 __all__ = ["StreamingLLM"]
 
@@ -29,7 +30,7 @@ class StreamingLLM(Policy):
     name = "streaming_llm"
 
     def __init__(self, *, budget: int, sinks: int = 4):
-        self.sinks = check_count(sinks, what="sinks")
+        self.sinks = int_at_least(sinks, "sinks", 0)
         super().__init__(budget=check_budget(budget, name=self.name, minimum=self.sinks + 1))
 
     def score(self, view: View) -> torch.Tensor:
