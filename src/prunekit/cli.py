@@ -25,6 +25,11 @@ _MODULES = {
     "reason": "prunekit.inference.cli",
 }
 
+# `prunekit prune` methods of another registry domain than "weights" (structured widths, depth), each run by
+# its own module: ``add_prune_arguments(parser)`` adds that domain's options to `prune`, ``run_prune(args)``
+# runs it. The weight methods stay in `_cmd_prune` below.
+_PRUNE_DOMAINS: dict[str, str] = {}
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prunekit", description="Prune what a model is, what it learns from, and what it keeps.")
@@ -59,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    for module in _PRUNE_DOMAINS.values():
+        import_module(module).add_prune_arguments(pr)
 
     ev = sub.add_parser("eval", help="perplexity and sparsity of a causal LM")
     ev.add_argument("model", help="local Hugging Face model folder or zoo name")
@@ -122,6 +129,9 @@ def _cmd_prune(args) -> int:
     from prunekit.weights.io import check_output, resolve_model
 
     wall = time.perf_counter()
+    known = prunekit.registry.METHODS.get(args.method)
+    if known is not None and known.domain in _PRUNE_DOMAINS:
+        return import_module(_PRUNE_DOMAINS[known.domain]).run_prune(args)
     spec = prunekit.registry.get(args.method, "weights")  # validate everything before the slow work
     ratio = ratio_for(args.ratio, parse_pattern(args.pattern))
     options = _options(args)
