@@ -1,0 +1,68 @@
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prunekit.errors import InputError
+from prunekit.lora import LoRALinear, add_lora, lora_parameters, merge_lora, remove_lora
+
+
+def _tiny_llama():
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_starts_equal_trains_only_adapters_and_merges_exactly():
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    before = model(ids).logits
+    names = add_lora(model, rank=4, alpha=8, seed=0)
+    assert len(names) == 2 * 7 and not any("lm_head" in n for n in names)
+    torch.testing.assert_close(model(ids).logits, before)  # B = 0 at init
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in lora_parameters(model)}
+    opt = torch.optim.SGD(lora_parameters(model), lr=0.5)
+    for _ in range(3):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    adapted = model(ids).logits.detach()
+    assert not torch.allclose(adapted, before, atol=1e-4)
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    torch.testing.assert_close(model(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_remove_restores_the_original_weights_and_seed_fixes_init():
+    model = _tiny_llama()
+    w = model.model.layers[0].mlp.down_proj.weight.clone()
+    add_lora(model, rank=2, targets=("*mlp.*",), seed=3)
+    a1 = model.model.layers[0].mlp.down_proj.lora_a.detach().clone()
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(1.0)
+    remove_lora(model)
+    assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
+    torch.testing.assert_close(model.model.layers[0].mlp.down_proj.weight, w)
+    other = _tiny_llama()
+    add_lora(other, rank=2, targets=("*mlp.*",), seed=3)
+    torch.testing.assert_close(other.model.layers[0].mlp.down_proj.lora_a, a1)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"rank": 0}, "rank"), ({"alpha": -1.0}, "alpha"), ({"dropout": 1.0}, "dropout"),
+    ({"targets": ("nothing*",)}, "matches"), ({"rank": 40}, "smaller rank"),
+])
+def test_bad_requests(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        add_lora(_tiny_llama(), **kwargs)
+
+
+def test_refuses_double_adapters():
+    model = _tiny_llama()
+    add_lora(model, rank=2)
+    with pytest.raises(InputError, match="already"):
+        add_lora(model, rank=2)
