@@ -66,3 +66,12 @@ def test_refuses_double_adapters():
     add_lora(model, rank=2)
     with pytest.raises(InputError, match="already"):
         add_lora(model, rank=2)
+
+
+def test_doctest():
+    import doctest
+
+    from prunekit import lora
+
+    result = doctest.testmod(lora)
+    assert result.attempted > 0 and result.failed == 0
