@@ -18,7 +18,7 @@ Used where prunekit trains a causal LM cheaply: depth pruning's recoverability e
 >>> x = torch.randn(3, 4)
 >>> y0 = net(x)
 >>> with torch.no_grad():
-...     net[0].lora_b.add_(0.1)
+...     _ = net[0].lora_b.add_(0.1)
 >>> y1 = net(x)
 >>> merged = merge_lora(net)
 >>> bool(torch.allclose(merged(x), y1, atol=1e-6))
