@@ -344,7 +344,7 @@ def diffusion_loss(model: DiT, images: torch.Tensor, labels, *, generator: torch
 
     >>> m = DiT(DiTConfig(hidden=32, depth=2, heads=2))
     >>> x = torch.zeros(4, 1, 28, 28); y = torch.tensor([0, 1, 2, 3])
-    >>> float(diffusion_loss(m, x, y, generator=torch.Generator().manual_seed(0))) > 0
+    >>> float(diffusion_loss(m, x, y, generator=torch.Generator().manual_seed(0)).detach()) > 0
     True
     """
     model = _check_model(model)
