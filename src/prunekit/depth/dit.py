@@ -454,6 +454,9 @@ def train_dit(config: DiTConfig | None = None, train_config: TrainConfig | None 
               log_every: int = 100) -> tuple[DiT, dict]:
     """Train a DiT on ``images``/``labels`` (default: the Fashion-MNIST training set); returns ``(ema_model, info)``.
 
+    Each step draws a minibatch uniformly with replacement and takes one `diffusion_loss` step (label dropout
+    ``config.class_dropout``); the returned model holds the EMA of the weights.
+
     ``info``: ``{"seconds", "final_loss" (mean of the last 100 steps' losses), "losses" (mean per `log_every`
     steps), "threads"}``. Deterministic given `seed` on one machine at one thread count.
     """
