@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resume", action="store_true", help="skip rows already in the results file")
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0])
-    ap.add_argument("--speed-samples", type=int, default=100)
+    ap.add_argument("--speed-samples", type=int, default=50)
     ap.add_argument("--speed-repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "dit_testbed.json"))

@@ -40,7 +40,9 @@ Departures from the reference, and why:
 - Training (`train_dit`) is sized for a CPU: AdamW at a higher learning rate than the reference's constant
   1e-4 (``lr`` with a linear warm-up and a cosine decay), gradient clipping at 1, and an EMA decay of 0.995
   with the usual ``(1 + s) / (10 + s)`` warm-up (the reference's 0.9999 averages over ~10k steps; this run has
-  a few thousand). The EMA weights are the ones cached and returned.
+  1,400). The EMA weights are the ones cached and returned. The default budget (1,400 steps of batch 32,
+  ~45k images, under one epoch) was sized to finish in ~45 minutes at one thread on a 2-core machine shared
+  with five other jobs (a batch-64 step took 0.84 s on a quiet core, so alone it should take ~10 minutes).
 - DDIM clips ``x0_hat`` to [-1, 1] (the reference's ``clip_denoised`` option; its sampling script of latents turns it
   off, which is right for latents but not for pixels in [-1, 1]) and recomputes epsilon from the clipped
   ``x0_hat``, as the reference's ``ddim_sample`` does.
@@ -113,8 +115,8 @@ class DiTConfig:
 class TrainConfig:
     """How `train_dit` trains: AdamW (no weight decay), warm-up then cosine decay, EMA of the weights."""
 
-    steps: int = 2500
-    batch_size: int = 64
+    steps: int = 1400
+    batch_size: int = 32
     lr: float = 5e-4
     warmup: int = 100
     ema_decay: float = 0.995
@@ -553,7 +555,7 @@ def pretrained_dit(config: DiTConfig | None = None, train_config: TrainConfig | 
                    train_if_missing: bool = True, progress: bool = True) -> DiT:
     """The cached trained DiT of ``(config, train_config, seed)`` from ``$PRUNEKIT_CACHE/dit/<key>/``.
 
-    Trained once with `train_dit` (about 45 minutes on one CPU thread for the defaults) and saved; later calls load it
+    Trained once with `train_dit` (defaults: ~45 minutes at one thread of a loaded 2-core machine) and saved; later calls load it
     in well under a second. ``model.train_info`` holds the training record (seconds, losses).
     """
     from prunekit.zoo import cache_dir
