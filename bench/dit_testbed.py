@@ -16,6 +16,7 @@ Trains (or loads from ``$PRUNEKIT_CACHE/dit/``) the default `prunekit.depth.dit.
     python bench/dit_testbed.py                    # every row (~25 min at one thread after training)
     python bench/dit_testbed.py --resume           # skip rows already in the results file
     python bench/dit_testbed.py --guidance 1 2     # the guidance scales of the dit-g rows
+    python bench/dit_testbed.py --only speed --out /tmp/s.json && python bench/dit_testbed.py --merge /tmp/s.json
 
 Writes bench/results/dit_testbed.json (``{"meta", "train", "rows": [{"id", ...}]}``) and bench/results/dit_testbed.md,
 and a grid of samples bench/results/dit_testbed.png.
@@ -39,6 +40,7 @@ from prunekit.depth import fid as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N_PER_CLASS, STEPS = 100, 50
+SECTIONS = ("classifier", "real-floor", "dit", "speed", "grid")
 
 
 def _save(data: dict, path: Path) -> None:
@@ -142,12 +144,24 @@ def main(argv=None) -> int:
     ap.add_argument("--speed-samples", type=int, default=50)
     ap.add_argument("--speed-repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections (repeatable)")
     ap.add_argument("--out", default=str(RESULTS / "dit_testbed.json"))
+    ap.add_argument("--merge", default=None, metavar="JSON",
+                    help="only merge the rows of another results file (a section run in parallel) into --out")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = Path(args.out)
     data = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    if args.merge:
+        other = json.loads(Path(args.merge).read_text())
+        ids = {r["id"] for r in other["rows"]}
+        data["rows"] = [r for r in data["rows"] if r["id"] not in ids] + other["rows"]
+        for key in ("meta", "train"):
+            data.setdefault(key, other.get(key, {}))
+        _save(data, path)
+        return 0
     done = {r["id"] for r in data["rows"]} if args.resume else set()
+    wanted = set(args.only or SECTIONS)
 
     def put(row: dict) -> None:
         data["rows"] = [r for r in data["rows"] if r["id"] != row["id"]] + [row]
@@ -165,9 +179,9 @@ def main(argv=None) -> int:
     data["train"] = model.train_info.get("train_config", {}) | {
         k: model.train_info.get(k) for k in ("seconds", "final_loss", "losses", "log_every", "threads")}
     real, real_labels = D.fashion_images("test")
-    if "classifier" not in done:
+    if "classifier" not in done and "classifier" in wanted:
         put({"id": "classifier", "test_accuracy": clf.info["test_accuracy"], "recipe": clf.info["recipe"]})
-    if "real-floor" not in done:
+    if "real-floor" not in done and "real-floor" in wanted:
         x, y = D.fashion_images("train")
         pick = torch.cat([torch.nonzero(y == c)[:N_PER_CLASS, 0] for c in range(10)])  # [1000]
         acc = F.class_accuracy(x[pick], y[pick])
@@ -176,12 +190,12 @@ def main(argv=None) -> int:
     # the first guidance scale and the speed row first: the rest is extra if time runs short
     for i, g in enumerate(args.guidance):
         rid = f"dit-g{g:g}"
-        if rid not in done:
+        if rid not in done and "dit" in wanted:
             out = D.evaluate_dit(model, n_per_class=N_PER_CLASS, steps=STEPS, seed=0, guidance=g, real=real)
             put({"id": rid, "blocks": len(model.blocks)} | out)
-        if i == 0 and "speed" not in done:
+        if i == 0 and "speed" not in done and "speed" in wanted:
             put(row_speed(model, n=args.speed_samples, steps=STEPS, repeats=args.speed_repeats))
-    if not (path.parent / "dit_testbed.png").exists() or not args.resume:
+    if "grid" in wanted and (not (path.parent / "dit_testbed.png").exists() or not args.resume):
         write_grid(model, path.parent / "dit_testbed.png")
         write_markdown(data, path.with_suffix(".md"))
     return 0
