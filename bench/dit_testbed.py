@@ -133,6 +133,8 @@ def write_markdown(data: dict, path: Path) -> None:
                   f"alternated runs: {s['blocks_full']} blocks {s['seconds_full']:.2f} s, every other block "
                   f"({s['blocks_half']} blocks) {s['seconds_half']:.2f} s: speedup **{s['speedup']:.2f}x** "
                   "(issue 9 target at half depth: >= 1.8x)."]
+    if data.get("notes"):
+        lines += ["", "## Notes", "", *[f"- {n}" for n in data["notes"]]]
     lines += ["", "![samples](dit_testbed.png)" if (path.parent / "dit_testbed.png").exists() else ""]
     path.write_text("\n".join(lines) + "\n")
 
