@@ -209,7 +209,7 @@ def main(argv=None) -> int:
         elif method == "qtuning_dynamic":
             pruner = QTuning(sample_ratio=ratio, token_ratio=token_ratio, every="batch", seed=seed)
         if pre is not None:
-            pruner = _Fixed(pre)
+            pruner = S.FixedSelection(pre)
         print(f"[{time.strftime('%H:%M:%S')}] {rid} ...", flush=True)
         rep = S.sft(model, train_ex, pad_id=pad_id, pruner=pruner, epochs=1, batch_size=args.batch_size, lr=args.lr,
                     seed=seed, progress=False)
@@ -230,19 +230,6 @@ def main(argv=None) -> int:
               f"eval {ev['eval_seconds']:.0f} s", flush=True)
         del model
     return 0
-
-
-class _Fixed:
-    """A selection made beforehand (under the starting model), applied once."""
-
-    needs_model = False
-    every = "once"
-
-    def __init__(self, selection):
-        self.selection = selection
-
-    def select(self, **_):
-        return self.selection
 
 
 if __name__ == "__main__":

@@ -158,16 +158,9 @@ def test_loss_mask_is_exactly_the_kept_tokens():
     keep_samples = np.array([1, 0, 1, 1, 0, 1], bool)
     keep = resp & keep_samples[:, None] & (rng.random(resp.shape) < 0.6)
     sel = S.Selection(keep_samples, keep)
-
-    class Fixed:
-        needs_model, every = False, "once"
-
-        def select(self, **_):
-            return sel
-
     want = nll[keep].mean()  # mean token NLL over exactly the kept positions, under the starting model
     wrong = nll[resp & keep_samples[:, None]].mean()
-    rep = S.sft(model, ex, pad_id=pad_id, pruner=Fixed(), batch_size=8, lr=1e-3, lora_rank=4, progress=False)
+    rep = S.sft(model, ex, pad_id=pad_id, pruner=S.FixedSelection(sel), batch_size=8, lr=1e-3, lora_rank=4, progress=False)
     assert rep.steps == 1 and rep.tokens_trained == keep.sum() and rep.samples_trained == 4
     assert math.isclose(rep.losses[0], want, rel_tol=1e-4) and not math.isclose(want, wrong, rel_tol=1e-4)
     last = max(np.flatnonzero(keep[i]).max() for i in range(6) if keep[i].any()) + 1

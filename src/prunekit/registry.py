@@ -28,7 +28,8 @@ class MethodSpec:
     summary: str
     # weights domain: the calibration statistic the method reads ("norms", "hessian") or None (data-free),
     # and ``fn(weight[out, in] fp32, stats, *, ratio, pattern, **options) -> pruned weight``.
-    # data domain: ``fn`` is the scoring function (difficulty per example, or a label-issue mask).
+    # data domain: ``fn`` is the scoring function (difficulty per example, or a label-issue mask), or for
+    # Q-Tuning the selection ``fn(nll, entropy, response, *, sample_ratio, token_ratio) -> Selection``.
     # kv domain: ``fn`` is the policy class (`prunekit.inference.kv.policy(model, name, budget=...)` runs it).
     # inference domain: ``fn`` is the rule over one question's sampled paths, ``fn(answers, ...) -> Vote``.
     # `stats` may also be a function of the method's options returning the statistic's name (DSnoT).

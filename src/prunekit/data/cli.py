@@ -267,11 +267,11 @@ def _cmd_qtune(args) -> int:
     scored = time.perf_counter() - start
     report = None
     if args.train:
-        pruner = Q.QTuning(sample_ratio=args.samples, token_ratio=args.tokens, lam=args.lam, seed=args.seed,
-                           every={"static": "once", "epoch": "epoch", "batch": "batch"}[args.mode])
-        if args.mode == "static":
-            pruner.select = lambda **_: sel  # the selection just written, not a second scoring pass
-            pruner.needs_model = False
+        if args.mode == "static":  # the selection just written, not a second scoring pass
+            pruner = S.FixedSelection(sel)
+        else:
+            pruner = Q.QTuning(sample_ratio=args.samples, token_ratio=args.tokens, lam=args.lam, seed=args.seed,
+                               every=args.mode)
         report = S.sft(model, examples, pad_id=pad_id, pruner=pruner, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, lora_rank=args.lora_rank or None, seed=args.seed, progress=not args.quiet)
         from prunekit.lora import merge_lora

@@ -50,7 +50,7 @@ from prunekit.errors import InputError, int_at_least
 
 __all__ = [
     "Example", "Selection", "SFTReport", "read_sft", "tokenize", "pad", "token_stats", "score_examples",
-    "response_stats", "check_ratio", "RandomPruner", "PerplexityPruner", "RandomTokensPruner", "sft",
+    "response_stats", "check_ratio", "FixedSelection", "RandomPruner", "PerplexityPruner", "RandomTokensPruner", "sft",
     "generate", "response_perplexity",
 ]
 
@@ -291,6 +291,26 @@ class _Pruner:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(sample_ratio={self.sample_ratio}, token_ratio={self.token_ratio}, every={self.every!r})"
+
+
+class FixedSelection:
+    """A selection made beforehand (say by `qtuning_select` under the starting model), applied once: static mode
+    without a second scoring pass."""
+
+    needs_model = False
+    every = "once"
+    name = "fixed"
+
+    def __init__(self, selection: Selection):
+        if not isinstance(selection, Selection):
+            raise InputError(f"FixedSelection takes a Selection, got {type(selection).__name__}")
+        self.selection = selection
+
+    def select(self, *, response: np.ndarray, **_) -> Selection:
+        if self.selection.keep_tokens.shape[0] != response.shape[0]:
+            raise InputError(f"the selection covers {self.selection.keep_tokens.shape[0]} samples but the data has "
+                             f"{response.shape[0]}")
+        return self.selection
 
 
 class RandomPruner(_Pruner):
