@@ -22,6 +22,7 @@ The training seed (LoRA init, order, random picks) varies; the data does not.
     python bench/qtuning.py                          # 25% rows, then 12.5% and 50%, seeds 0 1 2
     python bench/qtuning.py --ratios 0.25 --seeds 0  # one budget, one seed
     python bench/qtuning.py --resume                 # skip rows already in the results file
+    python bench/qtuning.py --merge other.json       # add the rows of a parallel run (other seeds) to the results
 
 Writes bench/results/qtuning.json (``{"rows": [{"method", "sample_ratio", "token_ratio", "accuracy", "ppl",
 "tokens_trained", "seconds", ...}]}``), bench/results/qtuning.md and bench/results/qtuning_eu.png.
@@ -135,9 +136,20 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "qtuning.json"))
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="only merge the rows of these result files (runs of other seeds in parallel) into --out")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.merge:
+        data = json.loads(out.read_text())
+        ids = {r["id"] for r in data["rows"]}
+        for other in args.merge:
+            data["rows"] += [r for r in json.loads(Path(other).read_text())["rows"] if r["id"] not in ids]
+            ids = {r["id"] for r in data["rows"]}
+        _save(data["rows"], data["meta"], out)
+        print(f"{len(data['rows'])} rows in {out}")
+        return 0
 
     from prunekit.weights.io import load_model
 

@@ -174,13 +174,13 @@ def test_sft_dynamic_per_batch_and_learning():
     pad_id = tok.eos_token_id
     before = S.response_perplexity(model, ex, pad_id=pad_id)
     p = Q.QTuning(sample_ratio=0.5, token_ratio=0.7, every="batch")
-    rep = S.sft(model, ex, pad_id=pad_id, pruner=p, batch_size=4, lr=3e-3, epochs=3, lora_rank=4, progress=False)
-    assert rep.steps == 3 * 2 and rep.samples_trained <= 3 * 8  # loads of 8, 4 kept each
-    assert rep.tokens_scored == 3 * sum(len(e.ids) for e in ex)
+    rep = S.sft(model, ex, pad_id=pad_id, pruner=p, batch_size=4, lr=1e-2, epochs=2, lora_rank=4, progress=False)
+    assert rep.steps == 2 * 2 and rep.samples_trained == 2 * 8  # loads of 8, 4 kept each
+    assert rep.tokens_scored == 2 * sum(len(e.ids) for e in ex)
     total_resp = sum(e.response_len for e in ex)
-    assert rep.tokens_trained < 3 * 0.5 * total_resp
-    rep2 = S.sft(model, ex, pad_id=pad_id, batch_size=4, lr=3e-3, epochs=4, progress=False)  # full data
-    assert rep2.tokens_trained == 4 * sum(e.response_len for e in ex)
+    assert rep.tokens_trained < 2 * 0.5 * total_resp
+    rep2 = S.sft(model, ex, pad_id=pad_id, batch_size=4, lr=1e-2, epochs=2, progress=False)  # full data
+    assert rep2.tokens_trained == 2 * sum(e.response_len for e in ex)
     assert S.response_perplexity(model, ex, pad_id=pad_id) < before
     out = S.generate(model, tok, ["add 1 and 2"], max_new_tokens=5)
     assert isinstance(out[0], str)
