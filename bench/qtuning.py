@@ -103,7 +103,9 @@ def _markdown(rows, meta) -> str:
     for r in rows:
         lines.append(f"| {r['id']} | {100 * r['accuracy']:.1f} | {r['ppl']:.2f} | {r['tokens_trained']} | {r['steps']} "
                      f"| {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
-    lines += ["", f"Machine: {meta['machine']}; torch {meta['torch']}.", ""]
+    lines += ["", "The starting model's EU plane over the training pairs, with Q-Tuning's 25% selection (filled = kept; "
+              "dashed/dotted lines: the final quantile thresholds):", "", "![EU plane](qtuning_eu.png)", "",
+              f"Machine: {meta['machine']}; torch {meta['torch']}.", ""]
     return "\n".join(lines)
 
 
