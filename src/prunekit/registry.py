@@ -11,7 +11,7 @@ from typing import Callable
 
 from prunekit.errors import InputError
 from prunekit.cnn import trp, udfc
-from prunekit.data.methods import confident, el2n, forgetting, grand, prototypes
+from prunekit.data.methods import confident, el2n, forgetting, grand, prototypes, qtuning
 from prunekit.inference.kv import DeepForcing, Delta, H2O, SnapKV, StreamingLLM
 from prunekit.inference import reasoning
 from prunekit.weights.methods import armor, dpruner, dsnot, magnitude, sparsegpt, wanda
@@ -28,7 +28,8 @@ class MethodSpec:
     summary: str
     # weights domain: the calibration statistic the method reads ("norms", "hessian") or None (data-free),
     # and ``fn(weight[out, in] fp32, stats, *, ratio, pattern, **options) -> pruned weight``.
-    # data domain: ``fn`` is the scoring function (difficulty per example, or a label-issue mask).
+    # data domain: ``fn`` is the scoring function (difficulty per example, or a label-issue mask), or for
+    # Q-Tuning the selection ``fn(nll, entropy, response, *, sample_ratio, token_ratio) -> Selection``.
     # kv domain: ``fn`` is the policy class (`prunekit.inference.kv.policy(model, name, budget=...)` runs it).
     # inference domain: ``fn`` is the rule over one question's sampled paths, ``fn(answers, ...) -> Vote``.
     # `stats` may also be a function of the method's options returning the statistic's name (DSnoT).
@@ -105,6 +106,12 @@ METHODS: dict[str, MethodSpec] = {
             "prototypes", "data", "Sorscher et al. 2022, Beyond neural scaling laws: beating power law scaling via data pruning",
             "https://arxiv.org/abs/2206.14486", "cosine distance to the nearest k-means centroid of an embedding",
             fn=prototypes.prototype_distance,
+        ),
+        MethodSpec(
+            "qtuning", "data", "Wang et al. 2025, Winning the Pruning Gamble: A Unified Approach to Joint Sample and "
+            "Token Pruning for Efficient Supervised Fine-Tuning (Q-Tuning)", "https://arxiv.org/abs/2509.23873",
+            "SFT data: keep error-uncertainty quadrants Q2 (misconception) + Q4 (calibration), drop Q2's high-PPL "
+            "tokens (prunekit data qtune)", fn=qtuning.qtuning_select,
         ),
         MethodSpec(
             "streaming_llm", "kv", "Xiao et al. 2024, Efficient Streaming Language Models with Attention Sinks",

@@ -72,6 +72,28 @@ def add_parser(sub) -> None:
     sc.add_argument("--overwrite", action="store_true")
     sc.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    qt = dsub.add_parser("qtune", help="Q-Tuning: keep the SFT samples and response tokens worth training on "
+                         "(Error-Uncertainty plane), and optionally fine-tune on them")
+    qt.add_argument("model", help="local Hugging Face causal LM folder or zoo name (smollm2-135m)")
+    qt.add_argument("--data", required=True, help='JSONL, one {"instruction": ..., "response": ...} per line')
+    qt.add_argument("--samples", type=float, default=0.2, help="fraction of samples kept, in (0, 1] (default 0.2)")
+    qt.add_argument("--tokens", type=float, default=0.75,
+                    help="fraction of the kept samples' response tokens kept in the loss, in (0, 1] (default 0.75)")
+    qt.add_argument("--lam", type=float, default=0.5, help="neighbours' weight in the token score (default 0.5)")
+    qt.add_argument("--max-length", type=int, default=512, help="tokens per pair, prompt cut from the left (default 512)")
+    qt.add_argument("--batch-size", type=int, default=8)
+    qt.add_argument("--train", action="store_true", help="fine-tune on the selection and save the model in OUT/model")
+    qt.add_argument("--mode", choices=("static", "epoch", "batch"), default="static",
+                    help="with --train: static (the written selection), epoch (re-scored each epoch) or batch "
+                    "(re-scored per loaded batch, the paper's dynamic mode)")
+    qt.add_argument("--epochs", type=int, default=1)
+    qt.add_argument("--lr", type=float, default=2e-4)
+    qt.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (merged into the saved model); 0 = full fine-tuning")
+    qt.add_argument("--seed", type=int, default=0)
+    qt.add_argument("--out", required=True, help="output folder: kept.jsonl, scores.csv, summary.json, eu_plane.png")
+    qt.add_argument("--overwrite", action="store_true")
+    qt.add_argument("--quiet", action="store_true", help="no progress bars")
+
 
 def _cmd_label_issues(args) -> int:
     from prunekit.data.io import check_output_file, read_labels, read_matrix, write_table
@@ -217,7 +239,88 @@ def _cmd_score(args) -> int:
     return 0
 
 
-COMMANDS = {"label-issues": _cmd_label_issues, "select": _cmd_select, "score": _cmd_score}
+def _cmd_qtune(args) -> int:
+    import csv
+
+    from prunekit.data import sft as S
+    from prunekit.data.methods import qtuning as Q
+    from prunekit.errors import InputError, int_at_least
+    from prunekit.weights.io import check_output, load_model, write_atomically
+
+    check_output(args.out, overwrite=args.overwrite)
+    S.check_ratio(args.samples, "--samples")
+    S.check_ratio(args.tokens, "--tokens")
+    if not 0 <= args.lam <= 1:
+        raise InputError(f"--lam must be in [0, 1], got {args.lam}")
+    int_at_least(args.epochs, "--epochs", 1)
+    int_at_least(args.batch_size, "--batch-size", 1)
+    int_at_least(args.lora_rank, "--lora-rank", 0)
+    if not args.lr > 0:
+        raise InputError(f"--lr must be positive, got {args.lr}")
+    records = S.read_sft(args.data)
+    start = time.perf_counter()
+    model, tok = load_model(args.model)
+    examples = S.tokenize(records, tok, max_length=args.max_length)
+    pad_id = S._pad_id(tok)
+    nll, ent, resp = S.score_examples(model, examples, pad_id=pad_id, batch_size=args.batch_size, progress=not args.quiet)
+    sel = Q.qtuning_select(nll, ent, resp, sample_ratio=args.samples, token_ratio=args.tokens, lam=args.lam)
+    scored = time.perf_counter() - start
+    report = None
+    if args.train:
+        if args.mode == "static":  # the selection just written, not a second scoring pass
+            pruner = S.FixedSelection(sel)
+        else:
+            pruner = Q.QTuning(sample_ratio=args.samples, token_ratio=args.tokens, lam=args.lam, seed=args.seed,
+                               every=args.mode)
+        report = S.sft(model, examples, pad_id=pad_id, pruner=pruner, epochs=args.epochs, batch_size=args.batch_size,
+                       lr=args.lr, lora_rank=args.lora_rank or None, seed=args.seed, progress=not args.quiet)
+        from prunekit.lora import merge_lora
+
+        merge_lora(model)
+    counts = {Q.NAMES[q]: int((sel.quadrant == q).sum()) for q in (1, 2, 3, 4)}
+    summary = {"model": str(args.model), "data": str(args.data), "samples": len(examples), "kept_samples": sel.samples,
+               "response_tokens": int(resp.sum()), "kept_response_tokens": sel.tokens,
+               "kept_samples_response_tokens": int((resp & sel.keep_samples[:, None]).sum()),
+               "sample_ratio": args.samples, "token_ratio": args.tokens, "lam": args.lam, "quadrants": counts,
+               "thresholds": sel.info, "scoring_seconds": round(scored, 2)}
+    if report is not None:
+        summary["training"] = {"mode": args.mode, "epochs": args.epochs, "steps": report.steps,
+                               "tokens_trained": report.tokens_trained, "tokens_forward": report.tokens_forward,
+                               "tokens_scored": report.tokens_scored, "seconds": round(report.seconds, 2),
+                               "lora_rank": args.lora_rank or None}
+
+    def build(tmp):
+        with open(tmp / "kept.jsonl", "w", encoding="utf-8") as f:
+            for i in np.flatnonzero(sel.keep_samples):
+                e = examples[i]
+                ids = e.ids[e.prompt_len:]
+                row = dict(records[i])
+                row.update(index=int(i), quadrant=Q.NAMES[int(sel.quadrant[i])], ppl=float(sel.ppl[i]),
+                           entropy=float(sel.entropy[i]), response_tokens=tok.convert_ids_to_tokens(ids),
+                           token_keep=sel.keep_tokens[i, e.prompt_len: len(e.ids)].astype(int).tolist())
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        with open(tmp / "scores.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["index", "ppl", "entropy", "quadrant", "kept", "response_tokens", "kept_tokens"])
+            for i, e in enumerate(examples):
+                w.writerow([i, f"{sel.ppl[i]:.6g}", f"{sel.entropy[i]:.6g}", int(sel.quadrant[i]),
+                            int(sel.keep_samples[i]), e.response_len, int(sel.keep_tokens[i].sum())])
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        Q.plot_eu_plane(sel, tmp / "eu_plane.png", title=f"EU plane: {sel.samples} of {len(examples)} samples kept")
+        if report is not None:
+            model.save_pretrained(tmp / "model")
+            tok.save_pretrained(tmp / "model")
+
+    write_atomically(args.out, build, overwrite=args.overwrite)
+    print(f"kept {sel.samples} of {len(examples)} samples ({counts['misconception']} misconception, "
+          f"{counts['calibration']} calibration) and {sel.tokens} of their "
+          f"{summary['kept_samples_response_tokens']} response tokens"
+          + (f"; fine-tuned {report.steps} steps on {report.tokens_trained} tokens in {report.seconds:.0f} s" if report else "")
+          + f"; in {args.out}")
+    return 0
+
+
+COMMANDS = {"label-issues": _cmd_label_issues, "select": _cmd_select, "score": _cmd_score, "qtune": _cmd_qtune}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,9 @@ coverage-centric subset).
 - `prototypes`: cosine distance to the nearest k-means centroid of an embedding (Sorscher et al. 2022).
 - `confident`: Confident Learning label issues from out-of-sample probabilities (Northcutt et al. 2021): a bool
   mask of likely label errors, not a difficulty.
+- `qtuning`: Q-Tuning's joint sample and token selection of SFT pairs on the Error-Uncertainty plane (Wang et al.
+  2025): a `prunekit.data.sft.Selection` (kept samples and their kept loss tokens), not a difficulty; the SFT loop
+  it plugs into is `prunekit.data.sft`.
 
 Training the runs these scores need (and out-of-fold probabilities for `confident`) is `prunekit.train`.
 """

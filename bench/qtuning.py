@@ -1,0 +1,250 @@
+"""Q-Tuning on SmolLM2-135M-Instruct: LoRA SFT on pruned instruction data, against full data and baselines.
+
+Data (`prunekit.data.sft_tasks`, data seed 0): ``--train`` instruction/response pairs, half reading-comprehension
+year questions from the Wikipedia leads and half two-/three-step arithmetic word problems, and ``--test`` held-out
+pairs from other leads and another random stream; at most ``--max-length`` tokens each, chat template.
+Training: LoRA rank 8 (alpha 16) on every block Linear, AdamW at ``--lr``, batch ``--batch-size``, one epoch, loss
+on response tokens only. Rows:
+
+- ``full``: every sample, every response token.
+- ``random``: ``round(N * ratio)`` random samples, ``--token-ratio`` of their response tokens at random.
+- ``ppl``: the highest-perplexity samples under the starting model, random tokens as ``random``.
+- ``qtuning_static``: Q-Tuning scored once under the starting model (quadrants + neighbour-smoothed token PPL).
+- ``qtuning_dynamic``: Q-Tuning re-scored per loaded batch of ``batch_size / ratio`` samples under the model
+  being trained (the paper's mode); only the kept rows are trained on.
+
+Metrics on the held-out set: exact-match accuracy of the answer after "The answer is" (greedy, up to
+``--max-new-tokens``), response perplexity; tokens trained on (loss tokens), positions forwarded in training,
+positions scored without gradients, and wall time (training + the selection's scoring; the starting model's
+scores are computed once and shared by ``ppl`` and ``qtuning_static``, their time is added to each such row).
+The training seed (LoRA init, order, random picks) varies; the data does not.
+
+    python bench/qtuning.py                          # 25% rows, then 12.5% and 50%, seeds 0 1 2
+    python bench/qtuning.py --ratios 0.25 --seeds 0  # one budget, one seed
+    python bench/qtuning.py --resume                 # skip rows already in the results file
+    python bench/qtuning.py --merge other.json       # add the rows of a parallel run (other seeds) to the results
+
+Writes bench/results/qtuning.json (``{"rows": [{"method", "sample_ratio", "token_ratio", "accuracy", "ppl",
+"tokens_trained", "seconds", ...}]}``), bench/results/qtuning.md and bench/results/qtuning_eu.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prunekit.data import sft as S
+from prunekit.data import sft_tasks
+from prunekit.data.methods.qtuning import QTuning, plot_eu_plane, qtuning_select
+from prunekit.lora import merge_lora
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("full", "random", "ppl", "qtuning_static", "qtuning_dynamic")
+
+
+def _row_id(method, ratio, seed):
+    return f"{method}-{ratio}-s{seed}"
+
+
+def _save(rows, meta, path_json: Path):
+    path_json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path_json.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    os.replace(tmp, path_json)
+    path_json.with_suffix(".md").write_text(_markdown(rows, meta))
+
+
+def _fmt(values, digits=1, scale=1.0):
+    vals = [v * scale for v in values]
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def _markdown(rows, meta) -> str:
+    lines = ["# Q-Tuning on SmolLM2-135M-Instruct (LoRA SFT, one epoch)", "",
+             f"Train {meta['train']} pairs ({meta['train_tokens']} positions, {meta['train_response_tokens']} response "
+             f"tokens), held-out {meta['test']} pairs; year questions from Wikipedia leads + arithmetic word problems "
+             f"(`prunekit.data.sft_tasks`, data seed 0). LoRA r=8, lr {meta['lr']}, batch {meta['batch_size']}, "
+             f"max length {meta['max_length']}. Token ratio {meta['token_ratio']}. One thread on a shared 2-core VM: "
+             "timings are indicative. Starting model (no SFT): accuracy "
+             f"{100 * meta['base']['accuracy']:.1f}%, response PPL {meta['base']['ppl']:.2f}.", "",
+             "Mean ± std over seeds (training seed; data fixed). `tokens` = loss tokens trained on; `fwd` = positions "
+             "forwarded with gradients; `scored` = positions forwarded without gradients to select data.", "",
+             "| method | samples | seeds | accuracy % | year % | arith % | held-out PPL | tokens | fewer tokens than full | fwd | scored | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    full_tok = [r["tokens_trained"] for r in rows if r["method"] == "full"]
+    full_tok = statistics.mean(full_tok) if full_tok else None
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["sample_ratio"]), []).append(r)
+    order = sorted(groups, key=lambda k: (-k[1] if k[0] == "full" else k[1], METHODS.index(k[0])))
+    order = [k for k in order if k[0] == "full"] + [k for k in order if k[0] != "full"]
+    for key in order:
+        g = groups[key]
+        tok = statistics.mean(r["tokens_trained"] for r in g)
+        ratio = f"{full_tok / tok:.1f}x" if full_tok and tok else "-"
+        lines.append(
+            f"| {key[0]} | {100 * key[1]:g}% | {len(g)} | {_fmt([r['accuracy'] for r in g], 1, 100)} "
+            f"| {_fmt([r['acc_year'] for r in g], 1, 100)} | {_fmt([r['acc_arith'] for r in g], 1, 100)} "
+            f"| {_fmt([r['ppl'] for r in g], 2)} | {tok:.0f} | {ratio} "
+            f"| {statistics.mean(r['tokens_forward'] for r in g):.0f} | {statistics.mean(r['tokens_scored'] for r in g):.0f} "
+            f"| {_fmt([r['seconds'] for r in g], 0)} |")
+    lines += ["", "Per run:", "", "| id | accuracy % | PPL | tokens | steps | train s | eval s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['id']} | {100 * r['accuracy']:.1f} | {r['ppl']:.2f} | {r['tokens_trained']} | {r['steps']} "
+                     f"| {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
+    lines += ["", "The starting model's EU plane over the training pairs, with Q-Tuning's 25% selection (filled = kept; "
+              "dashed/dotted lines: the final quantile thresholds):", "", "![EU plane](qtuning_eu.png)", "",
+              f"Machine: {meta['machine']}; torch {meta['torch']}.", ""]
+    return "\n".join(lines)
+
+
+def _evaluate(model, tok, test_records, test_ex, pad_id, args):
+    start = time.perf_counter()
+    outs = S.generate(model, tok, [r["instruction"] for r in test_records], max_new_tokens=args.max_new_tokens,
+                      batch_size=args.eval_batch_size)
+    hits = [sft_tasks.exact_match(o, r["answer"]) for o, r in zip(outs, test_records)]
+    by = {t: [h for h, r in zip(hits, test_records) if r["task"] == t] for t in ("year", "arith")}
+    ppl = S.response_perplexity(model, test_ex, pad_id=pad_id, batch_size=args.eval_batch_size)
+    return {"accuracy": float(np.mean(hits)), "acc_year": float(np.mean(by["year"])) if by["year"] else float("nan"),
+            "acc_arith": float(np.mean(by["arith"])) if by["arith"] else float("nan"), "ppl": ppl,
+            "eval_seconds": time.perf_counter() - start, "sample_outputs": outs[:3]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--train", type=int, default=192)
+    ap.add_argument("--test", type=int, default=80)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=36)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.125, 0.5])
+    ap.add_argument("--token-ratio", type=float, default=0.7)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--eval-batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "qtuning.json"))
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="only merge the rows of these result files (runs of other seeds in parallel) into --out")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.merge:
+        data = json.loads(out.read_text())
+        ids = {r["id"] for r in data["rows"]}
+        for other in args.merge:
+            data["rows"] += [r for r in json.loads(Path(other).read_text())["rows"] if r["id"] not in ids]
+            ids = {r["id"] for r in data["rows"]}
+        _save(data["rows"], data["meta"], out)
+        print(f"{len(data['rows'])} rows in {out}")
+        return 0
+
+    from prunekit.weights.io import load_model
+
+    base, tok = load_model(args.model)
+    pad_id = S._pad_id(tok)
+    train_rec, test_rec = sft_tasks.build_tasks(train=args.train, test=args.test, seed=0)
+    train_ex = S.tokenize(train_rec, tok, max_length=args.max_length)
+    test_ex = S.tokenize(test_rec, tok, max_length=args.max_length)
+    rows = json.loads(out.read_text())["rows"] if args.resume and out.exists() else []
+    old = json.loads(out.read_text()).get("meta", {}) if args.resume and out.exists() else {}
+    done = {r["id"] for r in rows}
+    meta = {"model": args.model, "train": len(train_ex), "test": len(test_ex), "max_length": args.max_length,
+            "train_tokens": sum(len(e.ids) for e in train_ex), "train_response_tokens": sum(e.response_len for e in train_ex),
+            "lr": args.lr, "batch_size": args.batch_size, "token_ratio": args.token_ratio, "epochs": 1,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s)",
+            "torch": torch.__version__, "base": old.get("base")}
+
+    if meta["base"] is None:
+        ev = _evaluate(base, tok, test_rec, test_ex, pad_id, args)
+        meta["base"] = {k: ev[k] for k in ("accuracy", "acc_year", "acc_arith", "ppl", "eval_seconds")}
+        print(f"starting model: accuracy {100 * ev['accuracy']:.1f}% ppl {ev['ppl']:.2f} ({ev['eval_seconds']:.0f} s) "
+              f"e.g. {ev['sample_outputs'][:2]}", flush=True)
+        _save(rows, meta, out)
+
+    stats_cache = {}
+
+    def base_stats():
+        if not stats_cache:
+            t0 = time.perf_counter()
+            nll, ent, resp = S.score_examples(base, train_ex, pad_id=pad_id, batch_size=args.batch_size, progress=True)
+            stats_cache.update(nll=nll, ent=ent, resp=resp, seconds=time.perf_counter() - t0)
+            print(f"scored the training set under the starting model in {stats_cache['seconds']:.0f} s", flush=True)
+        return stats_cache
+
+    plan = []
+    for ratio in args.ratios:
+        for seed in args.seeds:
+            for m in args.methods:
+                if m == "full":
+                    if _row_id("full", 1.0, seed) not in {p[3] for p in plan}:
+                        plan.append(("full", 1.0, seed, _row_id("full", 1.0, seed)))
+                    continue
+                plan.append((m, ratio, seed, _row_id(m, ratio, seed)))
+    # seed 0 of every budget first, then the other seeds (a partial run still covers each budget)
+    plan.sort(key=lambda p: (p[2] != args.seeds[0], args.ratios.index(p[1]) if p[1] in args.ratios else -1, p[2]))
+
+    for method, ratio, seed, rid in plan:
+        if rid in done:
+            continue
+        model = copy.deepcopy(base)
+        pruner, pre = None, None
+        extra_seconds, scored = 0.0, 0
+        token_ratio = 1.0 if method == "full" else args.token_ratio
+        if method == "random":
+            pruner = S.RandomPruner(sample_ratio=ratio, token_ratio=token_ratio, seed=seed)
+        elif method in ("ppl", "qtuning_static"):
+            st = base_stats()
+            if method == "ppl":
+                sel = S.PerplexityPruner(sample_ratio=ratio, token_ratio=token_ratio, seed=seed).select(
+                    nll=st["nll"], entropy=st["ent"], response=st["resp"])
+            else:
+                sel = qtuning_select(st["nll"], st["ent"], st["resp"], sample_ratio=ratio, token_ratio=token_ratio)
+                if abs(ratio - 0.25) < 1e-9 and seed == args.seeds[0]:
+                    plot_eu_plane(sel, out.with_name("qtuning_eu.png"),
+                                  title=f"EU plane, SmolLM2-135M on the {len(train_ex)} training pairs: Q-Tuning at "
+                                        f"{100 * ratio:g}% samples")
+            pre = sel
+            extra_seconds, scored = st["seconds"], sum(len(e.ids) for e in train_ex)
+        elif method == "qtuning_dynamic":
+            pruner = QTuning(sample_ratio=ratio, token_ratio=token_ratio, every="batch", seed=seed)
+        if pre is not None:
+            pruner = S.FixedSelection(pre)
+        print(f"[{time.strftime('%H:%M:%S')}] {rid} ...", flush=True)
+        rep = S.sft(model, train_ex, pad_id=pad_id, pruner=pruner, epochs=1, batch_size=args.batch_size, lr=args.lr,
+                    seed=seed, progress=False)
+        merge_lora(model)  # the same function, fewer matmuls per generated token
+        ev = _evaluate(model, tok, test_rec, test_ex, pad_id, args)
+        row = {"id": rid, "method": method, "sample_ratio": ratio, "token_ratio": token_ratio, "seed": seed,
+               "accuracy": ev["accuracy"], "acc_year": ev["acc_year"], "acc_arith": ev["acc_arith"], "ppl": ev["ppl"],
+               "tokens_trained": rep.tokens_trained, "tokens_forward": rep.tokens_forward,
+               "tokens_scored": rep.tokens_scored + scored, "samples_trained": rep.samples_trained, "steps": rep.steps,
+               "seconds": rep.seconds + extra_seconds, "train_seconds": rep.seconds, "eval_seconds": ev["eval_seconds"],
+               "final_loss": float(np.mean(rep.losses[-3:])) if rep.losses else None,
+               "sample_outputs": ev["sample_outputs"]}
+        rows.append(row)
+        done.add(rid)
+        _save(rows, meta, out)
+        print(f"  acc {100 * row['accuracy']:.1f}% (year {100 * row['acc_year']:.1f}, arith {100 * row['acc_arith']:.1f}) "
+              f"ppl {row['ppl']:.2f} tokens {row['tokens_trained']} steps {row['steps']} train {rep.seconds:.0f} s "
+              f"eval {ev['eval_seconds']:.0f} s", flush=True)
+        del model
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""Q-Tuning (`prunekit.data.methods.qtuning`), the SFT loop (`prunekit.data.sft`), the task builder and
+`prunekit data qtune`: quadrants on planted points, exact budgets, scripted token scores, the loss mask, bad input."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from prunekit import registry
+from prunekit.cli import main
+from prunekit.data import sft as S
+from prunekit.data import sft_tasks
+from prunekit.data.methods import qtuning as Q
+from prunekit.errors import InputError
+
+from conftest import char_tokenizer, tiny_model
+
+
+def test_doctests():
+    for mod in (Q, S, sft_tasks):
+        assert doctest.testmod(mod).failed == 0
+
+
+def test_registered():
+    spec = registry.get("qtuning", "data")
+    assert spec.fn is Q.qtuning_select and "2509.23873" in spec.url
+
+
+# ------------------------------------------------------------------------------------------- quadrants
+PLANTED = {  # (ppl, entropy) -> quadrant
+    1: [(30.0, 4.0), (28.0, 3.9)],  # harmful noise: high error, high uncertainty
+    2: [(25.0, 0.5), (27.0, 0.6)],  # misconception: high error, low uncertainty
+    3: [(1.5, 0.4), (1.6, 0.5)],  # redundant: low error, low uncertainty
+    4: [(1.4, 4.2), (1.7, 3.8)],  # calibration: low error, high uncertainty
+}
+
+
+def planted():
+    pts = [(p, e, q) for q, v in PLANTED.items() for p, e in v]
+    ppl, ent, quad = (np.array(x) for x in zip(*pts))
+    return ppl, ent, quad
+
+
+def test_quadrants_on_planted_points():
+    ppl, ent, quad = planted()
+    q = Q.quadrants(ppl, ent, sample_ratio=0.5)
+    assert q.keep.tolist() == [quad_i in (2, 4) for quad_i in quad]
+    assert q.misconception.tolist() == (quad == 2).tolist()
+    assert q.quadrant.tolist() == quad.tolist()
+    assert q.topped_up == 0
+
+
+def test_quadrants_budget_exact_and_top_up():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 50, 333):
+        ppl, ent = np.exp(rng.normal(1, 1, n)), rng.random(n) * 3
+        for r in (0.05, 0.125, 0.2, 0.25, 0.5, 0.9, 1.0):
+            q = Q.quadrants(ppl, ent, sample_ratio=r)
+            assert q.keep.sum() == max(1, round(n * r)), (n, r)
+            assert not (q.misconception & ~q.keep).any()
+    # error and uncertainty rise together: no sample is Q2 or Q4 at any quantile, so all come from the top-up,
+    # the most extreme by max(p - e, e - p) on min-max-normalised values
+    ppl = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    ent = np.array([0.0, 1.0, 2.5, 3.0, 4.0, 5.0])  # normalised: p = e except index 2 (p=.4, e=.5), 3 (p=.6, e=.6)
+    q = Q.quadrants(ppl, ent, sample_ratio=1 / 6)
+    assert q.topped_up == 1 and np.flatnonzero(q.keep).tolist() == [2] and not q.misconception[2]
+
+
+def test_quadrants_ties_trimmed_to_budget():
+    ppl = np.array([9.0, 9.0, 9.0, 1.0, 1.0, 1.0, 5.0, 5.0])
+    ent = np.array([0.1, 0.1, 0.1, 4.0, 4.0, 4.0, 2.0, 2.0])
+    for r in (0.25, 0.5, 0.75):
+        assert Q.quadrants(ppl, ent, sample_ratio=r).keep.sum() == round(8 * r)
+
+
+# ------------------------------------------------------------------------------------------ token scores
+def test_token_scores_scripted():
+    ppl = np.array([[99.0, 99.0, 2.0, 4.0, 8.0, 16.0, 99.0]])  # positions 2..5 are the response
+    resp = np.array([[0, 0, 1, 1, 1, 1, 0]], bool)
+    s = Q.token_scores(np.log(ppl), resp, lam=0.5)
+    want = [0, 0, 0.5 * 2 + 0.25 * (0 + 4), 0.5 * 4 + 0.25 * (2 + 8), 0.5 * 8 + 0.25 * (4 + 16), 0.5 * 16 + 0.25 * (8 + 0), 0]
+    np.testing.assert_allclose(s[0], want)
+    np.testing.assert_allclose(Q.token_scores(np.log(ppl), resp, lam=0.0)[0], np.where(resp[0], ppl[0], 0))
+
+
+def test_qtuning_select_tokens_only_from_misconceptions():
+    ppl, ent, quad = planted()
+    n, t = len(ppl), 10
+    resp = np.zeros((n, t), bool)
+    resp[:, 4:] = True  # 6 response tokens each
+    nll = np.tile(np.log(ppl)[:, None], (1, t)) * resp
+    nll[:, 6] += 3.0  # one very surprising token per sample
+    ent_tok = np.tile(ent[:, None], (1, t)) * resp
+    sel = Q.qtuning_select(nll, ent_tok, resp, sample_ratio=0.5, token_ratio=0.75)
+    assert sel.samples == 4
+    kept_resp = 4 * 6
+    assert sel.tokens == kept_resp - round(0.25 * kept_resp)  # 6 dropped, all from the two misconception samples
+    for i in range(n):
+        if quad[i] == 4:
+            assert sel.keep_tokens[i].tolist() == resp[i].tolist()  # calibration kept whole
+        elif quad[i] == 2:
+            assert not sel.keep_tokens[i, 6] and sel.keep_tokens[i].sum() == 3  # the surprising token goes first
+        else:
+            assert not sel.keep_tokens[i].any()
+    # a token budget larger than the misconception samples' tokens drops all of them and no more
+    sel = Q.qtuning_select(nll, ent_tok, resp, sample_ratio=0.5, token_ratio=0.1)
+    assert sel.tokens == 2 * 6 and sel.info["token_drop_done"] == 12 < sel.info["token_drop_wanted"]
+
+
+@pytest.mark.parametrize("pruner", [S.RandomPruner, S.PerplexityPruner, S.RandomTokensPruner])
+def test_baseline_budgets_exact(pruner):
+    rng = np.random.default_rng(1)
+    n, t = 40, 12
+    resp = np.zeros((n, t), bool)
+    for i in range(n):
+        resp[i, 3: 3 + rng.integers(2, 9)] = True
+    nll, ent = rng.random((n, t)) * resp, rng.random((n, t)) * resp
+    sel = pruner(sample_ratio=0.25, token_ratio=0.7, seed=0).select(nll=nll, entropy=ent, response=resp)
+    assert not (sel.keep_tokens & ~resp).any() and not (sel.keep_tokens & ~sel.keep_samples[:, None]).any()
+    if pruner is S.RandomTokensPruner:
+        assert sel.samples == n and sel.tokens == resp.sum() - round((1 - 0.25 * 0.7) * resp.sum())
+    else:
+        assert sel.samples == 10
+        kept = (resp & sel.keep_samples[:, None]).sum()
+        assert sel.tokens == kept - round(0.3 * kept)
+    if pruner is S.PerplexityPruner:
+        ppl, _ = S.response_stats(nll, ent, resp)
+        assert ppl[sel.keep_samples].min() >= ppl[~sel.keep_samples].max()
+
+
+# --------------------------------------------------------------------------------------------- the loop
+def records(n=12):
+    return [{"instruction": f"add {i} and {i + 1}", "response": f"{i} + {i + 1} = {2 * i + 1}"} for i in range(n)]
+
+
+def test_tokenize_masks_prompt_and_truncates():
+    tok = char_tokenizer()
+    ex = S.tokenize(records(3), tok, max_length=64)
+    e = ex[1]
+    assert tok.decode(e.ids[e.prompt_len:-1]) .replace(" ", "") == "1+2=3"
+    assert e.ids[-1] == tok.eos_token_id
+    short = S.tokenize([{"instruction": "x" * 100, "response": "yz"}], tok, max_length=20)[0]
+    assert len(short.ids) == 20 and short.response_len == 3  # the prompt lost its left end, the response is whole
+
+
+def test_loss_mask_is_exactly_the_kept_tokens():
+    tok = char_tokenizer()
+    model = tiny_model("llama")
+    ex = S.tokenize(records(6), tok, max_length=64)
+    pad_id = tok.eos_token_id
+    nll, ent, resp = S.score_examples(model, ex, pad_id=pad_id)
+    rng = np.random.default_rng(0)
+    keep_samples = np.array([1, 0, 1, 1, 0, 1], bool)
+    keep = resp & keep_samples[:, None] & (rng.random(resp.shape) < 0.6)
+    sel = S.Selection(keep_samples, keep)
+    want = nll[keep].mean()  # mean token NLL over exactly the kept positions, under the starting model
+    wrong = nll[resp & keep_samples[:, None]].mean()
+    rep = S.sft(model, ex, pad_id=pad_id, pruner=S.FixedSelection(sel), batch_size=8, lr=1e-3, lora_rank=4, progress=False)
+    assert rep.steps == 1 and rep.tokens_trained == keep.sum() and rep.samples_trained == 4
+    assert math.isclose(rep.losses[0], want, rel_tol=1e-4) and not math.isclose(want, wrong, rel_tol=1e-4)
+    last = max(np.flatnonzero(keep[i]).max() for i in range(6) if keep[i].any()) + 1
+    assert rep.tokens_forward == sum(min(len(ex[i].ids), last) for i in range(6) if keep_samples[i])
+
+
+def test_sft_dynamic_per_batch_and_learning():
+    tok = char_tokenizer()
+    model = tiny_model("llama")
+    ex = S.tokenize(records(16), tok, max_length=64)
+    pad_id = tok.eos_token_id
+    before = S.response_perplexity(model, ex, pad_id=pad_id)
+    p = Q.QTuning(sample_ratio=0.5, token_ratio=0.7, every="batch")
+    rep = S.sft(model, ex, pad_id=pad_id, pruner=p, batch_size=4, lr=1e-2, epochs=2, lora_rank=4, progress=False)
+    assert rep.steps == 2 * 2 and rep.samples_trained == 2 * 8  # loads of 8, 4 kept each
+    assert rep.tokens_scored == 2 * sum(len(e.ids) for e in ex)
+    total_resp = sum(e.response_len for e in ex)
+    assert rep.tokens_trained < 2 * 0.5 * total_resp
+    rep2 = S.sft(model, ex, pad_id=pad_id, batch_size=4, lr=1e-2, epochs=2, progress=False)  # full data
+    assert rep2.tokens_trained == 2 * sum(e.response_len for e in ex)
+    assert S.response_perplexity(model, ex, pad_id=pad_id) < before
+    out = S.generate(model, tok, ["add 1 and 2"], max_new_tokens=5)
+    assert isinstance(out[0], str)
+
+
+# ------------------------------------------------------------------------------------------ tasks
+def test_tasks_deterministic_and_checkable():
+    docs = [{"title": f"T{i}", "text": f"The town of T{i} grew. A bridge was built in {1800 + i} by the river. It is old."}
+            for i in range(40)]
+    a = sft_tasks.build_tasks(train=20, test=10, seed=3, documents=docs)
+    b = sft_tasks.build_tasks(train=20, test=10, seed=3, documents=docs)
+    assert a == b
+    train, test = a
+    assert {r["title"] for r in train if r["task"] == "year"}.isdisjoint({r["title"] for r in test if r["task"] == "year"})
+    for r in train + test:
+        assert sft_tasks.exact_match(r["response"], r["answer"])
+        if r["task"] == "year":
+            assert r["answer"] in r["instruction"] and "____" in r["instruction"]
+        else:  # every step of the worked answer is right
+            for lhs, rhs in (s.split(" = ") for s in r["response"].split(". ")[:-1]):
+                assert eval(lhs.replace("/", "//")) == int(rhs)
+    assert sft_tasks.exact_match("It is 1,200 then. The answer is 1,200.", "1200")
+    assert not sft_tasks.exact_match("The answer is 12.", "1200")
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_input_refused():
+    ppl, ent, _ = planted()
+    for r in (0, -0.1, 1.5, float("nan"), True):
+        with pytest.raises(InputError, match="sample_ratio"):
+            Q.quadrants(ppl, ent, sample_ratio=r)
+    with pytest.raises(InputError, match="token_ratio"):
+        Q.QTuning(token_ratio=0.0)
+    with pytest.raises(InputError, match="NaN"):
+        Q.quadrants(np.array([1.0, np.nan]), np.array([1.0, 2.0]), sample_ratio=0.5)
+    with pytest.raises(InputError, match="empty"):
+        Q.quadrants(np.array([]), np.array([]), sample_ratio=0.5)
+    with pytest.raises(InputError, match="every"):
+        S.RandomPruner(every="step")
+    with pytest.raises(InputError, match="no examples"):
+        S.tokenize([], char_tokenizer())
+    with pytest.raises(InputError, match="response"):
+        S.tokenize([{"instruction": "x"}], char_tokenizer())
+
+
+@pytest.fixture
+def sft_file(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records(10)))
+    return path
+
+
+def test_cli_qtune(tmp_path, model_dir, sft_file, capsys):
+    out = tmp_path / "out"
+    assert main(["data", "qtune", str(model_dir), "--data", str(sft_file), "--samples", "0.5", "--tokens", "0.7",
+                 "--out", str(out), "--train", "--mode", "batch", "--lr", "1e-3", "--quiet"]) == 0
+    kept = [json.loads(line) for line in (out / "kept.jsonl").read_text().splitlines()]
+    assert len(kept) == 5 and {k["quadrant"] for k in kept} <= {"misconception", "calibration"}
+    total = sum(len(k["token_keep"]) for k in kept)
+    assert sum(map(sum, (k["token_keep"] for k in kept))) == total - round(0.3 * total) or any(
+        k["quadrant"] == "calibration" for k in kept)
+    for k in kept:
+        assert len(k["token_keep"]) == len(k["response_tokens"])
+        if k["quadrant"] == "calibration":
+            assert all(k["token_keep"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kept_samples"] == 5 and summary["training"]["mode"] == "batch"
+    assert (out / "eu_plane.png").stat().st_size > 1000 and (out / "model" / "config.json").is_file()
+    assert len((out / "scores.csv").read_text().splitlines()) == 11
+
+
+@pytest.mark.parametrize("bad", [["--samples", "1.5"], ["--tokens", "0"], ["--samples", "nan"], ["--epochs", "0"],
+                                 ["--data-fields"], ["--empty"]])
+def test_cli_qtune_bad_input(tmp_path, model_dir, sft_file, bad, capsys):
+    out = tmp_path / "out"
+    data = sft_file
+    if bad == ["--data-fields"]:
+        data = tmp_path / "bad.jsonl"
+        data.write_text('{"instruction": "x", "answer": "y"}\n')
+        bad = []
+    elif bad == ["--empty"]:
+        data = tmp_path / "empty.jsonl"
+        data.write_text("\n")
+        bad = []
+    assert main(["data", "qtune", str(model_dir), "--data", str(data), "--out", str(out), *bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err and len(err.splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
