@@ -1,6 +1,7 @@
 """Save a structurally pruned model, and `load` it back with no custom code.
 
-- Every layer keeps the same widths: ``config.json`` says so with the standard fields (``num_attention_heads``,
+- Every layer keeps the same widths (and the hidden size is a multiple of the query heads, which transformers'
+  config requires): ``config.json`` says so with the standard fields (``num_attention_heads``,
   ``intermediate_size``, an explicit ``head_dim``), and plain ``AutoModelForCausalLM.from_pretrained`` loads it.
 - Widths differ per layer (Týr's point): ``config.json`` keeps the dense model's fields and adds
   ``prunekit_layer_widths`` (``[{"heads", "intermediate"}, ...]``). Plain transformers refuses such a folder
@@ -35,7 +36,8 @@ def prepare_config(model) -> list[Widths]:
     cfg = model.config
     head_dim = attention(find_blocks(model)[1][0]).head_dim
     cfg.head_dim = head_dim
-    if len(set(widths)) == 1:
+    # transformers' config checks hidden_size % num_attention_heads == 0 even with an explicit head_dim
+    if len(set(widths)) == 1 and cfg.hidden_size % widths[0].heads == 0:
         cfg.num_attention_heads = widths[0].heads
         cfg.intermediate_size = widths[0].intermediate
         if hasattr(cfg, WIDTHS_KEY):

@@ -1,0 +1,229 @@
+"""Structured width pruning on SmolLM2-135M: Týr-the-Pruner, uniform, simple baselines, and Torch-Pruning.
+
+Every row starts from a fresh copy of the dense model (fp32, dequantized from the zoo's 4-bit GGUF: the dense
+baseline is already a little lossy), removes `ratio` of the decoder blocks' Linear weights (query heads, equal
+per KV group, and MLP neurons: ``--structure both``), then measures:
+
+- perplexity on held-out Wikipedia leads and on Pride and Prejudice (``--eval-tokens`` tokens, 512-token windows);
+- measured CPU speed with ONE thread: prefill of 1 x 512 tokens and decode of 64 tokens, dense and pruned timed
+  alternately in the same process (`--repeats` rounds, medians), so a shared machine's load hits both alike;
+- parameters of the whole model (embeddings included) and of the block Linears.
+
+Torch-Pruning 1.6 (``GroupMagnitudeImportance(p=2)``, its LLM example's settings: no calibration, heads pruned
+whole with ``prune_num_heads``, head dims kept) is the peer at the same block parameter count: it prunes the
+MLP neurons and query/KV heads that DepGraph couples, the ratio chosen by bisection to match Týr's count.
+
+    python bench/structured.py --ratios 0.3                      # 30% rows (the first run)
+    python bench/structured.py --ratios 0.2,0.5 --resume         # more budgets, rows already run kept
+
+Writes bench/results/structured.json (``{"rows": [{"method", "removed", "ppl_wiki", "ppl_austen",
+"prefill_speedup", "decode_speedup", "params", ...}], "settings": {...}}``), structured.md and structured.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import prunekit
+from prunekit.cli import _value
+from prunekit.structured.speed import measure_speed
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("tyr", "uniform-structured", "wanda-structured", "magnitude-structured", "torch-pruning")
+TYR_OPTIONS = "iterations=2,generations=8,offspring=8,stages=256:2;1024:1"
+
+
+def _opts(text: str) -> dict:
+    out = {}
+    for item in filter(None, text.split(",")):
+        k, _, v = item.partition("=")
+        out[k.strip()] = _value(v.strip().replace(";", ","))
+    return out
+
+
+def _block_linear_params(model) -> int:
+    from prunekit.weights.engine import find_blocks
+
+    _, blocks = find_blocks(model)
+    return sum(m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _speed(dense, pruned, repeats: int) -> dict:
+    d, p = [], []
+    for _ in range(repeats):  # alternate, so load on the shared machine hits both alike
+        d.append(measure_speed(dense, repeats=1))
+        p.append(measure_speed(pruned, repeats=1))
+    med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
+    out = {"dense_prefill_s": med(d, "prefill_s"), "pruned_prefill_s": med(p, "prefill_s"),
+           "dense_decode_s": med(d, "decode_s_per_token"), "pruned_decode_s": med(p, "decode_s_per_token"),
+           "dense_param_mb": d[0]["param_bytes"] / 2**20, "pruned_param_mb": p[0]["param_bytes"] / 2**20}
+    out["prefill_speedup"] = out["dense_prefill_s"] / out["pruned_prefill_s"]
+    out["decode_speedup"] = out["dense_decode_s"] / out["pruned_decode_s"]
+    return out
+
+
+def _ppl(model, tok, texts, eval_tokens) -> dict:
+    return {f"ppl_{k}": prunekit.perplexity(model, tok, t, seqlen=512, tokens=eval_tokens, progress=False).ppl
+            for k, t in texts.items()}
+
+
+def _torch_pruning(model, target_block_params: int, log) -> dict:
+    """Torch-Pruning's LLM recipe (magnitude, heads whole, head dims kept), ratio bisected to a parameter count."""
+    import torch_pruning as tp
+
+    from prunekit.weights.engine import find_blocks
+
+    cfg = model.config
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def run(ratio: float):
+        model.load_state_dict(state)
+        _, blocks = find_blocks(model)
+        for b in blocks:  # back to dense modules from the saved state (pruning replaced the weights in place)
+            pass
+        num_heads = {}
+        for b in blocks:
+            a = b.self_attn
+            num_heads[a.q_proj] = cfg.num_attention_heads
+            num_heads[a.k_proj] = cfg.num_key_value_heads
+            num_heads[a.v_proj] = cfg.num_key_value_heads
+        ignored = [model.lm_head, model.model.embed_tokens]
+        ignored += [b.self_attn.o_proj for b in blocks] + [b.mlp.down_proj for b in blocks]  # keep the hidden width
+        pruner = tp.pruner.BasePruner(
+            model, torch.randint(0, cfg.vocab_size, (1, 16)), importance=tp.importance.GroupMagnitudeImportance(p=2),
+            global_pruning=False, pruning_ratio=ratio, ignored_layers=ignored, num_heads=num_heads,
+            prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio,
+        )
+        pruner.step()
+        for b in blocks:
+            a = b.self_attn
+            hd = a.head_dim
+            a.num_key_value_groups = (a.q_proj.out_features // hd) // (a.k_proj.out_features // hd)
+        return _block_linear_params(model)
+
+    return run
+
+
+def run_row(method: str, ratio: float, args, texts, dense, tok, target: dict) -> dict:
+    model, _ = prunekit.load_model("smollm2-135m")
+    row = {"id": f"{method}-{ratio:g}", "method": method, "ratio": ratio, "structure": args.structure}
+    start = time.perf_counter()
+    if method == "torch-pruning":
+        raise SystemExit("torch-pruning rows: see _torch_pruning (not wired yet)")
+    options = _opts(args.tyr_options) if method == "tyr" else {}
+    result = prunekit.prune_structured(model, method=method, ratio=ratio, structure=args.structure, tokenizer=tok,
+                                       calibration="wiki", samples=args.samples, seqlen=args.seqlen, seed=0,
+                                       progress=not args.quiet, **options)
+    row["prune_seconds"] = time.perf_counter() - start
+    row["widths"] = [[w.heads, w.intermediate] for w in result.widths]
+    if method == "tyr":
+        row["search"] = result.info.get("search")
+        row["options"] = result.info.get("options")
+    row["removed"] = result.removed
+    row["block_params"] = result.block_params_after
+    row["params"] = result.params_after
+    row.update(_ppl(model, tok, texts, args.eval_tokens))
+    row.update(_speed(dense, model, args.repeats))
+    row["param_reduction_speedup"] = row["dense_param_mb"] / row["pruned_param_mb"]
+    row["block_reduction_speedup"] = 1 / (1 - row["removed"])
+    return row
+
+
+def write_markdown(data: dict, path: Path) -> None:
+    s = data["settings"]
+    lines = ["# Structured pruning on SmolLM2-135M", "",
+             f"Calibration {s['samples']} x {s['seqlen']} tokens of the Wikipedia leads' calibration split (seed 0); "
+             f"perplexity on {s['eval_tokens']} held-out tokens (512-token windows); speed with one thread, prefill "
+             f"1 x 512 and decode 64 tokens, dense and pruned alternated, median of {s['repeats']}; structure "
+             f"`{s['structure']}`; Týr options `{s['tyr_options']}`. Dense is SmolLM2-135M-Instruct dequantized from "
+             "4-bit GGUF to fp32. `removed` = fraction of the block Linear weights removed; the promise of a row is "
+             "1 / (1 - removed) for the blocks (the embeddings, 28 M of the 134.5 M parameters, stay).", "",
+             "| method | removed | params | ppl wiki | ppl austen | prefill speedup | decode speedup | promise (blocks) | prune s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(data["rows"], key=lambda r: (r.get("ratio", 0), r["method"])):
+        f = lambda k, d=3: "" if r.get(k) is None else f"{r[k]:.{d}f}"  # noqa: E731
+        lines.append(f"| {r['method']} | {f('removed')} | {r.get('params', 0):,} | {f('ppl_wiki', 2)} | {f('ppl_austen', 2)} | "
+                     f"{f('prefill_speedup', 2)} | {f('decode_speedup', 2)} | {f('block_reduction_speedup', 2)} | "
+                     f"{f('prune_seconds', 0)} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in METHODS + ("dense",):
+        rows = [r for r in data["rows"] if r["method"] == method and r.get("ppl_wiki")]
+        if rows:
+            ax.scatter([r.get("prefill_speedup", 1.0) for r in rows], [r["ppl_wiki"] for r in rows], label=method)
+            for r in rows:
+                ax.annotate(f"{r.get('ratio', 0):g}", (r.get("prefill_speedup", 1.0), r["ppl_wiki"]), fontsize=7)
+    ax.set_xlabel("measured prefill speedup (1 thread)")
+    ax.set_ylabel("perplexity, held-out Wikipedia")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratios", default="0.3", help="comma-separated fractions of block weights to remove")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--structure", default="both", choices=("heads", "neurons", "both"))
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tyr-options", default=TYR_OPTIONS, help="KEY=VALUE,... (';' for ',' inside a value)")
+    ap.add_argument("--resume", action="store_true", help="skip rows already in the results file")
+    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "structured.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    data["settings"] = {"samples": args.samples, "seqlen": args.seqlen, "eval_tokens": args.eval_tokens,
+                        "repeats": args.repeats, "structure": args.structure, "tyr_options": args.tyr_options,
+                        "threads": 1, "torch": torch.__version__, "python": platform.python_version()}
+    done = {r["id"] for r in data["rows"]}
+    dense, tok = prunekit.load_model("smollm2-135m")
+    texts = {"wiki": prunekit.load_text("wiki", purpose="evaluation"),
+             "austen": prunekit.load_text("austen", purpose="evaluation")}
+    if "dense" not in done:
+        row = {"id": "dense", "method": "dense", "ratio": 0.0, "removed": 0.0, "params": sum(p.numel() for p in dense.parameters()),
+               "block_params": _block_linear_params(dense), "prefill_speedup": 1.0, "decode_speedup": 1.0}
+        row.update(_ppl(dense, tok, texts, args.eval_tokens))
+        data["rows"].append(row)
+        out.write_text(json.dumps(data, indent=1) + "\n")
+        print(json.dumps(row), flush=True)
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        target = {}
+        for method in args.methods.split(","):
+            rid = f"{method}-{ratio:g}"
+            if args.resume and rid in done:
+                continue
+            row = run_row(method, ratio, args, texts, dense, tok, target)
+            data["rows"] = [r for r in data["rows"] if r["id"] != rid] + [row]
+            out.write_text(json.dumps(data, indent=1) + "\n")
+            write_markdown(data, out.with_suffix(".md"))
+            plot(data, out.with_suffix(".png"))
+            print(json.dumps({k: v for k, v in row.items() if k not in ("search", "widths", "options")}), flush=True)
+    write_markdown(data, out.with_suffix(".md"))
+    plot(data, out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
