@@ -10,8 +10,8 @@ per KV group, and MLP neurons: ``--structure both``), then measures:
 - parameters of the whole model (embeddings included) and of the block Linears.
 
 Torch-Pruning 1.6 (``GroupMagnitudeImportance(p=2)``, its LLM example's settings: no calibration, heads pruned
-whole with ``prune_num_heads``, head dims kept) is the peer at the same block parameter count: it prunes the
-MLP neurons and query/KV heads that DepGraph couples, the ratio chosen by bisection to match Týr's count.
+whole with ``prune_num_heads``, head dims kept, the hidden width kept like prunekit's rows) is the peer at the
+same block parameter count (see `_torch_pruning`: on this GQA model it prunes MLP neurons only).
 
     python bench/structured.py --ratios 0.3                      # 30% rows (the first run)
     python bench/structured.py --ratios 0.2,0.5 --resume         # more budgets, rows already run kept
@@ -75,49 +75,71 @@ def _ppl(model, tok, texts, eval_tokens) -> dict:
             for k, t in texts.items()}
 
 
-def _torch_pruning(model, target_block_params: int, log) -> dict:
-    """Torch-Pruning's LLM recipe (magnitude, heads whole, head dims kept), ratio bisected to a parameter count."""
+def _torch_pruning(model, target_block_params: int) -> dict:
+    """Torch-Pruning 1.6, magnitude importance, at `target_block_params` block Linear weights; returns its settings.
+
+    Its LLM example's settings (GroupMagnitudeImportance(p=2), local ratios, num_heads with prune_num_heads,
+    head dims kept) with o_proj / down_proj / lm_head ignored so the hidden width stays, as in prunekit's
+    rows. DepGraph cannot trace transformers' SDPA path with GQA here (``shape '[9, -1]' is invalid``), so the
+    graph is built with eager attention (the same math); on this GQA model it then couples no query heads, and
+    prunes MLP neurons: its channel ratio is set so the block weights removed match the target.
+    """
     import torch_pruning as tp
 
     from prunekit.weights.engine import find_blocks
 
     cfg = model.config
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def run(ratio: float):
-        model.load_state_dict(state)
-        _, blocks = find_blocks(model)
-        for b in blocks:  # back to dense modules from the saved state (pruning replaced the weights in place)
-            pass
-        num_heads = {}
-        for b in blocks:
-            a = b.self_attn
-            num_heads[a.q_proj] = cfg.num_attention_heads
-            num_heads[a.k_proj] = cfg.num_key_value_heads
-            num_heads[a.v_proj] = cfg.num_key_value_heads
-        ignored = [model.lm_head, model.model.embed_tokens]
-        ignored += [b.self_attn.o_proj for b in blocks] + [b.mlp.down_proj for b in blocks]  # keep the hidden width
-        pruner = tp.pruner.BasePruner(
-            model, torch.randint(0, cfg.vocab_size, (1, 16)), importance=tp.importance.GroupMagnitudeImportance(p=2),
-            global_pruning=False, pruning_ratio=ratio, ignored_layers=ignored, num_heads=num_heads,
-            prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio,
-        )
+    _, blocks = find_blocks(model)
+    dense_block = _block_linear_params(model)
+    mlp = sum(b.mlp.gate_proj.weight.numel() * 3 for b in blocks)
+    ratio = (dense_block - target_block_params) / mlp
+    num_heads = {}
+    for b in blocks:
+        a = b.self_attn
+        num_heads[a.q_proj] = cfg.num_attention_heads
+        num_heads[a.k_proj] = cfg.num_key_value_heads
+        num_heads[a.v_proj] = cfg.num_key_value_heads
+    ignored = [model.lm_head] + [b.self_attn.o_proj for b in blocks] + [b.mlp.down_proj for b in blocks]
+    model.set_attn_implementation("eager")
+    use_cache, model.config.use_cache = model.config.use_cache, False  # Torch-Pruning #461: it traces one tensor
+    for p in model.parameters():
+        p.requires_grad_(True)
+    pruner = tp.pruner.BasePruner(
+        model, torch.randint(0, cfg.vocab_size, (1, 16)), importance=tp.importance.GroupMagnitudeImportance(p=2),
+        global_pruning=False, pruning_ratio=ratio, ignored_layers=ignored, num_heads=num_heads,
+        prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio, output_transform=lambda out: out.logits,
+    )
+    with torch.enable_grad():  # DepGraph traces autograd
         pruner.step()
-        for b in blocks:
-            a = b.self_attn
-            hd = a.head_dim
-            a.num_key_value_groups = (a.q_proj.out_features // hd) // (a.k_proj.out_features // hd)
-        return _block_linear_params(model)
+    model.set_attn_implementation("sdpa")
+    model.config.use_cache = use_cache
+    for b in blocks:
+        a = b.self_attn
+        a.num_key_value_groups = a.q_proj.out_features // a.k_proj.out_features
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return {"channel_ratio": ratio, "importance": "GroupMagnitudeImportance(p=2)", "torch_pruning": tp.__version__}
 
-    return run
 
-
-def run_row(method: str, ratio: float, args, texts, dense, tok, target: dict) -> dict:
+def run_row(method: str, ratio: float, args, texts, dense, tok) -> dict:
     model, _ = prunekit.load_model("smollm2-135m")
     row = {"id": f"{method}-{ratio:g}", "method": method, "ratio": ratio, "structure": args.structure}
     start = time.perf_counter()
     if method == "torch-pruning":
-        raise SystemExit("torch-pruning rows: see _torch_pruning (not wired yet)")
+        from prunekit.structured.tyr import uniform_widths
+        from prunekit.structured.units import block_params, layer_widths, model_dims
+
+        dims = model_dims(model)
+        target = block_params(dims, uniform_widths(dims, ratio=ratio, structure=args.structure))
+        dense_block = _block_linear_params(model)
+        row["peer"] = _torch_pruning(model, target)
+        row["prune_seconds"] = time.perf_counter() - start
+        row["widths"] = [[w.heads, w.intermediate] for w in layer_widths(model)]
+        row["block_params"] = _block_linear_params(model)
+        row["removed"] = 1 - row["block_params"] / dense_block
+        row["params"] = sum(p.numel() for p in model.parameters())
+        return _measure(row, model, args, texts, dense, tok)
     options = _opts(args.tyr_options) if method == "tyr" else {}
     result = prunekit.prune_structured(model, method=method, ratio=ratio, structure=args.structure, tokenizer=tok,
                                        calibration="wiki", samples=args.samples, seqlen=args.seqlen, seed=0,
@@ -130,6 +152,10 @@ def run_row(method: str, ratio: float, args, texts, dense, tok, target: dict) ->
     row["removed"] = result.removed
     row["block_params"] = result.block_params_after
     row["params"] = result.params_after
+    return _measure(row, model, args, texts, dense, tok)
+
+
+def _measure(row, model, args, texts, dense, tok) -> dict:
     row.update(_ppl(model, tok, texts, args.eval_tokens))
     row.update(_speed(dense, model, args.repeats))
     row["param_reduction_speedup"] = row["dense_param_mb"] / row["pruned_param_mb"]
@@ -209,12 +235,11 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(data, indent=1) + "\n")
         print(json.dumps(row), flush=True)
     for ratio in [float(r) for r in args.ratios.split(",")]:
-        target = {}
         for method in args.methods.split(","):
             rid = f"{method}-{ratio:g}"
             if args.resume and rid in done:
                 continue
-            row = run_row(method, ratio, args, texts, dense, tok, target)
+            row = run_row(method, ratio, args, texts, dense, tok)
             data["rows"] = [r for r in data["rows"] if r["id"] != rid] + [row]
             out.write_text(json.dumps(data, indent=1) + "\n")
             write_markdown(data, out.with_suffix(".md"))
