@@ -214,6 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tyr-options", default=TYR_OPTIONS, help="KEY=VALUE,... (';' for ',' inside a value)")
     ap.add_argument("--resume", action="store_true", help="skip rows already in the results file")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense row (another run records it)")
+    ap.add_argument("--merge", default=None, metavar="JSON", help="merge the rows of another results file, rewrite the tables, exit")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "structured.json"))
     args = ap.parse_args(argv)
@@ -223,11 +225,19 @@ def main(argv=None) -> int:
     data["settings"] = {"samples": args.samples, "seqlen": args.seqlen, "eval_tokens": args.eval_tokens,
                         "repeats": args.repeats, "structure": args.structure, "tyr_options": args.tyr_options,
                         "threads": 1, "torch": torch.__version__, "python": platform.python_version()}
+    if args.merge:
+        extra = json.loads(Path(args.merge).read_text())["rows"]
+        ids = {r["id"] for r in extra}
+        data["rows"] = [r for r in data["rows"] if r["id"] not in ids] + [r for r in extra if r["id"] != "dense"]
+        out.write_text(json.dumps(data, indent=1) + "\n")
+        write_markdown(data, out.with_suffix(".md"))
+        plot(data, out.with_suffix(".png"))
+        return 0
     done = {r["id"] for r in data["rows"]}
     dense, tok = prunekit.load_model("smollm2-135m")
     texts = {"wiki": prunekit.load_text("wiki", purpose="evaluation"),
              "austen": prunekit.load_text("austen", purpose="evaluation")}
-    if "dense" not in done:
+    if "dense" not in done and not args.no_dense:
         row = {"id": "dense", "method": "dense", "ratio": 0.0, "removed": 0.0, "params": sum(p.numel() for p in dense.parameters()),
                "block_params": _block_linear_params(dense), "prefill_speedup": 1.0, "decode_speedup": 1.0}
         row.update(_ppl(dense, tok, texts, args.eval_tokens))

@@ -129,7 +129,8 @@ def test_tyr_keeps_uniform_budget_and_gqa():
         assert a.o_proj.in_features == w.heads * 16 and b.mlp.down_proj.in_features == w.intermediate
         assert a.k_proj.out_features == 2 * 16  # KV heads are kept
     assert len(res.info["search"]) == 6  # 2 iterations x 3 generations
-    model(calib(2, 16))  # runs
+    speed = prunekit.measure_speed(model, prefill=8, decode=2, repeats=1)  # prefill + cached decode run pruned
+    assert speed["params"] == sum(p.numel() for p in model.parameters()) and speed["decode_s_per_token"] > 0
 
 
 def test_mutations_conserve_parameter_count():

@@ -7,6 +7,7 @@ cache. Decode: `decode` greedy steps, one token at a time, after that prefill (s
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -18,14 +19,28 @@ from prunekit.errors import int_at_least
 __all__ = ["measure_speed"]
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_arg() -> str:
+    """transformers >= 5.2x renamed the forward's ``past_key_values`` to ``cache``."""
+    import inspect
+
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def _cache(out):
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
 def _decode(model, ids, steps):
     out = model(input_ids=ids, use_cache=True)
-    cache = out.past_key_values
+    cache = _cache(out)
     token = out.logits[:, -1:].argmax(-1)  # [1, 1]
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=token, **{_cache_arg(): cache}, use_cache=True)
+        cache = _cache(out)
         token = out.logits[:, -1:].argmax(-1)
     return (time.perf_counter() - start) / steps
 
