@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import InputError
-from prunekit.structured.tyr import Outcome, _calibration_batches, uniform_widths
+from prunekit.structured.tyr import Outcome, _calibration_batches, advance, feed_until, uniform_widths
 from prunekit.structured.units import Dims, attention, check_widths, mlp_of, model_dims, shrink_attention, shrink_mlp
 from prunekit.weights.engine import find_blocks
 
@@ -50,15 +50,20 @@ def _apply(block, dims: Dims, w, head_scores, neuron_scores) -> None:
         shrink_mlp(mlp_of(block), keep_top(neuron_scores, w.intermediate))
 
 
-def prune_magnitude(model: nn.Module, ids: torch.Tensor | None = None, *, ratio: float, structure: str = "both",
-                    seed: int = 0, progress: bool = True, **options) -> Outcome:
-    """Uniform widths, units kept by the L2 norm of their weights (no calibration data; `ids` is ignored)."""
+def _plan(model, name: str, options: dict, *, ratio: float, structure: str):
+    """Refuse unknown options; the model's dims, the uniform widths for `ratio`, and its blocks."""
     if options:
-        raise InputError(f"magnitude-structured takes no options; got {', '.join(sorted(options))}")
+        raise InputError(f"{name} got unknown option(s) {', '.join(sorted(options))}")
     dims = model_dims(model)
     widths = uniform_widths(dims, ratio=ratio, structure=structure)
     check_widths(dims, widths)
-    _, blocks = find_blocks(model)
+    return dims, widths, find_blocks(model)[1]
+
+
+def prune_magnitude(model: nn.Module, ids: torch.Tensor | None = None, *, ratio: float, structure: str = "both",
+                    seed: int = 0, progress: bool = True, **options) -> Outcome:
+    """Uniform widths, units kept by the L2 norm of their weights (no calibration data; `ids` is ignored)."""
+    dims, widths, blocks = _plan(model, "magnitude-structured", options, ratio=ratio, structure=structure)
     with torch.no_grad():
         for block, w in zip(blocks, widths):
             a, m = attention(block), mlp_of(block)
@@ -70,28 +75,14 @@ def prune_magnitude(model: nn.Module, ids: torch.Tensor | None = None, *, ratio:
     return Outcome(widths, {"dims": vars(dims)})
 
 
-class _Stop(Exception):
-    pass
-
-
 def _input_norms(block, batches, module) -> torch.Tensor:
     acc = {"s": None}
 
-    def hook(_m, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).float()  # [tokens, in]
-        sq = (x ** 2).sum(0)
+    def consume(x):
+        sq = (x.reshape(-1, x.shape[-1]).float() ** 2).sum(0)  # [in]
         acc["s"] = sq if acc["s"] is None else acc["s"] + sq
-        raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        for hidden, kwargs in batches:
-            try:
-                block(hidden, **kwargs)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
+    feed_until(block, batches, module, consume)
     return acc["s"].sqrt()  # [in]
 
 
@@ -100,12 +91,7 @@ def prune_wanda(model: nn.Module, ids: torch.Tensor, *, ratio: float, structure:
     """Uniform widths, units kept by Wanda's ``|W| ||x||`` summed over their o_proj / down_proj columns."""
     from tqdm.auto import tqdm
 
-    if options:
-        raise InputError(f"wanda-structured takes the option batch_size only; got {', '.join(sorted(options))}")
-    dims = model_dims(model)
-    widths = uniform_widths(dims, ratio=ratio, structure=structure)
-    check_widths(dims, widths)
-    _, blocks = find_blocks(model)
+    dims, widths, blocks = _plan(model, "wanda-structured", options, ratio=ratio, structure=structure)
     batches = _calibration_batches(model, ids, batch_size)
     with torch.no_grad():
         for i, (block, w) in enumerate(tqdm(list(zip(blocks, widths)), desc="wanda-structured", unit="block",
@@ -121,8 +107,5 @@ def prune_wanda(model: nn.Module, ids: torch.Tensor, *, ratio: float, structure:
                 neurons = (m.down_proj.weight.float().abs() * norms[None]).sum(0)
                 shrink_mlp(m, keep_top(neurons, w.intermediate))
             if i < len(blocks) - 1:
-                for j in range(len(batches)):
-                    hidden, kwargs = batches[j]
-                    out = block(hidden, **kwargs)
-                    batches[j] = (out[0] if isinstance(out, (tuple, list)) else out, kwargs)
+                advance(block, batches)
     return Outcome(widths, {"dims": vars(dims)})

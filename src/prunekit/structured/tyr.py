@@ -235,12 +235,11 @@ class _Stop(Exception):
     pass
 
 
-def _hessian(block: nn.Module, batches: list, module: nn.Module) -> torch.Tensor:
-    """``X^T X`` of `module`'s input over every batch, running `block` only up to `module`."""
-    acc = {"h": None}
+def feed_until(block: nn.Module, batches: list, module: nn.Module, consume) -> None:
+    """Run `block` on every batch only as far as `module`, calling ``consume(x)`` on each input `module` gets."""
 
     def hook(_m, args):
-        acc["h"] = local.accumulate_hessian(acc["h"], args[0])
+        consume(args[0])
         raise _Stop
 
     handle = module.register_forward_pre_hook(hook)
@@ -252,6 +251,24 @@ def _hessian(block: nn.Module, batches: list, module: nn.Module) -> torch.Tensor
                 pass
     finally:
         handle.remove()
+
+
+def advance(block: nn.Module, batches: list) -> None:
+    """Replace each batch's input by `block`'s output (the next block's input), in place."""
+    for j in range(len(batches)):
+        hidden, kwargs = batches[j]
+        out = block(hidden, **kwargs)
+        batches[j] = (out[0] if isinstance(out, (tuple, list)) else out, kwargs)
+
+
+def _hessian(block: nn.Module, batches: list, module: nn.Module) -> torch.Tensor:
+    """``X^T X`` of `module`'s input over every batch, running `block` only up to `module`."""
+    acc = {"h": None}
+
+    def consume(x):
+        acc["h"] = local.accumulate_hessian(acc["h"], x)
+
+    feed_until(block, batches, module, consume)
     return acc["h"]
 
 
@@ -296,10 +313,7 @@ def build_supernet(model: nn.Module, batches: list, dims: Dims, subs: list[Subla
                 saved.append((module, module.weight.detach().clone()))
                 module.weight.copy_(_propagated(sub.levels, sub, module.in_features, unit, propagate))
             if i < len(blocks) - 1:
-                for j in range(len(batches)):
-                    hidden, kwargs = batches[j]
-                    out = block(hidden, **kwargs)
-                    batches[j] = (out[0] if isinstance(out, (tuple, list)) else out, kwargs)
+                advance(block, batches)
             for module, weight in saved:
                 module.weight.copy_(weight)
 
