@@ -267,3 +267,24 @@ def test_cli_refuses_bad_input_without_output(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--pattern does not apply" in err and "needs --ratio" in err and "offspring must be" in err
     assert not out.exists()
+
+
+@pytest.mark.integration
+def test_cli_structured_on_smollm2(tmp_path):
+    """The CLI end to end on the real model: data-free magnitude-structured, saved, reloaded identically."""
+    from prunekit.cli import main
+
+    out = tmp_path / "mag"
+    assert main(["prune", "smollm2-135m", "--method", "wanda-structured", "--ratio", "0.9", "--structure", "heads",
+                 "--out", str(out), "--quiet"]) == 2  # heads alone cannot remove 90%: refused before any work
+    assert not out.exists()
+    assert main(["prune", "smollm2-135m", "--method", "magnitude-structured", "--ratio", "0.3", "--no-speed",
+                 "--out", str(out), "--quiet"]) == 0
+    meta = json.loads((out / "prunekit.json").read_text())
+    assert meta["widths"] == [{"heads": 6, "intermediate": 1050}] * 30 and abs(meta["removed"] - 0.3) < 0.005
+    model, tok = prunekit.load(out)
+    ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt")["input_ids"]
+    dense, _ = prunekit.load_model("smollm2-135m")
+    prunekit.prune_structured(dense, method="magnitude-structured", ratio=0.3, structure="both")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense(ids).logits)
