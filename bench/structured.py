@@ -179,12 +179,13 @@ def write_markdown(data: dict, path: Path) -> None:
              "4-bit GGUF to fp32. `removed` = fraction of the block Linear weights removed; the promise of a row is "
              "1 / (1 - removed) for the blocks, and dense / pruned parameter bytes for the whole model (the embeddings "
              "and the tied LM head, 28 M of the 134.5 M parameters, stay; the LM head is ~20% of a prefill's FLOPs).", "",
-             "| method | removed | params | ppl wiki | ppl austen | prefill speedup | decode speedup | promise (all params) | promise (blocks) | prune s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| method | removed | params | ppl wiki | ppl austen | prefill speedup | decode speedup | (medians) | promise (all params) | promise (blocks) | prune s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(data["rows"], key=lambda r: (r.get("ratio", 0), r["method"])):
         f = lambda k, d=3: "" if r.get(k) is None else f"{r[k]:.{d}f}"  # noqa: E731
         lines.append(f"| {r['method']} | {f('removed')} | {r.get('params', 0):,} | {f('ppl_wiki', 2)} | {f('ppl_austen', 2)} | "
-                     f"{f('prefill_speedup', 2)} | {f('decode_speedup', 2)} | {f('param_reduction_speedup', 2)} | "
+                     f"{f('prefill_speedup', 2)} | {f('decode_speedup', 2)} | "
+                     f"{f('median_prefill_speedup', 2)} / {f('median_decode_speedup', 2)} | {f('param_reduction_speedup', 2)} | "
                      f"{f('block_reduction_speedup', 2)} | "
                      f"{f('prune_seconds', 0)} |")
     lines.append("")
