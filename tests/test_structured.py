@@ -288,3 +288,21 @@ def test_cli_structured_on_smollm2(tmp_path):
     prunekit.prune_structured(dense, method="magnitude-structured", ratio=0.3, structure="both")
     with torch.no_grad():
         assert torch.equal(model(ids).logits, dense(ids).logits)
+
+
+def test_cli_tyr_on_tiny_folder_writes_report_and_reloads(model_dir, text_file, tmp_path, capsys):
+    from prunekit.cli import main
+
+    out = tmp_path / "tyr"
+    args = ["prune", str(model_dir), "--method", "tyr", "--ratio", "0.3", "--structure", "neurons", "--calib",
+            str(text_file), "--samples", "4", "--seqlen", "32", "--option", "generations=2", "--option", "offspring=3",
+            "--option", "stages=32:2,64:1", "--option", "iterations=1", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "measured speedup" in printed and "saved to" in printed
+    meta = json.loads((out / "prunekit.json").read_text())
+    assert meta["method"] == "tyr" and len(meta["widths"]) == 2 and meta["speed"]["pruned"]["params"] < meta["speed"]["dense"]["params"]
+    assert "Per-layer widths" in (out / "report.md").read_text()
+    model, _ = prunekit.load(out)
+    assert [w.intermediate for w in layer_widths(model)] == [w["intermediate"] for w in meta["widths"]]
+    assert main(args) == 2  # the folder exists now: refused without --overwrite
