@@ -43,6 +43,11 @@ Departures from the reference, and why:
 - Fitness windows are drawn from the same calibration windows the supernet used (the reference also draws both
   from FineWeb-Edu's first half).
 
+``final="sequential"`` (opt-in, not the reference's and not yet benchmarked) re-prunes the model once more at the
+searched widths with each block calibrated on the already-pruned real blocks before it, instead of keeping the
+supernet's levels, which were calibrated on the expectation over levels (the paper's own ablation puts that
+expectation behind calibrating on the single real model).
+
 ``uniform`` (`prune_uniform`) is the same pipeline with only the centre level and no search: the paper's
 "w/o search" baseline.
 """
@@ -210,7 +215,7 @@ def _parse_stages(stages) -> list[tuple[int, int]]:
 
 def tyr_options(*, iterations: int = 2, generations: int = 8, offspring: int = 8, stages="256:2,1024:1",
                 kl_topk: int = 1024, propagate: str = "expectation", levels: int = 9, mlp_step: float = 0.125,
-                neuron_step: int = 16, damp: float = 0.01, batch_size: int = 8) -> dict:
+                neuron_step: int = 16, damp: float = 0.01, batch_size: int = 8, final: str = "supernet") -> dict:
     """Týr's options, validated (`prune_tyr` takes the same keywords)."""
     out = {
         "iterations": int_at_least(iterations, "iterations", 1),
@@ -222,6 +227,9 @@ def tyr_options(*, iterations: int = 2, generations: int = 8, offspring: int = 8
         "neuron_step": int_at_least(neuron_step, "neuron_step", 1),
         "batch_size": int_at_least(batch_size, "batch_size", 1),
     }
+    if final not in ("supernet", "sequential"):
+        raise InputError(f"final must be 'supernet' (the searched supernet's levels) or 'sequential', got {final!r}")
+    out["final"] = final
     if propagate not in PROPAGATE:
         raise InputError(f"propagate must be one of {', '.join(PROPAGATE)}, got {propagate!r}")
     if out["levels"] % 2 == 0:
@@ -480,10 +488,16 @@ def prune_tyr(model: nn.Module, ids: torch.Tensor, *, ratio: float, structure: s
         best = np.zeros(len(subs), dtype=np.int64)
         if teacher is not None:
             best = _search(model, installer, subs, ids, teacher, opts, rng, progress, log, it)
-        if it == opts["iterations"] - 1:
+        if it == opts["iterations"] - 1 and opts["final"] == "supernet":
             installer.install(subs, best)
         centre = _widths_of(dims, subs, best)
         mlp_step = max(1, mlp_step // 2)
+    if opts["final"] == "sequential":  # re-prune at the chosen widths, each block calibrated on the real model
+        installer.restore()
+        subs = _sublayers(dims, centre, structure, mlp_step, 0)
+        build_supernet(model, _calibration_batches(model, ids, opts["batch_size"]), dims, subs, propagate="centre",
+                       damp=opts["damp"], neuron_step=opts["neuron_step"], progress=progress)
+        installer.install(subs, np.zeros(len(subs), dtype=np.int64))
     if block_params(dims, centre) != budget:
         raise RuntimeError("the search changed the parameter count; this is a bug in prunekit")
     info = {"dims": vars(dims), "options": {k: (list(map(list, v)) if k == "stages" else v) for k, v in opts.items()},
