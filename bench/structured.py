@@ -169,6 +169,41 @@ def _measure(row, model, args, texts, dense, tok) -> dict:
     return row
 
 
+def _final_sequential(args, data: dict, out: Path) -> int:
+    import numpy as np
+
+    from prunekit.structured import tyr
+    from prunekit.structured.units import Widths, block_params, layer_widths, model_dims
+
+    src = next(r for r in data["rows"] if r["id"] == args.final_sequential)
+    model, tok = prunekit.load_model("smollm2-135m")
+    dims = model_dims(model)
+    widths = [Widths(h, n) for h, n in src["widths"]]
+    ids = prunekit.calibration_ids(tok, prunekit.load_text("wiki", purpose="calibration"), samples=args.samples,
+                                   seqlen=args.seqlen, seed=0)
+    start = time.perf_counter()
+    subs = tyr._sublayers(dims, widths, args.structure, 1, 0)
+    installer = tyr._Installer(model, dims)
+    with torch.no_grad():
+        tyr.build_supernet(model, tyr._calibration_batches(model, ids, 8), dims, subs, propagate="centre", damp=0.01,
+                           neuron_step=16, progress=not args.quiet)
+        installer.install(subs, np.zeros(len(subs), dtype=np.int64))
+    assert layer_widths(model) == widths
+    texts = {"wiki": prunekit.load_text("wiki", purpose="evaluation"),
+             "austen": prunekit.load_text("austen", purpose="evaluation")}
+    row = {"id": f"{src['id']}-final-sequential", "method": "tyr (final=sequential)", "ratio": src["ratio"],
+           "structure": args.structure, "source_row": src["id"], "prune_seconds_after_search": time.perf_counter() - start,
+           "removed": src["removed"], "block_params": block_params(dims, widths),
+           "params": sum(p.numel() for p in model.parameters()), "widths": src["widths"]}
+    row.update(_ppl(model, tok, texts, args.eval_tokens))
+    data["rows"] = [r for r in data["rows"] if r["id"] != row["id"]] + [row]
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    write_markdown(data, out.with_suffix(".md"))
+    plot(data, out.with_suffix(".png"))
+    print(json.dumps({k: v for k, v in row.items() if k != "widths"}), flush=True)
+    return 0
+
+
 def write_markdown(data: dict, path: Path) -> None:
     s = data["settings"]
     lines = ["# Structured pruning on SmolLM2-135M", "",
@@ -236,6 +271,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tyr-options", default=TYR_OPTIONS, help="KEY=VALUE,... (';' for ',' inside a value)")
     ap.add_argument("--resume", action="store_true", help="skip rows already in the results file")
+    ap.add_argument("--final-sequential", default=None, metavar="ROW",
+                    help="re-prune at the widths Týr's row ROW found, each block on the real pruned blocks (what "
+                    "final=sequential does after the search), and add a row with its perplexity (speed: same widths)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense row (another run records it)")
     ap.add_argument("--merge", default=None, metavar="JSON", help="merge the rows of another results file, rewrite the tables, exit")
     ap.add_argument("--quiet", action="store_true")
@@ -255,6 +293,8 @@ def main(argv=None) -> int:
         write_markdown(data, out.with_suffix(".md"))
         plot(data, out.with_suffix(".png"))
         return 0
+    if args.final_sequential:
+        return _final_sequential(args, data, out)
     done = {r["id"] for r in data["rows"]}
     dense, tok = prunekit.load_model("smollm2-135m")
     texts = {"wiki": prunekit.load_text("wiki", purpose="evaluation"),
