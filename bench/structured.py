@@ -287,7 +287,7 @@ def main(argv=None) -> int:
                         "threads": 1, "torch": torch.__version__, "python": platform.python_version()}
     if args.merge:
         extra = json.loads(Path(args.merge).read_text())["rows"]
-        ids = {r["id"] for r in extra}
+        ids = {r["id"] for r in extra if r["id"] != "dense"}
         data["rows"] = [r for r in data["rows"] if r["id"] not in ids] + [r for r in extra if r["id"] != "dense"]
         out.write_text(json.dumps(data, indent=1) + "\n")
         write_markdown(data, out.with_suffix(".md"))
