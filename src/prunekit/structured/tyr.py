@@ -43,10 +43,12 @@ Departures from the reference, and why:
 - Fitness windows are drawn from the same calibration windows the supernet used (the reference also draws both
   from FineWeb-Edu's first half).
 
-``final="sequential"`` (opt-in, not the reference's and not yet benchmarked) re-prunes the model once more at the
+``final="sequential"`` (opt-in, not the reference's) re-prunes the model once more at the
 searched widths with each block calibrated on the already-pruned real blocks before it, instead of keeping the
 supernet's levels, which were calibrated on the expectation over levels (the paper's own ablation puts that
-expectation behind calibrating on the single real model).
+expectation behind calibrating on the single real model). Measured on SmolLM2-135M at 30% (bench/structured.py,
+the widths of the default run re-pruned): 30.42 / 96.19 perplexity (Wikipedia / Austen) against the supernet's
+31.08 / 102.53 and uniform's 32.53 / 96.45.
 
 ``uniform`` (`prune_uniform`) is the same pipeline with only the centre level and no search: the paper's
 "w/o search" baseline.
