@@ -310,9 +310,9 @@ def test_cli_tyr_on_tiny_folder_writes_report_and_reloads(model_dir, text_file, 
 
 def test_tyr_final_sequential_keeps_the_searched_widths():
     a, b = tiny(seed=4), tiny(seed=4)
-    ra = prunekit.prune_structured(a, method="tyr", ratio=0.35, calibration=calib(), progress=False, seed=2, **TYR_FAST)
-    rb = prunekit.prune_structured(b, method="tyr", ratio=0.35, calibration=calib(), progress=False, seed=2,
-                                   final="sequential", **TYR_FAST)
+    ra = prunekit.prune_structured(a, method="tyr", ratio=0.35, calibration=calib(), progress=False, seed=2,
+                                   final="supernet", **TYR_FAST)
+    rb = prunekit.prune_structured(b, method="tyr", ratio=0.35, calibration=calib(), progress=False, seed=2, **TYR_FAST)
     assert ra.widths == rb.widths and ra.block_params_after == rb.block_params_after
     ids = calib(2, 16, seed=7)
     with torch.no_grad():
