@@ -14,6 +14,7 @@ from prunekit.cnn import trp, udfc
 from prunekit.data.methods import confident, el2n, forgetting, grand, prototypes, qtuning
 from prunekit.inference.kv import DeepForcing, Delta, H2O, SnapKV, StreamingLLM
 from prunekit.inference import reasoning
+from prunekit.structured import baselines as structured_baselines, tyr
 from prunekit.weights.methods import armor, dpruner, dsnot, magnitude, sparsegpt, wanda
 
 __all__ = ["MethodSpec", "METHODS", "get", "names"]
@@ -22,7 +23,7 @@ __all__ = ["MethodSpec", "METHODS", "get", "names"]
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    domain: str  # "weights" | "data" | "cnn" | "kv" | "inference" (reasoning paths)
+    domain: str  # "weights" | "data" | "cnn" | "kv" | "inference" (reasoning paths) | "structured"
     paper: str
     url: str
     summary: str
@@ -149,6 +150,28 @@ METHODS: dict[str, MethodSpec] = {
             "trp", "cnn", "Xu et al. 2020, Trained Rank Pruning for Efficient Deep Neural Networks",
             "https://arxiv.org/abs/1812.02402", "truncated-SVD substitution + nuclear norm every m training steps, "
             "then two thin convs per layer", fn=trp.TRP,
+        ),
+        # structured: ``fn(model, ids, *, ratio, structure, seed, progress, **options) -> tyr.Outcome``, in place
+        MethodSpec(
+            "tyr", "structured", "Li et al. 2025, Týr-the-Pruner: Structural Pruning LLMs via Global Sparsity "
+            "Distribution Optimization", "https://arxiv.org/abs/2503.09657",
+            "query heads + MLP neurons: supernet of second-order local prunes, evolutionary search of per-layer widths",
+            fn=tyr.prune_tyr,
+        ),
+        MethodSpec(
+            "uniform-structured", "structured", "Li et al. 2025, Týr-the-Pruner (w/o search baseline)",
+            "https://arxiv.org/abs/2503.09657", "Týr's local second-order pruner at the same widths in every layer",
+            fn=tyr.prune_uniform,
+        ),
+        MethodSpec(
+            "magnitude-structured", "structured", "Li et al. 2017, Pruning Filters for Efficient ConvNets",
+            "https://arxiv.org/abs/1608.08710", "uniform widths, heads/neurons kept by the L2 norm of their weights",
+            fn=structured_baselines.prune_magnitude,
+        ),
+        MethodSpec(
+            "wanda-structured", "structured", "An et al. 2024, Fluctuation-based Adaptive Structured Pruning (Wanda-sp)",
+            "https://arxiv.org/abs/2312.11983", "uniform widths, heads/neurons kept by sum |W| x input norm",
+            fn=structured_baselines.prune_wanda,
         ),
         MethodSpec(
             "sc", "inference", "Wang et al. 2023, Self-Consistency Improves Chain of Thought Reasoning in Language Models",

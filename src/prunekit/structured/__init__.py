@@ -1,0 +1,142 @@
+"""Structured width pruning: remove attention query heads and MLP neurons so the model really shrinks.
+
+`prune_structured` runs one of the registered structured methods (`prunekit.registry`, domain "structured"):
+``tyr`` (Týr-the-Pruner: supernet + evolutionary search of per-layer widths), ``uniform-structured`` (the
+same local second-order pruner at uniform widths), ``magnitude-structured`` and ``wanda-structured``.
+`save_structured` / `load` write and read the result (plain transformers loads uniform widths too), and
+`measure_speed` times it. ``ratio`` is the fraction of the decoder blocks' Linear weights removed.
+
+>>> import prunekit, torch                                       # doctest: +SKIP
+>>> model, tok = prunekit.load_model("smollm2-135m")             # doctest: +SKIP
+>>> result = prunekit.prune_structured(model, tokenizer=tok, method="tyr", ratio=0.3, structure="both",
+...                                    samples=32, seqlen=256)   # doctest: +SKIP
+>>> prunekit.save_structured(model, tok, "smollm2-tyr30", metadata=result.to_dict())  # doctest: +SKIP
+>>> model2, tok2 = prunekit.load("smollm2-tyr30")               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prunekit.errors import InputError
+from prunekit.select import check_ratio
+from prunekit.structured.export import load, save_structured
+from prunekit.structured.speed import measure_speed
+from prunekit.structured.tyr import STRUCTURES, tyr_options
+from prunekit.structured.units import Widths, block_params, layer_widths, model_dims
+
+__all__ = ["StructuredResult", "prune_structured", "check_request", "save_structured", "load", "measure_speed",
+           "STRUCTURES"]
+
+
+@dataclass
+class StructuredResult:
+    method: str
+    ratio: float  # asked: fraction of block Linear weights to remove
+    structure: str
+    widths: list[Widths]
+    dense_widths: Widths
+    block_params_before: int
+    block_params_after: int
+    params_before: int
+    params_after: int
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+    @property
+    def removed(self) -> float:
+        """Measured fraction of the block Linear weights removed."""
+        return 1 - self.block_params_after / self.block_params_before
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method, "ratio": self.ratio, "structure": self.structure, "removed": self.removed,
+            "dense_widths": self.dense_widths.to_dict(), "widths": [w.to_dict() for w in self.widths],
+            "block_params_before": self.block_params_before, "block_params_after": self.block_params_after,
+            "params_before": self.params_before, "params_after": self.params_after, "seconds": self.seconds,
+            "info": self.info,
+        }
+
+    def table(self) -> str:
+        """The per-layer widths chosen, as markdown."""
+        rows = ["| layer | query heads | MLP neurons |", "| ---: | ---: | ---: |"]
+        rows += [f"| {i} | {w.heads} / {self.dense_widths.heads} | {w.intermediate} / {self.dense_widths.intermediate} |"
+                 for i, w in enumerate(self.widths)]
+        return "\n".join(rows)
+
+
+_PLAIN_OPTIONS = {"uniform-structured": {"neuron_step", "damp", "batch_size"}, "magnitude-structured": set(),
+                  "wanda-structured": {"batch_size"}}
+
+
+def check_request(method: str, *, ratio: float, structure: str, options: dict, dims=None) -> None:
+    """Validate a structured request before any slow work (and, given the model's `dims`, its widths)."""
+    from prunekit import registry
+    from prunekit.structured.tyr import uniform_widths
+
+    registry.get(method, "structured")
+    check_ratio(ratio)
+    if structure not in STRUCTURES:
+        raise InputError(f"structure must be one of {', '.join(STRUCTURES)}, got {structure!r}")
+    if method == "tyr":
+        tyr_options(**options)
+    else:
+        extra = set(options) - _PLAIN_OPTIONS[method]
+        if extra:
+            allowed = ", ".join(sorted(_PLAIN_OPTIONS[method])) or "none"
+            raise InputError(f"{method} does not take the option(s) {', '.join(sorted(extra))} (its options: {allowed})")
+        if "neuron_step" in options or "damp" in options or "batch_size" in options:
+            tyr_options(**options)
+    if dims is not None:
+        uniform_widths(dims, ratio=ratio, structure=structure)
+
+
+def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, structure: str = "both",
+                     tokenizer=None, calibration="wiki", samples: int = 128, seqlen: int = 512, seed: int = 0,
+                     progress: bool = True, **options) -> StructuredResult:
+    """Prune `model`'s heads and/or neurons in place (physically) with a structured `method`.
+
+    `calibration`: a text source (``"wiki"``, ``"austen"``, a file path, a `prunekit.Text`) cut into `samples`
+    windows of `seqlen` tokens with `tokenizer`, or a ready ``[samples, seqlen]`` LongTensor of token ids.
+    `magnitude-structured` needs none. Method options (Týr: ``iterations``, ``generations``, ``offspring``,
+    ``stages``, ``kl_topk``, ``propagate``, ``levels``, ``mlp_step``, ``neuron_step``, ``damp``,
+    ``batch_size``) go as keywords.
+    """
+    from prunekit import registry
+    from prunekit.text import Text, calibration_ids, load_text
+
+    check_request(method, ratio=ratio, structure=structure, options=options)
+    dims = model_dims(model)
+    check_request(method, ratio=ratio, structure=structure, options=options, dims=dims)
+    spec = registry.get(method, "structured")
+    ids = None
+    if method != "magnitude-structured" or isinstance(calibration, torch.Tensor):
+        if isinstance(calibration, torch.Tensor):
+            ids = calibration
+            if ids.dim() != 2 or ids.dtype != torch.long:
+                raise InputError("calibration ids must be a [samples, seqlen] LongTensor")
+        else:
+            if tokenizer is None:
+                raise InputError(f"{method} needs calibration text and a tokenizer (tokenizer=...)")
+            text = calibration if isinstance(calibration, Text) else load_text(calibration, purpose="calibration")
+            ids = calibration_ids(tokenizer, text, samples=samples, seqlen=seqlen, seed=seed)
+    widths_before = layer_widths(model)
+    before_block = block_params(dims, widths_before)
+    before = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    outcome = spec.fn(model, ids, ratio=ratio, structure=structure, seed=seed, progress=progress, **options)
+    model.train(was_training)
+    widths = layer_widths(model)
+    if widths != outcome.widths:
+        raise RuntimeError("the pruned model's widths differ from the method's decision; this is a bug in prunekit")
+    return StructuredResult(
+        method, ratio, structure, widths, Widths(dims.heads, dims.intermediate), before_block,
+        block_params(dims, widths), before, sum(p.numel() for p in model.parameters()),
+        time.perf_counter() - start, outcome.info,
+    )

@@ -1,0 +1,121 @@
+"""`prunekit prune MODEL --method tyr|uniform-structured|magnitude-structured|wanda-structured --structure ...`.
+
+`prunekit.cli` adds these options to its `prune` parser (`add_prune_arguments`) and calls `run_prune` when the
+method's registry domain is "structured". Everything is validated before the model is pruned; the output folder
+is written atomically (the pruned model, ``prunekit.json`` with the per-layer widths, perplexity and measured
+speed, and ``report.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from prunekit.errors import InputError
+
+__all__ = ["add_prune_arguments", "run_prune"]
+
+
+def add_prune_arguments(pr) -> None:
+    pr.add_argument("--structure", choices=("heads", "neurons", "both"), default=None,
+                    help="structured methods: prune query heads (equal per KV group), MLP neurons, or both (default)")
+    pr.add_argument("--no-speed", action="store_true",
+                    help="structured methods: skip the measured CPU prefill/decode timing of dense and pruned models")
+
+
+def _options(items: list[str]) -> dict:
+    from prunekit.cli import _value
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--option {item!r} must look like KEY=VALUE, e.g. --option generations=10")
+        options[key.strip().replace("-", "_")] = _value(value.strip())
+    return options
+
+
+def _report(meta: dict, table: str) -> str:
+    lines = [f"# {meta['method']} ({meta['structure']}) on {meta['model']}", "",
+             f"Removed {meta['removed']:.4f} of the block Linear weights (asked {meta['ratio']:g}); parameters "
+             f"{meta['params_before']:,} -> {meta['params_after']:,}.", ""]
+    speed = meta.get("speed")
+    if speed:
+        d, p = speed["dense"], speed["pruned"]
+        lines += ["| | dense | pruned | speedup |", "| --- | ---: | ---: | ---: |",
+                  f"| prefill {d['prefill_tokens']} tokens (s) | {d['prefill_s']:.3f} | {p['prefill_s']:.3f} | "
+                  f"{d['prefill_s'] / p['prefill_s']:.2f}x |",
+                  f"| decode (s/token) | {d['decode_s_per_token']:.4f} | {p['decode_s_per_token']:.4f} | "
+                  f"{d['decode_s_per_token'] / p['decode_s_per_token']:.2f}x |",
+                  f"| parameter memory (MB) | {d['param_bytes'] / 2**20:.1f} | {p['param_bytes'] / 2**20:.1f} | |", "",
+                  f"Measured on this CPU with {d['threads']} thread(s), median of {d['repeats']}.", ""]
+    for name, ev in meta.get("evaluation", {}).items():
+        lines.append(f"Perplexity on {name}: dense {ev['dense']['ppl']:.3f}, pruned {ev['pruned']['ppl']:.3f} "
+                     f"({ev['pruned']['tokens']} tokens).")
+    lines += ["", "## Per-layer widths", "", table, ""]
+    return "\n".join(lines)
+
+
+def run_prune(args) -> int:
+    import prunekit
+    from prunekit import registry
+    from prunekit.cli import _versions
+    from prunekit.evaluate import EVAL_TOKENS
+    from prunekit.structured import check_request, measure_speed, prune_structured, save_structured
+    from prunekit.structured.units import model_dims
+    from prunekit.weights.io import check_output, resolve_model
+
+    wall = time.perf_counter()
+    registry.get(args.method, "structured")
+    if args.ratio is None:
+        raise InputError(f"{args.method} needs --ratio: the fraction of the block weights to remove, e.g. --ratio 0.3")
+    for flag, bad in (("--pattern", args.pattern), ("--skip", args.skip), ("--base", args.base), ("--domain", args.domain)):
+        if bad:
+            raise InputError(f"{flag} does not apply to structured method {args.method}; leave it out")
+    structure = args.structure or "both"
+    options = _options(args.option)
+    check_request(args.method, ratio=args.ratio, structure=structure, options=options)
+    check_output(args.out, overwrite=args.overwrite)
+    resolve_model(args.model)
+    evals_src = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
+    eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
+    calib = args.calib if args.calib is not None else ("wiki" if args.method != "magnitude-structured" else None)
+    calib_text = prunekit.load_text(calib, purpose="calibration") if calib else None
+    progress = not args.quiet
+    model, tok = prunekit.load_model(args.model)
+    check_request(args.method, ratio=args.ratio, structure=structure, options=options, dims=model_dims(model))
+    ids = None
+    if calib_text is not None:
+        ids = prunekit.calibration_ids(tok, calib_text, samples=args.samples, seqlen=args.seqlen, seed=args.seed)
+    tokens = args.eval_tokens or EVAL_TOKENS
+    evaluation = {}
+    for name, text in eval_texts.items():
+        evaluation[name] = {"dense": prunekit.perplexity(model, tok, text, seqlen=args.seqlen, tokens=tokens,
+                                                         progress=progress).to_dict()}
+    speed = {"dense": measure_speed(model)} if not args.no_speed else None
+    result = prune_structured(model, method=args.method, ratio=args.ratio, structure=structure, tokenizer=tok,
+                              calibration=ids, seed=args.seed, progress=progress, **options)
+    for name, text in eval_texts.items():
+        evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.seqlen, tokens=tokens,
+                                                         progress=progress).to_dict()
+    if speed is not None:
+        speed["pruned"] = measure_speed(model)
+    meta = {"model": str(args.model), **result.to_dict(), "calibration": calib_text.describe() if calib_text else None,
+            "samples": args.samples if ids is not None else 0, "seqlen": args.seqlen, "seed": args.seed,
+            "evaluation": evaluation, "speed": speed, "versions": _versions(), "wall_seconds": None}
+    meta["wall_seconds"] = time.perf_counter() - wall
+    report = _report(meta, result.table())
+    out = save_structured(model, tok, args.out, metadata=meta, overwrite=args.overwrite,
+                          extra=lambda folder: (folder / "report.md").write_text(report))
+    print(f"pruned {args.model} with {args.method} ({structure}): removed {result.removed:.4f} of the block weights, "
+          f"parameters {result.params_before:,} -> {result.params_after:,}, {result.seconds:.1f} s")
+    widths = sorted({(w.heads, w.intermediate) for w in result.widths})
+    print("per-layer widths (query heads, neurons): " + json.dumps([[w.heads, w.intermediate] for w in result.widths])
+          if len(widths) > 1 else f"every layer keeps {widths[0][0]} query heads and {widths[0][1]} neurons")
+    if speed is not None:
+        print(f"measured speedup (1 thread): prefill {speed['dense']['prefill_s'] / speed['pruned']['prefill_s']:.2f}x, "
+              f"decode {speed['dense']['decode_s_per_token'] / speed['pruned']['decode_s_per_token']:.2f}x")
+    for name, ev in evaluation.items():
+        print(f"perplexity {name}: dense {ev['dense']['ppl']:.3f} -> pruned {ev['pruned']['ppl']:.3f}")
+    print(f"saved to {out} (report: {out / 'report.md'}; load with prunekit.load)")
+    return 0

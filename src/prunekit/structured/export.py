@@ -1,0 +1,130 @@
+"""Save a structurally pruned model, and `load` it back with no custom code.
+
+- Every layer keeps the same widths (and the hidden size is a multiple of the query heads, which transformers'
+  config requires): ``config.json`` says so with the standard fields (``num_attention_heads``,
+  ``intermediate_size``, an explicit ``head_dim``), and plain ``AutoModelForCausalLM.from_pretrained`` loads it.
+- Widths differ per layer (Týr's point): ``config.json`` keeps the dense model's fields and adds
+  ``prunekit_layer_widths`` (``[{"heads", "intermediate"}, ...]``). Plain transformers refuses such a folder
+  (the weight shapes do not match the config, a loud error rather than a wrong model); `load` builds the model
+  class the config names (``AutoModelForCausalLM.from_config``, never ``trust_remote_code``), shrinks each
+  layer to its widths and loads the safetensors weights, checking every tensor was matched.
+
+Either way the reloaded model's logits equal the pruned model's in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from prunekit.errors import InputError
+from prunekit.structured.units import Widths, attention, layer_widths, mlp_of, shrink_attention, shrink_mlp
+from prunekit.weights.engine import find_blocks
+from prunekit.weights.io import resolve_model, write_atomically
+
+__all__ = ["WIDTHS_KEY", "prepare_config", "save_structured", "load"]
+
+WIDTHS_KEY = "prunekit_layer_widths"
+
+
+def prepare_config(model) -> list[Widths]:
+    """Write the model's widths into ``model.config`` (standard fields when uniform, else `WIDTHS_KEY`)."""
+    widths = layer_widths(model)
+    cfg = model.config
+    head_dim = attention(find_blocks(model)[1][0]).head_dim
+    cfg.head_dim = head_dim
+    # transformers' config checks hidden_size % num_attention_heads == 0 even with an explicit head_dim
+    if len(set(widths)) == 1 and cfg.hidden_size % widths[0].heads == 0:
+        cfg.num_attention_heads = widths[0].heads
+        cfg.intermediate_size = widths[0].intermediate
+        if hasattr(cfg, WIDTHS_KEY):
+            delattr(cfg, WIDTHS_KEY)
+    else:
+        setattr(cfg, WIDTHS_KEY, [w.to_dict() for w in widths])
+    return widths
+
+
+def save_structured(model, tokenizer, out: str | os.PathLike, *, metadata: dict, overwrite: bool = False,
+                    extra=None) -> Path:
+    """Save `model` (safetensors), `tokenizer` and ``prunekit.json`` into `out`, atomically."""
+    prepare_config(model)
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "prunekit.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        if extra is not None:
+            extra(tmp)
+
+    return write_atomically(out, build, overwrite=overwrite)
+
+
+def _state_dict(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{path} has no .safetensors weights; save the model with prunekit or save_pretrained")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load(path: str | os.PathLike, *, dtype=None):
+    """``(model, tokenizer)`` of a folder saved by prunekit (per-layer widths or not), or any HF model folder.
+
+    >>> model, tok = load("pruned-smollm2")  # doctest: +SKIP
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from prunekit.weights.io import load_model
+
+    folder = resolve_model(path)
+    raw = json.loads((folder / "config.json").read_text())
+    has_tokenizer = (folder / "tokenizer_config.json").is_file()
+    if WIDTHS_KEY not in raw:
+        if has_tokenizer:
+            return load_model(folder, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32).eval(), None
+    entries = raw[WIDTHS_KEY]
+    try:
+        widths = [Widths(int(e["heads"]), int(e["intermediate"])) for e in entries]
+    except (TypeError, KeyError, ValueError):
+        raise InputError(f"{folder}/config.json: {WIDTHS_KEY} must be a list of {{'heads', 'intermediate'}}") from None
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    _, blocks = find_blocks(model)
+    if len(blocks) != len(widths):
+        raise InputError(f"{folder}: {WIDTHS_KEY} has {len(widths)} layers, the config {len(blocks)}")
+    kv = config.num_key_value_heads
+    for block, w in zip(blocks, widths):
+        if w.heads % kv or not kv <= w.heads <= config.num_attention_heads or not 1 <= w.intermediate <= config.intermediate_size:
+            raise InputError(f"{folder}/config.json: layer widths {w.to_dict()} do not fit the model "
+                             f"({config.num_attention_heads} query heads, {kv} KV heads, {config.intermediate_size} neurons)")
+        shrink_attention(attention(block), _grouped(w.heads, kv, config.num_attention_heads), kv_heads=kv)
+        shrink_mlp(mlp_of(block), torch.arange(w.intermediate))
+    state = _state_dict(folder)
+    result = model.load_state_dict(state, strict=False)
+    tied = set()
+    if getattr(config, "tie_word_embeddings", False):
+        tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")}
+    missing = set(result.missing_keys) - tied
+    if missing or result.unexpected_keys:
+        raise InputError(f"{folder}: the weights do not match {WIDTHS_KEY}: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(result.unexpected_keys)[:3]}")
+    if tied:
+        model.tie_weights()
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    return model, tokenizer
+
+
+def _grouped(heads: int, kv: int, dense_heads: int) -> torch.Tensor:
+    """Query-head indices (of a dense layer with `dense_heads`) keeping ``heads / kv`` heads in every group."""
+    per, dense_per = heads // kv, dense_heads // kv
+    return (torch.arange(kv)[:, None] * dense_per + torch.arange(per)[None, :]).reshape(-1)

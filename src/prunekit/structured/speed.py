@@ -1,0 +1,75 @@
+"""Measured CPU speed and memory of a causal LM: prefill time, decode time per token, parameter bytes.
+
+Timing runs with the thread count given (default one, so runs on a shared machine compare fairly), a warm-up
+call first, and the median of `repeats` calls. Prefill: one forward over ``[1, prefill]`` random tokens with a
+cache. Decode: `decode` greedy steps, one token at a time, after that prefill (seconds per token).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from prunekit.errors import int_at_least
+
+__all__ = ["measure_speed"]
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg() -> str:
+    """transformers >= 5.2x renamed the forward's ``past_key_values`` to ``cache``."""
+    import inspect
+
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def _cache(out):
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def _decode(model, ids, steps):
+    out = model(input_ids=ids, use_cache=True)
+    cache = _cache(out)
+    token = out.logits[:, -1:].argmax(-1)  # [1, 1]
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=token, **{_cache_arg(): cache}, use_cache=True)
+        cache = _cache(out)
+        token = out.logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - start) / steps
+
+
+def measure_speed(model: nn.Module, *, prefill: int = 512, decode: int = 64, repeats: int = 3, threads: int = 1,
+                  vocab: int | None = None, seed: int = 0) -> dict:
+    """``{"prefill_s", "decode_s_per_token", "param_bytes", "params", ...}`` measured on this CPU."""
+    prefill = int_at_least(prefill, "prefill", 1)
+    decode = int_at_least(decode, "decode", 1)
+    repeats = int_at_least(repeats, "repeats", 1)
+    threads = int_at_least(threads, "threads", 1)
+    vocab = vocab or model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (1, prefill), generator=torch.Generator().manual_seed(seed))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[:, :8], use_cache=True)  # warm-up
+            pre = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(input_ids=ids, use_cache=True)
+                pre.append(time.perf_counter() - start)
+            dec = [_decode(model, ids, decode) for _ in range(repeats)]
+    finally:
+        torch.set_num_threads(before)
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        "prefill_tokens": prefill, "decode_tokens": decode, "threads": threads, "repeats": repeats,
+        "prefill_s": statistics.median(pre), "decode_s_per_token": statistics.median(dec),
+        "params": params, "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }

@@ -1,0 +1,210 @@
+"""Structural units of a Llama-style decoder and their physical removal (the Linear layers really shrink).
+
+Units:
+
+- **Attention heads.** With grouped-query attention (GQA) each KV head serves ``G = n_q / n_kv`` query heads
+  (query head ``h`` reads KV head ``h // G``, transformers' ``repeat_kv`` layout). prunekit prunes **query
+  heads within groups, the same number in every group of a layer**, and keeps every KV head. Why: pruning
+  whole KV groups (a KV head with its query heads) is very coarse on small GQA models (SmolLM2-135M has 3 KV
+  heads: 33% steps, and a layer can lose at most two of three groups), while an equal count per group keeps
+  the standard layout, so a layer with ``n_kv * g`` query heads is an ordinary Llama attention with
+  ``num_key_value_groups = g`` and plain transformers runs it. Unequal counts per group would need a custom
+  attention (or duplicated KV heads), which the exported model must not require. The price: k_proj/v_proj are
+  never pruned, and a layer keeps at least one query head per group (``g >= 1``): a request that would leave
+  a layer with no heads is refused. A head is the ``head_dim`` rows of q_proj and the ``head_dim`` columns of
+  o_proj it owns.
+- **MLP neurons.** Neuron ``j`` is row ``j`` of gate_proj and up_proj and column ``j`` of down_proj.
+
+`Widths` records what a layer keeps; `shrink_attention` / `shrink_mlp` perform the surgery on one block given
+the kept indices and (optionally) the refitted o_proj / down_proj weight; `set_widths` does it for a whole
+model with given kept indices. Shapes follow PyTorch: a Linear weight is ``[out_features, in_features]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prunekit.errors import InputError
+from prunekit.weights.engine import find_blocks
+
+__all__ = ["Dims", "Widths", "model_dims", "layer_widths", "check_widths", "shrink_attention", "shrink_mlp",
+           "block_params", "linear_params", "head_columns"]
+
+
+@dataclass(frozen=True)
+class Widths:
+    """What one decoder layer keeps: query heads (a multiple of the KV heads) and MLP neurons."""
+
+    heads: int
+    intermediate: int
+
+    def to_dict(self) -> dict:
+        return {"heads": self.heads, "intermediate": self.intermediate}
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The dense shape of a model's decoder layers (all layers of the input model share it)."""
+
+    layers: int
+    hidden: int
+    head_dim: int
+    heads: int  # query heads of the dense model
+    kv_heads: int
+    intermediate: int
+
+    @property
+    def group(self) -> int:  # query heads per KV head in the dense model
+        return self.heads // self.kv_heads
+
+    @property
+    def head_params(self) -> int:  # one query head: head_dim rows of q_proj + head_dim columns of o_proj
+        return 2 * self.hidden * self.head_dim
+
+    @property
+    def neuron_params(self) -> int:  # one neuron: a row of gate_proj and up_proj, a column of down_proj
+        return 3 * self.hidden
+
+
+def _attn(block: nn.Module) -> nn.Module:
+    attn = getattr(block, "self_attn", None)
+    if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
+        raise InputError(
+            f"{type(block).__name__} has no Llama-style self_attn (q_proj, k_proj, v_proj, o_proj); structured "
+            "pruning supports Llama, Mistral, Qwen2 and other models with that layout"
+        )
+    return attn
+
+
+def _mlp(block: nn.Module) -> nn.Module:
+    mlp = getattr(block, "mlp", None)
+    if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        raise InputError(
+            f"{type(block).__name__} has no gated MLP (gate_proj, up_proj, down_proj); structured pruning "
+            "supports Llama-style blocks"
+        )
+    return mlp
+
+
+def layer_widths(model: nn.Module) -> list[Widths]:
+    """The widths each decoder layer has now."""
+    _, blocks = find_blocks(model)
+    out = []
+    for block in blocks:
+        attn, mlp = _attn(block), _mlp(block)
+        out.append(Widths(attn.q_proj.out_features // attn.head_dim, mlp.gate_proj.out_features))
+    return out
+
+
+def model_dims(model: nn.Module) -> Dims:
+    """The dense dims of `model`; refuses a model whose layers already differ (prune a dense model)."""
+    _, blocks = find_blocks(model)
+    attn, mlp = _attn(blocks[0]), _mlp(blocks[0])
+    widths = layer_widths(model)
+    if len(set(widths)) != 1:
+        raise InputError("the model's layers already have different widths; structured pruning starts from a model "
+                         "whose layers all have the same widths")
+    hd = attn.head_dim
+    dims = Dims(len(blocks), attn.q_proj.in_features, hd, attn.q_proj.out_features // hd,
+                attn.k_proj.out_features // hd, mlp.gate_proj.out_features)
+    if dims.heads % dims.kv_heads:
+        raise InputError(f"{dims.heads} query heads are not a multiple of {dims.kv_heads} KV heads")
+    return dims
+
+
+def check_widths(dims: Dims, widths: list[Widths]) -> None:
+    """Refuse widths the standard GQA layout cannot hold, or that leave a layer with no heads or neurons."""
+    if len(widths) != dims.layers:
+        raise InputError(f"widths for {len(widths)} layers given, the model has {dims.layers}")
+    for i, w in enumerate(widths):
+        if w.heads % dims.kv_heads:
+            raise InputError(
+                f"layer {i}: {w.heads} query heads break GQA: it must be a multiple of the {dims.kv_heads} KV heads "
+                f"(the same number of query heads in every group), e.g. {max(1, w.heads // dims.kv_heads) * dims.kv_heads}"
+            )
+        if not dims.kv_heads <= w.heads <= dims.heads:
+            raise InputError(f"layer {i}: {w.heads} query heads; keep between {dims.kv_heads} (one per KV group, "
+                             f"a layer must keep heads) and {dims.heads}")
+        if not 1 <= w.intermediate <= dims.intermediate:
+            raise InputError(f"layer {i}: {w.intermediate} MLP neurons; keep between 1 and {dims.intermediate}")
+
+
+def linear_params(dims: Dims, w: Widths) -> int:
+    """Weights of one layer's block Linears (no biases) at widths `w`."""
+    kv = 2 * dims.hidden * dims.kv_heads * dims.head_dim
+    return kv + w.heads * dims.head_params + w.intermediate * dims.neuron_params
+
+
+def block_params(dims: Dims, widths: list[Widths]) -> int:
+    return sum(linear_params(dims, w) for w in widths)
+
+
+def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The feature indices (q_proj rows, o_proj columns) of query heads `heads` (sorted), ``[len * head_dim]``."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+
+def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device=like.weight.device, dtype=like.weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    lin.requires_grad_(like.weight.requires_grad)
+    return lin
+
+
+def shrink_attention(attn: nn.Module, keep_heads: torch.Tensor, *, o_weight: torch.Tensor | None = None,
+                     kv_heads: int) -> None:
+    """Keep query heads `keep_heads` (sorted, the same count in each KV group) of `attn`, in place.
+
+    `o_weight` ``[hidden, len(keep_heads) * head_dim]`` replaces o_proj's kept columns (a refit); else they are
+    sliced from o_proj.
+    """
+    hd = attn.head_dim
+    n_q = attn.q_proj.out_features // hd
+    group = n_q // kv_heads
+    keep_heads = torch.as_tensor(keep_heads, dtype=torch.long).sort().values
+    per_group = torch.bincount(keep_heads // group, minlength=kv_heads)
+    if len(keep_heads) == 0 or int(per_group.min()) != int(per_group.max()) or int(per_group.min()) < 1:
+        raise InputError(f"query heads to keep {keep_heads.tolist()} break GQA: each of the {kv_heads} KV groups "
+                         "must keep the same number (at least one)")
+    cols = head_columns(keep_heads, hd)  # [kept * head_dim]
+    q, o = attn.q_proj, attn.o_proj
+    q_bias = q.bias[cols] if q.bias is not None else None
+    w_o = o.weight[:, cols] if o_weight is None else o_weight.to(o.weight.dtype)  # [hidden, kept * head_dim]
+    if w_o.shape != (o.out_features, cols.numel()):
+        raise ValueError(f"o_weight has shape {tuple(w_o.shape)}, expected {(o.out_features, cols.numel())}")
+    attn.q_proj = _new_linear(q.weight[cols], q_bias, q)  # [kept * head_dim, hidden]
+    attn.o_proj = _new_linear(w_o, o.bias, o)
+    attn.num_key_value_groups = int(per_group[0])
+    if hasattr(attn, "num_heads"):
+        attn.num_heads = len(keep_heads)
+
+
+def shrink_mlp(mlp: nn.Module, keep: torch.Tensor, *, down_weight: torch.Tensor | None = None) -> None:
+    """Keep neurons `keep` (sorted indices) of `mlp`, in place; `down_weight` ``[hidden, len(keep)]`` is a refit."""
+    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+    if keep.numel() == 0:
+        raise InputError("an MLP must keep at least one neuron")
+    g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    w_d = d.weight[:, keep] if down_weight is None else down_weight.to(d.weight.dtype)  # [hidden, kept]
+    if w_d.shape != (d.out_features, keep.numel()):
+        raise ValueError(f"down_weight has shape {tuple(w_d.shape)}, expected {(d.out_features, keep.numel())}")
+    mlp.gate_proj = _new_linear(g.weight[keep], g.bias[keep] if g.bias is not None else None, g)  # [kept, hidden]
+    mlp.up_proj = _new_linear(u.weight[keep], u.bias[keep] if u.bias is not None else None, u)
+    mlp.down_proj = _new_linear(w_d, d.bias, d)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = keep.numel()
+
+
+def attention(block: nn.Module) -> nn.Module:
+    return _attn(block)
+
+
+def mlp_of(block: nn.Module) -> nn.Module:
+    return _mlp(block)

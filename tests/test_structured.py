@@ -1,0 +1,319 @@
+"""Structured width pruning: units and surgery, the local second-order pruner, Týr's search, export, refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import prunekit
+from prunekit.errors import InputError
+from prunekit.structured import local, tyr
+from prunekit.structured.units import Widths, block_params, check_widths, layer_widths, model_dims, shrink_attention
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def tiny(layers: int = 3, heads: int = 4, kv: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=16 * heads, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=16, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def calib(n: int = 8, seq: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+TYR_FAST = {"iterations": 2, "generations": 3, "offspring": 4, "stages": "64:2,128:1", "batch_size": 8}
+
+
+def kept_rows(pruned: torch.Tensor, dense: torch.Tensor, size: int) -> list[int]:
+    """Which `size`-row blocks of `dense` ([n * size, in]) survive, in order, in `pruned`."""
+    blocks = dense.view(-1, size, dense.shape[1])
+    out = []
+    for b in pruned.view(-1, size, pruned.shape[1]):
+        out.append(int(next(i for i in range(blocks.shape[0]) if torch.equal(blocks[i], b))))
+    return out
+
+
+# ---------------------------------------------------------------- local pruner
+
+
+def test_refit_equals_lstsq():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 24, generator=g, dtype=torch.float64)  # [n, in]
+    w = torch.randn(10, 24, generator=g, dtype=torch.float64)  # [out, in]
+    keep = torch.tensor([0, 3, 4, 7, 9, 10, 15, 20, 23])
+    h = x.T @ x
+    ours = local.refit(h.float(), (h @ w.T).float(), keep)  # [out, k]
+    ref = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T  # [out, k]
+    assert torch.allclose(ours.double(), ref, atol=1e-4, rtol=1e-4)
+    # and not trivially: the refit differs from merely slicing the kept columns
+    assert not torch.allclose(ours.double(), w[:, keep], atol=1e-2)
+
+
+def test_prune_path_keep_all_is_identity_and_levels_nest():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 32, generator=g)
+    w = torch.randn(8, 32, generator=g)
+    path = local.prune_path(w, x.T @ x, unit_size=4, levels=[8, 6, 4, 2], groups=2)
+    assert torch.allclose(path[8].weight, w, atol=1e-4)
+    for big, small in ((8, 6), (6, 4), (4, 2)):
+        assert set(path[small].keep.tolist()) <= set(path[big].keep.tolist())
+        per_group = torch.bincount(path[small].keep // 4, minlength=2)
+        assert per_group[0] == per_group[1] == small // 2  # the same count in every group
+
+
+def test_planted_useless_units_go_first_in_local_pruner():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(500, 40, generator=g)
+    w = torch.randn(12, 40, generator=g)
+    w[:, [5, 17, 33]] = 0.0  # three useless neurons
+    path = local.prune_path(w, x.T @ x, unit_size=1, levels=[37], step=1)
+    assert set(range(40)) - set(path[37].keep.tolist()) == {5, 17, 33}
+    # a head (8 columns) whose output weights are zero goes before the others, within its group
+    w2 = torch.randn(12, 32, generator=g)
+    w2[:, 8:16] = 0.0  # head 1 of group 0 (heads 0, 1 | 2, 3)
+    path2 = local.prune_path(w2, x[:, :32].T @ x[:, :32], unit_size=8, levels=[2], groups=2)
+    assert 1 not in path2[2].keep.tolist() and 0 in path2[2].keep.tolist()
+
+
+# ---------------------------------------------------------------- model-level methods
+
+
+@pytest.mark.parametrize("method", ["uniform-structured", "wanda-structured", "tyr"])
+def test_planted_useless_heads_and_neurons_removed_first(method):
+    model = tiny()
+    dense_q = [b.self_attn.q_proj.weight.detach().clone() for b in model.model.layers]
+    dense_gate = [b.mlp.gate_proj.weight.detach().clone() for b in model.model.layers]
+    useless_heads = {0: 1, 1: 2}  # group 0 loses head 1; group 1 loses head 2 (heads 2, 3)
+    useless_neurons = list(range(0, 128, 4))[:32]  # 32 of 128 neurons
+    with torch.no_grad():
+        for b in model.model.layers:
+            for h in useless_heads.values():
+                b.self_attn.o_proj.weight[:, h * 16:(h + 1) * 16] = 0.0
+            b.mlp.down_proj.weight[:, useless_neurons] = 0.0
+    dims = model_dims(model)
+    # remove one head per group and 32 neurons per layer: exactly the planted ones
+    per_layer = block_params(dims, [Widths(4, 128)])
+    ratio = (2 * dims.head_params + 32 * dims.neuron_params) / per_layer
+    opts = dict(TYR_FAST, iterations=1, generations=0) if method == "tyr" else {}
+    res = prunekit.prune_structured(model, method=method, ratio=ratio, structure="both", calibration=calib(),
+                                    progress=False, **opts)
+    assert [(w.heads, w.intermediate) for w in res.widths] == [(2, 96)] * 3
+    for i, b in enumerate(model.model.layers):
+        assert kept_rows(b.self_attn.q_proj.weight, dense_q[i], 16) == [0, 3]
+        kept = kept_rows(b.mlp.gate_proj.weight, dense_gate[i], 1)
+        assert set(kept).isdisjoint(useless_neurons) and len(kept) == 96
+
+
+def test_tyr_keeps_uniform_budget_and_gqa():
+    model = tiny(layers=4, heads=6, kv=2)
+    dims = model_dims(model)
+    res = prunekit.prune_structured(model, method="tyr", ratio=0.4, structure="both", calibration=calib(),
+                                    progress=False, seed=3, **TYR_FAST)
+    uniform = tyr.uniform_widths(dims, ratio=0.4, structure="both")
+    assert res.block_params_after == block_params(dims, uniform)
+    assert abs(res.removed - 0.4) < 0.03
+    for b, w in zip(model.model.layers, res.widths):
+        a = b.self_attn
+        assert w.heads % 2 == 0 and a.num_key_value_groups == w.heads // 2
+        assert a.o_proj.in_features == w.heads * 16 and b.mlp.down_proj.in_features == w.intermediate
+        assert a.k_proj.out_features == 2 * 16  # KV heads are kept
+    assert len(res.info["search"]) == 6  # 2 iterations x 3 generations
+    speed = prunekit.measure_speed(model, prefill=8, decode=2, repeats=1)  # prefill + cached decode run pruned
+    assert speed["params"] == sum(p.numel() for p in model.parameters()) and speed["decode_s_per_token"] > 0
+
+
+def test_mutations_conserve_parameter_count():
+    model = tiny(layers=4, heads=6, kv=2)
+    dims = model_dims(model)
+    centre = tyr.uniform_widths(dims, ratio=0.35, structure="both")
+    subs = tyr._sublayers(dims, centre, "both", mlp_step=16, spread=4)
+    lo, hi = np.array([s.lo for s in subs]), np.array([s.hi for s in subs])
+    kinds = np.array([s.kind == "mlp" for s in subs], dtype=int)
+    budget = block_params(dims, centre)
+    rng = np.random.default_rng(0)
+    parent = np.zeros(len(subs), dtype=np.int64)
+    changed = 0
+    for _ in range(300):
+        child = tyr.mutate(parent, lo, hi, kinds, rng)
+        assert (child >= lo).all() and (child <= hi).all()
+        widths = tyr._widths_of(dims, subs, child)
+        check_widths(dims, widths)
+        assert block_params(dims, widths) == budget
+        changed += not np.array_equal(child, parent)
+        parent = child
+    assert changed > 250
+
+
+def test_sparse_kl_of_model_with_itself_is_zero():
+    logits = torch.randn(10, 50)
+    top = torch.topk(logits, 8)
+    assert float(tyr.sparse_kl(top.values, top.indices, logits)) == pytest.approx(0.0, abs=1e-6)
+    assert float(tyr.sparse_kl(top.values, top.indices, torch.randn(10, 50))) > 0.01
+
+
+# ---------------------------------------------------------------- export
+
+
+_RELOAD = """
+import json, sys, torch
+sys.path.insert(0, {src!r})
+import prunekit
+from transformers import AutoModelForCausalLM
+ids = torch.load(sys.argv[1], weights_only=True)
+results = {{}}
+for line in sys.argv[2:]:
+    mode, folder, out = line.split("|")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval() if mode == "plain" else prunekit.load(folder)[0]
+    except Exception as e:  # plain transformers must refuse a per-layer-width folder
+        results[out] = type(e).__name__
+        continue
+    with torch.no_grad():
+        torch.save(model(ids).logits, out)
+    results[out] = "ok"
+print(json.dumps(results))
+"""
+
+
+def test_export_reloads_with_identical_logits_in_fresh_process(tmp_path):
+    ids = calib(2, 16, seed=9)
+    torch.save(ids, tmp_path / "ids.pt")
+    expected, jobs = {}, []
+    for uniform in (True, False):
+        model = tiny()
+        method = "uniform-structured" if uniform else "tyr"
+        prunekit.prune_structured(model, method=method, ratio=0.35, structure="both", calibration=calib(),
+                                  progress=False, seed=5, **({} if uniform else TYR_FAST))
+        if not uniform and len(set(layer_widths(model))) == 1:  # make the per-layer case certain
+            from prunekit.structured.units import shrink_mlp
+            mlp = model.model.layers[0].mlp
+            shrink_mlp(mlp, torch.arange(mlp.gate_proj.out_features - 8))
+        widths = layer_widths(model)
+        assert (len(set(widths)) == 1) == uniform
+        out = prunekit.save_structured(model, None, tmp_path / f"m{uniform}", metadata={})
+        cfg = json.loads((out / "config.json").read_text())
+        assert ("prunekit_layer_widths" in cfg) != uniform
+        with torch.no_grad():
+            logits = model(ids).logits
+        for mode in ("plain", "prunekit"):
+            target = str(tmp_path / f"{mode}-{uniform}.pt")
+            expected[target] = logits if (uniform or mode == "prunekit") else None
+            jobs.append(f"{mode}|{out}|{target}")
+    script = tmp_path / "reload.py"
+    script.write_text(_RELOAD.format(src=SRC))
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ids.pt"), *jobs], check=True,
+                          capture_output=True, text=True)
+    status = json.loads(proc.stdout.strip().splitlines()[-1])
+    for target, logits in expected.items():
+        if logits is None:
+            assert status[target] != "ok"  # refused loudly, not loaded wrong
+        else:
+            assert status[target] == "ok"
+            assert torch.equal(torch.load(target, weights_only=True), logits)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_gqa_constraints_refused():
+    model = tiny()
+    dims = model_dims(model)
+    with pytest.raises(InputError, match="break GQA"):
+        check_widths(dims, [Widths(3, 128)] + [Widths(4, 128)] * 2)  # 3 query heads over 2 KV heads
+    with pytest.raises(InputError, match="no heads|one per KV group"):
+        check_widths(dims, [Widths(0, 128)] * 3)
+    with pytest.raises(InputError, match="break GQA"):
+        shrink_attention(copy.deepcopy(model.model.layers[0].self_attn), torch.tensor([0, 1]), kv_heads=2)  # both in group 0
+
+
+def test_bad_requests_refused_with_clear_message():
+    model = tiny()
+    ids = calib()
+    with pytest.raises(InputError, match="no query heads"):
+        prunekit.prune_structured(model, method="tyr", ratio=0.5, structure="heads", calibration=ids, progress=False)
+    with pytest.raises(InputError, match="structure must be"):
+        prunekit.prune_structured(model, method="tyr", ratio=0.3, structure="layers", calibration=ids)
+    with pytest.raises(InputError, match="unknown method"):
+        prunekit.prune_structured(model, method="sparsegpt", ratio=0.3, calibration=ids)
+    with pytest.raises(InputError, match="stages"):
+        prunekit.prune_structured(model, method="tyr", ratio=0.3, calibration=ids, stages="many")
+    with pytest.raises(InputError, match="does not take"):
+        prunekit.prune_structured(model, method="magnitude-structured", ratio=0.3, generations=3)
+    with pytest.raises(InputError, match=r"ratio"):
+        prunekit.prune_structured(model, method="tyr", ratio=1.2, calibration=ids)
+    # nothing was pruned by the refused calls
+    assert layer_widths(model) == [Widths(4, 128)] * 3
+
+
+def test_cli_refuses_bad_input_without_output(tmp_path, capsys):
+    from prunekit.cli import main
+
+    out = tmp_path / "out"
+    assert main(["prune", str(tmp_path), "--method", "tyr", "--ratio", "0.3", "--pattern", "2:4", "--out", str(out)]) == 2
+    assert main(["prune", str(tmp_path), "--method", "tyr", "--out", str(out)]) == 2
+    assert main(["prune", str(tmp_path), "--method", "tyr", "--ratio", "0.3", "--option", "offspring=0",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--pattern does not apply" in err and "needs --ratio" in err and "offspring must be" in err
+    assert not out.exists()
+
+
+@pytest.mark.integration
+def test_cli_structured_on_smollm2(tmp_path):
+    """The CLI end to end on the real model: data-free magnitude-structured, saved, reloaded identically."""
+    from prunekit.cli import main
+
+    out = tmp_path / "mag"
+    assert main(["prune", "smollm2-135m", "--method", "wanda-structured", "--ratio", "0.9", "--structure", "heads",
+                 "--out", str(out), "--quiet"]) == 2  # heads alone cannot remove 90%: refused before any work
+    assert not out.exists()
+    assert main(["prune", "smollm2-135m", "--method", "magnitude-structured", "--ratio", "0.3", "--no-speed",
+                 "--out", str(out), "--quiet"]) == 0
+    meta = json.loads((out / "prunekit.json").read_text())
+    assert meta["widths"] == [{"heads": 6, "intermediate": 1050}] * 30 and abs(meta["removed"] - 0.3) < 0.005
+    model, tok = prunekit.load(out)
+    ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt")["input_ids"]
+    dense, _ = prunekit.load_model("smollm2-135m")
+    prunekit.prune_structured(dense, method="magnitude-structured", ratio=0.3, structure="both")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense(ids).logits)
+
+
+def test_cli_tyr_on_tiny_folder_writes_report_and_reloads(model_dir, text_file, tmp_path, capsys):
+    from prunekit.cli import main
+
+    out = tmp_path / "tyr"
+    args = ["prune", str(model_dir), "--method", "tyr", "--ratio", "0.3", "--structure", "neurons", "--calib",
+            str(text_file), "--samples", "4", "--seqlen", "32", "--option", "generations=2", "--option", "offspring=3",
+            "--option", "stages=32:2,64:1", "--option", "iterations=1", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "measured speedup" in printed and "saved to" in printed
+    meta = json.loads((out / "prunekit.json").read_text())
+    assert meta["method"] == "tyr" and len(meta["widths"]) == 2 and meta["speed"]["pruned"]["params"] < meta["speed"]["dense"]["params"]
+    assert "Per-layer widths" in (out / "report.md").read_text()
+    model, _ = prunekit.load(out)
+    assert [w.intermediate for w in layer_widths(model)] == [w["intermediate"] for w in meta["widths"]]
+    assert main(args) == 2  # the folder exists now: refused without --overwrite
+
+
+def test_tyr_final_sequential_keeps_the_searched_widths():
+    a, b = tiny(seed=4), tiny(seed=4)
+    ra = prunekit.prune_structured(a, method="tyr", ratio=0.35, calibration=calib(), progress=False, seed=2,
+                                   final="supernet", **TYR_FAST)
+    rb = prunekit.prune_structured(b, method="tyr", ratio=0.35, calibration=calib(), progress=False, seed=2, **TYR_FAST)
+    assert ra.widths == rb.widths and ra.block_params_after == rb.block_params_after
+    ids = calib(2, 16, seed=7)
+    with torch.no_grad():
+        assert not torch.equal(a(ids).logits, b(ids).logits)  # re-pruned on the real model, not the supernet's levels
