@@ -341,3 +341,24 @@ def test_cli_bad_requests_exit_2_and_write_nothing(extra, message, lm_dir, calib
 
     assert re.search(message, err), err
     assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+@pytest.mark.integration
+def test_every_other_on_smollm2_exports_a_15_layer_model_that_reloads_identically(tmp_path):
+    out = tmp_path / "d15"
+    assert main(["prune", "smollm2-135m", "--method", "every-other", "--layers", "15", "--samples", "4",
+                 "--seqlen", "64", "--out", str(out), "--quiet"]) == 0
+    meta = json.loads((out / "prunekit.json").read_text())
+    assert meta["kept_layers"] == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 29]
+    import prunekit
+
+    model, tok = prunekit.load_model(out)
+    x = ids(1, 32)
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    torch.save(x, tmp_path / "x.pt")
+    (tmp_path / "reload.py").write_text(_RELOAD)
+    subprocess.run([sys.executable, str(tmp_path / "reload.py"), str(out), str(tmp_path / "x.pt"), str(tmp_path / "got.pt")],
+                   check=True, capture_output=True, cwd=tmp_path)
+    got = torch.load(tmp_path / "got.pt", weights_only=True)
+    assert got["layers"] == 15 and got["idx"] == list(range(15)) and torch.equal(got["logits"], want)
