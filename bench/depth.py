@@ -96,6 +96,8 @@ def run(kept: int, seed: int, resume: bool, methods) -> None:
                  "before_recovery": _ppl(dense, tok, held), "after_recovery": None, "speedup": 1.0, "speed": sp})
     for method in methods:
         rid = f"{method}-{kept}-s{seed}"
+        if resume:  # another process may have written it meanwhile
+            done = {r["id"] for r in _update()["rows"]}
         if rid in done:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {rid}", flush=True)
@@ -133,20 +135,117 @@ def run(kept: int, seed: int, resume: bool, methods) -> None:
         report()
 
 
+DIT = dict(
+    kept=(6,), train_images=4096, batch=32, score_batches=4,  # 12 blocks -> 6 (1:2); 4 x 32 images score masks
+    tinyfusion_steps=200, random_candidates=8, recovery="full", recovery_steps=200, recovery_lr=1e-4,
+    eval_per_class=30, eval_steps=25, metric="fid on the project's Fashion-MNIST classifier features (not Inception-FID)",
+)
+
+
+def dit_target(model, images, labels, *, seed: int):
+    """A `DepthTarget` over a DiT's blocks: batches of training images, loss = noise-prediction MSE with t and
+    noise drawn from a generator that restarts at `seed` each pass (so every method sees the same draws)."""
+    from prunekit.depth.dit import diffusion_loss
+
+    b = DIT["batch"]
+    batches = [(i, images[i : i + b], labels[i : i + b]) for i in range(0, len(images), b)]
+
+    def loss(m, batch):
+        i, x, y = batch
+        return diffusion_loss(m, x, y, generator=torch.Generator().manual_seed(seed * 100_003 + i))
+
+    def distill(student, teacher, batch):  # same t, noise and label dropout for both: MSE of predicted noise
+        i, x, y = batch
+        captured = {}
+        handle = teacher.register_forward_hook(lambda _m, _a, out: captured.setdefault("eps", out.detach()))
+        with torch.no_grad():
+            diffusion_loss(teacher, x, y, generator=torch.Generator().manual_seed(seed * 100_003 + i))
+        handle.remove()
+        h2 = student.register_forward_hook(lambda _m, _a, out: captured.setdefault("student", out))
+        diffusion_loss(student, x, y, generator=torch.Generator().manual_seed(seed * 100_003 + i))
+        h2.remove()
+        return ((captured["student"] - captured["eps"]) ** 2).mean()
+
+    return depth.DepthTarget(model, model.blocks, batches, loss, distill)
+
+
+def run_dit(seed: int, resume: bool, methods) -> None:
+    from prunekit.depth import dit as ditmod
+
+    torch.set_num_threads(1)
+    done = {r["id"] for r in _update(settings=None)["rows"]} if resume else set()
+    dense = ditmod.pretrained_dit(train_if_missing=False, progress=False)
+    images, labels = ditmod.fashion_images("train")
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: DIT["train_images"]]
+    images, labels = images[pick], labels[pick]
+    if "dit-dense" not in done:
+        ev = ditmod.evaluate_dit(dense, n_per_class=DIT["eval_per_class"], steps=DIT["eval_steps"], seed=0)
+        _update({"id": "dit-dense", "model": "DiT-FashionMNIST", "method": "dense", "kept": len(dense.blocks),
+                 "metric": "fid_classifier", "before_recovery": ev["fid"], "after_recovery": None, "speedup": 1.0,
+                 "class_accuracy": ev["class_accuracy"], "dit_settings": DIT})
+    for kept in DIT["kept"]:
+        for method in methods:
+            rid = f"dit-{method}-{kept}-s{seed}"
+            if rid in done:
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] {rid}", flush=True)
+            t0 = time.perf_counter()
+            model = copy.deepcopy(dense)
+            score = dit_target(model, images[: DIT["score_batches"] * DIT["batch"]],
+                               labels[: DIT["score_batches"] * DIT["batch"]], seed=seed)
+            if method == "tinyfusion":
+                keep, info = depth.select_blocks(dit_target(model, images, labels, seed=seed), "tinyfusion", kept=kept,
+                                                 steps=DIT["tinyfusion_steps"], seed=seed)
+            else:
+                keep, info = depth.select_blocks(score, method, kept=kept, candidates=DIT["random_candidates"], seed=seed)
+            calib_loss = depth.calibration_loss(score, keep)
+            kept_layers = [i for i, k in enumerate(keep) if k]
+            depth.drop_blocks(model.blocks, keep)
+            before = ditmod.evaluate_dit(model, n_per_class=DIT["eval_per_class"], steps=DIT["eval_steps"], seed=0)
+            x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+            t = torch.randint(0, 1000, (16,), generator=torch.Generator().manual_seed(1))
+            y = torch.arange(16) % 10
+            timing = []
+            for m in (dense, model) * 5:  # alternately, 5 forwards each time, best of 5
+                with torch.no_grad():
+                    m(x, t, y)
+                    s0 = time.perf_counter()
+                    for _ in range(5):
+                        m(x, t, y)
+                timing.append(time.perf_counter() - s0)
+            speedup = min(timing[0::2]) / min(timing[1::2])
+            rec = depth.recover(dit_target(model, images, labels, seed=seed + 1), steps=DIT["recovery_steps"],
+                                trainable=DIT["recovery"], lr=DIT["recovery_lr"], seed=seed)
+            after = ditmod.evaluate_dit(model, n_per_class=DIT["eval_per_class"], steps=DIT["eval_steps"], seed=0)
+            info = {k: v for k, v in info.items() if k != "keep"}
+            _update({"id": rid, "model": "DiT-FashionMNIST", "method": method, "kept": kept, "seed": seed,
+                     "metric": "fid_classifier", "before_recovery": before["fid"], "after_recovery": after["fid"],
+                     "speedup": speedup, "class_accuracy_before": before["class_accuracy"],
+                     "class_accuracy_after": after["class_accuracy"], "kept_layers": kept_layers,
+                     "calibration_loss": calib_loss, "recovery": rec.to_dict(), "method_info": info,
+                     "seconds": time.perf_counter() - t0, "dit_settings": DIT})
+            print(f"  kept {kept_layers}: FID {before['fid']:.2f} -> {after['fid']:.2f}, speedup {speedup:.2f}x, "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            report()
+
+
 def report() -> None:
     data = _update()
     rows = data["rows"]
-    lines = ["# Depth pruning: SmolLM2-135M (30 blocks)", "",
-             "Held-out Wikipedia perplexity right after pruning and after the same LoRA recovery budget; speedup "
-             "= (prefill 256 + decode 32) time dense / pruned, 1 thread, dense and pruned timed alternately in the same process. Settings: "
-             f"`{json.dumps(data.get('settings', SETTINGS))}`", "",
-             "| kept | method | seed | kept layers | ppl before recovery | ppl after recovery | speedup (prefill / decode) |",
-             "| ---: | --- | ---: | --- | ---: | ---: | --- |"]
+    lines = ["# Depth pruning: SmolLM2-135M (30 blocks) and a Fashion-MNIST DiT (12 blocks)", "",
+             "SmolLM2: held-out Wikipedia perplexity right after pruning and after the same LoRA recovery budget; "
+             "speedup = (prefill 256 + decode 32) time dense / pruned, 1 thread, dense and pruned timed alternately "
+             f"in the same process. Settings: `{json.dumps(data.get('settings', SETTINGS))}`", "",
+             "DiT: FID between classifier features of generated and real test images (the project's Fashion-MNIST "
+             "classifier, not Inception-FID) right after pruning and after the same full fine-tuning budget; speedup "
+             f"= forward time of 16 images dense / pruned. Settings: `{json.dumps(DIT)}`", "",
+             "| model | kept | method | seed | kept layers | metric | before recovery | after recovery | speedup (prefill / decode) |",
+             "| --- | ---: | --- | ---: | --- | --- | ---: | ---: | --- |"]
     for r in rows:
         after = f"{r['after_recovery']:.2f}" if r["after_recovery"] is not None else "-"
         sp = f"{r['speedup']:.2f}x" + (f" ({r['prefill_speedup']:.2f} / {r['decode_speedup']:.2f})" if "prefill_speedup" in r else "")
-        lines.append(f"| {r['kept']} | {r['method']} | {r.get('seed', '-')} | {r.get('kept_layers', 'all')} | "
-                     f"{r['before_recovery']:.2f} | {after} | {sp} |")
+        lines.append(f"| {r['model']} | {r['kept']} | {r['method']} | {r.get('seed', '-')} | {r.get('kept_layers', 'all')} | "
+                     f"{r['metric']} | {r['before_recovery']:.2f} | {after} | {sp} |")
     (RESULTS / "depth.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -155,16 +254,18 @@ def report() -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, kept in zip(axes, (15, 20)):
-        sub = [r for r in rows if r["kept"] == kept]
+    panels = [("SmolLM2-135M", 15), ("SmolLM2-135M", 20)] + sorted(
+        {(r["model"], r["kept"]) for r in rows if r["model"] != "SmolLM2-135M" and r["method"] != "dense"})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (model_name, kept) in zip(axes, panels):
+        sub = [r for r in rows if r["kept"] == kept and r["model"] == model_name and r["after_recovery"] is not None]
         names = sorted({r["method"] for r in sub})
         for j, stage in enumerate(("before_recovery", "after_recovery")):
             vals = [sum(r[stage] for r in sub if r["method"] == n) / max(1, sum(r["method"] == n for r in sub)) for n in names]
             ax.bar([i + 0.4 * j for i in range(len(names))], vals, width=0.4, label=stage.replace("_", " "))
         ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30)
         ax.set_yscale("log")
-        ax.set_title(f"{kept} of 30 blocks: held-out wiki ppl")
+        ax.set_title(f"{model_name}, {kept} blocks: {sub[0]['metric'] if sub else ''}")
         ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "depth.png", dpi=90)
@@ -178,12 +279,16 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated methods (default all)")
     p.add_argument("--resume", action="store_true", help="skip rows already in the results file")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown and plot")
+    p.add_argument("--dit", action="store_true", help="the DiT testbed (needs the cached pretrained DiT) instead of SmolLM2")
     a = p.parse_args()
     if a.report:
         report()
         return
     methods = [m.strip() for m in a.only.split(",")] if a.only else list(METHODS)
-    run(a.kept, a.seed, a.resume, methods)
+    if a.dit:
+        run_dit(a.seed, a.resume, methods)
+    else:
+        run(a.kept, a.seed, a.resume, methods)
 
 
 if __name__ == "__main__":
