@@ -28,7 +28,7 @@ _MODULES = {
 # `prunekit prune` methods of another registry domain than "weights" (structured widths, depth), each run by
 # its own module: ``add_prune_arguments(parser)`` adds that domain's options to `prune`, ``run_prune(args)``
 # runs it. The weight methods stay in `_cmd_prune` below.
-_PRUNE_DOMAINS: dict[str, str] = {"structured": "prunekit.structured.cli"}
+_PRUNE_DOMAINS: dict[str, str] = {"structured": "prunekit.structured.cli", "depth": "prunekit.depth.cli"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ from typing import Callable
 
 from prunekit.errors import InputError
 from prunekit.cnn import trp, udfc
+from prunekit import depth
 from prunekit.data.methods import confident, el2n, forgetting, grand, prototypes, qtuning
 from prunekit.inference.kv import DeepForcing, Delta, H2O, SnapKV, StreamingLLM
 from prunekit.inference import reasoning
@@ -23,7 +24,7 @@ __all__ = ["MethodSpec", "METHODS", "get", "names"]
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    domain: str  # "weights" | "data" | "cnn" | "kv" | "inference" (reasoning paths) | "structured"
+    domain: str  # "weights" | "data" | "cnn" | "kv" | "inference" (reasoning paths) | "structured" | "depth" (whole blocks)
     paper: str
     url: str
     summary: str
@@ -33,6 +34,7 @@ class MethodSpec:
     # Q-Tuning the selection ``fn(nll, entropy, response, *, sample_ratio, token_ratio) -> Selection``.
     # kv domain: ``fn`` is the policy class (`prunekit.inference.kv.policy(model, name, budget=...)` runs it).
     # inference domain: ``fn`` is the rule over one question's sampled paths, ``fn(answers, ...) -> Vote``.
+    # depth domain: ``fn`` returns a keep-mask over the blocks of a `prunekit.depth.DepthTarget`.
     # `stats` may also be a function of the method's options returning the statistic's name (DSnoT).
     # A method that needs the whole model (gradients, several corpora) gives `prune_model(model, ids, *,
     # ratio, pattern, tokenizer, samples, seqlen, seed, skip, progress, **options) -> [LayerReport]` instead.
@@ -80,6 +82,30 @@ METHODS: dict[str, MethodSpec] = {
             "https://arxiv.org/abs/2405.06275",
             "general OBS importance regularises a domain loss; its gradients score weights (unstructured)",
             stats="hessian", prune_model=dpruner.prune_model,
+        ),
+        MethodSpec(
+            "shortgpt", "depth", "Men et al. 2024, ShortGPT: Layers in Large Language Models are More Redundant Than You Expect",
+            "https://arxiv.org/abs/2403.03853", "drop the blocks of lowest Block Influence, 1 - cos(input, output)",
+            fn=depth.shortgpt,
+        ),
+        MethodSpec(
+            "sensitivity", "depth", "Fang et al. 2025, TinyFusion (sensitivity-analysis baseline)",
+            "https://arxiv.org/abs/2412.01199", "drop the blocks whose removal alone raises the calibration loss least",
+            fn=depth.sensitivity,
+        ),
+        MethodSpec(
+            "every-other", "depth", "fixed pattern (TinyFusion's BK-SDM oracle for 1:2)", "https://arxiv.org/abs/2412.01199",
+            "keep evenly spaced blocks, first and last included", fn=depth.every_other,
+        ),
+        MethodSpec(
+            "random", "depth", "Fang et al. 2025, TinyFusion (loss-stratified random baseline)",
+            "https://arxiv.org/abs/2412.01199", "the calibration-loss-best of a few random keep-masks",
+            fn=depth.random_masks,
+        ),
+        MethodSpec(
+            "tinyfusion", "depth", "Fang et al. 2025, TinyFusion: Diffusion Transformers Learned Shallow",
+            "https://arxiv.org/abs/2412.01199", "learn an N:M mask over blocks by Gumbel-softmax, with LoRA as the "
+            "recoverability estimate", fn=depth.tinyfusion,
         ),
         MethodSpec(
             "confident_learning", "data", "Northcutt et al. 2021, Confident Learning: Estimating Uncertainty in Dataset Labels",

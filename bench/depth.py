@@ -1,0 +1,295 @@
+"""Depth pruning on SmolLM2-135M (30 blocks): ShortGPT, sensitivity, every-other, best random mask, TinyFusion.
+
+Every row starts from a fresh copy of the dense model, picks the blocks to keep on calibration windows of the
+Wikipedia leads' calibration split, drops the others, measures held-out Wikipedia perplexity, then gets the
+same recovery budget (the same LoRA steps on the same windows, in the same order) and is measured again.
+Speedup: prefill of 256 tokens + 32 greedy decode steps with the KV cache, batch 1, one thread, the best of
+3, dense and pruned timed alternately in the same process (best of 3 each). Sizes are chosen for a CPU shared four ways (see SETTINGS,
+recorded in the results); they are far below the paper's (10k mask-learning steps, 100k+ recovery steps).
+
+    python bench/depth.py --kept 15            # the 15-block rows
+    python bench/depth.py --kept 20 --resume   # skip rows already in the results file
+    python bench/depth.py --report             # rewrite the .md and the plot from the .json
+
+Writes bench/results/depth.json (``{"rows": [{"model", "method", "kept", "metric", "before_recovery",
+"after_recovery", "speedup", ...}], "settings": ...}``; rows merged by id under a file lock so several
+depths can run at once), bench/results/depth.md and bench/results/depth.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fcntl
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import prunekit
+from prunekit import depth
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OUT = RESULTS / "depth.json"
+METHODS = ("tinyfusion", "shortgpt", "every-other", "sensitivity", "random")
+SETTINGS = dict(
+    model="smollm2-135m", calib="wiki", seqlen=128, windows=256, window_seed=0,
+    score_windows=8,  # ShortGPT / sensitivity / random masks: calibration loss on these windows (batches of 4)
+    tinyfusion_steps=100, tinyfusion_batch=2,  # reference defaults otherwise (tau 4->0.1, x100, EMA .999, LoRA 8)
+    random_candidates=8,
+    recovery="lora", recovery_steps=30, recovery_batch=4, recovery_lr=1e-3,
+    eval_text="wiki (held-out split)", eval_seqlen=256, eval_tokens=4096,
+    speed_prompt=256, speed_new_tokens=32, threads=1,
+)
+
+
+def _update(row: dict | None = None, settings: dict | None = None) -> dict:
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    with open(OUT.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(OUT.read_text()) if OUT.is_file() else {"rows": []}
+        if settings is not None:
+            data["settings"] = settings
+        if row is not None:
+            data["rows"] = [r for r in data["rows"] if r["id"] != row["id"]] + [row]
+            data["rows"].sort(key=lambda r: (r["kept"], r.get("seed", 0), r["method"]))
+        tmp = OUT.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(OUT)
+    return data
+
+
+def _ppl(model, tok, text) -> float:
+    return prunekit.perplexity(model, tok, text, seqlen=SETTINGS["eval_seqlen"], tokens=SETTINGS["eval_tokens"],
+                               progress=False).ppl
+
+
+def _speed(model) -> dict:
+    return depth.speed(model, prompt=SETTINGS["speed_prompt"], new_tokens=SETTINGS["speed_new_tokens"], repeats=1)
+
+
+def _speed_pair(dense, pruned, rounds: int = 3) -> tuple[dict, dict]:
+    """Dense and pruned timed alternately (the CPU is shared: interleaving sees the same load), best of each."""
+    best = [None, None]
+    for _ in range(rounds):
+        for i, m in enumerate((dense, pruned)):
+            s = _speed(m)
+            if best[i] is None or s["prefill_s"] + s["decode_s"] < best[i]["prefill_s"] + best[i]["decode_s"]:
+                best[i] = s
+    return best[0], best[1]
+
+
+def run(kept: int, seed: int, resume: bool, methods) -> None:
+    torch.set_num_threads(SETTINGS["threads"])
+    existing = _update(settings=SETTINGS)["rows"]
+    done = {r["id"] for r in existing} if resume else set()
+    dense, tok = prunekit.load_model(SETTINGS["model"])
+    calib = prunekit.load_text(SETTINGS["calib"], purpose="calibration")
+    held = prunekit.load_text("wiki", purpose="evaluation")
+    ids = prunekit.calibration_ids(tok, calib, samples=SETTINGS["windows"], seqlen=SETTINGS["seqlen"],
+                                   seed=SETTINGS["window_seed"])  # [256, 128]
+    if "dense" not in done:
+        sp = _speed(dense)
+        _update({"id": "dense", "model": "SmolLM2-135M", "method": "dense", "kept": 30, "metric": "wiki_ppl",
+                 "before_recovery": _ppl(dense, tok, held), "after_recovery": None, "speedup": 1.0, "speed": sp})
+    for method in methods:
+        rid = f"{method}-{kept}-s{seed}"
+        if resume:  # another process may have written it meanwhile
+            done = {r["id"] for r in _update()["rows"]}
+        if rid in done:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {rid}", flush=True)
+        t0 = time.perf_counter()
+        model = copy.deepcopy(dense)
+        score = depth.causal_lm_target(model, ids[: SETTINGS["score_windows"]], batch_size=4)
+        if method == "tinyfusion":
+            target = depth.causal_lm_target(model, ids, batch_size=SETTINGS["tinyfusion_batch"])
+            keep, info = depth.select_blocks(target, "tinyfusion", kept=kept, steps=SETTINGS["tinyfusion_steps"],
+                                             seed=seed, progress=False)
+        else:
+            keep, info = depth.select_blocks(score, method, kept=kept, candidates=SETTINGS["random_candidates"],
+                                             seed=seed, progress=False)
+        calib_loss = depth.calibration_loss(score, keep)
+        select_s = time.perf_counter() - t0
+        kept_layers = depth.drop_layers(model, keep)
+        before = _ppl(model, tok, held)
+        dense_speed, sp = _speed_pair(dense, model)
+        speedup = (dense_speed["prefill_s"] + dense_speed["decode_s"]) / (sp["prefill_s"] + sp["decode_s"])
+        rec_target = depth.causal_lm_target(model, ids, batch_size=SETTINGS["recovery_batch"])
+        rec = depth.recover(rec_target, steps=SETTINGS["recovery_steps"], trainable="lora", lr=SETTINGS["recovery_lr"],
+                            seed=seed)
+        after = _ppl(model, tok, held)
+        info = {k: v for k, v in info.items() if k not in ("keep",)}
+        row = {"id": rid, "model": "SmolLM2-135M", "method": method, "kept": kept, "seed": seed, "metric": "wiki_ppl",
+               "before_recovery": before, "after_recovery": after, "speedup": speedup,
+               "prefill_speedup": dense_speed["prefill_s"] / sp["prefill_s"],
+               "decode_speedup": dense_speed["decode_s"] / sp["decode_s"], "speed": sp, "dense_speed": dense_speed,
+               "kept_layers": kept_layers, "calibration_loss": calib_loss, "select_seconds": select_s,
+               "recovery": rec.to_dict(), "method_info": info, "seconds": time.perf_counter() - t0,
+               "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+        _update(row)
+        print(f"  kept {kept_layers}: ppl {before:.2f} -> {after:.2f} after recovery, speedup {speedup:.2f}x, "
+              f"{row['seconds']:.0f} s", flush=True)
+        report()
+
+
+DIT = dict(
+    kept=(6,), train_images=4096, batch=32, score_batches=4,  # 12 blocks -> 6 (1:2); 4 x 32 images score masks
+    tinyfusion_steps=200, random_candidates=8, recovery="full", recovery_steps=200, recovery_lr=1e-4,
+    eval_per_class=30, eval_steps=25, metric="fid on the project's Fashion-MNIST classifier features (not Inception-FID)",
+)
+
+
+def dit_target(model, images, labels, *, seed: int):
+    """A `DepthTarget` over a DiT's blocks: batches of training images, loss = noise-prediction MSE with t and
+    noise drawn from a generator that restarts at `seed` each pass (so every method sees the same draws)."""
+    from prunekit.depth.dit import diffusion_loss
+
+    b = DIT["batch"]
+    batches = [(i, images[i : i + b], labels[i : i + b]) for i in range(0, len(images), b)]
+
+    def loss(m, batch):
+        i, x, y = batch
+        return diffusion_loss(m, x, y, generator=torch.Generator().manual_seed(seed * 100_003 + i))
+
+    def distill(student, teacher, batch):  # same t, noise and label dropout for both: MSE of predicted noise
+        i, x, y = batch
+        captured = {}
+        handle = teacher.register_forward_hook(lambda _m, _a, out: captured.setdefault("eps", out.detach()))
+        with torch.no_grad():
+            diffusion_loss(teacher, x, y, generator=torch.Generator().manual_seed(seed * 100_003 + i))
+        handle.remove()
+        h2 = student.register_forward_hook(lambda _m, _a, out: captured.setdefault("student", out))
+        diffusion_loss(student, x, y, generator=torch.Generator().manual_seed(seed * 100_003 + i))
+        h2.remove()
+        return ((captured["student"] - captured["eps"]) ** 2).mean()
+
+    return depth.DepthTarget(model, model.blocks, batches, loss, distill)
+
+
+def run_dit(seed: int, resume: bool, methods) -> None:
+    from prunekit.depth import dit as ditmod
+
+    torch.set_num_threads(1)
+    done = {r["id"] for r in _update(settings=None)["rows"]} if resume else set()
+    dense = ditmod.pretrained_dit(train_if_missing=False, progress=False)
+    images, labels = ditmod.fashion_images("train")
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: DIT["train_images"]]
+    images, labels = images[pick], labels[pick]
+    if "dit-dense" not in done:
+        ev = ditmod.evaluate_dit(dense, n_per_class=DIT["eval_per_class"], steps=DIT["eval_steps"], seed=0)
+        _update({"id": "dit-dense", "model": "DiT-FashionMNIST", "method": "dense", "kept": len(dense.blocks),
+                 "metric": "fid_classifier", "before_recovery": ev["fid"], "after_recovery": None, "speedup": 1.0,
+                 "class_accuracy": ev["class_accuracy"], "dit_settings": DIT})
+    for kept in DIT["kept"]:
+        for method in methods:
+            rid = f"dit-{method}-{kept}-s{seed}"
+            if rid in done:
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] {rid}", flush=True)
+            t0 = time.perf_counter()
+            model = copy.deepcopy(dense)
+            score = dit_target(model, images[: DIT["score_batches"] * DIT["batch"]],
+                               labels[: DIT["score_batches"] * DIT["batch"]], seed=seed)
+            if method == "tinyfusion":
+                keep, info = depth.select_blocks(dit_target(model, images, labels, seed=seed), "tinyfusion", kept=kept,
+                                                 steps=DIT["tinyfusion_steps"], seed=seed)
+            else:
+                keep, info = depth.select_blocks(score, method, kept=kept, candidates=DIT["random_candidates"], seed=seed)
+            calib_loss = depth.calibration_loss(score, keep)
+            kept_layers = [i for i, k in enumerate(keep) if k]
+            depth.drop_blocks(model.blocks, keep)
+            before = ditmod.evaluate_dit(model, n_per_class=DIT["eval_per_class"], steps=DIT["eval_steps"], seed=0)
+            x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+            t = torch.randint(0, 1000, (16,), generator=torch.Generator().manual_seed(1))
+            y = torch.arange(16) % 10
+            timing = []
+            for m in (dense, model) * 5:  # alternately, 5 forwards each time, best of 5
+                with torch.no_grad():
+                    m(x, t, y)
+                    s0 = time.perf_counter()
+                    for _ in range(5):
+                        m(x, t, y)
+                timing.append(time.perf_counter() - s0)
+            speedup = min(timing[0::2]) / min(timing[1::2])
+            rec = depth.recover(dit_target(model, images, labels, seed=seed + 1), steps=DIT["recovery_steps"],
+                                trainable=DIT["recovery"], lr=DIT["recovery_lr"], seed=seed)
+            after = ditmod.evaluate_dit(model, n_per_class=DIT["eval_per_class"], steps=DIT["eval_steps"], seed=0)
+            info = {k: v for k, v in info.items() if k != "keep"}
+            _update({"id": rid, "model": "DiT-FashionMNIST", "method": method, "kept": kept, "seed": seed,
+                     "metric": "fid_classifier", "before_recovery": before["fid"], "after_recovery": after["fid"],
+                     "speedup": speedup, "class_accuracy_before": before["class_accuracy"],
+                     "class_accuracy_after": after["class_accuracy"], "kept_layers": kept_layers,
+                     "calibration_loss": calib_loss, "recovery": rec.to_dict(), "method_info": info,
+                     "seconds": time.perf_counter() - t0, "dit_settings": DIT})
+            print(f"  kept {kept_layers}: FID {before['fid']:.2f} -> {after['fid']:.2f}, speedup {speedup:.2f}x, "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            report()
+
+
+def report() -> None:
+    data = _update()
+    rows = data["rows"]
+    lines = ["# Depth pruning: SmolLM2-135M (30 blocks) and a Fashion-MNIST DiT (12 blocks)", "",
+             "SmolLM2: held-out Wikipedia perplexity right after pruning and after the same LoRA recovery budget; "
+             "speedup = (prefill 256 + decode 32) time dense / pruned, 1 thread, dense and pruned timed alternately "
+             f"in the same process. Settings: `{json.dumps(data.get('settings', SETTINGS))}`", "",
+             "DiT: FID between classifier features of generated and real test images (the project's Fashion-MNIST "
+             "classifier, not Inception-FID) right after pruning and after the same full fine-tuning budget; speedup "
+             f"= forward time of 16 images dense / pruned. Settings: `{json.dumps(DIT)}`", "",
+             "| model | kept | method | seed | kept layers | metric | before recovery | after recovery | speedup (prefill / decode) |",
+             "| --- | ---: | --- | ---: | --- | --- | ---: | ---: | --- |"]
+    for r in rows:
+        after = f"{r['after_recovery']:.2f}" if r["after_recovery"] is not None else "-"
+        sp = f"{r['speedup']:.2f}x" + (f" ({r['prefill_speedup']:.2f} / {r['decode_speedup']:.2f})" if "prefill_speedup" in r else "")
+        lines.append(f"| {r['model']} | {r['kept']} | {r['method']} | {r.get('seed', '-')} | {r.get('kept_layers', 'all')} | "
+                     f"{r['metric']} | {r['before_recovery']:.2f} | {after} | {sp} |")
+    (RESULTS / "depth.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    panels = [("SmolLM2-135M", 15), ("SmolLM2-135M", 20)] + sorted(
+        {(r["model"], r["kept"]) for r in rows if r["model"] != "SmolLM2-135M" and r["method"] != "dense"})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (model_name, kept) in zip(axes, panels):
+        sub = [r for r in rows if r["kept"] == kept and r["model"] == model_name and r["after_recovery"] is not None]
+        names = sorted({r["method"] for r in sub})
+        for j, stage in enumerate(("before_recovery", "after_recovery")):
+            vals = [sum(r[stage] for r in sub if r["method"] == n) / max(1, sum(r["method"] == n for r in sub)) for n in names]
+            ax.bar([i + 0.4 * j for i in range(len(names))], vals, width=0.4, label=stage.replace("_", " "))
+        ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30)
+        ax.set_yscale("log")
+        ax.set_title(f"{model_name}, {kept} blocks: {sub[0]['metric'] if sub else ''}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "depth.png", dpi=90)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kept", type=int, default=15, help="blocks kept (15 or 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the methods that draw (TinyFusion, random, LoRA init)")
+    p.add_argument("--only", default=None, help="comma-separated methods (default all)")
+    p.add_argument("--resume", action="store_true", help="skip rows already in the results file")
+    p.add_argument("--report", action="store_true", help="only rewrite the markdown and plot")
+    p.add_argument("--dit", action="store_true", help="the DiT testbed (needs the cached pretrained DiT) instead of SmolLM2")
+    a = p.parse_args()
+    if a.report:
+        report()
+        return
+    methods = [m.strip() for m in a.only.split(",")] if a.only else list(METHODS)
+    if a.dit:
+        run_dit(a.seed, a.resume, methods)
+    else:
+        run(a.kept, a.seed, a.resume, methods)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""``prunekit prune MODEL --method {shortgpt,sensitivity,every-other,random,tinyfusion} --layers N --out DIR``.
+
+Depth pruning from the command line, over `prunekit.depth`: choose the blocks to keep on calibration text,
+drop the others, optionally recover by fine-tuning, and save a standard model (config and layer indices
+rewritten) with ``prunekit.json`` (kept layer indices, what the method reported, perplexities).
+Everything is validated before the model is loaded; the output folder appears only when complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+__all__ = ["add_prune_arguments", "run_prune"]
+
+RECOVERY = ("none", "lora", "full", "kd")
+
+
+def add_prune_arguments(pr) -> None:
+    g = pr.add_argument_group("depth methods (shortgpt, sensitivity, every-other, random, tinyfusion)")
+    g.add_argument("--layers", type=int, default=None, help="depth: blocks kept (e.g. 15 of SmolLM2's 30)")
+    g.add_argument("--group", default=None, metavar="N:M[,N:M...]",
+                   help="tinyfusion: keep N of every M consecutive blocks (default: the smallest uniform N:M "
+                   "that keeps --layers, 15 of 30 -> 1:2)")
+    g.add_argument("--learn-steps", type=int, default=200, help="tinyfusion: mask-learning steps (default 200)")
+    g.add_argument("--candidates", type=int, default=8, help="random: random masks tried (default 8)")
+    g.add_argument("--recover", choices=RECOVERY, default="none",
+                   help="after pruning: none, lora (LoRA fine-tuning, merged), full (all weights) or kd "
+                   "(LoRA trained to match the dense model's next-token distribution)")
+    g.add_argument("--recover-steps", type=int, default=100, help="recovery steps of --batch-size windows (default 100)")
+    g.add_argument("--recover-lr", type=float, default=None, help="recovery learning rate (default 5e-4 LoRA, 5e-5 full)")
+
+
+def _validate(args):
+    import prunekit
+    import prunekit.depth
+    from prunekit.errors import InputError, int_at_least
+    from prunekit.weights.io import check_output, resolve_model
+
+    if args.ratio is not None or args.pattern is not None:
+        raise InputError("depth methods take --layers N (blocks kept), not --ratio or --pattern")
+    if args.layers is None:
+        raise InputError(f"{args.method} needs --layers N, the number of blocks to keep")
+    int_at_least(args.layers, "--layers", 1)
+    if args.group is not None and args.method != "tinyfusion":
+        raise InputError("--group applies to tinyfusion only")
+    int_at_least(args.learn_steps, "--learn-steps", 1)
+    int_at_least(args.candidates, "--candidates", 1)
+    int_at_least(args.recover_steps, "--recover-steps", 1)
+    int_at_least(args.batch_size, "--batch-size", 1)
+    if args.skip or args.base or args.domain:
+        raise InputError("--skip, --base and --domain are weight-method options; depth methods do not take them")
+    from prunekit.cli import _options
+
+    options = _options(args)
+    if options and args.method != "tinyfusion":
+        raise InputError(f"{args.method} takes no --option")
+    check_output(args.out, overwrite=args.overwrite)
+    path = resolve_model(args.model)
+    config = json.loads((path / "config.json").read_text())
+    depth = config.get("num_hidden_layers")
+    if isinstance(depth, int) and args.layers >= depth:
+        raise InputError(f"--layers {args.layers} keeps every block (the model has {depth}); give a number below {depth}")
+    if isinstance(depth, int) and args.method == "tinyfusion":
+        prunekit.depth.parse_groups(args.group, depth=depth, kept=args.layers)
+    calib = prunekit.load_text(args.calib or "wiki", purpose="calibration")
+    evals = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
+    eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals}
+    return path, calib, eval_texts, options
+
+
+def run_prune(args) -> int:
+    import torch
+
+    import prunekit
+    import prunekit.depth as depth
+    from prunekit import report
+    from prunekit.cli import _versions
+    from prunekit.evaluate import EVAL_TOKENS
+    from prunekit.weights.engine import find_blocks
+
+    wall = time.perf_counter()
+    path, calib, eval_texts, options = _validate(args)
+    progress = not args.quiet
+    model, tok = prunekit.load_model(path)
+    ids = prunekit.calibration_ids(tok, calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed)
+    target = depth.causal_lm_target(model, ids, batch_size=args.batch_size)
+    tokens = args.eval_tokens or EVAL_TOKENS
+    evaluation = {n: {"dense": prunekit.perplexity(model, tok, t, seqlen=args.seqlen, tokens=tokens, progress=progress).to_dict()}
+                  for n, t in eval_texts.items()}
+    dense_layers = target.depth
+    keep, info = depth.select_blocks(target, args.method, kept=args.layers, groups=args.group, steps=args.learn_steps,
+                                     candidates=args.candidates, seed=args.seed, progress=progress, **options)
+    teacher = copy.deepcopy(model) if args.recover == "kd" else None
+    kept = depth.drop_layers(model, keep)
+    recovery = None
+    if args.recover != "none":
+        res = depth.recover(target, steps=args.recover_steps, trainable="full" if args.recover == "full" else "lora",
+                            lr=args.recover_lr, teacher=(teacher, find_blocks(teacher)[1]) if teacher else None,
+                            seed=args.seed, progress=progress)
+        recovery = res.to_dict()
+        del teacher
+    for n, t in eval_texts.items():
+        evaluation[n]["pruned"] = prunekit.perplexity(model, tok, t, seqlen=args.seqlen, tokens=tokens, progress=progress).to_dict()
+    meta = {
+        "model": str(args.model), "method": args.method, "domain": "depth", "dense_layers": dense_layers,
+        "kept_layers": kept, "removed_layers": [i for i in range(dense_layers) if i not in kept],
+        "calibration": {**calib.describe(), "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed,
+                        "batch_size": args.batch_size},
+        "method_info": info, "recovery": recovery, "evaluation": evaluation, "versions": _versions(),
+        "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - wall,
+    }
+
+    def extra(folder):
+        lines = [f"# {args.method}: {dense_layers} -> {len(kept)} blocks", "",
+                 f"kept layers: {kept}", f"recovery: {recovery or 'none'}", ""]
+        if evaluation:
+            lines.append(report.ppl_table(evaluation))
+        (folder / "report.md").write_text("\n".join(lines) + "\n")
+
+    out = depth.save_depth_pruned(model, tok, args.out, metadata=meta, overwrite=args.overwrite, extra=extra)
+    print(f"pruned {args.model} with {args.method}: {dense_layers} -> {len(kept)} blocks, kept {kept}"
+          + (f", recovered ({args.recover}, {args.recover_steps} steps)" if recovery else ""))
+    if evaluation:
+        print(report.ppl_table(evaluation))
+    print(f"saved to {out}")
+    return 0

@@ -1,0 +1,111 @@
+"""Depth-pruning baselines that score blocks once: ShortGPT, sensitivity, every-other, best random mask.
+
+Each returns a keep-mask over the blocks of a `DepthTarget` (True = kept) with exactly `kept` Trues.
+
+- **ShortGPT** (Men et al. 2024, "ShortGPT: Layers in Large Language Models are More Redundant Than You
+  Expect", https://arxiv.org/abs/2403.03853): Block Influence ``BI_i = 1 - E_tokens[cos(x_i, x_{i+1})]``
+  between a block's input and output hidden states on calibration data; the blocks with the lowest BI go.
+  As in TinyFusion's ``prune_by_score.py`` (which reimplements it as a baseline), the last block is never
+  removed. Departure: the mean is over every token of every calibration window (the paper averages over
+  tokens too; TinyFusion averages per image then over images, the same thing for equal-length inputs).
+- **Sensitivity** (the "Sensitivity Analysis" baseline of TinyFusion, Fang et al. 2025, Table 1): the
+  calibration loss with block i alone removed, ``s_i = L(model without block i)``; the blocks whose removal
+  raises the loss least go (one-shot, not iterative).
+- **Every-other** (a fixed pattern): keep `kept` evenly spaced blocks, the first and the last included,
+  ``floor(j (L - 1) / (kept - 1) + 1/2)`` for j = 0..kept-1. For 15 of 30 this is 0, 2, ..., 12, 15, 17, ..., 29:
+  the first block of each pair in the first half and the last in the second half, which is TinyFusion's
+  "Oracle (BK-SDM)" pattern for DiT-XL.
+- **Random** (TinyFusion Table 3, "loss-stratified random"): `candidates` random masks (uniform over all
+  masks keeping `kept` blocks; seeded), the one with the lowest calibration loss kept. The paper draws
+  100k masks; a CPU budget allows a few (default 8), stated in every record.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from prunekit.depth.core import DepthTarget, check_kept, gates, hidden_of, keep_top
+from prunekit.errors import int_at_least
+
+__all__ = ["shortgpt", "sensitivity", "every_other", "random_masks", "block_influence", "calibration_loss"]
+
+
+@torch.no_grad()
+def calibration_loss(target: DepthTarget, keep: list[bool] | None = None) -> float:
+    """Mean loss over the target's batches with the blocks where `keep` is False skipped (None: all kept)."""
+    was = target.model.training
+    target.model.eval()
+    with gates(target.blocks) as g:
+        for gate, k in zip(g, keep if keep is not None else [True] * len(g)):
+            gate.gate = None if k else 0.0
+        total = sum(float(target.loss(target.model, b)) for b in target.batches)
+    target.model.train(was)
+    return total / len(target.batches)
+
+
+@torch.no_grad()
+def block_influence(target: DepthTarget) -> torch.Tensor:
+    """ShortGPT's ``BI_i = 1 - mean cos(x_in, x_out)`` over all tokens of the calibration batches, ``[depth]``."""
+    sums = torch.zeros(len(target.blocks), dtype=torch.float64)
+    counts = torch.zeros(len(target.blocks), dtype=torch.float64)
+
+    def hook(i):
+        def fn(_module, args, kwargs, out):
+            x = (args[0] if args else kwargs["hidden_states"]).float()  # [b, ..., d]
+            y = hidden_of(out).float()  # [b, ..., d]
+            cos = torch.nn.functional.cosine_similarity(x.flatten(0, -2), y.flatten(0, -2), dim=-1)  # [tokens]
+            sums[i] += cos.sum().double()
+            counts[i] += cos.numel()
+        return fn
+
+    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(target.blocks)]
+    was = target.model.training
+    target.model.eval()
+    try:
+        for b in target.batches:
+            target.loss(target.model, b)
+    finally:
+        for h in handles:
+            h.remove()
+        target.model.train(was)
+    return 1 - sums / counts  # [depth]
+
+
+def shortgpt(target: DepthTarget, *, kept: int) -> list[bool]:
+    """Keep the `kept` blocks of highest Block Influence (the last block always kept)."""
+    check_kept(kept, target.depth)
+    return keep_top(block_influence(target), kept, protect=(target.depth - 1,))
+
+
+def sensitivity(target: DepthTarget, *, kept: int, progress: bool = False) -> list[bool]:
+    """Keep the `kept` blocks whose removal alone raises the calibration loss most."""
+    check_kept(kept, target.depth)
+    losses = torch.zeros(target.depth, dtype=torch.float64)  # [depth]
+    for i in tqdm(range(target.depth), desc="sensitivity", unit="block", disable=not progress):
+        losses[i] = calibration_loss(target, [j != i for j in range(target.depth)])
+    return keep_top(losses, kept)
+
+
+def every_other(depth: int, *, kept: int) -> list[bool]:
+    """`kept` evenly spaced blocks of `depth`, the first and last included (1 block: the last)."""
+    check_kept(kept, depth)
+    if kept == 1:
+        return [i == depth - 1 for i in range(depth)]
+    chosen = {int(j * (depth - 1) / (kept - 1) + 0.5) for j in range(kept)}  # halves round up
+    return [i in chosen for i in range(depth)]
+
+
+def random_masks(target: DepthTarget, *, kept: int, candidates: int = 8, seed: int = 0,
+                 progress: bool = False) -> tuple[list[bool], list[dict]]:
+    """The calibration-loss-best of `candidates` random keep-masks; also returns every candidate's loss."""
+    check_kept(kept, target.depth)
+    int_at_least(candidates, "candidates", 1)
+    gen = torch.Generator().manual_seed(seed)
+    tried = []
+    for _ in tqdm(range(candidates), desc="random masks", unit="mask", disable=not progress):
+        chosen = set(torch.randperm(target.depth, generator=gen)[:kept].tolist())
+        keep = [i in chosen for i in range(target.depth)]
+        tried.append({"kept_layers": sorted(chosen), "loss": calibration_loss(target, keep)})
+    best = min(tried, key=lambda t: t["loss"])
+    return [i in best["kept_layers"] for i in range(target.depth)], tried

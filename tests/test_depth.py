@@ -1,0 +1,364 @@
+"""Depth pruning: planted near-identity blocks, N:M masks over layers, gating == dropping, export, determinism,
+recovery and the CLI's refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit import depth
+from prunekit.cli import main
+from prunekit.depth import DepthTarget
+from prunekit.errors import InputError
+
+from conftest import ROOT, TEXT
+
+
+def tiny_lm(kind: str = "llama", layers: int = 4, seed: int = 0, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(kind, vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def plant_identity(model, layers=(1, 2), scale=1e-3):
+    """Make decoder layers near-identity: their residual branches (o_proj, down_proj) scaled to almost 0."""
+    with torch.no_grad():
+        for i in layers:
+            model.model.layers[i].self_attn.o_proj.weight.mul_(scale)
+            model.model.layers[i].mlp.down_proj.weight.mul_(scale)
+    return model
+
+
+def distill_target(model, ids, batch_size=4) -> DepthTarget:
+    """Loss = KL(dense model || model): removing a block costs exactly what it changes."""
+    dense = {}
+    with torch.no_grad():
+        for i in range(0, ids.shape[0], batch_size):
+            dense[i] = model(input_ids=ids[i : i + batch_size]).logits.log_softmax(-1)  # [b, seq, vocab]
+    batches = [(i, ids[i : i + batch_size]) for i in range(0, ids.shape[0], batch_size)]
+
+    def loss(m, batch):
+        i, x = batch
+        s = m(input_ids=x, use_cache=False).logits.log_softmax(-1)
+        return nn.functional.kl_div(s.flatten(0, 1), dense[i].flatten(0, 1), log_target=True, reduction="batchmean")
+
+    return DepthTarget(model, model.model.layers, batches, loss)
+
+
+def ids(n=8, seqlen=16, seed=0):
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+class Block(nn.Module):
+    """A DiT-like block: ``forward(x, c) -> x + W2 relu(W1 (x + c))``."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x, c):
+        return x + self.fc2(torch.relu(self.fc1(x + c)))
+
+
+class Stack(nn.Module):
+    def __init__(self, d=16, depth=6):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d) for _ in range(depth))
+
+    def forward(self, x, c):
+        for b in self.blocks:
+            x = b(x, c)
+        return x
+
+
+def stack_target(model, planted=(), n=32, d=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i in planted:
+            model.blocks[i].fc2.weight.mul_(1e-3)
+            model.blocks[i].fc2.bias.zero_()
+    xs, cs = torch.randn(n, 4, d, generator=gen), torch.randn(n, 1, d, generator=gen)
+    with torch.no_grad():
+        ys = model(xs, cs)
+    batches = [(xs[i : i + 8], cs[i : i + 8], ys[i : i + 8]) for i in range(0, n, 8)]
+    return DepthTarget(model, model.blocks, batches, lambda m, b: ((m(b[0], b[1]) - b[2]) ** 2).mean())
+
+
+# ---------------------------------------------------------------- planted near-identity blocks
+
+@pytest.mark.parametrize("method", ["shortgpt", "sensitivity", "random", "tinyfusion"])
+def test_planted_identity_blocks_are_removed_by_every_method_llama(method):
+    model = plant_identity(tiny_lm())
+    target = distill_target(model, ids())
+    keep, _ = depth.select_blocks(target, method, kept=2, candidates=24, steps=40, seed=0,
+                                  **({"groups": "1:2"} if method == "tinyfusion" else {}))
+    assert keep == [True, False, False, True]
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "sensitivity", "tinyfusion"])
+def test_planted_identity_blocks_are_removed_generic_blocks(method):
+    torch.manual_seed(0)
+    model = Stack()
+    target = stack_target(model, planted=(1, 2, 4))
+    keep, _ = depth.select_blocks(target, method, kept=3, steps=60, seed=1,
+                                  **({"groups": "1:2"} if method == "tinyfusion" else {}))
+    assert keep == [True, False, False, True, False, True]
+
+
+def test_every_other_keeps_first_and_last_evenly():
+    keep = depth.every_other(30, kept=15)
+    assert [i for i, k in enumerate(keep) if k] == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 29]
+    assert sum(depth.every_other(30, kept=20)) == 20
+
+
+# ---------------------------------------------------------------- N:M masks over layers
+
+def test_every_sampled_mask_keeps_exactly_n_of_each_m_and_passes_gradients():
+    groups = [(1, 2), (2, 3), (2, 4), (3, 5)]
+    options = [depth.group_options(n, m) for n, m in groups]
+    assert options[1].tolist() == [[1, 1, 0], [1, 0, 1], [0, 1, 1]]
+    logits = [nn.Parameter(0.01 * torch.randn(o.shape[0])) for o in options]  # scaled x100: ~N(0, 1)
+    masks = depth.sample_masks(logits, options, samples=500, tau=1.0, scale=100.0,
+                               generator=torch.Generator().manual_seed(0))  # [500, 14]
+    assert masks.shape == (500, 14)
+    assert set(masks.detach().unique().tolist()) <= {0.0, 1.0}
+    start = 0
+    for n, m in groups:
+        assert (masks[:, start : start + m].sum(1) == n).all()
+        start += m
+    (masks * torch.randn(14)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in logits)
+
+
+def test_tinyfusion_keeps_n_of_each_group_with_mixed_groups():
+    torch.manual_seed(0)
+    target = stack_target(Stack(depth=7))
+    res = depth.tinyfusion(target, kept=4, groups="1:3,3:4", steps=5, seed=0)
+    assert sum(res.keep[:3]) == 1 and sum(res.keep[3:]) == 3
+    assert len(res.losses) == 5 and res.groups == [(1, 3), (3, 4)]
+
+
+# ---------------------------------------------------------------- gating == dropping
+
+def test_gated_model_with_hard_mask_equals_pruned_model():
+    model = tiny_lm()
+    x = ids(3, 12)
+    keep = [True, False, True, False]
+    pruned = copy.deepcopy(model)
+    kept = depth.drop_layers(pruned, keep)
+    assert kept == [0, 2] and pruned.config.num_hidden_layers == 2
+    with torch.no_grad():
+        want = pruned(input_ids=x).logits
+        with depth.gates(model.model.layers) as g:
+            for gate, k in zip(g, keep):  # hard float gates: skipped blocks never run
+                gate.gate = None if k else 0.0
+            got_float = model(input_ids=x).logits
+            for gate, k in zip(g, keep):  # per-sample tensor gates (the training path)
+                gate.gate = torch.full((3,), float(k))
+            got_tensor = model(input_ids=x).logits
+    assert torch.equal(got_float, want)
+    assert torch.allclose(got_tensor, want, atol=1e-6)
+    assert all(type(b).__name__ == "LlamaDecoderLayer" for b in model.model.layers)  # gates removed
+
+
+def test_gates_with_extra_arguments_and_tensor_outputs():
+    torch.manual_seed(0)
+    model = Stack(depth=3)
+    x, c = torch.randn(2, 4, 16), torch.randn(2, 1, 16)
+    with torch.no_grad(), depth.gates(model.blocks) as g:
+        g[0].gate = torch.tensor([1.0, 0.0])  # sample 0 runs block 0, sample 1 skips it
+        out = model(x, c)
+    with torch.no_grad():
+        ref0 = model(x[:1], c[:1])
+        ref1 = model.blocks[2](model.blocks[1](x[1:], c[1:]), c[1:])
+    assert torch.allclose(out[:1], ref0, atol=1e-6) and torch.allclose(out[1:], ref1, atol=1e-6)
+
+
+# ---------------------------------------------------------------- export
+
+_RELOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+x = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    logits = m(input_ids=x).logits
+    gen = m.generate(x[:1], max_new_tokens=5, do_sample=False, min_new_tokens=5)
+torch.save({"logits": logits, "gen": gen, "layers": m.config.num_hidden_layers,
+            "idx": [l.self_attn.layer_idx for l in m.model.layers],
+            "types": getattr(m.config, "layer_types", None)}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_exported_model_reloads_with_identical_outputs_in_a_fresh_process(kind, tmp_path):
+    extra = dict(layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                 sliding_window=4, use_sliding_window=True) if kind == "qwen2" else {}
+    model = tiny_lm(kind, layers=4, **extra)
+    kept = depth.drop_layers(model, [False, True, True, False])
+    x = ids(2, 10)
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        want_gen = model.generate(x[:1], max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    out = depth.save_depth_pruned(model, None, tmp_path / "pruned", metadata={"kept_layers": kept})
+    assert json.loads((out / "prunekit.json").read_text())["kept_layers"] == [1, 2]
+    torch.save(x, tmp_path / "x.pt")
+    script = tmp_path / "reload.py"
+    script.write_text(_RELOAD)
+    subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "x.pt"), str(tmp_path / "got.pt")],
+                   check=True, capture_output=True, cwd=tmp_path)
+    got = torch.load(tmp_path / "got.pt", weights_only=True)
+    assert got["layers"] == 2 and got["idx"] == [0, 1]
+    assert torch.equal(got["logits"], want)
+    assert torch.equal(got["gen"], want_gen)
+    if kind == "qwen2":
+        assert got["types"] == ["sliding_attention", "full_attention"]
+
+
+# ---------------------------------------------------------------- determinism, recovery
+
+def test_tinyfusion_is_deterministic_under_a_seed():
+    runs = []
+    for _ in range(2):
+        model = tiny_lm()
+        runs.append(depth.tinyfusion(distill_target(model, ids()), kept=2, groups="1:2", steps=8, seed=3))
+    assert runs[0].keep == runs[1].keep
+    assert runs[0].ema_logits == runs[1].ema_logits and runs[0].losses == runs[1].losses
+
+
+def test_tinyfusion_leaves_the_model_as_it_found_it():
+    model = tiny_lm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    depth.tinyfusion(distill_target(model, ids()), kept=2, steps=3, seed=0)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("trainable", ["lora", "full"])
+def test_recovery_lowers_the_loss_and_leaves_a_plain_model(trainable):
+    torch.manual_seed(0)
+    model = Stack()
+    target = stack_target(model)
+    depth.drop_blocks(model.blocks, [True, False, True, True, False, True])
+    before = depth.calibration_loss(target)
+    res = depth.recover(target, steps=40, trainable=trainable, lr=1e-2 if trainable == "lora" else 1e-3, seed=0)
+    assert depth.calibration_loss(target) < 0.8 * before
+    assert res.steps == 40 and all(type(m).__name__ != "LoRALinear" for m in model.modules())
+
+
+def test_kd_recovery_with_feature_matching_uses_the_teacher():
+    model = plant_identity(tiny_lm(), layers=(1, 3), scale=20.0)  # the dropped blocks matter
+    teacher = copy.deepcopy(model)
+    x = ids(8, 16)
+    target = depth.causal_lm_target(model, x, batch_size=4)
+    keep = [True, False, True, False]
+    depth.drop_layers(model, keep)
+    kd = lambda m: float(sum(target.distill(m, teacher, b) for b in target.batches))  # noqa: E731
+    with torch.no_grad():
+        before = kd(model)
+    res = depth.recover(target, steps=15, trainable="lora", lr=3e-3, teacher=(teacher, teacher.model.layers),
+                        keep=keep, features=0.01, seed=0)
+    with torch.no_grad():
+        assert kd(model) < before
+    assert res.distilled and len(res.losses) == 15
+
+
+def test_bad_api_requests_are_refused():
+    target = stack_target(Stack(depth=6))
+    with pytest.raises(InputError, match="keeps every block"):
+        depth.shortgpt(target, kept=6)
+    with pytest.raises(InputError, match=">= 1"):
+        depth.sensitivity(target, kept=0)
+    with pytest.raises(InputError, match="does not divide"):
+        depth.tinyfusion(target, kept=2, groups="1:4")
+    with pytest.raises(InputError, match="keep 3 blocks but"):
+        depth.tinyfusion(target, kept=2, groups="1:2")
+    with pytest.raises(InputError, match="at least one calibration batch"):
+        DepthTarget(target.model, target.blocks, [], target.loss)
+    with pytest.raises(InputError, match="unknown tinyfusion option"):
+        depth.select_blocks(target, "tinyfusion", kept=3, temperature=2)
+
+
+# ---------------------------------------------------------------- CLI
+
+@pytest.fixture
+def lm_dir(tmp_path, tok):
+    folder = tmp_path / "tiny4"
+    tiny_lm().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def calib(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_cli_tinyfusion_with_recovery_writes_a_loadable_shallow_model(lm_dir, calib, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["prune", str(lm_dir), "--method", "tinyfusion", "--layers", "2", "--calib", str(calib), "--samples", "8",
+               "--seqlen", "32", "--learn-steps", "3", "--recover", "kd", "--recover-steps", "2", "--eval", str(calib),
+               "--eval-tokens", "64", "--out", str(out), "--quiet"])
+    assert rc == 0
+    meta = json.loads((out / "prunekit.json").read_text())
+    assert len(meta["kept_layers"]) == 2 and meta["dense_layers"] == 4 and meta["recovery"]["distilled"]
+    assert meta["method_info"]["groups"] == [[1, 2], [1, 2]]
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+    assert "4 -> 2 blocks" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layers", "4"], "keeps every block"),
+    (["--layers", "7"], "keeps every block"),
+    (["--layers", "0"], ">= 1"),
+    ([], "needs --layers"),
+    (["--layers", "2", "--group", "1:3"], "does not divide"),
+    (["--layers", "2", "--group", "2:4,1:2"], "do not add up|cover|keep"),
+    (["--layers", "2", "--ratio", "0.5"], "not --ratio"),
+    (["--layers", "2", "--calib", "/nonexistent/calib.txt"], "calib|exist|not found|No such"),
+])
+def test_cli_bad_requests_exit_2_and_write_nothing(extra, message, lm_dir, calib, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["prune", str(lm_dir), "--method", "tinyfusion", "--calib", str(calib), "--out", str(out), "--quiet", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prunekit: error:") and len(err.strip().splitlines()) == 1
+    import re
+
+    assert re.search(message, err), err
+    assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+@pytest.mark.integration
+def test_every_other_on_smollm2_exports_a_15_layer_model_that_reloads_identically(tmp_path):
+    out = tmp_path / "d15"
+    assert main(["prune", "smollm2-135m", "--method", "every-other", "--layers", "15", "--samples", "4",
+                 "--seqlen", "64", "--out", str(out), "--quiet"]) == 0
+    meta = json.loads((out / "prunekit.json").read_text())
+    assert meta["kept_layers"] == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 29]
+    import prunekit
+
+    model, tok = prunekit.load_model(out)
+    x = ids(1, 32)
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    torch.save(x, tmp_path / "x.pt")
+    (tmp_path / "reload.py").write_text(_RELOAD)
+    subprocess.run([sys.executable, str(tmp_path / "reload.py"), str(out), str(tmp_path / "x.pt"), str(tmp_path / "got.pt")],
+                   check=True, capture_output=True, cwd=tmp_path)
+    got = torch.load(tmp_path / "got.pt", weights_only=True)
+    assert got["layers"] == 15 and got["idx"] == list(range(15)) and torch.equal(got["logits"], want)
