@@ -317,3 +317,21 @@ def test_tyr_final_sequential_keeps_the_searched_widths():
     ids = calib(2, 16, seed=7)
     with torch.no_grad():
         assert not torch.equal(a(ids).logits, b(ids).logits)  # re-pruned on the real model, not the supernet's levels
+
+
+def test_eval_and_load_model_open_per_layer_widths(model_dir, text_file, tmp_path, capsys):
+    from prunekit.cli import main
+    from prunekit.structured.units import shrink_mlp
+
+    model, tok = prunekit.load_model(model_dir)
+    mlp = model.model.layers[0].mlp
+    shrink_mlp(mlp, torch.arange(mlp.gate_proj.out_features - 8))  # layer 0 narrower than the others
+    out = prunekit.save_structured(model, tok, tmp_path / "narrow", metadata={})
+    assert "prunekit_layer_widths" in json.loads((out / "config.json").read_text())
+    ids = torch.arange(12)[None] % model.config.vocab_size
+    again, _ = prunekit.load_model(out)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] > 1

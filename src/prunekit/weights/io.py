@@ -44,7 +44,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
 def load_model(name_or_path: str | os.PathLike, *, dtype=None):
     """``(model, tokenizer)`` from a zoo name or a local folder, in fp32 unless `dtype` says otherwise.
 
-    Never sets ``trust_remote_code``: a folder whose model needs custom code must be loaded by the user.
+    Never sets ``trust_remote_code``: a folder whose model needs custom code must be loaded by the user. A
+    folder from structured pruning with per-layer widths goes through `prunekit.structured.export.load`.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,6 +57,12 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None):
         raise InputError(f"{path}/config.json is not valid JSON ({e}); re-export the model") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise InputError(f"{path}/config.json has no model_type; it is not a transformers config")
+    from prunekit.structured.export import WIDTHS_KEY
+
+    if WIDTHS_KEY in config:  # a structurally pruned model whose widths differ per layer
+        from prunekit.structured.export import load
+
+        return load(path, dtype=dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
