@@ -30,6 +30,7 @@ import torch
 
 import prunekit
 from prunekit import depth
+from prunekit.speed import measure_speed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "depth.json"
@@ -67,7 +68,9 @@ def _ppl(model, tok, text) -> float:
 
 
 def _speed(model) -> dict:
-    return depth.speed(model, prompt=SETTINGS["speed_prompt"], new_tokens=SETTINGS["speed_new_tokens"], repeats=1)
+    s = measure_speed(model, prefill=SETTINGS["speed_prompt"], decode=SETTINGS["speed_new_tokens"], repeats=1,
+                      threads=SETTINGS["threads"])
+    return {**s, "decode_s": s["decode_s_per_token"] * s["decode_tokens"]}
 
 
 def _speed_pair(dense, pruned, rounds: int = 3) -> tuple[dict, dict]:

@@ -35,7 +35,7 @@ import torch
 
 import prunekit
 from prunekit.cli import _value
-from prunekit.structured.speed import measure_speed
+from prunekit.speed import measure_speed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("tyr", "uniform-structured", "wanda-structured", "magnitude-structured", "torch-pruning")

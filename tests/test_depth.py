@@ -318,7 +318,11 @@ def test_cli_tinyfusion_with_recovery_writes_a_loadable_shallow_model(lm_dir, ca
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
-    assert "4 -> 2 blocks" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "4 -> 2 blocks" in printed and "measured speedup" in printed
+    assert meta["speed"]["pruned"]["params"] < meta["speed"]["dense"]["params"]
+    assert set(meta["speed"]["speedup"]) == {"prefill", "decode"}
+    assert "measured speedup" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -347,9 +351,9 @@ def test_cli_bad_requests_exit_2_and_write_nothing(extra, message, lm_dir, calib
 def test_every_other_on_smollm2_exports_a_15_layer_model_that_reloads_identically(tmp_path):
     out = tmp_path / "d15"
     assert main(["prune", "smollm2-135m", "--method", "every-other", "--layers", "15", "--samples", "4",
-                 "--seqlen", "64", "--out", str(out), "--quiet"]) == 0
+                 "--seqlen", "64", "--no-speed", "--out", str(out), "--quiet"]) == 0
     meta = json.loads((out / "prunekit.json").read_text())
-    assert meta["kept_layers"] == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 29]
+    assert meta["kept_layers"] == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 29] and meta["speed"] is None
     import prunekit
 
     model, tok = prunekit.load_model(out)

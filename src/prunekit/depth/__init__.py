@@ -13,7 +13,7 @@ random mask) or learned (TinyFusion), then recover by fine-tuning or distillatio
 
 from prunekit.depth.core import (DepthTarget, GatedBlock, causal_lm_target, check_keep, drop_blocks, gates,
                                  group_options, parse_groups)
-from prunekit.depth.export import drop_layers, save_depth_pruned, speed
+from prunekit.depth.export import drop_layers, save_depth_pruned
 from prunekit.depth.methods import block_influence, calibration_loss, every_other, random_masks, sensitivity, shortgpt
 from prunekit.depth.recovery import RecoveryResult, recover
 from prunekit.depth.tinyfusion import TinyFusionResult, sample_masks, tinyfusion
@@ -22,7 +22,7 @@ __all__ = [
     "DepthTarget", "GatedBlock", "RecoveryResult", "TinyFusionResult", "block_influence", "calibration_loss",
     "causal_lm_target", "check_keep", "drop_blocks", "drop_layers", "every_other", "gates", "group_options",
     "parse_groups", "random_masks", "recover", "sample_masks", "save_depth_pruned", "select_blocks",
-    "sensitivity", "shortgpt", "speed", "tinyfusion",
+    "sensitivity", "shortgpt", "tinyfusion",
 ]
 
 

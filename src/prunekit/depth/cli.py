@@ -70,6 +70,14 @@ def _validate(args):
     return path, calib, eval_texts, options
 
 
+def _speed_line(speed: dict) -> str:
+    d, p = speed["dense"], speed["pruned"]
+    return (f"measured speedup (1 thread, prefill {d['prefill_tokens']} tokens, decode {d['decode_tokens']}): "
+            f"prefill {speed['speedup']['prefill']:.2f}x ({d['prefill_s']:.3f} -> {p['prefill_s']:.3f} s), "
+            f"decode {speed['speedup']['decode']:.2f}x ({d['decode_s_per_token'] * 1e3:.1f} -> "
+            f"{p['decode_s_per_token'] * 1e3:.1f} ms/token); parameters {d['params']:,} -> {p['params']:,}")
+
+
 def run_prune(args) -> int:
     import torch
 
@@ -78,6 +86,7 @@ def run_prune(args) -> int:
     from prunekit import report
     from prunekit.cli import _versions
     from prunekit.evaluate import EVAL_TOKENS
+    from prunekit.speed import measure_speed, speedup
     from prunekit.weights.engine import find_blocks
 
     wall = time.perf_counter()
@@ -90,6 +99,7 @@ def run_prune(args) -> int:
     evaluation = {n: {"dense": prunekit.perplexity(model, tok, t, seqlen=args.seqlen, tokens=tokens, progress=progress).to_dict()}
                   for n, t in eval_texts.items()}
     dense_layers = target.depth
+    speed = {"dense": measure_speed(model)} if not args.no_speed else None
     keep, info = depth.select_blocks(target, args.method, kept=args.layers, groups=args.group, steps=args.learn_steps,
                                      candidates=args.candidates, seed=args.seed, progress=progress, **options)
     teacher = copy.deepcopy(model) if args.recover == "kd" else None
@@ -101,6 +111,9 @@ def run_prune(args) -> int:
                             seed=args.seed, progress=progress)
         recovery = res.to_dict()
         del teacher
+    if speed is not None:
+        speed["pruned"] = measure_speed(model)
+        speed["speedup"] = speedup(speed["dense"], speed["pruned"])
     for n, t in eval_texts.items():
         evaluation[n]["pruned"] = prunekit.perplexity(model, tok, t, seqlen=args.seqlen, tokens=tokens, progress=progress).to_dict()
     meta = {
@@ -108,13 +121,15 @@ def run_prune(args) -> int:
         "kept_layers": kept, "removed_layers": [i for i in range(dense_layers) if i not in kept],
         "calibration": {**calib.describe(), "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed,
                         "batch_size": args.batch_size},
-        "method_info": info, "recovery": recovery, "evaluation": evaluation, "versions": _versions(),
+        "method_info": info, "recovery": recovery, "evaluation": evaluation, "speed": speed, "versions": _versions(),
         "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - wall,
     }
 
     def extra(folder):
         lines = [f"# {args.method}: {dense_layers} -> {len(kept)} blocks", "",
                  f"kept layers: {kept}", f"recovery: {recovery or 'none'}", ""]
+        if speed is not None:
+            lines += [_speed_line(speed), ""]
         if evaluation:
             lines.append(report.ppl_table(evaluation))
         (folder / "report.md").write_text("\n".join(lines) + "\n")
@@ -122,6 +137,8 @@ def run_prune(args) -> int:
     out = depth.save_depth_pruned(model, tok, args.out, metadata=meta, overwrite=args.overwrite, extra=extra)
     print(f"pruned {args.model} with {args.method}: {dense_layers} -> {len(kept)} blocks, kept {kept}"
           + (f", recovered ({args.recover}, {args.recover_steps} steps)" if recovery else ""))
+    if speed is not None:
+        print(_speed_line(speed))
     if evaluation:
         print(report.ppl_table(evaluation))
     print(f"saved to {out}")

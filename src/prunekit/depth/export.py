@@ -3,7 +3,7 @@
 `drop_layers` removes blocks in place and rewrites what transformers reads per layer: ``num_hidden_layers``,
 each attention's ``layer_idx`` (the KV cache is indexed by it), and per-layer config lists (``layer_types``
 and any other list attribute of the config with one entry per layer). The saved folder loads with plain
-``AutoModelForCausalLM.from_pretrained``. `speed` measures prefill and decode time of a model on one thread.
+``AutoModelForCausalLM.from_pretrained``. `prunekit.speed.measure_speed` times the result.
 
 >>> # doctest: +SKIP
 >>> kept = drop_layers(model, keep)          # keep: one bool per layer
@@ -12,17 +12,15 @@ and any other list attribute of the config with one entry per layer). The saved 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from prunekit.depth.core import check_keep, drop_blocks
 from prunekit.errors import InputError
 from prunekit.weights.engine import find_blocks
 
-__all__ = ["drop_layers", "save_depth_pruned", "speed"]
+__all__ = ["drop_layers", "save_depth_pruned"]
 
 # config attributes that hold one entry per layer in some transformers architectures
 _PER_LAYER = ("layer_types", "no_rope_layers", "sliding_window_layers", "swa_layers", "mlp_only_layers")
@@ -57,28 +55,3 @@ def save_depth_pruned(model, tokenizer, out, *, metadata: dict, overwrite: bool 
     if "kept_layers" not in metadata:
         raise InputError("metadata must record kept_layers, the original indices of the kept layers")
     return save_pruned(model, tokenizer, out, metadata=metadata, overwrite=overwrite, extra=extra)
-
-
-@torch.no_grad()
-def speed(model: nn.Module, *, prompt: int = 256, new_tokens: int = 32, repeats: int = 3, vocab: int = 1000,
-          seed: int = 0) -> dict:
-    """Seconds for a prefill of `prompt` tokens and for `new_tokens` greedy decode steps with the KV cache
-    (batch 1, the best of `repeats`), in the current thread setting; random token ids below `vocab`."""
-    ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(seed))  # [1, prompt]
-    model.eval()
-    best_prefill, best_decode = float("inf"), float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
-        t1 = time.perf_counter()
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        nxt = out.logits[:, -1:].argmax(-1)  # [1, 1]
-        for _ in range(new_tokens):
-            kw = {"cache": cache} if hasattr(out, "cache") else {"past_key_values": cache}
-            out = model(input_ids=nxt, use_cache=True, **kw)
-            cache = out.cache if hasattr(out, "cache") else out.past_key_values
-            nxt = out.logits[:, -1:].argmax(-1)  # [1, 1]
-        t2 = time.perf_counter()
-        best_prefill, best_decode = min(best_prefill, t1 - t0), min(best_decode, t2 - t1)
-    return {"prefill_s": best_prefill, "decode_s": best_decode, "prompt": prompt, "new_tokens": new_tokens,
-            "threads": torch.get_num_threads()}

@@ -25,7 +25,7 @@ from torch import nn
 from prunekit.errors import InputError
 from prunekit.select import check_ratio
 from prunekit.structured.export import load, save_structured
-from prunekit.structured.speed import measure_speed
+from prunekit.speed import measure_speed
 from prunekit.structured.tyr import STRUCTURES, tyr_options
 from prunekit.structured.units import Widths, block_params, layer_widths, model_dims
 

@@ -20,7 +20,7 @@ def add_prune_arguments(pr) -> None:
     pr.add_argument("--structure", choices=("heads", "neurons", "both"), default=None,
                     help="structured methods: prune query heads (equal per KV group), MLP neurons, or both (default)")
     pr.add_argument("--no-speed", action="store_true",
-                    help="structured methods: skip the measured CPU prefill/decode timing of dense and pruned models")
+                    help="structured and depth methods: skip the measured CPU prefill/decode timing of dense and pruned models")
 
 
 def _options(items: list[str]) -> dict:

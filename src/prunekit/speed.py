@@ -2,7 +2,10 @@
 
 Timing runs with the thread count given (default one, so runs on a shared machine compare fairly), a warm-up
 call first, and the median of `repeats` calls. Prefill: one forward over ``[1, prefill]`` random tokens with a
-cache. Decode: `decode` greedy steps, one token at a time, after that prefill (seconds per token).
+cache, computing the logits of the last position only (``logits_to_keep=1``, what ``generate`` does; the other
+positions' logits are never used in generation). Decode: `decode` greedy steps, one token at a time, after
+that prefill (seconds per token). Structured (`prunekit.structured`) and depth (`prunekit.depth`) pruning
+report it for the dense and the pruned model, and `speedup` compares the two.
 """
 
 from __future__ import annotations
@@ -16,7 +19,15 @@ from torch import nn
 
 from prunekit.errors import int_at_least
 
-__all__ = ["measure_speed"]
+__all__ = ["measure_speed", "speedup"]
+
+
+@functools.lru_cache(maxsize=None)
+def _last_only(cls) -> dict:
+    """``{"logits_to_keep": 1}`` when the model's forward takes it (transformers' causal LMs), else ``{}``."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(cls.forward).parameters else {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,7 +45,7 @@ def _cache(out):
 
 
 def _decode(model, ids, steps):
-    out = model(input_ids=ids, use_cache=True)
+    out = model(input_ids=ids, use_cache=True, **_last_only(type(model)))
     cache = _cache(out)
     token = out.logits[:, -1:].argmax(-1)  # [1, 1]
     start = time.perf_counter()
@@ -62,7 +73,7 @@ def measure_speed(model: nn.Module, *, prefill: int = 512, decode: int = 64, rep
             pre = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                model(input_ids=ids, use_cache=True)
+                model(input_ids=ids, use_cache=True, **_last_only(type(model)))
                 pre.append(time.perf_counter() - start)
             dec = [_decode(model, ids, decode) for _ in range(repeats)]
     finally:
@@ -73,3 +84,9 @@ def measure_speed(model: nn.Module, *, prefill: int = 512, decode: int = 64, rep
         "prefill_s": statistics.median(pre), "decode_s_per_token": statistics.median(dec),
         "params": params, "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
+
+
+def speedup(dense: dict, pruned: dict) -> dict:
+    """``{"prefill", "decode"}``: how many times faster `pruned` ran than `dense` (two `measure_speed` results)."""
+    return {"prefill": dense["prefill_s"] / pruned["prefill_s"],
+            "decode": dense["decode_s_per_token"] / pruned["decode_s_per_token"]}
