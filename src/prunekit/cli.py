@@ -35,9 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prunekit", description="Prune what a model is, what it learns from, and what it keeps.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    pr = sub.add_parser("prune", help="prune a causal LM's weights and save it")
+    pr = sub.add_parser("prune", help="prune a causal LM (weights, heads and neurons, or whole blocks) and save it")
     pr.add_argument("model", help="local Hugging Face model folder or zoo name (smollm2-135m)")
-    pr.add_argument("--method", required=True, help="magnitude, wanda, sparsegpt, dsnot, armor, dpruner (see `prunekit methods`)")
+    pr.add_argument("--method", required=True, help="weights: magnitude, wanda, sparsegpt, dsnot, armor, dpruner; heads/neurons: tyr, "
+                    "uniform-structured, ...; whole blocks: shortgpt, tinyfusion, ... (see `prunekit methods`)")
     pr.add_argument("--ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
     pr.add_argument("--pattern", default=None, help="N:M: at most N nonzeros in every M consecutive input weights (2:4)")
     pr.add_argument("--calib", default=None, help="calibration text: wiki, austen or a .txt/.jsonl file (default wiki; "
