@@ -120,6 +120,7 @@ def _nan_model(tmp_path):
         ("bad-jsonl", "not valid JSON"),
         ("nan", "NaN or Inf"),
         ("method", "unknown method"),
+        ("data-method", "unknown method 'el2n' for prune; choose one of: magnitude"),
         ("dsnot-base", "dsnot base must be one of"),
         ("bad-option", "takes no option"),
         ("option-form", "must look like KEY=VALUE"),
@@ -159,6 +160,8 @@ def test_bad_input_exits_2_and_writes_nothing(case, message, model_dir, text_fil
         model = str(_nan_model(tmp_path))
     elif case == "method":
         extra = ["--method", "nope", "--ratio", "0.5"]
+    elif case == "data-method":  # a registered method of another domain is no prune method
+        extra = ["--method", "el2n", "--ratio", "0.5"]
     elif case == "dsnot-base":
         extra = ["--method", "dsnot", "--ratio", "0.5", "--base", "obs"]
     elif case == "bad-option":

@@ -131,7 +131,12 @@ def _cmd_prune(args) -> int:
 
     wall = time.perf_counter()
     known = prunekit.registry.METHODS.get(args.method)
-    if known is not None and known.domain in _PRUNE_DOMAINS:
+    if known is None or known.domain not in ("weights", *_PRUNE_DOMAINS):
+        from prunekit.errors import InputError
+
+        choices = [n for domain in ("weights", *_PRUNE_DOMAINS) for n in prunekit.registry.names(domain)]
+        raise InputError(f"unknown method {args.method!r} for prune; choose one of: {', '.join(choices)}")
+    if known.domain in _PRUNE_DOMAINS:
         return import_module(_PRUNE_DOMAINS[known.domain]).run_prune(args)
     spec = prunekit.registry.get(args.method, "weights")  # validate everything before the slow work
     ratio = ratio_for(args.ratio, parse_pattern(args.pattern))
