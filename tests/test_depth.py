@@ -17,7 +17,6 @@ from prunekit.cli import main
 from prunekit.depth import DepthTarget
 from prunekit.errors import InputError
 
-from conftest import ROOT, TEXT
 
 
 def tiny_lm(kind: str = "llama", layers: int = 4, seed: int = 0, **extra):
@@ -300,10 +299,8 @@ def lm_dir(tmp_path, tok):
 
 
 @pytest.fixture
-def calib(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text(TEXT)
-    return path
+def calib(text_file):
+    return text_file  # conftest's calibration text file
 
 
 def test_cli_tinyfusion_with_recovery_writes_a_loadable_shallow_model(lm_dir, calib, tmp_path, capsys):

@@ -23,18 +23,6 @@ def add_prune_arguments(pr) -> None:
                     help="structured and depth methods: skip the measured CPU prefill/decode timing of dense and pruned models")
 
 
-def _options(items: list[str]) -> dict:
-    from prunekit.cli import _value
-
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"--option {item!r} must look like KEY=VALUE, e.g. --option generations=10")
-        options[key.strip().replace("-", "_")] = _value(value.strip())
-    return options
-
-
 def _report(meta: dict, table: str) -> str:
     lines = [f"# {meta['method']} ({meta['structure']}) on {meta['model']}", "",
              f"Removed {meta['removed']:.4f} of the block Linear weights (asked {meta['ratio']:g}); parameters "
@@ -59,7 +47,7 @@ def _report(meta: dict, table: str) -> str:
 def run_prune(args) -> int:
     import prunekit
     from prunekit import registry
-    from prunekit.cli import _versions
+    from prunekit.cli import _options, _versions
     from prunekit.evaluate import EVAL_TOKENS
     from prunekit.structured import check_request, measure_speed, prune_structured, save_structured
     from prunekit.structured.units import model_dims
@@ -73,7 +61,7 @@ def run_prune(args) -> int:
         if bad:
             raise InputError(f"{flag} does not apply to structured method {args.method}; leave it out")
     structure = args.structure or "both"
-    options = _options(args.option)
+    options = _options(args)  # --base / --domain were refused above
     check_request(args.method, ratio=args.ratio, structure=structure, options=options)
     check_output(args.out, overwrite=args.overwrite)
     resolve_model(args.model)
