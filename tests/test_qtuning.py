@@ -269,3 +269,41 @@ def test_cli_qtune_bad_input(tmp_path, model_dir, sft_file, bad, capsys):
     err = capsys.readouterr().err.strip()
     assert err and len(err.splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.integration
+def test_cli_qtune_on_smollm2(tmp_path):
+    """`prunekit data qtune` end to end on the real model and the offline task set: a 25% selection with 70% of
+    its response tokens, LoRA-trained on them, saved; the input file is left as it was."""
+    import hashlib
+
+    from prunekit.weights.io import load_model
+
+    data = tmp_path / "sft.jsonl"
+    train, _ = sft_tasks.build_tasks(train=24, test=4, seed=0)
+    data.write_text("".join(json.dumps({"instruction": r["instruction"], "response": r["response"]}) + "\n"
+                            for r in train))
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    assert main(["data", "qtune", "smollm2-135m", "--data", str(data), "--samples", "0.25", "--tokens", "0.7",
+                 "--train", "--out", str(out), "--quiet"]) == 0
+    assert hashlib.sha256(data.read_bytes()).hexdigest() == digest
+    kept = [json.loads(line) for line in (out / "kept.jsonl").read_text().splitlines()]
+    assert len(kept) == 6
+    masked = [k for k in kept if k["quadrant"] == "misconception"]
+    for k in kept:
+        assert len(k["token_keep"]) == len(k["response_tokens"]) > 0
+        if k["quadrant"] == "calibration":
+            assert all(k["token_keep"])
+    # 30% of the kept response tokens leave the loss, taken from misconception samples only (all of theirs at most)
+    total = sum(len(k["token_keep"]) for k in kept)
+    dropped = total - sum(sum(k["token_keep"]) for k in kept)
+    assert dropped == min(round(0.3 * total), sum(len(k["token_keep"]) for k in masked)) > 0
+    scores = (out / "scores.csv").read_text().splitlines()
+    assert len(scores) == 25
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kept_samples"] == 6 and summary["training"]["mode"] == "static"
+    model, _ = load_model(out / "model")
+    dense, _ = load_model("smollm2-135m")
+    moved = [n for n, p in model.state_dict().items() if not torch.equal(p, dense.state_dict()[n])]
+    assert moved and all(torch.isfinite(p).all() for p in model.parameters())
