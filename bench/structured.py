@@ -204,6 +204,64 @@ def _final_sequential(args, data: dict, out: Path) -> int:
     return 0
 
 
+def _shaped(dense, widths):
+    """A copy of `dense` cut to `widths` (the first heads of each KV group, the first neurons): the same shapes as
+    the row's model, which is all its speed depends on (the weights kept do not change the FLOPs)."""
+    import copy
+
+    from prunekit.structured.units import attention, mlp_of, model_dims, shrink_attention, shrink_mlp
+    from prunekit.weights.engine import find_blocks
+
+    model, dims = copy.deepcopy(dense), model_dims(dense)
+    per = dims.heads // dims.kv_heads
+    with torch.no_grad():
+        for block, (heads, neurons) in zip(find_blocks(model)[1], widths):
+            if heads < dims.heads:
+                keep = [g * per + i for g in range(dims.kv_heads) for i in range(heads // dims.kv_heads)]
+                shrink_attention(attention(block), torch.tensor(keep), kv_heads=dims.kv_heads)
+            if neurons < dims.intermediate:
+                shrink_mlp(mlp_of(block), torch.arange(neurons))
+    return model
+
+
+def retime(data: dict, out: Path, rounds: int) -> int:
+    """Re-measure every row's speed on this machine (e.g. once it is quiet) from its widths; rows with the same
+    widths share one measurement. The figures measured during the runs move to ``speed_history``."""
+    dense, _ = prunekit.load_model("smollm2-135m")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    done: dict = {}
+    keys = ("prefill_speedup", "decode_speedup", "median_prefill_speedup", "median_decode_speedup")
+    for r in data["rows"]:
+        if "widths" not in r:
+            continue
+        shape = json.dumps(r["widths"])
+        if shape not in done:
+            done[shape] = _speed(dense, _shaped(dense, r["widths"]), rounds)
+            done[shape]["retimed"] = f"{when}, best of {rounds} alternated rounds, shapes rebuilt from the widths"
+        old = {k: r[k] for k in keys if k in r}
+        if old:
+            r["speed_history"] = r.get("speed_history", []) + [old]
+        r.update(done[shape])
+        r["param_reduction_speedup"] = r["dense_param_mb"] / r["pruned_param_mb"]
+        r["block_reduction_speedup"] = 1 / (1 - r["removed"])
+        print(f"{r['id']}: prefill {r['prefill_speedup']:.2f}x decode {r['decode_speedup']:.2f}x "
+              f"(promise {r['param_reduction_speedup']:.2f}x); was {old}", flush=True)
+        out.write_text(json.dumps(data, indent=1) + "\n")
+    write_markdown(data, out.with_suffix(".md"))
+    plot(data, out.with_suffix(".png"))
+    return 0
+
+
+def _label(row: dict) -> str:
+    """Týr's rows name their final step: the default (sequential), or the reference's supernet levels."""
+    if row["method"] == "tyr":
+        final = (row.get("options") or {}).get("final", "supernet")  # rows run before `final` existed: supernet
+        return f"tyr (final={final}{', end to end' if final == 'sequential' else ''})"
+    if row["method"] == "tyr (final=sequential)":
+        return f"tyr (final=sequential, re-pruned at {row['source_row']}'s widths)"
+    return row["method"]
+
+
 def write_markdown(data: dict, path: Path) -> None:
     s = data["settings"]
     lines = ["# Structured pruning on SmolLM2-135M", "",
@@ -214,11 +272,14 @@ def write_markdown(data: dict, path: Path) -> None:
              "4-bit GGUF to fp32. `removed` = fraction of the block Linear weights removed; the promise of a row is "
              "1 / (1 - removed) for the blocks, and dense / pruned parameter bytes for the whole model (the embeddings "
              "and the tied LM head, 28 M of the 134.5 M parameters, stay; the LM head is ~20% of a prefill's FLOPs).", "",
+             *([f"Speed re-measured with `--retime` ({sorted({r['retimed'] for r in data['rows'] if 'retimed' in r})[-1]}); "
+                "the figures measured during the runs are kept in the JSON as `speed_history`.", ""]
+               if any("retimed" in r for r in data["rows"]) else []),
              "| method | removed | params | ppl wiki | ppl austen | prefill speedup | decode speedup | (medians) | promise (all params) | promise (blocks) | prune s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(data["rows"], key=lambda r: (r.get("ratio", 0), r["method"])):
         f = lambda k, d=3: "" if r.get(k) is None else f"{r[k]:.{d}f}"  # noqa: E731
-        lines.append(f"| {r['method']} | {f('removed')} | {r.get('params', 0):,} | {f('ppl_wiki', 2)} | {f('ppl_austen', 2)} | "
+        lines.append(f"| {_label(r)} | {f('removed')} | {r.get('params', 0):,} | {f('ppl_wiki', 2)} | {f('ppl_austen', 2)} | "
                      f"{f('prefill_speedup', 2)} | {f('decode_speedup', 2)} | "
                      f"{f('median_prefill_speedup', 2)} / {f('median_decode_speedup', 2)} | {f('param_reduction_speedup', 2)} | "
                      f"{f('block_reduction_speedup', 2)} | "
@@ -276,12 +337,16 @@ def main(argv=None) -> int:
                     "final=sequential does after the search), and add a row with its perplexity (speed: same widths)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense row (another run records it)")
     ap.add_argument("--merge", default=None, metavar="JSON", help="merge the rows of another results file, rewrite the tables, exit")
+    ap.add_argument("--retime", type=int, default=None, metavar="ROUNDS",
+                    help="only re-measure every row's speed (best of ROUNDS alternated rounds), e.g. on a quiet machine")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "structured.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    if args.retime is not None:
+        return retime(data, out, args.retime)
     data["settings"] = {"samples": args.samples, "seqlen": args.seqlen, "eval_tokens": args.eval_tokens,
                         "repeats": args.repeats, "structure": args.structure, "tyr_options": args.tyr_options,
                         "threads": 1, "torch": torch.__version__, "python": platform.python_version()}
