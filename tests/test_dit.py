@@ -178,6 +178,11 @@ def test_bad_inputs_raise_input_error():
     with pytest.raises(InputError, match="null class"):
         D.sample(_random_model(D.DiTConfig(hidden=32, depth=2, heads=2, class_dropout=0.0)), torch.tensor([1]),
                  steps=2, guidance=2.0)
+    for bad in (0.0, float("nan"), "1"):
+        with pytest.raises(InputError, match="label_init_std"):
+            D.DiTConfig(label_init_std=bad)
+    rows = D.DiT(D.DiTConfig(hidden=64, depth=1, heads=2)).y_embedder.weight.norm(dim=1)  # std 1: norms ~ sqrt(64)
+    assert 6 < float(rows.mean()) < 10
     with pytest.raises(InputError, match="steps"):
         D.sample(model, torch.tensor([1]), steps=0)
     with pytest.raises(InputError, match="NaN"):
