@@ -76,6 +76,28 @@ def check_changes(dense_state: dict, folder: Path, pattern: str) -> dict:
     return model, info
 
 
+def mask_difference(folder_a: Path, folder_b: Path) -> dict:
+    """How far two tools' masks differ: the fraction of block Linear weights kept by one and pruned by the other,
+    and the first block where any differs (None: identical masks)."""
+    from safetensors.torch import load_file
+
+    def weights(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(f))
+        return {k: v for k, v in out.items() if ".layers." in k and k.endswith(".weight") and v.ndim == 2}
+
+    a, b = weights(folder_a), weights(folder_b)
+    total = differ = 0
+    first = None
+    for k in sorted(a, key=lambda k: int(k.split(".layers.")[1].split(".")[0])):
+        d = int(((a[k] != 0) != (b[k] != 0)).sum())
+        total, differ = total + a[k].numel(), differ + d
+        if d and first is None:
+            first = int(k.split(".layers.")[1].split(".")[0])
+    return {"mask_differs": differ / total, "first_block_differing": first}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=128)
@@ -85,6 +107,9 @@ def main() -> int:
     ap.add_argument("--tools", default="llmcompressor,prunekit",
                     help="prunekit = default (reference) order; prunekit-layer = --sequential layer")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--update", action="store_true",
+                    help="re-run only --configs and replace their rows in the existing results (other rows keep "
+                    "their earlier run; every row records when it ran)")
     args = ap.parse_args()
 
     model_dir = prunekit.zoo.model_path("smollm2-135m")
@@ -119,6 +144,12 @@ def main() -> int:
     print(f"dense: {record['dense']}", file=sys.stderr)
     out_json = HERE / "results" / "weights_vs_llmcompressor.json"
     out_json.parent.mkdir(exist_ok=True)
+    rerun = {tuple(item.split("/")) for item in args.configs.split(",")}
+    if args.update and out_json.exists():
+        old = json.loads(out_json.read_text())
+        if abs(old["dense"]["ppl_wiki"] - record["dense"]["ppl_wiki"]) > 1e-6 * record["dense"]["ppl_wiki"]:
+            raise SystemExit("--update: the dense model or evaluation changed since the earlier run; re-run everything")
+        record["rows"] = [r for r in old["rows"] if (r["method"], r["pattern"]) not in rerun]
 
     for item in args.configs.split(","):
         method, pattern = item.split("/")
@@ -134,11 +165,18 @@ def main() -> int:
             model, info = check_changes(dense_state, out, pattern)
             row = {"tool": tool, "method": method, "pattern": pattern, **ppl(model),
                    "seconds": res["seconds"], "process_seconds": res["process_seconds"],
-                   "peak_rss_mb": res["peak_rss_mb"], "peak_rss_process_mb": res["peak_rss_process_mb"], **info}
+                   "peak_rss_mb": res["peak_rss_mb"], "peak_rss_process_mb": res["peak_rss_process_mb"], **info,
+                   "ran": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             del model
+            peer_out = work / f"llmcompressor-{method}-{pattern.replace(':', 'of')}"
+            if tool != "llmcompressor" and peer_out.exists():
+                row |= mask_difference(peer_out, out)
             record["rows"].append(row)
             print(json.dumps(row), file=sys.stderr)
             out_json.write_text(json.dumps(record, indent=2) + "\n")  # partial results survive an interrupt
+    order = {c: i for i, c in enumerate(CONFIGS)}
+    record["rows"].sort(key=lambda r: order.get((r["method"], r["pattern"]), len(order)))
+    out_json.write_text(json.dumps(record, indent=2) + "\n")
     write_markdown(record, HERE / "results" / "weights_vs_llmcompressor.md")
     print((HERE / "results" / "weights_vs_llmcompressor.md").read_text())
     return 0
@@ -156,8 +194,8 @@ def write_markdown(record: dict, path: Path) -> None:
         f"Dense (dequantized fp32): wiki {record['dense']['ppl_wiki']:.3f}, austen {record['dense']['ppl_austen']:.3f}. "
         f"Machine: {record['machine']['cpus']} CPUs, torch {record['machine']['torch']}.",
         "",
-        "| method | pattern | tool | ppl wiki | ppl austen | seconds | peak RSS MB | ppl ratio (wiki/austen) | time ratio | memory ratio |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| method | pattern | tool | ppl wiki | ppl austen | seconds | peak RSS MB | ppl ratio (wiki/austen) | time ratio | memory ratio | masks differ (first block) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     by = {(r["tool"], r["method"], r["pattern"]): r for r in record["rows"]}
     for r in record["rows"]:
@@ -166,12 +204,17 @@ def write_markdown(record: dict, path: Path) -> None:
         if r["tool"].startswith("prunekit") and peer:
             ratios = (f"{r['ppl_wiki'] / peer['ppl_wiki']:.3f} / {r['ppl_austen'] / peer['ppl_austen']:.3f} | "
                       f"{r['seconds'] / peer['seconds']:.2f} | {r['peak_rss_mb'] / peer['peak_rss_mb']:.2f}")
+        first = r.get("first_block_differing")
+        masks = f"{r['mask_differs']:.2%} ({'-' if first is None else first})" if "mask_differs" in r else ""
         lines.append(f"| {r['method']} | {r['pattern']} | {r['tool']} | {r['ppl_wiki']:.3f} | {r['ppl_austen']:.3f} | "
-                     f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {ratios} |")
+                     f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {ratios} | {masks} |")
     lines += ["", "Ratios are prunekit / llm-compressor (targets: ppl <= 1.01, time <= 0.7, memory <= 1.0). "
               "`seconds` is the pruning call alone; every tool pruned exactly the 210 block Linears "
               "(`changed`/`unexpected_changed` in the JSON). `prunekit` runs the reference order "
-              "(`--sequential block`, the default); `prunekit-layer` the one-pass order (`--sequential layer`)."]
+              "(`--sequential block`, the default); `prunekit-layer` the one-pass order (`--sequential layer`). "
+              "`masks differ`: the share of the block Linears' weights that one tool keeps and the other prunes, and "
+              "the first block (of 30) where any differs; the blocks before it have identical masks. Rows whose "
+              "`ran` dates differ in the JSON were re-run with `--update`."]
     path.write_text("\n".join(lines) + "\n")
 
 
