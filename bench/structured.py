@@ -84,11 +84,13 @@ def _ppl(model, tok, texts, eval_tokens) -> dict:
 def _torch_pruning(model, target_block_params: int) -> dict:
     """Torch-Pruning 1.6, magnitude importance, at `target_block_params` block Linear weights; returns its settings.
 
-    Its LLM example's settings (GroupMagnitudeImportance(p=2), local ratios, num_heads with prune_num_heads,
-    head dims kept) with o_proj / down_proj / lm_head ignored so the hidden width stays, as in prunekit's
-    rows. DepGraph cannot trace transformers' SDPA path with GQA here (``shape '[9, -1]' is invalid``), so the
-    graph is built with eager attention (the same math); on this GQA model it then couples no query heads, and
-    prunes MLP neurons: its channel ratio is set so the block weights removed match the target.
+    Its LLM example's settings (GroupMagnitudeImportance(p=2), local ratios, num_heads, head dims kept) with
+    o_proj / down_proj / lm_head ignored so the hidden width stays, as in prunekit's rows. DepGraph cannot trace
+    transformers' SDPA path with GQA here (``shape '[9, -1]' is invalid``), so the graph is built with eager
+    attention (the same math). Head pruning is off (``prune_num_heads=False``) and it prunes MLP neurons only,
+    at the channel ratio that removes the target's block weights: with the example's ``prune_num_heads=True``
+    and ``head_pruning_ratio`` = that ratio, it pruned no query heads at 30% and 50% but 3 of 9 at 20%
+    (on top of the neurons: 26% of the block weights instead of 20%), so the budget would not match.
     """
     import torch_pruning as tp
 
@@ -113,10 +115,14 @@ def _torch_pruning(model, target_block_params: int) -> dict:
     pruner = tp.pruner.BasePruner(
         model, torch.randint(0, cfg.vocab_size, (1, 16)), importance=tp.importance.GroupMagnitudeImportance(p=2),
         global_pruning=False, pruning_ratio=ratio, ignored_layers=ignored, num_heads=num_heads,
-        prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio, output_transform=lambda out: out.logits,
+        prune_num_heads=False, prune_head_dims=False, output_transform=lambda out: out.logits,
     )
     with torch.enable_grad():  # DepGraph traces autograd
         pruner.step()
+    removed = dense_block - _block_linear_params(model)
+    want = dense_block - target_block_params
+    if abs(removed - want) > 3 * cfg.hidden_size * len(blocks):  # within one neuron per block
+        raise RuntimeError(f"Torch-Pruning removed {removed:,} block weights, the target is {want:,}")
     model.set_attn_implementation("sdpa")
     model.config.use_cache = use_cache
     for b in blocks:
