@@ -146,30 +146,11 @@ DIT = dict(
 
 
 def dit_target(model, images, labels, *, seed: int):
-    """A `DepthTarget` over a DiT's blocks: batches of training images, loss = noise-prediction MSE with t and
-    noise drawn from a generator that restarts at `seed` each pass (so every method sees the same draws)."""
-    from prunekit.depth.dit import diffusion_loss
+    """`prunekit.depth.dit.depth_target` at the bench's batch size: the noise-prediction loss with t, noise and label
+    dropout drawn from a generator that restarts at `seed` for each batch, so every method sees the same draws."""
+    from prunekit.depth.dit import depth_target
 
-    b = DIT["batch"]
-    batches = [(i, images[i : i + b], labels[i : i + b]) for i in range(0, len(images), b)]
-
-    def loss(m, batch):
-        i, x, y = batch
-        return diffusion_loss(m, x, y, generator=torch.Generator().manual_seed(seed * 100_003 + i))
-
-    def distill(student, teacher, batch):  # same t, noise and label dropout for both: MSE of predicted noise
-        i, x, y = batch
-        captured = {}
-        handle = teacher.register_forward_hook(lambda _m, _a, out: captured.setdefault("eps", out.detach()))
-        with torch.no_grad():
-            diffusion_loss(teacher, x, y, generator=torch.Generator().manual_seed(seed * 100_003 + i))
-        handle.remove()
-        h2 = student.register_forward_hook(lambda _m, _a, out: captured.setdefault("student", out))
-        diffusion_loss(student, x, y, generator=torch.Generator().manual_seed(seed * 100_003 + i))
-        h2.remove()
-        return ((captured["student"] - captured["eps"]) ** 2).mean()
-
-    return depth.DepthTarget(model, model.blocks, batches, loss, distill)
+    return depth_target(model, images, labels, batch_size=DIT["batch"], seed=seed)
 
 
 def run_dit(seed: int, resume: bool, methods) -> None:

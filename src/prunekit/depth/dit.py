@@ -81,6 +81,7 @@ from prunekit.errors import InputError, int_at_least
 __all__ = [
     "DiTConfig", "TrainConfig", "DiT", "DiTBlock", "Schedule", "schedule", "diffusion_loss", "sample",
     "fashion_images", "train_dit", "pretrained_dit", "save_dit", "load_dit", "dit_cache_key", "evaluate_dit",
+    "depth_target", "forward_seconds", "is_dit_folder",
 ]
 
 IMAGE_SIZE, CHANNELS = 28, 1
@@ -527,24 +528,38 @@ def train_dit(config: DiTConfig | None = None, train_config: TrainConfig | None 
     return ema, info
 
 
-def save_dit(model: DiT, folder, *, info: dict | None = None) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (depth = the current ``len(model.blocks)``) atomically."""
+def save_dit(model: DiT, folder, *, info: dict | None = None, overwrite: bool = False, extra=None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (depth = the current ``len(model.blocks)``) atomically.
+
+    An existing `folder` is refused unless `overwrite`; ``extra(tmp_folder)`` may add files before the rename.
+    """
     from safetensors.torch import save_file
 
-    from prunekit.zoo import _atomic_dir
+    from prunekit.weights.io import write_atomically
 
     model = _check_model(model)
-    folder = Path(folder)
-    if folder.exists():
-        raise InputError(f"{folder} already exists; choose a new folder or delete it")
     cfg = asdict(model.config) | {"depth": len(model.blocks)}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
     def build(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps({"model": cfg, "info": info or {}}, indent=1))
+        if extra is not None:
+            extra(tmp)
 
-    return _atomic_dir(folder, build)
+    return write_atomically(folder, build, overwrite=overwrite)
+
+
+def is_dit_folder(folder) -> bool:
+    """Whether `folder` holds a DiT written by `save_dit` (its config.json has a ``model`` section with ``patch``)."""
+    cfg = Path(folder).expanduser() / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        meta = json.loads(cfg.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("model"), dict) and "patch" in meta["model"]
 
 
 def load_dit(folder) -> DiT:
@@ -607,3 +622,65 @@ def evaluate_dit(model: DiT, *, n_per_class: int = 100, steps: int = 50, seed: i
     acc = fidmod.class_accuracy(fake, labels)
     return {"fid": fidmod.fid(real, fake), "class_accuracy": acc["accuracy"], "per_class": acc["per_class"],
             "n": len(labels), "steps": steps, "guidance": guidance, "seconds": round(seconds, 2)}
+
+
+def depth_target(model: DiT, images: torch.Tensor, labels, *, batch_size: int = 32, seed: int = 0):
+    """A `prunekit.depth.DepthTarget` over a DiT's blocks: batches of `images` ``[N, 1, 28, 28]`` in [-1, 1] with
+    their `labels` ``[N]``; the loss is `diffusion_loss` with t, noise and label dropout drawn from a generator that
+    restarts at the same seed for each batch on every pass, so every method and step sees the same draws. The
+    distillation loss (recovery by KD) is the MSE between the student's and the dense teacher's predicted noise
+    on the same draws."""
+    from prunekit.depth.core import DepthTarget
+
+    model = _check_model(model)
+    images = _check_images(images)
+    labels = _check_labels(model, labels, len(images))
+    b = int_at_least(batch_size, "batch_size", 1)
+    batches = [(i, images[i : i + b], labels[i : i + b]) for i in range(0, len(images), b)]
+
+    def draws(i: int) -> torch.Generator:
+        return torch.Generator().manual_seed(int(seed) * 100_003 + i)
+
+    def loss(m, batch):
+        i, x, y = batch
+        return diffusion_loss(m, x, y, generator=draws(i))
+
+    def distill(student, teacher, batch):
+        i, x, y = batch
+        captured = {}
+        handle = teacher.register_forward_hook(lambda _m, _a, out: captured.setdefault("eps", out.detach()))
+        with torch.no_grad():
+            diffusion_loss(teacher, x, y, generator=draws(i))
+        handle.remove()
+        handle = student.register_forward_hook(lambda _m, _a, out: captured.setdefault("student", out))
+        diffusion_loss(student, x, y, generator=draws(i))
+        handle.remove()
+        return ((captured["student"] - captured["eps"]) ** 2).mean()
+
+    return DepthTarget(model, model.blocks, batches, loss, distill)
+
+
+@torch.no_grad()
+def forward_seconds(model: DiT, *, batch: int = 16, repeats: int = 5, threads: int = 1) -> float:
+    """Seconds of one denoiser forward over ``[batch, 1, 28, 28]`` at `threads` threads, the fastest of `repeats`
+    (after a warm-up): a DDIM sample costs `steps` of these (two with guidance)."""
+    model = _check_model(model)
+    batch, repeats = int_at_least(batch, "batch", 1), int_at_least(repeats, "repeats", 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    t = torch.randint(0, _SCHEDULE.T, (batch,), generator=g)
+    y = torch.arange(batch) % model.config.num_classes
+    was, before = model.training, torch.get_num_threads()
+    model.eval()
+    torch.set_num_threads(int_at_least(threads, "threads", 1))
+    try:
+        model(x, t, y)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x, t, y)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+        model.train(was)
+    return min(times)
