@@ -23,6 +23,7 @@ import copy
 import fcntl
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -233,6 +234,24 @@ def report() -> None:
         sp = f"{r['speedup']:.2f}x" + (f" ({r['prefill_speedup']:.2f} / {r['decode_speedup']:.2f})" if "prefill_speedup" in r else "")
         lines.append(f"| {r['model']} | {r['kept']} | {r['method']} | {r.get('seed', '-')} | {r.get('kept_layers', 'all')} | "
                      f"{r['metric']} | {r['before_recovery']:.2f} | {after} | {sp} |")
+    groups: dict = {}
+    for r in rows:
+        if r["method"] != "dense" and r["after_recovery"] is not None:
+            groups.setdefault((r["model"], r["kept"], r["method"]), []).append(r)
+    if any(len(g) > 1 for g in groups.values()):
+        def ms(values):
+            return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+        lines += ["", "Mean ± standard deviation over the seeds that ran (after recovery; class accuracy of the DiT's "
+                  "samples after recovery):", "",
+                  "| model | kept | method | seeds | before recovery | after recovery | class accuracy |",
+                  "| --- | ---: | --- | --- | ---: | ---: | ---: |"]
+        for (model_name, kept, method), g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                                   statistics.mean(r["after_recovery"] for r in kv[1]))):
+            acc = [r["class_accuracy_after"] for r in g if r.get("class_accuracy_after") is not None]
+            lines.append(f"| {model_name} | {kept} | {method} | {','.join(str(r.get('seed', 0)) for r in g)} | "
+                         f"{ms([r['before_recovery'] for r in g])} | {ms([r['after_recovery'] for r in g])} | "
+                         f"{ms(acc) if acc else '-'} |")
     (RESULTS / "depth.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
