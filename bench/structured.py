@@ -16,6 +16,7 @@ same block parameter count (see `_torch_pruning`: on this GQA model it prunes ML
 
     python bench/structured.py --ratios 0.3                      # 30% rows (the first run)
     python bench/structured.py --ratios 0.2,0.5 --resume         # more budgets, rows already run kept
+    python bench/structured.py --retime 5                        # re-measure every row's speed (a quiet machine)
 
 Writes bench/results/structured.json (``{"rows": [{"method", "removed", "ppl_wiki", "ppl_austen",
 "prefill_speedup", "decode_speedup", "params", ...}], "settings": {...}}``), structured.md and structured.png.
