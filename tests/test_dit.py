@@ -248,3 +248,17 @@ def test_cli_prunes_a_dit_folder(tmp_path, capsys):
     assert main(["prune", str(src), "--method", "every-other", "--layers", "2", "--no-speed", "--overwrite",
                  "--out", str(out), "--quiet"]) == 0
     assert json.loads((out / "prunekit.json").read_text())["kept_layers"] == [0, 3]
+    broken = tmp_path / "broken"  # NaN weights, then a truncated weights file: one-line errors, nothing written
+    nan_model = _random_model(D.DiTConfig(hidden=32, depth=4, heads=2))
+    with torch.no_grad():
+        nan_model.blocks[1].fc1.weight[0, 0] = float("nan")
+    D.save_dit(nan_model, broken)
+    out2 = tmp_path / "out2"
+    capsys.readouterr()
+    assert main(["prune", str(broken), "--method", "shortgpt", "--layers", "2", "--out", str(out2), "--quiet"]) == 2
+    assert "NaN" in capsys.readouterr().err and not out2.exists()
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["prune", str(broken), "--method", "shortgpt", "--layers", "2", "--out", str(out2), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "save_dit" in err and len(err.splitlines()) == 1 and not out2.exists()

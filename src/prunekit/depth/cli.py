@@ -107,9 +107,8 @@ def run_prune(args) -> int:
     from prunekit.cli import _versions
     from prunekit.evaluate import EVAL_TOKENS
     from prunekit.speed import measure_speed, speedup
-    from prunekit.weights.engine import find_blocks
-
     from prunekit.depth.dit import is_dit_folder
+    from prunekit.weights.engine import find_blocks
 
     if is_dit_folder(args.model):
         return _run_dit(args)
@@ -173,7 +172,6 @@ DIT_EVAL = {"n_per_class": 30, "steps": 25, "seed": 0}
 
 
 def _validate_dit(args):
-    import json
     from pathlib import Path
 
     from prunekit.errors import InputError, int_at_least
@@ -204,6 +202,12 @@ def _run_dit(args) -> int:
     path, want_fid, options = _validate_dit(args)
     progress = not args.quiet
     model = dit.load_dit(path)
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        from prunekit.errors import InputError
+
+        raise InputError(f"{path} has NaN or infinite weights in {bad[0]}"
+                         + (f" and {len(bad) - 1} other tensors" if len(bad) > 1 else "") + "; fix or re-train the model")
     images, labels = dit.fashion_images("train")
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[: args.samples]
     target = dit.depth_target(model, images[pick], labels[pick], batch_size=args.batch_size, seed=args.seed)

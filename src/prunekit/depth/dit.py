@@ -569,10 +569,20 @@ def load_dit(folder) -> DiT:
     folder = Path(folder)
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise InputError(f"{folder} is not a saved DiT (needs config.json and model.safetensors)")
-    meta = json.loads((folder / "config.json").read_text())
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+        section = meta["model"]
+        if not isinstance(section, dict):
+            raise TypeError("'model' is not an object")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise InputError(f"{folder}/config.json is not a saved DiT's config ({e}); write it with save_dit") from None
     known = {f.name for f in fields(DiTConfig)}
-    model = DiT(DiTConfig(**{k: v for k, v in meta["model"].items() if k in known}))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model = DiT(DiTConfig(**{k: v for k, v in section.items() if k in known}))
+    try:
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    except Exception as e:  # a truncated file, or tensors that do not fit the config
+        raise InputError(f"{folder}/model.safetensors does not hold this DiT's weights ({str(e).splitlines()[0][:200]}); "
+                         "write the folder with save_dit") from None
     model.train_info = meta.get("info", {})
     return model.eval()
 
