@@ -187,18 +187,7 @@ def run_dit(seed: int, resume: bool, methods) -> None:
             kept_layers = [i for i, k in enumerate(keep) if k]
             depth.drop_blocks(model.blocks, keep)
             before = ditmod.evaluate_dit(model, n_per_class=DIT["eval_per_class"], steps=DIT["eval_steps"], seed=0)
-            x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-            t = torch.randint(0, 1000, (16,), generator=torch.Generator().manual_seed(1))
-            y = torch.arange(16) % 10
-            timing = []
-            for m in (dense, model) * 5:  # alternately, 5 forwards each time, best of 5
-                with torch.no_grad():
-                    m(x, t, y)
-                    s0 = time.perf_counter()
-                    for _ in range(5):
-                        m(x, t, y)
-                timing.append(time.perf_counter() - s0)
-            speedup = min(timing[0::2]) / min(timing[1::2])
+            speedup = ditmod.forward_speedup(dense, model)["speedup"]  # 16 images, 1 thread, alternated rounds
             rec = depth.recover(dit_target(model, images, labels, seed=seed + 1), steps=DIT["recovery_steps"],
                                 trainable=DIT["recovery"], lr=DIT["recovery_lr"], seed=seed)
             after = ditmod.evaluate_dit(model, n_per_class=DIT["eval_per_class"], steps=DIT["eval_steps"], seed=0)

@@ -227,12 +227,8 @@ def _run_dit(args) -> int:
         recovery = res.to_dict()
         del teacher
     model.eval()
-    speed = None
-    if dense_copy is not None:  # alternated rounds, the fastest of each: load on a shared machine hits both alike
-        rounds = [(dit.forward_seconds(dense_copy, repeats=3), dit.forward_seconds(model, repeats=3)) for _ in range(5)]
-        speed = {"dense_forward_s": min(d for d, _ in rounds), "pruned_forward_s": min(p for _, p in rounds)}
-        speed["speedup"] = speed["dense_forward_s"] / speed["pruned_forward_s"]
-        del dense_copy
+    speed = None if dense_copy is None else dit.forward_speedup(dense_copy, model)
+    del dense_copy
     if want_fid:
         evaluation["pruned"] = dit.evaluate_dit(model, **DIT_EVAL)
     meta = {
