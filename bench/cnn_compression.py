@@ -12,6 +12,14 @@ Rows (each seed is a separately trained testbed; the table gives mean +- std ove
 - TRP (channel scheme, period 20, energy 0.9, lambda 3e-4, the testbed recipe otherwise), trained from scratch
   per seed and decomposed at the ranks of its last substitution, against the normally trained testbed of the
   same seed decomposed by truncated SVD to the same FLOPs (one energy threshold for all layers, bisected).
+  Other energies (``--trp-energy``) and the spatial scheme (``--trp-scheme spatial``) get rows of their own.
+  Each TRP model also gets a "split where faster" row: the same model with `split_where_faster` applied
+  (layers whose two thin convs ran slower than one conv of the same rank, on this machine and a batch of 256,
+  fused back; same function, more FLOPs, less time).
+- TRP's energy threshold is chosen on validation images (``--select-energy``): every candidate and the unpruned
+  recipe are trained on the training images minus 5,000 held out (a fixed permutation) and scored on those;
+  the largest FLOP reduction (at least 2x) within 1 point of the unpruned model wins. The test images are not
+  used to choose.
 
     python bench/cnn_compression.py                  # everything, resumable (rows are cached in the JSON)
     python bench/cnn_compression.py --seeds 1        # seed 0 only
@@ -19,6 +27,8 @@ Rows (each seed is a separately trained testbed; the table gives mean +- std ove
     python bench/cnn_compression.py --only trp --seed-from 2 --out part2.json   # one seed in another process,
     python bench/cnn_compression.py --merge part2.json                          # ... merged afterwards
     python bench/cnn_compression.py --retime         # all CPU times again, interleaved (after everything)
+    python bench/cnn_compression.py --select-energy 0.9,0.93,0.95 --select-seeds 3   # TRP's energy, on validation
+    python bench/cnn_compression.py --only trp --trp-energy 0.93 --trp-scheme spatial  # spatial-scheme rows
 
 Writes bench/results/cnn_compression.json (``{"rows": [{"method", "setting", "accuracy", "params", "flops",
 "ms_per_batch", ...}], "runs": [...]}``) and bench/results/cnn_compression.md.
@@ -30,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -43,16 +54,28 @@ RATIOS, BITS, UDFC_METHODS = (0.3, 0.5), (8, 6, 4), ("udfc", "merge", "none")
 TRP_OPTS = dict(period=20, energy=0.9, nuclear=3e-4, scheme="channel")
 
 
-def trp_setting(energy: float) -> str:
-    return "decomposed" if energy == TRP_OPTS["energy"] else f"decomposed, e={energy:g}"
+FASTER = "split where faster"
 
 
-def svd_setting(energy: float) -> str:
-    return "same FLOPs as TRP" if energy == TRP_OPTS["energy"] else f"same FLOPs as TRP e={energy:g}"
+def _variant(energy: float, scheme: str) -> str:
+    return (" spatial" if scheme == "spatial" else "") + ("" if energy == TRP_OPTS["energy"] else f" e={energy:g}")
+
+
+def trp_setting(energy: float, scheme: str = TRP_OPTS["scheme"], faster: bool = False) -> str:
+    return ", ".join(["decomposed", *_variant(energy, scheme).split(), *([FASTER] if faster else [])])
+
+
+def svd_setting(energy: float, scheme: str = TRP_OPTS["scheme"]) -> str:
+    return "same FLOPs as TRP" + _variant(energy, scheme)
 
 
 def setting_energy(setting: str) -> float:
-    return float(setting.split("e=")[1]) if "e=" in setting else TRP_OPTS["energy"]
+    m = re.search(r"e=([0-9.]+)", setting)
+    return float(m.group(1)) if m else TRP_OPTS["energy"]
+
+
+def setting_scheme(setting: str) -> str:
+    return "spatial" if "spatial" in setting else "channel"
 
 
 def log(msg: str) -> None:
@@ -67,33 +90,106 @@ def measure(model, xte, yte) -> dict:
             "flops": count_flops(model, (1, 28, 28)), "ms_per_batch": ms_per_batch(model, xte[:256], repeats=10)}
 
 
-def trp_model(seed: int, epochs: int, energy: float = TRP_OPTS["energy"]):
-    """TRP-trained and decomposed testbed for `seed`, cached like the testbed."""
+def split(holdout: int):
+    """``(x_fit, y_fit, x_eval, y_eval)``: the 60k training images minus `holdout` validation images (a fixed
+    permutation, seed 1234) and those validation images; with ``holdout == 0`` the full training set and the
+    10k test images."""
+    from prunekit.cnn import resnet
+
+    xtr, ytr, xte, yte = resnet.fashion_tensors()
+    if not holdout:
+        return xtr, ytr, xte, yte
+    perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(1234))
+    fit_idx, val_idx = perm[:-holdout], perm[-holdout:]
+    return xtr[fit_idx], ytr[fit_idx], xtr[val_idx], ytr[val_idx]
+
+
+def _suffix(epochs: int, seed: int, holdout: int) -> str:
+    return f"-fmnist-e{epochs}-s{seed}" + (f"-val{holdout}" if holdout else "")
+
+
+def trp_model(seed: int, epochs: int, energy: float = TRP_OPTS["energy"], *, holdout: int = 0,
+              scheme: str = TRP_OPTS["scheme"]):
+    """TRP-trained and decomposed testbed for `seed`, cached like the testbed (`holdout` > 0: trained without the
+    validation images of `split`; its metadata's accuracies are then on them, not on the test set)."""
     from prunekit import train as tr
     from prunekit import zoo
     from prunekit.cnn import resnet
     from prunekit.cnn.trp import TRP
 
-    o = dict(TRP_OPTS, energy=energy)
+    o = dict(TRP_OPTS, energy=energy, scheme=scheme)
     folder = zoo.cache_dir() / "models" / (f"cnn-trp-{o['scheme']}-p{o['period']}-e{o['energy']}-l{o['nuclear']}"
-                                           f"-fmnist-e{epochs}-s{seed}")
+                                           + _suffix(epochs, seed, holdout))
     if (folder / "config.json").is_file():
         meta = json.loads((folder / "config.json").read_text())["metadata"]
         return resnet.load_model(folder), meta
-    xtr, ytr, xte, yte = resnet.fashion_tensors()
+    xfit, yfit, xev, yev = split(holdout)
     w = resnet.TESTBED["widths"]
     model = tr.seeded_model(lambda: resnet.ResNet(widths=w, blocks=resnet.TESTBED["blocks"]), seed)
     cb = TRP(model, **o)
     t0 = time.perf_counter()
-    resnet.fit(model, xtr, ytr, epochs=epochs, seed=seed, callbacks=[cb], progress=False)
+    resnet.fit(model, xfit, yfit, epochs=epochs, seed=seed, callbacks=[cb], progress=False)
     seconds = time.perf_counter() - t0
-    before = tr.accuracy(model, xte, yte)
+    before = tr.accuracy(model, xev, yev)
     ranks = cb.decompose()
-    meta = {**o, "epochs": epochs, "seed": seed, "train_seconds": seconds, "accuracy_before_decomposition": before,
-            "ranks": ranks, "substitutions": cb.substitutions}
-    log(f"TRP seed {seed}: {seconds:.0f} s, accuracy before decomposition {before:.4f}, ranks {ranks}")
+    meta = {**o, "epochs": epochs, "seed": seed, "holdout": holdout, "train_seconds": seconds,
+            "accuracy_before_decomposition": before, "ranks": ranks, "substitutions": cb.substitutions}
+    if holdout:
+        meta["val_accuracy"] = tr.accuracy(model, xev, yev)
+    log(f"TRP e={energy:g} {scheme} seed {seed} holdout {holdout}: {seconds:.0f} s, accuracy before decomposition "
+        f"{before:.4f}, ranks {ranks}")
     resnet.save_model(model, folder, metadata=meta, overwrite=True)
     return model, meta
+
+
+def unpruned_holdout(seed: int, epochs: int, holdout: int):
+    """The testbed recipe trained without `split`'s validation images: ``(model, validation accuracy)``."""
+    from prunekit import train as tr
+    from prunekit import zoo
+    from prunekit.cnn import resnet
+
+    folder = zoo.cache_dir() / "models" / ("cnn-resnet20s2-" + "-".join(map(str, resnet.TESTBED["widths"]))
+                                           + _suffix(epochs, seed, holdout))
+    if (folder / "config.json").is_file():
+        return resnet.load_model(folder), json.loads((folder / "config.json").read_text())["metadata"]["val_accuracy"]
+    xfit, yfit, xval, yval = split(holdout)
+    model = tr.seeded_model(lambda: resnet.ResNet(widths=resnet.TESTBED["widths"], blocks=resnet.TESTBED["blocks"]),
+                            seed)
+    resnet.fit(model, xfit, yfit, epochs=epochs, seed=seed, progress=False)
+    acc = tr.accuracy(model, xval, yval)
+    log(f"unpruned seed {seed} holdout {holdout}: validation accuracy {acc:.4f}")
+    resnet.save_model(model, folder, metadata={"seed": seed, "epochs": epochs, "holdout": holdout, "val_accuracy": acc},
+                      overwrite=True)
+    return model, acc
+
+
+def select_energy(energies, seeds, epochs: int, holdout: int) -> dict:
+    """Choose TRP's energy threshold on validation images held out of the training set, never on the test set:
+    the candidate with the largest FLOP reduction (at least 2x) whose mean validation accuracy over `seeds` is
+    within 1 point of the unpruned model's (trained on the same images); if none is, the closest one."""
+    from prunekit import train as tr
+    from prunekit.cnn.flops import count_flops
+
+    _, _, xval, yval = split(holdout)
+    cands = []
+    base = [unpruned_holdout(s, epochs, holdout)[1] for s in seeds]
+    full = None
+    for e in energies:
+        accs, flops = [], []
+        for s in seeds:
+            model, _ = trp_model(s, epochs, e, holdout=holdout)
+            accs.append(tr.accuracy(model, xval, yval))
+            flops.append(count_flops(model, (1, 28, 28)))
+            if full is None:
+                full = count_flops(unpruned_holdout(s, epochs, holdout)[0], (1, 28, 28))
+        cands.append({"energy": e, "val_accuracy": statistics.mean(accs), "val_accuracies": accs,
+                      "flop_reduction": full / statistics.mean(flops),
+                      "drop_points": 100 * (statistics.mean(base) - statistics.mean(accs))})
+    ok = [c for c in cands if c["flop_reduction"] >= 2 and c["drop_points"] <= 1]
+    chosen = max(ok, key=lambda c: c["flop_reduction"]) if ok else min(cands, key=lambda c: c["drop_points"])
+    return {"holdout": holdout, "seeds": list(seeds), "unpruned_val_accuracy": statistics.mean(base),
+            "unpruned_val_accuracies": base, "candidates": cands, "chosen": chosen["energy"],
+            "within_1_point": bool(ok)}
 
 
 def load(path: Path) -> dict:
@@ -139,7 +235,7 @@ def _paired(runs: list[dict], a: tuple, b: tuple) -> str:
     return ", ".join(f"seed {s}: {100 * (acc[(*a, s)] - acc[(*b, s)]):+.2f}" for s in seeds)
 
 
-def targets(rows: list[dict], runs: list[dict] = ()) -> list[str]:
+def targets(rows: list[dict], runs: list[dict] = (), selection: dict | None = None) -> list[str]:
     out = []
     u, m, n = (_find(rows, k, "30% + 6-bit") for k in ("UDFC", "Neuron Merging", "no compensation"))
     if u and m and n:
@@ -151,14 +247,18 @@ def targets(rows: list[dict], runs: list[dict] = ()) -> list[str]:
                    f"{_paired(runs, ('UDFC', '30% + 6-bit'), ('no compensation', '30% + 6-bit'))}; vs Neuron Merging: "
                    f"{_paired(runs, ('UDFC', '30% + 6-bit'), ('Neuron Merging', '30% + 6-bit'))})")
     base = _find(rows, "unpruned", "fp32")
-    for t in [r for r in rows if r["method"] == "TRP"]:
-        s = _find(rows, "SVD after training", svd_setting(setting_energy(t["setting"])))
+    for t in [r for r in rows if r["method"] == "TRP" and FASTER not in r["setting"]]:
+        s = _find(rows, "SVD after training", svd_setting(setting_energy(t["setting"]), setting_scheme(t["setting"])))
         if not (base and s):
             continue
         red = base["flops"] / t["flops"]
         d_base, d_svd = 100 * (t["accuracy"] - base["accuracy"]), 100 * (t["accuracy"] - s["accuracy"])
         ok = red >= 2 and d_base >= -1 and d_svd >= 2
-        out.append(f"- TRP ({t['setting']}, {len(t['seeds'])} seeds): {red:.2f}x fewer FLOPs, {100 * t['accuracy']:.2f}% vs unpruned {100 * base['accuracy']:.2f}% "
+        how = ""
+        if selection:
+            how = ("; the energy chosen on validation images" if selection["chosen"] == setting_energy(t["setting"])
+                   else "; not the energy chosen on validation images")
+        out.append(f"- TRP ({t['setting']}, {len(t['seeds'])} seeds{how}): {red:.2f}x fewer FLOPs, {100 * t['accuracy']:.2f}% vs unpruned {100 * base['accuracy']:.2f}% "
                    f"({d_base:+.2f} points; target >= -1) and vs SVD after training {100 * s['accuracy']:.2f}% "
                    f"({d_svd:+.2f}; target >= +2), FLOP target >= 2x: **{'met' if ok else 'missed'}** (per seed vs "
                    f"the same seed's unpruned: {_paired(runs, ('TRP', t['setting']), ('unpruned', 'fp32'))})")
@@ -167,6 +267,12 @@ def targets(rows: list[dict], runs: list[dict] = ()) -> list[str]:
         out.append(f"- CPU time vs FLOPs (unpruned / TRP {t['setting']} / its SVD rows): "
                    + ", ".join(f"{f / 1e6:.2f} MFLOPs -> {ms:.1f} ms" for f, ms in pts)
                    + f": **{'falls with FLOPs' if mono else 'does not fall monotonically'}**")
+        f = _find(rows, "TRP", t["setting"] + ", " + FASTER)
+        if f:
+            out.append(f"- TRP {t['setting']}, split only where the split runs faster (same function): "
+                       f"{f['flops'] / 1e6:.2f} MFLOPs -> {f['ms_per_batch']:.1f} ms ({base['ms_per_batch'] / f['ms_per_batch']:.2f}x "
+                       f"faster than unpruned; split everywhere: {t['ms_per_batch'] / f['ms_per_batch']:.2f}x its time), "
+                       f"accuracy {100 * f['accuracy']:.2f}% (split everywhere {100 * t['accuracy']:.2f}%)")
     pr = [(r["flops"], r["ms_per_batch"]) for r in rows if r["method"] == "UDFC" and r["setting"].endswith("8-bit")
           and not r["setting"].startswith("0%")]
     if base and pr:
@@ -185,7 +291,20 @@ def markdown(data: dict) -> str:
     for r in rows:
         lines.append(f"| {r['method']} | {r['setting']} | {100 * r['accuracy']:.2f} ± {100 * r['accuracy_std']:.2f} | "
                      f"{len(r['seeds'])} | {r['params']:,} | {r['flops']:,} | {r['ms_per_batch']:.1f} |")
-    lines += ["", "## Targets", "", *targets(rows, data["runs"]), ""]
+    sel = data.get("selection")
+    if sel:
+        lines += ["", "## TRP's energy threshold, chosen on validation images", "",
+                  f"Each candidate trained on the training images minus {sel['holdout']} held out (seeds "
+                  f"{', '.join(map(str, sel['seeds']))}), scored on those held-out images; the unpruned recipe trained "
+                  f"on the same images: {100 * sel['unpruned_val_accuracy']:.2f}%. Rule: the largest FLOP reduction "
+                  "(at least 2x) within 1 point of it. The test images play no part.", "",
+                  "| energy | validation accuracy % | drop (points) | FLOP reduction |", "| --- | --- | --- | --- |"]
+        for c in sel["candidates"]:
+            lines.append(f"| {c['energy']:g} | {100 * c['val_accuracy']:.2f} | {c['drop_points']:+.2f} | "
+                         f"{c['flop_reduction']:.2f}x |")
+        lines += ["", f"Chosen: e = {sel['chosen']:g}" + ("" if sel["within_1_point"] else
+                                                         " (no candidate was within 1 point; the closest)") + "."]
+    lines += ["", "## Targets", "", *targets(rows, data["runs"], sel), ""]
     return "\n".join(lines)
 
 
@@ -197,15 +316,22 @@ def main() -> int:
     p.add_argument("--only", choices=("udfc", "trp"), default=None)
     p.add_argument("--trp-energy", type=float, default=TRP_OPTS["energy"],
                    help="TRP's energy threshold for this run's TRP rows (default 0.9; others get their own rows)")
+    p.add_argument("--trp-scheme", choices=("channel", "spatial"), default=TRP_OPTS["scheme"],
+                   help="TRP's decomposition scheme for this run's TRP rows (default channel)")
     p.add_argument("--out", default=str(RESULTS / f"{NAME}.json"))
     p.add_argument("--retime", action="store_true",
                    help="re-measure CPU time of every distinct architecture round-robin (fair under a varying load) and exit")
     p.add_argument("--merge", default=None, help="add the runs of another results file (a parallel section) and exit")
+    p.add_argument("--select-energy", default=None, metavar="E1,E2,...",
+                   help="choose TRP's energy among these on validation images held out of training (see --holdout, "
+                        "--select-seeds), record the choice and exit")
+    p.add_argument("--select-seeds", type=int, default=1, help="seeds 0 .. N-1 for --select-energy (default 1)")
+    p.add_argument("--holdout", type=int, default=5000, help="validation images held out for --select-energy")
     args = p.parse_args()
     torch.set_num_threads(1)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from prunekit.cnn import resnet
-    from prunekit.cnn.trp import decompose, energy_for_flops
+    from prunekit.cnn.trp import decompose, energy_for_flops, split_where_faster
     from prunekit.cnn.udfc import compress
 
     epochs = args.epochs or resnet.TESTBED["epochs"]
@@ -226,6 +352,12 @@ def main() -> int:
             if (r["method"], r["setting"], r["seed"]) not in done:
                 data["runs"].append(r)
                 done.add((r["method"], r["setting"], r["seed"]))
+        save(path, data)
+        print(markdown(data))
+        return 0
+    if args.select_energy:
+        energies = [float(e) for e in args.select_energy.split(",")]
+        data["selection"] = select_energy(energies, range(args.select_seeds), epochs, args.holdout)
         save(path, data)
         print(markdown(data))
         return 0
@@ -267,17 +399,22 @@ def main() -> int:
                     if key not in done:
                         record(*key, compress(base, ratio=0.0, bits=bits, method=method).model)
         if args.only in (None, "trp"):
-            e = args.trp_energy
-            if ("TRP", trp_setting(e), seed) not in done or ("SVD after training", svd_setting(e), seed) not in done:
-                small, meta = trp_model(seed, epochs, e)
-                record("TRP", trp_setting(e), seed, small, accuracy_before_decomposition=meta["accuracy_before_decomposition"])
+            e, sch = args.trp_energy, args.trp_scheme
+            keys = [("TRP", trp_setting(e, sch), seed), ("SVD after training", svd_setting(e, sch), seed),
+                    ("TRP", trp_setting(e, sch, faster=True), seed)]
+            if any(k not in done for k in keys):
                 from prunekit.cnn.flops import count_flops
 
+                small, meta = trp_model(seed, epochs, e, scheme=sch)
+                record(*keys[0], small, accuracy_before_decomposition=meta["accuracy_before_decomposition"])
                 target = count_flops(small, (1, 28, 28))
-                energy, ranks = energy_for_flops(base, target, scheme=TRP_OPTS["scheme"])
+                energy, ranks = energy_for_flops(base, target, scheme=sch)
                 svd = _copy(base)
-                decompose(svd, scheme=TRP_OPTS["scheme"], ranks=ranks)
-                record("SVD after training", svd_setting(e), seed, svd, energy=energy)
+                decompose(svd, scheme=sch, ranks=ranks)
+                record(*keys[1], svd, energy=energy)
+                fast = _copy(small)
+                timing = split_where_faster(fast, xte[:256])
+                record(*keys[2], fast, kept_whole=sorted(n for n, i in timing.items() if not i["split"]))
     save(path, data)
     print(markdown(data))
     return 0
@@ -288,7 +425,7 @@ def retime(data: dict, epochs: int, xte, rounds: int = 15) -> None:
     load on the shared machine hits all of them alike. The median over rounds replaces ``ms_per_batch``."""
     from prunekit.cnn import resnet
     from prunekit.cnn.flops import count_flops
-    from prunekit.cnn.trp import decompose, energy_for_flops
+    from prunekit.cnn.trp import decompose, energy_for_flops, fuse_layers
     from prunekit.cnn.udfc import compress
 
     models = {}  # key -> model
@@ -303,14 +440,18 @@ def retime(data: dict, epochs: int, xte, rounds: int = 15) -> None:
         else:
             key = f"{r['method']} {r['setting']} seed {seed}"
             if key not in models:
-                small, _ = trp_model(seed, epochs, setting_energy(r["setting"]))
-                if r["method"] == "TRP":
+                sch = setting_scheme(r["setting"])
+                small, _ = trp_model(seed, epochs, setting_energy(r["setting"]), scheme=sch)
+                if r["method"] == "TRP" and FASTER in r["setting"]:  # the layers its run kept whole, fused again
+                    fuse_layers(small, r["extra"]["kept_whole"])
+                    models[key] = small
+                elif r["method"] == "TRP":
                     models[key] = small
                 else:
                     base = resnet.testbed(seed=seed, epochs=epochs)
-                    _, ranks = energy_for_flops(base, count_flops(small, (1, 28, 28)), scheme=TRP_OPTS["scheme"])
+                    _, ranks = energy_for_flops(base, count_flops(small, (1, 28, 28)), scheme=sch)
                     models[key] = _copy(base)
-                    decompose(models[key], scheme=TRP_OPTS["scheme"], ranks=ranks)
+                    decompose(models[key], scheme=sch, ranks=ranks)
         owner[(r["method"], r["setting"], seed)] = key
     batch = xte[:256]
     times = {k: [] for k in models}

@@ -269,6 +269,55 @@ def test_energy_for_flops_meets_the_budget(tmp_path):
     torch.testing.assert_close(back(x), small(x))
 
 
+@pytest.mark.parametrize("scheme", trp.SCHEMES)
+@pytest.mark.parametrize("stride,padding,dilation,bias", [(1, 1, 1, False), (2, 1, 1, True), (1, 2, 2, True)])
+def test_fused_lowrank_conv_computes_the_two_thin_convs(scheme, stride, padding, dilation, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, stride, padding, dilation, bias=bias)
+    two = trp.decompose_conv(conv, rank=3, scheme=scheme)
+    one = trp.fuse_lowrank(two)
+    assert isinstance(one, nn.Conv2d) and one.weight.shape == conv.weight.shape
+    s = torch.linalg.svdvals(trp.to_matrix(one.weight.detach().double(), scheme))
+    assert int((s > 1e-5 * s[0]).sum()) == 3  # rank 3 up to float32 rounding
+    x = torch.randn(2, 6, 11, 9)
+    torch.testing.assert_close(one(x), two(x), atol=1e-5, rtol=1e-5)
+
+
+def test_split_where_faster_keeps_the_faster_form_and_the_function(tmp_path):
+    torch.manual_seed(0)
+    model = resnet.ResNet(widths=(8, 16, 16), blocks=1).eval()
+    ranks = trp.decompose(model, energy=0.5)
+    x = torch.randn(4, 1, 28, 28)
+    ref = model(x)
+
+    def timer(module, inp):  # a machine where the split pays off on 7x7 maps and below, not on larger ones
+        small_map = inp.shape[-1] <= 7
+        return 1.0 if isinstance(module, trp.LowRankConv) == small_map else 2.0
+
+    got = trp.split_where_faster(model, x, timer=timer)
+    assert set(got) == set(ranks)
+    sizes = {"blocks.0.conv1": 14, "blocks.0.conv2": 14, "blocks.1.conv1": 14, "blocks.1.conv2": 7,
+             "blocks.2.conv1": 7, "blocks.2.conv2": 4}
+    for name, info in got.items():
+        assert info["split"] == (sizes[name] <= 7) and info["rank"] == ranks[name]
+        assert isinstance(model.get_submodule(name), trp.LowRankConv) == info["split"]
+    assert set(model.lowrank) == {n for n, i in got.items() if i["split"]}
+    assert {n for n, i in got.items() if not i["split"]}  # the planted timer fused some layers
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+    back = resnet.load_model(resnet.save_model(model, tmp_path / "m"))
+    torch.testing.assert_close(back(x), ref, atol=1e-5, rtol=1e-5)
+    # the default timer: every layer timed, the function unchanged whatever it picks
+    again = trp.split_where_faster(model, x)
+    assert set(again) == set(model.lowrank) | {n for n, i in again.items() if not i["split"]}
+    assert all(i["split_ms"] > 0 and i["whole_ms"] > 0 for i in again.values())
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+    for bad in (torch.zeros(3), torch.full((2, 1, 28, 28), float("nan"))):
+        with pytest.raises(InputError):
+            trp.split_where_faster(model, bad)
+    with pytest.raises(InputError, match="not a decomposed layer"):
+        trp.fuse_layers(model, ["fc"])
+
+
 def test_trp_bad_options():
     model = resnet.ResNet(widths=(4, 8, 8), blocks=1)
     for kwargs in (dict(period=0), dict(energy=0.0), dict(energy=1.5), dict(nuclear=-1.0), dict(scheme="diag"),
@@ -330,3 +379,21 @@ def test_cli_missing_model_and_bad_training_options(tmp_path, capsys):
     assert main(["cnn", "trp", "--out", str(out), "--period", "0"]) == 2
     assert main(["cnn", "train", "--out", str(out), "--epochs", "0"]) == 2
     assert not out.exists()
+
+
+def test_cli_trp_split_faster_keeps_slow_splits_whole(tmp_path):
+    from prunekit.zoo import cache_dir
+
+    if not (cache_dir() / "datasets" / "fashion_mnist.npz").is_file():
+        pytest.skip("Fashion-MNIST is not in the cache (make assets)")
+    out = tmp_path / "trp"
+    assert main(["cnn", "trp", "--out", str(out), "--examples", "512", "--epochs", "1", "--split", "faster",
+                 "--quiet"]) == 0
+    meta = json.loads((out / "config.json").read_text())["metadata"]["trp"]
+    model = resnet.load_model(out)
+    whole, split = set(meta["kept_whole"]), set(model.lowrank)
+    assert meta["split"] == "faster" and not whole & split and whole | split == set(meta["ranks"])
+    for name in whole:  # one conv, holding the rank the decomposition chose
+        w = model.get_submodule(name).weight.detach().double()
+        s = torch.linalg.svdvals(trp.to_matrix(w, "channel"))
+        assert int((s > 1e-5 * s[0]).sum()) == meta["ranks"][name]

@@ -1,7 +1,7 @@
 """``prunekit cnn ...``: train the Fashion-MNIST testbed, compress it with UDFC or train it with TRP, evaluate.
 
     prunekit cnn train --out runs/base                       # plain training (the testbed recipe)
-    prunekit cnn trp --out runs/trp --energy 0.9 --nuclear 3e-4 --period 20 --scheme channel
+    prunekit cnn trp --out runs/trp --energy 0.9 --nuclear 3e-4 --period 20 --scheme channel [--split faster]
     prunekit cnn udfc testbed --ratio 0.3 --bits 6 --out runs/udfc30w6   # data-free, seconds
     prunekit cnn eval runs/udfc30w6
 
@@ -41,6 +41,10 @@ def add_parser(sub) -> None:
     tp.add_argument("--nuclear", type=float, default=3e-4, help="nuclear-norm weight lambda (default 3e-4; 0 = off)")
     tp.add_argument("--scheme", choices=("channel", "spatial"), default="channel",
                     help="channel: kxk conv to r channels then 1x1; spatial: kx1 then 1xk (default channel)")
+    tp.add_argument("--split", choices=("fewer-flops", "faster"), default="fewer-flops",
+                    help="which layers end as two thin convs: every one whose split costs fewer FLOPs (default), or "
+                         "only those whose split runs faster on this machine, timed on a batch of 256 test images "
+                         "(the others stay one conv holding the same low-rank weight)")
 
     ud = csub.add_parser("udfc", help="data-free channel pruning + weight quantization with closed-form compensation")
     ud.add_argument("model", help="model folder, or `testbed`")
@@ -107,6 +111,12 @@ def _train(args, trp_options: dict | None) -> int:
     if trp is not None:
         meta["trp"] = dict(trp_options, accuracy_before_decomposition=tr.accuracy(model, xte, yte))
         meta["trp"]["ranks"] = trp.decompose()
+        if args.split == "faster":
+            from prunekit.cnn.trp import split_where_faster
+
+            timing = split_where_faster(model, xte[:256])
+            meta["trp"]["split"] = "faster"
+            meta["trp"]["kept_whole"] = sorted(n for n, i in timing.items() if not i["split"])
     meta.update(_summary(model, xte, yte))
     resnet.save_model(model, out, metadata=meta, overwrite=args.overwrite)
     what = "TRP-trained and decomposed" if trp else "trained"

@@ -36,6 +36,9 @@ Departures from the reference code, and why:
   offers (``value=``), as it offers a fresh energy threshold (``energy=``).
 - The baseline (`energy_for_flops`): a normally trained network decomposed with one energy threshold for all
   layers, found by bisection so that the whole network's FLOPs do not exceed a budget (e.g. TRP's).
+- `split_where_faster` (not in the paper): FLOPs are not CPU time. A split whose thin convs run slower than
+  the whole conv (few channels on a large map) is fused back into one conv holding the same rank-r weight, so
+  the network computes the same function at its best measured speed on the machine it is timed on.
 
 >>> from prunekit.cnn.resnet import ResNet
 >>> model = ResNet(widths=(8, 16, 32))
@@ -56,7 +59,8 @@ from prunekit.errors import InputError
 
 __all__ = [
     "SCHEMES", "TRP", "LowRankConv", "eligible_convs", "to_matrix", "from_matrix", "energy_rank", "low_rank",
-    "nuclear_subgradient", "decompose_conv", "install_lowrank", "decompose", "energy_for_flops",
+    "nuclear_subgradient", "decompose_conv", "install_lowrank", "decompose", "energy_for_flops", "fuse_lowrank",
+    "fuse_layers", "split_where_faster",
 ]
 
 SCHEMES = ("channel", "spatial")
@@ -363,6 +367,99 @@ def energy_for_flops(model: nn.Module, flops: int, *, input_shape=(1, 28, 28), s
         else:
             hi = mid
     return lo, cost(max(lo, 1e-9))[1]
+
+
+@torch.no_grad()
+def fuse_lowrank(lr: LowRankConv) -> nn.Conv2d:
+    """One conv computing what `lr`'s two thin convs compute (its weight has rank ``lr.rank``)."""
+    first, second = lr.first, lr.second
+    r = first.out_channels
+    if lr.scheme == "channel":  # first [r, C, kh, kw], second [N, r, 1, 1]
+        n, (c, kh, kw) = second.out_channels, first.weight.shape[1:]
+        w = (second.weight.reshape(n, r) @ first.weight.reshape(r, c * kh * kw)).reshape(n, c, kh, kw)
+        stride, padding, dilation = first.stride, first.padding, first.dilation
+    else:  # first [r, C, kh, 1] along the height, second [N, r, 1, kw] along the width
+        w = torch.einsum("nrj,rci->ncij", second.weight[:, :, 0, :], first.weight[:, :, :, 0])  # [N, C, kh, kw]
+        n, c, kh, kw = w.shape
+        stride = (first.stride[0], second.stride[1])
+        padding = (first.padding[0], second.padding[1])
+        dilation = (first.dilation[0], second.dilation[1])
+    conv = nn.Conv2d(c, n, (kh, kw), stride, padding, dilation, bias=second.bias is not None,
+                     device=w.device, dtype=w.dtype)
+    conv.weight.copy_(w)
+    if second.bias is not None:
+        conv.bias.copy_(second.bias)
+    return conv
+
+
+def _median_ms(module: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+    import statistics
+    import time
+
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        module(x)
+        if i >= warmup:
+            times.append(1000.0 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def split_where_faster(model: nn.Module, example: torch.Tensor, *, timer=None) -> dict[str, dict]:
+    """Keep each decomposed layer split only where the two thin convs run faster than one conv; in place.
+
+    FLOPs are not time: on a CPU a thin conv (few channels on a large map) can cost more than the whole conv it
+    replaces (in the Fashion-MNIST testbed's first stage, 16 -> 6 -> 16 channels on 14x14 ran slower than
+    16 -> 16). For every `LowRankConv` of `model`, the layer's input is taken from one forward pass of
+    `example` (a batch like the ones the model will serve), then the split pair and `fuse_lowrank`'s single
+    conv (same rank-r weight, so the same function) are timed on it; the faster stays. ``timer(module, x) ->
+    milliseconds`` replaces the default (median of 20 calls after 3 warm-ups, under the caller's thread
+    count). The choice holds for the machine and batch it was timed on. Returns ``{name: {"rank", "split_ms",
+    "whole_ms", "split"}}``; fused layers leave ``model.lowrank``.
+    """
+    if not isinstance(example, torch.Tensor) or example.ndim < 2:
+        raise InputError("example must be an input batch tensor [B, ...] like the ones the model will serve")
+    if not torch.isfinite(example).all():
+        raise InputError("example holds NaN or Inf; time on real inputs")
+    timer = timer or _median_ms
+    lowrank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankConv)}
+    if not lowrank:
+        return {}
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=n: inputs.__setitem__(name, inp[0]))
+             for n, m in lowrank.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    out = {}
+    for name, lr in lowrank.items():
+        whole = fuse_lowrank(lr)
+        x = inputs[name]
+        split_ms, whole_ms = float(timer(lr, x)), float(timer(whole, x))
+        keep = split_ms < whole_ms
+        out[name] = {"rank": lr.rank, "split_ms": split_ms, "whole_ms": whole_ms, "split": keep}
+        if not keep:
+            fuse_layers(model, [name])
+    return out
+
+
+@torch.no_grad()
+def fuse_layers(model: nn.Module, names) -> None:
+    """Turn each named `LowRankConv` of `model` back into one conv (`fuse_lowrank`), in place."""
+    record = dict(getattr(model, "lowrank", {}))
+    for name in names:
+        lr = model.get_submodule(name)
+        if not isinstance(lr, LowRankConv):
+            raise InputError(f"{name!r} is not a decomposed layer of the model")
+        _set_module(model, name, fuse_lowrank(lr).train(lr.training))
+        record.pop(name, None)
+    model.lowrank = record
 
 
 def _split_flops(conv: nn.Conv2d, r: int, scheme: str, out_h: int, out_w: int, in_w: int) -> int:
