@@ -392,7 +392,7 @@ def fuse_lowrank(lr: LowRankConv) -> nn.Conv2d:
     return conv
 
 
-def _median_ms(module: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+def _median_ms(module: nn.Module, x: torch.Tensor, repeats: int = 4, warmup: int = 1) -> float:
     import statistics
     import time
 
@@ -406,22 +406,27 @@ def _median_ms(module: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: in
 
 
 @torch.no_grad()
-def split_where_faster(model: nn.Module, example: torch.Tensor, *, timer=None) -> dict[str, dict]:
+def split_where_faster(model: nn.Module, example: torch.Tensor, *, timer=None, rounds: int = 5) -> dict[str, dict]:
     """Keep each decomposed layer split only where the two thin convs run faster than one conv; in place.
 
     FLOPs are not time: on a CPU a thin conv (few channels on a large map) can cost more than the whole conv it
     replaces (in the Fashion-MNIST testbed's first stage, 16 -> 6 -> 16 channels on 14x14 ran slower than
     16 -> 16). For every `LowRankConv` of `model`, the layer's input is taken from one forward pass of
     `example` (a batch like the ones the model will serve), then the split pair and `fuse_lowrank`'s single
-    conv (same rank-r weight, so the same function) are timed on it; the faster stays. ``timer(module, x) ->
-    milliseconds`` replaces the default (median of 20 calls after 3 warm-ups, under the caller's thread
-    count). The choice holds for the machine and batch it was timed on. Returns ``{name: {"rank", "split_ms",
-    "whole_ms", "split"}}``; fused layers leave ``model.lowrank``.
+    conv (same rank-r weight, so the same function) are timed on it, alternately over `rounds` rounds so that
+    a change of load hits both alike (each side's time: the median over rounds); the faster stays.
+    ``timer(module, x) -> milliseconds`` is one round's measurement (default: the median of 4 calls after a
+    warm-up, under the caller's thread count). The choice holds for the machine and batch it was timed on.
+    Returns ``{name: {"rank", "split_ms", "whole_ms", "split"}}``; fused layers leave ``model.lowrank``.
     """
+    import statistics
+
     if not isinstance(example, torch.Tensor) or example.ndim < 2:
         raise InputError("example must be an input batch tensor [B, ...] like the ones the model will serve")
     if not torch.isfinite(example).all():
         raise InputError("example holds NaN or Inf; time on real inputs")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise InputError(f"rounds must be a positive integer, got {rounds!r}")
     timer = timer or _median_ms
     lowrank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankConv)}
     if not lowrank:
@@ -441,7 +446,8 @@ def split_where_faster(model: nn.Module, example: torch.Tensor, *, timer=None) -
     for name, lr in lowrank.items():
         whole = fuse_lowrank(lr)
         x = inputs[name]
-        split_ms, whole_ms = float(timer(lr, x)), float(timer(whole, x))
+        times = [(float(timer(lr, x)), float(timer(whole, x))) for _ in range(rounds)]  # alternated
+        split_ms, whole_ms = (statistics.median(t) for t in zip(*times))
         keep = split_ms < whole_ms
         out[name] = {"rank": lr.rank, "split_ms": split_ms, "whole_ms": whole_ms, "split": keep}
         if not keep:
