@@ -187,7 +187,7 @@ def select_energy(energies, seeds, epochs: int, holdout: int) -> dict:
                       "drop_points": 100 * (statistics.mean(base) - statistics.mean(accs))})
     ok = [c for c in cands if c["flop_reduction"] >= 2 and c["drop_points"] <= 1]
     chosen = max(ok, key=lambda c: c["flop_reduction"]) if ok else min(cands, key=lambda c: c["drop_points"])
-    return {"holdout": holdout, "seeds": list(seeds), "unpruned_val_accuracy": statistics.mean(base),
+    return {"scheme": TRP_OPTS["scheme"], "holdout": holdout, "seeds": list(seeds), "unpruned_val_accuracy": statistics.mean(base),
             "unpruned_val_accuracies": base, "candidates": cands, "chosen": chosen["energy"],
             "within_1_point": bool(ok)}
 
@@ -256,8 +256,9 @@ def targets(rows: list[dict], runs: list[dict] = (), selection: dict | None = No
         ok = red >= 2 and d_base >= -1 and d_svd >= 2
         how = ""
         if selection:
-            how = ("; the energy chosen on validation images" if selection["chosen"] == setting_energy(t["setting"])
-                   else "; not the energy chosen on validation images")
+            chosen = (selection["chosen"] == setting_energy(t["setting"])
+                      and selection.get("scheme", "channel") == setting_scheme(t["setting"]))
+            how = "; the energy chosen on validation images" if chosen else "; not the setting chosen on validation images"
         out.append(f"- TRP ({t['setting']}, {len(t['seeds'])} seeds{how}): {red:.2f}x fewer FLOPs, {100 * t['accuracy']:.2f}% vs unpruned {100 * base['accuracy']:.2f}% "
                    f"({d_base:+.2f} points; target >= -1) and vs SVD after training {100 * s['accuracy']:.2f}% "
                    f"({d_svd:+.2f}; target >= +2), FLOP target >= 2x: **{'met' if ok else 'missed'}** (per seed vs "
@@ -273,6 +274,16 @@ def targets(rows: list[dict], runs: list[dict] = (), selection: dict | None = No
                        f"{f['flops'] / 1e6:.2f} MFLOPs -> {f['ms_per_batch']:.1f} ms ({base['ms_per_batch'] / f['ms_per_batch']:.2f}x "
                        f"faster than unpruned; split everywhere: {t['ms_per_batch'] / f['ms_per_batch']:.2f}x its time), "
                        f"accuracy {100 * f['accuracy']:.2f}% (split everywhere {100 * t['accuracy']:.2f}%)")
+    arch = sorted({(r["flops"], round(r["ms_per_batch"], 1), "unpruned" if r["method"] == "unpruned" else
+                    f"{r['method']} {r['setting']}") for r in rows
+                   if r["method"] in ("unpruned", "TRP") or (r["method"] == "UDFC" and r["setting"].endswith("8-bit")
+                                                             and not r["setting"].startswith("0%"))})
+    if arch:
+        slower = [(a, b) for i, a in enumerate(arch) for b in arch[i + 1:] if b[0] > 1.05 * a[0] and b[1] < a[1]]
+        out.append("- Every architecture by FLOPs (MFLOPs -> ms): " + "; ".join(f"{lab} {f / 1e6:.2f} -> {ms:.1f}"
+                                                                          for f, ms, lab in arch)
+                   + (f". Pairs where more FLOPs ran faster: {len(slower)} of {len(arch) * (len(arch) - 1) // 2}; "
+                      + _explain(slower) if slower else ": monotone"))
     pr = [(r["flops"], r["ms_per_batch"]) for r in rows if r["method"] == "UDFC" and r["setting"].endswith("8-bit")
           and not r["setting"].startswith("0%")]
     if base and pr:
@@ -280,6 +291,16 @@ def targets(rows: list[dict], runs: list[dict] = (), selection: dict | None = No
                    + ", ".join(f"{f / 1e6:.2f} MFLOPs -> {ms:.1f} ms" for f, ms in sorted(pr))
                    + f"; unpruned {base['flops'] / 1e6:.2f} MFLOPs -> {base['ms_per_batch']:.1f} ms")
     return out
+
+
+def _explain(pairs) -> str:
+    """Sort pairs (fewer-FLOPs model slower than a more-FLOPs one) by cause: channel-scheme TRP splits on the
+    cheap side (thin convs cost more per FLOP), a gap under 1 ms (timing noise), or anything else."""
+    thin = sum(1 for a, _ in pairs if a[2].startswith("TRP") and "spatial" not in a[2])
+    noise = sum(1 for a, b in pairs if not (a[2].startswith("TRP") and "spatial" not in a[2]) and a[1] - b[1] < 1.0)
+    other = len(pairs) - thin - noise
+    return (f"{thin} have channel-scheme TRP convs on the fewer-FLOPs side, {noise} differ by under 1 ms"
+            + (f", {other} other" if other else ""))
 
 
 def markdown(data: dict) -> str:
@@ -295,7 +316,8 @@ def markdown(data: dict) -> str:
     if sel:
         lines += ["", "## TRP's energy threshold, chosen on validation images", "",
                   f"Each candidate trained on the training images minus {sel['holdout']} held out (seeds "
-                  f"{', '.join(map(str, sel['seeds']))}), scored on those held-out images; the unpruned recipe trained "
+                  f"{', '.join(map(str, sel['seeds']))}; {sel.get('scheme', 'channel')} scheme), scored on those "
+                  "held-out images; the unpruned recipe trained "
                   f"on the same images: {100 * sel['unpruned_val_accuracy']:.2f}%. Rule: the largest FLOP reduction "
                   "(at least 2x) within 1 point of it. The test images play no part.", "",
                   "| energy | validation accuracy % | drop (points) | FLOP reduction |", "| --- | --- | --- | --- |"]
