@@ -225,6 +225,7 @@ VARIANTS = {  # name -> (label, Memory options)
     "forget": ("on, HEMA defaults (0.5% / 100 turns)", dict(forget_every=100)),
     "forget-1pct": ("on, 1% / 100 turns", dict(forget_every=100, forget_fraction=0.01)),
     "forget-printed": ("on, paper's printed beta*(1-delta)", dict(forget_every=100, retrieval_term="not_retrieved")),
+    "forget-renew": ("on, HEMA defaults, age from last retrieval", dict(forget_every=100, age_from="retrieved")),
 }
 
 

@@ -101,6 +101,30 @@ def test_forgetting_scripted_history_printed_formula(tmp_path):
     m.close()
 
 
+@pytest.mark.parametrize("age_from,second_pass", [("said", [1, 4, 5, 6, 7]), ("retrieved", [4, 5, 6, 7, 8])])
+def test_forgetting_age_from_last_retrieval(tmp_path, age_from, second_pass):
+    # "river" (turn 1) is retrieved at turns 5 and 9; the 5-turn bonus covers pass 9 but not pass 19, where its
+    # age is 18 counted from when it was said and 10 counted from its last retrieval (turn 8 is 11 turns old)
+    m = mem(tmp_path, f"age-{age_from}.db", gamma=0.1, beta=0.5, forget_every=10, forget_fraction=0.3,
+            retrieval_window=5, age_from=age_from, sos_every=0)
+    added = []
+    for i in range(20):
+        added.append(m.add(" ".join([WORDS[i]] * 3)))
+        if i in (5, 9):
+            assert [h.turn for h in m.retrieve("river", k=1)] == [1]
+    passes = {a.turn: sorted(r.turn for r in a.forgotten) for a in added if a.forgotten}
+    assert passes == {9: [0, 2, 3], 19: second_pass}
+    assert m.stats()["forgetting"]["age_from"] == age_from
+    m.close()
+    t, last = np.array([0, 0]), np.array([-1, 60])
+    assert np.allclose(salience(t, last, 100, gamma=0.01, window=10, age_from="retrieved"),
+                       np.exp(-0.01 * np.array([100, 40])))
+    with pytest.raises(InputError, match="age_from"):
+        salience(t, last, 100, age_from="never")
+    with pytest.raises(InputError, match="age_from"):
+        mem(tmp_path, "bad.db", age_from="never")
+
+
 def test_forget_called_explicitly_and_disabled_schedule(tmp_path):
     m = mem(tmp_path, forget_every=0, forget_fraction=0.25, gamma=0.5, sos_every=0)
     for i in range(8):

@@ -24,6 +24,8 @@ Departures from the paper, and why:
 - The paper prints the retrieval term as beta * (1 - delta_i), which gives the bonus to chunks *not*
   retrieved recently, against its own text ("bonus for recent retrievals"). The default follows the text
   (``retrieval_term="retrieved"``: beta * delta_i); ``retrieval_term="not_retrieved"`` is the printed formula.
+- Age is counted from the turn a chunk was said, as the paper does; ``age_from="retrieved"`` (an option, not the
+  paper's) counts it from the chunk's last retrieval when that is later, so a chunk in use is renewed.
 - Summarizer: Distil-PEGASUS-dialogue is not available offline. Any object with ``update``/``combine`` works
   (`memory_summary`): an instruct LM via ``generate``, or the extractive fallback (default, no model).
 - Embeddings: text-embedding-3-small (1536-d, an API) -> all-MiniLM-L6-v2 (384-d, offline), or any embedder.
@@ -71,9 +73,10 @@ from prunekit.inference.memory_store import ForgetRecord, SQLiteStore, Store, Su
 from prunekit.inference.memory_summary import ExtractiveSummarizer, Summarizer, split_sentences
 
 __all__ = ["Memory", "Retrieved", "Prompt", "Added", "salience", "forget_choice", "chunk_text", "count_tokens",
-           "RETRIEVAL_TERMS"]
+           "RETRIEVAL_TERMS", "AGE_FROM"]
 
 RETRIEVAL_TERMS = ("retrieved", "not_retrieved")
+AGE_FROM = ("said", "retrieved")
 _PIECE = re.compile(r"\w+|[^\w\s]")
 _ROLE = re.compile(r"^[A-Za-z_][\w-]{0,31}$")
 
@@ -146,23 +149,30 @@ def chunk_text(text: str, *, chunk_words: int) -> list[str]:
 
 
 def salience(turns: np.ndarray, last_retrieved: np.ndarray, now: int, *, lam: float = 1.0, gamma: float = 0.002,
-             beta: float = 0.5, window: int = 100, retrieval_term: str = "retrieved") -> np.ndarray:
-    """HEMA's salience ``w_i = lam * exp(-gamma * (now - turn_i)) + beta * delta_i`` for each chunk ``[n]``.
+             beta: float = 0.5, window: int = 100, retrieval_term: str = "retrieved",
+             age_from: str = "said") -> np.ndarray:
+    """HEMA's salience ``w_i = lam * exp(-gamma * age_i) + beta * delta_i`` for each chunk ``[n]``.
 
-    ``delta_i = 1`` when chunk i was retrieved at a turn within the last `window` turns (``now - r_i < window``;
-    ``last_retrieved = -1``: never). ``retrieval_term="not_retrieved"`` uses the paper's printed
-    ``beta * (1 - delta_i)`` instead.
+    ``age_i = now - turn_i`` (``age_from="said"``, the paper's) or ``now - max(turn_i, r_i)`` (``"retrieved"``:
+    a retrieval renews the chunk, as in an LRU cache). ``delta_i = 1`` when chunk i was retrieved at a turn
+    ``r_i`` within the last `window` turns (``now - r_i < window``; ``last_retrieved = -1``: never).
+    ``retrieval_term="not_retrieved"`` uses the paper's printed ``beta * (1 - delta_i)`` instead.
 
     >>> salience(np.array([0, 90]), np.array([-1, 95]), 100, gamma=0.01).round(3).tolist()
     [0.368, 1.405]
+    >>> salience(np.array([0, 0]), np.array([-1, 50]), 200, gamma=0.01, age_from="retrieved").round(3).tolist()
+    [0.135, 0.223]
     """
     if retrieval_term not in RETRIEVAL_TERMS:
         raise InputError(f"retrieval_term must be one of {', '.join(RETRIEVAL_TERMS)}, got {retrieval_term!r}")
+    if age_from not in AGE_FROM:
+        raise InputError(f"age_from must be one of {', '.join(AGE_FROM)}, got {age_from!r}")
     turns = np.asarray(turns, dtype=np.int64)  # [n]
     last = np.asarray(last_retrieved, dtype=np.int64)  # [n]
     recent = (last >= 0) & (now - last < window)  # [n]
     bonus = recent if retrieval_term == "retrieved" else ~recent
-    return lam * np.exp(-gamma * (now - turns).astype(np.float64)) + beta * bonus.astype(np.float64)
+    since = turns if age_from == "said" else np.maximum(turns, last)  # [n]
+    return lam * np.exp(-gamma * (now - since).astype(np.float64)) + beta * bonus.astype(np.float64)
 
 
 def forget_choice(ids: np.ndarray, turns: np.ndarray, scores: np.ndarray, fraction: float) -> np.ndarray:
@@ -201,7 +211,7 @@ class Memory:
                  embedder: Embedder | None = None, summarizer: Summarizer | None = None, tokenizer=None,
                  chunk_words: int = 128, k: int = 5, tail_turns: int = 2, lam: float = 1.0, gamma: float = 0.002,
                  beta: float = 0.5, retrieval_window: int = 100, retrieval_term: str = "retrieved",
-                 forget_every: int = 100, forget_fraction: float = 0.005, sos_every: int = 100,
+                 age_from: str = "said", forget_every: int = 100, forget_fraction: float = 0.005, sos_every: int = 100,
                  synchronous: str = "full"):
         if (path is None) == (store is None):
             raise InputError("give exactly one of a store path or store=")
@@ -215,6 +225,9 @@ class Memory:
         if retrieval_term not in RETRIEVAL_TERMS:
             raise InputError(f"retrieval_term must be one of {', '.join(RETRIEVAL_TERMS)}, got {retrieval_term!r}")
         self.retrieval_term = retrieval_term
+        if age_from not in AGE_FROM:
+            raise InputError(f"age_from must be one of {', '.join(AGE_FROM)}, got {age_from!r}")
+        self.age_from = age_from
         self.forget_every = int_at_least(forget_every, "forget_every", 0, hint=" (0: only when forget() is called)")
         self.forget_fraction = _check_float("forget_fraction", forget_fraction, high=1.0)
         self.sos_every = int_at_least(sos_every, "sos_every", 0, hint=" (0: no summary of summaries)")
@@ -307,7 +320,7 @@ class Memory:
     def _forget_now(self, now: int) -> list[ForgetRecord]:
         ids, turns, last = self.store.chunk_state()
         scores = salience(turns, last, now, lam=self.lam, gamma=self.gamma, beta=self.beta,
-                          window=self.retrieval_window, retrieval_term=self.retrieval_term)
+                          window=self.retrieval_window, retrieval_term=self.retrieval_term, age_from=self.age_from)
         drop = forget_choice(ids, turns, scores, self.forget_fraction)
         if len(drop) == 0:
             return []
@@ -432,7 +445,8 @@ class Memory:
             "dim": int(self.embedder.dim),
             "summary": self.summary(),
             "forgetting": {"lam": self.lam, "gamma": self.gamma, "beta": self.beta, "window": self.retrieval_window,
-                           "retrieval_term": self.retrieval_term, "every": self.forget_every,
+                           "retrieval_term": self.retrieval_term, "age_from": self.age_from,
+                           "every": self.forget_every,
                            "fraction": self.forget_fraction},
         }
 

@@ -24,7 +24,7 @@ _NAMES = {"all-MiniLM-L6-v2": "minilm", "hash-bow-256": "hash"}
 
 
 def add_parser(sub) -> None:
-    from prunekit.inference.memory import RETRIEVAL_TERMS
+    from prunekit.inference.memory import AGE_FROM, RETRIEVAL_TERMS
     from prunekit.inference.memory_embed import EMBEDDERS
 
     mem = sub.add_parser("memory", help="long conversation memory (HEMA): add turns, ask with a bounded prompt, stats")
@@ -46,6 +46,9 @@ def add_parser(sub) -> None:
     add.add_argument("--retrieval-term", choices=RETRIEVAL_TERMS, default="retrieved",
                      help="salience bonus for recently retrieved chunks (the paper's text; default) or for chunks "
                      "not retrieved (its printed formula)")
+    add.add_argument("--age-from", choices=AGE_FROM, default="said",
+                     help="a chunk's age counts from the turn it was said (the paper's; default) or from its last "
+                     "retrieval when later")
     common(add)
 
     ask = msub.add_parser("ask", help="retrieve for a message and print the assembled prompt (and an answer)")
@@ -128,7 +131,7 @@ def _cmd_add(args) -> int:
     created = not path.exists()
     try:
         mem = _open(args, create=True, forget_every=args.forget_every, forget_fraction=args.forget_fraction,
-                    retrieval_term=args.retrieval_term)
+                    retrieval_term=args.retrieval_term, age_from=args.age_from)
         try:
             added = mem.add_many(turns)
             stats = mem.stats()
