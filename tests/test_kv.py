@@ -249,6 +249,13 @@ def test_delta_pages_rule():
     assert idx.tolist() == [4, 5, 6, 7, 16, 17, 18, 19, 28, 29]
     tie = pol.select(torch.full((4, 30), 0.01), 30)  # ties go to earlier pages
     assert tie.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 28, 29]
+    # the page-wise gather copies exactly those tokens, in order, with or without the partial last page
+    torch.manual_seed(0)
+    for pol, n in ((pol, 30), (pol, 32), (kv.Delta(budget=12, page_size=4, recent_pages=0), 30)):
+        t = torch.randn(1, 2, n, 3)
+        for pr in (probs[:, :n] if probs.shape[1] >= n else torch.rand(4, n), torch.rand(4, n)):
+            pages = pol.select_pages(pr, n)
+            assert torch.equal(pol.gather(t, pages, n), t[:, :, pol.select(pr, n)])
 
 
 def test_delta_sparse_layers_attend_only_to_the_picked_pages(models):
