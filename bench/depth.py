@@ -10,6 +10,7 @@ recorded in the results); they are far below the paper's (10k mask-learning step
     python bench/depth.py --kept 15            # the 15-block rows
     python bench/depth.py --kept 20 --resume   # skip rows already in the results file
     python bench/depth.py --report             # rewrite the .md and the plot from the .json
+    python bench/depth.py --dit --only tinyfusion-2:4,tinyfusion-3:6   # TinyFusion with larger local groups
 
 Writes bench/results/depth.json (``{"rows": [{"model", "method", "kept", "metric", "before_recovery",
 "after_recovery", "speedup", ...}], "settings": ...}``; rows merged by id under a file lock so several
@@ -35,6 +36,11 @@ from prunekit.speed import measure_speed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "depth.json"
+
+
+def tinyfusion_groups(method: str) -> str | None:
+    """``tinyfusion`` (the smallest uniform N:M pattern over blocks, 1:2 at half depth) or ``tinyfusion-N:M``."""
+    return method.partition("-")[2] or None
 METHODS = ("tinyfusion", "shortgpt", "every-other", "sensitivity", "random")
 SETTINGS = dict(
     model="smollm2-135m", calib="wiki", seqlen=128, windows=256, window_seed=0,
@@ -108,10 +114,10 @@ def run(kept: int, seed: int, resume: bool, methods) -> None:
         t0 = time.perf_counter()
         model = copy.deepcopy(dense)
         score = depth.causal_lm_target(model, ids[: SETTINGS["score_windows"]], batch_size=4)
-        if method == "tinyfusion":
+        if method.startswith("tinyfusion"):
             target = depth.causal_lm_target(model, ids, batch_size=SETTINGS["tinyfusion_batch"])
             keep, info = depth.select_blocks(target, "tinyfusion", kept=kept, steps=SETTINGS["tinyfusion_steps"],
-                                             seed=seed, progress=False)
+                                             seed=seed, progress=False, groups=tinyfusion_groups(method))
         else:
             keep, info = depth.select_blocks(score, method, kept=kept, candidates=SETTINGS["random_candidates"],
                                              seed=seed, progress=False)
@@ -178,9 +184,10 @@ def run_dit(seed: int, resume: bool, methods) -> None:
             model = copy.deepcopy(dense)
             score = dit_target(model, images[: DIT["score_batches"] * DIT["batch"]],
                                labels[: DIT["score_batches"] * DIT["batch"]], seed=seed)
-            if method == "tinyfusion":
+            if method.startswith("tinyfusion"):
                 keep, info = depth.select_blocks(dit_target(model, images, labels, seed=seed), "tinyfusion", kept=kept,
-                                                 steps=DIT["tinyfusion_steps"], seed=seed)
+                                                 steps=DIT["tinyfusion_steps"], seed=seed,
+                                                 groups=tinyfusion_groups(method))
             else:
                 keep, info = depth.select_blocks(score, method, kept=kept, candidates=DIT["random_candidates"], seed=seed)
             calib_loss = depth.calibration_loss(score, keep)
