@@ -392,19 +392,6 @@ def fuse_lowrank(lr: LowRankConv) -> nn.Conv2d:
     return conv
 
 
-def _median_ms(module: nn.Module, x: torch.Tensor, repeats: int = 4, warmup: int = 1) -> float:
-    import statistics
-    import time
-
-    times = []
-    for i in range(warmup + repeats):
-        t0 = time.perf_counter()
-        module(x)
-        if i >= warmup:
-            times.append(1000.0 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def split_where_faster(model: nn.Module, example: torch.Tensor, *, timer=None, rounds: int = 5) -> dict[str, dict]:
     """Keep each decomposed layer split only where the two thin convs run faster than one conv; in place.
@@ -427,7 +414,11 @@ def split_where_faster(model: nn.Module, example: torch.Tensor, *, timer=None, r
         raise InputError("example holds NaN or Inf; time on real inputs")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise InputError(f"rounds must be a positive integer, got {rounds!r}")
-    timer = timer or _median_ms
+    if timer is None:
+        from prunekit.cnn.flops import ms_per_batch
+
+        def timer(module, x):
+            return ms_per_batch(module, x, repeats=4, warmup=1)
     lowrank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankConv)}
     if not lowrank:
         return {}
