@@ -47,11 +47,16 @@ def _rows() -> list[dict]:
             rows.append(dict(id=f"{base}-{pat}", section="dsnot", method=base, base=None, pattern=pat))
             rows.append(dict(id=f"dsnot-{base}-{pat}", section="dsnot", method="dsnot", base=base, pattern=pat,
                              options={"base": base}))
+            # every layer refined (the MLP layers too; SparseGPT's OBS update recomputed for the final mask)
+            rows.append(dict(id=f"dsnot+mlp-{base}-{pat}", section="dsnot", method="dsnot", base=base, pattern=pat,
+                             options={"base": base, "skip_mlp": False, "obs_update": True}))
             if pat == "60%":  # update_threshold 0.1 taken as it is (not rescaled from 2048- to 512-token sums)
                 rows.append(dict(id=f"dsnot-t0.1-{base}-{pat}", section="dsnot", method="dsnot", base=base,
                                  pattern=pat, options={"base": base, "threshold_seqlen": None}))
-            if pat == "60%":  # the reference skips the MLP layers; the other setting too
-                rows.append(dict(id=f"dsnot+mlp-{base}-{pat}", section="dsnot", method="dsnot", base=base,
+            if pat == "60%" and base == "sparsegpt":  # the OBS update alone, and the MLP layers alone
+                rows.append(dict(id=f"dsnot+obs-{base}-{pat}", section="dsnot", method="dsnot", base=base,
+                                 pattern=pat, options={"base": base, "obs_update": True}))
+                rows.append(dict(id=f"dsnot+mlp-noobs-{base}-{pat}", section="dsnot", method="dsnot", base=base,
                                  pattern=pat, options={"base": base, "skip_mlp": False}))
             if pat == "60%" and base == "wanda":
                 rows.append(dict(id=f"dsnot-t0.1+mlp-{base}-{pat}", section="dsnot", method="dsnot", base=base,
@@ -136,28 +141,35 @@ def write_markdown(data: dict, path: Path) -> None:
     if "dense" in rows:
         d = rows["dense"]
         lines += [f"Dense (dequantized fp32): wiki {_fmt(d['ppl_wiki'])}, python-docs {_fmt(d['ppl_domain'])}.", ""]
+    settings = [  # (row id prefix, what it is)
+        ("", "base alone"),
+        ("dsnot-", "DSnoT, reference settings (MLP layers skipped)"),
+        ("dsnot+mlp-", "DSnoT, every layer refined (skip_mlp=False, obs_update=True)"),
+        ("dsnot+obs-", "DSnoT, MLP layers skipped, obs_update=True"),
+        ("dsnot+mlp-noobs-", "DSnoT, every layer refined, obs_update=False"),
+        ("dsnot-t0.1-", "DSnoT, bare threshold 0.1"),
+        ("dsnot-t0.1+mlp-", "DSnoT, bare threshold 0.1, every layer refined"),
+        ("dsnot-noguard-", "DSnoT, bare threshold 0.1, no guard (the reference's swaps)"),
+    ]
     lines += ["## DSnoT on each base mask", "",
-              "| base | pattern | ppl wiki base | ppl wiki +DSnoT | ppl wiki +DSnoT with MLP | ppl wiki +DSnoT bare 0.1 | "
-              "ppl wiki +DSnoT bare 0.1 with MLP | ppl wiki +DSnoT bare 0.1 no guard | ppl docs base | ppl docs +DSnoT | "
-              "ppl docs +DSnoT with MLP | ppl docs +DSnoT bare 0.1 | s base | s +DSnoT | swaps |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| base | pattern | setting | ppl wiki | vs base | ppl docs | vs base | seconds | swaps |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for pat in ("60%", "2:4", "50%"):  # the target sparsity first
         for base in ("magnitude", "wanda", "sparsegpt"):
-            b, s, m = rows.get(f"{base}-{pat}"), rows.get(f"dsnot-{base}-{pat}"), rows.get(f"dsnot-t0.1+mlp-{base}-{pat}")
-            ng, t = rows.get(f"dsnot-noguard-{base}-{pat}"), rows.get(f"dsnot-t0.1-{base}-{pat}")
-            wm = rows.get(f"dsnot+mlp-{base}-{pat}")
-            if not (b or s):
-                continue
-            g = lambda r, k, dg=3: _fmt(r.get(k), dg) if r else ""  # noqa: E731
-            lines.append(f"| {base} | {pat} | {g(b, 'ppl_wiki')} | {g(s, 'ppl_wiki')} | {g(wm, 'ppl_wiki')} | {g(t, 'ppl_wiki')} | "
-                         f"{g(m, 'ppl_wiki')} | {g(ng, 'ppl_wiki')} | {g(b, 'ppl_domain')} | {g(s, 'ppl_domain')} | "
-                         f"{g(wm, 'ppl_domain')} | {g(t, 'ppl_domain')} | {g(b, 'seconds', 1)} | {g(s, 'seconds', 1)} | "
-                         f"{s.get('swaps', '') if s else ''} |")
-    lines += ["", "DSnoT defaults as the reference (max_cycle_time 50, update_threshold 0.1 in the reference's 2048-token "
-              "units, i.e. 0.025 for these 512-token windows, pow_of_var_regrowing 1, MLP layers skipped), plus prunekit's "
-              "guard (each row keeps the prefix of its swaps with the lowest exact reconstruction error). \"bare 0.1\" "
-              "columns: update_threshold 0.1 on 512-token sums (threshold_seqlen=None, rows stop 4x earlier); \"with "
-              "MLP\" refines the MLP layers too; \"no guard\" is the reference's unguarded swapping.", ""]
+            b = rows.get(f"{base}-{pat}")
+            for prefix, what in settings:
+                r = rows.get(f"{prefix}{base}-{pat}")
+                if not r:
+                    continue
+                rel = lambda k: f"{100 * (r[k] / b[k] - 1):+.1f}%" if b and prefix else ""  # noqa: E731
+                lines.append(f"| {base} | {pat} | {what} | {_fmt(r['ppl_wiki'])} | {rel('ppl_wiki')} | "
+                             f"{_fmt(r['ppl_domain'])} | {rel('ppl_domain')} | {r['seconds']:.1f} | {r.get('swaps', '')} |")
+    lines += ["", "Reference settings: max_cycle_time 50, update_threshold 0.1 in the reference's 2048-token units (0.025 "
+              "for these 512-token windows), pow_of_var_regrowing 1, MLP layers skipped; plus prunekit's guard (each row "
+              "keeps the prefix of its swaps with the lowest exact reconstruction error). \"every layer refined\": the MLP "
+              "layers too, and for a SparseGPT base its OBS update recomputed for the final mask (`obs_update`, which "
+              "does nothing on the other bases). \"bare threshold 0.1\": update_threshold 0.1 on 512-token sums "
+              "(threshold_seqlen=None, rows stop 4x earlier). `vs base`: relative to the base mask alone.", ""]
     lines += ["## ARMOR 2:4", "", "Proxy loss: ``tr((W - W') H (W - W')^T) / tr(W H W^T)`` per layer on the calibration "
               "inputs, mean over the 210 layers (SparseGPT's is ARMOR's starting point in the same run).", "",
               "| method | ppl wiki | ppl docs | seconds | parameter overhead | mean proxy loss |",

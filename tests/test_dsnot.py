@@ -6,7 +6,7 @@ import torch
 import prunekit
 from prunekit.select import NM
 from prunekit.weights import stats
-from prunekit.weights.methods import dsnot
+from prunekit.weights.methods import dsnot, sparsegpt
 
 from conftest import ids_from_text, tiny_model
 from test_methods import planted, rel_error
@@ -40,7 +40,7 @@ def test_never_worse_than_base_and_keeps_budget(base, pattern, ratio):
     w, x = biased_inputs()
     s = layer_stats(x, w.shape[1])
     base_w = dsnot._base(w, s, base, ratio, pattern, 0.01)
-    out = dsnot.prune_weight(w, s, ratio=ratio, pattern=pattern, base=base, update_threshold=0.0)
+    out = dsnot.prune_weight(w, s, ratio=ratio, pattern=pattern, base=base, update_threshold=0.0, obs_update=False)
     assert out.info["swaps"] > 0  # it did change the mask
     assert rel_error(w, out.weight, x) <= rel_error(w, base_w, x) + 1e-6
     assert out.info["error_refined"] <= out.info["error_base"]
@@ -52,6 +52,26 @@ def test_never_worse_than_base_and_keeps_budget(base, pattern, ratio):
     # weights are either 0, their base value, or (regrown) their dense value
     ok = (out.weight == 0) | (out.weight == base_w) | (out.weight == w)
     assert bool(ok.all())
+
+
+@pytest.mark.parametrize("pattern,ratio", [(None, 0.6), (NM(2, 4), 0.5)])
+def test_sparsegpt_base_recomputes_the_obs_update_for_the_final_mask(pattern, ratio):
+    w, x = biased_inputs()
+    s = layer_stats(x, w.shape[1])
+    base_w = dsnot._base(w, s, "sparsegpt", ratio, pattern, 0.01)
+    # SparseGPT's sweep with its own mask fixed is SparseGPT's result, bit for bit
+    assert torch.equal(sparsegpt.prune_weight(w, s["hessian"], ratio=0.0, pattern=None, mask=base_w != 0), base_w)
+    kw = dict(ratio=ratio, pattern=pattern, base="sparsegpt", update_threshold=0.0)
+    plain = dsnot.prune_weight(w, s, obs_update=False, **kw)
+    solved = dsnot.prune_weight(w, s, obs_update=True, **kw)
+    assert torch.equal(solved.weight != 0, plain.weight != 0)  # the same mask ...
+    assert solved.info["rows_resolved"] > 0
+    # ... with each row's error at most that of the dense-value regrowth, and of the base
+    assert rel_error(w, solved.weight, x) < rel_error(w, plain.weight, x)
+    assert solved.info["error_refined"] <= plain.info["error_refined"] <= plain.info["error_base"]
+    redo = sparsegpt.prune_weight(w, s["hessian"], ratio=0.0, pattern=None, mask=plain.weight != 0)
+    rows = [r for r in range(w.shape[0]) if not torch.equal(solved.weight[r], plain.weight[r])]
+    assert rows and all(torch.equal(solved.weight[r], redo[r]) for r in rows)
 
 
 def test_unguarded_reference_swaps_reduce_expected_shift():

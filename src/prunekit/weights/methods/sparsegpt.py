@@ -76,15 +76,25 @@ def prune_weight(
     pattern: NM | None,
     blocksize: int = BLOCKSIZE,
     percdamp: float = PERCDAMP,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The pruned and OBS-updated copy of `weight` (``[out, in]``) given ``H`` (``[in, in]``, fp32)."""
+    """The pruned and OBS-updated copy of `weight` (``[out, in]``) given ``H`` (``[in, in]``, fp32).
+
+    `mask` (bool ``[out, in]``, True = keep) fixes which weights stay instead of choosing them: the sweep then
+    only computes the OBS update of the kept weights for that mask (`ratio` and `pattern` are not used). With
+    the mask SparseGPT itself chose, the result is SparseGPT's own.
+    """
     w = weight.detach().clone().float()  # [out, in]
+    if mask is not None and mask.shape != w.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the weight's {tuple(w.shape)}")
     h = hessian.clone()
     rows, cols = w.shape
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
     hinv = inverse_cholesky(h, percdamp)  # [in, in], upper
+    if mask is not None:
+        pattern = None
     if pattern is not None:
         # A group of m columns must not straddle two blocks.
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
@@ -98,7 +108,9 @@ def prune_weight(
         err1 = torch.empty_like(w1)  # [b, out]
         hinv1 = hinv[i1:i2, i1:i2]  # [b, b]
         d = torch.diag(hinv1)  # [b]
-        if pattern is None:
+        if mask is not None:
+            keep1 = mask[:, i1:i2].T.contiguous()  # [b, out]
+        elif pattern is None:
             # one cut over the whole out x b block, ties ordered as the reference's row-major flatten
             keep1 = keep_global(w1.T.square() / d.square()[None, :], ratio).T  # [b, out]
         else:
