@@ -263,7 +263,9 @@ def _label(row: dict) -> str:
     """Týr's rows name their final step: the default (sequential), or the reference's supernet levels."""
     if row["method"] == "tyr":
         final = (row.get("options") or {}).get("final", "supernet")  # rows run before `final` existed: supernet
-        return f"tyr (final={final}{', end to end' if final == 'sequential' else ''})"
+        stages = (row.get("options") or {}).get("stages")
+        other = "" if stages in (None, [[256, 2], [1024, 1]]) else ", stages " + ";".join(f"{t}:{k}" for t, k in stages)
+        return f"tyr (final={final}{', end to end' if final == 'sequential' else ''}{other})"
     if row["method"] == "tyr (final=sequential)":
         return f"tyr (final=sequential, re-pruned at {row['source_row']}'s widths)"
     return row["method"]
