@@ -258,6 +258,30 @@ def test_delta_pages_rule():
             assert torch.equal(pol.gather(t, pages, n), t[:, :, pol.select(pr, n)])
 
 
+def test_delta_page_buffers_hold_the_picked_pages_step_after_step():
+    # a cache growing one token per step; each step picks pages at random; the buffers of two sparse layers,
+    # updated incrementally, must hold exactly the gathered tokens (in any order), rows intact
+    pol = kv.Delta(budget=20, page_size=4, recent_pages=1)  # K = 5 pages
+    torch.manual_seed(0)
+    total = 60
+    base = torch.randn(1, 2, total, 3)
+    base[..., 0] = torch.arange(total, dtype=torch.float)  # channel 0 names the token
+    copied = []
+    for n in list(range(21, total)) + list(range(22, 30)):  # then a new, shorter sequence
+        pages = pol.select_pages(torch.rand(4, n), n)
+        plan = pol.plan(0, pages, n)
+        copied.append(int(plan["copy_pages"].numel()))
+        for layer in (1, 2):
+            if layer == 2 and n % 7 == 0:
+                continue  # this layer misses a step: it must rebuild next time
+            keys, values = base[:, :, :n], base[:, :, :n] * 2
+            kb, vb = pol.buffered(layer, (keys, values), plan)
+            want = pol.gather(keys, pages, n)
+            order = kb[0, 0, :, 0].argsort()
+            assert torch.equal(kb[:, :, order], want) and torch.equal(vb[:, :, order], want * 2)
+    assert max(copied) <= 5 and sum(copied) < 5 * len(copied)  # only the newly picked pages were copied
+
+
 def test_delta_sparse_layers_attend_only_to_the_picked_pages(models):
     model, ids = models["sdpa"], prompt(40)
     full, _ = generate(model, ids, new=8)
