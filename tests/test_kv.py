@@ -296,6 +296,14 @@ def test_delta_sparse_layers_attend_only_to_the_picked_pages(models):
     with kv.policy(model, "delta", budget=16, delta_layers=[0], page_size=4, recent_pages=1) as pol:
         sparse, _ = generate(model, ids, new=8)
     assert not torch.equal(sparse, full)  # the sparse path is really taken
+    # page buffers never leak from one sequence to the next
+    other = prompt(44, seed=5)
+    with kv.policy(model, "delta", budget=16, delta_layers=[0], page_size=4, recent_pages=1):
+        alone, _ = generate(model, other, new=8)
+    with kv.policy(model, "delta", budget=16, delta_layers=[0], page_size=4, recent_pages=1):
+        generate(model, ids, new=8)
+        after, _ = generate(model, other, new=8)
+    assert torch.equal(after, alone)
 
 
 def test_calibration_places_delta_layers_at_the_largest_attention_shifts():

@@ -195,7 +195,8 @@ class Delta(Policy):
 
     def attend(self, view: View, q: torch.Tensor, attention):
         if q.shape[2] != 1:
-            return None  # prefill: dense
+            self._slots.clear()  # prefill (or several tokens at once): dense; the page buffers start over
+            return None
         n, layer = view.n, view.layer
         layers = self._layers(view.num_layers)
         self.available += n
