@@ -319,6 +319,22 @@ def test_tyr_final_sequential_keeps_the_searched_widths():
         assert not torch.equal(a(ids).logits, b(ids).logits)  # re-pruned on the real model, not the supernet's levels
 
 
+def test_tyr_fitness_windows_are_kept_from_the_supernet(monkeypatch):
+    ids = calib(10)
+    seen = {"fitness": [], "supernet": []}
+    real_fitness = tyr._fitness
+    monkeypatch.setattr(tyr, "_fitness", lambda model, fids, *a: seen["fitness"].append(fids) or real_fitness(model, fids, *a))
+    monkeypatch.setattr(tyr, "_calibration_batches",
+                        lambda model, x, bs: seen["supernet"].append(x) or tyr.capture_block_inputs(model, tyr.find_blocks(model)[1], x, batch_size=bs))
+    prunekit.prune_structured(tiny(), method="tyr", ratio=0.35, calibration=ids, progress=False, fitness_samples=3,
+                              **TYR_FAST)
+    assert seen["fitness"] and all(torch.equal(f, ids[-3:]) for f in seen["fitness"])  # only the last 3 windows
+    assert seen["supernet"] and all(torch.equal(x, ids[:-3]) for x in seen["supernet"])  # never those
+    with pytest.raises(InputError, match="fitness_samples"):
+        prunekit.prune_structured(tiny(), method="tyr", ratio=0.35, calibration=calib(3), progress=False,
+                                  fitness_samples=3, **TYR_FAST)
+
+
 def test_eval_and_load_model_open_per_layer_widths(model_dir, text_file, tmp_path, capsys):
     from prunekit.cli import main
     from prunekit.structured.units import shrink_mlp

@@ -101,7 +101,9 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
     """Prune `model`'s heads and/or neurons in place (physically) with a structured `method`.
 
     `calibration`: a text source (``"wiki"``, ``"austen"``, a file path, a `prunekit.Text`) cut into `samples`
-    windows of `seqlen` tokens with `tokenizer`, or a ready ``[samples, seqlen]`` LongTensor of token ids.
+    windows of `seqlen` tokens with `tokenizer`, or a ready ``[samples, seqlen]`` LongTensor of token ids. Týr's
+    ``fitness_samples=F`` draws F more windows from the text for its search's fitness only (with ready ids, their
+    last F rows).
     `magnitude-structured` needs none. Method options (Týr: ``iterations``, ``generations``, ``offspring``,
     ``stages``, ``kl_topk``, ``propagate``, ``levels``, ``mlp_step``, ``neuron_step``, ``damp``,
     ``batch_size``) go as keywords.
@@ -123,7 +125,8 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
             if tokenizer is None:
                 raise InputError(f"{method} needs calibration text and a tokenizer (tokenizer=...)")
             text = calibration if isinstance(calibration, Text) else load_text(calibration, purpose="calibration")
-            ids = calibration_ids(tokenizer, text, samples=samples, seqlen=seqlen, seed=seed)
+            extra = int(options.get("fitness_samples") or 0) if method == "tyr" else 0
+            ids = calibration_ids(tokenizer, text, samples=samples + extra, seqlen=seqlen, seed=seed)
     widths_before = layer_widths(model)
     before_block = block_params(dims, widths_before)
     before = sum(p.numel() for p in model.parameters())

@@ -41,7 +41,10 @@ Departures from the reference, and why:
 - Candidates run physically pruned (the reference runs zero-filled weights), so the search itself gets
   faster as the budget grows.
 - Fitness windows are drawn from the same calibration windows the supernet used (the reference also draws both
-  from FineWeb-Edu's first half).
+  from FineWeb-Edu's first half, but from 4M calibration tokens, against 8K here), unless ``fitness_samples``
+  > 0: then the last `fitness_samples` windows of the calibration (`prune_structured` draws that many more)
+  serve only the teacher and the fitness, and the supernet never sees them, so the search cannot reward
+  levels whose least-squares refit fits the calibration windows themselves.
 
 ``final="sequential"`` (the default; not in the reference, whose result is the supernet's levels: ``final="supernet"``) re-prunes the model once more at the
 searched widths with each block calibrated on the already-pruned real blocks before it, instead of keeping the
@@ -218,9 +221,11 @@ def _parse_stages(stages) -> list[tuple[int, int]]:
 
 def tyr_options(*, iterations: int = 2, generations: int = 8, offspring: int = 8, stages="256:2,1024:1",
                 kl_topk: int = 1024, propagate: str = "expectation", levels: int = 9, mlp_step: float = 0.125,
-                neuron_step: int = 16, damp: float = 0.01, batch_size: int = 8, final: str = "sequential") -> dict:
+                neuron_step: int = 16, damp: float = 0.01, batch_size: int = 8, final: str = "sequential",
+                fitness_samples: int = 0) -> dict:
     """Týr's options, validated (`prune_tyr` takes the same keywords)."""
     out = {
+        "fitness_samples": int_at_least(fitness_samples, "fitness_samples", 0),
         "iterations": int_at_least(iterations, "iterations", 1),
         "generations": int_at_least(generations, "generations", 0),
         "offspring": int_at_least(offspring, "offspring", 1),
@@ -474,8 +479,14 @@ def prune_tyr(model: nn.Module, ids: torch.Tensor, *, ratio: float, structure: s
     check_widths(dims, centre)
     if not search:
         opts["iterations"], opts["levels"] = 1, 1
+    fids = ids
+    if opts["fitness_samples"]:
+        if ids.shape[0] <= opts["fitness_samples"]:
+            raise InputError(f"fitness_samples={opts['fitness_samples']} leaves none of the {ids.shape[0]} calibration "
+                             "windows for the supernet; give more windows or fewer fitness samples")
+        ids, fids = ids[:-opts["fitness_samples"]], ids[-opts["fitness_samples"]:]
     rng = np.random.default_rng(seed)
-    teacher = _teacher(model, ids, opts["kl_topk"], opts["batch_size"]) if search and opts["generations"] else None
+    teacher = _teacher(model, fids, opts["kl_topk"], opts["batch_size"]) if search and opts["generations"] else None
     installer = _Installer(model, dims)
     log: list[SearchLog] = []
     spread = opts["levels"] // 2
@@ -490,7 +501,7 @@ def prune_tyr(model: nn.Module, ids: torch.Tensor, *, ratio: float, structure: s
         del batches
         best = np.zeros(len(subs), dtype=np.int64)
         if teacher is not None:
-            best = _search(model, installer, subs, ids, teacher, opts, rng, progress, log, it)
+            best = _search(model, installer, subs, fids, teacher, opts, rng, progress, log, it)
         if it == opts["iterations"] - 1 and opts["final"] == "supernet":
             installer.install(subs, best)
         centre = _widths_of(dims, subs, best)
