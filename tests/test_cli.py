@@ -124,6 +124,11 @@ def _nan_model(tmp_path):
         ("dsnot-base", "dsnot base must be one of"),
         ("bad-option", "takes no option"),
         ("option-form", "must look like KEY=VALUE"),
+        ("option-bool", "dsnot option skip_mlp must be true or false, got 'maybe'"),
+        ("option-number", "dsnot option update_threshold must be a number, got 'abc'"),
+        ("option-blocksize", "sparsegpt option blocksize must be an integer >= 1, got 0"),
+        ("option-percdamp", "sparsegpt option percdamp must be >= 0, got -1"),
+        ("option-none", "sparsegpt option blocksize cannot be none"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(case, message, model_dir, text_file, tmp_path, capsys):
@@ -168,6 +173,16 @@ def test_bad_input_exits_2_and_writes_nothing(case, message, model_dir, text_fil
         extra = ["--method", "wanda", "--ratio", "0.5", "--option", "cycles=3"]
     elif case == "option-form":
         extra = ["--method", "dsnot", "--ratio", "0.5", "--option", "skip_mlp"]
+    elif case == "option-bool":  # was taken as true (a non-empty string)
+        extra = ["--method", "dsnot", "--ratio", "0.5", "--option", "skip_mlp=maybe"]
+    elif case == "option-number":  # was a TypeError traceback mid-run
+        extra = ["--method", "dsnot", "--ratio", "0.5", "--option", "update_threshold=abc"]
+    elif case == "option-blocksize":  # was "range() arg 3 must not be zero"
+        extra = ["--method", "sparsegpt", "--ratio", "0.5", "--option", "blocksize=0"]
+    elif case == "option-percdamp":  # was a RuntimeError traceback (the Hessian "stays singular")
+        extra = ["--method", "sparsegpt", "--ratio", "0.5", "--option", "percdamp=-1"]
+    elif case == "option-none":
+        extra = ["--method", "sparsegpt", "--ratio", "0.5", "--option", "blocksize=none"]
     before = digest(model_dir)
     rc = cli.main(["prune", model, "--calib", calib, "--seqlen", "64", "--out", str(out), "--quiet", *extra])
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -193,10 +208,12 @@ def test_jsonl_calibration_and_methods_listing(model_dir, tmp_path, capsys):
 def test_dsnot_from_the_cli_with_options(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "dsnot"
     rc = cli.main(prune_args(model_dir, text_file, out, "--method", "dsnot", "--base", "sparsegpt", "--ratio", "0.6",
-                             "--option", "skip_mlp=false", "--option", "update_threshold=0"))
+                             "--option", "skip_mlp=false", "--option", "update_threshold=0",
+                             "--option", "threshold_seqlen=none"))
     assert rc == 0
     meta = json.loads((out / "prunekit.json").read_text())
     assert meta["options"]["base"] == "sparsegpt" and meta["options"]["skip_mlp"] is False
+    assert meta["options"]["threshold_seqlen"] is None  # `none` is None, as the option's default documents
     assert sum(layer["info"]["swaps"] for layer in meta["layers"]) > 0
     capsys.readouterr()
     assert cli.main(["methods"]) == 0

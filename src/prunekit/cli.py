@@ -98,6 +98,8 @@ def _value(text: str):
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
+    if low == "none":  # e.g. --option threshold_seqlen=none
+        return None
     for kind in (int, float):
         try:
             return kind(text)
