@@ -110,6 +110,7 @@ def _nan_model(tmp_path):
         ("missing", "neither a zoo name"),
         ("no-config", "no config.json"),
         ("bad-config", "not valid JSON"),
+        ("truncated-weights", "safetensors weights are corrupt or truncated"),
         ("ratio-high", "outside [0, 1)"),
         ("ratio-neg", "outside [0, 1)"),
         ("pattern-5:4", "1 <= N < M"),
@@ -145,6 +146,12 @@ def test_bad_input_exits_2_and_writes_nothing(case, message, model_dir, text_fil
         (broken / "config.json").write_text("{not json")
         (broken / "model.safetensors").write_bytes(b"")
         model = str(broken)
+    elif case == "truncated-weights":  # was a SafetensorError traceback, exit 1
+        cut = tmp_path / "cut"
+        cut.mkdir()
+        for f in model_dir.iterdir():
+            (cut / f.name).write_bytes(f.read_bytes()[:5000] if f.name == "model.safetensors" else f.read_bytes())
+        model = str(cut)
     elif case == "ratio-high":
         extra = ["--method", "wanda", "--ratio", "1.0"]
     elif case == "ratio-neg":

@@ -63,9 +63,14 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None):
         from prunekit.structured.export import load
 
         return load(path, dtype=dtype)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
+    except SafetensorError as e:  # a corrupt or truncated weight file
+        raise InputError(f"could not load {path}: its safetensors weights are corrupt or truncated ({e}); "
+                         "save the model again with save_pretrained") from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"could not load {path} as a causal LM: {first}") from None
