@@ -72,6 +72,55 @@ def test_eval_json_and_pattern_check(model_dir, text_file, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["pattern_ok"] is False
 
 
+@pytest.mark.parametrize(
+    "meta,message",
+    [("{broken", "prunekit.json is not valid JSON"), ("[1]", None), ('{"pattern": 5}', "not an N:M string"),
+     ('{"pattern": "9:2"}', "prunekit.json records a bad pattern")],
+)
+def test_eval_refuses_a_broken_prunekit_json(meta, message, model_dir, text_file, capsys):
+    # a malformed prunekit.json was a JSONDecodeError / AttributeError traceback (exit 1)
+    (model_dir / "prunekit.json").write_text(meta)
+    rc = cli.main(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "64", "--tokens", "128", "--quiet"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if message is None:  # no pattern recorded in it: nothing to check, the eval runs
+        assert rc == 0
+    else:
+        assert rc == 2 and message in err.strip().splitlines()[-1]
+        # --pattern overrides what the file records
+        assert cli.main(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "64", "--tokens", "128",
+                         "--pattern", "2:4", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [(["eval", "MODEL", "--text", "TEXT", "--tokens", "0"], "--tokens must be an integer >= 1"),
+     (["eval", "MODEL", "--text", "TEXT", "--seqlen", "1"], "--seqlen must be an integer >= 2"),
+     (["eval", "MODEL", "--text", "MISSING"], "does not exist"),
+     (["prune", "MODEL", "--method", "wanda", "--ratio", "0.5", "--calib", "TEXT", "--eval", "TEXT",
+       "--eval-tokens", "0", "--out", "OUT"], "--eval-tokens must be an integer >= 1"),
+     (["prune", "MODEL", "--method", "wanda", "--ratio", "0.5", "--calib", "MISSING", "--out", "OUT"], "does not exist"),
+     (["prune", "MODEL", "--method", "wanda", "--ratio", "0.5", "--calib", "TEXT", "--eval", "MISSING",
+       "--out", "OUT"], "does not exist")],
+)
+def test_sizes_and_texts_are_checked_before_the_model_loads(argv, message, model_dir, text_file, tmp_path,
+                                                            monkeypatch, capsys):
+    # --tokens 0 / --eval-tokens 0 silently meant the default; a missing text failed only after the model load
+    import prunekit
+    from prunekit.weights import io
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(prunekit, "load_model", no_load)
+    monkeypatch.setattr(io, "load_model", no_load)
+    names = {"MODEL": str(model_dir), "TEXT": str(text_file), "MISSING": str(tmp_path / "missing.txt"),
+             "OUT": str(tmp_path / "out")}
+    assert cli.main([names.get(a, a) for a in argv] + ["--quiet"]) == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_output_is_refused_then_replaced_with_overwrite(model_dir, text_file, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
