@@ -143,6 +143,39 @@ def test_interrupt_leaves_nothing(model_dir, text_file, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_output_that_would_replace_the_input_is_refused_even_with_overwrite(model_dir, text_file, tmp_path, capsys):
+    # --out MODEL --overwrite used to prune, then replace (delete) the input model folder with the result
+    before = digest(model_dir)
+    for out in (model_dir, model_dir.parent):
+        for method in (["--method", "magnitude", "--ratio", "0.5"], ["--method", "tyr", "--ratio", "0.3"],
+                       ["--method", "shortgpt", "--layers", "1"]):
+            assert cli.main(prune_args(model_dir, text_file, out, *method, "--overwrite")) == 2
+            assert "would replace the input" in capsys.readouterr().err
+    assert digest(model_dir) == before
+
+
+def test_output_under_a_file_fails_before_the_work(model_dir, text_file, tmp_path, monkeypatch, capsys):
+    # was a FileExistsError traceback from the save, after the pruning
+    import prunekit
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setattr(prunekit, "prune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("pruned first")))
+    assert cli.main(prune_args(model_dir, text_file, blocker / "sub" / "out", "--method", "wanda", "--ratio", "0.5")) == 2
+    assert "which is a file, not a folder" in capsys.readouterr().err
+    assert blocker.read_text() == "x"
+
+
+def test_interrupt_leaves_no_parent_folders_it_created(model_dir, text_file, tmp_path, monkeypatch):
+    def boom(folder, meta):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_report", boom)
+    out = tmp_path / "new" / "deeper" / "out"
+    assert cli.main(prune_args(model_dir, text_file, out, "--method", "magnitude", "--ratio", "0.5")) == 130
+    assert not (tmp_path / "new").exists()
+
+
 def _nan_model(tmp_path):
     folder = tmp_path / "nan-model"
     model = tiny_model("llama")

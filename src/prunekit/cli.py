@@ -127,6 +127,7 @@ def _options(args) -> dict:
 def _cmd_prune(args) -> int:
     import prunekit
     from prunekit import report
+    from prunekit.errors import check_not_input
     from prunekit.evaluate import EVAL_TOKENS
     from prunekit.select import parse_pattern, ratio_for
     from prunekit.weights.io import check_output, resolve_model
@@ -146,7 +147,7 @@ def _cmd_prune(args) -> int:
     options = _options(args)
     prunekit.prune_options(args.method, options)
     check_output(args.out, overwrite=args.overwrite)
-    resolve_model(args.model)
+    check_not_input(args.out, resolve_model(args.model), args.calib, *(args.eval or "").split(","), args.domain)
     progress = not args.quiet
     calib = args.calib if args.calib is not None else ("wiki" if spec.stat_for(options) or spec.prune_model else None)
     calib_text = prunekit.load_text(calib, purpose="calibration") if calib else None

@@ -244,8 +244,8 @@ def _cmd_qtune(args) -> int:
 
     from prunekit.data import sft as S
     from prunekit.data.methods import qtuning as Q
-    from prunekit.errors import InputError, int_at_least
-    from prunekit.weights.io import check_output, load_model, write_atomically
+    from prunekit.errors import InputError, check_not_input, int_at_least
+    from prunekit.weights.io import check_output, load_model, resolve_model, write_atomically
 
     check_output(args.out, overwrite=args.overwrite)
     S.check_ratio(args.samples, "--samples")
@@ -257,6 +257,7 @@ def _cmd_qtune(args) -> int:
     int_at_least(args.lora_rank, "--lora-rank", 0)
     if not args.lr > 0:
         raise InputError(f"--lr must be positive, got {args.lr}")
+    check_not_input(args.out, args.data, resolve_model(args.model))
     records = S.read_sft(args.data)
     start = time.perf_counter()
     model, tok = load_model(args.model)
