@@ -72,6 +72,55 @@ def test_eval_json_and_pattern_check(model_dir, text_file, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["pattern_ok"] is False
 
 
+@pytest.mark.parametrize(
+    "meta,message",
+    [("{broken", "prunekit.json is not valid JSON"), ("[1]", None), ('{"pattern": 5}', "not an N:M string"),
+     ('{"pattern": "9:2"}', "prunekit.json records a bad pattern")],
+)
+def test_eval_refuses_a_broken_prunekit_json(meta, message, model_dir, text_file, capsys):
+    # a malformed prunekit.json was a JSONDecodeError / AttributeError traceback (exit 1)
+    (model_dir / "prunekit.json").write_text(meta)
+    rc = cli.main(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "64", "--tokens", "128", "--quiet"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if message is None:  # no pattern recorded in it: nothing to check, the eval runs
+        assert rc == 0
+    else:
+        assert rc == 2 and message in err.strip().splitlines()[-1]
+        # --pattern overrides what the file records
+        assert cli.main(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "64", "--tokens", "128",
+                         "--pattern", "2:4", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [(["eval", "MODEL", "--text", "TEXT", "--tokens", "0"], "--tokens must be an integer >= 1"),
+     (["eval", "MODEL", "--text", "TEXT", "--seqlen", "1"], "--seqlen must be an integer >= 2"),
+     (["eval", "MODEL", "--text", "MISSING"], "does not exist"),
+     (["prune", "MODEL", "--method", "wanda", "--ratio", "0.5", "--calib", "TEXT", "--eval", "TEXT",
+       "--eval-tokens", "0", "--out", "OUT"], "--eval-tokens must be an integer >= 1"),
+     (["prune", "MODEL", "--method", "wanda", "--ratio", "0.5", "--calib", "MISSING", "--out", "OUT"], "does not exist"),
+     (["prune", "MODEL", "--method", "wanda", "--ratio", "0.5", "--calib", "TEXT", "--eval", "MISSING",
+       "--out", "OUT"], "does not exist")],
+)
+def test_sizes_and_texts_are_checked_before_the_model_loads(argv, message, model_dir, text_file, tmp_path,
+                                                            monkeypatch, capsys):
+    # --tokens 0 / --eval-tokens 0 silently meant the default; a missing text failed only after the model load
+    import prunekit
+    from prunekit.weights import io
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(prunekit, "load_model", no_load)
+    monkeypatch.setattr(io, "load_model", no_load)
+    names = {"MODEL": str(model_dir), "TEXT": str(text_file), "MISSING": str(tmp_path / "missing.txt"),
+             "OUT": str(tmp_path / "out")}
+    assert cli.main([names.get(a, a) for a in argv] + ["--quiet"]) == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_output_is_refused_then_replaced_with_overwrite(model_dir, text_file, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -94,6 +143,39 @@ def test_interrupt_leaves_nothing(model_dir, text_file, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_output_that_would_replace_the_input_is_refused_even_with_overwrite(model_dir, text_file, tmp_path, capsys):
+    # --out MODEL --overwrite used to prune, then replace (delete) the input model folder with the result
+    before = digest(model_dir)
+    for out in (model_dir, model_dir.parent):
+        for method in (["--method", "magnitude", "--ratio", "0.5"], ["--method", "tyr", "--ratio", "0.3"],
+                       ["--method", "shortgpt", "--layers", "1"]):
+            assert cli.main(prune_args(model_dir, text_file, out, *method, "--overwrite")) == 2
+            assert "would replace the input" in capsys.readouterr().err
+    assert digest(model_dir) == before
+
+
+def test_output_under_a_file_fails_before_the_work(model_dir, text_file, tmp_path, monkeypatch, capsys):
+    # was a FileExistsError traceback from the save, after the pruning
+    import prunekit
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setattr(prunekit, "prune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("pruned first")))
+    assert cli.main(prune_args(model_dir, text_file, blocker / "sub" / "out", "--method", "wanda", "--ratio", "0.5")) == 2
+    assert "which is a file, not a folder" in capsys.readouterr().err
+    assert blocker.read_text() == "x"
+
+
+def test_interrupt_leaves_no_parent_folders_it_created(model_dir, text_file, tmp_path, monkeypatch):
+    def boom(folder, meta):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_report", boom)
+    out = tmp_path / "new" / "deeper" / "out"
+    assert cli.main(prune_args(model_dir, text_file, out, "--method", "magnitude", "--ratio", "0.5")) == 130
+    assert not (tmp_path / "new").exists()
+
+
 def _nan_model(tmp_path):
     folder = tmp_path / "nan-model"
     model = tiny_model("llama")
@@ -110,6 +192,7 @@ def _nan_model(tmp_path):
         ("missing", "neither a zoo name"),
         ("no-config", "no config.json"),
         ("bad-config", "not valid JSON"),
+        ("truncated-weights", "safetensors weights are corrupt or truncated"),
         ("ratio-high", "outside [0, 1)"),
         ("ratio-neg", "outside [0, 1)"),
         ("pattern-5:4", "1 <= N < M"),
@@ -124,6 +207,11 @@ def _nan_model(tmp_path):
         ("dsnot-base", "dsnot base must be one of"),
         ("bad-option", "takes no option"),
         ("option-form", "must look like KEY=VALUE"),
+        ("option-bool", "dsnot option skip_mlp must be true or false, got 'maybe'"),
+        ("option-number", "dsnot option update_threshold must be a number, got 'abc'"),
+        ("option-blocksize", "sparsegpt option blocksize must be an integer >= 1, got 0"),
+        ("option-percdamp", "sparsegpt option percdamp must be >= 0, got -1"),
+        ("option-none", "sparsegpt option blocksize cannot be none"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(case, message, model_dir, text_file, tmp_path, capsys):
@@ -140,6 +228,12 @@ def test_bad_input_exits_2_and_writes_nothing(case, message, model_dir, text_fil
         (broken / "config.json").write_text("{not json")
         (broken / "model.safetensors").write_bytes(b"")
         model = str(broken)
+    elif case == "truncated-weights":  # was a SafetensorError traceback, exit 1
+        cut = tmp_path / "cut"
+        cut.mkdir()
+        for f in model_dir.iterdir():
+            (cut / f.name).write_bytes(f.read_bytes()[:5000] if f.name == "model.safetensors" else f.read_bytes())
+        model = str(cut)
     elif case == "ratio-high":
         extra = ["--method", "wanda", "--ratio", "1.0"]
     elif case == "ratio-neg":
@@ -168,6 +262,16 @@ def test_bad_input_exits_2_and_writes_nothing(case, message, model_dir, text_fil
         extra = ["--method", "wanda", "--ratio", "0.5", "--option", "cycles=3"]
     elif case == "option-form":
         extra = ["--method", "dsnot", "--ratio", "0.5", "--option", "skip_mlp"]
+    elif case == "option-bool":  # was taken as true (a non-empty string)
+        extra = ["--method", "dsnot", "--ratio", "0.5", "--option", "skip_mlp=maybe"]
+    elif case == "option-number":  # was a TypeError traceback mid-run
+        extra = ["--method", "dsnot", "--ratio", "0.5", "--option", "update_threshold=abc"]
+    elif case == "option-blocksize":  # was "range() arg 3 must not be zero"
+        extra = ["--method", "sparsegpt", "--ratio", "0.5", "--option", "blocksize=0"]
+    elif case == "option-percdamp":  # was a RuntimeError traceback (the Hessian "stays singular")
+        extra = ["--method", "sparsegpt", "--ratio", "0.5", "--option", "percdamp=-1"]
+    elif case == "option-none":
+        extra = ["--method", "sparsegpt", "--ratio", "0.5", "--option", "blocksize=none"]
     before = digest(model_dir)
     rc = cli.main(["prune", model, "--calib", calib, "--seqlen", "64", "--out", str(out), "--quiet", *extra])
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -193,10 +297,12 @@ def test_jsonl_calibration_and_methods_listing(model_dir, tmp_path, capsys):
 def test_dsnot_from_the_cli_with_options(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "dsnot"
     rc = cli.main(prune_args(model_dir, text_file, out, "--method", "dsnot", "--base", "sparsegpt", "--ratio", "0.6",
-                             "--option", "skip_mlp=false", "--option", "update_threshold=0"))
+                             "--option", "skip_mlp=false", "--option", "update_threshold=0",
+                             "--option", "threshold_seqlen=none"))
     assert rc == 0
     meta = json.loads((out / "prunekit.json").read_text())
     assert meta["options"]["base"] == "sparsegpt" and meta["options"]["skip_mlp"] is False
+    assert meta["options"]["threshold_seqlen"] is None  # `none` is None, as the option's default documents
     assert sum(layer["info"]["swaps"] for layer in meta["layers"]) > 0
     capsys.readouterr()
     assert cli.main(["methods"]) == 0

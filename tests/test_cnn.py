@@ -381,6 +381,19 @@ def test_cli_missing_model_and_bad_training_options(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_cli_udfc_refuses_to_replace_its_input_or_write_under_a_file(saved, tmp_path, capsys):
+    # --out MODEL --overwrite replaced the input model; --out FILE/x was a FileExistsError traceback after the work
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    assert main(["cnn", "udfc", str(saved), "--ratio", "0.5", "--out", str(saved), "--overwrite"]) == 2
+    assert "would replace the input" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["cnn", "udfc", str(saved), "--ratio", "0.5", "--out", str(blocker / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "which is a file, not a folder" in err
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
 def test_cli_trp_split_faster_keeps_slow_splits_whole(tmp_path):
     from prunekit.zoo import cache_dir
 

@@ -134,6 +134,26 @@ def test_existing_output_refused_unless_overwrite(tmp_path, capsys):
     assert main(args + ["--overwrite"]) == 0 and out.read_text().startswith("index,label,predicted")
 
 
+def test_output_that_is_an_input_a_folder_or_under_a_file_is_refused(tmp_path, capsys):
+    # --out INPUT --overwrite replaced the input file; --out FOLDER --overwrite and --out FILE/x.csv were tracebacks
+    labels, probs = noisy(300, 3)
+    np.save(tmp_path / "y.npy", labels)
+    np.save(tmp_path / "p.npy", probs)
+    np.save(tmp_path / "s.npy", probs[:, 0])
+    (tmp_path / "folder.csv").mkdir()
+    before = {name: (tmp_path / name).read_bytes() for name in ("y.npy", "p.npy", "s.npy")}
+    issues = ["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(tmp_path / "p.npy"), "--out"]
+    select = ["data", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "0.5", "--out"]
+    for args, out, match in [(issues, "y.npy", "would replace the input"), (issues, "p.npy", "would replace the input"),
+                             (select, "s.npy", "would replace the input"), (issues, "folder.csv", "is a folder"),
+                             (issues, "y.npy/x.csv", "which is a file, not a folder")]:
+        assert main(args + [str(tmp_path / out), "--overwrite"]) == 2, out
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and match in err, (out, err)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.csv", "p.npy", "s.npy", "y.npy"]
+
+
 def test_write_table_leaves_nothing_on_interrupt(tmp_path, monkeypatch):
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt

@@ -405,6 +405,8 @@ def test_cli_add_ask_stats_and_exit_codes(tmp_path, capsys):
         ["memory", "ask", "--store", db, "locker", "--budget", "3"],
         ["memory", "ask", "--store", db, "locker", "--k", "-1"],
         ["memory", "add", "--store", str(tmp_path / "new.db"), "--embedder", "hash", "--jsonl", str(tmp_path / "none")],
+        # a store under a file was a NotADirectoryError traceback (twice: the cleanup failed too)
+        ["memory", "add", "--store", str(turns / "under-a-file.db"), "--embedder", "hash", "hi"],
     ]
     for argv in bad:
         assert main(argv) == 2, argv

@@ -257,6 +257,11 @@ def test_cli_samples_and_refuses_bad_questions(tmp_path, model_dir, capsys):
     assert main(args2) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
     assert not out2.exists() and not list(tmp_path.glob(".new.jsonl*"))
+    # --out QUESTIONS --overwrite sampled, then replaced the questions file with the paths
+    before = qfile.read_text()
+    assert main(["reason", "--model", str(model_dir), "--questions", str(qfile), "--samples", "2", "--out", str(qfile),
+                 "--overwrite", "--quiet"]) == 2
+    assert "would replace the input" in capsys.readouterr().err and qfile.read_text() == before
 
 
 # ---------------------------------------------------------------- sampling

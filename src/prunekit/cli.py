@@ -98,6 +98,8 @@ def _value(text: str):
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
+    if low == "none":  # e.g. --option threshold_seqlen=none
+        return None
     for kind in (int, float):
         try:
             return kind(text)
@@ -125,6 +127,7 @@ def _options(args) -> dict:
 def _cmd_prune(args) -> int:
     import prunekit
     from prunekit import report
+    from prunekit.errors import check_not_input
     from prunekit.evaluate import EVAL_TOKENS
     from prunekit.select import parse_pattern, ratio_for
     from prunekit.weights.io import check_output, resolve_model
@@ -136,6 +139,7 @@ def _cmd_prune(args) -> int:
 
         choices = [n for domain in ("weights", *_PRUNE_DOMAINS) for n in prunekit.registry.names(domain)]
         raise InputError(f"unknown method {args.method!r} for prune; choose one of: {', '.join(choices)}")
+    _check_eval_sizes(args.seqlen, args.eval_tokens, "--eval-tokens")
     if known.domain in _PRUNE_DOMAINS:
         return import_module(_PRUNE_DOMAINS[known.domain]).run_prune(args)
     spec = prunekit.registry.get(args.method, "weights")  # validate everything before the slow work
@@ -143,13 +147,13 @@ def _cmd_prune(args) -> int:
     options = _options(args)
     prunekit.prune_options(args.method, options)
     check_output(args.out, overwrite=args.overwrite)
-    resolve_model(args.model)
+    check_not_input(args.out, resolve_model(args.model), args.calib, *(args.eval or "").split(","), args.domain)
     progress = not args.quiet
-    model, tok = prunekit.load_model(args.model)
     calib = args.calib if args.calib is not None else ("wiki" if spec.stat_for(options) or spec.prune_model else None)
     calib_text = prunekit.load_text(calib, purpose="calibration") if calib else None
     evals_src = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
+    model, tok = prunekit.load_model(args.model)  # after the texts: a missing file fails before the slow load
     tokens = args.eval_tokens or EVAL_TOKENS
     evaluation = {}
     for name, text in eval_texts.items():
@@ -185,20 +189,51 @@ def _cmd_prune(args) -> int:
     return 0
 
 
+def _check_eval_sizes(seqlen: int, tokens: int | None, tokens_flag: str) -> None:
+    """--seqlen >= 2 and the token budget >= 1 (0 is not "the default"), before anything is loaded."""
+    from prunekit.errors import int_at_least
+
+    int_at_least(seqlen, "--seqlen", 2)
+    if tokens is not None:
+        int_at_least(tokens, tokens_flag, 1, hint=" (tokens evaluated; leave it out for the default)")
+
+
+def _recorded_pattern(path: Path) -> str | None:
+    """The N:M pattern a prunekit.json in model folder `path` records, or None; a broken file is an InputError."""
+    from prunekit.errors import InputError
+    from prunekit.select import parse_pattern
+
+    recorded = path / "prunekit.json"
+    if not recorded.is_file():
+        return None
+    try:
+        meta = json.loads(recorded.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{recorded} is not valid JSON ({e}); fix or delete it, or give --pattern") from None
+    pattern = meta.get("pattern") if isinstance(meta, dict) else None
+    if pattern is not None and not isinstance(pattern, str):
+        raise InputError(f"{recorded} records pattern {pattern!r}, not an N:M string; fix it or give --pattern")
+    if pattern is not None:
+        try:
+            parse_pattern(pattern)
+        except InputError as e:
+            raise InputError(f"{recorded} records a bad pattern: {e}; fix it or give --pattern") from None
+    return pattern
+
+
 def _cmd_eval(args) -> int:
     import prunekit
     from prunekit.evaluate import EVAL_TOKENS
     from prunekit.weights.io import resolve_model
 
+    _check_eval_sizes(args.seqlen, args.tokens, "--tokens")
     path = resolve_model(args.model)
-    pattern = args.pattern
-    recorded = path / "prunekit.json"
-    if pattern is None and recorded.is_file():
-        pattern = json.loads(recorded.read_text()).get("pattern")
+    pattern = args.pattern if args.pattern is not None else _recorded_pattern(path)
     if pattern is not None:
         prunekit.parse_pattern(pattern)
+    text = prunekit.load_text(args.text, purpose="evaluation")  # a missing or empty file fails before the load
     model, tok = prunekit.load_model(path)
-    ppl = prunekit.perplexity(model, tok, args.text, seqlen=args.seqlen, tokens=args.tokens or EVAL_TOKENS, progress=not args.quiet)
+    ppl = prunekit.perplexity(model, tok, text, seqlen=args.seqlen, tokens=args.tokens or EVAL_TOKENS, progress=not args.quiet)
     measured = prunekit.sparsity(model)
     out = {**ppl.to_dict(), "sparsity": measured["total"], "model_sparsity": measured["model_total"], "pattern": pattern}
     if pattern is not None:

@@ -4,9 +4,12 @@
 one-line message and exit code 2. Every message says what is wrong and what to do about it.
 """
 
+import os
+import tempfile
 from numbers import Integral
+from pathlib import Path
 
-__all__ = ["InputError", "int_at_least"]
+__all__ = ["InputError", "int_at_least", "check_writable", "check_not_input"]
 
 
 class InputError(ValueError):
@@ -18,3 +21,30 @@ def int_at_least(value, name: str, low: int, *, hint: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
         raise InputError(f"{name} must be an integer >= {low}{hint}, got {value!r}")
     return int(value)
+
+
+def check_writable(out: str | os.PathLike, *, flag: str = "--out") -> None:
+    """Refuse an output that cannot be created: under a file, or where nothing can be written. Creates nothing.
+
+    Called with the other checks, before the slow work, so a bad location fails in a second and not at the save.
+    """
+    folder = Path(out).expanduser().absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"{flag} {out} lies under {folder}, which is a file, not a folder; choose another {flag}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".prunekit-probe-", dir=folder))
+    except OSError as e:
+        raise InputError(f"{flag} {out}: cannot write in {folder} ({e.strerror}); choose another {flag}") from None
+
+
+def check_not_input(out: str | os.PathLike, *inputs, flag: str = "--out") -> None:
+    """Refuse an output that is one of the `inputs` or a folder holding one: writing it would replace the input."""
+    target = Path(out).expanduser().resolve()
+    for src in inputs:
+        if not src or not Path(src).expanduser().exists():  # a builtin text name (wiki), or nothing
+            continue
+        source = Path(src).expanduser().resolve()
+        if target == source or target in source.parents:
+            raise InputError(f"{flag} {out} would replace the input {src}; choose another {flag}")

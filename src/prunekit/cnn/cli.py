@@ -138,9 +138,12 @@ def _cmd_udfc(args) -> int:
     from prunekit.cnn.udfc import _check_bits, compress
     from prunekit.select import check_ratio
 
+    from prunekit.errors import check_not_input
+
     check_ratio(args.ratio)
     _check_bits(args.bits)
     out = resnet.check_output_dir(args.out, overwrite=args.overwrite)
+    check_not_input(out, None if args.model == "testbed" else args.model)
     model = _model(args.model)
     t0 = time.perf_counter()
     result = compress(model, ratio=args.ratio, bits=args.bits, method=args.method, criterion=args.criterion,

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, check_writable
 
 __all__ = [
     "BasicBlock", "ResNet", "fashion_tensors", "save_model", "load_model", "testbed", "TESTBED", "check_output_dir",
@@ -130,6 +130,7 @@ def check_output_dir(out, *, overwrite: bool) -> Path:
         raise InputError(f"{out} exists; choose another --out or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a folder; choose another --out")
+    check_writable(out)  # not under a file, and writable
     return out
 
 

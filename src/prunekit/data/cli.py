@@ -98,8 +98,10 @@ def add_parser(sub) -> None:
 def _cmd_label_issues(args) -> int:
     from prunekit.data.io import check_output_file, read_labels, read_matrix, write_table
     from prunekit.data.methods import confident as cl
+    from prunekit.errors import check_not_input
 
     check_output_file(args.out, overwrite=args.overwrite)
+    check_not_input(args.out, args.labels, args.probs)
     labels = read_labels(args.labels)
     probs = read_matrix(args.probs, what="probabilities")
     start = time.perf_counter()
@@ -127,10 +129,11 @@ def _cmd_label_issues(args) -> int:
 
 def _cmd_select(args) -> int:
     from prunekit.data.io import check_output_file, read_labels, read_vector, write_table
-    from prunekit.errors import InputError
+    from prunekit.errors import InputError, check_not_input
     from prunekit.select import select_examples
 
     check_output_file(args.out, overwrite=args.overwrite)
+    check_not_input(args.out, args.scores, args.labels)
     scores = np.asarray(read_vector(args.scores, what="scores"), dtype=np.float64)
     labels = None
     if args.labels is not None:
@@ -201,9 +204,10 @@ def _cmd_score(args) -> int:
     from prunekit import train
     from prunekit.data.io import check_output_file, read_matrix, write_table
     from prunekit.data.methods.prototypes import prototype_distance
-    from prunekit.errors import InputError
+    from prunekit.errors import InputError, check_not_input
 
     check_output_file(args.out, overwrite=args.overwrite)
+    check_not_input(args.out, None if args.data == "fashion-mnist" else args.data, args.labels, args.embeddings)
     if args.embeddings is not None and args.method != "prototypes":
         raise InputError("--embeddings is for --method prototypes")
     start = time.perf_counter()
@@ -244,8 +248,8 @@ def _cmd_qtune(args) -> int:
 
     from prunekit.data import sft as S
     from prunekit.data.methods import qtuning as Q
-    from prunekit.errors import InputError, int_at_least
-    from prunekit.weights.io import check_output, load_model, write_atomically
+    from prunekit.errors import InputError, check_not_input, int_at_least
+    from prunekit.weights.io import check_output, load_model, resolve_model, write_atomically
 
     check_output(args.out, overwrite=args.overwrite)
     S.check_ratio(args.samples, "--samples")
@@ -257,6 +261,7 @@ def _cmd_qtune(args) -> int:
     int_at_least(args.lora_rank, "--lora-rank", 0)
     if not args.lr > 0:
         raise InputError(f"--lr must be positive, got {args.lr}")
+    check_not_input(args.out, args.data, resolve_model(args.model))
     records = S.read_sft(args.data)
     start = time.perf_counter()
     model, tok = load_model(args.model)

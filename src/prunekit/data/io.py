@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, check_writable
 
 __all__ = ["read_array", "read_labels", "read_vector", "read_matrix", "write_table", "check_output_file", "FORMATS"]
 
@@ -138,8 +138,11 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
     _suffix(path, "output")
     if path.exists() and not overwrite:
         raise InputError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a file; choose another --out")
     if not path.parent.exists():
         raise InputError(f"folder {path.parent} does not exist")
+    check_writable(path)  # not under a file, and writable
     return path
 
 

@@ -80,8 +80,11 @@ def _validate(args):
     import prunekit
     from prunekit.weights.io import resolve_model
 
+    from prunekit.errors import check_not_input
+
     options = _common_checks(args)
     path = resolve_model(args.model)
+    check_not_input(args.out, path, args.calib, *(args.eval or "").split(","))
     config = json.loads((path / "config.json").read_text())
     _check_depth(args, config.get("num_hidden_layers"))
     calib = prunekit.load_text(args.calib or "wiki", purpose="calibration")
@@ -174,7 +177,7 @@ DIT_EVAL = {"n_per_class": 30, "steps": 25, "seed": 0}
 def _validate_dit(args):
     from pathlib import Path
 
-    from prunekit.errors import InputError, int_at_least
+    from prunekit.errors import InputError, check_not_input, int_at_least
 
     options = _common_checks(args)
     if args.calib not in (None, "fashion-mnist"):
@@ -185,6 +188,7 @@ def _validate_dit(args):
     if any(e != "fid" for e in evals):
         raise InputError(f"a DiT is evaluated with --eval fid (sample FID and class accuracy), not {args.eval}")
     path = Path(args.model).expanduser()
+    check_not_input(args.out, path)
     if not (path / "model.safetensors").is_file():
         raise InputError(f"{path} has a DiT config.json but no model.safetensors; save it with prunekit.depth.dit.save_dit")
     _check_depth(args, json.loads((path / "config.json").read_text())["model"].get("depth"))

@@ -56,7 +56,7 @@ def _read_questions(path: str) -> list[dict]:
 
 
 def _sample(args) -> int:
-    from prunekit.errors import InputError
+    from prunekit.errors import InputError, check_not_input
     from prunekit.inference.sampling import _check, sample_paths
     from prunekit.weights.io import load_model, resolve_model
 
@@ -69,6 +69,7 @@ def _sample(args) -> int:
         raise InputError(f"{out} exists; pass --overwrite or choose another --out")
     if not out.parent.is_dir():
         raise InputError(f"{out.parent} is not a folder; create it first")
+    check_not_input(out, args.questions, args.model)
     _check(n=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     questions = _read_questions(args.questions)
     resolve_model(args.model)

@@ -129,6 +129,10 @@ def _cmd_add(args) -> int:
     for t in turns:  # validate every turn before the store is touched
         Memory._turn(t)
     created = not path.exists()
+    if created:
+        from prunekit.errors import check_writable
+
+        check_writable(path, flag="--store")  # not under a file, and writable
     try:
         mem = _open(args, create=True, forget_every=args.forget_every, forget_fraction=args.forget_fraction,
                     retrieval_term=args.retrieval_term, age_from=args.age_from)

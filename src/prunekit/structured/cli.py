@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, check_not_input
 
 __all__ = ["add_prune_arguments", "run_prune"]
 
@@ -64,7 +64,7 @@ def run_prune(args) -> int:
     options = _options(args)  # --base / --domain were refused above
     check_request(args.method, ratio=args.ratio, structure=structure, options=options)
     check_output(args.out, overwrite=args.overwrite)
-    resolve_model(args.model)
+    check_not_input(args.out, resolve_model(args.model), args.calib, *(args.eval or "").split(","))
     evals_src = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
     calib = args.calib if args.calib is not None else ("wiki" if args.method != "magnitude-structured" else None)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from prunekit import zoo
-from prunekit.errors import InputError
+from prunekit.errors import InputError, check_writable
 
 __all__ = ["resolve_model", "load_model", "check_output", "write_atomically", "save_pruned"]
 
@@ -63,9 +63,14 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None):
         from prunekit.structured.export import load
 
         return load(path, dtype=dtype)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
+    except SafetensorError as e:  # a corrupt or truncated weight file
+        raise InputError(f"could not load {path}: its safetensors weights are corrupt or truncated ({e}); "
+                         "save the model again with save_pretrained") from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"could not load {path} as a causal LM: {first}") from None
@@ -83,25 +88,35 @@ def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
         raise InputError(f"output {out} already exists; choose another --out or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} exists and is not a folder")
+    check_writable(out)
     return out
 
 
 def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, overwrite: bool) -> Path:
     """Run ``build(tmp_folder)`` then move the folder to `out`; on any failure or Ctrl-C nothing is left."""
     out = check_output(out, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
+    made = [p for p in out.absolute().parents if not p.exists()]  # parents created here, nearest first
+    old = tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         build(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
         os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not out.exists():
             os.replace(old, out)
+        for folder in made:  # leave no empty parent folders behind either
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if tmp is None and isinstance(e, OSError):
+            raise InputError(f"cannot create output {out} ({e.strerror}); choose another --out") from None
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

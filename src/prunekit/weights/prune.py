@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -81,12 +82,53 @@ def method_options(method: str) -> dict:
     return {p.name: p.default for p in params if p.name not in _FIXED and p.default is not p.empty}
 
 
+# Options that must be integers >= 1 (a SparseGPT block of 0 columns never advances) or numbers >= 0 (a negative
+# damping makes the Hessian indefinite); every other numeric option only has to have its default's type.
+_POSITIVE_INT = {"blocksize"}
+_NON_NEGATIVE = {"percdamp"}
+
+
+def _option_kind(method: str, name: str, default) -> tuple[type | None, bool]:
+    """(bool, int or float when option `name` is one of these, else None; whether it may be None), from its
+    default and its annotation."""
+    spec = registry.get(method, "weights")
+    words = str(inspect.signature(spec.prune_model or spec.fn).parameters[name].annotation).replace("|", " ").split()
+    nullable = default is None or "None" in words or "Optional" in str(words)
+    if default is not None:
+        return (type(default) if type(default) in (bool, int, float) else None), nullable
+    return next((kind for kind in (bool, int, float) if kind.__name__ in words), None), nullable
+
+
+def _check_option(method: str, name: str, value, default) -> None:
+    kind, nullable = _option_kind(method, name, default)
+    fix = f"; fix --option {name}=... (default {default!r})"
+    if value is None and kind is not None and not nullable:
+        raise InputError(f"{method} option {name} cannot be none{fix}")
+    if value is None or kind is None:
+        return
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise InputError(f"{method} option {name} must be true or false, got {value!r}{fix}")
+        return
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        raise InputError(f"{method} option {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}{fix}")
+    if not math.isfinite(value):
+        raise InputError(f"{method} option {name} must be finite, got {value!r}{fix}")
+    if name in _POSITIVE_INT and value < 1:
+        raise InputError(f"{method} option {name} must be an integer >= 1, got {value!r}{fix}")
+    if name in _NON_NEGATIVE and value < 0:
+        raise InputError(f"{method} option {name} must be >= 0, got {value!r}{fix}")
+
+
 def prune_options(method: str, options: dict) -> None:
-    """Refuse options `method` does not take (and, for DSnoT, a bad base) before any slow work."""
+    """Refuse options `method` does not take, values of the wrong type (a word where a number or true/false
+    belongs) and, for DSnoT, a bad base, before any slow work."""
     accepted = method_options(method)
     unknown = set(options) - set(accepted)
     if unknown:
         raise InputError(f"method {method} takes no option(s) {sorted(unknown)}; it takes {sorted(accepted) or 'none'}")
+    for name, value in options.items():
+        _check_option(method, name, value, accepted[name])
     registry.get(method, "weights").stat_for(options)
 
 
