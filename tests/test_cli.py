@@ -281,6 +281,62 @@ def test_bad_input_exits_2_and_writes_nothing(case, message, model_dir, text_fil
     assert digest(model_dir) == before
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        # a weight method took depth and structured flags and exited 0, ignoring them
+        (["--method", "magnitude", "--ratio", "0.5", "--layers", "1", "--structure", "heads", "--recover", "lora"],
+         "--structure does not apply to weight method magnitude; it is for structured methods (tyr,"),
+        (["--method", "wanda", "--ratio", "0.5", "--layers", "1"], "--layers does not apply to weight method wanda; "
+         "it is for depth methods (shortgpt,"),
+        (["--method", "sparsegpt", "--ratio", "0.5", "--recover", "lora"], "--recover does not apply to weight method"),
+        (["--method", "magnitude", "--ratio", "0.5", "--learn-steps", "3"], "--learn-steps does not apply to weight "
+         "method magnitude; it is for tinyfusion only"),
+        (["--method", "magnitude", "--ratio", "0.5", "--no-speed"], "--no-speed does not apply to weight method"),
+        # structured methods ignored depth flags and the weight methods' --sequential / --batch-size
+        (["--method", "tyr", "--ratio", "0.3", "--layers", "2"], "--layers does not apply to structured method tyr"),
+        (["--method", "magnitude-structured", "--ratio", "0.3", "--candidates", "3"],
+         "--candidates does not apply to structured method magnitude-structured; it is for random only"),
+        (["--method", "wanda-structured", "--ratio", "0.3", "--batch-size", "8"],
+         "--batch-size does not apply to structured method wanda-structured; it is for weight methods"),
+        (["--method", "tyr", "--ratio", "0.3", "--sequential", "layer"], "--sequential does not apply to structured"),
+        # depth methods ignored --structure / --sequential, and the flags of other depth methods
+        (["--method", "shortgpt", "--layers", "1", "--structure", "heads"], "--structure does not apply to depth method"),
+        (["--method", "every-other", "--layers", "1", "--sequential", "layer"], "--sequential does not apply to depth"),
+        (["--method", "shortgpt", "--layers", "1", "--candidates", "3"], "--candidates does not apply to depth method "
+         "shortgpt; it is for random only"),
+        (["--method", "random", "--layers", "1", "--learn-steps", "3"], "it is for tinyfusion only"),
+        (["--method", "sensitivity", "--layers", "1", "--recover-steps", "3"], "--recover-steps does nothing without "
+         "--recover"),
+    ],
+)
+def test_flags_of_other_method_families_are_refused(extra, message, model_dir, text_file, tmp_path, monkeypatch,
+                                                     capsys):
+    import prunekit
+    from prunekit.weights import io
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(prunekit, "load_model", no_load)
+    monkeypatch.setattr(io, "load_model", no_load)
+    before = digest(model_dir)
+    out = tmp_path / "out"
+    rc = cli.main(["prune", str(model_dir), "--calib", str(text_file), "--seqlen", "64", "--out", str(out), "--quiet",
+                   *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("prunekit: error:") and message in err[0], err
+    assert not out.exists() and digest(model_dir) == before
+
+
+def test_flags_of_other_families_left_at_their_defaults_are_fine(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.5", "--recover", "none",
+                     "--learn-steps", "200", "--out", str(out), "--quiet"]) == 0
+    assert (out / "prunekit.json").is_file()
+
+
 def test_jsonl_calibration_and_methods_listing(model_dir, tmp_path, capsys):
     calib = tmp_path / "calib.jsonl"
     paragraphs = [p for p in TEXT.split("\n\n") if p.strip()]

@@ -30,12 +30,49 @@ _MODULES = {
 # runs it. The weight methods stay in `_cmd_prune` below.
 _PRUNE_DOMAINS: dict[str, str] = {"structured": "prunekit.structured.cli", "depth": "prunekit.depth.cli"}
 
+# `prune` options that only some methods use: who takes each (registry domains or method names). A method that
+# does not use one refuses it when it differs from its default, instead of silently ignoring it. (--pattern,
+# --skip, --base and --domain are refused by the structured and depth modules themselves.)
+_PRUNE_FLAG_USERS: dict[str, tuple[str, ...]] = {
+    "--sequential": ("weights",),
+    "--batch-size": ("weights", "depth"),
+    "--structure": ("structured",),
+    "--no-speed": ("structured", "depth"),
+    "--layers": ("depth",),
+    "--group": ("tinyfusion",),
+    "--learn-steps": ("tinyfusion",),
+    "--candidates": ("random",),
+    "--recover": ("depth",),
+    "--recover-steps": ("depth",),
+    "--recover-lr": ("depth",),
+}
+_DOMAIN_WORDS = {"weights": "weight", "structured": "structured", "depth": "depth"}
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prunekit", description="Prune what a model is, what it learns from, and what it keeps.")
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prune", help="prune a causal LM (weights, heads and neurons, or whole blocks) and save it")
+    _add_prune_arguments(pr)
+
+    ev = sub.add_parser("eval", help="perplexity and sparsity of a causal LM")
+    ev.add_argument("model", help="local Hugging Face model folder or zoo name")
+    ev.add_argument("--text", default="wiki", help="wiki (held-out leads), austen (Pride and Prejudice) or a .txt/.jsonl file")
+    ev.add_argument("--seqlen", type=int, default=512)
+    ev.add_argument("--tokens", type=int, default=None, help="tokens evaluated, cut into seqlen windows (default 16384)")
+    ev.add_argument("--pattern", default=None, help="also check that every block Linear is N:M (default: the pattern in prunekit.json)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sub.add_parser("methods", help="list every registered method")
+
+    for module in _MODULES.values():
+        import_module(module).add_parser(sub)
+    return p
+
+
+def _add_prune_arguments(pr) -> None:
     pr.add_argument("model", help="local Hugging Face model folder or zoo name (smollm2-135m)")
     pr.add_argument("--method", required=True, help="weights: magnitude, wanda, sparsegpt, dsnot, armor, dpruner; heads/neurons: tyr, "
                     "uniform-structured, ...; whole blocks: shortgpt, tinyfusion, ... (see `prunekit methods`)")
@@ -68,20 +105,25 @@ def _parser() -> argparse.ArgumentParser:
     for module in _PRUNE_DOMAINS.values():
         import_module(module).add_prune_arguments(pr)
 
-    ev = sub.add_parser("eval", help="perplexity and sparsity of a causal LM")
-    ev.add_argument("model", help="local Hugging Face model folder or zoo name")
-    ev.add_argument("--text", default="wiki", help="wiki (held-out leads), austen (Pride and Prejudice) or a .txt/.jsonl file")
-    ev.add_argument("--seqlen", type=int, default=512)
-    ev.add_argument("--tokens", type=int, default=None, help="tokens evaluated, cut into seqlen windows (default 16384)")
-    ev.add_argument("--pattern", default=None, help="also check that every block Linear is N:M (default: the pattern in prunekit.json)")
-    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    sub.add_parser("methods", help="list every registered method")
+def _refuse_foreign_flags(args, spec) -> None:
+    """InputError for the first option given (not at its default) that `spec`'s method does not use."""
+    from prunekit import registry
+    from prunekit.errors import InputError
 
-    for module in _MODULES.values():
-        import_module(module).add_parser(sub)
-    return p
+    defaults = argparse.ArgumentParser(add_help=False)
+    _add_prune_arguments(defaults)
+    for flag, users in _PRUNE_FLAG_USERS.items():
+        dest = flag.lstrip("-").replace("-", "_")
+        if spec.domain in users or spec.name in users or getattr(args, dest) == defaults.get_default(dest):
+            continue
+        takers = " and ".join(f"{_DOMAIN_WORDS[u]} methods ({', '.join(registry.names(u))})" if u in _DOMAIN_WORDS
+                              else f"{u} only" for u in users)
+        hint = ""
+        if flag == "--batch-size" and spec.domain == "structured" and spec.name != "magnitude-structured":
+            hint = f" ({spec.name} takes --option batch_size=N)"
+        raise InputError(f"{flag} does not apply to {_DOMAIN_WORDS[spec.domain]} method {spec.name}; it is for "
+                         f"{takers}; leave it out{hint}")
 
 
 def _versions() -> dict:
@@ -139,6 +181,7 @@ def _cmd_prune(args) -> int:
 
         choices = [n for domain in ("weights", *_PRUNE_DOMAINS) for n in prunekit.registry.names(domain)]
         raise InputError(f"unknown method {args.method!r} for prune; choose one of: {', '.join(choices)}")
+    _refuse_foreign_flags(args, known)
     _check_eval_sizes(args.seqlen, args.eval_tokens, "--eval-tokens")
     if known.domain in _PRUNE_DOMAINS:
         return import_module(_PRUNE_DOMAINS[known.domain]).run_prune(args)

@@ -22,6 +22,7 @@ import time
 __all__ = ["add_prune_arguments", "run_prune"]
 
 RECOVERY = ("none", "lora", "full", "kd")
+RECOVER_STEPS = 100  # --recover-steps default
 
 
 def add_prune_arguments(pr) -> None:
@@ -35,7 +36,8 @@ def add_prune_arguments(pr) -> None:
     g.add_argument("--recover", choices=RECOVERY, default="none",
                    help="after pruning: none, lora (LoRA fine-tuning, merged), full (all weights) or kd "
                    "(LoRA trained to match the dense model's next-token distribution)")
-    g.add_argument("--recover-steps", type=int, default=100, help="recovery steps of --batch-size windows (default 100)")
+    g.add_argument("--recover-steps", type=int, default=RECOVER_STEPS,
+                   help=f"recovery steps of --batch-size windows (default {RECOVER_STEPS})")
     g.add_argument("--recover-lr", type=float, default=None, help="recovery learning rate (default 5e-4 LoRA, 5e-5 full)")
 
 
@@ -49,8 +51,11 @@ def _common_checks(args) -> dict:
     if args.layers is None:
         raise InputError(f"{args.method} needs --layers N, the number of blocks to keep")
     int_at_least(args.layers, "--layers", 1)
-    if args.group is not None and args.method != "tinyfusion":
-        raise InputError("--group applies to tinyfusion only")
+    # --group, --learn-steps and --candidates for the wrong method, and --structure / --sequential, are refused
+    # by prunekit.cli before this
+    if args.recover == "none" and (args.recover_steps != RECOVER_STEPS or args.recover_lr is not None):
+        flag = "--recover-lr" if args.recover_lr is not None else "--recover-steps"
+        raise InputError(f"{flag} does nothing without --recover lora, full or kd; add --recover or leave {flag} out")
     int_at_least(args.learn_steps, "--learn-steps", 1)
     int_at_least(args.candidates, "--candidates", 1)
     int_at_least(args.recover_steps, "--recover-steps", 1)
