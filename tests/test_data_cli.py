@@ -104,6 +104,16 @@ def bad_inputs(tmp_path):
     cases["class with no examples"] = ("y_missing.npy", "p.npy", "have no examples")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     cases["pickled npy"] = ("obj.npy", "p.npy", "without unpickling")
+    # files named .npy that are no numpy at all were called "cannot be read without unpickling" (or an EOFError
+    # traceback when empty)
+    (tmp_path / "random.npy").write_bytes(bytes(range(256)) * 4)
+    cases["random bytes npy"] = ("random.npy", "p.npy", r"random\.npy is not a valid \.npy file.*numpy\.save")
+    (tmp_path / "text.npy").write_text("0\n1\n2\n")
+    cases["text npy"] = ("text.npy", "p.npy", r"text\.npy is not a valid \.npy file.*numpy\.save")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    cases["empty npy"] = ("empty.npy", "p.npy", r"empty\.npy is not a valid \.npy file")
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "p.npy").read_bytes()[:-100])
+    cases["truncated npy"] = ("y.npy", "cut.npy", r"cut\.npy is not a valid \.npy file")
     (tmp_path / "y.txt").write_text("0\n1\n")
     cases["unknown format"] = ("y.txt", "p.npy", r"must be \.npy, \.csv or \.parquet")
     cases["missing file"] = ("nope.npy", "p.npy", "does not exist")
@@ -203,3 +213,4 @@ def test_select_and_score_commands(tmp_path, capsys):
     code = main(["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")[:-4] + "_none.npy",
                  "--method", "el2n", "--out", str(tmp_path / "s.npy")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+

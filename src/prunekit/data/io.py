@@ -76,6 +76,41 @@ def _read_parquet(path: Path, what: str) -> np.ndarray:
     return cols[0] if len(cols) == 1 else np.stack(cols, axis=1)
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _npy_holds_objects(path: Path) -> bool:
+    """Whether the .npy header at `path` declares Python objects (which only unpickling can read)."""
+    from numpy.lib import format as npy_format
+
+    try:
+        with open(path, "rb") as f:
+            version = npy_format.read_magic(f)
+            read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+            return read_header(f)[2].hasobject
+    except (ValueError, OSError, EOFError):
+        return False
+
+
+def _read_npy(path: Path, what: str) -> np.ndarray:
+    """A .npy file memory-mapped, never unpickled; anything else (text, random bytes, .npz) is an InputError."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(_NPY_MAGIC))
+    except OSError as e:
+        raise InputError(f"{what} file {path} cannot be read ({e.strerror})") from None
+    if magic != _NPY_MAGIC:
+        raise InputError(f"{what} file {path} is not a valid .npy file (it does not start with the .npy header; "
+                         "empty, text or another format); write it with numpy.save, or give a .csv file")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        if _npy_holds_objects(path):  # object arrays need pickle: refused
+            raise InputError(f"{what} file {path} cannot be read without unpickling; save a numeric array ({e})") from None
+        raise InputError(f"{what} file {path} is not a valid .npy file ({e}); write it again with numpy.save") from None
+    return array
+
+
 def read_array(path: str | os.PathLike, *, what: str, columns: int | None = None) -> np.ndarray:
     """Read a .npy (memory-mapped), .csv or .parquet array. `columns`: 1 for a vector, None for any matrix."""
     path = Path(path)
@@ -83,12 +118,7 @@ def read_array(path: str | os.PathLike, *, what: str, columns: int | None = None
     if not path.is_file():
         raise InputError(f"{what} file {path} does not exist")
     if suffix == ".npy":
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:  # object arrays need pickle: refused
-            raise InputError(f"{what} file {path} cannot be read without unpickling; save a numeric array ({e})") from None
-        except OSError as e:
-            raise InputError(f"{what} file {path} is not a valid .npy file ({e})") from None
+        array = _read_npy(path, what)
     elif suffix == ".csv":
         array = _read_csv(path, what)
     else:
