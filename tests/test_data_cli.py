@@ -214,3 +214,38 @@ def test_select_and_score_commands(tmp_path, capsys):
                  "--method", "el2n", "--out", str(tmp_path / "s.npy")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
 
+
+@pytest.mark.parametrize("case,match", [
+    ("negative", r"labels file .*y_neg\.npy must hold class indices >= 0; row 3 has -1"),  # select exited 0
+    ("fraction", r"labels file .*y_frac\.csv must hold integer class indices"),
+    ("garbage-scores", r"scores file .*garbage\.npy is not a valid \.npy file"),  # was "without unpickling"
+])
+def test_select_refuses_bad_labels_and_non_numpy_files(case, match, tmp_path, capsys):
+    scores = np.linspace(0, 1, 8)
+    np.save(tmp_path / "s.npy", scores)
+    np.save(tmp_path / "y_neg.npy", np.array([0, 1, 0, -1, 1, 0, 1, 0]))
+    (tmp_path / "y_frac.csv").write_text("0\n1\n0\n1.5\n1\n0\n1\n0\n")
+    np.save(tmp_path / "y.npy", np.array([0, 1] * 4))
+    (tmp_path / "garbage.npy").write_text("these are not numbers\n")
+    scores_file, labels_file = {"negative": ("s.npy", "y_neg.npy"), "fraction": ("s.npy", "y_frac.csv"),
+                                "garbage-scores": ("garbage.npy", "y.npy")}[case]
+    before = digest(tmp_path)
+    out = tmp_path / "keep.npy"
+    code = main(["data", "select", "--scores", str(tmp_path / scores_file), "--keep", "0.5", "--balanced",
+                 "--labels", str(tmp_path / labels_file), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("prunekit: error:") and len(err.strip().splitlines()) == 1, err
+    assert re.search(match, err), err
+    assert not out.exists() and digest(tmp_path) == before
+
+
+def test_score_still_refuses_negative_labels(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((4, 3), dtype=np.float32))
+    np.save(tmp_path / "y.npy", np.array([0, 1, -1, 0]))
+    out = tmp_path / "s.npy"
+    code = main(["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+                 "--method", "el2n", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("prunekit: error:") and ">= 0" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -147,12 +147,16 @@ def read_vector(path, *, what: str) -> np.ndarray:
 
 
 def read_labels(path, *, what: str = "labels") -> np.ndarray:
-    """Integer class labels (floats with integer values are accepted: csv stores them so)."""
+    """Integer class labels >= 0 (floats with integer values are accepted: csv stores them so)."""
     y = np.asarray(read_array(path, what=what, columns=1))
     if not np.issubdtype(y.dtype, np.integer):
         if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
             raise InputError(f"{what} file {path} must hold integer class indices")
-    return y.astype(np.int64)
+    y = y.astype(np.int64)
+    if (y < 0).any():
+        row = int(np.argmax(y < 0))
+        raise InputError(f"{what} file {path} must hold class indices >= 0; row {row} has {int(y[row])}")
+    return y
 
 
 def read_matrix(path, *, what: str) -> np.ndarray:
