@@ -281,6 +281,30 @@ def test_bad_input_exits_2_and_writes_nothing(case, message, model_dir, text_fil
     assert digest(model_dir) == before
 
 
+@pytest.mark.parametrize("broken", ["none", "config-only", "corrupt"])
+@pytest.mark.parametrize("command", ["prune", "eval"])
+def test_model_folder_without_a_usable_tokenizer_is_refused(broken, command, model_dir, text_file, tmp_path, capsys):
+    # was "could not load ... as a causal LM: Couldn't instantiate the backend tokenizer from one of: " (cut off)
+    folder = tmp_path / "no-tok"
+    folder.mkdir()
+    keep = {"config.json", "model.safetensors"} | ({"tokenizer_config.json"} if broken == "config-only" else set())
+    for f in model_dir.iterdir():
+        if f.name in keep:
+            (folder / f.name).write_bytes(f.read_bytes())
+    if broken == "corrupt":
+        (folder / "tokenizer.json").write_text('{"model": 3}')
+    before = digest(folder)
+    out = tmp_path / "out"
+    argv = (prune_args(folder, text_file, out, "--method", "magnitude", "--ratio", "0.5") if command == "prune"
+            else ["eval", str(folder), "--text", str(text_file), "--seqlen", "64", "--quiet"])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"prunekit: error: {folder} has no usable tokenizer"), err
+    assert "tokenizer.save_pretrained(" in err[0]
+    assert ("holds no tokenizer files" in err[0]) == (broken != "corrupt")
+    assert not out.exists() and digest(folder) == before
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

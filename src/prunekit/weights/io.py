@@ -19,6 +19,8 @@ from prunekit.errors import InputError, check_writable
 __all__ = ["resolve_model", "load_model", "check_output", "write_atomically", "save_pruned"]
 
 _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+# what a saved tokenizer's vocabulary lives in (tokenizer_config.json alone is not a tokenizer)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "*.model", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken")
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
@@ -48,7 +50,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None):
     folder from structured pruning with per-layer widths goes through `prunekit.structured.export.load`.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
     try:
@@ -57,17 +59,17 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None):
         raise InputError(f"{path}/config.json is not valid JSON ({e}); re-export the model") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise InputError(f"{path}/config.json has no model_type; it is not a transformers config")
+    tokenizer = _load_tokenizer(path)  # before the slow model load
     from prunekit.structured.export import WIDTHS_KEY
 
     if WIDTHS_KEY in config:  # a structurally pruned model whose widths differ per layer
         from prunekit.structured.export import load
 
-        return load(path, dtype=dtype)
+        return load(path, dtype=dtype)[0], tokenizer
     from safetensors import SafetensorError
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
     except SafetensorError as e:  # a corrupt or truncated weight file
         raise InputError(f"could not load {path}: its safetensors weights are corrupt or truncated ({e}); "
                          "save the model again with save_pretrained") from None
@@ -79,6 +81,22 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None):
     armor.install_factors(model, path)  # ARMOR's factorized layers, when the folder holds them
     model.eval()
     return model, tokenizer
+
+
+def _load_tokenizer(path: Path):
+    """The tokenizer saved in model folder `path`; a folder without a usable one is an InputError that says so."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers and tokenizers raise ValueError, OSError, KeyError, their own errors...
+        fix = f"save the tokenizer into the folder with tokenizer.save_pretrained('{path}')"
+        if not any(next(path.glob(p), None) for p in _TOKENIZER_FILES):
+            raise InputError(f"{path} has no usable tokenizer: it holds no tokenizer files (tokenizer.json, "
+                             f"tokenizer.model or vocab files); {fix}") from None
+        detail = " ".join(str(e).split())[:200]
+        raise InputError(f"{path} has no usable tokenizer: its tokenizer files do not load ({type(e).__name__}"
+                         f"{': ' + detail if detail else ''}); {fix}") from None
 
 
 def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
