@@ -101,9 +101,9 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
     """Prune `model`'s heads and/or neurons in place (physically) with a structured `method`.
 
     `calibration`: a text source (``"wiki"``, ``"austen"``, a file path, a `prunekit.Text`) cut into `samples`
-    windows of `seqlen` tokens with `tokenizer`, or a ready ``[samples, seqlen]`` LongTensor of token ids. Týr's
-    ``fitness_samples=F`` draws F more windows from the text for its search's fitness only (with ready ids, their
-    last F rows).
+    windows of `seqlen` tokens with `tokenizer`, or a ready ``[samples, seqlen]`` LongTensor of token ids. Týr
+    draws ``fitness_samples`` more windows from the text (default: `samples` more) that only its search's
+    fitness sees; with ready ids, ``fitness_samples=F`` holds out their last F rows (default: none).
     `magnitude-structured` needs none. Method options (Týr: ``iterations``, ``generations``, ``offspring``,
     ``stages``, ``kl_topk``, ``propagate``, ``levels``, ``mlp_step``, ``neuron_step``, ``damp``,
     ``batch_size``) go as keywords.
@@ -125,7 +125,11 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
             if tokenizer is None:
                 raise InputError(f"{method} needs calibration text and a tokenizer (tokenizer=...)")
             text = calibration if isinstance(calibration, Text) else load_text(calibration, purpose="calibration")
-            extra = int(options.get("fitness_samples") or 0) if method == "tyr" else 0
+            extra = 0
+            if method == "tyr":  # held-out windows for the search's fitness (default: as many as the supernet's)
+                if options.get("fitness_samples") is None:
+                    options["fitness_samples"] = samples
+                extra = options["fitness_samples"]
             ids = calibration_ids(tokenizer, text, samples=samples + extra, seqlen=seqlen, seed=seed)
     widths_before = layer_widths(model)
     before_block = block_params(dims, widths_before)
