@@ -265,6 +265,8 @@ def _label(row: dict) -> str:
         final = (row.get("options") or {}).get("final", "supernet")  # rows run before `final` existed: supernet
         stages = (row.get("options") or {}).get("stages")
         other = "" if stages in (None, [[256, 2], [1024, 1]]) else ", stages " + ";".join(f"{t}:{k}" for t, k in stages)
+        if not (row.get("options") or {}).get("fitness_samples"):  # rows from before the held-out fitness windows
+            other += ", fitness on the supernet's windows"
         return f"tyr (final={final}{', end to end' if final == 'sequential' else ''}{other})"
     if row["method"] == "tyr (final=sequential)":
         return f"tyr (final=sequential, re-pruned at {row['source_row']}'s widths)"
@@ -298,8 +300,10 @@ def write_markdown(data: dict, path: Path) -> None:
         o = r.get("options")
         if r["method"] == "tyr" and o:
             stages = ", ".join(f"{t} tokens -> {k}" for t, k in o["stages"])
+            fitness = (f"fitness on {o['fitness_samples']} held-out windows" if o.get("fitness_samples")
+                       else "fitness on the supernet's windows")
             lines.append(f"- `{r['id']}`: {o['iterations']} iteration(s) x {o['generations']} generations x "
-                         f"{o['offspring']} offspring, stages {stages}, kl_topk {o['kl_topk']}, propagate "
+                         f"{o['offspring']} offspring, stages {stages}, {fitness}, kl_topk {o['kl_topk']}, propagate "
                          f"{o['propagate']}, widths per layer (query heads, neurons): {r['widths']}")
         if r["method"] == "torch-pruning" and r.get("peer"):
             lines.append(f"- `{r['id']}`: Torch-Pruning {r['peer']['torch_pruning']} {r['peer']['importance']}, "

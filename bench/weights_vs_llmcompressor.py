@@ -19,6 +19,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,7 +112,12 @@ def main() -> int:
     ap.add_argument("--update", action="store_true",
                     help="re-run only --configs and replace their rows in the existing results (other rows keep "
                     "their earlier run; every row records when it ran)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="prune each config this many times per tool, the tools' order alternating between repeats; "
+                    "`seconds` and `peak_rss_mb` are the medians, every run is kept in `runs`")
     args = ap.parse_args()
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
 
     model_dir = prunekit.zoo.model_path("smollm2-135m")
     llmc_python = ensure_llmc_venv() if "llmcompressor" in args.tools else None
@@ -153,27 +160,36 @@ def main() -> int:
 
     for item in args.configs.split(","):
         method, pattern = item.split("/")
-        for tool in args.tools.split(","):  # side by side: both tools for one config before the next
-            out = work / f"{tool}-{method}-{pattern.replace(':', 'of')}"
-            common = ["--model", str(model_dir), "--calib", str(calib_file), "--method", method,
-                      "--pattern", pattern, "--ratio", "0.5", "--out", str(out)]
-            if tool == "llmcompressor":
-                res = run_worker([str(llmc_python), str(HERE / "_llmc_worker.py"), *common])
-            else:  # "prunekit" (default order) or "prunekit-layer" (--sequential layer)
-                order = ["--sequential", "layer"] if tool == "prunekit-layer" else []
-                res = run_worker([sys.executable, str(HERE / "_prunekit_worker.py"), *common, *order])
-            model, info = check_changes(dense_state, out, pattern)
-            row = {"tool": tool, "method": method, "pattern": pattern, **ppl(model),
-                   "seconds": res["seconds"], "process_seconds": res["process_seconds"],
-                   "peak_rss_mb": res["peak_rss_mb"], "peak_rss_process_mb": res["peak_rss_process_mb"], **info,
-                   "ran": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-            del model
-            peer_out = work / f"llmcompressor-{method}-{pattern.replace(':', 'of')}"
-            if tool != "llmcompressor" and peer_out.exists():
-                row |= mask_difference(peer_out, out)
-            record["rows"].append(row)
-            print(json.dumps(row), file=sys.stderr)
-            out_json.write_text(json.dumps(record, indent=2) + "\n")  # partial results survive an interrupt
+        tools = args.tools.split(",")
+        rows: dict[str, dict] = {}
+        for rep in range(args.repeats):  # side by side: both tools for one config before the next
+            for tool in (tools if rep % 2 == 0 else tools[::-1]):
+                out = work / f"{tool}-{method}-{pattern.replace(':', 'of')}"
+                if out.exists():
+                    shutil.rmtree(out)
+                common = ["--model", str(model_dir), "--calib", str(calib_file), "--method", method,
+                          "--pattern", pattern, "--ratio", "0.5", "--out", str(out)]
+                if tool == "llmcompressor":
+                    res = run_worker([str(llmc_python), str(HERE / "_llmc_worker.py"), *common])
+                else:  # "prunekit" (default order) or "prunekit-layer" (--sequential layer)
+                    order = ["--sequential", "layer"] if tool == "prunekit-layer" else []
+                    res = run_worker([sys.executable, str(HERE / "_prunekit_worker.py"), *common, *order])
+                model, info = check_changes(dense_state, out, pattern)
+                run = {**ppl(model), "seconds": res["seconds"], "process_seconds": res["process_seconds"],
+                       "peak_rss_mb": res["peak_rss_mb"], "peak_rss_process_mb": res["peak_rss_process_mb"],
+                       "ran": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                del model
+                row = rows.setdefault(tool, {"tool": tool, "method": method, "pattern": pattern, "runs": []})
+                row["runs"].append(run)
+                row.update({**run, **info})
+                for key in ("seconds", "process_seconds", "peak_rss_mb", "peak_rss_process_mb"):
+                    row[key] = statistics.median(r[key] for r in row["runs"])
+                peer_out = work / f"llmcompressor-{method}-{pattern.replace(':', 'of')}"
+                if tool != "llmcompressor" and peer_out.exists():
+                    row |= mask_difference(peer_out, out)
+                print(json.dumps(row), file=sys.stderr)
+        record["rows"].extend(rows[t] for t in tools)
+        out_json.write_text(json.dumps(record, indent=2) + "\n")  # partial results survive an interrupt
     order = {c: i for i, c in enumerate(CONFIGS)}
     record["rows"].sort(key=lambda r: order.get((r["method"], r["pattern"]), len(order)))
     out_json.write_text(json.dumps(record, indent=2) + "\n")
@@ -206,15 +222,19 @@ def write_markdown(record: dict, path: Path) -> None:
                       f"{r['seconds'] / peer['seconds']:.2f} | {r['peak_rss_mb'] / peer['peak_rss_mb']:.2f}")
         first = r.get("first_block_differing")
         masks = f"{r['mask_differs']:.2%} ({'-' if first is None else first})" if "mask_differs" in r else ""
+        runs = r.get("runs") or []
+        each = ", ".join(f"{x['seconds']:.0f}" for x in runs)
+        secs = f"{r['seconds']:.1f}" + (f" ({each})" if len(runs) > 1 else "")
         lines.append(f"| {r['method']} | {r['pattern']} | {r['tool']} | {r['ppl_wiki']:.3f} | {r['ppl_austen']:.3f} | "
-                     f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {ratios} | {masks} |")
+                     f"{secs} | {r['peak_rss_mb']:.0f} | {ratios} | {masks} |")
     lines += ["", "Ratios are prunekit / llm-compressor (targets: ppl <= 1.01, time <= 0.7, memory <= 1.0). "
               "`seconds` is the pruning call alone; every tool pruned exactly the 210 block Linears "
               "(`changed`/`unexpected_changed` in the JSON). `prunekit` runs the reference order "
               "(`--sequential block`, the default); `prunekit-layer` the one-pass order (`--sequential layer`). "
               "`masks differ`: the share of the block Linears' weights that one tool keeps and the other prunes, and "
               "the first block (of 30) where any differs; the blocks before it have identical masks. Rows whose "
-              "`ran` dates differ in the JSON were re-run with `--update`."]
+              "`ran` dates differ in the JSON were re-run with `--update`. A row run with `--repeats N` shows the "
+              "median `seconds` and, in brackets, each run's (the tools' order alternated between repeats)."]
     path.write_text("\n".join(lines) + "\n")
 
 
