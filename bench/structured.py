@@ -286,6 +286,8 @@ def write_markdown(data: dict, path: Path) -> None:
              *([f"Speed re-measured with `--retime` ({sorted({r['retimed'] for r in data['rows'] if 'retimed' in r})[-1]}); "
                 "the figures measured during the runs are kept in the JSON as `speed_history`.", ""]
                if any("retimed" in r for r in data["rows"]) else []),
+             *([f"Not re-timed (speed measured during the run, under load): {', '.join(sorted(r['id'] for r in data['rows'] if 'retimed' not in r and 'prefill_speedup' in r and r['method'] != 'dense'))}.", ""]
+               if any("retimed" in r for r in data["rows"]) and any("retimed" not in r and "prefill_speedup" in r and r["method"] != "dense" for r in data["rows"]) else []),
              "| method | removed | params | ppl wiki | ppl austen | prefill speedup | decode speedup | (medians) | promise (all params) | promise (blocks) | prune s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(data["rows"], key=lambda r: (r.get("ratio", 0), r["method"])):
