@@ -85,15 +85,15 @@ def test_unguarded_reference_swaps_reduce_expected_shift():
     assert shift(out.weight) < shift(base_w)
 
 
-def test_mlp_skipped_by_default_like_the_reference():
+def test_mlp_refined_by_default_and_skipped_like_the_reference_on_request():
     w, x = biased_inputs()
     s = layer_stats(x, w.shape[1])
     base_w = dsnot._base(w, s, "wanda", 0.5, None, 0.01)
-    skipped = dsnot.prune_weight(w, s, ratio=0.5, pattern=None, name="model.layers.0.mlp.up_proj", update_threshold=0.0)
+    skipped = dsnot.prune_weight(w, s, ratio=0.5, pattern=None, name="model.layers.0.mlp.up_proj", skip_mlp=True,
+                                 update_threshold=0.0)
     assert torch.equal(skipped.weight, base_w) and skipped.info["skipped"]
-    done = dsnot.prune_weight(w, s, ratio=0.5, pattern=None, name="model.layers.0.mlp.up_proj", skip_mlp=False,
-                              update_threshold=0.0)
-    assert not torch.equal(done.weight, base_w)
+    done = dsnot.prune_weight(w, s, ratio=0.5, pattern=None, name="model.layers.0.mlp.up_proj", update_threshold=0.0)
+    assert not torch.equal(done.weight, base_w) and not done.info["skipped"]
 
 
 def test_bad_options_are_refused():

@@ -28,12 +28,17 @@ Algorithm, per Linear ``W [out, in]``:
    ``err_r += W'_rp mu_p - W_rg mu_g``. Every swap keeps the row's count of nonzeros, so the ratio and N:M
    pattern of the base mask are exact.
 
-Defaults as in the reference: ``max_cycle_time=50, update_threshold=0.1, pow_of_var_regrowing=1``, MLP layers
-skipped (``skip_mlp=True``: they keep the base mask, as the reference's ``--skip_layer mlp``). At 60% on
-SmolLM2-135M these defaults lower the wiki perplexity of the Wanda and SparseGPT bases but raise the magnitude
-base's (3341 -> 3672); refining every layer (``skip_mlp=False``, with ``obs_update=True`` for a SparseGPT base)
-lowers all three: magnitude 3341 -> 1052, Wanda 97.09 -> 96.03, SparseGPT 52.98 -> 52.57 (bench/results/
-seed_weights.md), at 1-3.7x the defaults' time.
+Defaults as in the reference (``max_cycle_time=50, update_threshold=0.1, pow_of_var_regrowing=1``) except
+which layers are refined: the reference skips the MLP layers (``--skip_layer mlp``: they keep the base mask);
+here every layer is refined by default (``skip_mlp=False``), with a SparseGPT base's OBS update recomputed for
+the final mask (``obs_update=True``, below). ``skip_mlp=True, obs_update=False`` is the reference's setting.
+Measured on SmolLM2-135M (bench/results/seed_weights.md, wiki perplexity; base alone -> reference setting ->
+every layer refined): at 60% magnitude 3341 -> 3672 -> 1052, Wanda 97.09 -> 96.73 -> 96.03, SparseGPT 52.98 ->
+51.52 -> 52.57; at 2:4 1142 -> 800 -> 348, 126.99 -> 121.14 -> 118.84, 50.88 -> 50.59 -> 49.59; at 50% 345.2 ->
+363.8 -> 84.7, 34.85 -> 34.93 -> 34.22, 27.72 -> 27.80 -> 27.50. Refining every layer lowered the base's wiki
+perplexity in all nine cases (the reference setting in five) and beat the reference setting in 16 of the 18
+wiki and Python-docs figures (not SparseGPT 60% on wiki, 52.57 against 51.52, nor SparseGPT 50% on docs,
+25.24 against 25.19), at 1.4-3.7x its time.
 ``update_threshold`` is in the units of ``mu``, a sum over the tokens of one calibration sequence, so it is not
 scale-free: the reference's 0.1 is meant for its 2048-token sequences. Here it is read in those units
 (``threshold_seqlen=2048``) and rescaled to the calibration's own length: with 512-token windows the rows stop
@@ -48,15 +53,13 @@ Departures from the reference, on purpose:
   Hessian is accumulated and the base is a real SparseGPT result (`prunekit.weights.methods.sparsegpt`,
   with its OBS update of the kept weights); DSnoT then works on those updated weights, a regrown weight
   returns to its dense value, and the prune list ranks kept weights by Wanda score on their updated values.
-  With ``obs_update=True`` (a prunekit option, off by default) SparseGPT's OBS update is recomputed once the
-  mask is final, from the dense weights and for that mask (`sparsegpt.prune_weight` with ``mask=``): the base's
-  updated values compensate for the base's mask, not for the swapped one, and a weight regrown at its dense
-  value is compensated twice. Rows are independent given the mask, so with the guard each row keeps the
-  recomputed values only where they lower its exact error. Measured on SmolLM2-135M at 60% (wiki / Python-docs
-  perplexity, bench/results/seed_weights.md; SparseGPT alone 52.98 / 79.82): with the MLP layers refined too
-  (``skip_mlp=False``) it lowers both, 53.07 / 74.69 -> 52.57 / 70.85; with the MLP layers skipped it trades
-  wiki for docs, 51.52 / 71.57 -> 53.64 / 67.75. Hence off by default, and on in the setting that refines
-  every layer.
+  With ``obs_update=True`` (the default) SparseGPT's OBS update is recomputed once the mask is final, from the
+  dense weights and for that mask (`sparsegpt.prune_weight` with ``mask=``): the base's updated values
+  compensate for the base's mask, not for the swapped one, and a weight regrown at its dense value is
+  compensated twice. Rows are independent given the mask, so with the guard each row keeps the recomputed
+  values only where they lower its exact error. Measured at 60% (wiki / Python-docs perplexity; SparseGPT
+  alone 52.98 / 79.82): with every layer refined it lowers both, 53.07 / 74.69 -> 52.57 / 70.85; with the MLP
+  layers skipped it trades wiki for docs, 51.52 / 71.57 -> 53.64 / 67.75.
 - Guard (``guard=True``): the swaps chase the *expected* output shift only, and can raise the true
   reconstruction error ``||(W - W_new) X||^2 = d^T H d`` (``d`` a row's difference from the dense row,
   ``H = 2 X X^T / n_seq``). Each row's exact error is tracked along its swaps (two rank-one updates of
@@ -93,7 +96,7 @@ from prunekit.weights.stats import InputMoments
 BASES = ("magnitude", "wanda", "sparsegpt")
 
 
-def stats_for(base: str = "wanda", guard: bool = True, skip_mlp: bool = True, **_options):
+def stats_for(base: str = "wanda", guard: bool = True, skip_mlp: bool = False, **_options):
     """The calibration statistic DSnoT reads, per layer name, for these options.
 
     A refined layer needs the moments (and the Hessian for the guard); a skipped one only its base's statistic.
@@ -154,9 +157,9 @@ def prune_weight(
     update_threshold: float = 0.1,
     threshold_seqlen: int | None = 2048,
     pow_of_var_regrowing: float = 1.0,
-    skip_mlp: bool = True,
+    skip_mlp: bool = False,
     guard: bool = True,
-    obs_update: bool = False,
+    obs_update: bool = True,
     percdamp: float = sparsegpt.PERCDAMP,
 ) -> Refined:
     """The base method's pruned `weight` (``[out, in]`` fp32) refined by DSnoT's prune-and-grow swaps.
