@@ -45,25 +45,28 @@ def _rows() -> list[dict]:
     for pat in ("60%", "2:4", "50%"):
         for base in ("magnitude", "wanda", "sparsegpt"):
             rows.append(dict(id=f"{base}-{pat}", section="dsnot", method=base, base=None, pattern=pat))
+            # the reference's setting (MLP layers skipped, no OBS update)
             rows.append(dict(id=f"dsnot-{base}-{pat}", section="dsnot", method="dsnot", base=base, pattern=pat,
-                             options={"base": base}))
-            # every layer refined (the MLP layers too; SparseGPT's OBS update recomputed for the final mask)
+                             options={"base": base, "skip_mlp": True, "obs_update": False}))
+            # prunekit's defaults: every layer refined (SparseGPT's OBS update recomputed for the final mask)
             rows.append(dict(id=f"dsnot+mlp-{base}-{pat}", section="dsnot", method="dsnot", base=base, pattern=pat,
                              options={"base": base, "skip_mlp": False, "obs_update": True}))
             if pat == "60%":  # update_threshold 0.1 taken as it is (not rescaled from 2048- to 512-token sums)
                 rows.append(dict(id=f"dsnot-t0.1-{base}-{pat}", section="dsnot", method="dsnot", base=base,
-                                 pattern=pat, options={"base": base, "threshold_seqlen": None}))
+                                 pattern=pat, options={"base": base, "threshold_seqlen": None, "skip_mlp": True,
+                                                       "obs_update": False}))
             if pat == "60%" and base == "sparsegpt":  # the OBS update alone, and the MLP layers alone
                 rows.append(dict(id=f"dsnot+obs-{base}-{pat}", section="dsnot", method="dsnot", base=base,
-                                 pattern=pat, options={"base": base, "obs_update": True}))
+                                 pattern=pat, options={"base": base, "skip_mlp": True, "obs_update": True}))
                 rows.append(dict(id=f"dsnot+mlp-noobs-{base}-{pat}", section="dsnot", method="dsnot", base=base,
-                                 pattern=pat, options={"base": base, "skip_mlp": False}))
+                                 pattern=pat, options={"base": base, "skip_mlp": False, "obs_update": False}))
             if pat == "60%" and base == "wanda":
                 rows.append(dict(id=f"dsnot-t0.1+mlp-{base}-{pat}", section="dsnot", method="dsnot", base=base,
                                  pattern=pat, options={"base": base, "skip_mlp": False, "threshold_seqlen": None}))
                 # the reference's behaviour: no guard on the exact reconstruction error
                 rows.append(dict(id=f"dsnot-noguard-{base}-{pat}", section="dsnot", method="dsnot", base=base,
-                                 pattern=pat, options={"base": base, "guard": False, "threshold_seqlen": None}))
+                                 pattern=pat, options={"base": base, "guard": False, "threshold_seqlen": None,
+                                                       "skip_mlp": True}))
     rows.append(dict(id="armor-2:4", section="armor", method="armor", base=None, pattern="2:4"))
     rows.append(dict(id="armor-bs128-2:4", section="armor", method="armor", base=None, pattern="2:4",
                      options={"block_size": 128}))
@@ -144,7 +147,7 @@ def write_markdown(data: dict, path: Path) -> None:
     settings = [  # (row id prefix, what it is)
         ("", "base alone"),
         ("dsnot-", "DSnoT, reference settings (MLP layers skipped)"),
-        ("dsnot+mlp-", "DSnoT, every layer refined (skip_mlp=False, obs_update=True)"),
+        ("dsnot+mlp-", "DSnoT, prunekit's defaults: every layer refined (skip_mlp=False, obs_update=True)"),
         ("dsnot+obs-", "DSnoT, MLP layers skipped, obs_update=True"),
         ("dsnot+mlp-noobs-", "DSnoT, every layer refined, obs_update=False"),
         ("dsnot-t0.1-", "DSnoT, bare threshold 0.1"),
@@ -165,10 +168,11 @@ def write_markdown(data: dict, path: Path) -> None:
                 lines.append(f"| {base} | {pat} | {what} | {_fmt(r['ppl_wiki'])} | {rel('ppl_wiki')} | "
                              f"{_fmt(r['ppl_domain'])} | {rel('ppl_domain')} | {r['seconds']:.1f} | {r.get('swaps', '')} |")
     lines += ["", "Reference settings: max_cycle_time 50, update_threshold 0.1 in the reference's 2048-token units (0.025 "
-              "for these 512-token windows), pow_of_var_regrowing 1, MLP layers skipped; plus prunekit's guard (each row "
-              "keeps the prefix of its swaps with the lowest exact reconstruction error). \"every layer refined\": the MLP "
+              "for these 512-token windows), pow_of_var_regrowing 1, MLP layers skipped (skip_mlp=True, obs_update=False); "
+              "plus prunekit's guard (each row keeps the prefix of its swaps with the lowest exact reconstruction error). "
+              "\"every layer refined\" (prunekit's defaults since the fifth session of 2026-11-29): the MLP "
               "layers too, and for a SparseGPT base its OBS update recomputed for the final mask (`obs_update`, which "
-              "does nothing on the other bases). \"bare threshold 0.1\": update_threshold 0.1 on 512-token sums "
+              "does nothing on the other bases). Every row records the options it ran with. \"bare threshold 0.1\": update_threshold 0.1 on 512-token sums "
               "(threshold_seqlen=None, rows stop 4x earlier). `vs base`: relative to the base mask alone.", ""]
     lines += ["## ARMOR 2:4", "", "Proxy loss: ``tr((W - W') H (W - W')^T) / tr(W H W^T)`` per layer on the calibration "
               "inputs, mean over the 210 layers (SparseGPT's is ARMOR's starting point in the same run).", "",
