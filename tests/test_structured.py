@@ -335,6 +335,20 @@ def test_tyr_fitness_windows_are_kept_from_the_supernet(monkeypatch):
                                   fitness_samples=3, **TYR_FAST)
 
 
+def test_tyr_says_when_the_text_is_too_short_for_its_fitness_windows(tok, text_file):
+    from prunekit.text import _stream
+
+    text = prunekit.load_text(str(text_file), purpose="calibration")
+    ids, head = _stream(tok, text.text)
+    avail = len(ids) // (32 - (head is not None))  # windows of 32 tokens the text holds
+    kw = dict(method="tyr", ratio=0.35, tokenizer=tok, calibration=text, samples=avail, seqlen=32, progress=False,
+              **{**TYR_FAST, "generations": 1})
+    with pytest.raises(InputError, match="fitness_samples"):
+        prunekit.prune_structured(tiny(), **kw)  # the default draws as many again
+    res = prunekit.prune_structured(tiny(), fitness_samples=0, **kw)
+    assert res.info["options"]["fitness_samples"] == 0
+
+
 def test_eval_and_load_model_open_per_layer_widths(model_dir, text_file, tmp_path, capsys):
     from prunekit.cli import main
     from prunekit.structured.units import shrink_mlp

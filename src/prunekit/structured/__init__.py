@@ -130,7 +130,14 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
                 if options.get("fitness_samples") is None:
                     options["fitness_samples"] = samples
                 extra = options["fitness_samples"]
-            ids = calibration_ids(tokenizer, text, samples=samples + extra, seqlen=seqlen, seed=seed)
+            try:
+                ids = calibration_ids(tokenizer, text, samples=samples + extra, seqlen=seqlen, seed=seed)
+            except InputError as e:
+                if not extra:
+                    raise
+                raise InputError(f"{e} (Týr draws fitness_samples={extra} windows on top of --samples {samples} for its "
+                                 "search: pass --option fitness_samples=N with a smaller N, 0 to score on the "
+                                 "calibration windows themselves)") from None
     widths_before = layer_widths(model)
     before_block = block_params(dims, widths_before)
     before = sum(p.numel() for p in model.parameters())
