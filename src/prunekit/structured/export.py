@@ -80,7 +80,7 @@ def load(path: str | os.PathLike, *, dtype=None):
 
     >>> model, tok = load("pruned-smollm2")  # doctest: +SKIP
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from prunekit.weights.io import load_model
 
@@ -91,6 +91,15 @@ def load(path: str | os.PathLike, *, dtype=None):
         if has_tokenizer:
             return load_model(folder, dtype=dtype)
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32).eval(), None
+    model = load_widths_model(folder, raw, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    return model, tokenizer
+
+
+def load_widths_model(folder: Path, raw: dict, *, dtype=None) -> torch.nn.Module:
+    """The model of prunekit folder `folder` whose config `raw` records per-layer widths, built and loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     entries = raw[WIDTHS_KEY]
     try:
         widths = [Widths(int(e["heads"]), int(e["intermediate"])) for e in entries]
@@ -119,9 +128,7 @@ def load(path: str | os.PathLike, *, dtype=None):
                          f"unexpected {sorted(result.unexpected_keys)[:3]}")
     if tied:
         model.tie_weights()
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
-    return model, tokenizer
+    return model.eval()
 
 
 def _grouped(heads: int, kv: int, dense_heads: int) -> torch.Tensor:

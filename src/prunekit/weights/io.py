@@ -63,9 +63,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None):
     from prunekit.structured.export import WIDTHS_KEY
 
     if WIDTHS_KEY in config:  # a structurally pruned model whose widths differ per layer
-        from prunekit.structured.export import load
+        from prunekit.structured.export import load_widths_model
 
-        return load(path, dtype=dtype)[0], tokenizer
+        return load_widths_model(path, config, dtype=dtype), tokenizer
     from safetensors import SafetensorError
 
     try:

@@ -32,9 +32,9 @@ code hard-codes layer lists).
 
 Each sparse layer keeps its picked pages in a buffer of K pages that persists across decoding steps
 (`plan`, `buffered`): a page picked again keeps its slot and only newly picked pages are copied in, so a step
-copies 7-35% of the picked pages (measured at a 4k context) instead of all of them. The buffers cost K pages of
-keys and values per sparse layer (at a 50% budget, half the cache again); nothing else changes: attention does
-not depend on the order of the keys.
+copies 6.5-35% of the picked pages on average (measured at a 4k context) instead of all of them. The buffers
+cost K pages of keys and values per sparse layer (at a 50% budget, half the cache again); nothing else
+changes: attention does not depend on the order of the keys.
 
 Speed on a CPU (`bench/kv_delta_speed.py`: SmolLM2-135M, 4k context, one thread, DELTA and the plain model
 decoding alternately in one process, a one-thread job on the other core): budget 1024 (25%) 1.091x the full
@@ -137,7 +137,7 @@ class Delta(Policy):
         The buffers hold the picked whole pages in slots ``0..nf-1`` (any order: attention does not depend on
         the order of the keys) followed by the partial last page's rows. A page picked again keeps its slot; only
         pages newly picked are copied in (from the cache), into the slots of pages dropped; pages in slots past
-        the new count move down into the holes. On SmolLM2-135M at a 4k context, 7-35% of the pages are new
+        the new count move down into the holes. On SmolLM2-135M at a 4k context, 6.5-35% of the pages are new
         from one step to the next, so this copies that share instead of every picked page.
         """
         P = self.page_size
@@ -162,7 +162,7 @@ class Delta(Policy):
         return {"version": version, "fresh": fresh, "n": n, "nf": nf, "full": full,
                 "partial": n > full * P and bool(chosen) and chosen[-1] == full,
                 "copy_slots": torch.tensor(holes, dtype=torch.long), "copy_pages": torch.tensor(fill, dtype=torch.long),
-                "all_slots": torch.arange(nf), "all_pages": torch.tensor(slots, dtype=torch.long)}
+                "slots": slots}
 
     def buffered(self, layer: int, t: tuple[torch.Tensor, torch.Tensor], plan: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """This sparse layer's keys and values of the picked pages, from its buffer updated by `plan`.
@@ -177,8 +177,8 @@ class Delta(Policy):
         if held is None or held[0].shape[:2] != (b, h) or held[0].dtype != keys.dtype or held[0].shape[3] != d:
             held = (keys.new_empty(b, h, K * P, d), values.new_empty(b, h, K * P, values.shape[3]), -1)
         kbuf, vbuf, version = held
-        if plan["fresh"] or version != plan["version"] - 1:
-            slots, pages = plan["all_slots"], plan["all_pages"]
+        if plan["fresh"] or version != plan["version"] - 1:  # rebuild: every slot
+            slots, pages = torch.arange(plan["nf"]), torch.tensor(plan["slots"], dtype=torch.long)
         else:
             slots, pages = plan["copy_slots"], plan["copy_pages"]
         full, nf, n = plan["full"], plan["nf"], plan["n"]
