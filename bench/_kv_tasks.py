@@ -22,7 +22,13 @@ INSTRUCTION = "There is a pass key hidden inside a lot of irrelevant text. Find 
 
 
 def cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+    """Memory behind the cache's keys and values: whole storages, so room kept for the next tokens counts too."""
+    storages = {}
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if t is not None and t.numel():
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def cache_tokens(cache) -> int:

@@ -36,13 +36,12 @@ copies 6.5-35% of the picked pages on average (measured at a 4k context) instead
 cost K pages of keys and values per sparse layer (at a 50% budget, half the cache again); nothing else
 changes: attention does not depend on the order of the keys.
 
-Speed on a CPU (`bench/kv_delta_speed.py`: SmolLM2-135M, 4k context, one thread, DELTA and the plain model
-decoding alternately in one process, a one-thread job on the other core): budget 1024 (25%) 1.091x the full
-cache's speed, budget 2048 (50%) 0.950x; with a fresh gather of every picked page each step it was 1.008x and
-0.911x. Decoding here is mostly the Linear layers and the cache's growth (the DynamicCache copies every key and
-value at every step, as much memory traffic as a full attention), which DELTA keeps whole; at 50% the sparse
-layers' savings do not cover the Δ-layers' fp32 scoring and the engine's own per-layer work (2.8% measured with
-a policy that changes nothing).
+Speed on a CPU (`bench/kv_delta_speed.py`: SmolLM2-135M, 4k context, one thread, the plain model, the engine's
+full-cache policy and DELTA decoding alternately in one process, a one-thread job on the other core): budget
+1024 (25%) 1.278x the plain model's speed, budget 2048 (50%) 1.130x (1.217x and 1.076x the engine's full-cache
+policy). Before the engine appended to the cache in place (`engine.Engine._append`), the same bench gave
+1.091x and 0.950x: DELTA keeps the whole cache, and `DynamicLayer.update` copied all of it at every step; with
+a fresh gather of every picked page each step (before the page buffers) it was 1.008x and 0.911x.
 """
 
 from __future__ import annotations
