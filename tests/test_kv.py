@@ -78,8 +78,43 @@ def test_the_cache_really_shrinks_to_the_budget(models, name, every):
     if pol.target(budget) < budget:  # deep forcing refills between compressions
         assert max(tokens) >= pol.target(budget)
     per_token = 2 * 2 * 16 * 4 * 4  # K and V x 2 KV heads x head_dim 16 x fp32 x 4 layers
-    assert kv.cache_bytes(cache) == sum(tokens) * per_token // 4
-    assert kv.cache_bytes(cache) < kv.cache_bytes(full_cache) * (budget + every) / (ids.shape[1] + 15)
+    # what the layers hold, plus the room their buffers keep for the next tokens: never past budget + every
+    assert sum(tokens) * per_token // 4 <= kv.cache_bytes(cache) <= (budget + every) * per_token
+    assert kv.cache_bytes(cache) <= kv.cache_bytes(full_cache) * (budget + every) / (ids.shape[1] + 15)
+
+
+def test_decoding_appends_to_the_cache_in_place_and_cache_bytes_counts_the_room(models):
+    model, ids = models["sdpa"], prompt()
+    plain = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)
+    step = ids[:, -1:]
+    with torch.no_grad():
+        ref = [model(input_ids=ids, cache=plain, use_cache=True).logits]
+        ref += [model(input_ids=step, cache=plain, use_cache=True).logits for _ in range(6)]
+        with kv.policy(model, "full"):
+            out = [model(input_ids=ids, cache=cache, use_cache=True).logits]
+            out.append(model(input_ids=step, cache=cache, use_cache=True).logits)  # the first step makes the buffers
+            ptrs = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers]
+            out += [model(input_ids=step, cache=cache, use_cache=True).logits for _ in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers] == ptrs  # nothing copied
+    assert kv.cache_tokens(cache) == [ids.shape[1] + 6] * 4
+    room = ids.shape[1] + 1 + 256  # the buffer made at the first step: what it needed plus 256 tokens
+    assert kv.cache_bytes(cache) == 4 * 2 * (2 * room * 16 * 4)  # layers x (K, V) x (KV heads x tokens x dim x fp32)
+    assert kv.cache_bytes(plain) == 4 * 2 * (2 * (ids.shape[1] + 6) * 16 * 4)
+
+
+def test_a_compressing_policy_never_holds_room_past_its_budget(models):
+    model, ids, budget, every = models["sdpa"], prompt(), 24, 4
+    step = ids[:, -1:]
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), kv.policy(model, "h2o", budget=budget, every=every):
+        model(input_ids=ids, cache=cache, use_cache=True)
+        for _ in range(9):
+            model(input_ids=step, cache=cache, use_cache=True)
+            for layer in cache.layers:
+                assert layer.keys.untyped_storage().nbytes() <= 2 * (budget + every) * 16 * 4
+            assert max(kv.cache_tokens(cache)) <= budget + every - 1
 
 
 def test_model_is_restored_exactly_on_exit_even_after_an_error(models):
@@ -329,12 +364,30 @@ def test_cli_generate(model_dir, tmp_path, capsys):
         ["--prompt", "  ", "--kv", "h2o", "--budget", "8"],
         ["--prompt", "hi", "--kv", "h2o", "--budget", "8", "--option", "nokey"],
         ["--prompt", "hi", "--kv", "h2o", "--budget", "8", "--max-new-tokens", "0"],
+        ["--prompt", "hi", "--kv", "h2o", "--budget", "8", "--option", "delta_layers=calibrate"],
     ]
     for extra in bad:
         assert cli.main(["generate", str(model_dir), *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("prunekit: error:") and err.count("\n") == 1
     assert cli.main(["generate", str(tmp_path / "nope"), "--prompt", "hi", "--kv", "full"]) == 2
+
+
+def test_cli_generate_with_calibrated_delta_layers(model_dir, capsys, monkeypatch):
+    import json
+    import types
+
+    import prunekit
+    from conftest import TEXT
+
+    seen = []
+    monkeypatch.setattr(prunekit, "load_text", lambda source, purpose: seen.append(source) or types.SimpleNamespace(text=TEXT))
+    rc = cli.main(["generate", str(model_dir), "--prompt", TEXT[:200], "--kv", "delta", "--budget", "32",
+                   "--max-new-tokens", "6", "--option", "delta_layers=calibrate", "--option", "page_size=4",
+                   "--option", "recent_pages=2", "--json"])
+    assert rc == 0 and seen == ["wiki"]
+    result = json.loads(capsys.readouterr().out)
+    assert result["new_tokens"] == 6 and result["options"]["delta_layers"] == [1]  # a 2-layer model: layer 0 stays full
 
 
 @pytest.mark.parametrize("name", ["streaming_llm", "h2o", "snapkv", "deep_forcing"])

@@ -13,6 +13,8 @@ from pathlib import Path
 
 __all__ = ["add_parser", "run"]
 
+CALIBRATION_TOKENS = 1024  # Wikipedia tokens `--option delta_layers=calibrate` places DELTA's layers on
+
 
 def add_parser(sub) -> None:
     from prunekit.inference.kv import POLICIES
@@ -29,7 +31,8 @@ def add_parser(sub) -> None:
     ge.add_argument("--every", type=int, default=1, help="while decoding, compress when the cache reaches budget + EVERY (default 1)")
     ge.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
     ge.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                    help="a policy option (repeatable), e.g. --option sinks=4 --option delta_layers=2,15,24")
+                    help="a policy option (repeatable), e.g. --option sinks=4 --option delta_layers=2,15,24 "
+                         "(delta_layers=calibrate: placed where attention shifts most on 1,024 Wikipedia tokens)")
     ge.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ge.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -65,6 +68,11 @@ def run(args) -> int:
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     options = _options(args.option)
+    calibrate = str(options.get("delta_layers", "")).strip().lower() == "calibrate"
+    if calibrate:
+        if kv.POLICIES.get(args.kv.replace("-", "_")) is not kv.Delta:
+            raise InputError("--option delta_layers=calibrate is for --kv delta only")
+        options.pop("delta_layers")
     kv.make_policy(args.kv, budget=args.budget, **options)  # validate before loading anything
     int_at_least(args.every, "--every", 1)
     if args.prompt_file is not None:
@@ -88,6 +96,14 @@ def run(args) -> int:
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
+    if calibrate:  # the paper's placement rule, on the bundled Wikipedia text (as bench/kv_vs_kvpress.py does)
+        calib = tok(prunekit.load_text("wiki", purpose="calibration").text[:20000], return_tensors="pt")["input_ids"]
+        depth = model.config.num_hidden_layers
+        initial = min(2, depth - 1)  # the paper's 2 full layers first and 3 Δ-layers, fewer on shallow models
+        options["delta_layers"], _ = kv.calibrate_delta_layers(model, calib[:, :CALIBRATION_TOKENS], initial=initial,
+                                                               count=max(1, min(3, depth - initial)))
+        if not args.json and not args.quiet:
+            print(f"delta: calibrated delta layers {options['delta_layers']}", file=sys.stderr)
     cache = DynamicCache(config=model.config)
     start = time.perf_counter()
     with torch.no_grad(), kv.policy(model, args.kv, budget=args.budget, every=args.every, **options) as pol:
