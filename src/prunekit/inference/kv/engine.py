@@ -425,6 +425,7 @@ class Engine:
             keep_pos = new_pos
             st.next_pos = int(new_pos.max()) + 1
         layer.keys, layer.values = keys, values
+        self._buffers.pop(view.layer, None)  # the old buffer goes now, not when the next token needs room
         st.orig = st.orig.gather(2, idx)
         st.pos = keep_pos
         for name, t in list(st.extras.items()):
