@@ -92,16 +92,37 @@ def test_decoding_appends_to_the_cache_in_place_and_cache_bytes_counts_the_room(
         ref = [model(input_ids=ids, cache=plain, use_cache=True).logits]
         ref += [model(input_ids=step, cache=plain, use_cache=True).logits for _ in range(6)]
         with kv.policy(model, "full"):
-            out = [model(input_ids=ids, cache=cache, use_cache=True).logits]
-            out.append(model(input_ids=step, cache=cache, use_cache=True).logits)  # the first step makes the buffers
+            out = [model(input_ids=ids, cache=cache, use_cache=True).logits]  # the prefill makes the buffers
             ptrs = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers]
-            out += [model(input_ids=step, cache=cache, use_cache=True).logits for _ in range(5)]
+            out += [model(input_ids=step, cache=cache, use_cache=True).logits for _ in range(6)]
     assert all(torch.equal(a, b) for a, b in zip(out, ref))
     assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers] == ptrs  # nothing copied
     assert kv.cache_tokens(cache) == [ids.shape[1] + 6] * 4
-    room = ids.shape[1] + 1 + 256  # the buffer made at the first step: what it needed plus 256 tokens
+    room = ids.shape[1] + 128  # the buffer made at the prefill: what it needed plus 128 tokens
     assert kv.cache_bytes(cache) == 4 * 2 * (2 * room * 16 * 4)  # layers x (K, V) x (KV heads x tokens x dim x fp32)
     assert kv.cache_bytes(plain) == 4 * 2 * (2 * (ids.shape[1] + 6) * 16 * 4)
+
+
+def test_a_full_buffer_is_remade_larger_with_its_tokens(models, monkeypatch):
+    from prunekit.inference.kv import engine
+
+    monkeypatch.setattr(engine, "GROW_MIN", 2)  # room for 2 more tokens: the buffers are remade every 2 steps
+    model, ids = models["sdpa"], prompt()
+    plain, cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    step = ids[:, -1:]
+    with torch.no_grad():
+        ref = [model(input_ids=ids, cache=plain, use_cache=True).logits]
+        ref += [model(input_ids=step, cache=plain, use_cache=True).logits for _ in range(7)]
+        with kv.policy(model, "full"):
+            out = [model(input_ids=ids, cache=cache, use_cache=True).logits]
+            ptrs = {cache.layers[0].keys.data_ptr()}
+            for _ in range(7):
+                out.append(model(input_ids=step, cache=cache, use_cache=True).logits)
+                ptrs.add(cache.layers[0].keys.data_ptr())
+    assert len(ptrs) >= 3  # remade at least twice
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) for a, b in zip(cache.layers, plain.layers))
+    assert kv.cache_bytes(cache) <= 4 * 2 * (2 * (ids.shape[1] + 7 + 2) * 16 * 4)
 
 
 def test_a_compressing_policy_never_holds_room_past_its_budget(models):

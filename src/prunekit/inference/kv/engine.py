@@ -25,8 +25,9 @@ A policy (one file per method in this folder) only scores; this file owns the me
   tokens); the engine then re-rotates only the keys whose position changed (`rotate_keys`: a RoPE rotation by
   Δ positions) and continues numbering new tokens after the last kept position.
 - **Cache growth.** The engine appends each forward's keys and values to the layer in place (`_append`): the
-  layer's ``keys``/``values`` are views of the first ``n`` tokens of a buffer with room for more, grown by
-  max(256 tokens, 1/8) when full, and never past ``budget + every`` for a policy that compresses.
+  layer's ``keys``/``values`` are views of the first ``n`` tokens of a buffer with room for max(128 tokens,
+  n/32) more, remade larger when full (an amortised copy of 1-32 tokens per step instead of n), and never past
+  ``budget + every`` for a policy that compresses.
   ``DynamicLayer.update`` instead concatenates, copying the whole cache at every decoding step (as much memory
   traffic as attending to it). Outputs are bitwise those of the model's own cache (tested); `cache_bytes`
   counts the buffers' whole storage. On SmolLM2-135M at a 4k context (one thread, `bench/kv_delta_speed.py`)
@@ -55,7 +56,7 @@ from prunekit.errors import InputError
 __all__ = ["Policy", "LayerState", "Engine", "rotate_keys", "cache_bytes", "cache_tokens", "SUPPORTED_MODEL_TYPES"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-GROW_MIN, GROW_FRACTION = 256, 8  # a full key/value buffer grows by max(256 tokens, 1/8 of what it holds)
+GROW_MIN, GROW_FRACTION = 128, 32  # a key/value buffer is made with room for max(128 tokens, 1/32 of what it holds)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -374,24 +375,23 @@ class Engine:
         gathers new tensors) or anything else that replaces the layer's tensors starts a new one.
         """
         layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
-        if layer is not None and type(layer).__name__ != "DynamicLayer":
+        if layer is None or not getattr(layer, "is_initialized", False):
+            cache.update(k[:, :, :0], v[:, :, :0], layer_idx)  # the layer initialises itself, holding no token yet
+            layer = cache.layers[layer_idx]
+        if type(layer).__name__ != "DynamicLayer":
             raise InputError(f"KV policies need the default DynamicCache; got a {type(layer).__name__} layer")
-        if layer is None or not getattr(layer, "is_initialized", False) or layer.keys.numel() == 0:
-            out = cache.update(k, v, layer_idx)  # the first forward: the layer initialises itself
-            if type(cache.layers[layer_idx]).__name__ != "DynamicLayer":
-                raise InputError(f"KV policies need the default DynamicCache; got a {type(cache.layers[layer_idx]).__name__} layer")
-            return out
         keys, values = layer.keys, layer.values
-        n, q = keys.shape[-2], k.shape[-2]
+        n, q = (keys.shape[-2] if keys.dim() == 4 else 0), k.shape[-2]
         held = self._buffers.get(layer_idx)
         if (held is None or keys._base is not held[0] or values._base is not held[1] or held[0].shape[-2] < n + q
                 or keys.stride() != held[0].stride() or values.stride() != held[1].stride()
                 or held[0].dtype != k.dtype or held[1].dtype != v.dtype):
             room = self._capacity(n + q)
-            kbuf = keys.new_empty(*keys.shape[:2], room, keys.shape[3])
-            vbuf = values.new_empty(*values.shape[:2], room, values.shape[3])
-            kbuf[:, :, :n] = keys
-            vbuf[:, :, :n] = values
+            kbuf = k.new_empty(*k.shape[:2], room, k.shape[3])
+            vbuf = v.new_empty(*v.shape[:2], room, v.shape[3])
+            if n:
+                kbuf[:, :, :n] = keys
+                vbuf[:, :, :n] = values
             held = self._buffers[layer_idx] = (kbuf, vbuf)
         kbuf, vbuf = held
         kbuf[:, :, n:n + q] = k
