@@ -38,7 +38,7 @@ changes: attention does not depend on the order of the keys.
 
 Speed on a CPU (`bench/kv_delta_speed.py`: SmolLM2-135M, 4k context, one thread, the plain model, the engine's
 full-cache policy and DELTA decoding alternately in one process, a one-thread job on the other core): budget
-1024 (25%) 1.278x the plain model's speed, budget 2048 (50%) 1.130x (1.217x and 1.076x the engine's full-cache
+1024 (25%) 1.254x the plain model's speed, budget 2048 (50%) 1.152x (1.123x and 1.032x the engine's full-cache
 policy). Before the engine appended to the cache in place (`engine.Engine._append`), the same bench gave
 1.091x and 0.950x: DELTA keeps the whole cache, and `DynamicLayer.update` copied all of it at every step; with
 a fresh gather of every picked page each step (before the page buffers) it was 1.008x and 0.911x.
