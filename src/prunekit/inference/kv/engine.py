@@ -30,8 +30,8 @@ A policy (one file per method in this folder) only scores; this file owns the me
   ``budget + every`` for a policy that compresses.
   ``DynamicLayer.update`` instead concatenates, copying the whole cache at every decoding step (as much memory
   traffic as attending to it). Outputs are bitwise those of the model's own cache (tested); `cache_bytes`
-  counts the buffers' whole storage. On SmolLM2-135M at a 4k context (one thread, `bench/kv_delta_speed.py`)
-  the full-cache policy decodes at 1.00-1.12x the plain model's speed (four runs), its bookkeeping included.
+  counts the buffers' whole storage. On SmolLM2-135M at a 4k context (one thread, `bench/kv_speed.py`)
+  the full-cache policy decodes at 1.00-1.12x the plain model's speed (five runs), its bookkeeping included.
 - **Per-layer state.** Original positions of the kept entries (``orig``), their current RoPE positions
   (``pos``), policy-owned tensors aligned with the entries (gathered with them), and a buffer of the last
   ``policy.query_window`` post-RoPE queries (the observation window).
