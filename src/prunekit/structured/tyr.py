@@ -50,7 +50,10 @@ Departures from the reference, and why:
   on the supernet's windows -> on 32 held-out windows; uniform): 20% 23.18 / 68.90 -> 22.92 / 73.07 (24.18 /
   71.63); 30% 30.42 / 96.19 -> 30.00 / 97.82 (32.53 / 96.45); 50% 76.41 / 286.16 -> 76.01 / 243.13 (78.22 /
   281.55). Wikipedia improves at every budget and Austen by 15% at 50%, at 2-6% on Austen at 20-30%; a larger
-  last stage on the supernet's windows (4096 tokens) left 50% at 76.61 / 286.42.
+  last stage on the supernet's windows (4096 tokens) left 50% at 76.61 / 286.42. A last stage on all 8,192
+  held-out tokens (``stages="256:2,8192:1"``) gave 22.65 / 69.48, 29.70 / 103.61 and 71.94 / 265.22: Wikipedia
+  better again at every budget, Austen better than the default's at 20% and worse at 30% and 50%, in 1.7-2x
+  the time (one thread, under load); so not the default.
 
 ``final="sequential"`` (the default; not in the reference, whose result is the supernet's levels: ``final="supernet"``) re-prunes the model once more at the
 searched widths with each block calibrated on the already-pruned real blocks before it, instead of keeping the
