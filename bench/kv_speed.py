@@ -65,8 +65,7 @@ def main(argv=None) -> int:
     arms = [("plain", None)] + _arms(args.arms)
     calibrated = None
     if any(name == "delta_calibrated" for name, _ in arms):  # as bench/kv_vs_kvpress.py: 1,024 Wikipedia tokens
-        calib = tok(prunekit.load_text("wiki", purpose="calibration").text[:20000], return_tensors="pt")["input_ids"]
-        calibrated, _ = kv.calibrate_delta_layers(model, calib[:, :1024], count=3, initial=2, window=64)
+        calibrated, _ = kv.wiki_delta_layers(model, tok)
     models = [model] + [copy.deepcopy(model) for _ in arms[1:]]
     caches = [DynamicCache(config=model.config) for _ in arms]
     times = [[] for _ in arms]

@@ -364,9 +364,7 @@ def main(argv=None) -> int:
     book = tok(book_text[: need * 8], add_special_tokens=False)["input_ids"]
     if len(book) < need:
         raise SystemExit(f"Pride and Prejudice gave only {len(book)} tokens; need {need}")
-    calib = prunekit.load_text("wiki", purpose="calibration").text
-    calib_ids = tok(calib[:20000], return_tensors="pt")["input_ids"][:, :1024]
-    layers, shifts = kv.calibrate_delta_layers(model, calib_ids, count=3, initial=2, window=64)
+    layers, shifts = kv.wiki_delta_layers(model, tok)
     DELTA_LAYERS[:] = layers
     raw_path = RESULTS / f"{args.name}.raw.jsonl"
     RESULTS.mkdir(exist_ok=True)

@@ -275,6 +275,8 @@ def _label(row: dict) -> str:
 
 def write_markdown(data: dict, path: Path) -> None:
     s = data["settings"]
+    retimed = sorted({r["retimed"] for r in data["rows"] if "retimed" in r})
+    untimed = sorted(r["id"] for r in data["rows"] if "retimed" not in r and "prefill_speedup" in r and r["method"] != "dense")
     lines = ["# Structured pruning on SmolLM2-135M", "",
              f"Calibration {s['samples']} x {s['seqlen']} tokens of the Wikipedia leads' calibration split (seed 0); "
              f"perplexity on {s['eval_tokens']} held-out tokens (512-token windows); speed with one thread, prefill "
@@ -283,11 +285,10 @@ def write_markdown(data: dict, path: Path) -> None:
              "4-bit GGUF to fp32. `removed` = fraction of the block Linear weights removed; the promise of a row is "
              "1 / (1 - removed) for the blocks, and dense / pruned parameter bytes for the whole model (the embeddings "
              "and the tied LM head, 28 M of the 134.5 M parameters, stay; the LM head is ~20% of a prefill's FLOPs).", "",
-             *([f"Speed re-measured with `--retime` ({sorted({r['retimed'] for r in data['rows'] if 'retimed' in r})[-1]}); "
-                "the figures measured during the runs are kept in the JSON as `speed_history`.", ""]
-               if any("retimed" in r for r in data["rows"]) else []),
-             *([f"Not re-timed (speed measured during the run, under load): {', '.join(sorted(r['id'] for r in data['rows'] if 'retimed' not in r and 'prefill_speedup' in r and r['method'] != 'dense'))}.", ""]
-               if any("retimed" in r for r in data["rows"]) and any("retimed" not in r and "prefill_speedup" in r and r["method"] != "dense" for r in data["rows"]) else []),
+             *([f"Speed re-measured with `--retime` ({retimed[-1]}); the figures measured during the runs are kept in "
+                "the JSON as `speed_history`.", ""] if retimed else []),
+             *([f"Not re-timed (speed measured during the run, under load): {', '.join(untimed)}.", ""]
+               if retimed and untimed else []),
              "| method | removed | params | ppl wiki | ppl austen | prefill speedup | decode speedup | (medians) | promise (all params) | promise (blocks) | prune s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(data["rows"], key=lambda r: (r.get("ratio", 0), r["method"])):

@@ -13,8 +13,6 @@ from pathlib import Path
 
 __all__ = ["add_parser", "run"]
 
-CALIBRATION_TOKENS = 1024  # Wikipedia tokens `--option delta_layers=calibrate` places DELTA's layers on
-
 
 def add_parser(sub) -> None:
     from prunekit.inference.kv import POLICIES
@@ -96,12 +94,8 @@ def run(args) -> int:
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
-    if calibrate:  # the paper's placement rule, on the bundled Wikipedia text (as bench/kv_vs_kvpress.py does)
-        calib = tok(prunekit.load_text("wiki", purpose="calibration").text[:20000], return_tensors="pt")["input_ids"]
-        depth = model.config.num_hidden_layers
-        initial = min(2, depth - 1)  # the paper's 2 full layers first and 3 Δ-layers, fewer on shallow models
-        options["delta_layers"], _ = kv.calibrate_delta_layers(model, calib[:, :CALIBRATION_TOKENS], initial=initial,
-                                                               count=max(1, min(3, depth - initial)))
+    if calibrate:  # the paper's placement rule, on the bundled Wikipedia text (as the benchmarks do)
+        options["delta_layers"], _ = kv.wiki_delta_layers(model, tok)
         if not args.json and not args.quiet:
             print(f"delta: calibrated delta layers {options['delta_layers']}", file=sys.stderr)
     cache = DynamicCache(config=model.config)

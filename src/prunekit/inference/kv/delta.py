@@ -54,7 +54,7 @@ import torch
 from prunekit.errors import InputError, int_at_least
 from prunekit.inference.kv.engine import Engine, Policy, View, check_budget
 
-__all__ = ["Delta", "calibrate_delta_layers", "default_delta_layers"]
+__all__ = ["Delta", "calibrate_delta_layers", "default_delta_layers", "wiki_delta_layers"]
 
 
 def default_delta_layers(num_layers: int) -> list[int]:
@@ -262,3 +262,22 @@ def calibrate_delta_layers(model, input_ids: torch.Tensor, *, count: int = 3, in
     shifts = [1.0 - float(torch.nn.functional.cosine_similarity(maps[i - 1], maps[i], dim=0)) for i in range(1, num_layers)]
     ranked = sorted(range(initial, num_layers), key=lambda layer: -shifts[layer - 1])
     return sorted(ranked[:count]), shifts
+
+
+WIKI_CALIBRATION_TOKENS = 1024
+
+
+def wiki_delta_layers(model, tokenizer, *, tokens: int = WIKI_CALIBRATION_TOKENS):
+    """`calibrate_delta_layers` on the first `tokens` tokens of the bundled Wikipedia calibration text.
+
+    The paper's placement (3 Δ-layers after 2 full ones, last 64 queries); a model shallower than 5 layers gets
+    fewer. Returns ``(layers, shifts)``. Needs the zoo's offline text assets.
+    """
+    import prunekit
+
+    text = prunekit.load_text("wiki", purpose="calibration").text
+    ids = tokenizer(text[: 20 * tokens], return_tensors="pt")["input_ids"][:, :tokens]
+    depth = model.config.num_hidden_layers
+    initial = min(2, depth - 1)
+    return calibrate_delta_layers(model, ids, count=max(1, min(3, depth - initial)), initial=initial, window=64)
+
