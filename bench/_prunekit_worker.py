@@ -39,8 +39,11 @@ def main() -> int:
     seconds = time.perf_counter() - start
     pruning_peak = peak_rss_mb()  # before saving: the pruning run's own peak
     prunekit.save_pruned(model, tok, args.out, metadata=result.to_dict() | {"layers": len(result.layers)}, overwrite=True)
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": pruning_peak, "peak_rss_process_mb": peak_rss_mb(), "prunekit": prunekit.__version__, "threads": torch.get_num_threads(),
-                      "sequential": args.sequential}))
+    import transformers
+
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": pruning_peak, "peak_rss_process_mb": peak_rss_mb(),
+                      "prunekit": prunekit.__version__, "transformers": transformers.__version__,
+                      "threads": torch.get_num_threads(), "sequential": args.sequential}))
     return 0
 
 

@@ -177,7 +177,8 @@ def main() -> int:
                 model, info = check_changes(dense_state, out, pattern)
                 run = {**ppl(model), "seconds": res["seconds"], "process_seconds": res["process_seconds"],
                        "peak_rss_mb": res["peak_rss_mb"], "peak_rss_process_mb": res["peak_rss_process_mb"],
-                       "ran": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                       "ran": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       "versions": {k: res[k] for k in ("llmcompressor", "transformers", "prunekit") if k in res}}
                 del model
                 row = rows.setdefault(tool, {"tool": tool, "method": method, "pattern": pattern, "runs": []})
                 row["runs"].append(run)
@@ -234,7 +235,9 @@ def write_markdown(record: dict, path: Path) -> None:
               "`masks differ`: the share of the block Linears' weights that one tool keeps and the other prunes, and "
               "the first block (of 30) where any differs; the blocks before it have identical masks. Rows whose "
               "`ran` dates differ in the JSON were re-run with `--update`. A row run with `--repeats N` shows the "
-              "median `seconds` and, in brackets, each run's (the tools' order alternated between repeats)."]
+              "median `seconds` and, in brackets, each run's (the tools' order alternated between repeats). "
+              "Runs since 2026-11-29 19:35 UTC record both tools' versions (`versions`): the llm-compressor venv pins "
+              "only llmcompressor==0.14.0.1, so a venv rebuilt later may bring other dependency versions."]
     path.write_text("\n".join(lines) + "\n")
 
 
