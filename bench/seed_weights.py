@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import prunekit
+from prunekit.weights.methods import dpruner
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLES, SEQLEN, EVAL_TOKENS = 128, 512, 32 * 512
@@ -36,7 +37,8 @@ PATTERNS = {"50%": (0.5, None), "60%": (0.6, None), "2:4": (None, "2:4")}
 ORDER = [  # what the targets need first (DSnoT at 60%, ARMOR against 2:4, D-Pruner), then the rest
     "dense", "magnitude-60%", "dsnot-magnitude-60%", "wanda-60%", "dsnot-wanda-60%", "sparsegpt-60%",
     "dsnot-sparsegpt-60%", "sparsegpt-2:4", "armor-2:4", "wanda-2:4", "wanda-50%", "sparsegpt-50%",
-    "wanda-domain-50%", "sparsegpt-domain-50%", "dpruner-50%", "dsnot-noguard-wanda-60%", "dsnot-t0.1+mlp-wanda-60%",
+    "wanda-domain-50%", "sparsegpt-domain-50%", "dpruner-50%", "dpruner-paper-50%", "dsnot-noguard-wanda-60%",
+    "dsnot-t0.1+mlp-wanda-60%",
 ]
 
 
@@ -74,7 +76,13 @@ def _rows() -> list[dict]:
         rows.append(dict(id=f"{method}-domain-50%", section="dpruner", method=method, base=None, pattern="50%",
                          calib="python-docs"))
     rows.append(dict(id="dpruner-50%", section="dpruner", method="dpruner", base=None, pattern="50%",
-                     options={"domain": "python-docs", "domain_samples": DOMAIN_SAMPLES}))
+                     options={"domain": "python-docs", "domain_samples": DOMAIN_SAMPLES, "lam": dpruner.LAM,
+                              "general_weight": dpruner.GENERAL_WEIGHT}))  # the defaults, recorded as they ran
+    # the paper's form: the general importance only through the regulariser (prunekit's defaults before
+    # 2026-11-29's seventh session)
+    rows.append(dict(id="dpruner-paper-50%", section="dpruner", method="dpruner", base=None, pattern="50%",
+                     options={"domain": "python-docs", "domain_samples": DOMAIN_SAMPLES, "lam": 10.0,
+                              "general_weight": 0.0}))
     rank = {rid: i for i, rid in enumerate(ORDER)}
     return sorted(rows, key=lambda r: rank.get(r["id"], len(ORDER)))
 
@@ -190,11 +198,18 @@ def write_markdown(data: dict, path: Path) -> None:
                          f"{100 * r.get('param_overhead', 0):.1f}% | {loss} |")
     lines += ["", "## D-Pruner at 50% against general-only and domain-only calibration", "",
               "| method | calibration | ppl wiki | ppl docs | seconds |", "| --- | --- | ---: | ---: | ---: |"]
-    for rid in ("wanda-50%", "sparsegpt-50%", "wanda-domain-50%", "sparsegpt-domain-50%", "dpruner-50%"):
+    for rid in ("wanda-50%", "sparsegpt-50%", "wanda-domain-50%", "sparsegpt-domain-50%", "dpruner-50%",
+                "dpruner-paper-50%"):
         r = rows.get(rid)
         if r:
             cal = "wiki + python-docs" if r["method"] == "dpruner" else r["calibration"]
-            lines.append(f"| {r['method']} | {cal} | {_fmt(r['ppl_wiki'])} | {_fmt(r['ppl_domain'])} | {r['seconds']:.1f} |")
+            name = r["method"]
+            if r["method"] == "dpruner":
+                o = r.get("options", {})
+                name += (" (paper's form: lam 10, general_weight 0)" if rid == "dpruner-paper-50%"
+                         else f" (lam {o['lam']:g}, general_weight {o['general_weight']:g})" if "lam" in o
+                         else " (lam 10, before general_weight existed)")
+            lines.append(f"| {name} | {cal} | {_fmt(r['ppl_wiki'])} | {_fmt(r['ppl_domain'])} | {r['seconds']:.1f} |")
     if data.get("notes"):
         lines += ["", "## Notes", "", *[f"- {n}" for n in data["notes"]]]
     lines += ["", "An empty cell is a row not in the recorded results (run it with `--rows ID` or `--resume`)."]

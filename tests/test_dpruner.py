@@ -115,6 +115,7 @@ def test_domain_as_text_is_windowed_with_the_tokenizer(tok):
     (dict(domain=torch.zeros(2, 8)), "token ids"),
     (dict(scope="block"), "scope"),
     (dict(lam=-1.0), "lam"),
+    (dict(general_weight=float("nan")), "general_weight"),
     (dict(steps=0), "steps"),
     (dict(skip=("*",)), "no Linear"),
 ])
@@ -145,13 +146,38 @@ def test_planted_domain_weights_are_kept_and_lambda_pulls_toward_general():
     kept, agree = {}, {}
     for lam in (0.0, 10.0, 1000.0):
         model, _, _ = planted()
-        dpruner.prune_model(model, general, ratio=0.5, domain=domain, lam=lam, progress=False)
+        dpruner.prune_model(model, general, ratio=0.5, domain=domain, lam=lam, general_weight=0.0, progress=False)
         kept[lam], agree[lam] = domain_columns_kept(model), agreement_with_general(model, masks)
-    # D-Pruner keeps most of the domain-only weights (50% of each layer is kept: they are above the median) ...
+    # the paper's form keeps most of the domain-only weights (50% of each layer is kept: they are above the
+    # median) ...
     assert kept[0.0] > 0.6
     # ... and a larger lambda moves the mask back toward the general importance
     assert kept[0.0] > kept[10.0] > kept[1000.0]
     assert agree[0.0] < agree[10.0] < agree[1000.0]
+
+
+def test_added_general_importance_keeps_domain_weights_and_moves_toward_general():
+    _, general, domain = planted()
+    masks = general_obs_masks(general)
+    kept, agree = {}, {}
+    for weight in (0.0, 1.0, 4.0, 100.0):
+        model, _, _ = planted()
+        dpruner.prune_model(model, general, ratio=0.5, domain=domain, general_weight=weight, progress=False)
+        kept[weight], agree[weight] = domain_columns_kept(model), agreement_with_general(model, masks)
+    model, _, _ = planted()
+    dpruner.prune_model(model, general, ratio=0.5, domain=domain, progress=False)
+    assert (domain_columns_kept(model), agreement_with_general(model, masks)) == (kept[1.0], agree[1.0])  # default
+    # the defaults still keep about half of the weights only domain text needs (general-only masks keep none) ...
+    assert kept[1.0] > 0.4
+    # ... and the weight of the general importance moves the mask toward the general one, monotonically
+    assert agree[0.0] < agree[1.0] < agree[4.0] < agree[100.0]
+    assert kept[0.0] > kept[1.0] > kept[4.0] >= kept[100.0]
+
+
+def test_final_score_normalises_the_dual_importance():
+    dual, general = torch.tensor([[2.0, 6.0]]), torch.tensor([[1.5, 0.5]])
+    assert torch.equal(dpruner.final_score(dual, general, 0.0), dual)
+    assert torch.allclose(dpruner.final_score(dual, general, 2.0), torch.tensor([[0.5 + 3.0, 1.5 + 1.0]]))
 
 
 def test_doctests():

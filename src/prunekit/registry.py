@@ -80,7 +80,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "dpruner", "weights", "Zhang et al. 2024, Pruning as a Domain-specific LLM Extractor (D-Pruner)",
             "https://arxiv.org/abs/2405.06275",
-            "general OBS importance regularises a domain loss; its gradients score weights (unstructured)",
+            "domain-gradient (Taylor) importance plus the general OBS importance, normalised per layer (unstructured)",
             stats="hessian", prune_model=dpruner.prune_model,
         ),
         MethodSpec(
