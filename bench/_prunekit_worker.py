@@ -26,6 +26,7 @@ def main() -> int:
     args = p.parse_args()
 
     import torch
+    import transformers
     from safetensors.torch import load_file
 
     import prunekit
@@ -39,8 +40,6 @@ def main() -> int:
     seconds = time.perf_counter() - start
     pruning_peak = peak_rss_mb()  # before saving: the pruning run's own peak
     prunekit.save_pruned(model, tok, args.out, metadata=result.to_dict() | {"layers": len(result.layers)}, overwrite=True)
-    import transformers
-
     print(json.dumps({"seconds": seconds, "peak_rss_mb": pruning_peak, "peak_rss_process_mb": peak_rss_mb(),
                       "prunekit": prunekit.__version__, "transformers": transformers.__version__,
                       "threads": torch.get_num_threads(), "sequential": args.sequential}))

@@ -75,6 +75,16 @@ def test_stats_match_direct_computation():
     torch.testing.assert_close(hess.value(), 2 * flat.T @ flat / n_seq, rtol=1e-4, atol=1e-3)
 
 
+def test_column_norms_sum_every_row_chunk():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 3000, 40, generator=g) * 3 + 1  # 9000 tokens per add: two full chunks and a partial one
+    acc = stats.ColumnNorms(40)
+    acc.add(x)
+    acc.add(x[:1])
+    want = (2 * x.double().square().sum((0, 1)) - x[1:].double().square().sum((0, 1))) / 4  # mean over 4 sequences
+    torch.testing.assert_close(acc.value().double(), want, rtol=1e-6, atol=0)
+
+
 def test_wanda_mask_is_weight_times_input_norm():
     w, x = planted(seed=3)
     flat = x.reshape(-1, x.shape[-1])

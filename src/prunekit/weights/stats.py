@@ -34,11 +34,11 @@ def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 class ColumnNorms:
     """Running mean over sequences of each input column's squared norm: ``[d_in]``."""
 
+    ROWS = 4096  # tokens squared and summed at a time
+
     def __init__(self, d_in: int):
         self.sq = torch.zeros(d_in, dtype=torch.float32)
         self.sequences = 0
-
-    ROWS = 4096  # tokens squared and summed at a time
 
     def add(self, x: torch.Tensor) -> None:
         x, seqs = _flatten(x)
