@@ -206,8 +206,8 @@ def write_markdown(data: dict, path: Path) -> None:
             name = r["method"]
             if r["method"] == "dpruner":
                 o = r.get("options", {})
-                name += (" (paper's form: lam 10, general_weight 0)" if rid == "dpruner-paper-50%"
-                         else f" (lam {o['lam']:g}, general_weight {o['general_weight']:g})" if "lam" in o
+                form = "the paper's form: " if rid == "dpruner-paper-50%" else ""
+                name += (f" ({form}lam {o['lam']:g}, general_weight {o['general_weight']:g})" if "lam" in o
                          else " (lam 10, before general_weight existed)")
             lines.append(f"| {name} | {cal} | {_fmt(r['ppl_wiki'])} | {_fmt(r['ppl_domain'])} | {r['seconds']:.1f} |")
     if data.get("notes"):
