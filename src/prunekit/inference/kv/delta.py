@@ -280,4 +280,3 @@ def wiki_delta_layers(model, tokenizer, *, tokens: int = WIKI_CALIBRATION_TOKENS
     depth = model.config.num_hidden_layers
     initial = min(2, depth - 1)
     return calibrate_delta_layers(model, ids, count=max(1, min(3, depth - initial)), initial=initial, window=64)
-

@@ -444,4 +444,3 @@ def check_fraction(value, *, what: str, low: float = 0.0, high: float = 1.0) -> 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high) or math.isnan(value):
         raise InputError(f"{what} must be a number in [{low}, {high}] (got {value!r})")
     return float(value)
-
