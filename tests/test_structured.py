@@ -162,6 +162,34 @@ def test_sparse_kl_of_model_with_itself_is_zero():
     assert float(tyr.sparse_kl(top.values, top.indices, torch.randn(10, 50))) > 0.01
 
 
+def test_relative_error_of_hidden_states():
+    t = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    assert float(tyr.relative_error(t, t)) == 0.0
+    # token 1: |(3,4)-(0,4)|^2 / 25 = 9/25; token 2: |(1,0)-(1,1)|^2 / 1 = 1
+    assert float(tyr.relative_error(t, torch.tensor([[0.0, 4.0], [1.0, 1.0]]))) == pytest.approx((9 / 25 + 1) / 2)
+
+
+def test_fitness_hidden_term_probes_first_middle_last_blocks():
+    assert tyr.probe_layers(30) == [0, 15, 29] and tyr.probe_layers(1) == [0]
+    dense, pruned = tiny(layers=4), tiny(layers=4)
+    ids, windows = calib(4), torch.arange(4)
+    teacher = tyr._teacher(dense, ids, 16, 2, tyr.probe_layers(4))
+    assert teacher.layers == [0, 2, 3] and [h.shape for h in teacher.hidden] == [(4, 32, 64)] * 3
+    assert tyr._fitness(dense, ids, teacher, windows, 2, 1.0) == pytest.approx(0.0, abs=1e-3)  # itself (fp16 store)
+    with torch.no_grad():
+        pruned.model.layers[1].mlp.down_proj.weight[:, :64] = 0
+    kl = tyr._fitness(pruned, ids, teacher, windows, 2)
+    both = tyr._fitness(pruned, ids, teacher, windows, 2, 2.0)
+    assert kl > 0 and both > kl  # block 1 changed: blocks 2 and 3 move, so the hidden term adds
+    blocks = pruned.model.layers
+    assert all(not b._forward_hooks for b in blocks) and all(not b._forward_hooks for b in dense.model.layers)
+    with pytest.raises(InputError, match="hidden_weight"):
+        tyr.tyr_options(hidden_weight=-1.0)
+    res = prunekit.prune_structured(tiny(), method="tyr", ratio=0.35, calibration=calib(), progress=False,
+                                    hidden_weight=1.0, **TYR_FAST)
+    assert res.info["options"]["hidden_weight"] == 1.0 and res.info["search"]
+
+
 # ---------------------------------------------------------------- export
 
 

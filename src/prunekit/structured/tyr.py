@@ -23,7 +23,10 @@ The algorithm, for a budget of ``ratio`` of the decoder blocks' Linear weights r
    of the same type, so the parameter count is held exactly. Fitness = KL(dense ‖ pruned) on the dense
    model's top-`kl_topk` next-token logits (both renormalised over that support) on calibration windows;
    selection in stages on growing token budgets (`stages`), each on fresh random windows; the parent joins
-   before the last stage (elitism).
+   before the last stage (elitism). ``hidden_weight`` > 0 adds the paper's hidden-state term (its Eq. 6 sums
+   distances of the first, median and last layers' hidden states to the logits' KL; the released code scores the
+   logits alone, and so does the default, 0): ``hidden_weight`` times the mean over blocks 0, L/2 and L-1 of the
+   per-token relative squared error ``||h - h'||^2 / ||h||^2`` of their outputs (`relative_error`).
 4. **Coarse to fine.** Each further iteration rebuilds the supernet around the best distribution with the MLP
    step halved; the result is the last iteration's best, physically pruned (`units`).
 
@@ -231,7 +234,7 @@ def _parse_stages(stages) -> list[tuple[int, int]]:
 def tyr_options(*, iterations: int = 2, generations: int = 8, offspring: int = 8, stages="256:2,1024:1",
                 kl_topk: int = 1024, propagate: str = "expectation", levels: int = 9, mlp_step: float = 0.125,
                 neuron_step: int = 16, damp: float = 0.01, batch_size: int = 8, final: str = "sequential",
-                fitness_samples: int | None = None) -> dict:
+                fitness_samples: int | None = None, hidden_weight: float = 0.0) -> dict:
     """Týr's options, validated (`prune_tyr` takes the same keywords)."""
     out = {
         "fitness_samples": None if fitness_samples is None else int_at_least(fitness_samples, "fitness_samples", 0),
@@ -255,7 +258,10 @@ def tyr_options(*, iterations: int = 2, generations: int = 8, offspring: int = 8
         raise InputError(f"mlp_step (the MLP level spacing, a fraction of its neurons) must be in (0, 0.5], got {mlp_step!r}")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp <= 1:
         raise InputError(f"damp must be a number in [0, 1], got {damp!r}")
-    out.update(propagate=propagate, mlp_step=float(mlp_step), damp=float(damp))
+    if isinstance(hidden_weight, bool) or not isinstance(hidden_weight, (int, float)) or not 0 <= hidden_weight < math.inf:
+        raise InputError(f"hidden_weight (the weight of the hidden-state term in the search's fitness) must be a "
+                         f"number >= 0, got {hidden_weight!r}")
+    out.update(propagate=propagate, mlp_step=float(mlp_step), damp=float(damp), hidden_weight=float(hidden_weight))
     return out
 
 
@@ -398,26 +404,87 @@ def _widths_of(dims: Dims, subs: list[Sublayer], offsets) -> list[Widths]:
     return [Widths(h, n) for h, n in zip(heads, inter)]
 
 
-def _teacher(model: nn.Module, ids: torch.Tensor, topk: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    values, index = [], []
-    with torch.no_grad():
-        for start in range(0, ids.shape[0], batch_size):
-            logits = model(input_ids=ids[start:start + batch_size], use_cache=False).logits  # [b, seq, vocab]
-            top = torch.topk(logits.float(), min(topk, logits.shape[-1]), dim=-1)
-            values.append(top.values.half())
-            index.append(top.indices.int())
-    return torch.cat(values), torch.cat(index)  # [n, seq, k]
+def probe_layers(n_layers: int) -> list[int]:
+    """The blocks whose outputs the hidden-state term compares: the first, the middle and the last (paper, Eq. 6)."""
+    return sorted({0, n_layers // 2, n_layers - 1})
 
 
-def _fitness(model, ids, teacher, windows, batch_size) -> float:
+class _Probe:
+    """Records the outputs of some blocks on each forward (``outputs`` in the order of `layers`)."""
+
+    def __init__(self, model: nn.Module, layers: list[int]):
+        _, blocks = find_blocks(model)
+        self.outputs: list[torch.Tensor] = []
+        self.handles = [blocks[i].register_forward_hook(self._hook) for i in layers]
+
+    def _hook(self, _m, _args, out):
+        self.outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@dataclass
+class Teacher:
+    """The dense model's top-k next-token logits ``[n, seq, k]`` on the fitness windows and, when the hidden-state
+    term is on, its outputs of the probed blocks (one ``[n, seq, hidden]`` tensor per block)."""
+
+    values: torch.Tensor
+    index: torch.Tensor
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+
+
+def _teacher(model: nn.Module, ids: torch.Tensor, topk: int, batch_size: int, layers: list[int] | None = None) -> Teacher:
+    values, index, hidden = [], [], []
+    probe = _Probe(model, layers) if layers else None
+    try:
+        with torch.no_grad():
+            for start in range(0, ids.shape[0], batch_size):
+                logits = model(input_ids=ids[start:start + batch_size], use_cache=False).logits  # [b, seq, vocab]
+                top = torch.topk(logits.float(), min(topk, logits.shape[-1]), dim=-1)
+                values.append(top.values.half())
+                index.append(top.indices.int())
+                if probe is not None:
+                    hidden.append([h.half() for h in probe.take()])
+    finally:
+        if probe is not None:
+            probe.close()
+    per_layer = [torch.cat([h[j] for h in hidden]) for j in range(len(layers))] if layers else []
+    return Teacher(torch.cat(values), torch.cat(index), per_layer, list(layers or []))
+
+
+def relative_error(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ``||h - h'||^2 / ||h||^2`` (`teacher`, `student` ``[..., hidden]``)."""
+    t, s = teacher.float(), student.float()
+    return ((t - s).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
+def _fitness(model, ids, teacher: Teacher, windows, batch_size, hidden_weight: float = 0.0) -> float:
+    """KL(dense ‖ pruned) on the teacher's top-k logits, plus `hidden_weight` times the mean relative error of the
+    probed blocks' outputs when that is on; averaged over `windows`."""
     total = 0.0
-    with torch.no_grad():
-        for start in range(0, len(windows), batch_size):
-            w = windows[start:start + batch_size]
-            logits = model(input_ids=ids[w], use_cache=False).logits  # [b, seq, vocab]
-            kl = sparse_kl(teacher[0][w].reshape(-1, teacher[0].shape[-1]), teacher[1][w].reshape(-1, teacher[1].shape[-1]),
-                           logits.reshape(-1, logits.shape[-1]))
-            total += float(kl) * len(w)
+    probe = _Probe(model, teacher.layers) if hidden_weight and teacher.layers else None
+    try:
+        with torch.no_grad():
+            for start in range(0, len(windows), batch_size):
+                w = windows[start:start + batch_size]
+                logits = model(input_ids=ids[w], use_cache=False).logits  # [b, seq, vocab]
+                k = teacher.values.shape[-1]
+                score = sparse_kl(teacher.values[w].reshape(-1, k), teacher.index[w].reshape(-1, k),
+                                  logits.reshape(-1, logits.shape[-1]))
+                if probe is not None:
+                    errors = [relative_error(t[w], h) for t, h in zip(teacher.hidden, probe.take())]
+                    score = score + hidden_weight * torch.stack(errors).mean()
+                total += float(score) * len(w)
+    finally:
+        if probe is not None:
+            probe.close()
     return total / len(windows)
 
 
@@ -457,7 +524,8 @@ def _search(model, installer, subs, ids, teacher, opts, rng, progress, log, iter
             fits = []
             for c in cands:
                 installer.install(subs, c)
-                fits.append(_fitness(model, ids, teacher, torch.as_tensor(windows), opts["batch_size"]))
+                fits.append(_fitness(model, ids, teacher, torch.as_tensor(windows), opts["batch_size"],
+                                     opts["hidden_weight"]))
             order = np.argsort(fits, kind="stable")[:keep]
             cands, fit = [cands[i] for i in order], fits[order[0]]
         parent = cands[0]
@@ -495,7 +563,9 @@ def prune_tyr(model: nn.Module, ids: torch.Tensor, *, ratio: float, structure: s
                              "windows for the supernet; give more windows or fewer fitness samples")
         ids, fids = ids[:-opts["fitness_samples"]], ids[-opts["fitness_samples"]:]
     rng = np.random.default_rng(seed)
-    teacher = _teacher(model, fids, opts["kl_topk"], opts["batch_size"]) if search and opts["generations"] else None
+    layers = probe_layers(dims.layers) if opts["hidden_weight"] else None
+    teacher = (_teacher(model, fids, opts["kl_topk"], opts["batch_size"], layers)
+               if search and opts["generations"] else None)
     installer = _Installer(model, dims)
     log: list[SearchLog] = []
     spread = opts["levels"] // 2
