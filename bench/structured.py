@@ -135,9 +135,14 @@ def _torch_pruning(model, target_block_params: int) -> dict:
     return {"channel_ratio": ratio, "importance": "GroupMagnitudeImportance(p=2)", "torch_pruning": tp.__version__}
 
 
+def _row_id(method: str, ratio: float, seed: int) -> str:
+    return f"{method}-{ratio:g}" + (f"-s{seed}" if seed else "")
+
+
 def run_row(method: str, ratio: float, args, texts, dense, tok) -> dict:
     model, _ = prunekit.load_model("smollm2-135m")
-    row = {"id": f"{method}-{ratio:g}", "method": method, "ratio": ratio, "structure": args.structure}
+    row = {"id": _row_id(method, ratio, args.seed), "method": method, "ratio": ratio, "structure": args.structure,
+           "seed": args.seed}
     start = time.perf_counter()
     if method == "torch-pruning":
         from prunekit.structured.tyr import uniform_widths
@@ -155,8 +160,8 @@ def run_row(method: str, ratio: float, args, texts, dense, tok) -> dict:
         return _measure(row, model, args, texts, dense, tok)
     options = _opts(args.tyr_options) if method == "tyr" else {}
     result = prunekit.prune_structured(model, method=method, ratio=ratio, structure=args.structure, tokenizer=tok,
-                                       calibration="wiki", samples=args.samples, seqlen=args.seqlen, seed=0,
-                                       progress=not args.quiet, **options)
+                                       calibration="wiki", samples=args.samples, seqlen=args.seqlen,
+                                       seed=args.seed, progress=not args.quiet, **options)
     row["prune_seconds"] = time.perf_counter() - start
     row["widths"] = [[w.heads, w.intermediate] for w in result.widths]
     if method == "tyr":
@@ -273,12 +278,52 @@ def _label(row: dict) -> str:
     return row["method"]
 
 
+def _seeded(rows: list[dict]) -> dict:
+    """The rows run with the script's defaults (id ``METHOD-RATIO[-sSEED]``), by (method, ratio) then seed."""
+    out: dict = {}
+    for r in rows:
+        if r["method"] in ("dense", "torch-pruning", "magnitude-structured"):
+            continue  # no calibration windows, nothing seeded
+        if r["id"] == _row_id(r["method"], r["ratio"], r.get("seed", 0)):
+            out.setdefault((r["method"], r["ratio"]), {})[r.get("seed", 0)] = r
+    return out
+
+
+def _seed_table(rows: list[dict]) -> list[str]:
+    """Mean ± std over seeds, and Týr minus uniform on the same seed's calibration windows."""
+    import statistics
+
+    groups = _seeded(rows)
+    if not any(len(v) > 1 for v in groups.values()):
+        return []
+    lines = ["Over seeds (rows with the script's default settings; the seed draws the calibration windows of both "
+             "methods and Týr's search; mean ± std):", "",
+             "| method | removed | seeds | ppl wiki | ppl austen | Týr - uniform, same seed: wiki | austen |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+
+    def ms(values):
+        return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+    for (method, ratio), by_seed in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        seeds = sorted(by_seed)
+        diff = ["", ""]
+        base = groups.get(("uniform-structured", ratio), {})
+        paired = [s for s in seeds if s in base]
+        if method == "tyr" and paired:
+            diff = [" / ".join(f"{by_seed[s][k] - base[s][k]:+.2f}" for s in paired) for k in ("ppl_wiki", "ppl_austen")]
+        lines.append(f"| {method} | {ratio:g} | {','.join(map(str, seeds))} | "
+                     f"{ms([by_seed[s]['ppl_wiki'] for s in seeds])} | {ms([by_seed[s]['ppl_austen'] for s in seeds])} | "
+                     f"{diff[0]} | {diff[1]} |")
+    return lines
+
+
 def write_markdown(data: dict, path: Path) -> None:
     s = data["settings"]
     retimed = sorted({r["retimed"] for r in data["rows"] if "retimed" in r})
     untimed = sorted(r["id"] for r in data["rows"] if "retimed" not in r and "prefill_speedup" in r and r["method"] != "dense")
     lines = ["# Structured pruning on SmolLM2-135M", "",
-             f"Calibration {s['samples']} x {s['seqlen']} tokens of the Wikipedia leads' calibration split (seed 0); "
+             f"Calibration {s['samples']} x {s['seqlen']} tokens of the Wikipedia leads' calibration split (the row's seed "
+             "draws the windows, and Týr's search); "
              f"perplexity on {s['eval_tokens']} held-out tokens (512-token windows); speed with one thread, prefill "
              f"1 x 512 and decode 64 tokens, dense and pruned alternated, fastest of {s['repeats']} rounds; structure "
              f"`{s['structure']}`; Týr options `{s['tyr_options']}`. Dense is SmolLM2-135M-Instruct dequantized from "
@@ -289,16 +334,16 @@ def write_markdown(data: dict, path: Path) -> None:
                 "the JSON as `speed_history`.", ""] if retimed else []),
              *([f"Not re-timed (speed measured during the run, under load): {', '.join(untimed)}.", ""]
                if retimed and untimed else []),
-             "| method | removed | params | ppl wiki | ppl austen | prefill speedup | decode speedup | (medians) | promise (all params) | promise (blocks) | prune s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in sorted(data["rows"], key=lambda r: (r.get("ratio", 0), r["method"])):
+             "| method | seed | removed | params | ppl wiki | ppl austen | prefill speedup | decode speedup | (medians) | promise (all params) | promise (blocks) | prune s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(data["rows"], key=lambda r: (r.get("ratio", 0), r["method"], r.get("seed", 0))):
         f = lambda k, d=3: "" if r.get(k) is None else f"{r[k]:.{d}f}"  # noqa: E731
-        lines.append(f"| {_label(r)} | {f('removed')} | {r.get('params', 0):,} | {f('ppl_wiki', 2)} | {f('ppl_austen', 2)} | "
+        lines.append(f"| {_label(r)} | {r.get('seed', 0) if r['method'] != 'dense' else ''} | {f('removed')} | {r.get('params', 0):,} | {f('ppl_wiki', 2)} | {f('ppl_austen', 2)} | "
                      f"{f('prefill_speedup', 2)} | {f('decode_speedup', 2)} | "
                      f"{f('median_prefill_speedup', 2)} / {f('median_decode_speedup', 2)} | {f('param_reduction_speedup', 2)} | "
                      f"{f('block_reduction_speedup', 2)} | "
                      f"{f('prune_seconds', 0)} |")
-    lines.append("")
+    lines += ["", *_seed_table(data["rows"]), ""]
     for r in data["rows"]:
         o = r.get("options")
         if r["method"] == "tyr" and o:
@@ -346,6 +391,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the calibration windows and of Týr's search (row ids get -sSEED unless 0)")
     ap.add_argument("--tyr-options", default=TYR_OPTIONS, help="KEY=VALUE,... (';' for ',' inside a value)")
     ap.add_argument("--resume", action="store_true", help="skip rows already in the results file")
     ap.add_argument("--final-sequential", default=None, metavar="ROW",
@@ -389,7 +436,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for method in args.methods.split(","):
-            rid = f"{method}-{ratio:g}"
+            rid = _row_id(method, ratio, args.seed)
             if args.resume and rid in done:
                 continue
             row = run_row(method, ratio, args, texts, dense, tok)
