@@ -26,7 +26,10 @@ The algorithm, for a budget of ``ratio`` of the decoder blocks' Linear weights r
    before the last stage (elitism). ``hidden_weight`` > 0 adds the paper's hidden-state term (its Eq. 6 sums
    distances of the first, median and last layers' hidden states to the logits' KL; the released code scores the
    logits alone, and so does the default, 0): ``hidden_weight`` times the mean over blocks 0, L/2 and L-1 of the
-   per-token relative squared error ``||h - h'||^2 / ||h||^2`` of their outputs (`relative_error`).
+   per-token relative squared error ``||h - h'||^2 / ||h||^2`` of their outputs (`relative_error`). Measured on
+   SmolLM2-135M at 30% (bench/structured.py's settings, seed 0), perplexity on Wikipedia / Pride and Prejudice /
+   the other five Austen novels / the Python docs: hidden_weight 1 gave 31.67 / 103.02 / 121.79 / 60.62 against
+   the default's 29.84 / 98.50 / 125.47 / 48.96 (uniform: 32.64 / 96.16 / 116.19 / 68.25); so not the default.
 4. **Coarse to fine.** Each further iteration rebuilds the supernet around the best distribution with the MLP
    step halved; the result is the last iteration's best, physically pruned (`units`).
 
