@@ -10,8 +10,15 @@ on response tokens only. Rows:
 - ``random``: ``round(N * ratio)`` random samples, ``--token-ratio`` of their response tokens at random.
 - ``ppl``: the highest-perplexity samples under the starting model, random tokens as ``random``.
 - ``qtuning_static``: Q-Tuning scored once under the starting model (quadrants + neighbour-smoothed token PPL).
-- ``qtuning_dynamic``: Q-Tuning re-scored per loaded batch of ``batch_size / ratio`` samples under the model
-  being trained (the paper's mode); only the kept rows are trained on.
+- ``qtuning_dynamic``: Q-Tuning re-scored per loaded batch under the model being trained (the paper's mode);
+  only the kept rows are trained on.
+Protocols (``--protocol``) for the pruned rows:
+- ``same-steps`` (the default; the reference's, whose trainer prunes inside every micro-batch of the full data
+  loader, so a pruned run takes as many optimizer steps as full data, each on fewer samples and tokens): static
+  selections train in batches of ``round(batch_size * ratio)`` kept samples, the dynamic mode scores each
+  loaded batch of ``batch_size`` samples and steps on the rows it keeps. Row ids end in ``-same``.
+- ``fewer-steps``: every training batch holds ``batch_size`` kept samples (the dynamic mode loads
+  ``batch_size / ratio`` to keep that many), so a run at 25% takes a quarter of full data's steps.
 
 Metrics on the held-out set: exact-match accuracy of the answer after "The answer is" (greedy, up to
 ``--max-new-tokens``), response perplexity; tokens trained on (loss tokens), positions forwarded in training,
@@ -51,8 +58,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("full", "random", "ppl", "qtuning_static", "qtuning_dynamic")
 
 
-def _row_id(method, ratio, seed):
-    return f"{method}-{ratio}-s{seed}"
+PROTOCOLS = ("same-steps", "fewer-steps")
+
+
+def _row_id(method, ratio, seed, protocol="fewer-steps"):
+    suffix = "-same" if protocol == "same-steps" and method != "full" else ""
+    return f"{method}-{ratio}-s{seed}{suffix}"
+
+
+def _protocol(row) -> str:
+    return "-" if row["method"] == "full" else row.get("protocol", "fewer-steps")
 
 
 def _save(rows, meta, path_json: Path):
@@ -80,21 +95,23 @@ def _markdown(rows, meta) -> str:
              f"{100 * meta['base']['accuracy']:.1f}%, response PPL {meta['base']['ppl']:.2f}.", "",
              "Mean ± std over seeds (training seed; data fixed). `tokens` = loss tokens trained on; `fwd` = positions "
              "forwarded with gradients; `scored` = positions forwarded without gradients to select data.", "",
-             "| method | samples | seeds | accuracy % | year % | arith % | held-out PPL | tokens | fewer tokens than full | fwd | scored | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Protocol `same-steps`: a pruned run takes as many optimizer steps as full data (smaller batches; the "
+             "reference's trainer); `fewer-steps`: the same batch size as full data, so fewer steps.", "",
+             "| method | protocol | samples | seeds | accuracy % | year % | arith % | held-out PPL | tokens | fewer tokens than full | fwd | scored | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     full_tok = [r["tokens_trained"] for r in rows if r["method"] == "full"]
     full_tok = statistics.mean(full_tok) if full_tok else None
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["method"], r["sample_ratio"]), []).append(r)
-    order = sorted(groups, key=lambda k: (-k[1] if k[0] == "full" else k[1], METHODS.index(k[0])))
+        groups.setdefault((r["method"], r["sample_ratio"], _protocol(r)), []).append(r)
+    order = sorted(groups, key=lambda k: (-k[1] if k[0] == "full" else k[1], k[2], METHODS.index(k[0])))
     order = [k for k in order if k[0] == "full"] + [k for k in order if k[0] != "full"]
     for key in order:
         g = groups[key]
         tok = statistics.mean(r["tokens_trained"] for r in g)
         ratio = f"{full_tok / tok:.1f}x" if full_tok and tok else "-"
         lines.append(
-            f"| {key[0]} | {100 * key[1]:g}% | {len(g)} | {_fmt([r['accuracy'] for r in g], 1, 100)} "
+            f"| {key[0]} | {key[2]} | {100 * key[1]:g}% | {len(g)} | {_fmt([r['accuracy'] for r in g], 1, 100)} "
             f"| {_fmt([r['acc_year'] for r in g], 1, 100)} | {_fmt([r['acc_arith'] for r in g], 1, 100)} "
             f"| {_fmt([r['ppl'] for r in g], 2)} | {tok:.0f} | {ratio} "
             f"| {statistics.mean(r['tokens_forward'] for r in g):.0f} | {statistics.mean(r['tokens_scored'] for r in g):.0f} "
@@ -131,6 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--token-ratio", type=float, default=0.7)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--protocol", default="same-steps", choices=PROTOCOLS,
+                    help="pruned rows: as many optimizer steps as full data (the reference's), or full's batch size")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-batch-size", type=int, default=16)
@@ -191,10 +210,10 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             for m in args.methods:
                 if m == "full":
-                    if _row_id("full", 1.0, seed) not in {p[3] for p in plan}:
+                    if _row_id("full", 1.0, seed) not in {p[3] for p in plan}:  # one full row for both protocols
                         plan.append(("full", 1.0, seed, _row_id("full", 1.0, seed)))
                     continue
-                plan.append((m, ratio, seed, _row_id(m, ratio, seed)))
+                plan.append((m, ratio, seed, _row_id(m, ratio, seed, args.protocol)))
     # seed 0 of every budget first, then the other seeds (a partial run still covers each budget)
     plan.sort(key=lambda p: (p[2] != args.seeds[0], args.ratios.index(p[1]) if p[1] in args.ratios else -1, p[2]))
 
@@ -225,11 +244,19 @@ def main(argv=None) -> int:
         if pre is not None:
             pruner = S.FixedSelection(pre)
         print(f"[{time.strftime('%H:%M:%S')}] {rid} ...", flush=True)
-        rep = S.sft(model, train_ex, pad_id=pad_id, pruner=pruner, epochs=1, batch_size=args.batch_size, lr=args.lr,
-                    seed=seed, progress=False)
+        batch_size, load_batch = args.batch_size, None
+        if method != "full" and args.protocol == "same-steps":
+            if method == "qtuning_dynamic":
+                load_batch = args.batch_size  # score each batch of the full loader, step on what it keeps
+            else:
+                batch_size = max(1, round(args.batch_size * ratio))
+        rep = S.sft(model, train_ex, pad_id=pad_id, pruner=pruner, epochs=1, batch_size=batch_size,
+                    load_batch=load_batch, lr=args.lr, seed=seed, progress=False)
         merge_lora(model)  # the same function, fewer matmuls per generated token
         ev = _evaluate(model, tok, test_rec, test_ex, pad_id, args)
         row = {"id": rid, "method": method, "sample_ratio": ratio, "token_ratio": token_ratio, "seed": seed,
+               "protocol": None if method == "full" else args.protocol, "train_batch_size": batch_size,
+               "load_batch": load_batch,
                "accuracy": ev["accuracy"], "acc_year": ev["acc_year"], "acc_arith": ev["acc_arith"], "ppl": ev["ppl"],
                "tokens_trained": rep.tokens_trained, "tokens_forward": rep.tokens_forward,
                "tokens_scored": rep.tokens_scored + scored, "samples_trained": rep.samples_trained, "steps": rep.steps,
