@@ -33,6 +33,8 @@ The training seed (LoRA init, order, random picks) varies; the data does not.
 
 Writes bench/results/qtuning.json (``{"rows": [{"method", "sample_ratio", "token_ratio", "accuracy", "ppl",
 "tokens_trained", "seconds", ...}]}``), bench/results/qtuning.md and bench/results/qtuning_eu.png.
+``--noise F`` misaligns a fraction F of the training pairs (`sft_tasks.add_noise`: their responses rotated among
+themselves; the held-out pairs stay clean) and writes bench/results/qtuning_noise<100F>.json / .md / _eu.png.
 """
 
 from __future__ import annotations
@@ -87,7 +89,10 @@ def _fmt(values, digits=1, scale=1.0):
 
 def _markdown(rows, meta) -> str:
     lines = ["# Q-Tuning on SmolLM2-135M-Instruct (LoRA SFT, one epoch)", "",
-             f"Train {meta['train']} pairs ({meta['train_tokens']} positions, {meta['train_response_tokens']} response "
+             f"Train {meta['train']} pairs"
+             + (f", {100 * meta['noise']:g}% of them misaligned (each answers another pair's instruction)"
+                if meta.get("noise") else "")
+             + f" ({meta['train_tokens']} positions, {meta['train_response_tokens']} response "
              f"tokens), held-out {meta['test']} pairs; year questions from Wikipedia leads + arithmetic word problems "
              f"(`prunekit.data.sft_tasks`, data seed 0). LoRA r=8, lr {meta['lr']}, batch {meta['batch_size']}, "
              f"max length {meta['max_length']}. Token ratio {meta['token_ratio']}. One thread on a shared 2-core VM: "
@@ -121,7 +126,7 @@ def _markdown(rows, meta) -> str:
         lines.append(f"| {r['id']} | {100 * r['accuracy']:.1f} | {r['ppl']:.2f} | {r['tokens_trained']} | {r['steps']} "
                      f"| {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
     lines += ["", "The starting model's EU plane over the training pairs, with Q-Tuning's 25% selection (filled = kept; "
-              "dashed/dotted lines: the final quantile thresholds):", "", "![EU plane](qtuning_eu.png)", "",
+              "dashed/dotted lines: the final quantile thresholds):", "", f"![EU plane]({meta.get('plot', 'qtuning_eu.png')})", "",
               f"Machine: {meta['machine']}; torch {meta['torch']}.", ""]
     return "\n".join(lines)
 
@@ -155,13 +160,14 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS / "qtuning.json"))
+    ap.add_argument("--noise", type=float, default=0.0, help="fraction of training pairs misaligned (0 = clean)")
+    ap.add_argument("--out", default=None, help="default bench/results/qtuning.json (qtuning_noise<100F>.json with --noise)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="only merge the rows of these result files (runs of other seeds in parallel) into --out")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / (f"qtuning_noise{round(100 * args.noise)}.json" if args.noise else "qtuning.json"))
     if args.merge:
         data = json.loads(out.read_text())
         ids = {r["id"] for r in data["rows"]}
@@ -177,6 +183,8 @@ def main(argv=None) -> int:
     base, tok = load_model(args.model)
     pad_id = S._pad_id(tok)
     train_rec, test_rec = sft_tasks.build_tasks(train=args.train, test=args.test, seed=0)
+    if args.noise:
+        train_rec = sft_tasks.add_noise(train_rec, args.noise, seed=1)
     train_ex = S.tokenize(train_rec, tok, max_length=args.max_length)
     test_ex = S.tokenize(test_rec, tok, max_length=args.max_length)
     rows = json.loads(out.read_text())["rows"] if args.resume and out.exists() else []
@@ -185,6 +193,7 @@ def main(argv=None) -> int:
     meta = {"model": args.model, "train": len(train_ex), "test": len(test_ex), "max_length": args.max_length,
             "train_tokens": sum(len(e.ids) for e in train_ex), "train_response_tokens": sum(e.response_len for e in train_ex),
             "lr": args.lr, "batch_size": args.batch_size, "token_ratio": args.token_ratio, "epochs": 1,
+            "noise": args.noise, "plot": out.stem + "_eu.png",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s)",
             "torch": torch.__version__, "base": old.get("base")}
 
@@ -234,7 +243,7 @@ def main(argv=None) -> int:
             else:
                 sel = qtuning_select(st["nll"], st["ent"], st["resp"], sample_ratio=ratio, token_ratio=token_ratio)
                 if abs(ratio - 0.25) < 1e-9 and seed == args.seeds[0]:
-                    plot_eu_plane(sel, out.with_name("qtuning_eu.png"),
+                    plot_eu_plane(sel, out.with_name(out.stem + "_eu.png"),
                                   title=f"EU plane, SmolLM2-135M on the {len(train_ex)} training pairs: Q-Tuning at "
                                         f"{100 * ratio:g}% samples")
             pre = sel

@@ -187,6 +187,22 @@ def test_sft_dynamic_per_batch_and_learning():
 
 
 # ------------------------------------------------------------------------------------------ tasks
+def test_add_noise_misaligns_a_fraction_of_responses():
+    recs = [{"task": "arith", "instruction": f"q{i}", "response": f"r{i}", "answer": str(i)} for i in range(20)]
+    before = [dict(r) for r in recs]
+    noisy = sft_tasks.add_noise(recs, 0.25, seed=1)
+    assert recs == before  # the input is not modified
+    assert noisy == sft_tasks.add_noise(recs, 0.25, seed=1)  # deterministic
+    flagged = [i for i, r in enumerate(noisy) if r.get("noisy")]
+    assert len(flagged) == 5
+    assert all(noisy[i]["response"] != recs[i]["response"] for i in flagged)  # each answers another instruction
+    assert sorted(noisy[i]["response"] for i in flagged) == sorted(recs[i]["response"] for i in flagged)
+    assert all(noisy[i] == recs[i] for i in range(20) if i not in flagged)
+    assert sft_tasks.add_noise(recs, 0.0) == recs
+    with pytest.raises(InputError, match="noise"):
+        sft_tasks.add_noise(recs, 1.0)
+
+
 def test_tasks_deterministic_and_checkable():
     docs = [{"title": f"T{i}", "text": f"The town of T{i} grew. A bridge was built in {1800 + i} by the river. It is old."}
             for i in range(40)]

@@ -30,7 +30,8 @@ import re
 
 from prunekit.errors import InputError, int_at_least
 
-__all__ = ["build_tasks", "year_questions", "arithmetic_problems", "extract_answer", "normalize", "exact_match"]
+__all__ = ["build_tasks", "add_noise", "year_questions", "arithmetic_problems", "extract_answer", "normalize",
+           "exact_match"]
 
 _YEAR = re.compile(r"\b(in|by|since|until|from|during|of|around|circa|c\.)\s+((1[0-9]|20)\d\d)\b")
 _ANY_YEAR = re.compile(r"\b(1[0-9]|20)\d\d\b")
@@ -147,6 +148,24 @@ def build_tasks(*, train: int = 320, test: int = 120, seed: int = 0, arith_share
         rng.shuffle(rows)
         sets.append(rows)
     return sets[0], sets[1]
+
+
+def add_noise(records: list[dict], fraction: float, *, seed: int = 0) -> list[dict]:
+    """A copy of `records` in which ``round(fraction * len)`` of them, drawn by `seed`, answer another instruction:
+    the chosen records' responses are rotated by one among themselves (misaligned pairs, the harmful noise that
+    SFT data pruning is meant to drop) and marked ``"noisy": True``. `records` itself is not modified."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise InputError(f"noise fraction must be in [0, 1), got {fraction!r}")
+    out = [dict(r) for r in records]
+    k = int(round(fraction * len(out)))
+    if k < 2:
+        return out
+    chosen = random.Random(seed).sample(range(len(out)), k)
+    responses = [records[i]["response"] for i in chosen]
+    for j, i in enumerate(chosen):
+        out[i]["response"] = responses[(j + 1) % k]
+        out[i]["noisy"] = True
+    return out
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
