@@ -261,7 +261,8 @@ def tyr_options(*, iterations: int = 2, generations: int = 8, offspring: int = 8
         raise InputError(f"mlp_step (the MLP level spacing, a fraction of its neurons) must be in (0, 0.5], got {mlp_step!r}")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp <= 1:
         raise InputError(f"damp must be a number in [0, 1], got {damp!r}")
-    if isinstance(hidden_weight, bool) or not isinstance(hidden_weight, (int, float)) or not 0 <= hidden_weight < math.inf:
+    if (isinstance(hidden_weight, bool) or not isinstance(hidden_weight, (int, float))
+            or not 0 <= hidden_weight < math.inf):
         raise InputError(f"hidden_weight (the weight of the hidden-state term in the search's fitness) must be a "
                          f"number >= 0, got {hidden_weight!r}")
     out.update(propagate=propagate, mlp_step=float(mlp_step), damp=float(damp), hidden_weight=float(hidden_weight))
@@ -443,7 +444,8 @@ class Teacher:
     layers: list[int] = field(default_factory=list)
 
 
-def _teacher(model: nn.Module, ids: torch.Tensor, topk: int, batch_size: int, layers: list[int] | None = None) -> Teacher:
+def _teacher(model: nn.Module, ids: torch.Tensor, topk: int, batch_size: int,
+             layers: list[int] | None = None) -> Teacher:
     values, index, hidden = [], [], []
     probe = _Probe(model, layers) if layers else None
     try:
@@ -471,14 +473,13 @@ def relative_error(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor
 def _fitness(model, ids, teacher: Teacher, windows, batch_size, hidden_weight: float = 0.0) -> float:
     """KL(dense ‖ pruned) on the teacher's top-k logits, plus `hidden_weight` times the mean relative error of the
     probed blocks' outputs when that is on; averaged over `windows`."""
-    total = 0.0
+    total, k = 0.0, teacher.values.shape[-1]
     probe = _Probe(model, teacher.layers) if hidden_weight and teacher.layers else None
     try:
         with torch.no_grad():
             for start in range(0, len(windows), batch_size):
                 w = windows[start:start + batch_size]
                 logits = model(input_ids=ids[w], use_cache=False).logits  # [b, seq, vocab]
-                k = teacher.values.shape[-1]
                 score = sparse_kl(teacher.values[w].reshape(-1, k), teacher.index[w].reshape(-1, k),
                                   logits.reshape(-1, logits.shape[-1]))
                 if probe is not None:

@@ -10,8 +10,9 @@ as the reference). N:M: keep the `n` highest scores of every `m` consecutive inp
 weights are not changed.
 
 Departures from the reference: none in the math (the input norms are summed in row chunks rather than by
-``torch.norm``: the same sum, rounded differently and closer to a float64 one). The engine's default order (``sequential="block"``) is the
-reference's: all Linears of a block calibrated on the dense block's inputs, then the pruned block re-run.
+``torch.norm``: the same sum, rounded differently and closer to a float64 one). The engine's default order
+(``sequential="block"``) is the reference's: all Linears of a block calibrated on the dense block's inputs, then
+the pruned block re-run.
 ``sequential="layer"`` instead prunes each Linear as its inputs arrive (see `prunekit.weights.engine`), so
 o_proj and down_proj see the outputs of already-pruned predecessors.
 
