@@ -114,7 +114,8 @@ The paper's form (``general_weight=0``, lam as stated), measured at an earlier s
 Wanda-wiki from 32 x 512 wiki tokens, Wanda-docs from 32 x 512 python-docs tokens, D-Pruner's domain stage
 on 16 x 512 python-docs tokens (8 steps of 2; the masks of every lam came from one pass with lr 0): dense
 10.23 / 13.14; Wanda-wiki 23.96 / 31.11; Wanda-docs 19.44 / 36.39; the G mask alone (per layer, no update)
-37.31 / 44.87; D-Pruner per layer lam 0: 19.96 / 65.70, lam 1: 20.07 / 59.50, lam 10: 20.61 / 55.43, lam 100: 20.57 / 54.48; per row lam 0: 24.56 / 53.67, lam 10: 25.76 / 46.12. So D-Pruner beats
+37.31 / 44.87; D-Pruner per layer lam 0: 19.96 / 65.70, lam 1: 20.07 / 59.50, lam 10: 20.61 / 55.43, lam 100:
+20.57 / 54.48; per row lam 0: 24.56 / 53.67, lam 10: 25.76 / 46.12. So D-Pruner beats
 the general-only Wanda on the domain, lam trades a little domain perplexity for general perplexity and
 flattens from ~10, the per-layer cut is much better on the domain than the per-row one; but at this size
 (16 domain sequences, a 135M model) the gradient-based score loses on Wikipedia to both Wanda baselines and
