@@ -8,9 +8,14 @@ since it pins transformers<=5.17); `seconds` is the pruning call alone (model al
 the whole process, `peak_rss_mb` the worker process's own peak resident memory
 (VmHWM) when the pruning call returns (`peak_rss_process_mb`: at exit, after saving).
 
-    python bench/weights_vs_llmcompressor.py [--samples 128] [--seqlen 512] [--eval-tokens 16384]
+    python bench/weights_vs_llmcompressor.py [--samples 128] [--seqlen 512] [--eval-tokens 16384] [--seed 0]
 
 Writes bench/results/weights_vs_llmcompressor.json and .md.
+
+`--seed N` draws other calibration windows (the same ones for both tools); its rows carry `seed` and sit beside
+the seed-0 rows. One seed's perplexities move by a few percent with nothing but floating-point rounding (a
+batch size, a library version), more than the 1% target, so the markdown also compares the tools' means over
+the seeds that ran. Seeds can run in parallel into other files (`--out`) and be merged (`--merge`).
 """
 
 from __future__ import annotations
@@ -112,10 +117,28 @@ def main() -> int:
     ap.add_argument("--update", action="store_true",
                     help="re-run only --configs and replace their rows in the existing results (other rows keep "
                     "their earlier run; every row records when it ran)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (both tools get the same)")
+    ap.add_argument("--out", default=str(HERE / "results" / "weights_vs_llmcompressor.json"),
+                    help="results JSON (the markdown goes beside it)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="merge these results files' rows into --out (same tool, config and seed: replaced), "
+                    "rewrite the markdown, exit")
     ap.add_argument("--repeats", type=int, default=1,
                     help="prune each config this many times per tool, the tools' order alternating between repeats; "
                     "`seconds` and `peak_rss_mb` are the medians, every run is kept in `runs`")
     args = ap.parse_args()
+    out_json = Path(args.out)
+    if args.merge:
+        record = json.loads(out_json.read_text())
+        for extra in args.merge:
+            rows = json.loads(Path(extra).read_text())["rows"]
+            keys = {row_key(r) for r in rows}
+            record["rows"] = [r for r in record["rows"] if row_key(r) not in keys] + rows
+        sort_rows(record)
+        out_json.write_text(json.dumps(record, indent=2) + "\n")
+        write_markdown(record, out_json.with_suffix(".md"))
+        print(out_json.with_suffix(".md").read_text())
+        return 0
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
 
@@ -126,7 +149,8 @@ def main() -> int:
 
     dense, tok = prunekit.load_model(model_dir)
     calib_text = prunekit.load_text("wiki", purpose="calibration")
-    ids = prunekit.calibration_ids(tok, calib_text, samples=args.samples, seqlen=args.seqlen, seed=0)
+    ids = prunekit.calibration_ids(tok, calib_text, samples=args.samples, seqlen=args.seqlen,
+                                   seed=args.seed)
     calib_file = work / "calib.safetensors"
     save_file({"input_ids": ids.contiguous()}, calib_file)
     texts = {"wiki": prunekit.load_text("wiki", purpose="evaluation"),
@@ -139,7 +163,7 @@ def main() -> int:
     dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
     record = {
         "model": "smollm2-135m (SmolLM2-135M-Instruct dequantized from GGUF Q4_1 to fp32)",
-        "calibration": {**calib_text.describe(), "samples": args.samples, "seqlen": args.seqlen, "seed": 0},
+        "calibration": {**calib_text.describe(), "samples": args.samples, "seqlen": args.seqlen},
         "evaluation": {k: {**t.describe(), "tokens": args.eval_tokens // args.seqlen * args.seqlen, "seqlen": args.seqlen}
                        for k, t in texts.items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
@@ -149,14 +173,14 @@ def main() -> int:
     }
     del dense
     print(f"dense: {record['dense']}", file=sys.stderr)
-    out_json = HERE / "results" / "weights_vs_llmcompressor.json"
     out_json.parent.mkdir(exist_ok=True)
     rerun = {tuple(item.split("/")) for item in args.configs.split(",")}
     if args.update and out_json.exists():
         old = json.loads(out_json.read_text())
         if abs(old["dense"]["ppl_wiki"] - record["dense"]["ppl_wiki"]) > 1e-6 * record["dense"]["ppl_wiki"]:
             raise SystemExit("--update: the dense model or evaluation changed since the earlier run; re-run everything")
-        record["rows"] = [r for r in old["rows"] if (r["method"], r["pattern"]) not in rerun]
+        record["rows"] = [r for r in old["rows"] if (r["method"], r["pattern"]) not in rerun
+                          or r.get("seed", 0) != args.seed]
 
     for item in args.configs.split(","):
         method, pattern = item.split("/")
@@ -180,7 +204,8 @@ def main() -> int:
                        "ran": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                        "versions": {k: res[k] for k in ("llmcompressor", "transformers", "prunekit") if k in res}}
                 del model
-                row = rows.setdefault(tool, {"tool": tool, "method": method, "pattern": pattern, "runs": []})
+                row = rows.setdefault(tool, {"tool": tool, "method": method, "pattern": pattern, "seed": args.seed,
+                                             "runs": []})
                 row["runs"].append(run)
                 row.update({**run, **info})
                 for key in ("seconds", "process_seconds", "peak_rss_mb", "peak_rss_process_mb"):
@@ -191,12 +216,20 @@ def main() -> int:
                 print(json.dumps(row), file=sys.stderr)
         record["rows"].extend(rows[t] for t in tools)
         out_json.write_text(json.dumps(record, indent=2) + "\n")  # partial results survive an interrupt
-    order = {c: i for i, c in enumerate(CONFIGS)}
-    record["rows"].sort(key=lambda r: order.get((r["method"], r["pattern"]), len(order)))
+    sort_rows(record)
     out_json.write_text(json.dumps(record, indent=2) + "\n")
-    write_markdown(record, HERE / "results" / "weights_vs_llmcompressor.md")
-    print((HERE / "results" / "weights_vs_llmcompressor.md").read_text())
+    write_markdown(record, out_json.with_suffix(".md"))
+    print(out_json.with_suffix(".md").read_text())
     return 0
+
+
+def row_key(r: dict) -> tuple:
+    return r["tool"], r["method"], r["pattern"], r.get("seed", 0)
+
+
+def sort_rows(record: dict) -> None:
+    order = {c: i for i, c in enumerate(CONFIGS)}
+    record["rows"].sort(key=lambda r: (r.get("seed", 0), order.get((r["method"], r["pattern"]), len(order))))
 
 
 def write_markdown(record: dict, path: Path) -> None:
@@ -214,8 +247,9 @@ def write_markdown(record: dict, path: Path) -> None:
         "| method | pattern | tool | ppl wiki | ppl austen | seconds | peak RSS MB | ppl ratio (wiki/austen) | time ratio | memory ratio | masks differ (first block) |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
-    by = {(r["tool"], r["method"], r["pattern"]): r for r in record["rows"]}
-    for r in record["rows"]:
+    seed0 = [r for r in record["rows"] if r.get("seed", 0) == 0]
+    by = {(r["tool"], r["method"], r["pattern"]): r for r in seed0}
+    for r in seed0:
         peer = by.get(("llmcompressor", r["method"], r["pattern"]))
         ratios = "| | |"
         if r["tool"].startswith("prunekit") and peer:
@@ -238,7 +272,40 @@ def write_markdown(record: dict, path: Path) -> None:
               "median `seconds` and, in brackets, each run's (the tools' order alternated between repeats). "
               "Runs since 2026-11-29 19:35 UTC record both tools' versions (`versions`): the llm-compressor venv pins "
               "only llmcompressor==0.14.0.1, so a venv rebuilt later may bring other dependency versions."]
+    lines += seed_table(record["rows"])
     path.write_text("\n".join(lines) + "\n")
+
+
+def seed_table(rows: list[dict]) -> list[str]:
+    """Perplexity over calibration seeds: each tool's mean per config, the ratio of the means, each seed's ratio."""
+    seeds = sorted({r.get("seed", 0) for r in rows})
+    if len(seeds) < 2:
+        return []
+    by = {row_key(r): r for r in rows}
+    lines = ["", "## Over calibration seeds", "",
+             "The seed draws the 128 calibration windows (both tools get the same ones); seed 0 is the table above. "
+             "Perplexity is the mean over the seeds where both tools ran; `ratio of means` is prunekit's mean over "
+             "llm-compressor's (target <= 1.01); then each seed's ratio. Only perplexity is compared here: the "
+             "seed runs may have shared the machine, so their `seconds` are not timings.", "",
+             "| method | pattern | seeds | llm-compressor wiki / Austen | prunekit wiki / Austen | ratio of means "
+             "(wiki / Austen) | per-seed ratios wiki | per-seed ratios Austen |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for method, pattern in CONFIGS:
+        tools = ("llmcompressor", "prunekit")
+        both = [s for s in seeds if all((tool, method, pattern, s) in by for tool in tools)]
+        if len(both) < 2:
+            continue
+        ppl = {(tool, s, t): by[(tool, method, pattern, s)][f"ppl_{t}"] for tool in tools for s in both
+               for t in ("wiki", "austen")}
+        mean = {tool: {t: statistics.mean(ppl[(tool, s, t)] for s in both) for t in ("wiki", "austen")}
+                for tool in tools}
+        each = {t: ", ".join(f"{ppl[('prunekit', s, t)] / ppl[('llmcompressor', s, t)]:.3f}" for s in both)
+                for t in ("wiki", "austen")}
+        lm, pk = mean["llmcompressor"], mean["prunekit"]
+        lines.append(f"| {method} | {pattern} | {','.join(map(str, both))} | {lm['wiki']:.3f} / {lm['austen']:.3f} | "
+                     f"{pk['wiki']:.3f} / {pk['austen']:.3f} | {pk['wiki'] / lm['wiki']:.3f} / "
+                     f"{pk['austen'] / lm['austen']:.3f} | {each['wiki']} | {each['austen']} |")
+    return lines
 
 
 if __name__ == "__main__":
