@@ -129,6 +129,8 @@ def main() -> int:
     args = ap.parse_args()
     out_json = Path(args.out)
     if args.merge:
+        if not out_json.exists():
+            raise SystemExit(f"--merge: {out_json} does not exist; --out names the results file to merge into")
         record = json.loads(out_json.read_text())
         for extra in args.merge:
             rows = json.loads(Path(extra).read_text())["rows"]
@@ -235,6 +237,7 @@ def sort_rows(record: dict) -> None:
 def write_markdown(record: dict, path: Path) -> None:
     ev = record["evaluation"]
     cal = record["calibration"]
+    main_seed = min((r.get("seed", 0) for r in record["rows"]), default=0)  # 0, or a seed-only file's seed
     lines = [
         "# prunekit vs llm-compressor: weight pruning on SmolLM2-135M",
         "",
@@ -242,12 +245,13 @@ def write_markdown(record: dict, path: Path) -> None:
         f"Perplexity: held-out Wikipedia leads {ev['wiki']['tokens'] // ev['wiki']['seqlen']} x {ev['wiki']['seqlen']} tokens; "
         f"Pride and Prejudice {ev['austen']['tokens'] // ev['austen']['seqlen']} x {ev['austen']['seqlen']} tokens. "
         f"Dense (dequantized fp32): wiki {record['dense']['ppl_wiki']:.3f}, austen {record['dense']['ppl_austen']:.3f}. "
-        f"Machine: {record['machine']['cpus']} CPUs, torch {record['machine']['torch']}.",
+        f"Machine: {record['machine']['cpus']} CPUs, torch {record['machine']['torch']}. "
+        f"This table: calibration seed {main_seed}.",
         "",
         "| method | pattern | tool | ppl wiki | ppl austen | seconds | peak RSS MB | ppl ratio (wiki/austen) | time ratio | memory ratio | masks differ (first block) |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
-    seed0 = [r for r in record["rows"] if r.get("seed", 0) == 0]
+    seed0 = [r for r in record["rows"] if r.get("seed", 0) == main_seed]
     by = {(r["tool"], r["method"], r["pattern"]): r for r in seed0}
     for r in seed0:
         peer = by.get(("llmcompressor", r["method"], r["pattern"]))
@@ -283,7 +287,7 @@ def seed_table(rows: list[dict]) -> list[str]:
         return []
     by = {row_key(r): r for r in rows}
     lines = ["", "## Over calibration seeds", "",
-             "The seed draws the 128 calibration windows (both tools get the same ones); seed 0 is the table above. "
+             "The seed draws the 128 calibration windows (both tools get the same ones); the table above is the lowest. "
              "Perplexity is the mean over the seeds where both tools ran; `ratio of means` is prunekit's mean over "
              "llm-compressor's (target <= 1.01); then each seed's ratio. Only perplexity is compared here: the "
              "seed runs may have shared the machine, so their `seconds` are not timings.", "",
