@@ -151,8 +151,7 @@ def main() -> int:
 
     dense, tok = prunekit.load_model(model_dir)
     calib_text = prunekit.load_text("wiki", purpose="calibration")
-    ids = prunekit.calibration_ids(tok, calib_text, samples=args.samples, seqlen=args.seqlen,
-                                   seed=args.seed)
+    ids = prunekit.calibration_ids(tok, calib_text, samples=args.samples, seqlen=args.seqlen, seed=args.seed)
     calib_file = work / "calib.safetensors"
     save_file({"input_ids": ids.contiguous()}, calib_file)
     texts = {"wiki": prunekit.load_text("wiki", purpose="evaluation"),
@@ -251,9 +250,9 @@ def write_markdown(record: dict, path: Path) -> None:
         "| method | pattern | tool | ppl wiki | ppl austen | seconds | peak RSS MB | ppl ratio (wiki/austen) | time ratio | memory ratio | masks differ (first block) |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
-    seed0 = [r for r in record["rows"] if r.get("seed", 0) == main_seed]
-    by = {(r["tool"], r["method"], r["pattern"]): r for r in seed0}
-    for r in seed0:
+    main_rows = [r for r in record["rows"] if r.get("seed", 0) == main_seed]
+    by = {(r["tool"], r["method"], r["pattern"]): r for r in main_rows}
+    for r in main_rows:
         peer = by.get(("llmcompressor", r["method"], r["pattern"]))
         ratios = "| | |"
         if r["tool"].startswith("prunekit") and peer:
@@ -287,7 +286,7 @@ def seed_table(rows: list[dict]) -> list[str]:
         return []
     by = {row_key(r): r for r in rows}
     lines = ["", "## Over calibration seeds", "",
-             "The seed draws the 128 calibration windows (both tools get the same ones); the table above is the lowest. "
+             "The seed draws the 128 calibration windows (both tools get the same ones); the table above shows the lowest seed. "
              "Perplexity is the mean over the seeds where both tools ran; `ratio of means` is prunekit's mean over "
              "llm-compressor's (target <= 1.01); then each seed's ratio. Only perplexity is compared here: the "
              "seed runs may have shared the machine, so their `seconds` are not timings.", "",
