@@ -286,8 +286,8 @@ def seed_table(rows: list[dict]) -> list[str]:
         return []
     by = {row_key(r): r for r in rows}
     lines = ["", "## Over calibration seeds", "",
-             "The seed draws the 128 calibration windows (both tools get the same ones); the table above shows the lowest seed. "
-             "Perplexity is the mean over the seeds where both tools ran; `ratio of means` is prunekit's mean over "
+             "The seed draws the 128 calibration windows (both tools get the same ones); the table above shows the "
+             "lowest seed. Perplexity is the mean over the seeds where both tools ran; `ratio of means` is prunekit's mean over "
              "llm-compressor's (target <= 1.01); then each seed's ratio. Only perplexity is compared here: the "
              "seed runs may have shared the machine, so their `seconds` are not timings.", "",
              "| method | pattern | seeds | llm-compressor wiki / Austen | prunekit wiki / Austen | ratio of means "
