@@ -153,7 +153,8 @@ def build_tasks(*, train: int = 320, test: int = 120, seed: int = 0, arith_share
 def add_noise(records: list[dict], fraction: float, *, seed: int = 0) -> list[dict]:
     """A copy of `records` in which ``round(fraction * len)`` of them, drawn by `seed`, answer another instruction:
     the chosen records' responses are rotated by one among themselves (misaligned pairs, the harmful noise that
-    SFT data pruning is meant to drop) and marked ``"noisy": True``. `records` itself is not modified."""
+    SFT data pruning is meant to drop) and marked ``"noisy": True``. Fewer than two chosen records cannot be
+    rotated, so then the copy is unchanged. `records` itself is not modified."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise InputError(f"noise fraction must be in [0, 1), got {fraction!r}")
     out = [dict(r) for r in records]
