@@ -229,8 +229,11 @@ def row_key(r: dict) -> tuple:
 
 
 def sort_rows(record: dict) -> None:
+    """Rows by seed, then config; ``calibration.seeds`` lists the seeds present (each row carries its own)."""
     order = {c: i for i, c in enumerate(CONFIGS)}
     record["rows"].sort(key=lambda r: (r.get("seed", 0), order.get((r["method"], r["pattern"]), len(order))))
+    record["calibration"].pop("seed", None)  # written by runs before rows carried their seed
+    record["calibration"]["seeds"] = sorted({r.get("seed", 0) for r in record["rows"]})
 
 
 def write_markdown(record: dict, path: Path) -> None:
