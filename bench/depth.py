@@ -14,7 +14,9 @@ recorded in the results); they are far below the paper's (10k mask-learning step
 
 Writes bench/results/depth.json (``{"rows": [{"model", "method", "kept", "metric", "before_recovery",
 "after_recovery", "speedup", ...}], "settings": ...}``; rows merged by id under a file lock so several
-depths can run at once), bench/results/depth.md and bench/results/depth.png.
+depths can run at once), bench/results/depth.md and bench/results/depth.png. DiT rows record ``weights``, the
+fingerprints of the cached DiT and classifier they were measured on; with ``--resume`` only rows measured on the
+cached weights count as done.
 """
 
 from __future__ import annotations
@@ -163,9 +165,20 @@ def dit_target(model, images, labels, *, seed: int):
 def run_dit(seed: int, resume: bool, methods) -> None:
     from prunekit.depth import dit as ditmod
 
+    from prunekit.depth import fid
+
     torch.set_num_threads(1)
-    done = {r["id"] for r in _update(settings=None)["rows"]} if resume else set()
     dense = ditmod.pretrained_dit(train_if_missing=False, progress=False)
+    # the same cache key can hold other weights (a DiT or classifier retrained on another machine or thread count):
+    # rows record what they were measured on, and --resume skips only rows measured on the cached weights
+    weights = {"dit": ditmod.weights_fingerprint(dense),
+               "classifier": ditmod.weights_fingerprint(fid.classifier(progress=False))}
+    dit_rows = [r for r in _update(settings=None)["rows"] if r["model"] == "DiT-FashionMNIST"]
+    done = {r["id"] for r in dit_rows if r.get("weights") == weights} if resume else set()
+    other = sorted(r["id"] for r in dit_rows if r.get("weights") != weights)
+    if resume and other:
+        print(f"DiT rows measured on other weights than the cached ones ({weights}), re-run if selected: "
+              f"{', '.join(other)}", flush=True)
     images, labels = ditmod.fashion_images("train")
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: DIT["train_images"]]
     images, labels = images[pick], labels[pick]
@@ -173,7 +186,7 @@ def run_dit(seed: int, resume: bool, methods) -> None:
         ev = ditmod.evaluate_dit(dense, n_per_class=DIT["eval_per_class"], steps=DIT["eval_steps"], seed=0)
         _update({"id": "dit-dense", "model": "DiT-FashionMNIST", "method": "dense", "kept": len(dense.blocks),
                  "metric": "fid_classifier", "before_recovery": ev["fid"], "after_recovery": None, "speedup": 1.0,
-                 "class_accuracy": ev["class_accuracy"], "dit_settings": DIT})
+                 "class_accuracy": ev["class_accuracy"], "dit_settings": DIT, "weights": weights})
     for kept in DIT["kept"]:
         for method in methods:
             rid = f"dit-{method}-{kept}-s{seed}"
@@ -204,10 +217,22 @@ def run_dit(seed: int, resume: bool, methods) -> None:
                      "speedup": speedup, "class_accuracy_before": before["class_accuracy"],
                      "class_accuracy_after": after["class_accuracy"], "kept_layers": kept_layers,
                      "calibration_loss": calib_loss, "recovery": rec.to_dict(), "method_info": info,
-                     "seconds": time.perf_counter() - t0, "dit_settings": DIT})
+                     "seconds": time.perf_counter() - t0, "dit_settings": DIT, "weights": weights})
             print(f"  kept {kept_layers}: FID {before['fid']:.2f} -> {after['fid']:.2f}, speedup {speedup:.2f}x, "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
             report()
+
+
+def _dit_weights_lines(rows: list[dict]) -> list[str]:
+    """Which DiT and classifier weights the DiT rows were measured on (fingerprints), flagging a mix."""
+    seen = sorted({json.dumps(r["weights"], sort_keys=True) if "weights" in r else "not recorded" for r in rows
+                   if r["model"] == "DiT-FashionMNIST"})
+    if not seen:
+        return []
+    if len(seen) == 1:
+        return [f"DiT rows' weights fingerprints (`prunekit.depth.dit.weights_fingerprint`): {seen[0]}.", ""]
+    return [f"**The DiT rows were measured on different weights** ({'; '.join(seen)}; `weights` in the JSON): compare "
+            "only rows measured on the same ones.", ""]
 
 
 def report() -> None:
@@ -220,6 +245,7 @@ def report() -> None:
              "DiT: FID between classifier features of generated and real test images (the project's Fashion-MNIST "
              "classifier, not Inception-FID) right after pruning and after the same full fine-tuning budget; speedup "
              f"= forward time of 16 images dense / pruned. Settings: `{json.dumps(DIT)}`", "",
+             *_dit_weights_lines(rows),
              *([f"SmolLM2 speedups re-measured with `--retime` ({sorted({r['retimed'] for r in rows if 'retimed' in r})[0]}; "
                 "prefill computes the last position's logits only, as generate does); the figures measured during the "
                 "runs, under load, are kept in the JSON as `speed_history`.", ""] if any("retimed" in r for r in rows) else []),

@@ -14,12 +14,14 @@ Trains (or loads from ``$PRUNEKIT_CACHE/dit/``) the default `prunekit.depth.dit.
   (blocks 0, 2, 4, ...), alternated in the same process at one thread, median of the repeats.
 
     python bench/dit_testbed.py                    # every row (~25 min at one thread after training)
-    python bench/dit_testbed.py --resume           # skip rows already in the results file
+    python bench/dit_testbed.py --resume           # skip rows measured on the cached weights already
     python bench/dit_testbed.py --guidance 1 2     # the guidance scales of the dit-g rows
     python bench/dit_testbed.py --only speed --out /tmp/s.json && python bench/dit_testbed.py --merge /tmp/s.json
 
 Writes bench/results/dit_testbed.json (``{"meta", "train", "rows": [{"id", ...}]}``) and bench/results/dit_testbed.md,
-and a grid of samples bench/results/dit_testbed.png.
+and a grid of samples bench/results/dit_testbed.png. Every row records ``weights``: the fingerprints
+(`prunekit.depth.dit.weights_fingerprint`) of the DiT and classifier it was measured on, since a model retrained
+on another machine or thread count lands under the same cache key with other weights.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from prunekit.depth import fid as F
 RESULTS = Path(__file__).resolve().parent / "results"
 N_PER_CLASS, STEPS = 100, 50
 SECTIONS = ("classifier", "real-floor", "dit", "speed", "grid")
+CLASSIFIER_ONLY = ("classifier", "real-floor")  # rows that do not depend on the DiT
 
 
 def _save(data: dict, path: Path) -> None:
@@ -97,11 +100,24 @@ def _fmt(x, digits=3):
     return "" if x is None else f"{x:.{digits}f}"
 
 
+def _weights_lines(data: dict) -> list[str]:
+    """Which weights the rows were measured on (`prunekit.depth.dit.weights_fingerprint`), flagging a mix."""
+    dits = sorted({str(r.get("weights", {}).get("dit", "not recorded")) for r in data["rows"]
+                   if r["id"] not in CLASSIFIER_ONLY})
+    clfs = sorted({str(r.get("weights", {}).get("classifier", "not recorded")) for r in data["rows"]})
+    if len(dits) <= 1 and len(clfs) <= 1:
+        return [f"Weights fingerprints (`prunekit.depth.dit.weights_fingerprint`): DiT {''.join(dits) or '-'}, "
+                f"classifier {''.join(clfs) or '-'}.", ""]
+    return [f"**The rows were measured on different weights** (DiT fingerprints {', '.join(dits)}; classifier "
+            f"{', '.join(clfs)}; `weights` in the JSON): compare only rows measured on the same ones.", ""]
+
+
 def write_markdown(data: dict, path: Path) -> None:
     rows = {r["id"]: r for r in data["rows"]}
     meta, train = data.get("meta", {}), data.get("train", {})
     lines = ["# DiT testbed (issue 9, testbed 2): class-conditional DiT on Fashion-MNIST", "",
              f"Model: {meta.get('model', '?')}. Machine: {meta.get('machine', '?')}.", "",
+             *_weights_lines(data),
              "**FID here is a Fashion-MNIST-classifier FID, not Inception-FID**: the Frechet distance of Gaussian fits "
              "to the 128-d penultimate features of `prunekit.train.small_cnn` trained by the project; comparable only "
              f"between rows of this file (same classifier, same 10,000 real test images, {10 * N_PER_CLASS:,} samples per row), not with any "
@@ -162,22 +178,35 @@ def main(argv=None) -> int:
             data.setdefault(key, other.get(key, {}))
         _save(data, path)
         return 0
-    done = {r["id"] for r in data["rows"]} if args.resume else set()
     wanted = set(args.only or SECTIONS)
+    model = D.pretrained_dit(progress=False)
+    clf = F.classifier(progress=False)
+    # A DiT or classifier retrained on another machine or thread count has the same cache key but other weights:
+    # every row records the fingerprints of the weights it was measured on, and --resume skips only rows measured
+    # on the cached ones (the classifier rows depend on the classifier alone)
+    weights = {"dit": D.weights_fingerprint(model), "classifier": D.weights_fingerprint(clf)}
+
+    def measured_on(rid: str) -> dict:
+        return {"classifier": weights["classifier"]} if rid in CLASSIFIER_ONLY else weights
+
+    done = {r["id"] for r in data["rows"] if r.get("weights") == measured_on(r["id"])} if args.resume else set()
+    stale = sorted(r["id"] for r in data["rows"] if r.get("weights") != measured_on(r["id"]))
+    if args.resume and stale:
+        print(f"rows measured on other weights than the cached DiT and classifier ({weights}), re-run if selected: "
+              f"{', '.join(stale)}", file=sys.stderr)
 
     def put(row: dict) -> None:
+        row = row | {"weights": measured_on(row["id"])}
         data["rows"] = [r for r in data["rows"] if r["id"] != row["id"]] + [row]
         _save(data, path)
         print(json.dumps({k: v for k, v in row.items() if k != "per_class"}), flush=True)
 
-    model = D.pretrained_dit(progress=False)
-    clf = F.classifier(progress=False)
     params = sum(p.numel() for p in model.parameters())
     data["meta"] = {"machine": f"{args.threads} CPU thread(s), torch {torch.__version__}, python {platform.python_version()}",
                     "model": f"DiT hidden {model.config.hidden}, {len(model.blocks)} blocks, {model.config.heads} heads, "
                              f"patch {model.config.patch} ({model.config.tokens} tokens), {params / 1e6:.2f}M parameters, "
                              f"label dropout {model.config.class_dropout}",
-                    "cache_key": D.dit_cache_key(D.DiTConfig(), D.TrainConfig(), 0)}
+                    "cache_key": D.dit_cache_key(D.DiTConfig(), D.TrainConfig(), 0), "weights": weights}
     data["train"] = model.train_info.get("train_config", {}) | {
         k: model.train_info.get(k) for k in ("seconds", "final_loss", "losses", "log_every", "threads")}
     real, real_labels = D.fashion_images("test")

@@ -132,6 +132,17 @@ def test_save_load_and_shortened_model_round_trip(tmp_path):
         D.save_dit(model, tmp_path / "short")
 
 
+def test_weights_fingerprint_follows_the_weights_not_the_config(tmp_path):
+    model = _random_model()
+    D.save_dit(model, tmp_path / "m")
+    assert D.weights_fingerprint(D.load_dit(tmp_path / "m")) == D.weights_fingerprint(model)
+    other = _random_model(seed=1)  # same config and cache key, other weights
+    assert D.weights_fingerprint(other) != D.weights_fingerprint(model)
+    with torch.no_grad():
+        model.blocks[2].fc1.weight[0, 0] += 1e-4  # a single float moved
+    assert D.weights_fingerprint(model) != D.weights_fingerprint(D.load_dit(tmp_path / "m"))
+
+
 def test_pretrained_cache_reloads_identical_outputs_without_retraining(tmp_path, monkeypatch):
     from prunekit.zoo import cache_dir
 

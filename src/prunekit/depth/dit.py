@@ -81,7 +81,7 @@ from prunekit.errors import InputError, int_at_least
 __all__ = [
     "DiTConfig", "TrainConfig", "DiT", "DiTBlock", "Schedule", "schedule", "diffusion_loss", "sample",
     "fashion_images", "train_dit", "pretrained_dit", "save_dit", "load_dit", "dit_cache_key", "evaluate_dit",
-    "depth_target", "forward_seconds", "forward_speedup", "is_dit_folder",
+    "depth_target", "forward_seconds", "forward_speedup", "is_dit_folder", "weights_fingerprint",
 ]
 
 IMAGE_SIZE, CHANNELS = 28, 1
@@ -461,6 +461,19 @@ def dit_cache_key(config: DiTConfig, train_config: TrainConfig, seed: int) -> st
     blob = json.dumps({"model": asdict(config), "train": asdict(train_config), "seed": int(seed),
                        "data": "fashion-mnist-train", "schedule": "linear-1000", "version": 1}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short sha256 of a model's parameters and buffers (names, shapes, dtypes and float32 bytes, in name order).
+
+    `dit_cache_key` names what *should* decide the weights; training on another machine or thread count gives
+    other weights under the same key (float sums run in another order). Results record this fingerprint so
+    rows measured on different weights are never mixed unnoticed."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def train_dit(config: DiTConfig | None = None, train_config: TrainConfig | None = None, *, seed: int = 0,
