@@ -164,7 +164,6 @@ def dit_target(model, images, labels, *, seed: int):
 
 def run_dit(seed: int, resume: bool, methods) -> None:
     from prunekit.depth import dit as ditmod
-
     from prunekit.depth import fid
 
     torch.set_num_threads(1)
