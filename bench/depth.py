@@ -163,15 +163,13 @@ def dit_target(model, images, labels, *, seed: int):
 
 
 def run_dit(seed: int, resume: bool, methods) -> None:
+    from dit_testbed import testbed_weights
+
     from prunekit.depth import dit as ditmod
-    from prunekit.depth import fid
 
     torch.set_num_threads(1)
     dense = ditmod.pretrained_dit(train_if_missing=False, progress=False)
-    # the same cache key can hold other weights (a DiT or classifier retrained on another machine or thread count):
-    # rows record what they were measured on, and --resume skips only rows measured on the cached weights
-    weights = {"dit": ditmod.weights_fingerprint(dense),
-               "classifier": ditmod.weights_fingerprint(fid.classifier(progress=False))}
+    weights = testbed_weights(dense)  # rows record it; --resume skips only rows measured on these weights
     dit_rows = [r for r in _update(settings=None)["rows"] if r["model"] == "DiT-FashionMNIST"]
     done = {r["id"] for r in dit_rows if r.get("weights") == weights} if resume else set()
     other = sorted(r["id"] for r in dit_rows if r.get("weights") != weights)
@@ -222,19 +220,9 @@ def run_dit(seed: int, resume: bool, methods) -> None:
             report()
 
 
-def _dit_weights_lines(rows: list[dict]) -> list[str]:
-    """Which DiT and classifier weights the DiT rows were measured on (fingerprints), flagging a mix."""
-    seen = sorted({json.dumps(r["weights"], sort_keys=True) if "weights" in r else "not recorded" for r in rows
-                   if r["model"] == "DiT-FashionMNIST"})
-    if not seen:
-        return []
-    if len(seen) == 1:
-        return [f"DiT rows' weights fingerprints (`prunekit.depth.dit.weights_fingerprint`): {seen[0]}.", ""]
-    return [f"**The DiT rows were measured on different weights** ({'; '.join(seen)}; `weights` in the JSON): compare "
-            "only rows measured on the same ones.", ""]
-
-
 def report() -> None:
+    from dit_testbed import weights_lines
+
     data = _update()
     rows = data["rows"]
     lines = ["# Depth pruning: SmolLM2-135M (30 blocks) and a Fashion-MNIST DiT (12 blocks)", "",
@@ -244,7 +232,7 @@ def report() -> None:
              "DiT: FID between classifier features of generated and real test images (the project's Fashion-MNIST "
              "classifier, not Inception-FID) right after pruning and after the same full fine-tuning budget; speedup "
              f"= forward time of 16 images dense / pruned. Settings: `{json.dumps(DIT)}`", "",
-             *_dit_weights_lines(rows),
+             *weights_lines([r for r in rows if r["model"] == "DiT-FashionMNIST"]),
              *([f"SmolLM2 speedups re-measured with `--retime` ({sorted({r['retimed'] for r in rows if 'retimed' in r})[0]}; "
                 "prefill computes the last position's logits only, as generate does); the figures measured during the "
                 "runs, under load, are kept in the JSON as `speed_history`.", ""] if any("retimed" in r for r in rows) else []),

@@ -43,7 +43,6 @@ from prunekit.depth import fid as F
 RESULTS = Path(__file__).resolve().parent / "results"
 N_PER_CLASS, STEPS = 100, 50
 SECTIONS = ("classifier", "real-floor", "dit", "speed", "grid")
-CLASSIFIER_ONLY = ("classifier", "real-floor")  # rows that do not depend on the DiT
 
 
 def _save(data: dict, path: Path) -> None:
@@ -100,16 +99,23 @@ def _fmt(x, digits=3):
     return "" if x is None else f"{x:.{digits}f}"
 
 
-def _weights_lines(data: dict) -> list[str]:
-    """Which weights the rows were measured on (`prunekit.depth.dit.weights_fingerprint`), flagging a mix."""
-    dits = sorted({str(r.get("weights", {}).get("dit", "not recorded")) for r in data["rows"]
-                   if r["id"] not in CLASSIFIER_ONLY})
-    clfs = sorted({str(r.get("weights", {}).get("classifier", "not recorded")) for r in data["rows"]})
-    if len(dits) <= 1 and len(clfs) <= 1:
-        return [f"Weights fingerprints (`prunekit.depth.dit.weights_fingerprint`): DiT {''.join(dits) or '-'}, "
-                f"classifier {''.join(clfs) or '-'}.", ""]
-    return [f"**The rows were measured on different weights** (DiT fingerprints {', '.join(dits)}; classifier "
-            f"{', '.join(clfs)}; `weights` in the JSON): compare only rows measured on the same ones.", ""]
+def testbed_weights(dit) -> dict:
+    """Fingerprints (`prunekit.depth.dit.weights_fingerprint`) of `dit` and of the cached classifier the FID uses.
+
+    A DiT or classifier retrained on another machine or thread count lands under the same cache key with other
+    weights, so result rows record these and ``--resume`` skips only rows measured on the cached ones."""
+    return {"dit": D.weights_fingerprint(dit), "classifier": D.weights_fingerprint(F.classifier(progress=False))}
+
+
+def weights_lines(rows: list[dict]) -> list[str]:
+    """A markdown line naming the weights `rows` were measured on (``weights``), flagging a mix."""
+    seen = sorted({json.dumps(r["weights"], sort_keys=True) if "weights" in r else "not recorded" for r in rows})
+    if not seen:
+        return []
+    if len(seen) == 1:
+        return [f"Weights fingerprints (`prunekit.depth.dit.weights_fingerprint`): {seen[0]}.", ""]
+    return [f"**The rows were measured on different weights** ({'; '.join(seen)}; `weights` in the JSON): compare "
+            "only rows measured on the same ones.", ""]
 
 
 def write_markdown(data: dict, path: Path) -> None:
@@ -117,7 +123,7 @@ def write_markdown(data: dict, path: Path) -> None:
     meta, train = data.get("meta", {}), data.get("train", {})
     lines = ["# DiT testbed (issue 9, testbed 2): class-conditional DiT on Fashion-MNIST", "",
              f"Model: {meta.get('model', '?')}. Machine: {meta.get('machine', '?')}.", "",
-             *_weights_lines(data),
+             *weights_lines(data["rows"]),
              "**FID here is a Fashion-MNIST-classifier FID, not Inception-FID**: the Frechet distance of Gaussian fits "
              "to the 128-d penultimate features of `prunekit.train.small_cnn` trained by the project; comparable only "
              f"between rows of this file (same classifier, same 10,000 real test images, {10 * N_PER_CLASS:,} samples per row), not with any "
@@ -181,22 +187,15 @@ def main(argv=None) -> int:
     wanted = set(args.only or SECTIONS)
     model = D.pretrained_dit(progress=False)
     clf = F.classifier(progress=False)
-    # A DiT or classifier retrained on another machine or thread count has the same cache key but other weights:
-    # every row records the fingerprints of the weights it was measured on, and --resume skips only rows measured
-    # on the cached ones (the classifier rows depend on the classifier alone)
-    weights = {"dit": D.weights_fingerprint(model), "classifier": D.weights_fingerprint(clf)}
-
-    def measured_on(rid: str) -> dict:
-        return {"classifier": weights["classifier"]} if rid in CLASSIFIER_ONLY else weights
-
-    done = {r["id"] for r in data["rows"] if r.get("weights") == measured_on(r["id"])} if args.resume else set()
-    stale = sorted(r["id"] for r in data["rows"] if r.get("weights") != measured_on(r["id"]))
+    weights = testbed_weights(model)
+    done = {r["id"] for r in data["rows"] if r.get("weights") == weights} if args.resume else set()
+    stale = sorted(r["id"] for r in data["rows"] if r.get("weights") != weights)
     if args.resume and stale:
         print(f"rows measured on other weights than the cached DiT and classifier ({weights}), re-run if selected: "
               f"{', '.join(stale)}", file=sys.stderr)
 
     def put(row: dict) -> None:
-        row = row | {"weights": measured_on(row["id"])}
+        row = row | {"weights": weights}
         data["rows"] = [r for r in data["rows"] if r["id"] != row["id"]] + [row]
         _save(data, path)
         print(json.dumps({k: v for k, v in row.items() if k != "per_class"}), flush=True)
