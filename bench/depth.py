@@ -11,6 +11,7 @@ recorded in the results); they are far below the paper's (10k mask-learning step
     python bench/depth.py --kept 20 --resume   # skip rows already in the results file
     python bench/depth.py --report             # rewrite the .md and the plot from the .json
     python bench/depth.py --dit --only tinyfusion-2:4,tinyfusion-3:6   # TinyFusion with larger local groups
+    python bench/depth.py --kept 20 --only tinyfusion-4:6@400           # ... and 400 mask-learning steps
 
 Writes bench/results/depth.json (``{"rows": [{"model", "method", "kept", "metric", "before_recovery",
 "after_recovery", "speedup", ...}], "settings": ...}``; rows merged by id under a file lock so several
@@ -40,9 +41,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "depth.json"
 
 
-def tinyfusion_groups(method: str) -> str | None:
-    """``tinyfusion`` (the smallest uniform N:M pattern over blocks, 1:2 at half depth) or ``tinyfusion-N:M``."""
-    return method.partition("-")[2] or None
+def tinyfusion_spec(method: str, steps: int) -> tuple[str | None, int]:
+    """The groups and mask-learning steps of a TinyFusion method name: ``tinyfusion`` (the smallest uniform N:M
+    pattern over blocks, 1:2 at half depth), ``tinyfusion-N:M`` (larger local groups), either with ``@STEPS`` for
+    another number of mask-learning steps than the bench's `steps` (``tinyfusion-5:10@400``)."""
+    name, at, n = method.partition("@")
+    if at and not (n.isdigit() and int(n) > 0):
+        raise SystemExit(f"{method!r}: the steps after '@' must be a positive whole number, e.g. tinyfusion-5:10@400")
+    return name.partition("-")[2] or None, int(n) if n else steps
+
+
 METHODS = ("tinyfusion", "shortgpt", "every-other", "sensitivity", "random")
 SETTINGS = dict(
     model="smollm2-135m", calib="wiki", seqlen=128, windows=256, window_seed=0,
@@ -118,8 +126,9 @@ def run(kept: int, seed: int, resume: bool, methods) -> None:
         score = depth.causal_lm_target(model, ids[: SETTINGS["score_windows"]], batch_size=4)
         if method.startswith("tinyfusion"):
             target = depth.causal_lm_target(model, ids, batch_size=SETTINGS["tinyfusion_batch"])
-            keep, info = depth.select_blocks(target, "tinyfusion", kept=kept, steps=SETTINGS["tinyfusion_steps"],
-                                             seed=seed, progress=False, groups=tinyfusion_groups(method))
+            groups, steps = tinyfusion_spec(method, SETTINGS["tinyfusion_steps"])
+            keep, info = depth.select_blocks(target, "tinyfusion", kept=kept, steps=steps, seed=seed, progress=False,
+                                             groups=groups)
         else:
             keep, info = depth.select_blocks(score, method, kept=kept, candidates=SETTINGS["random_candidates"],
                                              seed=seed, progress=False)
@@ -195,9 +204,9 @@ def run_dit(seed: int, resume: bool, methods) -> None:
             score = dit_target(model, images[: DIT["score_batches"] * DIT["batch"]],
                                labels[: DIT["score_batches"] * DIT["batch"]], seed=seed)
             if method.startswith("tinyfusion"):
+                groups, steps = tinyfusion_spec(method, DIT["tinyfusion_steps"])
                 keep, info = depth.select_blocks(dit_target(model, images, labels, seed=seed), "tinyfusion", kept=kept,
-                                                 steps=DIT["tinyfusion_steps"], seed=seed,
-                                                 groups=tinyfusion_groups(method))
+                                                 steps=steps, seed=seed, groups=groups)
             else:
                 keep, info = depth.select_blocks(score, method, kept=kept, candidates=DIT["random_candidates"], seed=seed)
             calib_loss = depth.calibration_loss(score, keep)

@@ -344,6 +344,22 @@ def test_cli_bad_requests_exit_2_and_write_nothing(extra, message, lm_dir, calib
     assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
+def test_depth_bench_reads_groups_and_steps_from_the_method_name():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("depth_bench", Path(__file__).parents[1] / "bench" / "depth.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.tinyfusion_spec("tinyfusion", 100) == (None, 100)
+    assert bench.tinyfusion_spec("tinyfusion-5:10", 100) == ("5:10", 100)
+    assert bench.tinyfusion_spec("tinyfusion-4:6@400", 100) == ("4:6", 400)
+    assert bench.tinyfusion_spec("tinyfusion@1600", 200) == (None, 1600)
+    for bad in ("tinyfusion-4:6@", "tinyfusion@0", "tinyfusion@x"):
+        with pytest.raises(SystemExit, match="positive whole number"):
+            bench.tinyfusion_spec(bad, 100)
+
+
 @pytest.mark.integration
 def test_every_other_on_smollm2_exports_a_15_layer_model_that_reloads_identically(tmp_path):
     out = tmp_path / "d15"
