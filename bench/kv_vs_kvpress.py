@@ -381,8 +381,8 @@ def main(argv=None) -> int:
     for task in [] if args.report_only else args.tasks:
         pending = [j for j in jobs if j["task"] == task and j["key"] not in raw]
         todo = [j for j in pending if j["tool"] == "prunekit"]
-        if task == "speed" and todo:  # an untimed decode first: the process's first long-context decode pays one-off
-            tasks.passkey(model, todo[0]["sample_data"], new_tokens=todo[0]["new_tokens"])  # costs (allocator, caches)
+        if task == "speed" and todo:  # kvpress's worker does the same before its speed jobs
+            tasks.warm_up(model, todo[0]["sample_data"], new_tokens=todo[0]["new_tokens"])
         for job in todo:
             rec = run_prunekit(job, model, tok, book, args)
             append_raw(raw_path, rec)
