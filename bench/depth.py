@@ -12,6 +12,7 @@ recorded in the results); they are far below the paper's (10k mask-learning step
     python bench/depth.py --report             # rewrite the .md and the plot from the .json
     python bench/depth.py --dit --only tinyfusion-2:4,tinyfusion-3:6   # TinyFusion with larger local groups
     python bench/depth.py --kept 20 --only tinyfusion-4:6@400           # ... and 400 mask-learning steps
+    python bench/depth.py --kept 15 --only shortgpt --recovery-steps 300  # a longer recovery of the same blocks
 
 Writes bench/results/depth.json (``{"rows": [{"model", "method", "kept", "metric", "before_recovery",
 "after_recovery", "speedup", ...}], "settings": ...}``; rows merged by id under a file lock so several
@@ -101,8 +102,20 @@ def _speed_pair(dense, pruned, rounds: int = 3) -> tuple[dict, dict]:
     return best[0], best[1]
 
 
-def run(kept: int, seed: int, resume: bool, methods) -> None:
+def recovery_label(method: str, steps: int | None) -> str:
+    """The row's method name: `method` itself at the settings' recovery budget, ``METHOD+recS`` for S other steps."""
+    if steps is not None and steps < 1:
+        raise SystemExit(f"--recovery-steps must be a positive whole number, got {steps}")
+    return method if steps is None or steps == SETTINGS["recovery_steps"] else f"{method}+rec{steps}"
+
+
+def run(kept: int, seed: int, resume: bool, methods, recovery_steps: int | None = None) -> None:
+    """One row per method. With `recovery_steps` other than the settings', the row (``METHOD+recS``) recovers the
+    blocks its ``METHOD`` row of the same depth and seed kept (no new selection: TinyFusion's takes up to an hour)
+    for S steps on ``S x recovery_batch`` windows, each seen once; without such a row it selects as usual."""
     torch.set_num_threads(SETTINGS["threads"])
+    recovery_label("", recovery_steps)  # refuses a bad budget before anything loads
+    rec_steps = recovery_steps or SETTINGS["recovery_steps"]
     existing = _update(settings=SETTINGS)["rows"]
     done = {r["id"] for r in existing} if resume else set()
     dense, tok = prunekit.load_model(SETTINGS["model"])
@@ -114,8 +127,11 @@ def run(kept: int, seed: int, resume: bool, methods) -> None:
         sp = _speed(dense)
         _update({"id": "dense", "model": "SmolLM2-135M", "method": "dense", "kept": 30, "metric": "wiki_ppl",
                  "before_recovery": _ppl(dense, tok, held), "after_recovery": None, "speedup": 1.0, "speed": sp})
+    rec_ids = ids if rec_steps * SETTINGS["recovery_batch"] <= ids.shape[0] else prunekit.calibration_ids(
+        tok, calib, samples=rec_steps * SETTINGS["recovery_batch"], seqlen=SETTINGS["seqlen"], seed=SETTINGS["window_seed"])
     for method in methods:
-        rid = f"{method}-{kept}-s{seed}"
+        label = recovery_label(method, recovery_steps)
+        rid = f"{label}-{kept}-s{seed}"
         if resume:  # another process may have written it meanwhile
             done = {r["id"] for r in _update()["rows"]}
         if rid in done:
@@ -124,7 +140,12 @@ def run(kept: int, seed: int, resume: bool, methods) -> None:
         t0 = time.perf_counter()
         model = copy.deepcopy(dense)
         score = depth.causal_lm_target(model, ids[: SETTINGS["score_windows"]], batch_size=4)
-        if method.startswith("tinyfusion"):
+        source = next((r for r in _update()["rows"] if r["id"] == f"{method}-{kept}-s{seed}"), None) \
+            if label != method else None
+        if source is not None:
+            keep = [i in source["kept_layers"] for i in range(model.config.num_hidden_layers)]
+            info = {"selection_from": source["id"]}
+        elif method.startswith("tinyfusion"):
             target = depth.causal_lm_target(model, ids, batch_size=SETTINGS["tinyfusion_batch"])
             groups, steps = tinyfusion_spec(method, SETTINGS["tinyfusion_steps"])
             keep, info = depth.select_blocks(target, "tinyfusion", kept=kept, steps=steps, seed=seed, progress=False,
@@ -138,17 +159,17 @@ def run(kept: int, seed: int, resume: bool, methods) -> None:
         before = _ppl(model, tok, held)
         dense_speed, sp = _speed_pair(dense, model)
         speedup = (dense_speed["prefill_s"] + dense_speed["decode_s"]) / (sp["prefill_s"] + sp["decode_s"])
-        rec_target = depth.causal_lm_target(model, ids, batch_size=SETTINGS["recovery_batch"])
-        rec = depth.recover(rec_target, steps=SETTINGS["recovery_steps"], trainable="lora", lr=SETTINGS["recovery_lr"],
-                            seed=seed)
+        rec_target = depth.causal_lm_target(model, rec_ids, batch_size=SETTINGS["recovery_batch"])
+        rec = depth.recover(rec_target, steps=rec_steps, trainable="lora", lr=SETTINGS["recovery_lr"], seed=seed)
         after = _ppl(model, tok, held)
         info = {k: v for k, v in info.items() if k not in ("keep",)}
-        row = {"id": rid, "model": "SmolLM2-135M", "method": method, "kept": kept, "seed": seed, "metric": "wiki_ppl",
+        row = {"id": rid, "model": "SmolLM2-135M", "method": label, "kept": kept, "seed": seed, "metric": "wiki_ppl",
                "before_recovery": before, "after_recovery": after, "speedup": speedup,
                "prefill_speedup": dense_speed["prefill_s"] / sp["prefill_s"],
                "decode_speedup": dense_speed["decode_s"] / sp["decode_s"], "speed": sp, "dense_speed": dense_speed,
                "kept_layers": kept_layers, "calibration_loss": calib_loss, "select_seconds": select_s,
-               "recovery": rec.to_dict(), "method_info": info, "seconds": time.perf_counter() - t0,
+               "recovery": rec.to_dict(), "recovery_steps": rec_steps, "recovery_windows": int(rec_ids.shape[0]),
+               "method_info": info, "seconds": time.perf_counter() - t0,
                "versions": {"torch": torch.__version__, "python": platform.python_version()}}
         _update(row)
         print(f"  kept {kept_layers}: ppl {before:.2f} -> {after:.2f} after recovery, speedup {speedup:.2f}x, "
@@ -331,6 +352,9 @@ def main() -> None:
     p.add_argument("--report", action="store_true", help="only rewrite the markdown and plot")
     p.add_argument("--retime", type=int, default=None, metavar="ROUNDS",
                    help="only re-measure every SmolLM2 row's speedup (best of ROUNDS alternated rounds)")
+    p.add_argument("--recovery-steps", type=int, default=None, metavar="S",
+                   help="SmolLM2: S LoRA recovery steps instead of the settings' (rows METHOD+recS, reusing the blocks "
+                        "of the METHOD row of the same depth and seed)")
     p.add_argument("--dit", action="store_true", help="the DiT testbed (needs the cached pretrained DiT) instead of SmolLM2")
     a = p.parse_args()
     if a.report:
@@ -341,9 +365,11 @@ def main() -> None:
         return
     methods = [m.strip() for m in a.only.split(",")] if a.only else list(METHODS)
     if a.dit:
+        if a.recovery_steps is not None:
+            p.error("--recovery-steps applies to the SmolLM2 rows only")
         run_dit(a.seed, a.resume, methods)
     else:
-        run(a.kept, a.seed, a.resume, methods)
+        run(a.kept, a.seed, a.resume, methods, a.recovery_steps)
 
 
 if __name__ == "__main__":

@@ -344,7 +344,7 @@ def test_cli_bad_requests_exit_2_and_write_nothing(extra, message, lm_dir, calib
     assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
-def test_depth_bench_reads_groups_and_steps_from_the_method_name():
+def test_depth_bench_reads_groups_and_steps_from_the_method_name_and_labels_longer_recovery():
     import importlib.util
     from pathlib import Path
 
@@ -358,6 +358,12 @@ def test_depth_bench_reads_groups_and_steps_from_the_method_name():
     for bad in ("tinyfusion-4:6@", "tinyfusion@0", "tinyfusion@x"):
         with pytest.raises(SystemExit, match="positive whole number"):
             bench.tinyfusion_spec(bad, 100)
+    default = bench.SETTINGS["recovery_steps"]
+    assert bench.recovery_label("shortgpt", None) == bench.recovery_label("shortgpt", default) == "shortgpt"
+    assert bench.recovery_label("tinyfusion-5:10@1600", 300) == "tinyfusion-5:10@1600+rec300"
+    for bad in (0, -5):
+        with pytest.raises(SystemExit, match="positive whole number"):
+            bench.recovery_label("shortgpt", bad)
 
 
 @pytest.mark.integration
