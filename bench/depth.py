@@ -127,8 +127,9 @@ def run(kept: int, seed: int, resume: bool, methods, recovery_steps: int | None 
         sp = _speed(dense)
         _update({"id": "dense", "model": "SmolLM2-135M", "method": "dense", "kept": 30, "metric": "wiki_ppl",
                  "before_recovery": _ppl(dense, tok, held), "after_recovery": None, "speedup": 1.0, "speed": sp})
-    rec_ids = ids if rec_steps * SETTINGS["recovery_batch"] <= ids.shape[0] else prunekit.calibration_ids(
-        tok, calib, samples=rec_steps * SETTINGS["recovery_batch"], seqlen=SETTINGS["seqlen"], seed=SETTINGS["window_seed"])
+    rec_windows = rec_steps * SETTINGS["recovery_batch"]
+    rec_ids = ids if rec_windows <= ids.shape[0] else prunekit.calibration_ids(
+        tok, calib, samples=rec_windows, seqlen=SETTINGS["seqlen"], seed=SETTINGS["window_seed"])
     for method in methods:
         label = recovery_label(method, recovery_steps)
         rid = f"{label}-{kept}-s{seed}"
