@@ -111,7 +111,7 @@ def recovery_label(method: str, steps: int | None) -> str:
 
 def run(kept: int, seed: int, resume: bool, methods, recovery_steps: int | None = None) -> None:
     """One row per method. With `recovery_steps` other than the settings', the row (``METHOD+recS``) recovers the
-    blocks its ``METHOD`` row of the same depth and seed kept (no new selection: TinyFusion's takes up to an hour)
+    blocks its ``METHOD`` row of the same depth and seed kept (no new selection: TinyFusion's can take over an hour)
     for S steps on ``S x recovery_batch`` windows, each seen once; without such a row it selects as usual."""
     torch.set_num_threads(SETTINGS["threads"])
     recovery_label("", recovery_steps)  # refuses a bad budget before anything loads
