@@ -3,6 +3,8 @@
 Every row starts from a fresh copy of the dense model, picks the blocks to keep on calibration windows of the
 Wikipedia leads' calibration split, drops the others, measures held-out Wikipedia perplexity, then gets the
 same recovery budget (the same LoRA steps on the same windows, in the same order) and is measured again.
+TinyFusion learns its mask on steps x batch windows (DiT: images, with their t and noise draws), each seen once as
+in the reference's one epoch: the 256 calibration windows while they suffice, fresh ones from the same split beyond.
 Speedup: prefill of 256 tokens + 32 greedy decode steps with the KV cache, batch 1, one thread, the best of
 3, dense and pruned timed alternately in the same process (best of 3 each). Sizes are chosen for a CPU shared four ways (see SETTINGS,
 recorded in the results); they are far below the paper's (10k mask-learning steps, 100k+ recovery steps).
@@ -13,6 +15,7 @@ recorded in the results); they are far below the paper's (10k mask-learning step
     python bench/depth.py --dit --only tinyfusion-2:4,tinyfusion-3:6   # TinyFusion with larger local groups
     python bench/depth.py --kept 20 --only tinyfusion-4:6@400           # ... and 400 mask-learning steps
     python bench/depth.py --kept 15 --only shortgpt --recovery-steps 300  # a longer recovery of the same blocks
+    python bench/depth.py --dit --only sensitivity,tinyfusion --recovery-steps 1000   # ... on the DiT
 
 Writes bench/results/depth.json (``{"rows": [{"model", "method", "kept", "metric", "before_recovery",
 "after_recovery", "speedup", ...}], "settings": ...}``; rows merged by id under a file lock so several
@@ -102,11 +105,13 @@ def _speed_pair(dense, pruned, rounds: int = 3) -> tuple[dict, dict]:
     return best[0], best[1]
 
 
-def recovery_label(method: str, steps: int | None) -> str:
-    """The row's method name: `method` itself at the settings' recovery budget, ``METHOD+recS`` for S other steps."""
+def recovery_label(method: str, steps: int | None, default: int | None = None) -> str:
+    """The row's method name: `method` itself at the settings' recovery budget (`default`, SmolLM2's unless
+    given), ``METHOD+recS`` for S other steps."""
     if steps is not None and steps < 1:
         raise SystemExit(f"--recovery-steps must be a positive whole number, got {steps}")
-    return method if steps is None or steps == SETTINGS["recovery_steps"] else f"{method}+rec{steps}"
+    default = SETTINGS["recovery_steps"] if default is None else default
+    return method if steps is None or steps == default else f"{method}+rec{steps}"
 
 
 def run(kept: int, seed: int, resume: bool, methods, recovery_steps: int | None = None) -> None:
@@ -147,10 +152,14 @@ def run(kept: int, seed: int, resume: bool, methods, recovery_steps: int | None 
             keep = [i in source["kept_layers"] for i in range(model.config.num_hidden_layers)]
             info = {"selection_from": source["id"]}
         elif method.startswith("tinyfusion"):
-            target = depth.causal_lm_target(model, ids, batch_size=SETTINGS["tinyfusion_batch"])
             groups, steps = tinyfusion_spec(method, SETTINGS["tinyfusion_steps"])
+            need = steps * SETTINGS["tinyfusion_batch"]  # each window seen once, as in the reference's one epoch
+            tf_ids = ids if need <= ids.shape[0] else prunekit.calibration_ids(
+                tok, calib, samples=need, seqlen=SETTINGS["seqlen"], seed=SETTINGS["window_seed"])
+            target = depth.causal_lm_target(model, tf_ids, batch_size=SETTINGS["tinyfusion_batch"])
             keep, info = depth.select_blocks(target, "tinyfusion", kept=kept, steps=steps, seed=seed, progress=False,
                                              groups=groups)
+            info["samples"] = int(tf_ids.shape[0])
         else:
             keep, info = depth.select_blocks(score, method, kept=kept, candidates=SETTINGS["random_candidates"],
                                              seed=seed, progress=False)
@@ -193,11 +202,16 @@ def dit_target(model, images, labels, *, seed: int):
     return depth_target(model, images, labels, batch_size=DIT["batch"], seed=seed)
 
 
-def run_dit(seed: int, resume: bool, methods) -> None:
+def run_dit(seed: int, resume: bool, methods, recovery_steps: int | None = None) -> None:
+    """One row per method. With `recovery_steps` other than the settings', the row (``METHOD+recS``) fine-tunes
+    the blocks its ``METHOD`` row of the same seed kept for S steps on ``S x batch`` training images drawn afresh
+    (each seen once while the 60,000 last); without such a row it selects as usual."""
     from dit_testbed import testbed_weights
 
     from prunekit.depth import dit as ditmod
 
+    recovery_label("", recovery_steps, DIT["recovery_steps"])  # refuses a bad budget before anything loads
+    rec_steps = recovery_steps or DIT["recovery_steps"]
     torch.set_num_threads(1)
     dense = ditmod.pretrained_dit(train_if_missing=False, progress=False)
     weights = testbed_weights(dense)  # rows record it; --resume skips only rows measured on these weights
@@ -207,9 +221,18 @@ def run_dit(seed: int, resume: bool, methods) -> None:
     if resume and other:
         print(f"DiT rows measured on other weights than the cached ones ({weights}), re-run if selected: "
               f"{', '.join(other)}", flush=True)
-    images, labels = ditmod.fashion_images("train")
-    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: DIT["train_images"]]
-    images, labels = images[pick], labels[pick]
+    all_images, all_labels = ditmod.fashion_images("train")
+    order = torch.randperm(len(all_images), generator=torch.Generator().manual_seed(0))
+    pick = order[: DIT["train_images"]]
+    images, labels = all_images[pick], all_labels[pick]
+
+    def fresh(n: int):
+        """The first `n` training images of the same permutation (cycling past 60,000)."""
+        take = order.repeat(-(-n // len(order)))[:n]
+        return all_images[take], all_labels[take]
+
+    # a longer recovery sees fresh images; the settings' budget keeps its 4,096 images (1.6 passes)
+    rec_images, rec_labels = (images, labels) if rec_steps == DIT["recovery_steps"] else fresh(rec_steps * DIT["batch"])
     if "dit-dense" not in done:
         ev = ditmod.evaluate_dit(dense, n_per_class=DIT["eval_per_class"], steps=DIT["eval_steps"], seed=0)
         _update({"id": "dit-dense", "model": "DiT-FashionMNIST", "method": "dense", "kept": len(dense.blocks),
@@ -217,7 +240,8 @@ def run_dit(seed: int, resume: bool, methods) -> None:
                  "class_accuracy": ev["class_accuracy"], "dit_settings": DIT, "weights": weights})
     for kept in DIT["kept"]:
         for method in methods:
-            rid = f"dit-{method}-{kept}-s{seed}"
+            label = recovery_label(method, recovery_steps, DIT["recovery_steps"])
+            rid = f"dit-{label}-{kept}-s{seed}"
             if rid in done:
                 continue
             print(f"[{time.strftime('%H:%M:%S')}] {rid}", flush=True)
@@ -225,10 +249,17 @@ def run_dit(seed: int, resume: bool, methods) -> None:
             model = copy.deepcopy(dense)
             score = dit_target(model, images[: DIT["score_batches"] * DIT["batch"]],
                                labels[: DIT["score_batches"] * DIT["batch"]], seed=seed)
-            if method.startswith("tinyfusion"):
+            source = next((r for r in dit_rows if r["id"] == f"dit-{method}-{kept}-s{seed}"
+                           and r.get("weights") == weights), None) if label != method else None
+            if source is not None:
+                keep = [i in source["kept_layers"] for i in range(len(dense.blocks))]
+                info = {"selection_from": source["id"]}
+            elif method.startswith("tinyfusion"):
                 groups, steps = tinyfusion_spec(method, DIT["tinyfusion_steps"])
-                keep, info = depth.select_blocks(dit_target(model, images, labels, seed=seed), "tinyfusion", kept=kept,
-                                                 steps=steps, seed=seed, groups=groups)
+                tf_images, tf_labels = fresh(steps * DIT["batch"])  # each image (and its t and noise draw) seen once
+                keep, info = depth.select_blocks(dit_target(model, tf_images, tf_labels, seed=seed), "tinyfusion",
+                                                 kept=kept, steps=steps, seed=seed, groups=groups)
+                info["samples"] = len(tf_images)
             else:
                 keep, info = depth.select_blocks(score, method, kept=kept, candidates=DIT["random_candidates"], seed=seed)
             calib_loss = depth.calibration_loss(score, keep)
@@ -236,15 +267,16 @@ def run_dit(seed: int, resume: bool, methods) -> None:
             depth.drop_blocks(model.blocks, keep)
             before = ditmod.evaluate_dit(model, n_per_class=DIT["eval_per_class"], steps=DIT["eval_steps"], seed=0)
             speedup = ditmod.forward_speedup(dense, model)["speedup"]  # 16 images, 1 thread, alternated rounds
-            rec = depth.recover(dit_target(model, images, labels, seed=seed + 1), steps=DIT["recovery_steps"],
+            rec = depth.recover(dit_target(model, rec_images, rec_labels, seed=seed + 1), steps=rec_steps,
                                 trainable=DIT["recovery"], lr=DIT["recovery_lr"], seed=seed)
             after = ditmod.evaluate_dit(model, n_per_class=DIT["eval_per_class"], steps=DIT["eval_steps"], seed=0)
             info = {k: v for k, v in info.items() if k != "keep"}
-            _update({"id": rid, "model": "DiT-FashionMNIST", "method": method, "kept": kept, "seed": seed,
+            _update({"id": rid, "model": "DiT-FashionMNIST", "method": label, "kept": kept, "seed": seed,
                      "metric": "fid_classifier", "before_recovery": before["fid"], "after_recovery": after["fid"],
                      "speedup": speedup, "class_accuracy_before": before["class_accuracy"],
                      "class_accuracy_after": after["class_accuracy"], "kept_layers": kept_layers,
-                     "calibration_loss": calib_loss, "recovery": rec.to_dict(), "method_info": info,
+                     "calibration_loss": calib_loss, "recovery": rec.to_dict(), "recovery_steps": rec_steps,
+                     "recovery_images": len(rec_images), "method_info": info,
                      "seconds": time.perf_counter() - t0, "dit_settings": DIT, "weights": weights})
             print(f"  kept {kept_layers}: FID {before['fid']:.2f} -> {after['fid']:.2f}, speedup {speedup:.2f}x, "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
@@ -265,7 +297,8 @@ def report() -> None:
              f"= forward time of 16 images dense / pruned. Settings: `{json.dumps(DIT)}`", "",
              "TinyFusion methods: `tinyfusion` uses the smallest uniform N:M groups over blocks (1:2 at half depth), "
              "`tinyfusion-N:M` groups of M blocks with N kept, `@S` S mask-learning steps instead of the settings' "
-             "`tinyfusion_steps`.", "",
+             "`tinyfusion_steps`; `-cyc256` (SmolLM2 rows measured before the mask learning saw each window once): learned on the "
+             "256 calibration windows cycled.", "",
              *weights_lines([r for r in rows if r["model"] == "DiT-FashionMNIST"]),
              *([f"SmolLM2 speedups re-measured with `--retime` ({sorted({r['retimed'] for r in rows if 'retimed' in r})[0]}; "
                 "prefill computes the last position's logits only, as generate does); the figures measured during the "
@@ -354,8 +387,8 @@ def main() -> None:
     p.add_argument("--retime", type=int, default=None, metavar="ROUNDS",
                    help="only re-measure every SmolLM2 row's speedup (best of ROUNDS alternated rounds)")
     p.add_argument("--recovery-steps", type=int, default=None, metavar="S",
-                   help="SmolLM2: S LoRA recovery steps instead of the settings' (rows METHOD+recS, reusing the blocks "
-                        "of the METHOD row of the same depth and seed)")
+                   help="S recovery steps instead of the settings' (rows METHOD+recS, reusing the blocks of the METHOD "
+                        "row of the same depth and seed)")
     p.add_argument("--dit", action="store_true", help="the DiT testbed (needs the cached pretrained DiT) instead of SmolLM2")
     a = p.parse_args()
     if a.report:
@@ -366,9 +399,7 @@ def main() -> None:
         return
     methods = [m.strip() for m in a.only.split(",")] if a.only else list(METHODS)
     if a.dit:
-        if a.recovery_steps is not None:
-            p.error("--recovery-steps applies to the SmolLM2 rows only")
-        run_dit(a.seed, a.resume, methods)
+        run_dit(a.seed, a.resume, methods, a.recovery_steps)
     else:
         run(a.kept, a.seed, a.resume, methods, a.recovery_steps)
 

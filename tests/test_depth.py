@@ -361,6 +361,10 @@ def test_depth_bench_reads_groups_and_steps_from_the_method_name_and_labels_long
     default = bench.SETTINGS["recovery_steps"]
     assert bench.recovery_label("shortgpt", None) == bench.recovery_label("shortgpt", default) == "shortgpt"
     assert bench.recovery_label("tinyfusion-5:10@1600", 300) == "tinyfusion-5:10@1600+rec300"
+    dit_default = bench.DIT["recovery_steps"]  # the DiT rows' own budget is the default there
+    assert dit_default != default
+    assert bench.recovery_label("sensitivity", dit_default, dit_default) == "sensitivity"
+    assert bench.recovery_label("sensitivity", default, dit_default) == f"sensitivity+rec{default}"
     for bad in (0, -5):
         with pytest.raises(SystemExit, match="positive whole number"):
             bench.recovery_label("shortgpt", bad)
