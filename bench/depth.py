@@ -31,6 +31,7 @@ import copy
 import fcntl
 import json
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -67,6 +68,11 @@ SETTINGS = dict(
 )
 
 
+def _compact_lists(text: str) -> str:
+    """Indented JSON with every list of plain numbers on one line (TinyFusion's logits run to 924 per group)."""
+    return re.sub(r"\[\s+([-\d.eE+, \n]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+
+
 def _update(row: dict | None = None, settings: dict | None = None) -> dict:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with open(OUT.with_suffix(".lock"), "w") as lock:
@@ -78,7 +84,7 @@ def _update(row: dict | None = None, settings: dict | None = None) -> dict:
             data["rows"] = [r for r in data["rows"] if r["id"] != row["id"]] + [row]
             data["rows"].sort(key=lambda r: (r["kept"], r.get("seed", 0), r["method"]))
         tmp = OUT.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.write_text(_compact_lists(json.dumps(data, indent=2)) + "\n")
         tmp.replace(OUT)
     return data
 

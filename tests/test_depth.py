@@ -368,6 +368,10 @@ def test_depth_bench_reads_groups_and_steps_from_the_method_name_and_labels_long
     for bad in (0, -5):
         with pytest.raises(SystemExit, match="positive whole number"):
             bench.recovery_label("shortgpt", bad)
+    data = {"rows": [{"kept_layers": [0, 2], "logits": [[0.02, -1e-05], [3.5]], "name": "a, b", "x": None}]}
+    text = bench._compact_lists(json.dumps(data, indent=2))
+    assert json.loads(text) == data
+    assert '"kept_layers": [0, 2]' in text and "[0.02, -1e-05]" in text and '"name": "a, b"' in text
 
 
 @pytest.mark.integration
