@@ -344,14 +344,14 @@ def report() -> None:
         return
     panels = [("SmolLM2-135M", 15), ("SmolLM2-135M", 20)] + sorted(
         {(r["model"], r["kept"]) for r in rows if r["model"] != "SmolLM2-135M" and r["method"] != "dense"})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.5))
     for ax, (model_name, kept) in zip(axes, panels):
         sub = [r for r in rows if r["kept"] == kept and r["model"] == model_name and r["after_recovery"] is not None]
         names = sorted({r["method"] for r in sub})
         for j, stage in enumerate(("before_recovery", "after_recovery")):
             vals = [sum(r[stage] for r in sub if r["method"] == n) / max(1, sum(r["method"] == n for r in sub)) for n in names]
             ax.bar([i + 0.4 * j for i in range(len(names))], vals, width=0.4, label=stage.replace("_", " "))
-        ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30)
+        ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=60, ha="right", fontsize=7)
         ax.set_yscale("log")
         ax.set_title(f"{model_name}, {kept} blocks: {sub[0]['metric'] if sub else ''}")
         ax.legend()
