@@ -74,10 +74,13 @@ def _compact_lists(text: str) -> str:
 
 
 def _update(row: dict | None = None, settings: dict | None = None) -> dict:
+    """The results file, with `row` merged in by id and `settings` set (written only when one is given)."""
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with open(OUT.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(OUT.read_text()) if OUT.is_file() else {"rows": []}
+        if row is None and settings is None:
+            return data
         if settings is not None:
             data["settings"] = settings
         if row is not None:
@@ -138,9 +141,13 @@ def run(kept: int, seed: int, resume: bool, methods, recovery_steps: int | None 
         sp = _speed(dense)
         _update({"id": "dense", "model": "SmolLM2-135M", "method": "dense", "kept": 30, "metric": "wiki_ppl",
                  "before_recovery": _ppl(dense, tok, held), "after_recovery": None, "speedup": 1.0, "speed": sp})
-    rec_windows = rec_steps * SETTINGS["recovery_batch"]
-    rec_ids = ids if rec_windows <= ids.shape[0] else prunekit.calibration_ids(
-        tok, calib, samples=rec_windows, seqlen=SETTINGS["seqlen"], seed=SETTINGS["window_seed"])
+
+    def windows(n: int) -> torch.Tensor:
+        """`n` windows, each seen once: the calibration windows while they suffice, fresh ones from the split beyond."""
+        return ids if n <= ids.shape[0] else prunekit.calibration_ids(
+            tok, calib, samples=n, seqlen=SETTINGS["seqlen"], seed=SETTINGS["window_seed"])
+
+    rec_ids = windows(rec_steps * SETTINGS["recovery_batch"])
     for method in methods:
         label = recovery_label(method, recovery_steps)
         rid = f"{label}-{kept}-s{seed}"
@@ -159,9 +166,7 @@ def run(kept: int, seed: int, resume: bool, methods, recovery_steps: int | None 
             info = {"selection_from": source["id"]}
         elif method.startswith("tinyfusion"):
             groups, steps = tinyfusion_spec(method, SETTINGS["tinyfusion_steps"])
-            need = steps * SETTINGS["tinyfusion_batch"]  # each window seen once, as in the reference's one epoch
-            tf_ids = ids if need <= ids.shape[0] else prunekit.calibration_ids(
-                tok, calib, samples=need, seqlen=SETTINGS["seqlen"], seed=SETTINGS["window_seed"])
+            tf_ids = windows(steps * SETTINGS["tinyfusion_batch"])  # each seen once, as in the reference's one epoch
             target = depth.causal_lm_target(model, tf_ids, batch_size=SETTINGS["tinyfusion_batch"])
             keep, info = depth.select_blocks(target, "tinyfusion", kept=kept, steps=steps, seed=seed, progress=False,
                                              groups=groups)
