@@ -308,8 +308,8 @@ def report() -> None:
              f"= forward time of 16 images dense / pruned. Settings: `{json.dumps(DIT)}`", "",
              "TinyFusion methods: `tinyfusion` uses the smallest uniform N:M groups over blocks (1:2 at half depth), "
              "`tinyfusion-N:M` groups of M blocks with N kept, `@S` S mask-learning steps instead of the settings' "
-             "`tinyfusion_steps`; `-cyc256` (SmolLM2 rows measured before the mask learning saw each window once): learned on the "
-             "256 calibration windows cycled.", "",
+             "`tinyfusion_steps`; `-cyc256` (SmolLM2 rows measured before the mask learning saw each window "
+             "once): learned on the 256 calibration windows cycled.", "",
              *weights_lines([r for r in rows if r["model"] == "DiT-FashionMNIST"]),
              *([f"SmolLM2 speedups re-measured with `--retime` ({sorted({r['retimed'] for r in rows if 'retimed' in r})[0]}; "
                 "prefill computes the last position's logits only, as generate does); the figures measured during the "
