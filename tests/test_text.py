@@ -83,3 +83,26 @@ def test_missing_assets_name_the_fix(tmp_path, monkeypatch):
         zoo.wiki_documents()
     with pytest.raises(InputError, match="make assets"):
         zoo.austen_books()
+
+
+def test_a_mixture_draws_each_part_alike_and_interleaves(tok, tmp_path):
+    half = len(TEXT) // 2
+    (tmp_path / "a.txt").write_text(TEXT[:half])
+    (tmp_path / "b.txt").write_text(TEXT[half:])
+    mix = load_text(f"{tmp_path / 'a.txt'}+{tmp_path / 'b.txt'}", purpose="calibration")
+    assert [p.text for p in mix.parts] == [TEXT[:half], TEXT[half:]]
+    assert [p["source"] for p in mix.describe()["parts"]] == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    ids = calibration_ids(tok, mix, samples=5, seqlen=40, seed=3)
+    a = calibration_ids(tok, mix.parts[0], samples=3, seqlen=40, seed=3)
+    b = calibration_ids(tok, mix.parts[1], samples=2, seqlen=40, seed=3)
+    assert ids.shape == (5, 40)
+    assert ids[[0, 2, 4]].equal(a) and ids[[1, 3]].equal(b)  # a, b, a, b, a: every run of windows is balanced
+    with pytest.raises(InputError, match="at least 2 samples"):
+        calibration_ids(tok, mix, samples=1, seqlen=40)
+    with pytest.raises(InputError, match="calibration only"):
+        load_text(f"{tmp_path / 'a.txt'}+{tmp_path / 'b.txt'}", purpose="evaluation")
+    with pytest.raises(InputError, match="empty part"):
+        load_text(f"{tmp_path / 'a.txt'}+", purpose="calibration")
+    (tmp_path / "c+d.txt").write_text("a file whose name holds a plus")
+    assert load_text(tmp_path / "c+d.txt", purpose="evaluation").text == "a file whose name holds a plus"
+    assert load_text(str(tmp_path / "c+d.txt"), purpose="evaluation").parts == ()

@@ -78,7 +78,8 @@ def _add_prune_arguments(pr) -> None:
                     "uniform-structured, ...; whole blocks: shortgpt, tinyfusion, ... (see `prunekit methods`)")
     pr.add_argument("--ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
     pr.add_argument("--pattern", default=None, help="N:M: at most N nonzeros in every M consecutive input weights (2:4)")
-    pr.add_argument("--calib", default=None, help="calibration text: wiki, austen or a .txt/.jsonl file (default wiki; "
+    pr.add_argument("--calib", default=None, help="calibration text: wiki, austen, python-docs, a .txt/.jsonl file, "
+                    "or a mixture drawn from each part alike like wiki+austen (default wiki; "
                     "magnitude uses none unless given)")
     pr.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     pr.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")

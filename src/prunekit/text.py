@@ -13,6 +13,11 @@ The bundled corpora are split so calibration and evaluation never share a docume
 
 A file is used whole for either purpose; keep your own files disjoint.
 
+A mixture ``"wiki+austen"`` (any sources joined with ``+``) is calibration text drawn from every part alike:
+`calibration_ids` takes ``samples / k`` windows from each of the k parts (the first parts take one more when
+it does not divide) and interleaves them (part 1, part 2, ..., part 1, ...), so every leading or trailing run
+of windows is balanced too. A mixture is for calibration only: evaluate each source on its own.
+
 Windows: calibration takes `samples` disjoint windows of `seqlen` tokens at random (seeded) from the token
 stream; evaluation takes consecutive windows from the start. Tokenizers that put a start token at the head
 of a sequence get it at the head of every window (SmolLM2's adds none).
@@ -41,13 +46,17 @@ class Text:
     name: str  # "wiki", "austen", "python-docs" or the file path
     text: str
     documents: str  # which documents, in words, for the record
+    parts: tuple["Text", ...] = ()  # a mixture's sources (calibration draws windows from each alike)
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
     def describe(self) -> dict:
-        return {"source": self.name, "documents": self.documents, "sha256": self.sha256, "chars": len(self.text)}
+        out = {"source": self.name, "documents": self.documents, "sha256": self.sha256, "chars": len(self.text)}
+        if self.parts:
+            out["parts"] = [p.describe() for p in self.parts]
+        return out
 
 
 def _read_file(path: Path) -> str:
@@ -79,6 +88,16 @@ def load_text(source: str | Path, *, purpose: str) -> Text:
     if purpose not in ("calibration", "evaluation"):
         raise ValueError(f"purpose must be 'calibration' or 'evaluation', got {purpose!r}")
     evaluation = purpose == "evaluation"
+    if isinstance(source, str) and "+" in source and not Path(source).is_file():
+        names = [n.strip() for n in source.split("+")]
+        if len(names) < 2 or not all(names):
+            raise InputError(f"text mixture {source!r} has an empty part; write it like 'wiki+austen'")
+        if evaluation:
+            raise InputError(f"{source!r} is a mixture: it serves calibration only; evaluate each of "
+                             f"{', '.join(names)} on its own")
+        parts = tuple(load_text(n, purpose=purpose) for n in names)
+        return Text(source, "\n\n".join(p.text for p in parts),
+                    "a mixture, windows drawn from each part alike: " + "; ".join(p.documents for p in parts), parts)
     if source == "wiki":
         docs = zoo.wiki_documents()
         chosen = [d["text"] for i, d in enumerate(docs) if (i % 10 == 0) == evaluation]
@@ -123,8 +142,18 @@ def _check_sizes(samples: int, seqlen: int) -> None:
 
 
 def calibration_ids(tokenizer, text: Text, *, samples: int = 128, seqlen: int = 512, seed: int = 0) -> torch.Tensor:
-    """`samples` disjoint random windows ``[samples, seqlen]`` of the token stream of `text`."""
+    """`samples` disjoint random windows ``[samples, seqlen]`` of the token stream of `text`.
+
+    For a mixture (`Text.parts`), ``samples / k`` windows from each of its k parts, interleaved."""
     _check_sizes(samples, seqlen)
+    if text.parts:
+        k = len(text.parts)
+        if samples < k:
+            raise InputError(f"calibration mixture {text.name} has {k} parts; ask at least {k} samples (one per part)")
+        shares = [samples // k + (i < samples % k) for i in range(k)]
+        drawn = [calibration_ids(tokenizer, p, samples=n, seqlen=seqlen, seed=seed) for p, n in zip(text.parts, shares)]
+        order = [(i, j) for j in range(max(shares)) for i in range(k) if j < shares[i]]
+        return torch.stack([drawn[i][j] for i, j in order])
     ids, head = _stream(tokenizer, text.text)
     available = len(ids) // (seqlen - (head is not None))
     if available < samples:
