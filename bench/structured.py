@@ -135,14 +135,14 @@ def _torch_pruning(model, target_block_params: int) -> dict:
     return {"channel_ratio": ratio, "importance": "GroupMagnitudeImportance(p=2)", "torch_pruning": tp.__version__}
 
 
-def _row_id(method: str, ratio: float, seed: int) -> str:
-    return f"{method}-{ratio:g}" + (f"-s{seed}" if seed else "")
+def _row_id(method: str, ratio: float, seed: int, calib: str = "wiki") -> str:
+    return f"{method}-{ratio:g}" + ("" if calib == "wiki" else f"-{calib}") + (f"-s{seed}" if seed else "")
 
 
 def run_row(method: str, ratio: float, args, texts, dense, tok) -> dict:
     model, _ = prunekit.load_model("smollm2-135m")
-    row = {"id": _row_id(method, ratio, args.seed), "method": method, "ratio": ratio, "structure": args.structure,
-           "seed": args.seed}
+    row = {"id": _row_id(method, ratio, args.seed, args.calib), "method": method, "ratio": ratio,
+           "structure": args.structure, "seed": args.seed, "calibration": args.calib}
     start = time.perf_counter()
     if method == "torch-pruning":
         from prunekit.structured.tyr import uniform_widths
@@ -160,7 +160,7 @@ def run_row(method: str, ratio: float, args, texts, dense, tok) -> dict:
         return _measure(row, model, args, texts, dense, tok)
     options = _opts(args.tyr_options) if method == "tyr" else {}
     result = prunekit.prune_structured(model, method=method, ratio=ratio, structure=args.structure, tokenizer=tok,
-                                       calibration="wiki", samples=args.samples, seqlen=args.seqlen,
+                                       calibration=args.calib, samples=args.samples, seqlen=args.seqlen,
                                        seed=args.seed, progress=not args.quiet, **options)
     row["prune_seconds"] = time.perf_counter() - start
     row["widths"] = [[w.heads, w.intermediate] for w in result.widths]
@@ -265,7 +265,13 @@ def retime(data: dict, out: Path, rounds: int) -> int:
 
 
 def _label(row: dict) -> str:
-    """Týr's rows name their final step: the default (sequential), or the reference's supernet levels."""
+    """Týr's rows name their final step: the default (sequential), or the reference's supernet levels; rows not
+    calibrated on wiki name their calibration."""
+    calib = row.get("calibration", "wiki")
+    return _method_label(row) + ("" if calib == "wiki" else f" [calib {calib}]")
+
+
+def _method_label(row: dict) -> str:
     if row["method"] == "tyr":
         final = (row.get("options") or {}).get("final", "supernet")  # rows run before `final` existed: supernet
         stages = (row.get("options") or {}).get("stages")
@@ -279,13 +285,15 @@ def _label(row: dict) -> str:
 
 
 def _seeded(rows: list[dict]) -> dict:
-    """The rows run with the script's defaults (id ``METHOD-RATIO[-sSEED]``), by (method, ratio) then seed."""
+    """The rows run with the script's defaults (id ``METHOD-RATIO[-CALIB][-sSEED]``), by (method, ratio, calibration)
+    then seed."""
     out: dict = {}
     for r in rows:
         if r["method"] in ("dense", "torch-pruning", "magnitude-structured"):
             continue  # no calibration windows, nothing seeded
-        if r["id"] == _row_id(r["method"], r["ratio"], r.get("seed", 0)):
-            out.setdefault((r["method"], r["ratio"]), {})[r.get("seed", 0)] = r
+        calib = r.get("calibration", "wiki")
+        if r["id"] == _row_id(r["method"], r["ratio"], r.get("seed", 0), calib):
+            out.setdefault((r["method"], r["ratio"], calib), {})[r.get("seed", 0)] = r
     return out
 
 
@@ -298,20 +306,21 @@ def _seed_table(rows: list[dict]) -> list[str]:
         return []
     lines = ["Over seeds (rows with the script's default settings; the seed draws the calibration windows of both "
              "methods and Týr's search; mean ± std):", "",
-             "| method | removed | seeds | ppl wiki | ppl austen | Týr - uniform, same seed: wiki | austen |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "| method | calibration | removed | seeds | ppl wiki | ppl austen "
+             "| Týr - uniform, same seed: wiki | austen |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
 
     def ms(values):
         return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
-    for (method, ratio), by_seed in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (method, ratio, calib), by_seed in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
         seeds = sorted(by_seed)
         diff = ["", ""]
-        base = groups.get(("uniform-structured", ratio), {})
+        base = groups.get(("uniform-structured", ratio, calib), {})
         paired = [s for s in seeds if s in base]
         if method == "tyr" and paired:
             diff = [" / ".join(f"{by_seed[s][k] - base[s][k]:+.2f}" for s in paired) for k in ("ppl_wiki", "ppl_austen")]
-        lines.append(f"| {method} | {ratio:g} | {','.join(map(str, seeds))} | "
+        lines.append(f"| {method} | {calib} | {ratio:g} | {','.join(map(str, seeds))} | "
                      f"{ms([by_seed[s]['ppl_wiki'] for s in seeds])} | {ms([by_seed[s]['ppl_austen'] for s in seeds])} | "
                      f"{diff[0]} | {diff[1]} |")
     return lines
@@ -323,7 +332,9 @@ def write_markdown(data: dict, path: Path) -> None:
     untimed = sorted(r["id"] for r in data["rows"] if "retimed" not in r and "prefill_speedup" in r and r["method"] != "dense")
     lines = ["# Structured pruning on SmolLM2-135M", "",
              f"Calibration {s['samples']} x {s['seqlen']} tokens of the Wikipedia leads' calibration split (the row's seed "
-             "draws the windows, and Týr's search); "
+             "draws the windows, and Týr's search), or where a row says `[calib wiki+austen]`, half the windows from "
+             "the leads' calibration split and half from the five Austen novels other than Pride and Prejudice, "
+             "interleaved (so Týr's held-out fitness windows are half and half too); "
              f"perplexity on {s['eval_tokens']} held-out tokens (512-token windows); speed with one thread, prefill "
              f"1 x 512 and decode 64 tokens, dense and pruned alternated, fastest of {s['repeats']} rounds; structure "
              f"`{s['structure']}`; Týr options `{s['tyr_options']}`. Dense is SmolLM2-135M-Instruct dequantized from "
@@ -387,6 +398,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="0.3", help="comma-separated fractions of block weights to remove")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--structure", default="both", choices=("heads", "neurons", "both"))
+    ap.add_argument("--calib", default="wiki",
+                    help="calibration text (wiki, austen, a mixture like wiki+austen); rows not on wiki get -CALIB "
+                    "in their id")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=8192)
@@ -436,7 +450,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for method in args.methods.split(","):
-            rid = _row_id(method, ratio, args.seed)
+            rid = _row_id(method, ratio, args.seed, args.calib)
             if args.resume and rid in done:
                 continue
             row = run_row(method, ratio, args, texts, dense, tok)
