@@ -379,10 +379,14 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS + ("dense",):
-        rows = [r for r in data["rows"] if r["method"] == method and r.get("ppl_wiki")]
+    calibs = sorted({r.get("calibration", "wiki") for r in data["rows"]}, key=lambda c: c != "wiki")
+    for method, calib in [(m, c) for c in calibs for m in METHODS + ("dense",)]:
+        rows = [r for r in data["rows"] if r["method"] == method and r.get("ppl_wiki")
+                and r.get("calibration", "wiki") == calib]
         if rows:
-            ax.scatter([r.get("prefill_speedup", 1.0) for r in rows], [r["ppl_wiki"] for r in rows], label=method)
+            label = method if calib == "wiki" else f"{method} [calib {calib}]"
+            ax.scatter([r.get("prefill_speedup", 1.0) for r in rows], [r["ppl_wiki"] for r in rows], label=label,
+                       marker="o" if calib == "wiki" else "x")
             for r in rows:
                 ax.annotate(f"{r.get('ratio', 0):g}", (r.get("prefill_speedup", 1.0), r["ppl_wiki"]), fontsize=7)
     ax.set_xlabel("measured prefill speedup (1 thread)")
