@@ -17,6 +17,9 @@ same block parameter count (see `_torch_pruning`: on this GQA model it prunes ML
     python bench/structured.py --ratios 0.3                      # 30% rows (the first run)
     python bench/structured.py --ratios 0.2,0.5 --resume         # more budgets, rows already run kept
     python bench/structured.py --retime 5                        # re-measure every row's speed (a quiet machine)
+    python bench/structured.py --retime 5 --only 'tyr-0.5-*'     # ... or only some rows'
+    python bench/structured.py --calib wiki+austen --seed 1 --tag final8k \
+        --tyr-options "iterations=2,generations=8,offspring=8,stages=256:2;8192:1"   # other settings, own ids
 
 Writes bench/results/structured.json (``{"rows": [{"method", "removed", "ppl_wiki", "ppl_austen",
 "prefill_speedup", "decode_speedup", "params", ...}], "settings": {...}}``), structured.md and structured.png.
@@ -135,13 +138,14 @@ def _torch_pruning(model, target_block_params: int) -> dict:
     return {"channel_ratio": ratio, "importance": "GroupMagnitudeImportance(p=2)", "torch_pruning": tp.__version__}
 
 
-def _row_id(method: str, ratio: float, seed: int, calib: str = "wiki") -> str:
-    return f"{method}-{ratio:g}" + ("" if calib == "wiki" else f"-{calib}") + (f"-s{seed}" if seed else "")
+def _row_id(method: str, ratio: float, seed: int, calib: str = "wiki", tag: str = "") -> str:
+    return (f"{method}-{ratio:g}" + ("" if calib == "wiki" else f"-{calib}") + (f"-s{seed}" if seed else "")
+            + (f"-{tag}" if tag else ""))
 
 
 def run_row(method: str, ratio: float, args, texts, dense, tok) -> dict:
     model, _ = prunekit.load_model("smollm2-135m")
-    row = {"id": _row_id(method, ratio, args.seed, args.calib), "method": method, "ratio": ratio,
+    row = {"id": _row_id(method, ratio, args.seed, args.calib, args.tag), "method": method, "ratio": ratio,
            "structure": args.structure, "seed": args.seed, "calibration": args.calib}
     start = time.perf_counter()
     if method == "torch-pruning":
@@ -236,15 +240,19 @@ def _shaped(dense, widths):
     return model
 
 
-def retime(data: dict, out: Path, rounds: int) -> int:
-    """Re-measure every row's speed on this machine (e.g. once it is quiet) from its widths; rows with the same
-    widths share one measurement. The figures measured during the runs move to ``speed_history``."""
+def retime(data: dict, out: Path, rounds: int, only: str | None = None) -> int:
+    """Re-measure every row's speed (or the rows `only` names: comma-separated ids, ``*`` and ``?`` allowed) on
+    this machine, e.g. once it is quiet, from its widths; rows with the same widths share one measurement. The
+    figures measured during the runs move to ``speed_history``."""
+    import fnmatch
+
+    patterns = None if only is None else [p.strip() for p in only.split(",") if p.strip()]
     dense, _ = prunekit.load_model("smollm2-135m")
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     done: dict = {}
     keys = ("prefill_speedup", "decode_speedup", "median_prefill_speedup", "median_decode_speedup")
     for r in data["rows"]:
-        if "widths" not in r:
+        if "widths" not in r or (patterns is not None and not any(fnmatch.fnmatchcase(r["id"], p) for p in patterns)):
             continue
         shape = json.dumps(r["widths"])
         if shape not in done:
@@ -285,15 +293,15 @@ def _method_label(row: dict) -> str:
 
 
 def _seeded(rows: list[dict]) -> dict:
-    """The rows run with the script's defaults (id ``METHOD-RATIO[-CALIB][-sSEED]``), by (method, ratio, calibration)
-    then seed."""
+    """The rows run by the script (id ``METHOD-RATIO[-CALIB][-sSEED][-TAG]``), by (label, ratio, calibration) then
+    seed: the label tells Týr's settings apart (a tag only names them)."""
     out: dict = {}
     for r in rows:
         if r["method"] in ("dense", "torch-pruning", "magnitude-structured"):
             continue  # no calibration windows, nothing seeded
         calib = r.get("calibration", "wiki")
-        if r["id"] == _row_id(r["method"], r["ratio"], r.get("seed", 0), calib):
-            out.setdefault((r["method"], r["ratio"], calib), {})[r.get("seed", 0)] = r
+        if r["id"].startswith(_row_id(r["method"], r["ratio"], r.get("seed", 0), calib)):
+            out.setdefault((_method_label(r), r["ratio"], calib), {})[r.get("seed", 0)] = r
     return out
 
 
@@ -301,11 +309,11 @@ def _seed_table(rows: list[dict]) -> list[str]:
     """Mean ± std over seeds, and Týr minus uniform on the same seed's calibration windows."""
     import statistics
 
-    groups = _seeded(rows)
-    if not any(len(v) > 1 for v in groups.values()):
+    groups = {k: v for k, v in _seeded(rows).items() if len(v) > 1}
+    if not groups:
         return []
-    lines = ["Over seeds (rows with the script's default settings; the seed draws the calibration windows of both "
-             "methods and Týr's search; mean ± std):", "",
+    lines = ["Over seeds (rows run at more than one seed, grouped by their settings; the seed draws the calibration "
+             "windows of both methods and Týr's search; mean ± std):", "",
              "| method | calibration | removed | seeds | ppl wiki | ppl austen "
              "| Týr - uniform, same seed: wiki | austen |",
              "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
@@ -313,14 +321,14 @@ def _seed_table(rows: list[dict]) -> list[str]:
     def ms(values):
         return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
-    for (method, ratio, calib), by_seed in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
+    for (label, ratio, calib), by_seed in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
         seeds = sorted(by_seed)
         diff = ["", ""]
         base = groups.get(("uniform-structured", ratio, calib), {})
         paired = [s for s in seeds if s in base]
-        if method == "tyr" and paired:
+        if label.startswith("tyr") and paired:
             diff = [" / ".join(f"{by_seed[s][k] - base[s][k]:+.2f}" for s in paired) for k in ("ppl_wiki", "ppl_austen")]
-        lines.append(f"| {method} | {calib} | {ratio:g} | {','.join(map(str, seeds))} | "
+        lines.append(f"| {label} | {calib} | {ratio:g} | {','.join(map(str, seeds))} | "
                      f"{ms([by_seed[s]['ppl_wiki'] for s in seeds])} | {ms([by_seed[s]['ppl_austen'] for s in seeds])} | "
                      f"{diff[0]} | {diff[1]} |")
     return lines
@@ -420,6 +428,9 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", default=None, metavar="JSON", help="merge the rows of another results file, rewrite the tables, exit")
     ap.add_argument("--retime", type=int, default=None, metavar="ROUNDS",
                     help="only re-measure every row's speed (best of ROUNDS alternated rounds), e.g. on a quiet machine")
+    ap.add_argument("--tag", default="", help="appended to the row ids (e.g. a run with other --tyr-options)")
+    ap.add_argument("--only", default=None, metavar="IDS",
+                    help="with --retime: only these rows (comma-separated ids; shell-style * and ? allowed)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "structured.json"))
     args = ap.parse_args(argv)
@@ -427,7 +438,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {"rows": []}
     if args.retime is not None:
-        return retime(data, out, args.retime)
+        return retime(data, out, args.retime, args.only)
     data["settings"] = {"samples": args.samples, "seqlen": args.seqlen, "eval_tokens": args.eval_tokens,
                         "repeats": args.repeats, "structure": args.structure, "tyr_options": args.tyr_options,
                         "threads": 1, "torch": torch.__version__, "python": platform.python_version()}
@@ -454,7 +465,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for method in args.methods.split(","):
-            rid = _row_id(method, ratio, args.seed, args.calib)
+            rid = _row_id(method, ratio, args.seed, args.calib, args.tag)
             if args.resume and rid in done:
                 continue
             row = run_row(method, ratio, args, texts, dense, tok)
