@@ -43,7 +43,8 @@ from prunekit.speed import measure_speed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("tyr", "uniform-structured", "wanda-structured", "magnitude-structured", "torch-pruning")
-TYR_OPTIONS = "iterations=2,generations=8,offspring=8,stages=256:2;1024:1"
+TYR_OPTIONS = "iterations=2,generations=8,offspring=8,stages=256:2;8192:1"
+DEFAULT_STAGES = [[256, 2], [8192, 1]]  # Týr's default (rows before 2026-11-30: 256:2;1024:1)
 
 
 def _opts(text: str) -> dict:
@@ -282,8 +283,8 @@ def _label(row: dict) -> str:
 def _method_label(row: dict) -> str:
     if row["method"] == "tyr":
         final = (row.get("options") or {}).get("final", "supernet")  # rows run before `final` existed: supernet
-        stages = (row.get("options") or {}).get("stages")
-        other = "" if stages in (None, [[256, 2], [1024, 1]]) else ", stages " + ";".join(f"{t}:{k}" for t, k in stages)
+        stages = (row.get("options") or {}).get("stages") or [[256, 2], [1024, 1]]
+        other = "" if stages == DEFAULT_STAGES else ", stages " + ";".join(f"{t}:{k}" for t, k in stages)
         if not (row.get("options") or {}).get("fitness_samples"):  # rows from before the held-out fitness windows
             other += ", fitness on the supernet's windows"
         return f"tyr (final={final}{', end to end' if final == 'sequential' else ''}{other})"

@@ -401,10 +401,10 @@ def test_structured_bench_groups_seeds_by_settings_and_pairs_tyr_with_uniform_pe
     spec = importlib.util.spec_from_file_location("structured_bench", Path(__file__).parents[1] / "bench" / "structured.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench._row_id("tyr", 0.5, 3, "wiki+austen", "final8k") == "tyr-0.5-wiki+austen-s3-final8k"
+    assert bench._row_id("tyr", 0.5, 3, "wiki+austen", "final1k") == "tyr-0.5-wiki+austen-s3-final1k"
     assert bench._row_id("tyr", 0.2, 0) == "tyr-0.2"
 
-    def row(method, seed, wiki, austen, tag="", stages=((256, 2), (1024, 1))):
+    def row(method, seed, wiki, austen, tag="", stages=tuple(bench.DEFAULT_STAGES)):
         opts = {"final": "sequential", "stages": [list(s) for s in stages], "fitness_samples": 32}
         return {"id": bench._row_id(method, 0.5, seed, "wiki+austen", tag), "method": method, "ratio": 0.5,
                 "seed": seed, "calibration": "wiki+austen", "ppl_wiki": wiki, "ppl_austen": austen,
@@ -412,14 +412,14 @@ def test_structured_bench_groups_seeds_by_settings_and_pairs_tyr_with_uniform_pe
 
     rows = [row("uniform-structured", 0, 10.0, 20.0), row("uniform-structured", 1, 12.0, 22.0),
             row("tyr", 0, 9.0, 21.0), row("tyr", 1, 11.5, 20.0),
-            row("tyr", 0, 8.0, 19.0, "final8k", ((256, 2), (8192, 1))),
-            row("tyr", 1, 9.0, 18.0, "final8k", ((256, 2), (8192, 1))),
+            row("tyr", 0, 8.0, 19.0, "final1k", ((256, 2), (1024, 1))),
+            row("tyr", 1, 9.0, 18.0, "final1k", ((256, 2), (1024, 1))),
             row("tyr", 0, 1.0, 1.0, "once", ((256, 2), (2048, 1)))]  # one seed: not in the table
     lines = bench._seed_table(rows)
     body = [line for line in lines if line.startswith("| tyr") or line.startswith("| uniform")]
     assert len(body) == 3
-    default, final8k = (next(line for line in body if line.startswith("| tyr") and ("8192" in line) == big)
-                        for big in (False, True))
+    default, final1k = (next(line for line in body if line.startswith("| tyr") and ("1024" in line) == small)
+                        for small in (False, True))
     assert "| -1.00 / -0.50 | +1.00 / -2.00 |" in default  # same seed: Týr minus uniform
-    assert "| -2.00 / -3.00 | -1.00 / -4.00 |" in final8k
+    assert "| -2.00 / -3.00 | -1.00 / -4.00 |" in final1k
     assert "| 10.25 ± 1.77 | 20.50 ± 0.71 |" in default and not any("2048" in line for line in lines)

@@ -36,11 +36,11 @@ The algorithm, for a budget of ``ratio`` of the decoder blocks' Linear weights r
 Departures from the reference, and why:
 
 - Sizes are scaled to a CPU: defaults 2 iterations, 8 generations, 8 offspring, stages 256 tokens -> keep
-  2, 1024 tokens -> keep 1 (reference: 4 iterations, 50 generations, 128 offspring, 2K/16K/128K tokens ->
-  16/4/1) and ``kl_topk`` 1024 (reference 8192, for vocabularies of 128K). All are options. Measured: on
-  SmolLM2-135M with 32 x 256 calibration tokens these defaults took 39 minutes with one thread on a CPU shared
-  with three other jobs (bench/structured.py); the supernet's cost grows with the calibration tokens
-  (128 x 512, the CLI's default, is 8x more).
+  2, 8192 tokens -> keep 1 (reference: 4 iterations, 50 generations, 128 offspring, 2K/16K/128K tokens ->
+  16/4/1) and ``kl_topk`` 1024 (reference 8192, for vocabularies of 128K). All are options. Measured on
+  SmolLM2-135M with 32 x 256 calibration tokens (bench/structured.py): 15-25 minutes with one thread while a
+  second job shared the 2-core CPU (stages 256:2,1024:1: 7-9 minutes); the supernet's cost grows with the
+  calibration tokens (128 x 512, the CLI's default, is 8x more).
 - Attention's step stays one query head per KV group at every iteration (it cannot halve); the reference
   halves both steps, in weights.
 - Levels are snapshots of one greedy path (see `local`), not nine separate runs.
@@ -56,10 +56,16 @@ Departures from the reference, and why:
   on the supernet's windows -> on 32 held-out windows; uniform): 20% 23.18 / 68.90 -> 22.92 / 73.07 (24.18 /
   71.63); 30% 30.42 / 96.19 -> 30.00 / 97.82 (32.53 / 96.45); 50% 76.41 / 286.16 -> 76.01 / 243.13 (78.22 /
   281.55). Wikipedia improves at every budget and Austen by 15% at 50%, at 2-6% on Austen at 20-30%; a larger
-  last stage on the supernet's windows (4096 tokens) left 50% at 76.61 / 286.42. A last stage on all 8,192
-  held-out tokens (``stages="256:2,8192:1"``) gave 22.65 / 69.48, 29.70 / 103.61 and 71.94 / 265.22: Wikipedia
-  better again at every budget, Austen better than the default's at 20% and worse at 30% and 50%, in 1.7-2x
-  the time (one thread, under load); so not the default.
+  last stage on the supernet's windows (4096 tokens) left 50% at 76.61 / 286.42.
+- The last selection stage runs on 8192 tokens (all 32 held-out windows in the bench), not 1024: the stage
+  picks the generation's parent, and on 1024 tokens its choice is noisy. Calibrated on Wikipedia alone, it gave
+  (seed 0) 22.65 / 69.48, 29.70 / 103.61 and 71.94 / 265.22 against the 1024-token stage's 22.92 / 73.07,
+  30.00 / 97.82 and 76.01 / 243.13: closer fit to the calibration domain, worse on Austen at 30% and 50%.
+  Calibrated on both (``"wiki+austen"``), over 5 seeds, it lowered both texts' mean at every budget:
+  Wikipedia / Austen at 20 / 30 / 50% 24.86 / 32.16, 33.26 / 38.81, 101.02 / 84.18 against the 1024-token
+  stage's 25.59 / 33.25, 34.49 / 39.06, 101.40 / 87.91 (uniform: 26.72 / 35.87, 37.07 / 42.09, 107.73 /
+  89.89), and Týr fell below uniform in 29 of the 30 same-seed pairs, against 27 of 30. It costs about 2-3x
+  the pruning time (bench/structured.py). Hence the default since 2026-11-30.
 
 ``final="sequential"`` (the default; not in the reference, whose result is the supernet's levels: ``final="supernet"``) re-prunes the model once more at the
 searched widths with each block calibrated on the already-pruned real blocks before it, instead of keeping the
@@ -227,14 +233,14 @@ def _parse_stages(stages) -> list[tuple[int, int]]:
     ok = isinstance(stages, (list, tuple)) and stages and all(
         isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(v, int) and v >= 1 for v in s) for s in stages)
     if not ok:
-        raise InputError("stages must look like '256:2,1024:1' (tokens:survivors per stage, tokens growing)")
+        raise InputError("stages must look like '256:2,8192:1' (tokens:survivors per stage, tokens growing)")
     stages = [(int(t), int(k)) for t, k in stages]
     if stages[-1][1] != 1:
         stages[-1] = (stages[-1][0], 1)
     return stages
 
 
-def tyr_options(*, iterations: int = 2, generations: int = 8, offspring: int = 8, stages="256:2,1024:1",
+def tyr_options(*, iterations: int = 2, generations: int = 8, offspring: int = 8, stages="256:2,8192:1",
                 kl_topk: int = 1024, propagate: str = "expectation", levels: int = 9, mlp_step: float = 0.125,
                 neuron_step: int = 16, damp: float = 0.01, batch_size: int = 8, final: str = "sequential",
                 fitness_samples: int | None = None, hidden_weight: float = 0.0) -> dict:
