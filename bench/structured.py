@@ -350,7 +350,7 @@ def write_markdown(data: dict, path: Path) -> None:
              "4-bit GGUF to fp32. `removed` = fraction of the block Linear weights removed; the promise of a row is "
              "1 / (1 - removed) for the blocks, and dense / pruned parameter bytes for the whole model (the embeddings "
              "and the tied LM head, 28 M of the 134.5 M parameters, stay; the LM head is ~20% of a prefill's FLOPs).", "",
-             *([f"Speed re-measured with `--retime` ({retimed[-1]}); the figures measured during the runs are kept in "
+             *([f"Speed re-measured with `--retime` ({'; '.join(retimed)}); the figures measured during the runs are kept in "
                 "the JSON as `speed_history`.", ""] if retimed else []),
              *([f"Not re-timed (speed measured during the run, under load): {', '.join(untimed)}.", ""]
                if retimed and untimed else []),
