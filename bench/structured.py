@@ -18,8 +18,8 @@ same block parameter count (see `_torch_pruning`: on this GQA model it prunes ML
     python bench/structured.py --ratios 0.2,0.5 --resume         # more budgets, rows already run kept
     python bench/structured.py --retime 5                        # re-measure every row's speed (a quiet machine)
     python bench/structured.py --retime 5 --only 'tyr-0.5-*'     # ... or only some rows'
-    python bench/structured.py --calib wiki+austen --seed 1 --tag final8k \
-        --tyr-options "iterations=2,generations=8,offspring=8,stages=256:2;8192:1"   # other settings, own ids
+    python bench/structured.py --calib wiki+austen --seed 1 --tag final1k \
+        --tyr-options "iterations=2,generations=8,offspring=8,stages=256:2;1024:1"   # other settings, own ids
 
 Writes bench/results/structured.json (``{"rows": [{"method", "removed", "ppl_wiki", "ppl_austen",
 "prefill_speedup", "decode_speedup", "params", ...}], "settings": {...}}``), structured.md and structured.png.
