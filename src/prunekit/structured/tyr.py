@@ -38,7 +38,7 @@ Departures from the reference, and why:
 - Sizes are scaled to a CPU: defaults 2 iterations, 8 generations, 8 offspring, stages 256 tokens -> keep
   2, 8192 tokens -> keep 1 (reference: 4 iterations, 50 generations, 128 offspring, 2K/16K/128K tokens ->
   16/4/1) and ``kl_topk`` 1024 (reference 8192, for vocabularies of 128K). All are options. Measured on
-  SmolLM2-135M with 32 x 256 calibration tokens (bench/structured.py): 15-25 minutes with one thread while a
+  SmolLM2-135M with 32 x 256 calibration tokens (bench/structured.py): 15-26 minutes with one thread while a
   second job shared the 2-core CPU (stages 256:2,1024:1: 7-9 minutes); the supernet's cost grows with the
   calibration tokens (128 x 512, the CLI's default, is 8x more).
 - Attention's step stays one query head per KV group at every iteration (it cannot halve); the reference
