@@ -40,7 +40,9 @@ Departures from the reference, and why:
   16/4/1) and ``kl_topk`` 1024 (reference 8192, for vocabularies of 128K). All are options. Measured on
   SmolLM2-135M with 32 x 256 calibration tokens (bench/structured.py): 15-26 minutes with one thread while a
   second job shared the 2-core CPU (stages 256:2,1024:1: 7-9 minutes); the supernet's cost grows with the
-  calibration tokens (128 x 512, the CLI's default, is 8x more).
+  calibration tokens (128 x 512, the CLI's default, is 8x more). `prunekit prune smollm2-135m --method tyr
+  --ratio 0.3` with every default took 39 minutes with 2 threads, its first 27 sharing the CPU with a bench job;
+  alone it ran a supernet block in about 6 s (30 blocks) and a search generation in about 27 s.
 - Attention's step stays one query head per KV group at every iteration (it cannot halve); the reference
   halves both steps, in weights.
 - Levels are snapshots of one greedy path (see `local`), not nine separate runs.
