@@ -40,11 +40,12 @@ import torch
 import prunekit
 from prunekit.cli import _value
 from prunekit.speed import measure_speed
+from prunekit.structured.tyr import tyr_options
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("tyr", "uniform-structured", "wanda-structured", "magnitude-structured", "torch-pruning")
 TYR_OPTIONS = "iterations=2,generations=8,offspring=8,stages=256:2;8192:1"
-DEFAULT_STAGES = [[256, 2], [8192, 1]]  # Týr's default (rows before 2026-11-30: 256:2;1024:1)
+DEFAULT_STAGES = [list(s) for s in tyr_options()["stages"]]  # the library's (rows before 2026-11-30: 256:2;1024:1)
 
 
 def _opts(text: str) -> dict:
