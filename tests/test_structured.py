@@ -133,6 +133,31 @@ def test_tyr_keeps_uniform_budget_and_gqa():
     assert speed["params"] == sum(p.numel() for p in model.parameters()) and speed["decode_s_per_token"] > 0
 
 
+def test_compare_speed_alternates_the_models_and_keeps_each_ones_fastest_round(monkeypatch):
+    from prunekit import speed as speed_mod
+
+    dense, pruned = tiny(layers=2), tiny(layers=1)
+    calls = []
+    # prefill / decode seconds per call, in call order: the load changes between rounds
+    script = iter([(4.0, 0.40), (2.0, 0.30), (9.0, 0.90), (5.0, 0.10), (3.0, 0.50), (6.0, 0.20)])
+
+    def fake(model, **kw):
+        calls.append(("dense" if model is dense else "pruned", kw["repeats"]))
+        pre, dec = next(script)
+        return {"prefill_s": pre, "decode_s_per_token": dec, "params": sum(p.numel() for p in model.parameters())}
+
+    monkeypatch.setattr(speed_mod, "measure_speed", fake)
+    out = speed_mod.compare_speed(dense, pruned, rounds=3)
+    assert calls == [("dense", 1), ("pruned", 1)] * 3
+    assert out["dense"]["prefill_s"] == 3.0 and out["dense"]["decode_s_per_token"] == 0.40
+    assert out["pruned"]["prefill_s"] == 2.0 and out["pruned"]["decode_s_per_token"] == 0.10
+    assert out["speedup"] == {"prefill": 1.5, "decode": 4.0}
+    assert out["median_speedup"] == {"prefill": 4.0 / 5.0, "decode": 0.5 / 0.2}
+    assert out["rounds"] == 3 and out["pruned"]["params"] < out["dense"]["params"]
+    with pytest.raises(InputError, match="rounds"):
+        speed_mod.compare_speed(dense, pruned, rounds=0)
+
+
 def test_mutations_conserve_parameter_count():
     model = tiny(layers=4, heads=6, kv=2)
     dims = model_dims(model)

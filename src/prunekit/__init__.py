@@ -4,6 +4,7 @@ from prunekit import registry
 from prunekit.errors import InputError
 from prunekit.evaluate import Perplexity, check_pattern, perplexity, sparsity
 from prunekit.select import NM, parse_pattern
+from prunekit.speed import compare_speed
 from prunekit.structured import StructuredResult, load, measure_speed, prune_structured, save_structured
 from prunekit.text import Text, calibration_ids, evaluation_ids, load_text
 from prunekit.weights.engine import LayerReport
@@ -16,5 +17,5 @@ __all__ = [
     "InputError", "NM", "LayerReport", "Perplexity", "PruneResult", "Text",
     "calibration_ids", "check_pattern", "evaluation_ids", "load_model", "load_text", "parse_pattern",
     "perplexity", "prune", "prune_options", "registry", "save_pruned", "sparsity",
-    "StructuredResult", "load", "measure_speed", "prune_structured", "save_structured",
+    "StructuredResult", "compare_speed", "load", "measure_speed", "prune_structured", "save_structured",
 ]

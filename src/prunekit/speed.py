@@ -4,8 +4,9 @@ Timing runs with the thread count given (default one, so runs on a shared machin
 call first, and the median of `repeats` calls. Prefill: one forward over ``[1, prefill]`` random tokens with a
 cache, computing the logits of the last position only (``logits_to_keep=1``, what ``generate`` does; the other
 positions' logits are never used in generation). Decode: `decode` greedy steps, one token at a time, after
-that prefill (seconds per token). Structured (`prunekit.structured`) and depth (`prunekit.depth`) pruning
-report it for the dense and the pruned model, and `speedup` compares the two.
+that prefill (seconds per token). `compare_speed` times a dense and a pruned model in alternating rounds and
+keeps each one's fastest round, so a change of load on a shared machine hits both alike; structured
+(`prunekit.structured`) and depth (`prunekit.depth`) pruning report it, and `speedup` compares two timings.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from prunekit.errors import int_at_least
 
-__all__ = ["measure_speed", "speedup"]
+__all__ = ["compare_speed", "measure_speed", "speedup"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,3 +91,24 @@ def speedup(dense: dict, pruned: dict) -> dict:
     """``{"prefill", "decode"}``: how many times faster `pruned` ran than `dense` (two `measure_speed` results)."""
     return {"prefill": dense["prefill_s"] / pruned["prefill_s"],
             "decode": dense["decode_s_per_token"] / pruned["decode_s_per_token"]}
+
+
+def compare_speed(dense: nn.Module, pruned: nn.Module, *, rounds: int = 3, **kwargs) -> dict:
+    """``{"dense", "pruned", "speedup", "median_speedup", "rounds"}``: `measure_speed` (with `kwargs`, one call a
+    model a round) of `dense` then `pruned`, `rounds` times in turn. ``dense`` / ``pruned`` hold each model's
+    fastest prefill and fastest decode over the rounds (other jobs on a shared CPU only ever add time, so the
+    minimum is the least disturbed measurement), ``speedup`` their ratios, ``median_speedup`` the ratios of the
+    medians. Timing one model before pruning and the other after would compare two different loads."""
+    rounds = int_at_least(rounds, "rounds", 1)
+    kwargs.setdefault("repeats", 1)
+    runs = {"dense": [], "pruned": []}
+    for _ in range(rounds):
+        for name, model in (("dense", dense), ("pruned", pruned)):
+            runs[name].append(measure_speed(model, **kwargs))
+    best = {name: {**rows[0], "rounds": rounds, "prefill_s": min(r["prefill_s"] for r in rows),
+                   "decode_s_per_token": min(r["decode_s_per_token"] for r in rows)}
+            for name, rows in runs.items()}
+    med = {name: {k: statistics.median(r[k] for r in rows) for k in ("prefill_s", "decode_s_per_token")}
+           for name, rows in runs.items()}
+    return {"dense": best["dense"], "pruned": best["pruned"], "speedup": speedup(best["dense"], best["pruned"]),
+            "median_speedup": speedup(med["dense"], med["pruned"]), "rounds": rounds}

@@ -100,7 +100,8 @@ def _validate(args):
 
 def _speed_line(speed: dict) -> str:
     d, p = speed["dense"], speed["pruned"]
-    return (f"measured speedup (1 thread, prefill {d['prefill_tokens']} tokens, decode {d['decode_tokens']}): "
+    return (f"measured speedup (1 thread, prefill {d['prefill_tokens']} tokens, decode {d['decode_tokens']}, "
+            f"fastest of {speed['rounds']} alternating rounds): "
             f"prefill {speed['speedup']['prefill']:.2f}x ({d['prefill_s']:.3f} -> {p['prefill_s']:.3f} s), "
             f"decode {speed['speedup']['decode']:.2f}x ({d['decode_s_per_token'] * 1e3:.1f} -> "
             f"{p['decode_s_per_token'] * 1e3:.1f} ms/token); parameters {d['params']:,} -> {p['params']:,}")
@@ -114,7 +115,7 @@ def run_prune(args) -> int:
     from prunekit import report
     from prunekit.cli import _versions
     from prunekit.evaluate import EVAL_TOKENS
-    from prunekit.speed import measure_speed, speedup
+    from prunekit.speed import compare_speed
     from prunekit.depth.dit import is_dit_folder
     from prunekit.weights.engine import find_blocks
 
@@ -130,7 +131,6 @@ def run_prune(args) -> int:
     evaluation = {n: {"dense": prunekit.perplexity(model, tok, t, seqlen=args.seqlen, tokens=tokens, progress=progress).to_dict()}
                   for n, t in eval_texts.items()}
     dense_layers = target.depth
-    speed = {"dense": measure_speed(model)} if not args.no_speed else None
     keep, info = depth.select_blocks(target, args.method, kept=args.layers, groups=args.group, steps=args.learn_steps,
                                      candidates=args.candidates, seed=args.seed, progress=progress, **options)
     teacher = copy.deepcopy(model) if args.recover == "kd" else None
@@ -142,9 +142,11 @@ def run_prune(args) -> int:
                             seed=args.seed, progress=progress)
         recovery = res.to_dict()
         del teacher
-    if speed is not None:
-        speed["pruned"] = measure_speed(model)
-        speed["speedup"] = speedup(speed["dense"], speed["pruned"])
+    speed = None
+    if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
+        dense, _ = prunekit.load_model(path)
+        speed = compare_speed(dense, model)
+        del dense
     for n, t in eval_texts.items():
         evaluation[n]["pruned"] = prunekit.perplexity(model, tok, t, seqlen=args.seqlen, tokens=tokens, progress=progress).to_dict()
     meta = {
