@@ -40,7 +40,8 @@ def check_writable(out: str | os.PathLike, *, flag: str = "--out") -> None:
 
 
 def check_not_input(out: str | os.PathLike, *inputs, flag: str = "--out") -> None:
-    """Refuse an output that is one of the `inputs` or a folder holding one: writing it would replace the input."""
+    """Refuse an output that is one of the `inputs`, a folder holding one (writing it would replace the input),
+    or a path inside an input folder (writing it would change what that folder holds)."""
     target = Path(out).expanduser().resolve()
     for src in inputs:
         if not src or not Path(src).expanduser().exists():  # a builtin text name (wiki), or nothing
@@ -48,3 +49,5 @@ def check_not_input(out: str | os.PathLike, *inputs, flag: str = "--out") -> Non
         source = Path(src).expanduser().resolve()
         if target == source or target in source.parents:
             raise InputError(f"{flag} {out} would replace the input {src}; choose another {flag}")
+        if source.is_dir() and source in target.parents:
+            raise InputError(f"{flag} {out} is inside the input folder {src}; choose a {flag} outside it")

@@ -83,14 +83,13 @@ def _check_depth(args, depth) -> None:
 
 def _validate(args):
     import prunekit
-    from prunekit.weights.io import resolve_model
-
     from prunekit.errors import check_not_input
+    from prunekit.weights.io import read_config, resolve_model
 
     options = _common_checks(args)
     path = resolve_model(args.model)
     check_not_input(args.out, path, args.calib, *(args.eval or "").split(","))
-    config = json.loads((path / "config.json").read_text())
+    config = read_config(path)
     _check_depth(args, config.get("num_hidden_layers"))
     calib = prunekit.load_text(args.calib or "wiki", purpose="calibration")
     evals = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
@@ -208,17 +207,12 @@ def _run_dit(args) -> int:
     import prunekit.depth as depth
     from prunekit.cli import _versions
     from prunekit.depth import dit
+    from prunekit.weights.io import check_finite_weights
 
     wall = time.perf_counter()
     path, want_fid, options = _validate_dit(args)
     progress = not args.quiet
-    model = dit.load_dit(path)
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        from prunekit.errors import InputError
-
-        raise InputError(f"{path} has NaN or infinite weights in {bad[0]}"
-                         + (f" and {len(bad) - 1} other tensors" if len(bad) > 1 else "") + "; fix or re-train the model")
+    model = check_finite_weights(dit.load_dit(path), path)
     images, labels = dit.fashion_images("train")
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[: args.samples]
     target = dit.depth_target(model, images[pick], labels[pick], batch_size=args.batch_size, seed=args.seed)

@@ -570,7 +570,7 @@ def is_dit_folder(folder) -> bool:
         return False
     try:
         meta = json.loads(cfg.read_text())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return False
     return isinstance(meta, dict) and isinstance(meta.get("model"), dict) and "patch" in meta["model"]
 

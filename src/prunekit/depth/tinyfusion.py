@@ -87,6 +87,21 @@ def sample_masks(logits: list[torch.Tensor], options: list[torch.Tensor], *, sam
     return torch.cat(parts, dim=1)  # [samples, depth]
 
 
+def _temperatures(tau) -> tuple[float, float]:
+    """(start, end) from a pair of numbers or a string ``"4,0.1"`` (the CLI's ``--option tau=4,0.1``)."""
+    given = tau
+    if isinstance(tau, str):
+        try:
+            tau = tuple(float(x) for x in tau.replace(":", ",").split(","))
+        except ValueError:
+            tau = None
+    ok = isinstance(tau, (tuple, list)) and len(tau) == 2 and all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in tau)
+    if not ok:
+        raise InputError(f"tau must be two positive temperatures (start, end), e.g. tau=4,0.1; got {given!r}")
+    return float(tau[0]), float(tau[1])
+
+
 def tinyfusion(target: DepthTarget, *, kept: int, groups=None, steps: int = 200, tau: tuple[float, float] = (4.0, 0.1),
                scale: float = 100.0, lr_gates: float = 1e-3, lr_lora: float = 1e-4, ema: float = 0.999,
                lora_rank: int = 8, lora_alpha: float = 16.0, recoverability: str = "lora", seed: int = 0,
@@ -100,8 +115,7 @@ def tinyfusion(target: DepthTarget, *, kept: int, groups=None, steps: int = 200,
     for name, v in (("scale", scale), ("lr_gates", lr_gates), ("lr_lora", lr_lora)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise InputError(f"{name} must be a positive number, got {v!r}")
-    if not (len(tau) == 2 and all(isinstance(t, (int, float)) and t > 0 for t in tau)):
-        raise InputError(f"tau must be two positive temperatures (start, end), got {tau!r}")
+    tau = _temperatures(tau)
     if not (isinstance(ema, (int, float)) and 0 <= ema < 1):
         raise InputError(f"ema must be in [0, 1), got {ema!r}")
     if recoverability not in ("lora", "frozen"):

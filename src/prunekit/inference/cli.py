@@ -47,8 +47,8 @@ def _read_questions(path: str) -> list[dict]:
 
     out = []
     for no, obj in read_objects(p, shape='{"question": str, "answer": ...}'):
-        if not isinstance(obj.get("question"), str):
-            raise InputError(f"{p}:{no}: expected {{\"question\": str, \"answer\": ...}}")
+        if not isinstance(obj.get("question"), str) or not obj["question"].strip():
+            raise InputError(f"{p}:{no}: expected {{\"question\": non-empty str, \"answer\": ...}}")
         out.append({"question": obj["question"], "answer": obj.get("answer")})
     if not out:
         raise InputError(f"{p} holds no questions")
@@ -65,6 +65,8 @@ def _sample(args) -> int:
     if args.questions is None or args.out is None:
         raise InputError("sampling needs --questions Q.jsonl and --out PATHS.jsonl")
     out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; give a file name for the JSONL of sampled paths")
     if out.exists() and not args.overwrite:
         raise InputError(f"{out} exists; pass --overwrite or choose another --out")
     if not out.parent.is_dir():

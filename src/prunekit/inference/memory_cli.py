@@ -66,13 +66,13 @@ def add_parser(sub) -> None:
     common(st)
 
 
-def _embedder(args, path: Path):
+def _embedder(args, path: Path, create: bool):
     from prunekit.inference.memory_embed import make_embedder, minilm_path
     from prunekit.inference.memory_store import SQLiteStore
 
     name = args.embedder
     if path.is_file():
-        store = SQLiteStore(path)
+        store = SQLiteStore(path, create=create)
         try:
             recorded, _ = store.embedder()
         finally:
@@ -105,7 +105,15 @@ def _turns(args) -> list:
         raise InputError(f"--jsonl {src} is not a file")
     from prunekit.jsonl import read_objects
 
-    turns = [item for _, item in read_objects(src, shape='{"role", "content"}')]
+    from prunekit.inference.memory import Memory
+
+    turns = []
+    for no, item in read_objects(src, shape='{"role", "content"}'):
+        try:
+            Memory._turn(item)
+        except InputError as e:
+            raise InputError(f"{src}:{no}: {e}") from None
+        turns.append(item)
     if not turns:
         raise InputError(f"{src} holds no turns")
     return turns
@@ -118,7 +126,7 @@ def _open(args, *, create: bool, **options):
     path = Path(args.store).expanduser()
     if not create and not path.exists():
         raise InputError(f"no memory store at {path}; create it with `prunekit memory add --store {path} TEXT`")
-    return Memory(path, embedder=_embedder(args, path), **options)
+    return Memory(path, embedder=_embedder(args, path, create), create=create, **options)
 
 
 def _cmd_add(args) -> int:

@@ -154,7 +154,8 @@ _SYNC = {"full": "FULL", "normal": "NORMAL"}
 
 
 class SQLiteStore(Store):
-    """A memory store in one SQLite file (created if missing). ``synchronous``: ``"full"`` or ``"normal"``.
+    """A memory store in one SQLite file, created if missing unless ``create=False`` (then a file without a
+    store is an InputError and is left untouched). ``synchronous``: ``"full"`` or ``"normal"``.
 
     >>> import tempfile, os, numpy as np
     >>> s = SQLiteStore(os.path.join(tempfile.mkdtemp(), "m.db"))
@@ -166,7 +167,7 @@ class SQLiteStore(Store):
     True
     """
 
-    def __init__(self, path: str | os.PathLike, *, synchronous: str = "full"):
+    def __init__(self, path: str | os.PathLike, *, synchronous: str = "full", create: bool = True):
         if synchronous not in _SYNC:
             raise InputError(f"synchronous must be one of {', '.join(_SYNC)}, got {synchronous!r}")
         self.path = Path(path).expanduser()
@@ -179,19 +180,25 @@ class SQLiteStore(Store):
                 if f.read(16) != b"SQLite format 3\x00":
                     raise InputError(f"{self.path} is not a memory store (not an SQLite database); give a new "
                                      "file name or a store made by prunekit memory")
-        try:
+        if not create and not (self.path.is_file() and self.path.stat().st_size > 0):
+            raise InputError(f"{self.path} holds no memory store yet; create it with prunekit memory add (Memory.add)")
+        try:  # look before writing anything: a file that is not ours is left exactly as it was
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={_SYNC[synchronous]}")
-            self._db.execute("PRAGMA foreign_keys=ON")
             tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            user_version = self._db.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as e:
             raise InputError(f"{self.path} is not a usable memory store ({e})") from None
         tables.discard("sqlite_sequence")
-        if tables and not _TABLES <= tables:
+        if (tables and not _TABLES <= tables) or (not tables and user_version):
             self._db.close()
-            raise InputError(f"{self.path} is an SQLite database of something else (tables: {', '.join(sorted(tables))}); "
-                             "give a new file name")
+            what = f"tables: {', '.join(sorted(tables))}" if tables else f"user_version {user_version}"
+            raise InputError(f"{self.path} is an SQLite database of something else ({what}); give a new file name")
+        if not tables and not create:
+            self._db.close()
+            raise InputError(f"{self.path} holds no memory store yet; create it with prunekit memory add (Memory.add)")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={_SYNC[synchronous]}")
+        self._db.execute("PRAGMA foreign_keys=ON")
         if not tables:
             self._db.executescript(f"BEGIN; {_SCHEMA} INSERT OR IGNORE INTO meta VALUES ('schema_version', "
                                    f"'{SCHEMA_VERSION}'); COMMIT;")

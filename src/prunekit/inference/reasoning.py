@@ -373,7 +373,10 @@ def _parse(obj, path, line_no) -> Question:
         if not isinstance(lp, list) or not lp or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                         for v in lp):
             raise _bad(path, line_no, f"path {j}: \"logprobs\" must be a non-empty list of numbers")
-        arr = np.asarray(lp, dtype=np.float64)
+        try:
+            arr = np.asarray(lp, dtype=np.float64)
+        except OverflowError:  # an integer too large for a float
+            arr = np.array([np.inf])
         if not np.all(np.isfinite(arr)):
             raise _bad(path, line_no, f"path {j}: a log-prob is NaN or infinite")
         if np.any(arr > 1e-6):
@@ -428,6 +431,8 @@ def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10,
         raise InputError(f"n={n} but a question has only {available} paths; choose n <= {available}")
     if not isinstance(resamples, int) or resamples < 1:
         raise InputError(f"resamples={resamples!r} must be an integer >= 1")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise InputError(f"seed={seed!r} must be an integer >= 0")
     subsample = n is not None and any(n < len(q.answers) for q in qs)
     rounds = resamples if subsample else 1
     rng = np.random.default_rng(seed)

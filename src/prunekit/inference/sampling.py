@@ -188,6 +188,8 @@ def sample_paths(model, tokenizer, questions: Iterable, *, n: int = 16, max_new_
     target = None
     if out is not None:
         target = Path(out).expanduser()
+        if target.is_dir():
+            raise InputError(f"out={target} is a folder; give a file name for the JSONL of sampled paths")
         if target.exists() and not overwrite:
             raise InputError(f"{target} exists; pass overwrite=True (--overwrite) or choose another file")
         if not target.parent.is_dir():

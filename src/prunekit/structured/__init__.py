@@ -83,6 +83,13 @@ def check_request(method: str, *, ratio: float, structure: str, options: dict, d
     if structure not in STRUCTURES:
         raise InputError(f"structure must be one of {', '.join(STRUCTURES)}, got {structure!r}")
     if method == "tyr":
+        import inspect
+
+        known = set(inspect.signature(tyr_options).parameters)
+        extra = set(options) - known
+        if extra:
+            raise InputError(f"tyr does not take the option(s) {', '.join(sorted(extra))} "
+                             f"(its options: {', '.join(sorted(known))})")
         tyr_options(**options)
     else:
         extra = set(options) - _PLAIN_OPTIONS[method]

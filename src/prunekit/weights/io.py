@@ -16,7 +16,7 @@ from typing import Callable
 from prunekit import zoo
 from prunekit.errors import InputError, check_writable
 
-__all__ = ["resolve_model", "load_model", "check_output", "write_atomically", "save_pruned"]
+__all__ = ["resolve_model", "load_model", "check_finite_weights", "check_output", "write_atomically", "save_pruned"]
 
 _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 # what a saved tokenizer's vocabulary lives in (tokenizer_config.json alone is not a tokenizer)
@@ -43,29 +43,27 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(name_or_path: str | os.PathLike, *, dtype=None):
+def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: bool = True):
     """``(model, tokenizer)`` from a zoo name or a local folder, in fp32 unless `dtype` says otherwise.
 
     Never sets ``trust_remote_code``: a folder whose model needs custom code must be loaded by the user. A
     folder from structured pruning with per-layer widths goes through `prunekit.structured.export.load`.
+    Weights with NaN or Inf are an InputError (every prunekit job would fail on them later, or quietly
+    produce nothing); ``check_finite=False`` loads them anyway, e.g. to inspect a broken model.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}/config.json is not valid JSON ({e}); re-export the model") from None
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise InputError(f"{path}/config.json has no model_type; it is not a transformers config")
+    config = read_config(path)
     tokenizer = _load_tokenizer(path)  # before the slow model load
     from prunekit.structured.export import WIDTHS_KEY
 
     if WIDTHS_KEY in config:  # a structurally pruned model whose widths differ per layer
         from prunekit.structured.export import load_widths_model
 
-        return load_widths_model(path, config, dtype=dtype), tokenizer
+        model = load_widths_model(path, config, dtype=dtype)
+        return (check_finite_weights(model, path) if check_finite else model), tokenizer
     from safetensors import SafetensorError
 
     try:
@@ -80,7 +78,33 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None):
 
     armor.install_factors(model, path)  # ARMOR's factorized layers, when the folder holds them
     model.eval()
-    return model, tokenizer
+    return (check_finite_weights(model, path) if check_finite else model), tokenizer
+
+
+def read_config(path: Path) -> dict:
+    """The transformers ``config.json`` of model folder `path` (already resolved), or an InputError that says
+    what is wrong with it."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise InputError(f"{path}/config.json is not valid JSON ({type(e).__name__}: {str(e)[:120]}); "
+                         "re-export the model") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise InputError(f"{path}/config.json has no model_type; it is not a transformers config")
+    return config
+
+
+def check_finite_weights(model, where) -> object:
+    """`model` itself when every floating-point parameter is finite; otherwise an InputError naming the first
+    bad tensor of `where` (a path or a name) and how many others are bad. Buffers are not checked: some
+    architectures keep -inf masks in them."""
+    import torch
+
+    bad = [n for n, t in model.named_parameters() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 1} other tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
+        raise InputError(f"{where} has NaN or Inf weights in {bad[0]}{more}; repair or re-export the model")
+    return model
 
 
 def _load_tokenizer(path: Path):

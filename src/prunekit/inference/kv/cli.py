@@ -76,7 +76,8 @@ def run(args) -> int:
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
         if not path.is_file():
-            raise InputError(f"prompt file {path} does not exist; give a UTF-8 text file")
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise InputError(f"prompt file {path} {what}; give a UTF-8 text file")
         try:
             prompt = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:

@@ -63,6 +63,25 @@ def default_delta_layers(num_layers: int) -> list[int]:
     return sorted({min(2, top), min(round(num_layers * 14 / 28), top), min(round(num_layers * 22 / 28), top)})
 
 
+def _layer_list(value) -> list[int]:
+    """Sorted distinct layer indices from an int, a string like ``"2,14,22"`` or a list of ints."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else [value] if isinstance(value, int) else value
+    try:
+        items = list(items)
+    except TypeError:
+        items = None
+    if not items:
+        raise InputError(f"delta_layers must name at least one layer index, e.g. 2,14,22; got {value!r}")
+    out = set()
+    for x in items:
+        if isinstance(x, str) and x.strip().lstrip("-").isdigit():
+            x = int(x)
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise InputError(f"delta_layers must be whole layer indices, e.g. 2,14,22; got {value!r}")
+        out.add(int_at_least(x, "a delta layer index", 0))
+    return sorted(out)
+
+
 class Delta(Policy):
     name = "delta"
     compresses = False
@@ -76,11 +95,7 @@ class Delta(Policy):
             raise InputError(f"delta: a budget of {budget} tokens is {self.pages} pages of {self.page_size}, no more than the "
                              f"{self.recent_pages} recent pages always kept; raise the budget or lower recent_pages")
         if delta_layers is not None:
-            if isinstance(delta_layers, str):
-                delta_layers = [int(x) for x in delta_layers.replace(",", " ").split()]
-            delta_layers = sorted({int_at_least(int(x), "a delta layer index", 0) for x in delta_layers})
-            if not delta_layers:
-                raise InputError("delta_layers must name at least one layer")
+            delta_layers = _layer_list(delta_layers)
         self.delta_layers = delta_layers
         super().__init__(budget=budget)
         self.reset()

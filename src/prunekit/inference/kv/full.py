@@ -5,7 +5,7 @@ output is bitwise identical to the model's own forward (tested).
 
 from __future__ import annotations
 
-from prunekit.inference.kv.engine import Policy
+from prunekit.inference.kv.engine import Policy, check_budget
 
 __all__ = ["FullCache"]
 
@@ -15,4 +15,6 @@ class FullCache(Policy):
     compresses = False
 
     def __init__(self, *, budget: int | None = None):
-        super().__init__(budget=None)  # a budget means nothing here; accepted so callers can loop over policies
+        if budget is not None:  # a budget means nothing here; accepted (when valid) so callers can loop over policies
+            check_budget(budget, name=self.name)
+        super().__init__(budget=None)

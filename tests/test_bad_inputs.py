@@ -1,0 +1,182 @@
+"""Bad input across commands: a clear one-line error, exit 2, the input untouched and no output left.
+
+Cases found by a sweep of the CLI with broken models, stores and option values (each once a traceback, a silent
+success on a broken model, or a changed input)."""
+
+import hashlib
+import json
+import sqlite3
+
+import pytest
+import torch
+
+import prunekit
+from prunekit import cli
+from prunekit.errors import InputError, check_not_input
+
+from conftest import tiny_model
+
+
+def digest(path):
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def refused(argv, capsys, match: str) -> str:
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def nan_dir(tmp_path, tok):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+        model.model.layers[0].self_attn.q_proj.weight[1, 1] = float("inf")
+    folder = tmp_path / "nan-llama"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_load_model_refuses_nan_or_inf_weights_unless_asked_not_to_check(nan_dir):
+    with pytest.raises(InputError, match=r"NaN or Inf weights in model\.layers\.0\.self_attn\.q_proj\.weight and 1 "
+                                         r"other tensor; repair or re-export"):
+        prunekit.load_model(nan_dir)
+    model, _ = prunekit.load_model(nan_dir, check_finite=False)
+    assert torch.isnan(model.model.layers[1].mlp.down_proj.weight).any()
+
+
+@pytest.mark.parametrize("command", ["depth", "structured", "generate", "reason", "qtune"])
+def test_every_model_command_refuses_nan_weights(command, nan_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "What is 2+3?", "answer": "5"}) + "\n")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"instruction": f"Add {i} and 1.", "response": f"It is {i + 1}."}) + "\n"
+                           for i in range(8)))
+    calib = ["--calib", str(text_file), "--samples", "4", "--seqlen", "32", "--no-speed", "--quiet"]
+    argv = {
+        "depth": ["prune", str(nan_dir), "--method", "shortgpt", "--layers", "1", *calib, "--out", str(out)],
+        "structured": ["prune", str(nan_dir), "--method", "uniform-structured", "--ratio", "0.3", *calib,
+                       "--out", str(out)],
+        "generate": ["generate", str(nan_dir), "--prompt", "hello", "--kv", "h2o", "--budget", "8",
+                     "--max-new-tokens", "2"],
+        "reason": ["reason", "--model", str(nan_dir), "--questions", str(questions), "--samples", "2",
+                   "--max-new-tokens", "2", "--quiet", "--out", str(out)],
+        "qtune": ["data", "qtune", str(nan_dir), "--data", str(sft), "--out", str(out), "--quiet"],
+    }[command]
+    before = digest(nan_dir)
+    refused(argv, capsys, "has NaN or Inf weights in model.layers.0.self_attn.q_proj.weight")
+    assert digest(nan_dir) == before and not out.exists()
+
+
+@pytest.mark.parametrize("config, match", [('{"model_type": "llama",\n', "config.json is not valid JSON"),
+                                           ("[]", "config.json has no model_type")])
+def test_depth_prune_refuses_a_broken_config(config, match, model_dir, text_file, tmp_path, capsys):
+    (model_dir / "config.json").write_text(config)
+    out = tmp_path / "out"
+    refused(["prune", str(model_dir), "--method", "shortgpt", "--layers", "1", "--calib", str(text_file),
+             "--samples", "4", "--seqlen", "32", "--no-speed", "--quiet", "--out", str(out)], capsys, match)
+    assert not out.exists()
+
+
+def test_an_output_inside_the_input_model_folder_is_refused(model_dir, text_file, capsys):
+    before = digest(model_dir)
+    out = model_dir / "pruned"
+    refused(["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.5", "--out", str(out), "--quiet"],
+            capsys, "is inside the input folder")
+    assert digest(model_dir) == before and not out.exists()
+    check_not_input(text_file.parent / "next-to-the-text", text_file)  # beside an input file is fine
+
+
+def test_kv_options_and_budgets_say_what_to_fix(model_dir, tmp_path, capsys):
+    from prunekit.inference import kv
+
+    assert kv.make_policy("delta", budget=256, delta_layers=1).delta_layers == [1]
+    assert kv.make_policy("delta", budget=256, delta_layers="1, 0").delta_layers == [0, 1]
+    for bad in ("a,b", "1.5,2", "", [], [1.5], True):
+        with pytest.raises(InputError, match="delta_layers"):
+            kv.make_policy("delta", budget=256, delta_layers=bad)
+    with pytest.raises(InputError, match="budget"):
+        kv.make_policy("full", budget=-3)
+    base = ["generate", str(model_dir), "--max-new-tokens", "2"]
+    refused([*base, "--prompt", "hi", "--kv", "delta", "--budget", "256", "--option", "delta_layers=a,b"], capsys,
+            "whole layer")
+    refused([*base, "--prompt", "hi", "--kv", "full", "--budget", "-3"], capsys, "too small")
+    refused([*base, "--kv", "full", "--prompt-file", str(tmp_path)], capsys, "is a folder")
+
+
+def test_reason_refuses_odd_paths_files_seeds_and_outputs(model_dir, tmp_path, capsys):
+    good = {"answer": "1", "paths": [{"text": "1", "answer": "1", "logprobs": [-0.1]},
+                                     {"text": "2", "answer": "2", "logprobs": [-0.2]}]}
+    paths = tmp_path / "paths.jsonl"
+    paths.write_text(json.dumps(good) + "\n")
+    refused(["reason", str(paths), "--method", "pc", "--n", "1", "--seed", "-1"], capsys, "seed=-1 must be")
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    refused(["reason", str(deep), "--method", "sc"], capsys, "nested too deeply")
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text(json.dumps(good).replace("-0.1", "-" + "9" * 400) + "\n")
+    refused(["reason", str(huge), "--method", "rpc"], capsys, "NaN or infinite")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": " ", "answer": "1"}) + "\n")
+    sample = ["reason", "--model", str(model_dir), "--samples", "2", "--max-new-tokens", "2", "--quiet"]
+    refused([*sample, "--questions", str(questions), "--out", str(tmp_path / "s.jsonl")], capsys, "non-empty str")
+    questions.write_text(json.dumps({"question": "2+3?", "answer": "5"}) + "\n")
+    folder = tmp_path / "outdir"
+    folder.mkdir()
+    refused([*sample, "--questions", str(questions), "--out", str(folder), "--overwrite"], capsys, "is a folder")
+    assert list(folder.iterdir()) == []
+
+
+def test_model_options_are_checked_before_any_work(model_dir, text_file, tmp_path, capsys):
+    from prunekit.depth.tinyfusion import _temperatures
+
+    assert _temperatures("4,0.1") == (4.0, 0.1) and _temperatures([2, 1]) == (2.0, 1.0)
+    for bad in (4, "4", "x,1", (1, 0), (1, float("nan")), "1,2,3"):
+        with pytest.raises(InputError, match="tau must be two positive temperatures"):
+            _temperatures(bad)
+    out = tmp_path / "out"
+    refused(["prune", str(model_dir), "--method", "tyr", "--ratio", "0.3", "--option", "bogus=1",
+             "--calib", str(text_file), "--out", str(out), "--quiet"], capsys, "tyr does not take the option(s) bogus")
+    assert not out.exists()
+
+
+def _foreign(path, *, table: bool):
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=7")
+    if table:
+        db.execute("CREATE TABLE people (name TEXT)")
+        db.execute("INSERT INTO people VALUES ('ada')")
+        db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("kind", ["foreign-table", "foreign-empty", "zero-bytes"])
+def test_memory_commands_leave_files_that_are_not_stores_untouched(kind, tmp_path, capsys):
+    path = tmp_path / "x.db"
+    if kind == "zero-bytes":
+        path.write_bytes(b"")
+    else:
+        _foreign(path, table=kind == "foreign-table")
+    before = digest(path)
+    match = "holds no memory store yet" if kind == "zero-bytes" else "SQLite database of something else"
+    for argv in (["stats"], ["ask", "where?"]):
+        refused(["memory", *argv, "--store", str(path), "--embedder", "hash"], capsys, match)
+        assert digest(path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["x.db"]
+    if kind != "zero-bytes":  # an empty file is a new store to `add`; somebody else's database is not
+        refused(["memory", "add", "--store", str(path), "--embedder", "hash", "hello"], capsys, match)
+        assert digest(path) == before
+
+
+def test_memory_add_names_the_bad_line_of_a_turns_file(tmp_path, capsys):
+    turns = tmp_path / "turns.jsonl"
+    turns.write_text('{"role": "user", "content": "hi"}\n\n{"role": "user", "content": 123}\n')
+    store = tmp_path / "m.db"
+    refused(["memory", "add", "--store", str(store), "--embedder", "hash", "--jsonl", str(turns)], capsys,
+            f"{turns}:3: a turn's 'content' must be a string")
+    assert not store.exists()
