@@ -204,10 +204,10 @@ class Memory:
     """A HEMA conversation memory over a store (an SQLite file by default).
 
     ``Memory(path)`` opens or creates the file (``create=False``: opens an existing store only, for reading);
-    ``store=`` takes any `Store` instead. `embedder` defaults to
-    all-MiniLM-L6-v2 (loaded when first needed), `summarizer` to the extractive one; `tokenizer` (a Hugging
-    Face tokenizer) makes prompt budgets exact for that model. A store remembers its embedder and refuses
-    another. Options (keyword-only): see the module docstring for the algorithm they parametrise.
+    ``store=`` takes any `Store` instead. `embedder` defaults to all-MiniLM-L6-v2 (loaded when first needed),
+    `summarizer` to the extractive one; `tokenizer` (a Hugging Face tokenizer) makes prompt budgets exact for
+    that model. A store remembers its embedder and refuses another. Options (keyword-only): see the module
+    docstring for the algorithm they parametrise.
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, store: Store | None = None,

@@ -103,9 +103,8 @@ def _turns(args) -> list:
     src = Path(args.jsonl)
     if not src.is_file():
         raise InputError(f"--jsonl {src} is not a file")
-    from prunekit.jsonl import read_objects
-
     from prunekit.inference.memory import Memory
+    from prunekit.jsonl import read_objects
 
     turns = []
     for no, item in read_objects(src, shape='{"role", "content"}'):

@@ -182,12 +182,16 @@ class SQLiteStore(Store):
                                      "file name or a store made by prunekit memory")
         if not create and not (self.path.is_file() and self.path.stat().st_size > 0):
             raise InputError(f"{self.path} holds no memory store yet; create it with prunekit memory add (Memory.add)")
+        db = None
         try:  # look before writing anything: a file that is not ours is left exactly as it was
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            user_version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            user_version = db.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as e:
+            if db is not None:
+                db.close()
             raise InputError(f"{self.path} is not a usable memory store ({e})") from None
+        self._db = db
         tables.discard("sqlite_sequence")
         if (tables and not _TABLES <= tables) or (not tables and user_version):
             self._db.close()
