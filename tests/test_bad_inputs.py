@@ -180,3 +180,78 @@ def test_memory_add_names_the_bad_line_of_a_turns_file(tmp_path, capsys):
     refused(["memory", "add", "--store", str(store), "--embedder", "hash", "--jsonl", str(turns)], capsys,
             f"{turns}:3: a turn's 'content' must be a string")
     assert not store.exists()
+
+
+def test_token_ids_the_model_cannot_take_are_refused_before_any_forward(model_dir, text_file, tmp_path, tok, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    small = tmp_path / "small-vocab"  # the tokenizer's ids run past this model's 64 embeddings
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256)).save_pretrained(small)
+    tok.save_pretrained(small)
+    refused(["eval", str(small), "--text", str(text_file), "--seqlen", "32", "--tokens", "64"], capsys,
+            "outside the model's vocabulary of 64")
+    out = tmp_path / "out"
+    refused(["prune", str(small), "--method", "wanda", "--ratio", "0.5", "--calib", str(text_file), "--samples", "2",
+             "--seqlen", "32", "--out", str(out), "--quiet"], capsys, "outside the model's vocabulary of 64")
+    refused(["prune", str(model_dir), "--method", "wanda", "--ratio", "0.5", "--calib", str(text_file),
+             "--samples", "2", "--seqlen", "512", "--out", str(out), "--quiet"], capsys,
+            "longer than the model's 256 positions")
+    refused(["prune", str(model_dir), "--method", "shortgpt", "--layers", "1", "--calib", str(text_file),
+             "--samples", "2", "--seqlen", "512", "--no-speed", "--out", str(out), "--quiet"], capsys, "256 positions")
+    assert not out.exists()
+    model = tiny_model("llama")
+    for bad in (torch.full((2, 8), 500), torch.full((2, 8), -1)):
+        with pytest.raises(InputError, match="outside the model's vocabulary of 128"):
+            prunekit.prune(model, method="magnitude", ratio=0.5, calibration=bad, progress=False)
+
+
+def test_prune_and_perplexity_api_refuse_bad_arguments_with_input_errors(tok):
+    model = tiny_model("llama")
+    before = [p.clone() for p in model.parameters()]
+    for kwargs, match in ((dict(pattern=prunekit.NM(0, 4)), "1 <= N < M"), (dict(pattern=prunekit.NM(5, 4)), "N < M"),
+                          (dict(ratio=0.5, skip=None), "skip must be"), (dict(ratio=0.5, skip=["nothing*"]),
+                                                                         "matches no layer"),
+                          (dict(ratio=0.5, seed=-1), "seed must be"), (dict(ratio=0.5, mask="foo"),
+                                                                       "takes no option")):
+        with pytest.raises(InputError, match=match):
+            prunekit.prune(model, method="sparsegpt" if "mask" in kwargs else "magnitude", calibration=None,
+                           progress=False, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(InputError, match="model must be a loaded torch model"):
+        prunekit.prune("tiny", method="magnitude", ratio=0.5)
+    res = prunekit.prune(model, method="magnitude", ratio=0.5, skip="*down_proj", calibration=None, progress=False)
+    assert not any(r.name.endswith("down_proj") for r in res.layers)
+    from prunekit.text import Text
+
+    text = Text("t", "some words " * 200, "test text")
+    for kwargs, match in ((dict(text=text, batch_size=0), "batch_size"), (dict(text=text, tokens=64.5), "tokens"),
+                          (dict(text=None), "text must be"), (dict(text=""), "text source is empty"),
+                          (dict(text="   "), "text source is empty")):
+        with pytest.raises(InputError, match=match):
+            prunekit.perplexity(model, tok, seqlen=32, progress=False, **kwargs)
+    with pytest.raises(InputError, match="needs the model's tokenizer"):
+        prunekit.perplexity(model, None, text, seqlen=32, progress=False)
+    with pytest.raises(InputError, match="purpose must be"):
+        prunekit.load_text("wiki", purpose="foo")
+
+
+def test_a_pickled_bin_checkpoint_is_refused_without_running_it(model_dir, text_file, tmp_path, capsys):
+    import pickle
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (model_dir / name).exists():
+            (folder / name).write_bytes((model_dir / name).read_bytes())
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"x": Payload()}, folder / "pytorch_model.bin", pickle_module=pickle)
+    refused(["eval", str(folder), "--text", str(text_file), "--seqlen", "32", "--tokens", "64"], capsys,
+            "convert the weights to safetensors")
+    assert not marker.exists()

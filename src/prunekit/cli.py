@@ -184,6 +184,10 @@ def _cmd_prune(args) -> int:
         raise InputError(f"unknown method {args.method!r} for prune; choose one of: {', '.join(choices)}")
     _refuse_foreign_flags(args, known)
     _check_eval_sizes(args.seqlen, args.eval_tokens, "--eval-tokens")
+    if args.seed < 0:
+        from prunekit.errors import InputError
+
+        raise InputError(f"--seed must be 0 or more, got {args.seed}")
     if known.domain in _PRUNE_DOMAINS:
         return import_module(_PRUNE_DOMAINS[known.domain]).run_prune(args)
     spec = prunekit.registry.get(args.method, "weights")  # validate everything before the slow work

@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from prunekit.errors import InputError, int_at_least
 from prunekit.select import NM, parse_pattern
-from prunekit.text import Text, evaluation_ids, load_text
+from prunekit.text import Text, check_token_ids, evaluation_ids, load_text
 from prunekit.weights.engine import find_blocks, get_weight, target_linears
 
 __all__ = ["Perplexity", "perplexity", "perplexity_of_ids", "sparsity", "check_pattern"]
@@ -57,8 +58,14 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 
 def perplexity(model: nn.Module, tokenizer, text: str | Text = "wiki", *, seqlen: int = 512,
                tokens: int | None = EVAL_TOKENS, batch_size: int = 4, progress: bool = True) -> Perplexity:
     """Perplexity ``exp(mean NLL)`` over the first ``tokens // seqlen`` windows of held-out `text`."""
+    int_at_least(batch_size, "batch_size", 1)
+    if tokens is not None:
+        int_at_least(tokens, "tokens", 1)
+    if tokenizer is None or not callable(tokenizer):
+        raise InputError("perplexity needs the model's tokenizer: perplexity(model, tokenizer, text)")
     source = text if isinstance(text, Text) else load_text(text, purpose="evaluation")
     ids = evaluation_ids(tokenizer, source, seqlen=seqlen, tokens=tokens)
+    check_token_ids(model, ids, what="evaluation text")
     nll, _ = perplexity_of_ids(model, ids, batch_size=batch_size, progress=progress)
     return Perplexity(math.exp(nll), nll, ids.numel(), seqlen, ids.shape[0], source.describe())
 

@@ -60,7 +60,13 @@ _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 def parse_pattern(pattern: str | NM | None) -> NM | None:
     """Parse ``"N:M"`` (or ``None`` / ``"unstructured"`` for no pattern) into an `NM`."""
-    if pattern is None or isinstance(pattern, NM):
+    if pattern is None:
+        return pattern
+    if isinstance(pattern, NM):
+        n, m = pattern.n, pattern.m
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m)) or not 1 <= n < m:
+            raise InputError(f"pattern {pattern} is impossible: it needs whole numbers 1 <= N < M (N nonzeros kept "
+                             "of every M weights); use e.g. NM(2, 4)")
         return pattern
     if not isinstance(pattern, str):
         raise InputError(f"pattern must be a string like '2:4', got {type(pattern).__name__}")

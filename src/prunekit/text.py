@@ -36,7 +36,7 @@ from prunekit import zoo
 from prunekit.errors import InputError
 from prunekit.jsonl import read_objects
 
-__all__ = ["Text", "load_text", "calibration_ids", "evaluation_ids"]
+__all__ = ["Text", "load_text", "calibration_ids", "evaluation_ids", "check_token_ids"]
 
 BUNDLED = ("wiki", "austen", "python-docs")
 
@@ -61,9 +61,8 @@ class Text:
 
 def _read_file(path: Path) -> str:
     if not path.is_file():
-        raise InputError(
-            f"text file {path} does not exist; give a .txt or .jsonl file, or 'wiki' / 'austen' / 'python-docs'"
-        )
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise InputError(f"text file {path} {what}; give a .txt or .jsonl file, or 'wiki' / 'austen' / 'python-docs'")
     if path.suffix == ".jsonl":
         docs = []
         for lineno, record in read_objects(path, shape='{"text": "..."}'):
@@ -86,7 +85,13 @@ def _read_file(path: Path) -> str:
 def load_text(source: str | Path, *, purpose: str) -> Text:
     """The text of `source` for `purpose` (``"calibration"`` or ``"evaluation"``)."""
     if purpose not in ("calibration", "evaluation"):
-        raise ValueError(f"purpose must be 'calibration' or 'evaluation', got {purpose!r}")
+        raise InputError(f"purpose must be 'calibration' or 'evaluation', got {purpose!r}")
+    if isinstance(source, str) and not source.strip():
+        raise InputError(f"the {purpose} text source is empty; give 'wiki', 'austen', 'python-docs' or a file path "
+                         "(a Text object for text held in memory)")
+    if not isinstance(source, (str, Path)):
+        raise InputError(f"the {purpose} text must be 'wiki', 'austen', 'python-docs', a file path or a Text, "
+                         f"got {type(source).__name__}")
     evaluation = purpose == "evaluation"
     if isinstance(source, str) and "+" in source and not Path(source).is_file():
         names = [n.strip() for n in source.split("+")]
@@ -117,6 +122,22 @@ def load_text(source: str | Path, *, purpose: str) -> Text:
                     f"Python 3.11 documentation (reST): {which}, {len(chosen)} of {len(docs)}")
     path = Path(source)
     return Text(str(path), _read_file(path), f"the whole file {path.name}")
+
+
+def check_token_ids(model, ids: torch.Tensor, *, what: str) -> None:
+    """Refuse token ids `model` cannot embed (a tokenizer that does not match it) and windows longer than the
+    positions in its config (``n_positions`` / ``max_position_embeddings``), before any forward pass."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embed, "num_embeddings", None)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise InputError(f"{what} has token id {lo if lo < 0 else hi}, outside the model's vocabulary of {vocab}; "
+                         "use the model's own tokenizer")
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and ids.shape[-1] > limit:
+        raise InputError(f"{what}: windows of {ids.shape[-1]} tokens are longer than the model's {limit} positions; "
+                         f"use a --seqlen of at most {limit}")
 
 
 def _stream(tokenizer, text: str) -> tuple[list[int], int | None]:

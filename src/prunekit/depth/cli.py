@@ -116,6 +116,7 @@ def run_prune(args) -> int:
     from prunekit.evaluate import EVAL_TOKENS
     from prunekit.speed import compare_speed
     from prunekit.depth.dit import is_dit_folder
+    from prunekit.text import check_token_ids
     from prunekit.weights.engine import find_blocks
 
     if is_dit_folder(args.model):
@@ -125,6 +126,7 @@ def run_prune(args) -> int:
     progress = not args.quiet
     model, tok = prunekit.load_model(path)
     ids = prunekit.calibration_ids(tok, calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed)
+    check_token_ids(model, ids, what="calibration text")
     target = depth.causal_lm_target(model, ids, batch_size=args.batch_size)
     tokens = args.eval_tokens or EVAL_TOKENS
     evaluation = {n: {"dense": prunekit.perplexity(model, tok, t, seqlen=args.seqlen, tokens=tokens, progress=progress).to_dict()}

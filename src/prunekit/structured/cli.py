@@ -53,6 +53,7 @@ def run_prune(args) -> int:
     from prunekit.speed import compare_speed
     from prunekit.structured import check_request, prune_structured, save_structured
     from prunekit.structured.units import model_dims
+    from prunekit.text import check_token_ids
     from prunekit.weights.io import check_output, resolve_model
 
     wall = time.perf_counter()
@@ -77,6 +78,7 @@ def run_prune(args) -> int:
     ids = None
     if calib_text is not None:
         ids = prunekit.calibration_ids(tok, calib_text, samples=args.samples, seqlen=args.seqlen, seed=args.seed)
+        check_token_ids(model, ids, what="calibration text")
     tokens = args.eval_tokens or EVAL_TOKENS
     evaluation = {}
     for name, text in eval_texts.items():

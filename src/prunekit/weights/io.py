@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -71,6 +72,10 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
     except SafetensorError as e:  # a corrupt or truncated weight file
         raise InputError(f"could not load {path}: its safetensors weights are corrupt or truncated ({e}); "
                          "save the model again with save_pretrained") from None
+    except pickle.UnpicklingError:  # a .bin checkpoint that torch's weights-only loader refuses
+        raise InputError(f"could not load {path}: its pytorch_model.bin holds more than plain tensors (torch's "
+                         "weights-only loader refused it; prunekit never unpickles anything else); convert the "
+                         "weights to safetensors") from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"could not load {path} as a causal LM: {first}") from None

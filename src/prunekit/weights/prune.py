@@ -21,8 +21,8 @@ from torch import nn
 from prunekit import registry
 from prunekit.errors import InputError
 from prunekit.select import parse_pattern, ratio_for
-from prunekit.text import Text, calibration_ids, load_text
-from prunekit.weights.engine import LayerReport, prune_blocks
+from prunekit.text import Text, calibration_ids, check_token_ids, load_text
+from prunekit.weights.engine import LayerReport, find_blocks, prune_blocks, target_linears
 
 __all__ = ["PruneResult", "prune", "prune_options", "method_options"]
 
@@ -55,7 +55,8 @@ class PruneResult:
         return d
 
 
-def _calibration(calibration, tokenizer, *, samples: int, seqlen: int, seed: int) -> tuple[torch.Tensor | None, dict | None]:
+def _calibration(calibration, tokenizer, model, *, samples: int, seqlen: int,
+                 seed: int) -> tuple[torch.Tensor | None, dict | None]:
     if calibration is None:
         return None, None
     if isinstance(calibration, torch.Tensor):
@@ -63,16 +64,20 @@ def _calibration(calibration, tokenizer, *, samples: int, seqlen: int, seed: int
             raise InputError("calibration tensor must be token ids of shape [samples, seqlen] (int64)")
         if calibration.numel() == 0:
             raise InputError("calibration tensor is empty; give [samples, seqlen] token ids")
+        check_token_ids(model, calibration, what="calibration tensor")
         return calibration.long(), {"source": "token ids given by the caller", "samples": calibration.shape[0], "seqlen": calibration.shape[1]}
     if tokenizer is None:
         raise InputError("calibration given as text needs the tokenizer: prune(..., tokenizer=tok)")
     text = calibration if isinstance(calibration, Text) else load_text(calibration, purpose="calibration")
     ids = calibration_ids(tokenizer, text, samples=samples, seqlen=seqlen, seed=seed)
+    check_token_ids(model, ids, what="calibration text")
     return ids, {**text.describe(), "samples": samples, "seqlen": seqlen, "seed": seed}
 
 
+# Arguments the engine fills per layer (``mask``: SparseGPT's fixed keep-mask of one layer, which DSnoT passes),
+# not options a user sets for the whole model.
 _FIXED = {"weight", "stats", "hessian", "ratio", "pattern", "name", "bias", "model", "general_ids", "tokenizer",
-          "skip", "progress", "samples", "seqlen", "seed"}
+          "skip", "progress", "samples", "seqlen", "seed", "mask"}
 
 
 def method_options(method: str) -> dict:
@@ -132,6 +137,19 @@ def prune_options(method: str, options: dict) -> None:
     registry.get(method, "weights").stat_for(options)
 
 
+def _check_skip(model: nn.Module, skip) -> None:
+    """Refuse a skip glob that matches no block Linear: a typo would otherwise prune what it meant to keep."""
+    if not skip:
+        return
+    prefix, blocks = find_blocks(model)
+    every = [target_linears(b, f"{prefix}.{i}") for i, b in enumerate(blocks)]
+    for glob in skip:
+        if all(len(target_linears(b, f"{prefix}.{i}", [glob])) == len(every[i]) for i, b in enumerate(blocks)):
+            example = next(iter(every[0]), f"{prefix}.0.?")
+            raise InputError(f"skip pattern {glob!r} matches no layer; names look like {example} (full) or "
+                             f"{example[len(prefix) + 3:]} (inside a block)")
+
+
 def prune(
     model: nn.Module,
     *,
@@ -162,15 +180,23 @@ def prune(
     ``blocksize``, ``percdamp``; dsnot: ``base``, ``skip_mlp``, ``max_cycle_time``, ...; dpruner: ``domain``, ...;
     ``prunekit methods`` lists each method's options with their defaults).
     """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a loaded torch model (prunekit.load_model), got {type(model).__name__}")
+    skip = (skip,) if isinstance(skip, str) else skip
+    if not isinstance(skip, (list, tuple)) or not all(isinstance(g, str) for g in skip):
+        raise InputError(f"skip must be a list of glob patterns of layer names, e.g. ['*.mlp.*'], got {skip!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"seed must be an integer >= 0, got {seed!r}")
     spec = registry.get(method, "weights")
     nm = parse_pattern(pattern)
     ratio = ratio_for(ratio, nm)
+    _check_skip(model, skip)
     prune_options(method, options)
     stat = spec.stat_for(options)
     if stat is None and calibration == "wiki":
         calibration = None  # data-free: don't pay a calibration pass for the default
     start = time.perf_counter()
-    ids, calib_info = _calibration(calibration, tokenizer, samples=samples, seqlen=seqlen, seed=seed)
+    ids, calib_info = _calibration(calibration, tokenizer, model, samples=samples, seqlen=seqlen, seed=seed)
     if stat is not None and ids is None:
         raise InputError(f"method {method} needs calibration text; give calibration='wiki' or a file")
     was_training = model.training
