@@ -7,6 +7,7 @@ import doctest
 import hashlib
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -249,3 +250,134 @@ def test_score_still_refuses_negative_labels(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("prunekit: error:") and ">= 0" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# ---- bad files and options found by a QA sweep: one-line error, exit 2, nothing written, inputs untouched -----
+
+def _csv_cases(tmp_path):
+    (tmp_path / "latin1.csv").write_bytes("score\n0.5\ncaf\xe9\n".encode("latin-1"))  # crashed: UnicodeDecodeError
+    (tmp_path / "binary.csv").write_bytes(bytes([0x30, 0x2C, 0x84, 0xFF, 0x00, 0x9C]) * 50)
+    (tmp_path / "bigfield.csv").write_text("0.1\n" + "1" * 140_000 + "\n")  # crashed: _csv.Error, field limit
+    return {"latin1": (r"latin1\.csv is not UTF-8 text", "latin1.csv"),
+            "binary": (r"binary\.csv is not UTF-8 text", "binary.csv"),
+            "bigfield": (r"bigfield\.csv line 2 is not valid CSV \(field larger than field limit", "bigfield.csv")}
+
+
+def _refused(args, out, folder, capsys, match):
+    def files():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+
+    before = files()
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("prunekit: error:") and len(err.strip().splitlines()) == 1, err
+    assert re.search(match, err), err
+    assert not out.exists() and files() == before
+    return err
+
+
+def _score_files(tmp_path, n=24, d=4):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.normal(size=(n, d)).astype(np.float32))
+    np.save(tmp_path / "y.npy", np.arange(n) % 3)
+    np.save(tmp_path / "s.npy", rng.random(n))
+
+
+@pytest.mark.parametrize("case", ["latin1", "binary", "bigfield"])
+@pytest.mark.parametrize("command", ["select", "label-issues", "score"])
+def test_non_utf8_binary_and_malformed_csv_refused(case, command, tmp_path, capsys):
+    match, name = _csv_cases(tmp_path)[case]
+    _score_files(tmp_path)
+    np.save(tmp_path / "p.npy", np.full((24, 3), 1 / 3))
+    bad, out = str(tmp_path / name), tmp_path / "out.npy"
+    args = {"select": ["select", "--scores", bad, "--keep", "0.5"],
+            "label-issues": ["label-issues", "--labels", bad, "--probs", str(tmp_path / "p.npy")],
+            "score": ["score", "--data", bad, "--labels", str(tmp_path / "y.npy"), "--method", "el2n",
+                      "--quiet"]}[command]
+    _refused(["data", *args, "--out", str(out)], out, tmp_path, capsys, match)
+
+
+def test_csv_with_byte_order_mark_keeps_its_first_value(tmp_path):
+    # "\ufeff0.3" was taken for a header, shifting every index by one
+    (tmp_path / "s.csv").write_bytes(b"\xef\xbb\xbf0.3\n0.1\n0.2\n")
+    assert io.read_vector(tmp_path / "s.csv", what="scores").tolist() == [0.3, 0.1, 0.2]
+    (tmp_path / "h.csv").write_bytes(b"\xef\xbb\xbfscore\n0.3\n0.1\n")  # a header after a BOM is still a header
+    assert io.read_vector(tmp_path / "h.csv", what="scores").tolist() == [0.3, 0.1]
+    out = tmp_path / "kept.csv"
+    assert main(["data", "select", "--scores", str(tmp_path / "s.csv"), "--keep", "1", "--out", str(out)]) == 0
+    assert out.read_text().splitlines() == ["index,score", "0,0.3", "1,0.1", "2,0.2"]
+
+
+@pytest.mark.parametrize("command", ["select", "label-issues", "score-data", "score-embeddings"])
+def test_complex_arrays_refused(command, tmp_path, capsys):
+    _score_files(tmp_path)
+    np.save(tmp_path / "c1.npy", np.linspace(0, 1, 24) + 1j)  # select crashed: TypeError in isposinf
+    np.save(tmp_path / "c2.npy", np.full((24, 3), 1 / 3) + 0j)
+    np.save(tmp_path / "c3.npy", np.ones((24, 4), dtype=np.complex64))  # score only warned (ComplexWarning)
+    y, out = str(tmp_path / "y.npy"), tmp_path / "out.npy"
+    score = ["score", "--labels", y, "--quiet", "--epochs", "1", "--runs", "1"]
+    args = {"select": (["select", "--scores", str(tmp_path / "c1.npy"), "--keep", "0.5"], "c1"),
+            "label-issues": (["label-issues", "--labels", y, "--probs", str(tmp_path / "c2.npy")], "c2"),
+            "score-data": ([*score, "--data", str(tmp_path / "c3.npy"), "--method", "el2n"], "c3"),
+            "score-embeddings": ([*score, "--data", str(tmp_path / "x.npy"), "--method", "prototypes",
+                                  "--clusters", "2", "--embeddings", str(tmp_path / "c2.npy")], "c2")}
+    cmd, name = args[command]
+    _refused(["data", *cmd, "--out", str(out)], out, tmp_path, capsys,
+             rf"{name}\.npy must hold real numbers, got complex")
+
+
+@pytest.mark.parametrize("case,extra,match", [
+    ("zero-width", [], r"has shape \(24, 0\): no values per example"),  # scored as an MLP with no inputs
+    ("sparse-labels", [], r"labels imply 1000001 classes .* only 24 examples; remap the labels to 0\.\.K-1"),
+    ("lr", ["--lr", "1e30"], r"training diverged at --lr 1e\+30.*lower --lr"),  # was "outputs has 72 infinite values"
+    ("huge-data", [], r"training diverged .*scale the data .*largest magnitude is 1e\+3"),
+    ("lr-forgetting", ["--lr", "1e30", "--method", "forgetting"], "training diverged"),
+    ("lr-probs", ["--lr", "1e30", "--method", "probs", "--folds", "2"], "training diverged"),
+    ("lr-prototypes", ["--lr", "1e30", "--method", "prototypes", "--clusters", "2"], "training diverged"),
+    ("clusters0", ["--method", "prototypes", "--clusters", "0"], r"^prunekit: error: --clusters must be an integer"),
+    ("clusters>N", ["--method", "prototypes", "--clusters", "30"], r"--clusters 30 needs at least 30 examples"),
+    ("folds>N", ["--method", "probs", "--folds", "30"], r"--folds 30 needs at least 30 examples"),
+    ("seed", ["--seed", "-1"], r"--seed must be an integer >= 0, got -1"),  # select refused it, score did not
+])
+def test_score_refuses_bad_data_and_options(case, extra, match, tmp_path, capsys):
+    _score_files(tmp_path)
+    data, labels = tmp_path / "x.npy", tmp_path / "y.npy"
+    if case == "zero-width":
+        np.save(data := tmp_path / "x0.npy", np.zeros((24, 0), dtype=np.float32))
+    elif case == "sparse-labels":
+        np.save(labels := tmp_path / "y_sparse.npy", np.r_[np.arange(23) % 3, 10**6])
+    elif case == "huge-data":
+        np.save(data := tmp_path / "x_huge.npy", np.full((24, 4), 1e30, dtype=np.float32))
+    out = tmp_path / "out.npy"
+    method = [] if "--method" in extra else ["--method", "el2n"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no UserWarning (non-writable array) before the message
+        err = _refused(["data", "score", "--data", str(data), "--labels", str(labels), *method, "--epochs", "1",
+                        "--runs", "1", *extra, "--quiet", "--out", str(out)], out, tmp_path, capsys, match)
+    assert "outputs has" not in err and "k must" not in err
+
+
+def test_score_prototypes_on_memory_mapped_float64_embeddings_warns_nothing(tmp_path):
+    _score_files(tmp_path)
+    np.save(tmp_path / "emb.npy", np.random.default_rng(1).normal(size=(24, 5)))  # float64: mapped read-only
+    out = tmp_path / "proto.npy"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was: UserWarning, the given NumPy array is not writable
+        assert main(["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+                     "--method", "prototypes", "--clusters", "3", "--embeddings", str(tmp_path / "emb.npy"),
+                     "--out", str(out), "--quiet"]) == 0
+    assert np.load(out).shape == (24,)
+
+
+def test_folder_named_like_a_file_and_negative_seed_refused(tmp_path, capsys):
+    _score_files(tmp_path)
+    (tmp_path / "folder.npy").mkdir()
+    out = tmp_path / "out.csv"
+    _refused(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(tmp_path / "folder.npy"),
+              "--out", str(out)], out, tmp_path, capsys, r"folder\.npy is a folder, not a file")  # was "does not exist"
+    _refused(["data", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "0.5", "--strategy", "random",
+              "--seed", "-1", "--out", str(out)], out, tmp_path, capsys, r"--seed must be an integer >= 0, got -1")
+    np.save(tmp_path / "scalar.npy", np.float64(3.0))  # was an IndexError traceback
+    with pytest.raises(InputError, match="holds a single number"):
+        io.read_matrix(tmp_path / "scalar.npy", what="embeddings")

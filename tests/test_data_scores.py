@@ -2,6 +2,7 @@
 
 import doctest
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -256,6 +257,19 @@ def test_prototypes_reject_bad_input():
         prototype_distance(emb, k=2, labels=np.zeros(3, dtype=int))
     with pytest.raises(InputError, match="k must"):
         kmeans(emb, 0)
+
+
+def test_prototypes_take_read_only_memory_maps_without_warning(tmp_path):
+    # a float64 .npy mapped read-only gave torch's "The given NumPy array is not writable" UserWarning
+    emb = np.random.default_rng(0).normal(size=(12, 3))
+    np.save(tmp_path / "emb.npy", emb)
+    mapped = np.load(tmp_path / "emb.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = prototype_distance(mapped, k=2)
+        kmeans(mapped, 2)
+    assert np.array_equal(got, prototype_distance(emb, k=2))
+    assert not mapped.flags.writeable and np.array_equal(np.asarray(mapped), emb)
 
 
 # ----------------------------------------------------------------------------------------------- training

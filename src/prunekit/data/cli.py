@@ -129,11 +129,12 @@ def _cmd_label_issues(args) -> int:
 
 def _cmd_select(args) -> int:
     from prunekit.data.io import check_output_file, read_labels, read_vector, write_table
-    from prunekit.errors import InputError, check_not_input
+    from prunekit.errors import InputError, check_not_input, int_at_least
     from prunekit.select import select_examples
 
     check_output_file(args.out, overwrite=args.overwrite)
     check_not_input(args.out, args.scores, args.labels)
+    int_at_least(args.seed, "--seed", 0)
     scores = np.asarray(read_vector(args.scores, what="scores"), dtype=np.float64)
     labels = None
     if args.labels is not None:
@@ -155,7 +156,7 @@ def _inputs(args):
     import torch
 
     from prunekit import train
-    from prunekit.data.io import read_array, read_labels
+    from prunekit.data.io import _check_real, read_array, read_labels
     from prunekit.errors import InputError
 
     if args.data == "fashion-mnist":
@@ -173,13 +174,20 @@ def _inputs(args):
             raise InputError(f"data has {len(x)} examples but labels has {len(y)}; they must describe the same examples")
         if not np.issubdtype(x.dtype, np.number):
             raise InputError(f"data must be numeric, got {x.dtype}")
+        _check_real(x, args.data, "data")
+        if 0 in x.shape[1:]:
+            raise InputError(f"data file {args.data} has shape {x.shape}: no values per example; give features "
+                             "[N, D] with D >= 1 or images [N, 28, 28]")
     if y.min() < 0:
         raise InputError(f"labels must be class indices >= 0; found {int(y.min())}")
+    k = int(y.max()) + 1  # the model gets one output per class 0..max(label)
+    if k > max(len(y), 1000):  # more classes than examples, and an output layer that would be absurdly wide
+        raise InputError(f"labels imply {k} classes (the largest label is {k - 1}) but there are only {len(y)} "
+                         "examples; remap the labels to 0..K-1 (numpy.unique(labels, return_inverse=True))")
     scale = 255.0 if x.dtype == np.uint8 else 1.0
     x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / scale)
     if not torch.isfinite(x).all():
-        raise InputError("data has NaN or Inf; clean it before scoring")
-    k = int(y.max()) + 1
+        raise InputError("data has NaN or Inf (or values too large for float32); clean it before scoring")
     image = x.dim() in (3, 4) and tuple(x.shape[-2:]) == (28, 28)
     kind = args.model if args.model != "auto" else ("cnn" if image else "mlp")
     if kind == "cnn":
@@ -200,6 +208,41 @@ def _inputs(args):
     return x, torch.from_numpy(y.astype(np.int64)), model_fn
 
 
+def _check_score_options(args) -> None:
+    """The numeric options of `data score`, checked before any data is read."""
+    import math
+
+    from prunekit.errors import InputError, int_at_least
+
+    int_at_least(args.epochs, "--epochs", 1)
+    int_at_least(args.batch_size, "--batch-size", 1)
+    int_at_least(args.seed, "--seed", 0)
+    if args.method == "probs":
+        int_at_least(args.folds, "--folds", 2)
+    elif args.method == "prototypes":
+        int_at_least(args.clusters, "--clusters", 1)
+    else:
+        int_at_least(args.runs, "--runs", 1)
+    if args.score_epoch is not None and not 0 <= args.score_epoch <= args.epochs:
+        raise InputError(f"--score-epoch must be in [0, --epochs={args.epochs}], got {args.score_epoch}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InputError(f"--lr must be a positive number, got {args.lr}")
+
+
+def _diverged(models, x=None) -> bool:
+    """Whether training drove a weight (or batch-norm statistic) of `models` to NaN or Inf, or, given inputs
+    `x`, any of their outputs on `x`."""
+    import torch
+
+    if any(t.is_floating_point() and not torch.isfinite(t).all()
+           for m in models for t in [*m.parameters(), *m.buffers()]):
+        return True
+    if x is None:
+        return False
+    with torch.no_grad():
+        return any(not torch.isfinite(m.eval()(x[i: i + 1024])).all() for m in models for i in range(0, len(x), 1024))
+
+
 def _cmd_score(args) -> int:
     from prunekit import train
     from prunekit.data.io import check_output_file, read_matrix, write_table
@@ -210,36 +253,69 @@ def _cmd_score(args) -> int:
     check_not_input(args.out, None if args.data == "fashion-mnist" else args.data, args.labels, args.embeddings)
     if args.embeddings is not None and args.method != "prototypes":
         raise InputError("--embeddings is for --method prototypes")
+    _check_score_options(args)
     start = time.perf_counter()
     progress = not args.quiet
-    x, y, model_fn = _inputs(args)
+    x, y, base_fn = _inputs(args)
+    if args.method == "probs" and args.folds > len(y):
+        raise InputError(f"--folds {args.folds} needs at least {args.folds} examples, the data has {len(y)}; "
+                         "lower --folds")
+    if args.method == "prototypes" and args.clusters > len(y):
+        raise InputError(f"--clusters {args.clusters} needs at least {args.clusters} examples, the data has {len(y)}; "
+                         "lower --clusters")
+    built = []  # every model trained, to tell diverged training from bad data
+
+    def model_fn():
+        built.append(base_fn())
+        return built[-1]
+
+    def diverged() -> InputError:
+        return InputError(f"training diverged at --lr {args.lr:g}: the model's weights or outputs became NaN or Inf; "
+                          f"lower --lr, or scale the data to about unit size (its largest magnitude is "
+                          f"{float(x.abs().max()):.3g})")
+
     common = dict(seed=args.seed, batch_size=args.batch_size, lr=args.lr, progress=progress)
+    try:
+        if args.method == "probs":
+            probs = outputs = train.cross_val_probs(model_fn, x, y, folds=args.folds, epochs=args.epochs, **common)
+        elif args.method == "prototypes":
+            outputs = None
+            if args.embeddings is not None:
+                emb = np.asarray(read_matrix(args.embeddings, what="embeddings"))
+                if len(emb) != len(y):
+                    raise InputError(f"embeddings has {len(emb)} rows but the data has {len(y)} examples")
+                how = f"k-means on {args.embeddings}"
+            else:
+                model = train.train(train.seeded_model(model_fn, args.seed), x, y, epochs=args.epochs, **common)
+                logits, emb = train.embed(model, x)
+                outputs, emb = logits.numpy(), emb.numpy()
+                how = f"k-means on the penultimate features of a model trained {args.epochs} epochs"
+            scores = prototype_distance(emb, k=args.clusters, seed=args.seed)
+        else:
+            result = train.score_runs(model_fn, x, y, runs=args.runs, epochs=args.epochs, score_epoch=args.score_epoch,
+                                      exact_grand=args.method == "grand", **common)
+            scores, outputs = getattr(result, args.method), result.logits
+            how = f"{args.runs} runs x {args.epochs} epochs"
+            if args.method != "forgetting":
+                how += f", taken after epoch {result.score_epoch}"
+    except InputError:
+        if _diverged(built, x):
+            raise diverged() from None
+        raise
+    if _diverged(built) or (outputs is not None and not np.isfinite(outputs).all()):  # no error, but meaningless
+        raise diverged()
     if args.method == "probs":
-        probs = train.cross_val_probs(model_fn, x, y, folds=args.folds, epochs=args.epochs, **common)
-        columns = {"probs": probs} if str(args.out).lower().endswith(".npy") else {f"p{j}": probs[:, j] for j in range(probs.shape[1])}
+        npy = str(args.out).lower().endswith(".npy")
+        columns = {"probs": probs} if npy else {f"p{j}": probs[:, j] for j in range(probs.shape[1])}
         write_table(args.out, columns, overwrite=args.overwrite)
         print(f"out-of-fold probabilities of {len(y)} examples ({args.folds} folds x {args.epochs} epochs, "
               f"{time.perf_counter() - start:.1f} s) in {args.out}")
         return 0
-    if args.method == "prototypes":
-        if args.embeddings is not None:
-            emb = np.asarray(read_matrix(args.embeddings, what="embeddings"))
-            if len(emb) != len(y):
-                raise InputError(f"embeddings has {len(emb)} rows but the data has {len(y)} examples")
-            how = f"k-means on {args.embeddings}"
-        else:
-            model = train.train(train.seeded_model(model_fn, args.seed), x, y, epochs=args.epochs, **common)
-            emb = train.embed(model, x)[1].numpy()
-            how = f"k-means on the penultimate features of a model trained {args.epochs} epochs"
-        scores = prototype_distance(emb, k=args.clusters, seed=args.seed)
-    else:
-        result = train.score_runs(model_fn, x, y, runs=args.runs, epochs=args.epochs, score_epoch=args.score_epoch,
-                                  exact_grand=args.method == "grand", **common)
-        scores = getattr(result, args.method)
-        how = f"{args.runs} runs x {args.epochs} epochs" + ("" if args.method == "forgetting" else f", taken after epoch {result.score_epoch}")
-    columns = {args.method: scores} if str(args.out).lower().endswith(".npy") else {"index": np.arange(len(scores)), args.method: scores}
+    npy = str(args.out).lower().endswith(".npy")
+    columns = {args.method: scores} if npy else {"index": np.arange(len(scores)), args.method: scores}
     write_table(args.out, columns, overwrite=args.overwrite)
-    print(f"{args.method} of {len(scores)} examples ({how}; {time.perf_counter() - start:.1f} s), higher = harder, in {args.out}")
+    print(f"{args.method} of {len(scores)} examples ({how}; {time.perf_counter() - start:.1f} s), higher = harder, "
+          f"in {args.out}")
     return 0
 
 
@@ -259,6 +335,7 @@ def _cmd_qtune(args) -> int:
     int_at_least(args.epochs, "--epochs", 1)
     int_at_least(args.batch_size, "--batch-size", 1)
     int_at_least(args.lora_rank, "--lora-rank", 0)
+    int_at_least(args.seed, "--seed", 0)
     if not args.lr > 0:
         raise InputError(f"--lr must be positive, got {args.lr}")
     check_not_input(args.out, args.data, resolve_model(args.model))

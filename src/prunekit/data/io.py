@@ -35,8 +35,20 @@ def _suffix(path: Path, what: str) -> str:
 
 
 def _read_csv(path: Path, what: str) -> np.ndarray:
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    """Rows of numbers from UTF-8 text (a byte-order mark is dropped); a first row that is not numbers is a header."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            try:
+                rows = [r for r in reader if r and any(c.strip() for c in r)]
+            except csv.Error as e:
+                raise InputError(f"{what} file {path} line {reader.line_num} is not valid CSV ({e}); "
+                                 "fix that line or give a .npy file") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} file {path} is not UTF-8 text (it holds the byte {e.object[e.start]:#04x}); "
+                         "save it as UTF-8 CSV, or give a .npy file") from None
+    except OSError as e:
+        raise InputError(f"{what} file {path} cannot be read ({e.strerror})") from None
     if not rows:
         raise InputError(f"{what} file {path} is empty")
     try:
@@ -115,6 +127,8 @@ def read_array(path: str | os.PathLike, *, what: str, columns: int | None = None
     """Read a .npy (memory-mapped), .csv or .parquet array. `columns`: 1 for a vector, None for any matrix."""
     path = Path(path)
     suffix = _suffix(path, what)
+    if path.is_dir():
+        raise InputError(f"{what} file {path} is a folder, not a file; give the .npy, .csv or .parquet file")
     if not path.is_file():
         raise InputError(f"{what} file {path} does not exist")
     if suffix == ".npy":
@@ -130,16 +144,26 @@ def read_array(path: str | os.PathLike, *, what: str, columns: int | None = None
             raise InputError(f"{what} file {path} must hold one value per example, got shape {array.shape}")
     elif columns is not None and (array.ndim != 2 or array.shape[1] != columns):
         raise InputError(f"{what} file {path} must have {columns} columns, got shape {array.shape}")
+    if array.ndim == 0:
+        raise InputError(f"{what} file {path} holds a single number, not one row per example")
     if array.shape[0] == 0:
         raise InputError(f"{what} file {path} has no rows")
     return array
 
 
+def _check_real(array: np.ndarray, path, what: str) -> None:
+    """Refuse complex numbers: scores, probabilities and features are real."""
+    if np.iscomplexobj(array):
+        raise InputError(f"{what} file {path} must hold real numbers, got {array.dtype}; save the real part "
+                         "(numpy.real) or the magnitude (numpy.abs)")
+
+
 def read_vector(path, *, what: str) -> np.ndarray:
-    """One finite number per example."""
+    """One finite real number per example."""
     v = read_array(path, what=what, columns=1)
     if not np.issubdtype(v.dtype, np.number):
         raise InputError(f"{what} file {path} must be numeric, got {v.dtype}")
+    _check_real(v, path, what)
     bad = ~np.isfinite(v) & ~np.isposinf(v)  # +inf is a legal score (never-learned examples)
     if bad.any():
         raise InputError(f"{what} file {path} has NaN or -inf at row {int(np.argmax(bad))}")
@@ -160,10 +184,11 @@ def read_labels(path, *, what: str = "labels") -> np.ndarray:
 
 
 def read_matrix(path, *, what: str) -> np.ndarray:
-    """An [N, K] matrix; a .npy file stays memory-mapped."""
+    """An [N, K] real matrix; a .npy file stays memory-mapped."""
     m = read_array(path, what=what)
     if m.ndim != 2:
         raise InputError(f"{what} file {path} must be a 2-D [examples, columns] array, got shape {m.shape}")
+    _check_real(m, path, what)
     return m
 
 

@@ -34,6 +34,12 @@ from prunekit.errors import InputError
 __all__ = ["kmeans", "prototype_distance"]
 
 
+def _tensor(emb) -> torch.Tensor:
+    """`emb` as a float64 ``[N, D]`` tensor over writable memory (a read-only memory map is copied)."""
+    arr = np.ascontiguousarray(float_array(emb, "emb", ndims=(2,)))
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+
+
 def _unit(x: torch.Tensor, name: str) -> torch.Tensor:
     norms = x.norm(dim=1, keepdim=True)  # [N, 1]
     if (norms == 0).any():
@@ -97,7 +103,7 @@ def kmeans(emb, k: int, *, iters: int = 100, seed: int = 0, cosine: bool = True)
     >>> bool(assign[0] == assign[1] != assign[2])  # cluster numbers are arbitrary; the grouping is not
     True
     """
-    x = torch.from_numpy(np.ascontiguousarray(float_array(emb, "emb", ndims=(2,))))  # [N, D] float64
+    x = _tensor(emb)  # [N, D] float64
     k = int_at_least(k, "k", 1)
     iters = int_at_least(iters, "iters", 1)
     seed = int_at_least(seed, "seed", 0)
@@ -117,7 +123,7 @@ def prototype_distance(emb, *, k: int = 10, seed: int = 0, labels=None, iters: i
     With integer `labels` ``[N]``: k clusters within each class (``min(k, class size)``), each example measured
     against its own class's centroids (supervised prototypes). ``cosine=True``: ``1 - cos``; else Euclidean.
     """
-    x = torch.from_numpy(np.ascontiguousarray(float_array(emb, "emb", ndims=(2,))))  # [N, D]
+    x = _tensor(emb)  # [N, D] float64
     k = int_at_least(k, "k", 1)
     iters = int_at_least(iters, "iters", 1)
     seed = int_at_least(seed, "seed", 0)
