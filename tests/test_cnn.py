@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -410,3 +411,80 @@ def test_cli_trp_split_faster_keeps_slow_splits_whole(tmp_path):
         w = model.get_submodule(name).weight.detach().double()
         s = torch.linalg.svdvals(trp.to_matrix(w, "channel"))
         assert int((s > 1e-5 * s[0]).sum()) == meta["ranks"][name]
+
+
+def _break(folder, case):
+    """Damage a saved model folder the way a QA sweep did; each of these was an exit-1 traceback (or NaN accepted)."""
+    cfg_file, weights = folder / "config.json", folder / "model.safetensors"
+    cfg = json.loads(cfg_file.read_text())
+    edits = {"cfg_list": [1], "cfg_nokeys": {"format": cfg["format"]}, "cfg_widths_str": dict(cfg, widths="abc"),
+             "cfg_neg": dict(cfg, num_classes=-1), "cfg_bool": dict(cfg, blocks=True),
+             "cfg_mids_short": dict(cfg, mids=[2]),
+             "cfg_lowrank_bad": dict(cfg, lowrank={"blocks.0.conv1": {"rank": "x", "scheme": "foo"}}),
+             "cfg_lowrank_name": dict(cfg, lowrank={"nope.conv": {"rank": 2, "scheme": "channel"}}),
+             "cfg_widths_mismatch": dict(cfg, widths=[4, 8, 16]), "cfg_inch3": dict(cfg, in_channels=3),
+             "cfg_huge": dict(cfg, widths=[4, 8, 10**9])}
+    if case == "cfg_binary":
+        cfg_file.write_bytes(bytes(range(128, 256)) * 2)
+    elif case in edits:
+        cfg_file.write_text(json.dumps(edits[case]))
+    elif case == "trunc":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    elif case == "st_binary":
+        weights.write_bytes(bytes(range(256)) * 4)
+    elif case in ("nanw", "infw"):
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(weights))
+        state["blocks.1.conv2.weight"][0, 0, 0, 0] = float("nan") if case == "nanw" else float("inf")
+        save_file(state, str(weights))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("cfg_binary", r"config\.json is not UTF-8 JSON text"),
+    ("cfg_list", r"config\.json must hold a JSON object, got a list"),
+    ("cfg_nokeys", r"config\.json lacks widths, blocks"),
+    ("cfg_widths_str", r"has widths='abc'; it must be a list of channel counts"),
+    ("cfg_neg", r"has num_classes=-1; it must be an integer >= 1"),
+    ("cfg_bool", r"has blocks=True; it must be an integer >= 1"),
+    ("cfg_mids_short", r"has mids=\[2\]; it must be a list of 3 inner widths"),
+    ("cfg_lowrank_bad", r"lowrank entry 'blocks\.0\.conv1'.*integer rank >= 1 and a scheme"),
+    ("cfg_lowrank_name", r"low-rank layer 'nope\.conv', which is not a conv"),
+    ("cfg_widths_mismatch", r"model\.safetensors does not match .*config\.json: blocks\.2\.conv2\.weight has shape "
+                            r"\[8, 8, 3, 3\] in the weights, \[16, 8, 3, 3\] by the config"),
+    ("cfg_inch3", r"stem\.weight has shape \[4, 1, 3, 3\] in the weights, \[4, 3, 3, 3\] by the config"),
+    ("cfg_huge", r"does not match"),  # checked on shapes alone: nothing of 10^9 channels is allocated
+    ("trunc", r"model\.safetensors is not a readable safetensors file"),
+    ("st_binary", r"model\.safetensors is not a readable safetensors file"),
+    ("nanw", r"base has NaN or Inf weights in blocks\.1\.conv2\.weight; repair or re-export the model"),
+    ("infw", r"has NaN or Inf weights in blocks\.1\.conv2\.weight"),  # cnn eval reported accuracy 0.1
+])
+def test_cli_broken_model_folder_exits_2_and_writes_nothing(saved, tmp_path, case, match, capsys):
+    _break(saved, case)
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    out = tmp_path / "never"
+    for args in (["udfc", str(saved), "--out", str(out)], ["eval", str(saved)]):
+        assert main(["cnn", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("prunekit: error:") and len(err.strip().splitlines()) == 1, err
+        assert re.search(match, err) and (str(saved) in err), err
+        if case not in ("nanw", "infw"):
+            assert "re-export the model" in err, err
+    assert not out.exists() and {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    with pytest.raises(InputError, match=match):
+        resnet.load_model(saved)
+
+
+def test_cli_negative_seed_and_three_channel_eval_refused(tmp_path, capsys):
+    out = tmp_path / "never"
+    for command in ("train", "trp"):  # cnn train --seed -1 trained and saved
+        assert main(["cnn", command, "--seed", "-1", "--epochs", "1", "--examples", "8", "--out", str(out)]) == 2
+        assert "--seed must be an integer >= 0, got -1" in capsys.readouterr().err
+    rgb = resnet.save_model(resnet.ResNet(widths=(4, 8, 8), blocks=1, in_channels=3).eval(), tmp_path / "rgb")
+    assert resnet.load_model(rgb).config["in_channels"] == 3  # a consistent 3-channel model loads
+    assert main(["cnn", "eval", str(rgb)]) == 2
+    assert "takes 3-channel images but evaluation uses Fashion-MNIST" in capsys.readouterr().err
+    assert main(["cnn", "udfc", str(rgb), "--eval", "--out", str(out)]) == 2
+    assert "or drop --eval" in capsys.readouterr().err
+    assert not out.exists()

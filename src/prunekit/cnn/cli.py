@@ -79,6 +79,18 @@ def _check_training(args) -> None:
         raise InputError(f"--epochs must be >= 1, got {args.epochs}")
     if args.examples is not None and args.examples < 1:
         raise InputError(f"--examples must be >= 1, got {args.examples}")
+    if args.seed < 0:
+        raise InputError(f"--seed must be an integer >= 0, got {args.seed}")
+
+
+def _check_fashion_input(model, name: str, hint: str = "") -> None:
+    """Refuse a model that cannot take Fashion-MNIST's one-channel images, before any evaluation."""
+    from prunekit.errors import InputError
+
+    channels = model.config["in_channels"]
+    if channels != 1:
+        raise InputError(f"{name} takes {channels}-channel images but evaluation uses Fashion-MNIST (1 channel); "
+                         f"give a 1-channel model{hint}")
 
 
 def _summary(model, xte, yte) -> dict:
@@ -145,6 +157,8 @@ def _cmd_udfc(args) -> int:
     out = resnet.check_output_dir(args.out, overwrite=args.overwrite)
     check_not_input(out, None if args.model == "testbed" else args.model)
     model = _model(args.model)
+    if args.eval:
+        _check_fashion_input(model, args.model, " or drop --eval")
     t0 = time.perf_counter()
     result = compress(model, ratio=args.ratio, bits=args.bits, method=args.method, criterion=args.criterion,
                       quantize=args.quantize)
@@ -170,6 +184,7 @@ def _cmd_eval(args) -> int:
     from prunekit.cnn import resnet
 
     model = _model(args.model)
+    _check_fashion_input(model, args.model)
     _, _, xte, yte = resnet.fashion_tensors()
     s = _summary(model, xte, yte)
     if args.json:

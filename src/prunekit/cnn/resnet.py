@@ -158,8 +158,76 @@ def save_model(model: ResNet, out, *, metadata: dict | None = None, overwrite: b
     return out
 
 
+_ARCH = ("widths", "blocks", "mids", "in_channels", "num_classes", "stem_stride")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _read_config(cfg_file: Path) -> dict:
+    """``config.json`` of a model folder, checked: a JSON object in `FORMAT` with a buildable architecture."""
+    from prunekit.cnn.trp import SCHEMES
+
+    def bad(what: str) -> InputError:
+        return InputError(f"{cfg_file} {what}; re-export the model")
+
+    try:
+        cfg = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise bad("is not UTF-8 JSON text (binary or another encoding)") from None
+    except json.JSONDecodeError as e:
+        raise bad(f"is not valid JSON ({e})") from None
+    except OSError as e:
+        raise InputError(f"{cfg_file} cannot be read ({e.strerror})") from None
+    if not isinstance(cfg, dict):
+        raise bad(f"must hold a JSON object, got a {type(cfg).__name__}")
+    if cfg.get("format") != FORMAT:
+        raise InputError(f"{cfg_file} has format {cfg.get('format')!r}, expected {FORMAT!r}")
+    missing = [k for k in _ARCH if k not in cfg and k != "mids"]
+    if missing:
+        raise bad(f"lacks {', '.join(missing)}")
+    for key in ("blocks", "in_channels", "num_classes", "stem_stride"):
+        if not _is_count(cfg[key]):
+            raise bad(f"has {key}={cfg[key]!r}; it must be an integer >= 1")
+    widths, mids = cfg["widths"], cfg.get("mids")
+    if not isinstance(widths, list) or not widths or not all(map(_is_count, widths)):
+        raise bad(f"has widths={widths!r}; it must be a list of channel counts >= 1")
+    n = len(widths) * cfg["blocks"]
+    if mids is not None and (not isinstance(mids, list) or len(mids) != n or not all(map(_is_count, mids))):
+        raise bad(f"has mids={mids!r}; it must be a list of {n} inner widths >= 1 (one per block)")
+    lowrank = cfg.get("lowrank") or {}
+    if not isinstance(lowrank, dict):
+        raise bad(f"has lowrank={lowrank!r}; it must map layer names to {{rank, scheme}}")
+    for name, spec in lowrank.items():
+        if not isinstance(spec, dict) or not _is_count(spec.get("rank")) or spec.get("scheme") not in SCHEMES:
+            raise bad(f"has lowrank entry {name!r}: {spec!r}; it needs an integer rank >= 1 and a scheme in "
+                      f"{', '.join(SCHEMES)}")
+    cfg["lowrank"] = lowrank
+    return cfg
+
+
+def _build(cfg: dict, cfg_file: Path) -> ResNet:
+    """The (untrained) model a checked config describes, low-rank layers installed."""
+    from prunekit.cnn.trp import install_lowrank
+
+    model = ResNet(**{k: cfg.get(k) for k in _ARCH})
+    for name, spec in cfg["lowrank"].items():
+        try:
+            install_lowrank(model, name, rank=spec["rank"], scheme=spec["scheme"])
+        except (AttributeError, InputError):
+            raise InputError(f"{cfg_file} lists low-rank layer {name!r}, which is not a conv of this model; "
+                             "re-export the model") from None
+    return model
+
+
 def load_model(path) -> ResNet:
-    """Load a folder written by `save_model` (pruned and low-rank models included), in eval mode."""
+    """Load a folder written by `save_model` (pruned and low-rank models included), in eval mode.
+
+    Anything a user must fix (a config that is not the architecture's, weights of other shapes, a truncated or
+    foreign weights file, NaN or Inf weights) is an `InputError` naming the folder.
+    """
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -167,23 +235,34 @@ def load_model(path) -> ResNet:
     if not cfg_file.is_file() or not weights.is_file():
         raise InputError(f"{path} is not a prunekit CNN folder (needs config.json and model.safetensors); "
                          "make one with `prunekit cnn train --out FOLDER`")
+    cfg = _read_config(cfg_file)
+    with torch.device("meta"):  # shapes only: a config of absurd widths allocates nothing
+        expected = {k: v for k, v in _build(cfg, cfg_file).state_dict().items()}
+    unreadable = f"{weights} is not a readable safetensors file ({{}}); re-export the model"
     try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{cfg_file} is not valid JSON ({e}); re-save the model") from None
-    if cfg.get("format") != FORMAT:
-        raise InputError(f"{cfg_file} has format {cfg.get('format')!r}, expected {FORMAT!r}")
-    keys = ("widths", "blocks", "mids", "in_channels", "num_classes", "stem_stride")
-    model = ResNet(**{k: cfg[k] for k in keys})
-    if cfg.get("lowrank"):
-        from prunekit.cnn.trp import install_lowrank
-
-        for name, spec in cfg["lowrank"].items():
-            install_lowrank(model, name, rank=int(spec["rank"]), scheme=spec["scheme"])
-    state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        with safe_open(str(weights), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise InputError(unreadable.format(e)) from None
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     if missing or unexpected:
-        raise InputError(f"{weights} does not match {cfg_file}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise InputError(f"{weights} does not match {cfg_file}: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+                         "re-export the model")
+    for name, t in expected.items():
+        if found[name] != tuple(t.shape):
+            raise InputError(f"{weights} does not match {cfg_file}: {name} has shape {list(found[name])} in the "
+                             f"weights, {list(t.shape)} by the config; re-export the model")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise InputError(unreadable.format(e)) from None
+    for name, t in state.items():
+        if expected[name].is_floating_point() and not t.is_floating_point():
+            raise InputError(f"{weights} stores {name} as {t.dtype}, not floating point; re-export the model")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise InputError(f"{path} has NaN or Inf weights in {name}; repair or re-export the model")
+    model = _build(cfg, cfg_file)
+    model.load_state_dict(state)  # names and shapes checked above
     return model.eval()
 
 
