@@ -223,6 +223,13 @@ def test_prune_and_perplexity_api_refuse_bad_arguments_with_input_errors(tok):
         prunekit.prune("tiny", method="magnitude", ratio=0.5)
     res = prunekit.prune(model, method="magnitude", ratio=0.5, skip="*down_proj", calibration=None, progress=False)
     assert not any(r.name.endswith("down_proj") for r in res.layers)
+    import numpy as np
+
+    res = prunekit.prune(tiny_model("llama"), method="magnitude", ratio=np.float32(0.25), calibration=None,
+                         progress=False)  # a numpy scalar is a number too
+    assert res.ratio == 0.25 and abs(res.total_sparsity - 0.25) < 1e-6
+    with pytest.raises(InputError, match="ratio must be a number"):
+        prunekit.prune(tiny_model("llama"), method="magnitude", ratio=np.bool_(True), calibration=None)
     from prunekit.text import Text
 
     text = Text("t", "some words " * 200, "test text")

@@ -21,6 +21,7 @@ array([False,  True, False,  True])
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -86,7 +87,7 @@ def parse_pattern(pattern: str | NM | None) -> NM | None:
 
 def check_ratio(ratio: float) -> float:
     """Validate a removal ratio: a finite number in [0, 1)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+    if isinstance(ratio, (bool, np.bool_)) or not isinstance(ratio, numbers.Real):  # numpy scalars are Real too
         raise InputError(f"ratio must be a number in [0, 1), got {ratio!r}")
     ratio = float(ratio)
     if not math.isfinite(ratio) or not 0.0 <= ratio < 1.0:
