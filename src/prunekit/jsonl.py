@@ -35,7 +35,8 @@ def read_objects(path: str | os.PathLike, *, shape: str) -> list[tuple[int, dict
                 except json.JSONDecodeError as e:
                     raise InputError(f"{path}:{no}: not valid JSON ({e.msg}); each line must be {shape}") from None
                 except RecursionError:
-                    raise InputError(f"{path}:{no}: JSON nested too deeply to read; each line must be {shape}") from None
+                    raise InputError(f"{path}:{no}: JSON nested too deeply to read; each line must be "
+                                     f"{shape}") from None
                 if not isinstance(obj, dict):
                     raise InputError(f"{path}:{no}: not a JSON object; each line must be {shape}")
                 out.append((no, obj))
