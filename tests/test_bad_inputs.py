@@ -262,3 +262,11 @@ def test_a_pickled_bin_checkpoint_is_refused_without_running_it(model_dir, text_
     refused(["eval", str(folder), "--text", str(text_file), "--seqlen", "32", "--tokens", "64"], capsys,
             "convert the weights to safetensors")
     assert not marker.exists()
+
+
+def test_prune_refuses_flags_that_would_be_ignored(model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.5", "--out", str(out), "--quiet"]
+    refused([*base, "--eval-tokens", "64"], capsys, "--eval-tokens sets how much of the --eval texts")
+    refused([*base, "--samples", "0"], capsys, "--samples must be an integer >= 1")
+    assert not out.exists()

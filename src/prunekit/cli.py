@@ -184,10 +184,13 @@ def _cmd_prune(args) -> int:
         raise InputError(f"unknown method {args.method!r} for prune; choose one of: {', '.join(choices)}")
     _refuse_foreign_flags(args, known)
     _check_eval_sizes(args.seqlen, args.eval_tokens, "--eval-tokens")
-    if args.seed < 0:
-        from prunekit.errors import InputError
+    from prunekit.errors import InputError, int_at_least
 
+    if args.seed < 0:
         raise InputError(f"--seed must be 0 or more, got {args.seed}")
+    int_at_least(args.samples, "--samples", 1, hint=" (calibration windows)")
+    if args.eval_tokens is not None and not args.eval:
+        raise InputError("--eval-tokens sets how much of the --eval texts is scored; give --eval TEXTS or leave it out")
     if known.domain in _PRUNE_DOMAINS:
         return import_module(_PRUNE_DOMAINS[known.domain]).run_prune(args)
     spec = prunekit.registry.get(args.method, "weights")  # validate everything before the slow work
