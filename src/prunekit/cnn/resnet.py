@@ -230,6 +230,8 @@ def load_model(path) -> ResNet:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    from prunekit.weights.io import check_finite_weights
+
     path = Path(path)
     cfg_file, weights = path / "config.json", path / "model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
@@ -259,11 +261,9 @@ def load_model(path) -> ResNet:
     for name, t in state.items():
         if expected[name].is_floating_point() and not t.is_floating_point():
             raise InputError(f"{weights} stores {name} as {t.dtype}, not floating point; re-export the model")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise InputError(f"{path} has NaN or Inf weights in {name}; repair or re-export the model")
     model = _build(cfg, cfg_file)
     model.load_state_dict(state)  # names and shapes checked above
-    return model.eval()
+    return check_finite_weights(model, path, buffers=True).eval()
 
 
 def testbed(*, seed: int = 0, epochs: int | None = None, progress: bool = True, log=None) -> ResNet:

@@ -156,7 +156,7 @@ def _inputs(args):
     import torch
 
     from prunekit import train
-    from prunekit.data.io import _check_real, read_array, read_labels
+    from prunekit.data.io import check_real, read_array, read_labels
     from prunekit.errors import InputError
 
     if args.data == "fashion-mnist":
@@ -174,7 +174,7 @@ def _inputs(args):
             raise InputError(f"data has {len(x)} examples but labels has {len(y)}; they must describe the same examples")
         if not np.issubdtype(x.dtype, np.number):
             raise InputError(f"data must be numeric, got {x.dtype}")
-        _check_real(x, args.data, "data")
+        check_real(x, args.data, "data")
         if 0 in x.shape[1:]:
             raise InputError(f"data file {args.data} has shape {x.shape}: no values per example; give features "
                              "[N, D] with D >= 1 or images [N, 28, 28]")

@@ -22,7 +22,8 @@ import numpy as np
 
 from prunekit.errors import InputError, check_writable
 
-__all__ = ["read_array", "read_labels", "read_vector", "read_matrix", "write_table", "check_output_file", "FORMATS"]
+__all__ = ["read_array", "read_labels", "read_vector", "read_matrix", "check_real", "write_table", "check_output_file",
+           "FORMATS"]
 
 FORMATS = (".npy", ".csv", ".parquet")
 
@@ -151,7 +152,7 @@ def read_array(path: str | os.PathLike, *, what: str, columns: int | None = None
     return array
 
 
-def _check_real(array: np.ndarray, path, what: str) -> None:
+def check_real(array: np.ndarray, path, what: str) -> None:
     """Refuse complex numbers: scores, probabilities and features are real."""
     if np.iscomplexobj(array):
         raise InputError(f"{what} file {path} must hold real numbers, got {array.dtype}; save the real part "
@@ -163,7 +164,7 @@ def read_vector(path, *, what: str) -> np.ndarray:
     v = read_array(path, what=what, columns=1)
     if not np.issubdtype(v.dtype, np.number):
         raise InputError(f"{what} file {path} must be numeric, got {v.dtype}")
-    _check_real(v, path, what)
+    check_real(v, path, what)
     bad = ~np.isfinite(v) & ~np.isposinf(v)  # +inf is a legal score (never-learned examples)
     if bad.any():
         raise InputError(f"{what} file {path} has NaN or -inf at row {int(np.argmax(bad))}")
@@ -188,7 +189,7 @@ def read_matrix(path, *, what: str) -> np.ndarray:
     m = read_array(path, what=what)
     if m.ndim != 2:
         raise InputError(f"{what} file {path} must be a 2-D [examples, columns] array, got shape {m.shape}")
-    _check_real(m, path, what)
+    check_real(m, path, what)
     return m
 
 

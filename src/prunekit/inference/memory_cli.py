@@ -94,17 +94,21 @@ def _embedder(args, path: Path, create: bool):
 
 
 def _turns(args) -> list:
+    """The turns to add, each checked (a bad line of a --jsonl file named) before the store is touched."""
     from prunekit.errors import InputError
+
+    from prunekit.inference.memory import Memory
+    from prunekit.jsonl import read_objects
 
     if (args.text is None) == (args.jsonl is None):
         raise InputError("give the turn's text or --jsonl FILE (one of them)")
     if args.text is not None:
-        return [{"role": args.role, "content": args.text}]
+        turn = {"role": args.role, "content": args.text}
+        Memory._turn(turn)
+        return [turn]
     src = Path(args.jsonl)
     if not src.is_file():
         raise InputError(f"--jsonl {src} is not a file")
-    from prunekit.inference.memory import Memory
-    from prunekit.jsonl import read_objects
 
     turns = []
     for no, item in read_objects(src, shape='{"role", "content"}'):
@@ -129,12 +133,8 @@ def _open(args, *, create: bool, **options):
 
 
 def _cmd_add(args) -> int:
-    from prunekit.inference.memory import Memory
-
     path = Path(args.store).expanduser()
     turns = _turns(args)
-    for t in turns:  # validate every turn before the store is touched
-        Memory._turn(t)
     created = not path.exists()
     if created:
         from prunekit.errors import check_writable

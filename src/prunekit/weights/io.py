@@ -99,13 +99,14 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def check_finite_weights(model, where) -> object:
-    """`model` itself when every floating-point parameter is finite; otherwise an InputError naming the first
-    bad tensor of `where` (a path or a name) and how many others are bad. Buffers are not checked: some
-    architectures keep -inf masks in them."""
+def check_finite_weights(model, where, *, buffers: bool = False) -> object:
+    """`model` itself when every floating-point parameter (and, with `buffers`, buffer) is finite; otherwise an
+    InputError naming the first bad tensor of `where` (a path or a name) and how many others are bad. Buffers
+    are off by default: some transformer architectures keep -inf masks in them."""
     import torch
 
-    bad = [n for n, t in model.named_parameters() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    tensors = model.state_dict(keep_vars=True).items() if buffers else model.named_parameters()
+    bad = [n for n, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         more = f" and {len(bad) - 1} other tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
         raise InputError(f"{where} has NaN or Inf weights in {bad[0]}{more}; repair or re-export the model")
