@@ -20,7 +20,7 @@ from torch import nn
 
 from prunekit.errors import int_at_least
 
-__all__ = ["compare_speed", "measure_speed", "speedup"]
+__all__ = ["compare_speed", "compare_speed_with_dense", "measure_speed", "speedup"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,3 +112,15 @@ def compare_speed(dense: nn.Module, pruned: nn.Module, *, rounds: int = 3, **kwa
            for name, rows in runs.items()}
     return {"dense": best["dense"], "pruned": best["pruned"], "speedup": speedup(best["dense"], best["pruned"]),
             "median_speedup": speedup(med["dense"], med["pruned"]), "rounds": rounds}
+
+
+def compare_speed_with_dense(dense_path, pruned: nn.Module, **kwargs) -> dict:
+    """`compare_speed` against the dense model loaded again from `dense_path` (the prune CLIs: the dense model
+    was changed in place, so it is reloaded after pruning and timed in turns with the pruned one)."""
+    from prunekit.weights.io import load_model
+
+    dense, _ = load_model(dense_path)
+    try:
+        return compare_speed(dense, pruned, **kwargs)
+    finally:
+        del dense

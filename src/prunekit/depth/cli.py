@@ -114,7 +114,7 @@ def run_prune(args) -> int:
     from prunekit import report
     from prunekit.cli import _versions
     from prunekit.evaluate import EVAL_TOKENS
-    from prunekit.speed import compare_speed
+    from prunekit.speed import compare_speed_with_dense
     from prunekit.depth.dit import is_dit_folder
     from prunekit.text import check_token_ids
     from prunekit.weights.engine import find_blocks
@@ -145,9 +145,7 @@ def run_prune(args) -> int:
         del teacher
     speed = None
     if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
-        dense, _ = prunekit.load_model(path)
-        speed = compare_speed(dense, model)
-        del dense
+        speed = compare_speed_with_dense(path, model)
     for n, t in eval_texts.items():
         evaluation[n]["pruned"] = prunekit.perplexity(model, tok, t, seqlen=args.seqlen, tokens=tokens, progress=progress).to_dict()
     meta = {

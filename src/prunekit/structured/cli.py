@@ -50,7 +50,7 @@ def run_prune(args) -> int:
     from prunekit import registry
     from prunekit.cli import _options, _versions
     from prunekit.evaluate import EVAL_TOKENS
-    from prunekit.speed import compare_speed
+    from prunekit.speed import compare_speed_with_dense
     from prunekit.structured import check_request, prune_structured, save_structured
     from prunekit.structured.units import model_dims
     from prunekit.text import check_token_ids
@@ -91,9 +91,7 @@ def run_prune(args) -> int:
                                                          progress=progress).to_dict()
     speed = None
     if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
-        dense, _ = prunekit.load_model(args.model)
-        speed = compare_speed(dense, model)
-        del dense
+        speed = compare_speed_with_dense(args.model, model)
     meta = {"model": str(args.model), **result.to_dict(), "calibration": calib_text.describe() if calib_text else None,
             "samples": args.samples if ids is not None else 0, "seqlen": args.seqlen, "seed": args.seed,
             "evaluation": evaluation, "speed": speed, "versions": _versions(), "wall_seconds": None}
