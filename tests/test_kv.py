@@ -278,9 +278,10 @@ def test_snapkv_and_deep_forcing_follow_planted_patterns():
     assert torch.equal(top[0, 0], top[0, 1])  # one selection for all heads
 
 
-def test_deep_forcing_realigns_only_sinks_and_topc_next_to_the_tail(models):
+@pytest.mark.parametrize("topc_rope", ["keep", "unify"])
+def test_deep_forcing_realigns_the_sinks_before_the_tail(models, topc_rope):
     model, ids, budget = models["sdpa"], prompt(30), 24
-    pol = kv.DeepForcing(budget=budget)  # S 12, R 5, C 2: compresses to 19 whenever it passes 24
+    pol = kv.DeepForcing(budget=budget, topc_rope=topc_rope)  # S 12, R 5, C 2: compresses to 19 past 24
     with Engine(model, pol, budget=budget) as engine:
         out, cache = generate(model, ids, new=20)
         st = engine.states[0]
@@ -290,10 +291,39 @@ def test_deep_forcing_realigns_only_sinks_and_topc_next_to_the_tail(models):
         last_compress_len = 19
         tail = seen - (m - last_compress_len) - 5  # the recent 5 at the last compression, then what came after
         assert kept[-(m - last_compress_len) - 5:].tolist() == list(range(tail, seen))
-        assert st.pos[0, 0].tolist() == list(range(seen - m, seen))  # contiguous, ending at the newest token
+        pos = st.pos[0, 0].tolist()
+        if topc_rope == "unify":  # the paper's text: every kept key contiguous, ending at the newest token
+            assert pos == list(range(seen - m, seen))
+        else:  # the released code: the sinks sit before a tail of m - 12 positions; the rest keep their phases
+            at_compression = seen - (m - last_compress_len)  # tokens seen when the sinks were last moved
+            assert pos[:12] == list(range(at_compression - last_compress_len, at_compression - last_compress_len + 12))
+            assert pos[12:] == kept[12:].tolist()
         assert st.next_pos == seen  # queries keep their positions; only the old keys moved
         fresh = layer0_keys(model, out[0, :seen][kept], st.pos[0, 0])
         assert torch.allclose(cache.layers[0].keys, fresh, atol=1e-4)
+
+
+def test_deep_forcing_picks_a_token_as_top_c_at_most_max_reuse_times():
+    torch.manual_seed(0)
+    n, d = 40, 16
+    keys = torch.randn(1, 2, n, d) * 0.1
+    target = torch.randn(d)
+    keys[0, :, 7] = 4 * target  # the best candidate by far
+    keys[0, :, 21] = 3 * target  # the second best
+    queries = (target * 3).expand(1, 4, 6, d).clone()
+    df = kv.DeepForcing(budget=24, sinks=0.25, recent=0.25, topc=1 / 24, max_reuse=2)  # S 6, R 6, C 1
+    view = synthetic_view(keys, queries, 24)
+    picks = [[i for i in df.score(view).topk(df.target(24)).indices[0, 0].tolist() if 6 <= i < 34] for _ in range(5)]
+    assert picks[:4] == [[7], [7], [21], [21]] and picks[4][0] not in (7, 21)  # then the next best candidate
+    assert view.state.extras["topc_uses"][0, :, [7, 21]].tolist() == [[2, 2], [2, 2]]
+    unlimited = kv.DeepForcing(budget=24, sinks=0.25, recent=0.25, topc=1 / 24, max_reuse=0)
+    view = synthetic_view(keys, queries, 24)
+    assert all(unlimited.score(view).topk(19).indices[0, 0].tolist().count(7) for _ in range(5))
+    # every candidate spent: the best of them fills the quota (the reference would keep fewer tokens)
+    small = kv.DeepForcing(budget=8, sinks=0.25, recent=0.25, topc=1 / 8, max_reuse=1)  # S 2, R 2, C 1
+    view = synthetic_view(keys[:, :, [0, 1, 7, 21, 38, 39]], queries[:, :, -2:], 8)
+    picks = [[i for i in small.score(view).topk(5).indices[0, 0].tolist() if 2 <= i < 4] for _ in range(3)]
+    assert picks == [[2], [3], [2]]
 
 
 def test_delta_pages_rule():
