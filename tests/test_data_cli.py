@@ -191,6 +191,8 @@ def test_select_and_score_commands(tmp_path, capsys):
         out = tmp_path / f"{method}.npy"
         assert main(["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
                      "--method", method, "--runs", "2", "--epochs", "2", "--clusters", "3", "--out", str(out), "--quiet"]) == 0
+        note = "--clusters is used by --method prototypes only; ignored for " + method
+        assert (note in capsys.readouterr().err) == (method != "prototypes")  # a flag that does nothing is named
         scores = np.load(out)
         assert scores.shape == (240,) and np.isfinite(scores[~np.isposinf(scores)]).all()
     probs_out = tmp_path / "probs.npy"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -62,8 +63,8 @@ def add_parser(sub) -> None:
     sc.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10)")
     sc.add_argument("--score-epoch", type=int, default=None,
                     help="epoch after which EL2N / GraNd are taken (default: a tenth of --epochs, at least 1)")
-    sc.add_argument("--folds", type=int, default=5, help="folds for --method probs (default 5)")
-    sc.add_argument("--clusters", type=int, default=10, help="k-means clusters for --method prototypes (default 10)")
+    sc.add_argument("--folds", type=int, default=None, help="folds for --method probs (default 5)")
+    sc.add_argument("--clusters", type=int, default=None, help="k-means clusters for --method prototypes (default 10)")
     sc.add_argument("--embeddings", default=None, help="embeddings [N, D] for --method prototypes (no training then)")
     sc.add_argument("--batch-size", type=int, default=128)
     sc.add_argument("--lr", type=float, default=0.05)
@@ -217,6 +218,11 @@ def _check_score_options(args) -> None:
     int_at_least(args.epochs, "--epochs", 1)
     int_at_least(args.batch_size, "--batch-size", 1)
     int_at_least(args.seed, "--seed", 0)
+    for flag, name, default, method in (("--folds", "folds", 5, "probs"), ("--clusters", "clusters", 10, "prototypes")):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif args.method != method:  # a script looping over methods with one flag set: say so, do not stop
+            print(f"prunekit: note: {flag} is used by --method {method} only; ignored for {args.method}", file=sys.stderr)
     if args.method == "probs":
         int_at_least(args.folds, "--folds", 2)
     elif args.method == "prototypes":
