@@ -10,9 +10,9 @@ Tasks (all greedy, batch 1, fp32 on CPU):
 - ``ppl``: Pride and Prejudice in consecutive windows: prefill `--ppl-context` tokens compressed to each of
   `--ppl-budgets`, then score the next `--ppl-tokens` teacher-forced in one forward; perplexity over all
   windows. DELTA is left out here: its sparse path runs only for one-token decoding steps.
-- ``stream``: StreamingLLM and Deep Forcing (prunekit only) over the first `--stream-tokens` tokens of the book
-  (past the model's 8k context), fed `--stream-chunk` tokens at a time through one cache of `--stream-windows`
-  tokens; perplexity of every token after the first.
+- ``stream``: StreamingLLM and Deep Forcing settings (prunekit only) over the first `--stream-tokens` tokens
+  of the book (past the model's 8k context), fed `--stream-chunk` tokens at a time through one cache of
+  `--stream-windows` tokens; perplexity of every token after the first.
 - ``speed``: one passkey prompt of `--speed-context` tokens, then `--speed-tokens` decoding steps timed:
   decode tokens/s, peak KV-cache MB while decoding, and seconds inside the attention modules (hooks).
   ``full`` is the plain model (no engine, no press) in each tool's own environment; prunekit's
@@ -30,7 +30,11 @@ The committed results are a reduced run (2 passkey depths at 2k only, 1 perplexi
 
     python bench/kv_vs_kvpress.py --reduced --contexts 2048 --depths 0.25,0.75 --ppl-windows 1 \
         --stream-windows 512 --speed-fractions 0.25 --stream-policies "streaming_llm,deep_forcing,\
-        deep_forcing:sinks=0.1/recent=0.5/topc=0.15,deep_forcing:sinks=0.25/recent=0.35/topc=0.15"
+        deep_forcing:topc_rope=unify,deep_forcing:sinks=0.02/recent=0.5/topc=0.45"
+
+The full-size results (``bench/results/kv_vs_kvpress_full.md``) are ``python bench/kv_vs_kvpress.py --name
+kv_vs_kvpress_full``; their Deep Forcing rows were re-run on 2026-11-30 after the Top-C reuse limit and the
+released code's RoPE handling went in (the other rows were kept from the raw file).
 
 Writes bench/results/kv_vs_kvpress.json ({"rows": [...]}) and .md.
 """
@@ -83,7 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--stream-tokens", type=int, default=16384)
     p.add_argument("--stream-windows", type=ints, default=[256, 512, 1024])
     p.add_argument("--stream-chunk", type=int, default=64)
-    p.add_argument("--stream-policies", default="streaming_llm,deep_forcing",
+    p.add_argument("--stream-policies", default="streaming_llm,deep_forcing,deep_forcing:topc_rope=unify,"
+                   "deep_forcing:sinks=0.25/recent=0.4/topc=0.32,deep_forcing:sinks=0.02/recent=0.5/topc=0.45",
                    help="prunekit policies streamed; NAME:KEY=VALUE/KEY=VALUE sets options, e.g. deep_forcing:sinks=0.1")
     p.add_argument("--speed-context", type=int, default=4096)
     p.add_argument("--speed-tokens", type=int, default=32)
@@ -150,12 +155,18 @@ DELTA_LAYERS: list[int] = []  # set by main from calibrate_delta_layers
 
 
 def parse_spec(spec: str):
-    """'deep_forcing:sinks=0.1/recent=0.3' -> ('deep_forcing', {'sinks': 0.1, 'recent': 0.3})."""
+    """'deep_forcing:sinks=0.1/topc_rope=unify' -> ('deep_forcing', {'sinks': 0.1, 'topc_rope': 'unify'})."""
     name, _, rest = spec.partition(":")
     opts = {}
     for item in [x for x in rest.split("/") if x]:
         k, _, v = item.partition("=")
-        opts[k] = float(v) if "." in v else int(v)
+        opts[k] = v
+        for kind in (int, float):
+            try:
+                opts[k] = kind(v)
+                break
+            except ValueError:
+                pass
     return name, opts
 
 
@@ -336,7 +347,9 @@ def write_outputs(rows, args, meta):
                  "pipeline); prunekit's policies keep compressing while decoding (cache <= budget + every - 1), kvpress's "
                  "cache holds budget + question + answer. `delta` keeps the whole cache: its budget is the keys its sparse "
                  "layers attend to (`attended`: fraction of keys attended over all layers while decoding). `deep_forcing` "
-                 "refills from 0.8 x budget to the budget between compressions. ppl: one teacher-forced continuation "
+                 "compresses to sinks + topc + recent (0.8 x budget at its defaults) and refills to the budget; Top-C "
+                 "and recent keys keep their RoPE phases unless `topc_rope=unify`. "
+                 "ppl: one teacher-forced continuation "
                  "after the compressed prefill; stream: chunks through one cache past the model's 8k context.")
     lines.append("")
     lines.append("| task | context | budget | tool | policy | n | score | tok/s | peak MB | attn ms/tok | attended |")
