@@ -120,7 +120,4 @@ def compare_speed_with_dense(dense_path, pruned: nn.Module, **kwargs) -> dict:
     from prunekit.weights.io import load_model
 
     dense, _ = load_model(dense_path)
-    try:
-        return compare_speed(dense, pruned, **kwargs)
-    finally:
-        del dense
+    return compare_speed(dense, pruned, **kwargs)

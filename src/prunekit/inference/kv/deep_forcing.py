@@ -36,7 +36,10 @@ The deep sink is the other cost: half the window spent on the book's first token
 0.5, Top-C 0.45: 22.31 (keep, no limit), 22.26 (unify, limit 7).
 
 Queries keep their positions, and the newest token keeps its own. The selection is shared by all heads
-(ϕ sums over heads).
+(ϕ sums over heads). With ``"keep"`` a Top-C key is as far from the queries as it really is, so the reuse limit
+also bounds that distance (past ``max_reuse`` picks a token stays only when too few others are left); with
+``max_reuse=0`` a token can stay until its distance passes the model's trained context. ``"unify"`` keeps
+every distance within the budget.
 
 Departures: frames become tokens (one "frame" = one token; the default fractions follow the paper's frame
 counts). The video code rotates only the temporal third of RoPE channels; a text LM has 1-D RoPE, so all
