@@ -318,7 +318,8 @@ def test_deep_forcing_picks_a_token_as_top_c_at_most_max_reuse_times():
     assert view.state.extras["topc_uses"][0, :, [7, 21]].tolist() == [[2, 2], [2, 2]]
     unlimited = kv.DeepForcing(budget=24, sinks=0.25, recent=0.25, topc=1 / 24, max_reuse=0)
     view = synthetic_view(keys, queries, 24)
-    assert all(unlimited.score(view).topk(19).indices[0, 0].tolist().count(7) for _ in range(5))
+    picks = [[i for i in unlimited.score(view).topk(13).indices[0, 0].tolist() if 6 <= i < 34] for _ in range(5)]
+    assert picks == [[7]] * 5
     # every candidate spent: the best of them fills the quota (the reference would keep fewer tokens)
     small = kv.DeepForcing(budget=8, sinks=0.25, recent=0.25, topc=1 / 8, max_reuse=1)  # S 2, R 2, C 1
     view = synthetic_view(keys[:, :, [0, 1, 7, 21, 38, 39]], queries[:, :, -2:], 8)
