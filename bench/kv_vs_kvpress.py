@@ -12,7 +12,8 @@ Tasks (all greedy, batch 1, fp32 on CPU):
   windows. DELTA is left out here: its sparse path runs only for one-token decoding steps.
 - ``stream``: StreamingLLM and Deep Forcing settings (prunekit only) over the first `--stream-tokens` tokens
   of the book (past the model's 8k context), fed `--stream-chunk` tokens at a time through one cache of
-  `--stream-windows` tokens; perplexity of every token after the first.
+  `--stream-windows` tokens; perplexity of every token after the first. `--stream-offsets 0,16384,32768` streams
+  three stretches of the book, each through a fresh cache, and scores them together.
 - ``speed``: one passkey prompt of `--speed-context` tokens, then `--speed-tokens` decoding steps timed:
   decode tokens/s, peak KV-cache MB while decoding, and seconds inside the attention modules (hooks).
   ``full`` is the plain model (no engine, no press) in each tool's own environment; prunekit's
@@ -87,6 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--stream-tokens", type=int, default=16384)
     p.add_argument("--stream-windows", type=ints, default=[256, 512, 1024])
     p.add_argument("--stream-chunk", type=int, default=64)
+    p.add_argument("--stream-offsets", type=ints, default=[0],
+                   help="where each streamed stretch starts in the book (tokens); a row's perplexity is over all of them")
     p.add_argument("--stream-policies", default="streaming_llm,deep_forcing,deep_forcing:topc_rope=unify,"
                    "deep_forcing:sinks=0.25/recent=0.4/topc=0.32,deep_forcing:sinks=0.02/recent=0.5/topc=0.45",
                    help="prunekit policies streamed; NAME:KEY=VALUE/KEY=VALUE sets options, e.g. deep_forcing:sinks=0.1")
@@ -130,7 +133,9 @@ def make_jobs(args, tok, book: list[int]) -> list[dict]:
     if "stream" in args.tasks:
         for name in [x for x in args.stream_policies.split(",") if x]:
             for window in args.stream_windows:
-                jobs.append(dict(tool="prunekit", policy=name, task="stream", context=args.stream_tokens, budget=window, sample=0))
+                for offset in args.stream_offsets:
+                    jobs.append(dict(tool="prunekit", policy=name, task="stream", context=args.stream_tokens, budget=window,
+                                     sample=offset))
     for task, contexts, depths in (("passkey", args.contexts, args.depths), ("speed", [args.speed_context], [0.5])):
         if task not in args.tasks:
             continue
@@ -210,7 +215,8 @@ def run_prunekit(job, model, tok, book, args) -> dict:
         with ctx():
             res = tasks.continuation_nll(model, job["ids"], context=job["context"])
     else:
-        res = tasks.streaming_nll(model, book[: args.stream_tokens + 1], chunk=args.stream_chunk, ctx=ctx)
+        off = job["sample"]
+        res = tasks.streaming_nll(model, book[off: off + args.stream_tokens + 1], chunk=args.stream_chunk, ctx=ctx)
     pol = holder.get("policy")
     if pol is not None and getattr(pol, "available", 0):
         res["attended_fraction"] = pol.attended / pol.available
@@ -373,7 +379,7 @@ def main(argv=None) -> int:
     model_dir = prunekit.zoo.model_path("smollm2-135m")
     model, tok = prunekit.load_model(model_dir)
     book_text = prunekit.load_text("austen", purpose="evaluation").text
-    need = max(args.stream_tokens + 1, args.ppl_windows * (args.ppl_context + args.ppl_tokens))
+    need = max(max(args.stream_offsets) + args.stream_tokens + 1, args.ppl_windows * (args.ppl_context + args.ppl_tokens))
     book = tok(book_text[: need * 8], add_special_tokens=False)["input_ids"]
     if len(book) < need:
         raise SystemExit(f"Pride and Prejudice gave only {len(book)} tokens; need {need}")
