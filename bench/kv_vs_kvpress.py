@@ -36,6 +36,9 @@ The committed results are a reduced run (2 passkey depths at 2k only, 1 perplexi
 The full-size results (``bench/results/kv_vs_kvpress_full.md``) are ``python bench/kv_vs_kvpress.py --name
 kv_vs_kvpress_full``; their Deep Forcing rows were re-run on 2026-11-30 after the Top-C reuse limit and the
 released code's RoPE handling went in (the other rows were kept from the raw file).
+``bench/results/kv_stream_stretches.md`` is ``--tasks stream --stream-offsets 0,16384,32768`` for StreamingLLM and
+``deep_forcing:sinks=0.02/recent=0.5/topc=0.45``, one process per policy (``--name`` a and b, then their raw
+files joined and reported with ``--report-only --name kv_stream_stretches``).
 
 Writes bench/results/kv_vs_kvpress.json ({"rows": [...]}) and .md.
 """
