@@ -170,7 +170,7 @@ def _options(args) -> dict:
 def _cmd_prune(args) -> int:
     import prunekit
     from prunekit import report
-    from prunekit.errors import check_not_input
+    from prunekit.errors import InputError, check_not_input, int_at_least
     from prunekit.evaluate import EVAL_TOKENS
     from prunekit.select import parse_pattern, ratio_for
     from prunekit.weights.io import check_output, resolve_model
@@ -178,16 +178,11 @@ def _cmd_prune(args) -> int:
     wall = time.perf_counter()
     known = prunekit.registry.METHODS.get(args.method)
     if known is None or known.domain not in ("weights", *_PRUNE_DOMAINS):
-        from prunekit.errors import InputError
-
         choices = [n for domain in ("weights", *_PRUNE_DOMAINS) for n in prunekit.registry.names(domain)]
         raise InputError(f"unknown method {args.method!r} for prune; choose one of: {', '.join(choices)}")
     _refuse_foreign_flags(args, known)
     _check_eval_sizes(args.seqlen, args.eval_tokens, "--eval-tokens")
-    from prunekit.errors import InputError, int_at_least
-
-    if args.seed < 0:
-        raise InputError(f"--seed must be 0 or more, got {args.seed}")
+    int_at_least(args.seed, "--seed", 0)
     int_at_least(args.samples, "--samples", 1, hint=" (calibration windows)")
     if args.eval_tokens is not None and not args.eval:
         raise InputError("--eval-tokens sets how much of the --eval texts is scored; give --eval TEXTS or leave it out")

@@ -239,7 +239,7 @@ def load_model(path) -> ResNet:
                          "make one with `prunekit cnn train --out FOLDER`")
     cfg = _read_config(cfg_file)
     with torch.device("meta"):  # shapes only: a config of absurd widths allocates nothing
-        expected = {k: v for k, v in _build(cfg, cfg_file).state_dict().items()}
+        expected = dict(_build(cfg, cfg_file).state_dict())
     unreadable = f"{weights} is not a readable safetensors file ({{}}); re-export the model"
     try:
         with safe_open(str(weights), framework="pt") as f:
