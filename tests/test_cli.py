@@ -74,8 +74,8 @@ def test_eval_json_and_pattern_check(model_dir, text_file, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "meta,message",
-    [("{broken", "prunekit.json is not valid JSON"), ("[1]", None), ('{"pattern": 5}', "not an N:M string"),
-     ('{"pattern": "9:2"}', "prunekit.json records a bad pattern")],
+    [("{broken", "prunekit.json is not valid JSON"), ("[1]", "prunekit.json holds a JSON list"), ("{}", None),
+     ('{"pattern": 5}', "not an N:M string"), ('{"pattern": "9:2"}', "prunekit.json records a bad pattern")],
 )
 def test_eval_refuses_a_broken_prunekit_json(meta, message, model_dir, text_file, capsys):
     # a malformed prunekit.json was a JSONDecodeError / AttributeError traceback (exit 1)

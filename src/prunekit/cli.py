@@ -256,7 +256,10 @@ def _recorded_pattern(path: Path) -> str | None:
         meta = json.loads(recorded.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{recorded} is not valid JSON ({e}); fix or delete it, or give --pattern") from None
-    pattern = meta.get("pattern") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise InputError(f"{recorded} holds a JSON {type(meta).__name__}, not the object prunekit writes; fix or "
+                         "delete it, or give --pattern")
+    pattern = meta.get("pattern")
     if pattern is not None and not isinstance(pattern, str):
         raise InputError(f"{recorded} records pattern {pattern!r}, not an N:M string; fix it or give --pattern")
     if pattern is not None:
