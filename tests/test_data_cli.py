@@ -191,7 +191,7 @@ def test_select_and_score_commands(tmp_path, capsys):
         out = tmp_path / f"{method}.npy"
         assert main(["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
                      "--method", method, "--runs", "2", "--epochs", "2", "--clusters", "3", "--out", str(out), "--quiet"]) == 0
-        note = "--clusters is used by --method prototypes only; ignored for " + method
+        note = f"--clusters is not used by --method {method}; ignored"
         assert (note in capsys.readouterr().err) == (method != "prototypes")  # a flag that does nothing is named
         scores = np.load(out)
         assert scores.shape == (240,) and np.isfinite(scores[~np.isposinf(scores)]).all()
@@ -271,7 +271,8 @@ def _refused(args, out, folder, capsys, match):
 
     before = files()
     code = main(args)
-    err = capsys.readouterr().err
+    # notes on options the method ignores (the shared --runs / --epochs of these cases) may come first
+    err = "".join(line for line in capsys.readouterr().err.splitlines(True) if not line.startswith("prunekit: note:"))
     assert code == 2, err
     assert err.startswith("prunekit: error:") and len(err.strip().splitlines()) == 1, err
     assert re.search(match, err), err
@@ -383,3 +384,78 @@ def test_folder_named_like_a_file_and_negative_seed_refused(tmp_path, capsys):
     np.save(tmp_path / "scalar.npy", np.float64(3.0))  # was an IndexError traceback
     with pytest.raises(InputError, match="holds a single number"):
         io.read_matrix(tmp_path / "scalar.npy", what="embeddings")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_select_reads_the_index_score_table_that_score_writes(suffix, tmp_path, capsys):
+    # `data score --out x.csv` writes index,<method>; `data select` refused it ("got shape (N, 2)")
+    pytest.importorskip("pyarrow") if suffix == ".parquet" else None
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", (x[:, 0] > 0).astype(np.int64))
+    table = tmp_path / f"el2n{suffix}"
+    assert main(["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--method",
+                 "el2n", "--runs", "1", "--epochs", "2", "--out", str(table), "--quiet"]) == 0
+    assert main(["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--method",
+                 "el2n", "--runs", "1", "--epochs", "2", "--out", str(tmp_path / "el2n.npy"), "--quiet"]) == 0
+    scores = np.load(tmp_path / "el2n.npy")
+    assert np.allclose(io.read_vector(table, what="scores"), scores, rtol=1e-6)
+    for out, scores_file in ((tmp_path / "k_table.npy", table), (tmp_path / "k_npy.npy", tmp_path / "el2n.npy")):
+        assert main(["data", "select", "--scores", str(scores_file), "--keep", "0.25", "--out", str(out)]) == 0
+    assert np.load(tmp_path / "k_table.npy").tolist() == np.load(tmp_path / "k_npy.npy").tolist()
+    # rows in another order are put back in index order
+    shuffled = tmp_path / "shuffled.csv"
+    order = rng.permutation(60)
+    io.write_table(shuffled, {"index": order, "el2n": scores[order]}, overwrite=False)
+    assert np.allclose(io.read_vector(shuffled, what="scores"), scores, rtol=1e-6)
+    # a selection (some indices only) is not a score per example
+    capsys.readouterr()
+    assert main(["data", "select", "--scores", str(tmp_path / "k_table.npy"), "--keep", "0.5",
+                 "--out", str(tmp_path / "k2.npy")]) == 0  # a plain vector of numbers is still read as scores
+    keep_csv = tmp_path / "keep.csv"
+    assert main(["data", "select", "--scores", str(table), "--keep", "0.25", "--out", str(keep_csv)]) == 0
+    capsys.readouterr()
+    code = main(["data", "select", "--scores", str(keep_csv), "--keep", "0.5", "--out", str(tmp_path / "k3.npy")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a selection" in err and not (tmp_path / "k3.npy").exists()
+    bad = tmp_path / "gaps.csv"
+    io.write_table(bad, {"index": np.array([0, 2, 3]), "el2n": np.array([0.1, 0.2, 0.3])}, overwrite=False)
+    code = main(["data", "select", "--scores", str(bad), "--keep", "0.5", "--out", str(tmp_path / "k4.npy")])
+    err = capsys.readouterr().err
+    assert code == 2 and "must list every example 0..2 once" in err and not (tmp_path / "k4.npy").exists()
+
+
+def test_score_and_label_issues_name_the_options_a_method_ignores(tmp_path, capsys):
+    # --runs / --score-epoch / training options / --frac-noise were taken and silently did nothing
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", (x[:, 0] > 0).astype(np.int64))
+    np.save(tmp_path / "e.npy", x)
+    common = ["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--quiet"]
+    cases = [
+        (["--method", "probs", "--folds", "2", "--epochs", "1", "--runs", "2", "--score-epoch", "1"],
+         ["--runs is not used by --method probs", "--score-epoch is not used by --method probs"]),
+        (["--method", "forgetting", "--epochs", "2", "--runs", "1", "--score-epoch", "1"],
+         ["--score-epoch is not used by --method forgetting"]),
+        (["--method", "prototypes", "--embeddings", str(tmp_path / "e.npy"), "--clusters", "2", "--epochs", "3",
+          "--lr", "0.1"],
+         ["--epochs is not used by --method prototypes with --embeddings", "--lr is not used by --method prototypes"]),
+        (["--method", "el2n", "--epochs", "2", "--runs", "1", "--score-epoch", "1", "--lr", "0.1"], []),
+    ]
+    for i, (options, notes) in enumerate(cases):
+        assert main([*common, *options, "--out", str(tmp_path / f"s{i}.npy")]) == 0
+        err = capsys.readouterr().err
+        for note in notes:
+            assert note in err, (options, err)
+        assert err.count("prunekit: note:") == len(notes), err
+    probs = np.full((40, 2), 0.1)
+    probs[np.arange(40), rng.integers(0, 2, 40)] = 0.9
+    np.save(tmp_path / "p.npy", probs)
+    for filter_by, noted in (("prune_by_noise_rate", False), ("predicted_neq_given", True)):
+        out = tmp_path / f"issues_{filter_by}.csv"
+        assert main(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(tmp_path / "p.npy"),
+                     "--filter", filter_by, "--frac-noise", "0.5", "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert ("--frac-noise is used by the prune_by_noise_rate" in err) == noted, err

@@ -266,6 +266,12 @@ def test_cli_qtune(tmp_path, model_dir, sft_file, capsys):
     assert summary["kept_samples"] == 5 and summary["training"]["mode"] == "batch"
     assert (out / "eu_plane.png").stat().st_size > 1000 and (out / "model" / "config.json").is_file()
     assert len((out / "scores.csv").read_text().splitlines()) == 11
+    assert "note" not in capsys.readouterr().err
+    # training options without --train were taken silently
+    assert main(["data", "qtune", str(model_dir), "--data", str(sft_file), "--out", str(tmp_path / "o2"), "--mode",
+                 "batch", "--lr", "5", "--quiet"]) == 0
+    assert "--mode, --lr are used with --train only; ignored" in capsys.readouterr().err
+    assert not (tmp_path / "o2" / "model").exists()
 
 
 @pytest.mark.parametrize("bad", [["--samples", "1.5"], ["--tokens", "0"], ["--samples", "nan"], ["--epochs", "0"],

@@ -31,15 +31,22 @@ def add_parser(sub) -> None:
     li.add_argument("--filter", default="prune_by_noise_rate", choices=FILTERS, help="which rule flags an issue")
     li.add_argument("--rank-by", default="self_confidence", choices=RANKINGS,
                     help="label-quality score that orders the issues, worst first (default self_confidence)")
-    li.add_argument("--frac-noise", type=float, default=1.0, help="flag only this fraction of the estimated issues")
-    li.add_argument("--min-examples-per-class", type=int, default=1)
+    li.add_argument("--frac-noise", type=float, default=None,
+                    help="flag only this fraction of the estimated issues (default 1; prune_by_* filters and "
+                    "both only)")
+    li.add_argument("--min-examples-per-class", type=int, default=None,
+                    help="leave at least this many examples of each class unflagged (default 1; prune_by_* filters "
+                    "and both only)")
     li.add_argument("--allow-missing-classes", action="store_true", help="accept classes that no example has")
-    li.add_argument("--out", required=True, help="table of issues: index,label,predicted,quality (.csv/.parquet; .npy: indices)")
+    li.add_argument("--out", required=True,
+                    help="table of issues: index,label,predicted and the --rank-by score (.csv/.parquet; .npy: indices)")
     li.add_argument("--overwrite", action="store_true")
     li.add_argument("--json", action="store_true", help="print a JSON summary (counts, noise matrix, prior) on stdout")
 
     se = dsub.add_parser("select", help="keep a fraction of a dataset by a difficulty score")
-    se.add_argument("--scores", required=True, help="one difficulty score per example, higher = harder (.npy/.csv/.parquet)")
+    se.add_argument("--scores", required=True,
+                    help="one difficulty score per example, higher = harder (.npy/.csv/.parquet; or the index,<score> "
+                    "table that `data score` writes)")
     se.add_argument("--keep", type=float, required=True, help="fraction of examples kept, in (0, 1]")
     se.add_argument("--strategy", choices=("hard", "easy", "ccs", "random"), default="hard",
                     help="hard: keep the highest scores; easy: the lowest; ccs: coverage-centric stratified; random")
@@ -59,15 +66,15 @@ def add_parser(sub) -> None:
                     "trained model's penultimate features, or on --embeddings), or probs (out-of-fold probabilities [N, K] "
                     "for `data label-issues`)")
     sc.add_argument("--model", choices=("auto", "cnn", "mlp"), default="auto", help="auto: cnn for 28x28 images, else mlp")
-    sc.add_argument("--runs", type=int, default=3, help="independent training runs averaged (default 3)")
-    sc.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10)")
+    sc.add_argument("--runs", type=int, default=None, help="independent training runs averaged (default 3)")
+    sc.add_argument("--epochs", type=int, default=None, help="epochs per run (default 10)")
     sc.add_argument("--score-epoch", type=int, default=None,
                     help="epoch after which EL2N / GraNd are taken (default: a tenth of --epochs, at least 1)")
     sc.add_argument("--folds", type=int, default=None, help="folds for --method probs (default 5)")
     sc.add_argument("--clusters", type=int, default=None, help="k-means clusters for --method prototypes (default 10)")
     sc.add_argument("--embeddings", default=None, help="embeddings [N, D] for --method prototypes (no training then)")
-    sc.add_argument("--batch-size", type=int, default=128)
-    sc.add_argument("--lr", type=float, default=0.05)
+    sc.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
+    sc.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 0.05)")
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--out", required=True, help="scores [N] (.npy), or index,score table (.csv/.parquet); probs: [N, K]")
     sc.add_argument("--overwrite", action="store_true")
@@ -84,12 +91,13 @@ def add_parser(sub) -> None:
     qt.add_argument("--max-length", type=int, default=512, help="tokens per pair, prompt cut from the left (default 512)")
     qt.add_argument("--batch-size", type=int, default=8)
     qt.add_argument("--train", action="store_true", help="fine-tune on the selection and save the model in OUT/model")
-    qt.add_argument("--mode", choices=("static", "epoch", "batch"), default="static",
+    qt.add_argument("--mode", choices=("static", "epoch", "batch"), default=None,
                     help="with --train: static (the written selection), epoch (re-scored each epoch) or batch "
                     "(re-scored per loaded batch, the paper's dynamic mode)")
-    qt.add_argument("--epochs", type=int, default=1)
-    qt.add_argument("--lr", type=float, default=2e-4)
-    qt.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (merged into the saved model); 0 = full fine-tuning")
+    qt.add_argument("--epochs", type=int, default=None, help="with --train: epochs (default 1)")
+    qt.add_argument("--lr", type=float, default=None, help="with --train: AdamW learning rate (default 2e-4)")
+    qt.add_argument("--lora-rank", type=int, default=None,
+                    help="with --train: LoRA rank, merged into the saved model (default 8); 0 = full fine-tuning")
     qt.add_argument("--seed", type=int, default=0)
     qt.add_argument("--out", required=True, help="output folder: kept.jsonl, scores.csv, summary.json, eu_plane.png")
     qt.add_argument("--overwrite", action="store_true")
@@ -103,6 +111,13 @@ def _cmd_label_issues(args) -> int:
 
     check_output_file(args.out, overwrite=args.overwrite)
     check_not_input(args.out, args.labels, args.probs)
+    for name, default in (("frac_noise", 1.0), ("min_examples_per_class", 1)):
+        flag = "--" + name.replace("_", "-")
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif args.filter not in ("prune_by_noise_rate", "prune_by_class", "both"):  # as cleanlab: say so, do not stop
+            print(f"prunekit: note: {flag} is used by the prune_by_noise_rate, prune_by_class and both filters only; "
+                  f"ignored for {args.filter}", file=sys.stderr)
     labels = read_labels(args.labels)
     probs = read_matrix(args.probs, what="probabilities")
     start = time.perf_counter()
@@ -209,20 +224,31 @@ def _inputs(args):
     return x, torch.from_numpy(y.astype(np.int64)), model_fn
 
 
-def _check_score_options(args) -> None:
-    """The numeric options of `data score`, checked before any data is read."""
+SCORE_DEFAULTS = {"runs": 3, "epochs": 10, "score_epoch": None, "folds": 5, "clusters": 10, "batch_size": 128,
+                  "lr": 0.05}
+
+
+def _check_score_options(args) -> list[str]:
+    """The numeric options of `data score`, checked before any data is read; returns notes on the options the
+    method does not use, to print once the inputs are read too (an error stays one line)."""
     import math
 
     from prunekit.errors import InputError, int_at_least
 
+    training = ("epochs", "batch_size", "lr")
+    used = {"probs": ("folds", *training), "prototypes": ("clusters",) if args.embeddings else ("clusters", *training),
+            "forgetting": ("runs", *training)}.get(args.method, ("runs", "score_epoch", *training))
+    notes = []
+    for name, default in SCORE_DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif name not in used:  # a script looping over methods with one flag set: say so, do not stop
+            how = f"--method {args.method}" + (" with --embeddings (no training)" if args.embeddings else "")
+            notes.append(f"prunekit: note: {flag} is not used by {how}; ignored")
     int_at_least(args.epochs, "--epochs", 1)
     int_at_least(args.batch_size, "--batch-size", 1)
     int_at_least(args.seed, "--seed", 0)
-    for flag, name, default, method in (("--folds", "folds", 5, "probs"), ("--clusters", "clusters", 10, "prototypes")):
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-        elif args.method != method:  # a script looping over methods with one flag set: say so, do not stop
-            print(f"prunekit: note: {flag} is used by --method {method} only; ignored for {args.method}", file=sys.stderr)
     if args.method == "probs":
         int_at_least(args.folds, "--folds", 2)
     elif args.method == "prototypes":
@@ -233,6 +259,7 @@ def _check_score_options(args) -> None:
         raise InputError(f"--score-epoch must be in [0, --epochs={args.epochs}], got {args.score_epoch}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise InputError(f"--lr must be a positive number, got {args.lr}")
+    return notes
 
 
 def _diverged(models, x=None) -> bool:
@@ -259,7 +286,7 @@ def _cmd_score(args) -> int:
     check_not_input(args.out, None if args.data == "fashion-mnist" else args.data, args.labels, args.embeddings)
     if args.embeddings is not None and args.method != "prototypes":
         raise InputError("--embeddings is for --method prototypes")
-    _check_score_options(args)
+    notes = _check_score_options(args)
     start = time.perf_counter()
     progress = not args.quiet
     x, y, base_fn = _inputs(args)
@@ -269,6 +296,8 @@ def _cmd_score(args) -> int:
     if args.method == "prototypes" and args.clusters > len(y):
         raise InputError(f"--clusters {args.clusters} needs at least {args.clusters} examples, the data has {len(y)}; "
                          "lower --clusters")
+    for note in notes:
+        print(note, file=sys.stderr)
     built = []  # every model trained, to tell diverged training from bad data
 
     def model_fn():
@@ -334,6 +363,12 @@ def _cmd_qtune(args) -> int:
     from prunekit.weights.io import check_output, load_model, resolve_model, write_atomically
 
     check_output(args.out, overwrite=args.overwrite)
+    ignored = []
+    for name, default in (("mode", "static"), ("epochs", 1), ("lr", 2e-4), ("lora_rank", 8)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif not args.train:
+            ignored.append("--" + name.replace("_", "-"))
     S.check_ratio(args.samples, "--samples")
     S.check_ratio(args.tokens, "--tokens")
     if not 0 <= args.lam <= 1:
@@ -346,6 +381,9 @@ def _cmd_qtune(args) -> int:
         raise InputError(f"--lr must be positive, got {args.lr}")
     check_not_input(args.out, args.data, resolve_model(args.model))
     records = S.read_sft(args.data)
+    if ignored:  # after the checks, so that an error stays one line
+        print(f"prunekit: note: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} used with --train only; "
+              "ignored (nothing is fine-tuned)", file=sys.stderr)
     start = time.perf_counter()
     model, tok = load_model(args.model)
     examples = S.tokenize(records, tok, max_length=args.max_length)

@@ -159,9 +159,55 @@ def check_real(array: np.ndarray, path, what: str) -> None:
                          "(numpy.real) or the magnitude (numpy.abs)")
 
 
+def _header(path: Path) -> list[str] | None:
+    """The column names of a .csv (its first row, when that is not numbers) or .parquet file; None otherwise."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                first = next((r for r in csv.reader(f) if r and any(c.strip() for c in r)), None)
+            if first is None:
+                return None
+            try:
+                [float(c) for c in first]
+                return None
+            except ValueError:
+                return [c.strip() for c in first]
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+    except Exception:  # OSError, csv.Error, pyarrow's own types: read_array has already read this file once
+        return None
+    return None
+
+
+def _by_index(table: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """The value column of an ``index,<value>`` table (what `data score` writes), in index order; the index must
+    list every example 0..N-1 once."""
+    index, values = table[:, 0], table[:, 1]
+    n = len(index)
+    if not (np.all(np.isfinite(index)) and np.all(index == np.round(index))):
+        raise InputError(f"{what} file {path}: its index column must hold whole numbers")
+    order = np.argsort(index, kind="stable")
+    if not np.array_equal(index[order], np.arange(n)):
+        raise InputError(f"{what} file {path}: its index column must list every example 0..{n - 1} once (one score "
+                         "per example, as `prunekit data score` writes); give the whole score table, not a selection")
+    return values[order]
+
+
 def read_vector(path, *, what: str) -> np.ndarray:
-    """One finite real number per example."""
-    v = read_array(path, what=what, columns=1)
+    """One finite real number per example: a single column, or the value column of an ``index,<name>`` table
+    (rows put in index order)."""
+    table = read_array(path, what=what)
+    names = _header(Path(path)) if table.ndim == 2 and table.shape[1] == 2 else None
+    if names is not None and names[0].lower() == "index" and np.issubdtype(table.dtype, np.number):
+        v = _by_index(np.asarray(table, dtype=np.float64), Path(path), what)
+    else:
+        v = table[:, 0] if table.ndim == 2 and table.shape[1] == 1 else table
+        if v.ndim != 1:
+            raise InputError(f"{what} file {path} must hold one value per example (or be an index,<score> table "
+                             f"with that header), got shape {table.shape}")
     if not np.issubdtype(v.dtype, np.number):
         raise InputError(f"{what} file {path} must be numeric, got {v.dtype}")
     check_real(v, path, what)
