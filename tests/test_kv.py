@@ -169,13 +169,22 @@ def test_batches_and_bad_input_are_refused(models):
         kv.make_policy("snapkv", budget=12.5)
     with pytest.raises(InputError, match="bad option"):
         kv.make_policy("snapkv", budget=12, sinks=3)
-    with pytest.raises(InputError, match="no more than"):
+    with pytest.raises(InputError, match=r"give at least 144 tokens \(9 pages of 16: more than the 8 recent"):
         kv.make_policy("delta", budget=64, page_size=16, recent_pages=8)
+    assert kv.make_policy("delta", budget=144, page_size=16, recent_pages=8).pages == 9  # the minimum it names works
+    with pytest.raises(InputError, match="give at least 144 tokens"):
+        kv.make_policy("delta", budget=143, page_size=16, recent_pages=8)
     with pytest.raises(InputError, match="leaves no room"):
         kv.make_policy("deep_forcing", budget=20, sinks=0.6, recent=0.3)
     with kv.policy(model, "h2o", budget=16), pytest.raises(InputError, match="already replaced"):
         with kv.policy(model, "h2o", budget=16):
             pass
+    # a Policy object and a different budget= : the argument was silently ignored
+    with pytest.raises(InputError, match="built with budget=8; give the budget to its constructor"):
+        with kv.policy(model, kv.H2O(budget=8), budget=100):
+            pass
+    with kv.policy(model, kv.H2O(budget=8), budget=8) as pol:  # the same budget twice is fine
+        assert pol.budget == 8
 
 
 def test_rotating_a_key_by_delta_equals_computing_it_at_the_new_position(models):
@@ -423,6 +432,16 @@ def test_cli_generate(model_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("prunekit: error:") and err.count("\n") == 1
     assert cli.main(["generate", str(tmp_path / "nope"), "--prompt", "hi", "--kv", "full"]) == 2
+    capsys.readouterr()
+    # --budget / --every on a policy that keeps everything were taken silently and the JSON echoed the budget
+    rc = cli.main(["generate", str(model_dir), "--prompt", "the licence text " * 4, "--kv", "full", "--budget", "16",
+                   "--every", "4", "--max-new-tokens", "4", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0 and json.loads(captured.out)["budget"] is None
+    assert "--every is not used by --kv full" in captured.err and "--budget is not used by --kv full" in captured.err
+    assert cli.main(["generate", str(model_dir), "--prompt", "hi", "--kv", "h2o", "--budget", "8", "--every", "2",
+                     "--max-new-tokens", "2", "--json"]) == 0
+    assert "note" not in capsys.readouterr().err
 
 
 def test_cli_generate_with_calibrated_delta_layers(model_dir, capsys, monkeypatch):

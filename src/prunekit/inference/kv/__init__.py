@@ -62,8 +62,10 @@ def policy(model, name: str | Policy, *, budget: int | None = None, every: int =
     if isinstance(name, Policy):
         if options:
             raise InputError("pass options to the Policy object's constructor, not to policy()")
+        if budget is not None and budget != name.budget:  # was silently ignored: the object's budget was used
+            raise InputError(f"the {type(name).__name__} object was built with budget={name.budget}; give the budget "
+                             f"to its constructor, not budget={budget!r} to policy()")
         pol = name
-        budget = pol.budget if budget is None else budget
     else:
         pol = make_policy(name, budget=budget, **options)
     with Engine(model, pol, budget=pol.budget, every=every):

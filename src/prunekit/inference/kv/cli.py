@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
     ge.add_argument("--budget", type=int, default=None,
                     help="cached tokens kept per layer and KV head (delta: tokens its sparse layers attend to)")
     ge.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    ge.add_argument("--every", type=int, default=1, help="while decoding, compress when the cache reaches budget + EVERY (default 1)")
+    ge.add_argument("--every", type=int, default=None,
+                    help="while decoding, compress when the cache reaches budget + EVERY (default 1)")
     ge.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
     ge.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="a policy option (repeatable), e.g. --option sinks=4 --option delta_layers=2,15,24 "
@@ -71,8 +72,16 @@ def run(args) -> int:
         if kv.POLICIES.get(args.kv.replace("-", "_")) is not kv.Delta:
             raise InputError("--option delta_layers=calibrate is for --kv delta only")
         options.pop("delta_layers")
-    kv.make_policy(args.kv, budget=args.budget, **options)  # validate before loading anything
-    int_at_least(args.every, "--every", 1)
+    checked = kv.make_policy(args.kv, budget=args.budget, **options)  # validate before loading anything
+    ignored = []  # options this policy does not use, named once the inputs are checked
+    if args.every is None:
+        args.every = 1
+    else:
+        int_at_least(args.every, "--every", 1)
+        if not checked.compresses:
+            ignored.append(f"--every is not used by --kv {args.kv} (it never evicts)")
+    if args.budget is not None and checked.budget is None:
+        ignored.append(f"--budget is not used by --kv {args.kv} (it keeps every token)")
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
         if not path.is_file():
@@ -86,6 +95,8 @@ def run(args) -> int:
         prompt = args.prompt
     if not prompt.strip():
         raise InputError("the prompt is empty; give some text with --prompt or --prompt-file")
+    for note in ignored:
+        print(f"prunekit: note: {note}; ignored", file=sys.stderr)
     resolve_model(args.model)
     model, tok = prunekit.load_model(args.model)
     if args.chat:
@@ -109,7 +120,7 @@ def run(args) -> int:
     text = tok.decode(new, skip_special_tokens=True)
     tokens = kv.cache_tokens(cache)
     result = {
-        "model": str(args.model), "policy": args.kv, "budget": args.budget, "options": options,
+        "model": str(args.model), "policy": args.kv, "budget": pol.budget, "options": options,
         "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()), "text": text,
         "cache_tokens_max": max(tokens), "cache_bytes": kv.cache_bytes(cache), "seconds": seconds,
         "tokens_per_s": new.numel() / seconds if seconds > 0 else None,

@@ -89,11 +89,11 @@ class Delta(Policy):
     def __init__(self, *, budget: int, delta_layers=None, page_size: int = 16, recent_pages: int = 8):
         self.page_size = int_at_least(page_size, "page_size", 1)
         self.recent_pages = int_at_least(recent_pages, "recent_pages", 0)
-        check_budget(budget, name=self.name, minimum=self.page_size)
+        # K pages must hold more than the recent pages always kept (the old minimum, one page, was then refused)
+        check_budget(budget, name=self.name, minimum=self.page_size * (self.recent_pages + 1),
+                     why=f" ({self.recent_pages + 1} pages of {self.page_size}: more than the {self.recent_pages} "
+                     "recent pages always kept; or lower recent_pages)")
         self.pages = budget // self.page_size  # K
-        if self.pages <= self.recent_pages:
-            raise InputError(f"delta: a budget of {budget} tokens is {self.pages} pages of {self.page_size}, no more than the "
-                             f"{self.recent_pages} recent pages always kept; raise the budget or lower recent_pages")
         if delta_layers is not None:
             delta_layers = _layer_list(delta_layers)
         self.delta_layers = delta_layers

@@ -432,11 +432,11 @@ class Engine:
         st.compressions += 1
 
 
-def check_budget(budget, *, name: str, minimum: int = 1) -> int:
+def check_budget(budget, *, name: str, minimum: int = 1, why: str = "") -> int:
     if isinstance(budget, bool) or not isinstance(budget, int):
         raise InputError(f"budget must be a whole number of tokens (got {budget!r}) for policy {name}")
     if budget < minimum:
-        raise InputError(f"budget {budget} is too small for policy {name}; give at least {minimum} tokens")
+        raise InputError(f"budget {budget} is too small for policy {name}; give at least {minimum} tokens{why}")
     return budget
 
 
