@@ -187,6 +187,23 @@ def test_prompt_respects_budget(tmp_path, tokenizer, tok):
     m.close()
 
 
+def test_prompt_retrieves_k_chunks_besides_the_tail(tmp_path):
+    # the tail's own chunks took places among the k retrieved and were then skipped: fewer than k came back
+    m = mem(tmp_path, forget_every=0, sos_every=0, chunk_words=1000)
+    m.add_many([f"note {i}: the harbor river tiger." for i in range(6)]
+               + ["cloud apple stone.", "the harbor river tiger."])
+    query = "the harbor river tiger."
+    assert [r.turn for r in m.retrieve(query, k=2, mark=False)][0] == 7  # the newest turn is the best match
+    p = m.prompt(query, 100_000, k=3, tail_turns=2, use_summary=False)
+    assert [t.turn for t in p.tail] == [6, 7]
+    assert len(p.retrieved) == 3 and not {r.turn for r in p.retrieved} & {6, 7}
+    ids, turns, last = m.store.chunk_state()
+    assert sorted(turns[last == 7].tolist()) == sorted(r.turn for r in p.retrieved)  # what the prompt used is marked
+    few = m.prompt(query, 100_000, k=10, tail_turns=2, use_summary=False)
+    assert len(few.retrieved) == 6  # all the index has besides the tail
+    m.close()
+
+
 def test_summary_of_summaries_trigger(tmp_path):
     calls = []
 
@@ -415,6 +432,47 @@ def test_cli_add_ask_stats_and_exit_codes(tmp_path, capsys):
     assert not (tmp_path / "new.db").exists()
     assert main(["memory", "stats", "--store", db, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["turns"] == 6  # the refused commands changed nothing
+
+
+def test_cli_store_keeps_its_forgetting_options(tmp_path, capsys, monkeypatch):
+    # the options of one `add` were forgotten: the next add went back to the defaults and stats showed defaults
+    db = str(tmp_path / "f.db")
+    words = [f"w{i}" for i in range(50)]
+    turns = tmp_path / "t.jsonl"
+    turns.write_text("".join(json.dumps({"role": "user", "content": f"{a} {b}."}) + "\n"
+                             for a, b in zip(words, reversed(words))))
+    assert main(["memory", "add", "--store", db, "--embedder", "hash", "--jsonl", str(turns), "--forget-every", "20",
+                 "--forget-fraction", "0.1", "--age-from", "retrieved"]) == 0
+    capsys.readouterr()
+    assert main(["memory", "stats", "--store", db, "--json"]) == 0
+    forgetting = json.loads(capsys.readouterr().out)["forgetting"]
+    assert (forgetting["every"], forgetting["fraction"], forgetting["age_from"]) == (20, 0.1, "retrieved")
+    seen = []
+    from prunekit.inference import memory as M
+
+    real = M.Memory._forget_now
+    monkeypatch.setattr(M.Memory, "_forget_now",
+                        lambda self, now: seen.append((now, self.forget_fraction)) or real(self, now))
+    assert main(["memory", "add", "--store", db, "--jsonl", str(turns)]) == 0  # no options: the recorded ones
+    assert [now for now, _ in seen] == [59, 79, 99] and {f for _, f in seen} == {0.1}
+    assert main(["memory", "add", "--store", db, "one more.", "--forget-every", "0"]) == 0  # given again: replaced
+    capsys.readouterr()
+    assert main(["memory", "stats", "--store", db, "--json"]) == 0
+    forgetting = json.loads(capsys.readouterr().out)["forgetting"]
+    assert (forgetting["every"], forgetting["fraction"], forgetting["age_from"]) == (0, 0.1, "retrieved")
+    assert main(["memory", "add", "--store", db, "x.", "--forget-fraction", "2"]) == 2  # a bad value: nothing stored
+    capsys.readouterr()
+    assert main(["memory", "stats", "--store", db, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["turns"] == 101 and stats["forgetting"]["fraction"] == 0.1
+
+
+def test_cli_ask_checks_the_store_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    import prunekit
+
+    monkeypatch.setattr(prunekit, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+    assert main(["memory", "ask", "--store", str(tmp_path / "missing.db"), "hi", "--model", "smollm2-135m"]) == 2
+    assert "no memory store" in capsys.readouterr().err
 
 
 def test_cli_ask_answers_with_a_model(tmp_path, capsys, model_dir, tok):

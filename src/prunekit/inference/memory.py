@@ -359,15 +359,29 @@ class Memory:
         if not isinstance(query, str) or not query.strip():
             raise InputError("query is empty; give the question or message to retrieve for")
         k = self.k if k is None else int_at_least(k, "k", 1)
+        found = self._search(query, k, skip_turns=set())
+        if mark:
+            self._mark(found)
+        return found
+
+    def _search(self, query: str, k: int, *, skip_turns: set) -> list[Retrieved]:
+        """The `k` best chunks for `query` whose turn is not in `skip_turns` (fewer only when the index runs out)."""
         q = np.asarray(self.embedder.encode([query]), dtype=np.float32).reshape(-1)  # [dim]
-        hits = self.store.search(q, k)
-        chunks = {c.id: c for c in self.store.chunks([i for i, _ in hits])}
-        found = [Retrieved(i, chunks[i].turn, chunks[i].role, chunks[i].text, s) for i, s in hits if i in chunks]
+        fetch = k
+        while True:
+            hits = self.store.search(q, fetch)
+            chunks = {c.id: c for c in self.store.chunks([i for i, _ in hits])}
+            found = [Retrieved(i, chunks[i].turn, chunks[i].role, chunks[i].text, s) for i, s in hits if i in chunks]
+            wanted = [r for r in found if r.turn not in skip_turns]
+            if len(wanted) >= k or len(hits) < fetch:
+                return wanted[:k]
+            fetch += k - len(wanted)  # skipped chunks took places: look further down the ranking
+
+    def _mark(self, found: list[Retrieved]) -> None:
         now = self.store.count_turns() - 1
-        if mark and found and now >= 0:
+        if found and now >= 0:
             with self.store.transaction():
                 self.store.mark_retrieved([r.id for r in found], now)
-        return found
 
     def _count(self, text: str) -> int:
         return count_tokens(text, self.tokenizer)
@@ -393,8 +407,8 @@ class Memory:
 
         Filled in order while each part fits: the query (required), the compact summary (`use_summary`), the
         last `tail_turns` turns (newest first, stopping at the first that does not fit, so the tail has no
-        gaps; shown oldest first), then up to `k` retrieved chunks in cosine order, skipping any that do not
-        fit or that come from a turn already in the tail. ``k=0`` retrieves nothing (a summary-only or
+        gaps; shown oldest first), then the `k` chunks most similar to the query among those not from a turn
+        already in the tail, in cosine order, skipping any that do not fit. ``k=0`` retrieves nothing (a summary-only or
         recent-turns-only prompt). Counts with the memory's `tokenizer`, else `count_tokens`'s fallback.
         """
         if not isinstance(query, str) or not query.strip():
@@ -423,10 +437,11 @@ class Memory:
                 state["tail"] = [turn] + state["tail"]
         left_out = 0
         if k:
-            in_tail = {t.turn for t in state["tail"]}
-            for r in self.retrieve(query, k, mark=mark):
-                if r.turn in in_tail:
-                    continue
+            # k chunks besides the tail's turns (the tail's own chunks used to take places among the k)
+            found = self._search(query, k, skip_turns={t.turn for t in state["tail"]})
+            if mark:
+                self._mark(found)
+            for r in found:
                 if fits(retrieved=state["retrieved"] + [r]):
                     state["retrieved"] = state["retrieved"] + [r]
                 else:

@@ -41,13 +41,16 @@ def add_parser(sub) -> None:
     add.add_argument("text", nargs="?", default=None, help="the turn's text (or use --jsonl)")
     add.add_argument("--role", default="user", help="speaker of TEXT (default user)")
     add.add_argument("--jsonl", default=None, metavar="FILE", help="turns, one JSON object {role, content} per line")
-    add.add_argument("--forget-every", type=int, default=100, help="turns between forgetting passes (0: never)")
-    add.add_argument("--forget-fraction", type=float, default=0.005, help="fraction pruned per pass (default 0.005)")
-    add.add_argument("--retrieval-term", choices=RETRIEVAL_TERMS, default="retrieved",
-                     help="salience bonus for recently retrieved chunks (the paper's text; default) or for chunks "
+    # forgetting options: a store records the ones given, and later commands use them unless given again
+    add.add_argument("--forget-every", type=int, default=None,
+                     help="turns between forgetting passes (0: never; default 100, or what the store recorded)")
+    add.add_argument("--forget-fraction", type=float, default=None,
+                     help="fraction pruned per pass (default 0.005, or what the store recorded)")
+    add.add_argument("--retrieval-term", choices=RETRIEVAL_TERMS, default=None,
+                     help="salience bonus for recently retrieved chunks (the paper's text; the default) or for chunks "
                      "not retrieved (its printed formula)")
-    add.add_argument("--age-from", choices=AGE_FROM, default="said",
-                     help="a chunk's age counts from the turn it was said (the paper's; default) or from its last "
+    add.add_argument("--age-from", choices=AGE_FROM, default=None,
+                     help="a chunk's age counts from the turn it was said (the paper's; the default) or from its last "
                      "retrieval when later")
     common(add)
 
@@ -122,14 +125,27 @@ def _turns(args) -> list:
     return turns
 
 
-def _open(args, *, create: bool, **options):
+FORGETTING = {"forget_every": 100, "forget_fraction": 0.005, "retrieval_term": "retrieved", "age_from": "said"}
+
+
+def _open(args, *, create: bool, **given):
+    """The memory at ``--store`` with the forgetting options `given` (None = not given): each one not given is
+    what the store recorded, else the default. Returns ``(memory, settings it was opened with)``."""
     from prunekit.errors import InputError
     from prunekit.inference.memory import Memory
 
     path = Path(args.store).expanduser()
     if not create and not path.exists():
         raise InputError(f"no memory store at {path}; create it with `prunekit memory add --store {path} TEXT`")
-    return Memory(path, embedder=_embedder(args, path, create), create=create, **options)
+    mem = Memory(path, embedder=_embedder(args, path, create), create=create)
+    try:
+        recorded = json.loads(mem.store.setting("cli.forgetting") or "{}")
+        settings = {k: given.get(k) if given.get(k) is not None else recorded.get(k, v) for k, v in FORGETTING.items()}
+        opened = Memory(store=mem.store, embedder=mem.embedder, **settings)  # checks every value
+    except BaseException:
+        mem.close()
+        raise
+    return opened, settings
 
 
 def _cmd_add(args) -> int:
@@ -141,10 +157,12 @@ def _cmd_add(args) -> int:
 
         check_writable(path, flag="--store")  # not under a file, and writable
     try:
-        mem = _open(args, create=True, forget_every=args.forget_every, forget_fraction=args.forget_fraction,
-                    retrieval_term=args.retrieval_term, age_from=args.age_from)
+        mem, settings = _open(args, create=True, forget_every=args.forget_every, forget_fraction=args.forget_fraction,
+                              retrieval_term=args.retrieval_term, age_from=args.age_from)
         try:
             added = mem.add_many(turns)
+            with mem.store.transaction():  # later adds (and stats) use these unless given others
+                mem.store.set_setting("cli.forgetting", json.dumps(settings))
             stats = mem.stats()
         finally:
             mem.close()
@@ -173,12 +191,12 @@ def _cmd_ask(args) -> int:
     if not args.query.strip():
         raise InputError("the message to ask about is empty")
     model = tok = None
-    if args.model is not None:
-        import prunekit
-
-        model, tok = prunekit.load_model(args.model)
-    mem = _open(args, create=False)
+    mem, _ = _open(args, create=False)  # before loading a model: a missing store is said at once
     try:
+        if args.model is not None:
+            import prunekit
+
+            model, tok = prunekit.load_model(args.model)
         mem.tokenizer = tok
         p = mem.prompt(args.query, args.budget, k=args.k, tail_turns=args.tail, mark=not args.no_mark)
     finally:
@@ -203,7 +221,7 @@ def _cmd_ask(args) -> int:
 
 
 def _cmd_stats(args) -> int:
-    mem = _open(args, create=False)
+    mem, _ = _open(args, create=False)
     try:
         stats = mem.stats()
     finally:

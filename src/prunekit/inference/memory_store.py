@@ -82,6 +82,14 @@ class Store(ABC):
         """Record the embedder of a new store; refuse (InputError) one that differs from the recorded one."""
 
     @abstractmethod
+    def setting(self, key: str) -> str | None:
+        """A value recorded with `set_setting` (e.g. the CLI's forgetting options), or None."""
+
+    @abstractmethod
+    def set_setting(self, key: str, value: str) -> None:
+        """Record a small named value with the store (replacing any earlier one)."""
+
+    @abstractmethod
     def count_turns(self) -> int: ...
 
     @abstractmethod
@@ -256,6 +264,13 @@ class SQLiteStore(Store):
 
     def embedder(self) -> tuple[str | None, int | None]:
         return self._meta("embedder"), self._dim
+
+    def setting(self, key: str) -> str | None:
+        return self._meta("setting." + key)
+
+    def set_setting(self, key: str, value: str) -> None:
+        self._need_tx()
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", ("setting." + key, str(value)))
 
     # -- turns ---------------------------------------------------------------------------------------------
     def count_turns(self) -> int:
