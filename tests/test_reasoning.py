@@ -226,6 +226,29 @@ def test_cli_votes_and_reports(tmp_path, capsys):
     assert main(["reason", str(p), "--method", "sc", "--n", "1", "--resamples", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["rounds"] == 4 and out["n"] == 1 and out["paths_available"] == 1 and 0 <= out["accuracy"] <= 1
+    # questions with 3 and 1 paths, all used: it said "all 1 paths per question" and "n": 1
+    assert main(["reason", str(p), "--method", "sc"]) == 0
+    assert "all paths per question (1 to 3)" in capsys.readouterr().out
+    assert main(["reason", str(p), "--method", "sc", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] is None and out["paths_per_question"] == [1, 3] and out["rounds"] == 1
+
+
+def test_cli_refuses_the_other_modes_options(tmp_path, capsys):
+    # they were taken and silently ignored (sampling: --json --n --resamples; voting: --temperature --samples ...)
+    p = _write(tmp_path, GOOD)
+    for extra, named in ((["--temperature", "0.1"], "--temperature is for sampling"),
+                         (["--samples", "9", "--max-new-tokens", "3"], "--samples, --max-new-tokens are for sampling"),
+                         (["--overwrite"], "--overwrite is for sampling")):
+        assert main(["reason", str(p), "--method", "sc", *extra]) == 2
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1, err
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps({"question": "1+1"}) + "\n")
+    out = tmp_path / "o.jsonl"
+    assert main(["reason", "--model", "x", "--questions", str(qfile), "--out", str(out), "--n", "2",
+                 "--resamples", "3"]) == 2
+    assert "--n, --resamples are for voting over a paths file" in capsys.readouterr().err and not out.exists()
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):
@@ -248,6 +271,11 @@ def test_cli_samples_and_refuses_bad_questions(tmp_path, model_dir, capsys):
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [len(r["paths"]) for r in recs] == [3, 3] and recs[0]["answer"] == "2" and recs[1]["answer"] is None
     assert len(R.load_paths(out)) == 2  # what it writes, the voter reads
+    capsys.readouterr()
+    out_json = tmp_path / "paths2.jsonl"
+    assert main([*args[:-3], "--out", str(out_json), "--quiet", "--json"]) == 0  # --json was ignored here
+    assert json.loads(capsys.readouterr().out) == {"model": str(model_dir), "questions": 2, "paths": 6,
+                                                   "out": str(out_json)}
     assert main(args) == 2  # exists, no --overwrite
     capsys.readouterr()
     bad = tmp_path / "bad.jsonl"

@@ -23,14 +23,15 @@ def add_parser(sub) -> None:
                    help="sc: majority vote; pc: perplexity consistency; rpc: reasoning pruning + pc")
     r.add_argument("--n", type=int, default=None, help="paths per question (default all); below the paths "
                    "available, accuracy and ECE are averaged over --resamples random n-subsets")
-    r.add_argument("--resamples", type=int, default=10, help="random n-subsets averaged when --n is given (default 10)")
+    r.add_argument("--resamples", type=int, default=None,
+                   help="random n-subsets averaged when --n is given (default 10)")
     r.add_argument("--seed", type=int, default=0, help="seed of the n-subsets, or of the sampling")
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     r.add_argument("--model", default=None, help="sample: local Hugging Face model folder or zoo name (smollm2-135m)")
     r.add_argument("--questions", default=None, help="sample: JSONL of {\"question\", \"answer\"} objects")
-    r.add_argument("--samples", type=int, default=16, help="sample: paths per question (default 16)")
-    r.add_argument("--max-new-tokens", type=int, default=96, help="sample: longest path in tokens (default 96)")
-    r.add_argument("--temperature", type=float, default=1.0,
+    r.add_argument("--samples", type=int, default=None, help="sample: paths per question (default 16)")
+    r.add_argument("--max-new-tokens", type=int, default=None, help="sample: longest path in tokens (default 96)")
+    r.add_argument("--temperature", type=float, default=None,
                    help="sample: temperature; the recorded log-probs are of the tempered distribution (default 1)")
     r.add_argument("--out", default=None, help="sample: output JSONL of sampled paths")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -55,6 +56,26 @@ def _read_questions(path: str) -> list[dict]:
     return out
 
 
+SAMPLING = {"samples": 16, "max_new_tokens": 96, "temperature": 1.0}  # options of the sampling mode, defaults
+VOTING = {"n": None, "resamples": 10}  # and of the voting mode
+
+
+def _only_for(args, mine: dict, other: dict, mode: str, other_mode: str) -> None:
+    """Fill `mine`'s defaults; refuse any option of the other mode (they were silently ignored)."""
+    from prunekit.errors import InputError
+
+    given = [name for name in other if getattr(args, name) is not None]
+    if getattr(args, "overwrite") and mode == "voting":
+        given.append("overwrite")
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise InputError(f"{flags} {'is' if len(given) == 1 else 'are'} for {other_mode}; drop "
+                         f"{'it' if len(given) == 1 else 'them'} when {mode}")
+    for name, default in mine.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def _sample(args) -> int:
     from prunekit.errors import InputError, check_not_input
     from prunekit.inference.sampling import _check, sample_paths
@@ -62,6 +83,7 @@ def _sample(args) -> int:
 
     if args.paths is not None or args.method is not None:
         raise InputError("sampling (--model) takes no paths file or --method; vote in a second command")
+    _only_for(args, SAMPLING, VOTING, "sampling", "voting over a paths file")
     if args.questions is None or args.out is None:
         raise InputError("sampling needs --questions Q.jsonl and --out PATHS.jsonl")
     out = Path(args.out).expanduser()
@@ -80,7 +102,10 @@ def _sample(args) -> int:
                            temperature=args.temperature, seed=args.seed, out=out, overwrite=args.overwrite,
                            progress=not args.quiet)
     paths = sum(len(r["paths"]) for r in records)
-    print(f"sampled {paths} paths for {len(records)} questions from {args.model}; saved to {out}")
+    if args.json:
+        print(json.dumps({"model": str(args.model), "questions": len(records), "paths": paths, "out": str(out)}))
+    else:
+        print(f"sampled {paths} paths for {len(records)} questions from {args.model}; saved to {out}")
     return 0
 
 
@@ -96,15 +121,19 @@ def run(args) -> int:
         raise InputError("--method is required: sc, pc or rpc")
     if args.questions is not None or args.out is not None:
         raise InputError("--questions and --out are for sampling, which needs --model")
+    _only_for(args, VOTING, SAMPLING, "voting", "sampling (--model)")
     questions = reasoning.load_paths(args.paths)
     res = reasoning.evaluate(questions, method=args.method, n=args.n, resamples=args.resamples, seed=args.seed)
-    available = min(len(q.answers) for q in questions)
-    res["paths_available"] = available
+    low, high = res["paths_per_question"]
+    res["paths_available"] = low
     if args.json:
         print(json.dumps(res))
         return 0
-    how = (f"averaged over {res['rounds']} random subsets of {res['n']} paths per question (seed {args.seed})"
-           if res["rounds"] > 1 else f"all {res['n']} paths per question")
+    if args.n is not None and args.n < high:
+        how = (f"averaged over {res['rounds']} random subsets of {res['n']} paths per question (seed {args.seed})"
+               if res["rounds"] > 1 else f"one random subset of {res['n']} paths per question (seed {args.seed})")
+    else:
+        how = f"all {low} paths per question" if low == high else f"all paths per question ({low} to {high})"
     print(f"{args.method}: accuracy {100 * res['accuracy']:.2f}%  ECE {100 * res['ece']:.2f}%  "
           f"over {res['questions']} questions, {how}")
     if args.method == "rpc":

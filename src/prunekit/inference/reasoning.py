@@ -417,7 +417,9 @@ def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10,
     of every question's paths (seeded by `seed`); accuracy and ECE are computed per round and averaged, as the
     reference averages over seeds. With `n` None or at least every question's path count there is one round
     over all paths. Returns ``{"method", "n", "accuracy", "ece", "accuracy_std", "ece_std", "rounds",
-    "questions", "pruned_fraction"}``; accuracy and ECE are fractions in [0, 1].
+    "questions", "pruned_fraction", "paths_per_question"}``; accuracy and ECE are fractions in [0, 1], ``n`` is
+    None when every path was used and questions have different counts, ``paths_per_question`` is the
+    ``[fewest, most]`` paths a question has.
     """
     if method not in METHODS:
         raise InputError(f"method={method!r}: choose one of {', '.join(METHODS)}")
@@ -458,7 +460,9 @@ def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10,
         pruned.append(dropped / total)
     eces = np.array(eces)
     seen = eces[~np.isnan(eces)]
-    return {"method": method, "n": int(n) if n is not None else available, "accuracy": float(np.mean(accs)),
+    most = max(len(q.answers) for q in qs)
+    used = int(n) if subsample else (available if available == most else None)
+    return {"method": method, "n": used, "accuracy": float(np.mean(accs)),
             "ece": float(seen.mean()) if seen.size else float("nan"), "accuracy_std": float(np.std(accs)),
             "ece_std": float(seen.std()) if seen.size else float("nan"), "rounds": rounds, "questions": len(qs),
-            "pruned_fraction": float(np.mean(pruned))}
+            "pruned_fraction": float(np.mean(pruned)), "paths_per_question": [available, most]}

@@ -119,8 +119,8 @@ def sample_question(model, tokenizer, prompt: str, *, n: int, max_new_tokens: in
         cache = DynamicCache(config=model.config)
         # transformers renamed `past_key_values` to `cache` in late 5.x; pass whichever this model takes
         key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        out = model(input_ids=ids, use_cache=True, **{key: cache})
-        cache = out.past_key_values if out.past_key_values is not None else cache
+        out = model(input_ids=ids, use_cache=True, **{key: cache})  # fills `cache` in place (read back, the
+        # output's `past_key_values` field only raises transformers' deprecation warning)
         cache.batch_repeat_interleave(n)  # the prompt's keys/values, shared by every path
         logits = out.logits[:, -1, :].float().expand(n, -1)  # [n, V]
         alive = torch.arange(n, device=device)  # which paths the batch rows are
@@ -142,7 +142,6 @@ def sample_question(model, tokenizer, prompt: str, *, n: int, max_new_tokens: in
                 alive, nxt = alive[keep], nxt[keep]
             position = torch.full((len(alive), 1), pos, dtype=torch.long, device=device)  # [a, 1]
             out = model(input_ids=nxt, position_ids=position, use_cache=True, **{key: cache})
-            cache = out.past_key_values if out.past_key_values is not None else cache
             logits = out.logits[:, -1, :].float()  # [a, V]
             pos += 1
     texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
