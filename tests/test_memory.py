@@ -465,6 +465,17 @@ def test_cli_store_keeps_its_forgetting_options(tmp_path, capsys, monkeypatch):
     assert main(["memory", "stats", "--store", db, "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["turns"] == 101 and stats["forgetting"]["fraction"] == 0.1
+    import sqlite3
+
+    with sqlite3.connect(db) as con:  # a damaged record is named, and replaced when every option is given
+        con.execute("UPDATE meta SET value='[oops' WHERE key='setting.cli.forgetting'")
+    con.close()
+    assert main(["memory", "stats", "--store", db]) == 2
+    assert "records unreadable forgetting options" in capsys.readouterr().err
+    assert main(["memory", "add", "--store", db, "y.", "--forget-every", "5", "--forget-fraction", "0.01",
+                 "--retrieval-term", "retrieved", "--age-from", "said"]) == 0
+    assert main(["memory", "stats", "--store", db, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["forgetting"]["every"] == 5
 
 
 def test_cli_ask_checks_the_store_before_loading_a_model(tmp_path, capsys, monkeypatch):

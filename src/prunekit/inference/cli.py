@@ -65,7 +65,7 @@ def _only_for(args, mine: dict, other: dict, mode: str, other_mode: str) -> None
     from prunekit.errors import InputError
 
     given = [name for name in other if getattr(args, name) is not None]
-    if getattr(args, "overwrite") and mode == "voting":
+    if args.overwrite and mode == "voting":
         given.append("overwrite")
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)

@@ -408,8 +408,9 @@ class Memory:
         Filled in order while each part fits: the query (required), the compact summary (`use_summary`), the
         last `tail_turns` turns (newest first, stopping at the first that does not fit, so the tail has no
         gaps; shown oldest first), then the `k` chunks most similar to the query among those not from a turn
-        already in the tail, in cosine order, skipping any that do not fit. ``k=0`` retrieves nothing (a summary-only or
-        recent-turns-only prompt). Counts with the memory's `tokenizer`, else `count_tokens`'s fallback.
+        already in the tail, in cosine order, skipping any that do not fit. ``k=0`` retrieves nothing (a
+        summary-only or recent-turns-only prompt). Counts with the memory's `tokenizer`, else `count_tokens`'s
+        fallback.
         """
         if not isinstance(query, str) or not query.strip():
             raise InputError("query is empty; give the question or message to build the prompt for")

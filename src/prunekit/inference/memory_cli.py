@@ -139,7 +139,17 @@ def _open(args, *, create: bool, **given):
         raise InputError(f"no memory store at {path}; create it with `prunekit memory add --store {path} TEXT`")
     mem = Memory(path, embedder=_embedder(args, path, create), create=create)
     try:
-        recorded = json.loads(mem.store.setting("cli.forgetting") or "{}")
+        try:
+            recorded = json.loads(mem.store.setting("cli.forgetting") or "{}")
+        except json.JSONDecodeError:
+            recorded = None
+        if not isinstance(recorded, dict):
+            if all(given.get(k) is not None for k in FORGETTING):
+                recorded = {}  # every option given: they replace the broken record
+            else:
+                raise InputError(f"{path} records unreadable forgetting options; give --forget-every, "
+                                 "--forget-fraction, --retrieval-term and --age-from to `memory add` to record "
+                                 "them again")
         settings = {k: given.get(k) if given.get(k) is not None else recorded.get(k, v) for k, v in FORGETTING.items()}
         opened = Memory(store=mem.store, embedder=mem.embedder, **settings)  # checks every value
     except BaseException:
