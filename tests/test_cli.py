@@ -154,6 +154,21 @@ def test_output_that_would_replace_the_input_is_refused_even_with_overwrite(mode
     assert digest(model_dir) == before
 
 
+def test_output_folder_holding_a_part_of_a_calibration_mixture_is_refused(model_dir, text_file, tmp_path, capsys):
+    # --calib A+FOLDER/c.txt --out FOLDER --overwrite deleted c.txt: the mixture was checked as one path
+    folder = tmp_path / "dd"
+    folder.mkdir()
+    calib = folder / "c.txt"
+    calib.write_text(text_file.read_text())
+    for method in (["--method", "wanda", "--ratio", "0.5"], ["--method", "uniform-structured", "--ratio", "0.3"],
+                   ["--method", "shortgpt", "--layers", "1"]):
+        args = prune_args(model_dir, text_file, folder, *method, "--overwrite")
+        args[args.index("--calib") + 1] = f"{text_file}+{calib}"
+        assert cli.main(args) == 2
+        assert f"would replace the input {calib}" in capsys.readouterr().err
+    assert calib.read_text() == text_file.read_text()
+
+
 def test_output_under_a_file_fails_before_the_work(model_dir, text_file, tmp_path, monkeypatch, capsys):
     # was a FileExistsError traceback from the save, after the pruning
     import prunekit

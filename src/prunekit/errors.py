@@ -43,7 +43,13 @@ def check_not_input(out: str | os.PathLike, *inputs, flag: str = "--out") -> Non
     """Refuse an output that is one of the `inputs`, a folder holding one (writing it would replace the input),
     or a path inside an input folder (writing it would change what that folder holds)."""
     target = Path(out).expanduser().resolve()
-    for src in inputs:
+    parts = []
+    for src in inputs:  # a text mixture "wiki+notes/c.txt" names each of its sources (`prunekit.load_text`)
+        if isinstance(src, str) and "+" in src and not Path(src).expanduser().exists():
+            parts += [p.strip() for p in src.split("+")]
+        else:
+            parts.append(src)
+    for src in parts:
         if not src or not Path(src).expanduser().exists():  # a builtin text name (wiki), or nothing
             continue
         source = Path(src).expanduser().resolve()
