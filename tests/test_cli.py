@@ -169,6 +169,21 @@ def test_output_folder_holding_a_part_of_a_calibration_mixture_is_refused(model_
     assert calib.read_text() == text_file.read_text()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--eval", "EVAL", "--eval-tokens", "10"], "--eval-tokens 10 is less than one --seqlen window of 64 tokens"),
+    (["--eval", ","], "--eval ',' names no text"),
+    (["--pattern", "3:999999999999999999999"], "a fraction too small to represent"),
+])
+def test_prune_names_the_flag_at_fault(extra, message, model_dir, text_file, tmp_path, capsys):
+    # the first blamed the text and named eval's --tokens; the second evaluated nothing; the third said "ratio 1.0"
+    out = tmp_path / "out"
+    extra = [str(text_file) if e == "EVAL" else e for e in extra]
+    assert cli.main(prune_args(model_dir, text_file, out, "--method", "magnitude", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
 def test_output_under_a_file_fails_before_the_work(model_dir, text_file, tmp_path, monkeypatch, capsys):
     # was a FileExistsError traceback from the save, after the pruning
     import prunekit

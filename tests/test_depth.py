@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 
@@ -320,6 +321,34 @@ def test_cli_tinyfusion_with_recovery_writes_a_loadable_shallow_model(lm_dir, ca
     assert meta["speed"]["pruned"]["params"] < meta["speed"]["dense"]["params"]
     assert set(meta["speed"]["speedup"]) == {"prefill", "decode"}
     assert "measured speedup" in (out / "report.md").read_text()
+
+
+def test_cli_refuses_a_recovery_that_diverged_and_reports_an_overflowing_perplexity(lm_dir, calib, tmp_path,
+                                                                                      capsys):
+    # a diverged recovery was saved as a model of NaN weights (exit 0); exp(mean NLL) > 709 was an OverflowError
+    out = tmp_path / "nan"
+    base = ["prune", str(lm_dir), "--method", "shortgpt", "--layers", "2", "--calib", str(calib), "--samples", "4",
+            "--seqlen", "32", "--no-speed", "--quiet"]
+    assert main([*base, "--recover", "full", "--recover-steps", "3", "--recover-lr", "1e8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "recovery diverged at learning rate 1e+08" in err and "--recover-lr" in err and not out.exists()
+    from safetensors.torch import load_file, save_file
+
+    loud = tmp_path / "loud"  # finite weights whose logits are huge: mean NLL far past 709
+    shutil.copytree(lm_dir, loud)
+    weights = load_file(loud / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1e5
+    save_file(weights, loud / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["eval", str(loud), "--text", str(calib), "--seqlen", "32", "--tokens", "64", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["ppl"] is None and got["nll"] > 709
+    out = tmp_path / "from-loud"
+    assert main(["prune", str(loud), *base[2:], "--eval", str(calib), "--eval-tokens", "64", "--out", str(out)]) == 0
+    assert "inf" in capsys.readouterr().out.lower()
+    meta = json.loads((out / "prunekit.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no Infinity
+    dense = meta["evaluation"][str(calib)]["dense"]
+    assert dense["ppl"] is None and dense["nll"] > 709
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -141,3 +141,22 @@ def test_wide_hessian_accumulates_the_upper_triangle_exactly():
         acc.add(batch)
     flat = x.reshape(-1, 1100)
     torch.testing.assert_close(acc.value(), 2 * flat.T @ flat / 6, rtol=1e-4, atol=1e-3)
+
+
+def test_sparsegpt_damping_grows_from_zero_and_a_dead_hessian_is_an_input_error():
+    # percdamp=0 stayed 0 through every tenfold retry, then a RuntimeError traceback
+    import warnings
+
+    from prunekit.errors import InputError
+    from prunekit.weights.methods.sparsegpt import inverse_cholesky
+
+    x = torch.randn(3, 8, dtype=torch.float64)
+    h = x.T @ x  # rank 3 of 8: singular without damping
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        upper = inverse_cholesky(h, 0.0)
+    assert any("damping raised to 0.1" in str(w.message) for w in caught)
+    damped = h + 0.1 * torch.diag(h).mean() * torch.eye(8, dtype=torch.float64)
+    assert torch.allclose(upper.T @ upper, torch.linalg.inv(damped), atol=1e-8)
+    with pytest.raises(InputError, match="stays singular"):
+        inverse_cholesky(torch.zeros(8, 8), 0.01)  # no signal at all: no damping helps

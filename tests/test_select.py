@@ -15,7 +15,7 @@ def test_parse_pattern_counts_nonzeros_kept(text, n, m):
     assert nm.ratio == pytest.approx((m - n) / m)
 
 
-@pytest.mark.parametrize("bad", ["5:4", "2:0", "0:4", "4:4", "2-4", "a:b", "2:4:8", ""])
+@pytest.mark.parametrize("bad", ["5:4", "2:0", "0:4", "4:4", "2-4", "a:b", "2:4:8", "", "3:999999999999999999999"])
 def test_parse_pattern_rejects(bad):
     if bad == "":
         assert parse_pattern(bad) is None

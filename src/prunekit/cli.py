@@ -14,6 +14,8 @@ import time
 from importlib import import_module
 from pathlib import Path
 
+from prunekit import jsonl
+
 __all__ = ["main"]
 
 # Commands whose argparse and dispatch live in their own module (``add_parser(sub)``, ``run(args)``).
@@ -181,11 +183,13 @@ def _cmd_prune(args) -> int:
         choices = [n for domain in ("weights", *_PRUNE_DOMAINS) for n in prunekit.registry.names(domain)]
         raise InputError(f"unknown method {args.method!r} for prune; choose one of: {', '.join(choices)}")
     _refuse_foreign_flags(args, known)
+    if args.eval is not None and not any(t.strip() for t in args.eval.split(",")):  # "," evaluated nothing, silently
+        raise InputError(f"--eval {args.eval!r} names no text; give e.g. --eval wiki,austen or leave it out")
+    if args.eval_tokens is not None and not args.eval:
+        raise InputError("--eval-tokens sets how much of the --eval texts is scored; give --eval TEXTS or leave it out")
     _check_eval_sizes(args.seqlen, args.eval_tokens, "--eval-tokens")
     int_at_least(args.seed, "--seed", 0)
     int_at_least(args.samples, "--samples", 1, hint=" (calibration windows)")
-    if args.eval_tokens is not None and not args.eval:
-        raise InputError("--eval-tokens sets how much of the --eval texts is scored; give --eval TEXTS or leave it out")
     if known.domain in _PRUNE_DOMAINS:
         return import_module(_PRUNE_DOMAINS[known.domain]).run_prune(args)
     spec = prunekit.registry.get(args.method, "weights")  # validate everything before the slow work
@@ -237,11 +241,14 @@ def _cmd_prune(args) -> int:
 
 def _check_eval_sizes(seqlen: int, tokens: int | None, tokens_flag: str) -> None:
     """--seqlen >= 2 and the token budget >= 1 (0 is not "the default"), before anything is loaded."""
-    from prunekit.errors import int_at_least
+    from prunekit.errors import InputError, int_at_least
 
     int_at_least(seqlen, "--seqlen", 2)
     if tokens is not None:
         int_at_least(tokens, tokens_flag, 1, hint=" (tokens evaluated; leave it out for the default)")
+        if tokens < seqlen:  # was blamed on the text, naming eval's --tokens
+            raise InputError(f"{tokens_flag} {tokens} is less than one --seqlen window of {seqlen} tokens; raise "
+                             f"{tokens_flag} or lower --seqlen")
 
 
 def _recorded_pattern(path: Path) -> str | None:
@@ -290,7 +297,7 @@ def _cmd_eval(args) -> int:
         out["pattern_ok"] = not bad
         out["pattern_violations"] = bad
     if args.json:
-        print(json.dumps(out))
+        print(jsonl.dumps(out))
     else:
         print(f"{args.model}: perplexity {ppl.ppl:.3f} on {ppl.text['source']} ({ppl.windows} x {ppl.seqlen} = {ppl.tokens} tokens)")
         print(f"sparsity of block Linears {measured['total']:.4f}; of all parameters {measured['model_total']:.4f}")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -67,7 +68,8 @@ def perplexity(model: nn.Module, tokenizer, text: str | Text = "wiki", *, seqlen
     ids = evaluation_ids(tokenizer, source, seqlen=seqlen, tokens=tokens)
     check_token_ids(model, ids, what="evaluation text")
     nll, _ = perplexity_of_ids(model, ids, batch_size=batch_size, progress=progress)
-    return Perplexity(math.exp(nll), nll, ids.numel(), seqlen, ids.shape[0], source.describe())
+    ppl = math.exp(nll) if nll < math.log(sys.float_info.max) else math.inf  # math.exp overflowed past ~709
+    return Perplexity(ppl, nll, ids.numel(), seqlen, ids.shape[0], source.describe())
 
 
 def sparsity(model: nn.Module) -> dict:

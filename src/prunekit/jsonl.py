@@ -1,4 +1,6 @@
-"""JSON Lines in: one JSON object per non-blank line, with errors that name the file and the line.
+"""JSON Lines in: one JSON object per non-blank line, with errors that name the file and the line; and strict
+JSON out (`dumps`: a NaN or infinite number, which json.dumps writes as the invalid ``NaN``/``Infinity``,
+becomes null).
 
 >>> import tempfile, pathlib
 >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.jsonl"; _ = p.write_text('{"text": "one"}\\n\\n{"text": "two"}\\n')
@@ -9,12 +11,33 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 from prunekit.errors import InputError
 
-__all__ = ["read_objects"]
+__all__ = ["read_objects", "dumps"]
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj, **kwargs) -> str:
+    """``json.dumps`` that every JSON reader accepts: non-finite floats (a diverged loss, an overflowing
+    perplexity) are written as null.
+
+    >>> dumps({"ppl": float("inf"), "loss": [1.5, float("nan")]})
+    '{"ppl": null, "loss": [1.5, null]}'
+    """
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
 
 
 def read_objects(path: str | os.PathLike, *, shape: str) -> list[tuple[int, dict]]:

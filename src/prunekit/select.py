@@ -82,6 +82,9 @@ def parse_pattern(pattern: str | NM | None) -> NM | None:
             f"pattern {pattern!r} is impossible: it needs 1 <= N < M (N nonzeros kept of every M weights); "
             "use e.g. 2:4 or 4:8"
         )
+    if 1.0 - n / m >= 1.0:  # a sparsity that rounds to 1.0 was refused as "ratio 1.0 is outside [0, 1)"
+        raise InputError(f"pattern {pattern!r} keeps {n} of {m}, a fraction too small to represent; use a smaller M "
+                         "(e.g. 2:4 or 4:8)")
     return NM(n, m)
 
 

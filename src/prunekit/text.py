@@ -192,14 +192,16 @@ def evaluation_ids(tokenizer, text: Text, *, seqlen: int = 512, tokens: int | No
     ids, head = _stream(tokenizer, text.text)
     available = len(ids) // (seqlen - (head is not None))
     wanted = available if tokens is None else tokens // seqlen
-    if wanted < 1 or available < 1:
+    if available < 1:
         raise InputError(
-            f"evaluation text {text.name} has {len(ids)} tokens; it needs at least one window of {seqlen} "
-            f"(and --tokens >= --seqlen); give more text or a shorter --seqlen"
+            f"evaluation text {text.name} has {len(ids)} tokens; it needs at least one window of {seqlen}; "
+            "give more text or a shorter seqlen"
         )
+    if wanted < 1:
+        raise InputError(f"tokens={tokens} is less than one window of seqlen={seqlen}; raise tokens or lower seqlen")
     if wanted > available:
         raise InputError(
             f"evaluation text {text.name} has {available} windows of {seqlen} tokens, but {wanted} were asked; "
-            "lower --tokens or give more text"
+            "lower tokens or give more text"
         )
     return _windows(ids, head, seqlen, list(range(wanted)))

@@ -13,8 +13,9 @@ on first use). Outputs are written to a temporary folder and renamed; an existin
 from __future__ import annotations
 
 import argparse
-import json
 import time
+
+from prunekit import jsonl
 
 __all__ = ["add_parser", "run", "COMMANDS"]
 
@@ -188,7 +189,7 @@ def _cmd_eval(args) -> int:
     _, _, xte, yte = resnet.fashion_tensors()
     s = _summary(model, xte, yte)
     if args.json:
-        print(json.dumps(s))
+        print(jsonl.dumps(s))
     else:
         print(f"{args.model}: test accuracy {s['accuracy']:.4f}, {s['params']} parameters, {s['flops']} FLOPs (MACs) "
               f"per image, {s['ms_per_batch_256']:.1f} ms per batch of 256")

@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from prunekit import jsonl
+
 __all__ = ["add_parser", "COMMANDS"]
 
 
@@ -134,9 +136,9 @@ def _cmd_label_issues(args) -> int:
     n = len(labels)
     if args.json:
         est = cl.estimate_noise(labels, probs, allow_missing_classes=args.allow_missing_classes)
-        print(json.dumps({"examples": n, "classes": probs.shape[1], "issues": int(len(ranked)), "filter_by": args.filter,
-                          "rank_by": args.rank_by, "seconds": seconds, "out": str(args.out),
-                          "prior": est.prior.tolist(), "noise_matrix": est.noise_matrix.tolist()}))
+        print(jsonl.dumps({"examples": n, "classes": probs.shape[1], "issues": int(len(ranked)),
+                           "filter_by": args.filter, "rank_by": args.rank_by, "seconds": seconds, "out": str(args.out),
+                           "prior": est.prior.tolist(), "noise_matrix": est.noise_matrix.tolist()}))
     else:
         print(f"{len(ranked)} label issues among {n} examples ({100 * len(ranked) / n:.2f}%), filter {args.filter}, "
               f"{seconds:.2f} s; ranked by {args.rank_by}, worst first, in {args.out}")

@@ -259,7 +259,9 @@ def _run_dit(args) -> int:
     report_md = "\n".join(lines) + "\n"
 
     def extra(folder):
-        (folder / "prunekit.json").write_text(json.dumps(meta, indent=2) + "\n")
+        from prunekit import jsonl
+
+        (folder / "prunekit.json").write_text(jsonl.dumps(meta, indent=2) + "\n")
         (folder / "report.md").write_text(report_md)
 
     out = dit.save_dit(model, args.out, info={"pruned_from": str(args.model), "kept_layers": kept},

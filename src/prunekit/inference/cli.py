@@ -10,8 +10,9 @@ one is refused unless ``--overwrite``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from prunekit import jsonl
 
 __all__ = ["add_parser", "run"]
 
@@ -103,7 +104,7 @@ def _sample(args) -> int:
                            progress=not args.quiet)
     paths = sum(len(r["paths"]) for r in records)
     if args.json:
-        print(json.dumps({"model": str(args.model), "questions": len(records), "paths": paths, "out": str(out)}))
+        print(jsonl.dumps({"model": str(args.model), "questions": len(records), "paths": paths, "out": str(out)}))
     else:
         print(f"sampled {paths} paths for {len(records)} questions from {args.model}; saved to {out}")
     return 0
@@ -127,7 +128,7 @@ def run(args) -> int:
     low, high = res["paths_per_question"]
     res["paths_available"] = low
     if args.json:
-        print(json.dumps(res))
+        print(jsonl.dumps(res))
         return 0
     if args.n is not None and args.n < high:
         how = (f"averaged over {res['rounds']} random subsets of {res['n']} paths per question (seed {args.seed})"

@@ -18,6 +18,8 @@ import json
 import sqlite3
 from pathlib import Path
 
+from prunekit import jsonl
+
 __all__ = ["add_parser", "run"]
 
 _NAMES = {"all-MiniLM-L6-v2": "minilm", "hash-bow-256": "hash"}
@@ -183,7 +185,7 @@ def _cmd_add(args) -> int:
         raise
     gone = sum(len(a.forgotten) for a in added)
     if args.json:
-        print(json.dumps({"added": [a.turn for a in added], "chunks": sum(len(a.chunk_ids) for a in added),
+        print(jsonl.dumps({"added": [a.turn for a in added], "chunks": sum(len(a.chunk_ids) for a in added),
                           "forgotten": gone, "turns": stats["turns"], "store": str(path)}))
     else:
         print(f"added {len(added)} turn(s) ({sum(len(a.chunk_ids) for a in added)} chunks) to {path}: "
@@ -217,7 +219,7 @@ def _cmd_ask(args) -> int:
 
         answer = chat_generate(model, tok, p.text, max_new_tokens=args.max_new_tokens)
     if args.json:
-        print(json.dumps({"retrieved": [vars(r) for r in p.retrieved], "prompt": p.text, "tokens": p.tokens,
+        print(jsonl.dumps({"retrieved": [vars(r) for r in p.retrieved], "prompt": p.text, "tokens": p.tokens,
                           "budget": p.budget, "left_out": p.left_out, "answer": answer}))
         return 0
     print(f"retrieved {len(p.retrieved)} chunk(s)" + (f" ({p.left_out} more did not fit)" if p.left_out else "") + ":")
@@ -237,7 +239,7 @@ def _cmd_stats(args) -> int:
     finally:
         mem.close()
     if args.json:
-        print(json.dumps(stats))
+        print(jsonl.dumps(stats))
     else:
         for key in ("store", "bytes", "turns", "chunks", "forgotten", "block_summaries", "embedder", "summary"):
             print(f"{key}: {stats[key]}")

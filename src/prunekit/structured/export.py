@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from prunekit import jsonl
 from prunekit.errors import InputError
 from prunekit.structured.units import Widths, attention, layer_widths, mlp_of, shrink_attention, shrink_mlp
 from prunekit.weights.engine import find_blocks
@@ -56,7 +57,7 @@ def save_structured(model, tokenizer, out: str | os.PathLike, *, metadata: dict,
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "prunekit.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        (tmp / "prunekit.json").write_text(jsonl.dumps(metadata, indent=2) + "\n")
         if extra is not None:
             extra(tmp)
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from prunekit import zoo
+from prunekit import jsonl, zoo
 from prunekit.errors import InputError, check_writable
 
 __all__ = ["resolve_model", "load_model", "check_finite_weights", "check_output", "write_atomically", "save_pruned"]
@@ -184,7 +184,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict, ove
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "prunekit.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        (tmp / "prunekit.json").write_text(jsonl.dumps(metadata, indent=2) + "\n")
         armor.save_factors(model, tmp)  # a no-op unless ARMOR factorized some layers
         if extra is not None:
             extra(tmp)

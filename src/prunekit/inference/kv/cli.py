@@ -6,10 +6,11 @@ everything as one JSON object with ``--json``. Writes no files.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
+
+from prunekit import jsonl
 
 __all__ = ["add_parser", "run"]
 
@@ -128,7 +129,7 @@ def run(args) -> int:
     if getattr(pol, "available", 0):
         result["attended_fraction"] = pol.attended / pol.available
     if args.json:
-        print(json.dumps(result))
+        print(jsonl.dumps(result))
     else:
         print(text)
         print(f"{args.kv}: prompt {result['prompt_tokens']} + {result['new_tokens']} new tokens; cache {result['cache_tokens_max']} "

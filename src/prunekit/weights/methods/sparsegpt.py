@@ -35,6 +35,7 @@ import warnings
 
 import torch
 
+from prunekit.errors import InputError
 from prunekit.select import NM, keep_global, keep_n_m
 
 BLOCKSIZE = 128
@@ -44,12 +45,14 @@ PERCDAMP = 0.01
 def inverse_cholesky(h: torch.Tensor, percdamp: float = PERCDAMP, *, tries: int = 6) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * I)^-1`` with ``damp = percdamp * mean(diag H)``.
 
-    Raises the damping tenfold and retries when H is not positive definite.
+    Raises the damping tenfold and retries when H is not positive definite (from `PERCDAMP` when `percdamp` is
+    0, which tenfold would leave at 0).
     """
     mean_diag = torch.diag(h).mean()
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(tries):
-        damp = percdamp * (10.0**attempt) * mean_diag
+        factor = percdamp if attempt == 0 else (percdamp or PERCDAMP) * 10.0**attempt
+        damp = factor * mean_diag
         lower, info = torch.linalg.cholesky_ex(h + damp * eye)
         if info == 0:
             hinv = torch.cholesky_inverse(lower)
@@ -57,14 +60,15 @@ def inverse_cholesky(h: torch.Tensor, percdamp: float = PERCDAMP, *, tries: int 
             if info == 0:
                 if attempt:
                     warnings.warn(
-                        f"SparseGPT: Hessian not positive definite; damping raised to {percdamp * 10.0**attempt:g} "
+                        f"SparseGPT: Hessian not positive definite; damping raised to {factor:g} "
                         "x mean(diag H). More calibration samples make this unnecessary.",
                         stacklevel=3,
                     )
                 return upper
-    raise RuntimeError(
+    raise InputError(
         "SparseGPT: the Hessian stays singular even at "
-        f"{percdamp * 10.0 ** (tries - 1):g} x mean(diag H) damping; check the calibration inputs"
+        f"{(percdamp or PERCDAMP) * 10.0 ** (tries - 1):g} x mean(diag H) damping; check the calibration inputs "
+        "(more samples, or text the model's inputs vary on)"
     )
 
 
