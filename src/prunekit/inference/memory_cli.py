@@ -186,7 +186,7 @@ def _cmd_add(args) -> int:
     gone = sum(len(a.forgotten) for a in added)
     if args.json:
         print(jsonl.dumps({"added": [a.turn for a in added], "chunks": sum(len(a.chunk_ids) for a in added),
-                          "forgotten": gone, "turns": stats["turns"], "store": str(path)}))
+                           "forgotten": gone, "turns": stats["turns"], "store": str(path)}))
     else:
         print(f"added {len(added)} turn(s) ({sum(len(a.chunk_ids) for a in added)} chunks) to {path}: "
               f"{stats['turns']} turns, {stats['chunks']} chunks" + (f"; forgot {gone} chunks" if gone else ""))
@@ -220,7 +220,7 @@ def _cmd_ask(args) -> int:
         answer = chat_generate(model, tok, p.text, max_new_tokens=args.max_new_tokens)
     if args.json:
         print(jsonl.dumps({"retrieved": [vars(r) for r in p.retrieved], "prompt": p.text, "tokens": p.tokens,
-                          "budget": p.budget, "left_out": p.left_out, "answer": answer}))
+                           "budget": p.budget, "left_out": p.left_out, "answer": answer}))
         return 0
     print(f"retrieved {len(p.retrieved)} chunk(s)" + (f" ({p.left_out} more did not fit)" if p.left_out else "") + ":")
     for r in p.retrieved:
