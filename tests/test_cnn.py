@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -393,6 +395,55 @@ def test_cli_udfc_refuses_to_replace_its_input_or_write_under_a_file(saved, tmp_
     err = capsys.readouterr().err
     assert "Traceback" not in err and "which is a file, not a folder" in err
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
+def test_cli_refuses_the_working_folder_and_the_cached_testbed_as_output(saved, tmp_path, monkeypatch, capsys):
+    # `--out . --overwrite` deleted the working folder (rmtree before the rename); `udfc testbed --out <the cached
+    # testbed> --overwrite` replaced the testbed every later command uses
+    work = tmp_path / "work" / "inner"
+    work.mkdir(parents=True)
+    (work / "precious.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    for out in (".", "..", ""):
+        assert main(["cnn", "udfc", str(saved), "--ratio", "0.5", "--out", out, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "is the working folder or holds it" in err and len(err.strip().splitlines()) == 1, err
+    assert (work / "precious.txt").read_text() == "keep me"
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(cache))
+    shutil.copytree(saved, resnet.testbed_folder())  # stands in for the trained testbed
+    before = {p.name: p.read_bytes() for p in resnet.testbed_folder().iterdir()}
+    assert main(["cnn", "udfc", "testbed", "--ratio", "0.5", "--out", str(resnet.testbed_folder()), "--overwrite"]) == 2
+    assert "would replace the input" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in resnet.testbed_folder().iterdir()} == before
+
+
+def test_save_model_restores_the_old_folder_when_the_rename_fails(saved, tmp_path, monkeypatch):
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    real = os.replace
+
+    def fail_second(src, dst):
+        if str(src).startswith(str(tmp_path / ".base.")) and ".old-" not in str(src):
+            raise OSError(5, "I/O error")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_second)
+    with pytest.raises(OSError):
+        resnet.save_model(resnet.ResNet(widths=(4, 8, 8), blocks=1), saved, overwrite=True)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_cli_trp_refuses_to_save_a_diverged_model(tmp_path, capsys):
+    from prunekit.zoo import cache_dir
+
+    if not (cache_dir() / "datasets" / "fashion_mnist.npz").is_file():
+        pytest.skip("Fashion-MNIST is not in the cache (make assets)")
+    out = tmp_path / "trp"
+    assert main(["cnn", "trp", "--out", str(out), "--examples", "256", "--epochs", "1", "--period", "1",
+                 "--nuclear", "1e30", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "lower --nuclear" in err and not out.exists()
 
 
 def test_cli_trp_split_faster_keeps_slow_splits_whole(tmp_path):

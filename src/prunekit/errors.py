@@ -9,7 +9,7 @@ import tempfile
 from numbers import Integral
 from pathlib import Path
 
-__all__ = ["InputError", "int_at_least", "check_writable", "check_not_input"]
+__all__ = ["InputError", "int_at_least", "check_writable", "check_not_input", "apply_umask"]
 
 
 class InputError(ValueError):
@@ -27,7 +27,12 @@ def check_writable(out: str | os.PathLike, *, flag: str = "--out") -> None:
     """Refuse an output that cannot be created: under a file, or where nothing can be written. Creates nothing.
 
     Called with the other checks, before the slow work, so a bad location fails in a second and not at the save.
+    The working folder, or one holding it, is refused too: replacing it (``--out . --overwrite``) deleted it.
     """
+    target, here = Path(out).expanduser().resolve(), Path.cwd().resolve()
+    if not str(out).strip() or target == here or target in here.parents:
+        raise InputError(f"{flag} {str(out)!r} is the working folder or holds it; writing there would replace it; "
+                         f"give a new name (e.g. {flag} runs/out)")
     folder = Path(out).expanduser().absolute().parent
     while not folder.exists():
         folder = folder.parent
@@ -57,3 +62,15 @@ def check_not_input(out: str | os.PathLike, *inputs, flag: str = "--out") -> Non
             raise InputError(f"{flag} {out} would replace the input {src}; choose another {flag}")
         if source.is_dir() and source in target.parents:
             raise InputError(f"{flag} {out} is inside the input folder {src}; choose a {flag} outside it")
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give `path` (a file, or a folder and all it holds) the permissions a plain ``open``/``mkdir`` would: the
+    temporary files and folders outputs are built in (``mkstemp``/``mkdtemp``) are private (0600/0700), and
+    keep that after the rename into place, so other users and containers could not read the results."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path = Path(path)
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)

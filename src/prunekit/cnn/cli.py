@@ -130,6 +130,12 @@ def _train(args, trp_options: dict | None) -> int:
             timing = split_where_faster(model, xte[:256])
             meta["trp"]["split"] = "faster"
             meta["trp"]["kept_whole"] = sorted(n for n, i in timing.items() if not i["split"])
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:  # was saved (exit 0) as a model that `cnn eval` then refused
+        from prunekit.errors import InputError
+
+        raise InputError(f"training diverged: {bad[0]}" + (f" and {len(bad) - 1} other tensors" if len(bad) > 1 else "")
+                         + " became NaN or Inf" + ("; lower --nuclear" if trp else "") + "; nothing was saved")
     meta.update(_summary(model, xte, yte))
     resnet.save_model(model, out, metadata=meta, overwrite=args.overwrite)
     what = "TRP-trained and decomposed" if trp else "trained"
@@ -156,7 +162,7 @@ def _cmd_udfc(args) -> int:
     check_ratio(args.ratio)
     _check_bits(args.bits)
     out = resnet.check_output_dir(args.out, overwrite=args.overwrite)
-    check_not_input(out, None if args.model == "testbed" else args.model)
+    check_not_input(out, resnet.testbed_folder() if args.model == "testbed" else args.model)  # the cache, too
     model = _model(args.model)
     if args.eval:
         _check_fashion_input(model, args.model, " or drop --eval")

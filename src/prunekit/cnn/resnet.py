@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import InputError, check_writable
+from prunekit.errors import InputError, apply_umask, check_writable
 
 __all__ = [
-    "BasicBlock", "ResNet", "fashion_tensors", "save_model", "load_model", "testbed", "TESTBED", "check_output_dir",
+    "BasicBlock", "ResNet", "fashion_tensors", "save_model", "load_model", "testbed", "testbed_folder", "TESTBED",
+    "check_output_dir",
 ]
 
 # The testbed recipe (see `testbed`): widths of ResNet-20, 3 epochs of SGD with cosine decay, batch 128.
@@ -143,18 +144,25 @@ def save_model(model: ResNet, out, *, metadata: dict | None = None, overwrite: b
         raise InputError(f"save_model saves prunekit.cnn.ResNet models, got {type(model).__name__}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    old = None
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         config = {"format": FORMAT, "arch": "resnet", **model.config,
                   "lowrank": getattr(model, "lowrank", {}), "metadata": metadata or {}}
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
+        apply_umask(tmp)
+        if out.exists():  # moved aside, not deleted first: a failed rename puts it back
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old, out)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -266,6 +274,15 @@ def load_model(path) -> ResNet:
     return check_finite_weights(model, path, buffers=True).eval()
 
 
+def testbed_folder(*, seed: int = 0, epochs: int | None = None) -> Path:
+    """Where `testbed` caches the model of `seed` (a CLI refuses to write its output there)."""
+    from prunekit import zoo
+
+    epochs = TESTBED["epochs"] if epochs is None else int(epochs)
+    widths = "-".join(map(str, TESTBED["widths"]))
+    return zoo.cache_dir() / "models" / f"cnn-resnet20s2-{widths}-fmnist-e{epochs}-s{seed}"
+
+
 def testbed(*, seed: int = 0, epochs: int | None = None, progress: bool = True, log=None) -> ResNet:
     """The trained Fashion-MNIST testbed for `seed`, trained once and cached under ``$PRUNEKIT_CACHE/models``.
 
@@ -273,11 +290,10 @@ def testbed(*, seed: int = 0, epochs: int | None = None, progress: bool = True, 
     batch 128, ``TESTBED["epochs"]`` epochs, channels-last on one CPU thread when the caller set one).
     """
     from prunekit import train as tr
-    from prunekit import zoo
 
     epochs = TESTBED["epochs"] if epochs is None else int(epochs)
     w = TESTBED["widths"]
-    folder = zoo.cache_dir() / "models" / f"cnn-resnet20s2-{'-'.join(map(str, w))}-fmnist-e{epochs}-s{seed}"
+    folder = testbed_folder(seed=seed, epochs=epochs)
     if (folder / "config.json").is_file():
         return load_model(folder)
     xtr, ytr, xte, yte = fashion_tensors()
