@@ -270,3 +270,37 @@ def test_prune_refuses_flags_that_would_be_ignored(model_dir, text_file, tmp_pat
     refused([*base, "--eval-tokens", "64"], capsys, "--eval-tokens sets how much of the --eval texts")
     refused([*base, "--samples", "0"], capsys, "--samples must be an integer >= 1")
     assert not out.exists()
+
+
+def test_outputs_get_the_permissions_of_a_plain_write(tmp_path, model_dir, text_file):
+    # outputs kept mkdtemp/mkstemp's private 0700/0600 after the rename: other users could not read them
+    import os
+    import stat
+
+    import numpy as np
+
+    from prunekit import cli
+    from prunekit.data.io import write_table
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "pruned"
+        assert cli.main(["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.5", "--out", str(out),
+                         "--quiet"]) == 0
+        table = write_table(tmp_path / "t.csv", {"index": np.arange(3)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+    assert stat.S_IMODE(table.stat().st_mode) == 0o644
+
+
+def test_argparse_errors_are_one_line(capsys):
+    # argparse printed its usage block before the message
+    from prunekit import cli
+
+    for argv in (["cnn", "udfc", "base", "--bits", "nan", "--out", "o"], ["prune"], []):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "error:" in err and "--help" in err, err

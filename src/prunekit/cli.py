@@ -51,8 +51,16 @@ _PRUNE_FLAG_USERS: dict[str, tuple[str, ...]] = {
 _DOMAIN_WORDS = {"weights": "weight", "structured": "structured", "depth": "depth"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error, like every other prunekit error (argparse prints its usage block first);
+    the subcommand parsers are made of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prunekit", description="Prune what a model is, what it learns from, and what it keeps.")
+    p = _Parser(prog="prunekit", description="Prune what a model is, what it learns from, and what it keeps.")
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prune", help="prune a causal LM (weights, heads and neurons, or whole blocks) and save it")
@@ -229,10 +237,10 @@ def _cmd_prune(args) -> int:
     meta["wall_seconds"] = time.perf_counter() - wall
     out = prunekit.save_pruned(model, tok, args.out, metadata=meta, overwrite=args.overwrite,
                                extra=lambda folder: report.write_report(folder, meta))
+    error = (f"mean relative error {result.mean_rel_error:.4f}" if result.mean_rel_error is not None
+             else "relative error not measured by this method")  # was printed as "nan"
     print(f"pruned {args.model} with {args.method} ({result.pattern or f'{ratio:g} unstructured'}): "
-          f"sparsity {result.total_sparsity:.4f} over {len(result.layers)} layers, "
-          f"mean relative error {result.mean_rel_error if result.mean_rel_error is not None else float('nan'):.4f}, "
-          f"{result.seconds:.1f} s")
+          f"sparsity {result.total_sparsity:.4f} over {len(result.layers)} layers, {error}, {result.seconds:.1f} s")
     if evaluation:
         print(report.ppl_table(evaluation))
     print(f"saved to {out} (report: {out / 'report.md'})")

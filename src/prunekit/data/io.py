@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prunekit.errors import InputError, check_writable
+from prunekit.errors import InputError, apply_umask, check_writable
 
 __all__ = ["read_array", "read_labels", "read_vector", "read_matrix", "check_real", "write_table", "check_output_file",
            "FORMATS"]
@@ -276,6 +276,7 @@ def write_table(path: str | os.PathLike, columns: dict[str, np.ndarray], *, over
                 except ImportError:
                     raise InputError(f"writing {path} needs pyarrow: pip install pyarrow (or write .npy / .csv)") from None
                 pq.write_table(pa.table({n: a for n, a in zip(names, arrays)}), f)
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

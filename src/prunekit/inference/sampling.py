@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, apply_umask
 
 __all__ = ["DEFAULT_INSTRUCTION", "extract_answer", "build_prompt", "sample_paths", "sample_question"]
 
@@ -232,6 +232,7 @@ def write_jsonl(path: str | os.PathLike, records: list[dict]) -> Path:
         with os.fdopen(fd, "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

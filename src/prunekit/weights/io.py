@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from prunekit import jsonl, zoo
-from prunekit.errors import InputError, check_writable
+from prunekit.errors import InputError, apply_umask, check_writable
 
 __all__ = ["resolve_model", "load_model", "check_finite_weights", "check_output", "write_atomically", "save_pruned"]
 
@@ -149,6 +149,7 @@ def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, o
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         build(tmp)
+        apply_umask(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
