@@ -30,6 +30,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_ARMS = ",".join(["full"] + [f"{p}:{b}" for b in (1024, 2048) for p in
                                     ("delta", "delta_calibrated", "streaming_llm", "h2o", "snapkv", "deep_forcing")])
+WARMUP = 3  # rounds left out of every timing (first calls, allocator growth)
 
 
 def _arms(spec: str) -> list[tuple[str, int | None]]:
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "kv_speed.json"))
     args = ap.parse_args(argv)
+    if args.steps <= WARMUP:  # every timing is of the rounds after the warm-up ones
+        ap.error(f"--steps must be more than the {WARMUP} warm-up rounds, got {args.steps}")
     torch.set_num_threads(args.threads)
     import prunekit
     from transformers import DynamicCache
@@ -91,13 +94,13 @@ def main(argv=None) -> int:
             for c in reversed(contexts):
                 c.__exit__(None, None, None)
     # the mean counts the evicting policies' compressions (one step in `every`); the median does not
-    plain_ms = 1000 * statistics.fmean(times[0][3:])
-    full_ms = next((1000 * statistics.fmean(t[3:]) for (name, _), t in zip(arms, times) if name == "full"), None)
+    plain_ms = 1000 * statistics.fmean(times[0][WARMUP:])
+    full_ms = next((1000 * statistics.fmean(t[WARMUP:]) for (name, _), t in zip(arms, times) if name == "full"), None)
     rows = []
     for j, (name, budget) in enumerate(arms):
-        ms = 1000 * statistics.fmean(times[j][3:])
+        ms = 1000 * statistics.fmean(times[j][WARMUP:])
         row = {"policy": name, "budget": budget, "context": args.context, "ms_per_token": round(ms, 2),
-               "median_ms": round(1000 * statistics.median(times[j][3:]), 2), "tokens_per_s": round(1000 / ms, 3),
+               "median_ms": round(1000 * statistics.median(times[j][WARMUP:]), 2), "tokens_per_s": round(1000 / ms, 3),
                "speedup_vs_plain": round(plain_ms / ms, 4),
                "speedup_vs_engine_full": round(full_ms / ms, 4) if full_ms else None,
                "cache_mb": round(kv.cache_bytes(caches[j]) / 2**20, 1)}
@@ -106,7 +109,8 @@ def main(argv=None) -> int:
             row["attended"] = round(pol.attended / pol.available, 4)
             row["delta_layers"] = calibrated if name == "delta_calibrated" else kv.default_delta_layers(model.config.num_hidden_layers)
         rows.append(row)
-    data = {"rows": rows, "meta": {"steps": args.steps, "warmup_rounds": 3, "threads": args.threads, "every": args.every,
+    data = {"rows": rows, "meta": {"steps": args.steps, "warmup_rounds": WARMUP, "threads": args.threads,
+                                   "every": args.every,
                                    "machine": platform.machine(), "torch": torch.__version__,
                                    "ran": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
     out = Path(args.out)

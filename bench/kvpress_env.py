@@ -16,5 +16,9 @@ def ensure_kvpress_venv():
                        "print(torch.__version__, version('kvpress'), transformers.__version__)")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # builds the venv (minutes) and prints its python; --help says so and builds nothing
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0] + " Builds it if needed and prints its python "
+                            "executable.").parse_args()
     print(ensure_kvpress_venv())

@@ -438,6 +438,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # was a FileNotFoundError after the first (dense) row
     data = json.loads(out.read_text()) if out.exists() else {"rows": []}
     if args.retime is not None:
         return retime(data, out, args.retime, args.only)
