@@ -304,3 +304,86 @@ def test_argparse_errors_are_one_line(capsys):
             cli.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "error:" in err and "--help" in err, err
+
+
+# ---- Python API bad input found by a QA sweep: an InputError before anything changes -----------------------
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, state):
+    return all(torch.allclose(v, state[k], rtol=0, atol=0, equal_nan=True) for k, v in model.state_dict().items())
+
+
+def test_prune_refuses_a_nan_embedding_before_pruning_any_block(tok):
+    # the Linears were checked, not the embedding: block 0 was pruned, then "non-finite activations" (RuntimeError)
+    from conftest import ids_from_text
+
+    model = tiny_model("llama")
+    ids = ids_from_text(tok, 4, 32)
+    model.model.embed_tokens.weight.data[int(ids[0, 3]), 0] = float("nan")
+    before = _state(model)
+    for method in ("wanda", "sparsegpt"):
+        with pytest.raises(InputError, match="NaN or Inf weights in model.embed_tokens.weight"):
+            prunekit.prune(model, method=method, ratio=0.5, calibration=ids)
+        assert _same(model, before)
+
+
+def test_prune_structured_checks_weights_and_ids_first(tok):
+    from conftest import ids_from_text
+
+    ids = ids_from_text(tok, 4, 32)
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.up_proj.weight.data[0, 0] = float("nan")  # an SVD error after changes, or accepted
+    before = _state(model)
+    for method in ("uniform-structured", "magnitude-structured", "wanda-structured"):
+        with pytest.raises(InputError, match="NaN or Inf weights"):
+            prunekit.prune_structured(model, method=method, ratio=0.3, calibration=ids, progress=False)
+        assert _same(model, before)
+    model = tiny_model("llama")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    for bad, match in ((ids + vocab, "calibration tensor"), (ids[:0], "empty")):  # IndexError / AttributeError
+        with pytest.raises(InputError, match=match):
+            prunekit.prune_structured(model, method="uniform-structured", ratio=0.3, calibration=bad, progress=False)
+
+
+def test_depth_target_and_keep_mask_are_checked(tok):
+    from conftest import ids_from_text
+
+    from prunekit import depth
+
+    model = tiny_model("llama")
+    ids = ids_from_text(tok, 4, 32)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    for bad in (ids.float(), ids + vocab, ids[:, :1]):  # torch / transformers errors inside shortgpt
+        with pytest.raises(InputError, match="calibration ids"):
+            depth.causal_lm_target(model, bad)
+    depth_ = len(model.model.layers)
+    with pytest.raises(InputError, match="one True/False per block"):  # indices were read as a mask
+        depth.check_keep([0, 2, 3, 5][:depth_], depth_)
+    assert depth.check_keep([1, 0] * (depth_ // 2), depth_) == [True, False] * (depth_ // 2)
+
+
+def test_cnn_compress_perplexity_check_pattern_and_ece_refuse_bad_input(tok):
+    from prunekit.cnn import resnet
+    from prunekit.cnn.udfc import compress
+    from prunekit.inference import reasoning as R
+
+    net = resnet.ResNet(widths=(4, 8, 8), blocks=1).eval()
+    net.blocks[0].conv1.weight.data[0, 0, 0, 0] = float("nan")  # an MKL error / internal assert
+    with pytest.raises(InputError, match="NaN or Inf"):
+        compress(net, ratio=0.3, bits=6)
+    with pytest.raises(InputError, match="needs a loaded model"):  # AttributeError: 'str' ... 'training'
+        prunekit.perplexity("smollm2-135m", tok, "wiki", seqlen=32, tokens=64)
+    assert prunekit.check_pattern(tiny_model("llama"), None) == []  # AttributeError on NM None
+    with pytest.raises(InputError, match="correct must hold values in"):  # an "ECE" of 2.65
+        R.expected_calibration_error([0.5, 0.2], [1, 5])
+    with pytest.raises(InputError, match="weights must be finite"):
+        R.expected_calibration_error([0.5, 0.2], [1, 0], weights=[1, -1])
+    with pytest.raises(InputError, match="logprobs must hold"):  # TypeError: NoneType has no len()
+        R.rpc(["1", "2"], None)
+    recs = [{"answer": "1", "paths": [{"text": "a", "answer": "1", "logprobs": [-0.1]},
+                                      {"text": "b", "answer": "2", "logprobs": [-1.0]}]}]
+    with pytest.raises(InputError, match="resamples"):
+        R.evaluate(recs, method="rpc", n=1, resamples=True)

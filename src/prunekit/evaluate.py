@@ -59,6 +59,8 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 
 def perplexity(model: nn.Module, tokenizer, text: str | Text = "wiki", *, seqlen: int = 512,
                tokens: int | None = EVAL_TOKENS, batch_size: int = 4, progress: bool = True) -> Perplexity:
     """Perplexity ``exp(mean NLL)`` over the first ``tokens // seqlen`` windows of held-out `text`."""
+    if not isinstance(model, nn.Module):  # a model name was an AttributeError deep inside
+        raise InputError(f"perplexity needs a loaded model (prunekit.load_model(name)), got {type(model).__name__}")
     int_at_least(batch_size, "batch_size", 1)
     if tokens is not None:
         int_at_least(tokens, "tokens", 1)
@@ -88,8 +90,11 @@ def sparsity(model: nn.Module) -> dict:
 
 
 def check_pattern(model: nn.Module, pattern: str | NM) -> list[str]:
-    """Names of block Linears that break `pattern` (at most n nonzeros in every m consecutive inputs)."""
+    """Names of block Linears that break `pattern` (at most n nonzeros in every m consecutive inputs); none
+    for no pattern (None or "unstructured")."""
     nm = parse_pattern(pattern)
+    if nm is None:
+        return []
     prefix, blocks = find_blocks(model)
     bad = []
     for i, block in enumerate(blocks):

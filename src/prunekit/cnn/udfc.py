@@ -257,6 +257,9 @@ def compress(model: nn.Module, *, ratio: float = 0.3, bits: int | None = None, m
         raise InputError(f"ridge must be a number >= 0, got {ridge!r}")
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from prunekit.weights.io import check_finite_weights
+
+    check_finite_weights(model, "the model", buffers=True)  # a NaN weight was an MKL error / internal assert
     names = find_pairs(model) if blocks is None else list(blocks)
     found = set(find_pairs(model))
     bad = [n for n in names if n not in found]

@@ -181,7 +181,11 @@ def group_options(n: int, m: int) -> torch.Tensor:
 
 
 def check_keep(keep: Sequence[bool] | torch.Tensor, depth: int) -> list[bool]:
-    keep = [bool(k) for k in (keep.tolist() if isinstance(keep, torch.Tensor) else keep)]
+    values = keep.tolist() if isinstance(keep, torch.Tensor) else list(keep)
+    if not all(isinstance(k, bool) or k in (0, 1) for k in values):  # [0, 2, 3] was read as a mask
+        raise InputError(f"the keep-mask must hold one True/False per block, got {values!r}; to keep blocks by "
+                         "index, build the mask: [i in kept for i in range(depth)]")
+    keep = [bool(k) for k in values]
     if len(keep) != depth:
         raise InputError(f"the keep-mask has {len(keep)} entries but there are {depth} blocks")
     if not any(keep):
@@ -224,6 +228,13 @@ def causal_lm_target(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4
 
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] < 1:
         raise InputError("calibration ids must be a [samples, seqlen] tensor with at least one sample; give calibration text")
+    if ids.dtype not in (torch.long, torch.int) or ids.shape[1] < 2:  # torch and transformers failed later
+        raise InputError(f"calibration ids must be integer token ids [samples, seqlen >= 2], got {ids.dtype} "
+                         f"{tuple(ids.shape)}")
+    from prunekit.text import check_token_ids
+
+    check_token_ids(model, ids, what="calibration ids")
+    ids = ids.long()
     int_at_least(batch_size, "batch_size", 1)
     _, blocks = find_blocks(model)
     batches = [ids[i : i + batch_size] for i in range(0, ids.shape[0], batch_size)]

@@ -108,6 +108,9 @@ def _answers(answers: Sequence) -> list:
 def path_probabilities(logprobs: Sequence) -> np.ndarray:
     """p_i = exp(mean of path i's token log-probs), [n]. `logprobs`: one sequence per path (each non-empty,
     finite, <= 0), or already a [n] array of *mean* log-probs (floats)."""
+    if logprobs is None or isinstance(logprobs, (str, bytes)) or not hasattr(logprobs, "__len__"):
+        raise InputError(f"logprobs must hold one sequence of token log-probs per path, got {type(logprobs).__name__}"
+                         " (sc needs none; pc and rpc do)")
     if len(logprobs) == 0:
         raise InputError("no paths: give at least one path's log-probs")
     means = []
@@ -319,6 +322,10 @@ def expected_calibration_error(confidence: Sequence, correct: Sequence, *, weigh
         raise InputError(f"bins={bins!r} must be an integer >= 1")
     if np.any(~np.isfinite(conf)) or np.any((conf < 0) | (conf > 1 + 1e-9)):
         raise InputError("confidences must be in [0, 1]")
+    if np.any(~np.isfinite(corr)) or np.any((corr < 0) | (corr > 1)):  # 5 gave an "ECE" of 2.65
+        raise InputError("correct must hold values in [0, 1] (1 = right, 0 = wrong, or a tie's share)")
+    if np.any(~np.isfinite(wts)) or np.any(wts < 0):
+        raise InputError("weights must be finite and >= 0")
     idx = np.ceil(np.clip(conf, 0, 1) * bins - 1e-12).astype(int) - 1  # bin b holds (b/B, (b+1)/B]
     inside = idx >= 0
     total = wts[inside].sum()
@@ -431,7 +438,7 @@ def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10,
         raise InputError(f"n={n!r} must be an integer >= 1")
     if n is not None and n > available:
         raise InputError(f"n={n} but a question has only {available} paths; choose n <= {available}")
-    if not isinstance(resamples, int) or resamples < 1:
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
         raise InputError(f"resamples={resamples!r} must be an integer >= 1")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise InputError(f"seed={seed!r} must be an integer >= 0")

@@ -116,9 +116,11 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
     ``batch_size``) go as keywords.
     """
     from prunekit import registry
-    from prunekit.text import Text, calibration_ids, load_text
+    from prunekit.text import Text, calibration_ids, check_token_ids, load_text
+    from prunekit.weights.io import check_finite_weights
 
     check_request(method, ratio=ratio, structure=structure, options=options)
+    check_finite_weights(model, "the model")  # a NaN weight failed in an SVD after the model had changed
     dims = model_dims(model)
     check_request(method, ratio=ratio, structure=structure, options=options, dims=dims)
     spec = registry.get(method, "structured")
@@ -128,6 +130,9 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
             ids = calibration
             if ids.dim() != 2 or ids.dtype != torch.long:
                 raise InputError("calibration ids must be a [samples, seqlen] LongTensor")
+            if ids.numel() == 0:
+                raise InputError("calibration ids are empty; give [samples, seqlen] token ids")
+            check_token_ids(model, ids, what="calibration tensor")
         else:
             if tokenizer is None:
                 raise InputError(f"{method} needs calibration text and a tokenizer (tokenizer=...)")

@@ -23,6 +23,7 @@ from prunekit.errors import InputError
 from prunekit.select import parse_pattern, ratio_for
 from prunekit.text import Text, calibration_ids, check_token_ids, load_text
 from prunekit.weights.engine import LayerReport, find_blocks, prune_blocks, target_linears
+from prunekit.weights.io import check_finite_weights
 
 __all__ = ["PruneResult", "prune", "prune_options", "method_options"]
 
@@ -190,6 +191,9 @@ def prune(
     spec = registry.get(method, "weights")
     nm = parse_pattern(pattern)
     ratio = ratio_for(ratio, nm)
+    # every parameter, not only the pruned Linears: a NaN embedding left the model half pruned when the
+    # activations went non-finite after the first block
+    check_finite_weights(model, "the model")
     _check_skip(model, skip)
     prune_options(method, options)
     stat = spec.stat_for(options)
