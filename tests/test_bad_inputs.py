@@ -376,6 +376,12 @@ def test_cnn_compress_perplexity_check_pattern_and_ece_refuse_bad_input(tok):
         compress(net, ratio=0.3, bits=6)
     with pytest.raises(InputError, match="needs a loaded model"):  # AttributeError: 'str' ... 'training'
         prunekit.perplexity("smollm2-135m", tok, "wiki", seqlen=32, tokens=64)
+    from transformers import BertConfig, BertForMaskedLM
+
+    bert = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, vocab_size=128))
+    with pytest.raises(InputError, match="needs a causal LM"):  # a masked LM's "perplexity" was a number
+        prunekit.perplexity(bert, tok, "wiki", seqlen=32, tokens=64)
     assert prunekit.check_pattern(tiny_model("llama"), None) == []  # AttributeError on NM None
     with pytest.raises(InputError, match="correct must hold values in"):  # an "ECE" of 2.65
         R.expected_calibration_error([0.5, 0.2], [1, 5])

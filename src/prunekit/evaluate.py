@@ -61,6 +61,9 @@ def perplexity(model: nn.Module, tokenizer, text: str | Text = "wiki", *, seqlen
     """Perplexity ``exp(mean NLL)`` over the first ``tokens // seqlen`` windows of held-out `text`."""
     if not isinstance(model, nn.Module):  # a model name was an AttributeError deep inside
         raise InputError(f"perplexity needs a loaded model (prunekit.load_model(name)), got {type(model).__name__}")
+    if callable(getattr(model, "can_generate", None)) and not model.can_generate():  # a masked LM got a number
+        raise InputError(f"perplexity here is next-token perplexity, which needs a causal LM; {type(model).__name__} "
+                         "is not one")
     int_at_least(batch_size, "batch_size", 1)
     if tokens is not None:
         int_at_least(tokens, "tokens", 1)
