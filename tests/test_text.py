@@ -1,6 +1,7 @@
 import io
 import tarfile
 
+import numpy as np
 import pytest
 
 from prunekit import zoo
@@ -106,3 +107,23 @@ def test_a_mixture_draws_each_part_alike_and_interleaves(tok, tmp_path):
     (tmp_path / "c+d.txt").write_text("a file whose name holds a plus")
     assert load_text(tmp_path / "c+d.txt", purpose="evaluation").text == "a file whose name holds a plus"
     assert load_text(str(tmp_path / "c+d.txt"), purpose="evaluation").parts == ()
+
+
+def test_a_byte_order_mark_and_a_tilde_path_are_read_like_any_file(tmp_path, monkeypatch):
+    # JSONL with a BOM was refused ("Unexpected UTF-8 BOM"); in .txt the BOM became text (3 tokens);
+    # "--calib=~/c.txt" (the shell leaves ~ after =) was "does not exist"
+    from prunekit.jsonl import read_objects
+    from prunekit.text import load_text
+
+    plain = "One line of text.\nAnother line.\n"
+    (tmp_path / "a.txt").write_text(plain)
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + plain.encode())
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"text": "One line of text."}\r\n{"text": "Two."}\r\n')
+    assert load_text(str(tmp_path / "bom.txt"), purpose="evaluation").text == plain
+    assert [r["text"] for _, r in read_objects(tmp_path / "bom.jsonl", shape="{}")] == ["One line of text.", "Two."]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_text("~/a.txt", purpose="calibration").text == plain
+    from prunekit.data.io import read_vector
+
+    np.savetxt(tmp_path / "s.csv", [0.5, 0.25])
+    assert read_vector("~/s.csv", what="scores").tolist() == [0.5, 0.25]

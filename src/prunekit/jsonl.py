@@ -49,7 +49,7 @@ def read_objects(path: str | os.PathLike, *, shape: str) -> list[tuple[int, dict
         raise InputError(f"{path} is not a file; give a JSONL file with one {shape} per line")
     out = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is dropped
             for no, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -72,7 +72,7 @@ def _read_file(path: Path) -> str:
         text = "\n\n".join(docs)
     elif path.suffix in (".txt", ".md", ".text", ""):
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
         except UnicodeDecodeError:
             raise InputError(f"{path} is not UTF-8 text") from None
     else:
@@ -93,7 +93,7 @@ def load_text(source: str | Path, *, purpose: str) -> Text:
         raise InputError(f"the {purpose} text must be 'wiki', 'austen', 'python-docs', a file path or a Text, "
                          f"got {type(source).__name__}")
     evaluation = purpose == "evaluation"
-    if isinstance(source, str) and "+" in source and not Path(source).is_file():
+    if isinstance(source, str) and "+" in source and not Path(source).expanduser().is_file():
         names = [n.strip() for n in source.split("+")]
         if len(names) < 2 or not all(names):
             raise InputError(f"text mixture {source!r} has an empty part; write it like 'wiki+austen'")
@@ -120,7 +120,7 @@ def load_text(source: str | Path, *, purpose: str) -> Text:
         which = "every 10th page by path (index % 10 == 0)" if evaluation else "the pages with index % 10 != 0 by path"
         return Text("python-docs", "\n\n".join(chosen),
                     f"Python 3.11 documentation (reST): {which}, {len(chosen)} of {len(docs)}")
-    path = Path(source)
+    path = Path(source).expanduser()  # "--calib=~/c.txt" reaches us unexpanded (the shell skips ~ after =)
     return Text(str(path), _read_file(path), f"the whole file {path.name}")
 
 

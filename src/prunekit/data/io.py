@@ -126,7 +126,7 @@ def _read_npy(path: Path, what: str) -> np.ndarray:
 
 def read_array(path: str | os.PathLike, *, what: str, columns: int | None = None) -> np.ndarray:
     """Read a .npy (memory-mapped), .csv or .parquet array. `columns`: 1 for a vector, None for any matrix."""
-    path = Path(path)
+    path = Path(path).expanduser()
     suffix = _suffix(path, what)
     if path.is_dir():
         raise InputError(f"{what} file {path} is a folder, not a file; give the .npy, .csv or .parquet file")
@@ -200,7 +200,7 @@ def read_vector(path, *, what: str) -> np.ndarray:
     """One finite real number per example: a single column, or the value column of an ``index,<name>`` table
     (rows put in index order)."""
     table = read_array(path, what=what)
-    names = _header(Path(path)) if table.ndim == 2 and table.shape[1] == 2 else None
+    names = _header(Path(path).expanduser()) if table.ndim == 2 and table.shape[1] == 2 else None
     if names is not None and names[0].lower() == "index" and np.issubdtype(table.dtype, np.number):
         v = _by_index(np.asarray(table, dtype=np.float64), Path(path), what)
     else:
@@ -240,7 +240,7 @@ def read_matrix(path, *, what: str) -> np.ndarray:
 
 
 def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
-    path = Path(path)
+    path = Path(path).expanduser()
     _suffix(path, "output")
     if path.exists() and not overwrite:
         raise InputError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")

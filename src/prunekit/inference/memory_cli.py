@@ -111,7 +111,7 @@ def _turns(args) -> list:
         turn = {"role": args.role, "content": args.text}
         Memory._turn(turn)
         return [turn]
-    src = Path(args.jsonl)
+    src = Path(args.jsonl).expanduser()
     if not src.is_file():
         raise InputError(f"--jsonl {src} is not a file")
 

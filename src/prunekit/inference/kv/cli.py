@@ -84,12 +84,12 @@ def run(args) -> int:
     if args.budget is not None and checked.budget is None:
         ignored.append(f"--budget is not used by --kv {args.kv} (it keeps every token)")
     if args.prompt_file is not None:
-        path = Path(args.prompt_file)
+        path = Path(args.prompt_file).expanduser()
         if not path.is_file():
             what = "is a folder" if path.is_dir() else "does not exist"
             raise InputError(f"prompt file {path} {what}; give a UTF-8 text file")
         try:
-            prompt = path.read_text(encoding="utf-8")
+            prompt = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:
             raise InputError(f"prompt file {path} is not UTF-8 text") from None
     else:
