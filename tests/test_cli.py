@@ -416,7 +416,11 @@ def test_dsnot_from_the_cli_with_options(model_dir, text_file, tmp_path, capsys)
     assert sum(layer["info"]["swaps"] for layer in meta["layers"]) > 0
     capsys.readouterr()
     assert cli.main(["methods"]) == 0
-    assert "options: base='wanda', max_cycle_time=50" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "options: base='wanda', max_cycle_time=50" in listing
+    # structured and tinyfusion options were not listed, though --option takes them
+    assert "options: iterations=2, generations=8" in listing and "options: neuron_step=16, damp=0.01" in listing
+    assert "options: tau=(4.0, 0.1), scale=100.0" in listing
 
 
 def test_armor_saves_factors_and_reloads_them(model_dir, text_file, tmp_path, capsys):

@@ -273,3 +273,10 @@ def test_cli_prunes_a_dit_folder(tmp_path, capsys):
     assert main(["prune", str(broken), "--method", "shortgpt", "--layers", "2", "--out", str(out2), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "save_dit" in err and len(err.splitlines()) == 1 and not out2.exists()
+
+
+@pytest.mark.parametrize("ratio", [math.inf, math.nan, 0, -1.0])
+def test_dit_config_refuses_a_non_finite_mlp_ratio(ratio):
+    # an infinite mlp_ratio (a hand-edited config.json) was an OverflowError in int(hidden * mlp_ratio)
+    with pytest.raises(InputError, match="mlp_ratio must be a positive number"):
+        D.DiTConfig(hidden=32, depth=2, heads=2, mlp_ratio=ratio)

@@ -270,7 +270,12 @@ def test_cli_qtune(tmp_path, model_dir, sft_file, capsys):
     # training options without --train were taken silently
     assert main(["data", "qtune", str(model_dir), "--data", str(sft_file), "--out", str(tmp_path / "o2"), "--mode",
                  "batch", "--lr", "5", "--quiet"]) == 0
-    assert "--mode, --lr are used with --train only; ignored" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "--mode, --lr are used with --train only; ignored" in captured.err
+    kept = [json.loads(line) for line in (tmp_path / "o2" / "kept.jsonl").read_text().splitlines()]
+    by = {q: sum(k["quadrant"] == q for k in kept) for q in ("misconception", "calibration")}
+    said = ", ".join(f"{n} {q}" for q, n in by.items() if n)  # the group sizes were printed as the kept counts
+    assert f"kept {len(kept)} of 10 samples ({said})" in captured.out
     assert not (tmp_path / "o2" / "model").exists()
 
 

@@ -314,13 +314,38 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _option_defaults(spec) -> dict:
+    """The ``--option`` keys method `spec` takes, with their defaults (weights, structured and tinyfusion; the
+    other depth methods take none)."""
+    import inspect
+
+    if spec.domain == "weights":
+        from prunekit.weights.prune import method_options
+
+        return method_options(spec.name)
+    if spec.domain == "structured":  # Týr's options; the plain methods take a few of them
+        from prunekit.structured import _PLAIN_OPTIONS
+        from prunekit.structured.tyr import tyr_options
+
+        defaults = {p.name: p.default for p in inspect.signature(tyr_options).parameters.values()}
+        if spec.name == "tyr":
+            return defaults
+        return {k: v for k, v in defaults.items() if k in _PLAIN_OPTIONS[spec.name]}
+    if spec.name == "tinyfusion":
+        from prunekit.depth import _TINYFUSION_OPTIONS
+        from prunekit.depth.tinyfusion import tinyfusion
+
+        params = inspect.signature(tinyfusion).parameters.values()
+        return {p.name: p.default for p in params if p.name in _TINYFUSION_OPTIONS}
+    return {}
+
+
 def _cmd_methods(_args) -> int:
     from prunekit import registry
-    from prunekit.weights.prune import method_options
 
     for spec in registry.METHODS.values():
         print(f"{spec.name:<18} {spec.domain:<10} {spec.summary}\n{'':<30}{spec.paper} <{spec.url}>")
-        opts = method_options(spec.name) if spec.domain == "weights" else {}
+        opts = _option_defaults(spec)  # structured and tinyfusion were left out, though --option takes theirs
         if opts:
             print(f"{'':<30}options: {', '.join(f'{k}={v!r}' for k, v in opts.items())}")
     return 0

@@ -440,8 +440,10 @@ def _cmd_qtune(args) -> int:
             tok.save_pretrained(tmp / "model")
 
     write_atomically(args.out, build, overwrite=args.overwrite)
-    print(f"kept {sel.samples} of {len(examples)} samples ({counts['misconception']} misconception, "
-          f"{counts['calibration']} calibration) and {sel.tokens} of their "
+    # the kept samples by quadrant (the group sizes, `counts`, were printed as if they were what was kept)
+    kept_by = {Q.NAMES[q]: int(((sel.quadrant == q) & sel.keep_samples).sum()) for q in (2, 4, 1, 3)}
+    kept_text = ", ".join(f"{n} {name}" for name, n in kept_by.items() if n)
+    print(f"kept {sel.samples} of {len(examples)} samples ({kept_text}) and {sel.tokens} of their "
           f"{summary['kept_samples_response_tokens']} response tokens"
           + (f"; fine-tuned {report.steps} steps on {report.tokens_trained} tokens in {report.seconds:.0f} s" if report else "")
           + f"; in {args.out}")

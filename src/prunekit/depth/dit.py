@@ -110,7 +110,7 @@ class DiTConfig:
             raise InputError(f"patch must divide 28 (1, 2, 4, 7, 14 or 28), got {self.patch!r}")
         if self.hidden % self.heads or self.hidden % 4:
             raise InputError(f"hidden ({self.hidden}) must be a multiple of 4 and of heads ({self.heads})")
-        if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0):
+        if not (isinstance(self.mlp_ratio, (int, float)) and math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
             raise InputError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
         if not (isinstance(self.class_dropout, (int, float)) and 0 <= self.class_dropout < 1):
             raise InputError(f"class_dropout must be in [0, 1), got {self.class_dropout!r}")
