@@ -360,6 +360,8 @@ def test_cli_refuses_a_recovery_that_diverged_and_reports_an_overflowing_perplex
     (["--layers", "2", "--group", "2:4,1:2"], "do not add up|cover|keep"),
     (["--layers", "2", "--ratio", "0.5"], "not --ratio"),
     (["--layers", "2", "--calib", "/nonexistent/calib.txt"], "calib|exist|not found|No such"),
+    (["--layers", "2", "--recover", "lora", "--recover-lr", "nan"], "--recover-lr must be a positive number"),
+    (["--layers", "2", "--recover", "lora", "--recover-lr", "-1"], "--recover-lr must be a positive number"),
 ])
 def test_cli_bad_requests_exit_2_and_write_nothing(extra, message, lm_dir, calib, tmp_path, capsys):
     out = tmp_path / "out"

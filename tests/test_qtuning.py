@@ -280,6 +280,7 @@ def test_cli_qtune(tmp_path, model_dir, sft_file, capsys):
 
 
 @pytest.mark.parametrize("bad", [["--samples", "1.5"], ["--tokens", "0"], ["--samples", "nan"], ["--epochs", "0"],
+                                 ["--max-length", "1"],
                                  ["--data-fields"], ["--empty"]])
 def test_cli_qtune_bad_input(tmp_path, model_dir, sft_file, bad, capsys):
     out = tmp_path / "out"
@@ -295,6 +296,7 @@ def test_cli_qtune_bad_input(tmp_path, model_dir, sft_file, bad, capsys):
     assert main(["data", "qtune", str(model_dir), "--data", str(data), "--out", str(out), *bad]) == 2
     err = capsys.readouterr().err.strip()
     assert err and len(err.splitlines()) == 1
+    assert "--max-length" in err or "--max-length" not in bad  # it named the API's max_length
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 

@@ -301,6 +301,10 @@ def test_bad_requests_refused_with_clear_message():
         prunekit.prune_structured(model, method="sparsegpt", ratio=0.3, calibration=ids)
     with pytest.raises(InputError, match="stages"):
         prunekit.prune_structured(model, method="tyr", ratio=0.3, calibration=ids, stages="many")
+    # shrinking token counts were accepted; a last stage keeping 5 was quietly saved as keeping 1
+    for bad, match in (("64:1,32:1", "growing token counts"), ("32:5", "must keep 1 candidate")):
+        with pytest.raises(InputError, match=match):
+            prunekit.prune_structured(model, method="tyr", ratio=0.3, calibration=ids, stages=bad)
     with pytest.raises(InputError, match="does not take"):
         prunekit.prune_structured(model, method="magnitude-structured", ratio=0.3, generations=3)
     with pytest.raises(InputError, match=r"ratio"):

@@ -377,6 +377,7 @@ def _cmd_qtune(args) -> int:
         raise InputError(f"--lam must be in [0, 1], got {args.lam}")
     int_at_least(args.epochs, "--epochs", 1)
     int_at_least(args.batch_size, "--batch-size", 1)
+    int_at_least(args.max_length, "--max-length", 4)  # tokenize()'s own message named max_length
     int_at_least(args.lora_rank, "--lora-rank", 0)
     int_at_least(args.seed, "--seed", 0)
     if not args.lr > 0:

@@ -60,6 +60,8 @@ def _common_checks(args) -> dict:
     int_at_least(args.candidates, "--candidates", 1)
     int_at_least(args.recover_steps, "--recover-steps", 1)
     int_at_least(args.batch_size, "--batch-size", 1)
+    if args.recover_lr is not None and not (args.recover_lr > 0 and args.recover_lr != float("inf")):  # NaN fails too
+        raise InputError(f"--recover-lr must be a positive number, got {args.recover_lr}")
     if args.skip or args.base or args.domain:
         raise InputError("--skip, --base and --domain are weight-method options; depth methods do not take them")
     from prunekit.cli import _options

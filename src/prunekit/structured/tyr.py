@@ -237,8 +237,12 @@ def _parse_stages(stages) -> list[tuple[int, int]]:
     if not ok:
         raise InputError("stages must look like '256:2,8192:1' (tokens:survivors per stage, tokens growing)")
     stages = [(int(t), int(k)) for t, k in stages]
-    if stages[-1][1] != 1:
-        stages[-1] = (stages[-1][0], 1)
+    tokens = [t for t, _ in stages]
+    if tokens != sorted(tokens):  # was accepted, against this message's own "tokens growing"
+        raise InputError(f"stages {stages} must score on growing token counts, e.g. '256:2,8192:1'")
+    if stages[-1][1] != 1:  # was changed to 1 without a word
+        raise InputError(f"the last of the stages {stages} must keep 1 candidate (the search's answer), e.g. "
+                         f"'{tokens[-1]}:1'")
     return stages
 
 
