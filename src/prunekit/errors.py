@@ -68,9 +68,23 @@ def apply_umask(path: str | os.PathLike) -> None:
     """Give `path` (a file, or a folder and all it holds) the permissions a plain ``open``/``mkdir`` would: the
     temporary files and folders outputs are built in (``mkstemp``/``mkdtemp``) are private (0600/0700), and
     keep that after the rename into place, so other users and containers could not read the results."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _umask()
     path = Path(path)
     for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
         if not p.is_symlink():
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (setting it to read it, the portable
+    way, would briefly affect files other threads create)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
