@@ -130,7 +130,9 @@ def _train(args, trp_options: dict | None) -> int:
             timing = split_where_faster(model, xte[:256])
             meta["trp"]["split"] = "faster"
             meta["trp"]["kept_whole"] = sorted(n for n, i in timing.items() if not i["split"])
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+    from prunekit.weights.io import non_finite
+
+    bad = non_finite(model, buffers=True)
     if bad:  # was saved (exit 0) as a model that `cnn eval` then refused
         from prunekit.errors import InputError
 

@@ -35,8 +35,9 @@ def _suffix(path: Path, what: str) -> str:
     return suffix
 
 
-def _read_csv(path: Path, what: str) -> np.ndarray:
-    """Rows of numbers from UTF-8 text (a byte-order mark is dropped); a first row that is not numbers is a header."""
+def _read_csv(path: Path, what: str) -> tuple[np.ndarray, list[str] | None]:
+    """Rows of numbers from UTF-8 text (a byte-order mark is dropped), and the header: a first row that is not
+    numbers (None without one)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -52,10 +53,11 @@ def _read_csv(path: Path, what: str) -> np.ndarray:
         raise InputError(f"{what} file {path} cannot be read ({e.strerror})") from None
     if not rows:
         raise InputError(f"{what} file {path} is empty")
+    header = None
     try:
         [float(c) for c in rows[0]]
     except ValueError:
-        rows = rows[1:]  # a header row
+        header, rows = [c.strip() for c in rows[0]], rows[1:]
     if not rows:
         raise InputError(f"{what} file {path} has a header but no rows")
     width = len(rows[0])
@@ -66,10 +68,10 @@ def _read_csv(path: Path, what: str) -> np.ndarray:
         values = np.array([[float(c) for c in r] for r in rows])
     except ValueError as e:
         raise InputError(f"{what} file {path} holds a value that is not a number ({e})") from None
-    return values[:, 0] if width == 1 else values
+    return (values[:, 0] if width == 1 else values), header
 
 
-def _read_parquet(path: Path, what: str) -> np.ndarray:
+def _read_parquet(path: Path, what: str) -> tuple[np.ndarray, list[str]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -86,7 +88,7 @@ def _read_parquet(path: Path, what: str) -> np.ndarray:
         cols.append(col)
     if not cols:
         raise InputError(f"{what} file {path} has no columns")
-    return cols[0] if len(cols) == 1 else np.stack(cols, axis=1)
+    return (cols[0] if len(cols) == 1 else np.stack(cols, axis=1)), list(table.column_names)
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -126,6 +128,11 @@ def _read_npy(path: Path, what: str) -> np.ndarray:
 
 def read_array(path: str | os.PathLike, *, what: str, columns: int | None = None) -> np.ndarray:
     """Read a .npy (memory-mapped), .csv or .parquet array. `columns`: 1 for a vector, None for any matrix."""
+    return _read(path, what=what, columns=columns)[0]
+
+
+def _read(path: str | os.PathLike, *, what: str, columns: int | None = None) -> tuple[np.ndarray, list[str] | None]:
+    """`read_array`, and the column names of a .csv with a header row or a .parquet (None otherwise)."""
     path = Path(path).expanduser()
     suffix = _suffix(path, what)
     if path.is_dir():
@@ -133,11 +140,11 @@ def read_array(path: str | os.PathLike, *, what: str, columns: int | None = None
     if not path.is_file():
         raise InputError(f"{what} file {path} does not exist")
     if suffix == ".npy":
-        array = _read_npy(path, what)
+        array, names = _read_npy(path, what), None
     elif suffix == ".csv":
-        array = _read_csv(path, what)
+        array, names = _read_csv(path, what)
     else:
-        array = _read_parquet(path, what)
+        array, names = _read_parquet(path, what)
     if columns == 1:
         if array.ndim == 2 and array.shape[1] == 1:
             array = array[:, 0]
@@ -149,7 +156,7 @@ def read_array(path: str | os.PathLike, *, what: str, columns: int | None = None
         raise InputError(f"{what} file {path} holds a single number, not one row per example")
     if array.shape[0] == 0:
         raise InputError(f"{what} file {path} has no rows")
-    return array
+    return array, names
 
 
 def check_real(array: np.ndarray, path, what: str) -> None:
@@ -157,29 +164,6 @@ def check_real(array: np.ndarray, path, what: str) -> None:
     if np.iscomplexobj(array):
         raise InputError(f"{what} file {path} must hold real numbers, got {array.dtype}; save the real part "
                          "(numpy.real) or the magnitude (numpy.abs)")
-
-
-def _header(path: Path) -> list[str] | None:
-    """The column names of a .csv (its first row, when that is not numbers) or .parquet file; None otherwise."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                first = next((r for r in csv.reader(f) if r and any(c.strip() for c in r)), None)
-            if first is None:
-                return None
-            try:
-                [float(c) for c in first]
-                return None
-            except ValueError:
-                return [c.strip() for c in first]
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return list(pq.read_schema(path).names)
-    except Exception:  # OSError, csv.Error, pyarrow's own types: read_array has already read this file once
-        return None
-    return None
 
 
 def _by_index(table: np.ndarray, path: Path, what: str) -> np.ndarray:
@@ -199,9 +183,9 @@ def _by_index(table: np.ndarray, path: Path, what: str) -> np.ndarray:
 def read_vector(path, *, what: str) -> np.ndarray:
     """One finite real number per example: a single column, or the value column of an ``index,<name>`` table
     (rows put in index order)."""
-    table = read_array(path, what=what)
-    names = _header(Path(path).expanduser()) if table.ndim == 2 and table.shape[1] == 2 else None
-    if names is not None and names[0].lower() == "index" and np.issubdtype(table.dtype, np.number):
+    table, names = _read(path, what=what)
+    indexed = table.ndim == 2 and table.shape[1] == 2 and bool(names) and names[0].lower() == "index"
+    if indexed and np.issubdtype(table.dtype, np.number):
         v = _by_index(np.asarray(table, dtype=np.float64), Path(path), what)
     else:
         v = table[:, 0] if table.ndim == 2 and table.shape[1] == 1 else table

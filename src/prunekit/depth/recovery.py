@@ -150,7 +150,9 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
         for p in model.parameters():
             p.requires_grad_(requires.get(id(p), True))
         model.train(was_training)
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    from prunekit.weights.io import non_finite
+
+    bad = non_finite(model)
     if bad:  # was saved as a model of NaN weights, exit 0
         raise InputError(f"recovery diverged at learning rate {lr:g}: {bad[0]}"
                          + (f" and {len(bad) - 1} other weights" if len(bad) > 1 else "")

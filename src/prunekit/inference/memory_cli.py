@@ -135,14 +135,16 @@ def _open(args, *, create: bool, **given):
     what the store recorded, else the default. Returns ``(memory, settings it was opened with)``."""
     from prunekit.errors import InputError
     from prunekit.inference.memory import Memory
+    from prunekit.inference.memory_store import SQLiteStore
 
     path = Path(args.store).expanduser()
     if not create and not path.exists():
         raise InputError(f"no memory store at {path}; create it with `prunekit memory add --store {path} TEXT`")
-    mem = Memory(path, embedder=_embedder(args, path, create), create=create)
+    embedder = _embedder(args, path, create)  # fails before a new store file is made
+    store = SQLiteStore(path, create=create)
     try:
         try:
-            recorded = json.loads(mem.store.setting("cli.forgetting") or "{}")
+            recorded = json.loads(store.setting("cli.forgetting") or "{}")
         except json.JSONDecodeError:
             recorded = None
         if not isinstance(recorded, dict):
@@ -153,11 +155,10 @@ def _open(args, *, create: bool, **given):
                                  "--forget-fraction, --retrieval-term and --age-from to `memory add` to record "
                                  "them again")
         settings = {k: given.get(k) if given.get(k) is not None else recorded.get(k, v) for k, v in FORGETTING.items()}
-        opened = Memory(store=mem.store, embedder=mem.embedder, **settings)  # checks every value
+        return Memory(store=store, embedder=embedder, **settings), settings  # Memory checks every value
     except BaseException:
-        mem.close()
+        store.close()
         raise
-    return opened, settings
 
 
 def _cmd_add(args) -> int:

@@ -99,14 +99,19 @@ def read_config(path: Path) -> dict:
     return config
 
 
+def non_finite(model, *, buffers: bool = False) -> list[str]:
+    """Names of `model`'s floating-point parameters (and, with `buffers`, buffers) holding a NaN or Inf."""
+    import torch
+
+    tensors = model.state_dict(keep_vars=True).items() if buffers else model.named_parameters()
+    return [n for n, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def check_finite_weights(model, where, *, buffers: bool = False) -> object:
     """`model` itself when every floating-point parameter (and, with `buffers`, buffer) is finite; otherwise an
     InputError naming the first bad tensor of `where` (a path or a name) and how many others are bad. Buffers
     are off by default: some transformer architectures keep -inf masks in them."""
-    import torch
-
-    tensors = model.state_dict(keep_vars=True).items() if buffers else model.named_parameters()
-    bad = [n for n, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = non_finite(model, buffers=buffers)
     if bad:
         more = f" and {len(bad) - 1} other tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
         raise InputError(f"{where} has NaN or Inf weights in {bad[0]}{more}; repair or re-export the model")
