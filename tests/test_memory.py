@@ -265,6 +265,43 @@ def test_reopen_keeps_everything(tmp_path):
     m2.close()
 
 
+def test_readonly_store_reads_without_writing_and_falls_back_to_immutable(tmp_path, monkeypatch, capsys):
+    db = tmp_path / "m.db"
+    m = Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0)  # the CLI's --embedder hash
+    m.add_many(["My locker code is 4417.", "The bus leaves at nine."])
+    m.close()
+    before = db.read_bytes()
+    ro = Memory(db, embedder=HashEmbedder(), readonly=True)
+    assert ro.retrieve("locker code", k=1, mark=False)[0].text == "My locker code is 4417."
+    assert "4417" in ro.prompt("locker code", 200, mark=False).text
+    with pytest.raises(InputError, match="read-only"):
+        ro.retrieve("locker code", k=1)  # marking writes
+    with pytest.raises(InputError, match="read-only"):
+        ro.add("one more turn")
+    ro.close()
+    assert db.read_bytes() == before
+    # a read-only folder: SQLite cannot make the WAL's -shm file, so mode=ro fails; the store is then read as
+    # immutable, unless a -wal file holds commits not yet in the main file
+    real = sqlite3.connect
+    opened = []
+
+    def connect(target, *a, **kw):
+        opened.append(str(target))
+        if kw.get("uri") and "immutable=1" not in str(target):
+            raise sqlite3.OperationalError("unable to open database file")
+        return real(target, *a, **kw)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    assert main(["memory", "stats", "--store", str(db), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["turns"] == 2 and opened[-1].endswith("mode=ro&immutable=1")
+    assert main(["memory", "ask", "--store", str(db), "--no-mark", "--json", "locker code"]) == 0
+    assert "4417" in json.loads(capsys.readouterr().out)["prompt"]
+    (tmp_path / "m.db-wal").write_bytes(b"x" * 32)
+    with pytest.raises(InputError, match="unable to open"):
+        SQLiteStore(db, readonly=True)
+    assert db.read_bytes() == before
+
+
 # -- crash safety -----------------------------------------------------------------------------------------
 CHILD = textwrap.dedent("""
     import sys, time

@@ -203,7 +203,8 @@ def _check_float(name: str, value, *, low: float = 0.0, high: float | None = Non
 class Memory:
     """A HEMA conversation memory over a store (an SQLite file by default).
 
-    ``Memory(path)`` opens or creates the file (``create=False``: opens an existing store only, for reading);
+    ``Memory(path)`` opens or creates the file (``create=False``: opens an existing store only;
+    ``readonly=True``: opens it without ever writing, so `retrieve` and `prompt` need ``mark=False``);
     ``store=`` takes any `Store` instead. `embedder` defaults to all-MiniLM-L6-v2 (loaded when first needed),
     `summarizer` to the extractive one; `tokenizer` (a Hugging Face tokenizer) makes prompt budgets exact for
     that model. A store remembers its embedder and refuses another. Options (keyword-only): see the module
@@ -215,7 +216,7 @@ class Memory:
                  chunk_words: int = 128, k: int = 5, tail_turns: int = 2, lam: float = 1.0, gamma: float = 0.002,
                  beta: float = 0.5, retrieval_window: int = 100, retrieval_term: str = "retrieved",
                  age_from: str = "said", forget_every: int = 100, forget_fraction: float = 0.005, sos_every: int = 100,
-                 synchronous: str = "full", create: bool = True):
+                 synchronous: str = "full", create: bool = True, readonly: bool = False):
         if (path is None) == (store is None):
             raise InputError("give exactly one of a store path or store=")
         self.chunk_words = int_at_least(chunk_words, "chunk_words", 1)
@@ -243,7 +244,8 @@ class Memory:
             if not callable(getattr(self.summarizer, attr, None)):
                 raise InputError(f"summarizer {self.summarizer!r} lacks {attr}(); see prunekit.inference.memory_summary")
         self.tokenizer = tokenizer
-        self.store = store if store is not None else SQLiteStore(path, synchronous=synchronous, create=create)
+        self.store = store if store is not None else SQLiteStore(path, synchronous=synchronous, create=create,
+                                                                 readonly=readonly)
         try:
             self.store.check_embedder(self.embedder.name, int(self.embedder.dim))
         except BaseException:

@@ -77,7 +77,7 @@ def _embedder(args, path: Path, create: bool):
 
     name = args.embedder
     if path.is_file():
-        store = SQLiteStore(path, create=create)
+        store = SQLiteStore(path, readonly=True)
         try:
             recorded, _ = store.embedder()
         finally:
@@ -130,7 +130,7 @@ def _turns(args) -> list:
 FORGETTING = {"forget_every": 100, "forget_fraction": 0.005, "retrieval_term": "retrieved", "age_from": "said"}
 
 
-def _open(args, *, create: bool, **given):
+def _open(args, *, create: bool, readonly: bool = False, **given):
     """The memory at ``--store`` with the forgetting options `given` (None = not given): each one not given is
     what the store recorded, else the default. Returns ``(memory, settings it was opened with)``."""
     from prunekit.errors import InputError
@@ -141,7 +141,7 @@ def _open(args, *, create: bool, **given):
     if not create and not path.exists():
         raise InputError(f"no memory store at {path}; create it with `prunekit memory add --store {path} TEXT`")
     embedder = _embedder(args, path, create)  # fails before a new store file is made
-    store = SQLiteStore(path, create=create)
+    store = SQLiteStore(path, create=create, readonly=readonly)
     try:
         try:
             recorded = json.loads(store.setting("cli.forgetting") or "{}")
@@ -204,7 +204,8 @@ def _cmd_ask(args) -> int:
     if not args.query.strip():
         raise InputError("the message to ask about is empty")
     model = tok = None
-    mem, _ = _open(args, create=False)  # before loading a model: a missing store is said at once
+    # before loading a model: a missing store is said at once; --no-mark writes nothing, so it reads read-only
+    mem, _ = _open(args, create=False, readonly=args.no_mark)
     try:
         if args.model is not None:
             import prunekit
@@ -234,7 +235,7 @@ def _cmd_ask(args) -> int:
 
 
 def _cmd_stats(args) -> int:
-    mem, _ = _open(args, create=False)
+    mem, _ = _open(args, create=False, readonly=True)
     try:
         stats = mem.stats()
     finally:

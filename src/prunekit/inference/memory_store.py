@@ -17,6 +17,9 @@ committed whole or not at all. A server-backed store (PostgreSQL with pgvector: 
   connection's own commits and reloaded when another connection has committed (``PRAGMA data_version``).
   Its cost is linear in the number of stored chunks, which is what forgetting reduces.
 - One writer at a time (SQLite's rule); readers in other processes see every committed turn.
+- ``readonly=True`` opens an existing store without writing to it (SQLite's ``mode=ro``), so a store on a
+  read-only folder or file system can still be read: where SQLite cannot make the WAL's shared-memory file
+  there, the store is opened as immutable, which is refused while an uncheckpointed ``-wal`` file is present.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import urllib.parse
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +179,8 @@ class SQLiteStore(Store):
     True
     """
 
-    def __init__(self, path: str | os.PathLike, *, synchronous: str = "full", create: bool = True):
+    def __init__(self, path: str | os.PathLike, *, synchronous: str = "full", create: bool = True,
+                 readonly: bool = False):
         if synchronous not in _SYNC:
             raise InputError(f"synchronous must be one of {', '.join(_SYNC)}, got {synchronous!r}")
         self.path = Path(path).expanduser()
@@ -188,17 +193,17 @@ class SQLiteStore(Store):
                 if f.read(16) != b"SQLite format 3\x00":
                     raise InputError(f"{self.path} is not a memory store (not an SQLite database); give a new "
                                      "file name or a store made by prunekit memory")
+        self.readonly = bool(readonly)
+        if self.readonly:
+            create = False
         if not create and not (self.path.is_file() and self.path.stat().st_size > 0):
             raise InputError(f"{self.path} holds no memory store yet; create it with prunekit memory add (Memory.add)")
         db = None
         try:  # look before writing anything: a file that is not ours is left exactly as it was
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            user_version = db.execute("PRAGMA user_version").fetchone()[0]
+            db, tables, user_version = self._connect()
         except sqlite3.DatabaseError as e:
-            if db is not None:
-                db.close()
-            raise InputError(f"{self.path} is not a usable memory store ({e})") from None
+            hint = "" if self.readonly else self._readonly_hint()
+            raise InputError(f"{self.path} is not a usable memory store ({e}){hint}") from None
         self._db = db
         tables.discard("sqlite_sequence")
         if (tables and not _TABLES <= tables) or (not tables and user_version):
@@ -208,8 +213,9 @@ class SQLiteStore(Store):
         if not tables and not create:
             self._db.close()
             raise InputError(f"{self.path} holds no memory store yet; create it with prunekit memory add (Memory.add)")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={_SYNC[synchronous]}")
+        if not self.readonly:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={_SYNC[synchronous]}")
         self._db.execute("PRAGMA foreign_keys=ON")
         if not tables:
             self._db.executescript(f"BEGIN; {_SCHEMA} INSERT OR IGNORE INTO meta VALUES ('schema_version', "
@@ -227,6 +233,42 @@ class SQLiteStore(Store):
         self._mat = np.zeros((0, 0), dtype=np.float32)  # [n, dim]
 
     # -- plumbing ------------------------------------------------------------------------------------------
+    def _connect(self) -> tuple[sqlite3.Connection, set[str], int]:
+        """A connection (read-only when asked), the tables the file holds and its user_version."""
+        uri = "file:" + urllib.parse.quote(str(self.path.resolve()))
+        attempts = [uri + "?mode=ro", uri + "?mode=ro&immutable=1"] if self.readonly else [None]
+        for i, target in enumerate(attempts):
+            db = None
+            try:
+                if target is None:
+                    db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                else:
+                    db = sqlite3.connect(target, uri=True, isolation_level=None, check_same_thread=False)
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                return db, tables, db.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.OperationalError:
+                if db is not None:
+                    db.close()
+                # mode=ro on a WAL file needs its -shm file, which a read-only folder cannot hold: read the file
+                # as immutable then, unless a -wal file holds commits the main file does not have yet
+                if i + 1 < len(attempts) and self._wal_is_empty():
+                    continue
+                raise
+            except sqlite3.DatabaseError:
+                if db is not None:
+                    db.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def _wal_is_empty(self) -> bool:
+        wal = self.path.with_name(self.path.name + "-wal")
+        return not wal.exists() or wal.stat().st_size == 0
+
+    def _readonly_hint(self) -> str:
+        if os.access(self.path.parent, os.W_OK) and os.access(self.path, os.W_OK):
+            return ""
+        return "; its file or folder cannot be written, so it can only be read (memory stats, memory ask --no-mark)"
+
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
@@ -239,6 +281,9 @@ class SQLiteStore(Store):
     def transaction(self):
         if self._in_tx:
             raise RuntimeError("store transactions do not nest")
+        if self.readonly:
+            raise InputError(f"memory store {self.path} was opened read-only; open it writable to change it "
+                             "(a read-only reader retrieves with mark=False: prunekit memory ask --no-mark)")
         self._db.execute("BEGIN IMMEDIATE")
         self._in_tx = True
         try:
@@ -254,6 +299,8 @@ class SQLiteStore(Store):
 
     def check_embedder(self, name: str, dim: int) -> None:
         have = self._meta("embedder")
+        if have is None and self.readonly:
+            return  # nothing recorded, nothing to compare, and nothing may be written
         if have is None:
             with self.transaction():
                 self._db.execute("INSERT INTO meta VALUES ('embedder', ?), ('dim', ?)", (name, str(dim)))
