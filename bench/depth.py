@@ -73,6 +73,14 @@ def _compact_lists(text: str) -> str:
     return re.sub(r"\[\s+([-\d.eE+, \n]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
 
 
+def set_out(folder: Path) -> None:
+    """Write depth.json/.md/.png into `folder` instead of bench/results."""
+    global RESULTS, OUT
+    if folder.exists() and not folder.is_dir():
+        raise SystemExit(f"--out {folder} is a file; give a folder")
+    RESULTS, OUT = folder, folder / "depth.json"
+
+
 def _update(row: dict | None = None, settings: dict | None = None) -> dict:
     """The results file, with `row` merged in by id and `settings` set (written only when one is given)."""
     OUT.parent.mkdir(parents=True, exist_ok=True)
@@ -401,7 +409,10 @@ def main() -> None:
                    help="S recovery steps instead of the settings' (rows METHOD+recS, reusing the blocks of the METHOD "
                         "row of the same depth and seed)")
     p.add_argument("--dit", action="store_true", help="the DiT testbed (needs the cached pretrained DiT) instead of SmolLM2")
+    p.add_argument("--out", default=str(RESULTS), metavar="DIR",
+                   help="folder of depth.json, depth.md and depth.png (default bench/results; rows merge into its json)")
     a = p.parse_args()
+    set_out(Path(a.out).expanduser())
     if a.report:
         report()
         return

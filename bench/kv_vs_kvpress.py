@@ -21,7 +21,8 @@ Tasks (all greedy, batch 1, fp32 on CPU):
 
 kvpress runs in its own venv (it pins transformers<5.3; ``bench/kvpress_env.py``) through
 ``bench/_kvpress_worker.py``; both sides share the task loops of ``bench/_kv_tasks.py`` and the same token ids.
-Runs are resumable: every finished sample is a line of ``bench/results/kv_vs_kvpress.raw.jsonl``.
+Runs are resumable: every finished sample is a line of ``bench/results/kv_vs_kvpress.raw.jsonl`` (``--out DIR``:
+the outputs go to DIR instead).
 
     python bench/kv_vs_kvpress.py                       # the full size
     python bench/kv_vs_kvpress.py --reduced ...         # smaller, labelled "reduced" in the outputs
@@ -103,6 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reduced", action="store_true", help="label the outputs as a reduced-size run")
     p.add_argument("--name", default="kv_vs_kvpress")
+    p.add_argument("--out", default=str(RESULTS), metavar="DIR",
+                   help="folder of NAME.json, NAME.md and NAME.raw.jsonl (default bench/results)")
     p.add_argument("--report-only", action="store_true", help="rewrite the .json/.md from the raw samples; run nothing")
     return p.parse_args(argv)
 
@@ -340,11 +343,12 @@ def targets(rows) -> list[str]:
 
 
 def write_outputs(rows, args, meta):
-    RESULTS.mkdir(exist_ok=True)
+    folder = Path(args.out).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
     data = {"rows": rows, "meta": meta, "targets": targets(rows)}
-    tmp = RESULTS / f".{args.name}.json.tmp"
+    tmp = folder / f".{args.name}.json.tmp"
     tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, RESULTS / f"{args.name}.json")
+    os.replace(tmp, folder / f"{args.name}.json")
     lines = [f"# KV-cache policies: prunekit vs kvpress on SmolLM2-135M-Instruct{' (REDUCED-SIZE RUN)' if args.reduced else ''}", ""]
     lines.append(f"Settings: {json.dumps(meta['settings'])}")
     lines.append("")
@@ -370,9 +374,9 @@ def write_outputs(rows, args, meta):
                      f"{f(r.get('attention_s_per_token') and 1000 * r['attention_s_per_token'], '.1f')} | "
                      f"{f(r.get('attended_fraction'), '.3f')} |")
     lines += ["", "## Targets", ""] + (targets(rows) or ["- (no comparable rows yet)"])
-    tmp = RESULTS / f".{args.name}.md.tmp"
+    tmp = folder / f".{args.name}.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, RESULTS / f"{args.name}.md")
+    os.replace(tmp, folder / f"{args.name}.md")
 
 
 def main(argv=None) -> int:
@@ -388,12 +392,15 @@ def main(argv=None) -> int:
         raise SystemExit(f"Pride and Prejudice gave only {len(book)} tokens; need {need}")
     layers, shifts = kv.wiki_delta_layers(model, tok)
     DELTA_LAYERS[:] = layers
-    raw_path = RESULTS / f"{args.name}.raw.jsonl"
-    RESULTS.mkdir(exist_ok=True)
+    folder = Path(args.out).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise SystemExit(f"--out {folder} is a file; give a folder")
+    raw_path = folder / f"{args.name}.raw.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
     raw = load_raw(raw_path)
     jobs = make_jobs(args, tok, book)
     meta = {"model": "smollm2-135m (SmolLM2-135M-Instruct, dequantized fp32)", "reduced": args.reduced,
-            "settings": {k: v for k, v in vars(args).items() if k not in ("name",)},
+            "settings": {k: v for k, v in vars(args).items() if k not in ("name", "out")},
             "versions": {"prunekit": prunekit.__version__, "torch": torch.__version__, "python": platform.python_version()},
             "delta_layers": {"default": kv.default_delta_layers(model.config.num_hidden_layers), "calibrated": layers,
                              "calibration": "first 1024 tokens of the wiki calibration split, last 64 queries",
@@ -415,7 +422,7 @@ def main(argv=None) -> int:
         raw = load_raw(raw_path)
         write_outputs(aggregate(jobs, raw, args), args, meta)
     write_outputs(aggregate(jobs, load_raw(raw_path), args), args, meta)
-    print(f"done in {time.perf_counter() - wall:.0f} s; wrote {RESULTS / args.name}.json/.md", file=sys.stderr)
+    print(f"done in {time.perf_counter() - wall:.0f} s; wrote {folder / args.name}.json/.md", file=sys.stderr)
     return 0
 
 

@@ -405,6 +405,28 @@ def test_depth_bench_reads_groups_and_steps_from_the_method_name_and_labels_long
     assert '"kept_layers": [0, 2]' in text and "[0.02, -1e-05]" in text and '"name": "a, b"' in text
 
 
+def test_depth_bench_out_folder_takes_the_results_and_the_report(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))  # as when run as a script
+    spec = importlib.util.spec_from_file_location("depth_bench_out", Path(__file__).parents[1] / "bench" / "depth.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    committed = bench.OUT
+    bench.set_out(tmp_path / "res")
+    row = {"id": "m-15-dense", "model": "m", "method": "dense", "kept": 15, "metric": "wiki_ppl",
+           "before_recovery": 10.0, "after_recovery": None, "speedup": 1.0}
+    bench._update(row)
+    bench.report()
+    assert json.loads((tmp_path / "res" / "depth.json").read_text())["rows"] == [row]
+    assert "| m | 15 | dense |" in (tmp_path / "res" / "depth.md").read_text()
+    assert committed.parent.name == "results" and bench.OUT == tmp_path / "res" / "depth.json"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="is a file"):
+        bench.set_out(tmp_path / "file")
+
+
 @pytest.mark.integration
 def test_every_other_on_smollm2_exports_a_15_layer_model_that_reloads_identically(tmp_path):
     out = tmp_path / "d15"
