@@ -477,7 +477,7 @@ def _discrete_step(p: _Problem, a, core, mask, b, grad_core, gen) -> tuple[torch
     all accepted only when that joint change beats the best single group, which alone is accepted otherwise.
     So the step never raises the loss.
     """
-    m, nbo, nbi, bo, bi = p.m, p.nbo, p.nbi, p.bo, p.bi
+    nbo, nbi, bo, bi = p.nbo, p.nbi, p.bo, p.bi
     rows, starts = _sample_groups(p, grad_core, gen)  # [nbo, nbi]: group (i, j) lies in A-block i, B-block j
     ar_m, dev = p.arange_m, p.device
     cols = starts.unsqueeze(-1) + ar_m  # [nbo, nbi, m]
