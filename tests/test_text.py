@@ -59,6 +59,18 @@ def test_files(tmp_path):
         load_text(tmp_path / "none.txt", purpose="evaluation")
 
 
+def test_text_given_where_a_source_name_goes_is_named_as_text(tmp_path):
+    # a string of text (not a name or path) failed with OSError "File name too long", quoting all of it
+    for text in (TEXT[:6000], "line one\nline two", "x" * 1100):
+        with pytest.raises(InputError, match=r"is text, not 'wiki'.*prunekit\.Text") as e:
+            load_text(text, purpose="calibration")
+        assert len(str(e.value)) < 300
+    with pytest.raises(InputError, match="does not exist"):
+        load_text("a" * 300 + ".txt", purpose="evaluation")  # too long for a file name, yet short: a path
+    (tmp_path / "two\nlines.txt").write_text("kept")  # a real file with a newline in its name is still read
+    assert load_text(str(tmp_path / "two\nlines.txt"), purpose="evaluation").text == "kept"
+
+
 def test_deb_reader_on_a_planted_archive():
     payload = io.BytesIO()
     with tarfile.open(fileobj=payload, mode="w:xz") as tar:

@@ -59,9 +59,23 @@ class Text:
         return out
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for a path ("File name too long") names no file
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long for a path ("File name too long") names no file
+        return False
+
+
 def _read_file(path: Path) -> str:
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
+    if not _is_file(path):
+        what = "is a folder" if _is_dir(path) else "does not exist"
         raise InputError(f"text file {path} {what}; give a .txt or .jsonl file, or 'wiki' / 'austen' / 'python-docs'")
     if path.suffix == ".jsonl":
         docs = []
@@ -93,7 +107,12 @@ def load_text(source: str | Path, *, purpose: str) -> Text:
         raise InputError(f"the {purpose} text must be 'wiki', 'austen', 'python-docs', a file path or a Text, "
                          f"got {type(source).__name__}")
     evaluation = purpose == "evaluation"
-    if isinstance(source, str) and "+" in source and not Path(source).expanduser().is_file():
+    if isinstance(source, str) and ("\n" in source or len(source) > 1024) and not _is_file(Path(source).expanduser()):
+        shown = " ".join(source.split())[:40]
+        raise InputError(f"the {purpose} text source ({len(source)} characters: {shown!r}...) is text, not 'wiki', "
+                         f"'austen', 'python-docs' or a file path; pass text held in memory as prunekit.Text(name, "
+                         "text, description), or write it to a .txt file")
+    if isinstance(source, str) and "+" in source and not _is_file(Path(source).expanduser()):
         names = [n.strip() for n in source.split("+")]
         if len(names) < 2 or not all(names):
             raise InputError(f"text mixture {source!r} has an empty part; write it like 'wiki+austen'")
