@@ -143,6 +143,24 @@ def test_interrupt_leaves_nothing(model_dir, text_file, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_full_disk_and_an_overlong_name_are_one_error_line_and_leave_nothing(model_dir, text_file, tmp_path,
+                                                                            monkeypatch, capsys):
+    import errno
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "model.safetensors"))
+
+    monkeypatch.setattr(report, "write_report", full)
+    out = tmp_path / "out"
+    assert cli.main(prune_args(model_dir, text_file, out, "--method", "magnitude", "--ratio", "0.5")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("prunekit: error: No space left on device: ") and len(err.strip().splitlines()) == 1
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert cli.main(["eval", "x" * 300]) == 2  # was an OSError traceback (File name too long)
+    err = capsys.readouterr().err
+    assert "is neither a zoo name" in err and len(err) < 400
+
+
 def test_output_that_would_replace_the_input_is_refused_even_with_overwrite(model_dir, text_file, tmp_path, capsys):
     # --out MODEL --overwrite used to prune, then replace (delete) the input model folder with the result
     before = digest(model_dir)

@@ -369,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prunekit: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except OSError as e:  # the system refused (no space, no permission, a name too long): one line, not a traceback
+        where = str(e.filename) if e.filename is not None else ""
+        where = f": {where if len(where) <= 200 else where[:200] + '...'}" if where else ""
+        print(f"prunekit: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

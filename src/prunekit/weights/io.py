@@ -30,9 +30,14 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     if text in zoo.MODELS:
         return zoo.model_path(text)
     path = Path(text).expanduser()
-    if not path.exists():
+    try:
+        found = path.exists()
+    except OSError:  # "File name too long": no such folder either
+        found = False
+    if not found:
+        shown = text if len(text) <= 200 else text[:200] + "..."
         raise InputError(
-            f"model {text!r} is neither a zoo name ({', '.join(zoo.MODELS)}) nor an existing folder; "
+            f"model {shown!r} is neither a zoo name ({', '.join(zoo.MODELS)}) nor an existing folder; "
             "give a local Hugging Face model folder"
         )
     if not path.is_dir():
