@@ -264,6 +264,47 @@ def test_a_pickled_bin_checkpoint_is_refused_without_running_it(model_dir, text_
     assert not marker.exists()
 
 
+def test_a_folder_whose_model_or_tokenizer_is_its_own_code_never_runs_it(model_dir, text_file, tmp_path, capsys,
+                                                                          monkeypatch):
+    import shutil
+    import sys
+
+    import prunekit
+
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').close()\n"
+    monkeypatch.setattr(sys, "stdin", None)  # transformers' [y/N] question would fail here, not wait
+    unknown = tmp_path / "unknown-type"
+    shutil.copytree(model_dir, unknown)
+    config = json.loads((unknown / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig",
+                                               "AutoModelForCausalLM": "modeling_evil.EvilModel"})
+    (unknown / "config.json").write_text(json.dumps(config))
+    for name in ("configuration_evil.py", "modeling_evil.py"):
+        (unknown / name).write_text(code)
+    refused(["eval", str(unknown), "--text", str(text_file), "--seqlen", "32", "--tokens", "64"], capsys,
+            "never runs a model folder's code")
+    with pytest.raises(prunekit.InputError, match="trust_remote_code"):
+        prunekit.load_model(unknown)
+    # a known model type with an auto_map, and a tokenizer mapped to the folder's code: the built-in classes load
+    known = tmp_path / "known-type"
+    shutil.copytree(model_dir, known)
+    config = json.loads((known / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (known / "config.json").write_text(json.dumps(config))
+    tok_config = json.loads((known / "tokenizer_config.json").read_text())
+    tok_config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (known / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    for name in ("modeling_evil.py", "tokenization_evil.py"):
+        (known / name).write_text(code)
+    try:
+        model, _ = prunekit.load_model(known)
+        assert type(model).__name__ == "LlamaForCausalLM"
+    except prunekit.InputError as e:  # or the tokenizer is refused, naming what does not load
+        assert "tokenizer" in str(e)
+    assert not marker.exists()
+
+
 def test_prune_refuses_flags_that_would_be_ignored(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "out"
     base = ["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.5", "--out", str(out), "--quiet"]

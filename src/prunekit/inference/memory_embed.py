@@ -117,8 +117,9 @@ class MiniLMEmbedder(Embedder):
         was = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # no "Loading weights" bar for a 90 MB model
         try:
-            self._tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            self._model = AutoModel.from_pretrained(folder, local_files_only=True).to(self.device).eval()
+            self._tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+            self._model = AutoModel.from_pretrained(folder, local_files_only=True,
+                                                    trust_remote_code=False).to(self.device).eval()
         finally:
             if was:
                 hf_logging.enable_progress_bar()

@@ -83,17 +83,19 @@ def load(path: str | os.PathLike, *, dtype=None):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prunekit.weights.io import load_model
+    from prunekit.weights.io import load_model, read_config, refuse_remote_code
 
     folder = resolve_model(path)
-    raw = json.loads((folder / "config.json").read_text())
+    raw = read_config(folder)
+    refuse_remote_code(folder, raw)
     has_tokenizer = (folder / "tokenizer_config.json").is_file()
     if WIDTHS_KEY not in raw:
         if has_tokenizer:
             return load_model(folder, dtype=dtype)
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32).eval(), None
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32,
+                                                    trust_remote_code=False).eval(), None
     model = load_widths_model(folder, raw, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False) if has_tokenizer else None
     return model, tokenizer
 
 
@@ -106,7 +108,7 @@ def load_widths_model(folder: Path, raw: dict, *, dtype=None) -> torch.nn.Module
         widths = [Widths(int(e["heads"]), int(e["intermediate"])) for e in entries]
     except (TypeError, KeyError, ValueError):
         raise InputError(f"{folder}/config.json: {WIDTHS_KEY} must be a list of {{'heads', 'intermediate'}}") from None
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     _, blocks = find_blocks(model)
     if len(blocks) != len(widths):

@@ -52,7 +52,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
 def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: bool = True):
     """``(model, tokenizer)`` from a zoo name or a local folder, in fp32 unless `dtype` says otherwise.
 
-    Never sets ``trust_remote_code``: a folder whose model needs custom code must be loaded by the user. A
+    Never runs a folder's own code (``trust_remote_code=False``, so transformers never stops to ask): a folder
+    whose model exists only as its code is refused, and must be loaded by the user. A
     folder from structured pruning with per-layer widths goes through `prunekit.structured.export.load`.
     Weights with NaN or Inf are an InputError (every prunekit job would fail on them later, or quietly
     produce nothing); ``check_finite=False`` loads them anyway, e.g. to inspect a broken model.
@@ -62,6 +63,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
 
     path = resolve_model(name_or_path)
     config = read_config(path)
+    refuse_remote_code(path, config)
     tokenizer = _load_tokenizer(path)  # before the slow model load
     from prunekit.structured.export import WIDTHS_KEY
 
@@ -73,7 +75,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False)
     except SafetensorError as e:  # a corrupt or truncated weight file
         raise InputError(f"could not load {path}: its safetensors weights are corrupt or truncated ({e}); "
                          "save the model again with save_pretrained") from None
@@ -104,6 +106,20 @@ def read_config(path: Path) -> dict:
     return config
 
 
+def refuse_remote_code(path: Path, config: dict) -> None:
+    """An InputError when the model of folder `path` exists only as the folder's own Python code (an ``auto_map``
+    to a model type transformers does not know): prunekit never runs it (``trust_remote_code``), and without it
+    transformers would stop to ask on the terminal. A known model type with an ``auto_map`` loads the built-in
+    class."""
+    from transformers import CONFIG_MAPPING
+
+    mtype = config.get("model_type")
+    if "auto_map" in config and mtype not in CONFIG_MAPPING:
+        raise InputError(f"{path} holds a {mtype!r} model that only its own Python code defines (config.json "
+                         "auto_map); prunekit never runs a model folder's code (trust_remote_code). Load it yourself "
+                         "if you trust it and pass the model to the Python API")
+
+
 def non_finite(model, *, buffers: bool = False) -> list[str]:
     """Names of `model`'s floating-point parameters (and, with `buffers`, buffers) holding a NaN or Inf."""
     import torch
@@ -128,7 +144,7 @@ def _load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never asks, never runs its code
     except Exception as e:  # transformers and tokenizers raise ValueError, OSError, KeyError, their own errors...
         fix = f"save the tokenizer into the folder with tokenizer.save_pretrained('{path}')"
         if not any(next(path.glob(p), None) for p in _TOKENIZER_FILES):
