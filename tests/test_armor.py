@@ -199,6 +199,24 @@ def test_save_pretrained_then_install_factors(tmp_path):
     assert armor.install_factors(dense, tmp_path / "nowhere") == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prune_on_a_half_precision_model_keeps_its_dtype(dtype):
+    # the ArmorLinear was installed in fp32 into the fp16/bf16 model, and the next block's pass failed
+    import prunekit
+
+    from conftest import TEXT, char_tokenizer
+
+    model = tiny_model("llama").to(dtype)
+    prunekit.prune(model, method="armor", pattern="2:4", tokenizer=char_tokenizer(),
+                   calibration=prunekit.Text("t", TEXT, "license"), samples=4, seqlen=32, block_size=16, iters=3,
+                   progress=False)
+    modules = [m for m in model.modules() if isinstance(m, armor.ArmorLinear)]
+    assert modules and {p.dtype for p in model.parameters()} == {dtype}
+    assert all(is_n_m(m.core, P24) for m in modules)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(3, 100, (1, 16))).logits).all()
+
+
 def test_install_factors_refuses_weights_from_another_run(tmp_path):
     model = armored_model()
     assert armor.save_factors(model, tmp_path) == 2

@@ -215,6 +215,8 @@ class _Pruner:
             if bias is not None and getattr(out.module, "bias", None) is None:
                 out.module.bias = nn.Parameter(bias.detach().clone())  # the replacement keeps the Linear's bias
             set_weight(module, out.weight)  # in "layer" order the current forward still runs the old module
+            like = get_weight(module)  # the replacement computes in the Linear's dtype and on its device
+            out.module.to(device=like.device, dtype=like.dtype)
             _install(self.block, module, out.module)
             self.layers[name] = out.module
             w_new, sparsity, extra, info = out.weight, out.sparsity, out.extra_params, out.info
