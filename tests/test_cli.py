@@ -45,6 +45,55 @@ def test_prune_writes_a_loadable_model_and_leaves_the_input_alone(model_dir, tex
     assert float((loaded.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == 0.5
 
 
+@pytest.mark.parametrize("method, extra", [("sparsegpt", ("--pattern", "2:4")),
+                                           ("uniform-structured", ("--ratio", "0.25", "--no-speed")),
+                                           ("shortgpt", ("--layers", "1", "--no-speed"))])
+def test_outputs_keep_the_input_dtype_unless_dtype_says_otherwise(method, extra, text_file, tmp_path, capsys):
+    # every output was saved in float32 (twice the size of an fp16 input), and nothing said so
+    from safetensors.torch import load_file
+
+    from prunekit.weights.io import load_model
+
+    folder = tmp_path / "fp16"
+    tiny_model("llama").to(torch.float16).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    before = digest(folder)
+    for flag, want in ((None, torch.float16), ("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        out = tmp_path / f"out-{flag}"
+        argv = prune_args(folder, text_file, out, "--method", method, *extra, *(("--dtype", flag) if flag else ()))
+        assert cli.main(argv) == 0
+        assert ("as the input" in capsys.readouterr().out) == (flag is None)
+        stored = {t.dtype for f in out.glob("*.safetensors") for t in load_file(f).values() if t.is_floating_point()}
+        assert stored == {want}
+        name = str(want).removeprefix("torch.")
+        assert json.loads((out / "config.json").read_text())["dtype"] == name
+        assert json.loads((out / "prunekit.json").read_text())["saved_dtype"] == name
+        model, _ = load_model(out, dtype="auto")
+        assert {p.dtype for p in model.parameters()} == {want}
+        if method == "sparsegpt":  # casting kept every zero
+            import prunekit
+
+            assert prunekit.check_pattern(model, "2:4") == [] and prunekit.sparsity(model)["total"] == 0.5
+    assert digest(folder) == before
+
+
+def test_save_pruned_dtype_leaves_the_model_alone_and_dtype_names_are_checked(llama, tok, model_dir, tmp_path):
+    import prunekit
+
+    out = prunekit.save_pruned(llama, tok, tmp_path / "bf16", metadata={}, dtype="bf16")
+    assert {p.dtype for p in llama.parameters()} == {torch.float32}
+    model, _ = prunekit.load_model(out, dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model, _ = prunekit.load_model(model_dir, dtype="fp16")  # was AttributeError: torch has no attribute 'fp16'
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    for bad in ("int8", "fp8", torch.int8):
+        with pytest.raises(prunekit.InputError, match="float32, float16 or bfloat16"):
+            prunekit.load_model(model_dir, dtype=bad)
+    with pytest.raises(prunekit.InputError, match="saved dtype"):
+        prunekit.save_pruned(llama, tok, tmp_path / "x", metadata={}, dtype="int4")
+    assert not (tmp_path / "x").exists()
+
+
 def test_round_trip_gives_identical_logits(llama, tok, tmp_path):
     import prunekit
 

@@ -112,6 +112,8 @@ def _add_prune_arguments(pr) -> None:
     pr.add_argument("--eval-tokens", type=int, default=None, help="tokens per perplexity evaluation (default 16384)")
     pr.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    pr.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                    help="dtype of the saved weights (default auto: the input's; the work itself runs in float32)")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     for module in _PRUNE_DOMAINS.values():
         import_module(module).add_prune_arguments(pr)
@@ -183,7 +185,7 @@ def _cmd_prune(args) -> int:
     from prunekit.errors import InputError, check_not_input, int_at_least
     from prunekit.evaluate import EVAL_TOKENS
     from prunekit.select import parse_pattern, ratio_for
-    from prunekit.weights.io import check_output, resolve_model
+    from prunekit.weights.io import check_output, output_dtype, resolve_model
 
     wall = time.perf_counter()
     known = prunekit.registry.METHODS.get(args.method)
@@ -211,6 +213,7 @@ def _cmd_prune(args) -> int:
     calib_text = prunekit.load_text(calib, purpose="calibration") if calib else None
     evals_src = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
+    saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
     model, tok = prunekit.load_model(args.model)  # after the texts: a missing file fails before the slow load
     tokens = args.eval_tokens or EVAL_TOKENS
     evaluation = {}
@@ -231,19 +234,20 @@ def _cmd_prune(args) -> int:
         "model_sparsity": measured["model_total"],
         "pattern_violations": prunekit.check_pattern(model, result.pattern) if result.pattern else None,
         "evaluation": evaluation,
+        "saved_dtype": str(saved_dtype).removeprefix("torch."),
         "versions": _versions(),
         "wall_seconds": None,
     }
     meta["wall_seconds"] = time.perf_counter() - wall
     out = prunekit.save_pruned(model, tok, args.out, metadata=meta, overwrite=args.overwrite,
-                               extra=lambda folder: report.write_report(folder, meta))
+                               extra=lambda folder: report.write_report(folder, meta), dtype=saved_dtype)
     error = (f"mean relative error {result.mean_rel_error:.4f}" if result.mean_rel_error is not None
              else "relative error not measured by this method")  # was printed as "nan"
     print(f"pruned {args.model} with {args.method} ({result.pattern or f'{ratio:g} unstructured'}): "
           f"sparsity {result.total_sparsity:.4f} over {len(result.layers)} layers, {error}, {result.seconds:.1f} s")
     if evaluation:
         print(report.ppl_table(evaluation))
-    print(f"saved to {out} (report: {out / 'report.md'})")
+    print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'})")
     return 0
 
 

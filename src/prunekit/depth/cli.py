@@ -120,12 +120,14 @@ def run_prune(args) -> int:
     from prunekit.depth.dit import is_dit_folder
     from prunekit.text import check_token_ids
     from prunekit.weights.engine import find_blocks
+    from prunekit.weights.io import output_dtype
 
     if is_dit_folder(args.model):
         return _run_dit(args)
     wall = time.perf_counter()
     path, calib, eval_texts, options = _validate(args)
     progress = not args.quiet
+    saved_dtype, dtype_words = output_dtype(args.dtype, path)
     model, tok = prunekit.load_model(path)
     ids = prunekit.calibration_ids(tok, calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed)
     check_token_ids(model, ids, what="calibration text")
@@ -155,7 +157,8 @@ def run_prune(args) -> int:
         "kept_layers": kept, "removed_layers": [i for i in range(dense_layers) if i not in kept],
         "calibration": {**calib.describe(), "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed,
                         "batch_size": args.batch_size},
-        "method_info": info, "recovery": recovery, "evaluation": evaluation, "speed": speed, "versions": _versions(),
+        "method_info": info, "recovery": recovery, "evaluation": evaluation, "speed": speed,
+        "saved_dtype": str(saved_dtype).removeprefix("torch."), "versions": _versions(),
         "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - wall,
     }
 
@@ -168,14 +171,15 @@ def run_prune(args) -> int:
             lines.append(report.ppl_table(evaluation))
         (folder / "report.md").write_text("\n".join(lines) + "\n")
 
-    out = depth.save_depth_pruned(model, tok, args.out, metadata=meta, overwrite=args.overwrite, extra=extra)
+    out = depth.save_depth_pruned(model, tok, args.out, metadata=meta, overwrite=args.overwrite, extra=extra,
+                                  dtype=saved_dtype)
     print(f"pruned {args.model} with {args.method}: {dense_layers} -> {len(kept)} blocks, kept {kept}"
           + (f", recovered ({args.recover}, {args.recover_steps} steps)" if recovery else ""))
     if speed is not None:
         print(_speed_line(speed))
     if evaluation:
         print(report.ppl_table(evaluation))
-    print(f"saved to {out}")
+    print(f"saved to {out} ({dtype_words})")
     return 0
 
 
@@ -192,6 +196,9 @@ def _validate_dit(args):
         raise InputError(f"a DiT calibrates on Fashion-MNIST training images; drop --calib {args.calib} "
                          "(or pass --calib fashion-mnist)")
     int_at_least(args.samples, "--samples", 1)
+    if args.dtype != "auto":
+        raise InputError(f"--dtype {args.dtype} applies to Hugging Face models; a DiT folder is saved as it is "
+                         "(float32); leave --dtype out")
     evals = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
     if any(e != "fid" for e in evals):
         raise InputError(f"a DiT is evaluated with --eval fid (sample FID and class accuracy), not {args.eval}")

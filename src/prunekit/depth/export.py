@@ -48,10 +48,11 @@ def drop_layers(model: nn.Module, keep: list[bool]) -> list[int]:
     return kept
 
 
-def save_depth_pruned(model, tokenizer, out, *, metadata: dict, overwrite: bool = False, extra=None) -> Path:
+def save_depth_pruned(model, tokenizer, out, *, metadata: dict, overwrite: bool = False, extra=None,
+                      dtype=None) -> Path:
     """Save a model `drop_layers` pruned (atomically, with ``prunekit.json``); see `prunekit.save_pruned`."""
     from prunekit.weights.io import save_pruned
 
     if "kept_layers" not in metadata:
         raise InputError("metadata must record kept_layers, the original indices of the kept layers")
-    return save_pruned(model, tokenizer, out, metadata=metadata, overwrite=overwrite, extra=extra)
+    return save_pruned(model, tokenizer, out, metadata=metadata, overwrite=overwrite, extra=extra, dtype=dtype)

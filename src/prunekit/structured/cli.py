@@ -54,7 +54,7 @@ def run_prune(args) -> int:
     from prunekit.structured import check_request, prune_structured, save_structured
     from prunekit.structured.units import model_dims
     from prunekit.text import check_token_ids
-    from prunekit.weights.io import check_output, resolve_model
+    from prunekit.weights.io import check_output, output_dtype, resolve_model
 
     wall = time.perf_counter()
     registry.get(args.method, "structured")
@@ -73,6 +73,7 @@ def run_prune(args) -> int:
     calib = args.calib if args.calib is not None else ("wiki" if args.method != "magnitude-structured" else None)
     calib_text = prunekit.load_text(calib, purpose="calibration") if calib else None
     progress = not args.quiet
+    saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
     model, tok = prunekit.load_model(args.model)
     check_request(args.method, ratio=args.ratio, structure=structure, options=options, dims=model_dims(model))
     ids = None
@@ -94,11 +95,12 @@ def run_prune(args) -> int:
         speed = compare_speed_with_dense(args.model, model)
     meta = {"model": str(args.model), **result.to_dict(), "calibration": calib_text.describe() if calib_text else None,
             "samples": args.samples if ids is not None else 0, "seqlen": args.seqlen, "seed": args.seed,
-            "evaluation": evaluation, "speed": speed, "versions": _versions(), "wall_seconds": None}
+            "evaluation": evaluation, "speed": speed, "saved_dtype": str(saved_dtype).removeprefix("torch."),
+            "versions": _versions(), "wall_seconds": None}
     meta["wall_seconds"] = time.perf_counter() - wall
     report = _report(meta, result.table())
     out = save_structured(model, tok, args.out, metadata=meta, overwrite=args.overwrite,
-                          extra=lambda folder: (folder / "report.md").write_text(report))
+                          extra=lambda folder: (folder / "report.md").write_text(report), dtype=saved_dtype)
     print(f"pruned {args.model} with {args.method} ({structure}): removed {result.removed:.4f} of the block weights, "
           f"parameters {result.params_before:,} -> {result.params_after:,}, {result.seconds:.1f} s")
     widths = sorted({(w.heads, w.intermediate) for w in result.widths})
@@ -109,5 +111,5 @@ def run_prune(args) -> int:
               f"decode {speed['speedup']['decode']:.2f}x")
     for name, ev in evaluation.items():
         print(f"perplexity {name}: dense {ev['dense']['ppl']:.3f} -> pruned {ev['pruned']['ppl']:.3f}")
-    print(f"saved to {out} (report: {out / 'report.md'}; load with prunekit.load)")
+    print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'}; load with prunekit.load)")
     return 0

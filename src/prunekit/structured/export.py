@@ -49,12 +49,16 @@ def prepare_config(model) -> list[Widths]:
 
 
 def save_structured(model, tokenizer, out: str | os.PathLike, *, metadata: dict, overwrite: bool = False,
-                    extra=None) -> Path:
-    """Save `model` (safetensors), `tokenizer` and ``prunekit.json`` into `out`, atomically."""
+                    extra=None, dtype=None) -> Path:
+    """Save `model` (safetensors, in `dtype` when given), `tokenizer` and ``prunekit.json`` into `out`,
+    atomically."""
+    from prunekit.weights.io import parse_dtype, save_weights
+
+    dtype = parse_dtype(dtype, what="the saved dtype")
     prepare_config(model)
 
     def build(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        save_weights(model, tmp, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "prunekit.json").write_text(jsonl.dumps(metadata, indent=2) + "\n")
@@ -83,11 +87,14 @@ def load(path: str | os.PathLike, *, dtype=None):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prunekit.weights.io import load_model, read_config, refuse_remote_code
+    from prunekit.weights.io import load_model, parse_dtype, read_config, refuse_remote_code, stored_dtype
 
+    dtype = parse_dtype(dtype)
     folder = resolve_model(path)
     raw = read_config(folder)
     refuse_remote_code(folder, raw)
+    if dtype == "auto":
+        dtype = stored_dtype(folder)
     has_tokenizer = (folder / "tokenizer_config.json").is_file()
     if WIDTHS_KEY not in raw:
         if has_tokenizer:

@@ -17,7 +17,8 @@ from typing import Callable
 from prunekit import jsonl, zoo
 from prunekit.errors import InputError, apply_umask, check_writable
 
-__all__ = ["resolve_model", "load_model", "check_finite_weights", "check_output", "write_atomically", "save_pruned"]
+__all__ = ["resolve_model", "load_model", "check_finite_weights", "check_output", "write_atomically", "save_pruned",
+           "parse_dtype", "stored_dtype"]
 
 _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 # what a saved tokenizer's vocabulary lives in (tokenizer_config.json alone is not a tokenizer)
@@ -49,8 +50,51 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     return path
 
 
+_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
+           "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def parse_dtype(dtype, *, what: str = "dtype"):
+    """A torch floating dtype from a torch dtype or a name (``float32``/``fp32``, ``float16``/``fp16``/``half``,
+    ``bfloat16``/``bf16``); None and ``"auto"`` pass through. Anything else is an InputError."""
+    import torch
+
+    if dtype is None or dtype == "auto":
+        return dtype
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.strip().lower().removeprefix("torch.") in _DTYPES:
+        return getattr(torch, _DTYPES[dtype.strip().lower().removeprefix("torch.")])
+    raise InputError(f"{what} must be float32, float16 or bfloat16 (or auto), got {dtype!r}")
+
+
+def stored_dtype(path: str | os.PathLike):
+    """The dtype model folder `path` (a zoo name or folder) stores its weights in, by its config (``dtype`` or
+    ``torch_dtype``); float32 when the config names none."""
+    import torch
+
+    config = read_config(resolve_model(path))
+    name = config.get("dtype") or config.get("torch_dtype")
+    try:
+        found = parse_dtype(name) if isinstance(name, str) and name != "auto" else None
+    except InputError:
+        found = None
+    return found or torch.float32
+
+
+def output_dtype(choice, model_path) -> tuple:
+    """``(dtype, words)``: the dtype a pruned copy of `model_path` is saved in for ``--dtype`` `choice` (``auto``
+    or None: the dtype the input folder stores) and how to say it."""
+    if choice in (None, "auto"):
+        dtype = stored_dtype(model_path)
+        return dtype, f"{str(dtype).removeprefix('torch.')}, as the input"
+    dtype = parse_dtype(choice, what="--dtype")
+    return dtype, str(dtype).removeprefix("torch.")
+
+
 def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: bool = True):
-    """``(model, tokenizer)`` from a zoo name or a local folder, in fp32 unless `dtype` says otherwise.
+    """``(model, tokenizer)`` from a zoo name or a local folder, in fp32 unless `dtype` says otherwise (a torch
+    dtype, a name such as ``"bfloat16"``/``"bf16"``, or ``"auto"``: as the folder stores it).
 
     Never runs a folder's own code (``trust_remote_code=False``, so transformers never stops to ask): a folder
     whose model exists only as its code is refused, and must be loaded by the user. A
@@ -61,9 +105,12 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
     import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = parse_dtype(dtype)
     path = resolve_model(name_or_path)
     config = read_config(path)
     refuse_remote_code(path, config)
+    if dtype == "auto":
+        dtype = stored_dtype(path)
     tokenizer = _load_tokenizer(path)  # before the slow model load
     from prunekit.structured.export import WIDTHS_KEY
 
@@ -198,21 +245,40 @@ def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, o
     return out
 
 
+def save_weights(model, folder: Path, dtype=None) -> None:
+    """``model.save_pretrained(folder)``, with the floating-point weights (and the config's ``dtype``) in `dtype`
+    when given; the model itself is not changed."""
+    dtype = parse_dtype(dtype)
+    if dtype in (None, "auto") or all(t.dtype == dtype for t in model.state_dict().values() if t.is_floating_point()):
+        model.save_pretrained(folder)
+        return
+    state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.save_pretrained(folder, state_dict=state)
+    config = json.loads((folder / "config.json").read_text())  # transformers writes the model's own dtype there
+    config.pop("torch_dtype", None)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict, overwrite: bool = False,
-                extra: Callable[[Path], None] | None = None) -> Path:
+                extra: Callable[[Path], None] | None = None, dtype=None) -> Path:
     """Save `model` (safetensors) and `tokenizer` plus ``prunekit.json``; `extra(folder)` may add files.
 
-    ARMOR's factorized layers save their dense equivalent in the model's weights (any transformers install
-    loads it) and their factors in ``armor.safetensors``, which `load_model` installs again.
+    `dtype` (a torch dtype or a name such as ``"bfloat16"``) saves the weights in that dtype without changing
+    `model`; None saves them as they are. ARMOR's factorized layers save their dense equivalent in the model's
+    weights (any transformers install loads it) and their factors in ``armor.safetensors``, which `load_model`
+    installs again.
     """
     from prunekit.weights.methods import armor
 
+    dtype = parse_dtype(dtype, what="the saved dtype")
+
     def build(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        save_weights(model, tmp, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "prunekit.json").write_text(jsonl.dumps(metadata, indent=2) + "\n")
-        armor.save_factors(model, tmp)  # a no-op unless ARMOR factorized some layers
+        armor.save_factors(model, tmp, dtype=dtype)  # a no-op unless ARMOR factorized some layers
         if extra is not None:
             extra(tmp)
 
