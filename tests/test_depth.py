@@ -273,6 +273,35 @@ def test_kd_recovery_with_feature_matching_uses_the_teacher():
     assert res.distilled and len(res.losses) == 15
 
 
+@pytest.mark.parametrize("trainable", ["lora", "full"])
+def test_half_precision_recovery_trains_in_float32_and_a_diverged_run_leaves_the_model_as_it_was(trainable):
+    # fp16 recovery raised "diverged ... lower the learning rate" at any rate and left NaN weights behind
+    for dtype in (torch.float16, torch.bfloat16):
+        model = tiny_lm().to(dtype)
+        depth.drop_layers(model, [True, False, True, True])
+        target = depth.causal_lm_target(model, ids(8, 16), batch_size=4)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        loss0 = depth.calibration_loss(target)
+        depth.recover(target, steps=6, trainable=trainable, lr=1e-2 if trainable == "lora" else 1e-3)
+        assert {p.dtype for p in model.parameters()} == {dtype}
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+        assert depth.calibration_loss(target) < loss0
+        trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with pytest.raises(InputError, match="left as it was before recovery"):
+            depth.recover(target, steps=3, trainable=trainable, lr=1e30)
+        assert all(torch.equal(trained[n], p) for n, p in model.named_parameters())
+        assert {p.dtype for p in model.parameters()} == {dtype}
+    model = tiny_lm()  # float32: LoRA's diverged factors are dropped, not merged
+    target = depth.causal_lm_target(model, ids(8, 16), batch_size=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if trainable == "lora":
+        with pytest.raises(InputError, match="left as it was before recovery"):
+            depth.recover(target, steps=3, trainable="lora", lr=1e30)
+        assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+        assert all(type(m).__name__ != "LoRALinear" for m in model.modules())
+
+
 def test_bad_api_requests_are_refused():
     target = stack_target(Stack(depth=6))
     with pytest.raises(InputError, match="keeps every block"):

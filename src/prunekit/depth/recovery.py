@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from prunekit.depth.core import DepthTarget, check_keep, hidden_of
 from prunekit.errors import InputError, int_at_least
-from prunekit.lora import add_lora, lora_parameters, merge_lora
+from prunekit.lora import add_lora, lora_parameters, merge_lora, remove_lora
+from prunekit.weights.io import non_finite
 
 __all__ = ["RecoveryResult", "recover", "DEFAULT_LR"]
 
@@ -65,6 +66,26 @@ def _masked_mse(s: torch.Tensor, t: torch.Tensor, k: float = 2.0) -> torch.Tenso
     return ((s - t) ** 2 * keep).sum() / keep.sum().clamp_min(1)
 
 
+def _upcast(module: nn.Module | None) -> dict:
+    """Put every half-precision (fp16/bf16) parameter of `module` in float32; returns ``{name: its old data}``
+    so `_restore` can put back either the old tensors or the trained values in the old dtype. Buffers stay."""
+    if module is None:
+        return {}
+    old = {n: p.data for n, p in module.named_parameters() if p.dtype in (torch.float16, torch.bfloat16)}
+    for n, p in module.named_parameters():
+        if n in old:
+            p.data = p.data.float()
+    return old
+
+
+def _restore(module: nn.Module | None, old: dict, *, keep_trained: bool) -> None:
+    """Back to the dtypes `_upcast` found, by parameter name (merging LoRA made new Linears under the old names):
+    the trained values rounded, or the old tensors themselves."""
+    for n, p in module.named_parameters() if old else ():
+        if n in old:
+            p.data = p.data.to(old[n].dtype) if keep_trained else old[n]
+
+
 def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", lr: float | None = None,
             teacher: tuple[nn.Module, nn.ModuleList] | None = None, keep: list[bool] | None = None,
             features: float = 0.0, lora_rank: int = 8, lora_alpha: float = 16.0, seed: int = 0,
@@ -72,7 +93,11 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
     """Fine-tune the (already pruned) `target` in place for `steps` steps; LoRA is merged at the end.
 
     `teacher`: ``(dense model, its blocks)`` for knowledge distillation (needs ``target.distill``); `keep` the
-    keep-mask over the teacher's blocks (needed when `features` > 0)."""
+    keep-mask over the teacher's blocks (needed when `features` > 0). A half-precision (fp16/bf16) model trains
+    on float32 copies of its weights (fp16 training diverges at any learning rate without loss scaling) and
+    gets the trained weights back in its own dtype. A run that diverges raises an InputError; it leaves the
+    model as it was when it trained LoRA or was in half precision (a float32 model trained in full keeps its
+    non-finite weights: reload it)."""
     int_at_least(steps, "steps", 1)
     if trainable not in DEFAULT_LR:
         raise InputError(f"trainable must be 'lora' or 'full', got {trainable!r}")
@@ -96,6 +121,8 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
     was_training = model.training
     requires = {id(p): p.requires_grad for p in model.parameters()}
     start = time.perf_counter()
+    half = _upcast(model)
+    half_teacher = _upcast(teacher[0] if teacher is not None else None)
     if trainable == "lora":
         add_lora(target.blocks, rank=lora_rank, alpha=lora_alpha, seed=seed)
         for n, p in model.named_parameters():
@@ -145,16 +172,26 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
     finally:
         for h in handles:
             h.remove()
+        # diverged: a trained weight or a loss became NaN/Inf (a NaN loss skips its step, so the weights that
+        # made it may still be finite, only huge)
+        diverged = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if not all(math.isfinite(x) for x in losses):
+            diverged = diverged or [f"the loss (step {next(i for i, x in enumerate(losses) if not math.isfinite(x))})"]
         if trainable == "lora":
-            merge_lora(target.blocks)
+            (remove_lora if diverged else merge_lora)(target.blocks)  # diverged factors are dropped, not merged
         for p in model.parameters():
             p.requires_grad_(requires.get(id(p), True))
         model.train(was_training)
-    from prunekit.weights.io import non_finite
-
+        _restore(teacher[0] if teacher is not None else None, half_teacher, keep_trained=False)
+        _restore(model, half, keep_trained=not diverged)
+        if half and non_finite(model):  # trained weights past the half-precision range: the old ones back
+            diverged = diverged or non_finite(model)
+            _restore(model, half, keep_trained=False)
     bad = non_finite(model)
-    if bad:  # was saved as a model of NaN weights, exit 0
-        raise InputError(f"recovery diverged at learning rate {lr:g}: {bad[0]}"
-                         + (f" and {len(bad) - 1} other weights" if len(bad) > 1 else "")
-                         + " became NaN or Inf; lower the learning rate (--recover-lr)")
+    if diverged or bad:  # was saved as a model of NaN weights, exit 0
+        first = (diverged or bad)[0]
+        left = ("the model is left non-finite; reload it" if bad else "the model is left as it was before recovery")
+        raise InputError(f"recovery diverged at learning rate {lr:g}: {first}"
+                         + (f" and {len(diverged or bad) - 1} other weights" if len(diverged or bad) > 1 else "")
+                         + f" became NaN or Inf ({left}); lower the learning rate (--recover-lr)")
     return RecoveryResult(trainable, teacher is not None, steps, lr, losses, time.perf_counter() - start)
