@@ -151,6 +151,7 @@ def test_model_is_restored_exactly_on_exit_even_after_an_error(models):
                 raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
     assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
+    assert "generate" not in model.__dict__
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
     with torch.no_grad():
@@ -159,8 +160,12 @@ def test_model_is_restored_exactly_on_exit_even_after_an_error(models):
 
 def test_batches_and_bad_input_are_refused(models):
     model = models["sdpa"]
-    with kv.policy(model, "snapkv", budget=16), pytest.raises(InputError, match="batch size 1"):
+    with kv.policy(model, "snapkv", budget=16), pytest.raises(InputError, match="one sequence at a time"):
         generate(model, prompt().repeat(2, 1))
+    ids = prompt()
+    for many in ({"num_beams": 2}, {"do_sample": True, "num_return_sequences": 2}):  # was worded as a batch
+        with kv.policy(model, "snapkv", budget=16), pytest.raises(InputError, match="num_beams or num_return"):
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, pad_token_id=0, **many)
     with pytest.raises(InputError, match="unknown KV policy"):
         kv.make_policy("lru", budget=8)
     with pytest.raises(InputError, match="needs a budget"):
@@ -185,6 +190,71 @@ def test_batches_and_bad_input_are_refused(models):
             pass
     with kv.policy(model, kv.H2O(budget=8), budget=8) as pol:  # the same budget twice is fine
         assert pol.budget == 8
+
+
+@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "snapkv", "deep_forcing"])
+def test_generate_refuses_a_padded_prompt_and_continuing_from_a_compressed_cache(models, name):
+    # a padded row's masked pads became StreamingLLM's sinks and H2O's heavy hitters once entries were evicted;
+    # a compressed cache handed back to generate had already-seen tokens fed again as new text
+    model = models["sdpa"]
+    ids = prompt(30)
+    padded = torch.cat([torch.zeros(1, 6, dtype=ids.dtype), ids], 1)
+    mask = torch.cat([torch.zeros(1, 6, dtype=ids.dtype), torch.ones_like(ids)], 1)
+    with kv.policy(model, name, budget=16), pytest.raises(InputError, match="prompt is padded"):
+        model.generate(padded, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    for budget, compressed in ((16, True), (200, False)):
+        with kv.policy(model, name, budget=budget):
+            first = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                   pad_token_id=0, return_dict_in_generate=True)
+            more = torch.cat([first.sequences, prompt(5, seed=9)], 1)
+            kwargs = dict(attention_mask=torch.ones_like(more), max_new_tokens=6, do_sample=False, pad_token_id=0)
+            if compressed:
+                with pytest.raises(InputError, match="compressed by the KV policy"):
+                    model.generate(more, cache=first.cache, **kwargs)
+            else:  # nothing evicted: continuing is exact
+                assert torch.equal(model.generate(more, cache=first.cache, **kwargs),
+                                   model.generate(more, **kwargs))
+    assert "generate" not in model.__dict__
+
+
+def test_cache_filled_outside_the_policy_is_named_and_eager_attention_weights_come_back(models):
+    model = models["eager"]
+    ids = prompt(20)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)  # a prompt cache made without the policy
+    more = torch.cat([ids, prompt(4, seed=5)], 1)
+    with kv.policy(model, "h2o", budget=16), pytest.raises(InputError, match="filled or cropped outside this policy"):
+        model.generate(more, attention_mask=torch.ones_like(more), cache=cache, max_new_tokens=3, pad_token_id=0)
+    plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                           pad_token_id=0, output_attentions=True, return_dict_in_generate=True)
+    with kv.policy(model, "full"):  # output_attentions came back as empty tuples
+        wrapped = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                                 pad_token_id=0, output_attentions=True, return_dict_in_generate=True)
+    assert [len(step) for step in wrapped.attentions] == [len(step) for step in plain.attentions] == [4, 4, 4]
+    assert torch.allclose(wrapped.attentions[0][0], plain.attentions[0][0], atol=1e-6)
+
+
+def test_delta_with_an_ample_budget_off_the_page_grid_and_small_models_default_layers():
+    # budget 150 kept 9 pages (144 tokens): the sparse layers dropped a page once the cache passed 144
+    model = make_model(layers=4)
+    ids = prompt(100)
+    ref, _ = generate(model, ids, new=40)
+    with kv.policy(model, "delta", budget=150, recent_pages=2) as pol:
+        out, _ = generate(model, ids, new=40)
+    assert torch.equal(out, ref) and pol.attended == pol.available
+    # the defaults on 2-4 layers had no sparse layer: the budget changed nothing, silently
+    for layers in (2, 3, 4, 6, 30):
+        chosen = kv.default_delta_layers(layers)
+        assert chosen[-1] < layers - 1 and set(range(chosen[0] + 1, layers)) - set(chosen)
+    assert kv.default_delta_layers(30) == [2, 15, 24]
+    small = make_model(layers=3)
+    with kv.policy(small, "delta", budget=48, recent_pages=1, page_size=16) as pol:
+        generate(small, prompt(100), new=8)
+    assert pol.attended < pol.available
+    with kv.policy(small, "delta", budget=48, recent_pages=1, delta_layers=[1, 2]), \
+            pytest.raises(InputError, match="leave no sparse layer"):
+        generate(small, prompt(100), new=8)
 
 
 def test_rotating_a_key_by_delta_equals_computing_it_at_the_new_position(models):
@@ -406,7 +476,7 @@ def test_calibration_places_delta_layers_at_the_largest_attention_shifts():
     model = make_model(layers=4)
     layers, shifts = kv.calibrate_delta_layers(model, prompt(48), count=1, initial=1, window=16)
     assert len(shifts) == 3 and all(0 <= s <= 2 for s in shifts)
-    assert layers == [1 + max(range(3), key=lambda i: shifts[i])]
+    assert layers == [1 + max(range(2), key=lambda i: shifts[i])]  # never the last layer (nothing sparse after it)
     assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
 
 
@@ -449,16 +519,20 @@ def test_cli_generate_with_calibrated_delta_layers(model_dir, capsys, monkeypatc
     import types
 
     import prunekit
-    from conftest import TEXT
+    from conftest import TEXT, char_tokenizer
 
     seen = []
     monkeypatch.setattr(prunekit, "load_text", lambda source, purpose: seen.append(source) or types.SimpleNamespace(text=TEXT))
-    rc = cli.main(["generate", str(model_dir), "--prompt", TEXT[:200], "--kv", "delta", "--budget", "32",
-                   "--max-new-tokens", "6", "--option", "delta_layers=calibrate", "--option", "page_size=4",
-                   "--option", "recent_pages=2", "--json"])
-    assert rc == 0 and seen == ["wiki"]
+    argv = ["--prompt", TEXT[:200], "--kv", "delta", "--budget", "32", "--max-new-tokens", "6", "--option",
+            "delta_layers=calibrate", "--option", "page_size=4", "--option", "recent_pages=2", "--json"]
+    # 2 layers: a delta layer after layer 0 would be the last, with no sparse layer after it
+    assert cli.main(["generate", str(model_dir), *argv]) == 2 and "at least 3 layers" in capsys.readouterr().err
+    deeper = model_dir.parent / "tiny-llama-4"
+    make_model(layers=4).save_pretrained(deeper)
+    char_tokenizer().save_pretrained(deeper)
+    assert cli.main(["generate", str(deeper), *argv]) == 0 and seen == ["wiki"]
     result = json.loads(capsys.readouterr().out)
-    assert result["new_tokens"] == 6 and result["options"]["delta_layers"] == [1]  # a 2-layer model: layer 0 stays full
+    assert result["new_tokens"] == 6 and result["options"]["delta_layers"] in ([1], [2])  # before the last layer
 
 
 @pytest.mark.parametrize("name", ["streaming_llm", "h2o", "snapkv", "deep_forcing"])
@@ -477,6 +551,7 @@ def test_delta_layers_compute_the_same_full_attention(models):
     model, ids = models["sdpa"], prompt(40)
     full, _ = generate(model, ids, new=8)
     with kv.policy(model, "delta", budget=16, delta_layers=[0, 1, 2, 3], page_size=4, recent_pages=2) as pol:
+        pol._layers = lambda num_layers: [0, 1, 2, 3]  # users are refused this (no sparse layer): bypass the check
         out, _ = generate(model, ids, new=8)  # every layer a Δ-layer: selection runs, but nobody attends sparsely
     assert torch.equal(out, full) and pol.attended == pol.available
 

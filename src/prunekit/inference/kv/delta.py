@@ -14,8 +14,10 @@ among them (their score is +inf), ties broken towards earlier pages (−1e-7·u)
 layer after it, up to the next Δ-layer, is sparse: it attends only to the picked pages' tokens (gathered, so
 the attention really runs over K·16 keys). Selection is redone at every decoding step. Nothing is evicted:
 the full cache stays, the saving is attention compute and memory traffic. The sparse path switches on only
-when the cache has more than K pages (the reference's ``full_pages / subset_pages > compression_ratio`` with
-ratio 1), so with a budget at least the sequence length the output equals the full cache's. The prefill is
+when the cache holds more than `budget` tokens (with a budget a multiple of the page size: more than K pages,
+the reference's ``full_pages / subset_pages > compression_ratio`` with ratio 1; with another budget the
+K·16 < budget keys picked then are fewer than the budget), so with a budget at least the sequence length the
+output equals the full cache's. The prefill is
 dense everywhere, as in the reference.
 
 Which layers are Δ-layers: ``delta_layers`` (default: the reference's runners on a 28-layer model use full
@@ -58,9 +60,11 @@ __all__ = ["Delta", "calibrate_delta_layers", "default_delta_layers", "wiki_delt
 
 
 def default_delta_layers(num_layers: int) -> list[int]:
-    """The reference's Δ-layers (2, 14, 22 of 28) scaled to `num_layers`."""
+    """The reference's Δ-layers (2, 14, 22 of 28) scaled to `num_layers`, never the last layer (a Δ-layer there
+    would pick pages no layer uses); a model of 4 layers or fewer gets one Δ-layer before its last."""
     top = num_layers - 1
-    return sorted({min(2, top), min(round(num_layers * 14 / 28), top), min(round(num_layers * 22 / 28), top)})
+    scaled = {min(2, top), min(round(num_layers * 14 / 28), top), min(round(num_layers * 22 / 28), top)}
+    return sorted(x for x in scaled if x < top) or [max(top - 1, 0)]
 
 
 def _layer_list(value) -> list[int]:
@@ -112,6 +116,10 @@ class Delta(Policy):
         layers = self.delta_layers if self.delta_layers is not None else default_delta_layers(num_layers)
         if layers[-1] >= num_layers:
             raise InputError(f"delta layer {layers[-1]} does not exist; the model has layers 0..{num_layers - 1}")
+        if not set(range(layers[0] + 1, num_layers)) - set(layers):
+            raise InputError(f"delta layers {layers} leave no sparse layer in a {num_layers}-layer model (the layers "
+                             "after a delta layer attend to its pages), so the budget would change nothing; end them "
+                             f"before layer {num_layers - 1}")
         return layers
 
     def select_pages(self, probs: torch.Tensor, n: int) -> torch.Tensor:
@@ -215,7 +223,7 @@ class Delta(Policy):
         n, layer = view.n, view.layer
         layers = self._layers(view.num_layers)
         self.available += n
-        if math.ceil(n / self.page_size) <= self.pages or layer < layers[0]:
+        if n <= self.budget or layer < layers[0]:  # the cache fits the budget: full attention everywhere
             self.attended += n
             return None
         if layer in layers:
@@ -266,8 +274,9 @@ def calibrate_delta_layers(model, input_ids: torch.Tensor, *, count: int = 3, in
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise InputError("input_ids must be a [1, T] tensor of token ids")
     num_layers = model.config.num_hidden_layers
-    if initial + count > num_layers:
-        raise InputError(f"cannot place {count} delta layers after {initial} initial layers in a {num_layers}-layer model")
+    if initial + count > num_layers - 1:  # a delta layer needs a sparse layer after it: never the last one
+        raise InputError(f"cannot place {count} delta layers after {initial} initial layers and before the last "
+                         f"layer of a {num_layers}-layer model")
     from transformers import DynamicCache
 
     probe = _AttentionProbe(window)
@@ -275,7 +284,7 @@ def calibrate_delta_layers(model, input_ids: torch.Tensor, *, count: int = 3, in
         model(input_ids=input_ids, cache=DynamicCache(config=model.config), use_cache=True)
     maps = [probe.maps[i].flatten() for i in range(num_layers)]
     shifts = [1.0 - float(torch.nn.functional.cosine_similarity(maps[i - 1], maps[i], dim=0)) for i in range(1, num_layers)]
-    ranked = sorted(range(initial, num_layers), key=lambda layer: -shifts[layer - 1])
+    ranked = sorted(range(initial, num_layers - 1), key=lambda layer: -shifts[layer - 1])
     return sorted(ranked[:count]), shifts
 
 
@@ -285,13 +294,17 @@ WIKI_CALIBRATION_TOKENS = 1024
 def wiki_delta_layers(model, tokenizer, *, tokens: int = WIKI_CALIBRATION_TOKENS):
     """`calibrate_delta_layers` on the first `tokens` tokens of the bundled Wikipedia calibration text.
 
-    The paper's placement (3 Δ-layers after 2 full ones, last 64 queries); a model shallower than 5 layers gets
-    fewer. Returns ``(layers, shifts)``. Needs the zoo's offline text assets.
+    The paper's placement (3 Δ-layers after 2 full ones, last 64 queries); a model shallower than 6 layers gets
+    fewer, and one of fewer than 3 layers none (an InputError: a Δ-layer goes after layer 0 and before the last).
+    Returns ``(layers, shifts)``. Needs the zoo's offline text assets.
     """
     import prunekit
 
+    depth = model.config.num_hidden_layers
+    if depth < 3:
+        raise InputError(f"calibrating delta layers needs a model of at least 3 layers (a delta layer goes after "
+                         f"layer 0 and before the last); this one has {depth}: give delta_layers yourself")
     text = prunekit.load_text("wiki", purpose="calibration").text
     ids = tokenizer(text[: 20 * tokens], return_tensors="pt")["input_ids"][:, :tokens]
-    depth = model.config.num_hidden_layers
-    initial = min(2, depth - 1)
-    return calibrate_delta_layers(model, ids, count=max(1, min(3, depth - initial)), initial=initial, window=64)
+    initial = min(2, depth - 2)
+    return calibrate_delta_layers(model, ids, count=max(1, min(3, depth - 1 - initial)), initial=initial, window=64)

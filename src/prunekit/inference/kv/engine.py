@@ -36,8 +36,14 @@ A policy (one file per method in this folder) only scores; this file owns the me
   (``pos``), policy-owned tensors aligned with the entries (gathered with them), and a buffer of the last
   ``policy.query_window`` post-RoPE queries (the observation window).
 
-Batches: batch size 1 only; a larger batch raises `InputError` at the first forward (per-sequence budgets
-with padding are not implemented). Supported architectures: Llama-style attention with rotary embeddings and
+Batches: batch size 1 only, unpadded; a larger batch (several prompts, ``num_beams`` or
+``num_return_sequences`` > 1) raises `InputError` at the first forward, and ``generate`` refuses a padded
+prompt (per-sequence budgets with padding are not implemented). A cache the policy has compressed cannot be
+handed back to ``generate`` to continue: transformers takes the tokens past its (shrunken) length as new and
+would feed evicted ones again, so that is an `InputError` too; pass the whole text with a fresh cache (direct
+forwards of new tokens only, e.g. streaming a text in chunks, may continue: the engine numbers positions
+itself). While the context is open, the model's ``generate`` is an instance attribute that makes these checks. Attention weights (``output_attentions``)
+come back where the model's attention computed them (eager), over the entries the cache kept. Supported architectures: Llama-style attention with rotary embeddings and
 a ``DynamicCache`` (model types llama, mistral without sliding window, qwen2, qwen3).
 """
 
@@ -216,6 +222,7 @@ class Engine:
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> key/value buffers (`_append`)
         self._cache_ref = None
         self._installed = False
+        self._own_generate = None
 
     @staticmethod
     def _attention_layers(model) -> list:
@@ -244,12 +251,20 @@ class Engine:
     def __enter__(self):
         for attn in self.layers:
             attn.forward = types.MethodType(self._make_forward(), attn)
+        if callable(getattr(self.model, "generate", None)):
+            self._own_generate = self.model.__dict__.get("generate")  # someone's instance-level wrapper, if any
+            self.model.generate = self._make_generate(self.model.generate)
         self._installed = True
         return self
 
     def __exit__(self, *exc):
         for attn in self.layers:
             attn.__dict__.pop("forward", None)
+        if "generate" in self.model.__dict__:
+            if self._own_generate is None:
+                del self.model.generate
+            else:
+                self.model.generate = self._own_generate
         self._installed = False
         self.states = []
         self._buffers = {}
@@ -270,7 +285,9 @@ class Engine:
                 self.states[layer_idx] = st = LayerState(layer_idx)
             else:
                 raise InputError(f"layer {layer_idx}'s cache holds {cache_len_before} tokens but the KV policy tracked "
-                                 f"{known}; do not crop or edit the cache inside a policy context")
+                                 f"{known}: the cache was filled or cropped outside this policy (a prompt cache made "
+                                 "without it, a reused StaticCache, or assisted/speculative decoding, which crops "
+                                 "the cache and is not supported); generate from a fresh cache inside the context")
         return st
 
     def _make_forward(self):
@@ -283,13 +300,40 @@ class Engine:
 
         return forward
 
+    def _make_generate(self, generate):
+        """``model.generate`` refusing what the engine cannot do right: a padded prompt (the engine keeps no
+        per-token mask once it has evicted) and continuing from a cache it compressed (transformers takes the
+        tokens past the cache's shrunken length as new, so it would feed evicted ones again)."""
+        engine = self
+
+        def checked(*args, **kwargs):
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool((mask == 0).any()):
+                raise InputError("the prompt is padded (its attention_mask has zeros); KV policies take one "
+                                 "unpadded prompt: tokenize it alone, without padding")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 takes either name
+            if cache is not None and engine._compressed(cache):
+                raise InputError("this cache was compressed by the KV policy, so generate cannot continue from it "
+                                 "(it would take the tokens past the cache's shrunken length as new and feed evicted "
+                                 "ones again); pass the whole text with a fresh cache")
+            return generate(*args, **kwargs)
+
+        return checked
+
+    def _compressed(self, cache) -> bool:
+        """Whether `cache` is the one this engine tracks and some layer of it has evicted entries."""
+        if self._cache_ref is None or self._cache_ref() is not cache:
+            return False
+        return any(st.orig is not None and st.orig.shape[-1] != st.seen for st in self.states)
+
     def _rope(self, x: torch.Tensor, positions: torch.Tensor):
         return self.rotary(x, positions[None, :])  # cos, sin: [1, q, d]
 
     def _forward(self, module, hidden_states, position_embeddings, attention_mask, cache, kwargs):
         bsz, q_len, _ = hidden_states.shape
         if bsz != 1:
-            raise InputError(f"KV policies support batch size 1 only (got a batch of {bsz}); generate one prompt at a time")
+            raise InputError(f"KV policies run one sequence at a time (got {bsz}: several prompts, or num_beams or "
+                             "num_return_sequences > 1); generate one prompt at a time, greedy or sampled")
         mod = _eager_module(module)
         hidden_shape = (bsz, q_len, -1, module.head_dim)
         q = module.q_proj(hidden_states).view(hidden_shape)
@@ -353,11 +397,13 @@ class Engine:
                 future = torch.arange(q_len, device=dev)[None, :] > torch.arange(q_len, device=dev)[:, None]
                 mask[..., n - q_len:] = mask[..., n - q_len:].masked_fill(future, torch.finfo(q.dtype).min)
             extra = {k_: v_ for k_, v_ in kwargs.items() if k_ != "position_ids"}
-            out, _ = interface(module, q, keys, values, mask, dropout=dropout, scaling=module.scaling, **extra)
+            out, weights = interface(module, q, keys, values, mask, dropout=dropout, scaling=module.scaling, **extra)
+        else:
+            weights = None
         self.policy.observe(view, q, rope_pos)
         if self.policy.compresses and self.budget is not None:
             self._maybe_compress(layer, st, view, q_len)
-        return module.o_proj(out.reshape(bsz, q_len, -1).contiguous()), None
+        return module.o_proj(out.reshape(bsz, q_len, -1).contiguous()), weights
 
     def _capacity(self, needed: int) -> int:
         """Tokens a layer's key/value buffer is allocated for when `needed` no longer fit."""
