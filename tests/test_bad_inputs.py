@@ -14,7 +14,7 @@ import prunekit
 from prunekit import cli
 from prunekit.errors import InputError, check_not_input
 
-from conftest import tiny_model
+from conftest import TEXT, tiny_model
 
 
 def digest(path):
@@ -303,6 +303,51 @@ def test_a_folder_whose_model_or_tokenizer_is_its_own_code_never_runs_it(model_d
     except prunekit.InputError as e:  # or the tokenizer is refused, naming what does not load
         assert "tokenizer" in str(e)
     assert not marker.exists()
+
+
+def _tiny_arch(kind: str, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256)
+    if kind == "gpt2":
+        sizes = dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **sizes, **extra)).eval()
+
+
+def test_architectures_the_methods_cannot_serve_are_refused_before_any_change(tok):
+    import prunekit
+    from prunekit import depth
+
+    text = prunekit.Text("t", TEXT, "license")
+    # Mixtral's experts are fused 3-D tensors, not Linears: 50% was reported while the experts stayed dense
+    moe = _tiny_arch("mixtral", num_local_experts=4, num_experts_per_tok=2)
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    with pytest.raises(prunekit.InputError, match="3-D weight .*mixture-of-experts"):
+        prunekit.prune(moe, method="wanda", ratio=0.5, calibration=text, tokenizer=tok, samples=2, seqlen=32,
+                       progress=False)
+    assert all(torch.equal(v, moe.state_dict()[k]) for k, v in before.items())
+    # OLMo2's q_norm spans all heads; StableLM sizes heads from hidden_size / heads: the saved folder did not load
+    for kind, match in (("olmo2", "normalises all heads together"), ("stablelm", "sizes its heads from hidden_size")):
+        model = _tiny_arch(kind)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(prunekit.InputError, match=match):
+            prunekit.prune_structured(model, method="uniform-structured", ratio=0.25, structure="both",
+                                      tokenizer=tok, calibration=text, samples=4, seqlen=32, progress=False)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        result = prunekit.prune_structured(model, method="uniform-structured", ratio=0.25, structure="neurons",
+                                           tokenizer=tok, calibration=text, samples=4, seqlen=32, progress=False)
+        assert result.params_after < result.params_before
+    # GPT-2's blocks hold Conv1D, not Linear: LoRA found "no nn.Linear ... targets=None"
+    gpt2 = _tiny_arch("gpt2")
+    ids = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    target = depth.causal_lm_target(gpt2, ids, batch_size=2)
+    with pytest.raises(prunekit.InputError, match="recoverability=frozen"):
+        depth.tinyfusion(target, kept=1, steps=2)
+    assert depth.tinyfusion(target, kept=1, steps=2, recoverability="frozen").keep.count(True) == 1
+    with pytest.raises(prunekit.InputError, match="--recover full"):
+        depth.recover(target, steps=1, trainable="lora")
 
 
 def test_prune_refuses_flags_that_would_be_ignored(model_dir, text_file, tmp_path, capsys):

@@ -54,11 +54,26 @@ def test_remove_restores_the_original_weights_and_seed_fixes_init():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"rank": 0}, "rank"), ({"alpha": -1.0}, "alpha"), ({"dropout": 1.0}, "dropout"),
-    ({"targets": ("nothing*",)}, "matches"), ({"rank": 40}, "smaller rank"),
+    ({"targets": ("nothing*",)}, "matching targets"), ({"rank": 40}, "smaller rank"),
 ])
 def test_bad_requests(kwargs, match):
     with pytest.raises(InputError, match=match):
         add_lora(_tiny_llama(), **kwargs)
+
+
+def test_a_linear_narrower_than_the_rank_gets_its_smaller_side_and_nothing_changes_on_a_refusal():
+    # a 1-output gate (Qwen2-MoE's shared_expert_gate) refused the whole recovery: "give a smaller rank"
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    add_lora(net, rank=8)
+    assert net[0].rank == 8 and net[2].rank == 1
+    merge_lora(net)
+    named = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    with pytest.raises(InputError, match="smaller side of 2"):
+        add_lora(named, rank=8, targets=("0", "2"))
+    assert not any(isinstance(m, LoRALinear) for m in named.modules())  # the first Linear was wrapped already
+    assert all(p.requires_grad for p in named.parameters())
+    with pytest.raises(InputError, match="not GPT-2's Conv1D"):
+        add_lora(nn.Sequential(nn.ReLU()), rank=2)
 
 
 def test_refuses_double_adapters():

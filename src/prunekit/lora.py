@@ -35,7 +35,7 @@ from torch import nn
 
 from prunekit.errors import InputError, int_at_least
 
-__all__ = ["LoRALinear", "add_lora", "merge_lora", "remove_lora", "lora_parameters"]
+__all__ = ["has_linear", "LoRALinear", "add_lora", "merge_lora", "remove_lora", "lora_parameters"]
 
 
 class LoRALinear(nn.Module):
@@ -101,7 +101,10 @@ def add_lora(model: nn.Module, *, rank: int = 8, alpha: float = 16.0, dropout: f
     """Wrap every `nn.Linear` of `model` whose name matches a glob in `targets` (default: all) and none in
     `exclude` in a `LoRALinear`, in place; freeze every other parameter. Returns the wrapped names.
 
-    A model that already carries adapters is refused (merge or remove them first)."""
+    With the default `targets`, a Linear narrower than `rank` (a gate with one output) gets its smaller side as
+    its rank (some Linear must be `rank` wide); a Linear named in `targets` must be at least `rank` wide. A
+    model that already carries adapters is refused (merge or remove them first); nothing is changed when
+    anything is refused."""
     int_at_least(rank, "rank", 1)
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise InputError(f"alpha must be a positive number, got {alpha!r}")
@@ -113,17 +116,32 @@ def add_lora(model: nn.Module, *, rank: int = 8, alpha: float = 16.0, dropout: f
              and (targets is None or any(fnmatch.fnmatchcase(n, t) for t in targets))
              and not any(fnmatch.fnmatchcase(n, e) for e in exclude)]
     if not names:
-        raise InputError(f"no nn.Linear in the model matches targets={targets!r} (exclude={exclude!r})")
+        which = "" if targets is None else f" matching targets={targets!r}"
+        raise InputError(f"no nn.Linear{which} to put LoRA on (exclude={exclude!r}); LoRA adapts nn.Linear layers "
+                         "only (not GPT-2's Conv1D)")
+    ranks = {}
+    for n in names:
+        base = model.get_submodule(n)
+        side = min(base.in_features, base.out_features)
+        if side < rank and targets is not None:
+            raise InputError(f"rank {rank} exceeds the smaller side of {n} ({base.out_features}x{base.in_features}); "
+                             "give a smaller rank")
+        ranks[n] = min(rank, side)
+    if all(r < rank for r in ranks.values()):
+        raise InputError(f"rank {rank} exceeds the smaller side of every Linear LoRA would adapt (the widest: "
+                         f"{max(ranks.values())}); give a smaller rank")
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for n in names:
-        base = model.get_submodule(n)
-        if min(base.in_features, base.out_features) < rank:
-            raise InputError(f"rank {rank} exceeds the smaller side of {n} ({base.out_features}x{base.in_features}); "
-                             "give a smaller rank")
-        _replace(model, n, LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout, generator=generator))
+        _replace(model, n, LoRALinear(model.get_submodule(n), rank=ranks[n], alpha=alpha, dropout=dropout,
+                                      generator=generator))
     return names
+
+
+def has_linear(model: nn.Module) -> bool:
+    """Whether `model` holds an `nn.Linear` LoRA could adapt."""
+    return any(isinstance(m, nn.Linear) for m in model.modules())
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -120,6 +120,8 @@ def run_prune(args) -> int:
     from prunekit.depth.dit import is_dit_folder
     from prunekit.text import check_token_ids
     from prunekit.weights.engine import find_blocks
+    from prunekit.errors import InputError
+    from prunekit.lora import has_linear
     from prunekit.weights.io import output_dtype
 
     if is_dit_folder(args.model):
@@ -129,6 +131,9 @@ def run_prune(args) -> int:
     progress = not args.quiet
     saved_dtype, dtype_words = output_dtype(args.dtype, path)
     model, tok = prunekit.load_model(path)
+    if args.recover in ("lora", "kd") and not has_linear(find_blocks(model)[1]):  # before the selection's work
+        raise InputError(f"--recover {args.recover} puts LoRA on the blocks' nn.Linear layers and these blocks have "
+                         "none (GPT-2's are Conv1D); use --recover full")
     ids = prunekit.calibration_ids(tok, calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed)
     check_token_ids(model, ids, what="calibration text")
     target = depth.causal_lm_target(model, ids, batch_size=args.batch_size)

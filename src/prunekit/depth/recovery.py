@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from prunekit.depth.core import DepthTarget, check_keep, hidden_of
 from prunekit.errors import InputError, int_at_least
-from prunekit.lora import add_lora, lora_parameters, merge_lora, remove_lora
+from prunekit.lora import add_lora, has_linear, lora_parameters, merge_lora, remove_lora
 from prunekit.weights.io import non_finite
 
 __all__ = ["RecoveryResult", "recover", "DEFAULT_LR"]
@@ -108,6 +108,9 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
         raise InputError(f"features must be a number >= 0, got {features!r}")
     if teacher is not None and target.distill is None:
         raise InputError("distillation needs a DepthTarget with a distill function")
+    if trainable == "lora" and not has_linear(target.blocks):
+        raise InputError("LoRA recovery adapts the blocks' nn.Linear layers and these blocks have none (GPT-2's are "
+                         "Conv1D); recover with full fine-tuning: --recover full (trainable='full')")
     pairs: list[tuple[int, int]] = []
     if teacher is not None and features > 0:
         if keep is None:

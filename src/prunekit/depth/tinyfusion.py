@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from prunekit.depth.core import DepthTarget, batch_size_of, check_kept, gates, group_options, parse_groups
 from prunekit.errors import InputError, int_at_least
-from prunekit.lora import add_lora, lora_parameters, remove_lora
+from prunekit.lora import add_lora, has_linear, lora_parameters, remove_lora
 
 __all__ = ["TinyFusionResult", "tinyfusion", "sample_masks"]
 
@@ -120,6 +120,10 @@ def tinyfusion(target: DepthTarget, *, kept: int, groups=None, steps: int = 200,
         raise InputError(f"ema must be in [0, 1), got {ema!r}")
     if recoverability not in ("lora", "frozen"):
         raise InputError(f"recoverability must be 'lora' or 'frozen', got {recoverability!r}")
+    if recoverability == "lora" and not has_linear(target.blocks):
+        raise InputError("TinyFusion's recoverability estimate puts LoRA on the blocks' nn.Linear layers and these "
+                         "blocks have none (GPT-2's are Conv1D); learn the mask without it: --option "
+                         "recoverability=frozen (recoverability='frozen')")
     options = [group_options(n, m) for n, m in groups]  # [C_k, M_k] each
     logits = [nn.Parameter(torch.full((o.shape[0],), 0.02)) for o in options]  # [C_k] each
     ema_logits = [g.detach().clone() for g in logits]

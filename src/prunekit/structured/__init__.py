@@ -27,7 +27,7 @@ from prunekit.select import check_ratio
 from prunekit.structured.export import load, save_structured
 from prunekit.speed import measure_speed
 from prunekit.structured.tyr import STRUCTURES, tyr_options
-from prunekit.structured.units import Widths, block_params, layer_widths, model_dims
+from prunekit.structured.units import Widths, block_params, check_heads_prunable, layer_widths, model_dims
 
 __all__ = ["StructuredResult", "prune_structured", "check_request", "save_structured", "load", "measure_speed",
            "STRUCTURES"]
@@ -123,6 +123,8 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
     check_finite_weights(model, "the model")  # a NaN weight failed in an SVD after the model had changed
     dims = model_dims(model)
     check_request(method, ratio=ratio, structure=structure, options=options, dims=dims)
+    if structure in ("heads", "both"):
+        check_heads_prunable(model, dims)
     spec = registry.get(method, "structured")
     ids = None
     if method != "magnitude-structured" or isinstance(calibration, torch.Tensor):

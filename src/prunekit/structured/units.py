@@ -115,6 +115,37 @@ def model_dims(model: nn.Module) -> Dims:
     return dims
 
 
+def check_heads_prunable(model: nn.Module, dims: Dims) -> None:
+    """Refuse head pruning where the saved model could not hold fewer heads: a q/k norm over all heads at once
+    (OLMo2: removing heads changes what it normalises over), or an architecture that derives its head size from
+    ``hidden_size / num_attention_heads`` and ignores ``head_dim`` (StableLM), so a config with fewer heads
+    builds layers of another shape. Checked by building one attention layer from such a config."""
+    import copy
+
+    _, blocks = find_blocks(model)
+    attn = _attn(blocks[0])
+    for norm in ("q_norm", "k_norm"):
+        weight = getattr(getattr(attn, norm, None), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.numel() != dims.head_dim:
+            raise InputError(f"{type(attn).__name__}.{norm} normalises all heads together ({weight.numel()} values, "
+                             f"head size {dims.head_dim}), so heads cannot be removed; prune neurons only "
+                             "(--structure neurons)")
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    fewer = copy.deepcopy(config)
+    kept = dims.heads - dims.kv_heads if dims.heads > dims.kv_heads else dims.heads  # one head less per KV group
+    fewer.num_attention_heads, fewer.head_dim = kept, dims.head_dim
+    try:
+        probe = type(attn)(fewer, layer_idx=0)
+    except Exception:  # an attention class built another way: nothing to compare
+        return
+    q = getattr(probe, "q_proj", None)
+    if isinstance(q, nn.Linear) and q.out_features != kept * dims.head_dim:
+        raise InputError(f"{type(attn).__name__} sizes its heads from hidden_size / num_attention_heads, not head_dim, "
+                         f"so a model with fewer heads would not load; prune neurons only (--structure neurons)")
+
+
 def check_widths(dims: Dims, widths: list[Widths]) -> None:
     """Refuse widths the standard GQA layout cannot hold, or that leave a layer with no heads or neurons."""
     if len(widths) != dims.layers:

@@ -151,6 +151,20 @@ def _check_skip(model: nn.Module, skip) -> None:
                              f"{example[len(prefix) + 3:]} (inside a block)")
 
 
+def _refuse_fused_weights(model: nn.Module) -> None:
+    """Weights stored as 3-D tensors inside the blocks (the fused experts of Mixtral-style MoE models) are not
+    Linears, so the engine would prune only the attention and report that as the model's sparsity: refuse."""
+    prefix, blocks = find_blocks(model)
+    for i, block in enumerate(blocks):
+        for name, param in block.named_parameters():
+            if param.dim() > 2:
+                count = sum(1 for b in blocks for p in b.parameters() if p.dim() > 2)
+                raise InputError(
+                    f"{prefix}.{i}.{name} is a {param.dim()}-D weight {tuple(param.shape)} (fused mixture-of-experts "
+                    f"weights; {count} such tensors in the blocks), which weight pruning cannot prune: it prunes "
+                    "Linear layers only and would leave the experts dense; prune a dense model")
+
+
 def prune(
     model: nn.Module,
     *,
@@ -194,6 +208,7 @@ def prune(
     # every parameter, not only the pruned Linears: a NaN embedding left the model half pruned when the
     # activations went non-finite after the first block
     check_finite_weights(model, "the model")
+    _refuse_fused_weights(model)
     _check_skip(model, skip)
     prune_options(method, options)
     stat = spec.stat_for(options)
