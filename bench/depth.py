@@ -410,7 +410,8 @@ def main() -> None:
                         "row of the same depth and seed)")
     p.add_argument("--dit", action="store_true", help="the DiT testbed (needs the cached pretrained DiT) instead of SmolLM2")
     p.add_argument("--out", default=str(RESULTS), metavar="DIR",
-                   help="folder of depth.json, depth.md and depth.png (default bench/results; rows merge into its json)")
+                   help="folder of depth.json, depth.md and depth.png (default bench/results; rows merge into its "
+                        "json)")
     a = p.parse_args()
     set_out(Path(a.out).expanduser())
     if a.report:

@@ -14,7 +14,6 @@ Either way the reloaded model's logits equal the pruned model's in memory.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

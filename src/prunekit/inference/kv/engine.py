@@ -42,9 +42,10 @@ prompt (per-sequence budgets with padding are not implemented). A cache the poli
 handed back to ``generate`` to continue: transformers takes the tokens past its (shrunken) length as new and
 would feed evicted ones again, so that is an `InputError` too; pass the whole text with a fresh cache (direct
 forwards of new tokens only, e.g. streaming a text in chunks, may continue: the engine numbers positions
-itself). While the context is open, the model's ``generate`` is an instance attribute that makes these checks. Attention weights (``output_attentions``)
-come back where the model's attention computed them (eager), over the entries the cache kept. Supported architectures: Llama-style attention with rotary embeddings and
-a ``DynamicCache`` (model types llama, mistral without sliding window, qwen2, qwen3).
+itself). While the context is open, the model's ``generate`` is an instance attribute that makes these checks.
+Attention weights (``output_attentions``) come back where the model's attention computed them (eager), over the
+entries the cache kept. Supported architectures: Llama-style attention with rotary embeddings and a
+``DynamicCache`` (model types llama, mistral without sliding window, qwen2, qwen3).
 """
 
 from __future__ import annotations
