@@ -328,6 +328,10 @@ def test_architectures_the_methods_cannot_serve_are_refused_before_any_change(to
         prunekit.prune(moe, method="wanda", ratio=0.5, calibration=text, tokenizer=tok, samples=2, seqlen=32,
                        progress=False)
     assert all(torch.equal(v, moe.state_dict()[k]) for k, v in before.items())
+    hybrid = tiny_model("llama")  # a convolution's kernel in a block (Mamba, LFM2) is not fused experts
+    hybrid.model.layers[0].conv = torch.nn.Conv1d(64, 64, 3, groups=64)
+    result = prunekit.prune(hybrid, method="magnitude", ratio=0.5, progress=False)
+    assert result.total_sparsity == 0.5
     # OLMo2's q_norm spans all heads; StableLM sizes heads from hidden_size / heads: the saved folder did not load
     for kind, match in (("olmo2", "normalises all heads together"), ("stablelm", "sizes its heads from hidden_size")):
         model = _tiny_arch(kind)

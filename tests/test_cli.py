@@ -94,6 +94,37 @@ def test_save_pruned_dtype_leaves_the_model_alone_and_dtype_names_are_checked(ll
     assert not (tmp_path / "x").exists()
 
 
+def test_a_cast_save_keeps_ties_the_weights_dtype_wins_over_the_config_and_armor_reloads_in_bf16(
+        tok, text_file, tmp_path, capsys):
+    import prunekit
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prunekit.weights.io import stored_dtype
+
+    # tied embeddings: the cast state dict wrote lm_head as well (twice the embedding's bytes)
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    plain = prunekit.save_pruned(tied.to(torch.float16), tok, tmp_path / "as-is", metadata={})
+    cast = prunekit.save_pruned(tied.to(torch.float32), tok, tmp_path / "cast", metadata={}, dtype="float16")
+    size = lambda f: sum(x.stat().st_size for x in f.glob("*.safetensors"))  # noqa: E731
+    assert tied.config.tie_word_embeddings and abs(size(cast) - size(plain)) < 1024
+    # a config naming no dtype: the weights decide (it said "float32, as the input" for an fp16 folder)
+    config = json.loads((plain / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (plain / "config.json").write_text(json.dumps(config))
+    assert stored_dtype(plain) == torch.float16
+    # ARMOR saved in bf16: factors rounded one by one no longer matched the dense weight, and the folder failed
+    folder = tmp_path / "bf16"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    out = tmp_path / "armor"
+    assert cli.main(prune_args(folder, text_file, out, "--method", "armor", "--pattern", "2:4", "--option",
+                               "block_size=16", "--option", "iters=3")) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pattern_ok"] is True
+
+
 def test_round_trip_gives_identical_logits(llama, tok, tmp_path):
     import prunekit
 

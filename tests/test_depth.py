@@ -292,6 +292,16 @@ def test_half_precision_recovery_trains_in_float32_and_a_diverged_run_leaves_the
             depth.recover(target, steps=3, trainable=trainable, lr=1e30)
         assert all(torch.equal(trained[n], p) for n, p in model.named_parameters())
         assert {p.dtype for p in model.parameters()} == {dtype}
+    model = tiny_lm().to(torch.float16)  # a refused request leaves the dtypes as they were (it left float32)
+    target = depth.causal_lm_target(model, ids(8, 16), batch_size=4)
+    with pytest.raises(InputError, match="smaller rank"):
+        depth.recover(target, steps=1, trainable="lora", lora_rank=1000)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    model = tiny_lm()  # float32 in full: no copy to go back to, and the message says so
+    target = depth.causal_lm_target(model, ids(8, 16), batch_size=4)
+    if trainable == "full":
+        with pytest.raises(InputError, match="keeps the diverged run's weights|left non-finite"):
+            depth.recover(target, steps=3, trainable="full", lr=1e30)
     model = tiny_lm()  # float32: LoRA's diverged factors are dropped, not merged
     target = depth.causal_lm_target(model, ids(8, 16), batch_size=4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -296,6 +296,9 @@ def test_readonly_store_reads_without_writing_and_falls_back_to_immutable(tmp_pa
     assert json.loads(capsys.readouterr().out)["turns"] == 2 and opened[-1].endswith("mode=ro&immutable=1")
     assert main(["memory", "ask", "--store", str(db), "--no-mark", "--json", "locker code"]) == 0
     assert "4417" in json.loads(capsys.readouterr().out)["prompt"]
+    empty = tmp_path / "empty.db"  # `memory add` into a 0-byte file (touch, mktemp) was refused by the read-only look
+    empty.touch()
+    assert main(["memory", "add", "--store", str(empty), "--embedder", "hash", "hello there"]) == 0
     (tmp_path / "m.db-wal").write_bytes(b"x" * 32)
     with pytest.raises(InputError, match="unable to open"):
         SQLiteStore(db, readonly=True)

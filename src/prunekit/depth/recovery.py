@@ -96,8 +96,8 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
     keep-mask over the teacher's blocks (needed when `features` > 0). A half-precision (fp16/bf16) model trains
     on float32 copies of its weights (fp16 training diverges at any learning rate without loss scaling) and
     gets the trained weights back in its own dtype. A run that diverges raises an InputError; it leaves the
-    model as it was when it trained LoRA or was in half precision (a float32 model trained in full keeps its
-    non-finite weights: reload it)."""
+    model as it was when it trained LoRA or was in half precision (a float32 model trained in full keeps the
+    diverged weights: reload it)."""
     int_at_least(steps, "steps", 1)
     if trainable not in DEFAULT_LR:
         raise InputError(f"trainable must be 'lora' or 'full', got {trainable!r}")
@@ -127,7 +127,12 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
     half = _upcast(model)
     half_teacher = _upcast(teacher[0] if teacher is not None else None)
     if trainable == "lora":
-        add_lora(target.blocks, rank=lora_rank, alpha=lora_alpha, seed=seed)
+        try:
+            add_lora(target.blocks, rank=lora_rank, alpha=lora_alpha, seed=seed)
+        except BaseException:  # refused (a rank too large, adapters already there): back to the dtypes found
+            _restore(teacher[0] if teacher is not None else None, half_teacher, keep_trained=False)
+            _restore(model, half, keep_trained=False)
+            raise
         for n, p in model.named_parameters():
             if "lora_" not in n:
                 p.requires_grad_(False)
@@ -193,7 +198,12 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
     bad = non_finite(model)
     if diverged or bad:  # was saved as a model of NaN weights, exit 0
         first = (diverged or bad)[0]
-        left = ("the model is left non-finite; reload it" if bad else "the model is left as it was before recovery")
+        if bad:
+            left = "the model is left non-finite; reload it"
+        elif trainable == "lora" or half:
+            left = "the model is left as it was before recovery"
+        else:  # float32 full fine-tuning keeps no copy to go back to
+            left = "the model keeps the diverged run's weights; reload it"
         raise InputError(f"recovery diverged at learning rate {lr:g}: {first}"
                          + (f" and {len(diverged or bad) - 1} other weights" if len(diverged or bad) > 1 else "")
                          + f" became NaN or Inf ({left}); lower the learning rate (--recover-lr)")

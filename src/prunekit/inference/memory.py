@@ -204,7 +204,8 @@ class Memory:
     """A HEMA conversation memory over a store (an SQLite file by default).
 
     ``Memory(path)`` opens or creates the file (``create=False``: opens an existing store only;
-    ``readonly=True``: opens it without ever writing, so `retrieve` and `prompt` need ``mark=False``);
+    ``readonly=True``: opens it read-only, never writing its contents, so `retrieve` and `prompt` need
+    ``mark=False``; SQLite may still leave its ``-shm``/``-wal`` side files where the folder allows);
     ``store=`` takes any `Store` instead. `embedder` defaults to all-MiniLM-L6-v2 (loaded when first needed),
     `summarizer` to the extractive one; `tokenizer` (a Hugging Face tokenizer) makes prompt budgets exact for
     that model. A store remembers its embedder and refuses another. Options (keyword-only): see the module

@@ -72,26 +72,31 @@ def add_parser(sub) -> None:
 
 
 def _embedder(args, path: Path, create: bool):
+    from prunekit.errors import InputError
     from prunekit.inference.memory_embed import make_embedder, minilm_path
     from prunekit.inference.memory_store import SQLiteStore
 
     name = args.embedder
-    if path.is_file():
-        store = SQLiteStore(path, readonly=True)
+    recorded = None
+    if path.is_file() and path.stat().st_size > 0:
         try:
-            recorded, _ = store.embedder()
-        finally:
-            store.close()
-        if recorded is not None:
-            if recorded not in _NAMES:
-                from prunekit.errors import InputError
-
-                raise InputError(f"{path} was built with embedder {recorded}, which the CLI cannot load; use the Python API")
-            if name is not None and _NAMES[recorded] != name:
-                from prunekit.errors import InputError
-
-                raise InputError(f"{path} was built with --embedder {_NAMES[recorded]}, not {name}; drop --embedder")
-            name = _NAMES[recorded]
+            store = SQLiteStore(path, readonly=True)
+        except InputError:
+            if not create:
+                raise
+            store = None  # an empty or foreign file: `memory add` makes it a store, or says why it cannot
+        if store is not None:
+            try:
+                recorded, _ = store.embedder()
+            finally:
+                store.close()
+    if recorded is not None:
+        if recorded not in _NAMES:
+            raise InputError(f"{path} was built with embedder {recorded}, which the CLI cannot load; use the Python "
+                             "API")
+        if name is not None and _NAMES[recorded] != name:
+            raise InputError(f"{path} was built with --embedder {_NAMES[recorded]}, not {name}; drop --embedder")
+        name = _NAMES[recorded]
     name = name or "minilm"
     if name == "minilm":
         minilm_path()  # fail now, before anything is created

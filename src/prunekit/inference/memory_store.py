@@ -19,7 +19,8 @@ committed whole or not at all. A server-backed store (PostgreSQL with pgvector: 
 - One writer at a time (SQLite's rule); readers in other processes see every committed turn.
 - ``readonly=True`` opens an existing store without writing to it (SQLite's ``mode=ro``), so a store on a
   read-only folder or file system can still be read: where SQLite cannot make the WAL's shared-memory file
-  there, the store is opened as immutable, which is refused while an uncheckpointed ``-wal`` file is present.
+  there, the store is opened as immutable, which is refused while a non-empty ``-wal`` file is present (it may
+  hold commits the main file does not have yet).
 """
 
 from __future__ import annotations

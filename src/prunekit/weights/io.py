@@ -61,19 +61,36 @@ def parse_dtype(dtype, *, what: str = "dtype"):
 
     if dtype is None or dtype == "auto":
         return dtype
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float16, torch.bfloat16):
         return dtype
     if isinstance(dtype, str) and dtype.strip().lower().removeprefix("torch.") in _DTYPES:
         return getattr(torch, _DTYPES[dtype.strip().lower().removeprefix("torch.")])
     raise InputError(f"{what} must be float32, float16 or bfloat16 (or auto), got {dtype!r}")
 
 
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
 def stored_dtype(path: str | os.PathLike):
-    """The dtype model folder `path` (a zoo name or folder) stores its weights in, by its config (``dtype`` or
-    ``torch_dtype``); float32 when the config names none."""
+    """The dtype model folder `path` (a zoo name or folder) stores its weights in: that of the floating-point
+    tensors of its safetensors files (read from their headers), else its config's ``dtype`` (or
+    ``torch_dtype``), else float32."""
     import torch
 
-    config = read_config(resolve_model(path))
+    folder = resolve_model(path)
+    found = set()
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size)) if 0 < size < 100_000_000 else {}
+        except (OSError, ValueError):
+            header = {}
+        found |= {v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    floats = {_SAFETENSORS_DTYPES[d] for d in found if d in _SAFETENSORS_DTYPES}
+    if len(floats) == 1:
+        return getattr(torch, floats.pop())
+    config = read_config(folder)
     name = config.get("dtype") or config.get("torch_dtype")
     try:
         found = parse_dtype(name) if isinstance(name, str) and name != "auto" else None
@@ -252,7 +269,11 @@ def save_weights(model, folder: Path, dtype=None) -> None:
     if dtype in (None, "auto") or all(t.dtype == dtype for t in model.state_dict().values() if t.is_floating_point()):
         model.save_pretrained(folder)
         return
-    state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    cast: dict = {}  # one cast per storage, so tied weights (embeddings and lm_head) stay one tensor
+    state = {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()))
+        state[k] = cast.setdefault(key, v.detach().to(dtype)) if v.is_floating_point() else v
     model.save_pretrained(folder, state_dict=state)
     config = json.loads((folder / "config.json").read_text())  # transformers writes the model's own dtype there
     config.pop("torch_dtype", None)
@@ -278,7 +299,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict, ove
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "prunekit.json").write_text(jsonl.dumps(metadata, indent=2) + "\n")
-        armor.save_factors(model, tmp, dtype=dtype)  # a no-op unless ARMOR factorized some layers
+        armor.save_factors(model, tmp)  # a no-op unless ARMOR factorized some layers; factors keep their dtype
         if extra is not None:
             extra(tmp)
 

@@ -22,7 +22,7 @@ from prunekit import registry
 from prunekit.errors import InputError
 from prunekit.select import parse_pattern, ratio_for
 from prunekit.text import Text, calibration_ids, check_token_ids, load_text
-from prunekit.weights.engine import LayerReport, find_blocks, prune_blocks, target_linears
+from prunekit.weights.engine import LayerReport, find_blocks, is_factorized, prune_blocks, target_linears
 from prunekit.weights.io import check_finite_weights
 
 __all__ = ["PruneResult", "prune", "prune_options", "method_options"]
@@ -151,18 +151,29 @@ def _check_skip(model: nn.Module, skip) -> None:
                              f"{example[len(prefix) + 3:]} (inside a block)")
 
 
+def _fused_weights(block: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Weights of more than 2 dimensions held by a module that is not a convolution: the fused expert tensors
+    of Mixtral-style MoE blocks (``experts.gate_up_proj`` ``[experts, 2 * ffn, hidden]``)."""
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return [(f"{mod_name}.{p_name}" if mod_name else p_name, p)
+            for mod_name, module in block.named_modules() if not isinstance(module, conv) and not is_factorized(module)
+            for p_name, p in module.named_parameters(recurse=False) if p.dim() > 2]
+
+
 def _refuse_fused_weights(model: nn.Module) -> None:
-    """Weights stored as 3-D tensors inside the blocks (the fused experts of Mixtral-style MoE models) are not
-    Linears, so the engine would prune only the attention and report that as the model's sparsity: refuse."""
+    """Expert weights fused into 3-D tensors are not Linears, so the engine would prune only the attention and
+    report that as the model's sparsity: refuse. (A convolution's small kernel, as in hybrid Mamba/LFM2 blocks,
+    is left dense, as before.)"""
     prefix, blocks = find_blocks(model)
     for i, block in enumerate(blocks):
-        for name, param in block.named_parameters():
-            if param.dim() > 2:
-                count = sum(1 for b in blocks for p in b.parameters() if p.dim() > 2)
-                raise InputError(
-                    f"{prefix}.{i}.{name} is a {param.dim()}-D weight {tuple(param.shape)} (fused mixture-of-experts "
-                    f"weights; {count} such tensors in the blocks), which weight pruning cannot prune: it prunes "
-                    "Linear layers only and would leave the experts dense; prune a dense model")
+        fused = _fused_weights(block)
+        if fused:
+            name, param = fused[0]
+            count = sum(len(_fused_weights(b)) for b in blocks)
+            raise InputError(
+                f"{prefix}.{i}.{name} is a {param.dim()}-D weight {tuple(param.shape)} that is not a Linear (fused "
+                f"mixture-of-experts weights; {count} such tensors in the blocks), which weight pruning cannot "
+                "prune: it prunes Linear layers only and would leave them dense; prune a dense model")
 
 
 def prune(

@@ -37,8 +37,9 @@ A policy (one file per method in this folder) only scores; this file owns the me
   ``policy.query_window`` post-RoPE queries (the observation window).
 
 Batches: batch size 1 only, unpadded; a larger batch (several prompts, ``num_beams`` or
-``num_return_sequences`` > 1) raises `InputError` at the first forward, and ``generate`` refuses a padded
-prompt (per-sequence budgets with padding are not implemented). A cache the policy has compressed cannot be
+``num_return_sequences`` > 1) raises `InputError` at the first forward, and ``generate`` refuses a prompt
+whose ``attention_mask`` marks padding (per-sequence budgets with padding are not implemented; pads given
+without their mask cannot be told from text and are attended as tokens). A cache the policy has compressed cannot be
 handed back to ``generate`` to continue: transformers takes the tokens past its (shrunken) length as new and
 would feed evicted ones again, so that is an `InputError` too; pass the whole text with a fresh cache (direct
 forwards of new tokens only, e.g. streaming a text in chunks, may continue: the engine numbers positions

@@ -297,9 +297,9 @@ def _matches(weight: torch.Tensor, dense: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # Factor files
 
-def save_factors(model: nn.Module, folder: str | Path, *, dtype: torch.dtype | None = None) -> int:
-    """Write ``folder/armor.safetensors``: ``{name}.core``, ``{name}.a``, ``{name}.b`` of every ArmorLinear
-    (in `dtype` when given, else as they are).
+def save_factors(model: nn.Module, folder: str | Path) -> int:
+    """Write ``folder/armor.safetensors``: ``{name}.core``, ``{name}.a``, ``{name}.b`` of every ArmorLinear, in
+    their own dtype (factors rounded to half precision one by one would no longer match the dense weight).
 
     The metadata (strings) holds the format, the block size(s) and each module's pattern and block sizes as
     JSON. Returns the number of modules written (no file when there are none).
@@ -310,8 +310,7 @@ def save_factors(model: nn.Module, folder: str | Path, *, dtype: torch.dtype | N
     for name, module in model.named_modules():
         if isinstance(module, ArmorLinear):
             for key, value in module.factors().items():
-                value = value.detach().cpu()
-                tensors[f"{name}.{key}"] = (value if dtype is None else value.to(dtype)).contiguous()
+                tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
             modules[name] = {"pattern": str(module.pattern), "block_size": list(module.block_size)}
     if not modules:
         return 0
