@@ -119,7 +119,8 @@ def check_heads_prunable(model: nn.Module, dims: Dims) -> None:
     """Refuse head pruning where the saved model could not hold fewer heads: a q/k norm over all heads at once
     (OLMo2: removing heads changes what it normalises over), or an architecture that derives its head size from
     ``hidden_size / num_attention_heads`` and ignores ``head_dim`` (StableLM), so a config with fewer heads
-    builds layers of another shape. Checked by building one attention layer from such a config."""
+    builds layers of another shape. Checked by building one attention layer from such a config (on the meta
+    device)."""
     import copy
 
     _, blocks = find_blocks(model)
@@ -136,8 +137,9 @@ def check_heads_prunable(model: nn.Module, dims: Dims) -> None:
     fewer = copy.deepcopy(config)
     kept = dims.heads - dims.kv_heads if dims.heads > dims.kv_heads else dims.heads  # one head less per KV group
     fewer.num_attention_heads, fewer.head_dim = kept, dims.head_dim
-    try:
-        probe = type(attn)(fewer, layer_idx=0)
+    try:  # on the meta device: no memory, no weights drawn from the caller's random generator
+        with torch.device("meta"):
+            probe = type(attn)(fewer, layer_idx=0)
     except Exception:  # an attention class built another way: nothing to compare
         return
     q = getattr(probe, "q_proj", None)
