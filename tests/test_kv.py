@@ -222,7 +222,7 @@ def test_cache_filled_outside_the_policy_is_named_and_eager_attention_weights_co
     ids = prompt(20)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)  # a prompt cache made without the policy
+        model(ids, cache=cache, use_cache=True)  # a prompt cache made without the policy
     more = torch.cat([ids, prompt(4, seed=5)], 1)
     with kv.policy(model, "h2o", budget=16), pytest.raises(InputError, match="filled or cropped outside this policy"):
         model.generate(more, attention_mask=torch.ones_like(more), cache=cache, max_new_tokens=3, pad_token_id=0)
