@@ -264,6 +264,7 @@ def test_cli_qtune(tmp_path, model_dir, sft_file, capsys):
             assert all(k["token_keep"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kept_samples"] == 5 and summary["training"]["mode"] == "batch"
+    assert summary["training"]["saved_dtype"] == "float32"  # as the input stores its weights
     assert (out / "eu_plane.png").stat().st_size > 1000 and (out / "model" / "config.json").is_file()
     assert len((out / "scores.csv").read_text().splitlines()) == 11
     assert "note" not in capsys.readouterr().err
@@ -277,6 +278,18 @@ def test_cli_qtune(tmp_path, model_dir, sft_file, capsys):
     said = ", ".join(f"{n} {q}" for q, n in by.items() if n)  # the group sizes were printed as the kept counts
     assert f"kept {len(kept)} of 10 samples ({said})" in captured.out
     assert not (tmp_path / "o2" / "model").exists()
+    # an fp16 model: trained in float32, saved in float16 (it was saved as float32, twice the size)
+    from transformers import AutoModelForCausalLM
+
+    half = tmp_path / "fp16"
+    AutoModelForCausalLM.from_pretrained(model_dir).to(torch.float16).save_pretrained(half)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (model_dir / name).exists():
+            (half / name).write_bytes((model_dir / name).read_bytes())
+    assert main(["data", "qtune", str(half), "--data", str(sft_file), "--samples", "0.5", "--tokens", "0.7",
+                 "--out", str(tmp_path / "o3"), "--train", "--quiet"]) == 0
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "o3" / "model")
+    assert {p.dtype for p in trained.parameters()} == {torch.float16}
 
 
 @pytest.mark.parametrize("bad", [["--samples", "1.5"], ["--tokens", "0"], ["--samples", "nan"], ["--epochs", "0"],

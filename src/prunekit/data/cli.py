@@ -362,7 +362,8 @@ def _cmd_qtune(args) -> int:
     from prunekit.data import sft as S
     from prunekit.data.methods import qtuning as Q
     from prunekit.errors import InputError, check_not_input, int_at_least
-    from prunekit.weights.io import check_output, load_model, resolve_model, write_atomically
+    from prunekit.weights.io import (check_output, load_model, resolve_model, save_weights, stored_dtype,
+                                     write_atomically)
 
     check_output(args.out, overwrite=args.overwrite)
     ignored = []
@@ -413,10 +414,12 @@ def _cmd_qtune(args) -> int:
                "sample_ratio": args.samples, "token_ratio": args.tokens, "lam": args.lam, "quadrants": counts,
                "thresholds": sel.info, "scoring_seconds": round(scored, 2)}
     if report is not None:
+        saved_dtype = stored_dtype(args.model)  # trained in float32, saved as the input stores its weights
         summary["training"] = {"mode": args.mode, "epochs": args.epochs, "steps": report.steps,
                                "tokens_trained": report.tokens_trained, "tokens_forward": report.tokens_forward,
                                "tokens_scored": report.tokens_scored, "seconds": round(report.seconds, 2),
-                               "lora_rank": args.lora_rank or None}
+                               "lora_rank": args.lora_rank or None,
+                               "saved_dtype": str(saved_dtype).removeprefix("torch.")}
 
     def build(tmp):
         with open(tmp / "kept.jsonl", "w", encoding="utf-8") as f:
@@ -437,7 +440,7 @@ def _cmd_qtune(args) -> int:
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         Q.plot_eu_plane(sel, tmp / "eu_plane.png", title=f"EU plane: {sel.samples} of {len(examples)} samples kept")
         if report is not None:
-            model.save_pretrained(tmp / "model")
+            save_weights(model, tmp / "model", saved_dtype)
             tok.save_pretrained(tmp / "model")
 
     write_atomically(args.out, build, overwrite=args.overwrite)
