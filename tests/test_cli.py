@@ -241,6 +241,44 @@ def test_a_full_disk_and_an_overlong_name_are_one_error_line_and_leave_nothing(m
     assert "is neither a zoo name" in err and len(err) < 400
 
 
+def test_sigterm_a_full_disk_in_safetensors_and_a_rival_writer_leave_nothing_half_written(model_dir, text_file,
+                                                                                            tmp_path, monkeypatch,
+                                                                                            capsys):
+    import os
+    import signal
+
+    from safetensors import SafetensorError
+
+    out = tmp_path / "out"
+    args = prune_args(model_dir, text_file, out, "--method", "magnitude", "--ratio", "0.5")
+    # SIGTERM (kill, timeout, CI) skipped every clean-up: a partial .out.tmp-* folder was left
+    monkeypatch.setattr(report, "write_report", lambda *_a, **_k: os.kill(os.getpid(), signal.SIGTERM))
+    assert cli.main(args) == 143
+    assert "terminated" in capsys.readouterr().err and not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    # safetensors says a full disk with its own error type: it was a 25-line traceback
+
+    def full(*_a, **_k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(report, "write_report", full)
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err == "prunekit: error: could not write the weights: No space left on device (os error 28)\n"
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # another process made --out while this one worked: both said "saved", the first result silently replaced
+
+    def rival(folder, _meta):
+        out.mkdir()
+        (out / "theirs.txt").write_text("kept")
+
+    monkeypatch.setattr(report, "write_report", rival)
+    assert cli.main(args) == 2 and "appeared while this ran" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_output_that_would_replace_the_input_is_refused_even_with_overwrite(model_dir, text_file, tmp_path, capsys):
     # --out MODEL --overwrite used to prune, then replace (delete) the input model folder with the result
     before = digest(model_dir)

@@ -355,7 +355,17 @@ def _cmd_methods(_args) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, CI) as an exception, so the clean-up that Ctrl-C gets runs for it too."""
+
+
+def _on_sigterm(_signum, _frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = _parser().parse_args(argv)
     from prunekit.errors import InputError
 
@@ -363,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    try:  # Python's default SIGTERM ends the process without running `finally`: temp folders were left
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave the handler alone
+        previous = None
     try:
         if args.command in _MODULES:
             return import_module(_MODULES[args.command]).run(args)
@@ -370,14 +384,24 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"prunekit: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("prunekit: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:  # outputs are renamed into place whole, so none is half-written
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
+        print(f"prunekit: {what}; no output was left half-written (one saved before this moment stays)",
+              file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
     except OSError as e:  # the system refused (no space, no permission, a name too long): one line, not a traceback
         where = str(e.filename) if e.filename is not None else ""
         where = f": {where if len(where) <= 200 else where[:200] + '...'}" if where else ""
         print(f"prunekit: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
+    except Exception as e:  # safetensors reports a full disk as its own error, not an OSError
+        if type(e).__name__ == "SafetensorError" and "I/O error" in str(e):
+            print(f"prunekit: error: could not write the weights: {str(e).split('I/O error: ')[-1]}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

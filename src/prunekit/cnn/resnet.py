@@ -152,6 +152,9 @@ def save_model(model: ResNet, out, *, metadata: dict | None = None, overwrite: b
                   "lowrank": getattr(model, "lowrank", {}), "metadata": metadata or {}}
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         apply_umask(tmp)
+        if out.exists() and not overwrite:  # made by someone else while this ran: theirs stays
+            raise InputError(f"output {out} appeared while this ran (another process writing it?); it was left as "
+                             "it is and this result was not saved; choose another --out or pass --overwrite")
         if out.exists():  # moved aside, not deleted first: a failed rename puts it back
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

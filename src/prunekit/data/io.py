@@ -262,6 +262,15 @@ def write_table(path: str | os.PathLike, columns: dict[str, np.ndarray], *, over
                 pq.write_table(pa.table({n: a for n, a in zip(names, arrays)}), f)
         apply_umask(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if e.errno is None:  # numpy's short write ("1000 requested and 496 written"): the disk is full
+            import errno
+
+            raise OSError(errno.ENOSPC, f"could not write all of it ({e}); no space left on the device?",
+                          str(path)) from None
+        raise
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -78,7 +78,7 @@ def _only_for(args, mine: dict, other: dict, mode: str, other_mode: str) -> None
 
 
 def _sample(args) -> int:
-    from prunekit.errors import InputError, check_not_input
+    from prunekit.errors import InputError, check_not_input, check_writable
     from prunekit.inference.sampling import _check, sample_paths
     from prunekit.weights.io import load_model, resolve_model
 
@@ -94,6 +94,7 @@ def _sample(args) -> int:
         raise InputError(f"{out} exists; pass --overwrite or choose another --out")
     if not out.parent.is_dir():
         raise InputError(f"{out.parent} is not a folder; create it first")
+    check_writable(out)  # before the sampling: a read-only folder failed only at the save
     check_not_input(out, args.questions, args.model)
     _check(n=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     questions = _read_questions(args.questions)

@@ -259,4 +259,8 @@ def run(args) -> int:
     try:
         return {"add": _cmd_add, "ask": _cmd_ask, "stats": _cmd_stats}[args.memory_command](args)
     except sqlite3.DatabaseError as e:
+        if "disk is full" in str(e) or "disk I/O error" in str(e):  # the system, not the input: exit 1
+            import errno
+
+            raise OSError(errno.ENOSPC if "full" in str(e) else errno.EIO, f"memory store: {e}", args.store) from None
         raise InputError(f"memory store {args.store}: {e}") from None

@@ -291,7 +291,8 @@ class SQLiteStore(Store):
             yield self
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # a failed COMMIT (disk full) may have rolled back already
+                self._db.execute("ROLLBACK")
             self._pending_add, self._pending_del = [], []
             raise
         finally:

@@ -240,6 +240,9 @@ def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, o
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         build(tmp)
         apply_umask(tmp)
+        if out.exists() and not overwrite:  # made by someone else while this ran: theirs stays
+            raise InputError(f"output {out} appeared while this ran (another process writing it?); it was left as "
+                             "it is and this result was not saved; choose another --out or pass --overwrite")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
