@@ -59,23 +59,17 @@ class Text:
         return out
 
 
-def _is_file(path: Path) -> bool:
+def _is_file(path: Path, *, folder: bool = False) -> bool:
+    """``path.is_file()`` (``is_dir()`` with `folder`), False for a name too long to be a path."""
     try:
-        return path.is_file()
-    except OSError:  # a name too long for a path ("File name too long") names no file
-        return False
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return path.is_dir()
-    except OSError:  # a name too long for a path ("File name too long") names no file
+        return path.is_dir() if folder else path.is_file()
+    except OSError:  # "File name too long": it names nothing
         return False
 
 
 def _read_file(path: Path) -> str:
     if not _is_file(path):
-        what = "is a folder" if _is_dir(path) else "does not exist"
+        what = "is a folder" if _is_file(path, folder=True) else "does not exist"
         raise InputError(f"text file {path} {what}; give a .txt or .jsonl file, or 'wiki' / 'austen' / 'python-docs'")
     if path.suffix == ".jsonl":
         docs = []

@@ -124,13 +124,14 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
     was_training = model.training
     requires = {id(p): p.requires_grad for p in model.parameters()}
     start = time.perf_counter()
+    teacher_model = teacher[0] if teacher is not None else None
     half = _upcast(model)
-    half_teacher = _upcast(teacher[0] if teacher is not None else None)
+    half_teacher = _upcast(teacher_model)
     if trainable == "lora":
         try:
             add_lora(target.blocks, rank=lora_rank, alpha=lora_alpha, seed=seed)
         except BaseException:  # refused (a rank too large, adapters already there): back to the dtypes found
-            _restore(teacher[0] if teacher is not None else None, half_teacher, keep_trained=False)
+            _restore(teacher_model, half_teacher, keep_trained=False)
             _restore(model, half, keep_trained=False)
             raise
         for n, p in model.named_parameters():
@@ -190,10 +191,11 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
         for p in model.parameters():
             p.requires_grad_(requires.get(id(p), True))
         model.train(was_training)
-        _restore(teacher[0] if teacher is not None else None, half_teacher, keep_trained=False)
+        _restore(teacher_model, half_teacher, keep_trained=False)
         _restore(model, half, keep_trained=not diverged)
-        if half and non_finite(model):  # trained weights past the half-precision range: the old ones back
-            diverged = diverged or non_finite(model)
+        overflowed = non_finite(model) if half else []
+        if overflowed:  # trained weights past the half-precision range: the old ones back
+            diverged = diverged or overflowed
             _restore(model, half, keep_trained=False)
     bad = non_finite(model)
     if diverged or bad:  # was saved as a model of NaN weights, exit 0

@@ -76,17 +76,16 @@ def stored_dtype(path: str | os.PathLike):
     tensors of its safetensors files (read from their headers), else its config's ``dtype`` (or
     ``torch_dtype``), else float32."""
     import torch
+    from safetensors import SafetensorError, safe_open
 
     folder = resolve_model(path)
     found = set()
     for file in sorted(folder.glob("*.safetensors")):
         try:
-            with open(file, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(size)) if 0 < size < 100_000_000 else {}
-        except (OSError, ValueError):
-            header = {}
-        found |= {v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+            with safe_open(str(file), framework="pt") as f:  # reads the header only
+                found |= {f.get_slice(k).get_dtype() for k in f.keys()}
+        except (OSError, SafetensorError):
+            continue
     floats = {_SAFETENSORS_DTYPES[d] for d in found if d in _SAFETENSORS_DTYPES}
     if len(floats) == 1:
         return getattr(torch, floats.pop())
