@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
                     "and both only)")
     li.add_argument("--allow-missing-classes", action="store_true", help="accept classes that no example has")
     li.add_argument("--out", required=True,
-                    help="table of issues: index,label,predicted and the --rank-by score (.csv/.parquet; .npy: indices)")
+                    help="table of issues: index,label,predicted and the --rank-by score "
+                    "(.csv/.parquet; .npy: indices)")
     li.add_argument("--overwrite", action="store_true")
     li.add_argument("--json", action="store_true", help="print a JSON summary (counts, noise matrix, prior) on stdout")
 
