@@ -71,7 +71,7 @@ import prunekit  # noqa: E402
 import prunekit.inference.kv as kv  # noqa: E402
 from kvpress_env import ensure_kvpress_venv  # noqa: E402
 
-PRUNEKIT_POLICIES = ["streaming_llm", "h2o", "snapkv", "delta", "delta_calibrated", "deep_forcing"]
+PRUNEKIT_POLICIES = ["streaming_llm", "h2o", "snapkv", "knorm", "delta", "delta_calibrated", "deep_forcing"]
 KVPRESS_PRESSES = ["snapkv", "streaming_llm", "knorm", "expected_attention"]
 RESULTS = HERE / "results"
 

@@ -66,7 +66,7 @@ def test_budget_at_least_the_sequence_gives_the_full_cache_output(models, impl, 
     assert kv.cache_tokens(cache) == [ids.shape[1] + 15] * 4
 
 
-@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "snapkv", "deep_forcing"])
+@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "snapkv", "knorm", "deep_forcing"])
 @pytest.mark.parametrize("every", [1, 4])
 def test_the_cache_really_shrinks_to_the_budget(models, name, every):
     model, ids, budget = models["sdpa"], prompt(), 24
@@ -192,7 +192,7 @@ def test_batches_and_bad_input_are_refused(models):
         assert pol.budget == 8
 
 
-@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "snapkv", "deep_forcing"])
+@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "snapkv", "knorm", "deep_forcing"])
 def test_generate_refuses_a_padded_prompt_and_continuing_from_a_compressed_cache(models, name):
     # a padded row's masked pads became StreamingLLM's sinks and H2O's heavy hitters once entries were evicted;
     # a compressed cache handed back to generate had already-seen tokens fed again as new text
@@ -330,6 +330,28 @@ def test_snapkv_keeps_the_pooled_votes_of_the_window_per_kv_head(models):
             for h in range(2):
                 assert kept[h] == votes[h].topk(budget - w).indices.sort().values.tolist() + list(range(40, 48))
             assert kept[0] != kept[1]  # per KV head
+
+
+def test_knorm_keeps_the_lowest_key_norms_per_kv_head(models):
+    model, ids, budget = models["sdpa"], prompt(48), 20
+    plain = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, cache=plain, use_cache=True)
+    with Engine(model, kv.Knorm(budget=budget), budget=budget) as engine:
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids, cache=cache, use_cache=True)
+        for layer, full in enumerate(plain.layers):
+            norms = full.keys[0].norm(dim=-1)  # [Hkv, T]
+            kept = [engine.states[layer].orig[0, h].tolist() for h in range(2)]
+            for h in range(2):
+                assert kept[h] == (-norms[h]).topk(budget).indices.sort().values.tolist()
+                assert torch.equal(cache.layers[layer].keys[0, h], full.keys[0, h, kept[h]])
+            assert kept[0] != kept[1]  # per KV head
+    keys = torch.randn(1, 2, 30, 16)
+    keys[0, 1, [3, 17]] *= 1e-3  # planted: the two smallest keys of KV head 1
+    top = kv.Knorm(budget=2).score(synthetic_view(keys, None, 2)).topk(2).indices.sort().values
+    assert top[0, 1].tolist() == [3, 17]
 
 
 def synthetic_view(keys, queries, budget, groups=2):
@@ -535,7 +557,7 @@ def test_cli_generate_with_calibrated_delta_layers(model_dir, capsys, monkeypatc
     assert result["new_tokens"] == 6 and result["options"]["delta_layers"] in ([1], [2])  # before the last layer
 
 
-@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "snapkv", "deep_forcing"])
+@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "snapkv", "knorm", "deep_forcing"])
 def test_policies_keep_the_model_sdpa_attention(models, name, monkeypatch):
     model, ids = models["sdpa"], prompt()
     calls = []

@@ -13,7 +13,7 @@ from prunekit.errors import InputError
 from prunekit.cnn import trp, udfc
 from prunekit import depth
 from prunekit.data.methods import confident, el2n, forgetting, grand, prototypes, qtuning
-from prunekit.inference.kv import DeepForcing, Delta, H2O, SnapKV, StreamingLLM
+from prunekit.inference.kv import DeepForcing, Delta, H2O, Knorm, SnapKV, StreamingLLM
 from prunekit.inference import reasoning
 from prunekit.structured import baselines as structured_baselines, tyr
 from prunekit.weights.methods import armor, dpruner, dsnot, magnitude, sparsegpt, wanda
@@ -154,6 +154,11 @@ METHODS: dict[str, MethodSpec] = {
             "snapkv", "kv", "Li et al. 2024, SnapKV: LLM Knows What You are Looking for Before Generation",
             "https://arxiv.org/abs/2404.14469", "KV cache: observation-window attention votes, pooled, per KV head",
             fn=SnapKV,
+        ),
+        MethodSpec(
+            "knorm", "kv", "Devoto et al. 2024, A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression",
+            "https://arxiv.org/abs/2406.11430", "KV cache: keep the keys of lowest L2 norm, per KV head (no attention "
+            "weights needed)", fn=Knorm,
         ),
         MethodSpec(
             "delta", "kv", "Entezari Zarch et al. 2025, DELTA: Dynamic Layer-Aware Token Attention for Efficient "

@@ -6,7 +6,7 @@
 
 Policies (one file each in this folder): ``full`` (no eviction), ``streaming_llm`` (sinks + recent, positions
 within the cache), ``h2o`` (accumulated attention + recent), ``snapkv`` (observation-window votes per KV
-head), ``delta`` (Δ-layers pick pages, later layers attend only to them; the cache itself stays full) and
+head), ``knorm`` (lowest key L2 norm per KV head), ``delta`` (Δ-layers pick pages, later layers attend only to them; the cache itself stays full) and
 ``deep_forcing`` (deep sink + participative compression). The engine (`engine.py`) owns the hooks, the
 compression schedule, the cache surgery and RoPE re-rotation; batch size 1 only.
 """
@@ -21,17 +21,18 @@ from prunekit.inference.kv.delta import Delta, calibrate_delta_layers, default_d
 from prunekit.inference.kv.engine import Engine, Policy, cache_bytes, cache_tokens, rotate_keys
 from prunekit.inference.kv.full import FullCache
 from prunekit.inference.kv.h2o import H2O
+from prunekit.inference.kv.knorm import Knorm
 from prunekit.inference.kv.snapkv import SnapKV
 from prunekit.inference.kv.streaming import StreamingLLM
 
 __all__ = [
     "POLICIES", "Policy", "policy", "make_policy", "cache_bytes", "cache_tokens", "rotate_keys",
     "calibrate_delta_layers", "default_delta_layers", "wiki_delta_layers",
-    "FullCache", "StreamingLLM", "H2O", "SnapKV", "Delta", "DeepForcing",
+    "FullCache", "StreamingLLM", "H2O", "SnapKV", "Knorm", "Delta", "DeepForcing",
 ]
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (FullCache, StreamingLLM, H2O, SnapKV, Delta, DeepForcing)
+    cls.name: cls for cls in (FullCache, StreamingLLM, H2O, SnapKV, Knorm, Delta, DeepForcing)
 }
 
 
