@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -240,8 +241,10 @@ def write_markdown(data: dict, path: Path) -> None:
     reach = f"n={t['rpc_samples_to_reach_sc_max']}" if t["rpc_samples_to_reach_sc_max"] else "none of the tested n"
     agree = meta.get("gradient_agreement")
     if agree:
-        lines += ["", "The Weibull fit uses the exact gradient; with the reference's finite differences the RPC "
-                  "keep-mask is identical on "
+        fit = meta.get("weibull_gradient", "analytic")  # runs before 2026-12-01 used the exact gradient
+        other = "the exact gradient" if fit == "numeric" else "the reference's finite differences"
+        used = "the reference's finite differences" if fit == "numeric" else "the exact gradient"
+        lines += ["", f"The Weibull fit uses {used}; with {other} the RPC keep-mask is identical on "
                   + ", ".join(f"{_fmt(v['identical_keep_masks'], 0)}% (n={k})" for k, v in agree.items())
                   + f" of {next(iter(agree.values()))['subsets']} random subsets (per path: "
                   + ", ".join(f"{_fmt(v['paths_agreeing'], 1)}%" for v in agree.values()) + ")."]
@@ -288,8 +291,8 @@ def write_plot(data: dict, path: Path) -> None:
 
 
 def gradient_agreement(qs, per_n: int, seed: int = 0) -> dict:
-    """How often RPC's keep-mask is the same with the analytic gradient (prunekit's default) and with scipy's
-    finite differences (the reference's), on `per_n` random n-subsets of random questions for each n < 64."""
+    """How often RPC's keep-mask is the same with scipy's finite differences (the reference's, prunekit's
+    default) and with the analytic gradient, on `per_n` random n-subsets of random questions for each n < 64."""
     import numpy as np
 
     from prunekit.inference import reasoning as R
@@ -360,6 +363,7 @@ def evaluate(args, records: list[dict]) -> int:
         "sampling_seconds_per_question": _sampling_rate(args.sampling_log),
         "evaluation_seconds": time.perf_counter() - t0,
         "gradient_agreement": agreement,
+        "weibull_gradient": inspect.signature(R.fit_weibull_mixture).parameters["gradient"].default,
         "note": args.note,
         "cache": str(cache_file(args)),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -405,7 +409,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-n", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gradient-check", type=int, default=30, metavar="K",
-                    help="compare RPC keep-masks from the analytic and the reference's finite-difference fit on K "
+                    help="compare RPC keep-masks from the reference's finite-difference fit (the default) and the "
+                    "analytic-gradient fit on K "
                     "random subsets per n (0: skip; default 30)")
     ap.add_argument("--sampling-log", default=None, help="log of a separate --sample-only run (for its s/question)")
     ap.add_argument("--note", default=None, help="a sentence about how this run was made, kept in the results")

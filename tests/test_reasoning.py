@@ -156,6 +156,33 @@ def test_weibull_fit_recovers_planted_mixture(planted):
     assert np.mean((post > 0.5) == high) > 0.95
 
 
+def test_rpc_prunes_what_the_reference_fit_prunes_on_a_few_paths():
+    """Eight paths whose likelihood has several local optima: the reference's procedure (scipy L-BFGS-B with
+    finite differences on the plain log-likelihood, computed here without prunekit) and `reasoning_prune`
+    must drop the same paths (the exact-gradient fit stops at another optimum and drops two more)."""
+    from scipy.optimize import minimize
+    from scipy.special import gamma
+
+    p = np.array([0.422248, 0.426539, 0.551695, 0.70219, 0.551695, 0.70219, 0.614501, 0.485503])
+
+    def pdf(x, k, lam):
+        return (k / lam) * (x / lam) ** (k - 1) * np.exp(-((x / lam) ** k))
+
+    def nll(t):
+        with np.errstate(all="ignore"):
+            return -np.sum(np.log(t[0] * pdf(p, t[1], t[2]) + (1 - t[0]) * pdf(p, t[3], t[4])))
+
+    w, k1, l1, k2, l2 = minimize(nll, [0.5, 1.0, 1.0, 1.5, 2.0], bounds=[(0.2, 0.8)] + [(0.01, None)] * 4).x
+    if l1 * gamma(1 + 1 / k1) < l2 * gamma(1 + 1 / k2):
+        w, k1, l1, k2, l2 = 1 - w, k2, l2, k1, l1
+    reference = ~((w * pdf(p, k1, l1) < (1 - w) * pdf(p, k2, l2)) & (p < p.mean()))
+    assert reference.tolist() == [False, False, True, True, True, True, True, False]
+    assert R.reasoning_prune(p).tolist() == reference.tolist()
+    vote = R.rpc(["1", "1", "2", "0", "2", "0", "2", "0"], np.log(p))
+    kept = {a: p[reference & (np.array([1, 1, 2, 0, 2, 0, 2, 0]) == a)].sum() for a in (0, 2)}
+    assert vote.answer == 2 and vote.scores[2] == pytest.approx(kept[2] / (kept[0] + kept[2]))
+
+
 def test_weibull_gradient_is_exact():
     from scipy.optimize import approx_fprime
 
