@@ -53,6 +53,9 @@ def save_depth_pruned(model, tokenizer, out, *, metadata: dict, overwrite: bool 
     """Save a model `drop_layers` pruned (atomically, with ``prunekit.json``); see `prunekit.save_pruned`."""
     from prunekit.weights.io import save_pruned
 
+    if not isinstance(metadata, dict):
+        raise InputError(f"metadata must be a dict recording kept_layers, e.g. {{'kept_layers': [0, 2, 3]}}; "
+                         f"got {type(metadata).__name__}")
     if "kept_layers" not in metadata:
         raise InputError("metadata must record kept_layers, the original indices of the kept layers")
     return save_pruned(model, tokenizer, out, metadata=metadata, overwrite=overwrite, extra=extra, dtype=dtype)
