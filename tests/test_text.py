@@ -3,10 +3,11 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 
 from prunekit import zoo
 from prunekit.errors import InputError
-from prunekit.text import Text, calibration_ids, evaluation_ids, load_text
+from prunekit.text import Text, calibration_ids, check_token_ids, evaluation_ids, load_text
 
 from conftest import TEXT, char_tokenizer
 
@@ -44,6 +45,40 @@ def test_evaluation_windows_and_limits(tok):
         evaluation_ids(tok, text, seqlen=5000)
     with pytest.raises(InputError, match="seqlen"):
         calibration_ids(tok, text, samples=2, seqlen=0)
+
+
+def test_a_source_name_or_path_is_loaded_where_a_text_goes_and_a_text_is_a_source(tok, tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT[:2000])
+    loaded = load_text(path, purpose="evaluation")
+    assert load_text(loaded, purpose="evaluation") is loaded  # "a Text" was refused with "got Text"
+    assert evaluation_ids(tok, str(path), seqlen=100).equal(evaluation_ids(tok, loaded, seqlen=100))
+    assert calibration_ids(tok, path, samples=3, seqlen=50).equal(calibration_ids(tok, loaded, samples=3, seqlen=50))
+    assert evaluation_ids(tok, loaded, seqlen=np.int64(100), tokens=np.int64(300)).shape == (3, 100)
+    mixture = Text("a+b", "x", "two parts", parts=(loaded, loaded))
+    with pytest.raises(InputError, match="mixture: it serves calibration only"):
+        load_text(mixture, purpose="evaluation")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda tok, t: evaluation_ids(tok, 5, seqlen=10), r"must be a prunekit\.Text .*got int"),
+    (lambda tok, t: calibration_ids(tok, [t], samples=1, seqlen=10), r"must be a prunekit\.Text .*got list"),
+    (lambda tok, t: evaluation_ids(tok, t, seqlen=10, tokens=64.0), "tokens must be an integer >= 1, got 64.0"),
+    (lambda tok, t: evaluation_ids(tok, t, seqlen=10, tokens=True), "tokens must be an integer >= 1"),
+    (lambda tok, t: evaluation_ids(tok, t, seqlen=10, tokens=0), "tokens must be an integer >= 1"),
+    (lambda tok, t: calibration_ids(tok, t, samples=1, seqlen=10, seed=[1]), r"seed must be an integer >= 0"),
+    (lambda tok, t: calibration_ids(tok, t, samples=1, seqlen=10, seed="1"), r"seed must be an integer >= 0"),
+    (lambda tok, t: calibration_ids(tok, t, samples=1, seqlen=10, seed=-1), r"seed must be an integer >= 0"),
+])
+def test_window_requests_of_the_wrong_type_are_refused(tok, call, message):
+    with pytest.raises(InputError, match=message):
+        call(tok, Text("t", TEXT[:1000], "part"))
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 8), (1, 0)])
+def test_check_token_ids_refuses_empty_ids(llama, shape):
+    with pytest.raises(InputError, match="holds no token ids"):
+        check_token_ids(llama, torch.zeros(shape, dtype=torch.long), what="calibration ids")
 
 
 def test_files(tmp_path):
