@@ -174,3 +174,19 @@ def test_a_byte_order_mark_and_a_tilde_path_are_read_like_any_file(tmp_path, mon
 
     np.savetxt(tmp_path / "s.csv", [0.5, 0.25])
     assert read_vector("~/s.csv", what="scores").tolist() == [0.5, 0.25]
+
+
+@pytest.mark.parametrize("ids, batch_size, message", [
+    (torch.zeros(0, 8, dtype=torch.long), 4, r"ids must be token windows .*got \[0, 8\]"),
+    (torch.zeros(3, 1, dtype=torch.long), 4, r"ids must be token windows .*got \[3, 1\]"),
+    (torch.zeros(8, dtype=torch.long), 4, r"ids must be token windows .*got \[8\]"),
+    (torch.zeros(2, 8, dtype=torch.long), 0, "batch_size must be an integer >= 1, got 0"),
+    (torch.zeros(2, 8, dtype=torch.long), True, "batch_size must be an integer >= 1"),
+])
+def test_perplexity_of_ids_refuses_windows_with_nothing_to_predict(llama, ids, batch_size, message):
+    from prunekit.evaluate import perplexity_of_ids
+
+    with pytest.raises(InputError, match=message):
+        perplexity_of_ids(llama, ids, batch_size=batch_size, progress=False)
+    nll, count = perplexity_of_ids(llama, torch.zeros(2, 8, dtype=torch.long), batch_size=1, progress=False)
+    assert count == 14 and nll > 0
