@@ -500,6 +500,17 @@ def test_save_model_restores_the_old_folder_when_the_rename_fails(saved, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
 
 
+@pytest.mark.parametrize("metadata, message", [
+    ({"acc": torch.tensor(0.9)}, r"metadata\['acc'\] is of type Tensor"),
+    ({"runs": [{"seed": {1, 2}}]}, r"metadata\['runs'\]\[0\]\['seed'\] is of type set"),
+    (["acc"], "metadata must be a dict"),
+])
+def test_save_model_refuses_metadata_json_cannot_hold(metadata, message, tmp_path):
+    with pytest.raises(InputError, match=message):
+        resnet.save_model(resnet.ResNet(widths=(4, 8), blocks=1), tmp_path / "m", metadata=metadata)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_trp_refuses_to_save_a_diverged_model(tmp_path, capsys):
     from prunekit.zoo import cache_dir
 

@@ -143,9 +143,12 @@ def save_model(model: ResNet, out, *, metadata: dict | None = None, overwrite: b
     """Write ``model.safetensors`` + ``config.json`` into folder `out`, atomically (temp folder, then rename)."""
     from safetensors.torch import save_file
 
+    from prunekit.jsonl import check_metadata
+
     out = check_output_dir(out, overwrite=overwrite)
     if not isinstance(model, ResNet):
         raise InputError(f"save_model saves prunekit.cnn.ResNet models, got {type(model).__name__}")
+    metadata = check_metadata(metadata)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     old = None
@@ -153,7 +156,7 @@ def save_model(model: ResNet, out, *, metadata: dict | None = None, overwrite: b
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         config = {"format": FORMAT, "arch": "resnet", **model.config,
-                  "lowrank": getattr(model, "lowrank", {}), "metadata": metadata or {}}
+                  "lowrank": getattr(model, "lowrank", {}), "metadata": metadata}
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         apply_umask(tmp)
         if out.exists() and not overwrite:  # made by someone else while this ran: theirs stays
