@@ -280,9 +280,11 @@ def calibrate_delta_layers(model, input_ids: torch.Tensor, *, count: int = 3, in
     if input_ids.dtype not in (torch.long, torch.int) or input_ids.shape[1] < 1:
         raise InputError(f"input_ids must be integer token ids [1, T >= 1], got {input_ids.dtype} "
                          f"{list(input_ids.shape)}; tokenize a prompt with the model's tokenizer")
-    from prunekit.text import check_token_ids
-
-    check_token_ids(model, input_ids, what="the calibration prompt")
+    vocab = model.get_input_embeddings().num_embeddings  # (a prompt past the model's positions is allowed)
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab:
+        raise InputError(f"the calibration prompt has token id {lo if lo < 0 else hi}, outside the model's vocabulary "
+                         f"of {vocab}; use the model's own tokenizer")
     num_layers = model.config.num_hidden_layers
     if initial + count > num_layers - 1:  # a delta layer needs a sparse layer after it: never the last one
         raise InputError(f"cannot place {count} delta layers after {initial} initial layers and before the last "
