@@ -187,6 +187,34 @@ def test_udfc_needs_a_pair():
         udfc.compress(nn.Sequential(nn.Conv2d(1, 2, 3)), ratio=0.5)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ridge=float("inf")), "ridge must be a finite"), (dict(ridge=float("nan")), "ridge must be a finite"),
+    (dict(blocks="blocks.0"), "got the string 'blocks.0'"),
+])
+def test_udfc_refuses_an_infinite_ridge_and_a_string_of_blocks(kwargs, message):
+    model = resnet.ResNet(widths=(4, 8), blocks=1).eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(InputError, match=message):
+        udfc.compress(model, ratio=0.5, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_quantize_weight_refuses_non_finite_weights(value):
+    w = torch.tensor([[value, 1.0], [0.5, -0.25]])
+    with pytest.raises(InputError, match="NaN or Inf"):
+        udfc.quantize_weight(w, 4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(stem_stride=0), "stem_stride"), (dict(in_channels=0), "in_channels"), (dict(num_classes=0), "num_classes"),
+    (dict(blocks=2.5), "blocks"), (dict(blocks=True), "blocks"), (dict(in_channels="1"), "in_channels"),
+])
+def test_resnet_refuses_impossible_architectures(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        resnet.ResNet(**{"widths": (4, 8), "blocks": 1, **kwargs})
+
+
 # ---- TRP -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scheme", trp.SCHEMES)
@@ -331,6 +359,30 @@ def test_trp_bad_options():
         trp.decompose(model, energy=0.9, value=0.05)
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda m: trp.decompose(m, ranks={"blocks.0.conv2": 0}), "must be an integer >= 1, got 0"),
+    (lambda m: trp.decompose(m, ranks={"blocks.0.conv2": -5}), "must be an integer >= 1, got -5"),
+    (lambda m: trp.decompose(m, ranks={"blocks.0.conv2": 2.0}), "must be an integer >= 1"),
+    (lambda m: trp.decompose(m, ranks={"blocks.0.conv2": 1, "blocks.0.conv1": 0}), "conv1'\\] must be"),
+    (lambda m: trp.decompose(m, value=float("nan")), "finite singular-value threshold"),
+    (lambda m: trp.decompose(m, value=float("inf")), "finite singular-value threshold"),
+    (lambda m: trp.decompose(m, energy=0.9, layers="blocks.0.conv2"), "got the string"),
+    (lambda m: trp.TRP(m, layers="blocks.0.conv2"), "got the string"),
+    (lambda m: trp.energy_for_flops(m, float("nan")), "flops must be a positive"),
+    (lambda m: trp.energy_for_flops(m, 0), "flops must be a positive"),
+    (lambda m: trp.energy_for_flops(m, True), "flops must be a positive"),
+    (lambda m: trp.energy_for_flops(m, 10**9, iters=0), "iters must be an integer >= 1"),
+])
+def test_decompose_and_energy_for_flops_refuse_bad_budgets_and_leave_the_model(call, message):
+    torch.manual_seed(0)
+    model = resnet.ResNet(widths=(4, 8), blocks=1).eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(InputError, match=message):
+        call(model)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 # ---- FLOPs -----------------------------------------------------------------------------------------------
 
 def test_flops_hand_example():
@@ -344,6 +396,20 @@ def test_flops_hand_example():
     assert flops.count_flops(lr, (8, 5, 5)) == 25 * (2 * 8 * 9 + 8 * 2)
     lr = trp.decompose_conv(nn.Conv2d(8, 8, 3, padding=1), rank=2, scheme="spatial")
     assert flops.count_flops(lr, (8, 5, 5)) == 25 * (2 * 8 * 3 + 8 * 2 * 3)
+
+
+def test_flops_and_timing_name_the_input_the_model_takes():
+    model = resnet.ResNet(widths=(4, 8), blocks=1)
+    with pytest.raises(InputError, match=r"takes 1 input channel: input_shape must be \(1, H, W\)"):
+        flops.count_flops(model, (3, 28, 28))
+    with pytest.raises(InputError, match=r"x must be a batch \[B, 1, H, W\], got \[2, 3, 28, 28\]"):
+        flops.ms_per_batch(model, torch.randn(2, 3, 28, 28), repeats=1)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())  # any model: told after the failed forward
+    with pytest.raises(InputError, match=r"takes 3 input channels: input_shape must be \(3, H, W\)"):
+        flops.count_flops(net, (1, 8, 8))
+    with pytest.raises(InputError, match=r"\[B, 3, H, W\]"):
+        flops.ms_per_batch(net, torch.randn(2, 1, 8, 8), repeats=1, warmup=0)
+    assert flops.count_flops(net, (3, 8, 8)) == 36 * 4 * 27
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------
@@ -432,6 +498,17 @@ def test_save_model_restores_the_old_folder_when_the_rename_fails(saved, tmp_pat
         resnet.save_model(resnet.ResNet(widths=(4, 8, 8), blocks=1), saved, overwrite=True)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"acc": torch.tensor(0.9)}, r"metadata\['acc'\] is of type Tensor"),
+    ({"runs": [{"seed": {1, 2}}]}, r"metadata\['runs'\]\[0\]\['seed'\] is of type set"),
+    (["acc"], "metadata must be a dict"),
+])
+def test_save_model_refuses_metadata_json_cannot_hold(metadata, message, tmp_path):
+    with pytest.raises(InputError, match=message):
+        resnet.save_model(resnet.ResNet(widths=(4, 8), blocks=1), tmp_path / "m", metadata=metadata)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_trp_refuses_to_save_a_diverged_model(tmp_path, capsys):

@@ -328,6 +328,54 @@ def test_bad_api_requests_are_refused():
         depth.select_blocks(target, "tinyfusion", kept=3, temperature=2)
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda: depth.parse_groups(None, depth=4, kept=0), "from 1 to the 4 blocks"),
+    (lambda: depth.parse_groups(None, depth=4, kept=-2), "from 1 to the 4 blocks"),
+    (lambda: depth.parse_groups(None, depth=4, kept=6), "from 1 to the 4 blocks"),
+    (lambda: depth.parse_groups(None, depth=4, kept=True), "from 1 to the 4 blocks"),
+    (lambda: depth.parse_groups(None, depth=0, kept=0), "depth"),
+    (lambda: depth.group_options(3, 2), "between 1 and its M = 2"),
+    (lambda: depth.group_options(0, 2), "between 1 and its M = 2"),
+    (lambda: depth.group_options(1, 0), "group size M"),
+])
+def test_groups_without_a_pattern_are_checked_too(call, message):
+    with pytest.raises(InputError, match=message):
+        call()
+    assert depth.parse_groups(None, depth=4, kept=2) == [(1, 2), (1, 2)]
+    assert depth.group_options(1, 2).tolist() == [[1, 0], [0, 1]]
+
+
+@pytest.mark.parametrize("keep", [[False], [False] * 6, [True] * 6 + [False], [2] * 6])
+def test_calibration_loss_refuses_a_keep_mask_that_does_not_fit(keep):
+    target = stack_target(Stack(depth=6))
+    with pytest.raises(InputError, match="keep-mask"):
+        depth.calibration_loss(target, keep)
+    assert depth.calibration_loss(target, [True] * 6) == pytest.approx(depth.calibration_loss(target))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda t: depth.random_masks(t, kept=3, seed="a"), "seed"),
+    (lambda t: depth.tinyfusion(t, kept=3, steps=1, seed="a", recoverability="frozen"), "seed"),
+    (lambda t: depth.recover(t, steps=1, trainable="full", seed="a"), "seed"),
+    (lambda t: depth.recover(t, steps=1, trainable="full", features=float("inf")), "features must be a finite"),
+    (lambda t: depth.recover(t, steps=1, trainable="full", features=float("nan")), "features must be a finite"),
+    (lambda t: depth.recover(t, steps=1, trainable="full", features=True), "features must be a finite"),
+])
+def test_bad_seeds_and_feature_weights_are_refused_before_any_work(call, message):
+    target = stack_target(Stack(depth=6))
+    before = copy.deepcopy(target.model.state_dict())
+    with pytest.raises(InputError, match=message):
+        call(target)
+    assert all(torch.equal(before[n], p) for n, p in target.model.state_dict().items())
+
+
+@pytest.mark.parametrize("metadata", [None, ["kept_layers"]])
+def test_save_depth_pruned_refuses_metadata_that_is_not_a_dict(metadata, tmp_path):
+    with pytest.raises(InputError, match="metadata must be a dict recording kept_layers"):
+        depth.save_depth_pruned(tiny_lm(layers=2), None, tmp_path / "out", metadata=metadata)
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- CLI
 
 @pytest.fixture

@@ -4,6 +4,7 @@ a model left exactly as it was."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -500,6 +501,34 @@ def test_calibration_places_delta_layers_at_the_largest_attention_shifts():
     assert len(shifts) == 3 and all(0 <= s <= 2 for s in shifts)
     assert layers == [1 + max(range(2), key=lambda i: shifts[i])]  # never the last layer (nothing sparse after it)
     assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("ids, message", [
+    (lambda: prompt(16).float(), "integer token ids"),
+    (lambda: torch.zeros(1, 0, dtype=torch.long), r"T >= 1"),
+    (lambda: torch.full((1, 16), 10**6, dtype=torch.long), "outside the model's vocabulary"),
+    (lambda: torch.full((1, 16), -1, dtype=torch.long), "outside the model's vocabulary"),
+])
+def test_calibration_refuses_ids_the_model_cannot_read(ids, message):
+    model = make_model(layers=4)
+    with pytest.raises(InputError, match=message):
+        kv.calibrate_delta_layers(model, ids(), count=1, initial=1, window=16)
+    assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("tokens", [0, -5, 63, 100.0, True, "1024"])
+def test_wiki_delta_layers_refuses_too_few_tokens_before_reading_the_text(tokens):
+    with pytest.raises(InputError, match="tokens must be an integer >= 64"):
+        kv.wiki_delta_layers(make_model(layers=4), None, tokens=tokens)
+
+
+@pytest.mark.parametrize("layers", [np.array([1, 2]), np.array([1, 2], dtype=np.int32), [np.int64(1), 2],
+                                    np.int64(1)])
+def test_delta_layers_take_numpy_integers(layers):
+    pol = kv.make_policy("delta", budget=48, delta_layers=layers, page_size=16, recent_pages=1)
+    assert pol.delta_layers == ([1] if isinstance(layers, np.integer) else [1, 2])
+    with pytest.raises(InputError, match="whole layer indices"):
+        kv.make_policy("delta", budget=48, delta_layers=np.array([1.5, 2.0]), page_size=16, recent_pages=1)
 
 
 def test_cli_generate(model_dir, tmp_path, capsys):

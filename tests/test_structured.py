@@ -313,6 +313,44 @@ def test_bad_requests_refused_with_clear_message():
     assert layer_widths(model) == [Widths(4, 128)] * 3
 
 
+@pytest.mark.parametrize("method", ["tyr", "wanda-structured"])
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(samples="2"), "samples must be an integer >= 1, got '2'"), (dict(samples=0), "samples must be"),
+    (dict(samples=2.0), "samples must be"), (dict(seqlen=True), "seqlen must be"), (dict(seed="0"), "seed must be"),
+])
+def test_prune_structured_checks_samples_seqlen_and_seed_first(method, kwargs, message, tok):
+    model = tiny(layers=1)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(InputError, match=message):
+        prunekit.prune_structured(model, method=method, ratio=0.3, tokenizer=tok, calibration="wiki", progress=False,
+                                  **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("vocab", [-5, 0, 129, 10**7, True, 2.5])
+def test_measure_speed_takes_a_vocab_the_model_has(vocab):
+    from prunekit import speed, structured
+
+    model = tiny(layers=1)
+    for measure in (speed.measure_speed, structured.measure_speed):
+        with pytest.raises(InputError, match="vocab .* from 1 to the model's 128"):
+            measure(model, prefill=4, decode=1, repeats=1, vocab=vocab)
+    assert speed.measure_speed(model, prefill=4, decode=1, repeats=1, vocab=np.int64(128))["prefill_tokens"] == 4
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"ratio": torch.tensor(0.3)}, r"metadata\['ratio'\] is of type Tensor"),
+    ({"runs": [{"seed": np.int64(1)}]}, r"metadata\['runs'\]\[0\]\['seed'\] is of type int64"),
+    ({"out": Path("x")}, r"metadata\['out'\] is of type PosixPath"),
+])
+def test_save_structured_refuses_metadata_json_cannot_hold(metadata, message, tmp_path):
+    model = tiny(layers=1)
+    config = model.config.to_dict()
+    with pytest.raises(InputError, match=message):
+        prunekit.save_structured(model, None, tmp_path / "m", metadata=metadata)
+    assert list(tmp_path.iterdir()) == [] and model.config.to_dict() == config
+
+
 def test_cli_refuses_bad_input_without_output(tmp_path, capsys):
     from prunekit.cli import main
 

@@ -3,10 +3,11 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 
 from prunekit import zoo
 from prunekit.errors import InputError
-from prunekit.text import Text, calibration_ids, evaluation_ids, load_text
+from prunekit.text import Text, calibration_ids, check_token_ids, evaluation_ids, load_text
 
 from conftest import TEXT, char_tokenizer
 
@@ -44,6 +45,40 @@ def test_evaluation_windows_and_limits(tok):
         evaluation_ids(tok, text, seqlen=5000)
     with pytest.raises(InputError, match="seqlen"):
         calibration_ids(tok, text, samples=2, seqlen=0)
+
+
+def test_a_source_name_or_path_is_loaded_where_a_text_goes_and_a_text_is_a_source(tok, tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT[:2000])
+    loaded = load_text(path, purpose="evaluation")
+    assert load_text(loaded, purpose="evaluation") is loaded  # "a Text" was refused with "got Text"
+    assert evaluation_ids(tok, str(path), seqlen=100).equal(evaluation_ids(tok, loaded, seqlen=100))
+    assert calibration_ids(tok, path, samples=3, seqlen=50).equal(calibration_ids(tok, loaded, samples=3, seqlen=50))
+    assert evaluation_ids(tok, loaded, seqlen=np.int64(100), tokens=np.int64(300)).shape == (3, 100)
+    mixture = Text("a+b", "x", "two parts", parts=(loaded, loaded))
+    with pytest.raises(InputError, match="mixture: it serves calibration only"):
+        load_text(mixture, purpose="evaluation")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda tok, t: evaluation_ids(tok, 5, seqlen=10), r"must be a prunekit\.Text .*got int"),
+    (lambda tok, t: calibration_ids(tok, [t], samples=1, seqlen=10), r"must be a prunekit\.Text .*got list"),
+    (lambda tok, t: evaluation_ids(tok, t, seqlen=10, tokens=64.0), "tokens must be an integer >= 1, got 64.0"),
+    (lambda tok, t: evaluation_ids(tok, t, seqlen=10, tokens=True), "tokens must be an integer >= 1"),
+    (lambda tok, t: evaluation_ids(tok, t, seqlen=10, tokens=0), "tokens must be an integer >= 1"),
+    (lambda tok, t: calibration_ids(tok, t, samples=1, seqlen=10, seed=[1]), r"seed must be an integer >= 0"),
+    (lambda tok, t: calibration_ids(tok, t, samples=1, seqlen=10, seed="1"), r"seed must be an integer >= 0"),
+    (lambda tok, t: calibration_ids(tok, t, samples=1, seqlen=10, seed=-1), r"seed must be an integer >= 0"),
+])
+def test_window_requests_of_the_wrong_type_are_refused(tok, call, message):
+    with pytest.raises(InputError, match=message):
+        call(tok, Text("t", TEXT[:1000], "part"))
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 8), (1, 0)])
+def test_check_token_ids_refuses_empty_ids(llama, shape):
+    with pytest.raises(InputError, match="holds no token ids"):
+        check_token_ids(llama, torch.zeros(shape, dtype=torch.long), what="calibration ids")
 
 
 def test_files(tmp_path):
@@ -139,3 +174,19 @@ def test_a_byte_order_mark_and_a_tilde_path_are_read_like_any_file(tmp_path, mon
 
     np.savetxt(tmp_path / "s.csv", [0.5, 0.25])
     assert read_vector("~/s.csv", what="scores").tolist() == [0.5, 0.25]
+
+
+@pytest.mark.parametrize("ids, batch_size, message", [
+    (torch.zeros(0, 8, dtype=torch.long), 4, r"ids must be token windows .*got \[0, 8\]"),
+    (torch.zeros(3, 1, dtype=torch.long), 4, r"ids must be token windows .*got \[3, 1\]"),
+    (torch.zeros(8, dtype=torch.long), 4, r"ids must be token windows .*got \[8\]"),
+    (torch.zeros(2, 8, dtype=torch.long), 0, "batch_size must be an integer >= 1, got 0"),
+    (torch.zeros(2, 8, dtype=torch.long), True, "batch_size must be an integer >= 1"),
+])
+def test_perplexity_of_ids_refuses_windows_with_nothing_to_predict(llama, ids, batch_size, message):
+    from prunekit.evaluate import perplexity_of_ids
+
+    with pytest.raises(InputError, match=message):
+        perplexity_of_ids(llama, ids, batch_size=batch_size, progress=False)
+    nll, count = perplexity_of_ids(llama, torch.zeros(2, 8, dtype=torch.long), batch_size=1, progress=False)
+    assert count == 14 and nll > 0

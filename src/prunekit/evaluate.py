@@ -40,6 +40,11 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 
     """``(mean NLL, predicted tokens)`` of `model` over windows `ids` (``[n, seqlen]``)."""
     from tqdm.auto import tqdm
 
+    batch_size = int_at_least(batch_size, "batch_size", 1)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
+        shape = list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise InputError(f"ids must be token windows [n >= 1, seqlen >= 2] (one next-token prediction at least), "
+                         f"got {shape}")
     total, count = 0.0, 0
     was_training = model.training
     model.eval()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prunekit.errors import InputError
 
-__all__ = ["read_objects", "dumps"]
+__all__ = ["read_objects", "dumps", "check_metadata"]
 
 
 def _finite(obj):
@@ -38,6 +38,37 @@ def dumps(obj, **kwargs) -> str:
     '{"ppl": null, "loss": [1.5, null]}'
     """
     return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+def check_metadata(metadata, what: str = "metadata") -> dict:
+    """`metadata` (None: empty) if it is a dict `dumps` can write; else an `InputError` naming the first key
+    whose value JSON cannot hold (a tensor, a numpy integer, a set, a Path, ...), before anything is written.
+
+    >>> check_metadata({"runs": [{"loss": 1.5}]})
+    {'runs': [{'loss': 1.5}]}
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{what} must be a dict, got {type(metadata).__name__}")
+
+    def walk(value, where: str) -> None:
+        if value is None or isinstance(value, (str, bool, int, float)):
+            return
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not (k is None or isinstance(k, (str, bool, int, float))):  # what json.dumps turns into a string
+                    raise InputError(f"{where} has the key {k!r} ({type(k).__name__}); JSON keys must be strings")
+                walk(v, f"{where}[{k!r}]")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+        else:
+            raise InputError(f"{where} is of type {type(value).__name__}, which JSON cannot hold; give str, number, "
+                             "bool, None, list or dict values (tensor.tolist(), int(x), str(path))")
+
+    walk(metadata, what)
+    return metadata
 
 
 def read_objects(path: str | os.PathLike, *, shape: str) -> list[tuple[int, dict]]:

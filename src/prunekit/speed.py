@@ -14,11 +14,12 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from numbers import Integral
 
 import torch
 from torch import nn
 
-from prunekit.errors import int_at_least
+from prunekit.errors import InputError, int_at_least
 
 __all__ = ["compare_speed", "compare_speed_with_dense", "measure_speed", "speedup"]
 
@@ -64,7 +65,12 @@ def measure_speed(model: nn.Module, *, prefill: int = 512, decode: int = 64, rep
     decode = int_at_least(decode, "decode", 1)
     repeats = int_at_least(repeats, "repeats", 1)
     threads = int_at_least(threads, "threads", 1)
-    vocab = vocab or model.get_input_embeddings().num_embeddings
+    size = model.get_input_embeddings().num_embeddings
+    if vocab is None:
+        vocab = size
+    elif isinstance(vocab, bool) or not isinstance(vocab, Integral) or not 1 <= vocab <= size:
+        raise InputError(f"vocab (the token ids drawn) must be an integer from 1 to the model's {size}, got {vocab!r}")
+    seed = int_at_least(seed, "seed", 0)
     ids = torch.randint(0, vocab, (1, prefill), generator=torch.Generator().manual_seed(seed))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -28,12 +28,13 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 import torch
 
 from prunekit import zoo
-from prunekit.errors import InputError
+from prunekit.errors import InputError, int_at_least
 from prunekit.jsonl import read_objects
 
 __all__ = ["Text", "load_text", "calibration_ids", "evaluation_ids", "check_token_ids"]
@@ -94,6 +95,11 @@ def load_text(source: str | Path, *, purpose: str) -> Text:
     """The text of `source` for `purpose` (``"calibration"`` or ``"evaluation"``)."""
     if purpose not in ("calibration", "evaluation"):
         raise InputError(f"purpose must be 'calibration' or 'evaluation', got {purpose!r}")
+    if isinstance(source, Text):  # already loaded (text held in memory)
+        if source.parts and purpose == "evaluation":
+            raise InputError(f"{source.name!r} is a mixture: it serves calibration only; evaluate each of its parts "
+                             "on its own")
+        return source
     if isinstance(source, str) and not source.strip():
         raise InputError(f"the {purpose} text source is empty; give 'wiki', 'austen', 'python-docs' or a file path "
                          "(a Text object for text held in memory)")
@@ -140,6 +146,9 @@ def load_text(source: str | Path, *, purpose: str) -> Text:
 def check_token_ids(model, ids: torch.Tensor, *, what: str) -> None:
     """Refuse token ids `model` cannot embed (a tokenizer that does not match it) and windows longer than the
     positions in its config (``n_positions`` / ``max_position_embeddings``), before any forward pass."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() < 1 or ids.numel() == 0:
+        shape = list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise InputError(f"{what} holds no token ids ({shape}); give at least one window of token ids")
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(embed, "num_embeddings", None)
     lo, hi = int(ids.min()), int(ids.max())
@@ -169,17 +178,31 @@ def _windows(ids: list[int], head: int | None, seqlen: int, picks: list[int]) ->
 
 def _check_sizes(samples: int, seqlen: int) -> None:
     for name, v in (("samples", samples), ("seqlen", seqlen)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
             raise InputError(f"{name} must be a positive integer, got {v!r}")
     if seqlen < 2:
         raise InputError("seqlen must be at least 2 tokens")
 
 
+def _as_text(text, purpose: str) -> Text:
+    """`text` as a `Text`: a source name or path ("wiki", "notes.txt") is loaded for `purpose`."""
+    if isinstance(text, (str, Path)):
+        return load_text(text, purpose=purpose)
+    if not isinstance(text, Text):
+        raise InputError(f"the {purpose} text must be a prunekit.Text (prunekit.load_text('wiki', purpose="
+                         f"{purpose!r})) or a source name or path, got {type(text).__name__}")
+    return text
+
+
 def calibration_ids(tokenizer, text: Text, *, samples: int = 128, seqlen: int = 512, seed: int = 0) -> torch.Tensor:
     """`samples` disjoint random windows ``[samples, seqlen]`` of the token stream of `text`.
 
-    For a mixture (`Text.parts`), ``samples / k`` windows from each of its k parts, interleaved."""
+    For a mixture (`Text.parts`), ``samples / k`` windows from each of its k parts, interleaved. A source name
+    or path (``"wiki"``) is loaded with `load_text` for calibration."""
     _check_sizes(samples, seqlen)
+    samples, seqlen = int(samples), int(seqlen)
+    seed = int_at_least(seed, "seed", 0)
+    text = _as_text(text, "calibration")
     if text.parts:
         k = len(text.parts)
         if samples < k:
@@ -200,8 +223,13 @@ def calibration_ids(tokenizer, text: Text, *, samples: int = 128, seqlen: int = 
 
 
 def evaluation_ids(tokenizer, text: Text, *, seqlen: int = 512, tokens: int | None = None) -> torch.Tensor:
-    """Consecutive windows ``[n, seqlen]`` from the start of `text`: ``tokens // seqlen`` of them (all if None)."""
+    """Consecutive windows ``[n, seqlen]`` from the start of `text`: ``tokens // seqlen`` of them (all if None).
+    A source name or path (``"wiki"``) is loaded with `load_text` for evaluation."""
     _check_sizes(1, seqlen)
+    seqlen = int(seqlen)
+    if tokens is not None:
+        tokens = int_at_least(tokens, "tokens", 1)
+    text = _as_text(text, "evaluation")
     ids, head = _stream(tokenizer, text.text)
     available = len(ids) // (seqlen - (head is not None))
     wanted = available if tokens is None else tokens // seqlen

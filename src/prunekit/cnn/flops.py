@@ -37,9 +37,35 @@ def _check_shape(input_shape) -> tuple[int, ...]:
     return shape
 
 
+def _input_channels(model: nn.Module) -> tuple[int | None, bool]:
+    """``(channels, sure)``: a `prunekit.cnn.ResNet`'s ``in_channels`` (sure), else the input channels of the first
+    registered layer if that is a Conv2d (not sure: registration order need not be the order of the forward)."""
+    config = getattr(model, "config", None)
+    if isinstance(config, dict) and isinstance(config.get("in_channels"), int):
+        return config["in_channels"], True
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    return (first.in_channels if isinstance(first, nn.Conv2d) else None), False
+
+
+def _wrong_channels(model: nn.Module, given: int, ndim: int, *, before: bool) -> int | None:
+    """The channels the model expects if an input with `given` channels (and `ndim` dims, batch included) does
+    not fit: before the forward only when sure, after a failed forward from the first conv too."""
+    channels, sure = _input_channels(model)
+    if channels is not None and (sure or not before) and (ndim != 4 or given != channels):
+        return channels
+    return None
+
+
+def _channels_error(channels: int, what: str) -> InputError:
+    return InputError(f"the model takes {channels} input channel{'s' * (channels != 1)}: {what}")
+
+
 def count_flops(model: nn.Module, input_shape=(1, 28, 28)) -> int:
     """Multiply-accumulates of Conv2d and Linear layers for one example of shape `input_shape` (no batch dim)."""
     shape = _check_shape(input_shape)
+    channels = _wrong_channels(model, shape[0], len(shape) + 1, before=True)
+    if channels is not None:
+        raise _channels_error(channels, f"input_shape must be ({channels}, H, W) for one example, got {shape}")
     total = 0
 
     def conv_hook(mod: nn.Conv2d, inp, out):  # out: [1, C_out, H_out, W_out]
@@ -64,7 +90,14 @@ def count_flops(model: nn.Module, input_shape=(1, 28, 28)) -> int:
         x = torch.zeros((1, *shape), dtype=p.dtype if p is not None else torch.float32,
                         device=p.device if p is not None else "cpu")
         with torch.no_grad():
-            model(x)
+            try:
+                model(x)
+            except RuntimeError:  # a conv's channel mismatch: say what input the model takes
+                channels = _wrong_channels(model, shape[0], len(shape) + 1, before=False)
+                if channels is None:
+                    raise
+                raise _channels_error(channels, f"input_shape must be ({channels}, H, W) for one example, "
+                                                f"got {shape}") from None
     finally:
         for h in hooks:
             h.remove()
@@ -84,6 +117,9 @@ def ms_per_batch(model: nn.Module, x: torch.Tensor, *, repeats: int = 20, warmup
     """
     if not isinstance(x, torch.Tensor) or x.ndim < 2:
         raise InputError("x must be a batch tensor [B, ...]")
+    channels = _wrong_channels(model, x.shape[1], x.ndim, before=True)
+    if channels is not None:
+        raise _channels_error(channels, f"x must be a batch [B, {channels}, H, W], got {list(x.shape)}")
     if repeats < 1 or warmup < 0:
         raise InputError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     was_training = model.training
@@ -93,7 +129,14 @@ def ms_per_batch(model: nn.Module, x: torch.Tensor, *, repeats: int = 20, warmup
         with torch.no_grad():
             for i in range(warmup + repeats):
                 t0 = time.perf_counter()
-                model(x)
+                try:
+                    model(x)
+                except RuntimeError:  # a conv's channel mismatch: say what input the model takes
+                    channels = _wrong_channels(model, x.shape[1], x.ndim, before=False)
+                    if channels is None:
+                        raise
+                    raise _channels_error(channels, f"x must be a batch [B, {channels}, H, W], "
+                                                    f"got {list(x.shape)}") from None
                 if i >= warmup:
                     times.append(1000.0 * (time.perf_counter() - t0))
     finally:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import InputError, apply_umask, check_writable
+from prunekit.errors import InputError, apply_umask, check_writable, int_at_least
 
 __all__ = [
     "BasicBlock", "ResNet", "fashion_tensors", "save_model", "load_model", "testbed", "testbed_folder", "TESTBED",
@@ -75,9 +75,13 @@ class ResNet(nn.Module):
     def __init__(self, *, widths=(16, 32, 64), blocks: int = 3, mids=None, in_channels: int = 1,
                  num_classes: int = 10, stem_stride: int = 2):
         super().__init__()
+        blocks = int_at_least(blocks, "blocks (basic blocks per stage)", 1)
+        in_channels = int_at_least(in_channels, "in_channels", 1)
+        num_classes = int_at_least(num_classes, "num_classes", 1)
+        stem_stride = int_at_least(stem_stride, "stem_stride", 1)
         widths = tuple(int(w) for w in widths)
-        if not widths or min(widths) < 1 or blocks < 1:
-            raise InputError(f"widths must be positive channel counts and blocks >= 1, got {widths}, {blocks}")
+        if not widths or min(widths) < 1:
+            raise InputError(f"widths must be positive channel counts, got {widths}")
         n = len(widths) * blocks
         mids = [widths[i // blocks] for i in range(n)] if mids is None else [int(m) for m in mids]
         if len(mids) != n or min(mids) < 1:
@@ -139,9 +143,12 @@ def save_model(model: ResNet, out, *, metadata: dict | None = None, overwrite: b
     """Write ``model.safetensors`` + ``config.json`` into folder `out`, atomically (temp folder, then rename)."""
     from safetensors.torch import save_file
 
+    from prunekit.jsonl import check_metadata
+
     out = check_output_dir(out, overwrite=overwrite)
     if not isinstance(model, ResNet):
         raise InputError(f"save_model saves prunekit.cnn.ResNet models, got {type(model).__name__}")
+    metadata = check_metadata(metadata)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     old = None
@@ -149,7 +156,7 @@ def save_model(model: ResNet, out, *, metadata: dict | None = None, overwrite: b
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         config = {"format": FORMAT, "arch": "resnet", **model.config,
-                  "lowrank": getattr(model, "lowrank", {}), "metadata": metadata or {}}
+                  "lowrank": getattr(model, "lowrank", {}), "metadata": metadata}
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         apply_umask(tmp)
         if out.exists() and not overwrite:  # made by someone else while this ran: theirs stays

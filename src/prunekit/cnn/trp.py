@@ -51,6 +51,7 @@ Departures from the reference code, and why:
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 
 import torch
 from torch import nn
@@ -137,6 +138,8 @@ def eligible_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
 def _resolve_layers(model: nn.Module, layers) -> dict[str, nn.Conv2d]:
     if layers is None:
         return eligible_convs(model)
+    if isinstance(layers, str):  # iterating it named each character
+        raise InputError(f"layers must be a list of Conv2d names, e.g. [{layers!r}], got the string {layers!r}")
     mods = dict(model.named_modules())
     out = {}
     for name in layers:
@@ -314,8 +317,15 @@ def decompose(model: nn.Module, *, layers=None, scheme: str = "channel", energy:
         raise InputError("give exactly one of energy=, value= or ranks=")
     if energy is not None:
         _check_energy(energy)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-        raise InputError(f"value must be a singular-value threshold >= 0, got {value!r}")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value)
+                              or value < 0):
+        raise InputError(f"value must be a finite singular-value threshold >= 0, got {value!r}")
+    if ranks is not None:
+        if not isinstance(ranks, dict):
+            raise InputError(f"ranks must be a dict {{conv name: rank}}, got {type(ranks).__name__}")
+        for name, r in ranks.items():
+            if isinstance(r, bool) or not isinstance(r, Integral) or r < 1:
+                raise InputError(f"ranks[{name!r}] must be an integer >= 1, got {r!r}")
     chosen = _resolve_layers(model, layers if ranks is None else list(ranks))
     got = dict(ranks) if ranks is not None else _ranks(chosen, scheme, energy, value)
     done = {}
@@ -336,6 +346,10 @@ def energy_for_flops(model: nn.Module, flops: int, *, input_shape=(1, 28, 28), s
     from prunekit.cnn.flops import count_flops
 
     _check_scheme(scheme)
+    if isinstance(flops, bool) or not isinstance(flops, Real) or not math.isfinite(flops) or flops <= 0:
+        raise InputError(f"flops must be a positive number of multiply-accumulates (the budget), got {flops!r}")
+    if isinstance(iters, bool) or not isinstance(iters, Integral) or iters < 1:
+        raise InputError(f"iters must be an integer >= 1 (bisection steps), got {iters!r}")
     chosen = _resolve_layers(model, layers)
     sizes = {}  # name -> (out_h, out_w, in_w)
     hooks = [conv.register_forward_hook(

@@ -94,6 +94,10 @@ def _check_bits(bits) -> int | None:
 def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-output-channel symmetric uniform quantization of ``w [out, ...]`` to `bits` bits (values in fp32)."""
     bits = _check_bits(bits)
+    if not isinstance(w, torch.Tensor) or w.dim() < 1:
+        raise InputError(f"w must be a weight tensor [out, ...], got {type(w).__name__}")
+    if not torch.isfinite(w).all():  # one inf made its whole row NaN
+        raise InputError("w holds NaN or Inf; quantize finite weights (check the model for a diverged training run)")
     levels = 2 ** (bits - 1) - 1
     flat = w.reshape(w.shape[0], -1)  # [out, fan_in]
     scale = flat.abs().amax(dim=1, keepdim=True) / levels  # [out, 1]
@@ -253,8 +257,10 @@ def compress(model: nn.Module, *, ratio: float = 0.3, bits: int | None = None, m
         raise InputError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     if quantize not in SCOPES:
         raise InputError(f"quantize must be one of {', '.join(SCOPES)}, got {quantize!r}")
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
-        raise InputError(f"ridge must be a number >= 0, got {ridge!r}")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+        raise InputError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    if isinstance(blocks, str):  # iterating it named each character
+        raise InputError(f"blocks must be a list of module names, e.g. [{blocks!r}], got the string {blocks!r}")
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     from prunekit.weights.io import check_finite_weights

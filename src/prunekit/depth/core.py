@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import math
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any, Callable, Sequence
 
 import torch
@@ -138,6 +139,10 @@ def parse_groups(groups: str | Sequence[tuple[int, int]] | None, *, depth: int, 
     picks the smallest uniform pattern with ``depth / M`` groups that keeps `kept` (15 of 30 -> 1:2, 20 of
     30 -> 2:3).
     """
+    int_at_least(depth, "depth (number of blocks)", 1)
+    if isinstance(kept, bool) or not isinstance(kept, Integral) or not 1 <= kept <= depth:
+        raise InputError(f"--layers (blocks kept) must be an integer from 1 to the {depth} blocks, got {kept!r}")
+    depth, kept = int(depth), int(kept)
     if groups is None:
         g = math.gcd(depth, kept)
         return [(kept // g, depth // g)] * g
@@ -173,6 +178,9 @@ def parse_groups(groups: str | Sequence[tuple[int, int]] | None, *, depth: int, 
 def group_options(n: int, m: int) -> torch.Tensor:
     """Every binary mask of m slots with exactly n ones, ``[C(m, n), m]`` float, in lexicographic order of the
     kept positions (1:2 -> [[1, 0], [0, 1]]; 2:3 -> [[1, 1, 0], [1, 0, 1], [0, 1, 1]])."""
+    m = int_at_least(m, "group size M", 1)
+    if isinstance(n, bool) or not isinstance(n, Integral) or not 1 <= n <= m:
+        raise InputError(f"a group must keep between 1 and its M = {m} blocks, got N = {n!r}")
     combos = list(itertools.combinations(range(m), n))
     out = torch.zeros(len(combos), m)  # [options, m]
     for row, kept in enumerate(combos):

@@ -18,6 +18,7 @@ from torch import nn
 
 from prunekit.depth.core import check_keep, drop_blocks
 from prunekit.errors import InputError
+from prunekit.jsonl import check_metadata
 from prunekit.weights.engine import find_blocks
 
 __all__ = ["drop_layers", "save_depth_pruned"]
@@ -53,6 +54,10 @@ def save_depth_pruned(model, tokenizer, out, *, metadata: dict, overwrite: bool 
     """Save a model `drop_layers` pruned (atomically, with ``prunekit.json``); see `prunekit.save_pruned`."""
     from prunekit.weights.io import save_pruned
 
+    if not isinstance(metadata, dict):
+        raise InputError(f"metadata must be a dict recording kept_layers, e.g. {{'kept_layers': [0, 2, 3]}}; "
+                         f"got {type(metadata).__name__}")
     if "kept_layers" not in metadata:
         raise InputError("metadata must record kept_layers, the original indices of the kept layers")
+    check_metadata(metadata)
     return save_pruned(model, tokenizer, out, metadata=metadata, overwrite=overwrite, extra=extra, dtype=dtype)

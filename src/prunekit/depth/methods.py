@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from prunekit.depth.core import DepthTarget, check_kept, gates, hidden_of, keep_top
+from prunekit.depth.core import DepthTarget, check_keep, check_kept, gates, hidden_of, keep_top
 from prunekit.errors import int_at_least
 
 __all__ = ["shortgpt", "sensitivity", "every_other", "random_masks", "block_influence", "calibration_loss"]
@@ -34,10 +34,11 @@ __all__ = ["shortgpt", "sensitivity", "every_other", "random_masks", "block_infl
 @torch.no_grad()
 def calibration_loss(target: DepthTarget, keep: list[bool] | None = None) -> float:
     """Mean loss over the target's batches with the blocks where `keep` is False skipped (None: all kept)."""
+    keep = check_keep(keep, target.depth) if keep is not None else [True] * target.depth
     was = target.model.training
     target.model.eval()
     with gates(target.blocks) as g:
-        for gate, k in zip(g, keep if keep is not None else [True] * len(g)):
+        for gate, k in zip(g, keep):
             gate.gate = None if k else 0.0
         total = sum(float(target.loss(target.model, b)) for b in target.batches)
     target.model.train(was)
@@ -101,7 +102,7 @@ def random_masks(target: DepthTarget, *, kept: int, candidates: int = 8, seed: i
     """The calibration-loss-best of `candidates` random keep-masks; also returns every candidate's loss."""
     check_kept(kept, target.depth)
     int_at_least(candidates, "candidates", 1)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(int_at_least(seed, "seed", 0))
     tried = []
     for _ in tqdm(range(candidates), desc="random masks", unit="mask", disable=not progress):
         chosen = set(torch.randperm(target.depth, generator=gen)[:kept].tolist())

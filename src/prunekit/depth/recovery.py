@@ -104,8 +104,10 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
     lr = DEFAULT_LR[trainable] if lr is None else lr
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise InputError(f"lr must be a positive number, got {lr!r}")
-    if not (isinstance(features, (int, float)) and features >= 0):
-        raise InputError(f"features must be a number >= 0, got {features!r}")
+    if isinstance(features, bool) or not (isinstance(features, (int, float)) and math.isfinite(features)
+                                          and features >= 0):
+        raise InputError(f"features must be a finite number >= 0 (the feature-matching weight), got {features!r}")
+    seed = int_at_least(seed, "seed", 0)
     if teacher is not None and target.distill is None:
         raise InputError("distillation needs a DepthTarget with a distill function")
     if trainable == "lora" and not has_linear(target.blocks):

@@ -112,6 +112,7 @@ def tinyfusion(target: DepthTarget, *, kept: int, groups=None, steps: int = 200,
     check_kept(kept, target.depth)
     groups = parse_groups(groups, depth=target.depth, kept=kept)
     int_at_least(steps, "steps", 1)
+    seed = int_at_least(seed, "seed", 0)
     for name, v in (("scale", scale), ("lr_gates", lr_gates), ("lr_lora", lr_lora)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise InputError(f"{name} must be a positive number, got {v!r}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, int_at_least
 from prunekit.select import check_ratio
 from prunekit.structured.export import load, save_structured
 from prunekit.speed import measure_speed
@@ -120,6 +120,9 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
     from prunekit.weights.io import check_finite_weights
 
     check_request(method, ratio=ratio, structure=structure, options=options)
+    samples = int_at_least(samples, "samples", 1)  # "2" reached Týr as "2" + "2" = "22"
+    seqlen = int_at_least(seqlen, "seqlen", 2)
+    seed = int_at_least(seed, "seed", 0)
     check_finite_weights(model, "the model")  # a NaN weight failed in an SVD after the model had changed
     dims = model_dims(model)
     check_request(method, ratio=ratio, structure=structure, options=options, dims=dims)

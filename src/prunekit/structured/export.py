@@ -54,6 +54,7 @@ def save_structured(model, tokenizer, out: str | os.PathLike, *, metadata: dict,
     from prunekit.weights.io import parse_dtype, save_weights
 
     dtype = parse_dtype(dtype, what="the saved dtype")
+    metadata = jsonl.check_metadata(metadata)  # before anything is changed or written
     prepare_config(model)
 
     def build(tmp: Path) -> None:

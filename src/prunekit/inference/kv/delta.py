@@ -50,6 +50,7 @@ and 1.147x. Before the page buffers (a fresh gather of every picked page each st
 from __future__ import annotations
 
 import math
+from numbers import Integral
 
 import torch
 
@@ -69,7 +70,10 @@ def default_delta_layers(num_layers: int) -> list[int]:
 
 def _layer_list(value) -> list[int]:
     """Sorted distinct layer indices from an int, a string like ``"2,14,22"`` or a list of ints."""
-    items = value.replace(",", " ").split() if isinstance(value, str) else [value] if isinstance(value, int) else value
+    if isinstance(value, str):
+        items = value.replace(",", " ").split()
+    else:  # an int, a list, or a numpy array / numpy integer
+        items = [value] if isinstance(value, Integral) else value
     try:
         items = list(items)
     except TypeError:
@@ -80,7 +84,7 @@ def _layer_list(value) -> list[int]:
     for x in items:
         if isinstance(x, str) and x.strip().lstrip("-").isdigit():
             x = int(x)
-        if isinstance(x, bool) or not isinstance(x, int):
+        if isinstance(x, bool) or not isinstance(x, Integral):  # numpy integers are Integral, numpy bools not
             raise InputError(f"delta_layers must be whole layer indices, e.g. 2,14,22; got {value!r}")
         out.add(int_at_least(x, "a delta layer index", 0))
     return sorted(out)
@@ -273,6 +277,14 @@ def calibrate_delta_layers(model, input_ids: torch.Tensor, *, count: int = 3, in
     int_at_least(window, "window", 1)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise InputError("input_ids must be a [1, T] tensor of token ids")
+    if input_ids.dtype not in (torch.long, torch.int) or input_ids.shape[1] < 1:
+        raise InputError(f"input_ids must be integer token ids [1, T >= 1], got {input_ids.dtype} "
+                         f"{list(input_ids.shape)}; tokenize a prompt with the model's tokenizer")
+    vocab = model.get_input_embeddings().num_embeddings  # (a prompt past the model's positions is allowed)
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab:
+        raise InputError(f"the calibration prompt has token id {lo if lo < 0 else hi}, outside the model's vocabulary "
+                         f"of {vocab}; use the model's own tokenizer")
     num_layers = model.config.num_hidden_layers
     if initial + count > num_layers - 1:  # a delta layer needs a sparse layer after it: never the last one
         raise InputError(f"cannot place {count} delta layers after {initial} initial layers and before the last "
@@ -289,6 +301,7 @@ def calibrate_delta_layers(model, input_ids: torch.Tensor, *, count: int = 3, in
 
 
 WIKI_CALIBRATION_TOKENS = 1024
+WIKI_MIN_TOKENS = 64  # the query window the placement compares
 
 
 def wiki_delta_layers(model, tokenizer, *, tokens: int = WIKI_CALIBRATION_TOKENS):
@@ -300,6 +313,7 @@ def wiki_delta_layers(model, tokenizer, *, tokens: int = WIKI_CALIBRATION_TOKENS
     """
     import prunekit
 
+    int_at_least(tokens, "tokens", WIKI_MIN_TOKENS, hint=" (the placement compares the last 64 queries' attention)")
     depth = model.config.num_hidden_layers
     if depth < 3:
         raise InputError(f"calibrating delta layers needs a model of at least 3 layers (a delta layer goes after "
