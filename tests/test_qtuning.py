@@ -242,6 +242,52 @@ def test_bad_input_refused():
         S.tokenize([{"instruction": "x"}], char_tokenizer())
 
 
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(weight_decay="a"), "weight_decay"), (dict(weight_decay=float("nan")), "weight_decay"),
+    (dict(weight_decay=-1.0), "weight_decay"), (dict(lr=True), "lr"), (dict(lr=float("nan")), "lr"),
+    (dict(lr=0.0), "lr"), (dict(max_grad_norm=-1.0), "max_grad_norm"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm"), (dict(max_grad_norm=0.0), "max_grad_norm"),
+    (dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"),
+    (dict(lora_rank=0), "lora_rank"), (dict(lora_rank=2.5), "lora_rank"), (dict(lora_alpha=float("nan")), "lora_alpha"),
+    (dict(seed=-1), "seed"), (dict(pad_id=-1), "pad_id"), (dict(pad_id=10**6), "pad_id"), (dict(pad_id=True), "pad_id"),
+])
+def test_sft_refuses_bad_arguments_before_touching_the_model(kw, msg):
+    tok = char_tokenizer()
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ex = S.tokenize(records(2), tok, max_length=64)
+    with pytest.raises(InputError, match=msg):
+        S.sft(model, ex, **{"pad_id": tok.eos_token_id, "progress": False, **kw})
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)  # no LoRA, no step
+
+
+def test_scoring_and_generation_refuse_bad_input():
+    tok = char_tokenizer()
+    model = tiny_model("llama")
+    ex = S.tokenize(records(2), tok, max_length=64)
+    for examples, pad_id, msg in (([], 0, "no examples"), (ex, -1, "pad_id"), (ex, 10**6, "pad_id"),
+                                  ([S.Example(ids=[1, 10**7], prompt_len=1)], 0, "outside the model's vocabulary"),
+                                  ([S.Example(ids=[1, 2], prompt_len=5)], 0, "prompt_len")):
+        with pytest.raises(InputError, match=msg):
+            S.score_examples(model, examples, pad_id=pad_id)
+        with pytest.raises(InputError, match=msg):
+            S.response_perplexity(model, examples, pad_id=pad_id)
+    with pytest.raises(InputError, match="no examples"):
+        S.pad([], 0)
+    for instructions, kw in (("hello", {}), ([1, 2], {}), (["hello"], {"batch_size": 0})):
+        with pytest.raises(InputError, match="list of strings" if kw == {} else "batch_size"):
+            S.generate(model, tok, instructions, max_new_tokens=2, **kw)
+
+
+def test_ratios_take_numpy_scalars_but_not_bools():
+    assert S.check_ratio(np.float32(0.5), "sample_ratio") == 0.5 and S.check_ratio(np.int64(1), "x") == 1.0
+    for bad in (True, np.bool_(True), "0.5", float("nan")):
+        with pytest.raises(InputError, match="sample_ratio"):
+            S.check_ratio(bad, "sample_ratio")
+
+
 @pytest.fixture
 def sft_file(tmp_path):
     path = tmp_path / "sft.jsonl"
