@@ -288,6 +288,46 @@ def test_ratios_take_numpy_scalars_but_not_bools():
             S.check_ratio(bad, "sample_ratio")
 
 
+
+DOCS = [{"title": "X", "text": "X was founded in 1901 by Y. It grew."}]
+PAIRS = [{"instruction": q, "response": r} for q, r in (("a", "1"), ("b", "2"), ("c", "3"))]
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: Q.quadrants(*planted()[:2], sample_ratio=0.1, max_iter=0), "max_iter"),
+    (lambda: Q.token_scores(np.zeros((1, 3)), np.ones((1, 3), bool), lam=True), "lam"),
+    (lambda: Q.QTuning(lam=True), "lam"), (lambda: Q.QTuning(lam=float("nan")), "lam"),
+    (lambda: Q.QTuning(seed="a"), "seed"), (lambda: Q.QTuning(seed=1.5), "seed"),
+    (lambda: S.RandomPruner(sample_ratio=0.5, seed=-1), "seed"),
+    (lambda: sft_tasks.arithmetic_problems(-1, seed=0), "n must be"),
+    (lambda: sft_tasks.arithmetic_problems(2.5, seed=0), "n must be"),
+    (lambda: sft_tasks.arithmetic_problems(True, seed=0), "n must be"),
+    (lambda: sft_tasks.year_questions(DOCS, window=0), "window"),
+    (lambda: sft_tasks.year_questions([{"text": "X was founded in 1901 by Y."}]), "'title' and 'text'"),
+    (lambda: sft_tasks.build_tasks(train=2, test=1, documents=[{"title": "X"}]), "'title' and 'text'"),
+    (lambda: sft_tasks.build_tasks(train=2, test=1, documents="abc"), "documents must be a list"),
+    (lambda: sft_tasks.build_tasks(train=2, test=1, arith_share=True, documents=DOCS), "arith_share"),
+    (lambda: sft_tasks.build_tasks(train=2, test=1, arith_share="0.5", documents=DOCS), "arith_share"),
+    (lambda: sft_tasks.build_tasks(train=2, test=1, seed=None, documents=DOCS), "seed"),
+    (lambda: sft_tasks.build_tasks(train=2, test=1, seed="x", documents=DOCS), "seed"),
+    (lambda: sft_tasks.add_noise([{"instruction": "a"}, {"instruction": "b"}], 0.99), "'response'"),
+    (lambda: sft_tasks.add_noise("abc", 0.9), "records must be a list"),
+    (lambda: sft_tasks.add_noise(PAIRS, 0.9, seed="x"), "seed"),
+])
+def test_task_and_pruner_options_refused(call, match):
+    with pytest.raises(InputError, match=match):
+        call()
+
+
+def test_task_and_pruner_options_take_numpy_scalars():
+    assert Q.QTuning(lam=np.float32(0.5), seed=np.int64(3)).lam == 0.5
+    assert Q.token_scores(np.zeros((1, 3)), np.ones((1, 3), bool), lam=np.float64(0.5)).tolist() == [[0.75, 1, 0.75]]
+    assert sft_tasks.add_noise(PAIRS, np.float32(0.9), seed=0) == sft_tasks.add_noise(PAIRS, 0.9, seed=0)
+    a = sft_tasks.build_tasks(train=2, test=1, arith_share=np.float32(0.5), seed=np.int64(1), documents=DOCS)
+    assert a == sft_tasks.build_tasks(train=2, test=1, arith_share=0.5, seed=1, documents=DOCS)
+    assert len(sft_tasks.arithmetic_problems(np.int64(2), seed=0)) == 2
+
+
 @pytest.fixture
 def sft_file(tmp_path):
     path = tmp_path / "sft.jsonl"

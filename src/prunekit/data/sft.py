@@ -320,7 +320,7 @@ class _Pruner:
         if every not in EVERY:
             raise InputError(f"every must be one of {', '.join(EVERY)}, got {every!r}")
         self.every = every
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(int_at_least(seed, "seed", 0))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(sample_ratio={self.sample_ratio}, token_ratio={self.token_ratio}, every={self.every!r})"
