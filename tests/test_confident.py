@@ -152,3 +152,47 @@ def test_bad_options():
         cl.find_label_issues(labels, probs, frac_noise=1.5)
     with pytest.raises(InputError, match="num_to_remove_per_class works with"):
         cl.find_label_issues(labels, probs, filter_by="confident_learning", num_to_remove_per_class=[1, 1, 1])
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"num_to_remove_per_class": [-5, 0, 0]}, "num_to_remove_per_class must hold counts"),
+    ({"num_to_remove_per_class": [np.nan, 0, 0]}, "num_to_remove_per_class must hold counts"),
+    ({"num_to_remove_per_class": [1.5, 0, 0]}, "num_to_remove_per_class must hold counts"),
+    ({"num_to_remove_per_class": ["a", "b", "c"]}, "num_to_remove_per_class must hold counts"),
+    ({"num_to_remove_per_class": [1, 1]}, r"num_to_remove_per_class must have shape \[3\]"),
+    ({"confident_joint": -np.ones((3, 3))}, "confident_joint must hold counts"),
+    ({"confident_joint": np.full((3, 3), np.nan)}, "confident_joint must hold counts"),
+    ({"confident_joint": np.eye(3) * 0.5}, "confident_joint must hold counts"),
+    ({"confident_joint": np.eye(2)}, r"confident_joint must have shape \[3, 3\]"),
+    ({"frac_noise": None}, "frac_noise"), ({"frac_noise": "abc"}, "frac_noise"), ({"frac_noise": True}, "frac_noise"),
+    ({"min_examples_per_class": None}, "min_examples_per_class"),
+    ({"min_examples_per_class": 1.5}, "min_examples_per_class"),
+])
+def test_bad_option_values(kw, match):
+    labels, probs = planted(60, 3, 0)
+    with pytest.raises(InputError, match=match):
+        cl.find_label_issues(labels, probs, **kw)
+
+
+def test_bad_thresholds_and_issues():
+    labels, probs = planted(60, 3, 0)
+    for thresholds in ([0.5], [np.nan] * 3, "abc"):
+        with pytest.raises(InputError, match="thresholds must be 3 finite numbers"):
+            cl.compute_confident_joint(labels, probs, thresholds=thresholds)
+    for issues in (np.full(60, np.nan), np.array(["False"] * 60), [0, 60], np.zeros((2, 30), int)):
+        with pytest.raises(InputError, match="issues"):
+            cl.order_label_issues(issues, labels, probs)
+
+
+def test_option_values_cleanlab_accepts():
+    """numpy scalars and counts above a class's size (cleanlab removes all it can) are taken, as cleanlab does;
+    integer `issues` are indices, as cleanlab reads them."""
+    labels, probs = planted(60, 3, 0)
+    for kw in ({"frac_noise": np.float32(0.5)}, {"min_examples_per_class": np.int64(2)},
+               {"num_to_remove_per_class": [100, 100, 100]}, {"num_to_remove_per_class": np.array([2.0, 1.0, 0.0])}):
+        assert np.array_equal(cl.find_label_issues(labels, probs, **kw), cleanlab_mask(labels, probs, **kw))
+    thresholds = cl.confident_thresholds(labels, probs)
+    assert np.array_equal(cl.compute_confident_joint(labels, probs, thresholds=list(thresholds)),
+                          compute_confident_joint(labels, probs, thresholds=thresholds))
+    ranked = cl.order_label_issues(cl.find_label_issues(labels, probs), labels, probs)
+    assert np.array_equal(cl.order_label_issues(ranked[::-1].copy(), labels, probs), ranked)

@@ -365,3 +365,28 @@ def test_cross_val_probs_predict_held_out_examples():
     assert (probs.argmax(1) == y.numpy()).mean() > 0.9
     with pytest.raises(InputError, match="folds"):
         cross_val_probs(lambda: mlp(2, 3), x, y, folds=1, epochs=1)
+
+
+def test_softmax_takes_lists_and_refuses_text():
+    assert np.allclose(el2n_mod.softmax([[1.0, 2.0]]), el2n_mod.softmax(np.array([[1.0, 2.0]])))
+    with pytest.raises(InputError, match="logits"):
+        el2n_mod.softmax([["a", "b"]])
+
+
+@pytest.mark.parametrize("factor", [1e200, 1e-200])
+def test_prototypes_handle_values_whose_squares_overflow_or_underflow(factor):
+    emb = np.array([[1.0, 0.0], [1.1, 0.1], [0.0, 5.0], [0.1, 5.2]])
+    want = prototype_distance(emb, k=2, cosine=False)
+    got = prototype_distance(emb * factor, k=2, cosine=False)
+    assert np.all(np.isfinite(got)) and np.allclose(got, want * factor, rtol=1e-9)
+    assert np.allclose(prototype_distance(emb * factor, k=2), prototype_distance(emb, k=2), atol=1e-12)
+    centroids, assign = kmeans(emb * factor, 2, cosine=False)
+    assert np.array_equal(assign, kmeans(emb, 2, cosine=False)[1]) and np.allclose(centroids / factor,
+                                                                                     kmeans(emb, 2, cosine=False)[0])
+
+
+def test_prototype_seed_must_fit_the_generator():
+    emb = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    for f in (lambda s: prototype_distance(emb, k=2, seed=s), lambda s: kmeans(emb, 2, seed=s)):
+        with pytest.raises(InputError, match="seed"):
+            f(2**64)

@@ -431,6 +431,71 @@ def test_bad_input_is_refused_clearly(tmp_path):
         Memory(embedder=HashEmbedder())
 
 
+
+class _NaNEmbedder:
+    name, dim = "nan-emb", 4
+
+    def encode(self, texts):
+        return np.full((len(texts), 4), np.nan, np.float32)
+
+
+@pytest.mark.parametrize("turns,msg", [("hello", "list of turns, got one str"),
+                                       ({"role": "user", "content": "my code is 4417"}, "list of turns, got one dict")])
+def test_add_many_refuses_a_single_turn(tmp_path, turns, msg):
+    m = mem(tmp_path)
+    with pytest.raises(InputError, match=msg):
+        m.add_many(turns)
+    assert m.stats()["turns"] == 0
+    assert [a.turn for a in m.add_many(["one", {"role": "assistant", "content": "two"}])] == [0, 1]
+
+
+def test_non_finite_embeddings_are_refused_before_writing(tmp_path):
+    m = Memory(tmp_path / "n.db", embedder=_NaNEmbedder(), synchronous="normal")
+    with pytest.raises(InputError, match="NaN or infinite"):
+        m.add("hello there")
+    assert m.stats()["turns"] == 0 and m.stats()["chunks"] == 0
+    with pytest.raises(InputError, match="NaN or infinite"):
+        m.retrieve("hello")
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda: chunk_text("one two three.", chunk_words=0), "chunk_words must be an integer >= 1"),
+    (lambda: chunk_text("one two three.", chunk_words=-1), "chunk_words must be an integer >= 1"),
+    (lambda: chunk_text("one two three.", chunk_words=True), "chunk_words must be an integer >= 1"),
+    (lambda: forget_choice(np.arange(4), np.zeros(4), np.ones(4), -0.5), "fraction must be"),
+    (lambda: forget_choice(np.arange(4), np.zeros(4), np.ones(4), 2.0), "fraction must be"),
+    (lambda: forget_choice(np.arange(4), np.zeros(4), np.ones(4), float("nan")), "fraction must be"),
+    (lambda: forget_choice(np.arange(4), np.zeros(3), np.ones(4), 0.5), "one entry per chunk"),
+    (lambda: salience(np.array([0, 90]), np.array([-1, 95]), 100, gamma=-1.0), "gamma must be"),
+    (lambda: salience(np.array([0, 90]), np.array([-1, 95]), 100, lam=float("nan")), "lam must be"),
+    (lambda: salience(np.array([0, 90]), np.array([-1, 95]), 100, beta=True), "beta must be"),
+    (lambda: salience(np.array([0.7, 90.9]), np.array([-1, 95]), 100), "whole turn numbers"),
+    (lambda: salience(np.array([0, 90]), np.array([-1, 95, 3]), 100), "one entry per chunk"),
+    (lambda: salience(np.array([0, 90]), np.array([-1, 95]), 100.5), "now must be"),
+    (lambda: count_tokens(None), "takes a string"),
+], ids=["chunk0", "chunk-1", "chunk-bool", "fraction-neg", "fraction-2", "fraction-nan", "forget-lengths", "gamma-neg",
+        "lam-nan", "beta-bool", "float-turns", "salience-lengths", "now-float", "count-none"])
+def test_memory_functions_refuse_bad_values(call, msg):
+    with pytest.raises(InputError, match=msg):
+        call()
+
+
+def test_memory_functions_take_numpy_scalars_and_whole_float_turns():
+    ids, turns, scores = np.array([1, 2, 3, 4]), np.array([0, 0, 1, 2]), np.array([0.5, 0.2, 0.2, 0.9])
+    assert forget_choice(ids, turns, scores, np.float32(0.5)).tolist() == [1, 2]
+    w = salience(np.array([0.0, 90.0]), np.array([-1, 95]), np.int64(100), gamma=np.float32(0.01))
+    assert w.round(3).tolist() == [0.368, 1.405]
+    assert chunk_text("One two. Three four. Six.", chunk_words=np.int64(2)) == ["One two.", "Three four.", "Six."]
+
+
+def test_prompt_refuses_a_system_line_that_is_not_text(tmp_path):
+    m = mem(tmp_path)
+    m.add("something to find")
+    with pytest.raises(InputError, match="system must be a string"):
+        m.prompt("find", 100, system=5)
+    assert "Be brief." in m.prompt("find", 100, system="Be brief.").text
+
+
 # -- CLI ----------------------------------------------------------------------------------------------------
 def test_cli_add_ask_stats_and_exit_codes(tmp_path, capsys):
     db = str(tmp_path / "chat.db")

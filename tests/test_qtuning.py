@@ -242,6 +242,92 @@ def test_bad_input_refused():
         S.tokenize([{"instruction": "x"}], char_tokenizer())
 
 
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(weight_decay="a"), "weight_decay"), (dict(weight_decay=float("nan")), "weight_decay"),
+    (dict(weight_decay=-1.0), "weight_decay"), (dict(lr=True), "lr"), (dict(lr=float("nan")), "lr"),
+    (dict(lr=0.0), "lr"), (dict(max_grad_norm=-1.0), "max_grad_norm"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm"), (dict(max_grad_norm=0.0), "max_grad_norm"),
+    (dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"),
+    (dict(lora_rank=0), "lora_rank"), (dict(lora_rank=2.5), "lora_rank"), (dict(lora_alpha=float("nan")), "lora_alpha"),
+    (dict(seed=-1), "seed"), (dict(pad_id=-1), "pad_id"), (dict(pad_id=10**6), "pad_id"), (dict(pad_id=True), "pad_id"),
+])
+def test_sft_refuses_bad_arguments_before_touching_the_model(kw, msg):
+    tok = char_tokenizer()
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ex = S.tokenize(records(2), tok, max_length=64)
+    with pytest.raises(InputError, match=msg):
+        S.sft(model, ex, **{"pad_id": tok.eos_token_id, "progress": False, **kw})
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)  # no LoRA, no step
+
+
+def test_scoring_and_generation_refuse_bad_input():
+    tok = char_tokenizer()
+    model = tiny_model("llama")
+    ex = S.tokenize(records(2), tok, max_length=64)
+    for examples, pad_id, msg in (([], 0, "no examples"), (ex, -1, "pad_id"), (ex, 10**6, "pad_id"),
+                                  ([S.Example(ids=[1, 10**7], prompt_len=1)], 0, "outside the model's vocabulary"),
+                                  ([S.Example(ids=[1, 2], prompt_len=5)], 0, "prompt_len")):
+        with pytest.raises(InputError, match=msg):
+            S.score_examples(model, examples, pad_id=pad_id)
+        with pytest.raises(InputError, match=msg):
+            S.response_perplexity(model, examples, pad_id=pad_id)
+    with pytest.raises(InputError, match="no examples"):
+        S.pad([], 0)
+    for instructions, kw in (("hello", {}), ([1, 2], {}), (["hello"], {"batch_size": 0})):
+        with pytest.raises(InputError, match="list of strings" if kw == {} else "batch_size"):
+            S.generate(model, tok, instructions, max_new_tokens=2, **kw)
+
+
+def test_ratios_take_numpy_scalars_but_not_bools():
+    assert S.check_ratio(np.float32(0.5), "sample_ratio") == 0.5 and S.check_ratio(np.int64(1), "x") == 1.0
+    for bad in (True, np.bool_(True), "0.5", float("nan")):
+        with pytest.raises(InputError, match="sample_ratio"):
+            S.check_ratio(bad, "sample_ratio")
+
+
+
+DOCS = [{"title": "X", "text": "X was founded in 1901 by Y. It grew."}]
+PAIRS = [{"instruction": q, "response": r} for q, r in (("a", "1"), ("b", "2"), ("c", "3"))]
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: Q.quadrants(*planted()[:2], sample_ratio=0.1, max_iter=0), "max_iter"),
+    (lambda: Q.token_scores(np.zeros((1, 3)), np.ones((1, 3), bool), lam=True), "lam"),
+    (lambda: Q.QTuning(lam=True), "lam"), (lambda: Q.QTuning(lam=float("nan")), "lam"),
+    (lambda: Q.QTuning(seed="a"), "seed"), (lambda: Q.QTuning(seed=1.5), "seed"),
+    (lambda: S.RandomPruner(sample_ratio=0.5, seed=-1), "seed"),
+    (lambda: sft_tasks.arithmetic_problems(-1, seed=0), "n must be"),
+    (lambda: sft_tasks.arithmetic_problems(2.5, seed=0), "n must be"),
+    (lambda: sft_tasks.arithmetic_problems(True, seed=0), "n must be"),
+    (lambda: sft_tasks.year_questions(DOCS, window=0), "window"),
+    (lambda: sft_tasks.year_questions([{"text": "X was founded in 1901 by Y."}]), "'title' and 'text'"),
+    (lambda: sft_tasks.build_tasks(train=2, test=1, documents=[{"title": "X"}]), "'title' and 'text'"),
+    (lambda: sft_tasks.build_tasks(train=2, test=1, documents="abc"), "documents must be a list"),
+    (lambda: sft_tasks.build_tasks(train=2, test=1, arith_share=True, documents=DOCS), "arith_share"),
+    (lambda: sft_tasks.build_tasks(train=2, test=1, arith_share="0.5", documents=DOCS), "arith_share"),
+    (lambda: sft_tasks.build_tasks(train=2, test=1, seed=None, documents=DOCS), "seed"),
+    (lambda: sft_tasks.build_tasks(train=2, test=1, seed="x", documents=DOCS), "seed"),
+    (lambda: sft_tasks.add_noise([{"instruction": "a"}, {"instruction": "b"}], 0.99), "'response'"),
+    (lambda: sft_tasks.add_noise("abc", 0.9), "records must be a list"),
+    (lambda: sft_tasks.add_noise(PAIRS, 0.9, seed="x"), "seed"),
+])
+def test_task_and_pruner_options_refused(call, match):
+    with pytest.raises(InputError, match=match):
+        call()
+
+
+def test_task_and_pruner_options_take_numpy_scalars():
+    assert Q.QTuning(lam=np.float32(0.5), seed=np.int64(3)).lam == 0.5
+    assert Q.token_scores(np.zeros((1, 3)), np.ones((1, 3), bool), lam=np.float64(0.5)).tolist() == [[0.75, 1, 0.75]]
+    assert sft_tasks.add_noise(PAIRS, np.float32(0.9), seed=0) == sft_tasks.add_noise(PAIRS, 0.9, seed=0)
+    a = sft_tasks.build_tasks(train=2, test=1, arith_share=np.float32(0.5), seed=np.int64(1), documents=DOCS)
+    assert a == sft_tasks.build_tasks(train=2, test=1, arith_share=0.5, seed=1, documents=DOCS)
+    assert len(sft_tasks.arithmetic_problems(np.int64(2), seed=0)) == 2
+
+
 @pytest.fixture
 def sft_file(tmp_path):
     path = tmp_path / "sft.jsonl"

@@ -98,6 +98,43 @@ def test_vote_validates():
         R.self_consistency([])
 
 
+@pytest.mark.parametrize("call,match", [
+    (lambda: R.reasoning_prune([-5.0, 0.5, 0.6, 0.7]), r"in \[0, 1\]"),
+    (lambda: R.reasoning_prune([5.0, 0.5, 0.6, 0.7]), r"in \[0, 1\]"),
+    (lambda: R.reasoning_prune([float("nan"), 0.5, 0.6]), r"in \[0, 1\]"),
+    (lambda: R.reasoning_prune([[0.1, 0.2], [0.3, 0.4]]), "1-D"),
+    (lambda: R.reasoning_prune([]), "1-D"),
+    (lambda: R.path_probabilities([[False]]), "real numbers"),
+    (lambda: R.path_probabilities([[[-1.0, -2.0]], [[-1.0]]]), "flat list"),
+    (lambda: R.path_probabilities([[-1 + 1j]]), "real numbers"),
+    (lambda: R.path_probabilities([[-1.0, [-2.0]]]), "real numbers"),
+    (lambda: R.path_probabilities({"a": [-1.0]}), "one sequence"),
+    (lambda: R.fit_weibull_mixture([0.1, 0.2, 0.5, 0.9], init=(np.nan, 1, 1, 1.5, 2)), "init"),
+    (lambda: R.fit_weibull_mixture([0.1, 0.2, 0.5, 0.9], init=None), "init"),
+    (lambda: R.fit_weibull_mixture([0.1, 0.2, 0.5, 0.9], w_bounds=0.5), "w_bounds"),
+    (lambda: R.expected_calibration_error([], []), "no confidences"),
+    (lambda: R.expected_calibration_error([0.5, 0.9], [1, 0], bins=True), "bins"),
+    (lambda: R.self_consistency({"a": 1}), "answers must be a list"),
+    (lambda: R.self_consistency("abc"), "answers must be a list"),
+    (lambda: R.perplexity_consistency(["1", "2"], [[-1.0], [-1.0]], texts=5), "texts must be a list"),
+    (lambda: R.load_paths(None), "file path"),
+    (lambda: R.evaluate(None, method="sc"), "records must be a list"),
+    (lambda: R.evaluate("paths.jsonl", method="sc"), "records must be a list"),
+])
+def test_bad_values_are_refused(call, match):
+    with pytest.raises(InputError, match=match):
+        call()
+
+
+def test_numpy_values_and_underflowed_probabilities_are_taken():
+    p = np.array([0.9, 0.85, 0.88, 0.2, 0.1, 0.92])
+    assert np.array_equal(R.reasoning_prune(p.astype(np.float32)), R.reasoning_prune(p))
+    assert R.reasoning_prune([0.0, 0.9, 0.85, 0.88]).shape == (4,)  # exp(-1000) underflows to 0: floored
+    fit = R.fit_weibull_mixture(p, init=np.array([0.5, 1.0, 1.0, 1.5, 2.0]), w_bounds=(np.float32(0.2), 0.8))
+    assert 0.2 - 1e-6 <= fit.w <= 0.8 + 1e-6
+    assert R.expected_calibration_error([1.0], [1], bins=np.int64(5)) == 0.0
+
+
 # ---------------------------------------------------------------- ECE
 
 

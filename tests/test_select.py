@@ -80,3 +80,28 @@ def test_ties_at_the_cut_follow_the_stable_rule_and_fast_path_matches_sort():
     x = torch.randint(0, 4, (40, 30)).float()
     ref = torch.ones(1200, dtype=torch.bool).scatter_(0, torch.sort(x.flatten(), stable=True).indices[:600], False)
     assert torch.equal(keep_global(x, 0.5), ref.reshape(40, 30))
+
+
+@pytest.mark.parametrize("pattern", [NM(5, 4), NM(0, 4), NM(1, 0), NM(4, 4), "5:4", "unstructured"])
+def test_keep_n_m_checks_its_pattern(pattern):
+    with pytest.raises(InputError, match="pattern"):
+        keep_n_m(torch.tensor([[3.0, 1.0, 2.0, 0.0]]), pattern)
+
+
+def test_keep_n_m_takes_a_pattern_string():
+    scores = torch.tensor([[3.0, 1.0, 2.0, 0.0]])
+    assert torch.equal(keep_n_m(scores, "2:4"), keep_n_m(scores, NM(2, 4)))
+
+
+NAN_ROW = [[float("nan"), 1.0, 2.0, 0.0]]
+
+
+@pytest.mark.parametrize("select", [keep_per_row, keep_global, lambda s, r: keep_n_m(s, NM(2, 4))])
+@pytest.mark.parametrize("scores,match", [
+    (torch.tensor(NAN_ROW), "NaN"), (torch.zeros(2, 0), "at least one entry"),
+    (torch.tensor(1.0), "at least one entry"),
+    (NAN_ROW, "torch.Tensor"), ([[3.0, 1.0, 2.0, 0.0]], "torch.Tensor"), (torch.tensor([[1 + 1j, 2, 3, 4]]), "real"),
+])
+def test_selectors_refuse_scores_no_mask_can_come_from(select, scores, match):
+    with pytest.raises(InputError, match=match):
+        select(scores, 0.5)

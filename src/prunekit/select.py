@@ -131,21 +131,40 @@ def _keep_lowest_removed(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep.reshape(scores.shape)
 
 
+def _check_scores(scores) -> None:
+    """Refuse what no mask can be made from: not a tensor, no entries, or NaN (it would be ranked arbitrarily)."""
+    if not isinstance(scores, torch.Tensor):
+        raise InputError(f"scores must be a torch.Tensor (e.g. torch.as_tensor(x)), got {type(scores).__name__}")
+    if scores.ndim == 0 or scores.numel() == 0:
+        raise InputError(f"scores must have at least one entry and one dimension, got shape {list(scores.shape)}")
+    if scores.is_complex() or scores.dtype == torch.bool:
+        raise InputError(f"scores must be real numbers, got dtype {scores.dtype}")
+    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+        raise InputError("scores contain NaN, which cannot be ranked; fix what produced them (NaN weights or inputs)")
+
+
 def keep_per_row(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Remove ``int(cols * ratio)`` lowest scores in every row (Wanda's comparison group)."""
     ratio = check_ratio(ratio)
+    _check_scores(scores)
     return _keep_lowest_removed(scores, int(scores.shape[-1] * ratio))
 
 
 def keep_global(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Remove ``int(numel * ratio)`` lowest scores over the whole tensor."""
     ratio = check_ratio(ratio)
+    _check_scores(scores)
     flat = _keep_lowest_removed(scores.reshape(-1), int(scores.numel() * ratio))
     return flat.reshape(scores.shape)
 
 
 def keep_n_m(scores: torch.Tensor, pattern: NM) -> torch.Tensor:
-    """Keep the `n` highest scores in every group of `m` consecutive entries along the last dim."""
+    """Keep the `n` highest scores in every group of `m` consecutive entries along the last dim; `pattern` is an
+    `NM` or a string such as ``"2:4"`` (`parse_pattern`'s rules)."""
+    pattern = parse_pattern(pattern)
+    if pattern is None:
+        raise InputError("keep_n_m needs an N:M pattern such as NM(2, 4) or '2:4'")
+    _check_scores(scores)
     cols = scores.shape[-1]
     if cols % pattern.m:
         raise InputError(f"pattern {pattern} needs an input size divisible by {pattern.m}, got {cols}")

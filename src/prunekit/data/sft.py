@@ -109,9 +109,39 @@ class SFTReport:
 # ----------------------------------------------------------------------------------------------- data in
 def check_ratio(value, name: str) -> float:
     """A fraction kept, in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= 1:
+    if not _is_number(value) or not math.isfinite(value) or not 0 < value <= 1:
         raise InputError(f"{name} is the fraction kept and must be in (0, 1], got {value!r}")
     return float(value)
+
+
+def _is_number(value) -> bool:
+    """A real number: a Python or numpy int or float, not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_number(value, name: str, *, low: float, strict: bool, hint: str = "") -> float:
+    """`value` as a float if it is a finite number above `low` (``strict``) or at least `low`; else `InputError`."""
+    if not _is_number(value) or not math.isfinite(value) or (value <= low if strict else value < low):
+        raise InputError(f"{name} must be a finite number {'>' if strict else '>='} {low}{hint}, got {value!r}")
+    return float(value)
+
+
+def _check_examples(examples, pad_id, model: nn.Module) -> None:
+    """Refuse an empty or malformed list of `Example` s, and a `pad_id` or token id outside `model`'s embedding:
+    a bad id would fail deep in the forward pass (or read out of bounds on a GPU)."""
+    if isinstance(examples, (str, dict, Example)) or not examples:
+        raise InputError("no examples given; pass a non-empty list of Example (see tokenize)")
+    vocab = model.get_input_embeddings().num_embeddings
+    if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < vocab:
+        raise InputError(f"pad_id must be a token id in the model's vocabulary [0, {vocab}), got {pad_id!r}")
+    low, high = vocab, -1
+    for i, e in enumerate(examples):
+        if not isinstance(e, Example) or not e.ids or not 0 <= e.prompt_len < len(e.ids):
+            raise InputError(f"example {i} must be an Example with ids and 0 <= prompt_len < len(ids) (see tokenize)")
+        low, high = min(low, min(e.ids)), max(high, max(e.ids))
+    if low < 0 or high >= vocab:
+        raise InputError(f"token ids run {low}..{high}, outside the model's vocabulary [0, {vocab}); "
+                         "tokenize with the model's own tokenizer")
 
 
 def read_sft(path: str | os.PathLike) -> list[dict]:
@@ -172,6 +202,8 @@ def tokenize(records: list[dict], tokenizer, *, max_length: int = 128) -> list[E
 
 def pad(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``(ids [B, T], attention [B, T] bool, response [B, T] bool)``."""
+    if not examples:
+        raise InputError("no examples given; pad needs at least one Example")
     t = max(len(e.ids) for e in examples)
     ids = torch.full((len(examples), t), pad_id, dtype=torch.long)  # [B, T]
     attn = torch.zeros((len(examples), t), dtype=torch.bool)  # [B, T]
@@ -214,6 +246,7 @@ def score_examples(model: nn.Module, examples: list[Example], *, pad_id: int, ba
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`token_stats` over every example, padded to the longest: ``(nll [N, T], entropy [N, T], response [N, T])``."""
     int_at_least(batch_size, "batch_size", 1)
+    _check_examples(examples, pad_id, model)
     t = max(len(e.ids) for e in examples)
     n = len(examples)
     nll, ent, resp = np.zeros((n, t), np.float64), np.zeros((n, t), np.float64), np.zeros((n, t), bool)
@@ -287,7 +320,7 @@ class _Pruner:
         if every not in EVERY:
             raise InputError(f"every must be one of {', '.join(EVERY)}, got {every!r}")
         self.every = every
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(int_at_least(seed, "seed", 0))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(sample_ratio={self.sample_ratio}, token_ratio={self.token_ratio}, every={self.every!r})"
@@ -385,7 +418,7 @@ def _step(model, batch: list[Example], masks: list[np.ndarray], pad_id: int, opt
                            reduction="sum") / n_tok
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if max_grad_norm:
+    if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     opt.step()
     report.steps += 1
@@ -407,16 +440,26 @@ def sft(model: nn.Module, examples: list[Example], *, pad_id: int, pruner=None, 
     as the other modes'); only the kept rows are forwarded with gradients."""
     from prunekit.lora import LoRALinear, add_lora, lora_parameters
 
+    # every argument is checked here, before LoRA goes into the caller's model
     int_at_least(epochs, "epochs", 1)
     int_at_least(batch_size, "batch_size", 1)
     if not examples:
         raise InputError("no examples given; SFT needs at least one")
     if load_batch is not None:
         int_at_least(load_batch, "load_batch", 1)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise InputError(f"lr must be a positive number, got {lr!r}")
+    lr = _check_number(lr, "lr", low=0.0, strict=True)
+    weight_decay = _check_number(weight_decay, "weight_decay", low=0.0, strict=False)
+    if lora_rank is not None:
+        int_at_least(lora_rank, "lora_rank", 1, hint=" (None: train every parameter)")
+        lora_alpha = _check_number(lora_alpha, "lora_alpha", low=0.0, strict=True)
+    if max_grad_norm is not None:
+        max_grad_norm = _check_number(max_grad_norm, "max_grad_norm", low=0.0, strict=True, hint=" (None: no clipping)")
+    seed = int_at_least(seed, "seed", 0)
+    _check_examples(examples, pad_id, model)
     if pruner is not None and not hasattr(pruner, "select"):
         raise InputError(f"pruner must have a select(...) method (a prunekit pruner), got {type(pruner).__name__}")
+    if pruner is not None and getattr(pruner, "every", None) not in EVERY:
+        raise InputError(f"pruner.every must be one of {', '.join(EVERY)}, got {getattr(pruner, 'every', None)!r}")
     if lora_rank is not None:
         if not any(isinstance(m, LoRALinear) for m in model.modules()):
             add_lora(model, rank=lora_rank, alpha=lora_alpha, seed=seed)
@@ -482,7 +525,10 @@ def response_perplexity(model: nn.Module, examples: list[Example], *, pad_id: in
 def generate(model: nn.Module, tokenizer, instructions: list[str], *, max_new_tokens: int = 24,
              batch_size: int = 8, progress: bool = False) -> list[str]:
     """Greedy responses to `instructions` (prompts as in training), batched with left padding."""
+    if isinstance(instructions, (str, bytes)) or not all(isinstance(x, str) for x in instructions):
+        raise InputError("instructions must be a list of strings; for one instruction pass a list of one")
     int_at_least(max_new_tokens, "max_new_tokens", 1)
+    int_at_least(batch_size, "batch_size", 1)
     dev = _device(model)
     end = _end_id(tokenizer)
     pad_id = _pad_id(tokenizer)

@@ -25,8 +25,10 @@ random streams.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import re
+from numbers import Real
 
 from prunekit.errors import InputError, int_at_least
 
@@ -43,8 +45,24 @@ def _held_out(title: str, test_share: float = 0.3) -> bool:
     return h / 0xFFFFFFFF < test_share
 
 
+def _check_documents(documents) -> None:
+    if isinstance(documents, (str, bytes, dict)) or not hasattr(documents, "__iter__"):
+        raise InputError(f"documents must be a list of {{'title', 'text'}} dicts, got {type(documents).__name__}")
+    for i, d in enumerate(documents):
+        if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("title", "text")):
+            raise InputError(f"document {i} must be a dict with string fields 'title' and 'text'")
+
+
+def _number(value) -> bool:
+    """A finite real number (Python or numpy; numpy's bool is no Real), not a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def year_questions(documents: list[dict], *, max_words: int = 28, window: int = 3) -> list[dict]:
     """Every year question the leads give (at most one per lead), in document order, with ``title``."""
+    max_words = int_at_least(max_words, "max_words", 5, hint=" (a passage's word limit)")
+    window = int_at_least(window, "window", 1, hint=" (words shown before the blank)")
+    _check_documents(documents)
     out = []
     for d in documents:
         sents = [s.strip() for s in _SENT.split(d["text"]) if s.strip()]
@@ -82,7 +100,8 @@ _ITEMS = ["apples", "books", "marbles", "pencils", "stamps", "cookies", "sticker
 
 def arithmetic_problems(n: int, *, seed: int) -> list[dict]:
     """`n` word problems of two or three steps, answers computed (never negative, shares exact)."""
-    rng = random.Random(seed)
+    n = int_at_least(n, "n", 0)
+    rng = random.Random(int_at_least(seed, "seed", 0))
     out = []
     while len(out) < n:
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
@@ -130,12 +149,14 @@ def build_tasks(*, train: int = 320, test: int = 120, seed: int = 0, arith_share
     Falls back to arithmetic only when the documents give no year question."""
     int_at_least(train, "train", 1)
     int_at_least(test, "test", 1)
-    if not 0 <= arith_share <= 1:
-        raise InputError(f"arith_share must be in [0, 1], got {arith_share!r}")
+    seed = int_at_least(seed, "seed", 0)
+    if not _number(arith_share) or not 0 <= arith_share <= 1:
+        raise InputError(f"arith_share must be a number in [0, 1], got {arith_share!r}")
     if documents is None:
         from prunekit import zoo
 
         documents = zoo.wiki_documents()
+    _check_documents(documents)
     qs = year_questions(documents)
     rng = random.Random(seed)
     pools = {False: [q for q in qs if not _held_out(q["title"])], True: [q for q in qs if _held_out(q["title"])]}
@@ -155,8 +176,14 @@ def add_noise(records: list[dict], fraction: float, *, seed: int = 0) -> list[di
     the chosen records' responses are rotated by one among themselves (misaligned pairs, the harmful noise that
     SFT data pruning is meant to drop) and marked ``"noisy": True``. Fewer than two chosen records cannot be
     rotated, so then the copy is unchanged. `records` itself is not modified."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+    if not _number(fraction) or not 0 <= fraction < 1:
         raise InputError(f"noise fraction must be in [0, 1), got {fraction!r}")
+    seed = int_at_least(seed, "seed", 0)
+    if isinstance(records, (str, bytes, dict)) or not hasattr(records, "__iter__"):
+        raise InputError(f"records must be a list of {{'instruction', 'response'}} dicts, got {type(records).__name__}")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or "response" not in r:
+            raise InputError(f"record {i} must be a dict with a 'response' (the answers are what the noise moves)")
     out = [dict(r) for r in records]
     k = int(round(fraction * len(out)))
     if k < 2:

@@ -119,6 +119,8 @@ def count_tokens(text: str, tokenizer=None) -> int:
     percent of GPT-2/Llama-style BPE counts, lower for rare words and numbers, so pass the model's tokenizer
     when the budget must be exact.
     """
+    if not isinstance(text, str):
+        raise InputError(f"count_tokens takes a string, got {type(text).__name__}")
     if tokenizer is not None:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
     return len(_PIECE.findall(text))
@@ -130,6 +132,7 @@ def chunk_text(text: str, *, chunk_words: int) -> list[str]:
     >>> chunk_text("One two. Three four five. Six.", chunk_words=3)
     ['One two.', 'Three four five.', 'Six.']
     """
+    chunk_words = int_at_least(chunk_words, "chunk_words", 1)
     chunks, cur, n = [], [], 0
     for sentence in split_sentences(text):
         words = sentence.split()
@@ -169,8 +172,13 @@ def salience(turns: np.ndarray, last_retrieved: np.ndarray, now: int, *, lam: fl
         raise InputError(f"retrieval_term must be one of {', '.join(RETRIEVAL_TERMS)}, got {retrieval_term!r}")
     if age_from not in AGE_FROM:
         raise InputError(f"age_from must be one of {', '.join(AGE_FROM)}, got {age_from!r}")
-    turns = np.asarray(turns, dtype=np.int64)  # [n]
-    last = np.asarray(last_retrieved, dtype=np.int64)  # [n]
+    lam, gamma, beta = _check_float("lam", lam), _check_float("gamma", gamma), _check_float("beta", beta)
+    now = int_at_least(now, "now", 0)
+    window = int_at_least(window, "window", 1)
+    turns = _turn_numbers("turns", turns, low=0)  # [n]
+    last = _turn_numbers("last_retrieved", last_retrieved, low=-1)  # [n]
+    if turns.shape != last.shape:
+        raise InputError(f"turns ({len(turns)}) and last_retrieved ({len(last)}) must have one entry per chunk")
     recent = (last >= 0) & (now - last < window)  # [n]
     bonus = recent if retrieval_term == "retrieved" else ~recent
     since = turns if age_from == "said" else np.maximum(turns, last)  # [n]
@@ -183,12 +191,25 @@ def forget_choice(ids: np.ndarray, turns: np.ndarray, scores: np.ndarray, fracti
     >>> forget_choice(np.array([1, 2, 3, 4]), np.array([0, 0, 1, 2]), np.array([0.5, 0.2, 0.2, 0.9]), 0.5).tolist()
     [1, 2]
     """
+    fraction = _check_float("fraction", fraction, high=1.0)
     n = len(ids)
+    if len(turns) != n or len(scores) != n:
+        raise InputError(f"ids ({n}), turns ({len(turns)}) and scores ({len(scores)}) must have one entry per chunk")
     m = int(math.floor(fraction * n + 1e-9))
     if m == 0:
         return np.zeros(0, dtype=np.int64)
     order = np.lexsort((np.asarray(ids), np.asarray(turns), np.asarray(scores)))  # by score, then turn, then id
     return np.sort(order[:m])
+
+
+def _turn_numbers(name: str, values, *, low: int) -> np.ndarray:
+    """`values` as an int64 array ``[n]`` of turn numbers >= `low`; whole-valued floats pass, 0.7 does not."""
+    arr = np.asarray(values)
+    if arr.ndim != 1 or arr.dtype.kind not in "iuf" or not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+        raise InputError(f"{name} must be a 1-D array of whole turn numbers, got {arr.tolist()!r:.80}")
+    if arr.size and arr.min() < low:
+        raise InputError(f"{name} must be turn numbers >= {low}, got {arr.min()}")
+    return arr.astype(np.int64)
 
 
 def _check_float(name: str, value, *, low: float = 0.0, high: float | None = None, open_low: bool = False) -> float:
@@ -278,6 +299,9 @@ class Memory:
 
     def add_many(self, turns) -> list[Added]:
         """Store several turns in order, embedding their chunks in one call; all commit together."""
+        if isinstance(turns, (str, bytes, Mapping)):
+            raise InputError(f"add_many takes a list of turns, got one {type(turns).__name__}; "
+                             "give a single turn to add(), or wrap it in a list")
         parsed = [self._turn(t) for t in turns]
         if not parsed:
             return []
@@ -287,6 +311,8 @@ class Memory:
         if emb.shape != (len(flat), int(self.embedder.dim)):
             raise InputError(f"embedder {self.embedder.name} returned shape {emb.shape} for {len(flat)} texts; "
                              f"expected ({len(flat)}, {self.embedder.dim})")
+        if not np.isfinite(emb).all():
+            raise InputError(f"embedder {self.embedder.name} returned NaN or infinite vectors; nothing was stored")
 
         # Summaries first (an LM summarizer is slow): nothing is held open while the model runs.
         start = self.store.count_turns()
@@ -370,6 +396,8 @@ class Memory:
     def _search(self, query: str, k: int, *, skip_turns: set) -> list[Retrieved]:
         """The `k` best chunks for `query` whose turn is not in `skip_turns` (fewer only when the index runs out)."""
         q = np.asarray(self.embedder.encode([query]), dtype=np.float32).reshape(-1)  # [dim]
+        if not np.isfinite(q).all():
+            raise InputError(f"embedder {self.embedder.name} returned a NaN or infinite vector for the query")
         fetch = k
         while True:
             hits = self.store.search(q, fetch)
@@ -417,6 +445,8 @@ class Memory:
         """
         if not isinstance(query, str) or not query.strip():
             raise InputError("query is empty; give the question or message to build the prompt for")
+        if system is not None and not isinstance(system, str):
+            raise InputError(f"system must be a string (the system line) or None, got {type(system).__name__}")
         budget = int_at_least(budget, "budget", 1)
         k = self.k if k is None else int_at_least(k, "k", 0)
         tail_n = self.tail_turns if tail_turns is None else int_at_least(tail_turns, "tail_turns", 0)

@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Sequence
 
@@ -97,9 +99,14 @@ class Vote:
         return sum(1.0 for w in self.winners if w == ref) / len(self.winners)
 
 
+def _is_sequence(x) -> bool:
+    """A list-like with a length: not a string, a mapping or a set (their items are not one per path)."""
+    return hasattr(x, "__len__") and not isinstance(x, (str, bytes, Mapping, Set))
+
+
 def _answers(answers: Sequence) -> list:
-    if isinstance(answers, (str, bytes)) or not hasattr(answers, "__len__"):
-        raise InputError("answers must be a list with one answer per path")
+    if not _is_sequence(answers):
+        raise InputError(f"answers must be a list with one answer per path, got {type(answers).__name__}")
     if len(answers) == 0:
         raise InputError("no paths to vote over: give at least one path")
     return [canonical_answer(a) for a in answers]
@@ -108,14 +115,21 @@ def _answers(answers: Sequence) -> list:
 def path_probabilities(logprobs: Sequence) -> np.ndarray:
     """p_i = exp(mean of path i's token log-probs), [n]. `logprobs`: one sequence per path (each non-empty,
     finite, <= 0), or already a [n] array of *mean* log-probs (floats)."""
-    if logprobs is None or isinstance(logprobs, (str, bytes)) or not hasattr(logprobs, "__len__"):
+    if not _is_sequence(logprobs):
         raise InputError(f"logprobs must hold one sequence of token log-probs per path, got {type(logprobs).__name__}"
                          " (sc needs none; pc and rpc do)")
     if len(logprobs) == 0:
         raise InputError("no paths: give at least one path's log-probs")
     means = []
     for i, lp in enumerate(logprobs):
-        arr = np.asarray(lp, dtype=np.float64).reshape(-1)  # [T_i], or [1] for a mean
+        try:
+            given = np.asarray(lp)
+        except ValueError:  # a ragged nesting
+            given = np.asarray(lp, dtype=object)
+        if given.ndim > 1 or given.dtype == bool or given.dtype.kind not in "iuf":
+            raise InputError(f"path {i}'s log-probs must be a flat list of real numbers (or one mean log-prob), "
+                             f"got {'shape ' + str(list(given.shape)) if given.ndim > 1 else given.dtype}")
+        arr = given.astype(np.float64).reshape(-1)  # [T_i], or [1] for a mean
         if arr.size == 0:
             raise InputError(f"path {i} has no token log-probs; every path needs at least one token")
         if not np.all(np.isfinite(arr)):
@@ -164,6 +178,8 @@ def _pc_scores(ans: list, probs: np.ndarray, texts, keep: np.ndarray) -> dict:
 def _texts(texts, n: int):
     if texts is None:
         return None
+    if not _is_sequence(texts):
+        raise InputError(f"texts must be a list with one text per path, got {type(texts).__name__}")
     if len(texts) != n:
         raise InputError(f"texts has {len(texts)} entries for {n} paths; give one text per path")
     return [str(t) for t in texts]
@@ -256,11 +272,13 @@ def fit_weibull_mixture(x: Sequence, *, init=(0.5, 1.0, 1.0, 1.5, 2.0), w_bounds
     x = np.asarray(x, dtype=np.float64).reshape(-1)  # [n]
     if x.size < 2 or not np.all(np.isfinite(x)) or np.any(x <= 0):
         raise InputError("fit_weibull_mixture needs at least 2 finite samples, all > 0")
-    lo, hi = w_bounds
-    if not (0 < lo <= hi < 1):
-        raise InputError(f"w_bounds={w_bounds!r} must satisfy 0 < low <= high < 1")
-    if len(init) != 5:
-        raise InputError("init must be (w, k1, lam1, k2, lam2)")
+    if not (_is_sequence(w_bounds) and len(w_bounds) == 2 and all(_real(v) for v in w_bounds)
+            and 0 < w_bounds[0] <= w_bounds[1] < 1):
+        raise InputError(f"w_bounds={w_bounds!r} must be a pair (low, high) with 0 < low <= high < 1")
+    lo, hi = (float(v) for v in w_bounds)
+    if not (_is_sequence(init) and len(init) == 5 and all(_real(v) for v in init) and 0 < init[0] < 1
+            and min(init[1:]) > 0):
+        raise InputError(f"init={init!r} must be 5 finite numbers (w, k1, lam1, k2, lam2), 0 < w < 1, the rest > 0")
     if gradient not in ("analytic", "numeric"):
         raise InputError(f"gradient={gradient!r}: choose 'analytic' or 'numeric'")
     bounds = [(lo, hi)] + [(0.01, None)] * 4
@@ -276,10 +294,24 @@ def fit_weibull_mixture(x: Sequence, *, init=(0.5, 1.0, 1.0, 1.5, 2.0), w_bounds
     return WeibullMixture(w=w, k_high=k1, lam_high=l1, k_low=k2, lam_low=l2)
 
 
+def _real(v) -> bool:
+    """A finite real number (Python or numpy), not a bool."""
+    return isinstance(v, Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+
+
 def reasoning_prune(probs: Sequence) -> np.ndarray:
     """RPC's keep-mask over path probabilities p [n] (True = kept): drop path i iff the fitted low component
-    explains p_i better than the high one AND p_i < mean(p)."""
-    p = np.maximum(np.asarray(probs, dtype=np.float64).reshape(-1), _TINY)  # [n]
+    explains p_i better than the high one AND p_i < mean(p). Each p_i = exp(mean log-prob) is in [0, 1]
+    (`path_probabilities`); 0, an underflow, is floored at 1e-300."""
+    given = np.asarray(probs)
+    if given.ndim != 1 or given.size == 0 or given.dtype == bool or given.dtype.kind not in "iuf":
+        raise InputError(f"probs must be a non-empty 1-D list of path probabilities, got "
+                         f"{'shape ' + str(list(given.shape)) if given.ndim != 1 or not given.size else given.dtype}")
+    p = given.astype(np.float64)
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or np.any(p > 1 + 1e-6):
+        raise InputError("path probabilities must be in [0, 1] (p = exp(mean token log-prob)); "
+                         "pass path_probabilities(logprobs), not log-probs or scores")
+    p = np.clip(p, _TINY, 1.0)  # [n]
     keep = np.ones(p.size, dtype=bool)
     if np.unique(p).size < 2:
         return keep
@@ -319,7 +351,9 @@ def expected_calibration_error(confidence: Sequence, correct: Sequence, *, weigh
     wts = np.ones_like(conf) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
     if not (conf.shape == corr.shape == wts.shape):
         raise InputError("confidence, correct and weights must have the same length")
-    if not isinstance(bins, int) or bins < 1:
+    if conf.size == 0:
+        raise InputError("no confidences given; ECE needs at least one (confidence, correct) pair")
+    if isinstance(bins, bool) or not isinstance(bins, Integral) or bins < 1:
         raise InputError(f"bins={bins!r} must be an integer >= 1")
     if np.any(~np.isfinite(conf)) or np.any((conf < 0) | (conf > 1 + 1e-9)):
         raise InputError("confidences must be in [0, 1]")
@@ -402,6 +436,8 @@ def load_paths(path: str | os.PathLike) -> list[Question]:
     ``{"question": str (optional), "answer": reference, "paths": [{"text": str, "answer": str | null,
     "logprobs": [float <= 0, ...]}, ...]}``. Blank lines are skipped; anything else malformed raises
     `InputError` naming the line."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path must be a file path (str or Path), got {type(path).__name__}")
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"{path} is not a file; give a JSONL file of sampled paths")
@@ -412,6 +448,9 @@ def load_paths(path: str | os.PathLike) -> list[Question]:
 
 
 def _as_questions(records) -> list[Question]:
+    if isinstance(records, (str, bytes, Mapping)) or not hasattr(records, "__iter__"):
+        raise InputError(f"records must be a list of questions (load_paths(file) gives one), "
+                         f"got {type(records).__name__}")
     out = []
     for i, r in enumerate(records):
         out.append(r if isinstance(r, Question) else _parse(r, "<records>", i + 1))

@@ -50,6 +50,7 @@ Departures from cleanlab, all about cost, none about answers:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Real
 
 import numpy as np
 
@@ -168,6 +169,24 @@ def _prepare(labels, pred_probs, *, allow_missing_classes: bool = False) -> _Dat
     return _Data(y, probs, counts, np.argsort(small, kind="stable"), np.concatenate([[0], np.cumsum(counts)]))
 
 
+def _is_number(value) -> bool:
+    """A finite real number (a Python or numpy int or float), not a bool."""
+    return isinstance(value, Real) and not isinstance(value, (bool, np.bool_)) and bool(np.isfinite(value))
+
+
+def _counts_array(values, name: str, shape: tuple, what: str) -> np.ndarray:
+    """`values` as an array (dtype kept) of `shape` if it holds non-negative whole numbers; else `InputError`."""
+    arr = np.asarray(values)
+    if arr.shape != shape:
+        raise InputError(f"{name} must have shape {list(shape)} ({what}), got shape {list(arr.shape)}")
+    if arr.dtype == bool or arr.dtype.kind not in "iuf":
+        raise InputError(f"{name} must hold counts (non-negative whole numbers), got dtype {arr.dtype}")
+    if not np.isfinite(arr).all() or (arr < 0).any() or (arr != np.round(arr)).any():
+        bad = arr[~(np.isfinite(arr) & (arr >= 0) & (arr == np.round(arr)))].ravel()[0].item()
+        raise InputError(f"{name} must hold counts (non-negative whole numbers), got {bad!r}")
+    return arr
+
+
 def _first_of_argsort(values: np.ndarray, c: int) -> np.ndarray:
     """The positions ``np.argsort(values)[:c]`` picks, as a set (ascending), without sorting everything.
 
@@ -282,6 +301,13 @@ def compute_confident_joint(labels, pred_probs, *, calibrate: bool = True, thres
     d = _prepare(labels, pred_probs, allow_missing_classes=allow_missing_classes)
     if thresholds is None:
         thresholds = confident_thresholds(d.labels, d)
+    else:
+        given = np.asarray(thresholds)
+        numeric = given.dtype != bool and given.dtype.kind in "iuf"
+        if given.shape != (d.k,) or not numeric or not np.isfinite(given).all():
+            raise InputError(f"thresholds must be {d.k} finite numbers, one per class (pred_probs has {d.k} columns), "
+                             f"got {np.asarray(thresholds).tolist()!r:.80}")
+        thresholds = given
     joint = _scan(d, np.asarray(thresholds)).joint
     return calibrate_confident_joint(joint, d.labels) if calibrate else np.ascontiguousarray(joint)
 
@@ -380,13 +406,21 @@ def label_quality_scores(labels, pred_probs, *, method: str = "self_confidence",
 
 
 def order_label_issues(issues, labels, pred_probs, *, rank_by: str = "self_confidence") -> np.ndarray:
-    """Indices of the flagged examples (`issues`: bool mask [N]), worst label quality first."""
+    """Indices of the flagged examples, worst label quality first. `issues`: a bool mask [N], or the flagged
+    examples' integer indices (as cleanlab reads an integer array)."""
     _check_method(rank_by, RANKINGS, "ranking")
     d = _prepare(labels, pred_probs, allow_missing_classes=True).validate()
-    issues = np.asarray(issues, dtype=bool)
-    if issues.shape != (d.n,):
-        raise InputError(f"issues must be a boolean mask of {d.n} examples, got shape {issues.shape}")
-    index = np.flatnonzero(issues)
+    given = np.asarray(issues)
+    if given.dtype == bool:
+        if given.shape != (d.n,):
+            raise InputError(f"issues must be a boolean mask of {d.n} examples, got shape {given.shape}")
+        index = np.flatnonzero(given)
+    elif given.dtype.kind in "iu" or given.size == 0:
+        index = given.astype(np.intp).reshape(-1) if given.ndim <= 1 else None
+        if index is None or (index.size and (index.min() < 0 or index.max() >= d.n)):
+            raise InputError(f"issues as integer indices must be a 1-D array of indices in [0, {d.n})")
+    else:
+        raise InputError(f"issues must be a boolean mask of {d.n} examples or integer indices, got dtype {given.dtype}")
     scores = _scores_of(np.asarray(d.probs[index]), d.labels[index], rank_by)
     return index[np.argsort(scores)]
 
@@ -483,28 +517,28 @@ def find_label_issues(labels, pred_probs, *, filter_by: str = "prune_by_noise_ra
     _check_method(filter_by, FILTERS, "filter_by")
     if return_indices_ranked_by is not None:
         _check_method(return_indices_ranked_by, RANKINGS, "return_indices_ranked_by")
-    if not (0.0 < float(frac_noise) <= 1.0):
-        raise InputError(f"frac_noise must be in (0, 1], got {frac_noise}")
-    if isinstance(min_examples_per_class, bool) or int(min_examples_per_class) != min_examples_per_class or min_examples_per_class < 0:
+    if not (_is_number(frac_noise) and 0.0 < frac_noise <= 1.0):
+        raise InputError(f"frac_noise must be a number in (0, 1], got {frac_noise!r}")
+    if not (_is_number(min_examples_per_class) and min_examples_per_class == int(min_examples_per_class)
+            and min_examples_per_class >= 0):
         raise InputError(f"min_examples_per_class must be a non-negative integer, got {min_examples_per_class!r}")
     rule_based = ("confident_learning", "predicted_neq_given", "low_self_confidence", "low_normalized_margin")
     if num_to_remove_per_class is not None and filter_by in rule_based:
         raise InputError(f"num_to_remove_per_class works with prune_by_noise_rate, prune_by_class or both, not {filter_by}")
     d = _prepare(labels, pred_probs, allow_missing_classes=allow_missing_classes)
+    # checked before the scan; a count above a class's size removes all it can, as in cleanlab
+    remove = joint = None
+    if num_to_remove_per_class is not None:
+        remove = _counts_array(num_to_remove_per_class, "num_to_remove_per_class", (d.k,), "one entry per class")
+    if confident_joint is not None and filter_by in ("prune_by_noise_rate", "prune_by_class", "both"):
+        joint = _counts_array(confident_joint, "confident_joint", (d.k, d.k), "given class x true class")
     scan = _scan(d, confident_thresholds(d.labels, d))
 
     if filter_by in ("prune_by_noise_rate", "prune_by_class", "both"):  # the only modes that read the joint
-        if confident_joint is None:
+        if joint is None:
             joint = calibrate_confident_joint(scan.joint, d.labels)
-        else:
-            joint = np.asarray(confident_joint)
-            if joint.shape != (d.k, d.k):
-                raise InputError(f"confident_joint must be [{d.k}, {d.k}], got {joint.shape}")
         counts = _prune_counts(joint, n=int(min_examples_per_class), frac_noise=float(frac_noise))
-        if num_to_remove_per_class is not None:
-            remove = np.asarray(num_to_remove_per_class)
-            if remove.shape != (d.k,):
-                raise InputError(f"num_to_remove_per_class must have one entry per class ({d.k}), got shape {remove.shape}")
+        if remove is not None:
             psy = counts / np.sum(counts, axis=1)
             noise_per_s = psy.sum(axis=1) - psy.diagonal()
             tmp = (psy.T * remove / noise_per_s).T

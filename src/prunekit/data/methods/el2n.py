@@ -28,7 +28,8 @@ __all__ = ["el2n", "softmax"]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax over the last axis (float64)."""
+    """Numerically stable softmax over the last axis (float64); `logits` an array, tensor or nested list."""
+    logits = float_array(logits, "logits", ndims=(1, 2, 3), allow_inf=True)
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)

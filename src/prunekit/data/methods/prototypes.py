@@ -40,11 +40,34 @@ def _tensor(emb) -> torch.Tensor:
     return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
 
+_SEED_LIMIT = 2**63  # torch's generator takes seeds below 2**64; the groups' seeds are seed + group number
+
+
+def _seed(seed) -> int:
+    seed = int_at_least(seed, "seed", 0)
+    if seed >= _SEED_LIMIT:
+        raise InputError(f"seed must be below 2**63, got {seed}")
+    return seed
+
+
+def _scaled(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(x / s, s)`` with s the largest |value| when squares would overflow (or underflow) float64, else
+    ``(x, 1)``: k-means' assignments do not change with a common scale, its distances scale by s."""
+    s = float(x.abs().max())
+    if s > 1e100 or 0 < s < 1e-100:
+        return x / s, s
+    return x, 1.0
+
+
 def _unit(x: torch.Tensor, name: str) -> torch.Tensor:
-    norms = x.norm(dim=1, keepdim=True)  # [N, 1]
-    if (norms == 0).any():
-        i = int((norms[:, 0] == 0).nonzero()[0])
+    peak = x.abs().amax(dim=1, keepdim=True)  # [N, 1]
+    if (peak == 0).any():
+        i = int((peak[:, 0] == 0).nonzero()[0])
         raise InputError(f"{name} row {i} is all zeros; cosine distance is undefined for it (use cosine=False)")
+    norms = x.norm(dim=1, keepdim=True)  # [N, 1]
+    if not (torch.isfinite(norms).all() and (norms > 0).all()):  # squares overflowed or underflowed float64
+        x = x / peak
+        norms = x.norm(dim=1, keepdim=True)
     return x / norms
 
 
@@ -106,13 +129,12 @@ def kmeans(emb, k: int, *, iters: int = 100, seed: int = 0, cosine: bool = True)
     x = _tensor(emb)  # [N, D] float64
     k = int_at_least(k, "k", 1)
     iters = int_at_least(iters, "iters", 1)
-    seed = int_at_least(seed, "seed", 0)
+    seed = _seed(seed)
     if k > len(x):
         raise InputError(f"k={k} clusters need at least {k} examples, got {len(x)}; lower k")
-    if cosine:
-        x = _unit(x, "emb")
+    x, scale = (_unit(x, "emb"), 1.0) if cosine else _scaled(x)
     c, assign = _kmeans(x, k, iters, torch.Generator().manual_seed(seed), cosine)
-    return c.numpy(), assign.numpy()
+    return (c if cosine else c * scale).numpy(), assign.numpy()
 
 
 def prototype_distance(emb, *, k: int = 10, seed: int = 0, labels=None, iters: int = 100,
@@ -126,9 +148,8 @@ def prototype_distance(emb, *, k: int = 10, seed: int = 0, labels=None, iters: i
     x = _tensor(emb)  # [N, D] float64
     k = int_at_least(k, "k", 1)
     iters = int_at_least(iters, "iters", 1)
-    seed = int_at_least(seed, "seed", 0)
-    if cosine:
-        x = _unit(x, "emb")
+    seed = _seed(seed)
+    x, scale = (_unit(x, "emb"), 1.0) if cosine else _scaled(x)
     groups = [np.arange(len(x))]
     if labels is not None:
         y = labels_array(labels, n=len(x))
@@ -141,5 +162,5 @@ def prototype_distance(emb, *, k: int = 10, seed: int = 0, labels=None, iters: i
         gen = torch.Generator().manual_seed(seed + g)
         c, _ = _kmeans(xg, min(k, len(idx)), iters, gen, cosine)
         d = _dist(xg, c, cosine).amin(1)  # [n_c]
-        out[idx] = (d if cosine else d.sqrt()).numpy()
+        out[idx] = (d if cosine else d.sqrt() * scale).numpy()
     return out

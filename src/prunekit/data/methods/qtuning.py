@@ -52,12 +52,13 @@ Departures from the reference, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Real
 
 import numpy as np
 
 from prunekit.data.methods._checks import float_array
 from prunekit.data.sft import Selection, _Pruner, check_ratio, drop_tokens, response_stats, samples_for
-from prunekit.errors import InputError
+from prunekit.errors import InputError, int_at_least
 
 __all__ = ["Quadrants", "quadrants", "token_scores", "qtuning_select", "QTuning", "NAMES"]
 
@@ -92,6 +93,7 @@ def quadrants(ppl, entropy, *, sample_ratio: float = 0.2, max_iter: int = 60) ->
     if len(ppl) != len(ent):
         raise InputError(f"ppl has {len(ppl)} values but entropy has {len(ent)}; give one of each per sample")
     sample_ratio = check_ratio(sample_ratio, "sample_ratio")
+    max_iter = int_at_least(max_iter, "max_iter", 1)
     n = len(ppl)
     k = samples_for(n, sample_ratio)
 
@@ -143,6 +145,13 @@ def quadrants(ppl, entropy, *, sample_ratio: float = 0.2, max_iter: int = 60) ->
     return Quadrants(quadrant, keep, misconception & keep, float(alpha), hi, lo, elo, ehi, topped)
 
 
+def _check_lam(lam) -> float:
+    """The neighbours' weight: a number in [0, 1] (numpy scalars too, not a bool)."""
+    if isinstance(lam, (bool, np.bool_)) or not isinstance(lam, Real) or not 0 <= lam <= 1:
+        raise InputError(f"lam (the neighbours' weight) must be a number in [0, 1], got {lam!r}")
+    return float(lam)
+
+
 def token_scores(nll, response, *, lam: float = 0.5) -> np.ndarray:
     """``s_i = (1 - lam) PPL_i + lam (PPL_{i-1} + PPL_{i+1}) / 2`` with ``PPL_i = exp(nll_i)`` over the response
     positions ``response`` [N, T] (0 elsewhere; a neighbour outside the response counts 0). Higher = pruned first."""
@@ -150,8 +159,7 @@ def token_scores(nll, response, *, lam: float = 0.5) -> np.ndarray:
     response = np.asarray(response, dtype=bool)
     if response.shape != nll.shape:
         raise InputError(f"response mask has shape {response.shape} but nll has {nll.shape}")
-    if not (isinstance(lam, (int, float)) and 0 <= lam <= 1):
-        raise InputError(f"lam (the neighbours' weight) must be in [0, 1], got {lam!r}")
+    lam = _check_lam(lam)
     tok = np.where(response, np.exp(np.minimum(nll, 80.0)), 0.0)  # [N, T]; exp capped so it stays finite
     left = np.pad(tok[:, :-1], ((0, 0), (1, 0)))  # [N, T]: PPL_{i-1}
     right = np.pad(tok[:, 1:], ((0, 0), (0, 1)))  # [N, T]: PPL_{i+1}
@@ -192,9 +200,7 @@ class QTuning(_Pruner):
     def __init__(self, *, sample_ratio: float = 0.2, token_ratio: float = 0.75, lam: float = 0.5,
                  every: str = "batch", seed: int = 0):
         super().__init__(sample_ratio=sample_ratio, token_ratio=token_ratio, every=every, seed=seed)
-        if not (isinstance(lam, (int, float)) and 0 <= lam <= 1):
-            raise InputError(f"lam (the neighbours' weight) must be in [0, 1], got {lam!r}")
-        self.lam = float(lam)
+        self.lam = _check_lam(lam)
 
     def select(self, *, nll, entropy, response, **_) -> Selection:
         return qtuning_select(nll, entropy, response, sample_ratio=self.sample_ratio, token_ratio=self.token_ratio,
