@@ -29,7 +29,8 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_ARMS = ",".join(["full"] + [f"{p}:{b}" for b in (1024, 2048) for p in
-                                    ("delta", "delta_calibrated", "streaming_llm", "h2o", "snapkv", "deep_forcing")])
+                                    ("delta", "delta_calibrated", "streaming_llm", "h2o", "snapkv", "knorm",
+                                     "deep_forcing")])
 WARMUP = 3  # rounds left out of every timing (first calls, allocator growth)
 
 
