@@ -102,7 +102,7 @@ def bad_inputs(tmp_path):
     np.save(tmp_path / "y_short.npy", labels[:-1])
     cases["shape mismatch"] = ("y_short.npy", "p.npy", "199 entries but pred_probs has 200 rows")
     np.save(tmp_path / "y_missing.npy", np.where(labels == 2, 0, labels))
-    cases["class with no examples"] = ("y_missing.npy", "p.npy", "have no examples")
+    cases["class with no examples"] = ("y_missing.npy", "p.npy", "have no examples.*--allow-missing-classes")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     cases["pickled npy"] = ("obj.npy", "p.npy", "without unpickling")
     # files named .npy that are no numpy at all were called "cannot be read without unpickling" (or an EOFError

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import doctest
 import json
 import math
@@ -352,7 +353,10 @@ def test_cli_qtune(tmp_path, model_dir, sft_file, capsys):
     assert summary["kept_samples"] == 5 and summary["training"]["mode"] == "batch"
     assert summary["training"]["saved_dtype"] == "float32"  # as the input stores its weights
     assert (out / "eu_plane.png").stat().st_size > 1000 and (out / "model" / "config.json").is_file()
-    assert len((out / "scores.csv").read_text().splitlines()) == 11
+    rows = list(csv.DictReader((out / "scores.csv").read_text().splitlines()))
+    assert len(rows) == 10  # the quadrant's code and the name kept.jsonl and summary.json use
+    assert all(Q.NAMES[int(r["quadrant"])] == r["quadrant_name"] for r in rows)
+    assert {r["quadrant_name"] for r in rows if r["kept"] == "1"} <= {"misconception", "calibration"}
     assert "note" not in capsys.readouterr().err
     # training options without --train were taken silently
     assert main(["data", "qtune", str(model_dir), "--data", str(sft_file), "--out", str(tmp_path / "o2"), "--mode",

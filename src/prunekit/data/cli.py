@@ -434,10 +434,12 @@ def _cmd_qtune(args) -> int:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         with open(tmp / "scores.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["index", "ppl", "entropy", "quadrant", "kept", "response_tokens", "kept_tokens"])
+            w.writerow(["index", "ppl", "entropy", "quadrant", "quadrant_name", "kept", "response_tokens",
+                        "kept_tokens"])
             for i, e in enumerate(examples):
                 w.writerow([i, f"{sel.ppl[i]:.6g}", f"{sel.entropy[i]:.6g}", int(sel.quadrant[i]),
-                            int(sel.keep_samples[i]), e.response_len, int(sel.keep_tokens[i].sum())])
+                            Q.NAMES[int(sel.quadrant[i])], int(sel.keep_samples[i]), e.response_len,
+                            int(sel.keep_tokens[i].sum())])
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         Q.plot_eu_plane(sel, tmp / "eu_plane.png", title=f"EU plane: {sel.samples} of {len(examples)} samples kept")
         if report is not None:

@@ -164,7 +164,7 @@ def _prepare(labels, pred_probs, *, allow_missing_classes: bool = False) -> _Dat
     if not allow_missing_classes and (counts == 0).any():
         missing = np.flatnonzero(counts == 0)[:5].tolist()
         raise InputError(f"class(es) {missing} have no examples in labels; drop those columns of pred_probs and renormalise, "
-                         "or pass allow_missing_classes=True")
+                         "or pass allow_missing_classes=True (CLI: --allow-missing-classes)")
     small = y.astype(np.int16) if k <= np.iinfo(np.int16).max else y  # numpy radix-sorts 16-bit keys: O(N)
     return _Data(y, probs, counts, np.argsort(small, kind="stable"), np.concatenate([[0], np.cumsum(counts)]))
 
