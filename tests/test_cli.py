@@ -26,7 +26,7 @@ def test_prune_writes_a_loadable_model_and_leaves_the_input_alone(model_dir, tex
     before = digest(model_dir)
     out = tmp_path / "out"
     rc = cli.main(prune_args(model_dir, text_file, out, "--method", "sparsegpt", "--ratio", "0.5",
-                             "--eval", str(text_file), "--eval-tokens", "256"))
+                             "--eval", str(text_file), "--eval-tokens", "256", "--eval-seqlen", "128"))
     assert rc == 0
     assert digest(model_dir) == before
     meta = json.loads((out / "prunekit.json").read_text())
@@ -39,6 +39,7 @@ def test_prune_writes_a_loadable_model_and_leaves_the_input_alone(model_dir, tex
     assert (out / "layers.png").read_bytes()[:4] == b"\x89PNG"
     evaluation = meta["evaluation"][str(text_file)]
     assert evaluation["pruned"]["ppl"] > 0 and evaluation["dense"]["tokens"] == 256
+    assert evaluation["dense"]["seqlen"] == 128  # --eval-seqlen, not the calibration's --seqlen 64
     assert "pruned ppl" in capsys.readouterr().out
     # plain transformers loads it, and the logits are those of the pruned model
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -80,8 +81,11 @@ def test_outputs_keep_the_input_dtype_unless_dtype_says_otherwise(method, extra,
 def test_save_pruned_dtype_leaves_the_model_alone_and_dtype_names_are_checked(llama, tok, model_dir, tmp_path):
     import prunekit
 
-    out = prunekit.save_pruned(llama, tok, tmp_path / "bf16", metadata={}, dtype="bf16")
+    out = prunekit.save_pruned(llama, tok, tmp_path / "bf16", dtype="bf16")  # metadata may be left out
     assert {p.dtype for p in llama.parameters()} == {torch.float32}
+    assert json.loads((out / "prunekit.json").read_text()) == {"saved_dtype": "bfloat16"}  # the CLI's key, always
+    as_is = prunekit.save_pruned(llama, tok, tmp_path / "as-is", metadata={"method": "x"})
+    assert json.loads((as_is / "prunekit.json").read_text()) == {"method": "x", "saved_dtype": "float32"}
     model, _ = prunekit.load_model(out, dtype="auto")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     model, _ = prunekit.load_model(model_dir, dtype="fp16")  # was AttributeError: torch has no attribute 'fp16'
@@ -306,7 +310,8 @@ def test_output_folder_holding_a_part_of_a_calibration_mixture_is_refused(model_
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--eval", "EVAL", "--eval-tokens", "10"], "--eval-tokens 10 is less than one --seqlen window of 64 tokens"),
+    (["--eval", "EVAL", "--eval-tokens", "10"], "--eval-tokens 10 is less than one --eval-seqlen window of 512 tokens"),
+    (["--eval", "EVAL", "--eval-seqlen", "1"], "--eval-seqlen must be an integer >= 2"),
     (["--eval", ","], "--eval ',' names no text"),
     (["--pattern", "3:999999999999999999999"], "a fraction too small to represent"),
 ])
@@ -544,10 +549,13 @@ def test_dsnot_from_the_cli_with_options(model_dir, text_file, tmp_path, capsys)
     out = tmp_path / "dsnot"
     rc = cli.main(prune_args(model_dir, text_file, out, "--method", "dsnot", "--base", "sparsegpt", "--ratio", "0.6",
                              "--option", "skip_mlp=false", "--option", "update_threshold=0",
-                             "--option", "threshold_seqlen=none"))
+                             "--option", "threshold_seqlen=none", "--skip", "*down_proj"))
     assert rc == 0
     meta = json.loads((out / "prunekit.json").read_text())
     assert meta["options"]["base"] == "sparsegpt" and meta["options"]["skip_mlp"] is False
+    report = (out / "report.md").read_text()  # said nothing of --skip or the options
+    assert "- left dense (`--skip`): `*down_proj`" in report and "skip_mlp=False" in report
+    assert not any("down_proj" in layer["name"] for layer in meta["layers"])
     assert meta["options"]["threshold_seqlen"] is None  # `none` is None, as the option's default documents
     assert sum(layer["info"]["swaps"] for layer in meta["layers"]) > 0
     capsys.readouterr()

@@ -395,7 +395,7 @@ def test_cli_tinyfusion_with_recovery_writes_a_loadable_shallow_model(lm_dir, ca
     out = tmp_path / "out"
     rc = main(["prune", str(lm_dir), "--method", "tinyfusion", "--layers", "2", "--calib", str(calib), "--samples", "8",
                "--seqlen", "32", "--learn-steps", "3", "--recover", "kd", "--recover-steps", "2", "--eval", str(calib),
-               "--eval-tokens", "64", "--out", str(out), "--quiet"])
+               "--eval-tokens", "64", "--eval-seqlen", "32", "--out", str(out), "--quiet"])
     assert rc == 0
     meta = json.loads((out / "prunekit.json").read_text())
     assert len(meta["kept_layers"]) == 2 and meta["dense_layers"] == 4 and meta["recovery"]["distilled"]
@@ -431,7 +431,8 @@ def test_cli_refuses_a_recovery_that_diverged_and_reports_an_overflowing_perplex
     got = json.loads(capsys.readouterr().out)
     assert got["ppl"] is None and got["nll"] > 709
     out = tmp_path / "from-loud"
-    assert main(["prune", str(loud), *base[2:], "--eval", str(calib), "--eval-tokens", "64", "--out", str(out)]) == 0
+    assert main(["prune", str(loud), *base[2:], "--eval", str(calib), "--eval-tokens", "64", "--eval-seqlen", "32",
+                 "--out", str(out)]) == 0
     assert "inf" in capsys.readouterr().out.lower()
     meta = json.loads((out / "prunekit.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no Infinity
     dense = meta["evaluation"][str(calib)]["dense"]

@@ -173,7 +173,7 @@ def test_batches_and_bad_input_are_refused(models):
         kv.make_policy("h2o", budget=None)
     with pytest.raises(InputError, match="whole number"):
         kv.make_policy("snapkv", budget=12.5)
-    with pytest.raises(InputError, match="bad option"):
+    with pytest.raises(InputError, match=r"snapkv takes no option\(s\) \[.sinks.\]"):
         kv.make_policy("snapkv", budget=12, sinks=3)
     with pytest.raises(InputError, match=r"give at least 144 tokens \(9 pages of 16: more than the 8 recent"):
         kv.make_policy("delta", budget=64, page_size=16, recent_pages=8)
@@ -552,6 +552,11 @@ def test_cli_generate(model_dir, tmp_path, capsys):
         assert cli.main(["generate", str(model_dir), *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("prunekit: error:") and err.count("\n") == 1
+    # an unknown option was a Python TypeError ("H2O.__init__() got an unexpected keyword argument"): name the options
+    assert cli.main(["generate", str(model_dir), "--prompt", "hi", "--kv", "h2o", "--budget", "8", "--option",
+                     "foo=1"]) == 2
+    assert "h2o takes no option(s) ['foo']; its options (defaults): recent=0.5" in capsys.readouterr().err
+    assert kv.policy_options("deep_forcing")["topc_rope"] == "keep" and kv.policy_options("knorm") == {}
     assert cli.main(["generate", str(tmp_path / "nope"), "--prompt", "hi", "--kv", "full"]) == 2
     capsys.readouterr()
     # --budget / --every on a policy that keeps everything were taken silently and the JSON echoed the budget

@@ -68,8 +68,9 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity and sparsity of a causal LM")
     ev.add_argument("model", help="local Hugging Face model folder or zoo name")
-    ev.add_argument("--text", default="wiki", help="wiki (held-out leads), austen (Pride and Prejudice) or a .txt/.jsonl file")
-    ev.add_argument("--seqlen", type=int, default=512)
+    ev.add_argument("--text", default="wiki", help="wiki (held-out leads), austen (Pride and Prejudice), python-docs "
+                    "or a .txt/.jsonl file")
+    ev.add_argument("--seqlen", type=int, default=512, help="tokens per perplexity window (default 512)")
     ev.add_argument("--tokens", type=int, default=None, help="tokens evaluated, cut into seqlen windows (default 16384)")
     ev.add_argument("--pattern", default=None, help="also check that every block Linear is N:M (default: the pattern in prunekit.json)")
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -108,8 +109,12 @@ def _add_prune_arguments(pr) -> None:
                     help="a method option (repeatable), e.g. --option skip_mlp=false --option max_cycle_time=100; "
                     "`prunekit methods` names them")
     pr.add_argument("--eval", default=None, metavar="TEXTS",
-                    help="also measure dense and pruned perplexity on these comma-separated texts (wiki,austen,FILE)")
+                    help="also measure dense and pruned perplexity on these comma-separated texts "
+                    "(wiki,austen,python-docs,FILE), as `prunekit eval` does")
     pr.add_argument("--eval-tokens", type=int, default=None, help="tokens per perplexity evaluation (default 16384)")
+    pr.add_argument("--eval-seqlen", type=int, default=512,
+                    help="tokens per perplexity window for --eval (default 512, eval's default; --seqlen is the "
+                    "calibration windows')")
     pr.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     pr.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
@@ -197,7 +202,8 @@ def _cmd_prune(args) -> int:
         raise InputError(f"--eval {args.eval!r} names no text; give e.g. --eval wiki,austen or leave it out")
     if args.eval_tokens is not None and not args.eval:
         raise InputError("--eval-tokens sets how much of the --eval texts is scored; give --eval TEXTS or leave it out")
-    _check_eval_sizes(args.seqlen, args.eval_tokens, "--eval-tokens")
+    int_at_least(args.seqlen, "--seqlen", 2)
+    _check_eval_sizes(args.eval_seqlen, args.eval_tokens, "--eval-tokens", seqlen_flag="--eval-seqlen")
     int_at_least(args.seed, "--seed", 0)
     int_at_least(args.samples, "--samples", 1, hint=" (calibration windows)")
     if known.domain in _PRUNE_DOMAINS:
@@ -218,14 +224,14 @@ def _cmd_prune(args) -> int:
     tokens = args.eval_tokens or EVAL_TOKENS
     evaluation = {}
     for name, text in eval_texts.items():
-        evaluation[name] = {"dense": prunekit.perplexity(model, tok, text, seqlen=args.seqlen, tokens=tokens, progress=progress).to_dict()}
+        evaluation[name] = {"dense": prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens, progress=progress).to_dict()}
     result = prunekit.prune(
         model, method=args.method, ratio=ratio, pattern=args.pattern, calibration=calib_text, tokenizer=tok,
         samples=args.samples, seqlen=args.seqlen, seed=args.seed, skip=tuple(args.skip),
         sequential=args.sequential, batch_size=args.batch_size, progress=progress, **options,
     )
     for name, text in eval_texts.items():
-        evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.seqlen, tokens=tokens, progress=progress).to_dict()
+        evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens, progress=progress).to_dict()
     measured = prunekit.sparsity(model)
     meta = {
         "model": str(args.model),
@@ -251,16 +257,16 @@ def _cmd_prune(args) -> int:
     return 0
 
 
-def _check_eval_sizes(seqlen: int, tokens: int | None, tokens_flag: str) -> None:
-    """--seqlen >= 2 and the token budget >= 1 (0 is not "the default"), before anything is loaded."""
+def _check_eval_sizes(seqlen: int, tokens: int | None, tokens_flag: str, *, seqlen_flag: str = "--seqlen") -> None:
+    """The window >= 2 tokens and the token budget >= 1 (0 is not "the default"), before anything is loaded."""
     from prunekit.errors import InputError, int_at_least
 
-    int_at_least(seqlen, "--seqlen", 2)
+    int_at_least(seqlen, seqlen_flag, 2)
     if tokens is not None:
         int_at_least(tokens, tokens_flag, 1, hint=" (tokens evaluated; leave it out for the default)")
         if tokens < seqlen:  # was blamed on the text, naming eval's --tokens
-            raise InputError(f"{tokens_flag} {tokens} is less than one --seqlen window of {seqlen} tokens; raise "
-                             f"{tokens_flag} or lower --seqlen")
+            raise InputError(f"{tokens_flag} {tokens} is less than one {seqlen_flag} window of {seqlen} tokens; raise "
+                             f"{tokens_flag} or lower {seqlen_flag}")
 
 
 def _recorded_pattern(path: Path) -> str | None:
@@ -319,10 +325,14 @@ def _cmd_eval(args) -> int:
 
 
 def _option_defaults(spec) -> dict:
-    """The ``--option`` keys method `spec` takes, with their defaults (weights, structured and tinyfusion; the
-    other depth methods take none)."""
+    """The ``--option`` keys method `spec` takes, with their defaults (weights, structured, tinyfusion and the KV
+    policies; the other depth methods take none)."""
     import inspect
 
+    if spec.domain == "kv":
+        from prunekit.inference.kv import policy_options
+
+        return policy_options(spec.name)
     if spec.domain == "weights":
         from prunekit.weights.prune import method_options
 

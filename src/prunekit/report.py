@@ -67,6 +67,12 @@ def write_report(folder: Path, meta: dict) -> None:
         f"- measured sparsity of the pruned layers: {meta['total_sparsity']:.4f}",
         f"- pruning wall time: {meta['seconds']:.1f} s",
     ]
+    opts = meta.get("options") or {}
+    if opts.get("skip"):
+        out.append(f"- left dense (`--skip`): {', '.join(f'`{g}`' for g in opts['skip'])}")
+    other = {k: v for k, v in opts.items() if k != "skip"}
+    if other:
+        out.append(f"- method options: {', '.join(f'{k}={v!r}' for k, v in other.items())}")
     if meta.get("pattern_violations") is not None:
         out.append(f"- layers breaking {meta['pattern']}: {len(meta['pattern_violations'])}")
     if meta.get("evaluation"):

@@ -83,12 +83,12 @@ def run_prune(args) -> int:
     tokens = args.eval_tokens or EVAL_TOKENS
     evaluation = {}
     for name, text in eval_texts.items():
-        evaluation[name] = {"dense": prunekit.perplexity(model, tok, text, seqlen=args.seqlen, tokens=tokens,
+        evaluation[name] = {"dense": prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens,
                                                          progress=progress).to_dict()}
     result = prune_structured(model, method=args.method, ratio=args.ratio, structure=structure, tokenizer=tok,
                               calibration=ids, seed=args.seed, progress=progress, **options)
     for name, text in eval_texts.items():
-        evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.seqlen, tokens=tokens,
+        evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens,
                                                          progress=progress).to_dict()
     speed = None
     if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load

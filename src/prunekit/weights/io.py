@@ -283,9 +283,10 @@ def save_weights(model, folder: Path, dtype=None) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict, overwrite: bool = False,
+def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict | None = None, overwrite: bool = False,
                 extra: Callable[[Path], None] | None = None, dtype=None) -> Path:
-    """Save `model` (safetensors) and `tokenizer` plus ``prunekit.json``; `extra(folder)` may add files.
+    """Save `model` (safetensors) and `tokenizer` plus ``prunekit.json`` (`metadata`, with ``saved_dtype``: the
+    dtype the weights were written in); `extra(folder)` may add files.
 
     `dtype` (a torch dtype or a name such as ``"bfloat16"``) saves the weights in that dtype without changing
     `model`; None saves them as they are. ARMOR's factorized layers save their dense equivalent in the model's
@@ -295,6 +296,11 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict, ove
     from prunekit.weights.methods import armor
 
     dtype = parse_dtype(dtype, what="the saved dtype")
+    metadata = dict(jsonl.check_metadata(metadata))
+    saved = dtype if dtype not in (None, "auto") else next(
+        (t.dtype for t in model.state_dict().values() if t.is_floating_point()), None)
+    if saved is not None:
+        metadata.setdefault("saved_dtype", str(saved).removeprefix("torch."))
 
     def build(tmp: Path) -> None:
         save_weights(model, tmp, dtype)

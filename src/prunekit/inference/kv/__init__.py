@@ -13,6 +13,7 @@ compression schedule, the cache surgery and RoPE re-rotation; batch size 1 only.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 
 from prunekit.errors import InputError, int_at_least
@@ -26,7 +27,7 @@ from prunekit.inference.kv.snapkv import SnapKV
 from prunekit.inference.kv.streaming import StreamingLLM
 
 __all__ = [
-    "POLICIES", "Policy", "policy", "make_policy", "cache_bytes", "cache_tokens", "rotate_keys",
+    "POLICIES", "Policy", "policy", "make_policy", "policy_options", "cache_bytes", "cache_tokens", "rotate_keys",
     "calibrate_delta_layers", "default_delta_layers", "wiki_delta_layers",
     "FullCache", "StreamingLLM", "H2O", "SnapKV", "Knorm", "Delta", "DeepForcing",
 ]
@@ -36,17 +37,26 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-def make_policy(name: str, *, budget: int | None, **options) -> Policy:
-    """A policy object from its name, its budget and its options (validated, with messages that say what to fix)."""
+def policy_options(name: str) -> dict:
+    """The options a policy takes besides its budget, with their defaults (``{"recent": 0.5}`` for h2o)."""
     cls = POLICIES.get(name.replace("-", "_") if isinstance(name, str) else name)
     if cls is None:
         raise InputError(f"unknown KV policy {name!r}; choose one of: {', '.join(POLICIES)}")
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name != "budget"}
+
+
+def make_policy(name: str, *, budget: int | None, **options) -> Policy:
+    """A policy object from its name, its budget and its options (validated, with messages that say what to fix)."""
+    known = policy_options(name)
+    cls = POLICIES[name.replace("-", "_")]
     if budget is None and cls is not FullCache:
         raise InputError(f"policy {name} needs a budget (tokens kept per layer and KV head)")
-    try:
-        return cls(budget=budget, **options)
-    except TypeError as e:
-        raise InputError(f"bad option for KV policy {name}: {e}") from None
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        takes = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+        raise InputError(f"KV policy {name} takes no option(s) {unknown}; its options (defaults): {takes}")
+    return cls(budget=budget, **options)
 
 
 @contextmanager
