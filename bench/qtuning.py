@@ -30,6 +30,7 @@ The training seed (LoRA init, order, random picks) varies; the data does not.
     python bench/qtuning.py --ratios 0.25 --seeds 0  # one budget, one seed
     python bench/qtuning.py --resume                 # skip rows already in the results file
     python bench/qtuning.py --merge other.json       # add the rows of a parallel run (other seeds) to the results
+    python bench/qtuning.py --eu-stats               # per-task EU statistics of the starting model, into the results
 
 Writes bench/results/qtuning.json (``{"rows": [{"method", "sample_ratio", "token_ratio", "accuracy", "ppl",
 "tokens_trained", "seconds", ...}]}``), bench/results/qtuning.md and bench/results/qtuning_eu.png.
@@ -125,6 +126,15 @@ def _markdown(rows, meta) -> str:
     for r in rows:
         lines.append(f"| {r['id']} | {100 * r['accuracy']:.1f} | {r['ppl']:.2f} | {r['tokens_trained']} | {r['steps']} "
                      f"| {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
+    eu = meta.get("eu_stats")
+    if eu:
+        lines += ["", f"Under the starting model, by task (`--eu-stats`; Q-Tuning static at {100 * eu['sample_ratio']:g}% "
+                  f"of the pairs, token ratio {eu['token_ratio']:g}):", "",
+                  "| task | pairs | median response PPL | median entropy | pairs kept | response tokens kept "
+                  "(of the kept pairs') |", "|---|---|---|---|---|---|"]
+        for task, t in eu["tasks"].items():
+            lines.append(f"| {task} | {t['pairs']} | {t['median_ppl']:.2f} | {t['median_entropy']:.2f} | "
+                         f"{t['kept_pairs']} | {100 * t['kept_token_share']:.0f}% |")
     lines += ["", "The starting model's EU plane over the training pairs, with Q-Tuning's 25% selection (filled = kept; "
               "dashed/dotted lines: the final quantile thresholds):", "", f"![EU plane]({meta.get('plot', 'qtuning_eu.png')})", "",
               f"Machine: {meta['machine']}; torch {meta['torch']}.", ""]
@@ -141,6 +151,21 @@ def _evaluate(model, tok, test_records, test_ex, pad_id, args):
     return {"accuracy": float(np.mean(hits)), "acc_year": float(np.mean(by["year"])) if by["year"] else float("nan"),
             "acc_arith": float(np.mean(by["arith"])) if by["arith"] else float("nan"), "ppl": ppl,
             "eval_seconds": time.perf_counter() - start, "sample_outputs": outs[:3]}
+
+
+def _eu_stats(st, records, sample_ratio: float, token_ratio: float) -> dict:
+    """Per task: median response PPL and entropy under the starting model, and what Q-Tuning's static selection
+    keeps of it (pairs, and the share of the kept pairs' response tokens left in the loss)."""
+    sel = qtuning_select(st["nll"], st["ent"], st["resp"], sample_ratio=sample_ratio, token_ratio=token_ratio)
+    tasks = {}
+    for task in sorted({r["task"] for r in records}):
+        idx = np.array([i for i, r in enumerate(records) if r["task"] == task])
+        kept = idx[sel.keep_samples[idx]]
+        resp = int(st["resp"][kept].sum())
+        tasks[task] = {"pairs": len(idx), "median_ppl": float(np.median(sel.ppl[idx])),
+                       "median_entropy": float(np.median(sel.entropy[idx])), "kept_pairs": len(kept),
+                       "kept_token_share": float(sel.keep_tokens[kept].sum() / resp) if resp else float("nan")}
+    return {"sample_ratio": sample_ratio, "token_ratio": token_ratio, "tasks": tasks}
 
 
 def main(argv=None) -> int:
@@ -163,9 +188,13 @@ def main(argv=None) -> int:
     ap.add_argument("--noise", type=float, default=0.0, help="fraction of training pairs misaligned (0 = clean)")
     ap.add_argument("--out", default=None, help="default bench/results/qtuning.json (qtuning_noise<100F>.json with --noise)")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--eu-stats", action="store_true",
+                    help="only score the training pairs under the starting model and add, per task, the median PPL and "
+                    "entropy and what Q-Tuning's static selection at the first --ratios keeps, to the results")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="only merge the rows of these result files (runs of other seeds in parallel) into --out")
     args = ap.parse_args(argv)
+    args.resume = args.resume or args.eu_stats  # the statistics join the rows already there
     torch.set_num_threads(args.threads)
     out = Path(args.out or RESULTS / (f"qtuning_noise{round(100 * args.noise)}.json" if args.noise else "qtuning.json"))
     if args.merge:
@@ -205,6 +234,12 @@ def main(argv=None) -> int:
         _save(rows, meta, out)
 
     stats_cache = {}
+    if args.eu_stats:
+        nll, ent, resp = S.score_examples(base, train_ex, pad_id=pad_id, batch_size=args.batch_size, progress=True)
+        meta["eu_stats"] = _eu_stats({"nll": nll, "ent": ent, "resp": resp}, train_rec, args.ratios[0], args.token_ratio)
+        _save(rows, meta, out)
+        print(json.dumps(meta["eu_stats"], indent=1))
+        return 0
 
     def base_stats():
         if not stats_cache:
