@@ -128,8 +128,8 @@ def _markdown(rows, meta) -> str:
                      f"| {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
     eu = meta.get("eu_stats")
     if eu:
-        lines += ["", f"Under the starting model, by task (`--eu-stats`; Q-Tuning static at {100 * eu['sample_ratio']:g}% "
-                  f"of the pairs, token ratio {eu['token_ratio']:g}):", "",
+        lines += ["", "Under the starting model, by task (`--eu-stats`; Q-Tuning static at "
+                  f"{100 * eu['sample_ratio']:g}% of the pairs, token ratio {eu['token_ratio']:g}):", "",
                   "| task | pairs | median response PPL | median entropy | pairs kept | response tokens kept "
                   "(of the kept pairs') |", "|---|---|---|---|---|---|"]
         for task, t in eu["tasks"].items():
@@ -236,7 +236,8 @@ def main(argv=None) -> int:
     stats_cache = {}
     if args.eu_stats:
         nll, ent, resp = S.score_examples(base, train_ex, pad_id=pad_id, batch_size=args.batch_size, progress=True)
-        meta["eu_stats"] = _eu_stats({"nll": nll, "ent": ent, "resp": resp}, train_rec, args.ratios[0], args.token_ratio)
+        meta["eu_stats"] = _eu_stats({"nll": nll, "ent": ent, "resp": resp}, train_rec, args.ratios[0],
+                                     args.token_ratio)
         _save(rows, meta, out)
         print(json.dumps(meta["eu_stats"], indent=1))
         return 0

@@ -250,7 +250,8 @@ def write_markdown(data: dict, path: Path) -> None:
                   + ", ".join(f"{_fmt(v['paths_agreeing'], 1)}%" for v in agree.values()) + ")."]
     lines += ["", "Targets:",
               f"- RPC accuracy >= SC at every n: {'met' if t['rpc_accuracy_at_least_sc_every_n'] else 'missed'}"
-              + "".join(f" (n={n}: {100 * by[('rpc', n)]['accuracy']:.3f} against {100 * by[('sc', n)]['accuracy']:.3f})"
+              + "".join(f" (n={n}: {100 * by[('rpc', n)]['accuracy']:.3f} against "
+                        f"{100 * by[('sc', n)]['accuracy']:.3f})"
                         for n in ns if by[("rpc", n)]["accuracy"] < by[("sc", n)]["accuracy"] - 1e-12),
               f"- RPC ECE < SC at every n: {'met' if t['rpc_ece_below_sc_every_n'] else 'missed'} "
               f"(lower on average over n: {'yes' if t['rpc_ece_below_sc_mean'] else 'no'})",

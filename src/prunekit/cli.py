@@ -224,14 +224,16 @@ def _cmd_prune(args) -> int:
     tokens = args.eval_tokens or EVAL_TOKENS
     evaluation = {}
     for name, text in eval_texts.items():
-        evaluation[name] = {"dense": prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens, progress=progress).to_dict()}
+        evaluation[name] = {"dense": prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens,
+                                                         progress=progress).to_dict()}
     result = prunekit.prune(
         model, method=args.method, ratio=ratio, pattern=args.pattern, calibration=calib_text, tokenizer=tok,
         samples=args.samples, seqlen=args.seqlen, seed=args.seed, skip=tuple(args.skip),
         sequential=args.sequential, batch_size=args.batch_size, progress=progress, **options,
     )
     for name, text in eval_texts.items():
-        evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens, progress=progress).to_dict()
+        evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens,
+                                                         progress=progress).to_dict()
     measured = prunekit.sparsity(model)
     meta = {
         "model": str(args.model),

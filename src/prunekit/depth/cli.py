@@ -138,7 +138,8 @@ def run_prune(args) -> int:
     check_token_ids(model, ids, what="calibration text")
     target = depth.causal_lm_target(model, ids, batch_size=args.batch_size)
     tokens = args.eval_tokens or EVAL_TOKENS
-    evaluation = {n: {"dense": prunekit.perplexity(model, tok, t, seqlen=args.eval_seqlen, tokens=tokens, progress=progress).to_dict()}
+    evaluation = {n: {"dense": prunekit.perplexity(model, tok, t, seqlen=args.eval_seqlen, tokens=tokens,
+                                                   progress=progress).to_dict()}
                   for n, t in eval_texts.items()}
     dense_layers = target.depth
     keep, info = depth.select_blocks(target, args.method, kept=args.layers, groups=args.group, steps=args.learn_steps,
@@ -156,7 +157,8 @@ def run_prune(args) -> int:
     if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
         speed = compare_speed_with_dense(path, model)
     for n, t in eval_texts.items():
-        evaluation[n]["pruned"] = prunekit.perplexity(model, tok, t, seqlen=args.eval_seqlen, tokens=tokens, progress=progress).to_dict()
+        evaluation[n]["pruned"] = prunekit.perplexity(model, tok, t, seqlen=args.eval_seqlen, tokens=tokens,
+                                                      progress=progress).to_dict()
     meta = {
         "model": str(args.model), "method": args.method, "domain": "depth", "dense_layers": dense_layers,
         "kept_layers": kept, "removed_layers": [i for i in range(dense_layers) if i not in kept],

@@ -6,9 +6,10 @@
 
 Policies (one file each in this folder): ``full`` (no eviction), ``streaming_llm`` (sinks + recent, positions
 within the cache), ``h2o`` (accumulated attention + recent), ``snapkv`` (observation-window votes per KV
-head), ``knorm`` (lowest key L2 norm per KV head), ``delta`` (Δ-layers pick pages, later layers attend only to them; the cache itself stays full) and
-``deep_forcing`` (deep sink + participative compression). The engine (`engine.py`) owns the hooks, the
-compression schedule, the cache surgery and RoPE re-rotation; batch size 1 only.
+head), ``knorm`` (lowest key L2 norm per KV head), ``delta`` (Δ-layers pick pages, later layers attend only to
+them; the cache itself stays full) and ``deep_forcing`` (deep sink + participative compression). The engine
+(`engine.py`) owns the hooks, the compression schedule, the cache surgery and RoPE re-rotation; batch size 1
+only.
 """
 
 from __future__ import annotations
