@@ -4,12 +4,13 @@
 one-line message and exit code 2. Every message says what is wrong and what to do about it.
 """
 
+import math
 import os
 import tempfile
-from numbers import Integral
+from numbers import Integral, Real
 from pathlib import Path
 
-__all__ = ["InputError", "int_at_least", "check_writable", "check_not_input", "apply_umask"]
+__all__ = ["InputError", "int_at_least", "is_real", "check_writable", "check_not_input", "apply_umask"]
 
 
 class InputError(ValueError):
@@ -21,6 +22,12 @@ def int_at_least(value, name: str, low: int, *, hint: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
         raise InputError(f"{name} must be an integer >= {low}{hint}, got {value!r}")
     return int(value)
+
+
+def is_real(value) -> bool:
+    """A finite real number: a Python or numpy int or float, not a bool (numpy's bool is no `Real`)."""
+    return (isinstance(value, Real) and not isinstance(value, bool)
+            and (isinstance(value, Integral) or math.isfinite(value)))
 
 
 def check_writable(out: str | os.PathLike, *, flag: str = "--out") -> None:

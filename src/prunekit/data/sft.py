@@ -36,7 +36,6 @@ positions the training forwards really ran.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import InputError, int_at_least
+from prunekit.errors import InputError, int_at_least, is_real
 
 __all__ = [
     "Example", "Selection", "SFTReport", "read_sft", "tokenize", "pad", "token_stats", "score_examples",
@@ -109,19 +108,15 @@ class SFTReport:
 # ----------------------------------------------------------------------------------------------- data in
 def check_ratio(value, name: str) -> float:
     """A fraction kept, in (0, 1]."""
-    if not _is_number(value) or not math.isfinite(value) or not 0 < value <= 1:
+    if not is_real(value) or not 0 < value <= 1:
         raise InputError(f"{name} is the fraction kept and must be in (0, 1], got {value!r}")
     return float(value)
 
 
-def _is_number(value) -> bool:
-    """A real number: a Python or numpy int or float, not a bool."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
 
 def _check_number(value, name: str, *, low: float, strict: bool, hint: str = "") -> float:
     """`value` as a float if it is a finite number above `low` (``strict``) or at least `low`; else `InputError`."""
-    if not _is_number(value) or not math.isfinite(value) or (value <= low if strict else value < low):
+    if not is_real(value) or (value <= low if strict else value < low):
         raise InputError(f"{name} must be a finite number {'>' if strict else '>='} {low}{hint}, got {value!r}")
     return float(value)
 

@@ -25,12 +25,10 @@ random streams.
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import re
-from numbers import Real
 
-from prunekit.errors import InputError, int_at_least
+from prunekit.errors import InputError, int_at_least, is_real
 
 __all__ = ["build_tasks", "add_noise", "year_questions", "arithmetic_problems", "extract_answer", "normalize",
            "exact_match"]
@@ -52,10 +50,6 @@ def _check_documents(documents) -> None:
         if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("title", "text")):
             raise InputError(f"document {i} must be a dict with string fields 'title' and 'text'")
 
-
-def _number(value) -> bool:
-    """A finite real number (Python or numpy; numpy's bool is no Real), not a bool."""
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def year_questions(documents: list[dict], *, max_words: int = 28, window: int = 3) -> list[dict]:
@@ -150,7 +144,7 @@ def build_tasks(*, train: int = 320, test: int = 120, seed: int = 0, arith_share
     int_at_least(train, "train", 1)
     int_at_least(test, "test", 1)
     seed = int_at_least(seed, "seed", 0)
-    if not _number(arith_share) or not 0 <= arith_share <= 1:
+    if not is_real(arith_share) or not 0 <= arith_share <= 1:
         raise InputError(f"arith_share must be a number in [0, 1], got {arith_share!r}")
     if documents is None:
         from prunekit import zoo
@@ -176,7 +170,7 @@ def add_noise(records: list[dict], fraction: float, *, seed: int = 0) -> list[di
     the chosen records' responses are rotated by one among themselves (misaligned pairs, the harmful noise that
     SFT data pruning is meant to drop) and marked ``"noisy": True``. Fewer than two chosen records cannot be
     rotated, so then the copy is unchanged. `records` itself is not modified."""
-    if not _number(fraction) or not 0 <= fraction < 1:
+    if not is_real(fraction) or not 0 <= fraction < 1:
         raise InputError(f"noise fraction must be in [0, 1), got {fraction!r}")
     seed = int_at_least(seed, "seed", 0)
     if isinstance(records, (str, bytes, dict)) or not hasattr(records, "__iter__"):

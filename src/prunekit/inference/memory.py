@@ -69,7 +69,7 @@ from typing import Mapping
 
 import numpy as np
 
-from prunekit.errors import InputError, int_at_least
+from prunekit.errors import InputError, int_at_least, is_real
 from prunekit.inference.memory_embed import Embedder, MiniLMEmbedder
 from prunekit.inference.memory_store import ForgetRecord, SQLiteStore, Store, SummaryRecord, TurnRecord
 from prunekit.inference.memory_summary import ExtractiveSummarizer, Summarizer, split_sentences
@@ -213,8 +213,7 @@ def _turn_numbers(name: str, values, *, low: int) -> np.ndarray:
 
 
 def _check_float(name: str, value, *, low: float = 0.0, high: float | None = None, open_low: bool = False) -> float:
-    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low) and (high is None or value <= high)
+    ok = is_real(value) and (value > low if open_low else value >= low) and (high is None or value <= high)
     if not ok:
         bound = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high is not None else "")
         raise InputError(f"{name} must be a finite number {bound}, got {value!r}")

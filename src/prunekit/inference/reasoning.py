@@ -42,13 +42,13 @@ import math
 import os
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+from numbers import Integral
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, is_real
 from prunekit.jsonl import read_objects
 
 __all__ = [
@@ -272,11 +272,11 @@ def fit_weibull_mixture(x: Sequence, *, init=(0.5, 1.0, 1.0, 1.5, 2.0), w_bounds
     x = np.asarray(x, dtype=np.float64).reshape(-1)  # [n]
     if x.size < 2 or not np.all(np.isfinite(x)) or np.any(x <= 0):
         raise InputError("fit_weibull_mixture needs at least 2 finite samples, all > 0")
-    if not (_is_sequence(w_bounds) and len(w_bounds) == 2 and all(_real(v) for v in w_bounds)
+    if not (_is_sequence(w_bounds) and len(w_bounds) == 2 and all(is_real(v) for v in w_bounds)
             and 0 < w_bounds[0] <= w_bounds[1] < 1):
         raise InputError(f"w_bounds={w_bounds!r} must be a pair (low, high) with 0 < low <= high < 1")
     lo, hi = (float(v) for v in w_bounds)
-    if not (_is_sequence(init) and len(init) == 5 and all(_real(v) for v in init) and 0 < init[0] < 1
+    if not (_is_sequence(init) and len(init) == 5 and all(is_real(v) for v in init) and 0 < init[0] < 1
             and min(init[1:]) > 0):
         raise InputError(f"init={init!r} must be 5 finite numbers (w, k1, lam1, k2, lam2), 0 < w < 1, the rest > 0")
     if gradient not in ("analytic", "numeric"):
@@ -293,10 +293,6 @@ def fit_weibull_mixture(x: Sequence, *, init=(0.5, 1.0, 1.0, 1.5, 2.0), w_bounds
         w, k1, l1, k2, l2 = 1 - w, k2, l2, k1, l1
     return WeibullMixture(w=w, k_high=k1, lam_high=l1, k_low=k2, lam_low=l2)
 
-
-def _real(v) -> bool:
-    """A finite real number (Python or numpy), not a bool."""
-    return isinstance(v, Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
 
 
 def reasoning_prune(probs: Sequence) -> np.ndarray:

@@ -50,11 +50,10 @@ Departures from cleanlab, all about cost, none about answers:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Real
 
 import numpy as np
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, is_real
 
 __all__ = [
     "FILTERS", "RANKINGS", "NoiseEstimate", "confident_thresholds", "compute_confident_joint",
@@ -168,10 +167,6 @@ def _prepare(labels, pred_probs, *, allow_missing_classes: bool = False) -> _Dat
     small = y.astype(np.int16) if k <= np.iinfo(np.int16).max else y  # numpy radix-sorts 16-bit keys: O(N)
     return _Data(y, probs, counts, np.argsort(small, kind="stable"), np.concatenate([[0], np.cumsum(counts)]))
 
-
-def _is_number(value) -> bool:
-    """A finite real number (a Python or numpy int or float), not a bool."""
-    return isinstance(value, Real) and not isinstance(value, (bool, np.bool_)) and bool(np.isfinite(value))
 
 
 def _counts_array(values, name: str, shape: tuple, what: str) -> np.ndarray:
@@ -517,9 +512,9 @@ def find_label_issues(labels, pred_probs, *, filter_by: str = "prune_by_noise_ra
     _check_method(filter_by, FILTERS, "filter_by")
     if return_indices_ranked_by is not None:
         _check_method(return_indices_ranked_by, RANKINGS, "return_indices_ranked_by")
-    if not (_is_number(frac_noise) and 0.0 < frac_noise <= 1.0):
+    if not (is_real(frac_noise) and 0.0 < frac_noise <= 1.0):
         raise InputError(f"frac_noise must be a number in (0, 1], got {frac_noise!r}")
-    if not (_is_number(min_examples_per_class) and min_examples_per_class == int(min_examples_per_class)
+    if not (is_real(min_examples_per_class) and min_examples_per_class == int(min_examples_per_class)
             and min_examples_per_class >= 0):
         raise InputError(f"min_examples_per_class must be a non-negative integer, got {min_examples_per_class!r}")
     rule_based = ("confident_learning", "predicted_neq_given", "low_self_confidence", "low_normalized_margin")
