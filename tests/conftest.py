@@ -40,6 +40,16 @@ def tiny_model(kind: str = "llama", seed: int = 0):
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256),
         "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256),
     }
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    for name, extra in {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+                        "qwen2_moe": dict(moe, shared_expert_intermediate_size=32),
+                        "qwen3_moe": dict(moe, head_dim=16),
+                        "granite": dict(attention_multiplier=0.05, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                        logits_scaling=2.0),  # a scaling other than 1/sqrt(d)
+                        "granitemoe": dict(attention_multiplier=0.05, num_local_experts=4, num_experts_per_tok=2),
+                        "olmo2": dict(eos_token_id=None),  # q/k RMSNorm over all heads at once
+                        "helium": dict(head_dim=16)}.items():  # interleaved RoPE
+        configs[name] = dict(configs["llama"], model_type=name, **extra)
     cfg = dict(configs[kind])
     config = AutoConfig.for_model(cfg.pop("model_type"), **common, **cfg)
     torch.manual_seed(seed)

@@ -629,6 +629,47 @@ def test_other_llama_style_models_and_unsupported_ones():
             pass
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "granite", "granitemoe", "gemma", "olmo2"])
+def test_every_policy_on_the_other_supported_architectures(kind):
+    """MoE blocks, biases, per-head and all-heads q/k norms, Granite's attention multiplier, Gemma's embedding
+    scale: with room for everything each policy generates what the model does alone; StreamingLLM's compressed
+    cache holds, at layer 0, exactly the keys a plain forward computes for the kept tokens at their new positions."""
+    from conftest import tiny_model
+
+    model, ids = tiny_model(kind), prompt(30)
+    ref, _ = generate(model, ids, new=8)
+    for name in kv.POLICIES:
+        with kv.policy(model, name, budget=64, **options(name)):
+            out, _ = generate(model, ids, new=8)
+        assert torch.equal(out, ref), name
+    with Engine(model, kv.StreamingLLM(budget=16, sinks=4), budget=16) as engine:
+        out, cache = generate(model, ids, new=8)
+        kept = engine.states[0].orig[0, 0].tolist()
+    seen = ids.shape[1] + 7  # the last generated token is never fed back
+    assert kept == [0, 1, 2, 3] + list(range(seen - 12, seen)) and kv.cache_tokens(cache)[0] == 16
+    plain = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(out[:, kept], position_ids=torch.arange(16)[None], cache=plain, use_cache=True)
+    assert torch.allclose(cache.layers[0].keys, plain.layers[0].keys, atol=1e-4)
+    assert torch.allclose(cache.layers[0].values, plain.layers[0].values, atol=1e-5)
+
+
+def test_sliding_window_and_other_rope_layouts_are_refused():
+    from conftest import tiny_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("qwen2", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                               sliding_window=8, max_window_layers=1)
+    assert "sliding_attention" in cfg.layer_types
+    with pytest.raises(InputError, match="sliding-window"):
+        with kv.policy(AutoModelForCausalLM.from_config(cfg), "knorm", budget=12):
+            pass
+    with pytest.raises(InputError, match="'helium' is not supported"):  # interleaved RoPE: re-rotation would be wrong
+        with kv.policy(tiny_model("helium"), "knorm", budget=12):
+            pass
+
+
 @pytest.mark.integration
 def test_policies_on_smollm2():
     import prunekit

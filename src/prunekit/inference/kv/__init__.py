@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from prunekit.errors import InputError, int_at_least
 from prunekit.inference.kv.deep_forcing import DeepForcing
 from prunekit.inference.kv.delta import Delta, calibrate_delta_layers, default_delta_layers, wiki_delta_layers
-from prunekit.inference.kv.engine import Engine, Policy, cache_bytes, cache_tokens, rotate_keys
+from prunekit.inference.kv.engine import SUPPORTED_MODEL_TYPES, Engine, Policy, cache_bytes, cache_tokens, rotate_keys
 from prunekit.inference.kv.full import FullCache
 from prunekit.inference.kv.h2o import H2O
 from prunekit.inference.kv.knorm import Knorm
@@ -29,7 +29,7 @@ from prunekit.inference.kv.streaming import StreamingLLM
 
 __all__ = [
     "POLICIES", "Policy", "policy", "make_policy", "policy_options", "cache_bytes", "cache_tokens", "rotate_keys",
-    "calibrate_delta_layers", "default_delta_layers", "wiki_delta_layers",
+    "calibrate_delta_layers", "default_delta_layers", "wiki_delta_layers", "SUPPORTED_MODEL_TYPES",
     "FullCache", "StreamingLLM", "H2O", "SnapKV", "Knorm", "Delta", "DeepForcing",
 ]
 

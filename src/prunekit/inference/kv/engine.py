@@ -46,7 +46,8 @@ forwards of new tokens only, e.g. streaming a text in chunks, may continue: the 
 itself). While the context is open, the model's ``generate`` is an instance attribute that makes these checks.
 Attention weights (``output_attentions``) come back where the model's attention computed them (eager), over the
 entries the cache kept. Supported architectures: Llama-style attention with rotary embeddings and a
-``DynamicCache`` (model types llama, mistral without sliding window, qwen2, qwen3).
+``DynamicCache`` (model types in `SUPPORTED_MODEL_TYPES`: llama, mistral and mixtral without sliding window, qwen2,
+qwen2_moe, qwen3, qwen3_moe, granite, granitemoe, gemma, olmo2).
 """
 
 from __future__ import annotations
@@ -63,7 +64,11 @@ from prunekit.errors import InputError
 
 __all__ = ["Policy", "LayerState", "Engine", "rotate_keys", "cache_bytes", "cache_tokens", "SUPPORTED_MODEL_TYPES"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Model types whose attention is what `Engine._forward` recomputes: q/k/v/o projections (biases allowed), optional
+# RMSNorm of q and k (per head, or over all heads as in OLMo-2), half-split RoPE from model.model.rotary_emb, the
+# module's own `scaling` (Granite's attention multiplier), no soft-capping, no per-layer NoPE or sliding window.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "granite",
+                         "granitemoe", "gemma", "olmo2")
 GROW_MIN, GROW_FRACTION = 128, 32  # a key/value buffer is made with room for max(128 tokens, 1/32 of what it holds)
 
 
@@ -232,8 +237,11 @@ class Engine:
         mtype = getattr(config, "model_type", None)
         if mtype not in SUPPORTED_MODEL_TYPES:
             raise InputError(f"model type {mtype!r} is not supported by the KV engine; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-            raise InputError("sliding-window attention models are not supported by the KV engine (their cache already evicts)")
+        windowed = [t for t in (getattr(config, "layer_types", None) or []) if t != "full_attention"]
+        if (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)) or windowed:
+            raise InputError("sliding-window attention models are not supported by the KV engine (their cache already "
+                             "evicts); if the model was trained without one, load it with the window off (sliding_window=None, "
+                             "or use_sliding_window=False for Qwen)")
         base = getattr(model, "model", model)
         layers = getattr(base, "layers", None)
         if layers is None:
@@ -338,9 +346,12 @@ class Engine:
                              "num_return_sequences > 1); generate one prompt at a time, greedy or sampled")
         mod = _eager_module(module)
         hidden_shape = (bsz, q_len, -1, module.head_dim)
-        q = module.q_proj(hidden_states).view(hidden_shape)
-        k = module.k_proj(hidden_states).view(hidden_shape)
-        if hasattr(module, "q_norm"):
+        q, k = module.q_proj(hidden_states), module.k_proj(hidden_states)  # [B, q, H*d]
+        norms = hasattr(module, "q_norm")
+        if norms and module.q_norm.weight.shape[-1] != module.head_dim:  # OLMo-2: RMSNorm over all heads at once
+            q, k = module.q_norm(q), module.k_norm(k)
+        q, k = q.view(hidden_shape), k.view(hidden_shape)
+        if norms and module.q_norm.weight.shape[-1] == module.head_dim:  # Qwen3: RMSNorm per head
             q, k = module.q_norm(q), module.k_norm(k)
         q = q.transpose(1, 2)  # [B, Hq, q, d]
         k = k.transpose(1, 2)  # [B, Hkv, q, d]
