@@ -224,6 +224,81 @@ def test_exported_model_reloads_with_identical_outputs_in_a_fresh_process(kind, 
         assert got["types"] == ["sliding_attention", "full_attention"]
 
 
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+_DENSE_FIRST = dict(first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    n_group=1, topk_group=1, head_dim=16)
+
+
+@pytest.mark.parametrize("kind, extra, keep, dense_after", [
+    ("qwen2_moe", dict(_MOE, shared_expert_intermediate_size=32, mlp_only_layers=[1]), [False, True, True, False],
+     [0]),
+    ("qwen3_moe", dict(_MOE, head_dim=16, decoder_sparse_step=2), [True, False, True, True], [0, 1]),
+    ("glm4_moe", _DENSE_FIRST, [False, True, True, True], []),
+    ("glm4_moe", _DENSE_FIRST, [True, True, False, True], [0]),
+])
+def test_moe_layer_layouts_are_rewritten_so_the_folder_reloads_the_kept_blocks(kind, extra, keep, dense_after,
+                                                                                tmp_path):
+    """Which layers hold a dense MLP is a rule of the config (Qwen-MoE's mlp_only_layers / decoder_sparse_step,
+    GLM-4-MoE's first_k_dense_replace); after dropping blocks the saved config must describe the kept blocks."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(kind, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    kept_types = [type(b.mlp).__name__ for b, k in zip(model.model.layers, keep) if k]
+    depth.drop_layers(model, keep)
+    x = ids(2, 10)
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    out = depth.save_depth_pruned(model, None, tmp_path / "pruned", metadata={"kept_layers": [0]})
+    got, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert [type(b.mlp).__name__ for b in got.model.layers] == kept_types
+    assert [i for i, b in enumerate(got.model.layers) if not hasattr(b.mlp, "experts")] == dense_after
+    with torch.no_grad():
+        assert torch.equal(got.eval()(input_ids=x).logits, want)
+
+
+def test_a_layout_the_rewrite_misses_is_refused_before_the_model_changes(monkeypatch):
+    from prunekit.depth import export
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("glm4_moe", vocab_size=128, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, **_DENSE_FIRST)
+    model = AutoModelForCausalLM.from_config(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real = export._config_updates
+    monkeypatch.setattr(export, "_config_updates",  # as if prunekit did not know first_k_dense_replace
+                        lambda config, kept, n: {k: v for k, v in real(config, kept, n).items()
+                                                 if k != "first_k_dense_replace"})
+    with pytest.raises(InputError, match="describes other weights than the kept blocks hold"):
+        depth.drop_layers(model, [False, True, True, True])
+    assert len(model.model.layers) == 4 and model.config.num_hidden_layers == 4
+    assert model.config.first_k_dense_replace == 1
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_load_model_refuses_a_folder_whose_config_does_not_describe_its_weights(tmp_path):
+    import prunekit
+    from conftest import char_tokenizer
+
+    model = tiny_lm("llama", layers=4)
+    model.save_pretrained(tmp_path / "m")
+    char_tokenizer().save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["num_hidden_layers"] = 3  # layer 3's weights are left over
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="weights do not match its config.json: 9 weights in the files"):
+        prunekit.load_model(tmp_path / "m")
+    config["num_hidden_layers"] = 5  # layer 4's weights would be random
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="weights do not match its config.json: 9 weights its config describes"):
+        prunekit.load_model(tmp_path / "m")
+
+
 # ---------------------------------------------------------------- determinism, recovery
 
 def test_tinyfusion_is_deterministic_under_a_seed():

@@ -24,29 +24,117 @@ from prunekit.weights.engine import find_blocks
 __all__ = ["drop_layers", "save_depth_pruned"]
 
 # config attributes that hold one entry per layer in some transformers architectures
-_PER_LAYER = ("layer_types", "no_rope_layers", "sliding_window_layers", "swa_layers", "mlp_only_layers")
+_PER_LAYER = ("layer_types", "no_rope_layers", "sliding_window_layers", "swa_layers")
 
 
 def drop_layers(model: nn.Module, keep: list[bool]) -> list[int]:
-    """Keep only the decoder layers where `keep` is True (in place); returns the kept original indices."""
-    _, blocks = find_blocks(model)
+    """Keep only the decoder layers where `keep` is True (in place); returns the kept original indices.
+
+    For a transformers model the rewritten config is checked before anything changes: the architecture it
+    describes must have exactly the kept blocks' weights (names and shapes), so the saved folder cannot load
+    with some layers freshly initialised. Layouts given by rule are rewritten: Qwen-MoE's dense layers
+    (``mlp_only_layers`` + ``decoder_sparse_step``) become ``decoder_sparse_step=1`` and the kept dense layers'
+    new indices; DeepSeek-V3/GLM-4-MoE's ``first_k_dense_replace`` counts the kept dense layers. A layout
+    prunekit cannot express is an `InputError`, with the model untouched.
+    """
+    prefix, blocks = find_blocks(model)
     depth = len(blocks)
     keep = check_keep(keep, depth)
     config = model.config
     if getattr(config, "num_hidden_layers", depth) != depth:
         raise InputError(f"config.num_hidden_layers is {config.num_hidden_layers} but the model has {depth} blocks")
     kept = [i for i, k in enumerate(keep) if k]
+    updates = _config_updates(config, kept, depth)
+    _check_rewritten_config(model, prefix, kept, updates)
     drop_blocks(blocks, keep)
     for new, block in enumerate(blocks):
         for module in block.modules():
             if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
                 module.layer_idx = new
-    config.num_hidden_layers = len(kept)
-    for name, value in list(vars(config).items()):
+    for name, value in updates.items():
+        setattr(config, name, value)
+    return kept
+
+
+def _config_updates(config, kept: list[int], depth: int) -> dict:
+    """The config attributes that change when only the `kept` of `depth` layers remain."""
+    updates = {"num_hidden_layers": len(kept)}
+    attrs = vars(config)
+    only = attrs.get("mlp_only_layers")  # Qwen-MoE: indices of the layers with a dense MLP
+    if isinstance(only, (list, tuple)):
+        if "decoder_sparse_step" in attrs:  # layer i is sparse iff i not in only and (i + 1) % step == 0
+            step = attrs["decoder_sparse_step"] or 1
+            experts = getattr(config, "num_experts", 1) or 0
+            dense = [new for new, old in enumerate(kept) if old in only or not (experts > 0 and (old + 1) % step == 0)]
+            updates["decoder_sparse_step"] = 1
+        else:
+            dense = [new for new, old in enumerate(kept) if old in only]
+        updates["mlp_only_layers"] = type(only)(dense)
+    first = attrs.get("first_k_dense_replace")  # DeepSeek-V3, GLM-4-MoE: the first k layers are dense
+    if isinstance(first, int) and not isinstance(first, bool):
+        updates["first_k_dense_replace"] = sum(old < first for old in kept)
+    for name, value in attrs.items():
+        if name in updates:
+            continue
         if isinstance(value, (list, tuple)) and len(value) == depth and (name in _PER_LAYER or name.endswith("_layers")
                                                                           or name.endswith("layer_types")):
-            setattr(config, name, type(value)(value[i] for i in kept))
-    return kept
+            updates[name] = type(value)(value[i] for i in kept)
+    return updates
+
+
+def _weight_shapes(model: nn.Module) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_rewritten_config(model: nn.Module, prefix: str, kept: list[int], updates: dict) -> None:
+    """Refuse when `model`'s architecture, rebuilt from the config with `updates`, would not hold exactly the
+    kept blocks' weights. Skipped for models that are not transformers models, and for those whose own config
+    already does not describe their weights (a structurally pruned model with per-layer widths)."""
+    import copy
+
+    import torch
+
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    if not isinstance(model, PreTrainedModel):
+        return
+
+    def skeleton(config) -> dict[str, tuple] | None:
+        try:
+            with torch.device("meta"):
+                return _weight_shapes(type(model)(config))
+        except Exception:  # an architecture that cannot be built from its config alone: nothing to compare
+            return None
+
+    have = _weight_shapes(model)
+    if skeleton(model.config) != have:
+        return
+    config = copy.deepcopy(model.config)
+    for name, value in updates.items():
+        setattr(config, name, value)
+    lead = prefix + "."
+    renamed = {str(old): str(new) for new, old in enumerate(kept)}
+    expected = {}
+    for key, shape in have.items():
+        if key.startswith(lead):
+            index, rest = key[len(lead):].split(".", 1)
+            if index not in renamed:
+                continue
+            key = f"{lead}{renamed[index]}.{rest}"
+        expected[key] = shape
+    built = skeleton(config)
+    if built is None or built == expected:
+        return
+    missing = sorted(set(built) - set(expected))
+    unused = sorted(set(expected) - set(built))
+    resized = sorted(k for k in set(built) & set(expected) if built[k] != expected[k])
+    first = (missing or unused or resized)[0]
+    raise InputError(f"dropping these blocks of this {config.model_type!r} model leaves a config that describes other "
+                     f"weights than the kept blocks hold ({len(missing)} missing, {len(unused)} unused, {len(resized)} "
+                     f"resized; e.g. {first}): its config lays out its layers in a way prunekit does not rewrite. "
+                     "The model is unchanged; keep other blocks or rewrite the config by hand")
 
 
 def save_depth_pruned(model, tokenizer, out, *, metadata: dict, overwrite: bool = False, extra=None,

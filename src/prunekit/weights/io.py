@@ -138,7 +138,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False,
+                                                           output_loading_info=True)
     except SafetensorError as e:  # a corrupt or truncated weight file
         raise InputError(f"could not load {path}: its safetensors weights are corrupt or truncated ({e}); "
                          "save the model again with save_pretrained") from None
@@ -149,6 +150,16 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"could not load {path} as a causal LM: {first}") from None
+    missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if missing or unused:  # transformers would run the model with those weights freshly initialised
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} weights its config describes are not in the files (e.g. {missing[0]})")
+        if unused:
+            parts.append(f"{len(unused)} weights in the files are not in the model (e.g. {unused[0]})")
+        raise InputError(f"{path}'s weights do not match its config.json: {'; '.join(parts)}, so transformers would "
+                         "fill them with random values. Fix config.json (layer count and layout) or save the model "
+                         "again with save_pretrained")
     from prunekit.weights.methods import armor
 
     armor.install_factors(model, path)  # ARMOR's factorized layers, when the folder holds them
