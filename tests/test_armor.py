@@ -217,6 +217,33 @@ def test_prune_on_a_half_precision_model_keeps_its_dtype(dtype):
         assert torch.isfinite(model(torch.randint(3, 100, (1, 16))).logits).all()
 
 
+def test_gpt2_conv1d_layers_save_in_their_own_layout_and_reload(tmp_path):
+    """GPT-2's Conv1D stores its weight [in, out]: the saved dense weight must be the transpose of A core B, or
+    transformers refuses the folder (c_attn, c_fc) or silently reads a transposed square matrix (c_proj)."""
+    import prunekit
+    from transformers import AutoModelForCausalLM
+
+    from conftest import TEXT, char_tokenizer
+
+    model, tok = tiny_model("gpt2"), char_tokenizer()
+    prunekit.prune(model, method="armor", pattern="2:4", tokenizer=tok, calibration=prunekit.Text("t", TEXT, "license"),
+                   samples=4, seqlen=32, block_size=16, iters=3, progress=False)
+    proj = model.transformer.h[0].attn.c_proj
+    assert isinstance(proj, armor.ArmorLinear) and proj.conv1d_layout
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        want = model(ids).logits
+    out = prunekit.save_pruned(model, tok, tmp_path / "m")
+    dense = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # plain transformers
+    assert torch.equal(dense.transformer.h[0].attn.c_proj.weight, proj.dense_weight().T)
+    with torch.no_grad():
+        assert torch.allclose(dense(ids).logits, want, atol=1e-4)
+    again, _ = prunekit.load_model(out)  # with the factors installed again
+    assert isinstance(again.transformer.h[0].mlp.c_fc, armor.ArmorLinear)
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, want, atol=1e-4)
+
+
 def test_install_factors_refuses_weights_from_another_run(tmp_path):
     model = armored_model()
     assert armor.save_factors(model, tmp_path) == 2

@@ -216,6 +216,11 @@ class _Pruner:
                 out.module.bias = nn.Parameter(bias.detach().clone())  # the replacement keeps the Linear's bias
             set_weight(module, out.weight)  # in "layer" order the current forward still runs the old module
             like = get_weight(module)  # the replacement computes in the Linear's dtype and on its device
+            if _is_conv1d(module):  # the replacement must save its dense weight in the Conv1D's [in, out] layout
+                if not hasattr(out.module, "conv1d_layout"):
+                    raise InputError(f"{type(out.module).__name__} cannot stand in for the Conv1D {name} (GPT-2 "
+                                     "style, weight stored [in, out]); use this method on models with Linear layers")
+                out.module.conv1d_layout = True
             out.module.to(device=like.device, dtype=like.dtype)
             _install(self.block, module, out.module)
             self.layers[name] = out.module

@@ -190,11 +190,14 @@ class ArmorLinear(nn.Module):
     PyTorch's semi-structured sparse kernels (converted once, cached), falling back to dense when PyTorch
     refuses the shape. Saving (`state_dict`) emits only the dense ``weight`` and ``bias``, so a
     ``save_pretrained`` checkpoint loads anywhere as a plain dense model; `save_factors` keeps the factors.
+    ``conv1d_layout``: the module replaces a GPT-2 style ``Conv1D``, whose checkpoints hold the weight as
+    ``[in, out]``; the dense weight is saved (and compared on load) transposed.
     """
 
     def __init__(self, core: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
-                 *, pattern: NM = NM(2, 4)):
+                 *, pattern: NM = NM(2, 4), conv1d_layout: bool = False):
         super().__init__()
+        self.conv1d_layout = bool(conv1d_layout)
         self.out_features, self.in_features = core.shape
         if a.shape[1] != a.shape[2] or b.shape[1] != b.shape[2]:
             raise InputError(f"ARMOR blocks must be square, got a {tuple(a.shape)} and b {tuple(b.shape)}")
@@ -259,9 +262,14 @@ class ArmorLinear(nn.Module):
         y = _apply_blocks(self._core_product(_apply_blocks(x, self.b)), self.a)
         return y if self.bias is None else y + self.bias
 
+    def stored_weight(self) -> torch.Tensor:
+        """The dense weight as the replaced layer stores it: ``[out, in]``, or ``[in, out]`` for a Conv1D."""
+        dense = self.dense_weight()
+        return dense.T.contiguous() if self.conv1d_layout else dense
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # Only the dense equivalent: any transformers install loads the checkpoint as a plain Linear.
-        destination[prefix + "weight"] = self.dense_weight().to(self.core.dtype)
+        # Only the dense equivalent: any transformers install loads the checkpoint as a plain Linear (or Conv1D).
+        destination[prefix + "weight"] = self.stored_weight().to(self.core.dtype)
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
@@ -271,7 +279,7 @@ class ArmorLinear(nn.Module):
             return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                                  unexpected_keys, error_msgs)
         # A dense checkpoint cannot restore the factors; accept it only when it is this module's own weight.
-        if not _matches(state_dict[prefix + "weight"], self.dense_weight()):
+        if not _matches(state_dict[prefix + "weight"], self.stored_weight()):
             error_msgs.append(f"{prefix}weight differs from the ARMOR factors' dense weight; install the factors "
                               "from armor.safetensors instead (prunekit.weights.methods.armor.install_factors)")
         if self.bias is not None:
@@ -283,7 +291,8 @@ class ArmorLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}, "
-                f"block_size={self.block_size}, bias={self.bias is not None}")
+                f"block_size={self.block_size}, bias={self.bias is not None}"
+                + (", conv1d_layout=True" if self.conv1d_layout else ""))
 
 
 def _matches(weight: torch.Tensor, dense: torch.Tensor) -> bool:
@@ -353,22 +362,24 @@ def install_factors(model: nn.Module, folder: str | Path) -> int:
             linear = model.get_submodule(name)
         except AttributeError:
             raise InputError(f"{path} names {name}, which this model does not have") from None
-        if not isinstance(linear, nn.Linear):
+        conv1d = type(linear).__name__ == "Conv1D" and hasattr(linear, "nf")  # GPT-2: weight stored [in, out]
+        if not (isinstance(linear, nn.Linear) or conv1d):
             raise InputError(f"{path} names {name}, a {type(linear).__name__}, not a Linear")
-        if parts["core"].shape != linear.weight.shape:
+        weight = linear.weight.T if conv1d else linear.weight  # [out, in]
+        if parts["core"].shape != weight.shape:
             raise InputError(f"{path}: {name} core is {tuple(parts['core'].shape)}, the model's weight "
-                             f"{tuple(linear.weight.shape)}")
+                             f"{tuple(weight.shape)}")
         pattern = _parse_nm(modules[name].get("pattern", ""), path)
         if not _is_n_m(parts["core"], pattern):
             raise InputError(f"{path}: the core of {name} is not {pattern} sparse; the file is damaged")
-        new = ArmorLinear(parts["core"], parts["a"], parts["b"], linear.bias, pattern=pattern)
-        if not _matches(linear.weight, new.dense_weight()):
-            diff = float((linear.weight.detach().float().cpu() - new.dense_weight().float()).abs().max())
+        new = ArmorLinear(parts["core"], parts["a"], parts["b"], linear.bias, pattern=pattern, conv1d_layout=conv1d)
+        if not _matches(weight, new.dense_weight()):
+            diff = float((weight.detach().float().cpu() - new.dense_weight().float()).abs().max())
             raise InputError(
                 f"{folder}: the weights of {name} and {FACTORS_FILE} disagree (max |difference| {diff:.3g}); "
                 "they come from different runs; re-save the model and its factors together"
             )
-        new = new.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        new = new.to(device=weight.device, dtype=weight.dtype)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
     return len(names)
