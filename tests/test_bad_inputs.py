@@ -332,9 +332,12 @@ def test_architectures_the_methods_cannot_serve_are_refused_before_any_change(to
     hybrid.model.layers[0].conv = torch.nn.Conv1d(64, 64, 3, groups=64)
     result = prunekit.prune(hybrid, method="magnitude", ratio=0.5, progress=False)
     assert result.total_sparsity == 0.5
-    # OLMo2's q_norm spans all heads; StableLM sizes heads from hidden_size / heads: the saved folder did not load
-    for kind, match in (("olmo2", "normalises all heads together"), ("stablelm", "sizes its heads from hidden_size")):
-        model = _tiny_arch(kind)
+    # OLMo2's q_norm spans all heads; StableLM sizes heads from hidden_size / heads; Helium's o_proj is hidden x
+    # hidden: the saved folder did not load
+    for kind, match, extra in (("olmo2", "normalises all heads together", {}),
+                               ("stablelm", "sizes its heads from hidden_size", {}),
+                               ("helium", "builds o_proj with 64 inputs", {"head_dim": 16})):
+        model = _tiny_arch(kind, **extra)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(prunekit.InputError, match=match):
             prunekit.prune_structured(model, method="uniform-structured", ratio=0.25, structure="both",

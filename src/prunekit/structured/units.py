@@ -83,8 +83,9 @@ def _mlp(block: nn.Module) -> nn.Module:
     mlp = getattr(block, "mlp", None)
     if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
         raise InputError(
-            f"{type(block).__name__} has no gated MLP (gate_proj, up_proj, down_proj); structured pruning "
-            "supports Llama-style blocks"
+            f"{type(block).__name__} has no gated MLP (gate_proj, up_proj, down_proj); structured pruning (heads "
+            "as well as neurons) supports Llama-style blocks only; weight pruning (--method wanda, sparsegpt, ...) "
+            "and depth pruning (--method shortgpt, ...) work on this model"
         )
     return mlp
 
@@ -118,9 +119,9 @@ def model_dims(model: nn.Module) -> Dims:
 def check_heads_prunable(model: nn.Module, dims: Dims) -> None:
     """Refuse head pruning where the saved model could not hold fewer heads: a q/k norm over all heads at once
     (OLMo2: removing heads changes what it normalises over), or an architecture that derives its head size from
-    ``hidden_size / num_attention_heads`` and ignores ``head_dim`` (StableLM), so a config with fewer heads
-    builds layers of another shape. Checked by building one attention layer from such a config (on the meta
-    device)."""
+    ``hidden_size / num_attention_heads`` and ignores ``head_dim`` (StableLM), or sizes o_proj from
+    ``hidden_size`` (Helium), so a config with fewer heads builds layers of another shape. Checked by building
+    one attention layer from such a config (on the meta device)."""
     import copy
 
     _, blocks = find_blocks(model)
@@ -146,6 +147,11 @@ def check_heads_prunable(model: nn.Module, dims: Dims) -> None:
     if isinstance(q, nn.Linear) and q.out_features != kept * dims.head_dim:
         raise InputError(f"{type(attn).__name__} sizes its heads from hidden_size / num_attention_heads, not head_dim, "
                          f"so a model with fewer heads would not load; prune neurons only (--structure neurons)")
+    o = getattr(probe, "o_proj", None)
+    if isinstance(o, nn.Linear) and o.in_features != kept * dims.head_dim:  # Helium: o_proj is hidden x hidden
+        raise InputError(f"{type(attn).__name__} builds o_proj with {o.in_features} inputs whatever the number of "
+                         f"heads, so a model with fewer heads would not load; prune neurons only "
+                         "(--structure neurons)")
 
 
 def check_widths(dims: Dims, widths: list[Widths]) -> None:
