@@ -327,6 +327,21 @@ def test_prune_structured_checks_samples_seqlen_and_seed_first(method, kwargs, m
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_measure_speed_fits_a_model_with_few_learned_positions():
+    """GPT-2 embeds positions from a table: the default 512 + 64 tokens ran past a 256-position table (an
+    IndexError after the pruning work, in `prunekit prune` without --no-speed)."""
+    from conftest import tiny_model
+
+    from prunekit import speed
+
+    gpt2 = tiny_model("gpt2")  # n_positions 256
+    got = speed.measure_speed(gpt2, repeats=1)
+    assert (got["prefill_tokens"], got["decode_tokens"]) == (224, 32)
+    with pytest.raises(InputError, match="exceed the 256 positions"):
+        speed.measure_speed(gpt2, prefill=250, decode=10, repeats=1)
+    assert speed.measure_speed(tiny(layers=1), prefill=8, decode=2, repeats=1)["prefill_tokens"] == 8
+
+
 @pytest.mark.parametrize("vocab", [-5, 0, 129, 10**7, True, 2.5])
 def test_measure_speed_takes_a_vocab_the_model_has(vocab):
     from prunekit import speed, structured
