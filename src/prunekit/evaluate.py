@@ -82,12 +82,27 @@ def perplexity(model: nn.Module, tokenizer, text: str | Text = "wiki", *, seqlen
     return Perplexity(ppl, nll, ids.numel(), seqlen, ids.shape[0], source.describe())
 
 
-def sparsity(model: nn.Module) -> dict:
-    """Fraction of zeros in every Linear of the decoder blocks, per layer and in total (weighted by size)."""
+def _block_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The Linears weight pruning targets: every block Linear, each fused MoE expert as its own (see
+    `prunekit.weights.experts`; valid only inside `unfused_experts`), routers left out."""
+    from prunekit.weights import experts
+
     prefix, blocks = find_blocks(model)
-    layers, zeros, numel = {}, 0, 0
+    out = {}
     for i, block in enumerate(blocks):
-        for name, module in target_linears(block, f"{prefix}.{i}").items():
+        routers = experts.routing_linears(block)
+        out.update(target_linears(block, f"{prefix}.{i}", routers))
+    return out
+
+
+def sparsity(model: nn.Module) -> dict:
+    """Fraction of zeros in every Linear of the decoder blocks (fused MoE experts one by one, routers not
+    counted), per layer and in total (weighted by size)."""
+    from prunekit.weights import experts
+
+    layers, zeros, numel = {}, 0, 0
+    with experts.unfused_experts(model, check=False, strict=False):
+        for name, module in _block_linears(model).items():
             w = get_weight(module)
             z = int((w == 0).sum())
             layers[name] = z / w.numel()
@@ -103,10 +118,11 @@ def check_pattern(model: nn.Module, pattern: str | NM) -> list[str]:
     nm = parse_pattern(pattern)
     if nm is None:
         return []
-    prefix, blocks = find_blocks(model)
+    from prunekit.weights import experts
+
     bad = []
-    for i, block in enumerate(blocks):
-        for name, module in target_linears(block, f"{prefix}.{i}").items():
+    with experts.unfused_experts(model, check=False, strict=False):
+        for name, module in _block_linears(model).items():
             w = get_weight(module)  # [out, in]
             if w.shape[1] % nm.m or ((w.reshape(w.shape[0], -1, nm.m) != 0).sum(-1) > nm.n).any():
                 bad.append(name)

@@ -204,6 +204,21 @@ class _Pruner:
         flat = x.reshape(-1, x.shape[-1])
         return flat[_error_rows(flat.shape[0], self.error_tokens)].float()
 
+    def prune_unreached(self, names) -> None:
+        """Prune layers no calibration token reached (MoE experts: `prunekit.weights.experts`) with the statistic
+        of white inputs; other layers the forward never called are an error."""
+        names = sorted(names)
+        called_never = [n for n in names if not getattr(self.layers[n], "prunekit_expert", False)]
+        if called_never:
+            raise RuntimeError(f"these layers were never called in the block's forward: {called_never}")
+        for name in names:
+            kind = self.stat_for(name)
+            w = get_weight(self.layers[name])
+            self.prune(name, None if kind is None else stats_lib.neutral(kind, w.shape[1]), None)
+            report = self.reports[-1]
+            report.info = {**(report.info or {}), "calibration_tokens": 0,
+                           "note": "no calibration token was routed here: pruned as for white inputs (by |W|)"}
+
     def prune(self, name: str, statistic, x_sub: torch.Tensor | None) -> None:
         module = self.layers[name]
         start = time.perf_counter()
@@ -276,9 +291,7 @@ def _one_pass(block, kwargs, hidden, pruner: _Pruner) -> torch.Tensor:
     finally:
         for h in handles:
             h.remove()
-    missing = set(pruner.layers) - done
-    if missing:
-        raise RuntimeError(f"these layers were never called in the block's forward: {sorted(missing)}")
+    pruner.prune_unreached(set(pruner.layers) - done)
     return out
 
 
@@ -328,13 +341,13 @@ def _two_pass(block, batches: list, pruner: _Pruner, *, need_outputs: bool) -> N
         for h in handles:
             h.remove()
     last["x"] = None
-    missing = set(pruner.layers) - set(leader)
-    if missing:
-        raise RuntimeError(f"these layers were never called in the block's forward: {sorted(missing)}")
+    pruner.prune_unreached(set(pruner.layers) - set(leader))
     readers = {}
-    for name in pruner.layers:
+    for name in leader:
         readers[leader[name]] = readers.get(leader[name], 0) + 1
     for name in pruner.layers:
+        if name not in leader:
+            continue
         lead = leader[name]
         acc = accs.get(lead)
         pruner.prune(name, acc.value() if acc is not None else None, subs[lead])

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -160,20 +161,32 @@ def _fused_weights(block: nn.Module) -> list[tuple[str, torch.Tensor]]:
             for p_name, p in module.named_parameters(recurse=False) if p.dim() > 2]
 
 
-def _refuse_fused_weights(model: nn.Module) -> None:
-    """Expert weights fused into 3-D tensors are not Linears, so the engine would prune only the attention and
-    report that as the model's sparsity: refuse. (A convolution's small kernel, as in hybrid Mamba/LFM2 blocks,
-    is left dense, as before.)"""
+EXPERT_METHODS = ("magnitude", "wanda", "sparsegpt")  # those that prune fused MoE experts (weights.experts)
+
+
+def _refuse_fused_weights(model: nn.Module, method: str) -> None:
+    """Weights fused into 3-D tensors are not Linears, so the engine would prune only the attention and report
+    that as the model's sparsity. Fused MoE experts in the standard layout are pruned one expert at a time
+    (`prunekit.weights.experts`) by the methods in `EXPERT_METHODS`; anything else is refused. (A convolution's
+    small kernel, as in hybrid Mamba/LFM2 blocks, is left dense, as before.)"""
+    from prunekit.weights import experts
+
     prefix, blocks = find_blocks(model)
     for i, block in enumerate(blocks):
+        handled = {f"{name}.{p}" if name else p for name, _ in experts.fused_experts(block)
+                   for p in ("gate_up_proj", "down_proj")}
         fused = _fused_weights(block)
-        if fused:
-            name, param = fused[0]
-            count = sum(len(_fused_weights(b)) for b in blocks)
+        other = [(name, param) for name, param in fused if name not in handled]
+        if other:
+            name, param = other[0]
             raise InputError(
                 f"{prefix}.{i}.{name} is a {param.dim()}-D weight {tuple(param.shape)} that is not a Linear (fused "
-                f"mixture-of-experts weights; {count} such tensors in the blocks), which weight pruning cannot "
-                "prune: it prunes Linear layers only and would leave them dense; prune a dense model")
+                "weights prunekit does not recognise as mixture-of-experts gate_up_proj/down_proj), which weight "
+                "pruning cannot prune: it prunes Linear layers only and would leave them dense; prune a dense model")
+        if fused and method not in EXPERT_METHODS:
+            raise InputError(
+                f"{prefix}.{i}.{fused[0][0]} holds fused mixture-of-experts weights; {method} cannot prune them (it "
+                f"needs one Linear per layer); the methods that prune MoE experts: {', '.join(EXPERT_METHODS)}")
 
 
 def prune(
@@ -219,8 +232,11 @@ def prune(
     # every parameter, not only the pruned Linears: a NaN embedding left the model half pruned when the
     # activations went non-finite after the first block
     check_finite_weights(model, "the model")
-    _refuse_fused_weights(model)
-    _check_skip(model, skip)
+    _refuse_fused_weights(model, method)
+    from prunekit.weights import experts
+
+    with experts.unfused_experts(model, check=False):  # skip globs may name experts (one Linear each)
+        _check_skip(model, skip)
     prune_options(method, options)
     stat = spec.stat_for(options)
     if stat is None and calibration == "wiki":
@@ -232,23 +248,37 @@ def prune(
     was_training = model.training
     model.eval()
     try:
-        if spec.prune_model is not None:
-            layers = spec.prune_model(
-                model, ids, ratio=ratio, pattern=nm, tokenizer=tokenizer, samples=samples, seqlen=seqlen, seed=seed,
-                skip=tuple(skip), progress=progress, **options,
-            )
-        else:
-            params = inspect.signature(spec.fn).parameters
-            seeded = {"seed": seed} if "seed" in params else {}  # one seed for the run (ARMOR's group sampling)
-            fn = functools.partial(spec.fn, ratio=ratio, pattern=nm, **seeded, **options)
-            takes_name = "name" in params
-            layers, _ = prune_blocks(
-                model, ids, (lambda w, s, name: fn(w, s, name=name)) if takes_name else (lambda w, s, _name: fn(w, s)),
-                stat=stat, skip=skip, sequential=sequential, batch_size=batch_size, progress=progress,
-            )
+        with contextlib.ExitStack() as moe:
+            targets_skip = tuple(skip)
+            if experts.has_fused_experts(model):  # one Linear per expert while pruning; routers stay dense
+                moe.enter_context(experts.unfused_experts(model))
+                prefix, blocks = find_blocks(model)
+                targets_skip += tuple(f"{prefix}.{i}.{n}" for i, b in enumerate(blocks)
+                                      for n in experts.routing_linears(b))
+            layers = _run(spec, model, ids, ratio=ratio, nm=nm, tokenizer=tokenizer, samples=samples, seqlen=seqlen,
+                          seed=seed, skip=targets_skip, sequential=sequential, batch_size=batch_size, progress=progress,
+                          options=options, stat=stat)
     finally:
         model.train(was_training)
     return PruneResult(
         method=method, ratio=ratio, pattern=str(nm) if nm else None, sequential=sequential, layers=layers,
         seconds=time.perf_counter() - start, calibration=calib_info, options=dict(options, skip=list(skip)),
     )
+
+
+def _run(spec, model, ids, *, ratio, nm, tokenizer, samples, seqlen, seed, skip, sequential, batch_size, progress,
+         options, stat) -> list:
+    if spec.prune_model is not None:
+        return spec.prune_model(
+            model, ids, ratio=ratio, pattern=nm, tokenizer=tokenizer, samples=samples, seqlen=seqlen, seed=seed,
+            skip=tuple(skip), progress=progress, **options,
+        )
+    params = inspect.signature(spec.fn).parameters
+    seeded = {"seed": seed} if "seed" in params else {}  # one seed for the run (ARMOR's group sampling)
+    fn = functools.partial(spec.fn, ratio=ratio, pattern=nm, **seeded, **options)
+    takes_name = "name" in params
+    layers, _ = prune_blocks(
+        model, ids, (lambda w, s, name: fn(w, s, name=name)) if takes_name else (lambda w, s, _name: fn(w, s)),
+        stat=stat, skip=skip, sequential=sequential, batch_size=batch_size, progress=progress,
+    )
+    return layers

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ColumnNorms", "Hessian", "Moments", "STATS", "make"]
+from prunekit.errors import InputError
+
+__all__ = ["ColumnNorms", "Hessian", "Moments", "STATS", "make", "neutral"]
 
 
 def _flatten(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -144,3 +146,17 @@ def make(name: str, d_in: int):
     if "+" in name:
         return Composite(name.split("+"), d_in)
     return STATS[name](d_in)
+
+
+def neutral(name: str, d_in: int):
+    """The value statistic `name` takes for white inputs (every column of unit norm, uncorrelated): what a layer
+    that saw no calibration token is pruned with (an MoE expert no token was routed to). Wanda's norms are then
+    equal, SparseGPT's Hessian the identity: both reduce to magnitude pruning (no weight update)."""
+    if "+" in name:
+        return {n: neutral(n, d_in) for n in name.split("+")}
+    if name == "norms":
+        return torch.ones(d_in, dtype=torch.float32)
+    if name == "hessian":
+        return torch.eye(d_in, dtype=torch.float32)
+    raise InputError(f"no neutral value for the statistic {name!r}: a layer no calibration token reached cannot "
+                     "be pruned with it")

@@ -1,0 +1,180 @@
+"""Weight pruning of fused mixture-of-experts weights (transformers 5's 3-D ``gate_up_proj`` / ``down_proj``): one
+Linear per expert calibrated on the tokens routed to it, checked against a from-scratch Wanda on the model's own
+routing; experts no token reached; routers left dense; the saved folder; what is refused."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prunekit
+from conftest import TEXT, char_tokenizer, tiny_model
+from prunekit.errors import InputError
+from prunekit.weights import experts as experts_mod
+
+CALIB = dict(tokenizer=None, samples=4, seqlen=32, progress=False)
+
+
+def calib(**kw):
+    return dict(CALIB, tokenizer=char_tokenizer(), calibration=prunekit.Text("t", TEXT, "license"), **kw)
+
+
+def wanda_mask(w: torch.Tensor, sq_norms: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Wanda from its definition: per output row, keep the largest |W_ij| * ||X_j||."""
+    metric = w.abs() * sq_norms.sqrt()[None, :]
+    drop = metric.argsort(dim=1)[:, : int(w.shape[1] * ratio)]
+    keep = torch.ones_like(w, dtype=torch.bool)
+    keep.scatter_(1, drop, False)
+    return keep
+
+
+def test_wanda_prunes_each_expert_on_the_tokens_routed_to_it():
+    model = tiny_model("mixtral")
+    args = calib()
+    ids = prunekit.text.calibration_ids(args["tokenizer"], args["calibration"], samples=4, seqlen=32, seed=0)
+    moe = model.model.layers[0].mlp
+    seen = {}
+
+    def grab(module, inputs, output):  # the router's input and its choice, in the dense model
+        seen["x"], seen["index"] = inputs[0].reshape(-1, inputs[0].shape[-1]), output[2]
+
+    handle = moe.gate.register_forward_hook(grab)
+    xs, idxs = [], []
+    with torch.no_grad():
+        for start in range(0, 4, 4):
+            model(ids[start:start + 4])
+            xs.append(seen["x"]), idxs.append(seen["index"])
+    handle.remove()
+    x, index = torch.cat(xs), torch.cat(idxs)
+    up, down = moe.experts.gate_up_proj.detach().clone(), moe.experts.down_proj.detach().clone()
+    want = {}
+    for e in range(up.shape[0]):
+        xe = x[(index == e).any(-1)]  # [tokens routed to e, H]
+        gate, u = F.linear(xe, up[e]).chunk(2, dim=-1)
+        he = F.silu(gate) * u
+        want[e] = (wanda_mask(up[e], xe.square().sum(0), 0.5), wanda_mask(down[e], he.square().sum(0), 0.5))
+        assert xe.shape[0] > 0
+    prunekit.prune(model, method="wanda", ratio=0.5, **args)
+    fused = model.model.layers[0].mlp.experts
+    assert type(fused).__name__ == "MixtralExperts"  # the model's own module is back, holding the pruned weights
+    for e, (keep_up, keep_down) in want.items():
+        assert torch.equal(fused.gate_up_proj[e] != 0, keep_up)
+        assert torch.equal(fused.down_proj[e] != 0, keep_down)
+
+
+def _never_route_to(router, expert: int):
+    """Make a Mixtral-style router (returns logits, weights, indices) never pick `expert`."""
+    def forward(hidden_states):
+        logits = F.linear(hidden_states.reshape(-1, router.hidden_dim), router.weight)
+        logits[:, expert] = float("-inf")
+        probs = logits.float().softmax(-1)
+        top, idx = probs.topk(router.top_k, dim=-1)
+        return logits, top / top.sum(-1, keepdim=True), idx
+
+    router.forward = forward
+
+
+@pytest.mark.parametrize("method, kw", [("wanda", dict(ratio=0.5)), ("sparsegpt", dict(ratio=0.5))])
+def test_an_expert_no_token_reached_is_pruned_by_magnitude_and_says_so(method, kw):
+    model = tiny_model("mixtral")
+    _never_route_to(model.model.layers[1].mlp.gate, 2)
+    w = model.model.layers[1].mlp.experts.gate_up_proj[2].detach().clone()
+    result = prunekit.prune(model, method=method, **kw, **calib())
+    report = {r.name: r for r in result.layers}["model.layers.1.mlp.experts.gate_up_proj.2"]
+    assert report.info["calibration_tokens"] == 0 and report.rel_error is None
+    got = model.model.layers[1].mlp.experts.gate_up_proj[2]
+    if method == "wanda":  # equal input norms: |W| per row
+        assert torch.equal(got != 0, wanda_mask(w, torch.ones(w.shape[1]), 0.5))
+    else:  # identity Hessian: SparseGPT's mask is |W| over the whole 128-column block (here the whole layer)
+        assert torch.equal(got != 0, w.abs() > w.abs().flatten().kthvalue(w.numel() // 2).values)
+    assert torch.equal(got[got != 0], w[got != 0])  # kept weights unchanged (SparseGPT: identity Hessian)
+    reached = [r for r in result.layers if "experts" in r.name and not (r.info or {}).get("calibration_tokens") == 0]
+    assert reached and all(r.rel_error is not None for r in reached)
+
+
+_MORE = {"olmoe": dict(num_experts=4, num_experts_per_tok=2, eos_token_id=None),
+         "deepseek_v3": dict(first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=32, n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
+                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+         "glm4_moe": dict(first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                          n_group=1, topk_group=1, head_dim=16)}
+
+
+def moe_model(kind):
+    if kind not in _MORE:
+        return tiny_model(kind)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(kind, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2, **_MORE[kind])
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "olmoe", "deepseek_v3",
+                                  "glm4_moe"])
+def test_every_expert_pruned_routers_dense_and_the_folder_reloads(kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = moe_model(kind)
+    routers = {n: p.detach().clone() for n, p in model.named_parameters()
+               if n.endswith("gate.weight") or "router" in n or "shared_expert_gate" in n}
+    assert routers
+    result = prunekit.prune(model, method="sparsegpt", pattern="2:4", **calib())
+    for name, p in model.named_parameters():
+        if name in routers:
+            assert torch.equal(p, routers[name]), name
+        elif p.dim() == 3:  # [experts, out, in]: 2 of every 4 inputs kept per expert row
+            assert bool(((p.reshape(p.shape[0], p.shape[1], -1, 4) != 0).sum(-1) <= 2).all()), name
+            assert float((p == 0).float().mean()) == 0.5
+    assert result.total_sparsity == 0.5 and prunekit.evaluate.sparsity(model)["total"] == 0.5
+    assert prunekit.evaluate.check_pattern(model, "2:4") == []
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        want = model(ids).logits
+    out = prunekit.save_pruned(model, char_tokenizer(), tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want)
+
+
+def test_skip_globs_reach_experts_and_unsupported_methods_are_refused():
+    model = tiny_model("qwen3_moe")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = prunekit.prune(model, method="magnitude", ratio=0.5, skip=["*experts*"], progress=False)
+    assert result.layers and not any("experts" in r.name for r in result.layers)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.dim() == 3)
+    for method in ("dsnot", "armor"):
+        fresh = tiny_model("qwen3_moe")
+        with pytest.raises(InputError, match="the methods that prune MoE experts: magnitude, wanda, sparsegpt"):
+            prunekit.prune(fresh, method=method, pattern="2:4", **calib())
+
+
+def test_experts_computing_something_else_are_refused_before_any_change():
+    model = tiny_model("mixtral")
+    fused = model.model.layers[0].mlp.experts
+    own = fused.forward
+    fused.forward = lambda *a: 2 * own(*a)  # not the standard gate_up/down function any more
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(InputError, match="computes its experts differently"):
+        prunekit.prune(model, method="wanda", ratio=0.5, **calib())
+    assert model.model.layers[0].mlp.experts is fused
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_gpt_oss_layout_is_refused():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gpt_oss", vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                               num_experts_per_tok=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(InputError, match="layout weight pruning does not handle"):
+        prunekit.prune(model, method="wanda", ratio=0.5, **calib())
+    assert prunekit.evaluate.sparsity(model)["total"] == 0.0  # reading weights still works (experts left fused)
+
+
+def test_expert_linears_share_the_fused_storage():
+    fused = tiny_model("qwen2_moe").model.layers[0].mlp.experts
+    view = experts_mod.ExpertLinears(fused)
+    view.down_proj[1].weight.data[0, 0] = 123.0
+    assert fused.down_proj[1, 0, 0] == 123.0
