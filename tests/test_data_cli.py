@@ -312,6 +312,53 @@ def test_csv_with_byte_order_mark_keeps_its_first_value(tmp_path):
     assert out.read_text().splitlines() == ["index,score", "0,0.3", "1,0.1", "2,0.2"]
 
 
+def test_csv_missing_values_and_pandas_headers_are_refused_not_misread(tmp_path, capsys):
+    """pandas writes NaN as an empty cell (a blank line in one column) and unnamed columns as a '0,1' header; R
+    writes NA. The blank line was dropped and '0,1' read as a row, shifting every later index with exit 0."""
+    pd = pytest.importorskip("pandas")  # installed with cleanlab (the test extra)
+
+    def refused(name, text, match):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match=match):
+            io.read_array(tmp_path / name, what="scores")
+
+    refused("blank.csv", "score\n0.9\n0.1\n\n0.8\n", "line 4 is empty: a missing value")
+    refused("cell.csv", "a,b\n0.5,0.5\n0.2,\n", "line 3 holds a missing value")
+    refused("na.csv", "NA\n0.3\n0.2\n", "line 1 holds a missing value .'NA'.")
+    pd.DataFrame(np.array([[0.25, 0.75], [0.5, 0.5]])).to_csv(tmp_path / "p.csv", index=False)
+    pd.Series([0.3, 0.1, 0.2]).to_csv(tmp_path / "s.csv", index=False)
+    for name in ("p.csv", "s.csv"):
+        with pytest.raises(InputError, match="looks like the header pandas writes for unnamed columns"):
+            io.read_array(tmp_path / name, what="scores")
+    # what still reads: blank lines at the ends, a named header, integers as data, the same files without header
+    (tmp_path / "ok.csv").write_text("\n0\n1\n2\n\n\n")
+    assert io.read_vector(tmp_path / "ok.csv", what="labels").tolist() == [0, 1, 2]
+    pd.Series([0.3, 0.1, 0.2], name="score").to_csv(tmp_path / "named.csv", index=False)
+    assert io.read_vector(tmp_path / "named.csv", what="scores").tolist() == [0.3, 0.1, 0.2]
+    pd.Series([0.3, 0.1, 0.2]).to_csv(tmp_path / "plain.csv", index=False, header=False)
+    assert io.read_vector(tmp_path / "plain.csv", what="scores").tolist() == [0.3, 0.1, 0.2]
+    out = tmp_path / "kept.csv"
+    _refused(["data", "select", "--scores", str(tmp_path / "s.csv"), "--keep", "0.5", "--out", str(out)], out,
+             tmp_path, capsys, "looks like the header pandas writes")
+
+
+def test_parquet_index_columns_are_not_data_and_id_columns_are_named(tmp_path, capsys):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.6, 0.3, 0.1]])
+    frame = pd.DataFrame(probs, columns=["a", "b", "c"], index=[10, 11, 12, 13])  # a filtered frame's index
+    frame.to_parquet(tmp_path / "p.parquet")
+    assert io.read_array(tmp_path / "p.parquet", what="probabilities").tolist() == probs.tolist()
+    with_id = np.column_stack([np.arange(100, 104), probs])
+    np.savetxt(tmp_path / "id.csv", with_id, delimiter=",", header="id,a,b,c", comments="")
+    np.save(tmp_path / "y.npy", np.array([0, 1, 2, 0]))
+    out = tmp_path / "issues.csv"
+    # it said "class(es) [3] have no examples"; with --allow-missing-classes, "pass softmax outputs, not logits"
+    _refused(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(tmp_path / "id.csv"),
+              "--out", str(out)], out, tmp_path, capsys, "only column 0 leaves .0, 1.: if it holds ids")
+
+
 @pytest.mark.parametrize("command", ["select", "label-issues", "score-data", "score-embeddings"])
 def test_complex_arrays_refused(command, tmp_path, capsys):
     _score_files(tmp_path)

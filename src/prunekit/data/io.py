@@ -35,14 +35,27 @@ def _suffix(path: Path, what: str) -> str:
     return suffix
 
 
+_MISSING = {"", "na", "n/a", "#n/a", "null", "none", "nan", "-nan", "<na>"}  # how tools write a missing value
+
+
+def _is_float(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
 def _read_csv(path: Path, what: str) -> tuple[np.ndarray, list[str] | None]:
     """Rows of numbers from UTF-8 text (a byte-order mark is dropped), and the header: a first row that is not
-    numbers (None without one)."""
+    numbers (None without one). Blank lines at the ends are ignored; a blank line or an empty cell between rows
+    is a missing value (pandas writes NaN so) and refused, as is a first row of missing values (R's ``NA``) and
+    the numeric header pandas writes for unnamed columns (``0,1,...`` over float rows), which could be a row."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             try:
-                rows = [r for r in reader if r and any(c.strip() for c in r)]
+                rows = [(reader.line_num, r) for r in reader]
             except csv.Error as e:
                 raise InputError(f"{what} file {path} line {reader.line_num} is not valid CSV ({e}); "
                                  "fix that line or give a .npy file") from None
@@ -51,23 +64,47 @@ def _read_csv(path: Path, what: str) -> tuple[np.ndarray, list[str] | None]:
                          "save it as UTF-8 CSV, or give a .npy file") from None
     except OSError as e:
         raise InputError(f"{what} file {path} cannot be read ({e.strerror})") from None
+
+    def blank(row):
+        return not any(c.strip() for c in row)
+
+    while rows and blank(rows[-1][1]):
+        rows.pop()
+    while rows and blank(rows[0][1]):
+        rows.pop(0)
     if not rows:
         raise InputError(f"{what} file {path} is empty")
     header = None
-    try:
-        [float(c) for c in rows[0]]
-    except ValueError:
-        header, rows = [c.strip() for c in rows[0]], rows[1:]
+    first = [c.strip() for c in rows[0][1]]
+    if not all(_is_float(c) for c in first):
+        if all(_is_float(c) or c.lower() in _MISSING for c in first):
+            raise InputError(f"{what} file {path} line {rows[0][0]} holds a missing value "
+                             f"({next(c for c in first if not _is_float(c))!r}); fill or drop it")
+        header, rows = first, rows[1:]
+    elif first == [str(i) for i in range(len(first))] and len(rows) > 1 and all(
+            any(ch in c for ch in ".eEnN") for _, r in rows[1:] for c in r if c.strip()):
+        raise InputError(f"{what} file {path}: the first row {','.join(first)!r} looks like the header pandas writes "
+                         "for unnamed columns (to_csv(index=False)) above rows of decimals; save with header=False or "
+                         "named columns (or as .npy), or write that first row as decimals if it is data")
     if not rows:
         raise InputError(f"{what} file {path} has a header but no rows")
-    width = len(rows[0])
-    for i, r in enumerate(rows):
+    width = len(rows[0][1])
+    values = np.empty((len(rows), width))
+    for i, (line, r) in enumerate(rows):
         if len(r) != width:
-            raise InputError(f"{what} file {path}: row {i + 1} has {len(r)} values, the first has {width}")
-    try:
-        values = np.array([[float(c) for c in r] for r in rows])
-    except ValueError as e:
-        raise InputError(f"{what} file {path} holds a value that is not a number ({e})") from None
+            if blank(r):
+                raise InputError(f"{what} file {path} line {line} is empty: a missing value (pandas writes NaN as an "
+                                 "empty cell); fill or drop that row in every file")
+            raise InputError(f"{what} file {path}: line {line} has {len(r)} values, the first row has {width}")
+        for j, c in enumerate(r):
+            try:
+                values[i, j] = float(c)
+            except ValueError:
+                gap = c.strip().lower() in _MISSING
+                raise InputError(f"{what} file {path} line {line} holds "
+                                 + ("a missing value" if gap else "a value that is not a number")
+                                 + f" ({c!r}); " + ("fill or drop that row in every file" if gap else
+                                                    "give numbers only, or a .npy file")) from None
     return (values[:, 0] if width == 1 else values), header
 
 
@@ -81,14 +118,15 @@ def _read_parquet(path: Path, what: str) -> tuple[np.ndarray, list[str]]:
     except Exception as e:  # pyarrow raises its own error types for broken files
         raise InputError(f"{what} file {path} is not a readable parquet file ({e})") from None
     cols = []
-    for name in table.column_names:
+    names = [n for n in table.column_names if not (n.startswith("__index_level_") and n.endswith("__"))]
+    for name in names:  # pandas stores a non-default index as __index_level_0__: an index, not data
         col = table.column(name).to_numpy()
         if not np.issubdtype(col.dtype, np.number):
             raise InputError(f"{what} file {path}: column {name!r} is not numeric")
         cols.append(col)
     if not cols:
         raise InputError(f"{what} file {path} has no columns")
-    return (cols[0] if len(cols) == 1 else np.stack(cols, axis=1)), list(table.column_names)
+    return (cols[0] if len(cols) == 1 else np.stack(cols, axis=1)), names
 
 
 _NPY_MAGIC = b"\x93NUMPY"

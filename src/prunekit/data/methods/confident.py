@@ -120,8 +120,11 @@ def _check_rows(start: int, p: np.ndarray, row_max: np.ndarray | None = None) ->
         bad = ~np.isfinite(p).all(axis=1)
         if bad.any():
             raise InputError(f"pred_probs has NaN or Inf (row {start + int(np.argmax(bad))}); recompute the probabilities")
+        cols = np.flatnonzero(((p < 0) | (p > 1)).any(axis=0))
         row = start + int(np.argmax(((p < 0) | (p > 1)).any(axis=1)))
-        raise InputError(f"pred_probs must lie in [0, 1]; row {row} does not (pass softmax outputs, not logits)")
+        column = (f"; only column {int(cols[0])} leaves [0, 1]: if it holds ids or a stored index, drop it"
+                  if len(cols) == 1 and p.shape[1] > 2 else "")
+        raise InputError(f"pred_probs must lie in [0, 1]; row {row} does not (pass softmax outputs, not logits{column})")
     err = np.abs(p.sum(axis=1) - 1.0)  # float32 pairwise sums err by ~1e-7 K, far inside the tolerance
     if (err > SUM_TOLERANCE).any():
         row = int(np.argmax(err > SUM_TOLERANCE))
@@ -161,6 +164,8 @@ def _prepare(labels, pred_probs, *, allow_missing_classes: bool = False) -> _Dat
     y = y.astype(np.int32, copy=False)  # K < 2**31; half the memory of intp
     counts = np.bincount(y, minlength=k).astype(np.int64)
     if not allow_missing_classes and (counts == 0).any():
+        # an extra column (an id, a stored index) looks like a class without examples: say what is wrong first
+        _check_rows(0, np.asarray(probs[: max(1, _CHUNK_ELEMENTS // k)]))
         missing = np.flatnonzero(counts == 0)[:5].tolist()
         raise InputError(f"class(es) {missing} have no examples in labels; drop those columns of pred_probs and renormalise, "
                          "or pass allow_missing_classes=True (CLI: --allow-missing-classes)")
