@@ -359,6 +359,18 @@ def test_parquet_index_columns_are_not_data_and_id_columns_are_named(tmp_path, c
               "--out", str(out)], out, tmp_path, capsys, "only column 0 leaves .0, 1.: if it holds ids")
 
 
+def test_select_says_labels_without_balanced_are_unused_and_score_refuses_channels_last(tmp_path, capsys):
+    _score_files(tmp_path)
+    out = tmp_path / "kept.csv"
+    assert main(["data", "select", "--scores", str(tmp_path / "s.npy"), "--labels", str(tmp_path / "y.npy"),
+                 "--keep", "0.5", "--out", str(out)]) == 0
+    assert "--labels is used with --balanced only; ignored" in capsys.readouterr().err
+    np.save(tmp_path / "img.npy", np.zeros((24, 28, 28, 1), dtype=np.uint8))  # trained as flat vectors, unsaid
+    _refused(["data", "score", "--data", str(tmp_path / "img.npy"), "--labels", str(tmp_path / "y.npy"), "--method",
+              "el2n", "--quiet", "--out", str(tmp_path / "sc.npy")], tmp_path / "sc.npy", tmp_path, capsys,
+             "looks like channels-last images")
+
+
 @pytest.mark.parametrize("command", ["select", "label-issues", "score-data", "score-embeddings"])
 def test_complex_arrays_refused(command, tmp_path, capsys):
     _score_files(tmp_path)

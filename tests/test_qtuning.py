@@ -382,6 +382,45 @@ def test_cli_qtune(tmp_path, model_dir, sft_file, capsys):
     assert {p.dtype for p in trained.parameters()} == {torch.float16}
 
 
+def test_alpaca_dolly_and_completion_fields_are_read_not_dropped(tmp_path):
+    """Alpaca's input and Dolly's context were silently ignored: pairs were scored (and trained) without them."""
+    tok = char_tokenizer()
+    alpaca = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    dolly = {"instruction": "Add the numbers.", "context": "2 and 3", "response": "5"}
+    ours = {"instruction": "Add the numbers.\n\n2 and 3", "response": "5"}
+    plain = {"prompt": "Add the numbers.\n\n2 and 3", "completion": "5"}
+    ids = [e.ids for e in S.tokenize([alpaca, dolly, ours, plain], tok)]
+    assert ids[0] == ids[1] == ids[2] == ids[3]
+    assert S.tokenize([{"instruction": "Add the numbers.", "input": "", "output": "5"}], tok)[0].ids != ids[0]
+    for bad, match in (({"instruction": "a", "response": "1", "output": "2"}, "'response' and 'output' both"),
+                       ({"instruction": "a", "input": "x", "context": "y", "response": "1"}, "'input' and 'context'"),
+                       ({"instruction": "a", "input": 5, "response": "1"}, "'input' .* must be a non-empty string"),
+                       ({"question": "a", "response": "1"}, "no instruction field")):
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(InputError, match=match):
+            S.read_sft(path)
+
+
+def test_cli_qtune_says_what_it_cut_and_keeps_user_fields(tmp_path, model_dir, capsys):
+    data = tmp_path / "long.jsonl"
+    rows = records(6)
+    rows[0] = dict(rows[0], response="w" * 300)  # far past --max-length 64
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main(["data", "qtune", str(model_dir), "--data", str(data), "--samples", "1", "--max-length", "64",
+                 "--out", str(out), "--quiet"]) == 0
+    assert "1 of 6 responses are longer than --max-length 64 allows and were cut" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cut_responses"] == 1 and summary["max_length"] == 64
+    # a user field qtune would overwrite in kept.jsonl ('ppl' was replaced by its own, silently)
+    rows[1] = dict(rows[1], ppl="from the source")
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "qtune", str(model_dir), "--data", str(data), "--out", str(tmp_path / "o2")]) == 2
+    assert "example 1 (from 0) has the field 'ppl', which qtune writes" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
 @pytest.mark.parametrize("bad", [["--samples", "1.5"], ["--tokens", "0"], ["--samples", "nan"], ["--epochs", "0"],
                                  ["--max-length", "1"],
                                  ["--data-fields"], ["--empty"]])

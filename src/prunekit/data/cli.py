@@ -86,7 +86,8 @@ def add_parser(sub) -> None:
     qt = dsub.add_parser("qtune", help="Q-Tuning: keep the SFT samples and response tokens worth training on "
                          "(Error-Uncertainty plane), and optionally fine-tune on them")
     qt.add_argument("model", help="local Hugging Face causal LM folder or zoo name (smollm2-135m)")
-    qt.add_argument("--data", required=True, help='JSONL, one {"instruction": ..., "response": ...} per line')
+    qt.add_argument("--data", required=True, help='JSONL, one {"instruction": ..., "response": ...} per line (Alpaca '
+                    'instruction/input/output, Dolly instruction/context/response and prompt/completion also read)')
     qt.add_argument("--samples", type=float, default=0.2, help="fraction of samples kept, in (0, 1] (default 0.2)")
     qt.add_argument("--tokens", type=float, default=0.75,
                     help="fraction of the kept samples' response tokens kept in the loss, in (0, 1] (default 0.75)")
@@ -160,6 +161,8 @@ def _cmd_select(args) -> int:
         labels = read_labels(args.labels)
         if len(labels) != len(scores):
             raise InputError(f"labels has {len(labels)} entries but scores has {len(scores)}; they must describe the same examples")
+        if not args.balanced:  # read and checked, then unused: it looked as if the selection used them
+            print("prunekit: note: --labels is used with --balanced only; ignored", file=sys.stderr)
     elif args.balanced:
         raise InputError("--balanced needs --labels")
     keep = select_examples(scores, args.keep, strategy=args.strategy, labels=labels, balanced=args.balanced, seed=args.seed)
@@ -208,6 +211,9 @@ def _inputs(args):
     if not torch.isfinite(x).all():
         raise InputError("data has NaN or Inf (or values too large for float32); clean it before scoring")
     image = x.dim() in (3, 4) and tuple(x.shape[-2:]) == (28, 28)
+    if args.model != "mlp" and x.dim() == 4 and tuple(x.shape[1:3]) == (28, 28) and not image:  # [N, 28, 28, C]
+        raise InputError(f"data {tuple(x.shape)} looks like channels-last images; the builtin CNN takes [N, C, 28, "
+                         "28]: transpose it (x.transpose(0, 3, 1, 2)), or pass --model mlp to flatten it")
     kind = args.model if args.model != "auto" else ("cnn" if image else "mlp")
     if kind == "cnn":
         if not image:
@@ -386,12 +392,23 @@ def _cmd_qtune(args) -> int:
         raise InputError(f"--lr must be positive, got {args.lr}")
     check_not_input(args.out, args.data, resolve_model(args.model))
     records = S.read_sft(args.data)
+    written = ("index", "quadrant", "ppl", "entropy", "response_tokens", "token_keep")  # kept.jsonl's own fields
+    for i, record in enumerate(records):
+        taken = [k for k in written if k in record]
+        if taken:
+            raise InputError(f"{args.data}: example {i} (from 0) has the field {taken[0]!r}, which qtune writes into "
+                             f"kept.jsonl ({', '.join(written)}); rename it")
     if ignored:  # after the checks, so that an error stays one line
         print(f"prunekit: note: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} used with --train only; "
               "ignored (nothing is fine-tuned)", file=sys.stderr)
     start = time.perf_counter()
     model, tok = load_model(args.model)
     examples = S.tokenize(records, tok, max_length=args.max_length)
+    cut = {part: sum(e.cut == part for e in examples) for part in ("prompt", "response")}
+    if cut["response"]:
+        print(f"prunekit: note: {cut['response']} of {len(examples)} responses are longer than --max-length "
+              f"{args.max_length} allows and were cut (their end token too); raise --max-length to keep them whole",
+              file=sys.stderr)
     pad_id = S._pad_id(tok)
     nll, ent, resp = S.score_examples(model, examples, pad_id=pad_id, batch_size=args.batch_size, progress=not args.quiet)
     sel = Q.qtuning_select(nll, ent, resp, sample_ratio=args.samples, token_ratio=args.tokens, lam=args.lam)
@@ -413,7 +430,8 @@ def _cmd_qtune(args) -> int:
                "response_tokens": int(resp.sum()), "kept_response_tokens": sel.tokens,
                "kept_samples_response_tokens": int((resp & sel.keep_samples[:, None]).sum()),
                "sample_ratio": args.samples, "token_ratio": args.tokens, "lam": args.lam, "quadrants": counts,
-               "thresholds": sel.info, "scoring_seconds": round(scored, 2)}
+               "thresholds": sel.info, "scoring_seconds": round(scored, 2), "max_length": args.max_length,
+               "cut_prompts": cut["prompt"], "cut_responses": cut["response"]}
     if report is not None:
         saved_dtype = stored_dtype(args.model)  # trained in float32, saved as the input stores its weights
         summary["training"] = {"mode": args.mode, "epochs": args.epochs, "steps": report.steps,

@@ -2,7 +2,8 @@
 
 The pieces, top to bottom:
 
-- `read_sft` / `tokenize`: a JSONL file of ``{"instruction", "response"}`` objects becomes `Example` s: the
+- `read_sft` / `tokenize`: a JSONL file of ``{"instruction", "response"}`` objects (or Alpaca's, Dolly's and
+  prompt/completion field names; see `read_sft`) becomes `Example` s: the
   prompt through the tokenizer's chat template (``user`` turn + generation prompt; a plain
   ``### Instruction / ### Response`` layout for tokenizers without a template), then the response and the
   end-of-turn token. Only response tokens (and that end token) are ever trained on.
@@ -48,7 +49,7 @@ from torch import nn
 from prunekit.errors import InputError, int_at_least, is_real
 
 __all__ = [
-    "Example", "Selection", "SFTReport", "read_sft", "tokenize", "pad", "token_stats", "score_examples",
+    "Example", "Selection", "SFTReport", "read_sft", "sft_pair", "tokenize", "pad", "token_stats", "score_examples",
     "response_stats", "check_ratio", "FixedSelection", "RandomPruner", "PerplexityPruner", "RandomTokensPruner", "sft",
     "generate", "response_perplexity",
 ]
@@ -64,6 +65,7 @@ class Example:
     ids: list[int]
     prompt_len: int
     index: int = 0  # position in the source data
+    cut: str | None = None  # "prompt" or "response" when `tokenize` shortened the pair to max_length
 
     @property
     def response_len(self) -> int:
@@ -139,19 +141,55 @@ def _check_examples(examples, pad_id, model: nn.Module) -> None:
                          "tokenize with the model's own tokenizer")
 
 
+# the field names instruction sets use (Alpaca: instruction/input/output; Dolly: instruction/context/response;
+# OpenAI-style: prompt/completion), each mapped to ours; the input or context is appended to the instruction
+_INSTRUCTION_KEYS = ("instruction", "prompt")
+_RESPONSE_KEYS = ("response", "output", "completion")
+_INPUT_KEYS = ("input", "context")
+_SHAPE = ('{"instruction": "...", "response": "..."} (also "output" or "completion" for the response, "prompt" '
+          'for the instruction, and an "input" or "context" appended to the instruction)')
+
+
+def _field(record: dict, keys: tuple[str, ...], what: str, *, required: bool) -> str | None:
+    present = [k for k in keys if k in record and record[k] is not None and record[k] != ""]
+    if len(present) > 1:
+        raise InputError(f"fields {' and '.join(map(repr, present))} both give the {what}; keep one")
+    if not present:
+        if required:
+            raise InputError(f"no {what} field ({', '.join(map(repr, keys))}) with a non-empty string")
+        return None
+    value = record[present[0]]
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"field {present[0]!r} (the {what}) must be a non-empty string, got {value!r}")
+    return value
+
+
+def sft_pair(record: dict) -> tuple[str, str]:
+    """``(instruction, response)`` of one record in any of the accepted shapes (see `read_sft`); an ``input`` or
+    ``context`` field is appended to the instruction after a blank line (Alpaca's and Dolly's layouts)."""
+    if not isinstance(record, dict):
+        raise InputError(f"an example must be a JSON object {_SHAPE}, got {type(record).__name__}")
+    instruction = _field(record, _INSTRUCTION_KEYS, "instruction", required=True)
+    extra = _field(record, _INPUT_KEYS, "input", required=False)
+    response = _field(record, _RESPONSE_KEYS, "response", required=True)
+    return (instruction if extra is None else f"{instruction}\n\n{extra}"), response
+
+
 def read_sft(path: str | os.PathLike) -> list[dict]:
-    """``[{"instruction", "response", ...}]`` from a JSONL file, each field a non-empty string; other keys kept."""
+    """The records of a JSONL file of instruction/response pairs, as given (other keys kept). Accepted shapes:
+    ``instruction``/``response`` (ours), Alpaca's ``instruction``/``input``/``output``, Dolly's
+    ``instruction``/``context``/``response`` and ``prompt``/``completion``; `sft_pair` reads any of them."""
     from prunekit.jsonl import read_objects
 
-    shape = '{"instruction": "...", "response": "..."}'
-    rows = read_objects(path, shape=shape)
+    rows = read_objects(path, shape=_SHAPE)
     if not rows:
-        raise InputError(f"{path} holds no examples; give one {shape} per line")
+        raise InputError(f"{path} holds no examples; give one {_SHAPE} per line")
     out = []
     for no, obj in rows:
-        for key in ("instruction", "response"):
-            if not isinstance(obj.get(key), str) or not obj[key].strip():
-                raise InputError(f"{path}:{no}: field {key!r} is missing or not a non-empty string; each line must be {shape}")
+        try:
+            sft_pair(obj)
+        except InputError as e:
+            raise InputError(f"{path}:{no}: {e}; each line must be {_SHAPE}") from None
         out.append(obj)
     return out
 
@@ -171,27 +209,30 @@ def _end_id(tokenizer) -> int:
 
 
 def tokenize(records: list[dict], tokenizer, *, max_length: int = 128) -> list[Example]:
-    """`Example` s for ``records`` (``instruction``/``response`` strings). A pair longer than `max_length`
-    tokens loses prompt tokens from the left first (the instruction's end is nearest the answer), then
-    response tokens from the right; one that would keep no response token is refused."""
+    """`Example` s for ``records`` (any shape `sft_pair` reads). A pair longer than `max_length` tokens loses
+    prompt tokens from the left first (the instruction's end is nearest the answer), down to half the length,
+    then response tokens from the right (its end token too); `Example.cut` records which."""
     int_at_least(max_length, "max_length", 4)
     if not records:
         raise InputError("no examples given; SFT needs at least one instruction/response pair")
     end = _end_id(tokenizer)
     out = []
     for i, r in enumerate(records):
-        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) and r[k].strip() for k in ("instruction", "response")):
-            raise InputError(f"example {i} needs non-empty string fields 'instruction' and 'response'")
-        p = tokenizer(prompt_text(tokenizer, r["instruction"]), add_special_tokens=False)["input_ids"]
-        a = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [end]
+        try:
+            instruction, response = sft_pair(r)
+        except InputError as e:
+            raise InputError(f"example {i}: {e}") from None
+        p = tokenizer(prompt_text(tokenizer, instruction), add_special_tokens=False)["input_ids"]
+        a = tokenizer(response, add_special_tokens=False)["input_ids"] + [end]
+        cut = None
         if len(p) + len(a) > max_length:
             room = max_length - len(a)
             if room >= max(1, max_length // 2):
-                p = p[len(p) - room:]
+                p, cut = p[len(p) - room:], "prompt"
             else:
                 p = p[len(p) - max_length // 2:]
-                a = a[: max_length - len(p)]
-        out.append(Example(ids=list(p) + list(a), prompt_len=len(p), index=i))
+                a, cut = a[: max_length - len(p)], "response"
+        out.append(Example(ids=list(p) + list(a), prompt_len=len(p), index=i, cut=cut))
     return out
 
 
