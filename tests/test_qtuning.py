@@ -389,13 +389,20 @@ def test_alpaca_dolly_and_completion_fields_are_read_not_dropped(tmp_path):
     dolly = {"instruction": "Add the numbers.", "context": "2 and 3", "response": "5"}
     ours = {"instruction": "Add the numbers.\n\n2 and 3", "response": "5"}
     plain = {"prompt": "Add the numbers.\n\n2 and 3", "completion": "5"}
-    ids = [e.ids for e in S.tokenize([alpaca, dolly, ours, plain], tok)]
-    assert ids[0] == ids[1] == ids[2] == ids[3]
+    chat = {"messages": [{"role": "user", "content": "Add the numbers.\n\n2 and 3"},
+                         {"role": "assistant", "content": "5"}]}
+    ids = [e.ids for e in S.tokenize([alpaca, dolly, ours, plain, chat], tok)]
+    assert ids[0] == ids[1] == ids[2] == ids[3] == ids[4]
     assert S.tokenize([{"instruction": "Add the numbers.", "input": "", "output": "5"}], tok)[0].ids != ids[0]
     for bad, match in (({"instruction": "a", "response": "1", "output": "2"}, "'response' and 'output' both"),
                        ({"instruction": "a", "input": "x", "context": "y", "response": "1"}, "'input' and 'context'"),
                        ({"instruction": "a", "input": 5, "response": "1"}, "'input' .* must be a non-empty string"),
-                       ({"question": "a", "response": "1"}, "no instruction field")):
+                       ({"question": "a", "response": "1"}, "no instruction field"),
+                       ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                                      {"role": "assistant", "content": "1"}]}, "one user turn then one assistant"),
+                       ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]},
+                        "assistant turn's 'content' must be a non-empty string"),
+                       ({"messages": [], "response": "1"}, "either 'messages' or 'response'")):
         path = tmp_path / "bad.jsonl"
         path.write_text(json.dumps(bad) + "\n")
         with pytest.raises(InputError, match=match):

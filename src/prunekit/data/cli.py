@@ -87,7 +87,8 @@ def add_parser(sub) -> None:
                          "(Error-Uncertainty plane), and optionally fine-tune on them")
     qt.add_argument("model", help="local Hugging Face causal LM folder or zoo name (smollm2-135m)")
     qt.add_argument("--data", required=True, help='JSONL, one {"instruction": ..., "response": ...} per line (Alpaca '
-                    'instruction/input/output, Dolly instruction/context/response and prompt/completion also read)')
+                    'instruction/input/output, Dolly instruction/context/response, prompt/completion and '
+                    'single-turn chat messages also read)')
     qt.add_argument("--samples", type=float, default=0.2, help="fraction of samples kept, in (0, 1] (default 0.2)")
     qt.add_argument("--tokens", type=float, default=0.75,
                     help="fraction of the kept samples' response tokens kept in the loss, in (0, 1] (default 0.75)")

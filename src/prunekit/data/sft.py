@@ -147,7 +147,8 @@ _INSTRUCTION_KEYS = ("instruction", "prompt")
 _RESPONSE_KEYS = ("response", "output", "completion")
 _INPUT_KEYS = ("input", "context")
 _SHAPE = ('{"instruction": "...", "response": "..."} (also "output" or "completion" for the response, "prompt" '
-          'for the instruction, and an "input" or "context" appended to the instruction)')
+          'for the instruction, an "input" or "context" appended to the instruction, or "messages": one user and '
+          'one assistant turn)')
 
 
 def _field(record: dict, keys: tuple[str, ...], what: str, *, required: bool) -> str | None:
@@ -164,11 +165,30 @@ def _field(record: dict, keys: tuple[str, ...], what: str, *, required: bool) ->
     return value
 
 
+def _chat_pair(messages) -> tuple[str, str]:
+    """A single-turn chat: ``[{"role": "user", ...}, {"role": "assistant", ...}]``."""
+    turns = [(m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None) for m in messages]
+    if [r for r, _ in turns] != ["user", "assistant"]:
+        raise InputError(f"'messages' must be one user turn then one assistant turn, got roles "
+                         f"{[r for r, _ in turns]}; prunekit's SFT takes single-turn pairs (put a system prompt "
+                         "into the user turn, or split a conversation into pairs)")
+    for role, content in turns:
+        if not isinstance(content, str) or not content.strip():
+            raise InputError(f"the {role} turn's 'content' must be a non-empty string, got {content!r}")
+    return turns[0][1], turns[1][1]
+
+
 def sft_pair(record: dict) -> tuple[str, str]:
     """``(instruction, response)`` of one record in any of the accepted shapes (see `read_sft`); an ``input`` or
     ``context`` field is appended to the instruction after a blank line (Alpaca's and Dolly's layouts)."""
     if not isinstance(record, dict):
         raise InputError(f"an example must be a JSON object {_SHAPE}, got {type(record).__name__}")
+    if "messages" in record:
+        others = [k for k in _INSTRUCTION_KEYS + _RESPONSE_KEYS + _INPUT_KEYS if k in record]
+        if others or not isinstance(record["messages"], list):
+            raise InputError("'messages' must be a list of {role, content} turns, without instruction/response fields"
+                             if not others else f"give either 'messages' or {others[0]!r}, not both")
+        return _chat_pair(record["messages"])
     instruction = _field(record, _INSTRUCTION_KEYS, "instruction", required=True)
     extra = _field(record, _INPUT_KEYS, "input", required=False)
     response = _field(record, _RESPONSE_KEYS, "response", required=True)
@@ -178,7 +198,8 @@ def sft_pair(record: dict) -> tuple[str, str]:
 def read_sft(path: str | os.PathLike) -> list[dict]:
     """The records of a JSONL file of instruction/response pairs, as given (other keys kept). Accepted shapes:
     ``instruction``/``response`` (ours), Alpaca's ``instruction``/``input``/``output``, Dolly's
-    ``instruction``/``context``/``response`` and ``prompt``/``completion``; `sft_pair` reads any of them."""
+    ``instruction``/``context``/``response``, ``prompt``/``completion`` and a single-turn chat ``messages``
+    (``[{"role": "user", ...}, {"role": "assistant", ...}]``); `sft_pair` reads any of them."""
     from prunekit.jsonl import read_objects
 
     rows = read_objects(path, shape=_SHAPE)
