@@ -620,3 +620,83 @@ def test_minilm_offline_ranks_paraphrase_first(monkeypatch):
 def test_toy_embedder_separates_the_test_words():
     buckets = {HashEmbedder(dim=2048)._bucket(w) for w in WORDS}
     assert len(buckets) == len(WORDS)  # else the scripted retrievals above would be ambiguous
+
+
+def test_a_second_writer_between_summaries_and_commit_is_caught_and_the_add_redone(tmp_path):
+    """Turn numbers and the running summary were read before the write lock: two writers took the same numbers
+    (UNIQUE constraint failed, the whole batch lost) or built on a stale summary."""
+    db = tmp_path / "race.db"
+    Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0).close()
+    other = Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0)
+    seen = []
+
+    class Interloper(ExtractiveSummarizer):
+        def update(self, summary, text, *, role="user"):
+            seen.append(summary)
+            if len(seen) == 1:  # another process adds a turn while this one summarises
+                other.add({"role": "user", "content": "The other writer came first."})
+            return super().update(summary, text, role=role)
+
+    m = Memory(db, embedder=HashEmbedder(), summarizer=Interloper(), forget_every=0, sos_every=0)
+    added = m.add_many(["First of mine.", "Second of mine."])
+    assert [a.turn for a in added] == [1, 2]
+    turns = m.store.recent_turns(5)
+    assert [t.text for t in turns] == ["The other writer came first.", "First of mine.", "Second of mine."]
+    assert seen[2] == turns[0].summary  # the redone pass built on the other writer's summary, not on ""
+    other.close(), m.close()
+
+
+def test_a_damaged_store_is_refused_on_open(tmp_path):
+    db = tmp_path / "d.db"
+    m = Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0)
+    m.add_many([f"turn number {i} " * 40 for i in range(60)])
+    m.close()
+    data = bytearray(db.read_bytes())
+    page = 4096
+    assert len(data) > 6 * page
+    data[3 * page:4 * page] = b"\xff" * page  # one page in the middle
+    db.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="is damaged"):
+        Memory(db, embedder=HashEmbedder())
+
+
+def test_cli_forget_lists_what_it_removed_and_stats_loads_no_embedder(tmp_path, capsys, monkeypatch):
+    db = str(tmp_path / "f.db")
+    turns = tmp_path / "turns.jsonl"
+    turns.write_text("".join(json.dumps({"role": "user", "content": f"fact {i} is here"}) + "\n" for i in range(20)))
+    assert main(["memory", "add", "--store", db, "--embedder", "hash", "--jsonl", str(turns),
+                 "--forget-every", "0"]) == 0
+    capsys.readouterr()
+    from prunekit.inference import memory_embed
+
+    def no_weights(*a, **k):
+        raise AssertionError("stats and forget must not load an embedder")
+
+    monkeypatch.setattr(memory_embed, "make_embedder", no_weights)
+    monkeypatch.setattr(memory_embed, "minilm_path", no_weights)
+    assert main(["memory", "forget", "--store", db, "--fraction", "0.25", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["forgotten"]) == 5 and out["chunks"] == 15
+    assert {g["turn"] for g in out["forgotten"]} == {0, 1, 2, 3, 4}  # the oldest, none retrieved
+    assert main(["memory", "forget", "--store", db, "--log"]) == 0
+    assert capsys.readouterr().out.startswith("5 chunk(s) forgotten so far; 15 chunks in the index")
+    assert main(["memory", "stats", "--store", db]) == 0
+    assert "forgotten: 5" in capsys.readouterr().out
+    assert main(["memory", "forget", "--store", db, "--fraction", "1.5"]) == 2
+
+
+def test_cli_a_store_locked_by_another_writer_is_exit_1_and_says_so(tmp_path, capsys, monkeypatch):
+    from prunekit.inference import memory_store
+
+    db = tmp_path / "l.db"
+    assert main(["memory", "add", "--store", str(db), "--embedder", "hash", "hello"]) == 0
+    monkeypatch.setattr(memory_store, "BUSY_SECONDS", 0.2)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert main(["memory", "add", "--store", str(db), "--embedder", "hash", "again"]) == 1
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert "locked by another process writing to it" in capsys.readouterr().err
+    assert main(["memory", "add", "--store", str(db), "--embedder", "hash", "again"]) == 0

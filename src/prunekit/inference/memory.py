@@ -61,6 +61,7 @@ True
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -79,6 +80,7 @@ __all__ = ["Memory", "Retrieved", "Prompt", "Added", "salience", "forget_choice"
 
 RETRIEVAL_TERMS = ("retrieved", "not_retrieved")
 AGE_FROM = ("said", "retrieved")
+_RACE_ATTEMPTS = 5  # add_many redoes its summaries this often when another writer got in first
 _PIECE = re.compile(r"\w+|[^\w\s]")
 _ROLE = re.compile(r"^[A-Za-z_][\w-]{0,31}$")
 
@@ -313,6 +315,16 @@ class Memory:
         if not np.isfinite(emb).all():
             raise InputError(f"embedder {self.embedder.name} returned NaN or infinite vectors; nothing was stored")
 
+        for _ in range(_RACE_ATTEMPTS):
+            out = self._add_parsed(parsed, pieces, emb)
+            if out is not None:
+                return out
+        raise OSError(errno.EBUSY, "the memory store kept changing while these turns were summarised: another "
+                                   "process is writing to it (one writer at a time)",
+                      str(getattr(self.store, "path", "")))
+
+    def _add_parsed(self, parsed, pieces, emb) -> list[Added] | None:
+        """One attempt of `add_many`; None when another writer added turns since the summaries were made."""
         # Summaries first (an LM summarizer is slow): nothing is held open while the model runs.
         start = self.store.count_turns()
         prev = self.store.recent_turns(1)
@@ -335,7 +347,9 @@ class Memory:
             sos[t] = self.summarizer.combine(list(level1))
 
         out, pos = [], 0
-        with self.store.transaction():
+        with self.store.transaction():  # BEGIN IMMEDIATE: from here no other writer can add turns
+            if self.store.count_turns() != start:
+                return None  # the turn numbers and running summary are stale: rolled back, made again
             for record, chunks in zip(records, pieces):
                 self.store.add_turn(record)
                 ids = self.store.add_chunks(record.turn, record.role, chunks, emb[pos : pos + len(chunks)])

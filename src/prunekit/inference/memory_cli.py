@@ -70,8 +70,25 @@ def add_parser(sub) -> None:
     st = msub.add_parser("stats", help="turns, chunks, forgotten chunks, summaries")
     common(st)
 
+    fg = msub.add_parser("forget", help="run a forgetting pass now and list the chunks it removed (or, with "
+                         "--log, every chunk forgotten so far)")
+    fg.add_argument("--fraction", type=float, default=None,
+                    help="fraction of the index pruned by this pass (default: the store's recorded --forget-fraction)")
+    fg.add_argument("--log", action="store_true", help="only list what earlier passes forgot; change nothing")
+    common(fg)
 
-def _embedder(args, path: Path, create: bool):
+
+class _Recorded:
+    """The store's recorded embedder, for commands that embed nothing (stats, forget): no weights loaded."""
+
+    def __init__(self, name: str, dim: int):
+        self.name, self.dim = name, dim
+
+    def encode(self, texts):
+        raise RuntimeError("this command embeds nothing")
+
+
+def _embedder(args, path: Path, create: bool, *, needed: bool = True):
     from prunekit.errors import InputError
     from prunekit.inference.memory_embed import make_embedder, minilm_path
     from prunekit.inference.memory_store import SQLiteStore
@@ -87,7 +104,7 @@ def _embedder(args, path: Path, create: bool):
             store = None  # an empty or foreign file: `memory add` makes it a store, or says why it cannot
         if store is not None:
             try:
-                recorded, _ = store.embedder()
+                recorded, dim = store.embedder()
             finally:
                 store.close()
     if recorded is not None:
@@ -97,6 +114,8 @@ def _embedder(args, path: Path, create: bool):
         if name is not None and _NAMES[recorded] != name:
             raise InputError(f"{path} was built with --embedder {_NAMES[recorded]}, not {name}; drop --embedder")
         name = _NAMES[recorded]
+        if not needed:  # the name and size are what Memory checks; the weights are never used
+            return _Recorded(recorded, dim)
     name = name or "minilm"
     if name == "minilm":
         minilm_path()  # fail now, before anything is created
@@ -135,7 +154,7 @@ def _turns(args) -> list:
 FORGETTING = {"forget_every": 100, "forget_fraction": 0.005, "retrieval_term": "retrieved", "age_from": "said"}
 
 
-def _open(args, *, create: bool, readonly: bool = False, **given):
+def _open(args, *, create: bool, readonly: bool = False, embeds: bool = True, **given):
     """The memory at ``--store`` with the forgetting options `given` (None = not given): each one not given is
     what the store recorded, else the default. Returns ``(memory, settings it was opened with)``."""
     from prunekit.errors import InputError
@@ -145,7 +164,7 @@ def _open(args, *, create: bool, readonly: bool = False, **given):
     path = Path(args.store).expanduser()
     if not create and not path.exists():
         raise InputError(f"no memory store at {path}; create it with `prunekit memory add --store {path} TEXT`")
-    embedder = _embedder(args, path, create)  # fails before a new store file is made
+    embedder = _embedder(args, path, create, needed=embeds)  # fails before a new store file is made
     store = SQLiteStore(path, create=create, readonly=readonly)
     try:
         try:
@@ -239,8 +258,35 @@ def _cmd_ask(args) -> int:
     return 0
 
 
+def _cmd_forget(args) -> int:
+    from prunekit.errors import InputError
+
+    if args.fraction is not None and not 0 < args.fraction <= 1:
+        raise InputError(f"--fraction must be in (0, 1], got {args.fraction}")
+    mem, settings = _open(args, create=False, readonly=args.log, embeds=False)
+    try:
+        if args.log:
+            gone = mem.store.forgotten()
+        else:
+            if args.fraction is not None:
+                mem.forget_fraction = args.fraction
+            gone = mem.forget()
+        left = mem.stats()["chunks"]
+    finally:
+        mem.close()
+    if args.json:
+        print(jsonl.dumps({"forgotten": [vars(g) for g in gone], "chunks": left}))
+        return 0
+    fraction = args.fraction or settings["forget_fraction"]
+    what = "forgotten so far" if args.log else f"forgotten now (fraction {fraction:g})"
+    print(f"{len(gone)} chunk(s) {what}; {left} chunks in the index")
+    for g in gone:
+        print(f"  turn {g.turn} (salience {g.salience:.4f}, pass at turn {g.at_turn}): {g.text[:100]}")
+    return 0
+
+
 def _cmd_stats(args) -> int:
-    mem, _ = _open(args, create=False, readonly=True)
+    mem, _ = _open(args, create=False, readonly=True, embeds=False)
     try:
         stats = mem.stats()
     finally:
@@ -257,10 +303,16 @@ def run(args) -> int:
     from prunekit.errors import InputError
 
     try:
-        return {"add": _cmd_add, "ask": _cmd_ask, "stats": _cmd_stats}[args.memory_command](args)
+        commands = {"add": _cmd_add, "ask": _cmd_ask, "stats": _cmd_stats, "forget": _cmd_forget}
+        return commands[args.memory_command](args)
     except sqlite3.DatabaseError as e:
-        if "disk is full" in str(e) or "disk I/O error" in str(e):  # the system, not the input: exit 1
-            import errno
+        import errno
 
+        if "disk is full" in str(e) or "disk I/O error" in str(e):  # the system, not the input: exit 1
             raise OSError(errno.ENOSPC if "full" in str(e) else errno.EIO, f"memory store: {e}", args.store) from None
+        if "locked" in str(e) or "busy" in str(e):  # another process's write outlasted the busy timeout: exit 1
+            from prunekit.inference.memory_store import BUSY_SECONDS
+
+            raise OSError(errno.EBUSY, f"memory store is locked by another process writing to it (waited "
+                                       f"{BUSY_SECONDS:g} s; one writer at a time)", args.store) from None
         raise InputError(f"memory store {args.store}: {e}") from None

@@ -37,6 +37,8 @@ import numpy as np
 
 from prunekit.errors import InputError
 
+BUSY_SECONDS = 30.0  # how long a connection waits for another process's write to finish (SQLite's busy timeout)
+
 __all__ = ["TurnRecord", "ChunkRecord", "SummaryRecord", "ForgetRecord", "Store", "SQLiteStore", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
@@ -214,6 +216,15 @@ class SQLiteStore(Store):
         if not tables and not create:
             self._db.close()
             raise InputError(f"{self.path} holds no memory store yet; create it with prunekit memory add (Memory.add)")
+        if tables:  # a damaged page read as a healthy store: stats and add went on, only retrieval failed
+            try:
+                status = [r[0] for r in self._db.execute("PRAGMA quick_check(5)")]
+            except sqlite3.DatabaseError as e:
+                status = [str(e)]
+            if status != ["ok"]:
+                self._db.close()
+                raise InputError(f"memory store {self.path} is damaged ({'; '.join(status)[:200]}); restore it from "
+                                 "a copy, or recover what SQLite can read: sqlite3 OLD '.recover' | sqlite3 NEW")
         if not self.readonly:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={_SYNC[synchronous]}")
@@ -242,9 +253,11 @@ class SQLiteStore(Store):
             db = None
             try:
                 if target is None:
-                    db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                    db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                         timeout=BUSY_SECONDS)
                 else:
-                    db = sqlite3.connect(target, uri=True, isolation_level=None, check_same_thread=False)
+                    db = sqlite3.connect(target, uri=True, isolation_level=None, check_same_thread=False,
+                                         timeout=BUSY_SECONDS)
                 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
                 return db, tables, db.execute("PRAGMA user_version").fetchone()[0]
             except sqlite3.OperationalError:
