@@ -256,6 +256,30 @@ GOOD = [json.dumps({"question": "q1", "answer": "6", "paths": [
     json.dumps({"answer": 2, "paths": [{"text": "2", "answer": "2.0", "logprobs": [-0.3]}]})]
 
 
+def test_answers_compare_as_exact_numbers_written_in_ascii():
+    same = ["5", 5, "5.0", " 5 ", "05", "+5", "5e0", 5.0]
+    assert len({R.canonical_answer(a) for a in same}) == 1
+    assert R.canonical_answer("1,200") == R.canonical_answer("1200") == R.canonical_answer(1200.0) == 1200
+    assert R.canonical_answer("12,345.50") == R.canonical_answer("12345.5")
+    assert R.canonical_answer(0.1) == R.canonical_answer("0.1")
+    # floats made these equal: past 2**53, and Python's float() reads Unicode digits and underscores
+    assert R.canonical_answer("12345678901234567890") != R.canonical_answer("12345678901234567891")
+    assert R.canonical_answer("9007199254740993") != R.canonical_answer(9007199254740992)
+    assert R.canonical_answer("\u0665") != R.canonical_answer("5") and R.canonical_answer("1_000") == "1_000"
+    assert R.canonical_answer("1,2") == "1,2" and R.canonical_answer("1e99999") == "1e99999"
+    assert R.canonical_answer("nan") == "nan" and R.canonical_answer(None) is None
+
+
+def test_references_are_read_like_path_answers_and_a_missing_one_is_refused(tmp_path, capsys):
+    line = {"answer": "1,200", "paths": [{"text": "so the answer is 1,200.", "answer": "1200", "logprobs": [-0.1]}]}
+    assert R.evaluate(R.load_paths(_write(tmp_path, [json.dumps(line)])), method="sc")["accuracy"] == 1.0
+    unknown = dict(line, answer=None)
+    with pytest.raises(InputError, match="1 question.s. have no reference answer .* question 1, from 0"):
+        R.evaluate(R.load_paths(_write(tmp_path, [json.dumps(line), json.dumps(unknown)])), method="sc")
+    assert main(["reason", str(_write(tmp_path, GOOD)), "--method", "sc", "--resamples", "5"]) == 0
+    assert "--resamples is used when --n is below the paths per question; ignored" in capsys.readouterr().err
+
+
 def test_load_paths_reads_a_good_file(tmp_path):
     qs = R.load_paths(_write(tmp_path, GOOD))
     assert len(qs) == 2 and qs[0].question == "q1" and qs[0].answers == ["6", "5", None]
@@ -335,7 +359,7 @@ def test_cli_samples_and_refuses_bad_questions(tmp_path, model_dir, capsys):
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [len(r["paths"]) for r in recs] == [3, 3] and recs[0]["answer"] == "2" and recs[1]["answer"] is None
     assert len(R.load_paths(out)) == 2  # what it writes, the voter reads
-    capsys.readouterr()
+    assert "1 question(s) have no \"answer\": written with answer null" in capsys.readouterr().err
     out_json = tmp_path / "paths2.jsonl"
     assert main([*args[:-3], "--out", str(out_json), "--quiet", "--json"]) == 0  # --json was ignored here
     assert json.loads(capsys.readouterr().out) == {"model": str(model_dir), "questions": 2, "paths": 6,

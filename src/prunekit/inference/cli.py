@@ -10,6 +10,7 @@ one is refused unless ``--overwrite``.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from prunekit import jsonl
@@ -108,6 +109,10 @@ def _sample(args) -> int:
         print(jsonl.dumps({"model": str(args.model), "questions": len(records), "paths": paths, "out": str(out)}))
     else:
         print(f"sampled {paths} paths for {len(records)} questions from {args.model}; saved to {out}")
+    missing = sum(r["answer"] is None for r in records)
+    if missing:
+        print(f"prunekit: note: {missing} question(s) have no \"answer\": written with answer null; `prunekit "
+              "reason` needs a reference answer to score them", file=sys.stderr)
     return 0
 
 
@@ -123,8 +128,12 @@ def run(args) -> int:
         raise InputError("--method is required: sc, pc or rpc")
     if args.questions is not None or args.out is not None:
         raise InputError("--questions and --out are for sampling, which needs --model")
+    resamples_given = args.resamples is not None
     _only_for(args, VOTING, SAMPLING, "voting", "sampling (--model)")
     questions = reasoning.load_paths(args.paths)
+    if resamples_given and (args.n is None or args.n >= max(len(q.answers) for q in questions)):
+        print("prunekit: note: --resamples is used when --n is below the paths per question; ignored "
+              "(every question votes over all its paths once)", file=sys.stderr)
     res = reasoning.evaluate(questions, method=args.method, n=args.n, resamples=args.resamples, seed=args.seed)
     low, high = res["paths_per_question"]
     res["paths_available"] = low

@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
+from fractions import Fraction
 from numbers import Integral
 from pathlib import Path
 from typing import Sequence
@@ -62,17 +64,28 @@ ECE_BINS = 10
 _TINY = 1e-300
 
 
+_NUMBER_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?", re.ASCII)
+_GROUPED = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?", re.ASCII)  # 1,200 or 12,345.5
+
+
 def canonical_answer(answer) -> object:
-    """The form answers are compared in: a finite number's float value, else the stripped string; ``None``
-    stays ``None`` (no answer)."""
+    """The form answers are compared in: a number written in ASCII digits (sign, decimals, exponent, thousands
+    separators as in ``1,200``) becomes its value, an exact ``int`` when whole (``"5"``, ``5``, ``"5.0"``,
+    ``"5e0"``, ``"1,200"`` and ``1200`` agree; integers past 2**53 stay exact), else a float; anything else
+    (Unicode digits, ``1_000``) is the stripped string; ``None`` stays ``None`` (no answer)."""
     if answer is None:
         return None
-    text = str(answer).strip()
-    try:
-        value = float(text)
-    except ValueError:
+    text = repr(answer) if isinstance(answer, float) else str(answer).strip()
+    if _GROUPED.fullmatch(text):
+        text = text.replace(",", "")
+    match = _NUMBER_TEXT.fullmatch(text)
+    if not match or (match.group(1) is not None and abs(int(match.group(1))) > 400):  # 1e999999: text
         return text
-    return value if math.isfinite(value) else text
+    try:
+        value = Fraction(text)
+    except (ValueError, ZeroDivisionError):  # past Python's int-string digit limit
+        return text
+    return int(value) if value.denominator == 1 else float(value)
 
 
 @dataclass
@@ -393,7 +406,7 @@ def _parse(obj, path, line_no) -> Question:
     if not isinstance(obj, dict):
         raise _bad(path, line_no, "expected a JSON object {\"answer\": ..., \"paths\": [...]}")
     if "answer" not in obj:
-        raise _bad(path, line_no, "no \"answer\" (the reference answer)")
+        raise _bad(path, line_no, "no \"answer\" (the reference answer; null when there is none)")
     paths = obj.get("paths")
     if not isinstance(paths, list):
         raise _bad(path, line_no, "\"paths\" must be a list of {\"text\", \"answer\", \"logprobs\"}")
@@ -482,6 +495,10 @@ def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10,
     rounds = resamples if subsample else 1
     rng = np.random.default_rng(seed)
     means = [np.array([float(np.mean(lp)) for lp in q.logprobs]) for q in qs]  # [n_q] each
+    unknown = [i for i, q in enumerate(qs) if canonical_answer(q.answer) in (None, "")]
+    if unknown:  # they were scored as wrong answers
+        raise InputError(f"{len(unknown)} question(s) have no reference answer (null or empty; the first is question "
+                         f"{unknown[0]}, from 0): accuracy and ECE need one for every question; drop them or add it")
     accs, eces, pruned = [], [], []
     for _ in range(rounds):
         conf, corr, wts, credit = [], [], [], []
