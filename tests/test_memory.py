@@ -599,8 +599,29 @@ def test_cli_ask_answers_with_a_model(tmp_path, capsys, model_dir, tok):
                  "--max-new-tokens", "4", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert isinstance(got["answer"], str)
-    assert got["tokens"] == len(tok(got["prompt"], add_special_tokens=False)["input_ids"]) <= 200  # model's tokenizer
+    from prunekit.inference.memory_summary import chat_ids
+
+    inner = len(tok(got["prompt"], add_special_tokens=False)["input_ids"])  # counted by the model's tokenizer
+    assert got["tokens"] == inner + got["template_tokens"] == chat_ids(tok, got["prompt"]).shape[1] <= 200
     assert main(["memory", "ask", "--store", db, "locker code?", "--model", str(tmp_path / "nope")]) == 2
+    # a chat template with a default system prompt: it was fed on top of the budget (82 tokens for --budget 60)
+    import shutil
+
+    chat = tmp_path / "chat-model"
+    shutil.copytree(model_dir, chat)
+    tok.chat_template = ("{{ 'system: you are a helpful assistant who answers briefly.\\n' }}{% for m in messages %}"
+                         "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}{{ 'assistant: ' }}")
+    tok.save_pretrained(chat)
+    for i in range(30):
+        assert main(["memory", "add", "--store", db, "--embedder", "hash", f"Filler turn {i} about the weather."]) == 0
+    capsys.readouterr()
+    assert main(["memory", "ask", "--store", db, "locker code?", "--model", str(chat), "--budget", "400", "--k", "20",
+                 "--tail", "5", "--max-new-tokens", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    fed = chat_ids(tok, got["prompt"]).shape[1]
+    assert got["template_tokens"] > 50 and fed == got["tokens"] and 340 <= fed <= 400 and got["left_out"] > 0, got
+    assert main(["memory", "ask", "--store", db, "locker code?", "--model", str(chat), "--budget", "40"]) == 2
+    assert "the model's chat template alone takes" in capsys.readouterr().err
 
 
 # -- the real embedder ---------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def add_parser(sub) -> None:
     ask.add_argument("--budget", type=int, default=512, help="prompt budget in tokens (default 512)")
     ask.add_argument("--tail", type=int, default=2, help="recent turns in the prompt (default 2)")
     ask.add_argument("--model", default=None, help="also answer with this causal LM (zoo name or folder); its "
-                     "tokenizer then counts the budget")
+                     "tokenizer then counts the budget, chat template included")
     ask.add_argument("--max-new-tokens", type=int, default=64)
     ask.add_argument("--no-mark", action="store_true", help="do not record the retrieval (read-only)")
     common(ask)
@@ -236,7 +236,15 @@ def _cmd_ask(args) -> int:
 
             model, tok = prunekit.load_model(args.model)
         mem.tokenizer = tok
-        p = mem.prompt(args.query, args.budget, k=args.k, tail_turns=args.tail, mark=not args.no_mark)
+        wrap = 0
+        if tok is not None:  # the chat template's markers and default system prompt come out of the budget
+            from prunekit.inference.memory_summary import chat_overhead
+
+            wrap = chat_overhead(tok)
+            if wrap >= args.budget:
+                raise InputError(f"--budget {args.budget} leaves nothing for the memory: the model's chat template "
+                                 f"alone takes {wrap} tokens; give a larger --budget")
+        p = mem.prompt(args.query, args.budget - wrap, k=args.k, tail_turns=args.tail, mark=not args.no_mark)
     finally:
         mem.close()
     answer = None
@@ -245,14 +253,16 @@ def _cmd_ask(args) -> int:
 
         answer = chat_generate(model, tok, p.text, max_new_tokens=args.max_new_tokens)
     if args.json:
-        print(jsonl.dumps({"retrieved": [vars(r) for r in p.retrieved], "prompt": p.text, "tokens": p.tokens,
-                           "budget": p.budget, "left_out": p.left_out, "answer": answer}))
+        print(jsonl.dumps({"retrieved": [vars(r) for r in p.retrieved], "prompt": p.text, "tokens": p.tokens + wrap,
+                           "budget": args.budget, "template_tokens": wrap, "left_out": p.left_out,
+                           "answer": answer}))
         return 0
     print(f"retrieved {len(p.retrieved)} chunk(s)" + (f" ({p.left_out} more did not fit)" if p.left_out else "") + ":")
     for r in p.retrieved:
         print(f"  [{r.score:.3f}] turn {r.turn} {r.role}: {r.text}")
     counter = "the model's tokenizer" if tok is not None else "words and punctuation"
-    print(f"prompt ({p.tokens} of {p.budget} tokens by {counter}):\n-----\n{p.text}\n-----")
+    wrapped = f", {wrap} of them the chat template's" if wrap else ""
+    print(f"prompt ({p.tokens + wrap} of {args.budget} tokens by {counter}{wrapped}):\n-----\n{p.text}\n-----")
     if answer is not None:
         print(f"answer: {answer}")
     return 0

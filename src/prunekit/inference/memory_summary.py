@@ -101,16 +101,28 @@ class ExtractiveSummarizer(Summarizer):
         return self._best(list(summaries))
 
 
+def chat_ids(tokenizer, user: str, *, system: str | None = None):
+    """The token ids ``[1, seq]`` a chat model is fed for one user message (its chat template, which may add a
+    default system prompt; plain text if it has none)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        return ids["input_ids"]  # [1, seq]
+    return tokenizer(((system + "\n\n") if system else "") + user + "\n", return_tensors="pt")["input_ids"]
+
+
+def chat_overhead(tokenizer, *, system: str | None = None) -> int:
+    """Tokens `chat_ids` adds around a user message (template markers, a default system prompt)."""
+    probe = "Hello there."
+    return int(chat_ids(tokenizer, probe, system=system).shape[1]) - len(
+        tokenizer(probe, add_special_tokens=False)["input_ids"])
+
+
 def chat_generate(model, tokenizer, user: str, *, system: str | None = None, max_new_tokens: int = 32) -> str:
     """Greedy reply of a chat model to one user message (its chat template; plain text if it has none)."""
     import torch
 
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        ids = ids["input_ids"]  # [1, seq]
-    else:
-        ids = tokenizer(((system + "\n\n") if system else "") + user + "\n", return_tensors="pt")["input_ids"]  # [1, seq]
+    ids = chat_ids(tokenizer, user, system=system)  # [1, seq]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
         out = model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
