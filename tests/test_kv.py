@@ -570,6 +570,32 @@ def test_cli_generate(model_dir, tmp_path, capsys):
     assert "note" not in capsys.readouterr().err
 
 
+def test_cli_generate_runs_in_the_dtype_asked_and_says_when_positions_run_out(model_dir, tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    half = tmp_path / "bf16"  # a bf16 folder ran (and measured its cache) in float32, twice its native size
+    AutoModelForCausalLM.from_pretrained(model_dir).to(torch.bfloat16).save_pretrained(half)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (model_dir / name).exists():
+            (half / name).write_bytes((model_dir / name).read_bytes())
+    sizes = {}
+    for dtype in ("float32", "auto"):
+        assert cli.main(["generate", str(half), "--prompt", "the licence text " * 4, "--kv", "snapkv", "--budget",
+                         "24", "--max-new-tokens", "4", "--dtype", dtype, "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        sizes[got["dtype"]] = got["cache_bytes"]
+    assert sizes["float32"] == 2 * sizes["bfloat16"]
+    # 256 positions: a 300-token prompt runs past them (prune and eval refuse such windows; generate said nothing)
+    assert cli.main(["generate", str(model_dir), "--prompt", "x" * 300, "--kv", "knorm", "--budget", "64",
+                     "--max-new-tokens", "2", "--json"]) == 0
+    assert "run past the model's 256 positions; --kv knorm keeps the original positions" in capsys.readouterr().err
+    assert cli.main(["generate", str(model_dir), "--prompt", "x" * 300, "--kv", "streaming_llm", "--budget", "64",
+                     "--max-new-tokens", "2", "--json"]) == 0
+    assert "note" not in capsys.readouterr().err
+
+
 def test_cli_generate_with_calibrated_delta_layers(model_dir, capsys, monkeypatch):
     import json
     import types

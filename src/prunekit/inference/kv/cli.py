@@ -26,7 +26,9 @@ def add_parser(sub) -> None:
     ge.add_argument("--kv", required=True, metavar="POLICY", help=f"KV-cache policy: {', '.join(POLICIES)}")
     ge.add_argument("--budget", type=int, default=None,
                     help="cached tokens kept per layer and KV head (delta: tokens its sparse layers attend to)")
-    ge.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    ge.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate, greedily (default 64)")
+    ge.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "auto"),
+                    help="dtype the model runs in, and so its cache (default float32; auto: as the folder stores it)")
     ge.add_argument("--every", type=int, default=None,
                     help="while decoding, compress when the cache reaches budget + EVERY (default 1)")
     ge.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
@@ -99,7 +101,7 @@ def run(args) -> int:
     for note in ignored:
         print(f"prunekit: note: {note}; ignored", file=sys.stderr)
     resolve_model(args.model)
-    model, tok = prunekit.load_model(args.model)
+    model, tok = prunekit.load_model(args.model, dtype=args.dtype)
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise InputError(f"{args.model}'s tokenizer has no chat template; drop --chat")
@@ -111,6 +113,12 @@ def run(args) -> int:
         options["delta_layers"], _ = kv.wiki_delta_layers(model, tok)
         if not args.json and not args.quiet:
             print(f"delta: calibrated delta layers {options['delta_layers']}", file=sys.stderr)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    renumbers = kv.POLICIES.get(args.kv.replace("-", "_")) in (kv.StreamingLLM, kv.DeepForcing)
+    if isinstance(limit, int) and ids.shape[1] + args.max_new_tokens > limit and not renumbers:
+        print(f"prunekit: note: prompt {ids.shape[1]} + {args.max_new_tokens} new tokens run past the model's {limit} "
+              f"positions; --kv {args.kv} keeps the original positions, so those past {limit} extrapolate RoPE "
+              "(streaming_llm and deep_forcing number positions within the cache)", file=sys.stderr)
     cache = DynamicCache(config=model.config)
     start = time.perf_counter()
     with torch.no_grad(), kv.policy(model, args.kv, budget=args.budget, every=args.every, **options) as pol:
@@ -122,6 +130,7 @@ def run(args) -> int:
     tokens = kv.cache_tokens(cache)
     result = {
         "model": str(args.model), "policy": args.kv, "budget": pol.budget, "options": options,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()), "text": text,
         "cache_tokens_max": max(tokens), "cache_bytes": kv.cache_bytes(cache), "seconds": seconds,
         "tokens_per_s": new.numel() / seconds if seconds > 0 else None,
