@@ -107,6 +107,8 @@ def _embedder(args, path: Path, create: bool, *, needed: bool = True):
                 recorded, dim = store.embedder()
             finally:
                 store.close()
+    if recorded is not None and not needed and name is None:  # stats, forget: the weights are never used
+        return _Recorded(recorded, dim)
     if recorded is not None:
         if recorded not in _NAMES:
             raise InputError(f"{path} was built with embedder {recorded}, which the CLI cannot load; use the Python "
