@@ -144,6 +144,12 @@ def test_model_options_are_checked_before_any_work(model_dir, text_file, tmp_pat
     refused(["prune", str(model_dir), "--method", "tyr", "--ratio", "0.3", "--option", "bogus=1",
              "--calib", str(text_file), "--out", str(out), "--quiet"], capsys, "tyr does not take the option(s) bogus")
     assert not out.exists()
+    # the same option twice, or a flag and its --option: the last one won silently
+    refused(["prune", str(model_dir), "--method", "sparsegpt", "--ratio", "0.3", "--option", "percdamp=0.01",
+             "--option", "percdamp=0.1", "--out", str(out)], capsys, "--option percdamp is given twice")
+    refused(["prune", str(model_dir), "--method", "dsnot", "--ratio", "0.3", "--base", "wanda", "--option",
+             "base=magnitude", "--out", str(out)], capsys, "--base and --option base=... both given")
+    assert not out.exists()
 
 
 def _foreign(path, *, table: bool):

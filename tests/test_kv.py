@@ -547,6 +547,7 @@ def test_cli_generate(model_dir, tmp_path, capsys):
         ["--prompt", "hi", "--kv", "h2o", "--budget", "8", "--option", "nokey"],
         ["--prompt", "hi", "--kv", "h2o", "--budget", "8", "--max-new-tokens", "0"],
         ["--prompt", "hi", "--kv", "h2o", "--budget", "8", "--option", "delta_layers=calibrate"],
+        ["--prompt", "hi", "--kv", "h2o", "--budget", "8", "--option", "recent=0.5", "--option", "recent=0.2"],
     ]
     for extra in bad:
         assert cli.main(["generate", str(model_dir), *extra]) == 2

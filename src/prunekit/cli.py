@@ -176,11 +176,15 @@ def _options(args) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise InputError(f"--option {item!r} must look like KEY=VALUE, e.g. --option skip_mlp=false")
-        options[key.strip().replace("-", "_")] = _value(value.strip())
-    if args.base is not None:
-        options["base"] = args.base
-    if args.domain is not None:
-        options["domain"] = args.domain
+        name = key.strip().replace("-", "_")
+        if name in options:  # the last one won silently
+            raise InputError(f"--option {name} is given twice; give it once")
+        options[name] = _value(value.strip())
+    for name in ("base", "domain"):
+        if getattr(args, name) is not None:
+            if name in options:
+                raise InputError(f"--{name} and --option {name}=... both given; give one")
+            options[name] = getattr(args, name)
     return options
 
 

@@ -54,7 +54,10 @@ def _options(items) -> dict:
                 break
             except ValueError:
                 pass
-        out[key.strip().replace("-", "_")] = value
+        name = key.strip().replace("-", "_")
+        if name in out:  # the last one won silently
+            raise InputError(f"--option {name} is given twice; give it once")
+        out[name] = value
     return out
 
 
