@@ -371,6 +371,45 @@ def test_select_says_labels_without_balanced_are_unused_and_score_refuses_channe
              "looks like channels-last images")
 
 
+def test_label_issues_takes_class_names_matched_to_named_probability_columns(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    n, names = 300, ["cat", "dog", "bird, small"]
+    y = rng.integers(0, 3, n)
+    probs = rng.dirichlet(np.ones(3) * 0.3, n)
+    probs[np.arange(n), y] += 1.5
+    probs /= probs.sum(1, keepdims=True)
+    probs[:20] = probs[:20, ::-1]  # some confident disagreements
+    np.save(tmp_path / "y.npy", y)
+    np.save(tmp_path / "p.npy", probs)
+    by_index = tmp_path / "by_index.csv"
+    assert main(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(tmp_path / "p.npy"),
+                 "--out", str(by_index)]) == 0
+    with open(tmp_path / "p.csv", "w", newline="") as f:  # the header names the classes
+        w = csv.writer(f)
+        w.writerow(names)
+        w.writerows([[repr(float(v)) for v in row] for row in probs])
+    with open(tmp_path / "y.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["label"]] + [[names[i]] for i in y])
+    np.save(tmp_path / "y_text.npy", np.array([names[i] for i in y]))
+    want = list(csv.DictReader(by_index.read_text().splitlines()))
+    for labels in ("y.csv", "y_text.npy"):
+        out = tmp_path / f"named_{labels}.csv"
+        assert main(["data", "label-issues", "--labels", str(tmp_path / labels), "--probs", str(tmp_path / "p.csv"),
+                     "--out", str(out)]) == 0
+        got = list(csv.DictReader(out.read_text().splitlines()))  # the comma inside a name is quoted
+        assert [r["index"] for r in got] == [r["index"] for r in want] and len(got) >= 8
+        assert all(r["label_name"] == names[int(r["label"])] and r["predicted_name"] == names[int(r["predicted"])]
+                   for r in got)
+    capsys.readouterr()
+    with open(tmp_path / "bad.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["label"], ["cat"], ["cow"]] + [["dog"]] * (n - 2))
+    out = tmp_path / "x.csv"
+    _refused(["data", "label-issues", "--labels", str(tmp_path / "bad.csv"), "--probs", str(tmp_path / "p.csv"),
+              "--out", str(out)], out, tmp_path, capsys, "row 1: 'cow' is not one of the classes")
+    _refused(["data", "label-issues", "--labels", str(tmp_path / "y.csv"), "--probs", str(tmp_path / "p.npy"),
+              "--out", str(out)], out, tmp_path, capsys, "holds class names .* name the probabilities' columns")
+
+
 @pytest.mark.parametrize("command", ["select", "label-issues", "score-data", "score-embeddings"])
 def test_complex_arrays_refused(command, tmp_path, capsys):
     _score_files(tmp_path)

@@ -22,8 +22,8 @@ import numpy as np
 
 from prunekit.errors import InputError, apply_umask, check_writable
 
-__all__ = ["read_array", "read_labels", "read_vector", "read_matrix", "check_real", "write_table", "check_output_file",
-           "FORMATS"]
+__all__ = ["read_array", "read_labels", "labels_are_names", "read_vector", "read_matrix", "check_real", "write_table",
+           "check_output_file", "FORMATS"]
 
 FORMATS = (".npy", ".csv", ".parquet")
 
@@ -239,8 +239,70 @@ def read_vector(path, *, what: str) -> np.ndarray:
     return v
 
 
-def read_labels(path, *, what: str = "labels") -> np.ndarray:
-    """Integer class labels >= 0 (floats with integer values are accepted: csv stores them so)."""
+def _label_texts(path: Path, what: str) -> list[str] | None:
+    """The labels as text, one per example, when the file holds words (a one-column CSV, a parquet string
+    column, a .npy of strings); None when it holds numbers. A CSV's first row may be a header (decided by the
+    caller, who knows the class names)."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        array = _read_npy(path, what)
+        return [str(v).strip() for v in array.reshape(-1).tolist()] if array.dtype.kind in "US" else None
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+            import pyarrow.types as pat
+
+            table = pq.read_table(path)
+        except Exception:  # unreadable, or no pyarrow: the numeric reader says why
+            return None
+        names = [n for n in table.column_names if not (n.startswith("__index_level_") and n.endswith("__"))]
+        if len(names) != 1 or not pat.is_string(table.column(names[0]).type):
+            return None
+        return [("" if v is None else str(v).strip()) for v in table.column(names[0]).to_pylist()]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f)]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    while rows and not any(c.strip() for c in rows[-1]):
+        rows.pop()
+    if not rows or any(len(r) != 1 for r in rows):
+        return None
+    cells = [r[0].strip() for r in rows]
+    return cells if not all(_is_float(c) for c in cells[1:]) else None
+
+
+def labels_are_names(path, *, what: str = "labels") -> bool:
+    """Whether the labels file holds class names (words) rather than class indices."""
+    path = Path(path).expanduser()
+    return path.is_file() and _label_texts(path, what) is not None
+
+
+def read_labels(path, *, what: str = "labels", classes: list[str] | None = None,
+                match_names: bool = False) -> np.ndarray:
+    """Integer class labels >= 0 (floats with integer values are accepted: csv stores them so). With `classes`
+    (the class names, e.g. the probabilities' column names), labels written as those names are mapped to
+    their column indices; a CSV header row is recognised by not being a class name. `match_names` only
+    words the error for names without `classes`."""
+    path = Path(path).expanduser()
+    texts = _label_texts(path, what) if path.is_file() else None
+    if texts is not None:
+        if not classes:
+            fix = ("name the probabilities' columns by class (a CSV header or parquet column names) so they can be "
+                   "matched, or give class indices 0..K-1" if match_names else "give class indices 0..K-1 "
+                   "(numpy.unique(names, return_inverse=True)[1] numbers them)")
+            raise InputError(f"{what} file {path} holds class names ({texts[min(1, len(texts) - 1)]!r}, ...); {fix}")
+        index = {c.strip(): i for i, c in enumerate(classes)}
+        if path.suffix.lower() == ".csv" and texts and texts[0] not in index:
+            texts = texts[1:]  # a header: not a class
+        unknown = [i for i, t in enumerate(texts) if t not in index]
+        if unknown:
+            raise InputError(f"{what} file {path} row {unknown[0]}: {texts[unknown[0]]!r} is not one of the classes "
+                             f"the probabilities' columns name ({', '.join(map(repr, classes[:8]))}"
+                             f"{', ...' if len(classes) > 8 else ''})")
+        if not texts:
+            raise InputError(f"{what} file {path} has no rows")
+        return np.array([index[t] for t in texts], dtype=np.int64)
     y = np.asarray(read_array(path, what=what, columns=1))
     if not np.issubdtype(y.dtype, np.integer):
         if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
@@ -252,13 +314,16 @@ def read_labels(path, *, what: str = "labels") -> np.ndarray:
     return y
 
 
-def read_matrix(path, *, what: str) -> np.ndarray:
-    """An [N, K] real matrix; a .npy file stays memory-mapped."""
-    m = read_array(path, what=what)
+def read_matrix(path, *, what: str, names: bool = False):
+    """An [N, K] real matrix; a .npy file stays memory-mapped. ``names=True``: ``(matrix, column names or
+    None)``, the names from a CSV header or parquet columns."""
+    m, columns = _read(path, what=what)
     if m.ndim != 2:
         raise InputError(f"{what} file {path} must be a 2-D [examples, columns] array, got shape {m.shape}")
     check_real(m, path, what)
-    return m
+    if not names:
+        return m
+    return m, (list(columns) if columns and len(columns) == m.shape[1] else None)
 
 
 def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
@@ -288,9 +353,14 @@ def write_table(path: str | os.PathLike, columns: dict[str, np.ndarray], *, over
             if path.suffix.lower() == ".npy":
                 np.save(f, arrays[0], allow_pickle=False)
             elif path.suffix.lower() == ".csv":
-                f.write((",".join(names) + "\n").encode())
-                rows = zip(*[a.tolist() for a in arrays])
-                f.write("".join(",".join(repr(v) if isinstance(v, float) else str(v) for v in r) + "\n" for r in rows).encode())
+                import io as _io
+
+                text = _io.StringIO()
+                writer = csv.writer(text, lineterminator="\n")  # quotes a class name holding a comma
+                writer.writerow(names)
+                for r in zip(*[a.tolist() for a in arrays]):
+                    writer.writerow([repr(v) if isinstance(v, float) else v for v in r])
+                f.write(text.getvalue().encode())
             else:
                 try:
                     import pyarrow as pa
