@@ -380,6 +380,38 @@ def test_cli_samples_and_refuses_bad_questions(tmp_path, model_dir, capsys):
     assert "would replace the input" in capsys.readouterr().err and qfile.read_text() == before
 
 
+def test_cli_resume_continues_an_interrupted_sampling_run_to_the_same_paths(tmp_path, model_dir, capsys,
+                                                                           monkeypatch):
+    from prunekit.inference import sampling
+
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    base = ["reason", "--model", str(model_dir), "--questions", str(qfile), "--samples", "2", "--max-new-tokens",
+            "5", "--seed", "3", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "plain.jsonl")]) == 0
+    out = tmp_path / "paths.jsonl"
+    real, calls = sampling.sample_question, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sampling, "sample_question", interrupted)
+    assert main([*base, "--out", str(out), "--resume"]) == 130
+    partial = tmp_path / "paths.jsonl.partial"
+    assert not out.exists() and len(partial.read_text().splitlines()) == 3  # settings + 2 questions
+    assert "run the same command with --resume to continue" in capsys.readouterr().err
+    assert main([*base[:-3], "--seed", "5", "--quiet", "--out", str(out), "--resume"]) == 2  # not what was sampled
+    assert "was sampled with other settings" in capsys.readouterr().err
+    monkeypatch.setattr(sampling, "sample_question", real)
+    assert main([*base, "--out", str(out), "--resume"]) == 0
+    assert "resuming after 2 of 4 questions" in capsys.readouterr().err
+    assert out.read_text() == (tmp_path / "plain.jsonl").read_text() and not partial.exists()
+    assert main(["reason", str(out), "--method", "sc", "--resume"]) == 2
+
+
 # ---------------------------------------------------------------- sampling
 
 

@@ -10,6 +10,8 @@ one is refused unless ``--overwrite``.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +39,9 @@ def add_parser(sub) -> None:
                    help="sample: temperature; the recorded log-probs are of the tempered distribution (default 1)")
     r.add_argument("--out", default=None, help="sample: output JSONL of sampled paths")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    r.add_argument("--resume", action="store_true",
+                   help="sample: keep each question's paths in OUT.partial as they come, and continue from it when "
+                   "it exists (same model, questions and options); it is removed once OUT is written")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -100,10 +105,37 @@ def _sample(args) -> int:
     _check(n=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     questions = _read_questions(args.questions)
     resolve_model(args.model)
+    partial = out.with_name(out.name + ".partial")
+    done = _resume_from(partial, args, questions) if args.resume else []
     model, tok = load_model(args.model)
-    records = sample_paths(model, tok, questions, n=args.samples, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, seed=args.seed, out=out, overwrite=args.overwrite,
-                           progress=not args.quiet)
+    if not args.resume:
+        records = sample_paths(model, tok, questions, n=args.samples, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, seed=args.seed, out=out, overwrite=args.overwrite,
+                               progress=not args.quiet)
+    else:
+        from prunekit.inference.sampling import write_jsonl
+
+        mode = "a" if done else "w"
+        with open(partial, mode, encoding="utf-8") as log:
+            if not done:
+                log.write(json.dumps({"prunekit_partial": 1, "settings": _settings(args)}) + "\n")
+
+            def keep(record):  # each question's paths on disk before the next is sampled
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
+
+            try:
+                new = sample_paths(model, tok, questions[len(done):], n=args.samples,
+                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                                   start=len(done), on_record=keep, progress=not args.quiet)
+            except BaseException:
+                print(f"prunekit: note: the questions sampled so far are kept in {partial}; run the same command "
+                      "with --resume to continue", file=sys.stderr)
+                raise
+        records = done + new
+        write_jsonl(out, records)
+        partial.unlink()
     paths = sum(len(r["paths"]) for r in records)
     if args.json:
         print(jsonl.dumps({"model": str(args.model), "questions": len(records), "paths": paths, "out": str(out)}))
@@ -116,12 +148,55 @@ def _sample(args) -> int:
     return 0
 
 
+def _settings(args) -> dict:
+    import hashlib
+
+    digest = hashlib.sha256(Path(args.questions).expanduser().read_bytes()).hexdigest()
+    return {"model": str(args.model), "questions_sha256": digest, "samples": args.samples,
+            "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
+
+
+def _resume_from(partial: Path, args, questions: list[dict]) -> list[dict]:
+    """The records an interrupted ``--resume`` run kept in `partial` (none when it does not exist); refused
+    when they were made with other settings or questions."""
+    from prunekit.errors import InputError
+
+    if not partial.exists():
+        return []
+    lines = partial.read_text(encoding="utf-8").splitlines()
+    try:
+        head = json.loads(lines[0]) if lines else {}
+        records = [json.loads(line) for line in lines[1:] if line.strip()]
+    except json.JSONDecodeError:  # a line cut by the interruption: drop it and what follows
+        good = []
+        for line in lines[1:]:
+            try:
+                good.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        head, records = json.loads(lines[0]), good
+    if not isinstance(head, dict) or head.get("prunekit_partial") != 1:
+        raise InputError(f"{partial} is not a prunekit progress file; remove it or choose another --out")
+    if head.get("settings") != _settings(args):
+        raise InputError(f"{partial} was sampled with other settings ({head.get('settings')}); run with those, or "
+                         "remove it to start again")
+    if len(records) > len(questions) or any(r.get("question") != q["question"] for r, q in zip(records, questions)):
+        raise InputError(f"{partial} does not hold these questions; remove it to start again")
+    if records:
+        print(f"prunekit: note: resuming after {len(records)} of {len(questions)} questions kept in {partial}",
+              file=sys.stderr)
+    partial.write_text("".join(line + "\n" for line in lines[:1 + len(records)]), encoding="utf-8")
+    return records
+
+
 def run(args) -> int:
     from prunekit.errors import InputError
     from prunekit.inference import reasoning
 
     if args.model is not None:
         return _sample(args)
+    if args.resume:
+        raise InputError("--resume continues an interrupted sampling run (--model ... --out ...); voting needs none")
     if args.paths is None:
         raise InputError("give a JSONL of sampled paths to vote over, or --model/--questions/--out to sample")
     if args.method is None:
