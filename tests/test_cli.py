@@ -211,8 +211,17 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(model_dir, text
     (out / "keep.txt").write_text("mine")
     assert cli.main(prune_args(model_dir, text_file, out, "--method", "magnitude", "--ratio", "0.5")) == 2
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaced (deleted) a folder of the user's own files whole: it replaces earlier outputs only
+    again = prune_args(model_dir, text_file, out, "--method", "magnitude", "--ratio", "0.5", "--overwrite")
+    assert cli.main(again) == 2
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
     assert cli.main(prune_args(model_dir, text_file, out, "--method", "magnitude", "--ratio", "0.5", "--overwrite")) == 0
-    assert not (out / "keep.txt").exists() and (out / "prunekit.json").exists()
+    (out / "prunekit.json").write_text((out / "prunekit.json").read_text())  # an earlier output, with an extra file
+    (out / "extra.txt").write_text("from before")
+    assert cli.main(prune_args(model_dir, text_file, out, "--method", "magnitude", "--ratio", "0.3",
+                               "--overwrite")) == 0
+    assert not (out / "extra.txt").exists() and (out / "prunekit.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

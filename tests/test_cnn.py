@@ -616,3 +616,67 @@ def test_cli_negative_seed_and_three_channel_eval_refused(tmp_path, capsys):
     assert main(["cnn", "udfc", str(rgb), "--eval", "--out", str(out)]) == 2
     assert "or drop --eval" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- found by a user-style sweep
+
+def test_compress_keeps_the_model_dtype_and_a_trp_split_conv1():
+    model = resnet.ResNet(widths=(4, 8, 8), blocks=1).double().eval()  # new layers were built in float32
+    out = udfc.compress(model, ratio=0.25, bits=6).model
+    assert {p.dtype for p in out.parameters()} == {torch.float64}
+    with torch.no_grad():
+        assert out(torch.rand(2, 1, 28, 28, dtype=torch.float64)).dtype == torch.float64
+    split = resnet.ResNet(widths=(4, 8, 8), blocks=2).eval()  # a conv1 TRP split is no Conv2d: 'mids' crashed
+    trp.decompose(split, ranks={"blocks.3.conv1": 2})
+    res = udfc.compress(split, ratio=0.25)
+    assert "blocks.3" not in [b["name"] for b in res.blocks] and res.model.config["mids"][3] == 8
+
+
+def test_spatial_split_of_a_strided_conv_is_kept_only_where_it_saves_flops():
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+    rank = 6  # at stride 1 it would pay: 6*8*3 + 16*6*3 = 432 < 1152; at stride 2 the kh x 1 factor runs at 2x
+    assert trp._lowrank_cost(conv, rank, "spatial") == 6 * 8 * 3 * 2 + 16 * 6 * 3
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), conv).eval()
+    before = flops.count_flops(model, (1, 16, 16))
+    done = trp.decompose(model, ranks={"2": 14}, scheme="spatial")  # 14*8*3*2 + 16*14*3 = 1344 > 1152
+    assert done == {} and flops.count_flops(model, (1, 16, 16)) == before
+
+
+def test_trp_refuses_same_padding_and_a_model_with_nothing_to_decompose_before_changing_it():
+    same = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding="same"))
+    with pytest.raises(InputError, match="padding='same'.*numeric zero padding"):
+        trp.TRP(same)
+    with pytest.raises(InputError, match="padding='same'"):
+        trp.decompose(same, energy=0.9)
+    assert isinstance(same[2], nn.Conv2d)  # the model was left half-decomposed
+    with pytest.raises(InputError, match="no Conv2d TRP can decompose"):
+        trp.TRP(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1)))
+
+
+def test_overwrite_replaces_an_earlier_model_folder_only(tmp_path):
+    model = resnet.ResNet(widths=(4, 8), blocks=1)
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="holds other files .notes.txt, sub"):
+        resnet.save_model(model, victim, overwrite=True)
+    assert (victim / "notes.txt").read_text() == "mine"
+    out = resnet.save_model(model, tmp_path / "m")
+    assert resnet.save_model(model, out, overwrite=True) == out
+
+
+def test_cnn_eval_refuses_other_class_counts_broken_statistics_and_absurd_configs(tmp_path, capsys):
+    five = resnet.save_model(resnet.ResNet(widths=(4, 8), blocks=1, num_classes=5), tmp_path / "five")
+    assert main(["cnn", "eval", str(five)]) == 2  # scored 0.1000 on Fashion-MNIST's 10 classes, exit 0
+    assert "has 5 output classes but evaluation uses Fashion-MNIST's 10" in capsys.readouterr().err
+    model = resnet.ResNet(widths=(4, 8), blocks=1)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.running_var[0] = -1.0  # every output NaN
+    broken = resnet.save_model(model, tmp_path / "broken")
+    with pytest.raises(InputError, match="negative variance"):
+        resnet.load_model(broken)
+    cfg = json.loads((five / "config.json").read_text())
+    cfg["widths"] = [10**10, 10**10]  # a raw "Storage size calculation overflowed" traceback
+    (five / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="describes a network too large to build"):
+        resnet.load_model(five)

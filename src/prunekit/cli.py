@@ -194,7 +194,9 @@ def _cmd_prune(args) -> int:
     from prunekit.errors import InputError, check_not_input, int_at_least
     from prunekit.evaluate import EVAL_TOKENS
     from prunekit.select import parse_pattern, ratio_for
-    from prunekit.weights.io import check_output, output_dtype, resolve_model
+    from pathlib import Path
+
+    from prunekit.weights.io import check_output, check_replaceable, output_dtype, resolve_model
 
     wall = time.perf_counter()
     known = prunekit.registry.METHODS.get(args.method)
@@ -218,6 +220,7 @@ def _cmd_prune(args) -> int:
     prunekit.prune_options(args.method, options)
     check_output(args.out, overwrite=args.overwrite)
     check_not_input(args.out, resolve_model(args.model), args.calib, *(args.eval or "").split(","), args.domain)
+    check_replaceable(Path(args.out).expanduser())  # before the work: --overwrite replaces earlier outputs only
     progress = not args.quiet
     calib = args.calib if args.calib is not None else ("wiki" if spec.stat_for(options) or spec.prune_model else None)
     calib_text = prunekit.load_text(calib, purpose="calibration") if calib else None

@@ -92,6 +92,10 @@ def _check_fashion_input(model, name: str, hint: str = "") -> None:
     if channels != 1:
         raise InputError(f"{name} takes {channels}-channel images but evaluation uses Fashion-MNIST (1 channel); "
                          f"give a 1-channel model{hint}")
+    classes = model.config.get("num_classes", 10)
+    if classes != 10:  # a 5-class head scored 0.1000 on the 10 classes, exit 0
+        raise InputError(f"{name} has {classes} output classes but evaluation uses Fashion-MNIST's 10; give a "
+                         f"10-class model{hint}")
 
 
 def _summary(model, xte, yte) -> dict:
@@ -140,7 +144,9 @@ def _train(args, trp_options: dict | None) -> int:
                          + " became NaN or Inf" + ("; lower --nuclear" if trp else "") + "; nothing was saved")
     meta.update(_summary(model, xte, yte))
     resnet.save_model(model, out, metadata=meta, overwrite=args.overwrite)
-    what = "TRP-trained and decomposed" if trp else "trained"
+    decomposed = len(meta.get("trp", {}).get("ranks") or {})
+    what = (f"TRP-trained and decomposed ({decomposed} layers split)" if decomposed else
+            "TRP-trained (no layer split: at this --energy none saves FLOPs)") if trp else "trained"
     print(f"{what} in {seconds:.0f} s: test accuracy {meta['accuracy']:.4f}, {meta['params']} parameters, "
           f"{meta['flops']} FLOPs (MACs) per image; saved to {out}")
     return 0
@@ -160,11 +166,13 @@ def _cmd_udfc(args) -> int:
     from prunekit.select import check_ratio
 
     from prunekit.errors import check_not_input
+    from prunekit.weights.io import check_replaceable
 
     check_ratio(args.ratio)
     _check_bits(args.bits)
     out = resnet.check_output_dir(args.out, overwrite=args.overwrite)
     check_not_input(out, resnet.testbed_folder() if args.model == "testbed" else args.model)  # the cache, too
+    check_replaceable(out)  # before the work: --overwrite replaces earlier outputs only
     model = _model(args.model)
     if args.eval:
         _check_fashion_input(model, args.model, " or drop --eval")

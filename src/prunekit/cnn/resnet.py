@@ -146,6 +146,9 @@ def save_model(model: ResNet, out, *, metadata: dict | None = None, overwrite: b
     from prunekit.jsonl import check_metadata
 
     out = check_output_dir(out, overwrite=overwrite)
+    from prunekit.weights.io import check_replaceable
+
+    check_replaceable(out)  # --overwrite deleted a folder of unrelated files whole
     if not isinstance(model, ResNet):
         raise InputError(f"save_model saves prunekit.cnn.ResNet models, got {type(model).__name__}")
     metadata = check_metadata(metadata)
@@ -256,8 +259,12 @@ def load_model(path) -> ResNet:
         raise InputError(f"{path} is not a prunekit CNN folder (needs config.json and model.safetensors); "
                          "make one with `prunekit cnn train --out FOLDER`")
     cfg = _read_config(cfg_file)
-    with torch.device("meta"):  # shapes only: a config of absurd widths allocates nothing
-        expected = dict(_build(cfg, cfg_file).state_dict())
+    try:
+        with torch.device("meta"):  # shapes only: a config of absurd widths allocates nothing
+            expected = dict(_build(cfg, cfg_file).state_dict())
+    except (RuntimeError, OverflowError, MemoryError) as e:  # "Storage size calculation overflowed"
+        raise InputError(f"{cfg_file} describes a network too large to build ({str(e).splitlines()[0][:80]}); "
+                         "re-export the model") from None
     unreadable = f"{weights} is not a readable safetensors file ({{}}); re-export the model"
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -279,6 +286,10 @@ def load_model(path) -> ResNet:
     for name, t in state.items():
         if expected[name].is_floating_point() and not t.is_floating_point():
             raise InputError(f"{weights} stores {name} as {t.dtype}, not floating point; re-export the model")
+    for name, t in state.items():  # a negative variance makes every output NaN; evaluation then scored 10%
+        if name.endswith("running_var") and bool((t < 0).any()):
+            raise InputError(f"{weights}: {name} holds a negative variance; the BatchNorm statistics are broken, "
+                             "re-export the model")
     model = _build(cfg, cfg_file)
     model.load_state_dict(state)  # names and shapes checked above
     return check_finite_weights(model, path, buffers=True).eval()

@@ -135,9 +135,23 @@ def eligible_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
     return dict(convs[1:])
 
 
+def _zero_padded(conv: nn.Conv2d) -> bool:
+    """What the decomposition can split: numeric zero padding (not ``padding='same'`` or reflect)."""
+    return not isinstance(conv.padding, str) and conv.padding_mode == "zeros"
+
+
 def _resolve_layers(model: nn.Module, layers) -> dict[str, nn.Conv2d]:
     if layers is None:
-        return eligible_convs(model)
+        found = eligible_convs(model)
+        if not found:  # it trained with nothing to prune, then blamed an empty `layers` the user never gave
+            raise InputError("the model has no Conv2d TRP can decompose (kernel > 1x1, groups 1, not the first "
+                             "conv); name layers explicitly, or prune this model another way")
+        odd = [n for n, m in found.items() if not _zero_padded(m)]
+        if odd:
+            raise InputError(f"{odd[0]} has padding={found[odd[0]].padding!r}, padding_mode="
+                             f"{found[odd[0]].padding_mode!r}; decomposition needs numeric zero padding: pass layers= "
+                             "without it")
+        return found
     if isinstance(layers, str):  # iterating it named each character
         raise InputError(f"layers must be a list of Conv2d names, e.g. [{layers!r}], got the string {layers!r}")
     mods = dict(model.named_modules())
@@ -147,6 +161,9 @@ def _resolve_layers(model: nn.Module, layers) -> dict[str, nn.Conv2d]:
         if not isinstance(m, nn.Conv2d) or m.groups != 1:
             raise InputError(f"layer {name!r} is not an ungrouped nn.Conv2d of the model; name Conv2d modules "
                              "as model.named_modules() spells them")
+        if not _zero_padded(m):  # found only at the end, with earlier layers already replaced
+            raise InputError(f"layer {name!r} has padding={m.padding!r}, padding_mode={m.padding_mode!r}; "
+                             "decomposition needs numeric zero padding")
         out[name] = m
     if not out:
         raise InputError("layers is empty; name at least one Conv2d, or pass layers=None for TRP's default")
@@ -482,9 +499,11 @@ def _split_flops(conv: nn.Conv2d, r: int, scheme: str, out_h: int, out_w: int, i
 
 
 def _lowrank_cost(conv: nn.Conv2d, r: int, scheme: str) -> int:
-    """Multiply-accumulates per output pixel of the two thin convs (at stride 1)."""
+    """Multiply-accumulates per output pixel of the two thin convs. The spatial scheme's kh x 1 factor runs
+    at the input's width, stride_w times the output's (a stride-2 conv's split was priced as if at stride 1
+    and kept where it cost more than the conv)."""
     n, c, kh, kw = conv.weight.shape
-    return r * c * kh * kw + n * r if scheme == "channel" else r * c * kh + n * r * kw
+    return r * c * kh * kw + n * r if scheme == "channel" else r * c * kh * conv.stride[1] + n * r * kw
 
 
 def _worth(conv: nn.Conv2d, r: int, scheme: str) -> bool:

@@ -374,8 +374,10 @@ def _cmd_qtune(args) -> int:
     from prunekit.data import sft as S
     from prunekit.data.methods import qtuning as Q
     from prunekit.errors import InputError, check_not_input, int_at_least
-    from prunekit.weights.io import (check_output, load_model, resolve_model, save_weights, stored_dtype,
-                                     write_atomically)
+    from pathlib import Path
+
+    from prunekit.weights.io import (check_output, check_replaceable, load_model, resolve_model, save_weights,
+                                     stored_dtype, write_atomically)
 
     check_output(args.out, overwrite=args.overwrite)
     ignored = []
@@ -396,6 +398,7 @@ def _cmd_qtune(args) -> int:
     if not args.lr > 0:
         raise InputError(f"--lr must be positive, got {args.lr}")
     check_not_input(args.out, args.data, resolve_model(args.model))
+    check_replaceable(Path(args.out).expanduser())  # before the work: --overwrite replaces earlier outputs only
     records = S.read_sft(args.data)
     written = ("index", "quadrant", "ppl", "entropy", "response_tokens", "token_keep")  # kept.jsonl's own fields
     for i, record in enumerate(records):

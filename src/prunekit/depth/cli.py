@@ -85,12 +85,15 @@ def _check_depth(args, depth) -> None:
 
 def _validate(args):
     import prunekit
+    from pathlib import Path
+
     from prunekit.errors import check_not_input
-    from prunekit.weights.io import read_config, resolve_model
+    from prunekit.weights.io import check_replaceable, read_config, resolve_model
 
     options = _common_checks(args)
     path = resolve_model(args.model)
     check_not_input(args.out, path, args.calib, *(args.eval or "").split(","))
+    check_replaceable(Path(args.out).expanduser())  # before the work: --overwrite replaces earlier outputs only
     config = read_config(path)
     _check_depth(args, config.get("num_hidden_layers"))
     calib = prunekit.load_text(args.calib or "wiki", purpose="calibration")

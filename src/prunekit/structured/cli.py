@@ -54,7 +54,9 @@ def run_prune(args) -> int:
     from prunekit.structured import check_request, prune_structured, save_structured
     from prunekit.structured.units import model_dims
     from prunekit.text import check_token_ids
-    from prunekit.weights.io import check_output, output_dtype, resolve_model
+    from pathlib import Path
+
+    from prunekit.weights.io import check_output, check_replaceable, output_dtype, resolve_model
 
     wall = time.perf_counter()
     registry.get(args.method, "structured")
@@ -68,6 +70,7 @@ def run_prune(args) -> int:
     check_request(args.method, ratio=args.ratio, structure=structure, options=options)
     check_output(args.out, overwrite=args.overwrite)
     check_not_input(args.out, resolve_model(args.model), args.calib, *(args.eval or "").split(","))
+    check_replaceable(Path(args.out).expanduser())  # before the work: --overwrite replaces earlier outputs only
     evals_src = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
     calib = args.calib if args.calib is not None else ("wiki" if args.method != "magnitude-structured" else None)

@@ -229,8 +229,23 @@ def _load_tokenizer(path: Path):
                          f"{': ' + detail if detail else ''}); {fix}") from None
 
 
+OUTPUT_MARKERS = ("prunekit.json", "summary.json", "config.json")  # what every prunekit output folder holds
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse to replace (``--overwrite``) a non-empty folder that is no earlier output: it would be deleted
+    whole, files of the user's own included."""
+    if out.is_dir():
+        names = sorted(p.name for p in out.iterdir())
+        if names and not any(m in names for m in OUTPUT_MARKERS):
+            raise InputError(f"--overwrite replaces an earlier output folder, but {out} holds other files ("
+                             f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) and none of "
+                             f"{', '.join(OUTPUT_MARKERS)}; choose another --out, or empty it first")
+
+
 def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Refuse an existing output folder unless `overwrite`; call this before doing any work."""
+    """Refuse an existing output folder unless `overwrite`; call this before doing any work (then
+    `check_replaceable`, after the check that the output is no input)."""
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise InputError(f"output {out} already exists; choose another --out or pass --overwrite")
@@ -243,6 +258,7 @@ def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
 def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, overwrite: bool) -> Path:
     """Run ``build(tmp_folder)`` then move the folder to `out`; on any failure or Ctrl-C nothing is left."""
     out = check_output(out, overwrite=overwrite)
+    check_replaceable(out)
     made = [p for p in out.absolute().parents if not p.exists()]  # parents created here, nearest first
     old = tmp = None
     try:
