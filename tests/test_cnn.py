@@ -680,3 +680,35 @@ def test_cnn_eval_refuses_other_class_counts_broken_statistics_and_absurd_config
     (five / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError, match="describes a network too large to build"):
         resnet.load_model(five)
+
+
+def test_a_pre_activation_block_is_not_taken_for_a_conv1_bn1_conv2_chain():
+    """bn1 normalises conv1's input in a pre-activation block; names and widths matched, so compress returned a
+    model that failed on its first forward (or, at ratio 0, compensated with the wrong statistics)."""
+
+    class PreAct(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.bn1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+
+        def forward(self, x):
+            return x + self.conv2(torch.relu(self.bn2(self.conv1(torch.relu(self.bn1(x))))))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.block, self.fc = nn.Conv2d(1, 8, 3, padding=1), PreAct(8), nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+    net = Net().eval()
+    assert udfc.find_pairs(net) == ["block"]  # by names and widths alone
+    with pytest.raises(InputError, match="block: bn1 normalises conv1's input there"):
+        udfc.compress(net, ratio=0.25)
+    with pytest.raises(InputError, match="no conv1 -> bn1 -> conv2 chain in \\['block'\\]"):
+        udfc.compress(net, ratio=0.25, blocks=["block"])
+    # a post-activation block of the same shape is still compressed
+    model = resnet.ResNet(widths=(4, 8, 8), blocks=1).eval()
+    assert len(udfc.compress(model, ratio=0.25).blocks) == len(udfc.find_pairs(model))

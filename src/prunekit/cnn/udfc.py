@@ -117,6 +117,39 @@ def find_pairs(model: nn.Module) -> list[str]:
     return out
 
 
+def _not_chained(model: nn.Module, names: list[str]) -> set[str]:
+    """The `names` whose bn1 does not read conv1's output in a forward pass (a pre-activation block: bn1
+    normalises conv1's input, and only the channel counts matched). Runs the model once on zeros of the first
+    conv's channels at a few image sizes; when none runs, nothing can be told and nothing is excluded."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None or not names:
+        return set()
+    outputs, fed, hooks = {}, {}, []
+    for name in names:
+        mod = model.get_submodule(name)
+        hooks.append(mod.conv1.register_forward_hook(lambda m, i, o, n=name: outputs.setdefault(n, o)))
+        hooks.append(mod.bn1.register_forward_pre_hook(lambda m, i, n=name: fed.setdefault(n, i[0])))
+    param = next(model.parameters())
+    was = model.training
+    try:
+        model.eval()
+        for size in (28, 32, 64, 224):
+            outputs.clear(), fed.clear()
+            try:
+                with torch.no_grad():
+                    model(torch.zeros(1, first.in_channels, size, size, dtype=param.dtype, device=param.device))
+                break
+            except Exception:  # an input size this model does not take: try the next one
+                continue
+        else:
+            return set()
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return {n for n in names if n in fed and fed[n] is not outputs.get(n)}
+
+
 # ---- rectified-Gaussian moments -------------------------------------------------------------------------
 
 _NODES, _WEIGHTS = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(48))  # [48] each, on [-1, 1]
@@ -266,12 +299,15 @@ def compress(model: nn.Module, *, ratio: float = 0.3, bits: int | None = None, m
     from prunekit.weights.io import check_finite_weights
 
     check_finite_weights(model, "the model", buffers=True)  # a NaN weight was an MKL error / internal assert
-    names = find_pairs(model) if blocks is None else list(blocks)
-    found = set(find_pairs(model))
+    unchained = _not_chained(model, find_pairs(model))
+    names = [n for n in find_pairs(model) if n not in unchained] if blocks is None else list(blocks)
+    found = set(find_pairs(model)) - unchained
     bad = [n for n in names if n not in found]
     if bad or not names:
+        why = (f" ({', '.join(sorted(unchained))}: bn1 normalises conv1's input there, as in pre-activation "
+               "blocks)" if unchained else "")
         raise InputError(f"no conv1 -> bn1 -> conv2 chain in {bad or 'the model'}; UDFC needs modules with conv1, "
-                         "bn1 (BatchNorm2d with running statistics) and conv2 whose conv1 feeds only conv2")
+                         "bn1 (BatchNorm2d with running statistics) and conv2 whose conv1 feeds only conv2" + why)
     out = copy.deepcopy(model).eval()
     report = []
     done = set()
