@@ -410,6 +410,16 @@ def test_label_issues_takes_class_names_matched_to_named_probability_columns(tmp
               "--out", str(out)], out, tmp_path, capsys, "holds class names .* name the probabilities' columns")
 
 
+def test_score_refuses_an_id_column_in_the_features(tmp_path, capsys):
+    _score_files(tmp_path)
+    x = np.load(tmp_path / "x.npy")
+    np.savetxt(tmp_path / "x.csv", np.column_stack([np.arange(100, 124), x]), delimiter=",",
+               header="id,a,b,c,d", comments="")  # the id was trained on as a feature, unsaid
+    out = tmp_path / "el2n.npy"
+    _refused(["data", "score", "--data", str(tmp_path / "x.csv"), "--labels", str(tmp_path / "y.npy"), "--method",
+              "el2n", "--quiet", "--out", str(out)], out, tmp_path, capsys, "has a column 'id', which looks like")
+
+
 @pytest.mark.parametrize("command", ["select", "label-issues", "score-data", "score-embeddings"])
 def test_complex_arrays_refused(command, tmp_path, capsys):
     _score_files(tmp_path)

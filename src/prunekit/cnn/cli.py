@@ -13,6 +13,7 @@ on first use). Outputs are written to a temporary folder and renamed; an existin
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from prunekit import jsonl
@@ -119,6 +120,9 @@ def _train(args, trp_options: dict | None) -> int:
     trp = TRP(model, **trp_options) if trp_options is not None else None  # validates the options first
     xtr, ytr, xte, yte = resnet.fashion_tensors()
     if args.examples is not None:
+        if args.examples > len(xtr):  # it trained on all 60,000 and recorded the number asked for
+            print(f"prunekit: note: --examples {args.examples} is more than the {len(xtr)} training images; "
+                  f"training on all {len(xtr)}", file=sys.stderr)
         xtr, ytr = xtr[: args.examples], ytr[: args.examples]
     t0 = time.perf_counter()
     resnet.fit(model, xtr, ytr, epochs=epochs, seed=args.seed, callbacks=[trp] if trp else (), progress=not args.quiet)

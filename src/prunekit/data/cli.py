@@ -183,7 +183,7 @@ def _inputs(args):
     import torch
 
     from prunekit import train
-    from prunekit.data.io import check_real, read_array, read_labels
+    from prunekit.data.io import check_real, read_labels, read_named
     from prunekit.errors import InputError
 
     if args.data == "fashion-mnist":
@@ -195,7 +195,12 @@ def _inputs(args):
     else:
         if args.labels is None:
             raise InputError("--labels is required with a data file")
-        x = np.asarray(read_array(args.data, what="data"))
+        x, columns = read_named(args.data, what="data")
+        x = np.asarray(x)
+        ids = [c for c in (columns or []) if c.strip().lower() in ("id", "index", "idx", "example", "example_id")]
+        if ids:  # an id column was trained on as a feature
+            raise InputError(f"data file {args.data} has a column {ids[0]!r}, which looks like an example id, not a "
+                             "feature; drop it (the output names examples by their row)")
         y = read_labels(args.labels)
         if len(x) != len(y):
             raise InputError(f"data has {len(x)} examples but labels has {len(y)}; they must describe the same examples")

@@ -22,8 +22,8 @@ import numpy as np
 
 from prunekit.errors import InputError, apply_umask, check_writable
 
-__all__ = ["read_array", "read_labels", "labels_are_names", "read_vector", "read_matrix", "check_real", "write_table",
-           "check_output_file", "FORMATS"]
+__all__ = ["read_array", "read_named", "read_labels", "labels_are_names", "read_vector", "read_matrix", "check_real",
+           "write_table", "check_output_file", "FORMATS"]
 
 FORMATS = (".npy", ".csv", ".parquet")
 
@@ -167,6 +167,11 @@ def _read_npy(path: Path, what: str) -> np.ndarray:
 def read_array(path: str | os.PathLike, *, what: str, columns: int | None = None) -> np.ndarray:
     """Read a .npy (memory-mapped), .csv or .parquet array. `columns`: 1 for a vector, None for any matrix."""
     return _read(path, what=what, columns=columns)[0]
+
+
+def read_named(path: str | os.PathLike, *, what: str) -> tuple[np.ndarray, list[str] | None]:
+    """`read_array` and the column names of a .csv with a header row or a .parquet (None otherwise)."""
+    return _read(path, what=what)
 
 
 def _read(path: str | os.PathLike, *, what: str, columns: int | None = None) -> tuple[np.ndarray, list[str] | None]:
