@@ -85,14 +85,8 @@ def perplexity(model: nn.Module, tokenizer, text: str | Text = "wiki", *, seqlen
 def _block_linears(model: nn.Module) -> dict[str, nn.Module]:
     """The Linears weight pruning targets: every block Linear, each fused MoE expert as its own (see
     `prunekit.weights.experts`; valid only inside `unfused_experts`), routers left out."""
-    from prunekit.weights import experts
-
     prefix, blocks = find_blocks(model)
-    out = {}
-    for i, block in enumerate(blocks):
-        routers = experts.routing_linears(block)
-        out.update(target_linears(block, f"{prefix}.{i}", routers))
-    return out
+    return {name: m for i, block in enumerate(blocks) for name, m in target_linears(block, f"{prefix}.{i}").items()}
 
 
 def sparsity(model: nn.Module) -> dict:

@@ -58,16 +58,6 @@ def _decode(model, ids, steps):
     return (time.perf_counter() - start) / steps
 
 
-def _position_limit(model: nn.Module) -> int | None:
-    """The most positions the model embeds (learned position tables: GPT-2's n_positions), None if unknown."""
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, Integral) and not isinstance(value, bool) and value > 0:
-            return int(value)
-    return None
-
-
 def measure_speed(model: nn.Module, *, prefill: int | None = None, decode: int | None = None, repeats: int = 3,
                   threads: int = 1, vocab: int | None = None, seed: int = 0) -> dict:
     """``{"prefill_s", "decode_s_per_token", "param_bytes", "params", ...}`` measured on this CPU.
@@ -75,7 +65,9 @@ def measure_speed(model: nn.Module, *, prefill: int | None = None, decode: int |
     `prefill` / `decode`: tokens timed, by default 512 and 64, or fewer when the model has fewer positions
     (its ``max_position_embeddings`` / ``n_positions``): decode an eighth of them, prefill the rest. The result
     records the counts used (``prefill_tokens``, ``decode_tokens``)."""
-    limit = _position_limit(model)
+    from prunekit.text import position_limit
+
+    limit = position_limit(model)
     if decode is None:
         decode = 64 if limit is None else max(1, min(64, limit // 8))
     if prefill is None:

@@ -143,6 +143,17 @@ def load_text(source: str | Path, *, purpose: str) -> Text:
     return Text(str(path), _read_file(path), f"the whole file {path.name}")
 
 
+def position_limit(model) -> int | None:
+    """The most positions the model embeds (``max_position_embeddings``, GPT-2's ``n_positions`` / ``n_ctx``),
+    None when its config says none."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, Integral) and not isinstance(value, bool) and value > 0:
+            return int(value)
+    return None
+
+
 def check_token_ids(model, ids: torch.Tensor, *, what: str) -> None:
     """Refuse token ids `model` cannot embed (a tokenizer that does not match it) and windows longer than the
     positions in its config (``n_positions`` / ``max_position_embeddings``), before any forward pass."""
@@ -155,9 +166,8 @@ def check_token_ids(model, ids: torch.Tensor, *, what: str) -> None:
     if lo < 0 or (vocab is not None and hi >= vocab):
         raise InputError(f"{what} has token id {lo if lo < 0 else hi}, outside the model's vocabulary of {vocab}; "
                          "use the model's own tokenizer")
-    config = getattr(model, "config", None)
-    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if isinstance(limit, int) and ids.shape[-1] > limit:
+    limit = position_limit(model)
+    if limit is not None and ids.shape[-1] > limit:
         raise InputError(f"{what}: windows of {ids.shape[-1]} tokens are longer than the model's {limit} positions; "
                          f"use a --seqlen of at most {limit}")
 

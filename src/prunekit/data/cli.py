@@ -110,7 +110,7 @@ def add_parser(sub) -> None:
 
 
 def _cmd_label_issues(args) -> int:
-    from prunekit.data.io import check_output_file, labels_are_names, read_labels, read_matrix, write_table
+    from prunekit.data.io import check_output_file, read_class_labels, read_matrix, write_table
     from prunekit.data.methods import confident as cl
     from prunekit.errors import check_not_input
 
@@ -124,7 +124,7 @@ def _cmd_label_issues(args) -> int:
             print(f"prunekit: note: {flag} is used by the prune_by_noise_rate, prune_by_class and both filters only; "
                   f"ignored for {args.filter}", file=sys.stderr)
     probs, classes = read_matrix(args.probs, what="probabilities", names=True)
-    labels = read_labels(args.labels, classes=classes, match_names=True)  # names matched to named columns
+    labels, named = read_class_labels(args.labels, classes=classes, match_names=True)  # names -> named columns
     start = time.perf_counter()
     ranked = cl.find_label_issues(labels, probs, filter_by=args.filter, frac_noise=args.frac_noise,
                                   min_examples_per_class=args.min_examples_per_class,
@@ -135,7 +135,7 @@ def _cmd_label_issues(args) -> int:
     quality = cl.label_quality_scores(labels[ranked], flagged, method=args.rank_by) if len(ranked) else np.empty(0)
     predicted = flagged.argmax(axis=1) if len(ranked) else np.empty(0, dtype=np.int64)
     table = {"index": ranked.astype(np.int64), "label": labels[ranked], "predicted": predicted}
-    if classes and labels_are_names(args.labels) and not str(args.out).lower().endswith(".npy"):
+    if named and not str(args.out).lower().endswith(".npy"):
         table.update(label_name=np.array([classes[i] for i in labels[ranked]], dtype=object),
                      predicted_name=np.array([classes[i] for i in predicted], dtype=object))
     table[args.rank_by] = quality

@@ -22,7 +22,7 @@ import numpy as np
 
 from prunekit.errors import InputError, apply_umask, check_writable
 
-__all__ = ["read_array", "read_named", "read_labels", "labels_are_names", "read_vector", "read_matrix", "check_real",
+__all__ = ["read_array", "read_named", "read_labels", "read_class_labels", "read_vector", "read_matrix", "check_real",
            "write_table", "check_output_file", "FORMATS"]
 
 FORMATS = (".npy", ".csv", ".parquet")
@@ -274,40 +274,10 @@ def _label_texts(path: Path, what: str) -> list[str] | None:
     if not rows or any(len(r) != 1 for r in rows):
         return None
     cells = [r[0].strip() for r in rows]
-    return cells if not all(_is_float(c) for c in cells[1:]) else None
+    return cells if not any(_is_float(c) for c in cells[1:]) else None  # numbers with a gap are no names
 
 
-def labels_are_names(path, *, what: str = "labels") -> bool:
-    """Whether the labels file holds class names (words) rather than class indices."""
-    path = Path(path).expanduser()
-    return path.is_file() and _label_texts(path, what) is not None
-
-
-def read_labels(path, *, what: str = "labels", classes: list[str] | None = None,
-                match_names: bool = False) -> np.ndarray:
-    """Integer class labels >= 0 (floats with integer values are accepted: csv stores them so). With `classes`
-    (the class names, e.g. the probabilities' column names), labels written as those names are mapped to
-    their column indices; a CSV header row is recognised by not being a class name. `match_names` only
-    words the error for names without `classes`."""
-    path = Path(path).expanduser()
-    texts = _label_texts(path, what) if path.is_file() else None
-    if texts is not None:
-        if not classes:
-            fix = ("name the probabilities' columns by class (a CSV header or parquet column names) so they can be "
-                   "matched, or give class indices 0..K-1" if match_names else "give class indices 0..K-1 "
-                   "(numpy.unique(names, return_inverse=True)[1] numbers them)")
-            raise InputError(f"{what} file {path} holds class names ({texts[min(1, len(texts) - 1)]!r}, ...); {fix}")
-        index = {c.strip(): i for i, c in enumerate(classes)}
-        if path.suffix.lower() == ".csv" and texts and texts[0] not in index:
-            texts = texts[1:]  # a header: not a class
-        unknown = [i for i, t in enumerate(texts) if t not in index]
-        if unknown:
-            raise InputError(f"{what} file {path} row {unknown[0]}: {texts[unknown[0]]!r} is not one of the classes "
-                             f"the probabilities' columns name ({', '.join(map(repr, classes[:8]))}"
-                             f"{', ...' if len(classes) > 8 else ''})")
-        if not texts:
-            raise InputError(f"{what} file {path} has no rows")
-        return np.array([index[t] for t in texts], dtype=np.int64)
+def _label_indices(path: Path, what: str) -> np.ndarray:
     y = np.asarray(read_array(path, what=what, columns=1))
     if not np.issubdtype(y.dtype, np.integer):
         if not np.issubdtype(y.dtype, np.floating) or not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
@@ -317,6 +287,43 @@ def read_labels(path, *, what: str = "labels", classes: list[str] | None = None,
         row = int(np.argmax(y < 0))
         raise InputError(f"{what} file {path} must hold class indices >= 0; row {row} has {int(y[row])}")
     return y
+
+
+def read_class_labels(path, *, what: str = "labels", classes: list[str] | None = None,
+                      match_names: bool = False) -> tuple[np.ndarray, bool]:
+    """``(labels, named)``: integer class labels >= 0 (floats with integer values are accepted: csv stores them
+    so), and whether the file held class names. With `classes` (the class names, e.g. the probabilities' column
+    names), labels written as those names are mapped to their column indices; a CSV header row is recognised by
+    not being a class name. `match_names` only words the error for names without `classes`."""
+    path = Path(path).expanduser()
+    try:
+        return _label_indices(path, what), False
+    except InputError:  # numbers are read once; words only when they are not numbers
+        texts = _label_texts(path, what) if path.is_file() else None
+        if texts is None:
+            raise
+    if not classes:
+        fix = ("name the probabilities' columns by class (a CSV header or parquet column names) so they can be "
+               "matched, or give class indices 0..K-1" if match_names else "give class indices 0..K-1 "
+               "(numpy.unique(names, return_inverse=True)[1] numbers them)")
+        raise InputError(f"{what} file {path} holds class names ({texts[min(1, len(texts) - 1)]!r}, ...); {fix}")
+    index = {c.strip(): i for i, c in enumerate(classes)}
+    if path.suffix.lower() == ".csv" and texts and texts[0] not in index:
+        texts = texts[1:]  # a header: not a class
+    unknown = [i for i, t in enumerate(texts) if t not in index]
+    if unknown:
+        raise InputError(f"{what} file {path} row {unknown[0]}: {texts[unknown[0]]!r} is not one of the classes "
+                         f"the probabilities' columns name ({', '.join(map(repr, classes[:8]))}"
+                         f"{', ...' if len(classes) > 8 else ''})")
+    if not texts:
+        raise InputError(f"{what} file {path} has no rows")
+    return np.array([index[t] for t in texts], dtype=np.int64), True
+
+
+def read_labels(path, *, what: str = "labels") -> np.ndarray:
+    """Integer class labels >= 0 (floats with integer values are accepted: csv stores them so); a file of class
+    names is refused with how to number them (`read_class_labels` matches names to named columns)."""
+    return read_class_labels(path, what=what)[0]
 
 
 def read_matrix(path, *, what: str, names: bool = False):

@@ -166,15 +166,14 @@ def _resume_from(partial: Path, args, questions: list[dict]) -> list[dict]:
     lines = partial.read_text(encoding="utf-8").splitlines()
     try:
         head = json.loads(lines[0]) if lines else {}
-        records = [json.loads(line) for line in lines[1:] if line.strip()]
-    except json.JSONDecodeError:  # a line cut by the interruption: drop it and what follows
-        good = []
-        for line in lines[1:]:
-            try:
-                good.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        head, records = json.loads(lines[0]), good
+    except json.JSONDecodeError:
+        head = {}
+    records = []
+    for line in lines[1:]:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by the interruption: it and what follows are sampled again
+            break
     if not isinstance(head, dict) or head.get("prunekit_partial") != 1:
         raise InputError(f"{partial} is not a prunekit progress file; remove it or choose another --out")
     if head.get("settings") != _settings(args):

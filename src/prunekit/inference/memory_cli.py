@@ -107,17 +107,15 @@ def _embedder(args, path: Path, create: bool, *, needed: bool = True):
                 recorded, dim = store.embedder()
             finally:
                 store.close()
-    if recorded is not None and not needed and name is None:  # stats, forget: the weights are never used
-        return _Recorded(recorded, dim)
     if recorded is not None:
+        if name is not None and recorded in _NAMES and _NAMES[recorded] != name:
+            raise InputError(f"{path} was built with --embedder {_NAMES[recorded]}, not {name}; drop --embedder")
+        if not needed:  # stats, forget: the name and size are what Memory checks; the weights are never used
+            return _Recorded(recorded, dim)
         if recorded not in _NAMES:
             raise InputError(f"{path} was built with embedder {recorded}, which the CLI cannot load; use the Python "
                              "API")
-        if name is not None and _NAMES[recorded] != name:
-            raise InputError(f"{path} was built with --embedder {_NAMES[recorded]}, not {name}; drop --embedder")
         name = _NAMES[recorded]
-        if not needed:  # the name and size are what Memory checks; the weights are never used
-            return _Recorded(recorded, dim)
     name = name or "minilm"
     if name == "minilm":
         minilm_path()  # fail now, before anything is created

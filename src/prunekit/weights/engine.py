@@ -102,7 +102,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     # transformers' GPT-2 style Conv1D stores its weight as [in, out]
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
@@ -117,7 +117,7 @@ def get_weight(module: nn.Module) -> torch.Tensor:
     a factorized layer)."""
     if is_factorized(module):
         return module.core
-    return module.weight.T if _is_conv1d(module) else module.weight
+    return module.weight.T if is_conv1d(module) else module.weight
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
@@ -126,15 +126,19 @@ def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
 
 
 def target_linears(block: nn.Module, prefix: str, skip: Iterable[str] = ()) -> dict[str, nn.Module]:
-    """Every Linear (and GPT-2 Conv1D) inside `block`, by full name, less those matching a `skip` glob.
+    """Every Linear (and GPT-2 Conv1D) inside `block`, by full name, less those matching a `skip` glob and an
+    MoE block's routers (`prunekit.weights.experts.routing_linears`: they stay dense).
 
     A skip pattern matches either the full name (``model.layers.3.mlp.down_proj``) or the name inside the
     block (``mlp.down_proj``), with shell-style wildcards: ``*down_proj``, ``self_attn.*``.
     """
+    from prunekit.weights.experts import routing_linears
+
     skip = list(skip)
+    routers = set(routing_linears(block))
     out = {}
     for name, module in block.named_modules():
-        if not (isinstance(module, nn.Linear) or _is_conv1d(module) or is_factorized(module)):
+        if not (isinstance(module, nn.Linear) or is_conv1d(module) or is_factorized(module)) or name in routers:
             continue
         full = f"{prefix}.{name}"
         if any(fnmatch.fnmatchcase(full, p) or fnmatch.fnmatchcase(name, p) for p in skip):
@@ -231,7 +235,7 @@ class _Pruner:
                 out.module.bias = nn.Parameter(bias.detach().clone())  # the replacement keeps the Linear's bias
             set_weight(module, out.weight)  # in "layer" order the current forward still runs the old module
             like = get_weight(module)  # the replacement computes in the Linear's dtype and on its device
-            if _is_conv1d(module):  # the replacement must save its dense weight in the Conv1D's [in, out] layout
+            if is_conv1d(module):  # the replacement must save its dense weight in the Conv1D's [in, out] layout
                 if not hasattr(out.module, "conv1d_layout"):
                     raise InputError(f"{type(out.module).__name__} cannot stand in for the Conv1D {name} (GPT-2 "
                                      "style, weight stored [in, out]); use this method on models with Linear layers")

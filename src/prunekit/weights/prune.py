@@ -249,15 +249,11 @@ def prune(
     model.eval()
     try:
         with contextlib.ExitStack() as moe:
-            targets_skip = tuple(skip)
-            if experts.has_fused_experts(model):  # one Linear per expert while pruning; routers stay dense
+            if experts.has_fused_experts(model):  # one Linear per expert while pruning (routers stay dense)
                 moe.enter_context(experts.unfused_experts(model))
-                prefix, blocks = find_blocks(model)
-                targets_skip += tuple(f"{prefix}.{i}.{n}" for i, b in enumerate(blocks)
-                                      for n in experts.routing_linears(b))
             layers = _run(spec, model, ids, ratio=ratio, nm=nm, tokenizer=tokenizer, samples=samples, seqlen=seqlen,
-                          seed=seed, skip=targets_skip, sequential=sequential, batch_size=batch_size, progress=progress,
-                          options=options, stat=stat)
+                          seed=seed, skip=tuple(skip), sequential=sequential, batch_size=batch_size,
+                          progress=progress, options=options, stat=stat)
     finally:
         model.train(was_training)
     return PruneResult(

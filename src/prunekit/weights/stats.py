@@ -152,8 +152,6 @@ def neutral(name: str, d_in: int):
     """The value statistic `name` takes for white inputs (every column of unit norm, uncorrelated): what a layer
     that saw no calibration token is pruned with (an MoE expert no token was routed to). Wanda's norms are then
     equal, SparseGPT's Hessian the identity: both reduce to magnitude pruning (no weight update)."""
-    if "+" in name:
-        return {n: neutral(n, d_in) for n in name.split("+")}
     if name == "norms":
         return torch.ones(d_in, dtype=torch.float32)
     if name == "hessian":

@@ -116,9 +116,11 @@ def run(args) -> int:
         options["delta_layers"], _ = kv.wiki_delta_layers(model, tok)
         if not args.json and not args.quiet:
             print(f"delta: calibrated delta layers {options['delta_layers']}", file=sys.stderr)
-    limit = getattr(model.config, "max_position_embeddings", None)
+    from prunekit.text import position_limit
+
+    limit = position_limit(model)
     renumbers = kv.POLICIES.get(args.kv.replace("-", "_")) in (kv.StreamingLLM, kv.DeepForcing)
-    if isinstance(limit, int) and ids.shape[1] + args.max_new_tokens > limit and not renumbers:
+    if limit is not None and ids.shape[1] + args.max_new_tokens > limit and not renumbers:
         print(f"prunekit: note: prompt {ids.shape[1]} + {args.max_new_tokens} new tokens run past the model's {limit} "
               f"positions; --kv {args.kv} keeps the original positions, so those past {limit} extrapolate RoPE "
               "(streaming_llm and deep_forcing number positions within the cache)", file=sys.stderr)

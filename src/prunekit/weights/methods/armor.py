@@ -101,6 +101,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.errors import InputError
+from prunekit.weights.engine import is_conv1d
 from prunekit.select import NM, parse_pattern, ratio_for
 from prunekit.weights.engine import Replacement
 from prunekit.weights.methods import sparsegpt
@@ -362,7 +363,7 @@ def install_factors(model: nn.Module, folder: str | Path) -> int:
             linear = model.get_submodule(name)
         except AttributeError:
             raise InputError(f"{path} names {name}, which this model does not have") from None
-        conv1d = type(linear).__name__ == "Conv1D" and hasattr(linear, "nf")  # GPT-2: weight stored [in, out]
+        conv1d = is_conv1d(linear)  # GPT-2: weight stored [in, out]
         if not (isinstance(linear, nn.Linear) or conv1d):
             raise InputError(f"{path} names {name}, a {type(linear).__name__}, not a Linear")
         weight = linear.weight.T if conv1d else linear.weight  # [out, in]
