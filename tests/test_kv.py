@@ -571,6 +571,41 @@ def test_cli_generate(model_dir, tmp_path, capsys):
     assert "note" not in capsys.readouterr().err
 
 
+def test_cli_generate_samples_as_transformers_does_under_a_seed(model_dir, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = "the licence text " * 4
+    argv = ["--prompt", text, "--max-new-tokens", "12", "--temperature", "1.5", "--top-p", "0.9", "--seed", "3", "--json"]
+    got = {}
+    for policy in (["--kv", "full"], ["--kv", "snapkv", "--budget", "128"]):
+        assert cli.main(["generate", str(model_dir), *policy, *argv]) == 0
+        result = json.loads(capsys.readouterr().out)
+        got[policy[1]] = result["text"]
+        assert result["sampling"] == {"do_sample": True, "temperature": 1.5, "top_p": 0.9, "top_k": 0, "seed": 3}
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    torch.manual_seed(3)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=True, temperature=1.5,
+                         top_p=0.9, top_k=0, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    plain = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert got["full"] == got["snapkv"] == plain  # a budget that holds everything samples what the plain model does
+    assert cli.main(["generate", str(model_dir), "--kv", "full", *argv[:-3], "--seed", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] != plain
+    for bad, message in ((["--temperature", "-1"], "--temperature must be 0"), (["--temperature", "nan"], "finite"),
+                         (["--temperature", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
+                         (["--temperature", "1", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+                         (["--temperature", "1", "--top-k", "-1"], "--top-k must be at least 1")):
+        assert cli.main(["generate", str(model_dir), "--prompt", "hi", "--kv", "full", *bad]) == 2
+        assert message in capsys.readouterr().err
+    assert cli.main(["generate", str(model_dir), "--prompt", text, "--kv", "full", "--max-new-tokens", "2", "--seed",
+                     "3", "--top-k", "5", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["sampling"] == {"do_sample": False}
+    assert "--top-k is not used by greedy decoding" in captured.err and "--seed is not used" in captured.err
+
+
 def test_cli_generate_runs_in_the_dtype_asked_and_says_when_positions_run_out(model_dir, tmp_path, capsys):
     import json
 

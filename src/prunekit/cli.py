@@ -168,18 +168,27 @@ def _value(text: str):
     return text
 
 
-def _options(args) -> dict:
+def parse_options(items, *, example: str) -> dict:
+    """``--option KEY=VALUE`` items as a dict (dashes in keys read as underscores; true/false/none, ints and floats
+    converted); a malformed or repeated key is an InputError naming `example`."""
     from prunekit.errors import InputError
 
     options = {}
-    for item in args.option:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise InputError(f"--option {item!r} must look like KEY=VALUE, e.g. --option skip_mlp=false")
+            raise InputError(f"--option {item!r} must look like KEY=VALUE, e.g. --option {example}")
         name = key.strip().replace("-", "_")
         if name in options:  # the last one won silently
             raise InputError(f"--option {name} is given twice; give it once")
         options[name] = _value(value.strip())
+    return options
+
+
+def _options(args) -> dict:
+    from prunekit.errors import InputError
+
+    options = parse_options(args.option, example="skip_mlp=false")
     for name in ("base", "domain"):
         if getattr(args, name) is not None:
             if name in options:

@@ -1,4 +1,5 @@
-"""``prunekit generate``: greedy generation under a KV-cache policy, over `prunekit.inference.kv.policy`.
+"""``prunekit generate``: generation under a KV-cache policy, over `prunekit.inference.kv.policy`: greedy by
+default, sampled with ``--temperature`` (and ``--top-p`` / ``--top-k``, seeded by ``--seed``).
 
 Prints the generated text on stdout and one line of numbers (tokens cached, cache size, speed) on stderr, or
 everything as one JSON object with ``--json``. Writes no files.
@@ -26,7 +27,14 @@ def add_parser(sub) -> None:
     ge.add_argument("--kv", required=True, metavar="POLICY", help=f"KV-cache policy: {', '.join(POLICIES)}")
     ge.add_argument("--budget", type=int, default=None,
                     help="cached tokens kept per layer and KV head (delta: tokens its sparse layers attend to)")
-    ge.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate, greedily (default 64)")
+    ge.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    ge.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy decoding (default); above 0: sample from softmax(logits / T)")
+    ge.add_argument("--top-p", type=float, default=None,
+                    help="with --temperature: sample from the smallest set of tokens holding P of the probability")
+    ge.add_argument("--top-k", type=int, default=None,
+                    help="with --temperature: sample from the K most likely tokens (default: all of them)")
+    ge.add_argument("--seed", type=int, default=None, help="with --temperature: the sampling seed (default 0)")
     ge.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "auto"),
                     help="dtype the model runs in, and so its cache (default float32; auto: as the folder stores it)")
     ge.add_argument("--every", type=int, default=None,
@@ -39,26 +47,28 @@ def add_parser(sub) -> None:
     ge.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _options(items) -> dict:
+def _sampling(args) -> tuple[dict, list[str]]:
+    """`generate`'s sampling keyword arguments from the flags, and notes for flags greedy decoding ignores."""
+    import math
+
     from prunekit.errors import InputError
 
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"--option {item!r} must look like KEY=VALUE, e.g. --option sinks=4")
-        value = value.strip()
-        for kind in (int, float):
-            try:
-                value = kind(value)
-                break
-            except ValueError:
-                pass
-        name = key.strip().replace("-", "_")
-        if name in out:  # the last one won silently
-            raise InputError(f"--option {name} is given twice; give it once")
-        out[name] = value
-    return out
+    t = args.temperature
+    if not math.isfinite(t) or t < 0:
+        raise InputError(f"--temperature must be 0 (greedy) or a finite number above 0 (got {t})")
+    given = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k), ("--seed", args.seed))
+             if value is not None]
+    if t == 0:
+        return {"do_sample": False}, [f"{flag} is not used by greedy decoding (--temperature 0)" for flag in given]
+    top_p = 1.0 if args.top_p is None else args.top_p
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise InputError(f"--top-p must be in (0, 1] (got {top_p})")
+    top_k = 0 if args.top_k is None else args.top_k
+    if top_k < 0:
+        raise InputError(f"--top-k must be at least 1, or 0 for all tokens (got {top_k})")
+    # top_k=0 spelled out: transformers' own default would keep the 50 most likely tokens only
+    return {"do_sample": True, "temperature": t, "top_p": top_p, "top_k": top_k,
+            "seed": 0 if args.seed is None else args.seed}, []
 
 
 def run(args) -> int:
@@ -72,14 +82,16 @@ def run(args) -> int:
 
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
-    options = _options(args.option)
+    from prunekit.cli import parse_options
+
+    options = parse_options(args.option, example="sinks=4")
+    sampling, ignored = _sampling(args)  # ignored: options this run does not use, named once the inputs are checked
     calibrate = str(options.get("delta_layers", "")).strip().lower() == "calibrate"
     if calibrate:
         if kv.POLICIES.get(args.kv.replace("-", "_")) is not kv.Delta:
             raise InputError("--option delta_layers=calibrate is for --kv delta only")
         options.pop("delta_layers")
     checked = kv.make_policy(args.kv, budget=args.budget, **options)  # validate before loading anything
-    ignored = []  # options this policy does not use, named once the inputs are checked
     if args.every is None:
         args.every = 1
     else:
@@ -125,10 +137,13 @@ def run(args) -> int:
               f"positions; --kv {args.kv} keeps the original positions, so those past {limit} extrapolate RoPE "
               "(streaming_llm and deep_forcing number positions within the cache)", file=sys.stderr)
     cache = DynamicCache(config=model.config)
+    generation = {k: v for k, v in sampling.items() if k != "seed"}
+    if sampling["do_sample"]:
+        torch.manual_seed(sampling["seed"])
     start = time.perf_counter()
     with torch.no_grad(), kv.policy(model, args.kv, budget=args.budget, every=args.every, **options) as pol:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=False,
-                             cache=cache, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             cache=cache, pad_token_id=tok.pad_token_id or tok.eos_token_id, **generation)
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:]
     text = tok.decode(new, skip_special_tokens=True)
@@ -136,7 +151,7 @@ def run(args) -> int:
     result = {
         "model": str(args.model), "policy": args.kv, "budget": pol.budget, "options": options,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()), "text": text,
+        "sampling": sampling, "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()), "text": text,
         "cache_tokens_max": max(tokens), "cache_bytes": kv.cache_bytes(cache), "seconds": seconds,
         "tokens_per_s": new.numel() / seconds if seconds > 0 else None,
     }
