@@ -111,6 +111,32 @@ def test_bad_inputs(llama, tok):
     assert all(torch.equal(after[k], before[k]) for k in before if "up_proj" not in k)  # nothing pruned
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "dsnot"])
+@pytest.mark.parametrize("sequential", ["block", "layer"])
+def test_activations_that_overflow_are_named_and_the_earlier_blocks_said_to_be_pruned(method, sequential, tok):
+    """Finite weights whose activations overflow: SparseGPT blamed the calibration text ("Hessian singular"),
+    Wanda and DSnoT finished on Inf norms, and the half-pruned model was not mentioned."""
+    ids = ids_from_text(tok, 2, 16)
+    for block, scale in ((1, 1e37), (0, 1e37), (1, 3e38)):
+        model = tiny_model("llama")
+        with torch.no_grad():
+            model.model.layers[block].mlp.up_proj.weight.mul_(scale)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(InputError, match=r"the input of model\.layers\.\d\.mlp\.down_proj (is too large for its "
+                                             r"calibration statistic|holds NaN or Inf activations)") as err:
+            prunekit.prune(model, method=method, ratio=0.5, calibration=ids, sequential=sequential, progress=False)
+        after = model.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        failing = {k for k in before if f"layers.{block}." in k}
+        if sequential == "block":  # the statistics pass finds it before anything in the failing block is pruned
+            assert not changed & failing
+        if block == 0 and sequential == "block":
+            assert not changed and "changed in place" not in str(err.value)
+        else:
+            assert changed and "the model was changed in place before this error" in str(err.value)
+            assert "model.layers.0.self_attn.q_proj to" in str(err.value)
+
+
 def test_sparsegpt_options_reach_the_method(llama, tok):
     ids = ids_from_text(tok, 4, 32)
     r = prunekit.prune(llama, method="sparsegpt", ratio=0.5, calibration=ids, blocksize=32, percdamp=0.1, progress=False)

@@ -276,6 +276,7 @@ def _one_pass(block, kwargs, hidden, pruner: _Pruner) -> torch.Tensor:
                 return
             x = args[0]
             if x is not last["x"]:  # q/k/v and gate/up read the same tensor: one statistic for them
+                _check_finite_input(name, x)
                 last["x"], last["sub"] = x, pruner.sample(x)
                 last["stat"] = None
                 kind = pruner.stat_for(name)
@@ -283,6 +284,7 @@ def _one_pass(block, kwargs, hidden, pruner: _Pruner) -> torch.Tensor:
                     acc = stats_lib.make(kind, x.shape[-1])
                     acc.add(x)
                     last["stat"] = acc.value()
+                    _check_finite_statistic(name, last["stat"], x.dtype)
             pruner.prune(name, last["stat"], last["sub"])
             done.add(name)
 
@@ -303,6 +305,25 @@ class _StatsDone(Exception):
     pass
 
 
+def _check_finite_input(name: str, x: torch.Tensor) -> None:
+    """A NaN/Inf input made SparseGPT's Hessian "singular" (blamed on the calibration) and let Wanda finish on
+    NaN norms: name the layer. (A float32 sum: one pass, no copy; a sum past float32's range is an overflow too.)"""
+    if not torch.isfinite(x.sum(dtype=torch.float32)):
+        _overflow(name, "holds NaN or Inf activations", x.dtype)
+
+
+def _check_finite_statistic(name: str, value, dtype: torch.dtype) -> None:
+    """Finite inputs can still be too large for their statistic (a Hessian of squares past float32's range)."""
+    if not stats_lib.is_finite(value):
+        _overflow(name, "is too large for its calibration statistic (NaN/Inf)", dtype)
+
+
+def _overflow(name: str, what: str, dtype: torch.dtype) -> None:
+    hint = "" if dtype in (torch.float32, torch.float64) else ", or prune it in float32 (--dtype float32)"
+    raise InputError(f"the input of {name} {what} on the calibration data: the model overflows before this layer "
+                     f"({str(dtype).removeprefix('torch.')} activations); check its weights{hint}")
+
+
 def _two_pass(block, batches: list, pruner: _Pruner, *, need_outputs: bool) -> None:
     """Statistics pass, pruning, then the pruned pass; replaces each batch's input by its output in place."""
     accs: dict[str, object] = {}  # leader name -> accumulator
@@ -317,6 +338,7 @@ def _two_pass(block, batches: list, pruner: _Pruner, *, need_outputs: bool) -> N
             if x is last["x"]:
                 leader[name] = last["name"]
             else:
+                _check_finite_input(name, x)  # in the statistics pass: nothing in this block is pruned yet
                 leader[name] = name
                 last["x"], last["name"] = x, name
                 if name not in subs:
@@ -345,6 +367,8 @@ def _two_pass(block, batches: list, pruner: _Pruner, *, need_outputs: bool) -> N
         for h in handles:
             h.remove()
     last["x"] = None
+    for lead, acc in accs.items():  # before anything in the block is pruned
+        _check_finite_statistic(lead, acc.value(), get_weight(pruner.layers[lead]).dtype)
     pruner.prune_unreached(set(pruner.layers) - set(leader))
     readers = {}
     for name in leader:
@@ -433,19 +457,37 @@ def prune_blocks(
         )
         for index, (block, layers) in enumerate(zip(blocks, layers_by_block)):
             pruner = _Pruner(block, layers, stat, prune_fn, error_tokens)
-            if one_batch:
-                hidden, kwargs = batches.pop()
-                batches.append((_one_pass(block, kwargs, hidden, pruner), kwargs))
-                del hidden
-            else:
-                last = index == len(blocks) - 1
-                _two_pass(block, batches, pruner, need_outputs=return_hidden or not last)
-            if not all(torch.isfinite(h.sum()) for h, _ in batches):  # a NaN/Inf anywhere makes the sum non-finite
-                raise RuntimeError(f"non-finite activations after block {index}; the model or data is broken")
+            try:
+                if one_batch:
+                    hidden, kwargs = batches.pop()
+                    batches.append((_one_pass(block, kwargs, hidden, pruner), kwargs))
+                    del hidden
+                else:
+                    last = index == len(blocks) - 1
+                    _two_pass(block, batches, pruner, need_outputs=return_hidden or not last)
+                if not all(torch.isfinite(h.sum(dtype=torch.float32)) for h, _ in batches):
+                    raise InputError(f"the pruned {prefix}.{index} outputs NaN or Inf activations on the calibration "
+                                     "data (the model overflows); check its weights, or prune in float32")
+            except Exception as err:
+                _say_what_changed(err, reports + pruner.reports)
+                raise
             reports += pruner.reports
             bar.update()
     bar.close()
     return reports, (torch.cat([h for h, _ in batches]) if return_hidden else None)
+
+
+def _say_what_changed(err: Exception, done: list[LayerReport]) -> None:
+    """The model is pruned in place, block by block: an error in a block leaves what came before it pruned.
+    Say so (in the message of an InputError, which is all the CLI prints; as a note on anything else)."""
+    if not done:
+        return
+    note = (f"the model was changed in place before this error: {len(done)} layer(s), {done[0].name} to "
+            f"{done[-1].name}, were already pruned; reload the model before using it")
+    if isinstance(err, InputError) and err.args:
+        err.args = (f"{err.args[0]} ({note})", *err.args[1:])
+    else:
+        err.add_note(note)
 
 
 def _check_finite(layers_by_block: list[dict[str, nn.Module]]) -> None:

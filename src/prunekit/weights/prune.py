@@ -218,6 +218,10 @@ def prune(
     Linear pruned as its inputs arrive: faster, more memory, calibrated on pruned predecessors). Extra `options` go to the method (sparsegpt:
     ``blocksize``, ``percdamp``; dsnot: ``base``, ``skip_mlp``, ``max_cycle_time``, ...; dpruner: ``domain``, ...;
     ``prunekit methods`` lists each method's options with their defaults).
+
+    Bad input is refused before the model changes. The model is pruned in place, block by block, so an error
+    found only on the way (activations that overflow in a late block) leaves the earlier blocks pruned; the
+    error's message says which layers.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a loaded torch model (prunekit.load_model), got {type(model).__name__}")

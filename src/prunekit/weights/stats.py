@@ -148,6 +148,17 @@ def make(name: str, d_in: int):
     return STATS[name](d_in)
 
 
+def is_finite(value) -> bool:
+    """Whether a statistic's value (a tensor, `InputMoments` or a `Composite` dict of them) holds no NaN/Inf."""
+    if value is None:
+        return True
+    if isinstance(value, dict):
+        return all(is_finite(v) for v in value.values())
+    if isinstance(value, InputMoments):
+        return all(bool(torch.isfinite(t).all()) for t in (value.norms, value.sums, value.var))
+    return bool(torch.isfinite(value).all())
+
+
 def neutral(name: str, d_in: int):
     """The value statistic `name` takes for white inputs (every column of unit norm, uncorrelated): what a layer
     that saw no calibration token is pruned with (an MoE expert no token was routed to). Wanda's norms are then
