@@ -653,6 +653,24 @@ def test_trp_refuses_same_padding_and_a_model_with_nothing_to_decompose_before_c
         trp.TRP(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1)))
 
 
+def test_decompose_and_trp_refuse_a_nan_conv_before_changing_any_layer():
+    """A NaN in the last conv was a raw LinAlgError after the earlier convs were replaced / substituted."""
+    for call in (lambda m, names: trp.decompose(m, ranks={n: 2 for n in names}),
+                 lambda m, names: trp.decompose(m, energy=0.5),
+                 lambda m, names: trp.TRP(m, period=1).on_batch_start(0)):
+        torch.manual_seed(0)
+        model = resnet.ResNet(widths=(4, 8), blocks=1)
+        names = list(trp.eligible_convs(model))
+        with torch.no_grad():
+            trp.eligible_convs(model)[names[-1]].weight[0, 0, 0, 0] = float("nan")
+        before = {k: v.nan_to_num().clone() for k, v in model.state_dict().items()}
+        with pytest.raises(InputError, match=f"conv {re.escape(names[-1])} has NaN or Inf weights.*nothing was changed"):
+            call(model, names)
+        after = model.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k].nan_to_num()) for k in before)
+        assert not any(isinstance(m, trp.LowRankConv) for m in model.modules())
+
+
 def test_overwrite_replaces_an_earlier_model_folder_only(tmp_path):
     model = resnet.ResNet(widths=(4, 8), blocks=1)
     victim = tmp_path / "victim"

@@ -207,9 +207,13 @@ class TRP:
         """At every `period`-th step: replace each weight by its truncated SVD and keep ``U_r V_r^T``."""
         if step % self.period:
             return
+        _check_finite_convs(self.layers, hint=" (training diverged? lower the learning rate)")
+        new = {}  # every SVD first, then the copies: a failing SVD left the earlier layers substituted
         for name, conv in self.layers.items():
-            w = conv.weight  # [N, C, kh, kw]
-            w_r, u, _, vh = low_rank(w, scheme=self.scheme, energy=self.energy)
+            w_r, u, _, vh = low_rank(conv.weight, scheme=self.scheme, energy=self.energy)  # [N, C, kh, kw]
+            new[name] = (w_r, u, vh)
+        for name, (w_r, u, vh) in new.items():
+            w = self.layers[name].weight
             w.copy_(w_r)
             self.ranks[name] = int(u.shape[1])
             if self.nuclear:
@@ -344,15 +348,23 @@ def decompose(model: nn.Module, *, layers=None, scheme: str = "channel", energy:
             if isinstance(r, bool) or not isinstance(r, Integral) or r < 1:
                 raise InputError(f"ranks[{name!r}] must be an integer >= 1, got {r!r}")
     chosen = _resolve_layers(model, layers if ranks is None else list(ranks))
+    _check_finite_convs(chosen)
     got = dict(ranks) if ranks is not None else _ranks(chosen, scheme, energy, value)
-    done = {}
+    built = {}  # every factorization first, then the swaps: a late failure left the model half decomposed
     for name, conv in chosen.items():
         r = int(got[name])
-        if not _worth(conv, r, scheme):
-            continue  # two thin convs would cost as much as the one
-        install_lowrank(model, name, rank=r, scheme=scheme, module=decompose_conv(conv, rank=r, scheme=scheme))
-        done[name] = r
-    return done
+        if _worth(conv, r, scheme):  # else two thin convs would cost as much as the one
+            built[name] = (r, decompose_conv(conv, rank=r, scheme=scheme))
+    for name, (r, module) in built.items():
+        install_lowrank(model, name, rank=r, scheme=scheme, module=module)
+    return {name: r for name, (r, _) in built.items()}
+
+
+def _check_finite_convs(convs: dict, hint: str = "") -> None:
+    bad = [name for name, conv in convs.items() if not torch.isfinite(conv.weight).all()]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise InputError(f"conv {bad[0]}{more} has NaN or Inf weights{hint}; nothing was changed")
 
 
 def energy_for_flops(model: nn.Module, flops: int, *, input_shape=(1, 28, 28), scheme: str = "channel",
