@@ -239,6 +239,21 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.parametrize("method", ["uniform-structured", "tyr"])
+def test_activations_that_overflow_are_refused_and_the_model_left_as_it_was(method):
+    """Finite weights whose activations overflow in the last block: a raw LinAlgError from the SVD, with an
+    earlier o_proj left holding its propagated (pruned) weights."""
+    model = tiny()
+    with torch.no_grad():
+        model.model.layers[-1].mlp.up_proj.weight.mul_(1e37)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputError, match=r"the input of model\.layers\.2\.mlp\.down_proj is NaN/Inf or too large"):
+        prunekit.prune_structured(model, method=method, ratio=0.35, structure="both", calibration=calib(),
+                                  progress=False, **({} if method == "uniform-structured" else TYR_FAST))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_export_reloads_with_identical_logits_in_fresh_process(tmp_path):
     ids = calib(2, 16, seed=9)
     torch.save(ids, tmp_path / "ids.pt")

@@ -343,29 +343,36 @@ def build_supernet(model: nn.Module, batches: list, dims: Dims, subs: list[Subla
     """
     from tqdm.auto import tqdm
 
-    _, blocks = find_blocks(model)
+    prefix, blocks = find_blocks(model)
     by_layer: dict[int, list[Sublayer]] = {}
     for s in subs:
         by_layer.setdefault(s.layer, []).append(s)
     with torch.no_grad():
         for i, block in enumerate(tqdm(blocks, desc="supernet", unit="block", disable=not progress)):
             saved = []
-            for sub in by_layer.get(i, []):
-                module = attention(block).o_proj if sub.kind == "attn" else mlp_of(block).down_proj
-                unit = dims.head_dim if sub.kind == "attn" else 1
-                h = _hessian(block, batches, module)  # [in, in]
-                offsets = range(sub.lo, sub.hi + 1)
-                path = local.prune_path(
-                    module.weight.detach().float(), h, unit_size=unit, levels=[sub.units(k) for k in offsets],
-                    groups=dims.kv_heads if sub.kind == "attn" else 1, step=neuron_step, damp=damp,
-                )
-                sub.levels = {k: path[sub.units(k)] for k in offsets}
-                saved.append((module, module.weight.detach().clone()))
-                module.weight.copy_(_propagated(sub.levels, sub, module.in_features, unit, propagate))
-            if i < len(blocks) - 1:
-                advance(block, batches)
-            for module, weight in saved:
-                module.weight.copy_(weight)
+            try:  # the propagated weights are put back even when a later sublayer fails
+                for sub in by_layer.get(i, []):
+                    module = attention(block).o_proj if sub.kind == "attn" else mlp_of(block).down_proj
+                    unit = dims.head_dim if sub.kind == "attn" else 1
+                    h = _hessian(block, batches, module)  # [in, in]
+                    if not torch.isfinite(h).all():  # else a raw LinAlgError from the SVD of a NaN matrix
+                        where = "self_attn.o_proj" if sub.kind == "attn" else "mlp.down_proj"
+                        raise InputError(f"the input of {prefix}.{i}.{where} is NaN/Inf or too large for its "
+                                         "calibration statistic: the model's activations overflow before it; check "
+                                         "its weights, or prune in float32")
+                    offsets = range(sub.lo, sub.hi + 1)
+                    path = local.prune_path(
+                        module.weight.detach().float(), h, unit_size=unit, levels=[sub.units(k) for k in offsets],
+                        groups=dims.kv_heads if sub.kind == "attn" else 1, step=neuron_step, damp=damp,
+                    )
+                    sub.levels = {k: path[sub.units(k)] for k in offsets}
+                    saved.append((module, module.weight.detach().clone()))
+                    module.weight.copy_(_propagated(sub.levels, sub, module.in_features, unit, propagate))
+                if i < len(blocks) - 1:
+                    advance(block, batches)
+            finally:
+                for module, weight in saved:
+                    module.weight.copy_(weight)
 
 
 class _Installer:
