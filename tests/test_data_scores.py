@@ -302,6 +302,35 @@ def test_train_is_deterministic_and_counts_steps():
         train(mlp(2, 3), x, y.float(), epochs=1)
 
 
+def test_training_refuses_nan_inputs_labels_past_the_outputs_and_a_model_for_a_factory_before_training():
+    """A NaN pixel trained NaN weights (train) or gave NaN probabilities (cross_val_probs) silently; a label
+    past the model's outputs was a raw IndexError from cross-entropy; a model passed as model_fn a TypeError."""
+    x, y = _blobs(n=24)
+    nan_x = x.clone()
+    nan_x[3, 1] = float("nan")
+    high = y.clone()
+    high[0] = 3  # a 3-class model
+    calls = {
+        "train": lambda xs, ys: train(mlp(2, 3), xs, ys, epochs=1, progress=False),
+        "cross_val_probs": lambda xs, ys: cross_val_probs(lambda: mlp(2, 3), xs, ys, folds=2, epochs=1, progress=False),
+        "score_runs": lambda xs, ys: score_runs(lambda: mlp(2, 3), xs, ys, runs=1, epochs=1, progress=False),
+    }
+    for name, call in calls.items():
+        with pytest.raises(InputError, match=r"x holds NaN or Inf values in 1 example\(s\)"):
+            call(nan_x, y)
+        with pytest.raises(InputError, match=r"y has class 3 but the model has only K=3 outputs"):
+            call(x, high)
+    model = mlp(2, 3)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(InputError, match="y has class 3"):
+        train(model, x, high, epochs=1, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters())) and model.training
+    for call in (lambda: cross_val_probs(mlp(2, 3), x, y, folds=2, epochs=1, progress=False),
+                 lambda: score_runs(mlp(2, 3), x, y, runs=1, epochs=1, progress=False)):
+        with pytest.raises(InputError, match="model_fn must be a function that builds a fresh model.*got a model"):
+            call()
+
+
 def test_small_cnn_shapes_and_embed_checks_last_linear():
     model = small_cnn(num_classes=7, channels=3)
     logits, emb = embed(model, torch.zeros(5, 3, 28, 28), batch_size=2)

@@ -86,7 +86,25 @@ def _check_xy(x, y) -> tuple[torch.Tensor, torch.Tensor]:
         raise InputError(f"y must be integer class indices of shape [{len(x)}], got {y.dtype} {tuple(y.shape)}")
     if y.min() < 0:
         raise InputError(f"y has negative classes (min {int(y.min())}); labels are class indices 0..K-1")
+    if not torch.isfinite(x).all():  # one NaN pixel trained NaN weights, or gave NaN probabilities, silently
+        bad = int((~torch.isfinite(x.reshape(len(x), -1))).any(1).sum())
+        raise InputError(f"x holds NaN or Inf values in {bad} example(s); clean or drop them first")
     return x, y.long()
+
+
+def _check_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Labels the model has no output for were a raw IndexError from cross-entropy, mid-training."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:1].to(next(model.parameters()).device))  # [1, K]
+    finally:
+        model.train(was)
+    k = out.shape[-1]
+    if int(y.max()) >= k:
+        raise InputError(f"y has class {int(y.max())} but the model has only K={k} outputs; labels are class "
+                         f"indices 0..{k - 1}")
 
 
 def train(model: nn.Module, x: torch.Tensor, y, *, epochs: int | None = None, steps: int | None = None,
@@ -105,6 +123,7 @@ def train(model: nn.Module, x: torch.Tensor, y, *, epochs: int | None = None, st
     ``on_after_backward(step, model)`` (gradients computed, not yet applied).
     """
     x, y = _check_xy(x, y)
+    _check_classes(model, x, y)
     batch_size = int_at_least(batch_size, "batch_size", 1)
     per_epoch = math.ceil(len(x) / batch_size)
     if (epochs is None) == (steps is None):
@@ -219,6 +238,9 @@ class DataScores:
 
 def seeded_model(model_fn: Callable[[], nn.Module], seed: int) -> nn.Module:
     """``model_fn()`` initialised under ``torch.manual_seed(seed)``, leaving the caller's RNG state alone."""
+    if isinstance(model_fn, nn.Module) or not callable(model_fn):
+        raise InputError(f"model_fn must be a function that builds a fresh model (e.g. lambda: small_cnn(10)), "
+                         f"got {'a model' if isinstance(model_fn, nn.Module) else type(model_fn).__name__}")
     with torch.random.fork_rng(devices=[]):  # seed the initialization without touching the caller's RNG
         torch.manual_seed(seed)
         model = model_fn()
@@ -245,6 +267,7 @@ def score_runs(model_fn: Callable[[], nn.Module], x: torch.Tensor, y, *, runs: i
     ((64,), (64,))
     """
     x, y = _check_xy(x, y)
+    _check_classes(seeded_model(model_fn, seed), x, y)
     runs, epochs = int_at_least(runs, "runs", 1), int_at_least(epochs, "epochs", 1)
     score_epoch = max(1, epochs // 10) if score_epoch is None else score_epoch
     if isinstance(score_epoch, bool) or not isinstance(score_epoch, int) or not 0 <= score_epoch <= epochs:
@@ -325,6 +348,7 @@ def cross_val_probs(model_fn: Callable[[], nn.Module], x: torch.Tensor, y, *, fo
     ((60, 2), dtype('float32'))
     """
     x, y = _check_xy(x, y)
+    _check_classes(seeded_model(model_fn, seed), x, y)
     folds = int_at_least(folds, "folds", 1)
     if not 2 <= folds <= len(x):
         raise InputError(f"folds must be in [2, N={len(x)}], got {folds}")
@@ -337,8 +361,6 @@ def cross_val_probs(model_fn: Callable[[], nn.Module], x: torch.Tensor, y, *, fo
                       lr=lr, seed=seed + f, progress=progress)
         logits = predict(model, x[held]).double()  # [n_f, K]
         if probs is None:
-            if int(y.max()) >= logits.shape[1]:
-                raise InputError(f"y has class {int(y.max())} but the model has only K={logits.shape[1]} outputs")
             probs = torch.zeros(len(x), logits.shape[1], dtype=torch.float64)
         probs[held] = torch.softmax(logits, dim=1)
     out = probs.float()
