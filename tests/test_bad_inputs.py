@@ -225,7 +225,7 @@ def test_prune_and_perplexity_api_refuse_bad_arguments_with_input_errors(tok):
             prunekit.prune(model, method="sparsegpt" if "mask" in kwargs else "magnitude", calibration=None,
                            progress=False, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    with pytest.raises(InputError, match="model must be a loaded torch model"):
+    with pytest.raises(InputError, match="prune needs a loaded torch model"):
         prunekit.prune("tiny", method="magnitude", ratio=0.5)
     res = prunekit.prune(model, method="magnitude", ratio=0.5, skip="*down_proj", calibration=None, progress=False)
     assert not any(r.name.endswith("down_proj") for r in res.layers)
@@ -475,7 +475,7 @@ def test_cnn_compress_perplexity_check_pattern_and_ece_refuse_bad_input(tok):
     net.blocks[0].conv1.weight.data[0, 0, 0, 0] = float("nan")  # an MKL error / internal assert
     with pytest.raises(InputError, match="NaN or Inf"):
         compress(net, ratio=0.3, bits=6)
-    with pytest.raises(InputError, match="needs a loaded model"):  # AttributeError: 'str' ... 'training'
+    with pytest.raises(InputError, match="perplexity needs a loaded torch model"):  # AttributeError: 'str' ... 'training'
         prunekit.perplexity("smollm2-135m", tok, "wiki", seqlen=32, tokens=64)
     from transformers import BertConfig, BertForMaskedLM
 
@@ -494,3 +494,49 @@ def test_cnn_compress_perplexity_check_pattern_and_ece_refuse_bad_input(tok):
                                       {"text": "b", "answer": "2", "logprobs": [-1.0]}]}]
     with pytest.raises(InputError, match="resamples"):
         R.evaluate(recs, method="rpc", n=1, resamples=True)
+
+
+def test_api_calls_given_a_name_a_nan_model_or_int32_ids_say_what_to_fix(tok, tmp_path):
+    """Found by a sweep of the Python API: raw AttributeErrors for a model name, NaN weights scored or trained
+    on, int32 ids refused by one pruning entry point and taken by the other, a closed Memory's sqlite error."""
+    import prunekit.inference.kv as kv
+    from prunekit.data import sft
+    from prunekit.inference.memory import Memory
+    from prunekit.inference.memory_embed import HashEmbedder
+
+    from conftest import ids_from_text
+
+    for call, what in ((lambda: kv.policy("smollm2-135m", "h2o", budget=32).__enter__(), "kv.policy"),
+                       (lambda: prunekit.sparsity("smollm2-135m"), "sparsity"),
+                       (lambda: prunekit.prune("smollm2-135m", method="magnitude", ratio=0.5), "prune")):
+        with pytest.raises(InputError, match=f"{what} needs a loaded torch model .*got str"):
+            call()
+    nan = tiny_model("llama")
+    with torch.no_grad():
+        nan.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    example = sft.Example(ids=[5, 6, 7, 8], prompt_len=2)
+    for call in (lambda: prunekit.perplexity(nan, tok, TEXT, seqlen=16),
+                 lambda: sft.score_examples(nan, [example], pad_id=0),
+                 lambda: sft.sft(nan, [example], pad_id=0, progress=False)):
+        with pytest.raises(InputError, match=r"the model has NaN or Inf weights in model\.layers\.1\.mlp\.down_proj"):
+            call()
+    assert not any("lora" in n for n, _ in nan.named_modules())  # refused before LoRA went in
+    ids = ids_from_text(tok, 2, 16)
+    results = []
+    for dtype in (torch.long, torch.int32):
+        model = tiny_model("llama")
+        prunekit.prune_structured(model, method="wanda-structured", ratio=0.3, calibration=ids.to(dtype),
+                                  progress=False)
+        results.append(model.state_dict())
+    assert results[0].keys() == results[1].keys() and all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    with pytest.raises(InputError, match="calibration ids must be integer token ids"):
+        prunekit.prune_structured(tiny_model("llama"), method="wanda-structured", ratio=0.3, calibration=ids.float())
+    memory = Memory(tmp_path / "m.db", embedder=HashEmbedder(dim=64))
+    memory.add("I parked the car in the blue garage")
+    with pytest.raises(InputError, match="query must be a string .*got list"):
+        memory.retrieve(["garage"])
+    memory.close()
+    memory.close()  # twice is fine
+    for call in (lambda: memory.add("hello"), lambda: memory.retrieve("garage"), lambda: memory.prompt("garage", 100)):
+        with pytest.raises(InputError, match=r"this Memory is closed; open the store again with Memory\(path\)"):
+            call()

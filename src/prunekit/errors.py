@@ -10,7 +10,7 @@ import tempfile
 from numbers import Integral, Real
 from pathlib import Path
 
-__all__ = ["InputError", "int_at_least", "is_real", "check_writable", "check_not_input", "apply_umask"]
+__all__ = ["InputError", "int_at_least", "is_real", "check_model", "check_writable", "check_not_input", "apply_umask"]
 
 
 class InputError(ValueError):
@@ -28,6 +28,15 @@ def is_real(value) -> bool:
     """A finite real number: a Python or numpy int or float, not a bool (numpy's bool is no `Real`)."""
     return (isinstance(value, Real) and not isinstance(value, bool)
             and (isinstance(value, Integral) or math.isfinite(value)))
+
+
+def check_model(model, what: str) -> None:
+    """A model name or path where a loaded model goes was an AttributeError deep inside `what`."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{what} needs a loaded torch model (model, tokenizer = prunekit.load_model(name_or_folder)), "
+                         f"got {type(model).__name__}")
 
 
 def check_writable(out: str | os.PathLike, *, flag: str = "--out") -> None:

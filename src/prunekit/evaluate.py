@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from prunekit.errors import InputError, int_at_least
+from prunekit.errors import InputError, check_model, int_at_least
 from prunekit.select import NM, parse_pattern
 from prunekit.text import Text, check_token_ids, evaluation_ids, load_text
 from prunekit.weights.engine import find_blocks, get_weight, target_linears
+from prunekit.weights.io import check_finite_weights
 
 __all__ = ["Perplexity", "perplexity", "perplexity_of_ids", "sparsity", "check_pattern"]
 
@@ -64,8 +65,8 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 
 def perplexity(model: nn.Module, tokenizer, text: str | Text = "wiki", *, seqlen: int = 512,
                tokens: int | None = EVAL_TOKENS, batch_size: int = 4, progress: bool = True) -> Perplexity:
     """Perplexity ``exp(mean NLL)`` over the first ``tokens // seqlen`` windows of held-out `text`."""
-    if not isinstance(model, nn.Module):  # a model name was an AttributeError deep inside
-        raise InputError(f"perplexity needs a loaded model (prunekit.load_model(name)), got {type(model).__name__}")
+    check_model(model, "perplexity")
+    check_finite_weights(model, "the model")  # a NaN weight gave ppl=inf, nll=nan
     if callable(getattr(model, "can_generate", None)) and not model.can_generate():  # a masked LM got a number
         raise InputError(f"perplexity here is next-token perplexity, which needs a causal LM; {type(model).__name__} "
                          "is not one")
@@ -94,6 +95,7 @@ def sparsity(model: nn.Module) -> dict:
     counted), per layer and in total (weighted by size)."""
     from prunekit.weights import experts
 
+    check_model(model, "sparsity")
     layers, zeros, numel = {}, 0, 0
     with experts.unfused_experts(model, check=False, strict=False):
         for name, module in _block_linears(model).items():

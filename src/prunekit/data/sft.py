@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import InputError, int_at_least, is_real
+from prunekit.errors import InputError, check_model, int_at_least, is_real
+from prunekit.weights.io import check_finite_weights
 
 __all__ = [
     "Example", "Selection", "SFTReport", "read_sft", "sft_pair", "tokenize", "pad", "token_stats", "score_examples",
@@ -128,6 +129,8 @@ def _check_examples(examples, pad_id, model: nn.Module) -> None:
     a bad id would fail deep in the forward pass (or read out of bounds on a GPU)."""
     if isinstance(examples, (str, dict, Example)) or not examples:
         raise InputError("no examples given; pass a non-empty list of Example (see tokenize)")
+    check_model(model, "Q-Tuning scoring and SFT")
+    check_finite_weights(model, "the model")  # a NaN weight trained on, or scored 87% of the tokens NaN
     vocab = model.get_input_embeddings().num_embeddings
     if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < vocab:
         raise InputError(f"pad_id must be a token id in the model's vocabulary [0, {vocab}), got {pad_id!r}")

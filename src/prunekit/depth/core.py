@@ -204,7 +204,8 @@ def check_keep(keep: Sequence[bool] | torch.Tensor, depth: int) -> list[bool]:
 def check_kept(kept: int, depth: int) -> int:
     int_at_least(kept, "layers (blocks kept)", 1)
     if kept >= depth:
-        raise InputError(f"--layers {kept} keeps every block (the model has {depth}); give a number below {depth}")
+        raise InputError(f"keeping {kept} blocks (--layers / kept=) keeps every block (the model has {depth}); give a "
+                         f"number below {depth}")
     return kept
 
 

@@ -222,6 +222,23 @@ def _check_float(name: str, value, *, low: float = 0.0, high: float | None = Non
     return float(value)
 
 
+def _check_query(query, what: str) -> None:
+    if not isinstance(query, str):
+        raise InputError(f"query must be a string (the question or message to {what}), got {type(query).__name__}")
+    if not query.strip():
+        raise InputError(f"query is empty; give the question or message to {what}")
+
+
+class _ClosedStore:
+    """What a closed `Memory` holds instead of its store: every use says so."""
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name):
+        raise InputError("this Memory is closed; open the store again with Memory(path)")
+
+
 class Memory:
     """A HEMA conversation memory over a store (an SQLite file by default).
 
@@ -398,8 +415,7 @@ class Memory:
     def retrieve(self, query: str, k: int | None = None, *, mark: bool = True) -> list[Retrieved]:
         """The `k` stored chunks most similar to `query` (cosine), best first; `mark` records them as retrieved
         now, which protects them in the next forgetting passes (the salience's beta term)."""
-        if not isinstance(query, str) or not query.strip():
-            raise InputError("query is empty; give the question or message to retrieve for")
+        _check_query(query, "retrieve for")
         k = self.k if k is None else int_at_least(k, "k", 1)
         found = self._search(query, k, skip_turns=set())
         if mark:
@@ -456,8 +472,7 @@ class Memory:
         summary-only or recent-turns-only prompt). Counts with the memory's `tokenizer`, else `count_tokens`'s
         fallback.
         """
-        if not isinstance(query, str) or not query.strip():
-            raise InputError("query is empty; give the question or message to build the prompt for")
+        _check_query(query, "build the prompt for")
         if system is not None and not isinstance(system, str):
             raise InputError(f"system must be a string (the system line) or None, got {type(system).__name__}")
         budget = int_at_least(budget, "budget", 1)
@@ -519,6 +534,7 @@ class Memory:
 
     def close(self) -> None:
         self.store.close()
+        self.store = _ClosedStore()  # a call after close() was a raw sqlite3.ProgrammingError
 
     def __enter__(self):
         return self

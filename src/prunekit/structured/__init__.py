@@ -133,8 +133,10 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
     if method != "magnitude-structured" or isinstance(calibration, torch.Tensor):
         if isinstance(calibration, torch.Tensor):
             ids = calibration
-            if ids.dim() != 2 or ids.dtype != torch.long:
-                raise InputError("calibration ids must be a [samples, seqlen] LongTensor")
+            if ids.dim() != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise InputError(f"calibration ids must be integer token ids [samples, seqlen], got {ids.dtype} "
+                                 f"{list(ids.shape)}")
+            ids = ids.long()  # int32 ids were refused here (prune takes them)
             if ids.numel() == 0:
                 raise InputError("calibration ids are empty; give [samples, seqlen] token ids")
             check_token_ids(model, ids, what="calibration tensor")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from prunekit import registry
-from prunekit.errors import InputError
+from prunekit.errors import InputError, check_model
 from prunekit.select import parse_pattern, ratio_for
 from prunekit.text import Text, calibration_ids, check_token_ids, load_text
 from prunekit.weights.engine import LayerReport, find_blocks, is_factorized, prune_blocks, target_linears
@@ -223,8 +223,7 @@ def prune(
     found only on the way (activations that overflow in a late block) leaves the earlier blocks pruned; the
     error's message says which layers.
     """
-    if not isinstance(model, nn.Module):
-        raise InputError(f"model must be a loaded torch model (prunekit.load_model), got {type(model).__name__}")
+    check_model(model, "prune")
     skip = (skip,) if isinstance(skip, str) else skip
     if not isinstance(skip, (list, tuple)) or not all(isinstance(g, str) for g in skip):
         raise InputError(f"skip must be a list of glob patterns of layer names, e.g. ['*.mlp.*'], got {skip!r}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 
-from prunekit.errors import InputError, int_at_least
+from prunekit.errors import InputError, check_model, int_at_least
 from prunekit.inference.kv.deep_forcing import DeepForcing
 from prunekit.inference.kv.delta import Delta, calibrate_delta_layers, default_delta_layers, wiki_delta_layers
 from prunekit.inference.kv.engine import SUPPORTED_MODEL_TYPES, Engine, Policy, cache_bytes, cache_tokens, rotate_keys
@@ -70,6 +70,7 @@ def policy(model, name: str | Policy, *, budget: int | None = None, every: int =
     ``sinks=4`` for streaming_llm, ``window=32`` for snapkv, ``delta_layers=[2, 14, 22]`` for delta).
     Yields the policy object (DELTA counts the keys it attended in ``attended`` / ``available``).
     """
+    check_model(model, "kv.policy")
     int_at_least(every, "every (decode steps between compressions)", 1)
     if isinstance(name, Policy):
         if options:
