@@ -5,6 +5,7 @@ success on a broken model, or a changed input)."""
 
 import hashlib
 import json
+import os
 import sqlite3
 
 import pytest
@@ -540,3 +541,90 @@ def test_api_calls_given_a_name_a_nan_model_or_int32_ids_say_what_to_fix(tok, tm
     for call in (lambda: memory.add("hello"), lambda: memory.retrieve("garage"), lambda: memory.prompt("garage", 100)):
         with pytest.raises(InputError, match=r"this Memory is closed; open the store again with Memory\(path\)"):
             call()
+
+
+def _earlier_output(folder, tag):
+    folder.mkdir(parents=True)
+    (folder / "prunekit.json").write_text(json.dumps({"tag": tag}))
+
+
+def _writer(tag):
+    return lambda tmp: (tmp / "prunekit.json").write_text(json.dumps({"tag": tag}))
+
+
+def test_atomic_writes_survive_races_links_long_names_and_a_late_ctrl_c(tmp_path, monkeypatch):
+    """Found by a sweep of interrupted and concurrent runs: each case left a hidden .old folder or link."""
+    import shutil
+
+    from prunekit.weights import io
+
+    def tag(folder):
+        return json.loads((folder / "prunekit.json").read_text())["tag"]
+
+    def hidden():
+        return sorted(p.name for p in tmp_path.rglob(".*"))
+
+    out = tmp_path / "out"
+    _earlier_output(out, "old")
+    real_replace, calls = os.replace, []
+
+    def racing_replace(src, dst):  # another process installs its output between our two renames
+        calls.append(dst)
+        if len(calls) == 2:
+            _earlier_output(out, "theirs")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", racing_replace)
+    with pytest.raises(InputError, match="was written by another process while this one saved it; theirs stays"):
+        io.write_atomically(out, _writer("ours"), overwrite=True)
+    monkeypatch.setattr(io.os, "replace", real_replace)
+    assert tag(out) == "theirs" and hidden() == []
+    # Ctrl-C while the replaced output is deleted: the new output is in place and no hidden copy is left
+    real_rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *a, **k):
+        if not k.get("ignore_errors"):
+            raise KeyboardInterrupt
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(io.shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        io.write_atomically(out, _writer("new"), overwrite=True)
+    monkeypatch.setattr(io.shutil, "rmtree", real_rmtree)
+    assert tag(out) == "new" and hidden() == []
+    # --out a link to an earlier output: written where it points; the link stays
+    real = tmp_path / "real"
+    _earlier_output(real, "old")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert io.write_atomically(link, _writer("new"), overwrite=True) == real
+    assert link.is_symlink() and tag(link) == tag(real) == "new" and hidden() == []
+    # a name near the 255-byte limit: the temporary names fit too
+    long = tmp_path / ("a" * 250)
+    assert tag(io.write_atomically(long, _writer("long"), overwrite=False).parent / long.name) == "long"
+    assert hidden() == []
+
+
+def test_cnn_save_leaves_no_parent_folders_on_failure(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from prunekit.cnn import resnet
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        resnet.save_model(resnet.ResNet(widths=(4, 8), blocks=1), tmp_path / "a" / "b" / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_and_too_long_output_names_are_refused_before_any_work(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    long = "b" * 256
+    base = ["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.5"]
+    for argv, said in ((base + ["--out", ""], "--out is empty; give a path"),
+                       (base + ["--out", long], "its last part is 256 bytes, longer than a file name may be"),
+                       (["data", "select", "--scores", "s.npy", "--keep", "0.5", "--out", ""], "--out is empty")):
+        refused(argv, capsys, said)
+    assert [p.name for p in tmp_path.iterdir()] == [model_dir.name]

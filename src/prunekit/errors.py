@@ -10,7 +10,7 @@ import tempfile
 from numbers import Integral, Real
 from pathlib import Path
 
-__all__ = ["InputError", "int_at_least", "is_real", "check_model", "check_writable", "check_not_input", "apply_umask"]
+__all__ = ["InputError", "int_at_least", "is_real", "check_model", "hidden_name", "check_output_name", "check_writable", "check_not_input", "apply_umask"]
 
 
 class InputError(ValueError):
@@ -30,6 +30,13 @@ def is_real(value) -> bool:
             and (isinstance(value, Integral) or math.isfinite(value)))
 
 
+def hidden_name(name: str, tag: str) -> str:
+    """``.NAME.TAG-`` for a temporary sibling of `name`, cut to fit a 255-byte file name with mkdtemp's suffix
+    (a long but valid --out failed only at the save, after all the work)."""
+    stem = name.encode("utf-8")[:180].decode("utf-8", "ignore")
+    return f".{stem}.{tag}-"
+
+
 def check_model(model, what: str) -> None:
     """A model name or path where a loaded model goes was an AttributeError deep inside `what`."""
     from torch import nn
@@ -39,14 +46,26 @@ def check_model(model, what: str) -> None:
                          f"got {type(model).__name__}")
 
 
+def check_output_name(out, *, flag: str = "--out") -> None:
+    """An empty output name (read as "." and reported as an existing output), or one longer than a file name may
+    be (refused only at the save, after all the work)."""
+    if not str(out).strip():
+        raise InputError(f"{flag} is empty; give a path (e.g. {flag} runs/out)")
+    name = Path(out).expanduser().name
+    if len(name.encode("utf-8")) > 255:
+        raise InputError(f"{flag} {name[:40]}...: its last part is {len(name.encode('utf-8'))} bytes, longer than a "
+                         "file name may be (255); choose a shorter name")
+
+
 def check_writable(out: str | os.PathLike, *, flag: str = "--out") -> None:
     """Refuse an output that cannot be created: under a file, or where nothing can be written. Creates nothing.
 
     Called with the other checks, before the slow work, so a bad location fails in a second and not at the save.
     The working folder, or one holding it, is refused too: replacing it (``--out . --overwrite``) deleted it.
     """
+    check_output_name(out, flag=flag)
     target, here = Path(out).expanduser().resolve(), Path.cwd().resolve()
-    if not str(out).strip() or target == here or target in here.parents:
+    if target == here or target in here.parents:
         raise InputError(f"{flag} {str(out)!r} is the working folder or holds it; writing there would replace it; "
                          f"give a new name (e.g. {flag} runs/out)")
     folder = Path(out).expanduser().absolute().parent

@@ -25,9 +25,6 @@ torch.Size([2, 10])
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import InputError, apply_umask, check_writable, int_at_least
+from prunekit.errors import InputError, check_output_name, check_writable, int_at_least
 
 __all__ = [
     "BasicBlock", "ResNet", "fashion_tensors", "save_model", "load_model", "testbed", "testbed_folder", "TESTBED",
@@ -130,6 +127,7 @@ def fashion_tensors():
 
 def check_output_dir(out, *, overwrite: bool) -> Path:
     """Refuse an existing output folder unless `overwrite`; nothing is created here."""
+    check_output_name(out)
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(f"{out} exists; choose another --out or pass --overwrite")
@@ -140,43 +138,26 @@ def check_output_dir(out, *, overwrite: bool) -> Path:
 
 
 def save_model(model: ResNet, out, *, metadata: dict | None = None, overwrite: bool = False) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` into folder `out`, atomically (temp folder, then rename)."""
+    """Write ``model.safetensors`` + ``config.json`` into folder `out`, atomically (`weights.io.write_atomically`:
+    a temp folder, then a rename; on failure or Ctrl-C nothing is left, parents made for it included)."""
     from safetensors.torch import save_file
 
     from prunekit.jsonl import check_metadata
+    from prunekit.weights.io import write_atomically
 
     out = check_output_dir(out, overwrite=overwrite)
-    from prunekit.weights.io import check_replaceable
-
-    check_replaceable(out)  # --overwrite deleted a folder of unrelated files whole
     if not isinstance(model, ResNet):
         raise InputError(f"save_model saves prunekit.cnn.ResNet models, got {type(model).__name__}")
     metadata = check_metadata(metadata)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    old = None
-    try:
+
+    def build(tmp: Path) -> None:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         config = {"format": FORMAT, "arch": "resnet", **model.config,
                   "lowrank": getattr(model, "lowrank", {}), "metadata": metadata}
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        apply_umask(tmp)
-        if out.exists() and not overwrite:  # made by someone else while this ran: theirs stays
-            raise InputError(f"output {out} appeared while this ran (another process writing it?); it was left as "
-                             "it is and this result was not saved; choose another --out or pass --overwrite")
-        if out.exists():  # moved aside, not deleted first: a failed rename puts it back
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
+
+    return write_atomically(out, build, overwrite=overwrite)
 
 
 _ARCH = ("widths", "blocks", "mids", "in_channels", "num_classes", "stem_stride")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prunekit.errors import InputError, apply_umask, check_writable
+from prunekit.errors import InputError, apply_umask, check_output_name, check_writable, hidden_name
 
 __all__ = ["read_array", "read_named", "read_labels", "read_class_labels", "read_vector", "read_matrix", "check_real",
            "write_table", "check_output_file", "FORMATS"]
@@ -339,6 +339,7 @@ def read_matrix(path, *, what: str, names: bool = False):
 
 
 def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
+    check_output_name(path)
     path = Path(path).expanduser()
     _suffix(path, "output")
     if path.exists() and not overwrite:
@@ -359,7 +360,7 @@ def write_table(path: str | os.PathLike, columns: dict[str, np.ndarray], *, over
     path = check_output_file(path, overwrite=overwrite)
     names = list(columns)
     arrays = [np.asarray(columns[n]) for n in names]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=hidden_name(path.name, "tmp"), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             if path.suffix.lower() == ".npy":

@@ -6,6 +6,7 @@ interrupted run leaves no half-written output; an existing output is replaced on
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from prunekit import jsonl, zoo
-from prunekit.errors import InputError, apply_umask, check_writable
+from prunekit.errors import InputError, apply_umask, check_output_name, check_writable, hidden_name
 
 __all__ = ["resolve_model", "load_model", "check_finite_weights", "check_output", "write_atomically", "save_pruned",
            "parse_dtype", "stored_dtype"]
@@ -246,6 +247,7 @@ def check_replaceable(out: Path) -> None:
 def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
     """Refuse an existing output folder unless `overwrite`; call this before doing any work (then
     `check_replaceable`, after the check that the output is no input)."""
+    check_output_name(out)
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise InputError(f"output {out} already exists; choose another --out or pass --overwrite")
@@ -256,28 +258,43 @@ def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
 
 
 def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, overwrite: bool) -> Path:
-    """Run ``build(tmp_folder)`` then move the folder to `out`; on any failure or Ctrl-C nothing is left."""
+    """Run ``build(tmp_folder)`` then move the folder to `out`; on any failure or Ctrl-C nothing is left.
+
+    An `out` that is a symbolic link is written where the link points (the link stays and now shows the new
+    output; replacing the link itself left the old output in place behind a hidden link)."""
+    out = Path(out).expanduser()
+    if out.is_symlink():
+        out = out.resolve()
     out = check_output(out, overwrite=overwrite)
     check_replaceable(out)
     made = [p for p in out.absolute().parents if not p.exists()]  # parents created here, nearest first
     old = tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=hidden_name(out.name, "tmp"), dir=out.parent))
         build(tmp)
         apply_umask(tmp)
         if out.exists() and not overwrite:  # made by someone else while this ran: theirs stays
             raise InputError(f"output {out} appeared while this ran (another process writing it?); it was left as "
                              "it is and this result was not saved; choose another --out or pass --overwrite")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():  # moved aside into a fresh empty folder (unique: a stale one of this pid blocked later runs)
+            old = Path(tempfile.mkdtemp(prefix=hidden_name(out.name, "old"), dir=out.parent))
             os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another process put its output there just now
+                raise InputError(f"output {out} was written by another process while this one saved it; theirs "
+                                 "stays and this result was not saved") from None
+            raise
     except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old, out)
+        if old is not None:
+            if out.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, out)
         for folder in made:  # leave no empty parent folders behind either
             try:
                 folder.rmdir()
@@ -287,7 +304,11 @@ def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, o
             raise InputError(f"cannot create output {out} ({e.strerror}); choose another --out") from None
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(old)
+        except BaseException:  # a Ctrl-C here left the old output behind, hidden: finish, then stop
+            shutil.rmtree(old, ignore_errors=True)
+            raise
     return out
 
 
