@@ -78,6 +78,47 @@ def test_outputs_keep_the_input_dtype_unless_dtype_says_otherwise(method, extra,
     assert digest(folder) == before
 
 
+def test_a_mixed_dtype_folder_keeps_each_tensors_dtype_and_a_bin_folder_its_own(text_file, tmp_path, capsys):
+    """bf16 Linears with fp32 norms were all saved in bf16 (the norms rounded, "as the input"); an fp16 folder
+    of pytorch_model.bin only was saved in float32, twice its size."""
+    from safetensors.torch import load_file, save_file
+
+    from prunekit.weights.io import MixedDtypes, stored_dtypes
+
+    folder = tmp_path / "mixed"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    state = {k: (1 + 0.01 * torch.randn(v.shape, generator=g) if "norm" in k else v) for k, v in state.items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    found = stored_dtypes(folder)
+    assert isinstance(found, MixedDtypes) and found.main == torch.bfloat16 and str(found) == "bfloat16 with float32 tensors"
+    for method, extra in (("magnitude", ("--ratio", "0.5")), ("shortgpt", ("--layers", "1", "--no-speed"))):
+        out = tmp_path / f"out-{method}"
+        assert cli.main(prune_args(folder, text_file, out, "--method", method, *extra)) == 0
+        assert "bfloat16 with float32 tensors, as the input" in capsys.readouterr().out
+        saved = load_file(out / "model.safetensors")
+        for k, v in saved.items():
+            assert v.dtype == (torch.float32 if "norm" in k else torch.bfloat16), k
+        assert torch.equal(saved["model.norm.weight"], state["model.norm.weight"])  # not rounded
+        assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert torch.equal(load_file(folder / "model.safetensors")["model.norm.weight"], state["model.norm.weight"])
+    binary = tmp_path / "bin16"
+    tiny_model("llama").to(torch.float16).save_pretrained(binary)
+    char_tokenizer().save_pretrained(binary)
+    torch.save(load_file(binary / "model.safetensors"), binary / "pytorch_model.bin")
+    (binary / "model.safetensors").unlink()
+    config = json.loads((binary / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (binary / "config.json").write_text(json.dumps(config))
+    assert stored_dtypes(binary) == torch.float16
+    out = tmp_path / "out-bin"
+    assert cli.main(prune_args(binary, text_file, out, "--method", "magnitude", "--ratio", "0.5")) == 0
+    assert "float16, as the input" in capsys.readouterr().out
+    assert {t.dtype for t in load_file(out / "model.safetensors").values() if t.is_floating_point()} == {torch.float16}
+
+
 def test_save_pruned_dtype_leaves_the_model_alone_and_dtype_names_are_checked(llama, tok, model_dir, tmp_path):
     import prunekit
 

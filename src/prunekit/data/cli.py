@@ -382,7 +382,7 @@ def _cmd_qtune(args) -> int:
     from pathlib import Path
 
     from prunekit.weights.io import (check_output, check_replaceable, load_model, resolve_model, save_weights,
-                                     stored_dtype, write_atomically)
+                                     stored_dtypes, write_atomically)
 
     check_output(args.out, overwrite=args.overwrite)
     ignored = []
@@ -446,7 +446,7 @@ def _cmd_qtune(args) -> int:
                "thresholds": sel.info, "scoring_seconds": round(scored, 2), "max_length": args.max_length,
                "cut_prompts": cut["prompt"], "cut_responses": cut["response"]}
     if report is not None:
-        saved_dtype = stored_dtype(args.model)  # trained in float32, saved as the input stores its weights
+        saved_dtype = stored_dtypes(args.model)  # trained in float32, saved as the input stores its weights
         summary["training"] = {"mode": args.mode, "epochs": args.epochs, "steps": report.steps,
                                "tokens_trained": report.tokens_trained, "tokens_forward": report.tokens_forward,
                                "tokens_scored": report.tokens_scored, "seconds": round(report.seconds, 2),

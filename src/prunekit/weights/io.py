@@ -60,7 +60,7 @@ def parse_dtype(dtype, *, what: str = "dtype"):
     ``bfloat16``/``bf16``); None and ``"auto"`` pass through. Anything else is an InputError."""
     import torch
 
-    if dtype is None or dtype == "auto":
+    if dtype is None or dtype == "auto" or isinstance(dtype, MixedDtypes):
         return dtype
     if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.float16, torch.bfloat16):
         return dtype
@@ -72,38 +72,86 @@ def parse_dtype(dtype, *, what: str = "dtype"):
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def stored_dtype(path: str | os.PathLike):
-    """The dtype model folder `path` (a zoo name or folder) stores its weights in: that of the floating-point
-    tensors of its safetensors files (read from their headers), else its config's ``dtype`` (or
-    ``torch_dtype``), else float32."""
+class MixedDtypes(dict):
+    """``{tensor name: dtype}`` of a folder that stores its floating-point tensors in more than one dtype (say
+    bf16 Linears and fp32 norms), so a saved copy keeps each; `main` (the config's dtype) goes to the others."""
+
+    def __init__(self, per_tensor: dict, main):
+        super().__init__(per_tensor)
+        self.main = main
+
+    def __str__(self) -> str:
+        others = sorted({str(d).removeprefix("torch.") for d in self.values()} - {str(self.main).removeprefix("torch.")})
+        return f"{str(self.main).removeprefix('torch.')} with {' and '.join(others)} tensors"
+
+
+def _tensor_dtypes(folder: Path) -> dict:
+    """``{name: dtype}`` of the floating-point tensors in `folder`'s safetensors headers, or, for a folder of
+    ``pytorch_model*.bin`` files only, of their tensors (memory-mapped, ``weights_only``: nothing runs)."""
     import torch
     from safetensors import SafetensorError, safe_open
 
-    folder = resolve_model(path)
-    found = set()
+    found = {}
     for file in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as f:  # reads the header only
-                found |= {f.get_slice(k).get_dtype() for k in f.keys()}
+                for k in f.keys():
+                    name = _SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype())
+                    if name:
+                        found[k] = getattr(torch, name)
         except (OSError, SafetensorError):
             continue
-    floats = {_SAFETENSORS_DTYPES[d] for d in found if d in _SAFETENSORS_DTYPES}
-    if len(floats) == 1:
-        return getattr(torch, floats.pop())
+    if found or any(folder.glob("*.safetensors")):
+        return found
+    for file in sorted(folder.glob("pytorch_model*.bin")):  # an fp16 .bin folder was saved as float32
+        try:
+            state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+        except Exception:  # not a plain tensor file: load_model refuses it with the reason
+            continue
+        if isinstance(state, dict):
+            found.update({k: v.dtype for k, v in state.items()
+                          if isinstance(v, torch.Tensor) and v.dtype in (torch.float32, torch.float16, torch.bfloat16)})
+    return found
+
+
+def _config_dtype(folder: Path):
     config = read_config(folder)
     name = config.get("dtype") or config.get("torch_dtype")
     try:
-        found = parse_dtype(name) if isinstance(name, str) and name != "auto" else None
+        return parse_dtype(name) if isinstance(name, str) and name != "auto" else None
     except InputError:
-        found = None
-    return found or torch.float32
+        return None
+
+
+def stored_dtypes(path: str | os.PathLike):
+    """The dtype model folder `path` stores its floating-point weights in (from the safetensors headers, or the
+    ``.bin`` tensors; else its config's ``dtype``, else float32), or a `MixedDtypes` when it stores several."""
+    import torch
+
+    folder = resolve_model(path)
+    per_tensor = _tensor_dtypes(folder)
+    kinds = set(per_tensor.values())
+    if len(kinds) == 1:
+        return kinds.pop()
+    config = _config_dtype(folder)
+    if not kinds:
+        return config or torch.float32
+    counts = {d: sum(1 for x in per_tensor.values() if x == d) for d in kinds}
+    main = config if config in kinds else max(kinds, key=lambda d: (counts[d], str(d)))
+    return MixedDtypes(per_tensor, main)
+
+
+def stored_dtype(path: str | os.PathLike):
+    """The one dtype model folder `path` stores its weights in (`stored_dtypes`; a mixed folder's main dtype)."""
+    found = stored_dtypes(path)
+    return found.main if isinstance(found, MixedDtypes) else found
 
 
 def output_dtype(choice, model_path) -> tuple:
     """``(dtype, words)``: the dtype a pruned copy of `model_path` is saved in for ``--dtype`` `choice` (``auto``
     or None: the dtype the input folder stores) and how to say it."""
     if choice in (None, "auto"):
-        dtype = stored_dtype(model_path)
+        dtype = stored_dtypes(model_path)
         return dtype, f"{str(dtype).removeprefix('torch.')}, as the input"
     dtype = parse_dtype(choice, what="--dtype")
     return dtype, str(dtype).removeprefix("torch.")
@@ -314,20 +362,26 @@ def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, o
 
 def save_weights(model, folder: Path, dtype=None) -> None:
     """``model.save_pretrained(folder)``, with the floating-point weights (and the config's ``dtype``) in `dtype`
-    when given; the model itself is not changed."""
+    when given (a `MixedDtypes`: each tensor in its own); the model itself is not changed."""
     dtype = parse_dtype(dtype)
-    if dtype in (None, "auto") or all(t.dtype == dtype for t in model.state_dict().values() if t.is_floating_point()):
+    per_tensor, main = (dtype, dtype.main) if isinstance(dtype, MixedDtypes) else ({}, dtype)
+    state = model.state_dict()
+    if main in (None, "auto") or all(t.dtype == per_tensor.get(k, main) for k, t in state.items()
+                                     if t.is_floating_point()):
         model.save_pretrained(folder)
         return
     cast: dict = {}  # one cast per storage, so tied weights (embeddings and lm_head) stay one tensor
-    state = {}
-    for k, v in model.state_dict().items():
-        key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()))
-        state[k] = cast.setdefault(key, v.detach().to(dtype)) if v.is_floating_point() else v
-    model.save_pretrained(folder, state_dict=state)
+    out = {}
+    for k, v in state.items():
+        if v.is_floating_point():
+            to = per_tensor.get(k, main)
+            out[k] = cast.setdefault((v.data_ptr(), tuple(v.shape), tuple(v.stride()), to), v.detach().to(to))
+        else:
+            out[k] = v
+    model.save_pretrained(folder, state_dict=out)
     config = json.loads((folder / "config.json").read_text())  # transformers writes the model's own dtype there
     config.pop("torch_dtype", None)
-    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["dtype"] = str(main).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
