@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import math
 
 import pytest
@@ -117,6 +118,27 @@ def test_a_mixed_dtype_folder_keeps_each_tensors_dtype_and_a_bin_folder_its_own(
     assert cli.main(prune_args(binary, text_file, out, "--method", "magnitude", "--ratio", "0.5")) == 0
     assert "float16, as the input" in capsys.readouterr().out
     assert {t.dtype for t in load_file(out / "model.safetensors").values() if t.is_floating_point()} == {torch.float16}
+
+
+def test_layers_skip_leaves_dense_are_no_pattern_violations(model_dir, text_file, tmp_path, capsys):
+    """--pattern 2:4 --skip '*down_proj' recorded the skipped layers as violations, and eval said pattern_ok false."""
+    out = tmp_path / "out"
+    assert cli.main(prune_args(model_dir, text_file, out, "--method", "magnitude", "--pattern", "2:4", "--skip",
+                               "*down_proj")) == 0
+    assert json.loads((out / "prunekit.json").read_text())["pattern_violations"] == []
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["pattern_ok"] is True and got["pattern_skipped"] == ["*down_proj"]
+    assert cli.main(["eval", str(out), "--text", str(text_file), "--seqlen", "32", "--tokens", "64"]) == 0
+    assert "every layer conforms (layers matching *down_proj left dense by --skip" in capsys.readouterr().out
+    unskipped = tmp_path / "unskipped"  # without the record, the dense layers do break the pattern
+    shutil.copytree(out, unskipped)
+    (unskipped / "prunekit.json").unlink()
+    assert cli.main(["eval", str(unskipped), "--pattern", "2:4", "--text", str(text_file), "--seqlen", "32",
+                     "--tokens", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pattern_violations"] == [f"model.layers.{i}.mlp.down_proj"
+                                                                          for i in range(2)]
 
 
 def test_save_pruned_dtype_leaves_the_model_alone_and_dtype_names_are_checked(llama, tok, model_dir, tmp_path):

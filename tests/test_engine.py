@@ -133,8 +133,29 @@ def test_activations_that_overflow_are_named_and_the_earlier_blocks_said_to_be_p
         if block == 0 and sequential == "block":
             assert not changed and "changed in place" not in str(err.value)
         else:
-            assert changed and "the model was changed in place before this error" in str(err.value)
+            assert changed and "the model in memory was changed in place before this error" in str(err.value)
             assert "model.layers.0.self_attn.q_proj to" in str(err.value)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_an_n_m_pattern_that_does_not_divide_a_layer_is_refused_up_front_by_name(method, tok):
+    """Found mid-run (after block 0's first layers were pruned), without the layer's name or a way out."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=102, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = ids_from_text(tok, 2, 16)
+    with pytest.raises(InputError, match=r"pattern 2:4 needs each layer's input size to be a multiple of 4, but "
+                                         r"model\.layers\.0\.mlp\.down_proj has 102; leave such layers dense with "
+                                         r"--skip '\*down_proj'"):
+        prunekit.prune(model, method=method, pattern="2:4", calibration=ids, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    res = prunekit.prune(model, method=method, pattern="2:4", calibration=ids, skip=("*down_proj",), progress=False)
+    assert prunekit.check_pattern(model, "2:4") == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    assert prunekit.check_pattern(model, "2:4", skip="*down_proj") == []  # left dense on purpose
+    assert len(res.layers) == 12
 
 
 def test_sparsegpt_options_reach_the_method(llama, tok):

@@ -256,7 +256,8 @@ def _cmd_prune(args) -> int:
         **{k: v for k, v in result.to_dict().items() if k != "layers"},
         "layers": [dict(vars(r), shape=list(r.shape)) for r in result.layers],
         "model_sparsity": measured["model_total"],
-        "pattern_violations": prunekit.check_pattern(model, result.pattern) if result.pattern else None,
+        "pattern_violations": prunekit.check_pattern(model, result.pattern, skip=tuple(args.skip))
+        if result.pattern else None,  # the layers --skip left dense are not violations
         "evaluation": evaluation,
         "saved_dtype": str(saved_dtype).removeprefix("torch."),
         "versions": _versions(),
@@ -287,14 +288,15 @@ def _check_eval_sizes(seqlen: int, tokens: int | None, tokens_flag: str, *, seql
                              f"{tokens_flag} or lower {seqlen_flag}")
 
 
-def _recorded_pattern(path: Path) -> str | None:
-    """The N:M pattern a prunekit.json in model folder `path` records, or None; a broken file is an InputError."""
+def _recorded(path: Path) -> tuple[str | None, tuple]:
+    """The N:M pattern a prunekit.json in model folder `path` records (or None) and the skip globs its pruning
+    left dense; a broken file is an InputError."""
     from prunekit.errors import InputError
     from prunekit.select import parse_pattern
 
     recorded = path / "prunekit.json"
     if not recorded.is_file():
-        return None
+        return None, ()
     try:
         meta = json.loads(recorded.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -310,17 +312,29 @@ def _recorded_pattern(path: Path) -> str | None:
             parse_pattern(pattern)
         except InputError as e:
             raise InputError(f"{recorded} records a bad pattern: {e}; fix it or give --pattern") from None
-    return pattern
+    options = meta.get("options")
+    skip = options.get("skip") if isinstance(options, dict) else None
+    if not isinstance(skip, list) or not all(isinstance(g, str) for g in skip):
+        skip = []
+    return pattern, tuple(skip)
 
 
 def _cmd_eval(args) -> int:
     import prunekit
+    from prunekit.errors import InputError
     from prunekit.evaluate import EVAL_TOKENS
     from prunekit.weights.io import resolve_model
 
     _check_eval_sizes(args.seqlen, args.tokens, "--tokens")
     path = resolve_model(args.model)
-    pattern = args.pattern if args.pattern is not None else _recorded_pattern(path)
+    if args.pattern is None:
+        pattern, skip = _recorded(path)
+    else:  # --pattern overrides the record; the layers it says --skip left dense still are
+        pattern = args.pattern
+        try:
+            skip = _recorded(path)[1]
+        except InputError:
+            skip = ()
     if pattern is not None:
         prunekit.parse_pattern(pattern)
     text = prunekit.load_text(args.text, purpose="evaluation")  # a missing or empty file fails before the load
@@ -329,16 +343,20 @@ def _cmd_eval(args) -> int:
     measured = prunekit.sparsity(model)
     out = {**ppl.to_dict(), "sparsity": measured["total"], "model_sparsity": measured["model_total"], "pattern": pattern}
     if pattern is not None:
-        bad = prunekit.check_pattern(model, pattern)
+        bad = prunekit.check_pattern(model, pattern, skip=skip)
         out["pattern_ok"] = not bad
         out["pattern_violations"] = bad
+        if skip:
+            out["pattern_skipped"] = list(skip)  # left dense on purpose (prunekit.json's skip), not checked
     if args.json:
         print(jsonl.dumps(out))
     else:
         print(f"{args.model}: perplexity {ppl.ppl:.3f} on {ppl.text['source']} ({ppl.windows} x {ppl.seqlen} = {ppl.tokens} tokens)")
         print(f"sparsity of block Linears {measured['total']:.4f}; of all parameters {measured['model_total']:.4f}")
         if pattern is not None:
-            print(f"pattern {pattern}: " + ("every layer conforms" if out["pattern_ok"] else f"{len(bad)} layers break it"))
+            left = f" (layers matching {', '.join(skip)} left dense by --skip, not checked)" if skip else ""
+            print(f"pattern {pattern}: " + ("every layer conforms" if out["pattern_ok"] else f"{len(bad)} layers break it")
+                  + left)
     return 0
 
 

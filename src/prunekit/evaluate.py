@@ -83,11 +83,12 @@ def perplexity(model: nn.Module, tokenizer, text: str | Text = "wiki", *, seqlen
     return Perplexity(ppl, nll, ids.numel(), seqlen, ids.shape[0], source.describe())
 
 
-def _block_linears(model: nn.Module) -> dict[str, nn.Module]:
+def _block_linears(model: nn.Module, skip=()) -> dict[str, nn.Module]:
     """The Linears weight pruning targets: every block Linear, each fused MoE expert as its own (see
-    `prunekit.weights.experts`; valid only inside `unfused_experts`), routers left out."""
+    `prunekit.weights.experts`; valid only inside `unfused_experts`), routers left out, and those `skip` names."""
     prefix, blocks = find_blocks(model)
-    return {name: m for i, block in enumerate(blocks) for name, m in target_linears(block, f"{prefix}.{i}").items()}
+    return {name: m for i, block in enumerate(blocks)
+            for name, m in target_linears(block, f"{prefix}.{i}", skip).items()}
 
 
 def sparsity(model: nn.Module) -> dict:
@@ -108,9 +109,11 @@ def sparsity(model: nn.Module) -> dict:
     return {"total": zeros / max(numel, 1), "layers": layers, "model_total": all_zeros / all_params}
 
 
-def check_pattern(model: nn.Module, pattern: str | NM) -> list[str]:
+def check_pattern(model: nn.Module, pattern: str | NM, *, skip=()) -> list[str]:
     """Names of block Linears that break `pattern` (at most n nonzeros in every m consecutive inputs); none
-    for no pattern (None or "unstructured")."""
+    for no pattern (None or "unstructured"). `skip`: glob patterns of layers left dense on purpose (prune's
+    ``skip``), not checked."""
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
     nm = parse_pattern(pattern)
     if nm is None:
         return []
@@ -118,7 +121,7 @@ def check_pattern(model: nn.Module, pattern: str | NM) -> list[str]:
 
     bad = []
     with experts.unfused_experts(model, check=False, strict=False):
-        for name, module in _block_linears(model).items():
+        for name, module in _block_linears(model, skip).items():
             w = get_weight(module)  # [out, in]
             if w.shape[1] % nm.m or ((w.reshape(w.shape[0], -1, nm.m) != 0).sum(-1) > nm.n).any():
                 bad.append(name)

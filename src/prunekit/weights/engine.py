@@ -482,8 +482,8 @@ def _say_what_changed(err: Exception, done: list[LayerReport]) -> None:
     Say so (in the message of an InputError, which is all the CLI prints; as a note on anything else)."""
     if not done:
         return
-    note = (f"the model was changed in place before this error: {len(done)} layer(s), {done[0].name} to "
-            f"{done[-1].name}, were already pruned; reload the model before using it")
+    note = (f"the model in memory was changed in place before this error: {len(done)} layer(s), {done[0].name} to "
+            f"{done[-1].name}, were already pruned; load it again before using it (files on disk are untouched)")
     if isinstance(err, InputError) and err.args:
         err.args = (f"{err.args[0]} ({note})", *err.args[1:])
     else:

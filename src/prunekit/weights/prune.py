@@ -23,7 +23,7 @@ from prunekit import registry
 from prunekit.errors import InputError, check_model
 from prunekit.select import parse_pattern, ratio_for
 from prunekit.text import Text, calibration_ids, check_token_ids, load_text
-from prunekit.weights.engine import LayerReport, find_blocks, is_factorized, prune_blocks, target_linears
+from prunekit.weights.engine import LayerReport, find_blocks, get_weight, is_factorized, prune_blocks, target_linears
 from prunekit.weights.io import check_finite_weights
 
 __all__ = ["PruneResult", "prune", "prune_options", "method_options"]
@@ -152,6 +152,21 @@ def _check_skip(model: nn.Module, skip) -> None:
                              f"{example[len(prefix) + 3:]} (inside a block)")
 
 
+def _check_pattern_fits(model: nn.Module, skip, nm) -> None:
+    """An N:M pattern needs every pruned Linear's input size to be a multiple of M: found mid-run, after the first
+    layers were pruned, and without the layer's name."""
+    if nm is None:
+        return
+    prefix, blocks = find_blocks(model)
+    for i, block in enumerate(blocks):
+        for name, module in target_linears(block, f"{prefix}.{i}", skip).items():
+            d_in = get_weight(module).shape[1]
+            if d_in % nm.m:
+                raise InputError(f"pattern {nm} needs each layer's input size to be a multiple of {nm.m}, but {name} "
+                                 f"has {d_in}; leave such layers dense with --skip '*{name.rsplit('.', 1)[-1]}' "
+                                 f"(skip=[...]), or use a ratio")
+
+
 def _fused_weights(block: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Weights of more than 2 dimensions held by a module that is not a convolution: the fused expert tensors
     of Mixtral-style MoE blocks (``experts.gate_up_proj`` ``[experts, 2 * ffn, hidden]``)."""
@@ -240,6 +255,7 @@ def prune(
 
     with experts.unfused_experts(model, check=False):  # skip globs may name experts (one Linear each)
         _check_skip(model, skip)
+        _check_pattern_fits(model, tuple(skip), nm)
     prune_options(method, options)
     stat = spec.stat_for(options)
     if stat is None and calibration == "wiki":
