@@ -721,3 +721,48 @@ def test_cli_a_store_locked_by_another_writer_is_exit_1_and_says_so(tmp_path, ca
         holder.close()
     assert "locked by another process writing to it" in capsys.readouterr().err
     assert main(["memory", "add", "--store", str(db), "--embedder", "hash", "again"]) == 0
+
+
+def test_an_interrupted_first_add_removes_its_store_only_while_no_other_writer_has_turns_in_it(tmp_path, capsys,
+                                                                                                  monkeypatch):
+    """A first `memory add` interrupted after another process had added (and reported) a turn deleted the store."""
+    from prunekit.inference import memory as memory_mod
+
+    real = memory_mod.Memory.add_many
+    for other_writes in (False, True):
+        db = tmp_path / f"race-{other_writes}.db"
+
+        def interrupted(self, turns, *a, **k):
+            if other_writes:  # another `memory add` opens the new store and commits a turn
+                other = memory_mod.Memory(db, embedder=HashEmbedder())
+                real(other, ["IMPORTANT: remember this turn"])
+                other.close()
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(memory_mod.Memory, "add_many", interrupted)
+        assert main(["memory", "add", "--store", str(db), "--embedder", "hash", "first"]) == 130
+        monkeypatch.setattr(memory_mod.Memory, "add_many", real)
+        assert db.exists() == other_writes
+        if other_writes:
+            mem = memory_mod.Memory(db, embedder=HashEmbedder())
+            assert [t.text for t in mem.store.recent_turns(5)] == ["IMPORTANT: remember this turn"]
+            mem.close()
+
+
+def test_cli_add_refuses_turns_with_fields_it_does_not_read(tmp_path, capsys):
+    """{"speaker", "text"} lines were stored as the user's turns, the assistant's words included, exit 0."""
+    turns = tmp_path / "turns.jsonl"
+    turns.write_text('{"speaker": "user", "text": "What is the capital of France?"}\n'
+                     '{"speaker": "assistant", "text": "Paris is the capital of France."}\n')
+    db = tmp_path / "chat.db"
+    assert main(["memory", "add", "--store", str(db), "--embedder", "hash", "--jsonl", str(turns)]) == 2
+    err = capsys.readouterr().err
+    assert f"{turns}:1: a turn has field(s) ['speaker'] that memory does not read" in err and not db.exists()
+    turns.write_text('{"role": "user", "content": "hi", "text": "hello"}\n')
+    assert main(["memory", "add", "--store", str(db), "--embedder", "hash", "--jsonl", str(turns)]) == 2
+    assert "both 'content' and 'text'" in capsys.readouterr().err
+    turns.write_text('{"role": "assistant", "text": "Paris."}\n{"content": "Thanks."}\n')
+    assert main(["memory", "add", "--store", str(db), "--embedder", "hash", "--jsonl", str(turns)]) == 0
+    mem = Memory(db, embedder=HashEmbedder())
+    assert [(t.role, t.text) for t in mem.store.recent_turns(5)] == [("assistant", "Paris."), ("user", "Thanks.")]
+    mem.close()

@@ -222,6 +222,9 @@ def _check_float(name: str, value, *, low: float = 0.0, high: float | None = Non
     return float(value)
 
 
+_TURN_KEYS = ("role", "content", "text")
+
+
 def _check_query(query, what: str) -> None:
     if not isinstance(query, str):
         raise InputError(f"query must be a string (the question or message to {what}), got {type(query).__name__}")
@@ -299,6 +302,13 @@ class Memory:
         if isinstance(turn, str):
             role, text = "user", turn
         elif isinstance(turn, Mapping):
+            other = sorted(str(k) for k in turn if k not in _TURN_KEYS)
+            if other:  # {"speaker", "text"} stored every turn as the user's, the speaker dropped
+                raise InputError(f"a turn has field(s) {other} that memory does not read; a turn is {{\"role\": "
+                                 "\"user\" or \"assistant\" (default user), \"content\": the message}} (\"text\" is "
+                                 "read as content)")
+            if "content" in turn and "text" in turn:
+                raise InputError("a turn has both 'content' and 'text'; give the message once, as 'content'")
             role = turn.get("role", "user")
             text = turn.get("content", turn.get("text"))
         else:

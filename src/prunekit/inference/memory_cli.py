@@ -185,6 +185,22 @@ def _open(args, *, create: bool, readonly: bool = False, embeds: bool = True, **
         raise
 
 
+def _holds_no_turns(path: Path) -> bool:
+    """Whether the store this run created is still empty: another `memory add` may have opened it since and
+    committed turns (an interrupted first add deleted them). Unreadable or busy counts as not empty."""
+    import sqlite3
+
+    try:
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=1.0)
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            return "turns" not in tables or db.execute("SELECT COUNT(*) FROM turns").fetchone()[0] == 0
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+
+
 def _cmd_add(args) -> int:
     path = Path(args.store).expanduser()
     turns = _turns(args)
@@ -204,7 +220,7 @@ def _cmd_add(args) -> int:
         finally:
             mem.close()
     except BaseException:
-        if created:  # leave no empty store behind
+        if created and _holds_no_turns(path):  # leave no empty store behind (but never another writer's turns)
             for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
                 p.unlink(missing_ok=True)
         raise
