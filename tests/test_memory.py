@@ -766,3 +766,19 @@ def test_cli_add_refuses_turns_with_fields_it_does_not_read(tmp_path, capsys):
     mem = Memory(db, embedder=HashEmbedder())
     assert [(t.role, t.text) for t in mem.store.recent_turns(5)] == [("assistant", "Paris."), ("user", "Thanks.")]
     mem.close()
+
+
+def test_a_read_only_store_file_is_refused_on_open_with_the_way_to_read_it(tmp_path, capsys, monkeypatch):
+    """"attempt to write a readonly database" came at the first write, without the --no-mark hint. (os.access is
+    faked: tests may run as root, who can write any file.)"""
+    from prunekit.inference import memory_store
+
+    db = tmp_path / "s.db"
+    assert main(["memory", "add", "--store", str(db), "--embedder", "hash", "My locker code is 4417."]) == 0
+    real = os.access
+    monkeypatch.setattr(memory_store.os, "access", lambda p, mode: False if Path(p) == db else real(p, mode))
+    capsys.readouterr()
+    assert main(["memory", "ask", "--store", str(db), "locker code?"]) == 2
+    err = capsys.readouterr().err
+    assert "is a read-only file; its file or folder cannot be written" in err and "memory ask --no-mark" in err
+    assert main(["memory", "ask", "--store", str(db), "locker code?", "--no-mark"]) == 0

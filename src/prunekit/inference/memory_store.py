@@ -201,6 +201,10 @@ class SQLiteStore(Store):
             create = False
         if not create and not (self.path.is_file() and self.path.stat().st_size > 0):
             raise InputError(f"{self.path} holds no memory store yet; create it with prunekit memory add (Memory.add)")
+        if not self.readonly and self.path.exists() and not os.access(self.path, os.W_OK):
+            # "attempt to write a readonly database" came only at the first write, with -wal/-shm files left
+            raise InputError(f"memory store {self.path} is a read-only file{self._readonly_hint() or ''}; make it "
+                             "writable (chmod u+w) to add or mark")
         db = None
         try:  # look before writing anything: a file that is not ours is left exactly as it was
             db, tables, user_version = self._connect()
