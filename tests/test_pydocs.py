@@ -64,13 +64,29 @@ def test_split_is_disjoint_every_tenth_page(planted_cache):
 
 def test_missing_package_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+    runs = []
 
-    def offline(package, pattern, dl):
-        raise subprocess.CalledProcessError(100, ["apt-get", "download", package])
+    def apt(cmd, **kw):  # the package is not found
+        runs.append((cmd, kw.get("stdout")))
+        return subprocess.CompletedProcess(cmd, 100)
 
-    monkeypatch.setattr(zoo, "_apt_download", offline)
+    monkeypatch.setattr(zoo.subprocess, "run", apt)
     with pytest.raises(InputError, match="apt-get download python3.11-doc"):
         zoo.python_docs()
+    # apt's output went into --json stdout, and a command's download ran `apt-get update` on the system
+    assert runs == [(["apt-get", "download", "python3.11-doc"], 2)]
+
+
+def test_a_cache_file_that_cannot_be_written_leaves_no_temporary_file_and_says_it_is_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(zoo.os, "replace", full)
+    with pytest.raises(OSError, match=r"No space left on device, writing the asset cache file .*x\.jsonl"):
+        zoo._atomic_write(tmp_path / "text" / "x.jsonl", b"data")
+    assert list((tmp_path / "text").iterdir()) == []
 
 
 @pytest.mark.integration

@@ -65,10 +65,20 @@ def _atomic_dir(final: Path, build) -> Path:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write a cache file through a temporary sibling (removed on any failure: a full disk left it behind)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # say it is the asset cache, not the command's output, that could not be written
+            raise OSError(e.errno, f"{e.strerror}, writing the asset cache file {path} (PRUNEKIT_CACHE={cache_dir()})"
+                          ) from None
+        raise
 
 
 def model_path(name: str) -> Path:
@@ -198,7 +208,7 @@ def python_docs() -> list[dict]:
         if not list(dl.glob("python3.11-doc_*.deb")):
             dl.mkdir(parents=True, exist_ok=True)
             try:
-                _apt_download("python3.11-doc", "python3.11-doc_*.deb", dl)
+                _apt_download("python3.11-doc", "python3.11-doc_*.deb", dl, update=False)
             except (OSError, subprocess.CalledProcessError):
                 raise InputError(
                     f"the Python documentation corpus is not downloaded; run `cd {dl} && apt-get download "
@@ -281,13 +291,19 @@ def fashion_mnist():
         return z["x_train"], z["y_train"], z["x_test"], z["y_test"]
 
 
-def _apt_download(package: str, pattern: str, dl: Path) -> None:
+def _apt_download(package: str, pattern: str, dl: Path, *, update: bool = True) -> None:
+    """``apt-get download PACKAGE`` into `dl`, its output on stderr (it went into ``--json`` stdout); with
+    `update`, ``apt-get update`` first when the package is not found (`make assets`; a command's on-demand
+    download does not change the system's package lists)."""
     if list(dl.glob(pattern)):
         return
     cmd = ["apt-get", "download", package]
-    if subprocess.run(cmd, cwd=dl).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(cmd, cwd=dl, check=True)
+    print(f"prunekit: downloading Debian package {package} into {dl} (once)", file=sys.stderr)
+    if subprocess.run(cmd, cwd=dl, stdout=2).returncode != 0:
+        if not update:
+            raise subprocess.CalledProcessError(100, cmd)
+        subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=2)
+        subprocess.run(cmd, cwd=dl, check=True, stdout=2)
 
 
 def fetch() -> None:
