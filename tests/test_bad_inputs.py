@@ -628,3 +628,27 @@ def test_empty_and_too_long_output_names_are_refused_before_any_work(model_dir, 
                        (["data", "select", "--scores", "s.npy", "--keep", "0.5", "--out", ""], "--out is empty")):
         refused(argv, capsys, said)
     assert [p.name for p in tmp_path.iterdir()] == [model_dir.name]
+
+
+def test_a_full_disk_in_the_tokenizer_save_and_a_closed_pipe_are_one_line_or_quiet(monkeypatch, capsys):
+    """tokenizers reports ENOSPC as a bare Exception (a 24-line traceback); `... | head` printed "error: Broken pipe"."""
+    def full_disk(args):
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(cli, "_cmd_methods", full_disk)
+    assert cli.main(["methods"]) == 1
+    assert capsys.readouterr().err == "prunekit: error: No space left on device (os error 28)\n"
+
+    def reader_left(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_cmd_methods", reader_left)
+    assert cli.main(["methods"]) == 1
+    assert capsys.readouterr().err == ""
+
+    def other(args):
+        raise Exception("something else")
+
+    monkeypatch.setattr(cli, "_cmd_methods", other)
+    with pytest.raises(Exception, match="something else"):  # anything else is still a bug to see whole
+        cli.main(["methods"])

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
 import sys
 import time
 from importlib import import_module
@@ -435,14 +437,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunekit: {what}; no output was left half-written (one saved before this moment stays)",
               file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 143
+    except BrokenPipeError:  # `prunekit ... | head`: the reader left; stop quietly (it was "error: Broken pipe")
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        except (OSError, ValueError):
+            pass
+        return 1
     except OSError as e:  # the system refused (no space, no permission, a name too long): one line, not a traceback
         where = str(e.filename) if e.filename is not None else ""
         where = f": {where if len(where) <= 200 else where[:200] + '...'}" if where else ""
         print(f"prunekit: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
-    except Exception as e:  # safetensors reports a full disk as its own error, not an OSError
+    except Exception as e:  # safetensors and tokenizers report a full disk as their own errors, not OSErrors
         if type(e).__name__ == "SafetensorError" and "I/O error" in str(e):
             print(f"prunekit: error: could not write the weights: {str(e).split('I/O error: ')[-1]}", file=sys.stderr)
+            return 1
+        if re.search(r"\(os error \d+\)$", str(e)):  # tokenizers (Rust): "No space left on device (os error 28)"
+            print(f"prunekit: error: {str(e).splitlines()[-1]}", file=sys.stderr)
             return 1
         raise
     finally:
