@@ -524,7 +524,7 @@ def test_cli_trp_refuses_to_save_a_diverged_model(tmp_path, capsys):
     assert "training diverged" in err and "lower --nuclear" in err and not out.exists()
 
 
-def test_cli_trp_split_faster_keeps_slow_splits_whole(tmp_path):
+def test_cli_trp_split_faster_keeps_slow_splits_whole(tmp_path, capsys):
     from prunekit.zoo import cache_dir
 
     if not (cache_dir() / "datasets" / "fashion_mnist.npz").is_file():
@@ -536,6 +536,8 @@ def test_cli_trp_split_faster_keeps_slow_splits_whole(tmp_path):
     model = resnet.load_model(out)
     whole, split = set(meta["kept_whole"]), set(getattr(model, "lowrank", {}))
     assert meta["split"] == "faster" and not whole & split and whole | split == set(meta["ranks"])
+    said = capsys.readouterr().out  # it counted every decomposed layer, the ones kept whole included
+    assert (f"({len(split)} layers split)" in said) if split else "no layer split" in said
     for name in whole:  # one conv, holding the rank the decomposition chose
         w = model.get_submodule(name).weight.detach().double()
         s = torch.linalg.svdvals(trp.to_matrix(w, "channel"))

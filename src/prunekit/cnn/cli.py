@@ -148,9 +148,11 @@ def _train(args, trp_options: dict | None) -> int:
                          + " became NaN or Inf" + ("; lower --nuclear" if trp else "") + "; nothing was saved")
     meta.update(_summary(model, xte, yte))
     resnet.save_model(model, out, metadata=meta, overwrite=args.overwrite)
-    decomposed = len(meta.get("trp", {}).get("ranks") or {})
+    decomposed = len(getattr(model, "lowrank", {}) or {})  # what is split now (--split faster kept some whole)
+    why = ("none ran faster as two thin convs" if meta.get("trp", {}).get("split") == "faster" else
+           "at this --energy none saves FLOPs")
     what = (f"TRP-trained and decomposed ({decomposed} layers split)" if decomposed else
-            "TRP-trained (no layer split: at this --energy none saves FLOPs)") if trp else "trained"
+            f"TRP-trained (no layer split: {why})") if trp else "trained"
     print(f"{what} in {seconds:.0f} s: test accuracy {meta['accuracy']:.4f}, {meta['params']} parameters, "
           f"{meta['flops']} FLOPs (MACs) per image; saved to {out}")
     return 0
