@@ -136,7 +136,7 @@ def test_layers_skip_leaves_dense_are_no_pattern_violations(model_dir, text_file
     shutil.copytree(out, unskipped)
     (unskipped / "prunekit.json").unlink()
     assert cli.main(["eval", str(unskipped), "--pattern", "2:4", "--text", str(text_file), "--seqlen", "32",
-                     "--tokens", "64", "--json"]) == 0
+                     "--tokens", "64", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["pattern_violations"] == [f"model.layers.{i}.mlp.down_proj"
                                                                           for i in range(2)]
 
@@ -213,10 +213,12 @@ def test_eval_json_and_pattern_check(model_dir, text_file, tmp_path, capsys):
     assert math.isfinite(result["ppl"]) and result["ppl"] > 1
     assert result["sparsity"] == pytest.approx(0.5)
     assert result["pattern"] == "2:4" and result["pattern_ok"] is True
-    # the dense input is no 2:4 model, and eval says so
+    # the dense input is no 2:4 model, and eval says so, in its exit status too (it was 0: scripts had to parse)
     assert cli.main(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "64", "--tokens", "128",
-                     "--pattern", "2:4", "--json", "--quiet"]) == 0
-    assert json.loads(capsys.readouterr().out)["pattern_ok"] is False
+                     "--pattern", "2:4", "--json", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["pattern_ok"] is False
+    assert captured.err.startswith("prunekit: pattern 2:4 is broken by 14 layer(s), first model.layers.0.")
 
 
 @pytest.mark.parametrize(
@@ -234,9 +236,10 @@ def test_eval_refuses_a_broken_prunekit_json(meta, message, model_dir, text_file
         assert rc == 0
     else:
         assert rc == 2 and message in err.strip().splitlines()[-1]
-        # --pattern overrides what the file records
+        # --pattern overrides what the file records: the eval runs (and the dense model breaks 2:4, exit 1)
         assert cli.main(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "64", "--tokens", "128",
-                         "--pattern", "2:4", "--quiet"]) == 0
+                         "--pattern", "2:4", "--quiet"]) == 1
+        assert "prunekit: pattern 2:4 is broken by" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
