@@ -652,3 +652,19 @@ def test_a_full_disk_in_the_tokenizer_save_and_a_closed_pipe_are_one_line_or_qui
     monkeypatch.setattr(cli, "_cmd_methods", other)
     with pytest.raises(Exception, match="something else"):  # anything else is still a bug to see whole
         cli.main(["methods"])
+
+
+def test_overwrite_refuses_a_model_folder_no_prunekit_command_wrote(model_dir, text_file, tmp_path, capsys):
+    """`--out tiny --overwrite` (a typo) replaced the user's own model folder: its config.json passed as the marker
+    of an earlier output."""
+    import shutil
+
+    own = tmp_path / "own-model"
+    shutil.copytree(model_dir, own)
+    before = digest(own)
+    argv = ["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.5", "--out", str(own), "--overwrite"]
+    refused(argv, capsys, "is a Hugging Face model folder no prunekit command wrote (no prunekit.json)")
+    assert digest(own) == before
+    out = tmp_path / "out"  # an earlier prunekit output is still replaced
+    argv[-2] = str(out)
+    assert cli.main(argv[:-1]) == 0 and cli.main(argv) == 0

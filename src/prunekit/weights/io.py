@@ -290,6 +290,19 @@ def check_replaceable(out: Path) -> None:
             raise InputError(f"--overwrite replaces an earlier output folder, but {out} holds other files ("
                              f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) and none of "
                              f"{', '.join(OUTPUT_MARKERS)}; choose another --out, or empty it first")
+        if "config.json" in names and not {"prunekit.json", "summary.json"} & set(names) and _hf_config(out):
+            # a typo in --out replaced the user's own model folder (config.json alone passed as a marker)
+            raise InputError(f"--overwrite replaces an earlier prunekit output, but {out} is a Hugging Face model "
+                             "folder no prunekit command wrote (no prunekit.json); choose another --out")
+
+
+def _hf_config(folder: Path) -> bool:
+    """Whether `folder`'s config.json is a transformers model config (prunekit's CNN and DiT configs are not)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool({"model_type", "architectures"} & set(config))
 
 
 def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
