@@ -567,3 +567,27 @@ def test_score_and_label_issues_name_the_options_a_method_ignores(tmp_path, caps
                      "--filter", filter_by, "--frac-noise", "0.5", "--out", str(out)]) == 0
         err = capsys.readouterr().err
         assert ("--frac-noise is used by the prune_by_noise_rate" in err) == noted, err
+
+
+def test_fashion_mnist_labels_are_named_as_data_score_names_the_data(tmp_path, capsys, monkeypatch):
+    """`data score --data fashion-mnist` then `label-issues --labels y.npy`: no CLI way gave y.npy."""
+    from prunekit import zoo
+
+    if not (zoo.cache_dir() / "datasets" / "fashion_mnist.npz").is_file():
+        pytest.skip("Fashion-MNIST is not in the cache (make assets)")
+    monkeypatch.chdir(tmp_path)
+    y = zoo.fashion_mnist()[1]
+    probs = np.full((len(y), 10), 0.02, dtype=np.float32)
+    probs[np.arange(len(y)), y] = 0.82
+    flipped = np.arange(0, len(y), 1000)  # 60 planted errors: the model is sure of another class
+    probs[flipped] = 0.02
+    probs[flipped, (y[flipped] + 1) % 10] = 0.82
+    np.save("p.npy", probs)
+    assert main(["data", "label-issues", "--labels", "fashion-mnist", "--probs", "p.npy", "--out", "issues.csv",
+                 "--json"]) == 0
+    found = sorted(int(r["index"]) for r in csv.DictReader(open("issues.csv")))
+    assert found == flipped.tolist()
+    np.save("d.npy", np.arange(len(y), dtype=np.float64))
+    assert main(["data", "select", "--scores", "d.npy", "--keep", "0.1", "--labels", "fashion-mnist", "--balanced",
+                 "--out", "keep.npy"]) == 0
+    assert np.bincount(y[np.load("keep.npy")], minlength=10).tolist() == [600] * 10

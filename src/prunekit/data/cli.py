@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
     from prunekit.data.methods.confident import FILTERS, RANKINGS
 
     li = dsub.add_parser("label-issues", help="find mislabeled examples with Confident Learning (cleanlab's answers)")
-    li.add_argument("--labels", required=True, help="given labels, one integer class per example (.npy/.csv/.parquet)")
+    li.add_argument("--labels", required=True, help="given labels, one integer class per example (.npy/.csv/.parquet), "
+                    "or fashion-mnist: the zoo copy's 60,000 training labels (those of data score --data fashion-mnist)")
     li.add_argument("--probs", required=True, help="out-of-sample predicted probabilities [N, K] (.npy/.csv/.parquet)")
     li.add_argument("--filter", default="prune_by_noise_rate", choices=FILTERS, help="which rule flags an issue")
     li.add_argument("--rank-by", default="self_confidence", choices=RANKINGS,
@@ -53,7 +54,7 @@ def add_parser(sub) -> None:
     se.add_argument("--keep", type=float, required=True, help="fraction of examples kept, in (0, 1]")
     se.add_argument("--strategy", choices=("hard", "easy", "ccs", "random"), default="hard",
                     help="hard: keep the highest scores; easy: the lowest; ccs: coverage-centric stratified; random")
-    se.add_argument("--labels", default=None, help="class labels, for --balanced")
+    se.add_argument("--labels", default=None, help="class labels, for --balanced (a file, or fashion-mnist)")
     se.add_argument("--balanced", action="store_true", help="keep the same fraction of every class")
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--out", required=True, help="kept example indices (.npy), or index,score table (.csv/.parquet)")

@@ -289,12 +289,19 @@ def _label_indices(path: Path, what: str) -> np.ndarray:
     return y
 
 
+FASHION_MNIST = "fashion-mnist"  # as a labels file: the zoo copy's training labels
+
+
 def read_class_labels(path, *, what: str = "labels", classes: list[str] | None = None,
                       match_names: bool = False) -> tuple[np.ndarray, bool]:
     """``(labels, named)``: integer class labels >= 0 (floats with integer values are accepted: csv stores them
     so), and whether the file held class names. With `classes` (the class names, e.g. the probabilities' column
     names), labels written as those names are mapped to their column indices; a CSV header row is recognised by
     not being a class name. `match_names` only words the error for names without `classes`."""
+    if str(path) == FASHION_MNIST and not Path(path).exists():  # the labels `data score --data fashion-mnist` used
+        from prunekit import zoo
+
+        return zoo.fashion_mnist()[1].astype(np.int64), False
     path = Path(path).expanduser()
     try:
         return _label_indices(path, what), False
