@@ -591,3 +591,12 @@ def test_fashion_mnist_labels_are_named_as_data_score_names_the_data(tmp_path, c
     assert main(["data", "select", "--scores", "d.npy", "--keep", "0.1", "--labels", "fashion-mnist", "--balanced",
                  "--out", "keep.npy"]) == 0
     assert np.bincount(y[np.load("keep.npy")], minlength=10).tolist() == [600] * 10
+
+
+def test_a_csv_with_pandas_index_column_says_index_false(tmp_path, capsys):
+    probs = tmp_path / "p.csv"
+    probs.write_text(",0,1\n0,0.9,0.1\n1,0.2,0.8\n")  # pandas' DataFrame(p).to_csv(path)
+    np.save(tmp_path / "y.npy", np.array([0, 1]))
+    assert main(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(probs), "--out",
+                 str(tmp_path / "i.csv")]) == 2
+    assert "as pandas' to_csv writes its index; save with to_csv(path, index=False)" in capsys.readouterr().err

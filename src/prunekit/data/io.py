@@ -77,6 +77,10 @@ def _read_csv(path: Path, what: str) -> tuple[np.ndarray, list[str] | None]:
     header = None
     first = [c.strip() for c in rows[0][1]]
     if not all(_is_float(c) for c in first):
+        if len(first) > 1 and first[0] == "" and all(first[1:]):  # read as a missing value in row 1
+            raise InputError(f"{what} file {path}: the first row starts with an empty cell above a column of row "
+                             "numbers, as pandas' to_csv writes its index; save with to_csv(path, index=False) "
+                             "(or as .npy)")
         if all(_is_float(c) or c.lower() in _MISSING for c in first):
             raise InputError(f"{what} file {path} line {rows[0][0]} holds a missing value "
                              f"({next(c for c in first if not _is_float(c))!r}); fill or drop it")
