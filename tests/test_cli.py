@@ -666,3 +666,16 @@ def test_armor_saves_factors_and_reloads_them(model_dir, text_file, tmp_path, ca
     assert report["sparsity"] == 0.5 and report["pattern_ok"] is True
     with pytest.raises(prunekit.InputError, match="already factorized"):
         prunekit.prune(model, method="wanda", ratio=0.5, calibration=ids.repeat(2, 1), progress=False)
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["eval"], "(default wiki)"), (["data", "label-issues"], "(default prune_by_noise_rate)"),
+    (["data", "select"], "(default hard)"), (["cnn", "udfc"], "(default udfc)"), (["prune"], "(default 0)"),
+    (["memory", "ask"], "the longest answer in tokens (default 64)"), (["reason"], "(required to vote over FILE)"),
+])
+def test_every_help_renders_and_shows_defaults_its_text_did_not_state(argv, shown, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert e.value.code == 0 and shown in out
+    assert "(default 512) (default" not in out and "(default None)" not in out  # said once, and only real values

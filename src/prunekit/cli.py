@@ -53,9 +53,26 @@ _PRUNE_FLAG_USERS: dict[str, tuple[str, ...]] = {
 _DOMAIN_WORDS = {"weights": "weight", "structured": "structured", "depth": "depth"}
 
 
+class _Help(argparse.HelpFormatter):
+    """Each option's help ends with its default when the text does not say it already (several did not)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or action.required or "default" in text.lower() or default is None
+                or default is False or default is argparse.SUPPRESS or default == []):
+            return text
+        shown = str(default).replace("%", "%%")  # argparse %-formats the help text
+        return f"{text} (default {shown})" if text else f"default {shown}"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error, like every other prunekit error (argparse prints its usage block first);
-    the subcommand parsers are made of this class too."""
+    the subcommand parsers are made of this class too, with `_Help`'s defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")

@@ -95,7 +95,8 @@ def add_parser(sub) -> None:
                     help="fraction of the kept samples' response tokens kept in the loss, in (0, 1] (default 0.75)")
     qt.add_argument("--lam", type=float, default=0.5, help="neighbours' weight in the token score (default 0.5)")
     qt.add_argument("--max-length", type=int, default=512, help="tokens per pair, prompt cut from the left (default 512)")
-    qt.add_argument("--batch-size", type=int, default=8)
+    qt.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass when scoring, and the training "
+                    "batch with --train")
     qt.add_argument("--train", action="store_true", help="fine-tune on the selection and save the model in OUT/model")
     qt.add_argument("--mode", choices=("static", "epoch", "batch"), default=None,
                     help="with --train: static (the written selection), epoch (re-scored each epoch) or batch "

@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     r = sub.add_parser("reason", help="vote over sampled reasoning paths (sc, pc, rpc) or sample them from a model")
     r.add_argument("paths", nargs="?", default=None, help="JSONL of sampled paths to vote over")
     r.add_argument("--method", choices=("sc", "pc", "rpc"), default=None,
-                   help="sc: majority vote; pc: perplexity consistency; rpc: reasoning pruning + pc")
+                   help="sc: majority vote; pc: perplexity consistency; rpc: reasoning pruning + pc (required to vote "
+                        "over FILE)")
     r.add_argument("--n", type=int, default=None, help="paths per question (default all); below the paths "
                    "available, accuracy and ECE are averaged over --resamples random n-subsets")
     r.add_argument("--resamples", type=int, default=None,

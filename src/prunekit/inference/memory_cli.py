@@ -63,7 +63,7 @@ def add_parser(sub) -> None:
     ask.add_argument("--tail", type=int, default=2, help="recent turns in the prompt (default 2)")
     ask.add_argument("--model", default=None, help="also answer with this causal LM (zoo name or folder); its "
                      "tokenizer then counts the budget, chat template included")
-    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.add_argument("--max-new-tokens", type=int, default=64, help="with --model: the longest answer in tokens")
     ask.add_argument("--no-mark", action="store_true", help="do not record the retrieval (read-only)")
     common(ask)
 
