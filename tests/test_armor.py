@@ -1,5 +1,8 @@
 """ARMOR: the factorized module, the fit's guarantees against SparseGPT, and the factor files."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -197,6 +200,35 @@ def test_save_pretrained_then_install_factors(tmp_path):
         for key, value in model.get_submodule(name).factors().items():
             assert torch.equal(dense.get_submodule(name).factors()[key], value)
     assert armor.install_factors(dense, tmp_path / "nowhere") == 0
+
+
+def test_the_factor_file_is_the_same_bytes_each_save_and_an_older_file_still_installs(tmp_path):
+    """Several metadata keys came out in a random order (safetensors), so two identical runs differed in bytes."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    from transformers import AutoModelForCausalLM
+
+    model = armored_model()
+    model.save_pretrained(tmp_path)
+    armor.save_factors(model, tmp_path)
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_armor as t; "
+              "t.armor.save_factors(t.armored_model(), sys.argv[1])")
+    digests = set()
+    for i in range(3):  # fresh processes: the order was per process
+        out = tmp_path / f"run{i}"
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True)
+        digests.add((out / armor.FACTORS_FILE).read_bytes())
+    assert len(digests) == 1 and digests.pop() == (tmp_path / armor.FACTORS_FILE).read_bytes()
+    # a file written before: three metadata keys
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / armor.FACTORS_FILE), framework="pt") as f:
+        info = json.loads(f.metadata()["prunekit_armor"])
+    save_file(load_file(tmp_path / armor.FACTORS_FILE), str(tmp_path / armor.FACTORS_FILE), metadata=info)
+    assert armor.install_factors(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32), tmp_path) == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

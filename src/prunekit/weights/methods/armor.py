@@ -118,6 +118,7 @@ MIN_REL_IMPROVEMENT = 1e-6
 MAX_CANDIDATES = 70  # C(8, 4): 4:8 is the largest pattern whose supports are enumerated
 FACTORS_FILE = "armor.safetensors"
 _FORMAT = "prunekit-armor/1"
+_META_KEY = "prunekit_armor"  # the one metadata key of armor.safetensors (JSON)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,7 +326,9 @@ def save_factors(model: nn.Module, folder: str | Path) -> int:
     if not modules:
         return 0
     sizes = sorted({s for entry in modules.values() for s in entry["block_size"]})
-    metadata = {"format": _FORMAT, "block_size": ",".join(map(str, sizes)), "modules": json.dumps(modules)}
+    # one metadata key: safetensors writes several in a random order, so two identical runs wrote different bytes
+    metadata = {_META_KEY: json.dumps({"format": _FORMAT, "block_size": ",".join(map(str, sizes)),
+                                       "modules": json.dumps(modules)}, sort_keys=True)}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / FACTORS_FILE), metadata=metadata)
@@ -346,6 +349,12 @@ def install_factors(model: nn.Module, folder: str | Path) -> int:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if _META_KEY in metadata:  # else a file saved before the keys went into one
+        try:
+            metadata = json.loads(metadata[_META_KEY])
+        except ValueError:
+            metadata = {}
+        metadata = metadata if isinstance(metadata, dict) else {}
     if metadata.get("format") != _FORMAT:
         raise InputError(f"{path} is not a prunekit ARMOR factor file (format {metadata.get('format')!r})")
     try:
