@@ -141,6 +141,19 @@ def test_layers_skip_leaves_dense_are_no_pattern_violations(model_dir, text_file
                                                                           for i in range(2)]
 
 
+@pytest.mark.parametrize("method, extra", [("magnitude", ("--ratio", "0.5")),
+                                           ("uniform-structured", ("--ratio", "0.25", "--no-speed")),
+                                           ("shortgpt", ("--layers", "1", "--no-speed"))])
+def test_the_input_folders_licence_files_go_with_the_pruned_model(method, extra, model_dir, text_file, tmp_path):
+    (model_dir / "LICENSE").write_text("Apache License 2.0\n")
+    (model_dir / "NOTICE.md").write_text("notice\n")
+    (model_dir / "README.md").write_text("---\nlicense: apache-2.0\n---\nthe original model's card\n")
+    out = tmp_path / "out"
+    assert cli.main(prune_args(model_dir, text_file, out, "--method", method, *extra)) == 0
+    assert (out / "LICENSE").read_text() == "Apache License 2.0\n" and (out / "NOTICE.md").is_file()
+    assert "original model's card" not in ((out / "README.md").read_text() if (out / "README.md").exists() else "")
+
+
 def test_save_pruned_dtype_leaves_the_model_alone_and_dtype_names_are_checked(llama, tok, model_dir, tmp_path):
     import prunekit
 

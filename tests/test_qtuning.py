@@ -338,6 +338,7 @@ def sft_file(tmp_path):
 
 def test_cli_qtune(tmp_path, model_dir, sft_file, capsys):
     out = tmp_path / "out"
+    (model_dir / "LICENSE").write_text("Apache License 2.0\n")  # goes with the fine-tuned model
     assert main(["data", "qtune", str(model_dir), "--data", str(sft_file), "--samples", "0.5", "--tokens", "0.7",
                  "--out", str(out), "--train", "--mode", "batch", "--lr", "1e-3", "--quiet"]) == 0
     kept = [json.loads(line) for line in (out / "kept.jsonl").read_text().splitlines()]
@@ -353,6 +354,7 @@ def test_cli_qtune(tmp_path, model_dir, sft_file, capsys):
     assert summary["kept_samples"] == 5 and summary["training"]["mode"] == "batch"
     assert summary["training"]["saved_dtype"] == "float32"  # as the input stores its weights
     assert (out / "eu_plane.png").stat().st_size > 1000 and (out / "model" / "config.json").is_file()
+    assert (out / "model" / "LICENSE").read_text() == "Apache License 2.0\n"
     rows = list(csv.DictReader((out / "scores.csv").read_text().splitlines()))
     assert len(rows) == 10  # the quadrant's code and the name kept.jsonl and summary.json use
     assert all(Q.NAMES[int(r["quadrant"])] == r["quadrant_name"] for r in rows)

@@ -284,8 +284,11 @@ def _cmd_prune(args) -> int:
         "wall_seconds": None,
     }
     meta["wall_seconds"] = time.perf_counter() - wall
+    from prunekit.weights.io import carry_licence
+
     out = prunekit.save_pruned(model, tok, args.out, metadata=meta, overwrite=args.overwrite,
-                               extra=lambda folder: report.write_report(folder, meta), dtype=saved_dtype)
+                               extra=lambda folder: (report.write_report(folder, meta),
+                                                     carry_licence(args.model, folder)), dtype=saved_dtype)
     error = (f"mean relative error {result.mean_rel_error:.4f}" if result.mean_rel_error is not None
              else "relative error not measured by this method")  # was printed as "nan"
     print(f"pruned {args.model} with {args.method} ({result.pattern or f'{ratio:g} unstructured'}): "

@@ -383,8 +383,8 @@ def _cmd_qtune(args) -> int:
     from prunekit.errors import InputError, check_not_input, int_at_least
     from pathlib import Path
 
-    from prunekit.weights.io import (check_output, check_replaceable, load_model, resolve_model, save_weights,
-                                     stored_dtypes, write_atomically)
+    from prunekit.weights.io import (carry_licence, check_output, check_replaceable, load_model, resolve_model,
+                                     save_weights, stored_dtypes, write_atomically)
 
     check_output(args.out, overwrite=args.overwrite)
     ignored = []
@@ -478,6 +478,7 @@ def _cmd_qtune(args) -> int:
         if report is not None:
             save_weights(model, tmp / "model", saved_dtype)
             tok.save_pretrained(tmp / "model")
+            carry_licence(args.model, tmp / "model")
 
     write_atomically(args.out, build, overwrite=args.overwrite)
     # the kept samples by quadrant (the group sizes, `counts`, were printed as if they were what was kept)

@@ -125,7 +125,7 @@ def run_prune(args) -> int:
     from prunekit.weights.engine import find_blocks
     from prunekit.errors import InputError
     from prunekit.lora import has_linear
-    from prunekit.weights.io import output_dtype
+    from prunekit.weights.io import carry_licence, output_dtype
 
     if is_dit_folder(args.model):
         return _run_dit(args)
@@ -180,6 +180,7 @@ def run_prune(args) -> int:
         if evaluation:
             lines.append(report.ppl_table(evaluation))
         (folder / "report.md").write_text("\n".join(lines) + "\n")
+        carry_licence(args.model, folder)
 
     out = depth.save_depth_pruned(model, tok, args.out, metadata=meta, overwrite=args.overwrite, extra=extra,
                                   dtype=saved_dtype)

@@ -56,7 +56,7 @@ def run_prune(args) -> int:
     from prunekit.text import check_token_ids
     from pathlib import Path
 
-    from prunekit.weights.io import check_output, check_replaceable, output_dtype, resolve_model
+    from prunekit.weights.io import carry_licence, check_output, check_replaceable, output_dtype, resolve_model
 
     wall = time.perf_counter()
     registry.get(args.method, "structured")
@@ -103,7 +103,8 @@ def run_prune(args) -> int:
     meta["wall_seconds"] = time.perf_counter() - wall
     report = _report(meta, result.table())
     out = save_structured(model, tok, args.out, metadata=meta, overwrite=args.overwrite,
-                          extra=lambda folder: (folder / "report.md").write_text(report), dtype=saved_dtype)
+                          extra=lambda folder: ((folder / "report.md").write_text(report),
+                                                carry_licence(args.model, folder)), dtype=saved_dtype)
     print(f"pruned {args.model} with {args.method} ({structure}): removed {result.removed:.4f} of the block weights, "
           f"parameters {result.params_before:,} -> {result.params_after:,}, {result.seconds:.1f} s")
     widths = sorted({(w.heads, w.intermediate) for w in result.widths})

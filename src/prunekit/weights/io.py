@@ -373,6 +373,21 @@ def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, o
     return out
 
 
+_LICENCE_NAMES = ("license", "licence", "notice", "copying")
+
+
+def carry_licence(source, folder: Path) -> list[str]:
+    """Copy the licence files of model folder `source` (LICENSE*, LICENCE*, NOTICE*, COPYING*) into `folder`, a
+    derived model's output; returns their names. (The model card, README.md, describes the original: not carried.)"""
+    src = resolve_model(source)
+    names = []
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name.lower().startswith(_LICENCE_NAMES) and f.stat().st_size <= 4 * 2**20:
+            shutil.copyfile(f, folder / f.name)
+            names.append(f.name)
+    return names
+
+
 def save_weights(model, folder: Path, dtype=None) -> None:
     """``model.save_pretrained(folder)``, with the floating-point weights (and the config's ``dtype``) in `dtype`
     when given (a `MixedDtypes`: each tensor in its own); the model itself is not changed."""
