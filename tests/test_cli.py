@@ -154,6 +154,17 @@ def test_the_input_folders_licence_files_go_with_the_pruned_model(method, extra,
     assert "original model's card" not in ((out / "README.md").read_text() if (out / "README.md").exists() else "")
 
 
+def test_a_sparsity_the_ratio_rounds_away_is_noted(model_dir, text_file, tmp_path, capsys):
+    """--ratio 0.01 on 64-wide layers removed nothing from most of them (Wanda's per-row floor), silently."""
+    assert cli.main(prune_args(model_dir, text_file, tmp_path / "a", "--method", "wanda", "--ratio", "0.01")) == 0
+    got = json.loads((tmp_path / "a" / "prunekit.json").read_text())
+    captured = capsys.readouterr()
+    assert got["total_sparsity"] < 0.005
+    assert f"the sparsity reached, {got['total_sparsity']:.4f}, differs from --ratio 0.01" in captured.err
+    assert cli.main(prune_args(model_dir, text_file, tmp_path / "b", "--method", "wanda", "--ratio", "0.5")) == 0
+    assert "note" not in capsys.readouterr().err
+
+
 def test_save_pruned_dtype_leaves_the_model_alone_and_dtype_names_are_checked(llama, tok, model_dir, tmp_path):
     import prunekit
 

@@ -293,6 +293,10 @@ def _cmd_prune(args) -> int:
              else "relative error not measured by this method")  # was printed as "nan"
     print(f"pruned {args.model} with {args.method} ({result.pattern or f'{ratio:g} unstructured'}): "
           f"sparsity {result.total_sparsity:.4f} over {len(result.layers)} layers, {error}, {result.seconds:.1f} s")
+    if not result.pattern and abs(result.total_sparsity - ratio) > 0.005:  # narrow layers round per row
+        print(f"prunekit: note: the sparsity reached, {result.total_sparsity:.4f}, differs from --ratio {ratio:g}: "
+              f"{args.method} removes a whole number of weights per output row (floor(inputs x ratio)), which "
+              "narrow layers round away", file=sys.stderr)
     if evaluation:
         print(report.ppl_table(evaluation))
     print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'})")
