@@ -600,3 +600,17 @@ def test_a_csv_with_pandas_index_column_says_index_false(tmp_path, capsys):
     assert main(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(probs), "--out",
                  str(tmp_path / "i.csv")]) == 2
     assert "as pandas' to_csv writes its index; save with to_csv(path, index=False)" in capsys.readouterr().err
+
+
+def test_score_probs_notes_classes_no_example_has(tmp_path, capsys):
+    """Labels {1, 2, 5} gave 6 columns that label-issues then refused, with nothing said at the score."""
+    rng = np.random.default_rng(0)
+    y = rng.choice([1, 2, 5], size=60)
+    np.save(tmp_path / "x.npy", rng.normal(size=(60, 4)).astype(np.float32) + y[:, None])
+    np.save(tmp_path / "y.npy", y)
+    out = tmp_path / "p.npy"
+    assert main(["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--method",
+                 "probs", "--folds", "2", "--epochs", "1", "--out", str(out), "--quiet"]) == 0
+    assert "no example has class(es) 0, 3, 4 of 0..5" in capsys.readouterr().err and np.load(out).shape == (60, 6)
+    assert main(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(out), "--out",
+                 str(tmp_path / "i.csv"), "--allow-missing-classes"]) == 0

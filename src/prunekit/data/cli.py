@@ -218,6 +218,11 @@ def _inputs(args):
     if k > max(len(y), 1000):  # more classes than examples, and an output layer that would be absurdly wide
         raise InputError(f"labels imply {k} classes (the largest label is {k - 1}) but there are only {len(y)} "
                          "examples; remap the labels to 0..K-1 (numpy.unique(labels, return_inverse=True))")
+    empty = np.setdiff1d(np.arange(k), y)
+    if empty.size and args.method == "probs":  # label-issues then refused the columns of those classes
+        print(f"prunekit: note: no example has class(es) {', '.join(map(str, empty[:5]))}"
+              f"{', ...' if empty.size > 5 else ''} of 0..{k - 1}; their columns will be near 0, and label-issues "
+              "needs --allow-missing-classes (or remap the labels to 0..K-1 first)", file=sys.stderr)
     scale = 255.0 if x.dtype == np.uint8 else 1.0
     x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / scale)
     if not torch.isfinite(x).all():
