@@ -476,7 +476,7 @@ def test_cnn_compress_perplexity_check_pattern_and_ece_refuse_bad_input(tok):
     net.blocks[0].conv1.weight.data[0, 0, 0, 0] = float("nan")  # an MKL error / internal assert
     with pytest.raises(InputError, match="NaN or Inf"):
         compress(net, ratio=0.3, bits=6)
-    with pytest.raises(InputError, match="perplexity needs a loaded torch model"):  # AttributeError: 'str' ... 'training'
+    with pytest.raises(InputError, match="perplexity needs a loaded torch model"):  # AttributeError: 'str' ...
         prunekit.perplexity("smollm2-135m", tok, "wiki", seqlen=32, tokens=64)
     from transformers import BertConfig, BertForMaskedLM
 
@@ -631,7 +631,8 @@ def test_empty_and_too_long_output_names_are_refused_before_any_work(model_dir, 
 
 
 def test_a_full_disk_in_the_tokenizer_save_and_a_closed_pipe_are_one_line_or_quiet(monkeypatch, capsys):
-    """tokenizers reports ENOSPC as a bare Exception (a 24-line traceback); `... | head` printed "error: Broken pipe"."""
+    """tokenizers reports ENOSPC as a bare Exception (a 24-line traceback); `... | head` printed "error: Broken
+    pipe"."""
     def full_disk(args):
         raise Exception("No space left on device (os error 28)")
 

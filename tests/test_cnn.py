@@ -667,7 +667,8 @@ def test_decompose_and_trp_refuse_a_nan_conv_before_changing_any_layer():
         with torch.no_grad():
             trp.eligible_convs(model)[names[-1]].weight[0, 0, 0, 0] = float("nan")
         before = {k: v.nan_to_num().clone() for k, v in model.state_dict().items()}
-        with pytest.raises(InputError, match=f"conv {re.escape(names[-1])} has NaN or Inf weights.*nothing was changed"):
+        with pytest.raises(InputError, match=f"conv {re.escape(names[-1])} has NaN or Inf weights.*nothing was "
+                                             "changed"):
             call(model, names)
         after = model.state_dict()
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k].nan_to_num()) for k in before)

@@ -577,7 +577,8 @@ def test_cli_generate_samples_as_transformers_does_under_a_seed(model_dir, capsy
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     text = "the licence text " * 4
-    argv = ["--prompt", text, "--max-new-tokens", "12", "--temperature", "1.5", "--top-p", "0.9", "--seed", "3", "--json"]
+    argv = ["--prompt", text, "--max-new-tokens", "12", "--temperature", "1.5", "--top-p", "0.9", "--seed", "3",
+            "--json"]
     got = {}
     for policy in (["--kv", "full"], ["--kv", "snapkv", "--budget", "128"]):
         assert cli.main(["generate", str(model_dir), *policy, *argv]) == 0

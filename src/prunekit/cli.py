@@ -91,8 +91,8 @@ def _parser() -> argparse.ArgumentParser:
                     "or a .txt/.jsonl file")
     ev.add_argument("--seqlen", type=int, default=512, help="tokens per perplexity window (default 512)")
     ev.add_argument("--tokens", type=int, default=None, help="tokens evaluated, cut into seqlen windows (default 16384)")
-    ev.add_argument("--pattern", default=None, help="also check that every block Linear is N:M (default: the pattern in "
-                    "prunekit.json); exit status 1 when a layer breaks it")
+    ev.add_argument("--pattern", default=None, help="also check that every block Linear is N:M (default: the "
+                    "pattern in prunekit.json); exit status 1 when a layer breaks it")
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -382,8 +382,8 @@ def _cmd_eval(args) -> int:
         print(f"sparsity of block Linears {measured['total']:.4f}; of all parameters {measured['model_total']:.4f}")
         if pattern is not None:
             left = f" (layers matching {', '.join(skip)} left dense by --skip, not checked)" if skip else ""
-            print(f"pattern {pattern}: " + ("every layer conforms" if out["pattern_ok"] else f"{len(bad)} layers break it")
-                  + left)
+            verdict = "every layer conforms" if out["pattern_ok"] else f"{len(bad)} layers break it"
+            print(f"pattern {pattern}: {verdict}{left}")
     if pattern is not None and bad:  # a check a script can test without parsing the output
         print(f"prunekit: pattern {pattern} is broken by {len(bad)} layer(s), first {bad[0]}", file=sys.stderr)
         return 1

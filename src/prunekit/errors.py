@@ -10,7 +10,8 @@ import tempfile
 from numbers import Integral, Real
 from pathlib import Path
 
-__all__ = ["InputError", "int_at_least", "is_real", "check_model", "hidden_name", "check_output_name", "check_writable", "check_not_input", "apply_umask"]
+__all__ = ["InputError", "int_at_least", "is_real", "check_model", "hidden_name", "check_output_name", "check_writable",
+           "check_not_input", "apply_umask"]
 
 
 class InputError(ValueError):

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
     li = dsub.add_parser("label-issues", help="find mislabeled examples with Confident Learning (cleanlab's answers)")
     li.add_argument("--labels", required=True, help="given labels, one integer class per example (.npy/.csv/.parquet), "
-                    "or fashion-mnist: the zoo copy's 60,000 training labels (those of data score --data fashion-mnist)")
+                    "or fashion-mnist: the zoo copy's 60,000 training labels (data score --data fashion-mnist's)")
     li.add_argument("--probs", required=True, help="out-of-sample predicted probabilities [N, K] (.npy/.csv/.parquet)")
     li.add_argument("--filter", default="prune_by_noise_rate", choices=FILTERS, help="which rule flags an issue")
     li.add_argument("--rank-by", default="self_confidence", choices=RANKINGS,

@@ -81,8 +81,9 @@ class MixedDtypes(dict):
         self.main = main
 
     def __str__(self) -> str:
-        others = sorted({str(d).removeprefix("torch.") for d in self.values()} - {str(self.main).removeprefix("torch.")})
-        return f"{str(self.main).removeprefix('torch.')} with {' and '.join(others)} tensors"
+        name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+        others = sorted({name(d) for d in self.values()} - {name(self.main)})
+        return f"{name(self.main)} with {' and '.join(others)} tensors"
 
 
 def _tensor_dtypes(folder: Path) -> dict:
