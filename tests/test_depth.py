@@ -609,3 +609,106 @@ def test_every_other_on_smollm2_exports_a_15_layer_model_that_reloads_identicall
                    check=True, capture_output=True, cwd=tmp_path)
     got = torch.load(tmp_path / "got.pt", weights_only=True)
     assert got["layers"] == 15 and got["idx"] == list(range(15)) and torch.equal(got["logits"], want)
+
+
+def test_depth_pruning_across_architectures_saves_what_it_computes_or_refuses(tmp_path):
+    """Found by a sweep of architectures: a Týr output's per-layer widths left at the old length (the folder did not
+    load); GPT-Neo's cache slot (layer_id) not renumbered (IndexError in generate); GPT-2's per-index attention
+    scale moved with a block (the reloaded model computed something else, silently); Gemma3n saved unloadable."""
+    import transformers as T
+
+    import prunekit
+    from prunekit.errors import InputError
+    from prunekit.structured.units import shrink_mlp
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (1, 8))
+    llama = T.AutoModelForCausalLM.from_config(T.LlamaConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    for i, layer in enumerate(llama.model.layers):  # what Týr leaves: other MLP widths per layer
+        shrink_mlp(layer.mlp, torch.arange(64 + 16 * i))
+    prunekit.save_structured(llama, None, tmp_path / "tyr", metadata={"method": "tyr"})
+    model, _ = prunekit.load(tmp_path / "tyr")
+    kept = depth.drop_layers(model, [True, False, False, True])
+    depth.save_depth_pruned(model, None, tmp_path / "tyr-depth", metadata={"kept_layers": kept})
+    again, _ = prunekit.load(tmp_path / "tyr-depth")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+    neo = T.AutoModelForCausalLM.from_config(T.GPTNeoConfig(
+        vocab_size=1000, hidden_size=64, num_layers=4, num_heads=4, attention_types=[[["global", "local"], 2]],
+        window_size=8, max_position_embeddings=128)).eval()
+    depth.drop_layers(neo, [True, False, False, True])
+    assert [b.attn.attention.layer_id for b in neo.transformer.h] == [0, 1]
+    with torch.no_grad():
+        cached = neo.generate(ids, max_new_tokens=3, do_sample=False)
+        plain = neo.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
+
+    gpt2 = T.AutoModelForCausalLM.from_config(T.GPT2Config(
+        vocab_size=1000, n_embd=64, n_layer=4, n_head=4, scale_attn_by_inverse_layer_idx=True)).eval()
+    before = {k: v.clone() for k, v in gpt2.state_dict().items()}
+    with pytest.raises(InputError, match=r"scales each block's attention by 1 / \(its layer index \+ 1\)"):
+        depth.drop_layers(gpt2, [True, False, False, True])
+    assert len(gpt2.transformer.h) == 4 and all(torch.equal(v, gpt2.state_dict()[k]) for k, v in before.items())
+    depth.drop_layers(gpt2, [True, True, False, False])  # only the last blocks go: no block moves
+    depth.save_depth_pruned(gpt2, None, tmp_path / "gpt2", metadata={"kept_layers": [0, 1]})
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, gpt2(ids).logits, atol=1e-6)
+
+    gemma3n = T.AutoModelForCausalLM.from_config(T.Gemma3nTextConfig(
+        vocab_size=1000, vocab_size_per_layer_input=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8, hidden_size_per_layer_input=8,
+        num_kv_shared_layers=2, laurel_rank=4, altup_num_inputs=2,
+        activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0]))
+    with pytest.raises(InputError, match="leaves a config its architecture cannot be built from"):
+        depth.drop_layers(gemma3n, [True, False, False, True])
+    assert len(gemma3n.model.layers) == 4
+
+
+def test_multimodal_models_are_refused_before_any_work():
+    import transformers as T
+
+    import prunekit
+    from prunekit.errors import InputError
+
+    config = T.Gemma3Config(text_config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16),
+                            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=28, patch_size=14))
+    model = T.Gemma3ForConditionalGeneration(config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (lambda: prunekit.prune_structured(model, method="magnitude-structured", ratio=0.3),
+                 lambda: depth.drop_layers(model, [True, False])):
+        with pytest.raises(InputError, match="'gemma3' is a multimodal model .*text_config"):
+            call()
+    assert before.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_cli_checks_gpt2_depth_and_refuses_multimodal_folders_before_loading(tmp_path, capsys, monkeypatch):
+    import transformers as T
+
+    import prunekit
+    from prunekit.cli import main
+
+    from conftest import char_tokenizer
+
+    gpt2 = tmp_path / "gpt2"  # config.json names the depth n_layer: the --layers check was skipped
+    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=32, n_layer=4, n_head=4)).save_pretrained(gpt2)
+    char_tokenizer().save_pretrained(gpt2)
+    multimodal = tmp_path / "gemma3"
+    (multimodal).mkdir()
+    (multimodal / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {"hidden_size": 64},
+                                                        "vision_config": {"hidden_size": 32}}))
+    (multimodal / "model.safetensors").write_bytes(b"")  # never read: refused from the config
+    loads = []
+    monkeypatch.setattr(prunekit, "load_model", lambda *a, **k: loads.append(a))
+    for folder, said in ((gpt2, "keeps every block (the model has 4)"), (multimodal, "'gemma3' is a multimodal model")):
+        assert main(["prune", str(folder), "--method", "shortgpt", "--layers", "4", "--out", str(tmp_path / "o"),
+                     "--no-speed", "--quiet"]) == 2
+        assert said in capsys.readouterr().err
+    assert loads == []

@@ -520,3 +520,24 @@ def test_structured_bench_groups_seeds_by_settings_and_pairs_tyr_with_uniform_pe
     assert "| -1.00 / -0.50 | +1.00 / -2.00 |" in default  # same seed: Týr minus uniform
     assert "| -2.00 / -3.00 | -1.00 / -4.00 |" in final1k
     assert "| 10.25 ± 1.77 | 20.50 ± 0.71 |" in default and not any("2048" in line for line in lines)
+
+
+def test_multi_head_attention_says_once_that_heads_cannot_go(tmp_path, capsys):
+    """MHA (KV heads = heads): "give a larger ratio" at 0.1, "at most 0.000" at 0.3, and `both` pruned neurons only
+    without a word."""
+    from prunekit.cli import main
+
+    from conftest import char_tokenizer
+
+    model = tiny(heads=4, kv=4)
+    dims = model_dims(model)
+    for ratio in (0.1, 0.3):
+        with pytest.raises(InputError, match=r"as many KV heads as query heads \(4: multi-head attention\), so no "
+                                             r"head can go; use --structure neurons"):
+            tyr.uniform_widths(dims, ratio=ratio, structure="heads")
+    folder = tmp_path / "mha"
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    assert main(["prune", str(folder), "--method", "magnitude-structured", "--ratio", "0.2", "--out",
+                 str(tmp_path / "out"), "--no-speed", "--quiet"]) == 0
+    assert "multi-head attention); head pruning removes query heads within a KV group" in capsys.readouterr().err

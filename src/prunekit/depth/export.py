@@ -24,7 +24,19 @@ from prunekit.weights.engine import find_blocks
 __all__ = ["drop_layers", "save_depth_pruned"]
 
 # config attributes that hold one entry per layer in some transformers architectures
-_PER_LAYER = ("layer_types", "no_rope_layers", "sliding_window_layers", "swa_layers")
+_PER_LAYER = ("layer_types", "no_rope_layers", "sliding_window_layers", "swa_layers",
+              "prunekit_layer_widths")  # the last: a Týr output's per-layer widths (`prunekit.load`)
+
+
+def refuse_composite(config, what: str) -> None:
+    """A multimodal model (its language model's config under ``text_config``: Gemma3ForConditionalGeneration) is
+    refused before any work: its layers and sizes are not where a causal LM's are. `config`: a config or the dict
+    of a config.json."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    if get("text_config") is not None or get("vision_config") is not None:
+        raise InputError(f"{get('model_type', 'this')!r} is a multimodal model (its language model's "
+                         f"settings sit under text_config); {what} handles text-only causal LMs; prune a text-only "
+                         "checkpoint of it")
 
 
 def drop_layers(model: nn.Module, keep: list[bool]) -> list[int]:
@@ -44,13 +56,21 @@ def drop_layers(model: nn.Module, keep: list[bool]) -> list[int]:
     if getattr(config, "num_hidden_layers", depth) != depth:
         raise InputError(f"config.num_hidden_layers is {config.num_hidden_layers} but the model has {depth} blocks")
     kept = [i for i, k in enumerate(keep) if k]
+    refuse_composite(config, "depth pruning")
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and any(new != old for new, old in enumerate(kept)):
+        # GPT-2 fixes 1 / (layer index + 1) into each block when it is built: reloaded, a moved block scaled otherwise
+        raise InputError("this model scales each block's attention by 1 / (its layer index + 1) "
+                         "(scale_attn_by_inverse_layer_idx), so a kept block that moves to a new index would compute "
+                         "something else once saved and loaded; no config can say otherwise. The model is unchanged; "
+                         "drop only the last blocks, or prune a model without that setting")
     updates = _config_updates(config, kept, depth)
     _check_rewritten_config(model, prefix, kept, updates)
     drop_blocks(blocks, keep)
     for new, block in enumerate(blocks):
         for module in block.modules():
-            if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
-                module.layer_idx = new
+            for attr in ("layer_idx", "layer_id"):  # the cache slot: GPT-Neo's is layer_id (an IndexError in generate)
+                if isinstance(getattr(module, attr, None), int) and not isinstance(getattr(module, attr), bool):
+                    setattr(module, attr, new)
     for name, value in updates.items():
         setattr(config, name, value)
     return kept
@@ -125,7 +145,11 @@ def _check_rewritten_config(model: nn.Module, prefix: str, kept: list[int], upda
             key = f"{lead}{renamed[index]}.{rest}"
         expected[key] = shape
     built = skeleton(config)
-    if built is None or built == expected:
+    if built is None:  # the config built before the blocks went; now it does not (Gemma3n's per-layer lists)
+        raise InputError(f"dropping blocks of this {config.model_type!r} model leaves a config its architecture "
+                         "cannot be built from (it holds per-layer settings prunekit does not rewrite); the model is "
+                         "unchanged")
+    if built == expected:
         return
     missing = sorted(set(built) - set(expected))
     unused = sorted(set(expected) - set(built))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prunekit.errors import InputError, int_at_least
+from prunekit.errors import InputError, check_model, int_at_least
 from prunekit.select import check_ratio
 from prunekit.structured.export import load, save_structured
 from prunekit.speed import measure_speed
@@ -119,7 +119,11 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
     from prunekit.text import Text, calibration_ids, check_token_ids, load_text
     from prunekit.weights.io import check_finite_weights
 
+    from prunekit.depth.export import refuse_composite
+
     check_request(method, ratio=ratio, structure=structure, options=options)
+    check_model(model, "prune_structured")
+    refuse_composite(model.config, "structured pruning")  # it pruned, then failed to save (no hidden_size)
     samples = int_at_least(samples, "samples", 1)  # "2" reached Týr as "2" + "2" = "22"
     seqlen = int_at_least(seqlen, "seqlen", 2)
     seed = int_at_least(seed, "seed", 0)

@@ -9,6 +9,7 @@ speed, and ``report.md``).
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from prunekit.errors import InputError, check_not_input
@@ -78,7 +79,11 @@ def run_prune(args) -> int:
     progress = not args.quiet
     saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
     model, tok = prunekit.load_model(args.model)
-    check_request(args.method, ratio=args.ratio, structure=structure, options=options, dims=model_dims(model))
+    dims = model_dims(model)
+    check_request(args.method, ratio=args.ratio, structure=structure, options=options, dims=dims)
+    if structure == "both" and dims.group == 1:  # it pruned neurons only, without a word
+        print(f"prunekit: note: {args.model} has as many KV heads as query heads (multi-head attention); head "
+              "pruning removes query heads within a KV group, so only MLP neurons are pruned", file=sys.stderr)
     ids = None
     if calib_text is not None:
         ids = prunekit.calibration_ids(tok, calib_text, samples=args.samples, seqlen=args.seqlen, seed=args.seed)

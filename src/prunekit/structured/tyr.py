@@ -127,6 +127,10 @@ def uniform_widths(dims: Dims, *, ratio: float, structure: str) -> list[Widths]:
     per_layer = block_params(dims, [dense])
     removed = ratio * per_layer  # weights to remove from each layer
     group_step = dims.kv_heads * dims.head_params  # one query head less in every group
+    if structure == "heads" and dims.group == 1:  # "give a larger ratio", then "at most 0.000": one message
+        raise InputError(f"head pruning removes query heads within each group sharing a KV head, and this model has "
+                         f"as many KV heads as query heads ({dims.heads}: multi-head attention), so no head can go; "
+                         "use --structure neurons (--structure both prunes only neurons here)")
     if structure == "heads":
         x = round(removed / group_step)
         most = (dims.group - 1) * group_step / per_layer
