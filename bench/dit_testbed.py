@@ -162,7 +162,7 @@ def write_markdown(data: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--resume", action="store_true", help="skip rows already in the results file")
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0])
     ap.add_argument("--speed-samples", type=int, default=50)

@@ -121,6 +121,7 @@ def load_raw(path: Path) -> dict:
 
 
 def append_raw(path: Path, rec: dict) -> None:
+    rec = {**rec, "ran": rec.get("ran") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # which run: speeds
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
 
@@ -230,7 +231,7 @@ def run_prunekit(job, model, tok, book, args) -> dict:
     return res
 
 
-def run_kvpress(jobs, model_dir, raw_path):
+def run_kvpress(jobs, model_dir, raw_path, threads: int):
     if not jobs:
         return
     py = ensure_kvpress_venv()
@@ -244,9 +245,10 @@ def run_kvpress(jobs, model_dir, raw_path):
         jobs_file = Path(tmp) / "jobs.json"
         jobs_file.write_text(json.dumps(spec))
         out = Path(tmp) / "rows.jsonl"
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        # the threads prunekit's side runs with (kvpress got 1 whatever --threads said)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
         proc = subprocess.run([str(py), str(HERE / "_kvpress_worker.py"), "--model", str(model_dir), "--jobs", str(jobs_file),
-                               "--out", str(out)], env=env)
+                               "--out", str(out), "--threads", str(threads)], env=env)
         if out.exists():
             for line in out.read_text().splitlines():
                 append_raw(raw_path, json.loads(line))
@@ -274,6 +276,7 @@ def aggregate(jobs, raw, args) -> list[dict]:
             row["peak_mb"] = max(r["peak_cache_mb"] for r in recs)
             if task == "speed":
                 row["attention_s_per_token"] = sum(r["attention_s"] for r in recs) / sum(r["decode_tokens"] for r in recs)
+                row["ran"] = sorted({r["ran"][:13] for r in recs if r.get("ran")}) or None  # None: before dates
             row["kept_after_prefill"] = max(r["kept_after_prefill"] for r in recs)
         else:
             row["metric"] = "perplexity"
@@ -373,6 +376,17 @@ def write_outputs(rows, args, meta):
                      f"{f(r['score'], '.3f')} | {f(r['tokens_per_s'], '.2f')} | {f(r['peak_mb'], '.1f')} | "
                      f"{f(r.get('attention_s_per_token') and 1000 * r['attention_s_per_token'], '.1f')} | "
                      f"{f(r.get('attended_fraction'), '.3f')} |")
+    speed = [r for r in rows if r["task"] == "speed"]
+    runs = {tuple(r.get("ran") or ()) for r in speed}
+    if len(runs) > 1:  # rows re-timed later sat beside the others without a word
+        lines += ["", "Speed rows come from more than one run (timings depend on the machine's load at the time): "
+                  + "; ".join(f"{r['tool']} {r['policy']} @ {r['budget'] or 'full'}: "
+                              + (", ".join(r["ran"]) if r.get("ran") else "undated")
+                              for r in speed) + ". Rows recorded before runs were dated are `undated`; the README "
+                  "says which of those were re-timed alone."]
+    elif runs == {()}:
+        lines += ["", "Speed rows carry no run date (recorded before runs were dated): some may come from later "
+                  "re-timings; the README says which."]
     lines += ["", "## Targets", ""] + (targets(rows) or ["- (no comparable rows yet)"])
     tmp = folder / f".{args.name}.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
@@ -399,8 +413,10 @@ def main(argv=None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     raw = load_raw(raw_path)
     jobs = make_jobs(args, tok, book)
+    if not args.report_only and any(j["tool"] == "kvpress" and j["key"] not in raw for j in jobs):
+        ensure_kvpress_venv()  # before prunekit's jobs: a missing or broken peer venv failed only after them
     meta = {"model": "smollm2-135m (SmolLM2-135M-Instruct, dequantized fp32)", "reduced": args.reduced,
-            "settings": {k: v for k, v in vars(args).items() if k not in ("name", "out")},
+            "settings": {k: v for k, v in vars(args).items() if k not in ("name", "out", "report_only")},
             "versions": {"prunekit": prunekit.__version__, "torch": torch.__version__, "python": platform.python_version()},
             "delta_layers": {"default": kv.default_delta_layers(model.config.num_hidden_layers), "calibrated": layers,
                              "calibration": "first 1024 tokens of the wiki calibration split, last 64 queries",
@@ -418,7 +434,7 @@ def main(argv=None) -> int:
             raw[job["key"]] = rec
             print(f"[kv_vs_kvpress] {job['key']} {rec['seconds']:.1f}s", file=sys.stderr, flush=True)
             write_outputs(aggregate(jobs, raw, args), args, meta)
-        run_kvpress([j for j in pending if j["tool"] == "kvpress"], model_dir, raw_path)
+        run_kvpress([j for j in pending if j["tool"] == "kvpress"], model_dir, raw_path, args.threads)
         raw = load_raw(raw_path)
         write_outputs(aggregate(jobs, raw, args), args, meta)
     write_outputs(aggregate(jobs, load_raw(raw_path), args), args, meta)

@@ -466,7 +466,7 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=400, help="prompt budget in SmolLM2 tokens")
     p.add_argument("--summarizer", choices=("extractive", "lm"), default="extractive")
     p.add_argument("--tiny", action="store_true", help="smoke test: hash embedder, 1,000 turns, 10 questions")
-    p.add_argument("--out", default=str(RESULTS), help="folder for memory.json / memory.md")
+    p.add_argument("--out", default=str(RESULTS), help="folder for memory.json / memory.md (--tiny: memory_tiny.*)")
     args = p.parse_args()
     if args.tiny:
         args.turns, args.conv_turns, args.questions = 1000, 300, 10
@@ -496,7 +496,8 @@ def main() -> None:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "memory.json"
+    stem = "memory_tiny" if args.tiny else "memory"  # a smoke test rewrote the committed results
+    json_path = out_dir / f"{stem}.json"
     data = json.loads(json_path.read_text()) if json_path.is_file() else {}
     data["meta"] = {"embedder": embedder.name, "summarizer": args.summarizer, "tiny": args.tiny,
                     "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -522,14 +523,14 @@ def main() -> None:
             data["answers"] = run_answers(conv, facts, embedder, budget=args.budget, folder=folder,
                                           summarizer=args.summarizer, n_questions=min(args.questions, len(facts)))
             _save(data, json_path, out_dir)
-    print((out_dir / "memory.md").read_text())
+    print(json_path.with_suffix(".md").read_text())
 
 
 def _save(data: dict, json_path: Path, out_dir: Path) -> None:
     tmp = json_path.with_name(f".{json_path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, json_path)
-    write_markdown(data, out_dir / "memory.md")
+    write_markdown(data, json_path.with_suffix(".md"))
 
 
 if __name__ == "__main__":

@@ -137,7 +137,11 @@ def _torch_pruning(model, target_block_params: int) -> dict:
     model.zero_grad(set_to_none=True)
     for p in model.parameters():
         p.requires_grad_(False)
-    return {"channel_ratio": ratio, "importance": "GroupMagnitudeImportance(p=2)", "torch_pruning": tp.__version__}
+    from importlib.metadata import version
+
+    # the installed package's version: tp.__version__ says 1.6.0 in torch-pruning 1.6.1
+    return {"channel_ratio": ratio, "importance": "GroupMagnitudeImportance(p=2)",
+            "torch_pruning": version("torch-pruning")}
 
 
 def _row_id(method: str, ratio: float, seed: int, calib: str = "wiki", tag: str = "") -> str:

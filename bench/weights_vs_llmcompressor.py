@@ -13,7 +13,8 @@ the whole process, `peak_rss_mb` the worker process's own peak resident memory
 Writes bench/results/weights_vs_llmcompressor.json and .md.
 
 `--seed N` draws other calibration windows (the same ones for both tools); its rows carry `seed` and sit beside
-the seed-0 rows. One seed's perplexities move by a few percent with nothing but floating-point rounding (a
+the other seeds' rows (a run replaces its own seed's rows only; a results file of other settings is refused:
+give such a run another `--out`). One seed's perplexities move by a few percent with nothing but floating-point rounding (a
 batch size, a library version), more than the 1% target, so the markdown also compares the tools' means over
 the seeds that ran. Seeds can run in parallel into other files (`--out`) and be merged (`--merge`).
 """
@@ -105,6 +106,13 @@ def mask_difference(folder_a: Path, folder_b: Path) -> dict:
     return {"mask_differs": differ / total, "first_block_differing": first}
 
 
+def _write(path: Path, text: str) -> None:
+    """Write through a temporary sibling: an interrupt mid-write left the committed results truncated."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=128)
@@ -143,6 +151,14 @@ def main() -> int:
         return 0
     if args.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
+    earlier = json.loads(out_json.read_text()) if out_json.exists() else None
+    if earlier is not None:  # a smoke run (--samples 4) or another seed replaced the committed file whole
+        had = (earlier["calibration"].get("samples"), earlier["calibration"].get("seqlen"),
+               earlier["evaluation"]["wiki"].get("tokens"))
+        now = (args.samples, args.seqlen, args.eval_tokens // args.seqlen * args.seqlen)
+        if had != now:
+            raise SystemExit(f"{out_json} holds results of other settings (samples, seqlen, eval tokens = {had}, this "
+                             f"run {now}); give this run another --out")
 
     model_dir = prunekit.zoo.model_path("smollm2-135m")
     llmc_python = ensure_llmc_venv() if "llmcompressor" in args.tools else None
@@ -176,12 +192,15 @@ def main() -> int:
     print(f"dense: {record['dense']}", file=sys.stderr)
     out_json.parent.mkdir(exist_ok=True)
     rerun = {tuple(item.split("/")) for item in args.configs.split(",")}
-    if args.update and out_json.exists():
-        old = json.loads(out_json.read_text())
-        if abs(old["dense"]["ppl_wiki"] - record["dense"]["ppl_wiki"]) > 1e-6 * record["dense"]["ppl_wiki"]:
+    same_dense = earlier is not None and (abs(earlier["dense"]["ppl_wiki"] - record["dense"]["ppl_wiki"])
+                                          <= 1e-6 * record["dense"]["ppl_wiki"])
+    if args.update and earlier is not None:
+        if not same_dense:
             raise SystemExit("--update: the dense model or evaluation changed since the earlier run; re-run everything")
-        record["rows"] = [r for r in old["rows"] if (r["method"], r["pattern"]) not in rerun
+        record["rows"] = [r for r in earlier["rows"] if (r["method"], r["pattern"]) not in rerun
                           or r.get("seed", 0) != args.seed]
+    elif same_dense:  # another seed's rows stay beside this seed's (they were dropped)
+        record["rows"] = [r for r in earlier["rows"] if r.get("seed", 0) != args.seed]
 
     for item in args.configs.split(","):
         method, pattern = item.split("/")
@@ -216,9 +235,9 @@ def main() -> int:
                     row |= mask_difference(peer_out, out)
                 print(json.dumps(row), file=sys.stderr)
         record["rows"].extend(rows[t] for t in tools)
-        out_json.write_text(json.dumps(record, indent=2) + "\n")  # partial results survive an interrupt
+        _write(out_json, json.dumps(record, indent=2) + "\n")  # partial results survive an interrupt
     sort_rows(record)
-    out_json.write_text(json.dumps(record, indent=2) + "\n")
+    _write(out_json, json.dumps(record, indent=2) + "\n")
     write_markdown(record, out_json.with_suffix(".md"))
     print(out_json.with_suffix(".md").read_text())
     return 0
