@@ -669,3 +669,71 @@ def test_overwrite_refuses_a_model_folder_no_prunekit_command_wrote(model_dir, t
     out = tmp_path / "out"  # an earlier prunekit output is still replaced
     argv[-2] = str(out)
     assert cli.main(argv[:-1]) == 0 and cli.main(argv) == 0
+
+
+def test_hostile_folders_leak_nothing_lose_nothing_and_hang_nothing(model_dir, text_file, tmp_path, capsys):
+    """Found by a security sweep: a LICENSE linked to a secret was copied into the output; --overwrite deleted any
+    folder holding a config.json or summary.json; a pipe named model.safetensors hung the load for good; deeply
+    nested or damaged JSON and factor files were tracebacks."""
+    import os
+    import shutil
+
+    from prunekit.weights.io import carry_licence
+
+    secret = tmp_path / "id_rsa"
+    secret.write_text("pretend private key")
+    (model_dir / "LICENSE").symlink_to(secret)
+    (model_dir / "NOTICE").write_text("a notice")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert carry_licence(model_dir, out) == ["NOTICE"] and not (out / "LICENSE").exists()
+    hub = tmp_path / "hub" / "models--x" / "snapshots" / "abc"  # the hub cache links files into ../../blobs
+    shutil.copytree(model_dir, hub, symlinks=True)
+    (hub / "LICENSE").unlink()
+    (hub.parent.parent / "blobs").mkdir()
+    (hub.parent.parent / "blobs" / "f00d").write_text("Apache-2.0")
+    (hub / "LICENSE").symlink_to("../../blobs/f00d")
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    assert carry_licence(hub, out2) == ["LICENSE", "NOTICE"] and (out2 / "LICENSE").read_text() == "Apache-2.0"
+
+    base = ["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.5", "--overwrite", "--out"]
+    for name, files in (("app", {"config.json": '{"port": 80}', "NOTES.md": "mine"}),
+                        ("results", {"summary.json": '{"accuracy": 0.9}', "run1.csv": "a,b"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f, text in files.items():
+            (folder / f).write_text(text)
+        before = digest(folder)
+        refused(base + [str(folder)], capsys, "that no prunekit command wrote")
+        assert digest(folder) == before
+
+    piped = tmp_path / "piped"
+    piped.mkdir()
+    shutil.copy(model_dir / "config.json", piped / "config.json")
+    os.mkfifo(piped / "model.safetensors")
+    refused(["eval", str(piped)], capsys, "model.safetensors is not a regular file (a folder, pipe or device)")
+
+    nested = tmp_path / "nested"
+    shutil.copytree(model_dir, nested, symlinks=True)
+    (nested / "prunekit.json").write_text("[" * 100000 + "]" * 100000)
+    refused(["eval", str(nested), "--text", str(text_file), "--seqlen", "32", "--tokens", "64"], capsys,
+            "prunekit.json is not valid JSON")
+    (nested / "prunekit.json").unlink()
+    (nested / "armor.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # truncated
+    refused(["eval", str(nested), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--quiet"], capsys,
+            "armor.safetensors is not a readable safetensors file")
+
+
+def test_a_custom_code_tokenizer_is_named_as_such(model_dir, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "evil"
+    shutil.copytree(model_dir, folder)
+    for f in ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        (folder / f).unlink(missing_ok=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["tok.EvilTokenizer", None]}}))
+    (folder / "tok.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')\n")
+    refused(["eval", str(folder)], capsys, "tokenizer is custom code (auto_map in tokenizer_config.json)")
+    assert not (tmp_path / "ran").exists()

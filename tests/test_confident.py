@@ -196,3 +196,10 @@ def test_option_values_cleanlab_accepts():
                           compute_confident_joint(labels, probs, thresholds=thresholds))
     ranked = cl.order_label_issues(cl.find_label_issues(labels, probs), labels, probs)
     assert np.array_equal(cl.order_label_issues(ranked[::-1].copy(), labels, probs), ranked)
+
+
+def test_a_class_count_whose_joint_would_not_fit_is_refused_up_front():
+    """40,000 columns (a 1.3 MB file) asked for a 12 GB joint, then a MemoryError traceback."""
+    probs = np.full((4, cl.MAX_CLASSES + 1), 1 / (cl.MAX_CLASSES + 1), dtype=np.float32)
+    with pytest.raises(InputError, match=r"pred_probs has 16,385 columns: Confident Learning counts a 16,385 x 16,385"):
+        cl.find_label_issues(np.array([0, 1, 2, 3]), probs)

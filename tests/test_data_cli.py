@@ -614,3 +614,16 @@ def test_score_probs_notes_classes_no_example_has(tmp_path, capsys):
     assert "no example has class(es) 0, 3, 4 of 0..5" in capsys.readouterr().err and np.load(out).shape == (60, 6)
     assert main(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(out), "--out",
                  str(tmp_path / "i.csv"), "--allow-missing-classes"]) == 0
+
+
+def test_class_name_labels_in_pandas_string_and_categorical_parquet_columns(tmp_path, capsys):
+    """string[pyarrow] (large_string) and categorical (dictionary) columns were "not numeric"."""
+    pd = pytest.importorskip("pandas")
+    names = ["cat", "dog", "cat", "bird", "dog", "cat"]
+    probs = np.full((6, 3), 0.1)
+    probs[np.arange(6), [1, 2, 1, 0, 2, 1]] = 0.8
+    pd.DataFrame(probs, columns=["bird", "cat", "dog"]).to_parquet(tmp_path / "p.parquet")
+    for kind, column in (("large", pd.Series(names, dtype="string[pyarrow]")), ("cat", pd.Categorical(names))):
+        pd.DataFrame({"y": column}).to_parquet(tmp_path / f"{kind}.parquet")
+        assert main(["data", "label-issues", "--labels", str(tmp_path / f"{kind}.parquet"), "--probs",
+                     str(tmp_path / "p.parquet"), "--out", str(tmp_path / f"{kind}.csv")]) == 0, capsys.readouterr().err

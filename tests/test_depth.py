@@ -293,9 +293,9 @@ def test_load_model_refuses_a_folder_whose_config_does_not_describe_its_weights(
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="weights do not match its config.json: 9 weights in the files"):
         prunekit.load_model(tmp_path / "m")
-    config["num_hidden_layers"] = 5  # layer 4's weights would be random
+    config["num_hidden_layers"] = 5  # layer 4's weights would be random: refused before the load builds them
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InputError, match="weights do not match its config.json: 9 weights its config describes"):
+    with pytest.raises(InputError, match="config.json describes 5 layers but the weights hold 4; fix num_hidden"):
         prunekit.load_model(tmp_path / "m")
 
 

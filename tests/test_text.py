@@ -190,3 +190,20 @@ def test_perplexity_of_ids_refuses_windows_with_nothing_to_predict(llama, ids, b
         perplexity_of_ids(llama, ids, batch_size=batch_size, progress=False)
     nll, count = perplexity_of_ids(llama, torch.zeros(2, 8, dtype=torch.long), batch_size=1, progress=False)
     assert count == 14 and nll > 0
+
+
+def test_a_long_text_is_tokenized_in_pieces_with_the_same_tokens(monkeypatch):
+    """One 50 MB line took 6 GB in the Rust tokenizer (an abort under a lower limit): long texts go in pieces."""
+    from prunekit import text as T
+
+    from conftest import TEXT, char_tokenizer
+
+    tok = char_tokenizer()
+    long = "\n\n".join(TEXT.split(". ")) * 3
+    whole = tok(long, add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(T, "_PIECE", 200)
+    pieces = list(T._pieces(long))
+    assert len(pieces) > 5 and "".join(pieces) == long and max(map(len, pieces)) <= 200
+    assert all(p[0] == "\n" and not prev[-1].isspace() for prev, p in zip(pieces, pieces[1:]))  # where BPE splits
+    assert T._stream(tok, long)[0] == whole
+    assert list(T._pieces("x" * 1000)) == ["x" * 1000]  # nowhere to cut: whole

@@ -326,7 +326,7 @@ def _recorded(path: Path) -> tuple[str | None, tuple]:
         return None, ()
     try:
         meta = json.loads(recorded.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # deep nesting: a RecursionError
         raise InputError(f"{recorded} is not valid JSON ({e}); fix or delete it, or give --pattern") from None
     if not isinstance(meta, dict):
         raise InputError(f"{recorded} holds a JSON {type(meta).__name__}, not the object prunekit writes; fix or "

@@ -172,8 +172,28 @@ def check_token_ids(model, ids: torch.Tensor, *, what: str) -> None:
                          f"use a --seqlen of at most {limit}")
 
 
+_PIECE = 1 << 22  # characters tokenized at once in a long text
+
+
+def _pieces(text: str):
+    """`text` in pieces of at most about `_PIECE` characters, so a long text is tokenized a piece at a time (one
+    50 MB line took 6 GB in the Rust tokenizer, and an abort under a smaller limit). A cut falls just before a
+    newline that follows a non-space character, where byte-level BPE pre-tokenizers split anyway (checked on the
+    Wikipedia text: the same tokens as the whole text); a text without such a place stays whole."""
+    start = 0
+    while len(text) - start > _PIECE:
+        cut = text.rfind("\n", start + 1, start + _PIECE)
+        while cut > start and text[cut - 1].isspace():
+            cut = text.rfind("\n", start + 1, cut)
+        if cut <= start:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 def _stream(tokenizer, text: str) -> tuple[list[int], int | None]:
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    ids = [i for piece in _pieces(text) for i in tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]]
     probe = tokenizer("a")["input_ids"]
     bos = tokenizer.bos_token_id
     head = bos if bos is not None and probe and probe[0] == bos else None

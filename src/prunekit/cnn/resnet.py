@@ -180,6 +180,8 @@ def _read_config(cfg_file: Path) -> dict:
         raise bad("is not UTF-8 JSON text (binary or another encoding)") from None
     except json.JSONDecodeError as e:
         raise bad(f"is not valid JSON ({e})") from None
+    except RecursionError:
+        raise bad("nests its JSON deeper than it can be read") from None
     except OSError as e:
         raise InputError(f"{cfg_file} cannot be read ({e.strerror})") from None
     if not isinstance(cfg, dict):

@@ -265,7 +265,10 @@ def _label_texts(path: Path, what: str) -> list[str] | None:
         except Exception:  # unreadable, or no pyarrow: the numeric reader says why
             return None
         names = [n for n in table.column_names if not (n.startswith("__index_level_") and n.endswith("__"))]
-        if len(names) != 1 or not pat.is_string(table.column(names[0]).type):
+        kind = table.column(names[0]).type if len(names) == 1 else None
+        if kind is not None and pat.is_dictionary(kind):  # pandas' categorical
+            kind = kind.value_type
+        if kind is None or not (pat.is_string(kind) or pat.is_large_string(kind)):  # pandas' string[pyarrow]: large
             return None
         return [("" if v is None else str(v).strip()) for v in table.column(names[0]).to_pylist()]
     try:

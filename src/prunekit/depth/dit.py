@@ -590,7 +590,23 @@ def load_dit(folder) -> DiT:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise InputError(f"{folder}/config.json is not a saved DiT's config ({e}); write it with save_dit") from None
     known = {f.name for f in fields(DiTConfig)}
-    model = DiT(DiTConfig(**{k: v for k, v in section.items() if k in known}))
+    config = DiTConfig(**{k: v for k, v in section.items() if k in known})
+    from safetensors import safe_open
+
+    with torch.device("meta"):  # shapes first: a hidden of 400000 allocated 640 GB before any check
+        want = {k: tuple(v.shape) for k, v in DiT(config).state_dict().items()}
+    try:
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise InputError(f"{folder}/model.safetensors is not a readable safetensors file ({str(e)[:160]}); write "
+                         "the folder with save_dit") from None
+    if want != have:
+        odd = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))[0]
+        raise InputError(f"{folder}/model.safetensors does not hold the DiT its config.json describes ({odd}: "
+                         f"{have.get(odd)} in the file, {want.get(odd)} for the config); write the folder with "
+                         "save_dit")
+    model = DiT(config)
     try:
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
     except Exception as e:  # a truncated file, or tensors that do not fit the config

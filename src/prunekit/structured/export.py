@@ -116,6 +116,12 @@ def load_widths_model(folder: Path, raw: dict, *, dtype=None) -> torch.nn.Module
     except (TypeError, KeyError, ValueError):
         raise InputError(f"{folder}/config.json: {WIDTHS_KEY} must be a list of {{'heads', 'intermediate'}}") from None
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    with torch.device("meta"):  # the dense model is built first: a config far larger than the weights is refused
+        dense = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    stored = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    if 4 * dense > 32 * stored + 2**30:  # an intermediate_size of 1e8 allocated 25 GB, then a traceback
+        raise InputError(f"{folder}/config.json describes a model of {dense:,} parameters, far more than its weights "
+                         f"({stored / 2**20:.0f} MiB) can hold; fix the config or save the model again")
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     _, blocks = find_blocks(model)
     if len(blocks) != len(widths):

@@ -10,7 +10,9 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -48,6 +50,9 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         raise InputError(f"{path} has no config.json, so it is not a Hugging Face model folder")
     if not any(next(path.glob(p), None) for p in _WEIGHT_FILES):
         raise InputError(f"{path} has no weights (*.safetensors or pytorch_model*.bin); save the model with save_pretrained")
+    odd = [f for p in _WEIGHT_FILES for f in path.glob(p) if not f.is_file()]
+    if odd:  # a pipe named model.safetensors blocked the open, and Ctrl-C could not stop it
+        raise InputError(f"{odd[0]} is not a regular file (a folder, pipe or device); a model's weights are files")
     return path
 
 
@@ -187,6 +192,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
         return (check_finite_weights(model, path) if check_finite else model), tokenizer
     from safetensors import SafetensorError
 
+    _check_layer_count(path, config)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False,
                                                            output_loading_info=True)
@@ -215,6 +221,23 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
     armor.install_factors(model, path)  # ARMOR's factorized layers, when the folder holds them
     model.eval()
     return (check_finite_weights(model, path) if check_finite else model), tokenizer
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def _check_layer_count(path: Path, config: dict) -> None:
+    """A config naming more layers than the safetensors hold is refused before the load: transformers builds
+    every missing layer first (a typo of 320 for 32 layers allocated ten models before the missing-key check)."""
+    depth = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers")
+                  if isinstance(config.get(k), int) and not isinstance(config.get(k), bool)), None)
+    if depth is None:
+        return
+    names = list(_tensor_dtypes(path))  # floating-point tensors' names, from the headers
+    indices = {int(m.group(1)) for n in names for m in [_LAYER_INDEX.search(n)] if m}
+    if indices and depth > max(indices) + 1:
+        raise InputError(f"{path}/config.json describes {depth} layers but the weights hold {max(indices) + 1}; fix "
+                         "num_hidden_layers (or save the model again with save_pretrained)")
 
 
 def read_config(path: Path) -> dict:
@@ -271,6 +294,10 @@ def _load_tokenizer(path: Path):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never asks, never runs its code
     except Exception as e:  # transformers and tokenizers raise ValueError, OSError, KeyError, their own errors...
         fix = f"save the tokenizer into the folder with tokenizer.save_pretrained('{path}')"
+        tok_config = _json(path / "tokenizer_config.json") or {}
+        if tok_config.get("auto_map"):  # the message said to save a tokenizer, not why this one was refused
+            raise InputError(f"{path}'s tokenizer is custom code (auto_map in tokenizer_config.json), which prunekit "
+                             "never runs; load it yourself if you trust it and use the Python API") from None
         if not any(next(path.glob(p), None) for p in _TOKENIZER_FILES):
             raise InputError(f"{path} has no usable tokenizer: it holds no tokenizer files (tokenizer.json, "
                              f"tokenizer.model or vocab files); {fix}") from None
@@ -279,31 +306,46 @@ def _load_tokenizer(path: Path):
                          f"{': ' + detail if detail else ''}); {fix}") from None
 
 
-OUTPUT_MARKERS = ("prunekit.json", "summary.json", "config.json")  # what every prunekit output folder holds
-
-
 def check_replaceable(out: Path) -> None:
     """Refuse to replace (``--overwrite``) a non-empty folder that is no earlier output: it would be deleted
-    whole, files of the user's own included."""
-    if out.is_dir():
+    whole, files of the user's own included. An earlier output holds a ``prunekit.json``, Q-Tuning's
+    ``summary.json`` or a prunekit CNN/DiT ``config.json``, recognised by their content (any folder holding a
+    config.json or summary.json passed, and was deleted)."""
+    if out.is_dir() and any(out.iterdir()) and not _is_prunekit_output(out):
         names = sorted(p.name for p in out.iterdir())
-        if names and not any(m in names for m in OUTPUT_MARKERS):
-            raise InputError(f"--overwrite replaces an earlier output folder, but {out} holds other files ("
-                             f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) and none of "
-                             f"{', '.join(OUTPUT_MARKERS)}; choose another --out, or empty it first")
-        if "config.json" in names and not {"prunekit.json", "summary.json"} & set(names) and _hf_config(out):
-            # a typo in --out replaced the user's own model folder (config.json alone passed as a marker)
-            raise InputError(f"--overwrite replaces an earlier prunekit output, but {out} is a Hugging Face model "
-                             "folder no prunekit command wrote (no prunekit.json); choose another --out")
+        hf = "a Hugging Face model folder no prunekit command wrote (no prunekit.json); " if _hf_config(out) else ""
+        raise InputError(f"--overwrite replaces an earlier prunekit output, but {out} is {hf}a folder of other files "
+                         f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) that no prunekit command "
+                         "wrote; choose another --out, or empty it first")
+
+
+def _json(path: Path):
+    """The JSON object in `path`, or None (missing, unreadable, not JSON, nested past Python's recursion limit)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _is_prunekit_output(folder: Path) -> bool:
+    if (folder / "prunekit.json").is_file():  # weights, structured and depth outputs
+        return True
+    summary = _json(folder / "summary.json")
+    if summary is not None and {"kept_samples", "sample_ratio"} <= set(summary):  # data qtune
+        return True
+    config = _json(folder / "config.json")
+    if config is None:
+        return False
+    if str(config.get("format", "")).startswith("prunekit-"):  # cnn
+        return True
+    return isinstance(config.get("model"), dict) and "depth" in config["model"] and "info" in config  # DiT
 
 
 def _hf_config(folder: Path) -> bool:
     """Whether `folder`'s config.json is a transformers model config (prunekit's CNN and DiT configs are not)."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and bool({"model_type", "architectures"} & set(config))
+    config = _json(folder / "config.json")
+    return config is not None and bool({"model_type", "architectures"} & set(config))
 
 
 def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
@@ -379,12 +421,22 @@ _LICENCE_NAMES = ("license", "licence", "notice", "copying")
 
 def carry_licence(source, folder: Path) -> list[str]:
     """Copy the licence files of model folder `source` (LICENSE*, LICENCE*, NOTICE*, COPYING*) into `folder`, a
-    derived model's output; returns their names. (The model card, README.md, describes the original: not carried.)"""
+    derived model's output; returns their names. (The model card, README.md, describes the original: not carried.)
+
+    Only regular files inside the folder are copied (or, in a Hugging Face cache snapshot, in its ``blobs``): a
+    LICENSE linked to ~/.ssh/id_rsa or /proc/self/environ put that file into the output a user shares."""
     src = resolve_model(source)
+    inside = [src.resolve()]
+    if src.parent.name == "snapshots":  # hub cache: snapshots/<rev>/LICENSE -> ../../blobs/<sha256>
+        inside.append((src.parent.parent / "blobs").resolve())
     names = []
     for f in sorted(src.iterdir()):
-        if f.is_file() and f.name.lower().startswith(_LICENCE_NAMES) and f.stat().st_size <= 4 * 2**20:
-            shutil.copyfile(f, folder / f.name)
+        if not f.name.lower().startswith(_LICENCE_NAMES):
+            continue
+        real = f.resolve()
+        if (real.is_file() and any(real.is_relative_to(d) for d in inside)
+                and stat.S_ISREG(real.stat().st_mode) and real.stat().st_size <= 4 * 2**20):
+            shutil.copyfile(real, folder / f.name)
             names.append(f.name)
     return names
 

@@ -64,6 +64,7 @@ __all__ = [
 FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given",
            "low_self_confidence", "low_normalized_margin")
 RANKINGS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
+MAX_CLASSES = 16_384  # a joint of int64 counts of 2 GiB
 
 _EPS = 1e-6  # cleanlab's FLOATING_POINT_COMPARISON
 _TINY = 1e-100  # cleanlab's TINY_VALUE (division guard)
@@ -147,6 +148,9 @@ def _prepare(labels, pred_probs, *, allow_missing_classes: bool = False) -> _Dat
         raise InputError("pred_probs has no rows; give one row of class probabilities per example")
     if k < 2:
         raise InputError(f"pred_probs has {k} column(s); Confident Learning needs at least 2 classes")
+    if k > MAX_CLASSES:  # the K x K joint: 40,000 columns asked for 12 GB, then a MemoryError traceback
+        raise InputError(f"pred_probs has {k:,} columns: Confident Learning counts a {k:,} x {k:,} joint "
+                         f"({8 * k * k / 2**30:,.0f} GiB); at most {MAX_CLASSES:,} classes are taken")
     y = np.asarray(labels)
     if y.ndim != 1:
         raise InputError(f"labels must be a 1-D array of class indices, got shape {y.shape}")

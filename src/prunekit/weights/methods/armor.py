@@ -346,20 +346,26 @@ def install_factors(model: nn.Module, folder: str | Path) -> int:
     path = Path(folder) / FACTORS_FILE
     if not path.is_file():
         return 0
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:  # a truncated file was a raw SafetensorError
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise InputError(f"{path} is not a readable safetensors file ({' '.join(str(e).split())[:160]}); re-save the "
+                         "model, or delete the file to load the dense model") from None
     if _META_KEY in metadata:  # else a file saved before the keys went into one
         try:
             metadata = json.loads(metadata[_META_KEY])
-        except ValueError:
+        except (ValueError, RecursionError):
             metadata = {}
         metadata = metadata if isinstance(metadata, dict) else {}
     if metadata.get("format") != _FORMAT:
         raise InputError(f"{path} is not a prunekit ARMOR factor file (format {metadata.get('format')!r})")
     try:
         modules = json.loads(metadata["modules"])
-    except (KeyError, ValueError):
+        if not isinstance(modules, dict) or not all(isinstance(v, dict) for v in modules.values()):
+            raise ValueError("not a {module: {pattern, block_size}} object")
+    except (KeyError, ValueError, TypeError, RecursionError):
         raise InputError(f"{path}: the metadata lacks the module list; re-save the factors") from None
     names = sorted({k.rsplit(".", 1)[0] for k in tensors})
     if set(names) != set(modules):
