@@ -737,3 +737,18 @@ def test_a_custom_code_tokenizer_is_named_as_such(model_dir, tmp_path, capsys):
     (folder / "tok.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')\n")
     refused(["eval", str(folder)], capsys, "tokenizer is custom code (auto_map in tokenizer_config.json)")
     assert not (tmp_path / "ran").exists()
+
+
+def test_an_input_whose_files_link_into_the_output_is_not_replaced(model_dir, tmp_path, capsys):
+    """`prune inB --out runA --overwrite`, inB's files linking into runA: inB silently read as the new model."""
+    run_a = tmp_path / "runA"
+    assert cli.main(["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.3", "--out", str(run_a),
+                     "--quiet"]) == 0
+    in_b = tmp_path / "inB"
+    in_b.mkdir()
+    for f in run_a.iterdir():
+        (in_b / f.name).symlink_to(f)
+    before = digest(run_a)
+    refused(["prune", str(in_b), "--method", "magnitude", "--ratio", "0.5", "--out", str(run_a), "--overwrite"],
+            capsys, "holds the file")
+    assert digest(run_a) == before

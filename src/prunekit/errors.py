@@ -98,6 +98,12 @@ def check_not_input(out: str | os.PathLike, *inputs, flag: str = "--out") -> Non
             raise InputError(f"{flag} {out} would replace the input {src}; choose another {flag}")
         if source.is_dir() and source in target.parents:
             raise InputError(f"{flag} {out} is inside the input folder {src}; choose a {flag} outside it")
+        if source.is_dir():  # files linked into the output: replacing it changed the input behind the user's back
+            for f in source.iterdir():
+                real = f.resolve() if f.is_symlink() else None
+                if real is not None and (real == target or target in real.parents):
+                    raise InputError(f"{flag} {out} holds the file {f.name} of the input {src} (it links there); "
+                                     f"choose another {flag}")
 
 
 def apply_umask(path: str | os.PathLike) -> None:
