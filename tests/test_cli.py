@@ -704,3 +704,32 @@ def test_every_help_renders_and_shows_defaults_its_text_did_not_state(argv, show
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert e.value.code == 0 and shown in out
     assert "(default 512) (default" not in out and "(default None)" not in out  # said once, and only real values
+
+
+def test_mixed_dtypes_follow_their_blocks_through_depth_pruning_and_a_tied_head_stays_one_tensor(text_file, tmp_path,
+                                                                                                  capsys):
+    """A kept block took the dtypes of the block whose index it got (an fp32 block rounded to bf16); a tied
+    lm_head was cast apart from its embedding and written as a second tensor."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    folder = tmp_path / "mixed"
+    model.to(torch.bfloat16).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    state = {k: (v.float() if k.startswith("model.layers.3.") or "embed" in k else v)
+             for k, v in load_file(folder / "model.safetensors").items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "depth"
+    assert cli.main(prune_args(folder, text_file, out, "--method", "every-other", "--layers", "2", "--no-speed")) == 0
+    meta = json.loads((out / "prunekit.json").read_text())
+    saved = load_file(out / "model.safetensors")
+    assert meta["kept_layers"] == [0, 3]  # the fp32 block moves to index 1
+    for new, old in enumerate(meta["kept_layers"]):
+        for k, v in saved.items():
+            if k.startswith(f"model.layers.{new}."):
+                assert v.dtype == state[f"model.layers.{old}." + k.split(".", 3)[3]].dtype, k
+    assert "lm_head.weight" not in saved and saved["model.embed_tokens.weight"].dtype == torch.float32
+    capsys.readouterr()

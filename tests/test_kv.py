@@ -597,7 +597,9 @@ def test_cli_generate_samples_as_transformers_does_under_a_seed(model_dir, capsy
     for bad, message in ((["--temperature", "-1"], "--temperature must be 0"), (["--temperature", "nan"], "finite"),
                          (["--temperature", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
                          (["--temperature", "1", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
-                         (["--temperature", "1", "--top-k", "-1"], "--top-k must be at least 1")):
+                         (["--temperature", "1", "--top-k", "-1"], "--top-k must be at least 1"),
+                         (["--temperature", "1", "--seed", str(2**64)], r"--seed must be in [0, 2**63)"),
+                         (["--temperature", "1", "--seed", "-1"], r"--seed must be in [0, 2**63)")):
         assert cli.main(["generate", str(model_dir), "--prompt", "hi", "--kv", "full", *bad]) == 2
         assert message in capsys.readouterr().err
     assert cli.main(["generate", str(model_dir), "--prompt", text, "--kv", "full", "--max-new-tokens", "2", "--seed",

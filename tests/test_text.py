@@ -193,17 +193,27 @@ def test_perplexity_of_ids_refuses_windows_with_nothing_to_predict(llama, ids, b
 
 
 def test_a_long_text_is_tokenized_in_pieces_with_the_same_tokens(monkeypatch):
-    """One 50 MB line took 6 GB in the Rust tokenizer (an abort under a lower limit): long texts go in pieces."""
+    """One 50 MB line took 6 GB in the Rust tokenizer (an abort under a lower limit): long texts go in pieces, cut
+    before a newline that follows a letter or digit, and only for a tokenizer that tokenizes pieces as the whole."""
     from prunekit import text as T
 
     from conftest import TEXT, char_tokenizer
 
     tok = char_tokenizer()
-    long = "\n\n".join(TEXT.split(". ")) * 3
+    words = TEXT.split()
+    long = "".join(f"{w}{'.' if i % 3 else ''}\n" + ("\n" if i % 5 == 0 else "") for i, w in enumerate(words * 40))
     whole = tok(long, add_special_tokens=False)["input_ids"]
-    monkeypatch.setattr(T, "_PIECE", 200)
+    monkeypatch.setattr(T, "_PIECE", 2000)
     pieces = list(T._pieces(long))
-    assert len(pieces) > 5 and "".join(pieces) == long and max(map(len, pieces)) <= 200
-    assert all(p[0] == "\n" and not prev[-1].isspace() for prev, p in zip(pieces, pieces[1:]))  # where BPE splits
-    assert T._stream(tok, long)[0] == whole
-    assert list(T._pieces("x" * 1000)) == ["x" * 1000]  # nowhere to cut: whole
+    assert len(pieces) > 5 and "".join(pieces) == long and max(map(len, pieces)) <= 2000
+    assert all(p[0] == "\n" and prev[-1].isalnum() for prev, p in zip(pieces, pieces[1:]))
+    assert T._cuts_cleanly(tok, long) and T._stream(tok, long)[0] == whole
+    assert list(T._pieces("x" * 5000)) == ["x" * 5000]  # nowhere to cut: whole
+
+    class Marking:  # marks each call's start, as SentencePiece's leading "▁" does: pieces would differ
+        bos_token_id = None
+
+        def __call__(self, text, **kw):
+            return {"input_ids": [0] + [ord(c) for c in text]}
+
+    assert not T._cuts_cleanly(Marking(), long) and T._stream(Marking(), long)[0] == [0] + [ord(c) for c in long]

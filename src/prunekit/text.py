@@ -175,15 +175,16 @@ def check_token_ids(model, ids: torch.Tensor, *, what: str) -> None:
 _PIECE = 1 << 22  # characters tokenized at once in a long text
 
 
-def _pieces(text: str):
-    """`text` in pieces of at most about `_PIECE` characters, so a long text is tokenized a piece at a time (one
-    50 MB line took 6 GB in the Rust tokenizer, and an abort under a smaller limit). A cut falls just before a
-    newline that follows a non-space character, where byte-level BPE pre-tokenizers split anyway (checked on the
-    Wikipedia text: the same tokens as the whole text); a text without such a place stays whole."""
+def _pieces(text: str, size: int | None = None):
+    """`text` in pieces of at most about `size` (`_PIECE`) characters, so a long text is tokenized a piece at a
+    time (one 50 MB line took 6 GB in the Rust tokenizer, and an abort under a smaller limit). A cut falls just
+    before a newline that follows a letter or digit, where byte-level BPE pre-tokenizers (GPT-2's, Llama-3's and
+    Qwen2's rules) split anyway; a text without such a place stays whole. `_cuts_cleanly` checks the tokenizer."""
+    size = size or _PIECE
     start = 0
-    while len(text) - start > _PIECE:
-        cut = text.rfind("\n", start + 1, start + _PIECE)
-        while cut > start and text[cut - 1].isspace():
+    while len(text) - start > size:
+        cut = text.rfind("\n", start + 1, start + size)
+        while cut > start and not text[cut - 1].isalnum():
             cut = text.rfind("\n", start + 1, cut)
         if cut <= start:
             break
@@ -192,8 +193,21 @@ def _pieces(text: str):
     yield text[start:]
 
 
+def _cuts_cleanly(tokenizer, text: str) -> bool:
+    """Whether the first 256 Ki characters of `text`, cut in 4 Ki pieces, tokenize to their whole tokens (at least
+    8 cuts): true of byte-level BPE, false of tokenizers that mark each text's start (SentencePiece's leading ▁),
+    whose long texts are then tokenized whole, as before."""
+    def encode(t):
+        return tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"]
+
+    sample = text[: 1 << 18]
+    pieces = list(_pieces(sample, size=1 << 12))
+    return len(pieces) > 8 and [i for p in pieces for i in encode(p)] == encode(sample)
+
+
 def _stream(tokenizer, text: str) -> tuple[list[int], int | None]:
-    ids = [i for piece in _pieces(text) for i in tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]]
+    pieces = _pieces(text) if len(text) > _PIECE and _cuts_cleanly(tokenizer, text) else [text]
+    ids = [i for piece in pieces for i in tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]]
     probe = tokenizer("a")["input_ids"]
     bos = tokenizer.bos_token_id
     head = bos if bos is not None and probe and probe[0] == bos else None

@@ -130,7 +130,7 @@ def run_prune(args) -> int:
     from prunekit.weights.engine import find_blocks
     from prunekit.errors import InputError
     from prunekit.lora import has_linear
-    from prunekit.weights.io import carry_licence, output_dtype
+    from prunekit.weights.io import MixedDtypes, carry_licence, output_dtype
 
     if is_dit_folder(args.model):
         return _run_dit(args)
@@ -154,6 +154,8 @@ def run_prune(args) -> int:
                                      candidates=args.candidates, seed=args.seed, progress=progress, **options)
     teacher = copy.deepcopy(model) if args.recover == "kd" else None
     kept = depth.drop_layers(model, keep)
+    if isinstance(saved_dtype, MixedDtypes):  # each kept block keeps its own tensors' dtypes under its new index
+        saved_dtype = saved_dtype.renumbered(kept)
     recovery = None
     if args.recover != "none":
         res = depth.recover(target, steps=args.recover_steps, trainable="full" if args.recover == "full" else "lora",

@@ -85,6 +85,20 @@ class MixedDtypes(dict):
         super().__init__(per_tensor)
         self.main = main
 
+    def renumbered(self, kept: list[int]) -> "MixedDtypes":
+        """The map after depth pruning kept the blocks `kept` (old indices, in order): block ``kept[i]``'s
+        tensors are named with index ``i`` now, and dropped blocks' entries go (they gave a moved block the dtypes
+        of the block that had its new index)."""
+        new = {old: str(i) for i, old in enumerate(kept)}
+        out = {}
+        for name, dtype in self.items():
+            m = _LAYER_INDEX.search(name)
+            if m is None:
+                out[name] = dtype
+            elif int(m.group(1)) in new:
+                out[name[:m.start(1)] + new[int(m.group(1))] + name[m.end(1):]] = dtype
+        return MixedDtypes(out, self.main)
+
     def __str__(self) -> str:
         name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
         others = sorted({name(d) for d in self.values()} - {name(self.main)})
@@ -452,10 +466,13 @@ def save_weights(model, folder: Path, dtype=None) -> None:
         model.save_pretrained(folder)
         return
     cast: dict = {}  # one cast per storage, so tied weights (embeddings and lm_head) stay one tensor
+    # a tied lm_head is not in the files: it takes the dtype of the tensor whose storage it shares (it was cast to
+    # the main dtype apart, and written twice)
+    shared = {(v.data_ptr(), tuple(v.shape)): per_tensor[k] for k, v in state.items() if k in per_tensor}
     out = {}
     for k, v in state.items():
         if v.is_floating_point():
-            to = per_tensor.get(k, main)
+            to = per_tensor.get(k) or shared.get((v.data_ptr(), tuple(v.shape)), main)
             out[k] = cast.setdefault((v.data_ptr(), tuple(v.shape), tuple(v.stride()), to), v.detach().to(to))
         else:
             out[k] = v

@@ -66,6 +66,8 @@ def _sampling(args) -> tuple[dict, list[str]]:
     top_k = 0 if args.top_k is None else args.top_k
     if top_k < 0:
         raise InputError(f"--top-k must be at least 1, or 0 for all tokens (got {top_k})")
+    if args.seed is not None and not 0 <= args.seed < 2**63:  # torch.manual_seed overflowed after the model load
+        raise InputError(f"--seed must be in [0, 2**63), got {args.seed}")
     # top_k=0 spelled out: transformers' own default would keep the 50 most likely tokens only
     return {"do_sample": True, "temperature": t, "top_p": top_p, "top_k": top_k,
             "seed": 0 if args.seed is None else args.seed}, []
