@@ -130,7 +130,6 @@ def _check_examples(examples, pad_id, model: nn.Module) -> None:
     if isinstance(examples, (str, dict, Example)) or not examples:
         raise InputError("no examples given; pass a non-empty list of Example (see tokenize)")
     check_model(model, "Q-Tuning scoring and SFT")
-    check_finite_weights(model, "the model")  # a NaN weight trained on, or scored 87% of the tokens NaN
     vocab = model.get_input_embeddings().num_embeddings
     if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or not 0 <= pad_id < vocab:
         raise InputError(f"pad_id must be a token id in the model's vocabulary [0, {vocab}), got {pad_id!r}")
@@ -305,6 +304,14 @@ def token_stats(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor) -> tupl
 def score_examples(model: nn.Module, examples: list[Example], *, pad_id: int, batch_size: int = 8,
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`token_stats` over every example, padded to the longest: ``(nll [N, T], entropy [N, T], response [N, T])``."""
+    check_model(model, "Q-Tuning scoring")
+    check_finite_weights(model, "the model")  # a NaN weight scored 87% of the tokens NaN
+    return _score(model, examples, pad_id=pad_id, batch_size=batch_size, progress=progress)
+
+
+def _score(model: nn.Module, examples: list[Example], *, pad_id: int, batch_size: int,
+           progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`score_examples` without the scan of the weights: SFT's re-scoring of each loaded batch (checked once)."""
     int_at_least(batch_size, "batch_size", 1)
     _check_examples(examples, pad_id, model)
     t = max(len(e.ids) for e in examples)
@@ -447,7 +454,7 @@ class PerplexityPruner(_Pruner):
 # ------------------------------------------------------------------------------------------- training
 def _select(pruner, model, examples, pad_id, batch_size, report: SFTReport, progress: bool) -> Selection:
     if pruner.needs_model:
-        nll, ent, resp = score_examples(model, examples, pad_id=pad_id, batch_size=batch_size, progress=progress)
+        nll, ent, resp = _score(model, examples, pad_id=pad_id, batch_size=batch_size, progress=progress)
         report.tokens_scored += sum(len(e.ids) for e in examples)
     else:
         t = max(len(e.ids) for e in examples)
@@ -516,6 +523,7 @@ def sft(model: nn.Module, examples: list[Example], *, pad_id: int, pruner=None, 
         max_grad_norm = _check_number(max_grad_norm, "max_grad_norm", low=0.0, strict=True, hint=" (None: no clipping)")
     seed = int_at_least(seed, "seed", 0)
     _check_examples(examples, pad_id, model)
+    check_finite_weights(model, "the model")  # a NaN model was trained on (once here, not per re-scored batch)
     if pruner is not None and not hasattr(pruner, "select"):
         raise InputError(f"pruner must have a select(...) method (a prunekit pruner), got {type(pruner).__name__}")
     if pruner is not None and getattr(pruner, "every", None) not in EVERY:

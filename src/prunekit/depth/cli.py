@@ -88,19 +88,15 @@ def _validate(args):
     from pathlib import Path
 
     from prunekit.errors import check_not_input
-    from prunekit.weights.io import check_replaceable, read_config, resolve_model
+    from prunekit.weights.io import check_replaceable, config_depth, read_config, refuse_composite, resolve_model
 
     options = _common_checks(args)
     path = resolve_model(args.model)
     check_not_input(args.out, path, args.calib, *(args.eval or "").split(","))
     check_replaceable(Path(args.out).expanduser())  # before the work: --overwrite replaces earlier outputs only
     config = read_config(path)
-    from prunekit.depth.export import refuse_composite
-
     refuse_composite(config, "depth pruning")  # before the load: it was refused after the selection work
-    # GPT-2 names the depth n_layer, GPT-Neo num_layers: the --layers check was skipped for them
-    _check_depth(args, next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-                             if isinstance(config.get(k), int) and not isinstance(config.get(k), bool)), None))
+    _check_depth(args, config_depth(config))  # GPT-2's n_layer, GPT-Neo's num_layers: the check was skipped
     calib = prunekit.load_text(args.calib or "wiki", purpose="calibration")
     evals = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals}

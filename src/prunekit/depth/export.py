@@ -20,23 +20,13 @@ from prunekit.depth.core import check_keep, drop_blocks
 from prunekit.errors import InputError
 from prunekit.jsonl import check_metadata
 from prunekit.weights.engine import find_blocks
+from prunekit.weights.io import refuse_composite
 
 __all__ = ["drop_layers", "save_depth_pruned"]
 
 # config attributes that hold one entry per layer in some transformers architectures
 _PER_LAYER = ("layer_types", "no_rope_layers", "sliding_window_layers", "swa_layers",
               "prunekit_layer_widths")  # the last: a Týr output's per-layer widths (`prunekit.load`)
-
-
-def refuse_composite(config, what: str) -> None:
-    """A multimodal model (its language model's config under ``text_config``: Gemma3ForConditionalGeneration) is
-    refused before any work: its layers and sizes are not where a causal LM's are. `config`: a config or the dict
-    of a config.json."""
-    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-    if get("text_config") is not None or get("vision_config") is not None:
-        raise InputError(f"{get('model_type', 'this')!r} is a multimodal model (its language model's "
-                         f"settings sit under text_config); {what} handles text-only causal LMs; prune a text-only "
-                         "checkpoint of it")
 
 
 def drop_layers(model: nn.Module, keep: list[bool]) -> list[int]:

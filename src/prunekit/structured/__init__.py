@@ -117,9 +117,7 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
     """
     from prunekit import registry
     from prunekit.text import Text, calibration_ids, check_token_ids, load_text
-    from prunekit.weights.io import check_finite_weights
-
-    from prunekit.depth.export import refuse_composite
+    from prunekit.weights.io import check_finite_weights, refuse_composite
 
     check_request(method, ratio=ratio, structure=structure, options=options)
     check_model(model, "prune_structured")

@@ -240,11 +240,28 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
+def config_depth(config: dict) -> int | None:
+    """The layer count a config.json states, under any of the names architectures use (GPT-2: n_layer, GPT-Neo:
+    num_layers), or None."""
+    return next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+                 if isinstance(config.get(k), int) and not isinstance(config.get(k), bool)), None)
+
+
+def refuse_composite(config, what: str) -> None:
+    """A multimodal model (its language model's config under ``text_config``: Gemma3ForConditionalGeneration) is
+    refused before any work: its layers and sizes are not where a causal LM's are. `config`: a config or the dict
+    of a config.json."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    if get("text_config") is not None or get("vision_config") is not None:
+        raise InputError(f"{get('model_type', 'this')!r} is a multimodal model (its language model's "
+                         f"settings sit under text_config); {what} handles text-only causal LMs; prune a text-only "
+                         "checkpoint of it")
+
+
 def _check_layer_count(path: Path, config: dict) -> None:
     """A config naming more layers than the safetensors hold is refused before the load: transformers builds
     every missing layer first (a typo of 320 for 32 layers allocated ten models before the missing-key check)."""
-    depth = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers")
-                  if isinstance(config.get(k), int) and not isinstance(config.get(k), bool)), None)
+    depth = config_depth(config)
     if depth is None:
         return
     names = list(_tensor_dtypes(path))  # floating-point tensors' names, from the headers
