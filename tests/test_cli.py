@@ -645,6 +645,19 @@ def test_jsonl_calibration_and_methods_listing(model_dir, tmp_path, capsys):
     assert all(name in listing for name in ("magnitude", "wanda", "sparsegpt", "arxiv.org"))
 
 
+def test_readme_methods_table_is_the_registry():
+    """The README's Methods table and `prunekit methods` list the same names (HEMA was in neither listing)."""
+    import pathlib
+
+    from prunekit import registry
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("## Methods", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    listed = {name.split("(")[0].strip() for cell in rows[1:] for name in cell.split(",")}
+    assert listed == set(registry.METHODS)
+
+
 def test_dsnot_from_the_cli_with_options(model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "dsnot"
     rc = cli.main(prune_args(model_dir, text_file, out, "--method", "dsnot", "--base", "sparsegpt", "--ratio", "0.6",

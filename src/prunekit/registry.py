@@ -14,7 +14,7 @@ from prunekit.cnn import trp, udfc
 from prunekit import depth
 from prunekit.data.methods import confident, el2n, forgetting, grand, prototypes, qtuning
 from prunekit.inference.kv import DeepForcing, Delta, H2O, Knorm, SnapKV, StreamingLLM
-from prunekit.inference import reasoning
+from prunekit.inference import memory, reasoning
 from prunekit.structured import baselines as structured_baselines, tyr
 from prunekit.weights.methods import armor, dpruner, dsnot, magnitude, sparsegpt, wanda
 
@@ -24,7 +24,8 @@ __all__ = ["MethodSpec", "METHODS", "get", "names"]
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    domain: str  # "weights" | "data" | "cnn" | "kv" | "inference" (reasoning paths) | "structured" | "depth" (whole blocks)
+    # "weights" | "data" | "cnn" | "kv" | "inference" (reasoning paths) | "memory" | "structured" | "depth" (whole blocks)
+    domain: str
     paper: str
     url: str
     summary: str
@@ -34,6 +35,7 @@ class MethodSpec:
     # Q-Tuning the selection ``fn(nll, entropy, response, *, sample_ratio, token_ratio) -> Selection``.
     # kv domain: ``fn`` is the policy class (`prunekit.inference.kv.policy(model, name, budget=...)` runs it).
     # inference domain: ``fn`` is the rule over one question's sampled paths, ``fn(answers, ...) -> Vote``.
+    # memory domain: ``fn`` is the conversation memory class (``Memory(path).add / .prompt / .forget``).
     # depth domain: ``fn`` returns a keep-mask over the blocks of a `prunekit.depth.DepthTarget`.
     # `stats` may also be a function of the method's options returning the statistic's name (DSnoT).
     # A method that needs the whole model (gradients, several corpora) gives `prune_model(model, ids, *,
@@ -220,6 +222,13 @@ METHODS: dict[str, MethodSpec] = {
             "Efficient LLM Reasoning", "https://arxiv.org/abs/2502.00511",
             "drop low-probability paths by a 2-Weibull mixture and the mean, then perplexity consistency",
             fn=reasoning.rpc,
+        ),
+        MethodSpec(
+            "hema", "memory", "Ahn 2025, HEMA: A Hippocampus-Inspired Extended Memory Architecture for Long-Context "
+            "AI Conversations", "https://arxiv.org/abs/2504.16754",
+            "conversation memory: running summary + retrieved chunks + recent turns under a token budget, "
+            "salience-based forgetting (prunekit memory)",
+            fn=memory.Memory,
         ),
     )
 }
