@@ -10,6 +10,7 @@ pipeline does; prunekit's engine counts positions itself.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from contextlib import nullcontext
@@ -37,6 +38,13 @@ def cache_tokens(cache) -> int:
 
 def new_cache(model):
     return DynamicCache(config=model.config)
+
+
+def cache_arg(model, cache) -> dict:
+    """The forward's cache keyword: transformers >= 5.2x renamed ``past_key_values`` to ``cache`` (the old name
+    warns), kvpress's venv has the old one."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
 
 
 def passkey_sample(tok, *, context: int, depth: float, key: int) -> dict:
@@ -87,12 +95,13 @@ def passkey(model, sample: dict, *, prefill_ctx=nullcontext, rest_ctx=nullcontex
     n_ctx = ctx.shape[1]
     cache = new_cache(model)
     with prefill_ctx():
-        model(input_ids=ctx, past_key_values=cache, position_ids=torch.arange(n_ctx)[None], use_cache=True, logits_to_keep=1)
+        model(input_ids=ctx, **cache_arg(model, cache), position_ids=torch.arange(n_ctx)[None], use_cache=True,
+              logits_to_keep=1)
     kept_after_prefill = cache_tokens(cache)
     timer = AttentionTimer(model) if timed else None
     with rest_ctx():
         pos = n_ctx
-        out = model(input_ids=q, past_key_values=cache, position_ids=torch.arange(pos, pos + q.shape[1])[None],
+        out = model(input_ids=q, **cache_arg(model, cache), position_ids=torch.arange(pos, pos + q.shape[1])[None],
                     use_cache=True, logits_to_keep=1)
         pos += q.shape[1]
         nxt = out.logits[0, -1].argmax()
@@ -102,7 +111,8 @@ def passkey(model, sample: dict, *, prefill_ctx=nullcontext, rest_ctx=nullcontex
             timer.seconds = 0.0
         start = time.perf_counter()
         for i in range(new_tokens - 1):
-            out = model(input_ids=nxt.view(1, 1), past_key_values=cache, position_ids=torch.tensor([[pos + i]]), use_cache=True)
+            out = model(input_ids=nxt.view(1, 1), **cache_arg(model, cache), position_ids=torch.tensor([[pos + i]]),
+                        use_cache=True)
             nxt = out.logits[0, -1].argmax()
             generated.append(int(nxt))
             peak = max(peak, cache_bytes(cache))
@@ -132,12 +142,12 @@ def continuation_nll(model, ids: list[int], *, context: int, prefill_ctx=nullcon
     x = torch.tensor([ids])
     cache = new_cache(model)
     with prefill_ctx():
-        out = model(input_ids=x[:, :context], past_key_values=cache, position_ids=torch.arange(context)[None],
+        out = model(input_ids=x[:, :context], **cache_arg(model, cache), position_ids=torch.arange(context)[None],
                     use_cache=True, logits_to_keep=1)
     first = out.logits[0, -1].float().log_softmax(-1)[x[0, context]]
     kept = cache_tokens(cache)
     with rest_ctx():
-        out = model(input_ids=x[:, context:-1], past_key_values=cache,
+        out = model(input_ids=x[:, context:-1], **cache_arg(model, cache),
                     position_ids=torch.arange(context, x.shape[1] - 1)[None], use_cache=True)
     logp = out.logits[0].float().log_softmax(-1).gather(-1, x[0, context + 1:, None])[:, 0]
     nll = -(float(first) + float(logp.sum()))
@@ -154,7 +164,8 @@ def streaming_nll(model, ids: list[int], *, chunk: int, ctx=nullcontext) -> dict
     with ctx():
         for s in range(0, x.shape[1] - 1, chunk):
             e = min(s + chunk, x.shape[1] - 1)
-            out = model(input_ids=x[:, s:e], past_key_values=cache, position_ids=torch.arange(s, e)[None], use_cache=True)
+            out = model(input_ids=x[:, s:e], **cache_arg(model, cache), position_ids=torch.arange(s, e)[None],
+                        use_cache=True)
             logp = out.logits[0].float().log_softmax(-1).gather(-1, x[0, s + 1:e + 1, None])[:, 0]
             nll -= float(logp.sum())
             count += e - s

@@ -48,7 +48,9 @@ def main() -> int:
     from importlib.metadata import version
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar filled each log with ~270 redrawn lines per run
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
     jobs = json.load(open(args.jobs))
