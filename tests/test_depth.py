@@ -114,6 +114,25 @@ def test_planted_identity_blocks_are_removed_generic_blocks(method):
     assert keep == [True, False, False, True, False, True]
 
 
+def test_scores_are_computed_once_and_reported():
+    """ShortGPT's block influence ran twice (once to choose, once for the report); sensitivity reported nothing."""
+    import dataclasses
+
+    model = plant_identity(tiny_lm())
+    target = distill_target(model, ids())
+    calls = []
+    counted = dataclasses.replace(target, loss=lambda m, b: calls.append(1) or target.loss(m, b))
+    keep, info = depth.select_blocks(counted, "shortgpt", kept=2)
+    assert len(calls) == len(target.batches)
+    assert info["block_influence"] == pytest.approx(depth.block_influence(target).tolist())
+    calls.clear()
+    keep, info = depth.select_blocks(counted, "sensitivity", kept=2)
+    assert len(calls) == target.depth * len(target.batches)
+    losses = info["loss_without_block"]
+    assert len(losses) == target.depth and keep == [True, False, False, True]
+    assert min(losses[0], losses[3]) > max(losses[1], losses[2])  # the planted identities cost least to remove
+
+
 def test_every_other_keeps_first_and_last_evenly():
     keep = depth.every_other(30, kept=15)
     assert [i for i, k in enumerate(keep) if k] == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 29]

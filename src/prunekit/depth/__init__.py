@@ -11,17 +11,18 @@ random mask) or learned (TinyFusion), then recover by fine-tuning or distillatio
 >>> depth.recover(target, steps=100)               # LoRA fine-tuning, merged
 """
 
-from prunekit.depth.core import (DepthTarget, GatedBlock, causal_lm_target, check_keep, drop_blocks, gates,
-                                 group_options, parse_groups)
+from prunekit.depth.core import (DepthTarget, GatedBlock, causal_lm_target, check_keep, check_kept, drop_blocks,
+                                 gates, group_options, parse_groups)
 from prunekit.depth.export import drop_layers, save_depth_pruned
-from prunekit.depth.methods import block_influence, calibration_loss, every_other, random_masks, sensitivity, shortgpt
+from prunekit.depth.methods import (block_influence, calibration_loss, every_other, random_masks, removal_losses,
+                                    sensitivity, shortgpt)
 from prunekit.depth.recovery import RecoveryResult, recover
 from prunekit.depth.tinyfusion import TinyFusionResult, sample_masks, tinyfusion
 
 __all__ = [
     "DepthTarget", "GatedBlock", "RecoveryResult", "TinyFusionResult", "block_influence", "calibration_loss",
     "causal_lm_target", "check_keep", "drop_blocks", "drop_layers", "every_other", "gates", "group_options",
-    "parse_groups", "random_masks", "recover", "sample_masks", "save_depth_pruned", "select_blocks",
+    "parse_groups", "random_masks", "recover", "removal_losses", "sample_masks", "save_depth_pruned", "select_blocks",
     "sensitivity", "shortgpt", "tinyfusion",
 ]
 
@@ -38,10 +39,14 @@ def select_blocks(target: DepthTarget, method: str, *, kept: int, groups=None, s
         raise InputError(f"{method} takes no options ({', '.join(options)} given)")
     if groups is not None and method != "tinyfusion":
         raise InputError(f"groups apply to tinyfusion only, not {method}")
-    if method == "shortgpt":
-        return shortgpt(target, kept=kept), {"block_influence": block_influence(target).tolist()}
+    if method == "shortgpt":  # the influence once: it is a pass over the calibration data (it ran twice)
+        check_kept(kept, target.depth)
+        influence = block_influence(target)
+        return shortgpt(target, kept=kept, influence=influence), {"block_influence": influence.tolist()}
     if method == "sensitivity":
-        return sensitivity(target, kept=kept, progress=progress), {}
+        check_kept(kept, target.depth)
+        losses = removal_losses(target, progress=progress)
+        return sensitivity(target, kept=kept, losses=losses), {"loss_without_block": losses.tolist()}
     if method == "every-other":
         return every_other(target.depth, kept=kept), {}
     if method == "random":

@@ -73,19 +73,27 @@ def block_influence(target: DepthTarget) -> torch.Tensor:
     return 1 - sums / counts  # [depth]
 
 
-def shortgpt(target: DepthTarget, *, kept: int) -> list[bool]:
-    """Keep the `kept` blocks of highest Block Influence (the last block always kept)."""
+def shortgpt(target: DepthTarget, *, kept: int, influence: torch.Tensor | None = None) -> list[bool]:
+    """Keep the `kept` blocks of highest Block Influence (the last block always kept); `influence` is
+    `block_influence(target)` when already computed."""
     check_kept(kept, target.depth)
-    return keep_top(block_influence(target), kept, protect=(target.depth - 1,))
+    return keep_top(block_influence(target) if influence is None else influence, kept, protect=(target.depth - 1,))
 
 
-def sensitivity(target: DepthTarget, *, kept: int, progress: bool = False) -> list[bool]:
-    """Keep the `kept` blocks whose removal alone raises the calibration loss most."""
-    check_kept(kept, target.depth)
+def removal_losses(target: DepthTarget, *, progress: bool = False) -> torch.Tensor:
+    """The calibration loss with each block removed alone, ``[depth]``."""
     losses = torch.zeros(target.depth, dtype=torch.float64)  # [depth]
     for i in tqdm(range(target.depth), desc="sensitivity", unit="block", disable=not progress):
         losses[i] = calibration_loss(target, [j != i for j in range(target.depth)])
-    return keep_top(losses, kept)
+    return losses
+
+
+def sensitivity(target: DepthTarget, *, kept: int, progress: bool = False,
+                losses: torch.Tensor | None = None) -> list[bool]:
+    """Keep the `kept` blocks whose removal alone raises the calibration loss most; `losses` is
+    `removal_losses(target)` when already computed."""
+    check_kept(kept, target.depth)
+    return keep_top(removal_losses(target, progress=progress) if losses is None else losses, kept)
 
 
 def every_other(depth: int, *, kept: int) -> list[bool]:
