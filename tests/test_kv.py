@@ -218,6 +218,43 @@ def test_generate_refuses_a_padded_prompt_and_continuing_from_a_compressed_cache
     assert "generate" not in model.__dict__
 
 
+def test_padding_found_by_the_pad_id_is_refused_and_a_reset_cache_starts_over(models):
+    # without an attention_mask transformers masks the pad id's tokens itself (pad != EOS); the engine masked them
+    # at prefill only, so pads that survived eviction were attended while decoding
+    model = models["sdpa"]
+    ids = prompt(30)
+    padded = torch.cat([torch.zeros(1, 6, dtype=ids.dtype), ids], 1)
+    for name in ("streaming_llm", "h2o"):
+        with kv.policy(model, name, budget=16), pytest.raises(InputError, match="prompt is padded"):
+            model.generate(padded, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=1)
+        with kv.policy(model, name, budget=16):  # the pad id equal to EOS masks nothing, so nothing is refused
+            model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=0)
+    # a compressed cache reset to nothing is a fresh cache again: it was refused as "compressed"
+    cache = DynamicCache(config=model.config)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with kv.policy(model, "h2o", budget=8):
+        model.generate(ids, cache=cache, **kwargs)
+        assert max(kv.cache_tokens(cache)) <= 8
+        cache.reset()
+        again = model.generate(ids, cache=cache, **kwargs)
+        fresh = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)
+    assert torch.equal(again, fresh)
+    assert "generate" not in model.__dict__ and "_prepare_attention_mask_for_generation" not in model.__dict__
+
+
+def test_a_compiled_model_is_restored_on_exit(models):
+    # the generate wrapper set through torch.compile's wrapper lands on the model inside it; exit looked for it on
+    # the wrapper, so it stayed and refused the padded batches of later plain generate calls
+    model = models["sdpa"]
+    compiled = torch.compile(model, backend="eager")
+    with kv.policy(compiled, "h2o", budget=8):
+        assert "generate" in model.__dict__
+    assert "generate" not in model.__dict__ and "_prepare_attention_mask_for_generation" not in model.__dict__
+    ids = torch.cat([prompt(12), torch.cat([torch.zeros(1, 4, dtype=torch.long), prompt(8, seed=2)], 1)], 0)
+    mask = (ids != 0).long()
+    model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)  # no policy: fine
+
+
 def test_cache_filled_outside_the_policy_is_named_and_eager_attention_weights_come_back(models):
     model = models["eager"]
     ids = prompt(20)

@@ -38,12 +38,16 @@ A policy (one file per method in this folder) only scores; this file owns the me
 
 Batches: batch size 1 only, unpadded; a larger batch (several prompts, ``num_beams`` or
 ``num_return_sequences`` > 1) raises `InputError` at the first forward, and ``generate`` refuses a prompt
-whose ``attention_mask`` marks padding (per-sequence budgets with padding are not implemented; pads given
-without their mask cannot be told from text and are attended as tokens). A cache the policy has compressed cannot be
+whose ``attention_mask`` marks padding, or in which ``generate`` finds padding itself (no mask given, the pad id
+present and different from EOS); per-sequence budgets with padding are not implemented, and pads that generate
+would not mask cannot be told from text and are attended as tokens. A cache the policy has compressed cannot be
 handed back to ``generate`` to continue: transformers takes the tokens past its (shrunken) length as new and
 would feed evicted ones again, so that is an `InputError` too; pass the whole text with a fresh cache (direct
 forwards of new tokens only, e.g. streaming a text in chunks, may continue: the engine numbers positions
-itself). While the context is open, the model's ``generate`` is an instance attribute that makes these checks.
+itself). While the context is open, the model's ``generate`` (and transformers' mask inference for it) are
+instance attributes that make these checks, on the model inside a ``torch.compile`` wrapper; after the context
+exits nothing checks, so a compressed cache must not be given to plain ``generate`` then either (direct forwards
+that pass each token's position, as kvpress's pipeline does, may continue it).
 Attention weights (``output_attentions``) come back where the model's attention computed them (eager), over the
 entries the cache kept. Supported architectures: Llama-style attention with rotary embeddings and a
 ``DynamicCache`` (model types in `SUPPORTED_MODEL_TYPES`: llama, mistral and mixtral without sliding window, qwen2,
@@ -229,7 +233,7 @@ class Engine:
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> key/value buffers (`_append`)
         self._cache_ref = None
         self._installed = False
-        self._own_generate = None
+        self._own: dict[str, object] = {}  # instance attributes the context replaced: name -> the user's own, or None
 
     @staticmethod
     def _attention_layers(model) -> list:
@@ -258,23 +262,38 @@ class Engine:
         return attns
 
     # ---- install / restore ---------------------------------------------------------------------------
+    @property
+    def _owner(self):
+        """The module that holds `generate`: a `torch.compile` wrapper forwards attributes to the model inside it
+        (the wrapper was set there but looked for on the wrapper at exit, so it outlived the context)."""
+        return getattr(self.model, "_orig_mod", self.model)
+
     def __enter__(self):
         for attn in self.layers:
             attn.forward = types.MethodType(self._make_forward(), attn)
-        if callable(getattr(self.model, "generate", None)):
-            self._own_generate = self.model.__dict__.get("generate")  # someone's instance-level wrapper, if any
-            self.model.generate = self._make_generate(self.model.generate)
+        owner = self._owner
+        replacements = {}
+        if callable(getattr(owner, "generate", None)):
+            replacements["generate"] = self._make_generate(owner.generate)
+        if callable(getattr(owner, "_prepare_attention_mask_for_generation", None)):
+            replacements["_prepare_attention_mask_for_generation"] = self._make_mask_check(
+                owner._prepare_attention_mask_for_generation)
+        for name, fn in replacements.items():
+            self._own[name] = owner.__dict__.get(name)  # someone's instance-level wrapper, if any
+            setattr(owner, name, fn)
         self._installed = True
         return self
 
     def __exit__(self, *exc):
         for attn in self.layers:
             attn.__dict__.pop("forward", None)
-        if "generate" in self.model.__dict__:
-            if self._own_generate is None:
-                del self.model.generate
+        owner = self._owner
+        for name, own in self._own.items():
+            if own is None:
+                owner.__dict__.pop(name, None)
             else:
-                self.model.generate = self._own_generate
+                setattr(owner, name, own)
+        self._own = {}
         self._installed = False
         self.states = []
         self._buffers = {}
@@ -330,11 +349,29 @@ class Engine:
 
         return checked
 
+    @staticmethod
+    def _make_mask_check(prepare):
+        """transformers' own mask inference (`generate` without an ``attention_mask``: pads found by the pad id
+        when it differs from EOS), refused when it finds padding as an explicit mask with zeros is."""
+
+        def checked(*args, **kwargs):
+            mask = prepare(*args, **kwargs)
+            if isinstance(mask, torch.Tensor) and bool((mask == 0).any()):
+                raise InputError("the prompt is padded (it holds the pad token id, which generate masks out); KV "
+                                 "policies take one unpadded prompt: tokenize it alone, without padding")
+            return mask
+
+        return checked
+
     def _compressed(self, cache) -> bool:
-        """Whether `cache` is the one this engine tracks and some layer of it has evicted entries."""
+        """Whether `cache` is the one this engine tracks and some layer of it still holds a compressed state (a
+        cache reset to nothing starts over)."""
         if self._cache_ref is None or self._cache_ref() is not cache:
             return False
-        return any(st.orig is not None and st.orig.shape[-1] != st.seen for st in self.states)
+        lengths = [0 if layer.keys is None or not layer.keys.numel() else layer.keys.shape[-2]
+                   for layer in getattr(cache, "layers", ())]
+        return any(st.orig is not None and st.orig.shape[-1] != st.seen and i < len(lengths) and lengths[i] > 0
+                   for i, st in enumerate(self.states))
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor):
         return self.rotary(x, positions[None, :])  # cos, sin: [1, q, d]
