@@ -502,6 +502,8 @@ def test_cli_tinyfusion_with_recovery_writes_a_loadable_shallow_model(lm_dir, ca
     assert meta["speed"]["pruned"]["params"] < meta["speed"]["dense"]["params"]
     assert set(meta["speed"]["speedup"]) == {"prefill", "decode"}
     assert "measured speedup" in (out / "report.md").read_text()
+    assert (out / "blocks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(blocks.png)" in (out / "report.md").read_text()
 
 
 def test_cli_refuses_a_recovery_that_diverged_and_reports_an_overflowing_perplexity(lm_dir, calib, tmp_path,

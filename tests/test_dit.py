@@ -251,6 +251,8 @@ def test_cli_prunes_a_dit_folder(tmp_path, capsys):
     meta = json.loads((out / "prunekit.json").read_text())
     assert meta["kind"] == "dit" and len(meta["kept_layers"]) == 2 and meta["recovery"]["steps"] == 2
     assert meta["speed"]["speedup"] > 0 and "speedup" in (out / "report.md").read_text()
+    assert len(meta["method_info"]["loss_without_block"]) == meta["dense_layers"]
+    assert (out / "blocks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     small = D.load_dit(out)
     assert len(small.blocks) == 2
     x, t, y = _images(3), torch.tensor([5, 50, 500]), torch.tensor([0, 1, 2])

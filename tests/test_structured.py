@@ -427,7 +427,8 @@ def test_cli_tyr_on_tiny_folder_writes_report_and_reloads(model_dir, text_file, 
     assert "measured speedup" in printed and "saved to" in printed
     meta = json.loads((out / "prunekit.json").read_text())
     assert meta["method"] == "tyr" and len(meta["widths"]) == 2 and meta["speed"]["pruned"]["params"] < meta["speed"]["dense"]["params"]
-    assert "Per-layer widths" in (out / "report.md").read_text()
+    assert "Per-layer widths" in (out / "report.md").read_text() and "(widths.png)" in (out / "report.md").read_text()
+    assert (out / "widths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model, _ = prunekit.load(out)
     assert [w.intermediate for w in layer_widths(model)] == [w["intermediate"] for w in meta["widths"]]
     assert main(args) == 2  # the folder exists now: refused without --overwrite

@@ -1,10 +1,11 @@
-"""A run's record for people: ``report.md`` and ``layers.png`` (per-layer sparsity and reconstruction error)."""
+"""A run's record for people: ``report.md`` and a figure: ``layers.png`` (per-layer sparsity and reconstruction
+error), ``widths.png`` (structured: heads and neurons kept per layer) or ``blocks.png`` (depth: blocks kept)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["write_report", "ppl_table"]
+__all__ = ["write_report", "ppl_table", "plot_widths", "plot_blocks"]
 
 
 def ppl_table(evals: dict) -> str:
@@ -18,15 +19,57 @@ def ppl_table(evals: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(path: Path, layers: list[dict], title: str) -> None:
-    """One line per kind of Linear (q_proj, down_proj, ...) against its block index."""
-    import re
-
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_widths(path: Path, widths: list[tuple[int, int]], dense: tuple[int, int], title: str) -> None:
+    """Structured pruning: the fraction of query heads and of MLP neurons each layer keeps."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    xs = list(range(len(widths)))
+    ax.plot(xs, [h / dense[0] for h, _ in widths], marker="o", label=f"query heads (of {dense[0]})")
+    ax.plot(xs, [n / dense[1] for _, n in widths], marker="s", label=f"MLP neurons (of {dense[1]})")
+    ax.set_ylim(0, 1.05)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction kept")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_blocks(path: Path, depth: int, kept: list[int], title: str, scores: list[float] | None = None,
+                score_name: str = "") -> None:
+    """Depth pruning: one bar per block, kept or removed; its height is the method's score when it has one."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    heights = scores if scores is not None else [1.0] * depth
+    colors = ["tab:blue" if i in kept else "lightgray" for i in range(depth)]
+    ax.bar(range(depth), heights, color=colors)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("block (blue: kept, gray: removed)")
+    ax.set_ylabel(score_name if scores is not None else "")
+    if scores is None:
+        ax.set_yticks([])
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot(path: Path, layers: list[dict], title: str) -> None:
+    """One line per kind of Linear (q_proj, down_proj, ...) against its block index."""
+    import re
+
+    plt = _pyplot()
     series: dict[str, list[tuple[int, float, float]]] = {}
     for r in layers:
         match = re.search(r"\.(\d+)\.(.+)$", r["name"])

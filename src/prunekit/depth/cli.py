@@ -2,15 +2,16 @@
 
 Depth pruning from the command line, over `prunekit.depth`: choose the blocks to keep on calibration text,
 drop the others, optionally recover by fine-tuning, and save a standard model (config and layer indices
-rewritten) with ``prunekit.json`` (kept layer indices, what the method reported, perplexities).
+rewritten) with ``prunekit.json`` (kept layer indices, what the method reported, perplexities), ``report.md``
+and ``blocks.png`` (the blocks kept, over ShortGPT's or sensitivity's per-block score where there is one).
 Everything is validated before the model is loaded; the output folder appears only when complete.
 
 MODEL may also be a DiT folder written by `prunekit.depth.dit.save_dit` (the Fashion-MNIST testbed): then the
 calibration data are ``--samples`` Fashion-MNIST training images (the data the DiT models; ``--calib`` must be
 unset or ``fashion-mnist``), the loss is the diffusion loss, ``--eval fid`` reports the classifier FID and
 class accuracy of DDIM samples before and after (30 per class, 25 steps; not Inception-FID), the speedup is
-that of one denoiser forward, and the result is a DiT folder (`load_dit`) with ``prunekit.json`` and
-``report.md``.
+that of one denoiser forward, and the result is a DiT folder (`load_dit`) with ``prunekit.json``,
+``report.md`` and ``blocks.png``.
 """
 
 from __future__ import annotations
@@ -182,7 +183,9 @@ def run_prune(args) -> int:
             lines += [_speed_line(speed), ""]
         if evaluation:
             lines.append(report.ppl_table(evaluation))
+        lines += ["", "![blocks kept](blocks.png)"]
         (folder / "report.md").write_text("\n".join(lines) + "\n")
+        _plot_blocks(folder, args.method, dense_layers, kept, info)
         carry_licence(args.model, folder)
 
     out = depth.save_depth_pruned(model, tok, args.out, metadata=meta, overwrite=args.overwrite, extra=extra,
@@ -195,6 +198,19 @@ def run_prune(args) -> int:
         print(report.ppl_table(evaluation))
     print(f"saved to {out} ({dtype_words})")
     return 0
+
+
+_SCORES = {"shortgpt": ("block_influence", "block influence (1 - cos)"),
+           "sensitivity": ("loss_without_block", "calibration loss without the block")}
+
+
+def _plot_blocks(folder, method: str, depth: int, kept: list[int], info: dict) -> None:
+    """``blocks.png``: the blocks kept, with the method's per-block score where it has one."""
+    from prunekit import report
+
+    key, name = _SCORES.get(method, (None, ""))
+    report.plot_blocks(folder / "blocks.png", depth, kept, f"{method}: {depth} -> {len(kept)} blocks",
+                       scores=info.get(key) if key else None, score_name=name)
 
 
 DIT_EVAL = {"n_per_class": 30, "steps": 25, "seed": 0}
@@ -285,7 +301,8 @@ def _run_dit(args) -> int:
         from prunekit import jsonl
 
         (folder / "prunekit.json").write_text(jsonl.dumps(meta, indent=2) + "\n")
-        (folder / "report.md").write_text(report_md)
+        (folder / "report.md").write_text(report_md + "\n![blocks kept](blocks.png)\n")
+        _plot_blocks(folder, args.method, dense_layers, kept, info)
 
     out = dit.save_dit(model, args.out, info={"pruned_from": str(args.model), "kept_layers": kept},
                        overwrite=args.overwrite, extra=extra)

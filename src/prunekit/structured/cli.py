@@ -3,7 +3,7 @@
 `prunekit.cli` adds these options to its `prune` parser (`add_prune_arguments`) and calls `run_prune` when the
 method's registry domain is "structured". Everything is validated before the model is pruned; the output folder
 is written atomically (the pruned model, ``prunekit.json`` with the per-layer widths, perplexity and measured
-speed, and ``report.md``).
+speed, ``report.md`` and ``widths.png``, the fraction of heads and neurons each layer keeps).
 """
 
 from __future__ import annotations
@@ -42,13 +42,14 @@ def _report(meta: dict, table: str) -> str:
     for name, ev in meta.get("evaluation", {}).items():
         lines.append(f"Perplexity on {name}: dense {ev['dense']['ppl']:.3f}, pruned {ev['pruned']['ppl']:.3f} "
                      f"({ev['pruned']['tokens']} tokens).")
-    lines += ["", "## Per-layer widths", "", table, ""]
+    lines += ["", "## Per-layer widths", "", "![fraction of heads and neurons kept per layer](widths.png)", "", table,
+              ""]
     return "\n".join(lines)
 
 
 def run_prune(args) -> int:
     import prunekit
-    from prunekit import registry
+    from prunekit import registry, report
     from prunekit.cli import _options, _versions
     from prunekit.evaluate import EVAL_TOKENS
     from prunekit.speed import compare_speed_with_dense
@@ -106,10 +107,17 @@ def run_prune(args) -> int:
             "evaluation": evaluation, "speed": speed, "saved_dtype": str(saved_dtype).removeprefix("torch."),
             "versions": _versions(), "wall_seconds": None}
     meta["wall_seconds"] = time.perf_counter() - wall
-    report = _report(meta, result.table())
-    out = save_structured(model, tok, args.out, metadata=meta, overwrite=args.overwrite,
-                          extra=lambda folder: ((folder / "report.md").write_text(report),
-                                                carry_licence(args.model, folder)), dtype=saved_dtype)
+    report_md = _report(meta, result.table())
+
+    def extra(folder):
+        (folder / "report.md").write_text(report_md)
+        dense = result.dense_widths
+        report.plot_widths(folder / "widths.png", [(w.heads, w.intermediate) for w in result.widths],
+                           (dense.heads, dense.intermediate), f"{args.method} ({structure}), ratio {args.ratio:g}")
+        carry_licence(args.model, folder)
+
+    out = save_structured(model, tok, args.out, metadata=meta, overwrite=args.overwrite, extra=extra,
+                          dtype=saved_dtype)
     print(f"pruned {args.model} with {args.method} ({structure}): removed {result.removed:.4f} of the block weights, "
           f"parameters {result.params_before:,} -> {result.params_after:,}, {result.seconds:.1f} s")
     widths = sorted({(w.heads, w.intermediate) for w in result.widths})
