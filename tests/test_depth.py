@@ -279,6 +279,23 @@ def test_moe_layer_layouts_are_rewritten_so_the_folder_reloads_the_kept_blocks(k
         assert torch.equal(got.eval()(input_ids=x).logits, want)
 
 
+@pytest.mark.parametrize("keep", [[True, False, False, True], [False, True, True, True], [True, True, False, False]])
+def test_qwen2_max_window_layers_agrees_with_the_kept_layer_types(keep):
+    """layer_types was rewritten but max_window_layers kept its old index, so the config's rule (layers from
+    max_window_layers on slide) described other layers than its list."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("qwen2", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                               sliding_window=8, max_window_layers=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    kept_types = [t for t, k in zip(cfg.layer_types, keep) if k]
+    depth.drop_layers(model, keep)
+    assert model.config.layer_types == kept_types
+    rule = {k: v for k, v in model.config.to_dict().items() if k != "layer_types"}
+    assert AutoConfig.for_model(**rule).layer_types == kept_types
+
+
 def test_a_layout_the_rewrite_misses_is_refused_before_the_model_changes(monkeypatch):
     from prunekit.depth import export
 

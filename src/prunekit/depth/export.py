@@ -36,7 +36,8 @@ def drop_layers(model: nn.Module, keep: list[bool]) -> list[int]:
     describes must have exactly the kept blocks' weights (names and shapes), so the saved folder cannot load
     with some layers freshly initialised. Layouts given by rule are rewritten: Qwen-MoE's dense layers
     (``mlp_only_layers`` + ``decoder_sparse_step``) become ``decoder_sparse_step=1`` and the kept dense layers'
-    new indices; DeepSeek-V3/GLM-4-MoE's ``first_k_dense_replace`` counts the kept dense layers. A layout
+    new indices; DeepSeek-V3/GLM-4-MoE's ``first_k_dense_replace`` counts the kept dense layers, and Qwen2/3's
+    ``max_window_layers`` the kept layers below the first sliding one (so the rule and ``layer_types`` agree). A layout
     prunekit cannot express is an `InputError`, with the model untouched.
     """
     prefix, blocks = find_blocks(model)
@@ -83,6 +84,9 @@ def _config_updates(config, kept: list[int], depth: int) -> dict:
     first = attrs.get("first_k_dense_replace")  # DeepSeek-V3, GLM-4-MoE: the first k layers are dense
     if isinstance(first, int) and not isinstance(first, bool):
         updates["first_k_dense_replace"] = sum(old < first for old in kept)
+    window = attrs.get("max_window_layers")  # Qwen2/3: with use_sliding_window, layers from this index slide
+    if isinstance(window, int) and not isinstance(window, bool):  # (layer_types, rewritten below, says it too)
+        updates["max_window_layers"] = sum(old < window for old in kept)
     for name, value in attrs.items():
         if name in updates:
             continue
