@@ -164,6 +164,13 @@ def test_a_sparsity_the_ratio_rounds_away_is_noted(model_dir, text_file, tmp_pat
     assert f"the sparsity reached, {got['total_sparsity']:.4f}, differs from --ratio 0.01" in captured.err
     assert cli.main(prune_args(model_dir, text_file, tmp_path / "b", "--method", "wanda", "--ratio", "0.5")) == 0
     assert "note" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "prunekit.json").read_text())["input_sparsity"] == 0
+    # pruning that output again at a lower ratio keeps its zeros: the note blamed per-row rounding
+    assert cli.main(prune_args(tmp_path / "b", text_file, tmp_path / "c", "--method", "wanda", "--ratio", "0.3")) == 0
+    err = capsys.readouterr().err
+    again = json.loads((tmp_path / "c" / "prunekit.json").read_text())
+    assert again["input_sparsity"] == pytest.approx(0.5, abs=0.01) and again["total_sparsity"] >= 0.49
+    assert "the input was already 0.5" in err and "round away" not in err
 
 
 def test_save_pruned_dtype_leaves_the_model_alone_and_dtype_names_are_checked(llama, tok, model_dir, tmp_path):

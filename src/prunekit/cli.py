@@ -262,6 +262,7 @@ def _cmd_prune(args) -> int:
     for name, text in eval_texts.items():
         evaluation[name] = {"dense": prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens,
                                                          progress=progress).to_dict()}
+    zeros_before = prunekit.sparsity(model)["layers"]  # an input pruned before keeps its zeros
     result = prunekit.prune(
         model, method=args.method, ratio=ratio, pattern=args.pattern, calibration=calib_text, tokenizer=tok,
         samples=args.samples, seqlen=args.seqlen, seed=args.seed, skip=tuple(args.skip),
@@ -271,9 +272,12 @@ def _cmd_prune(args) -> int:
         evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens,
                                                          progress=progress).to_dict()
     measured = prunekit.sparsity(model)
+    sizes = {r.name: r.shape[0] * r.shape[1] for r in result.layers}
+    input_sparsity = sum(zeros_before.get(n, 0.0) * s for n, s in sizes.items()) / max(sum(sizes.values()), 1)
     meta = {
         "model": str(args.model),
         **{k: v for k, v in result.to_dict().items() if k != "layers"},
+        "input_sparsity": input_sparsity,  # of the layers pruned, before pruning
         "layers": [dict(vars(r), shape=list(r.shape)) for r in result.layers],
         "model_sparsity": measured["model_total"],
         "pattern_violations": prunekit.check_pattern(model, result.pattern, skip=tuple(args.skip))
@@ -293,7 +297,11 @@ def _cmd_prune(args) -> int:
              else "relative error not measured by this method")  # was printed as "nan"
     print(f"pruned {args.model} with {args.method} ({result.pattern or f'{ratio:g} unstructured'}): "
           f"sparsity {result.total_sparsity:.4f} over {len(result.layers)} layers, {error}, {result.seconds:.1f} s")
-    if not result.pattern and abs(result.total_sparsity - ratio) > 0.005:  # narrow layers round per row
+    if input_sparsity > 0.005 and result.total_sparsity > ratio + 0.005:
+        print(f"prunekit: note: the input was already {input_sparsity:.4f} sparse in the layers pruned (pruned "
+              f"before?) and its zeros stay zeros, so the sparsity reached, {result.total_sparsity:.4f}, is above "
+              f"{'the pattern' if result.pattern else f'--ratio {ratio:g}'}", file=sys.stderr)
+    elif not result.pattern and abs(result.total_sparsity - ratio) > 0.005:  # narrow layers round per row
         print(f"prunekit: note: the sparsity reached, {result.total_sparsity:.4f}, differs from --ratio {ratio:g}: "
               f"{args.method} removes a whole number of weights per output row (floor(inputs x ratio)), which "
               "narrow layers round away", file=sys.stderr)
