@@ -426,6 +426,10 @@ def test_cli_tyr_on_tiny_folder_writes_report_and_reloads(model_dir, text_file, 
     printed = capsys.readouterr().out
     assert "measured speedup" in printed and "saved to" in printed
     meta = json.loads((out / "prunekit.json").read_text())
+    per_layer = "prunekit_layer_widths" in json.loads((out / "config.json").read_text())
+    assert per_layer == (len({(w["heads"], w["intermediate"]) for w in meta["widths"]}) > 1)
+    assert ("load with prunekit.load: its widths differ per layer" if per_layer
+            else "load with plain transformers or prunekit.load") in printed
     assert meta["method"] == "tyr" and len(meta["widths"]) == 2 and meta["speed"]["pruned"]["params"] < meta["speed"]["dense"]["params"]
     assert "Per-layer widths" in (out / "report.md").read_text() and "(widths.png)" in (out / "report.md").read_text()
     assert (out / "widths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -541,4 +545,6 @@ def test_multi_head_attention_says_once_that_heads_cannot_go(tmp_path, capsys):
     char_tokenizer().save_pretrained(folder)
     assert main(["prune", str(folder), "--method", "magnitude-structured", "--ratio", "0.2", "--out",
                  str(tmp_path / "out"), "--no-speed", "--quiet"]) == 0
-    assert "multi-head attention); head pruning removes query heads within a KV group" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "multi-head attention); head pruning removes query heads within a KV group" in captured.err
+    assert "load with plain transformers or prunekit.load" in captured.out  # uniform widths: it named prunekit.load

@@ -128,5 +128,9 @@ def run_prune(args) -> int:
               f"decode {speed['speedup']['decode']:.2f}x")
     for name, ev in evaluation.items():
         print(f"perplexity {name}: dense {ev['dense']['ppl']:.3f} -> pruned {ev['pruned']['ppl']:.3f}")
-    print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'}; load with prunekit.load)")
+    from prunekit.structured.export import WIDTHS_KEY
+
+    loader = ("prunekit.load: its widths differ per layer" if getattr(model.config, WIDTHS_KEY, None)
+              else "plain transformers or prunekit.load")  # it named prunekit.load for uniform widths too
+    print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'}; load with {loader})")
     return 0
