@@ -192,6 +192,18 @@ def test_perplexity_of_ids_refuses_windows_with_nothing_to_predict(llama, ids, b
     assert count == 14 and nll > 0
 
 
+def test_perplexity_of_ids_is_the_models_own_mean_loss_at_any_batch_size(llama):
+    """The NLL is summed one window at a time (the batch's fp32 copies held three batch-sized logits at once)."""
+    from prunekit.evaluate import perplexity_of_ids
+
+    ids = torch.randint(0, llama.config.vocab_size, (5, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = float(llama(input_ids=ids, labels=ids).loss)  # mean over the 5 x 11 predictions
+    for batch_size in (1, 2, 5):
+        nll, count = perplexity_of_ids(llama, ids, batch_size=batch_size, progress=False)
+        assert count == 55 and nll == pytest.approx(want, rel=1e-6)
+
+
 def test_a_long_text_is_tokenized_in_pieces_with_the_same_tokens(monkeypatch):
     """One 50 MB line took 6 GB in the Rust tokenizer (an abort under a lower limit): long texts go in pieces, cut
     before a newline that follows a letter or digit, and only for a tokenizer that tokenizes pieces as the whole."""
