@@ -139,6 +139,25 @@ def test_forget_called_explicitly_and_disabled_schedule(tmp_path):
 
 
 # -- retrieval and prompts --------------------------------------------------------------------------------
+def test_ties_at_the_kth_place_go_to_the_older_chunks(tmp_path):
+    """argpartition picked among chunks tied at the k-th score at random: retrieve(k=5) was not the start of
+    retrieve(k=200), against the documented "ties to the older chunk"."""
+    import random
+
+    for trial in range(5):
+        rnd = random.Random(trial)
+        kinds = ["best"] * 2 + ["tie"] * rnd.randint(5, 60) + ["low"] * rnd.randint(0, 60)
+        rnd.shuffle(kinds)
+        text = {"best": "garage code", "tie": "my garage code is 4417", "low": "my cat likes fish and the garage"}
+        m = mem(tmp_path, name=f"t{trial}.db", forget_every=0, sos_every=0)
+        m.add_many([text[kd] for kd in kinds])
+        got = [r.turn for r in m.retrieve("garage code", k=5, mark=False)]
+        ties = [i for i, kd in enumerate(kinds) if kd == "tie"]
+        assert got == [i for i, kd in enumerate(kinds) if kd == "best"] + ties[:3]
+        assert [r.turn for r in m.retrieve("garage code", k=200, mark=False)][:5] == got
+        m.close()
+
+
 def test_retrieval_is_cosine_top_k(tmp_path):
     rng = np.random.default_rng(0)
     m = mem(tmp_path, forget_every=0, sos_every=0, chunk_words=1000)

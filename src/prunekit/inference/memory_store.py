@@ -450,8 +450,11 @@ class SQLiteStore(Store):
             raise InputError(f"query vector has dimension {q.shape[0]}, the store {self._mat.shape[1]}")
         scores = self._mat @ q  # [n]
         k = min(k, n)
-        top = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)  # [k]
-        top = top[np.lexsort((self._ids[top], -scores[top]))]  # best first, ties to the older chunk
+        if k < n:  # every chunk scoring at least the k-th best: argpartition alone picks among ties at random
+            top = np.flatnonzero(scores >= scores[np.argpartition(-scores, k - 1)[k - 1]])  # [>= k]
+        else:
+            top = np.arange(n)
+        top = top[np.lexsort((self._ids[top], -scores[top]))][:k]  # best first, ties to the older chunk
         return [(int(self._ids[i]), float(scores[i])) for i in top]
 
     def index_size(self) -> int:
