@@ -734,3 +734,13 @@ def test_a_pre_activation_block_is_not_taken_for_a_conv1_bn1_conv2_chain():
     # a post-activation block of the same shape is still compressed
     model = resnet.ResNet(widths=(4, 8, 8), blocks=1).eval()
     assert len(udfc.compress(model, ratio=0.25).blocks) == len(udfc.find_pairs(model))
+
+
+def test_compress_and_decompose_leave_the_callers_global_rng_alone():
+    """New convs were built with default init, drawing from the caller's global RNG before being overwritten."""
+    net = resnet.ResNet().eval()
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    udfc.compress(net, ratio=0.3, bits=6)
+    trp.decompose(copy.deepcopy(net), energy=0.9)
+    assert torch.equal(torch.random.get_rng_state(), state)

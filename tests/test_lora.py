@@ -31,7 +31,9 @@ def test_starts_equal_trains_only_adapters_and_merges_exactly():
         opt.zero_grad()
     adapted = model(ids).logits.detach()
     assert not torch.allclose(adapted, before, atol=1e-4)
+    state = torch.random.get_rng_state()
     merge_lora(model)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the merged Linears drew an unused default init
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     torch.testing.assert_close(model(ids).logits, adapted, atol=1e-5, rtol=1e-5)
 

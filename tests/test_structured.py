@@ -548,3 +548,11 @@ def test_multi_head_attention_says_once_that_heads_cannot_go(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "multi-head attention); head pruning removes query heads within a KV group" in captured.err
     assert "load with plain transformers or prunekit.load" in captured.out  # uniform widths: it named prunekit.load
+
+
+def test_structured_pruning_leaves_the_callers_global_rng_alone():
+    model = tiny()  # drawn before the state is taken
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    prunekit.prune_structured(model, method="magnitude-structured", ratio=0.3, structure="both", progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)  # new Linears drew their unused default init from it

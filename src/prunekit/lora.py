@@ -80,8 +80,9 @@ class LoRALinear(nn.Module):
 
     def merged(self) -> nn.Linear:
         """A plain Linear whose weight is ``W + (alpha / r) B A``."""
-        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                        device=self.base.weight.device, dtype=self.base.weight.dtype)
+        out = nn.utils.skip_init(nn.Linear, self.base.in_features, self.base.out_features,  # no draw from the
+                                 bias=self.base.bias is not None,  # caller's global RNG: overwritten below
+                                 device=self.base.weight.device, dtype=self.base.weight.dtype)
         with torch.no_grad():
             out.weight.copy_(self.base.weight + self.delta().to(self.base.weight.dtype))
             if self.base.bias is not None:

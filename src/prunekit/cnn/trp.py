@@ -50,6 +50,7 @@ Departures from the reference code, and why:
 
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Integral, Real
 
@@ -264,12 +265,13 @@ def _factor_convs(conv: nn.Conv2d, rank: int, scheme: str) -> LowRankConv:
     ph, pw = conv.padding
     bias = conv.bias is not None
     kw_ = dict(device=conv.weight.device, dtype=conv.weight.dtype)
+    conv2d = functools.partial(nn.utils.skip_init, nn.Conv2d)  # the caller fills the weights: no global RNG draw
     if scheme == "channel":
-        first = nn.Conv2d(c, rank, (kh, kw), conv.stride, conv.padding, conv.dilation, bias=False, **kw_)
-        second = nn.Conv2d(rank, n, 1, bias=bias, **kw_)
+        first = conv2d(c, rank, (kh, kw), conv.stride, conv.padding, conv.dilation, bias=False, **kw_)
+        second = conv2d(rank, n, 1, bias=bias, **kw_)
     else:
-        first = nn.Conv2d(c, rank, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=False, **kw_)
-        second = nn.Conv2d(rank, n, (1, kw), (1, sw), (0, pw), (1, dw), bias=bias, **kw_)
+        first = conv2d(c, rank, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=False, **kw_)
+        second = conv2d(rank, n, (1, kw), (1, sw), (0, pw), (1, dw), bias=bias, **kw_)
     return LowRankConv(first, second, scheme)
 
 
@@ -311,7 +313,12 @@ def install_lowrank(model: nn.Module, name: str, *, rank: int, scheme: str, modu
     conv = model.get_submodule(name)
     if not isinstance(conv, nn.Conv2d):
         raise InputError(f"{name!r} is not an nn.Conv2d (already decomposed?)")
-    _set_module(model, name, module if module is not None else _factor_convs(conv, rank, _check_scheme(scheme)))
+    if module is None:
+        module = _factor_convs(conv, rank, _check_scheme(scheme))
+        with torch.no_grad():  # skip_init left the memory as it was
+            for p in module.parameters():
+                p.zero_()
+    _set_module(model, name, module)
     record = dict(getattr(model, "lowrank", {}))
     record[name] = {"rank": int(rank), "scheme": scheme}
     model.lowrank = record
@@ -427,8 +434,8 @@ def fuse_lowrank(lr: LowRankConv) -> nn.Conv2d:
         stride = (first.stride[0], second.stride[1])
         padding = (first.padding[0], second.padding[1])
         dilation = (first.dilation[0], second.dilation[1])
-    conv = nn.Conv2d(c, n, (kh, kw), stride, padding, dilation, bias=second.bias is not None,
-                     device=w.device, dtype=w.dtype)
+    conv = nn.utils.skip_init(nn.Conv2d, c, n, (kh, kw), stride, padding, dilation, bias=second.bias is not None,
+                              device=w.device, dtype=w.dtype)
     conv.weight.copy_(w)
     if second.bias is not None:
         conv.bias.copy_(second.bias)

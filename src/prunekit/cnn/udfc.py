@@ -333,8 +333,9 @@ def compress(model: nn.Module, *, ratio: float = 0.3, bits: int | None = None, m
             m[kept, torch.arange(len(kept))] = 1.0
         new_w2 = torch.einsum("ncij,ck->nkij", w2.double(), m).to(w2.dtype)  # [N, K, k2, k2]
         like = {"device": c1.weight.device, "dtype": c1.weight.dtype}  # a float64 or bf16 model stays so
-        new_c1 = nn.Conv2d(c1.in_channels, len(kept), c1.kernel_size, c1.stride, c1.padding, c1.dilation,
-                           bias=c1.bias is not None, padding_mode=c1.padding_mode, **like)
+        # skip_init: no draw from the caller's global RNG for weights overwritten at once
+        new_c1 = nn.utils.skip_init(nn.Conv2d, c1.in_channels, len(kept), c1.kernel_size, c1.stride, c1.padding,
+                                    c1.dilation, bias=c1.bias is not None, padding_mode=c1.padding_mode, **like)
         new_c1.weight.copy_(q1[kept])
         if c1.bias is not None:
             new_c1.bias.copy_(c1.bias[kept])
@@ -344,9 +345,9 @@ def compress(model: nn.Module, *, ratio: float = 0.3, bits: int | None = None, m
             if getattr(bn, attr) is not None:
                 getattr(new_bn, attr).copy_(getattr(bn, attr)[kept])
         new_bn.num_batches_tracked.copy_(bn.num_batches_tracked)
-        new_c2 = nn.Conv2d(len(kept), c2.out_channels, c2.kernel_size, c2.stride, c2.padding, c2.dilation,
-                           bias=c2.bias is not None, padding_mode=c2.padding_mode,
-                           device=c2.weight.device, dtype=c2.weight.dtype)
+        new_c2 = nn.utils.skip_init(nn.Conv2d, len(kept), c2.out_channels, c2.kernel_size, c2.stride, c2.padding,
+                                    c2.dilation, bias=c2.bias is not None, padding_mode=c2.padding_mode,
+                                    device=c2.weight.device, dtype=c2.weight.dtype)
         new_c2.weight.copy_(new_w2)
         if c2.bias is not None:
             new_c2.bias.copy_(c2.bias)

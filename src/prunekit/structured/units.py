@@ -188,7 +188,8 @@ def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
     out_f, in_f = weight.shape
-    lin = nn.Linear(in_f, out_f, bias=bias is not None, device=like.weight.device, dtype=like.weight.dtype)
+    lin = nn.utils.skip_init(nn.Linear, in_f, out_f, bias=bias is not None, device=like.weight.device,
+                             dtype=like.weight.dtype)  # no draw from the caller's global RNG: overwritten below
     with torch.no_grad():
         lin.weight.copy_(weight)
         if bias is not None:
