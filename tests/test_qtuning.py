@@ -353,6 +353,12 @@ def test_cli_qtune(tmp_path, model_dir, sft_file, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kept_samples"] == 5 and summary["training"]["mode"] == "batch"
     assert summary["training"]["saved_dtype"] == "float32"  # as the input stores its weights
+    # what a rerun needs (the seed changes the trained model): none of it was recorded
+    import hashlib
+
+    assert summary["data_sha256"] == hashlib.sha256(sft_file.read_bytes()).hexdigest()
+    assert summary["seed"] == 0 and summary["batch_size"] > 0 and summary["training"]["lr"] == 1e-3
+    assert summary["torch_threads"] >= 1 and "transformers" in summary["versions"]
     assert (out / "eu_plane.png").stat().st_size > 1000 and (out / "model" / "config.json").is_file()
     assert (out / "model" / "LICENSE").read_text() == "Apache License 2.0\n"
     rows = list(csv.DictReader((out / "scores.csv").read_text().splitlines()))

@@ -164,6 +164,12 @@ def _refuse_foreign_flags(args, spec) -> None:
                          f"{takers}; leave it out{hint}")
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _versions() -> dict:
     import torch
     import transformers
@@ -278,6 +284,8 @@ def _cmd_prune(args) -> int:
         "model": str(args.model),
         **{k: v for k, v in result.to_dict().items() if k != "layers"},
         "input_sparsity": input_sparsity,  # of the layers pruned, before pruning
+        # both change SparseGPT's and ARMOR's weights (the order of sums), so a rerun needs them
+        "batch_size": args.batch_size, "torch_threads": _torch_threads(),
         "layers": [dict(vars(r), shape=list(r.shape)) for r in result.layers],
         "model_sparsity": measured["model_total"],
         "pattern_violations": prunekit.check_pattern(model, result.pattern, skip=tuple(args.skip))

@@ -380,8 +380,20 @@ def _cmd_score(args) -> int:
     return 0
 
 
+def _sha256(path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _cmd_qtune(args) -> int:
     import csv
+
+    from prunekit.cli import _torch_threads, _versions
 
     from prunekit.data import sft as S
     from prunekit.data.methods import qtuning as Q
@@ -451,10 +463,13 @@ def _cmd_qtune(args) -> int:
                "kept_samples_response_tokens": int((resp & sel.keep_samples[:, None]).sum()),
                "sample_ratio": args.samples, "token_ratio": args.tokens, "lam": args.lam, "quadrants": counts,
                "thresholds": sel.info, "scoring_seconds": round(scored, 2), "max_length": args.max_length,
-               "cut_prompts": cut["prompt"], "cut_responses": cut["response"]}
+               "cut_prompts": cut["prompt"], "cut_responses": cut["response"],
+               # what a rerun needs: --seed changes the trained model, batches and threads the sums
+               "data_sha256": _sha256(args.data), "batch_size": args.batch_size, "seed": args.seed,
+               "torch_threads": _torch_threads(), "versions": _versions()}
     if report is not None:
         saved_dtype = stored_dtypes(args.model)  # trained in float32, saved as the input stores its weights
-        summary["training"] = {"mode": args.mode, "epochs": args.epochs, "steps": report.steps,
+        summary["training"] = {"mode": args.mode, "epochs": args.epochs, "lr": args.lr, "steps": report.steps,
                                "tokens_trained": report.tokens_trained, "tokens_forward": report.tokens_forward,
                                "tokens_scored": report.tokens_scored, "seconds": round(report.seconds, 2),
                                "lora_rank": args.lora_rank or None,

@@ -50,7 +50,7 @@ def _report(meta: dict, table: str) -> str:
 def run_prune(args) -> int:
     import prunekit
     from prunekit import registry, report
-    from prunekit.cli import _options, _versions
+    from prunekit.cli import _options, _torch_threads, _versions
     from prunekit.evaluate import EVAL_TOKENS
     from prunekit.speed import compare_speed_with_dense
     from prunekit.structured import check_request, prune_structured, save_structured
@@ -105,7 +105,7 @@ def run_prune(args) -> int:
     meta = {"model": str(args.model), **result.to_dict(), "calibration": calib_text.describe() if calib_text else None,
             "samples": args.samples if ids is not None else 0, "seqlen": args.seqlen, "seed": args.seed,
             "evaluation": evaluation, "speed": speed, "saved_dtype": str(saved_dtype).removeprefix("torch."),
-            "versions": _versions(), "wall_seconds": None}
+            "versions": _versions(), "torch_threads": _torch_threads(), "wall_seconds": None}
     meta["wall_seconds"] = time.perf_counter() - wall
     report_md = _report(meta, result.table())
 
