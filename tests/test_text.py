@@ -205,8 +205,10 @@ def test_perplexity_of_ids_is_the_models_own_mean_loss_at_any_batch_size(llama):
 
 
 def test_a_long_text_is_tokenized_in_pieces_with_the_same_tokens(monkeypatch):
-    """One 50 MB line took 6 GB in the Rust tokenizer (an abort under a lower limit): long texts go in pieces, cut
-    before a newline that follows a letter or digit, and only for a tokenizer that tokenizes pieces as the whole."""
+    """One 50 MB line took 6 GB in the Rust tokenizer (an abort under a lower limit), and a whole 4 MB corpus 600 MB:
+    long texts go in pieces, cut next to a newline where the text around the cut tokenizes alike cut and whole."""
+    import re
+
     from prunekit import text as T
 
     from conftest import TEXT, char_tokenizer
@@ -216,16 +218,29 @@ def test_a_long_text_is_tokenized_in_pieces_with_the_same_tokens(monkeypatch):
     long = "".join(f"{w}{'.' if i % 3 else ''}\n" + ("\n" if i % 5 == 0 else "") for i, w in enumerate(words * 40))
     whole = tok(long, add_special_tokens=False)["input_ids"]
     monkeypatch.setattr(T, "_PIECE", 2000)
-    pieces = list(T._pieces(long))
+    pieces = list(T._pieces(long, clean=T._cleanly(tok)))
     assert len(pieces) > 5 and "".join(pieces) == long and max(map(len, pieces)) <= 2000
-    assert all(p[0] == "\n" and prev[-1].isalnum() for prev, p in zip(pieces, pieces[1:]))
-    assert T._cuts_cleanly(tok, long) and T._stream(tok, long)[0] == whole
+    assert all("\n" in (prev[-1], p[0]) for prev, p in zip(pieces, pieces[1:]))
+    assert T._stream(tok, long)[0] == whole
     assert list(T._pieces("x" * 5000)) == ["x" * 5000]  # nowhere to cut: whole
 
-    class Marking:  # marks each call's start, as SentencePiece's leading "▁" does: pieces would differ
+    class Marking:  # marks each call's start, as SentencePiece's leading "▁" does: no cut tokenizes alike
         bos_token_id = None
 
         def __call__(self, text, **kw):
             return {"input_ids": [0] + [ord(c) for c in text]}
 
-    assert not T._cuts_cleanly(Marking(), long) and T._stream(Marking(), long)[0] == [0] + [ord(c) for c in long]
+    assert list(T._pieces(long, clean=T._cleanly(Marking()))) == [long]
+    assert T._stream(Marking(), long)[0] == [0] + [ord(c) for c in long]
+
+    class Gluing:  # Llama-3's rule: punctuation takes the newlines after it, so ".\n|\nWord" would change tokens
+        bos_token_id = None
+
+        def __call__(self, text, **kw):
+            return {"input_ids": [hash(t) % 1000 for t in re.findall(r"[.][\n]*|\n+|\w+|\s", text)]}
+
+    glued = Gluing()(long)["input_ids"]
+    pieces = list(T._pieces(long, clean=T._cleanly(Gluing())))
+    assert len(pieces) > 5
+    assert not any(p.startswith("\n") and prev.endswith(".\n") for prev, p in zip(pieces, pieces[1:]))
+    assert T._stream(Gluing(), long)[0] == glued

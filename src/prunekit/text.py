@@ -172,41 +172,57 @@ def check_token_ids(model, ids: torch.Tensor, *, what: str) -> None:
                          f"use a --seqlen of at most {limit}")
 
 
-_PIECE = 1 << 22  # characters tokenized at once in a long text
+_PIECE = 1 << 20  # characters tokenized at once in a long text (the Rust tokenizer's peak grows with it)
+_TRIES = 64  # cut places tried per piece before the rest of the text is tokenized whole
+_MARGIN = 512  # characters either side of a cut that must tokenize alike cut and whole
 
 
-def _pieces(text: str, size: int | None = None):
+def _cut_places(text: str, start: int, end: int):
+    """Places in ``(start, end]`` next to a newline, last first: before it after a letter or digit, after it before
+    a letter or digit, and between two newlines (byte-level BPE pre-tokenizers split at one or another)."""
+    newline = text.rfind("\n", start + 1, end)
+    while newline > start:
+        if text[newline - 1].isalnum():
+            yield newline  # "word|\n"
+        after = newline + 1
+        if after < end and (text[after].isalnum() or text[after] == "\n"):
+            yield after  # ".\n|Word" or ".\n|\nWord"
+        newline = text.rfind("\n", start + 1, newline)
+
+
+def _pieces(text: str, size: int | None = None, clean=None):
     """`text` in pieces of at most about `size` (`_PIECE`) characters, so a long text is tokenized a piece at a
-    time (one 50 MB line took 6 GB in the Rust tokenizer, and an abort under a smaller limit). A cut falls just
-    before a newline that follows a letter or digit, where byte-level BPE pre-tokenizers (GPT-2's, Llama-3's and
-    Qwen2's rules) split anyway; a text without such a place stays whole. `_cuts_cleanly` checks the tokenizer."""
+    time (one 50 MB line took 6 GB in the Rust tokenizer, and a whole 4 MB corpus 600 MB). A cut falls next to a
+    newline (`_cut_places`) where ``clean(text, cut)`` holds (`_cleanly` for a tokenizer: the text around it
+    tokenizes alike cut and whole); after `_TRIES` places that fail, or with none, the rest stays whole."""
     size = size or _PIECE
     start = 0
     while len(text) - start > size:
-        cut = text.rfind("\n", start + 1, start + size)
-        while cut > start and not text[cut - 1].isalnum():
-            cut = text.rfind("\n", start + 1, cut)
-        if cut <= start:
+        cut = next((c for c, _ in zip(_cut_places(text, start, start + size), range(_TRIES))
+                    if clean is None or clean(text, c)), None)
+        if cut is None:
             break
         yield text[start:cut]
         start = cut
     yield text[start:]
 
 
-def _cuts_cleanly(tokenizer, text: str) -> bool:
-    """Whether the first 256 Ki characters of `text`, cut in 4 Ki pieces, tokenize to their whole tokens (at least
-    8 cuts): true of byte-level BPE, false of tokenizers that mark each text's start (SentencePiece's leading ▁),
-    whose long texts are then tokenized whole, as before."""
+def _cleanly(tokenizer):
+    """``clean(text, cut)``: whether `_MARGIN` characters either side of `cut` tokenize to the same tokens cut there
+    as whole. Pre-tokenizer splits and BPE merges are local, so this is what cutting changes; a tokenizer that
+    marks each text's start (SentencePiece's leading ▁) fails it everywhere, and its texts stay whole."""
     def encode(t):
         return tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"]
 
-    sample = text[: 1 << 18]
-    pieces = list(_pieces(sample, size=1 << 12))
-    return len(pieces) > 8 and [i for p in pieces for i in encode(p)] == encode(sample)
+    def clean(text: str, cut: int) -> bool:
+        left, right = text[max(0, cut - _MARGIN): cut], text[cut: cut + _MARGIN]
+        return encode(left) + encode(right) == encode(left + right)
+
+    return clean
 
 
 def _stream(tokenizer, text: str) -> tuple[list[int], int | None]:
-    pieces = _pieces(text) if len(text) > _PIECE and _cuts_cleanly(tokenizer, text) else [text]
+    pieces = _pieces(text, clean=_cleanly(tokenizer)) if len(text) > _PIECE else [text]
     ids = [i for piece in pieces for i in tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]]
     probe = tokenizer("a")["input_ids"]
     bos = tokenizer.bos_token_id
