@@ -175,6 +175,18 @@ def test_a_sparsity_the_ratio_rounds_away_is_noted(model_dir, text_file, tmp_pat
     assert "the input was already 0.5" in err and "round away" not in err
 
 
+def test_dpruner_records_its_domain_text_like_the_calibration_text(model_dir, text_file, tmp_path):
+    import hashlib
+
+    out = tmp_path / "dp"
+    assert cli.main(prune_args(model_dir, text_file, out, "--method", "dpruner", "--ratio", "0.5", "--domain",
+                               str(text_file), "--option", "steps=1")) == 0
+    meta = json.loads((out / "prunekit.json").read_text())  # the domain's name only: which file, which version?
+    assert meta["domain"]["source"] == str(text_file)
+    assert meta["domain"]["sha256"] == hashlib.sha256(text_file.read_text().encode()).hexdigest()
+    assert meta["domain"]["sha256"] == meta["calibration"]["sha256"]
+
+
 def test_save_pruned_dtype_leaves_the_model_alone_and_dtype_names_are_checked(llama, tok, model_dir, tmp_path):
     import prunekit
 

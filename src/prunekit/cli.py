@@ -286,6 +286,8 @@ def _cmd_prune(args) -> int:
         "input_sparsity": input_sparsity,  # of the layers pruned, before pruning
         # both change SparseGPT's and ARMOR's weights (the order of sums), so a rerun needs them
         "batch_size": args.batch_size, "torch_threads": _torch_threads(),
+        # D-Pruner's domain text as the calibration text is described (its name alone did not say which file)
+        "domain": prunekit.load_text(args.domain, purpose="calibration").describe() if args.domain else None,
         "layers": [dict(vars(r), shape=list(r.shape)) for r in result.layers],
         "model_sparsity": measured["model_total"],
         "pattern_violations": prunekit.check_pattern(model, result.pattern, skip=tuple(args.skip))
