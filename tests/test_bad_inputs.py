@@ -189,7 +189,19 @@ def test_memory_add_names_the_bad_line_of_a_turns_file(tmp_path, capsys):
     assert not store.exists()
 
 
-def test_token_ids_the_model_cannot_take_are_refused_before_any_forward(model_dir, text_file, tmp_path, tok, capsys):
+@pytest.fixture
+def no_loading_bars():
+    """transformers' "Loading weights" bar shares stderr with the one-line error (--quiet turns it off for the
+    process, so a test run alone saw it where the whole suite did not)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    yield
+    hf_logging.enable_progress_bar()
+
+
+def test_token_ids_the_model_cannot_take_are_refused_before_any_forward(model_dir, text_file, tmp_path, tok, capsys,
+                                                                         no_loading_bars):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     small = tmp_path / "small-vocab"  # the tokenizer's ids run past this model's 64 embeddings
@@ -202,6 +214,18 @@ def test_token_ids_the_model_cannot_take_are_refused_before_any_forward(model_di
     out = tmp_path / "out"
     refused(["prune", str(small), "--method", "wanda", "--ratio", "0.5", "--calib", str(text_file), "--samples", "2",
              "--seqlen", "32", "--out", str(out), "--quiet"], capsys, "outside the model's vocabulary of 64")
+    # generate, reason's sampling and memory ask's answer ended in an IndexError traceback
+    refused(["generate", str(small), "--prompt", "the river crossed the old stone bridge", "--kv", "h2o", "--budget",
+             "8", "--max-new-tokens", "2", "--quiet"], capsys, "the prompt has token id")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "the river crossed the old stone bridge", "answer": "1"}\n')
+    refused(["reason", "--model", str(small), "--questions", str(questions), "--out", str(tmp_path / "r.jsonl"),
+             "--samples", "1", "--max-new-tokens", "2", "--quiet"], capsys, "outside the model's vocabulary of 64")
+    assert cli.main(["memory", "add", "--store", str(tmp_path / "m.db"), "--embedder", "hash", "the cat sleeps"]) == 0
+    refused(["memory", "ask", "--store", str(tmp_path / "m.db"), "--embedder", "hash", "--model", str(small),
+             "--max-new-tokens", "2",
+             "the river crossed the old stone bridge"], capsys, "outside the model's vocabulary of 64")
+    assert not (tmp_path / "r.jsonl").exists()
     refused(["prune", str(model_dir), "--method", "wanda", "--ratio", "0.5", "--calib", str(text_file),
              "--samples", "2", "--seqlen", "512", "--out", str(out), "--quiet"], capsys,
             "longer than the model's 256 positions")

@@ -37,7 +37,7 @@ from prunekit import zoo
 from prunekit.errors import InputError, int_at_least
 from prunekit.jsonl import read_objects
 
-__all__ = ["Text", "load_text", "calibration_ids", "evaluation_ids", "check_token_ids"]
+__all__ = ["Text", "load_text", "calibration_ids", "evaluation_ids", "check_token_ids", "check_vocab"]
 
 BUNDLED = ("wiki", "austen", "python-docs")
 
@@ -154,18 +154,25 @@ def position_limit(model) -> int | None:
     return None
 
 
-def check_token_ids(model, ids: torch.Tensor, *, what: str) -> None:
-    """Refuse token ids `model` cannot embed (a tokenizer that does not match it) and windows longer than the
-    positions in its config (``n_positions`` / ``max_position_embeddings``), before any forward pass."""
-    if not isinstance(ids, torch.Tensor) or ids.dim() < 1 or ids.numel() == 0:
-        shape = list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise InputError(f"{what} holds no token ids ({shape}); give at least one window of token ids")
+def check_vocab(model, ids: torch.Tensor, *, what: str) -> None:
+    """Refuse token ids `model` cannot embed: a tokenizer that does not match it (an IndexError mid-forward)."""
+    if not isinstance(ids, torch.Tensor) or ids.numel() == 0:
+        return
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(embed, "num_embeddings", None)
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or (vocab is not None and hi >= vocab):
         raise InputError(f"{what} has token id {lo if lo < 0 else hi}, outside the model's vocabulary of {vocab}; "
                          "use the model's own tokenizer")
+
+
+def check_token_ids(model, ids: torch.Tensor, *, what: str) -> None:
+    """Refuse token ids `model` cannot embed (a tokenizer that does not match it) and windows longer than the
+    positions in its config (``n_positions`` / ``max_position_embeddings``), before any forward pass."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() < 1 or ids.numel() == 0:
+        shape = list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise InputError(f"{what} holds no token ids ({shape}); give at least one window of token ids")
+    check_vocab(model, ids, what=what)
     limit = position_limit(model)
     if limit is not None and ids.shape[-1] > limit:
         raise InputError(f"{what}: windows of {ids.shape[-1]} tokens are longer than the model's {limit} positions; "

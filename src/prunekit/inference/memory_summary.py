@@ -122,7 +122,10 @@ def chat_generate(model, tokenizer, user: str, *, system: str | None = None, max
     """Greedy reply of a chat model to one user message (its chat template; plain text if it has none)."""
     import torch
 
+    from prunekit.text import check_vocab
+
     ids = chat_ids(tokenizer, user, system=system)  # [1, seq]
+    check_vocab(model, ids, what="the prompt")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
         out = model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),

@@ -112,6 +112,9 @@ def sample_question(model, tokenizer, prompt: str, *, n: int, max_new_tokens: in
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)  # [1, L]
     if ids.shape[1] == 0:
         raise InputError("the prompt is empty after tokenization")
+    from prunekit.text import check_vocab
+
+    check_vocab(model, ids, what="the prompt")
     gen = torch.Generator(device=device).manual_seed(seed)
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]

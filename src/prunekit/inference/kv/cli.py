@@ -126,6 +126,9 @@ def run(args) -> int:
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
+    from prunekit.text import check_vocab
+
+    check_vocab(model, ids, what="the prompt")
     if calibrate:  # the paper's placement rule, on the bundled Wikipedia text (as the benchmarks do)
         options["delta_layers"], _ = kv.wiki_delta_layers(model, tok)
         if not args.json and not args.quiet:
