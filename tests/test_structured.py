@@ -495,6 +495,14 @@ def test_eval_and_load_model_open_per_layer_widths(model_dir, text_file, tmp_pat
     capsys.readouterr()
     assert main(["eval", str(out), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["ppl"] > 1
+    # widths in range that do not match the stored weights: a RuntimeError traceback from load_state_dict
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["prunekit_layer_widths"][0]["intermediate"] -= 4
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert main(["eval", str(out), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the weights do not match prunekit_layer_widths" in err and "(3 tensors differ)" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_structured_bench_groups_seeds_by_settings_and_pairs_tyr_with_uniform_per_seed():

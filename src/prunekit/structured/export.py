@@ -134,6 +134,13 @@ def load_widths_model(folder: Path, raw: dict, *, dtype=None) -> torch.nn.Module
         shrink_attention(attention(block), _grouped(w.heads, kv, config.num_attention_heads), kv_heads=kv)
         shrink_mlp(mlp_of(block), torch.arange(w.intermediate))
     state = _state_dict(folder)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [k for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k]]
+    if wrong:  # load_state_dict raised a RuntimeError listing every mismatch
+        k = wrong[0]
+        raise InputError(f"{folder}: the weights do not match {WIDTHS_KEY} in config.json: {k} is "
+                         f"{list(state[k].shape)}, the widths make it {list(shapes[k])} ({len(wrong)} tensors differ); "
+                         "restore the config.json saved with these weights")
     result = model.load_state_dict(state, strict=False)
     tied = set()
     if getattr(config, "tie_word_embeddings", False):
