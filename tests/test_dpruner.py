@@ -117,6 +117,7 @@ def test_domain_as_text_is_windowed_with_the_tokenizer(tok):
     (dict(lam=-1.0), "lam"),
     (dict(general_weight=float("nan")), "general_weight"),
     (dict(steps=0), "steps"),
+    (dict(lr=1e30, steps=3), r"domain SGD diverged.*lower the learning rate"),  # was a RuntimeError blaming the data
     (dict(skip=("*",)), "no Linear"),
 ])
 def test_refusals_leave_the_model_untouched(tok, bad, match):

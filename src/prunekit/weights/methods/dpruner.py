@@ -259,8 +259,11 @@ def _domain_stage(model, layers: dict[str, nn.Module], general: dict[str, torch.
         batch = batches[step % len(batches)].to(device)
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         if not torch.isfinite(loss):
-            raise RuntimeError(f"D-Pruner: the domain loss is {float(loss)} at step {step}; "
-                               "the model or data is broken")
+            if step:  # finite at step 0, so the SGD steps diverged: the learning rate, not the model or data
+                raise InputError(f"D-Pruner's domain SGD diverged: the loss is {loss.item()} at step {step} "
+                                 f"(lr {lr:g}); lower the learning rate (--option lr=...)")
+            raise InputError(f"D-Pruner: the domain loss of the unchanged model is {loss.item()}; its activations "
+                             "overflow on the domain text (check the model's dtype and weights)")
         loss.backward()
         with torch.no_grad():
             steps_by_layer, sq_norm = {}, 0.0
