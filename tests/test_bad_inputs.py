@@ -85,6 +85,22 @@ def test_depth_prune_refuses_a_broken_config(config, match, model_dir, text_file
     assert not out.exists()
 
 
+@pytest.mark.parametrize("change, match", [
+    # AutoTokenizer validates config.json too: these were "has no usable tokenizer ... save the tokenizer"
+    ({"num_attention_heads": 3}, "config.json is not a valid config: ValueError: The hidden size"),
+    ({"num_hidden_layers": "two"}, "config.json is not a valid config: TypeError: Field 'num_hidden_layers'"),
+    # transformers printed its LOAD REPORT table, then named ignore_mismatched_sizes, which nobody set
+    ({"intermediate_size": 256}, "weights do not match its config.json: model.layers.0.mlp.down_proj.weight is "
+                                 "stored as [64, 128] but the config makes it [64, 256]"),
+])
+def test_a_config_that_does_not_hold_is_named_as_the_config(change, match, model_dir, text_file, capsys,
+                                                             no_loading_bars):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert cfg["intermediate_size"] == 128 and cfg["hidden_size"] == 64
+    (model_dir / "config.json").write_text(json.dumps(dict(cfg, **change)))
+    refused(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "32", "--tokens", "64"], capsys, match)
+
+
 def test_an_output_inside_the_input_model_folder_is_refused(model_dir, text_file, capsys):
     before = digest(model_dir)
     out = model_dir / "pruned"

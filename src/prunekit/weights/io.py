@@ -196,8 +196,11 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
     refuse_remote_code(path, config)
     if dtype == "auto":
         dtype = stored_dtype(path)
-    tokenizer = _load_tokenizer(path)  # before the slow model load
     from prunekit.structured.export import WIDTHS_KEY
+
+    if WIDTHS_KEY not in config:  # AutoTokenizer validates config.json too, and its errors blamed the tokenizer
+        _check_config(path)
+    tokenizer = _load_tokenizer(path)  # before the slow model load
 
     if WIDTHS_KEY in config:  # a structurally pruned model whose widths differ per layer
         from prunekit.structured.export import load_widths_model
@@ -208,8 +211,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
 
     _check_layer_count(path, config)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=False,
-                                                           output_loading_info=True)
+        with _held_load_report() as held:
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
+                                                               trust_remote_code=False, output_loading_info=True)
     except SafetensorError as e:  # a corrupt or truncated weight file
         raise InputError(f"could not load {path}: its safetensors weights are corrupt or truncated ({e}); "
                          "save the model again with save_pretrained") from None
@@ -218,8 +222,15 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
                          "weights-only loader refused it; prunekit never unpickles anything else); convert the "
                          "weights to safetensors") from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
+        mismatch = _shape_mismatch(path) if "mismatched_sizes" in str(e) or "size mismatch" in str(e) else None
+        if mismatch:  # transformers printed a report table and named an option the user never set
+            key, stored, described = mismatch
+            raise InputError(f"{path}'s weights do not match its config.json: {key} is stored as {stored} but the "
+                             f"config makes it {described}; fix config.json (its sizes) or save the model again with "
+                             "save_pretrained") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"could not load {path} as a causal LM: {first}") from None
+    held.release()  # a report of a load that worked is transformers' to show
     missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
     if missing or unused:  # transformers would run the model with those weights freshly initialised
         parts = []
@@ -315,6 +326,77 @@ def check_finite_weights(model, where, *, buffers: bool = False) -> object:
         more = f" and {len(bad) - 1} other tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
         raise InputError(f"{where} has NaN or Inf weights in {bad[0]}{more}; repair or re-export the model")
     return model
+
+
+def _check_config(path: Path) -> None:
+    """config.json as transformers validates it (sizes that do not divide, fields of the wrong type)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - huggingface_hub's strict-dataclass errors are no ValueError
+        text = str(e).strip()
+        reason = text.splitlines()[-1].strip() if text else type(e).__name__
+        raise InputError(f"{path}/config.json is not a valid config: {reason}; fix config.json") from None
+
+
+class _held_load_report:
+    """Holds transformers' multi-line LOAD REPORT while a model loads: prunekit names what went wrong in one line
+    (missing or unexpected weights, sizes that differ); `release` shows it when the load worked."""
+
+    def __init__(self):
+        import logging
+
+        self.held: list[logging.LogRecord] = []
+        self._filter = logging.Filter()
+        self._filter.filter = self._keep
+
+    def _keep(self, record) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+    def _handlers(self):
+        from transformers.utils import logging as hf_logging
+
+        return hf_logging.get_logger().handlers
+
+    def __enter__(self):
+        for h in self._handlers():
+            h.addFilter(self._filter)
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handlers():
+            h.removeFilter(self._filter)
+        return False
+
+    def release(self) -> None:
+        for record in self.held:
+            for h in self._handlers():
+                h.handle(record)
+        self.held = []
+
+
+def _shape_mismatch(path: Path) -> tuple[str, list, list] | None:
+    """The first weight whose stored shape differs from what config.json describes (safetensors headers only)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=False))
+    except Exception:  # noqa: BLE001 - only a better message is at stake
+        return None
+    want = {k: list(v.shape) for k, v in model.state_dict().items()}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as g:
+            for key in g.keys():
+                if key in want and list(g.get_slice(key).get_shape()) != want[key]:
+                    return key, list(g.get_slice(key).get_shape()), want[key]
+    return None
 
 
 def _load_tokenizer(path: Path):
