@@ -767,3 +767,19 @@ def test_mixed_dtypes_follow_their_blocks_through_depth_pruning_and_a_tied_head_
                 assert v.dtype == state[f"model.layers.{old}." + k.split(".", 3)[3]].dtype, k
     assert "lm_head.weight" not in saved and saved["model.embed_tokens.weight"].dtype == torch.float32
     capsys.readouterr()
+
+
+def test_a_local_folder_named_like_the_zoo_model_is_the_folder(model_dir, tmp_path, monkeypatch):
+    """`./smollm2-135m` resolved to Path("smollm2-135m"), which eval and depth pruning resolved again as the zoo
+    name: they loaded the 30-layer zoo model instead of the folder, without a word."""
+    import shutil
+
+    import prunekit
+    from prunekit.weights.io import resolve_model
+
+    shutil.copytree(model_dir, tmp_path / "smollm2-135m")
+    monkeypatch.chdir(tmp_path)
+    path = resolve_model("./smollm2-135m")
+    assert path == tmp_path / "smollm2-135m" and resolve_model(path) == path
+    model, _ = prunekit.load_model(path)
+    assert model.config.hidden_size == json.loads((model_dir / "config.json").read_text())["hidden_size"]

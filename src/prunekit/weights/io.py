@@ -29,7 +29,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "*.model", "vocab.json"
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
-    """A zoo name (``smollm2-135m``) or a local Hugging Face folder, checked to look like a model."""
+    """A zoo name (``smollm2-135m``) or a local Hugging Face folder (returned absolute), checked to look like a
+    model. A bare name that is a zoo name means the zoo model; write ``./NAME`` for a folder of that name."""
     text = str(name_or_path)
     if text in zoo.MODELS:
         return zoo.model_path(text)
@@ -53,7 +54,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     odd = [f for p in _WEIGHT_FILES for f in path.glob(p) if not f.is_file()]
     if odd:  # a pipe named model.safetensors blocked the open, and Ctrl-C could not stop it
         raise InputError(f"{odd[0]} is not a regular file (a folder, pipe or device); a model's weights are files")
-    return path
+    # absolute: Path("./smollm2-135m") prints as "smollm2-135m", which a second resolve took for the zoo name
+    return path.absolute()
 
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
