@@ -145,6 +145,29 @@ def test_existing_output_refused_unless_overwrite(tmp_path, capsys):
     assert main(args + ["--overwrite"]) == 0 and out.read_text().startswith("index,label,predicted")
 
 
+def test_an_output_file_that_is_a_link_is_written_where_it_points_and_a_loop_is_named(tmp_path, capsys):
+    """A linked --out was replaced by a regular file (the target kept the old result); a loop was a traceback."""
+    from prunekit.inference.sampling import write_jsonl
+
+    np.save(tmp_path / "s.npy", np.arange(10.0))
+    (tmp_path / "shared").mkdir()
+    target = tmp_path / "shared" / "keep.npy"
+    (tmp_path / "keep.npy").symlink_to(target)  # dangling until written
+    args = ["data", "select", "--scores", str(tmp_path / "s.npy"), "--out", str(tmp_path / "keep.npy")]
+    assert main(args + ["--keep", "0.5"]) == 0 and (tmp_path / "keep.npy").is_symlink()
+    assert main(args + ["--keep", "0.2", "--overwrite"]) == 0 and (tmp_path / "keep.npy").is_symlink()
+    assert len(np.load(target)) == 2
+    (tmp_path / "paths.jsonl").symlink_to(tmp_path / "shared" / "paths.jsonl")
+    write_jsonl(tmp_path / "paths.jsonl", [{"a": 1}])
+    assert (tmp_path / "paths.jsonl").is_symlink() and (tmp_path / "shared" / "paths.jsonl").read_text() == '{"a": 1}\n'
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    capsys.readouterr()
+    assert main(["data", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "0.5", "--out",
+                 str(tmp_path / "loop")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot follow its symbolic links" in err and "Traceback" not in err
+
+
 def test_output_that_is_an_input_a_folder_or_under_a_file_is_refused(tmp_path, capsys):
     # --out INPUT --overwrite replaced the input file; --out FOLDER --overwrite and --out FILE/x.csv were tracebacks
     labels, probs = noisy(300, 3)

@@ -58,6 +58,21 @@ def check_output_name(out, *, flag: str = "--out") -> None:
                          "file name may be (255); choose a shorter name")
 
 
+def resolved(path: str | os.PathLike, *, flag: str = "--out") -> Path:
+    """``Path(path).expanduser().resolve()``, with a symbolic-link loop an InputError (a RuntimeError traceback)."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as e:
+        raise InputError(f"{flag} {path}: cannot follow its symbolic links ({e}); remove the loop or choose "
+                         f"another {flag}") from None
+
+
+def follow_link(path: Path) -> Path:
+    """Where a symbolic link `path` points (an output file is written there, as an output folder is), else
+    `path`: replacing the link itself left the old result in place behind it."""
+    return resolved(path) if path.is_symlink() else path
+
+
 def check_writable(out: str | os.PathLike, *, flag: str = "--out") -> None:
     """Refuse an output that cannot be created: under a file, or where nothing can be written. Creates nothing.
 
@@ -65,7 +80,7 @@ def check_writable(out: str | os.PathLike, *, flag: str = "--out") -> None:
     The working folder, or one holding it, is refused too: replacing it (``--out . --overwrite``) deleted it.
     """
     check_output_name(out, flag=flag)
-    target, here = Path(out).expanduser().resolve(), Path.cwd().resolve()
+    target, here = resolved(out, flag=flag), Path.cwd().resolve()
     if target == here or target in here.parents:
         raise InputError(f"{flag} {str(out)!r} is the working folder or holds it; writing there would replace it; "
                          f"give a new name (e.g. {flag} runs/out)")
@@ -83,7 +98,7 @@ def check_writable(out: str | os.PathLike, *, flag: str = "--out") -> None:
 def check_not_input(out: str | os.PathLike, *inputs, flag: str = "--out") -> None:
     """Refuse an output that is one of the `inputs`, a folder holding one (writing it would replace the input),
     or a path inside an input folder (writing it would change what that folder holds)."""
-    target = Path(out).expanduser().resolve()
+    target = resolved(out, flag=flag)
     parts = []
     for src in inputs:  # a text mixture "wiki+notes/c.txt" names each of its sources (`prunekit.load_text`)
         if isinstance(src, str) and "+" in src and not Path(src).expanduser().exists():

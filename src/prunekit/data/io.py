@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prunekit.errors import InputError, apply_umask, check_output_name, check_writable, hidden_name
+from prunekit.errors import InputError, apply_umask, check_output_name, check_writable, follow_link, hidden_name
 
 __all__ = ["read_array", "read_named", "read_labels", "read_class_labels", "read_vector", "read_matrix", "check_real",
            "write_table", "check_output_file", "FORMATS"]
@@ -354,7 +354,8 @@ def read_matrix(path, *, what: str, names: bool = False):
 
 def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
     check_output_name(path)
-    path = Path(path).expanduser()
+    check_writable(path)  # first: a symbolic-link loop is named, not a traceback
+    path = follow_link(Path(path).expanduser())  # a link is written where it points, as prune's --out folder is
     _suffix(path, "output")
     if path.exists() and not overwrite:
         raise InputError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")

@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from prunekit.errors import InputError, apply_umask, hidden_name
+from prunekit.errors import InputError, apply_umask, follow_link, hidden_name
 
 __all__ = ["DEFAULT_INSTRUCTION", "extract_answer", "build_prompt", "sample_paths", "sample_question"]
 
@@ -228,8 +228,9 @@ def _answer(extractor, text):
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> Path:
-    """Write `records` one JSON object a line, atomically (temporary file in the same folder, then rename)."""
-    path = Path(path).expanduser()
+    """Write `records` one JSON object a line, atomically (temporary file in the same folder, then rename); a
+    symbolic link is written where it points."""
+    path = follow_link(Path(path).expanduser())
     fd, tmp = tempfile.mkstemp(prefix=hidden_name(path.name, "tmp"), dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
