@@ -650,3 +650,29 @@ def test_class_name_labels_in_pandas_string_and_categorical_parquet_columns(tmp_
         pd.DataFrame({"y": column}).to_parquet(tmp_path / f"{kind}.parquet")
         assert main(["data", "label-issues", "--labels", str(tmp_path / f"{kind}.parquet"), "--probs",
                      str(tmp_path / "p.parquet"), "--out", str(tmp_path / f"{kind}.csv")]) == 0, capsys.readouterr().err
+
+
+def test_a_full_stdout_says_it_was_stdout_and_non_utf8_arguments_are_refused(tmp_path, capsys, monkeypatch):
+    """After the work was saved, a failing stdout exited 1 with a bare "No space left on device" (a retrying
+    script redid the work); an argument with non-UTF-8 bytes was a traceback in the tokenizer or at the save."""
+    import errno
+    import sys
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    np.save(tmp_path / "s.npy", np.arange(10.0))
+    monkeypatch.setattr(sys, "stdout", Full())
+    assert main(["data", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "0.5", "--out",
+                 str(tmp_path / "k.npy")]) == 1
+    monkeypatch.undo()
+    assert "could not write to standard output (No space left on device)" in capsys.readouterr().err
+    assert len(np.load(tmp_path / "k.npy")) == 5
+    bad = str(tmp_path / "caf") + b"\xe9.npy".decode("utf-8", "surrogateescape")
+    assert main(["data", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "0.5", "--out", bad]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "holds bytes that are not UTF-8" in err and "Traceback" not in err

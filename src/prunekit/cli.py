@@ -457,6 +457,51 @@ def _on_sigterm(_signum, _frame):
     raise Terminated()
 
 
+class _StdoutFailed(Exception):
+    """Writing to standard output failed (a full device): the work itself was done."""
+
+
+class _GuardedStdout:
+    """sys.stdout whose write errors say they are stdout's: "No space left on device" after a saved run read as
+    if the save had failed, and a retrying script added the same memory turns twice."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise _StdoutFailed(e.strerror or str(e)) from None
+
+    def flush(self):
+        try:
+            return self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise _StdoutFailed(e.strerror or str(e)) from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _check_utf8(args) -> None:
+    """Arguments holding bytes that are not UTF-8 (Python keeps them as surrogates) were tracebacks deep in the
+    tokenizer or at the save, after the work."""
+    from prunekit.errors import InputError
+
+    for name, value in vars(args).items():
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(v, str) and any("\udc80" <= c <= "\udcff" for c in v):
+                shown = v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                flag = name if name in ("model", "query", "text") else "--" + name.replace("_", "-")
+                raise InputError(f"{flag} {shown!r} holds bytes that are not UTF-8 (shown as \ufffd); give UTF-8 "
+                                 "text and file names")
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
 
@@ -471,13 +516,20 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread: leave the handler alone
         previous = None
+    stdout = sys.stdout
+    sys.stdout = _GuardedStdout(stdout)
     try:
+        _check_utf8(args)
         if args.command in _MODULES:
             return import_module(_MODULES[args.command]).run(args)
         return {"prune": _cmd_prune, "eval": _cmd_eval, "methods": _cmd_methods}[args.command](args)
     except InputError as e:
         print(f"prunekit: error: {e}", file=sys.stderr)
         return 2
+    except _StdoutFailed as e:
+        print(f"prunekit: error: could not write to standard output ({e}); what the command saved before that "
+              "(its --out, a store) is complete", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, Terminated) as e:  # outputs are renamed into place whole, so none is half-written
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
         print(f"prunekit: {what}; no output was left half-written (one saved before this moment stays)",
@@ -503,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     finally:
+        sys.stdout = stdout
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
