@@ -801,3 +801,23 @@ def test_a_read_only_store_file_is_refused_on_open_with_the_way_to_read_it(tmp_p
     err = capsys.readouterr().err
     assert "is a read-only file; its file or folder cannot be written" in err and "memory ask --no-mark" in err
     assert main(["memory", "ask", "--store", str(db), "locker code?", "--no-mark"]) == 0
+
+
+def test_a_full_disk_at_open_is_the_systems_error_not_a_broken_store(tmp_path, monkeypatch, capsys):
+    """SQLite's "disk I/O error" on a full disk read "is not a usable memory store" with exit 2 (bad input)."""
+    from prunekit.cli import main
+    from prunekit.inference.memory_store import SQLiteStore
+
+    store = tmp_path / "m.db"
+    assert main(["memory", "add", "--store", str(store), "--embedder", "hash", "first turn"]) == 0
+    before = store.read_bytes()
+
+    def full(self):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(SQLiteStore, "_connect", full)
+    capsys.readouterr()
+    assert main(["memory", "add", "--store", str(store), "--embedder", "hash", "second turn"]) == 1
+    err = capsys.readouterr().err
+    assert "disk I/O error opening the memory store (is the disk full?)" in err and "not a usable" not in err
+    assert store.read_bytes() == before

@@ -209,6 +209,12 @@ class SQLiteStore(Store):
         try:  # look before writing anything: a file that is not ours is left exactly as it was
             db, tables, user_version = self._connect()
         except sqlite3.DatabaseError as e:
+            if str(e) in ("disk I/O error", "database or disk is full"):  # the system's, not the store's: exit 1
+                import errno
+
+                raise OSError(errno.ENOSPC if "full" in str(e) else errno.EIO,
+                              f"{e} opening the memory store (is the disk full?); the store itself was left as it "
+                              "was", str(self.path)) from None
             hint = "" if self.readonly else self._readonly_hint()
             raise InputError(f"{self.path} is not a usable memory store ({e}){hint}") from None
         self._db = db
