@@ -493,3 +493,15 @@ def test_cli_qtune_on_smollm2(tmp_path):
     dense, _ = load_model("smollm2-135m")
     moved = [n for n, p in model.state_dict().items() if not torch.equal(p, dense.state_dict()[n])]
     assert moved and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["static", "batch"])
+def test_cli_qtune_training_that_diverges_says_lower_the_learning_rate(tmp_path, model_dir, capsys, mode):
+    """The batch mode's re-scoring said "nll has N NaN values; fix or drop those examples" (the data was fine)."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records(8)))
+    out = tmp_path / "out"
+    assert main(["data", "qtune", str(model_dir), "--data", str(data), "--samples", "0.5", "--train", "--lr", "1e30",
+                 "--epochs", "2", "--mode", mode, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "fine-tuning diverged" in err and "lower the learning rate (--lr)" in err and not out.exists()

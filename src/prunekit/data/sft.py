@@ -456,6 +456,8 @@ def _select(pruner, model, examples, pad_id, batch_size, report: SFTReport, prog
     if pruner.needs_model:
         nll, ent, resp = _score(model, examples, pad_id=pad_id, batch_size=batch_size, progress=progress)
         report.tokens_scored += sum(len(e.ids) for e in examples)
+        if report.steps and not (np.isfinite(nll).all() and np.isfinite(ent).all()):
+            raise _diverged(report.steps)  # the examples scored fine before the steps: not "fix those examples"
     else:
         t = max(len(e.ids) for e in examples)
         resp = np.zeros((len(examples), t), bool)
@@ -463,6 +465,11 @@ def _select(pruner, model, examples, pad_id, batch_size, report: SFTReport, prog
             resp[i, e.prompt_len: len(e.ids)] = True
         nll = ent = None
     return pruner.select(nll=nll, entropy=ent, response=resp)
+
+
+def _diverged(steps: int) -> InputError:
+    return InputError(f"fine-tuning diverged: the model gives NaN/Inf after {steps} optimizer steps; lower the "
+                      "learning rate (--lr)")
 
 
 def _step(model, batch: list[Example], masks: list[np.ndarray], pad_id: int, opt, params, max_grad_norm,
@@ -483,6 +490,8 @@ def _step(model, batch: list[Example], masks: list[np.ndarray], pad_id: int, opt
     target = ids[:, 1:].to(dev).masked_fill(~train[:, 1:].to(dev), -100)  # [B, T-1]
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
                            reduction="sum") / n_tok
+    if not torch.isfinite(loss):
+        raise _diverged(report.steps)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm is not None:
