@@ -586,6 +586,8 @@ def sft(model: nn.Module, examples: list[Example], *, pad_id: int, pruner=None, 
     model.eval()
     for p in params:
         p.grad = None
+    if not all(bool(torch.isfinite(p).all()) for p in params):  # the last step's update, no loss after it
+        raise _diverged(report.steps)
     report.seconds = time.perf_counter() - start
     return report
 
