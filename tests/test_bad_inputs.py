@@ -247,6 +247,11 @@ def test_token_ids_the_model_cannot_take_are_refused_before_any_forward(model_di
             "longer than the model's 256 positions")
     refused(["prune", str(model_dir), "--method", "shortgpt", "--layers", "1", "--calib", str(text_file),
              "--samples", "2", "--seqlen", "512", "--no-speed", "--out", str(out), "--quiet"], capsys, "256 positions")
+    # prune --eval's windows: it said "use a --seqlen", the calibration flag
+    refused(["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.5", "--eval", str(text_file),
+             "--eval-tokens", "512", "--out", str(out), "--quiet"], capsys,
+            "evaluation text: windows of 512 tokens are longer than the model's 256 positions; make them at most 256 "
+            "tokens (eval --seqlen, prune --eval-seqlen, seqlen=)")
     assert not out.exists()
     model = tiny_model("llama")
     for bad in (torch.full((2, 8), 500), torch.full((2, 8), -1)):

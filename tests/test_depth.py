@@ -427,6 +427,8 @@ def test_bad_api_requests_are_refused():
     target = stack_target(Stack(depth=6))
     with pytest.raises(InputError, match="keeps every block"):
         depth.shortgpt(target, kept=6)
+    with pytest.raises(InputError, match="the model has 1 block; depth pruning .* needs 2 or more"):
+        depth.check_kept(1, 1)  # it said "give a number below 1"
     with pytest.raises(InputError, match=">= 1"):
         depth.sensitivity(target, kept=0)
     with pytest.raises(InputError, match="does not divide"):

@@ -109,7 +109,8 @@ def test_domain_as_text_is_windowed_with_the_tokenizer(tok):
     (dict(ratio=-0.1), "outside"),
     (dict(domain=None), "needs a domain"),
     (dict(domain="python-docs", tokenizer=None), "needs the tokenizer"),
-    (dict(domain=Text("short", "too short", "nine characters")), "give more text"),
+    (dict(domain=Text("short", "too short", "nine characters")),  # it said "calibration text" and --samples
+     "the domain text short holds fewer .*give more domain text"),
     (dict(domain=torch.zeros(2, 1, dtype=torch.long)), "at least 1 sequence of 2 tokens"),
     (dict(domain=torch.full((2, 8), 500)), "vocabulary"),
     (dict(domain=torch.zeros(2, 8)), "token ids"),

@@ -465,7 +465,7 @@ def test_sample_paths_records_and_atomic_file(tmp_path):
         sample_paths(model, tok, qs, n=2, max_new_tokens=2, out=out)
     with pytest.raises(InputError, match="temperature"):
         sample_paths(model, tok, qs, n=2, temperature=0)
-    with pytest.raises(InputError, match="n="):
+    with pytest.raises(InputError, match=r"0 paths per question \(--samples, n=\)"):  # "n=0" read as reason's --n
         sample_paths(model, tok, qs, n=0)
     with pytest.raises(InputError, match="question 0"):
         sample_paths(model, tok, [3], n=1)

@@ -175,10 +175,14 @@ def check_token_ids(model, ids: torch.Tensor, *, what: str) -> None:
     check_vocab(model, ids, what=what)
     limit = position_limit(model)
     if limit is not None and ids.shape[-1] > limit:
+        flag = _EVAL_SEQLEN if what.startswith("evaluation") else "--seqlen, seqlen="
         raise InputError(f"{what}: windows of {ids.shape[-1]} tokens are longer than the model's {limit} positions; "
-                         f"use a --seqlen of at most {limit}")
+                         f"make them at most {limit} tokens ({flag})")
 
 
+# the flags that set evaluation windows, in eval / prune --eval / Python (messages reach all three)
+_EVAL_SEQLEN = "eval --seqlen, prune --eval-seqlen, seqlen="
+_EVAL_TOKENS = "eval --tokens, prune --eval-tokens, tokens="
 _PIECE = 1 << 20  # characters tokenized at once in a long text (the Rust tokenizer's peak grows with it)
 _TRIES = 64  # cut places tried per piece before the rest of the text is tokenized whole
 _MARGIN = 512  # characters either side of a cut that must tokenize alike cut and whole
@@ -303,13 +307,14 @@ def evaluation_ids(tokenizer, text: Text, *, seqlen: int = 512, tokens: int | No
     if available < 1:
         raise InputError(
             f"evaluation text {text.name} has {len(ids)} tokens; it needs at least one window of {seqlen}; "
-            "give more text or a shorter seqlen"
+            f"give more text or a shorter window ({_EVAL_SEQLEN})"
         )
     if wanted < 1:
-        raise InputError(f"tokens={tokens} is less than one window of seqlen={seqlen}; raise tokens or lower seqlen")
+        raise InputError(f"{tokens} tokens are less than one window of {seqlen}; raise the tokens ({_EVAL_TOKENS}) or "
+                         f"shorten the window ({_EVAL_SEQLEN})")
     if wanted > available:
         raise InputError(
-            f"evaluation text {text.name} has {available} windows of {seqlen} tokens, but {wanted} were asked; "
-            "lower tokens or give more text"
+            f"evaluation text {text.name} has {available} windows of {seqlen} tokens, but {tokens} tokens ask for "
+            f"{wanted} (16384 unless given); lower the tokens ({_EVAL_TOKENS}) or give more text"
         )
     return _windows(ids, head, seqlen, list(range(wanted)))

@@ -203,6 +203,9 @@ def check_keep(keep: Sequence[bool] | torch.Tensor, depth: int) -> list[bool]:
 
 def check_kept(kept: int, depth: int) -> int:
     int_at_least(kept, "layers (blocks kept)", 1)
+    if depth < 2:  # "give a number below 1" could not be followed
+        raise InputError(f"the model has {depth} block; depth pruning keeps at least 1 and drops at least 1, so it "
+                         "needs 2 or more")
     if kept >= depth:
         raise InputError(f"keeping {kept} blocks (--layers / kept=) keeps every block (the model has {depth}); give a "
                          f"number below {depth}")

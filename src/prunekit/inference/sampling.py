@@ -89,9 +89,10 @@ def build_prompt(tokenizer, question: str, *, instruction: str | None = DEFAULT_
 
 def _check(*, n, max_new_tokens, temperature, seed):
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise InputError(f"n={n!r}: the number of paths per question must be an integer >= 1")
+        raise InputError(f"{n!r} paths per question (--samples, n=): it must be an integer >= 1")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        raise InputError(f"{max_new_tokens!r} new tokens (--max-new-tokens, max_new_tokens=): it must be an integer "
+                         ">= 1")
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0 \
             or temperature == float("inf"):
         raise InputError(f"temperature={temperature!r} must be a finite number > 0 (greedy decoding has no "

@@ -222,8 +222,15 @@ def _domain_ids(domain, tokenizer, *, samples: int, seqlen: int, seed: int, voca
     if tokenizer is None:
         raise InputError("a domain given as text needs the tokenizer: prune_model(..., tokenizer=tok)")
     text = domain if isinstance(domain, Text) else load_text(domain, purpose="calibration")
-    return _check_ids(calibration_ids(tokenizer, text, samples=samples, seqlen=seqlen, seed=seed), "the domain text",
-                      fix, vocab)
+    try:
+        ids = calibration_ids(tokenizer, text, samples=samples, seqlen=seqlen, seed=seed)
+    except InputError as e:  # it spoke of the "calibration text" and --samples, which set the general windows
+        if "samples x" not in str(e):
+            raise
+        raise InputError(f"the domain text {text.name} holds fewer than {samples} windows of {seqlen} tokens "
+                         f"({str(e).split(' has ', 1)[-1].split(',', 1)[0]}); give more domain text or lower "
+                         "--option domain_samples=... (domain_samples=) or --seqlen") from None
+    return _check_ids(ids, "the domain text", fix, vocab)
 
 
 def _vocab(model: nn.Module) -> int | None:
