@@ -797,3 +797,25 @@ def test_an_input_whose_files_link_into_the_output_is_not_replaced(model_dir, tm
     refused(["prune", str(in_b), "--method", "magnitude", "--ratio", "0.5", "--out", str(run_a), "--overwrite"],
             capsys, "holds the file")
     assert digest(run_a) == before
+
+
+def test_a_pipe_is_read_as_a_prompt_file_and_named_as_a_pipe_where_a_text_file_goes(model_dir, tmp_path, capsys,
+                                                                                     no_loading_bars):
+    """`--prompt-file <(...)` and `--text <(...)` were said not to exist (they exist; they are pipes)."""
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    refused(["eval", str(model_dir), "--text", str(fifo), "--seqlen", "16", "--tokens", "32"], capsys,
+            "is not a regular file (a pipe or device; save the text to a file)")
+
+    def feed():
+        with open(fifo, "w") as f:
+            f.write("the river crossed the old stone bridge")
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    assert cli.main(["generate", str(model_dir), "--prompt-file", str(fifo), "--kv", "full", "--max-new-tokens", "2",
+                     "--quiet"]) == 0
+    writer.join()

@@ -26,6 +26,7 @@ of a sequence get it at the head of every window (SmolLM2's adds none).
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from dataclasses import dataclass
 from numbers import Integral
@@ -70,7 +71,12 @@ def _is_file(path: Path, *, folder: bool = False) -> bool:
 
 def _read_file(path: Path) -> str:
     if not _is_file(path):
-        what = "is a folder" if _is_file(path, folder=True) else "does not exist"
+        if _is_file(path, folder=True):
+            what = "is a folder"
+        elif os.path.exists(path):  # a pipe such as <(...) or /dev/stdin was said not to exist
+            what = "is not a regular file (a pipe or device; save the text to a file)"
+        else:
+            what = "does not exist"
         raise InputError(f"text file {path} {what}; give a .txt or .jsonl file, or 'wiki' / 'austen' / 'python-docs'")
     if path.suffix == ".jsonl":
         docs = []

@@ -47,7 +47,7 @@ _FETCH_HINT = "run `make assets` (or `python -c 'import prunekit.zoo as z; z.fet
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PRUNEKIT_CACHE", "~/.cache/prunekit")).expanduser()
+    return Path(os.environ.get("PRUNEKIT_CACHE") or "~/.cache/prunekit").expanduser()  # empty: unset, not "."
 
 
 def _atomic_dir(final: Path, build) -> Path:

@@ -104,7 +104,7 @@ def run(args) -> int:
         ignored.append(f"--budget is not used by --kv {args.kv} (it keeps every token)")
     if args.prompt_file is not None:
         path = Path(args.prompt_file).expanduser()
-        if not path.is_file():
+        if path.is_dir() or not path.exists():  # a pipe (<(...), /dev/stdin) is read once, like a file
             what = "is a folder" if path.is_dir() else "does not exist"
             raise InputError(f"prompt file {path} {what}; give a UTF-8 text file")
         try:
