@@ -142,6 +142,12 @@ def test_refuses_what_it_cannot_do():
     w, h = torch.randn(16, 32), hessian_of(32)
     with pytest.raises(InputError, match="armor needs --pattern N:M"):
         armor.prune_weight(w, h, ratio=0.5, pattern=None)
+    import prunekit
+    from conftest import tiny_model
+
+    model = tiny_model("llama")  # refused before calibration (the first layer said it, once calibration had run)
+    with pytest.raises(InputError, match=r"armor needs --pattern N:M \(pattern="):
+        prunekit.prune(model, method="armor", ratio=0.5, calibration=torch.zeros(2, 8, dtype=torch.long))
     with pytest.raises(InputError, match="disagrees"):
         armor.prune_weight(w, h, ratio=0.3, pattern=P24)
     with pytest.raises(InputError, match="multiple of the pattern"):

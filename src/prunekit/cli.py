@@ -250,6 +250,8 @@ def _cmd_prune(args) -> int:
     if known.domain in _PRUNE_DOMAINS:
         return import_module(_PRUNE_DOMAINS[known.domain]).run_prune(args)
     spec = prunekit.registry.get(args.method, "weights")  # validate everything before the slow work
+    if args.method == "armor" and not args.pattern:  # it was said after the model loaded and calibration began
+        raise InputError("armor needs --pattern N:M (e.g. 2:4): its core is N:M sparse, unstructured is not supported")
     ratio = ratio_for(args.ratio, parse_pattern(args.pattern))
     options = _options(args)
     prunekit.prune_options(args.method, options)

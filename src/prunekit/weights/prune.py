@@ -246,6 +246,9 @@ def prune(
         raise InputError(f"seed must be an integer >= 0, got {seed!r}")
     spec = registry.get(method, "weights")
     nm = parse_pattern(pattern)
+    if method == "armor" and nm is None:  # said by the first layer, after the model's calibration had begun
+        raise InputError("armor needs --pattern N:M (pattern=, e.g. 2:4): its core is N:M sparse, unstructured is "
+                         "not supported")
     ratio = ratio_for(ratio, nm)
     # every parameter, not only the pruned Linears: a NaN embedding left the model half pruned when the
     # activations went non-finite after the first block
