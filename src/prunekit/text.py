@@ -194,15 +194,37 @@ _TRIES = 64  # cut places tried per piece before the rest of the text is tokeniz
 _MARGIN = 512  # characters either side of a cut that must tokenize alike cut and whole
 
 
+_RUN = 64  # longest whitespace run a cut may touch: the check's 512-character margin must see all of it
+
+
+def _short_run(text: str, cut: int) -> bool:
+    """Whether the whitespace run touching `cut` (before and after it) is shorter than `_RUN`: the tokens of a
+    longer run depend on where it starts, which a check around the cut would not see."""
+    lo = cut
+    while lo > 0 and text[lo - 1].isspace():
+        lo -= 1
+        if cut - lo >= _RUN:
+            return False
+    hi = cut
+    while hi < len(text) and text[hi].isspace():
+        hi += 1
+        if hi - lo >= _RUN:
+            return False
+    return True
+
+
 def _cut_places(text: str, start: int, end: int):
     """Places in ``(start, end]`` next to a newline, last first: before it after a letter or digit, after it before
-    a letter or digit, and between two newlines (byte-level BPE pre-tokenizers split at one or another)."""
+    a letter or digit, and between two newlines (byte-level BPE pre-tokenizers split at one or another); never
+    in or next to a whitespace run of `_RUN` or more."""
     newline = text.rfind("\n", start + 1, end)
-    while newline > start:
-        if text[newline - 1].isalnum():
+    for _ in range(64 * _TRIES):  # newlines looked at per piece: a text of newlines alone has no place and stops here
+        if newline <= start:
+            break
+        if text[newline - 1].isalnum() and _short_run(text, newline):
             yield newline  # "word|\n"
         after = newline + 1
-        if after < end and (text[after].isalnum() or text[after] == "\n"):
+        if after < end and (text[after].isalnum() or text[after] == "\n") and _short_run(text, after):
             yield after  # ".\n|Word" or ".\n|\nWord"
         newline = text.rfind("\n", start + 1, newline)
 
