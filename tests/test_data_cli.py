@@ -676,3 +676,8 @@ def test_a_full_stdout_says_it_was_stdout_and_non_utf8_arguments_are_refused(tmp
     assert main(["data", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "0.5", "--out", bad]) == 2
     err = capsys.readouterr().err
     assert "--out" in err and "holds bytes that are not UTF-8" in err and "Traceback" not in err
+    # an input only read may have such a name (it worked before the check), and a closed stdout (None) prints nothing
+    odd = tmp_path / ("sc" + b"\xe9".decode("utf-8", "surrogateescape") + ".npy")
+    np.save(odd, np.arange(10.0))
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["data", "select", "--scores", str(odd), "--keep", "0.5", "--out", str(tmp_path / "k2.npy")]) == 0

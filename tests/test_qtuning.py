@@ -505,3 +505,28 @@ def test_cli_qtune_training_that_diverges_says_lower_the_learning_rate(tmp_path,
                  "--epochs", "2", "--mode", mode, "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "fine-tuning diverged" in err and "lower the learning rate (--lr)" in err and not out.exists()
+
+
+def test_cli_qtune_records_the_sha256_of_a_data_path_given_with_a_tilde(tmp_path, model_dir, monkeypatch):
+    """`--data=~/sft.jsonl` (the shell leaves ~ after '=') was read, then failed at the summary's hash: work lost."""
+    import hashlib
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records(6)))
+    out = tmp_path / "out"
+    assert main(["data", "qtune", str(model_dir), "--data=~/sft.jsonl", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+
+
+def test_sft_overflow_before_any_step_is_not_blamed_on_the_learning_rate():
+    from prunekit.errors import InputError
+
+    tok = char_tokenizer()
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.fill_(1e38)  # finite weights, infinite logits
+    ex = S.tokenize(records(4), tok, max_length=64)
+    with pytest.raises(InputError, match="before any optimizer step: the model's activations overflow"):
+        S.sft(model, ex, pad_id=tok.eos_token_id, batch_size=2, lora_rank=None, progress=False)

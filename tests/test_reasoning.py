@@ -482,3 +482,10 @@ def test_cli_sampling_validates_before_loading(tmp_path, capsys):
     assert main(["reason", "--model", "x", "--questions", str(qfile)]) == 2  # no --out
     assert main(["reason", str(qfile), "--method", "sc", "--model", "x"]) == 2  # mixes voting and sampling
     assert not out.exists()
+    # --out links into a missing folder: checked where it points (the sampling ran, then the save failed)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(tmp_path / "nowhere" / "paths.jsonl")
+    capsys.readouterr()
+    assert main(["reason", "--model", str(tmp_path / "no-such-model"), "--questions", str(qfile), "--out",
+                 str(link)]) == 2
+    assert "nowhere is not a folder; create it first" in capsys.readouterr().err

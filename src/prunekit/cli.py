@@ -490,18 +490,22 @@ class _GuardedStdout:
         return getattr(self._stream, name)
 
 
+# arguments that are tokenized or written into an output (a report, a store) with their names: bytes that are not
+# UTF-8 in them were tracebacks in the tokenizer or at the save, after the work (a file only read is fine)
+_UTF8 = {"out": "--out", "store": "--store", "prompt": "--prompt", "calib": "--calib", "eval": "--eval",
+         "domain": "--domain", "query": "query"}
+
+
 def _check_utf8(args) -> None:
-    """Arguments holding bytes that are not UTF-8 (Python keeps them as surrogates) were tracebacks deep in the
-    tokenizer or at the save, after the work."""
     from prunekit.errors import InputError
 
-    for name, value in vars(args).items():
-        for v in value if isinstance(value, (list, tuple)) else (value,):
-            if isinstance(v, str) and any("\udc80" <= c <= "\udcff" for c in v):
-                shown = v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-                flag = name if name in ("model", "query", "text") else "--" + name.replace("_", "-")
-                raise InputError(f"{flag} {shown!r} holds bytes that are not UTF-8 (shown as \ufffd); give UTF-8 "
-                                 "text and file names")
+    names = dict(_UTF8, **({"text": "text"} if args.command == "memory" else {}))  # eval's --text is only read
+    for name, flag in names.items():
+        value = getattr(args, name, None)
+        if isinstance(value, str) and any("\udc80" <= c <= "\udcff" for c in value):
+            shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            raise InputError(f"{flag} {shown!r} holds bytes that are not UTF-8 (shown as \ufffd); give UTF-8 text "
+                             "and file names")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread: leave the handler alone
         previous = None
     stdout = sys.stdout
-    sys.stdout = _GuardedStdout(stdout)
+    if stdout is not None:  # None when the shell closed it (>&-): print then writes nothing
+        sys.stdout = _GuardedStdout(stdout)
     try:
         _check_utf8(args)
         if args.command in _MODULES:

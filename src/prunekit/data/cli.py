@@ -465,7 +465,7 @@ def _cmd_qtune(args) -> int:
                "thresholds": sel.info, "scoring_seconds": round(scored, 2), "max_length": args.max_length,
                "cut_prompts": cut["prompt"], "cut_responses": cut["response"],
                # what a rerun needs: --seed changes the trained model, batches and threads the sums
-               "data_sha256": _sha256(args.data), "batch_size": args.batch_size, "seed": args.seed,
+               "data_sha256": _sha256(Path(args.data).expanduser()), "batch_size": args.batch_size, "seed": args.seed,
                "torch_threads": _torch_threads(), "versions": _versions()}
     if report is not None:
         saved_dtype = stored_dtypes(args.model)  # trained in float32, saved as the input stores its weights

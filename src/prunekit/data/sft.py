@@ -468,6 +468,9 @@ def _select(pruner, model, examples, pad_id, batch_size, report: SFTReport, prog
 
 
 def _diverged(steps: int) -> InputError:
+    if not steps:  # nothing was trained yet: not the learning rate
+        return InputError("the training loss is NaN/Inf before any optimizer step: the model's activations overflow "
+                          "on these examples (check its dtype and weights)")
     return InputError(f"fine-tuning diverged: the model gives NaN/Inf after {steps} optimizer steps; lower the "
                       "learning rate (--lr)")
 

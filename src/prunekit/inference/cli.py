@@ -85,7 +85,7 @@ def _only_for(args, mine: dict, other: dict, mode: str, other_mode: str) -> None
 
 
 def _sample(args) -> int:
-    from prunekit.errors import InputError, check_not_input, check_writable
+    from prunekit.errors import InputError, check_not_input, check_writable, follow_link
     from prunekit.inference.sampling import _check, sample_paths
     from prunekit.weights.io import load_model, resolve_model
 
@@ -94,7 +94,7 @@ def _sample(args) -> int:
     _only_for(args, SAMPLING, VOTING, "sampling", "voting over a paths file")
     if args.questions is None or args.out is None:
         raise InputError("sampling needs --questions Q.jsonl and --out PATHS.jsonl")
-    out = Path(args.out).expanduser()
+    out = follow_link(Path(args.out).expanduser())  # written where a link points: its folder is checked
     if out.is_dir():
         raise InputError(f"--out {out} is a folder; give a file name for the JSONL of sampled paths")
     if out.exists() and not args.overwrite:

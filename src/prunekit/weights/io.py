@@ -230,9 +230,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
             raise InputError(f"{path}'s weights do not match its config.json: {key} is stored as {stored} but the "
                              f"config makes it {described}; fix config.json (its sizes) or save the model again with "
                              "save_pretrained") from None
+        held.release()  # transformers' own message points to its report ("look at the above report")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"could not load {path} as a causal LM: {first}") from None
-    held.release()  # a report of a load that worked is transformers' to show
     missing, unused = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
     if missing or unused:  # transformers would run the model with those weights freshly initialised
         parts = []
@@ -243,6 +243,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
         raise InputError(f"{path}'s weights do not match its config.json: {'; '.join(parts)}, so transformers would "
                          "fill them with random values. Fix config.json (layer count and layout) or save the model "
                          "again with save_pretrained")
+    held.release()  # a report of a load that worked is transformers' to show
     from prunekit.weights.methods import armor
 
     armor.install_factors(model, path)  # ARMOR's factorized layers, when the folder holds them

@@ -225,11 +225,14 @@ def _domain_ids(domain, tokenizer, *, samples: int, seqlen: int, seed: int, voca
     try:
         ids = calibration_ids(tokenizer, text, samples=samples, seqlen=seqlen, seed=seed)
     except InputError as e:  # it spoke of the "calibration text" and --samples, which set the general windows
-        if "samples x" not in str(e):
-            raise
-        raise InputError(f"the domain text {text.name} holds fewer than {samples} windows of {seqlen} tokens "
-                         f"({str(e).split(' has ', 1)[-1].split(',', 1)[0]}); give more domain text or lower "
-                         "--option domain_samples=... (domain_samples=) or --seqlen") from None
+        if "samples x" in str(e):
+            raise InputError(f"the domain text {text.name} holds fewer than {samples} windows of {seqlen} tokens; "
+                             "give more domain text or lower --option domain_samples=... (domain_samples=) or "
+                             "--seqlen") from None
+        if "calibration mixture" in str(e):
+            raise InputError(f"the domain mixture {text.name} has {len(text.parts)} parts: ask at least one window "
+                             "each with --option domain_samples=... (domain_samples=)") from None
+        raise
     return _check_ids(ids, "the domain text", fix, vocab)
 
 
