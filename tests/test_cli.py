@@ -259,6 +259,12 @@ def test_eval_json_and_pattern_check(model_dir, text_file, tmp_path, capsys):
     assert math.isfinite(result["ppl"]) and result["ppl"] > 1
     assert result["sparsity"] == pytest.approx(0.5)
     assert result["pattern"] == "2:4" and result["pattern_ok"] is True
+    # --batch-size: fewer windows per forward, less memory (eval had no way to lower it), the same perplexity
+    assert cli.main(["eval", str(out), "--text", str(text_file), "--seqlen", "64", "--tokens", "256", "--batch-size",
+                     "1", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] == pytest.approx(result["ppl"], rel=1e-6)
+    assert cli.main(["eval", str(out), "--batch-size", "0", "--quiet"]) == 2
+    assert "--batch-size must be an integer >= 1" in capsys.readouterr().err
     # the dense input is no 2:4 model, and eval says so, in its exit status too (it was 0: scripts had to parse)
     assert cli.main(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "64", "--tokens", "128",
                      "--pattern", "2:4", "--json", "--quiet"]) == 1

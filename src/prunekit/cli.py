@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
                     "or a .txt/.jsonl file")
     ev.add_argument("--seqlen", type=int, default=512, help="tokens per perplexity window (default 512)")
     ev.add_argument("--tokens", type=int, default=None, help="tokens evaluated, cut into seqlen windows (default 16384)")
+    ev.add_argument("--batch-size", type=int, default=4, help="windows per forward pass; fewer hold less memory "
+                    "(the logits of a batch are batch x seqlen x vocabulary floats)")
     ev.add_argument("--pattern", default=None, help="also check that every block Linear is N:M (default: the "
                     "pattern in prunekit.json); exit status 1 when a layer breaks it")
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -368,11 +370,12 @@ def _recorded(path: Path) -> tuple[str | None, tuple]:
 
 def _cmd_eval(args) -> int:
     import prunekit
-    from prunekit.errors import InputError
+    from prunekit.errors import InputError, int_at_least
     from prunekit.evaluate import EVAL_TOKENS
     from prunekit.weights.io import resolve_model
 
     _check_eval_sizes(args.seqlen, args.tokens, "--tokens")
+    int_at_least(args.batch_size, "--batch-size", 1)
     path = resolve_model(args.model)
     if args.pattern is None:
         pattern, skip = _recorded(path)
@@ -386,7 +389,8 @@ def _cmd_eval(args) -> int:
         prunekit.parse_pattern(pattern)
     text = prunekit.load_text(args.text, purpose="evaluation")  # a missing or empty file fails before the load
     model, tok = prunekit.load_model(path)
-    ppl = prunekit.perplexity(model, tok, text, seqlen=args.seqlen, tokens=args.tokens or EVAL_TOKENS, progress=not args.quiet)
+    ppl = prunekit.perplexity(model, tok, text, seqlen=args.seqlen, tokens=args.tokens or EVAL_TOKENS,
+                              batch_size=args.batch_size, progress=not args.quiet)
     measured = prunekit.sparsity(model)
     out = {**ppl.to_dict(), "sparsity": measured["total"], "model_sparsity": measured["model_total"], "pattern": pattern}
     if pattern is not None:
