@@ -474,21 +474,19 @@ class _GuardedStdout:
     def __init__(self, stream):
         self._stream = stream
 
-    def write(self, text):
+    def _call(self, fn, *args):
         try:
-            return self._stream.write(text)
-        except BrokenPipeError:
+            return fn(*args)
+        except BrokenPipeError:  # `| head`: main's own quiet exit
             raise
         except OSError as e:
             raise _StdoutFailed(e.strerror or str(e)) from None
 
+    def write(self, text):
+        return self._call(self._stream.write, text)
+
     def flush(self):
-        try:
-            return self._stream.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise _StdoutFailed(e.strerror or str(e)) from None
+        return self._call(self._stream.flush)
 
     def __getattr__(self, name):
         return getattr(self._stream, name)

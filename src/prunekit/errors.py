@@ -67,6 +67,17 @@ def resolved(path: str | os.PathLike, *, flag: str = "--out") -> Path:
                          f"another {flag}") from None
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (``~`` expanded), read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def follow_link(path: Path) -> Path:
     """Where a symbolic link `path` points (an output file is written there, as an output folder is), else
     `path`: replacing the link itself left the old result in place behind it."""

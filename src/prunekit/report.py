@@ -28,6 +28,12 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_widths(path: Path, widths: list[tuple[int, int]], dense: tuple[int, int], title: str) -> None:
     """Structured pruning: the fraction of query heads and of MLP neurons each layer keeps."""
     plt = _pyplot()
@@ -41,9 +47,7 @@ def plot_widths(path: Path, widths: list[tuple[int, int]], dense: tuple[int, int
     ax.set_ylabel("fraction kept")
     ax.legend(fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_blocks(path: Path, depth: int, kept: list[int], title: str, scores: list[float] | None = None,
@@ -60,9 +64,7 @@ def plot_blocks(path: Path, depth: int, kept: list[int], title: str, scores: lis
     if scores is None:
         ax.set_yticks([])
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _plot(path: Path, layers: list[dict], title: str) -> None:
@@ -87,9 +89,7 @@ def _plot(path: Path, layers: list[dict], title: str) -> None:
     ax2.set_xlabel("block")
     ax2.legend(fontsize=7, ncol=4)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def write_report(folder: Path, meta: dict) -> None:

@@ -380,16 +380,6 @@ def _cmd_score(args) -> int:
     return 0
 
 
-def _sha256(path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _cmd_qtune(args) -> int:
     import csv
 
@@ -397,7 +387,7 @@ def _cmd_qtune(args) -> int:
 
     from prunekit.data import sft as S
     from prunekit.data.methods import qtuning as Q
-    from prunekit.errors import InputError, check_not_input, int_at_least
+    from prunekit.errors import InputError, check_not_input, file_sha256, int_at_least
     from pathlib import Path
 
     from prunekit.weights.io import (carry_licence, check_output, check_replaceable, load_model, resolve_model,
@@ -465,7 +455,7 @@ def _cmd_qtune(args) -> int:
                "thresholds": sel.info, "scoring_seconds": round(scored, 2), "max_length": args.max_length,
                "cut_prompts": cut["prompt"], "cut_responses": cut["response"],
                # what a rerun needs: --seed changes the trained model, batches and threads the sums
-               "data_sha256": _sha256(Path(args.data).expanduser()), "batch_size": args.batch_size, "seed": args.seed,
+               "data_sha256": file_sha256(args.data), "batch_size": args.batch_size, "seed": args.seed,
                "torch_threads": _torch_threads(), "versions": _versions()}
     if report is not None:
         saved_dtype = stored_dtypes(args.model)  # trained in float32, saved as the input stores its weights

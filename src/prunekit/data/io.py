@@ -354,8 +354,7 @@ def read_matrix(path, *, what: str, names: bool = False):
 
 def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
     check_output_name(path)
-    check_writable(path)  # first: a symbolic-link loop is named, not a traceback
-    path = follow_link(Path(path).expanduser())  # a link is written where it points, as prune's --out folder is
+    path = follow_link(Path(path).expanduser())  # a link is written where it points (a loop is named)
     _suffix(path, "output")
     if path.exists() and not overwrite:
         raise InputError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")

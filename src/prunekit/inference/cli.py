@@ -150,10 +150,9 @@ def _sample(args) -> int:
 
 
 def _settings(args) -> dict:
-    import hashlib
+    from prunekit.errors import file_sha256
 
-    digest = hashlib.sha256(Path(args.questions).expanduser().read_bytes()).hexdigest()
-    return {"model": str(args.model), "questions_sha256": digest, "samples": args.samples,
+    return {"model": str(args.model), "questions_sha256": file_sha256(args.questions), "samples": args.samples,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from prunekit import jsonl, zoo
-from prunekit.errors import InputError, apply_umask, check_output_name, check_writable, hidden_name
+from prunekit.errors import InputError, apply_umask, check_output_name, check_writable, follow_link, hidden_name
 
 __all__ = ["resolve_model", "load_model", "check_finite_weights", "check_output", "write_atomically", "save_pruned",
            "parse_dtype", "stored_dtype"]
@@ -345,16 +345,13 @@ def _check_config(path: Path) -> None:
 
 class _held_load_report:
     """Holds transformers' multi-line LOAD REPORT while a model loads: prunekit names what went wrong in one line
-    (missing or unexpected weights, sizes that differ); `release` shows it when the load worked."""
+    (missing or unexpected weights, sizes that differ); `release` shows it when the load worked, or when
+    transformers' own message points to it. It is the handlers' filter while the load runs."""
 
     def __init__(self):
-        import logging
+        self.held: list = []  # logging.LogRecord
 
-        self.held: list[logging.LogRecord] = []
-        self._filter = logging.Filter()
-        self._filter.filter = self._keep
-
-    def _keep(self, record) -> bool:
+    def filter(self, record) -> bool:
         if "LOAD REPORT" in record.getMessage():
             self.held.append(record)
             return False
@@ -367,12 +364,12 @@ class _held_load_report:
 
     def __enter__(self):
         for h in self._handlers():
-            h.addFilter(self._filter)
+            h.addFilter(self)
         return self
 
     def __exit__(self, *exc):
         for h in self._handlers():
-            h.removeFilter(self._filter)
+            h.removeFilter(self)
         return False
 
     def release(self) -> None:
@@ -482,10 +479,7 @@ def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, o
 
     An `out` that is a symbolic link is written where the link points (the link stays and now shows the new
     output; replacing the link itself left the old output in place behind a hidden link)."""
-    out = Path(out).expanduser()
-    if out.is_symlink():
-        out = out.resolve()
-    out = check_output(out, overwrite=overwrite)
+    out = check_output(follow_link(Path(out).expanduser()), overwrite=overwrite)
     check_replaceable(out)
     made = [p for p in out.absolute().parents if not p.exists()]  # parents created here, nearest first
     old = tmp = None
