@@ -819,3 +819,41 @@ def test_a_pipe_is_read_as_a_prompt_file_and_named_as_a_pipe_where_a_text_file_g
     assert cli.main(["generate", str(model_dir), "--prompt-file", str(fifo), "--kv", "full", "--max-new-tokens", "2",
                      "--quiet"]) == 0
     writer.join()
+
+
+def test_cli_messages_name_the_flag_the_user_typed_not_the_python_parameter(model_dir, tmp_path, capsys,
+                                                                            no_loading_bars):
+    """The API's `batch_size must be ...` reached the command line as is; the user typed --batch-size."""
+    import numpy as np
+
+    out = tmp_path / "out"
+    err = refused(["prune", str(model_dir), "--method", "wanda", "--ratio", "0.5", "--samples", "2", "--seqlen", "16",
+                   "--batch-size", "0", "--out", str(out)], capsys, "--batch-size must be a positive integer, got 0")
+    assert err == "prunekit: error: --batch-size must be a positive integer, got 0" and not out.exists()
+    labels, probs = tmp_path / "y.npy", tmp_path / "p.npy"
+    np.save(labels, np.array([0, 1, 2, 1]))
+    np.save(probs, np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5], [0.3, 0.7]]))
+    refused(["data", "label-issues", "--labels", str(labels), "--probs", str(probs), "--out", str(tmp_path / "i.csv")],
+            capsys, "--labels must lie in [0, 2) (--probs has 2 columns); example 2 has label 2")
+    refused(["data", "label-issues", "--labels", str(labels), "--probs", str(probs), "--frac-noise", "0",
+             "--out", str(tmp_path / "i.csv")], capsys, "--frac-noise must be a number in (0, 1], got 0.0")
+    refused(["memory", "add", "--store", str(tmp_path / "m.db"), "--embedder", "hash", "--forget-fraction", "2",
+             "hello"], capsys, "--forget-fraction must be a finite number")
+    refused(["reason", "--model", str(model_dir), "--questions", str(labels), "--out", str(tmp_path / "r.jsonl"),
+             "--temperature", "0"], capsys, "--temperature=0.0 must be a finite number > 0")
+
+
+def test_flag_names_replace_only_whole_python_names():
+    from prunekit.cli import _in_flags
+
+    flags = {"batch_size": "--batch-size", "max_new_tokens": "--max-new-tokens", "probs": "--probs",
+             "tokens": "--tokens"}
+    assert _in_flags("tokens=0 must be >= 1", flags) == "--tokens=0 must be >= 1"
+    assert _in_flags("tokens must be >= 1", flags) == "--tokens must be >= 1"
+    assert _in_flags("lower the tokens or give more text", flags) == "lower the tokens or give more text"
+    assert (_in_flags("0 new tokens (--max-new-tokens, max_new_tokens=): it must be", flags)
+            == "0 new tokens (--max-new-tokens, max_new_tokens=): it must be")
+    kept = "a max_new_tokens_cap and my_batch_size stay"
+    assert _in_flags(kept, flags) == kept
+    assert _in_flags("pred_probs has 3 rows", flags) == "--probs has 3 rows"
+    assert _in_flags("pred_probs has 3 rows", {}) == "pred_probs has 3 rows"

@@ -554,7 +554,7 @@ def _break(folder, case):
              "cfg_lowrank_bad": dict(cfg, lowrank={"blocks.0.conv1": {"rank": "x", "scheme": "foo"}}),
              "cfg_lowrank_name": dict(cfg, lowrank={"nope.conv": {"rank": 2, "scheme": "channel"}}),
              "cfg_widths_mismatch": dict(cfg, widths=[4, 8, 16]), "cfg_inch3": dict(cfg, in_channels=3),
-             "cfg_huge": dict(cfg, widths=[4, 8, 10**9])}
+             "cfg_huge": dict(cfg, widths=[4, 8, 10**9]), "cfg_hf": {"model_type": "llama", "hidden_size": 64}}
     if case == "cfg_binary":
         cfg_file.write_bytes(bytes(range(128, 256)) * 2)
     elif case in edits:
@@ -576,6 +576,8 @@ def _break(folder, case):
     ("cfg_binary", r"config\.json is not UTF-8 JSON text"),
     ("cfg_list", r"config\.json must hold a JSON object, got a list"),
     ("cfg_nokeys", r"config\.json lacks widths, blocks"),
+    ("cfg_hf", r"config\.json has no \"format\", expected 'prunekit-cnn/1' \(a Hugging Face model's config; .*"
+               r"give a folder written by `prunekit cnn train`"),
     ("cfg_widths_str", r"has widths='abc'; it must be a list of channel counts"),
     ("cfg_neg", r"has num_classes=-1; it must be an integer >= 1"),
     ("cfg_bool", r"has blocks=True; it must be an integer >= 1"),
@@ -600,7 +602,7 @@ def test_cli_broken_model_folder_exits_2_and_writes_nothing(saved, tmp_path, cas
         err = capsys.readouterr().err
         assert err.startswith("prunekit: error:") and len(err.strip().splitlines()) == 1, err
         assert re.search(match, err) and (str(saved) in err), err
-        if case not in ("nanw", "infw"):
+        if case not in ("nanw", "infw", "cfg_hf"):  # a model of another kind is not re-exported
             assert "re-export the model" in err, err
     assert not out.exists() and {p.name: p.read_bytes() for p in saved.iterdir()} == before
     with pytest.raises(InputError, match=match):

@@ -100,7 +100,7 @@ def bad_inputs(tmp_path):
     np.save(tmp_path / "p_nan.npy", nan)
     cases["NaN"] = ("y.npy", "p_nan.npy", "NaN")
     np.save(tmp_path / "y_short.npy", labels[:-1])
-    cases["shape mismatch"] = ("y_short.npy", "p.npy", "199 entries but pred_probs has 200 rows")
+    cases["shape mismatch"] = ("y_short.npy", "p.npy", "199 entries but --probs has 200 rows")
     np.save(tmp_path / "y_missing.npy", np.where(labels == 2, 0, labels))
     cases["class with no examples"] = ("y_missing.npy", "p.npy", "have no examples.*--allow-missing-classes")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)

@@ -510,10 +510,43 @@ def _check_utf8(args) -> None:
                              "and file names")
 
 
+def _flags(parser: argparse.ArgumentParser, args) -> dict[str, str]:
+    """Each option's Python name (argparse dest) -> its flag, along the subcommands `args` chose."""
+    flags: dict[str, str] = {}
+    while parser is not None:
+        chosen = None
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(args, action.dest, None))
+            elif action.option_strings and action.dest != "help":
+                flags[action.dest] = max(action.option_strings, key=len)
+        parser = chosen
+    return flags
+
+
+# Python names that are not the dest of their flag (cleanlab's pred_probs is `--probs`).
+_API_NAMES = {"pred_probs": "probs"}
+
+
+def _in_flags(message: str, flags: dict[str, str]) -> str:
+    """A message from the Python API names a parameter as Python does (``batch_size must be ...``,
+    ``max_new_tokens=0 must be ...``); on the command line it names the flag the user typed instead."""
+    head = re.match(r"([a-z][a-z0-9_]*)(?:=(\S+))? must ", message)
+    if head and head.group(1) in flags:
+        value = f"={head.group(2)}" if head.group(2) else ""
+        message = f"{flags[head.group(1)]}{value} must {message[head.end():]}"
+    names = {**{n: flags[d] for n, d in _API_NAMES.items() if d in flags}, **flags}
+    for name, flag in names.items():  # snake_case names elsewhere in the message are unambiguous
+        if "_" in name:
+            message = re.sub(rf"(?<![\w-]){name}(?![\w=])", flag, message)
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     from prunekit.errors import InputError
 
     if getattr(args, "quiet", False):
@@ -533,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             return import_module(_MODULES[args.command]).run(args)
         return {"prune": _cmd_prune, "eval": _cmd_eval, "methods": _cmd_methods}[args.command](args)
     except InputError as e:
-        print(f"prunekit: error: {e}", file=sys.stderr)
+        print(f"prunekit: error: {_in_flags(str(e), _flags(parser, args))}", file=sys.stderr)
         return 2
     except _StdoutFailed as e:
         print(f"prunekit: error: could not write to standard output ({e}); what the command saved before that "

@@ -187,7 +187,11 @@ def _read_config(cfg_file: Path) -> dict:
     if not isinstance(cfg, dict):
         raise bad(f"must hold a JSON object, got a {type(cfg).__name__}")
     if cfg.get("format") != FORMAT:
-        raise InputError(f"{cfg_file} has format {cfg.get('format')!r}, expected {FORMAT!r}")
+        what = "no \"format\"" if "format" not in cfg else f"format {cfg['format']!r}"
+        hf = ("" if "model_type" not in cfg else
+              " (a Hugging Face model's config; prunekit's CNN commands take a CNN folder)")
+        raise InputError(f"{cfg_file} has {what}, expected {FORMAT!r}{hf}: give a folder written by "
+                         "`prunekit cnn train`, `cnn trp` or `cnn udfc`")
     missing = [k for k in _ARCH if k not in cfg and k != "mids"]
     if missing:
         raise bad(f"lacks {', '.join(missing)}")
