@@ -359,6 +359,8 @@ def test_cli_samples_and_refuses_bad_questions(tmp_path, model_dir, capsys):
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [len(r["paths"]) for r in recs] == [3, 3] and recs[0]["answer"] == "2" and recs[1]["answer"] is None
     assert len(R.load_paths(out)) == 2  # what it writes, the voter reads
+    assert [r["sampling"] for r in recs] == [{"model": str(model_dir), "n": 3, "max_new_tokens": 6,
+                                              "temperature": 1.0, "seed": i} for i in range(2)]  # how it was drawn
     assert "1 question(s) have no \"answer\": written with answer null" in capsys.readouterr().err
     out_json = tmp_path / "paths2.jsonl"
     assert main([*args[:-3], "--out", str(out_json), "--quiet", "--json"]) == 0  # --json was ignored here
@@ -461,6 +463,11 @@ def test_sample_paths_records_and_atomic_file(tmp_path):
     # question i's paths do not depend on the others sampled with it (resumable runs)
     alone = sample_paths(model, tok, qs[1:], n=4, max_new_tokens=5, seed=1, start=1, extractor=lambda t: len(t))
     assert alone[0] == recs[1]
+    assert recs[1]["sampling"] == {"model": None, "n": 4, "max_new_tokens": 5, "temperature": 1.0,
+                                   "seed": 1_000_003 + 1}  # question 1's own seed: sample_question redraws it
+    redrawn = sample_question(model, tok, build_prompt(tok, "5-3"), n=4, max_new_tokens=5,
+                              seed=recs[1]["sampling"]["seed"])
+    assert [p["text"] for p in redrawn] == [p["text"] for p in recs[1]["paths"]]
     with pytest.raises(InputError, match="exists"):
         sample_paths(model, tok, qs, n=2, max_new_tokens=2, out=out)
     with pytest.raises(InputError, match="temperature"):

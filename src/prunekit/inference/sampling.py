@@ -173,7 +173,9 @@ def sample_paths(model, tokenizer, questions: Iterable, *, n: int = 16, max_new_
                  progress: bool = False) -> list[dict]:
     """Sample `n` reasoning paths for every question; one record per question, in the JSONL format that
     `prunekit.inference.reasoning.load_paths` reads:
-    ``{"question", "answer", "paths": [{"text", "answer", "logprobs"}]}``.
+    ``{"question", "answer", "paths": [{"text", "answer", "logprobs"}], "sampling"}``, where ``"sampling"``
+    says how the paths were drawn: ``{"model", "n", "max_new_tokens", "temperature", "seed"}`` (the model's
+    name or folder; the question's own seed, so one record is reproducible alone).
 
     `questions` are strings or ``{"question": str, "answer": reference}`` dicts (a dict may carry its own
     worked ``"examples"``, used instead of `examples`); `extractor(text)` maps a
@@ -198,6 +200,7 @@ def sample_paths(model, tokenizer, questions: Iterable, *, n: int = 16, max_new_
         if not target.parent.is_dir():
             raise InputError(f"{target.parent} is not a folder; create it first")
     records = []
+    name = getattr(getattr(model, "config", None), "name_or_path", None) or None
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -206,11 +209,14 @@ def sample_paths(model, tokenizer, questions: Iterable, *, n: int = 16, max_new_
     for i, (text, reference, own) in enumerate(parsed):
         prompt = build_prompt(tokenizer, text, instruction=instruction, examples=examples if own is None else own,
                               chat=chat)
+        own_seed = seed * 1_000_003 + start + i
         paths = sample_question(model, tokenizer, prompt, n=n, max_new_tokens=max_new_tokens,
-                                temperature=temperature, seed=seed * 1_000_003 + start + i)
+                                temperature=temperature, seed=own_seed)
         record = {"question": text, "answer": None if reference is None else str(reference),
                   "paths": [{"text": p["text"], "answer": _answer(extractor, p["text"]),
-                             "logprobs": [round(v, 6) for v in p["logprobs"]]} for p in paths]}
+                             "logprobs": [round(v, 6) for v in p["logprobs"]]} for p in paths],
+                  "sampling": {"model": name, "n": n, "max_new_tokens": max_new_tokens,
+                               "temperature": temperature, "seed": own_seed}}
         records.append(record)
         if on_record is not None:
             on_record(record)
