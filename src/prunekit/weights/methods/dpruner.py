@@ -368,10 +368,12 @@ def prune_model(
 
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]  # the caller's: set aside, so they neither add into step 0's gradient nor are lost
     was_training = model.training
     originals = {name: get_weight(m).detach().clone() for name, m in layers.items()} if lr > 0 else {}
     try:
         for p in params:
+            p.grad = None
             p.requires_grad_(False)
         for m in layers.values():
             m.weight.requires_grad_(True)
@@ -380,8 +382,8 @@ def prune_model(
             scores = _domain_stage(model, layers, general, domain_ids, steps=steps, lr=lr, lam=lam,
                                    batch_size=batch_size, clip=clip, progress=progress)
     finally:
-        for p, flag in zip(params, flags):
-            p.grad = None
+        for p, flag, grad in zip(params, flags, grads):
+            p.grad = grad
             p.requires_grad_(flag)
         model.train(was_training)
         with torch.no_grad():
