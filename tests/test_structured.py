@@ -564,3 +564,32 @@ def test_structured_pruning_leaves_the_callers_global_rng_alone():
     state = torch.random.get_rng_state()
     prunekit.prune_structured(model, method="magnitude-structured", ratio=0.3, structure="both", progress=False)
     assert torch.equal(torch.random.get_rng_state(), state)  # new Linears drew their unused default init from it
+
+
+@pytest.mark.parametrize("method,call", [("tyr", 4), ("wanda-structured", 2), ("uniform-structured", 3)])
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_failure_on_the_way_puts_the_dense_model_back(method, call, stop):
+    """Ctrl-C in Týr's search left a search candidate's widths installed (another function, the dense config);
+    one in wanda-structured left some blocks cut; and a model in train mode came back in eval mode."""
+    model = tiny().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    widths = layer_widths(model)
+    probe = calib(1, 16, seed=3)
+    calls = []
+
+    def hook(_module, _args):
+        calls.append(1)
+        if len(calls) == call:
+            raise stop("stopped")
+
+    handle = model.model.layers[1].mlp.register_forward_pre_hook(hook)
+    with pytest.raises(stop):
+        prunekit.prune_structured(model, method=method, ratio=0.35, structure="both", calibration=calib(),
+                                  progress=False, **(TYR_FAST if method == "tyr" else {}))
+    handle.remove()
+    assert len(calls) == call and model.training and layer_widths(model) == widths
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    dense = tiny()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(probe).logits, dense(probe).logits)

@@ -27,7 +27,8 @@ from prunekit.select import check_ratio
 from prunekit.structured.export import load, save_structured
 from prunekit.speed import measure_speed
 from prunekit.structured.tyr import STRUCTURES, tyr_options
-from prunekit.structured.units import Widths, block_params, check_heads_prunable, layer_widths, model_dims
+from prunekit.structured.units import (Widths, attention, block_params, check_heads_prunable, layer_widths,
+                                       mlp_of, model_dims)
 
 __all__ = ["StructuredResult", "prune_structured", "check_request", "save_structured", "load", "measure_speed",
            "STRUCTURES"]
@@ -102,6 +103,27 @@ def check_request(method: str, *, ratio: float, structure: str, options: dict, d
         uniform_widths(dims, ratio=ratio, structure=structure)
 
 
+_SHRUNK = {"attn": ("q_proj", "o_proj", "num_key_value_groups", "num_heads"),
+           "mlp": ("gate_proj", "up_proj", "down_proj", "intermediate_size")}
+
+
+def _dense_modules(model: nn.Module) -> list[tuple[nn.Module, dict]]:
+    """What the structured methods replace (they build new, smaller Linears; the dense ones are not changed)."""
+    from prunekit.weights.engine import find_blocks
+
+    held = []
+    for block in find_blocks(model)[1]:
+        for part, names in ((attention(block), _SHRUNK["attn"]), (mlp_of(block), _SHRUNK["mlp"])):
+            held.append((part, {n: getattr(part, n) for n in names if hasattr(part, n)}))
+    return held
+
+
+def _put_back(held: list[tuple[nn.Module, dict]]) -> None:
+    for part, attrs in held:
+        for name, value in attrs.items():
+            setattr(part, name, value)
+
+
 def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, structure: str = "both",
                      tokenizer=None, calibration="wiki", samples: int = 128, seqlen: int = 512, seed: int = 0,
                      progress: bool = True, **options) -> StructuredResult:
@@ -114,6 +136,9 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
     `magnitude-structured` needs none. Method options (Týr: ``iterations``, ``generations``, ``offspring``,
     ``stages``, ``kl_topk``, ``propagate``, ``levels``, ``mlp_step``, ``neuron_step``, ``damp``,
     ``batch_size``) go as keywords.
+
+    All or nothing: an error or interrupt on the way (Týr's search installs candidate widths as it goes) puts
+    every block's dense modules back and the model's train/eval mode with them.
     """
     from prunekit import registry
     from prunekit.text import Text, calibration_ids, check_token_ids, load_text
@@ -164,9 +189,15 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
     before = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
     was_training = model.training
+    dense = _dense_modules(model)
     model.eval()
-    outcome = spec.fn(model, ids, ratio=ratio, structure=structure, seed=seed, progress=progress, **options)
-    model.train(was_training)
+    try:
+        outcome = spec.fn(model, ids, ratio=ratio, structure=structure, seed=seed, progress=progress, **options)
+    except BaseException:
+        _put_back(dense)
+        raise
+    finally:
+        model.train(was_training)
     widths = layer_widths(model)
     if widths != outcome.widths:
         raise RuntimeError("the pruned model's widths differ from the method's decision; this is a bug in prunekit")
