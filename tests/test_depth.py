@@ -367,6 +367,37 @@ def test_recovery_lowers_the_loss_and_leaves_a_plain_model(trainable):
     assert res.steps == 40 and all(type(m).__name__ != "LoRALinear" for m in model.modules())
 
 
+@pytest.mark.parametrize("trainable", ["lora", "full"])
+def test_recovery_keeps_the_callers_modules_flags_gradients_and_teacher_mode(trainable):
+    """LoRA's merge put new Linears in place of the caller's (their hooks went silent, a frozen model came back
+    trainable); full recovery left the last step's gradient on every parameter (a bf16 model's were fp32, and
+    the caller's next AdamW step failed); distillation left the teacher in eval mode."""
+    model = tiny_lm().to(torch.bfloat16)
+    teacher = copy.deepcopy(model).train()
+    keep = [True, False, True, True]
+    depth.drop_layers(model, keep)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    fired = []
+    handle = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *_: fired.append(1))
+    model.requires_grad_(False)
+    model.model.norm.weight.requires_grad_(True)
+    x = ids(4, 16)
+    model(input_ids=x, labels=x).loss.backward()  # the caller's own gradient, on the one trainable weight
+    mine = model.model.norm.weight.grad.clone()
+    target = depth.causal_lm_target(model, ids(8, 16), batch_size=4)
+    depth.recover(target, steps=2, trainable=trainable, lr=1e-3, teacher=(teacher, teacher.model.layers), keep=keep,
+                  features=0.01)
+    assert {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} == linears
+    assert teacher.training and all(not p.requires_grad for n, p in model.named_parameters() if n != "model.norm.weight")
+    assert torch.equal(model.model.norm.weight.grad, mine)
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "model.norm.weight")
+    fired.clear()
+    with torch.no_grad():
+        model(input_ids=x)
+    assert fired == [1]
+    handle.remove()
+
+
 def test_kd_recovery_with_feature_matching_uses_the_teacher():
     model = plant_identity(tiny_lm(), layers=(1, 3), scale=20.0)  # the dropped blocks matter
     teacher = copy.deepcopy(model)

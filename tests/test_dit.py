@@ -282,3 +282,28 @@ def test_dit_config_refuses_a_non_finite_mlp_ratio(ratio):
     # an infinite mlp_ratio (a hand-edited config.json) was an OverflowError in int(hidden * mlp_ratio)
     with pytest.raises(InputError, match="mlp_ratio must be a positive number"):
         D.DiTConfig(hidden=32, depth=2, heads=2, mlp_ratio=ratio)
+
+
+def test_an_interrupt_inside_distillation_leaves_no_hook_on_either_model():
+    from prunekit.depth import recover
+    from prunekit.depth.core import drop_blocks
+
+    cfg = D.DiTConfig(hidden=32, depth=4, heads=2, patch=7)
+    torch.manual_seed(0)
+    teacher, student = D.DiT(cfg), D.DiT(cfg)
+    keep = [True, False, True, True]
+    drop_blocks(student.blocks, keep)
+    target = D.depth_target(student, torch.rand(8, 1, 28, 28) * 2 - 1, torch.arange(8) % 10, batch_size=4)
+    for model in (student, teacher):
+        calls = []
+
+        def stop(_m, _a):
+            calls.append(1)
+            if len(calls) == 3:  # inside a later step's distillation forward of that model
+                raise KeyboardInterrupt
+
+        handle = model.blocks[0].register_forward_pre_hook(stop)
+        with pytest.raises(KeyboardInterrupt):
+            recover(target, steps=3, trainable="full", teacher=(teacher, teacher.blocks))
+        handle.remove()
+        assert not student._forward_hooks and not teacher._forward_hooks

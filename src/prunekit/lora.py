@@ -151,10 +151,22 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its Linear (``W + (alpha/r) B A``), in place; returns `model`."""
-    for n, m in list(model.named_modules()):
-        if isinstance(m, LoRALinear):
+    """Fold every adapter into its Linear (``W + (alpha/r) B A``), in place; returns `model`.
+
+    The original Linear goes back with its weight updated, so the caller's hooks on it, references to it and
+    to its parameters stay valid; parameters stay frozen as `add_lora` left them. (A weight that two adapted
+    Linears share gets a merged copy per Linear.)"""
+    adapters = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    owners: dict[int, int] = {}
+    for _, m in adapters:
+        owners[id(m.base.weight)] = owners.get(id(m.base.weight), 0) + 1
+    for n, m in adapters:
+        if owners[id(m.base.weight)] > 1:
             _replace(model, n, m.merged())
+            continue
+        with torch.no_grad():
+            m.base.weight.add_(m.delta().to(m.base.weight.dtype))
+        _replace(model, n, m.base)
     return model
 
 

@@ -688,12 +688,16 @@ def depth_target(model: DiT, images: torch.Tensor, labels, *, batch_size: int = 
         i, x, y = batch
         captured = {}
         handle = teacher.register_forward_hook(lambda _m, _a, out: captured.setdefault("eps", out.detach()))
-        with torch.no_grad():
-            diffusion_loss(teacher, x, y, generator=draws(i))
-        handle.remove()
+        try:  # an interrupt inside the forward left the hook on the caller's model for good
+            with torch.no_grad():
+                diffusion_loss(teacher, x, y, generator=draws(i))
+        finally:
+            handle.remove()
         handle = student.register_forward_hook(lambda _m, _a, out: captured.setdefault("student", out))
-        diffusion_loss(student, x, y, generator=draws(i))
-        handle.remove()
+        try:
+            diffusion_loss(student, x, y, generator=draws(i))
+        finally:
+            handle.remove()
         return ((captured["student"] - captured["eps"]) ** 2).mean()
 
     return DepthTarget(model, model.blocks, batches, loss, distill)

@@ -124,7 +124,11 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
         pairs = [(j, (kept[j + 1] - 1) if j + 1 < len(kept) else len(keep) - 1) for j in range(len(kept))]
     model = target.model
     was_training = model.training
+    teacher_training = teacher[0].training if teacher is not None else None
     requires = {id(p): p.requires_grad for p in model.parameters()}
+    grads = {id(p): p.grad for p in model.parameters() if p.grad is not None}  # the caller's: set aside, put back
+    for p in model.parameters():
+        p.grad = None
     start = time.perf_counter()
     teacher_model = teacher[0] if teacher is not None else None
     half = _upcast(model)
@@ -193,12 +197,16 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
         for p in model.parameters():
             p.requires_grad_(requires.get(id(p), True))
         model.train(was_training)
+        if teacher is not None:
+            teacher[0].train(teacher_training)
         _restore(teacher_model, half_teacher, keep_trained=False)
         _restore(model, half, keep_trained=not diverged)
         overflowed = non_finite(model) if half else []
         if overflowed:  # trained weights past the half-precision range: the old ones back
             diverged = diverged or overflowed
             _restore(model, half, keep_trained=False)
+        for p in model.parameters():  # the last step's gradients (a model-sized fp32 copy) are not left behind
+            p.grad = grads.get(id(p))
     bad = non_finite(model)
     if diverged or bad:  # was saved as a model of NaN weights, exit 0
         first = (diverged or bad)[0]
