@@ -49,17 +49,20 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        for start in tqdm(range(0, ids.shape[0], batch_size), desc="perplexity", unit="batch", disable=not progress):
-            batch = ids[start : start + batch_size]
-            logits = model(input_ids=batch, use_cache=False).logits  # [b, seq, vocab]
-            # one window at a time: the whole batch's shifted, reshaped fp32 copy and its log-softmax held three
-            # batch-sized logits at once (+1.2 GB for 4 x 512 tokens of a 49k vocabulary)
-            for row, target in zip(logits, batch):  # [seq, vocab], [seq]
-                total += float(torch.nn.functional.cross_entropy(row[:-1].float(), target[1:], reduction="sum"))
-            count += batch[:, 1:].numel()
-            del logits
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, ids.shape[0], batch_size), desc="perplexity", unit="batch",
+                              disable=not progress):
+                batch = ids[start : start + batch_size]
+                logits = model(input_ids=batch, use_cache=False).logits  # [b, seq, vocab]
+                # one window at a time: the whole batch's shifted, reshaped fp32 copy and its log-softmax held
+                # three batch-sized logits at once (+1.2 GB for 4 x 512 tokens of a 49k vocabulary)
+                for row, target in zip(logits, batch):  # [seq, vocab], [seq]
+                    total += float(torch.nn.functional.cross_entropy(row[:-1].float(), target[1:], reduction="sum"))
+                count += batch[:, 1:].numel()
+                del logits
+    finally:  # the caller's mode, also after an error or Ctrl-C
+        model.train(was_training)
     return total / count, count
 
 

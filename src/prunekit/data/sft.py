@@ -325,13 +325,15 @@ def _score(model: nn.Module, examples: list[Example], *, pad_id: int, batch_size
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="scoring", leave=False)
-    for s in starts:
-        rows = order[s: s + batch_size]
-        ids, attn, r = pad([examples[i] for i in rows], pad_id)
-        a, b = token_stats(model, ids, attn)
-        w = ids.shape[1]
-        nll[rows, :w], ent[rows, :w], resp[rows, :w] = a.double().numpy(), b.double().numpy(), r.numpy()
-    model.train(was_training)
+    try:
+        for s in starts:
+            rows = order[s: s + batch_size]
+            ids, attn, r = pad([examples[i] for i in rows], pad_id)
+            a, b = token_stats(model, ids, attn)
+            w = ids.shape[1]
+            nll[rows, :w], ent[rows, :w], resp[rows, :w] = a.double().numpy(), b.double().numpy(), r.numpy()
+    finally:  # the caller's mode, also after an error or Ctrl-C
+        model.train(was_training)
     return nll, ent, resp
 
 
@@ -516,7 +518,8 @@ def sft(model: nn.Module, examples: list[Example], *, pad_id: int, pruner=None, 
     ``lm_head`` (an existing set of adapters is reused). `pruner` (optional) picks samples and loss tokens:
     once before training, at each epoch start, or per loaded batch of `load_batch` examples (default
     ``round(batch_size / sample_ratio)``, so the kept rows make a training batch of about `batch_size`, the same
-    as the other modes'); only the kept rows are forwarded with gradients."""
+    as the other modes'); only the kept rows are forwarded with gradients. The model is left in eval mode, as
+    `prunekit.train.train` leaves its model."""
     from prunekit.lora import LoRALinear, add_lora, lora_parameters
 
     # every argument is checked here, before LoRA goes into the caller's model

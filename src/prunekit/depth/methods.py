@@ -37,11 +37,13 @@ def calibration_loss(target: DepthTarget, keep: list[bool] | None = None) -> flo
     keep = check_keep(keep, target.depth) if keep is not None else [True] * target.depth
     was = target.model.training
     target.model.eval()
-    with gates(target.blocks) as g:
-        for gate, k in zip(g, keep):
-            gate.gate = None if k else 0.0
-        total = sum(float(target.loss(target.model, b)) for b in target.batches)
-    target.model.train(was)
+    try:
+        with gates(target.blocks) as g:
+            for gate, k in zip(g, keep):
+                gate.gate = None if k else 0.0
+            total = sum(float(target.loss(target.model, b)) for b in target.batches)
+    finally:  # the caller's mode, also after an error or Ctrl-C
+        target.model.train(was)
     return total / len(target.batches)
 
 
