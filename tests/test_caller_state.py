@@ -51,3 +51,37 @@ def test_a_call_stopped_on_the_way_gives_the_model_back_in_the_callers_mode(call
     assert len(calls) == 2 and model.training and all(m.training for m in model.modules())
     call(model)  # and a call that finishes restores it too
     assert model.training
+
+
+_BACKEND = """
+import sys
+from pathlib import Path
+import matplotlib
+matplotlib.use("svg")  # stands for the caller's own backend (an interactive or a notebook one)
+import numpy as np
+from prunekit import report
+from prunekit.data.methods.qtuning import plot_eu_plane, qtuning_select
+
+out = Path(sys.argv[1])
+report.plot_blocks(out / "blocks.png", 4, [0, 2], "blocks", scores=[0.1, 0.2, 0.3, 0.4], score_name="score")
+report.plot_widths(out / "widths.png", [(4, 128), (2, 64)], (4, 128), "widths")
+rng = np.random.default_rng(0)
+response = np.zeros((20, 8), bool)
+response[:, 3:] = True
+plot_eu_plane(qtuning_select(rng.random((20, 8)) * 3, rng.random((20, 8)), response, sample_ratio=0.5,
+                             token_ratio=0.7), out / "eu.png")
+print(matplotlib.get_backend())
+"""
+
+
+def test_figures_do_not_switch_the_callers_matplotlib_backend(tmp_path):
+    """Each plot called matplotlib.use("Agg"): the caller's backend was Agg for the rest of the process."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _BACKEND, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "svg"
+    for name in ("blocks.png", "widths.png", "eu.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

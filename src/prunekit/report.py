@@ -19,25 +19,23 @@ def ppl_table(evals: dict) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
+def figure(nrows: int = 1, ncols: int = 1, **kwargs):
+    """A figure and its axes without pyplot: ``matplotlib.use("Agg")`` switched the caller's backend for the rest
+    of the process (an interactive or notebook session stopped showing its figures)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
-def _save(plt, fig, path: Path) -> None:
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_widths(path: Path, widths: list[tuple[int, int]], dense: tuple[int, int], title: str) -> None:
     """Structured pruning: the fraction of query heads and of MLP neurons each layer keeps."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 3.5))
+    fig, ax = figure(figsize=(9, 3.5))
     xs = list(range(len(widths)))
     ax.plot(xs, [h / dense[0] for h, _ in widths], marker="o", label=f"query heads (of {dense[0]})")
     ax.plot(xs, [n / dense[1] for _, n in widths], marker="s", label=f"MLP neurons (of {dense[1]})")
@@ -47,14 +45,13 @@ def plot_widths(path: Path, widths: list[tuple[int, int]], dense: tuple[int, int
     ax.set_ylabel("fraction kept")
     ax.legend(fontsize=8)
     ax.set_title(title)
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
 def plot_blocks(path: Path, depth: int, kept: list[int], title: str, scores: list[float] | None = None,
                 score_name: str = "") -> None:
     """Depth pruning: one bar per block, kept or removed; its height is the method's score when it has one."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 3.5))
+    fig, ax = figure(figsize=(9, 3.5))
     heights = scores if scores is not None else [1.0] * depth
     colors = ["tab:blue" if i in kept else "lightgray" for i in range(depth)]
     ax.bar(range(depth), heights, color=colors)
@@ -64,21 +61,20 @@ def plot_blocks(path: Path, depth: int, kept: list[int], title: str, scores: lis
     if scores is None:
         ax.set_yticks([])
     ax.set_title(title)
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
 def _plot(path: Path, layers: list[dict], title: str) -> None:
     """One line per kind of Linear (q_proj, down_proj, ...) against its block index."""
     import re
 
-    plt = _pyplot()
     series: dict[str, list[tuple[int, float, float]]] = {}
     for r in layers:
         match = re.search(r"\.(\d+)\.(.+)$", r["name"])
         block, kind = (int(match.group(1)), match.group(2)) if match else (0, r["name"])
         err = r["rel_error"] if r["rel_error"] is not None else float("nan")
         series.setdefault(kind, []).append((block, r["sparsity"], err))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    fig, (ax1, ax2) = figure(2, 1, figsize=(9, 6), sharex=True)
     for kind, points in series.items():
         xs, sp, er = zip(*points)
         ax1.plot(xs, sp, marker=".", label=kind)
@@ -89,7 +85,7 @@ def _plot(path: Path, layers: list[dict], title: str) -> None:
     ax2.set_xlabel("block")
     ax2.legend(fontsize=7, ncol=4)
     fig.suptitle(title)
-    _save(plt, fig, path)
+    _save(fig, path)
 
 
 def write_report(folder: Path, meta: dict) -> None:

@@ -210,15 +210,12 @@ class QTuning(_Pruner):
 def plot_eu_plane(selection: Selection, path, *, title: str = "Error-Uncertainty plane") -> None:
     """Scatter of (response PPL, mean entropy) per sample, coloured by quadrant, kept samples filled, with the
     final quantile thresholds; written to `path` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from prunekit.report import figure
 
     if selection.ppl is None or selection.quadrant is None:
         raise InputError("this selection has no EU-plane statistics (only Q-Tuning's has)")
     colours = {1: "tab:red", 2: "tab:blue", 3: "tab:gray", 4: "tab:green"}
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = figure(figsize=(6, 4.5))
     for qd, c in colours.items():
         for kept in (True, False):
             m = (selection.quadrant == qd) & (selection.keep_samples == kept)
@@ -240,4 +237,3 @@ def plot_eu_plane(selection: Selection, path, *, title: str = "Error-Uncertainty
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
