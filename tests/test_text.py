@@ -255,3 +255,33 @@ def test_a_long_text_is_tokenized_in_pieces_with_the_same_tokens(monkeypatch):
     assert len(pieces) > 5
     assert not any(p.startswith("\n") and prev.endswith(".\n") for prev, p in zip(pieces, pieces[1:]))
     assert T._stream(Gluing(), long)[0] == glued
+
+
+def test_evaluation_tokenizes_only_the_pieces_its_windows_need(monkeypatch):
+    """Evaluation takes its windows from the start of the text, yet tokenized a 48 MB file whole (70 s) for 16k
+    tokens; the windows are the same as the whole text's."""
+    from prunekit import text as T
+
+    from conftest import TEXT, char_tokenizer
+
+    tok = char_tokenizer(bos=True)
+    long = "".join(f"{w}.\n" for w in TEXT.split() * 60)
+    whole = T.evaluation_ids(tok, T.Text("long", long, "all"), seqlen=32)
+    monkeypatch.setattr(T, "_PIECE", 2000)
+    seen = []
+
+    class Counting:
+        bos_token_id = tok.bos_token_id
+
+        def __call__(self, text, **kw):
+            seen.append(len(text))
+            return tok(text, **kw)
+
+    first = T.evaluation_ids(Counting(), T.Text("long", long, "all"), seqlen=32, tokens=32 * 40)
+    assert torch.equal(first, whole[:40])
+    assert sum(seen) < len(long) / 4  # the pieces holding 40 windows, not the whole text
+    seen.clear()
+    assert torch.equal(T.evaluation_ids(Counting(), T.Text("long", long, "all"), seqlen=32), whole)
+    assert sum(n for n in seen if n > 1) >= len(long)  # all windows: all of it (besides the cut checks' margins)
+    with pytest.raises(InputError, match=rf"has {len(whole)} windows of 32 tokens, but"):
+        T.evaluation_ids(Counting(), T.Text("long", long, "all"), seqlen=32, tokens=32 * (len(whole) + 1))

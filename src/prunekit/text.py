@@ -260,13 +260,24 @@ def _cleanly(tokenizer):
     return clean
 
 
-def _stream(tokenizer, text: str) -> tuple[list[int], int | None]:
-    pieces = _pieces(text, clean=_cleanly(tokenizer)) if len(text) > _PIECE else [text]
-    ids = [i for piece in pieces for i in tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]]
+def _head(tokenizer) -> int | None:
+    """The BOS id a window starts with, when the tokenizer adds one."""
     probe = tokenizer("a")["input_ids"]
     bos = tokenizer.bos_token_id
-    head = bos if bos is not None and probe and probe[0] == bos else None
-    return ids, head
+    return bos if bos is not None and probe and probe[0] == bos else None
+
+
+def _stream(tokenizer, text: str, need: int | None = None) -> tuple[list[int], int | None]:
+    """The token ids of `text` (its pieces cut where they tokenize alike cut and whole, so a prefix of pieces gives
+    a prefix of the ids) and the window head; with `need`, at least that many ids, or all there are: evaluation
+    takes windows from the start, and tokenized a 48 MB file whole to use its first 100 KB."""
+    pieces = _pieces(text, clean=_cleanly(tokenizer)) if len(text) > _PIECE else [text]
+    ids: list[int] = []
+    for piece in pieces:
+        ids.extend(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
+        if need is not None and len(ids) >= need:
+            break
+    return ids, _head(tokenizer)
 
 
 def _windows(ids: list[int], head: int | None, seqlen: int, picks: list[int]) -> torch.Tensor:
@@ -329,8 +340,9 @@ def evaluation_ids(tokenizer, text: Text, *, seqlen: int = 512, tokens: int | No
     if tokens is not None:
         tokens = int_at_least(tokens, "tokens", 1)
     text = _as_text(text, "evaluation")
-    ids, head = _stream(tokenizer, text.text)
-    available = len(ids) // (seqlen - (head is not None))
+    body = seqlen - (_head(tokenizer) is not None)
+    ids, head = _stream(tokenizer, text.text, need=None if tokens is None else max(tokens // seqlen, 1) * body)
+    available = len(ids) // body
     wanted = available if tokens is None else tokens // seqlen
     if available < 1:
         raise InputError(
