@@ -832,3 +832,14 @@ def test_a_full_disk_at_open_is_the_systems_error_not_a_broken_store(tmp_path, m
     err = capsys.readouterr().err
     assert "disk I/O error opening the memory store (is the disk full?)" in err and "not a usable" not in err
     assert store.read_bytes() == before
+
+
+def test_count_turns_is_the_next_turn_number(tmp_path):
+    from prunekit.inference.memory_store import SQLiteStore, TurnRecord
+
+    store = SQLiteStore(tmp_path / "m.db")
+    assert store.count_turns() == 0
+    for i in range(3):
+        with store.transaction():
+            store.add_turn(TurnRecord(i, "user", f"turn {i}", ""))
+        assert store.count_turns() == i + 1

@@ -346,7 +346,9 @@ class SQLiteStore(Store):
 
     # -- turns ---------------------------------------------------------------------------------------------
     def count_turns(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM turns").fetchone()[0]
+        # turns are numbered 0, 1, ... and never deleted: the count is the last number + 1, read from the primary
+        # key's b-tree (COUNT(*) scanned every turn's row, three times a chat step: 56 of 87 ms at 64k turns)
+        return self._db.execute("SELECT COALESCE(MAX(turn) + 1, 0) FROM turns").fetchone()[0]
 
     def recent_turns(self, n: int) -> list[TurnRecord]:
         rows = self._db.execute("SELECT turn, role, text, summary FROM turns ORDER BY turn DESC LIMIT ?", (n,)).fetchall()
