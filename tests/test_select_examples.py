@@ -128,3 +128,14 @@ def test_bad_inputs_raise_input_error(kwargs, match):
     args = {"difficulty": [0.1, 0.2, 0.3, 0.4], "keep": 0.5, **kwargs}
     with pytest.raises(InputError, match=match):
         select_examples(args.pop("difficulty"), args.pop("keep"), **args)
+
+
+def test_class_groups_are_each_class_indices_in_order():
+    from prunekit.select import class_groups
+
+    y = np.random.default_rng(0).integers(-3, 40, 5000)
+    y[y == 7] = 8  # a class absent from the middle of the range
+    groups = class_groups(y)
+    assert len(groups) == len(np.unique(y))
+    for c, g in zip(np.unique(y), groups):
+        assert np.array_equal(g, np.flatnonzero(y == c))

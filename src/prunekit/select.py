@@ -228,6 +228,15 @@ def _select_group(d: np.ndarray, m: int, strategy: str, rng: np.random.Generator
     return _ccs(d, m, rng, bins, cutoff)
 
 
+def class_groups(labels: np.ndarray) -> list[np.ndarray]:
+    """The indices of each class present in `labels` ``[N]``, ascending, classes in sorted order: one stable sort
+    (a scan of all N per class took 6 s for 1M examples of 16k classes)."""
+    _, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(inverse))[:-1])
+
+
 def select_examples(difficulty, keep: float, *, strategy: str = "hard", labels=None, balanced: bool = False,
                     seed: int = 0, ccs_bins: int = 50, ccs_cutoff: float = 0.1) -> np.ndarray:
     """A bool keep-mask ``[N]`` that keeps ``round(keep * N)`` examples (at least one) by their difficulty.
@@ -285,8 +294,7 @@ def select_examples(difficulty, keep: float, *, strategy: str = "hard", labels=N
     total = max(1, _round_half_up(keep * n))
     rng = np.random.default_rng(int(seed))
     if balanced:
-        classes, inverse = np.unique(y, return_inverse=True)
-        groups = [np.flatnonzero(inverse == c) for c in range(len(classes))]
+        groups = class_groups(y)
         budgets = _class_budgets(np.array([len(g) for g in groups]), keep, total)
     else:
         groups, budgets = [np.arange(n)], [total]

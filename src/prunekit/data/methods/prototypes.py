@@ -30,6 +30,7 @@ import torch
 
 from prunekit.data.methods._checks import float_array, int_at_least, labels_array
 from prunekit.errors import InputError
+from prunekit.select import class_groups
 
 __all__ = ["kmeans", "prototype_distance"]
 
@@ -153,7 +154,7 @@ def prototype_distance(emb, *, k: int = 10, seed: int = 0, labels=None, iters: i
     groups = [np.arange(len(x))]
     if labels is not None:
         y = labels_array(labels, n=len(x))
-        groups = [np.flatnonzero(y == c) for c in np.unique(y)]
+        groups = class_groups(y)
     elif k > len(x):
         raise InputError(f"k={k} clusters need at least {k} examples, got {len(x)}; lower k")
     out = np.empty(len(x), dtype=np.float64)
