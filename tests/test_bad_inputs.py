@@ -857,3 +857,18 @@ def test_flag_names_replace_only_whole_python_names():
     assert _in_flags(kept, flags) == kept
     assert _in_flags("pred_probs has 3 rows", flags) == "--probs has 3 rows"
     assert _in_flags("pred_probs has 3 rows", {}) == "pred_probs has 3 rows"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_stderr_does_not_fail_the_run(model_dir, tmp_path):
+    """`2>/dev/full` without --quiet: the first loading bar's write failed the run (exit 1, nothing said, nothing
+    saved); diagnostics that cannot be written are dropped."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "pruned"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "prunekit.cli", "prune", str(model_dir), "--method", "magnitude",
+                               "--ratio", "0.5", "--out", str(out)], stdout=subprocess.PIPE, stderr=full, text=True,
+                              timeout=300)
+    assert done.returncode == 0 and "saved" in done.stdout.lower() and (out / "prunekit.json").is_file(), done.stdout

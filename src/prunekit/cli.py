@@ -492,6 +492,29 @@ class _GuardedStdout:
         return getattr(self._stream, name)
 
 
+class _DroppingStderr:
+    """sys.stderr that drops what it cannot write: progress bars and notes are diagnostics, and a full log device
+    (``2>/dev/full``) failed the run at its first loading bar, with nothing said and nothing saved."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 # arguments that are tokenized or written into an output (a report, a store) with their names: bytes that are not
 # UTF-8 in them were tracebacks in the tokenizer or at the save, after the work (a file only read is fine)
 _UTF8 = {"out": "--out", "store": "--store", "prompt": "--prompt", "calib": "--calib", "eval": "--eval",
@@ -557,9 +580,11 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread: leave the handler alone
         previous = None
-    stdout = sys.stdout
+    stdout, stderr = sys.stdout, sys.stderr
     if stdout is not None:  # None when the shell closed it (>&-): print then writes nothing
         sys.stdout = _GuardedStdout(stdout)
+    if stderr is not None:
+        sys.stderr = _DroppingStderr(stderr)
     try:
         _check_utf8(args)
         if args.command in _MODULES:
@@ -597,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     finally:
-        sys.stdout = stdout
+        sys.stdout, sys.stderr = stdout, stderr
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
