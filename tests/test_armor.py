@@ -311,3 +311,34 @@ def test_cuda_core_runs_semi_structured_and_matches_dense(dtype):
         module.core.mul_(2)
     expected2 = x.float() @ module.dense_weight().float().T + module.bias.float()
     assert torch.allclose(module(x).float(), expected2, rtol=2e-2, atol=5e-2 * expected2.abs().max().item())
+
+
+def test_steps_that_would_train_or_reshape_armor_layers_refuse_them_and_leave_the_model(tmp_path):
+    """Depth recovery in full trained the core's zeros away (the saved folder then read as damaged everywhere),
+    LoRA steps blamed GPT-2's Conv1D, and structured pruning was an AttributeError traceback."""
+    import prunekit
+    from prunekit import depth
+    from prunekit.data import sft as S
+
+    from conftest import char_tokenizer
+
+    model = armored_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    target = depth.causal_lm_target(model, ids, batch_size=2)
+    said = r"model\.layers\.0\.self_attn\.q_proj \(and 1 more\) is ARMOR-factorized"
+    for trainable in ("full", "lora"):
+        with pytest.raises(InputError, match=said + r".*recovery would train the core's zeros away"):
+            depth.recover(target, steps=2, trainable=trainable)
+    with pytest.raises(InputError, match=said + r".*recoverability=frozen"):
+        depth.tinyfusion(target, kept=1, steps=2)
+    tok = char_tokenizer()
+    examples = S.tokenize([{"instruction": "1+1=", "response": "2"}], tok, max_length=16)
+    for rank in (None, 4):
+        with pytest.raises(InputError, match=said + r".*fine-tune the dense model, then prune it with ARMOR"):
+            S.sft(model, examples, pad_id=tok.eos_token_id, lora_rank=rank, progress=False)
+    with pytest.raises(InputError, match=r"is already factorized \(ARMOR\); structured pruning"):
+        prunekit.prune_structured(model, method="magnitude-structured", ratio=0.3, progress=False)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(type(m).__name__ != "LoRALinear" for m in model.modules())

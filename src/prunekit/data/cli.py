@@ -425,6 +425,10 @@ def _cmd_qtune(args) -> int:
               "ignored (nothing is fine-tuned)", file=sys.stderr)
     start = time.perf_counter()
     model, tok = load_model(args.model)
+    if args.train:  # before the scoring pass
+        from prunekit.weights.engine import refuse_factorized
+
+        refuse_factorized(model, "fine-tuning", "fine-tune the dense model, then prune it with ARMOR")
     examples = S.tokenize(records, tok, max_length=args.max_length)
     cut = {part: sum(e.cut == part for e in examples) for part in ("prompt", "response")}
     if cut["response"]:

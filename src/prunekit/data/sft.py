@@ -521,6 +521,7 @@ def sft(model: nn.Module, examples: list[Example], *, pad_id: int, pruner=None, 
     as the other modes'); only the kept rows are forwarded with gradients. The model is left in eval mode, as
     `prunekit.train.train` leaves its model."""
     from prunekit.lora import LoRALinear, add_lora, lora_parameters
+    from prunekit.weights.engine import refuse_factorized
 
     # every argument is checked here, before LoRA goes into the caller's model
     int_at_least(epochs, "epochs", 1)
@@ -543,6 +544,7 @@ def sft(model: nn.Module, examples: list[Example], *, pad_id: int, pruner=None, 
         raise InputError(f"pruner must have a select(...) method (a prunekit pruner), got {type(pruner).__name__}")
     if pruner is not None and getattr(pruner, "every", None) not in EVERY:
         raise InputError(f"pruner.every must be one of {', '.join(EVERY)}, got {getattr(pruner, 'every', None)!r}")
+    refuse_factorized(model, "fine-tuning", "fine-tune the dense model, then prune it with ARMOR")
     if lora_rank is not None:
         if not any(isinstance(m, LoRALinear) for m in model.modules()):
             add_lora(model, rank=lora_rank, alpha=lora_alpha, seed=seed)

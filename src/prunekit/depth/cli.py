@@ -124,7 +124,7 @@ def run_prune(args) -> int:
     from prunekit.speed import compare_speed_with_dense
     from prunekit.depth.dit import is_dit_folder
     from prunekit.text import check_token_ids
-    from prunekit.weights.engine import find_blocks
+    from prunekit.weights.engine import find_blocks, refuse_factorized
     from prunekit.errors import InputError
     from prunekit.lora import has_linear
     from prunekit.weights.io import MixedDtypes, carry_licence, output_dtype
@@ -136,7 +136,10 @@ def run_prune(args) -> int:
     progress = not args.quiet
     saved_dtype, dtype_words = output_dtype(args.dtype, path)
     model, tok = prunekit.load_model(path)
-    if args.recover in ("lora", "kd") and not has_linear(find_blocks(model)[1]):  # before the selection's work
+    if args.recover != "none":  # before the selection's work
+        refuse_factorized(model, f"--recover {args.recover}", "recover the dense model before "
+                          "ARMOR, or prune depth without --recover")
+    if args.recover in ("lora", "kd") and not has_linear(find_blocks(model)[1]):
         raise InputError(f"--recover {args.recover} puts LoRA on the blocks' nn.Linear layers and these blocks have "
                          "none (GPT-2's are Conv1D); use --recover full")
     ids = prunekit.calibration_ids(tok, calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from prunekit.depth.core import DepthTarget, check_keep, hidden_of
 from prunekit.errors import InputError, int_at_least
 from prunekit.lora import add_lora, has_linear, lora_parameters, merge_lora, remove_lora
+from prunekit.weights.engine import refuse_factorized
 from prunekit.weights.io import non_finite
 
 __all__ = ["RecoveryResult", "recover", "DEFAULT_LR"]
@@ -110,6 +111,8 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
     seed = int_at_least(seed, "seed", 0)
     if teacher is not None and target.distill is None:
         raise InputError("distillation needs a DepthTarget with a distill function")
+    refuse_factorized(target.model, "recovery", "recover the dense model before ARMOR, or prune depth without "
+                      "recovery (--recover none)")
     if trainable == "lora" and not has_linear(target.blocks):
         raise InputError("LoRA recovery adapts the blocks' nn.Linear layers and these blocks have none (GPT-2's are "
                          "Conv1D); recover with full fine-tuning: --recover full (trainable='full')")

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from prunekit.depth.core import DepthTarget, batch_size_of, check_kept, gates, group_options, parse_groups
 from prunekit.errors import InputError, int_at_least
 from prunekit.lora import add_lora, has_linear, lora_parameters, remove_lora
+from prunekit.weights.engine import refuse_factorized
 
 __all__ = ["TinyFusionResult", "tinyfusion", "sample_masks"]
 
@@ -121,6 +122,9 @@ def tinyfusion(target: DepthTarget, *, kept: int, groups=None, steps: int = 200,
         raise InputError(f"ema must be in [0, 1), got {ema!r}")
     if recoverability not in ("lora", "frozen"):
         raise InputError(f"recoverability must be 'lora' or 'frozen', got {recoverability!r}")
+    if recoverability == "lora":
+        refuse_factorized(target.model, "TinyFusion's LoRA recoverability estimate", "learn the mask without it: "
+                          "--option recoverability=frozen (recoverability='frozen')")
     if recoverability == "lora" and not has_linear(target.blocks):
         raise InputError("TinyFusion's recoverability estimate puts LoRA on the blocks' nn.Linear layers and these "
                          "blocks have none (GPT-2's are Conv1D); learn the mask without it: --option "

@@ -112,6 +112,17 @@ def is_factorized(module: nn.Module) -> bool:
     return hasattr(module, "core") and callable(getattr(module, "dense_weight", None))
 
 
+def refuse_factorized(model: nn.Module, training: str, instead: str) -> None:
+    """Refuse to train a model holding factorized (ARMOR) layers: full training fills the N:M core's zeros (the
+    saved core then reads as damaged) and LoRA finds no nn.Linear there. `training` names the step, `instead`
+    what to do."""
+    names = [n for n, m in model.named_modules() if is_factorized(m)]
+    if names:
+        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        raise InputError(f"{names[0]}{more} is ARMOR-factorized (A core B, an N:M-sparse core): {training} would "
+                         f"train the core's zeros away, and LoRA has no nn.Linear there to adapt; {instead}")
+
+
 def get_weight(module: nn.Module) -> torch.Tensor:
     """The layer's weight as ``[out, in]`` (a view for Linear, a transposed view for Conv1D, the sparse core of
     a factorized layer)."""
