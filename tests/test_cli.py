@@ -175,6 +175,47 @@ def test_a_sparsity_the_ratio_rounds_away_is_noted(model_dir, text_file, tmp_pat
     assert "the input was already 0.5" in err and "round away" not in err
 
 
+def test_what_later_steps_do_to_a_sparse_inputs_zeros_is_said_and_recorded(model_dir, text_file, tmp_path, capsys):
+    """SparseGPT 2:4 on a pruned input made thousands of its zeros nonzero while the note said they stay zeros;
+    depth recovery and refitting width pruning filled a 2:4 input's zeros without a word, and a depth output
+    that kept 2:4 no longer recorded it, so `eval` stopped checking it."""
+    w50, sg24 = tmp_path / "w50", tmp_path / "sg24"
+    assert cli.main(prune_args(model_dir, text_file, w50, "--method", "wanda", "--ratio", "0.5")) == 0
+    capsys.readouterr()
+    assert cli.main(prune_args(w50, text_file, sg24, "--method", "sparsegpt", "--pattern", "2:4")) == 0
+    meta, err = json.loads((sg24 / "prunekit.json").read_text()), capsys.readouterr().err
+    assert meta["input_zeros_refilled"] > 0 and "zeros stay zeros" not in err
+    assert f"made {meta['input_zeros_refilled']:,} of its zeros nonzero again" in err
+    assert cli.main(prune_args(w50, text_file, tmp_path / "wa24", "--method", "wanda", "--pattern", "2:4")) == 0
+    assert "its zeros stay zeros" in capsys.readouterr().err
+    assert json.loads((tmp_path / "wa24" / "prunekit.json").read_text())["input_zeros_refilled"] == 0
+
+    kept = tmp_path / "kept"
+    assert cli.main(prune_args(sg24, text_file, kept, "--method", "shortgpt", "--layers", "1", "--no-speed")) == 0
+    meta, err = json.loads((kept / "prunekit.json").read_text()), capsys.readouterr().err
+    assert meta["pattern"] == "2:4" and meta["input_zeros"]["pattern_kept"] is True and "note" not in err
+    assert cli.main(["eval", str(kept), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pattern_ok"] is True  # checked against the carried pattern
+    for out, extra in (("full", ("--method", "shortgpt", "--layers", "1", "--no-speed", "--recover", "full",
+                                 "--recover-steps", "2")),
+                       ("refit", ("--method", "uniform-structured", "--ratio", "0.25", "--no-speed"))):
+        assert cli.main(prune_args(sg24, text_file, tmp_path / out, *extra)) == 0
+        meta, err = json.loads((tmp_path / out / "prunekit.json").read_text()), capsys.readouterr().err
+        zeros = meta["input_zeros"]
+        assert zeros["input_sparsity"] == pytest.approx(0.5, abs=0.02) and zeros["sparsity"] < 0.45
+        assert zeros["pattern_kept"] is False and meta.get("pattern") is None
+        assert f"the input was {zeros['input_sparsity']:.4f} sparse (2:4) in its block Linears and" in err
+        assert f"the output is {zeros['sparsity']:.4f} sparse and breaks 2:4" in err
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"instruction": f"What is {i} plus 1?", "response": f"It is {i + 1}."}) + "\n"
+                           for i in range(8)))
+    assert cli.main(["data", "qtune", str(sg24), "--data", str(sft), "--samples", "0.5", "--train", "--batch-size",
+                     "4", "--max-length", "64", "--quiet", "--out", str(tmp_path / "qt")]) == 0
+    zeros = json.loads((tmp_path / "qt" / "summary.json").read_text())["training"]["input_zeros"]
+    assert zeros["pattern_kept"] is False and zeros["sparsity"] < 0.45
+    assert "fine-tuning (--train) filled its zeros" in capsys.readouterr().err
+
+
 def test_dpruner_records_its_domain_text_like_the_calibration_text(model_dir, text_file, tmp_path):
     import hashlib
 

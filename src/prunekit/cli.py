@@ -272,7 +272,10 @@ def _cmd_prune(args) -> int:
     for name, text in eval_texts.items():
         evaluation[name] = {"dense": prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens,
                                                          progress=progress).to_dict()}
-    zeros_before = prunekit.sparsity(model)["layers"]  # an input pruned before keeps its zeros
+    zeros_before = prunekit.sparsity(model)["layers"]  # an input pruned before: where its zeros are
+    from prunekit.evaluate import zero_masks, zeros_refilled
+
+    was_zero = zero_masks(model) if any(z > 0 for z in zeros_before.values()) else {}
     result = prunekit.prune(
         model, method=args.method, ratio=ratio, pattern=args.pattern, calibration=calib_text, tokenizer=tok,
         samples=args.samples, seqlen=args.seqlen, seed=args.seed, skip=tuple(args.skip),
@@ -284,10 +287,13 @@ def _cmd_prune(args) -> int:
     measured = prunekit.sparsity(model)
     sizes = {r.name: r.shape[0] * r.shape[1] for r in result.layers}
     input_sparsity = sum(zeros_before.get(n, 0.0) * s for n, s in sizes.items()) / max(sum(sizes.values()), 1)
+    refilled = zeros_refilled(was_zero, model) if was_zero else 0  # SparseGPT's updates can make zeros nonzero
+    del was_zero
     meta = {
         "model": str(args.model),
         **{k: v for k, v in result.to_dict().items() if k != "layers"},
         "input_sparsity": input_sparsity,  # of the layers pruned, before pruning
+        "input_zeros_refilled": refilled,  # the input's zeros that are nonzero after pruning
         # both change SparseGPT's and ARMOR's weights (the order of sums), so a rerun needs them
         "batch_size": args.batch_size, "torch_threads": _torch_threads(),
         # D-Pruner's domain text as the calibration text is described (its name alone did not say which file)
@@ -311,7 +317,11 @@ def _cmd_prune(args) -> int:
              else "relative error not measured by this method")  # was printed as "nan"
     print(f"pruned {args.model} with {args.method} ({result.pattern or f'{ratio:g} unstructured'}): "
           f"sparsity {result.total_sparsity:.4f} over {len(result.layers)} layers, {error}, {result.seconds:.1f} s")
-    if input_sparsity > 0.005 and result.total_sparsity > ratio + 0.005:
+    if refilled:  # it said "its zeros stay zeros" while SparseGPT's N:M updates refilled thousands
+        print(f"prunekit: note: the input was already {input_sparsity:.4f} sparse in the layers pruned (pruned "
+              f"before?); {args.method}'s weight updates made {refilled:,} of its zeros nonzero again, so the output "
+              f"is {result.total_sparsity:.4f} sparse and not a subset of the input's weights", file=sys.stderr)
+    elif input_sparsity > 0.005 and result.total_sparsity > ratio + 0.005:
         print(f"prunekit: note: the input was already {input_sparsity:.4f} sparse in the layers pruned (pruned "
               f"before?) and its zeros stay zeros, so the sparsity reached, {result.total_sparsity:.4f}, is above "
               f"{'the pattern' if result.pattern else f'--ratio {ratio:g}'}", file=sys.stderr)

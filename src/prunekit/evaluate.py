@@ -130,3 +130,42 @@ def check_pattern(model: nn.Module, pattern: str | NM, *, skip=()) -> list[str]:
             if w.shape[1] % nm.m or ((w.reshape(w.shape[0], -1, nm.m) != 0).sum(-1) > nm.n).any():
                 bad.append(name)
     return bad
+
+
+def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Where each block Linear holding zeros is zero (bool, CPU), by the names `sparsity` uses."""
+    from prunekit.weights import experts
+
+    with experts.unfused_experts(model, check=False, strict=False):
+        masks = {name: (get_weight(m) == 0).cpu() for name, m in _block_linears(model).items()}
+    return {name: mask for name, mask in masks.items() if bool(mask.any())}
+
+
+def zeros_refilled(masks: dict[str, torch.Tensor], model: nn.Module) -> int:
+    """How many zeros of `masks` (`zero_masks` before a step that keeps layer names and shapes) are nonzero now."""
+    from prunekit.weights import experts
+
+    with experts.unfused_experts(model, check=False, strict=False):
+        layers = _block_linears(model)
+        return sum(int((mask & (get_weight(layers[name]) != 0).cpu()).sum()) for name, mask in masks.items()
+                   if name in layers and get_weight(layers[name]).shape == mask.shape)
+
+
+def zeros_kept(step: str, input_sparsity: float, model: nn.Module, pattern: str | None = None, *,
+               skip=()) -> tuple[dict | None, str | None]:
+    """What a step that is not weight pruning (depth or width pruning, recovery, fine-tuning) left of a sparse
+    input's zeros: ``({"input_sparsity", "sparsity", "input_pattern", "pattern_kept"}, note)``, the note (a
+    sentence, or None) when the step filled many of them (5 points of sparsity or more) or broke `pattern` (the
+    input's recorded N:M pattern; `skip` the layers its pruning left dense). ``(None, None)`` for a dense input."""
+    if input_sparsity <= 0.005 and pattern is None:
+        return None, None
+    now = sparsity(model)["total"]
+    broken = bool(check_pattern(model, pattern, skip=skip)) if pattern else False
+    record = {"input_sparsity": input_sparsity, "sparsity": now, "input_pattern": pattern,
+              "pattern_kept": None if pattern is None else not broken}
+    if not broken and now >= input_sparsity - 0.05:
+        return record, None
+    return record, (f"the input was {input_sparsity:.4f} sparse ({pattern or 'unstructured'}) in its block Linears "
+                    f"and {step} filled its zeros: the output is {now:.4f} sparse"
+                    + (f" and breaks {pattern}" if broken else "")
+                    + "; prune the weights after this step (prunekit prune OUT --method ...) to make it sparse again")

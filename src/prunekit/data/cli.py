@@ -446,11 +446,17 @@ def _cmd_qtune(args) -> int:
         else:
             pruner = Q.QTuning(sample_ratio=args.samples, token_ratio=args.tokens, lam=args.lam, seed=args.seed,
                                every=args.mode)
+        from prunekit.cli import _recorded
+        from prunekit.evaluate import sparsity, zeros_kept
+
+        input_sparsity = sparsity(model)["total"]
         report = S.sft(model, examples, pad_id=pad_id, pruner=pruner, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, lora_rank=args.lora_rank or None, seed=args.seed, progress=not args.quiet)
         from prunekit.lora import merge_lora
 
         merge_lora(model)
+        pattern, skip = _recorded(resolve_model(args.model))
+        zeros, zeros_note = zeros_kept("fine-tuning (--train)", input_sparsity, model, pattern, skip=skip)
     counts = {Q.NAMES[q]: int((sel.quadrant == q).sum()) for q in (1, 2, 3, 4)}
     summary = {"model": str(args.model), "data": str(args.data), "samples": len(examples), "kept_samples": sel.samples,
                "response_tokens": int(resp.sum()), "kept_response_tokens": sel.tokens,
@@ -466,7 +472,7 @@ def _cmd_qtune(args) -> int:
         summary["training"] = {"mode": args.mode, "epochs": args.epochs, "lr": args.lr, "steps": report.steps,
                                "tokens_trained": report.tokens_trained, "tokens_forward": report.tokens_forward,
                                "tokens_scored": report.tokens_scored, "seconds": round(report.seconds, 2),
-                               "lora_rank": args.lora_rank or None,
+                               "lora_rank": args.lora_rank or None, "input_zeros": zeros,
                                "saved_dtype": str(saved_dtype).removeprefix("torch.")}
 
     def build(tmp):
@@ -502,6 +508,8 @@ def _cmd_qtune(args) -> int:
           f"{summary['kept_samples_response_tokens']} response tokens"
           + (f"; fine-tuned {report.steps} steps on {report.tokens_trained} tokens in {report.seconds:.0f} s" if report else "")
           + f"; in {args.out}")
+    if report is not None and zeros_note:
+        print(f"prunekit: note: {zeros_note}", file=sys.stderr)
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 
 __all__ = ["add_prune_arguments", "run_prune"]
@@ -114,13 +115,15 @@ def _speed_line(speed: dict) -> str:
 
 
 def run_prune(args) -> int:
+    from pathlib import Path
+
     import torch
 
     import prunekit
     import prunekit.depth as depth
     from prunekit import report
-    from prunekit.cli import _versions
-    from prunekit.evaluate import EVAL_TOKENS
+    from prunekit.cli import _recorded, _versions
+    from prunekit.evaluate import EVAL_TOKENS, zeros_kept
     from prunekit.speed import compare_speed_with_dense
     from prunekit.depth.dit import is_dit_folder
     from prunekit.text import check_token_ids
@@ -156,6 +159,8 @@ def run_prune(args) -> int:
     kept = depth.drop_layers(model, keep)
     if isinstance(saved_dtype, MixedDtypes):  # each kept block keeps its own tensors' dtypes under its new index
         saved_dtype = saved_dtype.renumbered(kept)
+    input_sparsity = prunekit.sparsity(model)["total"]  # the kept blocks', as the input had them
+    pattern, skip = _recorded(Path(path))
     recovery = None
     if args.recover != "none":
         res = depth.recover(target, steps=args.recover_steps, trainable="full" if args.recover == "full" else "lora",
@@ -163,6 +168,7 @@ def run_prune(args) -> int:
                             seed=args.seed, progress=progress)
         recovery = res.to_dict()
         del teacher
+    zeros, zeros_note = zeros_kept(f"recovery (--recover {args.recover})", input_sparsity, model, pattern, skip=skip)
     speed = None
     if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
         speed = compare_speed_with_dense(path, model)
@@ -175,6 +181,9 @@ def run_prune(args) -> int:
         "calibration": {**calib.describe(), "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed,
                         "batch_size": args.batch_size},
         "method_info": info, "recovery": recovery, "evaluation": evaluation, "speed": speed,
+        "input_zeros": zeros,  # a sparse input's zeros: how many recovery kept
+        # an N:M pattern the blocks still keep, so `eval` checks it as it did the input's
+        **({"pattern": pattern, "options": {"skip": list(skip)}} if zeros and zeros["pattern_kept"] else {}),
         "saved_dtype": str(saved_dtype).removeprefix("torch."), "versions": _versions(),
         "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - wall,
     }
@@ -195,6 +204,8 @@ def run_prune(args) -> int:
                                   dtype=saved_dtype)
     print(f"pruned {args.model} with {args.method}: {dense_layers} -> {len(kept)} blocks, kept {kept}"
           + (f", recovered ({args.recover}, {args.recover_steps} steps)" if recovery else ""))
+    if zeros_note:
+        print(f"prunekit: note: {zeros_note}", file=sys.stderr)
     if speed is not None:
         print(_speed_line(speed))
     if evaluation:

@@ -50,8 +50,8 @@ def _report(meta: dict, table: str) -> str:
 def run_prune(args) -> int:
     import prunekit
     from prunekit import registry, report
-    from prunekit.cli import _options, _torch_threads, _versions
-    from prunekit.evaluate import EVAL_TOKENS
+    from prunekit.cli import _options, _recorded, _torch_threads, _versions
+    from prunekit.evaluate import EVAL_TOKENS, zeros_kept
     from prunekit.speed import compare_speed_with_dense
     from prunekit.structured import check_request, prune_structured, save_structured
     from prunekit.structured.units import model_dims
@@ -94,8 +94,12 @@ def run_prune(args) -> int:
     for name, text in eval_texts.items():
         evaluation[name] = {"dense": prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens,
                                                          progress=progress).to_dict()}
+    input_sparsity = prunekit.sparsity(model)["total"]
+    pattern, skip = _recorded(resolve_model(args.model))
     result = prune_structured(model, method=args.method, ratio=args.ratio, structure=structure, tokenizer=tok,
                               calibration=ids, seed=args.seed, progress=progress, **options)
+    zeros, zeros_note = zeros_kept(f"{args.method} (its kept weights are refit)" if args.method in ("tyr",
+                                   "uniform-structured") else args.method, input_sparsity, model, pattern, skip=skip)
     for name, text in eval_texts.items():
         evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens,
                                                          progress=progress).to_dict()
@@ -104,7 +108,8 @@ def run_prune(args) -> int:
         speed = compare_speed_with_dense(args.model, model)
     meta = {"model": str(args.model), **result.to_dict(), "calibration": calib_text.describe() if calib_text else None,
             "samples": args.samples if ids is not None else 0, "seqlen": args.seqlen, "seed": args.seed,
-            "evaluation": evaluation, "speed": speed, "saved_dtype": str(saved_dtype).removeprefix("torch."),
+            "evaluation": evaluation, "speed": speed, "input_zeros": zeros,
+            "saved_dtype": str(saved_dtype).removeprefix("torch."),
             "versions": _versions(), "torch_threads": _torch_threads(), "wall_seconds": None}
     meta["wall_seconds"] = time.perf_counter() - wall
     report_md = _report(meta, result.table())
@@ -120,6 +125,8 @@ def run_prune(args) -> int:
                           dtype=saved_dtype)
     print(f"pruned {args.model} with {args.method} ({structure}): removed {result.removed:.4f} of the block weights, "
           f"parameters {result.params_before:,} -> {result.params_after:,}, {result.seconds:.1f} s")
+    if zeros_note:
+        print(f"prunekit: note: {zeros_note}", file=sys.stderr)
     widths = sorted({(w.heads, w.intermediate) for w in result.widths})
     print("per-layer widths (query heads, neurons): " + json.dumps([[w.heads, w.intermediate] for w in result.widths])
           if len(widths) > 1 else f"every layer keeps {widths[0][0]} query heads and {widths[0][1]} neurons")
