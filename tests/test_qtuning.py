@@ -434,6 +434,14 @@ def test_cli_qtune_says_what_it_cut_and_keeps_user_fields(tmp_path, model_dir, c
     assert main(["data", "qtune", str(model_dir), "--data", str(data), "--out", str(tmp_path / "o2")]) == 2
     assert "example 1 (from 0) has the field 'ppl', which qtune writes" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+    # qtune's own kept.jsonl as the next run's data (it was refused: "rename it")
+    kept = [json.loads(line) for line in (out / "kept.jsonl").read_text().splitlines()]
+    assert main(["data", "qtune", str(model_dir), "--data", str(out / "kept.jsonl"), "--samples", "1",
+                 "--max-length", "64", "--out", str(tmp_path / "o3"), "--quiet"]) == 0
+    assert f"{len(kept)} example(s) of {out / 'kept.jsonl'} come from an earlier qtune" in capsys.readouterr().err
+    again = [json.loads(line) for line in (tmp_path / "o3" / "kept.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in again] == list(range(len(kept)))  # this run's indices, not the first run's
+    assert [r["instruction"] for r in again] == [r["instruction"] for r in kept]
 
 
 @pytest.mark.parametrize("bad", [["--samples", "1.5"], ["--tokens", "0"], ["--samples", "nan"], ["--epochs", "0"],

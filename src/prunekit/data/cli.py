@@ -415,11 +415,18 @@ def _cmd_qtune(args) -> int:
     check_replaceable(Path(args.out).expanduser())  # before the work: --overwrite replaces earlier outputs only
     records = S.read_sft(args.data)
     written = ("index", "quadrant", "ppl", "entropy", "response_tokens", "token_keep")  # kept.jsonl's own fields
+    rescored = 0
     for i, record in enumerate(records):
         taken = [k for k in written if k in record]
-        if taken:
+        if len(taken) == len(written):  # a row of an earlier run's kept.jsonl: its scores give way to this run's
+            records[i] = {k: v for k, v in record.items() if k not in written}
+            rescored += 1
+        elif taken:
             raise InputError(f"{args.data}: example {i} (from 0) has the field {taken[0]!r}, which qtune writes into "
                              f"kept.jsonl ({', '.join(written)}); rename it")
+    if rescored:
+        print(f"prunekit: note: {rescored} example(s) of {args.data} come from an earlier qtune's kept.jsonl; its "
+              f"fields ({', '.join(written)}) are replaced by this run's", file=sys.stderr)
     if ignored:  # after the checks, so that an error stays one line
         print(f"prunekit: note: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} used with --train only; "
               "ignored (nothing is fine-tuned)", file=sys.stderr)
