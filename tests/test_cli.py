@@ -186,6 +186,9 @@ def test_what_later_steps_do_to_a_sparse_inputs_zeros_is_said_and_recorded(model
     meta, err = json.loads((sg24 / "prunekit.json").read_text()), capsys.readouterr().err
     assert meta["input_zeros_refilled"] > 0 and "zeros stay zeros" not in err
     assert f"made {meta['input_zeros_refilled']:,} of its zeros nonzero again" in err
+    assert meta["input"]["folder"] == str(w50) and meta["input"]["prunekit"]["method"] == "wanda"  # the chain's history
+    assert meta["input"]["prunekit"]["input"]["folder"] == str(model_dir)
+    assert "- input: made by prunekit (wanda, pattern unstructured)" in (sg24 / "report.md").read_text()
     assert cli.main(prune_args(w50, text_file, tmp_path / "wa24", "--method", "wanda", "--pattern", "2:4")) == 0
     assert "its zeros stay zeros" in capsys.readouterr().err
     assert json.loads((tmp_path / "wa24" / "prunekit.json").read_text())["input_zeros_refilled"] == 0
@@ -194,6 +197,7 @@ def test_what_later_steps_do_to_a_sparse_inputs_zeros_is_said_and_recorded(model
     assert cli.main(prune_args(sg24, text_file, kept, "--method", "shortgpt", "--layers", "1", "--no-speed")) == 0
     meta, err = json.loads((kept / "prunekit.json").read_text()), capsys.readouterr().err
     assert meta["pattern"] == "2:4" and meta["input_zeros"]["pattern_kept"] is True and "note" not in err
+    assert meta["input"]["prunekit"]["method"] == "sparsegpt"
     assert cli.main(["eval", str(kept), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pattern_ok"] is True  # checked against the carried pattern
     for out, extra in (("full", ("--method", "shortgpt", "--layers", "1", "--no-speed", "--recover", "full",

@@ -290,7 +290,7 @@ def _cmd_prune(args) -> int:
     refilled = zeros_refilled(was_zero, model) if was_zero else 0  # SparseGPT's updates can make zeros nonzero
     del was_zero
     meta = {
-        "model": str(args.model),
+        "model": str(args.model), "input": _provenance(args.model),
         **{k: v for k, v in result.to_dict().items() if k != "layers"},
         "input_sparsity": input_sparsity,  # of the layers pruned, before pruning
         "input_zeros_refilled": refilled,  # the input's zeros that are nonzero after pruning
@@ -376,6 +376,22 @@ def _recorded(path: Path) -> tuple[str | None, tuple]:
     if not isinstance(skip, list) or not all(isinstance(g, str) for g in skip):
         skip = []
     return pattern, tuple(skip)
+
+
+def _provenance(model: str) -> dict:
+    """Where the input came from, for an output's record: its folder (absolute) and, when prunekit made it, what
+    its own record says (method, pattern, its input...), so a chain of steps keeps its history."""
+    from prunekit.weights.io import resolve_model
+
+    folder = resolve_model(model)
+    earlier = None
+    try:
+        meta = json.loads((folder / "prunekit.json").read_text())
+        if isinstance(meta, dict):
+            earlier = {k: meta[k] for k in ("model", "method", "domain", "ratio", "pattern", "input") if k in meta}
+    except (OSError, ValueError, RecursionError):  # none, or unreadable: `_recorded` says so where it matters
+        pass
+    return {"folder": str(folder), "prunekit": earlier}
 
 
 def _cmd_eval(args) -> int:

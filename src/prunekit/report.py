@@ -106,6 +106,13 @@ def write_report(folder: Path, meta: dict) -> None:
         f"- measured sparsity of the pruned layers: {meta['total_sparsity']:.4f}",
         f"- pruning wall time: {meta['seconds']:.1f} s",
     ]
+    earlier = (meta.get("input") or {}).get("prunekit")
+    if earlier or meta.get("input_sparsity"):  # a chain: what the input already was
+        what = (f"made by prunekit ({earlier.get('method')}, pattern {earlier.get('pattern') or 'unstructured'}) "
+                f"from `{earlier.get('model')}`; " if earlier else "")
+        refilled = meta.get("input_zeros_refilled") or 0
+        out.insert(3, f"- input: {what}sparsity of these layers before: {meta.get('input_sparsity') or 0:.4f}"
+                   + (f", {refilled:,} of its zeros made nonzero again" if refilled else ""))
     opts = meta.get("options") or {}
     if opts.get("skip"):
         out.append(f"- left dense (`--skip`): {', '.join(f'`{g}`' for g in opts['skip'])}")

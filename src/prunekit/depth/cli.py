@@ -122,7 +122,7 @@ def run_prune(args) -> int:
     import prunekit
     import prunekit.depth as depth
     from prunekit import report
-    from prunekit.cli import _recorded, _versions
+    from prunekit.cli import _provenance, _recorded, _versions
     from prunekit.evaluate import EVAL_TOKENS, zeros_kept
     from prunekit.speed import compare_speed_with_dense
     from prunekit.depth.dit import is_dit_folder
@@ -176,7 +176,8 @@ def run_prune(args) -> int:
         evaluation[n]["pruned"] = prunekit.perplexity(model, tok, t, seqlen=args.eval_seqlen, tokens=tokens,
                                                       progress=progress).to_dict()
     meta = {
-        "model": str(args.model), "method": args.method, "domain": "depth", "dense_layers": dense_layers,
+        "model": str(args.model), "input": _provenance(args.model), "method": args.method, "domain": "depth",
+        "dense_layers": dense_layers,
         "kept_layers": kept, "removed_layers": [i for i in range(dense_layers) if i not in kept],
         "calibration": {**calib.describe(), "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed,
                         "batch_size": args.batch_size},

@@ -50,7 +50,7 @@ def _report(meta: dict, table: str) -> str:
 def run_prune(args) -> int:
     import prunekit
     from prunekit import registry, report
-    from prunekit.cli import _options, _recorded, _torch_threads, _versions
+    from prunekit.cli import _options, _provenance, _recorded, _torch_threads, _versions
     from prunekit.evaluate import EVAL_TOKENS, zeros_kept
     from prunekit.speed import compare_speed_with_dense
     from prunekit.structured import check_request, prune_structured, save_structured
@@ -106,7 +106,8 @@ def run_prune(args) -> int:
     speed = None
     if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
         speed = compare_speed_with_dense(args.model, model)
-    meta = {"model": str(args.model), **result.to_dict(), "calibration": calib_text.describe() if calib_text else None,
+    meta = {"model": str(args.model), "input": _provenance(args.model), **result.to_dict(),
+            "calibration": calib_text.describe() if calib_text else None,
             "samples": args.samples if ids is not None else 0, "seqlen": args.seqlen, "seed": args.seed,
             "evaluation": evaluation, "speed": speed, "input_zeros": zeros,
             "saved_dtype": str(saved_dtype).removeprefix("torch."),
