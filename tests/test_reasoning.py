@@ -423,6 +423,15 @@ def test_extract_answer():
     assert extract_answer("so 4 - 9 = -5") == "-5"
     assert extract_answer("Answer: 8. Then 9 more") == "8"
     assert extract_answer("no number here") is None
+    # every comma was dropped ("3,5" -> 35, "12,00" -> 1200) and an exponent cut off ("1e3" -> 1)
+    assert extract_answer("The answer is 3,5.") == "3" and extract_answer("answer: 12,00") == "12"
+    assert extract_answer("The answer is 1,2000") == "1" and extract_answer("3,4,5") == "5"
+    assert extract_answer("The answer is 1e3.") == "1000" and extract_answer("so 2.5e-3") == "0.0025"
+    assert extract_answer("The answer is 12,345,678.") == "12345678" and extract_answer("answer is 007") == "7"
+    from prunekit.inference.sampling import _ANSWER_IS
+
+    for text in ("The answer is 5.0", "the answer is 1,200.50", "answer: -0", "The answer is 2.5E3"):  # as voted
+        assert R.canonical_answer(extract_answer(text)) == R.canonical_answer(_ANSWER_IS.search(text).group(1)), text
 
 
 def test_sampler_records_the_sampled_tokens_logprobs():

@@ -38,23 +38,26 @@ __all__ = ["DEFAULT_INSTRUCTION", "extract_answer", "build_prompt", "sample_path
 
 DEFAULT_INSTRUCTION = "Solve the problem. Think step by step, briefly, and end with 'The answer is N.'"
 
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+# digits with thousands grouped by commas ("1,200", not "3,5" or "1,2000", which read as the number before the
+# comma), decimals and an exponent
+_NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][+-]?\d+)?"
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*\$?\s*\\?(?:boxed\{)?\s*(" + _NUMBER + ")", re.IGNORECASE)
 
 
 def _norm_number(text: str) -> str:
-    text = text.replace(",", "")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    if text in ("-0", ""):
-        text = "0"
-    return text
+    """The number as the votes compare it (`reasoning.canonical_answer`), written back: "1,200.50" -> "1200.5",
+    "5.0" -> "5", "1e3" -> "1000" (every comma was dropped: "3,5" read as 35, and "1e3" as 1)."""
+    from prunekit.inference.reasoning import canonical_answer
+
+    return str(canonical_answer(text))
 
 
 def extract_answer(text: str) -> str | None:
     """The answer a completion states: the number after the last "answer is" (or "answer:"), else the last
-    number in the text; ``None`` when it has no number. Thousands separators and trailing zeros are
-    dropped ("1,200.50" -> "1200.5") so equal numbers compare equal as strings."""
+    number in the text; ``None`` when it has no number. It is written as the votes compare answers
+    (`prunekit.inference.reasoning.canonical_answer`): thousands separators and trailing zeros dropped, an exponent
+    applied ("1,200.50" -> "1200.5", "2.5e3" -> "2500"), so equal numbers compare equal as strings. A comma that
+    does not group thousands ends the number ("3,5" -> "3")."""
     hits = _ANSWER_IS.findall(text)
     if hits:
         return _norm_number(hits[-1])
