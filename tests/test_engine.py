@@ -163,3 +163,12 @@ def test_sparsegpt_options_reach_the_method(llama, tok):
     r = prunekit.prune(llama, method="sparsegpt", ratio=0.5, calibration=ids, blocksize=32, percdamp=0.1, progress=False)
     assert r.options["blocksize"] == 32
     assert r.total_sparsity == pytest.approx(0.5)
+
+
+def test_a_data_free_method_measures_its_error_when_calibration_is_given_even_the_default_text(tok):
+    """calibration="wiki" given explicitly was taken for the default and ignored (no reconstruction error)."""
+    default = prunekit.prune(tiny_model("llama"), method="magnitude", ratio=0.5, tokenizer=tok, progress=False)
+    assert default.mean_rel_error is None and default.calibration is None  # the default: no calibration pass
+    given = prunekit.prune(tiny_model("llama"), method="magnitude", ratio=0.5, calibration="wiki", tokenizer=tok,
+                           samples=2, seqlen=32, progress=False)
+    assert given.mean_rel_error is not None and given.mean_rel_error > 0 and given.calibration is not None

@@ -204,13 +204,20 @@ def _refuse_fused_weights(model: nn.Module, method: str) -> None:
                 f"needs one Linear per layer); the methods that prune MoE experts: {', '.join(EXPERT_METHODS)}")
 
 
+class _Default(str):
+    """A default argument that reads as its value but is told apart from the same value given explicitly."""
+
+
+_WIKI = _Default("wiki")
+
+
 def prune(
     model: nn.Module,
     *,
     method: str,
     ratio: float | None = None,
     pattern: str | None = None,
-    calibration: str | Text | torch.Tensor | None = "wiki",
+    calibration: str | Text | torch.Tensor | None = _WIKI,
     tokenizer=None,
     samples: int = 128,
     seqlen: int = 512,
@@ -261,7 +268,7 @@ def prune(
         _check_pattern_fits(model, tuple(skip), nm)
     prune_options(method, options)
     stat = spec.stat_for(options)
-    if stat is None and calibration == "wiki":
+    if stat is None and calibration is _WIKI:  # "wiki" given explicitly measures the reconstruction error
         calibration = None  # data-free: don't pay a calibration pass for the default
     start = time.perf_counter()
     ids, calib_info = _calibration(calibration, tokenizer, model, samples=samples, seqlen=seqlen, seed=seed)
