@@ -746,10 +746,17 @@ def test_dsnot_from_the_cli_with_options(model_dir, text_file, tmp_path, capsys)
     capsys.readouterr()
     assert cli.main(["methods"]) == 0
     listing = capsys.readouterr().out
-    assert "options: base='wanda', max_cycle_time=50" in listing
+    assert "--option defaults: base=wanda max_cycle_time=50" in listing
     # structured and tinyfusion options were not listed, though --option takes them
-    assert "options: iterations=2, generations=8" in listing and "options: neuron_step=16, damp=0.01" in listing
-    assert "options: tau=(4.0, 0.1), scale=100.0" in listing
+    assert "defaults: iterations=2 generations=8" in listing and "defaults: neuron_step=16 damp=0.01" in listing
+    assert "defaults: tau=4.0,0.1 scale=100.0" in listing  # "tau=(4.0, 0.1)" was refused when copied
+    from prunekit.depth.tinyfusion import _temperatures
+
+    listed = dict(item.split("=", 1) for line in listing.splitlines() if "--option defaults:" in line
+                  for item in line.split("defaults: ")[1].split())
+    assert _temperatures(cli.parse_options([f"tau={listed['tau']}"], example="")["tau"]) == (4.0, 0.1)
+    assert cli.parse_options([f"skip_mlp={listed['skip_mlp']}", f"domain={listed['domain']}"], example="") == {
+        "skip_mlp": False, "domain": None}
 
 
 def test_armor_saves_factors_and_reloads_them(model_dir, text_file, tmp_path, capsys):

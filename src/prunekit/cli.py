@@ -470,6 +470,16 @@ def _option_defaults(spec) -> dict:
     return {}
 
 
+def _as_option(value) -> str:
+    """A default written as ``--option KEY=VALUE`` takes it (Python's repr, ``tau=(4.0, 0.1)`` or ``base='wanda'``,
+    was refused when copied)."""
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return ",".join(_as_option(v) for v in value)
+    return str(value)
+
+
 def _cmd_methods(_args) -> int:
     from prunekit import registry
 
@@ -477,7 +487,7 @@ def _cmd_methods(_args) -> int:
         print(f"{spec.name:<18} {spec.domain:<10} {spec.summary}\n{'':<30}{spec.paper} <{spec.url}>")
         opts = _option_defaults(spec)  # structured and tinyfusion were left out, though --option takes theirs
         if opts:
-            print(f"{'':<30}options: {', '.join(f'{k}={v!r}' for k, v in opts.items())}")
+            print(f"{'':<30}--option defaults: {' '.join(f'{k}={_as_option(v)}' for k, v in opts.items())}")
     return 0
 
 

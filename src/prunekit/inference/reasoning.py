@@ -471,8 +471,9 @@ def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10,
 
     With `n` below a question's path count, each of `resamples` rounds votes over a uniform random n-subset
     of every question's paths (seeded by `seed`); accuracy and ECE are computed per round and averaged, as the
-    reference averages over seeds. With `n` None or at least every question's path count there is one round
-    over all paths. Returns ``{"method", "n", "accuracy", "ece", "accuracy_std", "ece_std", "rounds",
+    reference averages over seeds. With `n` None, or equal to every question's path count, there is one round
+    over all paths; an `n` above the fewest paths a question has is refused (the result would be labelled with
+    an n it did not use). Returns ``{"method", "n", "accuracy", "ece", "accuracy_std", "ece_std", "rounds",
     "questions", "pruned_fraction", "paths_per_question"}``; accuracy and ECE are fractions in [0, 1], ``n`` is
     None when every path was used and questions have different counts, ``paths_per_question`` is the
     ``[fewest, most]`` paths a question has.
