@@ -266,11 +266,11 @@ def test_moe_layer_layouts_are_rewritten_so_the_folder_reloads_the_kept_blocks(k
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     kept_types = [type(b.mlp).__name__ for b, k in zip(model.model.layers, keep) if k]
-    depth.drop_layers(model, keep)
+    kept = depth.drop_layers(model, keep)
     x = ids(2, 10)
     with torch.no_grad():
         want = model(input_ids=x).logits
-    out = depth.save_depth_pruned(model, None, tmp_path / "pruned", metadata={"kept_layers": [0]})
+    out = depth.save_depth_pruned(model, None, tmp_path / "pruned", metadata={"kept_layers": kept})
     got, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert [type(b.mlp).__name__ for b in got.model.layers] == kept_types
@@ -518,6 +518,15 @@ def test_save_depth_pruned_refuses_metadata_that_is_not_a_dict(metadata, tmp_pat
     with pytest.raises(InputError, match="metadata must be a dict recording kept_layers"):
         depth.save_depth_pruned(tiny_lm(layers=2), None, tmp_path / "out", metadata=metadata)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kept", [[9, 0], [1, 1], [0], [0, 1, 2], ["0", "1"], [-1, 0], 2])
+def test_save_depth_pruned_refuses_kept_layers_that_do_not_describe_the_model(kept, tmp_path):
+    """[9, 0, 7, 7, 3] for a 2-layer model was written into prunekit.json as given."""
+    with pytest.raises(InputError, match=r"must list the 2 layers the model has by their original indices"):
+        depth.save_depth_pruned(tiny_lm(layers=2), None, tmp_path / "out", metadata={"kept_layers": kept})
+    assert not (tmp_path / "out").exists()
+    depth.save_depth_pruned(tiny_lm(layers=2), None, tmp_path / "out", metadata={"kept_layers": [0, 3]})
 
 
 # ---------------------------------------------------------------- CLI

@@ -157,7 +157,11 @@ def _check_rewritten_config(model: nn.Module, prefix: str, kept: list[int], upda
 
 def save_depth_pruned(model, tokenizer, out, *, metadata: dict, overwrite: bool = False, extra=None,
                       dtype=None) -> Path:
-    """Save a model `drop_layers` pruned (atomically, with ``prunekit.json``); see `prunekit.save_pruned`."""
+    """Save a model `drop_layers` pruned (atomically, with ``prunekit.json``); see `prunekit.save_pruned`.
+
+    `metadata` must record ``kept_layers``: the original (dense) indices of the layers kept, ascending, one per
+    layer the model has now (what `drop_layers` returns)."""
+    from prunekit.weights.engine import find_blocks
     from prunekit.weights.io import save_pruned
 
     if not isinstance(metadata, dict):
@@ -165,5 +169,11 @@ def save_depth_pruned(model, tokenizer, out, *, metadata: dict, overwrite: bool 
                          f"got {type(metadata).__name__}")
     if "kept_layers" not in metadata:
         raise InputError("metadata must record kept_layers, the original indices of the kept layers")
+    kept, depth = metadata["kept_layers"], len(find_blocks(model)[1])
+    if (not isinstance(kept, (list, tuple)) or len(kept) != depth
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in kept)
+            or any(a >= b for a, b in zip(kept, kept[1:]))):  # [9, 0, 7, 7, 3] for 2 layers was written as given
+        raise InputError(f"metadata kept_layers={kept!r} must list the {depth} layers the model has by their original "
+                         "indices, ascending (what drop_layers returns)")
     check_metadata(metadata)
     return save_pruned(model, tokenizer, out, metadata=metadata, overwrite=overwrite, extra=extra, dtype=dtype)
