@@ -398,6 +398,13 @@ def test_recovery_keeps_the_callers_modules_flags_gradients_and_teacher_mode(tra
     handle.remove()
 
 
+def test_feature_matching_without_a_teacher_is_refused():
+    model = tiny_lm()
+    target = depth.causal_lm_target(model, ids(4, 16), batch_size=2)
+    with pytest.raises(InputError, match=r"features=1\.0 matches the student's blocks to a teacher's"):
+        depth.recover(target, steps=1, features=1.0)
+
+
 def test_kd_recovery_with_feature_matching_uses_the_teacher():
     model = plant_identity(tiny_lm(), layers=(1, 3), scale=20.0)  # the dropped blocks matter
     teacher = copy.deepcopy(model)

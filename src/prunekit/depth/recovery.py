@@ -108,6 +108,9 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
     if isinstance(features, bool) or not (isinstance(features, (int, float)) and math.isfinite(features)
                                           and features >= 0):
         raise InputError(f"features must be a finite number >= 0 (the feature-matching weight), got {features!r}")
+    if features > 0 and teacher is None:  # it was accepted and never used
+        raise InputError(f"features={features!r} matches the student's blocks to a teacher's; give teacher=(model, "
+                         "blocks) and keep=, or leave features at 0")
     seed = int_at_least(seed, "seed", 0)
     if teacher is not None and target.distill is None:
         raise InputError("distillation needs a DepthTarget with a distill function")
