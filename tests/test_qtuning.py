@@ -147,6 +147,10 @@ def test_tokenize_masks_prompt_and_truncates():
     assert e.ids[-1] == tok.eos_token_id
     short = S.tokenize([{"instruction": "x" * 100, "response": "yz"}], tok, max_length=20)[0]
     assert len(short.ids) == 20 and short.response_len == 3  # the prompt lost its left end, the response is whole
+    assert short.cut == "prompt"
+    long = S.tokenize([{"instruction": "x" * 100, "response": "y" * 100}], tok, max_length=20)[0]
+    assert len(long.ids) == 20 and long.prompt_len == 10 and long.cut == "both"  # it said "response" alone
+    assert S.tokenize([{"instruction": "x", "response": "y" * 100}], tok, max_length=80)[0].cut == "response"
 
 
 def test_loss_mask_is_exactly_the_kept_tokens():

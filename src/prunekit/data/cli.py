@@ -437,7 +437,7 @@ def _cmd_qtune(args) -> int:
 
         refuse_factorized(model, "fine-tuning", "fine-tune the dense model, then prune it with ARMOR")
     examples = S.tokenize(records, tok, max_length=args.max_length)
-    cut = {part: sum(e.cut == part for e in examples) for part in ("prompt", "response")}
+    cut = {part: sum(e.cut in (part, "both") for e in examples) for part in ("prompt", "response")}
     if cut["response"]:
         print(f"prunekit: note: {cut['response']} of {len(examples)} responses are longer than --max-length "
               f"{args.max_length} allows and were cut (their end token too); raise --max-length to keep them whole",

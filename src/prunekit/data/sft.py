@@ -66,7 +66,7 @@ class Example:
     ids: list[int]
     prompt_len: int
     index: int = 0  # position in the source data
-    cut: str | None = None  # "prompt" or "response" when `tokenize` shortened the pair to max_length
+    cut: str | None = None  # "prompt", "response" or "both" when `tokenize` shortened the pair to max_length
 
     @property
     def response_len(self) -> int:
@@ -253,8 +253,9 @@ def tokenize(records: list[dict], tokenizer, *, max_length: int = 128) -> list[E
             if room >= max(1, max_length // 2):
                 p, cut = p[len(p) - room:], "prompt"
             else:
+                both = len(p) > max_length // 2  # the prompt loses its left end too (it said "response" alone)
                 p = p[len(p) - max_length // 2:]
-                a, cut = a[: max_length - len(p)], "response"
+                a, cut = a[: max_length - len(p)], "both" if both else "response"
         out.append(Example(ids=list(p) + list(a), prompt_len=len(p), index=i, cut=cut))
     return out
 
