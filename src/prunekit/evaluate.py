@@ -1,7 +1,6 @@
 """Honest numbers for a model: perplexity on held-out text, measured sparsity, N:M conformance.
 
->>> # doctest: +SKIP
->>> prunekit.perplexity(model, tokenizer, "wiki", seqlen=512, tokens=16384).ppl
+>>> prunekit.perplexity(model, tokenizer, "wiki", seqlen=512, tokens=16384).ppl  # doctest: +SKIP
 """
 
 from __future__ import annotations

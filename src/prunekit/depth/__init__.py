@@ -1,14 +1,13 @@
 """Depth pruning: drop whole blocks, chosen by importance (ShortGPT, sensitivity, a fixed pattern, the best
 random mask) or learned (TinyFusion), then recover by fine-tuning or distillation and export a standard model.
 
->>> # doctest: +SKIP
->>> from prunekit import depth, load_model, load_text, calibration_ids
->>> model, tok = load_model("smollm2-135m")
->>> ids = calibration_ids(tok, load_text("wiki", purpose="calibration"), samples=64, seqlen=128)
->>> target = depth.causal_lm_target(model, ids, batch_size=4)
->>> keep = depth.tinyfusion(target, kept=15, groups="1:2", steps=200).keep
->>> kept = depth.drop_layers(model, keep)          # a plain 15-layer Llama
->>> depth.recover(target, steps=100)               # LoRA fine-tuning, merged
+>>> from prunekit import depth, load_model, load_text, calibration_ids  # doctest: +SKIP
+>>> model, tok = load_model("smollm2-135m")                     # doctest: +SKIP
+>>> ids = calibration_ids(tok, load_text("wiki", purpose="calibration"), samples=64, seqlen=128)  # doctest: +SKIP
+>>> target = depth.causal_lm_target(model, ids, batch_size=4)   # doctest: +SKIP
+>>> keep = depth.tinyfusion(target, kept=15, groups="1:2", steps=200).keep  # doctest: +SKIP
+>>> kept = depth.drop_layers(model, keep)          # a plain 15-layer Llama  # doctest: +SKIP
+>>> depth.recover(target, steps=100)               # LoRA fine-tuning, merged  # doctest: +SKIP
 """
 
 from prunekit.depth.core import (DepthTarget, GatedBlock, causal_lm_target, check_keep, check_kept, drop_blocks,

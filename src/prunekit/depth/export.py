@@ -5,9 +5,8 @@ each attention's ``layer_idx`` (the KV cache is indexed by it), and per-layer co
 and any other list attribute of the config with one entry per layer). The saved folder loads with plain
 ``AutoModelForCausalLM.from_pretrained``. `prunekit.speed.measure_speed` times the result.
 
->>> # doctest: +SKIP
->>> kept = drop_layers(model, keep)          # keep: one bool per layer
->>> model.save_pretrained("out")             # or prunekit.depth.save_depth_pruned(...)
+>>> kept = drop_layers(model, keep)          # keep: one bool per layer  # doctest: +SKIP
+>>> model.save_pretrained("out")             # or prunekit.depth.save_depth_pruned(...)  # doctest: +SKIP
 """
 
 from __future__ import annotations

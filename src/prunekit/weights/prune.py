@@ -1,9 +1,8 @@
 """`prune`: one call from a model, a method name and a budget to a pruned model and its per-layer record.
 
->>> # doctest: +SKIP
->>> model, tok = prunekit.load_model("smollm2-135m")
->>> result = prunekit.prune(model, method="wanda", ratio=0.5, calibration="wiki", tokenizer=tok)
->>> result.total_sparsity
+>>> model, tok = prunekit.load_model("smollm2-135m")            # doctest: +SKIP
+>>> result = prunekit.prune(model, method="wanda", ratio=0.5, calibration="wiki", tokenizer=tok)  # doctest: +SKIP
+>>> result.total_sparsity                                       # doctest: +SKIP
 0.5
 """
 
