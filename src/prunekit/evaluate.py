@@ -25,6 +25,7 @@ EVAL_TOKENS = 16384
 
 @dataclass
 class Perplexity:
+    """Perplexity on held-out windows: ``ppl = exp(nll)`` over `tokens` predicted tokens of `windows` x `seqlen`."""
     ppl: float
     nll: float  # mean negative log-likelihood per predicted token
     tokens: int  # windows x seqlen
@@ -96,7 +97,8 @@ def _block_linears(model: nn.Module, skip=()) -> dict[str, nn.Module]:
 
 def sparsity(model: nn.Module) -> dict:
     """Fraction of zeros in every Linear of the decoder blocks (fused MoE experts one by one, routers not
-    counted), per layer and in total (weighted by size)."""
+    counted): ``{"total": over them all (weighted by size), "layers": {name: fraction}, "model_total": over
+    every parameter of the model (embeddings, norms and head included)}``."""
     from prunekit.weights import experts
 
     check_model(model, "sparsity")

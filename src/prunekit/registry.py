@@ -23,6 +23,7 @@ __all__ = ["MethodSpec", "METHODS", "get", "names"]
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """A registered method: its name, domain, entry point, paper and what it needs (see `prunekit methods`)."""
     name: str
     # "weights" | "data" | "cnn" | "kv" | "inference" (reasoning paths) | "memory" | "structured" | "depth" (whole blocks)
     domain: str
@@ -235,10 +236,12 @@ METHODS: dict[str, MethodSpec] = {
 
 
 def names(domain: str | None = None) -> list[str]:
+    """The registered methods' names, in registration order; of one `domain` when given."""
     return [n for n, s in METHODS.items() if domain is None or s.domain == domain]
 
 
 def get(name: str, domain: str | None = None) -> MethodSpec:
+    """The method `name` (of `domain` when given); an unknown name is an InputError listing the choices."""
     spec = METHODS.get(name)
     if spec is None or (domain is not None and spec.domain != domain):
         raise InputError(f"unknown method {name!r}; choose one of: {', '.join(names(domain))}")

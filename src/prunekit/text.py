@@ -45,6 +45,7 @@ BUNDLED = ("wiki", "austen", "python-docs")
 
 @dataclass(frozen=True)
 class Text:
+    """A text source: its name, its text, which documents it holds (in words), and a mixture's parts."""
     name: str  # "wiki", "austen", "python-docs" or the file path
     text: str
     documents: str  # which documents, in words, for the record

@@ -98,6 +98,7 @@ class Selection:
 
 @dataclass
 class SFTReport:
+    """What `sft` cost: steps, samples and tokens trained on, positions forwarded and scored, seconds, selections."""
     steps: int = 0
     samples_trained: int = 0  # sample visits that contributed to a loss (over all epochs)
     tokens_trained: int = 0  # loss tokens over all steps

@@ -44,6 +44,7 @@ DEFAULT_LR = {"lora": 5e-4, "full": 5e-5}
 
 @dataclass
 class RecoveryResult:
+    """What `recover` did: what it trained (LoRA or all weights), whether it distilled, its steps, rate and losses."""
     trainable: str
     distilled: bool
     steps: int

@@ -54,6 +54,7 @@ __all__ = ["TinyFusionResult", "tinyfusion", "sample_masks"]
 
 @dataclass
 class TinyFusionResult:
+    """TinyFusion's decision (`keep`, one bool per block) with the groups, the learned and EMA logits and the losses."""
     keep: list[bool]
     groups: list[tuple[int, int]]
     logits: list[list[float]]  # the final logits per group (unscaled)

@@ -87,6 +87,7 @@ _ROLE = re.compile(r"^[A-Za-z_][\w-]{0,31}$")
 
 @dataclass(frozen=True)
 class Retrieved:
+    """A chunk `Memory.retrieve` found: its id, turn, role, text and similarity score."""
     id: int
     turn: int
     role: str
@@ -96,6 +97,7 @@ class Retrieved:
 
 @dataclass(frozen=True)
 class Added:
+    """What `Memory.add` stored for one turn: its number, its chunks' ids, and any summary or forgetting it ran."""
     turn: int
     chunk_ids: list[int]
     forgotten: list[ForgetRecord] = field(default_factory=list)  # removed by the pass this turn triggered
@@ -104,6 +106,7 @@ class Added:
 
 @dataclass(frozen=True)
 class Prompt:
+    """What `Memory.prompt` assembled within its budget: the text, its tokens and what went into it."""
     text: str  # what to give the model (one user message, or plain text)
     tokens: int  # its length by the counter used (<= budget)
     budget: int

@@ -36,6 +36,7 @@ __all__ = ["StructuredResult", "prune_structured", "check_request", "save_struct
 
 @dataclass
 class StructuredResult:
+    """What `prune_structured` did: the widths chosen per layer against the dense ones, sizes and the method's info."""
     method: str
     ratio: float  # asked: fraction of block Linear weights to remove
     structure: str

@@ -30,6 +30,7 @@ __all__ = ["PruneResult", "prune", "prune_options", "method_options"]
 
 @dataclass
 class PruneResult:
+    """What `prune` did: the method, budget and pattern, the calibration used, and one `LayerReport` per Linear."""
     method: str
     ratio: float
     pattern: str | None

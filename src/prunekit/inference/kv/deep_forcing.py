@@ -62,6 +62,7 @@ TOPC_ROPE = ("keep", "unify")
 
 
 class DeepForcing(Policy):
+    """Deep Forcing on a streaming language model: Deep Sink plus Participative Compression."""
     name = "deep_forcing"
 
     def __init__(self, *, budget: int, sinks: float = 0.5, recent: float = 0.2, topc: float = 0.1,

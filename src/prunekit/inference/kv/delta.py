@@ -91,6 +91,7 @@ def _layer_list(value) -> list[int]:
 
 
 class Delta(Policy):
+    """DELTA: a few selection layers pick pages of the cache; the layers after them attend only to those pages."""
     name = "delta"
     compresses = False
 

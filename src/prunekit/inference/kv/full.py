@@ -11,6 +11,7 @@ __all__ = ["FullCache"]
 
 
 class FullCache(Policy):
+    """Full cache: the baseline every policy is compared with; nothing is scored or evicted."""
     name = "full"
     compresses = False
 

@@ -26,6 +26,7 @@ __all__ = ["H2O"]
 
 
 class H2O(Policy):
+    """H2O: heavy hitters plus recent tokens, by accumulated attention."""
     name = "h2o"
 
     def __init__(self, *, budget: int, recent: float = 0.5):

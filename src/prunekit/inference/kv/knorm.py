@@ -27,6 +27,7 @@ __all__ = ["Knorm"]
 
 
 class Knorm(Policy):
+    """Knorm: keep the keys of lowest L2 norm."""
     name = "knorm"
 
     def __init__(self, *, budget: int):

@@ -28,6 +28,7 @@ __all__ = ["SnapKV"]
 
 
 class SnapKV(Policy):
+    """SnapKV: votes of an observation window, pooled, per KV head."""
     name = "snapkv"
 
     def __init__(self, *, budget: int, window: int = 32, kernel: int = 5):

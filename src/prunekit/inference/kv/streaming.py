@@ -27,6 +27,7 @@ __all__ = ["StreamingLLM"]
 
 
 class StreamingLLM(Policy):
+    """StreamingLLM: attention sinks plus a recent window."""
     name = "streaming_llm"
 
     def __init__(self, *, budget: int, sinks: int = 4):
