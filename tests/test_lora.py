@@ -92,3 +92,26 @@ def test_doctest():
 
     result = doctest.testmod(lora)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_merging_into_a_weight_another_module_shares_leaves_that_module_alone():
+    """In-place merging into a tied lm_head also moved the embedding that shares its weight (logits off by 15.9)."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    add_lora(model, rank=4, exclude=(), seed=0)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(0.05)
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adapted = model(x).logits
+        merge_lora(model)
+        merged = model(x).logits
+    assert torch.allclose(merged, adapted, atol=1e-4)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    linear = model.model.layers[0].mlp.down_proj  # not shared: merged in place, the caller's module
+    assert type(linear) is nn.Linear

@@ -154,12 +154,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its Linear (``W + (alpha/r) B A``), in place; returns `model`.
 
     The original Linear goes back with its weight updated, so the caller's hooks on it, references to it and
-    to its parameters stay valid; parameters stay frozen as `add_lora` left them. (A weight that two adapted
-    Linears share gets a merged copy per Linear.)"""
+    to its parameters stay valid; parameters stay frozen as `add_lora` left them. (A weight another module shares,
+    a tied embedding or a second adapted Linear, gets a merged copy: the other module keeps the weight it had.)"""
     adapters = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-    owners: dict[int, int] = {}
-    for _, m in adapters:
-        owners[id(m.base.weight)] = owners.get(id(m.base.weight), 0) + 1
+    owners: dict[int, int] = {}  # modules holding each parameter: a tied embedding shares lm_head's weight
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
     for n, m in adapters:
         if owners[id(m.base.weight)] > 1:
             _replace(model, n, m.merged())
