@@ -841,6 +841,10 @@ def test_cli_messages_name_the_flag_the_user_typed_not_the_python_parameter(mode
              "hello"], capsys, "--forget-fraction must be a finite number")
     refused(["reason", "--model", str(model_dir), "--questions", str(labels), "--out", str(tmp_path / "r.jsonl"),
              "--temperature", "0"], capsys, "--temperature=0.0 must be a finite number > 0")
+    # --option batch_size=0 is the method's option, not prune's --batch-size
+    err = refused(["prune", str(model_dir), "--method", "wanda-structured", "--ratio", "0.3", "--option",
+                   "batch_size=0", "--no-speed", "--out", str(out)], capsys, "batch_size must be")
+    assert "--batch-size" not in err
 
 
 def test_flag_names_replace_only_whole_python_names():
@@ -855,6 +859,9 @@ def test_flag_names_replace_only_whole_python_names():
             == "0 new tokens (--max-new-tokens, max_new_tokens=): it must be")
     kept = "a max_new_tokens_cap and my_batch_size stay"
     assert _in_flags(kept, flags) == kept
+    path = "/data/batch_size/calib.txt does not exist; runs/max_new_tokens.txt neither"  # a path the user typed
+    assert _in_flags(path, flags) == path
+    assert _in_flags("lower batch_size, then", flags) == "lower --batch-size, then"
     assert _in_flags("pred_probs has 3 rows", flags) == "--probs has 3 rows"
     assert _in_flags("pred_probs has 3 rows", {}) == "pred_probs has 3 rows"
 

@@ -188,7 +188,7 @@ def test_what_later_steps_do_to_a_sparse_inputs_zeros_is_said_and_recorded(model
     assert f"made {meta['input_zeros_refilled']:,} of its zeros nonzero again" in err
     assert meta["input"]["folder"] == str(w50) and meta["input"]["prunekit"]["method"] == "wanda"  # the chain's history
     assert meta["input"]["prunekit"]["input"]["folder"] == str(model_dir)
-    assert "- input: made by prunekit (wanda, pattern unstructured)" in (sg24 / "report.md").read_text()
+    assert "- input: made by prunekit (wanda) from" in (sg24 / "report.md").read_text()
     assert cli.main(prune_args(w50, text_file, tmp_path / "wa24", "--method", "wanda", "--pattern", "2:4")) == 0
     assert "its zeros stay zeros" in capsys.readouterr().err
     assert json.loads((tmp_path / "wa24" / "prunekit.json").read_text())["input_zeros_refilled"] == 0
@@ -218,6 +218,34 @@ def test_what_later_steps_do_to_a_sparse_inputs_zeros_is_said_and_recorded(model
     zeros = json.loads((tmp_path / "qt" / "summary.json").read_text())["training"]["input_zeros"]
     assert zeros["pattern_kept"] is False and zeros["sparsity"] < 0.45
     assert "fine-tuning (--train) filled its zeros" in capsys.readouterr().err
+
+
+def test_depth_pruning_maps_the_inputs_skip_globs_to_the_kept_blocks_and_reads_past_a_broken_record(
+        model_dir, text_file, tmp_path, capsys):
+    """The input's --skip globs named the old block numbers: a dense skipped block renumbered by depth pruning
+    counted as breaking 2:4 ('recovery (--recover none) filled its zeros'); and a broken prunekit.json in the
+    input failed depth pruning and qtune --train after their work."""
+    sparse = tmp_path / "sparse"
+    assert cli.main(prune_args(model_dir, text_file, sparse, "--method", "magnitude", "--pattern", "2:4", "--skip",
+                               "model.layers.1.mlp.*")) == 0
+    shallow = tmp_path / "shallow"
+    assert cli.main(prune_args(sparse, text_file, shallow, "--method", "every-other", "--layers", "1",
+                               "--no-speed")) == 0  # keeps block 1, now block 0
+    meta, err = json.loads((shallow / "prunekit.json").read_text()), capsys.readouterr().err
+    assert meta["kept_layers"] == [1] and "note" not in err
+    assert meta["input_zeros"]["pattern_kept"] is True and meta["pattern"] == "2:4"
+    assert meta["options"]["skip"] == [f"model.layers.0.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
+    assert cli.main(["eval", str(shallow), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pattern_ok"] is True
+    broken = tmp_path / "broken"
+    shutil.copytree(sparse, broken)
+    (broken / "prunekit.json").write_text((broken / "prunekit.json").read_text()[:50])
+    assert cli.main(prune_args(broken, text_file, tmp_path / "b1", "--method", "every-other", "--layers", "1",
+                               "--no-speed")) == 0
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"instruction": f"{i}+1=", "response": str(i + 1)}) + "\n" for i in range(4)))
+    assert cli.main(["data", "qtune", str(broken), "--data", str(sft), "--samples", "0.5", "--train", "--batch-size",
+                     "2", "--max-length", "32", "--quiet", "--out", str(tmp_path / "b2")]) == 0
 
 
 def test_dpruner_records_its_domain_text_like_the_calibration_text(model_dir, text_file, tmp_path):

@@ -378,6 +378,17 @@ def _recorded(path: Path) -> tuple[str | None, tuple]:
     return pattern, tuple(skip)
 
 
+def _recorded_if_readable(path: Path) -> tuple[str | None, tuple]:
+    """`_recorded` for a step that only reports on the input's pattern (depth, widths, qtune): a broken record
+    reads as none (it failed those runs after their work, and told them to give a --pattern they do not take)."""
+    from prunekit.errors import InputError
+
+    try:
+        return _recorded(Path(path))
+    except InputError:
+        return None, ()
+
+
 def _provenance(model: str) -> dict:
     """Where the input came from, for an output's record: its folder (absolute) and, when prunekit made it, what
     its own record says (method, pattern, its input...), so a chain of steps keeps its history."""
@@ -570,7 +581,8 @@ def _check_utf8(args) -> None:
 
 
 def _flags(parser: argparse.ArgumentParser, args) -> dict[str, str]:
-    """Each option's Python name (argparse dest) -> its flag, along the subcommands `args` chose."""
+    """Each option's Python name (argparse dest) -> its flag, along the subcommands `args` chose; less the names
+    the user gave as ``--option KEY=VALUE`` (``--option batch_size=0`` is not prune's --batch-size)."""
     flags: dict[str, str] = {}
     while parser is not None:
         chosen = None
@@ -580,6 +592,8 @@ def _flags(parser: argparse.ArgumentParser, args) -> dict[str, str]:
             elif action.option_strings and action.dest != "help":
                 flags[action.dest] = max(action.option_strings, key=len)
         parser = chosen
+    for item in getattr(args, "option", None) or []:
+        flags.pop(str(item).split("=", 1)[0].strip().replace("-", "_"), None)
     return flags
 
 
@@ -595,9 +609,9 @@ def _in_flags(message: str, flags: dict[str, str]) -> str:
         value = f"={head.group(2)}" if head.group(2) else ""
         message = f"{flags[head.group(1)]}{value} must {message[head.end():]}"
     names = {**{n: flags[d] for n, d in _API_NAMES.items() if d in flags}, **flags}
-    for name, flag in names.items():  # snake_case names elsewhere in the message are unambiguous
+    for name, flag in names.items():  # snake_case names elsewhere in the message, not inside a path or a file name
         if "_" in name:
-            message = re.sub(rf"(?<![\w-]){name}(?![\w=])", flag, message)
+            message = re.sub(rf"(?<![\w/\\.-]){name}(?![\w=/\\]|\.\w)", flag, message)
     return message
 
 

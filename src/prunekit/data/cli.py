@@ -453,7 +453,7 @@ def _cmd_qtune(args) -> int:
         else:
             pruner = Q.QTuning(sample_ratio=args.samples, token_ratio=args.tokens, lam=args.lam, seed=args.seed,
                                every=args.mode)
-        from prunekit.cli import _recorded
+        from prunekit.cli import _recorded_if_readable
         from prunekit.evaluate import sparsity, zeros_kept
 
         input_sparsity = sparsity(model)["total"]
@@ -462,7 +462,7 @@ def _cmd_qtune(args) -> int:
         from prunekit.lora import merge_lora
 
         merge_lora(model)
-        pattern, skip = _recorded(resolve_model(args.model))
+        pattern, skip = _recorded_if_readable(resolve_model(args.model))
         zeros, zeros_note = zeros_kept("fine-tuning (--train)", input_sparsity, model, pattern, skip=skip)
     counts = {Q.NAMES[q]: int((sel.quadrant == q).sum()) for q in (1, 2, 3, 4)}
     summary = {"model": str(args.model), "data": str(args.data), "samples": len(examples), "kept_samples": sel.samples,

@@ -114,6 +114,27 @@ def _speed_line(speed: dict) -> str:
             f"{p['decode_s_per_token'] * 1e3:.1f} ms/token); parameters {d['params']:,} -> {p['params']:,}")
 
 
+def _skipped_layers(model, skip) -> list[str]:
+    """The block Linears an earlier weight pruning's `--skip` globs left dense, by their names now."""
+    import fnmatch
+
+    import prunekit
+
+    return [n for n in prunekit.sparsity(model)["layers"] if any(fnmatch.fnmatchcase(n, g) for g in skip)]
+
+
+def _renumbered(names: list[str], kept: list[int], prefix: str) -> tuple[str, ...]:
+    """`names` of layers in blocks ``prefix.i`` under the kept blocks' new indices (`kept`: old index per new one);
+    those of dropped blocks go. The input's globs named the old indices."""
+    new = {old: i for i, old in enumerate(kept)}
+    out = []
+    for name in names:
+        index, _, rest = name[len(prefix) + 1:].partition(".")
+        if name.startswith(prefix + ".") and index.isdigit() and int(index) in new:
+            out.append(f"{prefix}.{new[int(index)]}.{rest}")
+    return tuple(out)
+
+
 def run_prune(args) -> int:
     from pathlib import Path
 
@@ -122,7 +143,7 @@ def run_prune(args) -> int:
     import prunekit
     import prunekit.depth as depth
     from prunekit import report
-    from prunekit.cli import _provenance, _recorded, _versions
+    from prunekit.cli import _provenance, _recorded_if_readable, _versions
     from prunekit.evaluate import EVAL_TOKENS, zeros_kept
     from prunekit.speed import compare_speed_with_dense
     from prunekit.depth.dit import is_dit_folder
@@ -156,11 +177,13 @@ def run_prune(args) -> int:
     keep, info = depth.select_blocks(target, args.method, kept=args.layers, groups=args.group, steps=args.learn_steps,
                                      candidates=args.candidates, seed=args.seed, progress=progress, **options)
     teacher = copy.deepcopy(model) if args.recover == "kd" else None
+    pattern, skip = _recorded_if_readable(Path(path))
+    left_dense = _skipped_layers(model, skip)  # by name before the blocks are renumbered
     kept = depth.drop_layers(model, keep)
     if isinstance(saved_dtype, MixedDtypes):  # each kept block keeps its own tensors' dtypes under its new index
         saved_dtype = saved_dtype.renumbered(kept)
+    skip = _renumbered(left_dense, kept, find_blocks(model)[0])
     input_sparsity = prunekit.sparsity(model)["total"]  # the kept blocks', as the input had them
-    pattern, skip = _recorded(Path(path))
     recovery = None
     if args.recover != "none":
         res = depth.recover(target, steps=args.recover_steps, trainable="full" if args.recover == "full" else "lora",
@@ -168,7 +191,8 @@ def run_prune(args) -> int:
                             seed=args.seed, progress=progress)
         recovery = res.to_dict()
         del teacher
-    zeros, zeros_note = zeros_kept(f"recovery (--recover {args.recover})", input_sparsity, model, pattern, skip=skip)
+    step = "depth pruning" if args.recover == "none" else f"recovery (--recover {args.recover})"
+    zeros, zeros_note = zeros_kept(step, input_sparsity, model, pattern, skip=skip)
     speed = None
     if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
         speed = compare_speed_with_dense(path, model)

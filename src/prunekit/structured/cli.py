@@ -50,7 +50,7 @@ def _report(meta: dict, table: str) -> str:
 def run_prune(args) -> int:
     import prunekit
     from prunekit import registry, report
-    from prunekit.cli import _options, _provenance, _recorded, _torch_threads, _versions
+    from prunekit.cli import _options, _provenance, _recorded_if_readable, _torch_threads, _versions
     from prunekit.evaluate import EVAL_TOKENS, zeros_kept
     from prunekit.speed import compare_speed_with_dense
     from prunekit.structured import check_request, prune_structured, save_structured
@@ -95,7 +95,7 @@ def run_prune(args) -> int:
         evaluation[name] = {"dense": prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens,
                                                          progress=progress).to_dict()}
     input_sparsity = prunekit.sparsity(model)["total"]
-    pattern, skip = _recorded(resolve_model(args.model))
+    pattern, skip = _recorded_if_readable(resolve_model(args.model))
     result = prune_structured(model, method=args.method, ratio=args.ratio, structure=structure, tokenizer=tok,
                               calibration=ids, seed=args.seed, progress=progress, **options)
     zeros, zeros_note = zeros_kept(f"{args.method} (its kept weights are refit)" if args.method in ("tyr",
