@@ -655,12 +655,16 @@ def test_minilm_offline_ranks_paraphrase_first(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     e = MiniLMEmbedder()
     had, hub_had = hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
-    hf_logging.enable_progress_bar()
-    hub.disable_progress_bars()  # the caller's setting: loading the embedder turned the hub's bars back on
-    try:
-        v = e.encode(["My sister moved to Lisbon last spring.", "Last spring my sibling relocated to Lisbon.",
-                      "The quarterly report shows rising steel prices."])
-        assert hub.are_progress_bars_disabled() and hf_logging.is_progress_bar_enabled()
+    try:  # the caller's settings: loading the embedder turned the hub's bars on, or left them off
+        for ours, hubs in ((True, False), (False, True)):
+            (hf_logging.enable_progress_bar if ours else hf_logging.disable_progress_bar)()
+            (hub.enable_progress_bars if hubs else hub.disable_progress_bars)()
+            if ours and not hubs:
+                v = e.encode(["My sister moved to Lisbon last spring.", "Last spring my sibling relocated to Lisbon.",
+                              "The quarterly report shows rising steel prices."])
+            else:
+                MiniLMEmbedder().encode(["a fresh load"])
+            assert hf_logging.is_progress_bar_enabled() == ours and hub.are_progress_bars_disabled() != hubs
     finally:
         (hf_logging.enable_progress_bar if had else hf_logging.disable_progress_bar)()
         (hub.enable_progress_bars if hub_had else hub.disable_progress_bars)()

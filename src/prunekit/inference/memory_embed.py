@@ -114,7 +114,7 @@ class MiniLMEmbedder(Embedder):
         cfg = folder / "sentence_bert_config.json"
         if cfg.is_file():
             self._max_len = int(json.loads(cfg.read_text()).get("max_seq_length", 256))
-        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
         was, hub_off = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
         hf_logging.disable_progress_bar()  # no "Loading weights" bar for a 90 MB model (it turns the hub's off too)
@@ -122,11 +122,10 @@ class MiniLMEmbedder(Embedder):
             self._tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
             self._model = AutoModel.from_pretrained(folder, local_files_only=True,
                                                     trust_remote_code=False).to(self.device).eval()
-        finally:
+        finally:  # transformers' switch turns the hub's bars too: each goes back as the caller had it
             if was:
-                hf_logging.enable_progress_bar()  # and the hub's on: they go back as the caller had them
-                if hub_off:
-                    disable_progress_bars()
+                hf_logging.enable_progress_bar()
+            (disable_progress_bars if hub_off else enable_progress_bars)()
 
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
