@@ -57,7 +57,8 @@ def extract_answer(text: str) -> str | None:
     number in the text; ``None`` when it has no number. It is written as the votes compare answers
     (`prunekit.inference.reasoning.canonical_answer`): thousands separators and trailing zeros dropped, an exponent
     applied ("1,200.50" -> "1200.5", "2.5e3" -> "2500"), so equal numbers compare equal as strings. A comma that
-    does not group thousands ends the number ("3,5" -> "3")."""
+    does not group thousands ends the number ("the answer is 3,5" -> "3"; with no "answer is", "x is 3,5" -> "5",
+    the last number)."""
     hits = _ANSWER_IS.findall(text)
     if hits:
         return _norm_number(hits[-1])

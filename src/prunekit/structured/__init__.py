@@ -156,8 +156,9 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
 
     factorized = [n for n, m in model.named_modules() if is_factorized(m)]
     if factorized:  # an AttributeError traceback ('ArmorLinear' object has no attribute 'weight')
-        raise InputError(f"{factorized[0]} (and {len(factorized) - 1} more) is already factorized (ARMOR); structured "
-                         "pruning removes heads and neurons of dense Linears: prune the widths first, then ARMOR")
+        more = f" (and {len(factorized) - 1} more)" if len(factorized) > 1 else ""
+        raise InputError(f"{factorized[0]}{more} is already factorized (ARMOR); structured pruning removes heads and "
+                         "neurons of dense Linears: prune the widths first, then ARMOR")
     dims = model_dims(model)
     check_request(method, ratio=ratio, structure=structure, options=options, dims=dims)
     if structure in ("heads", "both"):
