@@ -505,3 +505,42 @@ def test_cli_sampling_validates_before_loading(tmp_path, capsys):
     assert main(["reason", "--model", str(tmp_path / "no-such-model"), "--questions", str(qfile), "--out",
                  str(link)]) == 2
     assert "nowhere is not a folder; create it first" in capsys.readouterr().err
+
+
+def test_a_second_resume_run_on_the_same_output_is_refused_and_no_lock_file_is_left(tmp_path, model_dir, capsys):
+    """Two --resume runs appended to one .partial (9 records for 7 questions) and the next resume refused it."""
+    import fcntl
+
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(2)))
+    out = tmp_path / "paths.jsonl"
+    args = ["reason", "--model", str(model_dir), "--questions", str(qfile), "--samples", "2", "--max-new-tokens", "3",
+            "--out", str(out), "--resume", "--quiet"]
+    with open(tmp_path / "paths.jsonl.lock", "a") as held:  # another run holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(args) == 2
+        assert "another prunekit run is sampling into" in capsys.readouterr().err and not out.exists()
+    assert main(args) == 0
+    assert len(out.read_text().splitlines()) == 2 and not list(tmp_path.glob("paths.jsonl.*"))  # no lock, no partial
+
+
+def test_an_output_file_that_appears_while_a_run_writes_is_kept_and_the_run_refused(tmp_path, monkeypatch):
+    """Two runs into one file without --overwrite both said they saved it; the later one's rows replaced the
+    earlier's (the existence check came long before the rename)."""
+    from pathlib import Path
+
+    from prunekit.data import io as data_io
+    from prunekit.inference import sampling
+
+    for name, write in (("t.csv", lambda p: data_io.write_table(p, {"index": np.arange(3)}, overwrite=False)),
+                        ("p.jsonl", lambda p: sampling.write_jsonl(p, [{"a": 1}], overwrite=False))):
+        target = tmp_path / name
+        monkeypatch.setattr(data_io, "check_output_file", lambda p, overwrite: Path(p))  # the check passed earlier
+        target.write_text("the other run's result\n")  # ... and then the other run finished first
+        with pytest.raises(InputError, match="appeared while this ran"):
+            write(target)
+        assert target.read_text() == "the other run's result\n"
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+        target.unlink()
+        write(target)  # nothing there: written
+        assert target.read_text() != "the other run's result\n"

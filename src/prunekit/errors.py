@@ -132,6 +132,27 @@ def check_not_input(out: str | os.PathLike, *inputs, flag: str = "--out") -> Non
                                      f"choose another {flag}")
 
 
+def place_file(tmp: str | os.PathLike, path: Path, *, overwrite: bool, flag: str = "--out") -> None:
+    """Rename the finished temporary file `tmp` to `path`. Without `overwrite` only while `path` does not exist,
+    checked by the rename itself (a hard link fails on an existing name): a check made earlier let two runs into
+    one file both report success, the later one's rows silently in place of the earlier's."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise InputError(f"{path} appeared while this ran (another process writing it?); it was left as it is and "
+                         f"this result was not saved; choose another {flag} or pass --overwrite") from None
+    except OSError:  # a filesystem without hard links: the check and the rename apart, as before
+        if os.path.lexists(path):
+            raise InputError(f"{path} appeared while this ran (another process writing it?); it was left as it is "
+                             f"and this result was not saved; choose another {flag} or pass --overwrite") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 def apply_umask(path: str | os.PathLike) -> None:
     """Give `path` (a file, or a folder and all it holds) the permissions a plain ``open``/``mkdir`` would: the
     temporary files and folders outputs are built in (``mkstemp``/``mkdtemp``) are private (0600/0700), and

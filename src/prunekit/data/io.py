@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prunekit.errors import InputError, apply_umask, check_output_name, check_writable, follow_link, hidden_name
+from prunekit.errors import (InputError, apply_umask, check_output_name, check_writable, follow_link, hidden_name,
+                             place_file)
 
 __all__ = ["read_array", "read_named", "read_labels", "read_class_labels", "read_vector", "read_matrix", "check_real",
            "write_table", "check_output_file", "FORMATS"]
@@ -396,7 +397,7 @@ def write_table(path: str | os.PathLike, columns: dict[str, np.ndarray], *, over
                     raise InputError(f"writing {path} needs pyarrow: pip install pyarrow (or write .npy / .csv)") from None
                 pq.write_table(pa.table({n: a for n, a in zip(names, arrays)}), f)
         apply_umask(tmp)
-        os.replace(tmp, path)
+        place_file(tmp, path, overwrite=overwrite)
     except OSError as e:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -86,8 +86,8 @@ def _only_for(args, mine: dict, other: dict, mode: str, other_mode: str) -> None
 
 def _sample(args) -> int:
     from prunekit.errors import InputError, check_not_input, check_writable, follow_link
-    from prunekit.inference.sampling import _check, sample_paths
-    from prunekit.weights.io import load_model, resolve_model
+    from prunekit.inference.sampling import _check
+    from prunekit.weights.io import resolve_model
 
     if args.paths is not None or args.method is not None:
         raise InputError("sampling (--model) takes no paths file or --method; vote in a second command")
@@ -107,6 +107,36 @@ def _sample(args) -> int:
     questions = _read_questions(args.questions)
     resolve_model(args.model)
     partial = out.with_name(out.name + ".partial")
+    lock = _resume_lock(out) if args.resume else None  # two resumers appended to one .partial: it was lost
+    try:
+        return _sample_into(args, out, partial, questions)
+    finally:
+        if lock is not None:
+            if not partial.exists():  # nothing left to resume: no lock file either (kept beside a .partial)
+                Path(lock.name).unlink(missing_ok=True)
+            lock.close()
+
+
+def _resume_lock(out: Path):
+    """An exclusive lock on ``OUT.lock`` for a ``--resume`` run (released when its process ends, even killed)."""
+    import fcntl
+
+    from prunekit.errors import InputError
+
+    lock = open(out.with_name(out.name + ".lock"), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise InputError(f"another prunekit run is sampling into {out} with --resume; let it finish (or stop it), "
+                         "then run this again") from None
+    return lock
+
+
+def _sample_into(args, out: Path, partial: Path, questions: list[dict]) -> int:
+    from prunekit.inference.sampling import sample_paths
+    from prunekit.weights.io import load_model
+
     done = _resume_from(partial, args, questions) if args.resume else []
     model, tok = load_model(args.model)
     if not args.resume:
@@ -135,8 +165,8 @@ def _sample(args) -> int:
                       "with --resume to continue", file=sys.stderr)
                 raise
         records = done + new
-        write_jsonl(out, records)
-        partial.unlink()
+        write_jsonl(out, records, overwrite=args.overwrite)
+        partial.unlink(missing_ok=True)
     paths = sum(len(r["paths"]) for r in records)
     if args.json:
         print(jsonl.dumps({"model": str(args.model), "questions": len(records), "paths": paths, "out": str(out)}))

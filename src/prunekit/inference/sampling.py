@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from prunekit.errors import InputError, apply_umask, follow_link, hidden_name
+from prunekit.errors import InputError, apply_umask, follow_link, hidden_name, place_file
 
 __all__ = ["DEFAULT_INSTRUCTION", "extract_answer", "build_prompt", "sample_paths", "sample_question"]
 
@@ -229,7 +229,7 @@ def sample_paths(model, tokenizer, questions: Iterable, *, n: int = 16, max_new_
     if bar is not None:
         bar.close()
     if target is not None:
-        write_jsonl(target, records)
+        write_jsonl(target, records, overwrite=overwrite)
     return records
 
 
@@ -238,9 +238,10 @@ def _answer(extractor, text):
     return None if value is None else str(value)
 
 
-def write_jsonl(path: str | os.PathLike, records: list[dict]) -> Path:
+def write_jsonl(path: str | os.PathLike, records: list[dict], *, overwrite: bool = True) -> Path:
     """Write `records` one JSON object a line, atomically (temporary file in the same folder, then rename); a
-    symbolic link is written where it points."""
+    symbolic link is written where it points. Without `overwrite`, a file that appeared meanwhile is kept and
+    this is an InputError."""
     path = follow_link(Path(path).expanduser())
     fd, tmp = tempfile.mkstemp(prefix=hidden_name(path.name, "tmp"), dir=path.parent)
     try:
@@ -248,7 +249,7 @@ def write_jsonl(path: str | os.PathLike, records: list[dict]) -> Path:
             for r in records:
                 f.write(json.dumps(r) + "\n")
         apply_umask(tmp)
-        os.replace(tmp, path)
+        place_file(tmp, path, overwrite=overwrite)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
