@@ -285,3 +285,19 @@ def test_evaluation_tokenizes_only_the_pieces_its_windows_need(monkeypatch):
     assert sum(n for n in seen if n > 1) >= len(long)  # all windows: all of it (besides the cut checks' margins)
     with pytest.raises(InputError, match=rf"has {len(whole)} windows of 32 tokens, but"):
         T.evaluation_ids(Counting(), T.Text("long", long, "all"), seqlen=32, tokens=32 * (len(whole) + 1))
+
+
+def test_an_asset_another_process_built_meanwhile_is_used(tmp_path):
+    """Two runs on a fresh cache both converted the model; the second's rename failed ("Directory not empty")."""
+    final = tmp_path / "models" / "m"
+
+    def build(tmp):
+        (tmp / "weights").write_text("ours")
+        final.mkdir(parents=True)  # the other process finished first
+        (final / "weights").write_text("theirs")
+
+    assert zoo._atomic_dir(final, build) == final
+    assert (final / "weights").read_text() == "theirs" and [p.name for p in final.parent.iterdir()] == ["m"]
+    with pytest.raises(RuntimeError):  # a build that fails still fails, and leaves nothing
+        zoo._atomic_dir(tmp_path / "models" / "n", lambda tmp: (_ for _ in ()).throw(RuntimeError("broken")))
+    assert [p.name for p in final.parent.iterdir()] == ["m"]

@@ -51,13 +51,20 @@ def cache_dir() -> Path:
 
 
 def _atomic_dir(final: Path, build) -> Path:
-    """Build a folder in a temporary sibling and rename it into place, so no half-built asset is left."""
+    """Build a folder in a temporary sibling and rename it into place, so no half-built asset is left. Another
+    process that built the same asset meanwhile wins: its folder, complete by the same rename, is used (the loser
+    failed with "Directory not empty", in a job array every task but one)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     os.chmod(tmp, 0o755)
     try:
         build(tmp)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
