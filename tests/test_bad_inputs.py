@@ -624,6 +624,18 @@ def test_atomic_writes_survive_races_links_long_names_and_a_late_ctrl_c(tmp_path
         io.write_atomically(out, _writer("ours"), overwrite=True)
     monkeypatch.setattr(io.os, "replace", real_replace)
     assert tag(out) == "theirs" and hidden() == []
+    calls.clear()
+
+    def moved_first(src, dst):  # another --overwrite run moves the earlier output aside just before we do
+        calls.append(dst)
+        if len(calls) == 1:
+            shutil.rmtree(out)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", moved_first)
+    io.write_atomically(out, _writer("ours"), overwrite=True)  # was a FileNotFoundError (exit 1)
+    monkeypatch.setattr(io.os, "replace", real_replace)
+    assert tag(out) == "ours" and hidden() == []
     # Ctrl-C while the replaced output is deleted: the new output is in place and no hidden copy is left
     real_rmtree = shutil.rmtree
 

@@ -493,7 +493,11 @@ def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, o
                              "it is and this result was not saved; choose another --out or pass --overwrite")
         if out.exists():  # moved aside into a fresh empty folder (unique: a stale one of this pid blocked later runs)
             old = Path(tempfile.mkdtemp(prefix=hidden_name(out.name, "old"), dir=out.parent))
-            os.replace(out, old)
+            try:
+                os.replace(out, old)
+            except FileNotFoundError:  # another --overwrite run moved it aside first: nothing of ours to keep
+                old.rmdir()
+                old = None
         try:
             os.replace(tmp, out)
         except OSError as e:
