@@ -347,15 +347,14 @@ def _check_eval_sizes(seqlen: int, tokens: int | None, tokens_flag: str, *, seql
                              f"{tokens_flag} or lower {seqlen_flag}")
 
 
-def _recorded(path: Path) -> tuple[str | None, tuple]:
-    """The N:M pattern a prunekit.json in model folder `path` records (or None) and the skip globs its pruning
-    left dense; a broken file is an InputError."""
+def _record(path: Path) -> dict | None:
+    """The ``prunekit.json`` object in model folder `path`, None when there is none; a broken file is an
+    InputError."""
     from prunekit.errors import InputError
-    from prunekit.select import parse_pattern
 
-    recorded = path / "prunekit.json"
+    recorded = Path(path) / "prunekit.json"
     if not recorded.is_file():
-        return None, ()
+        return None
     try:
         meta = json.loads(recorded.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # deep nesting: a RecursionError
@@ -363,6 +362,19 @@ def _recorded(path: Path) -> tuple[str | None, tuple]:
     if not isinstance(meta, dict):
         raise InputError(f"{recorded} holds a JSON {type(meta).__name__}, not the object prunekit writes; fix or "
                          "delete it, or give --pattern")
+    return meta
+
+
+def _recorded(path: Path) -> tuple[str | None, tuple]:
+    """The N:M pattern a prunekit.json in model folder `path` records (or None) and the skip globs its pruning
+    left dense; a broken file is an InputError."""
+    from prunekit.errors import InputError
+    from prunekit.select import parse_pattern
+
+    recorded = path / "prunekit.json"
+    meta = _record(path)
+    if meta is None:
+        return None, ()
     pattern = meta.get("pattern")
     if pattern is not None and not isinstance(pattern, str):
         raise InputError(f"{recorded} records pattern {pattern!r}, not an N:M string; fix it or give --pattern")
@@ -392,17 +404,16 @@ def _recorded_if_readable(path: Path) -> tuple[str | None, tuple]:
 def _provenance(model: str) -> dict:
     """Where the input came from, for an output's record: its folder (absolute) and, when prunekit made it, what
     its own record says (method, pattern, its input...), so a chain of steps keeps its history."""
+    from prunekit.errors import InputError
     from prunekit.weights.io import resolve_model
 
     folder = resolve_model(model)
-    earlier = None
     try:
-        meta = json.loads((folder / "prunekit.json").read_text())
-        if isinstance(meta, dict):
-            earlier = {k: meta[k] for k in ("model", "method", "domain", "ratio", "pattern", "input") if k in meta}
-    except (OSError, ValueError, RecursionError):  # none, or unreadable: `_recorded` says so where it matters
-        pass
-    return {"folder": str(folder), "prunekit": earlier}
+        meta = _record(folder)
+    except (InputError, OSError):  # unreadable: `_recorded` says so where it matters
+        meta = None
+    keys = ("model", "method", "domain", "ratio", "pattern", "input")
+    return {"folder": str(folder), "prunekit": {k: meta[k] for k in keys if k in meta} if meta else None}
 
 
 def _cmd_eval(args) -> int:
@@ -514,12 +525,19 @@ class _StdoutFailed(Exception):
     """Writing to standard output failed (a full device): the work itself was done."""
 
 
-class _GuardedStdout:
-    """sys.stdout whose write errors say they are stdout's: "No space left on device" after a saved run read as
-    if the save had failed, and a retrying script added the same memory turns twice."""
+class _Stream:
+    """A wrapper of sys.stdout or sys.stderr: what it does not change goes to the stream."""
 
     def __init__(self, stream):
         self._stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+class _GuardedStdout(_Stream):
+    """sys.stdout whose write errors say they are stdout's: "No space left on device" after a saved run read as
+    if the save had failed, and a retrying script added the same memory turns twice."""
 
     def _call(self, fn, *args):
         try:
@@ -535,16 +553,10 @@ class _GuardedStdout:
     def flush(self):
         return self._call(self._stream.flush)
 
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
 
-
-class _DroppingStderr:
+class _DroppingStderr(_Stream):
     """sys.stderr that drops what it cannot write: progress bars and notes are diagnostics, and a full log device
     (``2>/dev/full``) failed the run at its first loading bar, with nothing said and nothing saved."""
-
-    def __init__(self, stream):
-        self._stream = stream
 
     def write(self, text):
         try:
@@ -557,9 +569,6 @@ class _DroppingStderr:
             self._stream.flush()
         except (OSError, ValueError):
             pass
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
 
 
 # arguments that are tokenized or written into an output (a report, a store) with their names: bytes that are not

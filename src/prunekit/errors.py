@@ -141,16 +141,16 @@ def place_file(tmp: str | os.PathLike, path: Path, *, overwrite: bool, flag: str
         return
     try:
         os.link(tmp, path)
-    except FileExistsError:
-        raise InputError(f"{path} appeared while this ran (another process writing it?); it was left as it is and "
-                         f"this result was not saved; choose another {flag} or pass --overwrite") from None
-    except OSError:  # a filesystem without hard links: the check and the rename apart, as before
-        if os.path.lexists(path):
-            raise InputError(f"{path} appeared while this ran (another process writing it?); it was left as it is "
-                             f"and this result was not saved; choose another {flag} or pass --overwrite") from None
-        os.replace(tmp, path)
+        os.unlink(tmp)
         return
-    os.unlink(tmp)
+    except FileExistsError:
+        pass
+    except OSError:  # a filesystem without hard links: the check and the rename apart, as before
+        if not os.path.lexists(path):
+            os.replace(tmp, path)
+            return
+    raise InputError(f"{path} appeared while this ran (another process writing it?); it was left as it is and this "
+                     f"result was not saved; choose another {flag} or pass --overwrite")
 
 
 def apply_umask(path: str | os.PathLike) -> None:

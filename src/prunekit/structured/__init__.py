@@ -152,13 +152,12 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
     seqlen = int_at_least(seqlen, "seqlen", 2)
     seed = int_at_least(seed, "seed", 0)
     check_finite_weights(model, "the model")  # a NaN weight failed in an SVD after the model had changed
-    from prunekit.weights.engine import is_factorized
+    from prunekit.weights.engine import factorized_names, first_of
 
-    factorized = [n for n, m in model.named_modules() if is_factorized(m)]
+    factorized = factorized_names(model)
     if factorized:  # an AttributeError traceback ('ArmorLinear' object has no attribute 'weight')
-        more = f" (and {len(factorized) - 1} more)" if len(factorized) > 1 else ""
-        raise InputError(f"{factorized[0]}{more} is already factorized (ARMOR); structured pruning removes heads and "
-                         "neurons of dense Linears: prune the widths first, then ARMOR")
+        raise InputError(f"{first_of(factorized)} is already factorized (ARMOR); structured pruning removes heads "
+                         "and neurons of dense Linears: prune the widths first, then ARMOR")
     dims = model_dims(model)
     check_request(method, ratio=ratio, structure=structure, options=options, dims=dims)
     if structure in ("heads", "both"):

@@ -112,14 +112,23 @@ def is_factorized(module: nn.Module) -> bool:
     return hasattr(module, "core") and callable(getattr(module, "dense_weight", None))
 
 
+def factorized_names(model: nn.Module) -> list[str]:
+    """The names of `model`'s factorized (ARMOR) layers."""
+    return [n for n, m in model.named_modules() if is_factorized(m)]
+
+
+def first_of(names: list[str]) -> str:
+    """``"a (and 3 more)"``: the first of `names`, and how many follow."""
+    return names[0] + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+
+
 def refuse_factorized(model: nn.Module, training: str, instead: str) -> None:
     """Refuse to train a model holding factorized (ARMOR) layers: full training fills the N:M core's zeros (the
     saved core then reads as damaged) and LoRA finds no nn.Linear there. `training` names the step, `instead`
     what to do."""
-    names = [n for n, m in model.named_modules() if is_factorized(m)]
+    names = factorized_names(model)
     if names:
-        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
-        raise InputError(f"{names[0]}{more} is ARMOR-factorized (A core B, an N:M-sparse core): {training} would "
+        raise InputError(f"{first_of(names)} is ARMOR-factorized (A core B, an N:M-sparse core): {training} would "
                          f"train the core's zeros away, and LoRA has no nn.Linear there to adapt; {instead}")
 
 
@@ -440,7 +449,7 @@ def prune_blocks(
     factorized = [n for layers in layers_by_block for n, m in layers.items() if is_factorized(m)]
     if factorized:
         raise InputError(
-            f"{factorized[0]} (and {len(factorized) - 1} more) is already factorized (ARMOR); prune a dense model, "
+            f"{first_of(factorized)} is already factorized (ARMOR); prune a dense model, "
             "or load this folder with plain transformers to get its dense equivalent"
         )
     _check_finite(layers_by_block)
