@@ -496,6 +496,18 @@ def test_groups_without_a_pattern_are_checked_too(call, message):
     assert depth.group_options(1, 2).tolist() == [[1, 0], [0, 1]]
 
 
+def test_calibration_loss_and_sensitivity_do_not_depend_on_the_batch_size():
+    """6 windows in batches of 4 or 5 leave a short last batch; it counts by its samples, not as a whole batch
+    (a per-batch mean gave a different loss and kept blocks [1, 2, 3] instead of [0, 2, 3])."""
+    model, x = tiny_lm(), ids(n=6)
+    whole = depth.causal_lm_target(model, x, batch_size=6)
+    for batch_size in (1, 4, 5):
+        target = depth.causal_lm_target(model, x, batch_size=batch_size)
+        assert depth.calibration_loss(target) == pytest.approx(depth.calibration_loss(whole), rel=1e-5)
+        assert torch.allclose(depth.removal_losses(target), depth.removal_losses(whole), rtol=1e-5)
+        assert depth.sensitivity(target, kept=2) == depth.sensitivity(whole, kept=2)
+
+
 @pytest.mark.parametrize("keep", [[False], [False] * 6, [True] * 6 + [False], [2] * 6])
 def test_calibration_loss_refuses_a_keep_mask_that_does_not_fit(keep):
     target = stack_target(Stack(depth=6))

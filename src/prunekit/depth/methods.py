@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from prunekit.depth.core import DepthTarget, check_keep, check_kept, gates, hidden_of, keep_top
+from prunekit.depth.core import DepthTarget, batch_size_of, check_keep, check_kept, gates, hidden_of, keep_top
 from prunekit.errors import int_at_least
 
 __all__ = ["shortgpt", "sensitivity", "every_other", "random_masks", "block_influence", "calibration_loss"]
@@ -33,7 +33,10 @@ __all__ = ["shortgpt", "sensitivity", "every_other", "random_masks", "block_infl
 
 @torch.no_grad()
 def calibration_loss(target: DepthTarget, keep: list[bool] | None = None) -> float:
-    """Mean loss over the target's batches with the blocks where `keep` is False skipped (None: all kept)."""
+    """Mean loss over the target's samples with the blocks where `keep` is False skipped (None: all kept).
+
+    Each batch's loss (a mean over its samples) is weighted by its sample count, so a short last batch does not
+    count as much as a full one and the result does not depend on the batch size."""
     keep = check_keep(keep, target.depth) if keep is not None else [True] * target.depth
     was = target.model.training
     target.model.eval()
@@ -41,10 +44,11 @@ def calibration_loss(target: DepthTarget, keep: list[bool] | None = None) -> flo
         with gates(target.blocks) as g:
             for gate, k in zip(g, keep):
                 gate.gate = None if k else 0.0
-            total = sum(float(target.loss(target.model, b)) for b in target.batches)
+            sizes = [batch_size_of(b) for b in target.batches]
+            total = sum(float(target.loss(target.model, b)) * n for b, n in zip(target.batches, sizes))
     finally:  # the caller's mode, also after an error or Ctrl-C
         target.model.train(was)
-    return total / len(target.batches)
+    return total / sum(sizes)
 
 
 @torch.no_grad()
