@@ -54,6 +54,22 @@ def test_never_worse_than_base_and_keeps_budget(base, pattern, ratio):
     assert bool(ok.all())
 
 
+@pytest.mark.parametrize("base,kept", [("magnitude", [1, 3]), ("wanda", [2, 3])])
+def test_nm_swap_prunes_the_kept_weight_of_lowest_base_score_in_the_group(base, kept):
+    """One 2:4 group where |W| and the Wanda score disagree on the weaker kept weight: as in the reference's
+    N:M branch (its ``initial_metric``), a magnitude base gives up the smallest |W|, a Wanda base the lowest
+    |W| sqrt(n) (prunekit used the Wanda score for every base)."""
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    norms = torch.tensor([100.0, 100.0, 100.0, 1.0])  # Wanda: 10, 20, 30, 4; magnitude: 1, 2, 3, 4
+    m = stats.InputMoments(norms, torch.ones(4), torch.ones(4))
+    base_kept = {"magnitude": [2, 3], "wanda": [1, 2]}[base]
+    assert dsnot._base(w, {"moments": m}, base, None, NM(2, 4), 0.01).nonzero()[:, 1].tolist() == base_kept
+    out = dsnot.prune_weight(w, {"moments": m}, ratio=0.5, pattern=NM(2, 4), base=base, guard=False,
+                             max_cycle_time=1, update_threshold=0.0, threshold_seqlen=None)
+    assert out.info["swaps"] == 1
+    assert out.weight.nonzero()[:, 1].tolist() == kept
+
+
 @pytest.mark.parametrize("pattern,ratio", [(None, 0.6), (NM(2, 4), 0.5)])
 def test_sparsegpt_base_recomputes_the_obs_update_for_the_final_mask(pattern, ratio):
     w, x = biased_inputs()

@@ -21,10 +21,13 @@ Algorithm, per Linear ``W [out, in]``:
 4. Up to `max_cycle_time` cycles, all rows at once: regrow the next weight from the end of the regrow list
    when ``err_r > 0`` (its contribution cancels the shift), else from the start; prune the next weight from the
    start of the prune list when ``err_r > 0`` (a negative contribution also cancels it), else from the end.
-   N:M: the weight pruned is the lowest-Wanda-score kept weight in the regrown weight's own M-group (weights
-   regrown or pruned earlier are never chosen again), so every group keeps N. A row takes the swap and stays
-   active while ``|err_r| > update_threshold`` (N:M also requires the sign of ``err_r`` after the swap to be
-   unchanged, as the reference does; unstructured ignores it, the reference's default ``without_same_sign``).
+   N:M: the weight pruned is the kept weight of lowest base score in the regrown weight's own M-group (weights
+   regrown or pruned earlier are never chosen again), so every group keeps N. The base score is the
+   reference's ``initial_metric``: ``|W_rj|`` for magnitude, the Wanda score for Wanda, SparseGPT's saliency
+   ``W_rj^2 / U_jj^2`` of the dense weights for SparseGPT (``U`` the upper Cholesky factor of the damped
+   inverse Hessian). A row takes the swap and stays active while ``|err_r| > update_threshold`` (N:M also
+   requires the sign of ``err_r`` after the swap to be unchanged, as the reference does; unstructured ignores
+   it, the reference's default ``without_same_sign``).
    ``err_r += W'_rp mu_p - W_rg mu_g``. Every swap keeps the row's count of nonzeros, so the ratio and N:M
    pattern of the base mask are exact.
 
@@ -52,7 +55,8 @@ Departures from the reference, on purpose:
   it, so every column looks dead, the initial scores are all zero and the weights are zeroed. Here the
   Hessian is accumulated and the base is a real SparseGPT result (`prunekit.weights.methods.sparsegpt`,
   with its OBS update of the kept weights); DSnoT then works on those updated weights, a regrown weight
-  returns to its dense value, and the prune list ranks kept weights by Wanda score on their updated values.
+  returns to its dense value, and the unstructured prune list ranks kept weights by Wanda score on their
+  updated values.
   With ``obs_update=True`` (the default) SparseGPT's OBS update is recomputed once the mask is final, from the
   dense weights and for that mask (`sparsegpt.prune_weight` with ``mask=``): the base's updated values
   compensate for the base's mask, not for the swapped one, and a weight regrown at its dense value is
@@ -137,6 +141,16 @@ def _base(weight, stats, base, ratio, pattern, percdamp):
     return sparsegpt.prune_weight(weight, stats["hessian"], ratio=ratio, pattern=pattern, percdamp=percdamp)
 
 
+def _base_score(w0, w, stats, base, wanda_score, percdamp) -> torch.Tensor:
+    """The base method's importance of each weight, ``[out, in]`` (the reference's ``initial_metric``)."""
+    if base == "magnitude":
+        return w.abs()
+    if base == "wanda":
+        return wanda_score
+    u = sparsegpt.inverse_cholesky(stats["hessian"], percdamp)  # [in, in], upper
+    return w0.pow(2) / torch.diag(u).pow(2)[None, :]
+
+
 def _two_ended(key: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row: indices ordered [low entries by key asc] [others] [high entries by key asc], and the counts."""
     group = torch.where(low, 0, torch.where(high, 2, 1))
@@ -199,8 +213,8 @@ def prune_weight(
         key = torch.where(contrib < 0, score, -score)  # negatives by score asc; non-negatives so the end is lowest
         prune, n_prune_neg, n_prune_pos = _two_ended(key, kept & (contrib < 0), kept & (contrib >= 0))
         p_ptr = torch.stack([torch.zeros(rows, dtype=torch.long), torch.full((rows,), cols - 1)], 1)
-    else:
-        blocked = torch.where(kept, score, torch.inf)  # initially pruned (and later regrown) are never pruned
+    else:  # initially pruned (and later regrown) weights are never pruned
+        blocked = torch.where(kept, _base_score(w0, w, stats, base, score, percdamp), torch.inf)
     g_ptr = torch.stack([torch.zeros(rows, dtype=torch.long), torch.full((rows,), cols - 1)], 1)
     h = stats.get("hessian") if guard else None
     if h is not None:
