@@ -8,8 +8,8 @@ The algorithm, for N samples under the current model:
 
 1. Error-Uncertainty plane: ``PPL_n = exp(mean_{t in response} -log p(y_t | x, y_<t))`` and
    ``Ent_n = mean_{t in response} H(p(. | x, y_<t))``.
-2. Quadrants by quantile thresholds, one parameter pair (alpha, beta) moved in lockstep by bisection on
-   [0, 0.49] until ``|Q2| + |Q4| = round(N * sample_ratio)``:
+2. Quadrants by quantile thresholds, one parameter pair (alpha, beta) moved in lockstep on [0, 0.49] until
+   ``|Q2| + |Q4| = round(N * sample_ratio)`` (the reference bisects):
    Q2 valuable misconception ``PPL > Q_{1-a}(PPL) and Ent <= Q_b(Ent)`` (keep, prune tokens);
    Q4 calibration ``PPL <= Q_a(PPL) and Ent > Q_{1-b}(Ent)`` (keep whole); the rest are dropped: Q1 harmful
    noise (high PPL, high Ent) and Q3 redundant knowledge (low PPL, low Ent).
@@ -28,11 +28,18 @@ Departures from the reference, and why:
 - Entropy is averaged over the response tokens, not over every attention position (prompt included) as the
   reference's ``_compute_ppl_entropy`` does: the paper defines the uncertainty over the response and the prompt
   is shared, unsupervised text.
-- The bisection stops when the count is exact (up to 60 halvings instead of 10 with a 1% tolerance), and if the
-  quantile steps still overshoot the budget (ties), the qualified samples of lowest ``max(p - e, e - p)`` are
-  dropped: the sample budget is met exactly, as prunekit's budgets always are. The reference keeps the overshoot.
-- The neighbour term is the neighbours' mean, ``lambda (PPL_{i-1} + PPL_{i+1}) / 2`` (the paper's formula, as the
-  issue and the slime reimplementation state it); the reference code sums them without the 1/2.
+- The search is exact instead of 10 halvings with a 1% tolerance. The qualified set only changes where a
+  quantile crosses a sample, at ``alpha = j / (N - 1)``, so alpha is searched (by bisection) over the midpoints
+  between those steps, and the widest thresholds that qualify at most K samples are taken; when no step gives
+  exactly K (several samples qualify at the same step) the reference's top-up fills the rest. Only when even the
+  narrowest thresholds qualify more than K are the qualified samples of lowest ``max(p - e, e - p)`` dropped.
+  The sample budget is met exactly, as prunekit's budgets always are; the reference keeps an overshoot.
+  (Bisecting alpha itself down to 1e-16 let floating-point rounding of the two quantiles at a step pick which
+  of the samples that qualify together was kept.)
+- Token scores are the paper's, with the neighbours' mean, ``lambda (PPL_{i-1} + PPL_{i+1}) / 2`` (as the issue
+  and the slime reimplementation state it). In the reference code's ``wisely`` plug, ``token_method="wise"``
+  falls through to the raw per-token cross-entropy (no neighbour term); a neighbour score exists only in its
+  ``budget`` plug, as the sum ``PPL_i + PPL_{i-1} + PPL_{i+1}``.
 - Token budget: ``round((1 - token_ratio) * kept samples' response tokens)`` are dropped from misconception
   samples. The reference sets ``keep = round(all batch tokens * sample_ratio * token_ratio)`` with prompt tokens
   counted, and charges the dropped samples' tokens first; ours keeps the token ratio a property of the kept
@@ -58,7 +65,7 @@ import numpy as np
 
 from prunekit.data.methods._checks import float_array
 from prunekit.data.sft import Selection, _Pruner, check_ratio, drop_tokens, response_stats, samples_for
-from prunekit.errors import InputError, int_at_least
+from prunekit.errors import InputError
 
 __all__ = ["Quadrants", "quadrants", "token_scores", "qtuning_select", "QTuning", "NAMES"]
 
@@ -86,14 +93,13 @@ def _minmax(x: np.ndarray) -> np.ndarray:
     return np.zeros_like(x) if span < 1e-12 else (x - x.min()) / span
 
 
-def quadrants(ppl, entropy, *, sample_ratio: float = 0.2, max_iter: int = 60) -> Quadrants:
+def quadrants(ppl, entropy, *, sample_ratio: float = 0.2) -> Quadrants:
     """Quadrant assignment and exactly ``round(N * sample_ratio)`` kept samples (at least 1); see the module."""
     ppl = float_array(ppl, "ppl", ndims=(1,))
     ent = float_array(entropy, "entropy", ndims=(1,))
     if len(ppl) != len(ent):
         raise InputError(f"ppl has {len(ppl)} values but entropy has {len(ent)}; give one of each per sample")
     sample_ratio = check_ratio(sample_ratio, "sample_ratio")
-    max_iter = int_at_least(max_iter, "max_iter", 1)
     n = len(ppl)
     k = samples_for(n, sample_ratio)
 
@@ -102,23 +108,18 @@ def quadrants(ppl, entropy, *, sample_ratio: float = 0.2, max_iter: int = 60) ->
         elo, ehi = np.quantile(ent, alpha), np.quantile(ent, 1 - alpha)
         return (ppl > hi) & (ent <= elo), (ppl <= lo) & (ent > ehi), (hi, lo, elo, ehi)
 
-    low, high = 0.0, 0.49
-    alpha = high
+    # the qualified set is constant between the quantiles' steps j / (n - 1): search the steps' midpoints, where
+    # the count is monotone in alpha and no rounding of 1 - alpha against alpha decides a sample
+    high = 0.49
+    edges = [0.0] + [j / (n - 1) for j in range(1, n - 1) if j / (n - 1) < high] + [high]
+    grid = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+    lo_i, hi_i = -1, len(grid)  # the widest grid point with at most k qualified lies in (lo_i, hi_i)
+    while hi_i - lo_i > 1:
+        mid = (lo_i + hi_i) // 2
+        q2, q4, _ = at(grid[mid])
+        lo_i, hi_i = (mid, hi_i) if int(q2.sum() + q4.sum()) <= k else (lo_i, mid)
+    alpha = grid[max(lo_i, 0)]  # lo_i == -1: even the narrowest qualifies more than k (trimmed below)
     q2, q4, th = at(alpha)
-    if int(q2.sum() + q4.sum()) > k:  # the widest thresholds already give too many: bisect down
-        for _ in range(max_iter):
-            alpha = (low + high) / 2
-            q2, q4, th = at(alpha)
-            count = int(q2.sum() + q4.sum())
-            if count == k:
-                break
-            if count < k:
-                low = alpha
-            else:
-                high = alpha
-        if count > k:  # last step overshot: take the tighter side, whose count is <= k, then top up
-            alpha = low
-            q2, q4, th = at(alpha)
     p, e = _minmax(ppl), _minmax(ent)
     extremity = np.maximum(p - e, e - p)  # how far into Q2 (p >> e) or Q4 (e >> p) a sample sits
     keep = q2 | q4
