@@ -732,6 +732,44 @@ def test_flags_of_other_families_left_at_their_defaults_are_fine(model_dir, tmp_
     assert (out / "prunekit.json").is_file()
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        # magnitude without --calib calibrates nothing: these exited 0 and were recorded as if used
+        (["--method", "magnitude", "--ratio", "0.3", "--samples", "8"], "--samples sets the calibration, and magnitude "
+         "uses none unless --calib is given"),
+        (["--method", "magnitude", "--ratio", "0.3", "--seed", "3"], "--seed sets the calibration"),
+        (["--method", "magnitude", "--ratio", "0.3", "--sequential", "layer"], "--sequential sets the calibration"),
+        (["--method", "magnitude-structured", "--ratio", "0.3", "--seqlen", "64"], "--seqlen sets the calibration, "
+         "and magnitude-structured uses none"),
+        # --sequential layer forwards every sample at once; D-Pruner runs its own passes
+        (["--method", "sparsegpt", "--ratio", "0.3", "--calib", "{text}", "--sequential", "layer", "--batch-size", "2"],
+         "--batch-size sets the sequences per forward with --sequential block"),
+        (["--method", "dpruner", "--ratio", "0.3", "--calib", "{text}", "--batch-size", "2"],
+         "--batch-size does not apply to dpruner"),
+        (["--method", "wanda", "--ratio", "0.3", "--calib", "{text}", "--eval-seqlen", "128"],
+         "--eval-seqlen sets the windows of the --eval texts; give --eval TEXTS"),
+    ],
+)
+def test_calibration_flags_a_run_would_not_use_are_refused(extra, message, model_dir, text_file, tmp_path, capsys):
+    before = digest(model_dir)
+    out = tmp_path / "out"
+    extra = [str(text_file) if a == "{text}" else a for a in extra]
+    assert cli.main(["prune", str(model_dir), "--out", str(out), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prunekit: error:") and message in err[0], err
+    assert not out.exists() and digest(model_dir) == before
+
+
+def test_the_record_names_a_batch_size_only_where_it_was_used(model_dir, text_file, tmp_path):
+    recorded = {}
+    for name, extra in {"block": ["--batch-size", "2"], "layer": ["--sequential", "layer"]}.items():
+        out = tmp_path / name
+        assert cli.main(prune_args(model_dir, text_file, out, "--method", "sparsegpt", "--ratio", "0.3", *extra)) == 0
+        recorded[name] = json.loads((out / "prunekit.json").read_text())["batch_size"]
+    assert recorded == {"block": 2, "layer": None}
+
+
 def test_jsonl_calibration_and_methods_listing(model_dir, tmp_path, capsys):
     calib = tmp_path / "calib.jsonl"
     paragraphs = [p for p in TEXT.split("\n\n") if p.strip()]

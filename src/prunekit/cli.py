@@ -166,6 +166,41 @@ def _refuse_foreign_flags(args, spec) -> None:
                          f"{takers}; leave it out{hint}")
 
 
+def _prune_default(dest: str):
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_prune_arguments(parser)
+    return parser.get_default(dest)
+
+
+def _refuse_unused_calibration_flags(args, spec, calib) -> bool:
+    """InputError for a calibration option (not at its default) that this weight method's run will not use, as
+    `_refuse_foreign_flags` does for other methods' options; returns whether --batch-size is used."""
+    from prunekit.errors import InputError
+
+    def given(*flags):
+        return [f for f in flags if getattr(args, f.lstrip("-").replace("-", "_")) != _prune_default(
+            f.lstrip("-").replace("-", "_"))]
+
+    if calib is None:  # data-free and no --calib: nothing is calibrated
+        flags = given("--samples", "--seqlen", "--seed", "--batch-size", "--sequential")
+        if flags:
+            raise InputError(f"{flags[0]} sets the calibration, and {spec.name} uses none unless --calib is given "
+                             "(then only to measure its reconstruction error); leave it out or give --calib TEXT")
+        return False
+    if spec.prune_model is not None:  # D-Pruner runs its own passes
+        flags = given("--sequential", "--batch-size")
+        if flags:
+            raise InputError(f"{flags[0]} does not apply to {spec.name}, which runs its own calibration passes "
+                             "(its domain batches: --option domain_batch_size=N); leave it out")
+        return False
+    if args.sequential == "layer":
+        if given("--batch-size"):
+            raise InputError("--batch-size sets the sequences per forward with --sequential block; --sequential layer "
+                             "forwards all samples at once; leave one of them out")
+        return False
+    return True
+
+
 def _torch_threads() -> int:
     import torch
 
@@ -245,6 +280,8 @@ def _cmd_prune(args) -> int:
         raise InputError(f"--eval {args.eval!r} names no text; give e.g. --eval wiki,austen or leave it out")
     if args.eval_tokens is not None and not args.eval:
         raise InputError("--eval-tokens sets how much of the --eval texts is scored; give --eval TEXTS or leave it out")
+    if args.eval_seqlen != _prune_default("eval_seqlen") and not args.eval:
+        raise InputError("--eval-seqlen sets the windows of the --eval texts; give --eval TEXTS or leave it out")
     int_at_least(args.seqlen, "--seqlen", 2)
     _check_eval_sizes(args.eval_seqlen, args.eval_tokens, "--eval-tokens", seqlen_flag="--eval-seqlen")
     int_at_least(args.seed, "--seed", 0)
@@ -257,11 +294,12 @@ def _cmd_prune(args) -> int:
     ratio = ratio_for(args.ratio, parse_pattern(args.pattern))
     options = _options(args)
     prunekit.prune_options(args.method, options)
+    calib = args.calib if args.calib is not None else ("wiki" if spec.stat_for(options) or spec.prune_model else None)
+    batch_size_used = _refuse_unused_calibration_flags(args, spec, calib)
     check_output(args.out, overwrite=args.overwrite)
     check_not_input(args.out, resolve_model(args.model), args.calib, *(args.eval or "").split(","), args.domain)
     check_replaceable(Path(args.out).expanduser())  # before the work: --overwrite replaces earlier outputs only
     progress = not args.quiet
-    calib = args.calib if args.calib is not None else ("wiki" if spec.stat_for(options) or spec.prune_model else None)
     calib_text = prunekit.load_text(calib, purpose="calibration") if calib else None
     evals_src = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
@@ -295,7 +333,7 @@ def _cmd_prune(args) -> int:
         "input_sparsity": input_sparsity,  # of the layers pruned, before pruning
         "input_zeros_refilled": refilled,  # the input's zeros that are nonzero after pruning
         # both change SparseGPT's and ARMOR's weights (the order of sums), so a rerun needs them
-        "batch_size": args.batch_size, "torch_threads": _torch_threads(),
+        "batch_size": args.batch_size if batch_size_used else None, "torch_threads": _torch_threads(),
         # D-Pruner's domain text as the calibration text is described (its name alone did not say which file)
         "domain": prunekit.load_text(args.domain, purpose="calibration").describe() if args.domain else None,
         "layers": [dict(vars(r), shape=list(r.shape)) for r in result.layers],

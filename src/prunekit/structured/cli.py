@@ -50,7 +50,8 @@ def _report(meta: dict, table: str) -> str:
 def run_prune(args) -> int:
     import prunekit
     from prunekit import registry, report
-    from prunekit.cli import _options, _provenance, _recorded_if_readable, _torch_threads, _versions
+    from prunekit.cli import (_options, _provenance, _prune_default, _recorded_if_readable, _torch_threads,
+                              _versions)
     from prunekit.evaluate import EVAL_TOKENS, zeros_kept
     from prunekit.speed import compare_speed_with_dense
     from prunekit.structured import check_request, prune_structured, save_structured
@@ -76,6 +77,10 @@ def run_prune(args) -> int:
     evals_src = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
     calib = args.calib if args.calib is not None else ("wiki" if args.method != "magnitude-structured" else None)
+    for flag in ("--samples", "--seqlen") if calib is None else ():
+        if getattr(args, flag[2:]) != _prune_default(flag[2:]):
+            raise InputError(f"{flag} sets the calibration, and {args.method} uses none unless --calib is given; "
+                             "leave it out or give --calib TEXT")
     calib_text = prunekit.load_text(calib, purpose="calibration") if calib else None
     progress = not args.quiet
     saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
@@ -108,7 +113,8 @@ def run_prune(args) -> int:
         speed = compare_speed_with_dense(args.model, model)
     meta = {"model": str(args.model), "input": _provenance(args.model), **result.to_dict(),
             "calibration": calib_text.describe() if calib_text else None,
-            "samples": args.samples if ids is not None else 0, "seqlen": args.seqlen, "seed": args.seed,
+            "samples": args.samples if ids is not None else 0, "seqlen": args.seqlen if ids is not None else None,
+            "seed": args.seed,
             "evaluation": evaluation, "speed": speed, "input_zeros": zeros,
             "saved_dtype": str(saved_dtype).removeprefix("torch."),
             "versions": _versions(), "torch_threads": _torch_threads(), "wall_seconds": None}
