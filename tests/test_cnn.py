@@ -426,9 +426,14 @@ def test_cli_udfc_writes_a_loadable_model(saved, tmp_path, capsys):
     model = resnet.load_model(out)
     assert [b.conv1.out_channels for b in model.blocks] == [2, 4, 4]
     meta = json.loads((out / "config.json").read_text())["metadata"]
-    assert meta["bits"] == 6 and meta["method"] == "udfc"
+    assert meta["bits"] == 6 and meta["method"] == "udfc" and meta["quantize"] == "all"
     assert main(["cnn", "udfc", str(saved), "--ratio", "0.5", "--out", str(out)]) == 2  # exists
     assert "exists" in capsys.readouterr().err
+    # --quantize without --bits changed nothing, without a word, and was recorded as used
+    plain = tmp_path / "plain"
+    assert main(["cnn", "udfc", str(saved), "--ratio", "0.5", "--quantize", "pairs", "--out", str(plain)]) == 0
+    assert "--quantize is used with --bits only; ignored" in capsys.readouterr().err
+    assert json.loads((plain / "config.json").read_text())["metadata"]["quantize"] is None
 
 
 @pytest.mark.parametrize("extra", [["--ratio", "1.0"], ["--ratio", "-0.2"], ["--bits", "1"], ["--bits", "40"]])

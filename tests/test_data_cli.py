@@ -388,6 +388,10 @@ def test_select_says_labels_without_balanced_are_unused_and_score_refuses_channe
     assert main(["data", "select", "--scores", str(tmp_path / "s.npy"), "--labels", str(tmp_path / "y.npy"),
                  "--keep", "0.5", "--out", str(out)]) == 0
     assert "--labels is used with --balanced only; ignored" in capsys.readouterr().err
+    for strategy, said in (("hard", True), ("random", False)):  # hard/easy draw nothing: the seed changed nothing
+        assert main(["data", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "0.5", "--strategy", strategy,
+                     "--seed", "3", "--out", str(tmp_path / f"{strategy}.csv")]) == 0
+        assert ("--seed is used with --strategy random or ccs only" in capsys.readouterr().err) == said
     np.save(tmp_path / "img.npy", np.zeros((24, 28, 28, 1), dtype=np.uint8))  # trained as flat vectors, unsaid
     _refused(["data", "score", "--data", str(tmp_path / "img.npy"), "--labels", str(tmp_path / "y.npy"), "--method",
               "el2n", "--quiet", "--out", str(tmp_path / "sc.npy")], tmp_path / "sc.npy", tmp_path, capsys,

@@ -315,6 +315,8 @@ def test_readonly_store_reads_without_writing_and_falls_back_to_immutable(tmp_pa
     assert json.loads(capsys.readouterr().out)["turns"] == 2 and opened[-1].endswith("mode=ro&immutable=1")
     assert main(["memory", "ask", "--store", str(db), "--no-mark", "--json", "locker code"]) == 0
     assert "4417" in json.loads(capsys.readouterr().out)["prompt"]
+    assert main(["memory", "ask", "--store", str(db), "--no-mark", "--max-new-tokens", "5", "locker code"]) == 0
+    assert "--max-new-tokens is used with --model only; ignored" in capsys.readouterr().err  # it said nothing
     empty = tmp_path / "empty.db"  # `memory add` into a 0-byte file (touch, mktemp) was refused by the read-only look
     empty.touch()
     assert main(["memory", "add", "--store", str(empty), "--embedder", "hash", "hello there"]) == 0

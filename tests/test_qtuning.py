@@ -389,9 +389,10 @@ def test_cli_qtune(tmp_path, model_dir, sft_file, capsys):
     assert "note" not in capsys.readouterr().err
     # training options without --train were taken silently
     assert main(["data", "qtune", str(model_dir), "--data", str(sft_file), "--out", str(tmp_path / "o2"), "--mode",
-                 "batch", "--lr", "5", "--quiet"]) == 0
+                 "batch", "--lr", "5", "--seed", "9", "--quiet"]) == 0
     captured = capsys.readouterr()
-    assert "--mode, --lr are used with --train only; ignored" in captured.err
+    assert "--mode, --lr, --seed are used with --train only; ignored" in captured.err
+    assert json.loads((tmp_path / "o2" / "summary.json").read_text())["seed"] is None  # it recorded 9
     kept = [json.loads(line) for line in (tmp_path / "o2" / "kept.jsonl").read_text().splitlines()]
     by = {q: sum(k["quadrant"] == q for k in kept) for q in ("misconception", "calibration")}
     said = ", ".join(f"{n} {q}" for q, n in by.items() if n)  # the group sizes were printed as the kept counts

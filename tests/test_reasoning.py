@@ -278,6 +278,8 @@ def test_references_are_read_like_path_answers_and_a_missing_one_is_refused(tmp_
         R.evaluate(R.load_paths(_write(tmp_path, [json.dumps(line), json.dumps(unknown)])), method="sc")
     assert main(["reason", str(_write(tmp_path, GOOD)), "--method", "sc", "--resamples", "5"]) == 0
     assert "--resamples is used when --n is below the paths per question; ignored" in capsys.readouterr().err
+    assert main(["reason", str(_write(tmp_path, GOOD)), "--method", "sc", "--seed", "7"]) == 0  # said nothing
+    assert "--seed is used when --n is below the paths per question; ignored" in capsys.readouterr().err
 
 
 def test_load_paths_reads_a_good_file(tmp_path):

@@ -176,6 +176,8 @@ def _cmd_udfc(args) -> int:
 
     check_ratio(args.ratio)
     _check_bits(args.bits)
+    if args.bits is None and args.quantize != "all":  # nothing is quantized
+        print("prunekit: note: --quantize is used with --bits only; ignored (no quantization)", file=sys.stderr)
     out = resnet.check_output_dir(args.out, overwrite=args.overwrite)
     check_not_input(out, resnet.testbed_folder() if args.model == "testbed" else args.model)  # the cache, too
     check_replaceable(out)  # before the work: --overwrite replaces earlier outputs only
@@ -186,7 +188,8 @@ def _cmd_udfc(args) -> int:
     result = compress(model, ratio=args.ratio, bits=args.bits, method=args.method, criterion=args.criterion,
                       quantize=args.quantize)
     seconds = time.perf_counter() - t0
-    meta = {"source": str(args.model), **result.to_dict(), "criterion": args.criterion, "quantize": args.quantize,
+    meta = {"source": str(args.model), **result.to_dict(), "criterion": args.criterion,
+            "quantize": args.quantize if args.bits is not None else None,
             "seconds": seconds}
     line = ""
     if args.eval:

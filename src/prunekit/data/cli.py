@@ -172,6 +172,9 @@ def _cmd_select(args) -> int:
             print("prunekit: note: --labels is used with --balanced only; ignored", file=sys.stderr)
     elif args.balanced:
         raise InputError("--balanced needs --labels")
+    if args.seed != 0 and args.strategy in ("hard", "easy"):  # they take no random draw
+        print(f"prunekit: note: --seed is used with --strategy random or ccs only; ignored by {args.strategy}",
+              file=sys.stderr)
     keep = select_examples(scores, args.keep, strategy=args.strategy, labels=labels, balanced=args.balanced, seed=args.seed)
     kept = np.flatnonzero(keep)
     write_table(args.out, {"index": kept.astype(np.int64), "score": scores[kept]}, overwrite=args.overwrite)
@@ -409,6 +412,8 @@ def _cmd_qtune(args) -> int:
     int_at_least(args.max_length, "--max-length", 4)  # tokenize()'s own message named max_length
     int_at_least(args.lora_rank, "--lora-rank", 0)
     int_at_least(args.seed, "--seed", 0)
+    if args.seed != 0 and not args.train:  # the scoring pass draws nothing
+        ignored.append("--seed")
     if not args.lr > 0:
         raise InputError(f"--lr must be positive, got {args.lr}")
     check_not_input(args.out, args.data, resolve_model(args.model))
@@ -472,7 +477,8 @@ def _cmd_qtune(args) -> int:
                "thresholds": sel.info, "scoring_seconds": round(scored, 2), "max_length": args.max_length,
                "cut_prompts": cut["prompt"], "cut_responses": cut["response"],
                # what a rerun needs: --seed changes the trained model, batches and threads the sums
-               "data_sha256": file_sha256(args.data), "batch_size": args.batch_size, "seed": args.seed,
+               "data_sha256": file_sha256(args.data), "batch_size": args.batch_size,
+               "seed": args.seed if args.train else None,
                "torch_threads": _torch_threads(), "versions": _versions()}
     if report is not None:
         saved_dtype = stored_dtypes(args.model)  # trained in float32, saved as the input stores its weights

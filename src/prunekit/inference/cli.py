@@ -235,9 +235,12 @@ def run(args) -> int:
     resamples_given = args.resamples is not None
     _only_for(args, VOTING, SAMPLING, "voting", "sampling (--model)")
     questions = reasoning.load_paths(args.paths)
-    if resamples_given and (args.n is None or args.n >= max(len(q.answers) for q in questions)):
-        print("prunekit: note: --resamples is used when --n is below the paths per question; ignored "
-              "(every question votes over all its paths once)", file=sys.stderr)
+    if args.n is None or args.n >= max(len(q.answers) for q in questions):  # no subsets are drawn
+        unused = [f for f, given in (("--resamples", resamples_given), ("--seed", args.seed != 0)) if given]
+        if unused:
+            print(f"prunekit: note: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} used when --n is "
+                  "below the paths per question; ignored (every question votes over all its paths once)",
+                  file=sys.stderr)
     res = reasoning.evaluate(questions, method=args.method, n=args.n, resamples=args.resamples, seed=args.seed)
     low, high = res["paths_per_question"]
     res["paths_available"] = low

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 from pathlib import Path
 
 from prunekit import jsonl
@@ -243,6 +244,9 @@ def _cmd_ask(args) -> int:
             raise InputError(f"{name} must be >= {low}, got {value}")
     if not args.query.strip():
         raise InputError("the message to ask about is empty")
+    if args.model is None and args.max_new_tokens != 64:  # its default; nothing is generated without a model
+        print("prunekit: note: --max-new-tokens is used with --model only; ignored (the prompt is printed)",
+              file=sys.stderr)
     model = tok = None
     # before loading a model: a missing store is said at once; --no-mark writes nothing, so it reads read-only
     mem, _ = _open(args, create=False, readonly=args.no_mark)
