@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -280,6 +281,17 @@ def test_references_are_read_like_path_answers_and_a_missing_one_is_refused(tmp_
     assert "--resamples is used when --n is below the paths per question; ignored" in capsys.readouterr().err
     assert main(["reason", str(_write(tmp_path, GOOD)), "--method", "sc", "--seed", "7"]) == 0  # said nothing
     assert "--seed is used when --n is below the paths per question; ignored" in capsys.readouterr().err
+
+
+def test_rpc_without_scipy_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """It was an ImportError traceback from the CLI (sc, which needs no scipy, worked)."""
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)
+    paths = _write(tmp_path, GOOD)
+    assert main(["reason", str(paths), "--method", "sc"]) == 0
+    capsys.readouterr()
+    assert main(["reason", str(paths), "--method", "rpc"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["prunekit: error: RPC's Weibull fit needs scipy: pip install 'prunekit[data]' (or scipy>=1.10)"]
 
 
 def test_load_paths_reads_a_good_file(tmp_path):

