@@ -172,3 +172,22 @@ def test_a_data_free_method_measures_its_error_when_calibration_is_given_even_th
     given = prunekit.prune(tiny_model("llama"), method="magnitude", ratio=0.5, calibration="wiki", tokenizer=tok,
                            samples=2, seqlen=32, progress=False)
     assert given.mean_rel_error is not None and given.mean_rel_error > 0 and given.calibration is not None
+
+
+def test_what_an_error_left_pruned_is_said_without_exception_notes_too():
+    """Python 3.10 (which pyproject admits) has no BaseException.add_note: the note's AttributeError hid the error."""
+    from prunekit.weights.engine import LayerReport, _say_what_changed
+
+    done = [LayerReport("model.layers.0.mlp.up_proj", (4, 4), 0.5, None, 0.0)]
+    err = RuntimeError("boom")
+    _say_what_changed(err, done)
+    assert "1 layer(s), model.layers.0.mlp.up_proj" in err.__notes__[0]
+
+    class NoNotes(RuntimeError):  # as on 3.10
+        def __getattribute__(self, name):
+            if name == "add_note":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    with pytest.warns(RuntimeWarning, match="were already pruned; load it again"):
+        _say_what_changed(NoNotes("boom"), done)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -506,8 +507,10 @@ def _say_what_changed(err: Exception, done: list[LayerReport]) -> None:
             f"{done[-1].name}, were already pruned; load it again before using it (files on disk are untouched)")
     if isinstance(err, InputError) and err.args:
         err.args = (f"{err.args[0]} ({note})", *err.args[1:])
-    else:
+    elif hasattr(err, "add_note"):  # Python >= 3.11
         err.add_note(note)
+    else:  # 3.10 has no notes: an AttributeError here hid the real error
+        warnings.warn(note, RuntimeWarning, stacklevel=3)
 
 
 def _check_finite(layers_by_block: list[dict[str, nn.Module]]) -> None:
