@@ -770,6 +770,17 @@ def test_the_record_names_a_batch_size_only_where_it_was_used(model_dir, text_fi
     assert recorded == {"block": 2, "layer": None}
 
 
+@pytest.mark.parametrize("argv,choices", [([], "{prune,eval,methods,"), (["data"], "{label-issues,select,score,qtune}"),
+                                          (["memory"], "{add,ask,"), (["cnn"], "{train,")])
+def test_a_missing_subcommand_is_named_by_its_choices(argv, choices, capsys):
+    """It said "the following arguments are required: data_command", argparse's internal name."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"the following arguments are required: {choices}" in err and "_command" not in err
+
+
 def test_jsonl_calibration_and_methods_listing(model_dir, tmp_path, capsys):
     calib = tmp_path / "calib.jsonl"
     paragraphs = [p for p in TEXT.split("\n\n") if p.strip()]

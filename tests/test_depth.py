@@ -577,6 +577,8 @@ def test_cli_tinyfusion_with_recovery_writes_a_loadable_shallow_model(lm_dir, ca
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
     printed = capsys.readouterr().out
     assert "4 -> 2 blocks" in printed and "measured speedup" in printed
+    assert f"report: {out / 'report.md'})" in printed  # weight and width pruning named it; depth did not
+    assert "| text | windows x seqlen = tokens |" in printed
     assert meta["speed"]["pruned"]["params"] < meta["speed"]["dense"]["params"]
     assert set(meta["speed"]["speedup"]) == {"prefill", "decode"}
     assert "measured speedup" in (out / "report.md").read_text()

@@ -551,11 +551,16 @@ def test_multi_head_attention_says_once_that_heads_cannot_go(tmp_path, capsys):
     folder = tmp_path / "mha"
     model.save_pretrained(folder)
     char_tokenizer().save_pretrained(folder)
+    from conftest import TEXT
+
+    (tmp_path / "text.txt").write_text(TEXT)
     assert main(["prune", str(folder), "--method", "magnitude-structured", "--ratio", "0.2", "--out",
-                 str(tmp_path / "out"), "--no-speed", "--quiet"]) == 0
+                 str(tmp_path / "out"), "--no-speed", "--quiet", "--eval", str(tmp_path / "text.txt"),
+                 "--eval-seqlen", "32", "--eval-tokens", "64"]) == 0
     captured = capsys.readouterr()
     assert "multi-head attention); head pruning removes query heads within a KV group" in captured.err
     assert "load with plain transformers or prunekit.load" in captured.out  # uniform widths: it named prunekit.load
+    assert "| text | windows x seqlen = tokens |" in captured.out  # weight and depth pruning print this table
 
 
 def test_structured_pruning_leaves_the_callers_global_rng_alone():

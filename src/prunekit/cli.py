@@ -102,7 +102,18 @@ def _parser() -> argparse.ArgumentParser:
 
     for module in _MODULES.values():
         import_module(module).add_parser(sub)
+    _name_choices(p)
     return p
+
+
+def _name_choices(parser: argparse.ArgumentParser) -> None:
+    """A missing subcommand is named by its choices ("required: {score,select,...}"), not by argparse's internal
+    dest ("required: data_command"), everywhere below `parser`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            action.metavar = "{" + ",".join(action.choices) + "}"
+            for child in action.choices.values():
+                _name_choices(child)
 
 
 def _add_prune_arguments(pr) -> None:

@@ -10,7 +10,8 @@ __all__ = ["write_report", "ppl_table", "plot_widths", "plot_blocks"]
 
 def ppl_table(evals: dict) -> str:
     """Markdown table of dense vs pruned perplexity: `evals` is ``{text: {"dense": Perplexity|dict, "pruned": ...}}``."""
-    lines = ["| text | tokens x seqlen | dense ppl | pruned ppl | ratio |", "| --- | --- | ---: | ---: | ---: |"]
+    lines = ["| text | windows x seqlen = tokens | dense ppl | pruned ppl | ratio |",
+             "| --- | --- | ---: | ---: | ---: |"]
     for name, pair in evals.items():
         d, p = (x if isinstance(x, dict) else x.to_dict() for x in (pair["dense"], pair["pruned"]))
         lines.append(

@@ -28,9 +28,9 @@ def add_parser(sub) -> None:
     def training(p):
         p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
         p.add_argument("--epochs", type=int, default=None, help="epochs over Fashion-MNIST (default: the testbed's 3)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batch order")
         p.add_argument("--examples", type=int, default=None, help="train on the first N training images only (quick runs)")
-        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     tr = csub.add_parser("train", help="train the ResNet-20-style testbed on Fashion-MNIST")
@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
     ud.add_argument("--quantize", choices=("all", "pairs"), default="all",
                     help="all: every Conv2d/Linear; pairs: only the pruned blocks' two convs")
     ud.add_argument("--out", required=True, help="output folder")
-    ud.add_argument("--overwrite", action="store_true")
+    ud.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     ud.add_argument("--eval", action="store_true", help="also measure Fashion-MNIST test accuracy before and after")
 
     ev = csub.add_parser("eval", help="test accuracy, parameters, FLOPs and CPU time of a CNN folder")

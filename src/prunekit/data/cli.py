@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
     li.add_argument("--out", required=True,
                     help="table of issues: index,label,predicted and the --rank-by score "
                     "(.csv/.parquet; .npy: indices)")
-    li.add_argument("--overwrite", action="store_true")
+    li.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     li.add_argument("--json", action="store_true", help="print a JSON summary (counts, noise matrix, prior) on stdout")
 
     se = dsub.add_parser("select", help="keep a fraction of a dataset by a difficulty score")
@@ -56,9 +56,9 @@ def add_parser(sub) -> None:
                     help="hard: keep the highest scores; easy: the lowest; ccs: coverage-centric stratified; random")
     se.add_argument("--labels", default=None, help="class labels, for --balanced (a file, or fashion-mnist)")
     se.add_argument("--balanced", action="store_true", help="keep the same fraction of every class")
-    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--seed", type=int, default=0, help="seed of --strategy random and ccs draws")
     se.add_argument("--out", required=True, help="kept example indices (.npy), or index,score table (.csv/.parquet)")
-    se.add_argument("--overwrite", action="store_true")
+    se.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     sc = dsub.add_parser("score", help="score every example with short training runs of a builtin model")
     sc.add_argument("--data", required=True,
@@ -79,9 +79,9 @@ def add_parser(sub) -> None:
     sc.add_argument("--embeddings", default=None, help="embeddings [N, D] for --method prototypes (no training then)")
     sc.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
     sc.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 0.05)")
-    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--seed", type=int, default=0, help="seed of the training runs, folds and k-means")
     sc.add_argument("--out", required=True, help="scores [N] (.npy), or index,score table (.csv/.parquet); probs: [N, K]")
-    sc.add_argument("--overwrite", action="store_true")
+    sc.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sc.add_argument("--quiet", action="store_true", help="no progress bars")
 
     qt = dsub.add_parser("qtune", help="Q-Tuning: keep the SFT samples and response tokens worth training on "
@@ -105,9 +105,9 @@ def add_parser(sub) -> None:
     qt.add_argument("--lr", type=float, default=None, help="with --train: AdamW learning rate (default 2e-4)")
     qt.add_argument("--lora-rank", type=int, default=None,
                     help="with --train: LoRA rank, merged into the saved model (default 8); 0 = full fine-tuning")
-    qt.add_argument("--seed", type=int, default=0)
+    qt.add_argument("--seed", type=int, default=0, help="with --train: seed of the fine-tuning")
     qt.add_argument("--out", required=True, help="output folder: kept.jsonl, scores.csv, summary.json, eu_plane.png")
-    qt.add_argument("--overwrite", action="store_true")
+    qt.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     qt.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -519,7 +519,8 @@ def _cmd_qtune(args) -> int:
     kept_text = ", ".join(f"{n} {name}" for name, n in kept_by.items() if n)
     print(f"kept {sel.samples} of {len(examples)} samples ({kept_text}) and {sel.tokens} of their "
           f"{summary['kept_samples_response_tokens']} response tokens"
-          + (f"; fine-tuned {report.steps} steps on {report.tokens_trained} tokens in {report.seconds:.0f} s" if report else "")
+          + (f"; fine-tuned {report.steps} step{'s' * (report.steps != 1)} on {report.tokens_trained} tokens in "
+             f"{report.seconds:.0f} s" if report else "")
           + f"; in {args.out}")
     if report is not None and zeros_note:
         print(f"prunekit: note: {zeros_note}", file=sys.stderr)

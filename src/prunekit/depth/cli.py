@@ -235,7 +235,7 @@ def run_prune(args) -> int:
         print(_speed_line(speed))
     if evaluation:
         print(report.ppl_table(evaluation))
-    print(f"saved to {out} ({dtype_words})")
+    print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'})")
     return 0
 
 
@@ -348,5 +348,5 @@ def _run_dit(args) -> int:
     print(f"pruned DiT {args.model} with {args.method}: {dense_layers} -> {len(kept)} blocks, kept {kept}"
           + (f", recovered ({args.recover}, {args.recover_steps} steps)" if recovery else ""))
     print(report_md.split("\n", 2)[2].strip())
-    print(f"saved to {out}")
+    print(f"saved to {out} (report: {out / 'report.md'})")
     return 0

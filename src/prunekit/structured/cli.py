@@ -140,8 +140,8 @@ def run_prune(args) -> int:
     if speed is not None:
         print(f"measured speedup (1 thread): prefill {speed['speedup']['prefill']:.2f}x, "
               f"decode {speed['speedup']['decode']:.2f}x")
-    for name, ev in evaluation.items():
-        print(f"perplexity {name}: dense {ev['dense']['ppl']:.3f} -> pruned {ev['pruned']['ppl']:.3f}")
+    if evaluation:  # the table weight and depth pruning print
+        print(report.ppl_table(evaluation))
     from prunekit.structured.export import WIDTHS_KEY
 
     loader = ("prunekit.load: its widths differ per layer" if getattr(model.config, WIDTHS_KEY, None)
