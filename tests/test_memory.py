@@ -616,8 +616,15 @@ def test_cli_ask_answers_with_a_model(tmp_path, capsys, model_dir, tok):
     db = str(tmp_path / "chat.db")
     assert main(["memory", "add", "--store", db, "--embedder", "hash", "My locker code is 4417."]) == 0
     capsys.readouterr()
-    assert main(["memory", "ask", "--store", db, "locker code?", "--model", str(model_dir), "--budget", "200",
-                 "--max-new-tokens", "4", "--json"]) == 0
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    try:  # it had no --quiet: transformers' "Loading weights" bar went to stderr
+        assert main(["memory", "ask", "--store", db, "locker code?", "--model", str(model_dir), "--budget", "200",
+                     "--max-new-tokens", "4", "--json", "--quiet"]) == 0
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
     got = json.loads(capsys.readouterr().out)
     assert isinstance(got["answer"], str)
     from prunekit.inference.memory_summary import chat_ids

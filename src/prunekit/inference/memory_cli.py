@@ -66,6 +66,7 @@ def add_parser(sub) -> None:
                      "tokenizer then counts the budget, chat template included")
     ask.add_argument("--max-new-tokens", type=int, default=64, help="with --model: the longest answer in tokens")
     ask.add_argument("--no-mark", action="store_true", help="do not record the retrieval (read-only)")
+    ask.add_argument("--quiet", action="store_true", help="with --model: no progress bars")
     common(ask)
 
     st = msub.add_parser("stats", help="turns, chunks, forgotten chunks, summaries")
