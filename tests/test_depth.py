@@ -496,6 +496,21 @@ def test_groups_without_a_pattern_are_checked_too(call, message):
     assert depth.group_options(1, 2).tolist() == [[1, 0], [0, 1]]
 
 
+def test_block_influence_is_one_minus_the_mean_cosine_over_every_token_and_the_last_block_stays():
+    model, x = tiny_lm(), ids(n=6)
+    target = depth.causal_lm_target(model, x, batch_size=4)  # batches of 4 and 2: a mean per token, not per batch
+    bi = depth.block_influence(target)
+    with torch.no_grad():
+        hs = model(input_ids=x, output_hidden_states=True).hidden_states  # the last one is after the final norm
+    for i in range(3):
+        cos = torch.nn.functional.cosine_similarity(hs[i].flatten(0, 1), hs[i + 1].flatten(0, 1), dim=-1)
+        assert float(bi[i]) == pytest.approx(1 - float(cos.mean()), abs=1e-5)
+    plant_identity(model, layers=(3,))  # the last block does least, and ShortGPT still keeps it
+    influence = depth.block_influence(target)
+    assert int(influence.argmin()) == 3
+    assert depth.shortgpt(target, kept=2, influence=influence)[3]
+
+
 def test_calibration_loss_and_sensitivity_do_not_depend_on_the_batch_size():
     """6 windows in batches of 4 or 5 leave a short last batch; it counts by its samples, not as a whole batch
     (a per-batch mean gave a different loss and kept blocks [1, 2, 3] instead of [0, 2, 3])."""

@@ -65,6 +65,16 @@ def test_check_pattern_catches_a_dense_layer(llama):
     assert prunekit.check_pattern(llama, "2:4")  # a dense model is not 2:4
 
 
+def test_check_pattern_catches_one_group_that_breaks_it(llama, tok):
+    prunekit.prune(llama, method="magnitude", pattern="2:4", progress=False)
+    assert prunekit.check_pattern(llama, "2:4") == []
+    layer = llama.model.layers[1].self_attn.k_proj
+    with torch.no_grad():
+        row = layer.weight[5, 8:12]
+        row[row == 0] = 0.5  # one group of 4 now has 4 nonzeros, every other group still 2
+    assert prunekit.check_pattern(llama, "2:4") == ["model.layers.1.self_attn.k_proj"]
+
+
 def test_only_block_linears_change_and_skip_is_honoured(llama, tok):
     before = {k: v.clone() for k, v in llama.state_dict().items()}
     prunekit.prune(llama, method="wanda", ratio=0.5, calibration=ids_from_text(tok, 4, 32),

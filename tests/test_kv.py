@@ -399,6 +399,22 @@ def synthetic_view(keys, queries, budget, groups=2):
     return View(0, keys, torch.zeros_like(keys), st, groups, 1 / math.sqrt(d), budget, 4)
 
 
+def test_h2o_credits_each_kv_head_with_its_own_group_of_query_heads():
+    """Query heads 0, 1 read KV head 0 and heads 2, 3 read KV head 1: each KV head accumulates its own group's
+    attention (crediting KV head 0 with heads 0 and 2 ran without an error, as the shapes match)."""
+    d, n = 16, 30
+    keys = torch.randn(1, 2, n, d, generator=torch.Generator().manual_seed(0)) * 0.1
+    u, v = torch.eye(d)[0], torch.eye(d)[1]
+    keys[0, 0, 3], keys[0, 1, 17] = 8 * u, 8 * v  # KV head 0 has a key at 3 for u, KV head 1 at 17 for v
+    q = torch.stack([8 * u, 8 * u, 8 * v, 8 * v])[None, :, None, :]  # [1, Hq, 1, d]
+    view = synthetic_view(keys, None, 2)
+    h2o = kv.H2O(budget=2, recent=0.0)
+    h2o.observe(view, q, torch.tensor([n]))
+    acc = h2o.score(view)  # [1, Hkv, n]
+    assert acc[0, 0, 3] == pytest.approx(2.0, abs=1e-4) and acc[0, 1, 17] == pytest.approx(2.0, abs=1e-4)
+    assert acc[0].sum(-1).tolist() == pytest.approx([2.0, 2.0])  # two query heads' attention per KV head
+
+
 def test_snapkv_and_deep_forcing_follow_planted_patterns():
     torch.manual_seed(0)
     n, d = 40, 16

@@ -70,6 +70,26 @@ def test_quadrants_budget_exact_and_top_up():
     ent = np.array([0.0, 1.0, 2.5, 3.0, 4.0, 5.0])  # normalised: p = e except index 2 (p=.4, e=.5), 3 (p=.6, e=.6)
     q = Q.quadrants(ppl, ent, sample_ratio=1 / 6)
     assert q.topped_up == 1 and np.flatnonzero(q.keep).tolist() == [2] and not q.misconception[2]
+    # p - e == e - p (index 0: p = e = 0) counts as a misconception, as the reference's s2 >= s4
+    q = Q.quadrants(ppl, ent, sample_ratio=2 / 6)
+    assert np.flatnonzero(q.keep).tolist() == [0, 2] and q.misconception[0] and not q.misconception[2]
+
+
+def test_quadrants_follow_their_thresholds_strictly_on_tied_values():
+    """Q2 is PPL > Q_{1-a} and Ent <= Q_a, Q4 PPL <= Q_a and Ent > Q_{1-a}: with tied values a threshold lands
+    on samples, and which side they fall on is the rule's (no planted point sat on a threshold)."""
+    rng = np.random.default_rng(2)
+    checked = 0
+    for _ in range(200):
+        n = int(rng.integers(6, 16))
+        ppl, ent = rng.integers(1, 5, n).astype(float), rng.integers(0, 4, n).astype(float)
+        q = Q.quadrants(ppl, ent, sample_ratio=float(rng.choice([0.34, 0.5])))  # K >= 2: nothing to trim
+        q2, q4 = (ppl > q.ppl_hi) & (ent <= q.ent_lo), (ppl <= q.ppl_lo) & (ent > q.ent_hi)
+        if q.topped_up:
+            continue
+        checked += bool(np.isin(ppl, [q.ppl_hi, q.ppl_lo]).any() or np.isin(ent, [q.ent_lo, q.ent_hi]).any())
+        assert q.misconception.tolist() == q2.tolist() and (q.keep & ~q.misconception).tolist() == q4.tolist()
+    assert checked > 20
 
 
 def test_samples_that_qualify_at_the_same_step_are_not_picked_by_rounding():

@@ -82,6 +82,11 @@ def test_pruning_needs_both_conditions():
     keep = R.reasoning_prune(p)
     assert keep[:5].all() and not keep[5]  # below the mean and in the low component
     assert keep[p >= p.mean()].all()
+    # a path the low component explains but above the mean stays (the guard changed nothing in the case above)
+    p = np.array([0.534, 0.729, 0.871, 0.532, 0.411])
+    low = R.fit_weibull_mixture(p).posterior_high(p) < 0.5
+    assert low[1] and p[1] > p.mean()
+    assert R.reasoning_prune(p).tolist() == [False, True, True, False, False]
 
 
 def test_vote_validates():
@@ -148,6 +153,7 @@ def test_ece_hand_example():
     assert R.expected_calibration_error(conf, corr) == pytest.approx(expect)
     # weights (tied winners count 1/|ties|) and a zero confidence (in no bin, as in the reference)
     assert R.expected_calibration_error([0.5, 0.5, 0.0], [1, 0, 1], weights=[0.5, 0.5, 1]) == pytest.approx(0.0)
+    assert R.expected_calibration_error([0.5, 0.0], [0, 1]) == pytest.approx(0.5)  # nor in the normaliser
     assert R.expected_calibration_error([1.0], [1]) == 0.0
     with pytest.raises(InputError):
         R.expected_calibration_error([1.2], [1])

@@ -40,6 +40,14 @@ def test_ratio_for_pattern_fixes_ratio():
         ratio_for(None, None)
 
 
+def test_the_count_removed_is_rounded_down():
+    """int(cols * ratio), as Wanda's reference: 0.7 of 64 removes 44 per row (not round(44.8) = 45), and
+    keep_global likewise over the whole tensor."""
+    scores = torch.rand(3, 64, generator=torch.Generator().manual_seed(0))
+    assert (~keep_per_row(scores, 0.7)).sum(1).tolist() == [44, 44, 44]
+    assert int((~keep_global(scores[:2], 0.7)).sum()) == 89  # int(128 * 0.7) = int(89.6)
+
+
 def test_keep_per_row_exact_and_stable():
     scores = torch.rand(7, 33)
     keep = keep_per_row(scores, 0.4)
