@@ -400,6 +400,12 @@ def test_softmax_takes_lists_and_refuses_text():
     assert np.allclose(el2n_mod.softmax([[1.0, 2.0]]), el2n_mod.softmax(np.array([[1.0, 2.0]])))
     with pytest.raises(InputError, match="logits"):
         el2n_mod.softmax([["a", "b"]])
+    # a masked class (-inf) has probability 0; the check was backwards: -inf refused, +inf gave [nan, nan]
+    assert el2n_mod.softmax([[0.0, -np.inf, 0.0]]).tolist() == [[0.5, 0.0, 0.5]]
+    with pytest.raises(InputError, match=r"logits has 1 \+inf values"):
+        el2n_mod.softmax([[np.inf, 0.0]])
+    with pytest.raises(InputError, match="every value is -inf"):
+        el2n_mod.softmax([[0.0, 1.0], [-np.inf, -np.inf]])
 
 
 @pytest.mark.parametrize("factor", [1e200, 1e-200])

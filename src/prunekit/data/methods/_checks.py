@@ -17,8 +17,9 @@ def to_numpy(value, name: str) -> np.ndarray:
         raise InputError(f"{name} must be an array or tensor, got {type(value).__name__}: {err}") from None
 
 
-def float_array(value, name: str, *, ndims: tuple[int, ...], allow_inf: bool = False) -> np.ndarray:
-    """A non-empty float64 array with one of `ndims` dimensions and no NaN (nor Inf unless `allow_inf`)."""
+def float_array(value, name: str, *, ndims: tuple[int, ...], allow_neg_inf: bool = False) -> np.ndarray:
+    """A non-empty float64 array with one of `ndims` dimensions and no NaN nor Inf (-inf allowed with
+    `allow_neg_inf`: a masked logit)."""
     arr = to_numpy(value, name)
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.number)):
         raise InputError(f"{name} must hold numbers, got dtype {arr.dtype}")
@@ -32,9 +33,9 @@ def float_array(value, name: str, *, ndims: tuple[int, ...], allow_inf: bool = F
     arr = arr.astype(np.float64, copy=False)
     if np.isnan(arr).any():
         raise InputError(f"{name} has {int(np.isnan(arr).sum())} NaN values; fix or drop those examples")
-    bad = np.isinf(arr) if not allow_inf else np.isneginf(arr)
+    bad = np.isposinf(arr) if allow_neg_inf else np.isinf(arr)
     if bad.any():
-        what = "infinite" if not allow_inf else "-inf"
+        what = "+inf" if allow_neg_inf else "infinite"
         raise InputError(f"{name} has {int(bad.sum())} {what} values; fix or drop those examples")
     return arr
 

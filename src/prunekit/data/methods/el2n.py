@@ -28,8 +28,11 @@ __all__ = ["el2n", "softmax"]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax over the last axis (float64); `logits` an array, tensor or nested list."""
-    logits = float_array(logits, "logits", ndims=(1, 2, 3), allow_inf=True)
+    """Numerically stable softmax over the last axis (float64); `logits` an array, tensor or nested list. A -inf
+    logit (a masked class) gets probability 0; +inf, and a row with every logit -inf, are refused."""
+    logits = float_array(logits, "logits", ndims=(1, 2, 3), allow_neg_inf=True)
+    if np.isneginf(logits).all(axis=-1).any():
+        raise InputError("logits has a row whose every value is -inf (no class possible); fix or drop it")
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
