@@ -28,8 +28,12 @@ Departures from the released code, and why:
   sublayer cost one pass instead of nine, and the levels are nested. The reference prunes each level from the
   dense weights; since each round's OBS update keeps W optimal for its kept set, the two differ only by the
   order rounds happen to remove units.
-- The reference's score adds a first-order term ``G_S · W_S`` that is zero while W is optimal for its kept set
-  (which the OBS updates keep); it is left out.
+- **Units are ranked by the OBS saliency alone**, ``W_S^T (Hinv_SS)^-1 W_S / 2``: the exact rise of the
+  reconstruction error when the unit goes and the rest are refit (a brute-force check agrees). The released
+  score adds ``G_S · W_S`` with ``G = H W_dense`` fixed. That G is the dense layer's target, not the error's
+  gradient (``H W - G``, which the OBS updates keep at zero on the kept set), so the term does not vanish: on
+  random correlated inputs it was 85-95% of the released score, and the two scores removed a different first
+  unit in 145 of 200 random layers (a QA check). This ranking is prunekit's, not the release's.
 """
 
 from __future__ import annotations
