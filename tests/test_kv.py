@@ -489,6 +489,11 @@ def test_delta_pages_rule():
     probs[:, 17] = 0.3  # page 4
     idx = pol.select(probs, 30)
     assert idx.tolist() == [4, 5, 6, 7, 16, 17, 18, 19, 28, 29]
+    spike = torch.full((4, 32), 0.001)
+    spike[0, 5] = 0.9  # page 1: one head, strongly
+    spike[1:, 13] = 0.4  # page 3: three heads, weaker (a larger mean over heads, a smaller max)
+    spike[:, 20] = 0.95  # page 5: every head
+    assert pol.select_pages(spike, 32).tolist() == [1, 5, 7]  # the max over heads picks page 1, not page 3
     tie = pol.select(torch.full((4, 30), 0.01), 30)  # ties go to earlier pages
     assert tie.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 28, 29]
     # the page-wise gather copies exactly those tokens, in order, with or without the partial last page
@@ -498,6 +503,48 @@ def test_delta_pages_rule():
         for pr in (probs[:, :n] if probs.shape[1] >= n else torch.rand(4, n), torch.rand(4, n)):
             pages = pol.select_pages(pr, n)
             assert torch.equal(pol.gather(t, pages, n), t[:, :, pol.select(pr, n)])
+
+
+def _boundary_model():
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval(), torch.randint(3, 128, (1, 45), generator=torch.Generator().manual_seed(1))
+
+
+def _chunks(model, ids, name, budget, chunks, every=1, **options):
+    """Forward `chunks` (lengths) through one cache under a policy: the logits, the policy and the engine."""
+    from prunekit.inference.kv.engine import cache_tokens
+
+    policy = kv.make_policy(name, budget=budget, **options)
+    engine, cache = Engine(model, policy, budget=budget, every=every), DynamicCache(config=model.config)
+    outs, pos = [], 0
+    with engine, torch.no_grad():
+        for c in chunks:
+            outs.append(model(input_ids=ids[:, pos:pos + c], position_ids=torch.arange(pos, pos + c)[None],
+                              cache=cache, use_cache=True).logits)
+            pos += c
+        return torch.cat(outs, 1), policy, cache_tokens(cache), [(int(s.pos.max()), s.next_pos, s.compressions)
+                                                                 for s in engine.states]
+
+
+def test_chunks_and_positions_after_a_compression_and_budgets_met_exactly():
+    """What mutants of the engine and DELTA showed untested: a chunk forwarded after a compression attends
+    causally, itself included, as one-token steps do; new tokens continue after StreamingLLM's re-positioned
+    cache; a cache of exactly the budget is neither compressed (Deep Forcing) nor sparse (DELTA)."""
+    model, ids = _boundary_model()
+    chunk = _chunks(model, ids, "h2o", 16, [30, 5], every=10)[0]
+    steps = _chunks(model, ids, "h2o", 16, [30, 1, 1, 1, 1, 1], every=10)[0]
+    torch.testing.assert_close(chunk[:, 30:], steps[:, 30:], rtol=1e-4, atol=1e-4)
+    states = _chunks(model, ids, "streaming_llm", 16, [30, 1, 1], every=4, sinks=4)[3]
+    assert {s[:2] for s in states} == {(17, 18)}  # positions 0..15 after the prefill, then 16 and 17
+    _, _, tokens, states = _chunks(model, ids, "deep_forcing", 16, [16])
+    assert tokens[0] == 16 and {s[2] for s in states} == {0}
+    full = _chunks(model, ids, "full", None, [17, 1])[0]
+    sparse, delta, _, _ = _chunks(model, ids, "delta", 18, [17, 1], page_size=4, recent_pages=2, delta_layers=[1])
+    torch.testing.assert_close(sparse, full, rtol=1e-5, atol=1e-5)
+    assert delta.attended == delta.available
 
 
 def test_delta_page_buffers_hold_the_picked_pages_step_after_step():

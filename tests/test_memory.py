@@ -56,6 +56,8 @@ def test_salience_formula_and_terms():
     assert np.allclose(printed, 2.0 * np.exp(-0.01 * age) + 0.5 * ~recent)
     with pytest.raises(InputError, match="retrieval_term"):
         salience(turns, last, 100, retrieval_term="sometimes")
+    # the window's edge: retrieved `window` turns ago is outside, one turn later inside
+    assert salience(np.array([0, 0]), np.array([0, 1]), 100, gamma=0.0, beta=0.5, window=100).tolist() == [1.0, 1.5]
 
 
 def test_forget_choice_floor_and_ties():

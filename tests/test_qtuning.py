@@ -191,6 +191,18 @@ def test_tokenize_masks_prompt_and_truncates():
     assert S.tokenize([{"instruction": "x", "response": "y" * 100}], tok, max_length=80)[0].cut == "response"
 
 
+def test_padding_scores_zero_and_position_0_is_never_a_target():
+    model = tiny_model("llama")
+    ex = [S.Example(ids=[5, 6, 7, 8, 9, 10], prompt_len=2), S.Example(ids=[5, 6, 7], prompt_len=1)]
+    nll, ent, _ = S.score_examples(model, ex, pad_id=0)
+    assert nll.shape == (2, 6) and (nll[:, 0] == 0).all()  # per target token; nothing predicts token 0
+    assert (nll[1, 3:] == 0).all() and (ent[1, 3:] == 0).all()  # the short example's padding
+    assert (nll[1, 1:3] > 0).all() and (nll[0, 1:] > 0).all()
+    report = S.sft(tiny_model("llama"), [S.Example(ids=[5, 6, 7, 8], prompt_len=0)], pad_id=0, lora_rank=None,
+                   progress=False)
+    assert report.tokens_trained == 3  # targets 1..3: nothing predicts position 0, even with no prompt
+
+
 def test_loss_mask_is_exactly_the_kept_tokens():
     tok = char_tokenizer()
     model = tiny_model("llama")

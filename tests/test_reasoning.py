@@ -439,6 +439,7 @@ def test_cli_resume_continues_an_interrupted_sampling_run_to_the_same_paths(tmp_
 
 def test_extract_answer():
     assert extract_answer("3 x 4 = 12. 12 + 5 = 17. The answer is 17.") == "17"
+    assert extract_answer("The answer is 3. Wait, I misread: the answer is 5.") == "5"  # the last one said
     assert extract_answer("The answer is 1,200.50 dollars, not 3") == "1200.5"
     assert extract_answer("so 4 - 9 = -5") == "-5"
     assert extract_answer("Answer: 8. Then 9 more") == "8"

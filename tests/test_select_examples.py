@@ -25,6 +25,11 @@ def test_exact_counts(strategy, n, keep):
     assert mask.sum() == max(1, math.floor(keep * n + 0.5))
 
 
+def test_ccs_cuts_the_floor_of_its_cutoff():
+    # 10% of 15 is 1.5: one hardest example goes (floor), the rest of the budget spread over the strata
+    assert np.flatnonzero(select_examples(np.arange(15.0), 0.5, strategy="ccs", seed=0)).tolist() == list(range(6, 14))
+
+
 def test_hard_and_easy_keep_the_two_ends_with_stable_ties():
     d = np.array([0.5, 0.9, 0.1, 0.9, 0.3, 0.1])
     assert np.flatnonzero(select_examples(d, 0.5, strategy="hard")).tolist() == [0, 1, 3]
