@@ -598,3 +598,43 @@ def test_a_failure_on_the_way_puts_the_dense_model_back(method, call, stop):
     dense = tiny()
     with torch.no_grad():
         assert torch.equal(model.eval()(probe).logits, dense(probe).logits)
+
+
+def test_one_column_saliency_is_the_exact_error_of_removing_it_and_refitting():
+    """OBS for one column: w_j^2 / [H^-1]_jj per row, the least-squares error of the best refit without column j
+    (mutating the division into a product went unnoticed: the planted tests remove dead columns first)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    got = local.saliency(w, torch.linalg.inv(x.T @ x), torch.arange(6), 1)
+    for j in range(6):
+        rest = [c for c in range(6) if c != j]
+        fit = torch.linalg.lstsq(x[:, rest], x @ w.T).solution  # [5, out]
+        assert float(got[j]) == pytest.approx(float(((x @ w.T - x[:, rest] @ fit) ** 2).sum()), rel=1e-6)
+
+
+def test_baselines_score_heads_and_neurons_by_their_own_columns_and_inputs():
+    """magnitude-structured scores a head by its q_proj rows and o_proj columns and a neuron by its gate/up rows
+    and down_proj column; wanda-structured weighs down_proj by the neuron's input norm."""
+    for structure in ("heads", "neurons"):
+        model = tiny(layers=1)
+        a, m = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        with torch.no_grad():
+            for lin in (a.q_proj, m.gate_proj, m.up_proj):
+                lin.weight.fill_(0.1)  # equal rows: the o_proj / down_proj columns decide
+            a.o_proj.weight[16:32] *= 10  # rows: what a score over the wrong axis of o_proj would favour...
+            a.o_proj.weight[:, 16:32] = 0.0  # ...while head 1 writes nothing
+            m.down_proj.weight[:, 7] = 0.0  # neuron 7 writes nothing
+        prunekit.prune_structured(model, method="magnitude-structured", ratio=0.1, structure=structure,
+                                  progress=False)
+        written = a.o_proj.weight.abs().sum(0).view(-1, 16).sum(1) if structure == "heads" else \
+            m.down_proj.weight.abs().sum(0)
+        assert len(written) < (4 if structure == "heads" else 128) and (written > 0).all()  # head 1 / neuron 7 went
+    model = tiny(layers=1)
+    m = model.model.layers[0].mlp
+    with torch.no_grad():
+        m.up_proj.weight[5] = 0.0  # neuron 5 never fires...
+        m.down_proj.weight[:, 5] *= 100  # ...though its output weights are the largest
+    prunekit.prune_structured(model, method="wanda-structured", ratio=0.2, structure="neurons", calibration=calib(),
+                              progress=False)
+    assert float(m.down_proj.weight.detach().abs().max()) < 1  # wanda-structured removed it (its column: ~4.7)
