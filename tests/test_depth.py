@@ -511,6 +511,31 @@ def test_block_influence_is_one_minus_the_mean_cosine_over_every_token_and_the_l
     assert depth.shortgpt(target, kept=2, influence=influence)[3]
 
 
+def test_a_step_that_filled_a_tenth_of_the_zeros_is_said():
+    import prunekit
+    from prunekit.evaluate import zeros_kept
+
+    model = tiny_lm()
+    prunekit.prune(model, method="magnitude", ratio=0.4, progress=False)
+    record, note = zeros_kept("recovery", 0.5, model)  # 0.5 sparse before, 0.4 now
+    assert note is not None and "recovery filled its zeros" in note
+    assert record["sparsity"] == pytest.approx(0.4, abs=0.01)
+    assert zeros_kept("recovery", 0.42, model)[1] is None  # within 0.05: rounding of the kept weights
+
+
+def test_distillation_is_kl_of_the_teacher_to_the_student_per_token():
+    student, teacher, x = tiny_lm(seed=0), tiny_lm(seed=1), ids(n=2)
+    target = depth.causal_lm_target(student, x)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30)  # a sharp teacher: the two directions of KL differ
+        lt = teacher(input_ids=x).logits.log_softmax(-1)
+        ls = student(input_ids=x).logits.log_softmax(-1)
+        want = float((lt.exp() * (lt - ls)).sum() / (x.shape[0] * x.shape[1]))  # KL(teacher || student) per token
+        got = float(target.distill(student, teacher, x))
+    assert got == pytest.approx(want, rel=1e-5)
+    assert got != pytest.approx(float((ls.exp() * (ls - lt)).sum() / x.numel()), rel=1e-3)  # not the reverse KL
+
+
 def test_calibration_loss_and_sensitivity_do_not_depend_on_the_batch_size():
     """6 windows in batches of 4 or 5 leave a short last batch; it counts by its samples, not as a whole batch
     (a per-batch mean gave a different loss and kept blocks [1, 2, 3] instead of [0, 2, 3])."""

@@ -84,6 +84,11 @@ def test_only_block_linears_change_and_skip_is_honoured(llama, tok):
     assert not any("down_proj" in k for k in changed)
     assert "model.layers.1.self_attn.q_proj.weight" not in changed
     assert "model.layers.0.self_attn.q_proj.weight" in changed
+    # a glob may also name a layer within its block, as the docstring says
+    llama.load_state_dict(before)
+    prunekit.prune(llama, method="magnitude", ratio=0.5, skip=("mlp.down_proj",), progress=False)
+    assert all(torch.equal(b.mlp.down_proj.weight, before[f"model.layers.{i}.mlp.down_proj.weight"])
+               for i, b in enumerate(llama.model.layers))
 
 
 def test_layer_order_calibrates_later_layers_on_pruned_inputs(tok):

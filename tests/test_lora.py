@@ -115,3 +115,19 @@ def test_merging_into_a_weight_another_module_shares_leaves_that_module_alone():
     assert torch.equal(model.model.embed_tokens.weight, embedding)
     linear = model.model.layers[0].mlp.down_proj  # not shared: merged in place, the caller's module
     assert type(linear) is nn.Linear
+
+
+def test_the_update_is_scaled_by_alpha_over_rank_and_merging_gives_the_original_linear_back():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5))
+    original, w = net[0], net[0].weight.detach().clone()
+    add_lora(net, rank=4, alpha=16.0)
+    adapter = net[0]
+    with torch.no_grad():
+        adapter.lora_b.fill_(0.5)
+    delta = 4.0 * adapter.lora_b.detach() @ adapter.lora_a.detach()  # alpha / rank = 4
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(net(x), x @ (w + delta).T + original.bias.detach())
+    merge_lora(net)
+    assert net[0] is original  # its hooks and references stay valid
+    torch.testing.assert_close(original.weight.detach(), w + delta)

@@ -40,6 +40,7 @@ def test_windows_get_the_start_token_when_the_tokenizer_uses_one():
 def test_evaluation_windows_and_limits(tok):
     text = Text("t", TEXT[:1000], "part")
     assert evaluation_ids(tok, text, seqlen=100, tokens=None).shape == (10, 100)
+    assert evaluation_ids(tok, text, seqlen=100, tokens=250).shape == (2, 100)  # whole windows, never more
     # the messages named --seqlen (prune's calibration flag) and a bare "tokens" the user may never have given
     with pytest.raises(InputError, match=r"windows of 100 tokens, but 2000 tokens ask for 20 \(16384 unless given\); "
                                          r"lower the tokens \(eval --tokens, prune --eval-tokens, tokens=\)"):
