@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad input (a one-line message says what to fix; nothing
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -162,11 +163,8 @@ def _refuse_foreign_flags(args, spec) -> None:
     from prunekit import registry
     from prunekit.errors import InputError
 
-    defaults = argparse.ArgumentParser(add_help=False)
-    _add_prune_arguments(defaults)
     for flag, users in _PRUNE_FLAG_USERS.items():
-        dest = flag.lstrip("-").replace("-", "_")
-        if spec.domain in users or spec.name in users or getattr(args, dest) == defaults.get_default(dest):
+        if spec.domain in users or spec.name in users or not _given(args, flag):
             continue
         takers = " and ".join(f"{_DOMAIN_WORDS[u]} methods ({', '.join(registry.names(u))})" if u in _DOMAIN_WORDS
                               else f"{u} only" for u in users)
@@ -177,10 +175,21 @@ def _refuse_foreign_flags(args, spec) -> None:
                          f"{takers}; leave it out{hint}")
 
 
-def _prune_default(dest: str):
+@functools.cache
+def _prune_defaults() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     _add_prune_arguments(parser)
-    return parser.get_default(dest)
+    return parser
+
+
+def _prune_default(dest: str):
+    return _prune_defaults().get_default(dest)
+
+
+def _given(args, flag: str) -> bool:
+    """Whether `prune` option `flag` (``--batch-size``) differs from its default."""
+    dest = flag.lstrip("-").replace("-", "_")
+    return getattr(args, dest) != _prune_default(dest)
 
 
 def _refuse_unused_calibration_flags(args, spec, calib) -> bool:
@@ -189,8 +198,7 @@ def _refuse_unused_calibration_flags(args, spec, calib) -> bool:
     from prunekit.errors import InputError
 
     def given(*flags):
-        return [f for f in flags if getattr(args, f.lstrip("-").replace("-", "_")) != _prune_default(
-            f.lstrip("-").replace("-", "_"))]
+        return [f for f in flags if _given(args, f)]
 
     if calib is None:  # data-free and no --calib: nothing is calibrated
         flags = given("--samples", "--seqlen", "--seed", "--batch-size", "--sequential")

@@ -24,6 +24,7 @@ from prunekit import jsonl
 __all__ = ["add_parser", "run"]
 
 _NAMES = {"all-MiniLM-L6-v2": "minilm", "hash-bow-256": "hash"}
+MAX_NEW_TOKENS = 64  # memory ask --max-new-tokens
 
 
 def add_parser(sub) -> None:
@@ -64,7 +65,8 @@ def add_parser(sub) -> None:
     ask.add_argument("--tail", type=int, default=2, help="recent turns in the prompt (default 2)")
     ask.add_argument("--model", default=None, help="also answer with this causal LM (zoo name or folder); its "
                      "tokenizer then counts the budget, chat template included")
-    ask.add_argument("--max-new-tokens", type=int, default=64, help="with --model: the longest answer in tokens")
+    ask.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                     help="with --model: the longest answer in tokens")
     ask.add_argument("--no-mark", action="store_true", help="do not record the retrieval (read-only)")
     ask.add_argument("--quiet", action="store_true", help="with --model: no progress bars")
     common(ask)
@@ -245,7 +247,7 @@ def _cmd_ask(args) -> int:
             raise InputError(f"{name} must be >= {low}, got {value}")
     if not args.query.strip():
         raise InputError("the message to ask about is empty")
-    if args.model is None and args.max_new_tokens != 64:  # its default; nothing is generated without a model
+    if args.model is None and args.max_new_tokens != MAX_NEW_TOKENS:  # nothing is generated without a model
         print("prunekit: note: --max-new-tokens is used with --model only; ignored (the prompt is printed)",
               file=sys.stderr)
     model = tok = None

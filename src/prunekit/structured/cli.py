@@ -50,8 +50,7 @@ def _report(meta: dict, table: str) -> str:
 def run_prune(args) -> int:
     import prunekit
     from prunekit import registry, report
-    from prunekit.cli import (_options, _provenance, _prune_default, _recorded_if_readable, _torch_threads,
-                              _versions)
+    from prunekit.cli import _given, _options, _provenance, _recorded_if_readable, _torch_threads, _versions
     from prunekit.evaluate import EVAL_TOKENS, zeros_kept
     from prunekit.speed import compare_speed_with_dense
     from prunekit.structured import check_request, prune_structured, save_structured
@@ -78,7 +77,7 @@ def run_prune(args) -> int:
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
     calib = args.calib if args.calib is not None else ("wiki" if args.method != "magnitude-structured" else None)
     for flag in ("--samples", "--seqlen") if calib is None else ():
-        if getattr(args, flag[2:]) != _prune_default(flag[2:]):
+        if _given(args, flag):
             raise InputError(f"{flag} sets the calibration, and {args.method} uses none unless --calib is given; "
                              "leave it out or give --calib TEXT")
     calib_text = prunekit.load_text(calib, purpose="calibration") if calib else None
