@@ -1,4 +1,5 @@
 import io
+import os
 import sys
 import tarfile
 
@@ -323,3 +324,27 @@ def test_an_asset_another_process_built_meanwhile_is_used(tmp_path):
     with pytest.raises(RuntimeError):  # a build that fails still fails, and leaves nothing
         zoo._atomic_dir(tmp_path / "models" / "n", lambda tmp: (_ for _ in ()).throw(RuntimeError("broken")))
     assert [p.name for p in final.parent.iterdir()] == ["m"]
+
+
+def test_a_killed_builds_temporary_sibling_is_swept_by_the_next_build(tmp_path):
+    """A SIGKILLed model conversion left a hidden 514 MB `.smollm2-135m.*` folder that nothing ever removed."""
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid now names no process
+    host = socket.gethostname()
+    models = tmp_path / "models"
+    names = {"dead": f".m~{host}~{gone.pid}~abc", "live": f".m~{host}~{os.getpid()}~def",
+             "elsewhere": f".m~another-host~{gone.pid}~ghi", "unknown": ".m.jkl",
+             "other asset": f".n~{host}~{gone.pid}~x"}
+    for name in names.values():
+        (models / name).mkdir(parents=True)
+        (models / name / "weights").write_text("half")
+    zoo._atomic_dir(models / "m", lambda tmp: (tmp / "weights").write_text("whole"))
+    left = {p.name for p in models.iterdir()}
+    assert left == {"m"} | {v for k, v in names.items() if k != "dead"}
+    assert (models / "m" / "weights").read_text() == "whole"
+    (models / f".x.jsonl~{host}~{gone.pid}~abc.tmp").write_text("half")  # a killed cache file write
+    zoo._atomic_write(models / "x.jsonl", b"data")
+    assert (models / "x.jsonl").read_bytes() == b"data" and not list(models.glob(".x.jsonl*"))

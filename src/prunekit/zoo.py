@@ -28,6 +28,7 @@ import lzma
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -50,12 +51,44 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PRUNEKIT_CACHE") or "~/.cache/prunekit").expanduser()  # empty: unset, not "."
 
 
+def _tmp_prefix(name: str) -> str:
+    """Temporary siblings are named ``.NAME~HOST~PID~...``, so a later run can tell whose they are."""
+    return f".{name}~{socket.gethostname()}~{os.getpid()}~"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _sweep_stale(final: Path) -> None:
+    """Remove the temporary siblings of `final` left by a build on this host whose process is gone (killed by
+    SIGKILL or the OOM killer, where no cleanup runs: a model conversion left 514 MB). Another host's, sharing the
+    cache over a network file system, or a live process's, are left alone."""
+    host = socket.gethostname()
+    for p in final.parent.glob(f".{final.name}~*"):
+        parts = p.name[len(final.name) + 2:].split("~")
+        if len(parts) < 3 or parts[0] != host or not parts[1].isdigit() or _pid_alive(int(parts[1])):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 def _atomic_dir(final: Path, build) -> Path:
     """Build a folder in a temporary sibling and rename it into place, so no half-built asset is left. Another
     process that built the same asset meanwhile wins: its folder, complete by the same rename, is used (the loser
-    failed with "Directory not empty", in a job array every task but one)."""
+    failed with "Directory not empty", in a job array every task but one). A killed earlier build's folder is
+    swept first (`_sweep_stale`)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    _sweep_stale(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final.name), dir=final.parent))
     os.chmod(tmp, 0o755)
     try:
         build(tmp)
@@ -74,7 +107,8 @@ def _atomic_dir(final: Path, build) -> Path:
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write a cache file through a temporary sibling (removed on any failure: a full disk left it behind)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _sweep_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
