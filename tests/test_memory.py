@@ -858,3 +858,32 @@ def test_count_turns_is_the_next_turn_number(tmp_path):
         with store.transaction():
             store.add_turn(TurnRecord(i, "user", f"turn {i}", ""))
         assert store.count_turns() == i + 1
+
+
+def test_the_index_kept_in_step_with_adds_and_forgets_equals_one_read_from_the_file(tmp_path):
+    """Each add copied the whole matrix (quadratic over a conversation); it now grows buffers by doubling, and the
+    incremental index must still equal the one a fresh process reads."""
+    from prunekit.inference.memory_store import ForgetRecord, SQLiteStore, TurnRecord
+
+    rng = np.random.default_rng(0)
+    store = SQLiteStore(tmp_path / "m.db")
+    store.check_embedder("test", 8)
+    assert store.search(np.ones(8), 3) == []  # loads the (empty) index, so later adds go through _apply_pending
+    buffers, ids = set(), []
+    for turn in range(200):
+        with store.transaction():
+            store.add_turn(TurnRecord(turn, "user", f"t{turn}", ""))
+            ids += store.add_chunks(turn, "user", ["a", "b"][: 1 + turn % 2], rng.normal(size=(1 + turn % 2, 8)))
+            if turn % 37 == 36:  # forget a few, old and new
+                gone = [ids.pop(0), ids.pop(len(ids) // 2), ids.pop()]
+                store.forget([ForgetRecord(i, 0, "", 0.0, turn) for i in gone])
+        buffers.add(store._buf_mat.shape[0])
+    assert store.index_size() == len(ids) and store._ids.tolist() == ids
+    assert buffers == {64, 128, 256, 512}  # grown by doubling, not per add
+    fresh = SQLiteStore(tmp_path / "m.db")
+    for _ in range(5):
+        q = rng.normal(size=8)
+        assert store.search(q, 10) == fresh.search(q, 10)
+    assert np.array_equal(store._mat, fresh._mat)
+    store.close()
+    fresh.close()
