@@ -853,3 +853,22 @@ def test_cli_checks_gpt2_depth_and_refuses_multimodal_folders_before_loading(tmp
                      "--no-speed", "--quiet"]) == 2
         assert said in capsys.readouterr().err
     assert loads == []
+
+
+def test_zeros_refilled_counts_exactly_the_input_zeros_made_nonzero():
+    from conftest import tiny_model
+    from prunekit.evaluate import zero_masks, zeros_refilled
+    from prunekit.weights.engine import get_weight
+
+    model = tiny_model()
+    lin = model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        w = get_weight(lin)
+        w[:, : w.shape[1] // 2] = 0  # half of one layer, an odd count of elements per row block
+        w[0, -1] = 0
+    masks = zero_masks(model)
+    assert list(masks) == ["model.layers.0.mlp.down_proj"]
+    with torch.no_grad():
+        w[3, 0], w[5, 1], w[0, -1] = 1.0, -2.0, 0.5  # three zeros refilled
+        w[7, -2] = 0.0  # a new zero is not a refill
+    assert zeros_refilled(masks, model) == 3

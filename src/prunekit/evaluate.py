@@ -9,6 +9,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -133,23 +134,33 @@ def check_pattern(model: nn.Module, pattern: str | NM, *, skip=()) -> list[str]:
     return bad
 
 
-def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Where each block Linear holding zeros is zero (bool, CPU), by the names `sparsity` uses."""
+def zero_masks(model: nn.Module) -> dict[str, tuple[torch.Size, np.ndarray]]:
+    """Where each block Linear holding zeros is zero, by the names `sparsity` uses: its shape and the bool mask
+    packed 8 to a byte (``np.packbits`` of the flat mask; bool tensors held 100 MB for SmolLM2-135M)."""
     from prunekit.weights import experts
 
+    masks = {}
     with experts.unfused_experts(model, check=False, strict=False):
-        masks = {name: (get_weight(m) == 0).cpu() for name, m in _block_linears(model).items()}
-    return {name: mask for name, mask in masks.items() if bool(mask.any())}
+        for name, m in _block_linears(model).items():
+            zero = (get_weight(m) == 0).cpu()
+            if bool(zero.any()):
+                masks[name] = (zero.shape, np.packbits(zero.reshape(-1).numpy()))
+    return masks
 
 
-def zeros_refilled(masks: dict[str, torch.Tensor], model: nn.Module) -> int:
+def zeros_refilled(masks: dict[str, tuple[torch.Size, np.ndarray]], model: nn.Module) -> int:
     """How many zeros of `masks` (`zero_masks` before a step that keeps layer names and shapes) are nonzero now."""
     from prunekit.weights import experts
 
+    count = 0
     with experts.unfused_experts(model, check=False, strict=False):
         layers = _block_linears(model)
-        return sum(int((mask & (get_weight(layers[name]) != 0).cpu()).sum()) for name, mask in masks.items()
-                   if name in layers and get_weight(layers[name]).shape == mask.shape)
+        for name, (shape, packed) in masks.items():
+            if name not in layers or get_weight(layers[name]).shape != shape:
+                continue
+            nonzero = (get_weight(layers[name]) != 0).cpu().reshape(-1).numpy()
+            count += int((np.unpackbits(packed, count=nonzero.size).astype(bool) & nonzero).sum())
+    return count
 
 
 def zeros_kept(step: str, input_sparsity: float, model: nn.Module, pattern: str | None = None, *,
