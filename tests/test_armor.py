@@ -342,3 +342,54 @@ def test_steps_that_would_train_or_reshape_armor_layers_refuse_them_and_leave_th
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert all(type(m).__name__ != "LoRALinear" for m in model.modules())
+
+
+def test_armor_learning_rate_warms_up_linearly_then_decays_on_a_cosine():
+    """"linear warm-up over the first 10% of the iterations, then cosine decay to 0"."""
+    lr, iters = 0.01, 100
+    sched = [armor._lr_at(lr, it, iters) for it in range(iters)]
+    warm = sched[:10]
+    assert warm[0] == pytest.approx(lr / 10)
+    assert all(b > a for a, b in zip(warm, warm[1:]))
+    assert warm[-1] == pytest.approx(lr)
+    assert all(b <= a for a, b in zip(sched[10:], sched[11:]))
+    assert sched[10] == pytest.approx(lr) and sched[-1] < 0.01 * lr
+
+
+def _armor_loop(monkeypatch, losses, *, iters, patience):
+    """prune_weight with the loss sequence `losses` (one per iteration) and no real steps."""
+    calls = {"i": 0}
+
+    def fake_loss_grads(p, a, core, b):
+        loss = losses[min(calls["i"], len(losses) - 1)]
+        calls["i"] += 1
+        return loss, torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(core)
+
+    def fake_discrete(p, a, core, mask, b, grad_core, gen):
+        return torch.zeros_like(mask), 0.0, 0
+
+    monkeypatch.setattr(armor, "_loss_grads", fake_loss_grads)
+    monkeypatch.setattr(armor, "_discrete_step", fake_discrete)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 8, generator=g)
+    x = torch.randn(64, 8, generator=g)
+    r = armor.prune_weight(w, x.T @ x / 32, pattern=NM(2, 4), block_size=4, iters=iters, patience=patience)
+    return r.info
+
+
+def test_armor_stops_after_patience_iterations_without_relative_improvement(monkeypatch):
+    """The loop stops when the loss has not improved by a relative 1e-6 for `patience` iterations: improvements
+    of 1e-8 relative do not count."""
+    losses = [1.0 - 1e-8 * i for i in range(200)]
+    info = _armor_loop(monkeypatch, losses, iters=100, patience=3)
+    assert info["iterations"] == 3
+
+
+def test_armor_runs_on_while_the_loss_improves_and_keeps_the_best_iterate(monkeypatch):
+    losses = [1.0 * 0.9 ** i for i in range(200)]  # 10% better every iteration: never stale
+    assert _armor_loop(monkeypatch, losses, iters=20, patience=2)["iterations"] == 20
+    losses = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1]
+    info = _armor_loop(monkeypatch, losses, iters=50, patience=3)
+    assert info["iterations"] == 4  # best at 1, then 3 iterations without improvement
+    assert info["proxy_loss"] == 0.5  # the best iterate, not the last
+    assert info["proxy_loss_sparsegpt"] == 1.0

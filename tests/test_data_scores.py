@@ -425,3 +425,43 @@ def test_prototype_seed_must_fit_the_generator():
     for f in (lambda s: prototype_distance(emb, k=2, seed=s), lambda s: kmeans(emb, 2, seed=s)):
         with pytest.raises(InputError, match="seed"):
             f(2**64)
+
+
+def _manual_sgd(params, grads_fn, *, lrs, momentum, wd, nesterov):
+    params, bufs = list(params), [None] * len(params)
+    for step, lr in enumerate(lrs):
+        grads = grads_fn(params)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            g = g + wd * p
+            if momentum:
+                bufs[i] = g.clone() if bufs[i] is None else momentum * bufs[i] + g
+                g = g + momentum * bufs[i] if nesterov else bufs[i]
+            params[i] = p - lr * g
+    return params
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_train_is_sgd_with_nesterov_momentum_and_cosine_decay(momentum):
+    """train(): "SGD with Nesterov momentum; the learning rate decays from lr to 0 on a cosine over all steps"
+    (momentum 0: plain SGD). Full-batch steps, so the shuffle order does not matter."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, generator=g)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    start = [p.detach().clone() for p in model.parameters()]
+    steps, lr, wd = 3, 0.5, 0.01
+    train(model, x, y, steps=steps, batch_size=16, lr=lr, momentum=momentum, weight_decay=wd, progress=False)
+
+    def grads_fn(params):
+        wt, bias = [p.detach().clone().requires_grad_(True) for p in params]
+        loss = nn.functional.cross_entropy(x @ wt.T + bias, y)
+        return torch.autograd.grad(loss, [wt, bias])
+
+    lrs = [lr * 0.5 * (1 + math.cos(math.pi * s / steps)) for s in range(steps)]
+    want = _manual_sgd(start, grads_fn, lrs=lrs, momentum=momentum, wd=wd, nesterov=momentum > 0)
+    for got, w in zip(model.parameters(), want):
+        assert torch.allclose(got.detach(), w, atol=1e-6)
+    if momentum:  # the case tells Nesterov from heavy-ball momentum
+        heavy = _manual_sgd(start, grads_fn, lrs=lrs, momentum=momentum, wd=wd, nesterov=False)
+        assert not torch.allclose(heavy[0], want[0], atol=1e-4)

@@ -1,5 +1,7 @@
 """D-Pruner on tiny models: exact ratios, refusals that leave the model untouched, and a planted domain."""
 
+import copy
+
 import pytest
 import torch
 
@@ -201,3 +203,53 @@ def test_gradients_the_caller_left_neither_change_the_mask_nor_are_lost(tok):
     for (n, a), b in zip(clean.named_parameters(), dirty.parameters()):
         assert torch.equal(a, b), n
         assert torch.equal(dict(dirty.named_parameters())[n].grad, left[n]), n
+
+
+def test_dual_importance_is_the_documented_second_order_form():
+    """``S = |g w + 1/2 (g w)^2|`` (module docstring and the research notes' pseudocode), for either sign of g w."""
+    g = torch.tensor([[1.0, -1.0, 2.0, -0.5, -3.0]])
+    w = torch.tensor([[1.0, 1.0, -1.0, 2.0, 1.0]])
+    gw = g * w
+    assert torch.allclose(dpruner.dual_importance(g, w), (gw + 0.5 * gw ** 2).abs())
+
+
+def _domain_setup():
+    from prunekit.weights.engine import find_blocks, target_linears
+
+    model = tiny_model()
+    prefix, blocks = find_blocks(model)
+    layers = {}
+    for i, block in enumerate(blocks):
+        layers.update(target_linears(block, f"{prefix}.{i}"))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in layers.values():
+        m.weight.requires_grad_(True)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    # the reference gradient of the NTP loss on that batch
+    ref = copy.deepcopy(model)
+    ref_layers = dict(ref.named_modules())
+    ref(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    grads = {name: ref_layers[name].weight.grad.detach().clone() for name in layers}
+    general = {name: torch.ones_like(m.weight) for name, m in layers.items()}
+    return model, layers, ids, grads, general
+
+
+@pytest.mark.parametrize("clip", [1e-3, 0.0, 1e9])
+def test_dpruner_domain_step_is_sgd_descent_clipped_to_global_norm(clip):
+    """``w' <- w' - lr * clip(g_hat)``, clipped to global norm `clip` over all pruned Linears (0: no clipping):
+    the step points down the NTP gradient and its L2 norm is ``lr * min(|g|, clip)``."""
+    model, layers, ids, grads, general = _domain_setup()
+    before = {name: m.weight.detach().clone() for name, m in layers.items()}
+    lr = 0.1
+    with torch.enable_grad():
+        dpruner._domain_stage(model, layers, general, ids, steps=1, lr=lr, lam=0.0, batch_size=2, clip=clip,
+                              progress=False)
+    delta = torch.cat([(layers[n].weight.detach() - before[n]).reshape(-1) for n in layers])
+    g = torch.cat([grads[n].reshape(-1) for n in layers])
+    gnorm = float(g.norm())
+    assert clip == 0 or clip > 1e6 or gnorm > 10 * clip  # the case exercises clipping when it should
+    want_norm = lr * (min(gnorm, clip) if clip > 0 else gnorm)
+    assert float(delta.norm()) == pytest.approx(want_norm, rel=1e-3)
+    cos = float(torch.dot(delta, -g) / (delta.norm() * g.norm()))
+    assert cos > 0.999  # descent, along the gradient

@@ -638,3 +638,177 @@ def test_baselines_score_heads_and_neurons_by_their_own_columns_and_inputs():
     prunekit.prune_structured(model, method="wanda-structured", ratio=0.2, structure="neurons", calibration=calib(),
                               progress=False)
     assert float(m.down_proj.weight.detach().abs().max()) < 1  # wanda-structured removed it (its column: ~4.7)
+
+
+def correlated_inputs(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) @ mix  # [n, d]
+
+
+def refit_error(w: torch.Tensor, h: torch.Tensor, keep: list[int]) -> float:
+    """min over W' zero off `keep` of tr((W - W') H (W - W')^T) (the exact error of a kept set)."""
+    k = torch.tensor(keep)
+    wk = torch.linalg.solve(h[k][:, k], (h @ w.T)[k]).T  # [out, |k|]
+    full = torch.zeros_like(w)
+    full[:, k] = wk
+    e = w - full
+    return float((e @ h * e).sum())
+
+
+class _FakeInstaller:
+    def __init__(self):
+        self.current = None
+
+    def install(self, subs, offsets):
+        self.current = np.array(offsets, dtype=np.int64)
+
+
+def _search_with_fitness(monkeypatch, target, generations=12, stages="4:2,8:1"):
+    installer = _FakeInstaller()
+
+    def fitness(model, ids, teacher, windows, batch_size, hidden_weight=0.0):
+        return float(((installer.current - target) ** 2).sum())  # deterministic: no window noise
+
+    monkeypatch.setattr(tyr, "_fitness", fitness)
+    subs = [tyr.Sublayer(layer=i, kind="mlp", centre=64, step=8, lo=-4, hi=4) for i in range(len(target))]
+    opts = {"generations": generations, "offspring": 6, "stages": tyr._parse_stages(stages), "batch_size": 2,
+            "hidden_weight": 0.0}
+    log: list = []
+    best = tyr._search(None, installer, subs, torch.zeros(4, 4, dtype=torch.long), None, opts,
+                       np.random.default_rng(0), False, log, 0)
+    return best, [entry.fitness for entry in log]
+
+
+def test_tyr_search_is_elitist_and_keeps_the_fittest_candidate(monkeypatch):
+    """(1+λ) search with elitism (the parent joins the last stage): the parent's fitness never gets worse, and a
+    smooth fitness (distance to a reachable distribution) is descended."""
+    target = np.array([2, -2, 1, -1])  # sums to 0: reachable by level-conserving moves
+    best, fits = _search_with_fitness(monkeypatch, target)
+    start = float((target ** 2).sum())  # the uniform distribution (all offsets 0)
+    assert fits, "the search ran no generation"
+    assert all(b <= a for a, b in zip([start] + fits, fits)), f"fitness got worse: {fits}"
+    assert fits[-1] < start
+    assert float(((best - target) ** 2).sum()) == fits[-1]  # the returned parent is the one scored
+
+
+def test_tyr_search_selects_lowest_fitness_at_every_stage(monkeypatch):
+    """One generation, one stage keeping 1: the next parent is the best of the children and the parent."""
+    target = np.array([1, -1, 0, 0])
+    best, fits = _search_with_fitness(monkeypatch, target, generations=1, stages="8:1")
+    assert fits[0] <= float((target ** 2).sum())
+
+
+def test_sparse_kl_is_kl_teacher_to_student_on_the_teacher_support():
+    """Mean over tokens of KL(teacher ‖ student) with both renormalised on the teacher's top-k support."""
+    g = torch.Generator().manual_seed(0)
+    vocab, k, tokens = 10, 4, 3
+    logits_t = torch.randn(tokens, vocab, generator=g) * 3
+    logits_s = torch.randn(tokens, vocab, generator=g) * 3
+    top = torch.topk(logits_t, k, dim=-1)
+    got = tyr.sparse_kl(top.values, top.indices, logits_s)
+    p = torch.softmax(top.values, -1)  # teacher on its support
+    q = torch.softmax(logits_s.gather(-1, top.indices), -1)  # student renormalised there
+    want = (p * (p.log() - q.log())).sum(-1).mean()
+    reverse = (q * (q.log() - p.log())).sum(-1).mean()
+    assert abs(float(want - reverse)) > 1e-3  # the case tells the two directions apart
+    assert torch.allclose(got, want, atol=1e-5)
+    # student mass outside the support does not count
+    moved = logits_s.clone()
+    outside = torch.ones_like(moved, dtype=torch.bool).scatter_(-1, top.indices, False)
+    moved[outside] += 5.0
+    assert torch.allclose(tyr.sparse_kl(top.values, top.indices, moved), want, atol=1e-5)
+
+
+def test_propagated_weight_is_the_density_weighted_mean_of_the_levels():
+    """``Σ_e d_e W_e / Σ_e d_e`` with d_e the kept fraction of level e (zero-filled pruned copies)."""
+    g = torch.Generator().manual_seed(0)
+    in_f, out_f = 4, 3
+    levels = {}
+    for k, units in zip((-1, 0, 1), (1, 2, 4)):
+        keep = torch.arange(units)
+        levels[k] = local.Level(units, keep, torch.randn(out_f, units, generator=g))
+    sub = tyr.Sublayer(0, "mlp", centre=2, step=1, lo=-1, hi=1, levels=levels)
+    filled = {k: torch.zeros(out_f, in_f).index_copy_(1, lv.keep, lv.weight) for k, lv in levels.items()}
+    d = {k: lv.units / in_f for k, lv in levels.items()}
+    want = sum(d[k] * filled[k] for k in levels) / sum(d.values())
+    got = tyr._propagated(levels, sub, in_f, 1, "expectation")
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(tyr._propagated(levels, sub, in_f, 1, "centre"), filled[0])
+
+
+def test_tyr_halves_the_mlp_step_each_iteration(monkeypatch):
+    """"Each further iteration rebuilds the supernet around the best distribution with the MLP step halved"."""
+    seen = []
+    real = tyr.build_supernet
+
+    def spy(model, batches, dims, subs, **kw):
+        seen.append(sorted({s.step for s in subs if s.kind == "mlp"}))
+        return real(model, batches, dims, subs, **kw)
+
+    monkeypatch.setattr(tyr, "build_supernet", spy)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256)).eval()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    tyr.prune_tyr(model, ids, ratio=0.3, structure="neurons", progress=False, iterations=2, generations=0,
+                  final="supernet", mlp_step=0.125, neuron_step=16)
+    assert seen == [[8], [4]]  # 12.5% of 64 neurons, then 6.25%
+
+
+def test_damping_is_relative_to_the_mean_diagonal():
+    """``H + damp * mean(diag H) I``: so pruning does not depend on the scale of the calibration statistic."""
+    x = correlated_inputs(64, 6, 0).float()
+    h = x.T @ x
+    for c in (1e-4, 1.0, 1e4):
+        hd = local.damped(c * h, 0.1)
+        want = c * h + 0.1 * float(torch.diagonal(c * h).mean()) * torch.eye(6)
+        assert torch.allclose(hd, want, rtol=1e-5, atol=1e-5 * c)
+    w = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    small = local.prune_path(w, 1e-4 * h, unit_size=1, levels=[6, 4, 2], damp=0.05)
+    big = local.prune_path(w, 1e4 * h, unit_size=1, levels=[6, 4, 2], damp=0.05)
+    for k in (6, 4, 2):
+        assert torch.equal(small[k].keep, big[k].keep)
+        assert torch.allclose(small[k].weight, big[k].weight, rtol=1e-3, atol=1e-4)
+
+
+def test_obs_removal_downdates_the_inverse_to_the_kept_columns():
+    """After `_remove`: H^-1 is the inverse of H restricted to the kept columns (zero elsewhere) and W is the
+    least-squares refit of the kept columns (the Schur complement / OBS update of the module docstring)."""
+    x = correlated_inputs(200, 6, 2)
+    h = x.T @ x
+    w = torch.randn(3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    hinv = torch.linalg.inv(h)
+    cur = w.clone()
+    local._remove(cur, hinv, torch.tensor([1, 4]))
+    keep = torch.tensor([0, 2, 3, 5])
+    want_inv = torch.zeros_like(h)
+    want_inv[keep[:, None], keep[None, :]] = torch.linalg.inv(h[keep][:, keep])
+    assert torch.allclose(hinv, want_inv, atol=1e-8 * float(want_inv.abs().max()))
+    want_w = torch.zeros_like(w)
+    want_w[:, keep] = torch.linalg.solve(h[keep][:, keep], (h @ w.T)[keep]).T
+    assert torch.allclose(cur, want_w, atol=1e-8)
+    # a second removal on the downdated state is again exact
+    local._remove(cur, hinv, torch.tensor([2]))
+    keep2 = torch.tensor([0, 3, 5])
+    want_w2 = torch.zeros_like(w)
+    want_w2[:, keep2] = torch.linalg.solve(h[keep2][:, keep2], (h @ w.T)[keep2]).T
+    assert torch.allclose(cur, want_w2, atol=1e-8)
+
+
+def test_each_greedy_round_removes_the_unit_of_least_exact_error():
+    """Every round of `prune_path` (one unit per round) removes the unit whose removal, with the others refit,
+    raises the error least: the saliency is exact given the earlier removals (brute force agrees)."""
+    for seed in range(12):
+        x = correlated_inputs(100, 7, seed)
+        h = (x.T @ x).float()
+        w = torch.randn(3, 7, generator=torch.Generator().manual_seed(100 + seed))
+        path = local.prune_path(w, h, unit_size=1, levels=[7, 6, 5, 4], damp=0.0)
+        hd = h.double()
+        keep = list(range(7))
+        for target in (6, 5, 4):
+            errs = {u: refit_error(w.double(), hd, [j for j in keep if j != u]) for u in keep}
+            gone = min(errs, key=errs.get)
+            keep = [j for j in keep if j != gone]
+            assert path[target].keep.tolist() == keep, f"seed {seed}, level {target}"
