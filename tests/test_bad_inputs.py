@@ -65,7 +65,7 @@ def test_every_model_command_refuses_nan_weights(command, nan_dir, text_file, tm
         "structured": ["prune", str(nan_dir), "--method", "uniform-structured", "--ratio", "0.3", *calib,
                        "--out", str(out)],
         "generate": ["generate", str(nan_dir), "--prompt", "hello", "--kv", "h2o", "--budget", "8",
-                     "--max-new-tokens", "2"],
+                     "--max-new-tokens", "2", "--quiet"],
         "reason": ["reason", "--model", str(nan_dir), "--questions", str(questions), "--samples", "2",
                    "--max-new-tokens", "2", "--quiet", "--out", str(out)],
         "qtune": ["data", "qtune", str(nan_dir), "--data", str(sft), "--out", str(out), "--quiet"],

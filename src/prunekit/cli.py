@@ -688,10 +688,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from prunekit.errors import InputError
 
-    if getattr(args, "quiet", False):
+    bars = None  # (transformers' bars on, the hub's off) before --quiet turned both off
+    if getattr(args, "quiet", False):  # for this command only: a caller's process gets its bars back
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+        bars = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+        hf_logging.disable_progress_bar()  # the hub's too
     try:  # Python's default SIGTERM ends the process without running `finally`: temp folders were left
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread: leave the handler alone
@@ -741,6 +744,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout, sys.stderr = stdout, stderr
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if bars is not None:
+            if bars[0]:
+                hf_logging.enable_progress_bar()
+            (disable_progress_bars if bars[1] else enable_progress_bars)()
 
 
 if __name__ == "__main__":
