@@ -34,7 +34,7 @@ demo: assets
 test: assets
 	$(BIN)/python -m pytest -q
 
-# Unit tests only (seconds; no zoo assets needed).
+# Unit tests only (about 2-3 minutes on 2 idle cores; no zoo assets needed).
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not integration"
 
