@@ -398,6 +398,22 @@ def test_recovery_keeps_the_callers_modules_flags_gradients_and_teacher_mode(tra
     handle.remove()
 
 
+@pytest.mark.parametrize("features", [0.0, 0.01])
+def test_distillation_runs_the_teacher_in_eval_mode_with_or_without_feature_matching(features):
+    """Plain KD (features=0) ran a teacher the caller left in train mode with its dropout on: noisy targets."""
+    model = tiny_lm()
+    teacher = copy.deepcopy(model).train()
+    keep = [True, False, True, True]
+    depth.drop_layers(model, keep)
+    modes = []
+    handle = teacher.register_forward_pre_hook(lambda m, _a: modes.append(m.training))
+    target = depth.causal_lm_target(model, ids(4, 16), batch_size=2)
+    depth.recover(target, steps=2, trainable="lora", teacher=(teacher, teacher.model.layers), keep=keep,
+                  features=features)
+    handle.remove()
+    assert modes == [False, False] and teacher.training  # eval for its targets, the caller's mode afterwards
+
+
 def test_feature_matching_without_a_teacher_is_refused():
     model = tiny_lm()
     target = depth.causal_lm_target(model, ids(4, 16), batch_size=2)

@@ -168,6 +168,7 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
         for j, ti in pairs:
             handles.append(target.blocks[j].register_forward_hook(grab(got_s, j)))
             handles.append(teacher[1][ti].register_forward_hook(grab(got_t, ti)))
+    if teacher is not None:  # its targets without dropout noise, with or without feature matching
         teacher[0].eval()
     losses: list[float] = []
     model.train()
