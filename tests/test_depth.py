@@ -4,7 +4,10 @@ recovery and the CLI's refusals."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -12,12 +15,15 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from prunekit import depth
 from prunekit.cli import main
 from prunekit.depth import DepthTarget
 from prunekit.errors import InputError
 
+recovery_mod = importlib.import_module("prunekit.depth.recovery")  # prunekit.depth.tinyfusion is also a function
+tinyfusion_mod = importlib.import_module("prunekit.depth.tinyfusion")
 
 
 def tiny_lm(kind: str = "llama", layers: int = 4, seed: int = 0, **extra):
@@ -888,3 +894,278 @@ def test_zeros_refilled_counts_exactly_the_input_zeros_made_nonzero():
         w[3, 0], w[5, 1], w[0, -1] = 1.0, -2.0, 0.5  # three zeros refilled
         w[7, -2] = 0.0  # a new zero is not a refill
     assert zeros_refilled(masks, model) == 3
+
+
+class _Add(nn.Module):
+    """A block with no weights: ``x + e`` (so which blocks run is read off the output)."""
+
+    def __init__(self, e):
+        super().__init__()
+        self.register_buffer("e", e)
+
+    def forward(self, x):
+        return x + self.e
+
+
+class _Chain(nn.Module):
+    def __init__(self, depth_):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Add(torch.eye(depth_)[i]) for i in range(depth_))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def phased_target(phases: str, samples: int = 8) -> DepthTarget:
+    """2 blocks; batch phase "A" rewards running block 0, phase "B" block 1 (the loss is minus that gate)."""
+    model = _Chain(2)
+    batches = [(p, torch.zeros(samples, 2)) for p in phases]
+
+    def loss(m, batch):
+        phase, x = batch
+        out = m(x)  # out[:, i] = gate of block i
+        return -out[:, 0 if phase == "A" else 1].mean()
+
+    return DepthTarget(model, model.blocks, batches, loss)
+
+
+def reference_masked_mse(s, t, k=2.0):
+    """Masked Rep of TinyFusion's ``train_masked_kd.py``, written independently: per sample, the elements within
+    k std of that sample's mean (over every token and channel) in BOTH teacher and student count."""
+    total, count = 0.0, 0
+    for si, ti in zip(s.detach().double(), t.detach().double()):
+        si, ti = si.flatten(), ti.flatten()
+        ok = ((si - si.mean()).abs() < k * si.std()) & ((ti - ti.mean()).abs() < k * ti.std())
+        total += float(((si - ti) ** 2)[ok].sum())
+        count += int(ok.sum())
+    return total / max(count, 1)
+
+
+def test_tinyfusion_temperature_goes_linearly_from_start_to_end_and_batches_cycle(monkeypatch):
+    """tau goes linearly tau[0] -> tau[1] over the steps, both ends reached (4 -> 0.1 by default); batches are
+    taken in order, cycling."""
+    seen_tau, seen_batch = [], []
+    real = tinyfusion_mod.sample_masks
+
+    def spy(*a, **kw):
+        seen_tau.append(kw["tau"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tinyfusion_mod, "sample_masks", spy)
+    target = phased_target("AB")
+    counted = dataclasses.replace(target, loss=lambda m, b: seen_batch.append(b[0]) or target.loss(m, b))
+    depth.tinyfusion(counted, kept=1, steps=5, seed=0, recoverability="frozen")
+    assert seen_tau == pytest.approx([4.0, 3.025, 2.05, 1.075, 0.1])
+    assert seen_batch == ["A", "B", "A", "B", "A"]
+    seen_tau.clear()
+    depth.tinyfusion(target, kept=1, steps=3, tau=(0.5, 2.0), seed=0, recoverability="frozen")
+    assert seen_tau == pytest.approx([0.5, 1.25, 2.0])
+
+
+def test_sampled_masks_follow_softmax_of_the_scaled_logits_for_groups_of_three_or_more_options():
+    """Gumbel-max: each sample's one-hot picks option c with probability softmax(scale * g)_c (whatever tau), a
+    fresh draw per sample; shown on a 1:3 group (3 options) and a 2:4 group (6 options)."""
+    options = [depth.group_options(1, 3), depth.group_options(2, 4)]
+    probs = [torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])]
+    scale = 100.0
+    logits = [nn.Parameter(p.log() / scale) for p in probs]
+    n = 20000
+    masks = depth.sample_masks(logits, options, samples=n, tau=0.7, scale=scale,
+                               generator=torch.Generator().manual_seed(0)).detach()  # [n, 7]
+    start = 0
+    for opts, p in zip(options, probs):
+        m = masks[:, start : start + opts.shape[1]]  # [n, M]
+        chosen = (m[:, None, :] == opts[None]).all(-1).float()  # [n, C]
+        assert bool((chosen.sum(1) == 1).all())
+        freq = chosen.mean(0)
+        assert freq.tolist() == pytest.approx(p.tolist(), abs=0.015)
+        start += opts.shape[1]
+
+
+def test_straight_through_gradient_is_that_of_softmax_of_scaled_logits_over_tau():
+    """Backward goes through soft = softmax((scale g + Gumbel) / tau): with scale * (g1 - g0) = tau the noise is
+    negligible and d y1 / d g1 = (scale / tau) s1 (1 - s1) with s1 = sigmoid(1)."""
+    g = nn.Parameter(torch.tensor([0.0, 1.0]))
+    scale = tau = 1e4
+    y = depth.sample_masks([g], [depth.group_options(1, 2)], samples=1, tau=tau, scale=scale,
+                           generator=torch.Generator().manual_seed(0))  # [1, 2]
+    y[0, 1].backward()
+    s1 = 1 / (1 + math.exp(-1))
+    expected = scale / tau * s1 * (1 - s1)
+    assert g.grad.tolist() == pytest.approx([-expected, expected], rel=0.02)
+
+
+def test_ema_of_the_logits_decides_and_confidence_is_the_max_scaled_softmax():
+    """EMA(decay) of the logits, started at the initial logits (0.02) and updated after every optimizer step,
+    decides the mask; the reported confidence is max softmax(scale * ema logits). The phases make the final
+    logits prefer block 1 while their average (the EMA) still prefers block 0."""
+    trajectory = []
+
+    def record(opt, _args, _kwargs):
+        trajectory.append([p.detach().clone() for p in opt.param_groups[0]["params"]])
+
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        res = depth.tinyfusion(phased_target("A" * 10 + "B" * 30), kept=1, steps=40, seed=0,
+                               recoverability="frozen", lr_gates=0.05, scale=5.0, ema=0.95)
+    finally:
+        handle.remove()
+    assert len(trajectory) == 40
+    ema = torch.full((2,), 0.02)
+    for step in trajectory:
+        ema = 0.95 * ema + 0.05 * step[0]
+    assert res.ema_logits[0] == pytest.approx(ema.tolist(), abs=1e-6)
+    assert res.logits[0] == pytest.approx(trajectory[-1][0].tolist(), abs=1e-7)
+    final, averaged = res.logits[0], res.ema_logits[0]
+    assert final[1] > final[0] and averaged[0] > averaged[1]  # the scenario: they disagree
+    assert res.keep == [True, False]  # the EMA decides
+    assert res.confidence[0] == pytest.approx(float((torch.tensor(averaged) * 5.0).softmax(-1).max()), rel=1e-6)
+
+
+def test_one_step_moves_the_logits_by_lr_gates_without_weight_decay():
+    """AdamW's first step moves every logit with a gradient by exactly its learning rate (lr_gates, wd 0)."""
+    res = depth.tinyfusion(phased_target("A"), kept=1, steps=1, seed=0, recoverability="frozen", lr_gates=0.05)
+    moved = [abs(v - 0.02) for v in res.logits[0]]
+    assert moved == pytest.approx([0.05, 0.05], abs=1e-5)
+    assert res.logits[0][0] > res.logits[0][1]  # toward the option phase A rewards
+
+
+def _kd_setup(layers=6, keep=(True, True, False, True, False, False)):
+    teacher = tiny_lm(layers=layers)
+    student = tiny_lm(layers=layers)
+    student.load_state_dict(teacher.state_dict())
+    depth.drop_layers(student, list(keep))
+    target = depth.causal_lm_target(student, ids(2, 8), batch_size=2)
+    return teacher, student, target, list(keep)
+
+
+def test_feature_matching_pairs_each_student_block_with_the_teacher_block_at_the_same_point(monkeypatch):
+    """Rep compares student block j's output with teacher block keep[j+1]-1's (the last student block with the
+    teacher's last), with the outlier mask of TinyFusion's masked KD. keep = 0,1,3 of 6 -> teacher 0, 2, 5."""
+    teacher, student, target, keep = _kd_setup()
+    outs_t, outs_s, calls = {}, {}, []
+
+    def grab(store, i):
+        def fn(_m, _a, out):
+            store[i] = (out[0] if isinstance(out, (tuple, list)) else out).detach().clone()
+        return fn
+
+    hs = [b.register_forward_hook(grab(outs_t, i)) for i, b in enumerate(teacher.model.layers)]
+    hs += [b.register_forward_hook(grab(outs_s, i)) for i, b in enumerate(student.model.layers)]
+    real = recovery_mod._masked_mse
+
+    def spy(s, t, *a, **kw):
+        value = real(s, t, *a, **kw)
+        calls.append((s.detach().clone(), t.detach().clone(), dict(outs_s), dict(outs_t), float(value.detach())))
+        return value
+
+    monkeypatch.setattr(recovery_mod, "_masked_mse", spy)
+    try:
+        depth.recover(target, steps=1, trainable="lora", lr=1e-3, teacher=(teacher, teacher.model.layers),
+                      keep=keep, features=1.0, seed=0)
+    finally:
+        for h in hs:
+            h.remove()
+    expected_teacher = [0, 2, 5]  # keep[j+1]-1 for j = 0, 1 (kept 1, 3); the last block: teacher's last (5)
+    step0 = calls[: len(expected_teacher)]
+    assert len(step0) == 3
+    for j, (s, t, o_s, o_t, value) in enumerate(step0):
+        assert torch.equal(s, o_s[j]), f"student side of pair {j} is not student block {j}'s output"
+        matches = [i for i, o in o_t.items() if torch.equal(t, o)]
+        assert matches == [expected_teacher[j]], f"student block {j} matched teacher block(s) {matches}"
+        assert value == pytest.approx(reference_masked_mse(s, t), rel=1e-4)
+
+
+def test_masked_mse_drops_elements_two_std_from_the_per_sample_mean_in_teacher_or_student():
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 8, 25, generator=gen) * torch.tensor([1.0, 10.0]).view(2, 1, 1) + torch.tensor(
+        [0.0, 5.0]).view(2, 1, 1)  # per-sample scale and offset differ
+    s = 0.5 * t + torch.randn(2, 8, 25, generator=gen) * torch.tensor([1.0, 10.0]).view(2, 1, 1)
+    got = float(recovery_mod._masked_mse(s, t))
+    assert got == pytest.approx(reference_masked_mse(s, t), rel=1e-5)
+    assert got != pytest.approx(float(((s - t) ** 2).mean()), rel=1e-2)  # the mask does drop something
+
+
+def test_kd_loss_is_point_nine_kd_plus_point_one_task_plus_beta_rep_with_beta_linear_to_zero(monkeypatch):
+    """loss_step = 0.9 KD + 0.1 task + beta_step * mean-over-pairs Rep, beta = features * (1 - step / (steps - 1))."""
+    teacher, student, target, keep = _kd_setup(4, (True, False, True, False))
+    kd, task, reps = [], [], []
+    real = recovery_mod._masked_mse
+
+    def spy(s, t, *a, **kw):
+        value = real(s, t, *a, **kw)
+        reps.append((len(task) - 1, float(value.detach())))
+        return value
+
+    monkeypatch.setattr(recovery_mod, "_masked_mse", spy)
+    counted = dataclasses.replace(
+        target, loss=lambda m, b: task.append(float((v := target.loss(m, b)).detach())) or v,
+        distill=lambda s, t, b: kd.append(float((v := target.distill(s, t, b)).detach())) or v)
+    steps, features = 4, 2.0
+    res = depth.recover(counted, steps=steps, trainable="lora", lr=1e-3, teacher=(teacher, teacher.model.layers),
+                        keep=keep, features=features, seed=0)
+    assert len(kd) == len(task) == steps
+    for step in range(steps):
+        beta = features * (1 - step / (steps - 1))
+        rep = [r for i, r in reps if i == step]
+        assert len(rep) == (2 if beta > 0 else 0)
+        expected = 0.9 * kd[step] + 0.1 * task[step] + (beta * sum(rep) / len(rep) if rep else 0.0)
+        assert res.losses[step] == pytest.approx(expected, rel=1e-5)
+
+
+def test_learning_rate_is_cosine_decayed_from_lr_to_a_tenth():
+    blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+    model = nn.Sequential(*blocks)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    target = DepthTarget(model, blocks, [x], lambda m, b: (m(b) ** 2).mean())
+    lrs = []
+    handle = register_optimizer_step_pre_hook(lambda opt, *_: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        depth.recover(target, steps=5, trainable="full", lr=1e-2, seed=0)
+    finally:
+        handle.remove()
+    expected = [1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / 4))) for s in range(5)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    assert lrs[0] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-3)
+
+
+def _grad_norms_at_each_step():
+    norms = []
+
+    def hook(opt, *_):
+        grads = [p.grad for grp in opt.param_groups for p in grp["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+    return norms, register_optimizer_step_pre_hook(hook)
+
+
+def test_tinyfusion_and_recovery_clip_the_gradient_norm_to_one():
+    """Both clip the gradient norm of what they train to 1.0 before each step (here it would be ~1e3)."""
+    base = phased_target("AB")
+    loud = dataclasses.replace(base, loss=lambda m, b: 1e4 * base.loss(m, b))
+    norms, handle = _grad_norms_at_each_step()
+    try:
+        depth.tinyfusion(loud, kept=1, steps=3, seed=0, recoverability="frozen", scale=1.0)
+    finally:
+        handle.remove()
+    assert len(norms) == 3 and max(norms) <= 1.0 + 1e-5 and max(norms) > 0.5
+    blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+    model = nn.Sequential(*blocks)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    target = DepthTarget(model, blocks, [x], lambda m, b: 1e4 * (m(b) - 1).pow(2).mean())
+    norms, handle = _grad_norms_at_each_step()
+    try:
+        depth.recover(target, steps=3, trainable="full", lr=1e-4, seed=0)
+    finally:
+        handle.remove()
+    assert len(norms) == 3 and max(norms) <= 1.0 + 1e-5 and max(norms) > 0.5
+
+
+def test_keep_top_breaks_ties_toward_the_earlier_block():
+    """keep_top: 'ties: the earlier block' (equal scores, e.g. identical blocks or a flat sensitivity)."""
+    from prunekit.depth.core import keep_top
+
+    assert keep_top(torch.tensor([1.0, 1.0, 1.0, 1.0]), 2) == [True, True, False, False]
+    assert keep_top(torch.tensor([0.5, 2.0, 0.5, 0.5]), 2, protect=(3,)) == [False, True, False, True]
+    assert keep_top(torch.tensor([0.5, 2.0, 0.5, 0.5]), 3) == [True, True, True, False]
