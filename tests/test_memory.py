@@ -3,6 +3,7 @@ summary of summaries, crash safety of the SQLite store, bad input and the CLI.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -885,5 +886,49 @@ def test_the_index_kept_in_step_with_adds_and_forgets_equals_one_read_from_the_f
         q = rng.normal(size=8)
         assert store.search(q, 10) == fresh.search(q, 10)
     assert np.array_equal(store._mat, fresh._mat)
+    store.close()
+    fresh.close()
+
+
+def test_a_store_opened_before_another_recorded_the_embedder_learns_its_dimension(tmp_path):
+    """Two `memory add` processes starting on a new file: the second's first search said the store was damaged
+    ("a 16-byte embedding, expected 0")."""
+    from prunekit.inference.memory_store import SQLiteStore, TurnRecord
+
+    a, b = SQLiteStore(tmp_path / "m.db"), SQLiteStore(tmp_path / "m.db")
+    a.check_embedder("toy", 4)
+    b.check_embedder("toy", 4)
+    with b.transaction():
+        b.add_turn(TurnRecord(0, "user", "hi", "hi"))
+        ids = b.add_chunks(0, "user", ["hi"], np.ones((1, 4), dtype=np.float32))
+    assert a.search(np.ones(4), 1) == b.search(np.ones(4), 1) == [(ids[0], 4.0)]
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_a_search_inside_a_transaction_neither_doubles_its_rows_nor_keeps_them_after_a_rollback(tmp_path, end):
+    """The first search inside a transaction read its own uncommitted chunks; the commit appended them again
+    (each chunk found twice), and a rollback left them in the index."""
+    from prunekit.inference.memory_store import SQLiteStore, TurnRecord
+
+    store = SQLiteStore(tmp_path / "m.db")
+    store.check_embedder("toy", 2)
+    q = np.array([1.0, 0.0])
+    with store.transaction():
+        store.add_turn(TurnRecord(0, "user", "x", ""))
+        first = store.add_chunks(0, "user", ["x"], np.array([[1.0, 0.0]]))
+    with pytest.raises(RuntimeError) if end == "rollback" else contextlib.nullcontext():
+        with store.transaction():
+            store.add_turn(TurnRecord(1, "user", "y", ""))
+            second = store.add_chunks(1, "user", ["y"], np.array([[0.6, 0.8]]))
+            assert [i for i, _ in store.search(q, 5)] == first + second  # the index is read now, with "y"
+            third = store.add_chunks(1, "user", ["z"], np.array([[0.0, 1.0]]))  # after the read
+            if end == "rollback":
+                raise RuntimeError("the caller's error")
+    want = first + second + third if end == "commit" else first
+    assert sorted(i for i, _ in store.search(q, 5)) == want and store.index_size() == len(want)
+    fresh = SQLiteStore(tmp_path / "m.db")
+    assert store.search(q, 5) == fresh.search(q, 5)
     store.close()
     fresh.close()
