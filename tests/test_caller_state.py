@@ -87,7 +87,7 @@ def test_figures_do_not_switch_the_callers_matplotlib_backend(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
-def test_cli_quiet_silences_progress_bars_for_its_own_command_only(tmp_path):
+def test_cli_quiet_silences_progress_bars_for_its_own_command_only(tmp_path, monkeypatch):
     """`cli.main([..., "--quiet"])` turned transformers' progress bars off for the rest of the caller's process
     (and, in the suite, for later tests: a NaN-weights test passed only after a --quiet one)."""
     from huggingface_hub import utils as hub
@@ -96,13 +96,37 @@ def test_cli_quiet_silences_progress_bars_for_its_own_command_only(tmp_path):
     from prunekit import cli
 
     argv = ["generate", str(tmp_path / "missing"), "--prompt", "hi", "--kv", "full", "--budget", "8", "--quiet"]
+    during = []
+    check = cli._check_utf8
+    monkeypatch.setattr(cli, "_check_utf8", lambda args: during.append(
+        (hf_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled())) or check(args))
     had, hub_had = hf_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
     try:
         for ours, hubs_off in ((True, False), (False, True), (True, True)):
             (hf_logging.enable_progress_bar if ours else hf_logging.disable_progress_bar)()
             (hub.disable_progress_bars if hubs_off else hub.enable_progress_bars)()
             assert cli.main(argv) == 2  # the folder is missing: refused after the bars were turned off
+            assert during.pop() == (False, True)  # both off while the command ran
             assert hf_logging.is_progress_bar_enabled() is ours and hub.are_progress_bars_disabled() is hubs_off
+    finally:
+        (hf_logging.enable_progress_bar if had else hf_logging.disable_progress_bar)()
+        (hub.disable_progress_bars if hub_had else hub.enable_progress_bars)()
+
+
+def test_quiet_progress_bars_gives_back_the_hubs_per_group_settings():
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    from prunekit.weights.io import quiet_progress_bars
+
+    had, hub_had = hf_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
+    try:
+        hf_logging.enable_progress_bar()
+        hub.disable_progress_bars("huggingface_hub.http_get")  # the caller silenced downloads only
+        with quiet_progress_bars():
+            assert not hf_logging.is_progress_bar_enabled() and hub.are_progress_bars_disabled()
+        assert hf_logging.is_progress_bar_enabled() and not hub.are_progress_bars_disabled()
+        assert hub.are_progress_bars_disabled("huggingface_hub.http_get")  # was re-enabled by the global switch
     finally:
         (hf_logging.enable_progress_bar if had else hf_logging.disable_progress_bar)()
         (hub.disable_progress_bars if hub_had else hub.enable_progress_bars)()

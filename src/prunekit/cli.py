@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad input (a one-line message says what to fix; nothing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -688,13 +689,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from prunekit.errors import InputError
 
-    bars = None  # (transformers' bars on, the hub's off) before --quiet turned both off
+    bars = contextlib.ExitStack()
     if getattr(args, "quiet", False):  # for this command only: a caller's process gets its bars back
-        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-        from transformers.utils import logging as hf_logging
+        from prunekit.weights.io import quiet_progress_bars
 
-        bars = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
-        hf_logging.disable_progress_bar()  # the hub's too
+        bars.enter_context(quiet_progress_bars())
     try:  # Python's default SIGTERM ends the process without running `finally`: temp folders were left
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread: leave the handler alone
@@ -744,10 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout, sys.stderr = stdout, stderr
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        if bars is not None:
-            if bars[0]:
-                hf_logging.enable_progress_bar()
-            (disable_progress_bars if bars[1] else enable_progress_bars)()
+        bars.close()
 
 
 if __name__ == "__main__":

@@ -108,24 +108,17 @@ class MiniLMEmbedder(Embedder):
         if self._model is not None:
             return
         from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
         folder = self._path or minilm_path()
         cfg = folder / "sentence_bert_config.json"
         if cfg.is_file():
             self._max_len = int(json.loads(cfg.read_text()).get("max_seq_length", 256))
-        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+        from prunekit.weights.io import quiet_progress_bars
 
-        was, hub_off = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
-        hf_logging.disable_progress_bar()  # no "Loading weights" bar for a 90 MB model (it turns the hub's off too)
-        try:
+        with quiet_progress_bars():  # no "Loading weights" bar for a 90 MB model
             self._tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
             self._model = AutoModel.from_pretrained(folder, local_files_only=True,
                                                     trust_remote_code=False).to(self.device).eval()
-        finally:  # transformers' switch turns the hub's bars too: each goes back as the caller had it
-            if was:
-                hf_logging.enable_progress_bar()
-            (disable_progress_bars if hub_off else enable_progress_bars)()
 
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch

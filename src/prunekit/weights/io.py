@@ -6,7 +6,9 @@ interrupted run leaves no half-written output; an existing output is replaced on
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import importlib
 import json
 import os
 import pickle
@@ -26,6 +28,29 @@ __all__ = ["resolve_model", "load_model", "check_finite_weights", "check_output"
 _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 # what a saved tokenizer's vocabulary lives in (tokenizer_config.json alone is not a tokenizer)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "*.model", "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken")
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """transformers' and the Hugging Face hub's progress bars off inside; afterwards each is back as the caller
+    had it, the hub's per-group settings included (transformers' switch turns the hub's on or off globally)."""
+    from transformers.utils import logging as hf_logging
+
+    hub = importlib.import_module("huggingface_hub.utils.tqdm")  # the module (`utils.tqdm` is also its class)
+    ours, hub_off = hf_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()
+    states = getattr(hub, "progress_bar_states", None)
+    saved = dict(states) if isinstance(states, dict) else None
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if ours:
+            hf_logging.enable_progress_bar()
+        if saved is not None:
+            states.clear()
+            states.update(saved)
+        else:
+            (hub.disable_progress_bars if hub_off else hub.enable_progress_bars)()
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
