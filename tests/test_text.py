@@ -2,6 +2,7 @@ import io
 import os
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -326,25 +327,49 @@ def test_an_asset_another_process_built_meanwhile_is_used(tmp_path):
     assert [p.name for p in final.parent.iterdir()] == ["m"]
 
 
-def test_a_killed_builds_temporary_sibling_is_swept_by_the_next_build(tmp_path):
+def test_a_killed_builds_temporary_sibling_is_swept_by_the_next_build(tmp_path, monkeypatch):
     """A SIGKILLed model conversion left a hidden 514 MB `.smollm2-135m.*` folder that nothing ever removed."""
-    import socket
     import subprocess
+    import time
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid now names no process
-    host = socket.gethostname()
+    host, ns, _ = zoo._owner().split("~")
+    assert zoo._tmp_prefix("m") == f".m~{host}~{ns}~{os.getpid()}~"
     models = tmp_path / "models"
-    names = {"dead": f".m~{host}~{gone.pid}~abc", "live": f".m~{host}~{os.getpid()}~def",
-             "elsewhere": f".m~another-host~{gone.pid}~ghi", "unknown": ".m.jkl",
-             "other asset": f".n~{host}~{gone.pid}~x"}
-    for name in names.values():
+    old = time.time() - 2 * 24 * 3600
+    names = {"dead": (f".m~{host}~{ns}~{gone.pid}~abc", None), "live": (f".m~{host}~{ns}~{os.getpid()}~def", None),
+             # another host over NFS, or another container with this host name: its pids are not ours to test
+             "elsewhere": (f".m~another-host~{ns}~{gone.pid}~ghi", None),
+             "other pid namespace": (f".m~{host}~{int(ns) + 1}~{gone.pid}~jkl", None),
+             "elsewhere, a day untouched": (f".m~another-host~{ns}~{gone.pid}~mno", old),
+             "a reused pid, a day untouched": (f".m~{host}~{ns}~{os.getpid()}~pqr", old),
+             "odd digits": (f".m~{host}~{ns}~\u00b2~stu", None), "huge pid": (f".m~{host}~{ns}~{10 ** 30}~vwx", None),
+             "old naming": (".m.jkl", old), "other asset": (f".n~{host}~{ns}~{gone.pid}~x", None)}
+    for name, mtime in names.values():
         (models / name).mkdir(parents=True)
         (models / name / "weights").write_text("half")
+        if mtime:
+            os.utime(models / name / "weights", (mtime, mtime))
+            os.utime(models / name, (mtime, mtime))
     zoo._atomic_dir(models / "m", lambda tmp: (tmp / "weights").write_text("whole"))
     left = {p.name for p in models.iterdir()}
-    assert left == {"m"} | {v for k, v in names.items() if k != "dead"}
+    swept = {"dead", "elsewhere, a day untouched", "a reused pid, a day untouched"}
+    assert left == {"m"} | {v for k, (v, _) in names.items() if k not in swept}
     assert (models / "m" / "weights").read_text() == "whole"
-    (models / f".x.jsonl~{host}~{gone.pid}~abc.tmp").write_text("half")  # a killed cache file write
+    (models / f".x.jsonl~{host}~{ns}~{gone.pid}~abc.tmp").write_text("half")  # a killed cache file write
     zoo._atomic_write(models / "x.jsonl", b"data")
     assert (models / "x.jsonl").read_bytes() == b"data" and not list(models.glob(".x.jsonl*"))
+    # another user's stale file in a shared sticky folder cannot be removed: the build goes on without a word
+    stale = models / f".y.jsonl~{host}~{ns}~{gone.pid}~abc.tmp"
+    stale.write_text("half")
+    real_unlink = Path.unlink
+
+    def refused(self, *a, **k):
+        if self == stale:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real_unlink(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    zoo._atomic_write(models / "y.jsonl", b"data")
+    assert (models / "y.jsonl").read_bytes() == b"data" and stale.exists()

@@ -27,12 +27,14 @@ import json
 import lzma
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -51,9 +53,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PRUNEKIT_CACHE") or "~/.cache/prunekit").expanduser()  # empty: unset, not "."
 
 
+_STALE_SECONDS = 24 * 3600  # a temporary untouched this long is a dead build's, whoever made it
+
+
+def _owner() -> str:
+    """``HOST~PIDNS~PID``: which process made a temporary. The pid namespace tells apart containers that share a
+    host name and a cache volume, where one's pids mean nothing to the other."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "_"
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return f"{host}~{ns}~{os.getpid()}"
+
+
 def _tmp_prefix(name: str) -> str:
-    """Temporary siblings are named ``.NAME~HOST~PID~...``, so a later run can tell whose they are."""
-    return f".{name}~{socket.gethostname()}~{os.getpid()}~"
+    """Temporary siblings are named ``.NAME~HOST~PIDNS~PID~...``, so a later run can tell whose they are."""
+    return f".{name}~{_owner()}~"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -61,24 +77,37 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:  # EPERM: alive, another user's
+    except (OSError, OverflowError):  # EPERM: alive, another user's; out of range: not a pid of ours
         return True
     return True
 
 
+def _newest_mtime(p: Path) -> float:
+    times = [p.lstat().st_mtime]
+    if p.is_dir() and not p.is_symlink():
+        times += [c.lstat().st_mtime for c in p.iterdir()]  # files being written inside
+    return max(times)
+
+
 def _sweep_stale(final: Path) -> None:
-    """Remove the temporary siblings of `final` left by a build on this host whose process is gone (killed by
-    SIGKILL or the OOM killer, where no cleanup runs: a model conversion left 514 MB). Another host's, sharing the
-    cache over a network file system, or a live process's, are left alone."""
-    host = socket.gethostname()
+    """Remove the temporary siblings of `final` that a dead build left (killed by SIGKILL or the OOM killer, where
+    no cleanup runs: a model conversion left 514 MB): at once when it was made in this pid namespace on this
+    host by a process that is gone, otherwise (another host sharing the cache over a network file system,
+    another container) once untouched for a day. Whatever cannot be removed (another user's) is left."""
+    host, ns, _ = _owner().split("~")
+    pattern = re.compile(rf"\.{re.escape(final.name)}~([A-Za-z0-9._-]+)~(\d{{1,20}})~(\d{{1,10}})~", re.ASCII)
     for p in final.parent.glob(f".{final.name}~*"):
-        parts = p.name[len(final.name) + 2:].split("~")
-        if len(parts) < 3 or parts[0] != host or not parts[1].isdigit() or _pid_alive(int(parts[1])):
+        m = pattern.match(p.name)
+        try:
+            dead = bool(m) and m.group(1) == host and m.group(2) == ns and not _pid_alive(int(m.group(3)))
+            if not dead and time.time() - _newest_mtime(p) < _STALE_SECONDS:  # a live build's, or not ours to judge
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError:
             continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
 
 
 def _atomic_dir(final: Path, build) -> Path:
