@@ -225,6 +225,8 @@ def main(argv=None) -> int:
             "noise": args.noise, "plot": out.stem + "_eu.png",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s)",
             "torch": torch.__version__, "base": old.get("base")}
+    if old.get("eu_stats"):  # a resumed run kept the rows but dropped the --eu-stats table the README quotes
+        meta["eu_stats"] = old["eu_stats"]
 
     if meta["base"] is None:
         ev = _evaluate(base, tok, test_rec, test_ex, pad_id, args)
