@@ -898,37 +898,59 @@ def test_a_store_opened_before_another_recorded_the_embedder_learns_its_dimensio
     from prunekit.inference.memory_store import SQLiteStore, TurnRecord
 
     a, b = SQLiteStore(tmp_path / "m.db"), SQLiteStore(tmp_path / "m.db")
+    reader = SQLiteStore(tmp_path / "m.db", readonly=True)
+    reader.check_embedder("toy", 4)  # nothing recorded yet: nothing to check
     a.check_embedder("toy", 4)
-    b.check_embedder("toy", 4)
+    real = SQLiteStore._meta
+    raced = []
+
+    def meta_before_the_race(self, key):  # b read "no embedder" just before a's commit landed
+        if key == "embedder" and self is b and not raced:
+            raced.append(key)
+            return None
+        return real(self, key)
+
+    SQLiteStore._meta = meta_before_the_race
+    try:
+        b.check_embedder("toy", 4)  # was sqlite3.IntegrityError: UNIQUE constraint failed: meta.key
+    finally:
+        SQLiteStore._meta = real
+    assert raced
     with b.transaction():
         b.add_turn(TurnRecord(0, "user", "hi", "hi"))
         ids = b.add_chunks(0, "user", ["hi"], np.ones((1, 4), dtype=np.float32))
-    assert a.search(np.ones(4), 1) == b.search(np.ones(4), 1) == [(ids[0], 4.0)]
-    a.close()
-    b.close()
+    assert a.search(np.ones(4), 1) == b.search(np.ones(4), 1) == reader.search(np.ones(4), 1) == [(ids[0], 4.0)]
+    for s in (a, b, reader):
+        s.close()
 
 
+@pytest.mark.parametrize("searched_before", [False, True])
 @pytest.mark.parametrize("end", ["commit", "rollback"])
-def test_a_search_inside_a_transaction_neither_doubles_its_rows_nor_keeps_them_after_a_rollback(tmp_path, end):
+def test_a_search_inside_a_transaction_sees_its_rows_once_and_not_after_a_rollback(tmp_path, end, searched_before):
     """The first search inside a transaction read its own uncommitted chunks; the commit appended them again
-    (each chunk found twice), and a rollback left them in the index."""
-    from prunekit.inference.memory_store import SQLiteStore, TurnRecord
+    (each chunk found twice), and a rollback left them in the index. With the index read before the
+    transaction, a search inside it missed the transaction's chunks instead."""
+    from prunekit.inference.memory_store import ForgetRecord, SQLiteStore, TurnRecord
 
     store = SQLiteStore(tmp_path / "m.db")
     store.check_embedder("toy", 2)
     q = np.array([1.0, 0.0])
     with store.transaction():
         store.add_turn(TurnRecord(0, "user", "x", ""))
-        first = store.add_chunks(0, "user", ["x"], np.array([[1.0, 0.0]]))
+        first = store.add_chunks(0, "user", ["x", "w"], np.array([[1.0, 0.0], [0.8, 0.6]]))
+    if searched_before:
+        assert [i for i, _ in store.search(q, 5)] == first
     with pytest.raises(RuntimeError) if end == "rollback" else contextlib.nullcontext():
         with store.transaction():
             store.add_turn(TurnRecord(1, "user", "y", ""))
             second = store.add_chunks(1, "user", ["y"], np.array([[0.6, 0.8]]))
-            assert [i for i, _ in store.search(q, 5)] == first + second  # the index is read now, with "y"
-            third = store.add_chunks(1, "user", ["z"], np.array([[0.0, 1.0]]))  # after the read
+            store.forget([ForgetRecord(first[1], 0, "w", 0.0, 1)])
+            assert [i for i, _ in store.search(q, 5)] == first[:1] + second  # as the database sees it now
+            third = store.add_chunks(1, "user", ["z"], np.array([[0.0, 1.0]]))  # after that read
+            assert [i for i, _ in store.search(q, 5)] == first[:1] + second + third
             if end == "rollback":
                 raise RuntimeError("the caller's error")
-    want = first + second + third if end == "commit" else first
+    want = first[:1] + second + third if end == "commit" else first
     assert sorted(i for i, _ in store.search(q, 5)) == want and store.index_size() == len(want)
     fresh = SQLiteStore(tmp_path / "m.db")
     assert store.search(q, 5) == fresh.search(q, 5)

@@ -332,10 +332,14 @@ class SQLiteStore(Store):
         if have is None and self.readonly:
             return  # nothing recorded, nothing to compare, and nothing may be written
         if have is None:
-            with self.transaction():
-                self._db.execute("INSERT INTO meta VALUES ('embedder', ?), ('dim', ?)", (name, str(dim)))
-            self._dim = dim
-        elif have == name and int(self._meta("dim")) == dim:
+            with self.transaction():  # read again under the write lock: another process may have recorded it
+                have = self._meta("embedder")
+                if have is None:
+                    self._db.execute("INSERT INTO meta VALUES ('embedder', ?), ('dim', ?)", (name, str(dim)))
+            if have is None:
+                self._dim = dim
+                return
+        if have == name and int(self._meta("dim")) == dim:
             self._dim = dim  # recorded by another store on this file after this one opened it
         else:
             raise InputError(f"{self.path} was built with embedder {have} ({self._meta('dim')}-d), not {name} ({dim}-d); "
@@ -429,7 +433,15 @@ class SQLiteStore(Store):
     def _data_version(self) -> int:
         return self._db.execute("PRAGMA data_version").fetchone()[0]
 
+    def _index_stale(self) -> bool:
+        """The index must be read again: never read, another connection committed, or this transaction wrote
+        (a search inside it sees its own rows, as the database does)."""
+        return (self._index_version is None or self._data_version() != self._index_version
+                or (self._in_tx and bool(self._pending_add or self._pending_del)))
+
     def _load_index(self) -> None:
+        if self._dim is None and self._meta("dim"):  # recorded by another store since this one opened the file
+            self._dim = int(self._meta("dim"))
         rows = self._db.execute("SELECT id, embedding FROM chunks ORDER BY id").fetchall()
         dim = self._dim or 0
         mat = np.empty((len(rows), dim), dtype=np.float32)  # [n, dim]
@@ -475,7 +487,7 @@ class SQLiteStore(Store):
             self._ids, self._mat = self._ids[:m], self._mat[:m]
 
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
-        if self._index_version is None or self._data_version() != self._index_version:
+        if self._index_stale():
             self._load_index()
         n = len(self._ids)
         if n == 0 or k <= 0:
@@ -494,7 +506,7 @@ class SQLiteStore(Store):
 
     def index_size(self) -> int:
         """Vectors in the search index (loads it if needed)."""
-        if self._index_version is None or self._data_version() != self._index_version:
+        if self._index_stale():
             self._load_index()
         return len(self._ids)
 
