@@ -343,7 +343,8 @@ def test_a_killed_builds_temporary_sibling_is_swept_by_the_next_build(tmp_path, 
              "elsewhere": (f".m~another-host~{ns}~{gone.pid}~ghi", None),
              "other pid namespace": (f".m~{host}~{int(ns) + 1}~{gone.pid}~jkl", None),
              "elsewhere, a day untouched": (f".m~another-host~{ns}~{gone.pid}~mno", old),
-             "a reused pid, a day untouched": (f".m~{host}~{ns}~{os.getpid()}~pqr", old),
+             "a reused pid, a day untouched": (f".m~{host}~{ns}~{os.getppid()}~pqr", old),
+             "this process's, a day untouched": (f".m~{host}~{ns}~{os.getpid()}~yz", old),
              "odd digits": (f".m~{host}~{ns}~\u00b2~stu", None), "huge pid": (f".m~{host}~{ns}~{10 ** 30}~vwx", None),
              "old naming": (".m.jkl", old), "other asset": (f".n~{host}~{ns}~{gone.pid}~x", None)}
     for name, mtime in names.values():

@@ -99,7 +99,10 @@ def _sweep_stale(final: Path) -> None:
     for p in final.parent.glob(f".{final.name}~*"):
         m = pattern.match(p.name)
         try:
-            dead = bool(m) and m.group(1) == host and m.group(2) == ns and not _pid_alive(int(m.group(3)))
+            ours = bool(m) and m.group(1) == host and m.group(2) == ns
+            if ours and int(m.group(3)) == os.getpid():  # this process's own build (another thread's), however old
+                continue
+            dead = ours and not _pid_alive(int(m.group(3)))
             if not dead and time.time() - _newest_mtime(p) < _STALE_SECONDS:  # a live build's, or not ours to judge
                 continue
             if p.is_dir() and not p.is_symlink():
