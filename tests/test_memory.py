@@ -900,7 +900,9 @@ def test_a_store_opened_before_another_recorded_the_embedder_learns_its_dimensio
     a, b = SQLiteStore(tmp_path / "m.db"), SQLiteStore(tmp_path / "m.db")
     reader = SQLiteStore(tmp_path / "m.db", readonly=True)
     reader.check_embedder("toy", 4)  # nothing recorded yet: nothing to check
+    assert reader.embedder() == (None, None)
     a.check_embedder("toy", 4)
+    assert reader.embedder() == b.embedder() == ("toy", 4)
     real = SQLiteStore._meta
     raced = []
 

@@ -346,7 +346,8 @@ class SQLiteStore(Store):
                              f"open it with the same embedder (--embedder) or start a new store")
 
     def embedder(self) -> tuple[str | None, int | None]:
-        return self._meta("embedder"), self._dim
+        dim = self._meta("dim")  # as recorded now: another store may have recorded it since this one opened
+        return self._meta("embedder"), int(dim) if dim else None
 
     def setting(self, key: str) -> str | None:
         return self._meta("setting." + key)
