@@ -334,7 +334,7 @@ def test_a_killed_builds_temporary_sibling_is_swept_by_the_next_build(tmp_path, 
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid now names no process
-    host, ns, _ = zoo._owner().split("~")
+    host, ns, _ = zoo._owner()
     assert zoo._tmp_prefix("m") == f".m~{host}~{ns}~{os.getpid()}~"
     models = tmp_path / "models"
     old = time.time() - 2 * 24 * 3600

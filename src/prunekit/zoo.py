@@ -56,20 +56,20 @@ def cache_dir() -> Path:
 _STALE_SECONDS = 24 * 3600  # a temporary untouched this long is a dead build's, whoever made it
 
 
-def _owner() -> str:
-    """``HOST~PIDNS~PID``: which process made a temporary. The pid namespace tells apart containers that share a
-    host name and a cache volume, where one's pids mean nothing to the other."""
+def _owner() -> tuple[str, str, str]:
+    """``(HOST, PIDNS, PID)``: which process made a temporary. The pid namespace tells apart containers that share
+    a host name and a cache volume, where one's pids mean nothing to the other."""
     host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "_"
     try:
         ns = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         ns = 0
-    return f"{host}~{ns}~{os.getpid()}"
+    return host, str(ns), str(os.getpid())
 
 
 def _tmp_prefix(name: str) -> str:
     """Temporary siblings are named ``.NAME~HOST~PIDNS~PID~...``, so a later run can tell whose they are."""
-    return f".{name}~{_owner()}~"
+    return f".{name}~{'~'.join(_owner())}~"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -94,7 +94,7 @@ def _sweep_stale(final: Path) -> None:
     no cleanup runs: a model conversion left 514 MB): at once when it was made in this pid namespace on this
     host by a process that is gone, otherwise (another host sharing the cache over a network file system,
     another container) once untouched for a day. Whatever cannot be removed (another user's) is left."""
-    host, ns, _ = _owner().split("~")
+    host, ns, _ = _owner()
     pattern = re.compile(rf"\.{re.escape(final.name)}~([A-Za-z0-9._-]+)~(\d{{1,20}})~(\d{{1,10}})~", re.ASCII)
     for p in final.parent.glob(f".{final.name}~*"):
         m = pattern.match(p.name)

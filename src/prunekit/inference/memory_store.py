@@ -247,7 +247,6 @@ class SQLiteStore(Store):
             self._db.close()
             raise InputError(f"{self.path} has memory schema version {version}; this prunekit reads version {SCHEMA_VERSION}")
         self._in_tx = False
-        self._loaded_in_tx = False  # the index was read inside the open transaction (rolled back: read it again)
         self._dim: int | None = int(self._meta("dim")) if self._meta("dim") else None
         self._pending_add: list[tuple[list[int], np.ndarray]] = []
         self._pending_del: list[int] = []
@@ -312,7 +311,7 @@ class SQLiteStore(Store):
             raise InputError(f"memory store {self.path} was opened read-only; open it writable to change it "
                              "(a read-only reader retrieves with mark=False: prunekit memory ask --no-mark)")
         self._db.execute("BEGIN IMMEDIATE")
-        self._in_tx, self._loaded_in_tx = True, False
+        self._in_tx = True
         try:
             yield self
             self._db.execute("COMMIT")
@@ -320,8 +319,7 @@ class SQLiteStore(Store):
             if self._db.in_transaction:  # a failed COMMIT (disk full) may have rolled back already
                 self._db.execute("ROLLBACK")
             self._pending_add, self._pending_del = [], []
-            if self._loaded_in_tx:  # the index read this transaction's rows, now rolled back
-                self._index_version = None
+            self._index_version = None  # a search inside may have read rows now rolled back: read it again
             raise
         finally:
             self._in_tx = False
@@ -456,7 +454,6 @@ class SQLiteStore(Store):
         self._buf_ids, self._buf_mat = self._ids, self._mat  # full: the first add grows them
         self._index_version = self._data_version()
         if self._in_tx:  # read inside a transaction: its own rows so far are in; applying them again doubled them
-            self._loaded_in_tx = True
             self._pending_add, self._pending_del = [], []
 
     def _append(self, ids: np.ndarray, vecs: np.ndarray) -> None:
