@@ -1162,6 +1162,36 @@ def test_tinyfusion_and_recovery_clip_the_gradient_norm_to_one():
     assert len(norms) == 3 and max(norms) <= 1.0 + 1e-5 and max(norms) > 0.5
 
 
+def test_keep_top_refuses_nan_scores_instead_of_misranking_every_block():
+    """A NaN compares False with everything, so a sort on it misorders the other blocks too ([1, nan, 2, 3]
+    kept blocks 0 and 1, dropping the two best); found by oracle fuzzing. A protected NaN is no matter."""
+    from prunekit.depth.core import keep_top
+    from prunekit.depth.methods import sensitivity, shortgpt
+
+    nan = float("nan")
+    with pytest.raises(InputError, match=r"block\(s\) \[1\] are NaN"):
+        keep_top(torch.tensor([1.0, nan, 2.0, 3.0]), 2)
+    assert keep_top(torch.tensor([1.0, 4.0, 2.0, nan]), 2, protect=(3,)) == [False, True, False, True]
+    target = type("T", (), {"depth": 4})()
+    with pytest.raises(InputError, match="NaN"):
+        shortgpt(target, kept=2, influence=torch.tensor([0.1, nan, 0.3, 0.2]))
+    with pytest.raises(InputError, match="NaN"):
+        sensitivity(target, kept=2, losses=torch.tensor([nan, 1.0, 2.0, 3.0]))
+
+
+def test_random_masks_ranks_a_nan_loss_last_and_refuses_when_every_loss_is_nan(monkeypatch):
+    """min() over losses with a NaN first kept the NaN candidate (no comparison with NaN is True)."""
+    methods = importlib.import_module("prunekit.depth.methods")
+    target = type("T", (), {"depth": 6})()
+    losses = iter([float("nan"), 3.0, 2.0, float("nan"), 2.5])
+    monkeypatch.setattr(methods, "calibration_loss", lambda t, keep: next(losses))
+    keep, tried = methods.random_masks(target, kept=3, candidates=5, seed=0)
+    assert keep == [i in tried[2]["kept_layers"] for i in range(6)]
+    monkeypatch.setattr(methods, "calibration_loss", lambda t, keep: float("nan"))
+    with pytest.raises(InputError, match="NaN for every one of the 3 random masks"):
+        methods.random_masks(target, kept=3, candidates=3)
+
+
 def test_keep_top_breaks_ties_toward_the_earlier_block():
     """keep_top: 'ties: the earlier block' (equal scores, e.g. identical blocks or a flat sensitivity)."""
     from prunekit.depth.core import keep_top

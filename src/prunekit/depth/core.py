@@ -213,10 +213,18 @@ def check_kept(kept: int, depth: int) -> int:
 
 
 def keep_top(scores: torch.Tensor, kept: int, *, protect: Sequence[int] = ()) -> list[bool]:
-    """Keep the `kept` blocks with the highest `scores` (ties: the earlier block); `protect` always kept."""
+    """Keep the `kept` blocks with the highest `scores` (ties: the earlier block); `protect` always kept.
+
+    A NaN score (a block whose outputs or removal loss overflowed, or NaN weights) is an `InputError`: it cannot
+    be ranked, and a sort with it in would misorder every other block too."""
     scores = scores.clone().double()  # [depth]
     for i in protect:
         scores[i] = math.inf
+    bad = torch.isnan(scores).nonzero().flatten().tolist()
+    if bad:
+        raise InputError(f"the block scores of block(s) {bad} are NaN, so the blocks cannot be ranked; the "
+                         f"calibration run overflowed or the weights hold NaN: load the model in float32 and "
+                         f"check its weights")
     order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
     chosen = set(order[:kept])
     return [i in chosen for i in range(len(scores))]

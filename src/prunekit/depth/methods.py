@@ -22,11 +22,13 @@ Each returns a keep-mask over the blocks of a `DepthTarget` (True = kept) with e
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
 from prunekit.depth.core import DepthTarget, batch_size_of, check_keep, check_kept, gates, hidden_of, keep_top
-from prunekit.errors import int_at_least
+from prunekit.errors import InputError, int_at_least
 
 __all__ = ["shortgpt", "sensitivity", "every_other", "random_masks", "block_influence", "calibration_loss"]
 
@@ -122,5 +124,8 @@ def random_masks(target: DepthTarget, *, kept: int, candidates: int = 8, seed: i
         chosen = set(torch.randperm(target.depth, generator=gen)[:kept].tolist())
         keep = [i in chosen for i in range(target.depth)]
         tried.append({"kept_layers": sorted(chosen), "loss": calibration_loss(target, keep)})
-    best = min(tried, key=lambda t: t["loss"])
+    if all(math.isnan(t["loss"]) for t in tried):
+        raise InputError(f"the calibration loss is NaN for every one of the {candidates} random masks; the model's "
+                         f"outputs overflow or its weights hold NaN: load it in float32 and check its weights")
+    best = min(tried, key=lambda t: (math.isnan(t["loss"]), t["loss"]))  # a NaN loss ranks last, not first
     return [i in best["kept_layers"] for i in range(target.depth)], tried
