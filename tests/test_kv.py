@@ -496,6 +496,12 @@ def test_delta_pages_rule():
     assert pol.select_pages(spike, 32).tolist() == [1, 5, 7]  # the max over heads picks page 1, not page 3
     tie = pol.select(torch.full((4, 30), 0.01), 30)  # ties go to earlier pages
     assert tie.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 28, 29]
+    # also where a page's score is large enough (> ~2) for float32 to round the -1e-7 * u tie-break away
+    for level, pages, k in ((4.75, 6, 2), (2.0, 8, 4), (9.0, 4, 2)):
+        scores = [level + 1.0] + [level] * (pages - 1)  # page 0 best, the others tie
+        big = torch.tensor([[v / 16 for v in scores for _ in range(16)]])  # [1 head, pages * 16]
+        assert kv.Delta(budget=k * 16, page_size=16, recent_pages=0).select_pages(big, pages * 16).tolist() == \
+            list(range(k))
     # the page-wise gather copies exactly those tokens, in order, with or without the partial last page
     torch.manual_seed(0)
     for pol, n in ((pol, 30), (pol, 32), (kv.Delta(budget=12, page_size=4, recent_pages=0), 30)):

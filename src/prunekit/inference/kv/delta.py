@@ -136,7 +136,10 @@ class Delta(Policy):
         page_score = s.view(pages, P).sum(-1) - 1e-7 * torch.arange(pages, device=s.device)  # [pages]
         if self.recent_pages:
             page_score[-self.recent_pages:] = float("inf")
-        return page_score.topk(self.pages).indices.sort().values  # [K]
+        # a stable sort, not topk: once a page's score passes ~2 the float32 bias rounds away (its ulp is 2.4e-7),
+        # and topk would pick among exact ties arbitrarily; the stable order keeps the earlier page
+        order = torch.sort(page_score, descending=True, stable=True).indices  # [pages]
+        return order[: self.pages].sort().values  # [K]
 
     def select(self, probs: torch.Tensor, n: int) -> torch.Tensor:
         """Token indices [m] of the K best pages from probabilities [Hq, n] of the current query."""
