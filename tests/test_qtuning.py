@@ -471,6 +471,28 @@ def test_alpaca_dolly_and_completion_fields_are_read_not_dropped(tmp_path):
             S.read_sft(path)
 
 
+def test_cli_qtune_says_when_the_misconceptions_hold_fewer_tokens_than_the_budget_drops(tmp_path, model_dir,
+                                                                                         sft_file, capsys):
+    """--tokens 0.7 can end above 70%: only misconception samples lose tokens; the run said nothing of it."""
+    out = tmp_path / "out"
+    assert main(["data", "qtune", str(model_dir), "--data", str(sft_file), "--samples", "1", "--tokens", "0.01",
+                 "--out", str(out), "--quiet"]) == 0
+    kept = [json.loads(line) for line in (out / "kept.jsonl").read_text().splitlines()]
+    calibration = [k for k in kept if k["quadrant"] == "calibration"]
+    assert calibration and len(calibration) < len(kept)  # the case the note is about: some tokens cannot go
+    total = sum(len(k["token_keep"]) for k in kept)
+    left = sum(len(k["token_keep"]) for k in calibration)
+    assert sum(sum(k["token_keep"]) for k in kept) == left
+    drop = round(0.99 * total)
+    assert (f"--tokens 0.01 asked to drop {drop} of the kept samples' {total} response tokens, but Q-Tuning drops "
+            f"only the misconception samples' tokens and those held {total - left}, all dropped: "
+            f"{left / total:.0%} of the tokens are kept") in capsys.readouterr().err
+    # a budget the misconceptions can meet: no note
+    assert main(["data", "qtune", str(model_dir), "--data", str(sft_file), "--samples", "1", "--tokens", "0.99",
+                 "--out", str(tmp_path / "o2"), "--quiet"]) == 0
+    assert "asked to drop" not in capsys.readouterr().err
+
+
 def test_cli_qtune_says_what_it_cut_and_keeps_user_fields(tmp_path, model_dir, capsys):
     data = tmp_path / "long.jsonl"
     rows = records(6)

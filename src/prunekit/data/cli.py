@@ -524,6 +524,12 @@ def _cmd_qtune(args) -> int:
           + f"; in {args.out}")
     if report is not None and zeros_note:
         print(f"prunekit: note: {zeros_note}", file=sys.stderr)
+    wanted, done = sel.info["token_drop_wanted"], sel.info["token_drop_done"]
+    if done < wanted:  # the rule prunes misconceptions' tokens only: they can hold fewer than the budget drops
+        total = summary["kept_samples_response_tokens"]
+        print(f"prunekit: note: --tokens {args.tokens} asked to drop {wanted} of the kept samples' {total} response "
+              f"tokens, but Q-Tuning drops only the misconception samples' tokens and those held {done}, all dropped: "
+              f"{sel.tokens / total:.0%} of the tokens are kept", file=sys.stderr)
     return 0
 
 
