@@ -55,8 +55,9 @@ Defaults, measured on SmolLM2-135M block 5 (H from 16 x 512 wiki calibration tok
 (overhead = entries of A and B / entries of the dense layer. Refitting the core alone, with A = B = I held
 fixed, reaches only ~0.84x in 150 iterations on q_proj and gate_proj: the gain comes from the factors.)
 
-- ``block_size=32``: on a 576-wide model the paper's 128 adds 30-42% parameters per layer, which defeats 2:4;
-  32 adds 8-11% (the paper reports +2.4-5% with 128 on 3584-8192-wide models; use 128 for those).
+- ``block_size=32``: on SmolLM2-135M (576 wide) the paper's 128 adds 35.5% to the block Linears' parameters
+  (30-42% per layer, 81.5% on the 192-row k/v projections), which defeats 2:4; 32 adds 9.2% (7.6-11.1%, 22.2%
+  on k/v). The paper reports +2.4-5% with 128 on 3584-8192-wide models; use 128 for those.
 - ``iters=100``, ``lr=1e-2``, ``CORE_LR=10``, 10% warm-up + cosine: the fastest decrease among lr 1e-3..3e-2
   x core multiplier 1..30 at 60-200 iterations; 200 iterations give another 4-37% lower loss at twice the
   time. Estimated from the per-layer times with 2 threads, 100 iterations put all 210 Linears of
