@@ -60,22 +60,28 @@ METHODS = ("el2n", "grand", "forgetting", "prototypes", "random")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=3, help="training seeds per (method, fraction)")
-    p.add_argument("--epochs", type=int, default=4, help="full-data epochs of the recipe (pruned runs: same steps)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="training seeds per (method, fraction) (default 3; --quick 1)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="full-data epochs of the recipe (pruned runs: same steps) (default 4; --quick 2)")
     p.add_argument("--ccs", action="store_true", help="also select with EL2N + coverage-centric strata (CCS)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="fractions kept")
-    p.add_argument("--score-runs", type=int, default=3, help="independent runs averaged by EL2N / GraNd / forgetting")
+    p.add_argument("--score-runs", type=int, default=None,
+                   help="independent runs averaged by EL2N / GraNd / forgetting (default 3; --quick 2)")
     p.add_argument("--score-epoch", type=int, default=1, help="epoch at which EL2N and GraNd are taken")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--last-layer-grand", action="store_true", help="select with last-layer GraNd, not exact")
     p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped for the CL part")
     p.add_argument("--cv-folds", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="smoke test: 6k train / 2k test, 1 seed, 2 epochs")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 6k train / 2k test, 1 seed, 2 epochs, 2 score runs (unless given)")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
-    if args.quick:
-        args.seeds, args.epochs, args.score_runs = 1, 2, 2
+    # --quick sets what the user did not give (it replaced an explicit --epochs / --seeds / --score-runs)
+    for name, full, quick in (("seeds", 3, 1), ("epochs", 4, 2), ("score_runs", 3, 2)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     return args
 
 

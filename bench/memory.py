@@ -459,17 +459,21 @@ def write_markdown(data: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=("retrieval", "answers"), default=None)
-    p.add_argument("--turns", type=int, default=10_000, help="turns (= chunks) of the retrieval store")
+    p.add_argument("--turns", type=int, default=None, help="turns (= chunks) of the retrieval store (default 10,000)")
     p.add_argument("--asks", type=int, default=2, help="times each fact is asked in the retrieval run")
-    p.add_argument("--conv-turns", type=int, default=600, help="turns of the answers conversation")
-    p.add_argument("--questions", type=int, default=125, help="questions answered by SmolLM2 (at most 125)")
+    p.add_argument("--conv-turns", type=int, default=None, help="turns of the answers conversation (default 600)")
+    p.add_argument("--questions", type=int, default=None,
+                   help="questions answered by SmolLM2 (default and at most 125)")
     p.add_argument("--budget", type=int, default=400, help="prompt budget in SmolLM2 tokens")
     p.add_argument("--summarizer", choices=("extractive", "lm"), default="extractive")
-    p.add_argument("--tiny", action="store_true", help="smoke test: hash embedder, 1,000 turns, 10 questions")
+    p.add_argument("--tiny", action="store_true",
+                   help="smoke test: hash embedder, 1,000 turns, a 300-turn conversation, 10 questions (unless given)")
     p.add_argument("--out", default=str(RESULTS), help="folder for memory.json / memory.md (--tiny: memory_tiny.*)")
     args = p.parse_args()
-    if args.tiny:
-        args.turns, args.conv_turns, args.questions = 1000, 300, 10
+    # --tiny sets what the user did not give (it replaced an explicit --turns / --conv-turns / --questions)
+    for name, full, tiny in (("turns", 10_000, 1000), ("conv_turns", 600, 300), ("questions", 125, 10)):
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else full)
 
     import torch
 
