@@ -135,9 +135,10 @@ def _markdown(rows, meta) -> str:
         for task, t in eu["tasks"].items():
             lines.append(f"| {task} | {t['pairs']} | {t['median_ppl']:.2f} | {t['median_entropy']:.2f} | "
                          f"{t['kept_pairs']} | {100 * t['kept_token_share']:.0f}% |")
-    lines += ["", "The starting model's EU plane over the training pairs, with Q-Tuning's 25% selection (filled = kept; "
-              "dashed/dotted lines: the final quantile thresholds):", "", f"![EU plane]({meta.get('plot', 'qtuning_eu.png')})", "",
-              f"Machine: {meta['machine']}; torch {meta['torch']}.", ""]
+    if meta.get("plot"):  # drawn only by a run with a 25% static row (a --ratios 0.5 run linked a missing file)
+        lines += ["", "The starting model's EU plane over the training pairs, with Q-Tuning's 25% selection (filled = "
+                  "kept; dashed/dotted lines: the final quantile thresholds):", "", f"![EU plane]({meta['plot']})"]
+    lines += ["", f"Machine: {meta['machine']}; torch {meta['torch']}.", ""]
     return "\n".join(lines)
 
 
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
     meta = {"model": args.model, "train": len(train_ex), "test": len(test_ex), "max_length": args.max_length,
             "train_tokens": sum(len(e.ids) for e in train_ex), "train_response_tokens": sum(e.response_len for e in train_ex),
             "lr": args.lr, "batch_size": args.batch_size, "token_ratio": args.token_ratio, "epochs": 1,
-            "noise": args.noise, "plot": out.stem + "_eu.png",
+            "noise": args.noise, "plot": old.get("plot"),  # set when this run draws it (a 25% static row)
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s)",
             "torch": torch.__version__, "base": old.get("base")}
     if old.get("eu_stats"):  # a resumed run kept the rows but dropped the --eu-stats table the README quotes
@@ -284,6 +285,7 @@ def main(argv=None) -> int:
                     plot_eu_plane(sel, out.with_name(out.stem + "_eu.png"),
                                   title=f"EU plane, SmolLM2-135M on the {len(train_ex)} training pairs: Q-Tuning at "
                                         f"{100 * ratio:g}% samples")
+                    meta["plot"] = out.stem + "_eu.png"
             pre = sel
             extra_seconds, scored = st["seconds"], sum(len(e.ids) for e in train_ex)
         elif method == "qtuning_dynamic":
