@@ -1,9 +1,9 @@
 """Answer aggregation over sampled reasoning paths on SmolLM2-135M-Instruct: SC, PC and RPC at n = 4..64.
 
-The questions are arithmetic word problems this script generates (seeded) with computed answers: two or
-three operations (+, -, x) over small numbers, worded from a few templates. The model answers through its
+The questions are arithmetic word problems this script generates (seeded) with computed answers: one or
+two operations (+, -, x) over small numbers, worded from six templates. The model answers through its
 chat template, one user turn holding a brief instruction and one worked example (so paths are short and end
-in "The answer is N."), with pure temperature sampling (T = 0.8), at most 80 new tokens, 64 paths per
+in "The answer is N."), with pure temperature sampling (T = 0.8), at most 64 new tokens, 64 paths per
 question, all 64 in one batch over the prompt's shared KV cache (`prunekit.inference.sampling`).
 
 The sampled paths are cached in ``$PRUNEKIT_CACHE/bench/reasoning-<config hash>.jsonl``, one question a line,
