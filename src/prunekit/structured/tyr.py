@@ -599,6 +599,8 @@ def prune_tyr(model: nn.Module, ids: torch.Tensor, *, ratio: float, structure: s
     mlp_step = max(1, round(opts["mlp_step"] * dims.intermediate))
     budget = block_params(dims, centre)
     for it in range(opts["iterations"]):
+        if teacher is None and opts["final"] == "sequential":
+            break  # no search: the centre widths stay, and the step below builds them afresh (this built them twice)
         installer.restore()
         subs = _sublayers(dims, centre, structure, mlp_step, spread)
         batches = _calibration_batches(model, ids, opts["batch_size"])
