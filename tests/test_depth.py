@@ -527,6 +527,13 @@ def test_block_influence_is_one_minus_the_mean_cosine_over_every_token_and_the_l
     for i in range(3):
         cos = torch.nn.functional.cosine_similarity(hs[i].flatten(0, 1), hs[i + 1].flatten(0, 1), dim=-1)
         assert float(bi[i]) == pytest.approx(1 - float(cos.mean()), abs=1e-5)
+    # the forward stops after the last block: the final norm, the head's logits and the loss were computed and unused
+    heads, before = [], [dict(b._forward_hooks) for b in model.model.layers]
+    handle = model.lm_head.register_forward_hook(lambda *a: heads.append(1))
+    assert torch.equal(depth.block_influence(target), bi) and not heads
+    handle.remove()
+    assert [dict(b._forward_hooks) for b in model.model.layers] == before  # its hooks are gone
+    assert model(input_ids=x).logits.shape[0] == 6
     plant_identity(model, layers=(3,))  # the last block does least, and ShortGPT still keeps it
     influence = depth.block_influence(target)
     assert int(influence.argmin()) == 3
