@@ -206,3 +206,15 @@ def test_what_an_error_left_pruned_is_said_without_exception_notes_too():
 
     with pytest.warns(RuntimeWarning, match="were already pruned; load it again"):
         _say_what_changed(NoNotes("boom"), done)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_zeros_in_counts_exactly_the_entries_equal_to_zero(dtype):
+    """zeros_in (count_nonzero, no int64 mask) counts what ``== 0`` counts: -0.0 is zero, NaN and tiny values not."""
+    from prunekit.weights.engine import zeros_in
+
+    t = torch.tensor([0.0, -0.0, float("nan"), 1e-30, float("inf"), 3.0, 0.0], dtype=torch.float64).to(dtype)
+    assert zeros_in(t) == int((t == 0).sum()) == (4 if dtype == torch.float16 else 3)  # float16: 1e-30 is 0
+    w = torch.randn(37, 53).to(dtype)
+    w[w.abs() < 0.5] = 0
+    assert zeros_in(w) == int((w == 0).sum()) and zeros_in(w.t()) == zeros_in(w) and zeros_in(torch.zeros(0)) == 0

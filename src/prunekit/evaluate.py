@@ -16,7 +16,7 @@ from torch import nn
 from prunekit.errors import InputError, check_model, int_at_least
 from prunekit.select import NM, parse_pattern
 from prunekit.text import Text, check_token_ids, evaluation_ids, load_text
-from prunekit.weights.engine import find_blocks, get_weight, target_linears
+from prunekit.weights.engine import find_blocks, get_weight, target_linears, zeros_in
 from prunekit.weights.io import check_finite_weights
 
 __all__ = ["Perplexity", "perplexity", "perplexity_of_ids", "sparsity", "check_pattern"]
@@ -107,11 +107,11 @@ def sparsity(model: nn.Module) -> dict:
     with experts.unfused_experts(model, check=False, strict=False):
         for name, module in _block_linears(model).items():
             w = get_weight(module)
-            z = int((w == 0).sum())
+            z = zeros_in(w)
             layers[name] = z / w.numel()
             zeros, numel = zeros + z, numel + w.numel()
     all_params = sum(p.numel() for p in model.parameters())
-    all_zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    all_zeros = sum(zeros_in(p) for p in model.parameters())
     return {"total": zeros / max(numel, 1), "layers": layers, "model_total": all_zeros / all_params}
 
 

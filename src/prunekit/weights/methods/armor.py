@@ -102,7 +102,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.errors import InputError
-from prunekit.weights.engine import is_conv1d
+from prunekit.weights.engine import is_conv1d, zeros_in
 from prunekit.select import NM, parse_pattern, ratio_for
 from prunekit.weights.engine import Replacement
 from prunekit.weights.methods import sparsegpt
@@ -648,7 +648,7 @@ def prune_weight(
         a, b, core, loss = _identity_blocks(p.out, p.bo, p.device), _identity_blocks(p.inp, p.bi, p.device), w0, loss0
         module = ArmorLinear(core, a, b, bias, pattern=pattern)
         dense = module.dense_weight()
-    zeros = int((core == 0).sum())
+    zeros = zeros_in(core)
     info = {"proxy_loss_sparsegpt": loss0, "proxy_loss": loss, "iterations": it, "support_changes": swaps,
             "block_size": [p.bo, p.bi]}
     return Replacement(weight=dense, module=module, sparsity=zeros / core.numel(), extra_params=module.extra_params,

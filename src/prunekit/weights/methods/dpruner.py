@@ -141,7 +141,8 @@ from torch import nn
 from prunekit.errors import InputError
 from prunekit.select import NM, check_ratio, keep_global, keep_per_row, parse_pattern
 from prunekit.text import Text, calibration_ids, load_text
-from prunekit.weights.engine import LayerReport, find_blocks, get_weight, prune_blocks, set_weight, target_linears
+from prunekit.weights.engine import (LayerReport, find_blocks, get_weight, prune_blocks, set_weight, target_linears,
+                                     zeros_in)
 from prunekit.weights.methods.sparsegpt import PERCDAMP, inverse_cholesky
 
 __all__ = ["general_importance", "regularised_grad", "dual_importance", "final_score", "prune_model"]
@@ -399,7 +400,7 @@ def prune_model(
             keep = keep_global(score, ratio) if scope == "layer" else keep_per_row(score, ratio)
             weight = get_weight(module)
             set_weight(module, weight.float() * keep.to(weight.device))
-            sparsity = int((get_weight(module) == 0).sum()) / weight.numel()
+            sparsity = zeros_in(get_weight(module)) / weight.numel()
             reports.append(LayerReport(name, tuple(weight.shape), sparsity, None,
                                        seconds.get(name, 0.0) + time.perf_counter() - start))
     return reports
