@@ -198,7 +198,8 @@ def main() -> int:
         if not same_dense:
             raise SystemExit("--update: the dense model or evaluation changed since the earlier run; re-run everything")
         record["rows"] = [r for r in earlier["rows"] if (r["method"], r["pattern"]) not in rerun
-                          or r.get("seed", 0) != args.seed]
+                          or r.get("seed", 0) != args.seed or r["tool"] not in args.tools.split(",")]
+        # (the other tools' rows of a re-run config stay: `--tools prunekit-layer --update` dropped llm-compressor's)
     elif same_dense:  # another seed's rows stay beside this seed's (they were dropped)
         record["rows"] = [r for r in earlier["rows"] if r.get("seed", 0) != args.seed]
 
@@ -255,6 +256,14 @@ def sort_rows(record: dict) -> None:
     record["calibration"]["seeds"] = sorted({r.get("seed", 0) for r in record["rows"]})
 
 
+def _side_by_side(row: dict, peer: dict) -> bool:
+    """Whether two rows were timed in one run (within an hour; rows from before runs were dated count as one)."""
+    if "ran" not in row or "ran" not in peer:
+        return True
+    when = [time.mktime(time.strptime(x["ran"], "%Y-%m-%d %H:%M UTC")) for x in (row, peer)]
+    return abs(when[0] - when[1]) <= 3600
+
+
 def write_markdown(record: dict, path: Path) -> None:
     ev = record["evaluation"]
     cal = record["calibration"]
@@ -276,10 +285,11 @@ def write_markdown(record: dict, path: Path) -> None:
     by = {(r["tool"], r["method"], r["pattern"]): r for r in main_rows}
     for r in main_rows:
         peer = by.get(("llmcompressor", r["method"], r["pattern"]))
-        ratios = "| | |"
+        ratios = "| |"  # three empty ratio cells (with "| | |" the row had 12 cells under 11 columns)
         if r["tool"].startswith("prunekit") and peer:
+            time_ratio = f"{r['seconds'] / peer['seconds']:.2f}" if _side_by_side(r, peer) else "-"
             ratios = (f"{r['ppl_wiki'] / peer['ppl_wiki']:.3f} / {r['ppl_austen'] / peer['ppl_austen']:.3f} | "
-                      f"{r['seconds'] / peer['seconds']:.2f} | {r['peak_rss_mb'] / peer['peak_rss_mb']:.2f}")
+                      f"{time_ratio} | {r['peak_rss_mb'] / peer['peak_rss_mb']:.2f}")
         first = r.get("first_block_differing")
         masks = f"{r['mask_differs']:.2%} ({'-' if first is None else first})" if "mask_differs" in r else ""
         runs = r.get("runs") or []
@@ -293,7 +303,9 @@ def write_markdown(record: dict, path: Path) -> None:
               "(`--sequential block`, the default); `prunekit-layer` the one-pass order (`--sequential layer`). "
               "`masks differ`: the share of the block Linears' weights that one tool keeps and the other prunes, and "
               "the first block (of 30) where any differs; the blocks before it have identical masks. Rows whose "
-              "`ran` dates differ in the JSON were re-run with `--update`. A row run with `--repeats N` shows the "
+              "`ran` dates differ in the JSON were re-run with `--update`; a time ratio is given only for a row that "
+              "ran within an hour of the peer's (`-` otherwise: another time, another load on the shared machine). "
+              "A row run with `--repeats N` shows the "
               "median `seconds` and, in brackets, each run's (the tools' order alternated between repeats). "
               "Runs since 2026-11-29 19:35 UTC record both tools' versions (`versions`): the llm-compressor venv pins "
               "only llmcompressor==0.14.0.1, so a venv rebuilt later may bring other dependency versions."]
