@@ -135,7 +135,8 @@ def _add_prune_arguments(pr) -> None:
     pr.add_argument("--sequential", choices=("block", "layer"), default="block",
                     help="block: the reference's order, statistics from the dense block then a pass through the "
                     "pruned block, --batch-size sequences at a time (default); layer: one pass per block over all "
-                    "samples, each Linear pruned as its inputs arrive (faster, more memory)")
+                    "samples, each Linear pruned as its inputs arrive (one pass instead of two, about twice the "
+                    "memory)")
     pr.add_argument("--batch-size", type=int, default=4, help="sequences per forward with --sequential block (default 4)")
     pr.add_argument("--base", default=None, help="dsnot: the mask it starts from: magnitude, wanda (default) or sparsegpt")
     pr.add_argument("--domain", default=None, metavar="TEXT",

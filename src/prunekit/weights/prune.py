@@ -237,7 +237,8 @@ def prune(
     reconstruction error). `skip`: glob patterns of layer names to leave dense. `sequential`: ``"block"``
     (the reference's order: statistics from the dense block, then a second pass through the pruned block,
     `batch_size` sequences at a time) or ``"layer"`` (one pass per block over all samples at once, each
-    Linear pruned as its inputs arrive: faster, more memory, calibrated on pruned predecessors). Extra `options` go to the method (sparsegpt:
+    Linear pruned as its inputs arrive: one pass instead of two, about twice the peak memory, calibrated on pruned
+    predecessors). Extra `options` go to the method (sparsegpt:
     ``blocksize``, ``percdamp``; dsnot: ``base``, ``skip_mlp``, ``max_cycle_time``, ...; dpruner: ``domain``, ...;
     ``prunekit methods`` lists each method's options with their defaults).
 
