@@ -121,7 +121,9 @@ def main(argv=None) -> int:
              f"SmolLM2-135M, {args.context}-token prefill of Pride and Prejudice, greedy decoding, {args.steps} rounds "
              f"(one step of every arm per round, rotating order), after 3 warm-up rounds, {args.threads} CPU "
              f"thread(s), torch {torch.__version__}. `ms / token` is the mean step time, which includes the evicting "
-             f"policies' compressions (every {args.every} steps); `median` leaves them out. `attended`: keys attended / keys a "
+             + (f"policies' compressions (every {args.every} steps); `median` leaves them out. " if args.every > 1 else
+                "policies' compressions (every step, so `median` includes them too). ")
+             + "`attended`: keys attended / keys a "
              "full cache attends, over all layers and steps. `cache MB`: the storage behind the cache at the end.", "",
              "`plain`: the model with no KV context (transformers' DynamicCache, which concatenates the whole cache "
              "at every step); `full`: prunekit's full-cache policy, the same engine as the others (cache appended in "

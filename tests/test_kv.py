@@ -232,7 +232,7 @@ def test_padding_found_by_the_pad_id_is_refused_and_a_reset_cache_starts_over(mo
     # a compressed cache reset to nothing is a fresh cache again: it was refused as "compressed"
     cache = DynamicCache(config=model.config)
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
-    with kv.policy(model, "h2o", budget=8):
+    with kv.policy(model, "h2o", budget=8, every=1):
         model.generate(ids, cache=cache, **kwargs)
         assert max(kv.cache_tokens(cache)) <= 8
         cache.reset()
@@ -327,7 +327,7 @@ def layer0_keys(model, ids, positions):
 def test_streaming_llm_keeps_sinks_and_recent_at_positions_within_the_cache(models):
     model, ids, budget = models["sdpa"], prompt(), 16
     pol = kv.StreamingLLM(budget=budget, sinks=4)
-    with Engine(model, pol, budget=budget) as engine:
+    with Engine(model, pol, budget=budget, every=1) as engine:
         out, cache = generate(model, ids, new=10)
         seq = out[0]
         st = engine.states[0]
@@ -644,7 +644,11 @@ def test_cli_generate(model_dir, tmp_path, capsys):
                    "--max-new-tokens", "12", "--option", "window=8", "--json"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["new_tokens"] == 12 and result["cache_tokens_max"] <= 24 and result["prompt_tokens"] == 68
+    # between compressions the cache runs up to `every` - 1 = 15 tokens over the budget (the default, for speed)
+    assert result["new_tokens"] == 12 and 24 < result["cache_tokens_max"] <= 24 + 15 and result["prompt_tokens"] == 68
+    assert cli.main(["generate", str(model_dir), "--prompt", "the licence text " * 4, "--kv", "snapkv", "--budget",
+                     "24", "--max-new-tokens", "12", "--option", "window=8", "--every", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cache_tokens_max"] <= 24  # --every 1: the budget exactly
     bad = [
         ["--prompt", "hi", "--kv", "lru", "--budget", "8"],
         ["--prompt", "hi", "--kv", "h2o"],
@@ -792,7 +796,7 @@ def test_other_llama_style_models_and_unsupported_ones():
     with kv.policy(qwen, "snapkv", budget=64):
         out, _ = generate(qwen, ids, new=6)
     assert torch.equal(out, ref)
-    with kv.policy(qwen, "streaming_llm", budget=12):
+    with kv.policy(qwen, "streaming_llm", budget=12, every=1):
         _, cache = generate(qwen, ids, new=6)
     assert max(kv.cache_tokens(cache)) <= 12
     with pytest.raises(InputError, match="not supported"):
@@ -813,7 +817,7 @@ def test_every_policy_on_the_other_supported_architectures(kind):
         with kv.policy(model, name, budget=64, **options(name)):
             out, _ = generate(model, ids, new=8)
         assert torch.equal(out, ref), name
-    with Engine(model, kv.StreamingLLM(budget=16, sinks=4), budget=16) as engine:
+    with Engine(model, kv.StreamingLLM(budget=16, sinks=4), budget=16, every=1) as engine:
         out, cache = generate(model, ids, new=8)
         kept = engine.states[0].orig[0, 0].tolist()
     seen = ids.shape[1] + 7  # the last generated token is never fed back
@@ -853,6 +857,6 @@ def test_policies_on_smollm2():
         with kv.policy(model, name, budget=256):
             out, cache = generate(model, ids, new=12)
         assert torch.equal(out, ref), name
-    with kv.policy(model, "snapkv", budget=64):
+    with kv.policy(model, "snapkv", budget=64, every=1):
         out, cache = generate(model, ids, new=12)
     assert max(kv.cache_tokens(cache)) == 64 and kv.cache_bytes(cache) == 30 * 2 * 3 * 64 * 64 * 4  # K+V, fp32

@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from prunekit.errors import InputError, check_model, int_at_least
 from prunekit.inference.kv.deep_forcing import DeepForcing
 from prunekit.inference.kv.delta import Delta, calibrate_delta_layers, default_delta_layers, wiki_delta_layers
-from prunekit.inference.kv.engine import SUPPORTED_MODEL_TYPES, Engine, Policy, cache_bytes, cache_tokens, rotate_keys
+from prunekit.inference.kv.engine import (EVERY, SUPPORTED_MODEL_TYPES, Engine, Policy, cache_bytes, cache_tokens,
+                                          rotate_keys)
 from prunekit.inference.kv.full import FullCache
 from prunekit.inference.kv.h2o import H2O
 from prunekit.inference.kv.knorm import Knorm
@@ -29,7 +30,7 @@ from prunekit.inference.kv.streaming import StreamingLLM
 
 __all__ = [
     "POLICIES", "Policy", "policy", "make_policy", "policy_options", "cache_bytes", "cache_tokens", "rotate_keys",
-    "calibrate_delta_layers", "default_delta_layers", "wiki_delta_layers", "SUPPORTED_MODEL_TYPES",
+    "calibrate_delta_layers", "default_delta_layers", "wiki_delta_layers", "SUPPORTED_MODEL_TYPES", "EVERY",
     "FullCache", "StreamingLLM", "H2O", "SnapKV", "Knorm", "Delta", "DeepForcing",
 ]
 
@@ -61,12 +62,13 @@ def make_policy(name: str, *, budget: int | None, **options) -> Policy:
 
 
 @contextmanager
-def policy(model, name: str | Policy, *, budget: int | None = None, every: int = 1, **options):
+def policy(model, name: str | Policy, *, budget: int | None = None, every: int = EVERY, **options):
     """Run `model` with a KV-cache policy inside the ``with`` block; the model is restored exactly on exit.
 
     name: a policy name (see `POLICIES`) or a `Policy` object. budget: cached tokens kept per layer and KV head
     (for ``delta``: tokens attended by its sparse layers). every: during one-token decoding, compress when the
-    cache reaches ``budget + every`` (1: at every step over budget). Options go to the policy (e.g.
+    cache reaches ``budget + every`` (default 16, so a layer holds up to ``budget + 15`` tokens between
+    compressions; 1: at every step over budget, exact but slower than keeping the full cache, see `engine`). Options go to the policy (e.g.
     ``sinks=4`` for streaming_llm, ``window=32`` for snapkv, ``delta_layers=[2, 14, 22]`` for delta).
     Yields the policy object (DELTA counts the keys it attended in ``attended`` / ``available``).
     """

@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
     ge.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "auto"),
                     help="dtype the model runs in, and so its cache (default float32; auto: as the folder stores it)")
     ge.add_argument("--every", type=int, default=None,
-                    help="while decoding, compress when the cache reaches budget + EVERY (default 1)")
+                    help="while decoding, compress when the cache reaches budget + EVERY (default 16; 1 holds the "
+                         "budget exactly, at a compression per token)")
     ge.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
     ge.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="a policy option (repeatable), e.g. --option sinks=4 --option delta_layers=2,15,24 "
@@ -95,7 +96,7 @@ def run(args) -> int:
         options.pop("delta_layers")
     checked = kv.make_policy(args.kv, budget=args.budget, **options)  # validate before loading anything
     if args.every is None:
-        args.every = 1
+        args.every = kv.EVERY
     else:
         int_at_least(args.every, "--every", 1)
         if not checked.compresses:

@@ -13,8 +13,10 @@ A policy (one file per method in this folder) only scores; this file owns the me
   the queries they look at, so no policy forces eager attention.
 - **Compression.** After a forward has appended its tokens to a layer's cache, the engine compresses the layer
   when it holds more than ``budget`` tokens: at once after a multi-token forward (prefill, or a teacher-forced
-  chunk), and during one-token decoding when the cache reaches ``budget + every`` (``every=1``: every step
-  over budget). It keeps ``policy.target(budget)`` entries per KV head by ``policy.score``'s top-k, in their
+  chunk), and during one-token decoding when the cache reaches ``budget + every`` (default `EVERY` = 16;
+  ``every=1``: every step over budget, which holds the budget exactly but pays a compression per token: on
+  SmolLM2-135M at a 4k context and budget 1024, StreamingLLM, H2O, SnapKV and Knorm then decode at 0.63-0.91x
+  the full cache's speed, against 1.24-1.40x with 16). It keeps ``policy.target(budget)`` entries per KV head by ``policy.score``'s top-k, in their
   original order, and really gathers them into new, smaller key/value tensors (`cache_bytes` measures it).
   So between forwards a layer holds at most ``budget + every - 1`` tokens; during the forward that triggers a
   compression, attention also sees that forward's new tokens. A policy whose target is below the budget
@@ -73,6 +75,8 @@ __all__ = ["Policy", "LayerState", "Engine", "rotate_keys", "cache_bytes", "cach
 # module's own `scaling` (Granite's attention multiplier), no soft-capping, no per-layer NoPE or sliding window.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "granite",
                          "granitemoe", "gemma", "olmo2")
+EVERY = 16  # decode steps between compressions by default (see "Compression" above; kvpress's decoding press too
+# compresses periodically)
 GROW_MIN, GROW_FRACTION = 128, 32  # a key/value buffer is made with room for max(128 tokens, 1/32 of what it holds)
 
 
@@ -216,7 +220,7 @@ def _eager_module(module):
 class Engine:
     """Installs a policy on a model's attention layers; use through `prunekit.inference.kv.policy`."""
 
-    def __init__(self, model, policy: Policy, *, budget: int | None, every: int = 1):
+    def __init__(self, model, policy: Policy, *, budget: int | None, every: int = EVERY):
         self.model = model
         self.policy = policy
         self.budget = budget
