@@ -527,7 +527,7 @@ def test_block_influence_is_one_minus_the_mean_cosine_over_every_token_and_the_l
     for i in range(3):
         cos = torch.nn.functional.cosine_similarity(hs[i].flatten(0, 1), hs[i + 1].flatten(0, 1), dim=-1)
         assert float(bi[i]) == pytest.approx(1 - float(cos.mean()), abs=1e-5)
-    # the forward stops after the last block: the final norm, the head's logits and the loss were computed and unused
+    # the causal target runs the base model only: the head's logits and the loss were computed and unused
     heads, before = [], [dict(b._forward_hooks) for b in model.model.layers]
     handle = model.lm_head.register_forward_hook(lambda *a: heads.append(1))
     assert torch.equal(depth.block_influence(target), bi) and not heads
@@ -1167,6 +1167,43 @@ def test_tinyfusion_and_recovery_clip_the_gradient_norm_to_one():
     finally:
         handle.remove()
     assert len(norms) == 3 and max(norms) <= 1.0 + 1e-5 and max(norms) > 0.5
+
+
+def test_block_influence_of_a_target_without_blocks_only_sees_every_forward_of_its_loss():
+    """A loss that runs the model twice per batch (micro-batches): every token of both halves counts. (A version that
+    ended the forward after the last block by an exception saw only the first half, silently.)"""
+    torch.manual_seed(0)
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+
+        def forward(self, x):
+            return x + self.f(x)
+
+    blocks = nn.ModuleList(Residual() for _ in range(3))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = blocks
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    net, x = Net(), torch.randn(4, 5, 8)
+    x[2:] *= 50  # the second micro-batch differs
+    target = DepthTarget(net, blocks, [x], lambda m, b: sum((m(c) ** 2).mean() for c in b.split(2)))
+    hs = [x]
+    with torch.no_grad():
+        for b in blocks:
+            hs.append(b(hs[-1]))
+    want = [1 - float(nn.functional.cosine_similarity(hs[i].flatten(0, 1), hs[i + 1].flatten(0, 1), dim=-1).mean())
+            for i in range(3)]
+    assert depth.block_influence(target).tolist() == pytest.approx(want, abs=1e-6)
 
 
 def test_keep_top_refuses_nan_scores_instead_of_misranking_every_block():

@@ -7,7 +7,8 @@ A depth method decides which whole blocks of a stack to keep. It needs three thi
 - ``batches``: calibration / training batches (a list; training cycles through it);
 - ``loss(model, batch) -> scalar``: the task loss (next-token cross-entropy for a causal LM, noise-prediction
   MSE for a diffusion transformer); optional ``distill(student, teacher, batch) -> scalar`` for recovery by
-  knowledge distillation.
+  knowledge distillation, and ``blocks_only(model, batch)``, a forward through the blocks without the head and
+  loss (a causal LM's base model: ShortGPT's block influence needs nothing after the blocks).
 
 A gate wraps a block so that ``x <- m * block(x, ...) + (1 - m) * x`` with ``m`` a number or one value per
 sample (TinyFusion's gating). A block may return a tensor or a tuple whose first item is the hidden state
@@ -53,6 +54,8 @@ class DepthTarget:
     batches: Sequence[Any]
     loss: Callable[[nn.Module, Any], torch.Tensor]
     distill: Callable[[nn.Module, nn.Module, Any], torch.Tensor] | None = None
+    # optional: runs the blocks on a batch and stops there (no head, no loss); `block_influence` needs only that
+    blocks_only: Callable[[nn.Module, Any], Any] | None = None
 
     def __post_init__(self):
         if not isinstance(self.blocks, nn.ModuleList) or len(self.blocks) < 2:
@@ -269,4 +272,7 @@ def causal_lm_target(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4
         return torch.nn.functional.kl_div(s.log_softmax(-1).flatten(0, 1), t.log_softmax(-1).flatten(0, 1),
                                           log_target=True, reduction="batchmean")
 
-    return DepthTarget(model, blocks, batches, loss, distill)
+    def blocks_only(m: nn.Module, batch: torch.Tensor):  # the base model: no 49k-vocabulary logits, no loss
+        return m.base_model(input_ids=batch, use_cache=False)
+
+    return DepthTarget(model, blocks, batches, loss, distill, blocks_only)

@@ -53,16 +53,11 @@ def calibration_loss(target: DepthTarget, keep: list[bool] | None = None) -> flo
     return total / sum(sizes)
 
 
-class _PastLastBlock(Exception):
-    """Raised by `block_influence`'s hook on the last block to end a forward whose output is not needed."""
-
-
 @torch.no_grad()
 def block_influence(target: DepthTarget) -> torch.Tensor:
     """ShortGPT's ``BI_i = 1 - mean cos(x_in, x_out)`` over all tokens of the calibration batches, ``[depth]``."""
     sums = torch.zeros(len(target.blocks), dtype=torch.float64)
     counts = torch.zeros(len(target.blocks), dtype=torch.float64)
-    last = len(target.blocks) - 1
 
     def hook(i):
         def fn(_module, args, kwargs, out):
@@ -71,19 +66,14 @@ def block_influence(target: DepthTarget) -> torch.Tensor:
             cos = torch.nn.functional.cosine_similarity(x.flatten(0, -2), y.flatten(0, -2), dim=-1)  # [tokens]
             sums[i] += cos.sum().double()
             counts[i] += cos.numel()
-            if i == last:  # the rest of the forward (final norm, logits, loss) is never used: 864 -> 130 MB peak
-                raise _PastLastBlock
         return fn
 
     handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(target.blocks)]
     was = target.model.training
     target.model.eval()
     try:
-        for b in target.batches:
-            try:
-                target.loss(target.model, b)
-            except _PastLastBlock:
-                pass
+        for b in target.batches:  # the blocks only when the target says how: a causal LM's logits and loss are unused
+            (target.blocks_only or target.loss)(target.model, b)
     finally:
         for h in handles:
             h.remove()
