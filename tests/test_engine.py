@@ -218,3 +218,15 @@ def test_zeros_in_counts_exactly_the_entries_equal_to_zero(dtype):
     w = torch.randn(37, 53).to(dtype)
     w[w.abs() < 0.5] = 0
     assert zeros_in(w) == int((w == 0).sum()) and zeros_in(w.t()) == zeros_in(w) and zeros_in(torch.zeros(0)) == 0
+
+
+def test_zeros_in_counts_dtypes_count_nonzero_has_no_kernel_for():
+    """float8 has no CPU count_nonzero: prunekit.sparsity() on a model holding one raised NotImplementedError."""
+    from prunekit.weights.engine import zeros_in
+
+    t = torch.tensor([0.0, 1.0, 0.0, 2.0, -0.0]).to(torch.float8_e4m3fn)
+    assert zeros_in(t) == 3
+    model = tiny_model("llama")
+    model.lm_head.weight.data = torch.zeros_like(model.lm_head.weight.data).to(torch.float8_e4m3fn)  # stored in fp8
+    head, total = model.lm_head.weight.numel(), sum(p.numel() for p in model.parameters())
+    assert prunekit.sparsity(model)["model_total"] == pytest.approx(head / total, abs=1e-3)

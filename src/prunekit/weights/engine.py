@@ -136,7 +136,10 @@ def refuse_factorized(model: nn.Module, training: str, instead: str) -> None:
 def zeros_in(t: torch.Tensor) -> int:
     """How many entries of `t` are zero, exactly. ``(t == 0).sum()`` built a bool mask and summed it in int64: a
     temporary of 8 bytes an entry, 250 MB on SmolLM2's embedding, which set `prunekit prune`'s peak memory."""
-    return t.numel() - int(torch.count_nonzero(t))
+    try:
+        return t.numel() - int(torch.count_nonzero(t))
+    except NotImplementedError:  # no count_nonzero kernel for float8 or quantized tensors on the CPU
+        return int((t == 0).sum())
 
 
 def get_weight(module: nn.Module) -> torch.Tensor:
