@@ -742,7 +742,19 @@ def test_cli_generate_runs_in_the_dtype_asked_and_says_when_positions_run_out(mo
     assert "run past the model's 256 positions; --kv knorm keeps the original positions" in capsys.readouterr().err
     assert cli.main(["generate", str(model_dir), "--prompt", "x" * 300, "--kv", "streaming_llm", "--budget", "64",
                      "--max-new-tokens", "2", "--json"]) == 0
-    assert "note" not in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "note" not in captured.err and json.loads(captured.out)["every"] == 16
+    # positions within the cache run to budget + every - 1 = 255 + 15 between compressions: past the 256 it embeds
+    assert cli.main(["generate", str(model_dir), "--prompt", "x" * 300, "--kv", "streaming_llm", "--budget", "255",
+                     "--max-new-tokens", "2", "--json"]) == 0
+    assert ("--kv streaming_llm numbers positions within the cache, which holds up to 270 tokens (--budget 255, "
+            "--every 16): past the model's 256 positions") in capsys.readouterr().err
+    for extra in (["--kv", "streaming_llm", "--every", "1"], ["--kv", "deep_forcing"]):  # at most the budget
+        assert cli.main(["generate", str(model_dir), "--prompt", "x" * 300, *extra, "--budget", "255",
+                         "--max-new-tokens", "2", "--json"]) == 0
+        assert "note" not in capsys.readouterr().err
+    assert cli.main(["generate", str(model_dir), "--prompt", "hi", "--kv", "full", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["every"] is None  # it never compresses
 
 
 def test_cli_generate_with_calibrated_delta_layers(model_dir, capsys, monkeypatch):

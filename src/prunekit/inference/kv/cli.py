@@ -142,6 +142,14 @@ def run(args) -> int:
         print(f"prunekit: note: prompt {ids.shape[1]} + {args.max_new_tokens} new tokens run past the model's {limit} "
               f"positions; --kv {args.kv} keeps the original positions, so those past {limit} extrapolate RoPE "
               "(streaming_llm and deep_forcing number positions within the cache)", file=sys.stderr)
+    elif limit is not None and renumbers and ids.shape[1] + args.max_new_tokens > limit:
+        # positions run to what the cache holds: budget + every - 1 between compressions, unless the policy evicts
+        # below its budget and refills (Deep Forcing: the budget)
+        held = checked.budget + (args.every - 1 if checked.target(checked.budget) == checked.budget else 0)
+        if held > limit:
+            print(f"prunekit: note: --kv {args.kv} numbers positions within the cache, which holds up to {held} "
+                  f"tokens (--budget {checked.budget}, --every {args.every}): past the model's {limit} positions, "
+                  "RoPE extrapolates; lower --budget or --every", file=sys.stderr)
     cache = DynamicCache(config=model.config)
     generation = {k: v for k, v in sampling.items() if k != "seed"}
     if sampling["do_sample"]:
@@ -155,7 +163,8 @@ def run(args) -> int:
     text = tok.decode(new, skip_special_tokens=True)
     tokens = kv.cache_tokens(cache)
     result = {
-        "model": str(args.model), "policy": args.kv, "budget": pol.budget, "options": options,
+        "model": str(args.model), "policy": args.kv, "budget": pol.budget,
+        "every": args.every if checked.compresses else None, "options": options,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "sampling": sampling, "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()), "text": text,
         "cache_tokens_max": max(tokens), "cache_bytes": kv.cache_bytes(cache), "seconds": seconds,

@@ -13,8 +13,8 @@ Departures: the reference compresses a finished prefill by a ratio (``keep_ratio
 while decoding; kvpress's ``KnormPress`` does the same (``DecodingPress`` wraps it for decoding). prunekit's
 engine also applies it when decoding pushes the cache over the budget, as for every policy, so a newly decoded
 token of high norm may be evicted once the next compression comes (``every`` steps later). The reference's
-``skip_layers`` (layers left uncompressed, [0, 1] in its README) is not an option: every layer holds at most the
-budget here, as kvpress does.
+``skip_layers`` (layers left uncompressed, [0, 1] in its README) is not an option: every layer is compressed to
+the budget here, as kvpress does (between compressions it holds up to ``budget + every - 1`` tokens).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ https://arxiv.org/abs/2309.17453 (code: mit-han-lab/streaming-llm, ``StartRecent
 Rule: keep the first ``sinks`` tokens (default 4) and the most recent ``budget - sinks`` tokens; evict the
 middle. Positions (paper §3.2): RoPE positions are assigned *within the cache*, not from the original text:
 after every eviction the kept keys are re-rotated to contiguous positions 0..m-1 and the next token gets
-position m, so no query is ever further than the budget from any key it sees, which is what lets the model
-stream far past its trained context.
+position m, so no query is ever further than ``budget + every - 1`` positions (the most the cache holds between
+compressions) from any key it sees, which is what lets the model stream far past its trained context.
 
 Departures: the reference stores keys before RoPE and rotates the whole cache at every step; we store RoPE'd
 keys and rotate only the kept keys whose position changed, by the change (`engine.rotate_keys`); the result is
