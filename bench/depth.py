@@ -40,6 +40,7 @@ import torch
 
 import prunekit
 from prunekit import depth
+from prunekit.errors import InputError
 from prunekit.speed import measure_speed
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -232,7 +233,10 @@ def run_dit(seed: int, resume: bool, methods, recovery_steps: int | None = None)
     recovery_label("", recovery_steps, DIT["recovery_steps"])  # refuses a bad budget before anything loads
     rec_steps = recovery_steps or DIT["recovery_steps"]
     torch.set_num_threads(1)
-    dense = ditmod.pretrained_dit(train_if_missing=False, progress=False)
+    try:
+        dense = ditmod.pretrained_dit(train_if_missing=False, progress=False)
+    except InputError as e:  # it ended in a traceback naming an API call
+        raise SystemExit(f"{e}\nTrain and cache it first: python bench/dit_testbed.py (about 40 minutes)") from None
     weights = testbed_weights(dense)  # rows record it; --resume skips only rows measured on these weights
     dit_rows = [r for r in _update(settings=None)["rows"] if r["model"] == "DiT-FashionMNIST"]
     done = {r["id"] for r in dit_rows if r.get("weights") == weights} if resume else set()
