@@ -68,8 +68,9 @@ def policy(model, name: str | Policy, *, budget: int | None = None, every: int =
     name: a policy name (see `POLICIES`) or a `Policy` object. budget: cached tokens kept per layer and KV head
     (for ``delta``: tokens attended by its sparse layers). every: during one-token decoding, compress when the
     cache reaches ``budget + every`` (default 16, so a layer holds up to ``budget + 15`` tokens between
-    compressions; 1: at every step over budget, exact but slower than keeping the full cache, see `engine`). Options go to the policy (e.g.
-    ``sinks=4`` for streaming_llm, ``window=32`` for snapkv, ``delta_layers=[2, 14, 22]`` for delta).
+    compressions; 1: at every step over budget, exact but slower than keeping the full cache, see `engine`).
+    Options go to the policy (e.g. ``sinks=4`` for streaming_llm, ``window=32`` for snapkv,
+    ``delta_layers=[2, 14, 22]`` for delta).
     Yields the policy object (DELTA counts the keys it attended in ``attended`` / ``available``).
     """
     check_model(model, "kv.policy")

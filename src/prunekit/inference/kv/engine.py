@@ -16,8 +16,9 @@ A policy (one file per method in this folder) only scores; this file owns the me
   chunk), and during one-token decoding when the cache reaches ``budget + every`` (default `EVERY` = 16;
   ``every=1``: every step over budget, which holds the budget exactly but pays a compression per token: on
   SmolLM2-135M at a 4k context and budget 1024, StreamingLLM, H2O, SnapKV and Knorm then decode at 0.63-0.91x
-  the full cache's speed, against 1.24-1.40x with 16). It keeps ``policy.target(budget)`` entries per KV head by ``policy.score``'s top-k, in their
-  original order, and really gathers them into new, smaller key/value tensors (`cache_bytes` measures it).
+  the full cache's speed, against 1.24-1.40x with 16). It keeps ``policy.target(budget)`` entries per KV head
+  by ``policy.score``'s top-k, in their original order, and really gathers them into new, smaller key/value
+  tensors (`cache_bytes` measures it).
   So between forwards a layer holds at most ``budget + every - 1`` tokens; during the forward that triggers a
   compression, attention also sees that forward's new tokens. A policy whose target is below the budget
   (Deep Forcing) compresses as soon as the budget is passed and then refills, so it holds at most ``budget``.
