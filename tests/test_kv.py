@@ -743,16 +743,23 @@ def test_cli_generate_runs_in_the_dtype_asked_and_says_when_positions_run_out(mo
     assert cli.main(["generate", str(model_dir), "--prompt", "x" * 300, "--kv", "streaming_llm", "--budget", "64",
                      "--max-new-tokens", "2", "--json"]) == 0
     captured = capsys.readouterr()
-    assert "note" not in captured.err and json.loads(captured.out)["every"] == 16
-    # positions within the cache run to budget + every - 1 = 255 + 15 between compressions: past the 256 it embeds
-    assert cli.main(["generate", str(model_dir), "--prompt", "x" * 300, "--kv", "streaming_llm", "--budget", "255",
-                     "--max-new-tokens", "2", "--json"]) == 0
-    assert ("--kv streaming_llm numbers positions within the cache, which holds up to 270 tokens (--budget 255, "
-            "--every 16): past the model's 256 positions") in capsys.readouterr().err
-    for extra in (["--kv", "streaming_llm", "--every", "1"], ["--kv", "deep_forcing"]):  # at most the budget
-        assert cli.main(["generate", str(model_dir), "--prompt", "x" * 300, *extra, "--budget", "255",
-                         "--max-new-tokens", "2", "--json"]) == 0
-        assert "note" not in capsys.readouterr().err
+    prompt = json.loads(captured.out)["prompt_tokens"]
+    assert json.loads(captured.out)["every"] == 16 and prompt > 256  # the prompt itself went through at 0..prompt-1
+    assert (f"--kv streaming_llm numbers positions within the cache, but the prompt's {prompt} tokens go through in "
+            f"one forward: positions up to {prompt - 1} pass the model's 256") in captured.err
+    # within the cache: a compressing step sees budget + every tokens, 241 + 16 = 257 positions of the 256 embedded
+    short = "x" * 200
+    argv = ["generate", str(model_dir), "--prompt", short, "--max-new-tokens", "80", "--json"]
+    assert cli.main([*argv, "--kv", "streaming_llm", "--budget", "241"]) == 0
+    assert ("a compressing step sees --budget 241 + --every 16 tokens: positions up to 256 pass the model's 256"
+            in capsys.readouterr().err)
+    for extra in (["--kv", "streaming_llm", "--every", "1"],  # 242
+                  ["--kv", "deep_forcing", "--option", "topc_rope=unify", "--budget", "255"]):  # evicts below: 256
+        assert cli.main([*argv, "--budget", "241", *extra] if "--budget" not in extra else [*argv, *extra]) == 0
+        assert "note" not in capsys.readouterr().err, extra
+    # Deep Forcing's default keeps its Top-C keys' original positions: past the 256, as the other policies
+    assert cli.main([*argv, "--kv", "deep_forcing", "--budget", "64"]) == 0
+    assert "--kv deep_forcing keeps its Top-C keys at the original positions" in capsys.readouterr().err
     assert cli.main(["generate", str(model_dir), "--prompt", "hi", "--kv", "full", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["every"] is None  # it never compresses
 

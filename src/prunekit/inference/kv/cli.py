@@ -137,19 +137,26 @@ def run(args) -> int:
     from prunekit.text import position_limit
 
     limit = position_limit(model)
-    renumbers = kv.POLICIES.get(args.kv.replace("-", "_")) in (kv.StreamingLLM, kv.DeepForcing)
+    # StreamingLLM, and Deep Forcing with topc_rope=unify, number every kept key within the cache; Deep Forcing's
+    # default keeps its Top-C keys' original positions, the other policies keep them all
+    renumbers = isinstance(checked, kv.StreamingLLM) or getattr(checked, "topc_rope", None) == "unify"
     if limit is not None and ids.shape[1] + args.max_new_tokens > limit and not renumbers:
+        which = "its Top-C keys at " if isinstance(checked, kv.DeepForcing) else ""
         print(f"prunekit: note: prompt {ids.shape[1]} + {args.max_new_tokens} new tokens run past the model's {limit} "
-              f"positions; --kv {args.kv} keeps the original positions, so those past {limit} extrapolate RoPE "
-              "(streaming_llm and deep_forcing number positions within the cache)", file=sys.stderr)
+              f"positions; --kv {args.kv} keeps {which}the original positions, so those past {limit} extrapolate RoPE "
+              "(streaming_llm, and deep_forcing with --option topc_rope=unify, number positions within the cache)",
+              file=sys.stderr)
     elif limit is not None and renumbers and ids.shape[1] + args.max_new_tokens > limit:
-        # positions run to what the cache holds: budget + every - 1 between compressions, unless the policy evicts
-        # below its budget and refills (Deep Forcing: the budget)
-        held = checked.budget + (args.every - 1 if checked.target(checked.budget) == checked.budget else 0)
-        if held > limit:
-            print(f"prunekit: note: --kv {args.kv} numbers positions within the cache, which holds up to {held} "
-                  f"tokens (--budget {checked.budget}, --every {args.every}): past the model's {limit} positions, "
-                  "RoPE extrapolates; lower --budget or --every", file=sys.stderr)
+        # the positions a forward uses: the whole prompt in one, then the cache plus the step that triggers a
+        # compression (budget + every; a policy that evicts below its budget and refills: budget + 1)
+        cached = checked.budget + (args.every if checked.target(checked.budget) == checked.budget else 1)
+        used = max(ids.shape[1], cached)
+        if used > limit:
+            why = (f"the prompt's {ids.shape[1]} tokens go through in one forward" if ids.shape[1] >= cached else
+                   f"a compressing step sees --budget {checked.budget} + "
+                   + (f"--every {args.every}" if cached > checked.budget + 1 else "1") + " tokens")
+            print(f"prunekit: note: --kv {args.kv} numbers positions within the cache, but {why}: positions up to "
+                  f"{used - 1} pass the model's {limit}, so RoPE extrapolates there", file=sys.stderr)
     cache = DynamicCache(config=model.config)
     generation = {k: v for k, v in sampling.items() if k != "seed"}
     if sampling["do_sample"]:
