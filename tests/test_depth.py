@@ -1169,6 +1169,23 @@ def test_tinyfusion_and_recovery_clip_the_gradient_norm_to_one():
     assert len(norms) == 3 and max(norms) <= 1.0 + 1e-5 and max(norms) > 0.5
 
 
+def test_the_causal_target_scores_a_wrapper_without_a_base_model_whole():
+    """blocks_only runs the base model; a plain nn.Module wrapper with the Hugging Face call interface has none
+    (causal_lm_target takes it): block influence runs it whole, with the same scores."""
+    model, x = tiny_lm(), ids(n=4)
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.model, self.inner = inner.model, inner
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    want = depth.block_influence(depth.causal_lm_target(model, x))
+    assert torch.allclose(depth.block_influence(depth.causal_lm_target(Wrapper(model), x)), want, atol=1e-6)
+
+
 def test_block_influence_of_a_target_without_blocks_only_sees_every_forward_of_its_loss():
     """A loss that runs the model twice per batch (micro-batches): every token of both halves counts. (A version that
     ended the forward after the last block by an exception saw only the first half, silently.)"""

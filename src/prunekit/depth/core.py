@@ -273,6 +273,6 @@ def causal_lm_target(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4
                                           log_target=True, reduction="batchmean")
 
     def blocks_only(m: nn.Module, batch: torch.Tensor):  # the base model: no 49k-vocabulary logits, no loss
-        return m.base_model(input_ids=batch, use_cache=False)
+        return getattr(m, "base_model", m)(input_ids=batch, use_cache=False)  # (a wrapper without one: the whole)
 
     return DepthTarget(model, blocks, batches, loss, distill, blocks_only)
