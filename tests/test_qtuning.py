@@ -203,6 +203,32 @@ def test_padding_scores_zero_and_position_0_is_never_a_target():
     assert report.tokens_trained == 3  # targets 1..3: nothing predicts position 0, even with no prompt
 
 
+def test_token_stats_asks_for_no_kv_cache_only_of_a_forward_that_takes_it():
+    """The scoring forward builds no KV cache (use_cache=False); a model whose forward has no such argument (a
+    wrapper) is scored as before, with the same numbers."""
+    from torch import nn
+
+    model = tiny_model("llama").eval()
+    seen = []
+    model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw.get("use_cache")), with_kwargs=True)
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    attn[1, 8:] = 0
+    direct = S.token_stats(model, ids, attn)
+    assert seen == [False]
+    wrapped = S.token_stats(Wrapper(model), ids, attn)
+    assert seen == [False, None] and all(torch.equal(a, b) for a, b in zip(direct, wrapped))
+
+
 def test_loss_mask_is_exactly_the_kept_tokens():
     tok = char_tokenizer()
     model = tiny_model("llama")
