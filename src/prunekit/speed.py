@@ -25,11 +25,16 @@ __all__ = ["compare_speed", "compare_speed_with_dense", "measure_speed", "speedu
 
 
 @functools.lru_cache(maxsize=None)
-def _last_only(cls) -> dict:
-    """``{"logits_to_keep": 1}`` when the model's forward takes it (transformers' causal LMs), else ``{}``."""
+def forward_takes(cls, name: str) -> bool:
+    """Whether the forward of model class `cls` names the argument `name` (read once per class)."""
     import inspect
 
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(cls.forward).parameters else {}
+    return name in inspect.signature(cls.forward).parameters
+
+
+def _last_only(cls) -> dict:
+    """``{"logits_to_keep": 1}`` when the model's forward takes it (transformers' causal LMs), else ``{}``."""
+    return {"logits_to_keep": 1} if forward_takes(cls, "logits_to_keep") else {}
 
 
 @functools.lru_cache(maxsize=None)

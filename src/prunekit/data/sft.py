@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.errors import InputError, check_model, int_at_least, is_real
+from prunekit.speed import forward_takes
 from prunekit.weights.io import check_finite_weights
 
 __all__ = [
@@ -288,18 +289,12 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _takes(model: nn.Module, name: str) -> bool:
-    import inspect
-
-    return name in inspect.signature(type(model).forward).parameters
-
-
 @torch.no_grad()
 def token_stats(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(nll [B, T], entropy [B, T])`` float32 under `model`: at target position t >= 1, ``-log p(ids[t] | ids[<t])``
     and the entropy of ``p(. | ids[<t])``; position 0 (no context) and padding are 0."""
     dev = _device(model)
-    no_cache = {"use_cache": False} if _takes(model, "use_cache") else {}  # the scoring forward builds no KV cache
+    no_cache = {"use_cache": False} if forward_takes(type(model), "use_cache") else {}  # no KV cache to build
     logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev).long(), **no_cache).logits  # [B, T, V]
     target = ids[:, 1:].to(dev)  # [B, T-1]
     nll = torch.empty(target.shape, device=dev)

@@ -149,12 +149,12 @@ def run(args) -> int:
     elif limit is not None and renumbers and ids.shape[1] + args.max_new_tokens > limit:
         # the positions a forward uses: the whole prompt in one, then the cache plus the step that triggers a
         # compression (budget + every; a policy that evicts below its budget and refills: budget + 1)
-        cached = checked.budget + (args.every if checked.target(checked.budget) == checked.budget else 1)
+        step = args.every if checked.target(checked.budget) == checked.budget else 1
+        cached = checked.budget + step
         used = max(ids.shape[1], cached)
         if used > limit:
             why = (f"the prompt's {ids.shape[1]} tokens go through in one forward" if ids.shape[1] >= cached else
-                   f"a compressing step sees --budget {checked.budget} + "
-                   + (f"--every {args.every}" if cached > checked.budget + 1 else "1") + " tokens")
+                   f"a compressing step sees --budget {checked.budget} + {f'--every {step}' if step > 1 else 1} tokens")
             print(f"prunekit: note: --kv {args.kv} numbers positions within the cache, but {why}: positions up to "
                   f"{used - 1} pass the model's {limit}, so RoPE extrapolates there", file=sys.stderr)
     cache = DynamicCache(config=model.config)
