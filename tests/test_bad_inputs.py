@@ -662,6 +662,27 @@ def test_atomic_writes_survive_races_links_long_names_and_a_late_ctrl_c(tmp_path
     assert hidden() == []
 
 
+def test_leftovers_of_a_killed_run_are_reported_once_and_kept(model_dir, tmp_path, capsys):
+    """A run killed by SIGKILL or the OOM killer left a hidden half-written folder the size of a model (never
+    reclaimed, never mentioned) or, killed between its two renames, the previous output hidden under a temporary
+    name and no output at all. The next run names them; it deletes nothing (a tmp folder may be another run's)."""
+    out = tmp_path / "pruned"
+    half = tmp_path / ".pruned.tmp-kill9"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 2**20)
+    moved = tmp_path / ".pruned.old-kill9"
+    _earlier_output(moved, "before")
+    (tmp_path / ".other.tmp-x").mkdir()  # another output's: not ours to mention
+    assert cli.main(["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.5", "--out", str(out),
+                     "--quiet"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert len(notes) == 2, notes  # once each, though the CLI checks --out first and again at the save
+    assert f"{half} (1.0 MiB) is a half-written output of a killed run" in notes[1]
+    assert f"{moved} (0.0 MiB) holds the output pruned had before a run was killed" in notes[0]
+    assert half.is_dir() and moved.is_dir() and (tmp_path / ".other.tmp-x").is_dir()
+    assert (out / "prunekit.json").is_file()
+
+
 def test_cnn_save_leaves_no_parent_folders_on_failure(tmp_path, monkeypatch):
     import safetensors.torch
 

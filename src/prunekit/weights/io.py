@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import importlib
 import json
 import os
@@ -15,6 +16,7 @@ import pickle
 import re
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -496,7 +498,34 @@ def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} exists and is not a folder")
     check_writable(out)
+    _note_leftovers(out)
     return out
+
+
+_NOTED: set[str] = set()  # outputs whose leftovers were reported (the CLI checks an output twice: first and at the save)
+
+
+def _note_leftovers(out: Path) -> None:
+    """Say on stderr what a killed run (SIGKILL, the OOM killer, a power cut) left beside `out`: its half-built
+    ``.OUT.tmp-*`` folder (the size of a model, hidden, never reclaimed) or the previous output it had moved aside
+    (``.OUT.old-*``), which is all a user has when `out` itself is gone. Nothing is deleted: a ``tmp`` folder
+    may belong to another run writing `out` right now."""
+    if str(out.absolute()) in _NOTED or not out.parent.is_dir():
+        return
+    _NOTED.add(str(out.absolute()))
+    found = {tag: sorted(out.parent.glob(glob.escape(hidden_name(out.name, tag)) + "*")) for tag in ("old", "tmp")}
+    for tag, paths in found.items():
+        for path in paths:
+            if not path.is_dir() or path.is_symlink():
+                continue
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+            if tag == "old" and not out.exists():
+                what = f"holds the output {out.name} had before a run was killed while replacing it; move it back if you need it"
+            elif tag == "old":
+                what = "is a replaced output a killed run did not finish deleting; delete it"
+            else:
+                what = "is a half-written output of a killed run; delete it unless another run is writing this --out"
+            print(f"prunekit: note: {path} ({size / 2**20:.1f} MiB) {what}", file=sys.stderr)
 
 
 def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, overwrite: bool) -> Path:
