@@ -195,6 +195,9 @@ class Policy:
     def reset(self) -> None:
         """A new cache started: forget per-sequence state."""
 
+    def release(self) -> None:
+        """The context manager exited: drop the tensors held for the last cache (what a report reads stays)."""
+
     # ---- helpers for subclasses -----------------------------------------------------------------------
     @staticmethod
     def window_probs(view: View, queries: torch.Tensor, *, chunk: int = 512) -> torch.Tensor:
@@ -303,6 +306,7 @@ class Engine:
         self.states = []
         self._buffers = {}
         self._cache_ref = None
+        self.policy.release()
         return False
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
