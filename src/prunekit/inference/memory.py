@@ -281,6 +281,7 @@ class Memory:
         self.forget_every = int_at_least(forget_every, "forget_every", 0, hint=" (0: only when forget() is called)")
         self.forget_fraction = _check_float("forget_fraction", forget_fraction, high=1.0)
         self.sos_every = int_at_least(sos_every, "sos_every", 0, hint=" (0: no summary of summaries)")
+        self._own_embedder = embedder is None  # released on close (a caller's own embedder is left as it is)
         self.embedder = embedder if embedder is not None else MiniLMEmbedder()
         for attr in ("name", "dim", "encode"):
             if not hasattr(self.embedder, attr):
@@ -547,6 +548,8 @@ class Memory:
 
     def close(self) -> None:
         self.store.close()
+        if self._own_embedder and callable(getattr(self.embedder, "release", None)):
+            self.embedder.release()  # a closed Memory kept its 52 MB MiniLM while the object lived
         self.store = _ClosedStore()  # a call after close() was a raw sqlite3.ProgrammingError
 
     def __enter__(self):

@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import re
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -84,11 +85,22 @@ def minilm_path() -> Path:
     return folder
 
 
+class _Loaded:
+    """A loaded MiniLM: tokenizer, model and input length, shared by the embedders that hold it."""
+
+    __slots__ = ("tok", "model", "max_len", "__weakref__")
+
+
+_LOADED: weakref.WeakValueDictionary[tuple[str, str], _Loaded] = weakref.WeakValueDictionary()
+
+
 class MiniLMEmbedder(Embedder):
     """all-MiniLM-L6-v2 (384-d) on CPU by default, loaded from the installed package on first use.
 
     `batch_size` texts per forward; `device` a torch device string. Loading is lazy, so building the object
-    (and opening a store with it) costs nothing until text must be embedded.
+    (and opening a store with it) costs nothing until text must be embedded. Embedders of the same folder and
+    device share one loaded model (read only): a server holding one `Memory` per user held a 52 MB copy each.
+    `release()` lets go of it (a later `encode` loads it again); the last holder frees it.
     """
 
     name = "all-MiniLM-L6-v2"
@@ -100,36 +112,44 @@ class MiniLMEmbedder(Embedder):
         self.batch_size = batch_size
         self.device = device
         self._path = Path(path) if path is not None else None
-        self._model = None
-        self._tok = None
-        self._max_len = 256
+        self._loaded: _Loaded | None = None
 
-    def _load(self) -> None:
-        if self._model is not None:
-            return
-        from transformers import AutoModel, AutoTokenizer
+    def release(self) -> None:
+        """Let go of the loaded model (freed once no other embedder of the same folder and device holds it)."""
+        self._loaded = None
 
+    def _load(self) -> _Loaded:
+        if self._loaded is not None:
+            return self._loaded
         folder = self._path or minilm_path()
-        cfg = folder / "sentence_bert_config.json"
-        if cfg.is_file():
-            self._max_len = int(json.loads(cfg.read_text()).get("max_seq_length", 256))
-        from prunekit.weights.io import quiet_progress_bars
+        key = (str(folder.resolve()), str(self.device))
+        loaded = _LOADED.get(key)
+        if loaded is None:
+            from transformers import AutoModel, AutoTokenizer
 
-        with quiet_progress_bars():  # no "Loading weights" bar for a 90 MB model
-            self._tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-            self._model = AutoModel.from_pretrained(folder, local_files_only=True,
-                                                    trust_remote_code=False).to(self.device).eval()
+            from prunekit.weights.io import quiet_progress_bars
+
+            loaded = _Loaded()
+            cfg = folder / "sentence_bert_config.json"
+            loaded.max_len = int(json.loads(cfg.read_text()).get("max_seq_length", 256)) if cfg.is_file() else 256
+            with quiet_progress_bars():  # no "Loading weights" bar for a 90 MB model
+                loaded.tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+                loaded.model = AutoModel.from_pretrained(folder, local_files_only=True,
+                                                         trust_remote_code=False).to(self.device).eval()
+            _LOADED[key] = loaded
+        self._loaded = loaded
+        return loaded
 
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
 
-        self._load()
+        loaded = self._load()
         out = []
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
-                batch = self._tok(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
-                                  max_length=self._max_len, return_tensors="pt").to(self.device)
-                hidden = self._model(**batch).last_hidden_state  # [b, seq, 384]
+                batch = loaded.tok(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
+                                   max_length=loaded.max_len, return_tensors="pt").to(self.device)
+                hidden = loaded.model(**batch).last_hidden_state  # [b, seq, 384]
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [b, seq, 1]
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [b, 384]
                 out.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy())
