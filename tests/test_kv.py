@@ -708,6 +708,35 @@ def test_cli_generate(model_dir, tmp_path, capsys):
     assert "note" not in capsys.readouterr().err
 
 
+def test_a_model_saved_without_its_cache_still_generates_under_a_policy(model_dir, tmp_path, capsys):
+    """Fine-tuning with gradient checkpointing saves "use_cache": false. Under a policy generate then ran without
+    a cache: the budget was ignored (the full model's tokens, silently), and `prunekit generate` passing its own
+    cache fed it every step's whole sequence again (other text, a "cache" of 12435 tokens for 430)."""
+    import json
+
+    model, ids = make_model(), prompt(60)
+    full, _ = generate(model, ids, new=8)
+    with kv.policy(model, "streaming_llm", budget=24, every=1):
+        want, cache = generate(model, ids, new=8)
+    assert kv.cache_tokens(cache) == [24] * model.config.num_hidden_layers and not torch.equal(want, full)
+    model.config.use_cache = model.generation_config.use_cache = False
+    with kv.policy(model, "streaming_llm", budget=24, every=1):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             pad_token_id=0)
+        assert torch.equal(out, want)  # compressed as with a cache, not the full model's output
+        with pytest.raises(InputError, match="use_cache=False: no cache is kept, so the KV policy has nothing"):
+            model.generate(ids, max_new_tokens=2, use_cache=False)
+    args = ["--prompt", "the licence text " * 4, "--kv", "full", "--max-new-tokens", "6", "--json"]
+    assert cli.main(["generate", str(model_dir), *args]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((model_dir / name).read_text())
+        (model_dir / name).write_text(json.dumps({**config, "use_cache": False}))
+    assert cli.main(["generate", str(model_dir), *args]) == 0
+    saved = json.loads(capsys.readouterr().out)
+    assert saved["text"] == plain["text"] and saved["cache_tokens_max"] == plain["cache_tokens_max"] == 68 + 6 - 1
+
+
 def test_cli_generate_samples_as_transformers_does_under_a_seed(model_dir, capsys):
     import json
 

@@ -340,11 +340,21 @@ class Engine:
 
     def _make_generate(self, generate):
         """``model.generate`` refusing what the engine cannot do right: a padded prompt (the engine keeps no
-        per-token mask once it has evicted) and continuing from a cache it compressed (transformers takes the
-        tokens past the cache's shrunken length as new, so it would feed evicted ones again)."""
+        per-token mask once it has evicted), continuing from a cache it compressed (transformers takes the
+        tokens past the cache's shrunken length as new, so it would feed evicted ones again) and an explicit
+        ``use_cache=False``. A model whose config says ``use_cache: false`` (what fine-tuning with gradient
+        checkpointing saves) generates with a cache here: without one the policy had nothing to compress and the
+        output was the full model's, silently (and `prunekit generate`'s own cache then took every step's whole
+        sequence again, at ever later positions)."""
         engine = self
 
         def checked(*args, **kwargs):
+            config = kwargs.get("generation_config")
+            use_cache = kwargs.get("use_cache", getattr(config, "use_cache", None))
+            if use_cache is not None and not use_cache:
+                raise InputError("generate was asked for use_cache=False: no cache is kept, so the KV policy has "
+                                 "nothing to compress and the output would be the full model's; drop use_cache=False")
+            kwargs["use_cache"] = True
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool((mask == 0).any()):
                 raise InputError("the prompt is padded (its attention_mask has zeros); KV policies take one "
