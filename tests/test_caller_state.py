@@ -130,3 +130,65 @@ def test_quiet_progress_bars_gives_back_the_hubs_per_group_settings():
     finally:
         (hf_logging.enable_progress_bar if had else hf_logging.disable_progress_bar)()
         (hub.disable_progress_bars if hub_had else hub.enable_progress_bars)()
+
+
+def _examples():
+    tok = char_tokenizer()
+    return S.tokenize([{"instruction": f"{i}+1=", "response": str(i + 1)} for i in range(4)], tok, max_length=32), tok
+
+
+def _train(model_fn):
+    from prunekit.train import cross_val_probs, mlp, train
+
+    x = torch.randn(30, 8, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+    model = mlp(8, 2)
+    before = [p.clone() for p in model.parameters()]
+    model_fn(lambda: train(model, x, y, epochs=1, progress=False))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it trained
+    model_fn(lambda: cross_val_probs(lambda: mlp(8, 2), x, y, folds=3, epochs=1, progress=False))
+
+
+def _depth(model_fn):
+    target = depth.causal_lm_target(tiny_model("llama"), _ids(), batch_size=2)
+    model_fn(lambda: depth.recover(target, steps=2))
+    target = depth.causal_lm_target(tiny_model("llama"), _ids(), batch_size=2)
+    model_fn(lambda: depth.tinyfusion(target, kept=1, groups="1:2", steps=2))
+
+
+def _sft(model_fn):
+    examples, tok = _examples()
+    model = tiny_model("llama")
+    report = model_fn(lambda: S.sft(model, examples, pad_id=tok.eos_token_id, progress=False))
+    assert report.steps > 0
+
+
+def _dpruner(model_fn):
+    from prunekit.weights.methods import dpruner
+
+    model = tiny_model("llama")
+    model_fn(lambda: dpruner.prune_model(model, _ids(), ratio=0.5, domain=_ids(), progress=False))
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("call", [_train, _depth, _sft, _dpruner])
+def test_training_runs_inside_a_callers_no_grad_or_inference_mode(context, call):
+    """Each failed with autograd's bare "element 0 of tensors does not require grad" (sft after putting LoRA
+    into the model); D-Pruner worked under no_grad only."""
+
+    def inside(fn):
+        with context():
+            return fn()
+
+    call(inside)
+
+
+def test_a_model_made_inside_inference_mode_is_refused_for_training_before_it_is_changed():
+    from prunekit.errors import InputError
+
+    examples, tok = _examples()
+    with torch.inference_mode():
+        model = tiny_model("llama")
+    with pytest.raises(InputError, match="made inside torch.inference_mode"):
+        S.sft(model, examples, pad_id=tok.eos_token_id, progress=False)
+    assert not any("lora" in name for name, _ in model.named_modules())

@@ -4,6 +4,7 @@
 one-line message and exit code 2. Every message says what is wrong and what to do about it.
 """
 
+import functools
 import math
 import os
 import tempfile
@@ -11,7 +12,7 @@ from numbers import Integral, Real
 from pathlib import Path
 
 __all__ = ["InputError", "int_at_least", "is_real", "check_model", "hidden_name", "check_output_name", "check_writable",
-           "check_not_input", "apply_umask"]
+           "check_not_input", "apply_umask", "with_autograd"]
 
 
 class InputError(ValueError):
@@ -45,6 +46,27 @@ def check_model(model, what: str) -> None:
     if not isinstance(model, nn.Module):
         raise InputError(f"{what} needs a loaded torch model (model, tokenizer = prunekit.load_model(name_or_folder)), "
                          f"got {type(model).__name__}")
+
+
+def with_autograd(fn):
+    """Run training function `fn` with autograd on, whatever the caller set: inside a caller's
+    ``torch.no_grad()`` or ``torch.inference_mode()`` a training loop failed with autograd's bare "element 0 of
+    tensors does not require grad" (and `sft` had already put LoRA into the model). A model (an argument, or an
+    argument's ``.model``) whose weights were made inside inference mode cannot be trained: refused up front."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        for arg in (*args, *kwargs.values()):
+            model = arg if isinstance(arg, torch.nn.Module) else getattr(arg, "model", None)
+            if isinstance(model, torch.nn.Module) and any(p.is_inference() for p in model.parameters()):
+                raise InputError(f"{fn.__name__}: the model's weights were made inside torch.inference_mode() "
+                                 "(inference tensors), which autograd cannot train; load or build the model outside it")
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def check_output_name(out, *, flag: str = "--out") -> None:

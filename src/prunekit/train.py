@@ -37,7 +37,7 @@ from prunekit.data.methods._checks import int_at_least
 from prunekit.data.methods.el2n import el2n
 from prunekit.data.methods.forgetting import ForgettingTracker
 from prunekit.data.methods.grand import grand, grand_last_layer
-from prunekit.errors import InputError
+from prunekit.errors import InputError, with_autograd
 
 __all__ = [
     "small_cnn", "mlp", "StepInfo", "train", "predict", "accuracy", "embed", "DataScores", "seeded_model", "score_runs",
@@ -107,6 +107,7 @@ def _check_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
                          f"indices 0..{k - 1}")
 
 
+@with_autograd
 def train(model: nn.Module, x: torch.Tensor, y, *, epochs: int | None = None, steps: int | None = None,
           batch_size: int = 128, lr: float = 0.05, seed: int = 0, momentum: float = 0.9,
           weight_decay: float = 5e-4, on_step: Callable[[StepInfo], None] | None = None,
@@ -249,6 +250,7 @@ def seeded_model(model_fn: Callable[[], nn.Module], seed: int) -> nn.Module:
     return model
 
 
+@with_autograd  # model_fn too builds trainable weights under a caller's inference_mode()
 def score_runs(model_fn: Callable[[], nn.Module], x: torch.Tensor, y, *, runs: int = 3, epochs: int,
                score_epoch: int | None = None, seed: int = 0, batch_size: int = 128, lr: float = 0.05,
                exact_grand: bool = False, grand_batch_size: int = 256, progress: bool = True) -> DataScores:
@@ -333,6 +335,7 @@ def _stratified_folds(y: np.ndarray, folds: int, rng: np.random.Generator) -> np
     return fold
 
 
+@with_autograd
 def cross_val_probs(model_fn: Callable[[], nn.Module], x: torch.Tensor, y, *, folds: int = 5, epochs: int,
                     seed: int = 0, batch_size: int = 128, lr: float = 0.05, progress: bool = True) -> np.ndarray:
     """Out-of-fold predicted probabilities, float32 ``[N, K]`` (rows sum to 1), for Confident Learning.

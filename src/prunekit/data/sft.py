@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import InputError, check_model, int_at_least, is_real
+from prunekit.errors import InputError, check_model, int_at_least, is_real, with_autograd
 from prunekit.speed import forward_takes
 from prunekit.weights.io import check_finite_weights
 
@@ -518,6 +518,7 @@ def _step(model, batch: list[Example], masks: list[np.ndarray], pad_id: int, opt
     report.losses.append(loss.item())
 
 
+@with_autograd
 def sft(model: nn.Module, examples: list[Example], *, pad_id: int, pruner=None, epochs: int = 1,
         batch_size: int = 8, load_batch: int | None = None, lr: float = 2e-4, weight_decay: float = 0.0,
         lora_rank: int | None = 8, lora_alpha: float = 16.0, max_grad_norm: float | None = 1.0, seed: int = 0,

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.depth.core import DepthTarget, check_keep, hidden_of
-from prunekit.errors import InputError, int_at_least
+from prunekit.errors import InputError, int_at_least, with_autograd
 from prunekit.lora import add_lora, has_linear, lora_parameters, merge_lora, remove_lora
 from prunekit.weights.engine import refuse_factorized
 from prunekit.weights.io import non_finite
@@ -88,6 +88,7 @@ def _restore(module: nn.Module | None, old: dict, *, keep_trained: bool) -> None
             p.data = p.data.to(old[n].dtype) if keep_trained else old[n]
 
 
+@with_autograd
 def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", lr: float | None = None,
             teacher: tuple[nn.Module, nn.ModuleList] | None = None, keep: list[bool] | None = None,
             features: float = 0.0, lora_rank: int = 8, lora_alpha: float = 16.0, seed: int = 0,

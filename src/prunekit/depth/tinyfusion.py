@@ -45,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.depth.core import DepthTarget, batch_size_of, check_kept, gates, group_options, parse_groups
-from prunekit.errors import InputError, int_at_least
+from prunekit.errors import InputError, int_at_least, with_autograd
 from prunekit.lora import add_lora, has_linear, lora_parameters, remove_lora
 from prunekit.weights.engine import refuse_factorized
 
@@ -104,6 +104,7 @@ def _temperatures(tau) -> tuple[float, float]:
     return float(tau[0]), float(tau[1])
 
 
+@with_autograd
 def tinyfusion(target: DepthTarget, *, kept: int, groups=None, steps: int = 200, tau: tuple[float, float] = (4.0, 0.1),
                scale: float = 100.0, lr_gates: float = 1e-3, lr_lora: float = 1e-4, ema: float = 0.999,
                lora_rank: int = 8, lora_alpha: float = 16.0, recoverability: str = "lora", seed: int = 0,

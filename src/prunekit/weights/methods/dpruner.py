@@ -379,7 +379,7 @@ def prune_model(
         for m in layers.values():
             m.weight.requires_grad_(True)
         model.eval()
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             scores = _domain_stage(model, layers, general, domain_ids, steps=steps, lr=lr, lam=lam,
                                    batch_size=batch_size, clip=clip, progress=progress)
     finally:
