@@ -230,3 +230,19 @@ def test_zeros_in_counts_dtypes_count_nonzero_has_no_kernel_for():
     model.lm_head.weight.data = torch.zeros_like(model.lm_head.weight.data).to(torch.float8_e4m3fn)  # stored in fp8
     head, total = model.lm_head.weight.numel(), sum(p.numel() for p in model.parameters())
     assert prunekit.sparsity(model)["model_total"] == pytest.approx(head / total, abs=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_handed_back_unchanged_is_not_rewritten_and_its_error_is_zero(dtype, monkeypatch):
+    """D-Pruner's general stage only measures: it hands each weight back. The engine still wrote it back and
+    ran two [tokens, in] x [in, out] products for an error that is always 0 (3.4 s on SmolLM2-135M)."""
+    from prunekit.weights import engine
+
+    model = tiny_model("llama").to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(engine, "_rel_error", lambda *a: pytest.fail("error measured for an unchanged layer"))
+    monkeypatch.setattr(engine, "set_weight", lambda *a: pytest.fail("an unchanged weight was written back"))
+    reports, _ = prune_blocks(model, ids_from_text(char_tokenizer(), 4, 32), lambda w, s, _name: w, stat="hessian",
+                              progress=False)
+    assert reports and all(r.rel_error == 0.0 and r.sparsity == 0.0 for r in reports)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -277,11 +277,15 @@ class _Pruner:
         else:
             if isinstance(out, Refined):
                 out, info = out.weight, out.info
-            set_weight(module, out)
+            if out is not w_old:  # the very tensor handed in: the layer is unchanged (D-Pruner's general stage)
+                set_weight(module, out)
             w_new = out
             pruned = get_weight(module)
             sparsity = zeros_in(pruned) / pruned.numel()  # exact count: a float32 mean is off by ~1e-6
-        rel = _rel_error(w_old, w_new, x_sub) if x_sub is not None else None
+        if x_sub is None:
+            rel = None
+        else:  # an unchanged layer's error is 0 without two matrix products
+            rel = 0.0 if w_new is w_old else _rel_error(w_old, w_new, x_sub)
         self.reports.append(
             LayerReport(name, tuple(w_old.shape), sparsity, rel, time.perf_counter() - start, extra, info)
         )
