@@ -294,7 +294,7 @@ def test_references_are_read_like_path_answers_and_a_missing_one_is_refused(tmp_
     line = {"answer": "1,200", "paths": [{"text": "so the answer is 1,200.", "answer": "1200", "logprobs": [-0.1]}]}
     assert R.evaluate(R.load_paths(_write(tmp_path, [json.dumps(line)])), method="sc")["accuracy"] == 1.0
     unknown = dict(line, answer=None)
-    with pytest.raises(InputError, match="1 question.s. have no reference answer .* question 1, from 0"):
+    with pytest.raises(InputError, match="1 question.s. have no reference answer .* question 1, counting from 0"):
         R.evaluate(R.load_paths(_write(tmp_path, [json.dumps(line), json.dumps(unknown)])), method="sc")
     assert main(["reason", str(_write(tmp_path, GOOD)), "--method", "sc", "--resamples", "5"]) == 0
     assert "--resamples is used when --n is below the paths per question; ignored" in capsys.readouterr().err
@@ -360,7 +360,7 @@ def test_cli_refuses_the_other_modes_options(tmp_path, capsys):
     p = _write(tmp_path, GOOD)
     for extra, named in ((["--temperature", "0.1"], "--temperature is for sampling"),
                          (["--samples", "9", "--max-new-tokens", "3"], "--samples, --max-new-tokens are for sampling"),
-                         (["--overwrite"], "--overwrite is for sampling")):
+                         (["--overwrite"], "--overwrite replaces an existing output: the --out of sampling")):
         assert main(["reason", str(p), "--method", "sc", *extra]) == 2
         err = capsys.readouterr().err
         assert named in err and len(err.strip().splitlines()) == 1, err
@@ -370,6 +370,34 @@ def test_cli_refuses_the_other_modes_options(tmp_path, capsys):
     assert main(["reason", "--model", "x", "--questions", str(qfile), "--out", str(out), "--n", "2",
                  "--resamples", "3"]) == 2
     assert "--n, --resamples are for voting over a paths file" in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_answers_writes_each_questions_choice_with_or_without_reference_answers(tmp_path, capsys):
+    """Voting printed accuracy and ECE only: no command showed which answer was chosen, and a file of questions
+    without reference answers (what sampling writes for new questions) was refused outright."""
+    p = _write(tmp_path, GOOD)
+    out = tmp_path / "picks.jsonl"
+    assert main(["reason", str(p), "--method", "rpc", "--answers", str(out)]) == 0
+    printed = capsys.readouterr().out
+    picks = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "accuracy 100.00%" in printed and f"chosen answers (all paths voting): {out}" in printed
+    want = [R.rpc(q.answers, q.logprobs, texts=q.texts) for q in R.load_paths(p)]
+    assert [(d["index"], d["answer"], d["confidence"], d["kept_paths"]) for d in picks] == [
+        (i, v.answer, v.confidence, int(v.keep.sum())) for i, v in enumerate(want)]
+    assert [d["correct"] for d in picks] == [1.0] * len(picks) and picks[0]["question"] == "q1"
+    lines = [line for line in GOOD if line]
+    unknown = _write(tmp_path, [json.dumps({**json.loads(line), "answer": None}) for line in lines], name="new.jsonl")
+    assert main(["reason", str(unknown), "--method", "sc"]) == 2  # accuracy needs references
+    assert "--answers OUT.jsonl writes the chosen answers alone" in capsys.readouterr().err
+    assert main(["reason", str(unknown), "--method", "sc", "--answers", str(out)]) == 2  # exists: not replaced
+    assert "exists; pass --overwrite" in capsys.readouterr().err and "picks" not in out.read_text()
+    assert main(["reason", str(unknown), "--method", "sc", "--answers", str(out), "--overwrite", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["without_reference"] == len(lines) == 2 and summary["answers"] == str(out)
+    picks = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(d["correct"] is None and d["reference"] is None for d in picks) and picks[0]["answer"] == want[0].answer
+    assert main(["reason", str(unknown), "--method", "sc", "--answers", str(unknown), "--overwrite"]) == 2
+    assert "new.jsonl" in capsys.readouterr().err and json.loads(unknown.read_text().splitlines()[0])["paths"]
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):

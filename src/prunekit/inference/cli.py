@@ -1,6 +1,6 @@
 """``prunekit reason ...``: vote over sampled reasoning paths (SC, PC, RPC), or sample them from a model.
 
-    prunekit reason PATHS.jsonl --method rpc [--n 8] [--resamples 10] [--seed 0] [--json]
+    prunekit reason PATHS.jsonl --method rpc [--n 8] [--resamples 10] [--seed 0] [--json] [--answers OUT.jsonl]
     prunekit reason --model smollm2-135m --questions Q.jsonl --samples 16 --out PATHS.jsonl
 
 The questions file holds one ``{"question": str, "answer": reference}`` object a line; the paths file is
@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
                    help="random n-subsets averaged when --n is given (default 10)")
     r.add_argument("--seed", type=int, default=0, help="seed of the n-subsets, or of the sampling")
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    r.add_argument("--answers", default=None,
+                   help="voting: write each question's chosen answer, its confidence and the paths kept to this JSONL "
+                        "(all of a question's paths vote; questions need no reference answer then)")
     r.add_argument("--model", default=None, help="sample: local Hugging Face model folder or zoo name (smollm2-135m)")
     r.add_argument("--questions", default=None, help="sample: JSONL of {\"question\", \"answer\"} objects")
     r.add_argument("--samples", type=int, default=None, help="sample: paths per question (default 16)")
@@ -73,8 +76,9 @@ def _only_for(args, mine: dict, other: dict, mode: str, other_mode: str) -> None
     from prunekit.errors import InputError
 
     given = [name for name in other if getattr(args, name) is not None]
-    if args.overwrite and mode == "voting":
-        given.append("overwrite")
+    if args.overwrite and mode == "voting" and args.answers is None:
+        raise InputError("--overwrite replaces an existing output: the --out of sampling (--model) or the --answers "
+                         "file of voting; give one, or drop --overwrite")
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise InputError(f"{flags} {'is' if len(given) == 1 else 'are'} for {other_mode}; drop "
@@ -84,25 +88,33 @@ def _only_for(args, mine: dict, other: dict, mode: str, other_mode: str) -> None
             setattr(args, name, default)
 
 
-def _sample(args) -> int:
+def _check_out(path, flag: str, what: str, overwrite: bool, *inputs) -> Path:
+    """An output JSONL file: refused before the work when it cannot or should not be written."""
     from prunekit.errors import InputError, check_not_input, check_writable, follow_link
+
+    out = follow_link(Path(path).expanduser())  # written where a link points: its folder is checked
+    if out.is_dir():
+        raise InputError(f"{flag} {out} is a folder; give a file name for {what}")
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} exists; pass --overwrite or choose another {flag}")
+    if not out.parent.is_dir():
+        raise InputError(f"{out.parent} is not a folder; create it first")
+    check_writable(out, flag=flag)  # before the work: a read-only folder failed only at the save
+    check_not_input(out, *inputs, flag=flag)
+    return out
+
+
+def _sample(args) -> int:
+    from prunekit.errors import InputError
     from prunekit.inference.sampling import _check
     from prunekit.weights.io import resolve_model
 
-    if args.paths is not None or args.method is not None:
-        raise InputError("sampling (--model) takes no paths file or --method; vote in a second command")
+    if args.paths is not None or args.method is not None or args.answers is not None:
+        raise InputError("sampling (--model) takes no paths file, --method or --answers; vote in a second command")
     _only_for(args, SAMPLING, VOTING, "sampling", "voting over a paths file")
     if args.questions is None or args.out is None:
         raise InputError("sampling needs --questions Q.jsonl and --out PATHS.jsonl")
-    out = follow_link(Path(args.out).expanduser())  # written where a link points: its folder is checked
-    if out.is_dir():
-        raise InputError(f"--out {out} is a folder; give a file name for the JSONL of sampled paths")
-    if out.exists() and not args.overwrite:
-        raise InputError(f"{out} exists; pass --overwrite or choose another --out")
-    if not out.parent.is_dir():
-        raise InputError(f"{out.parent} is not a folder; create it first")
-    check_writable(out)  # before the sampling: a read-only folder failed only at the save
-    check_not_input(out, args.questions, args.model)
+    out = _check_out(args.out, "--out", "the JSONL of sampled paths", args.overwrite, args.questions, args.model)
     _check(n=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     questions = _read_questions(args.questions)
     resolve_model(args.model)
@@ -234,6 +246,8 @@ def run(args) -> int:
         raise InputError("--questions and --out are for sampling, which needs --model")
     resamples_given = args.resamples is not None
     _only_for(args, VOTING, SAMPLING, "voting", "sampling (--model)")
+    out = None if args.answers is None else _check_out(args.answers, "--answers", "the chosen answers",
+                                                         args.overwrite, args.paths)
     questions = reasoning.load_paths(args.paths)
     if args.n is None or args.n >= max(len(q.answers) for q in questions):  # no subsets are drawn
         unused = [f for f, given in (("--resamples", resamples_given), ("--seed", args.seed != 0)) if given]
@@ -241,12 +255,48 @@ def run(args) -> int:
             print(f"prunekit: note: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} used when --n is "
                   "below the paths per question; ignored (every question votes over all its paths once)",
                   file=sys.stderr)
+    if out is not None:
+        return _write_answers(args, questions, out)
     res = reasoning.evaluate(questions, method=args.method, n=args.n, resamples=args.resamples, seed=args.seed)
+    _print_evaluation(args, res)
+    return 0
+
+
+def _write_answers(args, questions, out: Path) -> int:
+    """--answers: every question's choice written to `out`; accuracy and ECE printed too when every question
+    has a reference answer."""
+    from prunekit.inference import reasoning
+    from prunekit.inference.sampling import write_jsonl
+
+    picks = reasoning.choose(questions, method=args.method)
+    unknown = sum(p["correct"] is None for p in picks)
+    res = None
+    if not unknown:
+        res = reasoning.evaluate(questions, method=args.method, n=args.n, resamples=args.resamples, seed=args.seed)
+    write_jsonl(out, picks, overwrite=args.overwrite)
+    if res is not None:
+        res["answers"] = str(out)
+        _print_evaluation(args, res)
+        if not args.json:
+            print(f"chosen answers (all paths voting): {out}")
+        return 0
+    summary = {"method": args.method, "questions": len(picks), "without_reference": unknown, "answers": str(out),
+               "mean_confidence": sum(p["confidence"] for p in picks) / len(picks)}
+    if args.json:
+        print(jsonl.dumps(summary))
+    else:
+        print(f"{args.method}: chose an answer for each of {len(picks)} questions (mean confidence "
+              f"{100 * summary['mean_confidence']:.1f}%) -> {out}; {unknown} have no reference answer, so no "
+              "accuracy or ECE")
+    return 0
+
+
+def _print_evaluation(args, res: dict) -> None:
     low, high = res["paths_per_question"]
     res["paths_available"] = low
     if args.json:
         print(jsonl.dumps(res))
-        return 0
+        return
     if args.n is not None and args.n < high:
         how = (f"averaged over {res['rounds']} random subsets of {res['n']} paths per question (seed {args.seed})"
                if res["rounds"] > 1 else f"one random subset of {res['n']} paths per question (seed {args.seed})")
@@ -256,4 +306,3 @@ def run(args) -> int:
           f"over {res['questions']} questions, {how}")
     if args.method == "rpc":
         print(f"reasoning pruning dropped {100 * res['pruned_fraction']:.1f}% of the paths")
-    return 0

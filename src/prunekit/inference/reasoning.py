@@ -61,7 +61,7 @@ from prunekit.jsonl import read_objects
 __all__ = [
     "METHODS", "Vote", "WeibullMixture", "path_probabilities", "self_consistency", "perplexity_consistency",
     "fit_weibull_mixture", "reasoning_prune", "rpc", "vote", "expected_calibration_error", "evaluate",
-    "load_paths", "canonical_answer",
+    "load_paths", "canonical_answer", "choose",
 ]
 
 METHODS = ("sc", "pc", "rpc")
@@ -348,7 +348,12 @@ def reasoning_prune(probs: Sequence) -> np.ndarray:
 
 
 def rpc(answers: Sequence, logprobs: Sequence, *, texts: Sequence | None = None) -> Vote:
-    """Reasoning Pruning then Perplexity Consistency over the kept paths (see the module doc)."""
+    """Reasoning Pruning then Perplexity Consistency over the kept paths (see the module doc).
+
+    `answers`: one extracted answer per path (None where none was found); `logprobs`: per path its token
+    log-probs (or its mean log-prob); `texts`: the paths' texts, so identical paths count once. Returns a `Vote`:
+    ``.answer`` (chosen), ``.confidence`` (its normalised score), ``.scores`` (every answer's), ``.winners``
+    (tied top answers) and ``.keep`` (the paths that survived the pruning)."""
     ans = _answers(answers)
     probs = path_probabilities(logprobs)
     if len(probs) != len(ans):
@@ -485,6 +490,23 @@ def _as_questions(records) -> list[Question]:
     return out
 
 
+def choose(records, *, method: str) -> list[dict]:
+    """Each question's chosen answer under `method`, voting over all its paths; no reference answer is needed.
+    One dict per question, in order: ``{"index", "question", "answer", "confidence", "winners", "paths",
+    "kept_paths", "reference", "correct"}`` (``correct``: the accuracy credit, 1/|winners| when the reference
+    is among tied winners; None without a reference)."""
+    if method not in METHODS:
+        raise InputError(f"method={method!r}: choose one of {', '.join(METHODS)}")
+    out = []
+    for i, q in enumerate(_as_questions(records)):
+        v = vote(q.answers, q.logprobs, method=method, texts=q.texts)
+        known = canonical_answer(q.answer) not in (None, "")
+        out.append({"index": i, "question": q.question, "answer": v.answer, "confidence": v.confidence,
+                    "winners": v.winners, "paths": len(q.answers), "kept_paths": int(v.keep.sum()),
+                    "reference": q.answer, "correct": v.credit(q.answer) if known else None})
+    return out
+
+
 def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10, seed: int = 0) -> dict:
     """Accuracy and ECE of `method` over questions (`load_paths` output or records in its format).
 
@@ -518,7 +540,8 @@ def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10,
     unknown = [i for i, q in enumerate(qs) if canonical_answer(q.answer) in (None, "")]
     if unknown:  # they were scored as wrong answers
         raise InputError(f"{len(unknown)} question(s) have no reference answer (null or empty; the first is question "
-                         f"{unknown[0]}, from 0): accuracy and ECE need one for every question; drop them or add it")
+                         f"{unknown[0]}, counting from 0): accuracy and ECE need one for every question; drop them or "
+                         "add it (prunekit reason FILE --method M --answers OUT.jsonl writes the chosen answers alone)")
     accs, eces, pruned = [], [], []
     for _ in range(rounds):
         conf, corr, wts, credit = [], [], [], []
