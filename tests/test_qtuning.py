@@ -510,13 +510,20 @@ def test_cli_qtune_says_when_the_misconceptions_hold_fewer_tokens_than_the_budge
     left = sum(len(k["token_keep"]) for k in calibration)
     assert sum(sum(k["token_keep"]) for k in kept) == left
     drop = round(0.99 * total)
+    err = capsys.readouterr().err
     assert (f"--tokens 0.01 asked to drop {drop} of the kept samples' {total} response tokens, but Q-Tuning drops "
             f"only the misconception samples' tokens and those held {total - left}, all dropped: "
-            f"{left / total:.0%} of the tokens are kept") in capsys.readouterr().err
+            f"{left / total:.0%} of the tokens are kept") in err
+    # the misconceptions, counted as kept, train on nothing: that was said nowhere
+    emptied = len(kept) - len(calibration)
+    assert f"{emptied} of the {len(kept)} kept samples lost every response token to --tokens" in err
+    assert json.loads((out / "summary.json").read_text())["kept_samples_without_tokens"] == emptied
     # a budget the misconceptions can meet: no note
     assert main(["data", "qtune", str(model_dir), "--data", str(sft_file), "--samples", "1", "--tokens", "0.99",
                  "--out", str(tmp_path / "o2"), "--quiet"]) == 0
-    assert "asked to drop" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "asked to drop" not in err and "lost every response token" not in err
+    assert json.loads((tmp_path / "o2" / "summary.json").read_text())["kept_samples_without_tokens"] == 0
 
 
 def test_cli_qtune_says_what_it_cut_and_keeps_user_fields(tmp_path, model_dir, capsys):

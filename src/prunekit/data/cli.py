@@ -473,6 +473,8 @@ def _cmd_qtune(args) -> int:
     summary = {"model": str(args.model), "data": str(args.data), "samples": len(examples), "kept_samples": sel.samples,
                "response_tokens": int(resp.sum()), "kept_response_tokens": sel.tokens,
                "kept_samples_response_tokens": int((resp & sel.keep_samples[:, None]).sum()),
+               # kept samples whose every response token the token budget dropped: they train on nothing
+               "kept_samples_without_tokens": int((sel.keep_samples & ~sel.keep_tokens.any(1)).sum()),
                "sample_ratio": args.samples, "token_ratio": args.tokens, "lam": args.lam, "quadrants": counts,
                "thresholds": sel.info, "scoring_seconds": round(scored, 2), "max_length": args.max_length,
                "cut_prompts": cut["prompt"], "cut_responses": cut["response"],
@@ -530,6 +532,11 @@ def _cmd_qtune(args) -> int:
         print(f"prunekit: note: --tokens {args.tokens} asked to drop {wanted} of the kept samples' {total} response "
               f"tokens, but Q-Tuning drops only the misconception samples' tokens and those held {done}, all dropped: "
               f"{sel.tokens / total:.0%} of the tokens are kept", file=sys.stderr)
+    if summary["kept_samples_without_tokens"]:
+        print(f"prunekit: note: {summary['kept_samples_without_tokens']} of the {sel.samples} kept samples lost every "
+              "response token to --tokens (all 0 in their token_keep in kept.jsonl): they are trained on nothing, so "
+              "a trainer that ignores the masks trains on other data than Q-Tuning; raise --tokens to keep more",
+              file=sys.stderr)
     return 0
 
 
