@@ -836,6 +836,26 @@ def test_dsnot_from_the_cli_with_options(model_dir, text_file, tmp_path, capsys)
         "skip_mlp": False, "domain": None}
 
 
+def test_a_dense_models_stray_zeros_get_no_pruned_before_note(tmp_path, text_file, tok, capsys):
+    """The zoo model has 0.03% zeros from its 4-bit source; SparseGPT 2:4 said "the input was already 0.0003
+    sparse (pruned before?)" and that its updates refilled them, alarming for nothing."""
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for block in model.model.layers:
+            for p in block.parameters():
+                if p.dim() == 2:
+                    p.view(-1)[:: 3000] = 0  # ~0.03% of each matrix
+    folder = tmp_path / "stray"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    assert cli.main(prune_args(folder, text_file, tmp_path / "sg24", "--method", "sparsegpt", "--pattern", "2:4")) == 0
+    meta, err = json.loads((tmp_path / "sg24" / "prunekit.json").read_text()), capsys.readouterr().err
+    assert 0 < meta["input_sparsity"] < 0.005 and meta["input_zeros_refilled"] > 0  # still recorded
+    assert "pruned before?" not in err
+
+
 def test_armor_saves_factors_and_reloads_them(model_dir, text_file, tmp_path, capsys):
     import prunekit
     from prunekit.weights.engine import is_factorized
@@ -844,6 +864,7 @@ def test_armor_saves_factors_and_reloads_them(model_dir, text_file, tmp_path, ca
     rc = cli.main(prune_args(model_dir, text_file, out, "--method", "armor", "--pattern", "2:4",
                              "--option", "iters=5", "--option", "block_size=32"))
     assert rc == 0
+    assert "holds the dense product A core B, so plain transformers loads a dense model" in capsys.readouterr().err
     meta = json.loads((out / "prunekit.json").read_text())
     assert all(layer["extra_params"] > 0 and layer["sparsity"] == 0.5 for layer in meta["layers"])
     assert all(layer["info"]["proxy_loss"] <= layer["info"]["proxy_loss_sparsegpt"] for layer in meta["layers"])

@@ -376,7 +376,8 @@ def _cmd_prune(args) -> int:
              else "relative error not measured by this method")  # was printed as "nan"
     print(f"pruned {args.model} with {args.method} ({result.pattern or f'{ratio:g} unstructured'}): "
           f"sparsity {result.total_sparsity:.4f} over {len(result.layers)} layers, {error}, {result.seconds:.1f} s")
-    if refilled:  # it said "its zeros stay zeros" while SparseGPT's N:M updates refilled thousands
+    if refilled and input_sparsity > 0.005:  # it said "its zeros stay zeros" while SparseGPT refilled thousands
+        # (below 0.5%: a dense model's stray zeros, e.g. the zoo model's from its 4-bit source; nothing to say)
         print(f"prunekit: note: the input was already {input_sparsity:.4f} sparse in the layers pruned (pruned "
               f"before?); {args.method}'s weight updates made {refilled:,} of its zeros nonzero again, so the output "
               f"is {result.total_sparsity:.4f} sparse and not a subset of the input's weights", file=sys.stderr)
@@ -391,6 +392,10 @@ def _cmd_prune(args) -> int:
     if evaluation:
         print(report.ppl_table(evaluation))
     print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'})")
+    if args.method == "armor":  # a user shipping the folder to a 2:4 runtime got a dense model, unwarned
+        print(f"prunekit: note: {out / 'model.safetensors'} holds the dense product A core B, so plain transformers "
+              f"loads a dense model; the {args.pattern} cores and factors are in armor.safetensors, which "
+              "prunekit.load_model puts back", file=sys.stderr)
     return 0
 
 
