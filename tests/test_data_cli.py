@@ -80,7 +80,8 @@ def test_label_issues_npy_output_and_json(tmp_path, capsys):
     got = np.load(out)
     assert summary["issues"] == len(got)
     assert got.tolist() == find_label_issues(labels, probs, return_indices_ranked_by="normalized_margin").tolist()
-    assert np.allclose(np.asarray(summary["noise_matrix"]).sum(axis=0), 1)
+    assert np.allclose(np.asarray(summary["noise_matrix"]).sum(axis=0), 1)  # over the given labels, per true one
+    assert summary["noise_matrix_axes"].startswith("noise_matrix[given][true] = P(given label | true label)")
 
 
 def bad_inputs(tmp_path):

@@ -28,8 +28,8 @@ def add_parser(sub) -> None:
     from prunekit.data.methods.confident import FILTERS, RANKINGS
 
     li = dsub.add_parser("label-issues", help="find mislabeled examples with Confident Learning (cleanlab's answers)")
-    li.add_argument("--labels", required=True, help="given labels, one integer class per example (.npy/.csv/.parquet), "
-                    "or fashion-mnist: the zoo copy's 60,000 training labels (data score --data fashion-mnist's)")
+    li.add_argument("--labels", required=True, help="given labels, one per example (.npy/.csv/.parquet): integer classes 0..K-1, or class "
+                    "names matched to --probs' column names (a CSV header, parquet columns); or fashion-mnist: the zoo copy's 60,000 training labels (data score --data fashion-mnist's)")
     li.add_argument("--probs", required=True, help="out-of-sample predicted probabilities [N, K] (.npy/.csv/.parquet)")
     li.add_argument("--filter", default="prune_by_noise_rate", choices=FILTERS, help="which rule flags an issue")
     li.add_argument("--rank-by", default="self_confidence", choices=RANKINGS,
@@ -147,7 +147,9 @@ def _cmd_label_issues(args) -> int:
         est = cl.estimate_noise(labels, probs, allow_missing_classes=args.allow_missing_classes)
         print(jsonl.dumps({"examples": n, "classes": probs.shape[1], "issues": int(len(ranked)),
                            "filter_by": args.filter, "rank_by": args.rank_by, "seconds": seconds, "out": str(args.out),
-                           "prior": est.prior.tolist(), "noise_matrix": est.noise_matrix.tolist()}))
+                           "prior": est.prior.tolist(), "noise_matrix": est.noise_matrix.tolist(),
+                           "noise_matrix_axes": "noise_matrix[given][true] = P(given label | true label); "
+                                                "prior[true] = P(true label)"}))
     else:
         print(f"{len(ranked)} label issues among {n} examples ({100 * len(ranked) / n:.2f}%), filter {args.filter}, "
               f"{seconds:.2f} s; ranked by {args.rank_by}, worst first, in {args.out}")
