@@ -701,7 +701,15 @@ def test_cli_generate(model_dir, tmp_path, capsys):
     rc = cli.main(["generate", str(model_dir), "--prompt", "the licence text " * 4, "--kv", "full", "--budget", "16",
                    "--every", "4", "--max-new-tokens", "4", "--json"])
     captured = capsys.readouterr()
-    assert rc == 0 and json.loads(captured.out)["budget"] is None
+    full = json.loads(captured.out)
+    assert rc == 0 and full["budget"] is None
+    # the full cache's size and the prefill / decode split were not reported (tok/s mixed in the prefill)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert full["full_cache_bytes"] == per_token * (68 + 4 - 1) and full["cache_tokens_max"] == 68 + 4 - 1
+    assert 0 < full["prefill_seconds"] < full["seconds"] and full["decode_tokens_per_s"] > 0
     assert "--every is not used by --kv full" in captured.err and "--budget is not used by --kv full" in captured.err
     assert cli.main(["generate", str(model_dir), "--prompt", "hi", "--kv", "h2o", "--budget", "8", "--every", "2",
                      "--max-new-tokens", "2", "--json"]) == 0

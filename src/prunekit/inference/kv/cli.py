@@ -161,21 +161,30 @@ def run(args) -> int:
     generation = {k: v for k, v in sampling.items() if k != "seed"}
     if sampling["do_sample"]:
         torch.manual_seed(sampling["seed"])
+    forwards = []  # when each forward ended: the first is the prefill, the rest decode one token each
+    hook = model.register_forward_hook(lambda *_: forwards.append(time.perf_counter()))
     start = time.perf_counter()
-    with torch.no_grad(), kv.policy(model, args.kv, budget=args.budget, every=args.every, **options) as pol:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                             cache=cache, pad_token_id=tok.pad_token_id or tok.eos_token_id, **generation)
+    try:
+        with torch.no_grad(), kv.policy(model, args.kv, budget=args.budget, every=args.every, **options) as pol:
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                 cache=cache, pad_token_id=tok.pad_token_id or tok.eos_token_id, **generation)
+    finally:
+        hook.remove()
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:]
     text = tok.decode(new, skip_special_tokens=True)
     tokens = kv.cache_tokens(cache)
+    decode = forwards[-1] - forwards[0] if len(forwards) > 1 else 0.0
     result = {
         "model": str(args.model), "policy": args.kv, "budget": pol.budget,
         "every": args.every if checked.compresses else None, "options": options,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "sampling": sampling, "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()), "text": text,
-        "cache_tokens_max": max(tokens), "cache_bytes": kv.cache_bytes(cache), "seconds": seconds,
-        "tokens_per_s": new.numel() / seconds if seconds > 0 else None,
+        "cache_tokens_max": max(tokens), "cache_bytes": kv.cache_bytes(cache),
+        "full_cache_bytes": _full_cache_bytes(cache, int(ids.shape[1] + new.numel() - 1)), "seconds": seconds,
+        "tokens_per_s": new.numel() / seconds if seconds > 0 else None,  # prefill included
+        "prefill_seconds": forwards[0] - start if forwards else None,
+        "decode_tokens_per_s": (len(forwards) - 1) / decode if decode > 0 else None,  # the tokens after the first
     }
     if getattr(pol, "available", 0):
         result["attended_fraction"] = pol.attended / pol.available
@@ -183,6 +192,24 @@ def run(args) -> int:
         print(jsonl.dumps(result))
     else:
         print(text)
-        print(f"{args.kv}: prompt {result['prompt_tokens']} + {result['new_tokens']} new tokens; cache {result['cache_tokens_max']} "
-              f"tokens/layer, {result['cache_bytes'] / 2**20:.2f} MiB; {result['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+        seen = result["prompt_tokens"] + result["new_tokens"] - 1  # what a full cache holds per layer
+        full = (f" ({result['cache_tokens_max'] / seen:.0%} of the full cache's {seen}, "
+                f"{result['full_cache_bytes'] / 2**20:.2f} MiB)" if seen > 0 else "")
+        speed = (f"prefill {result['prefill_seconds']:.2f} s" if result["prefill_seconds"] is not None else "")
+        if result["decode_tokens_per_s"] is not None:
+            speed += f", then decode {result['decode_tokens_per_s']:.1f} tok/s"
+        print(f"{args.kv}: prompt {result['prompt_tokens']} + {result['new_tokens']} new tokens; cache "
+              f"{result['cache_tokens_max']} tokens/layer{full}, {result['cache_bytes'] / 2**20:.2f} MiB allocated; "
+              f"{speed}", file=sys.stderr)
     return 0
+
+
+def _full_cache_bytes(cache, tokens: int) -> int:
+    """What the keys and values of `tokens` positions take in every layer of `cache` (its dtypes and head
+    shapes): the cache without a policy."""
+    total = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if t is not None and t.numel():
+                total += t.element_size() * (t.numel() // t.shape[-2]) * tokens
+    return total
