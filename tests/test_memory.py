@@ -716,6 +716,25 @@ def test_minilm_embedders_share_one_model_and_a_closed_memory_lets_go_of_it(tmp_
     assert own.encode(["loads again when used"]).shape == (1, 384)
 
 
+def test_a_store_of_a_newer_schema_is_refused_unchanged(tmp_path):
+    """`memory add` switched such a store to WAL mode (its header changed) before refusing it."""
+    import hashlib
+
+    db = tmp_path / "future.db"
+    Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0).close()
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA journal_mode=DELETE")
+    con.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    con.commit()
+    con.close()
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    for readonly in (False, True):
+        with pytest.raises(InputError, match="schema version 2; this prunekit reads version 1; it was written by a "
+                                             "newer prunekit: upgrade prunekit"):
+            Memory(db, embedder=HashEmbedder(), readonly=readonly)
+        assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
 def test_toy_embedder_separates_the_test_words():
     buckets = {HashEmbedder(dim=2048)._bucket(w) for w in WORDS}
     assert len(buckets) == len(WORDS)  # else the scripted retrievals above would be ambiguous

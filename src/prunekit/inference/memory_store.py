@@ -235,6 +235,7 @@ class SQLiteStore(Store):
                 self._db.close()
                 raise InputError(f"memory store {self.path} is damaged ({'; '.join(status)[:200]}); restore it from "
                                  "a copy, or recover what SQLite can read: sqlite3 OLD '.recover' | sqlite3 NEW")
+            self._check_version()  # before anything is set on the file: a store this version cannot read is left as is
         if not self.readonly:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={_SYNC[synchronous]}")
@@ -242,10 +243,6 @@ class SQLiteStore(Store):
         if not tables:
             self._db.executescript(f"BEGIN; {_SCHEMA} INSERT OR IGNORE INTO meta VALUES ('schema_version', "
                                    f"'{SCHEMA_VERSION}'); COMMIT;")
-        version = self._meta("schema_version")
-        if version != str(SCHEMA_VERSION):
-            self._db.close()
-            raise InputError(f"{self.path} has memory schema version {version}; this prunekit reads version {SCHEMA_VERSION}")
         self._in_tx = False
         self._dim: int | None = int(self._meta("dim")) if self._meta("dim") else None
         self._pending_add: list[tuple[list[int], np.ndarray]] = []
@@ -294,6 +291,15 @@ class SQLiteStore(Store):
         if os.access(self.path.parent, os.W_OK) and os.access(self.path, os.W_OK):
             return ""
         return "; its file or folder cannot be written, so it can only be read (memory stats, memory ask --no-mark)"
+
+    def _check_version(self) -> None:
+        version = self._meta("schema_version")
+        if version == str(SCHEMA_VERSION):
+            return
+        self._db.close()
+        newer = version is not None and version.isdigit() and int(version) > SCHEMA_VERSION
+        raise InputError(f"{self.path} has memory schema version {version}; this prunekit reads version {SCHEMA_VERSION}"
+                         + ("; it was written by a newer prunekit: upgrade prunekit to use it" if newer else ""))
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
