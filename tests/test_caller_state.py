@@ -192,3 +192,30 @@ def test_a_model_made_inside_inference_mode_is_refused_for_training_before_it_is
     with pytest.raises(InputError, match="made inside torch.inference_mode"):
         S.sft(model, examples, pad_id=tok.eos_token_id, progress=False)
     assert not any("lora" in name for name, _ in model.named_modules())
+
+
+def _prune(model):
+    import prunekit
+
+    prunekit.prune(model, method="wanda", ratio=0.5, calibration=_ids(), progress=False)
+
+
+def _prune_structured(model):
+    import prunekit
+
+    prunekit.prune_structured(model, method="uniform-structured", ratio=0.25, calibration=_ids(), progress=False)
+
+
+def _shortgpt(model):
+    depth.shortgpt(depth.causal_lm_target(model, _ids(), batch_size=2), kept=1)
+
+
+@pytest.mark.parametrize("call", [_perplexity, _sensitivity, _score_examples, _prune, _prune_structured, _shortgpt])
+def test_a_callers_frozen_submodule_stays_in_eval_mode(call):
+    """Each saved model.training and gave it back with model.train(was), which sets every submodule: a block the
+    caller had put in eval() inside a model in train mode came back in train mode."""
+    model = tiny_model("llama").train()
+    model.model.layers[0].eval()
+    call(model)
+    assert model.training and model.model.layers[1].training
+    assert not model.model.layers[0].training and not any(m.training for m in model.model.layers[0].modules())

@@ -12,7 +12,7 @@ from numbers import Integral, Real
 from pathlib import Path
 
 __all__ = ["InputError", "int_at_least", "is_real", "check_model", "hidden_name", "check_output_name", "check_writable",
-           "check_not_input", "apply_umask", "with_autograd"]
+           "check_not_input", "apply_umask", "with_autograd", "module_modes", "restore_modes"]
 
 
 class InputError(ValueError):
@@ -67,6 +67,21 @@ def with_autograd(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def module_modes(model) -> tuple:
+    """Every submodule's train/eval flag by name, for `restore_modes`: ``model.train(was)`` set all of them to
+    the top module's, so a caller's frozen part (an ``eval()`` BatchNorm or encoder inside a model in train
+    mode) came back in train mode."""
+    return model, {name: m.training for name, m in model.named_modules()}
+
+
+def restore_modes(modes: tuple) -> None:
+    """Put back the flags `module_modes` recorded; a module put in since (a pruned layer's replacement, new
+    under an old name or not) takes the flag of the module it replaced, else its parent's."""
+    model, flags = modes
+    for name, module in model.named_modules():  # parents first
+        module.training = flags[name] if name in flags else model.get_submodule(name.rpartition(".")[0]).training
 
 
 def check_output_name(out, *, flag: str = "--out") -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.errors import InputError, check_model, int_at_least
+from prunekit.errors import InputError, check_model, int_at_least, module_modes, restore_modes
 from prunekit.select import NM, parse_pattern
 from prunekit.text import Text, check_token_ids, evaluation_ids, load_text
 from prunekit.weights.engine import find_blocks, get_weight, target_linears, zeros_in
@@ -48,7 +48,7 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 
         raise InputError(f"ids must be token windows [n >= 1, seqlen >= 2] (one next-token prediction at least), "
                          f"got {shape}")
     total, count = 0.0, 0
-    was_training = model.training
+    was_training = module_modes(model)
     model.eval()
     try:
         with torch.no_grad():
@@ -63,7 +63,7 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 
                 count += batch[:, 1:].numel()
                 del logits
     finally:  # the caller's mode, also after an error or Ctrl-C
-        model.train(was_training)
+        restore_modes(was_training)
     return total / count, count
 
 

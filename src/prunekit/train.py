@@ -37,7 +37,7 @@ from prunekit.data.methods._checks import int_at_least
 from prunekit.data.methods.el2n import el2n
 from prunekit.data.methods.forgetting import ForgettingTracker
 from prunekit.data.methods.grand import grand, grand_last_layer
-from prunekit.errors import InputError, with_autograd
+from prunekit.errors import InputError, with_autograd, module_modes, restore_modes
 
 __all__ = [
     "small_cnn", "mlp", "StepInfo", "train", "predict", "accuracy", "embed", "DataScores", "seeded_model", "score_runs",
@@ -94,13 +94,13 @@ def _check_xy(x, y) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _check_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     """Labels the model has no output for were a raw IndexError from cross-entropy, mid-training."""
-    was = model.training
+    was = module_modes(model)
     model.eval()
     try:
         with torch.no_grad():
             out = model(x[:1].to(next(model.parameters()).device))  # [1, K]
     finally:
-        model.train(was)
+        restore_modes(was)
     k = out.shape[-1]
     if int(y.max()) >= k:
         raise InputError(f"y has class {int(y.max())} but the model has only K={k} outputs; labels are class "
@@ -195,7 +195,7 @@ def embed(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
 
     The last Linear is the last one registered; its output must be the model's output (checked).
     """
-    was_training = model.training
+    was_training = module_modes(model)
     model.eval()
     device = next(model.parameters()).device
     captured = []
@@ -218,7 +218,7 @@ def embed(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
     finally:
         if hook is not None:
             hook.remove()
-        model.train(was_training)
+        restore_modes(was_training)
     return torch.cat(logits), (torch.cat(embs) if with_embeddings else None)
 
 

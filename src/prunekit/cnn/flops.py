@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, module_modes, restore_modes
 
 __all__ = ["count_flops", "count_params", "ms_per_batch"]
 
@@ -83,7 +83,7 @@ def count_flops(model: nn.Module, input_shape=(1, 28, 28)) -> int:
             hooks.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(linear_hook))
-    was_training = model.training
+    was_training = module_modes(model)
     model.eval()
     try:
         p = next(model.parameters(), None)
@@ -101,7 +101,7 @@ def count_flops(model: nn.Module, input_shape=(1, 28, 28)) -> int:
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
+        restore_modes(was_training)
     return int(total)
 
 
@@ -122,7 +122,7 @@ def ms_per_batch(model: nn.Module, x: torch.Tensor, *, repeats: int = 20, warmup
         raise _channels_error(channels, f"x must be a batch [B, {channels}, H, W], got {list(x.shape)}")
     if repeats < 1 or warmup < 0:
         raise InputError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    was_training = model.training
+    was_training = module_modes(model)
     model.eval()
     times = []
     try:
@@ -140,5 +140,5 @@ def ms_per_batch(model: nn.Module, x: torch.Tensor, *, repeats: int = 20, warmup
                 if i >= warmup:
                     times.append(1000.0 * (time.perf_counter() - t0))
     finally:
-        model.train(was_training)
+        restore_modes(was_training)
     return float(statistics.median(times))

@@ -57,7 +57,7 @@ from numbers import Integral, Real
 import torch
 from torch import nn
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, module_modes, restore_modes
 
 __all__ = [
     "SCHEMES", "TRP", "LowRankConv", "eligible_convs", "to_matrix", "from_matrix", "energy_rank", "low_rank",
@@ -475,14 +475,14 @@ def split_where_faster(model: nn.Module, example: torch.Tensor, *, timer=None, r
     inputs = {}
     hooks = [m.register_forward_hook(lambda mod, inp, out, name=n: inputs.__setitem__(name, inp[0]))
              for n, m in lowrank.items()]
-    was_training = model.training
+    was_training = module_modes(model)
     model.eval()
     try:
         model(example)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
+        restore_modes(was_training)
     out = {}
     for name, lr in lowrank.items():
         whole = fuse_lowrank(lr)

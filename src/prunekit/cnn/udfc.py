@@ -73,7 +73,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, module_modes, restore_modes
 from prunekit.select import check_ratio, keep_per_row
 
 __all__ = ["METHODS", "CompressResult", "compress", "quantize_weight", "find_pairs", "relu_moments", "compensation"]
@@ -130,7 +130,7 @@ def _not_chained(model: nn.Module, names: list[str]) -> set[str]:
         hooks.append(mod.conv1.register_forward_hook(lambda m, i, o, n=name: outputs.setdefault(n, o)))
         hooks.append(mod.bn1.register_forward_pre_hook(lambda m, i, n=name: fed.setdefault(n, i[0])))
     param = next(model.parameters())
-    was = model.training
+    was = module_modes(model)
     try:
         model.eval()
         for size in (28, 32, 64, 224):
@@ -144,7 +144,7 @@ def _not_chained(model: nn.Module, names: list[str]) -> set[str]:
         else:
             return set()
     finally:
-        model.train(was)
+        restore_modes(was)
         for h in hooks:
             h.remove()
     return {n for n in names if n in fed and fed[n] is not outputs.get(n)}

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import InputError, check_model, int_at_least, is_real, with_autograd
+from prunekit.errors import InputError, check_model, int_at_least, is_real, with_autograd, module_modes, restore_modes
 from prunekit.speed import forward_takes
 from prunekit.weights.io import check_finite_weights
 
@@ -326,7 +326,7 @@ def _score(model: nn.Module, examples: list[Example], *, pad_id: int, batch_size
     t = max(len(e.ids) for e in examples)
     n = len(examples)
     nll, ent, resp = np.zeros((n, t), np.float64), np.zeros((n, t), np.float64), np.zeros((n, t), bool)
-    was_training = model.training
+    was_training = module_modes(model)
     model.eval()
     order = sorted(range(n), key=lambda i: len(examples[i].ids))  # batches of similar length waste less padding
     starts = range(0, n, batch_size)
@@ -342,7 +342,7 @@ def _score(model: nn.Module, examples: list[Example], *, pad_id: int, batch_size
             w = ids.shape[1]
             nll[rows, :w], ent[rows, :w], resp[rows, :w] = a.double().numpy(), b.double().numpy(), r.numpy()
     finally:  # the caller's mode, also after an error or Ctrl-C
-        model.train(was_training)
+        restore_modes(was_training)
     return nll, ent, resp
 
 

@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import InputError, int_at_least
+from prunekit.errors import InputError, int_at_least, module_modes, restore_modes
 
 __all__ = [
     "DiTConfig", "TrainConfig", "DiT", "DiTBlock", "Schedule", "schedule", "diffusion_loss", "sample",
@@ -415,7 +415,7 @@ def sample(model: DiT, labels, *, steps: int = 50, guidance: float = 1.0, seed: 
     elif not isinstance(generator, torch.Generator):
         raise InputError("generator must be a torch.Generator or None")
     device = next(model.parameters()).device
-    was_training = model.training
+    was_training = module_modes(model)
     model.eval()
     ts = _ddim_timesteps(steps)
     abar = _SCHEDULE.alphas_cumprod
@@ -439,7 +439,7 @@ def sample(model: DiT, labels, *, steps: int = 50, guidance: float = 1.0, seed: 
                 x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps  # [b, 1, 28, 28]
             out.append(x.clamp(-1, 1).cpu())
     finally:
-        model.train(was_training)
+        restore_modes(was_training)
     return torch.cat(out)
 
 
@@ -713,7 +713,7 @@ def forward_seconds(model: DiT, *, batch: int = 16, repeats: int = 5, threads: i
     x = torch.randn(batch, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     t = torch.randint(0, _SCHEDULE.T, (batch,), generator=g)
     y = torch.arange(batch) % model.config.num_classes
-    was, before = model.training, torch.get_num_threads()
+    was, before = module_modes(model), torch.get_num_threads()
     model.eval()
     torch.set_num_threads(int_at_least(threads, "threads", 1))
     try:
@@ -725,7 +725,7 @@ def forward_seconds(model: DiT, *, batch: int = 16, repeats: int = 5, threads: i
             times.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(before)
-        model.train(was)
+        restore_modes(was)
     return min(times)
 
 

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prunekit.depth.core import DepthTarget, batch_size_of, check_keep, check_kept, gates, hidden_of, keep_top
-from prunekit.errors import InputError, int_at_least
+from prunekit.errors import InputError, int_at_least, module_modes, restore_modes
 
 __all__ = ["shortgpt", "sensitivity", "every_other", "random_masks", "block_influence", "calibration_loss"]
 
@@ -40,7 +40,7 @@ def calibration_loss(target: DepthTarget, keep: list[bool] | None = None) -> flo
     Each batch's loss (a mean over its samples) is weighted by its sample count, so a short last batch does not
     count as much as a full one and the result does not depend on the batch size."""
     keep = check_keep(keep, target.depth) if keep is not None else [True] * target.depth
-    was = target.model.training
+    was = module_modes(target.model)
     target.model.eval()
     try:
         with gates(target.blocks) as g:
@@ -49,7 +49,7 @@ def calibration_loss(target: DepthTarget, keep: list[bool] | None = None) -> flo
             sizes = [batch_size_of(b) for b in target.batches]
             total = sum(float(target.loss(target.model, b)) * n for b, n in zip(target.batches, sizes))
     finally:  # the caller's mode, also after an error or Ctrl-C
-        target.model.train(was)
+        restore_modes(was)
     return total / sum(sizes)
 
 
@@ -69,7 +69,7 @@ def block_influence(target: DepthTarget) -> torch.Tensor:
         return fn
 
     handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(target.blocks)]
-    was = target.model.training
+    was = module_modes(target.model)
     target.model.eval()
     try:
         for b in target.batches:  # the blocks only when the target says how: a causal LM's logits and loss are unused
@@ -77,7 +77,7 @@ def block_influence(target: DepthTarget) -> torch.Tensor:
     finally:
         for h in handles:
             h.remove()
-        target.model.train(was)
+        restore_modes(was)
     return 1 - sums / counts  # [depth]
 
 

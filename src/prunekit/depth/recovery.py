@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.depth.core import DepthTarget, check_keep, hidden_of
-from prunekit.errors import InputError, int_at_least, with_autograd
+from prunekit.errors import InputError, int_at_least, with_autograd, module_modes, restore_modes
 from prunekit.lora import add_lora, has_linear, lora_parameters, merge_lora, remove_lora
 from prunekit.weights.engine import refuse_factorized
 from prunekit.weights.io import non_finite
@@ -131,8 +131,8 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
             raise InputError(f"keep keeps {len(kept)} blocks but the student has {target.depth}")
         pairs = [(j, (kept[j + 1] - 1) if j + 1 < len(kept) else len(keep) - 1) for j in range(len(kept))]
     model = target.model
-    was_training = model.training
-    teacher_training = teacher[0].training if teacher is not None else None
+    was_training = module_modes(model)
+    teacher_training = module_modes(teacher[0]) if teacher is not None else None
     requires = {id(p): p.requires_grad for p in model.parameters()}
     grads = {id(p): p.grad for p in model.parameters() if p.grad is not None}  # the caller's: set aside, put back
     for p in model.parameters():
@@ -205,9 +205,9 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
             (remove_lora if diverged else merge_lora)(target.blocks)  # diverged factors are dropped, not merged
         for p in model.parameters():
             p.requires_grad_(requires.get(id(p), True))
-        model.train(was_training)
+        restore_modes(was_training)
         if teacher is not None:
-            teacher[0].train(teacher_training)
+            restore_modes(teacher_training)
         _restore(teacher_model, half_teacher, keep_trained=False)
         _restore(model, half, keep_trained=not diverged)
         overflowed = non_finite(model) if half else []

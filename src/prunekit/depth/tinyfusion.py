@@ -45,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.depth.core import DepthTarget, batch_size_of, check_kept, gates, group_options, parse_groups
-from prunekit.errors import InputError, int_at_least, with_autograd
+from prunekit.errors import InputError, int_at_least, with_autograd, module_modes, restore_modes
 from prunekit.lora import add_lora, has_linear, lora_parameters, remove_lora
 from prunekit.weights.engine import refuse_factorized
 
@@ -136,7 +136,7 @@ def tinyfusion(target: DepthTarget, *, kept: int, groups=None, steps: int = 200,
     ema_logits = [g.detach().clone() for g in logits]
     gen = torch.Generator().manual_seed(seed)
     model = target.model
-    was_training = model.training
+    was_training = module_modes(model)
     requires = {id(p): p.requires_grad for p in model.parameters()}
     losses: list[float] = []
     start = time.perf_counter()
@@ -180,7 +180,7 @@ def tinyfusion(target: DepthTarget, *, kept: int, groups=None, steps: int = 200,
                 remove_lora(target.blocks)
             for p in model.parameters():
                 p.requires_grad_(requires.get(id(p), True))
-            model.train(was_training)
+            restore_modes(was_training)
     keep = []
     for e, opts in zip(ema_logits, options):
         keep += [bool(v) for v in opts[int(e.argmax())].tolist()]

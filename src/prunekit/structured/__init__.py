@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prunekit.errors import InputError, check_model, int_at_least
+from prunekit.errors import InputError, check_model, int_at_least, module_modes, restore_modes
 from prunekit.select import check_ratio
 from prunekit.structured.export import load, save_structured
 from prunekit.speed import measure_speed
@@ -195,7 +195,7 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
     before_block = block_params(dims, widths_before)
     before = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
-    was_training = model.training
+    was_training = module_modes(model)
     dense = _dense_modules(model)
     model.eval()
     try:
@@ -204,7 +204,7 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
         _put_back(dense)
         raise
     finally:
-        model.train(was_training)
+        restore_modes(was_training)
     widths = layer_widths(model)
     if widths != outcome.widths:
         raise RuntimeError("the pruned model's widths differ from the method's decision; this is a bug in prunekit")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from prunekit import registry
-from prunekit.errors import InputError, check_model
+from prunekit.errors import InputError, check_model, module_modes, restore_modes
 from prunekit.select import parse_pattern, ratio_for
 from prunekit.text import Text, calibration_ids, check_token_ids, load_text
 from prunekit.weights.engine import LayerReport, find_blocks, get_weight, is_factorized, prune_blocks, target_linears
@@ -275,7 +275,7 @@ def prune(
     ids, calib_info = _calibration(calibration, tokenizer, model, samples=samples, seqlen=seqlen, seed=seed)
     if stat is not None and ids is None:
         raise InputError(f"method {method} needs calibration text; give calibration='wiki' or a file")
-    was_training = model.training
+    was_training = module_modes(model)
     model.eval()
     try:
         with contextlib.ExitStack() as moe:
@@ -285,7 +285,7 @@ def prune(
                           seed=seed, skip=tuple(skip), sequential=sequential, batch_size=batch_size,
                           progress=progress, options=options, stat=stat)
     finally:
-        model.train(was_training)
+        restore_modes(was_training)
     return PruneResult(
         method=method, ratio=ratio, pattern=str(nm) if nm else None, sequential=sequential, layers=layers,
         seconds=time.perf_counter() - start, calibration=calib_info, options=dict(options, skip=list(skip)),

@@ -42,7 +42,7 @@ from torch import nn
 
 from prunekit.data.methods._checks import float_array, labels_array
 from prunekit.data.methods.el2n import softmax
-from prunekit.errors import InputError
+from prunekit.errors import InputError, module_modes, restore_modes
 
 __all__ = ["grand", "grand_last_layer"]
 
@@ -101,7 +101,7 @@ def grand(models, x, y, *, batch_size: int = 256) -> np.ndarray:
     y_t = torch.as_tensor(labels)
     total = torch.zeros(n, dtype=torch.float64)
     for model in model_list:
-        was_training = model.training
+        was_training = module_modes(model)
         model.eval()
         try:
             with torch.no_grad():
@@ -113,7 +113,7 @@ def grand(models, x, y, *, batch_size: int = 256) -> np.ndarray:
                 raise InputError(f"y has class {labels.max()} but the model has only K={probe.shape[1]} outputs")
             total += _grad_norms(model, x, y_t, batch_size)
         finally:
-            model.train(was_training)
+            restore_modes(was_training)
     return (total / len(model_list)).numpy()
 
 

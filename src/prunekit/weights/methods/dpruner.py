@@ -138,7 +138,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, module_modes, restore_modes
 from prunekit.select import NM, check_ratio, keep_global, keep_per_row, parse_pattern
 from prunekit.text import Text, calibration_ids, load_text
 from prunekit.weights.engine import (LayerReport, find_blocks, get_weight, prune_blocks, set_weight, target_linears,
@@ -370,7 +370,7 @@ def prune_model(
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]  # the caller's: set aside, so they neither add into step 0's gradient nor are lost
-    was_training = model.training
+    was_training = module_modes(model)
     originals = {name: get_weight(m).detach().clone() for name, m in layers.items()} if lr > 0 else {}
     try:
         for p in params:
@@ -386,7 +386,7 @@ def prune_model(
         for p, flag, grad in zip(params, flags, grads):
             p.grad = grad
             p.requires_grad_(flag)
-        model.train(was_training)
+        restore_modes(was_training)
         with torch.no_grad():
             for name, w in originals.items():
                 set_weight(layers[name], w)
