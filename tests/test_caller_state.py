@@ -219,3 +219,20 @@ def test_a_callers_frozen_submodule_stays_in_eval_mode(call):
     call(model)
     assert model.training and model.model.layers[1].training
     assert not model.model.layers[0].training and not any(m.training for m in model.model.layers[0].modules())
+
+
+def test_float32_data_trains_a_model_built_under_a_float64_default_dtype():
+    """cross_val_probs / score_runs build their models with the caller's default dtype: float32 data into them
+    was PyTorch's bare "mat1 and mat2 must have the same dtype"."""
+    from prunekit.train import cross_val_probs, mlp, score_runs
+
+    x = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))  # float32
+    y = (x[:, 0] > 0).long()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        probs = cross_val_probs(lambda: mlp(8, 2), x, y, folds=2, epochs=1, progress=False)
+        scores = score_runs(lambda: mlp(8, 2), x, y, runs=1, epochs=1, progress=False)
+    finally:
+        torch.set_default_dtype(before)
+    assert probs.shape == (40, 2) and abs(probs.sum(1) - 1).max() < 1e-5 and len(scores.el2n) == 40

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit.data.methods._checks import int_at_least
+from prunekit.data.methods._checks import int_at_least, to_model
 from prunekit.data.methods.el2n import el2n
 from prunekit.data.methods.forgetting import ForgettingTracker
 from prunekit.data.methods.grand import grand, grand_last_layer
@@ -98,7 +98,7 @@ def _check_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x[:1].to(next(model.parameters()).device))  # [1, K]
+            out = model(to_model(x[:1], model))  # [1, K]
     finally:
         restore_modes(was)
     k = out.shape[-1]
@@ -147,7 +147,7 @@ def train(model: nn.Module, x: torch.Tensor, y, *, epochs: int | None = None, st
                 if step >= total:
                     break
                 idx = order[start : start + batch_size]  # [B]
-                xb, yb = x[idx].to(device), y[idx].to(device)
+                xb, yb = to_model(x[idx], model), y[idx].to(device)
                 for hook in starts:
                     hook(step, model)
                 logits = model(xb)  # [B, K]
@@ -197,7 +197,6 @@ def embed(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
     """
     was_training = module_modes(model)
     model.eval()
-    device = next(model.parameters()).device
     captured = []
     hook = None
     if with_embeddings:
@@ -207,7 +206,7 @@ def embed(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
     try:
         with torch.no_grad():
             for start in range(0, len(x), batch_size):
-                out = model(x[start : start + batch_size].to(device))  # [B, K]
+                out = model(to_model(x[start : start + batch_size], model))  # [B, K]
                 logits.append(out.float().cpu())
                 if with_embeddings:
                     if not captured or not torch.equal(captured[-1][1], out):

@@ -54,3 +54,11 @@ def labels_array(value, name: str = "labels", *, n: int, k: int | None = None) -
         raise InputError(f"{name} has class {arr.max()} but the outputs have only K={k} classes (0..{k - 1})")
     return arr
 
+
+def to_model(x, model):
+    """`x` on the model's device, and float inputs in its float dtype: float32 data into a model built under a
+    caller's ``torch.set_default_dtype(torch.float64)`` was PyTorch's bare "mat1 and mat2 must have the same
+    dtype" mid-run."""
+    param = next(model.parameters())
+    dtype = param.dtype if x.is_floating_point() and param.is_floating_point() else None
+    return x.to(device=param.device, dtype=dtype)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.data.methods._checks import float_array, labels_array
+from prunekit.data.methods._checks import float_array, labels_array, to_model
 from prunekit.data.methods.el2n import softmax
 from prunekit.errors import InputError, module_modes, restore_modes
 
@@ -72,7 +72,7 @@ def _grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: 
     per_example = vmap(grad(loss), in_dims=(None, 0, 0))
     norms = torch.empty(len(x), dtype=torch.float64)
     for start in range(0, len(x), batch_size):
-        xb = x[start : start + batch_size].to(device)
+        xb = to_model(x[start : start + batch_size], model)
         yb = y[start : start + batch_size].to(device)
         grads = per_example(params, xb, yb)  # {name: [B, *param.shape]}
         sq = sum(g.reshape(len(xb), -1).double().pow(2).sum(1) for g in grads.values())  # [B]
@@ -105,8 +105,7 @@ def grand(models, x, y, *, batch_size: int = 256) -> np.ndarray:
         model.eval()
         try:
             with torch.no_grad():
-                device = next(model.parameters()).device
-                probe = model(x[:1].to(device))  # [1, K]: learn K to check the labels
+                probe = model(to_model(x[:1], model))  # [1, K]: learn K to check the labels
             if probe.ndim != 2:
                 raise InputError(f"the model must return logits [B, K], got shape {tuple(probe.shape)}")
             if labels.max() >= probe.shape[1]:
