@@ -692,6 +692,7 @@ def test_cli_refuses_a_recovery_that_diverged_and_reports_an_overflowing_perplex
     (["--layers", "2", "--group", "1:3"], "does not divide"),
     (["--layers", "2", "--group", "2:4,1:2"], "do not add up|cover|keep"),
     (["--layers", "2", "--ratio", "0.5"], "not --ratio"),
+    (["--ratio", "0.5"], r"not --ratio or --pattern; \S+ has 4 blocks, so removing 0.5 of them is --layers 2$"),
     (["--layers", "2", "--calib", "/nonexistent/calib.txt"], "calib|exist|not found|No such"),
     (["--layers", "2", "--recover", "lora", "--recover-lr", "nan"], "--recover-lr must be a positive number"),
     (["--layers", "2", "--recover", "lora", "--recover-lr", "-1"], "--recover-lr must be a positive number"),

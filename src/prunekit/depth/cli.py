@@ -43,13 +43,36 @@ def add_prune_arguments(pr) -> None:
     g.add_argument("--recover-lr", type=float, default=None, help="recovery learning rate (default 5e-4 LoRA, 5e-5 full)")
 
 
+def _layers_for_ratio(model, ratio) -> str:
+    """What `--ratio` would be in blocks kept, when the model's block count can be read without loading it (a
+    user had to know SmolLM2 has 30 blocks)."""
+    from prunekit import zoo
+    from prunekit.weights.io import _json, config_depth, resolve_model
+
+    try:
+        if str(model) in zoo.MODELS and not (zoo.cache_dir() / "models" / str(model) / "config.json").exists():
+            return ""  # not built yet: no conversion just for a hint
+        config = _json(resolve_model(model) / "config.json") or {}
+    except Exception:  # a bad model is refused later, with its own message
+        return ""
+    nested = config.get("model") if isinstance(config.get("model"), dict) else {}  # a prunekit DiT
+    depth = config_depth(config) or (nested.get("depth") if isinstance(nested.get("depth"), int) else None)
+    if not depth:
+        return ""
+    text = f"; {model} has {depth} blocks"
+    if isinstance(ratio, (int, float)) and 0 <= ratio < 1:
+        text += f", so removing {ratio:g} of them is --layers {max(1, round(depth * (1 - ratio)))}"
+    return text
+
+
 def _common_checks(args) -> dict:
     """The checks shared by language models and DiTs; returns the method's ``--option`` values."""
     from prunekit.errors import InputError, int_at_least
     from prunekit.weights.io import check_output
 
     if args.ratio is not None or args.pattern is not None:
-        raise InputError("depth methods take --layers N (blocks kept), not --ratio or --pattern")
+        raise InputError("depth methods take --layers N (blocks kept), not --ratio or --pattern"
+                         + _layers_for_ratio(args.model, args.ratio))
     if args.layers is None:
         raise InputError(f"{args.method} needs --layers N, the number of blocks to keep")
     int_at_least(args.layers, "--layers", 1)
