@@ -37,9 +37,9 @@ class H2O(Policy):
         st = view.state
         if "acc" not in st.extras:
             st.extras["acc"] = torch.zeros(st.orig.shape, dtype=torch.float32, device=q.device)  # [B, Hkv, n]
-        probs = self.window_probs(view, q)  # [B, Hq, q, n]
-        b, hq, _, n = probs.shape
-        received = probs.sum(2).view(b, hq // view.groups, view.groups, n).sum(2)  # [B, Hkv, n]
+        per_head = self.received_attention(view, q)  # [B, Hq, n], summed over the queries a chunk at a time
+        b, hq, n = per_head.shape
+        received = per_head.view(b, hq // view.groups, view.groups, n).sum(2)  # [B, Hkv, n]
         st.extras["acc"] += received
 
     def score(self, view: View) -> torch.Tensor:
