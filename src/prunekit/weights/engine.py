@@ -42,7 +42,7 @@ from torch import nn
 from prunekit.errors import InputError
 from prunekit.weights import stats as stats_lib
 
-__all__ = ["LayerReport", "Refined", "Replacement", "find_blocks", "target_linears", "capture_block_inputs", "prune_blocks"]
+__all__ = ["LayerReport", "Refined", "Replacement", "UNCHANGED", "find_blocks", "target_linears", "capture_block_inputs", "prune_blocks"]
 
 ERROR_TOKENS = 512  # calibration tokens per layer on which the relative reconstruction error is measured
 
@@ -82,6 +82,9 @@ class Refined:
 
     weight: torch.Tensor
     info: dict = field(default_factory=dict)
+
+
+UNCHANGED = object()  # what a method that only measures returns (D-Pruner's general stage): the layer stays as is
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -258,7 +261,7 @@ class _Pruner:
         start = time.perf_counter()
         w_old = get_weight(module).detach().to(torch.float32, copy=True)  # [out, in]
         out = self.prune_fn(w_old, statistic, name)
-        extra, info = 0, None
+        extra, info, unchanged = 0, None, out is UNCHANGED
         if isinstance(out, Replacement):
             bias = getattr(module, "bias", None)
             if bias is not None and getattr(out.module, "bias", None) is None:
@@ -277,7 +280,9 @@ class _Pruner:
         else:
             if isinstance(out, Refined):
                 out, info = out.weight, out.info
-            if out is not w_old:  # the very tensor handed in: the layer is unchanged (D-Pruner's general stage)
+            if unchanged:  # not written back (a method that prunes the tensor in place returns it: written)
+                out = w_old
+            else:
                 set_weight(module, out)
             w_new = out
             pruned = get_weight(module)
@@ -285,7 +290,7 @@ class _Pruner:
         if x_sub is None:
             rel = None
         else:  # an unchanged layer's error is 0 without two matrix products
-            rel = 0.0 if w_new is w_old else _rel_error(w_old, w_new, x_sub)
+            rel = 0.0 if unchanged else _rel_error(w_old, w_new, x_sub)
         self.reports.append(
             LayerReport(name, tuple(w_old.shape), sparsity, rel, time.perf_counter() - start, extra, info)
         )
@@ -441,8 +446,8 @@ def prune_blocks(
 ) -> tuple[list[LayerReport], torch.Tensor | None]:
     """Prune every target Linear of every block with ``prune_fn(weight [out, in] fp32, statistic, name)``.
 
-    `prune_fn` returns the new weight, a `Refined` (weight plus a per-layer record) or a `Replacement` (a module
-    installed in the Linear's place). `name` is the Linear's full name (``model.layers.3.mlp.down_proj``).
+    `prune_fn` returns the new weight, a `Refined` (weight plus a per-layer record), a `Replacement` (a module
+    installed in the Linear's place) or `UNCHANGED` (it only measured: the layer stays as it is). `name` is the Linear's full name (``model.layers.3.mlp.down_proj``).
     `stat` names the statistic of each Linear's input (`prunekit.weights.stats`), or is a function of the
     Linear's name giving it (None: that layer's input needs none).
 

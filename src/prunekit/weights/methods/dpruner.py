@@ -141,8 +141,8 @@ from torch import nn
 from prunekit.errors import InputError, module_modes, restore_modes
 from prunekit.select import NM, check_ratio, keep_global, keep_per_row, parse_pattern
 from prunekit.text import Text, calibration_ids, load_text
-from prunekit.weights.engine import (LayerReport, find_blocks, get_weight, prune_blocks, set_weight, target_linears,
-                                     zeros_in)
+from prunekit.weights.engine import (UNCHANGED, LayerReport, find_blocks, get_weight, prune_blocks, set_weight,
+                                     target_linears, zeros_in)
 from prunekit.weights.methods.sparsegpt import PERCDAMP, inverse_cholesky
 
 __all__ = ["general_importance", "regularised_grad", "dual_importance", "final_score", "prune_model"]
@@ -250,7 +250,7 @@ def _general_stage(model, general_ids, *, skip, percdamp, progress) -> tuple[dic
         g = general_importance(weight, hessian, percdamp=percdamp)
         mean = g.mean()
         general[name] = (g / mean if mean > 0 else g).cpu()
-        return weight  # unchanged: the engine then propagates the dense activations
+        return UNCHANGED  # the engine then propagates the dense activations
 
     reports, _ = prune_blocks(model, general_ids, measure, stat="hessian", skip=skip, sequential="block",
                               progress=progress)
