@@ -236,3 +236,30 @@ def test_float32_data_trains_a_model_built_under_a_float64_default_dtype():
     finally:
         torch.set_default_dtype(before)
     assert probs.shape == (40, 2) and abs(probs.sum(1) - 1).max() < 1e-5 and len(scores.el2n) == 40
+
+
+def test_d_pruner_refuses_a_model_made_inside_inference_mode_before_its_general_stage():
+    from prunekit.errors import InputError
+    from prunekit.weights.methods import dpruner
+
+    with torch.inference_mode():
+        model = tiny_model("llama")
+    with pytest.raises(InputError, match="prune_model: the model's weights were made inside torch.inference_mode"):
+        dpruner.prune_model(model, _ids(), ratio=0.5, domain=_ids(), progress=False)
+
+
+def test_modes_come_back_to_each_module_after_a_layer_is_deleted():
+    """Restoring by name alone gave the blocks after a deleted one their predecessors' flags (found in review)."""
+    from torch import nn
+
+    from prunekit.errors import module_modes, restore_modes
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)))
+    model.train()
+    model[0].eval()
+    modes = module_modes(model)
+    model.eval()
+    del model[0]  # what was [1] is now [0]
+    model.append(nn.Linear(2, 2))  # new under a new name: its parent's flag
+    restore_modes(modes)
+    assert model.training and model[0].training and model[1].training and model[1][0].training and model[2].training

@@ -749,6 +749,10 @@ def test_a_model_saved_without_its_cache_still_generates_under_a_policy(model_di
         assert torch.equal(out, want)  # compressed as with a cache, not the full model's output
         with pytest.raises(InputError, match="use_cache=False: no cache is kept, so the KV policy has nothing"):
             model.generate(ids, max_new_tokens=2, use_cache=False)
+        from transformers import GenerationConfig
+
+        with pytest.raises(InputError, match="use_cache=False"):  # a config given by position (found in review)
+            model.generate(ids, GenerationConfig(max_new_tokens=2, use_cache=False))
     args = ["--prompt", "the licence text " * 4, "--kv", "full", "--max-new-tokens", "6", "--json"]
     assert cli.main(["generate", str(model_dir), *args]) == 0
     plain = json.loads(capsys.readouterr().out)

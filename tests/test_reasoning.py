@@ -391,8 +391,11 @@ def test_cli_answers_writes_each_questions_choice_with_or_without_reference_answ
     assert "--answers OUT.jsonl writes the chosen answers alone" in capsys.readouterr().err
     assert main(["reason", str(unknown), "--method", "sc", "--answers", str(out)]) == 2  # exists: not replaced
     assert "exists; pass --overwrite" in capsys.readouterr().err and "picks" not in out.read_text()
-    assert main(["reason", str(unknown), "--method", "sc", "--answers", str(out), "--overwrite", "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    assert main(["reason", str(unknown), "--method", "sc", "--answers", str(out), "--overwrite", "--json", "--n",
+                 "1"]) == 0
+    captured = capsys.readouterr()
+    assert "--n is for the accuracy and ECE, which 2 question(s) without a reference answer rule out" in captured.err
+    summary = json.loads(captured.out)
     assert summary["without_reference"] == len(lines) == 2 and summary["answers"] == str(out)
     picks = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(d["correct"] is None and d["reference"] is None for d in picks) and picks[0]["answer"] == want[0].answer

@@ -73,15 +73,22 @@ def module_modes(model) -> tuple:
     """Every submodule's train/eval flag by name, for `restore_modes`: ``model.train(was)`` set all of them to
     the top module's, so a caller's frozen part (an ``eval()`` BatchNorm or encoder inside a model in train
     mode) came back in train mode."""
-    return model, {name: m.training for name, m in model.named_modules()}
+    named = list(model.named_modules())  # holds the modules, so no id below is reused meanwhile
+    return model, named, {id(m): m.training for _, m in named}, {name: m.training for name, m in named}
 
 
 def restore_modes(modes: tuple) -> None:
-    """Put back the flags `module_modes` recorded; a module put in since (a pruned layer's replacement, new
-    under an old name or not) takes the flag of the module it replaced, else its parent's."""
-    model, flags = modes
+    """Put back the flags `module_modes` recorded: each module its own (wherever it sits now: a deleted layer
+    renumbers the ones after it); a module put in since takes the flag of the one it replaced under its name,
+    else its parent's."""
+    model, _, by_module, by_name = modes
     for name, module in model.named_modules():  # parents first
-        module.training = flags[name] if name in flags else model.get_submodule(name.rpartition(".")[0]).training
+        if id(module) in by_module:
+            module.training = by_module[id(module)]
+        elif name in by_name:
+            module.training = by_name[name]
+        else:
+            module.training = model.get_submodule(name.rpartition(".")[0]).training
 
 
 def check_output_name(out, *, flag: str = "--out") -> None:

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
     r.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     r.add_argument("--answers", default=None,
                    help="voting: write each question's chosen answer, its confidence and the paths kept to this JSONL "
-                        "(all of a question's paths vote; questions need no reference answer then)")
+                        "(all of a question's paths vote, whatever --n; questions need no reference answer then)")
     r.add_argument("--model", default=None, help="sample: local Hugging Face model folder or zoo name (smollm2-135m)")
     r.add_argument("--questions", default=None, help="sample: JSONL of {\"question\", \"answer\"} objects")
     r.add_argument("--samples", type=int, default=None, help="sample: paths per question (default 16)")
@@ -256,15 +256,17 @@ def run(args) -> int:
                   "below the paths per question; ignored (every question votes over all its paths once)",
                   file=sys.stderr)
     if out is not None:
-        return _write_answers(args, questions, out)
+        subsets = [f for f, given in (("--n", args.n is not None), ("--resamples", resamples_given),
+                                      ("--seed", args.seed != 0)) if given]
+        return _write_answers(args, questions, out, subsets)
     res = reasoning.evaluate(questions, method=args.method, n=args.n, resamples=args.resamples, seed=args.seed)
     _print_evaluation(args, res)
     return 0
 
 
-def _write_answers(args, questions, out: Path) -> int:
+def _write_answers(args, questions, out: Path, subsets: list[str]) -> int:
     """--answers: every question's choice written to `out`; accuracy and ECE printed too when every question
-    has a reference answer."""
+    has a reference answer (`subsets`: the flags given for that evaluation)."""
     from prunekit.inference import reasoning
     from prunekit.inference.sampling import write_jsonl
 
@@ -280,6 +282,9 @@ def _write_answers(args, questions, out: Path) -> int:
         if not args.json:
             print(f"chosen answers (all paths voting): {out}")
         return 0
+    if subsets:
+        print(f"prunekit: note: {', '.join(subsets)} {'is' if len(subsets) == 1 else 'are'} for the accuracy and ECE, "
+              f"which {unknown} question(s) without a reference answer rule out; ignored", file=sys.stderr)
     summary = {"method": args.method, "questions": len(picks), "without_reference": unknown, "answers": str(out),
                "mean_confidence": sum(p["confidence"] for p in picks) / len(picks)}
     if args.json:

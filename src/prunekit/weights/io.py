@@ -510,6 +510,7 @@ def _note_leftovers(out: Path) -> None:
     ``.OUT.tmp-*`` folder (the size of a model, hidden, never reclaimed) or the previous output it had moved aside
     (``.OUT.old-*``), which is all a user has when `out` itself is gone. Nothing is deleted: a ``tmp`` folder
     may belong to another run writing `out` right now."""
+    out = follow_link(out)  # a link's leftovers lie beside where it points
     if str(out.absolute()) in _NOTED or not out.parent.is_dir():
         return
     _NOTED.add(str(out.absolute()))
@@ -518,7 +519,10 @@ def _note_leftovers(out: Path) -> None:
         for path in paths:
             if not path.is_dir() or path.is_symlink():
                 continue
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+            try:  # another run writing this --out may finish (and delete it) while it is measured
+                size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+            except OSError:
+                continue
             if tag == "old" and not out.exists():
                 what = f"holds the output {out.name} had before a run was killed while replacing it; move it back if you need it"
             elif tag == "old":

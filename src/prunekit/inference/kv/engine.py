@@ -361,7 +361,7 @@ class Engine:
         engine = self
 
         def checked(*args, **kwargs):
-            config = kwargs.get("generation_config")
+            config = kwargs.get("generation_config", args[1] if len(args) > 1 else None)  # generate(ids, config)
             use_cache = kwargs.get("use_cache", getattr(config, "use_cache", None))
             if use_cache is not None and not use_cache:
                 raise InputError("generate was asked for use_cache=False: no cache is kept, so the KV policy has "

@@ -138,7 +138,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from prunekit.errors import InputError, module_modes, restore_modes
+from prunekit.errors import InputError, module_modes, restore_modes, with_autograd
 from prunekit.select import NM, check_ratio, keep_global, keep_per_row, parse_pattern
 from prunekit.text import Text, calibration_ids, load_text
 from prunekit.weights.engine import (UNCHANGED, LayerReport, find_blocks, get_weight, prune_blocks, set_weight,
@@ -298,6 +298,7 @@ def _domain_stage(model, layers: dict[str, nn.Module], general: dict[str, torch.
     return scores
 
 
+@with_autograd  # its domain stage backpropagates: inside a caller's no_grad / inference_mode too
 def prune_model(
     model: nn.Module,
     general_ids: torch.Tensor,
