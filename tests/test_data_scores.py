@@ -465,3 +465,25 @@ def test_train_is_sgd_with_nesterov_momentum_and_cosine_decay(momentum):
     if momentum:  # the case tells Nesterov from heavy-ball momentum
         heavy = _manual_sgd(start, grads_fn, lrs=lrs, momentum=momentum, wd=wd, nesterov=False)
         assert not torch.allclose(heavy[0], want[0], atol=1e-4)
+
+
+def test_el2n_alone_stops_training_at_its_epoch_with_the_same_scores():
+    """`data score --method el2n` trained all --epochs (10 by default) for a score taken after the first."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 4, generator=g)
+    y = (x[:, 0] + 0.3 * x[:, 1] > 0).long()
+    forwards = []
+
+    def model_fn():
+        model = mlp(4, 2)
+        model.register_forward_hook(lambda *_: forwards.append(1))
+        return model
+
+    full = score_runs(model_fn, x, y, runs=2, epochs=6, score_epoch=2, batch_size=16, progress=False)
+    n_full = len(forwards)
+    forwards.clear()
+    early = score_runs(model_fn, x, y, runs=2, epochs=6, score_epoch=2, batch_size=16, forgetting=False,
+                       progress=False)
+    assert np.array_equal(early.el2n, full.el2n) and np.array_equal(early.logits, full.logits)
+    assert np.array_equal(early.grand_last_layer, full.grand_last_layer) and early.forgetting is None
+    assert len(forwards) < n_full / 2  # 2 of the 6 epochs' steps (and the same scoring passes)

@@ -112,7 +112,7 @@ def train(model: nn.Module, x: torch.Tensor, y, *, epochs: int | None = None, st
           batch_size: int = 128, lr: float = 0.05, seed: int = 0, momentum: float = 0.9,
           weight_decay: float = 5e-4, on_step: Callable[[StepInfo], None] | None = None,
           on_epoch: Callable[[int, nn.Module], None] | None = None, callbacks: Sequence = (),
-          progress: bool = True) -> nn.Module:
+          until_epoch: int | None = None, progress: bool = True) -> nn.Module:
     """Train `model` in place on ``(x [N, ...], y [N])`` with cross-entropy; returns it (in eval mode).
 
     Give `epochs` (passes over the data) or `steps` (optimizer steps: the "same compute" recipe for a pruned
@@ -121,7 +121,9 @@ def train(model: nn.Module, x: torch.Tensor, y, *, epochs: int | None = None, st
     short. `on_step(StepInfo)` runs after every forward pass, `on_epoch(epoch, model)` after every complete
     pass (``epoch`` counts from 1). Each object in `callbacks` may define ``on_batch_start(step, model)``
     (before the forward pass of optimizer step ``step``, counted from 0 over the whole run) and
-    ``on_after_backward(step, model)`` (gradients computed, not yet applied).
+    ``on_after_backward(step, model)`` (gradients computed, not yet applied). `until_epoch` stops after that many
+    complete passes, on the learning-rate schedule of the whole run: the model is bitwise the full run's at
+    that epoch (what a score taken early in training needs, without the rest).
     """
     x, y = _check_xy(x, y)
     _check_classes(model, x, y)
@@ -130,6 +132,7 @@ def train(model: nn.Module, x: torch.Tensor, y, *, epochs: int | None = None, st
     if (epochs is None) == (steps is None):
         raise InputError("give exactly one of epochs= (passes over the data) or steps= (optimizer steps)")
     total = per_epoch * int_at_least(epochs, "epochs", 1) if steps is None else int_at_least(steps, "steps", 1)
+    stop = total if until_epoch is None else min(total, per_epoch * int_at_least(until_epoch, "until_epoch", 0))
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise InputError(f"lr must be a positive number, got {lr!r}")
     starts = [cb.on_batch_start for cb in callbacks if hasattr(cb, "on_batch_start")]
@@ -140,11 +143,11 @@ def train(model: nn.Module, x: torch.Tensor, y, *, epochs: int | None = None, st
                           weight_decay=weight_decay)
     model.train()
     step, epoch = 0, 0
-    with tqdm(total=total, desc="train", unit="step", disable=not progress, leave=False) as bar:
-        while step < total:
+    with tqdm(total=stop, desc="train", unit="step", disable=not progress, leave=False) as bar:
+        while step < stop:
             order = torch.randperm(len(x), generator=gen)  # [N]
             for start in range(0, len(x), batch_size):
-                if step >= total:
+                if step >= stop:
                     break
                 idx = order[start : start + batch_size]  # [B]
                 xb, yb = to_model(x[idx], model), y[idx].to(device)
@@ -228,7 +231,8 @@ class DataScores:
     el2n: np.ndarray  # mean over runs of ||softmax - onehot|| at score_epoch
     grand: np.ndarray | None  # exact GraNd at score_epoch (None unless exact_grand=True)
     grand_last_layer: np.ndarray  # last-layer GraNd approximation at score_epoch
-    forgetting: np.ndarray  # mean over runs of forgetting events over all epochs; inf = unlearned in a run
+    forgetting: np.ndarray | None  # mean over runs of forgetting events over all epochs; inf = unlearned in a
+    # run (None when score_runs(forgetting=False) stopped at score_epoch)
     logits: np.ndarray  # [R, N, K] float32 at score_epoch
     score_epoch: int
     epochs: int
@@ -252,14 +256,17 @@ def seeded_model(model_fn: Callable[[], nn.Module], seed: int) -> nn.Module:
 @with_autograd  # model_fn too builds trainable weights under a caller's inference_mode()
 def score_runs(model_fn: Callable[[], nn.Module], x: torch.Tensor, y, *, runs: int = 3, epochs: int,
                score_epoch: int | None = None, seed: int = 0, batch_size: int = 128, lr: float = 0.05,
-               exact_grand: bool = False, grand_batch_size: int = 256, progress: bool = True) -> DataScores:
+               exact_grand: bool = False, grand_batch_size: int = 256, forgetting: bool = True,
+               progress: bool = True) -> DataScores:
     """Train `runs` networks (``model_fn()`` seeded ``seed + r``) for `epochs` and score every example.
 
     EL2N and GraNd are taken after `score_epoch` complete epochs (0 = at initialization; default: a tenth of
     `epochs`, at least 1), from all `runs`, as in Data Diet. Forgetting events are counted over every
     presentation in all `epochs` (Toneva et al.). Exact GraNd (all parameters) costs about one extra
     training epoch per run; it runs only with ``exact_grand=True``. Last-layer GraNd and the embeddings need
-    the model's output to come from its last ``nn.Linear``.
+    the model's output to come from its last ``nn.Linear``. ``forgetting=False`` (EL2N / GraNd only) stops each
+    run after `score_epoch` on the schedule of all `epochs` (same scores, a fraction of the training; the
+    `models` returned are then those of `score_epoch`) and leaves ``forgetting`` None.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> x = torch.randn(64, 2, generator=g); y = (x[:, 0] > 0).long()
@@ -302,7 +309,7 @@ def score_runs(model_fn: Callable[[], nn.Module], x: torch.Tensor, y, *, runs: i
             score(model)
         t0, scored = time.perf_counter(), seconds["el2n+last_layer"] + seconds["grand"]
         train(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + r, on_step=on_step,
-              on_epoch=on_epoch, progress=progress)
+              on_epoch=on_epoch, until_epoch=None if forgetting else score_epoch, progress=progress)
         scored = seconds["el2n+last_layer"] + seconds["grand"] - scored  # scoring inside on_epoch
         seconds["train"] += time.perf_counter() - t0 - scored
         forgets.append(tracker.scores())
@@ -314,7 +321,7 @@ def score_runs(model_fn: Callable[[], nn.Module], x: torch.Tensor, y, *, runs: i
         el2n=el2n(logits, labels),
         grand=np.mean(grand_runs, axis=0) if exact_grand else None,
         grand_last_layer=grand_last_layer(logits, np.stack(emb_runs), labels),
-        forgetting=np.mean(forgets, axis=0),
+        forgetting=np.mean(forgets, axis=0) if forgetting else None,
         logits=logits.astype(np.float32),
         score_epoch=score_epoch,
         epochs=epochs,

@@ -359,11 +359,14 @@ def _cmd_score(args) -> int:
             scores = prototype_distance(emb, k=args.clusters, seed=args.seed)
         else:
             result = train.score_runs(model_fn, x, y, runs=args.runs, epochs=args.epochs, score_epoch=args.score_epoch,
-                                      exact_grand=args.method == "grand", **common)
+                                      exact_grand=args.method == "grand", forgetting=args.method == "forgetting",
+                                      **common)
             scores, outputs = getattr(result, args.method), result.logits
-            how = f"{args.runs} runs x {args.epochs} epochs"
-            if args.method != "forgetting":
-                how += f", taken after epoch {result.score_epoch}"
+            if args.method == "forgetting":
+                how = f"{args.runs} runs x {args.epochs} epochs"
+            else:  # the rest of the run would not change the score
+                how = (f"{args.runs} runs, taken after epoch {result.score_epoch} of a {args.epochs}-epoch schedule "
+                       "(training stops there)")
     except InputError:
         if _diverged(built, x):
             raise diverged() from None
