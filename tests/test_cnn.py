@@ -490,6 +490,24 @@ def test_cli_refuses_the_working_folder_and_the_cached_testbed_as_output(saved, 
     assert {p.name: p.read_bytes() for p in resnet.testbed_folder().iterdir()} == before
 
 
+def test_cli_says_when_the_testbed_is_trained_first(saved, tmp_path, monkeypatch, capsys):
+    """`cnn udfc testbed` trained for minutes behind a bare progress bar, after the README's "seconds"."""
+    monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path / "cache"))
+    trained = []
+
+    def train_it(**_):
+        trained.append(1)
+        if not resnet.testbed_folder().exists():
+            shutil.copytree(saved, resnet.testbed_folder())
+        return resnet.load_model(resnet.testbed_folder())
+
+    monkeypatch.setattr(resnet, "testbed", train_it)
+    for note, out in ((True, "a"), (False, "b")):  # the second time it is cached: no note
+        assert main(["cnn", "udfc", "testbed", "--ratio", "0.3", "--out", str(tmp_path / out)]) == 0
+        assert ("training the testbed once (seed 0" in capsys.readouterr().err) is note
+    assert trained == [1, 1]  # (the stand-in is called either way; the real one loads the cache)
+
+
 def test_save_model_restores_the_old_folder_when_the_rename_fails(saved, tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
     real = os.replace

@@ -70,6 +70,10 @@ def _model(name: str):
     from prunekit.cnn import resnet
 
     if name == "testbed":
+        folder = resnet.testbed_folder(seed=0)
+        if not (folder / "config.json").is_file():  # a user had a silent 1,407-step training bar to wonder at
+            print(f"prunekit: note: training the testbed once (seed 0, {resnet.TESTBED['epochs']} epochs on "
+                  f"Fashion-MNIST, a few minutes on a CPU); cached in {folder}", file=sys.stderr)
         return resnet.testbed(seed=0)
     return resnet.load_model(name)
 
