@@ -26,7 +26,8 @@ EVAL_TOKENS = 16384
 
 @dataclass
 class Perplexity:
-    """Perplexity on held-out windows: ``ppl = exp(nll)`` over `tokens` predicted tokens of `windows` x `seqlen`."""
+    """Perplexity on held-out windows: ``ppl = exp(nll)``, the mean over the tokens each window predicts (all but
+    its first: ``windows * (seqlen - 1)``); `tokens` is the text evaluated, ``windows * seqlen``."""
     ppl: float
     nll: float  # mean negative log-likelihood per predicted token
     tokens: int  # windows x seqlen
