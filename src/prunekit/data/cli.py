@@ -28,8 +28,10 @@ def add_parser(sub) -> None:
     from prunekit.data.methods.confident import FILTERS, RANKINGS
 
     li = dsub.add_parser("label-issues", help="find mislabeled examples with Confident Learning (cleanlab's answers)")
-    li.add_argument("--labels", required=True, help="given labels, one per example (.npy/.csv/.parquet): integer classes 0..K-1, or class "
-                    "names matched to --probs' column names (a CSV header, parquet columns); or fashion-mnist: the zoo copy's 60,000 training labels (data score --data fashion-mnist's)")
+    li.add_argument("--labels", required=True,
+                    help="given labels, one per example (.npy/.csv/.parquet): integer classes 0..K-1, or class names "
+                    "matched to --probs' column names (a CSV header, parquet columns); or fashion-mnist: the zoo "
+                    "copy's 60,000 training labels (data score --data fashion-mnist's)")
     li.add_argument("--probs", required=True, help="out-of-sample predicted probabilities [N, K] (.npy/.csv/.parquet)")
     li.add_argument("--filter", default="prune_by_noise_rate", choices=FILTERS, help="which rule flags an issue")
     li.add_argument("--rank-by", default="self_confidence", choices=RANKINGS,

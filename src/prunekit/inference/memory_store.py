@@ -298,7 +298,8 @@ class SQLiteStore(Store):
             return
         self._db.close()
         newer = version is not None and version.isdigit() and int(version) > SCHEMA_VERSION
-        raise InputError(f"{self.path} has memory schema version {version}; this prunekit reads version {SCHEMA_VERSION}"
+        raise InputError(f"{self.path} has memory schema version {version}; this prunekit reads version "
+                         f"{SCHEMA_VERSION}"
                          + ("; it was written by a newer prunekit: upgrade prunekit to use it" if newer else ""))
 
     def _meta(self, key: str) -> str | None:

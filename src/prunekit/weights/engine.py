@@ -42,7 +42,8 @@ from torch import nn
 from prunekit.errors import InputError
 from prunekit.weights import stats as stats_lib
 
-__all__ = ["LayerReport", "Refined", "Replacement", "UNCHANGED", "find_blocks", "target_linears", "capture_block_inputs", "prune_blocks"]
+__all__ = ["LayerReport", "Refined", "Replacement", "UNCHANGED", "find_blocks", "target_linears",
+           "capture_block_inputs", "prune_blocks"]
 
 ERROR_TOKENS = 512  # calibration tokens per layer on which the relative reconstruction error is measured
 
@@ -447,7 +448,8 @@ def prune_blocks(
     """Prune every target Linear of every block with ``prune_fn(weight [out, in] fp32, statistic, name)``.
 
     `prune_fn` returns the new weight, a `Refined` (weight plus a per-layer record), a `Replacement` (a module
-    installed in the Linear's place) or `UNCHANGED` (it only measured: the layer stays as it is). `name` is the Linear's full name (``model.layers.3.mlp.down_proj``).
+    installed in the Linear's place) or `UNCHANGED` (it only measured: the layer stays as it is). `name` is the
+    Linear's full name (``model.layers.3.mlp.down_proj``).
     `stat` names the statistic of each Linear's input (`prunekit.weights.stats`), or is a function of the
     Linear's name giving it (None: that layer's input needs none).
 

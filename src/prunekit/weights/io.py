@@ -502,7 +502,7 @@ def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
     return out
 
 
-_NOTED: set[str] = set()  # outputs whose leftovers were reported (the CLI checks an output twice: first and at the save)
+_NOTED: set[str] = set()  # outputs whose leftovers were said (the CLI checks an output twice: first and at the save)
 
 
 def _note_leftovers(out: Path) -> None:
@@ -524,7 +524,8 @@ def _note_leftovers(out: Path) -> None:
             except OSError:
                 continue
             if tag == "old" and not out.exists():
-                what = f"holds the output {out.name} had before a run was killed while replacing it; move it back if you need it"
+                what = (f"holds the output {out.name} had before a run was killed while replacing it; move it back if "
+                        "you need it")
             elif tag == "old":
                 what = "is a replaced output a killed run did not finish deleting; delete it"
             else:
