@@ -254,12 +254,22 @@ def test_modes_come_back_to_each_module_after_a_layer_is_deleted():
 
     from prunekit.errors import module_modes, restore_modes
 
-    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)))
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)), nn.Dropout())
     model.train()
     model[0].eval()
+    model[3].eval()
     modes = module_modes(model)
     model.eval()
-    del model[0]  # what was [1] is now [0]
-    model.append(nn.Linear(2, 2))  # new under a new name: its parent's flag
+    del model[0]  # what was [1] is now [0]; the frozen Dropout now [2]
+    model.append(nn.Linear(2, 2))  # new, under "3", which the Dropout held: its parent's flag, not the Dropout's
     restore_modes(modes)
-    assert model.training and model[0].training and model[1].training and model[1][0].training and model[2].training
+    assert model.training and model[0].training and model[1].training and model[1][0].training
+    assert not model[2].training and model[3].training
+    # the records hold no module: a replaced one is freed at once (ARMOR's dense Linears were kept to the end)
+    gone = weakref.ref(model[0])
+    model[0] = nn.Linear(2, 2)
+    gc.collect()
+    assert gone() is None

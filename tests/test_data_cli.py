@@ -686,3 +686,19 @@ def test_a_full_stdout_says_it_was_stdout_and_non_utf8_arguments_are_refused(tmp
     np.save(odd, np.arange(10.0))
     monkeypatch.setattr(sys, "stdout", None)
     assert main(["data", "select", "--scores", str(odd), "--keep", "0.5", "--out", str(tmp_path / "k2.npy")]) == 0
+
+
+def test_score_refuses_a_run_blown_up_by_its_learning_rate_at_the_score_epoch(tmp_path, capsys):
+    """EL2N now stops at --score-epoch; the refusal came from a NaN in a later epoch, and the run wrote scores of
+    two values (every prediction certain) instead (found in review)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", (x[:, 0] > 0).astype(np.int64))
+    args = ["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--method",
+            "el2n", "--runs", "2", "--epochs", "6", "--score-epoch", "1", "--batch-size", "32", "--quiet"]
+    assert main([*args, "--lr", "20", "--out", str(tmp_path / "bad.npy")]) == 2
+    assert "after epoch 1 every prediction is certain" in capsys.readouterr().err
+    assert not (tmp_path / "bad.npy").exists()
+    assert main([*args, "--out", str(tmp_path / "ok.npy")]) == 0
+    assert len(np.unique(np.load(tmp_path / "ok.npy").round(6))) > 2

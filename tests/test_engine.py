@@ -257,5 +257,5 @@ def test_a_method_that_prunes_the_tensor_in_place_and_returns_it_is_written_back
         return w
 
     reports, _ = prune_blocks(model, ids_from_text(char_tokenizer(), 4, 32), in_place, stat="hessian", progress=False)
-    assert all(r.sparsity >= 0.49 for r in reports)
+    assert all(r.sparsity >= 0.49 and r.rel_error > 0 for r in reports)  # measured against the weights it had
     assert prunekit.sparsity(model)["total"] >= 0.49

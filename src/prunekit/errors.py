@@ -73,20 +73,28 @@ def module_modes(model) -> tuple:
     """Every submodule's train/eval flag by name, for `restore_modes`: ``model.train(was)`` set all of them to
     the top module's, so a caller's frozen part (an ``eval()`` BatchNorm or encoder inside a model in train
     mode) came back in train mode."""
-    named = list(model.named_modules())  # holds the modules, so no id below is reused meanwhile
-    return model, named, {id(m): m.training for _, m in named}, {name: m.training for name, m in named}
+    import weakref
+
+    by_module = weakref.WeakKeyDictionary()  # weak: a replaced Linear (ARMOR) is freed as before, not held to the end
+    by_name = {}
+    for name, m in model.named_modules():
+        by_module[m] = m.training
+        by_name[name] = (weakref.ref(m), m.training)
+    return model, by_module, by_name
 
 
 def restore_modes(modes: tuple) -> None:
     """Put back the flags `module_modes` recorded: each module its own (wherever it sits now: a deleted layer
-    renumbers the ones after it); a module put in since takes the flag of the one it replaced under its name,
-    else its parent's."""
-    model, _, by_module, by_name = modes
+    renumbers the ones after it); a module put in since takes the flag of the one it replaced, when that one
+    was under its name and has left the model, else its parent's."""
+    model, by_module, by_name = modes
+    present = {id(m) for m in model.modules()}
     for name, module in model.named_modules():  # parents first
-        if id(module) in by_module:
-            module.training = by_module[id(module)]
-        elif name in by_name:
-            module.training = by_name[name]
+        recorded = by_name.get(name)
+        if module in by_module:
+            module.training = by_module[module]
+        elif recorded is not None and (recorded[0]() is None or id(recorded[0]()) not in present):
+            module.training = recorded[1]
         else:
             module.training = model.get_submodule(name.rpartition(".")[0]).training
 

@@ -295,6 +295,15 @@ def _check_score_options(args) -> list[str]:
     return notes
 
 
+def _saturated(logits: np.ndarray) -> bool:
+    """Whether every example's top softmax probability is 1 to within 1e-6 in every run (`logits` [R, N, K]):
+    what a run blown up by too high a learning rate gives, not a model that learned."""
+    z = logits.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    top = 1.0 / np.exp(z).sum(-1)  # the largest probability, [R, N]
+    return bool((top > 1 - 1e-6).all())
+
+
 def _diverged(models, x=None) -> bool:
     """Whether training drove a weight (or batch-norm statistic) of `models` to NaN or Inf, or, given inputs
     `x`, any of their outputs on `x`."""
@@ -366,9 +375,12 @@ def _cmd_score(args) -> int:
             scores, outputs = getattr(result, args.method), result.logits
             if args.method == "forgetting":
                 how = f"{args.runs} runs x {args.epochs} epochs"
-            else:  # the rest of the run would not change the score
-                how = (f"{args.runs} runs, taken after epoch {result.score_epoch} of a {args.epochs}-epoch schedule "
-                       "(training stops there)")
+            else:  # the rest of the run would not change the score, so it is not trained
+                how = f"{args.runs} runs, taken after epoch {result.score_epoch} of a {args.epochs}-epoch schedule"
+                if result.score_epoch and _saturated(result.logits):  # the refusal a later NaN used to give
+                    raise InputError(f"training diverged at --lr {args.lr:g}: after epoch {result.score_epoch} every "
+                                     "prediction is certain (probability 1), so the scores take only two values; "
+                                     "lower --lr")
     except InputError:
         if _diverged(built, x):
             raise diverged() from None

@@ -251,7 +251,8 @@ def run(args) -> int:
     questions = reasoning.load_paths(args.paths)
     if args.n is None or args.n >= max(len(q.answers) for q in questions):  # no subsets are drawn
         unused = [f for f, given in (("--resamples", resamples_given), ("--seed", args.seed != 0)) if given]
-        if unused:
+        referenced = all(reasoning.canonical_answer(q.answer) not in (None, "") for q in questions)
+        if unused and (out is None or referenced):  # else the note of --answers names them
             print(f"prunekit: note: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} used when --n is "
                   "below the paths per question; ignored (every question votes over all its paths once)",
                   file=sys.stderr)

@@ -284,6 +284,8 @@ class _Pruner:
             if unchanged:  # not written back (a method that prunes the tensor in place returns it: written)
                 out = w_old
             else:
+                if out is w_old and x_sub is not None:  # pruned in place: the module still holds what it was
+                    w_old = get_weight(module).detach().to(torch.float32, copy=True)
                 set_weight(module, out)
             w_new = out
             pruned = get_weight(module)
