@@ -70,9 +70,9 @@ def with_autograd(fn):
 
 
 def module_modes(model) -> tuple:
-    """Every submodule's train/eval flag by name, for `restore_modes`: ``model.train(was)`` set all of them to
-    the top module's, so a caller's frozen part (an ``eval()`` BatchNorm or encoder inside a model in train
-    mode) came back in train mode."""
+    """Every submodule's train/eval flag, by module (weakly) and by name, for `restore_modes`:
+    ``model.train(was)`` set all of them to the top module's, so a caller's frozen part (an ``eval()`` BatchNorm
+    or encoder inside a model in train mode) came back in train mode."""
     import weakref
 
     by_module = weakref.WeakKeyDictionary()  # weak: a replaced Linear (ARMOR) is freed as before, not held to the end
