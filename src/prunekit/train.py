@@ -308,11 +308,13 @@ def score_runs(model_fn: Callable[[], nn.Module], x: torch.Tensor, y, *, runs: i
         if score_epoch == 0:
             score(model)
         t0, scored = time.perf_counter(), seconds["el2n+last_layer"] + seconds["grand"]
-        train(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + r, on_step=on_step,
-              on_epoch=on_epoch, until_epoch=None if forgetting else score_epoch, progress=progress)
+        train(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + r,
+              on_step=on_step if forgetting else None, on_epoch=on_epoch,
+              until_epoch=None if forgetting else score_epoch, progress=progress)
         scored = seconds["el2n+last_layer"] + seconds["grand"] - scored  # scoring inside on_epoch
         seconds["train"] += time.perf_counter() - t0 - scored
-        forgets.append(tracker.scores())
+        if forgetting:
+            forgets.append(tracker.scores())
         models.append(model)
 
     logits = np.stack(logits_runs)  # [R, N, K]

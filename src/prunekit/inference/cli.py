@@ -249,30 +249,29 @@ def run(args) -> int:
     out = None if args.answers is None else _check_out(args.answers, "--answers", "the chosen answers",
                                                          args.overwrite, args.paths)
     questions = reasoning.load_paths(args.paths)
+    unknown = sum(not reasoning.has_reference(q.answer) for q in questions)
     if args.n is None or args.n >= max(len(q.answers) for q in questions):  # no subsets are drawn
         unused = [f for f, given in (("--resamples", resamples_given), ("--seed", args.seed != 0)) if given]
-        referenced = all(reasoning.canonical_answer(q.answer) not in (None, "") for q in questions)
-        if unused and (out is None or referenced):  # else the note of --answers names them
+        if unused and (out is None or not unknown):  # else the note of --answers names them
             print(f"prunekit: note: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} used when --n is "
                   "below the paths per question; ignored (every question votes over all its paths once)",
                   file=sys.stderr)
     if out is not None:
         subsets = [f for f, given in (("--n", args.n is not None), ("--resamples", resamples_given),
                                       ("--seed", args.seed != 0)) if given]
-        return _write_answers(args, questions, out, subsets)
+        return _write_answers(args, questions, out, subsets, unknown)
     res = reasoning.evaluate(questions, method=args.method, n=args.n, resamples=args.resamples, seed=args.seed)
     _print_evaluation(args, res)
     return 0
 
 
-def _write_answers(args, questions, out: Path, subsets: list[str]) -> int:
+def _write_answers(args, questions, out: Path, subsets: list[str], unknown: int) -> int:
     """--answers: every question's choice written to `out`; accuracy and ECE printed too when every question
-    has a reference answer (`subsets`: the flags given for that evaluation)."""
+    has a reference answer (`unknown`: how many have none; `subsets`: the flags given for that evaluation)."""
     from prunekit.inference import reasoning
     from prunekit.inference.sampling import write_jsonl
 
     picks = reasoning.choose(questions, method=args.method)
-    unknown = sum(p["correct"] is None for p in picks)
     res = None
     if not unknown:
         res = reasoning.evaluate(questions, method=args.method, n=args.n, resamples=args.resamples, seed=args.seed)

@@ -61,7 +61,7 @@ from prunekit.jsonl import read_objects
 __all__ = [
     "METHODS", "Vote", "WeibullMixture", "path_probabilities", "self_consistency", "perplexity_consistency",
     "fit_weibull_mixture", "reasoning_prune", "rpc", "vote", "expected_calibration_error", "evaluate",
-    "load_paths", "canonical_answer", "choose",
+    "load_paths", "canonical_answer", "has_reference", "choose",
 ]
 
 METHODS = ("sc", "pc", "rpc")
@@ -490,6 +490,11 @@ def _as_questions(records) -> list[Question]:
     return out
 
 
+def has_reference(answer) -> bool:
+    """Whether a question's reference `answer` is given (not null, not empty once canonical)."""
+    return canonical_answer(answer) not in (None, "")
+
+
 def choose(records, *, method: str) -> list[dict]:
     """Each question's chosen answer under `method`, voting over all its paths; no reference answer is needed.
     One dict per question, in order: ``{"index", "question", "answer", "confidence", "winners", "paths",
@@ -500,7 +505,7 @@ def choose(records, *, method: str) -> list[dict]:
     out = []
     for i, q in enumerate(_as_questions(records)):
         v = vote(q.answers, q.logprobs, method=method, texts=q.texts)
-        known = canonical_answer(q.answer) not in (None, "")
+        known = has_reference(q.answer)
         out.append({"index": i, "question": q.question, "answer": v.answer, "confidence": v.confidence,
                     "winners": v.winners, "paths": len(q.answers), "kept_paths": int(v.keep.sum()),
                     "reference": q.answer, "correct": v.credit(q.answer) if known else None})
@@ -537,7 +542,7 @@ def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10,
     rounds = resamples if subsample else 1
     rng = np.random.default_rng(seed)
     means = [np.array([float(np.mean(lp)) for lp in q.logprobs]) for q in qs]  # [n_q] each
-    unknown = [i for i, q in enumerate(qs) if canonical_answer(q.answer) in (None, "")]
+    unknown = [i for i, q in enumerate(qs) if not has_reference(q.answer)]
     if unknown:  # they were scored as wrong answers
         raise InputError(f"{len(unknown)} question(s) have no reference answer (null or empty; the first is question "
                          f"{unknown[0]}, counting from 0): accuracy and ECE need one for every question; drop them or "

@@ -175,13 +175,14 @@ def run(args) -> int:
     text = tok.decode(new, skip_special_tokens=True)
     tokens = kv.cache_tokens(cache)
     decode = forwards[-1] - forwards[0] if len(forwards) > 1 else 0.0
+    seen = int(ids.shape[1] + new.numel() - 1)  # what a full cache holds per layer (the last token is not cached)
     result = {
         "model": str(args.model), "policy": args.kv, "budget": pol.budget,
         "every": args.every if checked.compresses else None, "options": options,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "sampling": sampling, "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()), "text": text,
         "cache_tokens_max": max(tokens), "cache_bytes": kv.cache_bytes(cache),
-        "full_cache_bytes": _full_cache_bytes(cache, int(ids.shape[1] + new.numel() - 1)), "seconds": seconds,
+        "full_cache_bytes": _full_cache_bytes(cache, seen), "seconds": seconds,
         "tokens_per_s": new.numel() / seconds if seconds > 0 else None,  # prefill included
         "prefill_seconds": forwards[0] - start if forwards else None,
         "decode_tokens_per_s": (len(forwards) - 1) / decode if decode > 0 else None,  # the tokens after the first
@@ -192,7 +193,6 @@ def run(args) -> int:
         print(jsonl.dumps(result))
     else:
         print(text)
-        seen = result["prompt_tokens"] + result["new_tokens"] - 1  # what a full cache holds per layer
         full = (f" ({result['cache_tokens_max'] / seen:.0%} of the full cache's {seen}, "
                 f"{result['full_cache_bytes'] / 2**20:.2f} MiB)" if seen > 0 else "")
         speed = (f"prefill {result['prefill_seconds']:.2f} s" if result["prefill_seconds"] is not None else "")

@@ -379,10 +379,9 @@ def prune_model(
             p.requires_grad_(False)
         for m in layers.values():
             m.weight.requires_grad_(True)
-        model.eval()
-        with torch.inference_mode(False), torch.enable_grad():
-            scores = _domain_stage(model, layers, general, domain_ids, steps=steps, lr=lr, lam=lam,
-                                   batch_size=batch_size, clip=clip, progress=progress)
+        model.eval()  # autograd is on here whatever the caller set: `with_autograd`
+        scores = _domain_stage(model, layers, general, domain_ids, steps=steps, lr=lr, lam=lam,
+                               batch_size=batch_size, clip=clip, progress=progress)
     finally:
         for p, flag, grad in zip(params, flags, grads):
             p.grad = grad
