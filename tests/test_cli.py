@@ -346,6 +346,31 @@ def test_eval_json_and_pattern_check(model_dir, text_file, tmp_path, capsys):
     assert captured.err.startswith("prunekit: pattern 2:4 is broken by 14 layer(s), first model.layers.0.")
 
 
+def test_a_text_shorter_than_the_default_tokens_is_scored_whole(model_dir, text_file, tmp_path, capsys):
+    # eval and prune --eval refused a short file unless the user worked out a --tokens that fits it
+    assert cli.main(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "64", "--json", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert 1 <= result["windows"] and result["tokens"] == 64 * result["windows"] < 16384
+    assert f"holds {result['windows']} window(s) of 64 tokens, fewer than the default 16384" in captured.err
+    # the same windows as a count that fits them, given explicitly
+    assert cli.main(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "64", "--tokens",
+                     str(result["tokens"]), "--json", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["ppl"] == pytest.approx(result["ppl"], rel=1e-6) and "note" not in captured.err
+    # a count the user gives is still required
+    assert cli.main(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "64", "--tokens", "16384",
+                     "--quiet"]) == 2
+    assert "lower the tokens" in capsys.readouterr().err
+    out = tmp_path / "pruned"
+    assert cli.main(prune_args(model_dir, text_file, out, "--method", "magnitude", "--ratio", "0.5", "--eval",
+                               str(text_file), "--eval-seqlen", "64")) == 0
+    assert "fewer than the default 16384 tokens" in capsys.readouterr().err
+    evaluation = json.loads((out / "prunekit.json").read_text())["evaluation"][str(text_file)]
+    assert evaluation["dense"]["tokens"] == evaluation["pruned"]["tokens"] == result["tokens"]
+    assert evaluation["dense"]["ppl"] == pytest.approx(result["ppl"], rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "meta,message",
     [("{broken", "prunekit.json is not valid JSON"), ("[1]", "prunekit.json holds a JSON list"), ("{}", None),

@@ -47,6 +47,10 @@ def test_evaluation_windows_and_limits(tok):
     with pytest.raises(InputError, match=r"windows of 100 tokens, but 2000 tokens ask for 20 \(16384 unless given\); "
                                          r"lower the tokens \(eval --tokens, prune --eval-tokens, tokens=\)"):
         evaluation_ids(tok, text, seqlen=100, tokens=2000)
+    assert evaluation_ids(tok, text, seqlen=100, tokens=2000, fit=True).shape == (10, 100)  # every whole window
+    assert evaluation_ids(tok, text, seqlen=100, tokens=250, fit=True).shape == (2, 100)  # a count that fits: kept
+    with pytest.raises(InputError, match="at least one window"):
+        evaluation_ids(tok, text, seqlen=5000, fit=True)
     with pytest.raises(InputError, match=r"at least one window.*\(eval --seqlen, prune --eval-seqlen, seqlen=\)"):
         evaluation_ids(tok, text, seqlen=5000)
     with pytest.raises(InputError, match="seqlen"):

@@ -92,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--text", default="wiki", help="wiki (held-out leads), austen (Pride and Prejudice), python-docs "
                     "or a .txt/.jsonl file")
     ev.add_argument("--seqlen", type=int, default=512, help="tokens per perplexity window (default 512)")
-    ev.add_argument("--tokens", type=int, default=None, help="tokens evaluated, cut into seqlen windows (default 16384)")
+    ev.add_argument("--tokens", type=int, default=None,
+                    help="tokens evaluated, cut into seqlen windows (default 16384, or every whole window of a shorter "
+                    "text; a number given is required)")
     ev.add_argument("--batch-size", type=int, default=4, help="windows per forward pass; fewer hold less memory "
                     "(the logits of a batch are batch x seqlen x vocabulary floats)")
     ev.add_argument("--pattern", default=None, help="also check that every block Linear is N:M (default: the "
@@ -147,7 +149,9 @@ def _add_prune_arguments(pr) -> None:
     pr.add_argument("--eval", default=None, metavar="TEXTS",
                     help="also measure dense and pruned perplexity on these comma-separated texts "
                     "(wiki,austen,python-docs,FILE), as `prunekit eval` does")
-    pr.add_argument("--eval-tokens", type=int, default=None, help="tokens per perplexity evaluation (default 16384)")
+    pr.add_argument("--eval-tokens", type=int, default=None,
+                    help="tokens per perplexity evaluation (default 16384, or every whole window of a shorter "
+                    "text; a number given is required)")
     pr.add_argument("--eval-seqlen", type=int, default=512,
                     help="tokens per perplexity window for --eval (default 512, eval's default; --seqlen is the "
                     "calibration windows')")
@@ -285,7 +289,6 @@ def _cmd_prune(args) -> int:
     import prunekit
     from prunekit import report
     from prunekit.errors import InputError, check_not_input, int_at_least
-    from prunekit.evaluate import EVAL_TOKENS
     from prunekit.select import parse_pattern, ratio_for
     from pathlib import Path
 
@@ -326,11 +329,7 @@ def _cmd_prune(args) -> int:
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
     saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
     model, tok = prunekit.load_model(args.model)  # after the texts: a missing file fails before the slow load
-    tokens = args.eval_tokens or EVAL_TOKENS
-    evaluation = {}
-    for name, text in eval_texts.items():
-        evaluation[name] = {"dense": prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens,
-                                                         progress=progress).to_dict()}
+    evaluation = eval_dense(model, tok, eval_texts, args, progress)
     zeros_before = prunekit.sparsity(model)["layers"]  # an input pruned before: where its zeros are
     from prunekit.evaluate import zero_masks, zeros_refilled
 
@@ -340,9 +339,7 @@ def _cmd_prune(args) -> int:
         samples=args.samples, seqlen=args.seqlen, seed=args.seed, skip=tuple(args.skip),
         sequential=args.sequential, batch_size=args.batch_size, progress=progress, **options,
     )
-    for name, text in eval_texts.items():
-        evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens,
-                                                         progress=progress).to_dict()
+    eval_pruned(evaluation, model, tok, eval_texts, args, progress)
     measured = prunekit.sparsity(model)
     sizes = {r.name: r.shape[0] * r.shape[1] for r in result.layers}
     input_sparsity = sum(zeros_before.get(n, 0.0) * s for n, s in sizes.items()) / max(sum(sizes.values()), 1)
@@ -397,6 +394,42 @@ def _cmd_prune(args) -> int:
               f"loads a dense model; the {args.pattern} cores and factors are in armor.safetensors, which "
               "prunekit.load_model puts back", file=sys.stderr)
     return 0
+
+
+def eval_dense(model, tok, texts: dict, args, progress: bool) -> dict:
+    """``{name: {"dense": perplexity dict}}`` of `model` on each of `texts` before a prune command changes it, with
+    ``args.eval_seqlen`` / ``args.eval_tokens``; a text shorter than the default token count is scored whole."""
+    import prunekit
+    from prunekit.evaluate import EVAL_TOKENS
+
+    evaluation = {}
+    for name, text in texts.items():
+        ppl = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=args.eval_tokens or EVAL_TOKENS,
+                                  progress=progress, fit=args.eval_tokens is None)
+        if args.eval_tokens is None:
+            _note_fitted(ppl, args.eval_seqlen, "--eval-tokens")
+        evaluation[name] = {"dense": ppl.to_dict()}
+    return evaluation
+
+
+def eval_pruned(evaluation: dict, model, tok, texts: dict, args, progress: bool) -> None:
+    """Add ``"pruned"`` to each of `evaluation`'s texts, on the windows its dense perplexity was scored on."""
+    import prunekit
+
+    for name, text in texts.items():
+        evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen,
+                                                         tokens=evaluation[name]["dense"]["tokens"],
+                                                         progress=progress).to_dict()
+
+
+def _note_fitted(ppl, seqlen: int, tokens_flag: str) -> None:
+    """Say on stderr when a text shorter than the default token count was scored whole (no count given)."""
+    from prunekit.evaluate import EVAL_TOKENS
+
+    if ppl.tokens < EVAL_TOKENS // seqlen * seqlen:
+        print(f"prunekit: note: {ppl.text['source']} holds {ppl.windows} window(s) of {seqlen} tokens, fewer than the "
+              f"default {EVAL_TOKENS} tokens; scored them all ({ppl.tokens} tokens). Give {tokens_flag} to require a "
+              "count", file=sys.stderr)
 
 
 def _check_eval_sizes(seqlen: int, tokens: int | None, tokens_flag: str, *, seqlen_flag: str = "--seqlen") -> None:
@@ -502,7 +535,9 @@ def _cmd_eval(args) -> int:
     text = prunekit.load_text(args.text, purpose="evaluation")  # a missing or empty file fails before the load
     model, tok = prunekit.load_model(path)
     ppl = prunekit.perplexity(model, tok, text, seqlen=args.seqlen, tokens=args.tokens or EVAL_TOKENS,
-                              batch_size=args.batch_size, progress=not args.quiet)
+                              batch_size=args.batch_size, progress=not args.quiet, fit=args.tokens is None)
+    if args.tokens is None:
+        _note_fitted(ppl, args.seqlen, "--tokens")
     measured = prunekit.sparsity(model)
     out = {**ppl.to_dict(), "sparsity": measured["total"], "model_sparsity": measured["model_total"], "pattern": pattern}
     if pattern is not None:

@@ -69,8 +69,11 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 
 
 
 def perplexity(model: nn.Module, tokenizer, text: str | Text = "wiki", *, seqlen: int = 512,
-               tokens: int | None = EVAL_TOKENS, batch_size: int = 4, progress: bool = True) -> Perplexity:
-    """Perplexity ``exp(mean NLL)`` over the first ``tokens // seqlen`` windows of held-out `text`."""
+               tokens: int | None = EVAL_TOKENS, batch_size: int = 4, progress: bool = True,
+               fit: bool = False) -> Perplexity:
+    """Perplexity ``exp(mean NLL)`` over the first ``tokens // seqlen`` windows of held-out `text` (all its windows
+    for ``tokens=None``). A text too short for `tokens` is refused; ``fit=True`` scores all its whole windows
+    instead (the result's ``tokens`` and ``windows`` say how many)."""
     check_model(model, "perplexity")
     check_finite_weights(model, "the model")  # a NaN weight gave ppl=inf, nll=nan
     if callable(getattr(model, "can_generate", None)) and not model.can_generate():  # a masked LM got a number
@@ -82,7 +85,7 @@ def perplexity(model: nn.Module, tokenizer, text: str | Text = "wiki", *, seqlen
     if tokenizer is None or not callable(tokenizer):
         raise InputError("perplexity needs the model's tokenizer: perplexity(model, tokenizer, text)")
     source = text if isinstance(text, Text) else load_text(text, purpose="evaluation")
-    ids = evaluation_ids(tokenizer, source, seqlen=seqlen, tokens=tokens)
+    ids = evaluation_ids(tokenizer, source, seqlen=seqlen, tokens=tokens, fit=fit)
     check_token_ids(model, ids, what="evaluation text")
     nll, _ = perplexity_of_ids(model, ids, batch_size=batch_size, progress=progress)
     ppl = math.exp(nll) if nll < math.log(sys.float_info.max) else math.inf  # math.exp overflowed past ~709

@@ -333,9 +333,11 @@ def calibration_ids(tokenizer, text: Text, *, samples: int = 128, seqlen: int = 
     return _windows(ids, head, seqlen, picks)
 
 
-def evaluation_ids(tokenizer, text: Text, *, seqlen: int = 512, tokens: int | None = None) -> torch.Tensor:
+def evaluation_ids(tokenizer, text: Text, *, seqlen: int = 512, tokens: int | None = None,
+                   fit: bool = False) -> torch.Tensor:
     """Consecutive windows ``[n, seqlen]`` from the start of `text`: ``tokens // seqlen`` of them (all if None).
-    A source name or path (``"wiki"``) is loaded with `load_text` for evaluation."""
+    A source name or path (``"wiki"``) is loaded with `load_text` for evaluation. A text too short for `tokens` is
+    refused, or with ``fit=True`` all its whole windows are taken (at least one is needed either way)."""
     _check_sizes(1, seqlen)
     seqlen = int(seqlen)
     if tokens is not None:
@@ -353,6 +355,8 @@ def evaluation_ids(tokenizer, text: Text, *, seqlen: int = 512, tokens: int | No
     if wanted < 1:
         raise InputError(f"{tokens} tokens are less than one window of {seqlen}; raise the tokens ({_EVAL_TOKENS}) or "
                          f"shorten the window ({_EVAL_SEQLEN})")
+    if wanted > available and fit:
+        wanted = available
     if wanted > available:
         raise InputError(
             f"evaluation text {text.name} has {available} windows of {seqlen} tokens, but {tokens} tokens ask for "

@@ -166,8 +166,8 @@ def run_prune(args) -> int:
     import prunekit
     import prunekit.depth as depth
     from prunekit import report
-    from prunekit.cli import _provenance, _recorded_if_readable, _versions
-    from prunekit.evaluate import EVAL_TOKENS, zeros_kept
+    from prunekit.cli import _provenance, _recorded_if_readable, _versions, eval_dense, eval_pruned
+    from prunekit.evaluate import zeros_kept
     from prunekit.speed import compare_speed_with_dense
     from prunekit.depth.dit import is_dit_folder
     from prunekit.text import check_token_ids
@@ -192,10 +192,7 @@ def run_prune(args) -> int:
     ids = prunekit.calibration_ids(tok, calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed)
     check_token_ids(model, ids, what="calibration text")
     target = depth.causal_lm_target(model, ids, batch_size=args.batch_size)
-    tokens = args.eval_tokens or EVAL_TOKENS
-    evaluation = {n: {"dense": prunekit.perplexity(model, tok, t, seqlen=args.eval_seqlen, tokens=tokens,
-                                                   progress=progress).to_dict()}
-                  for n, t in eval_texts.items()}
+    evaluation = eval_dense(model, tok, eval_texts, args, progress)
     dense_layers = target.depth
     keep, info = depth.select_blocks(target, args.method, kept=args.layers, groups=args.group, steps=args.learn_steps,
                                      candidates=args.candidates, seed=args.seed, progress=progress, **options)
@@ -219,9 +216,7 @@ def run_prune(args) -> int:
     speed = None
     if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
         speed = compare_speed_with_dense(path, model)
-    for n, t in eval_texts.items():
-        evaluation[n]["pruned"] = prunekit.perplexity(model, tok, t, seqlen=args.eval_seqlen, tokens=tokens,
-                                                      progress=progress).to_dict()
+    eval_pruned(evaluation, model, tok, eval_texts, args, progress)
     meta = {
         "model": str(args.model), "input": _provenance(args.model), "method": args.method, "domain": "depth",
         "dense_layers": dense_layers,

@@ -50,8 +50,9 @@ def _report(meta: dict, table: str) -> str:
 def run_prune(args) -> int:
     import prunekit
     from prunekit import registry, report
-    from prunekit.cli import _given, _options, _provenance, _recorded_if_readable, _torch_threads, _versions
-    from prunekit.evaluate import EVAL_TOKENS, zeros_kept
+    from prunekit.cli import (_given, _options, _provenance, _recorded_if_readable, _torch_threads, _versions,
+                              eval_dense, eval_pruned)
+    from prunekit.evaluate import zeros_kept
     from prunekit.speed import compare_speed_with_dense
     from prunekit.structured import check_request, prune_structured, save_structured
     from prunekit.structured.units import model_dims
@@ -93,20 +94,14 @@ def run_prune(args) -> int:
     if calib_text is not None:
         ids = prunekit.calibration_ids(tok, calib_text, samples=args.samples, seqlen=args.seqlen, seed=args.seed)
         check_token_ids(model, ids, what="calibration text")
-    tokens = args.eval_tokens or EVAL_TOKENS
-    evaluation = {}
-    for name, text in eval_texts.items():
-        evaluation[name] = {"dense": prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens,
-                                                         progress=progress).to_dict()}
+    evaluation = eval_dense(model, tok, eval_texts, args, progress)
     input_sparsity = prunekit.sparsity(model)["total"]
     pattern, skip = _recorded_if_readable(resolve_model(args.model))
     result = prune_structured(model, method=args.method, ratio=args.ratio, structure=structure, tokenizer=tok,
                               calibration=ids, seed=args.seed, progress=progress, **options)
     zeros, zeros_note = zeros_kept(f"{args.method} (its kept weights are refit)" if args.method in ("tyr",
                                    "uniform-structured") else args.method, input_sparsity, model, pattern, skip=skip)
-    for name, text in eval_texts.items():
-        evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens,
-                                                         progress=progress).to_dict()
+    eval_pruned(evaluation, model, tok, eval_texts, args, progress)
     speed = None
     if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
         speed = compare_speed_with_dense(args.model, model)
