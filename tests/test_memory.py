@@ -141,6 +141,40 @@ def test_forget_called_explicitly_and_disabled_schedule(tmp_path):
     m.close()
 
 
+def test_max_chunks_caps_the_index_by_salience(tmp_path):
+    # a store grew without bound between forgetting passes; a cap keeps it at max_chunks after every turn
+    m = mem(tmp_path, forget_every=0, max_chunks=5, gamma=0.5, sos_every=0)
+    for i in range(4):
+        assert m.add(WORDS[i]).forgotten == []
+    assert [h.turn for h in m.retrieve(WORDS[0], k=1)] == [0]  # turn 0 is retrieved at turn 3: its bonus
+    m.add(WORDS[4])
+    added = m.add_many([WORDS[5], WORDS[6]])  # each turn keeps the cap, in one transaction
+    assert [[r.turn for r in a.forgotten] for a in added] == [[1], [2]]  # lowest salience: oldest unretrieved
+    assert m.store.count_chunks() == 5 and m.store.index_size() == 5
+    assert sorted(r.turn for r in m.retrieve("x", k=9, mark=False)) == [0, 3, 4, 5, 6]
+    assert [r.turn for r in m.store.forgotten()] == [1, 2]  # in the audit table like any forgetting
+    assert m.stats()["forgetting"]["max_chunks"] == 5
+    m.close()
+    with pytest.raises(InputError, match="max_chunks must be an integer >= 0"):
+        mem(tmp_path, name="bad.db", max_chunks=-1)
+    with pytest.raises(InputError, match="one of fraction= or count="):
+        forget_choice(np.arange(3), np.zeros(3), np.ones(3))
+    assert forget_choice(np.arange(3), np.arange(3), np.ones(3), count=9).tolist() == [0, 1, 2]  # at most n
+
+
+def test_cli_max_chunks_is_recorded(tmp_path, capsys):
+    db = str(tmp_path / "cap.db")
+    assert main(["memory", "add", "--store", db, "--embedder", "hash", "--max-chunks", "3", "one."]) == 0
+    for word in ("two.", "three.", "four.", "five."):
+        assert main(["memory", "add", "--store", db, word]) == 0  # the recorded cap holds without the flag
+    capsys.readouterr()
+    assert main(["memory", "stats", "--store", db, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["chunks"], stats["forgotten"], stats["forgetting"]["max_chunks"]) == (3, 2, 3)
+    assert main(["memory", "add", "--store", db, "--max-chunks", "-2", "six."]) == 2
+    assert "--max-chunks must be an integer >= 0 (0: no cap), got -2" in capsys.readouterr().err
+
+
 # -- retrieval and prompts --------------------------------------------------------------------------------
 def test_ties_at_the_kth_place_go_to_the_older_chunks(tmp_path):
     """argpartition picked among chunks tied at the k-th score at random: retrieve(k=5) was not the start of
@@ -602,7 +636,7 @@ def test_cli_store_keeps_its_forgetting_options(tmp_path, capsys, monkeypatch):
     assert main(["memory", "stats", "--store", db]) == 2
     assert "records unreadable forgetting options" in capsys.readouterr().err
     assert main(["memory", "add", "--store", db, "y.", "--forget-every", "5", "--forget-fraction", "0.01",
-                 "--retrieval-term", "retrieved", "--age-from", "said"]) == 0
+                 "--retrieval-term", "retrieved", "--age-from", "said", "--max-chunks", "0"]) == 0
     assert main(["memory", "stats", "--store", db, "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["forgetting"]["every"] == 5
 

@@ -16,6 +16,8 @@ Algorithm, per turn u_t (t = 0, 1, ...):
 
   and the lowest ``forget_fraction`` (0.5%) of chunks, ``floor(fraction * n)`` of them, leave the index
   (ties: older chunk first, then lower id). Defaults: lambda = 1, gamma = 0.002, beta = 0.5 (the paper's).
+  ``max_chunks`` (not the paper's; 0, no cap, by default) bounds the index: after each turn the lowest-salience
+  chunks beyond the cap leave it the same way, so a store's size stays fixed however long the conversation.
 - Prompt: compact summary + retrieved chunks + the last ``tail_turns`` (2) turns + the query, under a token
   budget; retrieved chunks are taken in cosine order while they fit (the paper trims them by similarity).
 
@@ -190,17 +192,23 @@ def salience(turns: np.ndarray, last_retrieved: np.ndarray, now: int, *, lam: fl
     return lam * np.exp(-gamma * (now - since).astype(np.float64)) + beta * bonus.astype(np.float64)
 
 
-def forget_choice(ids: np.ndarray, turns: np.ndarray, scores: np.ndarray, fraction: float) -> np.ndarray:
-    """Positions of the ``floor(fraction * n)`` lowest-salience chunks (ties: older turn, then lower id).
+def forget_choice(ids: np.ndarray, turns: np.ndarray, scores: np.ndarray, fraction: float | None = None, *,
+                  count: int | None = None) -> np.ndarray:
+    """Positions of the ``floor(fraction * n)`` lowest-salience chunks, or of `count` of them (at most n; give one
+    of the two). Ties: older turn, then lower id.
 
     >>> forget_choice(np.array([1, 2, 3, 4]), np.array([0, 0, 1, 2]), np.array([0.5, 0.2, 0.2, 0.9]), 0.5).tolist()
     [1, 2]
     """
-    fraction = _check_float("fraction", fraction, high=1.0)
+    if (fraction is None) == (count is None):
+        raise InputError("give forget_choice one of fraction= or count=")
     n = len(ids)
     if len(turns) != n or len(scores) != n:
         raise InputError(f"ids ({n}), turns ({len(turns)}) and scores ({len(scores)}) must have one entry per chunk")
-    m = int(math.floor(fraction * n + 1e-9))
+    if count is None:
+        m = int(math.floor(_check_float("fraction", fraction, high=1.0) * n + 1e-9))
+    else:
+        m = min(int_at_least(count, "count", 0), n)
     if m == 0:
         return np.zeros(0, dtype=np.int64)
     order = np.lexsort((np.asarray(ids), np.asarray(turns), np.asarray(scores)))  # by score, then turn, then id
@@ -261,8 +269,8 @@ class Memory:
                  embedder: Embedder | None = None, summarizer: Summarizer | None = None, tokenizer=None,
                  chunk_words: int = 128, k: int = 5, tail_turns: int = 2, lam: float = 1.0, gamma: float = 0.002,
                  beta: float = 0.5, retrieval_window: int = 100, retrieval_term: str = "retrieved",
-                 age_from: str = "said", forget_every: int = 100, forget_fraction: float = 0.005, sos_every: int = 100,
-                 synchronous: str = "full", create: bool = True, readonly: bool = False):
+                 age_from: str = "said", forget_every: int = 100, forget_fraction: float = 0.005, max_chunks: int = 0,
+                 sos_every: int = 100, synchronous: str = "full", create: bool = True, readonly: bool = False):
         if (path is None) == (store is None):
             raise InputError("give exactly one of a store path or store=")
         self.chunk_words = int_at_least(chunk_words, "chunk_words", 1)
@@ -280,6 +288,7 @@ class Memory:
         self.age_from = age_from
         self.forget_every = int_at_least(forget_every, "forget_every", 0, hint=" (0: only when forget() is called)")
         self.forget_fraction = _check_float("forget_fraction", forget_fraction, high=1.0)
+        self.max_chunks = int_at_least(max_chunks, "max_chunks", 0, hint=" (0: no cap)")
         self.sos_every = int_at_least(sos_every, "sos_every", 0, hint=" (0: no summary of summaries)")
         self._own_embedder = embedder is None  # released on close (a caller's own embedder is left as it is)
         self.embedder = embedder if embedder is not None else MiniLMEmbedder()
@@ -392,14 +401,19 @@ class Memory:
                 gone = []
                 if self.forget_every and (record.turn + 1) % self.forget_every == 0:
                     gone = self._forget_now(record.turn)
+                if self.max_chunks:
+                    over = self.store.count_chunks() - self.max_chunks
+                    if over > 0:  # the cap: the lowest-salience chunks beyond it, by the same rule
+                        gone = gone + self._forget_now(record.turn, count=over)
                 out.append(Added(record.turn, ids, gone, closed))
         return out
 
-    def _forget_now(self, now: int) -> list[ForgetRecord]:
+    def _forget_now(self, now: int, *, count: int | None = None) -> list[ForgetRecord]:
+        """One pass at turn `now`: the lowest-salience ``forget_fraction`` of the chunks, or `count` of them."""
         ids, turns, last = self.store.chunk_state()
         scores = salience(turns, last, now, lam=self.lam, gamma=self.gamma, beta=self.beta,
                           window=self.retrieval_window, retrieval_term=self.retrieval_term, age_from=self.age_from)
-        drop = forget_choice(ids, turns, scores, self.forget_fraction)
+        drop = forget_choice(ids, turns, scores, self.forget_fraction if count is None else None, count=count)
         if len(drop) == 0:
             return []
         texts = {c.id: c.text for c in self.store.chunks([int(ids[i]) for i in drop])}
@@ -543,7 +557,7 @@ class Memory:
             "forgetting": {"lam": self.lam, "gamma": self.gamma, "beta": self.beta, "window": self.retrieval_window,
                            "retrieval_term": self.retrieval_term, "age_from": self.age_from,
                            "every": self.forget_every,
-                           "fraction": self.forget_fraction},
+                           "fraction": self.forget_fraction, "max_chunks": self.max_chunks},
         }
 
     def close(self) -> None:

@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
                      help="turns between forgetting passes (0: never; default 100, or what the store recorded)")
     add.add_argument("--forget-fraction", type=float, default=None,
                      help="fraction pruned per pass (default 0.005, or what the store recorded)")
+    add.add_argument("--max-chunks", type=int, default=None,
+                     help="cap on the chunks kept: after each turn the lowest-salience ones beyond it are forgotten "
+                     "(0: no cap; the default, or what the store recorded)")
     add.add_argument("--retrieval-term", choices=RETRIEVAL_TERMS, default=None,
                      help="salience bonus for recently retrieved chunks (the paper's text; the default) or for chunks "
                      "not retrieved (its printed formula)")
@@ -155,7 +158,8 @@ def _turns(args) -> list:
     return turns
 
 
-FORGETTING = {"forget_every": 100, "forget_fraction": 0.005, "retrieval_term": "retrieved", "age_from": "said"}
+FORGETTING = {"forget_every": 100, "forget_fraction": 0.005, "retrieval_term": "retrieved", "age_from": "said",
+              "max_chunks": 0}
 
 
 def _open(args, *, create: bool, readonly: bool = False, embeds: bool = True, **given):
@@ -180,8 +184,8 @@ def _open(args, *, create: bool, readonly: bool = False, embeds: bool = True, **
                 recorded = {}  # every option given: they replace the broken record
             else:
                 raise InputError(f"{path} records unreadable forgetting options; give --forget-every, "
-                                 "--forget-fraction, --retrieval-term and --age-from to `memory add` to record "
-                                 "them again")
+                                 "--forget-fraction, --retrieval-term, --age-from and --max-chunks to `memory add` "
+                                 "to record them again")
         settings = {k: given.get(k) if given.get(k) is not None else recorded.get(k, v) for k, v in FORGETTING.items()}
         return Memory(store=store, embedder=embedder, **settings), settings  # Memory checks every value
     except BaseException:
@@ -215,7 +219,7 @@ def _cmd_add(args) -> int:
         check_writable(path, flag="--store")  # not under a file, and writable
     try:
         mem, settings = _open(args, create=True, forget_every=args.forget_every, forget_fraction=args.forget_fraction,
-                              retrieval_term=args.retrieval_term, age_from=args.age_from)
+                              retrieval_term=args.retrieval_term, age_from=args.age_from, max_chunks=args.max_chunks)
         try:
             added = mem.add_many(turns)
             with mem.store.transaction():  # later adds (and stats) use these unless given others
