@@ -29,6 +29,7 @@ _MODULES = {
     "memory": "prunekit.inference.memory_cli",
     "generate": "prunekit.inference.kv.cli",
     "reason": "prunekit.inference.cli",
+    "compare": "prunekit.compare",
 }
 
 # `prunekit prune` methods of another registry domain than "weights" (structured widths, depth), each run by

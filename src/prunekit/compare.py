@@ -1,0 +1,145 @@
+"""``prunekit compare RUN [RUN ...]``: one table of several `prunekit prune` outputs, read from their records.
+
+Each folder's ``prunekit.json`` says what was done (weights, structured widths or depth), what it cost and what
+it measured; nothing is re-run. A row holds the method and budget, what was removed (the block Linears' measured
+sparsity, the parameters left, or the blocks kept), the perplexity before and after on every ``--eval`` text
+the runs share (``--text`` picks them; a text a run did not score is left blank), the speedup measured against
+the dense model where the run measured one, and the run's wall time. Perplexities are comparable only on the
+same text, windows and tokens: runs that scored one text differently are named in a note under the table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from prunekit import jsonl
+from prunekit.errors import InputError
+
+__all__ = ["summarize", "table"]
+
+
+def _read(folder: Path) -> dict:
+    record = folder / "prunekit.json"
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder; give the --out folders of `prunekit prune` runs")
+    if not record.is_file():
+        raise InputError(f"{folder} has no prunekit.json: it is not the output of `prunekit prune` (compare reads "
+                         "the record each run writes)")
+    try:
+        meta = json.loads(record.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise InputError(f"{record} is not valid JSON ({e}); fix it or leave that run out") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{record} holds a JSON {type(meta).__name__}, not the object prunekit writes")
+    return meta
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def summarize(folder: str | Path) -> dict:
+    """One row for the `prunekit prune` output `folder`: ``run, kind, method, budget, removed, evaluation
+    ({text: {dense, pruned, tokens}}), prefill_speedup, decode_speedup, seconds``."""
+    folder = Path(folder).expanduser()
+    meta = _read(folder)
+    if meta.get("kind") == "dit" or "kept_layers" in meta:  # depth (a DiT's record has no perplexity)
+        kind = "depth"
+        dense, kept = meta.get("dense_layers"), meta.get("kept_layers")
+        budget = f"{len(kept)} of {dense} blocks" if isinstance(kept, list) else "?"
+        recovery = meta.get("recovery")
+        gone = dense - len(kept) if isinstance(kept, list) and isinstance(dense, int) else None
+        removed = None if gone is None else f"{gone} block" + ("s" if gone != 1 else "")
+        if isinstance(recovery, dict):
+            how = "KD, " if recovery.get("distilled") else ""
+            budget += f", recovered ({how}{recovery.get('trainable', '?')}, {recovery.get('steps', '?')} steps)"
+    elif "structure" in meta:
+        kind = "structured"
+        budget = f"ratio {meta.get('ratio')} ({meta.get('structure')})"
+        before, after = _number(meta.get("params_before")), _number(meta.get("params_after"))
+        removed = f"params {before / 1e6:.1f}M -> {after / 1e6:.1f}M" if before and after is not None else None
+    elif "layers" in meta and "sequential" in meta:
+        kind = "weights"
+        budget = meta.get("pattern") or f"{meta.get('ratio')} unstructured"
+        sparsity = _number(meta.get("total_sparsity"))  # measured on the layers pruned
+        removed = f"sparsity {sparsity:.4f}" if sparsity is not None else None
+    else:
+        raise InputError(f"{folder / 'prunekit.json'} is not a record of `prunekit prune` (weights, structured or "
+                         "depth); compare reads those")
+    evaluation = {}
+    raw = meta.get("evaluation")
+    for text, pair in (raw.items() if isinstance(raw, dict) else ()):
+        if isinstance(pair, dict) and isinstance(pair.get("dense"), dict) and isinstance(pair.get("pruned"), dict):
+            dense, pruned = pair["dense"], pair["pruned"]
+            evaluation[text] = {"dense": _number(dense.get("ppl")), "pruned": _number(pruned.get("ppl")),
+                                "windows": dense.get("windows"), "seqlen": dense.get("seqlen")}
+    speed = meta.get("speed")
+    ratios = speed.get("speedup") if isinstance(speed, dict) else None
+    ratios = ratios if isinstance(ratios, dict) else {}
+    return {"run": str(folder), "kind": kind, "method": meta.get("method"), "budget": budget, "removed": removed,
+            "evaluation": evaluation, "prefill_speedup": _number(ratios.get("prefill")),
+            "decode_speedup": _number(ratios.get("decode")), "seconds": _number(meta.get("wall_seconds"))}
+
+
+def _f(value, fmt: str) -> str:
+    return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
+
+
+def table(rows: list[dict], texts: list[str]) -> tuple[str, list[str]]:
+    """A markdown table of `rows` (from `summarize`) with dense and pruned perplexity on each of `texts`, and notes
+    on texts the runs scored on different windows."""
+    head = ["run", "kind", "method", "budget", "removed"]
+    for t in texts:
+        head += [f"{t} dense", f"{t} pruned"]
+    head += ["speedup (prefill / decode)", "seconds"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---:" if i >= 5 else "---" for i in range(len(head)))
+             + " |"]
+    for r in rows:
+        cells = [r["run"], r["kind"], str(r["method"]), r["budget"], r["removed"] or ""]
+        for t in texts:
+            e = r["evaluation"].get(t, {})
+            cells += [_f(e.get("dense"), ".3f"), _f(e.get("pruned"), ".3f")]
+        speed = (f"{_f(r['prefill_speedup'], '.2f')}x / {_f(r['decode_speedup'], '.2f')}x"
+                 if r["prefill_speedup"] is not None else "")
+        cells += [speed, _f(r["seconds"], ".1f")]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    notes = []
+    for t in texts:
+        shapes = {(r["evaluation"][t]["windows"], r["evaluation"][t]["seqlen"]) for r in rows if t in r["evaluation"]}
+        if len(shapes) > 1:
+            notes.append(f"{t} was scored on different windows by different runs ("
+                         + ", ".join(f"{w} x {s}" for w, s in sorted(shapes, key=str)) + "): those perplexities do "
+                         "not compare")
+    return "\n".join(lines), notes
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compare", help="one table of several prune outputs (method, budget, perplexity, speed)")
+    p.add_argument("runs", nargs="+", help="output folders of `prunekit prune` (their prunekit.json is read)")
+    p.add_argument("--text", default=None, help="comma-separated --eval texts to show (default: every text a run "
+                   "scored, in the order first seen)")
+    p.add_argument("--json", action="store_true", help="print one JSON object {rows: [...]} on stdout")
+
+
+def run(args) -> int:
+    rows = [summarize(r) for r in args.runs]
+    seen = list(dict.fromkeys(t for r in rows for t in r["evaluation"]))
+    if args.text is not None:
+        texts = [t.strip() for t in args.text.split(",") if t.strip()]
+        missing = [t for t in texts if t not in seen]
+        if not texts or missing:
+            raise InputError(f"--text {args.text}: no run scored {', '.join(missing) or 'that'}; the runs scored "
+                             f"{', '.join(seen) or 'no text (run prune with --eval)'}")
+    else:
+        texts = seen
+    if args.json:
+        print(jsonl.dumps({"texts": texts, "rows": rows}))
+        return 0
+    md, notes = table(rows, texts)
+    print(md)
+    for note in notes:
+        print(f"prunekit: note: {note}", file=sys.stderr)
+    return 0

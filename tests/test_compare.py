@@ -1,0 +1,73 @@
+"""`prunekit compare`: one table of several prune outputs, read from their prunekit.json records."""
+
+import json
+
+import pytest
+
+from prunekit.cli import main
+from prunekit.compare import summarize
+
+from conftest import tiny_model
+
+
+@pytest.fixture
+def model_dir(tmp_path, tok):
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _prune(model_dir, text_file, out, *method, seqlen="64"):
+    assert main(["prune", str(model_dir), *method, "--calib", str(text_file), "--samples", "4", "--seqlen", "32",
+                 "--eval", str(text_file), "--eval-tokens", "128", "--eval-seqlen", seqlen, "--out", str(out),
+                 "--quiet"]) == 0
+
+
+def test_compare_tables_weights_structured_and_depth_runs(model_dir, text_file, tmp_path, capsys):
+    runs = {"wanda": ("--method", "wanda", "--pattern", "2:4"), "mag": ("--method", "magnitude", "--ratio", "0.5"),
+            "widths": ("--method", "uniform-structured", "--ratio", "0.25", "--no-speed"),
+            "depth": ("--method", "every-other", "--layers", "1", "--no-speed")}
+    for name, method in runs.items():
+        _prune(model_dir, text_file, tmp_path / name, *method)
+    capsys.readouterr()
+    folders = [str(tmp_path / n) for n in runs]
+    assert main(["compare", *folders, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["run"]: r for r in out["rows"]}
+    assert out["texts"] == [str(text_file)] and list(rows) == folders
+    for name in runs:  # every figure is the one the run's own record holds
+        meta = json.loads((tmp_path / name / "prunekit.json").read_text())
+        ev = rows[str(tmp_path / name)]["evaluation"][str(text_file)]
+        assert ev["dense"] == meta["evaluation"][str(text_file)]["dense"]["ppl"]
+        assert ev["pruned"] == meta["evaluation"][str(text_file)]["pruned"]["ppl"]
+        assert rows[str(tmp_path / name)]["seconds"] == meta["wall_seconds"]
+    assert [rows[f]["kind"] for f in folders] == ["weights", "weights", "structured", "depth"]
+    assert rows[folders[0]]["budget"] == "2:4" and rows[folders[0]]["removed"] == "sparsity 0.5000"
+    assert rows[folders[1]]["budget"] == "0.5 unstructured"
+    assert rows[folders[3]]["budget"] == "1 of 2 blocks" and rows[folders[3]]["removed"] == "1 block"
+    assert rows[folders[2]]["removed"].startswith("params ")
+    assert main(["compare", *folders]) == 0
+    md = capsys.readouterr().out.splitlines()
+    assert md[0].startswith("| run | kind | method | budget | removed |") and len(md) == 2 + len(runs)
+    assert md[2].startswith(f"| {folders[0]} | weights | wanda | 2:4 | sparsity 0.5000 |")
+
+
+def test_compare_notes_texts_scored_differently_and_refuses_what_it_cannot_read(model_dir, text_file, tmp_path,
+                                                                                capsys):
+    _prune(model_dir, text_file, tmp_path / "a", "--method", "magnitude", "--ratio", "0.5")
+    _prune(model_dir, text_file, tmp_path / "b", "--method", "magnitude", "--ratio", "0.5", seqlen="32")
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "scored on different windows by different runs (2 x 64, 4 x 32)" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "a"), str(model_dir)]) == 2  # a model folder, no record
+    assert "has no prunekit.json" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "a"), "--text", "wiki"]) == 2
+    assert f"no run scored wiki; the runs scored {text_file}" in capsys.readouterr().err
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "prunekit.json").write_text("[1]")
+    assert main(["compare", str(tmp_path / "c")]) == 2
+    assert "holds a JSON list" in capsys.readouterr().err
+    (tmp_path / "c" / "prunekit.json").write_text('{"method": "x"}')
+    with pytest.raises(Exception, match="not a record of `prunekit prune`"):
+        summarize(tmp_path / "c")
