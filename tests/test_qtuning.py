@@ -530,6 +530,7 @@ def test_cli_qtune_says_what_it_cut_and_keeps_user_fields(tmp_path, model_dir, c
     data = tmp_path / "long.jsonl"
     rows = records(6)
     rows[0] = dict(rows[0], response="w" * 300)  # far past --max-length 64
+    rows[2] = dict(rows[2], response="one\u2028two\x85three\u2029")  # line breaks to str.splitlines()
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     assert main(["data", "qtune", str(model_dir), "--data", str(data), "--samples", "1", "--max-length", "64",
@@ -537,14 +538,26 @@ def test_cli_qtune_says_what_it_cut_and_keeps_user_fields(tmp_path, model_dir, c
     assert "1 of 6 responses are longer than --max-length 64 allows and were cut" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cut_responses"] == 1 and summary["max_length"] == 64
+    # which rows were cut: only the totals said so, and a cut row's token_keep is shorter than its response
+    kept = [json.loads(line) for line in (out / "kept.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(kept) == 6 and kept[2]["response"] == rows[2]["response"]  # one object per line for splitlines
+    assert summary["cut_prompts"] == 1  # the prompt gave way down to its share too
+    assert [r["cut_to_max_length"] for r in kept] == ["both"] + [None] * 5
+    with open(out / "scores.csv", newline="") as f:
+        assert [r["cut_to_max_length"] for r in csv.DictReader(f)] == ["both"] + [""] * 5
     # a user field qtune would overwrite in kept.jsonl ('ppl' was replaced by its own, silently)
     rows[1] = dict(rows[1], ppl="from the source")
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["data", "qtune", str(model_dir), "--data", str(data), "--out", str(tmp_path / "o2")]) == 2
     assert "example 1 (from 0) has the field 'ppl', which qtune writes" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
-    # qtune's own kept.jsonl as the next run's data (it was refused: "rename it")
-    kept = [json.loads(line) for line in (out / "kept.jsonl").read_text().splitlines()]
+    # qtune's own kept.jsonl as the next run's data (it was refused: "rename it"), also one written before
+    # cut_to_max_length was (its rows lack it)
+    lines = (out / "kept.jsonl").read_text(encoding="utf-8").splitlines()
+    kept = [json.loads(line) for line in lines]
+    old = json.loads(lines[3])
+    del old["cut_to_max_length"]
+    (out / "kept.jsonl").write_text("\n".join(lines[:3] + [json.dumps(old)] + lines[4:]) + "\n", encoding="utf-8")
     assert main(["data", "qtune", str(model_dir), "--data", str(out / "kept.jsonl"), "--samples", "1",
                  "--max-length", "64", "--out", str(tmp_path / "o3"), "--quiet"]) == 0
     assert f"{len(kept)} example(s) of {out / 'kept.jsonl'} come from an earlier qtune" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prunekit.errors import InputError
 
-__all__ = ["read_objects", "dumps", "check_metadata"]
+__all__ = ["read_objects", "dumps", "line", "check_metadata"]
 
 
 def _finite(obj):
@@ -38,6 +38,21 @@ def dumps(obj, **kwargs) -> str:
     '{"ppl": null, "loss": [1.5, null]}'
     """
     return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+# characters str.splitlines() breaks at that JSON leaves unescaped (below U+0020 it escapes them all)
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def line(obj) -> str:
+    """One JSON Lines record (no newline): text kept as UTF-8 (not ``\\u`` escapes), except the separators
+    U+0085, U+2028 and U+2029, escaped so that a reader splitting on every line break (``str.splitlines``)
+    still sees one object per line; non-finite floats as null (`dumps`).
+
+    >>> line({"text": "a\u2028b", "é": 1.0})
+    '{"text": "a\\\\u2028b", "é": 1.0}'
+    """
+    return dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)
 
 
 def check_metadata(metadata, what: str = "metadata") -> dict:

@@ -439,15 +439,16 @@ def _cmd_qtune(args) -> int:
     check_replaceable(Path(args.out).expanduser())  # before the work: --overwrite replaces earlier outputs only
     records = S.read_sft(args.data)
     written = ("index", "quadrant", "ppl", "entropy", "response_tokens", "token_keep")  # kept.jsonl's own fields
+    later = ("cut_to_max_length",)  # written since: an earlier run's rows may lack it
     rescored = 0
     for i, record in enumerate(records):
-        taken = [k for k in written if k in record]
-        if len(taken) == len(written):  # a row of an earlier run's kept.jsonl: its scores give way to this run's
-            records[i] = {k: v for k, v in record.items() if k not in written}
+        taken = [k for k in written + later if k in record]
+        if all(k in record for k in written):  # an earlier run's kept.jsonl row: its scores give way to this run's
+            records[i] = {k: v for k, v in record.items() if k not in written + later}
             rescored += 1
         elif taken:
             raise InputError(f"{args.data}: example {i} (from 0) has the field {taken[0]!r}, which qtune writes into "
-                             f"kept.jsonl ({', '.join(written)}); rename it")
+                             f"kept.jsonl ({', '.join(written + later)}); rename it")
     if rescored:
         print(f"prunekit: note: {rescored} example(s) of {args.data} come from an earlier qtune's kept.jsonl; its "
               f"fields ({', '.join(written)}) are replaced by this run's", file=sys.stderr)
@@ -517,16 +518,17 @@ def _cmd_qtune(args) -> int:
                 row = dict(records[i])
                 row.update(index=int(i), quadrant=Q.NAMES[int(sel.quadrant[i])], ppl=float(sel.ppl[i]),
                            entropy=float(sel.entropy[i]), response_tokens=tok.convert_ids_to_tokens(ids),
-                           token_keep=sel.keep_tokens[i, e.prompt_len: len(e.ids)].astype(int).tolist())
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                           token_keep=sel.keep_tokens[i, e.prompt_len: len(e.ids)].astype(int).tolist(),
+                           cut_to_max_length=e.cut)  # "prompt", "response" or "both": shortened to --max-length
+                f.write(jsonl.line(row) + "\n")
         with open(tmp / "scores.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["index", "ppl", "entropy", "quadrant", "quadrant_name", "kept", "response_tokens",
-                        "kept_tokens"])
+                        "kept_tokens", "cut_to_max_length"])
             for i, e in enumerate(examples):
                 w.writerow([i, f"{sel.ppl[i]:.6g}", f"{sel.entropy[i]:.6g}", int(sel.quadrant[i]),
                             Q.NAMES[int(sel.quadrant[i])], int(sel.keep_samples[i]), e.response_len,
-                            int(sel.keep_tokens[i].sum())])
+                            int(sel.keep_tokens[i].sum()), e.cut or ""])
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         Q.plot_eu_plane(sel, tmp / "eu_plane.png", title=f"EU plane: {sel.samples} of {len(examples)} samples kept")
         if report is not None:
