@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from prunekit.cli import main
+from prunekit.select import select_examples
 from prunekit.data import find_label_issues, io, order_label_issues
 from prunekit.data.methods import confident
 from prunekit.errors import InputError
@@ -265,6 +266,29 @@ def test_select_refuses_bad_labels_and_non_numpy_files(case, match, tmp_path, ca
     assert err.startswith("prunekit: error:") and len(err.strip().splitlines()) == 1, err
     assert re.search(match, err), err
     assert not out.exists() and digest(tmp_path) == before
+
+
+def test_select_balances_on_class_names(tmp_path, capsys):
+    # label-issues took class names and select --balanced refused them, though balancing needs only the groups
+    rng = np.random.default_rng(0)
+    scores = rng.random(12)
+    np.save(tmp_path / "s.npy", scores)
+    names = ["shirt", "bag", "coat"] * 4
+    y = np.unique(names, return_inverse=True)[1]
+    expected = np.flatnonzero(select_examples(scores, 0.5, labels=y, balanced=True)).tolist()
+    (tmp_path / "plain.csv").write_text("\n".join(names) + "\n")
+    (tmp_path / "header.csv").write_text("label\n" + "\n".join(names) + "\n")
+    np.save(tmp_path / "names.npy", np.array(names))
+    for file in ("plain.csv", "header.csv", "names.npy"):
+        out = tmp_path / f"keep-{file}.csv"
+        assert main(["data", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "0.5", "--balanced", "--labels",
+                     str(tmp_path / file), "--out", str(out)]) == 0, capsys.readouterr().err
+        assert np.loadtxt(out, delimiter=",", skiprows=1)[:, 0].astype(int).tolist() == expected
+    (tmp_path / "gap.csv").write_text("\n".join(names[:5] + ["", *names[6:]]) + "\n")
+    capsys.readouterr()
+    assert main(["data", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "0.5", "--balanced", "--labels",
+                 str(tmp_path / "gap.csv"), "--out", str(tmp_path / "k.csv")]) == 2
+    assert "row 5: an empty class name" in capsys.readouterr().err
 
 
 def test_score_still_refuses_negative_labels(tmp_path, capsys):

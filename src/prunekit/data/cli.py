@@ -56,7 +56,8 @@ def add_parser(sub) -> None:
     se.add_argument("--keep", type=float, required=True, help="fraction of examples kept, in (0, 1]")
     se.add_argument("--strategy", choices=("hard", "easy", "ccs", "random"), default="hard",
                     help="hard: keep the highest scores; easy: the lowest; ccs: coverage-centric stratified; random")
-    se.add_argument("--labels", default=None, help="class labels, for --balanced (a file, or fashion-mnist)")
+    se.add_argument("--labels", default=None,
+                    help="class labels, for --balanced: indices or class names (a file), or fashion-mnist")
     se.add_argument("--balanced", action="store_true", help="keep the same fraction of every class")
     se.add_argument("--seed", type=int, default=0, help="seed of --strategy random and ccs draws")
     se.add_argument("--out", required=True, help="kept example indices (.npy), or index,score table (.csv/.parquet)")
@@ -159,7 +160,7 @@ def _cmd_label_issues(args) -> int:
 
 
 def _cmd_select(args) -> int:
-    from prunekit.data.io import check_output_file, read_labels, read_vector, write_table
+    from prunekit.data.io import check_output_file, read_label_groups, read_vector, write_table
     from prunekit.errors import InputError, check_not_input, int_at_least
     from prunekit.select import select_examples
 
@@ -169,7 +170,7 @@ def _cmd_select(args) -> int:
     scores = np.asarray(read_vector(args.scores, what="scores"), dtype=np.float64)
     labels = None
     if args.labels is not None:
-        labels = read_labels(args.labels)
+        labels = read_label_groups(args.labels, len(scores))  # class names too: balancing needs only the groups
         if len(labels) != len(scores):
             raise InputError(f"labels has {len(labels)} entries but scores has {len(scores)}; they must describe the same examples")
         if not args.balanced:  # read and checked, then unused: it looked as if the selection used them

@@ -279,6 +279,7 @@ def _label_texts(path: Path, what: str) -> list[str] | None:
         return None
     while rows and not any(c.strip() for c in rows[-1]):
         rows.pop()
+    rows = [r or [""] for r in rows]  # a blank line between names: a missing name, not a sign of numbers
     if not rows or any(len(r) != 1 for r in rows):
         return None
     cells = [r[0].strip() for r in rows]
@@ -333,6 +334,24 @@ def read_class_labels(path, *, what: str = "labels", classes: list[str] | None =
     if not texts:
         raise InputError(f"{what} file {path} has no rows")
     return np.array([index[t] for t in texts], dtype=np.int64), True
+
+
+def read_label_groups(path, n: int, *, what: str = "labels") -> np.ndarray:
+    """Class labels of `n` examples as group numbers, for what needs only which examples share a class (class
+    balancing): integer classes as they are, or class names numbered in sorted order. A CSV of names may have
+    a header row: with ``n + 1`` rows the first is one."""
+    try:
+        return read_class_labels(path, what=what)[0]
+    except InputError:
+        p = Path(path).expanduser()
+        texts = _label_texts(p, what) if p.is_file() else None
+        if texts is None:
+            raise
+    if p.suffix.lower() == ".csv" and len(texts) == n + 1:
+        texts = texts[1:]
+    if any(not t for t in texts):
+        raise InputError(f"{what} file {p} row {texts.index('')}: an empty class name; fill or drop it")
+    return np.unique(np.array(texts, dtype=object).astype(str), return_inverse=True)[1].astype(np.int64)
 
 
 def read_labels(path, *, what: str = "labels") -> np.ndarray:
