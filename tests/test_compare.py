@@ -60,6 +60,11 @@ def test_compare_notes_texts_scored_differently_and_refuses_what_it_cannot_read(
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert "scored on different windows by different runs (2 x 64, 4 x 32)" in capsys.readouterr().err
+    assert main(["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.3", "--out", str(tmp_path / "n"),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "n")]) == 0
+    assert f"{tmp_path / 'n'} holds no perplexity for {text_file} (a prune without --eval" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a"), str(model_dir)]) == 2  # a model folder, no record
     assert "has no prunekit.json" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a"), "--text", "wiki"]) == 2

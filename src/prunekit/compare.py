@@ -106,7 +106,9 @@ def table(rows: list[dict], texts: list[str]) -> tuple[str, list[str]]:
                  if r["prefill_speedup"] is not None else "")
         cells += [speed, _f(r["seconds"], ".1f")]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    notes = []
+    notes = [f"{r['run']} holds no perplexity for {', '.join(texts)} (a prune without --eval, or a folder saved from "
+             "Python without an evaluation in its metadata): its cells are blank" for r in rows
+             if texts and not any(t in r["evaluation"] for t in texts)]
     for t in texts:
         shapes = {(r["evaluation"][t]["windows"], r["evaluation"][t]["seqlen"]) for r in rows if t in r["evaluation"]}
         if len(shapes) > 1:
