@@ -462,6 +462,58 @@ def test_label_issues_takes_class_names_matched_to_named_probability_columns(tmp
               "--out", str(out)], out, tmp_path, capsys, "holds class names .* name the probabilities' columns")
 
 
+def test_label_issues_reads_labels_and_probabilities_from_one_table(tmp_path, capsys):
+    # one table with a label column and a column per class (what a DataFrame of predictions is) had to be split
+    rng = np.random.default_rng(1)
+    n, names = 200, ["shirt", "2", "bag"]  # a class named "2": names are matched before indices
+    y = rng.integers(0, 3, n)
+    probs = rng.dirichlet(np.ones(3) * 0.3, n)
+    probs[np.arange(n), y] += 1.5
+    probs /= probs.sum(1, keepdims=True)
+    probs[:15] = probs[:15, ::-1]
+    np.save(tmp_path / "y.npy", y)
+    np.save(tmp_path / "p.npy", probs)
+    want = tmp_path / "want.csv"
+    assert main(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(tmp_path / "p.npy"),
+                 "--out", str(want)]) == 0
+    want_index = [r["index"] for r in csv.DictReader(want.read_text().splitlines())]
+    assert len(want_index) >= 8
+    tables = {}
+    for kind, cell in (("names", lambda i: names[i]), ("indices", str)):
+        path = tmp_path / f"{kind}.csv"
+        with open(path, "w", newline="") as f:  # the label column in the middle
+            w = csv.writer(f)
+            w.writerow([names[0], "label", *names[1:]])
+            w.writerows([[repr(float(p[0])), cell(i), *(repr(float(v)) for v in p[1:])] for i, p in zip(y, probs)])
+        tables[kind] = path
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    tables["parquet"] = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"label": [names[i] for i in y], **{c: probs[:, j] for j, c in enumerate(names)}}),
+                   tables["parquet"])
+    for kind, path in tables.items():
+        out = tmp_path / f"got-{kind}.csv"
+        assert main(["data", "label-issues", "--probs", str(path), "--label-column", "label", "--out", str(out)]) == 0
+        got = list(csv.DictReader(out.read_text().splitlines()))
+        assert [r["index"] for r in got] == want_index, kind
+        assert all(int(r["label"]) == y[int(r["index"])] for r in got)
+    capsys.readouterr()
+    out = tmp_path / "x.csv"
+    for args, match in (([], "one of the two"), (["--labels", str(tmp_path / "y.npy"), "--label-column", "label"],
+                                                 "one of the two")):
+        _refused(["data", "label-issues", "--probs", str(tables["names"]), *args, "--out", str(out)], out, tmp_path,
+                 capsys, match)
+    _refused(["data", "label-issues", "--probs", str(tables["names"]), "--label-column", "y", "--out", str(out)], out,
+             tmp_path, capsys, r"has no column 'y' in its header \(shirt, label, 2, bag\)")
+    _refused(["data", "label-issues", "--probs", str(tmp_path / "p.npy"), "--label-column", "label", "--out",
+              str(out)], out, tmp_path, capsys, "is a .npy array, which has no column 'label'")
+    with open(tmp_path / "cow.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["label", *names], ["cow", 0.2, 0.3, 0.5]] + [["bag", 0.2, 0.3, 0.5]] * 5)
+    _refused(["data", "label-issues", "--probs", str(tmp_path / "cow.csv"), "--label-column", "label", "--out",
+              str(out)], out, tmp_path, capsys, "row 0: 'cow' in column 'label' is not one of the classes")
+
+
 def test_score_refuses_an_id_column_in_the_features(tmp_path, capsys):
     _score_files(tmp_path)
     x = np.load(tmp_path / "x.npy")

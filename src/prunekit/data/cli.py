@@ -28,11 +28,14 @@ def add_parser(sub) -> None:
     from prunekit.data.methods.confident import FILTERS, RANKINGS
 
     li = dsub.add_parser("label-issues", help="find mislabeled examples with Confident Learning (cleanlab's answers)")
-    li.add_argument("--labels", required=True,
+    li.add_argument("--labels", default=None,
                     help="given labels, one per example (.npy/.csv/.parquet): integer classes 0..K-1, or class names "
                     "matched to --probs' column names (a CSV header, parquet columns); or fashion-mnist: the zoo "
                     "copy's 60,000 training labels (data score --data fashion-mnist's)")
     li.add_argument("--probs", required=True, help="out-of-sample predicted probabilities [N, K] (.npy/.csv/.parquet)")
+    li.add_argument("--label-column", default=None, metavar="NAME",
+                    help="instead of --labels: the labels are column NAME of the --probs table (.csv with a header, "
+                    ".parquet), class indices or the names of its other columns, which hold the probabilities")
     li.add_argument("--filter", default="prune_by_noise_rate", choices=FILTERS, help="which rule flags an issue")
     li.add_argument("--rank-by", default="self_confidence", choices=RANKINGS,
                     help="label-quality score that orders the issues, worst first (default self_confidence)")
@@ -115,11 +118,14 @@ def add_parser(sub) -> None:
 
 
 def _cmd_label_issues(args) -> int:
-    from prunekit.data.io import check_output_file, read_class_labels, read_matrix, write_table
+    from prunekit.data.io import check_output_file, read_class_labels, read_labeled_table, read_matrix, write_table
     from prunekit.data.methods import confident as cl
-    from prunekit.errors import check_not_input
+    from prunekit.errors import InputError, check_not_input
 
     check_output_file(args.out, overwrite=args.overwrite)
+    if (args.labels is None) == (args.label_column is None):
+        raise InputError("give the labels as a file (--labels) or as a column of the --probs table (--label-column "
+                         "NAME), one of the two")
     check_not_input(args.out, args.labels, args.probs)
     for name, default in (("frac_noise", 1.0), ("min_examples_per_class", 1)):
         flag = "--" + name.replace("_", "-")
@@ -128,8 +134,11 @@ def _cmd_label_issues(args) -> int:
         elif args.filter not in ("prune_by_noise_rate", "prune_by_class", "both"):  # as cleanlab: say so, do not stop
             print(f"prunekit: note: {flag} is used by the prune_by_noise_rate, prune_by_class and both filters only; "
                   f"ignored for {args.filter}", file=sys.stderr)
-    probs, classes = read_matrix(args.probs, what="probabilities", names=True)
-    labels, named = read_class_labels(args.labels, classes=classes, match_names=True)  # names -> named columns
+    if args.label_column is not None:
+        probs, classes, labels, named = read_labeled_table(args.probs, args.label_column)
+    else:
+        probs, classes = read_matrix(args.probs, what="probabilities", names=True)
+        labels, named = read_class_labels(args.labels, classes=classes, match_names=True)  # names -> named columns
     start = time.perf_counter()
     ranked = cl.find_label_issues(labels, probs, filter_by=args.filter, frac_noise=args.frac_noise,
                                   min_examples_per_class=args.min_examples_per_class,

@@ -23,8 +23,8 @@ import numpy as np
 from prunekit.errors import (InputError, apply_umask, check_output_name, check_writable, follow_link, hidden_name,
                              place_file)
 
-__all__ = ["read_array", "read_named", "read_labels", "read_class_labels", "read_vector", "read_matrix", "check_real",
-           "write_table", "check_output_file", "FORMATS"]
+__all__ = ["read_array", "read_named", "read_labels", "read_class_labels", "read_label_groups", "read_labeled_table",
+           "read_vector", "read_matrix", "check_real", "write_table", "check_output_file", "FORMATS"]
 
 FORMATS = (".npy", ".csv", ".parquet")
 
@@ -52,6 +52,13 @@ def _read_csv(path: Path, what: str) -> tuple[np.ndarray, list[str] | None]:
     numbers (None without one). Blank lines at the ends are ignored; a blank line or an empty cell between rows
     is a missing value (pandas writes NaN so) and refused, as is a first row of missing values (R's ``NA``) and
     the numeric header pandas writes for unnamed columns (``0,1,...`` over float rows), which could be a row."""
+    rows, header = _csv_rows(path, what)
+    return _csv_numbers(rows, path, what), header
+
+
+def _csv_rows(path: Path, what: str, *, named: bool = False) -> tuple[list[tuple[int, list[str]]], list[str] | None]:
+    """`_read_csv`'s ``((line, cells) rows, header)`` before the cells are read as numbers; ``named=True``: the
+    first row is the header whatever it holds."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -77,7 +84,9 @@ def _read_csv(path: Path, what: str) -> tuple[np.ndarray, list[str] | None]:
         raise InputError(f"{what} file {path} is empty")
     header = None
     first = [c.strip() for c in rows[0][1]]
-    if not all(_is_float(c) for c in first):
+    if named:
+        header, rows = first, rows[1:]
+    elif not all(_is_float(c) for c in first):
         if len(first) > 1 and first[0] == "" and all(first[1:]):  # read as a missing value in row 1
             raise InputError(f"{what} file {path}: the first row starts with an empty cell above a column of row "
                              "numbers, as pandas' to_csv writes its index; save with to_csv(path, index=False) "
@@ -93,6 +102,13 @@ def _read_csv(path: Path, what: str) -> tuple[np.ndarray, list[str] | None]:
                          "named columns (or as .npy), or write that first row as decimals if it is data")
     if not rows:
         raise InputError(f"{what} file {path} has a header but no rows")
+    return rows, header
+
+
+def _csv_numbers(rows: list[tuple[int, list[str]]], path: Path, what: str) -> np.ndarray:
+    def blank(row):
+        return not any(c.strip() for c in row)
+
     width = len(rows[0][1])
     values = np.empty((len(rows), width))
     for i, (line, r) in enumerate(rows):
@@ -110,7 +126,69 @@ def _read_csv(path: Path, what: str) -> tuple[np.ndarray, list[str] | None]:
                                  + ("a missing value" if gap else "a value that is not a number")
                                  + f" ({c!r}); " + ("fill or drop that row in every file" if gap else
                                                     "give numbers only, or a .npy file")) from None
-    return (values[:, 0] if width == 1 else values), header
+    return values[:, 0] if width == 1 else values
+
+
+def read_labeled_table(path, column: str, *, what: str = "probabilities") -> tuple[np.ndarray, list[str], np.ndarray,
+                                                                                     bool]:
+    """One .csv (with a header) or .parquet table holding the labels in `column` and the class probabilities in
+    every other column: ``(probs [N, K], class names (those columns' names), labels [N], named)``. Labels are
+    class indices 0..K-1 or the class names; `named` says which."""
+    path = Path(path).expanduser()
+    suffix = _suffix(path, what)
+    if suffix == ".npy":
+        raise InputError(f"{what} file {path} is a .npy array, which has no column {column!r}; give a .csv with a "
+                         "header or a .parquet, or the labels as their own file (--labels)")
+    if not path.is_file():
+        raise InputError(f"{what} file {path} does not exist")
+    if suffix == ".csv":
+        rows, header = _csv_rows(path, what, named=True)
+        if column not in header:
+            raise InputError(f"{what} file {path} has no column {column!r} in its header ({', '.join(header[:8])}"
+                             f"{', ...' if len(header) > 8 else ''})")
+        j = header.index(column)
+        cells = [r[j].strip() if j < len(r) else "" for _, r in rows]
+        probs = _csv_numbers([(line, r[:j] + r[j + 1:]) for line, r in rows], path, what)
+        classes = header[:j] + header[j + 1:]
+    else:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise InputError(f"reading {path} needs pyarrow: pip install pyarrow (or give .csv)") from None
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises its own error types for broken files
+            raise InputError(f"{what} file {path} is not a readable parquet file ({e})") from None
+        if column not in table.column_names:
+            raise InputError(f"{what} file {path} has no column {column!r} ({', '.join(table.column_names[:8])}"
+                             f"{', ...' if len(table.column_names) > 8 else ''})")
+        cells = [("" if v is None else str(v).strip()) for v in table.column(column).to_pylist()]
+        classes = [n for n in table.column_names if n != column and not (n.startswith("__index_level_")
+                                                                          and n.endswith("__"))]
+        cols = []
+        for name in classes:
+            col = table.column(name).to_numpy()
+            if not np.issubdtype(col.dtype, np.number):
+                raise InputError(f"{what} file {path}: column {name!r} is not numeric")
+            cols.append(col)
+        if not cols:
+            raise InputError(f"{what} file {path} has no probability columns besides {column!r}")
+        probs = np.stack(cols, axis=1)
+    if probs.ndim == 1:
+        probs = probs[:, None]
+    check_real(probs, path, what)
+    index = {c.strip(): i for i, c in enumerate(classes)}
+    if not all(c in index for c in cells) and all(_is_float(c) for c in cells):  # names first: columns "2,0,1"
+        values = np.array([float(c) for c in cells])
+        if not (np.all(np.isfinite(values)) and np.all(values == np.round(values)) and np.all(values >= 0)):
+            raise InputError(f"{what} file {path}: column {column!r} must hold class indices >= 0 or class names")
+        return probs, classes, values.astype(np.int64), False
+    unknown = [i for i, c in enumerate(cells) if c not in index]
+    if unknown:
+        raise InputError(f"{what} file {path} row {unknown[0]}: {cells[unknown[0]]!r} in column {column!r} is not one "
+                         f"of the classes the other columns name ({', '.join(map(repr, classes[:8]))}"
+                         f"{', ...' if len(classes) > 8 else ''})")
+    return probs, classes, np.array([index[c] for c in cells], dtype=np.int64), True
 
 
 def _read_parquet(path: Path, what: str) -> tuple[np.ndarray, list[str]]:
