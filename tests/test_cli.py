@@ -346,6 +346,30 @@ def test_eval_json_and_pattern_check(model_dir, text_file, tmp_path, capsys):
     assert captured.err.startswith("prunekit: pattern 2:4 is broken by 14 layer(s), first model.layers.0.")
 
 
+def test_progress_bars_redraw_every_ten_seconds_into_a_log(model_dir, text_file, monkeypatch, capsys):
+    # a stderr that is not a terminal (a log, CI) got up to ten carriage-return updates a second
+    from tqdm import std
+
+    original, closed, seen = vars(std.tqdm)["__init__"], std.tqdm.close, []
+
+    def close(self):  # each bar's redraw interval, as it ends
+        seen.append(self.mininterval)
+        return closed(self)
+
+    monkeypatch.setattr(std.tqdm, "close", close)
+    args = ["eval", str(model_dir), "--text", str(text_file), "--seqlen", "64", "--tokens", "256"]
+    assert cli.main(args) == 0  # capsys: stderr is no terminal
+    assert seen and set(seen) == {10.0} and vars(std.tqdm)["__init__"] is original
+    assert "perplexity: 100%" in capsys.readouterr().err  # the bar itself is still there
+    seen.clear()
+    monkeypatch.setenv("TQDM_MININTERVAL", "2")  # the user's own setting wins (read by tqdm at import: default kept)
+    assert cli.main(args) == 0 and set(seen) == {0.1}
+    seen.clear()
+    monkeypatch.delenv("TQDM_MININTERVAL")
+    monkeypatch.setattr(cli, "_is_terminal", lambda stream: True)
+    assert cli.main(args) == 0 and set(seen) == {0.1}
+
+
 def test_a_text_shorter_than_the_default_tokens_is_scored_whole(model_dir, text_file, tmp_path, capsys):
     # eval and prune --eval refused a short file unless the user worked out a --tokens that fits it
     assert cli.main(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "64", "--json", "--quiet"]) == 0

@@ -724,6 +724,13 @@ def _in_flags(message: str, flags: dict[str, str]) -> str:
     return message
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError, OSError):  # a closed or unusual stream: not a terminal
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
 
@@ -736,6 +743,10 @@ def main(argv: list[str] | None = None) -> int:
         from prunekit.weights.io import quiet_progress_bars
 
         bars.enter_context(quiet_progress_bars())
+    elif not _is_terminal(sys.stderr) and "TQDM_MININTERVAL" not in os.environ:  # a log: a bar line every 10 s
+        from prunekit.weights.io import sparse_progress_bars
+
+        bars.enter_context(sparse_progress_bars())
     try:  # Python's default SIGTERM ends the process without running `finally`: temp folders were left
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread: leave the handler alone

@@ -55,6 +55,29 @@ def quiet_progress_bars():
             (hub.disable_progress_bars if hub_off else hub.enable_progress_bars)()
 
 
+LOG_BAR_SECONDS = 10.0  # how often a progress bar redraws when stderr is not a terminal (a log file, CI)
+
+
+@contextlib.contextmanager
+def sparse_progress_bars(seconds: float = LOG_BAR_SECONDS):
+    """Progress bars (prunekit's, transformers', the hub's: every tqdm) redraw at most every `seconds` inside,
+    unless a call or ``TQDM_MININTERVAL`` sets its own interval; afterwards tqdm is as it was. For a stderr that is
+    not a terminal: at tqdm's 0.1 s a log got up to ten carriage-return updates a second."""
+    from tqdm import std
+
+    original = vars(std.tqdm)["__init__"]  # a partialmethod (tqdm's TQDM_* environment defaults)
+
+    def init(self, *args, **kwargs):
+        kwargs.setdefault("mininterval", seconds)
+        return original.__get__(self, type(self))(*args, **kwargs)
+
+    std.tqdm.__init__ = init
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = original
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """A zoo name (``smollm2-135m``) or a local Hugging Face folder (returned absolute), checked to look like a
     model. A bare name that is a zoo name means the zoo model; write ``./NAME`` for a folder of that name."""
