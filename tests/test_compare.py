@@ -64,7 +64,7 @@ def test_compare_notes_texts_scored_differently_and_refuses_what_it_cannot_read(
                  "--quiet"]) == 0
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "n")]) == 0
-    assert f"{tmp_path / 'n'} holds no perplexity for {text_file} (a prune without --eval" in capsys.readouterr().err
+    assert f"{tmp_path / 'n'} holds no score for {text_file} (a prune without that --eval" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a"), str(model_dir)]) == 2  # a model folder, no record
     assert "has no prunekit.json" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a"), "--text", "wiki"]) == 2
@@ -76,3 +76,42 @@ def test_compare_notes_texts_scored_differently_and_refuses_what_it_cannot_read(
     (tmp_path / "c" / "prunekit.json").write_text('{"method": "x"}')
     with pytest.raises(Exception, match="not a record of `prunekit prune`"):
         summarize(tmp_path / "c")
+
+
+def test_compare_tells_apart_files_of_one_name_and_reads_dit_records(model_dir, text_file, tmp_path, capsys,
+                                                                     monkeypatch):
+    # two runs' `--eval e.txt` read different files: one column, no note, the 50% prune looked better than the 30%
+    for name, words in (("a", "the cat sat on the mat. "), ("b", "a dog ran in the park. ")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "e.txt").write_text(words * 200)
+    for name in ("a", "b"):
+        monkeypatch.chdir(tmp_path / name)  # the same relative --eval string
+        assert main(["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.5", "--calib", str(text_file),
+                     "--samples", "4", "--seqlen", "32", "--eval", "e.txt", "--eval-seqlen", "64", "--out", "run",
+                     "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")]) == 0
+    assert "e.txt names different files in different runs (sha256 " in capsys.readouterr().err
+    # a DiT's record: one forward speedup and FIDs (the speed cell was blank, the FIDs dropped)
+    dit = tmp_path / "dit"
+    dit.mkdir()
+    (dit / "prunekit.json").write_text(json.dumps({
+        "kind": "dit", "method": "tinyfusion", "domain": "depth", "dense_layers": 12,
+        "kept_layers": [0, 2, 4, 7, 8, 10],
+        "recovery": None, "speed": {"speedup": 1.95, "dense_forward_s": 0.02, "pruned_forward_s": 0.01},
+        "evaluation": {"settings": {}, "dense": {"fid": 29.26, "class_accuracy": 0.9}, "pruned": {"fid": 43.05}},
+        "wall_seconds": 12.0}))
+    assert main(["compare", str(dit), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["forward_speedup"] == 1.95 and row["evaluation"]["fid"]["pruned"] == 43.05
+    assert row["budget"] == "6 of 12 blocks"
+    assert main(["compare", str(dit)]) == 0
+    assert "| 29.260 | 43.050 | 1.95x (forward) | 12.0 |" in capsys.readouterr().out
+    # a run that scored one of the texts shown only: its blank cell is said; a malformed record is no traceback
+    meta = json.loads((tmp_path / "a" / "run" / "prunekit.json").read_text())
+    meta["evaluation"]["e.txt"]["dense"]["windows"] = [1, 2]
+    meta["evaluation"]["other.txt"] = meta["evaluation"]["e.txt"]
+    (tmp_path / "a" / "run" / "prunekit.json").write_text(json.dumps(meta))
+    assert main(["compare", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")]) == 0
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'b' / 'run'} holds no score for other.txt" in err

@@ -3,9 +3,11 @@
 Each folder's ``prunekit.json`` says what was done (weights, structured widths or depth), what it cost and what
 it measured; nothing is re-run. A row holds the method and budget, what was removed (the block Linears' measured
 sparsity, the parameters left, or the blocks kept), the perplexity before and after on every ``--eval`` text
-the runs share (``--text`` picks them; a text a run did not score is left blank), the speedup measured against
-the dense model where the run measured one, and the run's wall time. Perplexities are comparable only on the
-same text, windows and tokens: runs that scored one text differently are named in a note under the table.
+the runs share (``--text`` picks them; a text a run did not score is left blank, and said), the speedup measured
+against the dense model where the run measured one (prefill and decode for an LM, one denoiser forward for a
+DiT, whose FID on the project's classifier features is its ``fid`` column), and the run's wall time.
+Perplexities compare only on the same file, windows and tokens: a column whose runs scored different files
+(by sha256) or windows is named in a note under the table.
 """
 
 from __future__ import annotations
@@ -41,9 +43,14 @@ def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def summarize(folder: str | Path) -> dict:
     """One row for the `prunekit prune` output `folder`: ``run, kind, method, budget, removed, evaluation
-    ({text: {dense, pruned, tokens}}), prefill_speedup, decode_speedup, seconds``."""
+    ({text: {dense, pruned, windows, seqlen, sha256}}), prefill_speedup, decode_speedup, forward_speedup (a DiT's),
+    seconds``."""
     folder = Path(folder).expanduser()
     meta = _read(folder)
     if meta.get("kind") == "dit" or "kept_layers" in meta:  # depth (a DiT's record has no perplexity)
@@ -60,7 +67,7 @@ def summarize(folder: str | Path) -> dict:
         kind = "structured"
         budget = f"ratio {meta.get('ratio')} ({meta.get('structure')})"
         before, after = _number(meta.get("params_before")), _number(meta.get("params_after"))
-        removed = f"params {before / 1e6:.1f}M -> {after / 1e6:.1f}M" if before and after is not None else None
+        removed = f"params {before:,.0f} -> {after:,.0f}" if before and after is not None else None
     elif "layers" in meta and "sequential" in meta:
         kind = "weights"
         budget = meta.get("pattern") or f"{meta.get('ratio')} unstructured"
@@ -71,17 +78,29 @@ def summarize(folder: str | Path) -> dict:
                          "depth); compare reads those")
     evaluation = {}
     raw = meta.get("evaluation")
-    for text, pair in (raw.items() if isinstance(raw, dict) else ()):
-        if isinstance(pair, dict) and isinstance(pair.get("dense"), dict) and isinstance(pair.get("pruned"), dict):
-            dense, pruned = pair["dense"], pair["pruned"]
-            evaluation[text] = {"dense": _number(dense.get("ppl")), "pruned": _number(pruned.get("ppl")),
-                                "windows": dense.get("windows"), "seqlen": dense.get("seqlen")}
+    if meta.get("kind") == "dit" and isinstance(raw, dict):  # {"settings", "dense", "pruned"}: FIDs, not texts
+        pair = {k: raw.get(k) if isinstance(raw.get(k), dict) else {} for k in ("dense", "pruned")}
+        if pair["dense"] or pair["pruned"]:
+            evaluation["fid"] = {"dense": _number(pair["dense"].get("fid")),
+                                 "pruned": _number(pair["pruned"].get("fid")), "windows": None, "seqlen": None,
+                                 "sha256": None}
+    else:
+        for text, pair in (raw.items() if isinstance(raw, dict) else ()):
+            if isinstance(pair, dict) and isinstance(pair.get("dense"), dict) and isinstance(pair.get("pruned"), dict):
+                dense, pruned = pair["dense"], pair["pruned"]
+                source = dense.get("text") if isinstance(dense.get("text"), dict) else {}
+                sha = source.get("sha256")
+                evaluation[str(text)] = {"dense": _number(dense.get("ppl")), "pruned": _number(pruned.get("ppl")),
+                                         "windows": _int(dense.get("windows")), "seqlen": _int(dense.get("seqlen")),
+                                         "sha256": sha if isinstance(sha, str) else None}
     speed = meta.get("speed")
     ratios = speed.get("speedup") if isinstance(speed, dict) else None
+    forward = _number(ratios)  # a DiT's: one denoiser forward
     ratios = ratios if isinstance(ratios, dict) else {}
     return {"run": str(folder), "kind": kind, "method": meta.get("method"), "budget": budget, "removed": removed,
             "evaluation": evaluation, "prefill_speedup": _number(ratios.get("prefill")),
-            "decode_speedup": _number(ratios.get("decode")), "seconds": _number(meta.get("wall_seconds"))}
+            "decode_speedup": _number(ratios.get("decode")), "forward_speedup": forward,
+            "seconds": _number(meta.get("wall_seconds"))}
 
 
 def _f(value, fmt: str) -> str:
@@ -89,8 +108,8 @@ def _f(value, fmt: str) -> str:
 
 
 def table(rows: list[dict], texts: list[str]) -> tuple[str, list[str]]:
-    """A markdown table of `rows` (from `summarize`) with dense and pruned perplexity on each of `texts`, and notes
-    on texts the runs scored on different windows."""
+    """A markdown table of `rows` (from `summarize`) with dense and pruned perplexity on each of `texts`, and notes:
+    texts the runs scored on different files or windows, runs that scored some of them only."""
     head = ["run", "kind", "method", "budget", "removed"]
     for t in texts:
         head += [f"{t} dense", f"{t} pruned"]
@@ -103,14 +122,23 @@ def table(rows: list[dict], texts: list[str]) -> tuple[str, list[str]]:
             e = r["evaluation"].get(t, {})
             cells += [_f(e.get("dense"), ".3f"), _f(e.get("pruned"), ".3f")]
         speed = (f"{_f(r['prefill_speedup'], '.2f')}x / {_f(r['decode_speedup'], '.2f')}x"
-                 if r["prefill_speedup"] is not None else "")
+                 if r["prefill_speedup"] is not None else
+                 f"{r['forward_speedup']:.2f}x (forward)" if r.get("forward_speedup") is not None else "")
         cells += [speed, _f(r["seconds"], ".1f")]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    notes = [f"{r['run']} holds no perplexity for {', '.join(texts)} (a prune without --eval, or a folder saved from "
-             "Python without an evaluation in its metadata): its cells are blank" for r in rows
-             if texts and not any(t in r["evaluation"] for t in texts)]
+    notes = []
+    for r in rows:
+        missing = [t for t in texts if t not in r["evaluation"]]
+        if missing:
+            notes.append(f"{r['run']} holds no score for {', '.join(missing)} (a prune without that --eval, or a "
+                         "folder saved from Python without an evaluation in its metadata): its cells are blank")
     for t in texts:
-        shapes = {(r["evaluation"][t]["windows"], r["evaluation"][t]["seqlen"]) for r in rows if t in r["evaluation"]}
+        scored = [r["evaluation"][t] for r in rows if t in r["evaluation"]]
+        files = {e["sha256"] for e in scored}
+        if len(files) > 1:
+            notes.append(f"{t} names different files in different runs (sha256 "
+                         + ", ".join(sorted(str(s)[:12] for s in files)) + "): those perplexities do not compare")
+        shapes = {(e["windows"], e["seqlen"]) for e in scored}
         if len(shapes) > 1:
             notes.append(f"{t} was scored on different windows by different runs ("
                          + ", ".join(f"{w} x {s}" for w, s in sorted(shapes, key=str)) + "): those perplexities do "
@@ -123,7 +151,7 @@ def add_parser(sub) -> None:
     p.add_argument("runs", nargs="+", help="output folders of `prunekit prune` (their prunekit.json is read)")
     p.add_argument("--text", default=None, help="comma-separated --eval texts to show (default: every text a run "
                    "scored, in the order first seen)")
-    p.add_argument("--json", action="store_true", help="print one JSON object {rows: [...]} on stdout")
+    p.add_argument("--json", action="store_true", help="print one JSON object {texts: [...], rows: [...]} on stdout")
 
 
 def run(args) -> int:
