@@ -284,6 +284,7 @@ def test_select_balances_on_class_names(tmp_path, capsys):
         assert main(["data", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "0.5", "--balanced", "--labels",
                      str(tmp_path / file), "--out", str(out)]) == 0, capsys.readouterr().err
         assert np.loadtxt(out, delimiter=",", skiprows=1)[:, 0].astype(int).tolist() == expected
+        assert ("first row ('label') is read as a header" in capsys.readouterr().err) == (file == "header.csv")
     (tmp_path / "gap.csv").write_text("\n".join(names[:5] + ["", *names[6:]]) + "\n")
     capsys.readouterr()
     assert main(["data", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "0.5", "--balanced", "--labels",
@@ -512,6 +513,35 @@ def test_label_issues_reads_labels_and_probabilities_from_one_table(tmp_path, ca
         csv.writer(f).writerows([["label", *names], ["cow", 0.2, 0.3, 0.5]] + [["bag", 0.2, 0.3, 0.5]] * 5)
     _refused(["data", "label-issues", "--probs", str(tmp_path / "cow.csv"), "--label-column", "label", "--out",
               str(out)], out, tmp_path, capsys, "row 0: 'cow' in column 'label' is not one of the classes")
+    with open(tmp_path / "far.csv", "w", newline="") as f:  # it named --labels, a flag not given
+        csv.writer(f).writerows([["label", *names], [3, 0.2, 0.3, 0.5]] + [[1, 0.2, 0.3, 0.5]] * 5)
+    _refused(["data", "label-issues", "--probs", str(tmp_path / "far.csv"), "--label-column", "label", "--out",
+              str(out)], out, tmp_path, capsys, r"row 0: label 3 in column 'label' is not a class index 0\.\.2")
+    with open(tmp_path / "twice.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["label", "bag", "coat", "bag"]] + [["bag", 0.2, 0.3, 0.5]] * 5)
+    _refused(["data", "label-issues", "--probs", str(tmp_path / "twice.csv"), "--label-column", "label", "--out",
+              str(out)], out, tmp_path, capsys, "names two class columns 'bag'")
+
+
+def test_whole_number_labels_beside_columns_named_by_other_whole_numbers_are_refused(tmp_path, capsys):
+    # columns "1","2","3" and labels 0..2: read as positions with every class present, as names (shifted by one)
+    # once class 0 was missing; --labels always read positions. Either reading can be wrong: refused, both ways.
+    rng = np.random.default_rng(0)
+    y = rng.integers(1, 3, 40)  # class 0 absent
+    probs = np.full((40, 3), 0.1)
+    probs[np.arange(40), y] = 0.8
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["1", "2", "3", "label"]] + [[*p, int(c)] for p, c in zip(probs, y)])
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({c: probs[:, j] for j, c in enumerate(["1", "2", "3"])}), tmp_path / "p.parquet")
+    np.save(tmp_path / "y.npy", y)
+    out = tmp_path / "x.csv"
+    for args in (["--probs", str(tmp_path / "t.csv"), "--label-column", "label"],
+                 ["--probs", str(tmp_path / "p.parquet"), "--labels", str(tmp_path / "y.npy")]):
+        _refused(["data", "label-issues", *args, "--allow-missing-classes", "--out", str(out)], out, tmp_path, capsys,
+                 r"class columns are named by whole numbers other than their positions 0\.\.2 \(1, 2, 3\)")
 
 
 def test_score_refuses_an_id_column_in_the_features(tmp_path, capsys):

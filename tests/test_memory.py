@@ -636,7 +636,7 @@ def test_cli_store_keeps_its_forgetting_options(tmp_path, capsys, monkeypatch):
     assert main(["memory", "stats", "--store", db]) == 2
     assert "records unreadable forgetting options" in capsys.readouterr().err
     assert main(["memory", "add", "--store", db, "y.", "--forget-every", "5", "--forget-fraction", "0.01",
-                 "--retrieval-term", "retrieved", "--age-from", "said", "--max-chunks", "0"]) == 0
+                 "--retrieval-term", "retrieved", "--age-from", "said"]) == 0
     assert main(["memory", "stats", "--store", db, "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["forgetting"]["every"] == 5
 

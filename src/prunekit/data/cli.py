@@ -118,7 +118,8 @@ def add_parser(sub) -> None:
 
 
 def _cmd_label_issues(args) -> int:
-    from prunekit.data.io import check_output_file, read_class_labels, read_labeled_table, read_matrix, write_table
+    from prunekit.data.io import (check_output_file, check_unambiguous, read_class_labels, read_labeled_table,
+                                  read_matrix, write_table)
     from prunekit.data.methods import confident as cl
     from prunekit.errors import InputError, check_not_input
 
@@ -139,6 +140,8 @@ def _cmd_label_issues(args) -> int:
     else:
         probs, classes = read_matrix(args.probs, what="probabilities", names=True)
         labels, named = read_class_labels(args.labels, classes=classes, match_names=True)  # names -> named columns
+        if not named:
+            check_unambiguous(classes, args.probs, "probabilities")
     start = time.perf_counter()
     ranked = cl.find_label_issues(labels, probs, filter_by=args.filter, frac_noise=args.frac_noise,
                                   min_examples_per_class=args.min_examples_per_class,
@@ -179,7 +182,10 @@ def _cmd_select(args) -> int:
     scores = np.asarray(read_vector(args.scores, what="scores"), dtype=np.float64)
     labels = None
     if args.labels is not None:
-        labels = read_label_groups(args.labels, len(scores))  # class names too: balancing needs only the groups
+        labels, header = read_label_groups(args.labels, len(scores))  # class names too: balancing needs the groups
+        if header is not None:  # one row more than the scores: its first row was taken as a header
+            print(f"prunekit: note: {args.labels} has one row more than {args.scores}; its first row ({header!r}) is "
+                  "read as a header, not a label", file=sys.stderr)
         if len(labels) != len(scores):
             raise InputError(f"labels has {len(labels)} entries but scores has {len(scores)}; they must describe the same examples")
         if not args.balanced:  # read and checked, then unused: it looked as if the selection used them

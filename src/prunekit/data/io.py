@@ -177,12 +177,18 @@ def read_labeled_table(path, column: str, *, what: str = "probabilities") -> tup
     if probs.ndim == 1:
         probs = probs[:, None]
     check_real(probs, path, what)
-    index = {c.strip(): i for i, c in enumerate(classes)}
-    if not all(c in index for c in cells) and all(_is_float(c) for c in cells):  # names first: columns "2,0,1"
+    if cells and all(_is_float(c) for c in cells):  # numbers are positions, as --labels reads them
         values = np.array([float(c) for c in cells])
         if not (np.all(np.isfinite(values)) and np.all(values == np.round(values)) and np.all(values >= 0)):
             raise InputError(f"{what} file {path}: column {column!r} must hold class indices >= 0 or class names")
+        if values.max() >= len(classes):
+            row = int(np.argmax(values >= len(classes)))
+            raise InputError(f"{what} file {path} row {row}: label {int(values[row])} in column {column!r} is not a "
+                             f"class index 0..{len(classes) - 1} (the table has {len(classes)} class columns)")
+        check_unambiguous(classes, path, what)
         return probs, classes, values.astype(np.int64), False
+    _check_distinct(classes, path, what)
+    index = {c.strip(): i for i, c in enumerate(classes)}
     unknown = [i for i, c in enumerate(cells) if c not in index]
     if unknown:
         raise InputError(f"{what} file {path} row {unknown[0]}: {cells[unknown[0]]!r} in column {column!r} is not one "
@@ -401,6 +407,7 @@ def read_class_labels(path, *, what: str = "labels", classes: list[str] | None =
                "matched, or give class indices 0..K-1" if match_names else "give class indices 0..K-1 "
                "(numpy.unique(names, return_inverse=True)[1] numbers them)")
         raise InputError(f"{what} file {path} holds class names ({texts[min(1, len(texts) - 1)]!r}, ...); {fix}")
+    _check_distinct(classes, path, "probabilities")
     index = {c.strip(): i for i, c in enumerate(classes)}
     if path.suffix.lower() == ".csv" and texts and texts[0] not in index:
         texts = texts[1:]  # a header: not a class
@@ -414,22 +421,43 @@ def read_class_labels(path, *, what: str = "labels", classes: list[str] | None =
     return np.array([index[t] for t in texts], dtype=np.int64), True
 
 
-def read_label_groups(path, n: int, *, what: str = "labels") -> np.ndarray:
-    """Class labels of `n` examples as group numbers, for what needs only which examples share a class (class
-    balancing): integer classes as they are, or class names numbered in sorted order. A CSV of names may have
-    a header row: with ``n + 1`` rows the first is one."""
+def check_unambiguous(classes: list[str] | None, path, what: str) -> None:
+    """Refuse whole-number labels beside class columns named by whole numbers other than their positions
+    (``1,2,3``): label 1 could be the second column or the column named "1"."""
+    names = [c.strip() for c in classes or []]
+    if names and all(c.lstrip("-").isdigit() for c in names) and names != [str(i) for i in range(len(names))]:
+        raise InputError(f"{what} file {path}: the labels are whole numbers and the class columns are named by whole "
+                         f"numbers other than their positions 0..{len(names) - 1} ({', '.join(names[:8])}"
+                         f"{', ...' if len(names) > 8 else ''}), so a label could mean either; name the columns "
+                         f"0..{len(names) - 1} in order with the labels as positions, or name them by class")
+
+
+def _check_distinct(classes: list[str], path, what: str) -> None:
+    seen = set()
+    for c in (c.strip() for c in classes):
+        if c in seen:
+            raise InputError(f"{what} file {path} names two class columns {c!r}; class names must be distinct to "
+                             "match the labels to them")
+        seen.add(c)
+
+
+def read_label_groups(path, n: int, *, what: str = "labels") -> tuple[np.ndarray, str | None]:
+    """``(groups, header)``: class labels of `n` examples as group numbers, for what needs only which examples
+    share a class (class balancing): integer classes as they are, or class names numbered in sorted order. A CSV
+    of names may have a header row: with ``n + 1`` rows the first is one, returned (else None)."""
     try:
-        return read_class_labels(path, what=what)[0]
+        return read_class_labels(path, what=what)[0], None
     except InputError:
         p = Path(path).expanduser()
         texts = _label_texts(p, what) if p.is_file() else None
         if texts is None:
             raise
+    header = None
     if p.suffix.lower() == ".csv" and len(texts) == n + 1:
-        texts = texts[1:]
+        header, texts = texts[0], texts[1:]
     if any(not t for t in texts):
         raise InputError(f"{what} file {p} row {texts.index('')}: an empty class name; fill or drop it")
-    return np.unique(np.array(texts, dtype=object).astype(str), return_inverse=True)[1].astype(np.int64)
+    return np.unique(np.array(texts, dtype=object).astype(str), return_inverse=True)[1].astype(np.int64), header
 
 
 def read_labels(path, *, what: str = "labels") -> np.ndarray:

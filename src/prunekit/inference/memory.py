@@ -17,7 +17,8 @@ Algorithm, per turn u_t (t = 0, 1, ...):
   and the lowest ``forget_fraction`` (0.5%) of chunks, ``floor(fraction * n)`` of them, leave the index
   (ties: older chunk first, then lower id). Defaults: lambda = 1, gamma = 0.002, beta = 0.5 (the paper's).
   ``max_chunks`` (not the paper's; 0, no cap, by default) bounds the index: after each turn the lowest-salience
-  chunks beyond the cap leave it the same way, so a store's size stays fixed however long the conversation.
+  chunks beyond the cap leave it the same way, so the index (what retrieval scans) stays that size however long
+  the conversation; the dialogue log and the audit table of forgotten chunks still grow.
 - Prompt: compact summary + retrieved chunks + the last ``tail_turns`` (2) turns + the query, under a token
   budget; retrieved chunks are taken in cosine order while they fit (the paper trims them by similarity).
 

@@ -180,12 +180,12 @@ def _open(args, *, create: bool, readonly: bool = False, embeds: bool = True, **
         except json.JSONDecodeError:
             recorded = None
         if not isinstance(recorded, dict):
-            if all(given.get(k) is not None for k in FORGETTING):
-                recorded = {}  # every option given: they replace the broken record
+            if all(given.get(k) is not None for k in FORGETTING if k != "max_chunks"):
+                recorded = {}  # every option given (the cap may stay off): they replace the broken record
             else:
                 raise InputError(f"{path} records unreadable forgetting options; give --forget-every, "
-                                 "--forget-fraction, --retrieval-term, --age-from and --max-chunks to `memory add` "
-                                 "to record them again")
+                                 "--forget-fraction, --retrieval-term and --age-from (and --max-chunks for a cap) to "
+                                 "`memory add` to record them again")
         settings = {k: given.get(k) if given.get(k) is not None else recorded.get(k, v) for k, v in FORGETTING.items()}
         return Memory(store=store, embedder=embedder, **settings), settings  # Memory checks every value
     except BaseException:
