@@ -220,7 +220,9 @@ def test_rpc_prunes_what_the_reference_fit_prunes_on_a_few_paths():
     if l1 * gamma(1 + 1 / k1) < l2 * gamma(1 + 1 / k2):
         w, k1, l1, k2, l2 = 1 - w, k2, l2, k1, l1
     reference = ~((w * pdf(p, k1, l1) < (1 - w) * pdf(p, k2, l2)) & (p < p.mean()))
-    assert reference.tolist() == [False, False, True, True, True, True, True, False]
+    # [F, F, T, T, T, T, T, F] with numpy 2.4 / scipy 1.17; the optimum found depends on their versions, so only
+    # "some pruned, some kept" is fixed here, and prunekit must find the reference's
+    assert 0 < reference.sum() < len(p)
     assert R.reasoning_prune(p).tolist() == reference.tolist()
     vote = R.rpc(["1", "1", "2", "0", "2", "0", "2", "0"], np.log(p))
     kept = {a: p[reference & (np.array([1, 1, 2, 0, 2, 0, 2, 0]) == a)].sum() for a in (0, 2)}

@@ -39,7 +39,8 @@ def _last_only(cls) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _cache_arg() -> str:
-    """transformers >= 5.2x renamed the forward's ``past_key_values`` to ``cache``."""
+    """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (pyproject needs 5.24; the old
+    name is kept for a model class whose forward still takes it)."""
     import inspect
 
     from transformers import LlamaModel

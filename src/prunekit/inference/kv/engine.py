@@ -371,7 +371,8 @@ class Engine:
             if isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool((mask == 0).any()):
                 raise InputError("the prompt is padded (its attention_mask has zeros); KV policies take one "
                                  "unpadded prompt: tokenize it alone, without padding")
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 takes either name
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # "cache" from transformers 5.24, before it
+            # past_key_values (a caller's own code may still pass that name)
             if cache is not None and engine._compressed(cache):
                 raise InputError("this cache was compressed by the KV policy, so generate cannot continue from it "
                                  "(it would take the tokens past the cache's shrunken length as new and feed evicted "
