@@ -568,7 +568,7 @@ def test_cli_qtune_says_what_it_cut_and_keeps_user_fields(tmp_path, model_dir, c
 
 @pytest.mark.parametrize("bad", [["--samples", "1.5"], ["--tokens", "0"], ["--samples", "nan"], ["--epochs", "0"],
                                  ["--max-length", "1"],
-                                 ["--data-fields"], ["--empty"]])
+                                 ["--data-fields"], ["--empty"], ["--surrogate"]])
 def test_cli_qtune_bad_input(tmp_path, model_dir, sft_file, bad, capsys):
     out = tmp_path / "out"
     data = sft_file
@@ -580,9 +580,15 @@ def test_cli_qtune_bad_input(tmp_path, model_dir, sft_file, bad, capsys):
         data = tmp_path / "empty.jsonl"
         data.write_text("\n")
         bad = []
+    elif bad == ["--surrogate"]:  # half an emoji: a traceback from the tokenizer, exit 1
+        data = tmp_path / "half.jsonl"
+        data.write_text('{"instruction": "x \\ud83d\\ude00", "response": "y"}\n'
+                        '{"instruction": "x", "response": "y \\ud800"}\n')
+        bad = []
     assert main(["data", "qtune", str(model_dir), "--data", str(data), "--out", str(out), *bad]) == 2
     err = capsys.readouterr().err.strip()
     assert err and len(err.splitlines()) == 1
+    assert "half.jsonl:2: holds a lone UTF-16 surrogate escape (\\ud800)" in err or data.name != "half.jsonl"
     assert "--max-length" in err or "--max-length" not in bad  # it named the API's max_length
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 from prunekit.errors import InputError
@@ -86,6 +87,10 @@ def check_metadata(metadata, what: str = "metadata") -> dict:
     return metadata
 
 
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # the escape, in a line as read
+_LONE = re.compile("[\ud800-\udfff]")  # in decoded text: a surrogate left over (a pair is one character)
+
+
 def read_objects(path: str | os.PathLike, *, shape: str) -> list[tuple[int, dict]]:
     """``[(line number, object)]`` for every non-blank line of `path`; `shape` (how one line must look, e.g.
     ``'{"role", "content"}'``) goes into the error a malformed line raises. Raises `InputError` when `path`
@@ -108,6 +113,11 @@ def read_objects(path: str | os.PathLike, *, shape: str) -> list[tuple[int, dict
                                      f"{shape}") from None
                 if not isinstance(obj, dict):
                     raise InputError(f"{path}:{no}: not a JSON object; each line must be {shape}")
+                lone = _SURROGATE.search(line) and _LONE.search(json.dumps(obj, ensure_ascii=False))
+                if lone:  # an escape JSON reads as half a character: tokenizers crashed on it
+                    raise InputError(f"{path}:{no}: holds a lone UTF-16 surrogate escape (\\u{ord(lone.group()):04x}), "
+                                     "half of a character and not text; fix that string (it was cut inside a "
+                                     "character such as an emoji)")
                 out.append((no, obj))
     except UnicodeDecodeError as e:
         raise InputError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
