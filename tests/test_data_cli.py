@@ -517,6 +517,10 @@ def test_label_issues_reads_labels_and_probabilities_from_one_table(tmp_path, ca
         csv.writer(f).writerows([["label", *names], [3, 0.2, 0.3, 0.5]] + [[1, 0.2, 0.3, 0.5]] * 5)
     _refused(["data", "label-issues", "--probs", str(tmp_path / "far.csv"), "--label-column", "label", "--out",
               str(out)], out, tmp_path, capsys, r"row 0: label 3 in column 'label' is not a class index 0\.\.2")
+    with open(tmp_path / "indexed.csv", "w", newline="") as f:  # pandas' to_csv with its index: row numbers
+        csv.writer(f).writerows([["", "label", *names]] + [[i, "bag", 0.2, 0.3, 0.5] for i in range(5)])
+    _refused(["data", "label-issues", "--probs", str(tmp_path / "indexed.csv"), "--label-column", "label", "--out",
+              str(out)], out, tmp_path, capsys, "as pandas' to_csv writes its index")
     with open(tmp_path / "twice.csv", "w", newline="") as f:
         csv.writer(f).writerows([["label", "bag", "coat", "bag"]] + [["bag", 0.2, 0.3, 0.5]] * 5)
     _refused(["data", "label-issues", "--probs", str(tmp_path / "twice.csv"), "--label-column", "label", "--out",

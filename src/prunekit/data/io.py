@@ -84,14 +84,12 @@ def _csv_rows(path: Path, what: str, *, named: bool = False) -> tuple[list[tuple
         raise InputError(f"{what} file {path} is empty")
     header = None
     first = [c.strip() for c in rows[0][1]]
-    if named:
-        header, rows = first, rows[1:]
-    elif not all(_is_float(c) for c in first):
+    if not all(_is_float(c) for c in first) or named:
         if len(first) > 1 and first[0] == "" and all(first[1:]):  # read as a missing value in row 1
             raise InputError(f"{what} file {path}: the first row starts with an empty cell above a column of row "
                              "numbers, as pandas' to_csv writes its index; save with to_csv(path, index=False) "
                              "(or as .npy)")
-        if all(_is_float(c) or c.lower() in _MISSING for c in first):
+        if all(_is_float(c) or c.lower() in _MISSING for c in first) and not named:
             raise InputError(f"{what} file {path} line {rows[0][0]} holds a missing value "
                              f"({next(c for c in first if not _is_float(c))!r}); fill or drop it")
         header, rows = first, rows[1:]
