@@ -812,3 +812,84 @@ def test_score_refuses_a_run_blown_up_by_its_learning_rate_at_the_score_epoch(tm
     assert not (tmp_path / "bad.npy").exists()
     assert main([*args, "--out", str(tmp_path / "ok.npy")]) == 0
     assert len(np.unique(np.load(tmp_path / "ok.npy").round(6))) > 2
+
+
+def _linear_task(tmp_path, n=240, d=6):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(d, 3))
+    for name, m in (("", n), ("t", 120)):
+        x = rng.normal(size=(m, d)).astype(np.float32)
+        np.save(tmp_path / f"x{name}.npy", x)
+        np.save(tmp_path / f"y{name}.npy", (x @ w).argmax(1))
+
+
+def test_data_train_on_kept_examples_reports_held_out_accuracy(tmp_path, capsys):
+    # the data-diet loop ended in Python: score, select, then no command trained on the kept examples
+    from prunekit import train
+
+    _linear_task(tmp_path)
+    x, y = np.load(tmp_path / "x.npy"), np.load(tmp_path / "y.npy")
+    keep = np.sort(np.random.default_rng(1).choice(240, 120, replace=False))
+    np.save(tmp_path / "keep.npy", keep)
+    args = ["data", "train", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--test-data",
+            str(tmp_path / "xt.npy"), "--test-labels", str(tmp_path / "yt.npy"), "--epochs", "3", "--json", "--quiet"]
+    assert main([*args, "--keep", str(tmp_path / "keep.npy")]) == 0
+    got = json.loads(capsys.readouterr().out)
+    # the same run by hand: same-steps = 3 epochs over all 240 examples in batches of 128 = 6 steps
+    import torch
+
+    model = train.seeded_model(lambda: train.mlp(6, 3), 0)
+    train.train(model, torch.from_numpy(x[keep]), torch.from_numpy(y[keep]), steps=6, seed=0, progress=False)
+    want = train.accuracy(model, torch.from_numpy(np.load(tmp_path / "xt.npy")), np.load(tmp_path / "yt.npy"))
+    assert (got["kept"], got["examples"], got["steps"], got["test_examples"]) == (120, 240, 6, 120)
+    assert got["test_accuracy"] == want
+    # select's table and a boolean mask name the same examples; same-epochs takes fewer steps
+    with open(tmp_path / "keep.csv", "w") as f:
+        f.write("index,score\n" + "".join(f"{i},0.5\n" for i in keep[::-1]))
+    mask = np.zeros(240, bool)
+    mask[keep] = True
+    np.save(tmp_path / "mask.npy", mask)
+    for file in ("keep.csv", "mask.npy"):
+        assert main([*args, "--keep", str(tmp_path / file)]) == 0
+        assert json.loads(capsys.readouterr().out)["test_accuracy"] == want
+    assert main([*args, "--keep", str(tmp_path / "keep.npy"), "--budget", "same-epochs"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 3
+    assert main(args) == 0 and json.loads(capsys.readouterr().out)["kept"] == 240  # no --keep: all
+
+
+@pytest.mark.parametrize("keep,match", [
+    (np.array([0, 5, 240]), "row 2: index 240 is not an example of the data"),
+    (np.array([0, 5, 5]), "lists an example twice"),
+    (np.array([0.5, 1.0]), "whole-number example indices"),
+    (np.zeros(10, bool), "boolean mask of shape"),
+    (np.zeros(240, bool), "keeps no example"),
+    (np.zeros(0, np.int64), "has no rows"),
+])
+def test_data_train_refuses_bad_keep_files(keep, match, tmp_path, capsys):
+    _linear_task(tmp_path)
+    np.save(tmp_path / "keep.npy", keep)
+    code = main(["data", "train", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+                 "--test-data", str(tmp_path / "xt.npy"), "--test-labels", str(tmp_path / "yt.npy"),
+                 "--keep", str(tmp_path / "keep.npy"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_data_train_uses_the_fashion_mnist_test_split(tmp_path, capsys, monkeypatch):
+    from prunekit import zoo
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8)
+    y = np.arange(64) % 10
+    monkeypatch.setattr(zoo, "fashion_mnist", lambda: (x, y, x[:20], y[:20]))
+    assert main(["data", "train", "--data", "fashion-mnist", "--epochs", "1", "--json", "--quiet"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["test"] == "fashion-mnist test split" and got["test_examples"] == 20 and got["kept"] == 64
+    xt = tmp_path / "xt.npy"
+    np.save(xt, x[:5, :27])  # another shape than the training images
+    np.save(tmp_path / "yt.npy", y[:5])
+    assert main(["data", "train", "--data", "fashion-mnist", "--test-data", str(xt), "--test-labels",
+                 str(tmp_path / "yt.npy"), "--quiet"]) == 2
+    assert "held-out inputs are shaped (756,) per example, the training inputs (1, 28, 28)" in capsys.readouterr().err
+    assert main(["data", "train", "--data", "fashion-mnist", "--test-data", str(xt), "--quiet"]) == 2
+    assert "give --test-data and --test-labels together" in capsys.readouterr().err

@@ -90,6 +90,29 @@ def add_parser(sub) -> None:
     sc.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sc.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    tr = dsub.add_parser("train", help="train the builtin CNN / MLP on kept examples (select's --out) and report "
+                         "held-out accuracy: the end of a data diet")
+    tr.add_argument("--data", required=True, help="fashion-mnist (the zoo copy's train split; its test split is the "
+                    "held-out set) or inputs as for `data score`")
+    tr.add_argument("--labels", default=None, help="integer labels [N] (not with --data fashion-mnist)")
+    tr.add_argument("--keep", default=None, help="the examples to train on: kept indices (.npy, as `data select` "
+                    "writes), a table with an index column (.csv/.parquet), or a boolean mask [N] (.npy); default all")
+    tr.add_argument("--test-data", default=None, help="held-out inputs shaped as --data (fashion-mnist: its test "
+                    "split unless given)")
+    tr.add_argument("--test-labels", default=None, help="held-out integer labels")
+    tr.add_argument("--model", choices=("auto", "cnn", "mlp"), default="auto",
+                    help="auto: cnn for 28x28 images, else mlp")
+    tr.add_argument("--epochs", type=int, default=10,
+                    help="passes over all N examples that set the budget (default 10)")
+    tr.add_argument("--budget", choices=("same-steps", "same-epochs"), default="same-steps",
+                    help="same-steps: as many optimizer steps as --epochs over all N examples (the data-diet papers' "
+                    "comparison, the default); same-epochs: --epochs passes over the kept examples (fewer steps)")
+    tr.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
+    tr.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")
+    tr.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+
     qt = dsub.add_parser("qtune", help="Q-Tuning: keep the SFT samples and response tokens worth training on "
                          "(Error-Uncertainty plane), and optionally fine-tune on them")
     qt.add_argument("model", help="local Hugging Face causal LM folder or zoo name (smollm2-135m)")
@@ -242,7 +265,7 @@ def _inputs(args):
         raise InputError(f"labels imply {k} classes (the largest label is {k - 1}) but there are only {len(y)} "
                          "examples; remap the labels to 0..K-1 (numpy.unique(labels, return_inverse=True))")
     empty = np.setdiff1d(np.arange(k), y)
-    if empty.size and args.method == "probs":  # label-issues then refused the columns of those classes
+    if empty.size and getattr(args, "method", None) == "probs":  # label-issues then refused those classes' columns
         print(f"prunekit: note: no example has class(es) {', '.join(map(str, empty[:5]))}"
               f"{', ...' if empty.size > 5 else ''} of 0..{k - 1}; their columns will be near 0, and label-issues "
               "needs --allow-missing-classes (or remap the labels to 0..K-1 first)", file=sys.stderr)
@@ -577,7 +600,109 @@ def _cmd_qtune(args) -> int:
     return 0
 
 
-COMMANDS = {"label-issues": _cmd_label_issues, "select": _cmd_select, "score": _cmd_score, "qtune": _cmd_qtune}
+def _read_kept(path, n: int) -> np.ndarray:
+    """Sorted indices of the examples to keep out of `n`: a .npy of indices or a boolean mask [n], or a
+    .csv/.parquet table whose ``index`` column (what `data select` writes) or single column holds them."""
+    from prunekit.data.io import read_named
+    from prunekit.errors import InputError
+
+    table, names = read_named(path, what="keep")
+    table = np.asarray(table)
+    if table.dtype == bool:
+        if table.shape != (n,):
+            raise InputError(f"keep file {path} is a boolean mask of shape {table.shape}; it needs one entry per "
+                             f"example ({n})")
+        return np.flatnonzero(table)
+    if table.ndim == 2:
+        lower = [c.strip().lower() for c in names or []]
+        if "index" not in lower:
+            raise InputError(f"keep file {path} has {table.shape[1]} columns and no 'index' column; give the kept "
+                             "indices (what `data select --out` writes)")
+        table = table[:, lower.index("index")]
+    if table.ndim != 1 or not np.issubdtype(table.dtype, np.number):
+        raise InputError(f"keep file {path} must hold example indices, got shape {table.shape} of {table.dtype}")
+    if not (np.all(np.isfinite(table)) and np.all(table == np.round(table))):
+        raise InputError(f"keep file {path} must hold whole-number example indices")
+    kept = table.astype(np.int64)
+    bad = (kept < 0) | (kept >= n)
+    if bad.any():
+        raise InputError(f"keep file {path} row {int(np.argmax(bad))}: index {int(kept[np.argmax(bad)])} is not an "
+                         f"example of the data (0..{n - 1})")
+    if len(np.unique(kept)) != len(kept):
+        raise InputError(f"keep file {path} lists an example twice; give each kept index once")
+    return np.sort(kept)
+
+
+def _cmd_train(args) -> int:
+    import argparse as ap
+    import math
+
+    import torch
+
+    from prunekit import train
+    from prunekit.errors import InputError, int_at_least
+
+    int_at_least(args.epochs, "--epochs", 1)
+    int_at_least(args.batch_size, "--batch-size", 1)
+    int_at_least(args.seed, "--seed", 0)
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise InputError(f"--lr must be a positive number, got {args.lr}")
+    if (args.test_data is None) != (args.test_labels is None):
+        raise InputError("give --test-data and --test-labels together")
+    if args.data != "fashion-mnist" and args.test_data is None:
+        raise InputError("--test-data and --test-labels are needed with a data file (fashion-mnist brings its test "
+                         "split): held-out accuracy is what this command reports")
+    start = time.perf_counter()
+    x, y, model_fn = _inputs(args)
+    if args.test_data is not None:
+        test = ap.Namespace(data=args.test_data, labels=args.test_labels, model=args.model)
+        x_test, y_test, _ = _inputs(test)
+        test_source = str(args.test_data)
+    else:  # the zoo copy's test split, scaled as _inputs scales its train split
+        from prunekit import zoo
+
+        _, _, xt, yt = zoo.fashion_mnist()
+        x_test = torch.from_numpy(np.ascontiguousarray(xt, dtype=np.float32) / 255.0)
+        x_test = x_test.reshape(len(xt), *x.shape[1:])  # [M, 1, 28, 28] for the CNN, [M, 784] for the MLP
+        y_test = torch.from_numpy(yt.astype(np.int64))
+        test_source = "fashion-mnist test split"
+    if tuple(x_test.shape[1:]) != tuple(x.shape[1:]):
+        raise InputError(f"held-out inputs are shaped {tuple(x_test.shape[1:])} per example, the training inputs "
+                         f"{tuple(x.shape[1:])}; give them in the same shape")
+    k = int(y.max()) + 1
+    if int(y_test.max()) >= k:
+        raise InputError(f"held-out label {int(y_test.max())} is a class the training labels never use (0..{k - 1})")
+    kept = _read_kept(args.keep, len(y)) if args.keep is not None else np.arange(len(y))
+    if len(kept) == 0:
+        raise InputError(f"keep file {args.keep} keeps no example")
+    n = len(y)
+    steps = args.epochs * math.ceil(n / args.batch_size) if args.budget == "same-steps" else None
+    idx = torch.from_numpy(kept)
+    model = train.seeded_model(model_fn, args.seed)
+    if args.budget == "same-steps":
+        train.train(model, x[idx], y[idx], steps=steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                    progress=not args.quiet)
+    else:
+        train.train(model, x[idx], y[idx], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                    progress=not args.quiet)
+    if _diverged([model], x_test):
+        raise InputError(f"training diverged at --lr {args.lr:g}: the model's weights or outputs became NaN or Inf; "
+                         "lower --lr, or scale the data to about unit size")
+    acc = train.accuracy(model, x_test, y_test)
+    used = steps if steps is not None else args.epochs * math.ceil(len(kept) / args.batch_size)
+    out = {"examples": n, "kept": len(kept), "steps": used, "budget": args.budget, "epochs": args.epochs,
+           "test_accuracy": acc, "test_examples": len(y_test), "test": test_source, "seed": args.seed,
+           "seconds": time.perf_counter() - start}
+    if args.json:
+        print(jsonl.dumps(out))
+    else:
+        print(f"trained on {len(kept)} of {n} examples ({used} steps, {args.budget}); held-out accuracy {acc:.4f} on "
+              f"{len(y_test)} examples ({test_source})")
+    return 0
+
+
+COMMANDS = {"label-issues": _cmd_label_issues, "select": _cmd_select, "score": _cmd_score, "qtune": _cmd_qtune,
+            "train": _cmd_train}
 
 
 def run(args: argparse.Namespace) -> int:
