@@ -819,7 +819,7 @@ def test_the_record_names_a_batch_size_only_where_it_was_used(model_dir, text_fi
     assert recorded == {"block": 2, "layer": None}
 
 
-@pytest.mark.parametrize("argv,choices", [([], "{prune,eval,methods,"), (["data"], "{label-issues,select,score,qtune}"),
+@pytest.mark.parametrize("argv,choices", [([], "{prune,eval,methods,"), (["data"], "{label-issues,select,score,train,qtune}"),
                                           (["memory"], "{add,ask,"), (["cnn"], "{train,")])
 def test_a_missing_subcommand_is_named_by_its_choices(argv, choices, capsys):
     """It said "the following arguments are required: data_command", argparse's internal name."""
