@@ -516,7 +516,8 @@ def test_label_issues_reads_labels_and_probabilities_from_one_table(tmp_path, ca
     with open(tmp_path / "far.csv", "w", newline="") as f:  # it named --labels, a flag not given
         csv.writer(f).writerows([["label", *names], [3, 0.2, 0.3, 0.5]] + [[1, 0.2, 0.3, 0.5]] * 5)
     _refused(["data", "label-issues", "--probs", str(tmp_path / "far.csv"), "--label-column", "label", "--out",
-              str(out)], out, tmp_path, capsys, r"row 0: label 3 in column 'label' is not a class index 0\.\.2")
+              str(out)], out, tmp_path, capsys,
+             r"column 'label' row 0: label 3 is neither a class index 0\.\.2 nor the name")
     with open(tmp_path / "indexed.csv", "w", newline="") as f:  # pandas' to_csv with its index: row numbers
         csv.writer(f).writerows([["", "label", *names]] + [[i, "bag", 0.2, 0.3, 0.5] for i in range(5)])
     _refused(["data", "label-issues", "--probs", str(tmp_path / "indexed.csv"), "--label-column", "label", "--out",
@@ -528,8 +529,8 @@ def test_label_issues_reads_labels_and_probabilities_from_one_table(tmp_path, ca
 
 
 def test_whole_number_labels_beside_columns_named_by_other_whole_numbers_are_refused(tmp_path, capsys):
-    # columns "1","2","3" and labels 0..2: read as positions with every class present, as names (shifted by one)
-    # once class 0 was missing; --labels always read positions. Either reading can be wrong: refused, both ways.
+    # columns "1","2","3" and labels 1..2: read as positions with every class present, as names (shifted by one)
+    # once class 0 was missing; --labels always read positions. Both readings fit and disagree: refused.
     rng = np.random.default_rng(0)
     y = rng.integers(1, 3, 40)  # class 0 absent
     probs = np.full((40, 3), 0.1)
@@ -545,7 +546,30 @@ def test_whole_number_labels_beside_columns_named_by_other_whole_numbers_are_ref
     for args in (["--probs", str(tmp_path / "t.csv"), "--label-column", "label"],
                  ["--probs", str(tmp_path / "p.parquet"), "--labels", str(tmp_path / "y.npy")]):
         _refused(["data", "label-issues", *args, "--allow-missing-classes", "--out", str(out)], out, tmp_path, capsys,
-                 r"class columns are named by whole numbers other than their positions 0\.\.2 \(1, 2, 3\)")
+                 r"are both class positions 0\.\.2 and names of class columns \(1, 2, 3\), which disagree")
+
+
+@pytest.mark.parametrize("names,labels", [(["-1", "1"], [-1, 1]), (["0.5", "1.5"], [0.5, 1.5]),
+                                          (["2019", "2020", "2021"], [2019, 2020, 2021]), (["1", "2", "3"], [1, 2, 3]),
+                                          (["0", "1", "2"], [0, 1, 2])])
+def test_numbers_that_can_only_be_class_names_are_matched_to_the_columns(names, labels, tmp_path, capsys):
+    # they were refused as "not class indices" (--label-column read every number as a position)
+    rng = np.random.default_rng(0)
+    k, n = len(names), 60
+    y = np.arange(n) % k
+    probs = rng.dirichlet(np.ones(k), n) * 0.2
+    probs[np.arange(n), y] += 0.8
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        rows = [[*(repr(float(v)) for v in p), labels[c]] for p, c in zip(probs, y)]
+        csv.writer(f).writerows([[*names, "label"]] + rows)
+    np.save(tmp_path / "y.npy", y)
+    np.save(tmp_path / "p.npy", probs)
+    want, got = tmp_path / "want.csv", tmp_path / "got.csv"
+    assert main(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(tmp_path / "p.npy"),
+                 "--out", str(want)]) == 0
+    assert main(["data", "label-issues", "--probs", str(tmp_path / "t.csv"), "--label-column", "label", "--out",
+                 str(got)]) == 0, capsys.readouterr().err
+    assert [r["index"] for r in csv.DictReader(open(got))] == [r["index"] for r in csv.DictReader(open(want))]
 
 
 def test_score_refuses_an_id_column_in_the_features(tmp_path, capsys):

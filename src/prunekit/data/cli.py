@@ -35,7 +35,8 @@ def add_parser(sub) -> None:
     li.add_argument("--probs", required=True, help="out-of-sample predicted probabilities [N, K] (.npy/.csv/.parquet)")
     li.add_argument("--label-column", default=None, metavar="NAME",
                     help="instead of --labels: the labels are column NAME of the --probs table (.csv with a header, "
-                    ".parquet), class indices or the names of its other columns, which hold the probabilities")
+                    ".parquet), class indices or the names of its other columns, which hold the probabilities "
+                    "(numbers are indices unless they can only be column names)")
     li.add_argument("--filter", default="prune_by_noise_rate", choices=FILTERS, help="which rule flags an issue")
     li.add_argument("--rank-by", default="self_confidence", choices=RANKINGS,
                     help="label-quality score that orders the issues, worst first (default self_confidence)")
@@ -141,8 +142,8 @@ def add_parser(sub) -> None:
 
 
 def _cmd_label_issues(args) -> int:
-    from prunekit.data.io import (check_output_file, check_unambiguous, read_class_labels, read_labeled_table,
-                                  read_matrix, write_table)
+    from prunekit.data.io import (check_output_file, read_class_labels, read_labeled_table, read_matrix,
+                                  resolve_numeric_labels, write_table)
     from prunekit.data.methods import confident as cl
     from prunekit.errors import InputError, check_not_input
 
@@ -163,8 +164,8 @@ def _cmd_label_issues(args) -> int:
     else:
         probs, classes = read_matrix(args.probs, what="probabilities", names=True)
         labels, named = read_class_labels(args.labels, classes=classes, match_names=True)  # names -> named columns
-        if not named:
-            check_unambiguous(classes, args.probs, "probabilities")
+        if not named and classes:  # numbers beside named columns: positions, or numeric class names
+            labels, named = resolve_numeric_labels(labels, classes, f"labels file {args.labels}")
     start = time.perf_counter()
     ranked = cl.find_label_issues(labels, probs, filter_by=args.filter, frac_noise=args.frac_noise,
                                   min_examples_per_class=args.min_examples_per_class,

@@ -24,7 +24,8 @@ from prunekit.errors import (InputError, apply_umask, check_output_name, check_w
                              place_file)
 
 __all__ = ["read_array", "read_named", "read_labels", "read_class_labels", "read_label_groups", "read_labeled_table",
-           "read_vector", "read_matrix", "check_real", "write_table", "check_output_file", "FORMATS"]
+           "resolve_numeric_labels", "read_vector", "read_matrix", "check_real", "write_table", "check_output_file",
+           "FORMATS"]
 
 FORMATS = (".npy", ".csv", ".parquet")
 
@@ -146,6 +147,7 @@ def read_labeled_table(path, column: str, *, what: str = "probabilities") -> tup
                              f"{', ...' if len(header) > 8 else ''})")
         j = header.index(column)
         cells = [r[j].strip() if j < len(r) else "" for _, r in rows]
+        text_column = False
         probs = _csv_numbers([(line, r[:j] + r[j + 1:]) for line, r in rows], path, what)
         classes = header[:j] + header[j + 1:]
     else:
@@ -160,6 +162,12 @@ def read_labeled_table(path, column: str, *, what: str = "probabilities") -> tup
         if column not in table.column_names:
             raise InputError(f"{what} file {path} has no column {column!r} ({', '.join(table.column_names[:8])}"
                              f"{', ...' if len(table.column_names) > 8 else ''})")
+        kind = table.column(column).type
+        import pyarrow.types as pat
+
+        if pat.is_dictionary(kind):  # pandas' categorical
+            kind = kind.value_type
+        text_column = pat.is_string(kind) or pat.is_large_string(kind)
         cells = [("" if v is None else str(v).strip()) for v in table.column(column).to_pylist()]
         classes = [n for n in table.column_names if n != column and not (n.startswith("__index_level_")
                                                                           and n.endswith("__"))]
@@ -175,16 +183,10 @@ def read_labeled_table(path, column: str, *, what: str = "probabilities") -> tup
     if probs.ndim == 1:
         probs = probs[:, None]
     check_real(probs, path, what)
-    if cells and all(_is_float(c) for c in cells):  # numbers are positions, as --labels reads them
-        values = np.array([float(c) for c in cells])
-        if not (np.all(np.isfinite(values)) and np.all(values == np.round(values)) and np.all(values >= 0)):
-            raise InputError(f"{what} file {path}: column {column!r} must hold class indices >= 0 or class names")
-        if values.max() >= len(classes):
-            row = int(np.argmax(values >= len(classes)))
-            raise InputError(f"{what} file {path} row {row}: label {int(values[row])} in column {column!r} is not a "
-                             f"class index 0..{len(classes) - 1} (the table has {len(classes)} class columns)")
-        check_unambiguous(classes, path, what)
-        return probs, classes, values.astype(np.int64), False
+    if cells and not text_column and all(_is_float(c) for c in cells):
+        labels, named = resolve_numeric_labels(np.array([float(c) for c in cells]), classes,
+                                               f"{what} file {path} column {column!r}")
+        return probs, classes, labels, named
     _check_distinct(classes, path, what)
     index = {c.strip(): i for i, c in enumerate(classes)}
     unknown = [i for i, c in enumerate(cells) if c not in index]
@@ -419,15 +421,41 @@ def read_class_labels(path, *, what: str = "labels", classes: list[str] | None =
     return np.array([index[t] for t in texts], dtype=np.int64), True
 
 
-def check_unambiguous(classes: list[str] | None, path, what: str) -> None:
-    """Refuse whole-number labels beside class columns named by whole numbers other than their positions
-    (``1,2,3``): label 1 could be the second column or the column named "1"."""
-    names = [c.strip() for c in classes or []]
-    if names and all(c.lstrip("-").isdigit() for c in names) and names != [str(i) for i in range(len(names))]:
-        raise InputError(f"{what} file {path}: the labels are whole numbers and the class columns are named by whole "
-                         f"numbers other than their positions 0..{len(names) - 1} ({', '.join(names[:8])}"
-                         f"{', ...' if len(names) > 8 else ''}), so a label could mean either; name the columns "
-                         f"0..{len(names) - 1} in order with the labels as positions, or name them by class")
+def resolve_numeric_labels(values: np.ndarray, classes: list[str] | None, where: str) -> tuple[np.ndarray, bool]:
+    """``(labels, named)`` for labels written as numbers, beside class columns that may be named by numbers too:
+    positions 0..K-1 when they can only be positions, the named columns when every label names one and they
+    cannot all be positions (``-1``, ``0.5``, ``2019``), either when both readings agree (columns ``0..K-1`` in
+    order); refused when both are possible and disagree (columns ``1,2,3``, labels ``1,2``). Without column names:
+    positions."""
+    values = np.asarray(values, dtype=np.float64)
+    k = len(classes) if classes else None
+    whole = bool(np.all(np.isfinite(values)) and np.all(values == np.round(values)))
+    positions = whole and bool(np.all(values >= 0)) and (k is None or bool(np.all(values < k)))
+    by_value = {}
+    for i, c in enumerate(classes or []):
+        if _is_float(c.strip()):
+            by_value.setdefault(float(c), i)
+    names = bool(by_value) and all(v in by_value for v in values.tolist())
+    if names and len(by_value) < sum(_is_float(c.strip()) for c in classes):
+        raise InputError(f"{where}: two class columns name the same number; class names must be distinct")
+    if positions and names:
+        mapped = np.array([by_value[v] for v in values.tolist()], dtype=np.int64)
+        if np.array_equal(mapped, values.astype(np.int64)):
+            return mapped, False
+        raise InputError(f"{where}: the labels are numbers that are both class positions 0..{k - 1} and names of "
+                         f"class columns ({', '.join(c.strip() for c in classes[:8])}{', ...' if k > 8 else ''}), "
+                         "which disagree (label 1 is the second column or the column named 1); name the columns "
+                         f"0..{k - 1} in order, or by class words")
+    if names:
+        return np.array([by_value[v] for v in values.tolist()], dtype=np.int64), True
+    if positions:
+        return values.astype(np.int64), False
+    bad = int(np.argmax(~np.isfinite(values) | (values != np.round(values)) | (values < 0)
+                        | (values >= (k if k is not None else np.inf))))
+    shown = f"{values[bad]:g}"
+    raise InputError(f"{where} row {bad}: label {shown} is neither a class index 0..{k - 1 if k else 'K-1'}"
+                     + (" nor the name of a class column" if classes else "") + " (integer labels >= 0 index the "
+                     "probability columns)")
 
 
 def _check_distinct(classes: list[str], path, what: str) -> None:
