@@ -366,8 +366,44 @@ def test_progress_bars_redraw_every_ten_seconds_into_a_log(model_dir, text_file,
     assert cli.main(args) == 0 and set(seen) == {0.1}
     seen.clear()
     monkeypatch.delenv("TQDM_MININTERVAL")
+    monkeypatch.setenv("tqdm_MinInterval", "2")  # tqdm reads any case after TQDM_
+    assert cli.main(args) == 0 and set(seen) == {0.1}
+    seen.clear()
+    monkeypatch.delenv("tqdm_MinInterval")
     monkeypatch.setattr(cli, "_is_terminal", lambda stream: True)
     assert cli.main(args) == 0 and set(seen) == {0.1}
+
+
+def test_sparse_progress_bars_overlapping_in_threads_restore_tqdm_once_all_end():
+    # two commands in threads: the first to finish restored its saved __init__ while the other's patch stayed
+    # for good (or the reverse), and a bar given mininterval by position got it twice
+    import io
+    import threading
+
+    from tqdm import std
+
+    from prunekit.weights.io import sparse_progress_bars
+
+    original = vars(std.tqdm)["__init__"]
+    first, second = sparse_progress_bars(), sparse_progress_bars()
+    entered, release = threading.Event(), threading.Event()
+
+    def other():
+        with second:
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other)
+    first.__enter__()
+    t.start()
+    entered.wait(10)
+    first.__exit__(None, None, None)  # the first command ends while the second runs
+    sink = io.StringIO()
+    assert std.tqdm(range(2), file=sink).mininterval == 10.0
+    assert std.tqdm(range(2), None, None, True, sink, None, 0.5).mininterval == 0.5  # mininterval by position
+    release.set()
+    t.join(10)
+    assert vars(std.tqdm)["__init__"] is original and std.tqdm(range(2), file=sink).mininterval == 0.1
 
 
 def test_a_text_shorter_than_the_default_tokens_is_scored_whole(model_dir, text_file, tmp_path, capsys):

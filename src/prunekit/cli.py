@@ -743,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         from prunekit.weights.io import quiet_progress_bars
 
         bars.enter_context(quiet_progress_bars())
-    elif not _is_terminal(sys.stderr) and "TQDM_MININTERVAL" not in os.environ:  # a log: a bar line every 10 s
+    elif not _is_terminal(sys.stderr) and not any(k.upper() == "TQDM_MININTERVAL" for k in os.environ):  # a log
         from prunekit.weights.io import sparse_progress_bars
 
         bars.enter_context(sparse_progress_bars())

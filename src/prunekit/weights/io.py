@@ -18,6 +18,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -56,26 +57,37 @@ def quiet_progress_bars():
 
 
 LOG_BAR_SECONDS = 10.0  # how often a progress bar redraws when stderr is not a terminal (a log file, CI)
+_BARS = {"lock": threading.Lock(), "depth": 0, "original": None}  # sparse_progress_bars' nesting, across threads
 
 
 @contextlib.contextmanager
 def sparse_progress_bars(seconds: float = LOG_BAR_SECONDS):
     """Progress bars (prunekit's, transformers', the hub's: every tqdm) redraw at most every `seconds` inside,
-    unless a call or ``TQDM_MININTERVAL`` sets its own interval; afterwards tqdm is as it was. For a stderr that is
-    not a terminal: at tqdm's 0.1 s a log got up to ten carriage-return updates a second."""
+    unless a call or ``TQDM_MININTERVAL`` sets its own interval; tqdm is patched on the first entry and restored on
+    the last exit (commands in several threads may overlap), and a bar another thread makes meanwhile is slowed
+    too. For a stderr that is not a terminal: at tqdm's 0.1 s a log got up to ten carriage-return updates a
+    second."""
     from tqdm import std
 
-    original = vars(std.tqdm)["__init__"]  # a partialmethod (tqdm's TQDM_* environment defaults)
+    with _BARS["lock"]:
+        if _BARS["depth"] == 0:
+            original = _BARS["original"] = vars(std.tqdm)["__init__"]  # a partialmethod (TQDM_* defaults)
 
-    def init(self, *args, **kwargs):
-        kwargs.setdefault("mininterval", seconds)
-        return original.__get__(self, type(self))(*args, **kwargs)
+            def init(self, *args, **kwargs):
+                if len(args) <= 6:  # mininterval is the seventh positional parameter
+                    kwargs.setdefault("mininterval", seconds)
+                return original.__get__(self, type(self))(*args, **kwargs)
 
-    std.tqdm.__init__ = init
+            std.tqdm.__init__ = init
+        _BARS["depth"] += 1
     try:
         yield
     finally:
-        std.tqdm.__init__ = original
+        with _BARS["lock"]:
+            _BARS["depth"] -= 1
+            if _BARS["depth"] == 0:
+                std.tqdm.__init__ = _BARS["original"]
+                _BARS["original"] = None
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
