@@ -64,7 +64,7 @@ def test_compare_notes_texts_scored_differently_and_refuses_what_it_cannot_read(
                  "--quiet"]) == 0
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "n")]) == 0
-    assert f"{tmp_path / 'n'} holds no score for {text_file} (a prune without that --eval" in capsys.readouterr().err
+    assert f"{tmp_path / 'n'} records no score for {text_file} (a prune without that --eval" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a"), str(model_dir)]) == 2  # a model folder, no record
     assert "has no prunekit.json" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a"), "--text", "wiki"]) == 2
@@ -107,6 +107,13 @@ def test_compare_tells_apart_files_of_one_name_and_reads_dit_records(model_dir, 
     assert row["budget"] == "6 of 12 blocks"
     assert main(["compare", str(dit)]) == 0
     assert "| 29.260 | 43.050 | 1.95x (forward) | 12.0 |" in capsys.readouterr().out
+    meta = json.loads((dit / "prunekit.json").read_text())
+    del meta["evaluation"]["pruned"]["fid"]  # a value missing from a record: blank, and said
+    meta["speed"] = {"speedup": {"prefill": 1.5}}  # and no decode speedup: "1.50x / x" was shown
+    (dit / "prunekit.json").write_text(json.dumps(meta))
+    assert main(["compare", str(dit)]) == 0
+    captured = capsys.readouterr()
+    assert "| 29.260 |  | 1.50x / - | 12.0 |" in captured.out and f"{dit} records no score for fid" in captured.err
     # a run that scored one of the texts shown only: its blank cell is said; a malformed record is no traceback
     meta = json.loads((tmp_path / "a" / "run" / "prunekit.json").read_text())
     meta["evaluation"]["e.txt"]["dense"]["windows"] = [1, 2]
@@ -114,4 +121,4 @@ def test_compare_tells_apart_files_of_one_name_and_reads_dit_records(model_dir, 
     (tmp_path / "a" / "run" / "prunekit.json").write_text(json.dumps(meta))
     assert main(["compare", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")]) == 0
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'b' / 'run'} holds no score for other.txt" in err
+    assert f"{tmp_path / 'b' / 'run'} records no score for other.txt" in err

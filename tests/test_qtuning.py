@@ -568,7 +568,7 @@ def test_cli_qtune_says_what_it_cut_and_keeps_user_fields(tmp_path, model_dir, c
 
 @pytest.mark.parametrize("bad", [["--samples", "1.5"], ["--tokens", "0"], ["--samples", "nan"], ["--epochs", "0"],
                                  ["--max-length", "1"],
-                                 ["--data-fields"], ["--empty"], ["--surrogate"]])
+                                 ["--data-fields"], ["--empty"], ["--surrogate"], ["--huge-int"]])
 def test_cli_qtune_bad_input(tmp_path, model_dir, sft_file, bad, capsys):
     out = tmp_path / "out"
     data = sft_file
@@ -584,6 +584,10 @@ def test_cli_qtune_bad_input(tmp_path, model_dir, sft_file, bad, capsys):
         data = tmp_path / "half.jsonl"
         data.write_text('{"instruction": "x \\ud83d\\ude00", "response": "y"}\n'
                         '{"instruction": "x", "response": "y \\ud800"}\n')
+        bad = []
+    elif bad == ["--huge-int"]:  # past Python's 4300-digit limit: a ValueError traceback
+        data = tmp_path / "big.jsonl"
+        data.write_text('{"instruction": "x", "response": "y", "n": ' + "9" * 5000 + "}\n")
         bad = []
     assert main(["data", "qtune", str(model_dir), "--data", str(data), "--out", str(out), *bad]) == 2
     err = capsys.readouterr().err.strip()

@@ -121,20 +121,22 @@ def table(rows: list[dict], texts: list[str]) -> tuple[str, list[str]]:
         for t in texts:
             e = r["evaluation"].get(t, {})
             cells += [_f(e.get("dense"), ".3f"), _f(e.get("pruned"), ".3f")]
-        speed = (f"{_f(r['prefill_speedup'], '.2f')}x / {_f(r['decode_speedup'], '.2f')}x"
-                 if r["prefill_speedup"] is not None else
+        pair = [_f(r["prefill_speedup"], ".2f"), _f(r["decode_speedup"], ".2f")]
+        speed = (" / ".join(f"{s}x" if s else "-" for s in pair) if any(pair) else
                  f"{r['forward_speedup']:.2f}x (forward)" if r.get("forward_speedup") is not None else "")
         cells += [speed, _f(r["seconds"], ".1f")]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     notes = []
     for r in rows:
-        missing = [t for t in texts if t not in r["evaluation"]]
+        missing = [t for t in texts if t not in r["evaluation"]
+                   or not all(_f(r["evaluation"][t][k], "g") for k in ("dense", "pruned"))]
         if missing:
-            notes.append(f"{r['run']} holds no score for {', '.join(missing)} (a prune without that --eval, or a "
-                         "folder saved from Python without an evaluation in its metadata): its cells are blank")
+            notes.append(f"{r['run']} records no score for {', '.join(missing)} (a prune without that --eval, a "
+                         "folder saved from Python without an evaluation in its metadata, or a value missing from "
+                         "the record): those cells are blank")
     for t in texts:
         scored = [r["evaluation"][t] for r in rows if t in r["evaluation"]]
-        files = {e["sha256"] for e in scored}
+        files = {e["sha256"] for e in scored if e["sha256"] is not None}  # None: a record without it
         if len(files) > 1:
             notes.append(f"{t} names different files in different runs (sha256 "
                          + ", ".join(sorted(str(s)[:12] for s in files)) + "): those perplexities do not compare")

@@ -111,6 +111,9 @@ def read_objects(path: str | os.PathLike, *, shape: str) -> list[tuple[int, dict
                 except RecursionError:
                     raise InputError(f"{path}:{no}: JSON nested too deeply to read; each line must be "
                                      f"{shape}") from None
+                except ValueError as e:  # an integer of more than 4300 digits (Python's conversion limit)
+                    raise InputError(f"{path}:{no}: a value JSON cannot read here ({e}); each line must be "
+                                     f"{shape}") from None
                 if not isinstance(obj, dict):
                     raise InputError(f"{path}:{no}: not a JSON object; each line must be {shape}")
                 lone = _SURROGATE.search(line) and _LONE.search(json.dumps(obj, ensure_ascii=False))
