@@ -92,6 +92,13 @@ def test_compare_tells_apart_files_of_one_name_and_reads_dit_records(model_dir, 
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")]) == 0
     assert "e.txt names different files in different runs (sha256 " in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "a")  # the same file as e.txt and ./e.txt: two columns, said
+    assert main(["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.3", "--calib", str(text_file),
+                 "--samples", "4", "--seqlen", "32", "--eval", "./e.txt", "--eval-seqlen", "64", "--out", "run2",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a" / "run"), str(tmp_path / "a" / "run2")]) == 0
+    assert "e.txt and ./e.txt are the same file (sha256 " in capsys.readouterr().err
     # a DiT's record: one forward speedup and FIDs (the speed cell was blank, the FIDs dropped)
     dit = tmp_path / "dit"
     dit.mkdir()

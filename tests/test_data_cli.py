@@ -106,7 +106,7 @@ def bad_inputs(tmp_path):
     np.save(tmp_path / "y_missing.npy", np.where(labels == 2, 0, labels))
     cases["class with no examples"] = ("y_missing.npy", "p.npy", "have no examples.*--allow-missing-classes")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    cases["pickled npy"] = ("obj.npy", "p.npy", "without unpickling")
+    cases["pickled npy"] = ("obj.npy", "p.npy", "only unpickling reads")
     # files named .npy that are no numpy at all were called "cannot be read without unpickling" (or an EOFError
     # traceback when empty)
     (tmp_path / "random.npy").write_bytes(bytes(range(256)) * 4)
@@ -518,6 +518,14 @@ def test_label_issues_reads_labels_and_probabilities_from_one_table(tmp_path, ca
     _refused(["data", "label-issues", "--probs", str(tmp_path / "far.csv"), "--label-column", "label", "--out",
               str(out)], out, tmp_path, capsys,
              r"column 'label' row 0: label 3 is neither a class index 0\.\.2 nor the name")
+    with open(tmp_path / "extra.csv", "w", newline="") as f:  # a score column read as a class: "apply a softmax"
+        csv.writer(f).writerows([["label", *names, "score"]] + [["bag", 0.2, 0.3, 0.5, 0.9]] * 5)
+    _refused(["data", "label-issues", "--probs", str(tmp_path / "extra.csv"), "--label-column", "label", "--out",
+              str(out)], out, tmp_path, capsys, r"is read as a class probability \(shirt, 2, bag, score\): keep only")
+    with open(tmp_path / "ids.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["id", "label", *names]] + [[f"a{i}", "bag", 0.2, 0.3, 0.5] for i in range(5)])
+    _refused(["data", "label-issues", "--probs", str(tmp_path / "ids.csv"), "--label-column", "label", "--out",
+              str(out)], out, tmp_path, capsys, r"not a number \('a0'\).*; every column but 'label' is read as a class")
     with open(tmp_path / "indexed.csv", "w", newline="") as f:  # pandas' to_csv with its index: row numbers
         csv.writer(f).writerows([["", "label", *names]] + [[i, "bag", 0.2, 0.3, 0.5] for i in range(5)])
     _refused(["data", "label-issues", "--probs", str(tmp_path / "indexed.csv"), "--label-column", "label", "--out",

@@ -171,6 +171,8 @@ def test_cli_max_chunks_is_recorded(tmp_path, capsys):
     assert main(["memory", "stats", "--store", db, "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert (stats["chunks"], stats["forgotten"], stats["forgetting"]["max_chunks"]) == (3, 2, 3)
+    assert main(["memory", "stats", "--store", db]) == 0  # the text stats showed no cap at all
+    assert "forgetting: 0.005 of the chunks every 100 turns; at most 3 chunks" in capsys.readouterr().out
     assert main(["memory", "add", "--store", db, "--max-chunks", "-2", "six."]) == 2
     assert "--max-chunks must be an integer >= 0 (0: no cap), got -2" in capsys.readouterr().err
 
@@ -833,7 +835,8 @@ def test_cli_forget_lists_what_it_removed_and_stats_loads_no_embedder(tmp_path, 
     assert main(["memory", "forget", "--store", db, "--log"]) == 0
     assert capsys.readouterr().out.startswith("5 chunk(s) forgotten so far; 15 chunks in the index")
     assert main(["memory", "stats", "--store", db]) == 0
-    assert "forgotten: 5" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "forgotten: 5" in printed and "forgetting: no periodic pass; no cap on the chunks" in printed
     assert main(["memory", "forget", "--store", db, "--fraction", "1.5"]) == 2
 
 
@@ -889,6 +892,7 @@ def test_cli_add_refuses_turns_with_fields_it_does_not_read(tmp_path, capsys):
     assert main(["memory", "add", "--store", str(db), "--embedder", "hash", "--jsonl", str(turns)]) == 2
     err = capsys.readouterr().err
     assert f"{turns}:1: a turn has field(s) ['speaker'] that memory does not read" in err and not db.exists()
+    assert "the message} (" in err  # not "message}}"
     turns.write_text('{"role": "user", "content": "hi", "text": "hello"}\n')
     assert main(["memory", "add", "--store", str(db), "--embedder", "hash", "--jsonl", str(turns)]) == 2
     assert "both 'content' and 'text'" in capsys.readouterr().err

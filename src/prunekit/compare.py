@@ -145,6 +145,15 @@ def table(rows: list[dict], texts: list[str]) -> tuple[str, list[str]]:
             notes.append(f"{t} was scored on different windows by different runs ("
                          + ", ".join(f"{w} x {s}" for w, s in sorted(shapes, key=str)) + "): those perplexities do "
                          "not compare")
+    by_file: dict[str, list[str]] = {}  # one file under several --eval spellings: columns apart
+    for t in texts:
+        for sha in dict.fromkeys(r["evaluation"][t]["sha256"] for r in rows if t in r["evaluation"]):
+            if sha is not None:
+                by_file.setdefault(sha, []).append(t)
+    for sha, names in by_file.items():
+        if len(names) > 1:
+            notes.append(f"{' and '.join(names)} are the same file (sha256 {sha[:12]}) in different spellings: give "
+                         "the runs one --eval spelling to compare them in one column")
     return "\n".join(lines), notes
 
 

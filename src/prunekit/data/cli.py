@@ -167,10 +167,17 @@ def _cmd_label_issues(args) -> int:
         if not named and classes:  # numbers beside named columns: positions, or numeric class names
             labels, named = resolve_numeric_labels(labels, classes, f"labels file {args.labels}")
     start = time.perf_counter()
-    ranked = cl.find_label_issues(labels, probs, filter_by=args.filter, frac_noise=args.frac_noise,
-                                  min_examples_per_class=args.min_examples_per_class,
-                                  allow_missing_classes=args.allow_missing_classes,
-                                  return_indices_ranked_by=args.rank_by)
+    try:
+        ranked = cl.find_label_issues(labels, probs, filter_by=args.filter, frac_noise=args.frac_noise,
+                                      min_examples_per_class=args.min_examples_per_class,
+                                      allow_missing_classes=args.allow_missing_classes,
+                                      return_indices_ranked_by=args.rank_by)
+    except InputError as e:  # every column but the label one was read as a class: name them
+        if args.label_column is None or "pred_probs" not in str(e):
+            raise
+        raise InputError(f"{e}; with --label-column every other column of {args.probs} is read as a class "
+                         f"probability ({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}): keep only "
+                         "the label and the class columns") from None
     seconds = time.perf_counter() - start
     flagged = np.asarray(probs[ranked])  # [issues, K]
     quality = cl.label_quality_scores(labels[ranked], flagged, method=args.rank_by) if len(ranked) else np.empty(0)

@@ -148,8 +148,13 @@ def read_labeled_table(path, column: str, *, what: str = "probabilities") -> tup
         j = header.index(column)
         cells = [r[j].strip() if j < len(r) else "" for _, r in rows]
         text_column = False
-        probs = _csv_numbers([(line, r[:j] + r[j + 1:]) for line, r in rows], path, what)
         classes = header[:j] + header[j + 1:]
+        try:
+            probs = _csv_numbers([(line, r[:j] + r[j + 1:]) for line, r in rows], path, what)
+        except InputError as e:
+            raise InputError(f"{e}; every column but {column!r} is read as a class probability "
+                             f"({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}): keep only the "
+                             "label and the class columns") from None
     else:
         try:
             import pyarrow.parquet as pq
@@ -175,7 +180,8 @@ def read_labeled_table(path, column: str, *, what: str = "probabilities") -> tup
         for name in classes:
             col = table.column(name).to_numpy()
             if not np.issubdtype(col.dtype, np.number):
-                raise InputError(f"{what} file {path}: column {name!r} is not numeric")
+                raise InputError(f"{what} file {path}: column {name!r} is not numeric; every column but {column!r} "
+                                 "is read as a class probability: keep only the label and the class columns")
             cols.append(col)
         if not cols:
             raise InputError(f"{what} file {path} has no probability columns besides {column!r}")
@@ -248,7 +254,8 @@ def _read_npy(path: Path, what: str) -> np.ndarray:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         if _npy_holds_objects(path):  # object arrays need pickle: refused
-            raise InputError(f"{what} file {path} cannot be read without unpickling; save a numeric array ({e})") from None
+            raise InputError(f"{what} file {path} holds Python objects, which only unpickling reads; save numbers, "
+                             f"or text as a string array (numpy.asarray(values, dtype=str)) ({e})") from None
         raise InputError(f"{what} file {path} is not a valid .npy file ({e}); write it again with numpy.save") from None
     return array
 

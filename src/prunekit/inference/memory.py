@@ -319,7 +319,7 @@ class Memory:
             other = sorted(str(k) for k in turn if k not in _TURN_KEYS)
             if other:  # {"speaker", "text"} stored every turn as the user's, the speaker dropped
                 raise InputError(f"a turn has field(s) {other} that memory does not read; a turn is {{\"role\": "
-                                 "\"user\" or \"assistant\" (default user), \"content\": the message}} (\"text\" is "
+                                 "\"user\" or \"assistant\" (default user), \"content\": the message} (\"text\" is "
                                  "read as content)")
             if "content" in turn and "text" in turn:
                 raise InputError("a turn has both 'content' and 'text'; give the message once, as 'content'")

@@ -333,6 +333,10 @@ def _cmd_stats(args) -> int:
     else:
         for key in ("store", "bytes", "turns", "chunks", "forgotten", "block_summaries", "embedder", "summary"):
             print(f"{key}: {stats[key]}")
+        f = stats["forgetting"]
+        cap = f"at most {f['max_chunks']} chunks" if f["max_chunks"] else "no cap on the chunks"
+        print(f"forgetting: {f['fraction']:g} of the chunks every {f['every']} turns" if f["every"] else
+              "forgetting: no periodic pass", end=f"; {cap}\n")
     return 0
 
 
