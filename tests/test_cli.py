@@ -406,6 +406,15 @@ def test_sparse_progress_bars_overlapping_in_threads_restore_tqdm_once_all_end()
     assert vars(std.tqdm)["__init__"] is original and std.tqdm(range(2), file=sink).mininterval == 0.1
 
 
+def test_evaluation_bars_name_the_text_and_the_model(model_dir, text_file, tmp_path, capsys):
+    # a log showed "perplexity:" four times, not which text or which model each bar was scoring
+    args = prune_args(model_dir, text_file, tmp_path / "o", "--method", "magnitude", "--ratio", "0.5", "--eval",
+                      str(text_file), "--eval-tokens", "128", "--eval-seqlen", "64")
+    assert cli.main([a for a in args if a != "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"perplexity {text_file} dense: 100%" in err and f"perplexity {text_file} pruned: 100%" in err
+
+
 def test_a_text_shorter_than_the_default_tokens_is_scored_whole(model_dir, text_file, tmp_path, capsys):
     # eval and prune --eval refused a short file unless the user worked out a --tokens that fits it
     assert cli.main(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "64", "--json", "--quiet"]) == 0

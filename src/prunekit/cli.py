@@ -406,7 +406,7 @@ def eval_dense(model, tok, texts: dict, args, progress: bool) -> dict:
     evaluation = {}
     for name, text in texts.items():
         ppl = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=args.eval_tokens or EVAL_TOKENS,
-                                  progress=progress, fit=args.eval_tokens is None)
+                                  progress=progress, fit=args.eval_tokens is None, desc=f"perplexity {name} dense")
         if args.eval_tokens is None:
             _note_fitted(ppl, args.eval_seqlen, "--eval-tokens")
         evaluation[name] = {"dense": ppl.to_dict()}
@@ -420,7 +420,7 @@ def eval_pruned(evaluation: dict, model, tok, texts: dict, args, progress: bool)
     for name, text in texts.items():
         evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen,
                                                          tokens=evaluation[name]["dense"]["tokens"],
-                                                         progress=progress).to_dict()
+                                                         progress=progress, desc=f"perplexity {name} pruned").to_dict()
 
 
 def _note_fitted(ppl, seqlen: int, tokens_flag: str) -> None:

@@ -39,8 +39,9 @@ class Perplexity:
         return asdict(self)
 
 
-def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4, progress: bool = True) -> tuple[float, int]:
-    """``(mean NLL, predicted tokens)`` of `model` over windows `ids` (``[n, seqlen]``)."""
+def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4, progress: bool = True,
+                      desc: str = "perplexity") -> tuple[float, int]:
+    """``(mean NLL, predicted tokens)`` of `model` over windows `ids` (``[n, seqlen]``); `desc` labels the bar."""
     from tqdm.auto import tqdm
 
     batch_size = int_at_least(batch_size, "batch_size", 1)
@@ -53,7 +54,7 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 
     model.eval()
     try:
         with torch.no_grad():
-            for start in tqdm(range(0, ids.shape[0], batch_size), desc="perplexity", unit="batch",
+            for start in tqdm(range(0, ids.shape[0], batch_size), desc=desc, unit="batch",
                               disable=not progress):
                 batch = ids[start : start + batch_size]
                 logits = model(input_ids=batch, use_cache=False).logits  # [b, seq, vocab]
@@ -70,7 +71,7 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 
 
 def perplexity(model: nn.Module, tokenizer, text: str | Text = "wiki", *, seqlen: int = 512,
                tokens: int | None = EVAL_TOKENS, batch_size: int = 4, progress: bool = True,
-               fit: bool = False) -> Perplexity:
+               fit: bool = False, desc: str = "perplexity") -> Perplexity:
     """Perplexity ``exp(mean NLL)`` over the first ``tokens // seqlen`` windows of held-out `text` (all its windows
     for ``tokens=None``). A text too short for `tokens` is refused; ``fit=True`` scores all its whole windows
     instead (the result's ``tokens`` and ``windows`` say how many)."""
@@ -87,7 +88,7 @@ def perplexity(model: nn.Module, tokenizer, text: str | Text = "wiki", *, seqlen
     source = text if isinstance(text, Text) else load_text(text, purpose="evaluation")
     ids = evaluation_ids(tokenizer, source, seqlen=seqlen, tokens=tokens, fit=fit)
     check_token_ids(model, ids, what="evaluation text")
-    nll, _ = perplexity_of_ids(model, ids, batch_size=batch_size, progress=progress)
+    nll, _ = perplexity_of_ids(model, ids, batch_size=batch_size, progress=progress, desc=desc)
     ppl = math.exp(nll) if nll < math.log(sys.float_info.max) else math.inf  # math.exp overflowed past ~709
     return Perplexity(ppl, nll, ids.numel(), seqlen, ids.shape[0], source.describe())
 
