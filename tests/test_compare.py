@@ -7,21 +7,10 @@ import pytest
 from prunekit.cli import main
 from prunekit.compare import summarize
 
-from conftest import tiny_model
-
-
-@pytest.fixture
-def model_dir(tmp_path, tok):
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def _prune(model_dir, text_file, out, *method, seqlen="64"):
+def _prune(model_dir, text_file, out, *method, seqlen="64", eval_text=None):
     assert main(["prune", str(model_dir), *method, "--calib", str(text_file), "--samples", "4", "--seqlen", "32",
-                 "--eval", str(text_file), "--eval-tokens", "128", "--eval-seqlen", seqlen, "--out", str(out),
-                 "--quiet"]) == 0
+                 "--eval", eval_text or str(text_file), "--eval-tokens", "128", "--eval-seqlen", seqlen, "--out",
+                 str(out), "--quiet"]) == 0
 
 
 def test_compare_tables_weights_structured_and_depth_runs(model_dir, text_file, tmp_path, capsys):
@@ -86,16 +75,12 @@ def test_compare_tells_apart_files_of_one_name_and_reads_dit_records(model_dir, 
         (tmp_path / name / "e.txt").write_text(words * 200)
     for name in ("a", "b"):
         monkeypatch.chdir(tmp_path / name)  # the same relative --eval string
-        assert main(["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.5", "--calib", str(text_file),
-                     "--samples", "4", "--seqlen", "32", "--eval", "e.txt", "--eval-seqlen", "64", "--out", "run",
-                     "--quiet"]) == 0
+        _prune(model_dir, text_file, "run", "--method", "magnitude", "--ratio", "0.5", eval_text="e.txt")
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")]) == 0
     assert "e.txt names different files in different runs (sha256 " in capsys.readouterr().err
     monkeypatch.chdir(tmp_path / "a")  # the same file as e.txt and ./e.txt: two columns, said
-    assert main(["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.3", "--calib", str(text_file),
-                 "--samples", "4", "--seqlen", "32", "--eval", "./e.txt", "--eval-seqlen", "64", "--out", "run2",
-                 "--quiet"]) == 0
+    _prune(model_dir, text_file, "run2", "--method", "magnitude", "--ratio", "0.3", eval_text="./e.txt")
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "a" / "run"), str(tmp_path / "a" / "run2")]) == 0
     assert "e.txt and ./e.txt are the same file (sha256 " in capsys.readouterr().err

@@ -156,14 +156,7 @@ def read_labeled_table(path, column: str, *, what: str = "probabilities") -> tup
                              f"({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}): keep only the "
                              "label and the class columns") from None
     else:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise InputError(f"reading {path} needs pyarrow: pip install pyarrow (or give .csv)") from None
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow raises its own error types for broken files
-            raise InputError(f"{what} file {path} is not a readable parquet file ({e})") from None
+        table = _parquet_table(path, what)
         if column not in table.column_names:
             raise InputError(f"{what} file {path} has no column {column!r} ({', '.join(table.column_names[:8])}"
                              f"{', ...' if len(table.column_names) > 8 else ''})")
@@ -203,15 +196,19 @@ def read_labeled_table(path, column: str, *, what: str = "probabilities") -> tup
     return probs, classes, np.array([index[c] for c in cells], dtype=np.int64), True
 
 
-def _read_parquet(path: Path, what: str) -> tuple[np.ndarray, list[str]]:
+def _parquet_table(path: Path, what: str):
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise InputError(f"reading {path} needs pyarrow: pip install pyarrow (or give .npy / .csv)") from None
     try:
-        table = pq.read_table(path)
+        return pq.read_table(path)
     except Exception as e:  # pyarrow raises its own error types for broken files
         raise InputError(f"{what} file {path} is not a readable parquet file ({e})") from None
+
+
+def _read_parquet(path: Path, what: str) -> tuple[np.ndarray, list[str]]:
+    table = _parquet_table(path, what)
     cols = []
     names = [n for n in table.column_names if not (n.startswith("__index_level_") and n.endswith("__"))]
     for name in names:  # pandas stores a non-default index as __index_level_0__: an index, not data
