@@ -366,10 +366,14 @@ def test_progress_bars_redraw_every_ten_seconds_into_a_log(model_dir, text_file,
     assert cli.main(args) == 0 and set(seen) == {0.1}
     seen.clear()
     monkeypatch.delenv("TQDM_MININTERVAL")
-    monkeypatch.setenv("tqdm_MinInterval", "2")  # tqdm reads any case after TQDM_
+    monkeypatch.setenv("TQDM_MinInterval", "2")  # tqdm reads the name after TQDM_ in any case
     assert cli.main(args) == 0 and set(seen) == {0.1}
     seen.clear()
-    monkeypatch.delenv("tqdm_MinInterval")
+    monkeypatch.delenv("TQDM_MinInterval")
+    monkeypatch.setenv("tqdm_mininterval", "2")  # a prefix tqdm does not read: the log still gets 10 s
+    assert cli.main(args) == 0 and set(seen) == {10.0}
+    seen.clear()
+    monkeypatch.delenv("tqdm_mininterval")
     monkeypatch.setattr(cli, "_is_terminal", lambda stream: True)
     assert cli.main(args) == 0 and set(seen) == {0.1}
 

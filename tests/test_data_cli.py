@@ -578,6 +578,16 @@ def test_numbers_that_can_only_be_class_names_are_matched_to_the_columns(names, 
     assert main(["data", "label-issues", "--probs", str(tmp_path / "t.csv"), "--label-column", "label", "--out",
                  str(got)]) == 0, capsys.readouterr().err
     assert [r["index"] for r in csv.DictReader(open(got))] == [r["index"] for r in csv.DictReader(open(want))]
+    # the --labels route, with the columns named in a parquet: the same rule (it refused -1 and 0.5)
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({c: probs[:, j] for j, c in enumerate(names)}), tmp_path / "p.parquet")
+    np.save(tmp_path / "raw.npy", np.array([float(labels[c]) for c in y]))
+    got2 = tmp_path / "got2.csv"
+    assert main(["data", "label-issues", "--labels", str(tmp_path / "raw.npy"), "--probs",
+                 str(tmp_path / "p.parquet"), "--out", str(got2)]) == 0, capsys.readouterr().err
+    assert [r["index"] for r in csv.DictReader(open(got2))] == [r["index"] for r in csv.DictReader(open(want))]
 
 
 def test_score_refuses_an_id_column_in_the_features(tmp_path, capsys):
@@ -891,6 +901,8 @@ def test_data_train_on_kept_examples_reports_held_out_accuracy(tmp_path, capsys)
 
 @pytest.mark.parametrize("keep,match", [
     (np.array([0, 5, 240]), "row 2: index 240 is not an example of the data"),
+    (np.array([0.0, 1e30]), "row 1: index 1000000000000000019884624838656 is not an example"),  # was a negative
+    ((np.arange(240) % 2).astype(np.int64), "it looks like a 0/1 mask: save it as booleans"),
     (np.array([0, 5, 5]), "lists an example twice"),
     (np.array([0.5, 1.0]), "whole-number example indices"),
     (np.zeros(10, bool), "boolean mask of shape"),
@@ -905,6 +917,26 @@ def test_data_train_refuses_bad_keep_files(keep, match, tmp_path, capsys):
                  "--keep", str(tmp_path / "keep.npy"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_data_train_keep_csv_needs_a_header_and_held_out_inputs_their_training_dtype(tmp_path, capsys):
+    # pd.Series(kept).to_csv(index=False) writes the header "0": it was read as index 0, trained on silently
+    _linear_task(tmp_path)
+    (tmp_path / "keep.csv").write_text("0\n6\n10\n12\n")
+    base = ["data", "train", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--quiet"]
+    held_out = ["--test-data", str(tmp_path / "xt.npy"), "--test-labels", str(tmp_path / "yt.npy")]
+    assert main([*base, *held_out, "--keep", str(tmp_path / "keep.csv")]) == 2
+    assert "has no header row, so its first row could be a header (pandas writes '0') or an index" in \
+        capsys.readouterr().err
+    (tmp_path / "keep.csv").write_text("index\n0\n6\n10\n12\n")
+    assert main([*base, *held_out, "--keep", str(tmp_path / "keep.csv"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kept"] == 4
+    # uint8 training pixels are scaled by 1/255, float held-out ones were not: accuracy fell, unsaid
+    x = np.random.default_rng(0).integers(0, 256, (240, 6)).astype(np.uint8)
+    np.save(tmp_path / "x8.npy", x)
+    assert main(["data", "train", "--data", str(tmp_path / "x8.npy"), "--labels", str(tmp_path / "y.npy"),
+                 *held_out, "--quiet"]) == 2
+    assert "the training inputs are uint8 and the held-out inputs are not uint8" in capsys.readouterr().err
 
 
 def test_data_train_uses_the_fashion_mnist_test_split(tmp_path, capsys, monkeypatch):

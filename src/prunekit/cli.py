@@ -743,7 +743,8 @@ def main(argv: list[str] | None = None) -> int:
         from prunekit.weights.io import quiet_progress_bars
 
         bars.enter_context(quiet_progress_bars())
-    elif not _is_terminal(sys.stderr) and not any(k.upper() == "TQDM_MININTERVAL" for k in os.environ):  # a log
+    elif not _is_terminal(sys.stderr) and not any(k.startswith("TQDM_") and k[5:].lower() == "mininterval"
+                                                   for k in os.environ):  # a log (the variable as tqdm reads it)
         from prunekit.weights.io import sparse_progress_bars
 
         bars.enter_context(sparse_progress_bars())

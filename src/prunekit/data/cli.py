@@ -142,7 +142,7 @@ def add_parser(sub) -> None:
 
 
 def _cmd_label_issues(args) -> int:
-    from prunekit.data.io import (check_output_file, read_class_labels, read_labeled_table, read_matrix,
+    from prunekit.data.io import (check_output_file, read_array, read_class_labels, read_labeled_table, read_matrix,
                                   resolve_numeric_labels, write_table)
     from prunekit.data.methods import confident as cl
     from prunekit.errors import InputError, check_not_input
@@ -163,9 +163,16 @@ def _cmd_label_issues(args) -> int:
         probs, classes, labels, named = read_labeled_table(args.probs, args.label_column)
     else:
         probs, classes = read_matrix(args.probs, what="probabilities", names=True)
-        labels, named = read_class_labels(args.labels, classes=classes, match_names=True)  # names -> named columns
-        if not named and classes:  # numbers beside named columns: positions, or numeric class names
-            labels, named = resolve_numeric_labels(labels, classes, f"labels file {args.labels}")
+        raw = None
+        if classes and args.labels != "fashion-mnist":  # numbers beside named columns: positions, or class names
+            try:
+                raw = np.asarray(read_array(args.labels, what="labels", columns=1), dtype=np.float64)
+            except (InputError, ValueError, TypeError):  # words: matched to the names below
+                raw = None
+        if raw is not None:
+            labels, named = resolve_numeric_labels(raw, classes, f"labels file {args.labels}")
+        else:
+            labels, named = read_class_labels(args.labels, classes=classes, match_names=True)  # names -> columns
     start = time.perf_counter()
     try:
         ranked = cl.find_label_issues(labels, probs, filter_by=args.filter, frac_noise=args.frac_noise,
@@ -173,7 +180,7 @@ def _cmd_label_issues(args) -> int:
                                       allow_missing_classes=args.allow_missing_classes,
                                       return_indices_ranked_by=args.rank_by)
     except InputError as e:  # every column but the label one was read as a class: name them
-        if args.label_column is None or "pred_probs" not in str(e):
+        if args.label_column is None or not ("must sum to 1" in str(e) or "must lie in [0, 1]" in str(e)):
             raise
         raise InputError(f"{e}; with --label-column every other column of {args.probs} is read as a class "
                          f"probability ({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}): keep only "
@@ -616,6 +623,10 @@ def _read_kept(path, n: int) -> np.ndarray:
 
     table, names = read_named(path, what="keep")
     table = np.asarray(table)
+    if str(path).lower().endswith(".csv") and not names:  # pandas' Series.to_csv writes the header "0": an index?
+        raise InputError(f"keep file {path} has no header row, so its first row could be a header (pandas writes "
+                         "'0') or an index; give the column a header, index (data select writes one; pandas: "
+                         "pd.Series(kept, name='index').to_csv(path, index=False))")
     if table.dtype == bool:
         if table.shape != (n,):
             raise InputError(f"keep file {path} is a boolean mask of shape {table.shape}; it needs one entry per "
@@ -631,13 +642,15 @@ def _read_kept(path, n: int) -> np.ndarray:
         raise InputError(f"keep file {path} must hold example indices, got shape {table.shape} of {table.dtype}")
     if not (np.all(np.isfinite(table)) and np.all(table == np.round(table))):
         raise InputError(f"keep file {path} must hold whole-number example indices")
-    kept = table.astype(np.int64)
-    bad = (kept < 0) | (kept >= n)
+    bad = (table < 0) | (table >= n)  # before the cast: 1e30 became a negative int64
     if bad.any():
-        raise InputError(f"keep file {path} row {int(np.argmax(bad))}: index {int(kept[np.argmax(bad)])} is not an "
+        raise InputError(f"keep file {path} row {int(np.argmax(bad))}: index {table[np.argmax(bad)]:.0f} is not an "
                          f"example of the data (0..{n - 1})")
+    kept = table.astype(np.int64)
     if len(np.unique(kept)) != len(kept):
-        raise InputError(f"keep file {path} lists an example twice; give each kept index once")
+        mask = len(kept) == n and set(np.unique(kept).tolist()) <= {0, 1}
+        raise InputError(f"keep file {path} lists an example twice; give each kept index once"
+                         + (" (it looks like a 0/1 mask: save it as booleans, mask.astype(bool))" if mask else ""))
     return np.sort(kept)
 
 
@@ -663,6 +676,14 @@ def _cmd_train(args) -> int:
     start = time.perf_counter()
     x, y, model_fn = _inputs(args)
     if args.test_data is not None:
+        from prunekit.data.io import read_named
+
+        pixels = [args.data == "fashion-mnist" or np.asarray(read_named(args.data, what="data")[0]).dtype == np.uint8,
+                  np.asarray(read_named(args.test_data, what="held-out data")[0]).dtype == np.uint8]
+        if pixels[0] != pixels[1]:  # uint8 is divided by 255, anything else is taken as it is
+            raise InputError(f"the training inputs are {'' if pixels[0] else 'not '}uint8 and the held-out inputs are "
+                             f"{'' if pixels[1] else 'not '}uint8: uint8 pixels are scaled by 1/255 and other values "
+                             "are used as they are, so the two would not match; give both in one dtype")
         test = ap.Namespace(data=args.test_data, labels=args.test_labels, model=args.model)
         x_test, y_test, _ = _inputs(test)
         test_source = str(args.test_data)

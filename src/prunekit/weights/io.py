@@ -63,10 +63,10 @@ _BARS = {"lock": threading.Lock(), "depth": 0, "original": None}  # sparse_progr
 @contextlib.contextmanager
 def sparse_progress_bars(seconds: float = LOG_BAR_SECONDS):
     """Progress bars (prunekit's, transformers', the hub's: every tqdm) redraw at most every `seconds` inside,
-    unless a call or ``TQDM_MININTERVAL`` sets its own interval; tqdm is patched on the first entry and restored on
-    the last exit (commands in several threads may overlap), and a bar another thread makes meanwhile is slowed
-    too. For a stderr that is not a terminal: at tqdm's 0.1 s a log got up to ten carriage-return updates a
-    second."""
+    unless a call sets its own interval (the CLI does not enter this when ``TQDM_MININTERVAL`` is set); tqdm is
+    patched on the first entry and restored on the last exit (commands in several threads may overlap), and a bar
+    another thread makes meanwhile is slowed too. For a stderr that is not a terminal: at tqdm's 0.1 s a log got
+    up to ten carriage-return updates a second."""
     from tqdm import std
 
     with _BARS["lock"]:
