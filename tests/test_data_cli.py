@@ -957,3 +957,37 @@ def test_data_train_uses_the_fashion_mnist_test_split(tmp_path, capsys, monkeypa
     assert "held-out inputs are shaped (756,) per example, the training inputs (1, 28, 28)" in capsys.readouterr().err
     assert main(["data", "train", "--data", "fashion-mnist", "--test-data", str(xt), "--quiet"]) == 2
     assert "give --test-data and --test-labels together" in capsys.readouterr().err
+
+
+def test_select_reads_scores_and_labels_from_one_table(tmp_path, capsys):
+    # a DataFrame of scores and labels had to be split into two files for select
+    rng = np.random.default_rng(3)
+    n, names = 30, ["coat", "bag", "shirt"]
+    scores = rng.random(n)
+    y = np.arange(n) % 3
+    np.save(tmp_path / "s.npy", scores)
+    np.save(tmp_path / "y.npy", y)
+    want = tmp_path / "want.npy"
+    assert main(["data", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "0.5", "--labels",
+                 str(tmp_path / "y.npy"), "--balanced", "--out", str(want)]) == 0
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["id", "label", "el2n", "other"]]
+                                + [[f"a{i}", names[c], repr(float(s)), 7] for i, (c, s) in enumerate(zip(y, scores))])
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"label": [names[c] for c in y], "el2n": scores}), tmp_path / "t.parquet")
+    for table in ("t.csv", "t.parquet"):
+        out = tmp_path / f"got-{table}.npy"
+        assert main(["data", "select", "--scores", str(tmp_path / table), "--score-column", "el2n", "--label-column",
+                     "label", "--keep", "0.5", "--balanced", "--out", str(out)]) == 0
+        assert np.load(out).tolist() == np.load(want).tolist()
+    capsys.readouterr()
+    out = tmp_path / "x.npy"
+    base = ["data", "select", "--scores", str(tmp_path / "t.csv"), "--keep", "0.5", "--out", str(out)]
+    for extra, match in ((["--score-column", "id"], "column 'id' row 0: 'a0' is not a number"),
+                         (["--score-column", "nope"], "has no column 'nope' in its header (id, label, el2n, other)"),
+                         (["--score-column", "el2n", "--label-column", "label", "--labels", str(tmp_path / "y.npy")],
+                          "not both"),
+                         (["--score-column", "el2n", "--balanced"], "--balanced needs --labels (or --label-column)")):
+        _refused([*base, *extra], out, tmp_path, capsys, re.escape(match))

@@ -62,6 +62,10 @@ def add_parser(sub) -> None:
                     help="hard: keep the highest scores; easy: the lowest; ccs: coverage-centric stratified; random")
     se.add_argument("--labels", default=None,
                     help="class labels, for --balanced: indices or class names (a file), or fashion-mnist")
+    se.add_argument("--score-column", default=None, metavar="NAME",
+                    help="the scores are column NAME of the --scores table (.csv with a header, .parquet)")
+    se.add_argument("--label-column", default=None, metavar="NAME",
+                    help="instead of --labels: the labels are column NAME of the --scores table")
     se.add_argument("--balanced", action="store_true", help="keep the same fraction of every class")
     se.add_argument("--seed", type=int, default=0, help="seed of --strategy random and ccs draws")
     se.add_argument("--out", required=True, help="kept example indices (.npy), or index,score table (.csv/.parquet)")
@@ -210,16 +214,39 @@ def _cmd_label_issues(args) -> int:
 
 
 def _cmd_select(args) -> int:
-    from prunekit.data.io import check_output_file, read_label_groups, read_vector, write_table
+    from prunekit.data.io import (_is_float, check_output_file, label_groups, read_label_groups, read_table_column,
+                                  read_vector, write_table)
     from prunekit.errors import InputError, check_not_input, int_at_least
     from prunekit.select import select_examples
 
     check_output_file(args.out, overwrite=args.overwrite)
     check_not_input(args.out, args.scores, args.labels)
     int_at_least(args.seed, "--seed", 0)
-    scores = np.asarray(read_vector(args.scores, what="scores"), dtype=np.float64)
+    if args.labels is not None and args.label_column is not None:
+        raise InputError("give the labels as a file (--labels) or as a column of the --scores table (--label-column), "
+                         "not both")
+    if args.score_column is None:
+        scores = np.asarray(read_vector(args.scores, what="scores"), dtype=np.float64)
+    else:
+        cells = read_table_column(args.scores, args.score_column, what="scores")
+        where = f"scores file {args.scores} column {args.score_column!r}"
+        bad = [i for i, c in enumerate(cells) if not _is_float(c)]
+        if bad:
+            raise InputError(f"{where} row {bad[0]}: {cells[bad[0]]!r} is not a number")
+        scores = np.array([float(c) for c in cells])
+        gaps = np.isnan(scores) | np.isneginf(scores)  # +inf is a legal score (never learned), as in --scores files
+        if gaps.any():
+            raise InputError(f"{where} row {int(np.argmax(gaps))}: NaN or -inf; fill or drop it")
     labels = None
-    if args.labels is not None:
+    if args.label_column is not None:
+        where = f"scores file {args.scores} column {args.label_column!r}"
+        labels = label_groups(read_table_column(args.scores, args.label_column, what="scores"), where)
+        if len(labels) != len(scores):
+            raise InputError(f"{where} has {len(labels)} rows but the scores have {len(scores)}; read the scores from "
+                             "the same table with --score-column")
+        if not args.balanced:
+            print("prunekit: note: --label-column is used with --balanced only; ignored", file=sys.stderr)
+    elif args.labels is not None:
         labels, header = read_label_groups(args.labels, len(scores))  # class names too: balancing needs the groups
         if header is not None:  # one row more than the scores: its first row was taken as a header
             print(f"prunekit: note: {args.labels} has one row more than {args.scores}; its first row ({header!r}) is "
@@ -229,7 +256,7 @@ def _cmd_select(args) -> int:
         if not args.balanced:  # read and checked, then unused: it looked as if the selection used them
             print("prunekit: note: --labels is used with --balanced only; ignored", file=sys.stderr)
     elif args.balanced:
-        raise InputError("--balanced needs --labels")
+        raise InputError("--balanced needs --labels (or --label-column)")
     if args.seed != 0 and args.strategy in ("hard", "easy"):  # they take no random draw
         print(f"prunekit: note: --seed is used with --strategy random or ccs only; ignored by {args.strategy}",
               file=sys.stderr)

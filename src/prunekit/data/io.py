@@ -24,8 +24,8 @@ from prunekit.errors import (InputError, apply_umask, check_output_name, check_w
                              place_file)
 
 __all__ = ["read_array", "read_named", "read_labels", "read_class_labels", "read_label_groups", "read_labeled_table",
-           "resolve_numeric_labels", "read_vector", "read_matrix", "check_real", "write_table", "check_output_file",
-           "FORMATS"]
+           "resolve_numeric_labels", "read_table_column", "label_groups", "read_vector", "read_matrix", "check_real",
+           "write_table", "check_output_file", "FORMATS"]
 
 FORMATS = (".npy", ".csv", ".parquet")
 
@@ -469,6 +469,42 @@ def _check_distinct(classes: list[str], path, what: str) -> None:
             raise InputError(f"{what} file {path} names two class columns {c!r}; class names must be distinct to "
                              "match the labels to them")
         seen.add(c)
+
+
+def read_table_column(path, column: str, *, what: str) -> list[str]:
+    """The cells of column `column` (by its header name) of a .csv with a header row or a .parquet, as text
+    (a parquet null: "")."""
+    path = Path(path).expanduser()
+    suffix = _suffix(path, what)
+    if suffix == ".npy":
+        raise InputError(f"{what} file {path} is a .npy array, which has no column {column!r}; give a .csv with a "
+                         "header or a .parquet")
+    if not path.is_file():
+        raise InputError(f"{what} file {path} does not exist")
+    if suffix == ".csv":
+        rows, header = _csv_rows(path, what, named=True)
+        if column not in header:
+            raise InputError(f"{what} file {path} has no column {column!r} in its header ({', '.join(header[:8])}"
+                             f"{', ...' if len(header) > 8 else ''})")
+        j = header.index(column)
+        return [r[j].strip() if j < len(r) else "" for _, r in rows]
+    table = _parquet_table(path, what)
+    if column not in table.column_names:
+        raise InputError(f"{what} file {path} has no column {column!r} ({', '.join(table.column_names[:8])}"
+                         f"{', ...' if len(table.column_names) > 8 else ''})")
+    return [("" if v is None else str(v).strip()) for v in table.column(column).to_pylist()]
+
+
+def label_groups(cells: list[str], where: str) -> np.ndarray:
+    """Group numbers of labels written as text: whole numbers >= 0 as they are, class names numbered in sorted
+    order (what class balancing needs)."""
+    if any(not c for c in cells):
+        raise InputError(f"{where} row {cells.index('')}: an empty label; fill or drop it")
+    if all(_is_float(c) for c in cells):
+        values = np.array([float(c) for c in cells])
+        if np.all(np.isfinite(values)) and np.all(values == np.round(values)) and np.all(values >= 0):
+            return values.astype(np.int64)
+    return np.unique(np.array(cells, dtype=object).astype(str), return_inverse=True)[1].astype(np.int64)
 
 
 def read_label_groups(path, n: int, *, what: str = "labels") -> tuple[np.ndarray, str | None]:
