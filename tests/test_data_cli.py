@@ -934,9 +934,13 @@ def test_data_train_keep_csv_needs_a_header_and_held_out_inputs_their_training_d
     # uint8 training pixels are scaled by 1/255, float held-out ones were not: accuracy fell, unsaid
     x = np.random.default_rng(0).integers(0, 256, (240, 6)).astype(np.uint8)
     np.save(tmp_path / "x8.npy", x)
-    assert main(["data", "train", "--data", str(tmp_path / "x8.npy"), "--labels", str(tmp_path / "y.npy"),
-                 *held_out, "--quiet"]) == 2
-    assert "the training inputs are uint8 and the held-out inputs are not uint8" in capsys.readouterr().err
+    np.save(tmp_path / "xt255.npy", x[:120].astype(np.float32))
+    np.save(tmp_path / "xt01.npy", x[:120].astype(np.float32) / 255)  # the same scale: accepted
+    train8 = ["data", "train", "--data", str(tmp_path / "x8.npy"), "--labels", str(tmp_path / "y.npy"), "--quiet",
+              "--test-labels", str(tmp_path / "yt.npy")]
+    assert main([*train8, "--test-data", str(tmp_path / "xt255.npy")]) == 2
+    assert "the training inputs reach 1 and the held-out inputs 255" in capsys.readouterr().err
+    assert main([*train8, "--test-data", str(tmp_path / "xt01.npy")]) == 0
 
 
 def test_data_train_uses_the_fashion_mnist_test_split(tmp_path, capsys, monkeypatch):
@@ -991,3 +995,35 @@ def test_select_reads_scores_and_labels_from_one_table(tmp_path, capsys):
                           "not both"),
                          (["--score-column", "el2n", "--balanced"], "--balanced needs --labels (or --label-column)")):
         _refused([*base, *extra], out, tmp_path, capsys, re.escape(match))
+
+
+def test_select_one_table_follows_its_index_column_and_refuses_bad_labels(tmp_path, capsys):
+    # a data-score table sorted by score in pandas: its rows are not the examples' order
+    rng = np.random.default_rng(5)
+    scores = rng.random(12)
+    y = np.arange(12) % 3
+    np.save(tmp_path / "s.npy", scores)
+    np.save(tmp_path / "y.npy", y)
+    want = tmp_path / "want.npy"
+    assert main(["data", "select", "--scores", str(tmp_path / "s.npy"), "--keep", "0.5", "--labels",
+                 str(tmp_path / "y.npy"), "--balanced", "--out", str(want)]) == 0
+    order = np.argsort(scores)
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["index", "el2n", "label"]]
+                                + [[int(i), repr(float(scores[i])), int(y[i])] for i in order])
+    out = tmp_path / "got.npy"
+    assert main(["data", "select", "--scores", str(tmp_path / "t.csv"), "--score-column", "el2n", "--label-column",
+                 "label", "--keep", "0.5", "--balanced", "--out", str(out)]) == 0
+    assert np.load(out).tolist() == np.load(want).tolist()
+    capsys.readouterr()
+    x = tmp_path / "x.npy"
+    for rows, extra, match in (
+            ([[0, 0.5, "nan"], [1, 0.2, "a"]], [], "row 0: a missing or non-finite label ('nan')"),
+            ([[0, 0.5, "a"], [1, 0.2, "a", "b"]], [], "line 3 has 4 values, the header 3"),
+            ([[0, 0.5, "a"], [0, 0.2, "b"]], [], "its index column must list every example 0..1 once"),
+            ([[0, 0.5, "a"], [1, 0.2, "b"]], ["--label-column", "el2n"], "both name 'el2n'")):
+        with open(tmp_path / "bad.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["index", "el2n", "label"]] + rows)
+        args = ["data", "select", "--scores", str(tmp_path / "bad.csv"), "--score-column", "el2n", "--keep", "0.5",
+                "--balanced", "--out", str(x)]
+        _refused([*args, *(extra or ["--label-column", "label"])], x, tmp_path, capsys, re.escape(match))

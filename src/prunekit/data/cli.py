@@ -170,9 +170,11 @@ def _cmd_label_issues(args) -> int:
         raw = None
         if classes and args.labels != "fashion-mnist":  # numbers beside named columns: positions, or class names
             try:
-                raw = np.asarray(read_array(args.labels, what="labels", columns=1), dtype=np.float64)
-            except (InputError, ValueError, TypeError):  # words: matched to the names below
+                raw = np.asarray(read_array(args.labels, what="labels", columns=1))
+            except InputError:  # words: matched to the names below
                 raw = None
+            raw = raw.astype(np.float64) if raw is not None and raw.dtype.kind in "iuf" else None  # bool, complex,
+            # strings: the readers below (which refuse the first two)
         if raw is not None:
             labels, named = resolve_numeric_labels(raw, classes, f"labels file {args.labels}")
         else:
@@ -213,6 +215,28 @@ def _cmd_label_issues(args) -> int:
     return 0
 
 
+def _index_order(path, n: int) -> np.ndarray:
+    """Row positions of examples 0..n-1 in the table `path`: by its ``index`` column when it has one (every
+    example once, as `data score` writes it), else the rows as they are."""
+    from prunekit.data.io import _is_float, read_table_column
+    from prunekit.errors import InputError
+
+    try:
+        cells = read_table_column(path, "index", what="scores")
+    except InputError as e:
+        if "has no column 'index'" in str(e):
+            return np.arange(n)
+        raise
+    if not all(_is_float(c) and np.isfinite(float(c)) and float(c) == np.round(float(c)) for c in cells):
+        raise InputError(f"scores file {path}: its index column must hold whole numbers")
+    index = np.array([float(c) for c in cells])
+    order = np.argsort(index, kind="stable")
+    if not np.array_equal(index[order], np.arange(n)):
+        raise InputError(f"scores file {path}: its index column must list every example 0..{n - 1} once (one score "
+                         "per example); give the whole table, not a selection")
+    return order
+
+
 def _cmd_select(args) -> int:
     from prunekit.data.io import (_is_float, check_output_file, label_groups, read_label_groups, read_table_column,
                                   read_vector, write_table)
@@ -225,6 +249,9 @@ def _cmd_select(args) -> int:
     if args.labels is not None and args.label_column is not None:
         raise InputError("give the labels as a file (--labels) or as a column of the --scores table (--label-column), "
                          "not both")
+    if args.label_column is not None and args.score_column is None:
+        raise InputError("--label-column reads the labels from the --scores table: name its score column too "
+                         "(--score-column)")
     if args.score_column is None:
         scores = np.asarray(read_vector(args.scores, what="scores"), dtype=np.float64)
     else:
@@ -237,13 +264,19 @@ def _cmd_select(args) -> int:
         gaps = np.isnan(scores) | np.isneginf(scores)  # +inf is a legal score (never learned), as in --scores files
         if gaps.any():
             raise InputError(f"{where} row {int(np.argmax(gaps))}: NaN or -inf; fill or drop it")
+        order = _index_order(args.scores, len(scores))  # a sorted or filtered table: rows back in example order
+        scores = scores[order]
     labels = None
+    if args.label_column is not None and args.label_column == args.score_column:
+        raise InputError(f"--score-column and --label-column both name {args.label_column!r}; give the label column")
     if args.label_column is not None:
         where = f"scores file {args.scores} column {args.label_column!r}"
         labels = label_groups(read_table_column(args.scores, args.label_column, what="scores"), where)
         if len(labels) != len(scores):
             raise InputError(f"{where} has {len(labels)} rows but the scores have {len(scores)}; read the scores from "
                              "the same table with --score-column")
+        if args.score_column is not None:
+            labels = labels[order]
         if not args.balanced:
             print("prunekit: note: --label-column is used with --balanced only; ignored", file=sys.stderr)
     elif args.labels is not None:
@@ -703,14 +736,6 @@ def _cmd_train(args) -> int:
     start = time.perf_counter()
     x, y, model_fn = _inputs(args)
     if args.test_data is not None:
-        from prunekit.data.io import read_named
-
-        pixels = [args.data == "fashion-mnist" or np.asarray(read_named(args.data, what="data")[0]).dtype == np.uint8,
-                  np.asarray(read_named(args.test_data, what="held-out data")[0]).dtype == np.uint8]
-        if pixels[0] != pixels[1]:  # uint8 is divided by 255, anything else is taken as it is
-            raise InputError(f"the training inputs are {'' if pixels[0] else 'not '}uint8 and the held-out inputs are "
-                             f"{'' if pixels[1] else 'not '}uint8: uint8 pixels are scaled by 1/255 and other values "
-                             "are used as they are, so the two would not match; give both in one dtype")
         test = ap.Namespace(data=args.test_data, labels=args.test_labels, model=args.model)
         x_test, y_test, _ = _inputs(test)
         test_source = str(args.test_data)
@@ -725,6 +750,10 @@ def _cmd_train(args) -> int:
     if tuple(x_test.shape[1:]) != tuple(x.shape[1:]):
         raise InputError(f"held-out inputs are shaped {tuple(x_test.shape[1:])} per example, the training inputs "
                          f"{tuple(x.shape[1:])}; give them in the same shape")
+    reach = float(x.abs().max()), float(x_test.abs().max())  # after uint8 pixels were divided by 255
+    if min(reach) > 0 and max(reach) / min(reach) > 20:  # uint8 pixels beside 0-255 floats, or the reverse
+        raise InputError(f"the training inputs reach {reach[0]:.3g} and the held-out inputs {reach[1]:.3g} (uint8 "
+                         "pixels are divided by 255, other values are taken as they are): give both on one scale")
     k = int(y.max()) + 1
     if int(y_test.max()) >= k:
         raise InputError(f"held-out label {int(y_test.max())} is a class the training labels never use (0..{k - 1})")

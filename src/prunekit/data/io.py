@@ -486,9 +486,16 @@ def read_table_column(path, column: str, *, what: str) -> list[str]:
         if column not in header:
             raise InputError(f"{what} file {path} has no column {column!r} in its header ({', '.join(header[:8])}"
                              f"{', ...' if len(header) > 8 else ''})")
+        if header.count(column) > 1:
+            raise InputError(f"{what} file {path} has two columns named {column!r}; rename one")
+        for line, r in rows:
+            if len(r) != len(header):  # an unquoted comma in a name shifted the cells
+                raise InputError(f"{what} file {path}: line {line} has {len(r)} values, the header {len(header)}")
         j = header.index(column)
-        return [r[j].strip() if j < len(r) else "" for _, r in rows]
+        return [r[j].strip() for _, r in rows]
     table = _parquet_table(path, what)
+    if table.column_names.count(column) > 1:
+        raise InputError(f"{what} file {path} has two columns named {column!r}; rename one")
     if column not in table.column_names:
         raise InputError(f"{what} file {path} has no column {column!r} ({', '.join(table.column_names[:8])}"
                          f"{', ...' if len(table.column_names) > 8 else ''})")
@@ -498,11 +505,12 @@ def read_table_column(path, column: str, *, what: str) -> list[str]:
 def label_groups(cells: list[str], where: str) -> np.ndarray:
     """Group numbers of labels written as text: whole numbers >= 0 as they are, class names numbered in sorted
     order (what class balancing needs)."""
-    if any(not c for c in cells):
-        raise InputError(f"{where} row {cells.index('')}: an empty label; fill or drop it")
+    gap = [i for i, c in enumerate(cells) if c.lower() in _MISSING or (_is_float(c) and not np.isfinite(float(c)))]
+    if gap:
+        raise InputError(f"{where} row {gap[0]}: a missing or non-finite label ({cells[gap[0]]!r}); fill or drop it")
     if all(_is_float(c) for c in cells):
         values = np.array([float(c) for c in cells])
-        if np.all(np.isfinite(values)) and np.all(values == np.round(values)) and np.all(values >= 0):
+        if np.all(values == np.round(values)) and np.all(values >= 0) and np.all(values < 2**53):
             return values.astype(np.int64)
     return np.unique(np.array(cells, dtype=object).astype(str), return_inverse=True)[1].astype(np.int64)
 
