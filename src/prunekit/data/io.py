@@ -128,25 +128,44 @@ def _csv_numbers(rows: list[tuple[int, list[str]]], path: Path, what: str) -> np
     return values[:, 0] if width == 1 else values
 
 
+def _table_path(path, column: str, what: str, other: str = "") -> tuple[Path, str]:
+    """`path` and its suffix for reading column `column`: a .csv or .parquet file that exists."""
+    path = Path(path).expanduser()
+    suffix = _suffix(path, what)
+    if suffix == ".npy":
+        raise InputError(f"{what} file {path} is a .npy array, which has no column {column!r}; give a .csv with a "
+                         f"header or a .parquet{other}")
+    if not path.is_file():
+        raise InputError(f"{what} file {path} does not exist")
+    return path, suffix
+
+
+def _header_index(rows, header: list[str], column: str, path: Path, what: str) -> int:
+    """Where `column` is in a CSV `header`: once, with every row as wide as the header."""
+    if column not in header:
+        raise InputError(f"{what} file {path} has no column {column!r} in its header ({', '.join(header[:8])}"
+                         f"{', ...' if len(header) > 8 else ''})")
+    if header.count(column) > 1:
+        raise InputError(f"{what} file {path} has two columns named {column!r}; rename one")
+    for line, r in rows:
+        if len(r) != len(header):  # an unquoted comma in a name shifted the cells
+            if not any(c.strip() for c in r):
+                raise InputError(f"{what} file {path} line {line} is empty: a missing value (pandas writes NaN as an "
+                                 "empty cell); fill or drop that row")
+            raise InputError(f"{what} file {path}: line {line} has {len(r)} values, the header {len(header)}")
+    return header.index(column)
+
+
 def read_labeled_table(path, column: str, *, what: str = "probabilities") -> tuple[np.ndarray, list[str], np.ndarray,
                                                                                      bool]:
     """One .csv (with a header) or .parquet table holding the labels in `column` and the class probabilities in
     every other column: ``(probs [N, K], class names (those columns' names), labels [N], named)``. Labels are
     class indices 0..K-1 or the class names; `named` says which."""
-    path = Path(path).expanduser()
-    suffix = _suffix(path, what)
-    if suffix == ".npy":
-        raise InputError(f"{what} file {path} is a .npy array, which has no column {column!r}; give a .csv with a "
-                         "header or a .parquet, or the labels as their own file (--labels)")
-    if not path.is_file():
-        raise InputError(f"{what} file {path} does not exist")
+    path, suffix = _table_path(path, column, what, ", or the labels as their own file (--labels)")
     if suffix == ".csv":
         rows, header = _csv_rows(path, what, named=True)
-        if column not in header:
-            raise InputError(f"{what} file {path} has no column {column!r} in its header ({', '.join(header[:8])}"
-                             f"{', ...' if len(header) > 8 else ''})")
-        j = header.index(column)
-        cells = [r[j].strip() if j < len(r) else "" for _, r in rows]
+        j = _header_index(rows, header, column, path, what)
+        cells = [r[j].strip() for _, r in rows]
         text_column = False
         classes = header[:j] + header[j + 1:]
         try:
@@ -474,24 +493,10 @@ def _check_distinct(classes: list[str], path, what: str) -> None:
 def read_table_column(path, column: str, *, what: str) -> list[str]:
     """The cells of column `column` (by its header name) of a .csv with a header row or a .parquet, as text
     (a parquet null: "")."""
-    path = Path(path).expanduser()
-    suffix = _suffix(path, what)
-    if suffix == ".npy":
-        raise InputError(f"{what} file {path} is a .npy array, which has no column {column!r}; give a .csv with a "
-                         "header or a .parquet")
-    if not path.is_file():
-        raise InputError(f"{what} file {path} does not exist")
+    path, suffix = _table_path(path, column, what)
     if suffix == ".csv":
         rows, header = _csv_rows(path, what, named=True)
-        if column not in header:
-            raise InputError(f"{what} file {path} has no column {column!r} in its header ({', '.join(header[:8])}"
-                             f"{', ...' if len(header) > 8 else ''})")
-        if header.count(column) > 1:
-            raise InputError(f"{what} file {path} has two columns named {column!r}; rename one")
-        for line, r in rows:
-            if len(r) != len(header):  # an unquoted comma in a name shifted the cells
-                raise InputError(f"{what} file {path}: line {line} has {len(r)} values, the header {len(header)}")
-        j = header.index(column)
+        j = _header_index(rows, header, column, path, what)
         return [r[j].strip() for _, r in rows]
     table = _parquet_table(path, what)
     if table.column_names.count(column) > 1:
