@@ -215,31 +215,9 @@ def _cmd_label_issues(args) -> int:
     return 0
 
 
-def _index_order(path, n: int) -> np.ndarray:
-    """Row positions of examples 0..n-1 in the table `path`: by its ``index`` column when it has one (every
-    example once, as `data score` writes it), else the rows as they are."""
-    from prunekit.data.io import _is_float, read_table_column
-    from prunekit.errors import InputError
-
-    try:
-        cells = read_table_column(path, "index", what="scores")
-    except InputError as e:
-        if "has no column 'index'" in str(e):
-            return np.arange(n)
-        raise
-    if not all(_is_float(c) and np.isfinite(float(c)) and float(c) == np.round(float(c)) for c in cells):
-        raise InputError(f"scores file {path}: its index column must hold whole numbers")
-    index = np.array([float(c) for c in cells])
-    order = np.argsort(index, kind="stable")
-    if not np.array_equal(index[order], np.arange(n)):
-        raise InputError(f"scores file {path}: its index column must list every example 0..{n - 1} once (one score "
-                         "per example); give the whole table, not a selection")
-    return order
-
-
 def _cmd_select(args) -> int:
-    from prunekit.data.io import (_is_float, check_output_file, label_groups, read_label_groups, read_table_column,
-                                  read_vector, write_table)
+    from prunekit.data.io import (_is_float, check_output_file, index_order, label_groups, read_label_groups,
+                                  read_table_columns, read_vector, write_table)
     from prunekit.errors import InputError, check_not_input, int_at_least
     from prunekit.select import select_examples
 
@@ -252,10 +230,15 @@ def _cmd_select(args) -> int:
     if args.label_column is not None and args.score_column is None:
         raise InputError("--label-column reads the labels from the --scores table: name its score column too "
                          "(--score-column)")
+    if args.label_column is not None and args.label_column == args.score_column:
+        raise InputError(f"--score-column and --label-column both name {args.label_column!r}; give the label column")
+    labels = None
     if args.score_column is None:
         scores = np.asarray(read_vector(args.scores, what="scores"), dtype=np.float64)
-    else:
-        cells = read_table_column(args.scores, args.score_column, what="scores")
+    else:  # one read of the table: scores, labels, and the index that orders its rows
+        wanted = [args.score_column, *([args.label_column] if args.label_column else []), "index"]
+        table = read_table_columns(args.scores, wanted, what="scores", optional=("index",))
+        cells = table[args.score_column]
         where = f"scores file {args.scores} column {args.score_column!r}"
         bad = [i for i, c in enumerate(cells) if not _is_float(c)]
         if bad:
@@ -264,19 +247,13 @@ def _cmd_select(args) -> int:
         gaps = np.isnan(scores) | np.isneginf(scores)  # +inf is a legal score (never learned), as in --scores files
         if gaps.any():
             raise InputError(f"{where} row {int(np.argmax(gaps))}: NaN or -inf; fill or drop it")
-        order = _index_order(args.scores, len(scores))  # a sorted or filtered table: rows back in example order
+        # a sorted or filtered table: its rows back in example order
+        order = index_order(table["index"], args.scores, "scores") if "index" in table else np.arange(len(scores))
         scores = scores[order]
-    labels = None
-    if args.label_column is not None and args.label_column == args.score_column:
-        raise InputError(f"--score-column and --label-column both name {args.label_column!r}; give the label column")
-    if args.label_column is not None:
-        where = f"scores file {args.scores} column {args.label_column!r}"
-        labels = label_groups(read_table_column(args.scores, args.label_column, what="scores"), where)
-        if len(labels) != len(scores):
-            raise InputError(f"{where} has {len(labels)} rows but the scores have {len(scores)}; read the scores from "
-                             "the same table with --score-column")
-        if args.score_column is not None:
+        if args.label_column is not None:
+            labels = label_groups(table[args.label_column], f"scores file {args.scores} column {args.label_column!r}")
             labels = labels[order]
+    if args.label_column is not None:
         if not args.balanced:
             print("prunekit: note: --label-column is used with --balanced only; ignored", file=sys.stderr)
     elif args.labels is not None:

@@ -24,8 +24,8 @@ from prunekit.errors import (InputError, apply_umask, check_output_name, check_w
                              place_file)
 
 __all__ = ["read_array", "read_named", "read_labels", "read_class_labels", "read_label_groups", "read_labeled_table",
-           "resolve_numeric_labels", "read_table_column", "label_groups", "read_vector", "read_matrix", "check_real",
-           "write_table", "check_output_file", "FORMATS"]
+           "resolve_numeric_labels", "read_table_columns", "index_order", "label_groups", "read_vector", "read_matrix",
+           "check_real", "write_table", "check_output_file", "FORMATS"]
 
 FORMATS = (".npy", ".csv", ".parquet")
 
@@ -176,16 +176,13 @@ def read_labeled_table(path, column: str, *, what: str = "probabilities") -> tup
                              "label and the class columns") from None
     else:
         table = _parquet_table(path, what)
-        if column not in table.column_names:
-            raise InputError(f"{what} file {path} has no column {column!r} ({', '.join(table.column_names[:8])}"
-                             f"{', ...' if len(table.column_names) > 8 else ''})")
+        cells = _parquet_cells(table, column, path, what)
         kind = table.column(column).type
         import pyarrow.types as pat
 
         if pat.is_dictionary(kind):  # pandas' categorical
             kind = kind.value_type
         text_column = pat.is_string(kind) or pat.is_large_string(kind)
-        cells = [("" if v is None else str(v).strip()) for v in table.column(column).to_pylist()]
         classes = [n for n in table.column_names if n != column and not (n.startswith("__index_level_")
                                                                           and n.endswith("__"))]
         cols = []
@@ -490,21 +487,35 @@ def _check_distinct(classes: list[str], path, what: str) -> None:
         seen.add(c)
 
 
-def read_table_column(path, column: str, *, what: str) -> list[str]:
-    """The cells of column `column` (by its header name) of a .csv with a header row or a .parquet, as text
-    (a parquet null: "")."""
-    path, suffix = _table_path(path, column, what)
-    if suffix == ".csv":
-        rows, header = _csv_rows(path, what, named=True)
-        j = _header_index(rows, header, column, path, what)
-        return [r[j].strip() for _, r in rows]
-    table = _parquet_table(path, what)
+def _parquet_cells(table, column: str, path: Path, what: str) -> list[str]:
+    """Column `column` of a parquet `table` as text (a null: ""), named once."""
     if table.column_names.count(column) > 1:
         raise InputError(f"{what} file {path} has two columns named {column!r}; rename one")
     if column not in table.column_names:
         raise InputError(f"{what} file {path} has no column {column!r} ({', '.join(table.column_names[:8])}"
                          f"{', ...' if len(table.column_names) > 8 else ''})")
     return [("" if v is None else str(v).strip()) for v in table.column(column).to_pylist()]
+
+
+def read_table_columns(path, columns: list[str], *, what: str, optional: tuple = ()) -> dict[str, list[str]]:
+    """The cells of `columns` (by header name) of a .csv with a header row or a .parquet, as text (a parquet null:
+    ""), read once; an `optional` column the table lacks is left out."""
+    path, suffix = _table_path(path, columns[0], what)
+    if suffix == ".csv":
+        rows, header = _csv_rows(path, what, named=True)
+        wanted = [c for c in columns if c not in optional or c in header]
+        return {c: [r[j].strip() for _, r in rows] for c, j in
+                ((c, _header_index(rows, header, c, path, what)) for c in wanted)}
+    table = _parquet_table(path, what)
+    return {c: _parquet_cells(table, c, path, what) for c in columns
+            if c not in optional or c in table.column_names}
+
+
+def index_order(cells: list[str], path, what: str) -> np.ndarray:
+    """Row positions of examples 0..N-1 in a table whose ``index`` column holds `cells` (every example once, as
+    `data score` writes it)."""
+    index = np.array([float(c) if _is_float(c) else np.nan for c in cells])
+    return _by_index(np.column_stack([index, np.arange(len(cells))]), Path(path), what).astype(np.int64)
 
 
 def label_groups(cells: list[str], where: str) -> np.ndarray:
