@@ -496,6 +496,13 @@ def test_extract_answer():
     assert extract_answer("The answer is 1,2000") == "1" and extract_answer("3,4,5") == "5"
     assert extract_answer("The answer is 1e3.") == "1000" and extract_answer("so 2.5e-3") == "0.0025"
     assert extract_answer("The answer is 12,345,678.") == "12345678" and extract_answer("answer is 007") == "7"
+    # words or a colon between "answer is" and the number: the number stated, not the last one in the text
+    assert extract_answer("The answer is indeed 5. Check: 2 + 3 = 5, and 5 + 3 = 8.") == "5"
+    assert extract_answer("The answer is: 12 apples, and 3 are left") == "12"
+    assert extract_answer("So the answer is, therefore, 7 (not 9)") == "7"
+    assert extract_answer("answer = 4, since 2 x 2 = 4 and 6 is wrong") == "4"
+    assert extract_answer("The final answer is $\\boxed{42}$ after 3 steps") == "42"
+    assert extract_answer("The answer is unclear; maybe 6 or 7") == "7"  # no number after it: the last number
     from prunekit.inference.sampling import _ANSWER_IS
 
     for text in ("The answer is 5.0", "the answer is 1,200.50", "answer: -0", "The answer is 2.5E3"):  # as voted

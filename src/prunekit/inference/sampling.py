@@ -41,7 +41,10 @@ DEFAULT_INSTRUCTION = "Solve the problem. Think step by step, briefly, and end w
 # digits with thousands grouped by commas ("1,200", not "3,5" or "1,2000", which read as the number before the
 # comma), decimals and an exponent
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][+-]?\d+)?"
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*\$?\s*\\?(?:boxed\{)?\s*(" + _NUMBER + ")", re.IGNORECASE)
+# "answer is 5", "answer: 5", "answer is: 5", "answer = 5", "answer is indeed $\boxed{5}$"
+_FILLER = r"(?:(?:indeed|actually|therefore|thus|then|just|simply|exactly|still|clearly|now|also|so)\b[\s,]*)*"
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)[\s,:]*" + _FILLER + r"\$?\s*\\?(?:boxed\{)?\s*(" + _NUMBER + ")",
+                        re.IGNORECASE)
 
 
 def _norm_number(text: str) -> str:
@@ -53,7 +56,8 @@ def _norm_number(text: str) -> str:
 
 
 def extract_answer(text: str) -> str | None:
-    """The answer a completion states: the number after the last "answer is" (or "answer:"), else the last
+    """The answer a completion states: the number after the last "answer is" (or "answer:", "answer is:",
+    "answer =", with words like "indeed" or "therefore" between: "the answer is indeed 5"), else the last
     number in the text; ``None`` when it has no number. It is written as the votes compare answers
     (`prunekit.inference.reasoning.canonical_answer`): thousands separators and trailing zeros dropped, an exponent
     applied ("1,200.50" -> "1200.5", "2.5e3" -> "2500"), so equal numbers compare equal as strings. A comma that
