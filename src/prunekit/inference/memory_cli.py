@@ -287,7 +287,7 @@ def _cmd_ask(args) -> int:
     print(f"retrieved {len(p.retrieved)} chunk(s)" + (f" ({p.left_out} more did not fit)" if p.left_out else "") + ":")
     for r in p.retrieved:
         print(f"  [{r.score:.3f}] turn {r.turn} {r.role}: {r.text}")
-    counter = "the model's tokenizer" if tok is not None else "words and punctuation"
+    counter = "the model's tokenizer" if tok is not None else "an estimate (give --model to count exactly)"
     wrapped = f", {wrap} of them the chat template's" if wrap else ""
     print(f"prompt ({p.tokens + wrap} of {args.budget} tokens by {counter}{wrapped}):\n-----\n{p.text}\n-----")
     if answer is not None:
