@@ -576,7 +576,7 @@ def _option_defaults(spec) -> dict:
 
         return method_options(spec.name)
     if spec.domain == "structured":  # Týr's options; the plain methods take a few of them
-        from prunekit.structured import _PLAIN_OPTIONS
+        from prunekit.structured.core import _PLAIN_OPTIONS
         from prunekit.structured.tyr import tyr_options
 
         defaults = {p.name: p.default for p in inspect.signature(tyr_options).parameters.values()}
@@ -584,7 +584,7 @@ def _option_defaults(spec) -> dict:
             return defaults
         return {k: v for k, v in defaults.items() if k in _PLAIN_OPTIONS[spec.name]}
     if spec.name == "tinyfusion":
-        from prunekit.depth import _TINYFUSION_OPTIONS
+        from prunekit.depth.methods import _TINYFUSION_OPTIONS
         from prunekit.depth.tinyfusion import tinyfusion
 
         params = inspect.signature(tinyfusion).parameters.values()

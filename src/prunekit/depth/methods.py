@@ -28,9 +28,11 @@ import torch
 from tqdm.auto import tqdm
 
 from prunekit.depth.core import DepthTarget, batch_size_of, check_keep, check_kept, gates, hidden_of, keep_top
+from prunekit.depth.tinyfusion import tinyfusion
 from prunekit.errors import InputError, int_at_least, module_modes, restore_modes
 
-__all__ = ["shortgpt", "sensitivity", "every_other", "random_masks", "block_influence", "calibration_loss"]
+__all__ = ["shortgpt", "sensitivity", "every_other", "random_masks", "block_influence", "calibration_loss",
+           "select_blocks"]
 
 
 @torch.no_grad()
@@ -129,3 +131,36 @@ def random_masks(target: DepthTarget, *, kept: int, candidates: int = 8, seed: i
                          f"outputs overflow or its weights hold NaN: load it in float32 and check its weights")
     best = min(tried, key=lambda t: (math.isnan(t["loss"]), t["loss"]))  # a NaN loss ranks last, not first
     return [i in best["kept_layers"] for i in range(target.depth)], tried
+
+
+_TINYFUSION_OPTIONS = {"tau", "scale", "lr_gates", "lr_lora", "ema", "lora_rank", "lora_alpha", "recoverability"}
+
+
+def select_blocks(target: DepthTarget, method: str, *, kept: int, groups=None, steps: int = 200, candidates: int = 8,
+                  seed: int = 0, progress: bool = False, **options) -> tuple[list[bool], dict]:
+    """The keep-mask of registered depth method `method` over `target`, and what the method reports."""
+    if options and method != "tinyfusion":
+        raise InputError(f"{method} takes no options ({', '.join(options)} given)")
+    if groups is not None and method != "tinyfusion":
+        raise InputError(f"groups apply to tinyfusion only, not {method}")
+    if method == "shortgpt":  # the influence once: it is a pass over the calibration data (it ran twice)
+        check_kept(kept, target.depth)
+        influence = block_influence(target)
+        return shortgpt(target, kept=kept, influence=influence), {"block_influence": influence.tolist()}
+    if method == "sensitivity":
+        check_kept(kept, target.depth)
+        losses = removal_losses(target, progress=progress)
+        return sensitivity(target, kept=kept, losses=losses), {"loss_without_block": losses.tolist()}
+    if method == "every-other":
+        return every_other(target.depth, kept=kept), {}
+    if method == "random":
+        keep, tried = random_masks(target, kept=kept, candidates=candidates, seed=seed, progress=progress)
+        return keep, {"candidates": tried}
+    if method == "tinyfusion":
+        unknown = set(options) - _TINYFUSION_OPTIONS
+        if unknown:
+            raise InputError(f"unknown tinyfusion option(s) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(sorted(_TINYFUSION_OPTIONS))}")
+        res = tinyfusion(target, kept=kept, groups=groups, steps=steps, seed=seed, progress=progress, **options)
+        return res.keep, res.to_dict()
+    raise InputError(f"unknown depth method {method!r}; choose shortgpt, sensitivity, every-other, random or tinyfusion")

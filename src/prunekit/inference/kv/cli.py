@@ -17,14 +17,14 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub) -> None:
-    from prunekit.inference.kv import POLICIES
+    from prunekit.inference.kv import POLICY_NAMES
 
     ge = sub.add_parser("generate", help="generate text with a KV-cache policy and a token budget")
     ge.add_argument("model", help="local Hugging Face model folder or zoo name (smollm2-135m)")
     src = ge.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", default=None, help="the prompt text")
     src.add_argument("--prompt-file", default=None, help="a UTF-8 text file holding the prompt")
-    ge.add_argument("--kv", required=True, metavar="POLICY", help=f"KV-cache policy: {', '.join(POLICIES)}")
+    ge.add_argument("--kv", required=True, metavar="POLICY", help=f"KV-cache policy: {', '.join(POLICY_NAMES)}")
     ge.add_argument("--budget", type=int, default=None,
                     help="cached tokens kept per layer and KV head (delta: tokens its sparse layers attend to)")
     ge.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
