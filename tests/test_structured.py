@@ -840,3 +840,24 @@ def test_each_greedy_round_removes_the_unit_of_least_exact_error():
             gone = min(errs, key=errs.get)
             keep = [j for j in keep if j != gone]
             assert path[target].keep.tolist() == keep, f"seed {seed}, level {target}"
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_load_refuses_nan_weights_and_takes_a_folder_without_tokenizer(uniform, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny()
+    mlp = model.model.layers[0].mlp
+    if not uniform:  # layer 0 narrower than the others: the per-layer-widths path
+        from prunekit.structured.units import shrink_mlp
+        shrink_mlp(mlp, torch.arange(mlp.gate_proj.out_features - 8))
+    out = prunekit.save_structured(model, None, tmp_path / "m", metadata={})
+    assert ("prunekit_layer_widths" in json.loads((out / "config.json").read_text())) != uniform
+    loaded, tok = prunekit.load(out)  # no tokenizer saved: None, not an error
+    assert tok is None and [w.intermediate for w in layer_widths(loaded)] == [w.intermediate for w in layer_widths(model)]
+    weights = next(out.glob("*.safetensors"))
+    state = load_file(str(weights))
+    state[next(k for k in state if "layers.0.mlp.up_proj" in k)][0, 0] = float("nan")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(InputError, match="NaN or Inf"):  # loaded NaN and all through either path
+        prunekit.load(out)

@@ -23,7 +23,7 @@ from prunekit import jsonl
 from prunekit.errors import InputError
 from prunekit.structured.units import Widths, attention, layer_widths, mlp_of, shrink_attention, shrink_mlp
 from prunekit.weights.engine import find_blocks
-from prunekit.weights.io import resolve_model, write_atomically
+from prunekit.weights.io import write_atomically
 
 __all__ = ["WIDTHS_KEY", "prepare_config", "save_structured", "load"]
 
@@ -81,29 +81,15 @@ def _state_dict(path: Path) -> dict:
 
 
 def load(path: str | os.PathLike, *, dtype=None):
-    """``(model, tokenizer)`` of a folder saved by prunekit (per-layer widths or not), or any HF model folder.
+    """``(model, tokenizer)`` of a folder saved by prunekit (per-layer widths or not), or any HF model folder;
+    `prunekit.load_model` with ``None`` for the tokenizer of a folder that has no ``tokenizer_config.json``
+    (the same checks: NaN/Inf weights, a config that does not match the weights, remote code).
 
     >>> model, tok = load("pruned-smollm2")  # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from prunekit.weights.io import load_checked
 
-    from prunekit.weights.io import load_model, parse_dtype, read_config, refuse_remote_code, stored_dtype
-
-    dtype = parse_dtype(dtype)
-    folder = resolve_model(path)
-    raw = read_config(folder)
-    refuse_remote_code(folder, raw)
-    if dtype == "auto":
-        dtype = stored_dtype(folder)
-    has_tokenizer = (folder / "tokenizer_config.json").is_file()
-    if WIDTHS_KEY not in raw:
-        if has_tokenizer:
-            return load_model(folder, dtype=dtype)
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32,
-                                                    trust_remote_code=False).eval(), None
-    model = load_widths_model(folder, raw, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False) if has_tokenizer else None
-    return model, tokenizer
+    return load_checked(path, dtype=dtype, tokenizer=None)
 
 
 def load_widths_model(folder: Path, raw: dict, *, dtype=None) -> torch.nn.Module:

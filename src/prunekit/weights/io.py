@@ -246,11 +246,19 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
     dtype, a name such as ``"bfloat16"``/``"bf16"``, or ``"auto"``: as the folder stores it).
 
     Never runs a folder's own code (``trust_remote_code=False``, so transformers never stops to ask): a folder
-    whose model exists only as its code is refused, and must be loaded by the user. A
-    folder from structured pruning with per-layer widths goes through `prunekit.structured.export.load`.
+    whose model exists only as its code is refused, and must be loaded by the user. A folder from structured
+    pruning with per-layer widths is built with those widths (`prunekit.structured.export.load_widths_model`).
     Weights with NaN or Inf are an InputError (every prunekit job would fail on them later, or quietly
     produce nothing); ``check_finite=False`` loads them anyway, e.g. to inspect a broken model.
+    A folder without a tokenizer is an InputError; `prunekit.load` loads it with ``None`` for the tokenizer.
     """
+    return load_checked(name_or_path, dtype=dtype, check_finite=check_finite, tokenizer=True)
+
+
+def load_checked(name_or_path: str | os.PathLike, *, dtype=None, check_finite: bool = True,
+                 tokenizer: bool | None = True):
+    """`load_model`, with ``tokenizer=None``: the folder's tokenizer when it has a ``tokenizer_config.json``,
+    else None (`prunekit.load`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -264,7 +272,9 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
 
     if WIDTHS_KEY not in config:  # AutoTokenizer validates config.json too, and its errors blamed the tokenizer
         _check_config(path)
-    tokenizer = _load_tokenizer(path)  # before the slow model load
+    if tokenizer is None:
+        tokenizer = (path / "tokenizer_config.json").is_file()
+    tokenizer = _load_tokenizer(path) if tokenizer else None  # before the slow model load
 
     if WIDTHS_KEY in config:  # a structurally pruned model whose widths differ per layer
         from prunekit.structured.export import load_widths_model
