@@ -307,3 +307,18 @@ def test_an_interrupt_inside_distillation_leaves_no_hook_on_either_model():
             recover(target, steps=3, trainable="full", teacher=(teacher, teacher.blocks))
         handle.remove()
         assert not student._forward_hooks and not teacher._forward_hooks
+
+
+def test_cli_dit_refuses_to_overwrite_a_foreign_folder_before_loading(tmp_path, capsys, monkeypatch):
+    from prunekit.cli import main
+
+    src = tmp_path / "dit"
+    D.save_dit(_random_model(D.DiTConfig(hidden=32, depth=4, heads=2)), src)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    monkeypatch.setattr(D, "load_dit", lambda *a, **k: pytest.fail("the DiT was loaded before --out was checked"))
+    assert main(["prune", str(src), "--method", "shortgpt", "--layers", "2", "--overwrite", "--out", str(mine),
+                 "--quiet"]) == 2
+    assert "that no prunekit command wrote" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me"

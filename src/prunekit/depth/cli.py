@@ -277,6 +277,7 @@ def _validate_dit(args):
     from pathlib import Path
 
     from prunekit.errors import InputError, check_not_input, int_at_least
+    from prunekit.weights.io import check_replaceable
 
     options = _common_checks(args)
     if args.calib not in (None, "fashion-mnist"):
@@ -291,6 +292,7 @@ def _validate_dit(args):
         raise InputError(f"a DiT is evaluated with --eval fid (sample FID and class accuracy), not {args.eval}")
     path = Path(args.model).expanduser()
     check_not_input(args.out, path)
+    check_replaceable(Path(args.out).expanduser())  # before the selection, recovery and FID (it came after them)
     if not (path / "model.safetensors").is_file():
         raise InputError(f"{path} has a DiT config.json but no model.safetensors; save it with prunekit.depth.dit.save_dit")
     _check_depth(args, json.loads((path / "config.json").read_text())["model"].get("depth"))
