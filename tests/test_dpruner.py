@@ -253,3 +253,17 @@ def test_dpruner_domain_step_is_sgd_descent_clipped_to_global_norm(clip):
     assert float(delta.norm()) == pytest.approx(want_norm, rel=1e-3)
     cos = float(torch.dot(delta, -g) / (delta.norm() * g.norm()))
     assert cos > 0.999  # descent, along the gradient
+
+
+def test_dpruner_options_take_numpy_numbers_and_refuse_bools():
+    import numpy as np
+
+    assert dpruner._positive_int(np.int64(4), "domain_samples") == 4
+    assert type(dpruner._positive_int(np.int64(4), "domain_samples")) is int
+    assert dpruner._non_negative(np.float32(0.5), "lr") == 0.5
+    for bad in (True, 0, 2.0):
+        with pytest.raises(InputError, match="domain_samples"):
+            dpruner._positive_int(bad, "domain_samples")
+    for bad in (True, -1.0, float("nan"), float("inf"), "1"):
+        with pytest.raises(InputError, match="lr must be a finite number >= 0"):
+            dpruner._non_negative(bad, "lr")

@@ -962,3 +962,13 @@ def test_policies_on_smollm2():
     with kv.policy(model, "snapkv", budget=64, every=1):
         out, cache = generate(model, ids, new=12)
     assert max(kv.cache_tokens(cache)) == 64 and kv.cache_bytes(cache) == 30 * 2 * 3 * 64 * 64 * 4  # K+V, fp32
+
+
+def test_policy_fractions_take_numpy_numbers():
+    import numpy as np
+
+    assert kv.H2O(budget=8, recent=np.float32(0.5)).recent == 0.5
+    assert kv.DeepForcing(budget=20, sinks=np.float64(0.2), recent=0.2, topc=0.1).sinks == 4
+    for bad in (True, 1.5, float("nan"), "0.5"):
+        with pytest.raises(InputError, match=r"recent .* must be a number in \[0.0, 1.0\]"):
+            kv.H2O(budget=8, recent=bad)

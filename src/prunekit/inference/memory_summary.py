@@ -141,7 +141,7 @@ class LMSummarizer(Summarizer):
     """
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 60, max_input_words: int = 400):
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens = max_new_tokens

@@ -59,7 +59,6 @@ qwen2_moe, qwen3, qwen3_moe, granite, granitemoe, gemma, olmo2).
 
 from __future__ import annotations
 
-import math
 import sys
 import types
 import weakref
@@ -67,7 +66,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, is_real
 
 __all__ = ["Policy", "LayerState", "Engine", "rotate_keys", "cache_bytes", "cache_tokens", "SUPPORTED_MODEL_TYPES"]
 
@@ -133,7 +132,6 @@ class LayerState:
     pos: torch.Tensor | None = None  # [B, Hkv, n] long: the RoPE position each kept key carries now
     extras: dict = field(default_factory=dict)  # policy tensors [B, Hkv, n], gathered with the entries
     queries: torch.Tensor | None = None  # [B, Hq, w, d]: the last w post-RoPE queries
-    steps_since: int = 0  # one-token forwards since the last compression
     compressions: int = 0
 
 
@@ -252,7 +250,6 @@ class Engine:
         self.states: list[LayerState] = []
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> key/value buffers (`_append`)
         self._cache_ref = None
-        self._installed = False
         self._own: dict[str, object] = {}  # instance attributes the context replaced: name -> the user's own, or None
 
     @staticmethod
@@ -301,7 +298,6 @@ class Engine:
         for name, fn in replacements.items():
             self._own[name] = owner.__dict__.get(name)  # someone's instance-level wrapper, if any
             setattr(owner, name, fn)
-        self._installed = True
         return self
 
     def __exit__(self, *exc):
@@ -314,7 +310,6 @@ class Engine:
             else:
                 setattr(owner, name, own)
         self._own = {}
-        self._installed = False
         self.states = []
         self._buffers = {}
         self._cache_ref = None
@@ -527,8 +522,6 @@ class Engine:
 
     def _maybe_compress(self, layer, st: LayerState, view: View, q_len: int) -> None:
         n, target = layer.keys.shape[-2], self.policy.target(self.budget)
-        if q_len == 1:
-            st.steps_since += 1
         if n <= self.budget:
             return
         if q_len == 1 and target == self.budget and n < self.budget + self.every:
@@ -556,7 +549,6 @@ class Engine:
         st.pos = keep_pos
         for name, t in list(st.extras.items()):
             st.extras[name] = t.gather(2, idx)
-        st.steps_since = 0
         st.compressions += 1
 
 
@@ -568,7 +560,8 @@ def check_budget(budget, *, name: str, minimum: int = 1, why: str = "") -> int:
     return budget
 
 
-def check_fraction(value, *, what: str, low: float = 0.0, high: float = 1.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high) or math.isnan(value):
-        raise InputError(f"{what} must be a number in [{low}, {high}] (got {value!r})")
+def check_fraction(value, *, what: str) -> float:
+    """`value` as a float in [0, 1] (a Python or numpy number); else an InputError naming `what`."""
+    if not is_real(value) or not 0 <= value <= 1:
+        raise InputError(f"{what} must be a number in [0.0, 1.0] (got {value!r})")
     return float(value)

@@ -138,7 +138,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from prunekit.errors import InputError, module_modes, restore_modes, with_autograd
+from prunekit.errors import InputError, int_at_least, is_real, module_modes, restore_modes, with_autograd
 from prunekit.select import NM, check_ratio, keep_global, keep_per_row, parse_pattern
 from prunekit.text import Text, calibration_ids, load_text
 from prunekit.weights.engine import (UNCHANGED, LayerReport, find_blocks, get_weight, prune_blocks, set_weight,
@@ -203,13 +203,11 @@ def _check_ids(ids, what: str, fix: str, vocab: int | None) -> torch.Tensor:
 def _positive_int(value, name: str, allow_none: bool = False):
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return int_at_least(value, name, 1)  # a numpy integer too
 
 
 def _non_negative(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not is_real(value) or value < 0:  # a numpy float too
         raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
