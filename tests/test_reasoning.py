@@ -619,3 +619,14 @@ def test_an_output_file_that_appears_while_a_run_writes_is_kept_and_the_run_refu
         target.unlink()
         write(target)  # nothing there: written
         assert target.read_text() != "the other run's result\n"
+
+
+def test_write_jsonl_writes_valid_json_lines(tmp_path):
+    import json
+
+    from prunekit.inference.sampling import write_jsonl
+
+    out = write_jsonl(tmp_path / "p.jsonl", [{"text": "é\u2028ü", "logprobs": [float("nan"), -0.5]}])
+    raw = out.read_bytes()
+    assert b"NaN" not in raw and len(raw.decode("utf-8").splitlines()) == 1  # U+2028 escaped, NaN as null
+    assert json.loads(raw) == {"text": "é\u2028ü", "logprobs": [None, -0.5]}

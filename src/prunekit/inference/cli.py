@@ -161,10 +161,10 @@ def _sample_into(args, out: Path, partial: Path, questions: list[dict]) -> int:
         mode = "a" if done else "w"
         with open(partial, mode, encoding="utf-8") as log:
             if not done:
-                log.write(json.dumps({"prunekit_partial": 1, "settings": _settings(args)}) + "\n")
+                log.write(jsonl.line({"prunekit_partial": 1, "settings": _settings(args)}) + "\n")
 
             def keep(record):  # each question's paths on disk before the next is sampled
-                log.write(json.dumps(record) + "\n")
+                log.write(jsonl.line(record) + "\n")
                 log.flush()
                 os.fsync(log.fileno())
 

@@ -25,13 +25,13 @@ resumed run gives the same paths as an uninterrupted one.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
+from prunekit import jsonl
 from prunekit.errors import InputError, apply_umask, follow_link, hidden_name, place_file
 
 __all__ = ["DEFAULT_INSTRUCTION", "extract_answer", "build_prompt", "sample_paths", "sample_question"]
@@ -249,9 +249,9 @@ def write_jsonl(path: str | os.PathLike, records: list[dict], *, overwrite: bool
     path = follow_link(Path(path).expanduser())
     fd, tmp = tempfile.mkstemp(prefix=hidden_name(path.name, "tmp"), dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             for r in records:
-                f.write(json.dumps(r) + "\n")
+                f.write(jsonl.line(r) + "\n")  # a non-finite float as null, not an invalid NaN token
         apply_umask(tmp)
         place_file(tmp, path, overwrite=overwrite)
     except BaseException:
