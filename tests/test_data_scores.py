@@ -487,3 +487,12 @@ def test_el2n_alone_stops_training_at_its_epoch_with_the_same_scores():
     assert np.array_equal(early.el2n, full.el2n) and np.array_equal(early.logits, full.logits)
     assert np.array_equal(early.grand_last_layer, full.grand_last_layer) and early.forgetting is None
     assert len(forwards) < n_full / 2  # 2 of the 6 epochs' steps (and the same scoring passes)
+
+
+def test_el2n_refuses_probabilities_taken_for_logits():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    with pytest.raises(InputError, match="look like probabilities.*from_logits=False"):
+        el2n(probs, [0, 2])
+    np.testing.assert_allclose(el2n(probs, [0, 2], from_logits=False), [math.sqrt(0.09 + 0.04 + 0.01), math.sqrt(0.06)])
+    assert el2n(probs, [0, 2], from_logits=True).shape == (2,)  # said explicitly: softmaxed as logits
+    assert el2n(np.log(probs), [0, 2]).shape == (2,)  # logits: no question

@@ -103,10 +103,12 @@ def test_balanced_splits_budget_by_class_size():
             assert abs(mask[labels == c].sum() - 0.3 * (labels == c).sum()) < 1
 
 
-def test_unbalanced_hard_ignores_labels():
+def test_labels_without_balanced_are_refused_not_ignored():
     labels = np.array([0, 0, 0, 1, 1, 1])
     d = np.array([5.0, 6.0, 4.0, 1.0, 2.0, 3.0])
-    assert np.flatnonzero(select_examples(d, 0.5, labels=labels)).tolist() == [0, 1, 2]
+    assert np.flatnonzero(select_examples(d, 0.5)).tolist() == [0, 1, 2]
+    with pytest.raises(InputError, match="labels are used with balanced=True only"):  # the same mask, unasked
+        select_examples(d, 0.5, labels=labels)
     assert np.flatnonzero(select_examples(d, 0.5, labels=labels, balanced=True)).tolist() == [0, 1, 5]
 
 

@@ -290,6 +290,9 @@ def select_examples(difficulty, keep: float, *, strategy: str = "hard", labels=N
             raise InputError(f"labels must be integer class indices of shape [{n}], got {y.dtype} {tuple(y.shape)}")
     if balanced and y is None:
         raise InputError("balanced=True splits the budget across classes and needs labels=[N] class indices")
+    if y is not None and not balanced:  # they were checked, then unused: the selection looked class-aware
+        raise InputError("labels are used with balanced=True only (each class keeps its share); pass "
+                         "balanced=True, or leave labels out")
 
     total = max(1, _round_half_up(keep * n))
     rng = np.random.default_rng(int(seed))

@@ -270,7 +270,8 @@ def _cmd_select(args) -> int:
     if args.seed != 0 and args.strategy in ("hard", "easy"):  # they take no random draw
         print(f"prunekit: note: --seed is used with --strategy random or ccs only; ignored by {args.strategy}",
               file=sys.stderr)
-    keep = select_examples(scores, args.keep, strategy=args.strategy, labels=labels, balanced=args.balanced, seed=args.seed)
+    keep = select_examples(scores, args.keep, strategy=args.strategy, labels=labels if args.balanced else None,
+                           balanced=args.balanced, seed=args.seed)
     kept = np.flatnonzero(keep)
     write_table(args.out, {"index": kept.astype(np.int64), "score": scores[kept]}, overwrite=args.overwrite)
     print(f"kept {len(kept)} of {len(scores)} examples ({args.strategy}{', class-balanced' if args.balanced else ''}); "

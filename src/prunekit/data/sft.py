@@ -379,13 +379,12 @@ def samples_for(n: int, ratio: float) -> int:
 
 
 def token_budget_selection(keep_samples: np.ndarray, response: np.ndarray, token_ratio: float,
-                           rng: np.random.Generator, *, candidates: np.ndarray | None = None,
-                           scores: np.ndarray | None = None) -> np.ndarray:
-    """Kept samples' response positions, less ``round((1 - token_ratio) * their count)`` of them, dropped from
-    `candidates` (default: all of them) by highest `scores` or at random."""
+                           rng: np.random.Generator) -> np.ndarray:
+    """Kept samples' response positions, less ``round((1 - token_ratio) * their count)`` of them, dropped at
+    random."""
     keep = response & keep_samples[:, None]  # [N, T]
     n_drop = int(round((1.0 - token_ratio) * keep.sum()))
-    return drop_tokens(keep, keep if candidates is None else candidates & keep, n_drop, scores=scores, rng=rng)
+    return drop_tokens(keep, keep, n_drop, rng=rng)
 
 
 class _Pruner:

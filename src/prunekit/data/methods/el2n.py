@@ -38,17 +38,24 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def el2n(outputs, labels, *, from_logits: bool = True) -> np.ndarray:
+def el2n(outputs, labels, *, from_logits: bool | None = None) -> np.ndarray:
     """Mean over runs of ``‖p(x) - onehot(y)‖₂``: float64 ``[N]``, higher = harder.
 
     `outputs`: ``[R, N, K]`` (R runs or checkpoints) or ``[N, K]`` (one run): logits, or probabilities with
     ``from_logits=False`` (each row must sum to 1 within 1e-3). `labels`: integer ``[N]`` in ``[0, K)``.
+    Left out, `from_logits` reads logits, and outputs whose every row is in [0, 1] and sums to 1 are refused:
+    probabilities taken for logits were softmaxed again, which flattens them and moves the scores quietly.
     """
     out = float_array(outputs, "outputs", ndims=(2, 3))
     if out.ndim == 2:
         out = out[None]  # [1, N, K]
     _, n, k = out.shape
     y = labels_array(labels, n=n, k=k)
+    if from_logits is None:
+        if out.min() >= 0 and out.max() <= 1 and np.abs(out.sum(axis=-1) - 1.0).max() <= 1e-3:
+            raise InputError("outputs look like probabilities (every row is in [0, 1] and sums to 1); pass "
+                             "from_logits=False to score probabilities, or from_logits=True if they are logits")
+        from_logits = True
     if from_logits:
         probs = softmax(out)  # [R, N, K]
     else:
