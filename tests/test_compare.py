@@ -114,3 +114,19 @@ def test_compare_tells_apart_files_of_one_name_and_reads_dit_records(model_dir, 
     assert main(["compare", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")]) == 0
     err = capsys.readouterr().err
     assert f"{tmp_path / 'b' / 'run'} records no score for other.txt" in err
+
+
+def test_compare_reads_a_folder_saved_from_the_python_api(llama, tok, tmp_path, capsys):
+    import prunekit
+    from conftest import ids_from_text
+
+    ids = ids_from_text(tok, 4, 32)
+    result = prunekit.prune(llama, method="wanda", ratio=0.5, calibration=ids.numpy(), progress=False)  # numpy ids
+    assert abs(result.total_sparsity - 0.5) < 0.01
+    out = prunekit.save_pruned(llama, tok, tmp_path / "api", metadata=result.to_dict())
+    assert main(["compare", str(out), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["method"] == "wanda" and row["seconds"] == result.seconds  # PruneResult's time: the column was blank
+    ppl = prunekit.perplexity(llama, tok, prunekit.Text(name="t", text="hello world " * 40, documents=1), seqlen=16,
+                              tokens=32, progress=False)
+    assert float(ppl) == ppl.ppl

@@ -100,7 +100,7 @@ def summarize(folder: str | Path) -> dict:
     return {"run": str(folder), "kind": kind, "method": meta.get("method"), "budget": budget, "removed": removed,
             "evaluation": evaluation, "prefill_speedup": _number(ratios.get("prefill")),
             "decode_speedup": _number(ratios.get("decode")), "forward_speedup": forward,
-            "seconds": _number(meta.get("wall_seconds"))}
+            "seconds": _number(meta.get("wall_seconds", meta.get("seconds")))}  # the API's PruneResult: seconds
 
 
 def _f(value, fmt: str) -> str:

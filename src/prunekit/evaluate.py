@@ -38,6 +38,9 @@ class Perplexity:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def __float__(self) -> float:  # float(prunekit.perplexity(...)): the perplexity itself
+        return float(self.ppl)
+
 
 def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4, progress: bool = True,
                       desc: str = "perplexity") -> tuple[float, int]:

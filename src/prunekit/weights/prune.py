@@ -15,6 +15,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,6 +62,8 @@ def _calibration(calibration, tokenizer, model, *, samples: int, seqlen: int,
                  seed: int) -> tuple[torch.Tensor | None, dict | None]:
     if calibration is None:
         return None, None
+    if isinstance(calibration, np.ndarray) and np.issubdtype(calibration.dtype, np.integer):
+        calibration = torch.from_numpy(calibration)  # token ids from numpy: "given as text" was the error
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2 or calibration.dtype not in (torch.long, torch.int):
             raise InputError("calibration tensor must be token ids of shape [samples, seqlen] (int64)")
