@@ -130,3 +130,20 @@ def test_compare_reads_a_folder_saved_from_the_python_api(llama, tok, tmp_path, 
     ppl = prunekit.perplexity(llama, tok, prunekit.Text(name="t", text="hello world " * 40, documents=1), seqlen=16,
                               tokens=32, progress=False)
     assert float(ppl) == ppl.ppl
+
+
+def test_prune_result_records_what_the_cli_records(llama, tok):
+    """A second pruning through the API: the input's sparsity, the zeros SparseGPT made nonzero again, the model's
+    sparsity and the pattern check are in the result (they were computed by the CLI only)."""
+    import prunekit
+    from conftest import ids_from_text
+
+    ids = ids_from_text(tok, 4, 32)
+    first = prunekit.prune(llama, method="magnitude", ratio=0.3, progress=False)
+    assert first.input_sparsity == 0 and first.input_zeros_refilled == 0 and first.pattern_violations is None
+    second = prunekit.prune(llama, method="sparsegpt", pattern="2:4", calibration=ids, progress=False)
+    assert abs(second.input_sparsity - 0.3) < 0.01 and second.input_zeros_refilled > 0
+    assert second.pattern_violations == [] and 0 < second.model_sparsity < second.total_sparsity
+    assert second.model_sparsity == prunekit.sparsity(llama)["model_total"]
+    record = second.to_dict()
+    assert record["input_zeros_refilled"] == second.input_zeros_refilled and record["pattern_violations"] == []

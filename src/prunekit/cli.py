@@ -331,34 +331,23 @@ def _cmd_prune(args) -> int:
     saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
     model, tok = prunekit.load_model(args.model)  # after the texts: a missing file fails before the slow load
     evaluation = eval_dense(model, tok, eval_texts, args, progress)
-    zeros_before = prunekit.sparsity(model)["layers"]  # an input pruned before: where its zeros are
-    from prunekit.evaluate import zero_masks, zeros_refilled
-
-    was_zero = zero_masks(model) if any(z > 0 for z in zeros_before.values()) else {}
     result = prunekit.prune(
         model, method=args.method, ratio=ratio, pattern=args.pattern, calibration=calib_text, tokenizer=tok,
         samples=args.samples, seqlen=args.seqlen, seed=args.seed, skip=tuple(args.skip),
         sequential=args.sequential, batch_size=args.batch_size, progress=progress, **options,
     )
     eval_pruned(evaluation, model, tok, eval_texts, args, progress)
-    measured = prunekit.sparsity(model)
-    sizes = {r.name: r.shape[0] * r.shape[1] for r in result.layers}
-    input_sparsity = sum(zeros_before.get(n, 0.0) * s for n, s in sizes.items()) / max(sum(sizes.values()), 1)
-    refilled = zeros_refilled(was_zero, model) if was_zero else 0  # SparseGPT's updates can make zeros nonzero
-    del was_zero
+    input_sparsity, refilled = result.input_sparsity, result.input_zeros_refilled
     meta = {
         "model": str(args.model), "input": _provenance(args.model),
+        # with input_sparsity, input_zeros_refilled (SparseGPT's updates can make zeros nonzero), model_sparsity
+        # and pattern_violations
         **{k: v for k, v in result.to_dict().items() if k != "layers"},
-        "input_sparsity": input_sparsity,  # of the layers pruned, before pruning
-        "input_zeros_refilled": refilled,  # the input's zeros that are nonzero after pruning
         # both change SparseGPT's and ARMOR's weights (the order of sums), so a rerun needs them
         "batch_size": args.batch_size if batch_size_used else None, "torch_threads": _torch_threads(),
         # D-Pruner's domain text as the calibration text is described (its name alone did not say which file)
         "domain": prunekit.load_text(args.domain, purpose="calibration").describe() if args.domain else None,
         "layers": [dict(vars(r), shape=list(r.shape)) for r in result.layers],
-        "model_sparsity": measured["model_total"],
-        "pattern_violations": prunekit.check_pattern(model, result.pattern, skip=tuple(args.skip))
-        if result.pattern else None,  # the layers --skip left dense are not violations
         "evaluation": evaluation,
         "saved_dtype": str(saved_dtype).removeprefix("torch."),
         "versions": _versions(),

@@ -40,6 +40,10 @@ class PruneResult:
     seconds: float
     calibration: dict | None  # source, documents, sha256, samples, seqlen, seed
     options: dict = field(default_factory=dict)
+    input_sparsity: float = 0.0  # of the layers pruned, before pruning (a model pruned before)
+    input_zeros_refilled: int = 0  # the input's zeros that are nonzero after pruning (SparseGPT's updates)
+    model_sparsity: float | None = None  # zeros over every parameter (embeddings, norms, head included)
+    pattern_violations: list[str] | None = None  # layers that break the pattern (None: no pattern)
 
     @property
     def total_sparsity(self) -> float:
@@ -276,6 +280,10 @@ def prune(
         calibration = None  # data-free: don't pay a calibration pass for the default
     start = time.perf_counter()
     ids, calib_info = _calibration(calibration, tokenizer, model, samples=samples, seqlen=seqlen, seed=seed)
+    from prunekit.evaluate import check_pattern, sparsity, zero_masks, zeros_refilled
+
+    zeros_before = sparsity(model)["layers"]  # an input pruned before: where its zeros are
+    was_zero = zero_masks(model) if any(z > 0 for z in zeros_before.values()) else {}
     if stat is not None and ids is None:
         raise InputError(f"method {method} needs calibration text; give calibration='wiki' or a file")
     was_training = module_modes(model)
@@ -289,9 +297,15 @@ def prune(
                           progress=progress, options=options, stat=stat)
     finally:
         restore_modes(was_training)
+    seconds = time.perf_counter() - start
+    sizes = {r.name: r.shape[0] * r.shape[1] for r in layers}
     return PruneResult(
         method=method, ratio=ratio, pattern=str(nm) if nm else None, sequential=sequential, layers=layers,
-        seconds=time.perf_counter() - start, calibration=calib_info, options=dict(options, skip=list(skip)),
+        seconds=seconds, calibration=calib_info, options=dict(options, skip=list(skip)),
+        input_sparsity=sum(zeros_before.get(n, 0.0) * s for n, s in sizes.items()) / max(sum(sizes.values()), 1),
+        input_zeros_refilled=zeros_refilled(was_zero, model) if was_zero else 0,
+        model_sparsity=sparsity(model)["model_total"],
+        pattern_violations=check_pattern(model, nm, skip=tuple(skip)) if nm else None,  # --skip: dense on purpose
     )
 
 
