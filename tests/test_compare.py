@@ -33,6 +33,10 @@ def test_compare_tables_weights_structured_and_depth_runs(model_dir, text_file, 
         assert rows[str(tmp_path / name)]["seconds"] == meta["wall_seconds"]
     assert [rows[f]["kind"] for f in folders] == ["weights", "weights", "structured", "depth"]
     assert rows[folders[0]]["budget"] == "2:4" and rows[folders[0]]["removed"] == "sparsity 0.5000"
+    assert (rows[folders[0]]["pattern"], rows[folders[0]]["ratio"], rows[folders[0]]["sparsity"]) == ("2:4", 0.5, 0.5)
+    assert rows[folders[1]]["pattern"] is None and rows[folders[1]]["kept_layers"] is None
+    assert rows[folders[3]]["kept_layers"] == [1] and rows[folders[3]]["dense_layers"] == 2
+    assert rows[folders[2]]["params_after"] < rows[folders[2]]["params_before"] and rows[folders[2]]["ratio"] == 0.25
     assert rows[folders[1]]["budget"] == "0.5 unstructured"
     assert rows[folders[3]]["budget"] == "1 of 2 blocks" and rows[folders[3]]["removed"] == "1 block"
     assert rows[folders[2]]["removed"].startswith("params ")
@@ -49,6 +53,10 @@ def test_compare_notes_texts_scored_differently_and_refuses_what_it_cannot_read(
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert "scored on different windows by different runs (2 x 64, 4 x 32)" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json"]) == 0  # a script is told too
+    out, err = capsys.readouterr()
+    said = json.loads(out)["notes"]
+    assert len(said) == 1 and "(2 x 64, 4 x 32)" in said[0] and f"prunekit: note: {said[0]}" in err
     assert main(["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.3", "--out", str(tmp_path / "n"),
                  "--quiet"]) == 0
     capsys.readouterr()

@@ -50,15 +50,20 @@ def _int(value) -> int | None:
 def summarize(folder: str | Path) -> dict:
     """One row for the `prunekit prune` output `folder`: ``run, kind, method, budget, removed, evaluation
     ({text: {dense, pruned, windows, seqlen, sha256}}), prefill_speedup, decode_speedup, forward_speedup (a DiT's),
-    seconds``."""
+    seconds``, and the budget as numbers for scripts (None where the kind has none): ``ratio, pattern, sparsity``
+    (weights: measured on the layers pruned), ``params_before, params_after`` (structured), ``dense_layers,
+    kept_layers`` (depth: the indices kept). `budget` and `removed` are the same as text."""
     folder = Path(folder).expanduser()
     meta = _read(folder)
+    numbers = dict.fromkeys(("ratio", "pattern", "sparsity", "params_before", "params_after", "dense_layers",
+                             "kept_layers"))
     if meta.get("kind") == "dit" or "kept_layers" in meta:  # depth (a DiT's record has no perplexity)
         kind = "depth"
         dense, kept = meta.get("dense_layers"), meta.get("kept_layers")
         budget = f"{len(kept)} of {dense} blocks" if isinstance(kept, list) else "?"
         recovery = meta.get("recovery")
         gone = dense - len(kept) if isinstance(kept, list) and isinstance(dense, int) else None
+        numbers.update(dense_layers=_int(dense), kept_layers=kept if isinstance(kept, list) else None)
         removed = None if gone is None else f"{gone} block" + ("s" if gone != 1 else "")
         if isinstance(recovery, dict):
             how = "KD, " if recovery.get("distilled") else ""
@@ -68,11 +73,15 @@ def summarize(folder: str | Path) -> dict:
         budget = f"ratio {meta.get('ratio')} ({meta.get('structure')})"
         before, after = _number(meta.get("params_before")), _number(meta.get("params_after"))
         removed = f"params {before:,.0f} -> {after:,.0f}" if before and after is not None else None
+        numbers.update(ratio=_number(meta.get("ratio")), params_before=before, params_after=after)
     elif "layers" in meta and "sequential" in meta:
         kind = "weights"
         budget = meta.get("pattern") or f"{meta.get('ratio')} unstructured"
         sparsity = _number(meta.get("total_sparsity"))  # measured on the layers pruned
         removed = f"sparsity {sparsity:.4f}" if sparsity is not None else None
+        pattern = meta.get("pattern")
+        numbers.update(ratio=_number(meta.get("ratio")), pattern=pattern if isinstance(pattern, str) else None,
+                       sparsity=sparsity)
     else:
         raise InputError(f"{folder / 'prunekit.json'} is not a record of `prunekit prune` (weights, structured or "
                          "depth); compare reads those")
@@ -100,7 +109,8 @@ def summarize(folder: str | Path) -> dict:
     return {"run": str(folder), "kind": kind, "method": meta.get("method"), "budget": budget, "removed": removed,
             "evaluation": evaluation, "prefill_speedup": _number(ratios.get("prefill")),
             "decode_speedup": _number(ratios.get("decode")), "forward_speedup": forward,
-            "seconds": _number(meta.get("wall_seconds", meta.get("seconds")))}  # the API's PruneResult: seconds
+            "seconds": _number(meta.get("wall_seconds", meta.get("seconds"))),  # the API's PruneResult: seconds
+            **numbers}
 
 
 def _f(value, fmt: str) -> str:
@@ -108,8 +118,8 @@ def _f(value, fmt: str) -> str:
 
 
 def table(rows: list[dict], texts: list[str]) -> tuple[str, list[str]]:
-    """A markdown table of `rows` (from `summarize`) with dense and pruned perplexity on each of `texts`, and notes:
-    texts the runs scored on different files or windows, runs that scored some of them only."""
+    """A markdown table of `rows` (from `summarize`) with dense and pruned perplexity on each of `texts`, and its
+    `notes`."""
     head = ["run", "kind", "method", "budget", "removed"]
     for t in texts:
         head += [f"{t} dense", f"{t} pruned"]
@@ -126,23 +136,29 @@ def table(rows: list[dict], texts: list[str]) -> tuple[str, list[str]]:
                  f"{r['forward_speedup']:.2f}x (forward)" if r.get("forward_speedup") is not None else "")
         cells += [speed, _f(r["seconds"], ".1f")]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    notes = []
+    return "\n".join(lines), notes(rows, texts)
+
+
+def notes(rows: list[dict], texts: list[str]) -> list[str]:
+    """What would mislead in a table of `rows` over `texts`: texts the runs scored on different files or windows,
+    one file under two names, runs that scored some of the texts only."""
+    said = []
     for r in rows:
         missing = [t for t in texts if t not in r["evaluation"]
                    or not all(_f(r["evaluation"][t][k], "g") for k in ("dense", "pruned"))]
         if missing:
-            notes.append(f"{r['run']} records no score for {', '.join(missing)} (a prune without that --eval, a "
+            said.append(f"{r['run']} records no score for {', '.join(missing)} (a prune without that --eval, a "
                          "folder saved from Python without an evaluation in its metadata, or a value missing from "
                          "the record): those cells are blank")
     for t in texts:
         scored = [r["evaluation"][t] for r in rows if t in r["evaluation"]]
         files = {e["sha256"] for e in scored if e["sha256"] is not None}  # None: a record without it
         if len(files) > 1:
-            notes.append(f"{t} names different files in different runs (sha256 "
+            said.append(f"{t} names different files in different runs (sha256 "
                          + ", ".join(sorted(str(s)[:12] for s in files)) + "): those perplexities do not compare")
         shapes = {(e["windows"], e["seqlen"]) for e in scored}
         if len(shapes) > 1:
-            notes.append(f"{t} was scored on different windows by different runs ("
+            said.append(f"{t} was scored on different windows by different runs ("
                          + ", ".join(f"{w} x {s}" for w, s in sorted(shapes, key=str)) + "): those perplexities do "
                          "not compare")
     by_file: dict[str, list[str]] = {}  # one file under several --eval spellings: columns apart
@@ -152,9 +168,9 @@ def table(rows: list[dict], texts: list[str]) -> tuple[str, list[str]]:
                 by_file.setdefault(sha, []).append(t)
     for sha, names in by_file.items():
         if len(names) > 1:
-            notes.append(f"{' and '.join(names)} are the same file (sha256 {sha[:12]}) in different spellings: give "
+            said.append(f"{' and '.join(names)} are the same file (sha256 {sha[:12]}) in different spellings: give "
                          "the runs one --eval spelling to compare them in one column")
-    return "\n".join(lines), notes
+    return said
 
 
 def add_parser(sub) -> None:
@@ -162,7 +178,8 @@ def add_parser(sub) -> None:
     p.add_argument("runs", nargs="+", help="output folders of `prunekit prune` (their prunekit.json is read)")
     p.add_argument("--text", default=None, help="comma-separated --eval texts to show (default: every text a run "
                    "scored, in the order first seen)")
-    p.add_argument("--json", action="store_true", help="print one JSON object {texts: [...], rows: [...]} on stdout")
+    p.add_argument("--json", action="store_true", help="print one JSON object {texts: [...], rows: [...], notes: "
+                   "[...]} on stdout (the notes also go to stderr)")
 
 
 def run(args) -> int:
@@ -176,11 +193,12 @@ def run(args) -> int:
                              f"{', '.join(seen) or 'no text (run prune with --eval)'}")
     else:
         texts = seen
-    if args.json:
-        print(jsonl.dumps({"texts": texts, "rows": rows}))
-        return 0
-    md, notes = table(rows, texts)
-    print(md)
-    for note in notes:
+    if args.json:  # a script gating on the numbers is told when they do not compare, as a reader is
+        said = notes(rows, texts)
+        print(jsonl.dumps({"texts": texts, "rows": rows, "notes": said}))
+    else:
+        md, said = table(rows, texts)
+        print(md)
+    for note in said:
         print(f"prunekit: note: {note}", file=sys.stderr)
     return 0
