@@ -722,7 +722,7 @@ def test_a_full_disk_in_the_tokenizer_save_and_a_closed_pipe_are_one_line_or_qui
         raise BrokenPipeError(32, "Broken pipe")
 
     monkeypatch.setattr(cli, "_cmd_methods", reader_left)
-    assert cli.main(["methods"]) == 1
+    assert cli.main(["methods"]) == 141  # quiet, and not 1 (the code of a system refusal)
     assert capsys.readouterr().err == ""
 
     def other(args):
@@ -936,3 +936,23 @@ def test_leftovers_are_looked_for_where_a_link_points_and_a_vanishing_one_is_ski
     monkeypatch.setattr(Path, "rglob", vanished)
     io.check_output(tmp_path / "gone", overwrite=False)  # raised FileNotFoundError
     assert "gone" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["reason", "-", "--answers", "x.jsonl"],
+    ["reason", "paths.jsonl", "--answers", "-"],  # wrote a file named "-"
+    ["generate", "m", "--prompt-file", "-", "--kv", "h2o", "--budget", "8"],
+    ["eval", "m", "--text", "-"],
+    ["prune", "m", "--method", "wanda", "--ratio", "0.5", "--out", "-"],
+    ["compare", "runs/a", "-"],
+])
+def test_a_dash_for_a_file_is_refused_not_taken_as_a_name(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    assert "prunekit reads and writes files, not standard input or output" in capsys.readouterr().err
+    assert not (tmp_path / "-").exists()
+
+
+def test_a_dash_as_memory_text_is_a_turn(tmp_path, capsys):
+    store = tmp_path / "m.db"
+    assert cli.main(["memory", "add", "--store", str(store), "--embedder", "hash", "-"]) == 0

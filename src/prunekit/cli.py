@@ -666,6 +666,25 @@ _UTF8 = {"out": "--out", "store": "--store", "prompt": "--prompt", "calib": "--c
          "domain": "--domain", "query": "query"}
 
 
+# options that name a file or folder: "-" is no standard stream there (`reason --answers -` wrote a file named "-")
+_PATHS = {"out": "--out", "answers": "--answers", "questions": "--questions", "prompt_file": "--prompt-file",
+          "calib": "--calib", "eval": "--eval", "domain": "--domain", "store": "--store", "jsonl": "--jsonl",
+          "data": "--data", "test_data": "--test-data", "labels": "--labels", "test_labels": "--test-labels",
+          "probs": "--probs", "scores": "--scores", "embeddings": "--embeddings", "model": "the model",
+          "keep": "--keep", "paths": "PATHS", "runs": "RUN"}
+
+
+def _refuse_dash(args) -> None:
+    from prunekit.errors import InputError
+
+    names = dict(_PATHS, **({"text": "--text"} if args.command == "eval" else {}))  # memory add's text is a turn
+    for name, flag in names.items():
+        value = getattr(args, name, None)
+        if value == "-" or (isinstance(value, list) and "-" in value):
+            raise InputError(f"{flag} -: prunekit reads and writes files, not standard input or output; give a file "
+                             "path (save piped data to a file first; a file read whole may also be /dev/stdin)")
+
+
 def _check_utf8(args) -> None:
     from prunekit.errors import InputError
 
@@ -748,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr = _DroppingStderr(stderr)
     try:
         _check_utf8(args)
+        _refuse_dash(args)
         if args.command in _MODULES:
             return import_module(_MODULES[args.command]).run(args)
         return {"prune": _cmd_prune, "eval": _cmd_eval, "methods": _cmd_methods}[args.command](args)
@@ -768,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
         except (OSError, ValueError):
             pass
-        return 1
+        return 141  # 128 + SIGPIPE, as a shell reports a program the closed pipe stopped; 1 is a system refusal
     except OSError as e:  # the system refused (no space, no permission, a name too long): one line, not a traceback
         where = str(e.filename) if e.filename is not None else ""
         where = f": {where if len(where) <= 200 else where[:200] + '...'}" if where else ""
