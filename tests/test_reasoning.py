@@ -325,7 +325,7 @@ def test_load_paths_reads_a_good_file(tmp_path):
 @pytest.mark.parametrize("line, match", [
     ("{not json", "not valid JSON"),
     (json.dumps({"answer": "1", "paths": []}), "empty"),
-    (json.dumps({"paths": [{"text": "", "answer": "1", "logprobs": [-1]}]}), "reference answer"),
+    (json.dumps({"answer": "1", "paths": [{"text": "", "answer": "1", "logprobs": "-1"}]}), "or absent, for --method sc"),
     ('{"answer": "1", "paths": [{"text": "x", "answer": "1", "logprobs": [NaN]}]}', "NaN or infinite"),
     ('{"answer": "1", "paths": [{"text": "x", "answer": "1", "logprobs": [-Infinity]}]}', "NaN or infinite"),
     (json.dumps({"answer": "1", "paths": [{"text": "x", "answer": "1", "logprobs": [-0.1, 0.3]}]}), "positive"),
@@ -630,3 +630,27 @@ def test_write_jsonl_writes_valid_json_lines(tmp_path):
     raw = out.read_bytes()
     assert b"NaN" not in raw and len(raw.decode("utf-8").splitlines()) == 1  # U+2028 escaped, NaN as null
     assert json.loads(raw) == {"text": "é\u2028ü", "logprobs": [None, -0.5]}
+
+
+def test_answers_without_logprobs_or_reference_vote_with_sc_only(tmp_path, capsys):
+    """An API that returns no log-probs: the paths file was refused whole, though self-consistency needs none."""
+    from prunekit.cli import main
+
+    lines = [json.dumps({"paths": [{"text": "a", "answer": "5"}, {"text": "b", "answer": "5"},
+                                   {"text": "c", "answer": "7"}]}),
+             json.dumps({"answer": "7", "paths": [{"text": "d", "answer": "7", "logprobs": [-0.1]},
+                                                  {"text": "e", "answer": "3"}]})]
+    path = _write(tmp_path, lines)
+    chosen = R.choose(R.load_paths(path), method="sc")
+    assert chosen[0]["answer"] == 5 and sorted(chosen[1]["winners"]) == [3, 7]  # a tie shares the credit
+    assert chosen[0]["reference"] is None and chosen[0]["correct"] is None
+    for method in ("pc", "rpc"):
+        with pytest.raises(InputError, match=r'question 0 \(counting from 0\), path 0 has no "logprobs".*method sc'):
+            R.choose(R.load_paths(path), method=method)
+        with pytest.raises(InputError, match="has no \"logprobs\""):
+            R.evaluate(R.load_paths(path), method=method)
+    out = tmp_path / "answers.jsonl"
+    assert main(["reason", str(path), "--method", "sc", "--answers", str(out)]) == 0
+    assert [json.loads(x)["answer"] for x in out.read_text().splitlines()][0] == 5
+    assert main(["reason", str(path), "--method", "rpc", "--answers", str(tmp_path / "b.jsonl")]) == 2
+    assert "has no \"logprobs\"" in capsys.readouterr().err and not (tmp_path / "b.jsonl").exists()

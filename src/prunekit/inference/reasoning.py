@@ -429,8 +429,6 @@ def _bad(path, line_no, what) -> InputError:
 def _parse(obj, path, line_no) -> Question:
     if not isinstance(obj, dict):
         raise _bad(path, line_no, "expected a JSON object {\"answer\": ..., \"paths\": [...]}")
-    if "answer" not in obj:
-        raise _bad(path, line_no, "no \"answer\" (the reference answer; null when there is none)")
     paths = obj.get("paths")
     if not isinstance(paths, list):
         raise _bad(path, line_no, "\"paths\" must be a list of {\"text\", \"answer\", \"logprobs\"}")
@@ -445,9 +443,15 @@ def _parse(obj, path, line_no) -> Question:
             raise _bad(path, line_no, f"path {j}: \"text\" must be a string")
         if "answer" not in p:
             raise _bad(path, line_no, f"path {j}: no \"answer\" (use null when none was extracted)")
+        if lp is None:  # answers alone (an API without log-probs): self-consistency votes on them, pc and rpc refuse
+            texts.append(text)
+            answers.append(p["answer"])
+            logprobs.append(None)
+            continue
         if not isinstance(lp, list) or not lp or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                         for v in lp):
-            raise _bad(path, line_no, f"path {j}: \"logprobs\" must be a non-empty list of numbers")
+            raise _bad(path, line_no, f"path {j}: \"logprobs\" must be a non-empty list of numbers (or absent, "
+                       "for --method sc)")
         try:
             arr = np.asarray(lp, dtype=np.float64)
         except OverflowError:  # an integer too large for a float
@@ -460,15 +464,15 @@ def _parse(obj, path, line_no) -> Question:
         answers.append(p["answer"])
         logprobs.append(arr)
     q = obj.get("question")
-    return Question(answer=obj["answer"], texts=texts, answers=answers, logprobs=logprobs,
+    return Question(answer=obj.get("answer"), texts=texts, answers=answers, logprobs=logprobs,
                     question=q if isinstance(q, str) else None)
 
 
 def load_paths(path: str | os.PathLike) -> list[Question]:
     """Read a JSONL file of sampled paths, one question a line:
-    ``{"question": str (optional), "answer": reference, "paths": [{"text": str, "answer": str | null,
-    "logprobs": [float <= 0, ...]}, ...]}``. Blank lines are skipped; anything else malformed raises
-    `InputError` naming the line."""
+    ``{"question": str (optional), "answer": reference (optional), "paths": [{"text": str, "answer": str | null,
+    "logprobs": [float <= 0, ...] (optional: sc votes without them)}, ...]}``. Blank lines are skipped; anything
+    else malformed raises `InputError` naming the line."""
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"path must be a file path (str or Path), got {type(path).__name__}")
     path = Path(path).expanduser()
@@ -490,6 +494,18 @@ def _as_questions(records) -> list[Question]:
     return out
 
 
+def _check_logprobs(qs: list, method: str) -> None:
+    """pc and rpc weigh paths by their log-probs: a path without them is an InputError naming it."""
+    if method == "sc":
+        return
+    for i, q in enumerate(qs):
+        j = next((j for j, lp in enumerate(q.logprobs) if lp is None), None)
+        if j is not None:
+            raise InputError(f"question {i} (counting from 0), path {j} has no \"logprobs\"; method {method} weighs "
+                             "paths by them: add each path's token log-probs, or use method sc (votes on answers "
+                             "alone)")
+
+
 def has_reference(answer) -> bool:
     """Whether a question's reference `answer` is given (not null, not empty once canonical)."""
     return canonical_answer(answer) not in (None, "")
@@ -502,8 +518,9 @@ def choose(records, *, method: str) -> list[dict]:
     is among tied winners; None without a reference)."""
     if method not in METHODS:
         raise InputError(f"method={method!r}: choose one of {', '.join(METHODS)}")
-    out = []
-    for i, q in enumerate(_as_questions(records)):
+    out, qs = [], _as_questions(records)
+    _check_logprobs(qs, method)
+    for i, q in enumerate(qs):
         v = vote(q.answers, q.logprobs, method=method, texts=q.texts)
         known = has_reference(q.answer)
         out.append({"index": i, "question": q.question, "answer": v.answer, "confidence": v.confidence,
@@ -541,7 +558,8 @@ def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10,
     subsample = n is not None and any(n < len(q.answers) for q in qs)
     rounds = resamples if subsample else 1
     rng = np.random.default_rng(seed)
-    means = [np.array([float(np.mean(lp)) for lp in q.logprobs]) for q in qs]  # [n_q] each
+    _check_logprobs(qs, method)
+    means = [None if method == "sc" else np.array([float(np.mean(lp)) for lp in q.logprobs]) for q in qs]
     unknown = [i for i, q in enumerate(qs) if not has_reference(q.answer)]
     if unknown:  # they were scored as wrong answers
         raise InputError(f"{len(unknown)} question(s) have no reference answer (null or empty; the first is question "
@@ -554,7 +572,7 @@ def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10,
         for q, m in zip(qs, means):
             idx = rng.choice(len(q.answers), size=n, replace=False) if subsample else np.arange(len(q.answers))
             answers = [q.answers[i] for i in idx]
-            v = vote(answers, m[idx], method=method, texts=[q.texts[i] for i in idx])
+            v = vote(answers, None if m is None else m[idx], method=method, texts=[q.texts[i] for i in idx])
             ref = canonical_answer(q.answer)
             credit.append(v.credit(q.answer))
             for w in v.winners:
