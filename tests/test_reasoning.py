@@ -654,3 +654,10 @@ def test_answers_without_logprobs_or_reference_vote_with_sc_only(tmp_path, capsy
     assert [json.loads(x)["answer"] for x in out.read_text().splitlines()][0] == 5
     assert main(["reason", str(path), "--method", "rpc", "--answers", str(tmp_path / "b.jsonl")]) == 2
     assert "has no \"logprobs\"" in capsys.readouterr().err and not (tmp_path / "b.jsonl").exists()
+
+
+def test_choose_writes_the_reference_as_the_answers_are_compared():
+    """`"answer": 10` beside `"reference": "10"` made `.answer == .reference` false on a right answer."""
+    rec = {"answer": "1,200", "paths": [{"text": "a", "answer": "1200.0"}, {"text": "b", "answer": "1200"}]}
+    got = R.choose([rec], method="sc")[0]
+    assert got["answer"] == got["reference"] == 1200 and got["correct"] == 1.0

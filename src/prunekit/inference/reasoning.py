@@ -515,7 +515,9 @@ def choose(records, *, method: str) -> list[dict]:
     """Each question's chosen answer under `method`, voting over all its paths; no reference answer is needed.
     One dict per question, in order: ``{"index", "question", "answer", "confidence", "winners", "paths",
     "kept_paths", "reference", "correct"}`` (``correct``: the accuracy credit, 1/|winners| when the reference
-    is among tied winners; None without a reference)."""
+    is among tied winners; None without a reference). ``answer``, ``winners`` and ``reference`` are in the
+    form votes compare (`canonical_answer`: "1,200" and "1200.0" are 1200), so a right answer equals its
+    reference."""
     if method not in METHODS:
         raise InputError(f"method={method!r}: choose one of {', '.join(METHODS)}")
     out, qs = [], _as_questions(records)
@@ -525,7 +527,7 @@ def choose(records, *, method: str) -> list[dict]:
         known = has_reference(q.answer)
         out.append({"index": i, "question": q.question, "answer": v.answer, "confidence": v.confidence,
                     "winners": v.winners, "paths": len(q.answers), "kept_paths": int(v.keep.sum()),
-                    "reference": q.answer, "correct": v.credit(q.answer) if known else None})
+                    "reference": canonical_answer(q.answer), "correct": v.credit(q.answer) if known else None})
     return out
 
 
