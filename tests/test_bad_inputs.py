@@ -956,3 +956,15 @@ def test_a_dash_for_a_file_is_refused_not_taken_as_a_name(argv, tmp_path, monkey
 def test_a_dash_as_memory_text_is_a_turn(tmp_path, capsys):
     store = tmp_path / "m.db"
     assert cli.main(["memory", "add", "--store", str(store), "--embedder", "hash", "-"]) == 0
+
+
+def test_an_interrupt_says_which_output_a_folder_holds(monkeypatch, capsys):
+    """Ctrl-C after the new output was renamed into place said "one saved before this moment stays", which read as
+    the earlier output."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_methods", interrupted)
+    assert cli.main(["methods"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("prunekit: interrupted; no output was left half-written") and "or this run's" in err

@@ -780,7 +780,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (KeyboardInterrupt, Terminated) as e:  # outputs are renamed into place whole, so none is half-written
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
-        print(f"prunekit: {what}; no output was left half-written (one saved before this moment stays)",
+        print(f"prunekit: {what}; no output was left half-written: an output folder holds what was whole at this "
+              "moment (the earlier output, or this run's if its save had finished; its prunekit.json says which)",
               file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 143
     except BrokenPipeError:  # `prunekit ... | head`: the reader left; stop quietly (it was "error: Broken pipe")
