@@ -131,7 +131,7 @@ def test_compare_reads_a_folder_saved_from_the_python_api(llama, tok, tmp_path, 
     ids = ids_from_text(tok, 4, 32)
     result = prunekit.prune(llama, method="wanda", ratio=0.5, calibration=ids.numpy(), progress=False)  # numpy ids
     assert abs(result.total_sparsity - 0.5) < 0.01
-    out = prunekit.save_pruned(llama, tok, tmp_path / "api", metadata=result.to_dict())
+    out = prunekit.save_pruned(llama, tok, tmp_path / "api", metadata=result)  # the result itself: its to_dict()
     assert main(["compare", str(out), "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["rows"][0]
     assert row["method"] == "wanda" and row["seconds"] == result.seconds  # PruneResult's time: the column was blank

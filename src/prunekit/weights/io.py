@@ -690,7 +690,8 @@ def save_weights(model, folder: Path, dtype=None) -> None:
 def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict | None = None, overwrite: bool = False,
                 extra: Callable[[Path], None] | None = None, dtype=None) -> Path:
     """Save `model` (safetensors) and `tokenizer` plus ``prunekit.json`` (`metadata`, with ``saved_dtype``: the
-    dtype the weights were written in); `extra(folder)` may add files.
+    dtype the weights were written in; a `PruneResult` is written as its ``to_dict()``); `extra(folder)` may add
+    files.
 
     `dtype` (a torch dtype or a name such as ``"bfloat16"``) saves the weights in that dtype without changing
     `model`; None saves them as they are. ARMOR's factorized layers save their dense equivalent in the model's
@@ -700,6 +701,10 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict | No
     from prunekit.weights.methods import armor
 
     dtype = parse_dtype(dtype, what="the saved dtype")
+    from prunekit.weights.prune import PruneResult
+
+    if isinstance(metadata, PruneResult):  # refused as "metadata must be a dict"
+        metadata = metadata.to_dict()
     metadata = dict(jsonl.check_metadata(metadata))
     saved = dtype if dtype not in (None, "auto") else next(
         (t.dtype for t in model.state_dict().values() if t.is_floating_point()), None)
