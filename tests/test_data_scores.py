@@ -298,8 +298,8 @@ def test_train_is_deterministic_and_counts_steps():
     assert epochs == [1, 2]  # 10 steps = two full passes of 4 and a partial third
     with pytest.raises(InputError, match="exactly one"):
         train(mlp(2, 3), x, y, epochs=1, steps=3)
-    with pytest.raises(InputError, match="integer class"):
-        train(mlp(2, 3), x, y.float(), epochs=1)
+    with pytest.raises(InputError, match="integer class"):  # whole-number floats (2.0) are class indices
+        train(mlp(2, 3), x, y.float() + 0.5, epochs=1)
 
 
 def test_training_refuses_nan_inputs_labels_past_the_outputs_and_a_model_for_a_factory_before_training():
@@ -496,3 +496,15 @@ def test_el2n_refuses_probabilities_taken_for_logits():
     np.testing.assert_allclose(el2n(probs, [0, 2], from_logits=False), [math.sqrt(0.09 + 0.04 + 0.01), math.sqrt(0.06)])
     assert el2n(probs, [0, 2], from_logits=True).shape == (2,)  # said explicitly: softmaxed as logits
     assert el2n(np.log(probs), [0, 2]).shape == (2,)  # logits: no question
+
+
+def test_training_takes_numpy_inputs_and_whole_number_float_labels():
+    """x from numpy and labels such as 2.0 (as the label-issue functions take them) were refused."""
+    x, y = _blobs(n=60)
+    want = cross_val_probs(lambda: mlp(2, 3), x, y, folds=3, epochs=2, lr=0.1, batch_size=8, progress=False)
+    got = cross_val_probs(lambda: mlp(2, 3), x.numpy(), y.numpy().astype(np.float64), folds=3, epochs=2, lr=0.1,
+                          batch_size=8, progress=False)
+    np.testing.assert_array_equal(got, want)
+    for bad_x, bad_y, match in ((x.numpy().astype(np.uint8), y, "divide by 255"), (x, y + 0.5, "integer class")):
+        with pytest.raises(InputError, match=match):
+            cross_val_probs(lambda: mlp(2, 3), bad_x, bad_y, folds=3, epochs=1, progress=False)

@@ -77,11 +77,16 @@ class StepInfo:
 
 
 def _check_xy(x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating):
+        x = torch.from_numpy(x)  # a numpy float array, as the data functions take (not copied)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise InputError("x must be a floating-point torch tensor [N, ...]; convert with torch.as_tensor(x).float()")
+        raise InputError("x must be a floating-point torch tensor or numpy array [N, ...] (uint8 images: divide by "
+                         "255 first); convert with torch.as_tensor(x).float()")
     if x.ndim < 1 or len(x) == 0:
         raise InputError(f"x is empty (shape {tuple(x.shape)}); give at least one example")
     y = torch.as_tensor(y)
+    if y.is_floating_point() and y.ndim == 1 and bool(torch.isfinite(y).all()) and bool((y == y.round()).all()):
+        y = y.long()  # whole-number float labels (3.0), as the label-issue functions take them
     if y.shape != (len(x),) or y.is_floating_point() or y.dtype == torch.bool:
         raise InputError(f"y must be integer class indices of shape [{len(x)}], got {y.dtype} {tuple(y.shape)}")
     if y.min() < 0:
