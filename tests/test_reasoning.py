@@ -325,7 +325,8 @@ def test_load_paths_reads_a_good_file(tmp_path):
 @pytest.mark.parametrize("line, match", [
     ("{not json", "not valid JSON"),
     (json.dumps({"answer": "1", "paths": []}), "empty"),
-    (json.dumps({"answer": "1", "paths": [{"text": "", "answer": "1", "logprobs": "-1"}]}), "or absent, for --method sc"),
+    (json.dumps({"answer": "1", "paths": [{"text": "", "answer": "1", "logprobs": "-1"}]}),
+     "or absent, for --method sc"),
     ('{"answer": "1", "paths": [{"text": "x", "answer": "1", "logprobs": [NaN]}]}', "NaN or infinite"),
     ('{"answer": "1", "paths": [{"text": "x", "answer": "1", "logprobs": [-Infinity]}]}', "NaN or infinite"),
     (json.dumps({"answer": "1", "paths": [{"text": "x", "answer": "1", "logprobs": [-0.1, 0.3]}]}), "positive"),

@@ -854,7 +854,8 @@ def test_load_refuses_nan_weights_and_takes_a_folder_without_tokenizer(uniform, 
     out = prunekit.save_structured(model, None, tmp_path / "m", metadata={})
     assert ("prunekit_layer_widths" in json.loads((out / "config.json").read_text())) != uniform
     loaded, tok = prunekit.load(out)  # no tokenizer saved: None, not an error
-    assert tok is None and [w.intermediate for w in layer_widths(loaded)] == [w.intermediate for w in layer_widths(model)]
+    assert tok is None
+    assert [w.intermediate for w in layer_widths(loaded)] == [w.intermediate for w in layer_widths(model)]
     weights = next(out.glob("*.safetensors"))
     state = load_file(str(weights))
     state[next(k for k in state if "layers.0.mlp.up_proj" in k)][0, 0] = float("nan")

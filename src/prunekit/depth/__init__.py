@@ -16,9 +16,9 @@ from prunekit._lazy import attach
 
 __all__ = [
     "DepthTarget", "GatedBlock", "RecoveryResult", "TinyFusionResult", "block_influence", "calibration_loss",
-    "causal_lm_target", "check_keep", "check_kept", "drop_blocks", "drop_layers", "every_other", "gates", "group_options",
-    "parse_groups", "random_masks", "recover", "removal_losses", "sample_masks", "save_depth_pruned", "select_blocks",
-    "sensitivity", "shortgpt", "tinyfusion",
+    "causal_lm_target", "check_keep", "check_kept", "drop_blocks", "drop_layers", "every_other", "gates",
+    "group_options", "parse_groups", "random_masks", "recover", "removal_losses", "sample_masks", "save_depth_pruned",
+    "select_blocks", "sensitivity", "shortgpt", "tinyfusion",
 ]
 
 attach(__name__, {

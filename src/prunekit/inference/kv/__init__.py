@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 from prunekit._lazy import attach
 
 __all__ = [
-    "POLICIES", "POLICY_NAMES", "Engine", "Policy", "policy", "make_policy", "policy_options", "cache_bytes", "cache_tokens",
-    "rotate_keys", "calibrate_delta_layers", "default_delta_layers", "wiki_delta_layers", "SUPPORTED_MODEL_TYPES",
-    "EVERY", "FullCache", "StreamingLLM", "H2O", "SnapKV", "Knorm", "Delta", "DeepForcing",
+    "POLICIES", "POLICY_NAMES", "Engine", "Policy", "policy", "make_policy", "policy_options", "cache_bytes",
+    "cache_tokens", "rotate_keys", "calibrate_delta_layers", "default_delta_layers", "wiki_delta_layers",
+    "SUPPORTED_MODEL_TYPES", "EVERY", "FullCache", "StreamingLLM", "H2O", "SnapKV", "Knorm", "Delta", "DeepForcing",
 ]
 
 # the keys of POLICIES, for the command line's help without importing torch
