@@ -58,3 +58,13 @@ def test_a_later_submodule_import_keeps_the_function_of_the_same_name():
                "import prunekit.depth as d\n"
                "print(d.tinyfusion is m.tinyfusion)")
     assert out == "True"
+
+
+def test_modules_of_plain_subpackages_are_attributes_after_import_prunekit():
+    """The eager imports made `prunekit.weights.io` reachable after a bare `import prunekit`; scripts rely on it."""
+    out = _run("import prunekit\n"
+               "print(prunekit.weights.io.load_model.__name__, prunekit.inference.reasoning.vote.__name__,\n"
+               "      prunekit.data.methods.el2n.el2n.__name__, prunekit.weights.methods.wanda.__name__)\n"
+               "print(all(n in dir(prunekit) for n in ('registry', 'depth', 'weights', 'zoo')),\n"
+               "      hasattr(prunekit.depth, 'no.such'))")
+    assert out.splitlines() == ["load_model vote el2n prunekit.weights.methods.wanda", "True False"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import pkgutil
 import sys
 import types
 
@@ -22,7 +23,7 @@ class _LazyPackage(types.ModuleType):
         where = self.__dict__.get("_lazy_where", {})
         if name in where:
             value = getattr(importlib.import_module(where[name]), name)
-        elif not name.startswith("_") and importlib.util.find_spec(f"{self.__name__}.{name}") is not None:
+        elif name.isidentifier() and not name.startswith("_") and _submodule(self, name):
             value = importlib.import_module(f"{self.__name__}.{name}")
         else:
             raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
@@ -35,13 +36,21 @@ class _LazyPackage(types.ModuleType):
             return  # the import system binding submodule `name` over the exported name it shares
         super().__setattr__(name, value)
 
-    def __dir__(self) -> list[str]:
-        return sorted(set(self.__dict__) | set(self.__dict__.get("_lazy_where", {})))
+    def __dir__(self) -> list[str]:  # the exports and the submodules too, loaded or not (tab completion)
+        names = set(self.__dict__) | set(self.__dict__.get("_lazy_where", {})) | set(self.__dict__.get("__all__", ()))
+        return sorted(names | {m.name for m in pkgutil.iter_modules(self.__dict__.get("__path__", ()))})
+
+
+def _submodule(package: types.ModuleType, name: str) -> bool:
+    try:
+        return importlib.util.find_spec(f"{package.__name__}.{name}") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def attach(package: str, exports: dict[str, tuple[str, ...]]) -> None:
     """Make package `package` load its public names on first use: `exports` maps each defining module to the
-    names it gives the package."""
+    names it gives the package (empty: only its submodules load on first use)."""
     module = sys.modules[package]
     module.__class__ = _LazyPackage
     module.__dict__["_lazy_where"] = {name: source for source, names in exports.items() for name in names}

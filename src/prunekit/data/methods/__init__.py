@@ -17,3 +17,7 @@ coverage-centric subset).
 
 Training the runs these scores need (and out-of-fold probabilities for `confident`) is `prunekit.train`.
 """
+
+from prunekit._lazy import attach
+
+attach(__name__, {})  # a submodule read as an attribute loads, as the eager imports once made it
