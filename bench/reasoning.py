@@ -98,8 +98,9 @@ def make_questions(count: int, seed: int = 0) -> list[dict]:
 
 
 def _config(args) -> dict:
-    # extractor 2: "the answer is indeed 5" reads 5 (2026-12-02); a cache's answers were extracted when sampled
-    return {"generator": GENERATOR_VERSION, "extractor": 2, "question_seed": args.question_seed, "n": SAMPLES,
+    # extractor 3: "the answer is indeed 5" and "answer is 3 x 4 = 12" read 5 and 12 (2026-12-02); a cache's answers
+    # were extracted when sampled
+    return {"generator": GENERATOR_VERSION, "extractor": 3, "question_seed": args.question_seed, "n": SAMPLES,
             "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE, "instruction": INSTRUCTION,
             "model": "smollm2-135m", "seed": args.seed}
 

@@ -662,3 +662,15 @@ def test_choose_writes_the_reference_as_the_answers_are_compared():
     rec = {"answer": "1,200", "paths": [{"text": "a", "answer": "1200.0"}, {"text": "b", "answer": "1200"}]}
     got = R.choose([rec], method="sc")[0]
     assert got["answer"] == got["reference"] == 1200 and got["correct"] == 1.0
+
+
+def test_extract_answer_takes_the_result_of_arithmetic_after_answer_is_and_stays_linear():
+    assert extract_answer("So the answer is simply 3 x 4 = 12.") == "12"
+    assert extract_answer("The answer is then 2 + 3 = 5.") == "5"
+    assert extract_answer("The answer is 12 - 4 = 8 apples") == "8"
+    assert extract_answer("The answer is 2 + 3") == "2"  # no result stated: the number after "answer is"
+    assert extract_answer("The answer is 12. Then 3 + 4 = 7 more") == "12"  # a new sentence is no arithmetic
+    assert extract_answer("answer is 5 xylophones") == "5"
+    # a run of whitespace after "answer is" (a degenerate sample): three overlapping quantifiers made this cubic
+    assert extract_answer("The answer is" + " " * 2000 + "x") is None
+    assert extract_answer("answer:" + "\n" * 2000 + "7") == "7"

@@ -43,8 +43,12 @@ DEFAULT_INSTRUCTION = "Solve the problem. Think step by step, briefly, and end w
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][+-]?\d+)?"
 # "answer is 5", "answer: 5", "answer is: 5", "answer = 5", "answer is indeed $\boxed{5}$"
 _FILLER = r"(?:(?:indeed|actually|therefore|thus|then|just|simply|exactly|still|clearly|now|also|so)\b[\s,]*)*"
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)[\s,:]*" + _FILLER + r"\$?\s*\\?(?:boxed\{)?\s*(" + _NUMBER + ")",
+# one whitespace run between "answer is" and the number (three in a row took cubic time on a run of spaces)
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)[\s,:]*" + _FILLER + r"(?:\$\s*)?\\?(?:boxed\{\s*)?(" + _NUMBER + ")",
                         re.IGNORECASE)
+# arithmetic right after the stated number: "the answer is simply 3 x 4 = 12" states 12
+_CHAIN = re.compile(r"(?:\s*(?:[-+*/×÷x]|=)\s*" + _NUMBER + ")+")
+_AFTER_EQUALS = re.compile(r"=\s*(" + _NUMBER + ")")
 
 
 def _norm_number(text: str) -> str:
@@ -57,15 +61,20 @@ def _norm_number(text: str) -> str:
 
 def extract_answer(text: str) -> str | None:
     """The answer a completion states: the number after the last "answer is" (or "answer:", "answer is:",
-    "answer =", with words like "indeed" or "therefore" between: "the answer is indeed 5"), else the last
-    number in the text; ``None`` when it has no number. It is written as the votes compare answers
+    "answer =", with words like "indeed" or "therefore" between: "the answer is indeed 5"; when arithmetic
+    follows it, the result after its last "=": "the answer is 3 x 4 = 12" -> "12"), else the last number in
+    the text; ``None`` when it has no number. It is written as the votes compare answers
     (`prunekit.inference.reasoning.canonical_answer`): thousands separators and trailing zeros dropped, an exponent
     applied ("1,200.50" -> "1200.5", "2.5e3" -> "2500"), so equal numbers compare equal as strings. A comma that
     does not group thousands ends the number ("the answer is 3,5" -> "3"; with no "answer is", "x is 3,5" -> "5",
     the last number)."""
-    hits = _ANSWER_IS.findall(text)
-    if hits:
-        return _norm_number(hits[-1])
+    last = None
+    for last in _ANSWER_IS.finditer(text):
+        pass
+    if last is not None:
+        chain = _CHAIN.match(text, last.end())
+        results = _AFTER_EQUALS.findall(chain.group(0)) if chain else []
+        return _norm_number(results[-1] if results else last.group(1))
     numbers = re.findall(_NUMBER, text)
     return _norm_number(numbers[-1]) if numbers else None
 
