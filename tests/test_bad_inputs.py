@@ -944,6 +944,7 @@ def test_leftovers_are_looked_for_where_a_link_points_and_a_vanishing_one_is_ski
     ["generate", "m", "--prompt-file", "-", "--kv", "h2o", "--budget", "8"],
     ["eval", "m", "--text", "-"],
     ["prune", "m", "--method", "wanda", "--ratio", "0.5", "--out", "-"],
+    ["prune", "m", "--method", "wanda", "--ratio", "0.5", "--eval", "wiki, -", "--out", "o"],
     ["compare", "runs/a", "-"],
 ])
 def test_a_dash_for_a_file_is_refused_not_taken_as_a_name(argv, tmp_path, monkeypatch, capsys):

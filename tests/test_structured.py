@@ -862,3 +862,5 @@ def test_load_refuses_nan_weights_and_takes_a_folder_without_tokenizer(uniform, 
     save_file(state, str(weights), metadata={"format": "pt"})
     with pytest.raises(InputError, match="NaN or Inf"):  # loaded NaN and all through either path
         prunekit.load(out)
+    broken, _ = prunekit.load(out, check_finite=False)  # to inspect it, as load_model allows
+    assert any(torch.isnan(p).any() for p in broken.parameters())

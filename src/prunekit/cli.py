@@ -680,6 +680,8 @@ def _refuse_dash(args) -> None:
     names = dict(_PATHS, **({"text": "--text"} if args.command == "eval" else {}))  # memory add's text is a turn
     for name, flag in names.items():
         value = getattr(args, name, None)
+        if name == "eval" and isinstance(value, str):  # a comma list: --eval wiki,-
+            value = [v.strip() for v in value.split(",")]
         if value == "-" or (isinstance(value, list) and "-" in value):
             raise InputError(f"{flag} -: prunekit reads and writes files, not standard input or output; give a file "
                              "path (save piped data to a file first; a file read whole may also be /dev/stdin)")

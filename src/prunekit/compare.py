@@ -73,7 +73,8 @@ def summarize(folder: str | Path) -> dict:
         budget = f"ratio {meta.get('ratio')} ({meta.get('structure')})"
         before, after = _number(meta.get("params_before")), _number(meta.get("params_after"))
         removed = f"params {before:,.0f} -> {after:,.0f}" if before and after is not None else None
-        numbers.update(ratio=_number(meta.get("ratio")), params_before=before, params_after=after)
+        numbers.update(ratio=_number(meta.get("ratio")), params_before=_int(meta.get("params_before")),
+                       params_after=_int(meta.get("params_after")))
     elif "layers" in meta and "sequential" in meta:
         kind = "weights"
         budget = meta.get("pattern") or f"{meta.get('ratio')} unstructured"

@@ -125,11 +125,12 @@ def count_tokens(text: str, tokenizer=None) -> int:
     """Tokens of `text` by `tokenizer` (no special tokens), else an estimate that errs high on prose.
 
     The estimate counts a run of ASCII letters as one token per 5 letters (at least 1), every digit, every
-    non-ASCII letter and every punctuation mark as one. Against SmolLM2's tokenizer (Llama-style BPE, one token
-    per digit) on 600-character passages it is 0.83x (wiki, at most 1.04x) and 0.93x (Austen, at most 1.03x)
-    of the true count, and 0.99x (at most 1.08x) on text dense in numbers and symbols. One word or mark a token,
-    as before, was 1.18x on wiki and up to 3.2x on numbers, so prompts overran their budget. Pass the model's
-    tokenizer when the budget must be exact.
+    non-ASCII letter and every punctuation mark as one. On 600-character passages, SmolLM2's tokenizer
+    (Llama-style BPE, one token per digit) counts 0.83x the estimate on wiki (at most 1.04x), 0.93x on Austen
+    (at most 1.03x) and 0.99x on text dense in numbers and symbols (at most 1.08x). Against one word or mark a
+    token, as before, it counted 1.18x on wiki and up to 3.2x on numbers, so prompts overran their budget.
+    Emoji, CJK text and runs of whitespace are estimated low. Pass the model's tokenizer when the budget must be
+    exact.
 
     >>> count_tokens("The code is 4417.")
     8
