@@ -1,7 +1,9 @@
 """`prunekit compare`: one table of several prune outputs, read from their prunekit.json records."""
 
+import copy
 import json
 
+import numpy as np
 import pytest
 
 from prunekit.cli import main
@@ -129,6 +131,12 @@ def test_compare_reads_a_folder_saved_from_the_python_api(llama, tok, tmp_path, 
     from conftest import ids_from_text
 
     ids = ids_from_text(tok, 4, 32)
+    for bad in (ids.numpy().astype(np.float64), ids.bool()):
+        with pytest.raises(prunekit.InputError, match="must be integer token ids"):
+            prunekit.prune(llama, method="wanda", ratio=0.5, calibration=bad, progress=False)
+    flipped = prunekit.prune(copy.deepcopy(llama), method="wanda", ratio=0.5, progress=False,
+                             calibration=ids.numpy().astype(np.uint16)[:, ::-1])  # uint16, a reversed view
+    assert abs(flipped.total_sparsity - 0.5) < 0.01
     result = prunekit.prune(llama, method="wanda", ratio=0.5, calibration=ids.numpy(), progress=False)  # numpy ids
     assert abs(result.total_sparsity - 0.5) < 0.01
     out = prunekit.save_pruned(llama, tok, tmp_path / "api", metadata=result)  # the result itself: its to_dict()

@@ -267,3 +267,4 @@ def test_dpruner_options_take_numpy_numbers_and_refuse_bools():
     for bad in (True, -1.0, float("nan"), float("inf"), "1"):
         with pytest.raises(InputError, match="lr must be a finite number >= 0"):
             dpruner._non_negative(bad, "lr")
+

@@ -195,3 +195,17 @@ def test_every_modules_docstring_examples_run_or_are_marked_skipped():
         if result.failed:
             failed[info.name] = result.failed
     assert not failed
+
+
+def test_prune_takes_numpy_options_and_records_them_as_numbers(llama, tok):
+    import json
+
+    import numpy as np
+
+    import prunekit
+    from conftest import ids_from_text
+
+    result = prunekit.prune(llama, method="sparsegpt", ratio=0.5, calibration=ids_from_text(tok, 4, 32),
+                            progress=False, blocksize=np.int64(16), percdamp=np.float32(0.01))
+    assert result.options["blocksize"] == 16 and type(result.options["blocksize"]) is int
+    json.dumps(result.to_dict())  # np.int64 in the options made save_pruned fail after the work

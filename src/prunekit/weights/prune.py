@@ -66,11 +66,14 @@ def _calibration(calibration, tokenizer, model, *, samples: int, seqlen: int,
                  seed: int) -> tuple[torch.Tensor | None, dict | None]:
     if calibration is None:
         return None, None
-    if isinstance(calibration, np.ndarray) and np.issubdtype(calibration.dtype, np.integer):
-        calibration = torch.from_numpy(calibration)  # token ids from numpy: "given as text" was the error
+    if isinstance(calibration, np.ndarray):  # token ids from numpy ("given as text" was the error), uint16 too
+        if not np.issubdtype(calibration.dtype, np.integer):
+            raise InputError(f"calibration array must be integer token ids [samples, seqlen], got {calibration.dtype}")
+        calibration = torch.from_numpy(np.ascontiguousarray(calibration).astype(np.int64, copy=False))
     if isinstance(calibration, torch.Tensor):
-        if calibration.dim() != 2 or calibration.dtype not in (torch.long, torch.int):
-            raise InputError("calibration tensor must be token ids of shape [samples, seqlen] (int64)")
+        if calibration.dim() != 2 or calibration.is_floating_point() or calibration.is_complex() \
+                or calibration.dtype == torch.bool:
+            raise InputError("calibration tensor must be integer token ids of shape [samples, seqlen] (int64)")
         if calibration.numel() == 0:
             raise InputError("calibration tensor is empty; give [samples, seqlen] token ids")
         check_token_ids(model, calibration, what="calibration tensor")
@@ -274,6 +277,8 @@ def prune(
     with experts.unfused_experts(model, check=False):  # skip globs may name experts (one Linear each)
         _check_skip(model, skip)
         _check_pattern_fits(model, tuple(skip), nm)
+    # numpy numbers as Python ones: validated alike, and the result's options stay JSON (save_pruned failed)
+    options = {k: v.item() if isinstance(v, np.generic) else v for k, v in options.items()}
     prune_options(method, options)
     stat = spec.stat_for(options)
     if stat is None and calibration is _WIKI:  # "wiki" given explicitly measures the reconstruction error
