@@ -68,3 +68,8 @@ def test_modules_of_plain_subpackages_are_attributes_after_import_prunekit():
                "print(all(n in dir(prunekit) for n in ('registry', 'depth', 'weights', 'zoo')),\n"
                "      hasattr(prunekit.depth, 'no.such'))")
     assert out.splitlines() == ["load_model vote el2n prunekit.weights.methods.wanda", "True False"]
+
+
+def test_python_dash_m_prunekit_is_the_command_line():
+    proc = subprocess.run([sys.executable, "-m", "prunekit", "compare", "-"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "prunekit reads and writes files" in proc.stderr
