@@ -864,3 +864,26 @@ def test_load_refuses_nan_weights_and_takes_a_folder_without_tokenizer(uniform, 
         prunekit.load(out)
     broken, _ = prunekit.load(out, check_finite=False)  # to inspect it, as load_model allows
     assert any(torch.isnan(p).any() for p in broken.parameters())
+
+
+def test_cli_tyr_holds_out_fitness_windows_as_the_api_does(model_dir, text_file, tmp_path):
+    """The CLI passed its ids with no held-out rows, so the search scored on the supernet's own windows: the same
+    flags gave another model than the Python API."""
+    from prunekit.cli import main
+
+    opts = {"generations": 2, "offspring": 3, "stages": "32:2,64:1", "iterations": 1}
+    out = tmp_path / "tyr"
+    assert main(["prune", str(model_dir), "--method", "tyr", "--ratio", "0.3", "--structure", "neurons", "--calib",
+                 str(text_file), "--samples", "4", "--seqlen", "32", *[a for k, v in opts.items()
+                                                                       for a in ("--option", f"{k}={v}")],
+                 "--no-speed", "--out", str(out), "--quiet"]) == 0
+    meta = json.loads((out / "prunekit.json").read_text())
+    model, tok = prunekit.load_model(model_dir)
+    result = prunekit.prune_structured(model, method="tyr", ratio=0.3, structure="neurons", tokenizer=tok,
+                                       calibration=str(text_file), samples=4, seqlen=32, progress=False, **opts)
+    assert result.info["options"]["fitness_samples"] == 4 == meta["info"]["options"]["fitness_samples"]
+    assert meta["widths"] == result.to_dict()["widths"]
+    cli_model, _ = prunekit.load(out)
+    ids = tok("the quick brown fox", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(cli_model(ids).logits, model(ids).logits)

@@ -55,6 +55,7 @@ def run_prune(args) -> int:
     from prunekit.evaluate import zeros_kept
     from prunekit.speed import compare_speed_with_dense
     from prunekit.structured import check_request, prune_structured, save_structured
+    from prunekit.structured.core import calibration_windows
     from prunekit.structured.units import model_dims
     from prunekit.text import check_token_ids
     from pathlib import Path
@@ -92,7 +93,9 @@ def run_prune(args) -> int:
               "pruning removes query heads within a KV group, so only MLP neurons are pruned", file=sys.stderr)
     ids = None
     if calib_text is not None:
-        ids = prunekit.calibration_ids(tok, calib_text, samples=args.samples, seqlen=args.seqlen, seed=args.seed)
+        # Týr's held-out fitness windows drawn as the Python API draws them (the CLI scored on the supernet's own)
+        ids = calibration_windows(args.method, tok, calib_text, samples=args.samples, seqlen=args.seqlen,
+                                  seed=args.seed, options=options)
         check_token_ids(model, ids, what="calibration text")
     evaluation = eval_dense(model, tok, eval_texts, args, progress)
     input_sparsity = prunekit.sparsity(model)["total"]

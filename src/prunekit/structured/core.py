@@ -109,6 +109,27 @@ def _put_back(held: list[tuple[nn.Module, dict]]) -> None:
             setattr(part, name, value)
 
 
+def calibration_windows(method: str, tokenizer, text, *, samples: int, seqlen: int, seed: int,
+                        options: dict) -> torch.Tensor:
+    """`samples` windows of `text` for `method`; for Týr, ``fitness_samples`` more (set in `options`, default
+    `samples`) at the end, which its search holds out for the fitness. The command line draws them here too."""
+    from prunekit.text import calibration_ids
+
+    extra = 0
+    if method == "tyr":  # held-out windows for the search's fitness (default: as many as the supernet's)
+        if options.get("fitness_samples") is None:
+            options["fitness_samples"] = samples
+        extra = options["fitness_samples"]
+    try:
+        return calibration_ids(tokenizer, text, samples=samples + extra, seqlen=seqlen, seed=seed)
+    except InputError as e:
+        if not extra:
+            raise
+        raise InputError(f"{e} (Týr draws fitness_samples={extra} windows on top of --samples {samples} for its "
+                         "search: pass --option fitness_samples=N with a smaller N, 0 to score on the "
+                         "calibration windows themselves)") from None
+
+
 def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, structure: str = "both",
                      tokenizer=None, calibration="wiki", samples: int = 128, seqlen: int = 512, seed: int = 0,
                      progress: bool = True, **options) -> StructuredResult:
@@ -126,7 +147,7 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
     every block's dense modules back and the model's train/eval mode with them.
     """
     from prunekit import registry
-    from prunekit.text import Text, calibration_ids, check_token_ids, load_text
+    from prunekit.text import Text, check_token_ids, load_text
     from prunekit.weights.io import check_finite_weights, refuse_composite
 
     check_request(method, ratio=ratio, structure=structure, options=options)
@@ -162,19 +183,9 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
             if tokenizer is None:
                 raise InputError(f"{method} needs calibration text and a tokenizer (tokenizer=...)")
             text = calibration if isinstance(calibration, Text) else load_text(calibration, purpose="calibration")
-            extra = 0
-            if method == "tyr":  # held-out windows for the search's fitness (default: as many as the supernet's)
-                if options.get("fitness_samples") is None:
-                    options["fitness_samples"] = samples
-                extra = options["fitness_samples"]
-            try:
-                ids = calibration_ids(tokenizer, text, samples=samples + extra, seqlen=seqlen, seed=seed)
-            except InputError as e:
-                if not extra:
-                    raise
-                raise InputError(f"{e} (Týr draws fitness_samples={extra} windows on top of --samples {samples} for its "
-                                 "search: pass --option fitness_samples=N with a smaller N, 0 to score on the "
-                                 "calibration windows themselves)") from None
+            ids = calibration_windows(method, tokenizer, text, samples=samples, seqlen=seqlen, seed=seed,
+                                      options=options)
+            check_token_ids(model, ids, what="calibration text")
     widths_before = layer_widths(model)
     before_block = block_params(dims, widths_before)
     before = sum(p.numel() for p in model.parameters())
