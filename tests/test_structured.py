@@ -171,6 +171,9 @@ def test_compare_speed_alternates_the_models_and_keeps_each_ones_fastest_round(m
     assert out["speedup"] == {"prefill": 1.5, "decode": 4.0}
     assert out["median_speedup"] == {"prefill": 4.0 / 5.0, "decode": 0.5 / 0.2}
     assert out["rounds"] == 3 and out["pruned"]["params"] < out["dense"]["params"]
+    note = speed_mod.noise_note(out)  # 1.5x fastest against 0.8x median: the load decided it
+    assert note.startswith("the speed rounds disagree (prefill 1.50x fastest vs 0.80x median; decode 4.00x")
+    assert speed_mod.noise_note({**out, "median_speedup": {"prefill": 1.4, "decode": 3.6}}) is None  # within 25%
     with pytest.raises(InputError, match="rounds"):
         speed_mod.compare_speed(dense, pruned, rounds=0)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from prunekit.errors import InputError, int_at_least
 
-__all__ = ["compare_speed", "compare_speed_with_dense", "measure_speed", "speedup"]
+__all__ = ["compare_speed", "compare_speed_with_dense", "measure_speed", "noise_note", "speedup"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,6 +139,21 @@ def compare_speed(dense: nn.Module, pruned: nn.Module, *, rounds: int = 3, **kwa
            for name, rows in runs.items()}
     return {"dense": best["dense"], "pruned": best["pruned"], "speedup": speedup(best["dense"], best["pruned"]),
             "median_speedup": speedup(med["dense"], med["pruned"]), "rounds": rounds}
+
+
+def noise_note(result: dict, *, tolerance: float = 0.25) -> str | None:
+    """A warning when `compare_speed`'s two summaries of the same rounds disagree: the fastest-of-rounds and the
+    median speedup more than `tolerance` apart (relative) for prefill or decode, which other jobs on the CPU cause
+    (a loaded 2-core VM gave 3.36x decode for a model with 1.31x fewer weights, its median 1.17x); else None."""
+    median = result.get("median_speedup")
+    if not median:
+        return None
+    apart = [f"{k} {result['speedup'][k]:.2f}x fastest vs {median[k]:.2f}x median" for k in ("prefill", "decode")
+             if abs(result["speedup"][k] / median[k] - 1) > tolerance]
+    if not apart:
+        return None
+    return (f"the speed rounds disagree ({'; '.join(apart)}): other work on this CPU disturbed the timing, so the "
+            "speedup is unreliable; time it again on a quiet machine (prunekit.measure_speed, or prune again)")
 
 
 def compare_speed_with_dense(dense_path, pruned: nn.Module, **kwargs) -> dict:

@@ -168,7 +168,7 @@ def run_prune(args) -> int:
     from prunekit import report
     from prunekit.cli import _provenance, _recorded_if_readable, _versions, eval_dense, eval_pruned
     from prunekit.evaluate import zeros_kept
-    from prunekit.speed import compare_speed_with_dense
+    from prunekit.speed import compare_speed_with_dense, noise_note
     from prunekit.depth.dit import is_dit_folder
     from prunekit.text import check_token_ids
     from prunekit.weights.engine import find_blocks, refuse_factorized
@@ -251,6 +251,8 @@ def run_prune(args) -> int:
         print(f"prunekit: note: {zeros_note}", file=sys.stderr)
     if speed is not None:
         print(_speed_line(speed))
+        if noise_note(speed):
+            print(f"prunekit: note: {noise_note(speed)}", file=sys.stderr)
     if evaluation:
         print(report.ppl_table(evaluation))
     print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'})")

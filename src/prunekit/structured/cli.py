@@ -53,7 +53,7 @@ def run_prune(args) -> int:
     from prunekit.cli import (_given, _options, _provenance, _recorded_if_readable, _torch_threads, _versions,
                               eval_dense, eval_pruned)
     from prunekit.evaluate import zeros_kept
-    from prunekit.speed import compare_speed_with_dense
+    from prunekit.speed import compare_speed_with_dense, noise_note
     from prunekit.structured import check_request, prune_structured, save_structured
     from prunekit.structured.core import calibration_windows
     from prunekit.structured.units import model_dims
@@ -137,6 +137,8 @@ def run_prune(args) -> int:
     if speed is not None:
         print(f"measured speedup (1 thread): prefill {speed['speedup']['prefill']:.2f}x, "
               f"decode {speed['speedup']['decode']:.2f}x")
+        if noise_note(speed):
+            print(f"prunekit: note: {noise_note(speed)}", file=sys.stderr)
     if evaluation:  # the table weight and depth pruning print
         print(report.ppl_table(evaluation))
     from prunekit.structured.export import WIDTHS_KEY
