@@ -4,4 +4,5 @@ import sys
 
 from prunekit.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # a tool walking the package (pydoc, doctest) imports this module too
+    sys.exit(main())

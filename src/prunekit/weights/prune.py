@@ -306,7 +306,8 @@ def prune(
     sizes = {r.name: r.shape[0] * r.shape[1] for r in layers}
     return PruneResult(
         method=method, ratio=ratio, pattern=str(nm) if nm else None, sequential=sequential, layers=layers,
-        seconds=seconds, calibration=calib_info, options=dict(options, skip=list(skip)),
+        # every option with the value it ran with, defaults included: DSnoT's base was missing unless typed
+        seconds=seconds, calibration=calib_info, options=dict(method_options(method), **options, skip=list(skip)),
         input_sparsity=sum(zeros_before.get(n, 0.0) * s for n, s in sizes.items()) / max(sum(sizes.values()), 1),
         input_zeros_refilled=zeros_refilled(was_zero, model) if was_zero else 0,
         model_sparsity=sparsity(model)["model_total"],
