@@ -144,3 +144,10 @@ def test_zero_forward_speedup_shown(tmp_path):
     row = summarize(_rec(tmp_path / "dit", kind="dit", method="t", dense_layers=2, kept_layers=[0],
                          speed={"speedup": 0.0}))
     assert "0.00x (forward)" in table([row], [])[0]
+
+
+def test_depth_rows_carry_the_parameter_counts_their_speed_measured(tmp_path):
+    row = summarize(_rec(tmp_path / "d", method="shortgpt", dense_layers=4, kept_layers=[0, 2],
+                         speed={"dense": {"params": 1000}, "pruned": {"params": 600}, "speedup": {"prefill": 1.9}}))
+    assert (row["params_before"], row["params_after"]) == (1000, 600)
+    assert summarize(_rec(tmp_path / "e", method="shortgpt", dense_layers=4, kept_layers=[0, 2]))["params_after"] is None

@@ -51,8 +51,8 @@ def summarize(folder: str | Path) -> dict:
     """One row for the `prunekit prune` output `folder`: ``run, kind, method, budget, removed, evaluation
     ({text: {dense, pruned, windows, seqlen, sha256}}), prefill_speedup, decode_speedup, forward_speedup (a DiT's),
     seconds``, and the budget as numbers for scripts (None where the kind has none): ``ratio, pattern, sparsity``
-    (weights: measured on the layers pruned), ``params_before, params_after`` (structured), ``dense_layers,
-    kept_layers`` (depth: the indices kept). `budget` and `removed` are the same as text."""
+    (weights: measured on the layers pruned), ``params_before, params_after`` (structured; depth when its speed
+    was measured), ``dense_layers, kept_layers`` (depth: the indices kept). `budget` and `removed` are the same as text."""
     folder = Path(folder).expanduser()
     meta = _read(folder)
     numbers = dict.fromkeys(("ratio", "pattern", "sparsity", "params_before", "params_after", "dense_layers",
@@ -64,6 +64,10 @@ def summarize(folder: str | Path) -> dict:
         recovery = meta.get("recovery")
         gone = dense - len(kept) if isinstance(kept, list) and isinstance(dense, int) else None
         numbers.update(dense_layers=_int(dense), kept_layers=kept if isinstance(kept, list) else None)
+        timed = meta.get("speed") if isinstance(meta.get("speed"), dict) else {}
+        for side in ("dense", "pruned"):  # a depth run's parameter counts, measured with its speed
+            counts = timed.get(side) if isinstance(timed.get(side), dict) else {}
+            numbers["params_before" if side == "dense" else "params_after"] = _int(counts.get("params"))
         removed = None if gone is None else f"{gone} block" + ("s" if gone != 1 else "")
         if isinstance(recovery, dict):
             how = "KD, " if recovery.get("distilled") else ""
