@@ -1261,3 +1261,14 @@ def test_keep_top_breaks_ties_toward_the_earlier_block():
     assert keep_top(torch.tensor([1.0, 1.0, 1.0, 1.0]), 2) == [True, True, False, False]
     assert keep_top(torch.tensor([0.5, 2.0, 0.5, 0.5]), 2, protect=(3,)) == [False, True, False, True]
     assert keep_top(torch.tensor([0.5, 2.0, 0.5, 0.5]), 3) == [True, True, True, False]
+
+
+def test_random_masks_are_distinct_and_all_of_them_when_fewer_exist(monkeypatch):
+    methods = importlib.import_module("prunekit.depth.methods")
+    target = type("T", (), {"depth": 6})()
+    monkeypatch.setattr(methods, "calibration_loss", lambda t, keep: 1.0)
+    _, tried = methods.random_masks(target, kept=3, candidates=8, seed=0)  # 8 draws held 5 distinct masks
+    assert len({tuple(t["kept_layers"]) for t in tried}) == len(tried) == 8
+    _, tried = methods.random_masks(target, kept=5, candidates=8, seed=0)  # only C(6, 5) = 6 masks exist
+    assert sorted(tuple(t["kept_layers"]) for t in tried) == sorted(
+        tuple(i for i in range(6) if i != j) for j in range(6))

@@ -117,15 +117,20 @@ def every_other(depth: int, *, kept: int) -> list[bool]:
 
 def random_masks(target: DepthTarget, *, kept: int, candidates: int = 8, seed: int = 0,
                  progress: bool = False) -> tuple[list[bool], list[dict]]:
-    """The calibration-loss-best of `candidates` random keep-masks; also returns every candidate's loss."""
+    """The calibration-loss-best of `candidates` distinct random keep-masks (all of them when fewer exist); also
+    returns every candidate's loss."""
     check_kept(kept, target.depth)
     int_at_least(candidates, "candidates", 1)
     gen = torch.Generator().manual_seed(int_at_least(seed, "seed", 0))
+    masks: list[list[int]] = []  # distinct: on 6 blocks, 8 draws held 5 masks, one scored three times
+    while len(masks) < min(candidates, math.comb(target.depth, kept)):
+        chosen = sorted(torch.randperm(target.depth, generator=gen)[:kept].tolist())
+        if chosen not in masks:
+            masks.append(chosen)
     tried = []
-    for _ in tqdm(range(candidates), desc="random masks", unit="mask", disable=not progress):
-        chosen = set(torch.randperm(target.depth, generator=gen)[:kept].tolist())
+    for chosen in tqdm(masks, desc="random masks", unit="mask", disable=not progress):
         keep = [i in chosen for i in range(target.depth)]
-        tried.append({"kept_layers": sorted(chosen), "loss": calibration_loss(target, keep)})
+        tried.append({"kept_layers": chosen, "loss": calibration_loss(target, keep)})
     if all(math.isnan(t["loss"]) for t in tried):
         raise InputError(f"the calibration loss is NaN for every one of the {candidates} random masks; the model's "
                          f"outputs overflow or its weights hold NaN: load it in float32 and check its weights")
