@@ -890,3 +890,21 @@ def test_cli_tyr_holds_out_fitness_windows_as_the_api_does(model_dir, text_file,
     ids = tok("the quick brown fox", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(cli_model(ids).logits, model(ids).logits)
+
+
+def test_cli_says_why_uniform_widths_need_prunekit_load(tmp_path, tok, capsys):
+    """3 of 4 heads on hidden size 64 in every layer: saved in the per-layer format (transformers refuses a hidden
+    size the head count does not divide), and the CLI said "its widths differ per layer"."""
+    from prunekit.cli import main
+
+    folder = tmp_path / "kv1"
+    tiny(layers=2, heads=4, kv=1).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["prune", str(folder), "--method", "magnitude-structured", "--structure", "heads", "--ratio",
+                 "0.05", "--no-speed", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    meta = json.loads((out / "prunekit.json").read_text())
+    heads = {w["heads"] for w in meta["widths"]}
+    assert heads == {3}, meta["widths"]
+    assert "load with prunekit.load: transformers refuses a hidden size its head count does not divide" in printed

@@ -143,7 +143,10 @@ def run_prune(args) -> int:
         print(report.ppl_table(evaluation))
     from prunekit.structured.export import WIDTHS_KEY
 
-    loader = ("prunekit.load: its widths differ per layer" if getattr(model.config, WIDTHS_KEY, None)
+    per_layer = getattr(model.config, WIDTHS_KEY, None)
+    why = ("its widths differ per layer" if per_layer and len({(w["heads"], w["intermediate"]) for w in per_layer}) > 1
+           else "transformers refuses a hidden size its head count does not divide")  # uniform widths, 3 of 64
+    loader = (f"prunekit.load: {why}" if per_layer
               else "plain transformers or prunekit.load")  # it named prunekit.load for uniform widths too
     print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'}; load with {loader})")
     return 0

@@ -213,7 +213,7 @@ def _non_negative(value, name: str) -> float:
 
 
 def _domain_ids(domain, tokenizer, *, samples: int, seqlen: int, seed: int, vocab: int | None) -> torch.Tensor:
-    fix = "give domain='python-docs', a .txt/.jsonl file, or token ids [sequences, seqlen]"
+    fix = "give domain='python-docs' (--domain python-docs), a .txt/.jsonl file, or token ids [sequences, seqlen]"
     if domain is None:
         raise InputError(f"D-Pruner needs a domain corpus; {fix}")
     if isinstance(domain, torch.Tensor):
