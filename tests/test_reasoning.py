@@ -674,3 +674,11 @@ def test_extract_answer_takes_the_result_of_arithmetic_after_answer_is_and_stays
     # a run of whitespace after "answer is" (a degenerate sample): three overlapping quantifiers made this cubic
     assert extract_answer("The answer is" + " " * 2000 + "x") is None
     assert extract_answer("answer:" + "\n" * 2000 + "7") == "7"
+
+
+def test_extract_answer_keeps_a_stated_number_its_justification_follows():
+    assert extract_answer("The answer is 8 = 5 + 3.") == "8"
+    assert extract_answer("The answer is 12 = 3 x 4") == "12"
+    assert extract_answer("The answer is 7\n- 3 + 4 = 7\n- 2 x 3 = 6") == "7"  # the chain stops at the line's end
+    assert extract_answer("The answer is 3 \\times 4 = 12") == "12" and extract_answer("answer is 3 X 4 = 12") == "12"
+    assert extract_answer("The answer is 17 + 5 = 22 pencils") == "22"

@@ -46,8 +46,10 @@ _FILLER = r"(?:(?:indeed|actually|therefore|thus|then|just|simply|exactly|still|
 # one whitespace run between "answer is" and the number (three in a row took cubic time on a run of spaces)
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)[\s,:]*" + _FILLER + r"(?:\$\s*)?\\?(?:boxed\{\s*)?(" + _NUMBER + ")",
                         re.IGNORECASE)
-# arithmetic right after the stated number: "the answer is simply 3 x 4 = 12" states 12
-_CHAIN = re.compile(r"(?:\s*(?:[-+*/×÷x]|=)\s*" + _NUMBER + ")+")
+# arithmetic right after the stated number, on its line: "the answer is simply 3 x 4 = 12" states 12. It starts
+# with an operator: "the answer is 8 = 5 + 3" states 8, its justification after it
+_OPERATOR = r"(?:[-+*/×÷xX·]|\\times|\\cdot)"
+_CHAIN = re.compile(r"[ \t]*" + _OPERATOR + r"[ \t]*" + _NUMBER + r"(?:[ \t]*(?:" + _OPERATOR + r"|=)[ \t]*" + _NUMBER + ")*")
 _AFTER_EQUALS = re.compile(r"=\s*(" + _NUMBER + ")")
 
 
