@@ -19,7 +19,7 @@ from prunekit.data.methods.forgetting import ForgettingTracker, forgetting_count
 from prunekit.data.methods.grand import grand, grand_last_layer
 from prunekit.data.methods.prototypes import kmeans, prototype_distance
 from prunekit.errors import InputError
-from prunekit.train import cross_val_probs, embed, mlp, score_runs, small_cnn, train
+from prunekit.train import accuracy, cross_val_probs, embed, mlp, score_runs, small_cnn, train
 
 
 @pytest.mark.parametrize("module", [el2n_mod, grand_mod, forgetting_mod, prototypes_mod, train_mod])
@@ -505,6 +505,9 @@ def test_training_takes_numpy_inputs_and_whole_number_float_labels():
     got = cross_val_probs(lambda: mlp(2, 3), x.numpy(), y.numpy().astype(np.float64), folds=3, epochs=2, lr=0.1,
                           batch_size=8, progress=False)
     np.testing.assert_array_equal(got, want)
+    model = train(mlp(2, 3), x.numpy()[::-1], y.numpy()[::-1], epochs=1, progress=False)  # a reversed view
+    assert accuracy(model, x.numpy(), y.numpy()) == accuracy(model, x, y)  # predict / accuracy / embed too
+    assert torch.equal(embed(model, x.numpy())[1], embed(model, x)[1])
     for bad_x, bad_y, match in ((x.numpy().astype(np.uint8), y, "divide by 255"), (x, y + 0.5, "integer class")):
         with pytest.raises(InputError, match=match):
             cross_val_probs(lambda: mlp(2, 3), bad_x, bad_y, folds=3, epochs=1, progress=False)

@@ -76,15 +76,21 @@ class StepInfo:
     loss: float
 
 
-def _check_xy(x, y) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_inputs(x):
+    """A numpy float array as a tensor (as the data functions take it; a reversed or strided view copied)."""
     if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating):
-        x = torch.from_numpy(x)  # a numpy float array, as the data functions take (not copied)
+        return torch.from_numpy(np.ascontiguousarray(x))
+    return x
+
+
+def _check_xy(x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    x = _as_inputs(x)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise InputError("x must be a floating-point torch tensor or numpy array [N, ...] (uint8 images: divide by "
                          "255 first); convert with torch.as_tensor(x).float()")
     if x.ndim < 1 or len(x) == 0:
         raise InputError(f"x is empty (shape {tuple(x.shape)}); give at least one example")
-    y = torch.as_tensor(y)
+    y = torch.as_tensor(np.ascontiguousarray(y) if isinstance(y, np.ndarray) else y)
     if y.is_floating_point() and y.ndim == 1 and bool(torch.isfinite(y).all()) and bool((y == y.round()).all()):
         y = y.long()  # whole-number float labels (3.0), as the label-issue functions take them
     if y.shape != (len(x),) or y.is_floating_point() or y.dtype == torch.bool:
@@ -187,7 +193,8 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256) -> torc
 
 def accuracy(model: nn.Module, x: torch.Tensor, y, *, batch_size: int = 256) -> float:
     """Fraction of ``x`` classified as ``y``."""
-    return float((predict(model, x, batch_size=batch_size).argmax(1) == torch.as_tensor(y)).double().mean())
+    y = torch.as_tensor(np.ascontiguousarray(y) if isinstance(y, np.ndarray) else y)
+    return float((predict(model, x, batch_size=batch_size).argmax(1) == y).double().mean())
 
 
 def _last_linear(model: nn.Module) -> nn.Linear:
@@ -203,6 +210,9 @@ def embed(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
 
     The last Linear is the last one registered; its output must be the model's output (checked).
     """
+    x = _as_inputs(x)
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"x must be a torch tensor or numpy float array [N, ...], got {type(x).__name__}")
     was_training = module_modes(model)
     model.eval()
     captured = []
