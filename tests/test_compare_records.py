@@ -151,3 +151,11 @@ def test_depth_rows_carry_the_parameter_counts_their_speed_measured(tmp_path):
                          speed={"dense": {"params": 1000}, "pruned": {"params": 600}, "speedup": {"prefill": 1.9}}))
     assert (row["params_before"], row["params_after"]) == (1000, 600)
     assert summarize(_rec(tmp_path / "e", method="shortgpt", dense_layers=4, kept_layers=[0, 2]))["params_after"] is None
+
+
+def test_dsnot_rows_name_their_base(tmp_path, capsys):
+    rows = [summarize(_rec(tmp_path / b, method="dsnot", layers=[], sequential="block", ratio=0.5, pattern=None,
+                           total_sparsity=0.5, options={"base": b, "skip": []})) for b in ("wanda", "sparsegpt")]
+    md, _ = table(rows, [])
+    assert "| dsnot (base=wanda) |" in md and "| dsnot (base=sparsegpt) |" in md
+    assert rows[1]["options"]["base"] == "sparsegpt"

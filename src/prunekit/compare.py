@@ -52,7 +52,8 @@ def summarize(folder: str | Path) -> dict:
     ({text: {dense, pruned, windows, seqlen, sha256}}), prefill_speedup, decode_speedup, forward_speedup (a DiT's),
     seconds``, and the budget as numbers for scripts (None where the kind has none): ``ratio, pattern, sparsity``
     (weights: measured on the layers pruned), ``params_before, params_after`` (structured; depth when its speed
-    was measured), ``dense_layers, kept_layers`` (depth: the indices kept). `budget` and `removed` are the same as text."""
+    was measured), ``dense_layers, kept_layers`` (depth: the indices kept), and a weights run's ``options`` as
+    recorded. `budget` and `removed` are the same as text."""
     folder = Path(folder).expanduser()
     meta = _read(folder)
     numbers = dict.fromkeys(("ratio", "pattern", "sparsity", "params_before", "params_after", "dense_layers",
@@ -115,6 +116,7 @@ def summarize(folder: str | Path) -> dict:
             "evaluation": evaluation, "prefill_speedup": _number(ratios.get("prefill")),
             "decode_speedup": _number(ratios.get("decode")), "forward_speedup": forward,
             "seconds": _number(meta.get("wall_seconds", meta.get("seconds"))),  # the API's PruneResult: seconds
+            "options": meta.get("options") if isinstance(meta.get("options"), dict) else None,  # weights runs
             **numbers}
 
 
@@ -132,7 +134,9 @@ def table(rows: list[dict], texts: list[str]) -> tuple[str, list[str]]:
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---:" if i >= 5 else "---" for i in range(len(head)))
              + " |"]
     for r in rows:
-        cells = [r["run"], r["kind"], str(r["method"]), r["budget"], r["removed"] or ""]
+        base = (r.get("options") or {}).get("base")  # DSnoT on Wanda or on SparseGPT: two methods in one name
+        method = str(r["method"]) + (f" (base={base})" if isinstance(base, str) else "")
+        cells = [r["run"], r["kind"], method, r["budget"], r["removed"] or ""]
         for t in texts:
             e = r["evaluation"].get(t, {})
             cells += [_f(e.get("dense"), ".3f"), _f(e.get("pruned"), ".3f")]
