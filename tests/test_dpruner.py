@@ -268,3 +268,19 @@ def test_dpruner_options_take_numpy_numbers_and_refuse_bools():
         with pytest.raises(InputError, match="lr must be a finite number >= 0"):
             dpruner._non_negative(bad, "lr")
 
+
+
+def test_a_token_id_domain_is_recorded_as_its_shape_and_numpy_ids_are_taken(tmp_path, tok):
+    """prune(domain=<tensor>) then save_pruned(metadata=result) failed after the work: a tensor in the options."""
+    import prunekit
+
+    domain = ids_from_text(tok, 4, 32, offset=4000)
+    results = []
+    for given in (domain, domain.numpy()):
+        model = tiny_model("llama")
+        results.append(prunekit.prune(model, method="dpruner", ratio=0.5, calibration=ids_from_text(tok, 4, 32),
+                                      domain=given, steps=2, progress=False))
+    assert results[0].options["domain"] == results[1].options["domain"] == "token ids [4, 32]"
+    assert [r.sparsity for r in results[0].layers] == [r.sparsity for r in results[1].layers]
+    out = prunekit.save_pruned(model, tok, tmp_path / "dp", metadata=results[1])
+    assert (out / "prunekit.json").is_file()

@@ -38,7 +38,8 @@ class _LazyPackage(types.ModuleType):
 
     def __dir__(self) -> list[str]:  # the exports and the submodules too, loaded or not (tab completion)
         names = set(self.__dict__) | set(self.__dict__.get("_lazy_where", {})) | set(self.__dict__.get("__all__", ()))
-        return sorted(names | {m.name for m in pkgutil.iter_modules(self.__dict__.get("__path__", ()))})
+        return sorted(names | {m.name for m in pkgutil.iter_modules(self.__dict__.get("__path__", ()))
+                               if not m.name.startswith("_")})  # not __main__: reading it is an AttributeError
 
 
 def _submodule(package: types.ModuleType, name: str) -> bool:

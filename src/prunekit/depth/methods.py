@@ -132,7 +132,7 @@ def random_masks(target: DepthTarget, *, kept: int, candidates: int = 8, seed: i
         keep = [i in chosen for i in range(target.depth)]
         tried.append({"kept_layers": chosen, "loss": calibration_loss(target, keep)})
     if all(math.isnan(t["loss"]) for t in tried):
-        raise InputError(f"the calibration loss is NaN for every one of the {candidates} random masks; the model's "
+        raise InputError(f"the calibration loss is NaN for every one of the {len(tried)} random masks; the model's "
                          f"outputs overflow or its weights hold NaN: load it in float32 and check its weights")
     best = min(tried, key=lambda t: (math.isnan(t["loss"]), t["loss"]))  # a NaN loss ranks last, not first
     return [i in best["kept_layers"] for i in range(target.depth)], tried

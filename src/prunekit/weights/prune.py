@@ -307,12 +307,23 @@ def prune(
     return PruneResult(
         method=method, ratio=ratio, pattern=str(nm) if nm else None, sequential=sequential, layers=layers,
         # every option with the value it ran with, defaults included: DSnoT's base was missing unless typed
-        seconds=seconds, calibration=calib_info, options=dict(method_options(method), **options, skip=list(skip)),
+        seconds=seconds, calibration=calib_info,
+        options={k: _recordable(v) for k, v in dict(method_options(method), **options, skip=list(skip)).items()},
         input_sparsity=sum(zeros_before.get(n, 0.0) * s for n, s in sizes.items()) / max(sum(sizes.values()), 1),
         input_zeros_refilled=zeros_refilled(was_zero, model) if was_zero else 0,
         model_sparsity=sparsity(model)["model_total"],
         pattern_violations=check_pattern(model, nm, skip=tuple(skip)) if nm else None,  # --skip: dense on purpose
     )
+
+
+def _recordable(value):
+    """An option as the record holds it: token ids (D-Pruner's domain as a tensor) as their shape, a `Text` as its
+    description, so `save_pruned(metadata=result)` does not fail on them after the work."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"token ids {list(value.shape)}"
+    if isinstance(value, Text):
+        return value.describe()
+    return value
 
 
 def _run(spec, model, ids, *, ratio, nm, tokenizer, samples, seqlen, seed, skip, sequential, batch_size, progress,

@@ -135,6 +135,7 @@ import math
 import time
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -216,6 +217,8 @@ def _domain_ids(domain, tokenizer, *, samples: int, seqlen: int, seed: int, voca
     fix = "give domain='python-docs' (--domain python-docs), a .txt/.jsonl file, or token ids [sequences, seqlen]"
     if domain is None:
         raise InputError(f"D-Pruner needs a domain corpus; {fix}")
+    if isinstance(domain, np.ndarray) and np.issubdtype(domain.dtype, np.integer):  # as calibration ids may be
+        domain = torch.from_numpy(np.ascontiguousarray(domain).astype(np.int64, copy=False))
     if isinstance(domain, torch.Tensor):
         return _check_ids(domain, "the domain tensor", fix, vocab)
     if tokenizer is None:
