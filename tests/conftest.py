@@ -5,6 +5,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,3 +86,14 @@ def text_file(tmp_path):
 def ids_from_text(tok, n: int, seqlen: int, offset: int = 0) -> torch.Tensor:
     ids = tok(TEXT, add_special_tokens=False)["input_ids"]
     return torch.tensor([ids[offset + i * seqlen : offset + (i + 1) * seqlen] for i in range(n)])
+
+
+def linear_task(tmp_path, n: int = 240, d: int = 6) -> None:
+    """x.npy / y.npy (n examples) and xt.npy / yt.npy (120 held out) in `tmp_path`: 3 linearly separable classes of
+    d features, for `data train`."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(d, 3))
+    for name, m in (("", n), ("t", 120)):
+        x = rng.normal(size=(m, d)).astype(np.float32)
+        np.save(tmp_path / f"x{name}.npy", x)
+        np.save(tmp_path / f"y{name}.npy", (x @ w).argmax(1))

@@ -856,13 +856,10 @@ def test_score_refuses_a_run_blown_up_by_its_learning_rate_at_the_score_epoch(tm
     assert len(np.unique(np.load(tmp_path / "ok.npy").round(6))) > 2
 
 
-def _linear_task(tmp_path, n=240, d=6):
-    rng = np.random.default_rng(0)
-    w = rng.normal(size=(d, 3))
-    for name, m in (("", n), ("t", 120)):
-        x = rng.normal(size=(m, d)).astype(np.float32)
-        np.save(tmp_path / f"x{name}.npy", x)
-        np.save(tmp_path / f"y{name}.npy", (x @ w).argmax(1))
+def _linear_task(tmp_path):
+    from conftest import linear_task
+
+    linear_task(tmp_path)
 
 
 def test_data_train_on_kept_examples_reports_held_out_accuracy(tmp_path, capsys):

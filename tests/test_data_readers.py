@@ -165,13 +165,10 @@ def test_integer_labels_have_no_header(tmp_path, capsys):
 
 
 # -- data train ----------------------------------------------------------------------------------------------
-def _task(tmp_path, n=240, d=6):
-    rng = np.random.default_rng(0)
-    w = rng.normal(size=(d, 3))
-    for name, m in (("", n), ("t", 120)):
-        x = rng.normal(size=(m, d)).astype(np.float32)
-        np.save(tmp_path / f"x{name}.npy", x)
-        np.save(tmp_path / f"y{name}.npy", (x @ w).argmax(1))
+def _task(tmp_path):
+    from conftest import linear_task
+
+    linear_task(tmp_path)
     return ["data", "train", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--test-data",
             str(tmp_path / "xt.npy"), "--test-labels", str(tmp_path / "yt.npy"), "--quiet"]
 

@@ -49,7 +49,8 @@ _ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)[\s,:]*" + _FILLER + r"(?:\$\s*)?\\
 # arithmetic right after the stated number, on its line: "the answer is simply 3 x 4 = 12" states 12. It starts
 # with an operator: "the answer is 8 = 5 + 3" states 8, its justification after it
 _OPERATOR = r"(?:[-+*/×÷xX·]|\\times|\\cdot)"
-_CHAIN = re.compile(r"[ \t]*" + _OPERATOR + r"[ \t]*" + _NUMBER + r"(?:[ \t]*(?:" + _OPERATOR + r"|=)[ \t]*" + _NUMBER + ")*")
+_CHAIN = re.compile(r"[ \t]*" + _OPERATOR + r"[ \t]*" + _NUMBER
+                    + r"(?:[ \t]*(?:" + _OPERATOR + r"|=)[ \t]*" + _NUMBER + ")*")
 _AFTER_EQUALS = re.compile(r"=\s*(" + _NUMBER + ")")
 
 
