@@ -969,3 +969,18 @@ def test_an_interrupt_says_which_output_a_folder_holds(monkeypatch, capsys):
     assert cli.main(["methods"]) == 130
     err = capsys.readouterr().err
     assert err.startswith("prunekit: interrupted; no output was left half-written") and "or this run's" in err
+
+
+def test_api_errors_name_the_python_argument_beside_the_flag(tmp_path, tok):
+    """Python callers were told to use --pattern, --option and --out, which they never type."""
+    import prunekit
+
+    with pytest.raises(InputError, match=r"use e.g. '2:4' \(--pattern 2:4"):
+        prunekit.parse_pattern("2-4")
+    with pytest.raises(InputError, match=r"fix blocksize= \(--option blocksize=\.\.\. on the command line"):
+        prunekit.prune_options("sparsegpt", {"blocksize": "big"})
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "x").write_text("x")
+    with pytest.raises(InputError, match=r"pass overwrite=True \(--overwrite\)"):
+        prunekit.save_pruned(tiny_model("llama"), tok, out)

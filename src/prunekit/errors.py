@@ -184,7 +184,7 @@ def check_not_input(out: str | os.PathLike, *inputs, flag: str = "--out") -> Non
                                      f"choose another {flag}")
 
 
-def place_file(tmp: str | os.PathLike, path: Path, *, overwrite: bool, flag: str = "--out") -> None:
+def place_file(tmp: str | os.PathLike, path: Path, *, overwrite: bool) -> None:
     """Rename the finished temporary file `tmp` to `path`. Without `overwrite` only while `path` does not exist,
     checked by the rename itself (a hard link fails on an existing name): a check made earlier let two runs into
     one file both report success, the later one's rows silently in place of the earlier's."""
@@ -202,7 +202,7 @@ def place_file(tmp: str | os.PathLike, path: Path, *, overwrite: bool, flag: str
             os.replace(tmp, path)
             return
     raise InputError(f"{path} appeared while this ran (another process writing it?); it was left as it is and this "
-                     f"result was not saved; choose another {flag} or pass --overwrite")
+                     "result was not saved; choose another output (--out) or pass overwrite=True (--overwrite)")
 
 
 def apply_umask(path: str | os.PathLike) -> None:

@@ -75,7 +75,8 @@ def parse_pattern(pattern: str | NM | None) -> NM | None:
         return None
     match = _PATTERN.match(pattern)
     if not match:
-        raise InputError(f"pattern {pattern!r} is not of the form N:M; use e.g. --pattern 2:4 (keep 2 of every 4)")
+        raise InputError(f"pattern {pattern!r} is not of the form N:M; use e.g. '2:4' (--pattern 2:4: keep 2 of "
+                         "every 4)")
     n, m = int(match.group(1)), int(match.group(2))
     if m < 1 or n < 1 or n >= m:
         raise InputError(

@@ -539,7 +539,8 @@ def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
     check_output_name(out)
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
-        raise InputError(f"output {out} already exists; choose another --out or pass --overwrite")
+        raise InputError(f"output {out} already exists; choose another output (--out) or pass overwrite=True "
+                         "(--overwrite)")
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} exists and is not a folder")
     check_writable(out)
@@ -594,7 +595,8 @@ def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, o
         apply_umask(tmp)
         if out.exists() and not overwrite:  # made by someone else while this ran: theirs stays
             raise InputError(f"output {out} appeared while this ran (another process writing it?); it was left as "
-                             "it is and this result was not saved; choose another --out or pass --overwrite")
+                             "it is and this result was not saved; choose another output (--out) or pass "
+                             "overwrite=True (--overwrite)")
         if out.exists():  # moved aside into a fresh empty folder (unique: a stale one of this pid blocked later runs)
             old = Path(tempfile.mkdtemp(prefix=hidden_name(out.name, "old"), dir=out.parent))
             try:

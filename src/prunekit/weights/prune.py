@@ -118,7 +118,7 @@ def _option_kind(method: str, name: str, default) -> tuple[type | None, bool]:
 
 def _check_option(method: str, name: str, value, default) -> None:
     kind, nullable = _option_kind(method, name, default)
-    fix = f"; fix --option {name}=... (default {default!r})"
+    fix = f"; fix {name}= (--option {name}=... on the command line; default {default!r})"
     if value is None and kind is not None and not nullable:
         raise InputError(f"{method} option {name} cannot be none{fix}")
     if value is None or kind is None:
