@@ -908,3 +908,13 @@ def test_cli_says_why_uniform_widths_need_prunekit_load(tmp_path, tok, capsys):
     heads = {w["heads"] for w in meta["widths"]}
     assert heads == {3}, meta["widths"]
     assert "load with prunekit.load: transformers refuses a hidden size its head count does not divide" in printed
+
+
+def test_an_unknown_structured_option_lists_the_options_as_option_names(model_dir, tmp_path, capsys):
+    """The list said batch_size, which the command line rewrote to --batch-size, a flag it refuses for these."""
+    from prunekit.cli import main
+
+    assert main(["prune", str(model_dir), "--method", "uniform-structured", "--ratio", "0.3", "--option", "foo=1",
+                 "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert "(its options: batch_size=, damp=, neuron_step=)" in err and "--batch-size" not in err

@@ -75,13 +75,15 @@ def check_request(method: str, *, ratio: float, structure: str, options: dict, d
         extra = set(options) - known
         if extra:
             raise InputError(f"tyr does not take the option(s) {', '.join(sorted(extra))} "
-                             f"(its options: {', '.join(sorted(known))})")
+                             f"(its options: {', '.join(f'{k}=' for k in sorted(known))})")
         tyr_options(**options)
     else:
         extra = set(options) - _PLAIN_OPTIONS[method]
         if extra:
-            allowed = ", ".join(sorted(_PLAIN_OPTIONS[method])) or "none"
-            raise InputError(f"{method} does not take the option(s) {', '.join(sorted(extra))} (its options: {allowed})")
+            # NAME=: the command line's message kept batch_size, a --option, instead of naming --batch-size
+            allowed = ", ".join(f"{k}=" for k in sorted(_PLAIN_OPTIONS[method])) or "none"
+            raise InputError(f"{method} does not take the option(s) {', '.join(sorted(extra))} (its options: "
+                             f"{allowed})")
         if "neuron_step" in options or "damp" in options or "batch_size" in options:
             tyr_options(**options)
     if dims is not None:
