@@ -647,7 +647,10 @@ def test_cli_tinyfusion_with_recovery_writes_a_loadable_shallow_model(lm_dir, ca
     printed = capsys.readouterr().out
     assert "4 -> 2 blocks" in printed and "measured speedup" in printed
     assert f"report: {out / 'report.md'})" in printed  # weight and width pruning named it; depth did not
-    assert "| text | windows x seqlen = tokens |" in printed
+    assert "| text | windows x seqlen = tokens | dense ppl | before recovery ppl | recovered ppl | ratio |" in printed
+    ev = meta["evaluation"][str(calib)]  # the CLI gave dense and recovered only; the bench reports both
+    assert ev["before_recovery"]["tokens"] == ev["dense"]["tokens"] == 64
+    assert f"{ev['before_recovery']['ppl']:.3f} | {ev['pruned']['ppl']:.3f} |" in printed
     assert meta["speed"]["pruned"]["params"] < meta["speed"]["dense"]["params"]
     assert set(meta["speed"]["speedup"]) == {"prefill", "decode"}
     assert "measured speedup" in (out / "report.md").read_text()

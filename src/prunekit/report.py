@@ -9,14 +9,18 @@ __all__ = ["write_report", "ppl_table", "plot_widths", "plot_blocks"]
 
 
 def ppl_table(evals: dict) -> str:
-    """Markdown table of dense vs pruned perplexity: `evals` is ``{text: {"dense": Perplexity|dict, "pruned": ...}}``."""
-    lines = ["| text | windows x seqlen = tokens | dense ppl | pruned ppl | ratio |",
-             "| --- | --- | ---: | ---: | ---: |"]
+    """Markdown table of dense vs pruned perplexity: `evals` is ``{text: {"dense": Perplexity|dict, "pruned": ...}}``;
+    a ``"before_recovery"`` entry (depth pruning with --recover) adds its column, and "pruned" is after recovery."""
+    staged = any("before_recovery" in pair for pair in evals.values())
+    lines = ["| text | windows x seqlen = tokens | dense ppl | " + ("before recovery ppl | recovered ppl"
+                                                                   if staged else "pruned ppl") + " | ratio |",
+             "| --- | --- | ---: | ---: | ---: |" + (" ---: |" if staged else "")]
     for name, pair in evals.items():
         d, p = (x if isinstance(x, dict) else x.to_dict() for x in (pair["dense"], pair["pruned"]))
-        lines.append(
-            f"| {name} | {d['windows']} x {d['seqlen']} = {d['tokens']} | {d['ppl']:.3f} | {p['ppl']:.3f} | {p['ppl'] / d['ppl']:.3f} |"
-        )
+        before = pair.get("before_recovery")
+        middle = (f" {before['ppl']:.3f} |" if before else " |") if staged else ""
+        lines.append(f"| {name} | {d['windows']} x {d['seqlen']} = {d['tokens']} | {d['ppl']:.3f} |{middle} "
+                     f"{p['ppl']:.3f} | {p['ppl'] / d['ppl']:.3f} |")
     return "\n".join(lines)
 
 

@@ -205,6 +205,10 @@ def run_prune(args) -> int:
     skip = _renumbered(left_dense, kept, find_blocks(model)[0])
     input_sparsity = prunekit.sparsity(model)["total"]  # the kept blocks', as the input had them
     recovery = None
+    for name, text in eval_texts.items() if args.recover != "none" else ():  # what recovery starts from
+        evaluation[name]["before_recovery"] = prunekit.perplexity(
+            model, tok, text, seqlen=args.eval_seqlen, tokens=evaluation[name]["dense"]["tokens"], progress=progress,
+            desc=f"perplexity {name} before recovery").to_dict()
     if args.recover != "none":
         res = depth.recover(target, steps=args.recover_steps, trainable="full" if args.recover == "full" else "lora",
                             lr=args.recover_lr, teacher=(teacher, find_blocks(teacher)[1]) if teacher else None,
