@@ -173,6 +173,18 @@ def check_vocab(model, ids: torch.Tensor, *, what: str) -> None:
                          "use the model's own tokenizer")
 
 
+def ids_from_numpy(value, what: str):
+    """`value` as an int64 tensor when it is a numpy array of token ids (any integer dtype; a reversed view is
+    copied), an InputError when it is a numpy array of anything else; any other value as it is."""
+    import numpy as np
+
+    if not isinstance(value, np.ndarray):
+        return value
+    if not np.issubdtype(value.dtype, np.integer):
+        raise InputError(f"{what} array must be integer token ids [samples, seqlen], got {value.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(value).astype(np.int64, copy=False))
+
+
 def check_token_ids(model, ids: torch.Tensor, *, what: str) -> None:
     """Refuse token ids `model` cannot embed (a tokenizer that does not match it) and windows longer than the
     positions in its config (``n_positions`` / ``max_position_embeddings``), before any forward pass."""

@@ -83,6 +83,11 @@ def _as_inputs(x):
     return x
 
 
+def _as_labels(y) -> torch.Tensor:
+    """Labels as a tensor (a reversed numpy view copied: torch takes no negative strides)."""
+    return torch.as_tensor(np.ascontiguousarray(y) if isinstance(y, np.ndarray) else y)
+
+
 def _check_xy(x, y) -> tuple[torch.Tensor, torch.Tensor]:
     x = _as_inputs(x)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -90,7 +95,7 @@ def _check_xy(x, y) -> tuple[torch.Tensor, torch.Tensor]:
                          "255 first); convert with torch.as_tensor(x).float()")
     if x.ndim < 1 or len(x) == 0:
         raise InputError(f"x is empty (shape {tuple(x.shape)}); give at least one example")
-    y = torch.as_tensor(np.ascontiguousarray(y) if isinstance(y, np.ndarray) else y)
+    y = _as_labels(y)
     if y.is_floating_point() and y.ndim == 1 and bool(torch.isfinite(y).all()) and bool((y == y.round()).all()):
         y = y.long()  # whole-number float labels (3.0), as the label-issue functions take them
     if y.shape != (len(x),) or y.is_floating_point() or y.dtype == torch.bool:
@@ -193,8 +198,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256) -> torc
 
 def accuracy(model: nn.Module, x: torch.Tensor, y, *, batch_size: int = 256) -> float:
     """Fraction of ``x`` classified as ``y``."""
-    y = torch.as_tensor(np.ascontiguousarray(y) if isinstance(y, np.ndarray) else y)
-    return float((predict(model, x, batch_size=batch_size).argmax(1) == y).double().mean())
+    return float((predict(model, x, batch_size=batch_size).argmax(1) == _as_labels(y)).double().mean())
 
 
 def _last_linear(model: nn.Module) -> nn.Linear:

@@ -255,8 +255,9 @@ def run_prune(args) -> int:
         print(f"prunekit: note: {zeros_note}", file=sys.stderr)
     if speed is not None:
         print(_speed_line(speed))
-        if noise_note(speed):
-            print(f"prunekit: note: {noise_note(speed)}", file=sys.stderr)
+        noisy = noise_note(speed)
+        if noisy:
+            print(f"prunekit: note: {noisy}", file=sys.stderr)
     if evaluation:
         print(report.ppl_table(evaluation))
     print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'})")

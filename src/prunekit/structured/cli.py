@@ -137,8 +137,9 @@ def run_prune(args) -> int:
     if speed is not None:
         print(f"measured speedup (1 thread): prefill {speed['speedup']['prefill']:.2f}x, "
               f"decode {speed['speedup']['decode']:.2f}x")
-        if noise_note(speed):
-            print(f"prunekit: note: {noise_note(speed)}", file=sys.stderr)
+        noisy = noise_note(speed)
+        if noisy:
+            print(f"prunekit: note: {noisy}", file=sys.stderr)
     if evaluation:  # the table weight and depth pruning print
         print(report.ppl_table(evaluation))
     from prunekit.structured.export import WIDTHS_KEY

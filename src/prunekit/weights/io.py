@@ -701,10 +701,9 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict | No
     installs again.
     """
     from prunekit.weights.methods import armor
-
-    dtype = parse_dtype(dtype, what="the saved dtype")
     from prunekit.weights.prune import PruneResult
 
+    dtype = parse_dtype(dtype, what="the saved dtype")
     if isinstance(metadata, PruneResult):  # refused as "metadata must be a dict"
         metadata = metadata.to_dict()
     metadata = dict(jsonl.check_metadata(metadata))

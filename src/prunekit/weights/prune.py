@@ -22,7 +22,7 @@ from torch import nn
 from prunekit import registry
 from prunekit.errors import InputError, check_model, module_modes, restore_modes
 from prunekit.select import parse_pattern, ratio_for
-from prunekit.text import Text, calibration_ids, check_token_ids, load_text
+from prunekit.text import Text, calibration_ids, check_token_ids, ids_from_numpy, load_text
 from prunekit.weights.engine import LayerReport, find_blocks, get_weight, is_factorized, prune_blocks, target_linears
 from prunekit.weights.io import check_finite_weights
 
@@ -66,10 +66,7 @@ def _calibration(calibration, tokenizer, model, *, samples: int, seqlen: int,
                  seed: int) -> tuple[torch.Tensor | None, dict | None]:
     if calibration is None:
         return None, None
-    if isinstance(calibration, np.ndarray):  # token ids from numpy ("given as text" was the error), uint16 too
-        if not np.issubdtype(calibration.dtype, np.integer):
-            raise InputError(f"calibration array must be integer token ids [samples, seqlen], got {calibration.dtype}")
-        calibration = torch.from_numpy(np.ascontiguousarray(calibration).astype(np.int64, copy=False))
+    calibration = ids_from_numpy(calibration, "calibration")  # "given as text" was the error; uint16 too
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2 or calibration.is_floating_point() or calibration.is_complex() \
                 or calibration.dtype == torch.bool:
@@ -283,12 +280,12 @@ def prune(
     stat = spec.stat_for(options)
     if stat is None and calibration is _WIKI:  # "wiki" given explicitly measures the reconstruction error
         calibration = None  # data-free: don't pay a calibration pass for the default
-    start = time.perf_counter()
-    ids, calib_info = _calibration(calibration, tokenizer, model, samples=samples, seqlen=seqlen, seed=seed)
     from prunekit.evaluate import check_pattern, sparsity, zero_masks, zeros_refilled
 
-    zeros_before = sparsity(model)["layers"]  # an input pruned before: where its zeros are
+    zeros_before = sparsity(model)["layers"]  # an input pruned before: where its zeros are (not in `seconds`)
     was_zero = zero_masks(model) if any(z > 0 for z in zeros_before.values()) else {}
+    start = time.perf_counter()
+    ids, calib_info = _calibration(calibration, tokenizer, model, samples=samples, seqlen=seqlen, seed=seed)
     if stat is not None and ids is None:
         raise InputError(f"method {method} needs calibration text; give calibration='wiki' or a file")
     was_training = module_modes(model)

@@ -135,13 +135,12 @@ import math
 import time
 from typing import Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
 from prunekit.errors import InputError, int_at_least, is_real, module_modes, restore_modes, with_autograd
 from prunekit.select import NM, check_ratio, keep_global, keep_per_row, parse_pattern
-from prunekit.text import Text, calibration_ids, load_text
+from prunekit.text import Text, calibration_ids, ids_from_numpy, load_text
 from prunekit.weights.engine import (UNCHANGED, LayerReport, find_blocks, get_weight, prune_blocks, set_weight,
                                      target_linears, zeros_in)
 from prunekit.weights.methods.sparsegpt import PERCDAMP, inverse_cholesky
@@ -217,8 +216,7 @@ def _domain_ids(domain, tokenizer, *, samples: int, seqlen: int, seed: int, voca
     fix = "give domain='python-docs' (--domain python-docs), a .txt/.jsonl file, or token ids [sequences, seqlen]"
     if domain is None:
         raise InputError(f"D-Pruner needs a domain corpus; {fix}")
-    if isinstance(domain, np.ndarray) and np.issubdtype(domain.dtype, np.integer):  # as calibration ids may be
-        domain = torch.from_numpy(np.ascontiguousarray(domain).astype(np.int64, copy=False))
+    domain = ids_from_numpy(domain, "the domain")  # as calibration ids may be
     if isinstance(domain, torch.Tensor):
         return _check_ids(domain, "the domain tensor", fix, vocab)
     if tokenizer is None:
