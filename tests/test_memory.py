@@ -345,7 +345,7 @@ def test_readonly_store_reads_without_writing_and_falls_back_to_immutable(tmp_pa
 
     def connect(target, *a, **kw):
         opened.append(str(target))
-        if kw.get("uri") and "immutable=1" not in str(target):
+        if (kw.get("uri") and "immutable=1" not in str(target)) or str(target) == str(db):
             raise sqlite3.OperationalError("unable to open database file")
         return real(target, *a, **kw)
 
@@ -363,6 +363,35 @@ def test_readonly_store_reads_without_writing_and_falls_back_to_immutable(tmp_pa
     with pytest.raises(InputError, match="unable to open"):
         SQLiteStore(db, readonly=True)
     assert db.read_bytes() == before
+
+
+def test_readonly_readers_leave_no_wal_files_beside_the_store(tmp_path, capsys):
+    """memory stats and ask --no-mark left empty m.db-wal and m.db-shm files beside the store: a mode=ro
+    connection cannot remove them when it closes. A reader of a writable store now uses a query_only connection,
+    which does; with a writer's commits in the -wal file it still reads them, and the main file is untouched."""
+    db = tmp_path / "m.db"
+    m = Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0)
+    m.add_many(["My locker code is 4417.", "The bus leaves at nine."])
+    m.close()
+    before = db.read_bytes()
+    assert main(["memory", "stats", "--store", str(db), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["turns"] == 2
+    assert main(["memory", "ask", "--store", str(db), "--no-mark", "--json", "locker code"]) == 0
+    assert "4417" in json.loads(capsys.readouterr().out)["prompt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.db"]
+    assert db.read_bytes() == before
+    ro = SQLiteStore(db, readonly=True)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        ro._db.execute("DELETE FROM turns")  # the connection itself refuses writes, not only transaction()
+    ro.close()
+    writer = Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0)
+    writer.add("The meeting moved to Tuesday.")  # committed to the -wal file, which the open writer keeps
+    assert (tmp_path / "m.db-wal").stat().st_size > 0
+    reader = Memory(db, embedder=HashEmbedder(), readonly=True)
+    assert reader.stats()["turns"] == 3 and "Tuesday" in reader.prompt("meeting", 200, mark=False).text
+    reader.close()
+    assert db.read_bytes() == before  # the reader did not checkpoint the writer's commits into the main file
+    writer.close()
 
 
 # -- crash safety -----------------------------------------------------------------------------------------

@@ -17,10 +17,12 @@ committed whole or not at all. A server-backed store (PostgreSQL with pgvector: 
   connection's own commits and reloaded when another connection has committed (``PRAGMA data_version``).
   Its cost is linear in the number of stored chunks, which is what forgetting reduces.
 - One writer at a time (SQLite's rule); readers in other processes see every committed turn.
-- ``readonly=True`` opens an existing store without writing to it (SQLite's ``mode=ro``), so a store on a
-  read-only folder or file system can still be read: where SQLite cannot make the WAL's shared-memory file
-  there, the store is opened as immutable, which is refused while a non-empty ``-wal`` file is present (it may
-  hold commits the main file does not have yet).
+- ``readonly=True`` opens an existing store without writing to it. Where the file and its folder are writable
+  and no ``-wal`` file holds commits, the connection is SQLite's usual one with ``PRAGMA query_only``: as the
+  last connection it removes the ``-wal``/``-shm`` files it made when it closes (``mode=ro`` leaves them
+  beside the store). Otherwise it is ``mode=ro``, so a store on a read-only folder or file system can still be
+  read: where SQLite cannot make the WAL's shared-memory file there, the store is opened as immutable, which is
+  refused while a non-empty ``-wal`` file is present (it may hold commits the main file does not have yet).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 
 from prunekit.errors import InputError
 
+QUERY_ONLY = "query_only"  # _connect's read-only connection that cleans up after itself
 BUSY_SECONDS = 30.0  # how long a connection waits for another process's write to finish (SQLite's busy timeout)
 
 __all__ = ["TurnRecord", "ChunkRecord", "SummaryRecord", "ForgetRecord", "Store", "SQLiteStore", "SCHEMA_VERSION"]
@@ -257,13 +260,19 @@ class SQLiteStore(Store):
     def _connect(self) -> tuple[sqlite3.Connection, set[str], int]:
         """A connection (read-only when asked), the tables the file holds and its user_version."""
         uri = "file:" + urllib.parse.quote(str(self.path.resolve()))
-        attempts = [uri + "?mode=ro", uri + "?mode=ro&immutable=1"] if self.readonly else [None]
+        attempts: list[str | None] = [None]
+        if self.readonly:
+            attempts = [uri + "?mode=ro", uri + "?mode=ro&immutable=1"]
+            if self._wal_is_empty() and os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK):
+                attempts.insert(0, QUERY_ONLY)  # a mode=ro connection leaves -wal and -shm files behind
         for i, target in enumerate(attempts):
             db = None
             try:
-                if target is None:
+                if target in (None, QUERY_ONLY):
                     db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                          timeout=BUSY_SECONDS)
+                    if target == QUERY_ONLY:
+                        db.execute("PRAGMA query_only=1")
                 else:
                     db = sqlite3.connect(target, uri=True, isolation_level=None, check_same_thread=False,
                                          timeout=BUSY_SECONDS)
@@ -274,7 +283,7 @@ class SQLiteStore(Store):
                     db.close()
                 # mode=ro on a WAL file needs its -shm file, which a read-only folder cannot hold: read the file
                 # as immutable then, unless a -wal file holds commits the main file does not have yet
-                if i + 1 < len(attempts) and self._wal_is_empty():
+                if target == QUERY_ONLY or (i + 1 < len(attempts) and self._wal_is_empty()):
                     continue
                 raise
             except sqlite3.DatabaseError:
