@@ -1,7 +1,9 @@
 """D-Pruner on tiny models: exact ratios, refusals that leave the model untouched, and a planted domain."""
 
 import copy
+import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -284,3 +286,37 @@ def test_a_token_id_domain_is_recorded_as_its_shape_and_numpy_ids_are_taken(tmp_
     assert [r.sparsity for r in results[0].layers] == [r.sparsity for r in results[1].layers]
     out = prunekit.save_pruned(model, tok, tmp_path / "dp", metadata=results[1])
     assert (out / "prunekit.json").is_file()
+
+
+def test_a_domain_given_as_a_path_is_recorded_as_a_string(tmp_path, tok):
+    """prune(domain=Path(...)) pruned, then save_pruned(metadata=result) refused the PosixPath in the options."""
+    import prunekit
+
+    text = tmp_path / "domain.txt"
+    text.write_text(TEXT)
+    model = tiny_model("llama")
+    result = prunekit.prune(model, method="dpruner", ratio=0.5, calibration=ids_from_text(tok, 4, 32), tokenizer=tok,
+                            domain=text, domain_samples=4, steps=2, progress=False)
+    assert result.options["domain"] == str(text)
+    out = prunekit.save_pruned(model, tok, tmp_path / "dp", metadata=result)
+    assert json.loads((out / "prunekit.json").read_text())["options"]["domain"] == str(text)
+
+
+def test_numpy_token_ids_that_are_unsigned_or_read_only():
+    """A uint64 id past int64 was named as -1 in the vocabulary error; a read-only array (np.load(mmap_mode='r'))
+    made torch warn about non-writable tensors from prunekit's text.py."""
+    import warnings
+
+    from prunekit.text import ids_from_numpy
+
+    with pytest.raises(InputError, match="token id 18446744073709551615, beyond any vocabulary"):
+        ids_from_numpy(np.array([[1, 2, 2**64 - 1]], dtype=np.uint64), "calibration")
+    assert ids_from_numpy(np.array([[1, 2, 3]], dtype=np.uint64), "calibration").tolist() == [[1, 2, 3]]
+    frozen = np.arange(12, dtype=np.int64).reshape(3, 4)
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ids = ids_from_numpy(frozen, "calibration")
+    assert ids.dtype == torch.int64 and ids.tolist() == frozen.tolist()
+    with pytest.raises(InputError, match="calibration array must be integer token ids, got float32"):
+        ids_from_numpy(np.zeros((2, 4), dtype=np.float32), "calibration")

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -315,11 +316,13 @@ def prune(
 
 def _recordable(value):
     """An option as the record holds it: token ids (D-Pruner's domain as a tensor) as their shape, a `Text` as its
-    description, so `save_pruned(metadata=result)` does not fail on them after the work."""
+    description, a path as a string, so `save_pruned(metadata=result)` does not fail on them after the work."""
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return f"token ids {list(value.shape)}"
     if isinstance(value, Text):
         return value.describe()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     return value
 
 
