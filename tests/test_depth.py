@@ -634,9 +634,10 @@ def calib(text_file):
 
 def test_cli_tinyfusion_with_recovery_writes_a_loadable_shallow_model(lm_dir, calib, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["prune", str(lm_dir), "--method", "tinyfusion", "--layers", "2", "--calib", str(calib), "--samples", "8",
-               "--seqlen", "32", "--learn-steps", "3", "--recover", "kd", "--recover-steps", "2", "--eval", str(calib),
-               "--eval-tokens", "64", "--eval-seqlen", "32", "--out", str(out), "--quiet"])
+    args = ["prune", str(lm_dir), "--method", "tinyfusion", "--layers", "2", "--calib", str(calib), "--samples", "8",
+            "--seqlen", "32", "--learn-steps", "3", "--eval", str(calib), "--eval-tokens", "64", "--eval-seqlen", "32",
+            "--quiet"]
+    rc = main(args + ["--recover", "kd", "--recover-steps", "2", "--out", str(out)])
     assert rc == 0
     meta = json.loads((out / "prunekit.json").read_text())
     assert len(meta["kept_layers"]) == 2 and meta["dense_layers"] == 4 and meta["recovery"]["distilled"]
@@ -651,6 +652,12 @@ def test_cli_tinyfusion_with_recovery_writes_a_loadable_shallow_model(lm_dir, ca
     ev = meta["evaluation"][str(calib)]  # the CLI gave dense and recovered only; the bench reports both
     assert ev["before_recovery"]["tokens"] == ev["dense"]["tokens"] == 64
     assert f"{ev['before_recovery']['ppl']:.3f} | {ev['pruned']['ppl']:.3f} |" in printed
+    # "before recovery" is the pruned model as it was before recovery: the same run without it scores the same
+    assert main(args + ["--recover", "none", "--out", str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "plain" / "prunekit.json").read_text())
+    assert plain["kept_layers"] == meta["kept_layers"]
+    assert plain["evaluation"][str(calib)]["pruned"]["ppl"] == ev["before_recovery"]["ppl"] != ev["pruned"]["ppl"]
+    capsys.readouterr()
     assert meta["speed"]["pruned"]["params"] < meta["speed"]["dense"]["params"]
     assert set(meta["speed"]["speedup"]) == {"prefill", "decode"}
     assert "measured speedup" in (out / "report.md").read_text()
@@ -1275,3 +1282,17 @@ def test_random_masks_are_distinct_and_all_of_them_when_fewer_exist(monkeypatch)
     _, tried = methods.random_masks(target, kept=5, candidates=8, seed=0)  # only C(6, 5) = 6 masks exist
     assert sorted(tuple(t["kept_layers"]) for t in tried) == sorted(
         tuple(i for i in range(6) if i != j) for j in range(6))
+
+
+def test_ppl_table_takes_perplexity_objects_in_every_column():
+    """ppl_table took Perplexity objects for dense and pruned, and raised TypeError on one before recovery."""
+    from prunekit.evaluate import Perplexity
+    from prunekit.report import ppl_table
+
+    def ppl(value):
+        return Perplexity(ppl=value, nll=0.0, tokens=64, seqlen=32, windows=2, text={})
+
+    table = ppl_table({"wiki": {"dense": ppl(10.0), "pruned": ppl(12.0), "before_recovery": ppl(20.0)}})
+    assert table.splitlines()[-1] == "| wiki | 2 x 32 = 64 | 10.000 | 20.000 | 12.000 | 1.200 |"
+    assert ppl_table({"wiki": {"dense": ppl(10.0), "pruned": ppl(12.0)}}).splitlines()[-1] == \
+        "| wiki | 2 x 32 = 64 | 10.000 | 12.000 | 1.200 |"

@@ -18,6 +18,7 @@ def ppl_table(evals: dict) -> str:
     for name, pair in evals.items():
         d, p = (x if isinstance(x, dict) else x.to_dict() for x in (pair["dense"], pair["pruned"]))
         before = pair.get("before_recovery")
+        before = before.to_dict() if before is not None and not isinstance(before, dict) else before
         middle = (f" {before['ppl']:.3f} |" if before else " |") if staged else ""
         lines.append(f"| {name} | {d['windows']} x {d['seqlen']} = {d['tokens']} | {d['ppl']:.3f} |{middle} "
                      f"{p['ppl']:.3f} | {p['ppl'] / d['ppl']:.3f} |")
