@@ -613,8 +613,9 @@ def test_an_output_file_that_appears_while_a_run_writes_is_kept_and_the_run_refu
         target = tmp_path / name
         monkeypatch.setattr(data_io, "check_output_file", lambda p, overwrite: Path(p))  # the check passed earlier
         target.write_text("the other run's result\n")  # ... and then the other run finished first
-        with pytest.raises(InputError, match="appeared while this ran"):
+        with pytest.raises(InputError, match="appeared while this ran") as refused:
             write(target)
+        assert "--out" not in str(refused.value)  # reason --answers FILE was told to choose another --out
         assert target.read_text() == "the other run's result\n"
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
         target.unlink()

@@ -202,7 +202,7 @@ def place_file(tmp: str | os.PathLike, path: Path, *, overwrite: bool) -> None:
             os.replace(tmp, path)
             return
     raise InputError(f"{path} appeared while this ran (another process writing it?); it was left as it is and this "
-                     "result was not saved; choose another output (--out) or pass overwrite=True (--overwrite)")
+                     "result was not saved; choose another output file or pass overwrite=True (--overwrite)")
 
 
 def apply_umask(path: str | os.PathLike) -> None:

@@ -132,7 +132,7 @@ def check_output_dir(out, *, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
         raise InputError(f"{out} exists; choose another output (--out) or pass overwrite=True (--overwrite)")
     if out.exists() and not out.is_dir():
-        raise InputError(f"{out} exists and is not a folder; choose another --out")
+        raise InputError(f"{out} exists and is not a folder; choose another output folder (--out)")
     check_writable(out)  # not under a file, and writable
     return out
 

@@ -575,7 +575,7 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
         raise InputError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
     if path.is_dir():
-        raise InputError(f"{path} is a folder, not a file; choose another --out")
+        raise InputError(f"{path} is a folder, not a file; choose another output file")
     if not path.parent.exists():
         raise InputError(f"folder {path.parent} does not exist")
     check_writable(path)  # not under a file, and writable

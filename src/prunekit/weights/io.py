@@ -501,7 +501,7 @@ def check_replaceable(out: Path) -> None:
         hf = "a Hugging Face model folder no prunekit command wrote (no prunekit.json); " if _hf_config(out) else ""
         raise InputError(f"--overwrite replaces an earlier prunekit output, but {out} is {hf}a folder of other files "
                          f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) that no prunekit command "
-                         "wrote; choose another --out, or empty it first")
+                         "wrote; choose another output folder (--out), or empty it first")
 
 
 def _json(path: Path):
@@ -625,7 +625,7 @@ def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, o
             except OSError:
                 break
         if tmp is None and isinstance(e, OSError):
-            raise InputError(f"cannot create output {out} ({e.strerror}); choose another --out") from None
+            raise InputError(f"cannot create output {out} ({e.strerror}); choose another output folder (--out)") from None
         raise
     if old is not None:
         try:
