@@ -33,6 +33,8 @@ def test_compare_tables_weights_structured_and_depth_runs(model_dir, text_file, 
         assert ev["dense"] == meta["evaluation"][str(text_file)]["dense"]["ppl"]
         assert ev["pruned"] == meta["evaluation"][str(text_file)]["pruned"]["ppl"]
         assert rows[str(tmp_path / name)]["seconds"] == meta["wall_seconds"]
+        # the method's own time (a depth run's selection): the wall time also holds loading, evaluation, saving
+        assert rows[str(tmp_path / name)]["method_seconds"] == meta["seconds"] < meta["wall_seconds"]
     assert [rows[f]["kind"] for f in folders] == ["weights", "weights", "structured", "depth"]
     assert rows[folders[0]]["budget"] == "2:4" and rows[folders[0]]["removed"] == "sparsity 0.5000"
     assert (rows[folders[0]]["pattern"], rows[folders[0]]["ratio"], rows[folders[0]]["sparsity"]) == ("2:4", 0.5, 0.5)
@@ -102,20 +104,20 @@ def test_compare_tells_apart_files_of_one_name_and_reads_dit_records(model_dir, 
         "kept_layers": [0, 2, 4, 7, 8, 10],
         "recovery": None, "speed": {"speedup": 1.95, "dense_forward_s": 0.02, "pruned_forward_s": 0.01},
         "evaluation": {"settings": {}, "dense": {"fid": 29.26, "class_accuracy": 0.9}, "pruned": {"fid": 43.05}},
-        "wall_seconds": 12.0}))
+        "seconds": 5.0, "wall_seconds": 12.0}))
     assert main(["compare", str(dit), "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["rows"][0]
     assert row["forward_speedup"] == 1.95 and row["evaluation"]["fid"]["pruned"] == 43.05
     assert row["budget"] == "6 of 12 blocks"
     assert main(["compare", str(dit)]) == 0
-    assert "| 29.260 | 43.050 | 1.95x (forward) | 12.0 |" in capsys.readouterr().out
+    assert "| 29.260 | 43.050 | 1.95x (forward) | 5.0 | 12.0 |" in capsys.readouterr().out
     meta = json.loads((dit / "prunekit.json").read_text())
     del meta["evaluation"]["pruned"]["fid"]  # a value missing from a record: blank, and said
     meta["speed"] = {"speedup": {"prefill": 1.5}}  # and no decode speedup: "1.50x / x" was shown
     (dit / "prunekit.json").write_text(json.dumps(meta))
     assert main(["compare", str(dit)]) == 0
     captured = capsys.readouterr()
-    assert "| 29.260 |  | 1.50x / - | 12.0 |" in captured.out and f"{dit} records no score for fid" in captured.err
+    assert "| 29.260 |  | 1.50x / - | 5.0 | 12.0 |" in captured.out and f"{dit} records no score for fid" in captured.err
     # a run that scored one of the texts shown only: its blank cell is said; a malformed record is no traceback
     meta = json.loads((tmp_path / "a" / "run" / "prunekit.json").read_text())
     meta["evaluation"]["e.txt"]["dense"]["windows"] = [1, 2]

@@ -23,6 +23,21 @@ def _ev(ppl_dense, ppl_pruned, sha="a" * 64, windows=2, seqlen=64):
             "pruned": {"ppl": ppl_pruned, "windows": windows, "seqlen": seqlen, "text": text}}
 
 
+def test_method_seconds_add_a_depth_runs_recovery_and_stay_blank_when_unrecorded(tmp_path):
+    """compare's only time was the whole command's (loading, dense and pruned evaluation, speed rounds, saving)."""
+    depth = dict(method="every-other", dense_layers=4, kept_layers=[0, 2], wall_seconds=30.0)
+    recovered = summarize(_rec(tmp_path / "a", seconds=2.0, recovery={"steps": 5, "seconds": 7.5}, **depth))
+    assert (recovered["method_seconds"], recovered["seconds"]) == (9.5, 30.0)
+    assert summarize(_rec(tmp_path / "b", seconds=2.0, recovery=None, **depth))["method_seconds"] == 2.0
+    assert summarize(_rec(tmp_path / "c", **depth))["method_seconds"] is None  # recorded before it was
+    assert summarize(_rec(tmp_path / "d", seconds=2.0, recovery={"steps": 5}, **depth))["method_seconds"] is None
+    row = summarize(_weights(tmp_path / "w", seconds=1.25))
+    assert (row["method_seconds"], row["seconds"]) == (1.25, 3.0)
+    md, _ = table([row], [])
+    assert md.splitlines()[0].endswith("| speedup (prefill / decode) | method s | wall s |")
+    assert md.splitlines()[2].endswith("|  | 1.2 | 3.0 |")
+
+
 def test_bool_is_no_number(tmp_path):
     row = summarize(_weights(tmp_path / "r", evaluation={"e": {"dense": {"ppl": True, "windows": True, "seqlen": 64},
                                                             "pruned": {"ppl": 2.0}}}, ))
@@ -91,7 +106,7 @@ def test_non_finite_perplexity_is_blank_and_said(tmp_path):
 
 def test_numeric_columns_right_aligned_from_the_first_perplexity(tmp_path):
     md, _ = table([summarize(_weights(tmp_path / "r", evaluation={"e": _ev(2.0, 3.0)}))], ["e"])
-    assert md.splitlines()[1] == "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"
+    assert md.splitlines()[1] == "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"
 
 
 def test_blank_removed_cell(tmp_path):

@@ -250,6 +250,7 @@ def test_cli_prunes_a_dit_folder(tmp_path, capsys):
     assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in src.iterdir()} == digest
     meta = json.loads((out / "prunekit.json").read_text())
     assert meta["kind"] == "dit" and len(meta["kept_layers"]) == 2 and meta["recovery"]["steps"] == 2
+    assert 0 < meta["seconds"] + meta["recovery"]["seconds"] < meta["wall_seconds"]  # the selection's time
     assert meta["speed"]["speedup"] > 0 and "speedup" in (out / "report.md").read_text()
     assert len(meta["method_info"]["loss_without_block"]) == meta["dense_layers"]
     assert (out / "blocks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -116,8 +116,20 @@ def summarize(folder: str | Path) -> dict:
             "evaluation": evaluation, "prefill_speedup": _number(ratios.get("prefill")),
             "decode_speedup": _number(ratios.get("decode")), "forward_speedup": forward,
             "seconds": _number(meta.get("wall_seconds", meta.get("seconds"))),  # the API's PruneResult: seconds
-            "options": meta.get("options") if isinstance(meta.get("options"), dict) else None,  # weights runs
+            "method_seconds": _method_seconds(meta),
+            "options": meta.get("options") if isinstance(meta.get("options"), dict) else None,  # the options the run recorded
             **numbers}
+
+
+def _method_seconds(meta: dict) -> float | None:
+    """The time the method itself took (a depth run's block selection plus its recovery), without loading,
+    evaluation, speed measurement or saving; None for a record that lacks it (depth runs before 2026-12-02)."""
+    seconds = _number(meta.get("seconds"))
+    recovery = meta.get("recovery")
+    if seconds is not None and isinstance(recovery, dict):
+        extra = _number(recovery.get("seconds"))
+        seconds = None if extra is None else seconds + extra
+    return seconds
 
 
 def _f(value, fmt: str) -> str:
@@ -130,7 +142,7 @@ def table(rows: list[dict], texts: list[str]) -> tuple[str, list[str]]:
     head = ["run", "kind", "method", "budget", "removed"]
     for t in texts:
         head += [f"{t} dense", f"{t} pruned"]
-    head += ["speedup (prefill / decode)", "seconds"]
+    head += ["speedup (prefill / decode)", "method s", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---:" if i >= 5 else "---" for i in range(len(head)))
              + " |"]
     for r in rows:
@@ -143,7 +155,7 @@ def table(rows: list[dict], texts: list[str]) -> tuple[str, list[str]]:
         pair = [_f(r["prefill_speedup"], ".2f"), _f(r["decode_speedup"], ".2f")]
         speed = (" / ".join(f"{s}x" if s else "-" for s in pair) if any(pair) else
                  f"{r['forward_speedup']:.2f}x (forward)" if r.get("forward_speedup") is not None else "")
-        cells += [speed, _f(r["seconds"], ".1f")]
+        cells += [speed, _f(r["method_seconds"], ".1f"), _f(r["seconds"], ".1f")]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines), notes(rows, texts)
 

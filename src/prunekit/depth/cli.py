@@ -194,8 +194,10 @@ def run_prune(args) -> int:
     target = depth.causal_lm_target(model, ids, batch_size=args.batch_size)
     evaluation = eval_dense(model, tok, eval_texts, args, progress)
     dense_layers = target.depth
+    start = time.perf_counter()
     keep, info = depth.select_blocks(target, args.method, kept=args.layers, groups=args.group, steps=args.learn_steps,
                                      candidates=args.candidates, seed=args.seed, progress=progress, **options)
+    seconds = time.perf_counter() - start  # the block selection's (recovery's is its own)
     teacher = copy.deepcopy(model) if args.recover == "kd" else None
     pattern, skip = _recorded_if_readable(Path(path))
     left_dense = _skipped_layers(model, skip)  # by name before the blocks are renumbered
@@ -232,7 +234,7 @@ def run_prune(args) -> int:
         # an N:M pattern the blocks still keep, so `eval` checks it as it did the input's
         **({"pattern": pattern, "options": {"skip": list(skip)}} if zeros and zeros["pattern_kept"] else {}),
         "saved_dtype": str(saved_dtype).removeprefix("torch."), "versions": _versions(),
-        "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - wall,
+        "seconds": seconds, "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - wall,
     }
 
     def extra(folder):
@@ -324,8 +326,10 @@ def _run_dit(args) -> int:
     dense_layers = target.depth
     evaluation = {"dense": dit.evaluate_dit(model, **DIT_EVAL)} if want_fid else None
     dense_copy = None if args.no_speed else copy.deepcopy(model)  # timed alternately with the pruned model below
+    start = time.perf_counter()
     keep, info = depth.select_blocks(target, args.method, kept=args.layers, groups=args.group, steps=args.learn_steps,
                                      candidates=args.candidates, seed=args.seed, progress=progress, **options)
+    seconds = time.perf_counter() - start  # the block selection's (recovery's is its own)
     teacher = copy.deepcopy(model) if args.recover == "kd" else None
     depth.drop_blocks(model.blocks, keep)
     kept = [i for i, k in enumerate(keep) if k]
@@ -351,7 +355,7 @@ def _run_dit(args) -> int:
             "settings": DIT_EVAL | {"metric": "Frechet distance on the project's Fashion-MNIST classifier features "
                                              "(not Inception-FID)"},
             **{k: {m: v[m] for m in ("fid", "class_accuracy", "n", "steps")} for k, v in evaluation.items()}},
-        "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - wall,
+        "seconds": seconds, "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - wall,
     }
     lines = [f"# {args.method}: DiT {dense_layers} -> {len(kept)} blocks", "", f"kept blocks: {kept}",
              f"recovery: {recovery or 'none'}", ""]
