@@ -463,6 +463,42 @@ def test_label_issues_takes_class_names_matched_to_named_probability_columns(tmp
               "--out", str(out)], out, tmp_path, capsys, "holds class names .* name the probabilities' columns")
 
 
+def test_label_issues_reads_a_header_of_numbered_class_names(tmp_path, capsys):
+    """A probabilities CSV headed 2019,2020,2021 (years as classes) had its header read as one more example: 'labels
+    has 300 entries but --probs has 301 rows', with labels given as indices or as the years."""
+    rng = np.random.default_rng(1)
+    n, years = 300, ["2019", "2020", "2021"]
+    y = rng.integers(0, 3, n)
+    probs = rng.dirichlet(np.ones(3) * 0.3, n)
+    probs[np.arange(n), y] += 1.5
+    probs /= probs.sum(1, keepdims=True)
+    probs[:20] = probs[:20, ::-1]
+    np.save(tmp_path / "y.npy", y)
+    np.save(tmp_path / "p.npy", probs)
+    want = tmp_path / "want.csv"
+    assert main(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(tmp_path / "p.npy"),
+                 "--out", str(want)]) == 0
+    with open(tmp_path / "p.csv", "w", newline="") as f:
+        csv.writer(f).writerows([years] + [[repr(float(v)) for v in row] for row in probs])
+    with open(tmp_path / "y_years.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["label"]] + [[years[i]] for i in y])
+    for labels in ("y.npy", "y_years.csv"):
+        out = tmp_path / f"got_{labels}.csv"
+        assert main(["data", "label-issues", "--labels", str(tmp_path / labels), "--probs", str(tmp_path / "p.csv"),
+                     "--out", str(out)]) == 0
+        got = list(csv.DictReader(out.read_text().splitlines()))
+        assert [r["index"] for r in got] == [r["index"] for r in csv.DictReader(want.read_text().splitlines())]
+        assert len(got) >= 8
+        if labels == "y_years.csv":  # the years are the columns' names, not positions 2019..2021
+            assert all(r["label_name"] == years[int(r["label"])] for r in got)
+    capsys.readouterr()
+    with open(tmp_path / "p2.csv", "w", newline="") as f:  # a first row of whole numbers that could be data stays data
+        csv.writer(f).writerows([[0, 1, 0]] + [[repr(float(v)) for v in row] for row in probs])
+    out = tmp_path / "x.csv"
+    _refused(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(tmp_path / "p2.csv"),
+              "--out", str(out)], out, tmp_path, capsys, "labels has 300 entries but --probs has 301 rows")
+
+
 def test_label_issues_reads_labels_and_probabilities_from_one_table(tmp_path, capsys):
     # one table with a label column and a column per class (what a DataFrame of predictions is) had to be split
     rng = np.random.default_rng(1)

@@ -146,8 +146,8 @@ def add_parser(sub) -> None:
 
 
 def _cmd_label_issues(args) -> int:
-    from prunekit.data.io import (check_output_file, read_array, read_class_labels, read_labeled_table, read_matrix,
-                                  resolve_numeric_labels, write_table)
+    from prunekit.data.io import (check_output_file, read_array, read_class_labels, read_labeled_table,
+                                  read_probabilities, resolve_numeric_labels, write_table)
     from prunekit.data.methods import confident as cl
     from prunekit.errors import InputError, check_not_input
 
@@ -166,7 +166,7 @@ def _cmd_label_issues(args) -> int:
     if args.label_column is not None:
         probs, classes, labels, named = read_labeled_table(args.probs, args.label_column)
     else:
-        probs, classes = read_matrix(args.probs, what="probabilities", names=True)
+        probs, classes = read_probabilities(args.probs)  # a header of numbered class names too
         raw = None
         if classes and args.labels != "fashion-mnist":  # numbers beside named columns: positions, or class names
             try:

@@ -25,7 +25,7 @@ from prunekit.errors import (InputError, apply_umask, check_output_name, check_w
 
 __all__ = ["read_array", "read_named", "read_labels", "read_class_labels", "read_label_groups", "read_labeled_table",
            "resolve_numeric_labels", "read_table_columns", "index_order", "label_groups", "read_vector", "read_matrix",
-           "check_real", "write_table", "check_output_file", "FORMATS"]
+           "read_probabilities", "check_real", "write_table", "check_output_file", "FORMATS"]
 
 FORMATS = (".npy", ".csv", ".parquet")
 
@@ -566,6 +566,22 @@ def read_matrix(path, *, what: str, names: bool = False):
     if not names:
         return m
     return m, (list(columns) if columns and len(columns) == m.shape[1] else None)
+
+
+def read_probabilities(path) -> tuple[np.ndarray, list[str] | None]:
+    """``(probabilities [N, K], class names or None)`` as `read_matrix(names=True)` reads them, except that a CSV's
+    first row of whole numbers, any of them above 1, above rows in [0, 1] is its header (numbered class names such
+    as ``2019,2020``): the generic reader took it for a row of numbers, one example too many. A first row that
+    could be probabilities (``0,1``) stays a row."""
+    m, classes = read_matrix(path, what="probabilities", names=True)
+    path = Path(path).expanduser()
+    if classes is not None or path.suffix.lower() != ".csv" or len(m) < 2:
+        return m, classes
+    first, rest = m[0], m[1:]
+    if np.all(first == np.round(first)) and np.any(first > 1) and np.all((rest >= 0) & (rest <= 1)):
+        rows, _ = _csv_rows(path, "probabilities")
+        return rest, [c.strip() for c in rows[0][1]]
+    return m, classes
 
 
 def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
