@@ -935,7 +935,7 @@ def test_data_train_on_kept_examples_reports_held_out_accuracy(tmp_path, capsys)
 @pytest.mark.parametrize("keep,match", [
     (np.array([0, 5, 240]), "row 2: index 240 is not an example of the data"),
     (np.array([0.0, 1e30]), "row 1: index 1000000000000000019884624838656 is not an example"),  # was a negative
-    ((np.arange(240) % 2).astype(np.int64), "it looks like a 0/1 mask: save it as booleans"),
+    ((np.arange(240) % 2).astype(np.int64), "it looks like a 0/1 mask: save it as a boolean .npy"),
     (np.array([0, 5, 5]), "lists an example twice"),
     (np.array([0.5, 1.0]), "whole-number example indices"),
     (np.zeros(10, bool), "boolean mask of shape"),

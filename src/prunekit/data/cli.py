@@ -688,7 +688,8 @@ def _read_kept(path, n: int) -> np.ndarray:
     if len(np.unique(kept)) != len(kept):
         mask = len(kept) == n and set(np.unique(kept).tolist()) <= {0, 1}
         raise InputError(f"keep file {path} lists an example twice; give each kept index once"
-                         + (" (it looks like a 0/1 mask: save it as booleans, mask.astype(bool))" if mask else ""))
+                         + (" (it looks like a 0/1 mask: save it as a boolean .npy, np.save(path, mask.astype(bool)), "
+                            "or give its indices, np.flatnonzero(mask))" if mask else ""))
     return np.sort(kept)
 
 
