@@ -73,3 +73,14 @@ def test_modules_of_plain_subpackages_are_attributes_after_import_prunekit():
 def test_python_dash_m_prunekit_is_the_command_line():
     proc = subprocess.run([sys.executable, "-m", "prunekit", "compare", "-"], capture_output=True, text=True)
     assert proc.returncode == 2 and "prunekit reads and writes files" in proc.stderr
+
+
+def test_the_version_is_the_one_pyproject_declares():
+    """prunekit.__version__ (recorded in every prunekit.json) and the package metadata are written in two places."""
+    import re
+    from pathlib import Path
+
+    import prunekit
+
+    declared = re.search(r'^version = "([^"]+)"', (Path(__file__).parents[1] / "pyproject.toml").read_text(), re.M)
+    assert declared and prunekit.__version__ == declared.group(1)
