@@ -117,7 +117,8 @@ def test_compare_tells_apart_files_of_one_name_and_reads_dit_records(model_dir, 
     (dit / "prunekit.json").write_text(json.dumps(meta))
     assert main(["compare", str(dit)]) == 0
     captured = capsys.readouterr()
-    assert "| 29.260 |  | 1.50x / - | 5.0 | 12.0 |" in captured.out and f"{dit} records no score for fid" in captured.err
+    assert "| 29.260 |  | 1.50x / - | 5.0 | 12.0 |" in captured.out
+    assert f"{dit} records no score for fid" in captured.err
     # a run that scored one of the texts shown only: its blank cell is said; a malformed record is no traceback
     meta = json.loads((tmp_path / "a" / "run" / "prunekit.json").read_text())
     meta["evaluation"]["e.txt"]["dense"]["windows"] = [1, 2]

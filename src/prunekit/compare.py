@@ -117,7 +117,7 @@ def summarize(folder: str | Path) -> dict:
             "decode_speedup": _number(ratios.get("decode")), "forward_speedup": forward,
             "seconds": _number(meta.get("wall_seconds", meta.get("seconds"))),  # the API's PruneResult: seconds
             "method_seconds": _method_seconds(meta),
-            "options": meta.get("options") if isinstance(meta.get("options"), dict) else None,  # the options the run recorded
+            "options": meta.get("options") if isinstance(meta.get("options"), dict) else None,  # as the run recorded
             **numbers}
 
 

@@ -183,7 +183,8 @@ def ids_from_numpy(value, what: str):
     if not np.issubdtype(value.dtype, np.integer):
         raise InputError(f"{what} array must be integer token ids, got {value.dtype}")
     if value.size and np.issubdtype(value.dtype, np.unsignedinteger) and value.max() > np.iinfo(np.int64).max:
-        raise InputError(f"{what} array has token id {value.max()}, beyond any vocabulary; give the model tokenizer's ids")
+        raise InputError(f"{what} array has token id {value.max()}, beyond any vocabulary; give the model "
+                         "tokenizer's ids")
     # a copy when the array is read-only (np.load(mmap_mode="r")): torch warns on a tensor over one
     return torch.from_numpy(np.require(value, np.int64, ["C", "W"]))
 

@@ -625,7 +625,8 @@ def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, o
             except OSError:
                 break
         if tmp is None and isinstance(e, OSError):
-            raise InputError(f"cannot create output {out} ({e.strerror}); choose another output folder (--out)") from None
+            raise InputError(f"cannot create output {out} ({e.strerror}); choose another output folder "
+                             "(--out)") from None
         raise
     if old is not None:
         try:
