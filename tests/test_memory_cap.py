@@ -41,3 +41,22 @@ def test_cap_records_the_turn_that_removed_the_chunk(tmp_path):
     m.add(WORDS[1])
     assert [(r.turn, r.at_turn) for r in m.store.forgotten()] == [(0, 1)]
     m.close()
+
+
+def test_memory_add_says_which_recorded_forgetting_options_a_run_changes(tmp_path, capsys):
+    """Lowering a store's --max-chunks forgot down to the new cap in one add, and only 'forgot 7 chunks' said so."""
+    from prunekit.cli import main
+
+    store = str(tmp_path / "m.db")
+    add = ["memory", "add", "--store", store, "--embedder", "hash"]
+    assert main(add + ["--max-chunks", "10", f"{WORDS[0]} and {WORDS[1]}"]) == 0
+    assert "forgetting options changed" not in capsys.readouterr().err  # a new store: nothing to change
+    assert main(add + ["--max-chunks", "10", WORDS[2]]) == 0
+    assert "forgetting options changed" not in capsys.readouterr().err  # given again, unchanged
+    assert main(add + ["--max-chunks", "1", "--forget-every", "50", WORDS[3]]) == 0
+    captured = capsys.readouterr()
+    assert "forgot 2 chunks" in captured.out
+    assert (f"prunekit: note: {store}'s forgetting options changed: --forget-every 100 -> 50, --max-chunks 10 -> 1; "
+            "recorded for later adds") in captured.err
+    assert main(add + [WORDS[4]]) == 0  # not given: the recorded ones, nothing changed
+    assert "changed" not in capsys.readouterr().err

@@ -193,6 +193,19 @@ def _open(args, *, create: bool, readonly: bool = False, embeds: bool = True, **
         raise
 
 
+def _changed_settings(store, settings: dict) -> str:
+    """The forgetting options that differ from those `store` recorded (``--max-chunks 10 -> 4``); empty for a new
+    store or an unreadable record (whose options are all given again)."""
+    try:
+        recorded = json.loads(store.setting("cli.forgetting") or "{}")
+    except json.JSONDecodeError:
+        return ""
+    if not isinstance(recorded, dict) or not recorded:
+        return ""
+    return ", ".join(f"--{k.replace('_', '-')} {recorded.get(k, v)} -> {settings[k]}" for k, v in FORGETTING.items()
+                     if recorded.get(k, v) != settings[k])
+
+
 def _holds_no_turns(path: Path) -> bool:
     """Whether the store this run created is still empty: another `memory add` may have opened it since and
     committed turns (an interrupted first add deleted them). Unreadable or busy counts as not empty."""
@@ -221,6 +234,7 @@ def _cmd_add(args) -> int:
         mem, settings = _open(args, create=True, forget_every=args.forget_every, forget_fraction=args.forget_fraction,
                               retrieval_term=args.retrieval_term, age_from=args.age_from, max_chunks=args.max_chunks)
         try:
+            changed = _changed_settings(mem.store, settings)
             added = mem.add_many(turns)
             with mem.store.transaction():  # later adds (and stats) use these unless given others
                 mem.store.set_setting("cli.forgetting", json.dumps(settings))
@@ -233,6 +247,9 @@ def _cmd_add(args) -> int:
                 p.unlink(missing_ok=True)
         raise
     gone = sum(len(a.forgotten) for a in added)
+    if changed:  # lowering --max-chunks forgot down to the new cap at once, and only the count was printed
+        print(f"prunekit: note: {path}'s forgetting options changed: {changed}; recorded for later adds",
+              file=sys.stderr)
     if args.json:
         print(jsonl.dumps({"added": [a.turn for a in added], "chunks": sum(len(a.chunk_ids) for a in added),
                            "forgotten": gone, "turns": stats["turns"], "store": str(path)}))
