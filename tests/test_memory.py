@@ -392,6 +392,25 @@ def test_readonly_readers_leave_no_wal_files_beside_the_store(tmp_path, capsys):
     reader.close()
     assert db.read_bytes() == before  # the reader did not checkpoint the writer's commits into the main file
     writer.close()
+    # a writer that commits and closes while a reader is open: the reader, closing last, copied the -wal into
+    # the main file (the review's case A); through a link, the -wal beside the target was not seen (case B)
+    writer = Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0)
+    writer.close()  # the last writer's close moves its commits into the main file
+    before = db.read_bytes()
+    reader = SQLiteStore(db, readonly=True)
+    writer = Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0)
+    writer.add("Lunch is at noon.")
+    writer.close()
+    wal = (tmp_path / "m.db-wal").read_bytes()
+    assert wal
+    reader.close()
+    assert db.read_bytes() == before and (tmp_path / "m.db-wal").read_bytes() == wal
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / "m.db").symlink_to(db)
+    assert main(["memory", "stats", "--store", str(tmp_path / "link" / "m.db"), "--json"]) == 0
+    via_link = json.loads(capsys.readouterr().out)
+    assert via_link["turns"] == 4 and via_link["bytes"] == len(before) + len(wal)  # the -wal was left out
+    assert db.read_bytes() == before and (tmp_path / "m.db-wal").read_bytes() == wal
 
 
 # -- crash safety -----------------------------------------------------------------------------------------

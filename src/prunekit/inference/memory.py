@@ -69,6 +69,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -268,7 +269,8 @@ class Memory:
 
     ``Memory(path)`` opens or creates the file (``create=False``: opens an existing store only;
     ``readonly=True``: opens it read-only, never writing its contents, so `retrieve` and `prompt` need
-    ``mark=False``; SQLite may still leave its ``-shm``/``-wal`` side files where the folder allows);
+    ``mark=False``; it leaves no ``-shm``/``-wal`` side files of its own where the folder is writable, and keeps
+    those a writer left, with their commits, as they are);
     ``store=`` takes any `Store` instead. `embedder` defaults to all-MiniLM-L6-v2 (loaded when first needed),
     `summarizer` to the extractive one; `tokenizer` (a Hugging Face tokenizer) makes prompt budgets exact for
     that model. A store remembers its embedder and refuses another. Options (keyword-only): see the module
@@ -553,7 +555,8 @@ class Memory:
     def stats(self) -> dict:
         """Counts and settings: turns, chunks in the index, forgotten chunks, summaries, embedder, file size."""
         path = getattr(self.store, "path", None)
-        files = [path, path.with_name(path.name + "-wal")] if path is not None else []
+        real = Path(path).resolve() if path is not None else None  # the -wal is beside a link's target
+        files = [real, real.with_name(real.name + "-wal")] if real is not None else []
         return {
             "store": str(path) if path is not None else type(self.store).__name__,
             "bytes": sum(f.stat().st_size for f in files if f.exists()) if files else None,

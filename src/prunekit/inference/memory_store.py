@@ -20,9 +20,12 @@ committed whole or not at all. A server-backed store (PostgreSQL with pgvector: 
 - ``readonly=True`` opens an existing store without writing to it. Where the file and its folder are writable
   and no ``-wal`` file holds commits, the connection is SQLite's usual one with ``PRAGMA query_only``: as the
   last connection it removes the ``-wal``/``-shm`` files it made when it closes (``mode=ro`` leaves them
-  beside the store). Otherwise it is ``mode=ro``, so a store on a read-only folder or file system can still be
-  read: where SQLite cannot make the WAL's shared-memory file there, the store is opened as immutable, which is
-  refused while a non-empty ``-wal`` file is present (it may hold commits the main file does not have yet).
+  beside the store). If a writer committed meanwhile, a ``mode=ro`` connection is held across that close, so
+  the last-closer's copy of the ``-wal`` into the main file is not made by a reader (the commits stay in the
+  ``-wal`` for the next writer). Otherwise it is ``mode=ro``, so a store on a read-only folder or file system
+  can still be read: where SQLite cannot make the WAL's shared-memory file there, the store is opened as
+  immutable, which is refused while a non-empty ``-wal`` file is present (it may hold commits the main file
+  does not have yet). A store opened through a symbolic link is judged by the files beside its target.
 """
 
 from __future__ import annotations
@@ -200,6 +203,7 @@ class SQLiteStore(Store):
                     raise InputError(f"{self.path} is not a memory store (not an SQLite database); give a new "
                                      "file name or a store made by prunekit memory")
         self.readonly = bool(readonly)
+        self._query_only = False  # _connect's read-only connection that removes its side files on close
         if self.readonly:
             create = False
         if not create and not (self.path.is_file() and self.path.stat().st_size > 0):
@@ -263,7 +267,8 @@ class SQLiteStore(Store):
         attempts: list[str | None] = [None]
         if self.readonly:
             attempts = [uri + "?mode=ro", uri + "?mode=ro&immutable=1"]
-            if self._wal_is_empty() and os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK):
+            real = self.path.resolve()  # SQLite keeps the -wal and -shm beside a link's target
+            if self._wal_is_empty() and os.access(real, os.W_OK) and os.access(real.parent, os.W_OK):
                 attempts.insert(0, QUERY_ONLY)  # a mode=ro connection leaves -wal and -shm files behind
         for i, target in enumerate(attempts):
             db = None
@@ -277,6 +282,7 @@ class SQLiteStore(Store):
                     db = sqlite3.connect(target, uri=True, isolation_level=None, check_same_thread=False,
                                          timeout=BUSY_SECONDS)
                 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                self._query_only = target == QUERY_ONLY
                 return db, tables, db.execute("PRAGMA user_version").fetchone()[0]
             except sqlite3.OperationalError:
                 if db is not None:
@@ -293,7 +299,8 @@ class SQLiteStore(Store):
         raise AssertionError("unreachable")
 
     def _wal_is_empty(self) -> bool:
-        wal = self.path.with_name(self.path.name + "-wal")
+        real = self.path.resolve()
+        wal = real.with_name(real.name + "-wal")
         return not wal.exists() or wal.stat().st_size == 0
 
     def _readonly_hint(self) -> str:
@@ -531,4 +538,19 @@ class SQLiteStore(Store):
         return status if not orphans else f"{status}; {orphans} chunks without their turn"
 
     def close(self) -> None:
-        self._db.close()
+        if not (self.readonly and self._query_only and not self._wal_is_empty()):
+            self._db.close()
+            return
+        # a writer committed while this reader was open: as the last connection, closing it would copy the -wal
+        # into the main file; a mode=ro connection held across the close keeps it from being the last
+        guard = None
+        try:
+            guard = sqlite3.connect("file:" + urllib.parse.quote(str(self.path.resolve())) + "?mode=ro", uri=True,
+                                    isolation_level=None, check_same_thread=False, timeout=BUSY_SECONDS)
+            guard.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error:
+            pass
+        finally:
+            self._db.close()
+            if guard is not None:
+                guard.close()
