@@ -50,7 +50,8 @@ def _int(value) -> int | None:
 def summarize(folder: str | Path) -> dict:
     """One row for the `prunekit prune` output `folder`: ``run, kind, method, budget, removed, evaluation
     ({text: {dense, pruned, windows, seqlen, sha256}}), prefill_speedup, decode_speedup, forward_speedup (a DiT's),
-    seconds``, and the budget as numbers for scripts (None where the kind has none): ``ratio, pattern, sparsity``
+    method_seconds, seconds`` (the method's own time; the whole command's, None for a folder saved from Python),
+    and the budget as numbers for scripts (None where the kind has none): ``ratio, pattern, sparsity``
     (weights: measured on the layers pruned), ``params_before, params_after`` (structured; depth when its speed
     was measured), ``dense_layers, kept_layers`` (depth: the indices kept), and a weights run's ``options`` as
     recorded. `budget` and `removed` are the same as text."""
@@ -115,7 +116,7 @@ def summarize(folder: str | Path) -> dict:
     return {"run": str(folder), "kind": kind, "method": meta.get("method"), "budget": budget, "removed": removed,
             "evaluation": evaluation, "prefill_speedup": _number(ratios.get("prefill")),
             "decode_speedup": _number(ratios.get("decode")), "forward_speedup": forward,
-            "seconds": _number(meta.get("wall_seconds", meta.get("seconds"))),  # the API's PruneResult: seconds
+            "seconds": _number(meta.get("wall_seconds")),  # a PruneResult's `seconds` is the method's alone
             "method_seconds": _method_seconds(meta),
             "options": meta.get("options") if isinstance(meta.get("options"), dict) else None,  # as the run recorded
             **numbers}
