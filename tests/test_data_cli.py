@@ -489,6 +489,8 @@ def test_label_issues_reads_a_header_of_numbered_class_names(tmp_path, capsys):
         got = list(csv.DictReader(out.read_text().splitlines()))
         assert [r["index"] for r in got] == [r["index"] for r in csv.DictReader(want.read_text().splitlines())]
         assert len(got) >= 8
+        note = f"the first row of {tmp_path / 'p.csv'} (2019,2020,2021) is read as its header"
+        assert note in capsys.readouterr().err
         if labels == "y_years.csv":  # the years are the columns' names, not positions 2019..2021
             assert all(r["label_name"] == years[int(r["label"])] for r in got)
     capsys.readouterr()
@@ -497,6 +499,11 @@ def test_label_issues_reads_a_header_of_numbered_class_names(tmp_path, capsys):
     out = tmp_path / "x.csv"
     _refused(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(tmp_path / "p2.csv"),
               "--out", str(out)], out, tmp_path, capsys, "labels has 300 entries but --probs has 301 rows")
+    # whole-number logits in the first row, as many labels as rows: a row (the logits error), not a header
+    (tmp_path / "logits.csv").write_text("2,0\n0.9,0.1\n0.2,0.8\n0.6,0.4\n")
+    np.save(tmp_path / "y4.npy", np.array([0, 0, 1, 0]))
+    _refused(["data", "label-issues", "--labels", str(tmp_path / "y4.npy"), "--probs", str(tmp_path / "logits.csv"),
+              "--out", str(out)], out, tmp_path, capsys, r"row 0 does not \(pass softmax outputs, not logits\)")
 
 
 def test_label_issues_reads_labels_and_probabilities_from_one_table(tmp_path, capsys):

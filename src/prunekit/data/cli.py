@@ -146,8 +146,8 @@ def add_parser(sub) -> None:
 
 
 def _cmd_label_issues(args) -> int:
-    from prunekit.data.io import (check_output_file, read_array, read_class_labels, read_labeled_table,
-                                  read_probabilities, resolve_numeric_labels, write_table)
+    from prunekit.data.io import (check_output_file, numbered_header, read_array, read_class_labels,
+                                  read_labeled_table, read_matrix, resolve_numeric_labels, write_table)
     from prunekit.data.methods import confident as cl
     from prunekit.errors import InputError, check_not_input
 
@@ -166,19 +166,34 @@ def _cmd_label_issues(args) -> int:
     if args.label_column is not None:
         probs, classes, labels, named = read_labeled_table(args.probs, args.label_column)
     else:
-        probs, classes = read_probabilities(args.probs)  # a header of numbered class names too
-        raw = None
-        if classes and args.labels != "fashion-mnist":  # numbers beside named columns: positions, or class names
+        def read_labels(classes):
+            raw = None
+            if classes and args.labels != "fashion-mnist":  # numbers beside named columns: positions, or names
+                try:
+                    raw = np.asarray(read_array(args.labels, what="labels", columns=1))
+                except InputError:  # words: matched to the names below
+                    raw = None
+                raw = raw.astype(np.float64) if raw is not None and raw.dtype.kind in "iuf" else None  # bool,
+                # complex, strings: the readers below (which refuse the first two)
+            if raw is not None:
+                return resolve_numeric_labels(raw, classes, f"labels file {args.labels}")
+            return read_class_labels(args.labels, classes=classes, match_names=True)  # names -> columns
+
+        probs, classes = read_matrix(args.probs, what="probabilities", names=True)
+        header = numbered_header(args.probs, probs) if classes is None else None
+        if header is not None:  # a header of numbered class names (2019,2020), read as a row of numbers
             try:
-                raw = np.asarray(read_array(args.labels, what="labels", columns=1))
-            except InputError:  # words: matched to the names below
-                raw = None
-            raw = raw.astype(np.float64) if raw is not None and raw.dtype.kind in "iuf" else None  # bool, complex,
-            # strings: the readers below (which refuse the first two)
-        if raw is not None:
-            labels, named = resolve_numeric_labels(raw, classes, f"labels file {args.labels}")
-        else:
-            labels, named = read_class_labels(args.labels, classes=classes, match_names=True)  # names -> columns
+                labels, named = read_labels(header)
+            except InputError:
+                header = None
+            if header is not None and len(labels) == len(probs) - 1:
+                probs, classes = probs[1:], header
+                print(f"prunekit: note: the first row of {args.probs} ({','.join(header[:8])}"
+                      f"{',...' if len(header) > 8 else ''}) is read as its header: the class names", file=sys.stderr)
+            else:
+                header = None
+        if header is None:
+            labels, named = read_labels(classes)
     start = time.perf_counter()
     try:
         ranked = cl.find_label_issues(labels, probs, filter_by=args.filter, frac_noise=args.frac_noise,

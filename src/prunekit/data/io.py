@@ -25,7 +25,7 @@ from prunekit.errors import (InputError, apply_umask, check_output_name, check_w
 
 __all__ = ["read_array", "read_named", "read_labels", "read_class_labels", "read_label_groups", "read_labeled_table",
            "resolve_numeric_labels", "read_table_columns", "index_order", "label_groups", "read_vector", "read_matrix",
-           "read_probabilities", "check_real", "write_table", "check_output_file", "FORMATS"]
+           "numbered_header", "check_real", "write_table", "check_output_file", "FORMATS"]
 
 FORMATS = (".npy", ".csv", ".parquet")
 
@@ -568,20 +568,20 @@ def read_matrix(path, *, what: str, names: bool = False):
     return m, (list(columns) if columns and len(columns) == m.shape[1] else None)
 
 
-def read_probabilities(path) -> tuple[np.ndarray, list[str] | None]:
-    """``(probabilities [N, K], class names or None)`` as `read_matrix(names=True)` reads them, except that a CSV's
-    first row of whole numbers, any of them above 1, above rows in [0, 1] is its header (numbered class names such
-    as ``2019,2020``): the generic reader took it for a row of numbers, one example too many. A first row that
-    could be probabilities (``0,1``) stays a row."""
-    m, classes = read_matrix(path, what="probabilities", names=True)
+def numbered_header(path, m: np.ndarray) -> list[str] | None:
+    """The cells of the first row of the probabilities CSV `path` (read as `m` [N, K], no header found) when that
+    row may be a header of numbered class names such as ``2019,2020``: distinct whole numbers, one of them above 1,
+    over rows in [0, 1]; else None. A first row that could be probabilities (``0,1``) is never one. The caller
+    decides by the labels' count (a row of whole-number logits above the probabilities is not a header)."""
     path = Path(path).expanduser()
-    if classes is not None or path.suffix.lower() != ".csv" or len(m) < 2:
-        return m, classes
-    first, rest = m[0], m[1:]
-    if np.all(first == np.round(first)) and np.any(first > 1) and np.all((rest >= 0) & (rest <= 1)):
-        rows, _ = _csv_rows(path, "probabilities")
-        return rest, [c.strip() for c in rows[0][1]]
-    return m, classes
+    if path.suffix.lower() != ".csv" or len(m) < 2:
+        return None
+    first, rest = np.asarray(m[0]), np.asarray(m[1:])
+    if not (np.all(first == np.round(first)) and np.any(first > 1) and len(np.unique(first)) == len(first)
+            and np.all((rest >= 0) & (rest <= 1))):
+        return None
+    rows, _ = _csv_rows(path, "probabilities")
+    return [c.strip() for c in rows[0][1]]
 
 
 def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
