@@ -196,7 +196,11 @@ def notes(rows: list[dict], texts: list[str]) -> list[str]:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("compare", help="one table of several prune outputs (method, budget, perplexity, speed)")
+    p = sub.add_parser("compare", help="one table of several prune outputs (method, budget, perplexity, speed)",
+                       description="One markdown table of prune outputs, read from their prunekit.json (nothing is "
+                       "re-run): method, budget, what was removed, dense and pruned perplexity per --eval text, the "
+                       "measured speedup, 'method s' (the method's own time: a depth run's selection plus its "
+                       "recovery) and 'wall s' (the whole command: loading, evaluation, speed rounds, saving).")
     p.add_argument("runs", nargs="+", help="output folders of `prunekit prune` (their prunekit.json is read)")
     p.add_argument("--text", default=None, help="comma-separated --eval texts to show (default: every text a run "
                    "scored, in the order first seen)")
