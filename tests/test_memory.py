@@ -4,6 +4,7 @@ summary of summaries, crash safety of the SQLite store, bad input and the CLI.""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -405,11 +406,25 @@ def test_readonly_readers_leave_no_wal_files_beside_the_store(tmp_path, capsys):
     assert wal
     reader.close()
     assert db.read_bytes() == before and (tmp_path / "m.db-wal").read_bytes() == wal
+    reader = SQLiteStore(db, readonly=True)  # the -wal holds commits: a mode=ro reader, which never checkpoints
+    assert reader._closer.peek()[2][1] is None
+    reader.close()
+    writer = Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0)
+    writer.close()  # merged into the main file by the last writer
+    before = db.read_bytes()
+    reader = SQLiteStore(db, readonly=True)
+    writer = Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0)
+    writer.add("Dinner is at eight.")
+    writer.close()
+    wal = (tmp_path / "m.db-wal").read_bytes()
+    del reader  # a reader dropped without close(): the guard ran only in close()
+    gc.collect()
+    assert db.read_bytes() == before and (tmp_path / "m.db-wal").read_bytes() == wal
     (tmp_path / "link").mkdir()
     (tmp_path / "link" / "m.db").symlink_to(db)
     assert main(["memory", "stats", "--store", str(tmp_path / "link" / "m.db"), "--json"]) == 0
     via_link = json.loads(capsys.readouterr().out)
-    assert via_link["turns"] == 4 and via_link["bytes"] == len(before) + len(wal)  # the -wal was left out
+    assert via_link["turns"] == 5 and via_link["bytes"] == len(before) + len(wal)  # the -wal was left out
     assert db.read_bytes() == before and (tmp_path / "m.db-wal").read_bytes() == wal
 
 

@@ -34,6 +34,7 @@ import contextlib
 import os
 import sqlite3
 import urllib.parse
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,30 @@ _TABLES = {"meta", "turns", "chunks", "summaries", "forgotten"}
 _SYNC = {"full": "FULL", "normal": "NORMAL"}
 
 
+def _close_connection(db: sqlite3.Connection, reader_of: Path | None) -> None:
+    """Close `db`. For a query_only reader of the store at `reader_of` whose ``-wal`` holds a writer's commits, a
+    ``mode=ro`` connection is held across the close: as the last connection this reader would copy them into the
+    main file. (A writer that commits and closes in the instant between the check and the close, or a guard that
+    cannot be opened (no file descriptors left), can still leave the reader last and the commits copied: SQLite's
+    no-checkpoint-on-close option needs Python 3.12.)"""
+    guard = None
+    wal = reader_of.with_name(reader_of.name + "-wal") if reader_of is not None else None
+    if wal is not None and wal.exists() and wal.stat().st_size > 0:
+        try:
+            guard = sqlite3.connect("file:" + urllib.parse.quote(str(reader_of)) + "?mode=ro", uri=True,
+                                    isolation_level=None, check_same_thread=False, timeout=BUSY_SECONDS)
+            guard.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error:
+            if guard is not None:
+                guard.close()
+            guard = None
+    try:
+        db.close()
+    finally:
+        if guard is not None:
+            guard.close()
+
+
 class SQLiteStore(Store):
     """A memory store in one SQLite file, created if missing unless ``create=False`` (then a file without a
     store is an InputError and is left untouched). ``synchronous``: ``"full"`` or ``"normal"``.
@@ -259,6 +284,8 @@ class SQLiteStore(Store):
         self._mat = np.zeros((0, 0), dtype=np.float32)  # [n, dim]
         self._buf_ids: np.ndarray | None = None  # [capacity] the buffers _ids and _mat are views of (_append)
         self._buf_mat: np.ndarray | None = None  # [capacity, dim]
+        real = self.path.resolve()
+        self._closer = weakref.finalize(self, _close_connection, self._db, real if self._query_only else None)
 
     # -- plumbing ------------------------------------------------------------------------------------------
     def _connect(self) -> tuple[sqlite3.Connection, set[str], int]:
@@ -538,19 +565,4 @@ class SQLiteStore(Store):
         return status if not orphans else f"{status}; {orphans} chunks without their turn"
 
     def close(self) -> None:
-        if not (self.readonly and self._query_only and not self._wal_is_empty()):
-            self._db.close()
-            return
-        # a writer committed while this reader was open: as the last connection, closing it would copy the -wal
-        # into the main file; a mode=ro connection held across the close keeps it from being the last
-        guard = None
-        try:
-            guard = sqlite3.connect("file:" + urllib.parse.quote(str(self.path.resolve())) + "?mode=ro", uri=True,
-                                    isolation_level=None, check_same_thread=False, timeout=BUSY_SECONDS)
-            guard.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-        except sqlite3.Error:
-            pass
-        finally:
-            self._db.close()
-            if guard is not None:
-                guard.close()
+        self._closer()  # once; also run when the store is dropped unclosed, or at exit
