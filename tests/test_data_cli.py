@@ -499,6 +499,24 @@ def test_label_issues_reads_a_header_of_numbered_class_names(tmp_path, capsys):
     out = tmp_path / "x.csv"
     _refused(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(tmp_path / "p2.csv"),
               "--out", str(out)], out, tmp_path, capsys, "labels has 300 entries but --probs has 301 rows")
+    # a label that fits no class under the header: it is named (the run said 'labels has 300 entries but --probs
+    # has 301 rows', reading the header as a row once the labels did not fit it); a label of neither reading is
+    # named, not the first name; positions and names mixed are said to be mixed
+    bad = y.copy()
+    bad[7] = 3
+    np.save(tmp_path / "y_bad.npy", bad)
+    _refused(["data", "label-issues", "--labels", str(tmp_path / "y_bad.npy"), "--probs", str(tmp_path / "p.csv"),
+              "--out", str(out)], out, tmp_path, capsys, "row 7: label 3 is neither a class index 0..2 nor the name")
+    with open(tmp_path / "y_years_bad.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["label"]] + [[years[i]] for i in y[:-1]] + [["2022"]])
+    _refused(["data", "label-issues", "--labels", str(tmp_path / "y_years_bad.csv"), "--probs", str(tmp_path / "p.csv"),
+              "--out", str(out)], out, tmp_path, capsys, "row 299: label 2022 is neither")
+    with open(tmp_path / "y_mixed.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["label"], [0]] + [[years[i]] for i in y[1:]])
+    _refused(["data", "label-issues", "--labels", str(tmp_path / "y_mixed.csv"), "--probs", str(tmp_path / "p.csv"),
+              "--out", str(out)], out, tmp_path, capsys,
+             r"mixes class positions \(row 0: 0\) with names of class columns \(row 1: 20\d\d\); write every label "
+             "one way")
     # whole-number logits in the first row, as many labels as rows: a row (the logits error), not a header
     (tmp_path / "logits.csv").write_text("2,0\n0.9,0.1\n0.2,0.8\n0.6,0.4\n")
     np.save(tmp_path / "y4.npy", np.array([0, 0, 1, 0]))

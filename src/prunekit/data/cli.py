@@ -184,7 +184,13 @@ def _cmd_label_issues(args) -> int:
         if header is not None:  # a header of numbered class names (2019,2020), read as a row of numbers
             try:
                 labels, named = read_labels(header)
-            except InputError:
+            except InputError as refused:  # a bad label under the header's names, or no header: as many as rows?
+                try:
+                    fits = len(read_labels(None)[0]) == len(probs) - 1
+                except InputError:
+                    fits = False
+                if fits:
+                    raise refused from None  # the header reading, with the label it cannot place
                 header = None
             if header is not None and len(labels) == len(probs) - 1:
                 probs, classes = probs[1:], header

@@ -470,8 +470,14 @@ def resolve_numeric_labels(values: np.ndarray, classes: list[str] | None, where:
         return np.array([by_value[v] for v in values.tolist()], dtype=np.int64), True
     if positions:
         return values.astype(np.int64), False
-    bad = int(np.argmax(~np.isfinite(values) | (values != np.round(values)) | (values < 0)
-                        | (values >= (k if k is not None else np.inf))))
+    not_position = (~np.isfinite(values) | (values != np.round(values)) | (values < 0)
+                    | (values >= (k if k is not None else np.inf)))
+    not_name = np.array([v not in by_value for v in values.tolist()], dtype=bool)
+    if not (not_position & not_name).any():  # each label fits one reading, but not all the same one
+        i, j = int(np.argmax(not_name)), int(np.argmax(not_position))
+        raise InputError(f"{where} mixes class positions (row {i}: {values[i]:g}) with names of class columns (row "
+                         f"{j}: {values[j]:g}); write every label one way")
+    bad = int(np.argmax(not_position & not_name))  # the first that neither reading places (not the first name)
     shown = f"{values[bad]:g}"
     raise InputError(f"{where} row {bad}: label {shown} is neither a class index 0..{k - 1 if k else 'K-1'}"
                      + (" nor the name of a class column" if classes else "") + " (integer labels >= 0 index the "
