@@ -463,21 +463,30 @@ def test_label_issues_takes_class_names_matched_to_named_probability_columns(tmp
               "--out", str(out)], out, tmp_path, capsys, "holds class names .* name the probabilities' columns")
 
 
-def test_label_issues_reads_a_header_of_numbered_class_names(tmp_path, capsys):
-    """A probabilities CSV headed 2019,2020,2021 (years as classes) had its header read as one more example: 'labels
-    has 300 entries but --probs has 301 rows', with labels given as indices or as the years."""
+def _planted_issues(tmp_path, n: int, flipped: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Labels y [n] in 0..2 and probabilities [n, 3] whose first `flipped` rows disagree confidently (y.npy, p.npy),
+    and the issue indices label-issues finds from those .npy files."""
     rng = np.random.default_rng(1)
-    n, years = 300, ["2019", "2020", "2021"]
     y = rng.integers(0, 3, n)
     probs = rng.dirichlet(np.ones(3) * 0.3, n)
     probs[np.arange(n), y] += 1.5
     probs /= probs.sum(1, keepdims=True)
-    probs[:20] = probs[:20, ::-1]
+    probs[:flipped] = probs[:flipped, ::-1]
     np.save(tmp_path / "y.npy", y)
     np.save(tmp_path / "p.npy", probs)
     want = tmp_path / "want.csv"
     assert main(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(tmp_path / "p.npy"),
                  "--out", str(want)]) == 0
+    want_index = [r["index"] for r in csv.DictReader(want.read_text().splitlines())]
+    assert len(want_index) >= 8
+    return y, probs, want_index
+
+
+def test_label_issues_reads_a_header_of_numbered_class_names(tmp_path, capsys):
+    """A probabilities CSV headed 2019,2020,2021 (years as classes) had its header read as one more example: 'labels
+    has 300 entries but --probs has 301 rows', with labels given as indices or as the years."""
+    years = ["2019", "2020", "2021"]
+    y, probs, want_index = _planted_issues(tmp_path, 300, 20)
     with open(tmp_path / "p.csv", "w", newline="") as f:
         csv.writer(f).writerows([years] + [[repr(float(v)) for v in row] for row in probs])
     with open(tmp_path / "y_years.csv", "w", newline="") as f:
@@ -487,8 +496,7 @@ def test_label_issues_reads_a_header_of_numbered_class_names(tmp_path, capsys):
         assert main(["data", "label-issues", "--labels", str(tmp_path / labels), "--probs", str(tmp_path / "p.csv"),
                      "--out", str(out)]) == 0
         got = list(csv.DictReader(out.read_text().splitlines()))
-        assert [r["index"] for r in got] == [r["index"] for r in csv.DictReader(want.read_text().splitlines())]
-        assert len(got) >= 8
+        assert [r["index"] for r in got] == want_index
         note = f"the first row of {tmp_path / 'p.csv'} (2019,2020,2021) is read as its header"
         assert note in capsys.readouterr().err
         if labels == "y_years.csv":  # the years are the columns' names, not positions 2019..2021
@@ -526,20 +534,8 @@ def test_label_issues_reads_a_header_of_numbered_class_names(tmp_path, capsys):
 
 def test_label_issues_reads_labels_and_probabilities_from_one_table(tmp_path, capsys):
     # one table with a label column and a column per class (what a DataFrame of predictions is) had to be split
-    rng = np.random.default_rng(1)
-    n, names = 200, ["shirt", "2", "bag"]  # a class named "2": names are matched before indices
-    y = rng.integers(0, 3, n)
-    probs = rng.dirichlet(np.ones(3) * 0.3, n)
-    probs[np.arange(n), y] += 1.5
-    probs /= probs.sum(1, keepdims=True)
-    probs[:15] = probs[:15, ::-1]
-    np.save(tmp_path / "y.npy", y)
-    np.save(tmp_path / "p.npy", probs)
-    want = tmp_path / "want.csv"
-    assert main(["data", "label-issues", "--labels", str(tmp_path / "y.npy"), "--probs", str(tmp_path / "p.npy"),
-                 "--out", str(want)]) == 0
-    want_index = [r["index"] for r in csv.DictReader(want.read_text().splitlines())]
-    assert len(want_index) >= 8
+    names = ["shirt", "2", "bag"]  # a class named "2": names are matched before indices
+    y, probs, want_index = _planted_issues(tmp_path, 200, 15)
     tables = {}
     for kind, cell in (("names", lambda i: names[i]), ("indices", str)):
         path = tmp_path / f"{kind}.csv"

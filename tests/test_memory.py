@@ -395,28 +395,28 @@ def test_readonly_readers_leave_no_wal_files_beside_the_store(tmp_path, capsys):
     writer.close()
     # a writer that commits and closes while a reader is open: the reader, closing last, copied the -wal into
     # the main file (the review's case A); through a link, the -wal beside the target was not seen (case B)
-    writer = Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0)
-    writer.close()  # the last writer's close moves its commits into the main file
-    before = db.read_bytes()
+    def merged() -> bytes:  # the last writer's close moves the commits into the main file
+        Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0).close()
+        return db.read_bytes()
+
+    def committed_beside_a_reader(text: str) -> bytes:
+        writer = Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0)
+        writer.add(text)
+        writer.close()
+        return (tmp_path / "m.db-wal").read_bytes()
+
+    before = merged()
     reader = SQLiteStore(db, readonly=True)
-    writer = Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0)
-    writer.add("Lunch is at noon.")
-    writer.close()
-    wal = (tmp_path / "m.db-wal").read_bytes()
+    wal = committed_beside_a_reader("Lunch is at noon.")
     assert wal
     reader.close()
     assert db.read_bytes() == before and (tmp_path / "m.db-wal").read_bytes() == wal
     reader = SQLiteStore(db, readonly=True)  # the -wal holds commits: a mode=ro reader, which never checkpoints
     assert reader._closer.peek()[2][1] is None
     reader.close()
-    writer = Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0)
-    writer.close()  # merged into the main file by the last writer
-    before = db.read_bytes()
+    before = merged()
     reader = SQLiteStore(db, readonly=True)
-    writer = Memory(db, embedder=HashEmbedder(), forget_every=0, sos_every=0)
-    writer.add("Dinner is at eight.")
-    writer.close()
-    wal = (tmp_path / "m.db-wal").read_bytes()
+    wal = committed_beside_a_reader("Dinner is at eight.")
     del reader  # a reader dropped without close(): the guard ran only in close()
     gc.collect()
     assert db.read_bytes() == before and (tmp_path / "m.db-wal").read_bytes() == wal
