@@ -175,11 +175,8 @@ def _open(args, *, create: bool, readonly: bool = False, embeds: bool = True, **
     embedder = _embedder(args, path, create, needed=embeds)  # fails before a new store file is made
     store = SQLiteStore(path, create=create, readonly=readonly)
     try:
-        try:
-            recorded = json.loads(store.setting("cli.forgetting") or "{}")
-        except json.JSONDecodeError:
-            recorded = None
-        if not isinstance(recorded, dict):
+        recorded = _recorded_forgetting(store)
+        if recorded is None:
             if all(given.get(k) is not None for k in FORGETTING if k != "max_chunks"):
                 recorded = {}  # every option given (the cap may stay off): they replace the broken record
             else:
@@ -193,14 +190,20 @@ def _open(args, *, create: bool, readonly: bool = False, embeds: bool = True, **
         raise
 
 
-def _changed_settings(store, settings: dict) -> str:
-    """The forgetting options that differ from those `store` recorded (``--max-chunks 10 -> 4``); empty for a new
-    store or an unreadable record (whose options are all given again)."""
+def _recorded_forgetting(store) -> dict | None:
+    """The forgetting options `store` recorded (empty: none yet), None when the record is unreadable."""
     try:
         recorded = json.loads(store.setting("cli.forgetting") or "{}")
     except json.JSONDecodeError:
-        return ""
-    if not isinstance(recorded, dict) or not recorded:
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _changed_settings(store, settings: dict) -> str:
+    """The forgetting options that differ from those `store` recorded (``--max-chunks 10 -> 4``); empty for a new
+    store or an unreadable record (whose options are all given again)."""
+    recorded = _recorded_forgetting(store)
+    if not recorded:
         return ""
     return ", ".join(f"--{k.replace('_', '-')} {recorded.get(k, v)} -> {settings[k]}" for k, v in FORGETTING.items()
                      if recorded.get(k, v) != settings[k])

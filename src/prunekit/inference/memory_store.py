@@ -175,6 +175,16 @@ _TABLES = {"meta", "turns", "chunks", "summaries", "forgotten"}
 _SYNC = {"full": "FULL", "normal": "NORMAL"}
 
 
+def _uri(real: Path) -> str:
+    return "file:" + urllib.parse.quote(str(real))
+
+
+def _wal_holds_commits(real: Path) -> bool:
+    """Whether the ``-wal`` file beside the store file `real` (a link's target) is there and not empty."""
+    wal = real.with_name(real.name + "-wal")
+    return wal.exists() and wal.stat().st_size > 0
+
+
 def _close_connection(db: sqlite3.Connection, reader_of: Path | None) -> None:
     """Close `db`. For a query_only reader of the store at `reader_of` whose ``-wal`` holds a writer's commits, a
     ``mode=ro`` connection is held across the close: as the last connection this reader would copy them into the
@@ -182,11 +192,10 @@ def _close_connection(db: sqlite3.Connection, reader_of: Path | None) -> None:
     cannot be opened (no file descriptors left), can still leave the reader last and the commits copied: SQLite's
     no-checkpoint-on-close option needs Python 3.12.)"""
     guard = None
-    wal = reader_of.with_name(reader_of.name + "-wal") if reader_of is not None else None
-    if wal is not None and wal.exists() and wal.stat().st_size > 0:
+    if reader_of is not None and _wal_holds_commits(reader_of):
         try:
-            guard = sqlite3.connect("file:" + urllib.parse.quote(str(reader_of)) + "?mode=ro", uri=True,
-                                    isolation_level=None, check_same_thread=False, timeout=BUSY_SECONDS)
+            guard = sqlite3.connect(_uri(reader_of) + "?mode=ro", uri=True, isolation_level=None,
+                                    check_same_thread=False, timeout=BUSY_SECONDS)
             guard.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
         except sqlite3.Error:
             if guard is not None:
@@ -290,7 +299,7 @@ class SQLiteStore(Store):
     # -- plumbing ------------------------------------------------------------------------------------------
     def _connect(self) -> tuple[sqlite3.Connection, set[str], int]:
         """A connection (read-only when asked), the tables the file holds and its user_version."""
-        uri = "file:" + urllib.parse.quote(str(self.path.resolve()))
+        uri = _uri(self.path.resolve())
         attempts: list[str | None] = [None]
         if self.readonly:
             attempts = [uri + "?mode=ro", uri + "?mode=ro&immutable=1"]
@@ -326,9 +335,7 @@ class SQLiteStore(Store):
         raise AssertionError("unreachable")
 
     def _wal_is_empty(self) -> bool:
-        real = self.path.resolve()
-        wal = real.with_name(real.name + "-wal")
-        return not wal.exists() or wal.stat().st_size == 0
+        return not _wal_holds_commits(self.path.resolve())
 
     def _readonly_hint(self) -> str:
         if os.access(self.path.parent, os.W_OK) and os.access(self.path, os.W_OK):
