@@ -27,16 +27,19 @@ the outputs go to DIR instead).
     python bench/kv_vs_kvpress.py                       # the issue's full size
     python bench/kv_vs_kvpress.py --reduced ...         # smaller, labelled "reduced" in the outputs
 
-The committed results are a reduced run (2 passkey depths at 2k only, 1 perplexity window, streaming window
-512 only, speed at 25%, 1 thread on a shared 2-core CPU):
+The committed results (``bench/results/kv_vs_kvpress.md``) are the full size, with two more Deep Forcing
+settings: ``python bench/kv_vs_kvpress.py --stream-policies "streaming_llm,deep_forcing,\
+deep_forcing:topc_rope=unify,deep_forcing:sinks=0.25/recent=0.4/topc=0.32,\
+deep_forcing:sinks=0.02/recent=0.5/topc=0.45"``. Their Deep Forcing rows were re-run on 2026-11-30 after the
+Top-C reuse limit and the released code's RoPE handling went in (the other rows were kept from the raw file).
+A reduced run (2 passkey depths at 2k only, 1 perplexity window, streaming window 512 only, speed at 25%) is
+``bench/results/kv_vs_kvpress_reduced.md``:
 
-    python bench/kv_vs_kvpress.py --reduced --contexts 2048 --depths 0.25,0.75 --ppl-windows 1 \
-        --stream-windows 512 --speed-fractions 0.25 --stream-policies "streaming_llm,deep_forcing,\
-        deep_forcing:topc_rope=unify,deep_forcing:sinks=0.02/recent=0.5/topc=0.45"
+    python bench/kv_vs_kvpress.py --reduced --name kv_vs_kvpress_reduced --contexts 2048 --depths 0.25,0.75 \
+        --ppl-windows 1 --stream-windows 512 --speed-fractions 0.25 --stream-policies "streaming_llm,\
+        deep_forcing,deep_forcing:topc_rope=unify,deep_forcing:sinks=0.02/recent=0.5/topc=0.45"
 
-The full-size results (``bench/results/kv_vs_kvpress_full.md``) are ``python bench/kv_vs_kvpress.py --name
-kv_vs_kvpress_full``; their Deep Forcing rows were re-run on 2026-11-30 after the Top-C reuse limit and the
-released code's RoPE handling went in (the other rows were kept from the raw file).
+Both ran on one thread of a shared 2-core CPU.
 ``bench/results/kv_stream_stretches.md`` is ``--tasks stream --stream-offsets 0,16384,32768`` for StreamingLLM and
 ``deep_forcing:sinks=0.02/recent=0.5/topc=0.45``, one process per policy (``--name`` a and b, then their raw
 files joined and reported with ``--report-only --name kv_stream_stretches``).
