@@ -267,6 +267,60 @@ def test_sft_dynamic_per_batch_and_learning():
     assert isinstance(out[0], str)
 
 
+class OwnPruner:
+    """A user's pruner as the module docstring describes it: `every`, `select` and nothing else."""
+
+    def __init__(self, every="once", tokens=None, samples=None, **attrs):
+        self.every, self.tokens, self.samples = every, tokens, samples
+        self.__dict__.update(attrs)
+
+    def select(self, *, nll, entropy, response):
+        assert nll is None and entropy is None  # no needs_model attribute: not scored
+        keep = np.ones(len(response), bool) if self.samples is None else self.samples(response)
+        return S.Selection(keep, response & keep[:, None] if self.tokens is None else self.tokens(response))
+
+
+def test_own_pruner_needs_only_every_and_select():
+    tok = char_tokenizer()
+    ex = S.tokenize(records(4), tok, max_length=64)
+    halves = OwnPruner(samples=lambda r: np.arange(len(r)) % 2 == 0)
+    rep = S.sft(tiny_model("llama"), ex, pad_id=tok.eos_token_id, pruner=halves, lora_rank=4, progress=False)
+    assert rep.samples_trained == 2 and rep.tokens_trained == ex[0].response_len + ex[2].response_len
+    per_batch = OwnPruner(every="batch", sample_ratio=0.5, samples=lambda r: np.arange(len(r)) < len(r) // 2)
+    rep = S.sft(tiny_model("llama"), ex, pad_id=tok.eos_token_id, pruner=per_batch, batch_size=2, lora_rank=4,
+                progress=False)
+    assert rep.steps == 1 and rep.samples_trained == 2  # one load of round(2 / 0.5) = 4 rows, 2 kept
+
+
+@pytest.mark.parametrize("pruner,msg", [
+    (OwnPruner(tokens=lambda r: np.ones_like(r)), r"not response tokens.*sample 0, position 0, a prompt"),
+    (OwnPruner(samples=lambda r: np.arange(len(r)) == 0, tokens=lambda r: r),
+     r"sample 1, position \d+, a dropped sample"),
+    (OwnPruner(tokens=lambda r: r[:, :-1]), r"keep_tokens \[4, \d+\]"),
+    (OwnPruner(tokens=lambda r: r.astype(int)), "boolean"),
+    (OwnPruner(samples=lambda r: np.ones(len(r) + 1, bool), tokens=lambda r: r), "keep_samples"),
+    (OwnPruner(every="batch"), "needs a sample_ratio attribute"),
+    (OwnPruner(every="batch", sample_ratio=0.0), "sample_ratio"),
+])
+def test_own_pruner_selection_is_checked_before_it_trains(pruner, msg):
+    tok = char_tokenizer()
+    ex = S.tokenize(records(4), tok, max_length=64)
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputError, match=msg):
+        S.sft(model, ex, pad_id=tok.eos_token_id, pruner=pruner, lora_rank=None, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no step was taken
+
+
+def test_own_pruner_returning_something_else_is_named():
+    tok = char_tokenizer()
+    pruner = OwnPruner()
+    pruner.select = lambda **_: {"keep": [True] * 4}
+    with pytest.raises(InputError, match="pruner OwnPruner: select\\(\\) must return a Selection, got dict"):
+        S.sft(tiny_model("llama"), S.tokenize(records(4), tok, max_length=64), pad_id=tok.eos_token_id,
+              pruner=pruner, lora_rank=None, progress=False)
+
+
 # ------------------------------------------------------------------------------------------ tasks
 def test_add_noise_misaligns_a_fraction_of_responses():
     recs = [{"task": "arith", "instruction": f"q{i}", "response": f"r{i}", "answer": str(i)} for i in range(20)]

@@ -17,6 +17,11 @@ The pieces, top to bottom:
   A pruner says when it runs: ``every="once"`` (static: scored once under the starting model), ``"epoch"``
   (re-scored over the whole set at each epoch start) or ``"batch"`` (re-scored per loaded batch under the current
   model, as Q-Tuning's reference does).
+  Your own pruner is any object with ``every``, a ``select(*, nll, entropy, response)`` method returning a
+  `Selection` (``response`` [N, T] marks each sample's response positions; ``nll`` and ``entropy`` [N, T] are
+  `token_stats` under the current model when the pruner's ``needs_model`` is True, else None; ``needs_model``
+  defaults to False) and, for ``every="batch"`` without ``load_batch``, a ``sample_ratio`` that sizes the loaded
+  batch. Its selection is checked: the shapes must match and kept tokens must be response tokens of kept samples.
 - `sft`: the training loop (LoRA by default, or every parameter); the loss is the mean token cross-entropy over
   the kept tokens of the kept samples.
 
@@ -463,7 +468,7 @@ class PerplexityPruner(_Pruner):
 
 # ------------------------------------------------------------------------------------------- training
 def _select(pruner, model, examples, pad_id, batch_size, report: SFTReport, progress: bool) -> Selection:
-    if pruner.needs_model:
+    if getattr(pruner, "needs_model", False):
         nll, ent, resp = _score(model, examples, pad_id=pad_id, batch_size=batch_size, progress=progress)
         report.tokens_scored += sum(len(e.ids) for e in examples)
         if report.steps and not (np.isfinite(nll).all() and np.isfinite(ent).all()):
@@ -474,7 +479,29 @@ def _select(pruner, model, examples, pad_id, batch_size, report: SFTReport, prog
         for i, e in enumerate(examples):
             resp[i, e.prompt_len: len(e.ids)] = True
         nll = ent = None
-    return pruner.select(nll=nll, entropy=ent, response=resp)
+    return _checked(pruner.select(nll=nll, entropy=ent, response=resp), resp, pruner)
+
+
+def _checked(sel, response: np.ndarray, pruner) -> Selection:
+    """`sel` if it is a `Selection` over these samples whose kept tokens are response tokens of kept samples.
+    (A pruner's prompt positions in the loss trained on the prompt; a mask of the wrong width was cut or padded.)"""
+    who = f"pruner {type(pruner).__name__}"
+    if not isinstance(sel, Selection):
+        raise InputError(f"{who}: select() must return a Selection, got {type(sel).__name__}")
+    n, t = response.shape
+    ks, kt = np.asarray(sel.keep_samples), np.asarray(sel.keep_tokens)
+    if ks.dtype != bool or kt.dtype != bool or ks.shape != (n,) or kt.shape != (n, t):
+        raise InputError(f"{who}: the selection must be boolean keep_samples [{n}] and keep_tokens [{n}, {t}] (the "
+                         f"samples padded to their longest), got {ks.dtype} {list(ks.shape)} and {kt.dtype} "
+                         f"{list(kt.shape)}")
+    outside = kt & ~(response & ks[:, None])
+    if outside.any():
+        i, j = np.argwhere(outside)[0]
+        what = "a prompt or padding position" if ks[i] else "a dropped sample"
+        raise InputError(f"{who}: keep_tokens marks {int(outside.sum())} position(s) that are not response tokens "
+                         f"of kept samples (first: sample {i}, position {j}, {what}); only response tokens of kept "
+                         "samples may be trained on")
+    return sel
 
 
 def _diverged(steps: int) -> InputError:
@@ -553,6 +580,11 @@ def sft(model: nn.Module, examples: list[Example], *, pad_id: int, pruner=None, 
         raise InputError(f"pruner must have a select(...) method (a prunekit pruner), got {type(pruner).__name__}")
     if pruner is not None and getattr(pruner, "every", None) not in EVERY:
         raise InputError(f"pruner.every must be one of {', '.join(EVERY)}, got {getattr(pruner, 'every', None)!r}")
+    if pruner is not None and pruner.every == "batch" and load_batch is None:
+        if not hasattr(pruner, "sample_ratio"):
+            raise InputError(f"a per-batch pruner ({type(pruner).__name__}) needs a sample_ratio attribute to size "
+                             "the loaded batch, or pass load_batch")
+        check_ratio(pruner.sample_ratio, "pruner.sample_ratio")
     refuse_factorized(model, "fine-tuning", "fine-tune the dense model, then prune it with ARMOR")
     if lora_rank is not None:
         if not any(isinstance(m, LoRALinear) for m in model.modules()):
