@@ -581,6 +581,42 @@ def test_non_finite_embeddings_are_refused_before_writing(tmp_path):
         m.retrieve("hello")
 
 
+class _ScaledEmbedder(HashEmbedder):
+    """Rows of norm `scale` (the interface asks for unit rows)."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def encode(self, texts):
+        return super().encode(texts) * self.scale
+
+
+def test_embeddings_that_are_not_unit_rows_are_refused(tmp_path):
+    m = Memory(tmp_path / "s.db", embedder=_ScaledEmbedder(5.0), synchronous="normal")
+    with pytest.raises(InputError, match=r"rows of L2 norm 5 \(not 1; 2 of 2 rows\) .*\(nothing was stored\).*unit"):
+        m.add_many(["my locker code is 4417", "the weather is nice"])
+    assert m.stats()["chunks"] == 0
+    m.embedder = _ScaledEmbedder(1.0)
+    m.add("my locker code is 4417")
+    m.embedder = _ScaledEmbedder(20.0)
+    with pytest.raises(InputError, match=r"norm 20 \(not 1; 1 of 1 rows\) for the query"):
+        m.retrieve("locker code")
+    m.embedder = _ScaledEmbedder(0.0)  # a zero query (no known word) is allowed: every score is 0
+    assert [r.score for r in m.retrieve("locker code")] == [0.0]
+
+
+@pytest.mark.parametrize("method,out", [("update", None), ("update", 7), ("combine", None)])
+def test_a_summarizer_that_returns_no_string_is_named(tmp_path, method, out):
+    class Odd(ExtractiveSummarizer):
+        pass
+    setattr(Odd, method, lambda self, *a, **k: out)
+    m = Memory(tmp_path / "s.db", embedder=HashEmbedder(), summarizer=Odd(), sos_every=2, synchronous="normal")
+    with pytest.raises(InputError, match=f"Odd.{method}\\(\\) returned {type(out).__name__}; it must return"):
+        m.add_many(["one turn.", "two turns."])
+    assert m.stats()["turns"] == 0
+
+
 @pytest.mark.parametrize("call,msg", [
     (lambda: chunk_text("one two three.", chunk_words=0), "chunk_words must be an integer >= 1"),
     (lambda: chunk_text("one two three.", chunk_words=-1), "chunk_words must be an integer >= 1"),

@@ -360,12 +360,7 @@ class Memory:
             return []
         pieces = [chunk_text(text, chunk_words=self.chunk_words) for _, text in parsed]
         flat = [c for p in pieces for c in p]
-        emb = np.asarray(self.embedder.encode(flat), dtype=np.float32)  # [chunks, dim]
-        if emb.shape != (len(flat), int(self.embedder.dim)):
-            raise InputError(f"embedder {self.embedder.name} returned shape {emb.shape} for {len(flat)} texts; "
-                             f"expected ({len(flat)}, {self.embedder.dim})")
-        if not np.isfinite(emb).all():
-            raise InputError(f"embedder {self.embedder.name} returned NaN or infinite vectors; nothing was stored")
+        emb = self._encode(flat, "for the turns' chunks (nothing was stored)")  # [chunks, dim]
 
         for _ in range(_RACE_ATTEMPTS):
             out = self._add_parsed(parsed, pieces, emb)
@@ -374,6 +369,32 @@ class Memory:
         raise OSError(errno.EBUSY, "the memory store kept changing while these turns were summarised: another "
                                    "process is writing to it (one writer at a time)",
                       str(getattr(self.store, "path", "")))
+
+    def _encode(self, texts: list[str], where: str) -> np.ndarray:
+        """The embedder's float32 [len(texts), dim], checked against its interface: the right shape, finite, and
+        unit (or zero) rows, since search ranks by dot product as cosine similarity."""
+        name = self.embedder.name
+        emb = np.asarray(self.embedder.encode(texts), dtype=np.float32)
+        if emb.shape != (len(texts), int(self.embedder.dim)):
+            raise InputError(f"embedder {name} returned shape {emb.shape} for {len(texts)} texts; "
+                             f"expected ({len(texts)}, {self.embedder.dim})")
+        if not np.isfinite(emb).all():
+            raise InputError(f"embedder {name} returned NaN or infinite vectors {where}")
+        norm = np.linalg.norm(emb, axis=1)  # [n]
+        off = np.flatnonzero((np.abs(norm - 1) > 1e-3) & (norm > 0))
+        if off.size:
+            raise InputError(f"embedder {name} returned rows of L2 norm {norm[off[0]]:.4g} (not 1; {off.size} of "
+                             f"{len(texts)} rows) {where}; its encode() must return unit rows (divide each by its "
+                             "norm): their dot product is taken as the cosine similarity")
+        return emb
+
+    def _summarised(self, method: str, *args, **kwargs) -> str:
+        """The summarizer's `method` result, which must be a string (it is stored as one)."""
+        out = getattr(self.summarizer, method)(*args, **kwargs)
+        if not isinstance(out, str):
+            raise InputError(f"summarizer {type(self.summarizer).__name__}.{method}() returned "
+                             f"{type(out).__name__}; it must return the summary as a string")
+        return out
 
     def _add_parsed(self, parsed, pieces, emb) -> list[Added] | None:
         """One attempt of `add_many`; None when another writer added turns since the summaries were made."""
@@ -385,18 +406,18 @@ class Memory:
         for i, (role, text) in enumerate(parsed):
             t = start + i
             fresh = self.sos_every and t % self.sos_every == 0  # a new block: the running summary restarts
-            summary = self.summarizer.update("" if fresh else summary, text, role=role)
+            summary = self._summarised("update", "" if fresh else summary, text, role=role)
             records.append(TurnRecord(t, role, text, summary))
             if self.sos_every and (t + 1) % self.sos_every == 0:
                 first = t + 1 - self.sos_every
                 older = [r.summary for r in self.store.turns_between(first, start - 1)] if first < start else []
                 block = older + [r.summary for r in records if r.turn >= first]
-                blocks[t] = self.summarizer.combine(list(dict.fromkeys(s for s in block if s)))
+                blocks[t] = self._summarised("combine", list(dict.fromkeys(s for s in block if s)))
         level1 = [s.text for s in self.store.summaries(1)]
         sos = {}
         for t, text in blocks.items():
             level1.append(text)
-            sos[t] = self.summarizer.combine(list(level1))
+            sos[t] = self._summarised("combine", list(level1))
 
         out, pos = [], 0
         with self.store.transaction():  # BEGIN IMMEDIATE: from here no other writer can add turns
@@ -464,9 +485,7 @@ class Memory:
 
     def _search(self, query: str, k: int, *, skip_turns: set) -> list[Retrieved]:
         """The `k` best chunks for `query` whose turn is not in `skip_turns` (fewer only when the index runs out)."""
-        q = np.asarray(self.embedder.encode([query]), dtype=np.float32).reshape(-1)  # [dim]
-        if not np.isfinite(q).all():
-            raise InputError(f"embedder {self.embedder.name} returned a NaN or infinite vector for the query")
+        q = self._encode([query], "for the query")[0]  # [dim]
         fetch = k
         while True:
             hits = self.store.search(q, fetch)
