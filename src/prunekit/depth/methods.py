@@ -143,7 +143,9 @@ _TINYFUSION_OPTIONS = {"tau", "scale", "lr_gates", "lr_lora", "ema", "lora_rank"
 
 def select_blocks(target: DepthTarget, method: str, *, kept: int, groups=None, steps: int = 200, candidates: int = 8,
                   seed: int = 0, progress: bool = False, **options) -> tuple[list[bool], dict]:
-    """The keep-mask of registered depth method `method` over `target`, and what the method reports."""
+    """The keep-mask of built-in depth method `method` (shortgpt, sensitivity, every-other, random or tinyfusion)
+    over `target`, and what the method reports. For an importance of your own, build the mask yourself and hand it
+    to `prunekit.depth.drop_layers`."""
     if options and method != "tinyfusion":
         raise InputError(f"{method} takes no options ({', '.join(options)} given)")
     if groups is not None and method != "tinyfusion":

@@ -157,7 +157,9 @@ class Policy:
     """Base class: a policy says which cached tokens matter. Subclasses set the class attributes they need and
     override `score` (and, where the method says so, `target`, `reposition`, `observe`, `attend`).
 
-    - ``name``: the name `prunekit.inference.kv.policy` and the CLI know it by.
+    - ``name``: what reports call the policy; the built-in ones are known by it to `prunekit.inference.kv.policy`
+      and the CLI (`POLICIES`). Your own subclass needs no registration: pass an instance,
+      ``kv.policy(model, MyPolicy(budget=512))``.
     - ``compresses``: False for policies that never evict (full cache, DELTA).
     - ``query_window``: how many recent post-RoPE queries the engine buffers per layer for `score`.
     """
