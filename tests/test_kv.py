@@ -159,6 +159,26 @@ def test_model_is_restored_exactly_on_exit_even_after_an_error(models):
         assert torch.equal(model(ids).logits, logits)
 
 
+class _NaNScores(kv.Policy):
+    name = "nan-scores"
+
+    def score(self, view):
+        s = view.keys.norm(dim=-1)  # [B, Hkv, n]
+        s[..., 1] = float("nan")
+        return s
+
+
+def test_a_policy_that_scores_nan_is_named_and_the_model_restored(models):
+    model, ids = models["sdpa"], prompt()
+    with torch.no_grad():
+        logits = model(ids).logits
+    with pytest.raises(InputError, match=r"policy nan-scores scored NaN for 2 cached tokens in layer 0"):
+        with kv.policy(model, _NaNScores(budget=8)):
+            generate(model, ids, new=2)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+
+
 def test_batches_and_bad_input_are_refused(models):
     model = models["sdpa"]
     with kv.policy(model, "snapkv", budget=16), pytest.raises(InputError, match="one sequence at a time"):
