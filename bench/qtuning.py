@@ -88,6 +88,39 @@ def _fmt(values, digits=1, scale=1.0):
     return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
+def _target_lines(rows) -> list[str]:
+    """Issue 10's target, judged per protocol and Q-Tuning variant from the seed means at 25% of the samples."""
+    def mean(method, protocol, key="accuracy"):
+        vals = [r[key] for r in rows if r["method"] == method and _protocol(r) == protocol
+                and (method == "full" or r["sample_ratio"] == 0.25)]
+        return (statistics.mean(vals), len(vals)) if vals else (None, 0)
+
+    full, n_full = mean("full", "-")
+    full_tok, _ = mean("full", "-", "tokens_trained")
+    lines = ["", "## Target (issue 10)", "",
+             "At 25% of the samples Q-Tuning must beat random and PPL-only in accuracy, be within 1 point of full "
+             "data (or above), and train on at least 3x fewer tokens; seed means, full data"
+             f" {100 * full:.1f}% over {n_full} seed(s)." if full is not None else "", ""]
+    if full is None:
+        return lines
+    for protocol in PROTOCOLS:
+        for method in ("qtuning_static", "qtuning_dynamic"):
+            acc, n = mean(method, protocol)
+            if acc is None:
+                continue
+            rnd, _ = mean("random", protocol)
+            ppl, _ = mean("ppl", protocol)
+            fewer = full_tok / mean(method, protocol, "tokens_trained")[0]
+            checks = [("random", rnd is not None and acc > rnd), ("PPL-only", ppl is not None and acc > ppl),
+                      ("full - 1 point", acc >= full - 0.01), ("3x fewer tokens", fewer >= 3)]
+            missed = [name for name, ok in checks if not ok]
+            lines.append(f"- {method}, {protocol}: {100 * acc:.1f}% ({n} seed(s)) against random "
+                         f"{'-' if rnd is None else f'{100 * rnd:.1f}%'}, PPL-only "
+                         f"{'-' if ppl is None else f'{100 * ppl:.1f}%'}, full {100 * full:.1f}%; {fewer:.1f}x fewer "
+                         f"tokens: {'met' if not missed else 'MISSED (' + ', '.join(missed) + ')'}")
+    return lines
+
+
 def _markdown(rows, meta) -> str:
     lines = ["# Q-Tuning on SmolLM2-135M-Instruct (LoRA SFT, one epoch)", "",
              f"Train {meta['train']} pairs"
@@ -138,6 +171,7 @@ def _markdown(rows, meta) -> str:
     if meta.get("plot"):  # drawn only by a run with a 25% static row (a --ratios 0.5 run linked a missing file)
         lines += ["", "The starting model's EU plane over the training pairs, with Q-Tuning's 25% selection (filled = "
                   "kept; dashed/dotted lines: the final quantile thresholds):", "", f"![EU plane]({meta['plot']})"]
+    lines += _target_lines(rows)
     lines += ["", f"Machine: {meta['machine']}; torch {meta['torch']}.", ""]
     return "\n".join(lines)
 
