@@ -422,10 +422,13 @@ def write_markdown(data: dict, path: Path) -> None:
             if cells[0].get("n"):
                 lines.append(f"| {gap} | {cells[0]['n']} | " + " | ".join(_f(c["recall_at_50"]) for c in cells) + " |")
         t = r["targets"]
+        keep = v["keep"]
+        whole = v["forget"]["retrieve_ms_median"] / keep["retrieve_ms_median"] - 1
         lines += ["", f"HEMA defaults vs no forgetting: search latency {100 * t['latency_cut']:+.1f}% (target <= -25%: "
                   f"{'met' if t['latency_met'] else 'missed'}), R@50 at ask {100 * t['recall_drop_points']:+.1f} points "
-                  f"(target >= -3: {'met' if t['recall_met'] else 'missed'}).", ""]
-        keep = v["keep"]
+                  f"(target >= -3: {'met' if t['recall_met'] else 'missed'}). Judged on the whole `Memory.retrieve` "
+                  f"call, which also embeds the query (a cost forgetting cannot shorten), latency falls "
+                  f"{100 * -whole:.1f}% ({'met' if whole <= -0.25 else 'missed'}).", ""]
         for name in (n for n in v if n not in ("keep", "forget")):
             cut = v[name]["search_ms_median"] / keep["search_ms_median"] - 1
             drop = v[name]["at_ask"]["recall_at_50"] - keep["at_ask"]["recall_at_50"]
