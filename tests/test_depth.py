@@ -641,7 +641,7 @@ def test_cli_tinyfusion_with_recovery_writes_a_loadable_shallow_model(lm_dir, ca
     assert rc == 0
     meta = json.loads((out / "prunekit.json").read_text())
     assert len(meta["kept_layers"]) == 2 and meta["dense_layers"] == 4 and meta["recovery"]["distilled"]
-    assert meta["method_info"]["groups"] == [[1, 2], [1, 2]]
+    assert meta["method_info"]["groups"] == [[1, 2], [1, 2]] and meta["recovery"]["features"] == 0.0
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
@@ -657,6 +657,12 @@ def test_cli_tinyfusion_with_recovery_writes_a_loadable_shallow_model(lm_dir, ca
     plain = json.loads((tmp_path / "plain" / "prunekit.json").read_text())
     assert plain["kept_layers"] == meta["kept_layers"]
     assert plain["evaluation"][str(calib)]["pruned"]["ppl"] == ev["before_recovery"]["ppl"] != ev["pruned"]["ppl"]
+    # --kd-features adds block feature matching to the distillation (the API's recover(features=, keep=))
+    feats = tmp_path / "feats"
+    assert main(args + ["--recover", "kd", "--recover-steps", "2", "--kd-features", "0.5", "--out", str(feats)]) == 0
+    fmeta = json.loads((feats / "prunekit.json").read_text())
+    assert fmeta["recovery"]["features"] == 0.5 and fmeta["kept_layers"] == meta["kept_layers"]
+    assert fmeta["recovery"]["loss_first"] > meta["recovery"]["loss_first"]  # the same first batch, plus 0.5 Rep
     capsys.readouterr()
     assert meta["speed"]["pruned"]["params"] < meta["speed"]["dense"]["params"]
     assert set(meta["speed"]["speedup"]) == {"prefill", "decode"}
@@ -706,6 +712,10 @@ def test_cli_refuses_a_recovery_that_diverged_and_reports_an_overflowing_perplex
     (["--layers", "2", "--calib", "/nonexistent/calib.txt"], "calib|exist|not found|No such"),
     (["--layers", "2", "--recover", "lora", "--recover-lr", "nan"], "--recover-lr must be a positive number"),
     (["--layers", "2", "--recover", "lora", "--recover-lr", "-1"], "--recover-lr must be a positive number"),
+    (["--layers", "2", "--recover", "lora", "--kd-features", "0.01"], "add --recover kd \\(not lora\\)"),
+    (["--layers", "2", "--kd-features", "0.01"], "add --recover kd \\(not none\\)"),
+    (["--layers", "2", "--recover", "kd", "--kd-features", "nan"], "--kd-features is a feature-matching weight >= 0"),
+    (["--layers", "2", "--recover", "kd", "--kd-features", "-1"], "--kd-features is a feature-matching weight >= 0"),
 ])
 def test_cli_bad_requests_exit_2_and_write_nothing(extra, message, lm_dir, calib, tmp_path, capsys):
     out = tmp_path / "out"

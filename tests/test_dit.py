@@ -246,10 +246,12 @@ def test_cli_prunes_a_dit_folder(tmp_path, capsys):
         assert main(["prune", str(src), "--method", "shortgpt", *bad, "--out", str(out), "--quiet"]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not out.exists()
     assert main(["prune", str(src), "--method", "sensitivity", "--layers", "2", "--samples", "16", "--batch-size",
-                 "8", "--recover", "kd", "--recover-steps", "2", "--out", str(out), "--quiet"]) == 0
+                 "8", "--recover", "kd", "--recover-steps", "2", "--kd-features", "0.01", "--out", str(out),
+                 "--quiet"]) == 0
     assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in src.iterdir()} == digest
     meta = json.loads((out / "prunekit.json").read_text())
     assert meta["kind"] == "dit" and len(meta["kept_layers"]) == 2 and meta["recovery"]["steps"] == 2
+    assert meta["recovery"]["distilled"] and meta["recovery"]["features"] == 0.01
     assert 0 < meta["seconds"] + meta["recovery"]["seconds"] < meta["wall_seconds"]  # the selection's time
     assert meta["speed"]["speedup"] > 0 and "speedup" in (out / "report.md").read_text()
     assert len(meta["method_info"]["loss_without_block"]) == meta["dense_layers"]

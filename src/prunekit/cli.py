@@ -52,6 +52,7 @@ _PRUNE_FLAG_USERS: dict[str, tuple[str, ...]] = {
     "--recover": ("depth",),
     "--recover-steps": ("depth",),
     "--recover-lr": ("depth",),
+    "--kd-features": ("depth",),
 }
 _DOMAIN_WORDS = {"weights": "weight", "structured": "structured", "depth": "depth"}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 import time
 
@@ -41,6 +42,10 @@ def add_prune_arguments(pr) -> None:
     g.add_argument("--recover-steps", type=int, default=RECOVER_STEPS,
                    help=f"recovery steps of --batch-size windows (default {RECOVER_STEPS})")
     g.add_argument("--recover-lr", type=float, default=None, help="recovery learning rate (default 5e-4 LoRA, 5e-5 full)")
+    g.add_argument("--kd-features", type=float, default=0.0, metavar="W",
+                   help="with --recover kd: also match each kept block's output to the dense model's at the same "
+                   "point of the stack, weight W annealed linearly to 0 (TinyFusion's masked KD uses 0.01; default 0: "
+                   "output KD only)")
 
 
 def _layers_for_ratio(model, ratio) -> str:
@@ -81,6 +86,11 @@ def _common_checks(args) -> dict:
     if args.recover == "none" and (args.recover_steps != RECOVER_STEPS or args.recover_lr is not None):
         flag = "--recover-lr" if args.recover_lr is not None else "--recover-steps"
         raise InputError(f"{flag} does nothing without --recover lora, full or kd; add --recover or leave {flag} out")
+    if not (math.isfinite(args.kd_features) and args.kd_features >= 0):
+        raise InputError(f"--kd-features is a feature-matching weight >= 0, got {args.kd_features}")
+    if args.kd_features and args.recover != "kd":
+        raise InputError(f"--kd-features matches blocks to the dense model's during distillation; add --recover kd "
+                         f"(not {args.recover}) or leave --kd-features out")
     int_at_least(args.learn_steps, "--learn-steps", 1)
     int_at_least(args.candidates, "--candidates", 1)
     int_at_least(args.recover_steps, "--recover-steps", 1)
@@ -214,6 +224,7 @@ def run_prune(args) -> int:
     if args.recover != "none":
         res = depth.recover(target, steps=args.recover_steps, trainable="full" if args.recover == "full" else "lora",
                             lr=args.recover_lr, teacher=(teacher, find_blocks(teacher)[1]) if teacher else None,
+                            keep=keep, features=args.kd_features,
                             seed=args.seed, progress=progress)
         recovery = res.to_dict()
         del teacher
@@ -337,6 +348,7 @@ def _run_dit(args) -> int:
     if args.recover != "none":
         res = depth.recover(target, steps=args.recover_steps, trainable="full" if args.recover == "full" else "lora",
                             lr=args.recover_lr, teacher=(teacher, teacher.blocks) if teacher else None,
+                            keep=keep, features=args.kd_features,
                             seed=args.seed, progress=progress)
         recovery = res.to_dict()
         del teacher

@@ -44,16 +44,19 @@ DEFAULT_LR = {"lora": 5e-4, "full": 5e-5}
 
 @dataclass
 class RecoveryResult:
-    """What `recover` did: what it trained (LoRA or all weights), whether it distilled, its steps, rate and losses."""
+    """What `recover` did: what it trained (LoRA or all weights), whether it distilled (and the feature-matching
+    weight it started from), its steps, rate and losses."""
     trainable: str
     distilled: bool
     steps: int
     lr: float
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    features: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"trainable": self.trainable, "distilled": self.distilled, "steps": self.steps, "lr": self.lr,
+        return {"trainable": self.trainable, "distilled": self.distilled, "features": self.features,
+                "steps": self.steps, "lr": self.lr,
                 "loss_first": self.losses[0] if self.losses else None,
                 "loss_last": self.losses[-1] if self.losses else None, "seconds": self.seconds}
 
@@ -228,4 +231,5 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
         raise InputError(f"recovery diverged at learning rate {lr:g}: {first}"
                          + (f" and {len(diverged or bad) - 1} other weights" if len(diverged or bad) > 1 else "")
                          + f" became NaN or Inf ({left}); lower the learning rate (--recover-lr)")
-    return RecoveryResult(trainable, teacher is not None, steps, lr, losses, time.perf_counter() - start)
+    return RecoveryResult(trainable, teacher is not None, steps, lr, losses, time.perf_counter() - start,
+                          float(features) if teacher is not None else 0.0)
