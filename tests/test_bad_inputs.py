@@ -88,7 +88,7 @@ def test_depth_prune_refuses_a_broken_config(config, match, model_dir, text_file
 @pytest.mark.parametrize("change, match", [
     # AutoTokenizer validates config.json too: these were "has no usable tokenizer ... save the tokenizer"
     ({"num_attention_heads": 3}, "config.json is not a valid config: ValueError: The hidden size"),
-    ({"num_hidden_layers": "two"}, "config.json is not a valid config: TypeError: Field 'num_hidden_layers'"),
+    ({"num_hidden_layers": "two"}, 'config.json gives "num_hidden_layers": "two"; it must be a whole number >= 1'),
     # transformers printed its LOAD REPORT table, then named ignore_mismatched_sizes, which nobody set
     ({"intermediate_size": 256}, "weights do not match its config.json: model.layers.0.mlp.down_proj.weight is "
                                  "stored as [64, 128] but the config makes it [64, 256]"),
@@ -99,6 +99,38 @@ def test_a_config_that_does_not_hold_is_named_as_the_config(change, match, model
     assert cfg["intermediate_size"] == 128 and cfg["hidden_size"] == 64
     (model_dir / "config.json").write_text(json.dumps(dict(cfg, **change)))
     refused(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "32", "--tokens", "64"], capsys, match)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"head_dim": 0}, 'gives "head_dim": 0; it must be a whole number >= 1'),  # ZeroDivisionError traceback
+    ({"intermediate_size": 0}, 'gives "intermediate_size": 0'),  # torch warnings, then an error
+    ({"max_position_embeddings": -1}, 'gives "max_position_embeddings": -1'),  # the window-length check was off
+    ({"text_config": {"hidden_size": 2.5}}, 'gives "text_config.hidden_size": 2.5'),
+])
+def test_config_sizes_are_whole_numbers_of_at_least_one(change, match, model_dir, text_file, capsys):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(dict(cfg, **change)))
+    refused(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "32", "--tokens", "64"], capsys, match)
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"eos_token_id": 2,}', "generation_config.json is not valid JSON (JSONDecodeError: Expecting property name"),
+    ("[2]", "holds a JSON list, not an object"),
+    ('{"output_hidden_states": "yes"}', 'gives "output_hidden_states": "yes"; it must be true or false'),
+    ('{"eos_token_id": [2, 1e40]}', 'gives "eos_token_id": [2, 1e+40]; it must be a token id'),
+    ('{"bos_token_id": 100000}', "from 0 to the vocabulary size - 1 (127)"),
+    ('{"max_new_tokens": -5}', 'gives "max_new_tokens": -5; it must be a whole number >= 0'),
+    ('{"temperature": "hot"}', 'gives "temperature": "hot"; it must be a finite number >= 0'),
+])
+def test_a_broken_generation_config_is_named_not_dropped(text, match, model_dir, tmp_path, capsys):
+    # transformers skips a generation_config.json it cannot parse without a word: the model lost its stop tokens
+    (model_dir / "generation_config.json").write_text(text)
+    before = digest(model_dir)
+    out = tmp_path / "out"
+    refused(["generate", str(model_dir), "--prompt", "hi", "--kv", "full", "--max-new-tokens", "2"], capsys, match)
+    refused(["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.5", "--out", str(out), "--quiet"],
+            capsys, match)
+    assert digest(model_dir) == before and not out.exists()
 
 
 def test_an_output_inside_the_input_model_folder_is_refused(model_dir, text_file, capsys):

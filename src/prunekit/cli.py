@@ -729,9 +729,9 @@ def _in_flags(message: str, flags: dict[str, str]) -> str:
         value = f"={head.group(2)}" if head.group(2) else ""
         message = f"{flags[head.group(1)]}{value} must {message[head.end():]}"
     names = {**{n: flags[d] for n, d in _API_NAMES.items() if d in flags}, **flags}
-    for name, flag in names.items():  # snake_case names elsewhere in the message, not inside a path or a file name
-        if "_" in name:
-            message = re.sub(rf"(?<![\w/\\.-]){name}(?![\w=/\\]|\.\w)", flag, message)
+    for name, flag in names.items():  # snake_case names elsewhere in the message, not inside a path, a file name
+        if "_" in name:  # or double quotes (a key of a JSON file, such as generation_config.json's "max_new_tokens")
+            message = re.sub(rf"(?<![\w/\\.\"-]){name}(?![\w=/\\\"]|\.\w)", flag, message)
     return message
 
 

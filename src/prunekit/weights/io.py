@@ -11,6 +11,7 @@ import errno
 import glob
 import importlib
 import json
+import math
 import os
 import pickle
 import re
@@ -270,8 +271,10 @@ def load_checked(name_or_path: str | os.PathLike, *, dtype=None, check_finite: b
         dtype = stored_dtype(path)
     from prunekit.structured.export import WIDTHS_KEY
 
+    _check_sizes(path, config)
     if WIDTHS_KEY not in config:  # AutoTokenizer validates config.json too, and its errors blamed the tokenizer
         _check_config(path)
+    _check_generation_config(path, config)
     if tokenizer is None:
         tokenizer = (path / "tokenizer_config.json").is_file()
     tokenizer = _load_tokenizer(path) if tokenizer else None  # before the slow model load
@@ -401,6 +404,76 @@ def check_finite_weights(model, where, *, buffers: bool = False) -> object:
         more = f" and {len(bad) - 1} other tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
         raise InputError(f"{where} has NaN or Inf weights in {bad[0]}{more}; repair or re-export the model")
     return model
+
+
+# config.json sizes that must be whole numbers >= 1 where given (0 divided by zero in transformers' modules,
+# made empty layers that warned and then failed, or turned a length check off)
+_SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "num_hidden_layers", "vocab_size", "max_position_embeddings", "n_embd", "n_head", "n_layer", "n_inner",
+              "n_positions")
+# generation_config.json fields whose type transformers does not check (a wrong one failed inside generate)
+_GEN_FLAGS = ("do_sample", "use_cache", "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+              "return_dict_in_generate")
+_GEN_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+_GEN_COUNTS = ("max_length", "max_new_tokens", "min_length", "min_new_tokens", "top_k", "num_beams",
+               "num_return_sequences")
+_GEN_NUMBERS = ("temperature", "top_p", "typical_p", "repetition_penalty", "length_penalty")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_sizes(path: Path, config: dict) -> None:
+    """config.json's sizes (and its ``text_config``'s) are whole numbers >= 1 where given."""
+    for where, cfg in (("", config), ("text_config.", config.get("text_config"))):
+        for key in _SIZE_KEYS if isinstance(cfg, dict) else ():
+            value = cfg.get(key)
+            if value is not None and not isinstance(value, (list, dict)) and not (_whole(value) and value >= 1):
+                raise InputError(f'{path}/config.json gives "{where}{key}": {json.dumps(value)[:60]}; it must be a '
+                                 "whole number >= 1. Fix config.json (or save the model again with save_pretrained)")
+
+
+def _check_generation_config(path: Path, config: dict) -> None:
+    """The folder's generation_config.json, when it has one, is a JSON object whose common fields have the types
+    transformers expects. transformers drops a file it cannot parse without a word (the model then generated
+    without its stop tokens, and prune wrote a different file), and passes wrong types on to generate."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return
+    where = f"{file}"
+    try:
+        gen = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise InputError(f"{where} is not valid JSON ({type(e).__name__}: {str(e)[:120]}); fix it or delete it "
+                         "(transformers would ignore it, and with it the model's stop tokens)") from None
+    if not isinstance(gen, dict):
+        raise InputError(f"{where} holds a JSON {type(gen).__name__}, not an object; fix it or delete it")
+    vocab = config.get("vocab_size")
+    if not _whole(vocab) and isinstance(config.get("text_config"), dict):
+        vocab = config["text_config"].get("vocab_size")
+
+    def bad(key, value, want):
+        return InputError(f'{where} gives "{key}": {json.dumps(value)[:60]}; it must be {want}. Fix it or delete '
+                          "the file")
+
+    for key in _GEN_FLAGS:
+        if gen.get(key) is not None and not isinstance(gen[key], bool):
+            raise bad(key, gen[key], "true or false")
+    for key in _GEN_TOKENS:
+        value = gen.get(key)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(_whole(i) and i >= 0 and (not _whole(vocab) or i < vocab) for i in ids):
+            raise bad(key, value, "a token id (or a list of them) from 0 to the vocabulary size - 1"
+                      + (f" ({vocab - 1})" if _whole(vocab) else ""))
+    for key in _GEN_COUNTS:
+        if gen.get(key) is not None and not (_whole(gen[key]) and gen[key] >= 0):
+            raise bad(key, gen[key], "a whole number >= 0")
+    for key in _GEN_NUMBERS:
+        value = gen.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value) and value >= 0):
+            raise bad(key, value, "a finite number >= 0")
 
 
 def _check_config(path: Path) -> None:
