@@ -687,6 +687,8 @@ def test_complex_arrays_refused(command, tmp_path, capsys):
     ("clusters>N", ["--method", "prototypes", "--clusters", "30"], r"--clusters 30 needs at least 30 examples"),
     ("folds>N", ["--method", "probs", "--folds", "30"], r"--folds 30 needs at least 30 examples"),
     ("seed", ["--seed", "-1"], r"--seed must be an integer >= 0, got -1"),  # select refused it, score did not
+    ("nan-data", [], r"data file \S+x_nan\.npy has NaN or Inf .* in 2 row\(s\), the first row 3; clean it first$"),
+    ("f64-overflow", [], r"x_big\.npy has NaN or Inf \(or values too large for float32\) in 1 row"),
 ])
 def test_score_refuses_bad_data_and_options(case, extra, match, tmp_path, capsys):
     _score_files(tmp_path)
@@ -697,6 +699,10 @@ def test_score_refuses_bad_data_and_options(case, extra, match, tmp_path, capsys
         np.save(labels := tmp_path / "y_sparse.npy", np.r_[np.arange(23) % 3, 10**6])
     elif case == "huge-data":
         np.save(data := tmp_path / "x_huge.npy", np.full((24, 4), 1e30, dtype=np.float32))
+    elif case in ("nan-data", "f64-overflow"):
+        x = np.load(data).astype(np.float64)
+        x[[3, 7] if case == "nan-data" else [5], 1] = np.nan if case == "nan-data" else 1e300
+        np.save(data := tmp_path / ("x_nan.npy" if case == "nan-data" else "x_big.npy"), x)
     out = tmp_path / "out.npy"
     method = [] if "--method" in extra else ["--method", "el2n"]
     with warnings.catch_warnings():

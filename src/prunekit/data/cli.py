@@ -344,9 +344,13 @@ def _inputs(args):
               f"{', ...' if empty.size > 5 else ''} of 0..{k - 1}; their columns will be near 0, and label-issues "
               "needs --allow-missing-classes (or remap the labels to 0..K-1 first)", file=sys.stderr)
     scale = 255.0 if x.dtype == np.uint8 else 1.0
-    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / scale)
-    if not torch.isfinite(x).all():
-        raise InputError("data has NaN or Inf (or values too large for float32); clean it before scoring")
+    with np.errstate(all="ignore"):  # NaN, Inf and float32 overflow are refused below, by file and row
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / scale)
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        rows = bad.reshape(x.shape[0], -1).any(1).nonzero()[:, 0]
+        raise InputError(f"data file {args.data} has NaN or Inf (or values too large for float32) in {len(rows)} "
+                         f"row(s), the first row {int(rows[0])}; clean it first")
     image = x.dim() in (3, 4) and tuple(x.shape[-2:]) == (28, 28)
     if args.model != "mlp" and x.dim() == 4 and tuple(x.shape[1:3]) == (28, 28) and not image:  # [N, 28, 28, C]
         raise InputError(f"data {tuple(x.shape)} looks like channels-last images; the builtin CNN takes [N, C, 28, "
