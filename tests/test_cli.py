@@ -1037,3 +1037,16 @@ def test_a_local_folder_named_like_the_zoo_model_is_the_folder(model_dir, tmp_pa
     assert path == tmp_path / "smollm2-135m" and resolve_model(path) == path
     model, _ = prunekit.load_model(path)
     assert model.config.hidden_size == json.loads((model_dir / "config.json").read_text())["hidden_size"]
+
+
+def test_an_error_quoting_a_multi_line_library_message_is_one_line(monkeypatch, capsys):
+    from prunekit.errors import InputError
+
+    def damaged(args):  # as a damaged SQLite store or parquet file is reported: the library's text has newlines
+        raise InputError("memory store m.db is damaged (*** in database main ***\nMain freelist: invalid page\n); "
+                         "restore it")
+
+    monkeypatch.setitem(cli.__dict__, "_cmd_methods", damaged)
+    assert cli.main(["methods"]) == 2
+    assert capsys.readouterr().err == ("prunekit: error: memory store m.db is damaged (*** in database main *** Main "
+                                       "freelist: invalid page ); restore it\n")

@@ -774,8 +774,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in _MODULES:
             return import_module(_MODULES[args.command]).run(args)
         return {"prune": _cmd_prune, "eval": _cmd_eval, "methods": _cmd_methods}[args.command](args)
-    except InputError as e:
-        print(f"prunekit: error: {_in_flags(str(e), _flags(parser, args))}", file=sys.stderr)
+    except InputError as e:  # one line: a library's text quoted in a message (pyarrow, SQLite) may hold newlines
+        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"prunekit: error: {_in_flags(text, _flags(parser, args))}", file=sys.stderr)
         return 2
     except _StdoutFailed as e:
         print(f"prunekit: error: could not write to standard output ({e}); what the command saved before that "
