@@ -913,6 +913,21 @@ def test_a_damaged_store_is_refused_on_open(tmp_path):
         Memory(db, embedder=HashEmbedder())
 
 
+@pytest.mark.parametrize("dim", ["{}", "x", "-3", "0"])
+def test_a_store_whose_recorded_width_is_not_a_number_is_named(tmp_path, capsys, dim):
+    db = tmp_path / "w.db"
+    Memory(db, embedder=HashEmbedder()).add("I like red cats")
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE meta SET value=? WHERE key='dim'", (dim,))
+    c.close()
+    before = db.read_bytes()
+    for argv in (["stats"], ["ask", "cats", "--no-mark"], ["add", "more"]):
+        assert main(["memory", argv[0], "--store", str(db), *argv[1:]]) == 2  # int() tracebacks before
+        err = capsys.readouterr().err
+        assert f"records its embedding width as '{dim}', not a whole number" in err and len(err.splitlines()) == 1
+    assert db.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["w.db"]
+
+
 def test_cli_forget_lists_what_it_removed_and_stats_loads_no_embedder(tmp_path, capsys, monkeypatch):
     db = str(tmp_path / "f.db")
     turns = tmp_path / "turns.jsonl"

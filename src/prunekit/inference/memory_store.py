@@ -285,7 +285,11 @@ class SQLiteStore(Store):
             self._db.executescript(f"BEGIN; {_SCHEMA} INSERT OR IGNORE INTO meta VALUES ('schema_version', "
                                    f"'{SCHEMA_VERSION}'); COMMIT;")
         self._in_tx = False
-        self._dim: int | None = int(self._meta("dim")) if self._meta("dim") else None
+        try:
+            self._dim: int | None = self._meta_dim()
+        except InputError:
+            self._db.close()
+            raise
         self._pending_add: list[tuple[list[int], np.ndarray]] = []
         self._pending_del: list[int] = []
         self._index_version: int | None = None  # data_version when the matrix was loaded; None = not loaded
@@ -356,6 +360,16 @@ class SQLiteStore(Store):
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
+    def _meta_dim(self) -> int | None:
+        """The embedding width the store recorded (None before its first chunk), which must be a whole number."""
+        dim = self._meta("dim")
+        if not dim:
+            return None
+        if not (isinstance(dim, str) and dim.isascii() and dim.isdigit() and int(dim) > 0):
+            raise InputError(f"memory store {self.path} records its embedding width as {str(dim)[:40]!r}, not a whole "
+                             "number: its meta table is damaged; restore the store from a copy")
+        return int(dim)
+
     def _need_tx(self) -> None:
         if not self._in_tx:
             raise RuntimeError("store writes must happen inside `with store.transaction():`")
@@ -394,15 +408,15 @@ class SQLiteStore(Store):
             if have is None:
                 self._dim = dim
                 return
-        if have == name and int(self._meta("dim")) == dim:
+        if have == name and self._meta_dim() == dim:
             self._dim = dim  # recorded by another store on this file after this one opened it
         else:
             raise InputError(f"{self.path} was built with embedder {have} ({self._meta('dim')}-d), not {name} ({dim}-d); "
                              f"open it with the same embedder (--embedder) or start a new store")
 
     def embedder(self) -> tuple[str | None, int | None]:
-        dim = self._meta("dim")  # as recorded now: another store may have recorded it since this one opened
-        return self._meta("embedder"), int(dim) if dim else None
+        # as recorded now: another store may have recorded it since this one opened
+        return self._meta("embedder"), self._meta_dim()
 
     def setting(self, key: str) -> str | None:
         return self._meta("setting." + key)
@@ -496,8 +510,8 @@ class SQLiteStore(Store):
                 or (self._in_tx and bool(self._pending_add or self._pending_del)))
 
     def _load_index(self) -> None:
-        if self._dim is None and self._meta("dim"):  # recorded by another store since this one opened the file
-            self._dim = int(self._meta("dim"))
+        if self._dim is None:  # recorded by another store since this one opened the file, or still None
+            self._dim = self._meta_dim()
         rows = self._db.execute("SELECT id, embedding FROM chunks ORDER BY id").fetchall()
         dim = self._dim or 0
         mat = np.empty((len(rows), dim), dtype=np.float32)  # [n, dim]
