@@ -281,3 +281,17 @@ def test_train_keep_file_order_does_not_change_the_run(tmp_path):
 
     (tmp_path / "down.csv").write_text("index,score\n" + "".join(f"{i},0.5\n" for i in (9, 3, 7, 0)))
     assert _read_kept(tmp_path / "down.csv", 10).tolist() == [0, 3, 7, 9]  # the rows' order decides no batch
+
+
+def test_a_npy_longer_than_its_header_says_is_refused(tmp_path):
+    from prunekit.data.io import read_array
+
+    np.save(tmp_path / "s.npy", np.linspace(0, 1, 120))
+    good = (tmp_path / "s.npy").read_bytes()
+    cut = len(good) - 8 * 60 + 3  # inside value 60: numpy read every later value shifted by a byte
+    (tmp_path / "bad.npy").write_bytes(good[:cut] + b"\0" + good[cut:])
+    assert np.load(tmp_path / "bad.npy").shape == (120,)  # numpy itself says nothing
+    with pytest.raises(InputError, match=r"bad\.npy is 1 byte\(s\) longer than its \.npy header describes "
+                                         r"\(float64 \[120\]\), so it is damaged"):
+        read_array(tmp_path / "bad.npy", what="scores", columns=1)
+    assert np.array_equal(read_array(tmp_path / "s.npy", what="scores", columns=1), np.linspace(0, 1, 120))

@@ -270,6 +270,11 @@ def _read_npy(path: Path, what: str) -> np.ndarray:
             raise InputError(f"{what} file {path} holds Python objects, which only unpickling reads; save numbers, "
                              f"or text as a string array (numpy.asarray(values, dtype=str)) ({e})") from None
         raise InputError(f"{what} file {path} is not a valid .npy file ({e}); write it again with numpy.save") from None
+    if isinstance(array, np.memmap):  # numpy reads a longer file without a word: bytes inserted shift every value
+        extra = path.stat().st_size - array.offset - array.nbytes
+        if extra:
+            raise InputError(f"{what} file {path} is {extra} byte(s) longer than its .npy header describes "
+                             f"({array.dtype} {list(array.shape)}), so it is damaged; write it again with numpy.save")
     return array
 
 
