@@ -965,6 +965,7 @@ def test_data_train_on_kept_examples_reports_held_out_accuracy(tmp_path, capsys)
     ((np.arange(240) % 2).astype(np.int64), "it looks like a 0/1 mask: save it as a boolean .npy"),
     (np.array([0, 5, 5]), "lists an example twice"),
     (np.array([0.5, 1.0]), "whole-number example indices"),
+    (np.arange(60) + 7j, "must hold real numbers, got complex128"),  # a ComplexWarning, then trained on np.arange(60)
     (np.zeros(10, bool), "boolean mask of shape"),
     (np.zeros(240, bool), "keeps no example"),
     (np.zeros(0, np.int64), "has no rows"),

@@ -681,11 +681,12 @@ def _cmd_qtune(args) -> int:
 def _read_kept(path, n: int) -> np.ndarray:
     """Sorted indices of the examples to keep out of `n`: a .npy of indices or a boolean mask [n], or a
     .csv/.parquet table whose ``index`` column (what `data select` writes) or single column holds them."""
-    from prunekit.data.io import read_named
+    from prunekit.data.io import check_real, read_named
     from prunekit.errors import InputError
 
     table, names = read_named(path, what="keep")
     table = np.asarray(table)
+    check_real(table, path, "keep")  # complex indices lost their imaginary parts with only a numpy warning
     if str(path).lower().endswith(".csv") and not names:  # pandas' Series.to_csv writes the header "0": an index?
         raise InputError(f"keep file {path} has no header row, so its first row could be a header (pandas writes "
                          "'0') or an index; give the column a header, index (data select writes one; pandas: "
