@@ -476,6 +476,19 @@ def test_cli_resume_continues_an_interrupted_sampling_run_to_the_same_paths(tmp_
     assert main([*base[:-3], "--seed", "5", "--quiet", "--out", str(out), "--resume"]) == 2  # not what was sampled
     assert "was sampled with other settings" in capsys.readouterr().err
     monkeypatch.setattr(sampling, "sample_question", real)
+    kept = partial.read_text()
+    head, first, second = kept.splitlines()
+    for damage, message in [(lambda r: r["paths"][0].update(logprobs="x"), "paths.jsonl.partial:3: path 0: "
+                             "\"logprobs\" must be a non-empty list of numbers"),
+                            (lambda r: r["paths"].pop(), "paths.jsonl.partial:3: 1 paths, not the 2 sampled ones"),
+                            (lambda r: r["paths"][1].pop("logprobs"), "not the 2 sampled ones with their log-probs")]:
+        record = json.loads(second)
+        damage(record)  # the run copied such a record into its output, which `reason OUT` then refused
+        partial.write_text(f"{head}\n{first}\n{json.dumps(record)}\n")
+        assert main([*base, "--out", str(out), "--resume"]) == 2 and not out.exists()
+        err = capsys.readouterr().err
+        assert message in err and "the progress file is damaged: remove it to start again" in err, err
+    partial.write_text(kept)
     assert main([*base, "--out", str(out), "--resume"]) == 0
     assert "resuming after 2 of 4 questions" in capsys.readouterr().err
     assert out.read_text() == (tmp_path / "plain.jsonl").read_text() and not partial.exists()

@@ -221,8 +221,19 @@ def _resume_from(partial: Path, args, questions: list[dict]) -> list[dict]:
     if head.get("settings") != _settings(args):
         raise InputError(f"{partial} was sampled with other settings ({head.get('settings')}); run with those, or "
                          "remove it to start again")
-    if len(records) > len(questions) or any(r.get("question") != q["question"] for r, q in zip(records, questions)):
+    if len(records) > len(questions) or any(not isinstance(r, dict) or r.get("question") != q["question"]
+                                            for r, q in zip(records, questions)):
         raise InputError(f"{partial} does not hold these questions; remove it to start again")
+    from prunekit.inference.reasoning import _parse
+
+    for i, record in enumerate(records):  # what the output will hold must read back (a damaged path was copied)
+        try:
+            parsed = _parse(record, partial, i + 2)
+        except InputError as e:
+            raise InputError(f"{e}; the progress file is damaged: remove it to start again") from None
+        if len(parsed.texts) != args.samples or any(lp is None for lp in parsed.logprobs):
+            raise InputError(f"{partial}:{i + 2}: {len(parsed.texts)} paths, not the {args.samples} sampled ones "
+                             "with their log-probs; the progress file is damaged: remove it to start again")
     if records:
         print(f"prunekit: note: resuming after {len(records)} of {len(questions)} questions kept in {partial}",
               file=sys.stderr)
