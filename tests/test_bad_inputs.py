@@ -133,6 +133,26 @@ def test_a_broken_generation_config_is_named_not_dropped(text, match, model_dir,
     assert digest(model_dir) == before and not out.exists()
 
 
+@pytest.mark.parametrize("shard, match", [
+    (None, "maps model.norm.weight to null, which is not a shard file of"),  # a TypeError traceback before
+    (3, "maps model.norm.weight to 3, which is not a shard file"),
+    ("../model.safetensors", 'maps model.norm.weight to "../model.safetensors", which is not a shard file'),
+    ("gone.safetensors", 'maps model.norm.weight to "gone.safetensors", which is not a shard file'),
+])
+def test_a_sharded_model_whose_index_names_no_shard_is_refused(shard, match, tmp_path, tok, text_file, capsys):
+    folder = tmp_path / "sharded"
+    tiny_model("llama").save_pretrained(folder, max_shard_size="100KB")
+    tok.save_pretrained(folder)
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    assert len(set(data["weight_map"].values())) > 1  # really sharded
+    assert cli.main(["eval", str(folder), "--text", str(text_file), "--seqlen", "32", "--tokens", "64",
+                     "--quiet"]) == 0
+    data["weight_map"]["model.norm.weight"] = shard
+    index.write_text(json.dumps(data))
+    refused(["eval", str(folder), "--text", str(text_file), "--seqlen", "32", "--tokens", "64"], capsys, match)
+
+
 def test_an_output_inside_the_input_model_folder_is_refused(model_dir, text_file, capsys):
     before = digest(model_dir)
     out = model_dir / "pruned"

@@ -287,6 +287,7 @@ def load_checked(name_or_path: str | os.PathLike, *, dtype=None, check_finite: b
     from safetensors import SafetensorError
 
     _check_layer_count(path, config)
+    _check_shard_index(path)
     try:
         with _held_load_report() as held:
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
@@ -358,6 +359,28 @@ def _check_layer_count(path: Path, config: dict) -> None:
     if indices and depth > max(indices) + 1:
         raise InputError(f"{path}/config.json describes {depth} layers but the weights hold {max(indices) + 1}; fix "
                          "num_hidden_layers (or save the model again with save_pretrained)")
+
+
+def _check_shard_index(path: Path) -> None:
+    """A sharded folder's index maps each tensor name to a shard file of the folder (a null or a number in it was
+    a TypeError traceback from transformers)."""
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            index = json.loads(file.read_text())
+        except (OSError, ValueError, RecursionError) as e:
+            raise InputError(f"{file} is not valid JSON ({type(e).__name__}: {str(e)[:120]}); save the model again "
+                             "with save_pretrained") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(f"{file} has no weight_map of tensor names to shard files; save the model again with "
+                             "save_pretrained")
+        for tensor, shard in weight_map.items():
+            if not (isinstance(shard, str) and shard and Path(shard).name == shard and (path / shard).is_file()):
+                raise InputError(f"{file} maps {tensor} to {json.dumps(shard)[:80]}, which is not a shard file of "
+                                 f"{path}; fix the index or save the model again with save_pretrained")
 
 
 def read_config(path: Path) -> dict:
