@@ -153,6 +153,27 @@ def test_a_sharded_model_whose_index_names_no_shard_is_refused(shard, match, tmp
     refused(["eval", str(folder), "--text", str(text_file), "--seqlen", "32", "--tokens", "64"], capsys, match)
 
 
+@pytest.mark.parametrize("template, match", [
+    ("{% for m in messages %}{{ m.content }}{% endfor", "(TemplateSyntaxError: unexpected end of template"),
+    ('{{ raise_exception("no system turns") }}', "(TemplateError: no system turns)"),
+    ("{{ messages[5].content }}", "(UndefinedError: list object has no element 5)"),
+    (5, "(TypeError: Can't compile non template nodes)"),
+])
+def test_a_chat_template_that_fails_is_named(template, match, model_dir, tmp_path, capsys):
+    # each of these was a jinja2 traceback (exit 1) from generate --chat, reason, memory ask and qtune
+    cfg_file = model_dir / "tokenizer_config.json"
+    cfg_file.write_text(json.dumps(dict(json.loads(cfg_file.read_text()), chat_template=template)))
+    err = refused(["generate", str(model_dir), "--prompt", "hi", "--chat", "--kv", "full", "--max-new-tokens", "2",
+                   "--quiet"],
+                  capsys, match)
+    assert err.startswith("prunekit: error: the tokenizer's chat_template fails on a 1-message conversation")
+    assert err.endswith("fix chat_template in the model's tokenizer_config.json (or chat_template.jinja)")
+    from prunekit.data import sft
+
+    with pytest.raises(InputError, match="chat_template fails"):
+        sft.prompt_text(prunekit.load_model(model_dir)[1], "Add 1 and 2.")
+
+
 def test_an_output_inside_the_input_model_folder_is_refused(model_dir, text_file, capsys):
     before = digest(model_dir)
     out = model_dir / "pruned"

@@ -12,7 +12,7 @@ from numbers import Integral, Real
 from pathlib import Path
 
 __all__ = ["InputError", "int_at_least", "is_real", "check_model", "hidden_name", "check_output_name", "check_writable",
-           "check_not_input", "apply_umask", "with_autograd", "module_modes", "restore_modes"]
+           "check_not_input", "apply_umask", "with_autograd", "module_modes", "restore_modes", "apply_chat_template"]
 
 
 class InputError(ValueError):
@@ -229,3 +229,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def apply_chat_template(tokenizer, messages: list[dict], **kwargs):
+    """``tokenizer.apply_chat_template(messages, **kwargs)``, with a template that fails (a Jinja syntax error,
+    an exception the template raises itself, a field it reads that is not there, a template that is not text)
+    turned into an InputError that names the template: it is the model folder's to fix."""
+    try:
+        from jinja2.exceptions import TemplateError
+    except ImportError:  # transformers cannot render a template without jinja2 either
+        TemplateError = TypeError
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except (TemplateError, TypeError) as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise InputError(f"the tokenizer's chat_template fails on a {len(messages)}-message conversation "
+                         f"({type(e).__name__}: {text[:200]}); fix chat_template in the model's tokenizer_config.json "
+                         "(or chat_template.jinja)") from None

@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import InputError, check_model, int_at_least, is_real, with_autograd, module_modes, restore_modes
+from prunekit.errors import (InputError, apply_chat_template, check_model, int_at_least, is_real, module_modes,
+                             restore_modes, with_autograd)
 from prunekit.speed import forward_takes
 from prunekit.weights.io import check_finite_weights
 
@@ -227,8 +228,8 @@ def read_sft(path: str | os.PathLike) -> list[dict]:
 def prompt_text(tokenizer, instruction: str) -> str:
     """The prompt a model sees: its chat template's user turn + generation prompt, or a plain layout."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
-                                             add_generation_prompt=True)
+        return apply_chat_template(tokenizer, [{"role": "user", "content": instruction}], tokenize=False,
+                                   add_generation_prompt=True)
     return _FALLBACK.format(instruction=instruction)
 
 

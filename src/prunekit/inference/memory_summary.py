@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from prunekit.errors import InputError
+from prunekit.errors import InputError, apply_chat_template
 
 __all__ = ["Summarizer", "ExtractiveSummarizer", "LMSummarizer", "chat_generate", "split_sentences"]
 
@@ -106,7 +106,8 @@ def chat_ids(tokenizer, user: str, *, system: str | None = None):
     default system prompt; plain text if it has none)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = apply_chat_template(tokenizer, messages, add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
         return ids["input_ids"]  # [1, seq]
     return tokenizer(((system + "\n\n") if system else "") + user + "\n", return_tensors="pt")["input_ids"]
 

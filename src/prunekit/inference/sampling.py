@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from prunekit import jsonl
-from prunekit.errors import InputError, apply_umask, follow_link, hidden_name, place_file
+from prunekit.errors import InputError, apply_chat_template, apply_umask, follow_link, hidden_name, place_file
 
 __all__ = ["DEFAULT_INSTRUCTION", "extract_answer", "build_prompt", "sample_paths", "sample_question"]
 
@@ -101,7 +101,7 @@ def build_prompt(tokenizer, question: str, *, instruction: str | None = DEFAULT_
         for q, a in examples:
             messages += [{"role": "user", "content": user(q)}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": user(question)})
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return apply_chat_template(tokenizer, messages, add_generation_prompt=True, tokenize=False)
     head = f"{instruction}\n\n" if instruction else ""
     shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in examples)
     return f"{head}{shots}Question: {question}\nAnswer:"

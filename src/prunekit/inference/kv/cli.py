@@ -79,7 +79,7 @@ def run(args) -> int:
     from transformers import DynamicCache
 
     import prunekit
-    from prunekit.errors import InputError, int_at_least
+    from prunekit.errors import InputError, apply_chat_template, int_at_least
     from prunekit.inference import kv
     from prunekit.weights.io import resolve_model
 
@@ -123,8 +123,8 @@ def run(args) -> int:
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise InputError(f"{args.model}'s tokenizer has no chat template; drop --chat")
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
+        ids = apply_chat_template(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
     from prunekit.text import check_vocab
