@@ -118,7 +118,7 @@ def test_config_sizes_are_whole_numbers_of_at_least_one(change, match, model_dir
     ("[2]", "holds a JSON list, not an object"),
     ('{"output_hidden_states": "yes"}', 'gives "output_hidden_states": "yes"; it must be true or false'),
     ('{"eos_token_id": [2, 1e40]}', 'gives "eos_token_id": [2, 1e+40]; it must be a token id'),
-    ('{"bos_token_id": 100000}', "from 0 to the vocabulary size - 1 (127)"),
+    ('{"bos_token_id": -1}', 'gives "bos_token_id": -1; it must be a token id (a whole number >= 0)'),
     ('{"max_new_tokens": -5}', 'gives "max_new_tokens": -5; it must be a whole number >= 0'),
     ('{"temperature": "hot"}', 'gives "temperature": "hot"; it must be a finite number >= 0'),
 ])
@@ -172,6 +172,15 @@ def test_a_chat_template_that_fails_is_named(template, match, model_dir, tmp_pat
 
     with pytest.raises(InputError, match="chat_template fails"):
         sft.prompt_text(prunekit.load_model(model_dir)[1], "Add 1 and 2.")
+
+
+def test_a_generation_config_with_ids_past_the_vocabulary_still_loads(model_dir):
+    # transformers only warns about them; tiny GPT-2s built from GPT2Config keep bos/eos 50256 with any vocabulary
+    (model_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": [50256, 2],
+                                                                  "do_sample": True, "temperature": 0.7,
+                                                                  "top_p": 0.9, "top_k": 50, "pad_token_id": None}))
+    model, _ = prunekit.load_model(model_dir)
+    assert model.generation_config.bos_token_id == 50256
 
 
 def test_an_output_inside_the_input_model_folder_is_refused(model_dir, text_file, capsys):

@@ -274,7 +274,7 @@ def load_checked(name_or_path: str | os.PathLike, *, dtype=None, check_finite: b
     _check_sizes(path, config)
     if WIDTHS_KEY not in config:  # AutoTokenizer validates config.json too, and its errors blamed the tokenizer
         _check_config(path)
-    _check_generation_config(path, config)
+    _check_generation_config(path)
     if tokenizer is None:
         tokenizer = (path / "tokenizer_config.json").is_file()
     tokenizer = _load_tokenizer(path) if tokenizer else None  # before the slow model load
@@ -457,7 +457,7 @@ def _check_sizes(path: Path, config: dict) -> None:
                                  "whole number >= 1. Fix config.json (or save the model again with save_pretrained)")
 
 
-def _check_generation_config(path: Path, config: dict) -> None:
+def _check_generation_config(path: Path) -> None:
     """The folder's generation_config.json, when it has one, is a JSON object whose common fields have the types
     transformers expects. transformers drops a file it cannot parse without a word (the model then generated
     without its stop tokens, and prune wrote a different file), and passes wrong types on to generate."""
@@ -472,10 +472,6 @@ def _check_generation_config(path: Path, config: dict) -> None:
                          "(transformers would ignore it, and with it the model's stop tokens)") from None
     if not isinstance(gen, dict):
         raise InputError(f"{where} holds a JSON {type(gen).__name__}, not an object; fix it or delete it")
-    vocab = config.get("vocab_size")
-    if not _whole(vocab) and isinstance(config.get("text_config"), dict):
-        vocab = config["text_config"].get("vocab_size")
-
     def bad(key, value, want):
         return InputError(f'{where} gives "{key}": {json.dumps(value)[:60]}; it must be {want}. Fix it or delete '
                           "the file")
@@ -483,12 +479,11 @@ def _check_generation_config(path: Path, config: dict) -> None:
     for key in _GEN_FLAGS:
         if gen.get(key) is not None and not isinstance(gen[key], bool):
             raise bad(key, gen[key], "true or false")
-    for key in _GEN_TOKENS:
+    for key in _GEN_TOKENS:  # past the vocabulary transformers only warns (tiny GPT-2s keep 50256): so do we
         value = gen.get(key)
         ids = value if isinstance(value, list) else [value]
-        if value is not None and not all(_whole(i) and i >= 0 and (not _whole(vocab) or i < vocab) for i in ids):
-            raise bad(key, value, "a token id (or a list of them) from 0 to the vocabulary size - 1"
-                      + (f" ({vocab - 1})" if _whole(vocab) else ""))
+        if value is not None and not all(_whole(i) and 0 <= i < 2**31 for i in ids):
+            raise bad(key, value, "a token id (a whole number >= 0) or a list of them")
     for key in _GEN_COUNTS:
         if gen.get(key) is not None and not (_whole(gen[key]) and gen[key] >= 0):
             raise bad(key, gen[key], "a whole number >= 0")
