@@ -118,7 +118,8 @@ def test_config_sizes_are_whole_numbers_of_at_least_one(change, match, model_dir
     ("[2]", "holds a JSON list, not an object"),
     ('{"output_hidden_states": "yes"}', 'gives "output_hidden_states": "yes"; it must be true or false'),
     ('{"eos_token_id": [2, 1e40]}', 'gives "eos_token_id": [2, 1e+40]; it must be a token id'),
-    ('{"bos_token_id": -1}', 'gives "bos_token_id": -1; it must be a token id (a whole number >= 0)'),
+    ('{"bos_token_id": 1.5}', 'gives "bos_token_id": 1.5; it must be a token id (a whole number)'),
+    ('{"length_penalty": NaN}', 'gives "length_penalty": NaN; it must be a finite number.'),
     ('{"max_new_tokens": -5}', 'gives "max_new_tokens": -5; it must be a whole number >= 0'),
     ('{"temperature": "hot"}', 'gives "temperature": "hot"; it must be a finite number >= 0'),
 ])
@@ -148,6 +149,11 @@ def test_a_sharded_model_whose_index_names_no_shard_is_refused(shard, match, tmp
     assert len(set(data["weight_map"].values())) > 1  # really sharded
     assert cli.main(["eval", str(folder), "--text", str(text_file), "--seqlen", "32", "--tokens", "64",
                      "--quiet"]) == 0
+    # Hub repos publish a .bin index beside the safetensors one; downloaded without the .bin shards it is unused
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: "pytorch_model-00001-of-00002.bin" for k in data["weight_map"]}}))
+    assert cli.main(["eval", str(folder), "--text", str(text_file), "--seqlen", "32", "--tokens", "64",
+                     "--quiet"]) == 0
     data["weight_map"]["model.norm.weight"] = shard
     index.write_text(json.dumps(data))
     refused(["eval", str(folder), "--text", str(text_file), "--seqlen", "32", "--tokens", "64"], capsys, match)
@@ -175,10 +181,12 @@ def test_a_chat_template_that_fails_is_named(template, match, model_dir, tmp_pat
 
 
 def test_a_generation_config_with_ids_past_the_vocabulary_still_loads(model_dir):
-    # transformers only warns about them; tiny GPT-2s built from GPT2Config keep bos/eos 50256 with any vocabulary
+    # transformers only warns about them; tiny GPT-2s built from GPT2Config keep bos/eos 50256 with any vocabulary,
+    # early LLaMA conversions pad with -1, and a negative length_penalty favours short beams
     (model_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": [50256, 2],
                                                                   "do_sample": True, "temperature": 0.7,
-                                                                  "top_p": 0.9, "top_k": 50, "pad_token_id": None}))
+                                                                  "top_p": 0.9, "top_k": 50, "pad_token_id": -1,
+                                                                  "num_beams": 4, "length_penalty": -1.0}))
     model, _ = prunekit.load_model(model_dir)
     assert model.generation_config.bos_token_id == 50256
 

@@ -924,7 +924,7 @@ def test_a_store_whose_recorded_width_is_not_a_number_is_named(tmp_path, capsys,
     for argv in (["stats"], ["ask", "cats", "--no-mark"], ["add", "more"]):
         assert main(["memory", argv[0], "--store", str(db), *argv[1:]]) == 2  # int() tracebacks before
         err = capsys.readouterr().err
-        assert f"records its embedding width as '{dim}', not a whole number" in err and len(err.splitlines()) == 1
+        assert f"records its embedding width as '{dim}', not a whole number >= 1" in err and len(err.splitlines()) == 1
     assert db.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["w.db"]
 
 

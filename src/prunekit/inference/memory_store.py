@@ -367,7 +367,7 @@ class SQLiteStore(Store):
             return None
         if not (isinstance(dim, str) and dim.isascii() and dim.isdigit() and int(dim) > 0):
             raise InputError(f"memory store {self.path} records its embedding width as {str(dim)[:40]!r}, not a whole "
-                             "number: its meta table is damaged; restore the store from a copy")
+                             "number >= 1: its meta table is damaged; restore the store from a copy")
         return int(dim)
 
     def _need_tx(self) -> None:

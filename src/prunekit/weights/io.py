@@ -364,10 +364,11 @@ def _check_layer_count(path: Path, config: dict) -> None:
 def _check_shard_index(path: Path) -> None:
     """A sharded folder's index maps each tensor name to a shard file of the folder (a null or a number in it was
     a TypeError traceback from transformers)."""
+    safetensors = (path / "model.safetensors.index.json").is_file() or (path / "model.safetensors").is_file()
     for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         file = path / name
-        if not file.is_file():
-            continue
+        if not file.is_file() or (name.startswith("pytorch") and safetensors):
+            continue  # transformers loads the safetensors; a .bin index beside them (Hub repos keep both) is unused
         try:
             index = json.loads(file.read_text())
         except (OSError, ValueError, RecursionError) as e:
@@ -440,7 +441,7 @@ _GEN_FLAGS = ("do_sample", "use_cache", "output_attentions", "output_hidden_stat
 _GEN_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 _GEN_COUNTS = ("max_length", "max_new_tokens", "min_length", "min_new_tokens", "top_k", "num_beams",
                "num_return_sequences")
-_GEN_NUMBERS = ("temperature", "top_p", "typical_p", "repetition_penalty", "length_penalty")
+_GEN_NUMBERS = ("temperature", "top_p", "typical_p", "repetition_penalty")  # and length_penalty, of any sign
 
 
 def _whole(value) -> bool:
@@ -479,19 +480,19 @@ def _check_generation_config(path: Path) -> None:
     for key in _GEN_FLAGS:
         if gen.get(key) is not None and not isinstance(gen[key], bool):
             raise bad(key, gen[key], "true or false")
-    for key in _GEN_TOKENS:  # past the vocabulary transformers only warns (tiny GPT-2s keep 50256): so do we
-        value = gen.get(key)
+    for key in _GEN_TOKENS:  # past the vocabulary or negative transformers only warns (tiny GPT-2s keep 50256,
+        value = gen.get(key)  # early LLaMA conversions pad with -1): so do we
         ids = value if isinstance(value, list) else [value]
-        if value is not None and not all(_whole(i) and 0 <= i < 2**31 for i in ids):
-            raise bad(key, value, "a token id (a whole number >= 0) or a list of them")
+        if value is not None and not all(_whole(i) and -2**31 <= i < 2**31 for i in ids):
+            raise bad(key, value, "a token id (a whole number) or a list of them")
     for key in _GEN_COUNTS:
         if gen.get(key) is not None and not (_whole(gen[key]) and gen[key] >= 0):
             raise bad(key, gen[key], "a whole number >= 0")
-    for key in _GEN_NUMBERS:
+    for key in (*_GEN_NUMBERS, "length_penalty"):  # a negative length_penalty favours short beams
         value = gen.get(key)
         if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                      and math.isfinite(value) and value >= 0):
-            raise bad(key, value, "a finite number >= 0")
+                                      and math.isfinite(value) and (value >= 0 or key == "length_penalty")):
+            raise bad(key, value, "a finite number" + (" >= 0" if key != "length_penalty" else ""))
 
 
 def _check_config(path: Path) -> None:
