@@ -782,12 +782,34 @@ def test_depth_bench_out_folder_takes_the_results_and_the_report(tmp_path, monke
 
 
 @pytest.mark.integration
+def test_every_other_without_recovery_reads_no_calibration(lm_dir, calib, tmp_path, capsys):
+    # it loaded wiki in 512-token windows anyway: refused for a model of fewer positions; the flags changed nothing
+    cfg = json.loads((lm_dir / "config.json").read_text())
+    (lm_dir / "config.json").write_text(json.dumps(dict(cfg, max_position_embeddings=128)))
+    out = tmp_path / "eo"
+    assert main(["prune", str(lm_dir), "--method", "every-other", "--layers", "2", "--no-speed", "--quiet",
+                 "--out", str(out)]) == 0
+    meta = json.loads((out / "prunekit.json").read_text())
+    assert meta["calibration"] is None and meta["kept_layers"] == [0, 3]
+    capsys.readouterr()
+    assert main(["prune", str(lm_dir), "--method", "every-other", "--layers", "2", "--calib", str(calib), "--samples",
+                 "8", "--seed", "1", "--no-speed", "--quiet", "--out", str(tmp_path / "x")]) == 0
+    assert ("note: every-other keeps a fixed pattern and reads no calibration without --recover; --calib, --samples, "
+            "--seed unused") in capsys.readouterr().err
+    assert json.loads((tmp_path / "x" / "prunekit.json").read_text())["calibration"] is None
+    assert main(["prune", str(lm_dir), "--method", "every-other", "--layers", "2", "--calib", str(calib),
+                 "--samples", "8", "--seqlen", "32", "--recover", "lora", "--recover-steps", "1", "--no-speed",
+                 "--quiet", "--out", str(tmp_path / "rec")]) == 0  # recovery trains on the calibration text
+    assert json.loads((tmp_path / "rec" / "prunekit.json").read_text())["calibration"]["samples"] == 8
+
+
 def test_every_other_on_smollm2_exports_a_15_layer_model_that_reloads_identically(tmp_path):
     out = tmp_path / "d15"
-    assert main(["prune", "smollm2-135m", "--method", "every-other", "--layers", "15", "--samples", "4",
-                 "--seqlen", "64", "--no-speed", "--out", str(out), "--quiet"]) == 0
+    assert main(["prune", "smollm2-135m", "--method", "every-other", "--layers", "15", "--no-speed", "--out",
+                 str(out), "--quiet"]) == 0
     meta = json.loads((out / "prunekit.json").read_text())
     assert meta["kept_layers"] == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 29] and meta["speed"] is None
+    assert meta["calibration"] is None  # a fixed pattern without recovery reads no text
     import prunekit
 
     model, tok = prunekit.load_model(out)

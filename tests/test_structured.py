@@ -592,6 +592,16 @@ def test_multi_head_attention_says_once_that_heads_cannot_go(tmp_path, capsys):
     assert "multi-head attention); head pruning removes query heads within a KV group" in captured.err
     assert "load with plain transformers or prunekit.load" in captured.out  # uniform widths: it named prunekit.load
     assert "| text | windows x seqlen = tokens |" in captured.out  # weight and depth pruning print this table
+    # calibration it never reads: the windows were cut and recorded as if used, the weights identical
+    assert main(["prune", str(folder), "--method", "magnitude-structured", "--ratio", "0.2", "--out",
+                 str(tmp_path / "cal"), "--no-speed", "--quiet", "--calib", str(tmp_path / "text.txt"), "--seed",
+                 "7"]) == 0
+    assert "note: magnitude-structured ranks units by their weights alone; --calib, --seed unused" in \
+        capsys.readouterr().err
+    meta = json.loads((tmp_path / "cal" / "prunekit.json").read_text())
+    assert meta["calibration"] is None and meta["samples"] == 0
+    weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("cal", "out")]
+    assert weights[0] == weights[1]
 
 
 def test_structured_pruning_leaves_the_callers_global_rng_alone():

@@ -118,6 +118,22 @@ def _check_depth(args, depth) -> None:
         prunekit.depth.parse_groups(args.group, depth=depth, kept=args.layers)
 
 
+def _dataless(args) -> bool:
+    """every-other without recovery reads no calibration (its pattern is fixed), and says so of calibration flags
+    given. (It cut the default 512-token wiki windows anyway, refused for a model of fewer positions, and recorded
+    the flags as if used.)"""
+    from prunekit.cli import _given
+
+    if args.method != "every-other" or args.recover != "none":
+        return False
+    flags = (["--calib"] if args.calib is not None else []) + [
+        f for f in ("--samples", "--seqlen", "--seed", "--batch-size") if _given(args, f)]
+    if flags:
+        print(f"prunekit: note: every-other keeps a fixed pattern and reads no calibration without --recover; "
+              f"{', '.join(flags)} unused", file=sys.stderr)
+    return True
+
+
 def _validate(args):
     import prunekit
     from pathlib import Path
@@ -132,7 +148,7 @@ def _validate(args):
     config = read_config(path)
     refuse_composite(config, "depth pruning")  # before the load: it was refused after the selection work
     _check_depth(args, config_depth(config))  # GPT-2's n_layer, GPT-Neo's num_layers: the check was skipped
-    calib = prunekit.load_text(args.calib or "wiki", purpose="calibration")
+    calib = None if _dataless(args) else prunekit.load_text(args.calib or "wiki", purpose="calibration")
     evals = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals}
     return path, calib, eval_texts, options
@@ -199,14 +215,20 @@ def run_prune(args) -> int:
     if args.recover in ("lora", "kd") and not has_linear(find_blocks(model)[1]):
         raise InputError(f"--recover {args.recover} puts LoRA on the blocks' nn.Linear layers and these blocks have "
                          "none (GPT-2's are Conv1D); use --recover full")
-    ids = prunekit.calibration_ids(tok, calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed)
-    check_token_ids(model, ids, what="calibration text")
-    target = depth.causal_lm_target(model, ids, batch_size=args.batch_size)
+    target = None
+    if calib is not None:
+        ids = prunekit.calibration_ids(tok, calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed)
+        check_token_ids(model, ids, what="calibration text")
+        target = depth.causal_lm_target(model, ids, batch_size=args.batch_size)
     evaluation = eval_dense(model, tok, eval_texts, args, progress)
-    dense_layers = target.depth
+    dense_layers = len(find_blocks(model)[1])
     start = time.perf_counter()
-    keep, info = depth.select_blocks(target, args.method, kept=args.layers, groups=args.group, steps=args.learn_steps,
-                                     candidates=args.candidates, seed=args.seed, progress=progress, **options)
+    if target is None:  # every-other without recovery
+        keep, info = depth.every_other(dense_layers, kept=args.layers), {}
+    else:
+        keep, info = depth.select_blocks(target, args.method, kept=args.layers, groups=args.group,
+                                         steps=args.learn_steps, candidates=args.candidates, seed=args.seed,
+                                         progress=progress, **options)
     seconds = time.perf_counter() - start  # the block selection's (recovery's is its own)
     teacher = copy.deepcopy(model) if args.recover == "kd" else None
     pattern, skip = _recorded_if_readable(Path(path))
@@ -238,8 +260,8 @@ def run_prune(args) -> int:
         "model": str(args.model), "input": _provenance(args.model), "method": args.method, "domain": "depth",
         "dense_layers": dense_layers,
         "kept_layers": kept, "removed_layers": [i for i in range(dense_layers) if i not in kept],
-        "calibration": {**calib.describe(), "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed,
-                        "batch_size": args.batch_size},
+        "calibration": None if calib is None else {**calib.describe(), "samples": args.samples, "seqlen": args.seqlen,
+                                                   "seed": args.seed, "batch_size": args.batch_size},
         "method_info": info, "recovery": recovery, "evaluation": evaluation, "speed": speed,
         "input_zeros": zeros,  # a sparse input's zeros: how many recovery kept
         # an N:M pattern the blocks still keep, so `eval` checks it as it did the input's

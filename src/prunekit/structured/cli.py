@@ -82,6 +82,11 @@ def run_prune(args) -> int:
         if _given(args, flag):
             raise InputError(f"{flag} sets the calibration, and {args.method} uses none unless --calib is given; "
                              "leave it out or give --calib TEXT")
+    if args.method == "magnitude-structured" and (calib is not None or _given(args, "--seed")):
+        flags = (["--calib"] if calib is not None else []) + (["--seed"] if _given(args, "--seed") else [])
+        print(f"prunekit: note: magnitude-structured ranks units by their weights alone; {', '.join(flags)} unused",
+              file=sys.stderr)  # the windows were cut and recorded as if used
+        calib = None
     calib_text = prunekit.load_text(calib, purpose="calibration") if calib else None
     progress = not args.quiet
     saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
