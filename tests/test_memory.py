@@ -948,6 +948,13 @@ def test_cli_forget_lists_what_it_removed_and_stats_loads_no_embedder(tmp_path, 
     assert {g["turn"] for g in out["forgotten"]} == {0, 1, 2, 3, 4}  # the oldest, none retrieved
     assert main(["memory", "forget", "--store", db, "--log"]) == 0
     assert capsys.readouterr().out.startswith("5 chunk(s) forgotten so far; 15 chunks in the index")
+    assert main(["memory", "forget", "--store", db, "--log", "--fraction", "0.9"]) == 2  # forgot nothing, exit 0
+    assert "--log only lists what earlier passes forgot, and --fraction sizes a pass" in capsys.readouterr().err
+    assert main(["memory", "stats", "--store", db, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["chunks"] == 15
+    assert main(["memory", "add", "--store", db, "--embedder", "hash", "--jsonl", str(turns), "--role",
+                 "assistant"]) == 2  # the lines' own roles were stored, --role unused
+    assert "--role sets the speaker of TEXT; each --jsonl line names its own" in capsys.readouterr().err
     assert main(["memory", "stats", "--store", db]) == 0
     printed = capsys.readouterr().out
     assert "forgotten: 5" in printed and "forgetting: no periodic pass; no cap on the chunks" in printed

@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
 
     add = msub.add_parser("add", help="append turns to the memory")
     add.add_argument("text", nargs="?", default=None, help="the turn's text (or use --jsonl)")
-    add.add_argument("--role", default="user", help="speaker of TEXT (default user)")
+    add.add_argument("--role", default=None, help="speaker of TEXT (default user)")
     add.add_argument("--jsonl", default=None, metavar="FILE", help="turns, one JSON object {role, content} per line")
     # forgetting options: a store records the ones given, and later commands use them unless given again
     add.add_argument("--forget-every", type=int, default=None,
@@ -138,8 +138,10 @@ def _turns(args) -> list:
 
     if (args.text is None) == (args.jsonl is None):
         raise InputError("give the turn's text or --jsonl FILE (one of them)")
+    if args.jsonl is not None and args.role is not None:  # each line's own role was stored; --role went unused
+        raise InputError("--role sets the speaker of TEXT; each --jsonl line names its own \"role\"; leave --role out")
     if args.text is not None:
-        turn = {"role": args.role, "content": args.text}
+        turn = {"role": "user" if args.role is None else args.role, "content": args.text}
         Memory._turn(turn)
         return [turn]
     src = Path(args.jsonl).expanduser()
@@ -320,6 +322,9 @@ def _cmd_forget(args) -> int:
 
     if args.fraction is not None and not 0 < args.fraction <= 1:
         raise InputError(f"--fraction must be in (0, 1], got {args.fraction}")
+    if args.log and args.fraction is not None:  # --log forgets nothing: the fraction went unused
+        raise InputError("--log only lists what earlier passes forgot, and --fraction sizes a pass run now; leave "
+                         "one of them out")
     mem, settings = _open(args, create=False, readonly=args.log, embeds=False)
     try:
         if args.log:
