@@ -70,6 +70,14 @@ def test_compare_notes_texts_scored_differently_and_refuses_what_it_cannot_read(
     assert "has no prunekit.json" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a"), "--text", "wiki"]) == 2
     assert f"no run scored wiki; the runs scored {text_file}" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "a"), "--text", f"{text_file},{text_file}"]) == 2  # two equal columns
+    assert f"lists {text_file} twice; give each text once" in capsys.readouterr().err
+    again = str(tmp_path / "x" / ".." / "a")
+    (tmp_path / "x").mkdir()
+    assert main(["compare", str(tmp_path / "a"), again, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{tmp_path / 'a'} and {again} are one run folder: its row appears 2 times" in json.loads(out)["notes"]
+    assert "are one run folder" in err and len(json.loads(out)["rows"]) == 2
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "prunekit.json").write_text("[1]")
     assert main(["compare", str(tmp_path / "c")]) == 2

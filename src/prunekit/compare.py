@@ -213,17 +213,26 @@ def run(args) -> int:
     seen = list(dict.fromkeys(t for r in rows for t in r["evaluation"]))
     if args.text is not None:
         texts = [t.strip() for t in args.text.split(",") if t.strip()]
+        twice = [t for t in dict.fromkeys(texts) if texts.count(t) > 1]
+        if twice:  # it gave two identical columns and a note calling them "different spellings"
+            raise InputError(f"--text {args.text} lists {twice[0]} twice; give each text once")
         missing = [t for t in texts if t not in seen]
         if not texts or missing:
             raise InputError(f"--text {args.text}: no run scored {', '.join(missing) or 'that'}; the runs scored "
                              f"{', '.join(seen) or 'no text (run prune with --eval)'}")
     else:
         texts = seen
+    by_folder: dict = {}
+    for run in args.runs:  # one folder given twice (overlapping globs): its row is printed twice
+        by_folder.setdefault(Path(run).expanduser().resolve(), []).append(str(run))
+    twice = [f"{' and '.join(names)} are one run folder: its row appears {len(names)} times"
+             for names in by_folder.values() if len(names) > 1]
     if args.json:  # a script gating on the numbers is told when they do not compare, as a reader is
-        said = notes(rows, texts)
+        said = notes(rows, texts) + twice
         print(jsonl.dumps({"texts": texts, "rows": rows, "notes": said}))
     else:
         md, said = table(rows, texts)
+        said += twice
         print(md)
     for note in said:
         print(f"prunekit: note: {note}", file=sys.stderr)
