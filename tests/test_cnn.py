@@ -434,6 +434,10 @@ def test_cli_udfc_writes_a_loadable_model(saved, tmp_path, capsys):
     assert main(["cnn", "udfc", str(saved), "--ratio", "0.5", "--quantize", "pairs", "--out", str(plain)]) == 0
     assert "--quantize is used with --bits only; ignored" in capsys.readouterr().err
     assert json.loads((plain / "config.json").read_text())["metadata"]["quantize"] is None
+    # --ratio 0 removes nothing: the channel ranking and compensation flags were silently without effect
+    assert main(["cnn", "udfc", str(saved), "--ratio", "0", "--method", "merge", "--criterion", "l1", "--out",
+                 str(tmp_path / "zero")]) == 0
+    assert "--ratio 0 removes no channel, so --method and --criterion change nothing" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra", [["--ratio", "1.0"], ["--ratio", "-0.2"], ["--bits", "1"], ["--bits", "40"]])

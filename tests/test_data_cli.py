@@ -712,7 +712,7 @@ def test_score_refuses_bad_data_and_options(case, extra, match, tmp_path, capsys
     assert "outputs has" not in err and "k must" not in err
 
 
-def test_score_prototypes_on_memory_mapped_float64_embeddings_warns_nothing(tmp_path):
+def test_score_prototypes_on_memory_mapped_float64_embeddings_warns_nothing(tmp_path, capsys):
     _score_files(tmp_path)
     np.save(tmp_path / "emb.npy", np.random.default_rng(1).normal(size=(24, 5)))  # float64: mapped read-only
     out = tmp_path / "proto.npy"
@@ -722,6 +722,12 @@ def test_score_prototypes_on_memory_mapped_float64_embeddings_warns_nothing(tmp_
                      "--method", "prototypes", "--clusters", "3", "--embeddings", str(tmp_path / "emb.npy"),
                      "--out", str(out), "--quiet"]) == 0
     assert np.load(out).shape == (24,)
+    capsys.readouterr()
+    assert main(["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+                 "--method", "prototypes", "--clusters", "3", "--embeddings", str(tmp_path / "emb.npy"),
+                 "--model", "mlp", "--out", str(tmp_path / "p2.npy"), "--quiet"]) == 0
+    assert "--model is not used by --method prototypes with --embeddings" in capsys.readouterr().err
+    assert np.array_equal(np.load(tmp_path / "p2.npy"), np.load(out))
 
 
 def test_folder_named_like_a_file_and_negative_seed_refused(tmp_path, capsys):
@@ -957,6 +963,8 @@ def test_data_train_on_kept_examples_reports_held_out_accuracy(tmp_path, capsys)
     assert main([*args, "--keep", str(tmp_path / "keep.npy"), "--budget", "same-epochs"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 3
     assert main(args) == 0 and json.loads(capsys.readouterr().out)["kept"] == 240  # no --keep: all
+    assert main([*args, "--budget", "same-epochs"]) == 0  # the same run: it said nothing
+    assert "without --keep every example trains, so --budget same-epochs is the same run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("keep,match", [

@@ -182,6 +182,11 @@ def _cmd_udfc(args) -> int:
     _check_bits(args.bits)
     if args.bits is None and args.quantize != "all":  # nothing is quantized
         print("prunekit: note: --quantize is used with --bits only; ignored (no quantization)", file=sys.stderr)
+    unused = [f for f, dest, default in (("--method", "method", "udfc"), ("--criterion", "criterion", "l2"))
+              if getattr(args, dest) != default]
+    if args.ratio == 0 and unused:  # no channel is removed: nothing is ranked or compensated
+        print(f"prunekit: note: --ratio 0 removes no channel, so {' and '.join(unused)} change nothing; ignored",
+              file=sys.stderr)
     out = resnet.check_output_dir(args.out, overwrite=args.overwrite)
     check_not_input(out, resnet.testbed_folder() if args.model == "testbed" else args.model)  # the cache, too
     check_replaceable(out)  # before the work: --overwrite replaces earlier outputs only

@@ -133,8 +133,8 @@ def add_parser(sub) -> None:
                     "batch with --train")
     qt.add_argument("--train", action="store_true", help="fine-tune on the selection and save the model in OUT/model")
     qt.add_argument("--mode", choices=("static", "epoch", "batch"), default=None,
-                    help="with --train: static (the written selection), epoch (re-scored each epoch) or batch "
-                    "(re-scored per loaded batch, the paper's dynamic mode)")
+                    help="with --train: static (the written selection; the default), epoch (re-scored each epoch) or "
+                    "batch (re-scored per loaded batch, the paper's dynamic mode)")
     qt.add_argument("--epochs", type=int, default=None, help="with --train: epochs (default 1)")
     qt.add_argument("--lr", type=float, default=None, help="with --train: AdamW learning rate (default 2e-4)")
     qt.add_argument("--lora-rank", type=int, default=None,
@@ -396,6 +396,9 @@ def _check_score_options(args) -> list[str]:
         elif name not in used:  # a script looping over methods with one flag set: say so, do not stop
             how = f"--method {args.method}" + (" with --embeddings (no training)" if args.embeddings else "")
             notes.append(f"prunekit: note: {flag} is not used by {how}; ignored")
+    if args.embeddings and args.method == "prototypes" and args.model != "auto":  # no network is built
+        notes.append("prunekit: note: --model is not used by --method prototypes with --embeddings (no training); "
+                     "ignored")
     int_at_least(args.epochs, "--epochs", 1)
     int_at_least(args.batch_size, "--batch-size", 1)
     int_at_least(args.seed, "--seed", 0)
@@ -763,6 +766,9 @@ def _cmd_train(args) -> int:
     if int(y_test.max()) >= k:
         raise InputError(f"held-out label {int(y_test.max())} is a class the training labels never use (0..{k - 1})")
     kept = _read_kept(args.keep, len(y)) if args.keep is not None else np.arange(len(y))
+    if args.keep is None and args.budget != "same-steps":  # the budgets differ only for a subset
+        print(f"prunekit: note: without --keep every example trains, so --budget {args.budget} is the same run as "
+              "same-steps", file=sys.stderr)
     if len(kept) == 0:
         raise InputError(f"keep file {args.keep} keeps no example")
     n = len(y)
