@@ -711,6 +711,15 @@ def test_cli_generate(model_dir, tmp_path, capsys):
     assert cli.main(["generate", str(model_dir), "--prompt", "the licence text " * 4, "--kv", "snapkv", "--budget",
                      "24", "--max-new-tokens", "12", "--option", "window=8", "--every", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["cache_tokens_max"] <= 24  # --every 1: the budget exactly
+    # a budget that holds the whole sequence evicts nothing: the output was --kv full's, without a word
+    assert cli.main(["generate", str(model_dir), "--prompt", "the licence text " * 4, "--kv", "snapkv", "--budget",
+                     "80", "--max-new-tokens", "12", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert ("--budget 80 holds the whole sequence (prompt 68 + at most 12 new tokens), so --kv snapkv evicts nothing"
+            in err) and json.loads(out)["cache_tokens_max"] <= 80
+    assert cli.main(["generate", str(model_dir), "--prompt", "the licence text " * 4, "--kv", "snapkv", "--budget",
+                     "79", "--max-new-tokens", "12", "--json"]) == 0
+    assert "holds the whole sequence" not in capsys.readouterr().err
     bad = [
         ["--prompt", "hi", "--kv", "lru", "--budget", "8"],
         ["--prompt", "hi", "--kv", "h2o"],
@@ -747,7 +756,7 @@ def test_cli_generate(model_dir, tmp_path, capsys):
     assert 0 < full["prefill_seconds"] < full["seconds"] and full["decode_tokens_per_s"] > 0
     assert "--every is not used by --kv full" in captured.err and "--budget is not used by --kv full" in captured.err
     assert cli.main(["generate", str(model_dir), "--prompt", "hi", "--kv", "h2o", "--budget", "8", "--every", "2",
-                     "--max-new-tokens", "2", "--json"]) == 0
+                     "--max-new-tokens", "8", "--json"]) == 0  # 2 + 8 tokens: the budget of 8 evicts
     assert "note" not in capsys.readouterr().err
 
 

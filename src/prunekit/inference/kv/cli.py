@@ -157,6 +157,10 @@ def run(args) -> int:
                    f"a compressing step sees --budget {checked.budget} + {f'--every {step}' if step > 1 else 1} tokens")
             print(f"prunekit: note: --kv {args.kv} numbers positions within the cache, but {why}: positions up to "
                   f"{used - 1} pass the model's {limit}, so RoPE extrapolates there", file=sys.stderr)
+    if checked.compresses and checked.budget is not None and ids.shape[1] + args.max_new_tokens <= checked.budget:
+        print(f"prunekit: note: --budget {checked.budget} holds the whole sequence (prompt {ids.shape[1]} + at most "
+              f"{args.max_new_tokens} new tokens), so --kv {args.kv} evicts nothing: the output is --kv full's",
+              file=sys.stderr)
     cache = DynamicCache(config=model.config)
     generation = {k: v for k, v in sampling.items() if k != "seed"}
     if sampling["do_sample"]:
