@@ -563,8 +563,10 @@ def test_cli_trp_split_faster_keeps_slow_splits_whole(tmp_path, capsys):
     model = resnet.load_model(out)
     whole, split = set(meta["kept_whole"]), set(getattr(model, "lowrank", {}))
     assert meta["split"] == "faster" and not whole & split and whole | split == set(meta["ranks"])
-    said = capsys.readouterr().out  # it counted every decomposed layer, the ones kept whole included
+    said, err = capsys.readouterr()  # it counted every decomposed layer, the ones kept whole included
     assert (f"({len(split)} layers split)" in said) if split else "no layer split" in said
+    # 512 images are 4 steps: any --period from 4 up substituted once, at step 0, the same model without a word
+    assert "TRP substituted the truncated SVD once, at the first step: the run is no longer than --period 20" in err
     for name in whole:  # one conv, holding the rank the decomposition chose
         w = model.get_submodule(name).weight.detach().double()
         s = torch.linalg.svdvals(trp.to_matrix(w, "channel"))

@@ -133,6 +133,9 @@ def _train(args, trp_options: dict | None) -> int:
     seconds = time.perf_counter() - t0
     meta = {"trained": f"fashion-mnist, {len(xtr)} training images", "epochs": epochs, "seed": args.seed,
             "train_seconds": seconds}
+    if trp is not None and trp.substitutions == 1:  # any --period at least the run's length gave the same model
+        print(f"prunekit: note: TRP substituted the truncated SVD once, at the first step: the run is no longer "
+              f"than --period {args.period} steps; lower --period or train longer", file=sys.stderr)
     if trp is not None:
         meta["trp"] = dict(trp_options, accuracy_before_decomposition=tr.accuracy(model, xte, yte))
         meta["trp"]["ranks"] = trp.decompose()
