@@ -841,8 +841,6 @@ def test_flags_of_other_families_left_at_their_defaults_are_fine(model_dir, tmp_
          "uses none unless --calib is given"),
         (["--method", "magnitude", "--ratio", "0.3", "--seed", "3"], "--seed sets the calibration"),
         (["--method", "magnitude", "--ratio", "0.3", "--sequential", "layer"], "--sequential sets the calibration"),
-        (["--method", "magnitude-structured", "--ratio", "0.3", "--seqlen", "64"], "--seqlen sets the calibration, "
-         "and magnitude-structured uses none"),
         # --sequential layer forwards every sample at once; D-Pruner runs its own passes
         (["--method", "sparsegpt", "--ratio", "0.3", "--calib", "{text}", "--sequential", "layer", "--batch-size", "2"],
          "--batch-size sets the sequences per forward with --sequential block"),

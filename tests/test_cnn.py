@@ -438,6 +438,10 @@ def test_cli_udfc_writes_a_loadable_model(saved, tmp_path, capsys):
     assert main(["cnn", "udfc", str(saved), "--ratio", "0", "--method", "merge", "--criterion", "l1", "--out",
                  str(tmp_path / "zero")]) == 0
     assert "--ratio 0 removes no channel, so --method and --criterion change nothing" in capsys.readouterr().err
+    # with --bits, udfc still compensates the quantization error at ratio 0: --method is used, --criterion is not
+    assert main(["cnn", "udfc", str(saved), "--ratio", "0", "--bits", "4", "--method", "none", "--criterion", "l1",
+                 "--out", str(tmp_path / "zero4")]) == 0
+    assert "--ratio 0 removes no channel, so --criterion changes nothing; ignored" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra", [["--ratio", "1.0"], ["--ratio", "-0.2"], ["--bits", "1"], ["--bits", "40"]])

@@ -725,7 +725,7 @@ def test_score_prototypes_on_memory_mapped_float64_embeddings_warns_nothing(tmp_
     capsys.readouterr()
     assert main(["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
                  "--method", "prototypes", "--clusters", "3", "--embeddings", str(tmp_path / "emb.npy"),
-                 "--model", "mlp", "--out", str(tmp_path / "p2.npy"), "--quiet"]) == 0
+                 "--model", "cnn", "--out", str(tmp_path / "p2.npy"), "--quiet"]) == 0  # no shape check either
     assert "--model is not used by --method prototypes with --embeddings" in capsys.readouterr().err
     assert np.array_equal(np.load(tmp_path / "p2.npy"), np.load(out))
 
@@ -964,7 +964,10 @@ def test_data_train_on_kept_examples_reports_held_out_accuracy(tmp_path, capsys)
     assert json.loads(capsys.readouterr().out)["steps"] == 3
     assert main(args) == 0 and json.loads(capsys.readouterr().out)["kept"] == 240  # no --keep: all
     assert main([*args, "--budget", "same-epochs"]) == 0  # the same run: it said nothing
-    assert "without --keep every example trains, so --budget same-epochs is the same run" in capsys.readouterr().err
+    assert "every example trains (no --keep), so --budget same-epochs is the same run" in capsys.readouterr().err
+    np.save(tmp_path / "all.npy", np.ones(240, bool))
+    assert main([*args, "--keep", str(tmp_path / "all.npy"), "--budget", "same-epochs"]) == 0
+    assert "every example trains (the keep file keeps all), so --budget" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("keep,match", [

@@ -713,13 +713,17 @@ def test_cli_generate(model_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["cache_tokens_max"] <= 24  # --every 1: the budget exactly
     # a budget that holds the whole sequence evicts nothing: the output was --kv full's, without a word
     assert cli.main(["generate", str(model_dir), "--prompt", "the licence text " * 4, "--kv", "snapkv", "--budget",
-                     "80", "--max-new-tokens", "12", "--json"]) == 0
+                     "79", "--max-new-tokens", "12", "--json"]) == 0  # the 12th new token is never cached
     out, err = capsys.readouterr()
-    assert ("--budget 80 holds the whole sequence (prompt 68 + at most 12 new tokens), so --kv snapkv evicts nothing"
-            in err) and json.loads(out)["cache_tokens_max"] <= 80
+    assert ("--budget 79 holds the whole sequence (prompt 68 + at most 11 cached new tokens), so --kv snapkv evicts "
+            "nothing" in err) and json.loads(out)["cache_tokens_max"] == 79
     assert cli.main(["generate", str(model_dir), "--prompt", "the licence text " * 4, "--kv", "snapkv", "--budget",
-                     "79", "--max-new-tokens", "12", "--json"]) == 0
+                     "78", "--max-new-tokens", "12", "--json"]) == 0
     assert "holds the whole sequence" not in capsys.readouterr().err
+    assert cli.main(["generate", str(model_dir), "--prompt", "the licence text " * 4, "--kv", "delta", "--budget",
+                     "160", "--max-new-tokens", "12", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "so --kv delta attends to every key" in err and json.loads(out)["attended_fraction"] == 1.0
     bad = [
         ["--prompt", "hi", "--kv", "lru", "--budget", "8"],
         ["--prompt", "hi", "--kv", "h2o"],

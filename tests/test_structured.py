@@ -595,8 +595,8 @@ def test_multi_head_attention_says_once_that_heads_cannot_go(tmp_path, capsys):
     # calibration it never reads: the windows were cut and recorded as if used, the weights identical
     assert main(["prune", str(folder), "--method", "magnitude-structured", "--ratio", "0.2", "--out",
                  str(tmp_path / "cal"), "--no-speed", "--quiet", "--calib", str(tmp_path / "text.txt"), "--seed",
-                 "7"]) == 0
-    assert "note: magnitude-structured ranks units by their weights alone; --calib, --seed unused" in \
+                 "7", "--samples", "4"]) == 0
+    assert "note: magnitude-structured ranks units by their weights alone; --calib, --samples, --seed unused" in \
         capsys.readouterr().err
     meta = json.loads((tmp_path / "cal" / "prunekit.json").read_text())
     assert meta["calibration"] is None and meta["samples"] == 0

@@ -133,7 +133,7 @@ def _train(args, trp_options: dict | None) -> int:
     seconds = time.perf_counter() - t0
     meta = {"trained": f"fashion-mnist, {len(xtr)} training images", "epochs": epochs, "seed": args.seed,
             "train_seconds": seconds}
-    if trp is not None and trp.substitutions == 1:  # any --period at least the run's length gave the same model
+    if trp is not None and trp.substitutions == 1 and args.period > 1:  # any larger --period: the same model
         print(f"prunekit: note: TRP substituted the truncated SVD once, at the first step: the run is no longer "
               f"than --period {args.period} steps; lower --period or train longer", file=sys.stderr)
     if trp is not None:
@@ -185,11 +185,13 @@ def _cmd_udfc(args) -> int:
     _check_bits(args.bits)
     if args.bits is None and args.quantize != "all":  # nothing is quantized
         print("prunekit: note: --quantize is used with --bits only; ignored (no quantization)", file=sys.stderr)
+    # no channel is removed: nothing is ranked, and without --bits nothing is compensated (with --bits, udfc still
+    # corrects the quantization error)
     unused = [f for f, dest, default in (("--method", "method", "udfc"), ("--criterion", "criterion", "l2"))
-              if getattr(args, dest) != default]
-    if args.ratio == 0 and unused:  # no channel is removed: nothing is ranked or compensated
-        print(f"prunekit: note: --ratio 0 removes no channel, so {' and '.join(unused)} change nothing; ignored",
-              file=sys.stderr)
+              if getattr(args, dest) != default and (dest == "criterion" or args.bits is None)]
+    if args.ratio == 0 and unused:
+        print(f"prunekit: note: --ratio 0 removes no channel, so {' and '.join(unused)} "
+              f"{'changes' if len(unused) == 1 else 'change'} nothing; ignored", file=sys.stderr)
     out = resnet.check_output_dir(args.out, overwrite=args.overwrite)
     check_not_input(out, resnet.testbed_folder() if args.model == "testbed" else args.model)  # the cache, too
     check_replaceable(out)  # before the work: --overwrite replaces earlier outputs only

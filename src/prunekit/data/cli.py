@@ -399,6 +399,7 @@ def _check_score_options(args) -> list[str]:
     if args.embeddings and args.method == "prototypes" and args.model != "auto":  # no network is built
         notes.append("prunekit: note: --model is not used by --method prototypes with --embeddings (no training); "
                      "ignored")
+        args.model = "auto"  # and not checked against the data's shape either
     int_at_least(args.epochs, "--epochs", 1)
     int_at_least(args.batch_size, "--batch-size", 1)
     int_at_least(args.seed, "--seed", 0)
@@ -766,9 +767,9 @@ def _cmd_train(args) -> int:
     if int(y_test.max()) >= k:
         raise InputError(f"held-out label {int(y_test.max())} is a class the training labels never use (0..{k - 1})")
     kept = _read_kept(args.keep, len(y)) if args.keep is not None else np.arange(len(y))
-    if args.keep is None and args.budget != "same-steps":  # the budgets differ only for a subset
-        print(f"prunekit: note: without --keep every example trains, so --budget {args.budget} is the same run as "
-              "same-steps", file=sys.stderr)
+    if len(kept) == len(y) and args.budget != "same-steps":  # the budgets differ only for a subset
+        print(f"prunekit: note: every example trains ({'no --keep' if args.keep is None else 'the keep file keeps all'}"
+              f"), so --budget {args.budget} is the same run as same-steps", file=sys.stderr)
     if len(kept) == 0:
         raise InputError(f"keep file {args.keep} keeps no example")
     n = len(y)

@@ -77,16 +77,14 @@ def run_prune(args) -> int:
     check_replaceable(Path(args.out).expanduser())  # before the work: --overwrite replaces earlier outputs only
     evals_src = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
-    calib = args.calib if args.calib is not None else ("wiki" if args.method != "magnitude-structured" else None)
-    for flag in ("--samples", "--seqlen") if calib is None else ():
-        if _given(args, flag):
-            raise InputError(f"{flag} sets the calibration, and {args.method} uses none unless --calib is given; "
-                             "leave it out or give --calib TEXT")
-    if args.method == "magnitude-structured" and (calib is not None or _given(args, "--seed")):
-        flags = (["--calib"] if calib is not None else []) + (["--seed"] if _given(args, "--seed") else [])
-        print(f"prunekit: note: magnitude-structured ranks units by their weights alone; {', '.join(flags)} unused",
-              file=sys.stderr)  # the windows were cut and recorded as if used
+    calib = args.calib if args.calib is not None else "wiki"
+    if args.method == "magnitude-structured":  # it cut windows from a --calib and recorded them as if used
         calib = None
+        flags = (["--calib"] if args.calib is not None else []) + [
+            f for f in ("--samples", "--seqlen", "--seed") if _given(args, f)]
+        if flags:
+            print(f"prunekit: note: magnitude-structured ranks units by their weights alone; {', '.join(flags)} "
+                  "unused", file=sys.stderr)
     calib_text = prunekit.load_text(calib, purpose="calibration") if calib else None
     progress = not args.quiet
     saved_dtype, dtype_words = output_dtype(args.dtype, args.model)

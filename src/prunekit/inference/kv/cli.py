@@ -157,9 +157,11 @@ def run(args) -> int:
                    f"a compressing step sees --budget {checked.budget} + {f'--every {step}' if step > 1 else 1} tokens")
             print(f"prunekit: note: --kv {args.kv} numbers positions within the cache, but {why}: positions up to "
                   f"{used - 1} pass the model's {limit}, so RoPE extrapolates there", file=sys.stderr)
-    if checked.compresses and checked.budget is not None and ids.shape[1] + args.max_new_tokens <= checked.budget:
+    # the last new token is never fed back, so the cache holds at most prompt + new - 1 tokens
+    if checked.budget is not None and ids.shape[1] + args.max_new_tokens - 1 <= checked.budget:
+        what = "evicts nothing" if checked.compresses else "attends to every key"
         print(f"prunekit: note: --budget {checked.budget} holds the whole sequence (prompt {ids.shape[1]} + at most "
-              f"{args.max_new_tokens} new tokens), so --kv {args.kv} evicts nothing: the output is --kv full's",
+              f"{args.max_new_tokens - 1} cached new tokens), so --kv {args.kv} {what}: the output is --kv full's",
               file=sys.stderr)
     cache = DynamicCache(config=model.config)
     generation = {k: v for k, v in sampling.items() if k != "seed"}
