@@ -441,7 +441,7 @@ _GEN_FLAGS = ("do_sample", "use_cache", "output_attentions", "output_hidden_stat
 _GEN_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 _GEN_COUNTS = ("max_length", "max_new_tokens", "min_length", "min_new_tokens", "top_k", "num_beams",
                "num_return_sequences")
-_GEN_NUMBERS = ("temperature", "top_p", "typical_p", "repetition_penalty")  # and length_penalty, of any sign
+_GEN_NUMBERS = ("temperature", "top_p", "typical_p", "repetition_penalty", "length_penalty")
 
 
 def _whole(value) -> bool:
@@ -465,7 +465,7 @@ def _check_generation_config(path: Path) -> None:
     file = path / "generation_config.json"
     if not file.is_file():
         return
-    where = f"{file}"
+    where = str(file)
     try:
         gen = json.loads(file.read_text())
     except (OSError, ValueError, RecursionError) as e:
@@ -473,6 +473,7 @@ def _check_generation_config(path: Path) -> None:
                          "(transformers would ignore it, and with it the model's stop tokens)") from None
     if not isinstance(gen, dict):
         raise InputError(f"{where} holds a JSON {type(gen).__name__}, not an object; fix it or delete it")
+
     def bad(key, value, want):
         return InputError(f'{where} gives "{key}": {json.dumps(value)[:60]}; it must be {want}. Fix it or delete '
                           "the file")
@@ -480,15 +481,17 @@ def _check_generation_config(path: Path) -> None:
     for key in _GEN_FLAGS:
         if gen.get(key) is not None and not isinstance(gen[key], bool):
             raise bad(key, gen[key], "true or false")
-    for key in _GEN_TOKENS:  # past the vocabulary or negative transformers only warns (tiny GPT-2s keep 50256,
-        value = gen.get(key)  # early LLaMA conversions pad with -1): so do we
+    # token ids past the vocabulary, or negative, transformers only warns about (tiny GPT-2s keep 50256, early
+    # LLaMA conversions pad with -1): so they load here too
+    for key in _GEN_TOKENS:
+        value = gen.get(key)
         ids = value if isinstance(value, list) else [value]
         if value is not None and not all(_whole(i) and -2**31 <= i < 2**31 for i in ids):
             raise bad(key, value, "a token id (a whole number) or a list of them")
     for key in _GEN_COUNTS:
         if gen.get(key) is not None and not (_whole(gen[key]) and gen[key] >= 0):
             raise bad(key, gen[key], "a whole number >= 0")
-    for key in (*_GEN_NUMBERS, "length_penalty"):  # a negative length_penalty favours short beams
+    for key in _GEN_NUMBERS:  # a negative length_penalty favours short beams
         value = gen.get(key)
         if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
                                       and math.isfinite(value) and (value >= 0 or key == "length_penalty")):
