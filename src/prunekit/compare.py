@@ -225,14 +225,14 @@ def run(args) -> int:
     by_folder: dict = {}
     for run in args.runs:  # one folder given twice (overlapping globs): its row is printed twice
         by_folder.setdefault(Path(run).expanduser().resolve(), []).append(str(run))
-    twice = [f"{' and '.join(names)} are one run folder: its row appears {len(names)} times"
-             for names in by_folder.values() if len(names) > 1]
+    repeated = [f"{' and '.join(names)} are one run folder: its row appears {len(names)} times"
+                for names in by_folder.values() if len(names) > 1]
     if args.json:  # a script gating on the numbers is told when they do not compare, as a reader is
-        said = notes(rows, texts) + twice
+        said = notes(rows, texts) + repeated
         print(jsonl.dumps({"texts": texts, "rows": rows, "notes": said}))
     else:
         md, said = table(rows, texts)
-        said += twice
+        said += repeated
         print(md)
     for note in said:
         print(f"prunekit: note: {note}", file=sys.stderr)

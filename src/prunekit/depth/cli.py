@@ -126,8 +126,7 @@ def _dataless(args) -> bool:
 
     if args.method != "every-other" or args.recover != "none":
         return False
-    flags = (["--calib"] if args.calib is not None else []) + [
-        f for f in ("--samples", "--seqlen", "--seed", "--batch-size") if _given(args, f)]
+    flags = [f for f in ("--calib", "--samples", "--seqlen", "--seed", "--batch-size") if _given(args, f)]
     if flags:
         print(f"prunekit: note: every-other keeps a fixed pattern and reads no calibration without --recover; "
               f"{', '.join(flags)} unused", file=sys.stderr)

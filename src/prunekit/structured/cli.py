@@ -80,8 +80,7 @@ def run_prune(args) -> int:
     calib = args.calib if args.calib is not None else "wiki"
     if args.method == "magnitude-structured":  # it cut windows from a --calib and recorded them as if used
         calib = None
-        flags = (["--calib"] if args.calib is not None else []) + [
-            f for f in ("--samples", "--seqlen", "--seed") if _given(args, f)]
+        flags = [f for f in ("--calib", "--samples", "--seqlen", "--seed") if _given(args, f)]
         if flags:
             print(f"prunekit: note: magnitude-structured ranks units by their weights alone; {', '.join(flags)} "
                   "unused", file=sys.stderr)

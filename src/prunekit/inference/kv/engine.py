@@ -532,9 +532,10 @@ class Engine:
         scores = self.policy.score(view)  # [B, Hkv, n]
         if scores.shape != st.orig.shape:
             raise RuntimeError(f"policy {self.policy.name} scored {tuple(scores.shape)}, expected {tuple(st.orig.shape)}")
-        if bool(scores.isnan().any()):  # top-k would pick among NaNs by no rule at all
-            raise InputError(f"policy {self.policy.name} scored NaN for {int(scores.isnan().sum())} cached tokens in "
-                             f"layer {view.layer}; a score must be a number for every token (+inf keeps one)")
+        nan = scores.isnan()
+        if bool(nan.any()):  # top-k would pick among NaNs by no rule at all
+            raise InputError(f"policy {self.policy.name} scored NaN for {int(nan.sum())} cached tokens in layer "
+                             f"{view.layer}; a score must be a number for every token (+inf keeps one)")
         idx = scores.topk(target, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, m], original order
         gidx = idx[..., None].expand(-1, -1, -1, layer.keys.shape[-1])  # [B, Hkv, m, d]
         keys = layer.keys.gather(2, gidx)
