@@ -273,3 +273,23 @@ def test_modes_come_back_to_each_module_after_a_layer_is_deleted():
     model[0] = nn.Linear(2, 2)
     gc.collect()
     assert gone() is None
+
+
+def test_cli_quiet_disables_every_progress_bar_even_one_that_asks_for_itself(tmp_path, monkeypatch):
+    """`--quiet` only switched off transformers' and the hub's bars; one of prunekit's own that was not handed the
+    command's switch (the FID classifier's first training) printed anyway."""
+    import io
+
+    from tqdm import std
+
+    from prunekit import cli
+
+    argv = ["generate", str(tmp_path / "missing"), "--prompt", "hi", "--kv", "full", "--budget", "8"]
+    during = []
+    check = cli._check_utf8
+    monkeypatch.setattr(cli, "_check_utf8", lambda args: during.append(
+        std.tqdm(range(1), disable=False, file=io.StringIO()).disable) or check(args))
+    original = vars(std.tqdm)["__init__"]
+    assert cli.main(argv + ["--quiet"]) == 2 and during.pop() is True
+    assert vars(std.tqdm)["__init__"] is original
+    assert cli.main(argv) == 2 and during.pop() is False  # without --quiet the bar is its caller's to switch

@@ -325,3 +325,17 @@ def test_cli_dit_refuses_to_overwrite_a_foreign_folder_before_loading(tmp_path, 
                  "--quiet"]) == 2
     assert "that no prunekit command wrote" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_evaluate_dit_hands_its_progress_switch_to_the_classifier(monkeypatch):
+    # `prune DIT --eval fid --quiet` trained the FID classifier on first use with its bar on: 1,740 redraws in a log
+    asked = []
+    judge = small_cnn(num_classes=10)
+
+    def classifier(*, train_if_missing=True, progress=True):
+        asked.append(progress)
+        return judge.eval()
+
+    monkeypatch.setattr(F, "classifier", classifier)
+    out = D.evaluate_dit(_random_model(), n_per_class=1, steps=2, real=_images(4), progress=False)
+    assert asked == [False] and out["n"] == 10 and math.isfinite(out["fid"])

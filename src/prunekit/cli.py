@@ -751,9 +751,10 @@ def main(argv: list[str] | None = None) -> int:
 
     bars = contextlib.ExitStack()
     if getattr(args, "quiet", False):  # for this command only: a caller's process gets its bars back
-        from prunekit.weights.io import quiet_progress_bars
+        from prunekit.weights.io import quiet_progress_bars, silent_progress_bars
 
         bars.enter_context(quiet_progress_bars())
+        bars.enter_context(silent_progress_bars())
     elif not _is_terminal(sys.stderr) and not any(k.startswith("TQDM_") and k[5:].lower() == "mininterval"
                                                    for k in os.environ):  # a log (the variable as tqdm reads it)
         from prunekit.weights.io import sparse_progress_bars

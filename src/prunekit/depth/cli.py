@@ -356,7 +356,7 @@ def _run_dit(args) -> int:
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[: args.samples]
     target = dit.depth_target(model, images[pick], labels[pick], batch_size=args.batch_size, seed=args.seed)
     dense_layers = target.depth
-    evaluation = {"dense": dit.evaluate_dit(model, **DIT_EVAL)} if want_fid else None
+    evaluation = {"dense": dit.evaluate_dit(model, **DIT_EVAL, progress=progress)} if want_fid else None
     dense_copy = None if args.no_speed else copy.deepcopy(model)  # timed alternately with the pruned model below
     start = time.perf_counter()
     keep, info = depth.select_blocks(target, args.method, kept=args.layers, groups=args.group, steps=args.learn_steps,
@@ -377,7 +377,7 @@ def _run_dit(args) -> int:
     speed = None if dense_copy is None else dit.forward_speedup(dense_copy, model)
     del dense_copy
     if want_fid:
-        evaluation["pruned"] = dit.evaluate_dit(model, **DIT_EVAL)
+        evaluation["pruned"] = dit.evaluate_dit(model, **DIT_EVAL, progress=progress)
     meta = {
         "model": str(args.model), "kind": "dit", "method": args.method, "domain": "depth", "dense_layers": dense_layers,
         "kept_layers": kept, "removed_layers": [i for i in range(dense_layers) if i not in kept],

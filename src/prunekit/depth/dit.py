@@ -638,8 +638,9 @@ def pretrained_dit(config: DiTConfig | None = None, train_config: TrainConfig | 
 
 
 def evaluate_dit(model: DiT, *, n_per_class: int = 100, steps: int = 50, seed: int = 0, guidance: float = 1.0,
-                 real: torch.Tensor | None = None) -> dict:
-    """Sample ``n_per_class`` images of every class (DDIM, `steps`) and score them with the project classifier.
+                 real: torch.Tensor | None = None, progress: bool = True) -> dict:
+    """Sample ``n_per_class`` images of every class (DDIM, `steps`) and score them with the project classifier
+    (trained on first use, with a progress bar unless `progress` is false).
 
     Returns ``{"fid", "class_accuracy", "per_class" [K], "n", "steps", "guidance", "seconds"}``: ``fid`` is the
     Frechet distance between the classifier-feature Gaussians of the samples and of ``real`` (default: the
@@ -658,9 +659,10 @@ def evaluate_dit(model: DiT, *, n_per_class: int = 100, steps: int = 50, seed: i
     seconds = time.perf_counter() - start
     if real is None:
         real = fashion_images("test")[0]
-    acc = fidmod.class_accuracy(fake, labels)
-    return {"fid": fidmod.fid(real, fake), "class_accuracy": acc["accuracy"], "per_class": acc["per_class"],
-            "n": len(labels), "steps": steps, "guidance": guidance, "seconds": round(seconds, 2)}
+    judge = fidmod.classifier(progress=progress)
+    acc = fidmod.class_accuracy(fake, labels, model=judge)
+    return {"fid": fidmod.fid(real, fake, model=judge), "class_accuracy": acc["accuracy"],
+            "per_class": acc["per_class"], "n": len(labels), "steps": steps, "guidance": guidance, "seconds": round(seconds, 2)}
 
 
 def depth_target(model: DiT, images: torch.Tensor, labels, *, batch_size: int = 32, seed: int = 0):

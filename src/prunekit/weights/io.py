@@ -58,37 +58,59 @@ def quiet_progress_bars():
 
 
 LOG_BAR_SECONDS = 10.0  # how often a progress bar redraws when stderr is not a terminal (a log file, CI)
-_BARS = {"lock": threading.Lock(), "depth": 0, "original": None}  # sparse_progress_bars' nesting, across threads
+# the tqdm patch's state, across threads: the active changes to a new bar's arguments, and tqdm's own __init__
+_BARS = {"lock": threading.Lock(), "changes": [], "original": None}
 
 
 @contextlib.contextmanager
-def sparse_progress_bars(seconds: float = LOG_BAR_SECONDS):
-    """Progress bars (prunekit's, transformers', the hub's: every tqdm) redraw at most every `seconds` inside,
-    unless a call sets its own interval (the CLI does not enter this when ``TQDM_MININTERVAL`` is set); tqdm is
-    patched on the first entry and restored on the last exit (commands in several threads may overlap), and a bar
-    another thread makes meanwhile is slowed too. For a stderr that is not a terminal: at tqdm's 0.1 s a log got
-    up to ten carriage-return updates a second."""
+def _bars_changed(change):
+    """Every tqdm made inside (prunekit's, transformers', the hub's) gets ``change(args, kwargs)`` applied to its
+    arguments first; tqdm is patched on the first entry and restored on the last exit (commands in several threads
+    may overlap), and a bar another thread makes meanwhile is changed too."""
     from tqdm import std
 
     with _BARS["lock"]:
-        if _BARS["depth"] == 0:
+        if not _BARS["changes"]:
             original = _BARS["original"] = vars(std.tqdm)["__init__"]  # a partialmethod (TQDM_* defaults)
 
             def init(self, *args, **kwargs):
-                if len(args) <= 6:  # mininterval is the seventh positional parameter
-                    kwargs.setdefault("mininterval", seconds)
+                for each in list(_BARS["changes"]):
+                    each(args, kwargs)
                 return original.__get__(self, type(self))(*args, **kwargs)
 
             std.tqdm.__init__ = init
-        _BARS["depth"] += 1
+        _BARS["changes"].append(change)
     try:
         yield
     finally:
         with _BARS["lock"]:
-            _BARS["depth"] -= 1
-            if _BARS["depth"] == 0:
+            _BARS["changes"].remove(change)
+            if not _BARS["changes"]:
                 std.tqdm.__init__ = _BARS["original"]
                 _BARS["original"] = None
+
+
+def sparse_progress_bars(seconds: float = LOG_BAR_SECONDS):
+    """Progress bars (every tqdm) redraw at most every `seconds` inside, unless a call sets its own interval (the
+    CLI does not enter this when ``TQDM_MININTERVAL`` is set). For a stderr that is not a terminal: at tqdm's
+    0.1 s a log got up to ten carriage-return updates a second."""
+
+    def slower(args, kwargs):
+        if len(args) <= 6:  # mininterval is the seventh positional parameter
+            kwargs.setdefault("mininterval", seconds)
+
+    return _bars_changed(slower)
+
+
+def silent_progress_bars():
+    """Every tqdm made inside is disabled, whatever its call asked (``--quiet``: a bar whose caller was not handed
+    the CLI's progress switch, such as the FID classifier's first training, printed anyway)."""
+
+    def off(args, kwargs):
+        if len(args) <= 10:  # disable is the eleventh positional parameter
+            kwargs["disable"] = True
+
+    return _bars_changed(off)
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
