@@ -662,7 +662,8 @@ def evaluate_dit(model: DiT, *, n_per_class: int = 100, steps: int = 50, seed: i
     judge = fidmod.classifier(progress=progress)
     acc = fidmod.class_accuracy(fake, labels, model=judge)
     return {"fid": fidmod.fid(real, fake, model=judge), "class_accuracy": acc["accuracy"],
-            "per_class": acc["per_class"], "n": len(labels), "steps": steps, "guidance": guidance, "seconds": round(seconds, 2)}
+            "per_class": acc["per_class"], "n": len(labels), "steps": steps, "guidance": guidance,
+            "seconds": round(seconds, 2)}
 
 
 def depth_target(model: DiT, images: torch.Tensor, labels, *, batch_size: int = 32, seed: int = 0):
