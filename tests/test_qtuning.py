@@ -589,7 +589,10 @@ def test_cli_qtune_says_what_it_cut_and_keeps_user_fields(tmp_path, model_dir, c
     out = tmp_path / "out"
     assert main(["data", "qtune", str(model_dir), "--data", str(data), "--samples", "1", "--max-length", "64",
                  "--out", str(out), "--quiet"]) == 0
-    assert "1 of 6 responses are longer than --max-length 64 allows and were cut" in capsys.readouterr().err
+    # the note said the response was "longer than --max-length allows"; one that fits alone is cut too when the prompt
+    # keeps its half
+    assert ("1 of 6 responses were cut (their end token too) to fit --max-length 64, of which a prompt keeps at "
+            "least half") in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cut_responses"] == 1 and summary["max_length"] == 64
     # which rows were cut: only the totals said so, and a cut row's token_keep is shorter than its response

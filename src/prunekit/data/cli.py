@@ -585,9 +585,9 @@ def _cmd_qtune(args) -> int:
     examples = S.tokenize(records, tok, max_length=args.max_length)
     cut = {part: sum(e.cut in (part, "both") for e in examples) for part in ("prompt", "response")}
     if cut["response"]:
-        print(f"prunekit: note: {cut['response']} of {len(examples)} responses are longer than --max-length "
-              f"{args.max_length} allows and were cut (their end token too); raise --max-length to keep them whole",
-              file=sys.stderr)
+        print(f"prunekit: note: {cut['response']} of {len(examples)} responses were cut (their end token too) to fit "
+              f"--max-length {args.max_length}, of which a prompt keeps at least half; raise --max-length to keep "
+              "them whole", file=sys.stderr)
     pad_id = S._pad_id(tok)
     nll, ent, resp = S.score_examples(model, examples, pad_id=pad_id, batch_size=args.batch_size, progress=not args.quiet)
     sel = Q.qtuning_select(nll, ent, resp, sample_ratio=args.samples, token_ratio=args.tokens, lam=args.lam)
