@@ -41,6 +41,13 @@ def tiny_model(kind: str = "llama", seed: int = 0):
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256),
         "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256),
     }
+    # layers that differ: sliding-window and full-attention masks (Gemma-2, Qwen2 from max_window_layers on), and
+    # Gemma-3's local and global RoPE tables
+    configs["gemma2"] = dict(configs["gemma"], model_type="gemma2", num_hidden_layers=4, sliding_window=8)
+    configs["gemma3_text"] = dict(configs["gemma"], model_type="gemma3_text", num_hidden_layers=4, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"] * 2)
+    configs["qwen2_swa"] = dict(configs["qwen2"], num_hidden_layers=3, use_sliding_window=True, sliding_window=8,
+                                max_window_layers=1)
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     for name, extra in {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
                         "qwen2_moe": dict(moe, shared_expert_intermediate_size=32),

@@ -19,9 +19,11 @@ def body(model, ids):
         return base(input_ids=ids, use_cache=False).last_hidden_state
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gemma", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gemma", "gpt2", "gemma2", "gemma3_text", "qwen2_swa"])
 @pytest.mark.parametrize("sequential", ["layer", "block"])
 def test_propagated_outputs_equal_running_the_pruned_model(kind, sequential):
+    # the last three give their layers different masks or RoPE tables: every block was calibrated with the first
+    # block's (Gemma-2/3, Qwen2 with a sliding window), on activations the model never produces
     model = tiny_model(kind)
     ids = ids_from_text(char_tokenizer(), 6, 32)
     spec = registry.get("sparsegpt")
@@ -259,3 +261,54 @@ def test_a_method_that_prunes_the_tensor_in_place_and_returns_it_is_written_back
     reports, _ = prune_blocks(model, ids_from_text(char_tokenizer(), 4, 32), in_place, stat="hessian", progress=False)
     assert all(r.sparsity >= 0.49 and r.rel_error > 0 for r in reports)  # measured against the weights it had
     assert prunekit.sparsity(model)["total"] >= 0.49
+
+
+def test_block_inputs_read_each_blocks_own_arguments_without_running_the_blocks():
+    from prunekit.weights.engine import capture_block_inputs, for_block
+
+    model = tiny_model("gemma2")  # sliding, full, sliding, full: two masks
+    blocks = find_blocks(model)[1]
+    ids = ids_from_text(char_tokenizer(), 6, 32)
+    seen = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, k, i=i: seen.setdefault(i, dict(k)) and None,
+                                         with_kwargs=True)
+             for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        model(input_ids=ids[:4], use_cache=False)
+    for h in hooks:
+        h.remove()
+    wrapper = blocks[1].forward  # an instance forward of someone else's (accelerate's hooks set one) is put back
+    blocks[1].forward = wrapper
+    batches = capture_block_inputs(model, blocks, ids, batch_size=4)
+    assert vars(blocks[1])["forward"] is wrapper and "forward" not in vars(blocks[0])
+    del blocks[1].forward
+    kwargs = batches[0][1]
+    assert set(kwargs.by_block) == {blocks[1], blocks[3]}  # the full-attention layers differ from the first
+    for i, block in enumerate(blocks):
+        got = for_block(block, kwargs)
+        torch.testing.assert_close(got["attention_mask"], seen[i]["attention_mask"])
+    assert not torch.equal(for_block(blocks[1], kwargs)["attention_mask"], kwargs["attention_mask"])
+
+
+def test_block_inputs_run_the_blocks_for_real_where_skipping_them_breaks_the_model():
+    from prunekit.weights.engine import capture_block_inputs, for_block
+
+    model = tiny_model("qwen2_swa")
+    blocks = find_blocks(model)[1]
+    ids = ids_from_text(char_tokenizer(), 4, 32)
+    ran = []
+
+    def needs_real_outputs(_m, args, kwargs, out):  # a loop that uses what a block returns
+        if out is (args[0] if args else kwargs["hidden_states"]):
+            raise ValueError("the block handed its input on")
+        ran.append(1)
+
+    hook = blocks[0].register_forward_hook(needs_real_outputs, with_kwargs=True)
+    try:
+        batches = capture_block_inputs(model, blocks, ids, batch_size=4)
+    finally:
+        hook.remove()
+    assert ran == [1]  # the real forward of block 0; the last block never runs
+    kwargs = batches[0][1]
+    assert set(kwargs.by_block) == {blocks[1], blocks[2]}  # full attention first, then the sliding window
+    assert torch.equal(for_block(blocks[1], kwargs)["attention_mask"], for_block(blocks[2], kwargs)["attention_mask"])

@@ -928,3 +928,19 @@ def test_an_unknown_structured_option_lists_the_options_as_option_names(model_di
                  "--out", str(tmp_path / "never")]) == 2
     err = capsys.readouterr().err
     assert "(its options: batch_size=, damp=, neuron_step=)" in err and "--batch-size" not in err
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text", "qwen2_swa"])
+def test_calibration_batches_advance_through_blocks_with_their_own_masks_and_rope(kind):
+    # Týr and the structured baselines fed every block the first block's mask and RoPE tables; on these models the
+    # blocks were calibrated on activations the model never produces
+    from conftest import char_tokenizer, ids_from_text, tiny_model
+
+    model = tiny_model(kind)
+    ids = ids_from_text(char_tokenizer(), 6, 32)
+    batches = tyr._calibration_batches(model, ids, 4)
+    with torch.no_grad():
+        for block in tyr.find_blocks(model)[1]:
+            tyr.advance(block, batches)
+        torch.testing.assert_close(model.model.norm(torch.cat([h for h, _ in batches])),
+                                   model.model(input_ids=ids, use_cache=False).last_hidden_state)

@@ -98,7 +98,7 @@ from prunekit.structured.units import (
     Dims, Widths, attention, block_params, check_widths, head_columns, mlp_of, model_dims, shrink_attention,
     shrink_mlp,
 )
-from prunekit.weights.engine import capture_block_inputs, find_blocks
+from prunekit.weights.engine import capture_block_inputs, find_blocks, for_block
 
 __all__ = ["STRUCTURES", "uniform_widths", "mutate", "prune_tyr", "prune_uniform", "tyr_options", "sparse_kl"]
 
@@ -300,7 +300,7 @@ def feed_until(block: nn.Module, batches: list, module: nn.Module, consume) -> N
     try:
         for hidden, kwargs in batches:
             try:
-                block(hidden, **kwargs)
+                block(hidden, **for_block(block, kwargs))
             except _Stop:
                 pass
     finally:
@@ -311,7 +311,7 @@ def advance(block: nn.Module, batches: list) -> None:
     """Replace each batch's input by `block`'s output (the next block's input), in place."""
     for j in range(len(batches)):
         hidden, kwargs = batches[j]
-        out = block(hidden, **kwargs)
+        out = block(hidden, **for_block(block, kwargs))
         batches[j] = (out[0] if isinstance(out, (tuple, list)) else out, kwargs)
 
 

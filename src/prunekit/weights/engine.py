@@ -43,7 +43,7 @@ from prunekit.errors import InputError
 from prunekit.weights import stats as stats_lib
 
 __all__ = ["LayerReport", "Refined", "Replacement", "UNCHANGED", "find_blocks", "target_linears",
-           "capture_block_inputs", "prune_blocks"]
+           "capture_block_inputs", "for_block", "BlockKwargs", "prune_blocks"]
 
 ERROR_TOKENS = 512  # calibration tokens per layer on which the relative reconstruction error is measured
 
@@ -185,29 +185,102 @@ class _Captured(Exception):
     pass
 
 
+class BlockKwargs(dict):
+    """The keyword arguments a model passes its first block, for one batch; ``by_block`` holds those of each later
+    block whose arguments differ (Gemma-2/3's sliding-window and full-attention layers get different masks, and
+    Gemma-3's their own RoPE tables; Qwen2/3 with a sliding window from ``max_window_layers`` on). Run a block
+    with ``block(hidden, **for_block(block, kwargs))``."""
+
+    by_block: dict
+
+
+def for_block(block: nn.Module, kwargs: dict) -> dict:
+    """The keyword arguments `block` gets in the model's own forward (`kwargs` from `capture_block_inputs`)."""
+    return getattr(kwargs, "by_block", {}).get(block, kwargs)
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and bool(torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # an object without a plain equality: treat as different (its block keeps its own)
+        return False
+
+
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, *, batch_size: int
-) -> list[tuple[torch.Tensor, dict]]:
-    """Run `model` up to its first block; return ``[(hidden [b, seq, d], kwargs)]`` per batch of samples."""
-    captured: list[tuple[torch.Tensor, dict]] = []
+) -> list[tuple[torch.Tensor, BlockKwargs]]:
+    """Run `model` up to its first block; return ``[(hidden [b, seq, d], kwargs)]`` per batch of samples, where
+    `kwargs` (a `BlockKwargs`) also knows each later block's own arguments (see `for_block`).
 
-    def grab(_module, args, kwargs):
+    The later blocks' arguments are read in the same forward with every block's computation skipped (each hands
+    its input on): the masks and RoPE tables a model gives its layers are made before its layer loop. Where
+    skipping fails (a model whose loop needs real block outputs), the blocks run for real instead.
+    """
+    captured: list[tuple[torch.Tensor, BlockKwargs]] = []
+    seen: dict[int, dict] = {}
+    index = {id(b): i for i, b in enumerate(blocks)}
+
+    def grab(module, args, kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}))
-        raise _Captured
+        seen[index[id(module)]] = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")}
+        if module is blocks[0]:
+            seen["hidden"] = hidden
+        if module is blocks[-1]:
+            raise _Captured
 
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    def passthrough(hidden_states=None, *args, **kwargs):
+        return hidden_states
+
+    def run(batch, skip: bool) -> None:
+        seen.clear()
+        stubs = []
+        try:
+            if skip:
+                for b in blocks:  # an instance attribute (a hook's own wrapper, e.g. accelerate's, is put back)
+                    stubs.append((b, vars(b).get("forward")))
+                    b.forward = passthrough
+            model(input_ids=batch, use_cache=False)
+        except _Captured:
+            return
+        finally:
+            for b, own in stubs:
+                if own is None:
+                    del b.forward
+                else:
+                    b.forward = own
+        raise RuntimeError("the model's forward never reached its last decoder block")
+
+    handles = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in blocks]
+    skip = True
     try:
         for start in range(0, input_ids.shape[0], batch_size):
-            try:
-                model(input_ids=input_ids[start : start + batch_size], use_cache=False)
-            except _Captured:
-                pass
-            else:
-                raise RuntimeError("the model's forward never reached its first decoder block")
+            batch = input_ids[start : start + batch_size]
+            if skip:
+                try:
+                    run(batch, skip=True)
+                except Exception:
+                    skip = False  # this model's loop needs what its blocks return
+            if not skip:
+                run(batch, skip=False)
+            if len(seen) != len(blocks) + 1:
+                raise RuntimeError("the model's forward did not call each of its decoder blocks once")
+            first = BlockKwargs(seen[0])
+            first.by_block = {blocks[i]: seen[i] for i in range(1, len(blocks))
+                              if seen[i].keys() != first.keys() or not all(_same(seen[i][k], first[k]) for k in first)}
+            captured.append((seen["hidden"], first))
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return captured
 
 
@@ -335,7 +408,7 @@ def _one_pass(block, kwargs, hidden, pruner: _Pruner) -> torch.Tensor:
     done: set[str] = set()
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in pruner.layers.items()]
     try:
-        out = _block_output(block(hidden, **kwargs))
+        out = _block_output(block(hidden, **for_block(block, kwargs)))
     finally:
         for h in handles:
             h.remove()
@@ -402,7 +475,7 @@ def _two_pass(block, batches: list, pruner: _Pruner, *, need_outputs: bool) -> N
             seen.clear()
             last["x"] = last["name"] = None
             try:
-                block(hidden, **kwargs)
+                block(hidden, **for_block(block, kwargs))
             except _StatsDone:
                 pass
     finally:
@@ -430,7 +503,7 @@ def _two_pass(block, batches: list, pruner: _Pruner, *, need_outputs: bool) -> N
         return
     for j in range(len(batches)):  # a batch's input is freed as soon as its output exists
         hidden, kwargs = batches[j]
-        batches[j] = (_block_output(block(hidden, **kwargs)), kwargs)
+        batches[j] = (_block_output(block(hidden, **for_block(block, kwargs))), kwargs)
         del hidden
 
 
