@@ -1074,3 +1074,35 @@ def test_api_errors_name_the_python_argument_beside_the_flag(tmp_path, tok):
     (out / "x").write_text("x")
     with pytest.raises(InputError, match=r"pass overwrite=True \(--overwrite\)"):
         prunekit.save_pruned(tiny_model("llama"), tok, out)
+
+
+@pytest.mark.parametrize("command", ["weights", "structured", "depth"])
+def test_a_float16_save_that_would_overflow_is_refused_before_the_work(command, tok, tmp_path, capsys):
+    # `--dtype float16` of a float32 model holding 1e5 wrote inf weights and exited 0; every later command refused
+    # the result as holding NaN or Inf
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = 1e5
+    folder = tmp_path / "big"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    before, out = digest(folder), tmp_path / "out"
+    method = {"weights": ["--method", "magnitude", "--ratio", "0.5"],
+              "structured": ["--method", "magnitude-structured", "--ratio", "0.5", "--no-speed"],
+              "depth": ["--method", "every-other", "--layers", "1", "--no-speed"]}[command]
+    refused(["prune", str(folder), *method, "--dtype", "float16", "--out", str(out), "--quiet"],
+            capsys, "model.layers.0.mlp.up_proj.weight holds values up to 1e+05, past float16's largest (6.55e+04)")
+    assert not out.exists() and digest(folder) == before
+    assert cli.main(["prune", str(folder), *method, "--dtype", "bfloat16", "--out", str(out), "--quiet"]) == 0
+
+
+def test_save_pruned_refuses_a_dtype_that_cannot_hold_the_weights(tok, tmp_path):
+    from prunekit.weights.io import save_pruned
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[2, 3] = -7e4
+    with pytest.raises(InputError, match="o_proj.weight holds values up to 7e\\+04, past float16's largest"):
+        save_pruned(model, tok, tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+    assert model.model.layers[1].self_attn.o_proj.weight.dtype == torch.float32

@@ -294,7 +294,7 @@ def _cmd_prune(args) -> int:
     from prunekit.select import parse_pattern, ratio_for
     from pathlib import Path
 
-    from prunekit.weights.io import check_output, check_replaceable, output_dtype, resolve_model
+    from prunekit.weights.io import check_fits_dtype, check_output, check_replaceable, output_dtype, resolve_model
 
     wall = time.perf_counter()
     known = prunekit.registry.METHODS.get(args.method)
@@ -331,6 +331,7 @@ def _cmd_prune(args) -> int:
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
     saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
     model, tok = prunekit.load_model(args.model)  # after the texts: a missing file fails before the slow load
+    check_fits_dtype(model, saved_dtype)  # before the slow work: the save would refuse it
     evaluation = eval_dense(model, tok, eval_texts, args, progress)
     result = prunekit.prune(
         model, method=args.method, ratio=ratio, pattern=args.pattern, calibration=calib_text, tokenizer=tok,

@@ -779,25 +779,64 @@ def carry_licence(source, folder: Path) -> list[str]:
     return names
 
 
-def save_weights(model, folder: Path, dtype=None) -> None:
-    """``model.save_pretrained(folder)``, with the floating-point weights (and the config's ``dtype``) in `dtype`
-    when given (a `MixedDtypes`: each tensor in its own); the model itself is not changed."""
-    dtype = parse_dtype(dtype)
+def _save_dtypes(state: dict, dtype) -> dict | None:
+    """The dtype each floating-point tensor of `state` is saved in for `dtype` (None: saved as they are)."""
     per_tensor, main = (dtype, dtype.main) if isinstance(dtype, MixedDtypes) else ({}, dtype)
-    state = model.state_dict()
     if main in (None, "auto") or all(t.dtype == per_tensor.get(k, main) for k, t in state.items()
                                      if t.is_floating_point()):
-        model.save_pretrained(folder)
-        return
-    cast: dict = {}  # one cast per storage, so tied weights (embeddings and lm_head) stay one tensor
+        return None
     # a tied lm_head is not in the files: it takes the dtype of the tensor whose storage it shares (it was cast to
     # the main dtype apart, and written twice)
     shared = {(v.data_ptr(), tuple(v.shape)): per_tensor[k] for k, v in state.items() if k in per_tensor}
+    return {k: per_tensor.get(k) or shared.get((v.data_ptr(), tuple(v.shape)), main) for k, v in state.items()
+            if v.is_floating_point()}
+
+
+def _overflowed(k: str, v, cast, flag: str):
+    """An InputError when casting finite `v` (tensor `k`) gave infinities, else None."""
+    import torch
+
+    if bool(torch.isfinite(cast).all()) or not bool(torch.isfinite(v).all()):
+        return None
+    name = str(cast.dtype).removeprefix("torch.")
+    return InputError(f"{k} holds values up to {float(v.detach().abs().max()):.4g}, past {name}'s largest "
+                      f"({torch.finfo(cast.dtype).max:.4g}): saved in {name} they would be infinite; {flag}")
+
+
+def check_fits_dtype(model, dtype, *, flag: str = "save in bfloat16 or float32 (--dtype)") -> None:
+    """Refuse (InputError) weights of `model` that the saved `dtype` (as `save_weights` casts) cannot hold: a
+    float32 weight past 65504 saved in float16 became inf, a model every prunekit command then refuses."""
+    dtype = parse_dtype(dtype)
+    state = model.state_dict()
+    targets = _save_dtypes(state, dtype) or {}
+    for k, to in targets.items():
+        v = state[k]
+        if v.dtype != to:
+            err = _overflowed(k, v, v.detach().to(to), flag)
+            if err is not None:
+                raise err
+
+
+def save_weights(model, folder: Path, dtype=None) -> None:
+    """``model.save_pretrained(folder)``, with the floating-point weights (and the config's ``dtype``) in `dtype`
+    when given (a `MixedDtypes`: each tensor in its own); the model itself is not changed. A weight that the dtype
+    cannot hold (it would be saved as inf) is an InputError."""
+    dtype = parse_dtype(dtype)
+    main = dtype.main if isinstance(dtype, MixedDtypes) else dtype
+    state = model.state_dict()
+    targets = _save_dtypes(state, dtype)
+    if targets is None:
+        model.save_pretrained(folder)
+        return
+    cast: dict = {}  # one cast per storage, so tied weights (embeddings and lm_head) stay one tensor
     out = {}
     for k, v in state.items():
         if v.is_floating_point():
-            to = per_tensor.get(k) or shared.get((v.data_ptr(), tuple(v.shape)), main)
+            to = targets[k]
             out[k] = cast.setdefault((v.data_ptr(), tuple(v.shape), tuple(v.stride()), to), v.detach().to(to))
+            err = _overflowed(k, v, out[k], "save in bfloat16 or float32")
+            if err is not None:
+                raise err
         else:
             out[k] = v
     model.save_pretrained(folder, state_dict=out)
