@@ -378,3 +378,26 @@ def test_a_killed_builds_temporary_sibling_is_swept_by_the_next_build(tmp_path, 
     monkeypatch.setattr(Path, "unlink", refused)
     zoo._atomic_write(models / "y.jsonl", b"data")
     assert (models / "y.jsonl").read_bytes() == b"data" and stale.exists()
+
+
+def test_perplexity_refuses_logits_that_overflow_instead_of_calling_them_inf(tmp_path):
+    # a float16 model whose activations overflow gave NaN logits, and perplexity reported inf without a word
+    from conftest import char_tokenizer, tiny_model
+
+    from prunekit.evaluate import perplexity, perplexity_of_ids
+
+    model = tiny_model("llama").half()
+    with torch.no_grad():
+        model.model.norm.weight.fill_(6e4)  # finite weights; the logits pass float16's range
+    ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InputError, match=r"NaN or infinite logits on window 0 of 3 \(its float16 activations "
+                                         r"overflow\); evaluate it in float32"):
+        perplexity_of_ids(model, ids, batch_size=2, progress=False)
+    (tmp_path / "t.txt").write_text("some text " * 40)
+    with pytest.raises(InputError, match="evaluate it in float32"):
+        perplexity(model, char_tokenizer(), str(tmp_path / "t.txt"), seqlen=16, tokens=None, progress=False)
+    model = tiny_model("llama")
+    hook = model.model.layers[0].register_forward_hook(lambda m, a, out: out * float("nan"))
+    with pytest.raises(InputError, match=r"\(its float32 activations overflow\); check its weights"):
+        perplexity_of_ids(model, ids, batch_size=2, progress=False)
+    hook.remove()

@@ -42,6 +42,14 @@ class Perplexity:
         return float(self.ppl)
 
 
+def _overflow_error(model: nn.Module, window: int, windows: int) -> InputError:
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    fix = ("check its weights" if dtype in (torch.float32, torch.float64) else
+           "evaluate it in float32 (prunekit.load_model(..., dtype='float32'); the CLI always does)")
+    return InputError(f"the model gives NaN or infinite logits on window {window} of {windows} (its "
+                      f"{str(dtype).removeprefix('torch.')} activations overflow); {fix}")
+
+
 def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4, progress: bool = True,
                       desc: str = "perplexity") -> tuple[float, int]:
     """``(mean NLL, predicted tokens)`` of `model` over windows `ids` (``[n, seqlen]``); `desc` labels the bar."""
@@ -63,8 +71,11 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 
                 logits = model(input_ids=batch, use_cache=False).logits  # [b, seq, vocab]
                 # one window at a time: the whole batch's shifted, reshaped fp32 copy and its log-softmax held
                 # three batch-sized logits at once (+1.2 GB for 4 x 512 tokens of a 49k vocabulary)
-                for row, target in zip(logits, batch):  # [seq, vocab], [seq]
-                    total += float(torch.nn.functional.cross_entropy(row[:-1].float(), target[1:], reduction="sum"))
+                for j, (row, target) in enumerate(zip(logits, batch)):  # [seq, vocab], [seq]
+                    loss = float(torch.nn.functional.cross_entropy(row[:-1].float(), target[1:], reduction="sum"))
+                    if not math.isfinite(loss):  # NaN logits were reported as perplexity inf, without a word
+                        raise _overflow_error(model, start + j, ids.shape[0])
+                    total += loss
                 count += batch[:, 1:].numel()
                 del logits
     finally:  # the caller's mode, also after an error or Ctrl-C
