@@ -434,7 +434,9 @@ def _check_finite_statistic(name: str, value, dtype: torch.dtype) -> None:
 
 
 def _overflow(name: str, what: str, dtype: torch.dtype) -> None:
-    hint = "" if dtype in (torch.float32, torch.float64) else ", or prune it in float32 (--dtype float32)"
+    # the CLI always prunes in float32 (its --dtype is the saved dtype): only a Python caller can get here in half
+    hint = ("" if dtype in (torch.float32, torch.float64) else
+            ", or prune it in float32 (prunekit.load_model(..., dtype='float32'))")
     raise InputError(f"the input of {name} {what} on the calibration data: the model overflows before this layer "
                      f"({str(dtype).removeprefix('torch.')} activations); check its weights{hint}")
 
