@@ -338,7 +338,7 @@ def _cmd_prune(args) -> int:
         samples=args.samples, seqlen=args.seqlen, seed=args.seed, skip=tuple(args.skip),
         sequential=args.sequential, batch_size=args.batch_size, progress=progress, **options,
     )
-    eval_pruned(evaluation, model, tok, eval_texts, args, progress)
+    eval_pruned(evaluation, model, tok, eval_texts, args, progress, saved_dtype)
     input_sparsity, refilled = result.input_sparsity, result.input_zeros_refilled
     meta = {
         "model": str(args.model), "input": _provenance(args.model),
@@ -404,10 +404,14 @@ def eval_dense(model, tok, texts: dict, args, progress: bool) -> dict:
     return evaluation
 
 
-def eval_pruned(evaluation: dict, model, tok, texts: dict, args, progress: bool) -> None:
-    """Add ``"pruned"`` to each of `evaluation`'s texts, on the windows its dense perplexity was scored on."""
+def eval_pruned(evaluation: dict, model, tok, texts: dict, args, progress: bool, saved_dtype=None) -> None:
+    """Add ``"pruned"`` to each of `evaluation`'s texts, on the windows its dense perplexity was scored on, with the
+    weights first rounded to `saved_dtype` (the output's: what is scored is what is saved)."""
     import prunekit
+    from prunekit.weights.io import round_to_saved
 
+    if texts:
+        round_to_saved(model, saved_dtype)
     for name, text in texts.items():
         evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen,
                                                          tokens=evaluation[name]["dense"]["tokens"],

@@ -255,7 +255,7 @@ def run_prune(args) -> int:
     speed = None
     if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
         speed = compare_speed_with_dense(path, model)
-    eval_pruned(evaluation, model, tok, eval_texts, args, progress)
+    eval_pruned(evaluation, model, tok, eval_texts, args, progress, saved_dtype)
     meta = {
         "model": str(args.model), "input": _provenance(args.model), "method": args.method, "domain": "depth",
         "dense_layers": dense_layers,

@@ -803,6 +803,24 @@ def _overflowed(k: str, v, cast, flag: str):
                       f"({torch.finfo(cast.dtype).max:.4g}): saved in {name} they would be infinite; {flag}")
 
 
+def round_to_saved(model, dtype) -> None:
+    """Round `model`'s floating-point weights in place to the values `save_weights` writes for `dtype` (a
+    bfloat16 save of a float32 model: each weight to its nearest bfloat16), each keeping its own dtype, so what is
+    measured afterwards is the saved model (ARMOR's factors are not rounded: they are saved as they are)."""
+    import torch
+
+    state = model.state_dict()
+    targets = _save_dtypes(state, parse_dtype(dtype)) or {}
+    done = set()
+    with torch.no_grad():
+        for k, to in targets.items():
+            v = state[k]
+            key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()))
+            if v.dtype != to and key not in done:  # a tied weight once
+                v.copy_(v.to(to))
+                done.add(key)
+
+
 def check_fits_dtype(model, dtype, *, flag: str = "save in bfloat16 or float32 (--dtype)") -> None:
     """Refuse (InputError) weights of `model` that the saved `dtype` (as `save_weights` casts) cannot hold: a
     float32 weight past 65504 saved in float16 became inf, a model every prunekit command then refuses."""
