@@ -1005,3 +1005,20 @@ def test_policy_fractions_take_numpy_numbers():
     for bad in (True, 1.5, float("nan"), "0.5"):
         with pytest.raises(InputError, match=r"recent .* must be a number in \[0.0, 1.0\]"):
             kv.H2O(budget=8, recent=bad)
+
+
+def test_cli_generate_refuses_an_unsupported_model_before_promising_an_output(tmp_path, capsys):
+    # a budget holding the whole sequence printed "the output is --kv full's", then refused the model type
+    from conftest import char_tokenizer, tiny_model
+
+    folder = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    capsys.readouterr()
+    assert cli.main(["generate", str(folder), "--prompt", "some text", "--kv", "h2o", "--budget", "200",
+                     "--max-new-tokens", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prunekit: error: model type 'gpt2' is not supported by the KV engine") and "\n" not in err
+    with pytest.raises(InputError, match="'gpt2' is not supported"):
+        Engine.check(tiny_model("gpt2"))
+    Engine.check(tiny_model("llama"))

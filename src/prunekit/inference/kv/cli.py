@@ -120,6 +120,7 @@ def run(args) -> int:
         print(f"prunekit: note: {note}; ignored", file=sys.stderr)
     resolve_model(args.model)
     model, tok = prunekit.load_model(args.model, dtype=args.dtype)
+    kv.Engine.check(model)  # before the notes below: they promised an output an unsupported model never gives
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise InputError(f"{args.model}'s tokenizer has no chat template; drop --chat")

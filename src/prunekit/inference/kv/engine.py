@@ -242,17 +242,28 @@ class Engine:
         self.budget = budget
         self.every = every
         self.layers = self._attention_layers(model)
-        base = getattr(model, "model", model)
-        self.rotary = getattr(base, "rotary_emb", None)
-        if self.rotary is None or not hasattr(self.rotary, "inv_freq"):
-            raise InputError("this model has no rotary embedding at model.model.rotary_emb; KV policies need a RoPE model")
-        rope_type = getattr(self.rotary, "rope_type", "default")
-        if "dynamic" in str(rope_type):
-            raise InputError(f"rope type {rope_type!r} changes frequencies with length; KV policies need fixed RoPE frequencies")
+        self.rotary = self._rotary(model)
         self.states: list[LayerState] = []
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> key/value buffers (`_append`)
         self._cache_ref = None
         self._own: dict[str, object] = {}  # instance attributes the context replaced: name -> the user's own, or None
+
+    @staticmethod
+    def _rotary(model):
+        base = getattr(model, "model", model)
+        rotary = getattr(base, "rotary_emb", None)
+        if rotary is None or not hasattr(rotary, "inv_freq"):
+            raise InputError("this model has no rotary embedding at model.model.rotary_emb; KV policies need a RoPE model")
+        rope_type = getattr(rotary, "rope_type", "default")
+        if "dynamic" in str(rope_type):
+            raise InputError(f"rope type {rope_type!r} changes frequencies with length; KV policies need fixed RoPE frequencies")
+        return rotary
+
+    @staticmethod
+    def check(model) -> None:
+        """Refuse (InputError) a model the engine cannot hook, as entering a policy would, without hooking it."""
+        Engine._attention_layers(model)
+        Engine._rotary(model)
 
     @staticmethod
     def _attention_layers(model) -> list:
