@@ -253,10 +253,12 @@ class Engine:
         base = getattr(model, "model", model)
         rotary = getattr(base, "rotary_emb", None)
         if rotary is None or not hasattr(rotary, "inv_freq"):
-            raise InputError("this model has no rotary embedding at model.model.rotary_emb; KV policies need a RoPE model")
+            raise InputError("this model has no rotary embedding at model.model.rotary_emb; KV policies need a RoPE "
+                             "model")
         rope_type = getattr(rotary, "rope_type", "default")
         if "dynamic" in str(rope_type):
-            raise InputError(f"rope type {rope_type!r} changes frequencies with length; KV policies need fixed RoPE frequencies")
+            raise InputError(f"rope type {rope_type!r} changes frequencies with length; KV policies need fixed RoPE "
+                             "frequencies")
         return rotary
 
     @staticmethod
