@@ -322,3 +322,21 @@ def test_a_half_precision_overflow_points_a_python_caller_at_loading_in_float32(
     with pytest.raises(InputError, match=r"\(float16 activations\); check its weights, or prune it in float32 "
                                          r"\(prunekit\.load_model\(\.\.\., dtype='float32'\)\)$"):
         prunekit.prune(model, method="wanda", ratio=0.5, calibration=ids_from_text(tok, 2, 16), progress=False)
+
+
+def test_block_inputs_of_a_model_that_repeats_a_block_leave_it_whole():
+    # one block object at two depths was stubbed twice and put back in the wrong order: the model computed an
+    # identity for it from then on (and the capture failed)
+    from prunekit.weights.engine import capture_block_inputs
+
+    model = tiny_model("llama")
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList([layers[0], layers[1], layers[0]])
+    model.config.num_hidden_layers = 3
+    ids = ids_from_text(char_tokenizer(), 4, 16)
+    with torch.no_grad():
+        before = model(input_ids=ids, use_cache=False).logits
+        batches = capture_block_inputs(model, find_blocks(model)[1], ids, batch_size=2)
+        after = model(input_ids=ids, use_cache=False).logits
+    assert torch.equal(before, after) and not any("forward" in vars(b) for b in model.model.layers)
+    assert len(batches) == 2 and all(k.by_block == {} and h.shape == (2, 16, 64) for h, k in batches)

@@ -215,6 +215,33 @@ def _same(a, b) -> bool:
         return False
 
 
+def _first_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, *,
+                        batch_size: int) -> list[tuple[torch.Tensor, BlockKwargs]]:
+    """`capture_block_inputs` for a model whose blocks repeat: the first block's input and arguments, for all."""
+    captured: list[tuple[torch.Tensor, BlockKwargs]] = []
+
+    def grab(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        first = BlockKwargs({k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")})
+        first.by_block = {}
+        captured.append((hidden, first))
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids=input_ids[start : start + batch_size], use_cache=False)
+            except _Captured:
+                pass
+            else:
+                raise RuntimeError("the model's forward never reached its first decoder block")
+    finally:
+        handle.remove()
+    return captured
+
+
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, *, batch_size: int
 ) -> list[tuple[torch.Tensor, BlockKwargs]]:
@@ -223,8 +250,12 @@ def capture_block_inputs(
 
     The later blocks' arguments are read in the same forward with every block's computation skipped (each hands
     its input on): the masks and RoPE tables a model gives its layers are made before its layer loop. Where
-    skipping fails (a model whose loop needs real block outputs), the blocks run for real instead.
+    skipping fails (a model whose loop needs real block outputs), the blocks run for real instead. A model that
+    uses one block object at several depths gives every block the first block's arguments (they cannot be told
+    apart by block).
     """
+    if len({id(b) for b in blocks}) < len(blocks):
+        return _first_block_inputs(model, blocks, input_ids, batch_size=batch_size)
     captured: list[tuple[torch.Tensor, BlockKwargs]] = []
     seen: dict[int, dict] = {}
     index = {id(b): i for i, b in enumerate(blocks)}
@@ -253,7 +284,7 @@ def capture_block_inputs(
         except _Captured:
             return
         finally:
-            for b, own in stubs:
+            for b, own in reversed(stubs):
                 if own is None:
                     del b.forward
                 else:
