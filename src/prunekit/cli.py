@@ -331,7 +331,9 @@ def _cmd_prune(args) -> int:
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
     saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
     model, tok = prunekit.load_model(args.model)  # after the texts: a missing file fails before the slow load
-    check_fits_dtype(model, saved_dtype)  # before the slow work: the save would refuse it
+    # before the slow work: weight pruning keeps every tensor, so the save would refuse it (depth and structured
+    # pruning may drop the offending block, head or channel: their save checks what is left)
+    check_fits_dtype(model, saved_dtype)
     evaluation = eval_dense(model, tok, eval_texts, args, progress)
     result = prunekit.prune(
         model, method=args.method, ratio=ratio, pattern=args.pattern, calibration=calib_text, tokenizer=tok,

@@ -199,7 +199,7 @@ def run_prune(args) -> int:
     from prunekit.weights.engine import find_blocks, refuse_factorized
     from prunekit.errors import InputError
     from prunekit.lora import has_linear
-    from prunekit.weights.io import MixedDtypes, carry_licence, check_fits_dtype, output_dtype
+    from prunekit.weights.io import MixedDtypes, carry_licence, output_dtype
 
     if is_dit_folder(args.model):
         return _run_dit(args)
@@ -208,7 +208,6 @@ def run_prune(args) -> int:
     progress = not args.quiet
     saved_dtype, dtype_words = output_dtype(args.dtype, path)
     model, tok = prunekit.load_model(path)
-    check_fits_dtype(model, saved_dtype)  # before the slow work: the save would refuse it
     if args.recover != "none":  # before the selection's work
         refuse_factorized(model, f"--recover {args.recover}", "recover the dense model before "
                           "ARMOR, or prune depth without --recover")

@@ -60,8 +60,7 @@ def run_prune(args) -> int:
     from prunekit.text import check_token_ids
     from pathlib import Path
 
-    from prunekit.weights.io import (carry_licence, check_fits_dtype, check_output, check_replaceable, output_dtype,
-                                      resolve_model)
+    from prunekit.weights.io import carry_licence, check_output, check_replaceable, output_dtype, resolve_model
 
     wall = time.perf_counter()
     registry.get(args.method, "structured")
@@ -89,7 +88,6 @@ def run_prune(args) -> int:
     progress = not args.quiet
     saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
     model, tok = prunekit.load_model(args.model)
-    check_fits_dtype(model, saved_dtype)  # before the slow work: the save would refuse it
     dims = model_dims(model)
     check_request(args.method, ratio=args.ratio, structure=structure, options=options, dims=dims)
     if structure == "both" and dims.group == 1:  # it pruned neurons only, without a word

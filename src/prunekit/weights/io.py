@@ -809,8 +809,10 @@ def round_to_saved(model, dtype) -> None:
     measured afterwards is the saved model (ARMOR's factors are not rounded: they are saved as they are)."""
     import torch
 
+    dtype = parse_dtype(dtype)
+    check_fits_dtype(model, dtype)  # before any weight is rounded: an overflow became inf, then "NaN or Inf weights"
     state = model.state_dict()
-    targets = _save_dtypes(state, parse_dtype(dtype)) or {}
+    targets = _save_dtypes(state, dtype) or {}
     done = set()
     with torch.no_grad():
         for k, to in targets.items():
