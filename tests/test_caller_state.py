@@ -293,3 +293,31 @@ def test_cli_quiet_disables_every_progress_bar_even_one_that_asks_for_itself(tmp
     assert cli.main(argv + ["--quiet"]) == 2 and during.pop() is True
     assert vars(std.tqdm)["__init__"] is original
     assert cli.main(argv) == 2 and during.pop() is False  # without --quiet the bar is its caller's to switch
+
+
+def test_quiet_silences_only_its_own_threads_bars():
+    # a command run with --quiet in one thread disabled the bars another thread of the caller made meanwhile
+    import io
+    import threading
+
+    from tqdm import std
+
+    from prunekit.weights.io import silent_progress_bars
+
+    entered, release, seen = threading.Event(), threading.Event(), {}
+
+    def quiet_command():
+        with silent_progress_bars():
+            seen["own"] = std.tqdm(range(1), disable=False, file=io.StringIO()).disable
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=quiet_command)
+    t.start()
+    entered.wait(10)
+    try:
+        seen["other"] = std.tqdm(range(1), disable=False, file=io.StringIO()).disable
+    finally:
+        release.set()
+        t.join(10)
+    assert seen == {"own": True, "other": False}

@@ -103,11 +103,13 @@ def sparse_progress_bars(seconds: float = LOG_BAR_SECONDS):
 
 
 def silent_progress_bars():
-    """Every tqdm made inside is disabled, whatever its call asked (``--quiet``: a bar whose caller was not handed
-    the CLI's progress switch, such as the FID classifier's first training, printed anyway)."""
+    """Every tqdm this thread makes inside is disabled, whatever its call asked (``--quiet``: a bar whose caller
+    was not handed the CLI's progress switch, such as the FID classifier's first training, printed anyway); other
+    threads' bars are theirs to switch."""
+    owner = threading.get_ident()
 
     def off(args, kwargs):
-        if len(args) <= 10:  # disable is the eleventh positional parameter
+        if len(args) <= 10 and threading.get_ident() == owner:  # disable is the eleventh positional parameter
             kwargs["disable"] = True
 
     return _bars_changed(off)
