@@ -1115,3 +1115,31 @@ def test_save_pruned_refuses_a_dtype_that_cannot_hold_the_weights(tok, tmp_path)
         save_pruned(model, tok, tmp_path / "out", dtype="float16")
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
     assert model.model.layers[1].self_attn.o_proj.weight.dtype == torch.float32
+
+
+def test_sequences_past_a_learned_position_table_are_refused_in_one_line(tmp_path, capsys):
+    # GPT-2 / OPT embed positions from a table: qtune, reason --model and memory ask went on to an IndexError
+    # traceback mid-forward
+    import json
+
+    from conftest import char_tokenizer
+
+    from prunekit.data import sft as S
+    from prunekit.inference.memory_summary import chat_generate
+
+    model, tok = tiny_model("gpt2"), char_tokenizer()  # 256 positions
+    folder = tmp_path / "gpt2"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"say {i} " * 30, "response": "ok " * 60}) + "\n"
+                            for i in range(4)))
+    refused(["data", "qtune", str(folder), "--data", str(data), "--max-length", "1024", "--out", str(tmp_path / "q"),
+             "--quiet"], capsys, "prompt and response come to")
+    assert not (tmp_path / "q").exists()
+    examples = S.tokenize([{"instruction": "a " * 200, "response": "b " * 100}], tok, max_length=1024)
+    with pytest.raises(InputError, match="past the model's 256 learned positions; lower --max-length"):
+        S.score_examples(model, examples, pad_id=0)
+    with pytest.raises(InputError, match="past the model's 256 learned positions; lower the budget"):
+        chat_generate(model, tok, "hello " * 30, max_new_tokens=200)
+    assert isinstance(chat_generate(model, tok, "hello", max_new_tokens=2), str)

@@ -696,3 +696,35 @@ def test_extract_answer_keeps_a_stated_number_its_justification_follows():
     assert extract_answer("The answer is 7\n- 3 + 4 = 7\n- 2 x 3 = 6") == "7"  # the chain stops at the line's end
     assert extract_answer("The answer is 3 \\times 4 = 12") == "12" and extract_answer("answer is 3 X 4 = 12") == "12"
     assert extract_answer("The answer is 17 + 5 = 22 pencils") == "22"
+
+
+def test_sampled_paths_end_at_every_end_token_the_model_generates_to():
+    # a chat model whose end-of-turn id is only in generation_config.eos_token_id (the tokenizer's EOS is another)
+    # ran every path on past the end of its reply: generate stops there, the sampler went on to --max-new-tokens
+    model, tok = tiny_model("llama"), char_tokenizer()
+    prompt = build_prompt(tok, "2+3=", instruction=None)
+    first = sample_question(model, tok, prompt, n=16, max_new_tokens=30, temperature=1.5, seed=7)
+    counts = {}
+    for p in first:
+        for t in p["tokens"][:-1]:
+            counts[t] = counts.get(t, 0) + 1
+    turn_end = max(counts, key=counts.get)  # a token the paths sample mid-way
+    model.generation_config.eos_token_id = [tok.eos_token_id, turn_end]
+    paths = sample_question(model, tok, prompt, n=16, max_new_tokens=30, temperature=1.5, seed=7)
+    ends = {tok.eos_token_id, turn_end}
+    assert all(not ends & set(p["tokens"][:-1]) for p in paths)  # no path runs past an end token
+    assert sum(p["tokens"][-1] == turn_end for p in paths) > 0
+    assert all(len(p["tokens"]) == 30 or p["tokens"][-1] in ends for p in paths)
+    mine = sample_question(model, tok, prompt, n=16, max_new_tokens=30, temperature=1.5, seed=7,
+                           eos_token_id=tok.eos_token_id)  # given ids replace the model's
+    assert [p["tokens"] for p in mine] == [p["tokens"] for p in first]
+
+
+def test_sampling_past_a_learned_position_table_is_refused_up_front():
+    # GPT-2's 256 learned positions: an IndexError traceback mid-sampling
+    model, tok = tiny_model("gpt2"), char_tokenizer()
+    prompt = build_prompt(tok, "2+3=", instruction=None)
+    with pytest.raises(InputError, match=r"and 300 new tokens come to \d+ tokens, past the model's 256 learned "
+                                         r"positions; lower --max-new-tokens"):
+        sample_question(model, tok, prompt, n=2, max_new_tokens=300, seed=0)
+    assert len(sample_question(model, tok, prompt, n=2, max_new_tokens=4, seed=0)) == 2

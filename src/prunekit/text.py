@@ -161,6 +161,31 @@ def position_limit(model) -> int | None:
     return None
 
 
+def learned_position_limit(model) -> int | None:
+    """`position_limit` for a model that embeds positions from a learned table (GPT-2's ``wpe``, OPT's
+    ``embed_positions``), where a longer sequence is an IndexError mid-forward; None for RoPE and other models,
+    which run past their configured length (extrapolating)."""
+    from torch import nn
+
+    limit = position_limit(model)
+    if limit is None or not hasattr(model, "named_modules"):
+        return None
+    def is_table(name: str) -> bool:  # GPT-2 / GPT-Neo `wpe`, OPT `embed_positions`, BERT-style `position_embeddings`
+        last = name.rsplit(".", 1)[-1]
+        return last == "wpe" or "pos" in last
+
+    tables = [m for name, m in model.named_modules() if isinstance(m, nn.Embedding) and is_table(name)]
+    return limit if tables else None
+
+
+def check_positions(model, tokens: int, *, what: str, fix: str) -> None:
+    """Refuse `tokens` positions in one sequence when `model`'s learned position table has fewer (see
+    `learned_position_limit`): ``what`` names the sequence, ``fix`` says what to lower."""
+    limit = learned_position_limit(model)
+    if limit is not None and tokens > limit:
+        raise InputError(f"{what} come to {tokens} tokens, past the model's {limit} learned positions; {fix}")
+
+
 def check_vocab(model, ids: torch.Tensor, *, what: str) -> None:
     """Refuse token ids `model` cannot embed: a tokenizer that does not match it (an IndexError mid-forward)."""
     if not isinstance(ids, torch.Tensor) or ids.numel() == 0:

@@ -149,6 +149,11 @@ def _check_examples(examples, pad_id, model: nn.Module) -> None:
     if low < 0 or high >= vocab:
         raise InputError(f"token ids run {low}..{high}, outside the model's vocabulary [0, {vocab}); "
                          "tokenize with the model's own tokenizer")
+    from prunekit.text import check_positions
+
+    longest = max(range(len(examples)), key=lambda i: len(examples[i].ids))
+    check_positions(model, len(examples[longest].ids), what=f"example {longest}'s prompt and response",
+                    fix="lower --max-length (tokenize's max_length=)")
 
 
 # the field names instruction sets use (Alpaca: instruction/input/output; Dolly: instruction/context/response;

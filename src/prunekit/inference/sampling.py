@@ -10,8 +10,9 @@ How it samples (one question at a time, all `n` paths in one batch):
   3. each step draws x_t ~ softmax(z_t / T) with a seeded `torch.Generator` (pure temperature sampling: no
      top-k / top-p, so the recorded value is the log-probability under the distribution actually sampled
      from), and records log softmax(z_t / T)[x_t] <= 0;
-  4. a path stops at the tokenizer's EOS (which is kept as its last token and counted in the log-probs,
-     like generate's scores) or at `max_new_tokens`; finished paths are dropped from the batch and the cache
+  4. a path stops at an end token, the tokenizer's EOS or one of the model's ``generation_config.eos_token_id``
+     (a chat model's end-of-turn, as `generate` stops), kept as its last token and counted in the log-probs
+     like generate's scores, or at `max_new_tokens`; finished paths are dropped from the batch and the cache
      (`DynamicCache.batch_select_indices`), so short answers cost only their own length.
 The temperature matters: the log-probs are of the *tempered* distribution (T = 1 gives the model's own).
 The reference code (WNJXYK/RPC) ships no sampler; its released paths carry a ``mean_logprob`` per path
@@ -121,14 +122,32 @@ def _check(*, n, max_new_tokens, temperature, seed):
         raise InputError(f"seed={seed!r} must be an integer")
 
 
+def _ids(value) -> set:
+    if value is None or isinstance(value, bool):
+        return set()
+    if isinstance(value, int):
+        return {value}
+    if isinstance(value, (list, tuple, set)):
+        return {v for v in value if isinstance(v, int) and not isinstance(v, bool)}
+    return set()
+
+
+def end_tokens(model, tokenizer) -> set:
+    """The ids a sampled path ends at: the tokenizer's EOS and the model's ``generation_config.eos_token_id`` (one
+    id or a list: a chat model's end-of-turn may be only there, and `generate` stops at every one)."""
+    config = getattr(model, "generation_config", None)
+    return _ids(getattr(tokenizer, "eos_token_id", None)) | _ids(getattr(config, "eos_token_id", None))
+
+
 def sample_question(model, tokenizer, prompt: str, *, n: int, max_new_tokens: int = 96, temperature: float = 1.0,
-                    seed: int = 0, eos_token_id: int | None = None) -> list[dict]:
-    """`n` sampled completions of one prompt: ``[{"text", "tokens", "logprobs"}]`` (see the module doc)."""
+                    seed: int = 0, eos_token_id: int | list[int] | None = None) -> list[dict]:
+    """`n` sampled completions of one prompt: ``[{"text", "tokens", "logprobs"}]`` (see the module doc).
+    `eos_token_id` (one id or several) replaces the end tokens `end_tokens` finds."""
     import torch
     from transformers import DynamicCache
 
     _check(n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    eos = end_tokens(model, tokenizer) if eos_token_id is None else _ids(eos_token_id)
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)  # [1, L]
     if ids.shape[1] == 0:
@@ -136,6 +155,11 @@ def sample_question(model, tokenizer, prompt: str, *, n: int, max_new_tokens: in
     from prunekit.text import check_vocab
 
     check_vocab(model, ids, what="the prompt")
+    from prunekit.text import check_positions
+
+    check_positions(model, ids.shape[1] + max_new_tokens,
+                    what=f"the prompt ({ids.shape[1]} tokens) and {max_new_tokens} new tokens",
+                    fix="lower --max-new-tokens (max_new_tokens=) or shorten the prompt")
     gen = torch.Generator(device=device).manual_seed(seed)
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]
@@ -157,7 +181,7 @@ def sample_question(model, tokenizer, prompt: str, *, n: int, max_new_tokens: in
             for row, (path, tok, value) in enumerate(zip(alive.tolist(), nxt.squeeze(1).tolist(), lp.tolist())):
                 tokens[path].append(tok)
                 logprobs[path].append(min(value, 0.0))
-                done[row] = eos is not None and tok == eos
+                done[row] = tok in eos
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             if bool(done.any()):
