@@ -245,8 +245,8 @@ def _first_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torc
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, *, batch_size: int
 ) -> list[tuple[torch.Tensor, BlockKwargs]]:
-    """Run `model` up to its first block; return ``[(hidden [b, seq, d], kwargs)]`` per batch of samples, where
-    `kwargs` (a `BlockKwargs`) also knows each later block's own arguments (see `for_block`).
+    """The first block's inputs: ``[(hidden [b, seq, d], kwargs)]`` per batch of samples, where `kwargs` (a
+    `BlockKwargs`) also knows each later block's own arguments (see `for_block`).
 
     The later blocks' arguments are read in the same forward with every block's computation skipped (each hands
     its input on): the masks and RoPE tables a model gives its layers are made before its layer loop. Where
