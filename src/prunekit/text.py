@@ -170,6 +170,7 @@ def learned_position_limit(model) -> int | None:
     limit = position_limit(model)
     if limit is None or not hasattr(model, "named_modules"):
         return None
+
     def is_table(name: str) -> bool:  # GPT-2 / GPT-Neo `wpe`, OPT `embed_positions`, BERT-style `position_embeddings`
         last = name.rsplit(".", 1)[-1]
         return last == "wpe" or "pos" in last
