@@ -723,8 +723,25 @@ def test_sampled_paths_end_at_every_end_token_the_model_generates_to():
 def test_sampling_past_a_learned_position_table_is_refused_up_front():
     # GPT-2's 256 learned positions: an IndexError traceback mid-sampling
     model, tok = tiny_model("gpt2"), char_tokenizer()
+    model.generation_config.eos_token_id = None  # no path ends early: every one uses all its positions
+    tok.eos_token = None
     prompt = build_prompt(tok, "2+3=", instruction=None)
-    with pytest.raises(InputError, match=r"and 300 new tokens come to \d+ tokens, past the model's 256 learned "
-                                         r"positions; lower --max-new-tokens"):
-        sample_question(model, tok, prompt, n=2, max_new_tokens=300, seed=0)
-    assert len(sample_question(model, tok, prompt, n=2, max_new_tokens=4, seed=0)) == 2
+    length = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    fits = 256 - length + 1  # the last new token is never fed back
+    with pytest.raises(InputError, match=rf"and the {fits} new tokens fed back come to 257 tokens, past the model's "
+                                         r"256 learned positions; lower --max-new-tokens"):
+        sample_question(model, tok, prompt, n=2, max_new_tokens=fits + 1, seed=0)
+    paths = sample_question(model, tok, prompt, n=2, max_new_tokens=fits, seed=0)  # exactly the 256 positions
+    assert [len(p["tokens"]) for p in paths] == [fits, fits]
+
+
+def test_end_token_ids_may_be_numpy_or_torch_integers_and_nothing_else():
+    import numpy as np
+
+    from prunekit.inference.sampling import _ids
+
+    assert _ids(np.int64(7)) == {7} and _ids(torch.tensor(7)) == {7} and _ids([np.int32(1), 2]) == {1, 2}
+    assert _ids(np.array([3, 4])) == {3, 4} and _ids(None) == set()
+    for bad in (1.5, "2", [True]):
+        with pytest.raises(InputError, match="end token ids must be whole numbers"):
+            _ids(bad)

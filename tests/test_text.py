@@ -401,3 +401,23 @@ def test_perplexity_refuses_logits_that_overflow_instead_of_calling_them_inf(tmp
     with pytest.raises(InputError, match=r"\(its float32 activations overflow\); check its weights"):
         perplexity_of_ids(model, ids, batch_size=2, progress=False)
     hook.remove()
+
+
+def test_learned_position_limits_are_found_for_tables_and_left_out_for_rope():
+    # GPT-J keeps its sin/cos table as a buffer: past it, an IndexError traceback in reason / qtune / memory ask
+    from transformers import AutoModelForCausalLM, GPTJConfig, OPTConfig
+
+    from conftest import tiny_model
+
+    from prunekit.text import learned_position_limit
+
+    small = dict(vocab_size=128)
+    gptj = AutoModelForCausalLM.from_config(GPTJConfig(n_embd=32, n_layer=1, n_head=2, n_positions=64, rotary_dim=8,
+                                                       **small))
+    opt = AutoModelForCausalLM.from_config(OPTConfig(hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                                     num_attention_heads=2, max_position_embeddings=64,
+                                                     word_embed_proj_dim=32, **small))
+    assert learned_position_limit(gptj) == 64 and learned_position_limit(opt) == 64
+    assert learned_position_limit(tiny_model("gpt2")) == 256
+    for kind in ("llama", "qwen2", "gemma2", "mixtral"):  # RoPE: runs past its configured length
+        assert learned_position_limit(tiny_model(kind)) is None, kind

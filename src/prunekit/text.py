@@ -176,6 +176,9 @@ def learned_position_limit(model) -> int | None:
         return last == "wpe" or "pos" in last
 
     tables = [m for name, m in model.named_modules() if isinstance(m, nn.Embedding) and is_table(name)]
+    # GPT-J / CodeGen keep their sin/cos table as a buffer `embed_positions`, CTRL its sinusoids as `pos_encoding`
+    tables += [b for name, b in model.named_buffers() if "pos" in name.rsplit(".", 1)[-1] and b.dim() >= 2
+               and limit <= b.shape[0] <= limit + 2]
     return limit if tables else None
 
 

@@ -123,13 +123,22 @@ def _check(*, n, max_new_tokens, temperature, seed):
 
 
 def _ids(value) -> set:
-    if value is None or isinstance(value, bool):
+    """Token ids from one id or a list of them (numpy and 0-d torch integers too); None: none."""
+    import operator
+
+    if value is None:
         return set()
-    if isinstance(value, int):
-        return {value}
-    if isinstance(value, (list, tuple, set)):
-        return {v for v in value if isinstance(v, int) and not isinstance(v, bool)}
-    return set()
+    many = value.tolist() if hasattr(value, "tolist") else value
+    many = list(many) if isinstance(many, (list, tuple, set)) else [many]
+    out = set()
+    for v in many:
+        try:
+            if isinstance(v, bool) or isinstance(v, float):
+                raise TypeError
+            out.add(operator.index(v))
+        except TypeError:
+            raise InputError(f"end token ids must be whole numbers, got {value!r}") from None
+    return out
 
 
 def end_tokens(model, tokenizer) -> set:
@@ -157,8 +166,9 @@ def sample_question(model, tokenizer, prompt: str, *, n: int, max_new_tokens: in
     check_vocab(model, ids, what="the prompt")
     from prunekit.text import check_positions
 
-    check_positions(model, ids.shape[1] + max_new_tokens,
-                    what=f"the prompt ({ids.shape[1]} tokens) and {max_new_tokens} new tokens",
+    # the last new token is never fed back: prompt + new - 1 positions
+    check_positions(model, ids.shape[1] + max_new_tokens - 1,
+                    what=f"the prompt ({ids.shape[1]} tokens) and the {max_new_tokens - 1} new tokens fed back",
                     fix="lower --max-new-tokens (max_new_tokens=) or shorten the prompt")
     gen = torch.Generator(device=device).manual_seed(seed)
     tokens: list[list[int]] = [[] for _ in range(n)]
