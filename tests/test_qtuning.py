@@ -727,3 +727,23 @@ def test_sft_overflow_before_any_step_is_not_blamed_on_the_learning_rate():
     ex = S.tokenize(records(4), tok, max_length=64)
     with pytest.raises(InputError, match="before any optimizer step: the model's activations overflow"):
         S.sft(model, ex, pad_id=tok.eos_token_id, batch_size=2, lora_rank=None, progress=False)
+
+
+@pytest.mark.parametrize("lora_rank", [4, None])
+def test_sft_trains_a_float16_model_on_float32_copies(lora_rank):
+    # AdamW in float16: its second moment and eps round to 0, every step was inf and the error said to lower the
+    # learning rate, which no learning rate fixed
+    tok = char_tokenizer()
+    ex = S.tokenize(records(8), tok, max_length=64)
+    pad_id = tok.eos_token_id
+    model = tiny_model("llama").half()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = S.response_perplexity(model.float(), ex, pad_id=pad_id)
+    model.half()
+    S.sft(model, ex, pad_id=pad_id, batch_size=4, lr=1e-2, epochs=2, lora_rank=lora_rank, progress=False)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}  # new LoRA adapters too
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    now = {n.replace(".base.", "."): p for n, p in model.named_parameters()}  # LoRA wraps each Linear as `base`
+    trained = [n for n, p in now.items() if n not in before or not torch.equal(p, before[n])]
+    assert trained and (lora_rank is None or all("lora_" in n for n in trained))
+    assert S.response_perplexity(model.float(), ex, pad_id=pad_id) < ref

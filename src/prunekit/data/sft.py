@@ -561,7 +561,8 @@ def sft(model: nn.Module, examples: list[Example], *, pad_id: int, pruner=None, 
     once before training, at each epoch start, or per loaded batch of `load_batch` examples (default
     ``round(batch_size / sample_ratio)``, so the kept rows make a training batch of about `batch_size`, the same
     as the other modes'); only the kept rows are forwarded with gradients. The model is left in eval mode, as
-    `prunekit.train.train` leaves its model."""
+    `prunekit.train.train` leaves its model. A float16 model trains on float32 copies of its parameters (AdamW
+    cannot step in float16) and gets the trained values back in float16."""
     from prunekit.lora import LoRALinear, add_lora, lora_parameters
     from prunekit.weights.engine import refuse_factorized
 
@@ -592,56 +593,71 @@ def sft(model: nn.Module, examples: list[Example], *, pad_id: int, pruner=None, 
                              "the loaded batch, or pass load_batch")
         check_ratio(pruner.sample_ratio, "pruner.sample_ratio")
     refuse_factorized(model, "fine-tuning", "fine-tune the dense model, then prune it with ARMOR")
-    if lora_rank is not None:
-        if not any(isinstance(m, LoRALinear) for m in model.modules()):
-            add_lora(model, rank=lora_rank, alpha=lora_alpha, seed=seed)
-        params = lora_parameters(model)
-    else:
-        params = [p for p in model.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    report = SFTReport()
-    start = time.perf_counter()
-    selection = None
-    masks_all = [np.arange(len(e.ids)) >= e.prompt_len for e in examples]  # response positions
-    for epoch in range(epochs):
-        pool = list(range(len(examples)))
-        masks = masks_all
-        if pruner is not None and pruner.every in ("once", "epoch"):
-            if selection is None or pruner.every == "epoch":
-                selection = _select(pruner, model, examples, pad_id, batch_size, report, progress)
-                report.selections.append(selection)
-            pool = [i for i in pool if selection.keep_samples[i]]
-            masks = [selection.keep_tokens[i, : len(e.ids)] for i, e in enumerate(examples)]
-        order = [pool[j] for j in torch.randperm(len(pool), generator=gen).tolist()]
-        per_batch = pruner is not None and pruner.every == "batch"
-        step = batch_size
-        if per_batch:
-            step = load_batch or max(batch_size, int(round(batch_size / pruner.sample_ratio)))
-        starts = range(0, len(order), step)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc=f"sft epoch {epoch + 1}/{epochs}", leave=False)
-        model.train()
-        for s in starts:
-            rows = order[s: s + step]
-            batch = [examples[i] for i in rows]
+    # float16 parameters train on float32 copies (AdamW's second moment and eps round to 0 in float16: a step of
+    # inf at any learning rate); each gets its trained value back in float16, new LoRA adapters their base's dtype
+    half = [p for p in model.parameters() if p.dtype == torch.float16]
+    for p in half:
+        p.data = p.data.float()
+    try:
+        if lora_rank is not None:
+            if not any(isinstance(m, LoRALinear) for m in model.modules()):
+                add_lora(model, rank=lora_rank, alpha=lora_alpha, seed=seed)
+            params = lora_parameters(model)
+        else:
+            params = [p for p in model.parameters()]
+            for p in params:
+                p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        gen = torch.Generator().manual_seed(seed)
+        report = SFTReport()
+        start = time.perf_counter()
+        selection = None
+        masks_all = [np.arange(len(e.ids)) >= e.prompt_len for e in examples]  # response positions
+        for epoch in range(epochs):
+            pool = list(range(len(examples)))
+            masks = masks_all
+            if pruner is not None and pruner.every in ("once", "epoch"):
+                if selection is None or pruner.every == "epoch":
+                    selection = _select(pruner, model, examples, pad_id, batch_size, report, progress)
+                    report.selections.append(selection)
+                pool = [i for i in pool if selection.keep_samples[i]]
+                masks = [selection.keep_tokens[i, : len(e.ids)] for i, e in enumerate(examples)]
+            order = [pool[j] for j in torch.randperm(len(pool), generator=gen).tolist()]
+            per_batch = pruner is not None and pruner.every == "batch"
+            step = batch_size
             if per_batch:
-                model.eval()
-                sel = _select(pruner, model, batch, pad_id, batch_size, report, False)
-                model.train()
-                kept = np.flatnonzero(sel.keep_samples)
-                _step(model, [batch[k] for k in kept], [sel.keep_tokens[k, : len(batch[k].ids)] for k in kept],
-                      pad_id, opt, params, max_grad_norm, report)
-            else:
-                _step(model, batch, [masks[i] for i in rows], pad_id, opt, params, max_grad_norm, report)
-    model.eval()
-    for p in params:
-        p.grad = None
-    if not all(bool(torch.isfinite(p).all()) for p in params):  # the last step's update, no loss after it
+                step = load_batch or max(batch_size, int(round(batch_size / pruner.sample_ratio)))
+            starts = range(0, len(order), step)
+            if progress:
+                from tqdm.auto import tqdm
+
+                starts = tqdm(starts, desc=f"sft epoch {epoch + 1}/{epochs}", leave=False)
+            model.train()
+            for s in starts:
+                rows = order[s: s + step]
+                batch = [examples[i] for i in rows]
+                if per_batch:
+                    model.eval()
+                    sel = _select(pruner, model, batch, pad_id, batch_size, report, False)
+                    model.train()
+                    kept = np.flatnonzero(sel.keep_samples)
+                    _step(model, [batch[k] for k in kept], [sel.keep_tokens[k, : len(batch[k].ids)] for k in kept],
+                          pad_id, opt, params, max_grad_norm, report)
+                else:
+                    _step(model, batch, [masks[i] for i in rows], pad_id, opt, params, max_grad_norm, report)
+        model.eval()
+        for p in params:
+            p.grad = None
+        if not all(bool(torch.isfinite(p).all()) for p in params):  # the last step's update, no loss after it
+            raise _diverged(report.steps)
+    finally:
+        for p in half:
+            p.data = p.data.half()
+        for m in model.modules() if half else ():
+            if isinstance(m, LoRALinear):
+                for p in (m.lora_a, m.lora_b):
+                    p.data = p.data.to(m.base.weight.dtype)
+    if half and not all(bool(torch.isfinite(p).all()) for p in params):  # a trained value past float16's range
         raise _diverged(report.steps)
     report.seconds = time.perf_counter() - start
     return report
