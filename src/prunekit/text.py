@@ -190,6 +190,13 @@ def check_positions(model, tokens: int, *, what: str, fix: str) -> None:
         raise InputError(f"{what} come to {tokens} tokens, past the model's {limit} learned positions; {fix}")
 
 
+def check_generation_positions(model, prompt_tokens: int, new_tokens: int, *, fix: str) -> None:
+    """`check_positions` for generating `new_tokens` after a prompt: the last new token is never fed back, so the
+    model sees prompt + new - 1 positions."""
+    check_positions(model, prompt_tokens + new_tokens - 1,
+                    what=f"the prompt ({prompt_tokens} tokens) and the {new_tokens - 1} new tokens fed back", fix=fix)
+
+
 def check_vocab(model, ids: torch.Tensor, *, what: str) -> None:
     """Refuse token ids `model` cannot embed: a tokenizer that does not match it (an IndexError mid-forward)."""
     if not isinstance(ids, torch.Tensor) or ids.numel() == 0:

@@ -123,15 +123,12 @@ def chat_generate(model, tokenizer, user: str, *, system: str | None = None, max
     """Greedy reply of a chat model to one user message (its chat template; plain text if it has none)."""
     import torch
 
-    from prunekit.text import check_vocab
-
-    from prunekit.text import check_positions
+    from prunekit.text import check_generation_positions, check_vocab
 
     ids = chat_ids(tokenizer, user, system=system)  # [1, seq]
     check_vocab(model, ids, what="the prompt")
-    check_positions(model, ids.shape[1] + max_new_tokens - 1,  # the last new token is never fed back
-                    what=f"the prompt ({ids.shape[1]} tokens) and the {max_new_tokens - 1} new tokens fed back",
-                    fix="lower the budget (--budget) or --max-new-tokens")
+    check_generation_positions(model, ids.shape[1], max_new_tokens,
+                               fix="lower the budget (--budget) or --max-new-tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
         out = model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),

@@ -133,7 +133,7 @@ def _ids(value) -> set:
     out = set()
     for v in many:
         try:
-            if isinstance(v, bool) or isinstance(v, float):
+            if isinstance(v, (bool, float)):
                 raise TypeError
             out.add(operator.index(v))
         except TypeError:
@@ -161,15 +161,11 @@ def sample_question(model, tokenizer, prompt: str, *, n: int, max_new_tokens: in
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)  # [1, L]
     if ids.shape[1] == 0:
         raise InputError("the prompt is empty after tokenization")
-    from prunekit.text import check_vocab
+    from prunekit.text import check_generation_positions, check_vocab
 
     check_vocab(model, ids, what="the prompt")
-    from prunekit.text import check_positions
-
-    # the last new token is never fed back: prompt + new - 1 positions
-    check_positions(model, ids.shape[1] + max_new_tokens - 1,
-                    what=f"the prompt ({ids.shape[1]} tokens) and the {max_new_tokens - 1} new tokens fed back",
-                    fix="lower --max-new-tokens (max_new_tokens=) or shorten the prompt")
+    check_generation_positions(model, ids.shape[1], max_new_tokens,
+                               fix="lower --max-new-tokens (max_new_tokens=) or shorten the prompt")
     gen = torch.Generator(device=device).manual_seed(seed)
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]

@@ -794,7 +794,7 @@ def _save_dtypes(state: dict, dtype) -> dict | None:
             if v.is_floating_point()}
 
 
-def _overflowed(k: str, v, cast, flag: str):
+def _overflowed(k: str, v, cast):
     """An InputError when casting finite `v` (tensor `k`) gave infinities, else None."""
     import torch
 
@@ -802,7 +802,8 @@ def _overflowed(k: str, v, cast, flag: str):
         return None
     name = str(cast.dtype).removeprefix("torch.")
     return InputError(f"{k} holds values up to {float(v.detach().abs().max()):.4g}, past {name}'s largest "
-                      f"({torch.finfo(cast.dtype).max:.4g}): saved in {name} they would be infinite; {flag}")
+                      f"({torch.finfo(cast.dtype).max:.4g}): saved in {name} they would be infinite; save in "
+                      "bfloat16 or float32 (--dtype)")
 
 
 def round_to_saved(model, dtype) -> None:
@@ -825,7 +826,7 @@ def round_to_saved(model, dtype) -> None:
                 done.add(key)
 
 
-def check_fits_dtype(model, dtype, *, flag: str = "save in bfloat16 or float32 (--dtype)") -> None:
+def check_fits_dtype(model, dtype) -> None:
     """Refuse (InputError) weights of `model` that the saved `dtype` (as `save_weights` casts) cannot hold: a
     float32 weight past 65504 saved in float16 became inf, a model every prunekit command then refuses."""
     dtype = parse_dtype(dtype)
@@ -834,7 +835,7 @@ def check_fits_dtype(model, dtype, *, flag: str = "save in bfloat16 or float32 (
     for k, to in targets.items():
         v = state[k]
         if v.dtype != to:
-            err = _overflowed(k, v, v.detach().to(to), flag)
+            err = _overflowed(k, v, v.detach().to(to))
             if err is not None:
                 raise err
 
@@ -856,7 +857,7 @@ def save_weights(model, folder: Path, dtype=None) -> None:
         if v.is_floating_point():
             to = targets[k]
             out[k] = cast.setdefault((v.data_ptr(), tuple(v.shape), tuple(v.stride()), to), v.detach().to(to))
-            err = _overflowed(k, v, out[k], "save in bfloat16 or float32")
+            err = _overflowed(k, v, out[k])
             if err is not None:
                 raise err
         else:
