@@ -524,6 +524,51 @@ def test_cli_qtune(tmp_path, model_dir, sft_file, capsys):
     assert {p.dtype for p in trained.parameters()} == {torch.float16}
 
 
+def test_cli_qtune_says_what_a_half_precision_save_loses_of_the_update_and_records_the_model(tmp_path, model_dir,
+                                                                                               sft_file, capsys):
+    """A bfloat16 model's fine-tuned weights were the float32 result rounded to bfloat16, which dropped most of a
+    small update without a word, and OUT/model had no prunekit.json (a command run on it recorded no history)."""
+    from transformers import AutoModelForCausalLM
+
+    half = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(model_dir).to(torch.bfloat16).save_pretrained(half)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (model_dir / name).exists():
+            (half / name).write_bytes((model_dir / name).read_bytes())
+    args = ["data", "qtune", str(half), "--data", str(sft_file), "--samples", "0.5", "--train", "--lr", "1e-4",
+            "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "auto")]) == 0
+    err = capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "f32"), "--dtype", "float32"]) == 0
+    assert "--dtype float32 saves them as trained" not in capsys.readouterr().err
+    base, rounded, exact = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).state_dict()
+                            for p in (half, tmp_path / "auto" / "model", tmp_path / "f32" / "model"))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "auto" / "model").dtype == torch.bfloat16
+    # the same training either way: what the bfloat16 save lost, measured here from the two saved models
+    num = sum(float((rounded[k] - exact[k]).double().square().sum()) for k in base)
+    den = sum(float((exact[k] - base[k]).double().square().sum()) for k in base)
+    lost = (num / den) ** 0.5
+    assert lost > 0.1
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("auto", "f32")]
+    assert summaries[0]["training"]["saved_update_error"] == pytest.approx(lost, abs=1e-3)
+    assert summaries[1]["training"]["saved_update_error"] is None
+    assert summaries[1]["training"]["saved_dtype"] == "float32"
+    assert f"saved in bfloat16, as the input, the fine-tuned weights are off their trained values by {lost:.0%}" in err
+    assert "--dtype float32 saves them as trained" in err
+    record = json.loads((tmp_path / "auto" / "model" / "prunekit.json").read_text())
+    assert record["method"] == "qtune" and record["input"]["folder"] == str(half.resolve())
+    assert record["training"]["lr"] == 1e-4 and record["saved_dtype"] == "bfloat16"
+    # the next command records where its input came from
+    assert main(["prune", str(tmp_path / "auto" / "model"), "--method", "magnitude", "--ratio", "0.5",
+                 "--out", str(tmp_path / "pruned"), "--quiet"]) == 0
+    meta = json.loads((tmp_path / "pruned" / "prunekit.json").read_text())
+    assert meta["input"]["prunekit"]["method"] == "qtune"
+    # --dtype without --train is said to be ignored; a float16 save of weights it cannot hold fails before the work
+    assert main(["data", "qtune", str(half), "--data", str(sft_file), "--out", str(tmp_path / "o4"), "--dtype",
+                 "float16", "--quiet"]) == 0
+    assert "--dtype is used with --train only" in capsys.readouterr().err
+
+
 def test_alpaca_dolly_and_completion_fields_are_read_not_dropped(tmp_path):
     """Alpaca's input and Dolly's context were silently ignored: pairs were scored (and trained) without them."""
     tok = char_tokenizer()

@@ -140,6 +140,9 @@ def add_parser(sub) -> None:
     qt.add_argument("--lora-rank", type=int, default=None,
                     help="with --train: LoRA rank, merged into the saved model (default 8); 0 = full fine-tuning")
     qt.add_argument("--seed", type=int, default=0, help="with --train: seed of the fine-tuning")
+    qt.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default=None,
+                    help="with --train: dtype of the saved model (default auto: the input's; training runs in "
+                    "float32, and a half-precision save can round away much of a small update, said on stderr)")
     qt.add_argument("--out", required=True, help="output folder: kept.jsonl, scores.csv, summary.json, eu_plane.png")
     qt.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     qt.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -526,19 +529,20 @@ def _cmd_score(args) -> int:
 def _cmd_qtune(args) -> int:
     import csv
 
-    from prunekit.cli import _torch_threads, _versions
+    from prunekit.cli import _provenance, _torch_threads, _versions
 
     from prunekit.data import sft as S
     from prunekit.data.methods import qtuning as Q
     from prunekit.errors import InputError, check_not_input, file_sha256, int_at_least
     from pathlib import Path
 
-    from prunekit.weights.io import (carry_licence, check_output, check_replaceable, load_model, resolve_model,
-                                     save_weights, stored_dtypes, write_atomically)
+    from prunekit.weights.io import (carry_licence, check_fits_dtype, check_output, check_replaceable, load_model,
+                                     output_dtype, resolve_model, rounded_weights, save_weights, update_rounding,
+                                     write_atomically)
 
     check_output(args.out, overwrite=args.overwrite)
     ignored = []
-    for name, default in (("mode", "static"), ("epochs", 1), ("lr", 2e-4), ("lora_rank", 8)):
+    for name, default in (("mode", "static"), ("epochs", 1), ("lr", 2e-4), ("lora_rank", 8), ("dtype", "auto")):
         if getattr(args, name) is None:
             setattr(args, name, default)
         elif not args.train:
@@ -582,6 +586,8 @@ def _cmd_qtune(args) -> int:
         from prunekit.weights.engine import refuse_factorized
 
         refuse_factorized(model, "fine-tuning", "fine-tune the dense model, then prune it with ARMOR")
+        saved_dtype, saved_words = output_dtype(args.dtype, args.model)  # trained in float32, saved in this
+        check_fits_dtype(model, saved_dtype)  # a float16 save of weights past its range: refused before the work
     examples = S.tokenize(records, tok, max_length=args.max_length)
     cut = {part: sum(e.cut in (part, "both") for e in examples) for part in ("prompt", "response")}
     if cut["response"]:
@@ -592,7 +598,7 @@ def _cmd_qtune(args) -> int:
     nll, ent, resp = S.score_examples(model, examples, pad_id=pad_id, batch_size=args.batch_size, progress=not args.quiet)
     sel = Q.qtuning_select(nll, ent, resp, sample_ratio=args.samples, token_ratio=args.tokens, lam=args.lam)
     scored = time.perf_counter() - start
-    report = None
+    report = rounding = None
     if args.train:
         if args.mode == "static":  # the selection just written, not a second scoring pass
             pruner = S.FixedSelection(sel)
@@ -603,11 +609,14 @@ def _cmd_qtune(args) -> int:
         from prunekit.evaluate import sparsity, zeros_kept
 
         input_sparsity = sparsity(model)["total"]
+        before = rounded_weights(model, saved_dtype)  # empty unless the save rounds (a half-precision dtype)
         report = S.sft(model, examples, pad_id=pad_id, pruner=pruner, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, lora_rank=args.lora_rank or None, seed=args.seed, progress=not args.quiet)
         from prunekit.lora import merge_lora
 
         merge_lora(model)
+        rounding = update_rounding(before, model, saved_dtype)
+        del before
         pattern, skip = _recorded_if_readable(resolve_model(args.model))
         zeros, zeros_note = zeros_kept("fine-tuning (--train)", input_sparsity, model, pattern, skip=skip)
     counts = {Q.NAMES[q]: int((sel.quadrant == q).sum()) for q in (1, 2, 3, 4)}
@@ -624,12 +633,18 @@ def _cmd_qtune(args) -> int:
                "seed": args.seed if args.train else None,
                "torch_threads": _torch_threads(), "versions": _versions()}
     if report is not None:
-        saved_dtype = stored_dtypes(args.model)  # trained in float32, saved as the input stores its weights
         summary["training"] = {"mode": args.mode, "epochs": args.epochs, "lr": args.lr, "steps": report.steps,
                                "tokens_trained": report.tokens_trained, "tokens_forward": report.tokens_forward,
                                "tokens_scored": report.tokens_scored, "seconds": round(report.seconds, 2),
                                "lora_rank": args.lora_rank or None, "input_zeros": zeros,
-                               "saved_dtype": str(saved_dtype).removeprefix("torch.")}
+                               "saved_dtype": str(saved_dtype).removeprefix("torch."),
+                               # |saved update - trained update| / |trained update| (null: saved as trained)
+                               "saved_update_error": None if rounding is None else round(rounding, 4)}
+        record = {"model": str(args.model), "input": _provenance(args.model), "method": "qtune", "domain": "sft",
+                  **{k: summary[k] for k in ("data", "data_sha256", "sample_ratio", "token_ratio", "lam", "samples",
+                                             "kept_samples", "max_length", "batch_size", "seed")},
+                  "training": summary["training"], "saved_dtype": summary["training"]["saved_dtype"],
+                  "torch_threads": summary["torch_threads"], "versions": summary["versions"]}
 
     def build(tmp):
         with open(tmp / "kept.jsonl", "w", encoding="utf-8") as f:
@@ -655,6 +670,8 @@ def _cmd_qtune(args) -> int:
         if report is not None:
             save_weights(model, tmp / "model", saved_dtype)
             tok.save_pretrained(tmp / "model")
+            # what was done, so a command run on the model records its history (as prune's outputs do)
+            (tmp / "model" / "prunekit.json").write_text(jsonl.dumps(record, indent=2) + "\n")
             carry_licence(args.model, tmp / "model")
 
     write_atomically(args.out, build, overwrite=args.overwrite)
@@ -668,6 +685,10 @@ def _cmd_qtune(args) -> int:
           + f"; in {args.out}")
     if report is not None and zeros_note:
         print(f"prunekit: note: {zeros_note}", file=sys.stderr)
+    if rounding is not None and rounding > 0.1:
+        print(f"prunekit: note: saved in {saved_words}, the fine-tuned weights are off their trained values by "
+              f"{rounding:.0%} of the update's size (updates smaller than the dtype's step at a weight are rounded "
+              "away); --dtype float32 saves them as trained", file=sys.stderr)
     wanted, done = sel.info["token_drop_wanted"], sel.info["token_drop_done"]
     if done < wanted:  # the rule prunes misconceptions' tokens only: they can hold fewer than the budget drops
         total = summary["kept_samples_response_tokens"]

@@ -840,6 +840,42 @@ def check_fits_dtype(model, dtype) -> None:
                 raise err
 
 
+def rounded_weights(model, dtype) -> dict:
+    """The floating-point weights of `model` that a save in `dtype` rounds (saved in fewer bits than they hold),
+    as copies keyed by state-dict name: the reference `update_rounding` measures a later change against."""
+    import torch
+
+    dtype = parse_dtype(dtype)
+    state = model.state_dict()
+    targets = _save_dtypes(state, dtype) or {}
+    return {k: state[k].detach().clone() for k, to in targets.items()
+            if torch.finfo(to).eps > torch.finfo(state[k].dtype).eps}
+
+
+def update_rounding(before: dict, model, dtype) -> float | None:
+    """How far a save in `dtype` moves `model`'s change since `before` (`rounded_weights` taken then): the norm of
+    (saved update - true update) over that of the true update, over the tensors that changed; None when none did.
+    Near 1: the saved model kept little of the change (a fine-tuning update below the dtype's step at its weights)."""
+    import torch
+
+    dtype = parse_dtype(dtype)
+    state = model.state_dict()
+    targets = _save_dtypes(state, dtype) or {}
+    err = size = 0.0
+    for k, old in before.items():
+        new, to = state.get(k), targets.get(k)
+        if new is None or to is None or new.shape != old.shape:
+            continue
+        new = new.detach().to(old.dtype)
+        if torch.equal(new, old):
+            continue
+        true = (new - old).double()
+        saved = new.to(to).double() - old.to(to).double()
+        size += float(true.square().sum())
+        err += float((saved - true).square().sum())
+    return (err / size) ** 0.5 if size > 0 else None
+
+
 def save_weights(model, folder: Path, dtype=None) -> None:
     """``model.save_pretrained(folder)``, with the floating-point weights (and the config's ``dtype``) in `dtype`
     when given (a `MixedDtypes`: each tensor in its own); the model itself is not changed. A weight that the dtype
