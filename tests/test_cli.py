@@ -133,6 +133,12 @@ def test_a_mixed_dtype_folder_keeps_each_tensors_dtype_and_a_bin_folder_its_own(
     config.pop("dtype", None), config.pop("torch_dtype", None)
     (binary / "config.json").write_text(json.dumps(config))
     assert stored_dtypes(binary) == torch.float16
+    # eval computes in float32 and did not say so, nor what the folder stores
+    assert cli.main(["eval", str(folder), "--text", str(text_file), "--seqlen", "32", "--tokens", "64"]) == 0
+    assert "weights stored in bfloat16 with float32 tensors, computed in float32)" in capsys.readouterr().out
+    assert cli.main(["eval", str(binary), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["stored_dtype"] == "float16" and said["computed_in"] == "float32"
     out = tmp_path / "out-bin"
     assert cli.main(prune_args(binary, text_file, out, "--method", "magnitude", "--ratio", "0.5")) == 0
     assert "float16, as the input" in capsys.readouterr().out

@@ -515,7 +515,7 @@ def _cmd_eval(args) -> int:
     import prunekit
     from prunekit.errors import InputError, int_at_least
     from prunekit.evaluate import EVAL_TOKENS
-    from prunekit.weights.io import resolve_model
+    from prunekit.weights.io import resolve_model, stored_dtypes
 
     _check_eval_sizes(args.seqlen, args.tokens, "--tokens")
     int_at_least(args.batch_size, "--batch-size", 1)
@@ -537,7 +537,9 @@ def _cmd_eval(args) -> int:
     if args.tokens is None:
         _note_fitted(ppl, args.seqlen, "--tokens")
     measured = prunekit.sparsity(model)
-    out = {**ppl.to_dict(), "sparsity": measured["total"], "model_sparsity": measured["model_total"], "pattern": pattern}
+    stored = str(stored_dtypes(path)).removeprefix("torch.")  # "bfloat16", or "bfloat16 with float32 tensors"
+    out = {**ppl.to_dict(), "sparsity": measured["total"], "model_sparsity": measured["model_total"], "pattern": pattern,
+           "stored_dtype": stored, "computed_in": "float32"}
     if pattern is not None:
         bad = prunekit.check_pattern(model, pattern, skip=skip)
         out["pattern_ok"] = not bad
@@ -547,7 +549,8 @@ def _cmd_eval(args) -> int:
     if args.json:
         print(jsonl.dumps(out))
     else:
-        print(f"{args.model}: perplexity {ppl.ppl:.3f} on {ppl.text['source']} ({ppl.windows} x {ppl.seqlen} = {ppl.tokens} tokens)")
+        print(f"{args.model}: perplexity {ppl.ppl:.3f} on {ppl.text['source']} ({ppl.windows} x {ppl.seqlen} = {ppl.tokens} tokens; "
+              f"weights stored in {stored}, computed in float32)")
         print(f"sparsity of block Linears {measured['total']:.4f}; of all parameters {measured['model_total']:.4f}")
         if pattern is not None:
             left = f" (layers matching {', '.join(skip)} left dense by --skip, not checked)" if skip else ""
