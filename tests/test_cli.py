@@ -268,7 +268,9 @@ def test_what_later_steps_do_to_a_sparse_inputs_zeros_is_said_and_recorded(model
                      "4", "--max-length", "64", "--quiet", "--out", str(tmp_path / "qt")]) == 0
     zeros = json.loads((tmp_path / "qt" / "summary.json").read_text())["training"]["input_zeros"]
     assert zeros["pattern_kept"] is False and zeros["sparsity"] < 0.45
-    assert "fine-tuning (--train) filled its zeros" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "fine-tuning (--train) filled its zeros" in err
+    assert "(prunekit prune OUT/model --method ...)" in err  # the model is there ("prunekit prune OUT": no model)
 
 
 def test_depth_pruning_maps_the_inputs_skip_globs_to_the_kept_blocks_and_reads_past_a_broken_record(

@@ -541,13 +541,8 @@ def test_cli_qtune_says_what_a_half_precision_save_loses_of_the_update_and_recor
     err = capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "f32"), "--dtype", "float32"]) == 0
     assert "--dtype float32 saves them as trained" not in capsys.readouterr().err
-    base, rounded, exact = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).state_dict()
-                            for p in (half, tmp_path / "auto" / "model", tmp_path / "f32" / "model"))
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "auto" / "model").dtype == torch.bfloat16
-    # the same training either way: what the bfloat16 save lost, measured here from the two saved models
-    num = sum(float((rounded[k] - exact[k]).double().square().sum()) for k in base)
-    den = sum(float((exact[k] - base[k]).double().square().sum()) for k in base)
-    lost = (num / den) ** 0.5
+    lost = _saved_off_trained(half, tmp_path / "auto" / "model", tmp_path / "f32" / "model")
     assert lost > 0.1
     summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("auto", "f32")]
     assert summaries[0]["training"]["saved_update_error"] == pytest.approx(lost, abs=1e-3)
@@ -567,6 +562,31 @@ def test_cli_qtune_says_what_a_half_precision_save_loses_of_the_update_and_recor
     assert main(["data", "qtune", str(half), "--data", str(sft_file), "--out", str(tmp_path / "o4"), "--dtype",
                  "float16", "--quiet"]) == 0
     assert "--dtype is used with --train only" in capsys.readouterr().err
+    # full fine-tuning (a copy of each weight to compare with), and a float32 input saved in bfloat16: the
+    # figure is how far the saved weights are from the trained ones, not the rounding of the input's own weights
+    for name, folder, train, save in (("full", half, ["--lora-rank", "0"], []),
+                                      ("f32in", model_dir, [], ["--dtype", "bfloat16"])):
+        common = ["data", "qtune", str(folder), "--data", str(sft_file), "--samples", "0.5", "--train", "--lr",
+                  "1e-4", "--quiet", *train]
+        assert main([*common, "--out", str(tmp_path / name), *save]) == 0
+        assert main([*common, "--out", str(tmp_path / f"{name}32"), "--dtype", "float32"]) == 0
+        capsys.readouterr()
+        lost = _saved_off_trained(folder, tmp_path / name / "model", tmp_path / f"{name}32" / "model")
+        said = json.loads((tmp_path / name / "summary.json").read_text())["training"]["saved_update_error"]
+        assert said == pytest.approx(lost, abs=1e-3), name
+        assert 0 < said < 1.0
+
+
+def _saved_off_trained(original, saved, trained) -> float:
+    """|saved - trained| / |trained - original| over the tensors that changed, from three saved models."""
+    from transformers import AutoModelForCausalLM
+
+    base, rounded, exact = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).state_dict()
+                            for p in (original, saved, trained))
+    changed = [k for k in base if not torch.equal(exact[k], base[k])]
+    num = sum(float((rounded[k] - exact[k]).double().square().sum()) for k in changed)
+    den = sum(float((exact[k] - base[k]).double().square().sum()) for k in changed)
+    return (num / den) ** 0.5
 
 
 def test_alpaca_dolly_and_completion_fields_are_read_not_dropped(tmp_path):

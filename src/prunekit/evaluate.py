@@ -183,11 +183,12 @@ def zeros_refilled(masks: dict[str, tuple[torch.Size, np.ndarray]], model: nn.Mo
 
 
 def zeros_kept(step: str, input_sparsity: float, model: nn.Module, pattern: str | None = None, *,
-               skip=()) -> tuple[dict | None, str | None]:
+               skip=(), output: str = "OUT") -> tuple[dict | None, str | None]:
     """What a step that is not weight pruning (depth or width pruning, recovery, fine-tuning) left of a sparse
     input's zeros: ``({"input_sparsity", "sparsity", "input_pattern", "pattern_kept"}, note)``, the note (a
     sentence, or None) when the step filled many of them (5 points of sparsity or more) or broke `pattern` (the
-    input's recorded N:M pattern; `skip` the layers its pruning left dense). ``(None, None)`` for a dense input."""
+    input's recorded N:M pattern; `skip` the layers its pruning left dense; `output`: where the note says the model
+    is). ``(None, None)`` for a dense input."""
     if input_sparsity <= 0.005 and pattern is None:
         return None, None
     now = sparsity(model)["total"]
@@ -199,4 +200,5 @@ def zeros_kept(step: str, input_sparsity: float, model: nn.Module, pattern: str 
     return record, (f"the input was {input_sparsity:.4f} sparse ({pattern or 'unstructured'}) in its block Linears "
                     f"and {step} filled its zeros: the output is {now:.4f} sparse"
                     + (f" and breaks {pattern}" if broken else "")
-                    + "; prune the weights after this step (prunekit prune OUT --method ...) to make it sparse again")
+                    + f"; prune the weights after this step (prunekit prune {output} --method ...) to make "
+                    "it sparse again")

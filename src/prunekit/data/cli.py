@@ -537,8 +537,7 @@ def _cmd_qtune(args) -> int:
     from pathlib import Path
 
     from prunekit.weights.io import (carry_licence, check_fits_dtype, check_output, check_replaceable, load_model,
-                                     output_dtype, resolve_model, rounded_weights, save_weights, update_rounding,
-                                     write_atomically)
+                                     output_dtype, resolve_model, save_weights, UpdateRounding, write_atomically)
 
     check_output(args.out, overwrite=args.overwrite)
     ignored = []
@@ -609,16 +608,20 @@ def _cmd_qtune(args) -> int:
         from prunekit.evaluate import sparsity, zeros_kept
 
         input_sparsity = sparsity(model)["total"]
-        before = rounded_weights(model, saved_dtype)  # empty unless the save rounds (a half-precision dtype)
+        rounding = UpdateRounding(model, saved_dtype, full=not args.lora_rank)  # what the save loses of the update
         report = S.sft(model, examples, pad_id=pad_id, pruner=pruner, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, lora_rank=args.lora_rank or None, seed=args.seed, progress=not args.quiet)
         from prunekit.lora import merge_lora
 
+        if args.lora_rank:
+            rounding.measure_adapters(model)
         merge_lora(model)
-        rounding = update_rounding(before, model, saved_dtype)
-        del before
+        if not args.lora_rank:
+            rounding.measure(model)
+        rounding = rounding.result()
         pattern, skip = _recorded_if_readable(resolve_model(args.model))
-        zeros, zeros_note = zeros_kept("fine-tuning (--train)", input_sparsity, model, pattern, skip=skip)
+        zeros, zeros_note = zeros_kept("fine-tuning (--train)", input_sparsity, model, pattern, skip=skip,
+                                      output="OUT/model")
     counts = {Q.NAMES[q]: int((sel.quadrant == q).sum()) for q in (1, 2, 3, 4)}
     summary = {"model": str(args.model), "data": str(args.data), "samples": len(examples), "kept_samples": sel.samples,
                "response_tokens": int(resp.sum()), "kept_response_tokens": sel.tokens,

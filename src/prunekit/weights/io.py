@@ -843,40 +843,70 @@ def check_fits_dtype(model, dtype) -> None:
                 raise err
 
 
-def rounded_weights(model, dtype) -> dict:
-    """The floating-point weights of `model` that a save in `dtype` rounds (saved in fewer bits than they hold),
-    as copies keyed by state-dict name: the reference `update_rounding` measures a later change against."""
-    import torch
+class UpdateRounding:
+    """How far a save in `dtype` leaves fine-tuned weights from their trained values, as a share of the update:
+    |saved - trained| / |trained - original| over the tensors training changed; `result()` is None when nothing
+    changed or the save rounds nothing (float32). Near 1: the saved model kept little of the update (steps below
+    the dtype's resolution at each weight).
 
-    dtype = parse_dtype(dtype)
-    state = model.state_dict()
-    targets = _save_dtypes(state, dtype) or {}
-    return {k: state[k].detach().clone() for k, to in targets.items()
-            if torch.finfo(to).eps > torch.finfo(state[k].dtype).eps}
+    Make it before training. ``full=True`` (every weight trains) keeps a copy of each floating-point weight to
+    compare with afterwards (in the save dtype where that holds it exactly, as for a bfloat16 input saved as
+    bfloat16; a tied weight once), then `measure(model)`; LoRA needs no copy: `measure_adapters(model)` before
+    merging reads each adapter's update."""
 
+    def __init__(self, model, dtype, *, full: bool):
+        import torch
 
-def update_rounding(before: dict, model, dtype) -> float | None:
-    """How far a save in `dtype` moves `model`'s change since `before` (`rounded_weights` taken then): the norm of
-    (saved update - true update) over that of the true update, over the tensors that changed; None when none did.
-    Near 1: the saved model kept little of the change (a fine-tuning update below the dtype's step at its weights)."""
-    import torch
+        state = model.state_dict()
+        self.targets = _save_dtypes(state, parse_dtype(dtype)) or {}
+        self.rounds = any(torch.finfo(to).eps > torch.finfo(state[k].dtype).eps for k, to in self.targets.items())
+        self.before: dict = {}
+        self.err = self.size = 0.0
+        if not (full and self.rounds):
+            return
+        seen = set()
+        for k, v in state.items():
+            key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()))
+            if not v.is_floating_point() or key in seen:
+                continue
+            seen.add(key)
+            small = v.detach().to(self.targets[k])
+            self.before[k] = small if torch.equal(small.to(v.dtype), v) else v.detach().clone()
 
-    dtype = parse_dtype(dtype)
-    state = model.state_dict()
-    targets = _save_dtypes(state, dtype) or {}
-    err = size = 0.0
-    for k, old in before.items():
-        new, to = state.get(k), targets.get(k)
-        if new is None or to is None or new.shape != old.shape:
-            continue
-        new = new.detach().to(old.dtype)
-        if torch.equal(new, old):
-            continue
-        true = (new - old).double()
-        saved = new.to(to).double() - old.to(to).double()
-        size += float(true.square().sum())
-        err += float((saved - true).square().sum())
-    return (err / size) ** 0.5 if size > 0 else None
+    def _add(self, name: str, old, new) -> None:
+        import torch
+
+        new = new.detach()
+        if torch.equal(new, old.to(new.dtype)):
+            return
+        self.size += float((new - old.to(new.dtype)).square().sum(dtype=torch.float64))
+        to = self.targets.get(name)
+        if to is not None and torch.finfo(to).eps > torch.finfo(new.dtype).eps:
+            self.err += float((new.to(to).to(new.dtype) - new).square().sum(dtype=torch.float64))
+
+    def measure(self, model) -> None:
+        """After full fine-tuning: compare every weight with its copy."""
+        state = model.state_dict()
+        for k, old in self.before.items():
+            self._add(k, old, state[k])
+        self.before = {}
+
+    def measure_adapters(self, model) -> None:
+        """Before `merge_lora`: each adapted Linear's weight as merged (base + update) against its base."""
+        import torch
+
+        from prunekit.lora import LoRALinear
+
+        if not self.rounds:
+            return
+        with torch.no_grad():
+            for n, m in model.named_modules():
+                if isinstance(m, LoRALinear):
+                    w = m.base.weight
+                    self._add(f"{n}.weight", w, w + m.delta().to(w.dtype))
+
+    def result(self) -> float | None:
+        return (self.err / self.size) ** 0.5 if self.rounds and self.size > 0 else None
 
 
 def save_weights(model, folder: Path, dtype=None) -> None:
