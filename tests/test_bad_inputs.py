@@ -832,7 +832,7 @@ def test_overwrite_refuses_a_model_folder_no_prunekit_command_wrote(model_dir, t
     shutil.copytree(model_dir, own)
     before = digest(own)
     argv = ["prune", str(model_dir), "--method", "magnitude", "--ratio", "0.5", "--out", str(own), "--overwrite"]
-    refused(argv, capsys, "is a Hugging Face model folder no prunekit command wrote (no prunekit.json)")
+    refused(argv, capsys, "is a Hugging Face model folder (no prunekit.json) (config.json")
     assert digest(own) == before
     out = tmp_path / "out"  # an earlier prunekit output is still replaced
     argv[-2] = str(out)

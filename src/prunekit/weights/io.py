@@ -620,8 +620,8 @@ def check_replaceable(out: Path) -> None:
     config.json or summary.json passed, and was deleted)."""
     if out.is_dir() and any(out.iterdir()) and not _is_prunekit_output(out):
         names = sorted(p.name for p in out.iterdir())
-        hf = "a Hugging Face model folder no prunekit command wrote (no prunekit.json); " if _hf_config(out) else ""
-        raise InputError(f"--overwrite replaces an earlier prunekit output, but {out} is {hf}a folder of other files "
+        what = "a Hugging Face model folder (no prunekit.json)" if _hf_config(out) else "a folder of other files"
+        raise InputError(f"--overwrite replaces an earlier prunekit output, but {out} is {what} "
                          f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) that no prunekit command "
                          "wrote; choose another output folder (--out), or empty it first")
 
