@@ -145,7 +145,7 @@ def sample(args, count: int) -> list[dict]:
     todo = questions[len(done):]
     print(f"sampling {len(todo)} questions x {SAMPLES} paths into {path} ({len(done)} cached)", flush=True)
     model_dir = zoo.model_path("smollm2-135m")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_kernels=False).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     t0 = time.perf_counter()
     state = {"k": 0}
@@ -174,7 +174,7 @@ def tune(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = zoo.model_path("smollm2-135m")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_kernels=False).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     questions = make_questions(args.tune, args.question_seed + 1000)  # not the benchmark's questions
     t0 = time.perf_counter()

@@ -70,7 +70,7 @@ def check_changes(dense_state: dict, folder: Path, pattern: str) -> dict:
     """Which tensors the tool changed (only block Linears may), their sparsity, and N:M conformance."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_kernels=False).eval()
     prefix, blocks = find_blocks(model)
     targets = {f"{n}.weight" for i, b in enumerate(blocks) for n in target_linears(b, f"{prefix}.{i}")}
     state = model.state_dict()
