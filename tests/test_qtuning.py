@@ -562,9 +562,20 @@ def test_cli_qtune_says_what_a_half_precision_save_loses_of_the_update_and_recor
     assert main(["data", "qtune", str(half), "--data", str(sft_file), "--out", str(tmp_path / "o4"), "--dtype",
                  "float16", "--quiet"]) == 0
     assert "--dtype is used with --train only" in capsys.readouterr().err
-    # full fine-tuning (a copy of each weight to compare with), and a float32 input saved in bfloat16: the
-    # figure is how far the saved weights are from the trained ones, not the rounding of the input's own weights
+    # full fine-tuning (a copy of each weight to compare with), also of a folder keeping its norms and embeddings
+    # in float32 (their copies were the live weights: their updates went uncounted), and a float32 input saved in
+    # bfloat16: the figure is how far the saved weights are from the trained ones
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(half, mixed)
+    state = load_file(mixed / "model.safetensors")
+    save_file({k: v.float() if "norm" in k or "embed" in k else v for k, v in state.items()},
+              mixed / "model.safetensors", metadata={"format": "pt"})
     for name, folder, train, save in (("full", half, ["--lora-rank", "0"], []),
+                                      ("mixed_full", mixed, ["--lora-rank", "0"], []),
                                       ("f32in", model_dir, [], ["--dtype", "bfloat16"])):
         common = ["data", "qtune", str(folder), "--data", str(sft_file), "--samples", "0.5", "--train", "--lr",
                   "1e-4", "--quiet", *train]

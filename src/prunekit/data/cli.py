@@ -641,7 +641,7 @@ def _cmd_qtune(args) -> int:
                                "tokens_scored": report.tokens_scored, "seconds": round(report.seconds, 2),
                                "lora_rank": args.lora_rank or None, "input_zeros": zeros,
                                "saved_dtype": str(saved_dtype).removeprefix("torch."),
-                               # |saved update - trained update| / |trained update| (null: saved as trained)
+                               # |saved - trained| / |trained - input| over the changed weights (null: as trained)
                                "saved_update_error": None if rounding is None else round(rounding, 4)}
         record = {"model": str(args.model), "input": _provenance(args.model), "method": "qtune", "domain": "sft",
                   **{k: summary[k] for k in ("data", "data_sha256", "sample_ratio", "token_ratio", "lam", "samples",
@@ -690,8 +690,9 @@ def _cmd_qtune(args) -> int:
         print(f"prunekit: note: {zeros_note}", file=sys.stderr)
     if rounding is not None and rounding > 0.1:
         print(f"prunekit: note: saved in {saved_words}, the fine-tuned weights are off their trained values by "
-              f"{rounding:.0%} of the update's size (updates smaller than the dtype's step at a weight are rounded "
-              "away); --dtype float32 saves them as trained", file=sys.stderr)
+              f"{rounding:.0%} of the update's size (the rounding moves each weight by up to half the dtype's step "
+              "there, and an update smaller than that is lost); --dtype float32 saves them as trained",
+              file=sys.stderr)
     wanted, done = sel.info["token_drop_wanted"], sel.info["token_drop_done"]
     if done < wanted:  # the rule prunes misconceptions' tokens only: they can hold fewer than the budget drops
         total = summary["kept_samples_response_tokens"]

@@ -870,7 +870,7 @@ class UpdateRounding:
             if not v.is_floating_point() or key in seen:
                 continue
             seen.add(key)
-            small = v.detach().to(self.targets[k])
+            small = v.detach().to(self.targets[k], copy=True)  # a copy even in the same dtype (it returned v)
             self.before[k] = small if torch.equal(small.to(v.dtype), v) else v.detach().clone()
 
     def _add(self, name: str, old, new) -> None:
