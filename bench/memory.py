@@ -483,6 +483,10 @@ def main() -> None:
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     facts = make_facts(rng)
+    if int(args.conv_turns // 2 * 0.93) < len(facts):  # each fact in its own user turn of the first 93%
+        least = next(t for t in range(2, 10 * len(facts) + 4, 2) if int(t // 2 * 0.93) >= len(facts))
+        p.error(f"--conv-turns {args.conv_turns} leaves too few user turns for the {len(facts)} planted facts "
+                f"(one each, in the first 93%); give at least {least}")
     docs = zoo.wiki_documents()
     order = np.random.default_rng(0).permutation(len(docs))
     docs = [docs[i] for i in order]
