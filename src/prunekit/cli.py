@@ -538,8 +538,8 @@ def _cmd_eval(args) -> int:
         _note_fitted(ppl, args.seqlen, "--tokens")
     measured = prunekit.sparsity(model)
     stored = str(stored_dtypes(path)).removeprefix("torch.")  # "bfloat16", or "bfloat16 with float32 tensors"
-    out = {**ppl.to_dict(), "sparsity": measured["total"], "model_sparsity": measured["model_total"], "pattern": pattern,
-           "stored_dtype": stored, "computed_in": "float32"}
+    out = {**ppl.to_dict(), "sparsity": measured["total"], "model_sparsity": measured["model_total"],
+           "pattern": pattern, "stored_dtype": stored, "computed_in": "float32"}
     if pattern is not None:
         bad = prunekit.check_pattern(model, pattern, skip=skip)
         out["pattern_ok"] = not bad
@@ -549,8 +549,8 @@ def _cmd_eval(args) -> int:
     if args.json:
         print(jsonl.dumps(out))
     else:
-        print(f"{args.model}: perplexity {ppl.ppl:.3f} on {ppl.text['source']} ({ppl.windows} x {ppl.seqlen} = {ppl.tokens} tokens; "
-              f"weights stored in {stored}, computed in float32)")
+        print(f"{args.model}: perplexity {ppl.ppl:.3f} on {ppl.text['source']} ({ppl.windows} x {ppl.seqlen} = "
+              f"{ppl.tokens} tokens; weights stored in {stored}, computed in float32)")
         print(f"sparsity of block Linears {measured['total']:.4f}; of all parameters {measured['model_total']:.4f}")
         if pattern is not None:
             left = f" (layers matching {', '.join(skip)} left dense by --skip, not checked)" if skip else ""
