@@ -797,6 +797,18 @@ def _save_dtypes(state: dict, dtype) -> dict | None:
             if v.is_floating_point()}
 
 
+def _storage(v) -> tuple:
+    """What identifies a tensor's values: tied weights (embeddings and lm_head) share one."""
+    return v.data_ptr(), tuple(v.shape), tuple(v.stride())
+
+
+def _rounds(to, dtype) -> bool:
+    """Whether casting `dtype` values to `to` rounds them (to a coarser floating-point type)."""
+    import torch
+
+    return torch.finfo(to).eps > torch.finfo(dtype).eps
+
+
 def _overflowed(k: str, v, cast):
     """An InputError when casting finite `v` (tensor `k`) gave infinities, else None."""
     import torch
@@ -823,10 +835,9 @@ def round_to_saved(model, dtype) -> None:
     with torch.no_grad():
         for k, to in targets.items():
             v = state[k]
-            key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()))
-            if v.dtype != to and key not in done:  # a tied weight once
+            if v.dtype != to and _storage(v) not in done:  # a tied weight once
                 v.copy_(v.to(to))
-                done.add(key)
+                done.add(_storage(v))
 
 
 def check_fits_dtype(model, dtype) -> None:
@@ -859,17 +870,16 @@ class UpdateRounding:
 
         state = model.state_dict()
         self.targets = _save_dtypes(state, parse_dtype(dtype)) or {}
-        self.rounds = any(torch.finfo(to).eps > torch.finfo(state[k].dtype).eps for k, to in self.targets.items())
+        self.rounds = any(_rounds(to, state[k].dtype) for k, to in self.targets.items())
         self.before: dict = {}
         self.err = self.size = 0.0
         if not (full and self.rounds):
             return
         seen = set()
         for k, v in state.items():
-            key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()))
-            if not v.is_floating_point() or key in seen:
+            if not v.is_floating_point() or _storage(v) in seen:
                 continue
-            seen.add(key)
+            seen.add(_storage(v))
             small = v.detach().to(self.targets[k], copy=True)  # a copy even in the same dtype (it returned v)
             self.before[k] = small if torch.equal(small.to(v.dtype), v) else v.detach().clone()
 
@@ -881,7 +891,7 @@ class UpdateRounding:
             return
         self.size += float((new - old.to(new.dtype)).square().sum(dtype=torch.float64))
         to = self.targets.get(name)
-        if to is not None and torch.finfo(to).eps > torch.finfo(new.dtype).eps:
+        if to is not None and _rounds(to, new.dtype):
             self.err += float((new.to(to).to(new.dtype) - new).square().sum(dtype=torch.float64))
 
     def measure(self, model) -> None:
@@ -925,7 +935,7 @@ def save_weights(model, folder: Path, dtype=None) -> None:
     for k, v in state.items():
         if v.is_floating_point():
             to = targets[k]
-            out[k] = cast.setdefault((v.data_ptr(), tuple(v.shape), tuple(v.stride()), to), v.detach().to(to))
+            out[k] = cast.setdefault((*_storage(v), to), v.detach().to(to))
             err = _overflowed(k, v, out[k])
             if err is not None:
                 raise err
