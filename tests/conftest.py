@@ -14,6 +14,9 @@ import torch
 # transformers >= 5.25 swaps in Hub kernels by default, and fails without the `kernels` package. prunekit's own
 # loads pass use_kernels=False (test_cli.py::test_models_load_without_hub_kernels checks that without this).
 os.environ.setdefault("USE_HUB_KERNELS", "NO")
+# prune --eval reuses an earlier run's dense perplexity from $PRUNEKIT_CACHE/eval: the tests score it every time
+# (test_evalcache.py turns the cache on in a folder of its own), and leave the user's cache alone
+os.environ["PRUNEKIT_EVAL_CACHE"] = "off"
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (ROOT / "LICENSE").read_text()  # ~11k characters of real English, one token per character

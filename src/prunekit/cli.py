@@ -157,6 +157,10 @@ def _add_prune_arguments(pr) -> None:
     pr.add_argument("--eval-seqlen", type=int, default=512,
                     help="tokens per perplexity window for --eval (default 512, eval's default; --seqlen is the "
                     "calibration windows')")
+    pr.add_argument("--no-dense-cache", action="store_true",
+                    help="score the dense model on the --eval texts again even when an earlier run scored the same "
+                    "model files on the same windows (kept in $PRUNEKIT_CACHE/eval; PRUNEKIT_EVAL_CACHE=off turns "
+                    "the cache off)")
     pr.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     pr.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
@@ -308,6 +312,9 @@ def _cmd_prune(args) -> int:
         raise InputError("--eval-tokens sets how much of the --eval texts is scored; give --eval TEXTS or leave it out")
     if args.eval_seqlen != _prune_default("eval_seqlen") and not args.eval:
         raise InputError("--eval-seqlen sets the windows of the --eval texts; give --eval TEXTS or leave it out")
+    if args.no_dense_cache and not args.eval:
+        raise InputError("--no-dense-cache re-scores the dense model on the --eval texts; give --eval TEXTS or leave "
+                         "it out")
     int_at_least(args.seqlen, "--seqlen", 2)
     _check_eval_sizes(args.eval_seqlen, args.eval_tokens, "--eval-tokens", seqlen_flag="--eval-seqlen")
     int_at_least(args.seed, "--seed", 0)
@@ -391,18 +398,35 @@ def _cmd_prune(args) -> int:
 
 
 def eval_dense(model, tok, texts: dict, args, progress: bool) -> dict:
-    """``{name: {"dense": perplexity dict}}`` of `model` on each of `texts` before a prune command changes it, with
-    ``args.eval_seqlen`` / ``args.eval_tokens``; a text shorter than the default token count is scored whole."""
+    """``{name: {"dense": perplexity dict}}`` of `model` (as loaded from ``args.model``) on each of `texts` before a
+    prune command changes it, with ``args.eval_seqlen`` / ``args.eval_tokens``; a text shorter than the default
+    token count is scored whole. A figure an earlier run measured on the same model files and windows is reused
+    (`prunekit.evalcache`; its dict then says ``"cached": "<when it was scored>"``) unless ``--no-dense-cache``."""
     import prunekit
-    from prunekit.evaluate import EVAL_TOKENS
+    from prunekit import evalcache
+    from prunekit.evaluate import EVAL_TOKENS, Perplexity
+    from prunekit.weights.io import resolve_model
 
-    evaluation = {}
+    evaluation, reused = {}, []
+    tokens, fit, batch_size = args.eval_tokens or EVAL_TOKENS, args.eval_tokens is None, 4
     for name, text in texts.items():
-        ppl = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=args.eval_tokens or EVAL_TOKENS,
-                                  progress=progress, fit=args.eval_tokens is None, desc=f"perplexity {name} dense")
-        if args.eval_tokens is None:
+        key = None if args.no_dense_cache else evalcache.key_for(
+            resolve_model(args.model), text, seqlen=args.eval_seqlen, tokens=tokens, fit=fit, batch_size=batch_size)
+        hit = evalcache.lookup(key) if key is not None else None
+        if hit is not None:
+            ppl = Perplexity(**hit["dense"])
+            reused.append(f"{name} (scored {hit['computed']})")
+        else:
+            ppl = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens, batch_size=batch_size,
+                                      progress=progress, fit=fit, desc=f"perplexity {name} dense")
+            if key is not None:
+                evalcache.store(key, ppl.to_dict())
+        if fit:
             _note_fitted(ppl, args.eval_seqlen, "--eval-tokens")
-        evaluation[name] = {"dense": ppl.to_dict()}
+        evaluation[name] = {"dense": ppl.to_dict() if hit is None else dict(ppl.to_dict(), cached=hit["computed"])}
+    if reused:
+        print(f"prunekit: note: reused the dense perplexity an earlier run measured on the same model files and "
+              f"windows: {', '.join(reused)}; --no-dense-cache scores it again", file=sys.stderr)
     return evaluation
 
 
