@@ -409,9 +409,11 @@ def eval_dense(model, tok, texts: dict, args, progress: bool) -> dict:
 
     evaluation, reused = {}, []
     tokens, fit, batch_size = args.eval_tokens or EVAL_TOKENS, args.eval_tokens is None, 4
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
     for name, text in texts.items():
         key = None if args.no_dense_cache else evalcache.key_for(
-            resolve_model(args.model), text, seqlen=args.eval_seqlen, tokens=tokens, fit=fit, batch_size=batch_size)
+            resolve_model(args.model), text, seqlen=args.eval_seqlen, tokens=tokens, fit=fit, batch_size=batch_size,
+            dtype="+".join(dtypes))
         hit = evalcache.lookup(key) if key is not None else None
         if hit is not None:
             ppl = Perplexity(**hit["dense"])

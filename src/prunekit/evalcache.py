@@ -5,7 +5,7 @@ SmolLM2-135M on 2 cores). A result is reused only when everything that decides i
 - the model folder (its absolute path, and the name, size and modification time of every file in it: weights,
   config and tokenizer; rewriting any of them, ``--overwrite`` included, misses the cache);
 - the text (source name, documents and sha256 of its content), the window length, the token count asked for (or
-  "all the text's windows"), the batch size;
+  "all the text's windows"), the batch size, the dtype the model was loaded in;
 - the prunekit, torch and transformers versions, and `FORMAT` (raised when the scoring itself changes).
 
 Entries are small JSON files in ``$PRUNEKIT_EVAL_CACHE`` (default ``$PRUNEKIT_CACHE/eval``), the newest `KEEP`
@@ -53,8 +53,10 @@ def _folder_files(folder: Path) -> list:
     return files
 
 
-def key_for(model_dir, text, *, seqlen: int, tokens: int | None, fit: bool, batch_size: int) -> dict:
-    """Everything the dense perplexity of the model in `model_dir` on `text` (a `prunekit.text.Text`) depends on."""
+def key_for(model_dir, text, *, seqlen: int, tokens: int | None, fit: bool, batch_size: int,
+            dtype: str = "float32") -> dict:
+    """Everything the dense perplexity of the model in `model_dir`, loaded in `dtype`, on `text` (a
+    `prunekit.text.Text`) depends on."""
     import torch
     import transformers
 
@@ -63,7 +65,7 @@ def key_for(model_dir, text, *, seqlen: int, tokens: int | None, fit: bool, batc
     folder = Path(model_dir).resolve()
     return {"format": FORMAT, "model": str(folder), "files": _folder_files(folder),
             "text": {"source": text.name, "documents": text.documents, "sha256": text.sha256},
-            "seqlen": int(seqlen), "tokens": tokens, "fit": bool(fit), "batch_size": int(batch_size),
+            "seqlen": int(seqlen), "tokens": tokens, "fit": bool(fit), "batch_size": int(batch_size), "dtype": dtype,
             "versions": {"prunekit": prunekit.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__}}
 
