@@ -1,6 +1,7 @@
 """prune --eval's dense perplexity, reused across runs only when the model files, text and windows are the same."""
 
 import json
+import time
 
 import pytest
 
@@ -137,7 +138,8 @@ def test_only_the_most_recently_used_entries_are_kept(cache, monkeypatch, text_f
     monkeypatch.setattr(evalcache, "KEEP", 2)
     text = load_text(str(text_file), purpose="evaluation")
     dense = {"ppl": 2.0, "nll": 0.69, "tokens": 64, "seqlen": 64, "windows": 1, "text": text.describe()}
-    keys = [evalcache.key_for(text_file.parent, text, seqlen=64, tokens=n, fit=False, batch_size=4)
+    files = evalcache.folder_files(text_file.parent)
+    keys = [evalcache.key_for(text_file.parent, text, files=files, seqlen=64, tokens=n, fit=False, batch_size=4)
             for n in (64, 128, 192)]
     evalcache.store(keys[0], dense)
     evalcache.store(keys[1], dense)
@@ -147,3 +149,98 @@ def test_only_the_most_recently_used_entries_are_kept(cache, monkeypatch, text_f
     evalcache.store(keys[2], dense)
     assert evalcache.lookup(keys[1]) is None and evalcache.lookup(keys[0]) is not None
     assert evalcache.lookup(keys[2]) is not None and len(list(cache.glob("*.json"))) == 2
+    # files of other names in the folder are not the cache's: a user's own .json files in a folder given as
+    # PRUNEKIT_EVAL_CACHE were deleted down to the newest 500
+    mine = [cache / f"run{i}.json" for i in range(3)]
+    for path in mine:
+        path.write_text("{}")
+    stale = cache / ".prunekit-eval-tmp-x.json"  # a killed write's, two hours old
+    stale.write_text("")
+    os.utime(stale, ns=(time.time_ns() - 7200 * 10**9,) * 2)
+    evalcache.store(keys[0], dense)
+    assert all(path.read_text() == "{}" for path in mine) and not stale.exists()
+    assert len([p for p in cache.iterdir() if p.name not in {m.name for m in mine}]) == 2
+    # an entry is as readable as any file the user writes (mkstemp made it owner-only)
+    from prunekit.errors import _umask
+
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~_umask() for p in cache.glob("*.json") if p not in mine)
+
+
+def test_a_folder_replaced_after_loading_is_not_filed_under_the_new_files(model_dir, text_file, tmp_path, cache,
+                                                                          scored, monkeypatch):
+    # the key was read from the folder when the dense model was scored: a folder replaced after the load filed the
+    # old model's figure under the new files, and the next run reused it for the new model
+    args = ("--method", "magnitude", "--ratio", "0.5", "--eval", str(text_file), *EVAL)
+    assert cli.main(prune_args(model_dir, text_file, tmp_path / "a", *args)) == 0
+    first = _evaluation(tmp_path / "a", text_file)["dense"]
+    real_load = prunekit.load_model
+
+    def load_then_replace(*a, **k):
+        loaded = real_load(*a, **k)
+        tiny_model("llama", seed=1).save_pretrained(model_dir)  # another model saved into the folder meanwhile
+        return loaded
+
+    monkeypatch.setattr(prunekit, "load_model", load_then_replace)
+    scored.clear()
+    assert cli.main(prune_args(model_dir, text_file, tmp_path / "b", *args)) == 0
+    assert scored[0].endswith(" dense") and _evaluation(tmp_path / "b", text_file)["dense"] == first  # as loaded
+    monkeypatch.setattr(prunekit, "load_model", real_load)
+    scored.clear()
+    assert cli.main(prune_args(model_dir, text_file, tmp_path / "c", *args)) == 0
+    third = _evaluation(tmp_path / "c", text_file)["dense"]
+    assert scored[0].endswith(" dense") and third["ppl"] != first["ppl"] and "cached" not in third
+
+
+def test_a_copy_with_the_same_names_sizes_and_times_is_not_the_same_model(model_dir, text_file, tmp_path, cache,
+                                                                        scored):
+    # a model copied in with its files' sizes and modification times (cp -p, tar, rsync -t) reused the old figure
+    import os
+    import shutil
+
+    args = ("--method", "magnitude", "--ratio", "0.5", "--eval", str(text_file), *EVAL)
+    assert cli.main(prune_args(model_dir, text_file, tmp_path / "a", *args)) == 0
+    first = _evaluation(tmp_path / "a", text_file)["dense"]
+    other = tmp_path / "other"
+    tiny_model("llama", seed=1).save_pretrained(other)
+    for path in model_dir.iterdir():
+        if (other / path.name).is_file():
+            assert (other / path.name).stat().st_size == path.stat().st_size
+            stat = path.stat()
+            os.utime(other / path.name, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            shutil.copy2(other / path.name, path)
+            assert path.stat().st_mtime_ns == stat.st_mtime_ns
+    scored.clear()
+    assert cli.main(prune_args(model_dir, text_file, tmp_path / "b", *args)) == 0
+    assert scored[0].endswith(" dense") and _evaluation(tmp_path / "b", text_file)["dense"]["ppl"] != first["ppl"]
+
+
+def test_an_odd_entry_or_no_home_folder_is_passed_over(model_dir, text_file, tmp_path, cache, scored, monkeypatch):
+    import os
+
+    args = ("--method", "magnitude", "--ratio", "0.5", "--eval", str(text_file), *EVAL)
+    assert cli.main(prune_args(model_dir, text_file, tmp_path / "a", *args)) == 0
+    first = _evaluation(tmp_path / "a", text_file)["dense"]
+    entry, = cache.glob("*.json")
+    key = json.loads(entry.read_text())["key"]
+    for damaged in ("[" * 100000 + "]" * 100000,  # a RecursionError traceback
+                    json.dumps({"key": key, "dense": first}),  # no time it was computed: "(scored None)"
+                    None):  # a pipe where the entry was: the run waited for a writer
+        entry.unlink()
+        if damaged is None:
+            os.mkfifo(entry)
+        else:
+            entry.write_text(damaged)
+        scored.clear()
+        assert cli.main(prune_args(model_dir, text_file, tmp_path / "a", *args, "--overwrite")) == 0
+        assert scored[0].endswith(" dense") and _evaluation(tmp_path / "a", text_file)["dense"] == first
+    # no home folder for the default cache (a container's user without a passwd entry): scored, not a traceback
+    from prunekit import zoo
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("PRUNEKIT_EVAL_CACHE")
+    monkeypatch.setattr(zoo, "cache_dir", no_home)
+    scored.clear()
+    assert cli.main(prune_args(model_dir, text_file, tmp_path / "b", *args)) == 0
+    assert scored[0].endswith(" dense")

@@ -337,11 +337,12 @@ def _cmd_prune(args) -> int:
     evals_src = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
     saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
+    files = model_files(args, resolve_model(args.model))
     model, tok = prunekit.load_model(args.model)  # after the texts: a missing file fails before the slow load
     # before the slow work: weight pruning keeps every tensor, so the save would refuse it (depth and structured
     # pruning may drop the offending block, head or channel: their save checks what is left)
     check_fits_dtype(model, saved_dtype)
-    evaluation = eval_dense(model, tok, eval_texts, args, progress)
+    evaluation = eval_dense(model, tok, eval_texts, args, progress, files)
     result = prunekit.prune(
         model, method=args.method, ratio=ratio, pattern=args.pattern, calibration=calib_text, tokenizer=tok,
         samples=args.samples, seqlen=args.seqlen, seed=args.seed, skip=tuple(args.skip),
@@ -397,11 +398,20 @@ def _cmd_prune(args) -> int:
     return 0
 
 
-def eval_dense(model, tok, texts: dict, args, progress: bool) -> dict:
-    """``{name: {"dense": perplexity dict}}`` of `model` (as loaded from ``args.model``) on each of `texts` before a
-    prune command changes it, with ``args.eval_seqlen`` / ``args.eval_tokens``; a text shorter than the default
-    token count is scored whole. A figure an earlier run measured on the same model files and windows is reused
-    (`prunekit.evalcache`; its dict then says ``"cached": "<when it was scored>"``) unless ``--no-dense-cache``."""
+def model_files(args, path) -> list | None:
+    """The files of the model folder `path` as `eval_dense` keys its cache on, read before the model is loaded;
+    None when nothing will be looked up (no --eval, or --no-dense-cache)."""
+    from prunekit import evalcache
+
+    return evalcache.folder_files(path) if args.eval and not args.no_dense_cache else None
+
+
+def eval_dense(model, tok, texts: dict, args, progress: bool, files: list | None = None) -> dict:
+    """``{name: {"dense": perplexity dict}}`` of `model` on each of `texts` before a prune command changes it, with
+    ``args.eval_seqlen`` / ``args.eval_tokens``; a text shorter than the default token count is scored whole.
+    With `files` (`model_files` of ``args.model`` taken before the model was loaded from it), a figure an earlier
+    run measured on the same model files and windows is reused (`prunekit.evalcache`; its dict then says
+    ``"cached": "<when it was scored>"``), and what is scored is kept for the next run."""
     import prunekit
     from prunekit import evalcache
     from prunekit.evaluate import EVAL_TOKENS, Perplexity
@@ -410,9 +420,17 @@ def eval_dense(model, tok, texts: dict, args, progress: bool) -> dict:
     evaluation, reused = {}, []
     tokens, fit, batch_size = args.eval_tokens or EVAL_TOKENS, args.eval_tokens is None, 4
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    folder = resolve_model(args.model) if files is not None else None
+
+    def unchanged() -> bool:  # the folder still holds what was loaded (it was not replaced meanwhile)
+        try:
+            return evalcache.folder_files(folder) == files
+        except OSError:
+            return False
+
     for name, text in texts.items():
-        key = None if args.no_dense_cache else evalcache.key_for(
-            resolve_model(args.model), text, seqlen=args.eval_seqlen, tokens=tokens, fit=fit, batch_size=batch_size,
+        key = None if files is None or not unchanged() else evalcache.key_for(
+            folder, text, files=files, seqlen=args.eval_seqlen, tokens=tokens, fit=fit, batch_size=batch_size,
             dtype="+".join(dtypes))
         hit = evalcache.lookup(key) if key is not None else None
         if hit is not None:
@@ -421,7 +439,7 @@ def eval_dense(model, tok, texts: dict, args, progress: bool) -> dict:
         else:
             ppl = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen, tokens=tokens, batch_size=batch_size,
                                       progress=progress, fit=fit, desc=f"perplexity {name} dense")
-            if key is not None:
+            if key is not None and unchanged():
                 evalcache.store(key, ppl.to_dict())
         if fit:
             _note_fitted(ppl, args.eval_seqlen, "--eval-tokens")

@@ -191,7 +191,7 @@ def run_prune(args) -> int:
     import prunekit
     import prunekit.depth as depth
     from prunekit import report
-    from prunekit.cli import _provenance, _recorded_if_readable, _versions, eval_dense, eval_pruned
+    from prunekit.cli import _provenance, _recorded_if_readable, _versions, eval_dense, eval_pruned, model_files
     from prunekit.evaluate import zeros_kept
     from prunekit.speed import compare_speed_with_dense, noise_note
     from prunekit.depth.dit import is_dit_folder
@@ -207,6 +207,7 @@ def run_prune(args) -> int:
     path, calib, eval_texts, options = _validate(args)
     progress = not args.quiet
     saved_dtype, dtype_words = output_dtype(args.dtype, path)
+    files = model_files(args, path)
     model, tok = prunekit.load_model(path)
     if args.recover != "none":  # before the selection's work
         refuse_factorized(model, f"--recover {args.recover}", "recover the dense model before "
@@ -219,7 +220,7 @@ def run_prune(args) -> int:
         ids = prunekit.calibration_ids(tok, calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed)
         check_token_ids(model, ids, what="calibration text")
         target = depth.causal_lm_target(model, ids, batch_size=args.batch_size)
-    evaluation = eval_dense(model, tok, eval_texts, args, progress)
+    evaluation = eval_dense(model, tok, eval_texts, args, progress, files)
     dense_layers = len(find_blocks(model)[1])
     start = time.perf_counter()
     if target is None:  # every-other without recovery
@@ -331,6 +332,9 @@ def _validate_dit(args):
     evals = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
     if any(e != "fid" for e in evals):
         raise InputError(f"a DiT is evaluated with --eval fid (sample FID and class accuracy), not {args.eval}")
+    if args.no_dense_cache:  # accepted and ignored
+        raise InputError("--no-dense-cache applies to a language model's --eval perplexity; a DiT's FID is scored "
+                         "every run; leave it out")
     path = Path(args.model).expanduser()
     check_not_input(args.out, path)
     check_replaceable(Path(args.out).expanduser())  # before the selection, recovery and FID (it came after them)

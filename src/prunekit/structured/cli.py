@@ -51,7 +51,7 @@ def run_prune(args) -> int:
     import prunekit
     from prunekit import registry, report
     from prunekit.cli import (_given, _options, _provenance, _recorded_if_readable, _torch_threads, _versions,
-                              eval_dense, eval_pruned)
+                              eval_dense, eval_pruned, model_files)
     from prunekit.evaluate import zeros_kept
     from prunekit.speed import compare_speed_with_dense, noise_note
     from prunekit.structured import check_request, prune_structured, save_structured
@@ -87,6 +87,7 @@ def run_prune(args) -> int:
     calib_text = prunekit.load_text(calib, purpose="calibration") if calib else None
     progress = not args.quiet
     saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
+    files = model_files(args, resolve_model(args.model))
     model, tok = prunekit.load_model(args.model)
     dims = model_dims(model)
     check_request(args.method, ratio=args.ratio, structure=structure, options=options, dims=dims)
@@ -99,7 +100,7 @@ def run_prune(args) -> int:
         ids = calibration_windows(args.method, tok, calib_text, samples=args.samples, seqlen=args.seqlen,
                                   seed=args.seed, options=options)
         check_token_ids(model, ids, what="calibration text")
-    evaluation = eval_dense(model, tok, eval_texts, args, progress)
+    evaluation = eval_dense(model, tok, eval_texts, args, progress, files)
     input_sparsity = prunekit.sparsity(model)["total"]
     pattern, skip = _recorded_if_readable(resolve_model(args.model))
     result = prune_structured(model, method=args.method, ratio=args.ratio, structure=structure, tokenizer=tok,
