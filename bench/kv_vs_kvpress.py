@@ -87,6 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--contexts", type=ints, default=[2048, 4096], help="passkey context lengths")
     p.add_argument("--depths", type=floats, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths")
     p.add_argument("--fractions", type=floats, default=[0.25, 0.5], help="passkey budgets as fractions of the context")
+    p.add_argument("--passkey-policies", default="", metavar="NAMES",
+                   help="run only these passkey policies, of either tool (e.g. full,delta,delta_calibrated: no kvpress "
+                   "venv is needed when no press is named); default every one")
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--ppl-context", type=int, default=2048)
     p.add_argument("--ppl-tokens", type=int, default=256)
@@ -110,7 +113,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(RESULTS), metavar="DIR",
                    help="folder of NAME.json, NAME.md and NAME.raw.jsonl (default bench/results)")
     p.add_argument("--report-only", action="store_true", help="rewrite the .json/.md from the raw samples; run nothing")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.passkey_policies.split(",")) - {"", "full", *PRUNEKIT_POLICIES, *KVPRESS_PRESSES}
+    if unknown:
+        known = ", ".join(dict.fromkeys(["full", *PRUNEKIT_POLICIES, *KVPRESS_PRESSES]))
+        p.error(f"--passkey-policies: unknown {', '.join(sorted(unknown))}; choose from {known}")
+    return args
 
 
 def load_raw(path: Path) -> dict:
@@ -157,6 +165,10 @@ def make_jobs(args, tok, book: list[int]) -> list[dict]:
                 budgets = [int(f * context) for f in (args.fractions if task == "passkey" else args.speed_fractions)]
                 for tool, names in (("prunekit", ["full"] + (["full_engine"] if task == "speed" else []) + PRUNEKIT_POLICIES),
                                     ("kvpress", ["full"] + KVPRESS_PRESSES)):
+                    if task == "passkey" and args.passkey_policies:
+                        chosen = args.passkey_policies.split(",")
+                        names = [n for n in names if n in chosen and (tool == "prunekit" or n != "full" or
+                                                                      any(c in KVPRESS_PRESSES for c in chosen))]
                     for name in names:
                         for budget in ([None] if name.startswith("full") else budgets):
                             jobs.append(dict(tool=tool, policy=name, task=task, context=context, budget=budget, sample=depth,
