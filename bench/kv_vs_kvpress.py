@@ -43,6 +43,11 @@ Both ran on one thread of a shared 2-core CPU.
 ``bench/results/kv_stream_stretches.md`` is ``--tasks stream --stream-offsets 0,16384,32768`` for StreamingLLM and
 ``deep_forcing:sinks=0.02/recent=0.5/topc=0.45``, one process per policy (``--name`` a and b, then their raw
 files joined and reported with ``--report-only --name kv_stream_stretches``).
+``bench/results/kv_delta_depths.md`` is DELTA's passkey at 19 depths, with no kvpress press:
+
+    python bench/kv_vs_kvpress.py --name kv_delta_depths --tasks passkey --fractions 0.25 \
+        --depths 0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.45,0.5,0.55,0.6,0.65,0.7,0.75,0.8,0.85,0.9,0.95 \
+        --passkey-policies full,delta,delta_calibrated
 
 Writes bench/results/kv_vs_kvpress.json ({"rows": [...]}) and .md.
 """
@@ -88,8 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--depths", type=floats, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths")
     p.add_argument("--fractions", type=floats, default=[0.25, 0.5], help="passkey budgets as fractions of the context")
     p.add_argument("--passkey-policies", default="", metavar="NAMES",
-                   help="run only these passkey policies, of either tool (e.g. full,delta,delta_calibrated: no kvpress "
-                   "venv is needed when no press is named); default every one")
+                   help="the passkey task runs only these policies, of either tool (e.g. full,delta,delta_calibrated; "
+                   "with --tasks passkey and no press named, no kvpress venv is needed); default every one")
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--ppl-context", type=int, default=2048)
     p.add_argument("--ppl-tokens", type=int, default=256)
@@ -114,6 +119,8 @@ def parse_args(argv=None):
                    help="folder of NAME.json, NAME.md and NAME.raw.jsonl (default bench/results)")
     p.add_argument("--report-only", action="store_true", help="rewrite the .json/.md from the raw samples; run nothing")
     args = p.parse_args(argv)
+    if args.passkey_policies and not args.passkey_policies.replace(",", ""):  # "," ran no passkey job, silently
+        p.error(f"--passkey-policies {args.passkey_policies!r} names no policy; give e.g. full,delta or leave it out")
     unknown = set(args.passkey_policies.split(",")) - {"", "full", *PRUNEKIT_POLICIES, *KVPRESS_PRESSES}
     if unknown:
         known = ", ".join(dict.fromkeys(["full", *PRUNEKIT_POLICIES, *KVPRESS_PRESSES]))
