@@ -91,6 +91,87 @@ def test_an_expert_no_token_reached_is_pruned_by_magnitude_and_says_so(method, k
     assert reached and all(r.rel_error is not None for r in reached)
 
 
+def _routed_inputs(model, layer: int, ids: torch.Tensor):
+    """The dense model's input of each expert of MoE block `layer` (one forward over `ids`), gathered in the
+    order the experts' eager loop takes them (by top-k slot, then token), and the routing."""
+    moe = model.model.layers[layer].mlp
+    seen = {}
+
+    def grab(module, inputs, output):
+        seen["x"], seen["index"] = inputs[0].reshape(-1, inputs[0].shape[-1]), output[2]
+
+    handle = moe.gate.register_forward_hook(grab)
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    out = {}
+    for e in range(moe.experts.gate_up_proj.shape[0]):
+        _, token_idx = torch.where((seen["index"] == e).T)
+        out[e] = seen["x"][token_idx]
+    return out
+
+
+@pytest.mark.parametrize("base, kw", [("wanda", dict(ratio=0.5)), ("sparsegpt", dict(ratio=0.5)),
+                                      ("magnitude", dict(pattern="2:4"))])
+def test_dsnot_refines_each_expert_on_the_tokens_routed_to_it(base, kw):
+    """DSnoT on fused experts (it was refused): each expert's result equals DSnoT run by hand on the statistics
+    of the tokens routed to it, the swaps really change the base mask, and the sparsity is exact."""
+    from prunekit.weights import stats as stats_lib
+    from prunekit.weights.methods import dsnot
+    from prunekit.select import parse_pattern
+
+    model = tiny_model("mixtral")
+    args = calib()
+    ids = prunekit.text.calibration_ids(args["tokenizer"], args["calibration"], samples=4, seqlen=32, seed=0)
+    routed = _routed_inputs(model, 0, ids)  # block 0 sees the dense model's inputs
+    moe = model.model.layers[0].mlp.experts
+    up, down = moe.gate_up_proj.detach().clone(), moe.down_proj.detach().clone()
+    pattern = parse_pattern(kw["pattern"]) if "pattern" in kw else None
+    ratio = kw.get("ratio", 0.5)
+    want, swaps = {}, 0
+    for e, xe in routed.items():
+        assert xe.shape[0] > 0
+        gate, u = F.linear(xe, up[e]).chunk(2, dim=-1)
+        he = moe.act_fn(gate) * u
+        for proj, w, x in (("gate_up_proj", up[e], xe), ("down_proj", down[e], he)):
+            acc = stats_lib.make("hessian+moments", w.shape[1])
+            acc.add(x)  # one forward over the batch of 4: one call of each expert
+            out = dsnot.prune_weight(w, acc.value(), ratio=ratio, pattern=pattern, base=base,
+                                     name=f"model.layers.0.mlp.experts.{proj}.{e}")
+            want[proj, e] = out.weight
+            swaps += out.info["swaps"]
+            base_only = dsnot.prune_weight(w, acc.value(), ratio=ratio, pattern=pattern, base=base, max_cycle_time=0)
+            if out.info["swaps"]:
+                assert not torch.equal(out.weight != 0, base_only.weight != 0)
+    assert swaps > 0
+    result = prunekit.prune(model, method="dsnot", base=base, **kw, **args)
+    moe = model.model.layers[0].mlp.experts
+    assert type(moe).__name__ == "MixtralExperts"
+    for (proj, e), w in want.items():
+        got = getattr(moe, proj)[e]
+        assert torch.equal(got != 0, w != 0), (proj, e)
+        torch.testing.assert_close(got, w.to(got.dtype), rtol=0, atol=0)
+    reports = {r.name: r for r in result.layers}
+    assert sum(reports[f"model.layers.0.mlp.experts.{p}.{e}"].info["swaps"] for p, e in want) == swaps
+    assert result.total_sparsity == 0.5
+    if pattern is not None:
+        assert prunekit.evaluate.check_pattern(model, "2:4") == []
+
+
+def test_dsnot_leaves_an_expert_no_token_reached_at_its_magnitude_mask():
+    model = tiny_model("mixtral")
+    _never_route_to(model.model.layers[1].mlp.gate, 2)
+    w = model.model.layers[1].mlp.experts.gate_up_proj[2].detach().clone()
+    result = prunekit.prune(model, method="dsnot", base="wanda", ratio=0.5, **calib())
+    report = {r.name: r for r in result.layers}["model.layers.1.mlp.experts.gate_up_proj.2"]
+    assert report.info["calibration_tokens"] == 0 and report.info["swaps"] == 0
+    got = model.model.layers[1].mlp.experts.gate_up_proj[2]
+    assert torch.equal(got != 0, wanda_mask(w, torch.ones(w.shape[1]), 0.5))
+    assert torch.equal(got[got != 0], w[got != 0])
+    reached = [r for r in result.layers if "experts" in r.name and r.info.get("calibration_tokens") != 0]
+    assert reached and sum(r.info["swaps"] for r in reached) > 0
+
+
 _MORE = {"olmoe": dict(num_experts=4, num_experts_per_tok=2, eos_token_id=None),
          "deepseek_v3": dict(first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
                              moe_intermediate_size=32, n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16,
@@ -143,10 +224,12 @@ def test_skip_globs_reach_experts_and_unsupported_methods_are_refused():
     result = prunekit.prune(model, method="magnitude", ratio=0.5, skip=["*experts*"], progress=False)
     assert result.layers and not any("experts" in r.name for r in result.layers)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.dim() == 3)
-    for method in ("dsnot", "armor"):
+    for method in ("armor", "dpruner"):
         fresh = tiny_model("qwen3_moe")
-        with pytest.raises(InputError, match="the methods that prune MoE experts: magnitude, wanda, sparsegpt"):
+        kept = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+        with pytest.raises(InputError, match="the methods that prune MoE experts: magnitude, wanda, sparsegpt, dsnot"):
             prunekit.prune(fresh, method=method, pattern="2:4", **calib())
+        assert all(torch.equal(p, kept[n]) for n, p in fresh.named_parameters())
 
 
 def test_experts_computing_something_else_are_refused_before_any_change():

@@ -184,7 +184,7 @@ def _fused_weights(block: nn.Module) -> list[tuple[str, torch.Tensor]]:
             for p_name, p in module.named_parameters(recurse=False) if p.dim() > 2]
 
 
-EXPERT_METHODS = ("magnitude", "wanda", "sparsegpt")  # those that prune fused MoE experts (weights.experts)
+EXPERT_METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot")  # those that prune fused MoE experts (weights.experts)
 
 
 def _refuse_fused_weights(model: nn.Module, method: str) -> None:

@@ -162,7 +162,13 @@ def is_finite(value) -> bool:
 def neutral(name: str, d_in: int):
     """The value statistic `name` takes for white inputs (every column of unit norm, uncorrelated): what a layer
     that saw no calibration token is pruned with (an MoE expert no token was routed to). Wanda's norms are then
-    equal, SparseGPT's Hessian the identity: both reduce to magnitude pruning (no weight update)."""
+    equal, SparseGPT's Hessian the identity: both reduce to magnitude pruning (no weight update). DSnoT's moments
+    are unit norms and variances with zero means: no expected output shift, so it makes no swap. A composite name
+    (``"a+b"``) gives the dict of its parts, as `Composite` does."""
+    if "+" in name:
+        return {part: neutral(part, d_in) for part in name.split("+")}
+    if name == "moments":
+        return InputMoments(torch.ones(d_in), torch.zeros(d_in), torch.ones(d_in), None)
     if name == "norms":
         return torch.ones(d_in, dtype=torch.float32)
     if name == "hessian":

@@ -8,7 +8,8 @@ Statistics of the layer's input over the calibration sequences (`prunekit.weight
 ``n_j = mean_seq sum_tokens x_j^2``, ``mu_j = mean_seq sum_tokens x_j`` and ``var_j`` (mean over sequences of
 the variance of ``x_j`` within a sequence).
 
-Algorithm, per Linear ``W [out, in]``:
+Algorithm, per Linear ``W [out, in]`` (fused mixture-of-experts weights: per expert, on the tokens routed to it,
+`prunekit.weights.experts`):
 
 1. The base method gives the initial pruned weights ``W'`` and mask (kept = nonzero in ``W'``).
 2. Per output row ``r``, the expected output shift of the sparse row: ``err_r = sum_j W_rj mu_j - sum_{j kept}
