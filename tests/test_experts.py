@@ -93,7 +93,7 @@ def test_an_expert_no_token_reached_is_pruned_by_magnitude_and_says_so(method, k
 
 def _routed_inputs(model, layer: int, ids: torch.Tensor):
     """The dense model's input of each expert of MoE block `layer` (one forward over `ids`), gathered in the
-    order the experts' eager loop takes them (by top-k slot, then token), and the routing."""
+    order the experts' eager loop takes them (by top-k slot, then token), with the sequence of each row."""
     moe = model.model.layers[layer].mlp
     seen = {}
 
@@ -107,7 +107,7 @@ def _routed_inputs(model, layer: int, ids: torch.Tensor):
     out = {}
     for e in range(moe.experts.gate_up_proj.shape[0]):
         _, token_idx = torch.where((seen["index"] == e).T)
-        out[e] = seen["x"][token_idx]
+        out[e] = seen["x"][token_idx], token_idx // ids.shape[1]
     return out
 
 
@@ -129,13 +129,13 @@ def test_dsnot_refines_each_expert_on_the_tokens_routed_to_it(base, kw):
     pattern = parse_pattern(kw["pattern"]) if "pattern" in kw else None
     ratio = kw.get("ratio", 0.5)
     want, swaps = {}, 0
-    for e, xe in routed.items():
-        assert xe.shape[0] > 0
+    for e, (xe, groups) in routed.items():
+        assert xe.shape[0] > 0 and groups.unique().numel() > 1
         gate, u = F.linear(xe, up[e]).chunk(2, dim=-1)
         he = moe.act_fn(gate) * u
         for proj, w, x in (("gate_up_proj", up[e], xe), ("down_proj", down[e], he)):
             acc = stats_lib.make("hessian+moments", w.shape[1])
-            acc.add(x)  # one forward over the batch of 4: one call of each expert
+            acc.add(x, groups)  # DSnoT's moments per calibration sequence, as for a dense layer
             out = dsnot.prune_weight(w, acc.value(), ratio=ratio, pattern=pattern, base=base,
                                      name=f"model.layers.0.mlp.experts.{proj}.{e}")
             want[proj, e] = out.weight
@@ -144,18 +144,80 @@ def test_dsnot_refines_each_expert_on_the_tokens_routed_to_it(base, kw):
             if out.info["swaps"]:
                 assert not torch.equal(out.weight != 0, base_only.weight != 0)
     assert swaps > 0
-    result = prunekit.prune(model, method="dsnot", base=base, **kw, **args)
+    result = prunekit.prune(model, method="dsnot", base=base, **kw, **args, batch_size=3)  # not one batch
     moe = model.model.layers[0].mlp.experts
     assert type(moe).__name__ == "MixtralExperts"
     for (proj, e), w in want.items():
         got = getattr(moe, proj)[e]
         assert torch.equal(got != 0, w != 0), (proj, e)
-        torch.testing.assert_close(got, w.to(got.dtype), rtol=0, atol=0)
+        # equal up to the Hessian's summation order (batches of 3 here, one hand-made sum)
+        torch.testing.assert_close(got, w.to(got.dtype), rtol=1e-4, atol=1e-5)
     reports = {r.name: r for r in result.layers}
     assert sum(reports[f"model.layers.0.mlp.experts.{p}.{e}"].info["swaps"] for p, e in want) == swaps
     assert result.total_sparsity == 0.5
     if pattern is not None:
         assert prunekit.evaluate.check_pattern(model, "2:4") == []
+
+
+@pytest.mark.parametrize("sequential", ["block", "layer"])
+def test_dsnot_on_experts_does_not_depend_on_the_batch_size(sequential):
+    """An expert's routed tokens arrive flattened over the batch; DSnoT's moments are per calibration sequence
+    (mean over sequences of the within-sequence variance), so batching 1 or 8 sequences gave 874 different mask
+    entries in one block's gate_up_proj."""
+    def masks(batch_size):
+        model = tiny_model("mixtral")
+        result = prunekit.prune(model, method="dsnot", base="wanda", ratio=0.5, batch_size=batch_size,
+                                sequential=sequential, **calib(samples=8))
+        assert sum(r.info["swaps"] for r in result.layers if "experts" in r.name) > 0
+        return {n: p != 0 for n, p in model.named_parameters() if p.dim() == 3}
+
+    one, eight = masks(1), masks(8)
+    assert one.keys() and all(torch.equal(one[n], eight[n]) for n in one)
+
+
+def test_moments_of_grouped_rows_equal_those_of_the_sequences():
+    from prunekit.weights import stats as stats_lib
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8) * torch.linspace(0.5, 3, 8) + torch.randn(3, 1, 8)  # [seqs, tokens, d]
+    dense = stats_lib.make("moments+hessian", 8)
+    dense.add(x)
+    order = torch.randperm(10)  # the rows of sequences 0 and 1 shuffled together (an expert's routed tokens)
+    rows, groups = x[:2].reshape(10, 8)[order], torch.arange(2).repeat_interleave(5)[order]
+    grouped = stats_lib.make("moments+hessian", 8)
+    grouped.add(rows, groups)  # a batch of two sequences, then one of sequence 2
+    grouped.add(x[2], torch.full((5,), 7))
+    a, b = dense.value(), grouped.value()
+    torch.testing.assert_close(b["hessian"], a["hessian"])
+    for field in ("norms", "sums", "var"):
+        torch.testing.assert_close(getattr(b["moments"], field), getattr(a["moments"], field))
+    assert b["moments"].tokens == a["moments"].tokens == 5
+    ungrouped = stats_lib.make("moments", 8)
+    ungrouped.add(rows)  # the old reading: the whole batch one sequence
+    assert not torch.allclose(ungrouped.value().var, a["moments"].var)
+    with pytest.raises(ValueError, match="one sequence index per row"):
+        grouped.add(rows, groups[:3])
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "granitemoe", "qwen2_moe"])
+def test_dsnot_skip_mlp_leaves_every_expert_at_its_base_mask(kind):
+    """GraniteMoE keeps its experts under ``block_sparse_moe``: ``skip_mlp`` refined them all the same."""
+    def run(**options):
+        model = tiny_model(kind)
+        result = prunekit.prune(model, method="dsnot", base="wanda", ratio=0.5, **options, **calib())
+        return model, {r.name: r for r in result.layers}
+
+    skipped, reports = run(skip_mlp=True)
+    base, _ = run(max_cycle_time=0)
+    experts = [n for n in reports if ".experts." in n]
+    assert experts and all(reports[n].info["skipped"] and reports[n].info["swaps"] == 0 for n in experts)
+    assert any(reports[n].info["swaps"] for n in reports if "self_attn" in n)
+    compared = 0
+    for (name, p), q in zip(skipped.named_parameters(), base.parameters()):
+        if p.dim() == 3 and name.startswith("model.layers.0."):  # later blocks see the refined attention's outputs
+            assert torch.equal(p != 0, q != 0), name
+            compared += 1
+    assert compared == 2
 
 
 def test_dsnot_leaves_an_expert_no_token_reached_at_its_magnitude_mask():

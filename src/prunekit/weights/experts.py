@@ -86,6 +86,7 @@ class ExpertLinears(nn.Module):
 
     def __init__(self, fused: nn.Module):
         super().__init__()
+        self.sequence_length = None  # tokens per sequence of the current forward (set by `unfused_experts`)
         self.num_experts = fused.gate_up_proj.shape[0]
         self.act_fn = fused.act_fn
         self.gate_up_proj = nn.ModuleList(_view_linear(fused.gate_up_proj, e) for e in range(self.num_experts))
@@ -93,10 +94,17 @@ class ExpertLinears(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         out = torch.zeros_like(hidden_states)
+        length = self.sequence_length
+        if not length or hidden_states.shape[0] % length:
+            length = None
         for e in range(self.num_experts):
             top_k_pos, token_idx = torch.where((top_k_index == e).T)  # the eager loop's order (summation order too)
             if token_idx.numel() == 0:
                 continue
+            # which sequence each routed token came from (the block flattens [batch, seq] in order), for the
+            # calibration statistics (`prunekit.weights.stats`): per sequence, whatever the batch size
+            sequences = None if length is None else token_idx // length
+            self.gate_up_proj[e].prunekit_sequences = self.down_proj[e].prunekit_sequences = sequences
             gate, up = self.gate_up_proj[e](hidden_states[token_idx]).chunk(2, dim=-1)
             y = self.down_proj[e](self.act_fn(gate) * up) * top_k_weights[token_idx, top_k_pos, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
@@ -132,6 +140,7 @@ def unfused_experts(model: nn.Module, *, check: bool = True, strict: bool = True
 
     prefix, blocks = find_blocks(model)
     swaps = []
+    by_block: dict[int, list[ExpertLinears]] = {}  # block index -> its swapped modules
     for i, block in enumerate(blocks):
         for name, module in fused_experts(block):
             where = f"{prefix}.{i}.{name}"
@@ -146,11 +155,26 @@ def unfused_experts(model: nn.Module, *, check: bool = True, strict: bool = True
                 _check_same_function(module, linears, where)
             parent_name, _, attr = name.rpartition(".")
             swaps.append((block.get_submodule(parent_name) if parent_name else block, attr, module, linears, where))
+            by_block.setdefault(i, []).append(linears)
+
+    def length_hook(held):
+        def hook(_block, args, kwargs):  # the block's hidden states [batch, seq, hidden]: tokens per sequence
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            length = hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None
+            for linears in held:
+                linears.sequence_length = length
+        return hook
+
+    handles = []
     try:
+        for i, held in by_block.items():
+            handles.append(blocks[i].register_forward_pre_hook(length_hook(held), with_kwargs=True))
         for parent, attr, _, linears, _ in swaps:
             setattr(parent, attr, linears)
         yield [where for *_, where in swaps]
     finally:
+        for handle in handles:
+            handle.remove()
         for parent, attr, module, _, _ in swaps:
             setattr(parent, attr, module)
 

@@ -129,9 +129,17 @@ def _as_dict(stats) -> dict:
     return {"hessian" if stats.dim() == 2 else "norms": stats}
 
 
+# the modules that hold a block's feed-forward layers: ``mlp`` (Llama, Qwen, GPT-2, Mixtral and most MoE models
+# in transformers 5), GraniteMoE's ``block_sparse_moe``, ``feed_forward`` (Llama 4), and any expert
+_FFN_PARTS = frozenset({"mlp", "block_sparse_moe", "feed_forward", "ffn", "moe", "experts", "shared_expert",
+                        "shared_experts"})
+
+
 def _is_mlp(name: str | None) -> bool:
+    """Whether layer `name` is a feed-forward (MLP or expert) layer: what ``skip_mlp`` leaves at the base mask, as
+    the reference's ``--skip_layer mlp`` does for Llama's ``mlp`` modules."""
     parts = (name or "").split(".")
-    return "mlp" in parts[:-1]
+    return not _FFN_PARTS.isdisjoint(parts[:-1])
 
 
 def _base(weight, stats, base, ratio, pattern, percdamp):
