@@ -323,3 +323,15 @@ def test_expert_linears_share_the_fused_storage():
     view = experts_mod.ExpertLinears(fused)
     view.down_proj[1].weight.data[0, 0] = 123.0
     assert fused.down_proj[1, 0, 0] == 123.0
+
+
+def test_an_expert_that_does_not_fit_the_pattern_gets_a_skip_hint_that_works():
+    """The hint named the expert's index (``--skip '*0'``): it matched ``down_proj.10`` but not ``down_proj.1``."""
+    model = tiny_model("qwen3_moe")  # experts' down_proj: 32 inputs; every other Linear 64
+    with pytest.raises(InputError, match=r"down_proj\.0 has 32; leave such layers dense with --skip "
+                                         r"'\*experts\.down_proj\.\*'") as err:
+        prunekit.prune(model, method="wanda", pattern="32:64", **calib())
+    glob = str(err.value).split("--skip '")[1].split("'")[0]
+    result = prunekit.prune(model, method="wanda", pattern="32:64", skip=[glob], **calib())
+    assert result.layers and not any("down_proj" in r.name and "experts" in r.name for r in result.layers)
+    assert any("gate_up_proj" in r.name for r in result.layers)

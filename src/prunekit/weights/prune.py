@@ -170,8 +170,11 @@ def _check_pattern_fits(model: nn.Module, skip, nm) -> None:
         for name, module in target_linears(block, f"{prefix}.{i}", skip).items():
             d_in = get_weight(module).shape[1]
             if d_in % nm.m:
+                parts = name.split(".")
+                # an expert (`...experts.down_proj.7`): every expert of that projection, not the index
+                glob = f"*{'.'.join(parts[-3:-1])}.*" if parts[-1].isdigit() and len(parts) > 2 else f"*{parts[-1]}"
                 raise InputError(f"pattern {nm} needs each layer's input size to be a multiple of {nm.m}, but {name} "
-                                 f"has {d_in}; leave such layers dense with --skip '*{name.rsplit('.', 1)[-1]}' "
+                                 f"has {d_in}; leave such layers dense with --skip '{glob}' "
                                  f"(skip=[...]), or use a ratio")
 
 
