@@ -286,12 +286,34 @@ def test_skip_globs_reach_experts_and_unsupported_methods_are_refused():
     result = prunekit.prune(model, method="magnitude", ratio=0.5, skip=["*experts*"], progress=False)
     assert result.layers and not any("experts" in r.name for r in result.layers)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.dim() == 3)
-    for method in ("armor", "dpruner"):
+    for method, why in (("armor", "factorized module"), ("dpruner", "gradient")):
         fresh = tiny_model("qwen3_moe")
         kept = {n: p.detach().clone() for n, p in fresh.named_parameters()}
-        with pytest.raises(InputError, match="the methods that prune MoE experts: magnitude, wanda, sparsegpt, dsnot"):
-            prunekit.prune(fresh, method=method, pattern="2:4", **calib())
-        assert all(torch.equal(p, kept[n]) for n, p in fresh.named_parameters())
+        for skip in ([], ["*experts.gate_up_proj.*"]):  # a skip that leaves some experts to prune changes nothing
+            with pytest.raises(InputError, match=f"{why}.*the methods that prune MoE experts: magnitude, wanda, "
+                                                 "sparsegpt, dsnot; or leave the experts dense with --skip"):
+                prunekit.prune(fresh, method=method, pattern="2:4", skip=skip, **calib())
+            assert all(torch.equal(p, kept[n]) for n, p in fresh.named_parameters())
+
+
+@pytest.mark.parametrize("method, kw", [("armor", dict(pattern="2:4", iters=3)),
+                                        ("dpruner", dict(ratio=0.5, domain_samples=4))])
+def test_methods_that_cannot_prune_experts_prune_the_rest_when_the_experts_are_skipped(method, kw):
+    """ARMOR on a MoE model's attention was refused even with ``--skip '*experts*'``."""
+    model = tiny_model("qwen2_moe")
+    fused = {n: p.detach().clone() for n, p in model.named_parameters()
+             if p.dim() == 3 or n.endswith("gate.weight") or "shared_expert_gate" in n}  # experts and routers
+    if method == "dpruner":
+        kw = dict(kw, domain=prunekit.Text("d", TEXT, "license"))
+    result = prunekit.prune(model, method=method, skip=["*experts*"], **kw, **calib())
+    names = {r.name for r in result.layers}
+    assert any("self_attn" in n for n in names) and any("shared_expert." in n for n in names)
+    assert not any(".experts." in n for n in names) and result.total_sparsity == 0.5
+    for n, p in model.named_parameters():
+        if n in fused:
+            assert torch.equal(p, fused[n]), n
+    with torch.no_grad():
+        assert bool(torch.isfinite(model(torch.randint(3, 100, (1, 12))).logits).all())
 
 
 def test_experts_computing_something_else_are_refused_before_any_change():

@@ -16,7 +16,7 @@ tensors; on exit the original modules are back, holding the pruned weights, and 
   |W| with no update, i.e. magnitude pruning, and DSnoT (zero input means: no expected output shift) keeps its
   base's mask; their reports say so (``info["calibration_tokens"] == 0``). The methods that prune experts are
   `prunekit.weights.prune.EXPERT_METHODS`; ARMOR (which replaces a Linear by a factorized module) and D-Pruner
-  (which needs the gradient of each weight) are refused.
+  (which needs the gradient of each weight) are refused unless every expert is skipped.
 - **Routers stay dense.** A block's routing Linears (the router, Qwen2-MoE's ``shared_expert_gate``: Linears
   of one or ``experts`` outputs beside the experts) are left out, as llm-compressor's MoE recipes ignore them.
   In transformers 5 most routers are not Linears at all.

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import inspect
 import math
@@ -190,11 +191,16 @@ def _fused_weights(block: nn.Module) -> list[tuple[str, torch.Tensor]]:
 EXPERT_METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot")  # those that prune fused MoE experts (weights.experts)
 
 
-def _refuse_fused_weights(model: nn.Module, method: str) -> None:
+_WHY_NOT_EXPERTS = {"armor": "it replaces each Linear by a factorized module, which a fused expert tensor cannot hold",
+                    "dpruner": "it needs each weight's gradient, which it takes from Linear layers only"}
+
+
+def _refuse_fused_weights(model: nn.Module, method: str, skip=()) -> None:
     """Weights fused into 3-D tensors are not Linears, so the engine would prune only the attention and report
     that as the model's sparsity. Fused MoE experts in the standard layout are pruned one expert at a time
-    (`prunekit.weights.experts`) by the methods in `EXPERT_METHODS`; anything else is refused. (A convolution's
-    small kernel, as in hybrid Mamba/LFM2 blocks, is left dense, as before.)"""
+    (`prunekit.weights.experts`) by the methods in `EXPERT_METHODS`; another method is refused unless `skip`
+    leaves every expert dense (it then prunes the rest). (A convolution's small kernel, as in hybrid Mamba/LFM2
+    blocks, is left dense, as before.)"""
     from prunekit.weights import experts
 
     prefix, blocks = find_blocks(model)
@@ -210,9 +216,16 @@ def _refuse_fused_weights(model: nn.Module, method: str) -> None:
                 "weights prunekit does not recognise as mixture-of-experts gate_up_proj/down_proj), which weight "
                 "pruning cannot prune: it prunes Linear layers only and would leave them dense; prune a dense model")
         if fused and method not in EXPERT_METHODS:
+            names = [f"{name}.{p}.{e}" if name else f"{p}.{e}" for name, module in experts.fused_experts(block)
+                     for p in ("gate_up_proj", "down_proj") for e in range(module.gate_up_proj.shape[0])]
+            if all(any(fnmatch.fnmatchcase(f"{prefix}.{i}.{n}", g) or fnmatch.fnmatchcase(n, g) for g in skip)
+                   for n in names):
+                continue  # every expert left dense on purpose: the method prunes the rest
+            why = _WHY_NOT_EXPERTS.get(method, "it prunes Linear layers only")
             raise InputError(
-                f"{prefix}.{i}.{fused[0][0]} holds fused mixture-of-experts weights; {method} cannot prune them (it "
-                f"needs one Linear per layer); the methods that prune MoE experts: {', '.join(EXPERT_METHODS)}")
+                f"{prefix}.{i}.{fused[0][0]} holds fused mixture-of-experts weights, which {method} cannot prune "
+                f"({why}); the methods that prune MoE experts: {', '.join(EXPERT_METHODS)}; or leave the experts "
+                f"dense with --skip '*experts*' (skip=[...]) and {method} prunes the rest")
 
 
 class _Default(str):
@@ -272,7 +285,7 @@ def prune(
     # every parameter, not only the pruned Linears: a NaN embedding left the model half pruned when the
     # activations went non-finite after the first block
     check_finite_weights(model, "the model")
-    _refuse_fused_weights(model, method)
+    _refuse_fused_weights(model, method, skip)
     from prunekit.weights import experts
 
     with experts.unfused_experts(model, check=False):  # skip globs may name experts (one Linear each)
