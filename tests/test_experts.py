@@ -227,6 +227,11 @@ def test_dsnot_leaves_an_expert_no_token_reached_at_its_magnitude_mask():
     result = prunekit.prune(model, method="dsnot", base="wanda", ratio=0.5, **calib())
     report = {r.name: r for r in result.layers}["model.layers.1.mlp.experts.gate_up_proj.2"]
     assert report.info["calibration_tokens"] == 0 and report.info["swaps"] == 0
+    assert "error_base" not in report.info  # an identity Hessian's ||W - W'||^2 is no calibration error
+    names = [r.name for r in result.layers]  # module order: the unreached expert was listed first
+    assert names.index("model.layers.1.mlp.experts.gate_up_proj.1") < names.index(report.name) \
+        < names.index("model.layers.1.mlp.experts.gate_up_proj.3")
+    assert names.index("model.layers.1.self_attn.q_proj") < names.index(report.name)
     got = model.model.layers[1].mlp.experts.gate_up_proj[2]
     assert torch.equal(got != 0, wanda_mask(w, torch.ones(w.shape[1]), 0.5))
     assert torch.equal(got[got != 0], w[got != 0])
@@ -357,3 +362,28 @@ def test_an_expert_that_does_not_fit_the_pattern_gets_a_skip_hint_that_works():
     result = prunekit.prune(model, method="wanda", pattern="32:64", skip=[glob], **calib())
     assert result.layers and not any("down_proj" in r.name and "experts" in r.name for r in result.layers)
     assert any("gate_up_proj" in r.name for r in result.layers)
+
+
+def test_the_cli_says_how_many_experts_no_calibration_token_reached(tmp_path, text_file, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prunekit import cli
+
+    cfg = AutoConfig.for_model("mixtral", vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=32,
+                               num_experts_per_tok=1)
+    torch.manual_seed(0)
+    folder = prunekit.save_pruned(AutoModelForCausalLM.from_config(cfg).eval(), char_tokenizer(), tmp_path / "m")
+    out = tmp_path / "out"
+    assert cli.main(["prune", str(folder), "--method", "dsnot", "--ratio", "0.5", "--calib", str(text_file),
+                     "--samples", "2", "--seqlen", "8", "--out", str(out), "--quiet"]) == 0
+    said = capsys.readouterr()
+    meta = __import__("json").loads((out / "prunekit.json").read_text())
+    unreached = [r for r in meta["layers"] if (r["info"] or {}).get("calibration_tokens") == 0]
+    measured = [r for r in meta["layers"] if r["rel_error"] is not None]
+    assert 0 < len(unreached) < 128 and len(measured) + len(unreached) == len(meta["layers"])
+    assert f"(over the {len(measured)} layers that have one)" in said.out
+    assert f"{len(unreached)} of the {len(meta['layers'])} layers (mixture-of-experts experts) saw no" in said.err
+    report = (out / "report.md").read_text()
+    assert f"no calibration token reached (mixture-of-experts experts the router never picked on the calibration " \
+           f"text): {len(unreached)} of {len(meta['layers'])}" in report

@@ -371,10 +371,18 @@ def _cmd_prune(args) -> int:
     out = prunekit.save_pruned(model, tok, args.out, metadata=meta, overwrite=args.overwrite,
                                extra=lambda folder: (report.write_report(folder, meta),
                                                      carry_licence(args.model, folder)), dtype=saved_dtype)
+    measured = sum(r.rel_error is not None for r in result.layers)
     error = (f"mean relative error {result.mean_rel_error:.4f}" if result.mean_rel_error is not None
              else "relative error not measured by this method")  # was printed as "nan"
+    if result.mean_rel_error is not None and measured < len(result.layers):
+        error += f" (over the {measured} layers that have one)"
     print(f"pruned {args.model} with {args.method} ({result.pattern or f'{ratio:g} unstructured'}): "
           f"sparsity {result.total_sparsity:.4f} over {len(result.layers)} layers, {error}, {result.seconds:.1f} s")
+    unreached = sum((r.info or {}).get("calibration_tokens") == 0 for r in result.layers)
+    if unreached:
+        print(f"prunekit: note: {unreached} of the {len(result.layers)} layers (mixture-of-experts experts) saw no "
+              "calibration token, so they were pruned by |W| alone (their records say calibration_tokens: 0); more "
+              "or longer calibration samples (--samples, --seqlen) reach more experts", file=sys.stderr)
     if refilled and input_sparsity > 0.005:  # it said "its zeros stay zeros" while SparseGPT refilled thousands
         # (below 0.5%: a dense model's stray zeros, e.g. the zoo model's from its 4-bit source; nothing to say)
         print(f"prunekit: note: the input was already {input_sparsity:.4f} sparse in the layers pruned (pruned "

@@ -94,6 +94,11 @@ def _plot(path: Path, layers: list[dict], title: str) -> None:
     _save(fig, path)
 
 
+def unreached_layers(layers: list[dict]) -> list[str]:
+    """Names of the layers of a ``prunekit.json`` record that no calibration token reached (MoE experts)."""
+    return [r["name"] for r in layers if (r.get("info") or {}).get("calibration_tokens") == 0]
+
+
 def write_report(folder: Path, meta: dict) -> None:
     """Write ``report.md`` and ``layers.png`` into `folder` from the ``prunekit.json`` record `meta`."""
     folder = Path(folder)
@@ -127,13 +132,19 @@ def write_report(folder: Path, meta: dict) -> None:
         out.append(f"- method options: {', '.join(f'{k}={v!r}' for k, v in other.items())}")
     if meta.get("pattern_violations") is not None:
         out.append(f"- layers breaking {meta['pattern']}: {len(meta['pattern_violations'])}")
+    unreached = unreached_layers(layers)
+    if unreached:
+        out.append(f"- layers no calibration token reached (mixture-of-experts experts the router never picked on "
+                   f"the calibration text): {len(unreached)} of {len(layers)}, pruned as for white inputs (by |W|); "
+                   "more or longer calibration samples reach more of them")
     if meta.get("evaluation"):
         out += ["", "## Perplexity", "", ppl_table(meta["evaluation"]), "",
                 "The dense baseline is the model as loaded (for the zoo model: dequantized from 4-bit GGUF, so "
                 "already a little lossy)."]
     out += ["", "## Layers", "", "![per-layer sparsity and error](layers.png)", "",
             "Relative reconstruction error is ||(W - W') X||_F / ||W X||_F on up to 512 sampled calibration "
-            "tokens of each layer's own input.", "",
+            "tokens of each layer's own input; `-`: not measured (the method measures none, or no calibration "
+            "token reached the layer).", "",
             "| layer | shape | sparsity | rel. error |", "| --- | --- | ---: | ---: |"]
     for r in layers:
         err = "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}"

@@ -358,7 +358,9 @@ class _Pruner:
             w = get_weight(self.layers[name])
             self.prune(name, None if kind is None else stats_lib.neutral(kind, w.shape[1]), None)
             report = self.reports[-1]
-            report.info = {**(report.info or {}), "calibration_tokens": 0,
+            # a method's own errors (DSnoT's error_base / error_refined) would be measured on no data here
+            measured = {k: v for k, v in (report.info or {}).items() if not k.startswith("error_")}
+            report.info = {**measured, "calibration_tokens": 0,
                            "note": "no calibration token was routed here: pruned as for white inputs (by |W|)"}
 
     def prune(self, name: str, statistic, x_sub: torch.Tensor | None) -> None:
@@ -620,7 +622,8 @@ def prune_blocks(
             except Exception as err:
                 _say_what_changed(err, reports + pruner.reports)
                 raise
-            reports += pruner.reports
+            order = {name: i for i, name in enumerate(layers)}  # module order: experts no token reached were first
+            reports += sorted(pruner.reports, key=lambda r: order.get(r.name, len(order)))
             bar.update()
     bar.close()
     return reports, (torch.cat([h for h, _ in batches]) if return_hidden else None)
