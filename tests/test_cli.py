@@ -1104,3 +1104,90 @@ def test_an_error_quoting_a_multi_line_library_message_is_one_line(monkeypatch, 
     assert cli.main(["methods"]) == 2
     assert capsys.readouterr().err == ("prunekit: error: memory store m.db is damaged (*** in database main *** Main "
                                        "freelist: invalid page ); restore it\n")
+
+
+def test_compute_dtype_prunes_and_evaluates_in_the_dtype_asked(model_dir, text_file, tmp_path, capsys):
+    """prune --compute-dtype / eval --dtype: the model is loaded and run in bfloat16 (the CLI always worked in
+    float32, twice the memory), what was done is recorded, and the result is the Python API's on a bf16 model."""
+    import prunekit
+    from safetensors.torch import load_file
+
+    before = digest(model_dir)
+    evals = ("--eval", str(text_file), "--eval-tokens", "64", "--eval-seqlen", "32")
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"sgpt-{dtype}"
+        assert cli.main(prune_args(model_dir, text_file, out, "--method", "sparsegpt", "--ratio", "0.5", *evals,
+                                   "--compute-dtype", dtype)) == 0
+        # float32 tensors holding bf16 values: twice the bytes needed, and the unpruned layers rounded too
+        noted = "computed in bfloat16 and saved with float32 tensors" in capsys.readouterr().err
+        assert noted == (dtype != "float32")
+        meta = json.loads((out / "prunekit.json").read_text())
+        assert meta["compute_dtype"] == dtype and meta["saved_dtype"] == "float32"  # saved as the input
+        runs[dtype] = (load_file(out / "model.safetensors"), meta)
+    assert digest(model_dir) == before
+    assert "- computed in bfloat16: " in (tmp_path / "sgpt-bfloat16" / "report.md").read_text()
+    assert "computed in" not in (tmp_path / "sgpt-float32" / "report.md").read_text()
+    # the same pruning as the API gives a bf16 model (then saved in float32, as the input)
+    model, tok = prunekit.load_model(model_dir, dtype="bfloat16")
+    ids = prunekit.calibration_ids(tok, prunekit.load_text(str(text_file), purpose="calibration"), samples=8,
+                                   seqlen=64, seed=0)
+    prunekit.prune(model, method="sparsegpt", ratio=0.5, calibration=ids, progress=False)
+    state, meta = runs["bfloat16"]
+    for name, weight in model.state_dict().items():
+        assert torch.equal(state[name], weight.float()), name
+    block = [k for k in state if ".layers." in k and k.endswith("proj.weight")]
+    rounded = lambda w: torch.equal(w, w.bfloat16().float())  # noqa: E731
+    assert all(rounded(state[k]) for k in block)
+    assert not all(rounded(runs["float32"][0][k]) for k in block)  # float32's updates are not bf16 values
+    # --eval ran in bf16 too, and eval --dtype bfloat16 scores the saved model as prune --eval did
+    out = tmp_path / "sgpt-bfloat16"
+    assert cli.main(["eval", str(out), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--json",
+                     "--dtype", "bfloat16"]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["computed_in"] == "bfloat16" and said["stored_dtype"] == "float32"
+    assert said["ppl"] == meta["evaluation"][str(text_file)]["pruned"]["ppl"]
+    assert said["ppl"] != runs["float32"][1]["evaluation"][str(text_file)]["pruned"]["ppl"]
+    assert cli.main(["eval", str(out), "--text", str(text_file), "--seqlen", "32", "--tokens", "64"]) == 0
+    assert "computed in float32)" in capsys.readouterr().out
+    # auto: as the folder stores it
+    bf16 = tmp_path / "bf16"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(bf16)
+    char_tokenizer().save_pretrained(bf16)
+    out = tmp_path / "auto"
+    assert cli.main(prune_args(bf16, text_file, out, "--method", "wanda", "--ratio", "0.5", "--compute-dtype",
+                               "auto")) == 0
+    assert json.loads((out / "prunekit.json").read_text())["compute_dtype"] == "bfloat16"
+    assert "saved with float32 tensors" not in capsys.readouterr().err  # saved in bf16, as the input
+
+
+def test_compute_dtype_refusals(model_dir, text_file, tmp_path, capsys):
+    """Structured and depth pruning run in float32: the flag is refused for them. A float32 weight past float16's
+    range loaded in float16 was reported as "NaN or Inf weights; repair or re-export the model" (the folder is
+    fine): the message now says to load it in float32 or bfloat16, and nothing is written."""
+    for method, extra in (("magnitude-structured", ("--ratio", "0.3")), ("shortgpt", ("--layers", "1"))):
+        out = tmp_path / method
+        assert cli.main(prune_args(model_dir, text_file, out, "--method", method, *extra, "--compute-dtype",
+                                   "bfloat16")) == 2
+        assert f"--compute-dtype does not apply to {'structured' if 'struct' in method else 'depth'} method" in \
+            capsys.readouterr().err
+        assert not out.exists()
+    big = tmp_path / "big"
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = 1e5
+    model.save_pretrained(big)
+    char_tokenizer().save_pretrained(big)
+    before = digest(big)
+    out = tmp_path / "out16"
+    assert cli.main(prune_args(big, text_file, out, "--method", "magnitude", "--ratio", "0.5", "--compute-dtype",
+                               "float16")) == 2
+    err = capsys.readouterr().err
+    assert "stores float32 weights that do not fit float16" in err and "model.layers.0.mlp.down_proj.weight" in err
+    assert "load it in float32 or bfloat16" in err and not out.exists()
+    assert cli.main(["eval", str(big), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--dtype",
+                     "float16"]) == 2
+    assert "do not fit float16" in capsys.readouterr().err
+    assert cli.main(["eval", str(big), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--dtype",
+                     "bfloat16"]) == 0
+    assert digest(big) == before

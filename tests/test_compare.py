@@ -50,6 +50,29 @@ def test_compare_tables_weights_structured_and_depth_runs(model_dir, text_file, 
     assert md[2].startswith(f"| {folders[0]} | weights | wanda | 2:4 | sparsity 0.5000 |")
 
 
+def test_compare_shows_the_compute_dtype(model_dir, text_file, tmp_path, capsys):
+    """A run computed in bfloat16 (prune --compute-dtype) is marked in the table and its JSON row; a record without
+    the field (every run before the flag) computed in float32."""
+    _prune(model_dir, text_file, tmp_path / "fp32", "--method", "wanda", "--ratio", "0.5")
+    _prune(model_dir, text_file, tmp_path / "bf16", "--method", "wanda", "--ratio", "0.5", "--compute-dtype",
+           "bfloat16")
+    old = tmp_path / "old"
+    _prune(model_dir, text_file, old, "--method", "wanda", "--ratio", "0.5")
+    meta = json.loads((old / "prunekit.json").read_text())
+    del meta["compute_dtype"]
+    (old / "prunekit.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    folders = [str(tmp_path / n) for n in ("fp32", "bf16", "old")]
+    assert main(["compare", *folders, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["compute_dtype"] for r in rows] == ["float32", "bfloat16", "float32"]
+    assert main(["compare", *folders]) == 0
+    md = capsys.readouterr().out.splitlines()
+    assert f"| {folders[0]} | weights | wanda | " in md[2]
+    assert f"| {folders[1]} | weights | wanda [bfloat16] | " in md[3]
+    assert f"| {folders[2]} | weights | wanda | " in md[4]
+
+
 def test_compare_notes_texts_scored_differently_and_refuses_what_it_cannot_read(model_dir, text_file, tmp_path,
                                                                                 capsys):
     _prune(model_dir, text_file, tmp_path / "a", "--method", "magnitude", "--ratio", "0.5")

@@ -42,6 +42,7 @@ _PRUNE_DOMAINS: dict[str, str] = {"structured": "prunekit.structured.cli", "dept
 # --skip, --base and --domain are refused by the structured and depth modules themselves.)
 _PRUNE_FLAG_USERS: dict[str, tuple[str, ...]] = {
     "--sequential": ("weights",),
+    "--compute-dtype": ("weights",),
     "--batch-size": ("weights", "depth"),
     "--structure": ("structured",),
     "--no-speed": ("structured", "depth"),
@@ -55,6 +56,12 @@ _PRUNE_FLAG_USERS: dict[str, tuple[str, ...]] = {
     "--kd-features": ("depth",),
 }
 _DOMAIN_WORDS = {"weights": "weight", "structured": "structured", "depth": "depth"}
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "auto")  # prune --compute-dtype, eval --dtype
+
+
+def _computed_in(model) -> str:
+    """The dtype(s) `model`'s floating-point parameters compute in, "+"-joined when they differ."""
+    return "+".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()}))
 
 
 class _Help(argparse.HelpFormatter):
@@ -101,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
                     "(the logits of a batch are batch x seqlen x vocabulary floats)")
     ev.add_argument("--pattern", default=None, help="also check that every block Linear is N:M (default: the "
                     "pattern in prunekit.json); exit status 1 when a layer breaks it")
+    ev.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
+                    help="the dtype the model is loaded and run in (default float32; auto: as the folder stores it); "
+                    "bfloat16 holds half the memory and runs faster on a CPU with bfloat16 units, the loss itself "
+                    "is summed in float32")
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -164,7 +175,13 @@ def _add_prune_arguments(pr) -> None:
     pr.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     pr.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                    help="dtype of the saved weights (default auto: the input's; the work itself runs in float32)")
+                    help="dtype of the saved weights (default auto: the input's; the work runs in float32, or for "
+                    "weight methods in --compute-dtype)")
+    pr.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="float32",
+                    help="weight methods: the dtype the model is loaded and run in, --eval included (default float32; "
+                    "auto: as the folder stores it). bfloat16 holds half the memory and, on a CPU with bfloat16 "
+                    "units, runs faster; calibration statistics and weight updates are still summed in float32, "
+                    "but the activations are rounded (README: the cost in perplexity)")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     for module in _PRUNE_DOMAINS.values():
         import_module(module).add_prune_arguments(pr)
@@ -338,7 +355,8 @@ def _cmd_prune(args) -> int:
     eval_texts = {t: prunekit.load_text(t, purpose="evaluation") for t in evals_src}
     saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
     files = model_files(args, resolve_model(args.model))
-    model, tok = prunekit.load_model(args.model)  # after the texts: a missing file fails before the slow load
+    # after the texts: a missing file fails before the slow load
+    model, tok = prunekit.load_model(args.model, dtype=args.compute_dtype)
     # before the slow work: weight pruning keeps every tensor, so the save would refuse it (depth and structured
     # pruning may drop the offending block, head or channel: their save checks what is left)
     check_fits_dtype(model, saved_dtype)
@@ -362,6 +380,7 @@ def _cmd_prune(args) -> int:
         "layers": [dict(vars(r), shape=list(r.shape)) for r in result.layers],
         "evaluation": evaluation,
         "saved_dtype": str(saved_dtype).removeprefix("torch."),
+        "compute_dtype": _computed_in(model),  # auto: the folder's dtype, as loaded
         "versions": _versions(),
         "wall_seconds": None,
     }
@@ -399,11 +418,24 @@ def _cmd_prune(args) -> int:
     if evaluation:
         print(report.ppl_table(evaluation))
     print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'})")
+    if meta["compute_dtype"] in ("bfloat16", "float16") and _holds_float32(saved_dtype):
+        print(f"prunekit: note: computed in {meta['compute_dtype']} and saved with float32 tensors (the input's "
+              f"dtype): their values, in the layers left unpruned too, were rounded to {meta['compute_dtype']} when "
+              f"loaded; --dtype {meta['compute_dtype']} saves the same values in half the bytes, --compute-dtype "
+              "float32 keeps them as they were", file=sys.stderr)
     if args.method == "armor":  # a user shipping the folder to a 2:4 runtime got a dense model, unwarned
         print(f"prunekit: note: {out / 'model.safetensors'} holds the dense product A core B, so plain transformers "
               f"loads a dense model; the {args.pattern} cores and factors are in armor.safetensors, which "
               "prunekit.load_model puts back", file=sys.stderr)
     return 0
+
+
+def _holds_float32(saved_dtype) -> bool:
+    """Whether a save in `saved_dtype` (a dtype, or the input's `MixedDtypes`) writes float32 tensors."""
+    import torch
+
+    kept = getattr(saved_dtype, "per_tensor", None)
+    return torch.float32 in set(kept.values()) if kept is not None else saved_dtype == torch.float32
 
 
 def model_files(args, path) -> list | None:
@@ -427,7 +459,6 @@ def eval_dense(model, tok, texts: dict, args, progress: bool, files: list | None
 
     evaluation, reused = {}, []
     tokens, fit, batch_size = args.eval_tokens or EVAL_TOKENS, args.eval_tokens is None, 4
-    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
     folder = resolve_model(args.model) if files is not None else None
 
     def unchanged() -> bool:  # the folder still holds what was loaded (it was not replaced meanwhile)
@@ -439,7 +470,7 @@ def eval_dense(model, tok, texts: dict, args, progress: bool, files: list | None
     for name, text in texts.items():
         key = None if files is None or not unchanged() else evalcache.key_for(
             folder, text, files=files, seqlen=args.eval_seqlen, tokens=tokens, fit=fit, batch_size=batch_size,
-            dtype="+".join(dtypes))
+            dtype=_computed_in(model))
         hit = evalcache.lookup(key) if key is not None else None
         if hit is not None:
             ppl = Perplexity(**hit["dense"])
@@ -583,7 +614,7 @@ def _cmd_eval(args) -> int:
     if pattern is not None:
         prunekit.parse_pattern(pattern)
     text = prunekit.load_text(args.text, purpose="evaluation")  # a missing or empty file fails before the load
-    model, tok = prunekit.load_model(path)
+    model, tok = prunekit.load_model(path, dtype=args.dtype)
     ppl = prunekit.perplexity(model, tok, text, seqlen=args.seqlen, tokens=args.tokens or EVAL_TOKENS,
                               batch_size=args.batch_size, progress=not args.quiet, fit=args.tokens is None)
     if args.tokens is None:
@@ -591,7 +622,7 @@ def _cmd_eval(args) -> int:
     measured = prunekit.sparsity(model)
     stored = str(stored_dtypes(path)).removeprefix("torch.")  # "bfloat16", or "bfloat16 with float32 tensors"
     out = {**ppl.to_dict(), "sparsity": measured["total"], "model_sparsity": measured["model_total"],
-           "pattern": pattern, "stored_dtype": stored, "computed_in": "float32"}
+           "pattern": pattern, "stored_dtype": stored, "computed_in": _computed_in(model)}
     if pattern is not None:
         bad = prunekit.check_pattern(model, pattern, skip=skip)
         out["pattern_ok"] = not bad
@@ -602,7 +633,7 @@ def _cmd_eval(args) -> int:
         print(jsonl.dumps(out))
     else:
         print(f"{args.model}: perplexity {ppl.ppl:.3f} on {ppl.text['source']} ({ppl.windows} x {ppl.seqlen} = "
-              f"{ppl.tokens} tokens; weights stored in {stored}, computed in float32)")
+              f"{ppl.tokens} tokens; weights stored in {stored}, computed in {out['computed_in']})")
         print(f"sparsity of block Linears {measured['total']:.4f}; of all parameters {measured['model_total']:.4f}")
         if pattern is not None:
             left = f" (layers matching {', '.join(skip)} left dense by --skip, not checked)" if skip else ""

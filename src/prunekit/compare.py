@@ -119,6 +119,8 @@ def summarize(folder: str | Path) -> dict:
             "seconds": _number(meta.get("wall_seconds")),  # a PruneResult's `seconds` is the method's alone
             "method_seconds": _method_seconds(meta),
             "options": meta.get("options") if isinstance(meta.get("options"), dict) else None,  # as the run recorded
+            # prune --compute-dtype (weight methods, since 2026-12-03); every earlier run computed in float32
+            "compute_dtype": str(meta.get("compute_dtype") or "float32"),
             **numbers}
 
 
@@ -149,6 +151,8 @@ def table(rows: list[dict], texts: list[str]) -> tuple[str, list[str]]:
     for r in rows:
         base = (r.get("options") or {}).get("base")  # DSnoT on Wanda or on SparseGPT: two methods in one name
         method = str(r["method"]) + (f" (base={base})" if isinstance(base, str) else "")
+        if r.get("compute_dtype", "float32") != "float32":  # the activations and updates were rounded
+            method += f" [{r['compute_dtype']}]"
         cells = [r["run"], r["kind"], method, r["budget"], r["removed"] or ""]
         for t in texts:
             e = r["evaluation"].get(t, {})

@@ -45,7 +45,8 @@ class Perplexity:
 def _overflow_error(model: nn.Module, window: int, windows: int) -> InputError:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     fix = ("check its weights" if dtype in (torch.float32, torch.float64) else
-           "evaluate it in float32 (prunekit.load_model(..., dtype='float32'); the CLI always does)")
+           "evaluate it in float32 (prunekit eval --dtype float32, prune --compute-dtype float32, or "
+           "prunekit.load_model(..., dtype='float32'))")
     return InputError(f"the model gives NaN or infinite logits on window {window} of {windows} (its "
                       f"{str(dtype).removeprefix('torch.')} activations overflow); {fix}")
 

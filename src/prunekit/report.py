@@ -117,6 +117,9 @@ def write_report(folder: Path, meta: dict) -> None:
         f"- measured sparsity of the pruned layers: {meta['total_sparsity']:.4f}",
         f"- pruning wall time: {meta['seconds']:.1f} s",
     ]
+    if meta.get("compute_dtype", "float32") != "float32":  # prune --compute-dtype
+        out.append(f"- computed in {meta['compute_dtype']}: the weights and activations in that dtype, the "
+                   "calibration statistics and weight updates summed in float32")
     earlier = (meta.get("input") or {}).get("prunekit")
     if earlier or meta.get("input_sparsity"):  # a chain: what the input already was
         how = ", ".join(str(x) for x in (earlier.get("method"), earlier.get("pattern")) if x) if earlier else ""

@@ -467,9 +467,8 @@ def _check_finite_statistic(name: str, value, dtype: torch.dtype) -> None:
 
 
 def _overflow(name: str, what: str, dtype: torch.dtype) -> None:
-    # the CLI always prunes in float32 (its --dtype is the saved dtype): only a Python caller can get here in half
     hint = ("" if dtype in (torch.float32, torch.float64) else
-            ", or prune it in float32 (prunekit.load_model(..., dtype='float32'))")
+            ", or prune it in float32 (prune --compute-dtype float32, prunekit.load_model(..., dtype='float32'))")
     raise InputError(f"the input of {name} {what} on the calibration data: the model overflows before this layer "
                      f"({str(dtype).removeprefix('torch.')} activations); check its weights{hint}")
 
@@ -618,7 +617,8 @@ def prune_blocks(
                     _two_pass(block, batches, pruner, need_outputs=return_hidden or not last)
                 if not all(torch.isfinite(h.sum(dtype=torch.float32)) for h, _ in batches):
                     raise InputError(f"the pruned {prefix}.{index} outputs NaN or Inf activations on the calibration "
-                                     "data (the model overflows); check its weights, or prune in float32")
+                                     "data (the model overflows); check its weights, or prune in float32 "
+                                     "(prune --compute-dtype float32)")
             except Exception as err:
                 _say_what_changed(err, reports + pruner.reports)
                 raise

@@ -307,7 +307,7 @@ def load_checked(name_or_path: str | os.PathLike, *, dtype=None, check_finite: b
         from prunekit.structured.export import load_widths_model
 
         model = load_widths_model(path, config, dtype=dtype)
-        return (check_finite_weights(model, path) if check_finite else model), tokenizer
+        return (_finite_as_loaded(model, path, dtype) if check_finite else model), tokenizer
     from safetensors import SafetensorError
 
     _check_layer_count(path, config)
@@ -351,7 +351,25 @@ def load_checked(name_or_path: str | os.PathLike, *, dtype=None, check_finite: b
 
     armor.install_factors(model, path)  # ARMOR's factorized layers, when the folder holds them
     model.eval()
-    return (check_finite_weights(model, path) if check_finite else model), tokenizer
+    return (_finite_as_loaded(model, path, dtype) if check_finite else model), tokenizer
+
+
+def _finite_as_loaded(model, path, dtype):
+    """`check_finite_weights`, saying so when the Inf came from loading a wider dtype into float16 (a weight past
+    65504 became inf: the folder itself is fine, and "repair or re-export the model" sent users the wrong way)."""
+    import torch
+
+    try:
+        return check_finite_weights(model, path)
+    except InputError:
+        stored = stored_dtypes(path)
+        if dtype != torch.float16 or stored == torch.float16:
+            raise
+        bad = non_finite(model)
+        more = f" and {len(bad) - 1} other tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
+        raise InputError(f"{path} stores {str(stored).removeprefix('torch.')} weights that do not fit float16 (at most "
+                         f"65504): {bad[0]}{more} became NaN or Inf when loaded in float16; load it in float32 or "
+                         "bfloat16 (prune --compute-dtype, eval and generate --dtype)") from None
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
