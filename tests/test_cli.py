@@ -1108,57 +1108,111 @@ def test_an_error_quoting_a_multi_line_library_message_is_one_line(monkeypatch, 
 
 def test_compute_dtype_prunes_and_evaluates_in_the_dtype_asked(model_dir, text_file, tmp_path, capsys):
     """prune --compute-dtype / eval --dtype: the model is loaded and run in bfloat16 (the CLI always worked in
-    float32, twice the memory), what was done is recorded, and the result is the Python API's on a bf16 model."""
+    float32, twice the memory), what was done is recorded, the masks and updates are the Python API's on a bf16
+    model, and every value the method did not change is saved as the input stores it (not rounded)."""
     import prunekit
     from safetensors.torch import load_file
 
     before = digest(model_dir)
+    original = load_file(model_dir / "model.safetensors")
     evals = ("--eval", str(text_file), "--eval-tokens", "64", "--eval-seqlen", "32")
     runs = {}
-    for dtype in ("float32", "bfloat16"):
-        out = tmp_path / f"sgpt-{dtype}"
-        assert cli.main(prune_args(model_dir, text_file, out, "--method", "sparsegpt", "--ratio", "0.5", *evals,
+    for method, dtype in (("sparsegpt", "float32"), ("sparsegpt", "bfloat16"), ("wanda", "bfloat16")):
+        out = tmp_path / f"{method}-{dtype}"
+        assert cli.main(prune_args(model_dir, text_file, out, "--method", method, "--ratio", "0.5", *evals,
                                    "--compute-dtype", dtype)) == 0
-        # float32 tensors holding bf16 values: twice the bytes needed, and the unpruned layers rounded too
-        noted = "computed in bfloat16 and saved with float32 tensors" in capsys.readouterr().err
-        assert noted == (dtype != "float32")
+        assert "rounded to" not in capsys.readouterr().err  # every tensor was found in the input's files
         meta = json.loads((out / "prunekit.json").read_text())
         assert meta["compute_dtype"] == dtype and meta["saved_dtype"] == "float32"  # saved as the input
-        runs[dtype] = (load_file(out / "model.safetensors"), meta)
+        runs[method, dtype] = (load_file(out / "model.safetensors"), meta)
     assert digest(model_dir) == before
-    assert "- computed in bfloat16: " in (tmp_path / "sgpt-bfloat16" / "report.md").read_text()
-    assert "computed in" not in (tmp_path / "sgpt-float32" / "report.md").read_text()
-    # the same pruning as the API gives a bf16 model (then saved in float32, as the input)
-    model, tok = prunekit.load_model(model_dir, dtype="bfloat16")
-    ids = prunekit.calibration_ids(tok, prunekit.load_text(str(text_file), purpose="calibration"), samples=8,
-                                   seqlen=64, seed=0)
-    prunekit.prune(model, method="sparsegpt", ratio=0.5, calibration=ids, progress=False)
-    state, meta = runs["bfloat16"]
-    for name, weight in model.state_dict().items():
-        assert torch.equal(state[name], weight.float()), name
-    block = [k for k in state if ".layers." in k and k.endswith("proj.weight")]
-    rounded = lambda w: torch.equal(w, w.bfloat16().float())  # noqa: E731
-    assert all(rounded(state[k]) for k in block)
-    assert not all(rounded(runs["float32"][0][k]) for k in block)  # float32's updates are not bf16 values
-    # --eval ran in bf16 too, and eval --dtype bfloat16 scores the saved model as prune --eval did
-    out = tmp_path / "sgpt-bfloat16"
+    assert "- computed in bfloat16: " in (tmp_path / "sparsegpt-bfloat16" / "report.md").read_text()
+    assert "computed in" not in (tmp_path / "sparsegpt-float32" / "report.md").read_text()
+    ids = prunekit.calibration_ids(char_tokenizer(), prunekit.load_text(str(text_file), purpose="calibration"),
+                                   samples=8, seqlen=64, seed=0)
+    block = [k for k in original if ".layers." in k and k.endswith("proj.weight")]
+    for method in ("sparsegpt", "wanda"):
+        state, meta = runs[method, "bfloat16"]
+        # the masks and updates of the Python API on a bf16 model; what it left alone keeps the stored float32
+        model, _ = prunekit.load_model(model_dir, dtype="bfloat16")
+        prunekit.prune(model, method=method, ratio=0.5, calibration=ids, progress=False)
+        for name, weight in model.state_dict().items():
+            same = (original[name].bfloat16() == weight) & (weight != 0)
+            assert torch.equal(state[name], torch.where(same, original[name], weight.float())), name
+        for name in original:
+            if name not in block:  # embeddings, norms: untouched, not rounded
+                assert torch.equal(state[name], original[name]), name
+    wanda = runs["wanda", "bfloat16"][0]
+    for name in block:  # Wanda only masks: the output is the input's own weights with zeros
+        kept = wanda[name] != 0
+        assert torch.equal(wanda[name][kept], original[name][kept]) and 0.45 < float(kept.float().mean()) < 0.55
+    sgpt = runs["sparsegpt", "bfloat16"][0]
+    changed = {k: (sgpt[k] != 0) & (sgpt[k] != original[k]) for k in block}  # SparseGPT's updates
+    assert sum(int(c.sum()) for c in changed.values()) > 0
+    for k, c in changed.items():  # computed in bf16, saved as computed
+        assert torch.equal(sgpt[k][c], sgpt[k][c].bfloat16().float()), k
+    # --eval ran in bf16, and eval --dtype bfloat16 scores the saved model as prune --eval did
+    out = tmp_path / "sparsegpt-bfloat16"
     assert cli.main(["eval", str(out), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--json",
                      "--dtype", "bfloat16"]) == 0
     said = json.loads(capsys.readouterr().out)
     assert said["computed_in"] == "bfloat16" and said["stored_dtype"] == "float32"
+    meta = runs["sparsegpt", "bfloat16"][1]
     assert said["ppl"] == meta["evaluation"][str(text_file)]["pruned"]["ppl"]
-    assert said["ppl"] != runs["float32"][1]["evaluation"][str(text_file)]["pruned"]["ppl"]
+    assert said["ppl"] != runs["sparsegpt", "float32"][1]["evaluation"][str(text_file)]["pruned"]["ppl"]
     assert cli.main(["eval", str(out), "--text", str(text_file), "--seqlen", "32", "--tokens", "64"]) == 0
     assert "computed in float32)" in capsys.readouterr().out
-    # auto: as the folder stores it
-    bf16 = tmp_path / "bf16"
-    tiny_model("llama").to(torch.bfloat16).save_pretrained(bf16)
-    char_tokenizer().save_pretrained(bf16)
+    # a chain keeps what its input was computed in
+    again = tmp_path / "again"
+    assert cli.main(prune_args(out, text_file, again, "--method", "magnitude", "--ratio", "0.6")) == 0
+    meta = json.loads((again / "prunekit.json").read_text())
+    assert meta["input"]["prunekit"]["compute_dtype"] == "bfloat16" and meta["compute_dtype"] == "float32"
+    assert "made by prunekit (sparsegpt, computed in bfloat16)" in (again / "report.md").read_text()
+
+
+def test_compute_dtype_auto_and_other_stored_dtypes_keep_what_was_not_pruned(text_file, tmp_path, capsys):
+    """--compute-dtype auto runs a folder in its main dtype. A mixed folder (bf16 Linears, fp32 norms) run in bf16
+    saved its norms rounded to bf16, and a float16 folder run in bf16 its embeddings and --skip'd layers: now they
+    are saved as stored. ARMOR's bf16 factors of a float32 output were written in bf16 (the record said float32)."""
+    from safetensors.torch import load_file, save_file
+
+    mixed = tmp_path / "mixed"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(mixed)
+    char_tokenizer().save_pretrained(mixed)
+    state = load_file(mixed / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    state = {k: (1 + 0.01 * torch.randn(v.shape, generator=g) if "norm" in k else v) for k, v in state.items()}
+    save_file(state, mixed / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "auto"
-    assert cli.main(prune_args(bf16, text_file, out, "--method", "wanda", "--ratio", "0.5", "--compute-dtype",
+    assert cli.main(prune_args(mixed, text_file, out, "--method", "wanda", "--ratio", "0.5", "--compute-dtype",
                                "auto")) == 0
     assert json.loads((out / "prunekit.json").read_text())["compute_dtype"] == "bfloat16"
-    assert "saved with float32 tensors" not in capsys.readouterr().err  # saved in bf16, as the input
+    saved = load_file(out / "model.safetensors")
+    norms = [k for k in state if "norm" in k]
+    assert norms and all(saved[k].dtype == torch.float32 and torch.equal(saved[k], state[k]) for k in norms)
+    half = tmp_path / "fp16"
+    tiny_model("llama").to(torch.float16).save_pretrained(half)
+    char_tokenizer().save_pretrained(half)
+    stored = load_file(half / "model.safetensors")
+    out = tmp_path / "fp16-in-bf16"
+    assert cli.main(prune_args(half, text_file, out, "--method", "sparsegpt", "--ratio", "0.5", "--skip",
+                               "*down_proj", "--compute-dtype", "bfloat16")) == 0
+    saved = load_file(out / "model.safetensors")
+    for k, v in stored.items():
+        if "proj" not in k or "down_proj" in k:  # embeddings, norms and the layers --skip kept dense
+            assert saved[k].dtype == torch.float16 and torch.equal(saved[k], v), k
+    assert any(not torch.equal(saved[k], stored[k].bfloat16().half()) for k in stored if "down_proj" in k)
+    fp32 = tmp_path / "fp32"
+    tiny_model("llama").save_pretrained(fp32)
+    char_tokenizer().save_pretrained(fp32)
+    out = tmp_path / "armor"
+    assert cli.main(prune_args(fp32, text_file, out, "--method", "armor", "--pattern", "2:4", "--option",
+                               "block_size=16", "--option", "iters=3", "--compute-dtype", "bfloat16")) == 0
+    assert {v.dtype for v in load_file(out / "armor.safetensors").values()} == {torch.float32}
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["stored_dtype"] == "float32" and said["pattern_ok"] is True
 
 
 def test_compute_dtype_refusals(model_dir, text_file, tmp_path, capsys):
@@ -1191,3 +1245,13 @@ def test_compute_dtype_refusals(model_dir, text_file, tmp_path, capsys):
     assert cli.main(["eval", str(big), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--dtype",
                      "bfloat16"]) == 0
     assert digest(big) == before
+    # a folder that holds an Inf itself: the usual message, not "load it in float32" (which fails the same way)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(big / "model.safetensors")
+    state["model.layers.1.self_attn.q_proj.weight"][0, 0] = float("inf")
+    save_file(state, big / "model.safetensors", metadata={"format": "pt"})
+    assert cli.main(["eval", str(big), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--dtype",
+                     "float16"]) == 2
+    err = capsys.readouterr().err
+    assert "has NaN or Inf weights" in err and "do not fit float16" not in err

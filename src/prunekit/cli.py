@@ -387,9 +387,11 @@ def _cmd_prune(args) -> int:
     meta["wall_seconds"] = time.perf_counter() - wall
     from prunekit.weights.io import carry_licence
 
+    narrower = args.compute_dtype != "float32"  # what the work did not change is saved as the input stores it
     out = prunekit.save_pruned(model, tok, args.out, metadata=meta, overwrite=args.overwrite,
                                extra=lambda folder: (report.write_report(folder, meta),
-                                                     carry_licence(args.model, folder)), dtype=saved_dtype)
+                                                     carry_licence(args.model, folder)), dtype=saved_dtype,
+                               unchanged_from=args.model if narrower else None)
     measured = sum(r.rel_error is not None for r in result.layers)
     error = (f"mean relative error {result.mean_rel_error:.4f}" if result.mean_rel_error is not None
              else "relative error not measured by this method")  # was printed as "nan"
@@ -418,24 +420,19 @@ def _cmd_prune(args) -> int:
     if evaluation:
         print(report.ppl_table(evaluation))
     print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'})")
-    if meta["compute_dtype"] in ("bfloat16", "float16") and _holds_float32(saved_dtype):
-        print(f"prunekit: note: computed in {meta['compute_dtype']} and saved with float32 tensors (the input's "
-              f"dtype): their values, in the layers left unpruned too, were rounded to {meta['compute_dtype']} when "
-              f"loaded; --dtype {meta['compute_dtype']} saves the same values in half the bytes, --compute-dtype "
-              "float32 keeps them as they were", file=sys.stderr)
+    if narrower:
+        from prunekit.weights.io import names_not_stored
+
+        lost = names_not_stored(model, resolve_model(args.model))
+        if lost:  # a .bin folder, or names the loader rewrote: their values stay rounded
+            print(f"prunekit: note: {len(lost)} tensor(s) of the output ({lost[0]}, ...) are not in "
+                  f"{args.model}'s safetensors files under their names, so they are saved as computed, rounded to "
+                  f"{meta['compute_dtype']}; --compute-dtype float32 keeps them as they were", file=sys.stderr)
     if args.method == "armor":  # a user shipping the folder to a 2:4 runtime got a dense model, unwarned
         print(f"prunekit: note: {out / 'model.safetensors'} holds the dense product A core B, so plain transformers "
               f"loads a dense model; the {args.pattern} cores and factors are in armor.safetensors, which "
               "prunekit.load_model puts back", file=sys.stderr)
     return 0
-
-
-def _holds_float32(saved_dtype) -> bool:
-    """Whether a save in `saved_dtype` (a dtype, or the input's `MixedDtypes`) writes float32 tensors."""
-    import torch
-
-    kept = getattr(saved_dtype, "per_tensor", None)
-    return torch.float32 in set(kept.values()) if kept is not None else saved_dtype == torch.float32
 
 
 def model_files(args, path) -> list | None:
@@ -590,7 +587,7 @@ def _provenance(model: str) -> dict:
         meta = _record(folder)
     except (InputError, OSError):  # unreadable: `_recorded` says so where it matters
         meta = None
-    keys = ("model", "method", "domain", "ratio", "pattern", "input")
+    keys = ("model", "method", "domain", "ratio", "pattern", "compute_dtype", "input")
     return {"folder": str(folder), "prunekit": {k: meta[k] for k in keys if k in meta} if meta else None}
 
 

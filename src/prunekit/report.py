@@ -123,6 +123,8 @@ def write_report(folder: Path, meta: dict) -> None:
     earlier = (meta.get("input") or {}).get("prunekit")
     if earlier or meta.get("input_sparsity"):  # a chain: what the input already was
         how = ", ".join(str(x) for x in (earlier.get("method"), earlier.get("pattern")) if x) if earlier else ""
+        if earlier and earlier.get("compute_dtype") not in (None, "float32"):  # prune --compute-dtype
+            how += f", computed in {earlier['compute_dtype']}"
         what = f"made by prunekit ({how}) from `{earlier.get('model')}`; " if earlier else ""  # depth: no pattern
         refilled = meta.get("input_zeros_refilled") or 0
         out.insert(3, f"- input: {what}sparsity of these layers before: {meta.get('input_sparsity') or 0:.4f}"

@@ -366,6 +366,10 @@ def _finite_as_loaded(model, path, dtype):
         if dtype != torch.float16 or stored == torch.float16:
             raise
         bad = non_finite(model)
+        for name in bad:  # NaN or Inf in the folder itself: the first message ("repair or re-export") is right
+            value = _stored_tensor(path, name)
+            if value is None or not bool(torch.isfinite(value).all()):
+                raise
         more = f" and {len(bad) - 1} other tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
         raise InputError(f"{path} stores {str(stored).removeprefix('torch.')} weights that do not fit float16 (at most "
                          f"65504): {bad[0]}{more} became NaN or Inf when loaded in float16; load it in float32 or "
@@ -937,17 +941,101 @@ class UpdateRounding:
         return (self.err / self.size) ** 0.5 if self.rounds and self.size > 0 else None
 
 
-def save_weights(model, folder: Path, dtype=None) -> None:
+def _safetensors_index(folder: Path) -> dict:
+    """``{tensor name: file}`` over `folder`'s safetensors files (headers only)."""
+    from safetensors import SafetensorError, safe_open
+
+    index = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                index.update(dict.fromkeys(f.keys(), file))
+        except (OSError, SafetensorError):
+            continue
+    return index
+
+
+def _stored_tensor(folder: Path, name: str):
+    """Tensor `name` as `folder`'s safetensors files store it, or None (not there, or not safetensors)."""
+    from safetensors import safe_open
+
+    file = _safetensors_index(folder).get(name)
+    if file is None:
+        return None
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def unchanged_from_input(model, state: dict, folder: Path) -> dict:
+    """`state` (``model.state_dict()``) with every value that the work did not change given back as `folder`
+    stores it.
+
+    A model loaded in a narrower dtype than its folder's (``prune --compute-dtype bfloat16`` on a float32 or
+    float16 folder) holds rounded copies of every weight: the embeddings, norms and head, the layers left dense by
+    ``--skip``, and the weights a mask-only method (magnitude, Wanda) kept. An element whose value still equals
+    its stored value rounded to the model's dtype, and is not zero (a pruned weight stays pruned), takes the
+    stored value again; what the method changed (pruned zeros, SparseGPT's updates) stays as computed. ARMOR's
+    factorized layers (their weight is the product of factors) are left as they are. Tensors are matched by name
+    in the safetensors files; a ``.bin`` folder, or a name the loader rewrote, matches nothing
+    (`names_not_stored`)."""
+    import torch
+    from safetensors import safe_open
+
+    from prunekit.weights.engine import factorized_names
+
+    index = _safetensors_index(folder)
+    factorized = tuple(f"{n}." for n in factorized_names(model))
+    by_storage: dict = {}
+    for file in dict.fromkeys(index.values()):
+        with safe_open(str(file), framework="pt") as f:
+            for name, v in state.items():
+                if index.get(name) != file or not v.is_floating_point() or name.startswith(factorized):
+                    continue
+                key = _storage(v)
+                if key in by_storage:
+                    continue
+                stored = f.get_tensor(name)
+                if (stored.shape != v.shape or not stored.is_floating_point()
+                        or not _rounds(v.dtype, stored.dtype)):  # only a narrower copy lost anything
+                    by_storage[key] = None
+                    continue
+                same = (stored.to(v.dtype) == v) & (v != 0)
+                by_storage[key] = torch.where(same, stored, v.to(stored.dtype))
+    out = dict(state)
+    for name, v in state.items():  # a tied lm_head (not in the files) is given back with its embedding
+        restored = by_storage.get(_storage(v)) if v.is_floating_point() else None
+        if restored is not None:
+            out[name] = restored
+    return out
+
+
+def names_not_stored(model, folder: Path) -> list[str]:
+    """The floating-point tensors of `model` (ARMOR's factorized layers aside) that `unchanged_from_input` cannot
+    find in `folder`'s safetensors files by name (a tied lm_head counts with its embedding)."""
+    from prunekit.weights.engine import factorized_names
+
+    index = _safetensors_index(folder)
+    factorized = tuple(f"{n}." for n in factorized_names(model))
+    state = model.state_dict()
+    found = {_storage(v) for k, v in state.items() if k in index}
+    return [k for k, v in state.items() if v.is_floating_point() and not k.startswith(factorized)
+            and _storage(v) not in found]
+
+
+def save_weights(model, folder: Path, dtype=None, *, unchanged_from: Path | None = None) -> None:
     """``model.save_pretrained(folder)``, with the floating-point weights (and the config's ``dtype``) in `dtype`
     when given (a `MixedDtypes`: each tensor in its own); the model itself is not changed. A weight that the dtype
-    cannot hold (it would be saved as inf) is an InputError."""
+    cannot hold (it would be saved as inf) is an InputError. `unchanged_from` (the input folder of a model loaded
+    in a narrower dtype): what the work did not change is saved as that folder stores it (`unchanged_from_input`)."""
     dtype = parse_dtype(dtype)
     main = dtype.main if isinstance(dtype, MixedDtypes) else dtype
     state = model.state_dict()
     targets = _save_dtypes(state, dtype)
-    if targets is None:
+    if targets is None:  # saved in the model's own dtype: the stored values would be rounded to it again
         model.save_pretrained(folder)
         return
+    if unchanged_from is not None:
+        state = unchanged_from_input(model, state, Path(unchanged_from))
     cast: dict = {}  # one cast per storage, so tied weights (embeddings and lm_head) stay one tensor
     out = {}
     for k, v in state.items():
@@ -966,8 +1054,14 @@ def save_weights(model, folder: Path, dtype=None) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def main_of(dtype):
+    """The dtype most tensors are saved in for `dtype` (a `MixedDtypes`' main one)."""
+    return dtype.main if isinstance(dtype, MixedDtypes) else dtype
+
+
 def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict | None = None, overwrite: bool = False,
-                extra: Callable[[Path], None] | None = None, dtype=None) -> Path:
+                extra: Callable[[Path], None] | None = None, dtype=None,
+                unchanged_from: str | os.PathLike | None = None) -> Path:
     """Save `model` (safetensors) and `tokenizer` plus ``prunekit.json`` (`metadata`, with ``saved_dtype``: the
     dtype the weights were written in; a `PruneResult` is written as its ``to_dict()``); `extra(folder)` may add
     files.
@@ -975,7 +1069,10 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict | No
     `dtype` (a torch dtype or a name such as ``"bfloat16"``) saves the weights in that dtype without changing
     `model`; None saves them as they are. ARMOR's factorized layers save their dense equivalent in the model's
     weights (any transformers install loads it) and their factors in ``armor.safetensors``, which `load_model`
-    installs again.
+    installs again (in float32 when the weights are saved in float32, else in their own dtype).
+    `unchanged_from`: the folder a model was loaded from in a narrower dtype (``load_model(..., dtype="bfloat16")``
+    of a float32 folder); every value the work did not change is saved as that folder stores it, not rounded
+    (`unchanged_from_input`).
     """
     from prunekit.weights.methods import armor
     from prunekit.weights.prune import PruneResult
@@ -984,17 +1081,21 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict | No
     if isinstance(metadata, PruneResult):  # refused as "metadata must be a dict"
         metadata = metadata.to_dict()
     metadata = dict(jsonl.check_metadata(metadata))
+    import torch
+
     saved = dtype if dtype not in (None, "auto") else next(
         (t.dtype for t in model.state_dict().values() if t.is_floating_point()), None)
     if saved is not None:
         metadata.setdefault("saved_dtype", str(saved).removeprefix("torch."))
 
     def build(tmp: Path) -> None:
-        save_weights(model, tmp, dtype)
+        save_weights(model, tmp, dtype, unchanged_from=resolve_model(unchanged_from) if unchanged_from else None)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "prunekit.json").write_text(jsonl.dumps(metadata, indent=2) + "\n")
-        armor.save_factors(model, tmp)  # a no-op unless ARMOR factorized some layers; factors keep their dtype
+        # a no-op unless ARMOR factorized some layers; bf16 factors of a model saved in float32 were written in
+        # bf16 beside a record saying float32
+        armor.save_factors(model, tmp, widen_to=torch.float32 if main_of(saved) == torch.float32 else None)
         if extra is not None:
             extra(tmp)
 

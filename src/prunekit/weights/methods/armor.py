@@ -309,9 +309,10 @@ def _matches(weight: torch.Tensor, dense: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # Factor files
 
-def save_factors(model: nn.Module, folder: str | Path) -> int:
+def save_factors(model: nn.Module, folder: str | Path, *, widen_to: torch.dtype | None = None) -> int:
     """Write ``folder/armor.safetensors``: ``{name}.core``, ``{name}.a``, ``{name}.b`` of every ArmorLinear, in
-    their own dtype (factors rounded to half precision one by one would no longer match the dense weight).
+    their own dtype (factors rounded to half precision one by one would no longer match the dense weight), or in
+    `widen_to` where that is wider (float32 for a half-precision model saved in float32: exact).
 
     The metadata (strings) holds the format, the block size(s) and each module's pattern and block sizes as
     JSON. Returns the number of modules written (no file when there are none).
@@ -322,7 +323,10 @@ def save_factors(model: nn.Module, folder: str | Path) -> int:
     for name, module in model.named_modules():
         if isinstance(module, ArmorLinear):
             for key, value in module.factors().items():
-                tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+                value = value.detach().cpu()
+                if widen_to is not None and torch.finfo(widen_to).bits > torch.finfo(value.dtype).bits:
+                    value = value.to(widen_to)
+                tensors[f"{name}.{key}"] = value.contiguous()
             modules[name] = {"pattern": str(module.pattern), "block_size": list(module.block_size)}
     if not modules:
         return 0
