@@ -315,12 +315,13 @@ def test_block_inputs_run_the_blocks_for_real_where_skipping_them_breaks_the_mod
 
 
 def test_a_half_precision_overflow_points_a_python_caller_at_loading_in_float32(tok):
-    # the hint said "--dtype float32": the CLI's --dtype is the saved dtype and it prunes in float32 anyway
+    # the hint said "--dtype float32": the CLI's --dtype is the saved dtype; --compute-dtype is the one to name
     model = tiny_model("llama").half()
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.mul_(2e5)
     with pytest.raises(InputError, match=r"\(float16 activations\); check its weights, or prune it in float32 "
-                                         r"\(prunekit\.load_model\(\.\.\., dtype='float32'\)\)$"):
+                                         r"\(prune --compute-dtype float32, "
+                                         r"prunekit\.load_model\(\.\.\., dtype='float32'\)\)$"):
         prunekit.prune(model, method="wanda", ratio=0.5, calibration=ids_from_text(tok, 2, 16), progress=False)
 
 
