@@ -944,3 +944,64 @@ def test_calibration_batches_advance_through_blocks_with_their_own_masks_and_rop
             tyr.advance(block, batches)
         torch.testing.assert_close(model.model.norm(torch.cat([h for h, _ in batches])),
                                    model.model(input_ids=ids, use_cache=False).last_hidden_state)
+
+
+def test_a_per_head_q_norm_keeps_the_rows_of_the_kept_heads(tmp_path):
+    """Cohere's qk-norm (``use_qk_norm``: one weight row per head) was refused as "normalises all heads together"
+    (OLMo2's is over all heads at once). Each kept head keeps its own row: removing a head equals zeroing its
+    o_proj columns, and the saved model reloads with identical logits (uniform widths in plain transformers,
+    Týr's per-layer widths through prunekit.load)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("cohere", vocab_size=128, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128, use_qk_norm=True, eos_token_id=None)
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # rows that differ, so a wrong row changes the output
+        for layer in dense.model.layers:
+            layer.self_attn.q_norm.weight.copy_(1 + torch.randn(layer.self_attn.q_norm.weight.shape))
+            layer.self_attn.k_norm.weight.copy_(1 + torch.randn(layer.self_attn.k_norm.weight.shape))
+    assert tuple(dense.model.layers[0].self_attn.q_norm.weight.shape) == (4, 16)
+    ids = calib(2, 16, seed=3)
+    model = copy.deepcopy(dense)
+    prunekit.prune_structured(model, method="magnitude-structured", ratio=0.1, structure="heads", progress=False)
+    zeroed = copy.deepcopy(dense)
+    for block, pruned in zip(zeroed.model.layers, model.model.layers):
+        attn = block.self_attn
+        keep = kept_rows(pruned.self_attn.q_proj.weight, attn.q_proj.weight, 16)
+        assert len(keep) == 2 and torch.equal(pruned.self_attn.q_norm.weight, attn.q_norm.weight[keep])
+        with torch.no_grad():
+            for h in set(range(4)) - set(keep):
+                attn.o_proj.weight[:, h * 16:(h + 1) * 16] = 0
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, zeroed(ids).logits, atol=1e-5)
+        out = prunekit.save_structured(model, None, tmp_path / "uniform", metadata={})
+        plain = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert torch.equal(plain(ids).logits, model(ids).logits)
+    searched = copy.deepcopy(dense)
+    prunekit.prune_structured(searched, method="tyr", ratio=0.3, structure="both", calibration=calib(), seed=1,
+                              progress=False, **TYR_FAST)
+    out = prunekit.save_structured(searched, None, tmp_path / "tyr", metadata={})
+    reloaded, _ = prunekit.load(out)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, searched(ids).logits)
+    for block in searched.model.layers:  # what Týr installed is the dense row of each kept head
+        heads = block.self_attn.q_proj.out_features // 16
+        assert tuple(block.self_attn.q_norm.weight.shape) == (heads, 16)
+
+
+@pytest.mark.parametrize("kind, says", [("phi3", "fuses q, k and v into one qkv_proj"),
+                                        ("glm", "fuses its gate and up projections into one gate_up_proj")])
+def test_fused_projections_are_refused_by_name(kind, says):
+    """Phi-3 was told it had "no Llama-style self_attn" and GLM "no gated MLP": both have one, fused."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(kind, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputError, match=says + ".*weight pruning .* and depth pruning work on this model"):
+        prunekit.prune_structured(model, method="magnitude-structured", ratio=0.1, structure="heads", progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -90,7 +90,7 @@ def check_request(method: str, *, ratio: float, structure: str, options: dict, d
         uniform_widths(dims, ratio=ratio, structure=structure)
 
 
-_SHRUNK = {"attn": ("q_proj", "o_proj", "num_key_value_groups", "num_heads"),
+_SHRUNK = {"attn": ("q_proj", "o_proj", "q_norm", "num_key_value_groups", "num_heads"),
            "mlp": ("gate_proj", "up_proj", "down_proj", "intermediate_size")}
 
 

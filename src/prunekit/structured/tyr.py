@@ -389,6 +389,7 @@ class _Installer:
         for block in self.blocks:
             a, m = attention(block), mlp_of(block)
             self.dense.append({"q": a.q_proj, "o": a.o_proj, "groups": a.num_key_value_groups,
+                               "q_norm": getattr(a, "q_norm", None),
                                "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj})
         self.current: dict[int, int] = {}
 
@@ -401,6 +402,8 @@ class _Installer:
             if sub.kind == "attn":
                 a = attention(block)
                 a.q_proj, a.o_proj, a.num_key_value_groups = dense["q"], dense["o"], dense["groups"]
+                if dense["q_norm"] is not None:  # a per-head q-norm is sliced from the dense one
+                    a.q_norm = dense["q_norm"]
                 shrink_attention(a, level.keep, o_weight=level.weight, kv_heads=self.dims.kv_heads)
             else:
                 m = mlp_of(block)
@@ -412,6 +415,8 @@ class _Installer:
         for block, dense in zip(self.blocks, self.dense):
             a, m = attention(block), mlp_of(block)
             a.q_proj, a.o_proj, a.num_key_value_groups = dense["q"], dense["o"], dense["groups"]
+            if dense["q_norm"] is not None:
+                a.q_norm = dense["q_norm"]
             m.gate_proj, m.up_proj, m.down_proj = dense["gate"], dense["up"], dense["down"]
             if hasattr(m, "intermediate_size"):
                 m.intermediate_size = dense["gate"].out_features

@@ -12,7 +12,7 @@ Units:
   attention (or duplicated KV heads), which the exported model must not require. The price: k_proj/v_proj are
   never pruned, and a layer keeps at least one query head per group (``g >= 1``): a request that would leave
   a layer with no heads is refused. A head is the ``head_dim`` rows of q_proj and the ``head_dim`` columns of
-  o_proj it owns.
+  o_proj it owns, and its row of a per-head q-norm (Cohere's ``use_qk_norm``: weight ``[heads, head_dim]``).
 - **MLP neurons.** Neuron ``j`` is row ``j`` of gate_proj and up_proj and column ``j`` of down_proj.
 
 `Widths` records what a layer keeps; `shrink_attention` / `shrink_mlp` perform the surgery on one block given
@@ -72,6 +72,10 @@ class Dims:
 def _attn(block: nn.Module) -> nn.Module:
     attn = getattr(block, "self_attn", None)
     if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
+        if hasattr(attn, "qkv_proj"):  # Phi-3: said "no Llama-style self_attn", not what is missing
+            raise InputError(f"{type(attn).__name__} fuses q, k and v into one qkv_proj; structured pruning needs "
+                             "separate q_proj, k_proj and v_proj (Llama, Mistral, Qwen2/3, Gemma, ...); weight "
+                             "pruning (--method wanda, sparsegpt, ...) and depth pruning work on this model")
         raise InputError(
             f"{type(block).__name__} has no Llama-style self_attn (q_proj, k_proj, v_proj, o_proj); structured "
             "pruning supports Llama, Mistral, Qwen2 and other models with that layout"
@@ -82,6 +86,10 @@ def _attn(block: nn.Module) -> nn.Module:
 def _mlp(block: nn.Module) -> nn.Module:
     mlp = getattr(block, "mlp", None)
     if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        if hasattr(mlp, "gate_up_proj") and hasattr(mlp, "down_proj"):  # Phi-3, GLM: said "has no gated MLP"
+            raise InputError(f"{type(mlp).__name__} fuses its gate and up projections into one gate_up_proj; "
+                             "structured pruning needs separate gate_proj and up_proj (Llama-style blocks); weight "
+                             "pruning (--method wanda, sparsegpt, ...) and depth pruning work on this model")
         raise InputError(
             f"{type(block).__name__} has no gated MLP (gate_proj, up_proj, down_proj); structured pruning (heads "
             "as well as neurons) supports Llama-style blocks only; weight pruning (--method wanda, sparsegpt, ...) "
@@ -126,9 +134,10 @@ def check_heads_prunable(model: nn.Module, dims: Dims) -> None:
 
     _, blocks = find_blocks(model)
     attn = _attn(blocks[0])
-    for norm in ("q_norm", "k_norm"):
+    for norm, rows in (("q_norm", dims.heads), ("k_norm", dims.kv_heads)):
         weight = getattr(getattr(attn, norm, None), "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.numel() != dims.head_dim:
+        per_head = isinstance(weight, torch.Tensor) and tuple(weight.shape) == (rows, dims.head_dim)  # Cohere
+        if isinstance(weight, torch.Tensor) and weight.numel() != dims.head_dim and not per_head:
             raise InputError(f"{type(attn).__name__}.{norm} normalises all heads together ({weight.numel()} values, "
                              f"head size {dims.head_dim}), so heads cannot be removed; prune neurons only "
                              "(--structure neurons)")
@@ -221,9 +230,23 @@ def shrink_attention(attn: nn.Module, keep_heads: torch.Tensor, *, o_weight: tor
         raise ValueError(f"o_weight has shape {tuple(w_o.shape)}, expected {(o.out_features, cols.numel())}")
     attn.q_proj = _new_linear(q.weight[cols], q_bias, q)  # [kept * head_dim, hidden]
     attn.o_proj = _new_linear(w_o, o.bias, o)
+    norm = getattr(attn, "q_norm", None)
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (n_q, hd):  # one row per head (Cohere's qk-norm)
+        attn.q_norm = _rows_of(norm, keep_heads)
     attn.num_key_value_groups = int(per_group[0])
     if hasattr(attn, "num_heads"):
         attn.num_heads = len(keep_heads)
+
+
+def _rows_of(norm: nn.Module, rows: torch.Tensor) -> nn.Module:
+    """A copy of per-head norm `norm` (weight ``[heads, head_dim]``) keeping the heads `rows`; `norm` is unchanged,
+    so the dense module can be put back."""
+    import copy
+
+    new = copy.deepcopy(norm)
+    new.weight = nn.Parameter(norm.weight.detach()[rows].clone(), requires_grad=norm.weight.requires_grad)
+    return new
 
 
 def shrink_mlp(mlp: nn.Module, keep: torch.Tensor, *, down_weight: torch.Tensor | None = None) -> None:
