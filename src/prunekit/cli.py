@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--pattern", default=None, help="also check that every block Linear is N:M (default: the "
                     "pattern in prunekit.json); exit status 1 when a layer breaks it")
     ev.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
-                    help="the dtype the model is loaded and run in (default float32; auto: as the folder stores it); "
+                    help="the dtype the model is loaded and run in (default float32; auto: the folder's main dtype); "
                     "bfloat16 holds half the memory and runs faster on a CPU with bfloat16 units, the loss itself "
                     "is summed in float32")
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -179,9 +179,10 @@ def _add_prune_arguments(pr) -> None:
                     "weight methods in --compute-dtype)")
     pr.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="float32",
                     help="weight methods: the dtype the model is loaded and run in, --eval included (default float32; "
-                    "auto: as the folder stores it). bfloat16 holds half the memory and, on a CPU with bfloat16 "
+                    "auto: the folder's main dtype). bfloat16 holds half the memory and, on a CPU with bfloat16 "
                     "units, runs faster; calibration statistics and weight updates are still summed in float32, "
-                    "but the activations are rounded (README: the cost in perplexity)")
+                    "the activations are rounded (README: the cost in perplexity), and what the method did not "
+                    "change is saved as the input stores it")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     for module in _PRUNE_DOMAINS.values():
         import_module(module).add_prune_arguments(pr)
