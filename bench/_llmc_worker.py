@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--ratio", type=float, default=0.5, help="sparsity for unstructured")
     p.add_argument("--out", required=True, help="output folder for the pruned dense model")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the dtype the model is loaded and pruned in")
     return p.parse_args(argv)
 
 
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
     log(f"calibration: {n} x {seqlen} tokens")
 
     # ---- model ---------------------------------------------------------------
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
                                                  trust_remote_code=False)
     model.eval()
     try:  # passed to oneshot so it does not load a processor inside the timed call

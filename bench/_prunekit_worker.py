@@ -23,6 +23,8 @@ def main() -> int:
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--sequential", default="block")
     p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the dtype the model is loaded and pruned in (prune --compute-dtype); saved as the input")
     args = p.parse_args()
 
     import torch
@@ -32,7 +34,7 @@ def main() -> int:
     import prunekit
 
     ids = load_file(args.calib)["input_ids"]
-    model, tok = prunekit.load_model(args.model)
+    model, tok = prunekit.load_model(args.model, dtype=args.dtype)
     pattern = None if args.pattern == "unstructured" else args.pattern
     start = time.perf_counter()
     result = prunekit.prune(model, method=args.method, ratio=None if pattern else args.ratio, pattern=pattern,

@@ -12,6 +12,11 @@ the whole process, `peak_rss_mb` the worker process's own peak resident memory
 
 Writes bench/results/weights_vs_llmcompressor.json and .md.
 
+`--dtype bfloat16` loads and prunes the model in bfloat16 in both tools (prunekit's `--compute-dtype bfloat16`;
+llm-compressor's model loaded in bfloat16, as its examples do); the statistics are float32 in both. The pruned
+models are scored in float32, and the dense row is the float32 model rounded to bfloat16. Its results go to
+bench/results/weights_vs_llmcompressor_bf16.json and .md unless `--out` says otherwise.
+
 `--seed N` draws other calibration windows (the same ones for both tools); its rows carry `seed` and sit beside
 the other seeds' rows (a run replaces its own seed's rows only; a results file of other settings is refused:
 give such a run another `--out`). One seed's perplexities move by a few percent with nothing but floating-point rounding (a
@@ -126,8 +131,11 @@ def main() -> int:
                     help="re-run only --configs and replace their rows in the existing results (other rows keep "
                     "their earlier run; every row records when it ran)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (both tools get the same)")
-    ap.add_argument("--out", default=str(HERE / "results" / "weights_vs_llmcompressor.json"),
-                    help="results JSON (the markdown goes beside it)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the dtype both tools load and prune the model in")
+    ap.add_argument("--out", default=None,
+                    help="results JSON (the markdown goes beside it; default results/weights_vs_llmcompressor.json, "
+                    "with --dtype bfloat16 results/weights_vs_llmcompressor_bf16.json)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="merge these results files' rows into --out (same tool, config and seed: replaced), "
                     "rewrite the markdown, exit")
@@ -135,7 +143,8 @@ def main() -> int:
                     help="prune each config this many times per tool, the tools' order alternating between repeats; "
                     "`seconds` and `peak_rss_mb` are the medians, every run is kept in `runs`")
     args = ap.parse_args()
-    out_json = Path(args.out)
+    suffix = "" if args.dtype == "float32" else "_bf16"
+    out_json = Path(args.out or HERE / "results" / f"weights_vs_llmcompressor{suffix}.json")
     if args.merge:
         if not out_json.exists():
             raise SystemExit(f"--merge: {out_json} does not exist; --out names the results file to merge into")
@@ -156,9 +165,10 @@ def main() -> int:
         had = (earlier["calibration"].get("samples"), earlier["calibration"].get("seqlen"),
                earlier["evaluation"]["wiki"].get("tokens"))
         now = (args.samples, args.seqlen, args.eval_tokens // args.seqlen * args.seqlen)
-        if had != now:
-            raise SystemExit(f"{out_json} holds results of other settings (samples, seqlen, eval tokens = {had}, this "
-                             f"run {now}); give this run another --out")
+        if had != now or earlier.get("dtype", "float32") != args.dtype:
+            raise SystemExit(f"{out_json} holds results of other settings (samples, seqlen, eval tokens = {had}, dtype "
+                             f"{earlier.get('dtype', 'float32')}; this run {now}, {args.dtype}); give this run another "
+                             "--out")
 
     model_dir = prunekit.zoo.model_path("smollm2-135m")
     llmc_python = ensure_llmc_venv() if "llmcompressor" in args.tools else None
@@ -166,6 +176,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     dense, tok = prunekit.load_model(model_dir)
+    if args.dtype != "float32":  # what both tools start from; scored (and compared with) in float32
+        dense = dense.to(getattr(torch, args.dtype)).float()
     calib_text = prunekit.load_text("wiki", purpose="calibration")
     ids = prunekit.calibration_ids(tok, calib_text, samples=args.samples, seqlen=args.seqlen, seed=args.seed)
     calib_file = work / "calib.safetensors"
@@ -185,6 +197,7 @@ def main() -> int:
                        for k, t in texts.items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
+        "dtype": args.dtype,
         "dense": ppl(dense),
         "rows": [],
     }
@@ -213,7 +226,7 @@ def main() -> int:
                 if out.exists():
                     shutil.rmtree(out)
                 common = ["--model", str(model_dir), "--calib", str(calib_file), "--method", method,
-                          "--pattern", pattern, "--ratio", "0.5", "--out", str(out)]
+                          "--pattern", pattern, "--ratio", "0.5", "--out", str(out), "--dtype", args.dtype]
                 if tool == "llmcompressor":
                     res = run_worker([str(llmc_python), str(HERE / "_llmc_worker.py"), *common])
                 else:  # "prunekit" (default order) or "prunekit-layer" (--sequential layer)
@@ -273,8 +286,13 @@ def write_markdown(record: dict, path: Path) -> None:
         "",
         f"Calibration: {cal['samples']} x {cal['seqlen']} tokens of Wikipedia leads ({cal['documents']}). "
         f"Perplexity: held-out Wikipedia leads {ev['wiki']['tokens'] // ev['wiki']['seqlen']} x {ev['wiki']['seqlen']} tokens; "
-        f"Pride and Prejudice {ev['austen']['tokens'] // ev['austen']['seqlen']} x {ev['austen']['seqlen']} tokens. "
-        f"Dense (dequantized fp32): wiki {record['dense']['ppl_wiki']:.3f}, austen {record['dense']['ppl_austen']:.3f}. "
+        f"Pride and Prejudice {ev['austen']['tokens'] // ev['austen']['seqlen']} x {ev['austen']['seqlen']} tokens. " +
+        (f"Dense (dequantized fp32): wiki {record['dense']['ppl_wiki']:.3f}, "
+         f"austen {record['dense']['ppl_austen']:.3f}. "
+         if record.get("dtype", "float32") == "float32" else
+         f"Both tools load and prune the model in {record['dtype']} (statistics in float32); every model is scored in "
+         f"float32. Dense (the dequantized fp32 model rounded to {record['dtype']}): wiki "
+         f"{record['dense']['ppl_wiki']:.3f}, austen {record['dense']['ppl_austen']:.3f}. ") +
         f"Machine: {record['machine']['cpus']} CPUs, torch {record['machine']['torch']}. "
         f"This table: calibration seed {main_seed}.",
         "",
