@@ -20,6 +20,19 @@ def digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def mixed_folder(folder):
+    """A tiny Llama folder with bf16 Linears and fp32 norms (values bf16 cannot hold), and its state dict."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    state = {k: (1 + 0.01 * torch.randn(v.shape, generator=g) if "norm" in k else v) for k, v in state.items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder, state
+
+
 def prune_args(model_dir, text_file, out, *extra):
     return ["prune", str(model_dir), "--calib", str(text_file), "--samples", "8", "--seqlen", "64",
             "--out", str(out), "--quiet", *extra]
@@ -102,17 +115,11 @@ def test_the_recorded_pruned_perplexity_is_the_saved_models(method, extra, model
 def test_a_mixed_dtype_folder_keeps_each_tensors_dtype_and_a_bin_folder_its_own(text_file, tmp_path, capsys):
     """bf16 Linears with fp32 norms were all saved in bf16 (the norms rounded, "as the input"); an fp16 folder
     of pytorch_model.bin only was saved in float32, twice its size."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from prunekit.weights.io import MixedDtypes, stored_dtypes
 
-    folder = tmp_path / "mixed"
-    tiny_model("llama").to(torch.bfloat16).save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    state = load_file(folder / "model.safetensors")
-    g = torch.Generator().manual_seed(0)
-    state = {k: (1 + 0.01 * torch.randn(v.shape, generator=g) if "norm" in k else v) for k, v in state.items()}
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    folder, state = mixed_folder(tmp_path / "mixed")
     found = stored_dtypes(folder)
     assert isinstance(found, MixedDtypes) and found.main == torch.bfloat16
     assert str(found) == "bfloat16 with float32 tensors"
@@ -1174,15 +1181,9 @@ def test_compute_dtype_auto_and_other_stored_dtypes_keep_what_was_not_pruned(tex
     """--compute-dtype auto runs a folder in its main dtype. A mixed folder (bf16 Linears, fp32 norms) run in bf16
     saved its norms rounded to bf16, and a float16 folder run in bf16 its embeddings and --skip'd layers: now they
     are saved as stored. ARMOR's bf16 factors of a float32 output were written in bf16 (the record said float32)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    mixed = tmp_path / "mixed"
-    tiny_model("llama").to(torch.bfloat16).save_pretrained(mixed)
-    char_tokenizer().save_pretrained(mixed)
-    state = load_file(mixed / "model.safetensors")
-    g = torch.Generator().manual_seed(0)
-    state = {k: (1 + 0.01 * torch.randn(v.shape, generator=g) if "norm" in k else v) for k, v in state.items()}
-    save_file(state, mixed / "model.safetensors", metadata={"format": "pt"})
+    mixed, state = mixed_folder(tmp_path / "mixed")
     out = tmp_path / "auto"
     assert cli.main(prune_args(mixed, text_file, out, "--method", "wanda", "--ratio", "0.5", "--compute-dtype",
                                "auto")) == 0
