@@ -388,7 +388,8 @@ def _cmd_prune(args) -> int:
     meta["wall_seconds"] = time.perf_counter() - wall
     from prunekit.weights.io import carry_licence
 
-    narrower = args.compute_dtype != "float32"  # what the work did not change is saved as the input stores it
+    # what the work did not change is saved as the input stores it (auto on a float32 folder: nothing to give back)
+    narrower = meta["compute_dtype"] != "float32"
     out = prunekit.save_pruned(model, tok, args.out, metadata=meta, overwrite=args.overwrite,
                                extra=lambda folder: (report.write_report(folder, meta),
                                                      carry_licence(args.model, folder)), dtype=saved_dtype,

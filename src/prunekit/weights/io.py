@@ -358,22 +358,25 @@ def _finite_as_loaded(model, path, dtype):
     """`check_finite_weights`, saying so when the Inf came from loading a wider dtype into float16 (a weight past
     65504 became inf: the folder itself is fine, and "repair or re-export the model" sent users the wrong way)."""
     import torch
+    from safetensors import safe_open
 
-    try:
-        return check_finite_weights(model, path)
-    except InputError:
-        stored = stored_dtypes(path)
-        if dtype != torch.float16 or stored == torch.float16:
-            raise
-        bad = non_finite(model)
-        for name in bad:  # NaN or Inf in the folder itself: the first message ("repair or re-export") is right
-            value = _stored_tensor(path, name)
-            if value is None or not bool(torch.isfinite(value).all()):
-                raise
-        more = f" and {len(bad) - 1} other tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
-        raise InputError(f"{path} stores {str(stored).removeprefix('torch.')} weights that do not fit float16 (at most "
-                         f"65504): {bad[0]}{more} became NaN or Inf when loaded in float16; load it in float32 or "
-                         "bfloat16 (prune --compute-dtype, eval and generate --dtype)") from None
+    bad = non_finite(model)
+    stored = stored_dtypes(path) if bad and dtype == torch.float16 else None
+    if stored is not None and stored != torch.float16:
+        index = _safetensors_index(path)
+
+        def finite_there(name: str) -> bool:  # NaN or Inf in the folder itself: "repair or re-export" is right
+            if name not in index:
+                return False
+            with safe_open(str(index[name]), framework="pt") as f:
+                return bool(torch.isfinite(f.get_tensor(name)).all())
+
+        if all(finite_there(name) for name in bad):
+            more = f" and {len(bad) - 1} other tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
+            raise InputError(f"{path} stores {str(stored).removeprefix('torch.')} weights that do not fit float16 "
+                             f"(at most 65504): {bad[0]}{more} became NaN or Inf when loaded in float16; load it in "
+                             "float32 or bfloat16 (prune --compute-dtype, eval and generate --dtype)")
+    return check_finite_weights(model, path) if bad else model
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -955,15 +958,12 @@ def _safetensors_index(folder: Path) -> dict:
     return index
 
 
-def _stored_tensor(folder: Path, name: str):
-    """Tensor `name` as `folder`'s safetensors files store it, or None (not there, or not safetensors)."""
-    from safetensors import safe_open
+def _matchable(model, folder: Path) -> tuple[dict, tuple]:
+    """`folder`'s `_safetensors_index`, and the name prefixes of `model`'s factorized (ARMOR) layers, whose weight
+    is a product of factors and is never matched to a stored tensor."""
+    from prunekit.weights.engine import factorized_names
 
-    file = _safetensors_index(folder).get(name)
-    if file is None:
-        return None
-    with safe_open(str(file), framework="pt") as f:
-        return f.get_tensor(name)
+    return _safetensors_index(folder), tuple(f"{n}." for n in factorized_names(model))
 
 
 def unchanged_from_input(model, state: dict, folder: Path) -> dict:
@@ -981,10 +981,7 @@ def unchanged_from_input(model, state: dict, folder: Path) -> dict:
     import torch
     from safetensors import safe_open
 
-    from prunekit.weights.engine import factorized_names
-
-    index = _safetensors_index(folder)
-    factorized = tuple(f"{n}." for n in factorized_names(model))
+    index, factorized = _matchable(model, folder)
     by_storage: dict = {}
     for file in dict.fromkeys(index.values()):
         with safe_open(str(file), framework="pt") as f:
@@ -1012,10 +1009,7 @@ def unchanged_from_input(model, state: dict, folder: Path) -> dict:
 def names_not_stored(model, folder: Path) -> list[str]:
     """The floating-point tensors of `model` (ARMOR's factorized layers aside) that `unchanged_from_input` cannot
     find in `folder`'s safetensors files by name (a tied lm_head counts with its embedding)."""
-    from prunekit.weights.engine import factorized_names
-
-    index = _safetensors_index(folder)
-    factorized = tuple(f"{n}." for n in factorized_names(model))
+    index, factorized = _matchable(model, folder)
     state = model.state_dict()
     found = {_storage(v) for k, v in state.items() if k in index}
     return [k for k, v in state.items() if v.is_floating_point() and not k.startswith(factorized)
