@@ -65,6 +65,12 @@ def tiny_model(kind: str = "llama", seed: int = 0):
                                         logits_scaling=2.0),  # a scaling other than 1/sqrt(d)
                         "granitemoe": dict(attention_multiplier=0.05, num_local_experts=4, num_experts_per_tok=2),
                         "olmo2": dict(eos_token_id=None),  # q/k RMSNorm over all heads at once
+                        "olmo": dict(eos_token_id=None, clip_qkv=0.2),  # q, k, v clamped (a bound that bites)
+                        "olmoe": dict(moe, eos_token_id=None, clip_qkv=0.2),  # all-heads q/k norm, then the clamp
+                        "starcoder2": dict(use_bias=True, eos_token_id=None),
+                        "arcee": dict(eos_token_id=None),
+                        "apertus": dict(eos_token_id=None, head_dim=16),  # per-head q/k norm, llama3 RoPE
+                        "seed_oss": dict(eos_token_id=None, head_dim=16, attention_bias=True),
                         "helium": dict(head_dim=16)}.items():  # interleaved RoPE
         configs[name] = dict(configs["llama"], model_type=name, **extra)
     cfg = dict(configs[kind])

@@ -2,6 +2,7 @@
 real cache shrinkage, each policy's rule checked against an independent computation, RoPE re-rotation, and
 a model left exactly as it was."""
 
+import json
 import math
 
 import numpy as np
@@ -939,10 +940,11 @@ def test_other_llama_style_models_and_unsupported_ones():
             pass
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "granite", "granitemoe", "gemma", "olmo2"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "granite", "granitemoe", "gemma", "olmo2",
+                                  "olmo", "olmoe", "starcoder2", "arcee", "apertus", "seed_oss"])
 def test_every_policy_on_the_other_supported_architectures(kind):
     """MoE blocks, biases, per-head and all-heads q/k norms, Granite's attention multiplier, Gemma's embedding
-    scale: with room for everything each policy generates what the model does alone; StreamingLLM's compressed
+    scale, OLMo's clamped q/k/v: with room for everything each policy generates what the model does alone; StreamingLLM's compressed
     cache holds, at layer 0, exactly the keys a plain forward computes for the kept tokens at their new positions."""
     from conftest import tiny_model
 
@@ -1022,3 +1024,40 @@ def test_cli_generate_refuses_an_unsupported_model_before_promising_an_output(tm
     with pytest.raises(InputError, match="'gpt2' is not supported"):
         Engine.check(tiny_model("gpt2"))
     Engine.check(tiny_model("llama"))
+    # --kv full needs no engine: it runs on the model's own attention, with a note, and gives generate's output
+    assert cli.main(["generate", str(folder), "--prompt", "some text", "--kv", "full", "--max-new-tokens", "4",
+                     "--json"]) == 0
+    out = capsys.readouterr()
+    assert "note: model type 'gpt2' is not supported by the KV engine; --kv full needs no engine" in out.err
+    result = json.loads(out.out)
+    model, tok = tiny_model("gpt2"), char_tokenizer()
+    ids = tok("some text", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    assert result["text"] == tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    assert result["cache_tokens_max"] == ids.shape[1] + 3 and result["budget"] is None
+
+
+def test_cli_sliding_window_refusal_says_how_to_turn_the_window_off_and_that_works(tmp_path, capsys):
+    """The refusal named Python's load arguments only; a command-line user is told which config.json key to set in
+    a copy of the folder, and the copy so set generates (the original is untouched)."""
+    from conftest import char_tokenizer, tiny_model
+
+    folder, copy = tmp_path / "mistral", tmp_path / "mistral-nowindow"
+    model = tiny_model("mistral")
+    model.config.sliding_window = 4096
+    for out in (folder, copy):
+        model.save_pretrained(out)
+        char_tokenizer().save_pretrained(out)
+    config = (folder / "config.json").read_text()
+    args = ["--prompt", "some text", "--kv", "snapkv", "--budget", "8", "--max-new-tokens", "4", "--quiet"]
+    capsys.readouterr()
+    assert cli.main(["generate", str(folder), *args]) == 2
+    err = capsys.readouterr().err
+    assert "sliding-window attention (window of 4096 tokens" in err and 'config.json says "sliding_window": null' in err
+    assert (folder / "config.json").read_text() == config
+    edited = json.loads((copy / "config.json").read_text())
+    edited["sliding_window"] = None
+    (copy / "config.json").write_text(json.dumps(edited))
+    assert cli.main(["generate", str(copy), *args]) == 0

@@ -7,6 +7,7 @@ everything as one JSON object with ``--json``. Writes no files.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -120,7 +121,15 @@ def run(args) -> int:
         print(f"prunekit: note: {note}; ignored", file=sys.stderr)
     resolve_model(args.model)
     model, tok = prunekit.load_model(args.model, dtype=args.dtype)
-    kv.Engine.check(model)  # before the notes below: they promised an output an unsupported model never gives
+    unhooked = None  # why the engine cannot hook this model, when --kv full runs it without the engine
+    try:
+        kv.Engine.check(model)  # before the notes below: they promised an output an unsupported model never gives
+    except InputError as e:
+        if not isinstance(checked, kv.FullCache):
+            raise
+        unhooked = str(e).split(";")[0]  # full keeps every token: the model's own attention gives its output
+        print(f"prunekit: note: {unhooked}; --kv full needs no engine, so the model generates with its own "
+              "attention and cache", file=sys.stderr)
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise InputError(f"{args.model}'s tokenizer has no chat template; drop --chat")
@@ -172,7 +181,9 @@ def run(args) -> int:
     hook = model.register_forward_hook(lambda *_: forwards.append(time.perf_counter()))
     start = time.perf_counter()
     try:
-        with torch.no_grad(), kv.policy(model, args.kv, budget=args.budget, every=args.every, **options) as pol:
+        hooked = (kv.policy(model, args.kv, budget=args.budget, every=args.every, **options) if unhooked is None
+                  else contextlib.nullcontext(checked))
+        with torch.no_grad(), hooked as pol:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                  cache=cache, pad_token_id=tok.pad_token_id or tok.eos_token_id, **generation)
     finally:

@@ -53,8 +53,8 @@ exits nothing checks, so a compressed cache must not be given to plain ``generat
 that pass each token's position, as kvpress's pipeline does, may continue it).
 Attention weights (``output_attentions``) come back where the model's attention computed them (eager), over the
 entries the cache kept. Supported architectures: Llama-style attention with rotary embeddings and a
-``DynamicCache`` (model types in `SUPPORTED_MODEL_TYPES`: llama, mistral and mixtral without sliding window, qwen2,
-qwen2_moe, qwen3, qwen3_moe, granite, granitemoe, gemma, olmo2).
+``DynamicCache`` (model types in `SUPPORTED_MODEL_TYPES`: llama, mistral, mixtral and starcoder2 without sliding
+window, qwen2, qwen2_moe, qwen3, qwen3_moe, granite, granitemoe, gemma, olmo, olmo2, olmoe, arcee, apertus, seed_oss).
 """
 
 from __future__ import annotations
@@ -71,10 +71,13 @@ from prunekit.errors import InputError, is_real
 __all__ = ["Policy", "LayerState", "Engine", "rotate_keys", "cache_bytes", "cache_tokens", "SUPPORTED_MODEL_TYPES"]
 
 # Model types whose attention is what `Engine._forward` recomputes: q/k/v/o projections (biases allowed), optional
-# RMSNorm of q and k (per head, or over all heads as in OLMo-2), half-split RoPE from model.model.rotary_emb, the
-# module's own `scaling` (Granite's attention multiplier), no soft-capping, no per-layer NoPE or sliding window.
+# RMSNorm of q and k before RoPE (per head, or over all heads as in OLMo-2 and OLMoE), optional clamping of q, k and
+# v (OLMo's clip_qkv), half-split RoPE from model.model.rotary_emb, the module's own `scaling` (Granite's attention
+# multiplier), optional residual dropout after o_proj (StarCoder2, Seed-OSS), no soft-capping, no per-layer NoPE
+# or sliding window. Not here: interleaved RoPE (Helium, Ernie 4.5, Cohere), q/k norms after RoPE (HunYuan),
+# partial rotary (Phi, StableLM, GLM), fused projections (Phi-3), NoPE layers (SmolLM3).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "granite",
-                         "granitemoe", "gemma", "olmo2")
+                         "granitemoe", "gemma", "olmo", "olmo2", "olmoe", "starcoder2", "arcee", "apertus", "seed_oss")
 EVERY = 16  # decode steps between compressions by default (see "Compression" above; kvpress's decoding press too
 # compresses periodically)
 GROW_MIN, GROW_FRACTION = 128, 32  # a key/value buffer is made with room for max(128 tokens, 1/32 of what it holds)
@@ -98,6 +101,14 @@ def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor)
     ang = torch.cat((ang, ang), dim=-1)  # [B, H, n, d]
     cos, sin = ang.cos().to(keys.dtype), ang.sin().to(keys.dtype)
     return keys * cos + _rotate_half(keys) * sin
+
+
+def _output(module, out: torch.Tensor) -> torch.Tensor:
+    """The attention's output projection of ``out`` [B, q, H, d], with the residual dropout StarCoder2 and Seed-OSS
+    apply there while training."""
+    out = module.o_proj(out.reshape(*out.shape[:2], -1).contiguous())
+    p = getattr(module, "residual_dropout", 0.0)
+    return torch.nn.functional.dropout(out, p=p, training=module.training) if p else out
 
 
 def cache_tokens(cache) -> list[int]:
@@ -275,9 +286,13 @@ class Engine:
             raise InputError(f"model type {mtype!r} is not supported by the KV engine; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         windowed = [t for t in (getattr(config, "layer_types", None) or []) if t != "full_attention"]
         if (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)) or windowed:
-            raise InputError("sliding-window attention models are not supported by the KV engine (their cache already "
-                             "evicts); if the model was trained without one, load it with the window off (sliding_window=None, "
-                             "or use_sliding_window=False for Qwen)")
+            qwen = mtype.startswith("qwen")
+            key = '"use_sliding_window": false' if qwen else '"sliding_window": null'
+            raise InputError(f"this model's layers use sliding-window attention (window of {config.sliding_window} tokens; "
+                             "the cache already evicts past it), which the KV engine does not support; if the model was "
+                             f"trained without a window, turn it off: in Python load it with "
+                             f"{'use_sliding_window=False' if qwen else 'sliding_window=None'}, on the command line "
+                             f"use a copy of the model folder whose config.json says {key}")
         base = getattr(model, "model", model)
         layers = getattr(base, "layers", None)
         if layers is None:
@@ -435,6 +450,9 @@ class Engine:
         q = q.transpose(1, 2)  # [B, Hq, q, d]
         k = k.transpose(1, 2)  # [B, Hkv, q, d]
         v = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, Hkv, q, d]
+        clip = getattr(module.config, "clip_qkv", None)
+        if clip is not None:  # OLMo, OLMoE: q, k, v clamped after the projections (and OLMoE's norms)
+            q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
         interface = mod.ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, mod.eager_attention_forward)
         dropout = 0.0 if not module.training else module.attention_dropout
 
@@ -442,7 +460,7 @@ class Engine:
             cos, sin = position_embeddings
             q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)
             out, weights = interface(module, q, k, v, attention_mask, dropout=dropout, scaling=module.scaling, **kwargs)
-            return module.o_proj(out.reshape(bsz, q_len, -1).contiguous()), weights
+            return _output(module, out), weights
 
         layer_idx = module.layer_idx
         layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
@@ -495,7 +513,7 @@ class Engine:
         self.policy.observe(view, q, rope_pos)
         if self.policy.compresses and self.budget is not None:
             self._maybe_compress(layer, st, view, q_len)
-        return module.o_proj(out.reshape(bsz, q_len, -1).contiguous()), weights
+        return _output(module, out), weights
 
     def _capacity(self, needed: int) -> int:
         """Tokens a layer's key/value buffer is allocated for when `needed` no longer fit."""
