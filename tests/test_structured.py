@@ -991,17 +991,72 @@ def test_a_per_head_q_norm_keeps_the_rows_of_the_kept_heads(tmp_path):
         assert tuple(block.self_attn.q_norm.weight.shape) == (heads, 16)
 
 
-@pytest.mark.parametrize("kind, says", [("phi3", "fuses q, k and v into one qkv_proj"),
-                                        ("glm", "fuses its gate and up projections into one gate_up_proj")])
-def test_fused_projections_are_refused_by_name(kind, says):
-    """Phi-3 was told it had "no Llama-style self_attn" and GLM "no gated MLP": both have one, fused."""
+def fused(kind: str, seed: int = 0):
+    """A tiny Phi-3 (fused qkv_proj and gate_up_proj) or GLM (fused gate_up_proj only)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(kind, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                   pad_token_id=0, bos_token_id=1, eos_token_id=1)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(InputError, match=says + ".*weight pruning .* and depth pruning work on this model"):
-        prunekit.prune_structured(model, method="magnitude-structured", ratio=0.1, structure="heads", progress=False)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["phi3", "glm"])
+def test_fused_gate_up_projections_lose_both_rows_of_each_pruned_neuron(kind, tmp_path):
+    """A fused gate_up_proj (Phi-3, GLM) was refused; neuron j is its rows j and intermediate + j. The pruned MLP is
+    the dense one with the other neurons silenced; Phi-3's fused qkv_proj keeps its heads (--structure heads is
+    refused, `both` prunes neurons only); outputs reload with identical logits."""
+    from transformers import AutoModelForCausalLM
+
+    model, x = fused(kind), torch.randn(3, 5, 64)
+    dense = copy.deepcopy(model)
+    result = prunekit.prune_structured(model, method="magnitude-structured", ratio=0.3, structure="both",
+                                       progress=False)
+    heads = 4 if kind == "phi3" else 2  # GLM's separate q/k/v lose a head per KV group, Phi-3's fused ones none
+    assert [w.to_dict() for w in result.widths] == [{"heads": heads, "intermediate": result.widths[0].intermediate}] * 2
+    assert result.widths[0].intermediate < 128 and abs(result.removed - 0.3) < 0.02
+    for block, ref in zip(model.model.layers, dense.model.layers):
+        keep = kept_rows(block.mlp.down_proj.weight.T.contiguous(), ref.mlp.down_proj.weight.T.contiguous(), 1)
+        assert len(keep) == block.mlp.down_proj.in_features and keep == sorted(keep)
+        gate, up = ref.mlp.gate_up_proj(x).chunk(2, dim=-1)  # [3, 5, 128] each
+        silenced = torch.zeros(128)
+        silenced[keep] = 1
+        expected = ref.mlp.down_proj(up * ref.mlp.activation_fn(gate) * silenced)
+        with torch.no_grad():
+            assert torch.allclose(block.mlp(x), expected, atol=1e-6)
+    out = prunekit.save_structured(model, None, tmp_path / "out", metadata={})
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()  # uniform widths: plain transformers loads it
+    ids = calib(2, 16)
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, model(ids).logits)
+    searched = fused(kind)  # Týr's per-layer widths, installed and put back through its search, then reloaded
+    prunekit.prune_structured(searched, method="tyr", ratio=0.15, structure="neurons", calibration=calib(),
+                              progress=False, **TYR_FAST)
+    reloaded, _ = prunekit.load(prunekit.save_structured(searched, None, tmp_path / "tyr", metadata={}))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, searched(ids).logits)
+    if kind == "phi3":
+        model = fused(kind)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(InputError, match="fuses q, k and v into one qkv_proj .* no head can go; use --structure "
+                                             "neurons"):
+            prunekit.prune_structured(model, method="magnitude-structured", ratio=0.1, structure="heads",
+                                      progress=False)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_cli_says_a_fused_qkv_model_prunes_neurons_only(tmp_path, capsys):
+    from conftest import char_tokenizer
+
+    from prunekit.cli import main
+
+    folder = tmp_path / "phi3"
+    fused("phi3").save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    assert main(["prune", str(folder), "--method", "magnitude-structured", "--ratio", "0.2", "--out",
+                 str(tmp_path / "out"), "--no-speed", "--quiet"]) == 0
+    assert "attention fuses q, k and v into one qkv_proj, split by the head count all layers share, so its heads " \
+        "stay and only MLP neurons are pruned" in capsys.readouterr().err
+    widths = json.loads((tmp_path / "out" / "prunekit.json").read_text())["widths"]
+    assert {w["heads"] for w in widths} == {4} and all(w["intermediate"] < 128 for w in widths)

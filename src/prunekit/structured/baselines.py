@@ -21,7 +21,8 @@ from torch import nn
 
 from prunekit.errors import InputError
 from prunekit.structured.tyr import Outcome, _calibration_batches, advance, feed_until, uniform_widths
-from prunekit.structured.units import Dims, attention, check_widths, mlp_of, model_dims, shrink_attention, shrink_mlp
+from prunekit.structured.units import (Dims, attention, check_widths, gate_up_weights, mlp_of, model_dims,
+                                       shrink_attention, shrink_mlp)
 from prunekit.weights.engine import find_blocks
 
 __all__ = ["prune_magnitude", "prune_wanda", "keep_heads", "keep_top"]
@@ -67,9 +68,12 @@ def prune_magnitude(model: nn.Module, ids: torch.Tensor | None = None, *, ratio:
     with torch.no_grad():
         for block, w in zip(blocks, widths):
             a, m = attention(block), mlp_of(block)
-            heads = _per_head((a.q_proj.weight.float() ** 2).sum(1), dims.head_dim) + \
-                _per_head((a.o_proj.weight.float() ** 2).sum(0), dims.head_dim)  # [heads]
-            neurons = (m.gate_proj.weight.float() ** 2).sum(1) + (m.up_proj.weight.float() ** 2).sum(1) + \
+            heads = None
+            if w.heads < dims.heads:  # (a fused qkv_proj, which keeps its heads, has no q_proj)
+                heads = _per_head((a.q_proj.weight.float() ** 2).sum(1), dims.head_dim) + \
+                    _per_head((a.o_proj.weight.float() ** 2).sum(0), dims.head_dim)  # [heads]
+            gate, up = gate_up_weights(m)
+            neurons = (gate.float() ** 2).sum(1) + (up.float() ** 2).sum(1) + \
                 (m.down_proj.weight.float() ** 2).sum(0)  # [intermediate]
             _apply(block, dims, w, heads, neurons)
     return Outcome(widths, {"dims": vars(dims)})

@@ -91,7 +91,10 @@ def run_prune(args) -> int:
     model, tok = prunekit.load_model(args.model)
     dims = model_dims(model)
     check_request(args.method, ratio=args.ratio, structure=structure, options=options, dims=dims)
-    if structure == "both" and dims.group == 1:  # it pruned neurons only, without a word
+    if structure == "both" and dims.fused_qkv:
+        print(f"prunekit: note: {args.model}'s attention fuses q, k and v into one qkv_proj, split by the head count "
+              "all layers share, so its heads stay and only MLP neurons are pruned", file=sys.stderr)
+    elif structure == "both" and dims.group == 1:  # it pruned neurons only, without a word
         print(f"prunekit: note: {args.model} has as many KV heads as query heads (multi-head attention); head "
               "pruning removes query heads within a KV group, so only MLP neurons are pruned", file=sys.stderr)
     ids = None

@@ -91,7 +91,7 @@ def check_request(method: str, *, ratio: float, structure: str, options: dict, d
 
 
 _SHRUNK = {"attn": ("q_proj", "o_proj", "q_norm", "num_key_value_groups", "num_heads"),
-           "mlp": ("gate_proj", "up_proj", "down_proj", "intermediate_size")}
+           "mlp": ("gate_proj", "up_proj", "gate_up_proj", "down_proj", "intermediate_size")}
 
 
 def _dense_modules(model: nn.Module) -> list[tuple[nn.Module, dict]]:

@@ -118,7 +118,8 @@ def load_widths_model(folder: Path, raw: dict, *, dtype=None) -> torch.nn.Module
         if w.heads % kv or not kv <= w.heads <= config.num_attention_heads or not 1 <= w.intermediate <= config.intermediate_size:
             raise InputError(f"{folder}/config.json: layer widths {w.to_dict()} do not fit the model "
                              f"({config.num_attention_heads} query heads, {kv} KV heads, {config.intermediate_size} neurons)")
-        shrink_attention(attention(block), _grouped(w.heads, kv, config.num_attention_heads), kv_heads=kv)
+        if w.heads < config.num_attention_heads:  # (a fused qkv_proj keeps every head)
+            shrink_attention(attention(block), _grouped(w.heads, kv, config.num_attention_heads), kv_heads=kv)
         shrink_mlp(mlp_of(block), torch.arange(w.intermediate))
     state = _state_dict(folder)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

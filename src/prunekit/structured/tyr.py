@@ -127,6 +127,10 @@ def uniform_widths(dims: Dims, *, ratio: float, structure: str) -> list[Widths]:
     per_layer = block_params(dims, [dense])
     removed = ratio * per_layer  # weights to remove from each layer
     group_step = dims.kv_heads * dims.head_params  # one query head less in every group
+    if structure == "heads" and dims.fused_qkv:
+        raise InputError("this model's attention fuses q, k and v into one qkv_proj and splits it by the head count "
+                         "all layers share, so no head can go; use --structure neurons (--structure both prunes only "
+                         "neurons here)")
     if structure == "heads" and dims.group == 1:  # "give a larger ratio", then "at most 0.000": one message
         raise InputError(f"head pruning removes query heads within each group sharing a KV head, and this model has "
                          f"as many KV heads as query heads ({dims.heads}: multi-head attention), so no head can go; "
@@ -154,7 +158,7 @@ def uniform_widths(dims: Dims, *, ratio: float, structure: str) -> list[Widths]:
         return [Widths(dims.heads, dims.intermediate - n)] * dims.layers
     prunable = dims.heads * dims.head_params + dims.intermediate * dims.neuron_params
     s = removed / prunable
-    x = min(round(dims.group * s), dims.group - 1)
+    x = 0 if dims.fused_qkv else min(round(dims.group * s), dims.group - 1)
     n = round((removed - x * group_step) / dims.neuron_params)
     if n >= dims.intermediate:
         raise InputError(f"ratio {ratio:g} would remove every MLP neuron; give a smaller ratio")
@@ -183,7 +187,7 @@ class Sublayer:
 def _sublayers(dims: Dims, centre: list[Widths], structure: str, mlp_step: int, spread: int) -> list[Sublayer]:
     subs = []
     for i, w in enumerate(centre):
-        if structure in ("heads", "both"):
+        if structure in ("heads", "both") and not dims.fused_qkv:  # a fused qkv_proj keeps its heads
             g = w.heads // dims.kv_heads
             lo, hi = max(-spread, 1 - g), min(spread, dims.group - g)
             subs.append(Sublayer(i, "attn", w.heads, dims.kv_heads, lo, hi))
@@ -388,9 +392,10 @@ class _Installer:
         self.dense = []
         for block in self.blocks:
             a, m = attention(block), mlp_of(block)
-            self.dense.append({"q": a.q_proj, "o": a.o_proj, "groups": a.num_key_value_groups,
-                               "q_norm": getattr(a, "q_norm", None),
-                               "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj})
+            self.dense.append({"q": getattr(a, "q_proj", None), "o": a.o_proj, "groups": a.num_key_value_groups,
+                               "q_norm": getattr(a, "q_norm", None), "down": m.down_proj,
+                               **{n: getattr(m, f"{n}_proj") for n in ("gate", "up", "gate_up") if
+                                  isinstance(getattr(m, f"{n}_proj", None), nn.Module)}})
         self.current: dict[int, int] = {}
 
     def install(self, subs: list[Sublayer], offsets) -> None:
@@ -407,22 +412,30 @@ class _Installer:
                 shrink_attention(a, level.keep, o_weight=level.weight, kv_heads=self.dims.kv_heads)
             else:
                 m = mlp_of(block)
-                m.gate_proj, m.up_proj, m.down_proj = dense["gate"], dense["up"], dense["down"]
+                _dense_mlp(m, dense)
                 shrink_mlp(m, level.keep, down_weight=level.weight)
             self.current[index] = k
 
     def restore(self) -> None:
         for block, dense in zip(self.blocks, self.dense):
             a, m = attention(block), mlp_of(block)
-            a.q_proj, a.o_proj, a.num_key_value_groups = dense["q"], dense["o"], dense["groups"]
+            if dense["q"] is not None:  # (a fused qkv_proj is never replaced)
+                a.q_proj, a.o_proj, a.num_key_value_groups = dense["q"], dense["o"], dense["groups"]
+                if hasattr(a, "num_heads"):
+                    a.num_heads = dense["q"].out_features // a.head_dim
             if dense["q_norm"] is not None:
                 a.q_norm = dense["q_norm"]
-            m.gate_proj, m.up_proj, m.down_proj = dense["gate"], dense["up"], dense["down"]
+            _dense_mlp(m, dense)
             if hasattr(m, "intermediate_size"):
-                m.intermediate_size = dense["gate"].out_features
-            if hasattr(a, "num_heads"):
-                a.num_heads = dense["q"].out_features // a.head_dim
+                m.intermediate_size = dense["down"].in_features
         self.current = {}
+
+
+def _dense_mlp(mlp: nn.Module, dense: dict) -> None:
+    """Put `dense`'s modules back into `mlp` (gate and up, or a fused gate_up, and down)."""
+    for name in ("gate", "up", "gate_up", "down"):
+        if name in dense:
+            setattr(mlp, f"{name}_proj", dense[name])
 
 
 def _widths_of(dims: Dims, subs: list[Sublayer], offsets) -> list[Widths]:

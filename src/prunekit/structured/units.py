@@ -13,7 +13,13 @@ Units:
   never pruned, and a layer keeps at least one query head per group (``g >= 1``): a request that would leave
   a layer with no heads is refused. A head is the ``head_dim`` rows of q_proj and the ``head_dim`` columns of
   o_proj it owns, and its row of a per-head q-norm (Cohere's ``use_qk_norm``: weight ``[heads, head_dim]``).
-- **MLP neurons.** Neuron ``j`` is row ``j`` of gate_proj and up_proj and column ``j`` of down_proj.
+- **MLP neurons.** Neuron ``j`` is row ``j`` of gate_proj and up_proj and column ``j`` of down_proj. A fused
+  ``gate_up_proj`` (Phi-3, GLM: weight ``[2 * intermediate, hidden]``, the gate rows first, split in half by the
+  forward) holds neuron ``j`` in rows ``j`` and ``intermediate + j``.
+
+A fused ``qkv_proj`` (Phi-3) keeps every head: its attention splits the fused output by the config's head count,
+which all layers share, so the heads of one layer cannot go alone; such a model prunes neurons only
+(`Dims.fused_qkv`).
 
 `Widths` records what a layer keeps; `shrink_attention` / `shrink_mlp` perform the surgery on one block given
 the kept indices and (optionally) the refitted o_proj / down_proj weight; `set_widths` does it for a whole
@@ -31,7 +37,7 @@ from prunekit.errors import InputError
 from prunekit.weights.engine import find_blocks
 
 __all__ = ["Dims", "Widths", "model_dims", "layer_widths", "check_widths", "shrink_attention", "shrink_mlp",
-           "block_params", "linear_params", "head_columns"]
+           "block_params", "linear_params", "head_columns", "gate_up_weights"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class Dims:
     heads: int  # query heads of the dense model
     kv_heads: int
     intermediate: int
+    fused_qkv: bool = False  # q, k and v in one qkv_proj (Phi-3): heads are kept, neurons only are pruned
 
     @property
     def group(self) -> int:  # query heads per KV head in the dense model
@@ -69,33 +76,55 @@ class Dims:
         return 3 * self.hidden
 
 
+def _fused_qkv(attn: nn.Module) -> bool:
+    return isinstance(getattr(attn, "qkv_proj", None), nn.Linear) and not hasattr(attn, "q_proj")
+
+
 def _attn(block: nn.Module) -> nn.Module:
     attn = getattr(block, "self_attn", None)
-    if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
-        if hasattr(attn, "qkv_proj"):  # Phi-3: said "no Llama-style self_attn", not what is missing
-            raise InputError(f"{type(attn).__name__} fuses q, k and v into one qkv_proj; structured pruning needs "
-                             "separate q_proj, k_proj and v_proj (Llama, Mistral, Qwen2/3, Gemma, ...); weight "
-                             "pruning (--method wanda, sparsegpt, ...) and depth pruning work on this model")
+    parts = ("qkv_proj",) if _fused_qkv(attn) else ("q_proj", "k_proj", "v_proj")
+    parts += ("o_proj", "head_dim")
+    if attn is None or not all(hasattr(attn, n) for n in parts):
         raise InputError(
-            f"{type(block).__name__} has no Llama-style self_attn (q_proj, k_proj, v_proj, o_proj); structured "
-            "pruning supports Llama, Mistral, Qwen2 and other models with that layout"
+            f"{type(block).__name__} has no Llama-style self_attn (q_proj, k_proj, v_proj, o_proj, or a fused qkv_proj "
+            "and o_proj); structured pruning supports Llama, Mistral, Qwen2, Phi-3 and other models with that layout"
         )
     return attn
 
 
+def _fused_mlp(mlp: nn.Module) -> bool:
+    """A dense MLP whose gate and up projections are one Linear (Phi-3, GLM); a MoE block's 3-D experts are not."""
+    return isinstance(getattr(mlp, "gate_up_proj", None), nn.Linear) and not hasattr(mlp, "gate_proj")
+
+
 def _mlp(block: nn.Module) -> nn.Module:
     mlp = getattr(block, "mlp", None)
-    if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-        if hasattr(mlp, "gate_up_proj") and hasattr(mlp, "down_proj"):  # Phi-3, GLM: said "has no gated MLP"
-            raise InputError(f"{type(mlp).__name__} fuses its gate and up projections into one gate_up_proj; "
-                             "structured pruning needs separate gate_proj and up_proj (Llama-style blocks); weight "
-                             "pruning (--method wanda, sparsegpt, ...) and depth pruning work on this model")
+    split = mlp is not None and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj"))
+    if mlp is None or not isinstance(getattr(mlp, "down_proj", None), nn.Linear) or not (split or _fused_mlp(mlp)):
         raise InputError(
-            f"{type(block).__name__} has no gated MLP (gate_proj, up_proj, down_proj); structured pruning (heads "
+            f"{type(block).__name__} has no gated MLP (gate_proj and up_proj, or a fused gate_up_proj, and down_proj); "
+            "structured pruning (heads "
             "as well as neurons) supports Llama-style blocks only; weight pruning (--method wanda, sparsegpt, ...) "
             "and depth pruning (--method shortgpt, ...) work on this model"
         )
     return mlp
+
+
+def _query_heads(attn: nn.Module) -> int:
+    return (attn.o_proj.in_features if _fused_qkv(attn) else attn.q_proj.out_features) // attn.head_dim
+
+
+def _kv_heads(attn: nn.Module) -> int:
+    if _fused_qkv(attn):  # [q | k | v] rows
+        return (attn.qkv_proj.out_features - attn.o_proj.in_features) // (2 * attn.head_dim)
+    return attn.k_proj.out_features // attn.head_dim
+
+
+def gate_up_weights(mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up projections' weights ``[intermediate, hidden]`` of a gated MLP (views of a fused one)."""
+    if _fused_mlp(mlp):
+        return mlp.gate_up_proj.weight.chunk(2, dim=0)
+    return mlp.gate_proj.weight, mlp.up_proj.weight
 
 
 def layer_widths(model: nn.Module) -> list[Widths]:
@@ -104,7 +133,7 @@ def layer_widths(model: nn.Module) -> list[Widths]:
     out = []
     for block in blocks:
         attn, mlp = _attn(block), _mlp(block)
-        out.append(Widths(attn.q_proj.out_features // attn.head_dim, mlp.gate_proj.out_features))
+        out.append(Widths(_query_heads(attn), mlp.down_proj.in_features))
     return out
 
 
@@ -117,8 +146,9 @@ def model_dims(model: nn.Module) -> Dims:
         raise InputError("the model's layers already have different widths; structured pruning starts from a model "
                          "whose layers all have the same widths")
     hd = attn.head_dim
-    dims = Dims(len(blocks), attn.q_proj.in_features, hd, attn.q_proj.out_features // hd,
-                attn.k_proj.out_features // hd, mlp.gate_proj.out_features)
+    fused = _fused_qkv(attn)
+    dims = Dims(len(blocks), (attn.qkv_proj if fused else attn.q_proj).in_features, hd, _query_heads(attn),
+                _kv_heads(attn), mlp.down_proj.in_features, fused_qkv=fused)
     if dims.heads % dims.kv_heads:
         raise InputError(f"{dims.heads} query heads are not a multiple of {dims.kv_heads} KV heads")
     return dims
@@ -134,6 +164,8 @@ def check_heads_prunable(model: nn.Module, dims: Dims) -> None:
 
     _, blocks = find_blocks(model)
     attn = _attn(blocks[0])
+    if dims.fused_qkv:  # no head is removed (`uniform_widths` refuses --structure heads with the reason)
+        return
     for norm, rows in (("q_norm", dims.heads), ("k_norm", dims.kv_heads)):
         weight = getattr(getattr(attn, norm, None), "weight", None)
         per_head = isinstance(weight, torch.Tensor) and tuple(weight.shape) == (rows, dims.head_dim)  # Cohere
@@ -254,12 +286,18 @@ def shrink_mlp(mlp: nn.Module, keep: torch.Tensor, *, down_weight: torch.Tensor 
     keep = torch.as_tensor(keep, dtype=torch.long).sort().values
     if keep.numel() == 0:
         raise InputError("an MLP must keep at least one neuron")
-    g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    d = mlp.down_proj
     w_d = d.weight[:, keep] if down_weight is None else down_weight.to(d.weight.dtype)  # [hidden, kept]
     if w_d.shape != (d.out_features, keep.numel()):
         raise ValueError(f"down_weight has shape {tuple(w_d.shape)}, expected {(d.out_features, keep.numel())}")
-    mlp.gate_proj = _new_linear(g.weight[keep], g.bias[keep] if g.bias is not None else None, g)  # [kept, hidden]
-    mlp.up_proj = _new_linear(u.weight[keep], u.bias[keep] if u.bias is not None else None, u)
+    if _fused_mlp(mlp):  # the gate rows of the kept neurons, then their up rows: the forward's chunk(2) splits them
+        gu = mlp.gate_up_proj
+        rows = torch.cat([keep, keep + d.in_features])
+        mlp.gate_up_proj = _new_linear(gu.weight[rows], gu.bias[rows] if gu.bias is not None else None, gu)
+    else:
+        g, u = mlp.gate_proj, mlp.up_proj
+        mlp.gate_proj = _new_linear(g.weight[keep], g.bias[keep] if g.bias is not None else None, g)  # [kept, hidden]
+        mlp.up_proj = _new_linear(u.weight[keep], u.bias[keep] if u.bias is not None else None, u)
     mlp.down_proj = _new_linear(w_d, d.bias, d)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = keep.numel()

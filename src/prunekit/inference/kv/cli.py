@@ -174,6 +174,7 @@ def run(args) -> int:
               f"{args.max_new_tokens - 1} cached new tokens), so --kv {args.kv} {what}: the output is --kv full's",
               file=sys.stderr)
     cache = DynamicCache(config=model.config)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # (`or` took a pad id 0 for none)
     generation = {k: v for k, v in sampling.items() if k != "seed"}
     if sampling["do_sample"]:
         torch.manual_seed(sampling["seed"])
@@ -185,7 +186,7 @@ def run(args) -> int:
                   else contextlib.nullcontext(checked))
         with torch.no_grad(), hooked as pol:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                                 cache=cache, pad_token_id=tok.pad_token_id or tok.eos_token_id, **generation)
+                                 cache=cache, pad_token_id=pad, **generation)
     finally:
         hook.remove()
     seconds = time.perf_counter() - start
