@@ -1039,14 +1039,24 @@ def test_cli_generate_refuses_an_unsupported_model_before_promising_an_output(tm
     assert result["cache_tokens_max"] == ids.shape[1] + 3 and result["budget"] is None
 
 
-def test_cli_sliding_window_refusal_says_how_to_turn_the_window_off_and_that_works(tmp_path, capsys):
-    """The refusal named Python's load arguments only; a command-line user is told which config.json key to set in
-    a copy of the folder, and the copy so set generates (the original is untouched)."""
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_cli_sliding_window_refusal_says_how_to_turn_the_window_off_and_that_works(kind, tmp_path, capsys):
+    """The refusal named Python's load arguments only; a command-line user is told which config.json keys to set in
+    a copy of the folder, and the copy so set generates (the original is untouched). A Qwen2 folder saved by
+    transformers 5 lists `layer_types`: turning off use_sliding_window alone left sliding entries there (refused as a
+    "window of None tokens", and the model's own cache breaks on them), so the message names that key too."""
     from conftest import char_tokenizer, tiny_model
+    from transformers import AutoModelForCausalLM
 
-    folder, copy = tmp_path / "mistral", tmp_path / "mistral-nowindow"
-    model = tiny_model("mistral")
-    model.config.sliding_window = 4096
+    folder, copy = tmp_path / kind, tmp_path / f"{kind}-nowindow"
+    model = tiny_model(kind)
+    if kind == "mistral":
+        model.config.sliding_window = 4096
+    else:
+        model = AutoModelForCausalLM.from_config(type(model.config)(**{
+            **model.config.to_dict(), "use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 1,
+            "layer_types": None}))
+        assert model.config.layer_types == ["full_attention", "sliding_attention"]
     for out in (folder, copy):
         model.save_pretrained(out)
         char_tokenizer().save_pretrained(out)
@@ -1055,9 +1065,73 @@ def test_cli_sliding_window_refusal_says_how_to_turn_the_window_off_and_that_wor
     capsys.readouterr()
     assert cli.main(["generate", str(folder), *args]) == 2
     err = capsys.readouterr().err
-    assert "sliding-window attention (window of 4096 tokens" in err and 'config.json says "sliding_window": null' in err
     assert (folder / "config.json").read_text() == config
     edited = json.loads((copy / "config.json").read_text())
-    edited["sliding_window"] = None
+    if kind == "mistral":
+        assert "sliding-window attention (a window of 4096 tokens), which" in err
+        assert 'config.json says "sliding_window": null\n' in err and "layer_types" not in err
+        edited["sliding_window"] = None
+    else:
+        assert "sliding-window attention (a window of 4096 tokens in 1 of 2 layers ('layer_types')), which" in err
+        assert ('load it with use_sliding_window=False, layer_types=["full_attention"] * 2, on the command line use '
+                'a copy of the model folder whose config.json says "use_sliding_window": false and "layer_types" '
+                'with every entry "full_attention"') in err
+        edited["use_sliding_window"] = False  # the key alone: still refused, now without a window size to name
+        (copy / "config.json").write_text(json.dumps(edited))
+        assert cli.main(["generate", str(copy), *args]) == 2
+        err = capsys.readouterr().err
+        assert "(1 of 2 layers ('layer_types'))" in err and "None" not in err
+        assert 'config.json says "layer_types" with every entry "full_attention"' in err
+        edited["layer_types"] = ["full_attention"] * 2
+        loaded = AutoModelForCausalLM.from_pretrained(folder, use_sliding_window=False,
+                                                      layer_types=["full_attention"] * 2)
+        Engine.check(loaded)  # the Python advice works as given
     (copy / "config.json").write_text(json.dumps(edited))
     assert cli.main(["generate", str(copy), *args]) == 0
+
+
+def test_cli_generate_full_on_a_windowed_or_recurrent_model_says_what_its_own_cache_kept(tmp_path, capsys):
+    """`--kv full` on a model the engine refuses ran, then crashed reading keys from a recurrent layer (Mamba,
+    Jamba, LFM2, RecurrentGemma), quoted the sliding-window refusal cut inside its parenthesis, and reported the
+    model's own sliding window as if it were the cache a full run holds."""
+    from conftest import char_tokenizer, tiny_model
+    from transformers import AutoModelForCausalLM, Lfm2Config, MambaConfig
+
+    mistral = tiny_model("mistral")
+    mistral.config.sliding_window = 6
+    small = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2)
+    models = {"mistral": mistral,
+              "mamba": AutoModelForCausalLM.from_config(MambaConfig(**small, state_size=8)),
+              "lfm2": AutoModelForCausalLM.from_config(Lfm2Config(
+                  **small, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  layer_types=["conv", "full_attention"]))}
+    prompt = "some text that is longer than the window"
+    for name, model in models.items():
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        char_tokenizer().save_pretrained(folder)
+        capsys.readouterr()
+        args = ["generate", str(folder), "--prompt", prompt, "--kv", "full", "--max-new-tokens", "5"]
+        assert cli.main([*args, "--json"]) == 0, name
+        out = capsys.readouterr()
+        result, seen = json.loads(out.out), len(prompt) + 4
+        note = out.err.split("prunekit: note: ")[1].split("; --kv full needs no engine")[0]
+        assert note.count("(") == note.count(")"), note
+        assert cli.main(args) == 0
+        stats = capsys.readouterr().err.splitlines()[-1]
+        if name == "mistral":
+            assert note == ("this model uses sliding-window attention (a window of 6 tokens), which the KV engine "
+                            "does not support (the model's own cache already evicts past the window)")
+            assert result["sliding_window_layers"] == 2 and "recurrent_layers" not in result
+            assert result["cache_tokens_max"] == 5 < seen  # the window (minus the token being added) per layer
+            assert "2 of 2 attention layers keep at most the last 6 tokens (the model's own sliding window)" in stats
+        elif name == "mamba":
+            assert note == "model type 'mamba' is not supported by the KV engine"
+            assert result["recurrent_layers"] == 2 and result["cache_tokens_max"] is None
+            assert result["cache_bytes"] == result["full_cache_bytes"] == 0
+            assert "no key/value cache (its 2 layers keep a recurrent state)" in stats
+        else:
+            assert result["recurrent_layers"] == 1 and result["cache_tokens_max"] == seen
+            layer = 2 * 2 * 8 * seen * 4  # keys and values, 2 KV heads of 8 dims, float32, in the one attention layer
+            assert result["full_cache_bytes"] == layer <= result["cache_bytes"]
+            assert "in its 1 attention layer (1 other layer keeps a recurrent state, not counted)" in stats

@@ -18,7 +18,7 @@ from prunekit._lazy import attach
 
 __all__ = [
     "POLICIES", "POLICY_NAMES", "Engine", "Policy", "policy", "make_policy", "policy_options", "cache_bytes",
-    "cache_tokens", "rotate_keys", "calibrate_delta_layers", "default_delta_layers", "wiki_delta_layers",
+    "cache_tokens", "kv_layers", "rotate_keys", "calibrate_delta_layers", "default_delta_layers", "wiki_delta_layers",
     "SUPPORTED_MODEL_TYPES", "EVERY", "FullCache", "StreamingLLM", "H2O", "SnapKV", "Knorm", "Delta", "DeepForcing",
 ]
 
@@ -28,7 +28,7 @@ POLICY_NAMES = ("full", "streaming_llm", "h2o", "snapkv", "knorm", "delta", "dee
 attach(__name__, {
     "prunekit.inference.kv.policies": ("POLICIES", "policy", "make_policy", "policy_options"),
     "prunekit.inference.kv.engine": ("EVERY", "SUPPORTED_MODEL_TYPES", "Engine", "Policy", "cache_bytes",
-                                     "cache_tokens", "rotate_keys"),
+                                     "cache_tokens", "kv_layers", "rotate_keys"),
     "prunekit.inference.kv.delta": ("Delta", "calibrate_delta_layers", "default_delta_layers", "wiki_delta_layers"),
     "prunekit.inference.kv.deep_forcing": ("DeepForcing",),
     "prunekit.inference.kv.full": ("FullCache",),
@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # the same names for type checkers and editors
     from prunekit.inference.kv.deep_forcing import DeepForcing
     from prunekit.inference.kv.delta import Delta, calibrate_delta_layers, default_delta_layers, wiki_delta_layers
     from prunekit.inference.kv.engine import (EVERY, SUPPORTED_MODEL_TYPES, Engine, Policy, cache_bytes,
-                                              cache_tokens, rotate_keys)
+                                              cache_tokens, kv_layers, rotate_keys)
     from prunekit.inference.kv.full import FullCache
     from prunekit.inference.kv.h2o import H2O
     from prunekit.inference.kv.knorm import Knorm

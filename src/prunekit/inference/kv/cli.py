@@ -128,8 +128,8 @@ def run(args) -> int:
         if not isinstance(checked, kv.FullCache):
             raise
         unhooked = str(e).split(";")[0]  # full keeps every token: the model's own attention gives its output
-        print(f"prunekit: note: {unhooked}; --kv full needs no engine, so the model generates with its own "
-              "attention and cache", file=sys.stderr)
+        print(f"prunekit: note: {unhooked}; --kv full needs no engine, so the model generates as plain "
+              "transformers would, with its own cache", file=sys.stderr)
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise InputError(f"{args.model}'s tokenizer has no chat template; drop --chat")
@@ -200,34 +200,51 @@ def run(args) -> int:
         "every": args.every if checked.compresses else None, "options": options,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "sampling": sampling, "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()), "text": text,
-        "cache_tokens_max": max(tokens), "cache_bytes": kv.cache_bytes(cache),
-        "full_cache_bytes": _full_cache_bytes(cache, seen), "seconds": seconds,
+        "cache_tokens_max": max(tokens) if tokens else None, "cache_bytes": kv.cache_bytes(cache),
+        "full_cache_bytes": _full_cache_bytes(kv.kv_layers(cache), seen), "seconds": seconds,
         "tokens_per_s": new.numel() / seconds if seconds > 0 else None,  # prefill included
         "prefill_seconds": forwards[0] - start if forwards else None,
         "decode_tokens_per_s": (len(forwards) - 1) / decode if decode > 0 else None,  # the tokens after the first
     }
     if getattr(pol, "available", 0):
         result["attended_fraction"] = pol.attended / pol.available
+    # what the model's own cache does on a model the engine refuses: layers that keep a recurrent state instead of
+    # keys and values (not counted above), and layers whose sliding window evicts past it (held < a full cache)
+    recurrent = len(cache.layers) - len(tokens)
+    windows = sorted({layer.sliding_window for layer in kv.kv_layers(cache) if getattr(layer, "is_sliding", False)})
+    sliding = sum(bool(getattr(layer, "is_sliding", False)) for layer in kv.kv_layers(cache))
+    if recurrent:
+        result["recurrent_layers"] = recurrent
+    if sliding:
+        result["sliding_window_layers"] = sliding
     if args.json:
         print(jsonl.dumps(result))
     else:
         print(text)
         full = (f" ({result['cache_tokens_max'] / seen:.0%} of the full cache's {seen}, "
-                f"{result['full_cache_bytes'] / 2**20:.2f} MiB)" if seen > 0 else "")
+                f"{result['full_cache_bytes'] / 2**20:.2f} MiB)" if seen > 0 and tokens else "")
         speed = (f"prefill {result['prefill_seconds']:.2f} s" if result["prefill_seconds"] is not None else "")
         if result["decode_tokens_per_s"] is not None:
             speed += f", then decode {result['decode_tokens_per_s']:.1f} tok/s"
-        print(f"{args.kv}: prompt {result['prompt_tokens']} + {result['new_tokens']} new tokens; cache "
-              f"{result['cache_tokens_max']} tokens/layer{full}, {result['cache_bytes'] / 2**20:.2f} MiB allocated; "
-              f"{speed}", file=sys.stderr)
+        held = (f"cache {result['cache_tokens_max']} tokens/layer{full}, {result['cache_bytes'] / 2**20:.2f} MiB "
+                "allocated" if tokens else f"no key/value cache (its {recurrent} layers keep a recurrent state)")
+        if tokens and recurrent:
+            held += (f" in its {len(tokens)} attention layer{'s' * (len(tokens) > 1)} ({recurrent} other layer"
+                     f"{'s keep' if recurrent > 1 else ' keeps'} a recurrent state, not counted)")
+        if sliding:
+            held += (f"; {sliding} of {len(tokens)} attention layers keep at most the last "
+                     f"{'/'.join(map(str, windows))} tokens (the model's own sliding window), so past it they hold "
+                     "less than a full cache")
+        print(f"{args.kv}: prompt {result['prompt_tokens']} + {result['new_tokens']} new tokens; {held}; {speed}",
+              file=sys.stderr)
     return 0
 
 
-def _full_cache_bytes(cache, tokens: int) -> int:
-    """What the keys and values of `tokens` positions take in every layer of `cache` (its dtypes and head
-    shapes): the cache without a policy."""
+def _full_cache_bytes(layers, tokens: int) -> int:
+    """What the keys and values of `tokens` positions take in every one of a cache's key/value `layers` (their
+    dtypes and head shapes): the cache without a policy or a sliding window."""
     total = 0
-    for layer in cache.layers:
+    for layer in layers:
         for t in (layer.keys, layer.values):
             if t is not None and t.numel():
                 total += t.element_size() * (t.numel() // t.shape[-2]) * tokens

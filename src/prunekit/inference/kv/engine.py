@@ -111,9 +111,15 @@ def _output(module, out: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.dropout(out, p=p, training=module.training) if p else out
 
 
+def kv_layers(cache) -> list:
+    """The layers of a transformers cache that hold keys and values: a Mamba-style or convolution layer of a
+    recurrent or hybrid model (Mamba, Jamba, LFM2, RecurrentGemma) keeps a state instead and has no keys."""
+    return [layer for layer in cache.layers if hasattr(layer, "keys")]
+
+
 def cache_tokens(cache) -> list[int]:
-    """Tokens held per layer of a transformers cache."""
-    return [0 if layer.keys is None or layer.keys.numel() == 0 else layer.keys.shape[-2] for layer in cache.layers]
+    """Tokens held per key/value layer of a transformers cache (layers that keep a recurrent state are left out)."""
+    return [0 if layer.keys is None or layer.keys.numel() == 0 else layer.keys.shape[-2] for layer in kv_layers(cache)]
 
 
 def cache_bytes(cache) -> int:
@@ -122,7 +128,7 @@ def cache_bytes(cache) -> int:
     Counts each tensor's whole storage, so the room the engine's buffers keep for the next tokens is included.
     """
     seen, total = set(), 0
-    for layer in cache.layers:
+    for layer in kv_layers(cache):
         for t in (layer.keys, layer.values):
             if t is not None and t.numel():
                 storage = t.untyped_storage()
@@ -130,6 +136,28 @@ def cache_bytes(cache) -> int:
                     seen.add(storage.data_ptr())
                     total += storage.nbytes()
     return total
+
+
+def _window_refusal(config, window, windowed: int) -> str:
+    """Why a model with sliding-window layers is refused, and every key to change to turn the window off (a
+    config.json saved by transformers 5 lists ``layer_types``, and a sliding entry there keeps the window, or breaks
+    the model's own cache, after the window size alone is turned off)."""
+    qwen = str(getattr(config, "model_type", "")).startswith("qwen")
+    what = (f"a window of {window} tokens" if window else "") + (" in " if window and windowed else "")
+    if windowed:
+        what += f"{windowed} of {len(config.layer_types)} layers ('layer_types')"
+    py, js = [], []
+    if window:
+        py.append("use_sliding_window=False" if qwen else "sliding_window=None")
+        js.append('"use_sliding_window": false' if qwen else '"sliding_window": null')
+    if windowed:
+        py.append(f'layer_types=["full_attention"] * {len(config.layer_types)}')
+        js.append('"layer_types" with every entry "full_attention"')
+    # no ';' before the first clause ends: `generate --kv full` quotes that clause as the reason it runs unhooked
+    return (f"this model uses sliding-window attention ({what}), which the KV engine does not support (the model's "
+            "own cache already evicts past the window); if the model was trained without a window, turn it off: in "
+            f"Python load it with {', '.join(py)}, on the command line use a copy of the model folder whose "
+            f"config.json says {' and '.join(js)}")
 
 
 @dataclass
@@ -284,15 +312,10 @@ class Engine:
         mtype = getattr(config, "model_type", None)
         if mtype not in SUPPORTED_MODEL_TYPES:
             raise InputError(f"model type {mtype!r} is not supported by the KV engine; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         windowed = [t for t in (getattr(config, "layer_types", None) or []) if t != "full_attention"]
-        if (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)) or windowed:
-            qwen = mtype.startswith("qwen")
-            key = '"use_sliding_window": false' if qwen else '"sliding_window": null'
-            raise InputError(f"this model's layers use sliding-window attention (window of {config.sliding_window} tokens; "
-                             "the cache already evicts past it), which the KV engine does not support; if the model was "
-                             f"trained without a window, turn it off: in Python load it with "
-                             f"{'use_sliding_window=False' if qwen else 'sliding_window=None'}, on the command line "
-                             f"use a copy of the model folder whose config.json says {key}")
+        if window or windowed:
+            raise InputError(_window_refusal(config, window, len(windowed)))
         base = getattr(model, "model", model)
         layers = getattr(base, "layers", None)
         if layers is None:
