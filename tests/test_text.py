@@ -421,3 +421,27 @@ def test_learned_position_limits_are_found_for_tables_and_left_out_for_rope():
     assert learned_position_limit(tiny_model("gpt2")) == 256
     for kind in ("llama", "qwen2", "gemma2", "mixtral"):  # RoPE: runs past its configured length
         assert learned_position_limit(tiny_model(kind)) is None, kind
+
+
+def test_position_limits_of_padding_offset_tables_and_alibi_are_the_longest_sequence_that_runs():
+    """RoBERTa numbers positions from padding_idx + 1 (two fewer than its table), and MPT builds its ALiBi bias
+    for max_seq_len with no table (its limit was unknown): past either, a traceback mid-forward."""
+    from transformers import AutoModelForCausalLM, MptConfig, RobertaConfig
+
+    from prunekit.text import check_token_ids, learned_position_limit
+
+    small = dict(vocab_size=128, num_attention_heads=2)
+    models = {"roberta": RobertaConfig(hidden_size=32, num_hidden_layers=1, intermediate_size=64, is_decoder=True,
+                                       max_position_embeddings=40, **small),
+              "mpt": MptConfig(d_model=32, n_layers=1, n_heads=2, max_seq_len=40, vocab_size=128)}
+    for name, config in models.items():
+        model = AutoModelForCausalLM.from_config(config).eval()
+        limit = learned_position_limit(model)
+        assert limit == (38 if name == "roberta" else 40), name
+        with torch.no_grad():
+            model(torch.randint(5, 120, (1, limit)))  # the limit runs
+            with pytest.raises((IndexError, RuntimeError)):  # one more does not
+                model(torch.randint(5, 120, (1, limit + 1)))
+        check_token_ids(model, torch.randint(5, 120, (2, limit)), what="calibration")
+        with pytest.raises(InputError, match=f"longer than the model's {limit} positions"):
+            check_token_ids(model, torch.randint(5, 120, (2, limit + 1)), what="calibration")

@@ -151,10 +151,10 @@ def load_text(source: str | Path, *, purpose: str) -> Text:
 
 
 def position_limit(model) -> int | None:
-    """The most positions the model embeds (``max_position_embeddings``, GPT-2's ``n_positions`` / ``n_ctx``),
-    None when its config says none."""
+    """The most positions the model embeds (``max_position_embeddings``, GPT-2's ``n_positions`` / ``n_ctx``,
+    MPT's ``max_seq_len``), None when its config says none."""
     config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
         value = getattr(config, name, None)
         if isinstance(value, Integral) and not isinstance(value, bool) and value > 0:
             return int(value)
@@ -163,23 +163,29 @@ def position_limit(model) -> int | None:
 
 def learned_position_limit(model) -> int | None:
     """`position_limit` for a model that embeds positions from a learned table (GPT-2's ``wpe``, OPT's
-    ``embed_positions``), where a longer sequence is an IndexError mid-forward; None for RoPE and other models,
-    which run past their configured length (extrapolating)."""
+    ``embed_positions``), where a longer sequence is an IndexError mid-forward, or builds its ALiBi bias for that
+    many (MPT, a shape error past it); None for RoPE and other models, which run past their configured length
+    (extrapolating). A table that numbers positions from its padding index on (RoBERTa: ``padding_idx + 1``) holds
+    that many fewer."""
     from torch import nn
 
     limit = position_limit(model)
     if limit is None or not hasattr(model, "named_modules"):
         return None
+    if getattr(getattr(model, "config", None), "model_type", None) == "mpt":
+        return limit
 
     def is_table(name: str) -> bool:  # GPT-2 / GPT-Neo `wpe`, OPT `embed_positions`, BERT-style `position_embeddings`
         last = name.rsplit(".", 1)[-1]
         return last == "wpe" or "pos" in last
 
     tables = [m for name, m in model.named_modules() if isinstance(m, nn.Embedding) and is_table(name)]
+    # positions counted from padding_idx + 1 (RoBERTa-style decoders): the last row is position rows - 1
+    offset = [m.num_embeddings - m.padding_idx - 1 for m in tables if m.padding_idx is not None]
     # GPT-J / CodeGen keep their sin/cos table as a buffer `embed_positions`, CTRL its sinusoids as `pos_encoding`
     tables += [b for name, b in model.named_buffers() if "pos" in name.rsplit(".", 1)[-1] and b.dim() >= 2
                and limit <= b.shape[0] <= limit + 2]
-    return limit if tables else None
+    return min([limit, *offset]) if tables else None
 
 
 def check_positions(model, tokens: int, *, what: str, fix: str) -> None:
@@ -232,7 +238,7 @@ def check_token_ids(model, ids: torch.Tensor, *, what: str) -> None:
         shape = list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise InputError(f"{what} holds no token ids ({shape}); give at least one window of token ids")
     check_vocab(model, ids, what=what)
-    limit = position_limit(model)
+    limit = learned_position_limit(model) or position_limit(model)  # a padding-offset table holds fewer
     if limit is not None and ids.shape[-1] > limit:
         flag = _EVAL_SEQLEN if what.startswith("evaluation") else "--seqlen, seqlen="
         raise InputError(f"{what}: windows of {ids.shape[-1]} tokens are longer than the model's {limit} positions; "
