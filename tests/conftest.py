@@ -55,6 +55,7 @@ def tiny_model(kind: str = "llama", seed: int = 0):
     configs["gemma2"] = dict(configs["gemma"], model_type="gemma2", num_hidden_layers=4, sliding_window=8)
     configs["gemma3_text"] = dict(configs["gemma"], model_type="gemma3_text", num_hidden_layers=4, sliding_window=8,
                                   layer_types=["sliding_attention", "full_attention"] * 2)
+    configs["mistral_swa"] = dict(configs["mistral"], sliding_window=40)  # (the KV tests stay within 40 tokens)
     configs["qwen2_swa"] = dict(configs["qwen2"], num_hidden_layers=3, use_sliding_window=True, sliding_window=8,
                                 max_window_layers=1)
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)

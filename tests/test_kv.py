@@ -941,10 +941,11 @@ def test_other_llama_style_models_and_unsupported_ones():
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "granite", "granitemoe", "gemma", "olmo2",
-                                  "olmo", "olmoe", "starcoder2", "arcee", "apertus", "seed_oss"])
+                                  "olmo", "olmoe", "starcoder2", "arcee", "apertus", "seed_oss", "mistral_swa"])
 def test_every_policy_on_the_other_supported_architectures(kind):
     """MoE blocks, biases, per-head and all-heads q/k norms, Granite's attention multiplier, Gemma's embedding
-    scale, OLMo's clamped q/k/v: with room for everything each policy generates what the model does alone; StreamingLLM's compressed
+    scale, OLMo's clamped q/k/v, a sliding window the sequence stays within (transformers' sliding cache layers):
+    with room for everything each policy generates what the model does alone; StreamingLLM's compressed
     cache holds, at layer 0, exactly the keys a plain forward computes for the kept tokens at their new positions."""
     from conftest import tiny_model
 
@@ -974,9 +975,18 @@ def test_sliding_window_and_other_rope_layouts_are_refused():
                                num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
                                sliding_window=8, max_window_layers=1)
     assert "sliding_attention" in cfg.layer_types
-    with pytest.raises(InputError, match="sliding-window"):
-        with kv.policy(AutoModelForCausalLM.from_config(cfg), "knorm", budget=12):
-            pass
+    model = AutoModelForCausalLM.from_config(cfg)
+    with kv.policy(model, "knorm", budget=4, every=1):  # within the window: runs, compressed
+        _, cache = generate(model, prompt(4), new=4)
+    assert max(kv.cache_tokens(cache)) == 4
+    with kv.policy(model, "knorm", budget=12):  # past it: refused before the first forward (generate's length)
+        cache = DynamicCache(config=model.config)
+        with pytest.raises(InputError, match=r"window of 8 tokens in 1 of 2 layers .*, and 11 tokens pass it"):
+            model.generate(prompt(4), attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=8,
+                           do_sample=False, pad_token_id=0, cache=cache)
+        assert cache.get_seq_length() == 0
+        with pytest.raises(InputError, match="and 9 tokens pass it"), torch.no_grad():  # or at the forward past it
+            model(prompt(9), cache=cache, use_cache=True)
     with pytest.raises(InputError, match="'helium' is not supported"):  # interleaved RoPE: re-rotation would be wrong
         with kv.policy(tiny_model("helium"), "knorm", budget=12):
             pass
@@ -1041,8 +1051,9 @@ def test_cli_generate_refuses_an_unsupported_model_before_promising_an_output(tm
 
 @pytest.mark.parametrize("kind", ["mistral", "qwen2"])
 def test_cli_sliding_window_refusal_says_how_to_turn_the_window_off_and_that_works(kind, tmp_path, capsys):
-    """The refusal named Python's load arguments only; a command-line user is told which config.json keys to set in
-    a copy of the folder, and the copy so set generates (the original is untouched). A Qwen2 folder saved by
+    """A sliding-window model runs within its window (where the window changes nothing) and is refused past it, up
+    front. The refusal named Python's load arguments only; a command-line user is told which config.json keys to set
+    in a copy of the folder, and the copy so set generates (the original is untouched). A Qwen2 folder saved by
     transformers 5 lists `layer_types`: turning off use_sliding_window alone left sliding entries there (refused as a
     "window of None tokens", and the model's own cache breaks on them), so the message names that key too."""
     from conftest import char_tokenizer, tiny_model
@@ -1051,10 +1062,10 @@ def test_cli_sliding_window_refusal_says_how_to_turn_the_window_off_and_that_wor
     folder, copy = tmp_path / kind, tmp_path / f"{kind}-nowindow"
     model = tiny_model(kind)
     if kind == "mistral":
-        model.config.sliding_window = 4096
+        model.config.sliding_window = 8
     else:
         model = AutoModelForCausalLM.from_config(type(model.config)(**{
-            **model.config.to_dict(), "use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 1,
+            **model.config.to_dict(), "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1,
             "layer_types": None}))
         assert model.config.layer_types == ["full_attention", "sliding_attention"]
     for out in (folder, copy):
@@ -1063,16 +1074,23 @@ def test_cli_sliding_window_refusal_says_how_to_turn_the_window_off_and_that_wor
     config = (folder / "config.json").read_text()
     args = ["--prompt", "some text", "--kv", "snapkv", "--budget", "8", "--max-new-tokens", "4", "--quiet"]
     capsys.readouterr()
+    within = ["--prompt", "abc", "--kv", "snapkv", "--budget", "4", "--every", "1", "--max-new-tokens", "5", "--json"]
+    assert cli.main(["generate", str(folder), *within]) == 0  # 3 + 4 fed back: within the window, compressed
+    assert json.loads(capsys.readouterr().out)["cache_tokens_max"] == 4
     assert cli.main(["generate", str(folder), *args]) == 2
     err = capsys.readouterr().err
+    from transformers import AutoTokenizer
+
+    fed = len(AutoTokenizer.from_pretrained(folder)("some text")["input_ids"]) + 3  # the prompt and 3 new fed back
+    assert f"and {fed} tokens pass it: the KV engine runs such a model within its window only" in err
     assert (folder / "config.json").read_text() == config
     edited = json.loads((copy / "config.json").read_text())
     if kind == "mistral":
-        assert "sliding-window attention (a window of 4096 tokens), which" in err
+        assert "sliding-window attention (a window of 8 tokens), and" in err
         assert 'config.json says "sliding_window": null\n' in err and "layer_types" not in err
         edited["sliding_window"] = None
     else:
-        assert "sliding-window attention (a window of 4096 tokens in 1 of 2 layers ('layer_types')), which" in err
+        assert "sliding-window attention (a window of 8 tokens in 1 of 2 layers ('layer_types')), and" in err
         assert ('load it with use_sliding_window=False, layer_types=["full_attention"] * 2, on the command line use '
                 'a copy of the model folder whose config.json says "use_sliding_window": false and "layer_types" '
                 'with every entry "full_attention"') in err
@@ -1080,7 +1098,8 @@ def test_cli_sliding_window_refusal_says_how_to_turn_the_window_off_and_that_wor
         (copy / "config.json").write_text(json.dumps(edited))
         assert cli.main(["generate", str(copy), *args]) == 2
         err = capsys.readouterr().err
-        assert "(1 of 2 layers ('layer_types'))" in err and "None" not in err
+        assert "marks layers as sliding-window attention (1 of 2 layers ('layer_types')) but gives no window" in err
+        assert "None" not in err
         assert 'config.json says "layer_types" with every entry "full_attention"' in err
         edited["layer_types"] = ["full_attention"] * 2
         loaded = AutoModelForCausalLM.from_pretrained(folder, use_sliding_window=False,
@@ -1120,8 +1139,9 @@ def test_cli_generate_full_on_a_windowed_or_recurrent_model_says_what_its_own_ca
         assert cli.main(args) == 0
         stats = capsys.readouterr().err.splitlines()[-1]
         if name == "mistral":
-            assert note == ("this model uses sliding-window attention (a window of 6 tokens), which the KV engine "
-                            "does not support (the model's own cache already evicts past the window)")
+            assert note == (f"this model uses sliding-window attention (a window of 6 tokens), and {seen} tokens pass "
+                            "it: the KV engine runs such a model within its window only (past it the model sees the "
+                            "last 6 tokens, which no policy reproduces)")
             assert result["sliding_window_layers"] == 2 and "recurrent_layers" not in result
             assert result["cache_tokens_max"] == 5 < seen  # the window (minus the token being added) per layer
             assert "2 of 2 attention layers keep at most the last 6 tokens (the model's own sliding window)" in stats

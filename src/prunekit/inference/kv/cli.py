@@ -122,14 +122,19 @@ def run(args) -> int:
     resolve_model(args.model)
     model, tok = prunekit.load_model(args.model, dtype=args.dtype)
     unhooked = None  # why the engine cannot hook this model, when --kv full runs it without the engine
+
+    def refused(e: InputError) -> str:
+        if not isinstance(checked, kv.FullCache):
+            raise e
+        why = str(e).split(";")[0]  # full keeps every token: the model's own attention gives its output
+        print(f"prunekit: note: {why}; --kv full needs no engine, so the model generates as plain transformers "
+              "would, with its own cache", file=sys.stderr)
+        return why
+
     try:
         kv.Engine.check(model)  # before the notes below: they promised an output an unsupported model never gives
     except InputError as e:
-        if not isinstance(checked, kv.FullCache):
-            raise
-        unhooked = str(e).split(";")[0]  # full keeps every token: the model's own attention gives its output
-        print(f"prunekit: note: {unhooked}; --kv full needs no engine, so the model generates as plain "
-              "transformers would, with its own cache", file=sys.stderr)
+        unhooked = refused(e)
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise InputError(f"{args.model}'s tokenizer has no chat template; drop --chat")
@@ -140,6 +145,11 @@ def run(args) -> int:
     from prunekit.text import check_vocab
 
     check_vocab(model, ids, what="the prompt")
+    if unhooked is None:  # a sliding window: the engine runs within it only
+        try:
+            kv.Engine.check_window(model, ids.shape[1] + args.max_new_tokens - 1)
+        except InputError as e:
+            unhooked = refused(e)
     if calibrate:  # the paper's placement rule, on the bundled Wikipedia text (as the benchmarks do)
         options["delta_layers"], _ = kv.wiki_delta_layers(model, tok)
         if not args.json and not args.quiet:
@@ -211,8 +221,9 @@ def run(args) -> int:
     # what the model's own cache does on a model the engine refuses: layers that keep a recurrent state instead of
     # keys and values (not counted above), and layers whose sliding window evicts past it (held < a full cache)
     recurrent = len(cache.layers) - len(tokens)
-    windows = sorted({layer.sliding_window for layer in kv.kv_layers(cache) if getattr(layer, "is_sliding", False)})
-    sliding = sum(bool(getattr(layer, "is_sliding", False)) for layer in kv.kv_layers(cache))
+    own = kv.kv_layers(cache) if unhooked is not None else []  # hooked, a window is never passed
+    windows = sorted({layer.sliding_window for layer in own if getattr(layer, "is_sliding", False)})
+    sliding = sum(bool(getattr(layer, "is_sliding", False)) for layer in own)
     if recurrent:
         result["recurrent_layers"] = recurrent
     if sliding:

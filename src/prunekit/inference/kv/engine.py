@@ -53,8 +53,10 @@ exits nothing checks, so a compressed cache must not be given to plain ``generat
 that pass each token's position, as kvpress's pipeline does, may continue it).
 Attention weights (``output_attentions``) come back where the model's attention computed them (eager), over the
 entries the cache kept. Supported architectures: Llama-style attention with rotary embeddings and a
-``DynamicCache`` (model types in `SUPPORTED_MODEL_TYPES`: llama, mistral, mixtral and starcoder2 without sliding
-window, qwen2, qwen2_moe, qwen3, qwen3_moe, granite, granitemoe, gemma, olmo, olmo2, olmoe, arcee, apertus, seed_oss).
+``DynamicCache`` (model types in `SUPPORTED_MODEL_TYPES`: llama, mistral, mixtral, starcoder2, qwen2, qwen2_moe,
+qwen3, qwen3_moe, granite, granitemoe, gemma, olmo, olmo2, olmoe, arcee, apertus, seed_oss). A model with a sliding
+window runs within it only (`Engine.window`): there the window changes nothing, and transformers' sliding cache
+layers hold what a ``DynamicLayer`` does; a sequence that passes it is refused before it does.
 """
 
 from __future__ import annotations
@@ -138,10 +140,11 @@ def cache_bytes(cache) -> int:
     return total
 
 
-def _window_refusal(config, window, windowed: int) -> str:
-    """Why a model with sliding-window layers is refused, and every key to change to turn the window off (a
-    config.json saved by transformers 5 lists ``layer_types``, and a sliding entry there keeps the window, or breaks
-    the model's own cache, after the window size alone is turned off)."""
+def _window_refusal(config, window, windowed: int, *, reached: int | None) -> str:
+    """Why a sequence of `reached` tokens on a model with sliding-window layers is refused (`reached` None: layers
+    marked sliding without a window size), and every key to change to turn the window off (a config.json saved by
+    transformers 5 lists ``layer_types``, and a sliding entry there keeps the window, or breaks the model's own
+    cache, after the window size alone is turned off)."""
     qwen = str(getattr(config, "model_type", "")).startswith("qwen")
     what = (f"a window of {window} tokens" if window else "") + (" in " if window and windowed else "")
     if windowed:
@@ -154,8 +157,14 @@ def _window_refusal(config, window, windowed: int) -> str:
         py.append(f'layer_types=["full_attention"] * {len(config.layer_types)}')
         js.append('"layer_types" with every entry "full_attention"')
     # no ';' before the first clause ends: `generate --kv full` quotes that clause as the reason it runs unhooked
-    return (f"this model uses sliding-window attention ({what}), which the KV engine does not support (the model's "
-            "own cache already evicts past the window); if the model was trained without a window, turn it off: in "
+    if reached is None:
+        why = (f"this model marks layers as sliding-window attention ({what}) but gives no window size, which the KV "
+               "engine does not support (nor does transformers' own cache)")
+    else:
+        why = (f"this model uses sliding-window attention ({what}), and {reached} tokens pass it: the KV engine runs "
+               f"such a model within its window only (past it the model sees the last {window} tokens, which no "
+               f"policy reproduces); keep the prompt and the new tokens within {window}")
+    return (f"{why}; if the model was trained without a window, turn it off: in "
             f"Python load it with {', '.join(py)}, on the command line use a copy of the model folder whose "
             f"config.json says {' and '.join(js)}")
 
@@ -281,6 +290,7 @@ class Engine:
         self.budget = budget
         self.every = every
         self.layers = self._attention_layers(model)
+        self.sliding_window = Engine.window(model)  # a sliding window: sequences within it only
         self.rotary = self._rotary(model)
         self.states: list[LayerState] = []
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> key/value buffers (`_append`)
@@ -301,6 +311,25 @@ class Engine:
         return rotary
 
     @staticmethod
+    def window(model) -> int | None:
+        """The model's sliding window (``sliding_window``, when ``use_sliding_window`` does not turn it off), or None.
+        Within it a window changes nothing (every layer sees every token), so a policy runs exactly there; a
+        sequence that passes it is refused (`check_window`)."""
+        config = model.config
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+
+    @staticmethod
+    def check_window(model, tokens: int) -> None:
+        """Refuse (InputError) `tokens` positions in one sequence when they pass the model's sliding window: past it
+        the model attends to the last `window` tokens only, which no policy here reproduces."""
+        window = Engine.window(model)
+        if window is not None and tokens > window:
+            config = model.config
+            windowed = [t for t in (getattr(config, "layer_types", None) or []) if t != "full_attention"]
+            raise InputError(_window_refusal(config, window, len(windowed), reached=tokens))
+
+    @staticmethod
     def check(model) -> None:
         """Refuse (InputError) a model the engine cannot hook, as entering a policy would, without hooking it."""
         Engine._attention_layers(model)
@@ -312,10 +341,10 @@ class Engine:
         mtype = getattr(config, "model_type", None)
         if mtype not in SUPPORTED_MODEL_TYPES:
             raise InputError(f"model type {mtype!r} is not supported by the KV engine; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        window = Engine.window(model)
         windowed = [t for t in (getattr(config, "layer_types", None) or []) if t != "full_attention"]
-        if window or windowed:
-            raise InputError(_window_refusal(config, window, len(windowed)))
+        if windowed and not window:  # sliding layers without a window size: transformers' own cache breaks on it
+            raise InputError(_window_refusal(config, window, len(windowed), reached=None))
         base = getattr(model, "model", model)
         layers = getattr(base, "layers", None)
         if layers is None:
@@ -419,6 +448,10 @@ class Engine:
             if isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool((mask == 0).any()):
                 raise InputError("the prompt is padded (its attention_mask has zeros); KV policies take one "
                                  "unpadded prompt: tokenize it alone, without padding")
+            ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+            new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+            if engine.sliding_window is not None and isinstance(ids, torch.Tensor) and isinstance(new, int):
+                Engine.check_window(engine.model, ids.shape[-1] + new - 1)  # up front, not after some tokens
             cache = kwargs.get("cache", kwargs.get("past_key_values"))  # "cache" from transformers 5.24, before it
             # past_key_values (a caller's own code may still pass that name)
             if cache is not None and engine._compressed(cache):
@@ -489,6 +522,8 @@ class Engine:
         layer = cache.layers[layer_idx] if layer_idx < len(cache.layers) else None
         before = 0 if layer is None or layer.keys is None or layer.keys.numel() == 0 else layer.keys.shape[-2]
         st = self._state(cache, layer_idx, before)
+        if self.sliding_window is not None and st.seen + q_len > self.sliding_window:
+            Engine.check_window(self.model, st.seen + q_len)
         dev = hidden_states.device
         rope_pos = torch.arange(st.next_pos, st.next_pos + q_len, device=dev)  # [q]
         given = kwargs.get("position_ids")
@@ -557,7 +592,7 @@ class Engine:
         if layer is None or not getattr(layer, "is_initialized", False):
             cache.update(k[:, :, :0], v[:, :, :0], layer_idx)  # the layer initialises itself, holding no token yet
             layer = cache.layers[layer_idx]
-        if type(layer).__name__ != "DynamicLayer":
+        if type(layer).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer"):
             raise InputError(f"KV policies need the default DynamicCache; got a {type(layer).__name__} layer")
         keys, values = layer.keys, layer.values
         n, q = (keys.shape[-2] if keys.dim() == 4 else 0), k.shape[-2]
@@ -573,7 +608,7 @@ class Engine:
         kbuf, vbuf = held
         kbuf[:, :, n:n + q] = k
         vbuf[:, :, n:n + q] = v
-        layer.keys, layer.values = kbuf[:, :, :n + q], vbuf[:, :, :n + q]
+        _hold(layer, kbuf[:, :, :n + q], vbuf[:, :, :n + q])
         return layer.keys, layer.values
 
     def _maybe_compress(self, layer, st: LayerState, view: View, q_len: int) -> None:
@@ -603,13 +638,21 @@ class Engine:
                 keys = torch.where(moved[..., None], rotate_keys(keys, delta, self.rotary.inv_freq), keys)
             keep_pos = new_pos
             st.next_pos = int(new_pos.max()) + 1
-        layer.keys, layer.values = keys, values
+        _hold(layer, keys, values)
         self._buffers.pop(view.layer, None)  # the old buffer goes now, not when the next token needs room
         st.orig = st.orig.gather(2, idx)
         st.pos = keep_pos
         for name, t in list(st.extras.items()):
             st.extras[name] = t.gather(2, idx)
         st.compressions += 1
+
+
+def _hold(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Make `layer` hold `keys` and `values`; a sliding-window layer (used within its window only) counts its length
+    as it holds them, as a DynamicLayer does (it would count every token it was given)."""
+    layer.keys, layer.values = keys, values
+    if hasattr(layer, "cumulative_length"):
+        layer.cumulative_length = keys.shape[-2]
 
 
 def check_budget(budget, *, name: str, minimum: int = 1, why: str = "") -> int:
