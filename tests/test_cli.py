@@ -1216,17 +1216,74 @@ def test_compute_dtype_auto_and_other_stored_dtypes_keep_what_was_not_pruned(tex
     assert said["stored_dtype"] == "float32" and said["pattern_ok"] is True
 
 
-def test_compute_dtype_refusals(model_dir, text_file, tmp_path, capsys):
-    """Structured and depth pruning run in float32: the flag is refused for them. A float32 weight past float16's
-    range loaded in float16 was reported as "NaN or Inf weights; repair or re-export the model" (the folder is
-    fine): the message now says to load it in float32 or bfloat16, and nothing is written."""
-    for method, extra in (("magnitude-structured", ("--ratio", "0.3")), ("shortgpt", ("--layers", "1"))):
+def test_compute_dtype_structured_saves_the_kept_rows_and_columns_as_the_input_stores_them(model_dir, text_file,
+                                                                                          tmp_path, capsys):
+    """Structured pruning with --compute-dtype bfloat16 (it always ran in float32): the widths are the Python API's
+    on a bf16 model, the speed is timed against the dense model in bf16, and what the pruning did not change, the
+    kept rows of q_proj / gate_proj / up_proj and the kept columns of a magnitude-pruned o_proj / down_proj
+    included, is saved as the input stores it; a refit column (uniform-structured's o_proj and down_proj) stays as
+    computed."""
+    import prunekit
+    from safetensors.torch import load_file
+
+    from prunekit.structured.units import kept_of
+
+    before = digest(model_dir)
+    original = load_file(model_dir / "model.safetensors")
+    evals = ("--eval", str(text_file), "--eval-tokens", "64", "--eval-seqlen", "32")
+    ids = prunekit.calibration_ids(char_tokenizer(), prunekit.load_text(str(text_file), purpose="calibration"),
+                                   samples=8, seqlen=64, seed=0)
+    for method in ("magnitude-structured", "uniform-structured"):
         out = tmp_path / method
-        assert cli.main(prune_args(model_dir, text_file, out, "--method", method, *extra, "--compute-dtype",
-                                   "bfloat16")) == 2
-        assert f"--compute-dtype does not apply to {'structured' if 'struct' in method else 'depth'} method" in \
-            capsys.readouterr().err
-        assert not out.exists()
+        speed = ("--no-speed",) if method == "uniform-structured" else ()
+        assert cli.main(prune_args(model_dir, text_file, out, "--method", method, "--ratio", "0.3", *evals, *speed,
+                                   "--compute-dtype", "bfloat16")) == 0
+        captured = capsys.readouterr()
+        assert "rounded to" not in captured.err and "measured speedup" in captured.out or speed
+        meta = json.loads((out / "prunekit.json").read_text())
+        assert meta["compute_dtype"] == "bfloat16" and meta["saved_dtype"] == "float32"
+        assert "Computed in bfloat16" in (out / "report.md").read_text()
+        if not speed:  # the dense model it was timed against ran in bf16 too
+            assert meta["speed"]["dense"]["param_bytes"] == 2 * sum(v.numel() for v in original.values())
+        state = load_file(out / "model.safetensors")
+        model, _ = prunekit.load_model(model_dir, dtype="bfloat16")
+        prunekit.prune_structured(model, method=method, ratio=0.3, calibration=ids, progress=False)
+        assert [w.to_dict() for w in prunekit.structured.units.layer_widths(model)] == meta["widths"]
+        modules, sliced = dict(model.named_modules()), 0
+        for name, weight in model.state_dict().items():
+            kept = kept_of(modules[name.rpartition(".")[0]])
+            stored = original[name]
+            if kept is not None and stored.shape != weight.shape:
+                rows, cols = kept
+                stored = stored[rows] if rows is not None else stored
+                stored = stored[:, cols] if cols is not None and name.endswith("weight") else stored
+                sliced += 1
+            same = (stored.bfloat16() == weight) & (weight != 0)
+            assert torch.equal(state[name], torch.where(same, stored, weight.float())), name
+            if method == "magnitude-structured" or not name.endswith(("o_proj.weight", "down_proj.weight")):
+                assert torch.equal(state[name], stored), name  # nothing refit: the input's values
+            else:  # uniform-structured refits o_proj's and down_proj's kept columns: computed in bf16
+                new = state[name][state[name] != stored]
+                assert new.numel() and torch.equal(new, new.bfloat16().float()), name
+        assert sliced == 2 * 5  # q, o, gate, up, down of each layer
+        assert cli.main(["eval", str(out), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--json",
+                         "--dtype", "bfloat16"]) == 0
+        said = json.loads(capsys.readouterr().out)
+        assert said["computed_in"] == "bfloat16" and said["ppl"] == meta["evaluation"][str(text_file)]["pruned"]["ppl"]
+    assert digest(model_dir) == before
+    assert cli.main(["compare", str(tmp_path / "magnitude-structured"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["compute_dtype"] == "bfloat16"
+
+
+def test_compute_dtype_refusals(model_dir, text_file, tmp_path, capsys):
+    """Depth pruning runs in float32: the flag is refused for it. A float32 weight past float16's range loaded in
+    float16 was reported as "NaN or Inf weights; repair or re-export the model" (the folder is fine): the message
+    now says to load it in float32 or bfloat16, and nothing is written."""
+    out = tmp_path / "shortgpt"
+    assert cli.main(prune_args(model_dir, text_file, out, "--method", "shortgpt", "--layers", "1", "--compute-dtype",
+                               "bfloat16")) == 2
+    assert "--compute-dtype does not apply to depth method" in capsys.readouterr().err
+    assert not out.exists()
     big = tmp_path / "big"
     model = tiny_model("llama")
     with torch.no_grad():

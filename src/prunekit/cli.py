@@ -42,7 +42,7 @@ _PRUNE_DOMAINS: dict[str, str] = {"structured": "prunekit.structured.cli", "dept
 # --skip, --base and --domain are refused by the structured and depth modules themselves.)
 _PRUNE_FLAG_USERS: dict[str, tuple[str, ...]] = {
     "--sequential": ("weights",),
-    "--compute-dtype": ("weights",),
+    "--compute-dtype": ("weights", "structured"),
     "--batch-size": ("weights", "depth"),
     "--structure": ("structured",),
     "--no-speed": ("structured", "depth"),
@@ -176,13 +176,13 @@ def _add_prune_arguments(pr) -> None:
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     pr.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                     help="dtype of the saved weights (default auto: the input's; the work runs in float32, or for "
-                    "weight methods in --compute-dtype)")
+                    "weight and structured methods in --compute-dtype)")
     pr.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="float32",
-                    help="weight methods: the dtype the model is loaded and run in, --eval included (default float32; "
-                    "auto: the folder's main dtype). bfloat16 holds half the memory and, on a CPU with bfloat16 "
-                    "units, runs faster; calibration statistics and weight updates are still summed in float32, "
-                    "the activations are rounded (README: the cost in perplexity), and what the method did not "
-                    "change is saved as the input stores it")
+                    help="weight and structured methods: the dtype the model is loaded and run in, --eval and the "
+                    "speed timing included (default float32; auto: the folder's main dtype). bfloat16 holds half the "
+                    "memory and, on a CPU with bfloat16 units, runs faster; calibration statistics, weight updates "
+                    "and refits are still summed in float32, the activations are rounded (README: the cost in "
+                    "perplexity), and what the method did not change is saved as the input stores it")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     for module in _PRUNE_DOMAINS.values():
         import_module(module).add_prune_arguments(pr)
@@ -423,18 +423,24 @@ def _cmd_prune(args) -> int:
         print(report.ppl_table(evaluation))
     print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'})")
     if narrower:
-        from prunekit.weights.io import names_not_stored
-
-        lost = names_not_stored(model, resolve_model(args.model))
-        if lost:  # a .bin folder, or names the loader rewrote: their values stay rounded
-            print(f"prunekit: note: {len(lost)} tensor(s) of the output ({lost[0]}, ...) are not in "
-                  f"{args.model}'s safetensors files under their names, so they are saved as computed, rounded to "
-                  f"{meta['compute_dtype']}; --compute-dtype float32 keeps them as they were", file=sys.stderr)
+        note_not_stored(model, args.model, meta["compute_dtype"])
     if args.method == "armor":  # a user shipping the folder to a 2:4 runtime got a dense model, unwarned
         print(f"prunekit: note: {out / 'model.safetensors'} holds the dense product A core B, so plain transformers "
               f"loads a dense model; the {args.pattern} cores and factors are in armor.safetensors, which "
               "prunekit.load_model puts back", file=sys.stderr)
     return 0
+
+
+def note_not_stored(model, source, compute_dtype: str) -> None:
+    """The note of a run computed in a narrower dtype than its input's: the tensors whose stored values the save
+    could not give back (`prunekit.weights.io.names_not_stored`)."""
+    from prunekit.weights.io import names_not_stored, resolve_model
+
+    lost = names_not_stored(model, resolve_model(source))
+    if lost:  # a .bin folder, or names the loader rewrote: their values stay rounded
+        print(f"prunekit: note: {len(lost)} tensor(s) of the output ({lost[0]}, ...) are not in {source}'s "
+              f"safetensors files under their names, so they are saved as computed, rounded to {compute_dtype}; "
+              "--compute-dtype float32 keeps them as they were", file=sys.stderr)
 
 
 def model_files(args, path) -> list | None:

@@ -156,10 +156,11 @@ def noise_note(result: dict, *, tolerance: float = 0.25) -> str | None:
             "speedup is unreliable; time it again on a quiet machine (prunekit.measure_speed, or prune again)")
 
 
-def compare_speed_with_dense(dense_path, pruned: nn.Module, **kwargs) -> dict:
-    """`compare_speed` against the dense model loaded again from `dense_path` (the prune CLIs: the dense model
-    was changed in place, so it is reloaded after pruning and timed in turns with the pruned one)."""
+def compare_speed_with_dense(dense_path, pruned: nn.Module, *, dtype=None, **kwargs) -> dict:
+    """`compare_speed` against the dense model loaded again from `dense_path` in `dtype` (`load_model`'s: the
+    pruned model's own, for a like-for-like timing) (the prune CLIs: the dense model was changed in place, so it
+    is reloaded after pruning and timed in turns with the pruned one)."""
     from prunekit.weights.io import load_model
 
-    dense, _ = load_model(dense_path)
+    dense, _ = load_model(dense_path, dtype=dtype)
     return compare_speed(dense, pruned, **kwargs)

@@ -28,6 +28,9 @@ def _report(meta: dict, table: str) -> str:
     lines = [f"# {meta['method']} ({meta['structure']}) on {meta['model']}", "",
              f"Removed {meta['removed']:.4f} of the block Linear weights (asked {meta['ratio']:g}); parameters "
              f"{meta['params_before']:,} -> {meta['params_after']:,}.", ""]
+    if meta.get("compute_dtype", "float32") != "float32":  # prune --compute-dtype
+        lines[-1:-1] = [f"Computed in {meta['compute_dtype']}: the weights and activations in that dtype, the "
+                        "calibration statistics and refits summed in float32."]
     speed = meta.get("speed")
     if speed:
         d, p = speed["dense"], speed["pruned"]
@@ -50,8 +53,8 @@ def _report(meta: dict, table: str) -> str:
 def run_prune(args) -> int:
     import prunekit
     from prunekit import registry, report
-    from prunekit.cli import (_given, _options, _provenance, _recorded_if_readable, _torch_threads, _versions,
-                              eval_dense, eval_pruned, model_files)
+    from prunekit.cli import (_computed_in, _given, _options, _provenance, _recorded_if_readable, _torch_threads,
+                              _versions, eval_dense, eval_pruned, model_files, note_not_stored)
     from prunekit.evaluate import zeros_kept
     from prunekit.speed import compare_speed_with_dense, noise_note
     from prunekit.structured import check_request, prune_structured, save_structured
@@ -88,7 +91,7 @@ def run_prune(args) -> int:
     progress = not args.quiet
     saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
     files = model_files(args, resolve_model(args.model))
-    model, tok = prunekit.load_model(args.model)
+    model, tok = prunekit.load_model(args.model, dtype=args.compute_dtype)
     dims = model_dims(model)
     check_request(args.method, ratio=args.ratio, structure=structure, options=options, dims=dims)
     if structure == "both" and dims.fused_qkv:
@@ -113,13 +116,14 @@ def run_prune(args) -> int:
     eval_pruned(evaluation, model, tok, eval_texts, args, progress, saved_dtype)
     speed = None
     if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
-        speed = compare_speed_with_dense(args.model, model)
+        speed = compare_speed_with_dense(args.model, model, dtype=args.compute_dtype)
     meta = {"model": str(args.model), "input": _provenance(args.model), **result.to_dict(),
             "calibration": calib_text.describe() if calib_text else None,
             "samples": args.samples if ids is not None else 0, "seqlen": args.seqlen if ids is not None else None,
             "seed": args.seed,
             "evaluation": evaluation, "speed": speed, "input_zeros": zeros,
             "saved_dtype": str(saved_dtype).removeprefix("torch."),
+            "compute_dtype": _computed_in(model),  # auto: the folder's dtype, as loaded
             "versions": _versions(), "torch_threads": _torch_threads(), "wall_seconds": None}
     meta["wall_seconds"] = time.perf_counter() - wall
     report_md = _report(meta, result.table())
@@ -131,8 +135,9 @@ def run_prune(args) -> int:
                            (dense.heads, dense.intermediate), f"{args.method} ({structure}), ratio {args.ratio:g}")
         carry_licence(args.model, folder)
 
+    narrower = meta["compute_dtype"] != "float32"  # what the work did not change is saved as the input stores it
     out = save_structured(model, tok, args.out, metadata=meta, overwrite=args.overwrite, extra=extra,
-                          dtype=saved_dtype)
+                          dtype=saved_dtype, unchanged_from=resolve_model(args.model) if narrower else None)
     print(f"pruned {args.model} with {args.method} ({structure}): removed {result.removed:.4f} of the block weights, "
           f"parameters {result.params_before:,} -> {result.params_after:,}, {result.seconds:.1f} s")
     if zeros_note:
@@ -156,4 +161,6 @@ def run_prune(args) -> int:
     loader = (f"prunekit.load: {why}" if per_layer
               else "plain transformers or prunekit.load")  # it named prunekit.load for uniform widths too
     print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'}; load with {loader})")
+    if narrower:
+        note_not_stored(model, args.model, meta["compute_dtype"])
     return 0

@@ -21,7 +21,8 @@ import torch
 
 from prunekit import jsonl
 from prunekit.errors import InputError
-from prunekit.structured.units import Widths, attention, layer_widths, mlp_of, shrink_attention, shrink_mlp
+from prunekit.structured.units import (KEPT_ATTR, Widths, attention, kept_of, layer_widths, mlp_of, shrink_attention,
+                                       shrink_mlp)
 from prunekit.weights.engine import find_blocks
 from prunekit.weights.io import write_atomically
 
@@ -48,9 +49,11 @@ def prepare_config(model) -> list[Widths]:
 
 
 def save_structured(model, tokenizer, out: str | os.PathLike, *, metadata: dict, overwrite: bool = False,
-                    extra=None, dtype=None) -> Path:
+                    extra=None, dtype=None, unchanged_from: str | os.PathLike | None = None) -> Path:
     """Save `model` (safetensors, in `dtype` when given), `tokenizer` and ``prunekit.json`` into `out`,
-    atomically."""
+    atomically. `unchanged_from`: the input folder of a model computed in a narrower dtype; what the pruning did
+    not change (the kept rows and columns of the shrunk Linears included) is saved as it stores it
+    (`prunekit.weights.io.unchanged_from_input`)."""
     from prunekit.weights.io import parse_dtype, save_weights
 
     dtype = parse_dtype(dtype, what="the saved dtype")
@@ -58,7 +61,7 @@ def save_structured(model, tokenizer, out: str | os.PathLike, *, metadata: dict,
     prepare_config(model)
 
     def build(tmp: Path) -> None:
-        save_weights(model, tmp, dtype)
+        save_weights(model, tmp, dtype, unchanged_from=unchanged_from)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "prunekit.json").write_text(jsonl.dumps(metadata, indent=2) + "\n")
@@ -139,6 +142,9 @@ def load_widths_model(folder: Path, raw: dict, *, dtype=None) -> torch.nn.Module
                          f"unexpected {sorted(result.unexpected_keys)[:3]}")
     if tied:
         model.tie_weights()
+    for module in model.modules():  # built at these widths, not pruned: the folder's tensors are the whole modules
+        if kept_of(module) is not None:
+            delattr(module, KEPT_ATTR)
     return model.eval()
 
 

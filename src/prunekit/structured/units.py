@@ -37,7 +37,7 @@ from prunekit.errors import InputError
 from prunekit.weights.engine import find_blocks
 
 __all__ = ["Dims", "Widths", "model_dims", "layer_widths", "check_widths", "shrink_attention", "shrink_mlp",
-           "block_params", "linear_params", "head_columns", "gate_up_weights"]
+           "block_params", "linear_params", "head_columns", "gate_up_weights", "kept_of"]
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,18 @@ def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
 
-def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
+KEPT_ATTR = "_prunekit_kept"  # on a shrunk module: (rows, cols) of the module it replaced that it keeps (None: all)
+
+
+def kept_of(module: nn.Module) -> tuple | None:
+    """The ``(rows, cols)`` index tensors (None: every one) of the module `module` replaced that it keeps, for a
+    Linear or per-head norm made by `shrink_attention` / `shrink_mlp`; None for any other module. The kept
+    o_proj / down_proj columns of a refit hold new values: only their positions are the replaced module's."""
+    return getattr(module, KEPT_ATTR, None)
+
+
+def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear, *, rows=None,
+                cols=None) -> nn.Linear:
     out_f, in_f = weight.shape
     lin = nn.utils.skip_init(nn.Linear, in_f, out_f, bias=bias is not None, device=like.weight.device,
                              dtype=like.weight.dtype)  # no draw from the caller's global RNG: overwritten below
@@ -236,6 +247,7 @@ def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear
         if bias is not None:
             lin.bias.copy_(bias)
     lin.requires_grad_(like.weight.requires_grad)
+    setattr(lin, KEPT_ATTR, (rows, cols))  # the save gives back what a narrower compute dtype rounded
     return lin
 
 
@@ -260,8 +272,8 @@ def shrink_attention(attn: nn.Module, keep_heads: torch.Tensor, *, o_weight: tor
     w_o = o.weight[:, cols] if o_weight is None else o_weight.to(o.weight.dtype)  # [hidden, kept * head_dim]
     if w_o.shape != (o.out_features, cols.numel()):
         raise ValueError(f"o_weight has shape {tuple(w_o.shape)}, expected {(o.out_features, cols.numel())}")
-    attn.q_proj = _new_linear(q.weight[cols], q_bias, q)  # [kept * head_dim, hidden]
-    attn.o_proj = _new_linear(w_o, o.bias, o)
+    attn.q_proj = _new_linear(q.weight[cols], q_bias, q, rows=cols)  # [kept * head_dim, hidden]
+    attn.o_proj = _new_linear(w_o, o.bias, o, cols=cols)
     norm = getattr(attn, "q_norm", None)
     weight = getattr(norm, "weight", None)
     if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (n_q, hd):  # one row per head (Cohere's qk-norm)
@@ -278,6 +290,7 @@ def _rows_of(norm: nn.Module, rows: torch.Tensor) -> nn.Module:
 
     new = copy.deepcopy(norm)
     new.weight = nn.Parameter(norm.weight.detach()[rows].clone(), requires_grad=norm.weight.requires_grad)
+    setattr(new, KEPT_ATTR, (rows, None))
     return new
 
 
@@ -293,12 +306,13 @@ def shrink_mlp(mlp: nn.Module, keep: torch.Tensor, *, down_weight: torch.Tensor 
     if _fused_mlp(mlp):  # the gate rows of the kept neurons, then their up rows: the forward's chunk(2) splits them
         gu = mlp.gate_up_proj
         rows = torch.cat([keep, keep + d.in_features])
-        mlp.gate_up_proj = _new_linear(gu.weight[rows], gu.bias[rows] if gu.bias is not None else None, gu)
+        mlp.gate_up_proj = _new_linear(gu.weight[rows], gu.bias[rows] if gu.bias is not None else None, gu, rows=rows)
     else:
         g, u = mlp.gate_proj, mlp.up_proj
-        mlp.gate_proj = _new_linear(g.weight[keep], g.bias[keep] if g.bias is not None else None, g)  # [kept, hidden]
-        mlp.up_proj = _new_linear(u.weight[keep], u.bias[keep] if u.bias is not None else None, u)
-    mlp.down_proj = _new_linear(w_d, d.bias, d)
+        mlp.gate_proj = _new_linear(g.weight[keep], g.bias[keep] if g.bias is not None else None, g,
+                                    rows=keep)  # [kept, hidden]
+        mlp.up_proj = _new_linear(u.weight[keep], u.bias[keep] if u.bias is not None else None, u, rows=keep)
+    mlp.down_proj = _new_linear(w_d, d.bias, d, cols=keep)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = keep.numel()
 

@@ -977,11 +977,15 @@ def unchanged_from_input(model, state: dict, folder: Path) -> dict:
     stored value again; what the method changed (pruned zeros, SparseGPT's updates) stays as computed. ARMOR's
     factorized layers (their weight is the product of factors) are left as they are. Tensors are matched by name
     in the safetensors files; a ``.bin`` folder, or a name the loader rewrote, matches nothing
-    (`names_not_stored`)."""
+    (`names_not_stored`). A Linear or norm that structured pruning shrank (`prunekit.structured.units.kept_of`) is
+    matched to the rows and columns of its stored tensor that it kept."""
     import torch
     from safetensors import safe_open
 
+    from prunekit.structured.units import kept_of
+
     index, factorized = _matchable(model, folder)
+    modules = dict(model.named_modules())
     by_storage: dict = {}
     for file in dict.fromkeys(index.values()):
         with safe_open(str(file), framework="pt") as f:
@@ -992,6 +996,13 @@ def unchanged_from_input(model, state: dict, folder: Path) -> dict:
                 if key in by_storage:
                     continue
                 stored = f.get_tensor(name)
+                owner, _, leaf = name.rpartition(".")
+                kept = kept_of(modules[owner]) if stored.shape != v.shape and owner in modules else None
+                if kept is not None and leaf in ("weight", "bias"):  # a head or neuron subset, in the input's order
+                    rows, cols = kept
+                    stored = stored[rows] if rows is not None else stored
+                    if cols is not None and leaf == "weight":
+                        stored = stored[:, cols]
                 if (stored.shape != v.shape or not stored.is_floating_point()
                         or not _rounds(v.dtype, stored.dtype)):  # only a narrower copy lost anything
                     by_storage[key] = None
