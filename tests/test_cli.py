@@ -1275,15 +1275,67 @@ def test_compute_dtype_structured_saves_the_kept_rows_and_columns_as_the_input_s
     assert json.loads(capsys.readouterr().out)["rows"][0]["compute_dtype"] == "bfloat16"
 
 
+def test_compute_dtype_depth_saves_each_kept_block_as_the_input_stores_it(text_file, tmp_path, capsys):
+    """Depth pruning with --compute-dtype bfloat16 (it always ran in float32): the blocks are scored in bf16 (the
+    Python API's choice on a bf16 model), and every kept block is saved as the input stores it under its old
+    index (a match by name alone would give block 1 the stored values of the input's block 1, a dropped one)."""
+    import prunekit
+    import prunekit.depth as depth
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "deep"
+    model = tiny_model("llama")
+    model.config.num_hidden_layers = 4
+    model = type(model)(model.config).eval()  # 4 blocks, seed 0's draw
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    before, original = digest(folder), load_file(folder / "model.safetensors")
+    evals = ("--eval", str(text_file), "--eval-tokens", "64", "--eval-seqlen", "32")
+    for method in ("shortgpt", "sensitivity"):
+        out = tmp_path / method
+        assert cli.main(prune_args(folder, text_file, out, "--method", method, "--layers", "2", *evals,
+                                   "--compute-dtype", "bfloat16")) == 0
+        assert "rounded to" not in capsys.readouterr().err
+        meta = json.loads((out / "prunekit.json").read_text())
+        assert meta["compute_dtype"] == "bfloat16" and meta["saved_dtype"] == "float32"
+        assert meta["speed"]["dense"]["param_bytes"] == 2 * sum(v.numel() for v in original.values())
+        assert "computed in bfloat16" in (out / "report.md").read_text()
+        bf16, tok = prunekit.load_model(folder, dtype="bfloat16")
+        ids = prunekit.calibration_ids(tok, prunekit.load_text(str(text_file), purpose="calibration"), samples=8,
+                                       seqlen=64, seed=0)
+        keep, _ = depth.select_blocks(depth.causal_lm_target(bf16, ids, batch_size=8), method, kept=2)
+        kept = [i for i, k in enumerate(keep) if k]
+        assert meta["kept_layers"] == kept and kept != [0, 1]
+        state = load_file(out / "model.safetensors")
+        assert len(state) == len(original) - 2 * 9
+        for name, v in state.items():
+            renamed = name
+            if ".layers." in name:
+                i = int(name.split(".")[2])
+                renamed = name.replace(f".layers.{i}.", f".layers.{kept[i]}.")
+            assert torch.equal(v, original[renamed]), name
+        assert cli.main(["eval", str(out), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--json",
+                         "--dtype", "bfloat16"]) == 0
+        said = json.loads(capsys.readouterr().out)
+        assert said["ppl"] == meta["evaluation"][str(text_file)]["pruned"]["ppl"]
+    assert digest(folder) == before
+    for extra, why in ((("--method", "shortgpt", "--recover", "lora"), "--recover lora fine-tunes the pruned model"),
+                       (("--method", "tinyfusion"), "tinyfusion learns its masks with LoRA")):
+        out = tmp_path / "refused"
+        assert cli.main(prune_args(folder, text_file, out, *extra, "--layers", "2", "--compute-dtype",
+                                   "bfloat16")) == 2
+        assert f"--compute-dtype bfloat16 runs scoring only: {why}" in capsys.readouterr().err
+        assert not out.exists()
+    out = tmp_path / "auto"  # auto on a float32 folder is float32: recovery may run
+    assert cli.main(prune_args(folder, text_file, out, "--method", "shortgpt", "--layers", "2", "--recover", "lora",
+                               "--recover-steps", "1", "--no-speed", "--compute-dtype", "auto")) == 0
+    assert json.loads((out / "prunekit.json").read_text())["compute_dtype"] == "float32"
+
+
 def test_compute_dtype_refusals(model_dir, text_file, tmp_path, capsys):
-    """Depth pruning runs in float32: the flag is refused for it. A float32 weight past float16's range loaded in
-    float16 was reported as "NaN or Inf weights; repair or re-export the model" (the folder is fine): the message
-    now says to load it in float32 or bfloat16, and nothing is written."""
-    out = tmp_path / "shortgpt"
-    assert cli.main(prune_args(model_dir, text_file, out, "--method", "shortgpt", "--layers", "1", "--compute-dtype",
-                               "bfloat16")) == 2
-    assert "--compute-dtype does not apply to depth method" in capsys.readouterr().err
-    assert not out.exists()
+    """A float32 weight past float16's range loaded in float16 was reported as "NaN or Inf weights; repair or
+    re-export the model" (the folder is fine): the message now says to load it in float32 or bfloat16, and nothing
+    is written."""
     big = tmp_path / "big"
     model = tiny_model("llama")
     with torch.no_grad():

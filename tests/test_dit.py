@@ -243,7 +243,8 @@ def test_cli_prunes_a_dit_folder(tmp_path, capsys):
     digest = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in src.iterdir()}
     out = tmp_path / "out"
     for bad in (["--layers", "4"], ["--ratio", "0.5"], ["--eval", "wiki"], ["--calib", "wiki"], [],
-                ["--layers", "2", "--eval", "fid", "--no-dense-cache"]):  # the flag was accepted and ignored
+                ["--layers", "2", "--eval", "fid", "--no-dense-cache"],  # the flag was accepted and ignored
+                ["--layers", "2", "--compute-dtype", "bfloat16"]):  # (a Hugging Face model's scoring runs in it)
         assert main(["prune", str(src), "--method", "shortgpt", *bad, "--out", str(out), "--quiet"]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not out.exists()
     assert main(["prune", str(src), "--method", "sensitivity", "--layers", "2", "--samples", "16", "--batch-size",

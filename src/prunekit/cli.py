@@ -42,7 +42,6 @@ _PRUNE_DOMAINS: dict[str, str] = {"structured": "prunekit.structured.cli", "dept
 # --skip, --base and --domain are refused by the structured and depth modules themselves.)
 _PRUNE_FLAG_USERS: dict[str, tuple[str, ...]] = {
     "--sequential": ("weights",),
-    "--compute-dtype": ("weights", "structured"),
     "--batch-size": ("weights", "depth"),
     "--structure": ("structured",),
     "--no-speed": ("structured", "depth"),
@@ -175,14 +174,14 @@ def _add_prune_arguments(pr) -> None:
     pr.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     pr.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-                    help="dtype of the saved weights (default auto: the input's; the work runs in float32, or for "
-                    "weight and structured methods in --compute-dtype)")
+                    help="dtype of the saved weights (default auto: the input's; the work runs in --compute-dtype)")
     pr.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="float32",
-                    help="weight and structured methods: the dtype the model is loaded and run in, --eval and the "
-                    "speed timing included (default float32; auto: the folder's main dtype). bfloat16 holds half the "
-                    "memory and, on a CPU with bfloat16 units, runs faster; calibration statistics, weight updates "
-                    "and refits are still summed in float32, the activations are rounded (README: the cost in "
-                    "perplexity), and what the method did not change is saved as the input stores it")
+                    help="weight, structured and depth methods (depth: without training): the dtype the model is "
+                    "loaded and run in, --eval and the speed timing included (default float32; auto: the folder's "
+                    "main dtype). bfloat16 holds half the memory and, on a CPU with bfloat16 units, runs faster; "
+                    "calibration statistics, weight updates and refits are still summed in float32, the activations "
+                    "are rounded (README: the cost in perplexity), and what the method did not change is saved as "
+                    "the input stores it")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     for module in _PRUNE_DOMAINS.values():
         import_module(module).add_prune_arguments(pr)
@@ -431,12 +430,12 @@ def _cmd_prune(args) -> int:
     return 0
 
 
-def note_not_stored(model, source, compute_dtype: str) -> None:
+def note_not_stored(model, source, compute_dtype: str, *, kept_blocks: list[int] | None = None) -> None:
     """The note of a run computed in a narrower dtype than its input's: the tensors whose stored values the save
     could not give back (`prunekit.weights.io.names_not_stored`)."""
     from prunekit.weights.io import names_not_stored, resolve_model
 
-    lost = names_not_stored(model, resolve_model(source))
+    lost = names_not_stored(model, resolve_model(source), kept_blocks=kept_blocks)
     if lost:  # a .bin folder, or names the loader rewrote: their values stay rounded
         print(f"prunekit: note: {len(lost)} tensor(s) of the output ({lost[0]}, ...) are not in {source}'s "
               f"safetensors files under their names, so they are saved as computed, rounded to {compute_dtype}; "

@@ -134,14 +134,23 @@ def _dataless(args) -> bool:
 
 
 def _validate(args):
-    import prunekit
     from pathlib import Path
 
-    from prunekit.errors import check_not_input
-    from prunekit.weights.io import check_replaceable, config_depth, read_config, refuse_composite, resolve_model
+    import torch
+
+    import prunekit
+    from prunekit.errors import InputError, check_not_input
+    from prunekit.weights.io import (check_replaceable, config_depth, read_config, refuse_composite, resolve_model,
+                                     stored_dtype)
 
     options = _common_checks(args)
     path = resolve_model(args.model)
+    trains = ("tinyfusion learns its masks with LoRA" if args.method == "tinyfusion" else
+              f"--recover {args.recover} fine-tunes the pruned model" if args.recover != "none" else None)
+    if trains and args.compute_dtype != "float32" and (args.compute_dtype != "auto"
+                                                       or stored_dtype(path) != torch.float32):
+        raise InputError(f"--compute-dtype {args.compute_dtype} runs scoring only: {trains}, which prunekit does in "
+                         "float32; leave --compute-dtype out")  # (the weights would be trained in the narrow dtype)
     check_not_input(args.out, path, args.calib, *(args.eval or "").split(","))
     check_replaceable(Path(args.out).expanduser())  # before the work: --overwrite replaces earlier outputs only
     config = read_config(path)
@@ -191,7 +200,8 @@ def run_prune(args) -> int:
     import prunekit
     import prunekit.depth as depth
     from prunekit import report
-    from prunekit.cli import _provenance, _recorded_if_readable, _versions, eval_dense, eval_pruned, model_files
+    from prunekit.cli import (_computed_in, _provenance, _recorded_if_readable, _versions, eval_dense, eval_pruned,
+                              model_files, note_not_stored)
     from prunekit.evaluate import zeros_kept
     from prunekit.speed import compare_speed_with_dense, noise_note
     from prunekit.depth.dit import is_dit_folder
@@ -208,7 +218,7 @@ def run_prune(args) -> int:
     progress = not args.quiet
     saved_dtype, dtype_words = output_dtype(args.dtype, path)
     files = model_files(args, path)
-    model, tok = prunekit.load_model(path)
+    model, tok = prunekit.load_model(path, dtype=args.compute_dtype)
     if args.recover != "none":  # before the selection's work
         refuse_factorized(model, f"--recover {args.recover}", "recover the dense model before "
                           "ARMOR, or prune depth without --recover")
@@ -254,7 +264,7 @@ def run_prune(args) -> int:
     zeros, zeros_note = zeros_kept(step, input_sparsity, model, pattern, skip=skip)
     speed = None
     if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
-        speed = compare_speed_with_dense(path, model)
+        speed = compare_speed_with_dense(path, model, dtype=args.compute_dtype)
     eval_pruned(evaluation, model, tok, eval_texts, args, progress, saved_dtype)
     meta = {
         "model": str(args.model), "input": _provenance(args.model), "method": args.method, "domain": "depth",
@@ -266,13 +276,19 @@ def run_prune(args) -> int:
         "input_zeros": zeros,  # a sparse input's zeros: how many recovery kept
         # an N:M pattern the blocks still keep, so `eval` checks it as it did the input's
         **({"pattern": pattern, "options": {"skip": list(skip)}} if zeros and zeros["pattern_kept"] else {}),
-        "saved_dtype": str(saved_dtype).removeprefix("torch."), "versions": _versions(),
-        "seconds": seconds, "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - wall,
+        "saved_dtype": str(saved_dtype).removeprefix("torch."),
+        "compute_dtype": _computed_in(model),  # auto: the folder's dtype, as loaded
+        "versions": _versions(), "seconds": seconds, "torch_threads": torch.get_num_threads(),
+        "wall_seconds": time.perf_counter() - wall,
     }
+    narrower = meta["compute_dtype"] != "float32"  # the kept blocks are saved as the input stores them
 
     def extra(folder):
         lines = [f"# {args.method}: {dense_layers} -> {len(kept)} blocks", "",
                  f"kept layers: {kept}", f"recovery: {recovery or 'none'}", ""]
+        if narrower:
+            lines[-1:-1] = [f"computed in {meta['compute_dtype']}: the blocks scored on activations in that dtype "
+                            "(the scores summed in float32)"]
         if speed is not None:
             lines += [_speed_line(speed), ""]
         if evaluation:
@@ -283,7 +299,7 @@ def run_prune(args) -> int:
         carry_licence(args.model, folder)
 
     out = depth.save_depth_pruned(model, tok, args.out, metadata=meta, overwrite=args.overwrite, extra=extra,
-                                  dtype=saved_dtype)
+                                  dtype=saved_dtype, unchanged_from=path if narrower else None)
     print(f"pruned {args.model} with {args.method}: {dense_layers} -> {len(kept)} blocks, kept {kept}"
           + (f", recovered ({args.recover}, {args.recover_steps} steps)" if recovery else ""))
     if zeros_note:
@@ -296,6 +312,8 @@ def run_prune(args) -> int:
     if evaluation:
         print(report.ppl_table(evaluation))
     print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'})")
+    if narrower:
+        note_not_stored(model, args.model, meta["compute_dtype"], kept_blocks=kept)
     return 0
 
 
@@ -329,6 +347,9 @@ def _validate_dit(args):
     if args.dtype != "auto":
         raise InputError(f"--dtype {args.dtype} applies to Hugging Face models; a DiT folder is saved as it is "
                          "(float32); leave --dtype out")
+    if args.compute_dtype not in ("auto", "float32"):
+        raise InputError(f"--compute-dtype {args.compute_dtype} applies to Hugging Face models; a DiT runs in "
+                         "float32; leave --compute-dtype out")
     evals = [t.strip() for t in args.eval.split(",") if t.strip()] if args.eval else []
     if any(e != "fid" for e in evals):
         raise InputError(f"a DiT is evaluated with --eval fid (sample FID and class accuracy), not {args.eval}")

@@ -155,11 +155,13 @@ def _check_rewritten_config(model: nn.Module, prefix: str, kept: list[int], upda
 
 
 def save_depth_pruned(model, tokenizer, out, *, metadata: dict, overwrite: bool = False, extra=None,
-                      dtype=None) -> Path:
+                      dtype=None, unchanged_from=None) -> Path:
     """Save a model `drop_layers` pruned (atomically, with ``prunekit.json``); see `prunekit.save_pruned`.
 
     `metadata` must record ``kept_layers``: the original (dense) indices of the layers kept, ascending, one per
-    layer the model has now (what `drop_layers` returns)."""
+    layer the model has now (what `drop_layers` returns). `unchanged_from`: the input folder of a model run in a
+    narrower dtype; every value nothing changed, each kept block's included, is saved as that folder stores it
+    under the block's old index."""
     from prunekit.weights.engine import find_blocks
     from prunekit.weights.io import save_pruned
 
@@ -175,4 +177,5 @@ def save_depth_pruned(model, tokenizer, out, *, metadata: dict, overwrite: bool 
         raise InputError(f"metadata kept_layers={kept!r} must list the {depth} layers the model has by their original "
                          "indices, ascending (what drop_layers returns)")
     check_metadata(metadata)
-    return save_pruned(model, tokenizer, out, metadata=metadata, overwrite=overwrite, extra=extra, dtype=dtype)
+    return save_pruned(model, tokenizer, out, metadata=metadata, overwrite=overwrite, extra=extra, dtype=dtype,
+                       unchanged_from=unchanged_from, kept_blocks=list(kept))

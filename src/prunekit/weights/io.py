@@ -178,14 +178,12 @@ class MixedDtypes(dict):
         """The map after depth pruning kept the blocks `kept` (old indices, in order): block ``kept[i]``'s
         tensors are named with index ``i`` now, and dropped blocks' entries go (they gave a moved block the dtypes
         of the block that had its new index)."""
-        new = {old: str(i) for i, old in enumerate(kept)}
+        new = {old: i for i, old in enumerate(kept)}
         out = {}
         for name, dtype in self.items():
-            m = _LAYER_INDEX.search(name)
-            if m is None:
-                out[name] = dtype
-            elif int(m.group(1)) in new:
-                out[name[:m.start(1)] + new[int(m.group(1))] + name[m.end(1):]] = dtype
+            renamed = block_renamed(name, new)
+            if renamed is not None:
+                out[renamed] = dtype
         return MixedDtypes(out, self.main)
 
     def __str__(self) -> str:
@@ -380,6 +378,16 @@ def _finite_as_loaded(model, path, dtype):
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def block_renamed(name: str, index: dict[int, int]) -> str | None:
+    """`name` with its block index ``i`` (``model.layers.i.``...) replaced by ``index[i]``; None when the block is
+    not in `index`; a name outside the blocks as it is."""
+    m = _LAYER_INDEX.search(name)
+    if m is None:
+        return name
+    i = int(m.group(1))
+    return name[:m.start(1)] + str(index[i]) + name[m.end(1):] if i in index else None
 
 
 def config_depth(config: dict) -> int | None:
@@ -958,23 +966,31 @@ def _safetensors_index(folder: Path) -> dict:
     return index
 
 
-def _matchable(model, folder: Path) -> tuple[dict, tuple]:
-    """`folder`'s `_safetensors_index`, and the name prefixes of `model`'s factorized (ARMOR) layers, whose weight
-    is a product of factors and is never matched to a stored tensor."""
+def _matchable(model, folder: Path, kept_blocks) -> tuple[dict, tuple]:
+    """`folder`'s `_safetensors_index` (under `model`'s names: a block that depth pruning moved from index
+    ``kept_blocks[i]`` to ``i`` finds its stored tensors), and the name prefixes of `model`'s factorized (ARMOR)
+    layers, whose weight is a product of factors and is never matched to a stored tensor."""
     from prunekit.weights.engine import factorized_names
 
-    return _safetensors_index(folder), tuple(f"{n}." for n in factorized_names(model))
+    new = {old: i for i, old in enumerate(kept_blocks)} if kept_blocks is not None else None
+    index = {}  # {the model's name: (file, the stored name)}
+    for name, file in _safetensors_index(folder).items():
+        renamed = block_renamed(name, new) if new is not None else name
+        if renamed is not None:
+            index[renamed] = (file, name)
+    return index, tuple(f"{n}." for n in factorized_names(model))
 
 
-def unchanged_from_input(model, state: dict, folder: Path) -> dict:
+def unchanged_from_input(model, state: dict, folder: Path, *, kept_blocks: list[int] | None = None) -> dict:
     """`state` (``model.state_dict()``) with every value that the work did not change given back as `folder`
     stores it.
 
     A model loaded in a narrower dtype than its folder's (``prune --compute-dtype bfloat16`` on a float32 or
     float16 folder) holds rounded copies of every weight: the embeddings, norms and head, the layers left dense by
-    ``--skip``, and the weights a mask-only method (magnitude, Wanda) kept. An element whose value still equals
-    its stored value rounded to the model's dtype, and is not zero (a pruned weight stays pruned), takes the
-    stored value again; what the method changed (pruned zeros, SparseGPT's updates) stays as computed. ARMOR's
+    ``--skip``, the weights a mask-only method (magnitude, Wanda) kept, and every weight of a block that depth
+    pruning kept (`kept_blocks`: the stored index of each block the model has now). An element whose value still
+    equals its stored value rounded to the model's dtype, and is not zero (a pruned weight stays pruned), takes
+    the stored value again; what the method changed (pruned zeros, SparseGPT's updates) stays as computed. ARMOR's
     factorized layers (their weight is the product of factors) are left as they are. Tensors are matched by name
     in the safetensors files; a ``.bin`` folder, or a name the loader rewrote, matches nothing
     (`names_not_stored`). A Linear or norm that structured pruning shrank (`prunekit.structured.units.kept_of`) is
@@ -984,18 +1000,18 @@ def unchanged_from_input(model, state: dict, folder: Path) -> dict:
 
     from prunekit.structured.units import kept_of
 
-    index, factorized = _matchable(model, folder)
+    index, factorized = _matchable(model, folder, kept_blocks)
     modules = dict(model.named_modules())
     by_storage: dict = {}
-    for file in dict.fromkeys(index.values()):
+    for file in dict.fromkeys(file for file, _ in index.values()):
         with safe_open(str(file), framework="pt") as f:
             for name, v in state.items():
-                if index.get(name) != file or not v.is_floating_point() or name.startswith(factorized):
+                if index.get(name, (None,))[0] != file or not v.is_floating_point() or name.startswith(factorized):
                     continue
                 key = _storage(v)
                 if key in by_storage:
                     continue
-                stored = f.get_tensor(name)
+                stored = f.get_tensor(index[name][1])
                 owner, _, leaf = name.rpartition(".")
                 kept = kept_of(modules[owner]) if stored.shape != v.shape and owner in modules else None
                 if kept is not None and leaf in ("weight", "bias"):  # a head or neuron subset, in the input's order
@@ -1017,21 +1033,23 @@ def unchanged_from_input(model, state: dict, folder: Path) -> dict:
     return out
 
 
-def names_not_stored(model, folder: Path) -> list[str]:
+def names_not_stored(model, folder: Path, *, kept_blocks: list[int] | None = None) -> list[str]:
     """The floating-point tensors of `model` (ARMOR's factorized layers aside) that `unchanged_from_input` cannot
     find in `folder`'s safetensors files by name (a tied lm_head counts with its embedding)."""
-    index, factorized = _matchable(model, folder)
+    index, factorized = _matchable(model, folder, kept_blocks)
     state = model.state_dict()
     found = {_storage(v) for k, v in state.items() if k in index}
     return [k for k, v in state.items() if v.is_floating_point() and not k.startswith(factorized)
             and _storage(v) not in found]
 
 
-def save_weights(model, folder: Path, dtype=None, *, unchanged_from: Path | None = None) -> None:
+def save_weights(model, folder: Path, dtype=None, *, unchanged_from: Path | None = None,
+                 kept_blocks: list[int] | None = None) -> None:
     """``model.save_pretrained(folder)``, with the floating-point weights (and the config's ``dtype``) in `dtype`
     when given (a `MixedDtypes`: each tensor in its own); the model itself is not changed. A weight that the dtype
     cannot hold (it would be saved as inf) is an InputError. `unchanged_from` (the input folder of a model loaded
-    in a narrower dtype): what the work did not change is saved as that folder stores it (`unchanged_from_input`)."""
+    in a narrower dtype): what the work did not change is saved as that folder stores it (`unchanged_from_input`;
+    `kept_blocks`: after depth pruning, the stored index of each block the model has now)."""
     dtype = parse_dtype(dtype)
     main = dtype.main if isinstance(dtype, MixedDtypes) else dtype
     state = model.state_dict()
@@ -1040,7 +1058,7 @@ def save_weights(model, folder: Path, dtype=None, *, unchanged_from: Path | None
         model.save_pretrained(folder)
         return
     if unchanged_from is not None:
-        state = unchanged_from_input(model, state, Path(unchanged_from))
+        state = unchanged_from_input(model, state, Path(unchanged_from), kept_blocks=kept_blocks)
     cast: dict = {}  # one cast per storage, so tied weights (embeddings and lm_head) stay one tensor
     out = {}
     for k, v in state.items():
@@ -1066,7 +1084,7 @@ def main_of(dtype):
 
 def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict | None = None, overwrite: bool = False,
                 extra: Callable[[Path], None] | None = None, dtype=None,
-                unchanged_from: str | os.PathLike | None = None) -> Path:
+                unchanged_from: str | os.PathLike | None = None, kept_blocks: list[int] | None = None) -> Path:
     """Save `model` (safetensors) and `tokenizer` plus ``prunekit.json`` (`metadata`, with ``saved_dtype``: the
     dtype the weights were written in; a `PruneResult` is written as its ``to_dict()``); `extra(folder)` may add
     files.
@@ -1077,7 +1095,8 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict | No
     installs again (in float32 when the weights are saved in float32, else in their own dtype).
     `unchanged_from`: the folder a model was loaded from in a narrower dtype (``load_model(..., dtype="bfloat16")``
     of a float32 folder); every value the work did not change is saved as that folder stores it, not rounded
-    (`unchanged_from_input`).
+    (`unchanged_from_input`; `kept_blocks`: after depth pruning, the stored index of each block the model has
+    now).
     """
     from prunekit.weights.methods import armor
     from prunekit.weights.prune import PruneResult
@@ -1094,7 +1113,8 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict | No
         metadata.setdefault("saved_dtype", str(saved).removeprefix("torch."))
 
     def build(tmp: Path) -> None:
-        save_weights(model, tmp, dtype, unchanged_from=resolve_model(unchanged_from) if unchanged_from else None)
+        save_weights(model, tmp, dtype, unchanged_from=resolve_model(unchanged_from) if unchanged_from else None,
+                     kept_blocks=kept_blocks)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "prunekit.json").write_text(jsonl.dumps(metadata, indent=2) + "\n")
