@@ -1060,3 +1060,35 @@ def test_cli_says_a_fused_qkv_model_prunes_neurons_only(tmp_path, capsys):
         "stay and only MLP neurons are pruned" in capsys.readouterr().err
     widths = json.loads((tmp_path / "out" / "prunekit.json").read_text())["widths"]
     assert {w["heads"] for w in widths} == {4} and all(w["intermediate"] < 128 for w in widths)
+
+
+def test_a_model_pruned_twice_in_bfloat16_saves_the_rows_and_columns_it_kept_of_its_folder(tmp_path):
+    """The save of a model computed in a narrower dtype gives back the stored values of what the pruning kept: each
+    shrunk Linear names the rows and columns of the tensor it was loaded with, also after a second prune of the
+    same model in memory (the indices compose; naming the first prune's rows would read other rows)."""
+    from conftest import char_tokenizer, tiny_model
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "fp32"
+    tiny_model("llama").save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    stored = load_file(folder / "model.safetensors")
+    model, _ = prunekit.load_model(folder, dtype="bfloat16")
+    for ratio in (0.2, 0.3):
+        prunekit.prune_structured(model, method="magnitude-structured", ratio=ratio, progress=False)
+    heads = model.model.layers[0].self_attn.q_proj.out_features // 16
+    neurons = model.model.layers[0].mlp.down_proj.in_features
+    assert heads == 2 and neurons < 100  # (4 heads of 16, 128 neurons dense): both prunes removed units
+    out = prunekit.save_structured(model, None, tmp_path / "twice", metadata={}, dtype="float32",
+                                   unchanged_from=folder)
+    saved = load_file(out / "model.safetensors")
+    for name, v in saved.items():
+        dense = stored[name]
+        if "q_proj" in name or "gate_proj" in name or "up_proj" in name:  # kept rows, in order
+            index = [next(i for i in range(len(dense)) if torch.equal(row, dense[i])) for row in v]
+            assert index == sorted(index) and len(index) == len(v), name
+        elif "o_proj" in name or "down_proj" in name:  # kept columns
+            index = [next(i for i in range(dense.shape[1]) if torch.equal(col, dense[:, i])) for col in v.T]
+            assert index == sorted(index) and len(index) == v.shape[1], name
+        else:
+            assert torch.equal(v, dense), name

@@ -237,6 +237,14 @@ def kept_of(module: nn.Module) -> tuple | None:
     return getattr(module, KEPT_ATTR, None)
 
 
+def _kept_since_loaded(like: nn.Module, rows, cols) -> tuple:
+    """`rows` and `cols` of `like` as indices into what `like` itself kept (a module shrunk twice in one session
+    still names the rows and columns of the tensor it was loaded with)."""
+    before = kept_of(like) or (None, None)
+    compose = lambda old, new: new if old is None else old if new is None else old[new]  # noqa: E731
+    return compose(before[0], rows), compose(before[1], cols)
+
+
 def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear, *, rows=None,
                 cols=None) -> nn.Linear:
     out_f, in_f = weight.shape
@@ -247,7 +255,7 @@ def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear
         if bias is not None:
             lin.bias.copy_(bias)
     lin.requires_grad_(like.weight.requires_grad)
-    setattr(lin, KEPT_ATTR, (rows, cols))  # the save gives back what a narrower compute dtype rounded
+    setattr(lin, KEPT_ATTR, _kept_since_loaded(like, rows, cols))  # the save gives back what a narrower dtype rounded
     return lin
 
 
@@ -290,7 +298,7 @@ def _rows_of(norm: nn.Module, rows: torch.Tensor) -> nn.Module:
 
     new = copy.deepcopy(norm)
     new.weight = nn.Parameter(norm.weight.detach()[rows].clone(), requires_grad=norm.weight.requires_grad)
-    setattr(new, KEPT_ATTR, (rows, None))
+    setattr(new, KEPT_ATTR, _kept_since_loaded(norm, rows, None))
     return new
 
 
