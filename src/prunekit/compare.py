@@ -119,7 +119,8 @@ def summarize(folder: str | Path) -> dict:
             "seconds": _number(meta.get("wall_seconds")),  # a PruneResult's `seconds` is the method's alone
             "method_seconds": _method_seconds(meta),
             "options": meta.get("options") if isinstance(meta.get("options"), dict) else None,  # as the run recorded
-            # prune --compute-dtype (weight methods since 2026-12-03, structured and depth since 2026-12-04); earlier: float32
+            # prune --compute-dtype (weight methods since 2026-12-03, structured and depth since 2026-12-04;
+            # earlier runs computed in float32)
             "compute_dtype": str(meta.get("compute_dtype") or "float32"),
             **numbers}
 
