@@ -1332,6 +1332,38 @@ def test_compute_dtype_depth_saves_each_kept_block_as_the_input_stores_it(text_f
     assert json.loads((out / "prunekit.json").read_text())["compute_dtype"] == "float32"
 
 
+def test_speed_timing_that_would_not_fit_in_memory_is_skipped_and_the_model_saved(model_dir, text_file, tmp_path,
+                                                                                     capsys, monkeypatch):
+    """Structured and depth pruning time the pruned model against the dense one loaded again beside it. Where the
+    memory available cannot hold a second copy (a bf16 8B model, pruned, on a 24 GB machine), the run was killed
+    at the end with nothing saved: now the timing is skipped with a note, and the model is saved."""
+    import prunekit.speed
+
+    from prunekit.speed import dense_bytes
+
+    assert dense_bytes(model_dir) == 4 * sum(p.numel() for p in tiny_model("llama").parameters())
+    assert dense_bytes(model_dir, "bfloat16") == dense_bytes(model_dir) // 2
+    free = dense_bytes(model_dir)  # short of 1.2x the float32 weights, enough for the bfloat16 ones
+    monkeypatch.setattr(prunekit.speed, "_available_bytes", lambda: free)
+    for method, extra, said in (("magnitude-structured", ("--ratio", "0.3"), "Not timed: "),
+                                  ("shortgpt", ("--layers", "1"), "not timed: ")):
+        out = tmp_path / method
+        assert cli.main(prune_args(model_dir, text_file, out, "--method", method, *extra)) == 0
+        captured = capsys.readouterr()
+        assert "prunekit: note: the speed timing was skipped: it loads the dense model again beside the pruned " \
+            "one, 0.0 GiB of weights, and this machine has 0.0 GiB available" in captured.err
+        assert "speedup" not in captured.out
+        meta = json.loads((out / "prunekit.json").read_text())
+        assert meta["speed"] is None and meta["speed_skipped"].startswith("the speed timing was skipped")
+        assert said + meta["speed_skipped"] in (out / "report.md").read_text()
+        out16 = tmp_path / f"{method}-bf16"  # in bfloat16 the dense copy is half: it fits
+        assert cli.main(prune_args(model_dir, text_file, out16, "--method", method, *extra, "--compute-dtype",
+                                   "bfloat16")) == 0
+        assert "skipped" not in capsys.readouterr().err
+        meta = json.loads((out16 / "prunekit.json").read_text())
+        assert meta["speed"]["speedup"] and meta["speed_skipped"] is None
+
+
 def test_compute_dtype_refusals(model_dir, text_file, tmp_path, capsys):
     """A float32 weight past float16's range loaded in float16 was reported as "NaN or Inf weights; repair or
     re-export the model" (the folder is fine): the message now says to load it in float32 or bfloat16, and nothing

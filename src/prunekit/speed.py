@@ -21,7 +21,8 @@ from torch import nn
 
 from prunekit.errors import InputError, int_at_least
 
-__all__ = ["compare_speed", "compare_speed_with_dense", "measure_speed", "noise_note", "speedup"]
+__all__ = ["compare_speed", "compare_speed_with_dense", "dense_reload_note", "measure_speed", "noise_note",
+           "speedup"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,6 +155,57 @@ def noise_note(result: dict, *, tolerance: float = 0.25) -> str | None:
         return None
     return (f"the speed rounds disagree ({'; '.join(apart)}): other work on this CPU disturbed the timing, so the "
             "speedup is unreliable; time it again on a quiet machine (prunekit.measure_speed, or prune again)")
+
+
+def _available_bytes() -> int | None:
+    """The memory a new allocation can take without swapping (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # safetensors' floating-point dtypes
+
+
+def dense_bytes(dense_path, dtype=None) -> int | None:
+    """The bytes of the floating-point weights of the model folder `dense_path` loaded in `dtype` (`load_model`'s:
+    None is float32, "auto" each stored tensor's own size), read from its safetensors headers; None for a folder
+    without safetensors files."""
+    from math import prod
+
+    from safetensors import safe_open
+
+    from prunekit.weights.io import parse_dtype, resolve_model
+
+    dtype = parse_dtype(dtype)
+    itemsize = None if dtype == "auto" else torch.empty(0, dtype=dtype or torch.float32).element_size()
+    files = sorted(resolve_model(dense_path).glob("*.safetensors"))
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                part = f.get_slice(name)
+                stored = _ITEMSIZE.get(part.get_dtype())
+                if stored:
+                    total += prod(part.get_shape()) * (itemsize or stored)
+    return total if files else None
+
+
+def dense_reload_note(dense_path, dtype=None, *, margin: float = 1.2) -> str | None:
+    """Why `compare_speed_with_dense` should not run here, or None: it loads the dense model from `dense_path`
+    again beside the pruned one, and the memory available (Linux's MemAvailable) is below `margin` times the
+    dense model's weights in `dtype` (a large model's run was killed at the end, its pruned model unsaved)."""
+    need, free = dense_bytes(dense_path, dtype), _available_bytes()
+    if need is None or free is None or need * margin <= free:
+        return None
+    return (f"the speed timing was skipped: it loads the dense model again beside the pruned one, "
+            f"{need / 2**30:.1f} GiB of weights, and this machine has {free / 2**30:.1f} GiB available (a run killed "
+            "for memory saves nothing); prunekit.measure_speed times the saved model on its own")
 
 
 def compare_speed_with_dense(dense_path, pruned: nn.Module, *, dtype=None, **kwargs) -> dict:

@@ -203,7 +203,7 @@ def run_prune(args) -> int:
     from prunekit.cli import (_computed_in, _provenance, _recorded_if_readable, _versions, eval_dense, eval_pruned,
                               model_files, note_not_stored)
     from prunekit.evaluate import zeros_kept
-    from prunekit.speed import compare_speed_with_dense, noise_note
+    from prunekit.speed import compare_speed_with_dense, dense_reload_note, noise_note
     from prunekit.depth.dit import is_dit_folder
     from prunekit.text import check_token_ids
     from prunekit.weights.engine import find_blocks, refuse_factorized
@@ -263,7 +263,10 @@ def run_prune(args) -> int:
     step = "depth pruning" if args.recover == "none" else f"recovery (--recover {args.recover})"
     zeros, zeros_note = zeros_kept(step, input_sparsity, model, pattern, skip=skip)
     speed = None
-    if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
+    unspeed = None if args.no_speed else dense_reload_note(path, args.compute_dtype)
+    if unspeed:
+        print(f"prunekit: note: {unspeed}", file=sys.stderr)
+    elif not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
         speed = compare_speed_with_dense(path, model, dtype=args.compute_dtype)
     eval_pruned(evaluation, model, tok, eval_texts, args, progress, saved_dtype)
     meta = {
@@ -272,7 +275,7 @@ def run_prune(args) -> int:
         "kept_layers": kept, "removed_layers": [i for i in range(dense_layers) if i not in kept],
         "calibration": None if calib is None else {**calib.describe(), "samples": args.samples, "seqlen": args.seqlen,
                                                    "seed": args.seed, "batch_size": args.batch_size},
-        "method_info": info, "recovery": recovery, "evaluation": evaluation, "speed": speed,
+        "method_info": info, "recovery": recovery, "evaluation": evaluation, "speed": speed, "speed_skipped": unspeed,
         "input_zeros": zeros,  # a sparse input's zeros: how many recovery kept
         # an N:M pattern the blocks still keep, so `eval` checks it as it did the input's
         **({"pattern": pattern, "options": {"skip": list(skip)}} if zeros and zeros["pattern_kept"] else {}),
@@ -291,6 +294,8 @@ def run_prune(args) -> int:
                             "(the scores summed in float32)"]
         if speed is not None:
             lines += [_speed_line(speed), ""]
+        elif unspeed:
+            lines += [f"not timed: {unspeed}", ""]
         if evaluation:
             lines.append(report.ppl_table(evaluation))
         lines += ["", "![blocks kept](blocks.png)"]

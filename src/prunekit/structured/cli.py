@@ -42,6 +42,8 @@ def _report(meta: dict, table: str) -> str:
                   f"| parameter memory (MB) | {d['param_bytes'] / 2**20:.1f} | {p['param_bytes'] / 2**20:.1f} | |", "",
                   f"Measured on this CPU with {d['threads']} thread(s): dense and pruned timed in {speed['rounds']} "
                   "alternating rounds, the fastest of each.", ""]
+    elif meta.get("speed_skipped"):
+        lines += [f"Not timed: {meta['speed_skipped']}.", ""]
     for name, ev in meta.get("evaluation", {}).items():
         lines.append(f"Perplexity on {name}: dense {ev['dense']['ppl']:.3f}, pruned {ev['pruned']['ppl']:.3f} "
                      f"({ev['pruned']['tokens']} tokens).")
@@ -56,7 +58,7 @@ def run_prune(args) -> int:
     from prunekit.cli import (_computed_in, _given, _options, _provenance, _recorded_if_readable, _torch_threads,
                               _versions, eval_dense, eval_pruned, model_files, note_not_stored)
     from prunekit.evaluate import zeros_kept
-    from prunekit.speed import compare_speed_with_dense, noise_note
+    from prunekit.speed import compare_speed_with_dense, dense_reload_note, noise_note
     from prunekit.structured import check_request, prune_structured, save_structured
     from prunekit.structured.core import calibration_windows
     from prunekit.structured.units import model_dims
@@ -115,13 +117,16 @@ def run_prune(args) -> int:
                                    "uniform-structured") else args.method, input_sparsity, model, pattern, skip=skip)
     eval_pruned(evaluation, model, tok, eval_texts, args, progress, saved_dtype)
     speed = None
-    if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
+    unspeed = None if args.no_speed else dense_reload_note(args.model, args.compute_dtype)
+    if unspeed:
+        print(f"prunekit: note: {unspeed}", file=sys.stderr)
+    elif not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
         speed = compare_speed_with_dense(args.model, model, dtype=args.compute_dtype)
     meta = {"model": str(args.model), "input": _provenance(args.model), **result.to_dict(),
             "calibration": calib_text.describe() if calib_text else None,
             "samples": args.samples if ids is not None else 0, "seqlen": args.seqlen if ids is not None else None,
             "seed": args.seed,
-            "evaluation": evaluation, "speed": speed, "input_zeros": zeros,
+            "evaluation": evaluation, "speed": speed, "speed_skipped": unspeed, "input_zeros": zeros,
             "saved_dtype": str(saved_dtype).removeprefix("torch."),
             "compute_dtype": _computed_in(model),  # auto: the folder's dtype, as loaded
             "versions": _versions(), "torch_threads": _torch_threads(), "wall_seconds": None}
