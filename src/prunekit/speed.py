@@ -22,7 +22,7 @@ from torch import nn
 from prunekit.errors import InputError, int_at_least
 
 __all__ = ["compare_speed", "compare_speed_with_dense", "dense_reload_note", "measure_speed", "noise_note",
-           "speedup"]
+           "speed_against_dense", "speedup"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,9 +169,6 @@ def _available_bytes() -> int | None:
     return None
 
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # safetensors' floating-point dtypes
-
-
 def dense_bytes(dense_path, dtype=None) -> int | None:
     """The bytes of the floating-point weights of the model folder `dense_path` loaded in `dtype` (`load_model`'s:
     None is float32, "auto" each stored tensor's own size), read from its safetensors headers; None for a folder
@@ -180,19 +177,19 @@ def dense_bytes(dense_path, dtype=None) -> int | None:
 
     from safetensors import safe_open
 
-    from prunekit.weights.io import parse_dtype, resolve_model
+    from prunekit.weights.io import _SAFETENSORS_DTYPES, parse_dtype, resolve_model
 
     dtype = parse_dtype(dtype)
-    itemsize = None if dtype == "auto" else torch.empty(0, dtype=dtype or torch.float32).element_size()
+    itemsize = None if dtype == "auto" else (dtype or torch.float32).itemsize
     files = sorted(resolve_model(dense_path).glob("*.safetensors"))
     total = 0
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 part = f.get_slice(name)
-                stored = _ITEMSIZE.get(part.get_dtype())
+                stored = _SAFETENSORS_DTYPES.get(part.get_dtype())  # a floating-point tensor's dtype name
                 if stored:
-                    total += prod(part.get_shape()) * (itemsize or stored)
+                    total += prod(part.get_shape()) * (itemsize or getattr(torch, stored).itemsize)
     return total if files else None
 
 
@@ -206,6 +203,13 @@ def dense_reload_note(dense_path, dtype=None, *, margin: float = 1.2) -> str | N
     return (f"the speed timing was skipped: it loads the dense model again beside the pruned one, "
             f"{need / 2**30:.1f} GiB of weights, and this machine has {free / 2**30:.1f} GiB available (a run killed "
             "for memory saves nothing); prunekit.measure_speed times the saved model on its own")
+
+
+def speed_against_dense(dense_path, pruned: nn.Module, *, dtype=None) -> tuple[dict | None, str | None]:
+    """``(compare_speed_with_dense(...), None)``, or ``(None, why)`` where the dense model would not fit beside the
+    pruned one (`dense_reload_note`): the structured and depth prune commands' timing."""
+    skipped = dense_reload_note(dense_path, dtype)
+    return (None, skipped) if skipped else (compare_speed_with_dense(dense_path, pruned, dtype=dtype), None)
 
 
 def compare_speed_with_dense(dense_path, pruned: nn.Module, *, dtype=None, **kwargs) -> dict:

@@ -203,7 +203,7 @@ def run_prune(args) -> int:
     from prunekit.cli import (_computed_in, _provenance, _recorded_if_readable, _versions, eval_dense, eval_pruned,
                               model_files, note_not_stored)
     from prunekit.evaluate import zeros_kept
-    from prunekit.speed import compare_speed_with_dense, dense_reload_note, noise_note
+    from prunekit.speed import noise_note, speed_against_dense
     from prunekit.depth.dit import is_dit_folder
     from prunekit.text import check_token_ids
     from prunekit.weights.engine import find_blocks, refuse_factorized
@@ -262,12 +262,11 @@ def run_prune(args) -> int:
         del teacher
     step = "depth pruning" if args.recover == "none" else f"recovery (--recover {args.recover})"
     zeros, zeros_note = zeros_kept(step, input_sparsity, model, pattern, skip=skip)
-    speed = None
-    unspeed = None if args.no_speed else dense_reload_note(path, args.compute_dtype)
-    if unspeed:
-        print(f"prunekit: note: {unspeed}", file=sys.stderr)
-    elif not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
-        speed = compare_speed_with_dense(path, model, dtype=args.compute_dtype)
+    speed = unspeed = None
+    if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
+        speed, unspeed = speed_against_dense(path, model, dtype=args.compute_dtype)
+        if unspeed:
+            print(f"prunekit: note: {unspeed}", file=sys.stderr)
     eval_pruned(evaluation, model, tok, eval_texts, args, progress, saved_dtype)
     meta = {
         "model": str(args.model), "input": _provenance(args.model), "method": args.method, "domain": "depth",

@@ -58,7 +58,7 @@ def run_prune(args) -> int:
     from prunekit.cli import (_computed_in, _given, _options, _provenance, _recorded_if_readable, _torch_threads,
                               _versions, eval_dense, eval_pruned, model_files, note_not_stored)
     from prunekit.evaluate import zeros_kept
-    from prunekit.speed import compare_speed_with_dense, dense_reload_note, noise_note
+    from prunekit.speed import noise_note, speed_against_dense
     from prunekit.structured import check_request, prune_structured, save_structured
     from prunekit.structured.core import calibration_windows
     from prunekit.structured.units import model_dims
@@ -116,12 +116,11 @@ def run_prune(args) -> int:
     zeros, zeros_note = zeros_kept(f"{args.method} (its kept weights are refit)" if args.method in ("tyr",
                                    "uniform-structured") else args.method, input_sparsity, model, pattern, skip=skip)
     eval_pruned(evaluation, model, tok, eval_texts, args, progress, saved_dtype)
-    speed = None
-    unspeed = None if args.no_speed else dense_reload_note(args.model, args.compute_dtype)
-    if unspeed:
-        print(f"prunekit: note: {unspeed}", file=sys.stderr)
-    elif not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
-        speed = compare_speed_with_dense(args.model, model, dtype=args.compute_dtype)
+    speed = unspeed = None
+    if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
+        speed, unspeed = speed_against_dense(args.model, model, dtype=args.compute_dtype)
+        if unspeed:
+            print(f"prunekit: note: {unspeed}", file=sys.stderr)
     meta = {"model": str(args.model), "input": _provenance(args.model), **result.to_dict(),
             "calibration": calib_text.describe() if calib_text else None,
             "samples": args.samples if ids is not None else 0, "seqlen": args.seqlen if ids is not None else None,
