@@ -7,6 +7,7 @@ import csv
 import doctest
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -172,6 +173,17 @@ def test_baseline_budgets_exact(pruner):
         assert ppl[sel.keep_samples].min() >= ppl[~sel.keep_samples].max()
 
 
+def test_a_perplexity_past_float64_blames_the_model_not_the_examples():
+    nll, resp = np.full((3, 4), 2.0), np.ones((3, 4), bool)
+    nll[1] = 800.0  # a mean loss of 800 nats: exp overflows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was a RuntimeWarning, then "ppl has 1 infinite values; fix those examples"
+        with pytest.raises(InputError, match=r"response of sample 1 is 800 nats .*check the model"):
+            S.response_stats(nll, nll, resp)
+        with pytest.raises(InputError, match="check the model"):
+            Q.qtuning_select(nll, nll, resp)
+
+
 # --------------------------------------------------------------------------------------------- the loop
 def records(n=12):
     return [{"instruction": f"add {i} and {i + 1}", "response": f"{i} + {i + 1} = {2 * i + 1}"} for i in range(n)]
@@ -188,7 +200,11 @@ def test_tokenize_masks_prompt_and_truncates():
     assert short.cut == "prompt"
     long = S.tokenize([{"instruction": "x" * 100, "response": "y" * 100}], tok, max_length=20)[0]
     assert len(long.ids) == 20 and long.prompt_len == 10 and long.cut == "both"  # it said "response" alone
-    assert S.tokenize([{"instruction": "x", "response": "y" * 100}], tok, max_length=80)[0].cut == "response"
+    whole = S.tokenize([{"instruction": "x", "response": "y"}], tok, max_length=80)[0]
+    cut = S.tokenize([{"instruction": "x", "response": "y" * 100}], tok, max_length=80)[0]
+    assert cut.cut == "response" and whole.cut is None and 6 < whole.prompt_len < 40
+    # a prompt under half of max_length stays whole (it lost all but its last max_length // 2 - len tokens)
+    assert cut.ids[:cut.prompt_len] == whole.ids[:whole.prompt_len] and len(cut.ids) == 80
 
 
 def test_padding_scores_zero_and_position_0_is_never_a_target():

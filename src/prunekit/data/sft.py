@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import (InputError, apply_chat_template, check_model, int_at_least, is_real, module_modes,
+from prunekit.errors import (InputError, apply_chat_template, check_model, check_seed, int_at_least, is_real, module_modes,
                              restore_modes, with_autograd)
 from prunekit.speed import forward_takes
 from prunekit.weights.io import check_finite_weights
@@ -267,7 +267,7 @@ def tokenize(records: list[dict], tokenizer, *, max_length: int = 128) -> list[E
                 p, cut = p[len(p) - room:], "prompt"
             else:
                 both = len(p) > max_length // 2  # the prompt loses its left end too (it said "response" alone)
-                p = p[len(p) - max_length // 2:]
+                p = p[max(0, len(p) - max_length // 2):]  # a prompt under half stays whole
                 a, cut = a[: max_length - len(p)], "both" if both else "response"
         out.append(Example(ids=list(p) + list(a), prompt_len=len(p), index=i, cut=cut))
     return out
@@ -360,7 +360,14 @@ def _score(model: nn.Module, examples: list[Example], *, pad_id: int, batch_size
 def response_stats(nll: np.ndarray, entropy: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per sample: response perplexity ``exp(mean nll)`` and mean predictive entropy over the response positions."""
     count = np.maximum(response.sum(1), 1)  # [N]
-    ppl = np.exp((nll * response).sum(1) / count)  # [N]
+    mean_nll = (nll * response).sum(1) / count  # [N]
+    over = np.flatnonzero(mean_nll > np.log(np.finfo(np.float64).max))
+    if len(over):  # exp overflowed (a warning), then "ppl has infinite values; fix those examples" blamed the data
+        i = int(over[0])
+        raise InputError(f"the model's mean loss on the response of sample {i} is {mean_nll[i]:.4g} nats (and on "
+                         f"{len(over)} sample(s) past 709.8), a perplexity past float64's range: the model is far "
+                         "off this data (untrained, or broken weights?); check the model")
+    ppl = np.exp(mean_nll)  # [N]
     ent = (entropy * response).sum(1) / count  # [N]
     return ppl, ent
 
@@ -408,7 +415,7 @@ class _Pruner:
         if every not in EVERY:
             raise InputError(f"every must be one of {', '.join(EVERY)}, got {every!r}")
         self.every = every
-        self.rng = np.random.default_rng(int_at_least(seed, "seed", 0))
+        self.rng = np.random.default_rng(check_seed(seed))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(sample_ratio={self.sample_ratio}, token_ratio={self.token_ratio}, every={self.every!r})"
@@ -580,7 +587,7 @@ def sft(model: nn.Module, examples: list[Example], *, pad_id: int, pruner=None, 
         lora_alpha = _check_number(lora_alpha, "lora_alpha", low=0.0, strict=True)
     if max_grad_norm is not None:
         max_grad_norm = _check_number(max_grad_norm, "max_grad_norm", low=0.0, strict=True, hint=" (None: no clipping)")
-    seed = int_at_least(seed, "seed", 0)
+    seed = check_seed(seed)
     _check_examples(examples, pad_id, model)
     check_finite_weights(model, "the model")  # a NaN model was trained on (once here, not per re-scored batch)
     if pruner is not None and not hasattr(pruner, "select"):
