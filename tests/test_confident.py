@@ -203,3 +203,27 @@ def test_a_class_count_whose_joint_would_not_fit_is_refused_up_front():
     probs = np.full((4, cl.MAX_CLASSES + 1), 1 / (cl.MAX_CLASSES + 1), dtype=np.float32)
     with pytest.raises(InputError, match=r"pred_probs has 16,385 columns: Confident Learning counts a 16,385 x 16,385"):
         cl.find_label_issues(np.array([0, 1, 2, 3]), probs)
+
+
+def test_a_min_examples_per_class_past_int64_gives_cleanlabs_answer_at_a_large_value():
+    labels, probs = planted(400, 4, 0, coarse=True)
+    for mode in ("prune_by_noise_rate", "prune_by_class", "both"):
+        theirs = cleanlab_mask(labels, probs, filter_by=mode, min_examples_per_class=10**12)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # was an OverflowError, or a RuntimeWarning from an int64 cast
+            for huge in (400 * 4, 10**12, 2**63 - 1, 10**30):
+                ours = cl.find_label_issues(labels, probs, filter_by=mode, min_examples_per_class=huge)
+                assert np.array_equal(ours, theirs), (mode, huge)
+
+
+def test_long_double_probabilities_score_and_rank_by_entropy_as_float64():
+    labels, probs = planted(300, 3, 1)
+    wide = probs.astype(np.float64).astype(np.longdouble)  # scipy's xlogy has no kernel for it: was a TypeError
+    ours = cl.label_quality_scores(labels, wide, method="confidence_weighted_entropy")
+    assert ours.dtype == np.longdouble
+    np.testing.assert_allclose(ours.astype(np.float64), cl.label_quality_scores(
+        labels, probs.astype(np.float64), method="confidence_weighted_entropy"), rtol=1e-12)
+    issues = cl.find_label_issues(labels, wide)
+    assert np.array_equal(cl.order_label_issues(issues, labels, wide, rank_by="confidence_weighted_entropy"),
+                          cl.order_label_issues(issues, labels, probs.astype(np.float64),
+                                                rank_by="confidence_weighted_entropy"))

@@ -685,8 +685,11 @@ def test_complex_arrays_refused(command, tmp_path, capsys):
     ("lr-prototypes", ["--lr", "1e30", "--method", "prototypes", "--clusters", "2"], "training diverged"),
     ("clusters0", ["--method", "prototypes", "--clusters", "0"], r"^prunekit: error: --clusters must be an integer"),
     ("clusters>N", ["--method", "prototypes", "--clusters", "30"], r"--clusters 30 needs at least 30 examples"),
+    ("zero-embedding", ["--method", "prototypes", "--clusters", "3"],
+     r"row 3 of \S+e0\.npy is all zeros \(1 such row\(s\)\).*drop or fix those rows$"),  # said "cosine=False"
     ("folds>N", ["--method", "probs", "--folds", "30"], r"--folds 30 needs at least 30 examples"),
     ("seed", ["--seed", "-1"], r"--seed must be an integer >= 0, got -1"),  # select refused it, score did not
+    ("seed-huge", ["--seed", str(2**64)], r"--seed must be below 2\*\*63"),  # was torch's overflow traceback
     ("nan-data", [], r"data file \S+x_nan\.npy has NaN or Inf .* in 2 row\(s\), the first row 3; clean it first$"),
     ("f64-overflow", [], r"x_big\.npy has NaN or Inf \(or values too large for float32\) in 1 row"),
 ])
@@ -697,6 +700,11 @@ def test_score_refuses_bad_data_and_options(case, extra, match, tmp_path, capsys
         np.save(data := tmp_path / "x0.npy", np.zeros((24, 0), dtype=np.float32))
     elif case == "sparse-labels":
         np.save(labels := tmp_path / "y_sparse.npy", np.r_[np.arange(23) % 3, 10**6])
+    elif case == "zero-embedding":
+        emb = np.random.default_rng(2).normal(size=(24, 5))
+        emb[3] = 0
+        np.save(tmp_path / "e0.npy", emb)
+        extra = [*extra, "--embeddings", str(tmp_path / "e0.npy")]
     elif case == "huge-data":
         np.save(data := tmp_path / "x_huge.npy", np.full((24, 4), 1e30, dtype=np.float32))
     elif case in ("nan-data", "f64-overflow"):
@@ -1099,3 +1107,14 @@ def test_select_one_table_follows_its_index_column_and_refuses_bad_labels(tmp_pa
         args = ["data", "select", "--scores", str(tmp_path / "bad.csv"), "--score-column", "el2n", "--keep", "0.5",
                 "--balanced", "--out", str(x)]
         _refused([*args, *(extra or ["--label-column", "label"])], x, tmp_path, capsys, re.escape(match))
+
+
+def test_probabilities_that_are_all_certain_are_noted(tmp_path, capsys):
+    _score_files(tmp_path)
+    args = ["data", "score", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--method",
+            "probs", "--folds", "2", "--epochs", "2", "--quiet"]
+    assert main([*args, "--lr", "1e8", "--out", str(tmp_path / "blown.npy")]) == 0  # finite, so not refused
+    assert "every out-of-fold probability is 0 or 1" in capsys.readouterr().err
+    assert set(np.unique(np.round(np.load(tmp_path / "blown.npy"), 6))) <= {0.0, 1.0}
+    assert main([*args, "--out", str(tmp_path / "fine.npy")]) == 0
+    assert "every out-of-fold probability" not in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 import doctest
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -85,6 +86,15 @@ def test_ccs_drops_inf_first_and_shrinks_the_cut_when_needed():
     kept = select_examples(d, 0.5, strategy="ccs", ccs_cutoff=0.0, seed=4)
     assert kept.sum() == 50 and kept[:5].any()  # with no cut, inf stays as the hardest stratum
     np.testing.assert_array_equal(kept, select_examples(d, 0.5, strategy="ccs", ccs_cutoff=0.0, seed=4))
+
+
+def test_ccs_strata_of_scores_spanning_float64_are_those_of_the_scores_halved():
+    d = np.concatenate([np.linspace(-1.7e308, 0, 20), np.linspace(1e307, 1.7e308, 20)])  # hi - lo overflows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was: overflow, invalid cast, and 20 kept of 32
+        mask = select_examples(d, 0.8, strategy="ccs", ccs_cutoff=0.0, seed=3)
+    assert mask.sum() == 32
+    np.testing.assert_array_equal(mask, select_examples(d / 2, 0.8, strategy="ccs", ccs_cutoff=0.0, seed=3))
 
 
 def test_balanced_splits_budget_by_class_size():

@@ -311,7 +311,7 @@ def _options(args) -> dict:
 def _cmd_prune(args) -> int:
     import prunekit
     from prunekit import report
-    from prunekit.errors import InputError, check_not_input, int_at_least
+    from prunekit.errors import InputError, check_not_input, check_seed, int_at_least
     from prunekit.select import parse_pattern, ratio_for
     from pathlib import Path
 
@@ -334,7 +334,7 @@ def _cmd_prune(args) -> int:
                          "it out")
     int_at_least(args.seqlen, "--seqlen", 2)
     _check_eval_sizes(args.eval_seqlen, args.eval_tokens, "--eval-tokens", seqlen_flag="--eval-seqlen")
-    int_at_least(args.seed, "--seed", 0)
+    check_seed(args.seed, "--seed")
     int_at_least(args.samples, "--samples", 1, hint=" (calibration windows)")
     if known.domain in _PRUNE_DOMAINS:
         return import_module(_PRUNE_DOMAINS[known.domain]).run_prune(args)

@@ -11,7 +11,7 @@ import tempfile
 from numbers import Integral, Real
 from pathlib import Path
 
-__all__ = ["InputError", "int_at_least", "is_real", "check_model", "hidden_name", "check_output_name", "check_writable",
+__all__ = ["InputError", "int_at_least", "check_seed", "SEED_LIMIT", "is_real", "check_model", "hidden_name", "check_output_name", "check_writable",
            "check_not_input", "apply_umask", "with_autograd", "module_modes", "restore_modes", "apply_chat_template"]
 
 
@@ -24,6 +24,17 @@ def int_at_least(value, name: str, low: int, *, hint: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
         raise InputError(f"{name} must be an integer >= {low}{hint}, got {value!r}")
     return int(value)
+
+
+SEED_LIMIT = 2**63  # torch's generators take seeds below 2**64; runs, folds and groups add small offsets
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """`value` as an int if it is an integer in [0, 2**63) (a seed of 2**64 or more was a traceback from torch)."""
+    seed = int_at_least(value, name, 0)
+    if seed >= SEED_LIMIT:
+        raise InputError(f"{name} must be below 2**63 = {SEED_LIMIT}, got {value!r}")
+    return seed
 
 
 def is_real(value) -> bool:

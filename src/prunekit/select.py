@@ -203,9 +203,14 @@ def _ccs(d: np.ndarray, m: int, rng: np.random.Generator, bins: int, cutoff: flo
     finite = np.isfinite(s)
     stratum = np.full(len(s), bins - 1, dtype=np.int64)  # [n - cut]; +inf left after the cut: the hardest
     if finite.any():
-        lo, hi = s[finite].min(), s[finite].max()
+        values = s[finite]
+        lo, hi = values.min(), values.max()
+        with np.errstate(over="ignore"):
+            overflows = not np.isfinite(hi - lo)
+        if overflows:  # a span past float64's range (scores of +-1e308): halve it, exactly
+            values, lo, hi = values / 2, lo / 2, hi / 2
         width = (hi - lo) / bins
-        stratum[finite] = np.minimum(((s[finite] - lo) / width).astype(np.int64), bins - 1) if hi > lo else 0
+        stratum[finite] = np.minimum(((values - lo) / width).astype(np.int64), bins - 1) if hi > lo else 0
     strata = [rest[stratum == b] for b in range(bins) if (stratum == b).any()]
     chosen = []
     for i in np.argsort([len(x) for x in strata], kind="stable"):  # smallest strata first

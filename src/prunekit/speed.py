@@ -19,7 +19,7 @@ from numbers import Integral
 import torch
 from torch import nn
 
-from prunekit.errors import InputError, int_at_least
+from prunekit.errors import InputError, check_seed, int_at_least
 
 __all__ = ["compare_speed", "compare_speed_with_dense", "dense_reload_note", "measure_speed", "noise_note",
            "speed_against_dense", "speedup"]
@@ -91,7 +91,7 @@ def measure_speed(model: nn.Module, *, prefill: int | None = None, decode: int |
         vocab = size
     elif isinstance(vocab, bool) or not isinstance(vocab, Integral) or not 1 <= vocab <= size:
         raise InputError(f"vocab (the token ids drawn) must be an integer from 1 to the model's {size}, got {vocab!r}")
-    seed = int_at_least(seed, "seed", 0)
+    seed = check_seed(seed)
     ids = torch.randint(0, vocab, (1, prefill), generator=torch.Generator().manual_seed(seed))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

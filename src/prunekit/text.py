@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from prunekit import zoo
-from prunekit.errors import InputError, int_at_least
+from prunekit.errors import InputError, check_seed, int_at_least
 from prunekit.jsonl import read_objects
 
 __all__ = ["Text", "load_text", "calibration_ids", "evaluation_ids", "check_token_ids", "check_vocab"]
@@ -370,7 +370,7 @@ def calibration_ids(tokenizer, text: Text, *, samples: int = 128, seqlen: int = 
     or path (``"wiki"``) is loaded with `load_text` for calibration."""
     _check_sizes(samples, seqlen)
     samples, seqlen = int(samples), int(seqlen)
-    seed = int_at_least(seed, "seed", 0)
+    seed = check_seed(seed)
     text = _as_text(text, "calibration")
     if text.parts:
         k = len(text.parts)

@@ -242,12 +242,12 @@ def _cmd_label_issues(args) -> int:
 def _cmd_select(args) -> int:
     from prunekit.data.io import (_is_float, check_output_file, index_order, label_groups, read_label_groups,
                                   read_table_columns, read_vector, write_table)
-    from prunekit.errors import InputError, check_not_input, int_at_least
+    from prunekit.errors import InputError, check_not_input, check_seed
     from prunekit.select import select_examples
 
     check_output_file(args.out, overwrite=args.overwrite)
     check_not_input(args.out, args.scores, args.labels)
-    int_at_least(args.seed, "--seed", 0)
+    check_seed(args.seed, "--seed")
     if args.labels is not None and args.label_column is not None:
         raise InputError("give the labels as a file (--labels) or as a column of the --scores table (--label-column), "
                          "not both")
@@ -386,7 +386,7 @@ def _check_score_options(args) -> list[str]:
     method does not use, to print once the inputs are read too (an error stays one line)."""
     import math
 
-    from prunekit.errors import InputError, int_at_least
+    from prunekit.errors import InputError, check_seed, int_at_least
 
     training = ("epochs", "batch_size", "lr")
     used = {"probs": ("folds", *training), "prototypes": ("clusters",) if args.embeddings else ("clusters", *training),
@@ -405,7 +405,7 @@ def _check_score_options(args) -> list[str]:
         args.model = "auto"  # and not checked against the data's shape either
     int_at_least(args.epochs, "--epochs", 1)
     int_at_least(args.batch_size, "--batch-size", 1)
-    int_at_least(args.seed, "--seed", 0)
+    check_seed(args.seed, "--seed")
     if args.method == "probs":
         int_at_least(args.folds, "--folds", 2)
     elif args.method == "prototypes":
@@ -491,6 +491,14 @@ def _cmd_score(args) -> int:
                 logits, emb = train.embed(model, x)
                 outputs, emb = logits.numpy(), emb.numpy()
                 how = f"k-means on the penultimate features of a model trained {args.epochs} epochs"
+            zero = np.flatnonzero(~np.asarray(emb).any(axis=1))  # the API's message offered an option we lack
+            if len(zero):
+                where = (f"row {zero[0]} of {args.embeddings}" if args.embeddings is not None
+                         else f"the penultimate features of example {zero[0]}")
+                fix = ("drop or fix those rows" if args.embeddings is not None else
+                       "train with another --lr, --epochs or --seed, or give --embeddings")
+                raise InputError(f"{where} is all zeros ({len(zero)} such row(s)): cosine distance to a centroid is "
+                                 f"undefined for it; {fix}")
             scores = prototype_distance(emb, k=args.clusters, seed=args.seed)
         else:
             result = train.score_runs(model_fn, x, y, runs=args.runs, epochs=args.epochs, score_epoch=args.score_epoch,
@@ -517,6 +525,11 @@ def _cmd_score(args) -> int:
         write_table(args.out, columns, overwrite=args.overwrite)
         print(f"out-of-fold probabilities of {len(y)} examples ({args.folds} folds x {args.epochs} epochs, "
               f"{time.perf_counter() - start:.1f} s) in {args.out}")
+        if (probs.max(axis=1) > 1 - 1e-6).all():  # a run blown up by its learning rate (or trivially easy data)
+            print(f"prunekit: note: every out-of-fold probability is 0 or 1 to within 1e-6: the folds' models are "
+                  f"certain of every example, which a learning rate too high for the data gives (--lr {args.lr:g}); "
+                  "Confident Learning then flags only the misclassified examples and cannot rank them; unless the "
+                  "data is that easy, lower --lr", file=sys.stderr)
         return 0
     npy = str(args.out).lower().endswith(".npy")
     columns = {args.method: scores} if npy else {"index": np.arange(len(scores)), args.method: scores}
@@ -533,7 +546,7 @@ def _cmd_qtune(args) -> int:
 
     from prunekit.data import sft as S
     from prunekit.data.methods import qtuning as Q
-    from prunekit.errors import InputError, check_not_input, file_sha256, int_at_least
+    from prunekit.errors import InputError, check_not_input, check_seed, file_sha256, int_at_least
     from pathlib import Path
 
     from prunekit.weights.io import (carry_licence, check_fits_dtype, check_output, check_replaceable, load_model,
@@ -554,7 +567,7 @@ def _cmd_qtune(args) -> int:
     int_at_least(args.batch_size, "--batch-size", 1)
     int_at_least(args.max_length, "--max-length", 4)  # tokenize()'s own message named max_length
     int_at_least(args.lora_rank, "--lora-rank", 0)
-    int_at_least(args.seed, "--seed", 0)
+    check_seed(args.seed, "--seed")
     if args.seed != 0 and not args.train:  # the scoring pass draws nothing
         ignored.append("--seed")
     if not args.lr > 0:
@@ -755,11 +768,11 @@ def _cmd_train(args) -> int:
     import torch
 
     from prunekit import train
-    from prunekit.errors import InputError, int_at_least
+    from prunekit.errors import InputError, check_seed, int_at_least
 
     int_at_least(args.epochs, "--epochs", 1)
     int_at_least(args.batch_size, "--batch-size", 1)
-    int_at_least(args.seed, "--seed", 0)
+    check_seed(args.seed, "--seed")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise InputError(f"--lr must be a positive number, got {args.lr}")
     if (args.test_data is None) != (args.test_labels is None):

@@ -28,7 +28,7 @@ import hashlib
 import random
 import re
 
-from prunekit.errors import InputError, int_at_least, is_real
+from prunekit.errors import InputError, check_seed, int_at_least, is_real
 
 __all__ = ["build_tasks", "add_noise", "year_questions", "arithmetic_problems", "extract_answer", "normalize",
            "exact_match"]
@@ -95,7 +95,7 @@ _ITEMS = ["apples", "books", "marbles", "pencils", "stamps", "cookies", "sticker
 def arithmetic_problems(n: int, *, seed: int) -> list[dict]:
     """`n` word problems of two or three steps, answers computed (never negative, shares exact)."""
     n = int_at_least(n, "n", 0)
-    rng = random.Random(int_at_least(seed, "seed", 0))
+    rng = random.Random(check_seed(seed))
     out = []
     while len(out) < n:
         name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
@@ -143,7 +143,7 @@ def build_tasks(*, train: int = 320, test: int = 120, seed: int = 0, arith_share
     Falls back to arithmetic only when the documents give no year question."""
     int_at_least(train, "train", 1)
     int_at_least(test, "test", 1)
-    seed = int_at_least(seed, "seed", 0)
+    seed = check_seed(seed)
     if not is_real(arith_share) or not 0 <= arith_share <= 1:
         raise InputError(f"arith_share must be a number in [0, 1], got {arith_share!r}")
     if documents is None:
@@ -172,7 +172,7 @@ def add_noise(records: list[dict], fraction: float, *, seed: int = 0) -> list[di
     rotated, so then the copy is unchanged. `records` itself is not modified."""
     if not is_real(fraction) or not 0 <= fraction < 1:
         raise InputError(f"noise fraction must be in [0, 1), got {fraction!r}")
-    seed = int_at_least(seed, "seed", 0)
+    seed = check_seed(seed)
     if isinstance(records, (str, bytes, dict)) or not hasattr(records, "__iter__"):
         raise InputError(f"records must be a list of {{'instruction', 'response'}} dicts, got {type(records).__name__}")
     for i, r in enumerate(records):

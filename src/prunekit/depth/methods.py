@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from prunekit.depth.core import DepthTarget, batch_size_of, check_keep, check_kept, gates, hidden_of, keep_top
 from prunekit.depth.tinyfusion import tinyfusion
-from prunekit.errors import InputError, int_at_least, module_modes, restore_modes
+from prunekit.errors import InputError, check_seed, int_at_least, module_modes, restore_modes
 
 __all__ = ["shortgpt", "sensitivity", "every_other", "random_masks", "block_influence", "calibration_loss",
            "select_blocks"]
@@ -121,7 +121,7 @@ def random_masks(target: DepthTarget, *, kept: int, candidates: int = 8, seed: i
     returns every candidate's loss."""
     check_kept(kept, target.depth)
     int_at_least(candidates, "candidates", 1)
-    gen = torch.Generator().manual_seed(int_at_least(seed, "seed", 0))
+    gen = torch.Generator().manual_seed(check_seed(seed))
     masks: list[list[int]] = []  # distinct: on 6 blocks, 8 draws held 5 masks, one scored three times
     while len(masks) < min(candidates, math.comb(target.depth, kept)):
         chosen = sorted(torch.randperm(target.depth, generator=gen)[:kept].tolist())

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.depth.core import DepthTarget, check_keep, hidden_of
-from prunekit.errors import InputError, int_at_least, with_autograd, module_modes, restore_modes
+from prunekit.errors import InputError, check_seed, int_at_least, with_autograd, module_modes, restore_modes
 from prunekit.lora import add_lora, has_linear, lora_parameters, merge_lora, remove_lora
 from prunekit.weights.engine import refuse_factorized
 from prunekit.weights.io import non_finite
@@ -116,7 +116,7 @@ def recover(target: DepthTarget, *, steps: int = 100, trainable: str = "lora", l
     if features > 0 and teacher is None:  # it was accepted and never used
         raise InputError(f"features={features!r} matches the student's blocks to a teacher's; give teacher=(model, "
                          "blocks) and keep=, or leave features at 0")
-    seed = int_at_least(seed, "seed", 0)
+    seed = check_seed(seed)
     if teacher is not None and target.distill is None:
         raise InputError("distillation needs a DepthTarget with a distill function")
     refuse_factorized(target.model, "recovery", "recover the dense model before ARMOR, or prune depth without "

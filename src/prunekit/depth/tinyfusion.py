@@ -45,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.depth.core import DepthTarget, batch_size_of, check_kept, gates, group_options, parse_groups
-from prunekit.errors import InputError, int_at_least, with_autograd, module_modes, restore_modes
+from prunekit.errors import InputError, check_seed, int_at_least, with_autograd, module_modes, restore_modes
 from prunekit.lora import add_lora, has_linear, lora_parameters, remove_lora
 from prunekit.weights.engine import refuse_factorized
 
@@ -115,7 +115,7 @@ def tinyfusion(target: DepthTarget, *, kept: int, groups=None, steps: int = 200,
     check_kept(kept, target.depth)
     groups = parse_groups(groups, depth=target.depth, kept=kept)
     int_at_least(steps, "steps", 1)
-    seed = int_at_least(seed, "seed", 0)
+    seed = check_seed(seed)
     for name, v in (("scale", scale), ("lr_gates", lr_gates), ("lr_lora", lr_lora)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise InputError(f"{name} must be a positive number, got {v!r}")

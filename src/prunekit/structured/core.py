@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prunekit.errors import InputError, check_model, int_at_least, module_modes, restore_modes
+from prunekit.errors import InputError, check_model, check_seed, int_at_least, module_modes, restore_modes
 from prunekit.select import check_ratio
 from prunekit.structured.tyr import STRUCTURES, tyr_options
 from prunekit.structured.units import (Widths, attention, block_params, check_heads_prunable, layer_widths,
@@ -157,7 +157,7 @@ def prune_structured(model: nn.Module, *, method: str = "tyr", ratio: float, str
     refuse_composite(model.config, "structured pruning")  # it pruned, then failed to save (no hidden_size)
     samples = int_at_least(samples, "samples", 1)  # "2" reached Týr as "2" + "2" = "22"
     seqlen = int_at_least(seqlen, "seqlen", 2)
-    seed = int_at_least(seed, "seed", 0)
+    seed = check_seed(seed)
     check_finite_weights(model, "the model")  # a NaN weight failed in an SVD after the model had changed
     from prunekit.weights.engine import factorized_names, first_of
 

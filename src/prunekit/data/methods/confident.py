@@ -374,6 +374,8 @@ def _xlogx(p: np.ndarray) -> np.ndarray:
     try:  # scipy's float32 kernel is cleanlab's; numpy's log differs from it in the last bit
         from scipy.special import xlogy
     except ImportError:
+        xlogy = None
+    if xlogy is None or p.dtype not in (np.float16, np.float32, np.float64):  # scipy has no longdouble kernel
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).astype(p.dtype)
     return xlogy(p, p)
@@ -541,14 +543,16 @@ def find_label_issues(labels, pred_probs, *, filter_by: str = "prune_by_noise_ra
     if filter_by in ("prune_by_noise_rate", "prune_by_class", "both"):  # the only modes that read the joint
         if joint is None:
             joint = calibrate_confident_joint(scan.joint, d.labels)
-        counts = _prune_counts(joint, n=int(min_examples_per_class), frac_noise=float(frac_noise))
+        # at N x K or more every off-diagonal count is pruned to 0 and nothing can be flagged, whatever the value:
+        # clamped there, 10**30 gives 10**12's answer instead of an int64 overflow
+        min_n = min(int(min_examples_per_class), d.n * max(d.k, 1))
+        counts = _prune_counts(joint, n=min_n, frac_noise=float(frac_noise))
         if remove is not None:
             psy = counts / np.sum(counts, axis=1)
             noise_per_s = psy.sum(axis=1) - psy.diagonal()
             tmp = (psy.T * remove / noise_per_s).T
             np.fill_diagonal(tmp, d.counts - remove)
             counts = _round_rows(tmp)
-        min_n = int(min_examples_per_class)
         if filter_by == "prune_by_class":
             issues = _by_class(d, counts, min_n)
         elif filter_by == "prune_by_noise_rate":

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from prunekit.data.methods._checks import float_array, int_at_least, labels_array
-from prunekit.errors import InputError
+from prunekit.errors import InputError, check_seed
 from prunekit.select import class_groups
 
 __all__ = ["kmeans", "prototype_distance"]
@@ -41,14 +41,8 @@ def _tensor(emb) -> torch.Tensor:
     return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
 
-_SEED_LIMIT = 2**63  # torch's generator takes seeds below 2**64; the groups' seeds are seed + group number
-
-
 def _seed(seed) -> int:
-    seed = int_at_least(seed, "seed", 0)
-    if seed >= _SEED_LIMIT:
-        raise InputError(f"seed must be below 2**63, got {seed}")
-    return seed
+    return check_seed(seed)  # below 2**63: the groups' seeds are seed + group number, torch's below 2**64
 
 
 def _scaled(x: torch.Tensor) -> tuple[torch.Tensor, float]:
