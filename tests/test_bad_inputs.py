@@ -1059,6 +1059,10 @@ def test_an_interrupt_says_which_output_a_folder_holds(monkeypatch, capsys):
     assert cli.main(["methods"]) == 130
     err = capsys.readouterr().err
     assert err.startswith("prunekit: interrupted; no output was left half-written") and "or this run's" in err
+    assert "output file holds" in err and "prunekit.json" not in err  # no folder: it named one and its record
+    monkeypatch.setattr(cli, "_cmd_prune", interrupted)
+    assert cli.main(["prune", "m", "--method", "wanda", "--out", "o"]) == 130
+    assert "an output folder holds what was whole" in (err := capsys.readouterr().err) and "prunekit.json" in err
 
 
 def test_api_errors_name_the_python_argument_beside_the_flag(tmp_path, tok):

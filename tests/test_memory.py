@@ -790,6 +790,10 @@ def test_cli_ask_answers_with_a_model(tmp_path, capsys, model_dir, tok):
     assert got["template_tokens"] > 50 and fed == got["tokens"] and 340 <= fed <= 400 and got["left_out"] > 0, got
     assert main(["memory", "ask", "--store", db, "locker code?", "--model", str(chat), "--budget", "40"]) == 2
     assert "the model's chat template alone takes" in capsys.readouterr().err
+    wrap = got["template_tokens"]  # a budget the template leaves room in, but not for the message
+    assert main(["memory", "ask", "--store", db, "locker code?", "--model", str(chat), "--budget", str(wrap + 5)]) == 2
+    err = capsys.readouterr().err  # it named the budget less the template's share, a number never given
+    assert f"--budget {wrap + 5} is smaller than the message alone needs" in err and f"and {wrap} the model's" in err
 
 
 # -- the real embedder ---------------------------------------------------------------------------------------
@@ -996,6 +1000,7 @@ def test_an_interrupted_first_add_removes_its_store_only_while_no_other_writer_h
 
         monkeypatch.setattr(memory_mod.Memory, "add_many", interrupted)
         assert main(["memory", "add", "--store", str(db), "--embedder", "hash", "first"]) == 130
+        assert "the store keeps every turn committed before this moment" in capsys.readouterr().err
         monkeypatch.setattr(memory_mod.Memory, "add_many", real)
         assert db.exists() == other_writes
         if other_writes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -172,8 +173,17 @@ def test_evaluate_matches_hand_votes_and_resamples():
     a = R.evaluate([q1, q2], method="rpc", n=8, resamples=5, seed=3)
     b = R.evaluate([q1, q2], method="rpc", n=8, resamples=5, seed=3)
     assert a == b and a["rounds"] == 5 and a["n"] == 8
+    # numpy integers are integers ("n=np.int64(8) must be an integer"), and the result stays JSON
+    c = R.evaluate([q1, q2], method="rpc", n=np.int64(8), resamples=np.int32(5), seed=np.uint8(3))
+    assert c == a and json.loads(json.dumps(c)) == json.loads(json.dumps(a))
     with pytest.raises(InputError, match="n <= 28"):
         R.evaluate([q1, q2], method="sc", n=29)
+    # finite log-probs whose sum overflows float64 (-1e308 each) average as -1e308, not as NaN or infinite
+    huge = {"answer": "1", "paths": [{"text": "a", "answer": "1", "logprobs": [-1e308, -1e308]},
+                                     {"text": "b", "answer": "2", "logprobs": _lp(0.5)}]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was an overflow warning, then "a NaN or infinite log-prob"
+        assert R.evaluate([huge], method="pc")["accuracy"] == 0.0  # the -1e308 path has probability ~0
 
 
 # ---------------------------------------------------------------- the Weibull mixture fit
@@ -495,6 +505,30 @@ def test_cli_resume_continues_an_interrupted_sampling_run_to_the_same_paths(tmp_
     assert main(["reason", str(out), "--method", "sc", "--resume"]) == 2
 
 
+def test_cli_resume_writes_its_header_before_sampling_and_starts_over_from_an_empty_progress_file(
+        tmp_path, model_dir, capsys, monkeypatch):
+    from prunekit.inference import sampling
+
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(2)))
+    base = ["reason", "--model", str(model_dir), "--questions", str(qfile), "--samples", "2", "--max-new-tokens",
+            "4", "--quiet", "--resume"]
+    partial = tmp_path / "a.jsonl.partial"
+    real, seen = sampling.sample_question, []
+
+    def look(*a, **k):  # what a SIGKILL here (the out-of-memory killer) would leave on disk
+        seen.append(partial.read_text())
+        return real(*a, **k)
+
+    monkeypatch.setattr(sampling, "sample_question", look)
+    assert main([*base, "--out", str(tmp_path / "a.jsonl")]) == 0
+    assert '"prunekit_partial": 1' in seen[0]  # was an empty file until the first question's record
+    partial = tmp_path / "b.jsonl.partial"
+    partial.write_text("")  # what such a kill left before: the next --resume refused it as not a progress file
+    assert main([*base, "--out", str(tmp_path / "b.jsonl")]) == 0
+    assert (tmp_path / "b.jsonl").read_text() == (tmp_path / "a.jsonl").read_text() and not partial.exists()
+
+
 # ---------------------------------------------------------------- sampling
 
 
@@ -572,6 +606,8 @@ def test_sample_paths_records_and_atomic_file(tmp_path):
         sample_paths(model, tok, qs, n=2, temperature=0)
     with pytest.raises(InputError, match=r"0 paths per question \(--samples, n=\)"):  # "n=0" read as reason's --n
         sample_paths(model, tok, qs, n=0)
+    with pytest.raises(InputError, match=r"seed=9223372036854775807 \(--seed\) is too large"):  # was a traceback
+        sample_paths(model, tok, qs, n=1, seed=2**63 - 1)
     with pytest.raises(InputError, match="question 0"):
         sample_paths(model, tok, [3], n=1)
 

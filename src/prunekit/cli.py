@@ -430,6 +430,17 @@ def _cmd_prune(args) -> int:
     return 0
 
 
+def _left_after_a_stop(args) -> str:
+    """What a stopped command left, in its own words (reason and memory were told of folders and prunekit.json)."""
+    if args.command == "memory":
+        return "the store keeps every turn committed before this moment, and nothing of the unfinished write"
+    whole = "the earlier output, or this run's if its save had finished"
+    if args.command in ("prune", "cnn") or getattr(args, "data_command", None) == "qtune":  # output folders
+        which = "; its prunekit.json says which" if args.command == "prune" else ""
+        return f"no output was left half-written: an output folder holds what was whole at this moment ({whole}{which})"
+    return f"no output was left half-written: an output file holds what was whole at this moment ({whole})"
+
+
 def note_not_stored(model, source, compute_dtype: str, *, kept_blocks: list[int] | None = None) -> None:
     """The note of a run computed in a narrower dtype than its input's: the tensors whose stored values the save
     could not give back (`prunekit.weights.io.names_not_stored`)."""
@@ -882,9 +893,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (KeyboardInterrupt, Terminated) as e:  # outputs are renamed into place whole, so none is half-written
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
-        print(f"prunekit: {what}; no output was left half-written: an output folder holds what was whole at this "
-              "moment (the earlier output, or this run's if its save had finished; its prunekit.json says which)",
-              file=sys.stderr)
+        print(f"prunekit: {what}; {_left_after_a_stop(args)}", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 143
     except BrokenPipeError:  # `prunekit ... | head`: the reader left; stop quietly (it was "error: Broken pipe")
         try:

@@ -106,7 +106,7 @@ def _check_out(path, flag: str, what: str, overwrite: bool, *inputs) -> Path:
 
 def _sample(args) -> int:
     from prunekit.errors import InputError
-    from prunekit.inference.sampling import _check
+    from prunekit.inference.sampling import _check, check_question_seeds
     from prunekit.weights.io import resolve_model
 
     if args.paths is not None or args.method is not None or args.answers is not None:
@@ -117,6 +117,7 @@ def _sample(args) -> int:
     out = _check_out(args.out, "--out", "the JSONL of sampled paths", args.overwrite, args.questions, args.model)
     _check(n=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     questions = _read_questions(args.questions)
+    check_question_seeds(args.seed, 0, len(questions))
     resolve_model(args.model)
     partial = out.with_name(out.name + ".partial")
     lock = _resume_lock(out) if args.resume else None  # two resumers appended to one .partial: it was lost
@@ -160,8 +161,10 @@ def _sample_into(args, out: Path, partial: Path, questions: list[dict]) -> int:
 
         mode = "a" if done else "w"
         with open(partial, mode, encoding="utf-8") as log:
-            if not done:
+            if not done:  # on disk before the first question's sampling (a kill there left an empty file)
                 log.write(jsonl.line({"prunekit_partial": 1, "settings": _settings(args)}) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
 
             def keep(record):  # each question's paths on disk before the next is sampled
                 log.write(jsonl.line(record) + "\n")
@@ -203,7 +206,7 @@ def _resume_from(partial: Path, args, questions: list[dict]) -> list[dict]:
     when they were made with other settings or questions."""
     from prunekit.errors import InputError
 
-    if not partial.exists():
+    if not partial.exists() or partial.stat().st_size == 0:  # empty: killed before its header reached the disk
         return []
     lines = partial.read_text(encoding="utf-8").splitlines()
     try:

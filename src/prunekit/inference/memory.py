@@ -520,6 +520,11 @@ class Memory:
         parts.append(f"Current message: {query.strip()}")
         return "\n\n".join(parts)
 
+    def message_tokens(self, query: str, *, system: str | None = None) -> int:
+        """The tokens the prompt of `query` takes with nothing else in it (no summary, chunks or turns): the least
+        budget `prompt` accepts."""
+        return self._count(self.render(query, summary=None, retrieved=[], tail=[], system=system))
+
     def prompt(self, query: str, budget: int, *, k: int | None = None, tail_turns: int | None = None,
                use_summary: bool = True, system: str | None = None, mark: bool = True) -> Prompt:
         """HEMA's prompt for `query` in at most `budget` tokens.
@@ -543,7 +548,7 @@ class Memory:
             trial = {**state, **change}
             return self._count(self.render(query, system=system, **trial)) <= budget
 
-        need = self._count(self.render(query, system=system, **state))
+        need = self.message_tokens(query, system=system)
         if need > budget:
             raise InputError(f"budget {budget} tokens is smaller than the message alone needs ({need}); "
                              "raise the budget or shorten the message")

@@ -293,6 +293,11 @@ def _cmd_ask(args) -> int:
             if wrap >= args.budget:
                 raise InputError(f"--budget {args.budget} leaves nothing for the memory: the model's chat template "
                                  f"alone takes {wrap} tokens; give a larger --budget")
+            need = mem.message_tokens(args.query)  # prompt's refusal named the budget less the template's share
+            if need + wrap > args.budget:
+                raise InputError(f"--budget {args.budget} is smaller than the message alone needs: {need} tokens, "
+                                 f"and {wrap} the model's chat format adds around it; raise --budget or shorten the "
+                                 "message")
         p = mem.prompt(args.query, args.budget - wrap, k=args.k, tail_turns=args.tail, mark=not args.no_mark)
     finally:
         mem.close()
@@ -310,7 +315,8 @@ def _cmd_ask(args) -> int:
     for r in p.retrieved:
         print(f"  [{r.score:.3f}] turn {r.turn} {r.role}: {r.text}")
     counter = "the model's tokenizer" if tok is not None else "an estimate (give --model to count exactly)"
-    wrapped = f", {wrap} of them the chat template's" if wrap else ""
+    # the chat template's markers, or without one the special tokens (a BOS) the tokenizer adds
+    wrapped = f", {wrap} of them added around the message by the chat format" if wrap else ""
     print(f"prompt ({p.tokens + wrap} of {args.budget} tokens by {counter}{wrapped}):\n-----\n{p.text}\n-----")
     if answer is not None:
         print(f"answer: {answer}")

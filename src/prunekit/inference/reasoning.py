@@ -155,8 +155,15 @@ def path_probabilities(logprobs: Sequence) -> np.ndarray:
         if np.any(arr > 1e-6):
             raise InputError(f"path {i} has a positive log-prob ({arr.max():g}); log-probs must be <= 0 "
                              "(did you pass probabilities or negative log-likelihoods?)")
-        means.append(min(float(arr.mean()), 0.0))
+        means.append(min(_mean_logprob(arr), 0.0))
     return np.maximum(np.exp(np.array(means)), _TINY)  # [n]
+
+
+def _mean_logprob(arr: np.ndarray) -> float:
+    """The mean of finite log-probs `arr`; where their sum overflows (-1e308 each), the sum of arr / size."""
+    with np.errstate(over="ignore"):
+        mean = float(np.mean(arr))
+    return mean if math.isfinite(mean) else float(np.sum(arr / arr.size))
 
 
 def _normalised(raw: dict, keep: np.ndarray) -> Vote:
@@ -549,19 +556,20 @@ def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10,
     if not qs:
         raise InputError("no questions to evaluate")
     available = min(len(q.answers) for q in qs)
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+    if n is not None and (not isinstance(n, Integral) or isinstance(n, bool) or n < 1):  # numpy ints too
         raise InputError(f"n={n!r} must be an integer >= 1")
     if n is not None and n > available:
         raise InputError(f"n={n} but a question has only {available} paths; choose n <= {available}")
-    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+    if isinstance(resamples, bool) or not isinstance(resamples, Integral) or resamples < 1:
         raise InputError(f"resamples={resamples!r} must be an integer >= 1")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    if not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0:
         raise InputError(f"seed={seed!r} must be an integer >= 0")
+    n, resamples, seed = None if n is None else int(n), int(resamples), int(seed)  # numpy ints as Python's (JSON)
     subsample = n is not None and any(n < len(q.answers) for q in qs)
     rounds = resamples if subsample else 1
     rng = np.random.default_rng(seed)
     _check_logprobs(qs, method)
-    means = [None if method == "sc" else np.array([float(np.mean(lp)) for lp in q.logprobs]) for q in qs]
+    means = [None if method == "sc" else np.array([_mean_logprob(lp) for lp in q.logprobs]) for q in qs]
     unknown = [i for i, q in enumerate(qs) if not has_reference(q.answer)]
     if unknown:  # they were scored as wrong answers
         raise InputError(f"{len(unknown)} question(s) have no reference answer (null or empty; the first is question "

@@ -120,6 +120,18 @@ def _check(*, n, max_new_tokens, temperature, seed):
                          "distribution to sample from)")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InputError(f"seed={seed!r} must be an integer")
+    if not -(2**63) <= seed < 2**64:  # torch's generators; a larger one was an OverflowError traceback
+        raise InputError(f"seed={seed!r} must lie in [-2**63, 2**64)")
+
+
+def check_question_seeds(seed: int, start: int, count: int) -> None:
+    """Refuse a base `seed` whose per-question seeds (``seed * 1_000_003 + start + i``, i < `count`) leave
+    torch's range, before any work (it was a traceback at the first question, leaving a --resume file)."""
+    for own in (seed * 1_000_003 + start, seed * 1_000_003 + start + max(count - 1, 0)):
+        if not -(2**63) <= own < 2**64:
+            raise InputError(f"seed={seed!r} (--seed) is too large in size: question seeds are seed x 1,000,003 + "
+                             f"the question's index and must lie in [-2**63, 2**64); use a seed of magnitude below "
+                             f"{2**63 // 1_000_003 - count:,}")
 
 
 def _ids(value) -> set:
@@ -239,6 +251,7 @@ def sample_paths(model, tokenizer, questions: Iterable, *, n: int = 16, max_new_
     if not callable(extractor):
         raise InputError("extractor must be a function text -> answer")
     questions = list(questions)
+    check_question_seeds(seed, start, len(questions))
     parsed = [_question(q, i) for i, q in enumerate(questions)]
     target = None
     if out is not None:
