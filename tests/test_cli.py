@@ -1276,6 +1276,40 @@ def test_compute_dtype_structured_saves_the_kept_rows_and_columns_as_the_input_s
     assert json.loads(capsys.readouterr().out)["rows"][0]["compute_dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize("stored", ["bfloat16", "float32"])
+def test_float16_compute_gives_back_values_float16_cannot_hold(stored, text_file, tmp_path, capsys):
+    """float16 holds bfloat16's steps but not its tiny values (2.4e-7 came back as 2.38e-7: the save took float16
+    for a wider dtype and restored nothing), and flushes a float32 1e-8 to 0 (saved as 0: a zero was taken for a
+    pruned weight). Depth and structured pruning zero nothing, so every kept value is the input's."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / stored
+    model = tiny_model("llama").to(getattr(torch, stored))
+    with torch.no_grad():
+        for block in model.model.layers:  # whichever block depth pruning keeps
+            block.self_attn.k_proj.weight[0, :4] = torch.tensor([2.4214e-7, 1e-8, -3e-9, 5e-6])
+        model.model.norm.weight[:2] = 1e-8
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    original = load_file(folder / "model.safetensors")
+    for method, extra in (("every-other", ("--layers", "1")), ("magnitude-structured", ("--ratio", "0.25"))):
+        out = tmp_path / f"{stored}-{method}"
+        assert cli.main(prune_args(folder, text_file, out, "--method", method, *extra, "--no-speed",
+                                   "--compute-dtype", "float16")) == 0
+        capsys.readouterr()
+        state = load_file(out / "model.safetensors")
+        assert torch.equal(state["model.norm.weight"], original["model.norm.weight"]), method
+        assert state["model.norm.weight"][0] != 0
+        kept = json.loads((out / "prunekit.json").read_text()).get("kept_layers", [0, 1])
+        for name, v in state.items():  # every tensor of the input's shape (embeddings, norms, k/v), as stored
+            if ".layers." in name:
+                i = int(name.split(".")[2])
+                name = name.replace(f".layers.{i}.", f".layers.{kept[i]}.")
+            if v.shape == original[name].shape:
+                assert torch.equal(v, original[name]), (method, name)
+        assert state["model.layers.0.self_attn.k_proj.weight"][0, 1] != 0, method
+
+
 def test_compute_dtype_depth_saves_each_kept_block_as_the_input_stores_it(text_file, tmp_path, capsys):
     """Depth pruning with --compute-dtype bfloat16 (it always ran in float32): the blocks are scored in bf16 (the
     Python API's choice on a bf16 model), and every kept block is saved as the input stores it under its old
@@ -1344,6 +1378,20 @@ def test_speed_timing_that_would_not_fit_in_memory_is_skipped_and_the_model_save
 
     assert dense_bytes(model_dir) == 4 * sum(p.numel() for p in tiny_model("llama").parameters())
     assert dense_bytes(model_dir, "bfloat16") == dense_bytes(model_dir) // 2
+    import shutil
+
+    extra = tmp_path / "with-consolidated"  # a Mistral-style copy beside the weights: counted twice
+    shutil.copytree(model_dir, extra)
+    shutil.copy(extra / "model.safetensors", extra / "consolidated.safetensors")
+    assert dense_bytes(extra) == dense_bytes(model_dir)
+    sharded, bin_folder = tmp_path / "sharded", tmp_path / "bin"  # the index's files; a .bin folder's config
+    tiny_model("llama").save_pretrained(sharded, max_shard_size="100KB")
+    shutil.copytree(model_dir, bin_folder)  # transformers 5 writes safetensors only: make the .bin by hand
+    from safetensors.torch import load_file
+
+    torch.save(load_file(bin_folder / "model.safetensors"), bin_folder / "pytorch_model.bin")
+    (bin_folder / "model.safetensors").unlink()
+    assert dense_bytes(sharded) == dense_bytes(bin_folder) == dense_bytes(model_dir)  # the .bin one was None
     free = dense_bytes(model_dir)  # short of 1.2x the float32 weights, enough for the bfloat16 ones
     monkeypatch.setattr(prunekit.speed, "_available_bytes", lambda: free)
     for method, extra, said in (("magnitude-structured", ("--ratio", "0.3"), "Not timed: "),

@@ -171,8 +171,11 @@ def _available_bytes() -> int | None:
 
 def dense_bytes(dense_path, dtype=None) -> int | None:
     """The bytes of the floating-point weights of the model folder `dense_path` loaded in `dtype` (`load_model`'s:
-    None is float32, "auto" each stored tensor's own size), read from its safetensors headers; None for a folder
-    without safetensors files."""
+    None is float32, "auto" each stored tensor's own size), read from the headers of the safetensors files the
+    loader reads (the index's, else ``model.safetensors``: a ``consolidated.safetensors`` or an adapter beside
+    them counted twice); a ``.bin`` folder's from its config (parameters of the model built on the meta device);
+    None where neither can be read."""
+    import json
     from math import prod
 
     from safetensors import safe_open
@@ -181,7 +184,17 @@ def dense_bytes(dense_path, dtype=None) -> int | None:
 
     dtype = parse_dtype(dtype)
     itemsize = None if dtype == "auto" else (dtype or torch.float32).itemsize
-    files = sorted(resolve_model(dense_path).glob("*.safetensors"))
+    folder = resolve_model(dense_path)
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # an unreadable index: say nothing
+        return None
+    if not files:
+        return _config_bytes(folder, itemsize)
     total = 0
     for file in files:
         with safe_open(str(file), framework="pt") as f:
@@ -190,7 +203,24 @@ def dense_bytes(dense_path, dtype=None) -> int | None:
                 stored = _SAFETENSORS_DTYPES.get(part.get_dtype())  # a floating-point tensor's dtype name
                 if stored:
                     total += prod(part.get_shape()) * (itemsize or getattr(torch, stored).itemsize)
-    return total if files else None
+    return total
+
+
+def _config_bytes(folder, itemsize: int | None) -> int | None:
+    """The floating-point parameters' bytes of the model `folder`'s config describes (built on the meta device:
+    nothing is allocated), at `itemsize` bytes each (None: the config's dtype); None where it cannot be built."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        size = itemsize or (getattr(torch, stored, torch.float32) if isinstance(stored, str) else
+                            stored if isinstance(stored, torch.dtype) else torch.float32).itemsize
+        return sum(p.numel() for p in model.parameters() if p.is_floating_point()) * size
+    except Exception:  # a size estimate must not stop the run: the timing then goes ahead, as before
+        return None
 
 
 def dense_reload_note(dense_path, dtype=None, *, margin: float = 1.2) -> str | None:

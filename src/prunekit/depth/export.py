@@ -178,4 +178,4 @@ def save_depth_pruned(model, tokenizer, out, *, metadata: dict, overwrite: bool 
                          "indices, ascending (what drop_layers returns)")
     check_metadata(metadata)
     return save_pruned(model, tokenizer, out, metadata=metadata, overwrite=overwrite, extra=extra, dtype=dtype,
-                       unchanged_from=unchanged_from, kept_blocks=list(kept))
+                       unchanged_from=unchanged_from, kept_blocks=list(kept), pruned_zeros=False)

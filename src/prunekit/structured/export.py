@@ -61,7 +61,7 @@ def save_structured(model, tokenizer, out: str | os.PathLike, *, metadata: dict,
     prepare_config(model)
 
     def build(tmp: Path) -> None:
-        save_weights(model, tmp, dtype, unchanged_from=unchanged_from)
+        save_weights(model, tmp, dtype, unchanged_from=unchanged_from, pruned_zeros=False)  # widths: no zeros
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "prunekit.json").write_text(jsonl.dumps(metadata, indent=2) + "\n")

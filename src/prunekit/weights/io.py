@@ -836,10 +836,12 @@ def _storage(v) -> tuple:
 
 
 def _rounds(to, dtype) -> bool:
-    """Whether casting `dtype` values to `to` rounds them (to a coarser floating-point type)."""
+    """Whether casting `dtype` values to `to` can change them: a coarser step, or a narrower range (float16 holds
+    bfloat16's steps but neither its large nor its tiny values: a bfloat16 weight of 2.4e-7 became 2.38e-7)."""
     import torch
 
-    return torch.finfo(to).eps > torch.finfo(dtype).eps
+    a, b = torch.finfo(to), torch.finfo(dtype)
+    return a.eps > b.eps or a.max < b.max or a.smallest_normal > b.smallest_normal
 
 
 def _overflowed(k: str, v, cast):
@@ -981,7 +983,8 @@ def _matchable(model, folder: Path, kept_blocks) -> tuple[dict, tuple]:
     return index, tuple(f"{n}." for n in factorized_names(model))
 
 
-def unchanged_from_input(model, state: dict, folder: Path, *, kept_blocks: list[int] | None = None) -> dict:
+def unchanged_from_input(model, state: dict, folder: Path, *, kept_blocks: list[int] | None = None,
+                         pruned_zeros: bool = True) -> dict:
     """`state` (``model.state_dict()``) with every value that the work did not change given back as `folder`
     stores it.
 
@@ -990,7 +993,9 @@ def unchanged_from_input(model, state: dict, folder: Path, *, kept_blocks: list[
     ``--skip``, the weights a mask-only method (magnitude, Wanda) kept, and every weight of a block that depth
     pruning kept (`kept_blocks`: the stored index of each block the model has now). An element whose value still
     equals its stored value rounded to the model's dtype, and is not zero (a pruned weight stays pruned), takes
-    the stored value again; what the method changed (pruned zeros, SparseGPT's updates) stays as computed. ARMOR's
+    the stored value again; what the method changed (pruned zeros, SparseGPT's updates) stays as computed. With
+    `pruned_zeros` False (depth and structured pruning, which zero nothing) a zero takes the stored value too, so a
+    weight too small for the model's dtype (1e-8 in float16) is not saved as 0. ARMOR's
     factorized layers (their weight is the product of factors) are left as they are. Tensors are matched by name
     in the safetensors files; a ``.bin`` folder, or a name the loader rewrote, matches nothing
     (`names_not_stored`). A Linear or norm that structured pruning shrank (`prunekit.structured.units.kept_of`) is
@@ -1023,7 +1028,9 @@ def unchanged_from_input(model, state: dict, folder: Path, *, kept_blocks: list[
                         or not _rounds(v.dtype, stored.dtype)):  # only a narrower copy lost anything
                     by_storage[key] = None
                     continue
-                same = (stored.to(v.dtype) == v) & (v != 0)
+                same = stored.to(v.dtype) == v
+                if pruned_zeros:
+                    same &= v != 0
                 by_storage[key] = torch.where(same, stored, v.to(stored.dtype))
     out = dict(state)
     for name, v in state.items():  # a tied lm_head (not in the files) is given back with its embedding
@@ -1044,12 +1051,13 @@ def names_not_stored(model, folder: Path, *, kept_blocks: list[int] | None = Non
 
 
 def save_weights(model, folder: Path, dtype=None, *, unchanged_from: Path | None = None,
-                 kept_blocks: list[int] | None = None) -> None:
+                 kept_blocks: list[int] | None = None, pruned_zeros: bool = True) -> None:
     """``model.save_pretrained(folder)``, with the floating-point weights (and the config's ``dtype``) in `dtype`
     when given (a `MixedDtypes`: each tensor in its own); the model itself is not changed. A weight that the dtype
     cannot hold (it would be saved as inf) is an InputError. `unchanged_from` (the input folder of a model loaded
     in a narrower dtype): what the work did not change is saved as that folder stores it (`unchanged_from_input`;
-    `kept_blocks`: after depth pruning, the stored index of each block the model has now)."""
+    `kept_blocks`: after depth pruning, the stored index of each block the model has now; `pruned_zeros`: whether
+    the work zeroed weights)."""
     dtype = parse_dtype(dtype)
     main = dtype.main if isinstance(dtype, MixedDtypes) else dtype
     state = model.state_dict()
@@ -1058,7 +1066,8 @@ def save_weights(model, folder: Path, dtype=None, *, unchanged_from: Path | None
         model.save_pretrained(folder)
         return
     if unchanged_from is not None:
-        state = unchanged_from_input(model, state, Path(unchanged_from), kept_blocks=kept_blocks)
+        state = unchanged_from_input(model, state, Path(unchanged_from), kept_blocks=kept_blocks,
+                                     pruned_zeros=pruned_zeros)
     cast: dict = {}  # one cast per storage, so tied weights (embeddings and lm_head) stay one tensor
     out = {}
     for k, v in state.items():
@@ -1084,7 +1093,8 @@ def main_of(dtype):
 
 def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict | None = None, overwrite: bool = False,
                 extra: Callable[[Path], None] | None = None, dtype=None,
-                unchanged_from: str | os.PathLike | None = None, kept_blocks: list[int] | None = None) -> Path:
+                unchanged_from: str | os.PathLike | None = None, kept_blocks: list[int] | None = None,
+                pruned_zeros: bool = True) -> Path:
     """Save `model` (safetensors) and `tokenizer` plus ``prunekit.json`` (`metadata`, with ``saved_dtype``: the
     dtype the weights were written in; a `PruneResult` is written as its ``to_dict()``); `extra(folder)` may add
     files.
@@ -1096,7 +1106,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict | No
     `unchanged_from`: the folder a model was loaded from in a narrower dtype (``load_model(..., dtype="bfloat16")``
     of a float32 folder); every value the work did not change is saved as that folder stores it, not rounded
     (`unchanged_from_input`; `kept_blocks`: after depth pruning, the stored index of each block the model has
-    now).
+    now; `pruned_zeros`: False where the work zeroed no weight, as depth pruning).
     """
     from prunekit.weights.methods import armor
     from prunekit.weights.prune import PruneResult
@@ -1114,7 +1124,7 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict | No
 
     def build(tmp: Path) -> None:
         save_weights(model, tmp, dtype, unchanged_from=resolve_model(unchanged_from) if unchanged_from else None,
-                     kept_blocks=kept_blocks)
+                     kept_blocks=kept_blocks, pruned_zeros=pruned_zeros)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "prunekit.json").write_text(jsonl.dumps(metadata, indent=2) + "\n")
