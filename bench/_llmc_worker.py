@@ -48,6 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="the dtype the model is loaded and pruned in")
+    p.add_argument("--profile", choices=["uniform", "owl"], default="uniform",
+                   help="owl: sparsity_profile='owl' with --owl-m / --owl-lambda (owl_m, owl_lmbda)")
+    p.add_argument("--owl-m", type=float, default=5.0)
+    p.add_argument("--owl-lambda", type=float, default=0.08)
     return p.parse_args(argv)
 
 
@@ -118,6 +122,8 @@ def main(argv=None) -> int:
         tokenizer = None
 
     common = dict(sparsity=sparsity, mask_structure=structure, targets=[LAYER_TARGET])
+    if args.profile == "owl":
+        common.update(sparsity_profile="owl", owl_m=args.owl_m, owl_lmbda=args.owl_lambda)
     if args.method == "wanda":
         modifier = WandaPruningModifier(**common)
     else:  # defaults: block_size=128, dampening_frac=0.01

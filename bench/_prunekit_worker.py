@@ -23,6 +23,9 @@ def main() -> int:
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--sequential", default="block")
     p.add_argument("--out", required=True)
+    p.add_argument("--profile", choices=["uniform", "owl"], default="uniform")
+    p.add_argument("--owl-m", type=float, default=5.0)
+    p.add_argument("--owl-lambda", type=float, default=0.08)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="the dtype the model is loaded and pruned in (prune --compute-dtype); saved as the input")
     args = p.parse_args()
@@ -38,13 +41,15 @@ def main() -> int:
     pattern = None if args.pattern == "unstructured" else args.pattern
     start = time.perf_counter()
     result = prunekit.prune(model, method=args.method, ratio=None if pattern else args.ratio, pattern=pattern,
-                            calibration=ids, sequential=args.sequential, progress=False)
+                            calibration=ids, sequential=args.sequential, progress=False, profile=args.profile,
+                            **({"owl_m": args.owl_m, "owl_lambda": args.owl_lambda} if args.profile == "owl" else {}))
     seconds = time.perf_counter() - start
     pruning_peak = peak_rss_mb()  # before saving: the pruning run's own peak
     prunekit.save_pruned(model, tok, args.out, metadata=result.to_dict() | {"layers": len(result.layers)}, overwrite=True)
     print(json.dumps({"seconds": seconds, "peak_rss_mb": pruning_peak, "peak_rss_process_mb": peak_rss_mb(),
                       "prunekit": prunekit.__version__, "transformers": transformers.__version__,
-                      "threads": torch.get_num_threads(), "sequential": args.sequential}))
+                      "threads": torch.get_num_threads(), "sequential": args.sequential,
+                      "block_ratios": (result.profile or {}).get("ratios")}))
     return 0
 
 

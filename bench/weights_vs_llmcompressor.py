@@ -17,6 +17,11 @@ llm-compressor's model loaded in bfloat16, as its examples do); the statistics a
 models are scored in float32, and the dense row is the float32 model rounded to bfloat16. Its results go to
 bench/results/weights_vs_llmcompressor_bf16.json and .md unless `--out` says otherwise.
 
+`--ratio R` sets the unstructured configs' ratio (default 0.5; another ratio needs its own `--out`), and a config
+`method/unstructured/owl` gives both tools OWL's block ratios (prunekit `--profile owl`, llm-compressor
+`sparsity_profile="owl"`, M 5, lambda 0.08); llm-compressor 0.14.0.1's OWL fails in `oneshot`, and its row records
+the error.
+
 `--seed N` draws other calibration windows (the same ones for both tools); its rows carry `seed` and sit beside
 the other seeds' rows (a run replaces its own seed's rows only; a results file of other settings is refused:
 give such a run another `--out`). One seed's perplexities move by a few percent with nothing but floating-point rounding (a
@@ -123,7 +128,10 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--configs", default=",".join(f"{m}/{p}" for m, p in CONFIGS), help="method/pattern,...")
+    ap.add_argument("--configs", default=",".join(f"{m}/{p}" for m, p in CONFIGS),
+                    help="method/pattern[/owl],...: /owl gives both tools OWL's block ratios (prunekit --profile owl, "
+                    "llm-compressor sparsity_profile='owl'; M 5, lambda 0.08) around --ratio")
+    ap.add_argument("--ratio", type=float, default=0.5, help="the unstructured configs' ratio (default 0.5)")
     ap.add_argument("--tools", default="llmcompressor,prunekit",
                     help="prunekit = default (reference) order; prunekit-layer = --sequential layer")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
@@ -165,9 +173,10 @@ def main() -> int:
         had = (earlier["calibration"].get("samples"), earlier["calibration"].get("seqlen"),
                earlier["evaluation"]["wiki"].get("tokens"))
         now = (args.samples, args.seqlen, args.eval_tokens // args.seqlen * args.seqlen)
-        if had != now or earlier.get("dtype", "float32") != args.dtype:
+        if had != now or earlier.get("dtype", "float32") != args.dtype or earlier.get("ratio", 0.5) != args.ratio:
             raise SystemExit(f"{out_json} holds results of other settings (samples, seqlen, eval tokens = {had}, dtype "
-                             f"{earlier.get('dtype', 'float32')}; this run {now}, {args.dtype}); give this run another "
+                             f"{earlier.get('dtype', 'float32')}, ratio {earlier.get('ratio', 0.5)}; this run {now}, "
+                             f"{args.dtype}, ratio {args.ratio}); give this run another "
                              "--out")
 
     model_dir = prunekit.zoo.model_path("smollm2-135m")
@@ -198,37 +207,52 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
         "dtype": args.dtype,
+        "ratio": args.ratio,
         "dense": ppl(dense),
         "rows": [],
     }
     del dense
     print(f"dense: {record['dense']}", file=sys.stderr)
     out_json.parent.mkdir(exist_ok=True)
-    rerun = {tuple(item.split("/")) for item in args.configs.split(",")}
+    rerun = {config_key(item) for item in args.configs.split(",")}
     same_dense = earlier is not None and (abs(earlier["dense"]["ppl_wiki"] - record["dense"]["ppl_wiki"])
                                           <= 1e-6 * record["dense"]["ppl_wiki"])
     if args.update and earlier is not None:
         if not same_dense:
             raise SystemExit("--update: the dense model or evaluation changed since the earlier run; re-run everything")
-        record["rows"] = [r for r in earlier["rows"] if (r["method"], r["pattern"]) not in rerun
+        record["rows"] = [r for r in earlier["rows"] if (r["method"], r["pattern"], r.get("profile", "uniform"))
+                          not in rerun
                           or r.get("seed", 0) != args.seed or r["tool"] not in args.tools.split(",")]
         # (the other tools' rows of a re-run config stay: `--tools prunekit-layer --update` dropped llm-compressor's)
     elif same_dense:  # another seed's rows stay beside this seed's (they were dropped)
         record["rows"] = [r for r in earlier["rows"] if r.get("seed", 0) != args.seed]
 
     for item in args.configs.split(","):
-        method, pattern = item.split("/")
+        method, pattern, profile = config_key(item)
+        owl = ["--profile", "owl", "--owl-m", "5", "--owl-lambda", "0.08"] if profile == "owl" else []
         tools = args.tools.split(",")
         rows: dict[str, dict] = {}
         for rep in range(args.repeats):  # side by side: both tools for one config before the next
             for tool in (tools if rep % 2 == 0 else tools[::-1]):
-                out = work / f"{tool}-{method}-{pattern.replace(':', 'of')}"
+                out = work / f"{tool}-{method}-{pattern.replace(':', 'of')}{'-owl' if owl else ''}"
                 if out.exists():
                     shutil.rmtree(out)
                 common = ["--model", str(model_dir), "--calib", str(calib_file), "--method", method,
-                          "--pattern", pattern, "--ratio", "0.5", "--out", str(out), "--dtype", args.dtype]
+                          "--pattern", pattern, "--ratio", str(args.ratio), "--out", str(out), "--dtype", args.dtype,
+                          *owl]
                 if tool == "llmcompressor":
-                    res = run_worker([str(llmc_python), str(HERE / "_llmc_worker.py"), *common])
+                    try:
+                        res = run_worker([str(llmc_python), str(HERE / "_llmc_worker.py"), *common])
+                    except RuntimeError as err:  # its OWL fails in 0.14.0.1: say so in a row, go on with prunekit
+                        if profile != "owl":
+                            raise
+                        last = [line for line in str(err).splitlines() if line.strip()][-1]
+                        rows[tool] = {"tool": tool, "method": method, "pattern": pattern, "seed": args.seed,
+                                      "profile": profile, "error": last.strip(),
+                                      "ran": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                      "versions": {"llmcompressor": "0.14.0.1"}}
+                        print(json.dumps(rows[tool]), file=sys.stderr)
+                        continue
                 else:  # "prunekit" (default order) or "prunekit-layer" (--sequential layer)
                     order = ["--sequential", "layer"] if tool == "prunekit-layer" else []
                     res = run_worker([sys.executable, str(HERE / "_prunekit_worker.py"), *common, *order])
@@ -239,12 +263,14 @@ def main() -> int:
                        "versions": {k: res[k] for k in ("llmcompressor", "transformers", "prunekit") if k in res}}
                 del model
                 row = rows.setdefault(tool, {"tool": tool, "method": method, "pattern": pattern, "seed": args.seed,
-                                             "runs": []})
+                                             "profile": profile, "runs": []})
+                if res.get("block_ratios"):  # prunekit's OWL ratios, per block
+                    row["block_ratios"] = res["block_ratios"]
                 row["runs"].append(run)
                 row.update({**run, **info})
                 for key in ("seconds", "process_seconds", "peak_rss_mb", "peak_rss_process_mb"):
                     row[key] = statistics.median(r[key] for r in row["runs"])
-                peer_out = work / f"llmcompressor-{method}-{pattern.replace(':', 'of')}"
+                peer_out = work / f"llmcompressor-{method}-{pattern.replace(':', 'of')}{'-owl' if owl else ''}"
                 if tool != "llmcompressor" and peer_out.exists():
                     row |= mask_difference(peer_out, out)
                 print(json.dumps(row), file=sys.stderr)
@@ -257,14 +283,25 @@ def main() -> int:
     return 0
 
 
+def config_key(item: str) -> tuple[str, str, str]:
+    """``"wanda/unstructured/owl"`` -> (method, pattern, profile); the profile defaults to uniform."""
+    parts = item.split("/")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("uniform", "owl")):
+        raise SystemExit(f"--configs: {item!r} is not method/pattern or method/pattern/owl")
+    if len(parts) == 3 and parts[2] == "owl" and parts[1] != "unstructured":
+        raise SystemExit(f"--configs: {item!r}: OWL sets unstructured ratios per block")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else "uniform"
+
+
 def row_key(r: dict) -> tuple:
-    return r["tool"], r["method"], r["pattern"], r.get("seed", 0)
+    return r["tool"], r["method"], r["pattern"], r.get("seed", 0), r.get("profile", "uniform")
 
 
 def sort_rows(record: dict) -> None:
     """Rows by seed, then config; ``calibration.seeds`` lists the seeds present (each row carries its own)."""
     order = {c: i for i, c in enumerate(CONFIGS)}
-    record["rows"].sort(key=lambda r: (r.get("seed", 0), order.get((r["method"], r["pattern"]), len(order))))
+    record["rows"].sort(key=lambda r: (r.get("seed", 0), order.get((r["method"], r["pattern"]), len(order)),
+                                       r.get("profile", "uniform") == "owl"))
     record["calibration"].pop("seed", None)  # written by runs before rows carried their seed
     record["calibration"]["seeds"] = sorted({r.get("seed", 0) for r in record["rows"]})
 
@@ -294,15 +331,22 @@ def write_markdown(record: dict, path: Path) -> None:
          f"float32. Dense (the dequantized fp32 model rounded to {record['dtype']}): wiki "
          f"{record['dense']['ppl_wiki']:.3f}, austen {record['dense']['ppl_austen']:.3f}. ") +
         f"Machine: {record['machine']['cpus']} CPUs, torch {record['machine']['torch']}. "
-        f"This table: calibration seed {main_seed}.",
+        f"This table: calibration seed {main_seed}" + (f"; unstructured ratio {record['ratio']:g}" if
+                                                       record.get("ratio", 0.5) != 0.5 else "") + ".",
         "",
         "| method | pattern | tool | ppl wiki | ppl austen | seconds | peak RSS MB | ppl ratio (wiki/austen) | time ratio | memory ratio | masks differ (first block) |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     main_rows = [r for r in record["rows"] if r.get("seed", 0) == main_seed]
-    by = {(r["tool"], r["method"], r["pattern"]): r for r in main_rows}
+    by = {(r["tool"], r["method"], r["pattern"], r.get("profile", "uniform")): r for r in main_rows}
     for r in main_rows:
-        peer = by.get(("llmcompressor", r["method"], r["pattern"]))
+        method = r["method"] + (" + OWL" if r.get("profile") == "owl" else "")
+        if "error" in r:  # the tool failed on this config
+            lines.append(f"| {method} | {r['pattern']} | {r['tool']} | failed: {r['error']} | | | | | | | |")
+            continue
+        peer = by.get(("llmcompressor", r["method"], r["pattern"], r.get("profile", "uniform")))
+        if peer is not None and "error" in peer:
+            peer = None
         ratios = "| |"  # three empty ratio cells (with "| | |" the row had 12 cells under 11 columns)
         if r["tool"].startswith("prunekit") and peer:
             time_ratio = f"{r['seconds'] / peer['seconds']:.2f}" if _side_by_side(r, peer) else "-"
@@ -313,7 +357,7 @@ def write_markdown(record: dict, path: Path) -> None:
         runs = r.get("runs") or []
         each = ", ".join(f"{x['seconds']:.0f}" for x in runs)
         secs = f"{r['seconds']:.1f}" + (f" ({each})" if len(runs) > 1 else "")
-        lines.append(f"| {r['method']} | {r['pattern']} | {r['tool']} | {r['ppl_wiki']:.3f} | {r['ppl_austen']:.3f} | "
+        lines.append(f"| {method} | {r['pattern']} | {r['tool']} | {r['ppl_wiki']:.3f} | {r['ppl_austen']:.3f} | "
                      f"{secs} | {r['peak_rss_mb']:.0f} | {ratios} | {masks} |")
     lines += ["", "Ratios are prunekit / llm-compressor (targets: ppl <= 1.01, time <= 0.7, memory <= 1.0). "
               "`seconds` is the pruning call alone; every tool pruned exactly the 210 block Linears "
@@ -327,6 +371,10 @@ def write_markdown(record: dict, path: Path) -> None:
               "median `seconds` and, in brackets, each run's (the tools' order alternated between repeats). "
               "Runs since 2026-11-29 19:35 UTC record both tools' versions (`versions`): the llm-compressor venv pins "
               "only llmcompressor==0.14.0.1, so a venv rebuilt later may bring other dependency versions."]
+    if any(r.get("profile") == "owl" for r in record["rows"]):
+        lines += ["", "`+ OWL`: both tools set each block's ratio from its share of outlier |W| x ||X|| scores (M 5, "
+                  "lambda 0.08; prunekit `--profile owl`, llm-compressor `sparsity_profile=\"owl\"`), averaging the "
+                  "unstructured ratio."]
     lines += seed_table(record["rows"])
     path.write_text("\n".join(lines) + "\n")
 
@@ -347,10 +395,10 @@ def seed_table(rows: list[dict]) -> list[str]:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method, pattern in CONFIGS:
         tools = ("llmcompressor", "prunekit")
-        both = [s for s in seeds if all((tool, method, pattern, s) in by for tool in tools)]
+        both = [s for s in seeds if all((tool, method, pattern, s, "uniform") in by for tool in tools)]
         if len(both) < 2:
             continue
-        ppl = {(tool, s, t): by[(tool, method, pattern, s)][f"ppl_{t}"] for tool in tools for s in both
+        ppl = {(tool, s, t): by[(tool, method, pattern, s, "uniform")][f"ppl_{t}"] for tool in tools for s in both
                for t in ("wiki", "austen")}
         mean = {tool: {t: statistics.mean(ppl[(tool, s, t)] for s in both) for t in ("wiki", "austen")}
                 for tool in tools}

@@ -42,6 +42,9 @@ _PRUNE_DOMAINS: dict[str, str] = {"structured": "prunekit.structured.cli", "dept
 # --skip, --base and --domain are refused by the structured and depth modules themselves.)
 _PRUNE_FLAG_USERS: dict[str, tuple[str, ...]] = {
     "--sequential": ("weights",),
+    "--profile": ("weights",),
+    "--owl-m": ("weights",),
+    "--owl-lambda": ("weights",),
     "--batch-size": ("weights", "depth"),
     "--structure": ("structured",),
     "--no-speed": ("structured", "depth"),
@@ -152,6 +155,14 @@ def _add_prune_arguments(pr) -> None:
                     "samples, each Linear pruned as its inputs arrive (one pass instead of two, about twice the "
                     "memory)")
     pr.add_argument("--batch-size", type=int, default=4, help="sequences per forward with --sequential block (default 4)")
+    pr.add_argument("--profile", choices=("uniform", "owl"), default="uniform",
+                    help="weight methods: uniform, every block at --ratio (default); owl, a ratio per block from its "
+                    "share of outlier |W| x ||X|| scores, averaging --ratio (OWL, Yin et al. 2024; llm-compressor's "
+                    "sparsity_profile='owl'): magnitude, wanda, sparsegpt and dsnot, unstructured, with calibration")
+    pr.add_argument("--owl-m", type=float, default=5.0,
+                    help="--profile owl: a score is an outlier above this multiple of its block's mean (default 5)")
+    pr.add_argument("--owl-lambda", type=float, default=0.08,
+                    help="--profile owl: block ratios lie within about this much of --ratio (default 0.08)")
     pr.add_argument("--base", default=None, help="dsnot: the mask it starts from: magnitude, wanda (default) or sparsegpt")
     pr.add_argument("--domain", default=None, metavar="TEXT",
                     help="dpruner: domain text (python-docs or a .txt/.jsonl file); --calib is the general text")
@@ -242,6 +253,8 @@ def _refuse_unused_calibration_flags(args, spec, calib) -> bool:
                              "(its domain batches: --option domain_batch_size=N); leave it out")
         return False
     if args.sequential == "layer":
+        if args.profile == "owl":  # OWL's outlier pass runs --batch-size sequences at a time
+            return True
         if given("--batch-size"):
             raise InputError("--batch-size sets the sequences per forward with --sequential block; --sequential layer "
                              "forwards all samples at once; leave one of them out")
@@ -313,6 +326,7 @@ def _cmd_prune(args) -> int:
     from prunekit import report
     from prunekit.errors import InputError, check_not_input, check_seed, int_at_least
     from prunekit.select import parse_pattern, ratio_for
+    from prunekit.weights.prune import check_profile
     from pathlib import Path
 
     from prunekit.weights.io import check_fits_dtype, check_output, check_replaceable, output_dtype, resolve_model
@@ -344,7 +358,11 @@ def _cmd_prune(args) -> int:
     ratio = ratio_for(args.ratio, parse_pattern(args.pattern))
     options = _options(args)
     prunekit.prune_options(args.method, options)
-    calib = args.calib if args.calib is not None else ("wiki" if spec.stat_for(options) or spec.prune_model else None)
+    if args.profile == "uniform" and (_given(args, "--owl-m") or _given(args, "--owl-lambda")):
+        raise InputError("--owl-m and --owl-lambda set OWL's block ratios; give --profile owl or leave them out")
+    check_profile(args.profile, args.method, parse_pattern(args.pattern), ratio, args.owl_m, args.owl_lambda)
+    uses_calib = spec.stat_for(options) or spec.prune_model or args.profile == "owl"
+    calib = args.calib if args.calib is not None else ("wiki" if uses_calib else None)
     batch_size_used = _refuse_unused_calibration_flags(args, spec, calib)
     check_output(args.out, overwrite=args.overwrite)
     check_not_input(args.out, resolve_model(args.model), args.calib, *(args.eval or "").split(","), args.domain)
@@ -364,7 +382,8 @@ def _cmd_prune(args) -> int:
     result = prunekit.prune(
         model, method=args.method, ratio=ratio, pattern=args.pattern, calibration=calib_text, tokenizer=tok,
         samples=args.samples, seqlen=args.seqlen, seed=args.seed, skip=tuple(args.skip),
-        sequential=args.sequential, batch_size=args.batch_size, progress=progress, **options,
+        sequential=args.sequential, batch_size=args.batch_size, progress=progress, profile=args.profile,
+        owl_m=args.owl_m, owl_lambda=args.owl_lambda, **options,
     )
     eval_pruned(evaluation, model, tok, eval_texts, args, progress, saved_dtype)
     input_sparsity, refilled = result.input_sparsity, result.input_zeros_refilled

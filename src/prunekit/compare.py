@@ -58,7 +58,7 @@ def summarize(folder: str | Path) -> dict:
     folder = Path(folder).expanduser()
     meta = _read(folder)
     numbers = dict.fromkeys(("ratio", "pattern", "sparsity", "params_before", "params_after", "dense_layers",
-                             "kept_layers"))
+                             "kept_layers", "profile"))
     if meta.get("kind") == "dit" or "kept_layers" in meta:  # depth (a DiT's record has no perplexity)
         kind = "depth"
         dense, kept = meta.get("dense_layers"), meta.get("kept_layers")
@@ -84,6 +84,9 @@ def summarize(folder: str | Path) -> dict:
     elif "layers" in meta and "sequential" in meta:
         kind = "weights"
         budget = meta.get("pattern") or f"{meta.get('ratio')} unstructured"
+        if isinstance(meta.get("profile"), dict):  # OWL: a ratio per block, averaging the one given
+            numbers["profile"] = str(meta["profile"].get("name", "?"))
+            budget += f", {numbers['profile'].upper()} block ratios"
         sparsity = _number(meta.get("total_sparsity"))  # measured on the layers pruned
         removed = f"sparsity {sparsity:.4f}" if sparsity is not None else None
         pattern = meta.get("pattern")

@@ -104,7 +104,8 @@ def write_report(folder: Path, meta: dict) -> None:
     folder = Path(folder)
     layers = meta["layers"]
     shape = meta["pattern"] or "{:.0%} unstructured".format(meta["ratio"])
-    title = f"{meta['method']} {shape}"
+    profile = meta.get("profile")  # OWL's block ratios (None: uniform)
+    title = f"{meta['method']} {shape}" + (f" ({profile['name'].upper()} block ratios)" if profile else "")
     _plot(folder / "layers.png", layers, title)
     calib = meta.get("calibration")
     out = [
@@ -117,6 +118,12 @@ def write_report(folder: Path, meta: dict) -> None:
         f"- measured sparsity of the pruned layers: {meta['total_sparsity']:.4f}",
         f"- pruning wall time: {meta['seconds']:.1f} s",
     ]
+    if profile:
+        ratios = profile["ratios"]
+        out.append(f"- block ratios: OWL (M={profile['m']:g}, lambda={profile['lambda']:g}) from each block's share of "
+                   f"|W| x ||X|| scores above M x its mean ({min(profile['outlier_ratios']):.2f}% to "
+                   f"{max(profile['outlier_ratios']):.2f}%): {min(ratios):.4f} to {max(ratios):.4f}, mean "
+                   f"{sum(ratios) / len(ratios):.4f}; by block: {', '.join(f'{r:.3f}' for r in ratios)}")
     if meta.get("compute_dtype", "float32") != "float32":  # prune --compute-dtype
         out.append(f"- computed in {meta['compute_dtype']}: the weights and activations in that dtype, the "
                    "calibration statistics and weight updates summed in float32")

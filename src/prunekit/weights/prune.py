@@ -26,9 +26,10 @@ from prunekit.errors import InputError, check_model, module_modes, restore_modes
 from prunekit.select import parse_pattern, ratio_for
 from prunekit.text import Text, calibration_ids, check_token_ids, ids_from_numpy, load_text
 from prunekit.weights.engine import LayerReport, find_blocks, get_weight, is_factorized, prune_blocks, target_linears
+from prunekit.weights import owl
 from prunekit.weights.io import check_finite_weights
 
-__all__ = ["PruneResult", "prune", "prune_options", "method_options"]
+__all__ = ["PruneResult", "prune", "prune_options", "method_options", "check_profile"]
 
 
 @dataclass
@@ -46,6 +47,8 @@ class PruneResult:
     input_zeros_refilled: int = 0  # the input's zeros that are nonzero after pruning (SparseGPT's updates)
     model_sparsity: float | None = None  # zeros over every parameter (embeddings, norms, head included)
     pattern_violations: list[str] | None = None  # layers that break the pattern (None: no pattern)
+    # the per-block ratios and how they were found (OWL: m, lambda, outlier_ratios in %, ratios); None: uniform
+    profile: dict | None = None
 
     @property
     def total_sparsity(self) -> float:
@@ -250,6 +253,9 @@ def prune(
     sequential: str = "block",
     batch_size: int = 4,
     progress: bool = True,
+    profile: str = "uniform",
+    owl_m: float = owl.M,
+    owl_lambda: float = owl.LAMBDA,
     **options,
 ) -> PruneResult:
     """Prune the Linear layers of `model`'s decoder blocks in place and return the per-layer record.
@@ -262,9 +268,11 @@ def prune(
     (the reference's order: statistics from the dense block, then a second pass through the pruned block,
     `batch_size` sequences at a time) or ``"layer"`` (one pass per block over all samples at once, each
     Linear pruned as its inputs arrive: one pass instead of two, about twice the peak memory, calibrated on pruned
-    predecessors). Extra `options` go to the method (sparsegpt:
-    ``blocksize``, ``percdamp``; dsnot: ``base``, ``skip_mlp``, ``max_cycle_time``, ...; dpruner: ``domain``, ...;
-    ``prunekit methods`` lists each method's options with their defaults).
+    predecessors). `profile`: ``"uniform"`` (every block at `ratio`) or ``"owl"`` (a ratio per block from its
+    share of outlier Wanda scores, averaging `ratio`: `prunekit.weights.owl`, with `owl_m` and `owl_lambda`;
+    unstructured magnitude, wanda, sparsegpt and dsnot; it needs calibration text). Extra `options` go to the
+    method (sparsegpt: ``blocksize``, ``percdamp``; dsnot: ``base``, ``skip_mlp``, ``max_cycle_time``, ...; dpruner:
+    ``domain``, ...; ``prunekit methods`` lists each method's options with their defaults).
 
     Bad input is refused before the model changes. The model is pruned in place, block by block, so an error
     found only on the way (activations that overflow in a late block) leaves the earlier blocks pruned; the
@@ -282,6 +290,7 @@ def prune(
         raise InputError("armor needs --pattern N:M (pattern=, e.g. 2:4): its core is N:M sparse, unstructured is "
                          "not supported")
     ratio = ratio_for(ratio, nm)
+    owl_m, owl_lambda = check_profile(profile, method, nm, ratio, owl_m, owl_lambda)
     # every parameter, not only the pruned Linears: a NaN embedding left the model half pruned when the
     # activations went non-finite after the first block
     check_finite_weights(model, "the model")
@@ -295,7 +304,7 @@ def prune(
     options = {k: v.item() if isinstance(v, np.generic) else v for k, v in options.items()}
     prune_options(method, options)
     stat = spec.stat_for(options)
-    if stat is None and calibration is _WIKI:  # "wiki" given explicitly measures the reconstruction error
+    if stat is None and calibration is _WIKI and profile == "uniform":  # given: it measures the error
         calibration = None  # data-free: don't pay a calibration pass for the default
     from prunekit.evaluate import check_pattern, sparsity, zero_masks, zeros_refilled
 
@@ -305,15 +314,22 @@ def prune(
     ids, calib_info = _calibration(calibration, tokenizer, model, samples=samples, seqlen=seqlen, seed=seed)
     if stat is not None and ids is None:
         raise InputError(f"method {method} needs calibration text; give calibration='wiki' or a file")
+    if profile == "owl" and ids is None:
+        raise InputError("profile='owl' needs calibration text (its outlier ratios are Wanda scores on it), also for "
+                         "magnitude; give calibration='wiki' or a file")
     was_training = module_modes(model)
     model.eval()
     try:
         with contextlib.ExitStack() as moe:
             if experts.has_fused_experts(model):  # one Linear per expert while pruning (routers stay dense)
                 moe.enter_context(experts.unfused_experts(model))
+            block_ratios, profile_record = None, None
+            if profile == "owl":
+                block_ratios, profile_record = _owl(model, ids, ratio=ratio, m=owl_m, lam=owl_lambda,
+                                                    skip=tuple(skip), batch_size=batch_size, progress=progress)
             layers = _run(spec, model, ids, ratio=ratio, nm=nm, tokenizer=tokenizer, samples=samples, seqlen=seqlen,
                           seed=seed, skip=tuple(skip), sequential=sequential, batch_size=batch_size,
-                          progress=progress, options=options, stat=stat)
+                          progress=progress, options=options, stat=stat, block_ratios=block_ratios)
     finally:
         restore_modes(was_training)
     seconds = time.perf_counter() - start
@@ -327,7 +343,39 @@ def prune(
         input_zeros_refilled=zeros_refilled(was_zero, model) if was_zero else 0,
         model_sparsity=sparsity(model)["model_total"],
         pattern_violations=check_pattern(model, nm, skip=tuple(skip)) if nm else None,  # --skip: dense on purpose
+        profile=profile_record,
     )
+
+
+PROFILES = ("uniform", "owl")
+OWL_METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot")  # per-layer methods with a ratio (the paper's three + DSnoT)
+
+
+def check_profile(profile, method: str, nm, ratio: float, m, lam) -> tuple[float, float]:
+    """Refuse a profile other than uniform / owl, OWL with a pattern or a method it cannot drive, and bad OWL
+    numbers; the checked (m, lambda)."""
+    if profile not in PROFILES:
+        raise InputError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    if profile == "uniform":
+        if (m, lam) != (owl.M, owl.LAMBDA):
+            raise InputError("owl_m and owl_lambda set OWL's block ratios; give profile='owl' (--profile owl) or "
+                             "leave them out")
+        return m, lam
+    if nm is not None:
+        raise InputError(f"profile 'owl' sets a ratio per block, but the pattern {nm} fixes every layer's ratio at "
+                         f"{ratio:g}; use --ratio (unstructured) with OWL, or the uniform profile with a pattern")
+    if method not in OWL_METHODS:
+        raise InputError(f"profile 'owl' drives the per-layer methods {', '.join(OWL_METHODS)}, not {method}")
+    return owl.check_owl(m, lam)
+
+
+def _owl(model, ids, *, ratio, m, lam, skip, batch_size, progress) -> tuple[list[float], dict]:
+    """OWL's block ratios on the dense `model`, and their record."""
+    prefix, blocks = find_blocks(model)
+    pruned = [bool(target_linears(b, f"{prefix}.{i}", skip)) for i, b in enumerate(blocks)]
+    outliers = owl.outlier_ratios(model, ids, m=m, skip=skip, batch_size=batch_size, progress=progress)
+    ratios = owl.owl_ratios(outliers, ratio=ratio, lam=lam, pruned=pruned)
+    return ratios, {"name": "owl", "m": m, "lambda": lam, "outlier_ratios": outliers, "ratios": ratios}
 
 
 def _recordable(value):
@@ -343,7 +391,7 @@ def _recordable(value):
 
 
 def _run(spec, model, ids, *, ratio, nm, tokenizer, samples, seqlen, seed, skip, sequential, batch_size, progress,
-         options, stat) -> list:
+         options, stat, block_ratios=None) -> list:
     if spec.prune_model is not None:
         return spec.prune_model(
             model, ids, ratio=ratio, pattern=nm, tokenizer=tokenizer, samples=samples, seqlen=seqlen, seed=seed,
@@ -351,10 +399,17 @@ def _run(spec, model, ids, *, ratio, nm, tokenizer, samples, seqlen, seed, skip,
         )
     params = inspect.signature(spec.fn).parameters
     seeded = {"seed": seed} if "seed" in params else {}  # one seed for the run (ARMOR's group sampling)
-    fn = functools.partial(spec.fn, ratio=ratio, pattern=nm, **seeded, **options)
+    fn = functools.partial(spec.fn, pattern=nm, **seeded, **options)
     takes_name = "name" in params
-    layers, _ = prune_blocks(
-        model, ids, (lambda w, s, name: fn(w, s, name=name)) if takes_name else (lambda w, s, _name: fn(w, s)),
-        stat=stat, skip=skip, sequential=sequential, batch_size=batch_size, progress=progress,
-    )
+    ratio_of = (lambda _name: ratio)
+    if block_ratios is not None:  # OWL: each Linear at its block's ratio
+        prefix, blocks = find_blocks(model)
+        block_of = {n: i for i, b in enumerate(blocks) for n in target_linears(b, f"{prefix}.{i}", skip)}
+        ratio_of = (lambda name: block_ratios[block_of[name]])
+
+    def prune_one(w, s, name):
+        return fn(w, s, ratio=ratio_of(name), **({"name": name} if takes_name else {}))
+
+    layers, _ = prune_blocks(model, ids, prune_one, stat=stat, skip=skip, sequential=sequential,
+                             batch_size=batch_size, progress=progress)
     return layers
