@@ -1276,6 +1276,34 @@ def test_compute_dtype_structured_saves_the_kept_rows_and_columns_as_the_input_s
     assert json.loads(capsys.readouterr().out)["rows"][0]["compute_dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize("method, extra", [("magnitude", ("--ratio", "0.5")),
+                                           ("magnitude-structured", ("--ratio", "0.3", "--no-speed")),
+                                           ("every-other", ("--layers", "1", "--no-speed"))])
+def test_a_third_saved_dtype_scores_what_it_saves_and_eval_changes_nothing_saved(method, extra, model_dir, text_file,
+                                                                                  tmp_path, capsys):
+    """A float32 folder run in bfloat16 and saved as float16: --eval scored the run's rounded copy while the save
+    cast the input's values (eval OUT gave another perplexity); run in float16 and saved as bfloat16, --eval's
+    rounding kept the save from giving the input's values back (thousands of weights changed by --eval)."""
+    from safetensors.torch import load_file
+
+    evals = ("--eval", str(text_file), "--eval-tokens", "64", "--eval-seqlen", "32")
+    out = tmp_path / "bf16-as-f16"
+    assert cli.main(prune_args(model_dir, text_file, out, "--method", method, *extra, *evals, "--compute-dtype",
+                               "bfloat16", "--dtype", "float16")) == 0
+    capsys.readouterr()
+    recorded = json.loads((out / "prunekit.json").read_text())["evaluation"][str(text_file)]["pruned"]["ppl"]
+    assert cli.main(["eval", str(out), "--text", str(text_file), "--seqlen", "32", "--tokens", "64", "--json",
+                     "--dtype", "bfloat16"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] == recorded
+    saved = {}
+    for name, ev in (("plain", ()), ("eval", evals)):
+        out = tmp_path / f"f16-as-bf16-{name}"
+        assert cli.main(prune_args(model_dir, text_file, out, "--method", method, *extra, *ev, "--compute-dtype",
+                                   "float16", "--dtype", "bfloat16")) == 0
+        saved[name] = load_file(out / "model.safetensors")
+    assert all(torch.equal(v, saved["eval"][k]) for k, v in saved["plain"].items())
+
+
 @pytest.mark.parametrize("stored", ["bfloat16", "float32"])
 def test_float16_compute_gives_back_values_float16_cannot_hold(stored, text_file, tmp_path, capsys):
     """float16 holds bfloat16's steps but not its tiny values (2.4e-7 came back as 2.38e-7: the save took float16

@@ -385,7 +385,7 @@ def _cmd_prune(args) -> int:
         sequential=args.sequential, batch_size=args.batch_size, progress=progress, profile=args.profile,
         owl_m=args.owl_m, owl_lambda=args.owl_lambda, **options,
     )
-    eval_pruned(evaluation, model, tok, eval_texts, args, progress, saved_dtype)
+    eval_pruned(evaluation, model, tok, eval_texts, args, progress, saved_dtype, unchanged_from=args.model)
     input_sparsity, refilled = result.input_sparsity, result.input_zeros_refilled
     meta = {
         "model": str(args.model), "input": _provenance(args.model),
@@ -523,14 +523,19 @@ def eval_dense(model, tok, texts: dict, args, progress: bool, files: list | None
     return evaluation
 
 
-def eval_pruned(evaluation: dict, model, tok, texts: dict, args, progress: bool, saved_dtype=None) -> None:
+def eval_pruned(evaluation: dict, model, tok, texts: dict, args, progress: bool, saved_dtype=None, *,
+                unchanged_from=None, kept_blocks: list[int] | None = None, pruned_zeros: bool = True) -> None:
     """Add ``"pruned"`` to each of `evaluation`'s texts, on the windows its dense perplexity was scored on, with the
-    weights first rounded to `saved_dtype` (the output's: what is scored is what is saved)."""
+    weights first rounded to `saved_dtype` (the output's: what is scored is what is saved). A model computed in a
+    narrower dtype than its folder's: `unchanged_from` (the folder), `kept_blocks` and `pruned_zeros` as its save
+    gets them (`prunekit.weights.io.round_to_saved`)."""
     import prunekit
-    from prunekit.weights.io import round_to_saved
+    from prunekit.weights.io import resolve_model, round_to_saved
 
     if texts:
-        round_to_saved(model, saved_dtype)
+        narrower = _computed_in(model) != "float32"  # the save gives back the input's values: round those
+        round_to_saved(model, saved_dtype, unchanged_from=resolve_model(unchanged_from) if narrower and
+                       unchanged_from is not None else None, kept_blocks=kept_blocks, pruned_zeros=pruned_zeros)
     for name, text in texts.items():
         evaluation[name]["pruned"] = prunekit.perplexity(model, tok, text, seqlen=args.eval_seqlen,
                                                          tokens=evaluation[name]["dense"]["tokens"],

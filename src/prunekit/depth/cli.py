@@ -267,7 +267,8 @@ def run_prune(args) -> int:
         speed, unspeed = speed_against_dense(path, model, dtype=args.compute_dtype)
         if unspeed:
             print(f"prunekit: note: {unspeed}", file=sys.stderr)
-    eval_pruned(evaluation, model, tok, eval_texts, args, progress, saved_dtype)
+    eval_pruned(evaluation, model, tok, eval_texts, args, progress, saved_dtype, unchanged_from=path,
+                kept_blocks=kept, pruned_zeros=False)
     meta = {
         "model": str(args.model), "input": _provenance(args.model), "method": args.method, "domain": "depth",
         "dense_layers": dense_layers,

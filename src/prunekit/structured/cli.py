@@ -115,7 +115,8 @@ def run_prune(args) -> int:
                               calibration=ids, seed=args.seed, progress=progress, **options)
     zeros, zeros_note = zeros_kept(f"{args.method} (its kept weights are refit)" if args.method in ("tyr",
                                    "uniform-structured") else args.method, input_sparsity, model, pattern, skip=skip)
-    eval_pruned(evaluation, model, tok, eval_texts, args, progress, saved_dtype)
+    eval_pruned(evaluation, model, tok, eval_texts, args, progress, saved_dtype, unchanged_from=args.model,
+                pruned_zeros=False)
     speed = unspeed = None
     if not args.no_speed:  # the dense model again, timed in turns with the pruned one under the same load
         speed, unspeed = speed_against_dense(args.model, model, dtype=args.compute_dtype)

@@ -856,22 +856,30 @@ def _overflowed(k: str, v, cast):
                       "bfloat16 or float32 (--dtype)")
 
 
-def round_to_saved(model, dtype) -> None:
+def round_to_saved(model, dtype, *, unchanged_from: Path | None = None, kept_blocks: list[int] | None = None,
+                   pruned_zeros: bool = True) -> None:
     """Round `model`'s floating-point weights in place to the values `save_weights` writes for `dtype` (a
     bfloat16 save of a float32 model: each weight to its nearest bfloat16), each keeping its own dtype, so what is
-    measured afterwards is the saved model (ARMOR's factors are not rounded: they are saved as they are)."""
+    measured afterwards is the saved model (ARMOR's factors are not rounded: they are saved as they are). With
+    `unchanged_from` (and `kept_blocks`, `pruned_zeros`: as `save_weights` gets them), a value the work did not
+    change is rounded from the input's stored value, as the save writes it (it was rounded from the model's own
+    rounded copy: a float32 input run in bfloat16 and saved as float16 scored other weights than it saved)."""
     import torch
 
     dtype = parse_dtype(dtype)
     check_fits_dtype(model, dtype)  # before any weight is rounded: an overflow became inf, then "NaN or Inf weights"
     state = model.state_dict()
     targets = _save_dtypes(state, dtype) or {}
+    source = state
+    if unchanged_from is not None and targets:
+        source = unchanged_from_input(model, state, Path(unchanged_from), kept_blocks=kept_blocks,
+                                      pruned_zeros=pruned_zeros)
     done = set()
     with torch.no_grad():
         for k, to in targets.items():
             v = state[k]
-            if v.dtype != to and _storage(v) not in done:  # a tied weight once
-                v.copy_(v.to(to))
+            if (v.dtype != to or source[k] is not v) and _storage(v) not in done:  # a tied weight once
+                v.copy_(source[k].to(to))
                 done.add(_storage(v))
 
 
@@ -984,7 +992,7 @@ def _matchable(model, folder: Path, kept_blocks) -> tuple[dict, tuple]:
 
 
 def unchanged_from_input(model, state: dict, folder: Path, *, kept_blocks: list[int] | None = None,
-                         pruned_zeros: bool = True) -> dict:
+                         pruned_zeros: bool = True, saved: dict | None = None) -> dict:
     """`state` (``model.state_dict()``) with every value that the work did not change given back as `folder`
     stores it.
 
@@ -995,7 +1003,9 @@ def unchanged_from_input(model, state: dict, folder: Path, *, kept_blocks: list[
     equals its stored value rounded to the model's dtype, and is not zero (a pruned weight stays pruned), takes
     the stored value again; what the method changed (pruned zeros, SparseGPT's updates) stays as computed. With
     `pruned_zeros` False (depth and structured pruning, which zero nothing) a zero takes the stored value too, so a
-    weight too small for the model's dtype (1e-8 in float16) is not saved as 0. ARMOR's
+    weight too small for the model's dtype (1e-8 in float16) is not saved as 0. `saved` (name -> the dtype it is
+    saved in): a value that equals its stored value cast to that dtype and then to the model's matches too (what
+    `round_to_saved` left for ``--eval``: a float16 run saved as bfloat16 kept the run's values there). ARMOR's
     factorized layers (their weight is the product of factors) are left as they are. Tensors are matched by name
     in the safetensors files; a ``.bin`` folder, or a name the loader rewrote, matches nothing
     (`names_not_stored`). A Linear or norm that structured pruning shrank (`prunekit.structured.units.kept_of`) is
@@ -1029,6 +1039,9 @@ def unchanged_from_input(model, state: dict, folder: Path, *, kept_blocks: list[
                     by_storage[key] = None
                     continue
                 same = stored.to(v.dtype) == v
+                to = (saved or {}).get(name)
+                if to is not None and to not in (v.dtype, stored.dtype):
+                    same |= stored.to(to).to(v.dtype) == v
                 if pruned_zeros:
                     same &= v != 0
                 by_storage[key] = torch.where(same, stored, v.to(stored.dtype))
@@ -1067,7 +1080,7 @@ def save_weights(model, folder: Path, dtype=None, *, unchanged_from: Path | None
         return
     if unchanged_from is not None:
         state = unchanged_from_input(model, state, Path(unchanged_from), kept_blocks=kept_blocks,
-                                     pruned_zeros=pruned_zeros)
+                                     pruned_zeros=pruned_zeros, saved=targets)
     cast: dict = {}  # one cast per storage, so tied weights (embeddings and lm_head) stay one tensor
     out = {}
     for k, v in state.items():
