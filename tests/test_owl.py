@@ -115,6 +115,9 @@ def test_cli_profile_owl_records_and_reports_the_block_ratios(model_dir, text_fi
     capsys.readouterr()
     assert cli.main(["compare", str(out)]) == 0
     assert "0.6 unstructured, OWL block ratios" in capsys.readouterr().out
+    assert cli.main(["methods"]) == 0
+    listing = capsys.readouterr().out.split("\nsparsegpt ")[1].split("\ndsnot ")[0]
+    assert "--profile owl: a ratio per block" in listing
     assert cli.main(["compare", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"][0]["profile"] == "owl"
     for extra, message in [(["--owl-m", "3"], "give --profile owl"),

@@ -726,12 +726,16 @@ def _as_option(value) -> str:
 
 def _cmd_methods(_args) -> int:
     from prunekit import registry
+    from prunekit.weights.prune import OWL_METHODS
 
     for spec in registry.METHODS.values():
         print(f"{spec.name:<18} {spec.domain:<10} {spec.summary}\n{'':<30}{spec.paper} <{spec.url}>")
         opts = _option_defaults(spec)  # structured and tinyfusion were left out, though --option takes theirs
         if opts:
             print(f"{'':<30}--option defaults: {' '.join(f'{k}={_as_option(v)}' for k, v in opts.items())}")
+        if spec.name in OWL_METHODS:
+            print(f"{'':<30}--profile owl: a ratio per block from its outlier scores (OWL, Yin et al. 2024 "
+                  "<https://arxiv.org/abs/2310.05175>; --owl-m 5 --owl-lambda 0.08)")
     return 0
 
 
