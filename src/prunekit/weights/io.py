@@ -871,7 +871,8 @@ def round_to_saved(model, dtype, *, unchanged_from: Path | None = None, kept_blo
     state = model.state_dict()
     targets = _save_dtypes(state, dtype) or {}
     source = state
-    if unchanged_from is not None and targets:
+    # saved in float32, a stored value rounds to the model's dtype as the model holds it already: nothing to read
+    if unchanged_from is not None and any(_rounds(to, torch.float32) for to in targets.values()):
         source = unchanged_from_input(model, state, Path(unchanged_from), kept_blocks=kept_blocks,
                                       pruned_zeros=pruned_zeros)
     done = set()
