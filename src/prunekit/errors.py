@@ -11,8 +11,9 @@ import tempfile
 from numbers import Integral, Real
 from pathlib import Path
 
-__all__ = ["InputError", "int_at_least", "check_seed", "SEED_LIMIT", "is_real", "check_model", "hidden_name", "check_output_name", "check_writable",
-           "check_not_input", "apply_umask", "with_autograd", "module_modes", "restore_modes", "apply_chat_template"]
+__all__ = ["InputError", "int_at_least", "check_seed", "SEED_LIMIT", "is_real", "check_model", "hidden_name",
+           "check_output_name", "check_writable", "check_not_input", "apply_umask", "with_autograd", "module_modes",
+           "restore_modes", "apply_chat_template"]
 
 
 class InputError(ValueError):

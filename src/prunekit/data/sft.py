@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import (InputError, apply_chat_template, check_model, check_seed, int_at_least, is_real, module_modes,
-                             restore_modes, with_autograd)
+from prunekit.errors import (InputError, apply_chat_template, check_model, check_seed, int_at_least, is_real,
+                             module_modes, restore_modes, with_autograd)
 from prunekit.speed import forward_takes
 from prunekit.weights.io import check_finite_weights
 

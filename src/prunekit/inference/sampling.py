@@ -108,6 +108,9 @@ def build_prompt(tokenizer, question: str, *, instruction: str | None = DEFAULT_
     return f"{head}{shots}Question: {question}\nAnswer:"
 
 
+_TORCH_SEEDS = range(-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+
+
 def _check(*, n, max_new_tokens, temperature, seed):
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise InputError(f"{n!r} paths per question (--samples, n=): it must be an integer >= 1")
@@ -120,7 +123,7 @@ def _check(*, n, max_new_tokens, temperature, seed):
                          "distribution to sample from)")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InputError(f"seed={seed!r} must be an integer")
-    if not -(2**63) <= seed < 2**64:  # torch's generators; a larger one was an OverflowError traceback
+    if seed not in _TORCH_SEEDS:  # a larger one was an OverflowError traceback
         raise InputError(f"seed={seed!r} must lie in [-2**63, 2**64)")
 
 
@@ -128,7 +131,7 @@ def check_question_seeds(seed: int, start: int, count: int) -> None:
     """Refuse a base `seed` whose per-question seeds (``seed * 1_000_003 + start + i``, i < `count`) leave
     torch's range, before any work (it was a traceback at the first question, leaving a --resume file)."""
     for own in (seed * 1_000_003 + start, seed * 1_000_003 + start + max(count - 1, 0)):
-        if not -(2**63) <= own < 2**64:
+        if own not in _TORCH_SEEDS:
             raise InputError(f"seed={seed!r} (--seed) is too large in size: question seeds are seed x 1,000,003 + "
                              f"the question's index and must lie in [-2**63, 2**64); use a seed of magnitude below "
                              f"{2**63 // 1_000_003 - count:,}")

@@ -38,6 +38,7 @@ ratio (the reference's N:M branch ignores the OWL ratios).
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 from torch import nn
@@ -71,9 +72,7 @@ def outlier_ratios(model: nn.Module, input_ids: torch.Tensor, *, m: float = M, s
     changed."""
     prefix, blocks = find_blocks(model)
     block_of = {name: i for i, block in enumerate(blocks) for name in target_linears(block, f"{prefix}.{i}", skip)}
-    expected = [0] * len(blocks)
-    for i in block_of.values():
-        expected[i] += 1
+    expected = Counter(block_of.values())  # Linears per block
     scores: dict[int, list[torch.Tensor]] = {}
     ratios: list[float | None] = [None] * len(blocks)
 

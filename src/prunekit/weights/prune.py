@@ -323,13 +323,13 @@ def prune(
         with contextlib.ExitStack() as moe:
             if experts.has_fused_experts(model):  # one Linear per expert while pruning (routers stay dense)
                 moe.enter_context(experts.unfused_experts(model))
-            block_ratios, profile_record = None, None
+            layer_ratios, profile_record = None, None
             if profile == "owl":
-                block_ratios, profile_record = _owl(model, ids, ratio=ratio, m=owl_m, lam=owl_lambda,
+                layer_ratios, profile_record = _owl(model, ids, ratio=ratio, m=owl_m, lam=owl_lambda,
                                                     skip=tuple(skip), batch_size=batch_size, progress=progress)
             layers = _run(spec, model, ids, ratio=ratio, nm=nm, tokenizer=tokenizer, samples=samples, seqlen=seqlen,
                           seed=seed, skip=tuple(skip), sequential=sequential, batch_size=batch_size,
-                          progress=progress, options=options, stat=stat, block_ratios=block_ratios)
+                          progress=progress, options=options, stat=stat, layer_ratios=layer_ratios)
     finally:
         restore_modes(was_training)
     seconds = time.perf_counter() - start
@@ -369,13 +369,14 @@ def check_profile(profile, method: str, nm, ratio: float, m, lam) -> tuple[float
     return owl.check_owl(m, lam)
 
 
-def _owl(model, ids, *, ratio, m, lam, skip, batch_size, progress) -> tuple[list[float], dict]:
-    """OWL's block ratios on the dense `model`, and their record."""
+def _owl(model, ids, *, ratio, m, lam, skip, batch_size, progress) -> tuple[dict[str, float], dict]:
+    """OWL's ratio for each Linear to prune (its block's), on the dense `model`, and the record of the blocks'."""
     prefix, blocks = find_blocks(model)
-    pruned = [bool(target_linears(b, f"{prefix}.{i}", skip)) for i, b in enumerate(blocks)]
+    layers = [target_linears(b, f"{prefix}.{i}", skip) for i, b in enumerate(blocks)]
     outliers = owl.outlier_ratios(model, ids, m=m, skip=skip, batch_size=batch_size, progress=progress)
-    ratios = owl.owl_ratios(outliers, ratio=ratio, lam=lam, pruned=pruned)
-    return ratios, {"name": "owl", "m": m, "lambda": lam, "outlier_ratios": outliers, "ratios": ratios}
+    ratios = owl.owl_ratios(outliers, ratio=ratio, lam=lam, pruned=[bool(names) for names in layers])
+    return ({name: r for names, r in zip(layers, ratios) for name in names},
+            {"name": "owl", "m": m, "lambda": lam, "outlier_ratios": outliers, "ratios": ratios})
 
 
 def _recordable(value):
@@ -391,7 +392,7 @@ def _recordable(value):
 
 
 def _run(spec, model, ids, *, ratio, nm, tokenizer, samples, seqlen, seed, skip, sequential, batch_size, progress,
-         options, stat, block_ratios=None) -> list:
+         options, stat, layer_ratios=None) -> list:
     if spec.prune_model is not None:
         return spec.prune_model(
             model, ids, ratio=ratio, pattern=nm, tokenizer=tokenizer, samples=samples, seqlen=seqlen, seed=seed,
@@ -401,14 +402,10 @@ def _run(spec, model, ids, *, ratio, nm, tokenizer, samples, seqlen, seed, skip,
     seeded = {"seed": seed} if "seed" in params else {}  # one seed for the run (ARMOR's group sampling)
     fn = functools.partial(spec.fn, pattern=nm, **seeded, **options)
     takes_name = "name" in params
-    ratio_of = (lambda _name: ratio)
-    if block_ratios is not None:  # OWL: each Linear at its block's ratio
-        prefix, blocks = find_blocks(model)
-        block_of = {n: i for i, b in enumerate(blocks) for n in target_linears(b, f"{prefix}.{i}", skip)}
-        ratio_of = (lambda name: block_ratios[block_of[name]])
+    layer_ratios = layer_ratios or {}  # OWL: each Linear at its block's ratio
 
     def prune_one(w, s, name):
-        return fn(w, s, ratio=ratio_of(name), **({"name": name} if takes_name else {}))
+        return fn(w, s, ratio=layer_ratios.get(name, ratio), **({"name": name} if takes_name else {}))
 
     layers, _ = prune_blocks(model, ids, prune_one, stat=stat, skip=skip, sequential=sequential,
                              batch_size=batch_size, progress=progress)

@@ -41,10 +41,6 @@ def _tensor(emb) -> torch.Tensor:
     return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
 
-def _seed(seed) -> int:
-    return check_seed(seed)  # below 2**63: the groups' seeds are seed + group number, torch's below 2**64
-
-
 def _scaled(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     """``(x / s, s)`` with s the largest |value| when squares would overflow (or underflow) float64, else
     ``(x, 1)``: k-means' assignments do not change with a common scale, its distances scale by s."""
@@ -124,7 +120,7 @@ def kmeans(emb, k: int, *, iters: int = 100, seed: int = 0, cosine: bool = True)
     x = _tensor(emb)  # [N, D] float64
     k = int_at_least(k, "k", 1)
     iters = int_at_least(iters, "iters", 1)
-    seed = _seed(seed)
+    seed = check_seed(seed)  # below 2**63: the groups' seeds add their number
     if k > len(x):
         raise InputError(f"k={k} clusters need at least {k} examples, got {len(x)}; lower k")
     x, scale = (_unit(x, "emb"), 1.0) if cosine else _scaled(x)
@@ -143,7 +139,7 @@ def prototype_distance(emb, *, k: int = 10, seed: int = 0, labels=None, iters: i
     x = _tensor(emb)  # [N, D] float64
     k = int_at_least(k, "k", 1)
     iters = int_at_least(iters, "iters", 1)
-    seed = _seed(seed)
+    seed = check_seed(seed)  # below 2**63: the groups' seeds add their number
     x, scale = (_unit(x, "emb"), 1.0) if cosine else _scaled(x)
     groups = [np.arange(len(x))]
     if labels is not None:
