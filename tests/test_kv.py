@@ -140,6 +140,76 @@ def test_a_compressing_policy_never_holds_room_past_its_budget(models):
             assert max(kv.cache_tokens(cache)) <= budget + every - 1
 
 
+@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "snapkv", "knorm", "deep_forcing"])
+def test_once_compresses_the_prompt_only_and_keeps_every_generated_token(models, name):
+    model, ids, budget = models["sdpa"], prompt(), 24
+    with kv.policy(model, name, budget=budget, once=True) as pol:  # 24 new tokens pass budget + every (16)
+        out, cache = generate(model, ids, new=24)
+        again, second = generate(model, ids, new=24)  # a new cache: its prompt is compressed again
+    kept = pol.target(budget)
+    assert kv.cache_tokens(cache) == [kept + 23] * 4 and kv.cache_tokens(second) == [kept + 23] * 4
+    assert torch.equal(again, out)
+    if name in ("streaming_llm", "deep_forcing"):
+        return  # they re-position what they keep; the reference below numbers tokens as the prompt did
+    # the reference: the policy compresses the prompt's forward, then the plain model decodes on that cache
+    ref_cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        with kv.policy(model, name, budget=budget):
+            logits = model(input_ids=ids, cache=ref_cache, use_cache=True).logits
+        tokens = [int(logits[0, -1].argmax())]
+        for i in range(23):
+            step = torch.tensor([[tokens[-1]]])
+            logits = model(input_ids=step, cache=ref_cache, use_cache=True,
+                           position_ids=torch.tensor([[ids.shape[1] + i]])).logits
+            tokens.append(int(logits[0, -1].argmax()))
+    assert out[0, ids.shape[1]:].tolist() == tokens
+    with kv.policy(model, name, budget=budget):  # without once: compressed while decoding too
+        assert max(kv.cache_tokens(generate(model, ids, new=24)[1])) < kept + 23
+
+
+def test_once_keeps_a_question_fed_after_the_compressed_context():
+    """kvpress's protocol: the context's forward is compressed, the question's and the answer's are appended."""
+    model, ids = _boundary_model()
+    for name in ("snapkv", "deep_forcing"):
+        policy = kv.make_policy(name, budget=16)
+        engine, cache = Engine(model, policy, budget=16, once=True), DynamicCache(config=model.config)
+        with engine, torch.no_grad():
+            model(input_ids=ids[:, :30], cache=cache, use_cache=True)
+            kept = kv.cache_tokens(cache)
+            model(input_ids=ids[:, 30:], cache=cache, use_cache=True)  # the question: 15 tokens
+            for _ in range(3):
+                model(input_ids=ids[:, -1:], cache=cache, use_cache=True)
+            assert kept == [policy.target(16)] * 4
+            assert kv.cache_tokens(cache) == [policy.target(16) + 15 + 3] * 4
+            assert {s.compressions for s in engine.states} == {1} and {s.forwards for s in engine.states} == {5}
+    with pytest.raises(InputError, match="once must be True or False"):
+        with kv.policy(model, "h2o", budget=8, once=1):
+            pass
+
+
+def test_once_refuses_a_chunked_prefill_and_stops_scoring_after_the_first_forward(models, monkeypatch):
+    from prunekit.inference.kv.h2o import H2O
+
+    model, ids = models["sdpa"], prompt()
+    with kv.policy(model, "h2o", budget=24, once=True), pytest.raises(InputError, match="prefill_chunk_size=16 feeds"):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, prefill_chunk_size=16,
+                       do_sample=False, pad_token_id=0)
+    with kv.policy(model, "h2o", budget=24):  # without once every chunk is compressed in turn: allowed
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, prefill_chunk_size=16,
+                       do_sample=False, pad_token_id=0)
+    calls = []
+    observe = H2O.observe
+    monkeypatch.setattr(H2O, "observe", lambda self, view, q, pos: calls.append(view.layer) or observe(self, view, q,
+                                                                                                        pos))
+    with kv.policy(model, "h2o", budget=24, once=True):
+        once, _ = generate(model, ids, new=6)
+    assert sorted(calls) == [0, 1, 2, 3]  # the prompt's forward only: its scores are never read again
+    calls.clear()
+    with kv.policy(model, "h2o", budget=24, every=100):  # compresses the prompt only, as once does
+        plain, _ = generate(model, ids, new=6)
+    assert len(calls) == 4 * 6 and torch.equal(once, plain)
+
+
 def test_model_is_restored_exactly_on_exit_even_after_an_error(models):
     model = models["sdpa"]
     ids = prompt()
@@ -763,6 +833,21 @@ def test_cli_generate(model_dir, tmp_path, capsys):
     assert cli.main(["generate", str(model_dir), "--prompt", "hi", "--kv", "h2o", "--budget", "8", "--every", "2",
                      "--max-new-tokens", "8", "--json"]) == 0  # 2 + 8 tokens: the budget of 8 evicts
     assert "note" not in capsys.readouterr().err
+    # --once: the prompt compressed to the budget, then every new token but the last cached
+    assert cli.main(["generate", str(model_dir), "--prompt", "the licence text " * 4, "--kv", "snapkv", "--budget",
+                     "24", "--max-new-tokens", "12", "--option", "window=8", "--once", "--every", "4", "--json"]) == 0
+    out, err = capsys.readouterr()
+    once = json.loads(out)
+    assert once["cache_tokens_max"] == 24 + 11 and once["once"] is True and once["every"] is None
+    assert "--every is not used with --once" in err
+    assert cli.main(["generate", str(model_dir), "--prompt", "the licence text " * 4, "--kv", "snapkv", "--budget",
+                     "68", "--max-new-tokens", "12", "--once", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "holds the whole prompt (68 tokens) and --once compresses nothing after it" in err
+    assert json.loads(out)["cache_tokens_max"] == 68 + 11
+    assert cli.main(["generate", str(model_dir), "--prompt", "hi", "--kv", "delta", "--budget", "160", "--once",
+                     "--max-new-tokens", "2", "--json"]) == 0
+    assert "--once is not used by --kv delta" in capsys.readouterr().err
 
 
 def test_a_model_saved_without_its_cache_still_generates_under_a_policy(model_dir, tmp_path, capsys):
@@ -879,6 +964,22 @@ def test_cli_generate_runs_in_the_dtype_asked_and_says_when_positions_run_out(mo
     assert "--kv deep_forcing keeps its Top-C keys at the original positions" in capsys.readouterr().err
     assert cli.main(["generate", str(model_dir), "--prompt", "hi", "--kv", "full", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["every"] is None  # it never compresses
+    # the last new token is never fed back: prompt + new - 1 positions (the note came one token early)
+    assert cli.main(["generate", str(model_dir), "--prompt", short, "--kv", "full", "--max-new-tokens", "1",
+                     "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)["prompt_tokens"]
+    knorm = ["generate", str(model_dir), "--prompt", short, "--kv", "knorm", "--budget", "64", "--json"]
+    assert cli.main([*knorm, "--max-new-tokens", str(257 - p)]) == 0
+    assert "note" not in capsys.readouterr().err
+    assert cli.main([*knorm, "--max-new-tokens", str(258 - p)]) == 0
+    assert f"prompt {p} + {258 - p} new tokens run past the model's 256" in capsys.readouterr().err
+    # --once: the 64 tokens kept of the prompt at 0..63, then the new tokens fed at 64, 65, ...
+    once = ["generate", str(model_dir), "--prompt", short, "--kv", "streaming_llm", "--budget", "64", "--once", "--json"]
+    assert cli.main([*once, "--max-new-tokens", "193"]) == 0  # fed at 64..255
+    assert "note" not in capsys.readouterr().err
+    assert cli.main([*once, "--max-new-tokens", "194"]) == 0
+    assert ("with --once the 64 tokens kept of the prompt are followed by 193 cached new tokens: positions up to 256 "
+            "pass the model's 256" in capsys.readouterr().err)
 
 
 def test_cli_generate_with_calibrated_delta_layers(model_dir, capsys, monkeypatch):

@@ -41,6 +41,9 @@ def add_parser(sub) -> None:
     ge.add_argument("--every", type=int, default=None,
                     help="while decoding, compress when the cache reaches budget + EVERY (default 16; 1 holds the "
                          "budget exactly, at a compression per token)")
+    ge.add_argument("--once", action="store_true",
+                    help="compress the prompt only, at its prefill, and keep every generated token (kvpress's and "
+                         "SnapKV's use of a budget: the cache ends at the budget plus the new tokens, no --every)")
     ge.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
     ge.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="a policy option (repeatable), e.g. --option sinks=4 --option delta_layers=2,15,24 "
@@ -102,6 +105,10 @@ def run(args) -> int:
         int_at_least(args.every, "--every", 1)
         if not checked.compresses:
             ignored.append(f"--every is not used by --kv {args.kv} (it never evicts)")
+        elif args.once:
+            ignored.append("--every is not used with --once (it never compresses while decoding)")
+    if args.once and not checked.compresses:
+        ignored.append(f"--once is not used by --kv {args.kv} (it never evicts)")
     if args.budget is not None and checked.budget is None:
         ignored.append(f"--budget is not used by --kv {args.kv} (it keeps every token)")
     if args.prompt_file is not None:
@@ -160,20 +167,25 @@ def run(args) -> int:
     # StreamingLLM, and Deep Forcing with topc_rope=unify, number every kept key within the cache; Deep Forcing's
     # default keeps its Top-C keys' original positions, the other policies keep them all
     renumbers = isinstance(checked, kv.StreamingLLM) or getattr(checked, "topc_rope", None) == "unify"
-    if limit is not None and ids.shape[1] + args.max_new_tokens > limit and not renumbers:
+    fed = ids.shape[1] + args.max_new_tokens - 1  # positions fed: the last new token is never fed back
+    if limit is not None and fed > limit and not renumbers:
         which = "its Top-C keys at " if isinstance(checked, kv.DeepForcing) else ""
         print(f"prunekit: note: prompt {ids.shape[1]} + {args.max_new_tokens} new tokens run past the model's {limit} "
               f"positions; --kv {args.kv} keeps {which}the original positions, so those past {limit} extrapolate RoPE "
               "(streaming_llm, and deep_forcing with --option topc_rope=unify, number positions within the cache)",
               file=sys.stderr)
-    elif limit is not None and renumbers and ids.shape[1] + args.max_new_tokens > limit:
+    elif limit is not None and renumbers and fed > limit:
         # the positions a forward uses: the whole prompt in one, then the cache plus the step that triggers a
         # compression (budget + every; a policy that evicts below its budget and refills: budget + 1)
+        # (--once: the kept prompt, then every new token but the last)
         step = args.every if checked.target(checked.budget) == checked.budget else 1
-        cached = checked.budget + step
+        kept = checked.target(checked.budget) if ids.shape[1] > checked.budget else ids.shape[1]
+        cached = kept + args.max_new_tokens - 1 if args.once else checked.budget + step
         used = max(ids.shape[1], cached)
         if used > limit:
             why = (f"the prompt's {ids.shape[1]} tokens go through in one forward" if ids.shape[1] >= cached else
+                   f"with --once the {kept} tokens kept of the prompt are followed by "
+                   f"{args.max_new_tokens - 1} cached new tokens" if args.once else
                    f"a compressing step sees --budget {checked.budget} + {f'--every {step}' if step > 1 else 1} tokens")
             print(f"prunekit: note: --kv {args.kv} numbers positions within the cache, but {why}: positions up to "
                   f"{used - 1} pass the model's {limit}, so RoPE extrapolates there", file=sys.stderr)
@@ -182,6 +194,10 @@ def run(args) -> int:
         what = "evicts nothing" if checked.compresses else "attends to every key"
         print(f"prunekit: note: --budget {checked.budget} holds the whole sequence (prompt {ids.shape[1]} + at most "
               f"{args.max_new_tokens - 1} cached new tokens), so --kv {args.kv} {what}: the output is --kv full's",
+              file=sys.stderr)
+    elif args.once and checked.compresses and ids.shape[1] <= checked.budget:
+        print(f"prunekit: note: --budget {checked.budget} holds the whole prompt ({ids.shape[1]} tokens) and --once "
+              f"compresses nothing after it, so --kv {args.kv} evicts nothing: the output is --kv full's",
               file=sys.stderr)
     cache = DynamicCache(config=model.config)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # (`or` took a pad id 0 for none)
@@ -192,8 +208,8 @@ def run(args) -> int:
     hook = model.register_forward_hook(lambda *_: forwards.append(time.perf_counter()))
     start = time.perf_counter()
     try:
-        hooked = (kv.policy(model, args.kv, budget=args.budget, every=args.every, **options) if unhooked is None
-                  else contextlib.nullcontext(checked))
+        hooked = (kv.policy(model, args.kv, budget=args.budget, every=args.every, once=args.once, **options)
+                  if unhooked is None else contextlib.nullcontext(checked))
         with torch.no_grad(), hooked as pol:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                  cache=cache, pad_token_id=pad, **generation)
@@ -207,7 +223,8 @@ def run(args) -> int:
     seen = int(ids.shape[1] + new.numel() - 1)  # what a full cache holds per layer (the last token is not cached)
     result = {
         "model": str(args.model), "policy": args.kv, "budget": pol.budget,
-        "every": args.every if checked.compresses else None, "options": options,
+        "every": args.every if checked.compresses and not args.once else None,
+        "once": bool(args.once and checked.compresses), "options": options,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "sampling": sampling, "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()), "text": text,
         "cache_tokens_max": max(tokens) if tokens else None, "cache_bytes": kv.cache_bytes(cache),

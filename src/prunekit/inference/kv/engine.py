@@ -22,6 +22,13 @@ A policy (one file per method in this folder) only scores; this file owns the me
   So between forwards a layer holds at most ``budget + every - 1`` tokens; during the forward that triggers a
   compression, attention also sees that forward's new tokens. A policy whose target is below the budget
   (Deep Forcing) compresses as soon as the budget is passed and then refills, so it holds at most ``budget``.
+  ``once=True`` compresses only in the first forward of each new cache (the prompt under ``generate``; the
+  context, when a caller feeds the context and then the question) and appends every later token: nothing after
+  the first forward is ever evicted, so a layer holds ``target(budget)`` plus every token since, and decoding
+  pays no compression (nor a policy's scoring: `Policy.observe` is not called after the first forward, unless
+  the policy replaces the attention). That is how kvpress's pipeline and the SnapKV paper use a budget. "First"
+  is meant literally: a context fed in several forwards has only its first compressed, and ``generate`` with
+  ``prefill_chunk_size`` is refused.
 - **Positions.** New tokens get their absolute position (tokens seen so far), counted by the engine rather than
   taken from ``cache.get_seq_length()``, which shrinks when entries go. A policy may re-position the kept
   entries (StreamingLLM: contiguous positions within the cache; Deep Forcing: sinks moved next to the recent
@@ -181,6 +188,7 @@ class LayerState:
     extras: dict = field(default_factory=dict)  # policy tensors [B, Hkv, n], gathered with the entries
     queries: torch.Tensor | None = None  # [B, Hq, w, d]: the last w post-RoPE queries
     compressions: int = 0
+    forwards: int = 0  # forwards of this layer since the cache started (``once``: only the first compresses)
 
 
 @dataclass
@@ -233,7 +241,8 @@ class Policy:
         return None
 
     def observe(self, view: View, q: torch.Tensor, q_pos: torch.Tensor) -> None:
-        """Called after every forward of a layer with its new queries [B, Hq, q, d] at RoPE positions q_pos [q]."""
+        """Called after every forward of a layer with its new queries [B, Hq, q, d] at RoPE positions q_pos [q]
+        (with ``once``, only after the first forward of a cache, unless the policy overrides `attend`)."""
 
     def attend(self, view: View, q: torch.Tensor, attention) -> torch.Tensor | None:
         """Replace the attention of this forward: return its output [B, q, Hq, d], or None for the model's own.
@@ -284,11 +293,12 @@ def _eager_module(module):
 class Engine:
     """Installs a policy on a model's attention layers; use through `prunekit.inference.kv.policy`."""
 
-    def __init__(self, model, policy: Policy, *, budget: int | None, every: int = EVERY):
+    def __init__(self, model, policy: Policy, *, budget: int | None, every: int = EVERY, once: bool = False):
         self.model = model
         self.policy = policy
         self.budget = budget
         self.every = every
+        self.once = once
         self.layers = self._attention_layers(model)
         self.sliding_window = Engine.window(model)  # a sliding window: sequences within it only
         self.rotary = self._rotary(model)
@@ -452,6 +462,11 @@ class Engine:
             new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
             if engine.sliding_window is not None and isinstance(ids, torch.Tensor) and isinstance(new, int):
                 Engine.check_window(engine.model, ids.shape[-1] + new - 1)  # up front, not after some tokens
+            chunk = kwargs.get("prefill_chunk_size", getattr(config or getattr(engine.model, "generation_config", None),
+                                                             "prefill_chunk_size", None))
+            if engine.once and chunk:
+                raise InputError(f"prefill_chunk_size={chunk} feeds the prompt in several forwards, and once=True "
+                                 "compresses only the first: drop prefill_chunk_size, or once")
             cache = kwargs.get("cache", kwargs.get("past_key_values"))  # "cache" from transformers 5.24, before it
             # past_key_values (a caller's own code may still pass that name)
             if cache is not None and engine._compressed(cache):
@@ -544,6 +559,7 @@ class Engine:
         for name, t in list(st.extras.items()):  # policy tensors grow with zeros for the new entries
             st.extras[name] = torch.cat([t, t.new_zeros(*t.shape[:-1], q_len)], dim=-1)
         st.seen += q_len
+        st.forwards += 1
         st.next_pos += q_len
         w = self.policy.query_window
         if w:
@@ -568,15 +584,16 @@ class Engine:
             out, weights = interface(module, q, keys, values, mask, dropout=dropout, scaling=module.scaling, **extra)
         else:
             weights = None
-        self.policy.observe(view, q, rope_pos)
-        if self.policy.compresses and self.budget is not None:
+        if not (self.once and st.forwards > 1 and self.policy.compresses and type(self.policy).attend is Policy.attend):
+            self.policy.observe(view, q, rope_pos)  # (once: a policy's scores are never read after its first forward)
+        if self.policy.compresses and self.budget is not None and (not self.once or st.forwards == 1):
             self._maybe_compress(layer, st, view, q_len)
         return _output(module, out), weights
 
     def _capacity(self, needed: int) -> int:
         """Tokens a layer's key/value buffer is allocated for when `needed` no longer fit."""
         room = needed + max(GROW_MIN, needed // GROW_FRACTION)
-        if self.policy.compresses and self.budget is not None:  # never more than the policy lets the layer hold
+        if self.policy.compresses and self.budget is not None and not self.once:  # never more than it lets a layer hold
             room = max(needed, min(room, self.budget + self.every))
         return room
 

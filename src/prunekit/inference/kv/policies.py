@@ -45,19 +45,26 @@ def make_policy(name: str, *, budget: int | None, **options) -> Policy:
 
 
 @contextmanager
-def policy(model, name: str | Policy, *, budget: int | None = None, every: int = EVERY, **options):
+def policy(model, name: str | Policy, *, budget: int | None = None, every: int = EVERY, once: bool = False,
+           **options):
     """Run `model` with a KV-cache policy inside the ``with`` block; the model is restored exactly on exit.
 
     name: a policy name (see `POLICIES`) or a `Policy` object. budget: cached tokens kept per layer and KV head
     (for ``delta``: tokens attended by its sparse layers). every: during one-token decoding, compress when the
     cache reaches ``budget + every`` (default 16, so a layer holds up to ``budget + 15`` tokens between
     compressions; 1: at every step over budget, exact but slower than keeping the full cache, see `engine`).
+    once: compress only in the first forward of each new cache (the prompt under ``generate``, or a context fed
+    before its question) and keep every later token (the question, the answer): kvpress's and the SnapKV paper's
+    use of a budget; the cache then holds ``target(budget)`` (the budget; less for Deep Forcing) plus everything
+    after the first forward, ``every`` is not used, and ``generate`` with ``prefill_chunk_size`` is refused.
     Options go to the policy (e.g. ``sinks=4`` for streaming_llm, ``window=32`` for snapkv,
     ``delta_layers=[2, 14, 22]`` for delta).
     Yields the policy object (DELTA counts the keys it attended in ``attended`` / ``available``).
     """
     check_model(model, "kv.policy")
     int_at_least(every, "every (decode steps between compressions)", 1)
+    if not isinstance(once, bool):
+        raise InputError(f"once must be True or False (got {once!r})")
     if isinstance(name, Policy):
         if options:
             raise InputError("pass options to the Policy object's constructor, not to policy()")
@@ -67,5 +74,5 @@ def policy(model, name: str | Policy, *, budget: int | None = None, every: int =
         pol = name
     else:
         pol = make_policy(name, budget=budget, **options)
-    with Engine(model, pol, budget=pol.budget, every=every):
+    with Engine(model, pol, budget=pol.budget, every=every, once=once):
         yield pol
