@@ -7,6 +7,8 @@ Tasks (all greedy, batch 1, fp32 on CPU):
   answer decoded greedily. ``delta`` uses the default Δ-layers (the reference's 2/14/22 of 28, scaled to 30
   layers); ``delta_calibrated`` the layers `calibrate_delta_layers` picks on 1,024 tokens of Wikipedia. prunekit's policy stays on while decoding (its cache never exceeds the budget
   + `--every` - 1); kvpress compresses the context once (its cache holds budget + question + answer).
+  ``--once`` also runs each evicting prunekit policy with ``once=True`` (rows ``NAME+once``): the context's
+  forward is compressed and the question and answer are appended, kvpress's protocol.
 - ``ppl``: Pride and Prejudice in consecutive windows: prefill `--ppl-context` tokens compressed to each of
   `--ppl-budgets`, then score the next `--ppl-tokens` teacher-forced in one forward; perplexity over all
   windows. DELTA is left out here: its sparse path runs only for one-token decoding steps.
@@ -32,6 +34,8 @@ settings: ``python bench/kv_vs_kvpress.py --stream-policies "streaming_llm,deep_
 deep_forcing:topc_rope=unify,deep_forcing:sinks=0.25/recent=0.4/topc=0.32,\
 deep_forcing:sinks=0.02/recent=0.5/topc=0.45"``. Their Deep Forcing rows were re-run on 2026-11-30 after the
 Top-C reuse limit and the released code's RoPE handling went in (the other rows were kept from the raw file).
+The ``NAME+once`` passkey rows were added on 2026-12-04 by the same command with ``--once`` (only the new jobs
+ran; every other row is read back from the raw file).
 A reduced run (2 passkey depths at 2k only, 1 perplexity window, streaming window 512 only, speed at 25%) is
 ``bench/results/kv_vs_kvpress_reduced.md``:
 
@@ -80,6 +84,8 @@ import prunekit.inference.kv as kv  # noqa: E402
 from kvpress_env import ensure_kvpress_venv  # noqa: E402
 
 PRUNEKIT_POLICIES = ["streaming_llm", "h2o", "snapkv", "knorm", "delta", "delta_calibrated", "deep_forcing"]
+EVICTING = [p for p in PRUNEKIT_POLICIES if not p.startswith("delta")]
+ONCE = "+once"  # a row's policy NAME+once: NAME with once=True (compress the context's forward only)
 KVPRESS_PRESSES = ["snapkv", "streaming_llm", "knorm", "expected_attention"]
 RESULTS = HERE / "results"
 
@@ -95,6 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--passkey-policies", default="", metavar="NAMES",
                    help="the passkey task runs only these policies, of either tool (e.g. full,delta,delta_calibrated; "
                    "with --tasks passkey and no press named, no kvpress venv is needed); default every one")
+    p.add_argument("--once", action="store_true",
+                   help="passkey: also run each evicting prunekit policy with once=True (rows NAME+once): only the "
+                   "context's forward is compressed, the question and answer are kept, as kvpress's pipeline does")
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--ppl-context", type=int, default=2048)
     p.add_argument("--ppl-tokens", type=int, default=256)
@@ -176,6 +185,8 @@ def make_jobs(args, tok, book: list[int]) -> list[dict]:
                         chosen = args.passkey_policies.split(",")
                         names = [n for n in names if n in chosen and (tool == "prunekit" or n != "full" or
                                                                       any(c in KVPRESS_PRESSES for c in chosen))]
+                    if task == "passkey" and tool == "prunekit" and args.once:
+                        names = names + [n + ONCE for n in names if n in EVICTING]
                     for name in names:
                         for budget in ([None] if name.startswith("full") else budgets):
                             jobs.append(dict(tool=tool, policy=name, task=task, context=context, budget=budget, sample=depth,
@@ -205,6 +216,8 @@ def parse_spec(spec: str):
 
 
 def policy_ctx(model, name, budget, every):
+    if name.endswith(ONCE):
+        return lambda: kv.policy(model, name.removesuffix(ONCE), budget=budget, every=every, once=True)
     if ":" in name:
         base, opts = parse_spec(name)
         return lambda: kv.policy(model, base, budget=budget, every=every, **opts)
@@ -327,8 +340,11 @@ def targets(rows) -> list[str]:
         better = max if task == "passkey" else min
         kp = [r for r in rs if r["tool"] == "kvpress"]
         # DELTA keeps the whole cache (its budget is keys attended, not kept): also compare evicting policies alone
+        # and the evicting policies under kvpress's protocol (once: the question and answer are never evicted)
+        evicting = [r for r in rs if r["tool"] == "prunekit" and not r["policy"].startswith("delta")]
         for label, pk in (("best", [r for r in rs if r["tool"] == "prunekit"]),
-                          ("best evicting", [r for r in rs if r["tool"] == "prunekit" and not r["policy"].startswith("delta")])):
+                          ("best evicting", [r for r in evicting if not r["policy"].endswith(ONCE)]),
+                          ("best evicting with once (kvpress's protocol)", [r for r in evicting if r["policy"].endswith(ONCE)])):
             if pk and kp and (label == "best" or len(pk) < len([r for r in rs if r["tool"] == "prunekit"])):
                 bp, bk = better(pk, key=lambda r: r["score"]), better(kp, key=lambda r: r["score"])
                 ok = bp["score"] >= bk["score"] if task == "passkey" else bp["score"] <= bk["score"]
@@ -383,7 +399,8 @@ def write_outputs(rows, args, meta):
     lines.append("")
     lines.append("Protocol: the context is prefilled and compressed to the budget without seeing the question (kvpress's "
                  "pipeline); prunekit's policies keep compressing while decoding (cache <= budget + every - 1), kvpress's "
-                 "cache holds budget + question + answer. `delta` keeps the whole cache: its budget is the keys its sparse "
+                 "cache holds budget + question + answer; prunekit's `NAME+once` rows run NAME with once=True, "
+                 "kvpress's protocol: only the context's forward is compressed. `delta` keeps the whole cache: its budget is the keys its sparse "
                  "layers attend to (`attended`: fraction of keys attended over all layers while decoding). `deep_forcing` "
                  "compresses to sinks + topc + recent (0.8 x budget at its defaults) and refills to the budget; Top-C "
                  "and recent keys keep their RoPE phases unless `topc_rope=unify`. "
