@@ -10,6 +10,9 @@ change of load hits every arm alike.
 
     python bench/kv_speed.py                          # every policy at budgets 1024 and 2048, 60 rounds
     python bench/kv_speed.py --steps 30 --arms full,delta:1024
+    python bench/kv_speed.py --arms full,knorm:1024,knorm+once:1024 --out bench/results/kv_speed_once.json
+
+An arm ``POLICY+once`` runs the policy with ``once=True``: the prefill is compressed, decoding never is.
 
 Writes bench/results/kv_speed.json and .md.
 """
@@ -46,7 +49,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--arms", default=DEFAULT_ARMS,
-                    help="POLICY[:BUDGET],... besides the plain model (delta_calibrated: DELTA at calibrated layers)")
+                    help="POLICY[:BUDGET],... besides the plain model (delta_calibrated: DELTA at calibrated layers; "
+                    "POLICY+once: with once=True, only the prefill compressed)")
     ap.add_argument("--every", type=int, default=16, help="evicting policies compress when budget + EVERY is reached")
     ap.add_argument("--steps", type=int, default=60, help="decoding rounds (one step of every arm each)")
     ap.add_argument("--threads", type=int, default=1)
@@ -79,6 +83,8 @@ def main(argv=None) -> int:
             return kv.policy(m, "delta", budget=budget, delta_layers=calibrated)
         if name == "full":
             return kv.policy(m, "full")
+        if name.endswith("+once"):
+            return kv.policy(m, name.removesuffix("+once"), budget=budget, once=True)
         return kv.policy(m, name, budget=budget, every=args.every)
 
     with torch.no_grad():
@@ -128,7 +134,8 @@ def main(argv=None) -> int:
              "`plain`: the model with no KV context (transformers' DynamicCache, which concatenates the whole cache "
              "at every step); `full`: prunekit's full-cache policy, the same engine as the others (cache appended in "
              "place) with nothing scored or evicted. `delta_calibrated`: DELTA at the layers `calibrate_delta_layers` "
-             "places on 1,024 Wikipedia tokens.", "",
+             "places on 1,024 Wikipedia tokens. `POLICY+once`: the policy with once=True (the prefill compressed to "
+             "the budget, every decoded token kept, no compression while decoding).", "",
              "| policy | budget | ms / token | median | tokens / s | speed vs plain | speed vs full | cache MB | attended |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
