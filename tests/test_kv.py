@@ -381,9 +381,9 @@ def test_delta_with_an_ample_budget_off_the_page_grid_and_small_models_default_l
     with kv.policy(small, "delta", budget=48, recent_pages=1, page_size=16) as pol:
         generate(small, prompt(100), new=8)
     assert pol.attended < pol.available
-    with kv.policy(small, "delta", budget=48, recent_pages=1, delta_layers=[1, 2]), \
-            pytest.raises(InputError, match="leave no sparse layer"):
-        generate(small, prompt(100), new=8)
+    with pytest.raises(InputError, match="leave no sparse layer"):  # on entering, before any forward
+        with kv.policy(small, "delta", budget=48, recent_pages=1, delta_layers=[1, 2]):
+            generate(small, prompt(100), new=8)
 
 
 def test_rotating_a_key_by_delta_equals_computing_it_at_the_new_position(models):
@@ -588,6 +588,16 @@ def test_deep_forcing_picks_a_token_as_top_c_at_most_max_reuse_times():
     assert picks == [[2], [3], [2]]
 
 
+def test_delta_layers_the_model_lacks_are_refused_when_the_policy_is_entered(models):
+    model = models["sdpa"]  # 4 layers
+    for layers, message in (([9], "delta layer 9 does not exist; the model has layers 0..3"),
+                            ([3], "leave no sparse layer in a 4-layer model")):
+        with pytest.raises(InputError, match=message):
+            with kv.policy(model, "delta", budget=16, delta_layers=layers, page_size=4, recent_pages=2):
+                pytest.fail("entered")  # was refused only at the first forward
+    assert "forward" not in model.model.layers[0].self_attn.__dict__  # nothing was hooked
+
+
 def test_delta_pages_rule():
     pol = kv.Delta(budget=12, page_size=4, recent_pages=1)  # K = 3 pages
     probs = torch.full((4, 30), 0.001)  # [Hq, n]: 8 pages, the last one partial
@@ -782,6 +792,17 @@ def test_cli_generate(model_dir, tmp_path, capsys):
     assert cli.main(["generate", str(model_dir), "--prompt", "the licence text " * 4, "--kv", "snapkv", "--budget",
                      "24", "--max-new-tokens", "12", "--option", "window=8", "--every", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["cache_tokens_max"] <= 24  # --every 1: the budget exactly
+    # 16 cached new tokens reach budget + every = 40 and compress: the most held was 39, not the 24 left at the end
+    assert cli.main(["generate", str(model_dir), "--prompt", "the licence text " * 4, "--kv", "snapkv", "--budget",
+                     "24", "--max-new-tokens", "17", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["cache_tokens_max"] == 39 and result["cache_tokens_end"] == 24
+    # a DELTA layer the model lacks is refused before any note promises the full cache's output (one line)
+    for layers in ("99", "1"):  # a 2-layer model: 1 leaves no sparse layer
+        assert cli.main(["generate", str(model_dir), "--prompt", "hi", "--kv", "delta", "--budget", "160",
+                         "--option", f"delta_layers={layers}", "--max-new-tokens", "2", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("prunekit: error: delta layer") and err.count("\n") == 1, err
     # a budget that holds the whole sequence evicts nothing: the output was --kv full's, without a word
     assert cli.main(["generate", str(model_dir), "--prompt", "the licence text " * 4, "--kv", "snapkv", "--budget",
                      "79", "--max-new-tokens", "12", "--json"]) == 0  # the 12th new token is never cached
@@ -1018,8 +1039,9 @@ def test_policies_keep_the_model_sdpa_attention(models, name, monkeypatch):
 def test_delta_layers_compute_the_same_full_attention(models):
     model, ids = models["sdpa"], prompt(40)
     full, _ = generate(model, ids, new=8)
-    with kv.policy(model, "delta", budget=16, delta_layers=[0, 1, 2, 3], page_size=4, recent_pages=2) as pol:
-        pol._layers = lambda num_layers: [0, 1, 2, 3]  # users are refused this (no sparse layer): bypass the check
+    pol = kv.make_policy("delta", budget=16, delta_layers=[0, 1, 2, 3], page_size=4, recent_pages=2)
+    pol._layers = lambda num_layers: [0, 1, 2, 3]  # users are refused this (no sparse layer): bypass the check
+    with kv.policy(model, pol):
         out, _ = generate(model, ids, new=8)  # every layer a Δ-layer: selection runs, but nobody attends sparsely
     assert torch.equal(out, full) and pol.attended == pol.available
 

@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
                          "budget exactly, at a compression per token)")
     ge.add_argument("--once", action="store_true",
                     help="compress the prompt only, at its prefill, and keep every generated token (kvpress's and "
-                         "SnapKV's use of a budget: the cache ends at the budget plus the new tokens, no --every)")
+                         "SnapKV's use of a budget: the cache ends at the budget plus the new tokens but the last; "
+                         "no --every)")
     ge.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template as a user turn")
     ge.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="a policy option (repeatable), e.g. --option sinks=4 --option delta_layers=2,15,24 "
@@ -161,6 +162,8 @@ def run(args) -> int:
         options["delta_layers"], _ = kv.wiki_delta_layers(model, tok)
         if not args.json and not args.quiet:
             print(f"delta: calibrated delta layers {options['delta_layers']}", file=sys.stderr)
+    if unhooked is None:  # the policy's checks against this model (DELTA's layers) before a note promises an output
+        kv.Engine(model, kv.make_policy(args.kv, budget=args.budget, **options), budget=checked.budget)
     from prunekit.text import position_limit
 
     limit = position_limit(model)
@@ -205,7 +208,14 @@ def run(args) -> int:
     if sampling["do_sample"]:
         torch.manual_seed(sampling["seed"])
     forwards = []  # when each forward ended: the first is the prefill, the rest decode one token each
-    hook = model.register_forward_hook(lambda *_: forwards.append(time.perf_counter()))
+    peak = [0, 0]  # the most tokens a layer held, and the most bytes the cache took, after any forward
+
+    def ended(*_):
+        forwards.append(time.perf_counter())
+        peak[0] = max(peak[0], *kv.cache_tokens(cache), 0)
+        peak[1] = max(peak[1], kv.cache_bytes(cache))
+
+    hook = model.register_forward_hook(ended)
     start = time.perf_counter()
     try:
         hooked = (kv.policy(model, args.kv, budget=args.budget, every=args.every, once=args.once, **options)
@@ -227,7 +237,9 @@ def run(args) -> int:
         "once": bool(args.once and checked.compresses), "options": options,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "sampling": sampling, "prompt_tokens": int(ids.shape[1]), "new_tokens": int(new.numel()), "text": text,
-        "cache_tokens_max": max(tokens) if tokens else None, "cache_bytes": kv.cache_bytes(cache),
+        # the peaks: a compressing policy holds up to budget + every - 1 between compressions (more than at the end)
+        "cache_tokens_max": peak[0] if tokens else None, "cache_tokens_end": max(tokens) if tokens else None,
+        "cache_bytes": peak[1],
         "full_cache_bytes": _full_cache_bytes(kv.kv_layers(cache), seen), "seconds": seconds,
         "tokens_per_s": new.numel() / seconds if seconds > 0 else None,  # prefill included
         "prefill_seconds": forwards[0] - start if forwards else None,
@@ -254,8 +266,8 @@ def run(args) -> int:
         speed = (f"prefill {result['prefill_seconds']:.2f} s" if result["prefill_seconds"] is not None else "")
         if result["decode_tokens_per_s"] is not None:
             speed += f", then decode {result['decode_tokens_per_s']:.1f} tok/s"
-        held = (f"cache {result['cache_tokens_max']} tokens/layer{full}, {result['cache_bytes'] / 2**20:.2f} MiB "
-                "allocated" if tokens else f"no key/value cache (its {recurrent} layers keep a recurrent state)")
+        held = (f"cache at most {result['cache_tokens_max']} tokens/layer{full}, {result['cache_bytes'] / 2**20:.2f} "
+                "MiB allocated" if tokens else f"no key/value cache (its {recurrent} layers keep a recurrent state)")
         if tokens and recurrent:
             held += (f" in its {len(tokens)} attention layer{'s' * (len(tokens) > 1)} ({recurrent} other layer"
                      f"{'s keep' if recurrent > 1 else ' keeps'} a recurrent state, not counted)")

@@ -120,6 +120,9 @@ class Delta(Policy):
         self._slots: dict[int, dict] = {}  # per Δ-layer: the pages in its sparse layers' buffer slots
         self._buffers: dict[int, tuple] = {}  # per sparse layer: (keys, values, plan version they hold)
 
+    def check(self, num_layers: int) -> None:
+        self._layers(num_layers)
+
     def _layers(self, num_layers: int) -> list[int]:
         layers = self.delta_layers if self.delta_layers is not None else default_delta_layers(num_layers)
         if layers[-1] >= num_layers:

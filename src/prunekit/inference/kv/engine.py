@@ -249,6 +249,10 @@ class Policy:
         ``attention(q, keys, values)`` runs the model's attention implementation on any keys/values, unmasked."""
         return None
 
+    def check(self, num_layers: int) -> None:
+        """Refuse (InputError) a setting a model of `num_layers` attention layers cannot run; called when an engine
+        is made, before any forward."""
+
     def reset(self) -> None:
         """A new cache started: forget per-sequence state."""
 
@@ -300,6 +304,7 @@ class Engine:
         self.every = every
         self.once = once
         self.layers = self._attention_layers(model)
+        policy.check(len(self.layers))
         self.sliding_window = Engine.window(model)  # a sliding window: sequences within it only
         self.rotary = self._rotary(model)
         self.states: list[LayerState] = []
