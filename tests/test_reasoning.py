@@ -343,6 +343,12 @@ def test_load_paths_reads_a_good_file(tmp_path):
     (json.dumps({"answer": "1", "paths": [{"text": "x", "answer": "1", "logprobs": []}]}), "non-empty"),
     (json.dumps({"answer": "1", "paths": [{"text": "x", "logprobs": [-1]}]}), "no \"answer\""),
     (json.dumps([1, 2]), "JSON object"),
+    # answers of other JSON types were compared by their Python text: ["1"] never matched "1", exit 0
+    (json.dumps({"answer": "1", "paths": [{"text": "x", "answer": ["1"]}]}),
+     r"path 0: \"answer\" must be a string, a number or null \(got list\)"),
+    (json.dumps({"answer": "1", "paths": [{"text": "x", "answer": {"x": 1}}]}), r"\(got dict\)"),
+    (json.dumps({"answer": "1", "paths": [{"text": "x", "answer": True}]}), r"\(got true/false\)"),
+    (json.dumps({"answer": ["1"], "paths": [{"text": "x", "answer": "1"}]}), "the reference \"answer\" must be"),
 ])
 def test_load_paths_rejects_malformed_lines(tmp_path, line, match):
     p = _write(tmp_path, [GOOD[0], line])
@@ -423,7 +429,13 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("prunekit: error:") and "bad.jsonl:2" in err
     assert main(["reason", str(tmp_path / "missing.jsonl"), "--method", "sc"]) == 2
+    capsys.readouterr()
     assert main(["reason", str(_write(tmp_path, GOOD)), "--method", "pc", "--n", "5"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    # --n above the paths used to print first a note that every question votes over all its paths
+    assert main(["reason", str(_write(tmp_path, GOOD)), "--method", "sc", "--n", "5", "--resamples", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prunekit: error: n=5 but a question has only 1 paths") and err.count("\n") == 1
     assert main(["reason", str(_write(tmp_path, GOOD))]) == 2  # no --method
 
 
@@ -503,6 +515,17 @@ def test_cli_resume_continues_an_interrupted_sampling_run_to_the_same_paths(tmp_
     assert "resuming after 2 of 4 questions" in capsys.readouterr().err
     assert out.read_text() == (tmp_path / "plain.jsonl").read_text() and not partial.exists()
     assert main(["reason", str(out), "--method", "sc", "--resume"]) == 2
+    # a run without --resume beside an interrupted run's progress: it sampled everything again, left the .partial
+    # and .lock there, and the next --resume was refused as "OUT exists"
+    partial.write_text(kept)
+    assert main([*base, "--out", str(tmp_path / "again.jsonl")]) == 0  # another output: nothing in the way
+    (tmp_path / "fresh.jsonl.partial").write_text(kept)
+    assert main([*base, "--out", str(tmp_path / "fresh.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "fresh.jsonl.partial holds the questions an interrupted --resume run sampled; add --resume" in err
+    assert not (tmp_path / "fresh.jsonl").exists()
+    assert main([*base, "--out", str(tmp_path / "fresh.jsonl"), "--resume"]) == 0
+    assert (tmp_path / "fresh.jsonl").read_text() == out.read_text()
 
 
 def test_cli_resume_writes_its_header_before_sampling_and_starts_over_from_an_empty_progress_file(

@@ -120,6 +120,9 @@ def _sample(args) -> int:
     check_question_seeds(args.seed, 0, len(questions))
     resolve_model(args.model)
     partial = out.with_name(out.name + ".partial")
+    if partial.exists() and not args.resume:  # a plain run left it beside OUT, and the next --resume was refused
+        raise InputError(f"{partial} holds the questions an interrupted --resume run sampled; add --resume to "
+                         f"continue it, or delete {partial} to start over")
     lock = _resume_lock(out) if args.resume else None  # two resumers appended to one .partial: it was lost
     try:
         return _sample_into(args, out, partial, questions)
@@ -263,6 +266,7 @@ def run(args) -> int:
     out = None if args.answers is None else _check_out(args.answers, "--answers", "the chosen answers",
                                                          args.overwrite, args.paths)
     questions = reasoning.load_paths(args.paths)
+    reasoning.check_n(args.n, questions)  # before the note below, which says the run goes on
     unknown = sum(not reasoning.has_reference(q.answer) for q in questions)
     if args.n is None or args.n >= max(len(q.answers) for q in questions):  # no subsets are drawn
         unused = [f for f, given in (("--resamples", resamples_given), ("--seed", args.seed != 0)) if given]

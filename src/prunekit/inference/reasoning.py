@@ -61,7 +61,7 @@ from prunekit.jsonl import read_objects
 __all__ = [
     "METHODS", "Vote", "WeibullMixture", "path_probabilities", "self_consistency", "perplexity_consistency",
     "fit_weibull_mixture", "reasoning_prune", "rpc", "vote", "expected_calibration_error", "evaluate",
-    "load_paths", "canonical_answer", "has_reference", "choose",
+    "load_paths", "canonical_answer", "has_reference", "check_n", "choose",
 ]
 
 METHODS = ("sc", "pc", "rpc")
@@ -433,9 +433,21 @@ def _bad(path, line_no, what) -> InputError:
     return InputError(f"{path}:{line_no}: {what}")
 
 
+def _answer_type(value) -> str | None:
+    """What is wrong with an answer's JSON type (None when it is a string, a number or null): a list or an object
+    was compared by its Python text, so ["1"] never matched "1"."""
+    if value is None or isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return None
+    got = "true/false" if isinstance(value, bool) else type(value).__name__
+    return f"must be a string, a number or null (got {got})"
+
+
 def _parse(obj, path, line_no) -> Question:
     if not isinstance(obj, dict):
         raise _bad(path, line_no, "expected a JSON object {\"answer\": ..., \"paths\": [...]}")
+    wrong = _answer_type(obj.get("answer"))
+    if wrong:
+        raise _bad(path, line_no, f"the reference \"answer\" {wrong}")
     paths = obj.get("paths")
     if not isinstance(paths, list):
         raise _bad(path, line_no, "\"paths\" must be a list of {\"text\", \"answer\", \"logprobs\"}")
@@ -450,6 +462,9 @@ def _parse(obj, path, line_no) -> Question:
             raise _bad(path, line_no, f"path {j}: \"text\" must be a string")
         if "answer" not in p:
             raise _bad(path, line_no, f"path {j}: no \"answer\" (use null when none was extracted)")
+        wrong = _answer_type(p["answer"])
+        if wrong:
+            raise _bad(path, line_no, f"path {j}: \"answer\" {wrong}")
         if lp is None:  # answers alone (an API without log-probs): self-consistency votes on them, pc and rpc refuse
             texts.append(text)
             answers.append(p["answer"])
@@ -513,6 +528,18 @@ def _check_logprobs(qs: list, method: str) -> None:
                              "alone)")
 
 
+def check_n(n, questions) -> None:
+    """Refuse (InputError) a subset size `n` that is not an integer >= 1 (None: all paths) or is above the fewest
+    paths a question has."""
+    if n is None:
+        return
+    if not isinstance(n, Integral) or isinstance(n, bool) or n < 1:  # numpy ints too
+        raise InputError(f"n={n!r} must be an integer >= 1")
+    available = min(len(q.answers) for q in questions)
+    if n > available:
+        raise InputError(f"n={n} but a question has only {available} paths; choose n <= {available}")
+
+
 def has_reference(answer) -> bool:
     """Whether a question's reference `answer` is given (not null, not empty once canonical)."""
     return canonical_answer(answer) not in (None, "")
@@ -555,11 +582,8 @@ def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10,
     qs = _as_questions(records)
     if not qs:
         raise InputError("no questions to evaluate")
+    check_n(n, qs)
     available = min(len(q.answers) for q in qs)
-    if n is not None and (not isinstance(n, Integral) or isinstance(n, bool) or n < 1):  # numpy ints too
-        raise InputError(f"n={n!r} must be an integer >= 1")
-    if n is not None and n > available:
-        raise InputError(f"n={n} but a question has only {available} paths; choose n <= {available}")
     if isinstance(resamples, bool) or not isinstance(resamples, Integral) or resamples < 1:
         raise InputError(f"resamples={resamples!r} must be an integer >= 1")
     if not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0:
