@@ -976,6 +976,11 @@ def test_data_train_on_kept_examples_reports_held_out_accuracy(tmp_path, capsys)
     np.save(tmp_path / "all.npy", np.ones(240, bool))
     assert main([*args, "--keep", str(tmp_path / "all.npy"), "--budget", "same-epochs"]) == 0
     assert "every example trains (the keep file keeps all), so --budget" in capsys.readouterr().err
+    # a held-out set whose lengths differ was blamed on the training files ("data has 240 ... labels has 120")
+    bad = [*args[:6], "--test-data", str(tmp_path / "xt.npy"), "--test-labels", str(tmp_path / "y.npy"), "--quiet"]
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert f"--test-data {tmp_path / 'xt.npy'} has 120 examples but --test-labels {tmp_path / 'y.npy'} has 240" in err
 
 
 @pytest.mark.parametrize("keep,match", [

@@ -327,10 +327,12 @@ def _inputs(args):
             raise InputError(f"data file {args.data} has a column {ids[0]!r}, which looks like an example id, not a "
                              "feature; drop it (the output names examples by their row)")
         y = read_labels(args.labels)
+        data_flag, labels_flag = getattr(args, "flags", ("--data", "--labels"))  # train's held-out set: --test-*
         if len(x) != len(y):
-            raise InputError(f"data has {len(x)} examples but labels has {len(y)}; they must describe the same examples")
+            raise InputError(f"{data_flag} {args.data} has {len(x)} examples but {labels_flag} {args.labels} has "
+                             f"{len(y)}; they must describe the same examples")
         if not np.issubdtype(x.dtype, np.number):
-            raise InputError(f"data must be numeric, got {x.dtype}")
+            raise InputError(f"{data_flag} {args.data} must be numeric, got {x.dtype}")
         check_real(x, args.data, "data")
         if 0 in x.shape[1:]:
             raise InputError(f"data file {args.data} has shape {x.shape}: no values per example; give features "
@@ -783,7 +785,8 @@ def _cmd_train(args) -> int:
     start = time.perf_counter()
     x, y, model_fn = _inputs(args)
     if args.test_data is not None:
-        test = ap.Namespace(data=args.test_data, labels=args.test_labels, model=args.model)
+        test = ap.Namespace(data=args.test_data, labels=args.test_labels, model=args.model,
+                            flags=("--test-data", "--test-labels"))
         x_test, y_test, _ = _inputs(test)
         test_source = str(args.test_data)
     else:  # the zoo copy's test split, scaled as _inputs scales its train split

@@ -600,7 +600,7 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
     path = follow_link(Path(path).expanduser())  # a link is written where it points (a loop is named)
     _suffix(path, "output")
     if path.exists() and not overwrite:
-        raise InputError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+        raise InputError(f"{path} exists; pass --overwrite (in Python: overwrite=True) to replace it")
     if path.is_dir():
         raise InputError(f"{path} is a folder, not a file; choose another output file")
     if not path.parent.exists():
