@@ -528,16 +528,15 @@ def _check_logprobs(qs: list, method: str) -> None:
                              "alone)")
 
 
-def check_n(n, questions) -> None:
+def check_n(n, questions) -> int:
     """Refuse (InputError) a subset size `n` that is not an integer >= 1 (None: all paths) or is above the fewest
-    paths a question has."""
-    if n is None:
-        return
-    if not isinstance(n, Integral) or isinstance(n, bool) or n < 1:  # numpy ints too
-        raise InputError(f"n={n!r} must be an integer >= 1")
+    paths a question has; return that fewest."""
     available = min(len(q.answers) for q in questions)
-    if n > available:
+    if n is not None and (not isinstance(n, Integral) or isinstance(n, bool) or n < 1):  # numpy ints too
+        raise InputError(f"n={n!r} must be an integer >= 1")
+    if n is not None and n > available:
         raise InputError(f"n={n} but a question has only {available} paths; choose n <= {available}")
+    return available
 
 
 def has_reference(answer) -> bool:
@@ -582,8 +581,7 @@ def evaluate(records, *, method: str, n: int | None = None, resamples: int = 10,
     qs = _as_questions(records)
     if not qs:
         raise InputError("no questions to evaluate")
-    check_n(n, qs)
-    available = min(len(q.answers) for q in qs)
+    available = check_n(n, qs)
     if isinstance(resamples, bool) or not isinstance(resamples, Integral) or resamples < 1:
         raise InputError(f"resamples={resamples!r} must be an integer >= 1")
     if not isinstance(seed, Integral) or isinstance(seed, bool) or seed < 0:

@@ -162,8 +162,11 @@ def run(args) -> int:
         options["delta_layers"], _ = kv.wiki_delta_layers(model, tok)
         if not args.json and not args.quiet:
             print(f"delta: calibrated delta layers {options['delta_layers']}", file=sys.stderr)
-    if unhooked is None:  # the policy's checks against this model (DELTA's layers) before a note promises an output
-        kv.Engine(model, kv.make_policy(args.kv, budget=args.budget, **options), budget=checked.budget)
+    # the policy that runs (its options now final), checked against this model (DELTA's layers) before a note
+    # promises an output
+    running = kv.make_policy(args.kv, budget=args.budget, **options)
+    if unhooked is None:
+        kv.Engine(model, running, budget=running.budget)
     from prunekit.text import position_limit
 
     limit = position_limit(model)
@@ -218,8 +221,8 @@ def run(args) -> int:
     hook = model.register_forward_hook(ended)
     start = time.perf_counter()
     try:
-        hooked = (kv.policy(model, args.kv, budget=args.budget, every=args.every, once=args.once, **options)
-                  if unhooked is None else contextlib.nullcontext(checked))
+        hooked = (kv.policy(model, running, every=args.every, once=args.once) if unhooked is None
+                  else contextlib.nullcontext(checked))
         with torch.no_grad(), hooked as pol:
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                  cache=cache, pad_token_id=pad, **generation)
