@@ -98,9 +98,10 @@ def make_questions(count: int, seed: int = 0) -> list[dict]:
 
 
 def _config(args) -> dict:
-    # extractor 3: "the answer is indeed 5" and "answer is 3 x 4 = 12" read 5 and 12 (2026-12-02); a cache's answers
+    # extractor 3: "the answer is indeed 5" and "answer is 3 x 4 = 12" read 5 and 12 (2026-12-02); extractor 4:
+    # "answer is 2^3 = 8", "2 + 3, which equals 5" and "3/4" read 8, 5 and 0.75 (2026-12-04); a cache's answers
     # were extracted when sampled
-    return {"generator": GENERATOR_VERSION, "extractor": 3, "question_seed": args.question_seed, "n": SAMPLES,
+    return {"generator": GENERATOR_VERSION, "extractor": 4, "question_seed": args.question_seed, "n": SAMPLES,
             "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE, "instruction": INSTRUCTION,
             "model": "smollm2-135m", "seed": args.seed}
 

@@ -301,6 +301,8 @@ def test_answers_compare_as_exact_numbers_written_in_ascii():
     assert R.canonical_answer("\u0665") != R.canonical_answer("5") and R.canonical_answer("1_000") == "1_000"
     assert R.canonical_answer("1,2") == "1,2" and R.canonical_answer("1e99999") == "1e99999"
     assert R.canonical_answer("nan") == "nan" and R.canonical_answer(None) is None
+    assert R.canonical_answer("3/4") == R.canonical_answer("0.75") == 0.75 and R.canonical_answer("-6 / 2") == -3
+    assert R.canonical_answer("1/0") == "1/0" and R.canonical_answer("1.5/2") == "1.5/2"
 
 
 def test_references_are_read_like_path_answers_and_a_missing_one_is_refused(tmp_path, capsys):
@@ -574,6 +576,18 @@ def test_extract_answer():
     assert extract_answer("answer = 4, since 2 x 2 = 4 and 6 is wrong") == "4"
     assert extract_answer("The final answer is $\\boxed{42}$ after 3 steps") == "42"
     assert extract_answer("The answer is unclear; maybe 6 or 7") == "7"  # no number after it: the last number
+    # a power, a worded result and a fraction after "answer is" (read 2, 2 and 1 before)
+    assert extract_answer("The answer is 2^3 = 8.") == "8" and extract_answer("answer is 2**3 = 8") == "8"
+    assert extract_answer("The answer is 2 + 3, which equals 5.") == "5"
+    assert extract_answer("The answer is 5 x 2, that is 10") == "10"
+    assert extract_answer("answer is 4 x 2 equals 8") == "8" and extract_answer("answer is 4 x 2 which is 8") == "8"
+    assert extract_answer("answer is 5, which is odd") == "5"  # no arithmetic: nothing to take a result from
+    assert extract_answer("The answer is 1/2.") == "0.5" and extract_answer("answer: 3 / 4 of the cake") == "0.75"
+    assert extract_answer("answer is 6/2 = 3") == "3" and extract_answer("answer is 3/4 + 1") == "3"
+    assert extract_answer("The answer is 3/4.5") == "3"  # not a fraction of whole numbers
+    # with no "answer is", the last number keeps a fraction whole (read 2 before); a date is not one
+    assert extract_answer("so the probability is 1/2.") == "0.5" and extract_answer("x = -1/2") == "-0.5"
+    assert extract_answer("On 12/25/2024 we met") == "2024"
     from prunekit.inference.sampling import _ANSWER_IS
 
     for text in ("The answer is 5.0", "the answer is 1,200.50", "answer: -0", "The answer is 2.5E3"):  # as voted

@@ -71,16 +71,22 @@ _TINY = 1e-300
 
 _NUMBER_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?", re.ASCII)
 _GROUPED = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?", re.ASCII)  # 1,200 or 12,345.5
+_FRACTION_TEXT = re.compile(r"([+-]?\d{1,300})\s*/\s*(\d{1,300})", re.ASCII)  # 3/4, -1 / 2
 
 
 def canonical_answer(answer) -> object:
     """The form answers are compared in: a number written in ASCII digits (sign, decimals, exponent, thousands
     separators as in ``1,200``) becomes its value, an exact ``int`` when whole (``"5"``, ``5``, ``"5.0"``,
-    ``"5e0"``, ``"1,200"`` and ``1200`` agree; integers past 2**53 stay exact), else a float; anything else
-    (Unicode digits, ``1_000``) is the stripped string; ``None`` stays ``None`` (no answer)."""
+    ``"5e0"``, ``"1,200"`` and ``1200`` agree; integers past 2**53 stay exact), else a float; a fraction of
+    whole numbers is its value (``"3/4"`` and ``"0.75"`` agree, ``"6/2"`` is 3); anything else (Unicode digits,
+    ``1_000``, ``"1/0"``) is the stripped string; ``None`` stays ``None`` (no answer)."""
     if answer is None:
         return None
     text = repr(answer) if isinstance(answer, float) else str(answer).strip()
+    fraction = _FRACTION_TEXT.fullmatch(text)
+    if fraction and int(fraction.group(2)) != 0:
+        value = Fraction(int(fraction.group(1)), int(fraction.group(2)))
+        return int(value) if value.denominator == 1 else float(value)
     if _GROUPED.fullmatch(text):
         text = text.replace(",", "")
     match = _NUMBER_TEXT.fullmatch(text)

@@ -47,12 +47,19 @@ _FILLER = r"(?:(?:indeed|actually|therefore|thus|then|just|simply|exactly|still|
 # one whitespace run between "answer is" and the number (three in a row took cubic time on a run of spaces)
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)[\s,:]*" + _FILLER + r"(?:\$\s*)?\\?(?:boxed\{\s*)?(" + _NUMBER + ")",
                         re.IGNORECASE)
-# arithmetic right after the stated number, on its line: "the answer is simply 3 x 4 = 12" states 12. It starts
-# with an operator: "the answer is 8 = 5 + 3" states 8, its justification after it
-_OPERATOR = r"(?:[-+*/×÷xX·]|\\times|\\cdot)"
+# arithmetic right after the stated number, on its line: "the answer is simply 3 x 4 = 12" states 12, "the answer
+# is 2^3 = 8" states 8, "the answer is 2 + 3, which equals 5" states 5. It starts with an operator: "the answer
+# is 8 = 5 + 3" states 8, its justification after it
+_OPERATOR = r"(?:\*\*|[-+*/×÷xX·^]|\\times|\\cdot)"
+# (no whitespace of its own before "which": a run of spaces matched by two stars in a row took quadratic time)
+_RESULT = r"(?:=|\bequals\b|\bis equal to\b|(?:,[ \t]*)?\b(?:which|that)[ \t]+(?:is|equals|gives|makes)\b)"
 _CHAIN = re.compile(r"[ \t]*" + _OPERATOR + r"[ \t]*" + _NUMBER
-                    + r"(?:[ \t]*(?:" + _OPERATOR + r"|=)[ \t]*" + _NUMBER + ")*")
-_AFTER_EQUALS = re.compile(r"=\s*(" + _NUMBER + ")")
+                    + r"(?:[ \t]*(?:" + _OPERATOR + r"|" + _RESULT + r")[ \t]*" + _NUMBER + ")*")
+_AFTER_RESULT = re.compile(_RESULT + r"[ \t]*(" + _NUMBER + ")")
+# a fraction stated with no result after it: "the answer is 3/4" states 3/4 (compared as 0.75)
+_FRACTION = re.compile(r"[ \t]*/[ \t]*(\d+)(?!\.?\d)(?![ \t]*(?:" + _OPERATOR + r"|" + _RESULT + r"))")
+# the last number of a text with no "answer is", a fraction whole: "so the probability is 1/2" states 1/2
+_LAST = re.compile(r"(" + _NUMBER + r")(?:[ \t]*/[ \t]*(\d+)(?!\.?\d))?")
 
 
 def _norm_number(text: str) -> str:
@@ -66,8 +73,10 @@ def _norm_number(text: str) -> str:
 def extract_answer(text: str) -> str | None:
     """The answer a completion states: the number after the last "answer is" (or "answer:", "answer is:",
     "answer =", with words like "indeed" or "therefore" between: "the answer is indeed 5"; when arithmetic
-    follows it, the result after its last "=": "the answer is 3 x 4 = 12" -> "12"), else the last number in
-    the text; ``None`` when it has no number. It is written as the votes compare answers
+    follows it, the result after its last "=", "equals" or ", which is": "the answer is 3 x 4 = 12" -> "12",
+    "the answer is 2^3 = 8" -> "8"), else the last number in the text; ``None`` when it has no number. A
+    fraction of whole numbers is one number: "the answer is 3/4" and "so it is 3/4" -> "0.75" (with "=" after
+    it, the result: "the answer is 6/2 = 3" -> "3"). It is written as the votes compare answers
     (`prunekit.inference.reasoning.canonical_answer`): thousands separators and trailing zeros dropped, an exponent
     applied ("1,200.50" -> "1200.5", "2.5e3" -> "2500"), so equal numbers compare equal as strings. A comma that
     does not group thousands ends the number ("the answer is 3,5" -> "3"; with no "answer is", "x is 3,5" -> "5",
@@ -77,10 +86,16 @@ def extract_answer(text: str) -> str | None:
         pass
     if last is not None:
         chain = _CHAIN.match(text, last.end())
-        results = _AFTER_EQUALS.findall(chain.group(0)) if chain else []
-        return _norm_number(results[-1] if results else last.group(1))
-    numbers = re.findall(_NUMBER, text)
-    return _norm_number(numbers[-1]) if numbers else None
+        results = _AFTER_RESULT.findall(chain.group(0)) if chain else []
+        if results:
+            return _norm_number(results[-1])
+        fraction = _FRACTION.match(text, last.end())
+        return _norm_number(last.group(1) + ("/" + fraction.group(1) if fraction else ""))
+    numbers = _LAST.findall(text)
+    if not numbers:
+        return None
+    number, denominator = numbers[-1]
+    return _norm_number(number + ("/" + denominator if denominator else ""))
 
 
 def build_prompt(tokenizer, question: str, *, instruction: str | None = DEFAULT_INSTRUCTION,
