@@ -518,6 +518,44 @@ def test_groups_without_a_pattern_are_checked_too(call, message):
     assert depth.group_options(1, 2).tolist() == [[1, 0], [0, 1]]
 
 
+def test_default_groups_stay_enumerable():
+    """13 of 30 blocks has no uniform N:M but 13:30, 120 million masks (a MemoryError after the model loaded):
+    the default then takes groups of about 6 blocks; a --group that large is refused before anything is built."""
+    from prunekit.depth.core import MAX_GROUP_OPTIONS
+
+    assert depth.parse_groups(None, depth=30, kept=15) == [(1, 2)] * 15  # uniform where it fits
+    assert depth.parse_groups(None, depth=30, kept=20) == [(2, 3)] * 10
+    assert depth.parse_groups(None, depth=30, kept=13) == [(2, 6), (3, 6), (2, 6), (3, 6), (3, 6)]
+    for total in range(1, 65):
+        for kept in range(1, total + 1):
+            groups = depth.parse_groups(None, depth=total, kept=kept)
+            assert sum(m for _, m in groups) == total and sum(n for n, _ in groups) == kept
+            assert all(1 <= n <= m and math.comb(m, n) <= MAX_GROUP_OPTIONS for n, m in groups), (total, kept)
+    for given in ("13:30", "1:2,12:28"):
+        with pytest.raises(InputError, match=r"masks to enumerate.*--group 2:6,3:6,2:6,3:6,3:6"):
+            depth.parse_groups(given, depth=30, kept=13)
+    with pytest.raises(InputError, match="119,759,850 masks"):
+        depth.group_options(13, 30)
+
+
+def test_cli_default_groups_note_and_refusal(lm_dir, calib, tmp_path, capsys, monkeypatch):
+    from prunekit.depth import core
+
+    monkeypatch.setattr(core, "MAX_GROUP_OPTIONS", 3)  # the 4-block model's 3:4 (4 masks) is then too many
+    monkeypatch.setattr(core, "BALANCED_GROUP_SIZE", 2)
+    base = ["prune", str(lm_dir), "--method", "tinyfusion", "--calib", str(calib), "--samples", "2", "--seqlen", "16",
+            "--learn-steps", "2", "--no-speed", "--quiet"]
+    out = tmp_path / "big"
+    assert main([*base, "--layers", "2", "--group", "2:4", "--out", str(out)]) == 2  # 6 masks
+    assert "group 2:4 has 6 masks to enumerate" in capsys.readouterr().err and not out.exists()
+    out = tmp_path / "three"
+    assert main([*base, "--layers", "3", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "no uniform N:M keeps 3 of 4 blocks" in err and "learns the groups 1:2,2:2" in err
+    meta = json.loads((out / "prunekit.json").read_text())
+    assert len(meta["kept_layers"]) == 3 and sum(meta["kept_layers"][i] < 2 for i in range(3)) == 1
+
+
 def test_block_influence_is_one_minus_the_mean_cosine_over_every_token_and_the_last_block_stays():
     model, x = tiny_lm(), ids(n=6)
     target = depth.causal_lm_target(model, x, batch_size=4)  # batches of 4 and 2: a mean per token, not per batch
@@ -920,7 +958,7 @@ def test_cli_checks_gpt2_depth_and_refuses_multimodal_folders_before_loading(tmp
     (multimodal / "model.safetensors").write_bytes(b"")  # never read: refused from the config
     loads = []
     monkeypatch.setattr(prunekit, "load_model", lambda *a, **k: loads.append(a))
-    for folder, said in ((gpt2, "keeps every block (the model has 4)"), (multimodal, "'gemma3' is a multimodal model")):
+    for folder, said in ((gpt2, "keeps every block or more (the model has 4)"), (multimodal, "'gemma3' is a multimodal model")):
         assert main(["prune", str(folder), "--method", "shortgpt", "--layers", "4", "--out", str(tmp_path / "o"),
                      "--no-speed", "--quiet"]) == 2
         assert said in capsys.readouterr().err

@@ -139,14 +139,16 @@ def _add_prune_arguments(pr) -> None:
     pr.add_argument("model", help="local Hugging Face model folder or zoo name (smollm2-135m)")
     pr.add_argument("--method", required=True, help="weights: magnitude, wanda, sparsegpt, dsnot, armor, dpruner; heads/neurons: tyr, "
                     "uniform-structured, ...; whole blocks: shortgpt, tinyfusion, ... (see `prunekit methods`)")
-    pr.add_argument("--ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
+    pr.add_argument("--ratio", type=float, default=None,
+                    help="fraction of weights removed, in [0, 1) (structured methods: above 0)")
     pr.add_argument("--pattern", default=None, help="N:M: at most N nonzeros in every M consecutive input weights (2:4)")
     pr.add_argument("--calib", default=None, help="calibration text: wiki, austen, python-docs, a .txt/.jsonl file, "
                     "or a mixture drawn from each part alike like wiki+austen (default wiki; "
                     "magnitude uses none unless given)")
     pr.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     pr.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    pr.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows")
+    pr.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows, and for a method's "
+                    "own draws (Týr's search, TinyFusion's masks, random's candidates; default 0)")
     pr.add_argument("--skip", action="append", default=[], metavar="GLOB",
                     help="leave layers matching this name glob dense (repeatable), e.g. '*down_proj'")
     pr.add_argument("--sequential", choices=("block", "layer"), default="block",
@@ -154,7 +156,8 @@ def _add_prune_arguments(pr) -> None:
                     "pruned block, --batch-size sequences at a time (default); layer: one pass per block over all "
                     "samples, each Linear pruned as its inputs arrive (one pass instead of two, about twice the "
                     "memory)")
-    pr.add_argument("--batch-size", type=int, default=4, help="sequences per forward with --sequential block (default 4)")
+    pr.add_argument("--batch-size", type=int, default=4, help="sequences per forward: weight methods with --sequential "
+                    "block, depth methods' scoring, mask learning and recovery (default 4)")
     pr.add_argument("--profile", choices=("uniform", "owl"), default="uniform",
                     help="weight methods: uniform, every block at --ratio (default); owl, a ratio per block from its "
                     "share of outlier |W| x ||X|| scores, averaging --ratio (OWL, Yin et al. 2024; llm-compressor's "

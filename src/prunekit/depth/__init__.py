@@ -15,15 +15,16 @@ from typing import TYPE_CHECKING
 from prunekit._lazy import attach
 
 __all__ = [
-    "DepthTarget", "GatedBlock", "RecoveryResult", "TinyFusionResult", "block_influence", "calibration_loss",
+    "DepthTarget", "GatedBlock", "RecoveryResult", "TinyFusionResult", "balanced_groups", "block_influence",
+    "calibration_loss",
     "causal_lm_target", "check_keep", "check_kept", "drop_blocks", "drop_layers", "every_other", "gates",
     "group_options", "parse_groups", "random_masks", "recover", "removal_losses", "sample_masks", "save_depth_pruned",
     "select_blocks", "sensitivity", "shortgpt", "tinyfusion",
 ]
 
 attach(__name__, {
-    "prunekit.depth.core": ("DepthTarget", "GatedBlock", "causal_lm_target", "check_keep", "check_kept", "drop_blocks",
-                            "gates", "group_options", "parse_groups"),
+    "prunekit.depth.core": ("DepthTarget", "GatedBlock", "balanced_groups", "causal_lm_target", "check_keep",
+                            "check_kept", "drop_blocks", "gates", "group_options", "parse_groups"),
     "prunekit.depth.export": ("drop_layers", "save_depth_pruned"),
     "prunekit.depth.methods": ("block_influence", "calibration_loss", "every_other", "random_masks", "removal_losses",
                                "select_blocks", "sensitivity", "shortgpt"),
@@ -32,8 +33,8 @@ attach(__name__, {
 })
 
 if TYPE_CHECKING:  # the same names for type checkers and editors
-    from prunekit.depth.core import (DepthTarget, GatedBlock, causal_lm_target, check_keep, check_kept, drop_blocks,
-                                     gates, group_options, parse_groups)
+    from prunekit.depth.core import (DepthTarget, GatedBlock, balanced_groups, causal_lm_target, check_keep,
+                                     check_kept, drop_blocks, gates, group_options, parse_groups)
     from prunekit.depth.export import drop_layers, save_depth_pruned
     from prunekit.depth.methods import (block_influence, calibration_loss, every_other, random_masks, removal_losses,
                                         select_blocks, sensitivity, shortgpt)

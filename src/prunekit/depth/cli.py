@@ -33,7 +33,8 @@ def add_prune_arguments(pr) -> None:
     g.add_argument("--layers", type=int, default=None, help="depth: blocks kept (e.g. 15 of SmolLM2's 30)")
     g.add_argument("--group", default=None, metavar="N:M[,N:M...]",
                    help="tinyfusion: keep N of every M consecutive blocks (default: the smallest uniform N:M "
-                   "that keeps --layers, 15 of 30 -> 1:2)")
+                   "that keeps --layers, 15 of 30 -> 1:2; where that has over 20,000 masks, groups of about 6 "
+                   "blocks, 13 of 30 -> 2:6,3:6,2:6,3:6,3:6)")
     g.add_argument("--learn-steps", type=int, default=200, help="tinyfusion: mask-learning steps (default 200)")
     g.add_argument("--candidates", type=int, default=8, help="random: random masks tried (default 8)")
     g.add_argument("--recover", choices=RECOVERY, default="none",
@@ -109,13 +110,19 @@ def _common_checks(args) -> dict:
 
 
 def _check_depth(args, depth) -> None:
-    import prunekit.depth
     from prunekit.errors import InputError
 
     if isinstance(depth, int) and args.layers >= depth:
-        raise InputError(f"--layers {args.layers} keeps every block (the model has {depth}); give a number below {depth}")
+        raise InputError(f"--layers {args.layers} keeps every block or more (the model has {depth}); give a number "
+                         f"below {depth}")
     if isinstance(depth, int) and args.method == "tinyfusion":
-        prunekit.depth.parse_groups(args.group, depth=depth, kept=args.layers)
+        from prunekit.depth import core
+
+        groups = core.parse_groups(args.group, depth=depth, kept=args.layers)
+        if args.group is None and len(set(groups)) > 1:
+            print(f"prunekit: note: no uniform N:M keeps {args.layers} of {depth} blocks in groups of at most "
+                  f"{core.MAX_GROUP_OPTIONS:,} masks each; tinyfusion learns the groups "
+                  f"{','.join(f'{n}:{m}' for n, m in groups)} (choose others with --group)", file=sys.stderr)
 
 
 def _dataless(args) -> bool:
@@ -316,7 +323,11 @@ def run_prune(args) -> int:
             print(f"prunekit: note: {noisy}", file=sys.stderr)
     if evaluation:
         print(report.ppl_table(evaluation))
-    print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'})")
+    from prunekit.structured.export import WIDTHS_KEY
+
+    # a Týr output's per-layer widths go with its blocks: plain transformers refuses the folder, as it did the input
+    loader = "; load with prunekit.load: its widths differ per layer" if getattr(model.config, WIDTHS_KEY, None) else ""
+    print(f"saved to {out} ({dtype_words}; report: {out / 'report.md'}{loader})")
     if narrower:
         note_not_stored(model, args.model, meta["compute_dtype"], kept_blocks=kept)
     return 0

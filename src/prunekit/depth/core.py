@@ -40,8 +40,8 @@ from torch import nn
 from prunekit.errors import InputError, int_at_least
 
 __all__ = [
-    "DepthTarget", "GatedBlock", "gates", "causal_lm_target", "parse_groups", "group_options", "check_keep",
-    "keep_top", "batch_size_of", "hidden_of", "drop_blocks",
+    "DepthTarget", "GatedBlock", "gates", "causal_lm_target", "parse_groups", "balanced_groups", "group_options",
+    "check_keep", "keep_top", "batch_size_of", "hidden_of", "drop_blocks",
 ]
 
 
@@ -135,12 +135,38 @@ def gates(blocks: nn.ModuleList):
             blocks[i] = b
 
 
+MAX_GROUP_OPTIONS = 20_000  # masks one group may enumerate (C(16, 8) = 12,870; C(30, 13) = 119,759,850 did not fit)
+BALANCED_GROUP_SIZE = 6  # blocks per group of the default when no uniform N:M is small enough
+
+
+def _group_text(groups) -> str:
+    """"1:2 x 15" for a uniform list, else "2:6,3:6,...": the form --group takes."""
+    if len(set(groups)) == 1:
+        (n, m), = set(groups)
+        return f"{n}:{m}" + (f" x {len(groups)}" if len(groups) > 1 else "")
+    return ",".join(f"{n}:{m}" for n, m in groups)
+
+
+def balanced_groups(depth: int, kept: int, size: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive groups of about `size` blocks (ceil(depth / size) of them, at most `kept`), each keeping its
+    share of `kept`: one block each, the rest spread over the groups' other blocks by cumulative rounding down
+    (13 of 30 -> 2:6,3:6,2:6,3:6,3:6). Every group keeps 1 to M."""
+    count = max(1, min(kept, math.ceil(depth / (size or BALANCED_GROUP_SIZE))))
+    ends = [depth * (i + 1) // count for i in range(count)]
+    sizes = [e - s for s, e in zip([0, *ends], ends)]
+    spare, room = kept - count, depth - count  # blocks kept beyond one a group, and room for them
+    reach = list(itertools.accumulate(m - 1 for m in sizes))
+    extra = [spare * r // room if room else 0 for r in reach]
+    return [(1 + e - s, m) for s, e, m in zip([0, *extra], extra, sizes)]
+
+
 def parse_groups(groups: str | Sequence[tuple[int, int]] | None, *, depth: int, kept: int) -> list[tuple[int, int]]:
     """Local groups of consecutive blocks as ``[(n, m)]`` (n kept of every m), covering all `depth` blocks.
 
     `groups` is ``"N:M"`` (repeated depth / M times), ``"N:M,N:M,..."`` (in order) or a list of pairs; None
     picks the smallest uniform pattern with ``depth / M`` groups that keeps `kept` (15 of 30 -> 1:2, 20 of
-    30 -> 2:3).
+    30 -> 2:3), or, where that group has more than `MAX_GROUP_OPTIONS` masks (13 of 30 has only 13:30),
+    `balanced_groups` (13 of 30 -> 2:6,3:6,2:6,3:6,3:6). A group of more masks than that is refused.
     """
     int_at_least(depth, "depth (number of blocks)", 1)
     if isinstance(kept, bool) or not isinstance(kept, Integral) or not 1 <= kept <= depth:
@@ -148,7 +174,9 @@ def parse_groups(groups: str | Sequence[tuple[int, int]] | None, *, depth: int, 
     depth, kept = int(depth), int(kept)
     if groups is None:
         g = math.gcd(depth, kept)
-        return [(kept // g, depth // g)] * g
+        if math.comb(depth // g, kept // g) <= MAX_GROUP_OPTIONS:
+            return [(kept // g, depth // g)] * g
+        return balanced_groups(depth, kept)
     if isinstance(groups, str):
         pairs = []
         for part in groups.split(","):
@@ -175,6 +203,11 @@ def parse_groups(groups: str | Sequence[tuple[int, int]] | None, *, depth: int, 
                          "their sizes M must add up to the number of blocks")
     if sum(n for n, _ in groups) != kept:
         raise InputError(f"the groups keep {sum(n for n, _ in groups)} blocks but --layers asks for {kept}")
+    for n, m in groups:
+        if math.comb(m, n) > MAX_GROUP_OPTIONS:
+            raise InputError(f"group {n}:{m} has {math.comb(m, n):,} masks to enumerate, more than the "
+                             f"{MAX_GROUP_OPTIONS:,} prunekit learns logits over; split it into smaller groups, "
+                             f"e.g. --group {_group_text(balanced_groups(depth, kept))}")
     return groups
 
 
@@ -184,6 +217,9 @@ def group_options(n: int, m: int) -> torch.Tensor:
     m = int_at_least(m, "group size M", 1)
     if isinstance(n, bool) or not isinstance(n, Integral) or not 1 <= n <= m:
         raise InputError(f"a group must keep between 1 and its M = {m} blocks, got N = {n!r}")
+    if math.comb(m, n) > MAX_GROUP_OPTIONS:
+        raise InputError(f"group {n}:{m} has {math.comb(m, n):,} masks, more than {MAX_GROUP_OPTIONS:,}; use smaller "
+                         "groups")
     combos = list(itertools.combinations(range(m), n))
     out = torch.zeros(len(combos), m)  # [options, m]
     for row, kept in enumerate(combos):

@@ -32,6 +32,9 @@ Departures from the reference code, and why:
   are the reference's; the number of steps is the caller's (the reference runs ~10k at batch 128; a CPU
   budget allows a few hundred, so the EMA, whose horizon is ~1000 steps, averages the whole trajectory).
 - No autocast (fp32 on CPU).
+- The default groups when no uniform N:M group has at most 20,000 masks (13 of 30 blocks: only 13:30, 120
+  million): consecutive groups of about 6 blocks (`prunekit.depth.core.balanced_groups`). The reference
+  takes the pattern from its caller and enumerates whatever it is given.
 """
 
 from __future__ import annotations
@@ -110,7 +113,8 @@ def tinyfusion(target: DepthTarget, *, kept: int, groups=None, steps: int = 200,
                lora_rank: int = 8, lora_alpha: float = 16.0, recoverability: str = "lora", seed: int = 0,
                progress: bool = False) -> TinyFusionResult:
     """Learn a keep-mask with `kept` blocks over `target` (see the module docstring); the model is left as it
-    was. `groups`: ``"N:M"``, ``"N:M,N:M,..."`` or None (smallest uniform pattern). `recoverability`: "lora"
+    was. `groups`: ``"N:M"``, ``"N:M,N:M,..."`` or None (smallest uniform pattern, or
+    `prunekit.depth.core.balanced_groups` where that has too many masks; see `parse_groups`). `recoverability`: "lora"
     (the reference's default) or "frozen" (learn the mask on the frozen model)."""
     check_kept(kept, target.depth)
     groups = parse_groups(groups, depth=target.depth, kept=kept)

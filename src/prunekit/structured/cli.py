@@ -39,7 +39,7 @@ def _report(meta: dict, table: str) -> str:
                   f"{speed['speedup']['prefill']:.2f}x |",
                   f"| decode (s/token) | {d['decode_s_per_token']:.4f} | {p['decode_s_per_token']:.4f} | "
                   f"{speed['speedup']['decode']:.2f}x |",
-                  f"| parameter memory (MB) | {d['param_bytes'] / 2**20:.1f} | {p['param_bytes'] / 2**20:.1f} | |", "",
+                  f"| parameter memory (MiB) | {d['param_bytes'] / 2**20:.1f} | {p['param_bytes'] / 2**20:.1f} | |", "",
                   f"Measured on this CPU with {d['threads']} thread(s): dense and pruned timed in {speed['rounds']} "
                   "alternating rounds, the fastest of each.", ""]
     elif meta.get("speed_skipped"):
