@@ -1028,6 +1028,44 @@ def test_leftovers_are_looked_for_where_a_link_points_and_a_vanishing_one_is_ski
     assert "gone" not in capsys.readouterr().err
 
 
+def test_a_broken_config_is_named_before_the_missing_weights(tmp_path, capsys):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    refused(["eval", str(folder), "--text", "wiki"], capsys, "config.json is not valid JSON")  # said "has no weights"
+
+
+def test_save_pruned_refuses_a_model_with_nan_weights(tmp_path, tok):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(InputError, match=r"the model to save .* has NaN or Inf weights in model.layers.1.mlp.up_proj"):
+        prunekit.save_pruned(model, tok, tmp_path / "out")
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_existing_output_is_refused_with_the_flag_that_would_replace_it(tmp_path):
+    """From a new user's walk-through: the message said "pass overwrite=True (--overwrite)" to a CLI user, and
+    offered --overwrite for a file or a folder of other files, which --overwrite then refused."""
+    from prunekit.weights import io
+
+    (tmp_path / "file.txt").write_text("mine")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "prunekit.json").write_text("{}")
+    for name, overwrite, said in (
+            ("file.txt", False, r"exists and is not a folder; choose another output \(--out\)$"),
+            ("file.txt", True, r"exists and is not a folder; choose another output \(--out\)$"),
+            ("mine", False, "is a folder of other files that no prunekit command wrote; choose another output "
+                            r"\(--out\)$"),
+            ("earlier", False, r"already exists; choose another output \(--out\) or pass --overwrite to replace it "
+                               r"\(in Python: overwrite=True\)$")):
+        with pytest.raises(InputError, match=said):
+            io.check_output(tmp_path / name, overwrite=overwrite)
+    assert (tmp_path / "file.txt").read_text() == (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("argv", [
     ["reason", "-", "--answers", "x.jsonl"],
     ["reason", "paths.jsonl", "--answers", "-"],  # wrote a file named "-"
@@ -1075,8 +1113,8 @@ def test_api_errors_name_the_python_argument_beside_the_flag(tmp_path, tok):
         prunekit.prune_options("sparsegpt", {"blocksize": "big"})
     out = tmp_path / "m"
     out.mkdir()
-    (out / "x").write_text("x")
-    with pytest.raises(InputError, match=r"pass overwrite=True \(--overwrite\)"):
+    (out / "prunekit.json").write_text("{}")
+    with pytest.raises(InputError, match=r"pass --overwrite to replace it \(in Python: overwrite=True\)"):
         prunekit.save_pruned(tiny_model("llama"), tok, out)
 
 

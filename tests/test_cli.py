@@ -1474,3 +1474,14 @@ def test_compute_dtype_refusals(model_dir, text_file, tmp_path, capsys):
                      "float16"]) == 2
     err = capsys.readouterr().err
     assert "has NaN or Inf weights" in err and "do not fit float16" not in err
+
+
+def test_a_token_count_that_is_no_whole_number_of_windows_is_noted(model_dir, text_file, capsys):
+    """From a new user's walk-through: --tokens 1000 in windows of 512 scored 512 tokens and said nothing."""
+    assert cli.main(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "32", "--tokens", "100",
+                     "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["tokens"] == 96
+    assert "--tokens 100 is not a multiple of --seqlen 32; scoring 3 whole window(s), 96 tokens" in captured.err
+    assert cli.main(["eval", str(model_dir), "--text", str(text_file), "--seqlen", "32", "--tokens", "96"]) == 0
+    assert "not a multiple" not in capsys.readouterr().err

@@ -50,6 +50,20 @@ def test_compare_tables_weights_structured_and_depth_runs(model_dir, text_file, 
     assert md[2].startswith(f"| {folders[0]} | weights | wanda | 2:4 | sparsity 0.5000 |")
 
 
+def test_compare_shows_the_layers_a_weight_run_left_dense(model_dir, text_file, tmp_path, capsys):
+    """From a new user's walk-through: a --skip run's row said "sparsity 0.3000" with nothing to say that it is of
+    the layers pruned (`prunekit eval` gave the folder 0.225, over every block Linear)."""
+    _prune(model_dir, text_file, tmp_path / "skip", "--method", "magnitude", "--ratio", "0.5", "--skip", "*down_proj")
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "skip"), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["budget"] == "0.5 unstructured, dense *down_proj"
+    assert row["removed"] == "sparsity 0.5000 of the pruned layers" and row["sparsity"] == 0.5
+    assert main(["eval", str(tmp_path / "skip"), "--text", str(text_file), "--seqlen", "32", "--tokens", "64",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sparsity"] < 0.45  # down_proj is dense
+
+
 def test_compare_shows_the_compute_dtype(model_dir, text_file, tmp_path, capsys):
     """A run computed in bfloat16 (prune --compute-dtype) is marked in the table and its JSON row; a record without
     the field (every run before the flag) computed in float32."""

@@ -148,7 +148,7 @@ def _add_prune_arguments(pr) -> None:
     pr.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     pr.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     pr.add_argument("--seed", type=int, default=0, help="seed for choosing the calibration windows, and for a method's "
-                    "own draws (Týr's search, TinyFusion's masks, random's candidates; default 0)")
+                    "own draws (Týr's search, TinyFusion's masks, random's candidates)")
     pr.add_argument("--skip", action="append", default=[], metavar="GLOB",
                     help="leave layers matching this name glob dense (repeatable), e.g. '*down_proj'")
     pr.add_argument("--sequential", choices=("block", "layer"), default="block",
@@ -399,6 +399,7 @@ def _cmd_prune(args) -> int:
         "batch_size": args.batch_size if batch_size_used else None, "torch_threads": _torch_threads(),
         # D-Pruner's domain text as the calibration text is described (its name alone did not say which file)
         "domain": prunekit.load_text(args.domain, purpose="calibration").describe() if args.domain else None,
+        "skip": list(args.skip),  # the globs left dense: total_sparsity is over the other layers
         "layers": [dict(vars(r), shape=list(r.shape)) for r in result.layers],
         "evaluation": evaluation,
         "saved_dtype": str(saved_dtype).removeprefix("torch."),
@@ -562,6 +563,9 @@ def _check_eval_sizes(seqlen: int, tokens: int | None, tokens_flag: str, *, seql
     int_at_least(seqlen, seqlen_flag, 2)
     if tokens is not None:
         int_at_least(tokens, tokens_flag, 1, hint=" (tokens evaluated; leave it out for the default)")
+        if tokens > seqlen and tokens % seqlen:  # whole windows only: 1000 in windows of 512 scored 512, unsaid
+            print(f"prunekit: note: {tokens_flag} {tokens} is not a multiple of {seqlen_flag} {seqlen}; scoring "
+                  f"{tokens // seqlen} whole window(s), {tokens // seqlen * seqlen} tokens", file=sys.stderr)
         if tokens < seqlen:  # was blamed on the text, naming eval's --tokens
             raise InputError(f"{tokens_flag} {tokens} is less than one {seqlen_flag} window of {seqlen} tokens; raise "
                              f"{tokens_flag} or lower {seqlen_flag}")

@@ -88,7 +88,10 @@ def summarize(folder: str | Path) -> dict:
             numbers["profile"] = str(meta["profile"].get("name", "?"))
             budget += f", {numbers['profile'].upper()} block ratios"
         sparsity = _number(meta.get("total_sparsity"))  # measured on the layers pruned
-        removed = f"sparsity {sparsity:.4f}" if sparsity is not None else None
+        skip = meta.get("skip") if isinstance(meta.get("skip"), list) else []
+        if skip:  # the sparsity is then of the other layers (`prunekit eval` counts every block Linear)
+            budget += ", dense " + " ".join(str(s) for s in skip)
+        removed = None if sparsity is None else f"sparsity {sparsity:.4f}" + (" of the pruned layers" if skip else "")
         pattern = meta.get("pattern")
         numbers.update(ratio=_number(meta.get("ratio")), pattern=pattern if isinstance(pattern, str) else None,
                        sparsity=sparsity)

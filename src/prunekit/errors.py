@@ -214,7 +214,7 @@ def place_file(tmp: str | os.PathLike, path: Path, *, overwrite: bool) -> None:
             os.replace(tmp, path)
             return
     raise InputError(f"{path} appeared while this ran (another process writing it?); it was left as it is and this "
-                     "result was not saved; choose another output file or pass overwrite=True (--overwrite)")
+                     "result was not saved; choose another output file or pass --overwrite (in Python: overwrite=True)")
 
 
 def apply_umask(path: str | os.PathLike) -> None:

@@ -129,10 +129,11 @@ def check_output_dir(out, *, overwrite: bool) -> Path:
     """Refuse an existing output folder unless `overwrite`; nothing is created here."""
     check_output_name(out)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} exists; choose another output (--out) or pass overwrite=True (--overwrite)")
-    if out.exists() and not out.is_dir():
+    if out.exists() and not out.is_dir():  # checked first: --overwrite, offered, was then refused
         raise InputError(f"{out} exists and is not a folder; choose another output folder (--out)")
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} exists; choose another output (--out) or pass --overwrite (in Python: "
+                         "overwrite=True)")
     check_writable(out)  # not under a file, and writable
     return out
 

@@ -277,7 +277,7 @@ def sample_paths(model, tokenizer, questions: Iterable, *, n: int = 16, max_new_
         if target.is_dir():
             raise InputError(f"out={target} is a folder; give a file name for the JSONL of sampled paths")
         if target.exists() and not overwrite:
-            raise InputError(f"{target} exists; pass overwrite=True (--overwrite) or choose another file")
+            raise InputError(f"{target} exists; pass --overwrite (in Python: overwrite=True) or choose another file")
         if not target.parent.is_dir():
             raise InputError(f"{target.parent} is not a folder; create it first")
     records = []

@@ -136,6 +136,10 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         raise InputError(f"model {text!r} is a file; give the Hugging Face model folder that holds config.json")
     if not (path / "config.json").is_file():
         raise InputError(f"{path} has no config.json, so it is not a Hugging Face model folder")
+    try:  # named first: a broken config.json in a folder without weights was reported as "has no weights"
+        _config_json(path)
+    except OSError:  # unreadable: the load names it
+        pass
     if not any(next(path.glob(p), None) for p in _WEIGHT_FILES):
         raise InputError(f"{path} has no weights (*.safetensors or pytorch_model*.bin); save the model with save_pretrained")
     odd = [f for p in _WEIGHT_FILES for f in path.glob(p) if not f.is_file()]
@@ -444,14 +448,19 @@ def _check_shard_index(path: Path) -> None:
                                  f"{path}; fix the index or save the model again with save_pretrained")
 
 
-def read_config(path: Path) -> dict:
-    """The transformers ``config.json`` of model folder `path` (already resolved), or an InputError that says
-    what is wrong with it."""
+def _config_json(path: Path):
+    """The value in folder `path`'s config.json, or an InputError when it is not JSON."""
     try:
-        config = json.loads((path / "config.json").read_text())
+        return json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise InputError(f"{path}/config.json is not valid JSON ({type(e).__name__}: {str(e)[:120]}); "
                          "re-export the model") from None
+
+
+def read_config(path: Path) -> dict:
+    """The transformers ``config.json`` of model folder `path` (already resolved), or an InputError that says
+    what is wrong with it."""
+    config = _config_json(path)
     if not isinstance(config, dict) or "model_type" not in config:
         raise InputError(f"{path}/config.json has no model_type; it is not a transformers config")
     return config
@@ -646,6 +655,14 @@ def _load_tokenizer(path: Path):
                          f"{': ' + detail if detail else ''}); {fix}") from None
 
 
+def _others(folder: Path) -> bool:
+    """Whether `folder` holds files and is no earlier prunekit output (unreadable: not known to be, False)."""
+    try:
+        return any(folder.iterdir()) and not _is_prunekit_output(folder)
+    except OSError:
+        return False
+
+
 def check_replaceable(out: Path) -> None:
     """Refuse to replace (``--overwrite``) a non-empty folder that is no earlier output: it would be deleted
     whole, files of the user's own included. An earlier output holds a ``prunekit.json``, Q-Tuning's
@@ -693,11 +710,15 @@ def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
     `check_replaceable`, after the check that the output is no input)."""
     check_output_name(out)
     out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():  # --overwrite never replaces a file: it was offered, then refused
+        raise InputError(f"output {out} exists and is not a folder; choose another output (--out)")
     if out.exists() and not overwrite:
-        raise InputError(f"output {out} already exists; choose another output (--out) or pass overwrite=True "
-                         "(--overwrite)")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {out} exists and is not a folder")
+        if _others(out):  # nor a folder of the user's own files
+            what = "a Hugging Face model folder" if _hf_config(out) else "a folder of other files"
+            raise InputError(f"output {out} already exists and is {what} that no prunekit command wrote; choose "
+                             "another output (--out)")
+        raise InputError(f"output {out} already exists; choose another output (--out) or pass --overwrite to "
+                         "replace it (in Python: overwrite=True)")
     check_writable(out)
     _note_leftovers(out)
     return out
@@ -751,7 +772,7 @@ def write_atomically(out: str | os.PathLike, build: Callable[[Path], None], *, o
         if out.exists() and not overwrite:  # made by someone else while this ran: theirs stays
             raise InputError(f"output {out} appeared while this ran (another process writing it?); it was left as "
                              "it is and this result was not saved; choose another output (--out) or pass "
-                             "overwrite=True (--overwrite)")
+                             "--overwrite (in Python: overwrite=True)")
         if out.exists():  # moved aside into a fresh empty folder (unique: a stale one of this pid blocked later runs)
             old = Path(tempfile.mkdtemp(prefix=hidden_name(out.name, "old"), dir=out.parent))
             try:
@@ -1126,6 +1147,8 @@ def save_pruned(model, tokenizer, out: str | os.PathLike, *, metadata: dict | No
     from prunekit.weights.prune import PruneResult
 
     dtype = parse_dtype(dtype, what="the saved dtype")
+    # a NaN model was saved, and every command then refused the folder (from a new user's walk-through)
+    check_finite_weights(model, "the model to save (every prunekit command would refuse the folder)")
     if isinstance(metadata, PruneResult):  # refused as "metadata must be a dict"
         metadata = metadata.to_dict()
     metadata = dict(jsonl.check_metadata(metadata))
