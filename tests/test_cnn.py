@@ -575,6 +575,12 @@ def test_cli_trp_split_faster_keeps_slow_splits_whole(tmp_path, capsys):
         w = model.get_submodule(name).weight.detach().double()
         s = torch.linalg.svdvals(trp.to_matrix(w, "channel"))
         assert int((s > 1e-5 * s[0]).sum()) == meta["ranks"][name]
+    # nothing decomposed (no split saves FLOPs at this energy), so nothing was timed: it said "none ran faster"
+    out = tmp_path / "trp-all"
+    assert main(["cnn", "trp", "--out", str(out), "--examples", "256", "--epochs", "1", "--split", "faster",
+                 "--energy", "0.999999", "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["metadata"]["trp"]["ranks"] == {}
+    assert "no layer split: at this --energy none saves FLOPs" in capsys.readouterr().out
 
 
 def _break(folder, case):

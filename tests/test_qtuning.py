@@ -55,6 +55,7 @@ def test_quadrants_on_planted_points():
     assert q.misconception.tolist() == (quad == 2).tolist()
     assert q.quadrant.tolist() == quad.tolist()
     assert q.topped_up == 0
+    assert q.placed_by.tolist() == ["thresholds" if quad_i in (2, 4) else "midlines" for quad_i in quad]
 
 
 def test_quadrants_budget_exact_and_top_up():
@@ -71,6 +72,7 @@ def test_quadrants_budget_exact_and_top_up():
     ent = np.array([0.0, 1.0, 2.5, 3.0, 4.0, 5.0])  # normalised: p = e except index 2 (p=.4, e=.5), 3 (p=.6, e=.6)
     q = Q.quadrants(ppl, ent, sample_ratio=1 / 6)
     assert q.topped_up == 1 and np.flatnonzero(q.keep).tolist() == [2] and not q.misconception[2]
+    assert q.placed_by.tolist() == ["midlines"] * 2 + ["top-up"] + ["midlines"] * 3  # Q4 by its lean, not thresholds
     # p - e == e - p (index 0: p = e = 0) counts as a misconception, as the reference's s2 >= s4
     q = Q.quadrants(ppl, ent, sample_ratio=2 / 6)
     assert np.flatnonzero(q.keep).tolist() == [0, 2] and q.misconception[0] and not q.misconception[2]
@@ -514,6 +516,18 @@ def test_cli_qtune(tmp_path, model_dir, sft_file, capsys):
     assert len(rows) == 10  # the quadrant's code and the name kept.jsonl and summary.json use
     assert all(Q.NAMES[int(r["quadrant"])] == r["quadrant_name"] for r in rows)
     assert {r["quadrant_name"] for r in rows if r["kept"] == "1"} <= {"misconception", "calibration"}
+    # how each got its quadrant (a topped-up sample's label contradicted the thresholds beside it, unsaid)
+    th = summary["thresholds"]
+    for r in rows:
+        p, e, quad = float(r["ppl"]), float(r["entropy"]), int(r["quadrant"])
+        if r["placed_by"] == "thresholds":
+            assert (p > th["ppl_hi"] and e <= th["ent_lo"]) if quad == 2 else (p <= th["ppl_lo"] and e > th["ent_hi"])
+        elif r["placed_by"] == "midlines":
+            side = (1 if e > th["ent_mid"] else 2) if p > th["ppl_mid"] else (4 if e > th["ent_mid"] else 3)
+            assert r["kept"] == "0" and quad == side
+        else:
+            assert r["placed_by"] == "top-up" and r["kept"] == "1"
+    assert sum(r["placed_by"] == "top-up" for r in rows) == th["topped_up"]
     assert "note" not in capsys.readouterr().err
     # training options without --train were taken silently
     assert main(["data", "qtune", str(model_dir), "--data", str(sft_file), "--out", str(tmp_path / "o2"), "--mode",
@@ -630,7 +644,8 @@ def test_alpaca_dolly_and_completion_fields_are_read_not_dropped(tmp_path):
     assert S.tokenize([{"instruction": "Add the numbers.", "input": "", "output": "5"}], tok)[0].ids != ids[0]
     for bad, match in (({"instruction": "a", "response": "1", "output": "2"}, "'response' and 'output' both"),
                        ({"instruction": "a", "input": "x", "context": "y", "response": "1"}, "'input' and 'context'"),
-                       ({"instruction": "a", "input": 5, "response": "1"}, "'input' .* must be a non-empty string"),
+                       ({"instruction": "a", "input": 5, "response": "1"},
+                        r"'input' .* must be a string \(\"\" or null for none"),
                        ({"question": "a", "response": "1"}, "no instruction field"),
                        ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
                                       {"role": "assistant", "content": "1"}]}, "one user turn then one assistant"),
@@ -670,6 +685,12 @@ def test_cli_qtune_says_when_the_misconceptions_hold_fewer_tokens_than_the_budge
     err = capsys.readouterr().err
     assert "asked to drop" not in err and "lost every response token" not in err
     assert json.loads((tmp_path / "o2" / "summary.json").read_text())["kept_samples_without_tokens"] == 0
+    # from a new user's walk-through: 1 of 1 pairs kept at --samples 0.25, said nowhere
+    one = tmp_path / "one.jsonl"
+    one.write_text(sft_file.read_text().splitlines()[0] + "\n")
+    assert main(["data", "qtune", str(model_dir), "--data", str(one), "--samples", "0.25", "--out",
+                 str(tmp_path / "o3"), "--quiet"]) == 0
+    assert "--samples 0.25 of 1 samples rounds to none; kept one" in capsys.readouterr().err
 
 
 def test_cli_qtune_says_what_it_cut_and_keeps_user_fields(tmp_path, model_dir, capsys):
@@ -698,7 +719,7 @@ def test_cli_qtune_says_what_it_cut_and_keeps_user_fields(tmp_path, model_dir, c
     rows[1] = dict(rows[1], ppl="from the source")
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["data", "qtune", str(model_dir), "--data", str(data), "--out", str(tmp_path / "o2")]) == 2
-    assert "example 1 (from 0) has the field 'ppl', which qtune writes" in capsys.readouterr().err
+    assert f"{data}:2: example 1 (from 0) has the field 'ppl', which qtune writes" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
     # qtune's own kept.jsonl as the next run's data (it was refused: "rename it"), also one written before
     # cut_to_max_length was (its rows lack it)

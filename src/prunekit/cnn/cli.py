@@ -50,7 +50,9 @@ def add_parser(sub) -> None:
 
     ud = csub.add_parser("udfc", help="data-free channel pruning + weight quantization with closed-form compensation")
     ud.add_argument("model", help="model folder, or `testbed`")
-    ud.add_argument("--ratio", type=float, default=0.3, help="fraction of each block's conv1 channels removed, in [0, 1)")
+    ud.add_argument("--ratio", type=float, default=0.3,
+                    help="fraction of each block's conv1 channels removed, in [0, 1), rounded down per block (0.3 of "
+                    "16 channels removes 4)")
     ud.add_argument("--bits", type=int, default=None, help="weight bits, 2..16 (default: no quantization)")
     ud.add_argument("--method", choices=("udfc", "merge", "none"), default="udfc",
                     help="udfc: closed-form compensation; merge: Neuron Merging; none: no compensation")
@@ -156,7 +158,8 @@ def _train(args, trp_options: dict | None) -> int:
     meta.update(_summary(model, xte, yte))
     resnet.save_model(model, out, metadata=meta, overwrite=args.overwrite)
     decomposed = len(getattr(model, "lowrank", {}) or {})  # what is split now (--split faster kept some whole)
-    why = ("none ran faster as two thin convs" if meta.get("trp", {}).get("split") == "faster" else
+    split = meta.get("trp", {})  # --split faster timed only what decompose split: with nothing split, nothing ran
+    why = ("none ran faster as two thin convs" if split.get("split") == "faster" and split.get("ranks") else
            "at this --energy none saves FLOPs")
     what = (f"TRP-trained and decomposed ({decomposed} layers split)" if decomposed else
             f"TRP-trained (no layer split: {why})") if trp else "trained"

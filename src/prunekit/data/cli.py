@@ -576,7 +576,8 @@ def _cmd_qtune(args) -> int:
         raise InputError(f"--lr must be positive, got {args.lr}")
     check_not_input(args.out, args.data, resolve_model(args.model))
     check_replaceable(Path(args.out).expanduser())  # before the work: --overwrite replaces earlier outputs only
-    records = S.read_sft(args.data)
+    lines = S.read_sft_lines(args.data)
+    records = [obj for _, obj in lines]
     written = ("index", "quadrant", "ppl", "entropy", "response_tokens", "token_keep")  # kept.jsonl's own fields
     later = ("cut_to_max_length",)  # written since: an earlier run's rows may lack it
     rescored = 0
@@ -586,11 +587,11 @@ def _cmd_qtune(args) -> int:
             records[i] = {k: v for k, v in record.items() if k not in written + later}
             rescored += 1
         elif taken:
-            raise InputError(f"{args.data}: example {i} (from 0) has the field {taken[0]!r}, which qtune writes into "
-                             f"kept.jsonl ({', '.join(written + later)}); rename it")
+            raise InputError(f"{args.data}:{lines[i][0]}: example {i} (from 0) has the field {taken[0]!r}, which qtune "
+                             f"writes into kept.jsonl ({', '.join(written + later)}); rename it")
     if rescored:
         print(f"prunekit: note: {rescored} example(s) of {args.data} come from an earlier qtune's kept.jsonl; its "
-              f"fields ({', '.join(written)}) are replaced by this run's", file=sys.stderr)
+              f"fields ({', '.join(written + later)}) are replaced by this run's", file=sys.stderr)
     if ignored:  # after the checks, so that an error stays one line
         print(f"prunekit: note: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} used with --train only; "
               "ignored (nothing is fine-tuned)", file=sys.stderr)
@@ -677,12 +678,12 @@ def _cmd_qtune(args) -> int:
                 f.write(jsonl.line(row) + "\n")
         with open(tmp / "scores.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["index", "ppl", "entropy", "quadrant", "quadrant_name", "kept", "response_tokens",
+            w.writerow(["index", "ppl", "entropy", "quadrant", "quadrant_name", "placed_by", "kept", "response_tokens",
                         "kept_tokens", "cut_to_max_length"])
             for i, e in enumerate(examples):
                 w.writerow([i, f"{sel.ppl[i]:.6g}", f"{sel.entropy[i]:.6g}", int(sel.quadrant[i]),
-                            Q.NAMES[int(sel.quadrant[i])], int(sel.keep_samples[i]), e.response_len,
-                            int(sel.keep_tokens[i].sum()), e.cut or ""])
+                            Q.NAMES[int(sel.quadrant[i])], str(sel.placed_by[i]), int(sel.keep_samples[i]),
+                            e.response_len, int(sel.keep_tokens[i].sum()), e.cut or ""])
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         Q.plot_eu_plane(sel, tmp / "eu_plane.png", title=f"EU plane: {sel.samples} of {len(examples)} samples kept")
         if report is not None:
@@ -708,11 +709,16 @@ def _cmd_qtune(args) -> int:
               f"{rounding:.0%} of the update's size (the rounding moves each weight by up to half the dtype's step "
               "there, and an update smaller than that is lost); --dtype float32 saves them as trained",
               file=sys.stderr)
+    if round(len(examples) * args.samples) < 1:  # 1 of 1 kept at --samples 0.25, unsaid
+        print(f"prunekit: note: --samples {args.samples} of {len(examples)} samples rounds to none; kept one, the "
+              "fewest a selection keeps", file=sys.stderr)
     wanted, done = sel.info["token_drop_wanted"], sel.info["token_drop_done"]
     if done < wanted:  # the rule prunes misconceptions' tokens only: they can hold fewer than the budget drops
         total = summary["kept_samples_response_tokens"]
+        held = (f"those held {done}, all dropped" if done else "none of the kept samples is one, so none was "
+                "dropped")
         print(f"prunekit: note: --tokens {args.tokens} asked to drop {wanted} of the kept samples' {total} response "
-              f"tokens, but Q-Tuning drops only the misconception samples' tokens and those held {done}, all dropped: "
+              f"tokens, but Q-Tuning drops only the misconception samples' tokens and {held}: "
               f"{sel.tokens / total:.0%} of the tokens are kept", file=sys.stderr)
     if summary["kept_samples_without_tokens"]:
         print(f"prunekit: note: {summary['kept_samples_without_tokens']} of the {sel.samples} kept samples lost every "

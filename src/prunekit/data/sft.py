@@ -85,7 +85,8 @@ class Selection:
     """A pruner's answer over N samples padded to T positions (position t = token ids[t] as a target).
 
     ``keep_tokens[i]`` is a subset of sample i's response positions and all False for a dropped sample.
-    ``quadrant`` (1-4, Q-Tuning only; 0 = none), ``ppl`` and ``entropy`` are per-sample diagnostics."""
+    ``quadrant`` (1-4, Q-Tuning only; 0 = none), ``ppl``, ``entropy`` and ``placed_by`` (how Q-Tuning gave
+    the quadrant: "thresholds", "top-up" or "midlines", see `qtuning.Quadrants`) are per-sample diagnostics."""
 
     keep_samples: np.ndarray  # [N] bool
     keep_tokens: np.ndarray  # [N, T] bool
@@ -93,6 +94,7 @@ class Selection:
     ppl: np.ndarray | None = None  # [N] float64
     entropy: np.ndarray | None = None  # [N] float64
     info: dict = field(default_factory=dict)
+    placed_by: np.ndarray | None = None  # [N] str
 
     @property
     def samples(self) -> int:
@@ -176,7 +178,8 @@ def _field(record: dict, keys: tuple[str, ...], what: str, *, required: bool) ->
         return None
     value = record[present[0]]
     if not isinstance(value, str) or not value.strip():
-        raise InputError(f"field {present[0]!r} (the {what}) must be a non-empty string, got {value!r}")
+        must = "a non-empty string" if required else 'a string ("" or null for none, as Alpaca\'s empty inputs)'
+        raise InputError(f"field {present[0]!r} (the {what}) must be {must}, got {value!r}")
     return value
 
 
@@ -215,6 +218,11 @@ def read_sft(path: str | os.PathLike) -> list[dict]:
     ``instruction``/``response`` (ours), Alpaca's ``instruction``/``input``/``output``, Dolly's
     ``instruction``/``context``/``response``, ``prompt``/``completion`` and a single-turn chat ``messages``
     (``[{"role": "user", ...}, {"role": "assistant", ...}]``); `sft_pair` reads any of them."""
+    return [obj for _, obj in read_sft_lines(path)]
+
+
+def read_sft_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """`read_sft`'s records with the line number (from 1) each came from, for messages that name the line."""
     from prunekit.jsonl import read_objects
 
     rows = read_objects(path, shape=_SHAPE)
@@ -226,7 +234,7 @@ def read_sft(path: str | os.PathLike) -> list[dict]:
             sft_pair(obj)
         except InputError as e:
             raise InputError(f"{path}:{no}: {e}; each line must be {_SHAPE}") from None
-        out.append(obj)
+        out.append((no, obj))
     return out
 
 

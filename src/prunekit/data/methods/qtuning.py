@@ -75,7 +75,10 @@ NAMES = {1: "harmful noise", 2: "misconception", 3: "redundant", 4: "calibration
 @dataclass
 class Quadrants:
     """Per sample: ``quadrant`` 1-4 at the final thresholds (Q2/Q4 as the selection saw them, Q1/Q3 split
-    by the midpoints), ``keep`` (exactly K), ``misconception`` (kept and token-prunable), and the thresholds."""
+    by the midpoints), ``keep`` (exactly K), ``misconception`` (kept and token-prunable), the thresholds, and
+    ``placed_by`` [N], how the quadrant was given: ``"thresholds"`` (inside Q2's or Q4's thresholds),
+    ``"top-up"`` (kept to fill the budget: Q2 or Q4 by the side of the plane it leans to, where the thresholds
+    may say otherwise) or ``"midlines"`` (not kept: the side of the midlines between the thresholds)."""
 
     quadrant: np.ndarray  # [N] int8
     keep: np.ndarray  # [N] bool
@@ -86,6 +89,7 @@ class Quadrants:
     ent_lo: float
     ent_hi: float
     topped_up: int
+    placed_by: np.ndarray  # [N] str
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -143,7 +147,8 @@ def quadrants(ppl, entropy, *, sample_ratio: float = 0.2) -> Quadrants:
     quadrant[q4] = 4
     quadrant[keep & misconception] = 2
     quadrant[keep & ~misconception] = 4
-    return Quadrants(quadrant, keep, misconception & keep, float(alpha), hi, lo, elo, ehi, topped)
+    placed = np.where(q2 | q4, "thresholds", np.where(keep, "top-up", "midlines"))
+    return Quadrants(quadrant, keep, misconception & keep, float(alpha), hi, lo, elo, ehi, topped, placed)
 
 
 def _check_lam(lam) -> float:
@@ -186,9 +191,12 @@ def qtuning_select(nll, entropy, response, *, sample_ratio: float = 0.2, token_r
     scores = token_scores(nll, response, lam=lam)
     keep_tokens = drop_tokens(keep_tokens, response & q.misconception[:, None], n_drop, scores=scores)
     info = {"alpha": q.alpha, "ppl_hi": q.ppl_hi, "ppl_lo": q.ppl_lo, "ent_lo": q.ent_lo, "ent_hi": q.ent_hi,
+            # the lines that place a sample not kept: Q1 / Q3 and the ones left out of Q2 / Q4
+            "ppl_mid": (q.ppl_hi + q.ppl_lo) / 2, "ent_mid": (q.ent_lo + q.ent_hi) / 2,
             "topped_up": q.topped_up, "token_drop_wanted": n_drop,
             "token_drop_done": int((response & q.keep[:, None]).sum() - keep_tokens.sum())}
-    return Selection(q.keep, keep_tokens, quadrant=q.quadrant, ppl=ppl, entropy=ent, info=info)
+    return Selection(q.keep, keep_tokens, quadrant=q.quadrant, ppl=ppl, entropy=ent, info=info,
+                     placed_by=q.placed_by)
 
 
 class QTuning(_Pruner):
@@ -209,21 +217,24 @@ class QTuning(_Pruner):
 
 
 def plot_eu_plane(selection: Selection, path, *, title: str = "Error-Uncertainty plane") -> None:
-    """Scatter of (response PPL, mean entropy) per sample, coloured by quadrant, kept samples filled, with the
-    final quantile thresholds; written to `path` (PNG)."""
+    """Scatter of (response PPL, mean entropy) per sample, coloured by quadrant, kept samples filled (triangles:
+    kept by the top-up, where the thresholds may place them elsewhere), with the final quantile thresholds;
+    written to `path` (PNG)."""
     from prunekit.report import figure
 
     if selection.ppl is None or selection.quadrant is None:
         raise InputError("this selection has no EU-plane statistics (only Q-Tuning's has)")
     colours = {1: "tab:red", 2: "tab:blue", 3: "tab:gray", 4: "tab:green"}
     fig, ax = figure(figsize=(6, 4.5))
+    topped = (selection.placed_by == "top-up") if selection.placed_by is not None else np.zeros_like(
+        selection.keep_samples)
     for qd, c in colours.items():
-        for kept in (True, False):
-            m = (selection.quadrant == qd) & (selection.keep_samples == kept)
+        for kept, top, words in ((True, False, " (kept)"), (True, True, " (kept: top-up)"), (False, False, "")):
+            m = (selection.quadrant == qd) & (selection.keep_samples == kept) & (topped == top)
             if m.any():
                 ax.scatter(selection.ppl[m], selection.entropy[m], s=14 if kept else 10, c=c if kept else "none",
-                           edgecolors=c, linewidths=0.7,
-                           label=f"Q{qd} {NAMES[qd]}{' (kept)' if kept else ''} ({int(m.sum())})")
+                           edgecolors=c, linewidths=0.7, marker="^" if top else "o",
+                           label=f"Q{qd} {NAMES[qd]}{words} ({int(m.sum())})")
     info = selection.info
     for key, style in (("ppl_hi", "--"), ("ppl_lo", ":")):
         if key in info:
