@@ -521,7 +521,7 @@ def test_groups_without_a_pattern_are_checked_too(call, message):
 def test_default_groups_stay_enumerable():
     """13 of 30 blocks has no uniform N:M but 13:30, 120 million masks (a MemoryError after the model loaded):
     the default then takes groups of about 6 blocks; a --group that large is refused before anything is built."""
-    from prunekit.depth.core import MAX_GROUP_OPTIONS
+    from prunekit.depth.core import DEFAULT_GROUP_OPTIONS
 
     assert depth.parse_groups(None, depth=30, kept=15) == [(1, 2)] * 15  # uniform where it fits
     assert depth.parse_groups(None, depth=30, kept=20) == [(2, 3)] * 10
@@ -530,18 +530,26 @@ def test_default_groups_stay_enumerable():
         for kept in range(1, total + 1):
             groups = depth.parse_groups(None, depth=total, kept=kept)
             assert sum(m for _, m in groups) == total and sum(n for n, _ in groups) == kept
-            assert all(1 <= n <= m and math.comb(m, n) <= MAX_GROUP_OPTIONS for n, m in groups), (total, kept)
+            assert all(1 <= n <= m and math.comb(m, n) <= DEFAULT_GROUP_OPTIONS for n, m in groups), (total, kept)
     for given in ("13:30", "1:2,12:28"):
         with pytest.raises(InputError, match=r"masks to enumerate.*--group 2:6,3:6,2:6,3:6,3:6"):
             depth.parse_groups(given, depth=30, kept=13)
     with pytest.raises(InputError, match="119,759,850 masks"):
         depth.group_options(13, 30)
+    with pytest.raises(InputError, match=r"masks to enumerate.*--group 2:6$"):  # uniform: the form --group takes
+        depth.parse_groups("10:30", depth=30, kept=10)
+    # a group that fits in memory is still learned when given (9:18, 48,620 masks, was refused at 20,000)
+    assert depth.parse_groups("9:18", depth=18, kept=9) == [(9, 18)] and depth.group_options(9, 18).shape == (48620, 18)
+    assert depth.parse_groups(None, depth=18, kept=9) == [(1, 2)] * 9
+    with pytest.raises(InputError, match="size"):
+        depth.balanced_groups(30, 13, size=0)
 
 
 def test_cli_default_groups_note_and_refusal(lm_dir, calib, tmp_path, capsys, monkeypatch):
     from prunekit.depth import core
 
-    monkeypatch.setattr(core, "MAX_GROUP_OPTIONS", 3)  # the 4-block model's 3:4 (4 masks) is then too many
+    monkeypatch.setattr(core, "DEFAULT_GROUP_OPTIONS", 3)  # the 4-block model's 3:4 (4 masks) is then too many
+    monkeypatch.setattr(core, "MAX_GROUP_OPTIONS", 5)
     monkeypatch.setattr(core, "BALANCED_GROUP_SIZE", 2)
     base = ["prune", str(lm_dir), "--method", "tinyfusion", "--calib", str(calib), "--samples", "2", "--seqlen", "16",
             "--learn-steps", "2", "--no-speed", "--quiet"]

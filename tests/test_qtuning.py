@@ -645,7 +645,7 @@ def test_alpaca_dolly_and_completion_fields_are_read_not_dropped(tmp_path):
     for bad, match in (({"instruction": "a", "response": "1", "output": "2"}, "'response' and 'output' both"),
                        ({"instruction": "a", "input": "x", "context": "y", "response": "1"}, "'input' and 'context'"),
                        ({"instruction": "a", "input": 5, "response": "1"},
-                        r"'input' .* must be a string \(\"\" or null for none"),
+                        r"'input' .* must be a non-blank string, or \"\" / null for none"),
                        ({"question": "a", "response": "1"}, "no instruction field"),
                        ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
                                       {"role": "assistant", "content": "1"}]}, "one user turn then one assistant"),

@@ -583,11 +583,18 @@ def test_extract_answer():
     assert extract_answer("answer is 4 x 2 equals 8") == "8" and extract_answer("answer is 4 x 2 which is 8") == "8"
     assert extract_answer("answer is 5, which is odd") == "5"  # no arithmetic: nothing to take a result from
     assert extract_answer("The answer is 1/2.") == "0.5" and extract_answer("answer: 3 / 4 of the cake") == "0.75"
-    assert extract_answer("answer is 6/2 = 3") == "3" and extract_answer("answer is 3/4 + 1") == "3"
+    assert extract_answer("answer is 6/2 = 3") == "3" and extract_answer("The answer is -3/4.") == "-0.75"
+    assert extract_answer("The answer is 1/2 + 1/4 = 3/4.") == "0.75" and extract_answer("answer is 1/2 = 2/4") == "0.5"
+    # words after the fraction, not arithmetic (a review found them cut to the numerator)
+    assert extract_answer("The answer is 1/2, which is the probability of heads.") == "0.5"
+    assert extract_answer("The answer is 1/2 - half the pie.") == "0.5"
     assert extract_answer("The answer is 3/4.5") == "3"  # not a fraction of whole numbers
-    # with no "answer is", the last number keeps a fraction whole (read 2 before); a date is not one
+    for text, number in (("The answer is 1.5/3", "1.5"), ("The answer is 1,000/4 each", "1000")):
+        assert extract_answer(text) == number, text  # a numerator of decimals or groups: no fraction, the number
+    # with no "answer is", the last number keeps a fraction whole (read 2 before); a date or a season is not one
     assert extract_answer("so the probability is 1/2.") == "0.5" and extract_answer("x = -1/2") == "-0.5"
-    assert extract_answer("On 12/25/2024 we met") == "2024"
+    assert extract_answer("On 12/25/2024 we met") == "2024" and extract_answer("15 goals in 2023/2024") == "2024"
+    assert extract_answer("so 1.5/3") == "3"
     from prunekit.inference.sampling import _ANSWER_IS
 
     for text in ("The answer is 5.0", "the answer is 1,200.50", "answer: -0", "The answer is 2.5E3"):  # as voted

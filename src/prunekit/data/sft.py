@@ -178,7 +178,7 @@ def _field(record: dict, keys: tuple[str, ...], what: str, *, required: bool) ->
         return None
     value = record[present[0]]
     if not isinstance(value, str) or not value.strip():
-        must = "a non-empty string" if required else 'a string ("" or null for none, as Alpaca\'s empty inputs)'
+        must = "a non-empty string" if required else 'a non-blank string, or "" / null for none (as Alpaca\'s)'
         raise InputError(f"field {present[0]!r} (the {what}) must be {must}, got {value!r}")
     return value
 

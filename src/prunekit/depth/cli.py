@@ -121,7 +121,7 @@ def _check_depth(args, depth) -> None:
         groups = core.parse_groups(args.group, depth=depth, kept=args.layers)
         if args.group is None and len(set(groups)) > 1:
             print(f"prunekit: note: no uniform N:M keeps {args.layers} of {depth} blocks in groups of at most "
-                  f"{core.MAX_GROUP_OPTIONS:,} masks each; tinyfusion learns the groups "
+                  f"{core.DEFAULT_GROUP_OPTIONS:,} masks each; tinyfusion learns the groups "
                   f"{','.join(f'{n}:{m}' for n, m in groups)} (choose others with --group)", file=sys.stderr)
 
 

@@ -135,15 +135,19 @@ def gates(blocks: nn.ModuleList):
             blocks[i] = b
 
 
-MAX_GROUP_OPTIONS = 20_000  # masks one group may enumerate (C(16, 8) = 12,870; C(30, 13) = 119,759,850 did not fit)
-BALANCED_GROUP_SIZE = 6  # blocks per group of the default when no uniform N:M is small enough
+# masks one group may enumerate: C(22, 11) = 705,432 is ~100 MB of masks; C(30, 13) = 119,759,850 did not fit
+MAX_GROUP_OPTIONS = 1_000_000
+# the most masks of the default's uniform N:M (C(16, 8) = 12,870); past it the default is `balanced_groups`,
+# whose logits a few hundred steps can still learn (9 of 19 blocks is one 9:19 group of 92,378 masks)
+DEFAULT_GROUP_OPTIONS = 20_000
+BALANCED_GROUP_SIZE = 6  # blocks per group of that default
 
 
 def _group_text(groups) -> str:
-    """"1:2 x 15" for a uniform list, else "2:6,3:6,...": the form --group takes."""
+    """"1:2" for a uniform list, else "2:6,3:6,...": the form --group takes."""
     if len(set(groups)) == 1:
         (n, m), = set(groups)
-        return f"{n}:{m}" + (f" x {len(groups)}" if len(groups) > 1 else "")
+        return f"{n}:{m}"
     return ",".join(f"{n}:{m}" for n, m in groups)
 
 
@@ -151,7 +155,8 @@ def balanced_groups(depth: int, kept: int, size: int | None = None) -> list[tupl
     """Consecutive groups of about `size` blocks (ceil(depth / size) of them, at most `kept`), each keeping its
     share of `kept`: one block each, the rest spread over the groups' other blocks by cumulative rounding down
     (13 of 30 -> 2:6,3:6,2:6,3:6,3:6). Every group keeps 1 to M."""
-    count = max(1, min(kept, math.ceil(depth / (size or BALANCED_GROUP_SIZE))))
+    size = BALANCED_GROUP_SIZE if size is None else int_at_least(size, "size (blocks per group)", 1)
+    count = max(1, min(kept, math.ceil(depth / size)))
     ends = [depth * (i + 1) // count for i in range(count)]
     sizes = [e - s for s, e in zip([0, *ends], ends)]
     spare, room = kept - count, depth - count  # blocks kept beyond one a group, and room for them
@@ -165,8 +170,8 @@ def parse_groups(groups: str | Sequence[tuple[int, int]] | None, *, depth: int, 
 
     `groups` is ``"N:M"`` (repeated depth / M times), ``"N:M,N:M,..."`` (in order) or a list of pairs; None
     picks the smallest uniform pattern with ``depth / M`` groups that keeps `kept` (15 of 30 -> 1:2, 20 of
-    30 -> 2:3), or, where that group has more than `MAX_GROUP_OPTIONS` masks (13 of 30 has only 13:30),
-    `balanced_groups` (13 of 30 -> 2:6,3:6,2:6,3:6,3:6). A group of more masks than that is refused.
+    30 -> 2:3), or, where that group has more than `DEFAULT_GROUP_OPTIONS` masks (13 of 30 has only 13:30),
+    `balanced_groups` (13 of 30 -> 2:6,3:6,2:6,3:6,3:6). A group of more than `MAX_GROUP_OPTIONS` is refused.
     """
     int_at_least(depth, "depth (number of blocks)", 1)
     if isinstance(kept, bool) or not isinstance(kept, Integral) or not 1 <= kept <= depth:
@@ -174,7 +179,7 @@ def parse_groups(groups: str | Sequence[tuple[int, int]] | None, *, depth: int, 
     depth, kept = int(depth), int(kept)
     if groups is None:
         g = math.gcd(depth, kept)
-        if math.comb(depth // g, kept // g) <= MAX_GROUP_OPTIONS:
+        if math.comb(depth // g, kept // g) <= DEFAULT_GROUP_OPTIONS:
             return [(kept // g, depth // g)] * g
         return balanced_groups(depth, kept)
     if isinstance(groups, str):

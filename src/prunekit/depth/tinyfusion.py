@@ -33,8 +33,8 @@ Departures from the reference code, and why:
   budget allows a few hundred, so the EMA, whose horizon is ~1000 steps, averages the whole trajectory).
 - No autocast (fp32 on CPU).
 - The default groups when no uniform N:M group has at most 20,000 masks (13 of 30 blocks: only 13:30, 120
-  million): consecutive groups of about 6 blocks (`prunekit.depth.core.balanced_groups`). The reference
-  takes the pattern from its caller and enumerates whatever it is given.
+  million): consecutive groups of about 6 blocks (`prunekit.depth.core.balanced_groups`). A group of over a
+  million masks is refused. The reference takes the pattern from its caller and enumerates whatever it is given.
 """
 
 from __future__ import annotations

@@ -55,11 +55,25 @@ _OPERATOR = r"(?:\*\*|[-+*/×÷xX·^]|\\times|\\cdot)"
 _RESULT = r"(?:=|\bequals\b|\bis equal to\b|(?:,[ \t]*)?\b(?:which|that)[ \t]+(?:is|equals|gives|makes)\b)"
 _CHAIN = re.compile(r"[ \t]*" + _OPERATOR + r"[ \t]*" + _NUMBER
                     + r"(?:[ \t]*(?:" + _OPERATOR + r"|" + _RESULT + r")[ \t]*" + _NUMBER + ")*")
-_AFTER_RESULT = re.compile(_RESULT + r"[ \t]*(" + _NUMBER + ")")
-# a fraction stated with no result after it: "the answer is 3/4" states 3/4 (compared as 0.75)
-_FRACTION = re.compile(r"[ \t]*/[ \t]*(\d+)(?!\.?\d)(?![ \t]*(?:" + _OPERATOR + r"|" + _RESULT + r"))")
+# a denominator: "/4" of "3/4" (not of "3/4.5")
+_OVER = r"[ \t]*/[ \t]*(\d+)(?!\.?\d)"
+# a result and its number, a fraction whole: "= 3/4" states 3/4
+_AFTER_RESULT = re.compile(_RESULT + r"[ \t]*(" + _NUMBER + ")(?:" + _OVER + ")?")
+# a fraction stated with no arithmetic after it: "the answer is 3/4" states 3/4 (compared as 0.75)
+_FRACTION = re.compile(_OVER)
 # the last number of a text with no "answer is", a fraction whole: "so the probability is 1/2" states 1/2
-_LAST = re.compile(r"(" + _NUMBER + r")(?:[ \t]*/[ \t]*(\d+)(?!\.?\d))?")
+_LAST = re.compile(r"(" + _NUMBER + r")(?:" + _OVER + ")?")
+_WHOLE = re.compile(r"-?\d+")
+
+
+def _with_denominator(number: str, denominator: str, *, digits: int | None = None) -> str:
+    """``number/denominator`` where `number` is a whole number (and both have at most `digits` digits), else
+    `number`: "1.5/3" and "1,000/4" are no fraction of whole numbers ("2023/2024" is a season, `digits` 3)."""
+    if not denominator or not _WHOLE.fullmatch(number):
+        return number
+    if digits is not None and max(len(number.lstrip("-")), len(denominator)) > digits:
+        return number
+    return f"{number}/{denominator}"
 
 
 def _norm_number(text: str) -> str:
@@ -75,10 +89,12 @@ def extract_answer(text: str) -> str | None:
     "answer =", with words like "indeed" or "therefore" between: "the answer is indeed 5"; when arithmetic
     follows it, the result after its last "=", "equals" or ", which is": "the answer is 3 x 4 = 12" -> "12",
     "the answer is 2^3 = 8" -> "8"), else the last number in the text; ``None`` when it has no number. A
-    fraction of whole numbers is one number: "the answer is 3/4" and "so it is 3/4" -> "0.75" (with "=" after
-    it, the result: "the answer is 6/2 = 3" -> "3"). It is written as the votes compare answers
-    (`prunekit.inference.reasoning.canonical_answer`): thousands separators and trailing zeros dropped, an exponent
-    applied ("1,200.50" -> "1200.5", "2.5e3" -> "2500"), so equal numbers compare equal as strings. A comma that
+    fraction of whole numbers is one number: "the answer is 3/4", "the answer is 1/2 + 1/4 = 3/4" -> "0.75"
+    (with "=" after it, the result: "the answer is 6/2 = 3" -> "3"); as the last number of a text with no
+    "answer is" only where both have at most 3 digits ("so it is 3/4" -> "0.75"; "in 2023/2024" -> "2024").
+    It is written as the votes compare answers (`prunekit.inference.reasoning.canonical_answer`): thousands
+    separators and trailing zeros dropped, an exponent applied ("1,200.50" -> "1200.5", "2.5e3" -> "2500"), so
+    equal numbers compare equal as strings. A comma that
     does not group thousands ends the number ("the answer is 3,5" -> "3"; with no "answer is", "x is 3,5" -> "5",
     the last number)."""
     last = None
@@ -88,14 +104,18 @@ def extract_answer(text: str) -> str | None:
         chain = _CHAIN.match(text, last.end())
         results = _AFTER_RESULT.findall(chain.group(0)) if chain else []
         if results:
-            return _norm_number(results[-1])
+            return _norm_number(_with_denominator(*results[-1]))
         fraction = _FRACTION.match(text, last.end())
-        return _norm_number(last.group(1) + ("/" + fraction.group(1) if fraction else ""))
+        # the fraction alone: "3/4 + 1" (arithmetic with no result) states its first number, as "3 + 1" does
+        if fraction and chain and chain.end() > fraction.end():
+            fraction = None
+        return _norm_number(_with_denominator(last.group(1), fraction.group(1) if fraction else ""))
     numbers = _LAST.findall(text)
     if not numbers:
         return None
     number, denominator = numbers[-1]
-    return _norm_number(number + ("/" + denominator if denominator else ""))
+    whole = _with_denominator(number, denominator, digits=3)
+    return _norm_number(denominator if denominator and whole == number else whole)  # no fraction: the last number
 
 
 def build_prompt(tokenizer, question: str, *, instruction: str | None = DEFAULT_INSTRUCTION,
