@@ -10,7 +10,10 @@ change of load hits every arm alike.
 
     python bench/kv_speed.py                          # every policy at budgets 1024 and 2048, 60 rounds
     python bench/kv_speed.py --steps 30 --arms full,delta:1024
-    python bench/kv_speed.py --arms full,knorm:1024,knorm+once:1024 --out bench/results/kv_speed_once.json
+    python bench/kv_speed.py --arms full,knorm:1024,knorm+once:1024 --out /tmp/kv_speed_knorm.json
+    # bench/results/kv_speed_once.json (60 rounds at 4k; plain is always timed):
+    python bench/kv_speed.py --arms full,knorm:1024,knorm+once:1024,h2o:1024,h2o+once:1024,snapkv:1024,\
+snapkv+once:1024,streaming_llm:1024,streaming_llm+once:1024 --out bench/results/kv_speed_once.json
 
 An arm ``POLICY+once`` runs the policy with ``once=True``: the prefill is compressed, decoding never is.
 

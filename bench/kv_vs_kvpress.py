@@ -27,7 +27,7 @@ Runs are resumable: every finished sample is a line of ``bench/results/kv_vs_kvp
 the outputs go to DIR instead).
 
     python bench/kv_vs_kvpress.py                       # the issue's full size
-    python bench/kv_vs_kvpress.py --reduced ...         # smaller, labelled "reduced" in the outputs
+    python bench/kv_vs_kvpress.py --reduced ...         # labelled "reduced"; the flags after it make it smaller
 
 The committed results (``bench/results/kv_vs_kvpress.md``) are the full size, with two more Deep Forcing
 settings: ``python bench/kv_vs_kvpress.py --stream-policies "streaming_llm,deep_forcing,\
@@ -46,7 +46,10 @@ A reduced run (2 passkey depths at 2k only, 1 perplexity window, streaming windo
 Both ran on one thread of a shared 2-core CPU.
 ``bench/results/kv_stream_stretches.md`` is ``--tasks stream --stream-offsets 0,16384,32768`` for StreamingLLM and
 ``deep_forcing:sinks=0.02/recent=0.5/topc=0.45``, one process per policy (``--name`` a and b, then their raw
-files joined and reported with ``--report-only --name kv_stream_stretches``).
+files joined and reported with ``--report-only --name kv_stream_stretches`` and the same ``--tasks stream
+--stream-offsets 0,16384,32768 --stream-policies "streaming_llm,deep_forcing:sinks=0.02/recent=0.5/topc=0.45"``:
+``--report-only`` reports the rows its flags ask for, so rebuilding ``kv_vs_kvpress.md`` needs the command above
+with ``--once``, and ``kv_delta_depths.md`` its own command below).
 ``bench/results/kv_delta_depths.md`` is DELTA's passkey at 19 depths, with no kvpress press:
 
     python bench/kv_vs_kvpress.py --name kv_delta_depths --tasks passkey --fractions 0.25 \
