@@ -122,7 +122,7 @@ def _check_depth(args, depth) -> None:
         if args.group is None and len(set(groups)) > 1:
             print(f"prunekit: note: no uniform N:M keeps {args.layers} of {depth} blocks in groups of at most "
                   f"{core.DEFAULT_GROUP_OPTIONS:,} masks each; tinyfusion learns the groups "
-                  f"{','.join(f'{n}:{m}' for n, m in groups)} (choose others with --group)", file=sys.stderr)
+                  f"{core._group_text(groups)} (choose others with --group)", file=sys.stderr)
 
 
 def _dataless(args) -> bool:

@@ -135,7 +135,8 @@ def gates(blocks: nn.ModuleList):
             blocks[i] = b
 
 
-# masks one group may enumerate: C(22, 11) = 705,432 is ~100 MB of masks; C(30, 13) = 119,759,850 did not fit
+# masks one group may enumerate: C(22, 11) = 705,432 is a 62 MB float32 mask table; C(30, 13) = 119,759,850 did
+# not fit
 MAX_GROUP_OPTIONS = 1_000_000
 # the most masks of the default's uniform N:M (C(16, 8) = 12,870); past it the default is `balanced_groups`,
 # whose logits a few hundred steps can still learn (9 of 19 blocks is one 9:19 group of 92,378 masks)

@@ -94,9 +94,8 @@ def extract_answer(text: str) -> str | None:
     "answer is" only where both have at most 3 digits ("so it is 3/4" -> "0.75"; "in 2023/2024" -> "2024").
     It is written as the votes compare answers (`prunekit.inference.reasoning.canonical_answer`): thousands
     separators and trailing zeros dropped, an exponent applied ("1,200.50" -> "1200.5", "2.5e3" -> "2500"), so
-    equal numbers compare equal as strings. A comma that
-    does not group thousands ends the number ("the answer is 3,5" -> "3"; with no "answer is", "x is 3,5" -> "5",
-    the last number)."""
+    equal numbers compare equal as strings. A comma that does not group thousands ends the number ("the answer is
+    3,5" -> "3"; with no "answer is", "x is 3,5" -> "5", the last number)."""
     last = None
     for last in _ANSWER_IS.finditer(text):
         pass

@@ -656,11 +656,8 @@ def _load_tokenizer(path: Path):
 
 
 def _others(folder: Path) -> bool:
-    """Whether `folder` holds files and is no earlier prunekit output (unreadable: not known to be, False)."""
-    try:
-        return any(folder.iterdir()) and not _is_prunekit_output(folder)
-    except OSError:
-        return False
+    """Whether `folder` holds files and is no earlier prunekit output."""
+    return any(folder.iterdir()) and not _is_prunekit_output(folder)
 
 
 def check_replaceable(out: Path) -> None:
@@ -668,7 +665,7 @@ def check_replaceable(out: Path) -> None:
     whole, files of the user's own included. An earlier output holds a ``prunekit.json``, Q-Tuning's
     ``summary.json`` or a prunekit CNN/DiT ``config.json``, recognised by their content (any folder holding a
     config.json or summary.json passed, and was deleted)."""
-    if out.is_dir() and any(out.iterdir()) and not _is_prunekit_output(out):
+    if out.is_dir() and _others(out):
         names = sorted(p.name for p in out.iterdir())
         what = "a Hugging Face model folder (no prunekit.json)" if _hf_config(out) else "a folder of other files"
         raise InputError(f"--overwrite replaces an earlier prunekit output, but {out} is {what} "
@@ -713,7 +710,11 @@ def check_output(out: str | os.PathLike, *, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():  # --overwrite never replaces a file: it was offered, then refused
         raise InputError(f"output {out} exists and is not a folder; choose another output (--out)")
     if out.exists() and not overwrite:
-        if _others(out):  # nor a folder of the user's own files
+        try:
+            others = _others(out)
+        except OSError:  # unreadable: not known to be the user's
+            others = False
+        if others:  # nor a folder of the user's own files
             what = "a Hugging Face model folder" if _hf_config(out) else "a folder of other files"
             raise InputError(f"output {out} already exists and is {what} that no prunekit command wrote; choose "
                              "another output (--out)")
