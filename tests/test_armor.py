@@ -294,11 +294,14 @@ CUDA_SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] 
 
 @pytest.mark.skipif(not CUDA_SM80, reason="needs a CUDA GPU of compute capability >= 8.0")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_core_runs_semi_structured_and_matches_dense(dtype):
-    out, inp, bs = 256, 512, 128  # the kernels want both sides multiples of 64 (fp16/bf16)
+@pytest.mark.parametrize("inp", [512, 576])  # 576, SmolLM2's width: B's blocks of 128 pad it, the core takes a slice
+@pytest.mark.parametrize("tokens", [1, 128])
+def test_cuda_core_runs_semi_structured_and_matches_dense(dtype, inp, tokens):
+    out, bs = 256, 128  # the kernels want both sides multiples of 64 (fp16/bf16)
     core, a, b = random_factors(out, inp, bs)
     module = armor.ArmorLinear(core, a, b, torch.randn(out)).to("cuda", dtype)
-    x = torch.randn(4, 32, inp, device="cuda", dtype=dtype)
+    x = torch.randn(tokens, inp, device="cuda", dtype=dtype) if tokens == 1 else torch.randn(4, tokens // 4, inp,
+                                                                                             device="cuda", dtype=dtype)
     y = module(x)
     # the semi-structured kernel really ran: the converted core is cached and nothing fell back to dense
     assert not module._sparse_failed, "PyTorch refused the semi-structured conversion or product"
@@ -310,6 +313,9 @@ def test_cuda_core_runs_semi_structured_and_matches_dense(dtype):
     with torch.no_grad():
         module.core.mul_(2)
     expected2 = x.float() @ module.dense_weight().float().T + module.bias.float()
+    assert torch.allclose(module(x).float(), expected2, rtol=2e-2, atol=5e-2 * expected2.abs().max().item())
+    module.sparse_kernel = False  # the user's opt-out: the dense core, the same function
+    assert module._sparse_core(x) is None
     assert torch.allclose(module(x).float(), expected2, rtol=2e-2, atol=5e-2 * expected2.abs().max().item())
 
 

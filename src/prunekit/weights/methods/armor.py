@@ -191,15 +191,21 @@ class ArmorLinear(nn.Module):
     with zeros and outputs cut). The forward runs x -> B -> core -> A without forming the dense weight; on a
     CUDA device of compute capability >= 8.0 with fp16/bf16 inputs and a 2:4 core, the core product uses
     PyTorch's semi-structured sparse kernels (converted once, cached), falling back to dense when PyTorch
-    refuses the shape. Saving (`state_dict`) emits only the dense ``weight`` and ``bias``, so a
-    ``save_pretrained`` checkpoint loads anywhere as a plain dense model; `save_factors` keeps the factors.
+    refuses the shape; ``sparse_kernel=False`` (an attribute too) keeps it dense. Measured on an H200 with torch
+    2.11+cu130 (bench/results/armor_cuda.md), each semi-structured product took 0.42-0.87 ms a call whatever
+    its size: slower than the dense core at every shape measured, up to 11008x4096 with 4096 tokens (0.04-0.62x),
+    and the block-diagonal A and B cost more than the dense equivalent's one product. On a GPU the faster model
+    is the dense ``A core B`` that `save_pretrained` writes (it is not 2:4-sparse). Saving (`state_dict`) emits
+    only the dense ``weight`` and ``bias``, so a ``save_pretrained`` checkpoint loads anywhere as a plain dense
+    model; `save_factors` keeps the factors.
     ``conv1d_layout``: the module replaces a GPT-2 style ``Conv1D``, whose checkpoints hold the weight as
     ``[in, out]``; the dense weight is saved (and compared on load) transposed.
     """
 
     def __init__(self, core: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
-                 *, pattern: NM = NM(2, 4), conv1d_layout: bool = False):
+                 *, pattern: NM = NM(2, 4), conv1d_layout: bool = False, sparse_kernel: bool = True):
         super().__init__()
+        self.sparse_kernel = bool(sparse_kernel)
         self.conv1d_layout = bool(conv1d_layout)
         self.out_features, self.in_features = core.shape
         if a.shape[1] != a.shape[2] or b.shape[1] != b.shape[2]:
@@ -236,7 +242,8 @@ class ArmorLinear(nn.Module):
 
     def _sparse_core(self, x: torch.Tensor):
         """The core as a semi-structured sparse tensor when this device and dtype allow it, else None."""
-        if (self._sparse_failed or x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16)
+        if (not self.sparse_kernel or self._sparse_failed or x.device.type != "cuda"
+                or x.dtype not in (torch.float16, torch.bfloat16)
                 or self.core.dtype != x.dtype or (self.pattern.n, self.pattern.m) != (2, 4)
                 or not hasattr(torch.sparse, "to_sparse_semi_structured")
                 or torch.cuda.get_device_capability(x.device)[0] < 8):
@@ -255,7 +262,9 @@ class ArmorLinear(nn.Module):
         sparse = self._sparse_core(xb)
         if sparse is not None:
             try:
-                flat = xb.reshape(-1, xb.shape[-1])
+                # contiguous: B's output is a column slice when its blocks pad the input; with that strided view
+                # PyTorch 2.11's semi-structured product returned wrong rows (H200, measured: 1.4 relative error)
+                flat = xb.reshape(-1, xb.shape[-1]).contiguous()
                 return F.linear(flat, sparse).reshape(*xb.shape[:-1], self.out_features)
             except (RuntimeError, ValueError, NotImplementedError):
                 self._sparse_failed = True
@@ -295,7 +304,8 @@ class ArmorLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}, "
                 f"block_size={self.block_size}, bias={self.bias is not None}"
-                + (", conv1d_layout=True" if self.conv1d_layout else ""))
+                + (", conv1d_layout=True" if self.conv1d_layout else "")
+                + ("" if self.sparse_kernel else ", sparse_kernel=False"))
 
 
 def _matches(weight: torch.Tensor, dense: torch.Tensor) -> bool:
