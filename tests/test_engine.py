@@ -341,3 +341,22 @@ def test_block_inputs_of_a_model_that_repeats_a_block_leave_it_whole():
         after = model(input_ids=ids, use_cache=False).logits
     assert torch.equal(before, after) and not any("forward" in vars(b) for b in model.model.layers)
     assert len(batches) == 2 and all(k.by_block == {} and h.shape == (2, 16, 64) for h, k in batches)
+
+
+def test_statistics_and_ids_follow_the_model_device():
+    """A CUDA model failed in every method but magnitude (H200, 2026-12-04): the ids stayed on the CPU, and the
+    accumulators and the statistics handed to the methods were CPU tensors. The device logic, checked on the CPU."""
+    from prunekit.weights import stats
+    from prunekit.weights.engine import input_device
+
+    assert input_device(tiny_model()) == torch.device("cpu")
+    assert input_device(torch.nn.Linear(2, 2)) == torch.device("cpu")  # no input embedding: its first parameter
+    assert input_device(torch.nn.ReLU()) == torch.device("cpu")  # no parameter at all
+    moments = stats.neutral("moments", 4)
+    moments.tokens = 7.0
+    moved = stats.to_device({"moments": moments, "hessian": stats.neutral("hessian", 4), "none": None}, "cpu")
+    assert moved["moments"].tokens == 7.0 and torch.equal(moved["moments"].norms, torch.ones(4))
+    assert torch.equal(moved["hessian"], torch.eye(4)) and moved["none"] is None
+    acc = stats.make("norms+hessian+moments", 3)
+    acc.add(torch.ones(2, 4, 3))  # accumulators take the input's device (and dtype float32) at the first batch
+    assert all(t.device == torch.device("cpu") for t in (acc.parts["norms"].sq, acc.parts["hessian"].h))

@@ -215,6 +215,16 @@ def _same(a, b) -> bool:
         return False
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where `model` takes its token ids: its input embedding's device (the first parameter's, else the CPU)."""
+    emb = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def _first_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, *,
                         batch_size: int) -> list[tuple[torch.Tensor, BlockKwargs]]:
     """`capture_block_inputs` for a model whose blocks repeat: the first block's input and arguments, for all."""
@@ -254,6 +264,7 @@ def capture_block_inputs(
     uses one block object at several depths gives every block the first block's arguments (they cannot be told
     apart by block).
     """
+    input_ids = input_ids.to(input_device(model))
     if len({id(b) for b in blocks}) < len(blocks):
         return _first_block_inputs(model, blocks, input_ids, batch_size=batch_size)
     captured: list[tuple[torch.Tensor, BlockKwargs]] = []
@@ -344,7 +355,7 @@ class _Pruner:
 
     def sample(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        return flat[_error_rows(flat.shape[0], self.error_tokens)].float()
+        return flat[_error_rows(flat.shape[0], self.error_tokens).to(flat.device)].float()
 
     def prune_unreached(self, names) -> None:
         """Prune layers no calibration token reached (MoE experts: `prunekit.weights.experts`) with the statistic
@@ -367,6 +378,7 @@ class _Pruner:
         module = self.layers[name]
         start = time.perf_counter()
         w_old = get_weight(module).detach().to(torch.float32, copy=True)  # [out, in]
+        statistic = stats_lib.to_device(statistic, w_old.device)  # a model on a GPU is pruned there
         out = self.prune_fn(w_old, statistic, name)
         extra, info, unchanged = 0, None, out is UNCHANGED
         if isinstance(out, Replacement):

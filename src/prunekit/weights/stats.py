@@ -54,6 +54,7 @@ class ColumnNorms:
 
     def add(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         x, seqs = _flatten(x, groups)
+        self.sq = self.sq.to(x.device)  # accumulate where the activations are (a no-op after the first batch)
         self.sq *= self.sequences / (self.sequences + seqs)
         self.sequences += seqs
         # Row chunks of x^2 summed down the tokens. On 2 CPU cores, for 2048 x 1536 inputs, this is ~10x faster
@@ -86,6 +87,7 @@ class Hessian:
 
     def add(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         x, seqs = _flatten(x, groups)
+        self.h = self.h.to(x.device)
         self.h *= self.sequences / (self.sequences + seqs)
         self.sequences += seqs
         x = x * (2.0 / self.sequences) ** 0.5  # [tokens, d_in]
@@ -141,6 +143,7 @@ class Moments:
         keep = self.sequences / (self.sequences + seqs)
         self.sequences += seqs
         self.tokens += tokens
+        self.sums, self.var = self.sums.to(sums.device), self.var.to(var.device)
         self.sums = self.sums * keep + sums.sum(dim=0) / self.sequences
         self.var = self.var * keep + var.sum(dim=0) / self.sequences
 
@@ -181,6 +184,17 @@ def is_finite(value) -> bool:
     if isinstance(value, InputMoments):
         return all(bool(torch.isfinite(t).all()) for t in (value.norms, value.sums, value.var))
     return bool(torch.isfinite(value).all())
+
+
+def to_device(value, device: torch.device):
+    """A statistic's value (as `is_finite` takes it) on `device`: the layer's, where the method computes."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, InputMoments):
+        return InputMoments(value.norms.to(device), value.sums.to(device), value.var.to(device), value.tokens)
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def neutral(name: str, d_in: int):

@@ -161,6 +161,12 @@ def _base_score(w0, w, stats, base, wanda_score, percdamp) -> torch.Tensor:
     return w0.pow(2) / torch.diag(u).pow(2)[None, :]
 
 
+def _ends(rows: int, cols: int, device) -> torch.Tensor:
+    """``[rows, 2]`` pointers to each row's first and last column."""
+    return torch.stack([torch.zeros(rows, dtype=torch.long, device=device),
+                        torch.full((rows,), cols - 1, dtype=torch.long, device=device)], 1)
+
+
 def _two_ended(key: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row: indices ordered [low entries by key asc] [others] [high entries by key asc], and the counts."""
     group = torch.where(low, 0, torch.where(high, 2, 1))
@@ -218,23 +224,24 @@ def prune_weight(
     grow, n_grow_neg, n_grow_pos = _two_ended(grow_key, pruned & (grow_key < 0), pruned & (grow_key > 0))
     score = w.abs() * mom.norms.sqrt()[None, :]  # Wanda score on the current weights
     rows, cols = w.shape
-    ar = torch.arange(rows)
+    dev = w.device
+    ar = torch.arange(rows, device=dev)
     if pattern is None:
         key = torch.where(contrib < 0, score, -score)  # negatives by score asc; non-negatives so the end is lowest
         prune, n_prune_neg, n_prune_pos = _two_ended(key, kept & (contrib < 0), kept & (contrib >= 0))
-        p_ptr = torch.stack([torch.zeros(rows, dtype=torch.long), torch.full((rows,), cols - 1)], 1)
+        p_ptr = _ends(rows, cols, dev)
     else:  # initially pruned (and later regrown) weights are never pruned
         blocked = torch.where(kept, _base_score(w0, w, stats, base, score, percdamp), torch.inf)
-    g_ptr = torch.stack([torch.zeros(rows, dtype=torch.long), torch.full((rows,), cols - 1)], 1)
+    g_ptr = _ends(rows, cols, dev)
     h = stats.get("hessian") if guard else None
     if h is not None:
         delta = w0 - w  # [out, in]
         hd = delta @ h  # [out, in]
         e_now = (delta * hd).sum(1)
-        e_best, best_t = e_now.clone(), torch.zeros(rows, dtype=torch.long)
+        e_best, best_t = e_now.clone(), torch.zeros(rows, dtype=torch.long, device=dev)
         e_start = e_now.clone()
     history = []
-    active = torch.ones(rows, dtype=torch.bool)
+    active = torch.ones(rows, dtype=torch.bool, device=dev)
     cycles = 0
     while cycles < max_cycle_time and bool(active.any()):
         cycles += 1
@@ -251,7 +258,7 @@ def prune_weight(
             p_ptr[ar, pside] = pi + torch.where(pside == 1, -1, 1)
         else:
             start = g - g % pattern.m
-            group = start[:, None] + torch.arange(pattern.m)[None, :]  # [out, m]
+            group = start[:, None] + torch.arange(pattern.m, device=dev)[None, :]  # [out, m]
             vals, arg = torch.gather(blocked, 1, group).min(1)
             p = start + arg
             p_ok = torch.isfinite(vals)
@@ -288,7 +295,7 @@ def prune_weight(
             kept[rs, g[take]] = True
             kept[rs, p[take]] = False
     out = torch.where(kept, torch.where(w != 0, w, w0), torch.zeros_like(w))
-    kept_cycles = best_t if h is not None else torch.full((rows,), cycles)  # swaps each row keeps
+    kept_cycles = best_t if h is not None else torch.full((rows,), cycles, device=dev)  # swaps each row keeps
     swaps = sum(int((took & (t <= kept_cycles)).sum()) for t, (took, _, _) in enumerate(history, 1))
     info = {"swaps": swaps, "cycles": cycles, "skipped": False}
     e_final = e_best if h is not None else None  # each row's exact error (the guard tracked it)
