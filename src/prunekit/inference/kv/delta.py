@@ -218,6 +218,7 @@ class Delta(Policy):
             slots, pages = torch.arange(plan["nf"]), torch.tensor(plan["slots"], dtype=torch.long)
         else:
             slots, pages = plan["copy_slots"], plan["copy_pages"]
+        slots, pages = slots.to(keys.device), pages.to(keys.device)  # index tensors on the cache's device (a GPU's)
         full, nf, n = plan["full"], plan["nf"], plan["n"]
         m = nf * P
         for src, buf in ((keys, kbuf), (values, vbuf)):
