@@ -399,3 +399,24 @@ def test_armor_runs_on_while_the_loss_improves_and_keeps_the_best_iterate(monkey
     assert info["iterations"] == 4  # best at 1, then 3 iterations without improvement
     assert info["proxy_loss"] == 0.5  # the best iterate, not the last
     assert info["proxy_loss_sparsegpt"] == 1.0
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_first_kernel_product_is_checked_against_the_dense_core(monkeypatch, wrong):
+    """The H200's semi-structured product was wrong (relative error ~1.4) without raising: the first product after
+    a conversion is compared with the dense core. A stand-in "kernel" on the CPU: right, or twice the core."""
+    core, a, b = random_factors(32, 64, 16)
+    module = armor.ArmorLinear(core, a, b, torch.randn(32))
+    stand_in = module.core.detach() * (2.0 if wrong else 1.0)
+    monkeypatch.setattr(module, "_sparse_core", lambda x: None if module._sparse_failed else stand_in)
+    x = torch.randn(3, 5, 64)
+    want = x @ module.dense_weight().T + module.bias
+    if wrong:
+        with pytest.warns(RuntimeWarning, match=r"disagreed with the dense core on a 32x64 layer"):
+            got = module(x)
+        assert module._sparse_failed
+    else:
+        got = module(x)
+        assert module._sparse_checked and not module._sparse_failed
+    assert torch.allclose(got, want, atol=1e-4)  # the wrong product is never returned
+    assert torch.allclose(module(x), want, atol=1e-4)  # and later calls run dense

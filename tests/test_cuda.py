@@ -16,12 +16,12 @@ SM80 = CUDA and torch.cuda.get_device_capability()[0] >= 8
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
-def cuda_model(dtype=torch.float32):
+def cuda_model(dtype=torch.float32, layers=2):
     """A tiny Llama whose widths suit the 2:4 kernels (multiples of 64 on both sides of every Linear)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model("llama", vocab_size=256, hidden_size=256, intermediate_size=512,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                max_position_embeddings=512)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).to("cuda", dtype).eval()
@@ -58,7 +58,9 @@ def test_cuda_armor_model_runs_its_kernel_in_prefill_and_decode():
     from prunekit.weights.methods import armor
 
     model = cuda_model()
-    prunekit.prune(model, method="armor", pattern="2:4", calibration=ids(8, 64, 1), progress=False, iters=20)
+    # block size 96 pads the widths 256 and 512: the core's input is a column slice, the case that was wrong
+    prunekit.prune(model, method="armor", pattern="2:4", calibration=ids(8, 64, 1), progress=False, iters=20,
+                   block_size=96)
     model = model.to(torch.bfloat16)
     layers = [m for m in model.modules() if isinstance(m, armor.ArmorLinear)]
     assert len(layers) == 14
@@ -97,3 +99,10 @@ def test_cuda_kv_policies_generate_on_a_gpu_model(name):
         assert got.shape == full.shape
         if budget >= 300 + 24:  # a budget over the whole sequence keeps everything: the full cache's tokens
             assert torch.equal(got, full)
+
+
+def test_cuda_delta_layer_calibration_on_a_gpu_model():
+    from prunekit.inference.kv.delta import calibrate_delta_layers
+
+    chosen, shifts = calibrate_delta_layers(cuda_model(layers=4), ids(1, 200, 6), count=2, initial=1, window=32)
+    assert len(chosen) == 2 and all(1 <= layer <= 2 for layer in chosen) and len(shifts) == 3

@@ -354,9 +354,19 @@ def test_statistics_and_ids_follow_the_model_device():
     assert input_device(torch.nn.ReLU()) == torch.device("cpu")  # no parameter at all
     moments = stats.neutral("moments", 4)
     moments.tokens = 7.0
-    moved = stats.to_device({"moments": moments, "hessian": stats.neutral("hessian", 4), "none": None}, "cpu")
-    assert moved["moments"].tokens == 7.0 and torch.equal(moved["moments"].norms, torch.ones(4))
-    assert torch.equal(moved["hessian"], torch.eye(4)) and moved["none"] is None
-    acc = stats.make("norms+hessian+moments", 3)
-    acc.add(torch.ones(2, 4, 3))  # accumulators take the input's device (and dtype float32) at the first batch
-    assert all(t.device == torch.device("cpu") for t in (acc.parts["norms"].sq, acc.parts["hessian"].h))
+    # "meta" stands in for a GPU: a tensor there that stayed on the CPU is caught by its device
+    moved = stats.to_device({"moments": moments, "hessian": stats.neutral("hessian", 4), "none": None}, "meta")
+    assert moved["moments"].tokens == 7.0 and moved["none"] is None
+    assert {t.device.type for t in (moved["moments"].norms, moved["moments"].sums, moved["moments"].var,
+                                    moved["hessian"])} == {"meta"}
+
+    def tensors(acc):
+        m = acc.parts["moments"]
+        return acc.parts["norms"].sq, acc.parts["hessian"].h, m.norms.sq, m.sums, m.var
+
+    made = stats.make("norms+hessian+moments", 3, "meta")  # the engine makes them on the activations' device
+    assert {t.device.type for t in tensors(made)} == {"meta"}
+    moving = stats.make("norms+hessian+moments", 3)  # and one made on the CPU moves to its first input's
+    moving.add(torch.ones(2, 4, 3, device="meta"))
+    assert {t.device.type for t in tensors(moving)} == {"meta"}
+    assert all(t.dtype == torch.float32 for t in tensors(moving))

@@ -16,7 +16,7 @@ from torch import nn
 from prunekit.errors import InputError, check_model, int_at_least, module_modes, restore_modes
 from prunekit.select import NM, parse_pattern
 from prunekit.text import Text, check_token_ids, evaluation_ids, load_text
-from prunekit.weights.engine import find_blocks, get_weight, target_linears, zeros_in
+from prunekit.weights.engine import find_blocks, get_weight, input_device, target_linears, zeros_in
 from prunekit.weights.io import check_finite_weights
 
 __all__ = ["Perplexity", "perplexity", "perplexity_of_ids", "sparsity", "check_pattern"]
@@ -62,6 +62,7 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 
         raise InputError(f"ids must be token windows [n >= 1, seqlen >= 2] (one next-token prediction at least), "
                          f"got {shape}")
     total, count = 0.0, 0
+    ids = ids.to(input_device(model))  # a model on a GPU scores there
     was_training = module_modes(model)
     model.eval()
     try:

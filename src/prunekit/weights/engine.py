@@ -441,7 +441,7 @@ def _one_pass(block, kwargs, hidden, pruner: _Pruner) -> torch.Tensor:
                 last["stat"] = None
                 kind = pruner.stat_for(name)
                 if kind is not None:
-                    acc = stats_lib.make(kind, x.shape[-1])
+                    acc = stats_lib.make(kind, x.shape[-1], x.device)
                     acc.add(x, getattr(_module, "prunekit_sequences", None))  # an expert's: see weights.experts
                     last["stat"] = acc.value()
                     _check_finite_statistic(name, last["stat"], x.dtype)
@@ -507,7 +507,7 @@ def _two_pass(block, batches: list, pruner: _Pruner, *, need_outputs: bool) -> N
                 kind = pruner.stat_for(name)
                 if kind is not None:
                     if name not in accs:
-                        accs[name] = stats_lib.make(kind, x.shape[-1])
+                        accs[name] = stats_lib.make(kind, x.shape[-1], x.device)
                     accs[name].add(x, getattr(_module, "prunekit_sequences", None))  # see weights.experts
             seen.add(name)
             if len(seen) == len(pruner.layers):

@@ -48,8 +48,8 @@ class ColumnNorms:
 
     ROWS = 4096  # tokens squared and summed at a time
 
-    def __init__(self, d_in: int):
-        self.sq = torch.zeros(d_in, dtype=torch.float32)
+    def __init__(self, d_in: int, device=None):
+        self.sq = torch.zeros(d_in, dtype=torch.float32, device=device)
         self.sequences = 0
 
     def add(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> None:
@@ -79,8 +79,8 @@ class Hessian:
 
     WIDE = 512  # below this a single GEMM is as fast
 
-    def __init__(self, d_in: int):
-        self.h = torch.zeros(d_in, d_in, dtype=torch.float32)
+    def __init__(self, d_in: int, device=None):
+        self.h = torch.zeros(d_in, d_in, dtype=torch.float32, device=device)
         self.sequences = 0
         self.upper_only = d_in >= self.WIDE
         self.band = 128 if d_in < 1024 else 256
@@ -115,10 +115,10 @@ class InputMoments:
 class Moments:
     """DSnoT's statistics of a Linear's input: ``InputMoments`` (norms, sums, var), each ``[d_in]``."""
 
-    def __init__(self, d_in: int):
-        self.norms = ColumnNorms(d_in)
-        self.sums = torch.zeros(d_in, dtype=torch.float32)
-        self.var = torch.zeros(d_in, dtype=torch.float32)
+    def __init__(self, d_in: int, device=None):
+        self.norms = ColumnNorms(d_in, device)
+        self.sums = torch.zeros(d_in, dtype=torch.float32, device=device)
+        self.var = torch.zeros(d_in, dtype=torch.float32, device=device)
         self.sequences = 0
         self.tokens = 0
 
@@ -154,8 +154,8 @@ class Moments:
 class Composite:
     """Several statistics of the same input at once; ``value()`` is a dict by name."""
 
-    def __init__(self, names: list[str], d_in: int):
-        self.parts = {n: STATS[n](d_in) for n in names}
+    def __init__(self, names: list[str], d_in: int, device=None):
+        self.parts = {n: STATS[n](d_in, device) for n in names}
 
     def add(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         for part in self.parts.values():
@@ -168,11 +168,12 @@ class Composite:
 STATS = {"norms": ColumnNorms, "hessian": Hessian, "moments": Moments}
 
 
-def make(name: str, d_in: int):
-    """A fresh accumulator for statistic `name` (or ``"a+b"``) over inputs of width `d_in`."""
+def make(name: str, d_in: int, device=None):
+    """A fresh accumulator for statistic `name` (or ``"a+b"``) over inputs of width `d_in`, on `device` (the
+    activations'; an accumulator also moves to its first input's device)."""
     if "+" in name:
-        return Composite(name.split("+"), d_in)
-    return STATS[name](d_in)
+        return Composite(name.split("+"), d_in, device)
+    return STATS[name](d_in, device)
 
 
 def is_finite(value) -> bool:

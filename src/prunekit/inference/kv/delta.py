@@ -302,9 +302,11 @@ def calibrate_delta_layers(model, input_ids: torch.Tensor, *, count: int = 3, in
                          f"layer of a {num_layers}-layer model")
     from transformers import DynamicCache
 
+    from prunekit.weights.engine import input_device
+
     probe = _AttentionProbe(window)
     with Engine(model, probe, budget=None):
-        model(input_ids=input_ids, cache=DynamicCache(config=model.config), use_cache=True)
+        model(input_ids=input_ids.to(input_device(model)), cache=DynamicCache(config=model.config), use_cache=True)
     maps = [probe.maps[i].flatten() for i in range(num_layers)]
     shifts = [1.0 - float(torch.nn.functional.cosine_similarity(maps[i - 1], maps[i], dim=0)) for i in range(1, num_layers)]
     ranked = sorted(range(initial, num_layers - 1), key=lambda layer: -shifts[layer - 1])

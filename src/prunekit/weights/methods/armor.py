@@ -95,6 +95,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -110,6 +111,10 @@ from prunekit.weights.methods import sparsegpt
 __all__ = ["ArmorLinear", "prune_weight", "proxy_loss", "save_factors", "install_factors", "FACTORS_FILE"]
 
 BLOCK_SIZE = 32
+# The first semi-structured product after each conversion is compared with the dense core: a max difference over
+# this share of the output's max sends the layer dense. On an H200 the kernel's right outputs were within 7.6e-3
+# (bf16) of fp32, its wrong ones (a strided input, since made contiguous) about 1.4 off.
+SPARSE_CHECK_TOL = 0.05
 ITERS = 100
 LR = 1e-2
 CORE_LR = 10.0  # the core's Adam step is CORE_LR * LR * rms(kept core values); A and B step LR
@@ -191,11 +196,12 @@ class ArmorLinear(nn.Module):
     with zeros and outputs cut). The forward runs x -> B -> core -> A without forming the dense weight; on a
     CUDA device of compute capability >= 8.0 with fp16/bf16 inputs and a 2:4 core, the core product uses
     PyTorch's semi-structured sparse kernels (converted once, cached), falling back to dense when PyTorch
-    refuses the shape; ``sparse_kernel=False`` (an attribute too) keeps it dense. Measured on an H200 with torch
-    2.11+cu130 (bench/results/armor_cuda.md), each semi-structured product took 0.42-0.87 ms a call whatever
-    its size: slower than the dense core at every shape measured, up to 11008x4096 with 4096 tokens (0.04-0.62x),
-    and the block-diagonal A and B cost more than the dense equivalent's one product. On a GPU the faster model
-    is the dense ``A core B`` that `save_pretrained` writes (it is not 2:4-sparse). Saving (`state_dict`) emits
+    refuses the shape or its first product disagrees with the dense core (`SPARSE_CHECK_TOL`; a RuntimeWarning
+    says so); ``sparse_kernel=False`` (an attribute too) keeps it dense. Measured on an H200 with torch
+    2.11+cu130 (bench/results/armor_cuda.md), each semi-structured product took 0.42-0.87 ms a call, over
+    0.42 ms even at the smallest shape: slower than the dense core at every shape measured, up to 11008x4096
+    with 4096 tokens (0.04-0.62x), and the block-diagonal A and B cost more than the dense equivalent's one
+    product. On a GPU the faster model is the dense ``A core B`` that `save_pretrained` writes (it is not 2:4-sparse). Saving (`state_dict`) emits
     only the dense ``weight`` and ``bias``, so a ``save_pretrained`` checkpoint loads anywhere as a plain dense
     model; `save_factors` keeps the factors.
     ``conv1d_layout``: the module replaces a GPT-2 style ``Conv1D``, whose checkpoints hold the weight as
@@ -224,6 +230,7 @@ class ArmorLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self._sparse_cache: tuple | None = None
         self._sparse_failed = False
+        self._sparse_checked = False
 
     @property
     def extra_params(self) -> int:
@@ -256,6 +263,7 @@ class ArmorLinear(nn.Module):
                 self._sparse_failed = True
                 return None
             self._sparse_cache = (key, sparse)
+            self._sparse_checked = False  # a new conversion is checked against the dense core once
         return self._sparse_cache[1]
 
     def _core_product(self, xb: torch.Tensor) -> torch.Tensor:
@@ -265,9 +273,21 @@ class ArmorLinear(nn.Module):
                 # contiguous: B's output is a column slice when its blocks pad the input; with that strided view
                 # PyTorch 2.11's semi-structured product returned wrong rows (H200, measured: 1.4 relative error)
                 flat = xb.reshape(-1, xb.shape[-1]).contiguous()
-                return F.linear(flat, sparse).reshape(*xb.shape[:-1], self.out_features)
+                y = F.linear(flat, sparse)
             except (RuntimeError, ValueError, NotImplementedError):
                 self._sparse_failed = True
+            else:
+                if not self._sparse_checked:  # that wrong result raised nothing: compare once with the dense core
+                    self._sparse_checked = True
+                    dense = F.linear(flat, self.core)
+                    scale = float(dense.abs().max().float())
+                    if not float((y - dense).abs().max().float()) <= SPARSE_CHECK_TOL * scale + 1e-6:
+                        self._sparse_failed = True
+                        warnings.warn(f"ARMOR: PyTorch's semi-structured product disagreed with the dense core on a "
+                                      f"{self.out_features}x{self.in_features} layer; it runs dense from now on",
+                                      RuntimeWarning, stacklevel=2)
+                        y = dense
+                return y.reshape(*xb.shape[:-1], self.out_features)
         return F.linear(xb, self.core)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -141,8 +141,8 @@ from torch import nn
 from prunekit.errors import InputError, int_at_least, is_real, module_modes, restore_modes, with_autograd
 from prunekit.select import NM, check_ratio, keep_global, keep_per_row, parse_pattern
 from prunekit.text import Text, calibration_ids, ids_from_numpy, load_text
-from prunekit.weights.engine import (UNCHANGED, LayerReport, find_blocks, get_weight, prune_blocks, set_weight,
-                                     target_linears, zeros_in)
+from prunekit.weights.engine import (UNCHANGED, LayerReport, find_blocks, get_weight, input_device, prune_blocks,
+                                     set_weight, target_linears, zeros_in)
 from prunekit.weights.methods.sparsegpt import PERCDAMP, inverse_cholesky
 
 __all__ = ["general_importance", "regularised_grad", "dual_importance", "final_score", "prune_model"]
@@ -263,7 +263,7 @@ def _domain_stage(model, layers: dict[str, nn.Module], general: dict[str, torch.
     from tqdm.auto import tqdm
 
     scores = {name: torch.zeros(get_weight(m).shape, dtype=torch.float32) for name, m in layers.items()}
-    device = next(model.parameters()).device
+    device = input_device(model)
     batches = list(domain_ids.split(batch_size))
     for step in tqdm(range(steps), desc="D-Pruner domain steps", unit="step", disable=not progress):
         batch = batches[step % len(batches)].to(device)
