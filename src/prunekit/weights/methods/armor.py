@@ -280,8 +280,8 @@ class ArmorLinear(nn.Module):
                 if not self._sparse_checked:  # that wrong result raised nothing: compare once with the dense core
                     self._sparse_checked = True
                     dense = F.linear(flat, self.core)
-                    scale = float(dense.abs().max().float())
-                    if not float((y - dense).abs().max().float()) <= SPARSE_CHECK_TOL * scale + 1e-6:
+                    scale = float(dense.detach().abs().max().float())
+                    if not float((y - dense).detach().abs().max().float()) <= SPARSE_CHECK_TOL * scale + 1e-6:
                         self._sparse_failed = True
                         warnings.warn(f"ARMOR: PyTorch's semi-structured product disagreed with the dense core on a "
                                       f"{self.out_features}x{self.in_features} layer; it runs dense from now on",
