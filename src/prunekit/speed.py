@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import InputError, check_seed, int_at_least
+from prunekit.weights.engine import input_device
 
 __all__ = ["compare_speed", "compare_speed_with_dense", "dense_reload_note", "measure_speed", "noise_note",
            "speed_against_dense", "speedup"]
@@ -62,12 +63,20 @@ def _decode(model, out, steps):
         out = model(input_ids=token, **{_cache_arg(): cache}, use_cache=True)
         cache = _cache(out)
         token = out.logits[:, -1:].argmax(-1)
+    _sync(token.device)
     return (time.perf_counter() - start) / steps
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for a GPU's queued work, so a wall-clock time covers it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measure_speed(model: nn.Module, *, prefill: int | None = None, decode: int | None = None, repeats: int = 3,
                   threads: int = 1, vocab: int | None = None, seed: int = 0) -> dict:
-    """``{"prefill_s", "decode_s_per_token", "param_bytes", "params", ...}`` measured on this CPU.
+    """``{"prefill_s", "decode_s_per_token", "param_bytes", "params", ...}`` measured where the model is (this CPU,
+    unless it is on a GPU: then synchronized, `threads` still sets the CPU threads).
 
     `prefill` / `decode`: tokens timed, by default 512 and 64, or fewer when the model has fewer positions
     (its ``max_position_embeddings`` / ``n_positions``): decode an eighth of them, prefill the rest. The result
@@ -92,7 +101,8 @@ def measure_speed(model: nn.Module, *, prefill: int | None = None, decode: int |
     elif isinstance(vocab, bool) or not isinstance(vocab, Integral) or not 1 <= vocab <= size:
         raise InputError(f"vocab (the token ids drawn) must be an integer from 1 to the model's {size}, got {vocab!r}")
     seed = check_seed(seed)
-    ids = torch.randint(0, vocab, (1, prefill), generator=torch.Generator().manual_seed(seed))
+    device = input_device(model)
+    ids = torch.randint(0, vocab, (1, prefill), generator=torch.Generator().manual_seed(seed)).to(device)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -102,6 +112,7 @@ def measure_speed(model: nn.Module, *, prefill: int | None = None, decode: int |
             for _ in range(repeats):  # each decode timing continues the prefill just timed (it ran a second one)
                 start = time.perf_counter()
                 out = model(input_ids=ids, use_cache=True, **_last_only(type(model)))
+                _sync(device)
                 pre.append(time.perf_counter() - start)
                 dec.append(_decode(model, out, decode))
                 del out

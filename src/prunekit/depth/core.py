@@ -116,7 +116,7 @@ class GatedBlock(nn.Module):
         self.tuple_output = isinstance(out, (tuple, list))
         h = hidden_of(out)  # [b, ...]
         if isinstance(m, torch.Tensor) and m.dim() == 1:
-            m = m.to(h.dtype).view(-1, *([1] * (h.dim() - 1)))  # [b, 1, ...]
+            m = m.to(h.device, h.dtype).view(-1, *([1] * (h.dim() - 1)))  # [b, 1, ...]
         new = m * h + (1 - m) * x
         return (new, *out[1:]) if isinstance(out, (tuple, list)) else new
 
@@ -289,7 +289,7 @@ def drop_blocks(blocks: nn.ModuleList, keep: Sequence[bool]) -> nn.ModuleList:
 def causal_lm_target(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4) -> DepthTarget:
     """A `DepthTarget` for a Hugging Face causal LM: calibration windows `ids` ``[n, seqlen]`` in batches of
     `batch_size`, loss = next-token cross-entropy, distillation = KL(teacher || student) per token."""
-    from prunekit.weights.engine import find_blocks
+    from prunekit.weights.engine import find_blocks, input_device
 
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] < 1:
         raise InputError("calibration ids must be a [samples, seqlen] tensor with at least one sample; give calibration text")
@@ -302,6 +302,7 @@ def causal_lm_target(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4
     ids = ids.long()
     int_at_least(batch_size, "batch_size", 1)
     _, blocks = find_blocks(model)
+    ids = ids.to(input_device(model))  # a model on a GPU is scored there
     batches = [ids[i : i + batch_size] for i in range(0, ids.shape[0], batch_size)]
 
     def loss(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:

@@ -162,7 +162,7 @@ def _sincos_2d(dim: int, grid: int) -> torch.Tensor:
 
 def _timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)  # [half]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]  # [B, half]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, dim]
 
@@ -716,6 +716,8 @@ def forward_seconds(model: DiT, *, batch: int = 16, repeats: int = 5, threads: i
     x = torch.randn(batch, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     t = torch.randint(0, _SCHEDULE.T, (batch,), generator=g)
     y = torch.arange(batch) % model.config.num_classes
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x, t, y = x.to(dev), t.to(dev), y.to(dev)
     was, before = module_modes(model), torch.get_num_threads()
     model.eval()
     torch.set_num_threads(int_at_least(threads, "threads", 1))

@@ -84,7 +84,7 @@ def sample_masks(logits: list[torch.Tensor], options: list[torch.Tensor], *, sam
     parts = []
     for g, opts in zip(logits, options):
         z = (g * scale).expand(samples, -1)  # [samples, C]
-        u = torch.rand(z.shape, generator=generator).clamp_(1e-10, 1 - 1e-10)
+        u = torch.rand(z.shape, generator=generator).to(z.device).clamp_(1e-10, 1 - 1e-10)
         soft = ((z - torch.log(-torch.log(u))) / tau).softmax(-1)  # [samples, C]
         hard = torch.nn.functional.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)  # [samples, C]
         y = hard - soft.detach() + soft  # straight-through: one-hot forward, soft gradient backward
@@ -135,8 +135,11 @@ def tinyfusion(target: DepthTarget, *, kept: int, groups=None, steps: int = 200,
         raise InputError("TinyFusion's recoverability estimate puts LoRA on the blocks' nn.Linear layers and these "
                          "blocks have none (GPT-2's are Conv1D); learn the mask without it: --option "
                          "recoverability=frozen (recoverability='frozen')")
-    options = [group_options(n, m) for n, m in groups]  # [C_k, M_k] each
-    logits = [nn.Parameter(torch.full((o.shape[0],), 0.02)) for o in options]  # [C_k] each
+    from prunekit.weights.engine import input_device
+
+    device = input_device(target.model)  # the gates' logits live with the model (a GPU's too)
+    options = [group_options(n, m).to(device) for n, m in groups]  # [C_k, M_k] each
+    logits = [nn.Parameter(torch.full((o.shape[0],), 0.02, device=device)) for o in options]  # [C_k] each
     ema_logits = [g.detach().clone() for g in logits]
     gen = torch.Generator().manual_seed(seed)
     model = target.model

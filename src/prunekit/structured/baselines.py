@@ -33,7 +33,7 @@ def keep_heads(scores: torch.Tensor, kv_heads: int, keep: int) -> torch.Tensor:
     per = scores.numel() // kv_heads
     k = keep // kv_heads
     top = torch.topk(scores.view(kv_heads, per), k, dim=1).indices  # [kv, k]
-    return (top + torch.arange(kv_heads)[:, None] * per).reshape(-1).sort().values
+    return (top + torch.arange(kv_heads, device=top.device)[:, None] * per).reshape(-1).sort().values
 
 
 def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:

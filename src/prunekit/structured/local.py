@@ -58,7 +58,7 @@ def accumulate_hessian(h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """``h + X^T X`` over the tokens of `x` ``[..., in]`` in fp32 (``h`` None starts at zero)."""
     flat = x.reshape(-1, x.shape[-1]).to(torch.float32)  # [n, in]
     if h is None:
-        h = torch.zeros(flat.shape[1], flat.shape[1])
+        h = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
     return h.addmm_(flat.T, flat)  # [in, in]
 
 
@@ -73,7 +73,7 @@ def damped(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _cols(units: torch.Tensor, size: int) -> torch.Tensor:
-    return (units[:, None] * size + torch.arange(size)[None, :]).reshape(-1)  # [len(units) * size]
+    return (units[:, None] * size + torch.arange(size, device=units.device)[None, :]).reshape(-1)  # [units * size]
 
 
 def saliency(w: torch.Tensor, hinv: torch.Tensor, units: torch.Tensor, size: int) -> torch.Tensor:
@@ -144,7 +144,7 @@ def prune_path(w: torch.Tensor, h: torch.Tensor, *, unit_size: int, levels: list
     except torch.linalg.LinAlgError:
         hinv = torch.linalg.pinv(hd.double()).to(torch.float32)
     cur = w0.clone()
-    alive = torch.ones(n_units, dtype=torch.bool)
+    alive = torch.ones(n_units, dtype=torch.bool, device=w.device)
     # units whose every column is dead carry no signal: they go first, at zero cost
     dead_units = dead.view(n_units, unit_size).all(1)
     out: dict[int, Level] = {}

@@ -98,7 +98,7 @@ from prunekit.structured.units import (
     Dims, Widths, attention, block_params, check_widths, head_columns, mlp_of, model_dims, shrink_attention,
     shrink_mlp,
 )
-from prunekit.weights.engine import capture_block_inputs, find_blocks, for_block
+from prunekit.weights.engine import capture_block_inputs, find_blocks, for_block, input_device
 
 __all__ = ["STRUCTURES", "uniform_widths", "mutate", "prune_tyr", "prune_uniform", "tyr_options", "sparse_kl"]
 
@@ -331,7 +331,7 @@ def _hessian(block: nn.Module, batches: list, module: nn.Module) -> torch.Tensor
 
 
 def _zero_filled(level: local.Level, in_features: int, unit: int) -> torch.Tensor:
-    full = torch.zeros(level.weight.shape[0], in_features)  # [out, in]
+    full = torch.zeros(level.weight.shape[0], in_features, device=level.weight.device)  # [out, in]
     full[:, head_columns(level.keep, unit) if unit > 1 else level.keep] = level.weight
     return full
 
@@ -601,6 +601,7 @@ def prune_tyr(model: nn.Module, ids: torch.Tensor, *, ratio: float, structure: s
     check_widths(dims, centre)
     if not search:
         opts["iterations"], opts["levels"] = 1, 1
+    ids = ids.to(input_device(model))  # a model on a GPU is pruned there
     fids = ids
     if opts["fitness_samples"]:  # None (ids given directly): the supernet's windows, as the reference
         if ids.shape[0] <= opts["fitness_samples"]:

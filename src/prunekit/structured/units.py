@@ -224,7 +224,7 @@ def block_params(dims: Dims, widths: list[Widths]) -> int:
 
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """The feature indices (q_proj rows, o_proj columns) of query heads `heads` (sorted), ``[len * head_dim]``."""
-    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)[None, :]).reshape(-1)
 
 
 KEPT_ATTR = "_prunekit_kept"  # on a shrunk module: (rows, cols) of the module it replaced that it keeps (None: all)

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from prunekit.data.methods._checks import to_numpy
 from prunekit.errors import InputError, is_real
 
 __all__ = [
@@ -138,7 +139,7 @@ def _prepare(labels, pred_probs, *, allow_missing_classes: bool = False) -> _Dat
     label. The values of `pred_probs` are checked by the first pass over them (`_Data.chunks`)."""
     if isinstance(pred_probs, _Data):
         return pred_probs
-    probs = pred_probs if isinstance(pred_probs, np.ndarray) else np.asarray(pred_probs)
+    probs = pred_probs if isinstance(pred_probs, np.ndarray) else to_numpy(pred_probs, "pred_probs")  # a GPU tensor too
     if probs.ndim != 2:
         raise InputError(f"pred_probs must be a 2-D array [examples, classes], got shape {probs.shape}")
     if not np.issubdtype(probs.dtype, np.floating):
@@ -151,7 +152,7 @@ def _prepare(labels, pred_probs, *, allow_missing_classes: bool = False) -> _Dat
     if k > MAX_CLASSES:  # the K x K joint: 40,000 columns asked for 12 GB, then a MemoryError traceback
         raise InputError(f"pred_probs has {k:,} columns: Confident Learning counts a {k:,} x {k:,} joint "
                          f"({8 * k * k / 2**30:,.0f} GiB); at most {MAX_CLASSES:,} classes are taken")
-    y = np.asarray(labels)
+    y = to_numpy(labels, "labels")
     if y.ndim != 1:
         raise InputError(f"labels must be a 1-D array of class indices, got shape {y.shape}")
     if len(y) != n:
