@@ -63,11 +63,11 @@ def _decode(model, out, steps):
         out = model(input_ids=token, **{_cache_arg(): cache}, use_cache=True)
         cache = _cache(out)
         token = out.logits[:, -1:].argmax(-1)
-    _sync(token.device)
+    sync_device(token.device)
     return (time.perf_counter() - start) / steps
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     """Wait for a GPU's queued work, so a wall-clock time covers it (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -112,7 +112,7 @@ def measure_speed(model: nn.Module, *, prefill: int | None = None, decode: int |
             for _ in range(repeats):  # each decode timing continues the prefill just timed (it ran a second one)
                 start = time.perf_counter()
                 out = model(input_ids=ids, use_cache=True, **_last_only(type(model)))
-                _sync(device)
+                sync_device(device)
                 pre.append(time.perf_counter() - start)
                 dec.append(_decode(model, out, decode))
                 del out

@@ -77,6 +77,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.errors import InputError, int_at_least, module_modes, restore_modes
+from prunekit.speed import sync_device
+from prunekit.weights.engine import input_device
 
 __all__ = [
     "DiTConfig", "TrainConfig", "DiT", "DiTBlock", "Schedule", "schedule", "diffusion_loss", "sample",
@@ -716,7 +718,7 @@ def forward_seconds(model: DiT, *, batch: int = 16, repeats: int = 5, threads: i
     x = torch.randn(batch, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     t = torch.randint(0, _SCHEDULE.T, (batch,), generator=g)
     y = torch.arange(batch) % model.config.num_classes
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dev = input_device(model)
     x, t, y = x.to(dev), t.to(dev), y.to(dev)
     was, before = module_modes(model), torch.get_num_threads()
     model.eval()
@@ -727,6 +729,7 @@ def forward_seconds(model: DiT, *, batch: int = 16, repeats: int = 5, threads: i
         for _ in range(repeats):
             start = time.perf_counter()
             model(x, t, y)
+            sync_device(dev)  # a GPU's queued forward, not just its launch
             times.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(before)
