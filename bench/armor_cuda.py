@@ -7,6 +7,9 @@ where cuSPARSELt is missing). This bench times, per layer shape and number of to
 - ``dense``: ``F.linear(x, W)`` with the dense equivalent ``W = A core B`` (what a saved checkpoint runs);
 - ``core_dense`` / ``core_sparse``: the core product alone, dense and through the semi-structured kernel;
 - ``armor_dense`` / ``armor_sparse``: the whole `ArmorLinear` forward with the core dense or sparse;
+- ``*_graph``: the same calls captured in a CUDA graph and replayed, as a compiled model would run them;
+- ``core_*_host`` / ``core_*_kernel``: for the core product, the host's time to issue one call and its GPU
+  kernels' time (torch.profiler), which tell a launch-bound call from a slow kernel;
 
 and checks the sparse forward against an fp32 product of the dense equivalent. Shapes: SmolLM2-135M's block
 Linears and a Llama-7B-sized attention and MLP layer; block size 128 (the paper's scripts). Timings are CUDA-event
@@ -16,7 +19,9 @@ medians after warm-up. Needs a CUDA GPU; no CPU fallback (there is nothing to me
     python bench/armor_cuda.py --dtype bf16 --out /tmp/armor_cuda
 
 Writes ``{"rows": [{"shape", "out", "in", "tokens", "dtype", "dense_us", "core_dense_us", "core_sparse_us",
-"armor_dense_us", "armor_sparse_us", "max_rel_err"}], "meta": {...}}`` and a markdown table.
+"armor_dense_us", "armor_sparse_us", "core_dense_host_us", "core_dense_kernel_us", "core_sparse_host_us",
+"core_sparse_kernel_us", "dense_graph_us", "core_dense_graph_us", "core_sparse_graph_us", "armor_dense_graph_us",
+"armor_sparse_graph_us", "max_rel_err", "core_mb", "sparse_core_mb"}], "meta": {...}}`` and a markdown table.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ import json
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
 
 from prunekit.weights.methods import armor
 
@@ -75,6 +82,55 @@ def time_us(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def host_and_kernel_us(fn, reps: int = 20) -> tuple[float, float]:
+    """Per call: the host's microseconds to issue `fn` (no sync inside the loop) and its GPU kernels' time.
+
+    The kernel time sums the CUDA kernel events torch.profiler records (not the CPU ops', which repeat it). A
+    call whose host time exceeds its kernel time is launch-bound: the GPU waits on the host.
+    """
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - start) / reps * 1e6
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernel = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+    return host, kernel / reps
+
+
+def graph_us(fn, reps: int, expected: torch.Tensor | None = None) -> float | None:
+    """`time_us` of `fn` captured once in a CUDA graph and replayed (the host's per-call work is skipped, as
+    under ``torch.compile(mode="reduce-overhead")``); None when the capture fails (printed). With `expected`
+    (fp32), a replay whose output is off by more than 0.05 of its max raises."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+    except RuntimeError as e:
+        print(f"  CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+    if expected is not None:
+        graph.replay()
+        torch.cuda.synchronize()
+        err = float((out.float() - expected).abs().max() / expected.abs().max())
+        if not err <= 0.05:
+            raise RuntimeError(f"the CUDA graph's replay is off by {err:.2g} of the output's max")
+    return time_us(graph.replay, reps)
+
+
 def sparse_bytes(sparse) -> int:
     """Bytes the semi-structured tensor holds (values and metadata; what exists in this PyTorch version)."""
     total = 0
@@ -104,24 +160,51 @@ def measure(name: str, base: armor.ArmorLinear, tokens: int, dtype: torch.dtype,
                    core_dense_us=time_us(lambda: F.linear(xb, core), reps),
                    core_sparse_us=time_us(lambda: F.linear(xb, sparse), reps),
                    armor_sparse_us=time_us(lambda: module(x), reps))
+        row["core_dense_host_us"], row["core_dense_kernel_us"] = host_and_kernel_us(lambda: F.linear(xb, core))
+        row["core_sparse_host_us"], row["core_sparse_kernel_us"] = host_and_kernel_us(lambda: F.linear(xb, sparse))
+        row["dense_graph_us"] = graph_us(lambda: F.linear(x, weight, module.bias), reps)
+        row["core_dense_graph_us"] = graph_us(lambda: F.linear(xb, core), reps)
+        row["core_sparse_graph_us"] = graph_us(lambda: F.linear(xb, sparse), reps)
+        row["armor_sparse_graph_us"] = graph_us(lambda: module(x), reps, expected)
         module.sparse_kernel = False  # the same module with its core product dense
         row["armor_dense_us"] = time_us(lambda: module(x), reps)
+        row["armor_dense_graph_us"] = graph_us(lambda: module(x), reps)
     row["max_rel_err"] = err
     row["core_mb"] = core.numel() * core.element_size() / 2**20
     row["sparse_core_mb"] = sparse_bytes(sparse) / 2**20
     return row
 
 
+def _us(v) -> str:
+    return "failed" if v is None else f"{v:.1f}"
+
+
+def _ratio(num, den, suffix: str = "") -> str:
+    return "-" if num is None or den is None else f"{num / den:.2f}{suffix}"
+
+
 def table(rows: list[dict]) -> str:
+    """Two markdown tables: eager calls, then the same calls replayed from CUDA graphs."""
     head = ("| layer | out x in | tokens | dtype | dense W (us) | core dense (us) | core 2:4 (us) | core speedup "
-            "| ARMOR dense core (us) | ARMOR 2:4 core (us) | ARMOR 2:4 / dense W | max rel err |")
-    lines = [head, "|" + "---|" * 12]
+            "| core 2:4 host / kernel (us) | ARMOR dense core (us) | ARMOR 2:4 core (us) | ARMOR 2:4 / dense W "
+            "| max rel err |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['out']}x{r['in']} | {r['tokens']} | {r['dtype']} | {r['dense_us']:.1f} "
-            f"| {r['core_dense_us']:.1f} | {r['core_sparse_us']:.1f} | {r['core_dense_us'] / r['core_sparse_us']:.2f}x "
-            f"| {r['armor_dense_us']:.1f} | {r['armor_sparse_us']:.1f} | {r['armor_sparse_us'] / r['dense_us']:.2f} "
-            f"| {r['max_rel_err']:.1e} |")
+            f"| {r['core_dense_us']:.1f} | {r['core_sparse_us']:.1f} "
+            f"| {_ratio(r['core_dense_us'], r['core_sparse_us'], 'x')} "
+            f"| {r['core_sparse_host_us']:.1f} / {r['core_sparse_kernel_us']:.1f} | {r['armor_dense_us']:.1f} "
+            f"| {r['armor_sparse_us']:.1f} | {_ratio(r['armor_sparse_us'], r['dense_us'])} | {r['max_rel_err']:.1e} |")
+    lines += ["", "CUDA-graph replay (the host's per-call work skipped):", "",
+              "| layer | out x in | tokens | dtype | dense W (us) | core dense (us) | core 2:4 (us) | core speedup "
+              "| ARMOR dense core (us) | ARMOR 2:4 core (us) | ARMOR 2:4 / dense W |", "|" + "---|" * 11]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['out']}x{r['in']} | {r['tokens']} | {r['dtype']} | {_us(r['dense_graph_us'])} "
+            f"| {_us(r['core_dense_graph_us'])} | {_us(r['core_sparse_graph_us'])} "
+            f"| {_ratio(r['core_dense_graph_us'], r['core_sparse_graph_us'], 'x')} | {_us(r['armor_dense_graph_us'])} "
+            f"| {_us(r['armor_sparse_graph_us'])} | {_ratio(r['armor_sparse_graph_us'], r['dense_graph_us'])} |")
     return "\n".join(lines)
 
 
@@ -150,7 +233,10 @@ def main(argv=None) -> int:
                 rows.append(r)
                 print(f"{dt} {name:22s} {tokens:5d} tok: dense {r['dense_us']:8.1f} us, core {r['core_dense_us']:8.1f}"
                       f" -> 2:4 {r['core_sparse_us']:8.1f} us, ARMOR {r['armor_dense_us']:8.1f} -> "
-                      f"{r['armor_sparse_us']:8.1f} us, err {r['max_rel_err']:.1e}", flush=True)
+                      f"{r['armor_sparse_us']:8.1f} us, err {r['max_rel_err']:.1e}; 2:4 core host "
+                      f"{r['core_sparse_host_us']:.1f} kernel {r['core_sparse_kernel_us']:.1f} us; graphed: dense "
+                      f"{_us(r['dense_graph_us'])}, core 2:4 {_us(r['core_sparse_graph_us'])}, ARMOR 2:4 "
+                      f"{_us(r['armor_sparse_graph_us'])} us", flush=True)
     sparse = torch.sparse.SparseSemiStructuredTensor
     cusparselt = getattr(torch.backends, "cusparselt", None)
     meta = dict(gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
@@ -164,7 +250,9 @@ def main(argv=None) -> int:
             f"{'.'.join(map(str, meta['capability']))}), torch {meta['torch']}, cuSPARSELt available: "
             f"{meta['cusparselt']}. Block size {BLOCK}; CUDA-event medians of {args.reps} calls after warm-up. "
             "'dense W' is the dense equivalent A·core·B as one Linear; 'core' the core product alone; 'ARMOR' "
-            "the whole factorized forward (B, core, A). Written by `python bench/armor_cuda.py`.\n\n")
+            "the whole factorized forward (B, core, A). 'host / kernel': the host's time to issue one 2:4 core product "
+            "and its GPU kernels' time (torch.profiler); where host exceeds kernel the call is launch-bound. "
+            "Written by `python bench/armor_cuda.py`.\n\n")
     fails = "".join(f"\n- {f['shape']} ({f['out']}x{f['in']}), {f['tokens']} tokens, {f['dtype']}: {f['error']}"
                     for f in failed)
     stem.with_suffix(".md").write_text(note + table(rows) + "\n" + (f"\nFailed:{fails}\n" if failed else ""))

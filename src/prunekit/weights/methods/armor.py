@@ -112,7 +112,7 @@ __all__ = ["ArmorLinear", "prune_weight", "proxy_loss", "save_factors", "install
 
 BLOCK_SIZE = 32
 # The first semi-structured product after each conversion is compared with the dense core: a max difference over
-# this share of the output's max sends the layer dense. On an H200 the kernel's right outputs were within 7.6e-3
+# this share of the output's max sends the layer dense. On an H200 the kernel's right outputs were within 8.3e-3
 # (bf16) of fp32, its wrong ones (a strided input, since made contiguous) about 1.4 off.
 SPARSE_CHECK_TOL = 0.05
 ITERS = 100
@@ -198,10 +198,12 @@ class ArmorLinear(nn.Module):
     PyTorch's semi-structured sparse kernels (converted once, cached), falling back to dense when PyTorch
     refuses the shape or its first product disagrees with the dense core (`SPARSE_CHECK_TOL`; a RuntimeWarning
     says so); ``sparse_kernel=False`` (an attribute too) keeps it dense. Measured on an H200 with torch
-    2.11+cu130 (bench/results/armor_cuda.md), each semi-structured product took 0.42-0.87 ms a call, over
-    0.42 ms even at the smallest shape: slower than the dense core at every shape measured, up to 11008x4096
-    with 4096 tokens (0.04-0.62x), and the block-diagonal A and B cost more than the dense equivalent's one
-    product. On a GPU the faster model is the dense ``A core B`` that `save_pretrained` writes (it is not 2:4-sparse). Saving (`state_dict`) emits
+    2.11+cu130 (bench/results/armor_cuda.md): called eagerly, each semi-structured product took 0.43-0.98 ms,
+    most of it host time in PyTorch's cuSPARSELt op (its kernel: 8-363 us), so slower than the dense core at
+    every shape; replayed from a CUDA graph it was 1.17-1.42x faster than the dense core on 7B shapes at 4096
+    tokens, slower at 64 tokens or fewer. The block-diagonal A and B keep the whole layer slower than the dense
+    equivalent's one product (1.32-1.71x there, graphed): on a GPU the faster model is the dense ``A core B``
+    that `save_pretrained` writes (it is not 2:4-sparse). Saving (`state_dict`) emits
     only the dense ``weight`` and ``bias``, so a ``save_pretrained`` checkpoint loads anywhere as a plain dense
     model; `save_factors` keeps the factors.
     ``conv1d_layout``: the module replaces a GPT-2 style ``Conv1D``, whose checkpoints hold the weight as
