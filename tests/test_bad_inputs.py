@@ -6,6 +6,7 @@ success on a broken model, or a changed input)."""
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 
 import pytest
@@ -51,28 +52,88 @@ def test_load_model_refuses_nan_or_inf_weights_unless_asked_not_to_check(nan_dir
     assert torch.isnan(model.model.layers[1].mlp.down_proj.weight).any()
 
 
-@pytest.mark.parametrize("command", ["depth", "structured", "generate", "reason", "qtune"])
-def test_every_model_command_refuses_nan_weights(command, nan_dir, text_file, tmp_path, capsys):
+DEVICE_COMMANDS = ["weights", "depth", "structured", "eval", "generate", "reason", "qtune"]
+
+
+def device_argv(command, model, text_file, tmp_path, device):
+    """A command of each family that loads a causal LM, on `device`, writing under tmp_path/out where it writes."""
     out = tmp_path / "out"
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"question": "What is 2+3?", "answer": "5"}) + "\n")
     sft = tmp_path / "sft.jsonl"
     sft.write_text("".join(json.dumps({"instruction": f"Add {i} and 1.", "response": f"It is {i + 1}."}) + "\n"
                            for i in range(8)))
-    calib = ["--calib", str(text_file), "--samples", "4", "--seqlen", "32", "--no-speed", "--quiet"]
-    argv = {
-        "depth": ["prune", str(nan_dir), "--method", "shortgpt", "--layers", "1", *calib, "--out", str(out)],
-        "structured": ["prune", str(nan_dir), "--method", "uniform-structured", "--ratio", "0.3", *calib,
+    calib = ["--calib", str(text_file), "--samples", "4", "--seqlen", "32", "--quiet", "--device", device]
+    return {
+        "weights": ["prune", str(model), "--method", "wanda", "--ratio", "0.5", *calib, "--out", str(out)],
+        "depth": ["prune", str(model), "--method", "shortgpt", "--layers", "1", "--no-speed", *calib,
+                  "--out", str(out)],
+        "structured": ["prune", str(model), "--method", "uniform-structured", "--ratio", "0.3", "--no-speed", *calib,
                        "--out", str(out)],
-        "generate": ["generate", str(nan_dir), "--prompt", "hello", "--kv", "h2o", "--budget", "8",
-                     "--max-new-tokens", "2", "--quiet"],
-        "reason": ["reason", "--model", str(nan_dir), "--questions", str(questions), "--samples", "2",
-                   "--max-new-tokens", "2", "--quiet", "--out", str(out)],
-        "qtune": ["data", "qtune", str(nan_dir), "--data", str(sft), "--out", str(out), "--quiet"],
+        "eval": ["eval", str(model), "--text", str(text_file), "--seqlen", "32", "--quiet", "--device", device],
+        "generate": ["generate", str(model), "--prompt", "hello", "--kv", "h2o", "--budget", "8",
+                     "--max-new-tokens", "2", "--quiet", "--device", device],
+        "reason": ["reason", "--model", str(model), "--questions", str(questions), "--samples", "2",
+                   "--max-new-tokens", "2", "--quiet", "--out", str(out), "--device", device],
+        "qtune": ["data", "qtune", str(model), "--data", str(sft), "--out", str(out), "--quiet", "--device", device],
     }[command]
+
+
+@pytest.mark.parametrize("command", ["depth", "structured", "generate", "reason", "qtune"])
+def test_every_model_command_refuses_nan_weights(command, nan_dir, text_file, tmp_path, capsys):
     before = digest(nan_dir)
-    refused(argv, capsys, "has NaN or Inf weights in model.layers.0.self_attn.q_proj.weight")
-    assert digest(nan_dir) == before and not out.exists()
+    refused(device_argv(command, nan_dir, text_file, tmp_path, "cpu"), capsys,
+            "has NaN or Inf weights in model.layers.0.self_attn.q_proj.weight")
+    assert digest(nan_dir) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", DEVICE_COMMANDS)
+@pytest.mark.parametrize("device, match", [
+    ("gpu0", "--device must be a device such as cpu, cuda or cuda:1, got 'gpu0'"),
+    ("meta", "--device meta: prunekit runs on cpu, cuda or mps, not meta"),
+    pytest.param("cuda", "sees no CUDA device; use cpu", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has a CUDA device")),
+])
+def test_every_model_command_refuses_a_device_it_cannot_run_on_before_loading(command, device, match, model_dir,
+                                                                              text_file, tmp_path, monkeypatch,
+                                                                              capsys):
+    from prunekit.weights import io
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded before --device was checked")
+
+    monkeypatch.setattr(io, "_load_checked", no_load)
+    before = digest(model_dir)
+    refused(device_argv(command, model_dir, text_file, tmp_path, device), capsys, match)
+    assert digest(model_dir) == before and not (tmp_path / "out").exists()
+
+
+def test_parse_device():
+    from prunekit.weights.io import parse_device
+
+    assert parse_device(None) is None
+    assert parse_device("cpu") == parse_device(torch.device("cpu")) == parse_device(" cpu ") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert parse_device("cuda:0") == torch.device("cuda", 0)
+        with pytest.raises(InputError, match=r"torch sees \d+ CUDA device\(s\), cuda:0 to"):
+            parse_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(InputError, match=r"--device cuda:1: this torch \(.*\) sees no CUDA device"):
+            parse_device("cuda:1", what="--device")
+    with pytest.raises(InputError, match="must be a device such as"):
+        parse_device(3.5)
+
+
+def test_the_model_commands_run_on_the_cpu_device_and_record_it(model_dir, text_file, tmp_path):
+    for command in ("weights", "depth", "structured"):
+        out = tmp_path / "out"
+        assert cli.main(device_argv(command, model_dir, text_file, tmp_path, "cpu")) == 0, command
+        assert json.loads((out / "prunekit.json").read_text())["device"] == "cpu", command
+        shutil.rmtree(out)
+    assert cli.main(device_argv("qtune", model_dir, text_file, tmp_path, "cpu")) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["device"] == "cpu"
+    model, _ = prunekit.load_model(model_dir, device="cpu")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
 
 
 @pytest.mark.parametrize("config, match", [('{"model_type": "llama",\n', "config.json is not valid JSON"),

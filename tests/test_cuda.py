@@ -1,7 +1,9 @@
-"""prunekit on a CUDA model: the weight methods, ARMOR's kernel inside a model, perplexity and the KV policies.
+"""prunekit on a CUDA model: the weight methods, ARMOR's kernel inside a model, perplexity, the KV policies, and
+the command line's ``--device cuda`` for every family that loads a causal LM.
 
 Skipped without a CUDA GPU. On an H200 (2026-12-04, before the device fixes in the weight engine and DELTA)
-every weight method but magnitude failed with a device mismatch; these tests say whether they run now. With a GPU:
+every weight method but magnitude failed with a device mismatch; after them, all 49 of these and test_armor's CUDA
+tests passed there (the same day, after two more fixes the command-line cases found). With a GPU:
 ``.venv/bin/python -m pytest tests/test_cuda.py tests/test_armor.py -k cuda``.
 """
 
@@ -106,3 +108,57 @@ def test_cuda_delta_layer_calibration_on_a_gpu_model():
 
     chosen, shifts = calibrate_delta_layers(cuda_model(layers=4), ids(1, 200, 6), count=2, initial=1, window=32)
     assert len(chosen) == 2 and all(1 <= layer <= 2 for layer in chosen) and len(shifts) == 3
+
+
+# The command line with --device cuda: each family that loads a causal LM, on a tiny folder (conftest's), with the
+# paths the Python tests above leave out (the dense reload beside the pruned model for the speed timing, the
+# teacher of --recover kd, TinyFusion's mask learning, sampling, Q-Tuning's fine-tuning).
+CLI_CASES = {
+    "wanda-2:4-eval": ["prune", "{model}", "--method", "wanda", "--pattern", "2:4", "--calib", "{text}",
+                       "--eval", "{text}", "--eval-seqlen", "32", "--eval-tokens", "64", "--out", "{out}"],
+    "tyr-timed": ["prune", "{model}", "--method", "tyr", "--ratio", "0.3", "--calib", "{text}", "--out", "{out}",
+                  "--option", "generations=2"],
+    "shortgpt-kd": ["prune", "{model}", "--method", "shortgpt", "--layers", "1", "--calib", "{text}", "--recover", "kd",
+                    "--recover-steps", "2", "--out", "{out}"],
+    "sensitivity-lora": ["prune", "{model}", "--method", "sensitivity", "--layers", "1", "--calib", "{text}",
+                         "--recover", "lora", "--recover-steps", "2", "--no-speed", "--out", "{out}"],
+    "wanda-layer-bf16": ["prune", "{model}", "--method", "wanda", "--ratio", "0.5", "--calib", "{text}",
+                         "--sequential", "layer", "--compute-dtype", "bfloat16", "--out", "{out}"],
+    "armor": ["prune", "{model}", "--method", "armor", "--pattern", "2:4", "--calib", "{text}", "--option", "iters=5",
+              "--out", "{out}"],
+    "tinyfusion": ["prune", "{model}", "--method", "tinyfusion", "--layers", "1", "--calib", "{text}",
+                   "--learn-steps", "4", "--no-speed", "--out", "{out}"],
+    "eval": ["eval", "{model}", "--text", "{text}", "--seqlen", "32", "--tokens", "64"],
+    "generate-snapkv": ["generate", "{model}", "--prompt", "the licence text " * 4, "--kv", "snapkv", "--budget", "24",
+                       "--max-new-tokens", "4"],
+    "reason-sample": ["reason", "--model", "{model}", "--questions", "{questions}", "--samples", "2",
+                      "--max-new-tokens", "4", "--out", "{out}"],
+    "qtune-train": ["data", "qtune", "{model}", "--data", "{sft}", "--samples", "0.5", "--train", "--batch-size", "2",
+                    "--out", "{out}"],
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cuda_cli_device_flag(case, model_dir, text_file, tmp_path):
+    import json
+
+    from prunekit import cli
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "What is 2+3?", "answer": "5"}) + "\n")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"instruction": f"Add {i} and 1.", "response": f"It is {i + 1}."}) + "\n"
+                           for i in range(8)))
+    out = tmp_path / "out"
+    values = {"{model}": str(model_dir), "{text}": str(text_file), "{out}": str(out), "{questions}": str(questions),
+              "{sft}": str(sft)}
+    argv = [values.get(a, a) for a in CLI_CASES[case]]
+    extra = ["--samples", "4", "--seqlen", "32"] if argv[0] == "prune" else []
+    assert cli.main([*argv, *extra, "--quiet", "--device", "cuda"]) == 0
+    if argv[0] == "prune":
+        meta = json.loads((out / "prunekit.json").read_text())
+        assert meta["device"] == "cuda"
+        if case == "tyr-timed":
+            assert meta["speed"]["speedup"]["prefill"] > 0
+        model, _ = prunekit.load_model(out, device="cuda")
+        assert {p.device.type for p in model.parameters()} == {"cuda"}

@@ -92,6 +92,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from prunekit.weights.io import add_device_argument
+
     p = _Parser(prog="prunekit", description="Prune what a model is, what it learns from, and what it keeps.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -114,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="the dtype the model is loaded and run in (default float32; auto: the folder's main dtype); "
                     "bfloat16 holds half the memory and runs faster on a CPU with bfloat16 units, the loss itself "
                     "is summed in float32")
+    add_device_argument(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -136,6 +139,8 @@ def _name_choices(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_prune_arguments(pr) -> None:
+    from prunekit.weights.io import add_device_argument
+
     pr.add_argument("model", help="local Hugging Face model folder or zoo name (smollm2-135m)")
     pr.add_argument("--method", required=True, help="weights: magnitude, wanda, sparsegpt, dsnot, armor, dpruner; heads/neurons: tyr, "
                     "uniform-structured, ...; whole blocks: shortgpt, tinyfusion, ... (see `prunekit methods`)")
@@ -196,6 +201,7 @@ def _add_prune_arguments(pr) -> None:
                     "calibration statistics, weight updates and refits are still summed in float32, the activations "
                     "are rounded (README: the cost in perplexity), and what the method did not change is saved as "
                     "the input stores it")
+    add_device_argument(pr)
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     for module in _PRUNE_DOMAINS.values():
         import_module(module).add_prune_arguments(pr)
@@ -332,7 +338,8 @@ def _cmd_prune(args) -> int:
     from prunekit.weights.prune import check_profile
     from pathlib import Path
 
-    from prunekit.weights.io import check_fits_dtype, check_output, check_replaceable, output_dtype, resolve_model
+    from prunekit.weights.io import (check_fits_dtype, check_output, check_replaceable, output_dtype, parse_device,
+                                     resolve_model)
 
     wall = time.perf_counter()
     known = prunekit.registry.METHODS.get(args.method)
@@ -353,6 +360,7 @@ def _cmd_prune(args) -> int:
     _check_eval_sizes(args.eval_seqlen, args.eval_tokens, "--eval-tokens", seqlen_flag="--eval-seqlen")
     check_seed(args.seed, "--seed")
     int_at_least(args.samples, "--samples", 1, hint=" (calibration windows)")
+    parse_device(args.device, what="--device")
     if known.domain in _PRUNE_DOMAINS:
         return import_module(_PRUNE_DOMAINS[known.domain]).run_prune(args)
     spec = prunekit.registry.get(args.method, "weights")  # validate everything before the slow work
@@ -377,7 +385,7 @@ def _cmd_prune(args) -> int:
     saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
     files = model_files(args, resolve_model(args.model))
     # after the texts: a missing file fails before the slow load
-    model, tok = prunekit.load_model(args.model, dtype=args.compute_dtype)
+    model, tok = prunekit.load_model(args.model, dtype=args.compute_dtype, device=args.device)
     # before the slow work: weight pruning keeps every tensor, so the save would refuse it (depth and structured
     # pruning may drop the offending block, head or channel: their save checks what is left)
     check_fits_dtype(model, saved_dtype)
@@ -397,6 +405,7 @@ def _cmd_prune(args) -> int:
         **{k: v for k, v in result.to_dict().items() if k != "layers"},
         # both change SparseGPT's and ARMOR's weights (the order of sums), so a rerun needs them
         "batch_size": args.batch_size if batch_size_used else None, "torch_threads": _torch_threads(),
+        "device": str(args.device),  # a GPU's sums differ from the CPU's, and ARMOR's seeded draws too
         # D-Pruner's domain text as the calibration text is described (its name alone did not say which file)
         "domain": prunekit.load_text(args.domain, purpose="calibration").describe() if args.domain else None,
         "skip": list(args.skip),  # the globs left dense: total_sparsity is over the other layers
@@ -644,9 +653,10 @@ def _cmd_eval(args) -> int:
     import prunekit
     from prunekit.errors import InputError, int_at_least
     from prunekit.evaluate import EVAL_TOKENS
-    from prunekit.weights.io import resolve_model, stored_dtypes
+    from prunekit.weights.io import parse_device, resolve_model, stored_dtypes
 
     _check_eval_sizes(args.seqlen, args.tokens, "--tokens")
+    parse_device(args.device, what="--device")
     int_at_least(args.batch_size, "--batch-size", 1)
     path = resolve_model(args.model)
     if args.pattern is None:
@@ -660,7 +670,7 @@ def _cmd_eval(args) -> int:
     if pattern is not None:
         prunekit.parse_pattern(pattern)
     text = prunekit.load_text(args.text, purpose="evaluation")  # a missing or empty file fails before the load
-    model, tok = prunekit.load_model(path, dtype=args.dtype)
+    model, tok = prunekit.load_model(path, dtype=args.dtype, device=args.device)
     ppl = prunekit.perplexity(model, tok, text, seqlen=args.seqlen, tokens=args.tokens or EVAL_TOKENS,
                               batch_size=args.batch_size, progress=not args.quiet, fit=args.tokens is None)
     if args.tokens is None:

@@ -234,30 +234,45 @@ def _config_bytes(folder, itemsize: int | None) -> int | None:
         return None
 
 
-def dense_reload_note(dense_path, dtype=None, *, margin: float = 1.2) -> str | None:
-    """Why `compare_speed_with_dense` should not run here, or None: it loads the dense model from `dense_path`
-    again beside the pruned one, and the memory available (Linux's MemAvailable) is below `margin` times the
-    dense model's weights in `dtype` (a large model's run was killed at the end, its pruned model unsaved)."""
-    need, free = dense_bytes(dense_path, dtype), _available_bytes()
-    if need is None or free is None or need * margin <= free:
+def _device_free_bytes(device) -> int | None:
+    """Free memory of a CUDA `device` (``torch.cuda.mem_get_info``), or None for any other device or where unknown."""
+    if device is None or torch.device(device).type != "cuda":
         return None
-    return (f"the speed timing was skipped: it loads the dense model again beside the pruned one, "
-            f"{need / 2**30:.1f} GiB of weights, and this machine has {free / 2**30:.1f} GiB available (a run killed "
-            "for memory saves nothing); prunekit.measure_speed times the saved model on its own")
+    try:
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    except (RuntimeError, AssertionError):
+        return None
+
+
+def dense_reload_note(dense_path, dtype=None, *, margin: float = 1.2, device=None) -> str | None:
+    """Why `compare_speed_with_dense` should not run here, or None: it loads the dense model from `dense_path`
+    again beside the pruned one, and the memory available (Linux's MemAvailable; on a CUDA `device` also the GPU's
+    free memory) is below `margin` times the dense model's weights in `dtype` (a large model's run was killed at
+    the end, its pruned model unsaved)."""
+    need = dense_bytes(dense_path, dtype)
+    if need is None:
+        return None
+    for free, where in ((_available_bytes(), "this machine has"), (_device_free_bytes(device), f"{device} has")):
+        if free is not None and need * margin > free:
+            return (f"the speed timing was skipped: it loads the dense model again beside the pruned one, "
+                    f"{need / 2**30:.1f} GiB of weights, and {where} {free / 2**30:.1f} GiB available (a run killed "
+                    "for memory saves nothing); prunekit.measure_speed times the saved model on its own")
+    return None
 
 
 def speed_against_dense(dense_path, pruned: nn.Module, *, dtype=None) -> tuple[dict | None, str | None]:
     """``(compare_speed_with_dense(...), None)``, or ``(None, why)`` where the dense model would not fit beside the
-    pruned one (`dense_reload_note`): the structured and depth prune commands' timing."""
-    skipped = dense_reload_note(dense_path, dtype)
+    pruned one (`dense_reload_note`, on the pruned model's device): the structured and depth prune commands'
+    timing."""
+    skipped = dense_reload_note(dense_path, dtype, device=input_device(pruned))
     return (None, skipped) if skipped else (compare_speed_with_dense(dense_path, pruned, dtype=dtype), None)
 
 
 def compare_speed_with_dense(dense_path, pruned: nn.Module, *, dtype=None, **kwargs) -> dict:
     """`compare_speed` against the dense model loaded again from `dense_path` in `dtype` (`load_model`'s: the
-    pruned model's own, for a like-for-like timing) (the prune CLIs: the dense model was changed in place, so it
-    is reloaded after pruning and timed in turns with the pruned one)."""
+    pruned model's own, for a like-for-like timing) and onto the pruned model's device (the prune CLIs: the dense
+    model was changed in place, so it is reloaded after pruning and timed in turns with the pruned one)."""
     from prunekit.weights.io import load_model
 
-    dense, _ = load_model(dense_path, dtype=dtype)
+    dense, _ = load_model(dense_path, dtype=dtype, device=input_device(pruned))
     return compare_speed(dense, pruned, **kwargs)

@@ -26,6 +26,7 @@ def add_parser(sub) -> None:
     dsub = data.add_subparsers(dest="data_command", required=True)
 
     from prunekit.data.methods.confident import FILTERS, RANKINGS
+    from prunekit.weights.io import add_device_argument
 
     li = dsub.add_parser("label-issues", help="find mislabeled examples with Confident Learning (cleanlab's answers)")
     li.add_argument("--labels", default=None,
@@ -145,6 +146,7 @@ def add_parser(sub) -> None:
                     "float32, and a half-precision save can round away much of a small update, said on stderr)")
     qt.add_argument("--out", required=True, help="output folder: kept.jsonl, scores.csv, summary.json, eu_plane.png")
     qt.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_device_argument(qt)
     qt.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -552,9 +554,11 @@ def _cmd_qtune(args) -> int:
     from pathlib import Path
 
     from prunekit.weights.io import (carry_licence, check_fits_dtype, check_output, check_replaceable, load_model,
-                                     output_dtype, resolve_model, save_weights, UpdateRounding, write_atomically)
+                                     output_dtype, parse_device, resolve_model, save_weights, UpdateRounding,
+                                     write_atomically)
 
     check_output(args.out, overwrite=args.overwrite)
+    parse_device(args.device, what="--device")
     ignored = []
     for name, default in (("mode", "static"), ("epochs", 1), ("lr", 2e-4), ("lora_rank", 8), ("dtype", "auto")):
         if getattr(args, name) is None:
@@ -596,7 +600,7 @@ def _cmd_qtune(args) -> int:
         print(f"prunekit: note: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} used with --train only; "
               "ignored (nothing is fine-tuned)", file=sys.stderr)
     start = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
     if args.train:  # before the scoring pass
         from prunekit.weights.engine import refuse_factorized
 
@@ -650,7 +654,7 @@ def _cmd_qtune(args) -> int:
                # what a rerun needs: --seed changes the trained model, batches and threads the sums
                "data_sha256": file_sha256(args.data), "batch_size": args.batch_size,
                "seed": args.seed if args.train else None,
-               "torch_threads": _torch_threads(), "versions": _versions()}
+               "torch_threads": _torch_threads(), "device": str(args.device), "versions": _versions()}
     if report is not None:
         summary["training"] = {"mode": args.mode, "epochs": args.epochs, "lr": args.lr, "steps": report.steps,
                                "tokens_trained": report.tokens_trained, "tokens_forward": report.tokens_forward,

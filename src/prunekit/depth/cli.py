@@ -225,7 +225,7 @@ def run_prune(args) -> int:
     progress = not args.quiet
     saved_dtype, dtype_words = output_dtype(args.dtype, path)
     files = model_files(args, path)
-    model, tok = prunekit.load_model(path, dtype=args.compute_dtype)
+    model, tok = prunekit.load_model(path, dtype=args.compute_dtype, device=args.device)
     if args.recover != "none":  # before the selection's work
         refuse_factorized(model, f"--recover {args.recover}", "recover the dense model before "
                           "ARMOR, or prune depth without --recover")
@@ -289,7 +289,7 @@ def run_prune(args) -> int:
         "saved_dtype": str(saved_dtype).removeprefix("torch."),
         "compute_dtype": _computed_in(model),  # auto: the folder's dtype, as loaded
         "versions": _versions(), "seconds": seconds, "torch_threads": torch.get_num_threads(),
-        "wall_seconds": time.perf_counter() - wall,
+        "device": str(args.device), "wall_seconds": time.perf_counter() - wall,
     }
     narrower = meta["compute_dtype"] != "float32"  # the kept blocks are saved as the input stores them
 
@@ -387,12 +387,13 @@ def _run_dit(args) -> int:
     import prunekit.depth as depth
     from prunekit.cli import _versions
     from prunekit.depth import dit
-    from prunekit.weights.io import check_finite_weights
+    from prunekit.weights.io import check_finite_weights, parse_device
 
     wall = time.perf_counter()
     path, want_fid, options = _validate_dit(args)
+    device = parse_device(args.device, what="--device")
     progress = not args.quiet
-    model = check_finite_weights(dit.load_dit(path), path)
+    model = check_finite_weights(dit.load_dit(path), path).to(device)
     images, labels = dit.fashion_images("train")
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[: args.samples]
     target = dit.depth_target(model, images[pick], labels[pick], batch_size=args.batch_size, seed=args.seed)
@@ -429,7 +430,8 @@ def _run_dit(args) -> int:
             "settings": DIT_EVAL | {"metric": "Frechet distance on the project's Fashion-MNIST classifier features "
                                              "(not Inception-FID)"},
             **{k: {m: v[m] for m in ("fid", "class_accuracy", "n", "steps")} for k, v in evaluation.items()}},
-        "seconds": seconds, "torch_threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - wall,
+        "seconds": seconds, "torch_threads": torch.get_num_threads(), "device": str(args.device),
+        "wall_seconds": time.perf_counter() - wall,
     }
     lines = [f"# {args.method}: DiT {dense_layers} -> {len(kept)} blocks", "", f"kept blocks: {kept}",
              f"recovery: {recovery or 'none'}", ""]

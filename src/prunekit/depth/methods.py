@@ -66,7 +66,7 @@ def block_influence(target: DepthTarget) -> torch.Tensor:
             x = (args[0] if args else kwargs["hidden_states"]).float()  # [b, ..., d]
             y = hidden_of(out).float()  # [b, ..., d]
             cos = torch.nn.functional.cosine_similarity(x.flatten(0, -2), y.flatten(0, -2), dim=-1)  # [tokens]
-            sums[i] += cos.sum().double()
+            sums[i] += float(cos.double().sum())  # the sums stay on the CPU, the model may be on a GPU
             counts[i] += cos.numel()
         return fn
 

@@ -21,6 +21,8 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub) -> None:
+    from prunekit.weights.io import DEVICE_HELP
+
     r = sub.add_parser("reason", help="vote over sampled reasoning paths (sc, pc, rpc) or sample them from a model")
     r.add_argument("paths", nargs="?", default=None, help="JSONL of sampled paths to vote over")
     r.add_argument("--method", choices=("sc", "pc", "rpc"), default=None,
@@ -41,6 +43,7 @@ def add_parser(sub) -> None:
     r.add_argument("--max-new-tokens", type=int, default=None, help="sample: longest path in tokens (default 96)")
     r.add_argument("--temperature", type=float, default=None,
                    help="sample: temperature; the recorded log-probs are of the tempered distribution (default 1)")
+    r.add_argument("--device", default=None, help="sample: " + DEVICE_HELP)
     r.add_argument("--out", default=None, help="sample: output JSONL of sampled paths")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     r.add_argument("--resume", action="store_true",
@@ -67,7 +70,8 @@ def _read_questions(path: str) -> list[dict]:
     return out
 
 
-SAMPLING = {"samples": 16, "max_new_tokens": 96, "temperature": 1.0}  # options of the sampling mode, defaults
+# options of the sampling mode, with their defaults
+SAMPLING = {"samples": 16, "max_new_tokens": 96, "temperature": 1.0, "device": "cpu"}
 VOTING = {"n": None, "resamples": 10}  # and of the voting mode
 
 
@@ -107,7 +111,7 @@ def _check_out(path, flag: str, what: str, overwrite: bool, *inputs) -> Path:
 def _sample(args) -> int:
     from prunekit.errors import InputError
     from prunekit.inference.sampling import _check, check_question_seeds
-    from prunekit.weights.io import resolve_model
+    from prunekit.weights.io import parse_device, resolve_model
 
     if args.paths is not None or args.method is not None or args.answers is not None:
         raise InputError("sampling (--model) takes no paths file, --method or --answers; vote in a second command")
@@ -116,6 +120,7 @@ def _sample(args) -> int:
         raise InputError("sampling needs --questions Q.jsonl and --out PATHS.jsonl")
     out = _check_out(args.out, "--out", "the JSONL of sampled paths", args.overwrite, args.questions, args.model)
     _check(n=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    parse_device(args.device, what="--device")
     questions = _read_questions(args.questions)
     check_question_seeds(args.seed, 0, len(questions))
     resolve_model(args.model)
@@ -154,7 +159,7 @@ def _sample_into(args, out: Path, partial: Path, questions: list[dict]) -> int:
     from prunekit.weights.io import load_model
 
     done = _resume_from(partial, args, questions) if args.resume else []
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device)
     if not args.resume:
         records = sample_paths(model, tok, questions, n=args.samples, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, seed=args.seed, out=out, overwrite=args.overwrite,

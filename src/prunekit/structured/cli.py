@@ -93,7 +93,7 @@ def run_prune(args) -> int:
     progress = not args.quiet
     saved_dtype, dtype_words = output_dtype(args.dtype, args.model)
     files = model_files(args, resolve_model(args.model))
-    model, tok = prunekit.load_model(args.model, dtype=args.compute_dtype)
+    model, tok = prunekit.load_model(args.model, dtype=args.compute_dtype, device=args.device)
     dims = model_dims(model)
     check_request(args.method, ratio=args.ratio, structure=structure, options=options, dims=dims)
     if structure == "both" and dims.fused_qkv:
@@ -129,7 +129,8 @@ def run_prune(args) -> int:
             "evaluation": evaluation, "speed": speed, "speed_skipped": unspeed, "input_zeros": zeros,
             "saved_dtype": str(saved_dtype).removeprefix("torch."),
             "compute_dtype": _computed_in(model),  # auto: the folder's dtype, as loaded
-            "versions": _versions(), "torch_threads": _torch_threads(), "wall_seconds": None}
+            "versions": _versions(), "torch_threads": _torch_threads(), "device": str(args.device),
+            "wall_seconds": None}
     meta["wall_seconds"] = time.perf_counter() - wall
     report_md = _report(meta, result.table())
 

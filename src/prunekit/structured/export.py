@@ -83,17 +83,17 @@ def _state_dict(path: Path) -> dict:
     return state
 
 
-def load(path: str | os.PathLike, *, dtype=None, check_finite: bool = True):
+def load(path: str | os.PathLike, *, dtype=None, check_finite: bool = True, device=None):
     """``(model, tokenizer)`` of a folder saved by prunekit (per-layer widths or not), or any HF model folder;
     `prunekit.load_model` with ``None`` for the tokenizer of a folder that has no ``tokenizer_config.json``
     (the same checks: NaN/Inf weights, unless ``check_finite=False`` to inspect a broken model, a config that
-    does not match the weights, remote code).
+    does not match the weights, remote code); on `device` (``"cuda"``...) when given.
 
     >>> model, tok = load("pruned-smollm2")  # doctest: +SKIP
     """
     from prunekit.weights.io import load_checked
 
-    return load_checked(path, dtype=dtype, check_finite=check_finite, tokenizer=None)
+    return load_checked(path, dtype=dtype, check_finite=check_finite, tokenizer=None, device=device)
 
 
 def load_widths_model(folder: Path, raw: dict, *, dtype=None) -> torch.nn.Module:

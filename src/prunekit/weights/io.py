@@ -167,6 +167,45 @@ def parse_dtype(dtype, *, what: str = "dtype"):
     raise InputError(f"{what} must be float32, float16 or bfloat16 (or auto), got {dtype!r}")
 
 
+DEVICE_HELP = ("where the model is loaded and run: cpu (default), cuda, cuda:N or mps; checked before anything "
+               "loads")
+
+
+def add_device_argument(parser) -> None:
+    """The ``--device`` option of the commands that load a causal LM (`parse_device` checks it)."""
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
+
+
+def parse_device(device, *, what: str = "device"):
+    """A ``torch.device`` this process can run on, from a device or a name (``cpu``, ``cuda``, ``cuda:1``,
+    ``mps``); None passes through. A name torch does not know, a CUDA device torch cannot see (a CPU build, no GPU,
+    an index past the last GPU) or an unavailable MPS is an InputError that says what there is."""
+    import torch
+
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"{what} must be a device such as cpu, cuda or cuda:1, got {device!r}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise InputError(f"{what} {device}: this torch ({torch.__version__}, {build}) sees no CUDA device; use "
+                             "cpu, or a torch with CUDA on a machine with a GPU")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise InputError(f"{what} {device}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"{what} {device}: MPS is not available here; use cpu")
+        return dev
+    raise InputError(f"{what} {device}: prunekit runs on cpu, cuda or mps, not {dev.type}")
+
+
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -268,9 +307,11 @@ def output_dtype(choice, model_path) -> tuple:
     return dtype, str(dtype).removeprefix("torch.")
 
 
-def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: bool = True):
+def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: bool = True, device=None):
     """``(model, tokenizer)`` from a zoo name or a local folder, in fp32 unless `dtype` says otherwise (a torch
-    dtype, a name such as ``"bfloat16"``/``"bf16"``, or ``"auto"``: as the folder stores it).
+    dtype, a name such as ``"bfloat16"``/``"bf16"``, or ``"auto"``: as the folder stores it), on the CPU unless
+    `device` says otherwise (``"cuda"``, ``"cuda:1"``, a ``torch.device``; checked before the load,
+    `parse_device`).
 
     Never runs a folder's own code (``trust_remote_code=False``, so transformers never stops to ask): a folder
     whose model exists only as its code is refused, and must be loaded by the user. A folder from structured
@@ -279,13 +320,19 @@ def load_model(name_or_path: str | os.PathLike, *, dtype=None, check_finite: boo
     produce nothing); ``check_finite=False`` loads them anyway, e.g. to inspect a broken model.
     A folder without a tokenizer is an InputError; `prunekit.load` loads it with ``None`` for the tokenizer.
     """
-    return load_checked(name_or_path, dtype=dtype, check_finite=check_finite, tokenizer=True)
+    return load_checked(name_or_path, dtype=dtype, check_finite=check_finite, tokenizer=True, device=device)
 
 
 def load_checked(name_or_path: str | os.PathLike, *, dtype=None, check_finite: bool = True,
-                 tokenizer: bool | None = True):
+                 tokenizer: bool | None = True, device=None):
     """`load_model`, with ``tokenizer=None``: the folder's tokenizer when it has a ``tokenizer_config.json``,
     else None (`prunekit.load`)."""
+    device = parse_device(device)
+    model, tok = _load_checked(name_or_path, dtype=dtype, check_finite=check_finite, tokenizer=tokenizer)
+    return (model if device is None or device.type == "cpu" else model.to(device)), tok
+
+
+def _load_checked(name_or_path: str | os.PathLike, *, dtype, check_finite: bool, tokenizer: bool | None):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -1049,7 +1096,7 @@ def unchanged_from_input(model, state: dict, folder: Path, *, kept_blocks: list[
                 key = _storage(v)
                 if key in by_storage:
                     continue
-                stored = f.get_tensor(index[name][1])
+                stored = f.get_tensor(index[name][1]).to(v.device)  # a model on a GPU: compared there
                 owner, _, leaf = name.rpartition(".")
                 kept = kept_of(modules[owner]) if stored.shape != v.shape and owner in modules else None
                 if kept is not None and leaf in ("weight", "bias"):  # a head or neuron subset, in the input's order

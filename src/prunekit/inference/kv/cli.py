@@ -18,6 +18,8 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub) -> None:
+    from prunekit.weights.io import add_device_argument
+
     from prunekit.inference.kv import POLICY_NAMES
 
     ge = sub.add_parser("generate", help="generate text with a KV-cache policy and a token budget")
@@ -38,6 +40,7 @@ def add_parser(sub) -> None:
     ge.add_argument("--seed", type=int, default=None, help="with --temperature: the sampling seed (default 0)")
     ge.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "auto"),
                     help="dtype the model runs in, and so its cache (default float32; auto: as the folder stores it)")
+    add_device_argument(ge)
     ge.add_argument("--every", type=int, default=None,
                     help="while decoding, compress when the cache reaches budget + EVERY (default 16; 1 holds the "
                          "budget exactly, at a compression per token)")
@@ -86,8 +89,9 @@ def run(args) -> int:
     import prunekit
     from prunekit.errors import InputError, apply_chat_template, int_at_least
     from prunekit.inference import kv
-    from prunekit.weights.io import resolve_model
+    from prunekit.weights.io import parse_device, resolve_model
 
+    parse_device(args.device, what="--device")
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     from prunekit.cli import parse_options
@@ -128,7 +132,7 @@ def run(args) -> int:
     for note in ignored:
         print(f"prunekit: note: {note}; ignored", file=sys.stderr)
     resolve_model(args.model)
-    model, tok = prunekit.load_model(args.model, dtype=args.dtype)
+    model, tok = prunekit.load_model(args.model, dtype=args.dtype, device=args.device)
     unhooked = None  # why the engine cannot hook this model, when --kv full runs it without the engine
 
     def refused(e: InputError) -> str:
