@@ -2,8 +2,9 @@
 the command line's ``--device cuda`` for every family that loads a causal LM.
 
 Skipped without a CUDA GPU. On an H200 (2026-12-04, before the device fixes in the weight engine and DELTA)
-every weight method but magnitude failed with a device mismatch; after them, all 49 of these and test_armor's CUDA
-tests passed there (the same day, after two more fixes the command-line cases found). With a GPU:
+every weight method but magnitude failed with a device mismatch; after them, all 43 of these and test_armor's 8
+CUDA tests passed there (the same day, after three more fixes these cases found: ShortGPT's sums, the save's
+comparison with the input's tensors, UDFC's closed form). With a GPU:
 ``.venv/bin/python -m pytest tests/test_cuda.py tests/test_armor.py -k cuda``.
 """
 
@@ -162,3 +163,64 @@ def test_cuda_cli_device_flag(case, model_dir, text_file, tmp_path):
             assert meta["speed"]["speedup"]["prefill"] > 0
         model, _ = prunekit.load_model(out, device="cuda")
         assert {p.device.type for p in model.parameters()} == {"cuda"}
+
+
+def test_cuda_cli_dit_depth_pruning(tmp_path):
+    """The DiT testbed's depth pruning with --device cuda: scoring, TinyFusion's mask learning, recovery (KD with
+    feature matching, and full), the forward timing and the save (Fashion-MNIST from the cache)."""
+    import json
+
+    from prunekit.cli import main
+    from prunekit.depth import dit as D
+    from prunekit.zoo import cache_dir
+
+    if not (cache_dir() / "datasets" / "fashion_mnist.npz").is_file():
+        pytest.skip("Fashion-MNIST is not in the cache (make assets)")
+    model = D.DiT(D.DiTConfig(hidden=32, depth=4, heads=2))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # random weights throughout (at init the zero gates make every block trivial)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    src = tmp_path / "dit"
+    D.save_dit(model.eval(), src)
+    for method, extra in (("sensitivity", ["--recover", "kd", "--recover-steps", "2", "--kd-features", "0.01"]),
+                          ("tinyfusion", ["--learn-steps", "4", "--recover", "full", "--recover-steps", "2",
+                                          "--no-speed"])):
+        out = tmp_path / method
+        assert main(["prune", str(src), "--method", method, "--layers", "2", "--samples", "16", "--batch-size", "8",
+                     *extra, "--out", str(out), "--quiet", "--device", "cuda"]) == 0
+        meta = json.loads((out / "prunekit.json").read_text())
+        assert meta["device"] == "cuda" and len(meta["kept_layers"]) == 2
+        assert method == "tinyfusion" or meta["speed"]["speedup"] > 0
+        small = D.load_dit(out).cuda()
+        x = torch.rand(3, 1, 28, 28, device="cuda") * 2 - 1
+        with torch.no_grad():
+            assert torch.isfinite(small(x, torch.tensor([5, 50, 500], device="cuda"),
+                                        torch.tensor([0, 1, 2], device="cuda"))).all()
+
+
+def test_cuda_cnn_udfc_and_trp_on_a_gpu_resnet():
+    """UDFC's data-free compression and TRP's training, decomposition and FLOP count on a ResNet on the GPU."""
+    from prunekit import train as tr
+    from prunekit.cnn import flops, resnet, trp, udfc
+
+    torch.manual_seed(0)
+    model = resnet.ResNet(widths=(4, 8, 8), blocks=1).eval()
+    x = torch.randn(8, 1, 28, 28)
+    cpu = udfc.compress(model, ratio=0.5, bits=4).model(x)
+    gpu = udfc.compress(model.cuda(), ratio=0.5, bits=4).model
+    assert {p.device.type for p in gpu.parameters()} == {"cuda"}
+    assert (gpu(x.cuda()).cpu() - cpu).abs().max() <= 1e-3 * cpu.abs().max() + 1e-4
+    net = resnet.ResNet(widths=(4, 8, 8), blocks=1).cuda()
+    xs, ys = torch.randn(32, 1, 28, 28, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
+    cb = trp.TRP(net, period=2, energy=0.8, nuclear=1e-3)
+    tr.train(net, xs, ys, epochs=2, batch_size=8, lr=0.05, callbacks=[cb], progress=False)
+    cb.on_batch_start(0)
+    net.eval()
+    with torch.no_grad():
+        ref = net(xs[:8])
+    before = flops.count_flops(net)
+    assert cb.decompose()
+    with torch.no_grad():
+        assert (net(xs[:8]) - ref).abs().max() <= 1e-3 * ref.abs().max() + 1e-4
+    assert flops.count_flops(net) < before

@@ -211,16 +211,18 @@ def compensation(w1: torch.Tensor, q1: torch.Tensor, bn: nn.BatchNorm2d, keep: t
     """UDFC's closed form: ``(M [C, K], t [C])`` with ``a ~ M ã_keep + t`` (see the module docstring).
 
     ``w1 [C, ...]`` the original conv1 weights, ``q1 [C, ...]`` the damaged ones (quantized, or equal to w1),
-    ``bn`` conv1's BatchNorm, ``keep [C]`` bool.
+    ``bn`` conv1's BatchNorm, ``keep [C]`` bool. Solved on the CPU in float64 (the systems are C + K square)
+    wherever the model is; ``M`` and ``t`` are CPU tensors.
     """
+    w1, q1, keep = w1.cpu(), q1.cpu(), keep.cpu()
     c = w1.shape[0]
     v = w1.reshape(c, -1).double()  # [C, D]
     norms = v.norm(dim=1).clamp_min(1e-30)  # [C]
     kept = keep.nonzero().squeeze(1)  # [K]
     q = q1.reshape(c, -1).double()[kept] / norms[kept, None]  # [K, D]: damaged directions, original scale
     basis = torch.cat([v / norms[:, None], q])  # [C + K, D]
-    gamma = bn.weight.detach().double() if bn.affine else torch.ones(c, dtype=torch.float64)
-    beta = bn.bias.detach().double() if bn.affine else torch.zeros(c, dtype=torch.float64)
+    gamma = bn.weight.detach().double().cpu() if bn.affine else torch.ones(c, dtype=torch.float64)
+    beta = bn.bias.detach().double().cpu() if bn.affine else torch.zeros(c, dtype=torch.float64)
     g = torch.cat([gamma, gamma[kept]])  # [C + K]
     cov = g[:, None] * (basis @ basis.T) * g[None, :]  # [C + K, C + K]
     mean = torch.cat([beta, beta[kept]])  # [C + K]
@@ -241,10 +243,12 @@ def compensation(w1: torch.Tensor, q1: torch.Tensor, bn: nn.BatchNorm2d, keep: t
 
 
 def _merge_matrix(w1: torch.Tensor, bn: nn.BatchNorm2d, keep: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """Neuron Merging's ``M [C, K]``: kept channels map to themselves, each pruned one to its closest kept one."""
+    """Neuron Merging's ``M [C, K]``: kept channels map to themselves, each pruned one to its closest kept one
+    (computed on the CPU, as `compensation`)."""
+    w1, keep = w1.cpu(), keep.cpu()
     c = w1.shape[0]
-    sd = (bn.running_var.double() + bn.eps).sqrt()
-    gamma = bn.weight.detach().double() if bn.affine else torch.ones(c, dtype=torch.float64)
+    sd = (bn.running_var.double().cpu() + bn.eps).sqrt()
+    gamma = bn.weight.detach().double().cpu() if bn.affine else torch.ones(c, dtype=torch.float64)
     folded = w1.reshape(c, -1).double() * (gamma / sd)[:, None]  # [C, D]: BN-folded filters
     norms = folded.norm(dim=1).clamp_min(1e-30)
     kept = keep.nonzero().squeeze(1)
@@ -325,13 +329,13 @@ def compress(model: nn.Module, *, ratio: float = 0.3, bits: int | None = None, m
         if method == "udfc":
             m, t = compensation(w1, q1, bn, keep, intercept=intercept, ridge=ridge)
             if bool(t.abs().max() > 0):
-                shift = torch.einsum("ncij,c->n", w2.double(), t)  # [N]
+                shift = torch.einsum("ncij,c->n", w2.double(), t.to(w2.device))  # [N]
         elif method == "merge":
             m = _merge_matrix(w1, bn, keep)
         else:
             m = torch.zeros(w1.shape[0], len(kept), dtype=torch.float64)
             m[kept, torch.arange(len(kept))] = 1.0
-        new_w2 = torch.einsum("ncij,ck->nkij", w2.double(), m).to(w2.dtype)  # [N, K, k2, k2]
+        new_w2 = torch.einsum("ncij,ck->nkij", w2.double(), m.to(w2.device)).to(w2.dtype)  # [N, K, k2, k2]
         like = {"device": c1.weight.device, "dtype": c1.weight.dtype}  # a float64 or bf16 model stays so
         # skip_init: no draw from the caller's global RNG for weights overwritten at once
         new_c1 = nn.utils.skip_init(nn.Conv2d, c1.in_channels, len(kept), c1.kernel_size, c1.stride, c1.padding,
