@@ -53,7 +53,12 @@ def test_module_forward_equals_dense_weight(shape, bs):
     expected = block_diag(list(a), out) @ core @ block_diag(list(b), inp)
     assert torch.allclose(module.dense_weight(), expected, atol=1e-5)
     x = torch.randn(3, 5, inp)
-    assert torch.allclose(module(x), x @ expected.T + bias, atol=1e-4)
+    assert torch.allclose(module(x), x @ expected.T + bias, atol=1e-4)  # with autograd: the einsum path
+    module(x).sum().backward()
+    assert module.a.grad is not None and module.core.grad is not None
+    with torch.no_grad():  # the batched GEMM paths: a permuted copy (few CPU rows), strided views (many), and a
+        for rows in (x, torch.randn(2, 150, inp), torch.randn(inp, 300).T):  # transposed (non-contiguous) input
+            assert torch.allclose(module(rows), rows @ expected.T + bias, atol=1e-4)
     full, rest_o = divmod(out, min(bs, out))
     assert module.extra_params == sum(k * k for k in [min(bs, out)] * full + ([rest_o] if rest_o else [])) + sum(
         k * k for k in [min(bs, inp)] * (inp // min(bs, inp)) + ([inp % min(bs, inp)] if inp % min(bs, inp) else [])
