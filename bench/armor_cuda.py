@@ -154,7 +154,7 @@ def measure(name: str, base: armor.ArmorLinear, tokens: int, dtype: torch.dtype,
         expected = x.float() @ module.dense_weight().float().T + module.bias.float()
         err = float((y.float() - expected).abs().max() / expected.abs().max())
         core = module.core.detach()
-        xb = armor._apply_blocks(x, module.b).contiguous()  # as the module hands it to the core
+        xb = armor._forward_blocks(x, module.b).contiguous()  # as the module hands it to the core
         row = dict(shape=name, out=out, **{"in": inp}, tokens=tokens, dtype=str(dtype).replace("torch.", ""),
                    dense_us=time_us(lambda: F.linear(x, weight, module.bias), reps),
                    core_dense_us=time_us(lambda: F.linear(xb, core), reps),

@@ -230,7 +230,7 @@ class ArmorLinear(nn.Module):
     every shape; replayed from a CUDA graph it was 1.17-1.42x faster than the dense core on 7B shapes at 4096
     tokens, slower at 64 tokens or fewer. The block-diagonal A and B keep the whole layer slower than the dense
     equivalent's one product (1.32-1.71x there, graphed, with the einsum; 1.05-1.31x with `_forward_blocks`'
-    batched GEMM, a scratch comparison): on a GPU the faster model is the dense ``A core B`` that
+    batched GEMM, a scratch comparison; the fit uses neither, it forms the products directly): on a GPU the faster model is the dense ``A core B`` that
     `save_pretrained` writes (it is not 2:4-sparse). Saving (`state_dict`) emits
     only the dense ``weight`` and ``bias``, so a ``save_pretrained`` checkpoint loads anywhere as a plain dense
     model; `save_factors` keeps the factors.
