@@ -158,9 +158,9 @@ def _forward_blocks(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
     Without autograd it reads the blocks of `x` and writes those of the output where they lie (strided views of
     ``[rows, nb, bs]``, no permuted copy): on an H200 (bf16, CUDA graphs, 4096 rows) that made the block
-    product 2.5-2.8x faster than the einsum at widths 4096 and 11008, and on this 2-core CPU (fp32, one thread)
-    1.16-1.45x from 256 rows on; fewer CPU rows take the bmm of a permuted copy, faster there (1.1-1.5x). With
-    autograd: `_apply_blocks`.
+    product 2.5-2.9x faster than the einsum at widths 4096 and 11008, and on this 2-core CPU (fp32, one thread)
+    1.16-1.5x from 256 rows on; fewer CPU rows take the bmm of a permuted copy, faster there (1.13-1.65x than
+    the einsum). With autograd: `_apply_blocks`.
     """
     if torch.is_grad_enabled() and (x.requires_grad or blocks.requires_grad):
         return _apply_blocks(x, blocks)
@@ -168,11 +168,12 @@ def _forward_blocks(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1]
     flat = _pad_last(x, nb * bs).reshape(-1, nb * bs)  # [rows, nb*bs]
     rows = flat.shape[0]
+    xb, bt = flat.view(rows, nb, bs).transpose(0, 1), blocks.transpose(1, 2)  # [nb, rows, bs], [nb, bs, bs]
     if x.device.type == "cpu" and rows < _STRIDED_ROWS:
-        y = torch.bmm(flat.view(rows, nb, bs).transpose(0, 1), blocks.transpose(1, 2)).transpose(0, 1)
+        y = torch.bmm(xb, bt).transpose(0, 1)
     else:
         y = torch.empty(rows, nb, bs, device=x.device, dtype=torch.result_type(flat, blocks))
-        torch.bmm(flat.view(rows, nb, bs).transpose(0, 1), blocks.transpose(1, 2), out=y.transpose(0, 1))
+        torch.bmm(xb, bt, out=y.transpose(0, 1))
     y = y.reshape(*x.shape[:-1], nb * bs)
     return y[..., :d] if nb * bs != d else y
 
@@ -230,10 +231,10 @@ class ArmorLinear(nn.Module):
     every shape; replayed from a CUDA graph it was 1.17-1.42x faster than the dense core on 7B shapes at 4096
     tokens, slower at 64 tokens or fewer. The block-diagonal A and B keep the whole layer slower than the dense
     equivalent's one product (1.32-1.71x there, graphed, with the einsum; 1.05-1.31x with `_forward_blocks`'
-    batched GEMM, a scratch comparison; the fit uses neither, it forms the products directly): on a GPU the faster model is the dense ``A core B`` that
-    `save_pretrained` writes (it is not 2:4-sparse). Saving (`state_dict`) emits
-    only the dense ``weight`` and ``bias``, so a ``save_pretrained`` checkpoint loads anywhere as a plain dense
-    model; `save_factors` keeps the factors.
+    batched GEMM, a scratch comparison): on a GPU the faster model is the dense ``A core B`` that
+    `save_pretrained` writes (it is not 2:4-sparse). Saving (`state_dict`) emits only the dense ``weight`` and
+    ``bias``, so a ``save_pretrained`` checkpoint loads anywhere as a plain dense model; `save_factors` keeps
+    the factors.
     ``conv1d_layout``: the module replaces a GPT-2 style ``Conv1D``, whose checkpoints hold the weight as
     ``[in, out]``; the dense weight is saved (and compared on load) transposed.
     """
