@@ -648,6 +648,42 @@ def test_cli_broken_model_folder_exits_2_and_writes_nothing(saved, tmp_path, cas
         resnet.load_model(saved)
 
 
+@pytest.mark.parametrize("device, match", [("cuda:7", "sees no CUDA device|torch sees"), ("gpu", "must be a device"),
+                                           ("meta", "")])
+def test_cli_every_cnn_command_checks_device_before_loading_or_writing(saved, tmp_path, monkeypatch, capsys,
+                                                                      device, match):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+
+    def no_load(*_a, **_k):
+        raise AssertionError("a model was loaded or trained before --device was checked")
+
+    monkeypatch.setattr(resnet, "load_model", no_load)
+    monkeypatch.setattr(resnet, "fashion_tensors", no_load)
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    out = tmp_path / "never"
+    for args in (["train", "--out", str(out), "--epochs", "1"], ["trp", "--out", str(out)],
+                 ["udfc", str(saved), "--out", str(out)], ["eval", str(saved)]):
+        assert main(["cnn", *args, "--device", device]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("prunekit: error: --device") and re.search(match, err), err
+    assert not out.exists() and {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
+def test_cli_cnn_commands_record_their_device(saved, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert main(["cnn", "udfc", str(saved), "--ratio", "0.5", "--out", str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / "config.json").read_text())["metadata"]["device"] == "cpu"
+
+
+def test_timing_moves_the_batch_to_the_model():
+    """ms_per_batch and split_where_faster take a batch from anywhere: it was a dtype or device mismatch."""
+    model = resnet.ResNet(widths=(4, 8, 8), blocks=1).double()
+    assert flops.ms_per_batch(model, torch.randn(4, 1, 28, 28), repeats=1, warmup=0) > 0
+    split = set(trp.decompose(model, energy=0.5))
+    assert split and set(trp.split_where_faster(model, torch.randn(4, 1, 28, 28), rounds=1)) == split
+
+
 def test_cli_negative_seed_and_three_channel_eval_refused(tmp_path, capsys):
     out = tmp_path / "never"
     for command in ("train", "trp"):  # cnn train --seed -1 trained and saved

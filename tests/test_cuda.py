@@ -224,3 +224,33 @@ def test_cuda_cnn_udfc_and_trp_on_a_gpu_resnet():
     with torch.no_grad():
         assert (net(xs[:8]) - ref).abs().max() <= 1e-3 * ref.abs().max() + 1e-4
     assert flops.count_flops(net) < before
+
+
+def test_cuda_cli_cnn_commands(tmp_path, capsys):
+    """``prunekit cnn {trp,udfc,eval} --device cuda``: TRP training with the split timed on the GPU, UDFC with
+    --eval, and eval's GPU timing (Fashion-MNIST from the cache)."""
+    import json
+
+    from prunekit.cli import main
+    from prunekit.cnn import flops, resnet
+    from prunekit.zoo import cache_dir
+
+    if not (cache_dir() / "datasets" / "fashion_mnist.npz").is_file():
+        pytest.skip("Fashion-MNIST is not in the cache (make assets)")
+    trained = tmp_path / "trp"
+    assert main(["cnn", "trp", "--out", str(trained), "--examples", "512", "--epochs", "2", "--period", "2",
+                 "--split", "faster", "--quiet", "--device", "cuda"]) == 0
+    meta = json.loads((trained / "config.json").read_text())["metadata"]
+    assert meta["device"] == "cuda" and meta["trp"]["split"] == "faster" and meta["trp"]["ranks"]
+    small = tmp_path / "udfc"
+    assert main(["cnn", "udfc", str(trained), "--ratio", "0.3", "--bits", "8", "--eval", "--out", str(small),
+                 "--device", "cuda"]) == 0
+    meta = json.loads((small / "config.json").read_text())["metadata"]
+    assert meta["device"] == "cuda" and meta["evaluation"]["after"]["flops"] < meta["evaluation"]["before"]["flops"]
+    capsys.readouterr()
+    assert main(["cnn", "eval", str(small), "--json", "--device", "cuda"]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["device"] == "cuda" and said["ms_per_batch_256"] > 0
+    assert said["accuracy"] == pytest.approx(meta["evaluation"]["after"]["accuracy"], abs=0.01)
+    model = resnet.load_model(small).cuda()  # a CPU batch is moved to the GPU model and timed to its end
+    assert flops.ms_per_batch(model, torch.randn(8, 1, 28, 28), repeats=2, warmup=1) > 0

@@ -3,10 +3,10 @@
     prunekit cnn train --out runs/base                       # plain training (the testbed recipe)
     prunekit cnn trp --out runs/trp --energy 0.9 --nuclear 3e-4 --period 20 --scheme channel [--split faster]
     prunekit cnn udfc testbed --ratio 0.3 --bits 6 --out runs/udfc30w6   # data-free, seconds
-    prunekit cnn eval runs/udfc30w6
+    prunekit cnn eval runs/udfc30w6 --device cuda          # every command takes --device (default cpu)
 
 A model is a folder (``model.safetensors`` + ``config.json``) or ``testbed`` (the cached seed-0 testbed, trained
-on first use). Outputs are written to a temporary folder and renamed; an existing ``--out`` is refused unless
+on first use, on the CPU whatever --device says, so that every run compares against the same model). Outputs are written to a temporary folder and renamed; an existing ``--out`` is refused unless
 ``--overwrite``. Bad input exits with code 2 before anything is written.
 """
 
@@ -22,6 +22,10 @@ __all__ = ["add_parser", "run", "COMMANDS"]
 
 
 def add_parser(sub) -> None:
+    def device(p):
+        p.add_argument("--device", default="cpu", help="where the CNN is trained, compressed, evaluated and timed: "
+                       "cpu (default), cuda, cuda:N or mps; checked before anything loads or is written")
+
     cnn = sub.add_parser("cnn", help="compress CNNs: UDFC (data-free pruning + quantization), TRP (trained rank pruning)")
     csub = cnn.add_subparsers(dest="cnn_command", required=True)
 
@@ -32,6 +36,7 @@ def add_parser(sub) -> None:
         p.add_argument("--examples", type=int, default=None, help="train on the first N training images only (quick runs)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        device(p)
 
     tr = csub.add_parser("train", help="train the ResNet-20-style testbed on Fashion-MNIST")
     training(tr)
@@ -62,13 +67,23 @@ def add_parser(sub) -> None:
     ud.add_argument("--out", required=True, help="output folder")
     ud.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     ud.add_argument("--eval", action="store_true", help="also measure Fashion-MNIST test accuracy before and after")
+    device(ud)
 
-    ev = csub.add_parser("eval", help="test accuracy, parameters, FLOPs and CPU time of a CNN folder")
+    ev = csub.add_parser("eval", help="test accuracy, parameters, FLOPs and time per batch of a CNN folder")
     ev.add_argument("model", help="model folder, or `testbed`")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    device(ev)
 
 
-def _model(name: str):
+def _device(args):
+    """``--device`` as a torch.device, checked before anything loads or is written."""
+    from prunekit.weights.io import parse_device
+
+    return parse_device(args.device, what="--device")
+
+
+def _model(name: str, device=None):
+    """The model of `name` on `device` (the testbed is trained on the CPU, then moved)."""
     from prunekit.cnn import resnet
 
     if name == "testbed":
@@ -76,8 +91,10 @@ def _model(name: str):
         if not (folder / "config.json").is_file():  # a user had a silent 1,407-step training bar to wonder at
             print(f"prunekit: note: training the testbed once (seed 0, {resnet.TESTBED['epochs']} epochs on "
                   f"Fashion-MNIST, a few minutes on a CPU); cached in {folder}", file=sys.stderr)
-        return resnet.testbed(seed=0)
-    return resnet.load_model(name)
+        model = resnet.testbed(seed=0)
+    else:
+        model = resnet.load_model(name)
+    return model if device is None else model.to(device)
 
 
 def _check_training(args) -> None:
@@ -119,10 +136,12 @@ def _train(args, trp_options: dict | None) -> int:
     from prunekit.cnn import resnet
     from prunekit.cnn.trp import TRP
 
+    device = _device(args)
     _check_training(args)
     out = resnet.check_output_dir(args.out, overwrite=args.overwrite)
     epochs = args.epochs or resnet.TESTBED["epochs"]
     model = tr.seeded_model(lambda: resnet.ResNet(widths=resnet.TESTBED["widths"], blocks=resnet.TESTBED["blocks"]), args.seed)
+    model.to(device)  # the same initial weights on every device
     trp = TRP(model, **trp_options) if trp_options is not None else None  # validates the options first
     xtr, ytr, xte, yte = resnet.fashion_tensors()
     if args.examples is not None:
@@ -134,7 +153,7 @@ def _train(args, trp_options: dict | None) -> int:
     resnet.fit(model, xtr, ytr, epochs=epochs, seed=args.seed, callbacks=[trp] if trp else (), progress=not args.quiet)
     seconds = time.perf_counter() - t0
     meta = {"trained": f"fashion-mnist, {len(xtr)} training images", "epochs": epochs, "seed": args.seed,
-            "train_seconds": seconds}
+            "train_seconds": seconds, "device": str(device)}
     if trp is not None and trp.substitutions == 1 and args.period > 1:  # any larger --period: the same model
         print(f"prunekit: note: TRP substituted the truncated SVD once, at the first step: the run is no longer "
               f"than --period {args.period} steps; lower --period or train longer", file=sys.stderr)
@@ -184,6 +203,7 @@ def _cmd_udfc(args) -> int:
     from prunekit.errors import check_not_input
     from prunekit.weights.io import check_replaceable
 
+    device = _device(args)
     check_ratio(args.ratio)
     _check_bits(args.bits)
     if args.bits is None and args.quantize != "all":  # nothing is quantized
@@ -198,7 +218,7 @@ def _cmd_udfc(args) -> int:
     out = resnet.check_output_dir(args.out, overwrite=args.overwrite)
     check_not_input(out, resnet.testbed_folder() if args.model == "testbed" else args.model)  # the cache, too
     check_replaceable(out)  # before the work: --overwrite replaces earlier outputs only
-    model = _model(args.model)
+    model = _model(args.model, device)
     if args.eval:
         _check_fashion_input(model, args.model, " or drop --eval")
     t0 = time.perf_counter()
@@ -207,7 +227,7 @@ def _cmd_udfc(args) -> int:
     seconds = time.perf_counter() - t0
     meta = {"source": str(args.model), **result.to_dict(), "criterion": args.criterion,
             "quantize": args.quantize if args.bits is not None else None,
-            "seconds": seconds}
+            "seconds": seconds, "device": str(device)}
     line = ""
     if args.eval:
         _, _, xte, yte = resnet.fashion_tensors()
@@ -226,15 +246,16 @@ def _cmd_udfc(args) -> int:
 def _cmd_eval(args) -> int:
     from prunekit.cnn import resnet
 
-    model = _model(args.model)
+    device = _device(args)
+    model = _model(args.model, device)
     _check_fashion_input(model, args.model)
     _, _, xte, yte = resnet.fashion_tensors()
-    s = _summary(model, xte, yte)
+    s = dict(_summary(model, xte, yte), device=str(device))
     if args.json:
         print(jsonl.dumps(s))
     else:
         print(f"{args.model}: test accuracy {s['accuracy']:.4f}, {s['params']} parameters, {s['flops']} FLOPs (MACs) "
-              f"per image, {s['ms_per_batch_256']:.1f} ms per batch of 256")
+              f"per image, {s['ms_per_batch_256']:.1f} ms per batch of 256 on {device}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Cost of a CNN: multiply-accumulates (the "FLOPs" of the pruning literature), parameters and CPU time.
+"""Cost of a CNN: multiply-accumulates (the "FLOPs" of the pruning literature), parameters and time per batch.
 
 `count_flops` runs one forward pass on a zero input with hooks on every ``nn.Conv2d`` and ``nn.Linear`` and
 adds, per example:
@@ -111,7 +111,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def ms_per_batch(model: nn.Module, x: torch.Tensor, *, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time in milliseconds of one no-grad forward pass of batch `x` in eval mode.
+    """Median wall time in milliseconds of one no-grad forward pass of batch `x` in eval mode, on the model's
+    device (`x` is moved there first; on a GPU each pass is timed to the end of its kernels).
 
     Uses the thread count the caller set (benchmarks set one thread).
     """
@@ -122,15 +123,24 @@ def ms_per_batch(model: nn.Module, x: torch.Tensor, *, repeats: int = 20, warmup
         raise _channels_error(channels, f"x must be a batch [B, {channels}, H, W], got {list(x.shape)}")
     if repeats < 1 or warmup < 0:
         raise InputError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    param = next(model.parameters(), None)
+    if param is not None:  # a CPU batch for a GPU model was a device-mismatch RuntimeError
+        x = x.to(device=param.device, dtype=param.dtype if x.is_floating_point() else None)
+    def sync():  # GPU kernels run asynchronously: a pass ends when its device is done
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+
     was_training = module_modes(model)
     model.eval()
     times = []
     try:
         with torch.no_grad():
             for i in range(warmup + repeats):
+                sync()
                 t0 = time.perf_counter()
                 try:
                     model(x)
+                    sync()
                 except RuntimeError:  # a conv's channel mismatch: say what input the model takes
                     channels = _wrong_channels(model, x.shape[1], x.ndim, before=False)
                     if channels is None:
