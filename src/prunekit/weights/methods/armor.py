@@ -112,7 +112,7 @@ __all__ = ["ArmorLinear", "prune_weight", "proxy_loss", "save_factors", "install
 
 BLOCK_SIZE = 32
 # The first semi-structured product after each conversion is compared with the dense core: a max difference over
-# this share of the output's max sends the layer dense. On an H200 the kernel's right outputs were within 8.3e-3
+# this share of the output's max sends the layer dense. On an H200 the kernel's right outputs were within 8.6e-3
 # (bf16) of fp32, its wrong ones (a strided input, since made contiguous) about 1.4 off.
 SPARSE_CHECK_TOL = 0.05
 ITERS = 100
@@ -226,12 +226,12 @@ class ArmorLinear(nn.Module):
     PyTorch's semi-structured sparse kernels (converted once, cached), falling back to dense when PyTorch
     refuses the shape or its first product disagrees with the dense core (`SPARSE_CHECK_TOL`; a RuntimeWarning
     says so); ``sparse_kernel=False`` (an attribute too) keeps it dense. Measured on an H200 with torch
-    2.11+cu130 (bench/results/armor_cuda.md): called eagerly, each semi-structured product took 0.43-0.98 ms,
-    most of it host time in PyTorch's cuSPARSELt op (its kernel: 8-363 us), so slower than the dense core at
-    every shape; replayed from a CUDA graph it was 1.17-1.42x faster than the dense core on 7B shapes at 4096
-    tokens, slower at 64 tokens or fewer. The block-diagonal A and B keep the whole layer slower than the dense
-    equivalent's one product (1.32-1.71x there, graphed, with the einsum; 1.05-1.31x with `_forward_blocks`'
-    batched GEMM, a scratch comparison): on a GPU the faster model is the dense ``A core B`` that
+    2.11+cu130 (bench/results/armor_cuda.md): called eagerly, each semi-structured product took 0.47-1.18 ms,
+    most of it host time in PyTorch's cuSPARSELt op (its kernel: 8-375 us), so slower than the dense core at
+    every shape; replayed from a CUDA graph it was 1.15-1.38x faster than the dense core on 7B shapes at 4096
+    tokens, slower at 64 tokens or fewer. With the block-diagonal A and B (`_forward_blocks`' batched GEMM) the
+    whole layer took 0.98-1.30x the dense equivalent's one product there, graphed (1.32-1.71x with the einsum),
+    and 1.12-4.17x at 512 tokens or fewer: on a GPU the faster model is the dense ``A core B`` that
     `save_pretrained` writes (it is not 2:4-sparse). Saving (`state_dict`) emits only the dense ``weight`` and
     ``bias``, so a ``save_pretrained`` checkpoint loads anywhere as a plain dense model; `save_factors` keeps
     the factors.
