@@ -3,8 +3,8 @@
 Data (`prunekit.data.sft_tasks`, data seed 0): ``--train`` instruction/response pairs, half reading-comprehension
 year questions from the Wikipedia leads and half two-/three-step arithmetic word problems, and ``--test`` held-out
 pairs from other leads and another random stream; at most ``--max-length`` tokens each, chat template.
-Training: LoRA rank 8 (alpha 16) on every block Linear, AdamW at ``--lr``, batch ``--batch-size``, one epoch, loss
-on response tokens only. Rows:
+Training: LoRA rank 8 (alpha 16) on every block Linear, AdamW at ``--lr``, batch ``--batch-size``, ``--epochs``
+epochs (default one), loss on response tokens only. Rows:
 
 - ``full``: every sample, every response token.
 - ``random``: ``round(N * ratio)`` random samples, ``--token-ratio`` of their response tokens at random.
@@ -31,6 +31,7 @@ The training seed (LoRA init, order, random picks) varies; the data does not.
     python bench/qtuning.py --resume                 # skip rows already in the results file
     python bench/qtuning.py --merge other.json       # add the rows of a parallel run (other seeds) to the results
     python bench/qtuning.py --eu-stats               # per-task EU statistics of the starting model, into the results
+    python bench/qtuning.py --device cuda --train 862 --test 370 --epochs 3 --out /tmp/q/qtuning.json  # on a GPU
 
 Writes bench/results/qtuning.json (``{"rows": [{"method", "sample_ratio", "token_ratio", "accuracy", "ppl",
 "tokens_trained", "seconds", ...}]}``), bench/results/qtuning.md and bench/results/qtuning_eu.png.
@@ -122,16 +123,21 @@ def _target_lines(rows) -> list[str]:
 
 
 def _markdown(rows, meta) -> str:
-    lines = ["# Q-Tuning on SmolLM2-135M-Instruct (LoRA SFT, one epoch)", "",
+    epochs = meta.get("epochs", 1)
+    epochs = "one epoch" if epochs == 1 else f"{epochs} epochs"
+    lines = [f"# Q-Tuning on SmolLM2-135M-Instruct (LoRA SFT, {epochs})", "",
              f"Train {meta['train']} pairs"
              + (f", {100 * meta['noise']:g}% of them misaligned (each answers another pair's instruction)"
                 if meta.get("noise") else "")
              + f" ({meta['train_tokens']} positions, {meta['train_response_tokens']} response "
              f"tokens), held-out {meta['test']} pairs; year questions from Wikipedia leads + arithmetic word problems "
              f"(`prunekit.data.sft_tasks`, data seed 0). LoRA r=8, lr {meta['lr']}, batch {meta['batch_size']}, "
-             f"max length {meta['max_length']}. Token ratio {meta['token_ratio']}. One thread on a shared 2-core VM: "
-             "timings are indicative. Starting model (no SFT): accuracy "
+             f"max length {meta['max_length']}. Token ratio {meta['token_ratio']}. "
+             + (f"On {meta['machine']}: " if meta.get("device", "cpu") != "cpu"
+                else "One thread on a shared 2-core VM: ")
+             + "timings are indicative. Starting model (no SFT): accuracy "
              f"{100 * meta['base']['accuracy']:.1f}%, response PPL {meta['base']['ppl']:.2f}.", "",
+             *([meta["note"], ""] if meta.get("note") else []),
              "Mean ± std over seeds (training seed; data fixed). `tokens` = loss tokens trained on; `fwd` = positions "
              "forwarded with gradients; `scored` = positions forwarded without gradients to select data.", "",
              "Protocol `same-steps`: a pruned run takes as many optimizer steps as full data (smaller batches; the "
@@ -217,6 +223,8 @@ def main(argv=None) -> int:
                     help="pruned rows: as many optimizer steps as full data (the reference's), or full's batch size")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=1, help="passes over the training pairs (default 1)")
+    ap.add_argument("--device", default="cpu", help="where the model trains and is evaluated (cpu, cuda, cuda:N)")
     ap.add_argument("--eval-batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
@@ -244,7 +252,7 @@ def main(argv=None) -> int:
 
     from prunekit.weights.io import load_model
 
-    base, tok = load_model(args.model)
+    base, tok = load_model(args.model, device=args.device)
     pad_id = S._pad_id(tok)
     train_rec, test_rec = sft_tasks.build_tasks(train=args.train, test=args.test, seed=0)
     if args.noise:
@@ -256,9 +264,11 @@ def main(argv=None) -> int:
     done = {r["id"] for r in rows}
     meta = {"model": args.model, "train": len(train_ex), "test": len(test_ex), "max_length": args.max_length,
             "train_tokens": sum(len(e.ids) for e in train_ex), "train_response_tokens": sum(e.response_len for e in train_ex),
-            "lr": args.lr, "batch_size": args.batch_size, "token_ratio": args.token_ratio, "epochs": 1,
+            "lr": args.lr, "batch_size": args.batch_size, "token_ratio": args.token_ratio, "epochs": args.epochs,
             "noise": args.noise, "plot": old.get("plot"),  # set when this run draws it (a 25% static row)
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s)",
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s)"
+                       + (f", {torch.cuda.get_device_name(base.device)}" if base.device.type == "cuda" else ""),
+            "device": str(base.device),
             "torch": torch.__version__, "base": old.get("base")}
     if old.get("eu_stats"):  # a resumed run kept the rows but dropped the --eu-stats table the README quotes
         meta["eu_stats"] = old["eu_stats"]
@@ -333,7 +343,7 @@ def main(argv=None) -> int:
                 load_batch = args.batch_size  # score each batch of the full loader, step on what it keeps
             else:
                 batch_size = max(1, round(args.batch_size * ratio))
-        rep = S.sft(model, train_ex, pad_id=pad_id, pruner=pruner, epochs=1, batch_size=batch_size,
+        rep = S.sft(model, train_ex, pad_id=pad_id, pruner=pruner, epochs=args.epochs, batch_size=batch_size,
                     load_batch=load_batch, lr=args.lr, seed=seed, progress=False)
         merge_lora(model)  # the same function, fewer matmuls per generated token
         ev = _evaluate(model, tok, test_rec, test_ex, pad_id, args)
