@@ -4,8 +4,8 @@ the command line's ``--device cuda`` for every family that loads a causal LM.
 Skipped without a CUDA GPU. On an H200 (2026-12-04, before the device fixes in the weight engine and DELTA)
 every weight method but magnitude failed with a device mismatch; after them, all 43 of these and test_armor's 8
 CUDA tests passed there (the same day, after three more fixes these cases found: ShortGPT's sums, the save's
-comparison with the input's tensors, UDFC's closed form), and the `cnn` commands' case with them (44 + 8). With a GPU:
-``.venv/bin/python -m pytest tests/test_cuda.py tests/test_armor.py -k cuda``.
+comparison with the input's tensors, UDFC's closed form), and the `cnn` commands' case with them (44 + 8). With
+a GPU: ``.venv/bin/python -m pytest tests/test_cuda.py tests/test_armor.py -k cuda``.
 """
 
 import pytest

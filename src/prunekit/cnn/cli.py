@@ -6,8 +6,9 @@
     prunekit cnn eval runs/udfc30w6 --device cuda          # every command takes --device (default cpu)
 
 A model is a folder (``model.safetensors`` + ``config.json``) or ``testbed`` (the cached seed-0 testbed, trained
-on first use, on the CPU whatever --device says, so that every run compares against the same model). Outputs are written to a temporary folder and renamed; an existing ``--out`` is refused unless
-``--overwrite``. Bad input exits with code 2 before anything is written.
+on first use, on the CPU whatever --device says, so that every run compares against the same model). Outputs
+are written to a temporary folder and renamed; an existing ``--out`` is refused unless ``--overwrite``. Bad input
+exits with code 2 before anything is written.
 """
 
 from __future__ import annotations

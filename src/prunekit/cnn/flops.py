@@ -126,6 +126,7 @@ def ms_per_batch(model: nn.Module, x: torch.Tensor, *, repeats: int = 20, warmup
     param = next(model.parameters(), None)
     if param is not None:  # a CPU batch for a GPU model was a device-mismatch RuntimeError
         x = x.to(device=param.device, dtype=param.dtype if x.is_floating_point() else None)
+
     def sync():  # GPU kernels run asynchronously: a pass ends when its device is done
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
