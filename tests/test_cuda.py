@@ -254,3 +254,29 @@ def test_cuda_cli_cnn_commands(tmp_path, capsys):
     assert said["accuracy"] == pytest.approx(meta["evaluation"]["after"]["accuracy"], abs=0.01)
     model = resnet.load_model(small).cuda()  # a CPU batch is moved to the GPU model and timed to its end
     assert flops.ms_per_batch(model, torch.randn(8, 1, 28, 28), repeats=2, warmup=1) > 0
+
+
+def test_cuda_cli_data_score_and_train(tmp_path, capsys):
+    """``prunekit data score`` (EL2N, forgetting, GraNd, out-of-fold probabilities) and ``data train`` with
+    ``--device cuda`` on a small linear task. Added 2026-12-04 after the session's GPU time was spent: checked on the
+    CPU only, under a virtual CUDA device that refuses CPU/GPU mixing as CUDA does."""
+    import json
+
+    import numpy as np
+
+    from conftest import linear_task
+    from prunekit.cli import main
+
+    linear_task(tmp_path)
+    data = ["--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")]
+    for method in ("el2n", "forgetting", "grand", "probs"):
+        out = tmp_path / f"{method}.npy"
+        assert main(["data", "score", *data, "--method", method, "--runs", "2", "--epochs", "2", "--folds", "2",
+                     "--out", str(out), "--quiet", "--device", "cuda"]) == 0, method
+        scores = np.load(out)
+        assert len(scores) == 240 and not np.isnan(scores).any(), method  # forgetting: inf = never learned
+    capsys.readouterr()
+    assert main(["data", "train", *data, "--test-data", str(tmp_path / "xt.npy"), "--test-labels",
+                 str(tmp_path / "yt.npy"), "--epochs", "2", "--json", "--quiet", "--device", "cuda"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["device"] == "cuda" and 0 <= got["test_accuracy"] <= 1

@@ -1123,3 +1123,44 @@ def test_probabilities_that_are_all_certain_are_noted(tmp_path, capsys):
     assert set(np.unique(np.round(np.load(tmp_path / "blown.npy"), 6))) <= {0.0, 1.0}
     assert main([*args, "--out", str(tmp_path / "fine.npy")]) == 0
     assert "every out-of-fold probability" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, match", [("cuda:7", "sees no CUDA device|torch sees"), ("gpu", "must be a device")])
+def test_data_score_and_train_check_device_before_reading_or_writing(tmp_path, capsys, monkeypatch, device, match):
+    import torch
+
+    from prunekit import zoo
+    from prunekit.data import io as dio
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+
+    def no_read(*_a, **_k):
+        raise AssertionError("data was read before --device was checked")
+
+    _linear_task(tmp_path)
+    monkeypatch.setattr(dio, "read_named", no_read)
+    monkeypatch.setattr(zoo, "fashion_mnist", no_read)
+    out = tmp_path / "scores.npy"
+    data = ["--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")]
+    for argv in (["score", *data, "--method", "el2n", "--out", str(out)],
+                 ["train", *data, "--test-data", str(tmp_path / "xt.npy"), "--test-labels", str(tmp_path / "yt.npy")],
+                 ["score", "--data", "fashion-mnist", "--method", "el2n", "--out", str(out)]):
+        assert main(["data", *argv, "--device", device]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("prunekit: error: --device") and re.search(match, err), err
+    assert not out.exists()
+
+
+def test_data_train_records_its_device_and_divergence_check_takes_cpu_inputs(tmp_path, capsys):
+    import torch
+
+    from prunekit.data.cli import _diverged
+
+    _linear_task(tmp_path)
+    assert main(["data", "train", "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+                 "--test-data", str(tmp_path / "xt.npy"), "--test-labels", str(tmp_path / "yt.npy"), "--epochs", "1",
+                 "--json", "--quiet", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == "cpu"
+    model = torch.nn.Linear(6, 3).double()  # inputs are moved to the model's device and dtype
+    assert _diverged([model], torch.randn(5, 6)) is False

@@ -19,6 +19,8 @@ __all__ = ["add_parser", "COMMANDS"]
 
 
 SCORES = ("el2n", "grand", "grand_last_layer", "forgetting", "prototypes", "probs")
+TRAIN_DEVICE_HELP = ("where the builtin model trains and scores: cpu (default), cuda, cuda:N or mps; checked before "
+                     "anything is read or written")
 
 
 def add_parser(sub) -> None:
@@ -95,6 +97,7 @@ def add_parser(sub) -> None:
     sc.add_argument("--out", required=True, help="scores [N] (.npy), or index,score table (.csv/.parquet); probs: [N, K]")
     sc.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sc.add_argument("--quiet", action="store_true", help="no progress bars")
+    sc.add_argument("--device", default="cpu", help=TRAIN_DEVICE_HELP)
 
     tr = dsub.add_parser("train", help="train the builtin CNN / MLP on kept examples (select's --out) and report "
                          "held-out accuracy: the end of a data diet")
@@ -118,6 +121,7 @@ def add_parser(sub) -> None:
     tr.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")
     tr.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.add_argument("--device", default="cpu", help=TRAIN_DEVICE_HELP)
 
     qt = dsub.add_parser("qtune", help="Q-Tuning: keep the SFT samples and response tokens worth training on "
                          "(Error-Uncertainty plane), and optionally fine-tune on them")
@@ -437,13 +441,16 @@ def _diverged(models, x=None) -> bool:
     `x`, any of their outputs on `x`."""
     import torch
 
+    from prunekit.data.methods._checks import to_model
+
     if any(t.is_floating_point() and not torch.isfinite(t).all()
            for m in models for t in [*m.parameters(), *m.buffers()]):
         return True
     if x is None:
         return False
     with torch.no_grad():
-        return any(not torch.isfinite(m.eval()(x[i: i + 1024])).all() for m in models for i in range(0, len(x), 1024))
+        return any(not torch.isfinite(m.eval()(to_model(x[i: i + 1024], m))).all()
+                   for m in models for i in range(0, len(x), 1024))
 
 
 def _cmd_score(args) -> int:
@@ -452,6 +459,9 @@ def _cmd_score(args) -> int:
     from prunekit.data.methods.prototypes import prototype_distance
     from prunekit.errors import InputError, check_not_input
 
+    from prunekit.weights.io import parse_device
+
+    device = parse_device(args.device, what="--device")
     check_output_file(args.out, overwrite=args.overwrite)
     check_not_input(args.out, None if args.data == "fashion-mnist" else args.data, args.labels, args.embeddings)
     if args.embeddings is not None and args.method != "prototypes":
@@ -470,8 +480,8 @@ def _cmd_score(args) -> int:
         print(note, file=sys.stderr)
     built = []  # every model trained, to tell diverged training from bad data
 
-    def model_fn():
-        built.append(base_fn())
+    def model_fn():  # built on the CPU (the same initial weights on every device), then moved
+        built.append(base_fn().to(device))
         return built[-1]
 
     def diverged() -> InputError:
@@ -781,7 +791,9 @@ def _cmd_train(args) -> int:
 
     from prunekit import train
     from prunekit.errors import InputError, check_seed, int_at_least
+    from prunekit.weights.io import parse_device
 
+    device = parse_device(args.device, what="--device")
     int_at_least(args.epochs, "--epochs", 1)
     int_at_least(args.batch_size, "--batch-size", 1)
     check_seed(args.seed, "--seed")
@@ -826,7 +838,7 @@ def _cmd_train(args) -> int:
     n = len(y)
     steps = args.epochs * math.ceil(n / args.batch_size) if args.budget == "same-steps" else None
     idx = torch.from_numpy(kept)
-    model = train.seeded_model(model_fn, args.seed)
+    model = train.seeded_model(model_fn, args.seed).to(device)  # the CPU's initial weights, moved
     if args.budget == "same-steps":
         train.train(model, x[idx], y[idx], steps=steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                     progress=not args.quiet)
@@ -840,7 +852,7 @@ def _cmd_train(args) -> int:
     used = steps if steps is not None else args.epochs * math.ceil(len(kept) / args.batch_size)
     out = {"examples": n, "kept": len(kept), "steps": used, "budget": args.budget, "epochs": args.epochs,
            "test_accuracy": acc, "test_examples": len(y_test), "test": test_source, "seed": args.seed,
-           "seconds": time.perf_counter() - start}
+           "device": str(device), "seconds": time.perf_counter() - start}
     if args.json:
         print(jsonl.dumps(out))
     else:
