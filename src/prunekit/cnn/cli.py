@@ -23,9 +23,10 @@ __all__ = ["add_parser", "run", "COMMANDS"]
 
 
 def add_parser(sub) -> None:
+    from prunekit.weights.io import add_device_argument
+
     def device(p):
-        p.add_argument("--device", default="cpu", help="where the CNN is trained, compressed, evaluated and timed: "
-                       "cpu (default), cuda, cuda:N or mps; checked before anything loads or is written")
+        add_device_argument(p, where="the CNN is trained, compressed, evaluated and timed")
 
     cnn = sub.add_parser("cnn", help="compress CNNs: UDFC (data-free pruning + quantization), TRP (trained rank pruning)")
     csub = cnn.add_subparsers(dest="cnn_command", required=True)

@@ -123,13 +123,11 @@ def ms_per_batch(model: nn.Module, x: torch.Tensor, *, repeats: int = 20, warmup
         raise _channels_error(channels, f"x must be a batch [B, {channels}, H, W], got {list(x.shape)}")
     if repeats < 1 or warmup < 0:
         raise InputError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    param = next(model.parameters(), None)
-    if param is not None:  # a CPU batch for a GPU model was a device-mismatch RuntimeError
-        x = x.to(device=param.device, dtype=param.dtype if x.is_floating_point() else None)
+    from prunekit.data.methods._checks import to_model
+    from prunekit.speed import sync_device
 
-    def sync():  # GPU kernels run asynchronously: a pass ends when its device is done
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
+    if next(model.parameters(), None) is not None:  # a CPU batch for a GPU model was a device-mismatch error
+        x = to_model(x, model)
 
     was_training = module_modes(model)
     model.eval()
@@ -137,11 +135,11 @@ def ms_per_batch(model: nn.Module, x: torch.Tensor, *, repeats: int = 20, warmup
     try:
         with torch.no_grad():
             for i in range(warmup + repeats):
-                sync()
+                sync_device(x.device)  # GPU kernels run asynchronously: a pass ends when its device is done
                 t0 = time.perf_counter()
                 try:
                     model(x)
-                    sync()
+                    sync_device(x.device)
                 except RuntimeError:  # a conv's channel mismatch: say what input the model takes
                     channels = _wrong_channels(model, x.shape[1], x.ndim, before=False)
                     if channels is None:

@@ -472,8 +472,9 @@ def split_where_faster(model: nn.Module, example: torch.Tensor, *, timer=None, r
     lowrank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankConv)}
     if not lowrank:
         return {}
-    param = next(model.parameters())  # the layers are timed where the model runs (a CPU batch for a GPU model)
-    example = example.to(device=param.device, dtype=param.dtype if example.is_floating_point() else None)
+    from prunekit.data.methods._checks import to_model
+
+    example = to_model(example, model)  # the layers are timed where the model runs (a CPU batch for a GPU model)
     inputs = {}
     hooks = [m.register_forward_hook(lambda mod, inp, out, name=n: inputs.__setitem__(name, inp[0]))
              for n, m in lowrank.items()]

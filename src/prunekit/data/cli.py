@@ -19,8 +19,6 @@ __all__ = ["add_parser", "COMMANDS"]
 
 
 SCORES = ("el2n", "grand", "grand_last_layer", "forgetting", "prototypes", "probs")
-TRAIN_DEVICE_HELP = ("where the builtin model trains and scores: cpu (default), cuda, cuda:N or mps; checked before "
-                     "anything is read or written")
 
 
 def add_parser(sub) -> None:
@@ -97,7 +95,7 @@ def add_parser(sub) -> None:
     sc.add_argument("--out", required=True, help="scores [N] (.npy), or index,score table (.csv/.parquet); probs: [N, K]")
     sc.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sc.add_argument("--quiet", action="store_true", help="no progress bars")
-    sc.add_argument("--device", default="cpu", help=TRAIN_DEVICE_HELP)
+    add_device_argument(sc, where="the builtin model trains and scores")
 
     tr = dsub.add_parser("train", help="train the builtin CNN / MLP on kept examples (select's --out) and report "
                          "held-out accuracy: the end of a data diet")
@@ -121,7 +119,7 @@ def add_parser(sub) -> None:
     tr.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batch order")
     tr.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
-    tr.add_argument("--device", default="cpu", help=TRAIN_DEVICE_HELP)
+    add_device_argument(tr, where="the builtin model trains and scores")
 
     qt = dsub.add_parser("qtune", help="Q-Tuning: keep the SFT samples and response tokens worth training on "
                          "(Error-Uncertainty plane), and optionally fine-tune on them")

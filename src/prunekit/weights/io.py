@@ -171,9 +171,9 @@ DEVICE_HELP = ("where the model is loaded and run: cpu (default), cuda, cuda:N o
                "loads")
 
 
-def add_device_argument(parser) -> None:
-    """The ``--device`` option of the commands that load a causal LM (`parse_device` checks it)."""
-    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
+def add_device_argument(parser, *, where: str = "the model is loaded and run") -> None:
+    """The ``--device`` option (`parse_device` checks it); `where` says what happens on the device."""
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP.replace("the model is loaded and run", where))
 
 
 def parse_device(device, *, what: str = "device"):
