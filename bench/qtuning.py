@@ -94,8 +94,9 @@ def _plan(args) -> list[tuple[str, float, int, str]]:
 def _run_parallel(args, out: Path) -> int:
     """Each run in its own process of this script, `args.jobs` at a time, then merged into `out`. On a GPU a LoRA
     step of a small model is launch-bound: 16 processes sharing an H200 ran 7x faster in all than one at a time.
-    Each process holds its own model and evaluation batch: 16 with ``--eval-batch-size 128`` filled the H200's
-    140 GB once two of them evaluated at the same time."""
+    Each process keeps its own allocator's cache: at ``--eval-batch-size 128`` each held about 10 GB after its
+    first evaluation, so 16 of them ran out of the H200's 140 GB (3 of the 39 runs failed so); use a smaller
+    evaluation batch with many jobs."""
     import shutil
     import subprocess
     import sys
