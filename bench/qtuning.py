@@ -91,6 +91,15 @@ def _plan(args) -> list[tuple[str, float, int, str]]:
     return plan
 
 
+def _merge_rows(data: dict, files) -> None:
+    """Add to ``data["rows"]`` the rows of the result `files` whose ids it lacks (the first file with an id wins)."""
+    ids = {r["id"] for r in data["rows"]}
+    for f in files:
+        rows = [r for r in json.loads(Path(f).read_text())["rows"] if r["id"] not in ids]
+        data["rows"] += rows
+        ids.update(r["id"] for r in rows)
+
+
 def _run_parallel(args, out: Path) -> int:
     """Each run in its own process of this script, `args.jobs` at a time, then merged into `out`. On a GPU a LoRA
     step of a small model is launch-bound: 16 processes sharing an H200 ran 7x faster in all than one at a time.
@@ -135,17 +144,11 @@ def _run_parallel(args, out: Path) -> int:
         data["rows"] = []
         data["meta"]["plot"] = None
     if data is not None:
-        ids = {r["id"] for r in data["rows"]}
-        for f in files:
-            part = json.loads(f.read_text())
-            data["rows"] += [r for r in part["rows"] if r["id"] not in ids]
-            ids = {r["id"] for r in data["rows"]}
-            plot = part["meta"].get("plot")
-            if plot and not data["meta"].get("plot"):  # the first --seeds' 25% static row draws the EU plane
-                rid = f.stem
-                if rid == _row_id("qtuning_static", 0.25, args.seeds[0], args.protocol):
-                    shutil.copyfile(tmp / plot, out.with_name(out.stem + "_eu.png"))
-                    data["meta"]["plot"] = out.stem + "_eu.png"
+        _merge_rows(data, files)
+        plot = tmp / f"{_row_id('qtuning_static', 0.25, args.seeds[0], args.protocol)}_eu.png"
+        if plot.exists() and not data["meta"].get("plot"):  # the first --seeds' 25% static run drew the EU plane
+            shutil.copyfile(plot, out.with_name(out.stem + "_eu.png"))
+            data["meta"]["plot"] = out.stem + "_eu.png"
         _save(data["rows"], data["meta"], out)
         print(f"{len(data['rows'])} rows in {out}")
     if failed:
@@ -327,10 +330,7 @@ def main(argv=None) -> int:
     out = Path(args.out or RESULTS / (f"qtuning_noise{round(100 * args.noise)}.json" if args.noise else "qtuning.json"))
     if args.merge:
         data = json.loads(out.read_text())
-        ids = {r["id"] for r in data["rows"]}
-        for other in args.merge:
-            data["rows"] += [r for r in json.loads(Path(other).read_text())["rows"] if r["id"] not in ids]
-            ids = {r["id"] for r in data["rows"]}
+        _merge_rows(data, args.merge)
         _save(data["rows"], data["meta"], out)
         print(f"{len(data['rows'])} rows in {out}")
         return 0
