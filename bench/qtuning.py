@@ -102,7 +102,7 @@ def _merge_rows(data: dict, files) -> None:
 
 def _run_parallel(args, out: Path) -> int:
     """Each run in its own process of this script, `args.jobs` at a time, then merged into `out`. On a GPU a LoRA
-    step of a small model is launch-bound: 16 processes sharing an H200 ran 7x faster in all than one at a time.
+    step of a small model is launch-bound: on an H200, 16 processes each took 2.2-3.4x as long as one alone.
     Each process keeps its own allocator's cache: at ``--eval-batch-size 128`` each held about 10 GB after its
     first evaluation, so 16 of them ran out of the H200's 140 GB (7 of the 39 runs failed so); use a smaller
     evaluation batch with many jobs."""
